@@ -1,0 +1,1 @@
+"""Export passes, one target per module, and validation of the exported artifacts."""

@@ -1,0 +1,112 @@
+"""ONNX export: one file per tower, dynamic batch (and sequence) axes, fully checked, with a map from
+every weight initialiser back to the PyTorch parameter it came from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from pydantic import Field
+
+from lmmc.adapters import TowerModule, TowerSpec, input_names, tower_config
+from lmmc.artifact import Artifact
+from lmmc.pipeline import Pass, PassConfig, register
+
+OUTPUT_NAMES = ["last_hidden_state", "pooled_embedding"]
+
+
+class OnnxConfig(PassConfig):
+    opset: int = Field(20, ge=18, le=23, description="ONNX opset; TensorRT's parser documents up to 20")
+
+
+def example_inputs(model: torch.nn.Module, tower: TowerSpec, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs. Batch and sequence sizes above 1 so the exporter keeps those axes symbolic."""
+    cfg = tower_config(model, tower)
+    gen = torch.Generator().manual_seed(0)
+    if tower.modality == "text":
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+        return ids, torch.ones_like(ids)
+    return (torch.randn(batch, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, generator=gen),)
+
+
+def _dynamic_shapes(tower: TowerSpec) -> tuple[tuple[dict[int, Any], ...]]:
+    """Which axes stay symbolic, per input; nested once because TowerModule takes *inputs."""
+    batch = torch.export.Dim("batch")
+    if tower.modality == "text":
+        seq = torch.export.Dim("sequence")
+        return (({0: batch, 1: seq}, {0: batch, 1: seq}),)
+    return (({0: batch},),)
+
+
+def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    array = np.ascontiguousarray(array)
+    return array.shape, hashlib.sha1(array.tobytes()).hexdigest()
+
+
+def initializer_map(model_proto: onnx.ModelProto, module: torch.nn.Module) -> dict[str, dict[str, Any] | None]:
+    """ONNX initialiser name -> {"param": PyTorch name, "transposed": bool}, matched by value.
+
+    The exporter renames folded weights `val_N` (nn.Linear becomes MatMul with W stored as [in, out]),
+    so names cannot be trusted; values can. Initialisers that are no parameter or buffer map to None."""
+    known: dict[tuple, tuple[str, bool]] = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        array = tensor.detach().cpu().numpy()
+        known.setdefault(_digest(array), (name, False))
+        if array.ndim == 2:
+            known.setdefault(_digest(array.T), (name, True))
+    out: dict[str, dict[str, Any] | None] = {}
+    for init in model_proto.graph.initializer:
+        hit = known.get(_digest(numpy_helper.to_array(init)))
+        out[init.name] = {"param": hit[0], "transposed": hit[1]} if hit else None
+    return out
+
+
+def export_tower(model: torch.nn.Module, tower: TowerSpec, path: Path, opset: int = 20) -> dict[str, Any]:
+    """Export one tower to `path` (single file, weights as initialisers) and check it fully."""
+    model = model.cpu().eval()
+    module = TowerModule(model, tower).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, example_inputs(model, tower), input_names=input_names(tower), output_names=OUTPUT_NAMES,
+            dynamic_shapes=_dynamic_shapes(tower), opset_version=opset, dynamo=True, verbose=False,
+        )
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
+    program.save(str(path), external_data=large)
+    onnx.checker.check_model(str(path), full_check=True)
+    names = initializer_map(onnx.load(str(path)), model)
+    path.with_suffix(".names.json").write_text(json.dumps(names, indent=1))
+    return {"file": path.name, "opset": opset, "initializers": len(names),
+            "mapped_to_parameters": sum(v is not None for v in names.values())}
+
+
+@register
+class OnnxExportPass(Pass):
+    """Export every tower of the student to ONNX (ONNX Runtime is the default runtime).
+
+    Recipe: ``export: [{onnx: {opset: 20}}]``. Writes ``onnx/<tower>.onnx`` and
+    ``onnx/<tower>.names.json`` (initialiser -> PyTorch parameter)."""
+
+    name = "onnx"
+    kind = "export"
+    Config = OnnxConfig
+    needs = frozenset({"student"})
+    provides = frozenset({"onnx"})
+
+    def run(self, art: Artifact) -> dict[str, Any]:
+        folder = art.workdir / "onnx"
+        metrics = {}
+        for tower in art.adapter.towers:
+            path = folder / f"{tower.name}.onnx"
+            metrics[tower.name] = export_tower(art.student, tower, path, self.config.opset)
+            art.onnx[tower.name] = path
+        art.student.to(art.device)
+        return metrics

@@ -1,0 +1,171 @@
+"""Validation against the teacher on held-out samples: runtime agreement, fidelity, task metric,
+latency in the same runtime, and the recipe's gates."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from pydantic import Field
+
+from lmmc.adapters import TowerModule, TowerSpec, input_names
+from lmmc.artifact import Artifact
+from lmmc.pipeline import Pass, PassConfig, register
+from lmmc.export.onnx import example_inputs, export_tower
+
+
+class ValidateConfig(PassConfig):
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="gate: mean teacher-student cosine of "
+                                     "pooled embeddings on held-out samples, every tower")
+    min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the adapter's task metric")
+    max_runtime_diff: float = Field(1e-4, gt=0, description="gate: max |ONNX Runtime - PyTorch| of the "
+                                    "student's outputs")
+    latency: bool = Field(True, description="time teacher and student in ONNX Runtime")
+    latency_batch: int = Field(8, gt=0)
+    latency_seq: int = Field(128, gt=0, description="tokens per text sample when timing")
+    threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads, the same for both models")
+    repeats: int = Field(15, gt=2, description="timed runs per model; medians are reported")
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def torch_outputs(model: torch.nn.Module, tower: TowerSpec, batches: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    module = TowerModule(model, tower).eval()
+    return [tuple(t.cpu().numpy() for t in module(*[b[n] for n in module.names])) for b in batches]
+
+
+def runtime_diff(session: ort.InferenceSession, tower: TowerSpec, batches: list[dict],
+                 reference: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Max |ORT − PyTorch| per output over the held-out batches."""
+    worst = {"last_hidden_state": 0.0, "pooled_embedding": 0.0}
+    for batch, ref in zip(batches, reference):
+        got = session.run(None, {n: batch[n].numpy() for n in input_names(tower)})
+        for key, a, b in zip(worst, got, ref):
+            worst[key] = max(worst[key], float(np.abs(a - b).max()))
+    return worst
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two embedding matrices."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return (a * b).sum(1)
+
+
+def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
+    """Fraction of held-out samples whose nearest other sample is the same under both models."""
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+    return float((nearest(teacher) == nearest(student)).mean())
+
+
+def zero_shot_agreement(t_img: np.ndarray, t_txt: np.ndarray, s_img: np.ndarray, s_txt: np.ndarray) -> float:
+    """Fraction of held-out images whose best-matching held-out text is the same under both models."""
+    return float(((t_img @ t_txt.T).argmax(1) == (s_img @ s_txt.T).argmax(1)).mean())
+
+
+def median_latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
+    """Interleave the models run by run so machine noise hits both alike; report medians."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feed)
+    for _ in range(repeats):
+        for key, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def latency_feed(model: torch.nn.Module, tower: TowerSpec, batch: int, seq: int) -> dict[str, np.ndarray]:
+    inputs = example_inputs(model, tower, batch=batch, seq=seq)
+    return {n: t.numpy() for n, t in zip(input_names(tower), inputs)}
+
+
+@register
+class ValidatePass(Pass):
+    """Compare the exported student with PyTorch and with the teacher on held-out samples.
+
+    Recipe: ``validate: {min_cosine: 0.8, max_runtime_diff: 1.0e-4}``. A missed gate fails the compile."""
+
+    name = "validate"
+    kind = "validate"
+    Config = ValidateConfig
+    needs = frozenset({"teacher", "student", "calib", "onnx"})
+    provides = frozenset({"validation"})
+
+    def run(self, art: Artifact) -> dict[str, Any]:
+        cfg = self.config
+        teacher, student = art.teacher.cpu().eval(), art.student.cpu().eval()
+        towers: dict[str, Any] = {}
+        pooled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        gates: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="lmmc-teacher-") as tmp:
+            for tower in art.adapter.towers:
+                batches = art.calib.eval_batches(tower.modality)
+                s_ref = torch_outputs(student, tower, batches)
+                t_ref = torch_outputs(teacher, tower, batches)
+                session = ort_session(art.onnx[tower.name], cfg.threads)
+                diff = runtime_diff(session, tower, batches, s_ref)
+                t_emb = np.concatenate([o[1] for o in t_ref])
+                s_emb = np.concatenate([o[1] for o in s_ref])
+                cos = cosine(t_emb, s_emb)
+                pooled[tower.name] = (t_emb, s_emb)
+                result: dict[str, Any] = {
+                    "held_out_samples": int(len(cos)),
+                    "runtime_max_abs_diff": diff,
+                    "cosine_mean": float(cos.mean()),
+                    "cosine_min": float(cos.min()),
+                }
+                if cfg.latency:
+                    teacher_path = Path(tmp) / f"{tower.name}.onnx"
+                    export_tower(teacher, tower, teacher_path)
+                    feed = latency_feed(teacher, tower, cfg.latency_batch, cfg.latency_seq)
+                    ms = median_latency_ms({"teacher": ort_session(teacher_path, cfg.threads), "student": session},
+                                           feed, cfg.repeats)
+                    result["latency_ms"] = {
+                        "runtime": f"onnxruntime {ort.__version__} CPU", "threads": cfg.threads,
+                        "input": {n: list(v.shape) for n, v in feed.items()},
+                        "teacher": ms["teacher"], "student": ms["student"],
+                        "speedup": ms["teacher"] / ms["student"],
+                    }
+                towers[tower.name] = result
+                gates.append(_gate(f"{tower.name}: runtime max abs diff", max(diff.values()), cfg.max_runtime_diff, "<="))
+                if cfg.min_cosine is not None:
+                    gates.append(_gate(f"{tower.name}: cosine to teacher", result["cosine_mean"], cfg.min_cosine, ">="))
+        task = _task_metric(art.adapter, pooled)
+        if cfg.min_task_metric is not None:
+            gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
+        art.student.to(art.device)
+        art.validation = {"towers": towers, "task_metric": task, "gates": gates,
+                          "passed": all(g["passed"] for g in gates)}
+        return art.validation
+
+
+def _gate(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
+    passed = value <= threshold if op == "<=" else value >= threshold
+    return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(passed)}
+
+
+def _task_metric(adapter, pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    if adapter.task_metric == "zero_shot":
+        (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
+        return {"name": "zero-shot agreement (image -> text)",
+                "value": zero_shot_agreement(t_img, t_txt, s_img, s_txt)}
+    (t, s), = pooled.values()
+    return {"name": "nearest-neighbour agreement", "value": neighbour_agreement(t, s)}

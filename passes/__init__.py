@@ -1,0 +1,1 @@
+"""Compression passes, one algorithm per module; each registers itself with lmmc.pipeline."""

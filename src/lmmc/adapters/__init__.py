@@ -1,0 +1,176 @@
+"""Model adapters: what a pass needs to know about an architecture, kept as data plus a few functions.
+
+An adapter names the towers of a model (text, vision, ...), where each tower's transformer blocks live,
+the attention and MLP linears inside a block, and how a tower turns inputs into its pooled embedding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from lmmc.errors import LmmcError
+
+ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Names of a block's linears relative to the block; the first name that exists wins, which keeps
+    one adapter working across the renames transformers makes between releases."""
+
+    q: tuple[str, ...]
+    k: tuple[str, ...]
+    v: tuple[str, ...]
+    o: tuple[str, ...]
+    fc1: tuple[str, ...]
+    fc2: tuple[str, ...]
+
+
+# (model, inputs) -> (last hidden state, pooled embedding before normalisation)
+EmbedFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    name: str
+    modality: Literal["text", "image"]
+    layers: tuple[str, ...]  # dotted paths to the ModuleList of blocks, first existing wins
+    layout: BlockLayout
+    config_key: str | None  # sub-config with this tower's sizes ("text_config"), None = top level
+    embed: EmbedFn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    model_types: tuple[str, ...]
+    towers: tuple[TowerSpec, ...]
+    auto_class: str  # transformers class that loads the whole model
+    # "neighbour": nearest-neighbour agreement among held-out embeddings of one tower;
+    # "zero_shot": image->text zero-shot agreement between two towers.
+    task_metric: Literal["neighbour", "zero_shot"]
+
+    def tower(self, name: str) -> TowerSpec:
+        for spec in self.towers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    mod = root
+    for part in dotted.split("."):
+        if not hasattr(mod, part):
+            return None
+        mod = getattr(mod, part)
+    return mod
+
+
+def block_list(model: nn.Module, tower: TowerSpec) -> tuple[str, nn.ModuleList]:
+    """The tower's blocks and their dotted path in the model."""
+    for path in tower.layers:
+        mod = _get(model, path)
+        if isinstance(mod, nn.ModuleList):
+            return path, mod
+    raise LmmcError(f"the {tower.name} tower has no blocks at {tower.layers}; this transformers version "
+                    f"lays the model out differently than the adapter expects")
+
+
+def block_linears(block: nn.Module, tower: TowerSpec) -> dict[str, tuple[str, nn.Linear]]:
+    """Role ('q', 'k', ..., 'fc2') -> (name relative to the block, the linear)."""
+    out = {}
+    for role in ROLES:
+        for name in getattr(tower.layout, role):
+            mod = _get(block, name)
+            if isinstance(mod, nn.Linear):
+                out[role] = (name, mod)
+                break
+        else:
+            raise LmmcError(f"the {tower.name} tower's block has no '{role}' linear at {getattr(tower.layout, role)}")
+    return out
+
+
+@dataclass(frozen=True)
+class PrunableLinear:
+    """One prunable matrix: its tower, block index, role and the full name of its weight."""
+
+    tower: str
+    block: int
+    role: str
+    param: str  # e.g. "encoder.layer.0.attention.self.query.weight"
+    module: nn.Linear
+
+
+def prunable_linears(model: nn.Module, adapter: Adapter) -> list[PrunableLinear]:
+    """The 2-D weights inside transformer blocks of every tower; embeddings and heads are excluded."""
+    out = []
+    for tower in adapter.towers:
+        path, blocks = block_list(model, tower)
+        for i, block in enumerate(blocks):
+            for role, (name, lin) in block_linears(block, tower).items():
+                out.append(PrunableLinear(tower.name, i, role, f"{path}.{i}.{name}.weight", lin))
+    return out
+
+
+def tower_config(model: nn.Module, tower: TowerSpec):
+    cfg = model.config
+    return getattr(cfg, tower.config_key) if tower.config_key else cfg
+
+
+def head_dim(model: nn.Module, tower: TowerSpec) -> int:
+    cfg = tower_config(model, tower)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def input_names(tower: TowerSpec) -> list[str]:
+    return ["input_ids", "attention_mask"] if tower.modality == "text" else ["pixel_values"]
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+class TowerModule(nn.Module):
+    """One tower as a module with positional tensor inputs, for export and runtime comparison.
+
+    Outputs: the last hidden state and the L2-normalised pooled embedding."""
+
+    def __init__(self, model: nn.Module, tower: TowerSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.tower = tower
+        self.names = input_names(tower)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = self.tower.embed(self.model, dict(zip(self.names, inputs)))
+        return hidden, l2_normalise(pooled)
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _registry() -> dict[str, Adapter]:
+    from lmmc.adapters import bert, clip, vit
+
+    out = {}
+    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS):
+        for model_type in adapter.model_types:
+            out[model_type] = adapter
+    return out
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_registry())
+
+
+def get_adapter(model_type: str) -> Adapter:
+    registry = _registry()
+    if model_type not in registry:
+        raise LmmcError(f"model_type '{model_type}' is not supported; supported model types: "
+                        f"{', '.join(sorted(registry))}")
+    return registry[model_type]

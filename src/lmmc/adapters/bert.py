@@ -1,0 +1,37 @@
+"""BERT-family text encoders (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT): one text tower."""
+
+from lmmc.adapters import Adapter, BlockLayout, TowerSpec, masked_mean
+
+
+def _embed(model, inputs):
+    # The sentence embedding of sentence-transformers encoders such as MiniLM: masked mean of the
+    # last hidden state. A BERT without a trained pooler head has nothing better to offer.
+    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    return hidden, masked_mean(hidden, inputs["attention_mask"])
+
+
+_BERT_LAYOUT = BlockLayout(
+    q=("attention.self.query",), k=("attention.self.key",), v=("attention.self.value",),
+    o=("attention.output.dense",), fc1=("intermediate.dense",), fc2=("output.dense",),
+)
+_DISTIL_LAYOUT = BlockLayout(
+    q=("attention.q_lin",), k=("attention.k_lin",), v=("attention.v_lin",),
+    o=("attention.out_lin",), fc1=("ffn.lin1",), fc2=("ffn.lin2",),
+)
+
+ADAPTERS = (
+    Adapter(
+        family="bert",
+        model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
+        towers=(TowerSpec("text", "text", ("encoder.layer",), _BERT_LAYOUT, None, _embed),),
+        auto_class="AutoModel",
+        task_metric="neighbour",
+    ),
+    Adapter(
+        family="distilbert",
+        model_types=("distilbert",),
+        towers=(TowerSpec("text", "text", ("transformer.layer",), _DISTIL_LAYOUT, None, _embed),),
+        auto_class="AutoModel",
+        task_metric="neighbour",
+    ),
+)

@@ -1,0 +1,56 @@
+"""The one state object that flows through every pass of a compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmmc.adapters import Adapter
+from lmmc.data import CalibData
+
+
+@dataclass
+class PassRecord:
+    """What the runner remembers about one finished pass."""
+
+    name: str
+    config: dict[str, Any]
+    seconds: float
+    metrics: dict[str, Any]
+
+
+@dataclass
+class Artifact:
+    """Everything a pass may read or write. Passes change it in place; nothing hides on the model.
+
+    Keys that passes declare in `needs`/`provides` name the fields below: "teacher", "student",
+    "calib", "masks", "allocation", "onnx", "validation".
+    """
+
+    model_ref: str
+    adapter: Adapter
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    preprocessor: Any = None
+    calib: CalibData | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workdir: Path | None = None
+    # Parameter name -> boolean keep-mask (True = weight survives), shaped like the weight.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Parameter name -> target sparsity chosen by an allocation pass (local pruners read it).
+    allocation: dict[str, float] = field(default_factory=dict)
+    # Tower name -> exported ONNX file.
+    onnx: dict[str, Path] = field(default_factory=dict)
+    records: list[PassRecord] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def available(self) -> set[str]:
+        """The state keys that currently hold something, for checking a pass's `needs`."""
+        keys = {"teacher", "student"}
+        for key in ("calib", "masks", "allocation", "onnx", "validation"):
+            if getattr(self, key):
+                keys.add(key)
+        return keys
