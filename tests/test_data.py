@@ -1,0 +1,80 @@
+"""Calibration data: formats, the deterministic non-overlapping split, and encoding."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+
+from lmmc.data import load_calibration, read_samples, split
+from lmmc.errors import LmmcError
+from lmmc.recipe import CalibrationConfig
+from tests.conftest import CORPUS
+
+
+def test_split_is_deterministic_and_never_overlaps():
+    records = [{"text": f"sentence {i % 90}"} for i in range(120)]  # 30 duplicates
+    calib, held = split(records, n_calib=50, n_eval=20, seed=7)
+    again_calib, again_held = split(records, n_calib=50, n_eval=20, seed=7)
+    assert (calib, held) == (again_calib, again_held)
+    texts_c, texts_h = {r["text"] for r in calib}, {r["text"] for r in held}
+    assert len(texts_c) == 50 and len(texts_h) == 20
+    assert not texts_c & texts_h
+    other_calib, _ = split(records, n_calib=50, n_eval=20, seed=8)
+    assert other_calib != calib
+
+
+def test_split_shrinks_to_what_exists():
+    calib, held = split([{"text": str(i)} for i in range(10)], n_calib=100, n_eval=64, seed=0)
+    assert (len(calib), len(held)) == (8, 2)
+
+
+def test_shipped_corpus_is_real_text():
+    records = read_samples(CORPUS)
+    assert len(records) > 4000
+    assert all(len(r["text"]) >= 50 for r in records)
+
+
+def test_text_and_jsonl_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
+    assert read_samples(tmp_path / "a.txt") == [{"text": "first line"}, {"text": "second line"}]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x", "image": "img/1.png"}) + "\n")
+    assert read_samples(tmp_path / "b.jsonl") == [{"text": "x", "image": str(tmp_path / "img/1.png")}]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(LmmcError, match="holds no samples"):
+        read_samples(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(LmmcError, match="bad.jsonl:2: not valid JSON"):
+        read_samples(tmp_path / "bad.jsonl")
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(LmmcError, match="unknown format"):
+        read_samples(tmp_path / "c.csv")
+
+
+def test_image_text_pairs_are_encoded_in_matching_order(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"text": f"picture number {i}", "image": f"{i}.png"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
+    tok = transformers.BertTokenizerFast(vocab_file=_vocab(tmp_path))
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    cfg = CalibrationConfig(samples=8, eval_samples=4, batch_size=3)
+    data = load_calibration(cfg, str(tmp_path / "pairs.jsonl"), {"text", "image"}, {"tokenizer": tok, "image_processor": proc})
+    assert data.counts == {"calibration": 8, "held_out": 3}
+    assert [b["pixel_values"].shape[0] for b in data.calib["image"]] == [3, 3, 2]
+    assert [b["input_ids"].shape[0] for b in data.calib["text"]] == [3, 3, 2]
+    assert data.eval["image"][0]["pixel_values"].shape[1:] == (3, 32, 32)
+    # only text in the data, but the model has an image tower
+    (tmp_path / "only.txt").write_text("\n".join(f"text {i}" for i in range(10)))
+    with pytest.raises(LmmcError, match="image-text pairs"):
+        load_calibration(cfg, str(tmp_path / "only.txt"), {"text", "image"}, {"tokenizer": tok, "image_processor": proc})
+
+
+def _vocab(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "picture", "number", "text"] + [str(i) for i in range(12)]
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(words))
+    return str(path)

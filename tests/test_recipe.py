@@ -1,0 +1,55 @@
+"""Recipe parsing: typed configs, round trip, and one clear error per mistake."""
+
+import pytest
+import yaml
+
+from lmmc.errors import LmmcError
+from lmmc.recipe import load_recipe, parse_recipe
+from lmmc.sparsity import NM
+from tests.conftest import REPO
+
+FULL = {
+    "model": "some/model",
+    "calibration": {"path": "data.txt", "samples": 32, "eval_samples": 16, "batch_size": 4, "max_length": 64, "seed": 3},
+    "passes": [{"wanda": {"sparsity": 0.6}}, {"magnitude": {"nm": "2:4"}}],
+    "export": ["onnx"],
+    "validate": {"min_cosine": 0.9, "threads": 1},
+}
+
+
+def test_round_trip_parse_dump_parse_is_identical():
+    first = parse_recipe(FULL)
+    second = parse_recipe(yaml.safe_load(first.dump()))
+    assert first == second
+    assert first.dump() == second.dump()
+    assert first.passes[1].config.nm == NM(2, 4)
+    assert yaml.safe_load(first.dump())["passes"][1] == {"magnitude": {"sparsity": 0.5, "nm": "2:4"}}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "samples" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse_and_round_trip(path):
+    recipe = load_recipe(path)
+    assert parse_recipe(yaml.safe_load(recipe.dump())) == recipe
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"passes": [{"prune_everything": {}}]}, "unknown pass 'prune_everything'; known passes:"),
+    ({"passes": [{"wanda": {"sparsty": 0.5}}]}, "sparsty: unknown key"),
+    ({"passes": [{"wanda": {"sparsity": 1.0}}]}, "sparsity must be in [0, 1)"),
+    ({"passes": [{"wanda": {"sparsity": -0.1}}]}, "sparsity must be in [0, 1)"),
+    ({"passes": [{"wanda": {"nm": "4:4"}}]}, "0 < N < M"),
+    ({"passes": [{"wanda": {"nm": "two:four"}}]}, "is not N:M"),
+    ({"passes": ["onnx"]}, "is a export pass"),
+    ({"export": [], "validate": {}}, "pass 'validate' needs ['onnx']"),
+    ({"calibrate": {}}, "unknown key(s) ['calibrate']"),
+    ({"calibration": {"samples": 0}}, "samples: Input should be greater than 0"),
+])
+def test_bad_recipes_fail_with_one_clear_message(change, message):
+    with pytest.raises(LmmcError) as err:
+        parse_recipe({**FULL, **change})
+    assert message in str(err.value)
+
+
+def test_calibration_needed_without_data():
+    with pytest.raises(LmmcError, match="needs \\['calib'\\]"):
+        parse_recipe({"passes": [{"wanda": {}}]})
