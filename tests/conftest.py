@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a model hub
 
 TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
                  max_position_embeddings=64)
