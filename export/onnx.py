@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,9 @@ def export_tower(model: torch.nn.Module, tower: TowerSpec, path: Path, opset: in
     module = TowerModule(model, tower).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.no_grad():
+    # The exporter warns about every merged symbolic axis and deprecated internals; none is actionable.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, example_inputs(model, tower), input_names=input_names(tower), output_names=OUTPUT_NAMES,
             dynamic_shapes=_dynamic_shapes(tower), opset_version=opset, dynamo=True, verbose=False,

@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmmc.adapters import Adapter, TowerModule, TowerSpec, block_list
 from lmmc.data import Batch
@@ -33,7 +34,7 @@ def capture_block_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch
     runner = TowerModule(model, tower)
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc=f"calibrating {tower.name} tower", unit="batch", leave=False):
                 try:
                     runner(*[batch[name].to(device) for name in runner.names])
                 except _Stop:
