@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import transformers
 
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.errors import LmmcError
+from lmmc.student import save
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -69,10 +69,9 @@ def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_student(student: torch.nn.Module, preprocessor: dict[str, Any], out: Path, meta: dict[str, Any]) -> None:
-    """config + safetensors weights + tokenizer/processor files + lmmc.json (how it was made)."""
-    out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out, safe_serialization=True)
+    """config + safetensors weights + tokenizer/processor files + lmmc.json (how it was made, and the
+    per-layer shapes that `lmmc.load_student` rebuilds a structurally pruned student from)."""
+    save(student, out, meta)
     for proc in preprocessor.values():
         if proc is not None:
             proc.save_pretrained(out)
-    (out / "lmmc.json").write_text(json.dumps(meta, indent=2))

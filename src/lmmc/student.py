@@ -1,0 +1,161 @@
+"""The student format: per-layer shapes beside a standard config, and `load_student`, which rebuilds the
+pruned architecture from them and loads its weights strictly.
+
+A student directory holds `config.json` (the teacher's config with only the layer counts changed, so
+`AutoConfig` and tokenizers read it as usual), the tokenizer/processor files, and `lmmc.json`, whose
+"structure" section lists per tower the layer count, the teacher layer each block came from, the head
+dimension, the kept heads per layer and the FFN width per layer.
+
+Where the config alone describes the model exactly (no pruning, or depth pruning only), the weights are
+written by `save_pretrained` as `model.safetensors`, and plain `from_pretrained` loads them exactly.
+Where heads or FFN channels were removed, no standard config can describe the model: per-layer widths
+differ. Then the weights go to `student.safetensors` and no `model.safetensors` is written, so plain
+`from_pretrained` stops with "no file named model.safetensors" instead of loading a full-size model and
+silently re-initialising every mismatched matrix (what `ignore_mismatched_sizes=True` would do).
+`lmmc.load_student(dir)` loads both kinds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import transformers
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from lmmc.adapters import Adapter, block_linears, block_list, get_adapter, head_dim, tower_config
+from lmmc.errors import LmmcError
+from lmmc.surgery import keep_channels_, keep_heads_
+
+FORMAT_VERSION = 1
+STANDARD_WEIGHTS = "model.safetensors"
+SHRUNK_WEIGHTS = "student.safetensors"
+META_FILE = "lmmc.json"
+
+
+def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, Any]]:
+    """Per tower: layers, teacher_layers, head_dim, heads (per layer) and ffn (per layer), read from the
+    weights themselves so the record cannot drift from the model."""
+    out = {}
+    for tower in adapter.towers:
+        _, blocks = block_list(model, tower)
+        hd = head_dim(model, tower)
+        heads, ffn = [], []
+        for block in blocks:
+            lin = block_linears(block, tower)
+            heads.append(lin["q"][1].out_features // hd)
+            ffn.append(lin["fc1"][1].out_features)
+        cfg = tower_config(model, tower)
+        out[tower.name] = {
+            "layers": len(blocks),
+            "teacher_layers": list(getattr(cfg, "lmmc_teacher_layers", None) or range(len(blocks))),
+            "head_dim": hd,
+            "heads": heads,
+            "ffn": ffn,
+        }
+    return out
+
+
+def apply_structure_(model: nn.Module, adapter: Adapter, structure: dict[str, dict[str, Any]]) -> None:
+    """Shrink a model built from the config to the recorded per-layer shapes (values are overwritten
+    by the load that follows, so which units are kept does not matter)."""
+    for tower in adapter.towers:
+        rec = structure.get(tower.name)
+        if rec is None:
+            raise LmmcError(f"the student's structure record has no '{tower.name}' tower; it has "
+                            f"{sorted(structure)}. The directory was not written by lmmc.save_student for this model")
+        _, blocks = block_list(model, tower)
+        if len(blocks) != rec["layers"] or len(rec["heads"]) != len(blocks) or len(rec["ffn"]) != len(blocks):
+            raise LmmcError(f"the {tower.name} tower has {len(blocks)} blocks in config.json but the structure "
+                            f"record lists {rec['layers']} (heads for {len(rec['heads'])}, ffn for {len(rec['ffn'])}); "
+                            f"config.json and {META_FILE} do not belong together")
+        hd = head_dim(model, tower)
+        for block, heads, width in zip(blocks, rec["heads"], rec["ffn"]):
+            keep_heads_(block, tower, hd, range(heads))
+            keep_channels_(block, tower, range(width))
+
+
+def _shape_map(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def is_standard(model: nn.Module) -> bool:
+    """True when a model built from the config alone has exactly this model's tensors and shapes."""
+    with torch.device("meta"):
+        reference = type(model)(model.config)
+    return _shape_map(reference) == _shape_map(model)
+
+
+def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write config, weights and `lmmc.json` (meta plus the structure record); return the record."""
+    adapter = get_adapter(model.config.model_type)
+    standard = is_standard(model)
+    record = {
+        "format": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "weights": STANDARD_WEIGHTS if standard else SHRUNK_WEIGHTS,
+        "towers": read_structure(model, adapter),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STANDARD_WEIGHTS).unlink(missing_ok=True)
+    (out / SHRUNK_WEIGHTS).unlink(missing_ok=True)
+    if standard:
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        safetensors.torch.save_file(state, str(out / SHRUNK_WEIGHTS), metadata={"format": "pt", "lmmc": "student"})
+    (out / META_FILE).write_text(json.dumps({**meta, "structure": record}, indent=2))
+    return record
+
+
+def _model_class(config: Any, record: dict[str, Any] | None) -> type[nn.Module]:
+    """The class that wrote the student; else the class the adapter's auto class picks for the config."""
+    name = (record or {}).get("class") or (config.architectures or [None])[0]
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        with torch.device("meta"):
+            cls = type(getattr(transformers, get_adapter(config.model_type).auto_class).from_config(config))
+    return cls
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Rebuild a student saved by lmmc (pruned or not) and load its weights strictly; eval mode, CPU."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise LmmcError(f"'{path}' has no config.json; pass the 'student' directory of a compile output")
+    meta_path = path / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    record = meta.get("structure")
+    if record is not None and record.get("format") != FORMAT_VERSION:
+        raise LmmcError(f"'{meta_path}' uses student format {record.get('format')}; this lmmc reads format "
+                        f"{FORMAT_VERSION}. Load it with the lmmc version that wrote it")
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    adapter = get_adapter(config.model_type)
+    cls = _model_class(config, record)
+    weights = (record or {}).get("weights", STANDARD_WEIGHTS)
+    if not (path / weights).is_file():
+        raise LmmcError(f"'{path}' has no {weights}, which its {META_FILE} names as the weights file")
+    if weights == STANDARD_WEIGHTS:
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype="auto")
+        bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+        if bad:
+            raise LmmcError(f"'{path}' does not load exactly into {cls.__name__}: {bad}")
+        return model.eval()
+    with no_init_weights():
+        model = cls(config)
+    apply_structure_(model, adapter, record["towers"])
+    state = safetensors.torch.load_file(str(path / weights))
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise LmmcError(f"the weights in '{path / weights}' do not match the shapes recorded in {META_FILE}: "
+                        f"{err}") from None
+    return model.eval()
