@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from pydantic import Field
 
-from lmmc.adapters import TowerModule, TowerSpec, input_names, tower_config
+from lmmc.adapters import TowerModule, TowerSpec, dynamic_axes, example_inputs, input_names
 from lmmc.artifact import Artifact
 from lmmc.pipeline import Pass, PassConfig, register
 
@@ -27,23 +27,11 @@ class OnnxConfig(PassConfig):
     opset: int = Field(20, ge=18, le=23, description="ONNX opset; TensorRT's parser documents up to 20")
 
 
-def example_inputs(model: torch.nn.Module, tower: TowerSpec, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs. Batch and sequence sizes above 1 so the exporter keeps those axes symbolic."""
-    cfg = tower_config(model, tower)
-    gen = torch.Generator().manual_seed(0)
-    if tower.modality == "text":
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
-        return ids, torch.ones_like(ids)
-    return (torch.randn(batch, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, generator=gen),)
-
-
 def _dynamic_shapes(tower: TowerSpec) -> tuple[tuple[dict[int, Any], ...]]:
-    """Which axes stay symbolic, per input; nested once because TowerModule takes *inputs."""
-    batch = torch.export.Dim("batch")
-    if tower.modality == "text":
-        seq = torch.export.Dim("sequence")
-        return (({0: batch, 1: seq}, {0: batch, 1: seq}),)
-    return (({0: batch},),)
+    """The adapter's dynamic axes as export Dims; nested once because TowerModule takes *inputs."""
+    dims: dict[str, Any] = {}
+    return (tuple({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()}
+                  for axes in dynamic_axes(tower).values()),)
 
 
 def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str]:

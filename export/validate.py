@@ -14,10 +14,10 @@ import onnxruntime as ort
 import torch
 from pydantic import Field
 
-from lmmc.adapters import TowerModule, TowerSpec, input_names
+from lmmc.adapters import TowerModule, TowerSpec, example_inputs, input_names
 from lmmc.artifact import Artifact
 from lmmc.pipeline import Pass, PassConfig, register
-from lmmc.export.onnx import example_inputs, export_tower
+from lmmc.export.onnx import export_tower
 
 
 class ValidateConfig(PassConfig):

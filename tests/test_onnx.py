@@ -9,8 +9,8 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from lmmc.adapters import TowerModule, get_adapter, input_names
-from lmmc.export.onnx import example_inputs, export_tower
+from lmmc.adapters import TowerModule, example_inputs, get_adapter, input_names
+from lmmc.export.onnx import export_tower
 from tests.conftest import tiny_model
 
 

@@ -129,6 +129,23 @@ def input_names(tower: TowerSpec) -> list[str]:
     return ["input_ids", "attention_mask"] if tower.modality == "text" else ["pixel_values"]
 
 
+def dynamic_axes(tower: TowerSpec) -> dict[str, dict[int, str]]:
+    """Input name -> {axis: symbolic name} for export: batch always, sequence for text."""
+    if tower.modality == "text":
+        return {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    return {"pixel_values": {0: "batch"}}
+
+
+def example_inputs(model: nn.Module, tower: TowerSpec, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
+    """Inputs for tracing and timing. Sizes above 1 so an exporter keeps batch and sequence symbolic."""
+    cfg = tower_config(model, tower)
+    gen = torch.Generator().manual_seed(0)
+    if tower.modality == "text":
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+        return ids, torch.ones_like(ids)
+    return (torch.randn(batch, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, generator=gen),)
+
+
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
