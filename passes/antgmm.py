@@ -126,17 +126,14 @@ class AntGMMPass(Pass):
         total0 = _total(start, metric)
         target = cfg.keep * total0
         shares = self._shares(model, adapter)
-        floor = self._minimum_cost(model, adapter, shares)
-        if target < floor - 1e-9:
-            raise LmmcError(f"pass 'antgmm': keep={cfg.keep} of the blocks' {metric} is below what the floors "
-                            f"allow ({floor / total0:.3f}: min_layers={cfg.min_layers}, min_heads={cfg.min_heads}, "
-                            f"min_ffn={cfg.min_ffn} with stages {sorted(shares)}); raise keep or lower the floors")
+        plan = self._plan(model, adapter, shares, total0 - target, total0)
         history: list[dict[str, Any]] = []
-        done = 0.0
-        for stage in (s for s in STAGE_ORDER if shares.get(s)):
-            done += shares[stage]
+        removed = 0.0
+        for stage in (s for s in STAGE_ORDER if plan.get(s)):
+            removed += plan[stage]
             stage_start = self._cost(model, adapter)
-            stage_goal = total0 - done * (total0 - target)
+            # Goals are cumulative, so what one stage's whole units miss carries into the next.
+            stage_goal = total0 - removed
             for seg in range(1, cfg.segments + 1):
                 goal = stage_start - seg / cfg.segments * (stage_start - stage_goal)
                 history.append(self._segment(art, stage, seg, goal))
@@ -147,6 +144,7 @@ class AntGMMPass(Pass):
             "tokens": self.tokens,
             "kept": _total(end, metric) / total0,
             "target_keep": cfg.keep,
+            "plan": {k: v / total0 for k, v in plan.items()},
             "blocks_before": {k: vars(v) for k, v in start.items()},
             "blocks_after": {k: vars(v) for k, v in end.items()},
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -169,26 +167,43 @@ class AntGMMPass(Pass):
     def _cost(self, model: torch.nn.Module, adapter: Adapter) -> float:
         return _total(blocks_cost(model, adapter, self.head_dims, self.tokens), self.config.budget)
 
-    def _minimum_cost(self, model: torch.nn.Module, adapter: Adapter, shares: dict[str, float]) -> float:
-        """The smallest cost the floors allow with the enabled stages, checked before any scoring."""
-        cfg, total = self.config, 0.0
+    def _capacity(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
+        """The most each stage could remove from the model as it is, given the floors."""
+        cfg, cap = self.config, {"depth": 0.0, "ffn": 0.0, "heads": 0.0}
         for tower in adapter.towers:
             hd, tok = self.head_dims[tower.name], self.tokens[tower.name]
             per_block = []
             for block in block_list(model, tower)[1]:
                 lin = block_linears(block, tower)
-                c = block_cost(block, tower, hd, tok).get(cfg.budget)
-                if "heads" in shares:
-                    heads = lin["q"][1].out_features // hd
-                    c -= max(heads - cfg.min_heads, 0) * head_cost(block, tower, hd, tok).get(cfg.budget)
-                if "ffn" in shares:
-                    width = lin["fc1"][1].out_features
-                    c -= max(width - cfg.min_ffn, 0) * channel_cost(block, tower, tok).get(cfg.budget)
-                per_block.append(c)
-            if "depth" in shares:
-                per_block = sorted(per_block)[:cfg.min_layers]
-            total += sum(per_block)
-        return total
+                per_block.append(block_cost(block, tower, hd, tok).get(cfg.budget))
+                heads, width = lin["q"][1].out_features // hd, lin["fc1"][1].out_features
+                cap["heads"] += max(heads - cfg.min_heads, 0) * head_cost(block, tower, hd, tok).get(cfg.budget)
+                cap["ffn"] += max(width - cfg.min_ffn, 0) * channel_cost(block, tower, tok).get(cfg.budget)
+            cap["depth"] += sum(sorted(per_block)[cfg.min_layers:])
+        return cap
+
+    def _plan(self, model: torch.nn.Module, adapter: Adapter, shares: dict[str, float], remove: float,
+              total: float) -> dict[str, float]:
+        """Cost each stage removes: its share of `remove`, moved to the other stages where floors cap it.
+
+        Checked before any scoring, so an impossible budget fails at once. Removing blocks takes their
+        heads and channels with it; the width stages' room is scaled down accordingly (ours)."""
+        cfg, cap = self.config, self._capacity(model, adapter)
+        width = [s for s in ("ffn", "heads") if shares.get(s)]
+        depth = min(shares.get("depth", 0.0) * remove, cap["depth"])
+        for _ in range(50):
+            room = {s: cap[s] * (1 - depth / total) for s in width}
+            alloc = _water_fill(remove - depth, {s: shares[s] for s in width}, room)
+            short = remove - depth - sum(alloc.values())
+            if short <= 1e-6 * total or "depth" not in shares or depth >= cap["depth"]:
+                break
+            depth = min(depth + short, cap["depth"])
+        if short > 1e-6 * total:
+            raise LmmcError(f"pass 'antgmm': keep={cfg.keep} of the blocks' {cfg.budget} is below what the floors "
+                            f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
+                            f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn} and stages {sorted(shares)}); "
+                            f"raise keep, lower the floors or give other stages a share")
+        return {"depth": depth, **alloc} if "depth" in shares else alloc
 
     def _segment(self, art: Artifact, stage: str, seg: int, goal: float) -> dict[str, Any]:
         cfg, model, adapter = self.config, art.student, art.adapter
@@ -204,7 +219,7 @@ class AntGMMPass(Pass):
             origin = read_structure(model, adapter)
             record["removed_layers"] = {t: [origin[t]["teacher_layers"][i] for i in sorted(idx)]
                                         for t, idx in drop.items()}
-            if cfg.distill is not None:
+            if cfg.distill is not None and drop:
                 record["distill"] = self._fade_out(art, drop)
             for tower in adapter.towers:
                 n = len(block_list(model, tower)[1])
@@ -223,7 +238,7 @@ class AntGMMPass(Pass):
                 else:
                     n = len(scores.channels[(tname, i)])
                     keep_channels_(block, tower, [c for c in range(n) if c not in idx])
-            if cfg.distill is not None:
+            if cfg.distill is not None and chosen.removed:
                 record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
         record["cost"] = self._cost(model, adapter)
         record["goal"] = goal
@@ -276,3 +291,20 @@ class AntGMMPass(Pass):
                 h.remove()
         return out
 
+
+def _water_fill(amount: float, weights: dict[str, float], room: dict[str, float]) -> dict[str, float]:
+    """Split `amount` in proportion to `weights`, none above its `room`; what is capped goes to the rest."""
+    alloc = {k: 0.0 for k in weights}
+    open_ = {k for k, w in weights.items() if w > 0}
+    while amount > 1e-12 and open_:
+        total_w = sum(weights[k] for k in open_)
+        full = {k for k in open_ if alloc[k] + amount * weights[k] / total_w >= room[k]}
+        if not full:
+            for k in open_:
+                alloc[k] += amount * weights[k] / total_w
+            return alloc
+        for k in full:
+            amount -= room[k] - alloc[k]
+            alloc[k] = room[k]
+        open_ -= full
+    return alloc

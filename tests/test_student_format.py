@@ -1,0 +1,145 @@
+"""The student format: shrunk students reload bit-identically, export to ONNX, and never load silently wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_model
+
+import lmmc
+from lmmc.adapters import TowerModule, block_list, get_adapter, head_dim, supported_model_types
+from lmmc.errors import LmmcError
+from lmmc.export.onnx import example_inputs, export_tower
+from lmmc.export.validate import ort_session
+from lmmc.modelio import save_student
+from lmmc.student import SHRUNK_WEIGHTS, STANDARD_WEIGHTS, read_structure
+from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
+
+
+def shrink(model: torch.nn.Module, seed: int = 1) -> dict[str, tuple[list[int], list[int]]]:
+    """Give every layer of every tower its own head count and FFN width (random units kept)."""
+    adapter = get_adapter(model.config.model_type)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {}
+    for t, tower in enumerate(adapter.towers):
+        _, blocks = block_list(model, tower)
+        heads, widths = [], []
+        for i, block in enumerate(blocks):
+            n_heads = 1 + (i + t) % 3  # 1..3 of 4, differing by layer and tower
+            width = 17 + 11 * i + 5 * t
+            keep_heads_(block, tower, head_dim(model, tower), torch.randperm(4, generator=gen)[:n_heads].tolist())
+            keep_channels_(block, tower, torch.randperm(64, generator=gen)[:width].tolist())
+            heads.append(n_heads)
+            widths.append(width)
+        shapes[tower.name] = (heads, widths)
+    return shapes
+
+
+def outputs(model: torch.nn.Module) -> list[torch.Tensor]:
+    adapter = get_adapter(model.config.model_type)
+    out = []
+    with torch.no_grad():
+        for tower in adapter.towers:
+            out.extend(TowerModule(model, tower)(*example_inputs(model, tower)))
+    return out
+
+
+def test_round_trip_is_bit_identical_with_different_shapes_in_every_layer(tiny_kind: str, tmp_path: Path) -> None:
+    model = tiny_model(tiny_kind)
+    shapes = shrink(model)
+    save_student(model, {}, tmp_path, {"teacher": "tiny"})
+
+    record = json.loads((tmp_path / "lmmc.json").read_text())["structure"]
+    assert record["weights"] == SHRUNK_WEIGHTS
+    assert (tmp_path / SHRUNK_WEIGHTS).is_file() and not (tmp_path / STANDARD_WEIGHTS).exists()
+    for tower, (heads, widths) in shapes.items():
+        assert record["towers"][tower]["heads"] == heads
+        assert record["towers"][tower]["ffn"] == widths
+
+    loaded = lmmc.load_student(tmp_path)
+    assert type(loaded) is type(model)
+    for a, b in zip(outputs(model), outputs(loaded)):
+        assert torch.equal(a, b)
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_depth_pruned_student_stays_standard_and_from_pretrained_loads_it_exactly(tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    adapter = get_adapter("clip")
+    keep_blocks_(model, adapter.tower("vision"), [1])
+    save_student(model, {}, tmp_path, {})
+
+    record = json.loads((tmp_path / "lmmc.json").read_text())["structure"]
+    assert record["weights"] == STANDARD_WEIGHTS
+    assert record["towers"]["vision"]["teacher_layers"] == [1]
+    assert record["towers"]["text"]["teacher_layers"] == [0, 1]
+    plain = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    loaded = lmmc.load_student(tmp_path)
+    for a, b, c in zip(outputs(model), outputs(plain), outputs(loaded)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("ignore_mismatched_sizes", [False, True])
+def test_plain_from_pretrained_on_a_shrunk_student_fails_loudly(tmp_path: Path, ignore_mismatched_sizes: bool) -> None:
+    model = tiny_model("bert")
+    shrink(model)
+    save_student(model, {}, tmp_path, {})
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.BertModel.from_pretrained(tmp_path, ignore_mismatched_sizes=ignore_mismatched_sizes)
+
+
+def test_onnx_export_of_shrunk_students_matches_pytorch(tiny_kind: str, tmp_path: Path) -> None:
+    model = tiny_model(tiny_kind)
+    shrink(model, seed=2)
+    adapter = get_adapter(model.config.model_type)
+    for tower in adapter.towers:
+        path = tmp_path / f"{tower.name}.onnx"
+        export_tower(model, tower, path)
+        # Shapes other than the tracing ones, so the dynamic axes are exercised too.
+        inputs = example_inputs(model, tower, batch=3, seq=11)
+        with torch.no_grad():
+            ref = [t.numpy() for t in TowerModule(model, tower)(*inputs)]
+        session = ort_session(path, threads=1)
+        got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape
+            assert np.abs(a - b).max() <= 1e-4
+
+
+def test_structure_record_is_read_from_the_weights() -> None:
+    model = tiny_model("siglip")
+    shapes = shrink(model, seed=3)
+    structure = read_structure(model, get_adapter("siglip"))
+    for tower, (heads, widths) in shapes.items():
+        assert structure[tower]["heads"] == heads and structure[tower]["ffn"] == widths
+        assert structure[tower]["layers"] == 2 and structure[tower]["head_dim"] == 8
+
+
+def test_a_record_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> None:
+    model = tiny_model("bert")
+    shrink(model)
+    save_student(model, {}, tmp_path, {})
+    meta = json.loads((tmp_path / "lmmc.json").read_text())
+    meta["structure"]["towers"]["text"]["ffn"][0] += 1
+    (tmp_path / "lmmc.json").write_text(json.dumps(meta))
+    with pytest.raises(LmmcError, match="do not match the shapes recorded"):
+        lmmc.load_student(tmp_path)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(LmmcError) as err:
+        lmmc.load_student(tmp_path)
+    assert "gpt2" in str(err.value)
+    assert all(t in str(err.value) for t in supported_model_types())
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(LmmcError, match="no config.json"):
+        lmmc.load_student(tmp_path / "nope")
