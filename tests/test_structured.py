@@ -10,12 +10,11 @@ import torch
 from conftest import CORPUS, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from lmmc.adapters import TowerModule, block_linears, block_list, get_adapter, head_dim
+from lmmc.adapters import TowerModule, block_linears, block_list, example_inputs, get_adapter, head_dim
 from lmmc.artifact import Artifact
 from lmmc.cost import blocks_cost
 from lmmc.data import load_calibration, random_calibration
 from lmmc.errors import LmmcError
-from lmmc.export.onnx import example_inputs
 from lmmc.importance import activation_importance, gate_hook, taylor_importance
 from lmmc.modelio import load_teacher, make_student
 from lmmc.pipeline import PASSES, Pass, PassConfig, get_pass, load_passes

@@ -12,9 +12,9 @@ import transformers
 from conftest import tiny_model
 
 import lmmc
-from lmmc.adapters import TowerModule, block_list, get_adapter, head_dim, supported_model_types
+from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, supported_model_types
 from lmmc.errors import LmmcError
-from lmmc.export.onnx import example_inputs, export_tower
+from lmmc.export.onnx import export_tower
 from lmmc.export.validate import ort_session
 from lmmc.modelio import save_student
 from lmmc.student import SHRUNK_WEIGHTS, STANDARD_WEIGHTS, read_structure
