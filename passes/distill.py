@@ -1,0 +1,857 @@
+"""Distillation fine-tuning of the student against the teacher: layerwise, output and contrastive losses,
+scheduled module by module (OPTIMA) or all at once, with checkpoints, resume and torch.distributed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt, field_validator, model_validator
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from lmmc.adapters import TowerSpec, block_list, get_adapter, prunable_linears, tower_config
+from lmmc.artifact import Artifact
+from lmmc.data import Batch, encode_images, encode_text, read_samples
+from lmmc.distill_losses import (ContrastiveLoss, OutputLoss, check_layer_map, closest_layer_map,
+                                 contrastive_loss, fit_projection, hidden_loss, origin_layer_map, output_loss,
+                                 uniform_layer_map)
+from lmmc.errors import LmmcError
+from lmmc.optima import AllModules, ScheduleName, SlidingWindowThompson, make_schedule
+from lmmc.pipeline import Pass, PassConfig, register
+from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
+                        lr_multiplier, optimizer_tensors, setup_distributed)
+
+Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sample's unbatched tensor
+LayerMap = Literal["origin", "uniform", "closest"] | list[PositiveInt] | dict[str, list[PositiveInt]]
+
+# Tokens kept per text sample when recognising held-out samples in a corpus: a shared prefix this long
+# is treated as the same sentence, whatever truncation length either side used.
+_KEY_TOKENS = 24
+# Samples (in fixed order) whose activations set loss scales, projections and the "closest" layer map.
+_PROBE_SAMPLES = 32
+# Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
+_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress"}
+
+
+class DistillConfig(PassConfig):
+    steps: int = Field(500, ge=0, description="optimiser steps (0 leaves the student as it is)")
+    batch_size: int = Field(16, gt=0, description="samples per optimiser step, over all ranks and micro-batches")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (divides batch_size)")
+    lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; off because it pulls away from the teacher")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up")
+    final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU")
+    seed: int = Field(0, description="seeds the data order and the bandit")
+    corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder); default: "
+                               "the calibration samples. Held-out validation samples are always removed")
+    samples: int | None = Field(None, gt=0, description="use at most this many corpus samples for training")
+    max_length: int = Field(128, gt=1, description="token limit for corpus text")
+    dev_samples: int = Field(64, ge=0, description="corpus samples set aside to pick the best checkpoint "
+                             "(never trained on, disjoint from the compile's held-out set)")
+    eval_every: int = Field(100, ge=0, description="steps between held-out evaluations; 0 = only at the end")
+    keep_best: bool = Field(True, description="end with the weights of the best held-out evaluation")
+    hidden: float = Field(1.0, ge=0, description="weight of the layerwise hidden-state loss")
+    output: float = Field(1.0, ge=0, description="weight of the pooled-embedding loss")
+    contrastive: float = Field(1.0, ge=0, description="weight of the similarity-matrix loss (dual encoders only)")
+    output_loss: OutputLoss = Field("cosine", description="pooled-embedding loss: cosine or mse")
+    contrastive_loss: ContrastiveLoss = Field("kl", description="kl on the teacher's softmax over each "
+                                              "similarity row, or mse on the cosine similarities")
+    layer_map: LayerMap = Field("origin", description="origin (the teacher layer each block was cut from; "
+                                "uniform when the student has no such record), uniform, closest, or teacher "
+                                "layers (1-based) per student layer: a list, or {tower: list} for dual encoders")
+    schedule: ScheduleName = Field("optima", description="optima (bandit), round_robin, or all (every module "
+                                   "every step: plain layerwise distillation)")
+    blocks_per_arm: int | None = Field(2, gt=0, description="consecutive student blocks per module (arm); "
+                                       "null = one module per tower")
+    window: int = Field(50, gt=0, description="bandit: steps of reward history the posterior sees")
+    prior_weight: float = Field(1.0, gt=0, description="bandit: pseudo-observations of the prior")
+    train_embeddings: bool = Field(False, description="also train the token/patch embeddings; off because a "
+                                   "small corpus covers few tokens and pruning leaves them intact")
+    checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints (outside the "
+                                       "compile's output, so they survive a crash)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
+    keep_last: int = Field(2, ge=1, description="resumable step checkpoints kept")
+    resume: bool = Field(False, description="continue from the newest checkpoint of this same run")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).exists():
+            raise ValueError(f"corpus '{v}' does not exist; give a .txt, .jsonl or image folder")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs checkpoint_dir, the directory the interrupted run wrote to")
+        return self
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One module of the bandit: consecutive student blocks [first, last] of one tower."""
+
+    tower: str
+    first: int
+    last: int
+    last_of_tower: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.tower}[{self.first}:{self.last + 1}]"
+
+
+@dataclass
+class TowerPlan:
+    spec: TowerSpec
+    n_student: int
+    n_teacher: int
+    layer_map: list[int] = field(default_factory=list)  # 1-based teacher layer per student layer
+    scales: list[float] = field(default_factory=list)  # teacher mean square per student layer's target
+    pooled_scale: float = 1.0
+
+
+@dataclass
+class TowerRun:
+    hidden: dict[int, torch.Tensor]  # block index (0-based) -> its output
+    pooled: torch.Tensor | None  # None when the forward stopped early
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], stop_after: int | None = None,
+              detach_before: int | None = None) -> TowerRun:
+    """Run one tower, keeping the outputs of the blocks in `keep`.
+
+    `stop_after` ends the forward after that block (nothing later is needed). `detach_before` cuts the
+    gradient at that block's input: the blocks below are not being distilled this step."""
+    _, blocks = block_list(model, spec)
+    hidden: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def out_hook(index: int):
+        def hook(_mod, _args, output):
+            if index in keep:
+                hidden[index] = _hidden_of(output)
+            if index == stop_after:
+                raise _Stop
+        return hook
+
+    def detach_hook(_mod, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    for i, block in enumerate(blocks):
+        if i in keep or i == stop_after:
+            handles.append(block.register_forward_hook(out_hook(i)))
+    if detach_before is not None:
+        handles.append(blocks[detach_before].register_forward_pre_hook(detach_hook, with_kwargs=True))
+    try:
+        _, pooled = spec.embed(model, inputs)
+    except _Stop:
+        pooled = None
+    finally:
+        for h in handles:
+            h.remove()
+    return TowerRun(hidden, pooled)
+
+
+def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None) -> list[Arm]:
+    """Each tower's student blocks cut into runs of `blocks_per_arm` (the last run may be shorter)."""
+    arms = []
+    for name, plan in plans.items():
+        size = blocks_per_arm or plan.n_student
+        for first in range(0, plan.n_student, size):
+            last = min(first + size, plan.n_student) - 1
+            arms.append(Arm(name, first, last, last == plan.n_student - 1))
+    return arms
+
+
+def _modality_key(spec: TowerSpec) -> str:
+    return "text" if spec.modality == "text" else "image"
+
+
+def _split_samples(batches: dict[str, list[Batch]], modalities: list[str]) -> list[Sample]:
+    """Pre-encoded batches back into single samples, text trimmed to its real tokens. For pairs the i-th
+    text and image batches hold the same pairs, so samples are zipped by position."""
+    per: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for m in modalities:
+        rows = []
+        for b in batches.get(m, []):
+            if m == "text":
+                for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+                    keep = mask.bool()
+                    rows.append({"input_ids": ids[keep], "attention_mask": mask[keep]})
+            else:
+                rows += [{"pixel_values": pv} for pv in b["pixel_values"]]
+        per[m] = rows
+    n = min(len(v) for v in per.values()) if per else 0
+    return [{m: per[m][i] for m in modalities} for i in range(n)]
+
+
+def _sample_key(sample: Sample) -> tuple:
+    parts = []
+    for m in sorted(sample):
+        if m == "text":
+            parts.append(tuple(sample[m]["input_ids"][:_KEY_TOKENS].tolist()))
+        else:
+            parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
+    return tuple(parts)
+
+
+def collate(samples: list[Sample], modality: str, pad_id: int) -> Batch:
+    """Stack samples of one modality; text is right-padded to the longest sample."""
+    if modality != "text":
+        return {"pixel_values": torch.stack([s[modality]["pixel_values"] for s in samples])}
+    length = max(len(s["text"]["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["text"]["input_ids"])
+        ids[i, :n] = s["text"]["input_ids"]
+        mask[i, :n] = s["text"]["attention_mask"]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class Objective(nn.Module):
+    """The student plus the training-only projections; its forward is the distillation loss, so one
+    DistributedDataParallel wrapper covers every trainable tensor."""
+
+    def __init__(self, student: nn.Module, plans: dict[str, TowerPlan], cfg: DistillConfig,
+                 ctx: Distributed, logit_scale: float) -> None:
+        super().__init__()
+        self.student = student
+        self.proj = nn.ModuleDict()
+        self.plans = plans
+        self.cfg = cfg
+        self.ctx = ctx
+        self.logit_scale = logit_scale
+        # What each micro-batch of the current step saw, to measure the focused module's loss again
+        # after the optimiser step (the bandit's reward).
+        self.traces: list[dict[str, Any]] = []
+
+    def project(self, tower: str, key: str, x: torch.Tensor) -> torch.Tensor:
+        name = f"{tower}_{key}"
+        return self.proj[name](x) if name in self.proj else x
+
+    def forward(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
+                norm: float, teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        per_sample = self.per_sample_loss(inputs, targets, focus, teacher_pooled)
+        if focus is not None:
+            self.traces.append({"inputs": inputs, "targets": targets, "teacher_pooled": teacher_pooled,
+                                "before": per_sample.detach().float().sum()})
+        return per_sample.sum() * norm
+
+    def per_sample_loss(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
+                        teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of the focused module (or of everything, without focus) per local sample: its blocks'
+        hidden-state terms, plus the output and contrastive terms when it ends its tower."""
+        cfg = self.cfg
+        per_sample: torch.Tensor | float = 0.0
+        pooled: dict[str, torch.Tensor] = {}
+        for name, plan in self.plans.items():
+            if focus is not None and focus.tower != name:
+                continue
+            batch = inputs[_modality_key(plan.spec)]
+            if focus is None:
+                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)))
+            else:
+                train_below = focus.first == 0 and cfg.train_embeddings
+                run = run_tower(self.student, plan.spec, batch, set(range(focus.first, focus.last + 1)),
+                                stop_after=None if focus.last_of_tower else focus.last,
+                                detach_before=None if train_below else focus.first)
+            mask = batch.get("attention_mask")
+            for i, h in run.hidden.items():
+                # Each layer weighs 1/L_s, so the modules' losses add up to the tower's mean layer loss.
+                term = hidden_loss(self.project(name, str(i), h), targets[name]["hidden"][plan.layer_map[i]],
+                                   mask, plan.scales[i])
+                per_sample = per_sample + (cfg.hidden / plan.n_student) * term
+            if run.pooled is not None:
+                pooled[name] = run.pooled
+                if cfg.output:
+                    p = self.project(name, "pooled", run.pooled)
+                    per_sample = per_sample + cfg.output * output_loss(p, targets[name]["pooled"], cfg.output_loss,
+                                                                       plan.pooled_scale)
+        if cfg.contrastive and len(self.plans) == 2 and pooled:
+            per_sample = per_sample + cfg.contrastive * self.contrastive(inputs, pooled, teacher_pooled)
+        return per_sample
+
+    def contrastive(self, inputs: dict[str, Batch], pooled: dict[str, torch.Tensor],
+                    teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-pair similarity-matrix loss; a tower not being distilled this step joins without gradient."""
+        text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
+        image = next(n for n in self.plans if n != text)
+        for name in (text, image):
+            if name not in pooled:
+                with torch.no_grad():
+                    spec = self.plans[name].spec
+                    pooled[name] = spec.embed(self.student, inputs[_modality_key(spec)])[1]
+        s_txt, s_img = self.project(text, "pooled", pooled[text]), self.project(image, "pooled", pooled[image])
+        t_txt, t_img = teacher_pooled[text], teacher_pooled[image]
+        return contrastive_loss(s_img, s_txt, t_img, t_txt, gather(s_img, self.ctx), gather(s_txt, self.ctx),
+                                gather(t_img, self.ctx), gather(t_txt, self.ctx), self.cfg.contrastive_loss,
+                                self.logit_scale)
+
+    @torch.no_grad()
+    def reward(self, focus: Arm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The focused module's loss on this step's samples before and after the optimiser step, each
+        summed over this rank's samples."""
+        before = torch.stack([t["before"] for t in self.traces]).sum()
+        after = sum(self.per_sample_loss(t["inputs"], t["targets"], focus, t["teacher_pooled"]).float().sum()
+                    for t in self.traces)
+        self.traces = []
+        return before, after
+
+
+def check_towers(art: Artifact) -> None:
+    """The student must be the teacher's kind of model, with the same towers."""
+    t_type = art.teacher.config.model_type
+    s_type = getattr(getattr(art.student, "config", None), "model_type", None)
+    try:
+        s_towers = [(t.name, t.modality) for t in get_adapter(s_type).towers] if s_type else []
+    except LmmcError:
+        s_towers = []
+    t_towers = [(t.name, t.modality) for t in art.adapter.towers]
+    if s_type != t_type or s_towers != t_towers:
+        raise LmmcError(f"distill: the student ({s_type}, towers {s_towers}) does not match the teacher "
+                        f"({t_type}, towers {t_towers}); distil into a student made from this teacher "
+                        f"(pruned or shrunk), which has the same towers")
+
+
+def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tuple[list[Sample], list[Sample]]:
+    """Training and dev samples: the corpus minus the compile's held-out samples, shuffled with the seed;
+    dev comes first, so changing `samples` never moves a sample between the two."""
+    if cfg.corpus:
+        source = f"corpus '{cfg.corpus}'"
+        samples = encode_corpus(art, Path(cfg.corpus), modalities, cfg.max_length)
+    else:
+        if art.calib is None:
+            raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
+        source = f"the calibration samples of '{art.calib.source}'"
+        samples = _split_samples(art.calib.calib, modalities)
+    held_out = {_sample_key(s) for s in _split_samples(art.calib.eval, modalities)} if art.calib else set()
+    unique: dict[tuple, Sample] = {}
+    for s in samples:
+        key = _sample_key(s)
+        if key not in held_out:
+            unique.setdefault(key, s)
+    samples = list(unique.values())
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    samples = [samples[i] for i in order]
+    n_dev = min(cfg.dev_samples, len(samples) // 4)
+    dev, train = samples[:n_dev], samples[n_dev:]
+    if cfg.samples:
+        train = train[:cfg.samples]
+    if not train:
+        need = "image-text pairs" if len(modalities) > 1 else f"{modalities[0]} samples"
+        raise LmmcError(f"distill: {source} has no usable samples for this model (it needs {need} that are "
+                        f"not among the held-out validation samples); give a corpus with more {need}")
+    return train, dev
+
+
+def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int) -> list[Sample]:
+    records = [r for r in read_samples(path) if all(_record_key(m) in r for m in modalities)]
+    if not records:
+        return []
+    proc = art.preprocessor or {}
+    batches: dict[str, list[Batch]] = {}
+    for m in modalities:
+        if m == "text":
+            if proc.get("tokenizer") is None:
+                raise LmmcError("distill: the model has no tokenizer to encode the text corpus with")
+            batches[m] = encode_text(proc["tokenizer"], [r["text"] for r in records], 256, max_length)
+        else:
+            if proc.get("image_processor") is None:
+                raise LmmcError("distill: the model has no image processor to encode the image corpus with")
+            batches[m] = encode_images(proc["image_processor"], [r["image"] for r in records], 64)
+    return _split_samples(batches, modalities)
+
+
+def _record_key(modality: str) -> str:
+    return "text" if modality == "text" else "image"
+
+
+def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[str]:
+    """Parameters the tower uses before its first block (its embeddings), found by differentiating the
+    first block's input, which needs no per-architecture list of names."""
+    _, blocks = block_list(model, spec)
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.enable_grad():
+            spec.embed(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not seen or not seen[0].requires_grad:
+        return set()
+    grads = torch.autograd.grad(seen[0].float().sum(), [p for _, p in named], allow_unused=True)
+    return {n for (n, _), g in zip(named, grads) if g is not None}
+
+
+class Trainer:
+    """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
+
+    def __init__(self, cfg: DistillConfig, art: Artifact) -> None:
+        check_towers(art)
+        self.cfg = cfg
+        self.art = art
+        self.ctx = setup_distributed(art.device)
+        self.device = torch.device("cuda", self.ctx.local_rank) if self.ctx.enabled and art.device.type == "cuda" \
+            else art.device
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"
+                                                and torch.cuda.is_bf16_supported())
+        self.teacher = art.teacher.to(self.device).eval()
+        self.student = art.student.to(self.device).eval()
+        self.towers = list(art.adapter.towers)
+        modalities = sorted({_modality_key(t) for t in self.towers})
+        self.train, self.dev = build_corpus(cfg, art, modalities)
+        self.micro = cfg.batch_size // cfg.grad_accum
+        if self.micro % self.ctx.world:
+            raise LmmcError(f"distill: batch_size / grad_accum = {self.micro} samples per micro-batch cannot be "
+                            f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
+                            f"grad_accum × ranks")
+        self.pad = {t.name: getattr(tower_config(self.student, t), "pad_token_id", None) or 0 for t in self.towers}
+        self.plans = {t.name: self._plan(t) for t in self.towers}
+        self.arms = make_arms(self.plans, cfg.blocks_per_arm)
+        if cfg.schedule == "optima" and cfg.window < len(self.arms):
+            raise LmmcError(f"distill: window ({cfg.window}) must be at least the number of modules "
+                            f"({len(self.arms)}: {', '.join(a.name for a in self.arms)})")
+        self._check_weights()
+        self.masks = self._masks()
+        self.fingerprint = self._fingerprint()
+        projections = self._probe()
+        logit_scale = getattr(self.teacher, "logit_scale", None)
+        self.objective = Objective(self.student, self.plans, cfg, self.ctx,
+                                   float(logit_scale.detach().exp()) if logit_scale is not None else 1.0)
+        for name, weight in projections.items():
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            lin.weight.data.copy_(weight)
+            self.objective.proj[name] = lin.to(self.device)
+        # Ours: key biases shift every score of a query by the same amount, which the softmax ignores, so
+        # their gradient is rounding noise that Adam's normalisation would turn into drift; they stay put.
+        self.frozen = {pl.param[:-len("weight")] + "bias" for pl in prunable_linears(self.student, art.adapter)
+                       if pl.role == "k" and pl.module.bias is not None}
+        if not cfg.train_embeddings:
+            for t in self.towers:
+                self.frozen |= input_side_params(self.student, t, self._collate(self.train[:2], t))
+        self.flags = {n: p.requires_grad for n, p in self.student.named_parameters()}
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(self.flags[n] and n not in self.frozen)
+        self.engine: nn.Module = self.objective
+        if self.ctx.enabled:
+            # Modules distilled one at a time leave the others without gradients on most steps.
+            self.engine = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = make_schedule(cfg.schedule, len(self.arms), cfg.window, cfg.prior_weight, cfg.seed)
+        self.checkpoints = Checkpoints(Path(cfg.checkpoint_dir), self.fingerprint, cfg.keep_last) \
+            if cfg.checkpoint_dir else None
+        self.dev_teacher = self._dev_teacher()
+        self.perms: dict[int, list[int]] = {}
+        self.step = 0
+        self.train_seconds = 0.0
+        self.picks = [0] * len(self.arms)
+        self.losses: list[float] = []
+        self.curve: list[dict[str, Any]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.dev_before: dict[str, Any] | None = None
+        self.resumed_from: int | str | None = None
+        self.final_metrics: dict[str, Any] = {}
+
+    # --- set-up -------------------------------------------------------------------------------------
+
+    def _plan(self, spec: TowerSpec) -> TowerPlan:
+        layer_map = self.cfg.layer_map
+        n_s, n_t = len(block_list(self.student, spec)[1]), len(block_list(self.teacher, spec)[1])
+        plan = TowerPlan(spec, n_s, n_t)
+        if isinstance(layer_map, dict):
+            if spec.name not in layer_map:
+                raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}'; give one "
+                                f"list of teacher layers per tower")
+            plan.layer_map = check_layer_map(layer_map[spec.name], n_s, n_t, spec.name)
+        elif isinstance(layer_map, list):
+            if len(self.towers) > 1:
+                raise LmmcError(f"layer_map is one list, but the model has towers "
+                                f"{[t.name for t in self.towers]}; give {{tower: [teacher layers]}} per tower")
+            plan.layer_map = check_layer_map(layer_map, n_s, n_t, spec.name)
+        return plan
+
+    def _check_weights(self) -> None:
+        """Every module the schedule can pick must have a loss term."""
+        cfg = self.cfg
+        dual = len(self.towers) == 2 and cfg.contrastive > 0
+        if cfg.hidden == 0 and cfg.output == 0 and not dual:
+            raise LmmcError("distill: all loss weights are 0 (contrastive counts for dual encoders only); give "
+                            "hidden or output a positive weight")
+        inner = [a.name for a in self.arms if not a.last_of_tower]
+        if cfg.hidden == 0 and cfg.schedule != "all" and inner:
+            raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
+                            f"{inner} do not end their tower; set blocks_per_arm: null (one module per tower)")
+
+    def _masks(self) -> dict[str, torch.Tensor]:
+        params = dict(self.student.named_parameters())
+        out = {}
+        for name, mask in self.art.masks.items():
+            if name not in params or params[name].shape != mask.shape:
+                shape = tuple(params[name].shape) if name in params else "absent"
+                raise LmmcError(f"distill: the pruning mask for '{name}' ({tuple(mask.shape)}) does not fit the "
+                                f"student ({shape}); a pass changed the student after the mask was made "
+                                f"without updating it")
+            out[name] = mask.to(self.device, torch.bool)
+        return out
+
+    def _fingerprint(self) -> str:
+        """Config and starting student, hashed: checkpoints of another run never resume this one."""
+        digest = hashlib.sha1()
+        config = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _RUN_CONTROL}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for name, tensor in [*self.student.state_dict().items(), *sorted(self.masks.items())]:
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _collate(self, samples: list[Sample], spec: TowerSpec) -> Batch:
+        batch = collate(samples, _modality_key(spec), self.pad[spec.name])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _probe(self) -> dict[str, torch.Tensor]:
+        """Layer map, loss scales and projection starting points, from the first training samples."""
+        probe = self.train[:_PROBE_SAMPLES]
+        projections = {}
+        for name, plan in self.plans.items():
+            batch = self._collate(probe, plan.spec)
+            mask = batch.get("attention_mask")
+            t_run = run_tower(self.teacher, plan.spec, batch, set(range(plan.n_teacher)))
+            s_run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)))
+
+            def tokens(h: torch.Tensor) -> torch.Tensor:
+                return (h[mask.bool()] if mask is not None else h.reshape(-1, h.shape[-1])).float().cpu()
+
+            t_tok = [tokens(t_run.hidden[j]) for j in range(plan.n_teacher)]
+            s_tok = [tokens(s_run.hidden[i]) for i in range(plan.n_student)]
+            origin = getattr(tower_config(self.student, plan.spec), "lmmc_teacher_layers", None)
+            if self.cfg.layer_map == "closest":
+                plan.layer_map = closest_layer_map(s_tok, t_tok)
+            elif self.cfg.layer_map == "origin" and origin and len(origin) == plan.n_student:
+                plan.layer_map = origin_layer_map(list(origin), plan.n_teacher)
+            elif isinstance(self.cfg.layer_map, str):
+                plan.layer_map = uniform_layer_map(plan.n_student, plan.n_teacher)
+            plan.scales = [float(t_tok[j - 1].pow(2).mean()) for j in plan.layer_map]
+            plan.pooled_scale = float(t_run.pooled.float().pow(2).mean())
+            for i, j in enumerate(plan.layer_map):
+                if s_tok[i].shape[1] != t_tok[j - 1].shape[1]:
+                    projections[f"{name}_{i}"] = fit_projection(s_tok[i], t_tok[j - 1])
+            if s_run.pooled.shape[-1] != t_run.pooled.shape[-1]:
+                projections[f"{name}_pooled"] = fit_projection(s_run.pooled.float().cpu(), t_run.pooled.float().cpu())
+        return projections
+
+    @torch.no_grad()
+    def _dev_teacher(self) -> dict[str, torch.Tensor]:
+        return {name: self._embed(self.teacher, plan.spec) for name, plan in self.plans.items()} if self.dev else {}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _embed(self, model: nn.Module, spec: TowerSpec) -> torch.Tensor:
+        out = []
+        for k in range(0, len(self.dev), 64):
+            with self._autocast():
+                out.append(spec.embed(model, self._collate(self.dev[k:k + 64], spec))[1].float())
+        return torch.cat(out)
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The global batch of a step, from an endless stream of seeded epoch permutations: a function of
+        the step alone, so a resumed run sees exactly the batches the uninterrupted one would."""
+        n, size = len(self.train), self.cfg.batch_size
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch = pos // n
+            if epoch not in self.perms:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+                self.perms = {epoch: torch.randperm(n, generator=gen).tolist()}
+            out.append(self.perms[epoch][pos % n])
+        return out
+
+    @torch.no_grad()
+    def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None) -> tuple[dict, dict]:
+        """The teacher layers (1-based) the step's losses read, and pooled embeddings where needed."""
+        targets, pooled = {}, {}
+        for name, plan in self.plans.items():
+            if focus is None:
+                layers, full = set(plan.layer_map), True
+            elif focus.tower == name:
+                layers = {plan.layer_map[i] for i in range(focus.first, focus.last + 1)}
+                full = focus.last_of_tower
+            else:
+                layers, full = set(), focus.last_of_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
+            if not layers and not full:
+                continue
+            keep = {j - 1 for j in layers}
+            run = run_tower(self.teacher, plan.spec, inputs[_modality_key(plan.spec)], keep,
+                            stop_after=None if full else max(keep))
+            targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            if run.pooled is not None:
+                pooled[name] = run.pooled
+        return targets, pooled
+
+    def train_step(self) -> float:
+        cfg, ctx = self.cfg, self.ctx
+        picked = self.schedule.pick()
+        focus = None if isinstance(self.schedule, AllModules) else self.arms[picked[0]]
+        indices = self.batch_indices(self.step)
+        norm = ctx.world / cfg.batch_size
+        self.objective.traces = []
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(cfg.grad_accum):
+            chunk = indices[k * self.micro:(k + 1) * self.micro]
+            share = self.micro // ctx.world
+            local = [self.train[i] for i in chunk[ctx.rank * share:(ctx.rank + 1) * share]]
+            inputs = {_modality_key(t): self._collate(local, t) for t in self.towers}
+            with self._autocast():
+                targets, t_pooled = self.teacher_targets(inputs, focus)
+            sync = self.engine.no_sync() if ctx.enabled and k + 1 < cfg.grad_accum else nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self.engine(inputs, targets, focus, norm, t_pooled)
+                loss.backward()
+            loss_sum += loss.detach().float()
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                param = self._param(name)
+                if param.grad is not None:
+                    param.grad.masked_fill_(~mask, 0.0)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.max_grad_norm)
+            warmup = int(cfg.warmup * cfg.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_multiplier(self.step, cfg.steps, warmup, cfg.final_lr_ratio)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.apply_masks()
+        reward = 0.0
+        if isinstance(self.schedule, SlidingWindowThompson):
+            with self._autocast():
+                before, after = self.objective.reward(focus)
+            totals = all_reduce_sum(torch.stack([before, after]), ctx)
+            reward = float(totals[0] - totals[1]) / cfg.batch_size
+        self.objective.traces = []
+        for arm in picked:
+            self.picks[arm] += 1
+        self.schedule.update(picked[0], reward)
+        return float(all_reduce_sum(loss_sum, ctx)) / ctx.world
+
+    def _param(self, name: str) -> nn.Parameter:
+        return self.student.get_parameter(name)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self._param(name).masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out fidelity on the dev samples: mean cosine of pooled embeddings per tower and, for dual
+        encoders, the similarity-matrix loss over every dev pair."""
+        if not self.dev:
+            return {}
+        student = {}
+        cosine = {}
+        for name, plan in self.plans.items():
+            student[name] = self.objective.project(name, "pooled", self._embed(self.student, plan.spec))
+            cosine[name] = float(torch.nn.functional.cosine_similarity(student[name], self.dev_teacher[name]).mean())
+        out: dict[str, Any] = {"step": self.step, "train_seconds": round(self.train_seconds, 2), "cosine": cosine,
+                               "score": sum(cosine.values()) / len(cosine)}
+        if len(self.plans) == 2:
+            text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
+            image = next(n for n in self.plans if n != text)
+            s_t, s_i, t_t, t_i = student[text], student[image], self.dev_teacher[text], self.dev_teacher[image]
+            out["similarity_loss"] = float(contrastive_loss(s_i, s_t, t_i, t_t, s_i, s_t, t_i, t_t,
+                                                            self.cfg.contrastive_loss,
+                                                            self.objective.logit_scale).mean())
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "step": self.step, "schedule": self.schedule.state_dict(),
+                "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
+                "curve": self.curve, "dev_before": self.dev_before,
+                "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
+                "config": self.cfg.model_dump(mode="json")}
+
+    def save_step(self) -> None:
+        if self.ctx.main:
+            files = {"weights": self.objective.state_dict(), "optimizer": optimizer_tensors(self.optimizer)}
+            if self.best is not None and self.best[1] != self.step:
+                files["best"] = self.best[2]
+            self.checkpoints.save(f"step-{self.step:06d}", files, self._state())
+        barrier(self.ctx)
+
+    def resume(self) -> str | int | None:
+        """Load the finished run or the newest step checkpoint of this run, if there is one."""
+        final = self.checkpoints.find("final")
+        path = final or self.checkpoints.latest()
+        if path is None:
+            return None
+        files, state = Checkpoints.load(path)
+        try:
+            self.objective.load_state_dict(files["weights"])
+        except RuntimeError as err:
+            raise LmmcError(f"checkpoint '{path}' does not fit this student ({err}); delete it to start afresh") \
+                from None
+        if final is not None:
+            self.final_metrics = state["metrics"]
+            return "final"
+        load_optimizer_tensors(self.optimizer, files["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
+        self.dev_before = state["dev_before"]
+        if state["best"] is not None:
+            weights = files.get("best", self._student_state())
+            self.best = (state["best"]["score"], state["best"]["step"],
+                         {k: v.to(self.device) for k, v in weights.items()})
+        return self.step
+
+    def _student_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.objective.state_dict().items()}
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.resumed_from = self.resume() if cfg.resume and self.checkpoints else None
+        if self.resumed_from == "final":
+            return {**self.final_metrics, "resumed_from": "final"}
+        if self.resumed_from is None:
+            self.dev_before = self.evaluate()
+            if self.dev_before:
+                self.best = (self.dev_before["score"], 0, self._student_state())
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill ({cfg.schedule})", unit="step",
+                   disable=not (cfg.progress and self.ctx.main))
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            loss = self.train_step()
+            self.step += 1
+            self.train_seconds += time.perf_counter() - started
+            self.losses.append(loss)
+            postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.step * cfg.batch_size / self.train_seconds:.1f}"}
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._record(self.evaluate())
+                postfix["dev cos"] = f"{self.curve[-1]['score']:.4f}" if self.curve else "-"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update()
+            if self.checkpoints and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and self.step < cfg.steps:
+                self.save_step()
+        bar.close()
+        final_eval = self.evaluate()
+        self._record(final_eval)
+        kept = self.step
+        if cfg.keep_best and self.best is not None and self.best[0] > final_eval.get("score", float("-inf")):
+            self.objective.load_state_dict(self.best[2])
+            kept = self.best[1]
+        self.apply_masks()
+        metrics = self._metrics(kept)
+        if self.checkpoints:
+            if self.ctx.main:
+                path = self.checkpoints.save("final", {"weights": self.objective.state_dict()},
+                                             {**self._state(), "metrics": metrics})
+                metrics["checkpoint"] = str(path)
+            barrier(self.ctx)
+        return metrics
+
+    def _record(self, result: dict[str, Any]) -> None:
+        if not result:
+            return
+        self.curve.append(result)
+        if self.best is None or result["score"] > self.best[0]:
+            self.best = (result["score"], self.step, self._student_state())
+
+    def _metrics(self, kept: int) -> dict[str, Any]:
+        tail = self.losses[-10:]
+        dev_after = next((c for c in reversed(self.curve) if c["step"] == kept), None) if self.curve else None
+        nonzero = sum(int(self._param(n)[~m].count_nonzero()) for n, m in self.masks.items())
+        return {
+            "steps": self.step, "schedule": self.cfg.schedule, "world_size": self.ctx.world,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "train_samples": len(self.train), "dev_samples": len(self.dev),
+            "arms": [a.name for a in self.arms],
+            "arm_picks": {a.name: n for a, n in zip(self.arms, self.picks)},
+            "layer_map": {name: plan.layer_map for name, plan in self.plans.items()},
+            "projections": sorted(self.objective.proj.keys()),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": sum(tail) / len(tail) if tail else None,
+            "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
+            "curve": [{"step": c["step"], "train_seconds": c["train_seconds"], "score": c["score"]}
+                      for c in self.curve],
+            "train_seconds": round(self.train_seconds, 2),
+            "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
+            "masked_weights_nonzero": nonzero, "resumed_from": self.resumed_from, "checkpoint": None,
+        }
+
+    def restore_flags(self) -> None:
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(self.flags[n])
+
+
+@register
+class DistillPass(Pass):
+    """Distil the teacher into the (pruned) student on a small unlabeled corpus.
+
+    Losses: per-layer hidden-state MSE (normalised by the teacher layer's mean square, through a
+    projection where widths differ) with a uniform, closest (linear CKA) or explicit layer map; 1 − cosine
+    (or MSE) on pooled embeddings; for dual encoders, the teacher's image-text similarity matrix (KL per
+    row of CLIP's logits, or MSE). Schedule: OPTIMA (Liang et al., NeurIPS 2023, "Module-wise Adaptive
+    Distillation for Multimodality Foundation Models"): modules are bandit arms, the reward is the drop
+    of the module's loss after a step on it, sliding-window Thompson sampling picks the next module;
+    round-robin and all-modules (plain layerwise) are the ablations. Pruning masks hold after every
+    step. Runs under torchrun with DistributedDataParallel (gloo on CPU, NCCL on GPU).
+
+    Recipe: ``- distill: {steps: 600, corpus: samples/calib/python_docs.txt, samples: 2000,
+    schedule: optima, checkpoint_dir: ckpt, checkpoint_every: 100}``."""
+
+    name = "distill"
+    Config = DistillConfig
+    needs = frozenset({"teacher", "student"})
+
+    def run(self, art: Artifact) -> dict[str, Any]:
+        trainer = Trainer(self.config, art)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.restore_flags()

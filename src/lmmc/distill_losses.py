@@ -1,0 +1,126 @@
+"""Distillation losses (layerwise hidden states, pooled outputs, dual-encoder similarity matrices) and the
+teacher-student layer mapping, as per-sample functions so any batch split sums to the same objective."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lmmc.errors import LmmcError
+
+OutputLoss = Literal["cosine", "mse"]
+ContrastiveLoss = Literal["kl", "mse"]
+
+
+def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Student layer i (1-based) learns teacher layer round(i · L_t / L_s), halves rounded up.
+
+    The last student layer always meets the last teacher layer, whose output is what users consume;
+    with equal depths this is the identity. A student made shallower by removing blocks therefore
+    learns to cover the teacher's depth at a proportionally faster pace."""
+    return [min(n_teacher, max(1, math.floor(i * n_teacher / n_student + 0.5))) for i in range(1, n_student + 1)]
+
+
+def origin_layer_map(origin: list[int], n_teacher: int) -> list[int]:
+    """Student block i learns the teacher layer it was cut from (`origin`: 0-based teacher block per
+    student block, as recorded by depth pruning); the last student block learns the teacher's last
+    layer, whose output is what users consume. Blocks removed from the middle leave a gap that the next
+    kept block closes, instead of shifting every later block's target as the uniform rule would."""
+    for o in origin:
+        if not 0 <= o < n_teacher:
+            raise LmmcError(f"the student records teacher block {o} as the origin of one of its blocks, but the "
+                            f"teacher has blocks 0..{n_teacher - 1}; the student was not cut from this teacher")
+    return [o + 1 for o in origin[:-1]] + [n_teacher]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two token matrices [N, d1] and [N, d2]: 1 for representations
+    equal up to rotation and scale. It compares layers of different widths without a fitted projection."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (x.T @ y).pow(2).sum()
+    return float(cross / ((x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()).clamp(min=1e-30))
+
+
+def closest_layer_map(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> list[int]:
+    """Each student layer learns the teacher layer most similar to it now (linear CKA over the same
+    tokens); the last student layer keeps the last teacher layer, as in the uniform rule."""
+    out = [1 + max(range(len(teacher)), key=lambda j: linear_cka(s, teacher[j])) for s in student[:-1]]
+    return [*out, len(teacher)]
+
+
+def check_layer_map(mapping: list[int], n_student: int, n_teacher: int, tower: str) -> list[int]:
+    """An explicit mapping must name one teacher layer in 1..L_t per student layer."""
+    if len(mapping) != n_student:
+        raise LmmcError(f"layer_map for the {tower} tower has {len(mapping)} entries, but the student has "
+                        f"{n_student} layers; give one teacher layer (1..{n_teacher}) per student layer")
+    for i, j in enumerate(mapping, 1):
+        if not 1 <= j <= n_teacher:
+            raise LmmcError(f"layer_map for the {tower} tower maps student layer {i} to teacher layer {j}, "
+                            f"which is out of range; the teacher's {tower} tower has layers 1..{n_teacher}")
+    return list(mapping)
+
+
+def fit_projection(student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Least-squares map [d_t, d_s] taking student features to teacher features (ridge-regularised),
+    the starting point of the trainable projection used when widths differ. A random start would make
+    the first steps chase the projection instead of the student."""
+    s, t = student.double(), teacher.double()
+    gram = s.T @ s
+    gram += ridge * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, s.T @ t).T.float()
+
+
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """Per-sample MSE between hidden states [B, T, d] over real tokens, divided by the teacher layer's
+    mean square `scale` so deep layers with large activations do not drown the shallow ones."""
+    err = (student.float() - teacher.float()).pow(2).mean(-1)
+    if token_mask is None:
+        per_sample = err.mean(1)
+    else:
+        m = token_mask.to(err.dtype)
+        per_sample = (err * m).sum(1) / m.sum(1).clamp(min=1)
+    return per_sample / scale
+
+
+def output_loss(student: torch.Tensor, teacher: torch.Tensor, kind: OutputLoss, scale: float = 1.0) -> torch.Tensor:
+    """Per-sample distance between pooled embeddings [B, d]: 1 − cosine, or MSE divided by `scale`."""
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    return (student.float() - teacher.float()).pow(2).mean(-1) / scale
+
+
+def kl_logits(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(teacher ‖ student) of the softmax over the last axis of the logits."""
+    t = F.log_softmax(teacher.float(), dim=-1)
+    s = F.log_softmax(student.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def similarity_loss(s_a: torch.Tensor, s_b_all: torch.Tensor, t_a: torch.Tensor, t_b_all: torch.Tensor,
+                    kind: ContrastiveLoss, logit_scale: float) -> torch.Tensor:
+    """Per-row loss of this side's rows of the similarity matrix: embeddings `s_a`/`t_a` [b, d] of this
+    shard's samples against every sample's embeddings of the other tower [B, d].
+
+    "kl" matches the teacher's softmax over each row of logit_scale · cos (CLIP's retrieval
+    distribution); "mse" matches the raw cosine similarities."""
+    s = F.normalize(s_a.float(), dim=-1) @ F.normalize(s_b_all.float(), dim=-1).T
+    t = F.normalize(t_a.float(), dim=-1) @ F.normalize(t_b_all.float(), dim=-1).T
+    if kind == "kl":
+        return kl_logits(logit_scale * s, logit_scale * t)
+    return (s - t).pow(2).mean(-1)
+
+
+def contrastive_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
+                     s_img_all: torch.Tensor, s_txt_all: torch.Tensor, t_img_all: torch.Tensor,
+                     t_txt_all: torch.Tensor, kind: ContrastiveLoss, logit_scale: float) -> torch.Tensor:
+    """Per-pair contrastive distillation: the mean of the pair's image->text row and text->image row of
+    the student's similarity matrix against the teacher's. `*_all` hold every pair of the global batch
+    (gathered across ranks), the others this shard's pairs."""
+    i2t = similarity_loss(s_img, s_txt_all, t_img, t_txt_all, kind, logit_scale)
+    t2i = similarity_loss(s_txt, s_img_all, t_txt, t_img_all, kind, logit_scale)
+    return 0.5 * (i2t + t2i)

@@ -1,0 +1,189 @@
+"""Training plumbing for fine-tuning passes: learning-rate schedule, torch.distributed set-up and
+collectives, and checkpoints (safetensors + JSON, written atomically) that a run can resume from."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from lmmc.errors import LmmcError
+
+
+def lr_multiplier(step: int, total: int, warmup: int, final_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `final_ratio` of the peak at `total`.
+
+    `step` is the 0-based index of the optimiser step about to be taken, so step 0 already learns."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a torch.distributed job; a plain run is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    group: Any = None  # a process group of its own for the objective's collectives
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    """Join the job torchrun (or the caller) started; gloo on CPU, NCCL on GPU.
+
+    A process group someone already initialised is used as it is; a single process stays single."""
+    if not dist.is_available():
+        return Distributed()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Distributed()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    world = dist.get_world_size()
+    if world <= 1:
+        return Distributed()
+    # Collectives issued inside backward (gathering embeddings) get their own group so they can never
+    # interleave with DDP's gradient buckets on the default one.
+    return Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                       dist.new_group(backend=dist.get_backend()))
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op in a single process)."""
+    if ctx.enabled:
+        values = values.clone()
+        dist.all_reduce(values, group=ctx.group)
+    return values
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own slice, so a loss over
+    the whole gathered batch trains each rank's samples. (Gloo has no reduce_scatter; all_reduce and
+    slicing does the same job.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def gather(x: torch.Tensor, ctx: Distributed) -> torch.Tensor:
+    """Every rank's rows of `x`, in rank order; differentiable when `x` requires grad."""
+    if not ctx.enabled:
+        return x
+    if x.requires_grad:
+        return _GatherWithGrad.apply(x, ctx.group)
+    parts = [torch.empty_like(x) for _ in range(ctx.world)]
+    dist.all_gather(parts, x.contiguous(), group=ctx.group)
+    return torch.cat(parts)
+
+
+def barrier(ctx: Distributed) -> None:
+    if ctx.enabled:
+        dist.barrier(group=ctx.group)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat named tensors ("<index>.<key>"), for safetensors."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimiser state '{key}' is not a tensor; it cannot go to safetensors")
+            out[f"{index}.{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of optimizer_tensors. Hyper-parameters stay the optimiser's own: the learning rate is set
+    from the step number on every step, so the state is all a resumed run needs."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+class Checkpoints:
+    """One run's checkpoints under `root/<fingerprint>/`: `step-N/` (resumable, the newest `keep_last`
+    kept), `best/` (weights of the best held-out score) and `final/` (the finished run).
+
+    Every checkpoint is written to a temporary directory and renamed into place, so a crash can leave
+    a stale temporary directory behind but never a half-written checkpoint under a real name. The
+    fingerprint ties checkpoints to the run that wrote them: a different config or starting student
+    gets a directory of its own instead of silently resuming someone else's weights."""
+
+    def __init__(self, root: Path, fingerprint: str, keep_last: int) -> None:
+        self.dir = Path(root) / fingerprint
+        self.keep_last = keep_last
+
+    def save(self, name: str, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
+        target = self.dir / name
+        tmp = self.dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for stem, tensors in files.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                      str(tmp / f"{stem}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if target.exists():
+            old = self.dir / f".{name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+        if name.startswith("step-"):
+            for stale in self.step_dirs()[:-self.keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+        return target
+
+    def step_dirs(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                      key=lambda p: int(p.name.split("-")[1]))
+
+    def find(self, name: str) -> Path | None:
+        path = self.dir / name
+        return path if (path / "state.json").is_file() else None
+
+    def latest(self) -> Path | None:
+        dirs = [p for p in self.step_dirs() if (p / "state.json").is_file()]
+        return dirs[-1] if dirs else None
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        files = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LmmcError(f"checkpoint '{path}' is unreadable ({err}); delete it to start afresh") from None
+        return files, state

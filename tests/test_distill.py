@@ -1,0 +1,336 @@
+"""The distill pass: layer maps and losses against hand computations, masks that hold, kill-and-resume
+that ends where an uninterrupted run ends, both towers of a dual encoder, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from click.testing import CliRunner
+
+from conftest import CORPUS, TINY_TEXT, tiny_model
+from lmmc.adapters import TowerModule, get_adapter
+from lmmc.artifact import Artifact
+from lmmc.data import load_calibration, random_calibration
+from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
+                                 kl_logits, origin_layer_map, uniform_layer_map)
+from lmmc.errors import LmmcError
+from lmmc.modelio import make_student
+from lmmc.pipeline import get_pass, run_pass
+from lmmc.recipe import CalibrationConfig, parse_recipe
+from lmmc.surgery import keep_blocks_
+
+TESTS = Path(__file__).resolve().parent
+Distill = get_pass("distill")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_art(kind: str, sparsity: float = 0.5, samples: int = 48, eval_samples: int = 16,
+             teacher: torch.nn.Module | None = None) -> Artifact:
+    """A tiny teacher, its student pruned by magnitude (which needs no calibration pass), random data."""
+    teacher = teacher if teacher is not None else tiny_model(kind)
+    adapter = get_adapter(teacher.config.model_type)
+    calib = random_calibration(CalibrationConfig(random=True, samples=samples, eval_samples=eval_samples,
+                                                 batch_size=8), teacher, adapter)
+    art = Artifact(model_ref=kind, adapter=adapter, teacher=teacher, student=make_student(teacher), calib=calib)
+    if sparsity:
+        magnitude = get_pass("magnitude")
+        run_pass(magnitude(magnitude.Config(sparsity=sparsity)), art)
+    return art
+
+
+def distill(art: Artifact, **cfg) -> dict:
+    base = dict(steps=10, batch_size=8, lr=1e-3, dev_samples=8, eval_every=5, progress=False)
+    return Distill(Distill.Config(**{**base, **cfg})).run(art)
+
+
+# --- layer maps and losses ------------------------------------------------------------------------------
+
+def test_uniform_and_origin_layer_maps():
+    assert uniform_layer_map(6, 6) == [1, 2, 3, 4, 5, 6]
+    assert uniform_layer_map(3, 6) == [2, 4, 6]
+    assert uniform_layer_map(4, 6) == [2, 3, 5, 6]
+    assert uniform_layer_map(1, 12) == [12]
+    # Depth pruning removed teacher blocks 2 and 5 (0-based): kept blocks keep their targets, the last
+    # block learns the teacher's output.
+    assert origin_layer_map([0, 1, 3, 4], 6) == [1, 2, 4, 6]
+    with pytest.raises(LmmcError, match="teacher block 6"):
+        origin_layer_map([0, 6], 6)
+
+
+def test_explicit_layer_map_is_checked():
+    assert check_layer_map([2, 2, 6], 3, 6, "text") == [2, 2, 6]
+    with pytest.raises(LmmcError, match="student layer 2 to teacher layer 7.*layers 1..6"):
+        check_layer_map([1, 7, 6], 3, 6, "text")
+    with pytest.raises(LmmcError, match="2 entries, but the student has 3 layers"):
+        check_layer_map([1, 6], 3, 6, "text")
+
+
+def test_closest_layer_map_finds_the_rotated_copies():
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(300, 16, generator=gen) for _ in range(4)]
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    # Student layer 1 is teacher layer 3 rotated and scaled, layer 2 is teacher layer 1 plus noise, and
+    # the last student layer always learns the teacher's last layer.
+    student = [2.0 * teacher[2] @ rotation, teacher[0] + 0.1 * torch.randn(300, 16, generator=gen),
+               torch.randn(300, 16, generator=gen)]
+    assert closest_layer_map(student, teacher) == [3, 1, 4]
+
+
+def test_hidden_loss_counts_real_tokens_only():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = hidden_loss(s, t, mask, scale=2.0)
+    want = torch.stack([((s[0, :3] - t[0, :3]) ** 2).mean(), ((s[1] - t[1]) ** 2).mean()]) / 2.0
+    torch.testing.assert_close(got, want)
+
+
+def test_contrastive_loss_is_the_teacher_row_softmax_kl_and_splits_over_shards():
+    gen = torch.Generator().manual_seed(0)
+    s_img, s_txt, t_img, t_txt = (torch.randn(6, 8, generator=gen) for _ in range(4))
+    full = contrastive_loss(s_img, s_txt, t_img, t_txt, s_img, s_txt, t_img, t_txt, "kl", 10.0)
+    cos = lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T  # noqa: E731
+    p_t, p_s = (10.0 * cos(t_img, t_txt)).softmax(-1), (10.0 * cos(s_img, s_txt)).softmax(-1)
+    i2t = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    q_t, q_s = (10.0 * cos(t_txt, t_img)).softmax(-1), (10.0 * cos(s_txt, s_img)).softmax(-1)
+    t2i = (q_t * (q_t.log() - q_s.log())).sum(-1)
+    torch.testing.assert_close(full, 0.5 * (i2t + t2i))
+    # Two shards, each with its own rows against every column, give the same per-pair losses: what
+    # makes the distributed objective equal to the single-process one.
+    halves = [contrastive_loss(s_img[k], s_txt[k], t_img[k], t_txt[k], s_img, s_txt, t_img, t_txt, "kl", 10.0)
+              for k in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(torch.cat(halves), full)
+    assert float(kl_logits(t_img, t_img).abs().max()) < 1e-6
+    assert float(contrastive_loss(t_img, t_txt, t_img, t_txt, t_img, t_txt, t_img, t_txt, "mse", 1.0).max()) == 0.0
+
+
+def test_fit_projection_recovers_a_linear_map():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(400, 8, generator=gen)
+    w = torch.randn(12, 8, generator=gen)
+    torch.testing.assert_close(fit_projection(s, s @ w.T, ridge=1e-8), w, atol=1e-4, rtol=1e-4)
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+def test_masks_hold_after_every_step_and_fidelity_improves():
+    art = tiny_art("clip")
+    before = {n: p.detach().clone() for n, p in art.student.named_parameters()}
+    m = distill(art, steps=12, lr=3e-3, schedule="all", eval_every=0)
+    params = dict(art.student.named_parameters())
+    assert art.masks
+    for name, mask in art.masks.items():
+        assert torch.count_nonzero(params[name][~mask]) == 0, name
+        # The kept weights did train; otherwise the zeros above would prove nothing.
+        assert float((params[name][mask] - before[name][mask]).detach().abs().max()) > 1e-4, name
+    assert m["masked_weights_nonzero"] == 0
+    assert m["dev_after"]["score"] > m["dev_before"]["score"]
+    assert m["loss_last"] < m["loss_first"]
+
+
+def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss():
+    art = tiny_art("clip")
+    m = distill(art, steps=12, schedule="optima", blocks_per_arm=1)
+    assert m["arms"] == ["text[0:1]", "text[1:2]", "vision[0:1]", "vision[1:2]"]
+    assert all(n > 0 for n in m["arm_picks"].values()) and sum(m["arm_picks"].values()) == 12
+
+    # Contrastive distillation alone, on held-out pairs the pass never saw.
+    art = tiny_art("clip")
+    teacher = held_out_embeddings(art.teacher, art)
+    before = similarity_loss(held_out_embeddings(art.student, art), teacher)
+    distill(art, steps=12, hidden=0.0, output=0.0, contrastive=1.0, schedule="round_robin", blocks_per_arm=None)
+    after = similarity_loss(held_out_embeddings(art.student, art), teacher)
+    assert after < 0.7 * before
+
+
+def held_out_embeddings(model: torch.nn.Module, art: Artifact) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for tower in art.adapter.towers:
+            module = TowerModule(model, tower)
+            out[tower.name] = torch.cat([module(*[b[n] for n in module.names])[1]
+                                         for b in art.calib.eval_batches(tower.modality)])
+    return out
+
+
+def similarity_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> float:
+    s_i, s_t, t_i, t_t = student["vision"], student["text"], teacher["vision"], teacher["text"]
+    return float(contrastive_loss(s_i, s_t, t_i, t_t, s_i, s_t, t_i, t_t, "kl", 100.0).mean())
+
+
+def test_depth_pruned_student_learns_the_layers_its_blocks_came_from():
+    teacher = transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "num_hidden_layers": 4})).eval()
+    art = tiny_art("bert", sparsity=0.0, teacher=teacher)
+    tower = art.adapter.towers[0]
+    keep_blocks_(art.student, tower, [0, 2, 3])
+    m = distill(art, steps=6)
+    assert m["layer_map"] == {"text": [1, 3, 4]}
+    assert distill(tiny_art("bert", sparsity=0.0, teacher=teacher), steps=1, layer_map="uniform")["layer_map"] == \
+        {"text": [1, 2, 3, 4]}
+
+
+def test_narrower_student_is_distilled_through_fitted_projections():
+    teacher = tiny_model("bert")
+    art = tiny_art("bert", sparsity=0.0, teacher=teacher)
+    torch.manual_seed(1)
+    art.student = transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "hidden_size": 24,
+                                                                   "intermediate_size": 48})).eval()
+    m = distill(art, steps=20, lr=3e-3, schedule="all")
+    assert m["projections"] == ["text_0", "text_1", "text_pooled"]
+    assert m["dev_after"]["score"] > m["dev_before"]["score"]
+
+
+def test_text_corpus_excludes_held_out_sentences(minilm, tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm))
+    teacher = transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size})).eval()
+    adapter = get_adapter("bert")
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()][:60]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines + lines[:10]))  # duplicates count once
+    calib = load_calibration(CalibrationConfig(samples=20, eval_samples=12, batch_size=8), str(corpus), {"text"},
+                             {"tokenizer": tokenizer})
+    art = Artifact("tiny", adapter, teacher, make_student(teacher), preprocessor={"tokenizer": tokenizer},
+                   calib=calib)
+    m = distill(art, steps=2, corpus=str(corpus), dev_samples=8)
+    assert (m["train_samples"], m["dev_samples"]) == (60 - 12 - 8, 8)
+
+
+# --- checkpoints and resume ---------------------------------------------------------------------------
+
+RESUME_CFG = dict(steps=9, batch_size=8, lr=3e-3, dev_samples=8, eval_every=3, schedule="optima",
+                  blocks_per_arm=1, window=4, checkpoint_every=3, progress=False)
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from lmmc.train import Checkpoints
+from test_distill import Distill, RESUME_CFG, tiny_art
+
+save = Checkpoints.save
+def save_then_die(self, name, files, state):
+    path = save(self, name, files, state)
+    if name == "step-000006":
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally: a real crash
+    return path
+Checkpoints.save = save_then_die
+Distill(Distill.Config(**RESUME_CFG, checkpoint_dir=sys.argv[1])).run(tiny_art("bert"))
+"""
+
+
+def test_kill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN.format(tests=str(TESTS)), str(ckpt)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir, = ckpt.iterdir()
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == ["step-000003", "step-000006"]
+
+    resumed_art = tiny_art("bert")
+    resumed = Distill(Distill.Config(**RESUME_CFG, checkpoint_dir=str(ckpt), resume=True)).run(resumed_art)
+    assert resumed["resumed_from"] == 6
+    plain_art = tiny_art("bert")
+    plain = distill(plain_art, **{**RESUME_CFG, "checkpoint_every": 0})
+    assert resumed["arm_picks"] == plain["arm_picks"]
+    assert [c["score"] for c in resumed["curve"]] == [c["score"] for c in plain["curve"]]
+    for (name, a), b in zip(resumed_art.student.state_dict().items(), plain_art.student.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (run_dir / "final" / "weights.safetensors").is_file()
+
+    # Resuming a finished run loads its final weights and trains no further.
+    again_art = tiny_art("bert")
+    again = Distill(Distill.Config(**RESUME_CFG, checkpoint_dir=str(ckpt), resume=True)).run(again_art)
+    assert again["resumed_from"] == "final"
+    assert all(torch.equal(a, b) for a, b in zip(again_art.student.state_dict().values(),
+                                                 plain_art.student.state_dict().values()))
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
+    distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    m = distill(tiny_art("bert"), steps=4, lr=5e-4, checkpoint_dir=str(tmp_path), resume=True)
+    assert m["resumed_from"] is None
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+def test_corpus_without_usable_samples(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    with pytest.raises(LmmcError, match="no usable samples for this model.*text samples"):
+        distill(tiny_art("bert"), corpus=str(images))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(LmmcError, match="holds no samples"):
+        distill(tiny_art("bert"), corpus=str(empty))
+
+
+def test_student_with_other_towers_than_the_teacher(tmp_path):
+    art = tiny_art("clip", sparsity=0.0)
+    art.student = tiny_model("bert")
+    with pytest.raises(LmmcError, match=r"student \(bert.*does not match the teacher \(clip"):
+        distill(art, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_layer_map_out_of_range_fails_the_cli_with_exit_2_and_no_final_checkpoint(tmp_path):
+    from lmmc.cli import main
+
+    model = tmp_path / "tiny-bert"
+    tiny_model("bert").save_pretrained(model)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    recipe = {"calibration": {"random": True, "samples": 24, "eval_samples": 8},
+              "passes": [{"magnitude": {"sparsity": 0.5}},
+                         {"distill": {"steps": 4, "batch_size": 4, "layer_map": [1, 5], "checkpoint_dir": str(ckpt),
+                                      "checkpoint_every": 1, "progress": False}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(path), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "maps student layer 2 to teacher layer 5" in result.output
+    assert not out.exists()
+    assert not list(ckpt.rglob("final")) and not list(ckpt.rglob("*.safetensors"))
+
+    # Mistakes visible without the model fail while the recipe is parsed, before anything loads.
+    recipe["passes"][1]["distill"]["layer_map"] = [0, 1]
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(path), "-o", str(out)])
+    assert result.exit_code == 2 and "layer_map" in result.output
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"),
+    ({"resume": True}, "resume needs checkpoint_dir"),
+    ({"corpus": "/nonexistent/corpus.txt"}, "does not exist"),
+    ({"schedule": "random"}, "schedule"),
+])
+def test_config_errors_name_the_fix(bad, match):
+    with pytest.raises(LmmcError, match=match):
+        parse_recipe({"calibration": {"random": True}, "passes": [{"distill": bad}]})
+
+
+def test_all_zero_loss_weights_are_refused():
+    with pytest.raises(LmmcError, match="all loss weights are 0"):
+        distill(tiny_art("bert", sparsity=0.0), hidden=0.0, output=0.0)
