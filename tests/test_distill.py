@@ -142,8 +142,7 @@ def test_masks_hold_after_every_step_and_fidelity_improves():
         # The kept weights did train; otherwise the zeros above would prove nothing.
         assert float((params[name][mask] - before[name][mask]).detach().abs().max()) > 1e-4, name
     assert m["masked_weights_nonzero"] == 0
-    assert m["dev_after"]["score"] > m["dev_before"]["score"]
-    assert m["loss_last"] < m["loss_first"]
+    assert m["dev_after"]["score"] > m["dev_before"]["score"] + 0.02
 
 
 def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss():
