@@ -34,8 +34,12 @@ class AntGMMConfig(PassConfig):
                                               "takes, e.g. {depth: 0.5, ffn: 0.25, heads: 0.25}; stages run "
                                               "in AntGMM's order depth → ffn → heads. Default: ffn and heads "
                                               "in proportion to their cost, so both shrink alike")
-    importance: Literal["taylor", "activation"] = Field("taylor", description="first-order Taylor (needs "
-                                                        "backward) or gradient-free activation scores")
+    importance: Literal["taylor", "activation"] = Field("taylor", description="heads and FFN channels: "
+                                                        "first-order Taylor (needs backward) or gradient-free "
+                                                        "activation scores")
+    depth_importance: Literal["taylor", "activation"] = Field("activation", description="blocks: first-order "
+                                                              "Taylor of a gate on the block, or its measured "
+                                                              "influence on the residual stream (1 - cos)")
     temperature: float = Field(0.1, gt=0.0, description="temperature of the Taylor loss (in-batch "
                                "contrastive distance to the teacher's embeddings)")
     seq_len: int = Field(128, gt=0, description="tokens per text sequence when counting FLOPs")
@@ -208,7 +212,11 @@ class AntGMMPass(Pass):
     def _segment(self, art: Artifact, stage: str, seg: int, goal: float) -> dict[str, Any]:
         cfg, model, adapter = self.config, art.student, art.adapter
         before = self._cost(model, adapter)
-        scores = importance(cfg.importance, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
+        # Ours: a whole block is too large a change for a first-order estimate. On MiniLM at 50 % FLOPs
+        # with shares depth 0.5 / ffn 0.25 / heads 0.25, the Taylor gate removed block 0 (held-out
+        # cosine 0.55); measured influence removed block 2 (0.72, with activation scores throughout).
+        method = cfg.depth_importance if stage == "depth" else cfg.importance
+        scores = importance(method, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
         units, floors = self._units(model, adapter, stage, scores)
         chosen = select_units(units, before - goal, floors)
         record: dict[str, Any] = {"stage": stage, "segment": seg, "removed": len(chosen.removed)}
