@@ -37,9 +37,7 @@ def plan(model_ref: str, recipe: Recipe, calib: str | None, trust_remote_code: b
     calib = calib or recipe.calibration.path
     if calib:
         read_samples(Path(calib))  # a missing or empty file fails here, before any weight loads
-    elif recipe.calibration.random:
-        pass
-    elif any("calib" in s.needs for s in recipe.steps()):
+    elif not recipe.calibration.random and any("calib" in s.needs for s in recipe.steps()):
         raise LmmcError("the recipe's passes need calibration data; give --calib PATH or 'calibration.path'")
     return {
         "model": model_ref,
