@@ -143,3 +143,14 @@ def test_random_calibration_refused_for_large_models(tmp_path):
     assert result.exit_code == 2
     assert "random calibration inputs are only for tiny test models" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_calib_option_supplies_data_the_recipe_lacks(tmp_path):
+    model_dir = tmp_path / "teacher"
+    tiny_model("bert").config.save_pretrained(model_dir)
+    recipe = write_recipe(tmp_path, {"passes": [{"wanda": {"sparsity": 0.5}}]})
+    without = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(recipe), "-o", str(tmp_path / "o"), "--dry-run"])
+    assert without.exit_code == 2 and "needs ['calib']" in without.output
+    result = run("compile", model_dir, "-r", recipe, "-o", tmp_path / "o", "--dry-run", "--calib", CORPUS)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["calibration"] == str(CORPUS)

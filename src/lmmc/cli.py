@@ -60,11 +60,11 @@ def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_
     from lmmc.compile import compile_model, plan
     from lmmc.recipe import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe, calib=calib)
     if dry_run:
-        click.echo(json.dumps(plan(model, parsed, calib, trust_remote_code), indent=2))
+        click.echo(json.dumps(plan(model, parsed, trust_remote_code), indent=2))
         return
-    report = compile_model(model, parsed, Path(out), calib=calib, force=force, device=device,
+    report = compile_model(model, parsed, Path(out), force=force, device=device,
                            trust_remote_code=trust_remote_code)
     click.echo(summary_table(report))
     click.echo(f"wrote {out}/ (student/, onnx/, report.json)")

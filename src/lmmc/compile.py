@@ -31,10 +31,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan(model_ref: str, recipe: Recipe, calib: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
+def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dict[str, Any]:
     """Everything checkable without weights: the model's config and adapter, the data, the pass order."""
     _, adapter = resolve_config(model_ref, trust_remote_code)
-    calib = calib or recipe.calibration.path
+    calib = recipe.calibration.path
     if calib:
         read_samples(Path(calib))  # a missing or empty file fails here, before any weight loads
     elif not recipe.calibration.random and any("calib" in s.needs for s in recipe.steps()):
@@ -49,7 +49,7 @@ def plan(model_ref: str, recipe: Recipe, calib: str | None, trust_remote_code: b
     }
 
 
-def compile_model(model_ref: str, recipe: Recipe, out: Path, calib: str | None = None, force: bool = False,
+def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
                   device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
     complete output was written but a validation gate was missed."""
@@ -57,8 +57,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, calib: str | None =
     if out.exists() and not force:
         raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to replace it")
     dev = resolve_device(device)
-    the_plan = plan(model_ref, recipe, calib, trust_remote_code)
-    calib = calib or recipe.calibration.path
+    the_plan = plan(model_ref, recipe, trust_remote_code)
+    calib = recipe.calibration.path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -130,7 +130,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
+    """Read a recipe file; `calib` (the CLI's --calib) replaces its calibration path."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"recipe '{path}' does not exist; pass --recipe with a YAML file (see samples/recipes/)")
@@ -138,4 +139,6 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise LmmcError(f"recipe '{path}' is not valid YAML: {err}") from None
+    if calib is not None and isinstance(data, dict):
+        data["calibration"] = {**(data.get("calibration") or {}), "path": str(calib), "random": False}
     return parse_recipe(data, source=str(path))
