@@ -76,8 +76,13 @@ class DistillConfig(PassConfig):
                                        "null = one module per tower")
     window: int = Field(50, gt=0, description="bandit: steps of reward history the posterior sees")
     prior_weight: float = Field(1.0, gt=0, description="bandit: pseudo-observations of the prior")
+    reward: Literal["relative", "absolute"] = Field(
+        "relative", description="bandit reward: the module's loss drop over its loss before the step "
+        "(relative), or the drop per sample (absolute), which favours modules whose loss is large")
     train_embeddings: bool = Field(False, description="also train the token/patch embeddings; off because a "
                                    "small corpus covers few tokens and pruning leaves them intact")
+    teacher_cache_mb: int = Field(2048, ge=0, description="keep the teacher's targets for the whole corpus "
+                                  "in memory when they fit in this many MB; 0 = run the teacher every step")
     checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints (outside the "
                                        "compile's output, so they survive a crash)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
@@ -223,6 +228,13 @@ def _sample_key(sample: Sample) -> tuple:
         else:
             parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
     return tuple(parts)
+
+
+def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
+    """Zero-pad a [tokens, d] tensor to `length` tokens (None: leave it)."""
+    if length is None or x.shape[0] == length:
+        return x
+    return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])
 
 
 def collate(samples: list[Sample], modality: str, pad_id: int) -> Batch:
@@ -427,6 +439,7 @@ class Trainer:
     """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
 
     def __init__(self, cfg: DistillConfig, art: Artifact) -> None:
+        self.started = time.perf_counter()
         check_towers(art)
         self.cfg = cfg
         self.art = art
@@ -440,6 +453,7 @@ class Trainer:
         self.towers = list(art.adapter.towers)
         modalities = sorted({_modality_key(t) for t in self.towers})
         self.train, self.dev = build_corpus(cfg, art, modalities)
+        self.lengths = [_length(s) for s in self.train]
         if len(self.train) < cfg.batch_size:
             raise LmmcError(f"distill: {len(self.train)} training samples are fewer than batch_size "
                             f"({cfg.batch_size}); lower batch_size or give a larger corpus")
@@ -487,7 +501,7 @@ class Trainer:
         self.checkpoints = Checkpoints(Path(cfg.checkpoint_dir), self.fingerprint, cfg.keep_last) \
             if cfg.checkpoint_dir else None
         self.dev_teacher = self._dev_teacher()
-        self.lengths = [_length(s) for s in self.train]
+        self.cache = self._cache_teacher()
         self.epochs: dict[int, list[list[int]]] = {}
         self.step = 0
         self.train_seconds = 0.0
@@ -627,27 +641,68 @@ class Trainer:
             batches += [group[j:j + size] for j in range(0, len(group), size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
+    def _needs(self, name: str, focus: Arm | None) -> tuple[set[int], bool]:
+        """The teacher layers (1-based) a step's losses read in one tower, and whether they read its
+        pooled embedding (which takes the whole tower)."""
+        plan = self.plans[name]
+        if focus is None:
+            return set(plan.layer_map), True
+        if focus.tower == name:
+            return {plan.layer_map[i] for i in range(focus.first, focus.last + 1)}, focus.last_of_tower
+        return set(), focus.last_of_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
+
     @torch.no_grad()
-    def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None) -> tuple[dict, dict]:
-        """The teacher layers (1-based) the step's losses read, and pooled embeddings where needed."""
+    def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None, local: list[int]) -> tuple[dict, dict]:
+        """Per tower the teacher hidden states the step reads ({layer: [B, T, d]}) and its pooled
+        embeddings; from the cache when there is one."""
         targets, pooled = {}, {}
         for name, plan in self.plans.items():
-            if focus is None:
-                layers, full = set(plan.layer_map), True
-            elif focus.tower == name:
-                layers = {plan.layer_map[i] for i in range(focus.first, focus.last + 1)}
-                full = focus.last_of_tower
-            else:
-                layers, full = set(), focus.last_of_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
+            layers, full = self._needs(name, focus)
             if not layers and not full:
                 continue
-            keep = {j - 1 for j in layers}
-            run = run_tower(self.teacher, plan.spec, inputs[_modality_key(plan.spec)], keep,
-                            stop_after=None if full else max(keep))
-            targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
-            if run.pooled is not None:
-                pooled[name] = run.pooled
+            batch = inputs[_modality_key(plan.spec)]
+            if self.cache is not None:
+                length = batch["input_ids"].shape[1] if "input_ids" in batch else None
+                rows = [self.cache[name][i] for i in local]
+                hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]) for j in layers}
+                targets[name] = {"hidden": hidden, "pooled": torch.stack([r["pooled"] for r in rows])}
+            else:
+                keep = {j - 1 for j in layers}
+                run = run_tower(self.teacher, plan.spec, batch, keep, stop_after=None if full else max(keep))
+                targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            if full:
+                pooled[name] = targets[name]["pooled"]
         return targets, pooled
+
+    @torch.no_grad()
+    def _cache_teacher(self) -> dict[str, dict[int, dict[str, Any]]] | None:
+        """Ours: the teacher is fixed, so its targets for every training sample are computed once, in
+        length-sorted batches of fixed make-up (so a resumed run reads the very same numbers), and each
+        step then runs the student alone. Skipped when the targets would not fit the memory budget."""
+        budget = self.cfg.teacher_cache_mb * 2 ** 20
+        if not budget:
+            return None
+        order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
+        cache: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in self.plans}
+        total, done, used = len(order) * len(self.plans), 0, 0
+        for name, plan in self.plans.items():
+            layers = sorted(set(plan.layer_map))
+            for k in range(0, len(order), 64):
+                chunk = order[k:k + 64]
+                batch = self._collate([self.train[i] for i in chunk], plan.spec)
+                with self._autocast():
+                    run = run_tower(self.teacher, plan.spec, batch, {j - 1 for j in layers})
+                mask = batch.get("attention_mask")
+                for row, i in enumerate(chunk):
+                    real = mask[row].bool() if mask is not None else slice(None)
+                    entry = {"hidden": {j: run.hidden[j - 1][row][real].float() for j in layers},
+                             "pooled": run.pooled[row].float()}
+                    used += 4 * (sum(t.numel() for t in entry["hidden"].values()) + entry["pooled"].numel())
+                    cache[name][i] = entry
+                done += len(chunk)
+                if used / done * total > budget:
+                    return None
+        return cache
 
     def train_step(self) -> float:
         cfg, ctx = self.cfg, self.ctx
@@ -660,10 +715,10 @@ class Trainer:
         for k in range(cfg.grad_accum):
             chunk = indices[k * self.micro:(k + 1) * self.micro]
             share = self.micro // ctx.world
-            local = [self.train[i] for i in chunk[ctx.rank * share:(ctx.rank + 1) * share]]
-            inputs = {_modality_key(t): self._collate(local, t) for t in self.towers}
+            local = chunk[ctx.rank * share:(ctx.rank + 1) * share]
+            inputs = {_modality_key(t): self._collate([self.train[i] for i in local], t) for t in self.towers}
             with self._autocast():
-                targets, t_pooled = self.teacher_targets(inputs, focus)
+                targets, t_pooled = self.teacher_targets(inputs, focus, local)
             sync = self.engine.no_sync() if ctx.enabled and k + 1 < cfg.grad_accum else nullcontext()
             with sync:
                 with self._autocast():
@@ -688,7 +743,8 @@ class Trainer:
             with self._autocast():
                 before, after = self.objective.reward(focus)
             totals = all_reduce_sum(torch.stack([before, after]), ctx)
-            reward = float(totals[0] - totals[1]) / cfg.batch_size
+            drop = float(totals[0] - totals[1])
+            reward = drop / max(float(totals[0]), 1e-12) if cfg.reward == "relative" else drop / cfg.batch_size
         self.objective.traces = []
         for arm in picked:
             self.picks[arm] += 1
@@ -714,7 +770,8 @@ class Trainer:
         for name, plan in self.plans.items():
             student[name] = self.objective.project(name, "pooled", self._embed(self.student, plan.spec))
             cosine[name] = float(torch.nn.functional.cosine_similarity(student[name], self.dev_teacher[name]).mean())
-        out: dict[str, Any] = {"step": self.step, "train_seconds": round(self.train_seconds, 2), "cosine": cosine,
+        out: dict[str, Any] = {"step": self.step, "train_seconds": round(self.train_seconds, 2),
+                               "seconds": round(time.perf_counter() - self.started, 2), "cosine": cosine,
                                "score": sum(cosine.values()) / len(cosine)}
         if len(self.plans) == 2:
             text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
@@ -838,11 +895,11 @@ class Trainer:
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": sum(tail) / len(tail) if tail else None,
             "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
-            "curve": [{"step": c["step"], "train_seconds": c["train_seconds"], "score": c["score"]}
-                      for c in self.curve],
+            "curve": [{k: c[k] for k in ("step", "train_seconds", "seconds", "score")} for c in self.curve],
             "train_seconds": round(self.train_seconds, 2),
             "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
-            "masked_weights_nonzero": nonzero, "resumed_from": self.resumed_from, "checkpoint": None,
+            "teacher_cached": self.cache is not None, "masked_weights_nonzero": nonzero,
+            "resumed_from": self.resumed_from, "checkpoint": None,
         }
 
     def restore_flags(self) -> None:

@@ -134,7 +134,7 @@ def test_fit_projection_recovers_a_linear_map():
 def test_masks_hold_after_every_step_and_fidelity_improves():
     art = tiny_art("clip")
     before = {n: p.detach().clone() for n, p in art.student.named_parameters()}
-    m = distill(art, steps=12, lr=3e-3, schedule="all", eval_every=0)
+    m = distill(art, steps=12, lr=3e-3, schedule="all", eval_every=0, teacher_cache_mb=0)
     params = dict(art.student.named_parameters())
     assert art.masks
     for name, mask in art.masks.items():
@@ -143,6 +143,25 @@ def test_masks_hold_after_every_step_and_fidelity_improves():
         assert float((params[name][mask] - before[name][mask]).detach().abs().max()) > 1e-4, name
     assert m["masked_weights_nonzero"] == 0
     assert m["dev_after"]["score"] > m["dev_before"]["score"] + 0.02
+
+
+def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
+    from lmmc.passes.distill import Trainer
+
+    art = tiny_art("clip")
+    cached = Trainer(Distill.Config(batch_size=8, dev_samples=8, progress=False), art)
+    fresh = Trainer(Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=0), art)
+    assert cached.cache is not None and fresh.cache is None
+    local = cached.batch_indices(3)
+    inputs = {t.modality: cached._collate([cached.train[i] for i in local], t) for t in art.adapter.towers}
+    (a, a_pooled), (b, b_pooled) = (t.teacher_targets(inputs, None, local) for t in (cached, fresh))
+    assert set(a) == set(b) == {"text", "vision"} and set(a_pooled) == set(b_pooled)
+    for tower in a:
+        mask = inputs["text"]["attention_mask"].bool() if tower == "text" else slice(None)
+        for layer in b[tower]["hidden"]:
+            torch.testing.assert_close(a[tower]["hidden"][layer][mask], b[tower]["hidden"][layer][mask])
+        torch.testing.assert_close(a[tower]["pooled"], b[tower]["pooled"])
+    cached.restore_flags()
 
 
 def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss():
