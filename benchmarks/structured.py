@@ -24,7 +24,6 @@ import openvino as ov
 import torch
 import torch_pruning as tp
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from lmmc.adapters import TowerModule, TowerSpec, block_list, example_inputs, head_dim
 from lmmc.artifact import Artifact
@@ -68,9 +67,7 @@ def hand_shrunk(teacher: torch.nn.Module, adapter) -> torch.nn.Module:
 def torch_pruning(teacher: torch.nn.Module, tower: TowerSpec, heads_kept: int, ffn_kept: int, importance: str,
                   calib, temperature: float) -> torch.nn.Module:
     """Torch-Pruning with global ranking of heads and FFN channels (hidden size kept, like lmmc), pruned
-    to lmmc's student's head and FFN channel totals, so both have the same parameter count.
-
-    Its ratio does not map exactly onto a channel count, so the FFN ratio is corrected until it does."""
+    to lmmc's student's head and FFN channel totals, so both have the same parameter count."""
     base = make_student(teacher)
     if importance == "taylor":
         # The same loss lmmc's Taylor importance uses, on the same calibration batches.
@@ -83,26 +80,29 @@ def torch_pruning(teacher: torch.nn.Module, tower: TowerSpec, heads_kept: int, f
     layers = base.encoder.layer
     total_heads = sum(layer.attention.self.num_attention_heads for layer in layers)
     total_ffn = sum(layer.intermediate.dense.out_features for layer in layers)
-    ratio = 1 - ffn_kept / total_ffn
-    for _ in range(8):
-        model = _tp_prune(base, importance, ratio, 1 - heads_kept / total_heads)
-        got = sum(layer.intermediate.dense.out_features for layer in model.encoder.layer)
-        if got == ffn_kept:
-            break
-        ratio += (got - ffn_kept) / total_ffn
-    return model
+    # Torch-Pruning keeps int(total * (1 - ratio)) heads, so half a head high lands exactly; its FFN
+    # count comes out a few channels off its ratio, so that ratio is corrected until the count matches.
+    head_ratio, ffn_ratio = 1 - (heads_kept + 0.5) / total_heads, 1 - (ffn_kept + 0.5) / total_ffn
+    for _ in range(10):
+        model = _tp_prune(base, importance, ffn_ratio, head_ratio)
+        got = (sum(l.attention.self.num_attention_heads for l in model.encoder.layer),
+               sum(l.intermediate.dense.out_features for l in model.encoder.layer))
+        if got == (heads_kept, ffn_kept):
+            return model
+        ffn_ratio += (got[1] - ffn_kept) / total_ffn
+    raise RuntimeError(f"Torch-Pruning kept {got} heads/FFN channels, lmmc {(heads_kept, ffn_kept)}")
 
 
 def _tp_prune(base: torch.nn.Module, importance: str, ffn_ratio: float, head_ratio: float) -> torch.nn.Module:
     model = copy.deepcopy(base)
     for p, q in zip(base.parameters(), model.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()
-    heads = {}
-    for mod in model.modules():
-        if isinstance(mod, BertSelfAttention):
-            heads.update({mod.query: mod.num_attention_heads, mod.key: mod.num_attention_heads,
-                          mod.value: mod.num_attention_heads})
     layers = model.encoder.layer
+    heads = {}
+    for layer in layers:
+        attn = layer.attention.self
+        heads.update({attn.query: attn.num_attention_heads, attn.key: attn.num_attention_heads,
+                      attn.value: attn.num_attention_heads})
     ignored = [model.embeddings, model.pooler, *[l.attention.output.dense for l in layers], *[l.output.dense for l in layers]]
     ids = torch.randint(0, 1000, (2, 16))
     imp = tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude" else tp.importance.GroupTaylorImportance()
@@ -113,10 +113,10 @@ def _tp_prune(base: torch.nn.Module, importance: str, ffn_ratio: float, head_rat
     )
     pruner.step()
     model.zero_grad(set_to_none=True)
-    for mod in model.modules():
-        if isinstance(mod, BertSelfAttention):
-            mod.num_attention_heads = pruner.num_heads[mod.query]
-            mod.all_head_size = mod.query.out_features
+    for layer in model.encoder.layer:
+        attn = layer.attention.self
+        attn.num_attention_heads = pruner.num_heads[attn.query]
+        attn.all_head_size = attn.query.out_features
     return model.eval()
 
 

@@ -213,8 +213,8 @@ class AntGMMPass(Pass):
         cfg, model, adapter = self.config, art.student, art.adapter
         before = self._cost(model, adapter)
         # Ours: a whole block is too large a change for a first-order estimate. On MiniLM at 50 % FLOPs
-        # with shares depth 0.5 / ffn 0.25 / heads 0.25, the Taylor gate removed block 0 (held-out
-        # cosine 0.55); measured influence removed block 2 (0.72, with activation scores throughout).
+        # with shares depth 0.5 / ffn 0.25 / heads 0.25 and Taylor widths, the Taylor gate removed
+        # block 0 (held-out cosine 0.55); measured influence removed block 2 (0.69).
         method = cfg.depth_importance if stage == "depth" else cfg.importance
         scores = importance(method, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
         units, floors = self._units(model, adapter, stage, scores)
