@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_serializer, field_validator
+from torch import nn
 from tqdm.auto import tqdm
 
 from lmmc.adapters import PrunableLinear, block_linears, prunable_linears
@@ -38,13 +39,26 @@ class NM:
         return f"{self.n}:{self.m}"
 
 
-def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask zeroing the floor(sparsity * d_in) lowest scores of every output row."""
-    n_zero = int(math.floor(sparsity * score.shape[1] + 1e-9))
+def row_mask(score: torch.Tensor, sparsity: float, spread: bool = False) -> torch.Tensor:
+    """Keep-mask zeroing the floor(sparsity * d_in) lowest scores of every output row.
+
+    With `spread`, the matrix loses round(sparsity * numel) weights in all: the remainder beyond the
+    per-row floor goes one each to the rows whose next-lowest score is smallest. A global allocation
+    needs this, since per-row flooring alone misses a budget by up to one weight per row (3 % on d_in = 32)."""
+    rows, cols = score.shape
+    total = round(sparsity * rows * cols) if spread else rows * int(math.floor(sparsity * cols + 1e-9))
+    per_row, extra = divmod(total, rows)
     mask = torch.ones_like(score, dtype=torch.bool)
-    if n_zero:
-        idx = torch.topk(score, n_zero, dim=1, largest=False).indices
-        mask.scatter_(1, idx, False)
+    if per_row == 0 and extra == 0:
+        return mask
+    order = torch.topk(score, min(per_row + 1, cols), dim=1, largest=False).indices
+    if per_row:
+        mask.scatter_(1, order[:, :per_row], False)
+    if extra:
+        next_col = order[:, per_row]
+        next_score = score.gather(1, next_col.unsqueeze(1)).squeeze(1)
+        chosen = torch.topk(next_score, extra, largest=False).indices
+        mask[chosen, next_col[chosen]] = False
     return mask
 
 
@@ -85,20 +99,47 @@ class LocalPruneConfig(PassConfig):
 class LocalPruner(Pass):
     """Prunes every prunable linear of every tower, one block at a time (block-sequential).
 
-    Subclasses give `score(weight, sq_norms)` (sq_norms: per-input-feature Σx² over calibration
-    tokens, or None when `uses_activations` is False), or override `prune_linear`."""
+    Per-matrix targets come from `art.allocation` when an allocation pass ran, else from `sparsity`.
+    Subclasses give `score(weight, stats)` (stats: per-input-feature Σx² over calibration tokens, or
+    None when `uses_activations` is False); a pruner that also updates the surviving weights
+    (SparseGPT) overrides `new_stats`, `accumulate` and `prune_` instead."""
 
     Config: ClassVar[type[PassConfig]] = LocalPruneConfig
     needs = frozenset({"student", "calib"})
     provides = frozenset({"masks"})
     uses_activations: ClassVar[bool] = True
 
-    def score(self, weight: torch.Tensor, sq_norms: torch.Tensor | None) -> torch.Tensor:
+    def check(self, available: set[str]) -> None:
+        super().check(available)
+        nm = self.config.nm
+        if nm and "allocation" in available:
+            raise LmmcError(
+                f"pass '{self.name}' has nm={nm}, which fixes every matrix at {nm.n}/{nm.m} zeros, so the "
+                f"per-matrix sparsities of the allocation pass before it cannot apply; drop the allocation "
+                f"pass, or give '{self.name}' no nm and let the allocation set unstructured sparsities"
+            )
+
+    def score(self, weight: torch.Tensor, stats: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def make_mask(self, score: torch.Tensor, target: float) -> torch.Tensor:
+    def new_stats(self, linear: nn.Linear) -> Any:
+        """Empty calibration statistics for one linear: Σx² per input feature."""
+        return torch.zeros(linear.in_features, device=linear.weight.device)
+
+    def accumulate(self, stats: Any, rows: torch.Tensor) -> None:
+        """Add one batch of input rows [tokens, in_features] to `stats` in place."""
+        stats.add_(rows.pow(2).sum(0))
+
+    def make_mask(self, score: torch.Tensor, target: float, spread: bool = False) -> torch.Tensor:
         cfg = self.config
-        return nm_mask(score, cfg.nm) if cfg.nm else row_mask(score, target)
+        return nm_mask(score, cfg.nm) if cfg.nm else row_mask(score, target, spread)
+
+    def prune_(self, weight: torch.Tensor, stats: Any, target: float, spread: bool) -> torch.Tensor:
+        """Zero the pruned weights of `weight` in place and return its keep-mask. `spread` asks for
+        exactly round(target * numel) zeros, which an allocation's budget relies on."""
+        mask = self.make_mask(self.score(weight.detach().float(), stats), target, spread)
+        weight.mul_(mask.to(weight.dtype))
+        return mask
 
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config
@@ -106,15 +147,15 @@ class LocalPruner(Pass):
         linears = {p.param: p for p in prunable_linears(model, art.adapter)}
         dense_nm: list[str] = []
 
-        def prune(pl: PrunableLinear, sq_norms: torch.Tensor | None) -> None:
+        def prune(pl: PrunableLinear, stats: Any) -> None:
             w = pl.module.weight
             if cfg.nm and w.shape[1] % cfg.nm.m:
                 dense_nm.append(pl.param)
                 return
-            target = art.allocation.get(pl.param, cfg.sparsity)
+            allocated = pl.param in art.allocation
+            target = art.allocation[pl.param] if allocated else cfg.sparsity
             with torch.no_grad():
-                mask = self.make_mask(self.score(w.detach().float(), sq_norms), target)
-                w.mul_(mask.to(w.dtype))
+                mask = self.prune_(w, stats, target, spread=allocated)
             art.masks[pl.param] = mask.cpu()
 
         by_block: dict[tuple[str, int], list[PrunableLinear]] = {}
@@ -135,17 +176,15 @@ class LocalPruner(Pass):
                 group = by_block[(tower.name, i)]
                 roles = {pl.role: pl for pl in group}
                 mods = {role: lin for role, (_, lin) in block_linears(block, tower).items() if role in roles}
-                sq = {role: torch.zeros(m.in_features, device=art.device) for role, m in mods.items()}
-
-                def accumulate(role: str, rows: torch.Tensor) -> None:
-                    sq[role] += rows.pow(2).sum(0)
-
-                collect_linear_inputs(block, mods, inputs, batches, accumulate)
+                stats = {role: self.new_stats(m) for role, m in mods.items()}
+                collect_linear_inputs(block, mods, inputs, batches,
+                                      lambda role, rows: self.accumulate(stats[role], rows))
                 for role, pl in roles.items():
-                    prune(pl, sq[role])
+                    prune(pl, stats.pop(role))
                 bar.update()
         bar.close()
-        return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm}
+        return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm,
+                "targets": "allocation" if art.allocation else "uniform"}
 
 
 def sparsity_summary(model: torch.nn.Module, adapter) -> dict[str, Any]:
