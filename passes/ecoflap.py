@@ -14,6 +14,7 @@ from lmmc.data import Batch
 from lmmc.errors import LmmcError
 from lmmc.objectives import Objective, objective_batches, step_samples
 from lmmc.pipeline import register
+from lmmc.sparsity import one_cpu_thread
 
 
 @torch.no_grad()
@@ -135,7 +136,8 @@ class EcoflapPass(AllocationPass):
         steps = objective_batches(art.calib, art.adapter, cfg.samples, cfg.batch_size)
         linears = [pl for members in groups.values() for pl in members]
         if cfg.order == 0:
-            matrix = zeroth_order_scores(objective, linears, steps, cfg.epsilon, cfg.seed, art.device)
+            with one_cpu_thread():
+                matrix = zeroth_order_scores(objective, linears, steps, cfg.epsilon, cfg.seed, art.device)
         else:
             matrix = first_order_scores(objective, linears, steps, art.device)
         group_scores = {g: sum(matrix[pl.param] for pl in members) for g, members in groups.items()}

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
@@ -12,7 +11,7 @@ from torch import nn
 
 from lmmc.errors import LmmcError
 from lmmc.pipeline import register
-from lmmc.sparsity import NM, LocalPruneConfig, LocalPruner
+from lmmc.sparsity import NM, LocalPruneConfig, LocalPruner, one_cpu_thread
 
 
 @dataclass
@@ -40,19 +39,6 @@ def inverse_hessian_factor(xtx: torch.Tensor, tokens: int, damp: float) -> tuple
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True), dead
 
 
-@contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """The sweep is thousands of small rank-1 updates; with several intra-op CPU threads each update
-    pays a thread barrier that costs more than the arithmetic (measured 3x slower on 2 cores, far
-    worse when the cores are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, sparsity: float,
                      nm: NM | None = None, blocksize: int = 128, damp: float = 0.01) -> torch.Tensor:
     """Prune `weight` [out, in] in place with SparseGPT and return its keep-mask.
@@ -71,7 +57,7 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
     cols, rows = wt.shape
     pruned = torch.zeros_like(wt, dtype=torch.bool)
     zeros_so_far = 0
-    with _one_cpu_thread():
+    with one_cpu_thread():
         for c0 in range(0, cols, blocksize):
             c1 = min(c0 + blocksize, cols)
             block, ub = wt[c0:c1].clone(), u[c0:c1, c0:c1]
