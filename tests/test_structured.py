@@ -133,6 +133,16 @@ def test_surgery_equals_masking_the_same_units(tiny_kind: str) -> None:
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_surgery_refuses_to_empty_a_layer() -> None:
+    model = tiny_model("bert")
+    tower = get_adapter("bert").towers[0]
+    block = block_list(model, tower)[1][0]
+    with pytest.raises(LmmcError, match="keep at least one"):
+        keep_heads_(block, tower, 8, [])
+    with pytest.raises(LmmcError, match="out of range"):
+        keep_channels_(block, tower, [0, 64])
+
+
 def test_cost_model_matches_torch_flop_counter() -> None:
     model = tiny_model("bert")
     tower = get_adapter("bert").towers[0]
