@@ -22,8 +22,9 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
                         epsilon: float, seed: int, device: torch.device) -> dict[str, float]:
     """s_l = Σ_b |L(W_l + εz) − L(W_l − εz)| / 2ε, one fresh z ~ N(0, I) per matrix and batch.
 
-    Forward passes only: besides inference, the extra memory is one copy of the matrix being perturbed
-    and its z. The copy restores the weights bit for bit; adding and subtracting εz would not."""
+    Forward passes only. The perturbed weights live in one probe tensor the size of the matrix, which
+    the layer reads in place of its own weights while the original tensor stays untouched; swapping it
+    back restores the weights bit for bit (adding and subtracting εz would not) and costs no copy."""
     gen = torch.Generator().manual_seed(seed)
     towers = {t.name: t for t in objective.adapter.towers}
     scores = {pl.param: 0.0 for pl in linears}
@@ -36,13 +37,16 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
 
         for pl in linears:
             weight = pl.module.weight
-            z = torch.randn(weight.shape, generator=gen).to(device=weight.device, dtype=weight.dtype)
-            saved = weight.detach().clone()
-            weight.add_(z, alpha=epsilon)
-            up = loss(pl)
-            weight.copy_(saved).add_(z, alpha=-epsilon)
-            down = loss(pl)
-            weight.copy_(saved)
+            original = weight.data
+            probe = torch.randn(original.shape, generator=gen).to(device=original.device, dtype=original.dtype)
+            probe.mul_(epsilon).add_(original)  # W + εz
+            weight.data = probe
+            try:
+                up = loss(pl)
+                probe.mul_(-1.0).add_(original, alpha=2.0)  # 2W − (W + εz) = W − εz
+                down = loss(pl)
+            finally:
+                weight.data = original
             scores[pl.param] += abs(up - down) / (2 * epsilon)
     return scores
 

@@ -270,3 +270,41 @@ def test_bad_allocation_input_exits_2_with_one_clear_error(tmp_path, passes, mes
 def test_recipe_check_rejects_nm_after_an_allocation_before_loading():
     with pytest.raises(LmmcError, match="drop the allocation pass"):
         parse_recipe({"calibration": {"random": True}, "passes": [{"owl": {}}, {"sparsegpt": {"nm": "2:4"}}]})
+
+
+# ---- end to end on the real MiniLM ----------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_minilm_allocation_beats_uniform_wanda_at_60_percent(minilm):
+    """First-order scores here (2 s); the zeroth-order figures are in benchmarks/allocation.py."""
+    from lmmc.adapters import TowerModule
+    from lmmc.data import load_calibration
+    from lmmc.modelio import load_teacher
+    from tests.conftest import CORPUS
+
+    teacher, adapter, preprocessor = load_teacher(str(minilm))
+    cfg = CalibrationConfig(samples=128, eval_samples=256, batch_size=16)
+    calib = load_calibration(cfg, str(CORPUS), {"text"}, preprocessor)
+
+    @torch.no_grad()
+    def embeddings(model):
+        runner = TowerModule(model, adapter.towers[0])
+        return torch.cat([runner(b["input_ids"], b["attention_mask"])[1] for b in calib.eval_batches("text")])
+
+    reference = embeddings(teacher)
+
+    def held_out_cosine(*passes) -> tuple[float, Artifact]:
+        art = Artifact(model_ref="minilm", adapter=adapter, teacher=teacher, student=make_student(teacher), calib=calib)
+        for name, config in passes:
+            run(art, name, **config)
+        return float(torch.nn.functional.cosine_similarity(embeddings(art.student), reference).mean()), art
+
+    uniform, _ = held_out_cosine(("wanda", {"sparsity": 0.6}))
+    allocated, art = held_out_cosine(("ecoflap", {"sparsity": 0.6, "order": 1}), ("wanda", {}))
+    assert allocated >= uniform + 0.015  # measured +0.027
+    by_role = {}
+    for pl in prunable_linears(art.student, adapter):
+        by_role.setdefault(pl.role, []).append(art.allocation[pl.param])
+    mean = {role: sum(v) / len(v) for role, v in by_role.items()}
+    assert max(mean["v"], mean["o"]) < min(mean["q"], mean["k"])  # values and outputs are kept denser
