@@ -1,5 +1,6 @@
-"""Importance of attention heads, FFN channels and whole blocks, from calibration data: first-order
-Taylor (AntGMM's grad⊙W sums) or a gradient-free, Wanda-style activation score."""
+"""Importance of attention heads, FFN channels and whole blocks, from calibration data.
+
+Two kinds: first-order Taylor (AntGMM's grad⊙W sums) and a gradient-free, Wanda-style activation score."""
 
 from __future__ import annotations
 
@@ -187,6 +188,7 @@ def _block_influence(block: nn.Module, inputs: list, batches: list) -> float:
 
 def importance(method: str, student: nn.Module, teacher: nn.Module, adapter: Adapter, calib: CalibData,
                device: torch.device, temperature: float) -> Importance:
+    """Scores by `method`: "taylor" or "activation"."""
     if method == "taylor":
         return taylor_importance(student, teacher, adapter, calib, device, temperature)
     return activation_importance(student, adapter, calib, device)

@@ -1,8 +1,9 @@
-"""The student format: per-layer shapes beside a standard config, and `load_student`, which rebuilds the
-pruned architecture from them and loads its weights strictly.
+"""The student format, whose per-layer shapes let `load_student` rebuild a pruned student exactly.
 
-A student directory holds `config.json` (the teacher's config with only the layer counts changed, so
-`AutoConfig` and tokenizers read it as usual), the tokenizer/processor files, and `lmmc.json`, whose
+`load_student` rebuilds the pruned architecture from the shapes and loads its weights strictly. A
+student directory holds `config.json` (the teacher's config with only the layer counts changed and
+`lmmc_teacher_layers` added, so `AutoConfig` and tokenizers read it as usual), the tokenizer/processor
+files, and `lmmc.json`, whose
 "structure" section lists per tower the layer count, the teacher layer each block came from, the head
 dimension, the kept heads per layer and the FFN width per layer.
 
