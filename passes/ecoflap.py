@@ -103,10 +103,11 @@ class EcoflapConfig(AllocationConfig):
 
 @register
 class EcoflapPass(AllocationPass):
-    """ECoFLaP coarse step (Sung, Yoon, Bansal, ICLR 2024, arXiv:2310.02998): score every prunable
-    matrix of every tower, sum the scores per group, and hand out one global keep budget in proportion
-    to them (floor ⌈(1 − p_max)·N_g⌉ per group). A local pruner (wanda, sparsegpt) follows as the fine
-    step and reads the per-matrix targets.
+    """ECoFLaP allocation (Sung, Yoon, Bansal, ICLR 2024, arXiv:2310.02998), forward-only by default.
+
+    The coarse step: score every prunable matrix of every tower, sum the scores per group, and hand
+    out one global keep budget in proportion to them (floor ⌈(1 − p_max)·N_g⌉ per group). A local
+    pruner (wanda, sparsegpt) follows as the fine step and reads the per-matrix targets.
 
     Zeroth-order (order 0): forward-only finite differences along a random direction. First-order
     (order 1): |W|·|∂L/∂W|. The loss comes from the adapter (see lmmc.objectives).

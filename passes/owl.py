@@ -75,9 +75,11 @@ class OwlConfig(AllocationConfig):
 
 @register
 class OwlPass(AllocationPass):
-    """OWL (Yin et al., ICML 2024, arXiv:2310.05175): the outlier ratio D_g of every group (share of
-    Wanda scores above M × the group mean, on the dense model) sets its sparsity: D min-max scaled to
-    [0, 2λ] is added to the keep ratio, shifted so the global budget holds. Follow with a local pruner.
+    """OWL allocation (Yin et al., ICML 2024, arXiv:2310.05175): more activation outliers, fewer zeros.
+
+    The outlier ratio D_g of every group (share of Wanda scores above M × the group mean, on the dense
+    model) sets its sparsity: D min-max scaled to [0, 2λ] is added to the keep ratio, shifted so the
+    global budget holds. Follow with a local pruner.
 
     Recipe::
 

@@ -98,9 +98,11 @@ class SparseGPTConfig(LocalPruneConfig):
 
 @register
 class SparseGPTPass(LocalPruner):
-    """SparseGPT (Frantar & Alistarh, 2023, arXiv:2301.00774). H = 2XXᵀ/n + λI from each linear's
-    calibration inputs; masks by w²/[H⁻¹]_jj² in column blocks; the surviving weights absorb the
-    error (OBS). Block-sequential; per-matrix targets from an allocation pass when one ran.
+    """SparseGPT (Frantar & Alistarh, 2023, arXiv:2301.00774): pruning with OBS error compensation.
+
+    H = 2XXᵀ/n + λI from each linear's calibration inputs; masks by w²/[H⁻¹]_jj² in column blocks;
+    the surviving weights absorb the error (OBS). Block-sequential; per-matrix targets from an
+    allocation pass when one ran.
 
     Recipe: ``- sparsegpt: {sparsity: 0.5}`` or ``- sparsegpt: {nm: "2:4", blocksize: 128, damp: 0.01}``."""
 

@@ -10,8 +10,10 @@ from lmmc.pipeline import register
 
 @register
 class UniformPass(AllocationPass):
-    """The same sparsity for every group of every tower; what Wanda and SparseGPT do on their own, made
-    explicit so it is reported (table and plot) like the other allocations.
+    """Uniform allocation: the same sparsity for every group of every tower.
+
+    What Wanda and SparseGPT do on their own, made explicit so it is reported (table and plot) like
+    the other allocations.
 
     Recipe::
 
