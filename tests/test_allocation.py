@@ -257,6 +257,7 @@ def _compile(tmp_path, passes: list) -> Result:
     ([{"ecoflap": {"sparsity": 0.6, "p_max": 0.5}}, "wanda"], "p_max (0.5) is below the target sparsity (0.6)"),
     ([{"ecoflap": {"sparsity": 0.6, "granularity": "head"}}, "wanda"], "granularity"),
     ([{"ecoflap": {"sparsity": 0.6}}, {"wanda": {"nm": "2:4"}}], "fixes every matrix at 2/4"),
+    ([{"sparsegpt": {"nm": "4:4"}}], "N:M needs 0 < N < M, got 4:4"),
     # tiny BERT's q is 32 x 32: a 70 % cap keeps ceil(0.3 * 1024) = 308 > 307.2, so 70 % is out of reach
     ([{"ecoflap": {"sparsity": 0.7, "p_max": 0.7, "samples": 4, "batch_size": 4}}, "wanda"], "cannot be reached"),
 ])
