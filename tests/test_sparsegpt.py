@@ -16,13 +16,7 @@ from lmmc.sparsity import NM, nm_mask, row_mask
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_problem(seed: int = 0, out: int = 48, d: int = 96, tokens: int = 768):
