@@ -70,12 +70,15 @@ class DistillConfig(PassConfig):
     layer_map: LayerMap = Field("origin", description="origin (the teacher layer each block was cut from; "
                                 "uniform when the student has no such record), uniform, closest, or teacher "
                                 "layers (1-based) per student layer: a list, or {tower: list} for dual encoders")
-    schedule: ScheduleName = Field("optima", description="optima (bandit), round_robin, or all (every module "
-                                   "every step: plain layerwise distillation)")
+    schedule: ScheduleName = Field("all", description="all (every module every step: plain layerwise "
+                                   "distillation, the best on MiniLM in benchmarks/distill.py), optima "
+                                   "(OPTIMA's bandit picks one module per step) or round_robin")
     blocks_per_arm: int | None = Field(2, gt=0, description="consecutive student blocks per module (arm); "
                                        "null = one module per tower")
     window: int = Field(50, gt=0, description="bandit: steps of reward history the posterior sees")
     prior_weight: float = Field(1.0, gt=0, description="bandit: pseudo-observations of the prior")
+    reward_samples: int = Field(4, gt=0, description="bandit: samples of each micro-batch (per rank) on which "
+                                "the module's loss is measured before and after its step")
     reward: Literal["relative", "absolute"] = Field(
         "relative", description="bandit reward: the module's loss drop over its loss before the step "
         "(relative), or the drop per sample (absolute), which favours modules whose loss is large")
@@ -264,9 +267,6 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.ctx = ctx
         self.logit_scale = logit_scale
-        # What each micro-batch of the current step saw, to measure the focused module's loss again
-        # after the optimiser step (the bandit's reward).
-        self.traces: list[dict[str, Any]] = []
 
     def project(self, tower: str, key: str, x: torch.Tensor) -> torch.Tensor:
         name = f"{tower}_{key}"
@@ -274,11 +274,7 @@ class Objective(nn.Module):
 
     def forward(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
                 norm: float, teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        per_sample = self.per_sample_loss(inputs, targets, focus, teacher_pooled)
-        if focus is not None:
-            self.traces.append({"inputs": inputs, "targets": targets, "teacher_pooled": teacher_pooled,
-                                "before": per_sample.detach().float().sum()})
-        return per_sample.sum() * norm
+        return self.per_sample_loss(inputs, targets, focus, teacher_pooled).sum() * norm
 
     def per_sample_loss(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
                         teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -331,14 +327,19 @@ class Objective(nn.Module):
                                 self.logit_scale)
 
     @torch.no_grad()
-    def reward(self, focus: Arm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The focused module's loss on this step's samples before and after the optimiser step, each
-        summed over this rank's samples."""
-        before = torch.stack([t["before"] for t in self.traces]).sum()
-        after = sum(self.per_sample_loss(t["inputs"], t["targets"], focus, t["teacher_pooled"]).float().sum()
-                    for t in self.traces)
-        self.traces = []
-        return before, after
+    def measure(self, probes: list[tuple[dict, dict, dict]], focus: Arm) -> torch.Tensor:
+        """The focused module's loss summed over the probe samples (inputs, targets, teacher pooled)."""
+        return sum(self.per_sample_loss(inputs, targets, focus, pooled).float().sum()
+                   for inputs, targets, pooled in probes)
+
+
+def first_samples(n: int, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]],
+                  pooled: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """The first `n` samples of a micro-batch, with their teacher targets."""
+    return ({m: {k: v[:n] for k, v in b.items()} for m, b in inputs.items()},
+            {name: {"hidden": {j: h[:n] for j, h in t["hidden"].items()},
+                    "pooled": None if t["pooled"] is None else t["pooled"][:n]} for name, t in targets.items()},
+            {name: p[:n] for name, p in pooled.items()})
 
 
 def check_towers(art: Artifact) -> None:
@@ -389,7 +390,8 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
 
 
 def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int) -> list[Sample]:
-    records = [r for r in read_samples(path) if all(_record_key(m) in r for m in modalities)]
+    """The corpus's records that have every modality the model needs, encoded one sample at a time."""
+    records = [r for r in read_samples(path) if all(m in r for m in modalities)]
     if not records:
         return []
     proc = art.preprocessor or {}
@@ -404,10 +406,6 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
                 raise LmmcError("distill: the model has no image processor to encode the image corpus with")
             batches[m] = encode_images(proc["image_processor"], [r["image"] for r in records], 64)
     return _split_samples(batches, modalities)
-
-
-def _record_key(modality: str) -> str:
-    return "text" if modality == "text" else "image"
 
 
 def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[str]:
@@ -680,7 +678,9 @@ class Trainer:
         length-sorted batches of fixed make-up (so a resumed run reads the very same numbers), and each
         step then runs the student alone. Skipped when the targets would not fit the memory budget."""
         budget = self.cfg.teacher_cache_mb * 2 ** 20
-        if not budget:
+        # Filling the cache costs one teacher pass over the corpus, which a run shorter than an epoch
+        # would not spend.
+        if not budget or self.cfg.steps * self.cfg.batch_size < len(self.train):
             return None
         order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
         cache: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in self.plans}
@@ -710,7 +710,8 @@ class Trainer:
         focus = None if isinstance(self.schedule, AllModules) else self.arms[picked[0]]
         indices = self.batch_indices(self.step)
         norm = ctx.world / cfg.batch_size
-        self.objective.traces = []
+        bandit = isinstance(self.schedule, SlidingWindowThompson)
+        probes = []
         loss_sum = torch.zeros((), device=self.device)
         for k in range(cfg.grad_accum):
             chunk = indices[k * self.micro:(k + 1) * self.micro]
@@ -725,6 +726,11 @@ class Trainer:
                     loss = self.engine(inputs, targets, focus, norm, t_pooled)
                 loss.backward()
             loss_sum += loss.detach().float()
+            if bandit:
+                probes.append(first_samples(cfg.reward_samples, inputs, targets, t_pooled))
+        if bandit:
+            with self._autocast():
+                before = self.objective.measure(probes, focus)
         with torch.no_grad():
             for name, mask in self.masks.items():
                 param = self._param(name)
@@ -739,13 +745,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.apply_masks()
         reward = 0.0
-        if isinstance(self.schedule, SlidingWindowThompson):
+        if bandit:
             with self._autocast():
-                before, after = self.objective.reward(focus)
+                after = self.objective.measure(probes, focus)
             totals = all_reduce_sum(torch.stack([before, after]), ctx)
             drop = float(totals[0] - totals[1])
-            reward = drop / max(float(totals[0]), 1e-12) if cfg.reward == "relative" else drop / cfg.batch_size
-        self.objective.traces = []
+            measured = min(cfg.reward_samples, self.micro // ctx.world) * cfg.grad_accum * ctx.world
+            reward = drop / max(float(totals[0]), 1e-12) if cfg.reward == "relative" else drop / measured
         for arm in picked:
             self.picks[arm] += 1
         self.schedule.update(picked[0], reward)
@@ -911,17 +917,20 @@ class Trainer:
 class DistillPass(Pass):
     """Distil the teacher into the (pruned) student on a small unlabeled corpus.
 
-    Losses: per-layer hidden-state MSE (normalised by the teacher layer's mean square, through a
-    projection where widths differ) with a uniform, closest (linear CKA) or explicit layer map; 1 − cosine
-    (or MSE) on pooled embeddings; for dual encoders, the teacher's image-text similarity matrix (KL per
-    row of CLIP's logits, or MSE). Schedule: OPTIMA (Liang et al., NeurIPS 2023, "Module-wise Adaptive
-    Distillation for Multimodality Foundation Models"): modules are bandit arms, the reward is the drop
-    of the module's loss after a step on it, sliding-window Thompson sampling picks the next module;
-    round-robin and all-modules (plain layerwise) are the ablations. Pruning masks hold after every
-    step. Runs under torchrun with DistributedDataParallel (gloo on CPU, NCCL on GPU).
+    Losses: per-layer hidden-state MSE (normalised by the teacher layer's mean square, through a fitted
+    projection where widths differ) with an origin, uniform, closest (linear CKA) or explicit layer map;
+    1 − cosine (or MSE) on pooled embeddings; for dual encoders, the teacher's image-text similarity
+    matrix (KL per row of CLIP's logits, or MSE). Schedules: plain layerwise (every module every step),
+    or OPTIMA (Liang et al., NeurIPS 2023, "Module-wise Adaptive Distillation for Multimodality
+    Foundation Models"): modules are bandit arms, the reward is the drop of a module's loss over the
+    step spent on it, and sliding-window Thompson sampling picks the next module (lmmc.optima), with
+    round-robin as its non-adaptive ablation. Pruning masks hold after every step. AdamW, warm-up and
+    cosine decay, clipping, accumulation; checkpoints that resume exactly; DistributedDataParallel under
+    torchrun (gloo on CPU, NCCL on GPU).
 
-    Recipe: ``- distill: {steps: 600, corpus: samples/calib/python_docs.txt, samples: 2000,
-    schedule: optima, checkpoint_dir: ckpt, checkpoint_every: 100}``."""
+    Recipe: ``- distill: {steps: 1200, lr: 1.0e-3, corpus: samples/calib/python_docs.txt,
+    schedule: all, checkpoint_dir: .lmmc-checkpoints/run, checkpoint_every: 200}``
+    (``schedule: optima`` for the bandit)."""
 
     name = "distill"
     Config = DistillConfig

@@ -33,13 +33,7 @@ TESTS = Path(__file__).resolve().parent
 Distill = get_pass("distill")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_art(kind: str, sparsity: float = 0.5, samples: int = 48, eval_samples: int = 16,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -18,7 +19,7 @@ DDP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", 
                dev_samples=8, eval_every=3, keep_best=False, progress=False)
 
 
-def count_samples() -> list[int]:
+def count_samples(monkeypatch) -> list[int]:
     """Count the samples each forward of the objective sees, to show the data really is sharded."""
     from lmmc.passes.distill import Objective
 
@@ -29,11 +30,11 @@ def count_samples() -> list[int]:
         seen.append(next(iter(next(iter(inputs.values())).values())).shape[0])
         return forward(self, inputs, *args, **kwargs)
 
-    Objective.forward = counting
+    monkeypatch.setattr(Objective, "forward", counting)
     return seen
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def test_two_gloo_ranks_match_one_process(tmp_path, one_thread, monkeypatch):
     from test_distill import Distill, tiny_art
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -41,14 +42,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                           __file__, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        seen = count_samples()
-        art = tiny_art("clip")
-        single = Distill(Distill.Config(**DDP_CFG)).run(art)
-    finally:
-        torch.set_num_threads(threads)
+    seen = count_samples(monkeypatch)
+    art = tiny_art("clip")
+    single = Distill(Distill.Config(**DDP_CFG)).run(art)
     assert sum(seen) == 6 * 8
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -73,7 +69,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    seen = count_samples()
+    seen = count_samples(pytest.MonkeyPatch())
     art = tiny_art("clip")
     metrics = Distill(Distill.Config(**DDP_CFG)).run(art)
     rank = dist.get_rank()
