@@ -276,6 +276,20 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
                                                  plain_art.student.state_dict().values()))
 
 
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    from lmmc.train import lr_multiplier
+
+    got = [lr_multiplier(s, 100, 10, 0.1) for s in (0, 9, 10, 55, 100)]
+    assert got == pytest.approx([0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1])
+
+
+def test_only_the_newest_step_checkpoints_are_kept(tmp_path):
+    m = distill(tiny_art("bert"), steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_last=2)
+    run_dir, = tmp_path.iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "step-000004", "step-000006"]
+    assert m["checkpoint"] == str(run_dir / "final")
+
+
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     m = distill(tiny_art("bert"), steps=4, lr=5e-4, checkpoint_dir=str(tmp_path), resume=True)
