@@ -47,6 +47,9 @@ class Distributed:
         return self.world > 1
 
 
+_GROUP: Any = None
+
+
 def setup_distributed(device: torch.device) -> Distributed:
     """Join the job torchrun (or the caller) started; gloo on CPU, NCCL on GPU.
 
@@ -61,10 +64,13 @@ def setup_distributed(device: torch.device) -> Distributed:
     world = dist.get_world_size()
     if world <= 1:
         return Distributed()
-    # Collectives issued inside backward (gathering embeddings) get their own group so they can never
-    # interleave with DDP's gradient buckets on the default one.
-    return Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-                       dist.new_group(backend=dist.get_backend()))
+    global _GROUP
+    if _GROUP is None:
+        # Collectives issued inside backward (gathering embeddings) get their own group so they can never
+        # interleave with DDP's gradient buckets on the default one. One per process: a schedule that
+        # distils between pruning segments sets up many runs.
+        _GROUP = dist.new_group(backend=dist.get_backend())
+    return Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())), _GROUP)
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: Distributed) -> torch.Tensor:
