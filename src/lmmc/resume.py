@@ -1,0 +1,318 @@
+"""The compile's work area beside --out: a lock and owner record, the fingerprint of the inputs, and the
+state saved after each finished pass, so a killed compile can be resumed (`--resume`) or cleaned up.
+
+Layout of `<parent>/.<out>.lmmc-work/`:
+  lmmc-work.json   owner record (pid, host, start time); its presence marks the folder as lmmc's
+  lock             held with flock(2) while a compile runs; the kernel drops it when the process dies,
+                   so a live owner is told from a dead one without trusting a PID that may be reused
+  inputs.json      hashes of the model files and data, and the recipe, that the run started from
+  output/          the output being built; renamed to --out when the compile ends
+  state-NN/        what the later passes need after NN finished passes (student, masks, records ...)
+  pass-NN-<name>/  the running pass's own resumable state (distillation checkpoints)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lmmc
+from lmmc.artifact import Artifact, PassRecord
+from lmmc.errors import LmmcError
+from lmmc.recipe import Recipe
+from lmmc.student import load_student
+from lmmc.student import save as save_student_weights
+
+WORK_SUFFIX = ".lmmc-work"
+OWNER_FILE = "lmmc-work.json"
+LOCK_FILE = "lock"
+INPUTS_FILE = "inputs.json"
+OUTPUT_DIR = "output"
+STATE_PREFIX = "state-"
+
+
+def work_path(out: Path) -> Path:
+    """Where the work area of a compile to `out` lives: beside it, hidden, named after it."""
+    return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (which sets RANK); 0 in a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pass_seed(seed: int, index: int) -> int:
+    """The global torch seed set before pass `index`: a function of the recipe seed and the pass alone,
+    so a pass draws the same numbers whether or not the passes before it ran in this process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def hash_files(path: Path) -> str:
+    """SHA-256 over a file, or over every file under a folder (relative name, size, bytes), hidden
+    entries excepted."""
+    path = Path(path)
+    if path.is_file():
+        files = [(path, "")]
+    else:
+        files = [(p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    digest = hashlib.sha256()
+    for file, name in files:
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
+    """What a resumed compile must find unchanged: the model's files, the recipe, and every data file
+    the recipe reads (calibration data and distillation corpora)."""
+    model_path = Path(model_ref).expanduser()
+    # A hub id without a local copy is known by its name only.
+    model = {"ref": model_ref, "sha256": hash_files(model_path) if model_path.exists() else None}
+    data = {}
+    if recipe.calibration.path:
+        data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_files(Path(recipe.calibration.path))}
+    for i, step in enumerate(recipe.passes):
+        corpus = getattr(step.config, "corpus", None)
+        if corpus:
+            data[f"passes[{i}].{step.name}.corpus"] = {"path": corpus, "sha256": hash_files(Path(corpus))}
+    return {"lmmc_version": lmmc.__version__, "model": model, "recipe": recipe.to_dict(), "data": data}
+
+
+def differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted paths of what differs between two JSON-like values, each with its old and new value."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in old:
+                out.append(f"{path} added")
+            elif key not in new:
+                out.append(f"{path} removed")
+            else:
+                out += differences(old[key], new[key], path)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed since the interrupted run, in words a user can act on."""
+    out = []
+    if old.get("lmmc_version") != new["lmmc_version"]:
+        out.append(f"lmmc version {old.get('lmmc_version')} -> {new['lmmc_version']}")
+    if old.get("model") != new["model"]:
+        if old.get("model", {}).get("ref") != new["model"]["ref"]:
+            out.append(f"model '{old.get('model', {}).get('ref')}' -> '{new['model']['ref']}'")
+        else:
+            out.append(f"the files of model '{new['model']['ref']}' changed")
+    out += [f"recipe {d}" for d in differences(old.get("recipe"), new["recipe"])]
+    old_data, new_data = old.get("data", {}), new["data"]
+    for key in sorted(set(old_data) | set(new_data)):
+        a, b = old_data.get(key), new_data.get(key)
+        # A file named differently shows as a recipe change above; here only same-named files are compared.
+        if a and b and a["path"] == b["path"] and a != b:
+            out.append(f"the data of {key} ('{b['path']}') changed")
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class WorkArea:
+    """One compile's work area. Only rank 0 of a torchrun job (the writer) locks it and writes to it;
+    other ranks build their throw-away output in a private temporary folder and read the saved state
+    from rank 0's area when resuming."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path = work_path(self.out)
+        self.writer = process_rank() == 0
+        self.output = self.path / OUTPUT_DIR
+        self._lock: int | None = None
+
+    # --- taking the area ------------------------------------------------------------------------------
+
+    def claim(self, inputs: dict[str, Any], resume: bool) -> None:
+        """Lock the area for this compile. A live compile's area is refused; a dead run's area is resumed
+        under `resume` (after checking the inputs are the ones it started from) and removed otherwise."""
+        if not self.writer:
+            if resume and _read_json(self.path / INPUTS_FILE) is None:
+                raise LmmcError(self._nothing_to_resume())
+            self.output = Path(tempfile.mkdtemp(prefix=f"lmmc-rank{process_rank()}-"))
+            return
+        self._check_ours()
+        if resume and not (self.path / INPUTS_FILE).is_file():
+            raise LmmcError(self._nothing_to_resume())
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LmmcError(f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
+                            f"'{self.path}'); wait for it to finish or stop it, or choose another --out") from None
+        self._lock = fd
+        try:
+            if resume:
+                previous = _read_json(self.path / INPUTS_FILE)
+                if previous is None:
+                    raise LmmcError(self._nothing_to_resume())
+                changes = changed_inputs(previous, inputs)
+                if changes:
+                    raise LmmcError(f"cannot resume the compile to '{self.out}': since it was interrupted, "
+                                    f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}. Restore "
+                                    f"what changed, or run without --resume to start afresh (this discards "
+                                    f"the interrupted run's work in '{self.path}')")
+            else:
+                self._clear_dead_run()
+            _write_json(self.path / OWNER_FILE, {"lmmc_work_area": 1, "pid": os.getpid(),
+                                                 "host": socket.gethostname(), "started": time.time(),
+                                                 "out": str(self.out)})
+            _write_json(self.path / INPUTS_FILE, inputs)
+            self.output.mkdir(exist_ok=True)
+        except BaseException:
+            self.release()
+            raise
+
+    def _nothing_to_resume(self) -> str:
+        return (f"--resume: nothing to resume for --out '{self.out}' (no work area '{self.path}' of an "
+                f"interrupted compile); run the same command without --resume")
+
+    def _check_ours(self) -> None:
+        """Refuse a path by the work area's name that lmmc did not make: it is never removed or reused."""
+        p = self.path
+        if not (p.exists() or p.is_symlink()):
+            return
+        ours = False
+        if p.is_dir() and not p.is_symlink():
+            owner = _read_json(p / OWNER_FILE) if (p / OWNER_FILE).is_file() else None
+            # A run killed between taking the lock and writing its owner record leaves the empty lock alone.
+            only_lock = [c.name for c in p.iterdir()] == [LOCK_FILE] and (p / LOCK_FILE).stat().st_size == 0
+            ours = (isinstance(owner, dict) and owner.get("lmmc_work_area") == 1) or only_lock
+        if not ours:
+            raise LmmcError(f"'{p}' is in the way of the compile's work area but was not made by lmmc (no "
+                            f"{OWNER_FILE}); move or delete it yourself, or choose another --out")
+
+    def _owner_words(self) -> str:
+        owner = _read_json(self.path / OWNER_FILE) or {}
+        if "pid" not in owner:
+            return "owner unknown"
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(owner.get("started", 0)))
+        return f"pid {owner['pid']} on {owner.get('host', '?')}, started {started}"
+
+    def _clear_dead_run(self) -> None:
+        """Empty the area of a run that died (its lock is free), keeping only the lock file we hold."""
+        leftovers = [c for c in self.path.iterdir() if c.name != LOCK_FILE]
+        if not leftovers:
+            return
+        state = self.latest_state()
+        done = int(state.name[len(STATE_PREFIX):]) if state else 0
+        print(f"lmmc: removing '{self.path}', left by an interrupted compile ({self._owner_words()}, {done} "
+              f"pass(es) finished); run with --resume to continue such a compile instead", file=sys.stderr)
+        for child in leftovers:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    # --- ending ---------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The output is in place: drop the area (and its lock)."""
+        if self.writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+    def discard(self) -> None:
+        """Bad input: nothing of this run is worth resuming."""
+        self.finish()
+
+    def release(self) -> None:
+        """Unlock, keeping what was saved for --resume."""
+        if not self.writer and self.output != self.path / OUTPUT_DIR:
+            shutil.rmtree(self.output, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    # --- state after each pass ------------------------------------------------------------------------
+
+    def scratch(self, index: int, name: str) -> Path:
+        """The folder pass `index` keeps its own resumable state in (distillation checkpoints)."""
+        return self.path / f"pass-{index:02d}-{name}"
+
+    def latest_state(self) -> Path | None:
+        if not self.path.is_dir():
+            return None
+        states = sorted(p for p in self.path.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX)
+                        and p.name[len(STATE_PREFIX):].isdigit())
+        return states[-1] if states else None
+
+    def save(self, art: Artifact, done: int, seconds: float) -> None:
+        """Record what the passes after the first `done` need. Written under a temporary name and renamed,
+        so a kill leaves either the whole state or none of it."""
+        if not self.writer:
+            return
+        target = self.path / f"{STATE_PREFIX}{done:02d}"
+        tmp = self.path / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_student_weights(art.student, tmp / "student", {})
+        if art.masks:
+            save_file({k: v.detach().cpu().contiguous() for k, v in art.masks.items()}, str(tmp / "masks.safetensors"))
+        _write_json(tmp / "state.json", {
+            "passes_done": done, "seconds": seconds, "allocation": art.allocation,
+            "records": [asdict(r) for r in art.records], "validation": art.validation,
+            "onnx": {k: str(Path(v).relative_to(self.output)) for k, v in art.onnx.items()},
+        })
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+        for old in self.path.iterdir():
+            if old != target and (old.name.startswith(STATE_PREFIX) or old.name.startswith("pass-")):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, art: Artifact) -> tuple[int, float]:
+        """Load the newest saved state into `art`; return (finished passes, seconds they took)."""
+        state_dir = self.latest_state()
+        if state_dir is None:
+            return 0, 0.0
+        state = _read_json(state_dir / "state.json")
+        if state is None:
+            raise LmmcError(f"the saved state '{state_dir}' is unreadable; run without --resume to start afresh")
+        art.student = load_student(state_dir / "student").to(art.device)
+        masks = state_dir / "masks.safetensors"
+        art.masks = {k: v.to(art.device) for k, v in load_file(str(masks)).items()} if masks.is_file() else {}
+        art.allocation = state["allocation"]
+        art.records = [PassRecord(**r) for r in state["records"]]
+        art.validation = state["validation"]
+        # Rank 0's files: the other ranks read the ONNX files where rank 0 wrote them.
+        output = self.path / OUTPUT_DIR
+        art.onnx = {k: output / v for k, v in state["onnx"].items()}
+        return state["passes_done"], state["seconds"]
