@@ -23,11 +23,23 @@ class PassRecord:
 
 
 @dataclass
+class ExportRecord:
+    """One deployment artifact beyond the plain ONNX export: which tower, runtime, precision and variant."""
+
+    tower: str
+    backend: str  # "onnxruntime" or "openvino"
+    precision: str  # "fp32" or "int8"
+    variant: str  # "fused", "plain", "dynamic", "static" (ORT INT8), "nncf" (OpenVINO INT8)
+    path: Path  # inside the work directory while compiling
+    source: str | None = None  # the graph a quantised artifact was made from ("fused" or "plain")
+
+
+@dataclass
 class Artifact:
     """Everything a pass may read or write. Passes change it in place; nothing hides on the model.
 
     Keys that passes declare in `needs`/`provides` name the fields below: "teacher", "student",
-    "calib", "masks", "allocation", "onnx", "validation".
+    "calib", "masks", "allocation", "onnx", "exports", "validation".
     """
 
     model_ref: str
@@ -38,19 +50,25 @@ class Artifact:
     calib: CalibData | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     workdir: Path | None = None
+    # The running pass's folder in the compile's work area (kept when a compile is killed), and whether
+    # the pass continues from what an interrupted run left there (`lmmc compile --resume`).
+    scratch: Path | None = None
+    resume: bool = False
     # Parameter name -> boolean keep-mask (True = weight survives), shaped like the weight.
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     # Parameter name -> target sparsity chosen by an allocation pass (local pruners read it).
     allocation: dict[str, float] = field(default_factory=dict)
     # Tower name -> exported ONNX file.
     onnx: dict[str, Path] = field(default_factory=dict)
+    # Every further deployment artifact (fused graph, INT8, OpenVINO IR), in the order written.
+    exports: list[ExportRecord] = field(default_factory=list)
     records: list[PassRecord] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
 
     def available(self) -> set[str]:
         """The state keys that currently hold something, for checking a pass's `needs`."""
         keys = {"teacher", "student"}
-        for key in ("calib", "masks", "allocation", "onnx", "validation"):
+        for key in ("calib", "masks", "allocation", "onnx", "exports", "validation"):
             if getattr(self, key):
                 keys.add(key)
         return keys

@@ -1,0 +1,91 @@
+"""manifest.json: every deployment artifact of a compile's output with its backend, precision, inputs and
+outputs, the preprocessing files that feed it, its tower and its validation figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lmmc
+from lmmc.adapters import dynamic_axes
+from lmmc.artifact import Artifact, ExportRecord
+from lmmc.runtime import MANIFEST, TensorSpec, load
+
+FORMAT = "lmmc-manifest/1"
+# Files of student/ that are weights or lmmc's own record, not preprocessing.
+_NOT_PREPROCESSING = {"config.json", "lmmc.json", "generation_config.json"}
+
+
+def _io(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)}
+
+
+def _files(path: Path) -> list[Path]:
+    """The artifact and the files it reads beside it (an IR's .bin, external ONNX data)."""
+    return sorted(p for p in path.parent.glob(f"{path.stem}.*") if p.suffix in {".onnx", ".xml", ".bin", ".data"})
+
+
+def artifact_records(art: Artifact) -> list[ExportRecord]:
+    """The plain ONNX export of every tower followed by every further artifact, as records."""
+    plain = [ExportRecord(t, "onnxruntime", "fp32", "plain", p) for t, p in art.onnx.items()]
+    return plain + list(art.exports)
+
+
+def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[str, Any]:
+    """The manifest of an output directory `root` whose artifacts `art` lists; `max_length` is the
+    tokenizer's truncation length for text towers."""
+    validation = art.validation or {}
+    by_path = {e["path"]: e for e in validation.get("exports", [])}
+    artifacts = []
+    for rec in artifact_records(art):
+        rel = str(rec.path.relative_to(root))
+        model = load(rec.path, rec.backend)
+        tower = art.adapter.tower(rec.tower)
+        entry: dict[str, Any] = {
+            "tower": rec.tower, "backend": rec.backend, "precision": rec.precision, "variant": rec.variant,
+            "path": rel, "files": [str(p.relative_to(root)) for p in _files(rec.path)],
+            "bytes": sum(p.stat().st_size for p in _files(rec.path)),
+            "inputs": [_io(s) for s in model.inputs], "outputs": [_io(s) for s in model.outputs],
+            "dynamic_axes": {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes(tower).items()},
+        }
+        if rec.source:
+            entry["source"] = rec.source
+        if rel in by_path:
+            entry["validation"] = {k: v for k, v in by_path[rel].items() if k not in entry}
+        elif rec.variant == "plain" and rec.backend == "onnxruntime" and rec.tower in validation.get("towers", {}):
+            figures = validation["towers"][rec.tower]
+            entry["validation"] = {"max_abs_diff": figures["runtime_max_abs_diff"],
+                                   "cosine_to_teacher": figures["cosine_mean"],
+                                   "cosine_to_teacher_min": figures["cosine_min"]}
+        artifacts.append(entry)
+    student = root / "student"
+    preprocessing_files = sorted(str(p.relative_to(root)) for p in student.iterdir()
+                                 if p.is_file() and p.name not in _NOT_PREPROCESSING
+                                 and p.suffix not in {".safetensors", ".bin"}) if student.is_dir() else []
+    modalities = {t.modality for t in art.adapter.towers}
+    preprocessing: dict[str, Any] = {}
+    if "text" in modalities:
+        preprocessing["text"] = {"kind": "tokenizer", "max_length": max_length, "padding": "longest",
+                                 "files": [f for f in preprocessing_files if "preprocessor" not in f]}
+    if "image" in modalities:
+        preprocessing["image"] = {"kind": "image_processor",
+                                  "files": [f for f in preprocessing_files if "preprocessor" in f]}
+    return {
+        "format": FORMAT,
+        "lmmc_version": lmmc.__version__,
+        "teacher": art.model_ref,
+        "adapter": art.adapter.family,
+        "student": "student",
+        "towers": {t.name: {"modality": t.modality} for t in art.adapter.towers},
+        "preprocessing": preprocessing,
+        "artifacts": artifacts,
+        "passed": validation.get("passed"),
+    }
+
+
+def write_manifest(art: Artifact, root: Path, max_length: int | None) -> Path:
+    """Write `root`/manifest.json; `root` holds the artifacts and the saved student."""
+    path = root / MANIFEST
+    path.write_text(json.dumps(build_manifest(art, root, max_length), indent=2))
+    return path

@@ -1,0 +1,157 @@
+"""One runtime for every exported artifact: `load` opens an ONNX file in ONNX Runtime or an OpenVINO IR
+behind the same small interface, and `open_dir` turns a compile's output into an encoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from lmmc.errors import LmmcError
+
+BACKENDS = ("onnxruntime", "openvino")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, element type (numpy name) and shape; None marks a dynamic axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+class Model(Protocol):
+    """What every backend's loaded artifact offers."""
+
+    backend: str
+    path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def input_names(self) -> list[str]: ...
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def backend_for(path: Path) -> str:
+    """The backend a file's suffix implies: .onnx -> onnxruntime, .xml -> openvino."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix == ".xml":
+        return "openvino"
+    raise LmmcError(f"'{path}' is neither an ONNX file (.onnx) nor an OpenVINO IR (.xml); "
+                    f"pass one of those, or name the backend with backend=...")
+
+
+def load(path: str | Path, backend: str | None = None, threads: int | None = None) -> Model:
+    """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
+    runtime's intra-op threads (None: the runtime's default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
+    backend = backend or backend_for(path)
+    if backend == "onnxruntime":
+        from lmmc.runtime.onnxruntime import OrtModel
+        return OrtModel(path, threads)
+    if backend == "openvino":
+        from lmmc.runtime.openvino import OpenVinoModel
+        return OpenVinoModel(path, threads)
+    raise LmmcError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+def cast_feed(model: Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check the feed names the model's inputs and give each array the dtype the model declares, so a
+    tokenizer's int32 ids or a float64 image work as they are."""
+    missing = [s.name for s in model.inputs if s.name not in feed]
+    if missing:
+        raise LmmcError(f"{model.path.name} needs input(s) {missing}; the feed has {sorted(feed)}")
+    return {s.name: np.ascontiguousarray(feed[s.name], dtype=s.dtype) for s in model.inputs}
+
+
+class Deployment:
+    """A compile's output directory read through its manifest: one artifact per tower, chosen by backend,
+    precision and variant, and the saved tokenizer / image processor to feed it."""
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], models: dict[str, Model]) -> None:
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self.models = models  # tower -> loaded artifact
+        self._preprocessors: dict[str, Any] = {}
+
+    def _preprocessor(self, modality: str):
+        if modality not in self._preprocessors:
+            import transformers
+
+            student = self.out_dir / "student"
+            cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
+            self._preprocessors[modality] = cls.from_pretrained(student)
+        return self._preprocessors[modality]
+
+    def tower_for(self, modality: str) -> str:
+        for name, tower in self.manifest["towers"].items():
+            if tower["modality"] == modality:
+                return name
+        raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}")
+
+    def encode(self, items: list, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
+        """Pooled, L2-normalised embeddings of texts (str) or images (PIL images or file paths)."""
+        if not items:
+            return np.zeros((0, 0), dtype=np.float32)
+        modality = "text" if isinstance(items[0], str) else "image"
+        tower = tower or self.tower_for(modality)
+        model = self.models[tower]
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            out.append(model.run(self._encode_inputs(modality, chunk))["pooled_embedding"])
+        return np.concatenate(out)
+
+    def _encode_inputs(self, modality: str, chunk: list) -> dict[str, np.ndarray]:
+        proc = self._preprocessor(modality)
+        if modality == "text":
+            max_length = self.manifest["preprocessing"]["text"]["max_length"]
+            enc = proc(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        from PIL import Image
+
+        images = [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in chunk]
+        return {"pixel_values": proc(images=images, return_tensors="np")["pixel_values"]}
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise LmmcError(f"'{out_dir}' has no {MANIFEST}; give the output directory of 'lmmc compile'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LmmcError(f"{path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
+
+
+def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
+             variant: str | None = None, threads: int | None = None) -> Deployment:
+    """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
+    the compile keeps only when it is the faster, over the plain one."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    models = {}
+    for tower in manifest["towers"]:
+        chosen = [a for a in manifest["artifacts"] if a["tower"] == tower and a["backend"] == backend
+                  and a["precision"] == precision and variant in (None, a["variant"])]
+        if not chosen:
+            have = sorted({(a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"] if a["tower"] == tower})
+            raise LmmcError(f"{out_dir} has no {backend} {precision} {variant or ''} artifact for the {tower} tower; "
+                            f"it has {have}")
+        chosen.sort(key=lambda a: a["variant"] != "fused")
+        models[tower] = load(out_dir / chosen[0]["path"], backend, threads)
+    return Deployment(out_dir, manifest, models)
