@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmmc
-from lmmc.artifact import Artifact, PassRecord
+from lmmc.artifact import Artifact, ExportRecord, PassRecord
 from lmmc.errors import LmmcError
 from lmmc.recipe import Recipe
 from lmmc.student import load_student
@@ -291,6 +291,7 @@ class WorkArea:
             "passes_done": done, "seconds": seconds, "allocation": art.allocation,
             "records": [asdict(r) for r in art.records], "validation": art.validation,
             "onnx": {k: str(Path(v).relative_to(self.output)) for k, v in art.onnx.items()},
+            "exports": [{**asdict(e), "path": str(Path(e.path).relative_to(self.output))} for e in art.exports],
         })
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
@@ -315,4 +316,5 @@ class WorkArea:
         # Rank 0's files: the other ranks read the ONNX files where rank 0 wrote them.
         output = self.path / OUTPUT_DIR
         art.onnx = {k: output / v for k, v in state["onnx"].items()}
+        art.exports = [ExportRecord(**{**e, "path": output / e["path"]}) for e in state["exports"]]
         return state["passes_done"], state["seconds"]
