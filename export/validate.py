@@ -3,6 +3,7 @@ latency in the same runtime, and the recipe's gates."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -18,6 +19,7 @@ from lmmc.adapters import TowerModule, TowerSpec, example_inputs, input_names
 from lmmc.artifact import Artifact
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
+from lmmc.modelio import text_positions
 
 
 class ValidateConfig(PassConfig):
@@ -28,9 +30,12 @@ class ValidateConfig(PassConfig):
                                     "student's outputs")
     latency: bool = Field(True, description="time teacher and student in ONNX Runtime")
     latency_batch: int = Field(8, gt=0)
-    latency_seq: int = Field(128, gt=0, description="tokens per text sample when timing")
+    latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
+                                    "or the model's position limit if lower (CLIP: 77)")
     threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads, the same for both models")
     repeats: int = Field(15, gt=2, description="timed runs per model; medians are reported")
+    min_held_out: int = Field(32, ge=2, description="floor: fewer held-out samples than this and validation "
+                              "refuses to certify the student")
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -48,12 +53,13 @@ def torch_outputs(model: torch.nn.Module, tower: TowerSpec, batches: list[dict])
 
 def runtime_diff(session: ort.InferenceSession, tower: TowerSpec, batches: list[dict],
                  reference: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Max |ORT − PyTorch| per output over the held-out batches."""
+    """Max |ORT − PyTorch| per output over the held-out batches; NaN when either side is not finite."""
     worst = {"last_hidden_state": 0.0, "pooled_embedding": 0.0}
     for batch, ref in zip(batches, reference):
         got = session.run(None, {n: batch[n].numpy() for n in input_names(tower)})
         for key, a, b in zip(worst, got, ref):
-            worst[key] = max(worst[key], float(np.abs(a - b).max()))
+            diff = np.abs(a - b).max() if np.isfinite(a).all() and np.isfinite(b).all() else np.nan
+            worst[key] = float(np.maximum(worst[key], diff))  # np.maximum keeps NaN; max() would drop it
     return worst
 
 
@@ -65,7 +71,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
-    """Fraction of held-out samples whose nearest other sample is the same under both models."""
+    """Fraction of held-out samples whose nearest other sample is the same under both models; NaN when
+    an embedding is not finite (argmax of NaN rows would agree everywhere)."""
+    if not (np.isfinite(teacher).all() and np.isfinite(student).all()):
+        return float("nan")
+
     def nearest(e: np.ndarray) -> np.ndarray:
         e = e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
         sim = e @ e.T
@@ -75,7 +85,10 @@ def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
 
 
 def zero_shot_agreement(t_img: np.ndarray, t_txt: np.ndarray, s_img: np.ndarray, s_txt: np.ndarray) -> float:
-    """Fraction of held-out images whose best-matching held-out text is the same under both models."""
+    """Fraction of held-out images whose best-matching held-out text is the same under both models; NaN
+    when an embedding is not finite."""
+    if not all(np.isfinite(e).all() for e in (t_img, t_txt, s_img, s_txt)):
+        return float("nan")
     return float(((t_img @ t_txt.T).argmax(1) == (s_img @ s_txt.T).argmax(1)).mean())
 
 
@@ -135,7 +148,7 @@ class ValidatePass(Pass):
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
                     export_tower(teacher, tower, teacher_path)
-                    feed = latency_feed(teacher, tower, cfg.latency_batch, cfg.latency_seq)
+                    feed = latency_feed(teacher, tower, cfg.latency_batch, latency_seq(cfg, teacher, tower))
                     ms = median_latency_ms({"teacher": ort_session(teacher_path, cfg.threads), "student": session},
                                            feed, cfg.repeats)
                     result["latency_ms"] = {
@@ -148,6 +161,7 @@ class ValidatePass(Pass):
                 gates.append(_gate(f"{tower.name}: runtime max abs diff", max(diff.values()), cfg.max_runtime_diff, "<="))
                 if cfg.min_cosine is not None:
                     gates.append(_gate(f"{tower.name}: cosine to teacher", result["cosine_mean"], cfg.min_cosine, ">="))
+                gates.append(_gate(f"{tower.name}: held-out samples", int(len(cos)), cfg.min_held_out, ">="))
         task = _task_metric(art.adapter, pooled)
         if cfg.min_task_metric is not None:
             gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
@@ -157,8 +171,16 @@ class ValidatePass(Pass):
         return art.validation
 
 
+def latency_seq(cfg: ValidateConfig, model: torch.nn.Module, tower: TowerSpec) -> int:
+    """The recipe's timing length, or 128 capped at the model's position limit."""
+    if cfg.latency_seq is not None or tower.modality != "text":
+        return cfg.latency_seq or 128
+    return min(128, text_positions(model.config, tower))
+
+
 def _gate(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
-    passed = value <= threshold if op == "<=" else value >= threshold
+    """A gate; a NaN or Inf value always fails it."""
+    passed = math.isfinite(value) and (value <= threshold if op == "<=" else value >= threshold)
     return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(passed)}
 
 

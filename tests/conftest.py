@@ -37,6 +37,46 @@ def tiny_model(kind: str) -> torch.nn.Module:
 
 
 TINY_KINDS = ("bert", "vit", "clip", "siglip")
+_TEXT_KINDS = {"bert", "clip", "siglip"}
+_IMAGE_KINDS = {"vit", "clip", "siglip"}
+# Ordinary words first, so a tiny tokenizer reads real text; letters let WordPiece spell any other word.
+_WORDS = ["the", "a", "of", "and", "is", "in", "to", "water", "cold", "house", "man", "was", "on", "road",
+          "picture", "number", "text", "python", "function", "data"]
+
+
+def tiny_vocab(path: Path) -> Path:
+    """A WordPiece vocab.txt of exactly the tiny models' vocab_size (99) tokens."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *letters, *(f"##{c}" for c in letters)]
+    tokens += [str(i) for i in range(TINY_TEXT["vocab_size"] - len(tokens))]
+    assert len(tokens) == TINY_TEXT["vocab_size"]
+    path.write_text("\n".join(tokens) + "\n")
+    return path
+
+
+def save_preprocessors(kind: str, path: Path) -> Path:
+    """Save the tokenizer and/or image processor a tiny model of `kind` needs beside it, as a real model
+    directory has them: the compile refuses a model without them."""
+    path.mkdir(parents=True, exist_ok=True)
+    if kind in _TEXT_KINDS:
+        vocab = tiny_vocab(path / "vocab.txt")
+        transformers.BertTokenizer(vocab=str(vocab)).save_pretrained(path)
+    if kind in _IMAGE_KINDS:
+        side = TINY_VISION["image_size"]
+        processor = {
+            "vit": lambda: transformers.ViTImageProcessor(size={"height": side, "width": side}),
+            "clip": lambda: transformers.CLIPImageProcessor(size={"shortest_edge": side},
+                                                            crop_size={"height": side, "width": side}),
+            "siglip": lambda: transformers.SiglipImageProcessor(size={"height": side, "width": side}),
+        }[kind]()
+        processor.save_pretrained(path)
+    return path
+
+
+def save_tiny(kind: str, path: Path) -> Path:
+    """A tiny model of `kind` saved as a complete Hugging Face directory: weights, tokenizer, processor."""
+    tiny_model(kind).save_pretrained(path)
+    return save_preprocessors(kind, path)
 
 
 @pytest.fixture(params=TINY_KINDS)
@@ -47,9 +87,7 @@ def tiny_kind(request) -> str:
 @pytest.fixture
 def tiny_dir(tmp_path: Path, tiny_kind: str) -> Path:
     """A tiny model saved as a Hugging Face directory."""
-    path = tmp_path / f"tiny-{tiny_kind}"
-    tiny_model(tiny_kind).save_pretrained(path)
-    return path
+    return save_tiny(tiny_kind, tmp_path / f"tiny-{tiny_kind}")
 
 
 @pytest.fixture

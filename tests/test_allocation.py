@@ -23,7 +23,7 @@ from lmmc.objectives import Objective, objective_batches
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig, parse_recipe
 from lmmc.sparsity import sparsity_summary
-from tests.conftest import tiny_model
+from tests.conftest import save_tiny, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -246,9 +246,9 @@ def test_owl_pass_meets_the_budget_on_both_towers():
 
 def _compile(tmp_path, passes: list) -> Result:
     model_dir = tmp_path / "teacher"
-    tiny_model("bert").save_pretrained(model_dir)
+    save_tiny("bert", model_dir)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"calibration": {"random": True, "samples": 8, "eval_samples": 4, "batch_size": 4},
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 4},
                                       "passes": passes}))
     return CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(recipe), "-o", str(tmp_path / "out")])
 

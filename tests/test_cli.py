@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lmmc.cli import main
-from tests.conftest import CORPUS, tiny_model
+from tests.conftest import CORPUS, save_preprocessors, save_tiny, tiny_model
 
 TINY_RECIPE = {
-    "calibration": {"random": True, "samples": 8, "eval_samples": 8, "batch_size": 4},
+    "calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
     "passes": [{"wanda": {"sparsity": 0.5}}],
     "export": ["onnx"],
     "validate": {"max_runtime_diff": 1e-4, "latency_batch": 2, "latency_seq": 16, "repeats": 3, "threads": 1},
@@ -31,8 +31,7 @@ def run(*args):
 
 @pytest.mark.parametrize("kind", ["bert", "clip"])
 def test_compile_tiny_model_end_to_end(tmp_path, kind):
-    model_dir = tmp_path / "teacher"
-    tiny_model(kind).save_pretrained(model_dir)
+    model_dir = save_tiny(kind, tmp_path / "teacher")
     out = tmp_path / "out"
     result = run("compile", model_dir, "--recipe", write_recipe(tmp_path, TINY_RECIPE), "--out", out)
     assert result.exit_code == 0, result.output
@@ -56,8 +55,7 @@ def test_compile_tiny_model_end_to_end(tmp_path, kind):
 
 
 def test_missed_gate_exits_1_with_complete_output(tmp_path):
-    model_dir = tmp_path / "teacher"
-    tiny_model("bert").save_pretrained(model_dir)
+    model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "max_runtime_diff": 1e-12}}
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)), "-o", str(out)])
@@ -66,20 +64,21 @@ def test_missed_gate_exits_1_with_complete_output(tmp_path):
     assert json.loads((out / "report.json").read_text())["passed"] is False
 
 
-def test_dry_run_prints_plan_and_loads_nothing(tmp_path):
-    model_dir = tmp_path / "teacher"
-    tiny_model("siglip").config.save_pretrained(model_dir)  # config only: no weights to load
-    result = run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out", "--dry-run")
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
+    model_dir = save_tiny("siglip", tmp_path / "teacher")
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = run("compile", model_dir, "-r", recipe, "-o", tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["adapter"] == "siglip"
     assert [s["pass"] for s in plan["steps"]] == ["wanda", "onnx", "validate"]
-    assert not (tmp_path / "out").exists()
+    assert plan["samples"] == {"calibration": 8, "held_out": 32} and plan["validated"] is True
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def _bad_cases(tmp_path):
-    good = tmp_path / "teacher"
-    tiny_model("bert").save_pretrained(good)
+    good = save_tiny("bert", tmp_path / "teacher")
     nocfg = tmp_path / "noconfig"
     nocfg.mkdir()
     gpt = tmp_path / "gpt"
@@ -122,10 +121,10 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, case):
 
 
 def test_force_replaces_existing_output(tmp_path):
-    model_dir = tmp_path / "teacher"
-    tiny_model("vit").save_pretrained(model_dir)
+    model_dir = save_tiny("vit", tmp_path / "teacher")
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace
     (out / "stale.txt").write_text("old")
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", out, "--force")
@@ -138,6 +137,7 @@ def test_random_calibration_refused_for_large_models(tmp_path):
     big = tiny_model("bert").__class__(tiny_model("bert").config.__class__(hidden_size=256, num_hidden_layers=8,
                                        num_attention_heads=4, intermediate_size=1024, vocab_size=99))
     big.save_pretrained(tmp_path / "big")
+    save_preprocessors("bert", tmp_path / "big")
     result = CliRunner().invoke(main, ["compile", str(tmp_path / "big"), "-r", str(write_recipe(tmp_path, TINY_RECIPE)),
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
@@ -146,8 +146,7 @@ def test_random_calibration_refused_for_large_models(tmp_path):
 
 
 def test_calib_option_supplies_data_the_recipe_lacks(tmp_path):
-    model_dir = tmp_path / "teacher"
-    tiny_model("bert").config.save_pretrained(model_dir)
+    model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = write_recipe(tmp_path, {"passes": [{"wanda": {"sparsity": 0.5}}]})
     without = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(recipe), "-o", str(tmp_path / "o"), "--dry-run"])
     assert without.exit_code == 2 and "needs ['calib']" in without.output

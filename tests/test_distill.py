@@ -17,7 +17,7 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from conftest import CORPUS, TINY_TEXT, tiny_model
+from conftest import CORPUS, TINY_TEXT, save_tiny, tiny_model
 from lmmc.adapters import TowerModule, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import load_calibration, random_calibration
@@ -325,9 +325,9 @@ def test_layer_map_out_of_range_fails_the_cli_with_exit_2_and_no_final_checkpoin
     from lmmc.cli import main
 
     model = tmp_path / "tiny-bert"
-    tiny_model("bert").save_pretrained(model)
+    save_tiny("bert", model)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    recipe = {"calibration": {"random": True, "samples": 24, "eval_samples": 8},
+    recipe = {"calibration": {"random": True, "samples": 24, "eval_samples": 32},
               "passes": [{"magnitude": {"sparsity": 0.5}},
                          {"distill": {"steps": 4, "batch_size": 4, "layer_map": [1, 5], "checkpoint_dir": str(ckpt),
                                       "checkpoint_every": 1, "progress": False}}]}

@@ -3,26 +3,54 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
 
-from lmmc.errors import GateFailed, LmmcError
+from lmmc.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, GateFailed, LmmcError
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class _Group(click.Group):
-    """Turns user errors into one clear line and exit code 2, wherever they are raised."""
+    """Gives every outcome one line and one exit code: 0 success, 1 a missed gate, 2 bad input,
+    3 an internal error (traceback in a log file), 130 interrupted (SIGINT or SIGTERM)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LmmcError as err:
             click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_BAD_INPUT)
         except GateFailed as err:
             click.echo(f"validation gate missed: {err}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_GATE)
+        except KeyboardInterrupt as err:
+            how = f" by {err.args[0]}" if err.args else ""
+            click.echo(f"interrupted{how}; the output directory was not written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            log = _crash_log()
+            click.echo(f"internal error: {type(err).__name__}: {err}. This is a bug in lmmc, not in your input; "
+                       f"the traceback is in {log}; please report it with that file", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+
+def _crash_log() -> Path:
+    """Write the current traceback to a log file in the system temp directory (never into --out)."""
+    path = Path(tempfile.gettempdir()) / f"lmmc-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"lmmc {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return path
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,23 +79,55 @@ def main() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist).")
 @click.option("--calib", type=click.Path(), help="Calibration data: .txt, .jsonl or image folder; overrides the recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, model config and data, print the plan, load nothing.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output (never anything else).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the passes.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
 def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code):
     """Compile MODEL (a local Hugging Face directory or a hub id) with a recipe into --out:
     student/ (config, safetensors, tokenizer), onnx/ (one file per tower) and report.json."""
-    from lmmc.compile import compile_model, plan
+    # kill, systemd, Kubernetes and SLURM send SIGTERM: stop as cleanly as on Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code):
+    from lmmc.compile import check_output, compile_model, plan, resolve_device
     from lmmc.recipe import load_recipe
 
     parsed = load_recipe(recipe, calib=calib)
     if dry_run:
-        click.echo(json.dumps(plan(model, parsed, trust_remote_code), indent=2))
+        check_output(Path(out), model, parsed, recipe, force)
+        resolve_device(device)
+        the_plan = plan(model, parsed, trust_remote_code)
+        click.echo(json.dumps(the_plan, indent=2))
+        _warn(the_plan["warnings"])
         return
-    report = compile_model(model, parsed, Path(out), force=force, device=device,
-                           trust_remote_code=trust_remote_code)
+    try:
+        report = compile_model(model, parsed, Path(out), force=force, device=device,
+                               trust_remote_code=trust_remote_code, recipe_path=recipe)
+    except GateFailed:
+        click.echo(f"wrote {_written(Path(out))}", err=True)
+        raise
     click.echo(summary_table(report))
-    click.echo(f"wrote {out}/ (student/, onnx/, report.json)")
+    _warn(report["warnings"])
+    if not report["validated"]:
+        click.echo("not validated: the recipe switched validation off ('validate: false'); the student was not "
+                   "compared with the teacher", err=True)
+    click.echo(f"wrote {_written(Path(out))}")
+
+
+def _warn(warnings: list[str]) -> None:
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+
+
+def _written(out: Path) -> str:
+    """The output directory and what it actually holds."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    return f"{out}/ ({', '.join(entries)})"
 
 
 @main.command("passes")
@@ -103,3 +163,4 @@ def summary_table(report: dict) -> str:
     lines.append("gates: " + ", ".join(f"{g['name']} {'ok' if g['passed'] else 'MISSED'}"
                                       for g in report["validation"].get("gates", [])))
     return "\n".join(lines)
+

@@ -3,9 +3,13 @@ complete output into place only at the end."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,48 +18,233 @@ from typing import Any
 import torch
 
 import lmmc
+from lmmc.adapters import TowerModule, prunable_linears
 from lmmc.artifact import Artifact
-from lmmc.data import load_calibration, random_calibration, read_samples
+from lmmc.data import check_images, load_calibration, random_calibration, read_samples, select
 from lmmc.errors import GateFailed, LmmcError
-from lmmc.modelio import load_teacher, make_student, resolve_config, save_student
+from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
+                          local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
 from lmmc.pipeline import run_pass
 from lmmc.recipe import Recipe
 from lmmc.sparsity import sparsity_summary
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# What marks a directory as an earlier lmmc output, the only kind --force replaces.
+_LMMC_MARKS = ("report.json", "student/lmmc.json")
+# Write failures that the user fixes (free space, permissions), not bugs: said in one line, exit 2.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
 
 def resolve_device(name: str) -> torch.device:
+    if not _DEVICE.fullmatch(name):
+        raise LmmcError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N (N = GPU index)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmmcError(f"--device {name} asked for a GPU, but torch sees none; use --device cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LmmcError(f"--device {name} asked for a GPU, but torch sees none; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise LmmcError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0; "
+                            f"use one of them or --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LmmcError("--device mps asked for Apple's GPU, but torch sees none; use --device cpu")
     return torch.device(name)
 
 
+def _is_lmmc_output(path: Path) -> bool:
+    return any((path / mark).is_file() for mark in _LMMC_MARKS)
+
+
+def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
+    """Every file or directory a compile reads, which an output must never replace."""
+    found = [("the current directory", Path.cwd().resolve())]
+    model = local_dir(model_ref)
+    if model:
+        found.append(("the model directory", model))
+    if recipe_path:
+        found.append(("the recipe", Path(recipe_path).resolve()))
+    if recipe.calibration.path:
+        found.append(("the calibration data", Path(recipe.calibration.path).resolve()))
+    for step in [*recipe.passes, *recipe.export]:
+        corpus = getattr(step.config, "corpus", None)
+        if corpus:
+            found.append((f"the corpus of '{step.name}'", Path(corpus).resolve()))
+    return found
+
+
+def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None = None,
+                 force: bool = False) -> Path:
+    """Refuse, touching nothing, an --out that would destroy what lmmc did not write; return it resolved.
+
+    The output may not be, contain or sit inside anything the compile reads (the model, the recipe,
+    the data), may not be or contain the current directory, and --force replaces only an earlier lmmc
+    output. The location must be writable now, before minutes of work."""
+    out = Path(out).expanduser()
+    if out.is_symlink():
+        raise LmmcError(f"--out '{out}' is a symbolic link (to {os.readlink(out)}); give the real directory, "
+                        f"lmmc does not replace links or what they point to")
+    target = out.resolve()
+    for what, path in _inputs(model_ref, recipe, recipe_path):
+        if target == path or target in path.parents:
+            verb = "is" if target == path else "contains"
+            raise LmmcError(f"--out '{out}' {verb} {what} ({path}); writing there would destroy it. Choose an "
+                            f"output directory of its own, e.g. --out {path.parent / 'lmmc-out'}"
+                            if what == "the current directory" else
+                            f"--out '{out}' {verb} {what} ({path}); writing there would destroy it. Choose a "
+                            f"new directory elsewhere for --out")
+        if path in target.parents and what != "the current directory" and path.is_dir():
+            raise LmmcError(f"--out '{out}' sits inside {what} ({path}); lmmc does not write into its inputs. "
+                            f"Choose a new directory outside it for --out")
+    if target.exists():
+        if not target.is_dir():
+            raise LmmcError(f"--out '{out}' is a file; give a directory path that does not exist yet")
+        if not force:
+            raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
+                            f"replace it")
+        if any(target.iterdir()) and not _is_lmmc_output(target):
+            raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
+                            f"student/lmmc.json), and '{out}' is not one; it was left untouched. Choose a new "
+                            f"--out, or move that directory away yourself")
+    _check_writable(target)
+    return target
+
+
+def _check_writable(target: Path) -> None:
+    """Create and remove a probe file where the output's first new directory will go."""
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LmmcError(f"cannot create --out '{target}': '{parent}' is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".lmmc-write-probe-"):
+            pass
+    except OSError as err:
+        raise LmmcError(f"cannot write the output: '{parent}' is not writable ({err.strerror}); choose an --out "
+                        f"on a writable disk, or fix the permissions") from None
+
+
 def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Everything checkable without weights: the model's config and adapter, the data, the pass order."""
-    _, adapter = resolve_config(model_ref, trust_remote_code)
-    calib = recipe.calibration.path
-    if calib:
-        read_samples(Path(calib))  # a missing or empty file fails here, before any weight loads
-    elif not recipe.calibration.random and any("calib" in s.needs for s in recipe.steps()):
-        raise LmmcError("the recipe's passes need calibration data; give --calib PATH or 'calibration.path'")
+    """Everything checkable without loading weights: the model's config, weight headers and
+    preprocessors, every sequence length against the model's positions, the data and how it splits,
+    the pass order and what each pass can do to this model. Returns the plan, with its warnings."""
+    config, adapter = resolve_config(model_ref, trust_remote_code)
+    model_dir = local_dir(model_ref)
+    shapes = meta_model(config, adapter)
+    if model_dir:
+        check_weights(model_dir, shapes)
+    check_preprocessor(model_ref, config, adapter, load_preprocessor(str(model_dir or model_ref)))
+    warnings: list[str] = []
+    _check_lengths(config, adapter, recipe)
+    counts = _check_data(config, adapter, recipe, warnings)
+    _check_nm(recipe, shapes, adapter, warnings)
     return {
         "model": model_ref,
         "adapter": adapter.family,
         "towers": [f"{t.name} ({t.modality})" for t in adapter.towers],
-        "calibration": calib or ("random" if recipe.calibration.random else None),
+        "calibration": recipe.calibration.path or ("random" if recipe.calibration.random else None),
+        "samples": counts,
         "steps": [{"pass": s.name, "kind": s.kind, "config": s.config.model_dump(mode="json"),
                    "needs": sorted(s.needs), "provides": sorted(s.provides)} for s in recipe.steps()],
+        "validated": recipe.validated,
+        "warnings": warnings,
     }
 
 
+def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
+    text = [t for t in adapter.towers if t.modality == "text"]
+    if not text:
+        return
+    positions = min(text_positions(config, t) for t in text)
+    lengths = []
+    if recipe.calibration.path and recipe.calibration.max_length:
+        lengths.append(("calibration.max_length", recipe.calibration.max_length))
+    for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
+        cfg = step.config
+        if getattr(cfg, "corpus", None):
+            lengths.append((f"{step.name}.max_length", cfg.max_length))
+        if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", False):
+            lengths.append((f"{step.name}.latency_seq", cfg.latency_seq))
+    for key, value in lengths:
+        if value > positions:
+            raise LmmcError(f"{key} = {value}, but this model's text tower takes at most {positions} tokens "
+                            f"(max_position_embeddings); set {key} to {positions} or less")
+
+
+def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str]) -> dict[str, int] | None:
+    """Read and split the calibration data exactly as the compile will, without encoding it."""
+    cal = recipe.calibration
+    if not cal.path:
+        if not cal.random and any("calib" in s.needs for s in recipe.steps()):
+            raise LmmcError("the recipe's passes need calibration data; give --calib PATH or 'calibration.path'")
+        if not cal.random:
+            return None
+        _check_floor(recipe, cal.eval_samples, "raise calibration.eval_samples")
+        return {"calibration": cal.samples, "held_out": cal.eval_samples}
+    modalities = {t.modality for t in adapter.towers}
+    chosen = select(cal, Path(cal.path), read_samples(Path(cal.path)), modalities)
+    warnings.extend(chosen.warnings)
+    if "image" in modalities:
+        vision = next(t for t in adapter.towers if t.modality == "image")
+        vcfg = getattr(config, vision.config_key) if vision.config_key else config
+        check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r],
+                     int(getattr(vcfg, "patch_size", 1)))
+    _check_floor(recipe, len(chosen.held_out),
+                 f"give more distinct samples in '{cal.path}' or raise calibration.eval_samples")
+    return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+
+
+def _check_floor(recipe: Recipe, held_out: int, fix: str) -> None:
+    if recipe.validate_ is None:
+        return
+    floor = recipe.validate_.config.min_held_out
+    if held_out < floor:
+        raise LmmcError(f"only {held_out} held-out samples for validation, below its floor of {floor} "
+                        f"(validate.min_held_out); so few certify nothing. {fix[0].upper() + fix[1:]} "
+                        f"(or, knowingly, lower validate.min_held_out)")
+
+
+def _check_nm(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, warnings: list[str]) -> None:
+    """An N:M pattern leaves every matrix whose input width it does not divide dense."""
+    if any(s.name == "antgmm" for s in recipe.passes):  # widths change before the pruner; checked after it runs
+        return
+    widths = {pl.param: pl.module.in_features for pl in prunable_linears(shapes, adapter)}
+    for i, step in enumerate(recipe.passes):
+        nm = getattr(step.config, "nm", None)
+        if not nm:
+            continue
+        dense = sorted(p for p, w in widths.items() if w % nm.m)
+        if len(dense) == len(widths):
+            raise LmmcError(f"passes[{i}] '{step.name}': nm {nm} fits no matrix of this model (input widths "
+                            f"{sorted(set(widths.values()))} are not multiples of {nm.m}); it would leave the "
+                            f"model dense. Use an M that divides the widths, or unstructured sparsity")
+        if dense:
+            warnings.append(f"'{step.name}' nm {nm}: {len(dense)} of {len(widths)} matrices have an input width "
+                            f"not divisible by {nm.m} and stay dense (e.g. {dense[0]})")
+
+
+@torch.no_grad()
+def check_teacher_outputs(art: Artifact) -> None:
+    """Refuse a teacher whose outputs on the calibration data are NaN or Inf."""
+    for tower in art.adapter.towers:
+        batches = art.calib.calib_batches(tower.modality) if art.calib else []
+        if not batches:
+            continue
+        module = TowerModule(art.teacher, tower).eval()
+        outputs = module(*[batches[0][n].to(art.device) for n in module.names])
+        if not all(bool(torch.isfinite(o).all()) for o in outputs):
+            raise LmmcError(f"the teacher's {tower.name} tower gives NaN/Inf outputs on the calibration data; "
+                            f"the teacher is broken (check its weights and config) and cannot be compressed")
+
+
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
-                  device: str = "auto", trust_remote_code: bool = False) -> dict[str, Any]:
+                  device: str = "auto", trust_remote_code: bool = False,
+                  recipe_path: str | Path | None = None) -> dict[str, Any]:
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
     complete output was written but a validation gate was missed."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to replace it")
+    out = check_output(Path(out), model_ref, recipe, recipe_path, force)
     dev = resolve_device(device)
     the_plan = plan(model_ref, recipe, trust_remote_code)
     calib = recipe.calibration.path
@@ -71,30 +260,69 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                        preprocessor=preprocessor, device=dev, workdir=tmp)
         if calib:
             modalities = {t.modality for t in adapter.towers}
-            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor)
+            text = [t for t in adapter.towers if t.modality == "text"]
+            positions = min((text_positions(teacher.config, t) for t in text), default=None)
+            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor, positions)
         elif recipe.calibration.random:
             art.calib = random_calibration(recipe.calibration, teacher, adapter)
+        check_teacher_outputs(art)
         for step in recipe.steps():
             run_pass(step, art)
         report = build_report(art, recipe, the_plan, time.perf_counter() - started)
         save_student(art.student.cpu(), preprocessor, tmp / "student",
                      {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.json").write_text(report_json(report))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in _DISK_FULL:
+            raise LmmcError(f"the disk is full: writing '{err.filename or tmp}' failed ({err.strerror}); nothing "
+                            f"was written to '{out}'. Free some space, or choose an --out on another disk") from None
+        if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
+            raise LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
+                            f"Choose an --out on a writable disk, or fix the permissions") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not report["passed"]:
-        missed = [g for g in report["validation"]["gates"] if not g["passed"]]
-        raise GateFailed("; ".join(f"{g['name']} = {g['value']:.4g}, needs {g['op']} {g['threshold']}" for g in missed))
+    if report["validated"] and not report["passed"]:
+        missed = [g for g in report["validation"].get("gates", []) if not g["passed"]]
+        raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
+                                      for g in missed), *report["failures"]]))
     return report
+
+
+def _num(value: float | None) -> str:
+    return "non-finite (NaN/Inf)" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _failures(art: Artifact) -> list[str]:
+    """What makes a compile fail although every gate is met: an N:M pruner that pruned nothing."""
+    failures = []
+    for record in art.records:
+        dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
+        nm = record.config.get("nm")
+        if nm and dense and len(dense) == len(prunable_linears(art.student, art.adapter)):
+            failures.append(f"'{record.name}' nm {nm} fitted no matrix: the student stayed dense")
+    return failures
 
 
 def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], seconds: float) -> dict[str, Any]:
     n_teacher = sum(p.numel() for p in art.teacher.parameters())
     n_student = sum(p.numel() for p in art.student.parameters())
+    warnings = [*the_plan.get("warnings", [])]
+    if art.calib:
+        warnings += [w for w in art.calib.warnings if w not in warnings]
+    for record in art.records:
+        dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
+        if dense and record.config.get("nm"):
+            note = f"'{record.name}' nm {record.config['nm']}: {len(dense)} matrices stayed dense"
+            if not any(w.startswith(f"'{record.name}' nm") for w in warnings):
+                warnings.append(note)
+    failures = _failures(art)
+    validated = bool(art.validation)
     return {
         "lmmc_version": lmmc.__version__,
         "model": art.model_ref,
@@ -106,6 +334,26 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         "passes": [asdict(r) for r in art.records],
         "onnx": {k: str(v.relative_to(art.workdir)) for k, v in art.onnx.items()},
         "validation": art.validation,
-        "passed": art.validation.get("passed", True),
+        "warnings": warnings,
+        "failures": failures,
+        "validated": validated,
+        # Never true without validation: an unvalidated student is not known to work.
+        "passed": (art.validation.get("passed", False) and not failures) if validated else None,
         "seconds": seconds,
     }
+
+
+def _finite(value: Any) -> Any:
+    """The report with every NaN/Inf replaced by None, so it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """Strict JSON (no bare NaN): non-finite numbers are written as null; their gates have failed."""
+    return json.dumps(_finite(report), indent=2, allow_nan=False, default=str)

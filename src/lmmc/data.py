@@ -29,12 +29,21 @@ class CalibData:
     eval: dict[str, list[Batch]]
     source: str
     counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
 
     def eval_batches(self, modality: str) -> list[Batch]:
         return self.eval.get(modality, [])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LmmcError(f"calibration data '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                        f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
@@ -44,10 +53,10 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         records = [{"image": str(p)} for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     elif path.suffix == ".txt":
-        records = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [{"text": line.strip()} for line in _read_text(path).splitlines() if line.strip()]
     elif path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -90,7 +99,13 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[Batch]:
+DEFAULT_MAX_LENGTH = 128
+
+
+def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | None) -> list[Batch]:
+    """Token batches; without a `max_length`, 128 tokens or the tokenizer's own limit if lower."""
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)))
     out = []
     for chunk in _chunks(texts, batch_size):
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -113,38 +128,99 @@ def encode_images(image_processor, paths: list[str], batch_size: int) -> list[Ba
     return out
 
 
-def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: dict[str, Any]) -> CalibData:
-    """Read, split and encode real calibration data for the modalities the model's towers need."""
-    source = Path(path)
-    calib_recs, eval_recs = split(read_samples(source), cfg.samples, cfg.eval_samples, cfg.seed)
-    if "text" in modalities and "image" in modalities:
+# Image modes that are not pictures: converting 32-bit integer or float pixels to RGB clips them to garbage.
+_NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def check_images(paths: list[str], min_side: int) -> None:
+    """Open only the headers: unreadable files, non-picture modes and images smaller than one patch fail
+    before any weight loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                mode, size = im.mode, im.size
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise LmmcError(f"cannot read image '{p}': {err}; remove it or replace it with a PNG/JPEG picture") from None
+        if mode in _NOT_PICTURES:
+            raise LmmcError(f"image '{p}' has mode {mode} (integer or float pixels, e.g. a depth map or a 16-bit "
+                            f"scan), not a picture; convert it to 8-bit RGB or remove it")
+        if min(size) < min_side:
+            raise LmmcError(f"image '{p}' is {size[0]}x{size[1]} pixels, smaller than one {min_side}-pixel patch "
+                            f"of the model; use real pictures of at least {min_side}x{min_side}")
+
+
+@dataclass
+class Selection:
+    """The records a compile will calibrate and validate on, and what shrank on the way."""
+
+    calib: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+    warnings: list[str]
+
+
+def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str]) -> Selection:
+    """Split the records and keep what the model's towers can use. Every count that ends below what the
+    recipe asked for is said in a warning; too few to work with is an error."""
+    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed)
+    dual = "text" in modalities and "image" in modalities
+    if dual:
         # Dual encoders need pairs so both towers see matched samples and zero-shot agreement is defined.
+        has = {k: sum(k in r for r in records) for k in ("text", "image")}
+        if not has["text"] or not has["image"]:
+            lacking, held = ("texts", "images") if not has["text"] else ("images", "texts")
+            raise LmmcError(f"calibration data '{source}' holds {has['image'] or has['text']} {held} but no "
+                            f"{lacking}; this model has a text and an image tower and calibrates on image-text "
+                            f"pairs: give a .jsonl with {{\"text\": ..., \"image\": ...}} per line")
         calib_recs = [r for r in calib_recs if "text" in r and "image" in r]
         eval_recs = [r for r in eval_recs if "text" in r and "image" in r]
+    for modality in sorted(modalities):
+        key = "text" if modality == "text" else "image"
+        c = [r for r in calib_recs if key in r]
+        e = [r for r in eval_recs if key in r]
+        if not c or len(e) < 2:
+            kinds = "image-text pairs (.jsonl with \"text\" and \"image\")" if dual else f"{modality} samples"
+            raise LmmcError(f"calibration data '{source}' has too few usable {modality} samples for this model "
+                            f"({len(c)} to calibrate on, {len(e)} held out); it needs {kinds}")
+    warnings = []
+    unit = "pairs" if dual else "samples"
+    for what, got, asked in (("calibration", len(calib_recs), cfg.samples),
+                             ("held-out", len(eval_recs), cfg.eval_samples)):
+        if got < asked:
+            warnings.append(f"calibration data '{source}' gives {got} {what} {unit}, not the {asked} the recipe "
+                            f"asks for ({len(records)} records; held-out samples are capped at a quarter of "
+                            f"the distinct ones so calibration keeps the rest)")
+    return Selection(calib_recs, eval_recs, warnings)
+
+
+def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: dict[str, Any],
+                     positions: int | None = None) -> CalibData:
+    """Read, split and encode real calibration data for the modalities the model's towers need.
+    `positions` (the text tower's limit) caps the default token length."""
+    source = Path(path)
+    max_length = cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
+    chosen = select(cfg, source, read_samples(source), modalities)
     calib: dict[str, list[Batch]] = {}
     held: dict[str, list[Batch]] = {}
     for modality in sorted(modalities):
         key = "text" if modality == "text" else "image"
-        c = [r[key] for r in calib_recs if key in r]
-        e = [r[key] for r in eval_recs if key in r]
-        if not c or len(e) < 2:
-            kinds = "image-text pairs (.jsonl with \"text\" and \"image\")" if len(modalities) > 1 else f"{modality} samples"
-            raise LmmcError(f"calibration data '{source}' has too few usable {modality} samples for this model; "
-                            f"it needs {kinds}")
+        c = [r[key] for r in chosen.calib if key in r]
+        e = [r[key] for r in chosen.held_out if key in r]
         if modality == "text":
             tok = preprocessor.get("tokenizer")
             if tok is None:
                 raise LmmcError("the model directory has no tokenizer; save one beside the model to calibrate on text")
-            calib[modality] = encode_text(tok, c, cfg.batch_size, cfg.max_length)
-            held[modality] = encode_text(tok, e, cfg.batch_size, cfg.max_length)
+            calib[modality] = encode_text(tok, c, cfg.batch_size, max_length)
+            held[modality] = encode_text(tok, e, cfg.batch_size, max_length)
         else:
             proc = preprocessor.get("image_processor")
             if proc is None:
                 raise LmmcError("the model directory has no image processor config; save one beside the model")
             calib[modality] = encode_images(proc, c, cfg.batch_size)
             held[modality] = encode_images(proc, e, cfg.batch_size)
-    counts = {"calibration": len(calib_recs), "held_out": len(eval_recs)}
-    return CalibData(calib, held, str(source), counts)
+    counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+    return CalibData(calib, held, str(source), counts, chosen.warnings)
 
 
 def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
@@ -164,7 +240,7 @@ def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
             out = []
             for size in [len(c) for c in _chunks(list(range(n)), cfg.batch_size)]:
                 if tower.modality == "text":
-                    seq = min(cfg.max_length, 16, getattr(tcfg, "max_position_embeddings", 16))
+                    seq = min(cfg.max_length or 16, 16, getattr(tcfg, "max_position_embeddings", 16))
                     ids = torch.randint(0, tcfg.vocab_size, (size, seq), generator=gen)
                     mask = torch.ones_like(ids)
                     mask[size // 2:, seq * 3 // 4:] = 0  # some padding, so masks are exercised

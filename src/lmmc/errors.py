@@ -1,4 +1,10 @@
-"""Errors a user can fix: the CLI prints their message and exits with code 2."""
+"""Errors a user can fix, and the exit codes of the command line."""
+
+EXIT_OK = 0
+EXIT_GATE = 1  # a validation gate was missed; the complete output was written
+EXIT_BAD_INPUT = 2  # LmmcError: one message naming what is wrong and the fix; nothing written
+EXIT_INTERNAL = 3  # a bug: the traceback goes to a log file named in the message
+EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM; nothing written
 
 
 class LmmcError(Exception):

@@ -1,41 +1,114 @@
-"""Loading teachers (a local Hugging Face directory or a hub id) and saving students."""
+"""Loading teachers (a local Hugging Face directory or a hub id) and saving students, with the checks
+that keep a broken teacher or a broken tokenizer from ever producing a student."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
-from lmmc.adapters import Adapter, get_adapter
+from lmmc.adapters import Adapter, TowerSpec, get_adapter
 from lmmc.errors import LmmcError
 from lmmc.student import save
 
+# Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
+ORDINARY_TEXT = "the water is cold and the house of a man was on the road"
+# RoBERTa-style models number positions from pad_token_id + 1, so that many slots are never usable.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
 
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
+
+def local_dir(ref: str) -> Path | None:
+    """The model's directory when `ref` names a local path, None for a hub id.
+
+    A reference is a path when it starts with '.', '/' or '~', exists, has more than one '/', or its
+    first part is an existing local directory ('modles/bert' with 'modles/' present is a typo'd path,
+    not a hub id). Raises when it looks like a path but is not a model directory."""
+    path = Path(ref).expanduser()
+    first = Path(ref.split("/")[0]).expanduser() if "/" in ref else None
+    looks_local = (ref.startswith((".", "/", "~")) or path.exists() or ref.count("/") > 1
+                   or (first is not None and first.is_dir()))
+    if not looks_local:
+        return None
+    where = path.resolve()
+    if not path.exists():
+        raise LmmcError(f"no such directory: model path '{ref}' does not exist (relative paths are resolved "
+                        f"against the current directory, giving {where}); check the spelling of the path")
+    if not path.is_dir():
+        raise LmmcError(f"model path '{ref}' is a file; pass the directory saved with save_pretrained()")
+    if not (path / "config.json").is_file():
+        raise LmmcError(f"'{ref}' has no config.json; point lmmc at a directory saved with save_pretrained()")
+    return where
 
 
 def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adapter]:
     """Read only the config, to pick the adapter before any weight loads."""
-    path = Path(ref).expanduser()
-    if _looks_like_path(ref):
-        if not path.exists():
-            raise LmmcError(f"model path '{ref}' does not exist; pass a Hugging Face model directory or a hub id")
-        if not (path / "config.json").is_file():
-            raise LmmcError(f"'{ref}' has no config.json; point lmmc at a directory saved with save_pretrained()")
+    path = local_dir(ref)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path) if path.exists() else ref,
-                                                         trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(str(path or ref), trust_remote_code=trust_remote_code)
     except ValueError as err:
         raise LmmcError(f"cannot read the config of '{ref}': {err}. Pass --trust-remote-code only if you trust "
                         f"the model's own code") from None
     except OSError as err:
-        raise LmmcError(f"'{ref}' is neither a local model directory nor reachable on the hub ({err}); "
-                        f"check the name or download the model first") from None
+        where = "its config.json cannot be read" if path else (
+            f"no such directory relative to the current directory, and the hub does not answer for it ({err})")
+        raise LmmcError(f"'{ref}': {where}; check the path or the hub id, or download the model first") from None
     return config, get_adapter(config.model_type)
+
+
+def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
+    """The model built on the meta device: every shape, no memory and no weights read."""
+    with torch.device("meta"):
+        return getattr(transformers, adapter.auto_class).from_config(config)
+
+
+def text_positions(config: Any, tower: TowerSpec) -> int:
+    """How many tokens the text tower accepts (CLIP: 77)."""
+    tcfg = getattr(config, tower.config_key) if tower.config_key else config
+    n = int(tcfg.max_position_embeddings)
+    if config.model_type in _OFFSET_POSITIONS:
+        n -= int(getattr(tcfg, "pad_token_id", 1) or 0) + 1
+    return n
+
+
+def check_weights(path: Path, model: torch.nn.Module) -> None:
+    """Read only the safetensors headers: a truncated or corrupt file, pickle-only weights, or a weight
+    whose shape disagrees with config.json fail here, before anything loads."""
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, UnicodeDecodeError) as err:
+            raise LmmcError(f"'{index}' is not a valid safetensors index ({err}); save the model again") from None
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise LmmcError(f"'{path}' has no model.safetensors; lmmc loads safetensors weights only (never pickle): "
+                        f"save the model with save_pretrained(..., safe_serialization=True)")
+    shapes: dict[str, list[int]] = {}
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = list(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise LmmcError(f"weights file '{path / name}' is corrupt or truncated ({err}); copy or download "
+                            f"it again") from None
+    mismatched = []
+    for name, param in model.state_dict().items():
+        found = shapes.get(name)
+        if found is None:  # checkpoints of a task model carry a prefix ("bert.")
+            found = next((s for k, s in shapes.items() if k.endswith("." + name)), None)
+        if found is not None and found != list(param.shape):
+            mismatched.append(f"{name} {found} in the weights, {list(param.shape)} by config.json")
+    if mismatched:
+        raise LmmcError(f"the weights in '{path}' do not match its config.json: {'; '.join(mismatched[:3])}"
+                        f"{' ...' if len(mismatched) > 3 else ''}; restore the config.json saved with these weights")
 
 
 def load_preprocessor(ref: str) -> dict[str, Any]:
@@ -52,13 +125,76 @@ def load_preprocessor(ref: str) -> dict[str, Any]:
     return out
 
 
+def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any]) -> None:
+    """Refuse a missing or degenerate tokenizer / image processor: the student ships with it."""
+    for tower in adapter.towers:
+        tcfg = getattr(config, tower.config_key) if tower.config_key else config
+        if tower.modality == "text":
+            _check_tokenizer(ref, preprocessor.get("tokenizer"), int(tcfg.vocab_size))
+        else:
+            _check_image_processor(ref, preprocessor.get("image_processor"), int(tcfg.image_size))
+
+
+def _check_tokenizer(ref: str, tok: Any, vocab_size: int) -> None:
+    fix = ("save the model's own tokenizer beside it (tokenizer.save_pretrained(dir)); the student ships "
+           "with this tokenizer")
+    if tok is None:
+        raise LmmcError(f"'{ref}' has no tokenizer; {fix}")
+    size = len(tok)
+    if size > vocab_size:
+        raise LmmcError(f"the tokenizer of '{ref}' has {size:,} tokens but the model's embedding table only "
+                        f"{vocab_size:,}; its ids would index past the table. It is not this model's tokenizer: {fix}")
+    if size < vocab_size // 2:
+        raise LmmcError(f"the tokenizer of '{ref}' has {size:,} tokens for a model with {vocab_size:,}; it is a "
+                        f"stand-in (missing tokenizer files), not the model's tokenizer: {fix}")
+    ids = tok(ORDINARY_TEXT, add_special_tokens=False)["input_ids"]
+    if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
+        raise LmmcError(f"the tokenizer of '{ref}' maps every ordinary word to the unknown token; it is not "
+                        f"the model's tokenizer: {fix}")
+
+
+def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
+    fix = "save the model's image processor beside it (processor.save_pretrained(dir))"
+    if proc is None:
+        raise LmmcError(f"'{ref}' has no image processor config (preprocessor_config.json); {fix}")
+    from PIL import Image
+
+    try:
+        shape = tuple(proc(images=[Image.new("RGB", (48, 40))], return_tensors="pt")["pixel_values"].shape)
+    except Exception as err:  # any failure of a third-party processor on a plain RGB image means it is unusable
+        raise LmmcError(f"the image processor of '{ref}' fails on a plain RGB image ({err}); {fix}") from None
+    if shape[-2:] != (image_size, image_size):
+        raise LmmcError(f"the image processor of '{ref}' makes {shape[-2]}x{shape[-1]} images but the model "
+                        f"takes {image_size}x{image_size}; it is not this model's processor: {fix}")
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse NaN or Inf in a model's weights: every number computed from them would be meaningless."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LmmcError(f"the {what} has {bad} NaN/Inf value(s) in '{name}'; repair or re-download the "
+                            f"weights (a model with non-finite weights cannot be compressed or validated)")
+
+
 def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Adapter, dict[str, Any]]:
     config, adapter = resolve_config(ref, trust_remote_code)
-    path = Path(ref).expanduser()
-    source = str(path) if path.exists() else ref
+    source = str(local_dir(ref) or ref)
     auto = getattr(transformers, adapter.auto_class)
-    model = auto.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = auto.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                           output_loading_info=True)
+    except SafetensorError as err:
+        raise LmmcError(f"the weights of '{ref}' are corrupt or truncated ({err}); copy or download them again") from None
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:
+        raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
+                        f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
+                        f"Use the weights saved with this config.json")
     model.eval()
+    check_finite(model, f"teacher '{ref}'")
     return model, adapter, load_preprocessor(source)
 
 

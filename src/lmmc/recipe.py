@@ -1,6 +1,8 @@
 """The YAML recipe: model, calibration data, ordered passes, export targets and validation gate.
 
-Parsed into typed configs at the boundary, so a bad recipe fails before any weight loads."""
+Parsed into typed configs at the boundary, so a bad recipe fails before any weight loads. Relative paths
+inside a recipe file are resolved against the recipe's own directory, so a recipe works from any current
+directory; `--calib` on the command line is resolved against the current directory."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ class CalibrationConfig(BaseModel):
     samples: int = Field(128, gt=0, description="calibration samples")
     eval_samples: int = Field(64, gt=1, description="held-out samples for validation, never calibrated on")
     batch_size: int = Field(8, gt=0)
-    max_length: int = Field(128, gt=1, description="token limit for text")
+    max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or the model's "
+                                   "position limit if lower (CLIP: 77)")
     seed: int = 0
 
 
@@ -40,7 +43,13 @@ class Step(BaseModel):
         return get_pass(self.name)(self.config)
 
 
+# Pass parameters that name files or directories: resolved against the recipe's directory like calibration.path.
+PATH_PARAMS = ("corpus", "checkpoint_dir")
+
+
 class Recipe(BaseModel):
+    """A parsed recipe. `validate_` is None only when the recipe switched validation off (`validate: false`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = None
@@ -54,10 +63,28 @@ class Recipe(BaseModel):
         ordered = [*self.passes, *self.export] + ([self.validate_] if self.validate_ else [])
         return [step.build() for step in ordered]
 
+    @property
+    def validated(self) -> bool:
+        return self.validate_ is not None
+
     def check(self) -> None:
         """Check pass order against what each pass needs and provides."""
-        initial = {"teacher", "student"} | ({"calib"} if self.calibration.path or self.calibration.random else set())
-        check_plan(self.steps(), initial)
+        has_calib = bool(self.calibration.path or self.calibration.random)
+        if self.validated and not has_calib and not any("calib" in s.needs for s in self.steps()[:-1]):
+            raise LmmcError("validation against the teacher (on unless the recipe says 'validate: false') needs "
+                            "held-out data: give --calib PATH or 'calibration.path', or switch validation off "
+                            "with 'validate: false'")
+        check_plan(self.steps(), {"teacher", "student"} | ({"calib"} if has_calib else set()))
+        self._check_allocations()
+
+    def _check_allocations(self) -> None:
+        """An allocation sets per-matrix targets that only a later local pruner applies."""
+        steps = [s.build() for s in self.passes]
+        for i, step in enumerate(steps):
+            if "allocation" in step.provides and not any("masks" in later.provides for later in steps[i + 1:]):
+                raise LmmcError(f"passes[{i}] '{step.name}' is an allocation: it only sets per-matrix sparsities, "
+                                f"which a local pruner after it (magnitude, wanda, sparsegpt) applies; no pruner "
+                                f"follows it, so it would do nothing. Move it before the pruner")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -66,8 +93,7 @@ class Recipe(BaseModel):
         out["calibration"] = self.calibration.model_dump(mode="json")
         out["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.passes]
         out["export"] = [{s.name: s.config.model_dump(mode="json")} for s in self.export]
-        if self.validate_ is not None:
-            out["validate"] = self.validate_.config.model_dump(mode="json")
+        out["validate"] = self.validate_.config.model_dump(mode="json") if self.validate_ is not None else False
         return out
 
     def dump(self) -> str:
@@ -87,6 +113,9 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
         raise LmmcError(f"{where}: '{name}' is a {cls.kind} pass; put it under the matching section of the recipe")
     if not isinstance(params, dict):
         raise LmmcError(f"{where}: the parameters of '{name}' must be a mapping, got {params!r}")
+    if isinstance(params.get("nm"), int):
+        raise LmmcError(f"{where}: nm = {params['nm']} is a number: YAML reads an unquoted 2:4 as the base-60 "
+                        f"number 124. Quote it: nm: \"2:4\"")
     try:
         return Step(name=name, config=cls.Config(**params))
     except ValidationError as err:
@@ -102,14 +131,56 @@ def _explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Turn the recipe's plain data into typed configs, or raise one LmmcError naming the fix."""
+def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
+    """A recipe's relative path, made absolute against the recipe's directory."""
+    if base is None or not isinstance(value, str) or Path(value).expanduser().is_absolute():
+        return value
+    path = (base / value).resolve()
+    if must_exist and not path.exists():
+        raise LmmcError(f"{what} '{value}' does not exist: relative paths in a recipe are resolved against the "
+                        f"recipe's directory {base}, giving {path}; fix the path (relative to the recipe) or "
+                        f"give an absolute one")
+    return str(path)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    data = dict(data)
+    calibration = data.get("calibration")
+    if isinstance(calibration, dict) and "path" in calibration:
+        data["calibration"] = {**calibration,
+                               "path": _resolve(calibration["path"], base, "calibration.path", must_exist=True)}
+    for section in ("passes", "export"):
+        items = data.get(section)
+        if not isinstance(items, list):
+            continue
+        resolved = []
+        for item in items:
+            if isinstance(item, dict) and len(item) == 1:
+                (name, params), = item.items()
+                if isinstance(params, dict):
+                    params = {k: _resolve(v, base, f"{name}.{k}", must_exist=k == "corpus") if k in PATH_PARAMS
+                              else v for k, v in params.items()}
+                item = {name: params}
+            resolved.append(item)
+        data[section] = resolved
+    return data
+
+
+def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) -> Recipe:
+    """Turn the recipe's plain data into typed configs, or raise one LmmcError naming the fix.
+
+    Relative paths are resolved against `base` (the recipe's directory) when given. Without a
+    `validate` key the recipe validates with the default gates (and exports ONNX, which validation
+    needs, unless it lists its own exports); `validate: false` switches validation off."""
     if not isinstance(data, dict):
         raise LmmcError(f"{source}: a recipe is a YAML mapping with keys model, calibration, passes, export, validate")
     known = {"model", "calibration", "passes", "export", "validate"}
     unknown = set(data) - known
     if unknown:
-        raise LmmcError(f"{source}: unknown key(s) {sorted(unknown)}; a recipe has only {sorted(known)}")
+        raise LmmcError(f"{source}: unknown key(s) {sorted(unknown, key=str)}; a recipe has only {sorted(known)}")
+    data = _resolve_paths(data, base)
+    if not isinstance(data.get("calibration") or {}, dict):
+        raise LmmcError(f"{source}: 'calibration' must be a mapping like {{path: data.txt, samples: 128}}")
     try:
         calibration = CalibrationConfig(**(data.get("calibration") or {}))
     except ValidationError as err:
@@ -117,11 +188,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     for section in ("passes", "export"):
         if not isinstance(data.get(section) or [], list):
             raise LmmcError(f"{source}: '{section}' must be a list of passes")
+    raw_validate = data.get("validate", True)
+    if raw_validate is None or raw_validate is True:
+        raw_validate = {}
+    if raw_validate is not False and not isinstance(raw_validate, dict):
+        raise LmmcError(f"{source}: 'validate' is a mapping of gates like {{min_cosine: 0.8}}, or false to switch "
+                        f"validation off; got {raw_validate!r}")
+    raw_export = data.get("export")
+    if raw_export is None and raw_validate is not False:
+        raw_export = ["onnx"]
     passes = [_step(p, f"{source}: passes[{i}]", ("compress",)) for i, p in enumerate(data.get("passes") or [])]
-    export = [_step(p, f"{source}: export[{i}]", ("export",)) for i, p in enumerate(data.get("export") or [])]
+    export = [_step(p, f"{source}: export[{i}]", ("export",)) for i, p in enumerate(raw_export or [])]
     validate = None
-    if data.get("validate") is not None:
-        validate = _step({"validate": data["validate"]}, f"{source}: validate", ("validate",))
+    if raw_validate is not False:
+        validate = _step({"validate": raw_validate}, f"{source}: validate", ("validate",))
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise LmmcError(f"{source}: 'model' must be a path or a hub id, got {model!r}")
@@ -131,14 +211,23 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
-    """Read a recipe file; `calib` (the CLI's --calib) replaces its calibration path."""
+    """Read a recipe file; `calib` (the CLI's --calib, relative to the current directory) replaces its
+    calibration path."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"recipe '{path}' does not exist; pass --recipe with a YAML file (see samples/recipes/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise LmmcError(f"recipe '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise LmmcError(f"recipe '{path}' is not valid YAML: {err}") from None
     if calib is not None and isinstance(data, dict):
-        data["calibration"] = {**(data.get("calibration") or {}), "path": str(calib), "random": False}
-    return parse_recipe(data, source=str(path))
+        given = Path(calib).expanduser()
+        if not given.exists():
+            raise LmmcError(f"calibration data '{calib}' (--calib, relative to the current directory "
+                            f"{Path.cwd()}) does not exist; pass --calib with a .txt, .jsonl or image folder")
+        calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
+        data["calibration"] = {**calibration, "path": str(given.resolve()), "random": False}
+    return parse_recipe(data, source=str(path), base=path.resolve().parent)
