@@ -13,7 +13,7 @@ import torch
 
 from lmmc.errors import LmmcError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
 RANDOM_MAX_PARAMS = 5_000_000
 

@@ -111,10 +111,18 @@ def check_weights(path: Path, model: torch.nn.Module) -> None:
                         f"{' ...' if len(mismatched) > 3 else ''}; restore the config.json saved with these weights")
 
 
+# Any of these beside a model is a tokenizer; without one, transformers 5 returns a 5-token stand-in.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def load_preprocessor(ref: str) -> dict[str, Any]:
     """The tokenizer and/or image processor saved beside the model; absent ones are None."""
     out: dict[str, Any] = {"tokenizer": None, "image_processor": None}
+    path = Path(ref)
     try:
+        if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise OSError(f"no tokenizer files in {path}")
         out["tokenizer"] = transformers.AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError, TypeError, KeyError):
         pass
@@ -139,7 +147,7 @@ def _check_tokenizer(ref: str, tok: Any, vocab_size: int) -> None:
     fix = ("save the model's own tokenizer beside it (tokenizer.save_pretrained(dir)); the student ships "
            "with this tokenizer")
     if tok is None:
-        raise LmmcError(f"'{ref}' has no tokenizer; {fix}")
+        raise LmmcError(f"'{ref}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {fix}")
     size = len(tok)
     if size > vocab_size:
         raise LmmcError(f"the tokenizer of '{ref}' has {size:,} tokens but the model's embedding table only "

@@ -1,0 +1,463 @@
+"""The catalogue of bad inputs: each gives exit code 2, one message that names the problem and the fix,
+and leaves every file as it was (nothing written, nothing removed)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from lmmc.cli import main
+from tests.conftest import CORPUS, save_preprocessors, save_tiny, tiny_model, tiny_vocab
+
+QUICK_VALIDATE = {"latency": False, "threads": 1}
+RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+          "passes": [{"magnitude": {"sparsity": 0.5}}], "validate": QUICK_VALIDATE}
+
+
+def write_recipe(tmp: Path, data: dict | str, name: str = "recipe.yaml") -> Path:
+    path = tmp / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def texts(tmp: Path, n: int = 200, name: str = "calib.txt") -> Path:
+    path = tmp / name
+    path.write_text("\n".join(f"the water of road {i} is cold" for i in range(n)))
+    return path
+
+
+def images(tmp: Path, n: int, size: tuple[int, int] = (40, 40), mode: str = "RGB", name: str = "pics") -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        if mode == "F":
+            image = image.convert("L").convert("F")
+            image.save(folder / f"{i}.tiff")
+        else:
+            image.save(folder / f"{i}.png")
+    return folder
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+# ---- the cases: each builds its inputs in tmp and returns (arguments after `compile`, fragments) ----------
+# The fragments must all appear in the message: at least one names the problem, one the fix.
+
+Case = Callable[[Path], tuple[list, list[str]]]
+CASES: dict[str, Case] = {}
+
+
+def case(name: str):
+    def register(fn: Case) -> Case:
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def bert(tmp: Path) -> Path:
+    return save_tiny("bert", tmp / "tiny-bert")
+
+
+@case("typo in a relative model path")
+def _(tmp):
+    bert(tmp)
+    return ["tiny-bret", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["no such directory", "check"]
+
+
+@case("typo under an existing local folder")
+def _(tmp):
+    save_tiny("bert", tmp / "models" / "tiny-bert")
+    return (["models/tiny-bret", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["no such directory", "current directory", "check the spelling"])
+
+
+@case("model path is a file")
+def _(tmp):
+    (tmp / "model.bin").write_bytes(b"x")
+    return ["./model.bin", "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["is a file", "save_pretrained"]
+
+
+@case("model directory without config.json")
+def _(tmp):
+    (tmp / "empty").mkdir()
+    return ["./empty", "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["has no config.json", "save_pretrained"]
+
+
+@case("unsupported model type")
+def _(tmp):
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp / "gpt")
+    return ["./gpt", "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["model_type 'gpt2' is not supported", "bert"]
+
+
+@case("truncated safetensors")
+def _(tmp):
+    model = bert(tmp)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["corrupt or truncated", "download"]
+
+
+@case("safetensors that is not safetensors")
+def _(tmp):
+    model = bert(tmp)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file" * 8)
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["corrupt or truncated", "again"]
+
+
+@case("no weights file")
+def _(tmp):
+    model = bert(tmp)
+    (model / "model.safetensors").unlink()
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["no model.safetensors", "save_pretrained"]
+
+
+@case("config and weights disagree on a shape")
+def _(tmp):
+    model = bert(tmp)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    return ([model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["do not match its config.json", "[64, 32] in the weights", "restore the config.json"])
+
+
+@case("no tokenizer")
+def _(tmp):
+    tiny_model("bert").save_pretrained(tmp / "bare")
+    return ["./bare", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["has no tokenizer", "save_pretrained"]
+
+
+@case("stand-in tokenizer")
+def _(tmp):
+    tiny_model("bert").save_pretrained(tmp / "m")
+    # transformers 5 ignores an unknown vocab_file keyword and builds a 5-token stand-in
+    transformers.BertTokenizer(vocab_file=str(tiny_vocab(tmp / "vocab.txt"))).save_pretrained(tmp / "m")
+    return ["./m", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["has 5 tokens", "stand-in", "save the model's own tokenizer"]
+
+
+@case("tokenizer larger than the embedding table")
+def _(tmp):
+    tiny_model("bert").save_pretrained(tmp / "m")
+    vocab = tmp / "big.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(200)]))
+    transformers.BertTokenizer(vocab=str(vocab)).save_pretrained(tmp / "m")
+    return ["./m", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["index past the table", "not this model's tokenizer"]
+
+
+@case("no image processor")
+def _(tmp):
+    tiny_model("vit").save_pretrained(tmp / "vit")
+    return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["no image processor", "save_pretrained"]
+
+
+@case("image processor of another size")
+def _(tmp):
+    tiny_model("vit").save_pretrained(tmp / "vit")
+    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(tmp / "vit")
+    return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["makes 224x224 images", "takes 32x32"]
+
+
+@case("unknown --device")
+def _(tmp):
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "out", "--device", "gpu0"], ["unknown --device 'gpu0'", "cuda:N"]
+
+
+@case("--device cuda on a machine without one")
+def _(tmp):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "out", "--device", "cuda:1"], ["torch sees none", "--device cpu"]
+
+
+@case("recipe not UTF-8")
+def _(tmp):
+    recipe = tmp / "recipe.yaml"
+    recipe.write_bytes(yaml.safe_dump(RANDOM).encode() + b"# caf\xe9\n")
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["is not UTF-8", "byte 0xe9", "save it as UTF-8"]
+
+
+@case("calibration file not UTF-8")
+def _(tmp):
+    data = tmp / "calib.txt"
+    data.write_bytes(b"".join(b"caf\xe9 number %d\n" % i for i in range(100)))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["is not UTF-8", "convert it"]
+
+
+@case("unquoted nm: 2:4")
+def _(tmp):
+    recipe = write_recipe(tmp, "calibration: {random: true, eval_samples: 32}\npasses:\n  - wanda: {nm: 2:4}\n")
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["nm = 124", "Quote it", 'nm: "2:4"']
+
+
+@case("N:M pattern that fits no matrix")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {"nm": "3:7"}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["fits no matrix", "[32, 64]", "Use an M that divides"]
+
+
+@case("allocation after the pruner")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {}}, {"uniform": {"sparsity": 0.5}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["no pruner follows it", "Move it before the pruner"]
+
+
+@case("max_length above the model's positions")
+def _(tmp):
+    texts(tmp)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "max_length": 128}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["takes at most 64 tokens", "calibration.max_length to 64 or less"]
+
+
+@case("latency_seq above the model's positions")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "validate": {"latency_seq": 77}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 77", "64 or less"]
+
+
+@case("too few held-out samples to certify")
+def _(tmp):
+    texts(tmp, n=40)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "floor of 32", "more distinct samples"]
+
+
+@case("validation without held-out data")
+def _(tmp):
+    recipe = write_recipe(tmp, {"passes": [{"magnitude": {}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["needs held-out data", "validate: false"]
+
+
+@case("image folder for a dual encoder")
+def _(tmp):
+    images(tmp, 40)
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["holds 40 images but no texts", "image-text pairs", ".jsonl"]
+
+
+@case("text file for a dual encoder")
+def _(tmp):
+    texts(tmp)
+    save_tiny("siglip", tmp / "siglip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
+    return ["./siglip", "-r", recipe, "-o", "out", "--dry-run"], ["but no images", "image-text pairs"]
+
+
+@case("images of a non-picture mode")
+def _(tmp):
+    images(tmp, 160, mode="F")
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["has mode F", "convert it to 8-bit RGB"]
+
+
+@case("images smaller than a patch")
+def _(tmp):
+    images(tmp, 160, size=(4, 6))
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["is 4x6 pixels", "at least 8x8"]
+
+
+@case("a corrupt image")
+def _(tmp):
+    folder = images(tmp, 160)
+    (folder / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "replace it"]
+
+
+@case("recipe's calibration path missing")
+def _(tmp):
+    (tmp / "recipes").mkdir()
+    recipe = write_recipe(tmp / "recipes", {**RANDOM, "calibration": {"path": "calib.txt"}})
+    texts(tmp)  # beside the current directory, not beside the recipe
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["resolved against the recipe's directory", "fix the path"]
+
+
+@case("--calib missing")
+def _(tmp):
+    return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "out", "--calib", "data/calib.txt"],
+            ["relative to the current directory", "does not exist", "pass --calib"])
+
+
+@case("validate of the wrong type")
+def _(tmp):
+    return [bert(tmp), "-r", write_recipe(tmp, {**RANDOM, "validate": 5}), "-o", "out"], ["'validate' is a mapping", "false"]
+
+
+@case("output exists without --force")
+def _(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "mine.txt").write_text("keep")
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["already exists", "--force"]
+
+
+@case("--force on the current directory")
+def _(tmp):
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", ".", "--force"], ["is the current directory", "--out"]
+
+
+@case("--force on the model directory")
+def _(tmp):
+    model = bert(tmp)
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", model, "--force"], ["is the model directory", "Choose a new directory"]
+
+
+@case("--force on the parent of the model directory")
+def _(tmp):
+    save_tiny("bert", tmp / "models" / "tiny-bert")
+    return (["models/tiny-bert", "-r", write_recipe(tmp, RANDOM), "-o", "models", "--force"],
+            ["contains the model directory", "Choose a new directory"])
+
+
+@case("--out inside the model directory")
+def _(tmp):
+    model = bert(tmp)
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", model / "out"], ["sits inside the model directory", "outside it"]
+
+
+@case("--force on the calibration folder")
+def _(tmp):
+    images(tmp, 160)
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./vit", "-r", recipe, "-o", "pics", "--force"], ["is the calibration data", "Choose a new directory"]
+
+
+@case("--force on a directory lmmc did not write")
+def _(tmp):
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "holiday.jpg").write_bytes(b"jpeg")
+    return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "photos", "--force"],
+            ["is not one; it was left untouched", "Choose a new --out"])
+
+
+@case("symlinked --out")
+def _(tmp):
+    (tmp / "real").mkdir()
+    (tmp / "link").symlink_to(tmp / "real")
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "link", "--force"], ["is a symbolic link", "give the real directory"]
+
+
+@case("--out is a file path under a file")
+def _(tmp):
+    (tmp / "notes.txt").write_text("x")
+    return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "notes.txt/out"], ["is a file, not a directory", "cannot create --out"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, fragments = CASES[name](tmp_path)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", *map(str, args)])
+    message = result.output
+    assert result.exit_code == 2, message
+    assert message.count("error:") == 1, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert snapshot(tmp_path) == before
+
+
+def _readonly_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write into: chmod for ordinary users; root writes through
+    permissions, so for root a read-only place of the system (sysfs) where one exists."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro
+    for candidate in (Path("/sys/kernel"), Path("/proc/sys")):
+        try:
+            (candidate / "lmmc-probe").mkdir()
+        except OSError:
+            return candidate
+        (candidate / "lmmc-probe").rmdir()
+    pytest.skip("no read-only directory available to root here")
+
+
+def test_read_only_output_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ro = _readonly_dir(tmp_path)
+    model, recipe = bert(tmp_path), write_recipe(tmp_path, RANDOM)
+    loaded = []
+    monkeypatch.setattr("lmmc.compile.load_teacher", lambda *a, **k: loaded.append(a))
+    before = snapshot(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", str(ro / "out" / "x"), *extra])
+        assert result.exit_code == 2, result.output
+        assert "is not writable" in result.output and "choose an --out on a writable disk" in result.output
+    assert loaded == [] and snapshot(tmp_path) == before
+    assert not (ro / "out").exists()
+
+
+def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, recipe = bert(tmp_path), write_recipe(tmp_path, RANDOM)
+    real_save = torch.onnx.ONNXProgram.save
+
+    def save_until_full(self, destination, *args, **kwargs):
+        real_save(self, destination, *args, **kwargs)
+        data = Path(destination).read_bytes()
+        Path(destination).write_bytes(data[: len(data) // 3])  # the disk filled a third of the way in
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", save_until_full)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert "the disk is full" in result.output and "Free some space" in result.output
+    assert result.output.count("error:") == 1
+    assert snapshot(tmp_path) == before  # no out/, no partial ONNX file, no work directory left
+
+
+def test_teacher_with_one_nan_weight_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = bert(tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["encoder.layer.1.attention.self.query.weight"][3, 5] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert "1 NaN/Inf value(s) in 'encoder.layer.1.attention.self.query.weight'" in result.output
+    assert "repair or re-download the weights" in result.output
+    assert snapshot(tmp_path) == before
+
+
+def test_teacher_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
+    """Finite weights can still overflow: a huge LayerNorm bias makes the outputs Inf."""
+    monkeypatch.chdir(tmp_path)
+    model = bert(tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["encoder.layer.0.output.LayerNorm.weight"][:] = 3e38
+    weights["encoder.layer.1.output.dense.weight"][:] = 3e38
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert "gives NaN/Inf outputs on the calibration data" in result.output
+    assert snapshot(tmp_path) == before
