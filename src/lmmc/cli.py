@@ -164,3 +164,34 @@ def summary_table(report: dict) -> str:
                                       for g in report["validation"].get("gates", [])))
     return "\n".join(lines)
 
+
+@main.command("bench")
+@click.argument("out_dir", type=click.Path())
+@click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
+@click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
+@click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed rounds, every candidate once per round.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
+@click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
+@click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
+@click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
+@click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up and 3 timed rounds, no memory.")
+def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, no_memory, quick):
+    """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
+    fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
+    from pydantic import ValidationError
+
+    from lmmc.bench import BenchConfig, bench, format_table
+
+    if quick:
+        repeats, warmup, no_memory = 3, 1, True
+    try:
+        cfg = BenchConfig(threads=threads, batch=batch, seq=seq, repeats=repeats, warmup=warmup,
+                          memory=not no_memory, corpora=tuple(Path(c) for c in corpus),
+                          calib=Path(calib) if calib else None)
+    except ValidationError as err:
+        raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
+    result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
+    click.echo(format_table(result))
+    click.echo(f"wrote {json_path or Path(out_dir) / 'bench.json'}")

@@ -1,0 +1,539 @@
+"""`lmmc bench`: every student artifact of a compile against the teacher's own deployments, timed
+interleaved in one run, with fidelity to the fp32 teacher on held-out text and peak memory.
+
+The teacher is deployed the ways a user could deploy it without lmmc: PyTorch eager, ONNX Runtime fp32,
+fused and dynamic INT8, OpenVINO fp32 and OpenVINO INT8 by NNCF calibrated on the compile's own
+calibration split. Those files live in a temporary directory; the only file bench writes is its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmmc.errors import LmmcError
+from lmmc.runtime import MANIFEST, load
+
+JSON_KIND = "lmmc bench"
+MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runtime, then loads the artifact "
+                 "and runs one timing batch (Linux VmHWM after load+run minus VmRSS before, the peak reset "
+                 "after the runtime loaded), MiB")
+
+
+class BenchConfig(BaseModel):
+    """How `lmmc bench` measures; unset sizes come from the compile's recipe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: int | None = Field(None, gt=0, description="intra-op threads for every runtime (default: the recipe's)")
+    batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
+    seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
+    repeats: int = Field(20, gt=2, description="timed rounds; every candidate runs once per round")
+    warmup: int = Field(3, ge=1, description="untimed rounds before the timed ones")
+    memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
+    corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
+    corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
+    calib: Path | None = Field(None, description="the compile's calibration data, when it moved since")
+
+
+@dataclass
+class Candidate:
+    """One deployment of one tower: something bench can time, embed with and measure."""
+
+    model: str  # "teacher" or "student"
+    tower: str
+    label: str  # e.g. "onnxruntime fp32", or the artifact's path for a student
+    backend: str  # "pytorch", "onnxruntime" or "openvino"
+    precision: str
+    path: Path | None
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    parameters: int | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a compile output holds
+
+
+def read_output(out_dir: Path) -> dict[str, Any]:
+    """The compile's report, after checking `out_dir` is an lmmc output."""
+    if not out_dir.exists():
+        raise LmmcError(f"'{out_dir}' does not exist; pass the --out directory of an lmmc compile")
+    if not out_dir.is_dir():
+        raise LmmcError(f"'{out_dir}' is a file; pass the --out directory of an lmmc compile")
+    report_path, meta_path = out_dir / "report.json", out_dir / "student" / "lmmc.json"
+    if not report_path.is_file() or not meta_path.is_file():
+        raise LmmcError(f"'{out_dir}' is not an lmmc output (no report.json or student/lmmc.json); "
+                        f"run `lmmc compile MODEL --recipe R.yaml --out {out_dir}` first")
+    try:
+        return json.loads(report_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LmmcError(f"{report_path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
+
+
+def student_artifacts(out_dir: Path, towers: list[str]) -> list[dict[str, Any]]:
+    """Every deployable student file: the manifest's list when there is one, else onnx/*.onnx."""
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            entries = [{k: e[k] for k in ("tower", "backend", "precision", "path")}
+                       for e in json.loads(manifest.read_text())["artifacts"]]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LmmcError(f"{manifest} is not an lmmc manifest (each artifact needs tower, backend, precision "
+                            f"and path); recompile to rewrite it") from None
+    else:
+        entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
+                    "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
+    found = [{**e, "label": e["path"], "path": out_dir / e["path"]} for e in entries if e["tower"] in towers]
+    if not found:
+        raise LmmcError(f"'{out_dir}' holds no student artifact to bench (no {MANIFEST} entries and no "
+                        f"onnx/<tower>.onnx for towers {towers}); compile with an export step such as 'export: [onnx]'")
+    for a in found:
+        if not a["path"].is_file():
+            raise LmmcError(f"student artifact '{a['path']}' is listed in {MANIFEST} but missing; recompile '{out_dir}'")
+    return found
+
+
+def check_backends() -> dict[str, str]:
+    """Versions of the runtimes bench needs; a missing one is bad input naming the extra to install."""
+    import onnxruntime
+    import torch
+
+    versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import nncf
+        import openvino
+    except ImportError as err:
+        raise LmmcError(f"lmmc bench deploys the teacher with OpenVINO and NNCF, and {err.name} is not "
+                        f"installed; install the extra: pip install 'lmmc[openvino]'") from None
+    versions.update(openvino=openvino.__version__, nncf=nncf.__version__)
+    return versions
+
+
+def check_json_target(path: Path) -> None:
+    """bench may replace its own earlier JSON, never a file it did not write."""
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
+        return
+    try:
+        ours = json.loads(path.read_text()).get("kind") == JSON_KIND
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise LmmcError(f"'{path}' exists and was not written by lmmc bench; pass --json with another path")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The teacher's deployments
+
+
+def torch_runner(model, tower) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The model in PyTorch eager, with the runtime's interface: numpy in, the tower's outputs out."""
+    import torch
+
+    from lmmc.adapters import TowerModule
+
+    module = TowerModule(model, tower).eval()
+
+    @torch.inference_mode()
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hidden, pooled = module(*[torch.from_numpy(feed[n]) for n in module.names])
+        return {"last_hidden_state": hidden.numpy(), "pooled_embedding": pooled.numpy()}
+
+    return run
+
+
+def tower_parameters(model, tower) -> int:
+    """Parameters the tower's outputs depend on: those that receive a gradient through one forward
+    (a BERT pooler the embedding never uses, or the other tower of a dual encoder, does not count)."""
+    import torch
+
+    from lmmc.adapters import TowerModule, example_inputs
+
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        hidden, pooled = TowerModule(model, tower)(*example_inputs(model, tower))
+        (hidden.sum() + pooled.sum()).backward()
+    used = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    return used
+
+
+def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
+                        notes: list[str], progress) -> list[Candidate]:
+    """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
+    ONNX Runtime plain, fused (when a fusion holds) and dynamic INT8, OpenVINO fp32 and NNCF INT8."""
+    from lmmc.export.onnx import export_tower
+    from lmmc.export.openvino import quantize_openvino, to_openvino
+    from lmmc.export.ort import FusionFailed, fuse_onnx, quantize_dynamic_onnx
+
+    files = {"plain": folder / f"teacher-{tower.name}.onnx", "fused": folder / f"teacher-{tower.name}.fused.onnx",
+             "int8": folder / f"teacher-{tower.name}.int8-dynamic.onnx",
+             "ov": folder / f"teacher-{tower.name}.xml", "ov8": folder / f"teacher-{tower.name}.int8.xml"}
+
+    def fuse() -> None:
+        try:
+            # two batches are enough to catch a fusion that changes the outputs
+            fuse_onnx(files["plain"], files["fused"], calib[:2], notes=notes)
+        except FusionFailed as err:
+            notes.append(f"teacher {tower.name}: no fused ONNX Runtime graph ({err})")
+
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("export", lambda: export_tower(teacher, tower, files["plain"])),
+        ("fuse", fuse),
+        ("ORT INT8", lambda: quantize_dynamic_onnx(files["plain"], files["int8"])),
+        ("OpenVINO", lambda: to_openvino(files["plain"], files["ov"])),
+        ("NNCF INT8", lambda: quantize_openvino(files["ov"], files["ov8"], calib)),
+    ]
+    for what, step in steps:
+        progress.set_postfix_str(f"teacher {tower.name}: {what}")
+        step()
+        progress.update(1)
+    params = tower_parameters(teacher, tower)
+    spec = [("onnxruntime fp32", "onnxruntime", "fp32", "plain"),
+            ("onnxruntime fused fp32", "onnxruntime", "fp32", "fused"),
+            ("onnxruntime INT8 dynamic", "onnxruntime", "int8", "int8"),
+            ("openvino fp32", "openvino", "fp32", "ov"), ("openvino INT8 (NNCF)", "openvino", "int8", "ov8")]
+    out = [Candidate("teacher", tower.name, "PyTorch eager fp32", "pytorch", "fp32", None,
+                     torch_runner(teacher, tower), params)]
+    for label, backend, precision, key in spec:
+        if files[key].is_file():
+            out.append(Candidate("teacher", tower.name, label, backend, precision, files[key],
+                                 load(files[key], backend, threads).run, params))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def interleaved_latency(candidates: list[Candidate], feed: dict[str, np.ndarray], repeats: int, warmup: int,
+                        progress) -> dict[int, list[float]]:
+    """Milliseconds per run, every candidate once per round, the starting candidate rotating each round so
+    drift and neighbour effects hit all alike. Warm-up rounds are run and discarded."""
+    times: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
+    n = len(candidates)
+    for r in range(warmup + repeats):
+        for k in range(n):
+            i = (r + k) % n
+            start = time.perf_counter()
+            candidates[i].run(feed)
+            elapsed = (time.perf_counter() - start) * 1e3
+            if r >= warmup:
+                times[i].append(elapsed)
+        progress.update(1)
+    return times
+
+
+def embeddings(run: Callable, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    return np.concatenate([run(b)["pooled_embedding"] for b in batches])
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return float((a * b).sum(1).mean())
+
+
+def file_size(path: Path | None) -> int | None:
+    """Bytes on disk of an artifact with its companions (ONNX external data, OpenVINO .bin)."""
+    if path is None:
+        return None
+    total = path.stat().st_size
+    companions = [path.with_suffix(".bin")] if path.suffix == ".xml" else [path.with_name(path.name + ".data"),
+                                                                           path.with_suffix(".onnx.data")]
+    return total + sum(p.stat().st_size for p in set(companions) if p.is_file())
+
+
+def _vm(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field_name)
+
+
+def memory_child() -> None:
+    """Runs in a fresh process: argv = JSON spec. Prints the peak RSS increase of load + one run, MiB."""
+    spec = json.loads(sys.argv[1])
+    # The runtime is loaded before the baseline (libraries, the modelling code, OpenVINO's CPU plugin):
+    # what is measured is what this model adds to a process that already runs the runtime.
+    if spec["backend"] == "pytorch":
+        import torch
+        import transformers
+
+        from lmmc.modelio import local_dir, resolve_config
+
+        torch.set_num_threads(spec["threads"])
+        config, adapter = resolve_config(spec["model"])
+        auto = getattr(transformers, adapter.auto_class)
+        with torch.device("meta"):  # imports the modelling code (about 1,400 modules) without any weights
+            auto.from_config(config)
+    elif spec["backend"] == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    else:
+        import openvino
+
+        openvino.Core().get_versions("CPU")
+    feed = dict(np.load(spec["feed"]))
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM so import-time peaks do not count
+    before = _vm("VmRSS")
+    if spec["backend"] == "pytorch":
+        model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32).eval()
+        run = torch_runner(model, adapter.tower(spec["tower"]))
+    else:
+        run = load(spec["path"], spec["backend"], spec["threads"]).run
+    run(feed)
+    print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
+
+
+def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int) -> float | None:
+    if not Path("/proc/self/clear_refs").exists():
+        return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
+    spec = {"backend": cand.backend, "path": str(cand.path) if cand.path else None, "model": teacher_ref,
+            "tower": cand.tower, "feed": str(feed_path), "threads": threads}
+    code = "from lmmc.bench import memory_child; memory_child()"
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {cand.label} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_increase_mib"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig):
+    from lmmc.recipe import CalibrationConfig
+
+    calib = CalibrationConfig(**report["recipe"]["calibration"])
+    if cfg.calib is not None:
+        calib = calib.model_copy(update={"path": str(cfg.calib)})
+    if calib.path and not Path(calib.path).exists():
+        raise LmmcError(f"the compile's calibration data '{calib.path}' is not found from {Path.cwd()}; run "
+                        f"lmmc bench from where the compile ran, or pass --calib with the same file")
+    return calib
+
+
+def load_data(calib_cfg, teacher, adapter, preprocessor):
+    """The compile's calibration and held-out split, re-derived deterministically from its recipe."""
+    from lmmc.data import load_calibration, random_calibration
+
+    if calib_cfg.path:
+        return load_calibration(calib_cfg, calib_cfg.path, {t.modality for t in adapter.towers}, preprocessor)
+    if calib_cfg.random:
+        return random_calibration(calib_cfg, teacher, adapter)
+    raise LmmcError("the compile's recipe names no calibration data, so there is no held-out split to measure "
+                    "fidelity on; pass --calib with the data the student should be judged on")
+
+
+def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int) -> dict[str, list[dict]]:
+    """An extra held-out corpus, encoded for every tower whose modality it holds: modality -> batches."""
+    from lmmc.data import encode_images, encode_text, read_samples
+
+    records = read_samples(path)
+    unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
+    chosen = random.Random(calib_cfg.seed).sample(unique, min(n, len(unique)))
+    out: dict[str, list[dict]] = {}
+    for modality in {t.modality for t in adapter.towers}:
+        items = [r[modality] for r in chosen if modality in r]
+        if len(items) < 2:
+            continue
+        if modality == "text":
+            out[modality] = encode_text(preprocessor["tokenizer"], items, calib_cfg.batch_size, calib_cfg.max_length)
+        else:
+            out[modality] = encode_images(preprocessor["image_processor"], items, calib_cfg.batch_size)
+    if not out:
+        raise LmmcError(f"corpus '{path}' holds nothing this model's towers read "
+                        f"({sorted(t.modality for t in adapter.towers)}); give text or images")
+    return out
+
+
+def _numpy(batches: list[dict]) -> list[dict[str, np.ndarray]]:
+    return [{k: v.numpy() for k, v in b.items()} for b in batches]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Run:
+    """What every tower's measurement shares."""
+
+    cfg: BenchConfig
+    teacher: Any
+    student: Any
+    teacher_ref: str
+    data: Any
+    corpora: dict[str, dict[str, list]]  # corpus name -> modality -> batches
+    threads: int
+    batch: int
+    seq: int
+    notes: list[str]
+
+
+def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dict[str, Any]:
+    """Measure every candidate of every tower of `out_dir`; write and return the result."""
+    import torch
+
+    import lmmc
+    from lmmc.modelio import load_teacher, resolve_config
+
+    out_dir = Path(out_dir)
+    report = read_output(out_dir)
+    json_path = Path(json_path) if json_path else out_dir / "bench.json"
+    check_json_target(json_path)
+    for corpus in cfg.corpora:
+        if not corpus.exists():
+            raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
+    versions = check_backends()
+    teacher_ref = report["model"]
+    _, adapter = resolve_config(teacher_ref)
+    artifacts = student_artifacts(out_dir, [t.name for t in adapter.towers])
+    calib_cfg = _recipe_calibration(report, cfg)
+    teacher, adapter, preprocessor = load_teacher(teacher_ref)
+    validate = report["recipe"].get("validate") or {}
+    data = load_data(calib_cfg, teacher, adapter, preprocessor)
+    corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
+    for path in cfg.corpora:
+        corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples)
+    run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
+               threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
+               seq=cfg.seq or validate.get("latency_seq", 128), notes=[])
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir), "teacher": teacher_ref,
+        "threads": run.threads, "batch": run.batch, "seq": run.seq, "repeats": cfg.repeats, "warmup": cfg.warmup,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "system": platform.platform()},
+        "versions": versions, "memory": MEMORY_METHOD if cfg.memory else None,
+        "corpora": {name: {m: sum(len(next(iter(b.values()))) for b in bs) for m, bs in c.items()}
+                    for name, c in corpora.items()},
+        "towers": {}, "notes": run.notes,
+    }
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(run.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmmc-bench-") as tmp:
+            for tower in adapter.towers:
+                mine = [a for a in artifacts if a["tower"] == tower.name]
+                result["towers"][tower.name] = _bench_tower(run, tower, mine, Path(tmp))
+    finally:
+        torch.set_num_threads(threads_before)
+    result["seconds"] = time.perf_counter() - started
+    json_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from lmmc.adapters import example_inputs, input_names
+
+    cfg, modality = run.cfg, tower.modality
+    inputs = example_inputs(run.teacher, tower, batch=run.batch, seq=run.seq)
+    feed = {n: t.numpy() for n, t in zip(input_names(tower), inputs)}
+    feed_path = tmp / f"feed-{tower.name}.npz"
+    np.savez(feed_path, **feed)
+    evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
+    n = 6 + len(artifacts)
+    with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if cfg.memory else 1), desc=f"bench {tower.name}",
+              unit="step", leave=False) as progress:
+        candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
+                                         run.threads, run.notes, progress)
+        params = tower_parameters(run.student, tower)
+        for a in artifacts:
+            candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
+                                        load(a["path"], a["backend"], run.threads).run, params))
+        progress.set_postfix_str(f"{tower.name}: timing")
+        times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
+        reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
+        for i, cand in enumerate(candidates):
+            progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
+            ms = sorted(times[i])
+            cand.row = {
+                "model": cand.model, "artifact": cand.label, "backend": cand.backend, "precision": cand.precision,
+                "file": str(cand.path) if cand.model == "student" else None,
+                "size_bytes": file_size(cand.path), "parameters": cand.parameters,
+                "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
+                "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
+                # the first candidate, PyTorch eager fp32, is the reference itself
+                "cosine_to_teacher": {name: 1.0 if i == 0 else mean_cosine(embeddings(cand.run, b), reference[name])
+                                      for name, b in evaluated.items()},
+                "peak_rss_mib": None,
+            }
+            progress.update(1)
+        if cfg.memory:
+            for cand in candidates:
+                progress.set_postfix_str(f"{tower.name}: memory {cand.model} {cand.label}")
+                cand.row["peak_rss_mib"] = peak_memory_mib(cand, run.teacher_ref, feed_path, run.threads)
+                progress.update(1)
+    rows = [c.row for c in candidates]
+    return {"input": {n: list(v.shape) for n, v in feed.items()}, "rows": rows, "best": best_pair(rows)}
+
+
+def best_pair(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest student artifact against the fastest teacher deployment (by median latency)."""
+    def fastest(model: str) -> dict[str, Any]:
+        return min((r for r in rows if r["model"] == model), key=lambda r: r["latency_ms"]["p50"])
+
+    s, t = fastest("student"), fastest("teacher")
+    return {"student": s["artifact"], "teacher": t["artifact"],
+            "latency_ratio": s["latency_ms"]["p50"] / t["latency_ms"]["p50"],
+            "student_cosine": s["cosine_to_teacher"], "teacher_cosine": t["cosine_to_teacher"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Printing
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The bench table, one block per tower, with the comparison that matters last."""
+    lines = [f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
+             f"warm-up + {result['repeats']} timed rounds, interleaved; cosine: mean to the fp32 teacher "
+             f"(PyTorch) per corpus"]
+    if result["memory"]:
+        lines.append(f"peak MiB: {result['memory']}")
+    for name, tower in result["towers"].items():
+        corpora = list(tower["rows"][0]["cosine_to_teacher"])
+        header = ("model", "artifact", "p50 ms", "p90 ms", "items/s", "peak MiB", "MB", "params",
+                  *[f"cos {c}" for c in corpora])
+        table = [header]
+        for r in tower["rows"]:
+            table.append((r["model"], r["artifact"], f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
+                          f"{r['throughput_per_s']:.1f}",
+                          "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
+                          "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}",
+                          "-" if r["parameters"] is None else f"{r['parameters']:,}",
+                          *[f"{r['cosine_to_teacher'][c]:.4f}" for c in corpora]))
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines.append(f"\n{name} tower, input {tower['input']}")
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines += [f"note: {note}" for note in result["notes"]]
+    for name, tower in result["towers"].items():
+        b = tower["best"]
+        cos = ", ".join(f"{c} {b['student_cosine'][c]:.4f} (teacher {b['teacher_cosine'][c]:.4f})"
+                        for c in b["student_cosine"])
+        lines.append(f"\n{name}: fastest student {b['student']} vs fastest teacher {b['teacher']}: "
+                     f"latency ratio {b['latency_ratio']:.2f} (the student is {_times(b['latency_ratio'])}); "
+                     f"cosine {cos}")
+    return "\n".join(lines)
+
+
+def _times(ratio: float) -> str:
+    return f"{1 / ratio:.2f}x faster" if ratio <= 1 else f"{ratio:.2f}x slower"
