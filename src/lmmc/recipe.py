@@ -117,7 +117,7 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
         raise LmmcError(f"{where}: nm = {params['nm']} is a number: YAML reads an unquoted 2:4 as the base-60 "
                         f"number 124. Quote it: nm: \"2:4\"")
     try:
-        return Step(name=name, config=cls.Config(**params))
+        return Step(name=name, config=cls.Config.model_validate(params))
     except ValidationError as err:
         raise LmmcError(f"{where}: bad parameters for pass '{name}':\n{_explain(err)}") from None
 
@@ -135,6 +135,8 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
     """A recipe's relative path, made absolute against the recipe's directory."""
     if base is None or not isinstance(value, str) or Path(value).expanduser().is_absolute():
         return value
+    if "\0" in value:
+        raise LmmcError(f"{what} {value!r} holds a NUL character, which no path can; fix the path")
     path = (base / value).resolve()
     if must_exist and not path.exists():
         raise LmmcError(f"{what} '{value}' does not exist: relative paths in a recipe are resolved against the "
@@ -182,7 +184,7 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     if not isinstance(data.get("calibration") or {}, dict):
         raise LmmcError(f"{source}: 'calibration' must be a mapping like {{path: data.txt, samples: 128}}")
     try:
-        calibration = CalibrationConfig(**(data.get("calibration") or {}))
+        calibration = CalibrationConfig.model_validate(data.get("calibration") or {})
     except ValidationError as err:
         raise LmmcError(f"{source}: bad calibration section:\n{_explain(err)}") from None
     for section in ("passes", "export"):
