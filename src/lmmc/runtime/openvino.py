@@ -25,7 +25,7 @@ class OpenVinoModel:
             raise LmmcError("OpenVINO is not installed; install the extra with `pip install 'lmmc[openvino]'`") from None
         if not path.with_suffix(".bin").is_file():
             raise LmmcError(f"OpenVINO IR '{path}' has no weights file '{path.with_suffix('.bin').name}' beside it; "
-                            f"copy the .xml and .bin together, or export again with `lmmc compile`")
+                            f"copy the .xml and .bin together, or export it again with `lmmc compile`")
         # One stream and a latency hint: a single request runs on all the given threads, as ORT does.
         # f32 inference: on CPUs with bf16 units OpenVINO otherwise runs fp32 layers in bf16 (2e-4 off).
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32"}

@@ -1,0 +1,78 @@
+"""OpenVINO deployment: IR of structurally pruned students against PyTorch, NNCF INT8 against fp32, and
+the errors for a missing OpenVINO or a broken IR."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from lmmc.adapters import TowerModule, get_adapter
+from lmmc.errors import LmmcError
+from lmmc.export.onnx import export_tower
+from lmmc.export.openvino import quantize_openvino, to_openvino
+from lmmc.export.ort import calibration_feeds
+from lmmc.export.validate import cosine
+from lmmc.recipe import parse_recipe
+from lmmc.runtime import load
+from tests.test_ort import feed, tiny_artifact, uneven_student
+
+
+def test_ir_of_uneven_student_matches_pytorch_and_int8_stays_close(tiny_kind, tmp_path, one_thread):
+    art = tiny_artifact(tiny_kind, tmp_path)
+    model = art.student
+    for tower in art.adapter.towers:
+        plain = tmp_path / f"{tower.name}.onnx"
+        export_tower(model, tower, plain)
+        fp32 = to_openvino(plain, tmp_path / f"{tower.name}.xml")
+        # fp32 means fp32 weights: save_model's default would have halved them
+        consts = [op for op in ov.Core().read_model(str(fp32)).get_ops() if op.get_type_name() == "Constant"]
+        assert not any(op.get_element_type() == ov.Type.f16 for op in consts)
+        int8 = quantize_openvino(fp32, tmp_path / f"{tower.name}.int8.xml", calibration_feeds(art, tower))
+        got_feed, inputs = feed(model, tower)
+        with torch.no_grad():
+            ref = [r.numpy() for r in TowerModule(model, tower)(*inputs)]
+        got = load(fp32, threads=1).run(got_feed)
+        assert np.abs(got["last_hidden_state"] - ref[0]).max() <= 1e-4
+        assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4
+        quantised = load(int8, threads=1).run(got_feed)["pooled_embedding"]
+        assert cosine(quantised, ref[1]).min() >= 0.98
+
+
+def test_missing_openvino_fails_the_recipe_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an environment without the package sees
+    with pytest.raises(LmmcError, match=r"pip install 'lmmc\[openvino\]'"):
+        parse_recipe({"calibration": {"random": True}, "export": ["onnx", "openvino"]})
+    with pytest.raises(LmmcError, match=r"pip install 'lmmc\[openvino\]'"):
+        load(__file__, "openvino")  # any existing file: the backend is checked first
+
+
+def test_missing_nncf_fails_only_when_int8_is_asked(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    parse_recipe({"calibration": {"random": True}, "export": ["onnx", {"openvino": {"int8": False}}]})
+    with pytest.raises(LmmcError, match="needs NNCF"):
+        parse_recipe({"calibration": {"random": True}, "export": ["onnx", "openvino"]})
+
+
+@pytest.fixture
+def tiny_ir(tmp_path):
+    model = uneven_student("bert")
+    tower = get_adapter("bert").towers[0]
+    export_tower(model, tower, tmp_path / "text.onnx")
+    return to_openvino(tmp_path / "text.onnx", tmp_path / "text.xml")
+
+
+@pytest.mark.parametrize("damage", ["truncated xml", "foreign bin", "missing bin"])
+def test_broken_ir_is_one_clear_error(tiny_ir, damage):
+    if damage == "truncated xml":
+        tiny_ir.write_text(tiny_ir.read_text()[:500])
+    elif damage == "foreign bin":
+        tiny_ir.with_suffix(".bin").write_bytes(b"\0" * 64)
+    else:
+        tiny_ir.with_suffix(".bin").unlink()
+    with pytest.raises(LmmcError, match="export it again with `lmmc compile`") as err:
+        load(tiny_ir)
+    assert str(tiny_ir) in str(err.value)

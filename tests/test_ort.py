@@ -1,0 +1,160 @@
+"""ONNX Runtime deployment: fused graphs of structurally pruned students (uneven heads and FFN widths per
+layer) against PyTorch with their fused operators counted, the fallback when fusion fails, and INT8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names
+from lmmc.artifact import Artifact
+from lmmc.data import random_calibration
+from lmmc.export.onnx import export_tower
+from lmmc.export.ort import FusionFailed, fc2_matmuls, fuse_onnx, quantize_dynamic_onnx, quantize_static_onnx
+from lmmc.export.validate import cosine
+from lmmc.modelio import make_student
+from lmmc.pipeline import get_pass, run_pass
+from lmmc.recipe import CalibrationConfig
+from lmmc.runtime import load
+from lmmc.surgery import keep_channels_, keep_heads_
+from tests.conftest import tiny_model
+
+
+def uneven_student(kind: str) -> torch.nn.Module:
+    """A tiny model with 3 heads in block 0, 4 in block 1, and 23 of 64 FFN channels in block 1."""
+    model = make_student(tiny_model(kind))
+    for tower in get_adapter(model.config.model_type).towers:
+        blocks = block_list(model, tower)[1]
+        keep_heads_(blocks[0], tower, head_dim(model, tower), [0, 2, 3])
+        keep_channels_(blocks[1], tower, range(23))
+    return model
+
+
+def feed(model, tower, batch=3, seq=11) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]]:
+    inputs = example_inputs(model, tower, batch=batch, seq=seq)
+    if tower.modality == "text":
+        inputs[1][1, 7:] = 0  # padding, so the mask path is exercised
+    return {n: t.numpy() for n, t in zip(input_names(tower), inputs)}, inputs
+
+
+def test_fused_uneven_student_matches_pytorch_with_fused_attention(tiny_kind, tmp_path, one_thread):
+    model = uneven_student(tiny_kind)
+    for tower in get_adapter(model.config.model_type).towers:
+        plain, fused = tmp_path / f"{tower.name}.onnx", tmp_path / f"{tower.name}.fused.onnx"
+        export_tower(model, tower, plain)
+        probe, _ = feed(model, tower, batch=2, seq=9)
+        counts = fuse_onnx(plain, fused, [probe])
+        # one Attention per block, two skip layer norms per block (CLIP's vision tower: its pre-norm
+        # before the first block stays a plain LayerNormalization, so 3)
+        assert counts["Attention"] == 2
+        assert counts["SkipLayerNormalization"] == (3 if (tiny_kind, tower.name) == ("clip", "vision") else 4)
+        if tiny_kind in ("bert", "vit"):
+            assert counts["BiasGelu"] == 2
+        got_feed, inputs = feed(model, tower)
+        got = load(fused).run(got_feed)
+        with torch.no_grad():
+            ref = TowerModule(model, tower)(*inputs)
+        for name, r in zip(("last_hidden_state", "pooled_embedding"), ref):
+            assert got[name].shape == tuple(r.shape)
+            assert np.abs(got[name] - r.numpy()).max() <= 1e-4
+
+
+def test_fusion_that_changes_outputs_is_refused_and_removed(tmp_path, one_thread):
+    model = uneven_student("bert")
+    tower = get_adapter("bert").towers[0]
+    plain, fused = tmp_path / "text.onnx", tmp_path / "text.fused.onnx"
+    export_tower(model, tower, plain)
+    notes: list[str] = []
+    # fusion reorders float sums (about 1e-6 here); a tolerance of 1e-12 makes every level miss
+    with pytest.raises(FusionFailed):
+        fuse_onnx(plain, fused, [feed(model, tower)[0]], atol=1e-12, notes=notes)
+    assert not fused.exists()
+    assert len(notes) == 2 and all("changed the outputs" in n for n in notes)
+
+
+def tiny_artifact(kind: str, tmp_path) -> Artifact:
+    teacher = tiny_model(kind)
+    adapter = get_adapter(teacher.config.model_type)
+    student = uneven_student(kind)
+    art = Artifact(model_ref=kind, adapter=adapter, teacher=teacher, student=student, workdir=tmp_path)
+    art.calib = random_calibration(CalibrationConfig(random=True, samples=32, eval_samples=32, batch_size=8),
+                                   teacher, adapter)
+    return art
+
+
+def run(art: Artifact, name: str, **config):
+    cls = get_pass(name)
+    return run_pass(cls(cls.Config(**config)), art)
+
+
+def test_pass_falls_back_to_the_plain_graph_with_a_warning(tmp_path, one_thread):
+    art = tiny_artifact("bert", tmp_path)
+    run(art, "onnx")
+    metrics = run(art, "ort", fuse="on", atol=1e-12, int8=["dynamic"]).metrics["text"]
+    assert metrics["kept"] == "plain"
+    assert any("no fused graph agrees" in w for w in metrics["warnings"])
+    assert not (tmp_path / "ort" / "text.fused.onnx").exists()
+    [rec] = art.exports
+    assert (rec.backend, rec.precision, rec.variant, rec.source) == ("onnxruntime", "int8", "dynamic", "plain")
+
+
+def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread):
+    art = tiny_artifact("clip", tmp_path)
+    run(art, "onnx")
+    metrics = run(art, "ort", fuse="on", latency_batch=2, latency_seq=8, repeats=3).metrics
+    for tower in ("text", "vision"):
+        assert metrics[tower]["kept"] == "fused" and metrics[tower]["warnings"] == []
+        assert set(metrics[tower]["latency_ms"]) >= {"plain", "fused", "threads"}
+    written = {(r.tower, r.precision, r.variant, r.source): r.path.relative_to(tmp_path).as_posix() for r in art.exports}
+    assert written == {
+        ("text", "fp32", "fused", None): "ort/text.fused.onnx",
+        ("text", "int8", "dynamic", "fused"): "ort/text.int8-dynamic.onnx",
+        ("text", "int8", "static", "plain"): "ort/text.int8-static.onnx",
+        ("vision", "fp32", "fused", None): "ort/vision.fused.onnx",
+        ("vision", "int8", "dynamic", "fused"): "ort/vision.int8-dynamic.onnx",
+        ("vision", "int8", "static", "plain"): "ort/vision.int8-static.onnx",
+    }
+    validation = run(art, "validate", latency=False, min_cosine_int8=0.98).metrics
+    assert validation["passed"]
+    figures = {(e["tower"], e["variant"]): e for e in validation["exports"]}
+    assert len(figures) == 6
+    for (tower, variant), e in figures.items():
+        if variant == "fused":
+            assert max(e["max_abs_diff"].values()) <= 1e-4
+        assert e["cosine_to_student"] >= 0.98
+        # the teacher figure is the student's own fidelity, moved little by the runtime
+        fp32 = validation["towers"][tower]["cosine_mean"]
+        assert abs(e["cosine_to_teacher"] - fp32) <= 0.02
+    names = [g["name"] for g in validation["gates"]]
+    assert "text: onnxruntime int8 static: cosine to fp32 student" in names
+    assert "vision: onnxruntime fp32 fused: max abs diff to PyTorch" in names
+
+
+@pytest.mark.e2e
+def test_minilm_int8_keeps_cosine_to_fp32(minilm, tmp_path):
+    """ORT INT8, dynamic and static, on the real teacher: held-out cosine to fp32 at least 0.98."""
+    import transformers
+
+    from tests.conftest import CORPUS
+
+    model = transformers.AutoModel.from_pretrained(minilm).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
+    tower = get_adapter("bert").towers[0]
+    plain = tmp_path / "text.onnx"
+    export_tower(model, tower, plain)
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
+
+    def feeds(texts):
+        return [dict(tokenizer(texts[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="np"))
+                for i in range(0, len(texts), 16)]
+
+    calib, held_out = feeds(lines[:64]), feeds(lines[-128:])
+    for f in calib + held_out:
+        f.pop("token_type_ids", None)
+    quantize_dynamic_onnx(plain, tmp_path / "dynamic.onnx")
+    quantize_static_onnx(plain, tmp_path / "static.onnx", calib, fc2_matmuls(model, get_adapter("bert"), tower, plain))
+    ref = np.concatenate([load(plain).run(f)["pooled_embedding"] for f in held_out])
+    for name in ("dynamic", "static"):
+        got = np.concatenate([load(tmp_path / f"{name}.onnx").run(f)["pooled_embedding"] for f in held_out])
+        assert cosine(ref, got).mean() >= 0.98, name

@@ -1,0 +1,147 @@
+"""lmmc.runtime and manifest.json: a whole compile's artifacts, each loaded by the one runtime and
+matching the PyTorch student; encode() applies the saved preprocessing; bad input is one clear error."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from click.testing import CliRunner
+
+from lmmc.adapters import TowerModule, get_adapter
+from lmmc.cli import main
+from lmmc.errors import LmmcError
+from lmmc.export.validate import cosine
+from lmmc.runtime import load, open_dir
+from lmmc.student import load_student
+from tests.conftest import save_tiny
+
+RECIPE = {
+    "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 12},
+    "passes": [{"antgmm": {"keep": 0.6, "budget": "flops", "importance": "activation"}}],
+    "export": ["onnx", {"ort": {"fuse": "on", "latency_batch": 2, "latency_seq": 8, "repeats": 3}}, "openvino"],
+    "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine_int8": 0.98},
+}
+TEXTS = ["a b c", "hello world again", "one", "the quick brown fox jumps"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """A tiny CLIP (two towers) compiled with every deployment export."""
+    tmp = tmp_path_factory.mktemp("rt")
+    torch.set_num_threads(1)
+    model_dir = save_tiny("clip", tmp / "teacher")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(recipe), "-o", str(tmp / "out")])
+    assert result.exit_code == 0, result.output
+    return tmp / "out"
+
+
+def test_manifest_lists_every_artifact_with_io_and_validation(compiled):
+    manifest = json.loads((compiled / "manifest.json").read_text())
+    kinds = sorted((a["tower"], a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"])
+    assert kinds == sorted((t, *k) for t in ("text", "vision") for k in [
+        ("onnxruntime", "fp32", "plain"), ("onnxruntime", "fp32", "fused"), ("onnxruntime", "int8", "dynamic"),
+        ("onnxruntime", "int8", "static"), ("openvino", "fp32", "plain"), ("openvino", "int8", "nncf")])
+    assert manifest["towers"] == {"text": {"modality": "text"}, "vision": {"modality": "image"}}
+    assert manifest["preprocessing"]["text"]["max_length"] == 12
+    for modality in ("text", "image"):
+        files = manifest["preprocessing"][modality]["files"]
+        assert files and all((compiled / f).is_file() for f in files)
+    for a in manifest["artifacts"]:
+        assert all((compiled / f).is_file() for f in a["files"]) and a["path"] in a["files"]
+        assert a["bytes"] == sum((compiled / f).stat().st_size for f in a["files"])
+        ins = {i["name"]: (i["dtype"], i["shape"]) for i in a["inputs"]}
+        if a["tower"] == "text":
+            assert ins == {"input_ids": ("int64", [None, None]), "attention_mask": ("int64", [None, None])}
+        else:
+            assert ins == {"pixel_values": ("float32", [None, 3, 32, 32])}
+        outs = {o["name"]: o["dtype"] for o in a["outputs"]}
+        assert outs == {"last_hidden_state": "float32", "pooled_embedding": "float32"}
+        v = a["validation"]
+        if a["precision"] == "fp32":
+            assert max(v["max_abs_diff"].values()) <= 1e-4
+        else:
+            assert v["cosine_to_student"] >= 0.98 and "cosine_to_teacher" in v
+
+
+def test_every_artifact_loads_and_matches_the_pytorch_student(compiled):
+    student = load_student(compiled / "student")
+    manifest = json.loads((compiled / "manifest.json").read_text())
+    adapter = get_adapter(student.config.model_type)
+    gen = torch.Generator().manual_seed(1)
+    for a in manifest["artifacts"]:
+        tower = adapter.tower(a["tower"])
+        if tower.modality == "text":
+            ids = torch.randint(0, 99, (3, 10), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[2, 6:] = 0
+            inputs = (ids, mask)
+        else:
+            inputs = (torch.randn(3, 3, 32, 32, generator=gen),)
+        with torch.no_grad():
+            ref = [r.numpy() for r in TowerModule(student, tower)(*inputs)]
+        model = load(compiled / a["path"], threads=1)
+        assert model.backend == a["backend"]
+        assert model.output_names == ["last_hidden_state", "pooled_embedding"]
+        got = model.run({n: t.numpy() for n, t in zip(model.input_names, inputs)})
+        if a["precision"] == "fp32":
+            assert np.abs(got["last_hidden_state"] - ref[0]).max() <= 1e-4, a["path"]
+            assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4, a["path"]
+        else:
+            assert cosine(got["pooled_embedding"], ref[1]).min() >= 0.98, a["path"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_encode_applies_the_saved_tokenizer(compiled, backend):
+    student = load_student(compiled / "student")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(compiled / "student")
+    enc = tokenizer(TEXTS, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    with torch.no_grad():
+        ref = TowerModule(student, get_adapter("clip").tower("text"))(enc["input_ids"], enc["attention_mask"])[1]
+    got = open_dir(compiled, backend=backend, threads=1).encode(TEXTS, batch_size=3)
+    assert got.shape == tuple(ref.shape)
+    assert np.abs(got - ref.numpy()).max() <= 1e-4
+
+
+def test_open_dir_names_what_is_missing(compiled, tmp_path):
+    with pytest.raises(LmmcError, match="has no onnxruntime int8 fused artifact for the text tower"):
+        open_dir(compiled, precision="int8", variant="fused")
+    with pytest.raises(LmmcError, match="has no manifest.json"):
+        open_dir(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x08\x07" * 50])
+def test_corrupt_onnx_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "text.onnx"
+    path.write_bytes(content)
+    with pytest.raises(LmmcError, match="The file is corrupt or not an ONNX model; export it again") as err:
+        load(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(LmmcError, match="neither an ONNX file"):
+        load(tmp_path / "m.pt")
+    with pytest.raises(LmmcError, match="does not exist"):
+        load(tmp_path / "absent.onnx")
+    with pytest.raises(LmmcError, match="unknown backend 'tensorrt'"):
+        load(tmp_path / "m.pt", backend="tensorrt")
+
+
+def test_compile_without_openvino_exits_2_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an environment without the package sees
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "pip install 'lmmc[openvino]'" in result.output
+    assert not (tmp_path / "out").exists()
