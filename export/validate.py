@@ -19,6 +19,7 @@ from lmmc.adapters import TowerModule, TowerSpec, example_inputs, input_names
 from lmmc.artifact import Artifact
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
+from lmmc.runtime import load as load_artifact
 from lmmc.modelio import text_positions
 
 
@@ -27,7 +28,9 @@ class ValidateConfig(PassConfig):
                                      "pooled embeddings on held-out samples, every tower")
     min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the adapter's task metric")
     max_runtime_diff: float = Field(1e-4, gt=0, description="gate: max |ONNX Runtime - PyTorch| of the "
-                                    "student's outputs")
+                                    "student's outputs (also every further fp32 artifact: fused graph, OpenVINO IR)")
+    min_cosine_int8: float | None = Field(None, ge=-1, le=1, description="gate: mean cosine of every INT8 "
+                                          "artifact's pooled embeddings to the fp32 student's, held-out samples")
     latency: bool = Field(True, description="time teacher and student in ONNX Runtime")
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
@@ -165,8 +168,9 @@ class ValidatePass(Pass):
         task = _task_metric(art.adapter, pooled)
         if cfg.min_task_metric is not None:
             gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
+        exports = validate_exports(art, cfg, pooled, gates)
         art.student.to(art.device)
-        art.validation = {"towers": towers, "task_metric": task, "gates": gates,
+        art.validation = {"towers": towers, "task_metric": task, "exports": exports, "gates": gates,
                           "passed": all(g["passed"] for g in gates)}
         return art.validation
 
@@ -191,3 +195,41 @@ def _task_metric(adapter, pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> d
                 "value": zero_shot_agreement(t_img, t_txt, s_img, s_txt)}
     (t, s), = pooled.values()
     return {"name": "nearest-neighbour agreement", "value": neighbour_agreement(t, s)}
+
+
+def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.ndarray, np.ndarray]],
+                     gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run every further artifact (fused, INT8, OpenVINO) through lmmc.runtime on the held-out batches:
+    max |diff| to PyTorch for fp32 ones, cosine to the fp32 student and to the teacher for all, with
+    their gates appended to `gates`. `pooled` holds each tower's (teacher, student) embeddings."""
+    results = []
+    hidden: dict[str, list[np.ndarray]] = {}  # tower -> the PyTorch student's last hidden states
+    for rec in art.exports:
+        tower = art.adapter.tower(rec.tower)
+        batches = art.calib.eval_batches(tower.modality)
+        model = load_artifact(rec.path, rec.backend, cfg.threads)
+        outs = [model.run({n: b[n].numpy() for n in input_names(tower)}) for b in batches]
+        t_emb, s_emb = pooled[rec.tower]
+        emb = np.concatenate([o["pooled_embedding"] for o in outs])
+        to_student, to_teacher = cosine(s_emb, emb), cosine(t_emb, emb)
+        label = f"{rec.tower}: {rec.backend} {rec.precision} {rec.variant}"
+        result: dict[str, Any] = {
+            "tower": rec.tower, "backend": rec.backend, "precision": rec.precision, "variant": rec.variant,
+            "path": str(rec.path.relative_to(art.workdir)),
+            "cosine_to_student": float(to_student.mean()), "cosine_to_student_min": float(to_student.min()),
+            "cosine_to_teacher": float(to_teacher.mean()), "cosine_to_teacher_min": float(to_teacher.min()),
+        }
+        if rec.precision == "fp32":
+            if rec.tower not in hidden:
+                hidden[rec.tower] = [h for h, _ in torch_outputs(art.student, tower, batches)]
+            last = max(float(np.abs(o["last_hidden_state"] - h).max()) for o, h in zip(outs, hidden[rec.tower]))
+            result["max_abs_diff"] = {"last_hidden_state": last,
+                                      "pooled_embedding": float(np.abs(emb - s_emb).max())}
+            gates.append(_gate(f"{label}: max abs diff to PyTorch", max(result["max_abs_diff"].values()),
+                               cfg.max_runtime_diff, "<="))
+        elif cfg.min_cosine_int8 is not None:
+            gates.append(_gate(f"{label}: cosine to fp32 student", result["cosine_to_student"], cfg.min_cosine_int8, ">="))
+        if cfg.min_cosine is not None:
+            gates.append(_gate(f"{label}: cosine to teacher", result["cosine_to_teacher"], cfg.min_cosine, ">="))
+        results.append(result)
+    return results
