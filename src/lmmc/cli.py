@@ -65,7 +65,7 @@ def main() -> None:
       calibration: {path: data.txt, samples: 128, eval_samples: 64}
       passes:  [{wanda: {sparsity: 0.5}}]          # compression, in order
       export:  [onnx]                              # export targets
-      validate: {min_cosine: 0.8}                  # gates; a miss fails the compile
+      validate: {min_cosine: 0.8}                  # gates (on by default; 'validate: false' = off)
 
     \b
     Start with:  lmmc compile MODEL --recipe samples/recipes/minilm-wanda50.yaml --out out --dry-run
@@ -76,7 +76,7 @@ def main() -> None:
 @main.command("compile")
 @click.argument("model")
 @click.option("--recipe", "-r", required=True, type=click.Path(dir_okay=False), help="YAML recipe (see samples/recipes/).")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory: new, or an earlier lmmc output with --force.")
 @click.option("--calib", type=click.Path(), help="Calibration data: .txt, .jsonl or image folder; overrides the recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, model config and data, print the plan, load nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output (never anything else).")
