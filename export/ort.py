@@ -21,6 +21,7 @@ from pydantic import Field
 
 from lmmc.adapters import Adapter, TowerSpec, example_inputs, input_names, prunable_linears
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime import Model, load
 
@@ -151,7 +152,8 @@ class OrtConfig(PassConfig):
     atol: float = Field(1e-4, gt=0, description="largest |fused - plain| allowed on the calibration batches")
     threads: int = Field(2, gt=0, description="ONNX Runtime threads when timing plain against fused")
     latency_batch: int = Field(8, gt=0)
-    latency_seq: int = Field(128, gt=0, description="tokens per text sample when timing")
+    latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
+                                    "or the model's position limit if lower (CLIP: 77)")
     repeats: int = Field(10, gt=2, description="timed runs per graph for fuse: auto; medians compared")
 
 
@@ -212,7 +214,8 @@ class OrtExportPass(Pass):
             result["warnings"].append(f"{tower.name}: no attention pattern matched; the fused graph has {counts or 'no fused operators'}")
         threads = cfg.threads
         models = {"plain": load(plain, "onnxruntime", threads), "fused": load(dst, "onnxruntime", threads)}
-        inputs = example_inputs(art.student, tower, batch=cfg.latency_batch, seq=cfg.latency_seq)
+        seq = cfg.latency_seq or (min(128, text_positions(art.student.config, tower)) if tower.modality == "text" else 1)
+        inputs = example_inputs(art.student, tower, batch=cfg.latency_batch, seq=seq)
         feed = {n: t.numpy() for n, t in zip(input_names(tower), inputs)}
         ms = median_ms(models, feed, cfg.repeats)
         result["latency_ms"] = {"threads": threads, "input": {n: list(v.shape) for n, v in feed.items()}, **ms}
