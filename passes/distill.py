@@ -86,11 +86,12 @@ class DistillConfig(PassConfig):
                                    "small corpus covers few tokens and pruning leaves them intact")
     teacher_cache_mb: int = Field(2048, ge=0, description="keep the teacher's targets for the whole corpus "
                                   "in memory when they fit in this many MB; 0 = run the teacher every step")
-    checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints (outside the "
-                                       "compile's output, so they survive a crash)")
+    checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints; default in "
+                                       "`lmmc compile`: the compile's work area beside --out")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
     keep_last: int = Field(2, ge=1, description="resumable step checkpoints kept")
-    resume: bool = Field(False, description="continue from the newest checkpoint of this same run")
+    resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
+                         "(`lmmc compile --resume` sets it)")
     progress: bool = Field(True, description="show a progress bar")
 
     @field_validator("corpus")
@@ -937,7 +938,13 @@ class DistillPass(Pass):
     needs = frozenset({"teacher", "student"})
 
     def run(self, art: Artifact) -> dict[str, Any]:
-        trainer = Trainer(self.config, art)
+        cfg = self.config
+        if art.scratch is not None:
+            # In a compile's work area the checkpoints survive a kill, and `lmmc compile --resume` continues
+            # from the newest one; a checkpoint_dir named by the recipe is kept.
+            cfg = cfg.model_copy(update={"checkpoint_dir": cfg.checkpoint_dir or str(art.scratch),
+                                         "resume": cfg.resume or art.resume})
+        trainer = Trainer(cfg, art)
         try:
             return trainer.fit()
         finally:

@@ -82,18 +82,20 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output (never anything else).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the passes.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
-def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code):
+@click.option("--resume", is_flag=True, help="Continue a killed compile to the same --out from its last finished "
+              "pass (same model, recipe and data).")
+def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
     """Compile MODEL (a local Hugging Face directory or a hub id) with a recipe into --out:
     student/ (config, safetensors, tokenizer), onnx/ (one file per tower) and report.json."""
     # kill, systemd, Kubernetes and SLURM send SIGTERM: stop as cleanly as on Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code)
+        _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code):
+def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
     from lmmc.compile import check_output, compile_model, plan, resolve_device
     from lmmc.recipe import load_recipe
 
@@ -107,7 +109,7 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
         return
     try:
         report = compile_model(model, parsed, Path(out), force=force, device=device,
-                               trust_remote_code=trust_remote_code, recipe_path=recipe)
+                               trust_remote_code=trust_remote_code, recipe_path=recipe, resume=resume)
     except GateFailed:
         click.echo(f"wrote {_written(Path(out))}", err=True)
         raise

@@ -1,0 +1,278 @@
+"""Resuming compiles: the work area's lock, fingerprint and saved state, and whole `lmmc compile` runs
+killed with SIGKILL at a pass boundary and inside distillation, then resumed to the very bytes of an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import save_tiny, tiny_model
+
+from lmmc.adapters import block_list, get_adapter, head_dim
+from lmmc.artifact import Artifact, ExportRecord, PassRecord
+from lmmc.errors import LmmcError
+from lmmc.recipe import parse_recipe
+from lmmc.resume import (INPUTS_FILE, OWNER_FILE, WorkArea, changed_inputs, describe_inputs, pass_seed,
+                         work_path)
+from lmmc.surgery import keep_channels_, keep_heads_
+
+RECIPE = {
+    "calibration": {"random": True, "samples": 32, "eval_samples": 32, "batch_size": 8},
+    "passes": [{"antgmm": {"keep": 0.5}}, {"wanda": {"sparsity": 0.5}},
+               {"distill": {"steps": 40, "batch_size": 4, "dev_samples": 4, "eval_every": 8, "lr": 3e-3,
+                            "checkpoint_every": 2, "progress": False}}],
+    "export": ["onnx"],
+    "validate": {"max_runtime_diff": 1e-4, "latency_batch": 2, "latency_seq": 16, "repeats": 3, "threads": 1},
+}
+
+
+def inputs(tmp_path: Path, **recipe_changes) -> dict:
+    return describe_inputs(str(tmp_path / "teacher"), parse_recipe({**RECIPE, **recipe_changes}))
+
+
+@pytest.fixture
+def teacher(tmp_path: Path) -> Path:
+    return save_tiny("bert", tmp_path / "teacher")
+
+
+# --- the work area ----------------------------------------------------------------------------------------
+
+def test_a_live_compile_holds_its_area_and_a_second_one_is_refused(tmp_path, teacher):
+    first = WorkArea(tmp_path / "out")
+    first.claim(inputs(tmp_path), resume=False)
+    owner = json.loads((work_path(tmp_path / "out") / OWNER_FILE).read_text())
+    assert owner["pid"] == os.getpid() and owner["lmmc_work_area"] == 1
+    with pytest.raises(LmmcError, match=rf"another lmmc compile \(pid {os.getpid()} on .*wait for it"):
+        WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=False)
+    with pytest.raises(LmmcError, match="another lmmc compile"):
+        WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=True)
+    first.finish()
+    assert not work_path(tmp_path / "out").exists()
+
+
+def test_a_dead_runs_area_is_reported_and_emptied(tmp_path, teacher, capsys):
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    (dead.output / "half-written.onnx").write_bytes(b"x")
+    (dead.scratch(2, "distill") / "step-000004").mkdir(parents=True)
+    dead.release()  # what the kernel does for a killed process: the lock goes, the files stay
+
+    fresh = WorkArea(tmp_path / "out")
+    fresh.claim(inputs(tmp_path), resume=False)
+    assert "removing" in capsys.readouterr().err
+    area = work_path(tmp_path / "out")
+    assert sorted(p.name for p in area.iterdir()) == [INPUTS_FILE, OWNER_FILE, "lock", "output"]
+    assert list(fresh.output.iterdir()) == []
+    fresh.finish()
+
+
+def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    (dead.output / "kept").write_text("1")
+    dead.release()
+    changed = inputs(tmp_path, passes=[{"antgmm": {"keep": 0.6}}, *RECIPE["passes"][1:]])
+    with pytest.raises(LmmcError, match=r"recipe passes\[0\]\.antgmm\.keep: 0\.5 -> 0\.6.*without --resume"):
+        WorkArea(tmp_path / "out").claim(changed, resume=True)
+    assert (dead.output / "kept").read_text() == "1"
+    # The model's weights changed (same path, other bytes).
+    tiny_model("vit").save_pretrained(tmp_path / "other")
+    (teacher / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    assert changed_inputs(json.loads((work_path(tmp_path / "out") / INPUTS_FILE).read_text()),
+                          inputs(tmp_path)) == [f"the files of model '{teacher}' changed"]
+    # The same inputs resume and keep the output built so far.
+    again = WorkArea(tmp_path / "out")
+    again.claim(json.loads((work_path(tmp_path / "out") / INPUTS_FILE).read_text()), resume=True)
+    assert (again.output / "kept").read_text() == "1"
+    again.finish()
+
+
+def test_calibration_file_bytes_are_part_of_the_fingerprint(tmp_path, teacher):
+    data = tmp_path / "calib.txt"
+    data.write_text("one sentence\nanother sentence\n")
+    recipe = {**RECIPE, "calibration": {"path": str(data), "samples": 1, "eval_samples": 2}}
+    before = describe_inputs(str(teacher), parse_recipe(recipe))
+    data.write_text("one sentence\nanother sentence, edited\n")
+    after = describe_inputs(str(teacher), parse_recipe(recipe))
+    assert changed_inputs(before, after) == [f"the data of calibration ('{data}') changed"]
+
+
+def test_resume_without_a_work_area_says_there_is_nothing_to_resume(tmp_path, teacher):
+    with pytest.raises(LmmcError, match="nothing to resume.*without --resume"):
+        WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=True)
+    assert not work_path(tmp_path / "out").exists()
+
+
+def test_a_folder_by_the_areas_name_that_lmmc_did_not_make_is_left_alone(tmp_path, teacher):
+    area = work_path(tmp_path / "out")
+    area.mkdir()
+    (area / "notes.txt").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(LmmcError, match="not made by lmmc"):
+            WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=resume)
+    assert (area / "notes.txt").read_text() == "mine"
+
+
+def test_only_rank_0_writes(tmp_path, teacher, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    area = WorkArea(tmp_path / "out")
+    area.claim(inputs(tmp_path), resume=False)
+    art = Artifact("m", get_adapter("bert"), tiny_model("bert"), tiny_model("bert"))
+    area.save(art, 1, 0.0)
+    assert not work_path(tmp_path / "out").exists()
+    assert area.output.is_dir() and not area.output.is_relative_to(tmp_path)
+    area.release()
+    assert not area.output.exists()
+
+
+def test_pass_seeds_depend_on_the_recipe_seed_and_the_pass_only():
+    seeds = {pass_seed(s, i) for s in range(3) for i in range(5)}
+    assert len(seeds) == 15 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert pass_seed(1, 2) == pass_seed(1, 2)
+
+
+def test_saved_state_reloads_a_shrunk_student_masks_and_records_exactly(tmp_path, teacher):
+    model = tiny_model("bert")
+    adapter = get_adapter("bert")
+    tower = adapter.towers[0]
+    _, blocks = block_list(model, tower)
+    keep_heads_(blocks[0], tower, head_dim(model, tower), [0, 2])
+    keep_channels_(blocks[1], tower, list(range(0, 64, 3)))
+    weight = blocks[1].intermediate.dense.weight
+    masks = {"encoder.layer.1.intermediate.dense.weight": torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5}
+    area = WorkArea(tmp_path / "out")
+    area.claim(inputs(tmp_path), resume=False)
+    art = Artifact("m", adapter, tiny_model("bert"), model, workdir=area.output, masks=masks,
+                   allocation={"encoder.layer.0.attention.self.query.weight": 0.123456789},
+                   records=[PassRecord("antgmm", {"keep": 0.5}, 1.5, {"kept": [1, 2]})],
+                   onnx={"text": area.output / "onnx" / "text.onnx"},
+                   exports=[ExportRecord("text", "onnxruntime", "int8", "static", area.output / "ort" / "t.onnx",
+                                         source="fused")])
+    area.save(art, 1, 3.25)
+    (area.scratch(1, "distill") / "step-000002").mkdir(parents=True)
+    area.save(art, 2, 4.5)
+    names = sorted(p.name for p in work_path(tmp_path / "out").iterdir())
+    assert names == [INPUTS_FILE, OWNER_FILE, "lock", "output", "state-02"]  # older state and scratch gone
+
+    back = Artifact("m", adapter, tiny_model("bert"), tiny_model("bert"))
+    assert area.restore(back) == (2, 4.5)
+    assert back.student.state_dict().keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.student.state_dict()[name], value), name
+    assert torch.equal(back.masks[next(iter(masks))], next(iter(masks.values())))
+    assert back.allocation == art.allocation and back.records == art.records
+    assert back.onnx == art.onnx and back.exports == art.exports
+    area.finish()
+
+
+# --- whole compiles, killed and resumed ----------------------------------------------------------------
+
+LMMC = [sys.executable, "-c", "import sys; from lmmc.cli import main; sys.exit(main())"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def compile_args(model: Path, recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [*LMMC, "compile", str(model), "--recipe", str(recipe), "--out", str(out), "--device", "cpu", *extra]
+
+
+def run_lmmc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def kill_when(args: list[str], ready, what: str, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    """Start a compile and send it `sig` as soon as `ready()` holds (polled every 5 ms); return its exit
+    status and stderr."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"the compile ended before {what}: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def states(area: Path) -> list[str]:
+    return sorted(p.name for p in area.glob("state-*"))
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """The header (parsed) and the tensor bytes of a safetensors file."""
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    def listing(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in [*(root / "student").rglob("*"), *(root / "onnx").rglob("*")]
+                      if p.is_file())
+
+    files = listing(a)
+    assert files == listing(b)
+    assert any(f.suffix == ".onnx" for f in files)
+    for f in files:
+        if f.suffix == ".safetensors":
+            # The safetensors writer orders the metadata entries as a hash map does, which differs from
+            # process to process; the tensors (names, shapes, offsets, bytes) must be identical.
+            assert safetensors_parts(a / f) == safetensors_parts(b / f), f
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_sigkilled_compiles_resume_to_the_bytes_of_an_uninterrupted_run(tmp_path, teacher):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    plain, resumed = tmp_path / "plain", tmp_path / "resumed"
+
+    # A compile stopped by SIGTERM after its first pass keeps its work and says how to resume.
+    code, err = kill_when(compile_args(teacher, recipe, plain), lambda: bool(states(work_path(plain))),
+                          "its first pass finished", signal.SIGTERM)
+    assert code == 130 and "--resume" in err
+    # A kill can land between writing a new state and deleting the one before; the newest counts.
+    kept = states(work_path(plain))
+    # --resume against a changed recipe is refused, naming the change.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**RECIPE, "passes": [{"antgmm": {"keep": 0.6}}, *RECIPE["passes"][1:]]}))
+    refused = run_lmmc(*compile_args(teacher, changed, plain, "--resume"))
+    assert refused.returncode == 2
+    assert "passes[0].antgmm.keep: 0.5 -> 0.6" in refused.stderr and "without --resume" in refused.stderr
+    assert states(work_path(plain)) == kept
+    # Without --resume the stopped run's area is reported and removed, and the compile runs from the start.
+    done = run_lmmc(*compile_args(teacher, recipe, plain))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "removing" in done.stderr and f"{int(kept[-1][len('state-'):])} pass(es) finished" in done.stderr
+    assert not work_path(plain).exists()
+    report = json.loads((plain / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["antgmm", "wanda", "distill", "onnx", "validate"]
+    assert report["passes"][2]["metrics"]["resumed_from"] is None
+
+    # SIGKILLed at the boundary after wanda (pass 2 of 5), resumed, SIGKILLed inside distillation, resumed.
+    code, _ = kill_when(compile_args(teacher, recipe, resumed), lambda: (work_path(resumed) / "state-02").is_dir(),
+                        "wanda finished")
+    assert code == -signal.SIGKILL and states(work_path(resumed))[-1] == "state-02"
+    checkpoints = work_path(resumed) / "pass-02-distill"
+    code, _ = kill_when(compile_args(teacher, recipe, resumed, "--resume"),
+                        lambda: any(checkpoints.glob("*/step-000004")), "distillation saved step 4")
+    assert code == -signal.SIGKILL and states(work_path(resumed))[-1] == "state-02"
+    assert not any(checkpoints.glob("*/final"))
+    last = run_lmmc(*compile_args(teacher, recipe, resumed, "--resume"))
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert not work_path(resumed).exists()
+    distill = json.loads((resumed / "report.json").read_text())["passes"][2]["metrics"]
+    assert isinstance(distill["resumed_from"], int) and distill["resumed_from"] >= 4
+    assert [c["score"] for c in distill["curve"]] == [c["score"] for c in report["passes"][2]["metrics"]["curve"]]
+    assert_same_output(plain, resumed)
