@@ -38,7 +38,8 @@ def run(*args):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """A small BERT (hidden 128: big enough that timings measure compute, not call overhead), with its
-    FFN channels and heads cut by AntGMM to 40 % of the blocks' FLOPs on real text, ONNX exported."""
+    FFN channels and heads cut by AntGMM to 40 % of the blocks' FLOPs on real text, exported to ONNX, ONNX
+    Runtime fused and INT8, OpenVINO fp32 and INT8: five student artifacts in the manifest."""
     tmp = tmp_path_factory.mktemp("bench")
     model_dir = tmp / "teacher"
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def compiled(tmp_path_factory):
     recipe = {
         "calibration": {"path": str(CORPUS), "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
         "passes": [{"antgmm": {"keep": 0.4, "importance": "activation", "seq_len": SEQ}}],
-        "export": ["onnx"],
+        "export": ["onnx", {"ort": {"fuse": "on", "int8": ["dynamic"], "threads": 1}}, {"openvino": {"int8": True}}],
         "validate": {"latency": False, "latency_batch": BATCH, "latency_seq": SEQ, "threads": 1},
     }
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -84,9 +85,14 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     rows = tower["rows"]
     assert [r["artifact"] for r in rows if r["model"] == "teacher"] == TEACHER_ROWS
     students = [r for r in rows if r["model"] == "student"]
-    assert sorted(r["file"] for r in students) == sorted(str(p) for p in out.glob("onnx/*.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert len(manifest) == 5
+    assert [(r["artifact"], r["backend"], r["precision"]) for r in students] == \
+        [(a["path"], a["backend"], a["precision"]) for a in manifest]
     for r in students:
-        assert r["size_bytes"] == (out / r["artifact"]).stat().st_size
+        path = out / r["artifact"]
+        companion = [path.with_suffix(".bin")] if path.suffix == ".xml" else []
+        assert r["size_bytes"] == sum(f.stat().st_size for f in [path, *companion])
     # parameters: every weight the exported tower uses (BERT's pooler is not part of the embedding)
     models = {"teacher": load_teacher(str(model_dir))[0], "student": load_student(out / "student")}
     expected = {k: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("pooler."))

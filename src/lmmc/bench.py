@@ -7,6 +7,7 @@ calibration split. Those files live in a temporary directory; the only file benc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -40,8 +41,8 @@ class BenchConfig(BaseModel):
     threads: int | None = Field(None, gt=0, description="intra-op threads for every runtime (default: the recipe's)")
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
-    repeats: int = Field(20, gt=2, description="timed rounds; every candidate runs once per round")
-    warmup: int = Field(3, ge=1, description="untimed rounds before the timed ones")
+    repeats: int = Field(15, gt=2, description="timed rounds; every candidate runs once per round")
+    warmup: int = Field(2, ge=1, description="untimed rounds before the timed ones")
     memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
     corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
@@ -200,7 +201,8 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
     ]
     for what, step in steps:
         progress.set_postfix_str(f"teacher {tower.name}: {what}")
-        step()
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
+            step()
         progress.update(1)
     params = tower_parameters(teacher, tower)
     spec = [("onnxruntime fp32", "onnxruntime", "fp32", "plain"),

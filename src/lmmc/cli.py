@@ -172,8 +172,8 @@ def summary_table(report: dict) -> str:
 @click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
 @click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
 @click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Timed rounds, every candidate once per round.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first.")
+@click.option("--repeats", type=int, help="Timed rounds, every candidate once per round (default 15).")
+@click.option("--warmup", type=int, help="Untimed rounds first (default 2).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
 @click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
 @click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
@@ -188,10 +188,11 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
 
     if quick:
         repeats, warmup, no_memory = 3, 1, True
+    given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
+             "calib": Path(calib) if calib else None}
     try:
-        cfg = BenchConfig(threads=threads, batch=batch, seq=seq, repeats=repeats, warmup=warmup,
-                          memory=not no_memory, corpora=tuple(Path(c) for c in corpus),
-                          calib=Path(calib) if calib else None)
+        cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
+                          corpora=tuple(Path(c) for c in corpus))
     except ValidationError as err:
         raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
     result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
