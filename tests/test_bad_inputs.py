@@ -175,6 +175,15 @@ def _(tmp):
     return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["makes 224x224 images", "takes 32x32"]
 
 
+@case("random inputs for a model that is not tiny")
+def _(tmp):
+    config = transformers.BertConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
+                                     intermediate_size=1024, vocab_size=99, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(tmp / "big")
+    save_preprocessors("bert", tmp / "big")
+    return ["./big", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["only for tiny test models", "give real data with --calib"]
+
+
 @case("unknown --device")
 def _(tmp):
     return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "out", "--device", "gpu0"], ["unknown --device 'gpu0'", "cuda:N"]

@@ -223,14 +223,19 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     return CalibData(calib, held, str(source), counts, chosen.warnings)
 
 
-def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
-    """Random token ids and pixels, for tiny random-weight test models only."""
-    from lmmc.adapters import tower_config
-
+def check_random_allowed(model: torch.nn.Module) -> None:
+    """Refuse random inputs for anything but a tiny model (works on a meta-device model too)."""
     n_params = sum(p.numel() for p in model.parameters())
     if n_params > RANDOM_MAX_PARAMS:
         raise LmmcError(f"random calibration inputs are only for tiny test models (≤ {RANDOM_MAX_PARAMS:,} "
                         f"parameters; this one has {n_params:,}); give real data with --calib")
+
+
+def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
+    """Random token ids and pixels, for tiny random-weight test models only."""
+    from lmmc.adapters import tower_config
+
+    check_random_allowed(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     calib, held = {}, {}
     for tower in adapter.towers:
