@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -26,7 +27,9 @@ from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_
                           local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
 from lmmc.pipeline import run_pass
 from lmmc.recipe import Recipe
+from lmmc.resume import WorkArea, describe_inputs, pass_seed
 from lmmc.sparsity import sparsity_summary
+from lmmc.train import barrier, setup_distributed
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # What marks a directory as an earlier lmmc output, the only kind --force replaces.
@@ -243,23 +246,25 @@ def check_teacher_outputs(art: Artifact) -> None:
 
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
                   device: str = "auto", trust_remote_code: bool = False,
-                  recipe_path: str | Path | None = None) -> dict[str, Any]:
+                  recipe_path: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
-    complete output was written but a validation gate was missed."""
+    complete output was written but a validation gate was missed. `resume` continues a killed compile to
+    the same `out` from its last finished pass."""
     out = check_output(Path(out), model_ref, recipe, recipe_path, force)
     dev = resolve_device(device)
     the_plan = plan(model_ref, recipe, trust_remote_code)
     calib = recipe.calibration.path
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    area = WorkArea(out)
+    area.claim(describe_inputs(model_ref, recipe), resume)
+    tmp = area.output
+    done = 0
     try:
         started = time.perf_counter()
         teacher, adapter, preprocessor = load_teacher(model_ref, trust_remote_code)
         teacher.to(dev)
         art = Artifact(model_ref=model_ref, adapter=adapter, teacher=teacher, student=make_student(teacher),
-                       preprocessor=preprocessor, device=dev, workdir=tmp)
+                       preprocessor=preprocessor, device=dev, workdir=tmp, resume=resume)
         if calib:
             modalities = {t.modality for t in adapter.towers}
             text = [t for t in adapter.towers if t.modality == "text"]
@@ -268,17 +273,30 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         elif recipe.calibration.random:
             art.calib = random_calibration(recipe.calibration, teacher, adapter)
         check_teacher_outputs(art)
-        for step in recipe.steps():
+        # Under torchrun every rank reads the same saved state before rank 0 may replace it.
+        ctx = setup_distributed(dev)
+        done, earlier = area.restore(art) if resume else (0, 0.0)
+        barrier(ctx)
+        started -= earlier
+        for index, step in enumerate(recipe.steps()):
+            if index < done:
+                continue
+            art.scratch = area.scratch(index, step.name)
+            torch.manual_seed(pass_seed(recipe.calibration.seed, index))
             run_pass(step, art)
+            done = index + 1
+            area.save(art, done, time.perf_counter() - started)
         report = build_report(art, recipe, the_plan, time.perf_counter() - started)
-        save_student(art.student.cpu(), preprocessor, tmp / "student",
-                     {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
-        (tmp / "report.json").write_text(report_json(report))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if area.writer:
+            save_student(art.student.cpu(), preprocessor, tmp / "student",
+                         {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
+            (tmp / "report.json").write_text(report_json(report))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        area.finish()
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        area.discard()
         if err.errno in _DISK_FULL:
             raise LmmcError(f"the disk is full: writing '{err.filename or tmp}' failed ({err.strerror}); nothing "
                             f"was written to '{out}'. Free some space, or choose an --out on another disk") from None
@@ -286,8 +304,14 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             raise LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
                             f"Choose an --out on a writable disk, or fix the permissions") from None
         raise
+    except LmmcError:
+        area.discard()
+        raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        area.release()
+        if area.writer:
+            print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same "
+                  f"command with --resume to continue from there", file=sys.stderr)
         raise
     if report["validated"] and not report["passed"]:
         missed = [g for g in report["validation"].get("gates", []) if not g["passed"]]
