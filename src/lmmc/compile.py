@@ -23,6 +23,7 @@ from lmmc.adapters import TowerModule, prunable_linears
 from lmmc.artifact import Artifact
 from lmmc.data import check_images, check_random_allowed, load_calibration, random_calibration, read_samples, select
 from lmmc.errors import GateFailed, LmmcError
+from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
                           local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
 from lmmc.pipeline import run_pass
@@ -290,6 +291,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         if area.writer:
             save_student(art.student.cpu(), preprocessor, tmp / "student",
                          {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
+            write_manifest(art, tmp, recipe.calibration.max_length)
             (tmp / "report.json").write_text(report_json(report))
             if out.exists():
                 shutil.rmtree(out)

@@ -22,8 +22,9 @@ def _io(spec: TensorSpec) -> dict[str, Any]:
 
 
 def _files(path: Path) -> list[Path]:
-    """The artifact and the files it reads beside it (an IR's .bin, external ONNX data)."""
-    return sorted(p for p in path.parent.glob(f"{path.stem}.*") if p.suffix in {".onnx", ".xml", ".bin", ".data"})
+    """The artifact and the files it reads beside it: an IR's .bin, an ONNX file's external data."""
+    beside = [path.with_suffix(".bin")] if path.suffix == ".xml" else [path.with_name(path.name + ".data")]
+    return [path, *(p for p in beside if p.is_file())]
 
 
 def artifact_records(art: Artifact) -> list[ExportRecord]:
