@@ -386,6 +386,7 @@ def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_p
     assert message.count("error:") == 1, message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+    assert "huggingface.co" not in message and "Traceback" not in message
     assert snapshot(tmp_path) == before
 
 

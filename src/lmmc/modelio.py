@@ -53,9 +53,11 @@ def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adap
         raise LmmcError(f"cannot read the config of '{ref}': {err}. Pass --trust-remote-code only if you trust "
                         f"the model's own code") from None
     except OSError as err:
-        where = "its config.json cannot be read" if path else (
-            f"no such directory relative to the current directory, and the hub does not answer for it ({err})")
-        raise LmmcError(f"'{ref}': {where}; check the path or the hub id, or download the model first") from None
+        if path:
+            raise LmmcError(f"'{ref}': its config.json cannot be read ({err}); save the model again") from None
+        raise LmmcError(f"no such directory: '{ref}' (relative to the current directory {Path.cwd()}), and no hub "
+                        f"model of that name could be loaded (offline, or no such id); check the spelling of the "
+                        f"path or the hub id, or download the model first") from None
     return config, get_adapter(config.model_type)
 
 
