@@ -170,7 +170,7 @@ def compile_curve(args: argparse.Namespace) -> None:
         for step in data["passes"]:
             if isinstance(step, dict) and isinstance(step.get("distill"), dict):
                 step["distill"]["checkpoint_dir"] = str(Path(tmp) / "checkpoints")
-        recipe = parse_recipe(data, source=args.compile)
+        recipe = parse_recipe(data, source=args.compile, base=Path(args.compile).resolve().parent)
         started = time.perf_counter()
         try:
             report = compile_model(minilm_path(), recipe, Path(tmp) / "out", device="cpu")
