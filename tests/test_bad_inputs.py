@@ -362,6 +362,14 @@ def _(tmp):
             ["is not one; it was left untouched", "Choose a new --out"])
 
 
+@case("--force on a directory with another tool's report.json")
+def _(tmp):
+    (tmp / "results").mkdir()
+    (tmp / "results" / "report.json").write_text('{"accuracy": 0.9}')
+    return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "results", "--force"],
+            ["replaces only an earlier lmmc output", "it was left untouched"])
+
+
 @case("symlinked --out")
 def _(tmp):
     (tmp / "real").mkdir()

@@ -33,8 +33,6 @@ from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-# What marks a directory as an earlier lmmc output, the only kind --force replaces.
-_LMMC_MARKS = ("report.json", "student/lmmc.json")
 # Write failures that the user fixes (free space, permissions), not bugs: said in one line, exit 2.
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -58,7 +56,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _is_lmmc_output(path: Path) -> bool:
-    return any((path / mark).is_file() for mark in _LMMC_MARKS)
+    """Holds student/lmmc.json, or a report.json that lmmc wrote (another tool's report.json is no proof)."""
+    if (path / "student" / "lmmc.json").is_file():
+        return True
+    try:
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "lmmc_version" in report
 
 
 def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
