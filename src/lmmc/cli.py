@@ -162,8 +162,9 @@ def summary_table(report: dict) -> str:
                  f"{report['parameters']['teacher']:,} -> {report['parameters']['student']:,}")
     if task:
         lines.append(f"{task['name']}: {task['value']:.3f}")
-    lines.append("gates: " + ", ".join(f"{g['name']} {'ok' if g['passed'] else 'MISSED'}"
-                                      for g in report["validation"].get("gates", [])))
+    if report.get("validated", True):
+        lines.append("gates: " + ", ".join(f"{g['name']} {'ok' if g['passed'] else 'MISSED'}"
+                                          for g in report["validation"].get("gates", [])))
     return "\n".join(lines)
 
 
