@@ -111,6 +111,22 @@ def test_encode_applies_the_saved_tokenizer(compiled, backend):
     assert np.abs(got - ref.numpy()).max() <= 1e-4
 
 
+def test_encode_applies_the_saved_image_processor(compiled, tmp_path):
+    from PIL import Image
+
+    student = load_student(compiled / "student")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(3)]
+    images[1].save(tmp_path / "one.png")
+    processor = transformers.AutoImageProcessor.from_pretrained(compiled / "student")
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = TowerModule(student, get_adapter("clip").tower("vision"))(pixels)[1].numpy()
+    deployed = open_dir(compiled, threads=1)
+    got = deployed.encode([images[0], tmp_path / "one.png", images[2]], batch_size=2)  # an image or its path
+    assert np.abs(got - ref).max() <= 1e-4
+
+
 def test_open_dir_names_what_is_missing(compiled, tmp_path):
     with pytest.raises(LmmcError, match="has no onnxruntime int8 fused artifact for the text tower"):
         open_dir(compiled, precision="int8", variant="fused")

@@ -104,7 +104,7 @@ class Deployment:
         raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}")
 
     def encode(self, items: list, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
-        """Pooled, L2-normalised embeddings of texts (str) or images (PIL images or file paths)."""
+        """Pooled, L2-normalised embeddings of texts (str) or images (PIL images or pathlib.Path files)."""
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         modality = "text" if isinstance(items[0], str) else "image"
@@ -124,7 +124,7 @@ class Deployment:
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         from PIL import Image
 
-        images = [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in chunk]
+        images = [Image.open(i).convert("RGB") if isinstance(i, Path) else i for i in chunk]
         return {"pixel_values": proc(images=images, return_tensors="np")["pixel_values"]}
 
 

@@ -29,6 +29,7 @@ class OrtModel:
             raise LmmcError("ONNX Runtime is not installed; install it with `pip install onnxruntime` "
                             "(a dependency of lmmc: reinstall with `pip install lmmc`)") from None
         opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # a failing run raises with ORT's message; its log would print it twice
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
