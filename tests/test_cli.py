@@ -313,3 +313,30 @@ def test_shipped_recipes_plan_from_any_directory(minilm, tmp_path, monkeypatch, 
     result = run("compile", minilm, "-r", REPO / "samples" / "recipes" / recipe, "-o", "out", "--dry-run")
     plan = json.loads(result.output)
     assert plan["calibration"] == str(CORPUS) and plan["samples"]["held_out"] == 256
+
+
+def test_nm_that_fits_only_some_matrices_is_warned_at_plan_time(tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**QUICK, "passes": [{"magnitude": {"nm": "1:64"}}]}  # only fc2 (64 inputs) fits; 32-wide ones stay dense
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)),
+                                       "-o", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "warning: 'magnitude' nm 1:64: 10 of 12 matrices have an input width not divisible by 64" in result.output
+
+
+def test_an_nm_pruner_that_pruned_nothing_fails_the_report():
+    from lmmc.adapters import get_adapter, prunable_linears
+    from lmmc.artifact import Artifact, PassRecord
+    from lmmc.compile import build_report
+    from lmmc.recipe import parse_recipe
+
+    teacher = tiny_model("bert")
+    adapter = get_adapter("bert")
+    every = [pl.param for pl in prunable_linears(teacher, adapter)]
+    art = Artifact(model_ref="tiny", adapter=adapter, teacher=teacher, student=teacher,
+                   validation={"gates": [], "passed": True})
+    art.records.append(PassRecord("magnitude", {"nm": "3:7"}, 0.0, {"dense_nm": every}))
+    report = build_report(art, parse_recipe(QUICK), {"calibration": "random"}, 0.0)
+    assert report["failures"] == ["'magnitude' nm 3:7 fitted no matrix: the student stayed dense"]
+    assert report["validated"] is True and report["passed"] is False
+    assert report["warnings"] == ["'magnitude' nm 3:7: 12 matrices stayed dense"]
