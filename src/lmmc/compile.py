@@ -99,7 +99,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
         if target == path or target in path.parents:
             verb = "is" if target == path else "contains"
             raise LmmcError(f"--out '{out}' {verb} {what} ({path}); writing there would destroy it. Choose an "
-                            f"output directory of its own, e.g. --out {path.parent / 'lmmc-out'}"
+                            f"output directory of its own, e.g. --out {path / 'lmmc-out'}"
                             if what == "the current directory" else
                             f"--out '{out}' {verb} {what} ({path}); writing there would destroy it. Choose a "
                             f"new directory elsewhere for --out")
