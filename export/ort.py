@@ -66,10 +66,12 @@ def fuse_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]] | None = 
     With `feeds`, each fusion level must run and agree with `src` within `atol` on them, else the next
     level is tried (each miss appended to `notes`); FusionFailed when none does."""
     reference = load(src, "onnxruntime") if feeds else None
+    # a source over protobuf's 2 GB limit keeps its weights beside it; so must the fused graph
+    external = dst.name + ".data" if _external(src) else None
     misses = []
     for level, fuse in _fuse_levels():
         model = fuse(ir.load(str(src)))
-        ir.save(model, str(dst))
+        ir.save(model, str(dst), external_data=external)
         if reference is None:
             return fused_op_counts(dst)
         try:
@@ -88,9 +90,14 @@ def fuse_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]] | None = 
     raise FusionFailed("; ".join(misses))
 
 
+def _external(src: Path) -> bool:
+    """Whether an export keeps its weights in a file beside it (models over protobuf's 2 GB)."""
+    return src.with_name(src.name + ".data").exists()
+
+
 def quantize_dynamic_onnx(src: Path, dst: Path) -> None:
     """INT8 weights, activations quantised on the fly per batch (no calibration data needed)."""
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=_external(src))
 
 
 class _FeedReader(CalibrationDataReader):
@@ -112,6 +119,7 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
     of their accuracy and little of their time."""
     quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                     nodes_to_exclude=exclude or [], per_channel=True, activation_type=QuantType.QUInt8,
+                    use_external_data_format=_external(src),
                     weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
