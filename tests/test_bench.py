@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
+from lmmc.bench import best_pair
 from lmmc.cli import main
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
@@ -200,7 +201,16 @@ def _no_artifacts(tmp_path, out):
     return bare
 
 
-@pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours"])
+def _teacher_moved(tmp_path, out):
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("bench.json"))
+    report = json.loads((moved / "report.json").read_text())
+    (moved / "report.json").write_text(json.dumps({**report, "model": str(tmp_path / "gone")}))
+    return moved
+
+
+@pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
+                                  "teacher moved"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, _, out = compiled
     target = tmp_path / "b.json"
@@ -210,6 +220,7 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "no artifacts": ([_no_artifacts(tmp_path, out)], "holds no student artifact to bench"),
         "backend missing": ([out], "pip install 'lmmc[openvino]'"),
         "json not ours": ([out], "exists and was not written by lmmc bench"),
+        "teacher moved": ([_teacher_moved(tmp_path, out)], "if it moved, pass --teacher with its new place"),
     }
     where, message = args[case]
     if case == "backend missing":
@@ -221,3 +232,19 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
     assert message in result.output
     assert result.output.count("error:") == 1
     assert (target.read_text() == '{"mine": 1}') if case == "json not ours" else not target.exists()
+
+
+def _row(model, artifact, p50, cosine):
+    return {"model": model, "artifact": artifact, "latency_ms": {"p50": p50}, "cosine_to_teacher": {"held-out": cosine}}
+
+
+def test_best_student_must_keep_the_recipes_fidelity_gate():
+    rows = [_row("teacher", "openvino INT8 (NNCF)", 40.0, 0.998), _row("teacher", "onnxruntime fp32", 130.0, 1.0),
+            _row("student", "ort/text.int8-static.onnx", 10.0, 0.80), _row("student", "openvino/text.int8.xml", 20.0, 0.95),
+            _row("student", "onnx/text.onnx", 60.0, 0.96)]
+    best = best_pair(rows, min_cosine=0.9)
+    assert (best["student"], best["teacher"], best["latency_ratio"]) == ("openvino/text.int8.xml", "openvino INT8 (NNCF)", 0.5)
+    assert best["student_meets_min_cosine"] is True
+    assert best_pair(rows)["student"] == "ort/text.int8-static.onnx"  # no gate: the fastest
+    none = best_pair(rows, min_cosine=0.99)
+    assert (none["student"], none["student_meets_min_cosine"]) == ("ort/text.int8-static.onnx", False)

@@ -47,6 +47,7 @@ class BenchConfig(BaseModel):
     corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
     calib: Path | None = Field(None, description="the compile's calibration data, when it moved since")
+    teacher: Path | None = Field(None, description="the compile's teacher, when it moved since")
 
 
 @dataclass
@@ -385,6 +386,7 @@ class _Run:
     threads: int
     batch: int
     seq: int
+    min_cosine: float | None  # the recipe's fidelity gate, which the best student artifact must keep
     notes: list[str]
 
 
@@ -403,8 +405,12 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         if not corpus.exists():
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
     versions = check_backends()
-    teacher_ref = report["model"]
-    _, adapter = resolve_config(teacher_ref)
+    teacher_ref = str(cfg.teacher) if cfg.teacher else report["model"]
+    try:
+        _, adapter = resolve_config(teacher_ref)
+    except LmmcError as err:
+        raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
+                        f"moved, pass --teacher with its new place") from None
     artifacts = student_artifacts(out_dir, [t.name for t in adapter.towers])
     calib_cfg = _recipe_calibration(report, cfg)
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
@@ -415,7 +421,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples)
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
-               seq=cfg.seq or validate.get("latency_seq", 128), notes=[])
+               seq=cfg.seq or validate.get("latency_seq", 128), min_cosine=validate.get("min_cosine"), notes=[])
 
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -438,7 +444,10 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     finally:
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
-    json_path.write_text(json.dumps(result, indent=2))
+    # written whole or not at all: into a temporary file beside it, then renamed over it
+    with tempfile.NamedTemporaryFile("w", dir=json_path.parent, prefix=f".{json_path.name}.", delete=False) as f:
+        f.write(json.dumps(result, indent=2))
+    os.replace(f.name, json_path)
     return result
 
 
@@ -486,16 +495,22 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                 cand.row["peak_rss_mib"] = peak_memory_mib(cand, run.teacher_ref, feed_path, run.threads)
                 progress.update(1)
     rows = [c.row for c in candidates]
-    return {"input": {n: list(v.shape) for n, v in feed.items()}, "rows": rows, "best": best_pair(rows)}
+    return {"input": {n: list(v.shape) for n, v in feed.items()}, "rows": rows,
+            "best": best_pair(rows, run.min_cosine)}
 
 
-def best_pair(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest student artifact against the fastest teacher deployment (by median latency)."""
-    def fastest(model: str) -> dict[str, Any]:
-        return min((r for r in rows if r["model"] == model), key=lambda r: r["latency_ms"]["p50"])
+def best_pair(rows: list[dict[str, Any]], min_cosine: float | None = None) -> dict[str, Any]:
+    """The fastest student artifact against the fastest teacher deployment, by median latency. With the
+    recipe's `min_cosine`, only student artifacts that keep it on the held-out split compete; when none
+    does, the fastest one is compared and the result says so."""
+    def fastest(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+        return min(candidates, key=lambda r: r["latency_ms"]["p50"])
 
-    s, t = fastest("student"), fastest("teacher")
-    return {"student": s["artifact"], "teacher": t["artifact"],
+    students = [r for r in rows if r["model"] == "student"]
+    passing = [r for r in students if min_cosine is None or r["cosine_to_teacher"]["held-out"] >= min_cosine]
+    s, t = fastest(passing or students), fastest([r for r in rows if r["model"] == "teacher"])
+    return {"student": s["artifact"], "teacher": t["artifact"], "min_cosine": min_cosine,
+            "student_meets_min_cosine": bool(passing),
             "latency_ratio": s["latency_ms"]["p50"] / t["latency_ms"]["p50"],
             "student_cosine": s["cosine_to_teacher"], "teacher_cosine": t["cosine_to_teacher"]}
 
@@ -531,7 +546,10 @@ def format_table(result: dict[str, Any]) -> str:
         b = tower["best"]
         cos = ", ".join(f"{c} {b['student_cosine'][c]:.4f} (teacher {b['teacher_cosine'][c]:.4f})"
                         for c in b["student_cosine"])
-        lines.append(f"\n{name}: fastest student {b['student']} vs fastest teacher {b['teacher']}: "
+        which = "fastest student" if b["min_cosine"] is None else (
+            f"fastest student with held-out cosine >= {b['min_cosine']}" if b["student_meets_min_cosine"]
+            else f"fastest student (none keeps the recipe's min_cosine {b['min_cosine']})")
+        lines.append(f"\n{name}: {which} {b['student']} vs fastest teacher {b['teacher']}: "
                      f"latency ratio {b['latency_ratio']:.2f} (the student is {_times(b['latency_ratio'])}); "
                      f"cosine {cos}")
     return "\n".join(lines)

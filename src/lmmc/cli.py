@@ -178,9 +178,10 @@ def summary_table(report: dict) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
 @click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
 @click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
+@click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
 @click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up and 3 timed rounds, no memory.")
-def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, no_memory, quick):
+def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
     from pydantic import ValidationError
@@ -190,7 +191,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     if quick:
         repeats, warmup, no_memory = 3, 1, True
     given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
-             "calib": Path(calib) if calib else None}
+             "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
                           corpora=tuple(Path(c) for c in corpus))
