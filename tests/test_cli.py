@@ -340,3 +340,12 @@ def test_an_nm_pruner_that_pruned_nothing_fails_the_report():
     assert report["failures"] == ["'magnitude' nm 3:7 fitted no matrix: the student stayed dense"]
     assert report["validated"] is True and report["passed"] is False
     assert report["warnings"] == ["'magnitude' nm 3:7: 12 matrices stayed dense"]
+
+
+def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "lmmc"), "passes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like `lmmc passes | head -0`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "internal error" not in err and "Traceback" not in err

@@ -37,6 +37,10 @@ class _Group(click.Group):
             how = f" by {err.args[0]}" if err.args else ""
             click.echo(f"interrupted{how}; the output directory was not written", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # Whoever read lmmc's output went away (`lmmc ... | head`): not a bug, an interruption.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_INTERRUPTED)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as err:
