@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -473,26 +474,29 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                                         load(a["path"], a["backend"], run.threads).run, params))
         progress.set_postfix_str(f"{tower.name}: timing")
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
-        reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
-        for i, cand in enumerate(candidates):
-            progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
-            ms = sorted(times[i])
-            cand.row = {
-                "model": cand.model, "artifact": cand.label, "backend": cand.backend, "precision": cand.precision,
-                "file": str(cand.path) if cand.model == "student" else None,
-                "size_bytes": file_size(cand.path), "parameters": cand.parameters,
-                "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
-                "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
-                # the first candidate, PyTorch eager fp32, is the reference itself
-                "cosine_to_teacher": {name: 1.0 if i == 0 else mean_cosine(embeddings(cand.run, b), reference[name])
-                                      for name, b in evaluated.items()},
-                "peak_rss_mib": None,
-            }
-            progress.update(1)
-        if cfg.memory:
-            for cand in candidates:
-                progress.set_postfix_str(f"{tower.name}: memory {cand.model} {cand.label}")
-                cand.row["peak_rss_mib"] = peak_memory_mib(cand, run.teacher_ref, feed_path, run.threads)
+        # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads)
+                      for c in candidates] if cfg.memory else []
+            reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
+            for i, cand in enumerate(candidates):
+                progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
+                ms = sorted(times[i])
+                cand.row = {
+                    "model": cand.model, "artifact": cand.label, "backend": cand.backend,
+                    "precision": cand.precision, "file": str(cand.path) if cand.model == "student" else None,
+                    "size_bytes": file_size(cand.path), "parameters": cand.parameters,
+                    "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
+                    "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
+                    # the first candidate, PyTorch eager fp32, is the reference itself
+                    "cosine_to_teacher": {name: 1.0 if i == 0 else mean_cosine(embeddings(cand.run, b), reference[name])
+                                          for name, b in evaluated.items()},
+                    "peak_rss_mib": None,
+                }
+                progress.update(1)
+            progress.set_postfix_str(f"{tower.name}: memory")
+            for cand, measured in zip(candidates, memory):
+                cand.row["peak_rss_mib"] = measured.result()
                 progress.update(1)
     rows = [c.row for c in candidates]
     return {"input": {n: list(v.shape) for n, v in feed.items()}, "rows": rows,
