@@ -446,9 +446,9 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
     # written whole or not at all: into a temporary file beside it, then renamed over it
-    with tempfile.NamedTemporaryFile("w", dir=json_path.parent, prefix=f".{json_path.name}.", delete=False) as f:
-        f.write(json.dumps(result, indent=2))
-    os.replace(f.name, json_path)
+    partial = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, json_path)
     return result
 
 
