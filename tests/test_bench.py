@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
-from lmmc.bench import best_pair
+from lmmc.bench import best_pair, student_artifacts
 from lmmc.cli import main
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
@@ -248,3 +248,18 @@ def test_best_student_must_keep_the_recipes_fidelity_gate():
     assert best_pair(rows)["student"] == "ort/text.int8-static.onnx"  # no gate: the fastest
     none = best_pair(rows, min_cosine=0.99)
     assert (none["student"], none["student_meets_min_cosine"]) == ("ort/text.int8-static.onnx", False)
+
+
+def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "text.onnx").write_bytes(b"")
+    (tmp_path / "onnx" / "vision.onnx").write_bytes(b"")
+    # without a manifest: onnx/<tower>.onnx of the model's towers
+    found, skipped = student_artifacts(tmp_path, ["text"])
+    assert [(a["label"], a["backend"], a["path"]) for a in found] == [("onnx/text.onnx", "onnxruntime", tmp_path / "onnx" / "text.onnx")]
+    entries = [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "path": "onnx/text.onnx"},
+               {"tower": "text", "backend": "tensorrt", "precision": "fp16", "path": "tensorrt/text.engine"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))
+    found, skipped = student_artifacts(tmp_path, ["text"])
+    assert [a["label"] for a in found] == ["onnx/text.onnx"]
+    assert skipped == ["student tensorrt/text.engine: tensorrt artifacts are not benched on the CPU"]

@@ -29,6 +29,7 @@ from lmmc.errors import LmmcError
 from lmmc.runtime import MANIFEST, load
 
 JSON_KIND = "lmmc bench"
+CPU_BACKENDS = ("onnxruntime", "openvino")
 MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runtime, then loads the artifact "
                  "and runs one timing batch (Linux VmHWM after load+run minus VmRSS before, the peak reset "
                  "after the runtime loaded), MiB")
@@ -86,8 +87,9 @@ def read_output(out_dir: Path) -> dict[str, Any]:
         raise LmmcError(f"{report_path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
 
 
-def student_artifacts(out_dir: Path, towers: list[str]) -> list[dict[str, Any]]:
-    """Every deployable student file: the manifest's list when there is one, else onnx/*.onnx."""
+def student_artifacts(out_dir: Path, towers: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every student file a CPU runtime can run (the manifest's list when there is one, else onnx/*.onnx),
+    and a note for each listed artifact of another backend (a TensorRT engine needs a GPU)."""
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
@@ -99,14 +101,17 @@ def student_artifacts(out_dir: Path, towers: list[str]) -> list[dict[str, Any]]:
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
-    found = [{**e, "label": e["path"], "path": out_dir / e["path"]} for e in entries if e["tower"] in towers]
+    skipped = [f"student {e['path']}: {e['backend']} artifacts are not benched on the CPU" for e in entries
+               if e["backend"] not in CPU_BACKENDS]
+    found = [{**e, "label": e["path"], "path": out_dir / e["path"]} for e in entries
+             if e["tower"] in towers and e["backend"] in CPU_BACKENDS]
     if not found:
         raise LmmcError(f"'{out_dir}' holds no student artifact to bench (no {MANIFEST} entries and no "
                         f"onnx/<tower>.onnx for towers {towers}); compile with an export step such as 'export: [onnx]'")
     for a in found:
         if not a["path"].is_file():
             raise LmmcError(f"student artifact '{a['path']}' is listed in {MANIFEST} but missing; recompile '{out_dir}'")
-    return found
+    return found, skipped
 
 
 def check_backends() -> dict[str, str]:
@@ -127,6 +132,8 @@ def check_backends() -> dict[str, str]:
 
 def check_json_target(path: Path) -> None:
     """bench may replace its own earlier JSON, never a file it did not write."""
+    if path.is_dir():
+        raise LmmcError(f"--json '{path}' is a directory; give a file path such as {path / 'bench.json'}")
     if not path.exists():
         if not path.parent.is_dir():
             raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
@@ -257,9 +264,8 @@ def file_size(path: Path | None) -> int | None:
     if path is None:
         return None
     total = path.stat().st_size
-    companions = [path.with_suffix(".bin")] if path.suffix == ".xml" else [path.with_name(path.name + ".data"),
-                                                                           path.with_suffix(".onnx.data")]
-    return total + sum(p.stat().st_size for p in set(companions) if p.is_file())
+    companion = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return total + (companion.stat().st_size if companion.is_file() else 0)
 
 
 def _vm(field_name: str) -> float:
@@ -309,6 +315,7 @@ def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads:
     spec = {"backend": cand.backend, "path": str(cand.path) if cand.path else None, "model": teacher_ref,
             "tower": cand.tower, "feed": str(feed_path), "threads": threads}
     code = "from lmmc.bench import memory_child; memory_child()"
+    # a hub teacher is in the local cache by now: the child needs no network
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -412,7 +419,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     except LmmcError as err:
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
-    artifacts = student_artifacts(out_dir, [t.name for t in adapter.towers])
+    artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers])
     calib_cfg = _recipe_calibration(report, cfg)
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
     validate = report["recipe"].get("validate") or {}
@@ -422,7 +429,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples)
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
-               seq=cfg.seq or validate.get("latency_seq", 128), min_cosine=validate.get("min_cosine"), notes=[])
+               seq=cfg.seq or validate.get("latency_seq", 128), min_cosine=validate.get("min_cosine"), notes=skipped)
 
     started = time.perf_counter()
     result: dict[str, Any] = {
