@@ -534,7 +534,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The bench table, one block per tower, with the comparison that matters last."""
     lines = [f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
              f"warm-up + {result['repeats']} timed rounds, interleaved; cosine: mean to the fp32 teacher "
-             f"(PyTorch) per corpus"]
+             f"(PyTorch) per corpus",
+             f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
+             + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
     if result["memory"]:
         lines.append(f"peak MiB: {result['memory']}")
     for name, tower in result["towers"].items():
