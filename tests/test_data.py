@@ -10,7 +10,7 @@ from PIL import Image
 from lmmc.data import load_calibration, read_samples, split
 from lmmc.errors import LmmcError
 from lmmc.recipe import CalibrationConfig
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, tiny_vocab
 
 
 def test_split_is_deterministic_and_never_overlaps():
@@ -59,7 +59,7 @@ def test_image_text_pairs_are_encoded_in_matching_order(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         lines.append(json.dumps({"text": f"picture number {i}", "image": f"{i}.png"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
-    tok = transformers.BertTokenizerFast(vocab_file=_vocab(tmp_path))
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     cfg = CalibrationConfig(samples=8, eval_samples=4, batch_size=3)
     data = load_calibration(cfg, str(tmp_path / "pairs.jsonl"), {"text", "image"}, {"tokenizer": tok, "image_processor": proc})
@@ -72,9 +72,3 @@ def test_image_text_pairs_are_encoded_in_matching_order(tmp_path):
     with pytest.raises(LmmcError, match="image-text pairs"):
         load_calibration(cfg, str(tmp_path / "only.txt"), {"text", "image"}, {"tokenizer": tok, "image_processor": proc})
 
-
-def _vocab(tmp_path):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "picture", "number", "text"] + [str(i) for i in range(12)]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(words))
-    return str(path)
