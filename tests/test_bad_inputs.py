@@ -217,6 +217,19 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["nm = 124", "Quote it", 'nm: "2:4"']
 
 
+@case("unknown key in the bench section")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "bench": {"repeat": 3}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["bad bench section", "repeat: unknown key"]
+
+
+@case("bench corpus that does not exist")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "bench": {"corpora": ["prose.txt"]}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["bench.corpora 'prose.txt' does not exist",
+                                                                  "relative to the recipe"]
+
+
 @case("N:M pattern that fits no matrix")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {"nm": "3:7"}}]})

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
-from lmmc.bench import best_pair, student_artifacts
+from lmmc.bench import best_pair, format_table, student_artifacts
 from lmmc.cli import main
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
@@ -263,3 +263,25 @@ def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
     found, skipped = student_artifacts(tmp_path, ["text"])
     assert [a["label"] for a in found] == ["onnx/text.onnx"]
     assert skipped == ["student tensorrt/text.engine: tensorrt artifacts are not benched on the CPU"]
+
+
+def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {
+        "calibration": {"path": str(CORPUS), "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
+        "passes": [{"wanda": {"sparsity": 0.5}}],
+        "validate": {"latency": False, "latency_batch": 2, "latency_seq": 16, "threads": 1},
+        "bench": {"repeats": 3, "warmup": 1, "memory": False, "threads": 1},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    result = run("compile", model_dir, "--recipe", tmp_path / "recipe.yaml", "--out", out)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "bench.json").read_text())
+    rows = saved["towers"]["text"]["rows"]
+    assert [r["artifact"] for r in rows] == [*TEACHER_ROWS, "onnx/text.onnx"]
+    assert [len(r["latency_ms"]["runs"]) for r in rows] == [3] * len(rows)
+    student = rows[-1]["cosine_to_teacher"]["held-out"]
+    validated = json.loads((out / "report.json").read_text())["validation"]["towers"]["text"]["cosine_mean"]
+    assert student == pytest.approx(validated, abs=1e-4)
+    assert result.stdout.strip().splitlines()[-1] == format_table(saved).splitlines()[-1]

@@ -123,6 +123,12 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
         click.echo("not validated: the recipe switched validation off ('validate: false'); the student was not "
                    "compared with the teacher", err=True)
     click.echo(f"wrote {_written(Path(out))}")
+    if parsed.bench is not None and os.environ.get("RANK", "0") == "0":
+        from lmmc.bench import bench, format_table
+
+        result = bench(Path(out), parsed.bench)
+        click.echo(f"wrote {Path(out) / 'bench.json'}", err=True)
+        click.echo(format_table(result))
 
 
 def _warn(warnings: list[str]) -> None:

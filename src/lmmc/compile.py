@@ -21,6 +21,7 @@ import torch
 import lmmc
 from lmmc.adapters import TowerModule, prunable_linears
 from lmmc.artifact import Artifact
+from lmmc.bench import check_backends
 from lmmc.data import check_images, check_random_allowed, load_calibration, random_calibration, read_samples, select
 from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
@@ -149,6 +150,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_lengths(config, adapter, recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
+    _check_bench(recipe)
     return {
         "model": model_ref,
         "adapter": adapter.family,
@@ -160,6 +162,17 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         "validated": recipe.validated,
         "warnings": warnings,
     }
+
+
+def _check_bench(recipe: Recipe) -> None:
+    """The recipe's bench runs after the output is written: refuse now what it would refuse then."""
+    if recipe.bench is None:
+        return
+    check_backends()
+    for corpus in recipe.bench.corpora:
+        if not corpus.exists():
+            raise LmmcError(f"bench.corpora: '{corpus}' does not exist; give a .txt, .jsonl or image folder "
+                            f"(relative paths are resolved against the recipe's directory)")
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:

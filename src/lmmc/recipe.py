@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmmc.bench import BenchConfig
 from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass
 
@@ -57,6 +58,8 @@ class Recipe(BaseModel):
     passes: list[Step] = []
     export: list[Step] = []
     validate_: Step | None = Field(None, alias="validate")
+    # `lmmc bench` run on the finished output, its table printed after the compile's; None = not run.
+    bench: BenchConfig | None = None
 
     def steps(self) -> list[Pass]:
         """Every pass in the order it runs: compression, export, then validation."""
@@ -94,6 +97,8 @@ class Recipe(BaseModel):
         out["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.passes]
         out["export"] = [{s.name: s.config.model_dump(mode="json")} for s in self.export]
         out["validate"] = self.validate_.config.model_dump(mode="json") if self.validate_ is not None else False
+        if self.bench is not None:
+            out["bench"] = self.bench.model_dump(mode="json")
         return out
 
     def dump(self) -> str:
@@ -165,6 +170,10 @@ def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
                 item = {name: params}
             resolved.append(item)
         data[section] = resolved
+    bench = data.get("bench")
+    if isinstance(bench, dict) and isinstance(bench.get("corpora"), list):
+        data["bench"] = {**bench, "corpora": [_resolve(c, base, "bench.corpora", must_exist=True)
+                                              for c in bench["corpora"]]}
     return data
 
 
@@ -175,8 +184,9 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     `validate` key the recipe validates with the default gates (and exports ONNX, which validation
     needs, unless it lists its own exports); `validate: false` switches validation off."""
     if not isinstance(data, dict):
-        raise LmmcError(f"{source}: a recipe is a YAML mapping with keys model, calibration, passes, export, validate")
-    known = {"model", "calibration", "passes", "export", "validate"}
+        raise LmmcError(f"{source}: a recipe is a YAML mapping with keys model, calibration, passes, export, "
+                        f"validate, bench")
+    known = {"model", "calibration", "passes", "export", "validate", "bench"}
     unknown = set(data) - known
     if unknown:
         raise LmmcError(f"{source}: unknown key(s) {sorted(unknown, key=str)}; a recipe has only {sorted(known)}")
@@ -207,7 +217,18 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise LmmcError(f"{source}: 'model' must be a path or a hub id, got {model!r}")
-    recipe = Recipe(model=model, calibration=calibration, passes=passes, export=export, validate=validate)
+    raw_bench = data.get("bench")
+    if raw_bench is True:
+        raw_bench = {}
+    if raw_bench not in (None, False) and not isinstance(raw_bench, dict):
+        raise LmmcError(f"{source}: 'bench' is a mapping of `lmmc bench` settings like {{repeats: 15}}, true for "
+                        f"the defaults, or false; got {raw_bench!r}")
+    try:
+        bench = BenchConfig.model_validate(raw_bench) if isinstance(raw_bench, dict) else None
+    except ValidationError as err:
+        raise LmmcError(f"{source}: bad bench section:\n{_explain(err)}") from None
+    recipe = Recipe(model=model, calibration=calibration, passes=passes, export=export, validate=validate,
+                    bench=bench)
     recipe.check()
     return recipe
 
