@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +25,8 @@ class TensorSpec:
     shape: tuple[int | None, ...]
 
 
-class Model(Protocol):
-    """What every backend's loaded artifact offers."""
+class Model:
+    """What every backend's loaded artifact offers; a backend sets the four attributes and `run`."""
 
     backend: str
     path: Path
@@ -34,12 +34,15 @@ class Model(Protocol):
     outputs: list[TensorSpec]
 
     @property
-    def input_names(self) -> list[str]: ...
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
 
     @property
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
 
 def backend_for(path: Path) -> str:

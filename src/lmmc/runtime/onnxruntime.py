@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import TensorSpec, cast_feed
+from lmmc.runtime import Model, TensorSpec, cast_feed
 
 # ONNX Runtime's type strings -> numpy dtype names
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -19,7 +19,7 @@ def _spec(arg) -> TensorSpec:
                       tuple(d if isinstance(d, int) else None for d in arg.shape))
 
 
-class OrtModel:
+class OrtModel(Model):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
@@ -42,14 +42,6 @@ class OrtModel:
         self.path = path
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(None, cast_feed(self, feed))))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import TensorSpec, cast_feed
+from lmmc.runtime import Model, TensorSpec, cast_feed
 
 
 def _spec(port) -> TensorSpec:
@@ -15,7 +15,7 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), port.get_element_type().to_dtype().name, shape)
 
 
-class OpenVinoModel:
+class OpenVinoModel(Model):
     backend = "openvino"
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
@@ -42,14 +42,6 @@ class OpenVinoModel:
         self.inputs = [_spec(p) for p in self.compiled.inputs]
         self.outputs = [_spec(p) for p in self.compiled.outputs]
         self.request = self.compiled.create_infer_request()
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = self.request.infer(cast_feed(self, feed))
