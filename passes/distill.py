@@ -88,7 +88,8 @@ class DistillConfig(PassConfig):
                                   "in memory when they fit in this many MB; 0 = run the teacher every step")
     checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints; default in "
                                        "`lmmc compile`: the compile's work area beside --out")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one "
+                                  "(in `lmmc compile`: every tenth of the steps)")
     keep_last: int = Field(2, ge=1, description="resumable step checkpoints kept")
     resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
                          "(`lmmc compile --resume` sets it)")
@@ -942,7 +943,9 @@ class DistillPass(Pass):
         if art.scratch is not None:
             # In a compile's work area the checkpoints survive a kill, and `lmmc compile --resume` continues
             # from the newest one; a checkpoint_dir named by the recipe is kept.
+            # Unless the recipe says how often, a kill loses at most a tenth of the steps.
             cfg = cfg.model_copy(update={"checkpoint_dir": cfg.checkpoint_dir or str(art.scratch),
+                                         "checkpoint_every": cfg.checkpoint_every or max(1, cfg.steps // 10),
                                          "resume": cfg.resume or art.resume})
         trainer = Trainer(cfg, art)
         try:
