@@ -104,7 +104,14 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     (out / STANDARD_WEIGHTS).unlink(missing_ok=True)
     (out / SHRUNK_WEIGHTS).unlink(missing_ok=True)
     if standard:
-        model.save_pretrained(out, safe_serialization=True)
+        # A compile saves the student after every pass; transformers' per-save progress bar is noise there.
+        shown = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            model.save_pretrained(out, safe_serialization=True)
+        finally:
+            if shown:
+                transformers.utils.logging.enable_progress_bar()
     else:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
