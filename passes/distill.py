@@ -370,12 +370,14 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
             raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
         source = f"the calibration samples of '{art.calib.source}'"
         samples = _split_samples(art.calib.calib, modalities)
-    held_out = {_sample_key(s) for s in _split_samples(art.calib.eval, modalities)} if art.calib else set()
+    # Pairs are held out by their image: a held-out image under another caption is still held out.
+    by = ["image"] if "image" in modalities else modalities
+    held_out = ({_sample_key({m: s[m] for m in by}) for s in _split_samples(art.calib.eval, modalities)}
+                if art.calib else set())
     unique: dict[tuple, Sample] = {}
     for s in samples:
-        key = _sample_key(s)
-        if key not in held_out:
-            unique.setdefault(key, s)
+        if _sample_key({m: s[m] for m in by}) not in held_out:
+            unique.setdefault(_sample_key(s), s)
     samples = list(unique.values())
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     samples = [samples[i] for i in order]
