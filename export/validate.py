@@ -147,6 +147,7 @@ class ValidatePass(Pass):
                     "runtime_max_abs_diff": diff,
                     "cosine_mean": float(cos.mean()),
                     "cosine_min": float(cos.min()),
+                    "cosine_per_sample": [round(float(c), 6) for c in cos],  # for the report's histogram
                 }
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
