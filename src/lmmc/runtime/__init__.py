@@ -1,5 +1,5 @@
-"""One runtime for every exported artifact: `load` opens an ONNX file in ONNX Runtime or an OpenVINO IR
-behind the same small interface, and `open_dir` turns a compile's output into an encoder."""
+"""One runtime for every exported artifact: `load` opens an ONNX file in ONNX Runtime, an OpenVINO IR or a
+TensorRT engine behind the same small interface, and `open_dir` turns a compile's output into an encoder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from lmmc.errors import LmmcError
 
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 MANIFEST = "manifest.json"
 
 
@@ -46,14 +46,16 @@ class Model:
 
 
 def backend_for(path: Path) -> str:
-    """The backend a file's suffix implies: .onnx -> onnxruntime, .xml -> openvino."""
+    """The backend a file's suffix implies: .onnx -> onnxruntime, .xml -> openvino, .engine -> tensorrt."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnxruntime"
     if suffix == ".xml":
         return "openvino"
-    raise LmmcError(f"'{path}' is neither an ONNX file (.onnx) nor an OpenVINO IR (.xml); "
-                    f"pass one of those, or name the backend with backend=...")
+    if suffix == ".engine":
+        return "tensorrt"
+    raise LmmcError(f"'{path}' is neither an ONNX file (.onnx), an OpenVINO IR (.xml) nor a TensorRT engine "
+                    f"(.engine); pass one of those, or name the backend with backend=...")
 
 
 def load(path: str | Path, backend: str | None = None, threads: int | None = None) -> Model:
@@ -69,6 +71,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     if backend == "openvino":
         from lmmc.runtime.openvino import OpenVinoModel
         return OpenVinoModel(path, threads)
+    if backend == "tensorrt":
+        from lmmc.runtime.tensorrt import TrtModel
+        return TrtModel(path, threads)
     raise LmmcError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 

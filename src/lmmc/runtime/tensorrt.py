@@ -1,0 +1,66 @@
+"""TensorRT backend of lmmc.runtime: a serialized engine run on the GPU with execute_async_v3, its input
+shapes set on every call within the engine's optimisation profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lmmc.errors import LmmcError
+from lmmc.runtime import Model, TensorSpec, cast_feed
+
+EXTRA = "pip install 'lmmc[tensorrt]'"
+
+
+class TrtModel(Model):
+    backend = "tensorrt"
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        # `threads` is for the CPU runtimes; an engine runs on the GPU
+        try:
+            import tensorrt as trt
+            from polygraphy import cuda  # device buffers and streams without a CUDA build of torch
+        except ImportError:
+            raise LmmcError(f"running a TensorRT engine needs TensorRT and an NVIDIA GPU; install the extra with "
+                            f"`{EXTRA}`") from None
+        self._trt, self._cuda = trt, cuda
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise LmmcError(f"TensorRT cannot load '{path}': an engine runs only with the TensorRT version and GPU "
+                            f"model it was built for. Build it again on this machine with `lmmc compile`")
+        self.context = self.engine.create_execution_context()
+        self.path = path
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        specs = {n: TensorSpec(n, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name,
+                               tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n))) for n in names}
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [specs[n] for n in names if is_input[n]]
+        self.outputs = [specs[n] for n in names if not is_input[n]]
+        self._stream = cuda.Stream()
+        self._buffers = {n: cuda.DeviceArray(dtype=np.dtype(specs[n].dtype)) for n in names}
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = cast_feed(self, feed)
+        for spec in self.inputs:
+            array = feed[spec.name]
+            if not self.context.set_input_shape(spec.name, array.shape):
+                low, _, high = self.engine.get_tensor_profile_shape(spec.name, 0)
+                raise LmmcError(f"{self.path.name}: input '{spec.name}' of shape {list(array.shape)} is outside the "
+                                f"engine's profile ({list(low)} to {list(high)}); split the batch, or rebuild with "
+                                f"wider tensorrt.batch / seq in the recipe")
+            buffer = self._buffers[spec.name].resize(array.shape)
+            buffer.copy_from(array, self._stream)
+            self.context.set_tensor_address(spec.name, buffer.ptr)
+        outputs = {}
+        for spec in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(spec.name))
+            self.context.set_tensor_address(spec.name, self._buffers[spec.name].resize(shape).ptr)
+            outputs[spec.name] = np.empty(shape, dtype=spec.dtype)
+        if not self.context.execute_async_v3(self._stream.ptr):
+            raise LmmcError(f"TensorRT failed to run '{self.path}'; its error is printed above")
+        for name, host in outputs.items():
+            self._buffers[name].copy_to(host, self._stream)
+        self._stream.synchronize()
+        return outputs
