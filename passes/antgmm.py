@@ -1,4 +1,4 @@
-"""AntGMM's multi-stage structured pruning: depth, then FFN width, then attention heads, physically removed."""
+"""AntGMM's multi-stage structured pruning: depth, FFN width, attention heads, hidden size, physically removed."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from lmmc.adapters import Adapter, block_linears, block_list, head_dim
 from lmmc.artifact import Artifact
 from lmmc.blockwise import capture_block_inputs
-from lmmc.cost import Cost, block_cost, blocks_cost, channel_cost, head_cost
+from lmmc.cost import Cost, block_cost, blocks_cost, channel_cost, head_cost, hidden_channel_cost, restore_cost
+from lmmc.data import text_tokens
 from lmmc.errors import LmmcError
+from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
 from lmmc.importance import Importance, gate_hook, importance
+from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
 from lmmc.selection import Unit, select_units
 from lmmc.student import read_structure
-from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
+from lmmc.surgery import find_restore, hidden_width, keep_blocks_, keep_channels_, keep_heads_, keep_hidden_
 
-Stage = Literal["depth", "ffn", "heads"]
-STAGE_ORDER: tuple[Stage, ...] = ("depth", "ffn", "heads")
+Stage = Literal["depth", "ffn", "heads", "hidden"]
+STAGE_ORDER: tuple[Stage, ...] = ("depth", "ffn", "heads", "hidden")
+WIDTH_STAGES = ("ffn", "heads", "hidden")
 # Ours: the residual updates of blocks chosen for removal are faded out in these steps, a quarter of
 # the segment's distillation each, so the rest of the network learns to do without them before they go.
 FADE = (0.25, 0.5, 0.75, 1.0)
@@ -32,9 +36,9 @@ class AntGMMConfig(PassConfig):
                                                "sequence per tower, or parameters")
     shares: dict[Stage, float] | None = Field(None, description="share of the removed cost each stage "
                                               "takes, e.g. {depth: 0.5, ffn: 0.25, heads: 0.25}; stages run "
-                                              "in AntGMM's order depth → ffn → heads. Default: ffn and heads "
-                                              "in proportion to their cost, so both shrink alike")
-    importance: Literal["taylor", "activation"] = Field("taylor", description="heads and FFN channels: "
+                                              "in AntGMM's order depth → ffn → heads → hidden. Default: ffn "
+                                              "and heads in proportion to their cost, so both shrink alike")
+    importance: Literal["taylor", "activation"] = Field("taylor", description="heads, FFN and hidden channels: "
                                                         "first-order Taylor (needs backward) or gradient-free "
                                                         "activation scores")
     depth_importance: Literal["taylor", "activation"] = Field("activation", description="blocks: first-order "
@@ -42,12 +46,15 @@ class AntGMMConfig(PassConfig):
                                                               "influence on the residual stream (1 - cos)")
     temperature: float = Field(0.1, gt=0.0, description="temperature of the Taylor loss (in-batch "
                                "contrastive distance to the teacher's embeddings)")
-    seq_len: int = Field(128, gt=0, description="tokens per text sequence when counting FLOPs")
+    seq_len: int | None = Field(None, gt=0, description="tokens per text sequence when counting FLOPs (the "
+                                "deployment shape); default: the calibration texts' mean length; capped at "
+                                "the model's positions (CLIP: 77)")
     segments: int = Field(1, ge=1, description="cuts per stage; importance is rescored before each cut "
                           "and distillation (if set) runs after each")
     min_layers: int = Field(1, ge=1, description="floor: blocks every tower keeps")
     min_heads: int = Field(1, ge=1, description="floor: attention heads every block keeps")
     min_ffn: int = Field(1, ge=1, description="floor: FFN channels every block keeps")
+    min_hidden: int = Field(1, ge=1, description="floor: hidden (residual-stream) channels every tower keeps")
     distill: dict[str, Any] | None = Field(None, description="config of the 'distill' pass run after "
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
@@ -70,11 +77,12 @@ class AntGMMConfig(PassConfig):
 
 
 def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
-    """Tokens of one sequence per tower: the configured text length; an image tower's patch count."""
+    """Tokens of one sequence per tower: the text length it is deployed at (see `text_tokens`); an image
+    tower's patch count."""
     out = {}
     for tower in art.adapter.towers:
         if tower.modality == "text":
-            out[tower.name] = cfg.seq_len
+            out[tower.name] = text_tokens(art.calib, text_positions(art.student.config, tower), cfg.seq_len)
             continue
         (args, kwargs), = capture_block_inputs(art.student, tower, art.calib.calib_batches("image")[:1], art.device)
         out[tower.name] = (args[0] if args else kwargs["hidden_states"]).shape[1]
@@ -89,17 +97,21 @@ def _total(costs: dict[str, Cost], metric: str) -> float:
 class AntGMMPass(Pass):
     """AntGMM (Ant Group, WWW 2024): multi-stage structured pruning with distillation between segments.
 
-    Stages run in the paper's order, depth → FFN width → attention heads, each in `segments` cuts;
-    units are ranked globally across layers and towers under one budget (`keep` of the blocks' FLOPs
-    or parameters) with per-layer floors, and removed physically, so the student is smaller and faster
-    in every runtime. Blocks chosen for removal are faded out during distillation before they go. The
-    paper's fourth stage (hidden dimension) is not implemented.
+    Stages run in the paper's order, depth → FFN width → attention heads → hidden size, each in
+    `segments` cuts; units are ranked globally across layers and towers under one budget (`keep` of the
+    blocks' FLOPs or parameters) with per-layer floors, and removed physically, so the student is smaller
+    and faster in every runtime. Blocks chosen for removal are faded out during distillation before they
+    go. The hidden stage (a `hidden` share; BERT-family text encoders) removes one set of residual-stream
+    channels from the whole tower — embeddings, every block's readers and writers of the stream, every
+    LayerNorm over it — and ends the tower in a linear map back to the teacher's width, fitted by least
+    squares on the calibration data, so the pooled embedding stays comparable with the teacher's.
 
     Recipe::
 
         - antgmm: {keep: 0.5, budget: flops, importance: taylor}
         - antgmm: {keep: 0.5, shares: {depth: 0.5, ffn: 0.25, heads: 0.25}, segments: 2,
                    distill: {lr: 1.0e-4}, distill_steps_per_segment: 200}
+        - antgmm: {keep: 0.5, shares: {depth: 0.4, ffn: 0.2, heads: 0.2, hidden: 0.2}}
     """
 
     name = "antgmm"
@@ -126,6 +138,10 @@ class AntGMMPass(Pass):
         model, adapter, metric = art.student.to(art.device), art.adapter, cfg.budget
         self.tokens = _tokens(art, cfg)
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
+        if cfg.shares and cfg.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
+            raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
+                            f"text encoders only, not of '{art.student.config.model_type}'; drop 'hidden' from "
+                            f"the shares")
         start = blocks_cost(model, adapter, self.head_dims, self.tokens)
         total0 = _total(start, metric)
         target = cfg.keep * total0
@@ -173,9 +189,14 @@ class AntGMMPass(Pass):
 
     def _capacity(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         """The most each stage could remove from the model as it is, given the floors."""
-        cfg, cap = self.config, {"depth": 0.0, "ffn": 0.0, "heads": 0.0}
+        cfg, cap = self.config, {"depth": 0.0, "ffn": 0.0, "heads": 0.0, "hidden": 0.0}
         for tower in adapter.towers:
             hd, tok = self.head_dims[tower.name], self.tokens[tower.name]
+            if tower.hidden is not None:
+                width = hidden_width(model, tower)
+                channel = hidden_channel_cost(block_list(model, tower)[1], tower, tok, self._teacher_width(model, tower))
+                removable = max(width - cfg.min_hidden, 0) * channel.get(cfg.budget) - self._restore_to_add(model, tower)
+                cap["hidden"] += max(removable, 0.0)
             per_block = []
             for block in block_list(model, tower)[1]:
                 lin = block_linears(block, tower)
@@ -193,7 +214,7 @@ class AntGMMPass(Pass):
         Checked before any scoring, so an impossible budget fails at once. Removing blocks takes their
         heads and channels with it; the width stages' room is scaled down accordingly (ours)."""
         cfg, cap = self.config, self._capacity(model, adapter)
-        width = [s for s in ("ffn", "heads") if shares.get(s)]
+        width = [s for s in WIDTH_STAGES if shares.get(s)]
         depth = min(shares.get("depth", 0.0) * remove, cap["depth"])
         for _ in range(50):
             room = {s: cap[s] * (1 - depth / total) for s in width}
@@ -211,6 +232,8 @@ class AntGMMPass(Pass):
 
     def _segment(self, art: Artifact, stage: str, seg: int, goal: float) -> dict[str, Any]:
         cfg, model, adapter = self.config, art.student, art.adapter
+        if stage == "hidden":
+            return self._hidden_segment(art, seg, goal)
         before = self._cost(model, adapter)
         # Ours: a whole block is too large a change for a first-order estimate. On MiniLM at 50 % FLOPs
         # with shares depth 0.5 / ffn 0.25 / heads 0.25 and Taylor widths, the Taylor gate removed
@@ -271,6 +294,60 @@ class AntGMMPass(Pass):
                     cost, s, floors[key] = channel_cost(block, tower, tok), scores.channels[key], cfg.min_ffn
                 units += [Unit(key, j, float(v), cost.get(cfg.budget)) for j, v in enumerate(s.tolist())]
         return units, floors
+
+    def _teacher_width(self, model: torch.nn.Module, tower: Any) -> int:
+        restore = find_restore(model, tower)
+        return restore.proj.out_features if restore is not None else hidden_width(model, tower)
+
+    def _restore_to_add(self, model: torch.nn.Module, tower: Any) -> float:
+        """The cost of the map back to the teacher's width that a first cut of hidden channels adds."""
+        if find_restore(model, tower) is not None:
+            return 0.0
+        width = hidden_width(model, tower)
+        return restore_cost(width, width, self.tokens[tower.name]).get(self.config.budget)
+
+    def _hidden_segment(self, art: Artifact, seg: int, goal: float) -> dict[str, Any]:
+        """Remove hidden channels, one shared set per tower, ranked globally; refit the map back to the
+        teacher's width by least squares, then distil.
+
+        The first cut adds that map (its cost counts against the budget, so the stage removes more
+        channels to pay for it). The kept channels' LayerNorms now normalise over fewer channels, which
+        shifts their statistics; nothing rescales them: the least-squares map and the distillation that
+        follows absorb the shift. The record gives the pooled cosine to the teacher on the calibration
+        data before the cut, right after it and after the fit, which measures that shift."""
+        cfg, model, adapter = self.config, art.student, art.adapter
+        before = self._cost(model, adapter) + sum(self._restore_to_add(model, t) for t in adapter.towers)
+        scores = hidden_importance(cfg.importance, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
+        units, floors = [], {}
+        for tower in adapter.towers:
+            channel = hidden_channel_cost(block_list(model, tower)[1], tower, self.tokens[tower.name],
+                                          self._teacher_width(model, tower)).get(cfg.budget)
+            floors[tower.name] = cfg.min_hidden
+            units += [Unit(tower.name, j, float(v), channel) for j, v in enumerate(scores[tower.name].tolist())]
+        chosen = select_units(units, before - goal, floors)
+        drop: dict[str, set[int]] = {}
+        for u in chosen.removed:
+            drop.setdefault(u.group, set()).add(u.index)
+        record: dict[str, Any] = {"stage": "hidden", "segment": seg, "removed": len(chosen.removed), "towers": {}}
+        for tname, idx in drop.items():
+            tower = adapter.tower(tname)
+            width = hidden_width(model, tower)
+            cos_before = pooled_cosine(model, art.teacher, tower, art.calib, art.device)
+            keep_hidden_(model, tower, [c for c in range(width) if c not in idx])
+            cos_cut = pooled_cosine(model, art.teacher, tower, art.calib, art.device)
+            fit = fit_restore_(model, art.teacher, tower, art.calib, art.device)
+            record["towers"][tname] = {
+                "hidden": hidden_width(model, tower),
+                "calib_cosine_before": cos_before,
+                "calib_cosine_cut": cos_cut,
+                "calib_cosine_fitted": pooled_cosine(model, art.teacher, tower, art.calib, art.device),
+                "restore_fit": fit,
+            }
+        if cfg.distill is not None and chosen.removed:
+            record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
+        record["cost"] = self._cost(model, adapter)
+        record["goal"] = goal
+        return record
 
     def _distill(self, art: Artifact, steps: int) -> dict[str, Any]:
         distill = get_pass("distill")

@@ -1,7 +1,8 @@
 """Parameter and FLOP counts of transformer blocks and of the units structured pruning removes.
 
 FLOPs count matrix products only (2 per multiply-add), as `torch.utils.flop_counter` does: the linears
-of a block plus the two attention products (scores and weighted values), which grow with the tokens."""
+of a block (the map back to the teacher's width included, where hidden channels were removed) plus the
+two attention products (scores and weighted values), which grow with the tokens."""
 
 from __future__ import annotations
 
@@ -50,11 +51,33 @@ def channel_cost(block: nn.Module, tower: TowerSpec, tokens: int) -> Cost:
     return Cost(fc1.in_features + _bias(fc1) + fc2.out_features, 2 * (fc1.in_features + fc2.out_features) * tokens)
 
 
+def restore_cost(width: int, teacher_width: int, tokens: int) -> Cost:
+    """The linear map (with bias) from `width` kept hidden channels back to the teacher's width."""
+    return Cost(width * teacher_width + teacher_width, 2 * width * teacher_width * tokens)
+
+
+def hidden_channel_cost(blocks: nn.ModuleList, tower: TowerSpec, tokens: int, teacher_width: int) -> Cost:
+    """What one channel of the residual stream costs in the blocks: a q/k/v and fc1 input column and an
+    output-projection and fc2 row (and bias entry) per block, a weight and bias in each LayerNorm over
+    the stream, and an input column of the map back to the teacher's width."""
+    params = flops = 0
+    for block in blocks:
+        lin = {r: m for r, (_, m) in block_linears(block, tower).items()}
+        width = lin["q"].in_features
+        touched = lin["q"].out_features + lin["k"].out_features + lin["v"].out_features + lin["o"].in_features \
+            + lin["fc1"].out_features + lin["fc2"].in_features
+        params += touched + _bias(lin["o"]) + _bias(lin["fc2"])
+        params += sum(2 for m in block.modules() if isinstance(m, nn.LayerNorm) and m.normalized_shape == (width,))
+        flops += 2 * touched * tokens
+    column = restore_cost(1, teacher_width, tokens)
+    return Cost(params + column.params - teacher_width, flops + column.flops)
+
+
 def block_cost(block: nn.Module, tower: TowerSpec, head_dim: int, tokens: int) -> Cost:
     """The whole block: every parameter in it, every linear's FLOPs and the attention products."""
     params = sum(p.numel() for p in block.parameters())
     lin = block_linears(block, tower)
-    linear_flops = sum(2 * m.in_features * m.out_features for m in (lin[r][1] for r in lin)) * tokens
+    linear_flops = sum(2 * m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear)) * tokens
     heads = lin["q"][1].out_features // head_dim
     return Cost(params, linear_flops + heads * 2 * 2 * tokens * head_dim * tokens)
 

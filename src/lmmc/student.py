@@ -5,7 +5,8 @@ student directory holds `config.json` (the teacher's config with only the layer 
 `lmmc_teacher_layers` added, so `AutoConfig` and tokenizers read it as usual), the tokenizer/processor
 files, and `lmmc.json`, whose
 "structure" section lists per tower the layer count, the teacher layer each block came from, the head
-dimension, the kept heads per layer and the FFN width per layer.
+dimension, the kept heads per layer, the FFN width per layer and the width of the residual stream
+(`hidden`; below the config's hidden size the tower ends in a `WidthRestore` back to that size).
 
 Where the config alone describes the model exactly (no pruning, or depth pruning only), the weights are
 written by `save_pretrained` as `model.safetensors`, and plain `from_pretrained` loads them exactly.
@@ -29,7 +30,7 @@ from transformers.initialization import no_init_weights
 
 from lmmc.adapters import Adapter, block_linears, block_list, get_adapter, head_dim, tower_config
 from lmmc.errors import LmmcError
-from lmmc.surgery import keep_channels_, keep_heads_
+from lmmc.surgery import hidden_width, keep_channels_, keep_heads_, keep_hidden_
 
 FORMAT_VERSION = 1
 STANDARD_WEIGHTS = "model.safetensors"
@@ -38,8 +39,8 @@ META_FILE = "lmmc.json"
 
 
 def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, Any]]:
-    """Per tower: layers, teacher_layers, head_dim, heads (per layer) and ffn (per layer), read from the
-    weights themselves so the record cannot drift from the model."""
+    """Per tower: layers, teacher_layers, head_dim, heads (per layer), ffn (per layer) and hidden, read
+    from the weights themselves so the record cannot drift from the model."""
     out = {}
     for tower in adapter.towers:
         _, blocks = block_list(model, tower)
@@ -56,6 +57,7 @@ def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, An
             "head_dim": hd,
             "heads": heads,
             "ffn": ffn,
+            "hidden": hidden_width(model, tower),
         }
     return out
 
@@ -77,6 +79,8 @@ def apply_structure_(model: nn.Module, adapter: Adapter, structure: dict[str, di
         for block, heads, width in zip(blocks, rec["heads"], rec["ffn"]):
             keep_heads_(block, tower, hd, range(heads))
             keep_channels_(block, tower, range(width))
+        # Records written before hidden channels could be removed have no "hidden": the full width.
+        keep_hidden_(model, tower, range(rec.get("hidden") or hidden_width(model, tower)))
 
 
 def _shape_map(module: nn.Module) -> dict[str, tuple[int, ...]]:

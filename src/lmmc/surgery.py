@@ -1,4 +1,4 @@
-"""Structured surgery: physically remove attention heads, FFN channels and whole blocks from a model."""
+"""Structured surgery: physically remove attention heads, FFN channels, whole blocks and hidden channels."""
 
 from __future__ import annotations
 
@@ -81,6 +81,10 @@ def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> Non
     (`lmmc_teacher_layers`), so that layer-wise distillation and the student format can map them back."""
     path, blocks = block_list(model, tower)
     idx = _index(keep, len(blocks), "transformer block").tolist()
+    if idx[-1] != len(blocks) - 1 and find_restore(model, tower) is not None:
+        raise LmmcError(f"the {tower.name} tower's last block holds the map back to the teacher's width that "
+                        f"removing hidden channels added, and it would be removed; remove blocks before hidden "
+                        f"channels (antgmm's stage order does)")
     cfg = tower_config(model, tower)
     origin = list(getattr(cfg, "lmmc_teacher_layers", None) or range(len(blocks)))
     parent_path, _, attr = path.rpartition(".")
@@ -93,3 +97,97 @@ def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> Non
                 mod.layer_idx = new_i
     cfg.num_hidden_layers = len(idx)
     cfg.lmmc_teacher_layers = [origin[i] for i in idx]
+
+
+class WidthRestore(nn.Module):
+    """The last LayerNorm of a tower whose hidden channels were removed, then a linear map from the kept
+    channels back to the teacher's width, so the tower's outputs stay comparable with the teacher's."""
+
+    def __init__(self, norm: nn.LayerNorm, proj: nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def _final_norm(block: nn.Module, tower: TowerSpec) -> tuple[str, nn.Module]:
+    for name in tower.hidden.final_norm:
+        mod = _get(block, name)
+        if mod is not None:
+            return name, mod
+    raise LmmcError(f"the {tower.name} tower's block has no output LayerNorm at {tower.hidden.final_norm}")
+
+
+def find_restore(model: nn.Module, tower: TowerSpec) -> WidthRestore | None:
+    """The tower's map back to the teacher's width, if hidden channels were removed."""
+    if tower.hidden is None:
+        return None
+    mod = _final_norm(block_list(model, tower)[1][-1], tower)[1]
+    return mod if isinstance(mod, WidthRestore) else None
+
+
+def hidden_width(model: nn.Module, tower: TowerSpec) -> int:
+    """Channels of the tower's residual stream (the teacher's hidden size until hidden channels go)."""
+    return block_linears(block_list(model, tower)[1][0], tower)["q"][1].in_features
+
+
+def keep_norm_(norm: nn.LayerNorm, channels: torch.Tensor) -> None:
+    """Keep the given channels of a LayerNorm: its weight and bias entries, and its normalised shape."""
+    with torch.no_grad():
+        channels = channels.to(norm.weight.device)
+        for attr in ("weight", "bias"):
+            p = getattr(norm, attr)
+            if p is not None:
+                setattr(norm, attr, nn.Parameter(p.index_select(0, channels).clone(), p.requires_grad))
+    norm.normalized_shape = (len(channels),)
+
+
+def keep_hidden_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> None:
+    """Keep the listed channels of a tower's residual stream, in every module that reads or writes it.
+
+    Embedding columns and the embedding LayerNorm; in every block the q/k/v and fc1 input columns, the
+    output-projection and fc2 rows (and biases), and every LayerNorm over the stream. The first call puts
+    a `WidthRestore` (identity over the full width) on the last block's output LayerNorm, whose input
+    columns then shrink like any other reader's; `lmmc.hidden.fit_restore_` fits it afterwards."""
+    _, blocks = block_list(model, tower)
+    width = hidden_width(model, tower)
+    channels = _index(keep, width, "hidden channel")
+    if len(channels) == width:
+        return
+    if tower.hidden is None:
+        raise LmmcError(f"removing hidden channels is not supported for the {tower.name} tower of this model "
+                        f"family (BERT-family text encoders only); drop 'hidden' from the antgmm shares")
+    embeddings = _get(model, tower.hidden.embeddings)
+    for name, mod in embeddings.named_modules():
+        if isinstance(mod, nn.Embedding):
+            if mod.embedding_dim != width:
+                raise LmmcError(f"the {tower.name} tower's embedding '{name}' is {mod.embedding_dim} wide, not the "
+                                f"hidden size {width} (a factorised embedding); its hidden channels cannot be removed")
+            with torch.no_grad():
+                idx = channels.to(mod.weight.device)
+                mod.weight = nn.Parameter(mod.weight.index_select(1, idx).clone(), mod.weight.requires_grad)
+            mod.embedding_dim = len(channels)
+        elif isinstance(mod, nn.LayerNorm):
+            keep_norm_(mod, channels)
+    last = blocks[-1]
+    name, norm = _final_norm(last, tower)
+    if not isinstance(norm, WidthRestore):
+        proj = nn.Linear(width, width).to(norm.weight.device, norm.weight.dtype)
+        with torch.no_grad():
+            proj.weight.copy_(torch.eye(width))
+            proj.bias.zero_()
+        parent_name, _, attr = name.rpartition(".")
+        setattr(_get(last, parent_name) if parent_name else last, attr, WidthRestore(norm, proj))
+    for block in blocks:
+        linears = block_linears(block, tower)
+        for role in ("q", "k", "v", "fc1"):
+            keep_cols_(linears[role][1], channels)
+        for role in ("o", "fc2"):
+            keep_rows_(linears[role][1], channels)
+        for mod in block.modules():
+            if isinstance(mod, nn.LayerNorm) and mod.normalized_shape == (width,):
+                keep_norm_(mod, channels)
+            elif isinstance(mod, WidthRestore):
+                keep_cols_(mod.proj, channels)

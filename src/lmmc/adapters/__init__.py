@@ -29,6 +29,16 @@ class BlockLayout:
     fc2: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class HiddenLayout:
+    """Where a tower's residual stream starts and ends, for removing hidden channels: the module holding
+    its embeddings (every nn.Embedding and LayerNorm in it is narrowed) and the LayerNorm, relative to a
+    block, that produces the block's output (on the last block: the tower's last hidden state)."""
+
+    embeddings: str
+    final_norm: tuple[str, ...]
+
+
 # (model, inputs) -> (last hidden state, pooled embedding before normalisation)
 EmbedFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,6 +51,7 @@ class TowerSpec:
     layout: BlockLayout
     config_key: str | None  # sub-config with this tower's sizes ("text_config"), None = top level
     embed: EmbedFn
+    hidden: HiddenLayout | None = None  # None: this tower's hidden channels cannot be removed
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """BERT-family text encoders (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT): one text tower."""
 
-from lmmc.adapters import Adapter, BlockLayout, TowerSpec, masked_mean
+from lmmc.adapters import Adapter, BlockLayout, HiddenLayout, TowerSpec, masked_mean
 
 
 def _embed(model, inputs):
@@ -23,14 +23,16 @@ ADAPTERS = (
     Adapter(
         family="bert",
         model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
-        towers=(TowerSpec("text", "text", ("encoder.layer",), _BERT_LAYOUT, None, _embed),),
+        towers=(TowerSpec("text", "text", ("encoder.layer",), _BERT_LAYOUT, None, _embed,
+                          HiddenLayout("embeddings", ("output.LayerNorm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",
     ),
     Adapter(
         family="distilbert",
         model_types=("distilbert",),
-        towers=(TowerSpec("text", "text", ("transformer.layer",), _DISTIL_LAYOUT, None, _embed),),
+        towers=(TowerSpec("text", "text", ("transformer.layer",), _DISTIL_LAYOUT, None, _embed,
+                          HiddenLayout("embeddings", ("output_layer_norm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",
     ),
