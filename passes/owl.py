@@ -8,7 +8,7 @@ from pydantic import Field
 from lmmc.adapters import PrunableLinear, block_linears
 from lmmc.allocation import Allocation, AllocationConfig, AllocationPass, group_name
 from lmmc.artifact import Artifact
-from lmmc.blockwise import collect_linear_inputs, visit_blocks
+from lmmc.blockwise import input_square_sums, visit_blocks
 from lmmc.errors import LmmcError
 from lmmc.pipeline import register
 
@@ -21,9 +21,7 @@ def input_sq_norms(art: Artifact) -> dict[str, torch.Tensor]:
     stream = visit_blocks(model, art.adapter, lambda t: art.calib.calib_batches(t.modality), art.device)
     for tower, i, block, inputs, batches in stream:
         mods = {role: lin for role, (_, lin) in block_linears(block, tower).items()}
-        sums = {role: torch.zeros(m.in_features, device=art.device) for role, m in mods.items()}
-        collect_linear_inputs(block, mods, inputs, batches, lambda role, rows: sums[role].add_(rows.pow(2).sum(0)))
-        for role, total in sums.items():
+        for role, total in input_square_sums(block, mods, inputs, batches).items():
             out[f"{tower.name}.{i}.{role}"] = total  # the name group_name gives at "layer" granularity
     return out
 

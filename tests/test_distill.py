@@ -23,8 +23,10 @@ from lmmc.artifact import Artifact
 from lmmc.data import load_calibration, random_calibration
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
                                  kl_logits, origin_layer_map, uniform_layer_map)
+from lmmc.distiller import Trainer, modality_key
 from lmmc.errors import LmmcError
 from lmmc.modelio import make_student
+from lmmc.passes.distill import build_corpus
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig, parse_recipe
 from lmmc.surgery import keep_blocks_
@@ -48,6 +50,11 @@ def tiny_art(kind: str, sparsity: float = 0.5, samples: int = 48, eval_samples: 
         magnitude = get_pass("magnitude")
         run_pass(magnitude(magnitude.Config(sparsity=sparsity)), art)
     return art
+
+
+def trainer(art: Artifact, cfg) -> Trainer:
+    """The trainer the pass would run, on the pass's own corpus."""
+    return Trainer(cfg, art, *build_corpus(cfg, art, sorted({modality_key(t) for t in art.adapter.towers})))
 
 
 def distill(art: Artifact, **cfg) -> dict:
@@ -140,11 +147,9 @@ def test_masks_hold_after_every_step_and_fidelity_improves():
 
 
 def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
-    from lmmc.passes.distill import Trainer
-
     art = tiny_art("clip")
-    cached = Trainer(Distill.Config(batch_size=8, dev_samples=8, progress=False), art)
-    fresh = Trainer(Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=0), art)
+    cached, fresh = (trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=mb))
+                     for mb in (2048, 0))
     assert cached.cache is not None and fresh.cache is None
     local = cached.batch_indices(3)
     inputs = {t.modality: cached._collate([cached.train[i] for i in local], t) for t in art.adapter.towers}

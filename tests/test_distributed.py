@@ -21,16 +21,16 @@ DDP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", 
 
 def count_samples(monkeypatch) -> list[int]:
     """Count the samples each forward of the objective sees, to show the data really is sharded."""
-    from lmmc.passes.distill import Objective
+    from lmmc.distiller import DistillLoss
 
     seen: list[int] = []
-    forward = Objective.forward
+    forward = DistillLoss.forward
 
     def counting(self, inputs, *args, **kwargs):
         seen.append(next(iter(next(iter(inputs.values())).values())).shape[0])
         return forward(self, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(Objective, "forward", counting)
+    monkeypatch.setattr(DistillLoss, "forward", counting)
     return seen
 
 

@@ -3,7 +3,7 @@ feeding every block the outputs of the blocks before it as they are *after* prun
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,34 +13,53 @@ from lmmc.adapters import Adapter, TowerModule, TowerSpec, block_list
 from lmmc.data import Batch
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward early: nothing after that point is needed."""
 
 
 BlockInput = tuple[tuple, dict]  # the (args, kwargs) one block was called with
 
 
-def capture_block_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch],
-                         device: torch.device) -> list[BlockInput]:
-    """Run the tower up to its first block for every batch and keep that block's call arguments."""
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden state in a block's output (blocks return it alone or first in a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block was called with, positionally or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def first_block_input(model: nn.Module, tower: TowerSpec, forward: Callable[[], Any]) -> BlockInput | None:
+    """Call `forward` (a forward of `model` through `tower`) only up to the tower's first block and return
+    the arguments that block was called with; None when the forward never reached it."""
     _, blocks = block_list(model, tower)
     captured: list[BlockInput] = []
 
     def hook(_mod, args, kwargs):
         captured.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    runner = TowerModule(model, tower)
     try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc=f"calibrating {tower.name} tower", unit="batch", leave=False):
-                try:
-                    runner(*[batch[name].to(device) for name in runner.names])
-                except _Stop:
-                    pass
+        forward()
+    except StopForward:
+        pass
     finally:
         handle.remove()
+    return captured[0] if captured else None
+
+
+def capture_block_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch],
+                         device: torch.device) -> list[BlockInput]:
+    """Run the tower up to its first block for every batch and keep that block's call arguments."""
+    runner = TowerModule(model, tower)
+    captured: list[BlockInput] = []
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=f"calibrating {tower.name} tower", unit="batch", leave=False):
+            inp = first_block_input(model, tower, lambda: runner(*[batch[name].to(device) for name in runner.names]))
+            if inp is not None:
+                captured.append(inp)
     return captured
 
 
@@ -50,13 +69,9 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     args, kwargs = inp
-    return _hidden(block(*args, **kwargs))
+    return block_output(block(*args, **kwargs))
 
 
 def advance(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
@@ -114,3 +129,11 @@ def collect_linear_inputs(block: nn.Module, linears: dict[str, nn.Linear], input
     finally:
         for h in handles:
             h.remove()
+
+
+def input_square_sums(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[BlockInput],
+                      batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """Σx² per input feature of each linear (by role) over the real tokens of the calibration inputs."""
+    sums = {role: torch.zeros(lin.in_features, device=lin.weight.device) for role, lin in linears.items()}
+    collect_linear_inputs(block, linears, inputs, batches, lambda role, rows: sums[role].add_(rows.pow(2).sum(0)))
+    return sums

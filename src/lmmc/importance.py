@@ -5,16 +5,16 @@ Two kinds: first-order Taylor (AntGMM's grad⊙W sums) and a gradient-free, Wand
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmmc.adapters import Adapter, TowerModule, block_linears, block_list, head_dim
-from lmmc.blockwise import collect_linear_inputs, run_block, token_mask, visit_blocks
+from lmmc.blockwise import block_input, block_output, input_square_sums, run_block, token_mask, visit_blocks
 from lmmc.data import CalibData
 from lmmc.errors import LmmcError
+from lmmc.objectives import info_nce
 
 Key = tuple[str, int]  # (tower name, block index)
 
@@ -33,18 +33,11 @@ def contrastive_distill_loss(student_emb: torch.Tensor, teacher_emb: torch.Tenso
 
     Ours: a bare encoder has no task loss, and a distance to the teacher is minimal (zero gradient) while
     the student still equals the teacher; the in-batch negatives keep the gradient informative."""
-    s = F.normalize(student_emb, dim=-1)
-    t = F.normalize(teacher_emb, dim=-1)
-    logits = s @ t.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
+    return info_nce(F.normalize(student_emb, dim=-1), F.normalize(teacher_emb, dim=-1), temperature, symmetric=False)
 
 
 def _batch_inputs(module: TowerModule, batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     return [batch[name].to(device) for name in module.names]
-
-
-def _output_hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def gate_hook(gate: torch.Tensor):
@@ -53,8 +46,8 @@ def gate_hook(gate: torch.Tensor):
     At gate = 1 the block is unchanged; ∂L/∂gate is the first-order loss change of removing it."""
 
     def hook(_mod, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        y = _output_hidden(output)
+        x = block_input(args, kwargs)
+        y = block_output(output)
         gated = x + gate * (y - x)
         if isinstance(output, tuple):
             return (gated, *output[1:])
@@ -155,12 +148,7 @@ def activation_importance(student: nn.Module, adapter: Adapter, calib: CalibData
     stream = visit_blocks(student, adapter, lambda t: calib.calib_batches(t.modality), device)
     for tower, i, block, inputs, batches in stream:
         lin = {r: m for r, (_, m) in block_linears(block, tower).items()}
-        sq = {r: torch.zeros(lin[r].in_features, device=device) for r in ("o", "fc2")}
-
-        def accumulate(role: str, rows: torch.Tensor) -> None:
-            sq[role] += rows.pow(2).sum(0)
-
-        collect_linear_inputs(block, {r: lin[r] for r in sq}, inputs, batches, accumulate)
+        sq = input_square_sums(block, {r: lin[r] for r in ("o", "fc2")}, inputs, batches)
         hd = head_dim(student, tower)
         with torch.no_grad():
             o_score = lin["o"].weight.abs().sum(0) * sq["o"].sqrt()
@@ -175,7 +163,7 @@ def activation_importance(student: nn.Module, adapter: Adapter, calib: CalibData
 def _block_influence(block: nn.Module, inputs: list, batches: list) -> float:
     total, count = 0.0, 0
     for (args, kwargs), batch in zip(inputs, batches):
-        x = args[0] if args else kwargs["hidden_states"]
+        x = block_input(args, kwargs)
         y = run_block(block, (args, kwargs))
         change = 1 - F.cosine_similarity(x.float(), y.float(), dim=-1)
         mask = token_mask(batch)

@@ -68,10 +68,13 @@ def _halves(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, mask * (1 - first)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between matching rows of two L2-normalised embedding matrices."""
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, symmetric: bool = True) -> torch.Tensor:
+    """InfoNCE between matching rows of two L2-normalised embedding matrices, in-batch negatives: each
+    row of `a` must pick its own row of `b` and, when `symmetric`, each row of `b` its own row of `a`."""
     logits = a @ b.T / temperature
     target = torch.arange(len(a), device=a.device)
+    if not symmetric:
+        return F.cross_entropy(logits, target)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 

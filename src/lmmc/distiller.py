@@ -1,0 +1,732 @@
+"""The distillation trainer: a student learns the teacher's hidden states, pooled embeddings and (dual
+encoders) similarity matrices, every module each step or one module per step as a schedule picks
+(lmmc.optima), with batching, a teacher-target cache, evaluation on a dev split and resumable checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from lmmc.adapters import TowerSpec, block_list, prunable_linears, tower_config
+from lmmc.artifact import Artifact
+from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
+from lmmc.data import Batch
+from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
+                                 origin_layer_map, output_loss, uniform_layer_map)
+from lmmc.errors import LmmcError
+from lmmc.optima import AllModules, SlidingWindowThompson, make_schedule
+from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
+                        lr_multiplier, optimizer_tensors, setup_distributed)
+
+if TYPE_CHECKING:
+    from lmmc.passes.distill import DistillConfig
+
+Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sample's unbatched tensor
+
+# Samples (in fixed order) whose activations set loss scales, projections and the "closest" layer map.
+_PROBE_SAMPLES = 32
+# Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
+_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One module of the bandit: consecutive student blocks [first, last] of one tower."""
+
+    tower: str
+    first: int
+    last: int
+    last_of_tower: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.tower}[{self.first}:{self.last + 1}]"
+
+
+@dataclass
+class TowerPlan:
+    spec: TowerSpec
+    n_student: int
+    n_teacher: int
+    layer_map: list[int] = field(default_factory=list)  # 1-based teacher layer per student layer
+    scales: list[float] = field(default_factory=list)  # teacher mean square per student layer's target
+    pooled_scale: float = 1.0
+
+
+@dataclass
+class TowerRun:
+    hidden: dict[int, torch.Tensor]  # block index (0-based) -> its output
+    pooled: torch.Tensor | None  # None when the forward stopped early
+
+
+def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], stop_after: int | None = None,
+              detach_before: int | None = None) -> TowerRun:
+    """Run one tower, keeping the outputs of the blocks in `keep`.
+
+    `stop_after` ends the forward after that block (nothing later is needed). `detach_before` cuts the
+    gradient at that block's input: the blocks below are not being distilled this step."""
+    _, blocks = block_list(model, spec)
+    hidden: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def out_hook(index: int):
+        def hook(_mod, _args, output):
+            if index in keep:
+                hidden[index] = block_output(output)
+            if index == stop_after:
+                raise StopForward
+        return hook
+
+    def detach_hook(_mod, args, kwargs):
+        if args:
+            return (block_input(args, kwargs).detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": block_input(args, kwargs).detach()}
+
+    for i, block in enumerate(blocks):
+        if i in keep or i == stop_after:
+            handles.append(block.register_forward_hook(out_hook(i)))
+    if detach_before is not None:
+        handles.append(blocks[detach_before].register_forward_pre_hook(detach_hook, with_kwargs=True))
+    try:
+        _, pooled = spec.embed(model, inputs)
+    except StopForward:
+        pooled = None
+    finally:
+        for h in handles:
+            h.remove()
+    return TowerRun(hidden, pooled)
+
+
+def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None) -> list[Arm]:
+    """Each tower's student blocks cut into runs of `blocks_per_arm` (the last run may be shorter)."""
+    arms = []
+    for name, plan in plans.items():
+        size = blocks_per_arm or plan.n_student
+        for first in range(0, plan.n_student, size):
+            last = min(first + size, plan.n_student) - 1
+            arms.append(Arm(name, first, last, last == plan.n_student - 1))
+    return arms
+
+
+def modality_key(spec: TowerSpec) -> str:
+    return "text" if spec.modality == "text" else "image"
+
+
+def sample_length(sample: Sample) -> int:
+    """Tokens of a sample's text (0 for images, which all have one size)."""
+    return len(sample["text"]["input_ids"]) if "text" in sample else 0
+
+
+def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
+    """Zero-pad a [tokens, d] tensor to `length` tokens (None: leave it)."""
+    if length is None or x.shape[0] == length:
+        return x
+    return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])
+
+
+def collate(samples: list[Sample], modality: str, pad_id: int) -> Batch:
+    """Stack samples of one modality; text is right-padded to the longest sample."""
+    if modality != "text":
+        return {"pixel_values": torch.stack([s[modality]["pixel_values"] for s in samples])}
+    length = max(len(s["text"]["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["text"]["input_ids"])
+        ids[i, :n] = s["text"]["input_ids"]
+        mask[i, :n] = s["text"]["attention_mask"]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class DistillLoss(nn.Module):
+    """The student plus the training-only projections; its forward is the distillation loss, so one
+    DistributedDataParallel wrapper covers every trainable tensor."""
+
+    def __init__(self, student: nn.Module, plans: dict[str, TowerPlan], cfg: DistillConfig,
+                 ctx: Distributed, logit_scale: float) -> None:
+        super().__init__()
+        self.student = student
+        self.proj = nn.ModuleDict()
+        self.plans = plans
+        self.cfg = cfg
+        self.ctx = ctx
+        self.logit_scale = logit_scale
+
+    def project(self, tower: str, key: str, x: torch.Tensor) -> torch.Tensor:
+        name = f"{tower}_{key}"
+        return self.proj[name](x) if name in self.proj else x
+
+    def forward(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
+                norm: float, teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.per_sample_loss(inputs, targets, focus, teacher_pooled).sum() * norm
+
+    def per_sample_loss(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
+                        teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of the focused module (or of everything, without focus) per local sample: its blocks'
+        hidden-state terms, plus the output and contrastive terms when it ends its tower."""
+        cfg = self.cfg
+        per_sample: torch.Tensor | float = 0.0
+        pooled: dict[str, torch.Tensor] = {}
+        for name, plan in self.plans.items():
+            if focus is not None and focus.tower != name:
+                continue
+            batch = inputs[modality_key(plan.spec)]
+            if focus is None:
+                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)))
+            else:
+                train_below = focus.first == 0 and cfg.train_embeddings
+                run = run_tower(self.student, plan.spec, batch, set(range(focus.first, focus.last + 1)),
+                                stop_after=None if focus.last_of_tower else focus.last,
+                                detach_before=None if train_below else focus.first)
+            mask = batch.get("attention_mask")
+            for i, h in run.hidden.items():
+                # Each layer weighs 1/L_s, so the modules' losses add up to the tower's mean layer loss.
+                term = hidden_loss(self.project(name, str(i), h), targets[name]["hidden"][plan.layer_map[i]],
+                                   mask, plan.scales[i])
+                per_sample = per_sample + (cfg.hidden / plan.n_student) * term
+            if run.pooled is not None:
+                pooled[name] = run.pooled
+                if cfg.output:
+                    p = self.project(name, "pooled", run.pooled)
+                    per_sample = per_sample + cfg.output * output_loss(p, targets[name]["pooled"], cfg.output_loss,
+                                                                       plan.pooled_scale)
+        if cfg.contrastive and len(self.plans) == 2 and pooled:
+            per_sample = per_sample + cfg.contrastive * self.contrastive(inputs, pooled, teacher_pooled)
+        return per_sample
+
+    def contrastive(self, inputs: dict[str, Batch], pooled: dict[str, torch.Tensor],
+                    teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-pair similarity-matrix loss; a tower not being distilled this step joins without gradient."""
+        text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
+        image = next(n for n in self.plans if n != text)
+        for name in (text, image):
+            if name not in pooled:
+                with torch.no_grad():
+                    spec = self.plans[name].spec
+                    pooled[name] = spec.embed(self.student, inputs[modality_key(spec)])[1]
+        s_txt, s_img = self.project(text, "pooled", pooled[text]), self.project(image, "pooled", pooled[image])
+        t_txt, t_img = teacher_pooled[text], teacher_pooled[image]
+        return contrastive_loss(s_img, s_txt, t_img, t_txt, gather(s_img, self.ctx), gather(s_txt, self.ctx),
+                                gather(t_img, self.ctx), gather(t_txt, self.ctx), self.cfg.contrastive_loss,
+                                self.logit_scale)
+
+    @torch.no_grad()
+    def measure(self, probes: list[tuple[dict, dict, dict]], focus: Arm) -> torch.Tensor:
+        """The focused module's loss summed over the probe samples (inputs, targets, teacher pooled)."""
+        return sum(self.per_sample_loss(inputs, targets, focus, pooled).float().sum()
+                   for inputs, targets, pooled in probes)
+
+
+def first_samples(n: int, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]],
+                  pooled: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """The first `n` samples of a micro-batch, with their teacher targets."""
+    return ({m: {k: v[:n] for k, v in b.items()} for m, b in inputs.items()},
+            {name: {"hidden": {j: h[:n] for j, h in t["hidden"].items()},
+                    "pooled": None if t["pooled"] is None else t["pooled"][:n]} for name, t in targets.items()},
+            {name: p[:n] for name, p in pooled.items()})
+
+
+def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[str]:
+    """Parameters the tower uses before its first block (its embeddings), found by differentiating the
+    first block's input, which needs no per-architecture list of names."""
+    with torch.enable_grad():
+        inp = first_block_input(model, spec, lambda: spec.embed(model, batch))
+    seen = None if inp is None else block_input(*inp)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if seen is None or not seen.requires_grad:
+        return set()
+    grads = torch.autograd.grad(seen.float().sum(), [p for _, p in named], allow_unused=True)
+    return {n for (n, _), g in zip(named, grads) if g is not None}
+
+
+class Trainer:
+    """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
+
+    def __init__(self, cfg: DistillConfig, art: Artifact, train: list[Sample], dev: list[Sample]) -> None:
+        """`train` and `dev`: the samples to train on and to evaluate (and keep the best step) on."""
+        self.started = time.perf_counter()
+        self.cfg = cfg
+        self.art = art
+        self.ctx = setup_distributed(art.device)
+        self.device = torch.device("cuda", self.ctx.local_rank) if self.ctx.enabled and art.device.type == "cuda" \
+            else art.device
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"
+                                                and torch.cuda.is_bf16_supported())
+        self.teacher = art.teacher.to(self.device).eval()
+        self.student = art.student.to(self.device).eval()
+        self.towers = list(art.adapter.towers)
+        self.train, self.dev = train, dev
+        self.lengths = [sample_length(s) for s in self.train]
+        if len(self.train) < cfg.batch_size:
+            raise LmmcError(f"distill: {len(self.train)} training samples are fewer than batch_size "
+                            f"({cfg.batch_size}); lower batch_size or give a larger corpus")
+        self.micro = cfg.batch_size // cfg.grad_accum
+        if self.micro % self.ctx.world:
+            raise LmmcError(f"distill: batch_size / grad_accum = {self.micro} samples per micro-batch cannot be "
+                            f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
+                            f"grad_accum × ranks")
+        self.pad = {t.name: getattr(tower_config(self.student, t), "pad_token_id", None) or 0 for t in self.towers}
+        self.plans = {t.name: self._plan(t) for t in self.towers}
+        self.arms = make_arms(self.plans, cfg.blocks_per_arm)
+        if cfg.schedule == "optima" and cfg.window < len(self.arms):
+            raise LmmcError(f"distill: window ({cfg.window}) must be at least the number of modules "
+                            f"({len(self.arms)}: {', '.join(a.name for a in self.arms)})")
+        self._check_weights()
+        self.masks = self._masks()
+        self.fingerprint = self._fingerprint()
+        projections = self._probe()
+        logit_scale = getattr(self.teacher, "logit_scale", None)
+        self.objective = DistillLoss(self.student, self.plans, cfg, self.ctx,
+                                   float(logit_scale.detach().exp()) if logit_scale is not None else 1.0)
+        for name, weight in projections.items():
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            lin.weight.data.copy_(weight)
+            self.objective.proj[name] = lin.to(self.device)
+        # Ours: key biases shift every score of a query by the same amount, which the softmax ignores, so
+        # their gradient is rounding noise that Adam's normalisation would turn into drift; they stay put.
+        self.frozen = {pl.param[:-len("weight")] + "bias" for pl in prunable_linears(self.student, art.adapter)
+                       if pl.role == "k" and pl.module.bias is not None}
+        if not cfg.train_embeddings:
+            for t in self.towers:
+                self.frozen |= input_side_params(self.student, t, self._collate(self.train[:2], t))
+        self.flags = {n: p.requires_grad for n, p in self.student.named_parameters()}
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(self.flags[n] and n not in self.frozen)
+        self.engine: nn.Module = self.objective
+        if self.ctx.enabled:
+            # Modules distilled one at a time leave the others without gradients on most steps.
+            self.engine = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = make_schedule(cfg.schedule, len(self.arms), cfg.window, cfg.prior_weight, cfg.seed)
+        self.checkpoints = Checkpoints(Path(cfg.checkpoint_dir), self.fingerprint, cfg.keep_last) \
+            if cfg.checkpoint_dir else None
+        self.dev_teacher = self._dev_teacher()
+        self.cache = self._cache_teacher()
+        self.epochs: dict[int, list[list[int]]] = {}
+        self.step = 0
+        self.train_seconds = 0.0
+        self.picks = [0] * len(self.arms)
+        self.losses: list[float] = []
+        self.curve: list[dict[str, Any]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.dev_before: dict[str, Any] | None = None
+        self.resumed_from: int | str | None = None
+        self.final_metrics: dict[str, Any] = {}
+
+    # --- set-up -------------------------------------------------------------------------------------
+
+    def _plan(self, spec: TowerSpec) -> TowerPlan:
+        layer_map = self.cfg.layer_map
+        n_s, n_t = len(block_list(self.student, spec)[1]), len(block_list(self.teacher, spec)[1])
+        plan = TowerPlan(spec, n_s, n_t)
+        if isinstance(layer_map, dict):
+            if spec.name not in layer_map:
+                raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}'; give one "
+                                f"list of teacher layers per tower")
+            plan.layer_map = check_layer_map(layer_map[spec.name], n_s, n_t, spec.name)
+        elif isinstance(layer_map, list):
+            if len(self.towers) > 1:
+                raise LmmcError(f"layer_map is one list, but the model has towers "
+                                f"{[t.name for t in self.towers]}; give {{tower: [teacher layers]}} per tower")
+            plan.layer_map = check_layer_map(layer_map, n_s, n_t, spec.name)
+        return plan
+
+    def _check_weights(self) -> None:
+        """Every module the schedule can pick must have a loss term."""
+        cfg = self.cfg
+        dual = len(self.towers) == 2 and cfg.contrastive > 0
+        if cfg.hidden == 0 and cfg.output == 0 and not dual:
+            raise LmmcError("distill: all loss weights are 0 (contrastive counts for dual encoders only); give "
+                            "hidden or output a positive weight")
+        inner = [a.name for a in self.arms if not a.last_of_tower]
+        if cfg.hidden == 0 and cfg.schedule != "all" and inner:
+            raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
+                            f"{inner} do not end their tower; set blocks_per_arm: null (one module per tower)")
+
+    def _masks(self) -> dict[str, torch.Tensor]:
+        params = dict(self.student.named_parameters())
+        out = {}
+        for name, mask in self.art.masks.items():
+            if name not in params or params[name].shape != mask.shape:
+                shape = tuple(params[name].shape) if name in params else "absent"
+                raise LmmcError(f"distill: the pruning mask for '{name}' ({tuple(mask.shape)}) does not fit the "
+                                f"student ({shape}); a pass changed the student after the mask was made "
+                                f"without updating it")
+            out[name] = mask.to(self.device, torch.bool)
+        return out
+
+    def _fingerprint(self) -> str:
+        """Config and starting student, hashed: checkpoints of another run never resume this one."""
+        digest = hashlib.sha1()
+        config = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _RUN_CONTROL}
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for name, tensor in [*self.student.state_dict().items(), *sorted(self.masks.items())]:
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _collate(self, samples: list[Sample], spec: TowerSpec) -> Batch:
+        batch = collate(samples, modality_key(spec), self.pad[spec.name])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _probe(self) -> dict[str, torch.Tensor]:
+        """Layer map, loss scales and projection starting points, from the first training samples."""
+        probe = self.train[:_PROBE_SAMPLES]
+        projections = {}
+        for name, plan in self.plans.items():
+            batch = self._collate(probe, plan.spec)
+            mask = batch.get("attention_mask")
+            t_run = run_tower(self.teacher, plan.spec, batch, set(range(plan.n_teacher)))
+            s_run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)))
+
+            def tokens(h: torch.Tensor) -> torch.Tensor:
+                return (h[mask.bool()] if mask is not None else h.reshape(-1, h.shape[-1])).float().cpu()
+
+            t_tok = [tokens(t_run.hidden[j]) for j in range(plan.n_teacher)]
+            s_tok = [tokens(s_run.hidden[i]) for i in range(plan.n_student)]
+            origin = getattr(tower_config(self.student, plan.spec), "lmmc_teacher_layers", None)
+            if self.cfg.layer_map == "closest":
+                plan.layer_map = closest_layer_map(s_tok, t_tok)
+            elif self.cfg.layer_map == "origin" and origin and len(origin) == plan.n_student:
+                plan.layer_map = origin_layer_map(list(origin), plan.n_teacher)
+            elif isinstance(self.cfg.layer_map, str):
+                plan.layer_map = uniform_layer_map(plan.n_student, plan.n_teacher)
+            plan.scales = [float(t_tok[j - 1].pow(2).mean()) for j in plan.layer_map]
+            plan.pooled_scale = float(t_run.pooled.float().pow(2).mean())
+            for i, j in enumerate(plan.layer_map):
+                if s_tok[i].shape[1] != t_tok[j - 1].shape[1]:
+                    projections[f"{name}_{i}"] = fit_projection(s_tok[i], t_tok[j - 1])
+            if s_run.pooled.shape[-1] != t_run.pooled.shape[-1]:
+                projections[f"{name}_pooled"] = fit_projection(s_run.pooled.float().cpu(), t_run.pooled.float().cpu())
+        return projections
+
+    @torch.no_grad()
+    def _dev_teacher(self) -> dict[str, torch.Tensor]:
+        return {name: self._embed(self.teacher, plan.spec) for name, plan in self.plans.items()} if self.dev else {}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _embed(self, model: nn.Module, spec: TowerSpec) -> torch.Tensor:
+        out = []
+        for k in range(0, len(self.dev), 64):
+            with self._autocast():
+                out.append(spec.embed(model, self._collate(self.dev[k:k + 64], spec))[1].float())
+        return torch.cat(out)
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The global batch of a step: a function of the step alone, so a resumed run sees exactly the
+        batches the uninterrupted one would. Each epoch is a seeded shuffle cut into whole batches (the
+        remainder waits for a later epoch's shuffle)."""
+        per_epoch = len(self.train) // self.cfg.batch_size
+        epoch, index = divmod(step, per_epoch)
+        if epoch not in self.epochs:
+            self.epochs = {epoch: self._epoch_batches(epoch, per_epoch)}
+        return self.epochs[epoch][index]
+
+    def _epoch_batches(self, epoch: int, count: int) -> list[list[int]]:
+        """Ours: inside each run of 32 batches' worth of shuffled samples, samples are sorted by length
+        before they are cut into batches, and the batches are shuffled again. A batch then pads little
+        (on the shipped corpus random batches of 16 pad to twice the mean sentence length), while every
+        sample still lands in a random batch position from epoch to epoch."""
+        size = self.cfg.batch_size
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=gen).tolist()[:count * size]
+        batches = []
+        for k in range(0, len(order), 32 * size):
+            group = sorted(order[k:k + 32 * size], key=self.lengths.__getitem__)
+            batches += [group[j:j + size] for j in range(0, len(group), size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def _needs(self, name: str, focus: Arm | None) -> tuple[set[int], bool]:
+        """The teacher layers (1-based) a step's losses read in one tower, and whether they read its
+        pooled embedding (which takes the whole tower)."""
+        plan = self.plans[name]
+        if focus is None:
+            return set(plan.layer_map), True
+        if focus.tower == name:
+            return {plan.layer_map[i] for i in range(focus.first, focus.last + 1)}, focus.last_of_tower
+        return set(), focus.last_of_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
+
+    @torch.no_grad()
+    def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None, local: list[int]) -> tuple[dict, dict]:
+        """Per tower the teacher hidden states the step reads ({layer: [B, T, d]}) and its pooled
+        embeddings; from the cache when there is one."""
+        targets, pooled = {}, {}
+        for name, plan in self.plans.items():
+            layers, full = self._needs(name, focus)
+            if not layers and not full:
+                continue
+            batch = inputs[modality_key(plan.spec)]
+            if self.cache is not None:
+                length = batch["input_ids"].shape[1] if "input_ids" in batch else None
+                rows = [self.cache[name][i] for i in local]
+                hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]) for j in layers}
+                targets[name] = {"hidden": hidden, "pooled": torch.stack([r["pooled"] for r in rows])}
+            else:
+                keep = {j - 1 for j in layers}
+                run = run_tower(self.teacher, plan.spec, batch, keep, stop_after=None if full else max(keep))
+                targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            if full:
+                pooled[name] = targets[name]["pooled"]
+        return targets, pooled
+
+    @torch.no_grad()
+    def _cache_teacher(self) -> dict[str, dict[int, dict[str, Any]]] | None:
+        """Ours: the teacher is fixed, so its targets for every training sample are computed once, in
+        length-sorted batches of fixed make-up (so a resumed run reads the very same numbers), and each
+        step then runs the student alone. Skipped when the targets would not fit the memory budget."""
+        budget = self.cfg.teacher_cache_mb * 2 ** 20
+        # Filling the cache costs one teacher pass over the corpus, which a run shorter than an epoch
+        # would not spend.
+        if not budget or self.cfg.steps * self.cfg.batch_size < len(self.train):
+            return None
+        order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
+        cache: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in self.plans}
+        total, done, used = len(order) * len(self.plans), 0, 0
+        for name, plan in self.plans.items():
+            layers = sorted(set(plan.layer_map))
+            for k in range(0, len(order), 64):
+                chunk = order[k:k + 64]
+                batch = self._collate([self.train[i] for i in chunk], plan.spec)
+                with self._autocast():
+                    run = run_tower(self.teacher, plan.spec, batch, {j - 1 for j in layers})
+                mask = batch.get("attention_mask")
+                for row, i in enumerate(chunk):
+                    real = mask[row].bool() if mask is not None else slice(None)
+                    entry = {"hidden": {j: run.hidden[j - 1][row][real].float() for j in layers},
+                             "pooled": run.pooled[row].float()}
+                    used += 4 * (sum(t.numel() for t in entry["hidden"].values()) + entry["pooled"].numel())
+                    cache[name][i] = entry
+                done += len(chunk)
+                if used / done * total > budget:
+                    return None
+        return cache
+
+    def train_step(self) -> float:
+        cfg, ctx = self.cfg, self.ctx
+        picked = self.schedule.pick()
+        focus = None if isinstance(self.schedule, AllModules) else self.arms[picked[0]]
+        indices = self.batch_indices(self.step)
+        norm = ctx.world / cfg.batch_size
+        bandit = isinstance(self.schedule, SlidingWindowThompson)
+        probes = []
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(cfg.grad_accum):
+            chunk = indices[k * self.micro:(k + 1) * self.micro]
+            share = self.micro // ctx.world
+            local = chunk[ctx.rank * share:(ctx.rank + 1) * share]
+            inputs = {modality_key(t): self._collate([self.train[i] for i in local], t) for t in self.towers}
+            with self._autocast():
+                targets, t_pooled = self.teacher_targets(inputs, focus, local)
+            sync = self.engine.no_sync() if ctx.enabled and k + 1 < cfg.grad_accum else nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self.engine(inputs, targets, focus, norm, t_pooled)
+                loss.backward()
+            loss_sum += loss.detach().float()
+            if bandit:
+                probes.append(first_samples(cfg.reward_samples, inputs, targets, t_pooled))
+        if bandit:
+            with self._autocast():
+                before = self.objective.measure(probes, focus)
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                param = self._param(name)
+                if param.grad is not None:
+                    param.grad.masked_fill_(~mask, 0.0)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.max_grad_norm)
+            warmup = int(cfg.warmup * cfg.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_multiplier(self.step, cfg.steps, warmup, cfg.final_lr_ratio)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.apply_masks()
+        reward = 0.0
+        if bandit:
+            with self._autocast():
+                after = self.objective.measure(probes, focus)
+            totals = all_reduce_sum(torch.stack([before, after]), ctx)
+            drop = float(totals[0] - totals[1])
+            measured = min(cfg.reward_samples, self.micro // ctx.world) * cfg.grad_accum * ctx.world
+            reward = drop / max(float(totals[0]), 1e-12) if cfg.reward == "relative" else drop / measured
+        for arm in picked:
+            self.picks[arm] += 1
+        self.schedule.update(picked[0], reward)
+        return float(all_reduce_sum(loss_sum, ctx)) / ctx.world
+
+    def _param(self, name: str) -> nn.Parameter:
+        return self.student.get_parameter(name)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self._param(name).masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out fidelity on the dev samples: mean cosine of pooled embeddings per tower and, for dual
+        encoders, the similarity-matrix loss over every dev pair."""
+        if not self.dev:
+            return {}
+        student = {}
+        cosine = {}
+        for name, plan in self.plans.items():
+            student[name] = self.objective.project(name, "pooled", self._embed(self.student, plan.spec))
+            cosine[name] = float(torch.nn.functional.cosine_similarity(student[name], self.dev_teacher[name]).mean())
+        out: dict[str, Any] = {"step": self.step, "train_seconds": round(self.train_seconds, 2),
+                               "seconds": round(time.perf_counter() - self.started, 2), "cosine": cosine,
+                               "score": sum(cosine.values()) / len(cosine)}
+        if len(self.plans) == 2:
+            text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
+            image = next(n for n in self.plans if n != text)
+            s_t, s_i, t_t, t_i = student[text], student[image], self.dev_teacher[text], self.dev_teacher[image]
+            out["similarity_loss"] = float(contrastive_loss(s_i, s_t, t_i, t_t, s_i, s_t, t_i, t_t,
+                                                            self.cfg.contrastive_loss,
+                                                            self.objective.logit_scale).mean())
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "step": self.step, "schedule": self.schedule.state_dict(),
+                "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
+                "curve": self.curve, "dev_before": self.dev_before,
+                "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
+                "config": self.cfg.model_dump(mode="json")}
+
+    def save_step(self) -> None:
+        if self.ctx.main:
+            files = {"weights": self.objective.state_dict(), "optimizer": optimizer_tensors(self.optimizer)}
+            if self.best is not None and self.best[1] != self.step:
+                files["best"] = self.best[2]
+            self.checkpoints.save(f"step-{self.step:06d}", files, self._state())
+        barrier(self.ctx)
+
+    def resume(self) -> str | int | None:
+        """Load the finished run or the newest step checkpoint of this run, if there is one."""
+        final = self.checkpoints.find("final")
+        path = final or self.checkpoints.latest()
+        if path is None:
+            return None
+        files, state = Checkpoints.load(path)
+        try:
+            self.objective.load_state_dict(files["weights"])
+        except RuntimeError as err:
+            raise LmmcError(f"checkpoint '{path}' does not fit this student ({err}); delete it to start afresh") \
+                from None
+        if final is not None:
+            self.final_metrics = state["metrics"]
+            return "final"
+        load_optimizer_tensors(self.optimizer, files["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
+        self.dev_before = state["dev_before"]
+        if state["best"] is not None:
+            weights = files.get("best", self._student_state())
+            self.best = (state["best"]["score"], state["best"]["step"],
+                         {k: v.to(self.device) for k, v in weights.items()})
+        return self.step
+
+    def _student_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.objective.state_dict().items()}
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.resumed_from = self.resume() if cfg.resume and self.checkpoints else None
+        if self.resumed_from == "final":
+            return {**self.final_metrics, "resumed_from": "final"}
+        if self.resumed_from is None:
+            self.dev_before = self.evaluate()
+            if self.dev_before:
+                self.best = (self.dev_before["score"], 0, self._student_state())
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill ({cfg.schedule})", unit="step",
+                   disable=not (cfg.progress and self.ctx.main))
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            loss = self.train_step()
+            self.step += 1
+            self.train_seconds += time.perf_counter() - started
+            self.losses.append(loss)
+            postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.step * cfg.batch_size / self.train_seconds:.1f}"}
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._record(self.evaluate())
+                postfix["dev cos"] = f"{self.curve[-1]['score']:.4f}" if self.curve else "-"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update()
+            if self.checkpoints and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and self.step < cfg.steps:
+                self.save_step()
+        bar.close()
+        final_eval = self.evaluate()
+        self._record(final_eval)
+        kept = self.step
+        if cfg.keep_best and self.best is not None and self.best[0] > final_eval.get("score", float("-inf")):
+            self.objective.load_state_dict(self.best[2])
+            kept = self.best[1]
+        self.apply_masks()
+        metrics = self._metrics(kept)
+        if self.checkpoints:
+            if self.ctx.main:
+                path = self.checkpoints.save("final", {"weights": self.objective.state_dict()},
+                                             {**self._state(), "metrics": metrics})
+                metrics["checkpoint"] = str(path)
+            barrier(self.ctx)
+        return metrics
+
+    def _record(self, result: dict[str, Any]) -> None:
+        if not result:
+            return
+        # The mean training loss since the previous evaluation, so the curve shows loss beside dev fidelity.
+        since = self.curve[-1]["step"] if self.curve else 0
+        window = self.losses[since:self.step]
+        result["loss"] = sum(window) / len(window) if window else None
+        self.curve.append(result)
+        if self.best is None or result["score"] > self.best[0]:
+            self.best = (result["score"], self.step, self._student_state())
+
+    def _metrics(self, kept: int) -> dict[str, Any]:
+        tail = self.losses[-10:]
+        dev_after = next((c for c in reversed(self.curve) if c["step"] == kept), None) if self.curve else None
+        nonzero = sum(int(self._param(n)[~m].count_nonzero()) for n, m in self.masks.items())
+        return {
+            "steps": self.step, "schedule": self.cfg.schedule, "world_size": self.ctx.world,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "train_samples": len(self.train), "dev_samples": len(self.dev),
+            "arms": [a.name for a in self.arms],
+            "arm_picks": {a.name: n for a, n in zip(self.arms, self.picks)},
+            "layer_map": {name: plan.layer_map for name, plan in self.plans.items()},
+            "projections": sorted(self.objective.proj.keys()),
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": sum(tail) / len(tail) if tail else None,
+            "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
+            "curve": [{k: c.get(k) for k in ("step", "train_seconds", "seconds", "score", "loss")} for c in self.curve],
+            "train_seconds": round(self.train_seconds, 2),
+            "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
+            "teacher_cached": self.cache is not None, "masked_weights_nonzero": nonzero,
+            "resumed_from": self.resumed_from, "checkpoint": None,
+        }
+
+    def restore_flags(self) -> None:
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(self.flags[n])
