@@ -210,3 +210,13 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
     click.echo(f"wrote {json_path or Path(out_dir) / 'bench.json'}", err=True)
     click.echo(format_table(result))  # the comparison that matters is its last line
+
+
+@main.command("report")
+@click.argument("out_dir", type=click.Path())
+def report_cmd(out_dir):
+    """Draw OUT_DIR/report.html again from OUT_DIR/report.json, with lmmc bench's latencies when OUT_DIR
+    holds bench.json."""
+    from lmmc.report_html import write_report_html
+
+    click.echo(f"wrote {write_report_html(Path(out_dir))}")

@@ -29,6 +29,7 @@ from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_
                           local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
 from lmmc.pipeline import run_pass
 from lmmc.recipe import Recipe
+from lmmc.report_html import write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
@@ -311,6 +312,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                          {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
             write_manifest(art, tmp, recipe.calibration.max_length)
             (tmp / "report.json").write_text(report_json(report))
+            write_report_html(tmp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

@@ -1,0 +1,427 @@
+"""report.html: one self-contained page (plots embedded as PNG, no scripts, no network) drawn from a
+compile's report.json, its student's config and, when `lmmc bench` ran, bench.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lmmc.errors import LmmcError
+
+# Marks a report.html as lmmc's own: `lmmc report` replaces no other file of that name.
+GENERATOR = "lmmc report.html"
+_BENCH_KIND = "lmmc-bench"
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1000px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.verdict { font-size: 1.4em; font-weight: bold; padding: 0.5em 0.8em; border-radius: 4px; color: #fff; }
+.passed { background: #2e7d32; } .failed { background: #c62828; } .unvalidated { background: #757575; }
+tr.missed td { background: #fde0e0; } .note { color: #666; font-style: italic; }
+img { max-width: 100%; display: block; margin: 0.6em 0; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any, fmt: str = ".4g") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a" if value is None else _e(value)
+    return format(value, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
+    """A table of already escaped cells; a cell starting with a digit or sign is aligned right."""
+    def cell(c: str) -> str:
+        return f'<td class="num">{c}</td>' if c[:1].isdigit() or c[:1] in "+-" else f"<td>{c}</td>"
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(f'<tr class="{cls}">' + "".join(cell(c) for c in r) + "</tr>"
+                   for r, cls in zip(rows, classes or [""] * len(rows)))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(fig, alt: str) -> str:
+    from lmmc.plots import png_bytes
+
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{_e(title)}</h2>\n{body}\n"
+
+
+def _passes(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [p for p in report.get("passes") or [] if p.get("name") == name and isinstance(p.get("metrics"), dict)]
+
+
+# --- sections ---------------------------------------------------------------------------------------------
+
+def _verdict(report: dict[str, Any]) -> str:
+    passed = report.get("passed")
+    if passed is None:
+        word, cls = "NOT VALIDATED", "unvalidated"
+        detail = "validation was switched off: the student was not compared with the teacher"
+    elif passed:
+        word, cls, detail = "PASSED", "passed", "every gate was met"
+    else:
+        word, cls, detail = "FAILED", "failed", "a gate was missed: do not ship this student"
+    state = "null" if passed is None else str(bool(passed)).lower()
+    out = [f'<div id="verdict" class="verdict {cls}" data-passed="{state}">{word}: {_e(detail)}</div>']
+    gates = (report.get("validation") or {}).get("gates") or []
+    if gates:
+        rows = [[_e(g["name"]), _num(g["value"]), f"{_e(g['op'])} {_num(g['threshold'])}",
+                 "ok" if g["passed"] else "MISSED"] for g in gates]
+        out.append(_table(["gate", "value", "needs", "result"], rows,
+                          ["gate" if g["passed"] else "gate missed" for g in gates]))
+    elif passed is not None:
+        out.append(_note("the report lists no gates"))
+    for failure in report.get("failures") or []:
+        out.append(f'<p class="failure"><b>failed:</b> {_e(failure)}</p>')
+    return "\n".join(out)
+
+
+def _overview(report: dict[str, Any]) -> str:
+    rows = [["model", _e(report.get("model"))], ["family", _e(report.get("adapter"))]]
+    params = report.get("parameters") or {}
+    if params:
+        ratio = params["student"] / params["teacher"] if params.get("teacher") else None
+        rows.append(["parameters", f"{params['teacher']:,} → {params['student']:,}"
+                     + (f" ({ratio:.1%} kept)" if ratio is not None else "")])
+    sparsity = (report.get("sparsity") or {}).get("sparsity")
+    if sparsity is not None:
+        rows.append(["sparsity of prunable weights", f"{sparsity:.1%}"])
+    calib = report.get("calibration") or {}
+    if calib:
+        rows.append(["data", _e(", ".join(f"{k}: {v}" for k, v in calib.items()))])
+    if report.get("seconds") is not None:
+        rows.append(["compile time", f"{report['seconds']:.1f} s"])
+    rows.append(["lmmc", _e(report.get("lmmc_version"))])
+    out = [_table(["", ""], rows)]
+    flops = report.get("flops") or {}
+    if flops:
+        out.append(_table(["tower", "teacher FLOPs", "student FLOPs", "kept", "tokens counted"],
+                          [[_e(n), _num(f.get("teacher"), ",.0f"), _num(f.get("student"), ",.0f"),
+                            _num(f.get("kept"), ".1%"), _num(f.get("tokens"))] for n, f in flops.items()]))
+    for warning in report.get("warnings") or []:
+        out.append(f'<p class="warning"><b>warning:</b> {_e(warning)}</p>')
+    return "\n".join(out)
+
+
+def _fidelity(report: dict[str, Any]) -> str:
+    validation = report.get("validation") or {}
+    towers = validation.get("towers") or {}
+    if not towers:
+        return _note("not validated: no teacher-student comparison in report.json")
+    rows = []
+    for name, t in towers.items():
+        per_sample = t.get("cosine_per_sample")
+        lat = t.get("latency_ms") or {}
+        diff = t.get("runtime_max_abs_diff") or {}
+        rows.append([_e(name), _num(t.get("held_out_samples")), _num(t.get("cosine_mean"), ".4f"),
+                     _num(statistics.median(per_sample) if per_sample else None, ".4f"),
+                     _num(t.get("cosine_min"), ".4f"),
+                     _num(max(diff.values()) if diff and None not in diff.values() else None, ".1e"),
+                     _num(lat.get("teacher"), ".2f"), _num(lat.get("student"), ".2f"),
+                     f"{lat['speedup']:.2f}x" if lat.get("speedup") else "n/a"])
+    out = [_table(["tower", "held-out", "cosine mean", "median", "min", "ORT diff", "teacher ms", "student ms",
+                   "speedup"], rows)]
+    out.append(_task_metric(validation.get("task_metric")))
+    exports = validation.get("exports") or []
+    if exports:
+        rows = [[_e(x.get("tower")), _e(f"{x.get('backend')} {x.get('precision')} {x.get('variant')}"),
+                 _num(x.get("cosine_to_teacher"), ".4f"), _num(x.get("cosine_to_student"), ".4f"),
+                 _num(max((x.get("max_abs_diff") or {}).values(), default=None), ".1e")] for x in exports]
+        out.append("<h3>Deployment artifacts</h3>")
+        out.append(_table(["tower", "artifact", "cosine to teacher", "cosine to student", "max diff"], rows))
+    return "\n".join(out)
+
+
+def _scalars(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every scalar leaf of a nested dict, with its dotted key (lists are left out)."""
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _scalars(v, f"{prefix}{k}.")]
+    return [] if isinstance(value, list) else [(prefix.rstrip("."), value)]
+
+
+def _task_metric(task: Any) -> str:
+    """The task metric as report.json holds it: teacher and student side by side where it has both."""
+    if not task:
+        return _note("no task metric in report.json")
+    metrics = task if isinstance(task, list) else [task]
+    out = ["<h3>Task metric</h3>"]
+    for metric in metrics:
+        name = metric.get("name", "task metric") if isinstance(metric, dict) else "task metric"
+        fields = dict(_scalars(metric)) if isinstance(metric, dict) else {"value": metric}
+        fields.pop("name", None)
+        rows = []
+        student_key = "student" if "student" in fields else "value"
+        if isinstance(fields.get("teacher"), (int, float)) and isinstance(fields.get(student_key), (int, float)):
+            t, s = fields.pop("teacher"), fields.pop(student_key)
+            rows.append(["teacher", _num(t, ".4f")])
+            rows.append(["student", _num(s, ".4f")])
+            if t and "ratio" not in fields:
+                rows.append(["student / teacher", _num(s / t, ".4f")])
+        rows += [[_e(k), _num(v, ".4f") if isinstance(v, float) else _e(v)] for k, v in fields.items()]
+        out.append(f"<p><b>{_e(name)}</b></p>" + _table(["", ""], rows))
+    return "\n".join(out)
+
+
+def _tower_of(param: str, prefixes: dict[str, tuple[str, ...]]) -> str:
+    for tower, layers in prefixes.items():
+        if any(param.startswith(p + ".") for p in layers):
+            return tower
+    return next(iter(prefixes)) if len(prefixes) == 1 else "other"
+
+
+def _short(param: str, prefixes: dict[str, tuple[str, ...]]) -> str:
+    """`text_model.encoder.layers.0.self_attn.q_proj.weight` -> `text 0.self_attn.q_proj`."""
+    for tower, layers in prefixes.items():
+        for p in layers:
+            if param.startswith(p + "."):
+                return f"{tower} {param[len(p) + 1:].removesuffix('.weight')}"
+    return param.removesuffix(".weight")
+
+
+def _sparsity(report: dict[str, Any], prefixes: dict[str, tuple[str, ...]]) -> str:
+    from lmmc.plots import allocation_figure, sparsity_figure
+
+    out = []
+    for p in _passes(report, "uniform") + _passes(report, "owl") + _passes(report, "ecoflap"):
+        groups = p["metrics"].get("groups")
+        if groups:
+            m = p["metrics"]
+            per_tower = ", ".join(f"{t}: {v['sparsity']:.1%}" for t, v in (m.get("per_tower") or {}).items())
+            out.append(f"<p>{_e(p['name'])} allocated a sparsity per {_e(m.get('granularity', 'group'))} "
+                       f"under one budget of {_num(m.get('target'), '.0%')}: {_e(per_tower)}</p>")
+            out.append(_img(allocation_figure(groups, m["target"], f"{p['name']}: allocated sparsity"),
+                            f"{p['name']} allocation"))
+    summary = report.get("sparsity") or {}
+    per_layer = summary.get("sparsity_per_layer") or {}
+    if per_layer and any(per_layer.values()):
+        matrices = [(_short(k, prefixes), _tower_of(k, prefixes), v) for k, v in per_layer.items()]
+        out.append(_img(sparsity_figure(matrices, summary.get("sparsity_per_tower") or {}),
+                        "sparsity per weight matrix"))
+    elif not out:
+        out.append(_note("no weights were zeroed (no unstructured or N:M pruning ran)"))
+    return "\n".join(out)
+
+
+def _teacher_shapes(out_dir: Path | None, adapter_family: str | None) -> dict[str, tuple[int | None, int | None]]:
+    """Heads and FFN width of each teacher tower from the student's config.json (structured pruning
+    leaves those sizes as the teacher had them and records the real per-layer shapes apart)."""
+    from lmmc.adapters import get_adapter
+
+    path = out_dir / "student" / "config.json" if out_dir else None
+    if path is None or not path.is_file() or not adapter_family:
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    shapes = {}
+    for tower in get_adapter(adapter_family).towers:
+        cfg = config.get(tower.config_key, {}) if tower.config_key else config
+        shapes[tower.name] = (cfg.get("num_attention_heads"), cfg.get("intermediate_size"))
+    return shapes
+
+
+def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
+    from lmmc.plots import structure_figure
+
+    runs = [p for p in _passes(report, "antgmm") if p["metrics"].get("structure")]
+    if not runs:
+        return _note("no structured pruning ran: every layer keeps all its heads and its full FFN width")
+    m = runs[-1]["metrics"]
+    teacher = _teacher_shapes(out_dir, report.get("adapter"))
+    removed: dict[str, list[int]] = {}
+    for p in runs:
+        for seg in p["metrics"].get("segments") or []:
+            for tower, layers in (seg.get("removed_layers") or {}).items():
+                removed.setdefault(tower, []).extend(layers)
+    towers = {}
+    for name, s in m["structure"].items():
+        kept = {layer: (h, f) for layer, h, f in zip(s["teacher_layers"], s["heads"], s["ffn"])}
+        heads, ffn = teacher.get(name, (None, None))
+        towers[name] = {"layers": max([*kept, *removed.get(name, [])]) + 1, "kept": kept, "heads": heads,
+                        "ffn": ffn}
+    rows = []
+    before, after = m.get("blocks_before") or {}, m.get("blocks_after") or {}
+    budget = m.get("budget", "flops")
+    for name in towers:
+        b, a = (before.get(name) or {}).get(budget), (after.get(name) or {}).get(budget)
+        rows.append([_e(name), _num(b, ",.0f"), _num(a, ",.0f"), f"{a / b:.1%}" if a is not None and b else "n/a"])
+    tokens = m.get("tokens") or {}
+    out = [f"<p>Kept {_num(m.get('kept'), '.1%')} of the blocks' {_e(budget)} (target "
+           f"{_num(m.get('target_keep'), '.0%')}), counted at "
+           f"{_e(', '.join(f'{t}: {n} tokens' for t, n in tokens.items()))}.</p>",
+           _table(["tower", f"teacher {budget}", f"student {budget}", "kept"], rows),
+           _img(structure_figure(towers), "heads and FFN width kept per layer")]
+    return "\n".join(out)
+
+
+def _cosines(report: dict[str, Any]) -> str:
+    from lmmc.plots import cosine_histogram
+
+    towers = (report.get("validation") or {}).get("towers") or {}
+    per_tower = {n: t["cosine_per_sample"] for n, t in towers.items() if t.get("cosine_per_sample")}
+    if not per_tower:
+        return _note("report.json holds no per-sample cosines (validation did not run, or an older lmmc wrote it)")
+    gate = ((report.get("recipe") or {}).get("validate") or {}).get("min_cosine")
+    return _img(cosine_histogram(per_tower, gate), "per-sample cosine to the teacher")
+
+
+def _distill_runs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every distillation run with a curve: distill passes, and antgmm's between its segments."""
+    runs = []
+    for i, p in enumerate(report.get("passes") or []):
+        m = p.get("metrics")
+        if p.get("name") == "distill" and isinstance(m, dict) and m.get("curve"):
+            runs.append((f"pass {i + 1}: distill ({m.get('schedule', '')}, {m.get('steps')} steps)", m))
+        if p.get("name") == "antgmm" and isinstance(m, dict):
+            for seg in m.get("segments") or []:
+                # a width stage distils once per segment, the depth stage once per fade-out step
+                found = seg.get("distill")
+                for d in found if isinstance(found, list) else [found]:
+                    if isinstance(d, dict) and d.get("curve"):
+                        runs.append((f"pass {i + 1}: antgmm {seg.get('stage')} segment {seg.get('segment')}", d))
+    return runs
+
+
+def _distillation(report: dict[str, Any]) -> str:
+    from lmmc.plots import distill_figure
+
+    runs = _distill_runs(report)
+    if not runs:
+        return _note("no distillation ran (or it ran without dev evaluations)")
+    out = []
+    for title, m in runs:
+        curve = list(m["curve"])
+        before = m.get("dev_before") or {}
+        if before.get("score") is not None:
+            curve.insert(0, {"step": before.get("step", 0), "score": before["score"], "loss": None})
+        after = m.get("dev_after") or {}
+        out.append(f"<p>{_e(title)}: dev fidelity {_num(before.get('score'), '.4f')} → "
+                   f"{_num(after.get('score'), '.4f')} (kept step {_e(m.get('kept_step'))}), "
+                   f"{_num(m.get('train_seconds'), '.1f')} s of training</p>")
+        out.append(_img(distill_figure([c["step"] for c in curve], [c.get("loss") for c in curve],
+                                       [c.get("score") for c in curve], title), title))
+    return "\n".join(out)
+
+
+def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
+    """OUT_DIR/bench.json when `lmmc bench` wrote it, else None."""
+    path = out_dir / "bench.json" if out_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == _BENCH_KIND else None
+
+
+def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
+    from lmmc.plots import latency_figure
+
+    if bench and bench.get("towers"):
+        groups = {name: [(f"{r['model']}: {r['artifact']}", r["latency_ms"]["p50"], r["model"] == "student")
+                         for r in t.get("rows") or []] for name, t in bench["towers"].items()}
+        text = (f"<p>lmmc bench: median latency per backend, batch {_e(bench.get('batch'))}, "
+                f"{_e(bench.get('threads'))} threads, {_e((bench.get('machine') or {}).get('cpus'))} CPUs.</p>")
+        return text + _img(latency_figure(groups, "median latency per batch (ms)"), "latency per backend")
+    towers = (report.get("validation") or {}).get("towers") or {}
+    timed = {n: t["latency_ms"] for n, t in towers.items() if t.get("latency_ms")}
+    if not timed:
+        return _note("no latency was measured (validate.latency is off, or validation did not run)")
+    first = next(iter(timed.values()))
+    groups = {n: [("teacher", lat["teacher"], False), ("student", lat["student"], True)] for n, lat in timed.items()}
+    text = (f"<p>{_e(first.get('runtime'))}, {_e(first.get('threads'))} threads, inputs "
+            f"{_e('; '.join(f'{n}: {shape}' for n, shape in (first.get('input') or {}).items()))}. Run "
+            f"<code>lmmc bench</code> and then <code>lmmc report</code> for every backend.</p>")
+    return text + _img(latency_figure(groups, "median latency per batch in ONNX Runtime (ms)"), "latency")
+
+
+def _time(report: dict[str, Any]) -> str:
+    from lmmc.plots import seconds_figure
+
+    passes = [(i + 1, str(p.get("name")), p["seconds"]) for i, p in enumerate(report.get("passes") or [])
+              if isinstance(p.get("seconds"), (int, float))]
+    if not passes:
+        return _note("report.json records no passes")
+    total = report.get("seconds")
+    rows = [[str(i), _e(n), f"{s:.2f}", f"{s / total:.0%}" if total else "n/a"] for i, n, s in passes]
+    return (_table(["#", "pass", "seconds", "of the compile"], rows)
+            + _img(seconds_figure([(f"{i}. {n}", s) for i, n, s in passes]), "time per pass"))
+
+
+# --- the page ---------------------------------------------------------------------------------------------
+
+def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
+    """The page for `report` (as report.json holds it). `out_dir` is where the compile's output lies,
+    for the teacher's layer shapes and bench.json; without it those parts are left out."""
+    from lmmc.adapters import get_adapter
+
+    family = report.get("adapter")
+    prefixes = {t.name: t.layers for t in get_adapter(family).towers} if family else {}
+    title = f"lmmc report: {report.get('model', '')}"
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        _verdict(report),
+        _section("Overview", _overview(report)),
+        _section("Fidelity to the teacher, per tower", _fidelity(report)),
+        _section("Per-sample cosine on the held-out set", _cosines(report)),
+        _section("Sparsity per matrix and tower", _sparsity(report, prefixes)),
+        _section("Structure per layer", _structure(report, out_dir)),
+        _section("Distillation", _distillation(report)),
+        _section("Latency", _latency(report, read_bench(out_dir))),
+        _section("Time per pass", _time(report)),
+    ]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="generator" content="{GENERATOR} {_e(report.get("lmmc_version", ""))}">'
+            f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}' in head
+
+
+def write_report_html(out_dir: Path) -> Path:
+    """Draw OUT_DIR/report.html from OUT_DIR/report.json, written whole or not at all; an existing
+    report.html is replaced only when lmmc wrote it."""
+    out_dir = Path(out_dir)
+    source, target = out_dir / "report.json", out_dir / "report.html"
+    if not source.is_file():
+        raise LmmcError(f"'{out_dir}' holds no report.json; give the --out directory of an lmmc compile")
+    try:
+        report = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LmmcError(f"'{source}' is not valid JSON ({err}); compile again to write it anew") from None
+    if not isinstance(report, dict) or "lmmc_version" not in report:
+        raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
+    if target.exists() and not _is_ours(target):
+        raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
+    page = render(report, out_dir)
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        partial.write_text(page, encoding="utf-8")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,224 @@
+"""report.html: written by a compile beside report.json, every plot embedded and drawn, the verdict as
+report.json has it, sections without data left out with a note, `lmmc report`, and the page as headless
+Chromium shows it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import save_tiny
+from PIL import Image
+
+from lmmc.cli import main
+from lmmc.compile import compile_model
+from lmmc.recipe import parse_recipe
+from lmmc.report_html import render
+
+RECIPE = {
+    "calibration": {"random": True, "samples": 32, "eval_samples": 32, "batch_size": 8},
+    "passes": [{"antgmm": {"keep": 0.6}}, {"ecoflap": {"sparsity": 0.3}}, {"wanda": {}},
+               {"distill": {"steps": 12, "batch_size": 4, "dev_samples": 4, "eval_every": 4, "lr": 3e-3,
+                            "progress": False}}],
+    "export": ["onnx"],
+    "validate": {"min_cosine": 0.1, "latency_batch": 2, "latency_seq": 16, "repeats": 3, "threads": 1},
+}
+# allocation, sparsity per matrix, structure, per-sample cosine, distillation, latency, time per pass
+PLOTS = 7
+_IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+VIEWPORT = (1100, 800)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    """A tiny CLIP compiled with an allocation, structured pruning, Wanda and distillation."""
+    root = tmp_path_factory.mktemp("report")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compile_model(str(save_tiny("clip", root / "teacher")), parse_recipe(RECIPE), root / "out")
+    finally:
+        torch.set_num_threads(before)
+    return root / "out"
+
+
+def images(page: str) -> list[tuple[str, Image.Image]]:
+    return [(alt, Image.open(io.BytesIO(base64.b64decode(data)), formats=["PNG"]))
+            for alt, data in _IMG.findall(page)]
+
+
+def copy_output(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_compile_writes_every_plot_and_each_decodes_to_a_drawing(compiled):
+    page = (compiled / "report.html").read_text(encoding="utf-8")
+    text = _IMG.sub("", page)
+    assert "<script" not in text and "http" not in text and "src=" not in text  # nothing to run or fetch
+    found = images(page)
+    assert len(found) == PLOTS, [alt for alt, _ in found]
+    for alt, image in found:
+        image.load()
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        assert image.width >= 300 and image.height >= 150, alt
+        colours = np.unique(pixels, axis=0)
+        assert len(colours) > 20, f"{alt}: {len(colours)} colours, not a drawing"
+        # mostly background, but a real share of ink: axes, bars, text
+        ink = (pixels.min(1) < 200).mean()
+        assert 0.01 < ink < 0.9, f"{alt}: {ink:.3f} of the pixels are ink"
+
+
+def test_sections_hold_the_numbers_of_report_json(compiled):
+    report = json.loads((compiled / "report.json").read_text())
+    page = (compiled / "report.html").read_text(encoding="utf-8")
+    alts = [alt for alt, _ in images(page)]
+    assert {"ecoflap allocation", "sparsity per weight matrix", "heads and FFN width kept per layer",
+            "per-sample cosine to the teacher", "latency", "time per pass"} <= set(alts)
+    assert sum(a.startswith("pass 4: distill") for a in alts) == 1
+    towers = report["validation"]["towers"]
+    assert set(towers) == {"text", "vision"}
+    for name, t in towers.items():
+        assert len(t["cosine_per_sample"]) == t["held_out_samples"] == 32
+        assert t["cosine_per_sample"] == pytest.approx([float(v) for v in t["cosine_per_sample"]])
+        assert np.mean(t["cosine_per_sample"]) == pytest.approx(t["cosine_mean"], abs=1e-5)
+        assert min(t["cosine_per_sample"]) == pytest.approx(t["cosine_min"], abs=1e-5)
+        assert f"<td>{name}</td><td class=\"num\">32</td><td class=\"num\">{t['cosine_mean']:.4f}</td>" in page
+    curve = next(p for p in report["passes"] if p["name"] == "distill")["metrics"]["curve"]
+    assert [c["step"] for c in curve] == [4, 8, 12]
+    assert all(c["loss"] is not None and c["loss"] > 0 for c in curve)
+    for i, p in enumerate(report["passes"]):
+        assert f"<td class=\"num\">{i + 1}</td><td>{p['name']}</td><td class=\"num\">{p['seconds']:.2f}</td>" in page
+
+
+def verdict(page: str) -> tuple[str, str]:
+    match = re.search(r'<div id="verdict" class="verdict (\w+)" data-passed="(\w+)">(\w[\w ]*):', page)
+    assert match, "no verdict"
+    return match.group(2), match.group(3)
+
+
+def test_verdict_matches_report_json(compiled, tmp_path):
+    report = json.loads((compiled / "report.json").read_text())
+    assert report["passed"] is True
+    assert verdict((compiled / "report.html").read_text()) == ("true", "PASSED")
+
+    out = copy_output(compiled, tmp_path / "out")
+    failed = {**report, "passed": False}
+    gates = [dict(g) for g in report["validation"]["gates"]]
+    gates[1] = {**gates[1], "passed": False}
+    failed["validation"] = {**report["validation"], "gates": gates, "passed": False}
+    (out / "report.json").write_text(json.dumps(failed))
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert verdict(page) == ("false", "FAILED")
+    assert page.count("<td>MISSED</td>") == 1 and page.count("<td>ok</td>") == len(gates) - 1
+    assert f'<tr class="gate missed"><td>{gates[1]["name"]}</td>' in page
+
+    (out / "report.json").write_text(json.dumps({**report, "passed": None, "validated": False}))
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    assert verdict((out / "report.html").read_text()) == ("null", "NOT VALIDATED")
+
+
+def test_sections_without_data_are_notes_not_errors():
+    report = {"lmmc_version": "0", "model": "m", "adapter": "bert", "recipe": {}, "passes": [],
+              "validation": {}, "validated": False, "passed": None}
+    page = render(report)
+    assert images(page) == []
+    for note in ("not validated: no teacher-student comparison", "no per-sample cosines", "no weights were zeroed",
+                 "no structured pruning ran", "no distillation ran", "no latency was measured",
+                 "records no passes"):
+        assert note in page, note
+    assert verdict(page) == ("null", "NOT VALIDATED")
+
+
+def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no report.json" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+    out = copy_output(compiled, tmp_path / "out")
+    (out / "report.html").write_text("<html>someone's own page</html>")
+    result = runner.invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "was not written by lmmc" in result.output
+    assert (out / "report.html").read_text() == "<html>someone's own page</html>"
+
+    (out / "report.html").unlink()
+    (out / "report.json").write_text("{not json")
+    result = runner.invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
+    assert not (out / "report.html").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+# --- the page in a browser ------------------------------------------------------------------------------
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    return found
+
+
+def _chrome(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--force-device-scale-factor=1", "--virtual-time-budget=10000", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def _layout(page: Path, tmp_path: Path) -> dict:
+    """What Chromium made of the page: its height and, per image, whether it decoded and where it lies.
+    Measured on a copy with a script added, so the page itself stays without scripts."""
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load', () => { const r = {height: document.documentElement"
+              ".scrollHeight, images: [...document.images].map(i => { const b = i.getBoundingClientRect(); "
+              "return {alt: i.alt, complete: i.complete, natural: [i.naturalWidth, i.naturalHeight], "
+              "box: [b.left + scrollX, b.top + scrollY, b.width, b.height]}; })}; "
+              "document.body.setAttribute('data-layout', JSON.stringify(r)); });</script>")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    dom = _chrome(f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "--dump-dom", probe.as_uri()).stdout
+    match = re.search(r"data-layout=\"([^\"]+)\"", dom)
+    assert match, "Chromium ran no layout probe"
+    return json.loads(html.unescape(match.group(1)))
+
+
+def _screenshot(page: Path, path: Path, height: int) -> np.ndarray:
+    _chrome(f"--window-size={VIEWPORT[0]},{height}", f"--screenshot={path}", page.as_uri())
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+
+
+def test_chromium_shows_every_plot(compiled, tmp_path):
+    page = compiled / "report.html"
+    layout = _layout(page, tmp_path)
+    embedded = dict(images(page.read_text(encoding="utf-8")))
+    assert len(layout["images"]) == PLOTS
+    for img in layout["images"]:
+        assert img["complete"] and img["natural"] == list(embedded[img["alt"]].size), img
+    assert layout["height"] > 3 * VIEWPORT[1], "seven plots make a page several screens tall"
+
+    first = _screenshot(page, tmp_path / "viewport.png", VIEWPORT[1])
+    assert first.shape == (VIEWPORT[1], VIEWPORT[0], 3)
+    assert first.std() > 20 and (first.min(2) < 200).mean() > 0.02, "the first screen is blank"
+
+    whole = _screenshot(page, tmp_path / "page.png", layout["height"])
+    assert whole.shape[0] == layout["height"]
+    for img in layout["images"]:
+        left, top, width, height = (round(v) for v in img["box"])
+        shown = whole[top:top + height, left:left + width]
+        assert shown.shape[:2] == (height, width) and width > 300, img
+        drawn = np.asarray(embedded[img["alt"]].convert("RGB").resize((width, height), Image.BILINEAR),
+                           dtype=np.float32)
+        # the screenshot at that place is the plot itself, not a blank or another picture
+        assert shown.std() > 10, img["alt"]
+        assert np.abs(shown - drawn).mean() < 12, img["alt"]
