@@ -349,9 +349,9 @@ class AntGMMPass(Pass):
         record["goal"] = goal
         return record
 
-    def _distill(self, art: Artifact, steps: int) -> dict[str, Any]:
+    def _distill(self, art: Artifact, steps: int, **extra: Any) -> dict[str, Any]:
         distill = get_pass("distill")
-        return distill(distill.Config(**{**self.config.distill, "steps": steps})).run(art) or {}
+        return distill(distill.Config(**{**self.config.distill, "steps": steps, **extra})).run(art) or {}
 
     def _fade_out(self, art: Artifact, drop: dict[str, set[int]]) -> list[dict[str, Any]]:
         """Distil while the chosen blocks' residual updates shrink to nothing (AntGMM's depth ramp)."""
@@ -370,7 +370,10 @@ class AntGMMPass(Pass):
                     gate.fill_(1.0 - t)
                 n = steps // len(FADE) + (1 if k < steps % len(FADE) else 0)
                 if n:
-                    out.append({"fade": t, **self._distill(art, n)})
+                    # A fading block's output is turning into its input: its hidden-state term would pull
+                    # the block before it toward the teacher layer the fading block is to stop producing.
+                    skip = {name: sorted(idx) for name, idx in drop.items() if idx}
+                    out.append({"fade": t, **self._distill(art, n, skip_hidden=skip)})
         finally:
             for h in handles:
                 h.remove()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from lmmc.adapters import get_adapter
 from lmmc.artifact import Artifact
@@ -55,6 +55,11 @@ class DistillConfig(PassConfig):
     layer_map: LayerMap = Field("origin", description="origin (the teacher layer each block was cut from; "
                                 "uniform when the student has no such record), uniform, closest, or teacher "
                                 "layers (1-based) per student layer: a list, or {tower: list} for dual encoders")
+    skip_hidden: dict[str, list[NonNegativeInt]] = Field(
+        default_factory=dict, description="student blocks (0-based, per tower) that get no hidden-state term; "
+        "antgmm sets it for the blocks it is fading out, whose output is turning into the previous block's "
+        "and would otherwise pull that block toward the teacher layer the faded block is about to stop "
+        "producing")
     schedule: ScheduleName = Field("all", description="all (every module every step: plain layerwise "
                                    "distillation, the best on MiniLM in benchmarks/distill.py), optima "
                                    "(OPTIMA's bandit picks one module per step) or round_robin")

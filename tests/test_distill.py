@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import CORPUS, TINY_TEXT, save_tiny, tiny_model
-from lmmc.adapters import TowerModule, get_adapter
+from lmmc.adapters import TowerModule, block_list, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import load_calibration, random_calibration
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
@@ -202,6 +202,47 @@ def test_depth_pruned_student_learns_the_layers_its_blocks_came_from():
     assert m["layer_map"] == {"text": [1, 3, 4]}
     assert distill(tiny_art("bert", sparsity=0.0, teacher=teacher), steps=1, layer_map="uniform")["layer_map"] == \
         {"text": [1, 2, 3, 4]}
+
+
+def block_distance(art: Artifact, block: int) -> float:
+    """Mean over the held-out texts of the student block's output against the teacher layer it learns
+    (hidden-state MSE over real tokens, relative to the teacher layer's mean square)."""
+    total = []
+    for batch in art.calib.eval_batches("text"):
+        t = art.teacher(**batch, output_hidden_states=True).hidden_states[block + 1]
+        s = art.student(**batch, output_hidden_states=True).hidden_states[block + 1]
+        total.append(hidden_loss(s, t, batch["attention_mask"], float(t.pow(2).mean())))
+    return float(torch.cat(total).mean())
+
+
+@torch.no_grad()
+def test_a_faded_block_does_not_pull_the_block_before_it_toward_its_teacher_layer():
+    """At the end of AntGMM's fade, block 1's residual update is gone: its output is block 0's. Its
+    hidden-state term would then pull block 0 toward teacher layer 2; with the term left out, block 0
+    keeps its own target, teacher layer 1 (the output term is off to show the hidden terms alone)."""
+    from lmmc.importance import gate_hook
+
+    distances = {}
+    for skip in ({}, {"text": [1]}):
+        teacher = tiny_model("bert")
+        with torch.no_grad():  # a teacher whose second layer differs clearly from its first
+            block_list(teacher, get_adapter("bert").towers[0])[1][1].output.dense.weight.mul_(8.0)
+        art = tiny_art("bert", sparsity=0.0, teacher=teacher)
+        handle = block_list(art.student, art.adapter.towers[0])[1][1].register_forward_hook(
+            gate_hook(torch.zeros(())), with_kwargs=True)
+        try:
+            with torch.enable_grad():
+                m = distill(art, steps=20, lr=3e-3, eval_every=0, output=0.0, skip_hidden=skip)
+            distances[bool(skip)] = block_distance(art, 0)
+        finally:
+            handle.remove()
+        assert m["skip_hidden"] == skip
+    # The student starts as the teacher: block 0 is on its target, and only the faded block's term moves it
+    # (beyond rounding noise, which Adam turns into small steps).
+    assert distances[True] < 0.01 * distances[False], distances
+    for bad in ({"text": [2]}, {"vision": [0]}):
+        with pytest.raises(LmmcError, match="skip_hidden"):
+            distill(tiny_art("bert", sparsity=0.0), skip_hidden=bad)
 
 
 def test_narrower_student_is_distilled_through_fitted_projections():

@@ -259,6 +259,7 @@ class RecordingDistill(Pass):
     class Config(PassConfig):
         steps: int = 0
         lr: float = 1e-4
+        skip_hidden: dict[str, list[int]] = {}
 
     def run(self, art: Artifact) -> dict[str, Any]:
         tower = art.adapter.towers[0]
@@ -268,7 +269,8 @@ class RecordingDistill(Pass):
             x = art.student.embeddings(input_ids=ids)
             y = blocks[0](x)
         RecordingDistill.calls.append({"steps": self.config.steps, "layers": len(blocks),
-                                       "block0_change": float((y - x).abs().max())})
+                                       "block0_change": float((y - x).abs().max()),
+                                       "skip_hidden": self.config.skip_hidden})
         return {"loss": 0.0}
 
 
@@ -291,6 +293,9 @@ def test_schedule_distils_between_segments_and_fades_blocks_out(monkeypatch: pyt
     assert [c["steps"] for c in fades] == [2, 2, 2, 2]
     changes = [c["block0_change"] for c in fades]
     assert changes == sorted(changes, reverse=True) and changes[-1] == 0.0
+    # While it fades, block 0 has no hidden-state term (it would pull the embeddings toward teacher layer 1).
+    assert [c["skip_hidden"] for c in fades] == [{"text": [0]}] * 4
+    assert all(c["skip_hidden"] == {} for c in calls[len(fades):])
     # Every width segment removed something and was followed by one distillation of the full length.
     assert all(s["removed"] > 0 for s in metrics["segments"][2:])
     assert [c["steps"] for c in calls[len(fades):]] == [8, 8, 8, 8]

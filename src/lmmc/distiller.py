@@ -60,6 +60,7 @@ class TowerPlan:
     n_teacher: int
     layer_map: list[int] = field(default_factory=list)  # 1-based teacher layer per student layer
     scales: list[float] = field(default_factory=list)  # teacher mean square per student layer's target
+    skip: set[int] = field(default_factory=set)  # student blocks without a hidden-state term
     pooled_scale: float = 1.0
 
 
@@ -108,13 +109,15 @@ def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], 
 
 
 def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None) -> list[Arm]:
-    """Each tower's student blocks cut into runs of `blocks_per_arm` (the last run may be shorter)."""
+    """Each tower's student blocks cut into runs of `blocks_per_arm` (the last run may be shorter). A run
+    of blocks that all go without a hidden-state term, and do not end their tower, has no loss: no arm."""
     arms = []
     for name, plan in plans.items():
         size = blocks_per_arm or plan.n_student
         for first in range(0, plan.n_student, size):
             last = min(first + size, plan.n_student) - 1
-            arms.append(Arm(name, first, last, last == plan.n_student - 1))
+            if last == plan.n_student - 1 or set(range(first, last + 1)) - plan.skip:
+                arms.append(Arm(name, first, last, last == plan.n_student - 1))
     return arms
 
 
@@ -182,10 +185,10 @@ class DistillLoss(nn.Module):
                 continue
             batch = inputs[modality_key(plan.spec)]
             if focus is None:
-                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)))
+                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)) - plan.skip)
             else:
                 train_below = focus.first == 0 and cfg.train_embeddings
-                run = run_tower(self.student, plan.spec, batch, set(range(focus.first, focus.last + 1)),
+                run = run_tower(self.student, plan.spec, batch, set(range(focus.first, focus.last + 1)) - plan.skip,
                                 stop_after=None if focus.last_of_tower else focus.last,
                                 detach_before=None if train_below else focus.first)
             mask = batch.get("attention_mask")
@@ -276,6 +279,9 @@ class Trainer:
                             f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
                             f"grad_accum × ranks")
         self.pad = {t.name: getattr(tower_config(self.student, t), "pad_token_id", None) or 0 for t in self.towers}
+        if set(cfg.skip_hidden) - {t.name for t in self.towers}:
+            raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
+                            f"{[t.name for t in self.towers]}; name blocks of those towers")
         self.plans = {t.name: self._plan(t) for t in self.towers}
         self.arms = make_arms(self.plans, cfg.blocks_per_arm)
         if cfg.schedule == "optima" and cfg.window < len(self.arms):
@@ -342,6 +348,10 @@ class Trainer:
                 raise LmmcError(f"layer_map is one list, but the model has towers "
                                 f"{[t.name for t in self.towers]}; give {{tower: [teacher layers]}} per tower")
             plan.layer_map = check_layer_map(layer_map, n_s, n_t, spec.name)
+        plan.skip = set(self.cfg.skip_hidden.get(spec.name, ()))
+        if any(i >= n_s for i in plan.skip):
+            raise LmmcError(f"skip_hidden names blocks {sorted(plan.skip)} of the {spec.name} tower, which has "
+                            f"blocks 0..{n_s - 1}; give 0-based indices of the student's blocks")
         return plan
 
     def _check_weights(self) -> None:
@@ -716,6 +726,7 @@ class Trainer:
             "arms": [a.name for a in self.arms],
             "arm_picks": {a.name: n for a, n in zip(self.arms, self.picks)},
             "layer_map": {name: plan.layer_map for name, plan in self.plans.items()},
+            "skip_hidden": {name: sorted(plan.skip) for name, plan in self.plans.items() if plan.skip},
             "projections": sorted(self.objective.proj.keys()),
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": sum(tail) / len(tail) if tail else None,
