@@ -26,7 +26,14 @@ from lmmc.modelio import text_positions
 class ValidateConfig(PassConfig):
     min_cosine: float | None = Field(None, ge=-1, le=1, description="gate: mean teacher-student cosine of "
                                      "pooled embeddings on held-out samples, every tower")
-    min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the adapter's task metric")
+    min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the student's task metric "
+                                          "(zero-shot or nearest-neighbour accuracy on labelled data, else "
+                                          "agreement with the teacher's retrieval)")
+    min_task_metric_ratio: float | None = Field(None, gt=0, le=1, description="gate: the student's task "
+                                                "metric divided by the teacher's")
+    agreement_k: int = Field(5, gt=0, description="data without labels: a student's best match agrees when "
+                             "it is among the teacher's k best, so near-synonymous captions and look-alike "
+                             "images do not count as disagreement")
     max_runtime_diff: float = Field(1e-4, gt=0, description="gate: max |ONNX Runtime - PyTorch| of the "
                                     "student's outputs (also every further fp32 artifact: fused graph, OpenVINO IR)")
     min_cosine_int8: float | None = Field(None, ge=-1, le=1, description="gate: mean cosine of every INT8 "
@@ -87,12 +94,49 @@ def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
     return float((nearest(teacher) == nearest(student)).mean())
 
 
-def zero_shot_agreement(t_img: np.ndarray, t_txt: np.ndarray, s_img: np.ndarray, s_txt: np.ndarray) -> float:
-    """Fraction of held-out images whose best-matching held-out text is the same under both models; NaN
-    when an embedding is not finite."""
-    if not all(np.isfinite(e).all() for e in (t_img, t_txt, s_img, s_txt)):
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
+
+
+def _finite(*embeddings: np.ndarray) -> bool:
+    return all(np.isfinite(e).all() for e in embeddings)
+
+
+def zero_shot_accuracy(images: np.ndarray, prompts: np.ndarray, prompt_class: list[int], truth: list[int],
+                       n_classes: int) -> float:
+    """Fraction of images whose closest class is their own; a class is the mean of its normalised
+    prompt embeddings (CLIP's prompt ensembling). NaN when an embedding is not finite."""
+    if not _finite(images, prompts):
         return float("nan")
-    return float(((t_img @ t_txt.T).argmax(1) == (s_img @ s_txt.T).argmax(1)).mean())
+    owner = np.asarray(prompt_class)
+    classes = _unit(np.stack([_unit(prompts)[owner == c].mean(0) for c in range(n_classes)]))
+    return float(((_unit(images) @ classes.T).argmax(1) == np.asarray(truth)).mean())
+
+
+def nearest_neighbour_accuracy(embeddings: np.ndarray, truth: list[int]) -> float:
+    """Fraction of samples whose nearest other sample has their class. NaN when an embedding is not finite."""
+    if not _finite(embeddings):
+        return float("nan")
+    sim = _unit(embeddings) @ _unit(embeddings).T
+    np.fill_diagonal(sim, -np.inf)
+    labels = np.asarray(truth)
+    return float((labels[sim.argmax(1)] == labels).mean())
+
+
+def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray, s_keys: np.ndarray,
+                    k: int, same: bool = False) -> float:
+    """Fraction of queries whose best key under the student is among the teacher's k best; `same` when
+    queries and keys are the same samples (a sample is never its own match). NaN when not finite."""
+    if not _finite(t_query, t_keys, s_query, s_keys):
+        return float("nan")
+    t_sim, s_sim = _unit(t_query) @ _unit(t_keys).T, _unit(s_query) @ _unit(s_keys).T
+    if same:
+        np.fill_diagonal(t_sim, -np.inf)
+        np.fill_diagonal(s_sim, -np.inf)
+    k = min(k, t_sim.shape[1] - (2 if same else 1))  # never every candidate, which would always agree
+    best = s_sim.argmax(1)
+    top = np.argsort(-t_sim, axis=1)[:, :max(k, 1)]
+    return float((top == best[:, None]).any(1).mean())
 
 
 def median_latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
@@ -166,9 +210,11 @@ class ValidatePass(Pass):
                 if cfg.min_cosine is not None:
                     gates.append(_gate(f"{tower.name}: cosine to teacher", result["cosine_mean"], cfg.min_cosine, ">="))
                 gates.append(_gate(f"{tower.name}: held-out samples", int(len(cos)), cfg.min_held_out, ">="))
-        task = _task_metric(art.adapter, pooled)
+        task = task_metric(art, cfg, pooled)
         if cfg.min_task_metric is not None:
             gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
+        if cfg.min_task_metric_ratio is not None:
+            gates.append(_gate(f"{task['name']}: student / teacher", task["ratio"], cfg.min_task_metric_ratio, ">="))
         exports = validate_exports(art, cfg, pooled, gates)
         art.student.to(art.device)
         art.validation = {"towers": towers, "task_metric": task, "exports": exports, "gates": gates,
@@ -189,13 +235,42 @@ def _gate(name: str, value: float, threshold: float, op: str) -> dict[str, Any]:
     return {"name": name, "value": value, "threshold": threshold, "op": op, "passed": bool(passed)}
 
 
-def _task_metric(adapter, pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    if adapter.task_metric == "zero_shot":
+def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """The task metric of teacher and student on the held-out samples, side by side.
+
+    Labelled data: zero-shot accuracy (dual encoders: each image against the class prompts) or
+    nearest-neighbour accuracy (one tower). Without labels the teacher is the reference (1.0): dual
+    encoders score the lower of image->image and text->image agreement, the student's best match counted
+    as agreeing when it is among the teacher's `agreement_k` best; one tower, nearest-neighbour agreement."""
+    labels = art.calib.labels if art.calib else None
+    dual = art.adapter.task_metric == "zero_shot"
+    if labels is not None and dual:
+        text = art.adapter.tower("text")
+        t_prompts = np.concatenate([o[1] for o in torch_outputs(art.teacher, text, labels.prompts)])
+        s_prompts = np.concatenate([o[1] for o in torch_outputs(art.student, text, labels.prompts)])
+        t_img, s_img = pooled["vision"]
+        score = {who: zero_shot_accuracy(img, prompts, labels.prompt_class, labels.held_out, len(labels.classes))
+                 for who, img, prompts in (("teacher", t_img, t_prompts), ("student", s_img, s_prompts))}
+        out = {"name": "zero-shot accuracy (image -> class prompt)", "kind": "zero_shot_accuracy",
+               "classes": len(labels.classes), **score}
+    elif labels is not None:
+        (t, s), = pooled.values()
+        out = {"name": "nearest-neighbour accuracy", "kind": "nearest_neighbour_accuracy",
+               "classes": len(labels.classes), "teacher": nearest_neighbour_accuracy(t, labels.held_out),
+               "student": nearest_neighbour_accuracy(s, labels.held_out)}
+    elif dual:
         (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
-        return {"name": "zero-shot agreement (image -> text)",
-                "value": zero_shot_agreement(t_img, t_txt, s_img, s_txt)}
-    (t, s), = pooled.values()
-    return {"name": "nearest-neighbour agreement", "value": neighbour_agreement(t, s)}
+        parts = {"image -> image": top_k_agreement(t_img, t_img, s_img, s_img, cfg.agreement_k, same=True),
+                 "text -> image": top_k_agreement(t_txt, t_img, s_txt, s_img, cfg.agreement_k)}
+        out = {"name": f"retrieval agreement with the teacher (top-1 in its top {cfg.agreement_k})",
+               "kind": "retrieval_agreement", "k": cfg.agreement_k, "parts": parts, "teacher": 1.0,
+               "student": min(parts.values()) if all(map(math.isfinite, parts.values())) else float("nan")}
+    else:
+        (t, s), = pooled.values()
+        out = {"name": "nearest-neighbour agreement", "kind": "nearest_neighbour_agreement", "teacher": 1.0,
+               "student": neighbour_agreement(t, s)}
+    ratio = out["student"] / out["teacher"] if out["teacher"] else float("nan")
+    return {**out, "value": out["student"], "ratio": ratio}
 
 
 def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.ndarray, np.ndarray]],

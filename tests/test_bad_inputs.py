@@ -309,6 +309,82 @@ def _(tmp):
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "replace it"]
 
 
+def digit_pairs(tmp: Path, labels: list[str], captions: list[str]) -> Path:
+    """A labelled image-text .jsonl, one readable picture per line."""
+    folder = images(tmp, len(labels))
+    lines = [json.dumps({"image": f"{folder.name}/{i}.png", "text": c, "label": lab})
+             for i, (lab, c) in enumerate(zip(labels, captions))]
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    return tmp / "pairs.jsonl"
+
+
+@case("a caption labelled with another class")
+def _(tmp):
+    labels = ["3", "7"] * 20
+    captions = [f"a picture of the number {lab}" for lab in labels]
+    captions[5] = "a picture of the number 3"  # labelled 7
+    digit_pairs(tmp, labels, captions)
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl"}})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["names the class '3' but is labelled '7'", "labels do not match the captions", "Fix the label"])
+
+
+@case("one caption under two labels")
+def _(tmp):
+    labels = ["cat", "dog"] * 20
+    digit_pairs(tmp, labels, ["a small animal"] * 40)
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl"}})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["the text 'a small animal' carries two labels", "Fix the labels"])
+
+
+def class_folders(tmp: Path) -> Path:
+    """An image folder with one subfolder of pictures per class."""
+    (tmp / "classes").mkdir()
+    for label in ("cat", "dog"):
+        images(tmp / "classes", 20, name=label)
+    return tmp / "classes"
+
+
+TEMPLATE = {**RANDOM, "calibration": {"path": "classes", "caption_template": "a picture of a {label}"}}
+
+
+@case("a class folder with an unreadable image")
+def _(tmp):
+    folder = class_folders(tmp)
+    (folder / "dog" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    save_tiny("clip", tmp / "clip")
+    return (["./clip", "-r", write_recipe(tmp, TEMPLATE), "-o", "out", "--dry-run"],
+            ["cannot read image", "dog/3.png", "replace it"])
+
+
+@case("a class folder with a file that is not an image")
+def _(tmp):
+    folder = class_folders(tmp)
+    (folder / "cat" / "notes.txt").write_text("taken on monday")
+    save_tiny("clip", tmp / "clip")
+    return (["./clip", "-r", write_recipe(tmp, TEMPLATE), "-o", "out", "--dry-run"],
+            ["1 file(s) that are not images", "notes.txt", "remove them"])
+
+
+@case("a caption template without the class")
+def _(tmp):
+    class_folders(tmp)
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**TEMPLATE, "calibration": {"path": "classes", "caption_template": "a picture"}})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["caption_template", "must name the class as {label}"]
+
+
+@case("a dual-encoder recipe naming one tower only")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "layer_map": {"vision": [1, 2]}}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["layer_map names the tower(s) ['vision']", "towers ['text', 'vision']", "give a value for each"])
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()

@@ -225,13 +225,13 @@ def test_non_finite_student_fails_every_gate_and_report_is_strict_json(tmp_path,
 def test_validation_functions_fail_on_non_finite_values():
     import numpy as np
 
-    from lmmc.export.validate import _gate, neighbour_agreement, zero_shot_agreement
+    from lmmc.export.validate import _gate, neighbour_agreement, top_k_agreement
 
     good = np.eye(4, 3)
     bad = good.copy()
     bad[2, 1] = np.nan
     assert neighbour_agreement(good, good) == 1.0
-    assert np.isnan(neighbour_agreement(good, bad)) and np.isnan(zero_shot_agreement(good, good, bad, good))
+    assert np.isnan(neighbour_agreement(good, bad)) and np.isnan(top_k_agreement(good, good, bad, good, 1))
     for value in (float("nan"), float("inf"), -float("inf")):
         assert not _gate("g", value, 1.0, "<=")["passed"] and not _gate("g", value, 0.0, ">=")["passed"]
     assert _gate("g", 0.5, 1.0, "<=")["passed"] and _gate("g", 0.5, 0.1, ">=")["passed"]

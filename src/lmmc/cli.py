@@ -155,6 +155,10 @@ def passes_cmd():
             click.echo(f"    {field} = {info.default!r}{desc}")
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a (NaN/Inf)" if value is None or value != value or abs(value) == float("inf") else f"{value:.3f}"
+
+
 def summary_table(report: dict) -> str:
     """The result table printed after a compile."""
     rows = [("tower", "cosine", "min cos", "ORT diff", "teacher ms", "student ms", "speedup")]
@@ -170,8 +174,14 @@ def summary_table(report: dict) -> str:
     task = report["validation"].get("task_metric")
     lines.append(f"sparsity of prunable weights: {sp['sparsity']:.1%}; parameters "
                  f"{report['parameters']['teacher']:,} -> {report['parameters']['student']:,}")
+    flops = report.get("flops") or {}
+    if flops:
+        kept = sum(f["student"] for f in flops.values()) / sum(f["teacher"] for f in flops.values())
+        lines.append("FLOPs kept (transformer blocks, one sample): " + ", ".join(
+            f"{name} {f['kept']:.1%} at {f['tokens']} tokens" for name, f in flops.items()) + f"; all {kept:.1%}")
     if task:
-        lines.append(f"{task['name']}: {task['value']:.3f}")
+        lines.append(f"{task['name']}: student {_fmt(task['value'])}"
+                     + (f", teacher {_fmt(task['teacher'])}" if "teacher" in task else ""))
     if report.get("validated", True):
         lines.append("gates: " + ", ".join(f"{g['name']} {'ok' if g['passed'] else 'MISSED'}"
                                           for g in report["validation"].get("gates", [])))

@@ -19,10 +19,13 @@ from typing import Any
 import torch
 
 import lmmc
-from lmmc.adapters import TowerModule, prunable_linears
+from lmmc.adapters import TowerModule, head_dim, prunable_linears
 from lmmc.artifact import Artifact
 from lmmc.bench import check_backends
-from lmmc.data import check_images, check_random_allowed, load_calibration, random_calibration, read_samples, select
+from lmmc.blockwise import capture_block_inputs
+from lmmc.cost import blocks_cost
+from lmmc.data import (check_images, check_random_allowed, load_calibration, random_calibration, read_samples,
+                       select, text_tokens)
 from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
@@ -148,6 +151,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         check_weights(model_dir, shapes)
     check_preprocessor(model_ref, config, adapter, load_preprocessor(str(model_dir or model_ref)))
     warnings: list[str] = []
+    recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     _check_lengths(config, adapter, recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
@@ -209,7 +213,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         _check_floor(recipe, cal.eval_samples, "raise calibration.eval_samples")
         return {"calibration": cal.samples, "held_out": cal.eval_samples}
     modalities = {t.modality for t in adapter.towers}
-    chosen = select(cal, Path(cal.path), read_samples(Path(cal.path)), modalities)
+    chosen = select(cal, Path(cal.path), read_samples(Path(cal.path), cal.caption_template), modalities)
     warnings.extend(chosen.warnings)
     if "image" in modalities:
         vision = next(t for t in adapter.towers if t.modality == "image")
@@ -357,6 +361,32 @@ def _failures(art: Artifact) -> list[str]:
     return failures
 
 
+def flops_per_tower(art: Artifact) -> dict[str, dict[str, Any]]:
+    """Per tower, the transformer blocks' FLOPs of one sample in teacher and student and the fraction kept:
+    text at the length a structured pass counted with (else the calibration texts' mean length, capped at
+    the model's positions), images at their patch count."""
+    if art.calib is None:
+        return {}
+    counted = next((r.metrics["tokens"] for r in reversed(art.records)
+                    if isinstance(r.metrics, dict) and isinstance(r.metrics.get("tokens"), dict)), {})
+    tokens: dict[str, int] = {}
+    for tower in art.adapter.towers:
+        if tower.name in counted:
+            tokens[tower.name] = int(counted[tower.name])
+        elif tower.modality == "text":
+            tokens[tower.name] = text_tokens(art.calib, text_positions(art.teacher.config, tower))
+        else:
+            (args, kwargs), = capture_block_inputs(art.teacher, tower, art.calib.calib_batches("image")[:1],
+                                                   art.device)
+            tokens[tower.name] = int((args[0] if args else kwargs["hidden_states"]).shape[1])
+    costs = {who: blocks_cost(model, art.adapter, {t.name: head_dim(model, t) for t in art.adapter.towers}, tokens)
+             for who, model in (("teacher", art.teacher), ("student", art.student))}
+    return {t.name: {"tokens": tokens[t.name], "teacher": costs["teacher"][t.name].flops,
+                     "student": costs["student"][t.name].flops,
+                     "kept": costs["student"][t.name].flops / costs["teacher"][t.name].flops}
+            for t in art.adapter.towers}
+
+
 def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], seconds: float) -> dict[str, Any]:
     n_teacher = sum(p.numel() for p in art.teacher.parameters())
     n_student = sum(p.numel() for p in art.student.parameters())
@@ -379,6 +409,7 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         "calibration": {"source": the_plan["calibration"], **(art.calib.counts if art.calib else {})},
         "parameters": {"teacher": n_teacher, "student": n_student},
         "sparsity": sparsity_summary(art.student, art.adapter),
+        "flops": flops_per_tower(art),
         "passes": [asdict(r) for r in art.records],
         "onnx": {k: str(v.relative_to(art.workdir)) for k, v in art.onnx.items()},
         "validation": art.validation,

@@ -1,10 +1,13 @@
-"""Calibration data: read text, image folders or image-text pairs, split deterministically into
-calibration and held-out evaluation samples that never overlap, and encode them into batches."""
+"""Calibration data: read text, image folders or image-text pairs (optionally labelled with classes),
+split deterministically into calibration and held-out samples that share no image (no text, for text
+alone), and encode them into batches."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,17 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass
+class Labels:
+    """The classes of labelled data: the class of each held-out sample, and encoded class prompts (the
+    caption template per class, or every distinct caption of the class) for zero-shot accuracy."""
+
+    classes: list[str]
+    held_out: list[int]
+    prompts: list[Batch]
+    prompt_class: list[int]
+
+
+@dataclass
 class CalibData:
     """Encoded batches per modality ("text", "image"). For image-text pairs the i-th text and image
     batches hold the same pairs in the same order."""
@@ -30,6 +44,7 @@ class CalibData:
     source: str
     counts: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    labels: Labels | None = None
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -46,12 +61,17 @@ def _read_text(path: Path) -> str:
                         f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """Records with a "text" and/or an "image" (absolute path) key, in file order."""
+def read_samples(path: Path, caption_template: str | None = None) -> list[dict[str, Any]]:
+    """Records with a "text" and/or an "image" (absolute path) key, and a "label" where the data has
+    classes, in file order. With `caption_template` an image folder is read as one subfolder per class,
+    each image captioned with the template."""
     if not path.exists():
         raise LmmcError(f"calibration data '{path}' does not exist; pass --calib with a .txt, .jsonl or image folder")
-    if path.is_dir():
+    if path.is_dir() and caption_template is not None:
+        records = _class_folders(path, caption_template)
+    elif path.is_dir():
         records = [{"image": str(p)} for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        _check_readable(path, [r["image"] for r in records])
     elif path.suffix == ".txt":
         records = [{"text": line.strip()} for line in _read_text(path).splitlines() if line.strip()]
     elif path.suffix == ".jsonl":
@@ -71,7 +91,10 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
             if "image" in obj:
                 image = Path(obj["image"])
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
+            if "label" in obj:
+                rec["label"] = str(obj["label"])
             records.append(rec)
+        check_labels(records, path)
     else:
         raise LmmcError(f"calibration data '{path}' has an unknown format; use .txt (one text per line), "
                         f".jsonl ({{\"text\": ..., \"image\": ...}} per line) or a folder of images")
@@ -80,18 +103,97 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
+    """An image folder with one subfolder per class: every file in it must be a readable image."""
+    records, loose, strangers = [], [], []
+    for p in sorted(path.rglob("*")):
+        if p.is_dir() or any(part.startswith(".") for part in p.relative_to(path).parts):
+            continue
+        if len(p.relative_to(path).parts) < 2:
+            loose.append(p)
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+            strangers.append(p)
+        else:
+            label = p.relative_to(path).parts[0]
+            records.append({"image": str(p), "label": label, "text": template.format(label=label)})
+    if loose:
+        raise LmmcError(f"image folder '{path}' is read as one subfolder per class (calibration.caption_template "
+                        f"is set), but {len(loose)} file(s) sit at its top, e.g. '{loose[0].name}'; move each "
+                        f"into the folder of its class")
+    if strangers:
+        raise LmmcError(f"image folder '{path}' holds {len(strangers)} file(s) that are not images, e.g. "
+                        f"'{strangers[0]}'; remove them (a class folder holds only .png/.jpg/... pictures)")
+    _check_readable(path, [r["image"] for r in records])
+    check_labels(records, path)
+    return records
+
+
+def _check_readable(folder: Path, paths: list[str]) -> None:
+    """Every image of a folder opens (headers only), so a broken file fails before anything loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    broken = []
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            broken.append((p, err))
+    if broken:
+        more = f"; {len(broken) - 1} more file(s) in '{folder}' are unreadable too" if len(broken) > 1 else ""
+        raise LmmcError(f"cannot read image '{broken[0][0]}': {broken[0][1]}{more}; remove it or replace it with "
+                        f"a PNG/JPEG picture")
+
+
+def check_labels(records: list[dict[str, Any]], source: Path) -> None:
+    """Labels, where given, on every record, one per image and per caption, at least two classes, and no
+    caption naming another class than its own label."""
+    labelled = [r for r in records if "label" in r]
+    if not labelled:
+        return
+    if len(labelled) != len(records):
+        n = next(i for i, r in enumerate(records, 1) if "label" not in r)
+        raise LmmcError(f"'{source}': some samples have a \"label\" and sample {n} has none; label every sample "
+                        f"or none")
+    classes = sorted({r["label"] for r in records})
+    if len(classes) < 2:
+        raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; zero-shot accuracy needs at "
+                        f"least two classes. Give samples of several classes, or drop the labels")
+    words = {c: re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in classes}
+    for r in records:
+        named = [c for c, w in words.items() if "text" in r and w.search(r["text"])]
+        if named and r["label"] not in named:
+            raise LmmcError(f"'{source}': the caption '{r['text']}' names the class '{named[0]}' but is labelled "
+                            f"'{r['label']}'; the labels do not match the captions. Fix the label or the caption")
+    for key in ("image", "text"):
+        seen: dict[str, str] = {}
+        for r in records:
+            if key in r and seen.setdefault(r[key], r["label"]) != r["label"]:
+                raise LmmcError(f"'{source}': the {key} '{r[key]}' carries two labels, '{seen[r[key]]}' and "
+                                f"'{r['label']}'; each {key} belongs to one class. Fix the labels")
+
+
+def _group(record: dict[str, Any]) -> str:
+    """What a held-out sample must not share with any calibration sample: its image, else its text."""
+    return record["image"] if "image" in record else record["text"]
+
+
 def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int) -> tuple[list, list]:
-    """Deduplicate, shuffle with `seed`, and cut held-out samples first so they never overlap."""
+    """Deduplicate, shuffle with `seed`, and hold out whole images (whole texts, for text alone) first,
+    one sample each, so no held-out image is calibrated on under any caption."""
     unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
-    if len(unique) < 3:
-        raise LmmcError(f"calibration data has {len(unique)} distinct samples; at least 3 are needed "
-                        f"(some to calibrate on, two to validate on)")
     order = list(range(len(unique)))
     random.Random(seed).shuffle(order)
-    n_eval = min(n_eval, max(2, len(unique) // 4))
-    n_calib = min(n_calib, len(unique) - n_eval)
-    held_out = [unique[i] for i in order[:n_eval]]
-    calib = [unique[i] for i in order[n_eval:n_eval + n_calib]]
+    firsts: dict[str, dict[str, Any]] = {}
+    for i in order:
+        firsts.setdefault(_group(unique[i]), unique[i])
+    if len(firsts) < 3:
+        raise LmmcError(f"calibration data has {len(firsts)} distinct samples; at least 3 are needed "
+                        f"(some to calibrate on, two to validate on)")
+    n_eval = min(n_eval, max(2, len(firsts) // 4))
+    held_out = list(firsts.values())[:n_eval]
+    held = {_group(r) for r in held_out}
+    calib = [unique[i] for i in order if _group(unique[i]) not in held][:n_calib]
     return calib, held_out
 
 
@@ -172,7 +274,8 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
             lacking, held = ("texts", "images") if not has["text"] else ("images", "texts")
             raise LmmcError(f"calibration data '{source}' holds {has['image'] or has['text']} {held} but no "
                             f"{lacking}; this model has a text and an image tower and calibrates on image-text "
-                            f"pairs: give a .jsonl with {{\"text\": ..., \"image\": ...}} per line")
+                            f"pairs: give a .jsonl with {{\"text\": ..., \"image\": ...}} per line, or an image folder "
+                            f"with one subfolder per class and calibration.caption_template")
         calib_recs = [r for r in calib_recs if "text" in r and "image" in r]
         eval_recs = [r for r in eval_recs if "text" in r and "image" in r]
     for modality in sorted(modalities):
@@ -200,7 +303,8 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     `positions` (the text tower's limit) caps the default token length."""
     source = Path(path)
     max_length = cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
-    chosen = select(cfg, source, read_samples(source), modalities)
+    records = read_samples(source, cfg.caption_template)
+    chosen = select(cfg, source, records, modalities)
     calib: dict[str, list[Batch]] = {}
     held: dict[str, list[Batch]] = {}
     for modality in sorted(modalities):
@@ -220,7 +324,33 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
             calib[modality] = encode_images(proc, c, cfg.batch_size)
             held[modality] = encode_images(proc, e, cfg.batch_size)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
-    return CalibData(calib, held, str(source), counts, chosen.warnings)
+    labels = None
+    if chosen.held_out and "label" in chosen.held_out[0]:
+        labels = _labels(cfg, records, chosen.held_out, preprocessor.get("tokenizer") if "text" in modalities
+                         else None, max_length)
+    return CalibData(calib, held, str(source), counts, chosen.warnings, labels)
+
+
+def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
+            max_length: int | None) -> Labels:
+    """Classes of the whole data set; prompts from the caption template, else every distinct caption."""
+    classes = sorted({r["label"] for r in records})
+    index = {c: i for i, c in enumerate(classes)}
+    if cfg.caption_template is not None:
+        prompts = {cfg.caption_template.format(label=c): c for c in classes}
+    else:
+        prompts = {r["text"]: r["label"] for r in sorted(records, key=lambda r: r.get("text", "")) if "text" in r}
+    encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length) if tokenizer else []
+    return Labels(classes, [index[r["label"]] for r in held_out], encoded, [index[c] for c in prompts.values()])
+
+
+def text_tokens(calib: CalibData | None, positions: int, deployment: int | None = None) -> int:
+    """Tokens of one text sequence for counting FLOPs: the deployment length when the recipe gives one,
+    else the calibration texts' mean real length; never more than the model's positions."""
+    if deployment is not None:
+        return min(deployment, positions)
+    lengths = [int(n) for b in (calib.calib_batches("text") if calib else []) for n in b["attention_mask"].sum(1)]
+    return min(positions, round(statistics.mean(lengths)) if lengths else DEFAULT_MAX_LENGTH)
 
 
 def check_random_allowed(model: torch.nn.Module) -> None:

@@ -6,12 +6,14 @@ directory; `--calib` on the command line is resolved against the current directo
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
 from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass
@@ -30,6 +32,24 @@ class CalibrationConfig(BaseModel):
     max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or the model's "
                                    "position limit if lower (CLIP: 77)")
     seed: int = 0
+    caption_template: str | None = Field(None, description="reads an image folder as one subfolder per class, "
+                                         "each image captioned with this template, e.g. \"a photo of the "
+                                         "digit {label}\"; also the class prompt of zero-shot accuracy on "
+                                         "labelled data")
+
+    @field_validator("caption_template")
+    @classmethod
+    def _one_label_placeholder(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"{v!r} is not a format string ({err}); write the class as {{label}}") from None
+        if fields != {"label"}:
+            raise ValueError(f"{v!r} must name the class as {{label}} and nothing else in braces, "
+                             f"e.g. \"a photo of the digit {{label}}\"")
+        return v
 
 
 class Step(BaseModel):
@@ -79,6 +99,27 @@ class Recipe(BaseModel):
                             "with 'validate: false'")
         check_plan(self.steps(), {"teacher", "student"} | ({"calib"} if has_calib else set()))
         self._check_allocations()
+
+    def check_towers(self, family: str, towers: list[str]) -> None:
+        """Every per-tower mapping in the passes' settings (keys that are tower names, e.g. distill's
+        layer_map) names each of the model's towers and no other."""
+        names = {t.name for model_type in supported_model_types() for t in get_adapter(model_type).towers}
+
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, dict):
+                if value and set(value) <= names and set(value) != set(towers):
+                    raise LmmcError(f"{where} names the tower(s) {sorted(value)}, but this {family} model has the "
+                                    f"towers {towers}; give a value for each of them, e.g. "
+                                    f"{{{', '.join(f'{t}: ...' for t in towers)}}}")
+                for key, item in value.items():
+                    walk(item, f"{where}.{key}")
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(item, f"{where}[{i}]")
+
+        for section, steps in (("passes", self.passes), ("export", self.export)):
+            for i, step in enumerate(steps):
+                walk(step.config.model_dump(mode="json"), f"{section}[{i}] '{step.name}'")
 
     def _check_allocations(self) -> None:
         """An allocation sets per-matrix targets that only a later local pruner applies."""

@@ -1,0 +1,206 @@
+"""Task metrics that tell a good student from a broken one, held-out splits by image, and FLOPs counted
+at the data's real token lengths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import transformers
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from lmmc.cli import main
+from lmmc.data import load_calibration, read_samples, split, text_tokens
+from lmmc.export.validate import nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
+from lmmc.recipe import CalibrationConfig
+from tests.conftest import save_tiny, tiny_vocab
+
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def synthetic(seed: int = 0, per_class: int = 8, dim: int = 32):
+    """Teacher embeddings of 10 classes: images around their class centre, three near-synonymous captions
+    per class (as "a photo of the digit seven", "a picture of a seven", ...)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, dim))
+    truth = np.repeat(np.arange(10), per_class)
+    images = centres[truth] + 0.35 * rng.normal(size=(len(truth), dim))
+    prompt_class = np.repeat(np.arange(10), 3)
+    prompts = centres[prompt_class] + 0.05 * rng.normal(size=(30, dim))
+    captions = prompts[truth * 3 + rng.integers(0, 3, len(truth))]  # each image's own caption
+    return rng, truth, images, prompt_class, prompts, captions
+
+
+def old_caption_agreement(t_img, t_txt, s_img, s_txt) -> float:
+    """The caption-level metric these replace: the same best held-out caption under both models."""
+    return float(((t_img @ t_txt.T).argmax(1) == (s_img @ s_txt.T).argmax(1)).mean())
+
+
+def test_metrics_rank_a_good_student_above_a_broken_one():
+    rng, truth, t_img, prompt_class, t_prompts, t_cap = synthetic()
+    students = {
+        # small noise everywhere: same classes, but ties among synonyms and look-alikes fall differently
+        "good": [x + 0.15 * rng.normal(size=x.shape) for x in (t_img, t_prompts, t_cap)],
+        # the image tower broken: its embeddings mostly noise
+        "broken": [t_img + 3.0 * rng.normal(size=t_img.shape), t_prompts, t_cap],
+    }
+    teacher_acc = zero_shot_accuracy(t_img, t_prompts, prompt_class, truth, 10)
+    assert teacher_acc >= 0.95
+    score = {}
+    for name, (img, prompts, cap) in students.items():
+        score[name] = {
+            "accuracy": zero_shot_accuracy(img, prompts, prompt_class, truth, 10),
+            "nn_accuracy": nearest_neighbour_accuracy(img, truth),
+            "image_image": top_k_agreement(t_img, t_img, img, img, 5, same=True),
+            "text_image": top_k_agreement(t_cap, t_img, cap, img, 5),
+            "old": old_caption_agreement(t_img, t_cap, img, cap),
+        }
+    good, broken = score["good"], score["broken"]
+    assert good["accuracy"] >= 0.95 * teacher_acc and broken["accuracy"] < 0.7 * teacher_acc
+    assert good["nn_accuracy"] > broken["nn_accuracy"] + 0.2
+    assert min(good["image_image"], good["text_image"]) > 0.8
+    assert min(broken["image_image"], broken["text_image"]) < 0.5
+    # the caption-level agreement these replace ranks the two the wrong way round
+    assert good["old"] < broken["old"]
+
+
+def test_top_k_agreement_is_exact_at_the_teacher_and_never_trivial():
+    _, truth, img, _, _, cap = synthetic(seed=1)
+    assert top_k_agreement(img, img, img, img, 5, same=True) == 1.0
+    assert top_k_agreement(cap, img, cap, img, 5) == 1.0
+    # k is capped below the number of candidates: with 3 samples, 1 neighbour out of 2
+    three = img[:3]
+    reversed_ = three[::-1].copy()
+    assert top_k_agreement(three, three, reversed_, reversed_, 50, same=True) < 1.0
+
+
+# --- held-out split by image ---------------------------------------------------------------------
+
+def coco_style(tmp: Path, n_images: int = 40, captions: int = 3) -> Path:
+    """Image-text pairs with three captions per image, labelled with the digit class."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_images):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp / f"{i}.png")
+        label = NUMBERS[i % 10]
+        for c in range(captions):
+            text = ["a picture of the number {}", "the number {} in a picture", "a {} on a road"][c].format(label)
+            lines.append(json.dumps({"image": f"{i}.png", "text": text, "label": label}))
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    return tmp / "pairs.jsonl"
+
+
+def test_split_holds_out_whole_images(tmp_path):
+    records = read_samples(coco_style(tmp_path))
+    calib, held = split(records, n_calib=2000, n_eval=64, seed=0)
+    held_images = [r["image"] for r in held]
+    assert len(held_images) == len(set(held_images)) == 10  # a quarter of the 40 images, one pair each
+    assert not set(held_images) & {r["image"] for r in calib}
+    assert len(calib) == 30 * 3  # every caption of every other image
+    # text alone: held out by text
+    texts = [{"text": f"sentence {i % 30}"} for i in range(90)]
+    calib, held = split(texts, n_calib=100, n_eval=5, seed=0)
+    assert len(held) == 5 and not {r["text"] for r in held} & {r["text"] for r in calib}
+
+
+def tiny_preprocessors(tmp: Path) -> dict:
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp / "vocab.txt")))
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"tokenizer": tok, "image_processor": proc}
+
+
+def test_distillation_corpus_drops_held_out_images_under_any_caption(tmp_path):
+    import hashlib
+
+    from lmmc.pipeline import get_pass
+    from lmmc.passes.distill import _split_samples, build_corpus
+
+    pre = tiny_preprocessors(tmp_path)
+    cfg = CalibrationConfig(samples=2000, eval_samples=8, batch_size=4)
+    calib = load_calibration(cfg, str(coco_style(tmp_path)), {"text", "image"}, pre)
+    # distil on the calibration pairs and, as a corpus, on every pair of the data set
+    for corpus in (None, str(tmp_path / "pairs.jsonl")):
+        distill_cfg = get_pass("distill").Config(steps=1, dev_samples=4, corpus=corpus)
+        art = SimpleNamespace(calib=calib, preprocessor=pre)
+        train, dev = build_corpus(distill_cfg, art, ["image", "text"])
+
+        def image_key(sample):
+            return hashlib.sha1(sample["image"]["pixel_values"].float().numpy().tobytes()).hexdigest()
+
+        held = {image_key(s) for s in _split_samples(calib.eval, ["image", "text"])}
+        assert len(held) == 8
+        used = {image_key(s) for s in train + dev}
+        assert not used & held
+        assert len(used) == 40 - 8
+
+
+def test_labels_give_classes_prompts_and_held_out_truth(tmp_path):
+    pre = tiny_preprocessors(tmp_path)
+    path = coco_style(tmp_path)
+    cfg = CalibrationConfig(samples=64, eval_samples=8, batch_size=4)
+    data = load_calibration(cfg, str(path), {"text", "image"}, pre)
+    labels = data.labels
+    assert labels.classes == sorted(NUMBERS)
+    held_images = [r for r in split(read_samples(path), 64, 8, 0)[1]]
+    assert [labels.classes[i] for i in labels.held_out] == [r["label"] for r in held_images]
+    assert len(labels.prompt_class) == 30 and sum(b["input_ids"].shape[0] for b in labels.prompts) == 30
+    # with a caption template: one prompt per class
+    templated = load_calibration(CalibrationConfig(samples=64, eval_samples=8, batch_size=4,
+                                                   caption_template="a picture of the number {label}"),
+                                 str(path), {"text", "image"}, pre)
+    assert templated.labels.prompt_class == list(range(10))
+
+
+# --- FLOPs at the real token lengths ----------------------------------------------------------------
+
+def test_text_tokens_are_the_real_mean_length_capped_at_positions(tmp_path):
+    pre = tiny_preprocessors(tmp_path)
+    data = load_calibration(CalibrationConfig(samples=64, eval_samples=8, batch_size=4),
+                            str(coco_style(tmp_path)), {"text", "image"}, pre)
+    lengths = [int(m.sum()) for b in data.calib["text"] for m in b["attention_mask"]]
+    assert text_tokens(data, positions=77) == round(sum(lengths) / len(lengths))
+    assert text_tokens(data, positions=5) == 5
+    assert text_tokens(data, positions=77, deployment=32) == 32
+    assert text_tokens(data, positions=16, deployment=32) == 16
+
+
+def class_folder(tmp: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for label in ("water", "house", "road", "man"):  # one token each in the tiny vocabulary
+        (tmp / "classes" / label).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp / "classes" / label / f"{i}.png")
+    return tmp / "classes"
+
+
+def test_compile_reports_teacher_and_student_accuracy_and_flops_per_tower(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    save_tiny("clip", tmp_path / "clip")
+    class_folder(tmp_path)
+    recipe = {"calibration": {"path": "classes", "caption_template": "a picture of the {label}",
+                              "samples": 32, "eval_samples": 12, "batch_size": 4},
+              "passes": [{"antgmm": {"keep": 0.5, "importance": "activation"}}],
+              "validate": {"latency": False, "threads": 1, "min_held_out": 12, "min_task_metric_ratio": 0.01}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", "./clip", "-r", "r.yaml", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    task = report["validation"]["task_metric"]
+    assert task["kind"] == "zero_shot_accuracy" and task["classes"] == 4
+    assert task["value"] == task["student"] and task["ratio"] == pytest.approx(task["student"] / task["teacher"])
+    assert any(g["name"].endswith("student / teacher") for g in report["validation"]["gates"])
+    flops = report["flops"]
+    caption = "a picture of the road"  # every caption has this length
+    tokens = len(transformers.BertTokenizer.from_pretrained(str(tmp_path / "clip"))(caption)["input_ids"])
+    assert flops["text"]["tokens"] == tokens
+    assert flops["vision"]["tokens"] == (32 // 8) ** 2 + 1
+    assert report["passes"][0]["metrics"]["tokens"] == {"text": tokens, "vision": 17}
+    teacher = sum(f["teacher"] for f in flops.values())
+    student = sum(f["student"] for f in flops.values())
+    assert student / teacher == pytest.approx(0.5, abs=0.05)
+    assert "FLOPs kept" in result.output and "teacher" in result.output
