@@ -1,6 +1,7 @@
 """Calibration data: formats, the deterministic non-overlapping split, and encoding."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,32 @@ def test_image_text_pairs_are_encoded_in_matching_order(tmp_path):
     with pytest.raises(LmmcError, match="image-text pairs"):
         load_calibration(cfg, str(tmp_path / "only.txt"), {"text", "image"}, {"tokenizer": tok, "image_processor": proc})
 
+
+
+def test_class_folders_read_as_labelled_captioned_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "pics" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "pics" / label / f"{i}.png")
+    (tmp_path / "pics" / "dog" / ".DS_Store").write_bytes(b"\0\1")  # hidden files are not samples
+    records = read_samples(tmp_path / "pics", "a photo of a {label}")
+    assert [(Path(r["image"]).relative_to(tmp_path / "pics").as_posix(), r["label"], r["text"]) for r in records] == [
+        (f"{label}/{i}.png", label, f"a photo of a {label}") for label in ("cat", "dog") for i in range(3)]
+    # without a template the same folder is plain images, as before
+    assert read_samples(tmp_path / "pics") == [{"image": r["image"]} for r in records]
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([{"text": "a cat", "label": "cat"}, {"text": "a dog"}], "sample 2 has none"),
+    ([{"text": "a cat", "label": "cat"}, {"text": "another cat", "label": "cat"}], "needs at least two classes"),
+    ([{"text": "a cat", "label": "cat"}, {"text": "a dog", "label": "cat"}, {"text": "a puppy", "label": "dog"}],
+     "names the class 'dog' but is labelled 'cat'"),
+    ([{"text": "a pet", "label": "cat"}, {"text": "a pet", "label": "dog"}], "the text 'a pet' carries two labels"),
+    ([{"image": "1.png", "text": "one", "label": "cat"}, {"image": "1.png", "text": "two", "label": "dog"}],
+     "carries two labels, 'cat' and 'dog'"),
+])
+def test_labels_must_match_the_captions(tmp_path, lines, message):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(LmmcError, match=message):
+        read_samples(tmp_path / "d.jsonl")
