@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 # Layer norm and softmax lose accuracy in fp16; the reductions of the pooling head (a sum over up to
@@ -21,6 +22,10 @@ def to_fp16_onnx(src: Path, dst: Path, keep_fp32: tuple[str, ...] = KEEP_FP32) -
     model = onnx.load(str(src))
     # constants beyond fp16's range (the attention mask's -3.4e38) are clipped to +-65504, not made inf
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32))
+    # the converter appends its casts at the end of the node list; ONNX wants producers first
+    graph = ir.from_proto(half)
+    graph.graph.sort()
+    half = ir.to_proto(graph)
     onnx.checker.check_model(half)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(half, str(dst))

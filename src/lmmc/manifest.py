@@ -72,7 +72,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
     if "image" in modalities:
         preprocessing["image"] = {"kind": "image_processor",
                                   "files": [f for f in preprocessing_files if "preprocessor" in f]}
-    return {
+    manifest = {
         "format": FORMAT,
         "lmmc_version": lmmc.__version__,
         "teacher": art.model_ref,
@@ -83,6 +83,11 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         "artifacts": artifacts,
         "passed": validation.get("passed"),
     }
+    # A tensorrt step says which TensorRT built its engines, or that none was built (not installed).
+    trt = [r.metrics["tensorrt"] for r in art.records if r.name == "tensorrt" and "tensorrt" in r.metrics]
+    if trt:
+        manifest["tensorrt"] = trt[-1]
+    return manifest
 
 
 def write_manifest(art: Artifact, root: Path, max_length: int | None) -> Path:
