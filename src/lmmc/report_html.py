@@ -15,7 +15,6 @@ from lmmc.errors import LmmcError
 
 # Marks a report.html as lmmc's own: `lmmc report` replaces no other file of that name.
 GENERATOR = "lmmc report.html"
-_BENCH_KIND = "lmmc-bench"
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1000px; margin: 1.5em auto; padding: 0 1em; color: #222; }
@@ -44,10 +43,10 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
     """A table of already escaped cells; a cell starting with a digit or sign is aligned right."""
     def cell(c: str) -> str:
         return f'<td class="num">{c}</td>' if c[:1].isdigit() or c[:1] in "+-" else f"<td>{c}</td>"
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = f"<tr>{''.join(f'<th>{_e(h)}</th>' for h in header)}</tr>" if any(header) else ""
     body = "".join(f'<tr class="{cls}">' + "".join(cell(c) for c in r) + "</tr>"
                    for r, cls in zip(rows, classes or [""] * len(rows)))
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _img(fig, alt: str) -> str:
@@ -172,6 +171,8 @@ def _task_metric(task: Any) -> str:
         student_key = "student" if "student" in fields else "value"
         if isinstance(fields.get("teacher"), (int, float)) and isinstance(fields.get(student_key), (int, float)):
             t, s = fields.pop("teacher"), fields.pop(student_key)
+            if fields.get("value") == s:
+                fields.pop("value")
             rows.append(["teacher", _num(t, ".4f")])
             rows.append(["student", _num(s, ".4f")])
             if t and "ratio" not in fields:
@@ -329,7 +330,9 @@ def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return data if isinstance(data, dict) and data.get("kind") == _BENCH_KIND else None
+    from lmmc.bench import JSON_KIND
+
+    return data if isinstance(data, dict) and data.get("kind") == JSON_KIND else None
 
 
 def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
