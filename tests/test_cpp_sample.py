@@ -1,0 +1,128 @@
+"""The C++ embedding sample (samples/cpp) built with cmake and g++ against the openvino wheel's C++ API:
+its embeddings from a real compile's manifest equal lmmc.runtime's, fp32 within 1e-4 and INT8 within 1e-2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+from click.testing import CliRunner
+
+from lmmc.cli import main
+from lmmc.runtime import load, read_manifest
+from tests.conftest import REPO, save_tiny
+from tests.test_cli import write_recipe
+
+RECIPE = {
+    "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8},
+    "export": ["onnx", {"ort": {"fuse": "off", "int8": ["static"]}}, {"openvino": {"int8": True}}],
+    "validate": {"latency": False, "threads": 1},
+}
+TEXTS = ["the man was on the road", "cold water", "a picture of a house in the data", "python"]
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.skip(f"{name} is not installed; .ci/run installs it (apt-get install cmake g++, or pip install cmake)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def lmmc_embed(tmp_path_factory) -> Path:
+    """samples/cpp built the way the README says, in a fresh build folder."""
+    cmake, _ = _tool("cmake"), _tool("g++")
+    import openvino.utils
+
+    build = tmp_path_factory.mktemp("cpp-build")
+    configure = subprocess.run([cmake, "-S", str(REPO / "samples" / "cpp"), "-B", str(build),
+                                f"-DOpenVINO_DIR={openvino.utils.get_cmake_path()}", "-DCMAKE_CXX_COMPILER=g++"],
+                               capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    compiled = subprocess.run([cmake, "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert "warning" not in compiled.stdout + compiled.stderr
+    return build / "lmmc_embed"
+
+
+@pytest.fixture(scope="module")
+def compiled_out(tmp_path_factory) -> Path:
+    """A tiny CLIP compiled to ONNX, ONNX Runtime static INT8 and OpenVINO fp32/INT8: a text and an image tower."""
+    root = tmp_path_factory.mktemp("cpp-compile")
+    model_dir = save_tiny("clip", root / "teacher")
+    out = root / "out"
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(root, RECIPE)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _token_feed(out: Path, path: Path) -> dict[str, np.ndarray]:
+    """The texts tokenised by the saved tokenizer, written one sample a line; returns the padded feed the
+    sample builds from that file (pad id 0, mask 0)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "student")
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS]
+    path.write_text("".join(" ".join(map(str, r)) + "\n" for r in rows))
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    assert mask.sum(1).min() < width  # padding is exercised
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _run(binary: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def _artifact(out: Path, tower: str, backend: str, precision: str, variant: str) -> Path:
+    entries = [a for a in read_manifest(out)["artifacts"] if (a["tower"], a["backend"], a["precision"], a["variant"])
+               == (tower, backend, precision, variant)]
+    assert len(entries) == 1
+    return out / entries[0]["path"]
+
+
+@pytest.mark.parametrize("fmt, precision, backend, variant, atol", [
+    ("ir", "fp32", "openvino", "plain", 1e-4), ("ir", "int8", "openvino", "nncf", 1e-2),
+    ("onnx", "fp32", "onnxruntime", "plain", 1e-4), ("onnx", "int8", "onnxruntime", "static", 1e-2)])
+def test_text_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path, fmt, precision, backend, variant, atol):
+    feed = _token_feed(compiled_out, tmp_path / "ids.txt")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "ids.txt", tmp_path / "emb.txt", "--format", fmt,
+                "--precision", precision, "--threads", 1)
+    assert done.returncode == 0, done.stderr
+    got = np.loadtxt(tmp_path / "emb.txt", ndmin=2)
+    ref = load(_artifact(compiled_out, "text", backend, precision, variant), threads=1).run(feed)["pooled_embedding"]
+    assert got.shape == ref.shape == (len(TEXTS), 16)
+    assert np.abs(got - ref).max() <= atol
+
+
+@pytest.mark.parametrize("precision, variant, atol", [("fp32", "plain", 1e-4), ("int8", "nncf", 1e-2)])
+def test_image_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path, precision, variant, atol):
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (tmp_path / "pixels.f32").write_bytes(pixels.tobytes())
+    done = _run(lmmc_embed, compiled_out, tmp_path / "pixels.f32", tmp_path / "emb.txt", "--tower", "vision",
+                "--precision", precision)
+    assert done.returncode == 0, done.stderr
+    got = np.loadtxt(tmp_path / "emb.txt", ndmin=2)
+    ref = load(_artifact(compiled_out, "vision", "openvino", precision, variant)).run({"pixel_values": pixels})
+    assert got.shape == ref["pooled_embedding"].shape == (3, 16)
+    assert np.abs(got - ref["pooled_embedding"]).max() <= atol
+
+
+def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
+    (tmp_path / "bad.txt").write_text("12 7 x\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and "line 1 is not token ids" in done.stderr
+    (tmp_path / "odd.f32").write_bytes(b"\0" * 10)
+    done = _run(lmmc_embed, compiled_out, tmp_path / "odd.f32", tmp_path / "emb.txt", "--tower", "vision")
+    assert done.returncode == 1 and "not a whole number of float32 images of 3072 values" in done.stderr
+    done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt", "--precision", "fp16")
+    assert done.returncode == 2 and "usage: lmmc_embed" in done.stderr
+    done = _run(lmmc_embed, tmp_path, tmp_path / "bad.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and "manifest.json" in done.stderr
+    assert not (tmp_path / "emb.txt").exists()
