@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +90,9 @@ def at_time(curve: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
 
 
 def schedules_table(args: argparse.Namespace) -> None:
+    """OPTIMA's variants compared on the pass's dev split (one seed), then the chosen variant against
+    `all` and `round_robin` at equal steps and at equal training time, per seed; `--json` keeps the runs
+    for `--summarise`."""
     art = load_bits()
     pruned = prune(art, args.prune)
     base, masks = copy.deepcopy(art.student), dict(art.masks)
@@ -96,36 +100,66 @@ def schedules_table(args: argparse.Namespace) -> None:
           flush=True)
     config = dict(lr=args.lr, batch_size=16, corpus=str(CORPUS), samples=args.samples, dev_samples=64,
                   eval_every=args.eval_every, keep_best=False, progress=False)
+    runs: list[dict[str, Any]] = []
 
-    def run(schedule: str, steps: int) -> dict[str, Any]:
+    def run(schedule: str, steps: int, seed: int, label: str, extra: dict[str, Any]) -> dict[str, Any]:
         art.student, art.masks = copy.deepcopy(base), dict(masks)
-        r = distill(art, {**config, "schedule": schedule, "steps": steps})
-        print(f"  {schedule}: {r['steps']} steps in {r['train_seconds'] / 60:.1f} min of training, held-out cosine "
-              f"{r['held_out']:.4f}", flush=True)
-        return r
+        r = distill(art, {**config, "schedule": schedule, "steps": steps, "seed": seed, **extra})
+        row = {"label": label, "schedule": schedule, "seed": seed, "steps": r["steps"], "config": extra,
+               "train_seconds": r["train_seconds"], "dev": r["dev_after"]["score"], "held_out": r["held_out"],
+               "picks": r["arm_picks"], "load": os.getloadavg()[0]}
+        runs.append(row)
+        print(f"  {label} seed {seed}: {r['steps']} steps in {r['train_seconds'] / 60:.1f} min of training, dev "
+              f"cosine {row['dev']:.4f}" + ("" if label.startswith("variant") else f", held-out {r['held_out']:.4f}")
+              + f"; picks {r['arm_picks']}", flush=True)
+        return row
 
-    same_steps = {schedule: run(schedule, args.steps) for schedule in args.schedules}
-    # Equal wall time: every schedule gets the steps that fit the slowest one's training time at its own
-    # measured pace, with a learning-rate schedule that runs its full course.
-    longest = max(r["train_seconds"] for r in same_steps.values())
-    same_time = {s: r if r["train_seconds"] == longest else run(s, round(args.steps * longest / r["train_seconds"]))
-                 for s, r in same_steps.items()}
-    load = os.getloadavg()[0]
-    print(f"\nMiniLM, {pruned['what']} (held-out cosine {pruned['held_out']:.4f} before distillation); "
-          f"distillation on {same_steps[args.schedules[0]]['train_samples']} sentences, batch 16, lr {args.lr}, "
-          f"{torch.get_num_threads()} threads; load average {args.load:.1f} before, {load:.1f} after\n")
-    print("| schedule | steps | training min | held-out cos | steps at equal time | training min | held-out cos "
-          "| module picks (equal steps) |")
+    chosen = args.optima[0]
+    if len(args.optima) > 1:
+        # Chosen on the pass's dev split; the held-out figures of the variants are not looked at.
+        trials = [run("optima", args.steps, args.seeds[0], f"variant {json.dumps(v)}", v) for v in args.optima]
+        chosen = max(trials, key=lambda r: r["dev"])["config"]
+        print(f"chosen on dev: {json.dumps(chosen)}", flush=True)
+    extras = {"optima": chosen, "round_robin": {}, "all": {}}
+    for seed in args.seeds:
+        same_steps = {s: run(s, args.steps, seed, f"{s} equal steps", extras[s]) for s in args.schedules}
+        # Equal wall time: every schedule gets the steps that fit the slowest one's training time at its own
+        # measured pace, with a learning-rate schedule that runs its full course.
+        longest = max(r["train_seconds"] for r in same_steps.values())
+        for s, r in same_steps.items():
+            steps = round(args.steps * longest / r["train_seconds"])
+            if steps > args.steps:
+                run(s, steps, seed, f"{s} equal time", extras[s])
+            else:
+                runs.append({**r, "label": f"{s} equal time"})
+    meta = {"what": pruned["what"], "held_out_before": pruned["held_out"], "lr": args.lr, "steps": args.steps,
+            "samples": args.samples, "threads": torch.get_num_threads(), "load_before": args.load}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    summarise([{"meta": meta, "runs": runs}])
+
+
+def summarise(results: list[dict[str, Any]]) -> None:
+    """Mean and spread (min–max) over seeds of each schedule's held-out cosine, at equal steps and time."""
+    meta = results[0]["meta"]
+    runs = [r for res in results for r in res["runs"] if not r["label"].startswith("variant")]
+    print(f"\nMiniLM, {meta['what']} (held-out cosine {meta['held_out_before']:.4f} before distillation); "
+          f"{meta['steps']} steps, batch 16, lr {meta['lr']}, {meta['samples'] or 'all'} training sentences, "
+          f"{meta['threads']} thread(s); seeds {sorted({r['seed'] for r in runs})}\n")
+    print("| schedule | comparison | steps (per seed) | training min (mean) | dev cos mean | held-out cos mean "
+          "| held-out min–max | module picks (seed order) |")
     print("|---|---|---|---|---|---|---|---|")
-    for schedule in args.schedules:
-        a, b = same_steps[schedule], same_time[schedule]
-        picks = ", ".join(f"{k} {v}" for k, v in a["arm_picks"].items())
-        print(f"| {schedule} | {a['steps']} | {a['train_seconds'] / 60:.1f} | {a['held_out']:.4f} | {b['steps']} | "
-              f"{b['train_seconds'] / 60:.1f} | {b['held_out']:.4f} | {picks} |")
-    print("\ndev cosine against training minutes (equal steps):")
-    for schedule, r in same_steps.items():
-        points = "  ".join(f"{c['train_seconds'] / 60:.1f}:{c['score']:.3f}" for c in r["curve"])
-        print(f"  {schedule:12s} {points}")
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    for label in sorted(labels, key=lambda x: ("time" in x, x)):
+        rows = sorted((r for r in runs if r["label"] == label), key=lambda r: r["seed"])
+        held = [r["held_out"] for r in rows]
+        dev = [r["dev"] for r in rows]
+        picks = "; ".join(", ".join(str(v) for v in r["picks"].values()) for r in rows) \
+            if rows[0]["schedule"] != "all" else "every module every step"
+        schedule, comparison = label.split(" ", 1)
+        print(f"| {schedule} | {comparison} | {', '.join(str(r['steps']) for r in rows)} | "
+              f"{statistics.fmean(r['train_seconds'] for r in rows) / 60:.1f} | {statistics.fmean(dev):.4f} | "
+              f"{statistics.fmean(held):.4f} | {min(held):.4f}–{max(held):.4f} | {picks} |")
 
 
 def gradual_table(args: argparse.Namespace) -> None:
@@ -209,6 +243,13 @@ def main() -> None:
     parser.add_argument("--prune", choices=("structured", "wanda"), default="structured")
     parser.add_argument("--schedules", type=lambda s: s.split(","), default=list(SCHEDULES))
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                        help="data order and bandit seeds, one equal-steps and equal-time comparison each")
+    parser.add_argument("--optima", type=json.loads, default=[{}],
+                        help="JSON list of OPTIMA configs (distill keys); more than one: the best on the pass's "
+                             "dev split (first seed) is the one compared")
+    parser.add_argument("--json", help="write every run of the schedule table here")
+    parser.add_argument("--summarise", nargs="+", help="only print the table of earlier --json files, together")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=None, help="training sentences (default: all)")
     parser.add_argument("--eval-every", type=int, default=25)
@@ -219,6 +260,9 @@ def main() -> None:
     parser.add_argument("--compile", help="also run this recipe as a whole compile and show its curve")
     parser.add_argument("--skip-table", action="store_true", help="skip the schedule table")
     args = parser.parse_args()
+    if args.summarise:
+        summarise([json.loads(Path(p).read_text()) for p in args.summarise])
+        return
     torch.set_num_threads(args.threads)
     args.load = os.getloadavg()[0]
     if not args.skip_table:

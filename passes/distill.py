@@ -16,7 +16,7 @@ from lmmc.data import Batch, encode_images, encode_text, read_samples
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, modality_key, sample_length
 from lmmc.errors import LmmcError
-from lmmc.optima import ScheduleName
+from lmmc.optima import ArmSpan, ScheduleName
 from lmmc.pipeline import Pass, PassConfig, register
 
 LayerMap = Literal["origin", "uniform", "closest"] | list[PositiveInt] | dict[str, list[PositiveInt]]
@@ -65,13 +65,15 @@ class DistillConfig(PassConfig):
                                    "(OPTIMA's bandit picks one module per step) or round_robin")
     blocks_per_arm: int | None = Field(2, gt=0, description="consecutive student blocks per module (arm); "
                                        "null = one module per tower")
+    arm_span: ArmSpan = Field("tower", description="tower: a module's blocks lie in one tower; towers: module "
+                              "k is the k-th run of blocks of every tower at once (dual encoders)")
     window: int = Field(50, gt=0, description="bandit: steps of reward history the posterior sees")
     prior_weight: float = Field(1.0, gt=0, description="bandit: pseudo-observations of the prior")
-    reward_samples: int = Field(4, gt=0, description="bandit: samples of each micro-batch (per rank) on which "
-                                "the module's loss is measured before and after its step")
+    reward_samples: int = Field(16, gt=1, description="bandit: corpus samples set aside (never trained on) "
+                                "on which the whole distillation loss is measured before and after each step")
     reward: Literal["relative", "absolute"] = Field(
-        "relative", description="bandit reward: the module's loss drop over its loss before the step "
-        "(relative), or the drop per sample (absolute), which favours modules whose loss is large")
+        "relative", description="bandit reward: the drop of the whole distillation loss on the reward "
+        "samples over that loss before the step (relative), or the drop per sample (absolute)")
     train_embeddings: bool = Field(False, description="also train the token/patch embeddings; off because a "
                                    "small corpus covers few tokens and pruning leaves them intact")
     teacher_cache_mb: int = Field(2048, ge=0, description="keep the teacher's targets for the whole corpus "
@@ -206,11 +208,12 @@ class DistillPass(Pass):
     1 − cosine (or MSE) on pooled embeddings; for dual encoders, the teacher's image-text similarity
     matrix (KL per row of CLIP's logits, or MSE). Schedules: plain layerwise (every module every step),
     or OPTIMA (Liang et al., NeurIPS 2023, "Module-wise Adaptive Distillation for Multimodality
-    Foundation Models"): modules are bandit arms, the reward is the drop of a module's loss over the
-    step spent on it, and sliding-window Thompson sampling picks the next module (lmmc.optima), with
-    round-robin as its non-adaptive ablation. Pruning masks hold after every step. AdamW, warm-up and
-    cosine decay, clipping, accumulation; checkpoints that resume exactly; DistributedDataParallel under
-    torchrun (gloo on CPU, NCCL on GPU).
+    Foundation Models"): modules are bandit arms (blocks of a tower, or a stage of both towers), the
+    reward is the drop of the whole distillation loss on samples set aside over the step spent on a
+    module, and sliding-window Thompson sampling picks the next module (lmmc.optima), with round-robin
+    as its non-adaptive ablation. Pruning masks hold after every step. AdamW, warm-up and cosine decay,
+    clipping, accumulation; checkpoints that resume exactly; DistributedDataParallel under torchrun
+    (gloo on CPU, NCCL on GPU). The trainer is lmmc.distiller.
 
     Recipe: ``- distill: {steps: 1200, lr: 1.0e-3, corpus: samples/calib/python_docs.txt,
     schedule: all, checkpoint_dir: .lmmc-checkpoints/run, checkpoint_every: 200}``

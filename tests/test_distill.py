@@ -178,6 +178,45 @@ def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_sim
     assert after < 0.7 * before
 
 
+def test_optima_reward_is_the_drop_of_the_whole_loss_on_samples_it_never_trains_on():
+    art = tiny_art("bert", sparsity=0.0)
+    with torch.no_grad():  # something to distil: a perturbed student
+        for p in art.student.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = Distill.Config(batch_size=8, dev_samples=8, steps=4, lr=3e-3, schedule="optima", blocks_per_arm=1,
+                         reward_samples=6, progress=False)
+    t = trainer(art, cfg)
+    assert len(t.reward_set) == 6 and not {id(s) for s in t.reward_set} & {id(s) for s in t.train}
+
+    def whole_loss() -> float:
+        inputs, targets, pooled = t.reward_batch
+        with torch.no_grad():  # every module's terms and the output term, on the reward samples
+            return float(t.objective.per_sample_loss(inputs, targets, None, pooled, sharded=False).mean())
+
+    rewards = []
+    for _ in range(4):
+        before = whole_loss()
+        t.train_step()
+        t.step += 1
+        rewards.append((before - whole_loss()) / before)
+    assert [r for _, r in t.schedule.history] == pytest.approx(rewards, rel=1e-5)
+    # The first two steps open each arm once; a module step lowers the whole loss.
+    assert [a for a, _ in t.schedule.history][:2] == [0, 1] and rewards[0] > 0
+    t.restore_flags()
+
+
+def test_arms_can_span_both_towers_of_a_dual_encoder():
+    art = tiny_art("clip")
+    before = {n: p.detach().clone() for n, p in art.student.named_parameters()}
+    m = distill(art, steps=1, schedule="round_robin", blocks_per_arm=1, arm_span="towers", keep_best=False)
+    assert m["arms"] == ["text[0:1]+vision[0:1]", "text[1:2]+vision[1:2]"]
+    moved = {n for n, p in art.student.named_parameters() if not torch.equal(p, before[n])}
+    # One step on the first arm trains the first block of both towers, and nothing after them.
+    assert any(n.startswith("text_model.encoder.layers.0.") for n in moved)
+    assert any(n.startswith("vision_model.encoder.layers.0.") for n in moved)
+    assert not any(".layers.1." in n or "projection" in n for n in moved)
+
+
 def held_out_embeddings(model: torch.nn.Module, art: Artifact) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():

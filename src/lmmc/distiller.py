@@ -24,7 +24,7 @@ from lmmc.data import Batch
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
                                  origin_layer_map, output_loss, uniform_layer_map)
 from lmmc.errors import LmmcError
-from lmmc.optima import AllModules, SlidingWindowThompson, make_schedule
+from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
                         lr_multiplier, optimizer_tensors, setup_distributed)
 
@@ -40,8 +40,8 @@ _RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "pr
 
 
 @dataclass(frozen=True)
-class Arm:
-    """One module of the bandit: consecutive student blocks [first, last] of one tower."""
+class Segment:
+    """Consecutive student blocks [first, last] of one tower."""
 
     tower: str
     first: int
@@ -51,6 +51,25 @@ class Arm:
     @property
     def name(self) -> str:
         return f"{self.tower}[{self.first}:{self.last + 1}]"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One module of the bandit: a segment of blocks in one tower, or one in each of several towers (the
+    same stage of a dual encoder's two towers, joined by the contrastive term when they end them)."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.segments)
+
+    def segment(self, tower: str) -> Segment | None:
+        return next((s for s in self.segments if s.tower == tower), None)
+
+    @property
+    def ends_a_tower(self) -> bool:
+        return any(s.last_of_tower for s in self.segments)
 
 
 @dataclass
@@ -108,17 +127,31 @@ def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], 
     return TowerRun(hidden, pooled)
 
 
-def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None) -> list[Arm]:
-    """Each tower's student blocks cut into runs of `blocks_per_arm` (the last run may be shorter). A run
-    of blocks that all go without a hidden-state term, and do not end their tower, has no loss: no arm."""
-    arms = []
-    for name, plan in plans.items():
-        size = blocks_per_arm or plan.n_student
-        for first in range(0, plan.n_student, size):
-            last = min(first + size, plan.n_student) - 1
-            if last == plan.n_student - 1 or set(range(first, last + 1)) - plan.skip:
-                arms.append(Arm(name, first, last, last == plan.n_student - 1))
-    return arms
+def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None, span: ArmSpan = "tower") -> list[Arm]:
+    """The bandit's arms. span "tower": each tower's student blocks cut into runs of `blocks_per_arm`
+    (the last run may be shorter), one arm per run. span "towers": every tower cut into the same number
+    of runs, as many as the deepest tower needs, and arm k holds the k-th run of every tower (a shallower
+    tower is cut at the same fractions of its depth). A segment whose blocks all go without a hidden-state
+    term, and which does not end its tower, has no loss and is left out."""
+    def segment(name: str, first: int, end: int) -> Segment:
+        return Segment(name, first, end - 1, end == plans[name].n_student)
+
+    if span == "tower":
+        arms = [Arm((segment(name, f, min(f + (blocks_per_arm or p.n_student), p.n_student)),))
+                for name, p in plans.items() for f in range(0, p.n_student, blocks_per_arm or p.n_student)]
+    else:
+        deepest = max(p.n_student for p in plans.values())
+        runs = -(-deepest // (blocks_per_arm or deepest))
+        arms = [Arm(tuple(segment(name, round(k * p.n_student / runs), round((k + 1) * p.n_student / runs))
+                          for name, p in plans.items()))
+                for k in range(runs)]
+    out = []
+    for arm in arms:
+        kept = tuple(s for s in arm.segments if s.last >= s.first and
+                     (s.last_of_tower or set(range(s.first, s.last + 1)) - plans[s.tower].skip))
+        if kept:
+            out.append(Arm(kept))
+    return out
 
 
 def modality_key(spec: TowerSpec) -> str:
@@ -174,23 +207,25 @@ class DistillLoss(nn.Module):
         return self.per_sample_loss(inputs, targets, focus, teacher_pooled).sum() * norm
 
     def per_sample_loss(self, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]], focus: Arm | None,
-                        teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+                        teacher_pooled: dict[str, torch.Tensor], sharded: bool = True) -> torch.Tensor:
         """The loss of the focused module (or of everything, without focus) per local sample: its blocks'
-        hidden-state terms, plus the output and contrastive terms when it ends its tower."""
+        hidden-state terms, plus the output and contrastive terms when it ends its tower. `sharded`: the
+        samples are this rank's share of a batch, whose other shares the contrastive term gathers."""
         cfg = self.cfg
         per_sample: torch.Tensor | float = 0.0
         pooled: dict[str, torch.Tensor] = {}
         for name, plan in self.plans.items():
-            if focus is not None and focus.tower != name:
+            seg = None if focus is None else focus.segment(name)
+            if focus is not None and seg is None:
                 continue
             batch = inputs[modality_key(plan.spec)]
-            if focus is None:
+            if seg is None:
                 run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)) - plan.skip)
             else:
-                train_below = focus.first == 0 and cfg.train_embeddings
-                run = run_tower(self.student, plan.spec, batch, set(range(focus.first, focus.last + 1)) - plan.skip,
-                                stop_after=None if focus.last_of_tower else focus.last,
-                                detach_before=None if train_below else focus.first)
+                train_below = seg.first == 0 and cfg.train_embeddings
+                run = run_tower(self.student, plan.spec, batch, set(range(seg.first, seg.last + 1)) - plan.skip,
+                                stop_after=None if seg.last_of_tower else seg.last,
+                                detach_before=None if train_below else seg.first)
             mask = batch.get("attention_mask")
             for i, h in run.hidden.items():
                 # Each layer weighs 1/L_s, so the modules' losses add up to the tower's mean layer loss.
@@ -204,11 +239,11 @@ class DistillLoss(nn.Module):
                     per_sample = per_sample + cfg.output * output_loss(p, targets[name]["pooled"], cfg.output_loss,
                                                                        plan.pooled_scale)
         if cfg.contrastive and len(self.plans) == 2 and pooled:
-            per_sample = per_sample + cfg.contrastive * self.contrastive(inputs, pooled, teacher_pooled)
+            per_sample = per_sample + cfg.contrastive * self.contrastive(inputs, pooled, teacher_pooled, sharded)
         return per_sample
 
     def contrastive(self, inputs: dict[str, Batch], pooled: dict[str, torch.Tensor],
-                    teacher_pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+                    teacher_pooled: dict[str, torch.Tensor], sharded: bool = True) -> torch.Tensor:
         """Per-pair similarity-matrix loss; a tower not being distilled this step joins without gradient."""
         text = next(n for n, p in self.plans.items() if p.spec.modality == "text")
         image = next(n for n in self.plans if n != text)
@@ -219,24 +254,11 @@ class DistillLoss(nn.Module):
                     pooled[name] = spec.embed(self.student, inputs[modality_key(spec)])[1]
         s_txt, s_img = self.project(text, "pooled", pooled[text]), self.project(image, "pooled", pooled[image])
         t_txt, t_img = teacher_pooled[text], teacher_pooled[image]
-        return contrastive_loss(s_img, s_txt, t_img, t_txt, gather(s_img, self.ctx), gather(s_txt, self.ctx),
-                                gather(t_img, self.ctx), gather(t_txt, self.ctx), self.cfg.contrastive_loss,
-                                self.logit_scale)
+        def every(x: torch.Tensor) -> torch.Tensor:
+            return gather(x, self.ctx) if sharded else x
 
-    @torch.no_grad()
-    def measure(self, probes: list[tuple[dict, dict, dict]], focus: Arm) -> torch.Tensor:
-        """The focused module's loss summed over the probe samples (inputs, targets, teacher pooled)."""
-        return sum(self.per_sample_loss(inputs, targets, focus, pooled).float().sum()
-                   for inputs, targets, pooled in probes)
-
-
-def first_samples(n: int, inputs: dict[str, Batch], targets: dict[str, dict[str, Any]],
-                  pooled: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """The first `n` samples of a micro-batch, with their teacher targets."""
-    return ({m: {k: v[:n] for k, v in b.items()} for m, b in inputs.items()},
-            {name: {"hidden": {j: h[:n] for j, h in t["hidden"].items()},
-                    "pooled": None if t["pooled"] is None else t["pooled"][:n]} for name, t in targets.items()},
-            {name: p[:n] for name, p in pooled.items()})
+        return contrastive_loss(s_img, s_txt, t_img, t_txt, every(s_img), every(s_txt), every(t_img), every(t_txt),
+                                self.cfg.contrastive_loss, self.logit_scale)
 
 
 def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[str]:
@@ -268,7 +290,10 @@ class Trainer:
         self.teacher = art.teacher.to(self.device).eval()
         self.student = art.student.to(self.device).eval()
         self.towers = list(art.adapter.towers)
-        self.train, self.dev = train, dev
+        self.bandit = cfg.schedule == "optima"
+        # The bandit's reward is measured on samples of its own, so a step is never judged on what it fitted.
+        self.reward_set = train[:cfg.reward_samples] if self.bandit else []
+        self.train, self.dev = train[len(self.reward_set):], dev
         self.lengths = [sample_length(s) for s in self.train]
         if len(self.train) < cfg.batch_size:
             raise LmmcError(f"distill: {len(self.train)} training samples are fewer than batch_size "
@@ -283,7 +308,7 @@ class Trainer:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
                             f"{[t.name for t in self.towers]}; name blocks of those towers")
         self.plans = {t.name: self._plan(t) for t in self.towers}
-        self.arms = make_arms(self.plans, cfg.blocks_per_arm)
+        self.arms = make_arms(self.plans, cfg.blocks_per_arm, cfg.arm_span)
         if cfg.schedule == "optima" and cfg.window < len(self.arms):
             raise LmmcError(f"distill: window ({cfg.window}) must be at least the number of modules "
                             f"({len(self.arms)}: {', '.join(a.name for a in self.arms)})")
@@ -321,6 +346,8 @@ class Trainer:
             if cfg.checkpoint_dir else None
         self.dev_teacher = self._dev_teacher()
         self.cache = self._cache_teacher()
+        self.reward_batch = self._reward_batch()
+        self.reward_loss: float | None = None  # the whole loss on the reward samples at the current weights
         self.epochs: dict[int, list[list[int]]] = {}
         self.step = 0
         self.train_seconds = 0.0
@@ -361,7 +388,7 @@ class Trainer:
         if cfg.hidden == 0 and cfg.output == 0 and not dual:
             raise LmmcError("distill: all loss weights are 0 (contrastive counts for dual encoders only); give "
                             "hidden or output a positive weight")
-        inner = [a.name for a in self.arms if not a.last_of_tower]
+        inner = [a.name for a in self.arms if not a.ends_a_tower]
         if cfg.hidden == 0 and cfg.schedule != "all" and inner:
             raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
                             f"{inner} do not end their tower; set blocks_per_arm: null (one module per tower)")
@@ -470,9 +497,10 @@ class Trainer:
         plan = self.plans[name]
         if focus is None:
             return set(plan.layer_map), True
-        if focus.tower == name:
-            return {plan.layer_map[i] for i in range(focus.first, focus.last + 1)}, focus.last_of_tower
-        return set(), focus.last_of_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
+        seg = focus.segment(name)
+        if seg is not None:
+            return {plan.layer_map[i] for i in range(seg.first, seg.last + 1)}, seg.last_of_tower
+        return set(), focus.ends_a_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
 
     @torch.no_grad()
     def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None, local: list[int]) -> tuple[dict, dict]:
@@ -529,14 +557,37 @@ class Trainer:
                     return None
         return cache
 
+    @torch.no_grad()
+    def _reward_batch(self) -> tuple[dict[str, Batch], dict[str, dict[str, Any]], dict[str, torch.Tensor]] | None:
+        """The reward samples as one batch, with every teacher target the whole loss reads."""
+        if not self.reward_set:
+            return None
+        inputs = {modality_key(t): self._collate(self.reward_set, t) for t in self.towers}
+        targets, pooled = {}, {}
+        for name, plan in self.plans.items():
+            layers = set(plan.layer_map)
+            with self._autocast():
+                run = run_tower(self.teacher, plan.spec, inputs[modality_key(plan.spec)], {j - 1 for j in layers})
+            targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            pooled[name] = run.pooled
+        return inputs, targets, pooled
+
+    @torch.no_grad()
+    def _whole_loss(self) -> float:
+        """OPTIMA's measure: the whole distillation loss (every module's terms, the output and contrastive
+        terms) on the reward samples, which every rank holds in full."""
+        inputs, targets, pooled = self.reward_batch
+        with self._autocast():
+            return float(self.objective.per_sample_loss(inputs, targets, None, pooled, sharded=False).float().mean())
+
     def train_step(self) -> float:
         cfg, ctx = self.cfg, self.ctx
         picked = self.schedule.pick()
         focus = None if isinstance(self.schedule, AllModules) else self.arms[picked[0]]
         indices = self.batch_indices(self.step)
         norm = ctx.world / cfg.batch_size
-        bandit = isinstance(self.schedule, SlidingWindowThompson)
-        probes = []
+        if self.bandit and self.reward_loss is None:
+            self.reward_loss = self._whole_loss()
         loss_sum = torch.zeros((), device=self.device)
         for k in range(cfg.grad_accum):
             chunk = indices[k * self.micro:(k + 1) * self.micro]
@@ -551,11 +602,6 @@ class Trainer:
                     loss = self.engine(inputs, targets, focus, norm, t_pooled)
                 loss.backward()
             loss_sum += loss.detach().float()
-            if bandit:
-                probes.append(first_samples(cfg.reward_samples, inputs, targets, t_pooled))
-        if bandit:
-            with self._autocast():
-                before = self.objective.measure(probes, focus)
         with torch.no_grad():
             for name, mask in self.masks.items():
                 param = self._param(name)
@@ -570,13 +616,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.apply_masks()
         reward = 0.0
-        if bandit:
-            with self._autocast():
-                after = self.objective.measure(probes, focus)
-            totals = all_reduce_sum(torch.stack([before, after]), ctx)
-            drop = float(totals[0] - totals[1])
-            measured = min(cfg.reward_samples, self.micro // ctx.world) * cfg.grad_accum * ctx.world
-            reward = drop / max(float(totals[0]), 1e-12) if cfg.reward == "relative" else drop / measured
+        if self.bandit:
+            # The weights only change in steps, so this step's "after" is the next step's "before".
+            before, self.reward_loss = self.reward_loss, self._whole_loss()
+            drop = before - self.reward_loss
+            reward = drop / max(before, 1e-12) if cfg.reward == "relative" else drop
         for arm in picked:
             self.picks[arm] += 1
         self.schedule.update(picked[0], reward)
@@ -618,7 +662,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "step": self.step, "schedule": self.schedule.state_dict(),
                 "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
-                "curve": self.curve, "dev_before": self.dev_before,
+                "curve": self.curve, "dev_before": self.dev_before, "reward_loss": self.reward_loss,
                 "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
                 "config": self.cfg.model_dump(mode="json")}
 
@@ -650,6 +694,7 @@ class Trainer:
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
         self.dev_before = state["dev_before"]
+        self.reward_loss = state["reward_loss"]
         if state["best"] is not None:
             weights = files.get("best", self._student_state())
             self.best = (state["best"]["score"], state["best"]["step"],

@@ -12,6 +12,11 @@ but not the window, prior or posterior. Ours, all exposed as parameters:
   pseudo-observations. Centring the prior on the window's own mean makes it scale-free: rewards shrink
   by orders of magnitude as the student converges, and no fixed prior survives that.
 - Every arm is pulled once before sampling starts, so the first window holds a reward from each.
+- The reward (measured by lmmc.distiller): the drop of the *whole* distillation loss (every module's
+  terms, the output and contrastive terms) on a fixed set of samples never trained on, from before the
+  step to after it, over its value before (or per sample). A module's own loss on the batch it just fitted
+  would reward the module easiest to fit, not the one whose step helps the student most.
+- Arms: runs of blocks of one tower, or (dual encoders) the same stage of both towers at once.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import deque
 from typing import Any, Literal
 
 ScheduleName = Literal["optima", "round_robin", "all"]
+ArmSpan = Literal["tower", "towers"]  # an arm's blocks lie in one tower, or the same stage of every tower
 
 # Floors the posterior variance relative to the rewards' scale, so identical rewards do not collapse
 # the sampler into a deterministic argmax that can never revisit another arm.
