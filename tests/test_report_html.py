@@ -24,18 +24,21 @@ from lmmc.bench import JSON_KIND
 from lmmc.cli import main
 from lmmc.compile import compile_model
 from lmmc.recipe import parse_recipe
-from lmmc.report_html import render
+from lmmc.report_html import _distill_runs, layer_structure, render
 
 RECIPE = {
     "calibration": {"random": True, "samples": 32, "eval_samples": 32, "batch_size": 8},
-    "passes": [{"antgmm": {"keep": 0.6}}, {"ecoflap": {"sparsity": 0.3}}, {"wanda": {}},
+    "passes": [{"antgmm": {"keep": 0.6, "shares": {"depth": 0.5, "ffn": 0.25, "heads": 0.25},
+                           "distill": {"batch_size": 4, "dev_samples": 4, "eval_every": 2, "progress": False},
+                           "distill_steps_per_segment": 4}},
+               {"ecoflap": {"sparsity": 0.3}}, {"wanda": {}},
                {"distill": {"steps": 12, "batch_size": 4, "dev_samples": 4, "eval_every": 4, "lr": 3e-3,
                             "progress": False}}],
     "export": ["onnx"],
     "validate": {"min_cosine": 0.1, "latency_batch": 2, "latency_seq": 16, "repeats": 3, "threads": 1},
 }
-# allocation, sparsity per matrix, structure, per-sample cosine, distillation, latency, time per pass
-PLOTS = 7
+# allocation, sparsity per matrix, structure, per-sample cosine, two distillations, latency, time per pass
+PLOTS = 8
 _IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 VIEWPORT = (1100, 800)
 
@@ -54,7 +57,7 @@ def compiled(tmp_path_factory) -> Path:
 
 
 def images(page: str) -> list[tuple[str, Image.Image]]:
-    return [(alt, Image.open(io.BytesIO(base64.b64decode(data)), formats=["PNG"]))
+    return [(html.unescape(alt), Image.open(io.BytesIO(base64.b64decode(data)), formats=["PNG"]))
             for alt, data in _IMG.findall(page)]
 
 
@@ -87,6 +90,7 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
     assert {"ecoflap allocation", "sparsity per weight matrix", "heads and FFN width kept per layer",
             "per-sample cosine to the teacher", "latency", "time per pass"} <= set(alts)
     assert sum(a.startswith("pass 4: distill") for a in alts) == 1
+    assert sum(a == "pass 1: antgmm's distillation" for a in alts) == 1
     towers = report["validation"]["towers"]
     assert set(towers) == {"text", "vision"}
     for name, t in towers.items():
@@ -101,6 +105,32 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
     for i, p in enumerate(report["passes"]):
         assert f"<td class=\"num\">{i + 1}</td><td>{p['name']}</td><td class=\"num\">{p['seconds']:.2f}</td>" in page
 
+
+
+def test_structure_and_distillation_plots_follow_report_json(compiled):
+    report = json.loads((compiled / "report.json").read_text())
+    antgmm = report["passes"][0]["metrics"]
+    removed = {t: layers for seg in antgmm["segments"] for t, layers in (seg.get("removed_layers") or {}).items()}
+    assert sum(map(len, removed.values())) == 1, "the depth stage removes one block of the tiny CLIP"
+    towers = layer_structure(report, compiled)
+    for name, s in antgmm["structure"].items():
+        t = towers[name]
+        assert (t["layers"], t["heads"], t["ffn"]) == (2, 4, 64)  # the tiny teacher's, from student/config.json
+        assert sorted(t["kept"]) == s["teacher_layers"]
+        assert [t["kept"][layer] for layer in s["teacher_layers"]] == list(zip(s["heads"], s["ffn"]))
+        assert set(range(2)) - set(t["kept"]) == set(removed.get(name, []))
+
+    runs = {title: (points, boundaries) for title, _, points, boundaries in _distill_runs(report)}
+    assert list(runs) == ["pass 1: antgmm's distillation", "pass 4: distill (all, 12 steps)"]
+    done = [d for seg in antgmm["segments"] for d in (seg["distill"] if isinstance(seg["distill"], list)
+                                                        else [seg["distill"]])]
+    points, boundaries = runs["pass 1: antgmm's distillation"]
+    assert len(boundaries) == len(done) and points[-1][0] == sum(d["steps"] for d in done)
+    points, boundaries = runs["pass 4: distill (all, 12 steps)"]
+    distill = report["passes"][3]["metrics"]
+    assert boundaries == [] and [p[0] for p in points] == [0, 4, 8, 12]
+    assert [p[2] for p in points] == [distill["dev_before"]["score"], *(c["score"] for c in distill["curve"])]
+    assert [p[1] for p in points[1:]] == [c["loss"] for c in distill["curve"]]
 
 def verdict(page: str) -> tuple[str, str]:
     match = re.search(r'<div id="verdict" class="verdict (\w+)" data-passed="(\w+)">(\w[\w ]*):', page)
@@ -222,7 +252,7 @@ def test_chromium_shows_every_plot(compiled, tmp_path):
     assert len(layout["images"]) == PLOTS
     for img in layout["images"]:
         assert img["complete"] and img["natural"] == list(embedded[img["alt"]].size), img
-    assert layout["height"] > 3 * VIEWPORT[1], "seven plots make a page several screens tall"
+    assert layout["height"] > 3 * VIEWPORT[1], "eight plots make a page several screens tall"
 
     first = _screenshot(page, tmp_path / "viewport.png", VIEWPORT[1])
     assert first.shape == (VIEWPORT[1], VIEWPORT[0], 3)

@@ -125,10 +125,14 @@ def cosine_histogram(per_tower: dict[str, list[float]], threshold: float | None)
     return fig
 
 
-def distill_figure(steps: list[int], loss: list[float | None], score: list[float | None], title: str) -> Figure:
-    """Training loss (mean since the previous evaluation) and dev fidelity against the step."""
+def distill_figure(steps: list[int], loss: list[float | None], score: list[float | None], title: str,
+                   boundaries: list[int] = ()) -> Figure:
+    """Training loss (mean since the previous evaluation) and dev fidelity against the step; dotted lines
+    where a run starts, when one plot joins several."""
     fig = Figure(figsize=(_WIDTH, 3.4))
     ax = fig.subplots()
+    for step in boundaries:
+        ax.axvline(step, color="tab:gray", linestyle=":", linewidth=1)
     handles = []
     has_loss = [(s, v) for s, v in zip(steps, loss) if v is not None]
     if has_loss:
@@ -138,6 +142,8 @@ def distill_figure(steps: list[int], loss: list[float | None], score: list[float
     handles += dev.plot(*zip(*[(s, v) for s, v in zip(steps, score) if v is not None]), color="tab:blue",
                         marker="o", label="dev fidelity (mean cosine)")
     dev.set_ylabel("dev fidelity")
+    for axis in {ax, dev}:
+        axis.ticklabel_format(axis="y", useOffset=False)  # cosines near 1 read as they are, not as 1 + 1e-5
     ax.set_xlabel("step")
     ax.set_title(title, fontsize=10)
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower right")

@@ -1,5 +1,4 @@
-"""report.html: one self-contained page (plots embedded as PNG, no scripts, no network) drawn from a
-compile's report.json, its student's config and, when `lmmc bench` ran, bench.json."""
+"""report.html: one self-contained page (plots embedded, no scripts, no network) drawn from report.json."""
 
 from __future__ import annotations
 
@@ -238,13 +237,13 @@ def _teacher_shapes(out_dir: Path | None, adapter_family: str | None) -> dict[st
     return shapes
 
 
-def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
-    from lmmc.plots import structure_figure
-
+def layer_structure(report: dict[str, Any], out_dir: Path | None) -> dict[str, dict[str, Any]]:
+    """Per tower, what the structure plot draws: `layers` (the teacher's count), `kept` ({teacher layer:
+    (heads, FFN width)}, removed layers absent) and the teacher's `heads` and `ffn` per layer (None when
+    OUT_DIR is unknown). Empty when no structured pruning ran."""
     runs = [p for p in _passes(report, "antgmm") if p["metrics"].get("structure")]
     if not runs:
-        return _note("no structured pruning ran: every layer keeps all its heads and its full FFN width")
-    m = runs[-1]["metrics"]
+        return {}
     teacher = _teacher_shapes(out_dir, report.get("adapter"))
     removed: dict[str, list[int]] = {}
     for p in runs:
@@ -252,11 +251,21 @@ def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
             for tower, layers in (seg.get("removed_layers") or {}).items():
                 removed.setdefault(tower, []).extend(layers)
     towers = {}
-    for name, s in m["structure"].items():
+    for name, s in runs[-1]["metrics"]["structure"].items():
         kept = {layer: (h, f) for layer, h, f in zip(s["teacher_layers"], s["heads"], s["ffn"])}
         heads, ffn = teacher.get(name, (None, None))
         towers[name] = {"layers": max([*kept, *removed.get(name, [])]) + 1, "kept": kept, "heads": heads,
                         "ffn": ffn}
+    return towers
+
+
+def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
+    from lmmc.plots import structure_figure
+
+    towers = layer_structure(report, out_dir)
+    if not towers:
+        return _note("no structured pruning ran: every layer keeps all its heads and its full FFN width")
+    m = _passes(report, "antgmm")[-1]["metrics"]
     rows = []
     before, after = m.get("blocks_before") or {}, m.get("blocks_after") or {}
     budget = m.get("budget", "flops")
@@ -283,20 +292,43 @@ def _cosines(report: dict[str, Any]) -> str:
     return _img(cosine_histogram(per_tower, gate), "per-sample cosine to the teacher")
 
 
-def _distill_runs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Every distillation run with a curve: distill passes, and antgmm's between its segments."""
+def _points(m: dict[str, Any], offset: int = 0) -> list[tuple[int, float | None, float | None]]:
+    """(step, training loss, dev fidelity) of one distillation run: the evaluation before it, then its curve."""
+    before = m.get("dev_before") or {}
+    start = [(offset, None, before["score"])] if before.get("score") is not None else []
+    return start + [(offset + c["step"], c.get("loss"), c.get("score")) for c in m.get("curve") or []]
+
+
+def _distill_runs(report: dict[str, Any]) -> list[tuple[str, str, list, list[int]]]:
+    """(title, summary, points, boundaries) of every distillation that has a curve: each distill pass, and
+    per antgmm pass all its distillation between segments joined on one step axis."""
     runs = []
     for i, p in enumerate(report.get("passes") or []):
         m = p.get("metrics")
-        if p.get("name") == "distill" and isinstance(m, dict) and m.get("curve"):
-            runs.append((f"pass {i + 1}: distill ({m.get('schedule', '')}, {m.get('steps')} steps)", m))
-        if p.get("name") == "antgmm" and isinstance(m, dict):
+        if not isinstance(m, dict):
+            continue
+        if p.get("name") == "distill" and m.get("curve"):
+            before, after = m.get("dev_before") or {}, m.get("dev_after") or {}
+            kept = after.get("score", before.get("score") if m.get("kept_step") == 0 else None)
+            summary = (f"dev fidelity {_num(before.get('score'), '.4f')} before, {_num(kept, '.4f')} kept (step "
+                       f"{_e(m.get('kept_step'))} of {_e(m.get('steps'))}), {_num(m.get('train_seconds'), '.1f')} s "
+                       f"of training")
+            runs.append((f"pass {i + 1}: distill ({m.get('schedule', '')}, {m.get('steps')} steps)", summary,
+                         _points(m), []))
+        if p.get("name") == "antgmm":
+            points, boundaries, offset = [], [], 0
             for seg in m.get("segments") or []:
                 # a width stage distils once per segment, the depth stage once per fade-out step
                 found = seg.get("distill")
                 for d in found if isinstance(found, list) else [found]:
                     if isinstance(d, dict) and d.get("curve"):
-                        runs.append((f"pass {i + 1}: antgmm {seg.get('stage')} segment {seg.get('segment')}", d))
+                        boundaries.append(offset)
+                        points += _points(d, offset)
+                        offset += d.get("steps") or 0
+            if points:
+                summary = (f"{len(boundaries)} distillation runs between segments and fade-out steps, {offset} "
+                           f"steps in all (dotted lines: where each starts)")
+                runs.append((f"pass {i + 1}: antgmm's distillation", summary, points, boundaries))
     return runs
 
 
@@ -307,17 +339,10 @@ def _distillation(report: dict[str, Any]) -> str:
     if not runs:
         return _note("no distillation ran (or it ran without dev evaluations)")
     out = []
-    for title, m in runs:
-        curve = list(m["curve"])
-        before = m.get("dev_before") or {}
-        if before.get("score") is not None:
-            curve.insert(0, {"step": before.get("step", 0), "score": before["score"], "loss": None})
-        after = m.get("dev_after") or {}
-        out.append(f"<p>{_e(title)}: dev fidelity {_num(before.get('score'), '.4f')} → "
-                   f"{_num(after.get('score'), '.4f')} (kept step {_e(m.get('kept_step'))}), "
-                   f"{_num(m.get('train_seconds'), '.1f')} s of training</p>")
-        out.append(_img(distill_figure([c["step"] for c in curve], [c.get("loss") for c in curve],
-                                       [c.get("score") for c in curve], title), title))
+    for title, summary, points, boundaries in runs:
+        out.append(f"<p>{_e(title)}: {summary}</p>")
+        steps, loss, score = (list(v) for v in zip(*points))
+        out.append(_img(distill_figure(steps, loss, score, title, boundaries), title))
     return "\n".join(out)
 
 
