@@ -216,6 +216,18 @@ def timing_cache_path(workdir: Path) -> Path:
     return workdir / "tensorrt" / "timing.cache"
 
 
+def make_builder(trt, logger):
+    """A TensorRT builder, or one LmmcError where TensorRT finds no usable GPU."""
+    try:
+        builder = trt.Builder(logger)
+    except TypeError:  # the binding's factory returned no builder: CUDA could not be initialised
+        builder = None
+    if builder is None:
+        raise LmmcError("TensorRT is installed but finds no usable NVIDIA GPU (CUDA could not be initialised); "
+                        "build the engines on a machine with one, or mark the step `tensorrt: {optional: true}`")
+    return builder
+
+
 def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]],
                  flags: list[str], workspace_bytes: int, cache: Path | None) -> dict[str, Any]:
     """Parse `onnx_path`, build and write a serialized engine; return the builder's INFO-and-worse log
@@ -231,7 +243,7 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
                 self.lines.append(msg)
 
     logger = Log()
-    builder = trt.Builder(logger)
+    builder = make_builder(trt, logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -311,16 +323,16 @@ class TensorRtExportPass(Pass):
                                       "two_four_weights": len(sparse_weights), "engines": {}}
             for precision in cfg.precision:
                 source, flags = builder_setup(major, precision)
+                flags += ["SPARSE_WEIGHTS"] if sparse else []
                 src = self._source(art, tower, plain, source, folder)
                 engine = folder / f"{tower.name}.{precision}.engine"
-                built = build_engine(trt, src, engine, profile, flags + (["SPARSE_WEIGHTS"] if sparse else []),
-                                     cfg.workspace_mb << 20, cache)
+                built = build_engine(trt, src, engine, profile, flags, cfg.workspace_mb << 20, cache)
                 table = sparsity_table(parse_sparsity_log(built["log"]), parse_inspector(built["inspector"]),
                                        node_modules(src, names)) if sparse else []
                 variant = "builder-flags" if major < 11 else "strongly-typed"
                 art.exports.append(ExportRecord(tower.name, "tensorrt", precision, variant, engine, source=source))
                 result["engines"][precision] = {
-                    "file": engine.name, "source": src.name, "flags": flags + (["SPARSE_WEIGHTS"] if sparse else []),
+                    "file": engine.name, "source": src.name, "flags": flags,
                     "timing_cache_reused": built["cache_reused"], "sparsity": table,
                     "picked_sparse": sum(bool(r["picked_sparse"]) for r in table),
                 }

@@ -22,9 +22,9 @@ from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.onnx import export_tower
 from lmmc.export.ort import calibration_feeds, fc2_matmuls
-from lmmc.export.tensorrt import (NOT_BUILT, ShapeRange, builder_setup, node_modules, optimisation_profile,
-                                  parse_inspector, parse_sparsity_log, quantize_for_tensorrt, sparsity_table,
-                                  timing_cache_path, two_four_weights)
+from lmmc.export.tensorrt import (NOT_BUILT, ShapeRange, builder_setup, make_builder, node_modules,
+                                  optimisation_profile, parse_inspector, parse_sparsity_log, quantize_for_tensorrt,
+                                  sparsity_table, timing_cache_path, two_four_weights)
 from lmmc.export.validate import cosine
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import parse_recipe
@@ -258,8 +258,10 @@ def test_optional_step_without_tensorrt_finishes_and_says_not_built(monkeypatch,
 def _tensorrt_gpu():
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (extra lmmc[tensorrt]; needs an NVIDIA GPU)")
     pytest.importorskip("polygraphy.cuda", reason="polygraphy (extra lmmc[tensorrt]) is not installed")
-    if trt.Builder(trt.Logger(trt.Logger.ERROR)) is None:
-        pytest.skip("TensorRT is installed but finds no CUDA GPU")
+    try:
+        make_builder(trt, trt.Logger(trt.Logger.ERROR))
+    except LmmcError as err:
+        pytest.skip(str(err))
     return trt
 
 
