@@ -56,7 +56,7 @@ class DistillConfig(PassConfig):
                                 "uniform when the student has no such record), uniform, closest, or teacher "
                                 "layers (1-based) per student layer: a list, or {tower: list} for dual encoders")
     skip_hidden: dict[str, list[NonNegativeInt]] = Field(
-        default_factory=dict, description="student blocks (0-based, per tower) that get no hidden-state term; "
+        {}, description="student blocks (0-based, per tower) that get no hidden-state term; "
         "antgmm sets it for the blocks it is fading out, whose output is turning into the previous block's "
         "and would otherwise pull that block toward the teacher layer the faded block is about to stop "
         "producing")
