@@ -151,8 +151,8 @@ def two_four_export(tmp_path):
 def test_two_four_detection_agrees_with_polygraphy(two_four_export, tmp_path):
     path, names, art = two_four_export
     found = two_four_weights(path)
-    sparse, dense = polygraphy_sparse_tensors(path)
-    assert set(found) == sparse & set(found) and set(found) <= sparse
+    sparse, _ = polygraphy_sparse_tensors(path)
+    assert len(found) == 12 and set(found) == sparse  # the same weights as TensorRT's own tooling sees
     # every pruned linear of the student is 2:4 in the export, and nothing else is
     targeted = {p.param for p in prunable_linears(art.student, art.adapter)}
     assert {names[w]["param"] for w in found} == targeted
