@@ -262,8 +262,11 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
     config.add_optimization_profile(shapes)
     reused = cache is not None and cache.is_file()
     if cache is not None:
-        # a cache from another GPU or TensorRT version is refused by the builder, not silently used
-        config.set_timing_cache(config.create_timing_cache(cache.read_bytes() if reused else b""), False)
+        earlier = config.create_timing_cache(cache.read_bytes() if reused else b"")
+        # the builder refuses a cache from another GPU or TensorRT version (ignore_mismatch=False): start anew
+        if not config.set_timing_cache(earlier, False):
+            reused = False
+            config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise LmmcError(f"TensorRT could not build an engine from {onnx_path.name}: "
