@@ -149,8 +149,8 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         load(tmp_path / "m.pt")
     with pytest.raises(LmmcError, match="does not exist"):
         load(tmp_path / "absent.onnx")
-    with pytest.raises(LmmcError, match="unknown backend 'tensorrt'"):
-        load(tmp_path / "m.pt", backend="tensorrt")
+    with pytest.raises(LmmcError, match="unknown backend 'tflite'; choose one of onnxruntime, openvino, tensorrt"):
+        load(tmp_path / "m.pt", backend="tflite")
 
 
 def test_compile_without_openvino_exits_2_before_loading(tmp_path, monkeypatch):
