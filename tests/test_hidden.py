@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import tiny_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -55,12 +56,22 @@ def subset_norm_hook(keep: list[int]):
     return hook
 
 
-def test_surgery_equals_the_full_model_with_subset_layernorms(one_thread) -> None:
+def text_model(kind: str) -> nn.Module:
+    if kind == "bert":
+        return tiny_model("bert")
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64)
+    return transformers.DistilBertModel(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_surgery_equals_the_full_model_with_subset_layernorms(kind: str, tmp_path: Path, one_thread) -> None:
     """The narrowed model computes exactly what the full one does when every LayerNorm over the stream
     normalises over the kept channels and zeroes the rest: removed channels stay zero in the residual
     stream, so every reader's dropped columns see only zeros."""
-    reference, cut = tiny_model("bert"), tiny_model("bert")
-    tower = get_adapter("bert").towers[0]
+    reference, cut = text_model(kind), text_model(kind)
+    tower = get_adapter(kind).towers[0]
     for mod in reference.modules():
         if isinstance(mod, nn.LayerNorm):
             mod.register_forward_hook(subset_norm_hook(KEEP))
@@ -73,16 +84,21 @@ def test_surgery_equals_the_full_model_with_subset_layernorms(one_thread) -> Non
     for a, b in zip(want, got):
         assert a.shape == b.shape and b.shape[-1] == 32  # the map back restores the teacher's width
         assert (a - b).abs().max() <= 1e-5
+    save_student(cut, {}, tmp_path, {})
+    with torch.no_grad():
+        again = TowerModule(lmmc.load_student(tmp_path), tower)(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
     assert cut.embeddings.word_embeddings.weight.shape == (99, 25)
     assert cut.embeddings.position_embeddings.weight.shape[1] == 25
-    for block in cut.encoder.layer:
+    for block in block_list(cut, tower)[1]:
         lin = {r: m for r, (_, m) in block_linears(block, tower).items()}
         assert [lin[r].in_features for r in ("q", "k", "v", "fc1")] == [25] * 4
         assert [lin[r].out_features for r in ("o", "fc2")] == [25] * 2
     restore = find_restore(cut, tower)
     assert isinstance(restore, WidthRestore) and restore.norm.weight.shape == (25,)
     assert (restore.proj.in_features, restore.proj.out_features) == (25, 32)
-    assert cut.pooler.dense.in_features == 32  # the pooler reads the restored width
+    if kind == "bert":
+        assert cut.pooler.dense.in_features == 32  # the pooler reads the restored width
 
 
 def test_a_second_cut_narrows_the_map_back_and_counts_every_channel_cost() -> None:

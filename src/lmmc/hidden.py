@@ -113,15 +113,15 @@ def hidden_importance(method: str, student: nn.Module, teacher: nn.Module, adapt
 
 @torch.no_grad()
 def fit_restore_(student: nn.Module, teacher: nn.Module, tower: TowerSpec, calib: CalibData,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, ridge: float = RIDGE) -> dict[str, float]:
     """Fit the tower's `WidthRestore` by ridge least squares: the student's last LayerNorm output over the
     kept channels, over the real tokens of the calibration data, onto the teacher's last hidden state.
 
-    The ridge pulls the map toward its current value (after a first cut: each kept channel put back in
-    its own place), not toward zero: a few thousand calibration tokens cannot pin down a full d'×d map,
-    and the kept channels are already the teacher's. The pooled embedding is a (masked) mean of these
-    token states, so fitting tokens fits it too. Returns the fit's relative residual (unexplained share
-    of the teacher's centred sum of squares)."""
+    The ridge (relative to the mean diagonal of the Gram matrix) pulls the map toward its current value
+    (after a first cut: each kept channel put back in its own place), not toward zero: a few thousand
+    calibration tokens cannot pin down a full d'×d map, and the kept channels are already the teacher's.
+    The pooled embedding is a (masked) mean of these token states, so fitting tokens fits it too. Returns
+    the fit's relative residual (unexplained share of the teacher's centred sum of squares)."""
     restore = find_restore(student, tower)
     if restore is None:
         raise LmmcError(f"the {tower.name} tower has no map back to the teacher's width to fit")
@@ -152,10 +152,10 @@ def fit_restore_(student: nn.Module, teacher: nn.Module, tower: TowerSpec, calib
             count += len(y)
     finally:
         handle.remove()
-    ridge = torch.zeros_like(gram)  # the bias row is not pulled
-    ridge[:-1, :-1] = RIDGE * gram.diagonal()[:-1].mean().clamp(min=1e-12) * torch.eye(width, dtype=gram.dtype)
+    pull = torch.zeros_like(gram)  # the bias row is not pulled
+    pull[:-1, :-1] = ridge * gram.diagonal()[:-1].mean().clamp(min=1e-12) * torch.eye(width, dtype=gram.dtype)
     current = torch.cat([restore.proj.weight.T, restore.proj.bias[None]]).double().cpu()
-    solution = torch.linalg.solve(gram + ridge, cross + ridge @ current)  # [width + 1, teacher width]
+    solution = torch.linalg.solve(gram + pull, cross + pull @ current)  # [width + 1, teacher width]
     restore.proj.weight.copy_(solution[:-1].T.to(restore.proj.weight.dtype))
     restore.proj.bias.copy_(solution[-1].to(restore.proj.bias.dtype))
     residual = total_sq - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum()
