@@ -173,6 +173,18 @@ def test_sections_without_data_are_notes_not_errors():
     assert verdict(page) == ("null", "NOT VALIDATED")
 
 
+
+def test_non_finite_cosines_are_counted_not_drawn(compiled):
+    report = json.loads((compiled / "report.json").read_text())
+    towers = report["validation"]["towers"]
+    towers["text"]["cosine_per_sample"] = [None] * 32  # how report.json writes NaN
+    towers["vision"]["cosine_per_sample"][:5] = [None] * 5
+    page = render(report, compiled)
+    assert "text: 32 of 32 held-out samples have a non-finite (NaN/Inf) cosine" in page
+    assert "vision: 5 of 32 held-out samples have a non-finite (NaN/Inf) cosine" in page
+    cosine = dict(images(page))["per-sample cosine to the teacher"]
+    assert cosine.height < dict(images((compiled / "report.html").read_text()))["per-sample cosine to the teacher"].height
+
 def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["report", str(tmp_path)])

@@ -163,6 +163,7 @@ def latency_figure(groups: dict[str, list[tuple[str, float, bool]]], unit: str) 
         ax.invert_yaxis()
         for i, (_, ms, _) in enumerate(bars):
             ax.annotate(f" {ms:.2f}", (ms, i), va="center", fontsize=7)
+        ax.margins(x=0.1)  # room for the longest bar's label
         ax.set_title(f"{name}: {unit}", fontsize=10)
     fig.tight_layout()
     return fig

@@ -127,7 +127,7 @@ def _fidelity(report: dict[str, Any]) -> str:
         return _note("not validated: no teacher-student comparison in report.json")
     rows = []
     for name, t in towers.items():
-        per_sample = t.get("cosine_per_sample")
+        per_sample = [v for v in t.get("cosine_per_sample") or [] if v is not None]
         lat = t.get("latency_ms") or {}
         diff = t.get("runtime_max_abs_diff") or {}
         rows.append([_e(name), _num(t.get("held_out_samples")), _num(t.get("cosine_mean"), ".4f"),
@@ -285,11 +285,19 @@ def _cosines(report: dict[str, Any]) -> str:
     from lmmc.plots import cosine_histogram
 
     towers = (report.get("validation") or {}).get("towers") or {}
-    per_tower = {n: t["cosine_per_sample"] for n, t in towers.items() if t.get("cosine_per_sample")}
-    if not per_tower:
+    recorded = {n: t["cosine_per_sample"] for n, t in towers.items() if t.get("cosine_per_sample")}
+    if not recorded:
         return _note("report.json holds no per-sample cosines (validation did not run, or an older lmmc wrote it)")
-    gate = ((report.get("recipe") or {}).get("validate") or {}).get("min_cosine")
-    return _img(cosine_histogram(per_tower, gate), "per-sample cosine to the teacher")
+    # report.json writes a NaN/Inf cosine as null
+    per_tower = {n: [v for v in values if v is not None] for n, values in recorded.items()}
+    out = [_note(f"{name}: {len(recorded[name]) - len(values)} of {len(recorded[name])} held-out samples have a "
+                 f"non-finite (NaN/Inf) cosine")
+           for name, values in per_tower.items() if len(values) < len(recorded[name])]
+    per_tower = {n: values for n, values in per_tower.items() if values}
+    if per_tower:
+        gate = ((report.get("recipe") or {}).get("validate") or {}).get("min_cosine")
+        out.append(_img(cosine_histogram(per_tower, gate), "per-sample cosine to the teacher"))
+    return "\n".join(out)
 
 
 def _points(m: dict[str, Any], offset: int = 0) -> list[tuple[int, float | None, float | None]]:
