@@ -185,6 +185,20 @@ def test_non_finite_cosines_are_counted_not_drawn(compiled):
     cosine = dict(images(page))["per-sample cosine to the teacher"]
     assert cosine.height < dict(images((compiled / "report.html").read_text()))["per-sample cosine to the teacher"].height
 
+
+def test_deployment_artifacts_and_task_metric_side_by_side():
+    report = {"lmmc_version": "0", "model": "m", "adapter": "clip", "passed": True, "validated": True,
+              "validation": {"towers": {"text": {"held_out_samples": 40, "cosine_mean": 0.91, "cosine_min": 0.5}},
+                             "task_metric": {"name": "zero-shot accuracy", "teacher": 0.96, "value": 0.93},
+                             "exports": [{"tower": "text", "backend": "openvino", "precision": "int8",
+                                          "variant": "nncf", "cosine_to_teacher": 0.905, "cosine_to_student": 0.99}],
+                             "gates": [{"name": "text: cosine to teacher", "value": 0.91, "threshold": 0.8,
+                                        "op": ">=", "passed": True}]}}
+    page = render(report)
+    assert '<td>text</td><td>openvino int8 nncf</td><td class="num">0.9050</td><td class="num">0.9900</td>' in page
+    assert ('<tr class=""><td>teacher</td><td class="num">0.9600</td></tr><tr class=""><td>student</td>'
+            '<td class="num">0.9300</td></tr><tr class=""><td>student / teacher</td><td class="num">0.9688</td>') in page
+
 def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["report", str(tmp_path)])
