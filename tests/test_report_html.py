@@ -141,7 +141,8 @@ def verdict(page: str) -> tuple[str, str]:
 def test_verdict_matches_report_json(compiled, tmp_path):
     report = json.loads((compiled / "report.json").read_text())
     assert report["passed"] is True
-    assert verdict((compiled / "report.html").read_text()) == ("true", "PASSED")
+    page = (compiled / "report.html").read_text()
+    assert verdict(page) == ("true", "PASSED") and f"all {len(report['validation']['gates'])} gates were met" in page
 
     out = copy_output(compiled, tmp_path / "out")
     failed = {**report, "passed": False}
@@ -152,7 +153,7 @@ def test_verdict_matches_report_json(compiled, tmp_path):
     result = CliRunner().invoke(main, ["report", str(out)])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
-    assert verdict(page) == ("false", "FAILED")
+    assert verdict(page) == ("false", "FAILED") and f"FAILED: 1 of {len(gates)} gates missed" in page
     assert page.count("<td>MISSED</td>") == 1 and page.count("<td>ok</td>") == len(gates) - 1
     assert f'<tr class="gate missed"><td>{gates[1]["name"]}</td>' in page
 

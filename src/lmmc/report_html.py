@@ -71,16 +71,19 @@ def _passes(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 def _verdict(report: dict[str, Any]) -> str:
     passed = report.get("passed")
+    gates = (report.get("validation") or {}).get("gates") or []
+    missed = sum(not g["passed"] for g in gates)
     if passed is None:
         word, cls = "NOT VALIDATED", "unvalidated"
         detail = "validation was switched off: the student was not compared with the teacher"
     elif passed:
-        word, cls, detail = "PASSED", "passed", "every gate was met"
+        word, cls, detail = "PASSED", "passed", f"all {len(gates)} gates were met"
     else:
-        word, cls, detail = "FAILED", "failed", "a gate was missed: do not ship this student"
+        word, cls = "FAILED", "failed"
+        detail = (f"{missed} of {len(gates)} gates missed" if missed else "the compile failed (below)") \
+            + ": do not ship this student"
     state = "null" if passed is None else str(bool(passed)).lower()
     out = [f'<div id="verdict" class="verdict {cls}" data-passed="{state}">{word}: {_e(detail)}</div>']
-    gates = (report.get("validation") or {}).get("gates") or []
     if gates:
         rows = [[_e(g["name"]), _num(g["value"]), f"{_e(g['op'])} {_num(g['threshold'])}",
                  "ok" if g["passed"] else "MISSED"] for g in gates]
@@ -120,6 +123,12 @@ def _overview(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _worst(diffs: dict[str, float | None] | None) -> float | None:
+    """The largest of a set of max |diff| values; None when there are none or one is NaN/Inf (null)."""
+    values = list((diffs or {}).values())
+    return max(values) if values and None not in values else None
+
+
 def _fidelity(report: dict[str, Any]) -> str:
     validation = report.get("validation") or {}
     towers = validation.get("towers") or {}
@@ -129,11 +138,11 @@ def _fidelity(report: dict[str, Any]) -> str:
     for name, t in towers.items():
         per_sample = [v for v in t.get("cosine_per_sample") or [] if v is not None]
         lat = t.get("latency_ms") or {}
-        diff = t.get("runtime_max_abs_diff") or {}
+        diff = t.get("runtime_max_abs_diff")
         rows.append([_e(name), _num(t.get("held_out_samples")), _num(t.get("cosine_mean"), ".4f"),
                      _num(statistics.median(per_sample) if per_sample else None, ".4f"),
                      _num(t.get("cosine_min"), ".4f"),
-                     _num(max(diff.values()) if diff and None not in diff.values() else None, ".1e"),
+                     _num(_worst(diff), ".1e"),
                      _num(lat.get("teacher"), ".2f"), _num(lat.get("student"), ".2f"),
                      f"{lat['speedup']:.2f}x" if lat.get("speedup") else "n/a"])
     out = [_table(["tower", "held-out", "cosine mean", "median", "min", "ORT diff", "teacher ms", "student ms",
@@ -143,7 +152,7 @@ def _fidelity(report: dict[str, Any]) -> str:
     if exports:
         rows = [[_e(x.get("tower")), _e(f"{x.get('backend')} {x.get('precision')} {x.get('variant')}"),
                  _num(x.get("cosine_to_teacher"), ".4f"), _num(x.get("cosine_to_student"), ".4f"),
-                 _num(max((x.get("max_abs_diff") or {}).values(), default=None), ".1e")] for x in exports]
+                 _num(_worst(x.get("max_abs_diff")), ".1e")] for x in exports]
         out.append("<h3>Deployment artifacts</h3>")
         out.append(_table(["tower", "artifact", "cosine to teacher", "cosine to student", "max diff"], rows))
     return "\n".join(out)
