@@ -28,9 +28,10 @@ import yaml
 from lmmc.adapters import TowerModule
 from lmmc.artifact import Artifact
 from lmmc.data import load_calibration
-from lmmc.modelio import load_teacher, make_student
+from lmmc.modelio import load_teacher, make_student, save_student
 from lmmc.pipeline import get_pass
 from lmmc.recipe import CalibrationConfig
+from lmmc.student import load_student
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "samples" / "calib" / "python_docs.txt"
@@ -94,7 +95,15 @@ def schedules_table(args: argparse.Namespace) -> None:
     `all` and `round_robin` at equal steps and at equal training time, per seed; `--json` keeps the runs
     for `--summarise`."""
     art = load_bits()
-    pruned = prune(art, args.prune)
+    kept = Path(args.student) if args.student else None
+    if kept is not None and (kept / "lmmc.json").exists() and args.prune == "structured":
+        # The pruning is deterministic: parallel runs of this table load the student one of them saved.
+        art.student = load_student(kept)
+        pruned = {**json.loads((kept / "lmmc.json").read_text())["pruned"], "seconds": 0.0}
+    else:
+        pruned = prune(art, args.prune)
+        if kept is not None and args.prune == "structured":
+            save_student(art.student, {}, kept, {"pruned": {k: pruned[k] for k in ("what", "held_out")}})
     base, masks = copy.deepcopy(art.student), dict(art.masks)
     print(f"student: {pruned['what']} in {pruned['seconds']:.0f} s; held-out cosine {pruned['held_out']:.4f}",
           flush=True)
@@ -249,6 +258,7 @@ def main() -> None:
                         help="JSON list of OPTIMA configs (distill keys); more than one: the best on the pass's "
                              "dev split (first seed) is the one compared")
     parser.add_argument("--json", help="write every run of the schedule table here")
+    parser.add_argument("--student", help="the pruned student: saved here by the first run, loaded by later ones")
     parser.add_argument("--summarise", nargs="+", help="only print the table of earlier --json files, together")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=None, help="training sentences (default: all)")
