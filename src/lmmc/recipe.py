@@ -27,7 +27,8 @@ class CalibrationConfig(BaseModel):
     path: str | None = Field(None, description="text (.txt/.jsonl), image folder or image-text .jsonl")
     random: bool = Field(False, description="random inputs; allowed only for tiny random-weight models")
     samples: int = Field(128, gt=0, description="calibration samples")
-    eval_samples: int = Field(64, gt=1, description="held-out samples for validation, never calibrated on")
+    eval_samples: int = Field(64, gt=1, description="held-out samples for validation, one per distinct image "
+                              "(per distinct text, for text alone), never calibrated on under any caption")
     batch_size: int = Field(8, gt=0)
     max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or the model's "
                                    "position limit if lower (CLIP: 77)")
