@@ -96,14 +96,14 @@ def main() -> None:
                  f"{metrics['parameters']:,} params, hidden {s['hidden']}, heads {s['heads']}, FFN {s['ffn']}"))
     cut = before_fit["model"]
     rows.append(("+hidden, kept channels put back in place (no fit)", scores(cut), ""))
-    for toward in ("current map", "zero"):
+    for toward in ("the current map", "zero"):
         for ridge in RIDGES:
             model = copy.deepcopy(cut)
             if toward == "zero":
                 with torch.no_grad():
                     find_restore(model, tower).proj.weight.zero_()
             fit_restore_(model, teacher, tower, calib, torch.device("cpu"), ridge=ridge)
-            rows.append((f"+hidden, ridge {ridge:g} toward the {toward}", scores(model), ""))
+            rows.append((f"+hidden, ridge {ridge:g} toward {toward}", scores(model), ""))
     print(f"MiniLM, one-shot, {args.keep:.0%} of the blocks' FLOPs; mean cosine to the teacher's pooled embedding")
     print(f"| {'student':<52} | dev | held-out | notes |\n|---|---:|---:|---|")
     for name, sc, note in rows:
