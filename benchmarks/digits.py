@@ -87,7 +87,10 @@ def rows_for(out_dir: Path, images: list[Path], labels: np.ndarray, threads: int
     student = lmmc.load_student(out_dir / "student").eval()
     rows = [("pytorch fp32", note, accuracy(*torch_embeddings(student, out_dir / "student", images), labels))]
     manifest = runtime.read_manifest(out_dir)
-    kinds = sorted({(a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"]})
+    # A fused graph is kept only for a tower where it ran faster: score the kinds every tower has.
+    per_tower = [{(a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"] if a["tower"] == t}
+                 for t in manifest["towers"]]
+    kinds = sorted(set.intersection(*per_tower))
     for backend, precision, variant in kinds:
         deployment = runtime.open_dir(out_dir, backend, precision, variant, threads)
         image_emb = deployment.encode(images, batch_size=64)
