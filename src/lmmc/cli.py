@@ -126,7 +126,10 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
     if parsed.bench is not None and os.environ.get("RANK", "0") == "0":
         from lmmc.bench import bench, format_table
 
+        from lmmc.report_html import write_report_html
+
         result = bench(Path(out), parsed.bench)
+        write_report_html(Path(out))  # the page's latency plot then holds every backend bench timed
         click.echo(f"wrote {Path(out) / 'bench.json'}", err=True)
         click.echo(format_table(result))
 
