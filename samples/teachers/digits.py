@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--out", type=Path, required=True, help="directory for data/ and model/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="images held out for testing")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--hidden", type=int, default=128)
