@@ -351,3 +351,15 @@ def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 130, err
     assert "internal error" not in err and "Traceback" not in err
+
+
+def test_summary_table_without_latency_prints_dashes_not_nan():
+    from lmmc.cli import summary_table
+
+    tower = {"cosine_mean": 0.91234, "cosine_min": 0.5, "runtime_max_abs_diff": {"onnx": 2e-6}}
+    report = {"validation": {"towers": {"text": tower}, "gates": []}, "sparsity": {"sparsity": 0.5},
+              "parameters": {"teacher": 10, "student": 10}, "validated": True}
+    row = summary_table(report).splitlines()[1].split()
+    assert row == ["text", "0.9123", "0.5000", "2.0e-06", "-", "-", "-"]
+    tower["latency_ms"] = {"teacher": 20.0, "student": 10.0, "speedup": 2.0}
+    assert summary_table(report).splitlines()[1].split()[4:] == ["20.0", "10.0", "2.00x"]

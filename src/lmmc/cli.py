@@ -166,11 +166,12 @@ def summary_table(report: dict) -> str:
     """The result table printed after a compile."""
     rows = [("tower", "cosine", "min cos", "ORT diff", "teacher ms", "student ms", "speedup")]
     for name, t in report["validation"].get("towers", {}).items():
-        lat = t.get("latency_ms", {})
+        lat = t.get("latency_ms", {})  # absent when the recipe switched latency off ('-' in the table)
         rows.append((name, f"{t['cosine_mean']:.4f}", f"{t['cosine_min']:.4f}",
                      f"{max(t['runtime_max_abs_diff'].values()):.1e}",
-                     f"{lat.get('teacher', float('nan')):.1f}", f"{lat.get('student', float('nan')):.1f}",
-                     f"{lat.get('speedup', float('nan')):.2f}x"))
+                     f"{lat['teacher']:.1f}" if "teacher" in lat else "-",
+                     f"{lat['student']:.1f}" if "student" in lat else "-",
+                     f"{lat['speedup']:.2f}x" if "speedup" in lat else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     sp = report["sparsity"]
