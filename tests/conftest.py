@@ -117,3 +117,64 @@ def minilm() -> Path:
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "samples" / "calib" / "python_docs.txt"
+
+
+# Tiny LLaVA: the decoder has grouped-query attention (2 k/v heads for 4 query heads) and a SwiGLU MLP.
+TINY_DECODER = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, vocab_size=64, max_position_embeddings=128)
+LLAVA_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+LLAVA_IMAGE_TOKEN = 4  # the id of "<image>" in the tiny tokenizer
+# A plain template: a prompt turn, then the generation prompt. Tokens the tiny vocabulary knows.
+LLAVA_CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                       "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                       "{% if add_generation_prompt %}: {% endif %}")
+
+
+def tiny_llava(vision: str = "clip", seed: int = 0) -> torch.nn.Module:
+    """A tiny random LlavaForConditionalGeneration with a CLIP or SigLIP vision tower; 16 image tokens."""
+    torch.manual_seed(seed)
+    if vision == "clip":
+        vcfg, extra = {"model_type": "clip_vision_model", **TINY_VISION}, {}
+    elif vision == "siglip":
+        # SigLIP has no class token: every patch is an image token, taken from the last block.
+        vcfg = {"model_type": "siglip_vision_model", **TINY_VISION}
+        extra = {"vision_feature_select_strategy": "full", "vision_feature_layer": -1}
+    else:
+        raise ValueError(vision)
+    patches = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2
+    cfg = transformers.LlavaConfig(vision_config=vcfg, text_config=TINY_DECODER, image_token_index=LLAVA_IMAGE_TOKEN,
+                                   image_seq_length=patches, **extra)
+    return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+def tiny_llava_processor(vision: str = "clip", chat_template: bool = True):
+    """The LlavaProcessor of `tiny_llava`: a word-level tokenizer of exactly TINY_DECODER's vocabulary
+    (with "<image>" at LLAVA_IMAGE_TOKEN) and the vision tower's image processor."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = list(dict.fromkeys(LLAVA_SPECIAL + _WORDS + letters + list("0123456789.,?:")))
+    assert tokens.index("<image>") == LLAVA_IMAGE_TOKEN and len(tokens) == TINY_DECODER["vocab_size"]
+    tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>",
+                                                extra_special_tokens={"image_token": "<image>"})
+    side = TINY_VISION["image_size"]
+    if vision == "clip":
+        image = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        strategy, extra_tokens = "default", 1
+    else:
+        image = transformers.SiglipImageProcessor(size={"height": side, "width": side})
+        strategy, extra_tokens = "full", 0
+    return transformers.LlavaProcessor(image_processor=image, tokenizer=fast, patch_size=TINY_VISION["patch_size"],
+                                       vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+                                       chat_template=LLAVA_CHAT_TEMPLATE if chat_template else None)
+
+
+def save_tiny_llava(path: Path, vision: str = "clip", chat_template: bool = True, seed: int = 0) -> Path:
+    """`tiny_llava` saved as a complete directory: weights and its processor (tokenizer + image processor)."""
+    tiny_llava(vision, seed).save_pretrained(path)
+    tiny_llava_processor(vision, chat_template).save_pretrained(path)
+    return path

@@ -1,7 +1,8 @@
 """Model adapters: what a pass needs to know about an architecture, kept as data plus a few functions.
 
-An adapter names the towers of a model (text, vision, ...), where each tower's transformer blocks live,
-the attention and MLP linears inside a block, and how a tower turns inputs into its pooled embedding."""
+An adapter names the towers of a model (text, vision, language, ...), where each tower's transformer
+blocks live, the attention and MLP linears inside a block, how a tower turns inputs into its pooled
+embedding, and (generative models) the bridge linears between towers, such as LLaVA's projector."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from torch import nn
 from lmmc.errors import LmmcError
 
 ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+# A gated MLP (SwiGLU) has a third linear: gate = gate_proj, cut together with fc1 = up_proj.
+OPTIONAL_ROLES = ("gate",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class BlockLayout:
     o: tuple[str, ...]
     fc1: tuple[str, ...]
     fc2: tuple[str, ...]
+    gate: tuple[str, ...] = ()  # empty: the MLP has no gate
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,20 @@ class TowerSpec:
     config_key: str | None  # sub-config with this tower's sizes ("text_config"), None = top level
     embed: EmbedFn
     hidden: HiddenLayout | None = None  # None: this tower's hidden channels cannot be removed
+    # What `embed` reads, when not the modality's usual inputs: a decoder of an image-text model also
+    # needs the pixels, since the image features are merged into its token embeddings.
+    inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """Linears between two towers that belong to no block (LLaVA's multi-modal projector). They are
+    pruned as one group named `name`, as block 0, right after the blocks of tower `after`, whose output
+    they read."""
+
+    name: str
+    after: str
+    linears: tuple[tuple[str, str], ...]  # (role, dotted path of the nn.Linear in the model)
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,15 @@ class Adapter:
     towers: tuple[TowerSpec, ...]
     auto_class: str  # transformers class that loads the whole model
     # "neighbour": nearest-neighbour agreement among held-out embeddings of one tower;
-    # "zero_shot": image->text zero-shot agreement between two towers.
-    task_metric: Literal["neighbour", "zero_shot"]
+    # "zero_shot": image->text zero-shot agreement between two towers;
+    # "generation": next-token agreement of a generative model (teacher-forced and greedy).
+    task_metric: Literal["neighbour", "zero_shot", "generation"]
+    # "encoder": towers map inputs to embeddings; "generative": the last tower is a decoder with an LM head.
+    kind: Literal["encoder", "generative"] = "encoder"
+    bridges: tuple[BridgeSpec, ...] = ()
+    # Generative image-text models: (model, pixel_values) -> the image features as the decoder receives
+    # them [batch, image tokens, hidden], i.e. the bridge's output that replaces the image tokens.
+    image_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     def tower(self, name: str) -> TowerSpec:
         for spec in self.towers:
@@ -91,9 +116,10 @@ def block_list(model: nn.Module, tower: TowerSpec) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module, tower: TowerSpec) -> dict[str, tuple[str, nn.Linear]]:
-    """Role ('q', 'k', ..., 'fc2') -> (name relative to the block, the linear)."""
+    """Role ('q', 'k', ..., 'fc2', and 'gate' where the layout names one) -> (name relative to the block,
+    the linear)."""
     out = {}
-    for role in ROLES:
+    for role in (*ROLES, *(r for r in OPTIONAL_ROLES if getattr(tower.layout, r))):
         for name in getattr(tower.layout, role):
             mod = _get(block, name)
             if isinstance(mod, nn.Linear):
@@ -116,13 +142,28 @@ class PrunableLinear:
 
 
 def prunable_linears(model: nn.Module, adapter: Adapter) -> list[PrunableLinear]:
-    """The 2-D weights inside transformer blocks of every tower; embeddings and heads are excluded."""
+    """The 2-D weights inside transformer blocks of every tower, then the bridges' linears (their `tower`
+    is the bridge's name, their block 0); embeddings and heads are excluded."""
     out = []
     for tower in adapter.towers:
         path, blocks = block_list(model, tower)
         for i, block in enumerate(blocks):
             for role, (name, lin) in block_linears(block, tower).items():
                 out.append(PrunableLinear(tower.name, i, role, f"{path}.{i}.{name}.weight", lin))
+    for bridge in adapter.bridges:
+        for role, lin_path in bridge_linears(model, bridge).items():
+            out.append(PrunableLinear(bridge.name, 0, role, f"{lin_path}.weight", _get(model, lin_path)))
+    return out
+
+
+def bridge_linears(model: nn.Module, bridge: BridgeSpec) -> dict[str, str]:
+    """Role -> dotted path of each linear of a bridge, checked to exist."""
+    out = {}
+    for role, path in bridge.linears:
+        if not isinstance(_get(model, path), nn.Linear):
+            raise LmmcError(f"the {bridge.name} has no linear at '{path}'; this transformers version lays the "
+                            f"model out differently than the adapter expects")
+        out[role] = path
     return out
 
 
@@ -136,7 +177,16 @@ def head_dim(model: nn.Module, tower: TowerSpec) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def kv_heads(model: nn.Module, tower: TowerSpec) -> int:
+    """Key/value heads of a block's attention: fewer than the query heads under grouped-query attention
+    (each k/v head serves heads // kv_heads query heads), as many for multi-head attention."""
+    cfg = tower_config(model, tower)
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
 def input_names(tower: TowerSpec) -> list[str]:
+    if tower.inputs:
+        return list(tower.inputs)
     return ["input_ids", "attention_mask"] if tower.modality == "text" else ["pixel_values"]
 
 
@@ -183,10 +233,10 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def _registry() -> dict[str, Adapter]:
-    from lmmc.adapters import bert, clip, vit
+    from lmmc.adapters import bert, clip, llava, vit
 
     out = {}
-    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS):
+    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS):
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out
