@@ -24,7 +24,8 @@ from lmmc.artifact import Artifact
 from lmmc.bench import check_backends
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (check_images, check_random_allowed, load_calibration, random_calibration, read_samples,
+from lmmc.data import (check_generative_records, check_images, check_random_allowed, load_calibration,
+                       load_generative_calibration, random_calibration, random_generative_calibration, read_samples,
                        select, text_tokens)
 from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
@@ -149,7 +150,9 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     shapes = meta_model(config, adapter)
     if model_dir:
         check_weights(model_dir, shapes)
-    check_preprocessor(model_ref, config, adapter, load_preprocessor(str(model_dir or model_ref)))
+    check_preprocessor(model_ref, config, adapter,
+                       load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
+                       recipe.calibration.chat_template)
     warnings: list[str] = []
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     _check_lengths(config, adapter, recipe)
@@ -213,7 +216,10 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         _check_floor(recipe, cal.eval_samples, "raise calibration.eval_samples")
         return {"calibration": cal.samples, "held_out": cal.eval_samples}
     modalities = {t.modality for t in adapter.towers}
-    chosen = select(cal, Path(cal.path), read_samples(Path(cal.path), cal.caption_template), modalities)
+    records = read_samples(Path(cal.path), cal.caption_template)
+    if adapter.kind == "generative":
+        check_generative_records(records, Path(cal.path))
+    chosen = select(cal, Path(cal.path), records, modalities)
     warnings.extend(chosen.warnings)
     if "image" in modalities:
         vision = next(t for t in adapter.towers if t.modality == "image")
@@ -289,7 +295,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         teacher.to(dev)
         art = Artifact(model_ref=model_ref, adapter=adapter, teacher=teacher, student=make_student(teacher),
                        preprocessor=preprocessor, device=dev, workdir=tmp, resume=resume)
-        if calib:
+        if calib and adapter.kind == "generative":
+            art.calib = load_generative_calibration(recipe.calibration, calib, preprocessor["processor"])
+        elif recipe.calibration.random and adapter.kind == "generative":
+            art.calib = random_generative_calibration(recipe.calibration, teacher)
+        elif calib:
             modalities = {t.modality for t in adapter.towers}
             text = [t for t in adapter.towers if t.modality == "text"]
             positions = min((text_positions(teacher.config, t) for t in text), default=None)

@@ -1,6 +1,6 @@
-"""Calibration data: read text, image folders or image-text pairs (optionally labelled with classes),
-split deterministically into calibration and held-out samples that share no image (no text, for text
-alone), and encode them into batches."""
+"""Calibration data: read text, image folders or image-text pairs (optionally labelled with classes, or
+with a prompt for generative models), split deterministically into calibration and held-out samples that
+share no image (no text, for text alone), and encode them into batches."""
 
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
             if "label" in obj:
                 rec["label"] = str(obj["label"])
+            if "prompt" in obj:  # generative models: the text before the answer, not trained on
+                rec["prompt"] = str(obj["prompt"])
             records.append(rec)
         check_labels(records, path)
     else:
@@ -388,3 +390,121 @@ def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
         calib[tower.modality] = batches(cfg.samples)
         held[tower.modality] = batches(cfg.eval_samples)
     return CalibData(calib, held, "random", {"calibration": cfg.samples, "held_out": cfg.eval_samples})
+
+
+# Generative image-text models (LLaVA): one batch holds input_ids with the image tokens already expanded
+# as the model's processor expands them, attention_mask, pixel_values and labels (the answer's tokens;
+# -100 on the prompt, the image tokens and padding, so a loss on them is teacher-forced next-token loss).
+IGNORE_INDEX = -100
+
+
+def check_generative_records(records: list[dict[str, Any]], source: Path) -> None:
+    """Every record of an image-text generative model needs an image and the text it should produce."""
+    for n, r in enumerate(records, 1):
+        lacking = [k for k in ("image", "text") if k not in r]
+        if lacking:
+            raise LmmcError(f"calibration data '{source}': sample {n} has no {' and no '.join(lacking)}; this "
+                            f"generative image-text model calibrates on image-text records: give a .jsonl with "
+                            f"{{\"image\": ..., \"prompt\": ... (optional), \"text\": the answer or caption}} per line")
+
+
+def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
+    """The text before the answer: the image token and the prompt, in the chat template when asked for."""
+    if chat_template:
+        content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
+
+
+def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
+                      chat_template: bool) -> list[Batch]:
+    """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
+    which expands the image token; the answer is tokenized alone and appended, so the boundary between
+    them, where labels start, is exact. `max_length` caps the text tokens (prompt and answer, not the
+    image tokens); the answer is cut to fit."""
+    from PIL import Image
+
+    tok = processor.tokenizer
+    limit = max_length or DEFAULT_MAX_LENGTH
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out = []
+    for chunk in _chunks(records, batch_size):
+        ids, labels, pixels = [], [], []
+        for r in chunk:
+            try:
+                image = Image.open(r["image"]).convert("RGB")
+            except (OSError, ValueError) as err:
+                raise LmmcError(f"cannot read image '{r['image']}': {err}") from None
+            enc = processor(images=[image], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
+                            return_tensors="pt")
+            prompt_ids = enc["input_ids"][0].tolist()
+            text_tokens = sum(i != image_id for i in prompt_ids)
+            answer = tok(r["text"], add_special_tokens=False)["input_ids"]
+            if tok.eos_token_id is not None:
+                answer = answer + [tok.eos_token_id]
+            answer = answer[:max(0, limit - text_tokens)]
+            if not answer:
+                raise LmmcError(f"the prompt of image '{r['image']}' takes {text_tokens} text tokens, leaving none "
+                                f"of calibration.max_length = {limit} for its answer; raise calibration.max_length "
+                                f"or shorten the prompt")
+            ids.append(prompt_ids + answer)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + answer)
+            pixels.append(enc["pixel_values"])
+        width = max(len(x) for x in ids)
+        batch = {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "pixel_values": torch.cat(pixels),
+            "labels": torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in labels]),
+        }
+        out.append(batch)
+    return out
+
+
+def tower_batches(batches: list[Batch]) -> dict[str, list[Batch]]:
+    """Generative batches per modality: the decoder ("text") reads them whole; the vision tower reads only
+    the pixels, so no text mask is ever applied to its patch tokens."""
+    return {"text": batches, "image": [{"pixel_values": b["pixel_values"]} for b in batches]}
+
+
+def load_generative_calibration(cfg, path: str, processor) -> CalibData:
+    """Read, split and encode image-text records for a generative model."""
+    source = Path(path)
+    records = read_samples(source)
+    check_generative_records(records, source)
+    chosen = select(cfg, source, records, {"text", "image"})
+    calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template)
+    held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template)
+    counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+    return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings)
+
+
+def random_generative_calibration(cfg, model: torch.nn.Module) -> CalibData:
+    """Random pixels and token ids around a block of image tokens, for tiny random-weight test models:
+    the image tokens first, then a random prompt and answer, some rows padded."""
+    check_random_allowed(model)
+    config = model.config
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vcfg, tcfg = config.vision_config, config.text_config
+    image_tokens = int(config.image_seq_length)
+    text = min(cfg.max_length or 16, 16)
+    low = int(config.image_token_index) + 1  # random ids above the image token never collide with it
+
+    def batches(n: int) -> list[Batch]:
+        out = []
+        for size in [len(c) for c in _chunks(list(range(n)), cfg.batch_size)]:
+            ids = torch.cat([torch.full((size, image_tokens), int(config.image_token_index)),
+                             torch.randint(low, tcfg.vocab_size, (size, text), generator=gen)], 1)
+            mask = torch.ones_like(ids)
+            mask[size // 2:, -text // 4:] = 0
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            labels[:, :image_tokens + text // 4] = IGNORE_INDEX  # the image and a short prompt
+            pixels = torch.randn((size, getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
+                                 generator=gen)
+            out.append({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels})
+        return out
+
+    return CalibData(tower_batches(batches(cfg.samples)), tower_batches(batches(cfg.eval_samples)), "random",
+                     {"calibration": cfg.samples, "held_out": cfg.eval_samples})

@@ -118,10 +118,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "sentencepiece.bpe.model")
 
 
-def load_preprocessor(ref: str) -> dict[str, Any]:
-    """The tokenizer and/or image processor saved beside the model; absent ones are None."""
+def load_preprocessor(ref: str, generative: bool = False) -> dict[str, Any]:
+    """The tokenizer and/or image processor saved beside the model; absent ones are None. A generative
+    image-text model also gets its "processor" (tokenizer + image processor + image-token expansion),
+    whose own tokenizer and image processor then fill the other two keys."""
     out: dict[str, Any] = {"tokenizer": None, "image_processor": None}
     path = Path(ref)
+    if generative:
+        try:
+            out["processor"] = transformers.AutoProcessor.from_pretrained(ref)
+        except (OSError, ValueError, TypeError, KeyError):
+            out["processor"] = None
+        proc = out["processor"]
+        if proc is not None and hasattr(proc, "tokenizer") and hasattr(proc, "image_processor"):
+            out["tokenizer"], out["image_processor"] = proc.tokenizer, proc.image_processor
+            return out
     try:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise OSError(f"no tokenizer files in {path}")
@@ -135,14 +146,50 @@ def load_preprocessor(ref: str) -> dict[str, Any]:
     return out
 
 
-def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any]) -> None:
-    """Refuse a missing or degenerate tokenizer / image processor: the student ships with it."""
+def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any],
+                       chat_template: bool = False) -> None:
+    """Refuse a missing or degenerate tokenizer / image processor: the student ships with it. A
+    generative model needs its processor, and a chat template when `chat_template` asks for one."""
+    if adapter.kind == "generative":
+        _check_processor(ref, config, preprocessor.get("processor"), chat_template)
     for tower in adapter.towers:
         tcfg = getattr(config, tower.config_key) if tower.config_key else config
         if tower.modality == "text":
             _check_tokenizer(ref, preprocessor.get("tokenizer"), int(tcfg.vocab_size))
         else:
             _check_image_processor(ref, preprocessor.get("image_processor"), int(tcfg.image_size))
+
+
+def _check_processor(ref: str, config: Any, proc: Any, chat_template: bool) -> None:
+    """The processor of an image-text generative model: it exists, marks images with the token the model
+    replaces by image features, and expands one image to as many tokens as the model produces."""
+    fix = "save the model's processor beside it (processor.save_pretrained(dir), e.g. a LlavaProcessor)"
+    if proc is None or not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
+        raise LmmcError(f"'{ref}' has no processor (processor_config.json with a tokenizer and an image "
+                        f"processor); {fix}")
+    token = getattr(proc, "image_token", None)
+    token_id = proc.tokenizer.convert_tokens_to_ids(token) if token else None
+    if token_id != int(config.image_token_index):
+        raise LmmcError(f"the processor of '{ref}' marks images with {token!r} (id {token_id}), but the model "
+                        f"replaces id {config.image_token_index} by image features; it is not this model's "
+                        f"processor: {fix}")
+    from PIL import Image
+
+    try:
+        ids = proc(images=[Image.new("RGB", (48, 40))], text=[token], return_tensors="pt")["input_ids"][0]
+    except Exception as err:  # any failure of a third-party processor on a plain image means it is unusable
+        raise LmmcError(f"the processor of '{ref}' fails on a plain RGB image ({err}); {fix}") from None
+    expected = getattr(config, "image_seq_length", None)
+    got = int((ids == token_id).sum())
+    if expected is not None and got != int(expected):
+        raise LmmcError(f"the processor of '{ref}' expands one image to {got} image tokens but the model makes "
+                        f"{expected} image features per image; its patch_size or "
+                        f"vision_feature_select_strategy does not match the model: {fix}")
+    if chat_template and not getattr(proc, "chat_template", None):
+        raise LmmcError(f"the recipe sets calibration.chat_template: true, but the processor of '{ref}' has no "
+                        f"chat template (no chat_template.jinja beside the model); save the model's chat template "
+                        f"with its processor, or set calibration.chat_template: false to calibrate on "
+                        f"'<image> prompt answer' without one")
 
 
 def _check_tokenizer(ref: str, tok: Any, vocab_size: int) -> None:
@@ -205,7 +252,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
                         f"Use the weights saved with this config.json")
     model.eval()
     check_finite(model, f"teacher '{ref}'")
-    return model, adapter, load_preprocessor(source)
+    return model, adapter, load_preprocessor(source, adapter.kind == "generative")
 
 
 def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
@@ -218,6 +265,9 @@ def save_student(student: torch.nn.Module, preprocessor: dict[str, Any], out: Pa
     """config + safetensors weights + tokenizer/processor files + lmmc.json (how it was made, and the
     per-layer shapes that `lmmc.load_student` rebuilds a structurally pruned student from)."""
     save(student, out, meta)
+    if preprocessor.get("processor") is not None:  # it saves its own tokenizer and image processor
+        preprocessor["processor"].save_pretrained(out)
+        return
     for proc in preprocessor.values():
         if proc is not None:
             proc.save_pretrained(out)

@@ -37,6 +37,8 @@ class CalibrationConfig(BaseModel):
                                          "each image captioned with this template, e.g. \"a photo of the "
                                          "digit {label}\"; also the class prompt of zero-shot accuracy on "
                                          "labelled data")
+    chat_template: bool = Field(False, description="generative models: wrap each record's image and prompt in "
+                                "the processor's chat template before the answer (the model needs one)")
 
     @field_validator("caption_template")
     @classmethod

@@ -12,7 +12,7 @@ from pydantic import Field, field_serializer, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmmc.adapters import PrunableLinear, block_linears, prunable_linears
+from lmmc.adapters import PrunableLinear, block_linears, block_list, prunable_linears
 from lmmc.artifact import Artifact
 from lmmc.blockwise import collect_linear_inputs, visit_blocks
 from lmmc.errors import LmmcError
@@ -198,9 +198,36 @@ class LocalPruner(Pass):
                 for role, pl in roles.items():
                     prune(pl, stats.pop(role))
                 bar.update()
+                if i + 1 == len(block_list(model, tower)[1]):
+                    # A bridge reads this tower's output: prune it now, before the next tower's block
+                    # inputs are captured through it.
+                    for bridge in (b for b in art.adapter.bridges if b.after == tower.name):
+                        for pl in by_block[(bridge.name, 0)]:
+                            stats = self.new_stats(pl.module)
+                            bridge_linear_inputs(model, art.adapter, pl.module, art.calib.calib_batches("image"),
+                                                 art.device, lambda rows: self.accumulate(stats, rows))
+                            prune(pl, stats)
+                        bar.update()
         bar.close()
         return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm,
                 "targets": "allocation" if art.allocation else "uniform"}
+
+
+def bridge_linear_inputs(model: nn.Module, adapter, linear: nn.Linear, batches: list[dict[str, torch.Tensor]],
+                         device: torch.device, fn) -> None:
+    """Compute the image features of every batch and hand the input rows [tokens, in_features] of one
+    bridge linear to `fn`. Its linears are visited in order, so a later one sees the earlier ones pruned."""
+    def hook(_mod, args):
+        x = args[0].detach()
+        fn(x.reshape(-1, x.shape[-1]).float())
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                adapter.image_features(model, batch["pixel_values"].to(device))
+    finally:
+        handle.remove()
 
 
 def sparsity_summary(model: torch.nn.Module, adapter) -> dict[str, Any]:
