@@ -34,21 +34,37 @@ def _bias(lin: nn.Linear) -> int:
     return 1 if lin.bias is not None else 0
 
 
-def head_cost(block: nn.Module, tower: TowerSpec, head_dim: int, tokens: int) -> Cost:
-    """What one attention head of `block` costs: its q/k/v rows (and biases), its output-projection
-    columns, and its share of the two attention products."""
+def group_cost(block: nn.Module, tower: TowerSpec, head_dim: int, tokens: int) -> Cost:
+    """What one attention head group of `block` costs: a key/value head (its k and v rows and biases)
+    with the `g` query heads that share it (their q rows and biases, their output-projection columns and
+    their share of the two attention products). Under multi-head attention g = 1: one head."""
     lin = block_linears(block, tower)
-    hidden = lin["q"][1].in_features
-    params = head_dim * (3 * hidden + sum(_bias(lin[r][1]) for r in ("q", "k", "v"))) + head_dim * lin["o"][1].out_features
-    per_token = 2 * head_dim * (3 * hidden + lin["o"][1].out_features) + 2 * 2 * tokens * head_dim
-    return Cost(params, per_token * tokens)
+    q, k, v, o = (lin[r][1] for r in ("q", "k", "v", "o"))
+    g = q.out_features // k.out_features
+    q_params = head_dim * (q.in_features + _bias(q) + o.out_features)
+    kv_params = head_dim * (k.in_features + _bias(k) + v.in_features + _bias(v))
+    per_token = 2 * head_dim * (g * (q.in_features + o.out_features) + k.in_features + v.in_features) \
+        + g * 2 * 2 * tokens * head_dim
+    return Cost(g * q_params + kv_params, per_token * tokens)
+
+
+def head_cost(block: nn.Module, tower: TowerSpec, head_dim: int, tokens: int) -> Cost:
+    """What one query head of `block` costs with its share of its group's key/value rows (rounded down
+    under grouped-query attention, where heads are only removed in whole groups: `group_cost`)."""
+    group = group_cost(block, tower, head_dim, tokens)
+    lin = block_linears(block, tower)
+    g = lin["q"][1].out_features // lin["k"][1].out_features
+    return Cost(group.params // g, group.flops // g)
 
 
 def channel_cost(block: nn.Module, tower: TowerSpec, tokens: int) -> Cost:
-    """What one FFN channel costs: an fc1 row (and bias entry) and an fc2 column."""
+    """What one FFN channel costs: an fc1 row (and bias entry), a gate row of a gated MLP (SwiGLU's
+    three matrices) and an fc2 column."""
     lin = block_linears(block, tower)
-    fc1, fc2 = lin["fc1"][1], lin["fc2"][1]
-    return Cost(fc1.in_features + _bias(fc1) + fc2.out_features, 2 * (fc1.in_features + fc2.out_features) * tokens)
+    rows = [lin[r][1] for r in ("fc1", "gate") if r in lin]
+    fc2 = lin["fc2"][1]
+    params = sum(m.in_features + _bias(m) for m in rows) + fc2.out_features
+    return Cost(params, 2 * (sum(m.in_features for m in rows) + fc2.out_features) * tokens)
 
 
 def restore_cost(width: int, teacher_width: int, tokens: int) -> Cost:

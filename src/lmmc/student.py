@@ -30,7 +30,7 @@ from transformers.initialization import no_init_weights
 
 from lmmc.adapters import Adapter, block_linears, block_list, get_adapter, head_dim, tower_config
 from lmmc.errors import LmmcError
-from lmmc.surgery import hidden_width, keep_channels_, keep_heads_, keep_hidden_
+from lmmc.surgery import group_size, hidden_width, keep_channels_, keep_heads_, keep_hidden_
 
 FORMAT_VERSION = 1
 STANDARD_WEIGHTS = "model.safetensors"
@@ -39,16 +39,18 @@ META_FILE = "lmmc.json"
 
 
 def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, Any]]:
-    """Per tower: layers, teacher_layers, head_dim, heads (per layer), ffn (per layer) and hidden, read
+    """Per tower: layers, teacher_layers, head_dim, heads and kv_heads (query and key/value heads per
+    layer; equal unless the attention is grouped-query), ffn (per layer) and hidden, read
     from the weights themselves so the record cannot drift from the model."""
     out = {}
     for tower in adapter.towers:
         _, blocks = block_list(model, tower)
         hd = head_dim(model, tower)
-        heads, ffn = [], []
+        heads, kv, ffn = [], [], []
         for block in blocks:
             lin = block_linears(block, tower)
             heads.append(lin["q"][1].out_features // hd)
+            kv.append(lin["k"][1].out_features // hd)
             ffn.append(lin["fc1"][1].out_features)
         cfg = tower_config(model, tower)
         out[tower.name] = {
@@ -56,6 +58,7 @@ def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, An
             "teacher_layers": list(getattr(cfg, "lmmc_teacher_layers", None) or range(len(blocks))),
             "head_dim": hd,
             "heads": heads,
+            "kv_heads": kv,
             "ffn": ffn,
             "hidden": hidden_width(model, tower),
         }
@@ -76,7 +79,14 @@ def apply_structure_(model: nn.Module, adapter: Adapter, structure: dict[str, di
                             f"record lists {rec['layers']} (heads for {len(rec['heads'])}, ffn for {len(rec['ffn'])}); "
                             f"config.json and {META_FILE} do not belong together")
         hd = head_dim(model, tower)
-        for block, heads, width in zip(blocks, rec["heads"], rec["ffn"]):
+        for i, (block, heads, width) in enumerate(zip(blocks, rec["heads"], rec["ffn"])):
+            # Records written before grouped-query attention was supported have no kv_heads: multi-head.
+            kv = (rec.get("kv_heads") or rec["heads"])[i]
+            if heads != kv * group_size(block, tower, hd):
+                raise LmmcError(f"the structure record gives block {i} of the {tower.name} tower {heads} query and "
+                                f"{kv} key/value heads, but config.json groups its query heads "
+                                f"{group_size(block, tower, hd)} to a key/value head; config.json and {META_FILE} "
+                                f"do not belong together")
             keep_heads_(block, tower, hd, range(heads))
             keep_channels_(block, tower, range(width))
         # Records written before hidden channels could be removed have no "hidden": the full width.

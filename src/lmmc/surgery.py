@@ -13,6 +13,7 @@ from lmmc.errors import LmmcError
 # Attention modules of some families cache their head count; transformers 5.x reshapes with
 # `view(..., -1, head_dim)`, so these are only kept true for any code that still reads them.
 _HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
+_KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 _HEAD_WIDTH_ATTRS = ("all_head_size",)
 
 
@@ -45,39 +46,81 @@ def keep_cols_(lin: nn.Linear, cols: torch.Tensor) -> None:
 
 
 def head_count(block: nn.Module, tower: TowerSpec, head_dim: int) -> int:
+    """Query heads of one block's attention."""
     return block_linears(block, tower)["q"][1].out_features // head_dim
 
 
-def keep_heads_(block: nn.Module, tower: TowerSpec, head_dim: int, keep: Sequence[int]) -> None:
-    """Keep the listed heads of one block: their q/k/v rows and the matching output-projection columns."""
+def group_size(block: nn.Module, tower: TowerSpec, head_dim: int) -> int:
+    """Query heads sharing one key/value head: 1 under multi-head attention, more under grouped-query
+    attention. Removing heads keeps it: a k/v head goes with all of its query heads."""
     linears = block_linears(block, tower)
+    heads, kv = linears["q"][1].out_features // head_dim, linears["k"][1].out_features // head_dim
+    if kv == 0 or heads % kv:
+        raise LmmcError(f"the {tower.name} tower's block has {heads} query heads and {kv} key/value heads of "
+                        f"width {head_dim}; the query heads must split evenly over the key/value heads")
+    return heads // kv
+
+
+def _rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """The weight rows of the given units, each `width` consecutive rows."""
+    return (units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def keep_heads_(block: nn.Module, tower: TowerSpec, head_dim: int, keep: Sequence[int]) -> None:
+    """Keep the listed query heads of one block: their q rows and output-projection columns, and the
+    k/v rows of the key/value heads they use.
+
+    Under grouped-query attention query head h reads key/value head h // g (g = `group_size`, the order
+    transformers' `repeat_kv` uses), so `keep` must be whole groups; a cut that splits one is refused."""
+    linears = block_linears(block, tower)
+    g = group_size(block, tower, head_dim)
     heads = _index(keep, head_count(block, tower, head_dim), "attention head")
-    rows = (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-    for role in ("q", "k", "v"):
-        keep_rows_(linears[role][1], rows)
+    groups = torch.unique(heads // g)
+    if len(heads) != len(groups) * g:
+        split = sorted(int(k) for k in groups if int(((heads // g) == k).sum()) != g)
+        raise LmmcError(f"the kept heads {heads.tolist()} split the {tower.name} tower's grouped-query attention "
+                        f"groups {split}: each group of {g} query heads shares one key/value head, so heads go "
+                        f"in whole groups (heads {g}k .. {g}k+{g - 1}); keep or remove all {g} heads of a group")
+    rows = _rows(heads, head_dim)
+    kv_rows = _rows(groups, head_dim)
+    keep_rows_(linears["q"][1], rows)
+    for role in ("k", "v"):
+        keep_rows_(linears[role][1], kv_rows)
     keep_cols_(linears["o"][1], rows)
     q_name = linears["q"][0]
     attention = _get(block, q_name.rsplit(".", 1)[0]) if "." in q_name else block
     for attr in _HEAD_COUNT_ATTRS:
         if isinstance(getattr(attention, attr, None), int):
             setattr(attention, attr, len(heads))
+    for attr in _KV_COUNT_ATTRS:
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, len(groups))
     for attr in _HEAD_WIDTH_ATTRS:
         if isinstance(getattr(attention, attr, None), int):
             setattr(attention, attr, len(heads) * head_dim)
 
 
 def keep_channels_(block: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> None:
-    """Keep the listed FFN channels of one block: fc1 rows (and bias) and fc2 columns."""
+    """Keep the listed FFN channels of one block: fc1 rows (and bias), the gate's rows of a gated MLP
+    (SwiGLU: channel j is act(gate_j) * up_j) and fc2 columns."""
     linears = block_linears(block, tower)
     channels = _index(keep, linears["fc1"][1].out_features, "FFN channel")
-    keep_rows_(linears["fc1"][1], channels)
+    for role in ("fc1", "gate"):
+        if role in linears:
+            keep_rows_(linears[role][1], channels)
     keep_cols_(linears["fc2"][1], channels)
+    fc1_name = linears["fc1"][0]
+    mlp = _get(block, fc1_name.rsplit(".", 1)[0]) if "." in fc1_name else block
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = len(channels)
 
 
 def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> None:
     """Keep the listed blocks of a tower (in order) and update the tower config's layer count.
 
-    The config also records which teacher block each remaining block came from
+    A decoder's KV cache addresses blocks by `layer_idx` and sizes itself from the config's
+    `num_hidden_layers` and per-layer `layer_types`; both are renumbered so cached generation works. The
+    config also records which teacher block each remaining block came from
     (`lmmc_teacher_layers`), so that layer-wise distillation and the student format can map them back."""
     path, blocks = block_list(model, tower)
     idx = _index(keep, len(blocks), "transformer block").tolist()
@@ -96,6 +139,9 @@ def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> Non
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = new_i
     cfg.num_hidden_layers = len(idx)
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(blocks):
+        cfg.layer_types = [layer_types[i] for i in idx]
     cfg.lmmc_teacher_layers = [origin[i] for i in idx]
 
 
