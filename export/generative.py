@@ -1,0 +1,183 @@
+"""ONNX export of a generative vision-language model (LLaVA layout): the vision encoder with its projector
+as one graph, the decoder with a key/value cache as another, and the token embedding table as .npy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import DynamicCache
+
+from lmmc.artifact import Artifact, ExportRecord
+from lmmc.errors import LmmcError
+from lmmc.export.onnx import initializer_map
+from lmmc.pipeline import Pass, PassConfig, register
+
+FORMAT = "lmmc-generative/1"
+SPEC = "generative.json"
+VISION = "vision.onnx"
+DECODER = "decoder.onnx"
+EMBEDDINGS = "embed_tokens.npy"
+DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids"]
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The LLaVA-style inner model, its decoder and the LM head, or one clear error."""
+    inner = getattr(model, "model", None)
+    decoder = getattr(inner, "language_model", None)
+    head = getattr(model, "lm_head", None)
+    if decoder is None or head is None or not hasattr(inner, "get_image_features") or not hasattr(decoder, "layers"):
+        raise LmmcError(f"{type(model).__name__} is not a generative vision-language model (a vision tower, a "
+                        f"projector and a decoder with an LM head, laid out as LlavaForConditionalGeneration); "
+                        f"export encoder models with the 'onnx' pass instead")
+    return inner, decoder, head
+
+
+def _cache_shapes(decoder: nn.Module) -> list[tuple[int, int]]:
+    """(key/value heads, head size) of every decoder layer, read from its weights: structured pruning
+    leaves layers with different numbers of heads than the config states."""
+    shapes = []
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        shapes.append((attn.k_proj.out_features // attn.head_dim, attn.head_dim))
+    return shapes
+
+
+class VisionModule(nn.Module):
+    """pixel_values -> image features in the decoder's width, one row per image token."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = _parts(model)[0]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The model's own get_image_features splits its result into a list per image, which would fix the
+        # batch axis at export; this selects the same layers and CLS handling without splitting.
+        cfg = self.inner.config
+        hidden = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
+        start = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        return self.inner.multi_modal_projector(torch.cat([hidden[i][:, start:] for i in layers], dim=-1))
+
+
+class DecoderModule(nn.Module):
+    """One decoder step: embeddings, mask and positions plus a flat past cache -> logits and present cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        _, self.decoder, self.head = _parts(model)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2])))
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           cache=cache, use_cache=True)
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (self.head(out.last_hidden_state), *present)
+
+
+def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], dynamic_shapes: tuple,
+            path: Path, opset: int) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # The exporter warns about every merged symbolic axis and deprecated internals; none is actionable.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False)
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
+    program.save(str(path), external_data=large)
+    onnx.checker.check_model(str(path), full_check=True)
+    names_map = initializer_map(onnx.load(str(path), load_external_data=False) if large else onnx.load(str(path)),
+                                module)
+    path.with_suffix(".names.json").write_text(json.dumps(names_map, indent=1))
+    return {"file": path.name, "opset": opset, "initializers": len(names_map),
+            "mapped_to_parameters": sum(v is not None for v in names_map.values())}
+
+
+def export_vision(model: nn.Module, path: Path, opset: int = 20) -> dict[str, Any]:
+    """The vision tower and projector as one ONNX: pixel_values [batch, 3, H, W] -> image_features
+    [batch, image tokens, decoder width]; dynamic batch."""
+    vision_cfg = model.config.vision_config
+    side = vision_cfg.image_size
+    pixels = torch.randn(2, getattr(vision_cfg, "num_channels", 3), side, side)
+    batch = torch.export.Dim("batch")
+    return _export(VisionModule(model).eval(), (pixels,), ["pixel_values"], ["image_features"],
+                   ({0: batch},), path, opset)
+
+
+def export_decoder(model: nn.Module, path: Path, opset: int = 20) -> dict[str, Any]:
+    """The decoder and LM head as one ONNX with a key/value cache: inputs_embeds [batch, sequence, width],
+    attention_mask [batch, past + sequence], position_ids [batch, sequence], past_key_values.{i}.key/value
+    [batch, kv heads, past, head size] -> logits [batch, sequence, vocab] and present.{i}.key/value.
+
+    One graph serves prefill and decode: it was checked to run with a past of length 0, so no separate
+    prefill graph is needed."""
+    _, decoder, _ = _parts(model)
+    shapes = _cache_shapes(decoder)
+    width = decoder.config.hidden_size
+    batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
+    # Example sizes above 1 keep the exporter from specialising an axis to a constant.
+    embeds = torch.randn(2, 3, width)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    positions = torch.arange(2, 5).repeat(2, 1)
+    cache = [torch.randn(2, heads, 2, size) for heads, size in shapes for _ in ("key", "value")]
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in cache))
+    metrics = _export(DecoderModule(model).eval(), (embeds, mask, positions, *cache),
+                      DECODER_INPUTS + past_names(len(shapes)), ["logits", *present_names(len(shapes))],
+                      dynamic, path, opset)
+    return {**metrics, "layers": len(shapes), "kv_heads": [h for h, _ in shapes]}
+
+
+def export_embeddings(model: nn.Module, path: Path) -> dict[str, Any]:
+    """The token embedding table as float32 .npy: what the model's input embedding gives for every id (a
+    scaled embedding's factor included), so the runtime looks tokens up without PyTorch."""
+    table = model.get_input_embeddings()
+    with torch.no_grad():
+        rows = table(torch.arange(table.num_embeddings)).float().cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, rows, allow_pickle=False)
+    return {"file": path.name, "shape": list(rows.shape)}
+
+
+def _token_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[str, Any]:
+    """Write vision.onnx, decoder.onnx, embed_tokens.npy and generative.json (the token ids the runtime
+    needs) into `folder`."""
+    model = model.cpu().eval()
+    _parts(model)
+    text_cfg = model.config.text_config
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = _token_ids(getattr(gen_cfg, "eos_token_id", None)) or _token_ids(text_cfg.eos_token_id)
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    pad = pad if pad is not None else text_cfg.pad_token_id
+    metrics = {"vision": export_vision(model, folder / VISION, opset),
+               "decoder": export_decoder(model, folder / DECODER, opset),
+               "embeddings": export_embeddings(model, folder / EMBEDDINGS)}
+    spec = {"format": FORMAT, "vision": VISION, "decoder": DECODER, "embeddings": EMBEDDINGS,
+            "image_token_index": model.config.image_token_index, "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+            "layers": metrics["decoder"]["layers"]}
+    (folder / SPEC).write_text(json.dumps(spec, indent=1))
+    return metrics

@@ -1,0 +1,121 @@
+"""Greedy generation over an exported vision-language model: the vision graph's features replace the
+image tokens' embeddings, the decoder graph runs the prompt once and then one token per step with its
+key/value cache, until every sequence has emitted an end token or the token budget is spent."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmmc.errors import LmmcError
+from lmmc.runtime import load
+
+SPEC = "generative.json"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """New token ids [batch, steps] (finished rows padded with the pad id) and the prompt's last-position
+    logits [batch, vocab] of the first step."""
+
+    tokens: np.ndarray
+    first_logits: np.ndarray
+
+
+class Generator:
+    """The three generative artifacts of one folder (vision.onnx, decoder.onnx, embed_tokens.npy) and the
+    token ids generative.json records; `preprocessor` (a LLaVA-style processor) is needed by `generate`."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None, preprocessor: Any = None) -> None:
+        folder = Path(folder)
+        spec_path = folder / SPEC
+        if not spec_path.is_file():
+            raise LmmcError(f"'{folder}' has no {SPEC}, so it holds no exported generative model; export one "
+                            f"with the 'onnx_generative' pass (recipe: export: [{{onnx_generative: {{}}}}])")
+        self.spec = json.loads(spec_path.read_text())
+        for key in ("vision", "decoder", "embeddings"):
+            if not (folder / self.spec[key]).is_file():
+                raise LmmcError(f"'{folder}' lacks {self.spec[key]}, which {SPEC} names; export the model again "
+                                f"with the 'onnx_generative' pass")
+        self.folder = folder
+        self.vision = load(folder / self.spec["vision"], "onnxruntime", threads)
+        self.decoder = load(folder / self.spec["decoder"], "onnxruntime", threads)
+        self.embeddings = np.load(folder / self.spec["embeddings"], allow_pickle=False)
+        self.preprocessor = preprocessor
+        self._past = [s for s in self.decoder.inputs if s.name.startswith("past_key_values.")]
+
+    def embed(self, input_ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+        """Token embeddings with the image features written, in order, over the image-token positions."""
+        embeds = self.embeddings[input_ids]
+        image = input_ids == self.spec["image_token_index"]
+        if pixel_values is None:
+            if image.any():
+                raise LmmcError("the prompt holds image tokens but no image was given; pass pixel_values")
+            return embeds
+        features = self.vision.run({"pixel_values": pixel_values})["image_features"]
+        features = features.reshape(-1, features.shape[-1])
+        if image.sum() != len(features):
+            raise LmmcError(f"the prompt holds {int(image.sum())} image tokens but the images give {len(features)} "
+                            f"features; expand each image token as the model's processor does "
+                            f"({len(features) // len(pixel_values)} per image)")
+        embeds[image] = features
+        return embeds
+
+    def generate_ids(self, pixel_values: np.ndarray | None, input_ids: np.ndarray,
+                     attention_mask: np.ndarray | None = None, max_new_tokens: int = 32,
+                     eos_token_id: int | list[int] | None = None) -> Generation:
+        """Greedy decoding of at most `max_new_tokens` per row; `input_ids` padded on the left (zeros in
+        `attention_mask`) when the prompts differ in length. `eos_token_id` overrides the saved end ids."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or max_new_tokens < 1:
+            raise LmmcError(f"input_ids must be [batch, sequence] and max_new_tokens at least 1; got shape "
+                            f"{input_ids.shape} and {max_new_tokens}")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.shape != input_ids.shape:
+            raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
+        eos = self.spec["eos_token_id"] if eos_token_id is None else eos_token_id
+        eos = np.asarray([eos] if isinstance(eos, int) else eos, dtype=np.int64)
+        batch = len(input_ids)
+        embeds = self.embed(input_ids, pixel_values)
+        # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
+        positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1)
+        past = {s.name: np.zeros((batch, s.shape[1], 0, s.shape[3]), dtype=np.float32) for s in self._past}
+        done = np.zeros(batch, dtype=bool)
+        tokens, first = [], None
+        for _ in range(max_new_tokens):
+            out = self.decoder.run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past})
+            logits = out["logits"][:, -1]
+            first = logits if first is None else first
+            step = np.where(done, self.spec["pad_token_id"], logits.argmax(-1))
+            tokens.append(step)
+            done |= np.isin(step, eos)
+            if done.all():
+                break
+            past = {name.replace("present.", "past_key_values."): value
+                    for name, value in out.items() if name.startswith("present.")}
+            embeds = self.embeddings[step][:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+        return Generation(np.stack(tokens, axis=1), first)
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy answer to `prompt` about `image` (a PIL image or an image file's path); the processor
+        expands the image token into one per image feature, and one is put before the prompt if it has none."""
+        if self.preprocessor is None:
+            raise LmmcError("generate() needs the model's processor (tokenizer and image processor); open the "
+                            "compile's output with lmmc.runtime.open_generative, or pass preprocessor=")
+        from PIL import Image
+
+        proc = self.preprocessor
+        if isinstance(image, (str, Path)):
+            image = Image.open(image).convert("RGB")
+        if proc.image_token not in prompt:
+            prompt = f"{proc.image_token}\n{prompt}"
+        enc = proc(images=image, text=prompt, return_tensors="np")
+        result = self.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], max_new_tokens)
+        tokens = [t for t in result.tokens[0].tolist() if t not in set(np.atleast_1d(self.spec["eos_token_id"]))]
+        return proc.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,0 +1,158 @@
+"""Generative export: vision + projector and a KV-cache decoder in ONNX Runtime reproduce PyTorch's greedy
+generate token for token, with CLIP and SigLIP towers, left padding and pruned decoder layers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from conftest import tiny_model, tiny_vocab
+from lmmc.errors import LmmcError
+from lmmc.export.generative import DECODER, export_generative
+from lmmc.runtime.generate import Generator
+
+SIDE, PATCH = 32, 8
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=SIDE,
+              patch_size=PATCH)
+# Ids follow tiny_vocab: [PAD]=0, [CLS]=2, [SEP]=3; the image token is added after its 99 entries.
+DECODER_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, vocab_size=100, max_position_embeddings=256, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=3, initializer_range=0.3)
+NEW_TOKENS = 32
+
+
+def tiny_llava(vision: str, tmp: Path) -> tuple[torch.nn.Module, transformers.LlavaProcessor]:
+    """A seeded tiny LLaVA whose greedy output varies (a wide initialisation keeps it from repeating one
+    token) and the processor that expands its image token: CLIP drops its CLS feature, SigLIP has none."""
+    tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp / "vocab.txt")), padding_side="left",
+                                          model_input_names=["input_ids", "attention_mask"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if vision == "clip":
+        vision_cfg = transformers.CLIPVisionConfig(**VISION)
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE})
+        select, extra, layer = "default", 1, -2
+    else:
+        vision_cfg = transformers.SiglipVisionConfig(**VISION)
+        images = transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
+        select, extra, layer = "full", 0, -1
+    cfg = transformers.LlavaConfig(vision_config=vision_cfg, text_config=transformers.LlamaConfig(**DECODER_CFG),
+                                   image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                   vision_feature_select_strategy=select, vision_feature_layer=layer,
+                                   image_seq_length=(SIDE // PATCH) ** 2)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    processor = transformers.LlavaProcessor(images, tokenizer, patch_size=PATCH, vision_feature_select_strategy=select,
+                                            num_additional_image_tokens=extra)
+    return model, processor
+
+
+def prune(model: torch.nn.Module) -> torch.nn.Module:
+    """Layer 0 keeps one of its two GQA groups (q heads 2-3 with k/v head 1); layer 1 keeps 48 of 96 SwiGLU
+    channels (gate and up rows, down columns) — weights sliced by hand, configs untouched."""
+    layers = model.model.language_model.layers
+    attn = layers[0].self_attn
+    d = attn.head_dim
+    q_keep, kv_keep = torch.arange(2 * d, 4 * d), torch.arange(d, 2 * d)
+
+    def cut(lin: torch.nn.Linear, rows=None, cols=None) -> torch.nn.Linear:
+        w = lin.weight.data
+        w = w[rows] if rows is not None else w
+        w = w[:, cols] if cols is not None else w
+        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        new.weight.data = w.clone()
+        return new
+
+    attn.q_proj, attn.k_proj, attn.v_proj = cut(attn.q_proj, q_keep), cut(attn.k_proj, kv_keep), cut(attn.v_proj, kv_keep)
+    attn.o_proj = cut(attn.o_proj, cols=q_keep)
+    mlp = layers[1].mlp
+    keep = torch.arange(0, 96, 2)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = cut(mlp.gate_proj, keep), cut(mlp.up_proj, keep), cut(mlp.down_proj, cols=keep)
+    return model
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+PROMPTS = ["<image>\nthe picture of a house on the road is", "<image>\ncold water"]
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip", "pruned"])
+def exported(request, tmp_path_factory):
+    """(model, processor, Generator) for a tiny LLaVA exported once per module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp(request.param)
+    model, processor = tiny_llava("clip" if request.param == "pruned" else request.param, tmp)
+    if request.param == "pruned":
+        model = prune(model)
+    export_generative(model, tmp / "onnx")
+    yield model, processor, Generator(tmp / "onnx", threads=1, preprocessor=processor)
+    torch.set_num_threads(before)
+
+
+def reference(model, enc, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = model.generate(**{k: torch.as_tensor(v) for k, v in enc.items()}, max_new_tokens=NEW_TOKENS,
+                             do_sample=False, **kwargs)
+    return out[:, enc["input_ids"].shape[1]:].numpy()
+
+
+def test_greedy_matches_pytorch_token_for_token(exported):
+    model, processor, gen = exported
+    enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")
+    assert (enc["attention_mask"][1] == 0).sum() > 0  # the second prompt is left-padded
+    want = reference(model, enc)
+    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS)
+    assert want.shape == (2, NEW_TOKENS)  # no end token cut it short: all 32 steps are compared
+    np.testing.assert_array_equal(got.tokens, want)
+    assert len(np.unique(want[0])) >= 4 and len(np.unique(want[1])) >= 4
+    with torch.no_grad():
+        logits = model(**{k: torch.as_tensor(v) for k, v in enc.items()}).logits[:, -1].numpy()
+    assert np.abs(got.first_logits - logits).max() < 1e-4
+
+
+def test_end_token_stops_rows_like_pytorch(exported):
+    model, processor, gen = exported
+    enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")
+    free = reference(model, enc)
+    eos = int(free[0, 5])  # row 0 ends at step 6 at the latest; row 1 goes on, then pads
+    want = reference(model, enc, eos_token_id=eos, pad_token_id=0)
+    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS, eos_token_id=eos)
+    np.testing.assert_array_equal(got.tokens, want)
+    stop = list(want[0]).index(eos)
+    assert (got.tokens[0, stop + 1:] == 0).all()
+
+
+def test_generate_text_from_an_image(exported):
+    model, processor, gen = exported
+    image = images(1)[0]
+    text = gen.generate(image, "the picture of a house on the road is", max_new_tokens=12)
+    enc = processor(images=image, text=PROMPTS[0], return_tensors="np")
+    want = reference(model, enc)[0, :12]
+    assert text == processor.tokenizer.decode(want, skip_special_tokens=True)
+    assert text
+
+
+def test_export_refuses_a_model_without_a_decoder(tmp_path):
+    with pytest.raises(LmmcError, match="not a generative vision-language model"):
+        export_generative(tiny_model("clip"), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
+    _, _, gen = exported
+    with pytest.raises(LmmcError, match="no generative.json"):
+        Generator(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(gen.folder, copy)
+    (copy / DECODER).unlink()
+    with pytest.raises(LmmcError, match="lacks decoder.onnx"):
+        Generator(copy)
