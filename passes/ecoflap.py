@@ -12,7 +12,7 @@ from lmmc.allocation import Allocation, AllocationConfig, AllocationPass, Granul
 from lmmc.artifact import Artifact
 from lmmc.data import Batch
 from lmmc.errors import LmmcError
-from lmmc.objectives import Objective, objective_batches, step_samples
+from lmmc.objectives import Objective, make_objective, objective_batches, step_samples
 from lmmc.pipeline import register
 from lmmc.sparsity import one_cpu_thread
 
@@ -33,7 +33,8 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
         inputs = {name: objective.inputs(t, step, device) for name, t in towers.items()}
 
         def loss(pl: PrunableLinear) -> float:
-            return float(objective.loss(pl.tower, objective.embed(towers[pl.tower], inputs[pl.tower]), targets))
+            tower = objective.scored_by(pl.tower)
+            return float(objective.loss(tower.name, objective.embed(tower, inputs[tower.name]), targets))
 
         for pl in linears:
             weight = pl.module.weight
@@ -137,7 +138,7 @@ class EcoflapPass(AllocationPass):
         sizes = {g: sum(pl.module.weight.numel() for pl in members) for g, members in groups.items()}
         keep_floors(list(sizes.values()), cfg.sparsity, cfg.cap)  # fail before the scores cost time
         model = art.student.to(art.device).eval()
-        objective = Objective(model, art.adapter)
+        objective = make_objective(model, art.adapter)
         steps = objective_batches(art.calib, art.adapter, cfg.samples, cfg.batch_size)
         linears = [pl for members in groups.values() for pl in members]
         if cfg.order == 0:

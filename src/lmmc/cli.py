@@ -119,7 +119,7 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
         raise
     click.echo(summary_table(report))
     _warn(report["warnings"])
-    if not report["validated"]:
+    if not report["validated"] and not parsed.validated:  # a skipped validation is among the warnings
         click.echo("not validated: the recipe switched validation off ('validate: false'); the student was not "
                    "compared with the teacher", err=True)
     click.echo(f"wrote {_written(Path(out))}")

@@ -1,4 +1,5 @@
-"""The loss allocation scores are measured against, chosen from the model's adapter."""
+"""The loss allocation scores are measured against, chosen from the model's adapter: contrastive for
+dual encoders, two views for single encoders, teacher-forced next-token loss for generative models."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmmc.adapters import Adapter, TowerModule, TowerSpec
-from lmmc.data import Batch, CalibData
+from lmmc.data import IGNORE_INDEX, Batch, CalibData
 from lmmc.errors import LmmcError
 
 # Temperature of the two-view loss (ours; SimCSE's value).
@@ -21,7 +22,8 @@ def _concat(batches: list[Batch]) -> Batch:
         parts = [b[key] for b in batches]
         if parts[0].dim() == 2:
             width = max(p.shape[1] for p in parts)
-            parts = [F.pad(p, (0, width - p.shape[1])) for p in parts]
+            fill = IGNORE_INDEX if key == "labels" else 0  # padding is never a next-token target
+            parts = [F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
         out[key] = torch.cat(parts)
     return out
 
@@ -108,6 +110,10 @@ class Objective:
     def inputs(self, tower: TowerSpec, step: dict[str, Batch], device: torch.device) -> Batch:
         return {k: v.to(device) for k, v in step[tower.modality].items()}
 
+    def scored_by(self, group: str) -> TowerSpec:
+        """The tower through whose loss a change of `group`'s (a tower's or a bridge's) weights is measured."""
+        return self.adapter.tower(group)
+
     def embed(self, tower: TowerSpec, batch: Batch) -> torch.Tensor:
         """The pooled, normalised embeddings of `tower` that a change of its weights moves."""
         runner = TowerModule(self.model, tower)
@@ -156,3 +162,42 @@ class Objective:
         targets = self.targets(step, device)
         return sum(self.loss(t.name, self.embed(t, self.inputs(t, step, device)), targets)
                    for t in self.adapter.towers)
+
+
+class NextTokenObjective(Objective):
+    """Generative models (task metric "generation"): the teacher-forced next-token cross-entropy of the
+    calibration answers (labels; prompt, image and padding positions are -100), through the whole model.
+    A weight of any tower or bridge moves it through the decoder's logits, so every group is scored by
+    the language tower; there is one loss per step, not one per tower. As the contrastive losses above,
+    it is not minimal at the current weights, so finite differences of it measure the weights' effect."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.decoder = next(t for t in adapter.towers if t.modality == "text")
+
+    def scored_by(self, group: str) -> TowerSpec:
+        return self.decoder
+
+    def embed(self, tower: TowerSpec, batch: Batch) -> torch.Tensor:
+        """The next-token logits [batch, tokens, vocabulary]."""
+        return self.decoder.embed(self.model, batch)[1]
+
+    @torch.no_grad()
+    def targets(self, step: dict[str, Batch], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"labels": step[self.decoder.modality]["labels"].to(device)}
+
+    def loss(self, tower: str, embedding: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The logits at position t predict the token at t + 1.
+        logits, labels = embedding[:, :-1], targets["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def __call__(self, step: dict[str, Batch], device: torch.device) -> torch.Tensor:
+        batch = self.inputs(self.decoder, step, device)
+        return self.loss(self.decoder.name, self.embed(self.decoder, batch), self.targets(step, device))
+
+
+def make_objective(model: nn.Module, adapter: Adapter) -> Objective:
+    """The allocation loss of the adapter's kind of model."""
+    return NextTokenObjective(model, adapter) if adapter.kind == "generative" else Objective(model, adapter)

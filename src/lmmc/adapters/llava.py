@@ -55,7 +55,7 @@ ADAPTERS = (
             TowerSpec("language", "text", ("model.language_model.layers",), _DECODER_LAYOUT, "text_config",
                       _language, inputs=("input_ids", "attention_mask", "pixel_values")),
         ),
-        auto_class="LlavaForConditionalGeneration",
+        auto_class="AutoModelForImageTextToText",
         task_metric="generation",
         kind="generative",
         bridges=(BridgeSpec("projector", "vision", (("fc1", "model.multi_modal_projector.linear_1"),
