@@ -1,5 +1,13 @@
 """Block-sequential calibration: capture each tower's block inputs once, then visit blocks in order,
-feeding every block the outputs of the blocks before it as they are *after* pruning."""
+feeding every block the outputs of the blocks before it as they are *after* pruning.
+
+Offload: when the model lives on another device than the one pruning runs on (the model on CPU, the
+execution device a GPU), only the block being visited is moved to the execution device, and back to the
+model's device before the next one is. The rest of the model (embeddings, other blocks, the LM head)
+never leaves its device: capturing a tower's first block inputs runs on the model's device and only the
+captured inputs move. Memory on the execution device then peaks at one block's weights plus the
+calibration activations (every batch's block inputs and outputs, and the statistics of the block's
+linears); the model's device holds the whole model once."""
 
 from __future__ import annotations
 
@@ -87,20 +95,48 @@ def advance(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
     return out
 
 
+def home_device(model: nn.Module) -> torch.device:
+    """The device the model's weights live on (its first parameter's)."""
+    return next(model.parameters()).device
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (through tuples, lists and dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def visit_blocks(model: nn.Module, adapter: Adapter, batches_for: Callable[[TowerSpec], list[Batch]],
                  device: torch.device) -> Iterator[tuple[TowerSpec, int, nn.Module, list[BlockInput], list[Batch]]]:
     """Yield (tower, index, block, its calibration inputs, the source batches) block by block.
 
     The consumer may change the block (prune it) before asking for the next one; the next block's
-    inputs are computed afterwards, through the changed block."""
+    inputs are computed afterwards, through the changed block. A model on another device than `device`
+    is offloaded (module docstring): the yielded block and inputs are on `device`, the block goes back
+    once the next block's inputs are computed."""
+    home = home_device(model)
+    offload = home != device
     for tower in adapter.towers:
         batches = batches_for(tower)
         _, blocks = block_list(model, tower)
-        inputs = capture_block_inputs(model, tower, batches, device)
+        inputs = capture_block_inputs(model, tower, batches, home)
+        if offload:
+            inputs = to_device(inputs, device)
         for i, block in enumerate(blocks):
-            yield tower, i, block, inputs, batches
-            if i + 1 < len(blocks):
-                inputs = advance(block, inputs)
+            if offload:
+                block.to(device)
+            try:
+                yield tower, i, block, inputs, batches
+                if i + 1 < len(blocks):
+                    inputs = advance(block, inputs)
+            finally:
+                if offload:
+                    block.to(home)
 
 
 def collect_linear_inputs(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[BlockInput],

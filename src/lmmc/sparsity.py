@@ -159,7 +159,8 @@ class LocalPruner(Pass):
 
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config
-        model = art.student.to(art.device)
+        # The model stays on the CPU; block-sequential calibration moves one block at a time to art.device.
+        model = art.student.cpu()
         linears = {p.param: p for p in prunable_linears(model, art.adapter)}
         dense_nm: list[str] = []
 
@@ -200,12 +201,14 @@ class LocalPruner(Pass):
                 bar.update()
                 if i + 1 == len(block_list(model, tower)[1]):
                     # A bridge reads this tower's output: prune it now, before the next tower's block
-                    # inputs are captured through it.
+                    # inputs are captured through it. Its inputs come from the whole tower, run on the CPU
+                    # with the tower's last block back there.
                     for bridge in (b for b in art.adapter.bridges if b.after == tower.name):
+                        block.cpu()
                         for pl in by_block[(bridge.name, 0)]:
                             stats = self.new_stats(pl.module)
                             bridge_linear_inputs(model, art.adapter, pl.module, art.calib.calib_batches("image"),
-                                                 art.device, lambda rows: self.accumulate(stats, rows))
+                                                 torch.device("cpu"), lambda rows: self.accumulate(stats, rows))
                             prune(pl, stats)
                         bar.update()
         bar.close()
