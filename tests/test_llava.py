@@ -1,0 +1,283 @@
+"""Generative vision-language models (tiny LLaVA): adapter layout, calibration batches through the
+processor, decoder calibration on merged image features, local pruners and ECoFLaP on every tower and
+the projector, and the compile end to end with its bad inputs."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from lmmc.adapters import block_linears, block_list, get_adapter, kv_heads, prunable_linears
+from lmmc.artifact import Artifact
+from lmmc.blockwise import capture_block_inputs
+from lmmc.cli import main
+from lmmc.data import IGNORE_INDEX, encode_generative, random_generative_calibration, tower_batches
+from lmmc.modelio import make_student
+from lmmc.objectives import NextTokenObjective, objective_batches
+from lmmc.pipeline import get_pass, run_pass
+from lmmc.recipe import CalibrationConfig
+from lmmc.sparsity import row_mask
+from tests.conftest import LLAVA_IMAGE_TOKEN, save_tiny_llava, tiny_llava, tiny_llava_processor
+
+ADAPTER = get_adapter("llava")
+IMAGE_TOKENS = 16  # (32 / 8)² patches, the CLIP class token dropped
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def make_artifact(vision: str = "clip", samples: int = 8) -> Artifact:
+    teacher = tiny_llava(vision)
+    art = Artifact(model_ref="tiny-llava", adapter=ADAPTER, teacher=teacher, student=make_student(teacher))
+    art.calib = random_generative_calibration(CalibrationConfig(samples=samples, eval_samples=4, batch_size=4), teacher)
+    return art
+
+
+def run(art: Artifact, name: str, **config):
+    return run_pass(get_pass(name)(get_pass(name).Config(**config)), art).metrics
+
+
+def write_pairs(folder: Path, n: int = 24, images: bool = True) -> Path:
+    """Random 40x40 pictures with short captions of known words; every other record has a prompt."""
+    rng = np.random.default_rng(0)
+    captions = ["the water is cold", "a man was on the road", "the house of a man", "picture of a number"]
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            rec = {"text": f"{captions[i % 4]} {i % 10}"}
+            if images:
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+                rec["image"] = f"img/{i}.png"
+            if i % 2:
+                rec["prompt"] = "is the picture a number ?"
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+# ---- adapter ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_adapter_names_every_linear_gqa_heads_and_the_projector(vision):
+    model = tiny_llava(vision)
+    vision_tower, language = ADAPTER.tower("vision"), ADAPTER.tower("language")
+    assert kv_heads(model, language) == 2 and kv_heads(model, vision_tower) == 4
+    layer = block_list(model, language)[1][0]
+    linears = block_linears(layer, language)
+    assert linears["gate"][1] is layer.mlp.gate_proj and linears["fc1"][1] is layer.mlp.up_proj
+    assert linears["fc2"][1] is layer.mlp.down_proj
+    assert "gate" not in block_linears(block_list(model, vision_tower)[1][0], vision_tower)
+    found = prunable_linears(model, ADAPTER)
+    per_tower = {t: sum(pl.tower == t for pl in found) for t in ("vision", "language", "projector")}
+    assert per_tower == {"vision": 2 * 6, "language": 2 * 7, "projector": 2}
+    projector = {pl.role: pl for pl in found if pl.tower == "projector"}
+    assert projector["fc1"].module is model.model.multi_modal_projector.linear_1
+    assert projector["fc2"].param == "model.multi_modal_projector.linear_2.weight"
+    # the image features are the projector's output, one row per image token
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = ADAPTER.image_features(model, pixels)
+    assert feats.shape == (2, IMAGE_TOKENS, 32)
+
+
+# ---- calibration batches ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_generative_batches_expand_image_tokens_and_label_only_the_answer(tmp_path, chat_template):
+    processor = tiny_llava_processor("clip")
+    path = write_pairs(tmp_path, n=3)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["image"] = str(tmp_path / r["image"])
+    batch, = encode_generative(processor, records, batch_size=3, max_length=None, chat_template=chat_template)
+    tok = processor.tokenizer
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    for row, r in enumerate(records):
+        ids, mask, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]
+        assert int((ids == LLAVA_IMAGE_TOKEN).sum()) == IMAGE_TOKENS
+        answer = tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        real = int(mask.sum())
+        assert mask[:real].all() and not mask[real:].any()  # right padding
+        assert labels[labels != IGNORE_INDEX].tolist() == answer
+        assert ids[real - len(answer):real].tolist() == answer  # the answer closes the real tokens
+        assert (labels[:real - len(answer)] == IGNORE_INDEX).all()  # prompt and image tokens are not targets
+        assert (labels[real:] == IGNORE_INDEX).all()
+        prompt = tok.decode(ids[:real - len(answer)][ids[:real - len(answer)] != LLAVA_IMAGE_TOKEN])
+        assert (":" in prompt) == chat_template  # the tiny template's generation prompt
+        assert ("is the picture a number ?" in prompt) == ("prompt" in r)
+
+
+def test_max_length_cuts_the_answer_and_refuses_a_prompt_that_leaves_no_room(tmp_path):
+    from lmmc.errors import LmmcError
+
+    processor = tiny_llava_processor("clip")
+    path = write_pairs(tmp_path, n=2)
+    records = [{**json.loads(line), "image": str(tmp_path / json.loads(line)["image"])}
+               for line in path.read_text().splitlines()]
+    # record 1 has a 6-token prompt: 8 text tokens leave 2 for its answer
+    batch, = encode_generative(processor, records[1:], batch_size=1, max_length=8, chat_template=False)
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == 2
+    with pytest.raises(LmmcError, match="leaving none of calibration.max_length = 6"):
+        encode_generative(processor, records[1:], batch_size=1, max_length=6, chat_template=False)
+
+
+# ---- block-sequential calibration of the decoder ---------------------------------------------------
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_captured_decoder_inputs_carry_the_projected_image_features(vision):
+    model = tiny_llava(vision)
+    art = make_artifact(vision)
+    batches = art.calib.calib_batches("text")
+    captured = capture_block_inputs(model, ADAPTER.tower("language"), batches, torch.device("cpu"))
+    assert len(captured) == len(batches)
+    embed = model.model.language_model.embed_tokens
+    for (args, kwargs), batch in zip(captured, batches):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        image = batch["input_ids"] == LLAVA_IMAGE_TOKEN
+        with torch.no_grad():
+            features = ADAPTER.image_features(model, batch["pixel_values"])
+            tokens = embed(batch["input_ids"])
+        assert int(image.sum()) == len(batch["input_ids"]) * IMAGE_TOKENS
+        torch.testing.assert_close(hidden[image], features.reshape(-1, features.shape[-1]), rtol=0, atol=0)
+        torch.testing.assert_close(hidden[~image], tokens[~image], rtol=0, atol=0)
+        assert kwargs.get("past_key_values") is None and kwargs.get("cache") is None  # nothing accumulates
+
+
+# ---- local pruners ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", [{"sparsity": 0.5}, {"nm": "2:4"}])
+def test_pruners_hit_the_asked_sparsity_in_every_matrix_of_every_tower(name, pattern):
+    art = make_artifact("clip")
+    metrics = run(art, name, **pattern)
+    found = prunable_linears(art.student, art.adapter)
+    assert set(art.masks) == {pl.param for pl in found}
+    assert set(metrics["sparsity_per_tower"]) == {"vision", "language", "projector"}
+    assert metrics["dense_nm"] == []
+    for pl in found:
+        w = pl.module.weight
+        mask = art.masks[pl.param]
+        assert torch.equal(w != 0, mask), pl.param  # the mask is what was zeroed
+        if "nm" in pattern:
+            zeros = (~mask).reshape(w.shape[0], -1, 4).sum(-1)
+            assert torch.equal(zeros, torch.full_like(zeros, 2)), pl.param
+        elif name == "sparsegpt":  # its column blocks choose across rows: exactly half of the matrix
+            assert int((~mask).sum()) == w.numel() // 2, pl.param
+        else:
+            assert torch.equal((~mask).sum(1), torch.full((w.shape[0],), w.shape[1] // 2)), pl.param
+    assert metrics["sparsity"] == pytest.approx(0.5)
+
+
+def test_wanda_calibrates_the_projector_on_the_pruned_vision_tower():
+    art = make_artifact("clip")
+    dense = {pl.param: pl.module.weight.detach().clone() for pl in prunable_linears(art.teacher, art.adapter)}
+    run(art, "wanda", sparsity=0.5)
+    student = art.student
+    linear_1 = student.model.multi_modal_projector.linear_1
+    rows = []
+    handle = linear_1.register_forward_pre_hook(lambda _m, a: rows.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for batch in art.calib.calib_batches("image"):
+            ADAPTER.image_features(student, batch["pixel_values"])
+    handle.remove()
+    norms = torch.cat(rows).pow(2).sum(0).sqrt()
+    param = "model.multi_modal_projector.linear_1.weight"
+    expected = row_mask(dense[param].abs() * norms, 0.5)
+    assert torch.equal(art.masks[param], expected)
+    # and not the statistics of the dense vision tower: those pick another mask
+    rows.clear()
+    handle = art.teacher.model.multi_modal_projector.linear_1.register_forward_pre_hook(
+        lambda _m, a: rows.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for batch in art.calib.calib_batches("image"):
+            ADAPTER.image_features(art.teacher, batch["pixel_values"])
+    handle.remove()
+    assert not torch.equal(row_mask(dense[param].abs() * torch.cat(rows).pow(2).sum(0).sqrt(), 0.5), expected)
+
+
+# ---- ECoFLaP -----------------------------------------------------------------------------------------
+
+def test_next_token_objective_is_the_models_own_language_modelling_loss():
+    art = make_artifact("clip")
+    objective = NextTokenObjective(art.student, ADAPTER)
+    steps = objective_batches(art.calib, ADAPTER, samples=8, batch_size=4)
+    assert len(steps) == 2
+    for step in steps:
+        batch = step["text"]
+        with torch.no_grad():
+            expected = art.student(**batch, use_cache=False).loss
+            got = objective(step, torch.device("cpu"))
+        assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["tower", "layer"])
+def test_ecoflap_spreads_one_budget_over_vision_projector_and_language(granularity):
+    art = make_artifact("siglip")
+    alloc = run(art, "ecoflap", sparsity=0.5, granularity=granularity, samples=8, batch_size=4)
+    assert set(alloc["per_tower"]) == {"vision", "projector", "language"}
+    assert alloc["planned_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    picked = {t: alloc["per_tower"][t]["sparsity"] for t in alloc["per_tower"]}
+    assert len({round(v, 3) for v in picked.values()}) == 3  # the scores moved the budget between towers
+    assert all(v <= 0.6 + 1e-9 for v in picked.values())  # p_max = sparsity + 0.1
+    pruned = run(art, "wanda")
+    assert pruned["targets"] == "allocation"
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=0.005)
+    for tower, planned in picked.items():
+        assert pruned["sparsity_per_tower"][tower] == pytest.approx(planned, abs=0.005)
+    for pl in prunable_linears(art.student, art.adapter):
+        zeros = int((pl.module.weight == 0).sum())
+        assert abs(zeros - art.allocation[pl.param] * pl.module.weight.numel()) <= 1
+
+
+# ---- compile ---------------------------------------------------------------------------------------
+
+def _compile(tmp_path: Path, model: Path, calib: Path, calibration: dict, passes=None, **recipe_extra):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4,
+                                                      **calibration},
+                                      "passes": passes or [{"wanda": {"sparsity": 0.5}}], **recipe_extra}))
+    return CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib", str(calib),
+                                     "-o", str(tmp_path / "out")])
+
+
+def test_compile_prunes_a_saved_llava_and_saves_the_student(tmp_path):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    result = _compile(tmp_path, model, write_pairs(tmp_path), {"chat_template": True}, validate=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["calibration"] == 12 and report["calibration"]["held_out"] == 4
+    assert report["sparsity"]["sparsity"] == pytest.approx(0.5)
+    assert set(report["sparsity"]["sparsity_per_tower"]) == {"vision", "language", "projector"}
+    student_dir = out / "student"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "chat_template.jinja"} <= {p.name for p in student_dir.iterdir()}
+    import transformers
+
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(student_dir)
+    for pl in prunable_linears(reloaded, ADAPTER):
+        w = pl.module.weight
+        assert int((w == 0).sum()) == w.numel() // 2, pl.param
+    processor = transformers.AutoProcessor.from_pretrained(student_dir)
+    assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == LLAVA_IMAGE_TOKEN
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no images", "sample 1 has no image; this generative image-text model calibrates on image-text records"),
+    ("no chat template", "the recipe sets calibration.chat_template: true, but the processor of"),
+])
+def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, message):
+    model = save_tiny_llava(tmp_path / "teacher", "clip", chat_template=case != "no chat template")
+    calib = write_pairs(tmp_path, images=case != "no images")
+    result = _compile(tmp_path, model, calib, {"chat_template": True}, validate=False)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
