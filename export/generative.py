@@ -16,13 +16,13 @@ from pydantic import Field
 from torch import nn
 from transformers import DynamicCache
 
-from lmmc.artifact import Artifact, ExportRecord
+from lmmc.artifact import Artifact
 from lmmc.errors import LmmcError
 from lmmc.export.onnx import initializer_map
 from lmmc.pipeline import Pass, PassConfig, register
+from lmmc.runtime.generate import SPEC
 
 FORMAT = "lmmc-generative/1"
-SPEC = "generative.json"
 VISION = "vision.onnx"
 DECODER = "decoder.onnx"
 EMBEDDINGS = "embed_tokens.npy"
@@ -181,3 +181,34 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[s
             "layers": metrics["decoder"]["layers"]}
     (folder / SPEC).write_text(json.dumps(spec, indent=1))
     return metrics
+
+
+class GenerativeOnnxConfig(PassConfig):
+    opset: int = Field(20, ge=18, le=23, description="ONNX opset")
+
+
+@register
+class GenerativeOnnxPass(Pass):
+    """Export a generative vision-language student for greedy generation with a KV cache.
+
+    Recipe: ``export: [{onnx_generative: {opset: 20}}]``. Writes ``onnx/vision.onnx`` (the vision tower's
+    artifact), ``onnx/decoder.onnx`` (the language tower's), ``onnx/embed_tokens.npy`` and
+    ``onnx/generative.json``; ``lmmc.runtime.open_generative`` reads them back."""
+
+    name = "onnx_generative"
+    kind = "export"
+    generative = True
+    Config = GenerativeOnnxConfig
+    needs = frozenset({"student"})
+    provides = frozenset({"onnx"})
+
+    def run(self, art: Artifact) -> dict[str, Any]:
+        if getattr(art.adapter, "kind", "encoder") != "generative":
+            raise LmmcError(f"the 'onnx_generative' pass exports generative models; {art.adapter.family} is an "
+                            f"encoder family: use the 'onnx' pass")
+        folder = art.workdir / "onnx"
+        metrics = export_generative(art.student, folder, self.config.opset)
+        for tower in art.adapter.towers:
+            art.onnx[tower.name] = folder / (VISION if tower.modality == "image" else DECODER)
+        art.student.to(art.device)
+        return metrics

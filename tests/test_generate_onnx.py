@@ -3,6 +3,7 @@ generate token for token, with CLIP and SigLIP towers, left padding and pruned d
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
+from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_model, tiny_vocab
+import lmmc
+from conftest import save_tiny, save_tiny_llava, tiny_model, tiny_vocab
+from lmmc.cli import main
 from lmmc.errors import LmmcError
+from lmmc.runtime import open_generative
 from lmmc.export.generative import DECODER, export_generative
 from lmmc.runtime.generate import Generator
 
@@ -156,3 +162,44 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
     (copy / DECODER).unlink()
     with pytest.raises(LmmcError, match="lacks decoder.onnx"):
         Generator(copy)
+
+
+def compile_with(model_dir: Path, out: Path, recipe: dict) -> tuple[int, str]:
+    path = out.parent / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(path), "-o", str(out)])
+    return result.exit_code, result.output
+
+
+GENERATIVE_RECIPE = {"calibration": {"random": True, "samples": 4, "eval_samples": 4, "batch_size": 4},
+                     "passes": [{"magnitude": {"sparsity": 0.5}}], "export": [{"onnx_generative": {}}],
+                     "validate": False}
+
+
+def test_compile_output_generates_what_the_saved_student_generates(tmp_path, one_thread):
+    code, output = compile_with(save_tiny_llava(tmp_path / "llava"), tmp_path / "out", GENERATIVE_RECIPE)
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["generative"]["decoder"] == "onnx/decoder.onnx"
+    decoder = next(a for a in manifest["artifacts"] if a["tower"] == "language")
+    assert decoder["path"] == "onnx/decoder.onnx" and decoder["dynamic_axes"]["past_key_values.1.value"] == {"0": "batch", "2": "past"}
+    gen = open_generative(tmp_path / "out", threads=1)
+    image = images(1)[0]
+    text = gen.generate(image, "the picture of a house is", max_new_tokens=16)
+    student = lmmc.load_student(tmp_path / "out" / "student")
+    enc = gen.preprocessor(images=image, text="<image>\nthe picture of a house is", return_tensors="pt")
+    with torch.no_grad():
+        want = student.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    assert text == gen.preprocessor.tokenizer.decode(want, skip_special_tokens=True)
+    assert len(set(want.tolist())) >= 4
+
+
+def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):
+    recipe = {**GENERATIVE_RECIPE, "passes": []}
+    code, output = compile_with(save_tiny("bert", tmp_path / "bert"), tmp_path / "out", recipe)
+    assert code == 2 and "'onnx_generative' pass exports generative models" in output and "use the 'onnx' pass" in output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "manifest.json").write_text(json.dumps({"towers": {}, "artifacts": []}))
+    with pytest.raises(LmmcError, match="holds no generative export"):
+        open_generative(tmp_path / "fake")

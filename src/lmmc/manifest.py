@@ -11,6 +11,7 @@ import lmmc
 from lmmc.adapters import dynamic_axes
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.runtime import MANIFEST, TensorSpec, load
+from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
 FORMAT = "lmmc-manifest/1"
 # Files of student/ that are weights or lmmc's own record, not preprocessing.
@@ -25,6 +26,36 @@ def _files(path: Path) -> list[Path]:
     """The artifact and the files it reads beside it: an IR's .bin, an ONNX file's external data."""
     beside = [path.with_suffix(".bin")] if path.suffix == ".xml" else [path.with_name(path.name + ".data")]
     return [path, *(p for p in beside if p.is_file())]
+
+
+def _graph_axes(path: Path) -> dict[str, dict[str, str]]:
+    """Input name -> {axis: symbolic name} as an ONNX graph declares them."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: {str(a): d.dim_param for a, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param}
+            for i in graph.input}
+
+
+def _dynamic_axes(art: Artifact, path: Path, tower) -> dict[str, dict[str, str]]:
+    """A generative model's graphs take other inputs than its towers' (embeddings and a KV cache for the
+    decoder), so their axes come from the ONNX file; an encoder tower's from its adapter."""
+    if getattr(art.adapter, "kind", "encoder") == "generative" and path.suffix == ".onnx":
+        return _graph_axes(path)
+    return {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes(tower).items()}
+
+
+def _generative(art: Artifact, root: Path) -> dict[str, Any] | None:
+    """Where the runtime finds a generative export's spec and token table, and the token ids it uses."""
+    specs = {p.parent / GENERATIVE_SPEC for p in art.onnx.values() if (p.parent / GENERATIVE_SPEC).is_file()}
+    if not specs:
+        return None
+    spec_path = specs.pop()
+    spec = json.loads(spec_path.read_text())
+    folder = spec_path.parent
+    return {"spec": str(spec_path.relative_to(root)),
+            **{key: str((folder / spec[key]).relative_to(root)) for key in ("vision", "decoder", "embeddings")},
+            **{key: spec[key] for key in ("image_token_index", "eos_token_id", "pad_token_id")}}
 
 
 def artifact_records(art: Artifact) -> list[ExportRecord]:
@@ -48,7 +79,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
             "path": rel, "files": [str(p.relative_to(root)) for p in _files(rec.path)],
             "bytes": sum(p.stat().st_size for p in _files(rec.path)),
             "inputs": [_io(s) for s in model.inputs], "outputs": [_io(s) for s in model.outputs],
-            "dynamic_axes": {name: {str(k): v for k, v in axes.items()} for name, axes in dynamic_axes(tower).items()},
+            "dynamic_axes": _dynamic_axes(art, rec.path, tower),
         }
         if rec.source:
             entry["source"] = rec.source
@@ -83,6 +114,9 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         "artifacts": artifacts,
         "passed": validation.get("passed"),
     }
+    generative = _generative(art, root)
+    if generative:
+        manifest["generative"] = generative
     # A tensorrt step says which TensorRT built its engines, or that none was built (not installed).
     trt = [r.metrics["tensorrt"] for r in art.records if r.name == "tensorrt" and "tensorrt" in r.metrics]
     if trt:

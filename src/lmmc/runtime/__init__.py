@@ -1,5 +1,6 @@
 """One runtime for every exported artifact: `load` opens an ONNX file in ONNX Runtime, an OpenVINO IR or a
-TensorRT engine behind the same small interface, and `open_dir` turns a compile's output into an encoder."""
+TensorRT engine behind the same small interface, `open_dir` turns a compile's output into an encoder and
+`open_generative` a generative model's output into a greedy generator."""
 
 from __future__ import annotations
 
@@ -163,3 +164,19 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         chosen.sort(key=lambda a: a["variant"] != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads)
     return Deployment(out_dir, manifest, models)
+
+
+def open_generative(out_dir: str | Path, threads: int | None = None):
+    """A compile's generative export (vision graph, KV-cache decoder, token table) with the saved processor,
+    ready for `generate(image, prompt, max_new_tokens)`; see lmmc.runtime.generate."""
+    import transformers
+
+    from lmmc.runtime.generate import Generator
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if "generative" not in manifest:
+        raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
+                        f"model with the 'onnx_generative' export pass, or open an encoder's output with open_dir")
+    processor = transformers.AutoProcessor.from_pretrained(out_dir / "student")
+    return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
