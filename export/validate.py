@@ -46,6 +46,15 @@ class ValidateConfig(PassConfig):
     repeats: int = Field(15, gt=2, description="timed runs per model; medians are reported")
     min_held_out: int = Field(32, ge=2, description="floor: fewer held-out samples than this and validation "
                               "refuses to certify the student")
+    max_kl: float | None = Field(None, ge=0, description="gate, generative models: mean teacher-forced "
+                                 "next-token KL(teacher || student) in nats over the held-out answer tokens")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="gate, generative models: fraction "
+                                             "of held-out answer tokens where both models rank the same next "
+                                             "token first (teacher-forced)")
+    min_generation_agreement: float | None = Field(None, ge=0, le=1, description="gate, generative models: "
+                                                   "fraction of held-out samples whose first generation_tokens "
+                                                   "greedy tokens equal the teacher's")
+    generation_tokens: int = Field(16, gt=0, description="generative models: greedy tokens compared per sample")
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -171,6 +180,10 @@ class ValidatePass(Pass):
 
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config
+        if getattr(art.adapter, "kind", "encoder") == "generative":
+            from lmmc.generation import validate_generative  # it reads this module's gates
+
+            return validate_generative(art, cfg)
         teacher, student = art.teacher.cpu().eval(), art.student.cpu().eval()
         towers: dict[str, Any] = {}
         pooled: dict[str, tuple[np.ndarray, np.ndarray]] = {}

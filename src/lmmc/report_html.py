@@ -129,9 +129,26 @@ def _worst(diffs: dict[str, float | None] | None) -> float | None:
     return max(values) if values and None not in values else None
 
 
+def _generation(validation: dict[str, Any]) -> str:
+    """A generative student against its teacher on the held-out image-text samples."""
+    g = validation["generation"]
+    greedy = g.get("generation") or {}
+    n = greedy.get("tokens")
+    rows = [["held-out samples", _num(g.get("held_out_samples"))],
+            ["answer tokens (teacher-forced)", _num(g.get("answer_tokens"))],
+            ["next-token KL(teacher ‖ student), mean per answer token", _num(g.get("kl_mean"), ".4g")],
+            ["next-token KL, largest on one token", _num(g.get("kl_max"), ".4g")],
+            ["top-1 agreement, answer tokens", _num(g.get("top1_agreement"), ".4f")],
+            [f"greedy agreement: first {_e(n)} tokens identical", _num(greedy.get("agreement"), ".4f")],
+            [f"mean matching prefix (of {_e(n)} tokens)", _num(greedy.get("prefix_mean"), ".2f")]]
+    return "\n".join([_table(["", ""], rows), _task_metric(validation.get("task_metric"))])
+
+
 def _fidelity(report: dict[str, Any]) -> str:
     validation = report.get("validation") or {}
     towers = validation.get("towers") or {}
+    if validation.get("generation"):
+        return _generation(validation)
     if not towers:
         return _note("not validated: no teacher-student comparison in report.json")
     rows = []
