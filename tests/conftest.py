@@ -150,17 +150,7 @@ def tiny_llava(vision: str = "clip", seed: int = 0) -> torch.nn.Module:
 def tiny_llava_processor(vision: str = "clip", chat_template: bool = True):
     """The LlavaProcessor of `tiny_llava`: a word-level tokenizer of exactly TINY_DECODER's vocabulary
     (with "<image>" at LLAVA_IMAGE_TOKEN) and the vision tower's image processor."""
-    import tokenizers
-    from tokenizers import models, pre_tokenizers
-
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = list(dict.fromkeys(LLAVA_SPECIAL + _WORDS + letters + list("0123456789.,?:")))
-    assert tokens.index("<image>") == LLAVA_IMAGE_TOKEN and len(tokens) == TINY_DECODER["vocab_size"]
-    tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                                bos_token="<s>", eos_token="</s>",
-                                                extra_special_tokens={"image_token": "<image>"})
+    fast = _word_tokenizer(LLAVA_SPECIAL, TINY_DECODER["vocab_size"], {"image_token": "<image>"})
     side = TINY_VISION["image_size"]
     if vision == "clip":
         image = transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
@@ -177,4 +167,48 @@ def save_tiny_llava(path: Path, vision: str = "clip", chat_template: bool = True
     """`tiny_llava` saved as a complete directory: weights and its processor (tokenizer + image processor)."""
     tiny_llava(vision, seed).save_pretrained(path)
     tiny_llava_processor(vision, chat_template).save_pretrained(path)
+    return path
+
+
+# Tiny Idefics3 (SmolVLM layout): the vision encoder's 16 patches become 4 image tokens after the
+# connector's pixel shuffle (scale factor 2); the tokenizer adds Idefics3's image markers.
+IDEFICS3_SPECIAL = [*LLAVA_SPECIAL, "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+IDEFICS3_VOCAB = 67
+
+
+def tiny_idefics3(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.Idefics3Config(vision_config=TINY_VISION, text_config={**TINY_DECODER, "vocab_size": IDEFICS3_VOCAB},
+                                      image_token_id=LLAVA_IMAGE_TOKEN, scale_factor=2)
+    return transformers.Idefics3ForConditionalGeneration(cfg).eval()
+
+
+def _word_tokenizer(special: list[str], size: int, markers: dict[str, str]):
+    """A word-level fast tokenizer of exactly `size` tokens: `special`, the tiny words, letters, digits."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = list(dict.fromkeys(special + _WORDS + letters + list("0123456789.,?:")))
+    assert tokens.index("<image>") == LLAVA_IMAGE_TOKEN and len(tokens) == size
+    tok = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>", extra_special_tokens=markers)
+
+
+def tiny_idefics3_processor(chat_template: bool = True):
+    fast = _word_tokenizer(IDEFICS3_SPECIAL, IDEFICS3_VOCAB, {
+        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
+    side = TINY_VISION["image_size"]
+    image = transformers.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": side},
+                                                max_image_size={"longest_edge": side})
+    return transformers.Idefics3Processor(image_processor=image, tokenizer=fast, image_seq_len=4,
+                                          chat_template=LLAVA_CHAT_TEMPLATE if chat_template else None)
+
+
+def save_tiny_idefics3(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+    tiny_idefics3(seed).save_pretrained(path)
+    tiny_idefics3_processor(chat_template).save_pretrained(path)
     return path

@@ -1,4 +1,4 @@
-"""Generative vision-language models (tiny LLaVA): adapter layout, calibration batches through the
+"""Generative vision-language models (tiny LLaVA with CLIP or SigLIP vision, tiny Idefics3): adapter layout, calibration batches through the
 processor, decoder calibration on merged image features, local pruners and ECoFLaP on every tower and
 the projector, and the compile end to end with its bad inputs."""
 
@@ -23,10 +23,17 @@ from lmmc.objectives import NextTokenObjective, objective_batches
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig
 from lmmc.sparsity import row_mask
-from tests.conftest import LLAVA_IMAGE_TOKEN, save_tiny_llava, tiny_llava, tiny_llava_processor
+from tests.conftest import (LLAVA_IMAGE_TOKEN, save_tiny_idefics3, save_tiny_llava, tiny_idefics3, tiny_llava,
+                            tiny_llava_processor)
 
 ADAPTER = get_adapter("llava")
 IMAGE_TOKENS = 16  # (32 / 8)² patches, the CLIP class token dropped
+# "clip" and "siglip": LLaVA with that vision tower; "idefics3": 4 image tokens per image after pixel shuffle.
+KINDS = ("clip", "siglip", "idefics3")
+
+
+def build(kind: str) -> torch.nn.Module:
+    return tiny_idefics3() if kind == "idefics3" else tiny_llava(kind)
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +41,12 @@ def _one_thread(one_thread):
     yield
 
 
-def make_artifact(vision: str = "clip", samples: int = 8) -> Artifact:
-    teacher = tiny_llava(vision)
-    art = Artifact(model_ref="tiny-llava", adapter=ADAPTER, teacher=teacher, student=make_student(teacher))
-    art.calib = random_generative_calibration(CalibrationConfig(samples=samples, eval_samples=4, batch_size=4), teacher)
+def make_artifact(kind: str = "clip", samples: int = 8) -> Artifact:
+    teacher = build(kind)
+    adapter = get_adapter(teacher.config.model_type)
+    art = Artifact(model_ref=f"tiny-{kind}", adapter=adapter, teacher=teacher, student=make_student(teacher))
+    art.calib = random_generative_calibration(CalibrationConfig(samples=samples, eval_samples=4, batch_size=4), teacher,
+                                               adapter)
     return art
 
 
@@ -88,6 +97,20 @@ def test_adapter_names_every_linear_gqa_heads_and_the_projector(vision):
     assert feats.shape == (2, IMAGE_TOKENS, 32)
 
 
+def test_idefics3_adapter_names_the_connector_and_the_gated_decoder():
+    model = tiny_idefics3()
+    adapter = get_adapter("idefics3")
+    language = adapter.tower("language")
+    assert kv_heads(model, language) == 2
+    found = prunable_linears(model, adapter)
+    per_tower = {t: sum(pl.tower == t for pl in found) for t in ("vision", "language", "projector")}
+    assert per_tower == {"vision": 2 * 6, "language": 2 * 7, "projector": 1}
+    assert next(pl for pl in found if pl.tower == "projector").module is model.model.connector.modality_projection.proj
+    assert adapter.image_tokens.count(model.config) == 4
+    with torch.no_grad():
+        assert adapter.image_features(model, torch.randn(2, 1, 3, 32, 32)).shape == (2, 4, 32)
+
+
 # ---- calibration batches ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chat_template", [False, True])
@@ -131,21 +154,21 @@ def test_max_length_cuts_the_answer_and_refuses_a_prompt_that_leaves_no_room(tmp
 
 # ---- block-sequential calibration of the decoder ---------------------------------------------------
 
-@pytest.mark.parametrize("vision", ["clip", "siglip"])
-def test_captured_decoder_inputs_carry_the_projected_image_features(vision):
-    model = tiny_llava(vision)
-    art = make_artifact(vision)
+@pytest.mark.parametrize("kind", KINDS)
+def test_captured_decoder_inputs_carry_the_projected_image_features(kind):
+    art = make_artifact(kind)
+    model, adapter = art.teacher, art.adapter
     batches = art.calib.calib_batches("text")
-    captured = capture_block_inputs(model, ADAPTER.tower("language"), batches, torch.device("cpu"))
+    captured = capture_block_inputs(model, adapter.tower("language"), batches, torch.device("cpu"))
     assert len(captured) == len(batches)
-    embed = model.model.language_model.embed_tokens
+    embed = model.get_input_embeddings()
     for (args, kwargs), batch in zip(captured, batches):
         hidden = args[0] if args else kwargs["hidden_states"]
         image = batch["input_ids"] == LLAVA_IMAGE_TOKEN
         with torch.no_grad():
-            features = ADAPTER.image_features(model, batch["pixel_values"])
+            features = adapter.image_features(model, batch["pixel_values"])
             tokens = embed(batch["input_ids"])
-        assert int(image.sum()) == len(batch["input_ids"]) * IMAGE_TOKENS
+        assert int(image.sum()) == len(batch["input_ids"]) * adapter.image_tokens.count(model.config)
         torch.testing.assert_close(hidden[image], features.reshape(-1, features.shape[-1]), rtol=0, atol=0)
         torch.testing.assert_close(hidden[~image], tokens[~image], rtol=0, atol=0)
         assert kwargs.get("past_key_values") is None and kwargs.get("cache") is None  # nothing accumulates
@@ -153,10 +176,11 @@ def test_captured_decoder_inputs_carry_the_projected_image_features(vision):
 
 # ---- local pruners ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind", ["clip", "idefics3"])
 @pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", [{"sparsity": 0.5}, {"nm": "2:4"}])
-def test_pruners_hit_the_asked_sparsity_in_every_matrix_of_every_tower(name, pattern):
-    art = make_artifact("clip")
+def test_pruners_hit_the_asked_sparsity_in_every_matrix_of_every_tower(kind, name, pattern):
+    art = make_artifact(kind)
     metrics = run(art, name, **pattern)
     found = prunable_linears(art.student, art.adapter)
     assert set(art.masks) == {pl.param for pl in found}
@@ -218,9 +242,9 @@ def test_next_token_objective_is_the_models_own_language_modelling_loss():
         assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("granularity", ["tower", "layer"])
-def test_ecoflap_spreads_one_budget_over_vision_projector_and_language(granularity):
-    art = make_artifact("siglip")
+@pytest.mark.parametrize("kind, granularity", [("siglip", "tower"), ("siglip", "layer"), ("idefics3", "tower")])
+def test_ecoflap_spreads_one_budget_over_vision_projector_and_language(kind, granularity):
+    art = make_artifact(kind)
     alloc = run(art, "ecoflap", sparsity=0.5, granularity=granularity, samples=8, batch_size=4)
     assert set(alloc["per_tower"]) == {"vision", "projector", "language"}
     assert alloc["planned_sparsity"] == pytest.approx(0.5, abs=1e-4)
@@ -248,8 +272,11 @@ def _compile(tmp_path: Path, model: Path, calib: Path, calibration: dict, passes
                                      "-o", str(tmp_path / "out")])
 
 
-def test_compile_prunes_a_saved_llava_and_saves_the_student(tmp_path):
-    model = save_tiny_llava(tmp_path / "teacher", "clip")
+@pytest.mark.parametrize("kind", ["clip", "idefics3"])
+def test_compile_prunes_a_saved_model_and_saves_the_student(tmp_path, kind):
+    teacher = tmp_path / "teacher"
+    model = save_tiny_idefics3(teacher) if kind == "idefics3" else save_tiny_llava(teacher, kind)
+    adapter = get_adapter("idefics3" if kind == "idefics3" else "llava")
     result = _compile(tmp_path, model, write_pairs(tmp_path), {"chat_template": True}, validate=False)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -263,7 +290,7 @@ def test_compile_prunes_a_saved_llava_and_saves_the_student(tmp_path):
     import transformers
 
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(student_dir)
-    for pl in prunable_linears(reloaded, ADAPTER):
+    for pl in prunable_linears(reloaded, adapter):
         w = pl.module.weight
         assert int((w == 0).sum()) == w.numel() // 2, pl.param
     processor = transformers.AutoProcessor.from_pretrained(student_dir)

@@ -298,7 +298,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         if calib and adapter.kind == "generative":
             art.calib = load_generative_calibration(recipe.calibration, calib, preprocessor["processor"])
         elif recipe.calibration.random and adapter.kind == "generative":
-            art.calib = random_generative_calibration(recipe.calibration, teacher)
+            art.calib = random_generative_calibration(recipe.calibration, teacher, adapter)
         elif calib:
             modalities = {t.modality for t in adapter.towers}
             text = [t for t in adapter.towers if t.modality == "text"]

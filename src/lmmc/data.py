@@ -437,7 +437,8 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
                 image = Image.open(r["image"]).convert("RGB")
             except (OSError, ValueError) as err:
                 raise LmmcError(f"cannot read image '{r['image']}': {err}") from None
-            enc = processor(images=[image], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
+            # Images nested per text: processors of models with several images per sample require it.
+            enc = processor(images=[[image]], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
                             return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
             text_tokens = sum(i != image_id for i in prompt_ids)
@@ -481,28 +482,28 @@ def load_generative_calibration(cfg, path: str, processor) -> CalibData:
     return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings)
 
 
-def random_generative_calibration(cfg, model: torch.nn.Module) -> CalibData:
+def random_generative_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
     """Random pixels and token ids around a block of image tokens, for tiny random-weight test models:
     the image tokens first, then a random prompt and answer, some rows padded."""
     check_random_allowed(model)
     config = model.config
     gen = torch.Generator().manual_seed(cfg.seed)
     vcfg, tcfg = config.vision_config, config.text_config
-    image_tokens = int(config.image_seq_length)
+    image_id, image_tokens = adapter.image_tokens.token_id(config), adapter.image_tokens.count(config)
     text = min(cfg.max_length or 16, 16)
-    low = int(config.image_token_index) + 1  # random ids above the image token never collide with it
+    low = image_id + 1  # random ids above the image token's (special tokens come first) are plain words
 
     def batches(n: int) -> list[Batch]:
         out = []
         for size in [len(c) for c in _chunks(list(range(n)), cfg.batch_size)]:
-            ids = torch.cat([torch.full((size, image_tokens), int(config.image_token_index)),
+            ids = torch.cat([torch.full((size, image_tokens), image_id),
                              torch.randint(low, tcfg.vocab_size, (size, text), generator=gen)], 1)
             mask = torch.ones_like(ids)
             mask[size // 2:, -text // 4:] = 0
             labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
             labels[:, :image_tokens + text // 4] = IGNORE_INDEX  # the image and a short prompt
-            pixels = torch.randn((size, getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size),
-                                 generator=gen)
+            shape = (getattr(vcfg, "num_channels", 3), vcfg.image_size, vcfg.image_size)
+            pixels = torch.randn((size, *((1,) if adapter.image_tokens.images_axis else ()), *shape), generator=gen)
             out.append({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels})
         return out
 

@@ -151,7 +151,7 @@ def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: di
     """Refuse a missing or degenerate tokenizer / image processor: the student ships with it. A
     generative model needs its processor, and a chat template when `chat_template` asks for one."""
     if adapter.kind == "generative":
-        _check_processor(ref, config, preprocessor.get("processor"), chat_template)
+        _check_processor(ref, config, adapter, preprocessor.get("processor"), chat_template)
     for tower in adapter.towers:
         tcfg = getattr(config, tower.config_key) if tower.config_key else config
         if tower.modality == "text":
@@ -160,7 +160,7 @@ def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: di
             _check_image_processor(ref, preprocessor.get("image_processor"), int(tcfg.image_size))
 
 
-def _check_processor(ref: str, config: Any, proc: Any, chat_template: bool) -> None:
+def _check_processor(ref: str, config: Any, adapter: Adapter, proc: Any, chat_template: bool) -> None:
     """The processor of an image-text generative model: it exists, marks images with the token the model
     replaces by image features, and expands one image to as many tokens as the model produces."""
     fix = "save the model's processor beside it (processor.save_pretrained(dir), e.g. a LlavaProcessor)"
@@ -169,22 +169,22 @@ def _check_processor(ref: str, config: Any, proc: Any, chat_template: bool) -> N
                         f"processor); {fix}")
     token = getattr(proc, "image_token", None)
     token_id = proc.tokenizer.convert_tokens_to_ids(token) if token else None
-    if token_id != int(config.image_token_index):
+    model_id = adapter.image_tokens.token_id(config)
+    if token_id != model_id:
         raise LmmcError(f"the processor of '{ref}' marks images with {token!r} (id {token_id}), but the model "
-                        f"replaces id {config.image_token_index} by image features; it is not this model's "
-                        f"processor: {fix}")
+                        f"replaces id {model_id} by image features; it is not this model's processor: {fix}")
     from PIL import Image
 
     try:
-        ids = proc(images=[Image.new("RGB", (48, 40))], text=[token], return_tensors="pt")["input_ids"][0]
+        ids = proc(images=[[Image.new("RGB", (48, 40))]], text=[token], return_tensors="pt")["input_ids"][0]
     except Exception as err:  # any failure of a third-party processor on a plain image means it is unusable
         raise LmmcError(f"the processor of '{ref}' fails on a plain RGB image ({err}); {fix}") from None
-    expected = getattr(config, "image_seq_length", None)
+    expected = adapter.image_tokens.count(config)
     got = int((ids == token_id).sum())
-    if expected is not None and got != int(expected):
+    if got != expected:
         raise LmmcError(f"the processor of '{ref}' expands one image to {got} image tokens but the model makes "
-                        f"{expected} image features per image; its patch_size or "
-                        f"vision_feature_select_strategy does not match the model: {fix}")
+                        f"{expected} image features per image; its patch size, image size or feature selection "
+                        f"does not match the model: {fix}")
     if chat_template and not getattr(proc, "chat_template", None):
         raise LmmcError(f"the recipe sets calibration.chat_template: true, but the processor of '{ref}' has no "
                         f"chat template (no chat_template.jinja beside the model); save the model's chat template "

@@ -43,6 +43,20 @@ class HiddenLayout:
     final_norm: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ImageTokens:
+    """How a generative image-text model marks an image in its token sequence: the config attribute with
+    the id of the image token, how many of them one image becomes, and whether pixel_values carry an
+    images axis ([batch, images, channels, height, width]) rather than one image per sample."""
+
+    id_key: str
+    count: Callable[[object], int]  # config -> image tokens per image
+    images_axis: bool = False
+
+    def token_id(self, config) -> int:
+        return int(getattr(config, self.id_key))
+
+
 # (model, inputs) -> (last hidden state, pooled embedding before normalisation)
 EmbedFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -88,6 +102,7 @@ class Adapter:
     # Generative image-text models: (model, pixel_values) -> the image features as the decoder receives
     # them [batch, image tokens, hidden], i.e. the bridge's output that replaces the image tokens.
     image_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    image_tokens: ImageTokens | None = None
 
     def tower(self, name: str) -> TowerSpec:
         for spec in self.towers:
@@ -233,10 +248,10 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def _registry() -> dict[str, Adapter]:
-    from lmmc.adapters import bert, clip, llava, vit
+    from lmmc.adapters import bert, clip, idefics3, llava, vit
 
     out = {}
-    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS):
+    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS, *idefics3.ADAPTERS):
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out

@@ -12,13 +12,13 @@ decoder calibrates on image features from the pruned vision tower and projector.
 
 import torch
 
-from lmmc.adapters import Adapter, BlockLayout, BridgeSpec, TowerSpec
+from lmmc.adapters import Adapter, BlockLayout, BridgeSpec, ImageTokens, TowerSpec
 
 _VISION_LAYOUT = BlockLayout(
     q=("self_attn.q_proj",), k=("self_attn.k_proj",), v=("self_attn.v_proj",),
     o=("self_attn.out_proj",), fc1=("mlp.fc1",), fc2=("mlp.fc2",),
 )
-_DECODER_LAYOUT = BlockLayout(
+DECODER_LAYOUT = BlockLayout(
     q=("self_attn.q_proj",), k=("self_attn.k_proj",), v=("self_attn.v_proj",),
     o=("self_attn.o_proj",), fc1=("mlp.up_proj",), fc2=("mlp.down_proj",), gate=("mlp.gate_proj",),
 )
@@ -36,7 +36,7 @@ def _vision(model, inputs):
     return out.last_hidden_state, image_features(model, inputs["pixel_values"]).mean(1)
 
 
-def _language(model, inputs):
+def language(model, inputs):
     """The decoder's last hidden state and its next-token logits. No KV cache: a cache object passed to
     every block would collect keys across the calibration batches that block-sequential pruning replays."""
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -52,8 +52,8 @@ ADAPTERS = (
             TowerSpec("vision", "image", ("model.vision_tower.encoder.layers",
                                           "model.vision_tower.vision_model.encoder.layers"),
                       _VISION_LAYOUT, "vision_config", _vision),
-            TowerSpec("language", "text", ("model.language_model.layers",), _DECODER_LAYOUT, "text_config",
-                      _language, inputs=("input_ids", "attention_mask", "pixel_values")),
+            TowerSpec("language", "text", ("model.language_model.layers",), DECODER_LAYOUT, "text_config",
+                      language, inputs=("input_ids", "attention_mask", "pixel_values")),
         ),
         auto_class="AutoModelForImageTextToText",
         task_metric="generation",
@@ -61,5 +61,6 @@ ADAPTERS = (
         bridges=(BridgeSpec("projector", "vision", (("fc1", "model.multi_modal_projector.linear_1"),
                                                     ("fc2", "model.multi_modal_projector.linear_2"))),),
         image_features=image_features,
+        image_tokens=ImageTokens("image_token_index", lambda config: int(config.image_seq_length)),
     ),
 )
