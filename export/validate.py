@@ -174,13 +174,14 @@ class ValidatePass(Pass):
 
     name = "validate"
     kind = "validate"
+    generative = True  # generative models are validated by lmmc.generation
     Config = ValidateConfig
     needs = frozenset({"teacher", "student", "calib", "onnx"})
     provides = frozenset({"validation"})
 
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config
-        if getattr(art.adapter, "kind", "encoder") == "generative":
+        if art.adapter.kind == "generative":
             from lmmc.generation import validate_generative  # it reads this module's gates
 
             return validate_generative(art, cfg)

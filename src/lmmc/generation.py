@@ -144,10 +144,34 @@ def exact_match(generated: list[list[int]], answers: list[list[int]], eos: set[i
     return hits / len(answers)
 
 
-def fidelity(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict], tokens: int) -> dict[str, Any]:
-    """Every generation metric of the student against the teacher on the held-out batches. Greedy runs
-    generate `tokens` new tokens, or one more than the longest reference answer if that is longer, so an
-    answer can be matched whole; agreement counts the first `tokens`."""
+@torch.no_grad()
+def runtime_agreement(student: torch.nn.Module, generator, items: list[Sample], pytorch: list[list[int]],
+                      max_new_tokens: int, eos: set[int]) -> dict[str, float]:
+    """The exported student (lmmc.runtime's greedy generator over ONNX Runtime) against the PyTorch student:
+    the fraction of samples generated token for token alike, and the largest |logit difference| of the
+    first step. Prompts of one length run together, as in `greedy`."""
+    same, worst = 0, 0.0
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(items):
+        by_length.setdefault(len(s.prompt), []).append(i)
+    for idx in by_length.values():
+        ids = torch.tensor([items[i].prompt for i in idx])
+        pixels = torch.stack([items[i].pixel_values for i in idx])
+        out = generator.generate_ids(pixels.numpy(), ids.numpy(), max_new_tokens=max_new_tokens,
+                                     eos_token_id=sorted(eos) or None)
+        reference = student(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[:, -1]
+        worst = max(worst, float((torch.from_numpy(out.first_logits) - reference).abs().max()))
+        for i, row in zip(idx, out.tokens.tolist()):
+            same += until_eos(row, eos) == pytorch[i]
+    return {"greedy_identical": same / len(items), "first_logits_max_abs_diff": worst}
+
+
+def fidelity(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict], tokens: int,
+             generator=None) -> dict[str, Any]:
+    """Every generation metric of the student against the teacher on the held-out batches, and with a
+    `generator` (the exported student) its agreement with the PyTorch student. Greedy runs generate
+    `tokens` new tokens, or one more than the longest reference answer if that is longer, so an answer can
+    be matched whole; agreement counts the first `tokens`."""
     teacher, student = teacher.eval(), student.eval()
     result = teacher_forced(teacher, student, batches)
     items = samples(batches)
@@ -158,7 +182,20 @@ def fidelity(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[d
     result["generation"] = {"tokens": tokens, **generation_agreement(t_gen, s_gen, tokens)}
     result["exact_match"] = {"teacher": exact_match(t_gen, [s.answer for s in items], eos),
                              "student": exact_match(s_gen, [s.answer for s in items], eos)}
+    if generator is not None:
+        result["runtime"] = runtime_agreement(student, generator, items, s_gen, budget, eos)
     return result
+
+
+def exported_generator(art, threads: int):
+    """lmmc.runtime's greedy generator over the compile's generative export, or None when the recipe
+    exported none (the 'onnx_generative' pass writes it)."""
+    from lmmc.runtime.generate import SPEC, Generator
+
+    decoder = next(iter(art.onnx.values()), None)
+    if decoder is None or not (decoder.parent / SPEC).is_file():
+        return None
+    return Generator(decoder.parent, threads)
 
 
 def validate_generative(art, cfg) -> dict[str, Any]:
@@ -170,13 +207,20 @@ def validate_generative(art, cfg) -> dict[str, Any]:
     if not batches:
         raise LmmcError("validation of a generative model needs held-out image-text samples; give calibration "
                         "data (a .jsonl of {\"image\", \"prompt\", \"text\"} records) with calibration.path")
-    result = fidelity(art.teacher.cpu(), art.student.cpu(), batches, cfg.generation_tokens)
+    generator = exported_generator(art, cfg.threads)
+    result = fidelity(art.teacher.cpu(), art.student.cpu(), batches, cfg.generation_tokens, generator)
     match = result.pop("exact_match")
     task = {"name": "exact-match accuracy of the greedy answer", "kind": "exact_match", **match,
             "value": match["student"],
             "ratio": match["student"] / match["teacher"] if match["teacher"] else float("nan")}
     n = cfg.generation_tokens
     gates = [_gate("held-out samples", result["held_out_samples"], cfg.min_held_out, ">=")]
+    if generator is not None:
+        # What users run must generate what was validated: every greedy token, and the logits within tolerance.
+        gates.append(_gate("ONNX Runtime: greedy tokens identical to PyTorch", result["runtime"]["greedy_identical"],
+                           1.0, ">="))
+        gates.append(_gate("ONNX Runtime: first-step logits max abs diff to PyTorch",
+                           result["runtime"]["first_logits_max_abs_diff"], cfg.max_runtime_diff, "<="))
     for key, value, threshold, op in (
             ("next-token KL(teacher ‖ student), answer tokens", result["kl_mean"], cfg.max_kl, "<="),
             ("top-1 agreement, answer tokens", result["top1_agreement"], cfg.min_top1_agreement, ">="),

@@ -141,6 +141,11 @@ def _generation(validation: dict[str, Any]) -> str:
             ["top-1 agreement, answer tokens", _num(g.get("top1_agreement"), ".4f")],
             [f"greedy agreement: first {_e(n)} tokens identical", _num(greedy.get("agreement"), ".4f")],
             [f"mean matching prefix (of {_e(n)} tokens)", _num(greedy.get("prefix_mean"), ".2f")]]
+    runtime = g.get("runtime")
+    if runtime:
+        rows += [["ONNX Runtime vs PyTorch student: greedy outputs identical", _num(runtime.get("greedy_identical"), ".4f")],
+                 ["ONNX Runtime vs PyTorch student: first-step logits max abs diff",
+                  _num(runtime.get("first_logits_max_abs_diff"), ".1e")]]
     return "\n".join([_table(["", ""], rows), _task_metric(validation.get("task_metric"))])
 
 
