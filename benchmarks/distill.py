@@ -5,6 +5,13 @@ steps and at the same wall time, and, with --compile, a whole recipe's fidelity 
     python benchmarks/distill.py --threads 1 --gradual-steps 600 \\
         --compile samples/recipes/minilm-distill-structured50.yaml
 
+With --teacher and --corpus the schedule table runs on another model, e.g. the digits dual encoder
+(both towers distilled, OPTIMA's arms spanning them), where --digits-data adds zero-shot accuracy on
+the test images:
+
+    python benchmarks/distill.py --teacher out/digits/model --corpus out/digits/data/calib.jsonl \\
+        --digits-data out/digits/data --keep 0.25 --batch-size 32 --optima '[{"arm_span": "towers"}]'
+
 Held-out cosine is the compile's own validation measure: mean cosine between teacher and student
 sentence embeddings on the 256 held-out sentences of the shipped corpus, which distillation never
 trains on and never uses to pick a checkpoint (it picks on its own dev split). Every schedule starts
@@ -45,30 +52,52 @@ def minilm_path() -> str:
 
 
 @torch.no_grad()
+def tower_cosines(art: Artifact) -> dict[str, float]:
+    """Mean teacher-student cosine of each tower's pooled embedding on the held-out samples."""
+    out = {}
+    for tower in art.adapter.towers:
+        teacher, student = TowerModule(art.teacher, tower).eval(), TowerModule(art.student, tower).eval()
+        cos = []
+        for batch in art.calib.eval_batches(tower.modality):
+            inputs = [batch[n] for n in teacher.names]
+            cos.append(torch.nn.functional.cosine_similarity(teacher(*inputs)[1], student(*inputs)[1]))
+        out[tower.name] = float(torch.cat(cos).mean())
+    return out
+
+
 def held_out_cosine(art: Artifact) -> float:
-    tower = art.adapter.towers[0]
-    teacher, student = TowerModule(art.teacher, tower).eval(), TowerModule(art.student, tower).eval()
-    cos = []
-    for batch in art.calib.eval_batches(tower.modality):
-        inputs = [batch[n] for n in teacher.names]
-        cos.append(torch.nn.functional.cosine_similarity(teacher(*inputs)[1], student(*inputs)[1]))
-    return float(torch.cat(cos).mean())
+    """The towers' held-out cosines, averaged."""
+    return statistics.fmean(tower_cosines(art).values())
 
 
-def load_bits() -> Artifact:
-    """The MiniLM teacher and the recipes' calibration split: 128 calibration and 256 held-out sentences."""
-    teacher, adapter, preprocessor = load_teacher(minilm_path())
-    calib = load_calibration(CalibrationConfig(path=str(CORPUS), samples=128, eval_samples=256, batch_size=16),
-                             str(CORPUS), {"text"}, preprocessor)
-    return Artifact(model_ref="minilm", adapter=adapter, teacher=teacher, student=make_student(teacher),
+def digits_accuracy(art: Artifact, data: Path) -> float:
+    """Zero-shot accuracy of the student on the digits test images (benchmarks/digits.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_bench", REPO / "benchmarks" / "digits.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    images, labels = bench.test_set(data)
+    return bench.accuracy(*bench.torch_embeddings(art.student.eval(), Path(art.model_ref), images), labels)
+
+
+def load_bits(teacher_ref: str | None = None, corpus: Path = CORPUS, batch_size: int = 16) -> Artifact:
+    """The teacher (MiniLM unless given) and the recipes' calibration split: 128 calibration and 256
+    held-out samples of the corpus (split by image where it has images)."""
+    ref = teacher_ref or minilm_path()
+    teacher, adapter, preprocessor = load_teacher(ref)
+    modalities = {t.modality for t in adapter.towers}
+    calib = load_calibration(CalibrationConfig(path=str(corpus), samples=128, eval_samples=256,
+                                               batch_size=batch_size), str(corpus), modalities, preprocessor)
+    return Artifact(model_ref=ref, adapter=adapter, teacher=teacher, student=make_student(teacher),
                     preprocessor=preprocessor, calib=calib)
 
 
-def prune(art: Artifact, kind: str) -> dict[str, Any]:
+def prune(art: Artifact, kind: str, keep: float = 0.5) -> dict[str, Any]:
     started = time.perf_counter()
     if kind == "structured":
         cls = get_pass("antgmm")
-        metrics = cls(cls.Config(keep=0.5, budget="flops", importance="taylor")).run(art)
+        metrics = cls(cls.Config(keep=keep, budget="flops", importance="taylor")).run(art)
         what = f"AntGMM one-shot, {metrics['kept']:.1%} of the blocks' FLOPs kept"
     else:
         cls = get_pass("wanda")
@@ -77,11 +106,14 @@ def prune(art: Artifact, kind: str) -> dict[str, Any]:
     return {"what": what, "seconds": time.perf_counter() - started, "held_out": held_out_cosine(art)}
 
 
-def distill(art: Artifact, config: dict[str, Any]) -> dict[str, Any]:
+def distill(art: Artifact, config: dict[str, Any], digits_data: Path | None = None) -> dict[str, Any]:
     cls = get_pass("distill")
     started = time.perf_counter()
     metrics = cls(cls.Config(**config)).run(art)
-    return {**metrics, "wall": time.perf_counter() - started, "held_out": held_out_cosine(art)}
+    towers = tower_cosines(art)
+    accuracy = digits_accuracy(art, digits_data) if digits_data else None
+    return {**metrics, "wall": time.perf_counter() - started, "held_out": statistics.fmean(towers.values()),
+            "towers": towers, "accuracy": accuracy}
 
 
 def at_time(curve: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -94,32 +126,33 @@ def schedules_table(args: argparse.Namespace) -> None:
     """OPTIMA's variants compared on the pass's dev split (one seed), then the chosen variant against
     `all` and `round_robin` at equal steps and at equal training time, per seed; `--json` keeps the runs
     for `--summarise`."""
-    art = load_bits()
+    art = load_bits(args.teacher, args.corpus, args.batch_size)
     kept = Path(args.student) if args.student else None
     if kept is not None and (kept / "lmmc.json").exists() and args.prune == "structured":
         # The pruning is deterministic: parallel runs of this table load the student one of them saved.
         art.student = load_student(kept)
         pruned = {**json.loads((kept / "lmmc.json").read_text())["pruned"], "seconds": 0.0}
     else:
-        pruned = prune(art, args.prune)
+        pruned = prune(art, args.prune, args.keep)
         if kept is not None and args.prune == "structured":
             save_student(art.student, {}, kept, {"pruned": {k: pruned[k] for k in ("what", "held_out")}})
     base, masks = copy.deepcopy(art.student), dict(art.masks)
     print(f"student: {pruned['what']} in {pruned['seconds']:.0f} s; held-out cosine {pruned['held_out']:.4f}",
           flush=True)
-    config = dict(lr=args.lr, batch_size=16, corpus=str(CORPUS), samples=args.samples, dev_samples=64,
+    config = dict(lr=args.lr, batch_size=args.batch_size, corpus=str(args.corpus), samples=args.samples, dev_samples=64,
                   eval_every=args.eval_every, keep_best=False, progress=False)
     runs: list[dict[str, Any]] = []
 
     def run(schedule: str, steps: int, seed: int, label: str, extra: dict[str, Any]) -> dict[str, Any]:
         art.student, art.masks = copy.deepcopy(base), dict(masks)
-        r = distill(art, {**config, "schedule": schedule, "steps": steps, "seed": seed, **extra})
+        r = distill(art, {**config, "schedule": schedule, "steps": steps, "seed": seed, **extra}, args.digits_data)
         row = {"label": label, "schedule": schedule, "seed": seed, "steps": r["steps"], "config": extra,
                "train_seconds": r["train_seconds"], "dev": r["dev_after"]["score"], "held_out": r["held_out"],
-               "picks": r["arm_picks"], "load": os.getloadavg()[0]}
+               "towers": r["towers"], "accuracy": r["accuracy"], "picks": r["arm_picks"], "load": os.getloadavg()[0]}
         runs.append(row)
         print(f"  {label} seed {seed}: {r['steps']} steps in {r['train_seconds'] / 60:.1f} min of training, dev "
               f"cosine {row['dev']:.4f}" + ("" if label.startswith("variant") else f", held-out {r['held_out']:.4f}")
+              + ("" if r["accuracy"] is None else f", zero-shot accuracy {r['accuracy']:.4f}")
               + f"; picks {r['arm_picks']}", flush=True)
         return row
 
@@ -141,7 +174,8 @@ def schedules_table(args: argparse.Namespace) -> None:
                 run(s, steps, seed, f"{s} equal time", extras[s])
             else:
                 runs.append({**r, "label": f"{s} equal time"})
-    meta = {"what": pruned["what"], "held_out_before": pruned["held_out"], "lr": args.lr, "steps": args.steps,
+    meta = {"model": args.teacher or "MiniLM", "batch_size": args.batch_size,
+            "what": pruned["what"], "held_out_before": pruned["held_out"], "lr": args.lr, "steps": args.steps,
             "samples": args.samples, "threads": torch.get_num_threads(), "load_before": args.load}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
@@ -152,12 +186,14 @@ def summarise(results: list[dict[str, Any]]) -> None:
     """Mean and spread (min–max) over seeds of each schedule's held-out cosine, at equal steps and time."""
     meta = results[0]["meta"]
     runs = [r for res in results for r in res["runs"] if not r["label"].startswith("variant")]
-    print(f"\nMiniLM, {meta['what']} (held-out cosine {meta['held_out_before']:.4f} before distillation); "
-          f"{meta['steps']} steps, batch 16, lr {meta['lr']}, {meta['samples'] or 'all'} training sentences, "
+    print(f"\n{meta.get('model', 'MiniLM')}, {meta['what']} (held-out cosine {meta['held_out_before']:.4f} before "
+          f"distillation); {meta['steps']} steps, batch {meta.get('batch_size', 16)}, lr {meta['lr']}, "
+          f"{meta['samples'] or 'all'} training samples, "
           f"{meta['threads']} thread(s); seeds {sorted({r['seed'] for r in runs})}\n")
+    accuracy = any(r.get("accuracy") is not None for r in runs)
     print("| schedule | comparison | steps (per seed) | training min (mean) | dev cos mean | held-out cos mean "
-          "| held-out min–max | module picks (seed order) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| held-out min–max |" + (" zero-shot accuracy mean |" if accuracy else "") + " module picks (seed order) |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if accuracy else "") + "---|")
     labels = list(dict.fromkeys(r["label"] for r in runs))
     for label in sorted(labels, key=lambda x: ("time" in x, x)):
         rows = sorted((r for r in runs if r["label"] == label), key=lambda r: r["seed"])
@@ -168,7 +204,8 @@ def summarise(results: list[dict[str, Any]]) -> None:
         schedule, comparison = label.split(" ", 1)
         print(f"| {schedule} | {comparison} | {', '.join(str(r['steps']) for r in rows)} | "
               f"{statistics.fmean(r['train_seconds'] for r in rows) / 60:.1f} | {statistics.fmean(dev):.4f} | "
-              f"{statistics.fmean(held):.4f} | {min(held):.4f}–{max(held):.4f} | {picks} |")
+              f"{statistics.fmean(held):.4f} | {min(held):.4f}–{max(held):.4f} | "
+              + (f"{statistics.fmean(r['accuracy'] for r in rows):.4f} | " if accuracy else "") + f"{picks} |")
 
 
 def gradual_table(args: argparse.Namespace) -> None:
@@ -250,6 +287,12 @@ def compile_curve(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prune", choices=("structured", "wanda"), default="structured")
+    parser.add_argument("--teacher", help="the teacher's model directory (default: the shipped MiniLM)")
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="calibration, held-out and distillation data")
+    parser.add_argument("--digits-data", type=Path, help="the digits sample's data directory: adds zero-shot "
+                        "accuracy on its test images")
+    parser.add_argument("--keep", type=float, default=0.5, help="AntGMM: fraction of the blocks' FLOPs kept")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--schedules", type=lambda s: s.split(","), default=list(SCHEDULES))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
