@@ -17,6 +17,7 @@ from pydantic import Field
 
 from lmmc.adapters import TowerModule, TowerSpec, example_inputs, input_names
 from lmmc.artifact import Artifact
+from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
 from lmmc.runtime import load as load_artifact
@@ -55,6 +56,10 @@ class ValidateConfig(PassConfig):
                                                    "fraction of held-out samples whose first generation_tokens "
                                                    "greedy tokens equal the teacher's")
     generation_tokens: int = Field(16, gt=0, description="generative models: greedy tokens compared per sample")
+    max_latency_miss: float | None = Field(None, gt=0, description="gate, when a pass set a latency target "
+                                           "(antgmm's target): |measured - target| / target of the student's "
+                                           "artifact on the target's runtime and precision; default 0.10 there, "
+                                           "unused without a target")
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -230,8 +235,10 @@ class ValidatePass(Pass):
         if cfg.min_task_metric_ratio is not None:
             gates.append(_gate(f"{task['name']}: student / teacher", task["ratio"], cfg.min_task_metric_ratio, ">="))
         exports = validate_exports(art, cfg, pooled, gates)
+        latency_target = latency_target_gate(art, cfg, gates)
         art.student.to(art.device)
-        art.validation = {"towers": towers, "task_metric": task, "exports": exports, "gates": gates,
+        art.validation = {"towers": towers, "task_metric": task, "exports": exports,
+                          **({"latency_target": latency_target} if latency_target else {}), "gates": gates,
                           "passed": all(g["passed"] for g in gates)}
         return art.validation
 
@@ -323,3 +330,67 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
             gates.append(_gate(f"{label}: cosine to teacher", result["cosine_to_teacher"], cfg.min_cosine, ">="))
         results.append(result)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The latency target's gate
+
+
+def latency_target_gate(art: Artifact, cfg: ValidateConfig, gates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Time the student's artifact on the latest latency target a pass set (its runtime, precision,
+    threads and shape), interleaved with the teacher's deployments on that runtime when the target is a
+    speed-up, whose target is then re-derived from the teacher timed in this same run. Appends the gate
+    |measured - target| / target <= max_latency_miss (default 0.10) and reports the latency model's
+    prediction error. None when no pass set a target."""
+    from lmmc.export.ort import calibration_feeds
+    from lmmc.latency_budget import time_deployments
+    from lmmc.latency_model import Target
+
+    planned = next((r.metrics["latency_target"] for r in reversed(art.records)
+                    if isinstance(r.metrics, dict) and r.metrics.get("latency_target")), None)
+    if planned is None:
+        return None
+    deploy = planned["deploy_config"]
+    target = Target(**deploy)
+    students = {}
+    for tower in art.adapter.towers:
+        path = target_artifact(art, tower.name, target.runtime, target.precision)
+        students[tower.name] = (str(path.relative_to(art.workdir)) if art.workdir else str(path),
+                                load_artifact(path, target.runtime, target.threads).run)
+    speedup = planned.get("speedup")
+    with tempfile.TemporaryDirectory(prefix="lmmc-latency-") as tmp:
+        feeds = {t.name: calibration_feeds(art, t) for t in art.adapter.towers}
+        timing = time_deployments(art.teacher.cpu().eval(), art.adapter, target, Path(tmp), feeds,
+                                  deploy_teacher=speedup is not None, students=students, repeats=cfg.repeats)
+    measured = timing["student_ms"]
+    goal = timing["teacher_ms"] / speedup if speedup is not None else planned["target_ms"]
+    miss = abs(measured - goal) / goal
+    threshold = cfg.max_latency_miss if cfg.max_latency_miss is not None else 0.10
+    result = {"deploy": planned["deploy"], "target_ms": goal, "measured_ms": measured,
+              "predicted_ms": planned["predicted_ms"], "miss": miss,
+              "prediction_error": (planned["predicted_ms"] - measured) / measured, "timing": timing}
+    if speedup is not None:
+        result.update(speedup_target=speedup, teacher_ms=timing["teacher_ms"],
+                      speedup_measured=timing["teacher_ms"] / measured)
+    gates.append(_gate(f"latency on {planned['deploy']}: |measured - target| / target", miss, threshold, "<="))
+    return result
+
+
+def target_artifact(art: Artifact, tower: str, runtime: str, precision: str) -> Path:
+    """The artifact a latency target is measured on, the kind its latency model was fitted on: the OpenVINO
+    IR in that precision, ONNX Runtime's static INT8 graph, or the plain ONNX export."""
+    found = {(r.backend, r.precision, r.variant): r.path for r in art.exports if r.tower == tower}
+    if runtime == "openvino":
+        path = next((p for (backend, prec, _), p in found.items() if backend == "openvino" and prec == precision),
+                    None)
+        fix = "add 'openvino: {int8: true}' under export" if precision == "int8" else "add 'openvino' under export"
+    elif precision == "int8":
+        path = found.get(("onnxruntime", "int8", "static"))
+        fix = "add 'ort: {int8: [static]}' under export"
+    else:
+        path = art.onnx.get(tower)
+        fix = "add 'onnx' under export"
+    if path is None:
+        raise LmmcError(f"validate: the latency target is set on {runtime} {precision}, but the recipe exports no "
+                        f"{runtime} {precision} artifact of the {tower} tower to measure it on; {fix}")
+    return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,8 +16,11 @@ from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import Cost, block_cost, blocks_cost, channel_cost, head_cost, hidden_channel_cost, restore_cost
 from lmmc.data import text_tokens
 from lmmc.errors import LmmcError
+from lmmc.export.ort import calibration_feeds
 from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
 from lmmc.importance import Importance, gate_hook, importance
+from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover, time_deployments
+from lmmc.latency_model import fit_latency_model
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
 from lmmc.selection import Unit, select_units
@@ -30,10 +36,23 @@ FADE = (0.25, 0.5, 0.75, 1.0)
 
 
 class AntGMMConfig(PassConfig):
-    keep: float = Field(0.5, gt=0.0, le=1.0, description="fraction of the transformer blocks' cost kept "
-                        "(all towers together; embeddings and heads are not counted)")
+    keep: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the transformer blocks' cost "
+                               "kept (all towers together; embeddings and heads are not counted); 0.5 when "
+                               "neither keep nor target is given")
     budget: Literal["flops", "params"] = Field("flops", description="what `keep` measures: FLOPs of one "
                                                "sequence per tower, or parameters")
+    target: LatencyTargetConfig | None = Field(None, description="instead of keep: a latency the student must "
+                                               "reach on `deploy`, {latency_ms: X} per batch (all towers) or "
+                                               "{speedup: S} over the teacher's fastest deployment on the same "
+                                               "runtime, timed in the same run; units are chosen by importance "
+                                               "per predicted millisecond of a latency model measured there")
+    deploy: DeployConfig | None = Field(None, description="with target: where the student runs (runtime "
+                                        "openvino|onnxruntime, precision int8|fp32, threads, batch, seq); "
+                                        "default OpenVINO INT8, 2 threads, 8 x 128")
+    latency_cache: Path | None = Field(None, description="with target: folder that keeps fitted latency models "
+                                       "for reuse by later compiles on this machine (a model is reused only for "
+                                       "the same CPU, runtime version, target and architecture); default: the "
+                                       "compile's output, 'latency-model/'")
     shares: dict[Stage, float] | None = Field(None, description="share of the removed cost each stage "
                                               "takes, e.g. {depth: 0.5, ffn: 0.25, heads: 0.25}; stages run "
                                               "in AntGMM's order depth → ffn → heads → hidden. Default: ffn "
@@ -68,6 +87,26 @@ class AntGMMConfig(PassConfig):
             raise ValueError(f"shares must be non-negative and sum to 1, got {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_or_target(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("keep") is not None and data.get("target") is not None:
+            raise ValueError("give either keep (a fraction of the blocks' cost) or target (a latency: "
+                             "{latency_ms: X} or {speedup: S}), not both")
+        if data.get("target") is None:
+            if data.get("deploy") is not None or data.get("latency_cache") is not None:
+                raise ValueError("deploy and latency_cache serve a latency target; give target too, or drop them")
+            return {**data, "keep": data.get("keep") if data.get("keep") is not None else 0.5}
+        if "budget" in data:
+            raise ValueError("budget says what keep measures; with a latency target the budget is milliseconds: "
+                             "drop budget")
+        if (data.get("shares") or {}).get("hidden"):
+            raise ValueError("a latency target cannot drive the hidden stage (the latency model has no term for "
+                             "the residual width); drop 'hidden' from the shares or use keep")
+        return data
+
     @model_validator(mode="after")
     def _distill_needs_steps(self) -> "AntGMMConfig":
         if (self.distill is not None) != (self.distill_steps_per_segment > 0):
@@ -77,12 +116,13 @@ class AntGMMConfig(PassConfig):
 
 
 def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
-    """Tokens of one sequence per tower: the text length it is deployed at (see `text_tokens`); an image
-    tower's patch count."""
+    """Tokens of one sequence per tower: the text length it is deployed at (see `text_tokens`; a latency
+    target's deploy.seq unless seq_len says otherwise); an image tower's patch count."""
     out = {}
+    seq_len = cfg.seq_len or ((cfg.deploy or DeployConfig()).seq if cfg.target is not None else None)
     for tower in art.adapter.towers:
         if tower.modality == "text":
-            out[tower.name] = text_tokens(art.calib, text_positions(art.student.config, tower), cfg.seq_len)
+            out[tower.name] = text_tokens(art.calib, text_positions(art.student.config, tower), seq_len)
             continue
         (args, kwargs), = capture_block_inputs(art.student, tower, art.calib.calib_batches("image")[:1], art.device)
         out[tower.name] = (args[0] if args else kwargs["hidden_states"]).shape[1]
@@ -91,6 +131,25 @@ def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
 
 def _total(costs: dict[str, Cost], metric: str) -> float:
     return float(sum(c.get(metric) for c in costs.values()))
+
+
+class CountCosts:
+    """Unit costs in FLOPs of one sequence or in parameters (`lmmc.cost`), at the pass's token counts."""
+
+    def __init__(self, metric: str, head_dims: dict[str, int], tokens: dict[str, int]) -> None:
+        self.metric, self.head_dims, self.tokens = metric, head_dims, tokens
+
+    def head(self, tower: Any, block: torch.nn.Module) -> float:
+        return head_cost(block, tower, self.head_dims[tower.name], self.tokens[tower.name]).get(self.metric)
+
+    def channel(self, tower: Any, block: torch.nn.Module) -> float:
+        return channel_cost(block, tower, self.tokens[tower.name]).get(self.metric)
+
+    def block(self, tower: Any, block: torch.nn.Module) -> float:
+        return block_cost(block, tower, self.head_dims[tower.name], self.tokens[tower.name]).get(self.metric)
+
+    def blocks(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
+        return {k: float(c.get(self.metric)) for k, c in blocks_cost(model, adapter, self.head_dims, self.tokens).items()}
 
 
 @register
@@ -135,18 +194,29 @@ class AntGMMPass(Pass):
                             "earlier pass pointing at the wrong weights; put antgmm before magnitude/wanda")
         if art.calib is None:
             raise LmmcError("pass 'antgmm' needs calibration data; give --calib or 'calibration.path'")
-        model, adapter, metric = art.student.to(art.device), art.adapter, cfg.budget
+        model, adapter = art.student.to(art.device), art.adapter
         self.tokens = _tokens(art, cfg)
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
         if cfg.shares and cfg.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
             raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
                             f"text encoders only, not of '{art.student.config.model_type}'; drop 'hidden' from "
                             f"the shares")
+        latency: dict[str, Any] | None = None
+        if cfg.target is None:
+            self.costs: CountCosts | LatencyCosts = CountCosts(cfg.budget, self.head_dims, self.tokens)
+        else:
+            self.costs, latency = self._latency_budget(art)
+        metric = cfg.budget if latency is None else "ms"
         start = blocks_cost(model, adapter, self.head_dims, self.tokens)
-        total0 = _total(start, metric)
-        target = cfg.keep * total0
+        start_blocks = self.costs.blocks(model, adapter)
+        total0 = sum(start_blocks.values())
         shares = self._shares(model, adapter)
-        plan = self._plan(model, adapter, shares, total0 - target, total0)
+        if latency is None:
+            plan = self._plan(model, adapter, shares, total0 - cfg.keep * total0, total0)
+        else:
+            self._check_reachable(model, adapter, shares, latency)
+            remove = latency["start_ms"] - latency["target_ms"]
+            plan = self._plan(model, adapter, shares, remove, total0) if remove > 0 else {}
         history: list[dict[str, Any]] = []
         removed = 0.0
         for stage in (s for s in STAGE_ORDER if plan.get(s)):
@@ -158,19 +228,27 @@ class AntGMMPass(Pass):
                 goal = stage_start - seg / cfg.segments * (stage_start - stage_goal)
                 history.append(self._segment(art, stage, seg, goal))
         end = blocks_cost(model, adapter, self.head_dims, self.tokens)
+        end_blocks = self.costs.blocks(model, adapter)
         art.student = model.to(art.device)
-        return {
+        before, after = {k: vars(v) for k, v in start.items()}, {k: vars(v) for k, v in end.items()}
+        if latency is not None:
+            for k in before:
+                before[k]["ms"], after[k]["ms"] = start_blocks[k], end_blocks[k]
+            predicted = self.costs.model.predict(model, adapter)
+            latency.update(predicted_ms=sum(predicted.values()), predicted_ms_per_tower=predicted)
+        out = {
             "budget": metric,
             "tokens": self.tokens,
-            "kept": _total(end, metric) / total0,
-            "target_keep": cfg.keep,
+            "kept": sum(end_blocks.values()) / total0,
+            "target_keep": cfg.keep if latency is None else (latency["target_ms"] - self.costs.fixed()) / total0,
             "plan": {k: v / total0 for k, v in plan.items()},
-            "blocks_before": {k: vars(v) for k, v in start.items()},
-            "blocks_after": {k: vars(v) for k, v in end.items()},
+            "blocks_before": before,
+            "blocks_after": after,
             "parameters": sum(p.numel() for p in model.parameters()),
             "structure": read_structure(model, adapter),
             "segments": history,
         }
+        return out if latency is None else {**out, "latency_target": latency}
 
     def _shares(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         if self.config.shares is not None:
@@ -179,13 +257,72 @@ class AntGMMPass(Pass):
         for tower in adapter.towers:
             for block in block_list(model, tower)[1]:
                 lin = block_linears(block, tower)
-                hd, tok = self.head_dims[tower.name], self.tokens[tower.name]
-                heads += head_cost(block, tower, hd, tok).get(self.config.budget) * (lin["q"][1].out_features // hd)
-                ffn += channel_cost(block, tower, tok).get(self.config.budget) * lin["fc1"][1].out_features
+                hd = self.head_dims[tower.name]
+                heads += self.costs.head(tower, block) * (lin["q"][1].out_features // hd)
+                ffn += self.costs.channel(tower, block) * lin["fc1"][1].out_features
         return {"ffn": ffn / (heads + ffn), "heads": heads / (heads + ffn)}
 
     def _cost(self, model: torch.nn.Module, adapter: Adapter) -> float:
-        return _total(blocks_cost(model, adapter, self.head_dims, self.tokens), self.config.budget)
+        return sum(self.costs.blocks(model, adapter).values())
+
+    def _latency_budget(self, art: Artifact) -> tuple[LatencyCosts, dict[str, Any]]:
+        """The latency model of the deployment target (fitted on the teacher, or read from the work area's
+        cache) and the target in ms; for a speed-up, the teacher's deployments timed first."""
+        cfg, adapter = self.config, art.adapter
+        target = (cfg.deploy or DeployConfig()).target()
+        feeds = {t.name: calibration_feeds(art, t) for t in adapter.towers}
+        teacher = art.teacher.cpu().eval()
+        latency: dict[str, Any] = {"deploy": target.key(), "deploy_config": (cfg.deploy or DeployConfig()).model_dump()}
+        try:
+            with contextlib.ExitStack() as stack:
+                if cfg.latency_cache is not None:
+                    cache = cfg.latency_cache
+                elif art.workdir is not None:
+                    cache = art.workdir / "latency-model"
+                else:
+                    cache = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmmc-latency-")))
+                model = fit_latency_model(teacher, adapter, target, cache, feeds)
+                if cfg.target.speedup is not None:
+                    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmmc-teacher-")))
+                    timing = time_deployments(teacher, adapter, target, folder, feeds)
+                    latency.update(speedup=cfg.target.speedup, teacher_ms=timing["teacher_ms"],
+                                   teacher={k: v["teacher"] for k, v in timing["towers"].items()})
+        finally:
+            art.teacher.to(art.device)
+        costs = LatencyCosts(model, self.head_dims)
+        student = art.student
+        latency.update(
+            target_ms=cfg.target.latency_ms or latency["teacher_ms"] / cfg.target.speedup,
+            start_ms=costs.fixed() + sum(costs.blocks(student, adapter).values()),
+            fixed_ms=costs.fixed(),
+            model={"towers": {k: vars(v) for k, v in model.towers.items()}, "fit": model.fit},
+            cache=str(cache) if cfg.latency_cache is not None or art.workdir is not None else None,
+        )
+        return costs, latency
+
+    def _check_reachable(self, model: torch.nn.Module, adapter: Adapter, shares: dict[str, float],
+                         latency: dict[str, Any]) -> None:
+        """Refuse, before any scoring, a target faster than the fastest structure the floors allow."""
+        cfg = self.config
+        floor = self.costs.floor_ms(model, adapter, set(shares), cfg.min_layers, cfg.min_heads, cfg.min_ffn)
+        latency["floor_ms"] = floor
+        if latency["target_ms"] >= floor:
+            return
+        teacher = latency.get("teacher_ms")
+        asked = f"{latency['target_ms']:.3g} ms per batch on {latency['deploy']}"
+        best = f"{floor:.3g} ms"
+        if teacher is not None:
+            asked = f"a speed-up of {cfg.target.speedup:g}x over the teacher's {teacher:.3g} ms ({asked})"
+            best += f", a speed-up of {teacher / floor:.2f}x"
+        floors = {"depth": f"min_layers={cfg.min_layers}", "heads": f"min_heads={cfg.min_heads}",
+                  "ffn": f"min_ffn={cfg.min_ffn}"}
+        lower = [floors[s] for s in ("depth", "heads", "ffn") if s in shares]
+        idle = [s for s in ("depth", "heads", "ffn") if s not in shares]
+        raise LmmcError(f"pass 'antgmm': target {asked} cannot be reached: the fastest structure the floors allow "
+                        f"is predicted at {best}. Ask for at least {floor:.3g} ms"
+                        + (f" (a speed-up of at most {teacher / floor:.2f})" if teacher is not None else "")
+                        + (f", or lower {', '.join(lower)}" if lower else "")
+                        + (f", or give {', '.join(idle)} a share" if idle else ""))
 
     def _capacity(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         """The most each stage could remove from the model as it is, given the floors."""
@@ -200,10 +337,10 @@ class AntGMMPass(Pass):
             per_block = []
             for block in block_list(model, tower)[1]:
                 lin = block_linears(block, tower)
-                per_block.append(block_cost(block, tower, hd, tok).get(cfg.budget))
+                per_block.append(self.costs.block(tower, block))
                 heads, width = lin["q"][1].out_features // hd, lin["fc1"][1].out_features
-                cap["heads"] += max(heads - cfg.min_heads, 0) * head_cost(block, tower, hd, tok).get(cfg.budget)
-                cap["ffn"] += max(width - cfg.min_ffn, 0) * channel_cost(block, tower, tok).get(cfg.budget)
+                cap["heads"] += max(heads - cfg.min_heads, 0) * self.costs.head(tower, block)
+                cap["ffn"] += max(width - cfg.min_ffn, 0) * self.costs.channel(tower, block)
             cap["depth"] += sum(sorted(per_block)[cfg.min_layers:])
         return cap
 
@@ -224,10 +361,13 @@ class AntGMMPass(Pass):
                 break
             depth = min(depth + short, cap["depth"])
         if short > 1e-6 * total:
-            raise LmmcError(f"pass 'antgmm': keep={cfg.keep} of the blocks' {cfg.budget} is below what the floors "
+            asked = f"keep={cfg.keep} of the blocks' {cfg.budget}" if cfg.target is None else \
+                f"keeping {1 - remove / total:.3f} of the blocks' predicted ms"
+            raise LmmcError(f"pass 'antgmm': {asked} is below what the floors "
                             f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
                             f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn} and stages {sorted(shares)}); "
-                            f"raise keep, lower the floors or give other stages a share")
+                            f"raise {'keep' if cfg.target is None else 'the target'}, lower the floors or give "
+                            f"other stages a share")
         return {"depth": depth, **alloc} if "depth" in shares else alloc
 
     def _segment(self, art: Artifact, stage: str, seg: int, goal: float) -> dict[str, Any]:
@@ -241,11 +381,11 @@ class AntGMMPass(Pass):
         method = cfg.depth_importance if stage == "depth" else cfg.importance
         scores = importance(method, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
         units, floors = self._units(model, adapter, stage, scores)
-        chosen = select_units(units, before - goal, floors)
-        record: dict[str, Any] = {"stage": stage, "segment": seg, "removed": len(chosen.removed)}
+        chosen = self._select(units, before - goal, floors)
+        record: dict[str, Any] = {"stage": stage, "segment": seg, "removed": len(chosen)}
         if stage == "depth":
             drop: dict[str, set[int]] = {}
-            for u in chosen.removed:
+            for u in chosen:
                 drop.setdefault(u.group, set()).add(u.index)
             origin = read_structure(model, adapter)
             record["removed_layers"] = {t: [origin[t]["teacher_layers"][i] for i in sorted(idx)]
@@ -258,7 +398,7 @@ class AntGMMPass(Pass):
                     keep_blocks_(model, tower, [i for i in range(n) if i not in drop[tower.name]])
         else:
             drop_units: dict[tuple[str, int], set[int]] = {}
-            for u in chosen.removed:
+            for u in chosen:
                 drop_units.setdefault(u.group, set()).add(u.index)
             for (tname, i), idx in drop_units.items():
                 tower = adapter.tower(tname)
@@ -269,30 +409,35 @@ class AntGMMPass(Pass):
                 else:
                     n = len(scores.channels[(tname, i)])
                     keep_channels_(block, tower, [c for c in range(n) if c not in idx])
-            if cfg.distill is not None and chosen.removed:
+            if cfg.distill is not None and chosen:
                 record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
         record["cost"] = self._cost(model, adapter)
         record["goal"] = goal
         return record
 
+    def _select(self, units: list[Unit], remove: float, floors: dict[Any, int]) -> list[Unit]:
+        """A cost budget is met as closely as whole units allow; a latency target is a ceiling."""
+        if self.config.target is None:
+            return select_units(units, remove, floors).removed
+        return cover(units, remove, floors)
+
     def _units(self, model: torch.nn.Module, adapter: Adapter, stage: str,
                scores: Importance) -> tuple[list[Unit], dict[Any, int]]:
         cfg, units, floors = self.config, [], {}
         for tower in adapter.towers:
-            hd, tok = self.head_dims[tower.name], self.tokens[tower.name]
             blocks = block_list(model, tower)[1]
             if stage == "depth":
                 floors[tower.name] = cfg.min_layers
-                units += [Unit(tower.name, i, scores.blocks[(tower.name, i)],
-                               block_cost(b, tower, hd, tok).get(cfg.budget)) for i, b in enumerate(blocks)]
+                units += [Unit(tower.name, i, scores.blocks[(tower.name, i)], self.costs.block(tower, b))
+                          for i, b in enumerate(blocks)]
                 continue
             for i, block in enumerate(blocks):
                 key = (tower.name, i)
                 if stage == "heads":
-                    cost, s, floors[key] = head_cost(block, tower, hd, tok), scores.heads[key], cfg.min_heads
+                    cost, s, floors[key] = self.costs.head(tower, block), scores.heads[key], cfg.min_heads
                 else:
-                    cost, s, floors[key] = channel_cost(block, tower, tok), scores.channels[key], cfg.min_ffn
-                units += [Unit(key, j, float(v), cost.get(cfg.budget)) for j, v in enumerate(s.tolist())]
+                    cost, s, floors[key] = self.costs.channel(tower, block), scores.channels[key], cfg.min_ffn
+                units += [Unit(key, j, float(v), cost) for j, v in enumerate(s.tolist())]
         return units, floors
 
     def _teacher_width(self, model: torch.nn.Module, tower: Any) -> int:

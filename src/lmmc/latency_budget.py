@@ -1,0 +1,163 @@
+"""Latency budgets for structured pruning: the recipe's target and deployment, the teacher's deployments
+timed on it, unit costs in predicted milliseconds, and the fastest structure the floors allow."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from lmmc.adapters import Adapter, TowerSpec, block_linears, block_list
+from lmmc.latency_model import LatencyModel, Target, tower_feed
+from lmmc.selection import Unit, select_units
+
+TIMING_REPEATS = 15
+TIMING_WARMUP = 2
+
+
+class DeployConfig(BaseModel):
+    """Where the student will run: what the latency target is measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runtime: Literal["openvino", "onnxruntime"] = Field("openvino", description="the deployment runtime")
+    precision: Literal["int8", "fp32"] = Field("int8", description="int8: NNCF INT8 (OpenVINO) or static QDQ "
+                                               "(ONNX Runtime), as lmmc's exports write them")
+    threads: int = Field(2, gt=0, description="intra-op threads of the runtime")
+    batch: int = Field(8, gt=0, description="samples per timed batch")
+    seq: int = Field(128, gt=0, description="tokens per text sample, capped at the model's positions (image "
+                     "towers use their patch count)")
+
+    def target(self) -> Target:
+        return Target(runtime=self.runtime, precision=self.precision, threads=self.threads, batch=self.batch,
+                      seq=self.seq)
+
+
+class LatencyTargetConfig(BaseModel):
+    """One batch through every tower in `latency_ms`, or `speedup` times faster than the teacher's fastest
+    deployment on the same runtime, timed in the same run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_ms: float | None = Field(None, gt=0, description="milliseconds per batch, all towers together")
+    speedup: float | None = Field(None, gt=1, description="times faster than the teacher's fastest deployment "
+                                  "on the deploy runtime")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LatencyTargetConfig":
+        if (self.latency_ms is None) == (self.speedup is None):
+            raise ValueError("target takes exactly one of latency_ms (e.g. {latency_ms: 15}) or speedup "
+                             "(e.g. {speedup: 3})")
+        return self
+
+
+def block_width(block: nn.Module, tower: TowerSpec, head_dim: int) -> tuple[int, int]:
+    """(attention heads, FFN channels) a block keeps now."""
+    lin = block_linears(block, tower)
+    return lin["q"][1].out_features // head_dim, lin["fc1"][1].out_features
+
+
+class LatencyCosts:
+    """Unit costs in predicted milliseconds of one batch at the target shape, read off a latency model
+    that is linear in each block's heads and channels: a head and a channel cost the same in every block
+    of a tower; a block costs its part with no heads or channels plus what it keeps now."""
+
+    def __init__(self, model: LatencyModel, head_dims: dict[str, int]) -> None:
+        self.model = model
+        self.head_dims = head_dims
+
+    def head(self, tower: TowerSpec, block: nn.Module) -> float:
+        return self.model.towers[tower.name].head
+
+    def channel(self, tower: TowerSpec, block: nn.Module) -> float:
+        return self.model.towers[tower.name].channel
+
+    def block(self, tower: TowerSpec, block: nn.Module) -> float:
+        return self.model.block_ms(tower.name, *block_width(block, tower, self.head_dims[tower.name]))
+
+    def blocks(self, model: nn.Module, adapter: Adapter) -> dict[str, float]:
+        """Per tower, the predicted milliseconds of its blocks."""
+        return {t.name: sum(self.block(t, b) for b in block_list(model, t)[1]) for t in adapter.towers}
+
+    def fixed(self) -> float:
+        """Everything outside the blocks, all towers together."""
+        return sum(t.fixed for t in self.model.towers.values())
+
+    def floor_ms(self, model: nn.Module, adapter: Adapter, stages: set[str], min_layers: int, min_heads: int,
+                 min_ffn: int) -> float:
+        """The fastest structure the floors allow, predicted: each stage in `stages` cut down to its floor
+        (blocks keep their widths where a width stage takes no part), the cheapest `min_layers` blocks kept
+        when depth does."""
+        total = self.fixed()
+        for tower in adapter.towers:
+            costs = []
+            for block in block_list(model, tower)[1]:
+                heads, channels = block_width(block, tower, self.head_dims[tower.name])
+                heads = min(heads, min_heads) if "heads" in stages else heads
+                channels = min(channels, min_ffn) if "ffn" in stages else channels
+                costs.append(self.model.block_ms(tower.name, heads, channels))
+            total += sum(sorted(costs)[:min_layers] if "depth" in stages else costs)
+        return total
+
+
+def cover(units: list[Unit], remove: float, floors: dict[Any, int]) -> list[Unit]:
+    """The fewest units, in `select_units`' order (floors kept, least importance per cost first), whose
+    cost reaches `remove`: a latency target is a ceiling, so whole units may overshoot it but never fall
+    short where the floors allow."""
+    if remove <= 0:
+        return []
+    out, total = [], 0.0
+    for unit in select_units(units, math.inf, floors).removed:
+        if total >= remove:
+            break
+        out.append(unit)
+        total += unit.cost
+    return out
+
+
+def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folder: Path,
+                     calib_feeds: dict[str, list[dict[str, np.ndarray]]], deploy_teacher: bool = True,
+                     students: dict[str, tuple[str, Callable[[dict[str, np.ndarray]], Any]]] | None = None,
+                     repeats: int = TIMING_REPEATS) -> dict[str, Any]:
+    """Per tower, timed interleaved on the latency model's batch (`tower_feed`) with the target's threads: the teacher the
+    ways `lmmc bench` deploys it (`deploy_teacher`), on the target's runtime only, whose fastest is the
+    reference a speed-up is measured against; and the student's artifact (`students`: tower -> (label,
+    run)) when given. Medians in ms; `teacher_ms` and `student_ms` sum the towers (one batch through
+    every tower). Built files go to `folder`."""
+    from tqdm import tqdm
+
+    from lmmc.bench import Candidate, interleaved_latency, teacher_deployments
+
+    towers: dict[str, Any] = {}
+    notes: list[str] = []
+    with tqdm(disable=True) as quiet:
+        for tower in adapter.towers:
+            candidates = []
+            if deploy_teacher:
+                built = teacher_deployments(teacher, tower, folder, calib_feeds[tower.name], target.threads, notes,
+                                            quiet)
+                candidates = [c for c in built if c.backend == target.runtime]
+            if students:
+                label, run = students[tower.name]
+                candidates.append(Candidate("student", tower.name, label, target.runtime, target.precision, None, run))
+            feed = tower_feed(teacher, tower, target)
+            times = interleaved_latency(candidates, feed, repeats, TIMING_WARMUP, quiet)
+            ms = {c.label: statistics.median(times[i]) for i, c in enumerate(candidates) if c.model == "teacher"}
+            result: dict[str, Any] = {"input": {n: list(v.shape) for n, v in feed.items()}}
+            if ms:
+                best = min(ms, key=ms.get)
+                result["teacher"] = {"deployment": best, "ms": ms[best], "all_ms": ms}
+            if students:
+                result["student"] = {"artifact": students[tower.name][0], "ms": statistics.median(times[len(candidates) - 1])}
+            towers[tower.name] = result
+    out: dict[str, Any] = {"target": target.key(), "repeats": repeats, "towers": towers, "notes": notes}
+    if deploy_teacher:
+        out["teacher_ms"] = sum(t["teacher"]["ms"] for t in towers.values())
+    if students:
+        out["student_ms"] = sum(t["student"]["ms"] for t in towers.values())
+    return out
