@@ -284,6 +284,7 @@ def test_compile_prunes_a_saved_model_and_saves_the_student(tmp_path, kind):
     assert report["calibration"]["calibration"] == 12 and report["calibration"]["held_out"] == 4
     assert report["sparsity"]["sparsity"] == pytest.approx(0.5)
     assert set(report["sparsity"]["sparsity_per_tower"]) == {"vision", "language", "projector"}
+    assert "50.0% (vision 50.0%, language 50.0%, projector 50.0%)" in result.output
     student_dir = out / "student"
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "chat_template.jinja"} <= {p.name for p in student_dir.iterdir()}

@@ -176,7 +176,9 @@ def summary_table(report: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     sp = report["sparsity"]
     task = report["validation"].get("task_metric")
-    lines.append(f"sparsity of prunable weights: {sp['sparsity']:.1%}; parameters "
+    towers = sp.get("sparsity_per_tower") or {}
+    per_tower = f" ({', '.join(f'{t} {v:.1%}' for t, v in towers.items())})" if len(towers) > 1 else ""
+    lines.append(f"sparsity of prunable weights: {sp['sparsity']:.1%}{per_tower}; parameters "
                  f"{report['parameters']['teacher']:,} -> {report['parameters']['student']:,}")
     flops = report.get("flops") or {}
     if flops:
