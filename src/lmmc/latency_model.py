@@ -130,7 +130,7 @@ def tower_feed(model: nn.Module, tower: TowerSpec, target: Target) -> dict[str, 
     return {n: t.numpy() for n, t in zip(input_names(tower), inputs)}
 
 
-def _deploy(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
+def deploy(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
             calib_feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, Path]:
     """Export every tower as lmmc deploys it on the target; the artifact to time per tower."""
     from lmmc.export import ort
@@ -162,7 +162,7 @@ def _deploy(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
     return out
 
 
-def _interleaved_ms(runs: dict[Any, tuple[Model, dict[str, np.ndarray]]], repeats: int) -> dict[Any, float]:
+def interleaved_ms(runs: dict[Any, tuple[Model, dict[str, np.ndarray]]], repeats: int) -> dict[Any, float]:
     """Median ms per entry, every entry once per round, the starting entry rotating each round so drift
     hits all alike; the warm-up rounds are discarded."""
     keys = list(runs)
@@ -188,10 +188,10 @@ def measure_ms(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
     (files written to `folder`), run with target.threads threads, towers interleaved."""
     if repeats < 1:
         raise LmmcError(f"repeats = {repeats}; time at least one run")
-    paths = _deploy(model, adapter, target, folder, calib_feeds)
+    paths = deploy(model, adapter, target, folder, calib_feeds)
     runs = {t.name: (load(paths[t.name], _backend(target), target.threads), tower_feed(model, t, target))
             for t in adapter.towers}
-    return _interleaved_ms(runs, repeats)
+    return interleaved_ms(runs, repeats)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,12 +368,12 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     with tempfile.TemporaryDirectory(prefix="latency-variants-", dir=cache_dir) as tmp:
         for i, variant in enumerate(chosen):
             model = cut(teacher, adapter, variant)
-            paths = _deploy(model, adapter, target, Path(tmp) / f"v{i}", feeds)
+            paths = deploy(model, adapter, target, Path(tmp) / f"v{i}", feeds)
             for tower in adapter.towers:
                 runs[(variant.name, tower.name)] = (load(paths[tower.name], _backend(target), target.threads),
                                                     tower_feed(model, tower, target))
         deployed = time.perf_counter()
-        ms = _interleaved_ms(runs, repeats)
+        ms = interleaved_ms(runs, repeats)
     timed = time.perf_counter()
     towers = {}
     for tower in adapter.towers:

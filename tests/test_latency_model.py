@@ -1,0 +1,145 @@
+"""The measured latency model: a real fit on a tiny BERT in ONNX Runtime static INT8, a dual encoder
+measured in OpenVINO INT8 (NNCF), predictions read off uneven structures, the cache, and bad targets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.optimize
+
+from lmmc import latency_model as lm
+from lmmc.adapters import example_inputs, get_adapter, input_names
+from lmmc.errors import LmmcError
+from lmmc.latency_model import LatencyModel, Target, TowerLatency, cache_file, cache_key, cut, fit_latency_model
+from lmmc.surgery import keep_hidden_
+from tests.conftest import tiny_model
+
+# The fit deploys nine variants; ONNX Runtime's static INT8 keeps that to the export's cost, while
+# OpenVINO and NNCF are exercised by the measurement of the dual encoder below.
+TARGET = Target("onnxruntime", "int8", threads=1, batch=8, seq=32)
+
+
+def _feeds(model, adapter) -> dict[str, list[dict[str, np.ndarray]]]:
+    return {t.name: [{n: x.numpy() for n, x in zip(input_names(t), example_inputs(model, t, 4, 16))}]
+            for t in adapter.towers}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One real fit, the exports counted; the cache directory is kept for the cache-hit test."""
+    model = tiny_model("bert")
+    adapter = get_adapter("bert")
+    cache = tmp_path_factory.mktemp("latency-cache")
+    exports = []
+    real_export = lm.export_tower
+    lm.export_tower = lambda *a, **k: exports.append(a[2]) or real_export(*a, **k)
+    try:
+        result = fit_latency_model(model, adapter, TARGET, cache, _feeds(model, adapter), repeats=15)
+    finally:
+        lm.export_tower = real_export
+    return model, adapter, cache, result, exports
+
+
+def test_fit_measures_every_variant_and_reproduces_the_fitted_ones(fitted):
+    model, adapter, cache, result, exports = fitted
+    assert len(exports) == len(lm.variants(lm.read_structure(model, adapter)))  # one tower, one export each
+    rows = result.fit["variants"]
+    assert sum(r["held_out"] for r in rows) == 3 and len(rows) == 9
+    coef = result.towers["text"]
+    assert min(coef.fixed, coef.block, coef.head, coef.channel) >= 0 and coef.hidden == 32
+    for r in rows:  # the report's predictions are the model's own
+        expected = coef.fixed + sum(coef.block + coef.head * h + coef.channel * c for h, c in zip(r["heads"], r["ffn"]))
+        assert r["predicted_ms"] == pytest.approx(expected)
+        assert r["rel_error"] == pytest.approx((r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
+    fitted_errors = [abs(r["rel_error"]) for r in rows if not r["held_out"]]
+    # a loose bound: a tiny model runs in a few ms, where a shared machine's noise is large
+    assert np.mean(fitted_errors) <= 0.35
+    held = [abs(r["rel_error"]) for r in rows if r["held_out"]]
+    assert result.fit["held_out_rel_error"]["text"]["max"] == pytest.approx(max(held))
+    assert [p.name for p in cache.iterdir()] == [cache_file(cache, cache_key(model, adapter, TARGET)).name]
+
+
+def test_cache_hit_returns_the_same_coefficients_without_exporting(fitted, monkeypatch):
+    model, adapter, cache, result, _ = fitted
+    exports = []
+    monkeypatch.setattr(lm, "export_tower", lambda *a, **k: exports.append(a))
+    again = fit_latency_model(model, adapter, TARGET, cache, _feeds(model, adapter))
+    assert exports == []
+    assert again.towers == result.towers and again.target == TARGET
+    assert again.fit["variants"] == result.fit["variants"]
+
+
+def test_predict_reads_uneven_structures():
+    teacher = tiny_model("bert")
+    adapter = get_adapter("bert")
+    model = LatencyModel(TARGET, {"text": TowerLatency(fixed=1.5, block=0.25, head=0.125, channel=0.01, hidden=32)})
+    student = cut(teacher, adapter, lm.Variant("x", False, {"text": [3, 1]}, {"text": [37, 5]}))
+    assert model.predict(student, adapter) == {"text": pytest.approx(1.5 + (0.25 + 3 * 0.125 + 37 * 0.01)
+                                                                     + (0.25 + 1 * 0.125 + 5 * 0.01))}
+    one = cut(teacher, adapter, lm.Variant("y", False, {"text": [2]}, {"text": [63]}))
+    assert model.predict(one, adapter)["text"] == pytest.approx(1.5 + 0.25 + 2 * 0.125 + 63 * 0.01)
+    assert model.block_ms("text", 2, 63) == pytest.approx(0.25 + 2 * 0.125 + 63 * 0.01)
+    assert LatencyModel.from_json(json.loads(json.dumps(model.to_json()))).towers == model.towers
+    keep_hidden_(one, adapter.towers[0], range(20))
+    with pytest.raises(LmmcError, match="residual stream is 20 channels wide"):
+        model.predict(one, adapter)
+    with pytest.raises(LmmcError, match="no 'vision' tower"):
+        model.block_ms("vision", 1, 1)
+
+
+def test_fit_recovers_known_coefficients_and_nnls_matches_scipy():
+    truth = (2.0, 0.5, 0.3, 0.002)
+    rows = [(v.heads["text"], v.ffn["text"], None) for v in lm.variants(
+        {"text": {"layers": 6, "heads": [12] * 6, "ffn": [1536] * 6}})]
+    rows = [(h, c, float(np.dot(truth, lm._features(h, c)))) for h, c, _ in rows]
+    assert lm.fit_tower(rows) == pytest.approx(truth, rel=1e-9)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = rng.normal(size=(9, 4)), rng.normal(size=9)
+        np.testing.assert_allclose(lm.nonnegative_lstsq(a, b), scipy.optimize.nnls(a, b)[0], atol=1e-9)
+
+
+def test_cache_key_follows_the_target_and_the_architecture():
+    teacher = tiny_model("bert")
+    adapter = get_adapter("bert")
+    base = cache_key(teacher, adapter, TARGET)
+    assert base == cache_key(tiny_model("bert"), adapter, TARGET)
+    for other in (Target("onnxruntime", "fp32", threads=1, batch=8, seq=32), Target("onnxruntime", "int8", threads=2, batch=8, seq=32),
+                  Target("openvino", "int8", threads=1, batch=8, seq=32), Target("onnxruntime", "int8", threads=1, batch=4, seq=32),
+                  Target("onnxruntime", "int8", threads=1, batch=8, seq=16)):
+        assert cache_key(teacher, adapter, other) != base
+        assert cache_file(lm.Path("c"), cache_key(teacher, adapter, other)) != cache_file(lm.Path("c"), base)
+    shallow = cut(teacher, adapter, lm.Variant("z", False, {"text": [4]}, {"text": [64]}))
+    assert cache_key(shallow, adapter, TARGET) != base
+    assert base["machine"]["cores"] >= 1 and list(base["runtime"]) == ["onnxruntime"]
+    assert list(cache_key(teacher, adapter, Target())["runtime"]) == ["openvino", "nncf"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"runtime": "tensorrt"}, "unknown target runtime 'tensorrt'"),
+    ({"precision": "fp16"}, "unknown target precision"),
+    ({"threads": 0}, "target threads = 0"),
+    ({"batch": -1}, "target batch = -1"),
+    ({"seq": 2.5}, "target seq = 2.5"),
+    ({"device": "cuda"}, "measured on the CPU only"),
+])
+def test_bad_target_is_refused(kwargs, match):
+    with pytest.raises(LmmcError, match=match):
+        Target(**kwargs)
+
+
+def test_measure_times_each_tower_of_a_dual_encoder_in_openvino_int8(tmp_path, one_thread):
+    model = tiny_model("clip")
+    adapter = get_adapter("clip")
+    target = Target("openvino", "int8", threads=1, batch=2, seq=16)
+    ms = lm.measure_ms(model, adapter, target, tmp_path, _feeds(model, adapter), repeats=3)
+    assert sorted(ms) == ["text", "vision"] and all(v > 0 for v in ms.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{t}{suffix}" for t in ("text", "vision")
+        for suffix in (".onnx", ".names.json", ".xml", ".bin", ".int8.xml", ".int8.bin"))
+    assert list(lm.tower_feed(model, adapter.tower("vision"), target)["pixel_values"].shape) == [2, 3, 32, 32]
+    assert list(lm.tower_feed(model, adapter.tower("text"), Target(seq=500))["input_ids"].shape) == [8, 64]  # position limit
+    with pytest.raises(LmmcError, match="INT8 target needs calibration feeds for the text tower"):
+        lm.measure_ms(model, adapter, Target("onnxruntime", "int8"), tmp_path / "q", {})
