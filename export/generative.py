@@ -104,8 +104,7 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
     program.save(str(path), external_data=large)
     onnx.checker.check_model(str(path), full_check=True)
-    names_map = initializer_map(onnx.load(str(path), load_external_data=False) if large else onnx.load(str(path)),
-                                module)
+    names_map = initializer_map(onnx.load(str(path)), module)
     path.with_suffix(".names.json").write_text(json.dumps(names_map, indent=1))
     return {"file": path.name, "opset": opset, "initializers": len(names_map),
             "mapped_to_parameters": sum(v is not None for v in names_map.values())}

@@ -1,5 +1,5 @@
 """Generative export: vision + projector and a KV-cache decoder in ONNX Runtime reproduce PyTorch's greedy
-generate token for token, with CLIP and SigLIP towers, left padding and pruned decoder layers."""
+generate token for token, with CLIP and SigLIP towers, Llama and Qwen2 decoders, left padding and pruned decoder layers."""
 
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ DECODER_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n
 NEW_TOKENS = 32
 
 
-def tiny_llava(vision: str, tmp: Path) -> tuple[torch.nn.Module, transformers.LlavaProcessor]:
+def tiny_llava(vision: str, tmp: Path, decoder: str = "llama") -> tuple[torch.nn.Module, transformers.LlavaProcessor]:
     """A seeded tiny LLaVA whose greedy output varies (a wide initialisation keeps it from repeating one
-    token) and the processor that expands its image token: CLIP drops its CLS feature, SigLIP has none."""
+    token) and the processor that expands its image token: CLIP drops its CLS feature, SigLIP has none.
+    The decoder is Llama or Qwen2 (q/k/v with biases)."""
     tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp / "vocab.txt")), padding_side="left",
                                           model_input_names=["input_ids", "attention_mask"])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -47,7 +48,8 @@ def tiny_llava(vision: str, tmp: Path) -> tuple[torch.nn.Module, transformers.Ll
         vision_cfg = transformers.SiglipVisionConfig(**VISION)
         images = transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
         select, extra, layer = "full", 0, -1
-    cfg = transformers.LlavaConfig(vision_config=vision_cfg, text_config=transformers.LlamaConfig(**DECODER_CFG),
+    text_cfg = (transformers.LlamaConfig if decoder == "llama" else transformers.Qwen2Config)(**DECODER_CFG)
+    cfg = transformers.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
                                    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                    vision_feature_select_strategy=select, vision_feature_layer=layer,
                                    image_seq_length=(SIDE // PATCH) ** 2)
@@ -67,11 +69,13 @@ def prune(model: torch.nn.Module) -> torch.nn.Module:
     q_keep, kv_keep = torch.arange(2 * d, 4 * d), torch.arange(d, 2 * d)
 
     def cut(lin: torch.nn.Linear, rows=None, cols=None) -> torch.nn.Linear:
-        w = lin.weight.data
-        w = w[rows] if rows is not None else w
+        w, b = lin.weight.data, lin.bias
+        w, b = (w[rows], b[rows] if b is not None else None) if rows is not None else (w, b)
         w = w[:, cols] if cols is not None else w
-        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         new.weight.data = w.clone()
+        if b is not None:
+            new.bias.data = b.data.clone()
         return new
 
     attn.q_proj, attn.k_proj, attn.v_proj = cut(attn.q_proj, q_keep), cut(attn.k_proj, kv_keep), cut(attn.v_proj, kv_keep)
@@ -90,14 +94,16 @@ def images(n: int) -> list[Image.Image]:
 PROMPTS = ["<image>\nthe picture of a house on the road is", "<image>\ncold water"]
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip", "pruned"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "pruned-qwen2"])
 def exported(request, tmp_path_factory):
-    """(model, processor, Generator) for a tiny LLaVA exported once per module."""
+    """(model, processor, Generator) for a tiny LLaVA exported once per module; the pruned one has a
+    CLIP tower and a Qwen2 decoder."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp(request.param)
-    model, processor = tiny_llava("clip" if request.param == "pruned" else request.param, tmp)
-    if request.param == "pruned":
+    pruned = request.param == "pruned-qwen2"
+    model, processor = tiny_llava("clip" if pruned else request.param, tmp, "qwen2" if pruned else "llama")
+    if pruned:
         model = prune(model)
     export_generative(model, tmp / "onnx")
     yield model, processor, Generator(tmp / "onnx", threads=1, preprocessor=processor)
