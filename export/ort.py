@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,13 +15,16 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                       quantize_static)
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmmc.adapters import Adapter, TowerSpec, example_inputs, input_names, prunable_linears
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.errors import LmmcError
+from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime import Model, load
@@ -123,6 +127,92 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
                     weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
+def qdq_without(qdq: onnx.ModelProto, weights: dict[str, onnx.TensorProto], nodes: set[str]) -> onnx.ModelProto:
+    """A copy of a QDQ graph whose MatMul nodes in `nodes` run in float again: they read the activation
+    from before its QuantizeLinear and the weight from the plain export's initialisers `weights`. As the
+    quantiser would, an activation stays quantised for all its readers (a residual Add too) only while a
+    quantised MatMul reads or writes it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    graph = out.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    present = {init.name for init in graph.initializer}
+
+    def quantized_activation(name: str) -> str | None:
+        """The float tensor behind a DequantizeLinear(QuantizeLinear(x)) output, else None."""
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+    still_quantized = set()
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.name not in nodes:
+            still_quantized.update(node.output)
+            still_quantized.update(filter(None, map(quantized_activation, node.input)))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            activation = quantized_activation(name)
+            if activation is not None:
+                if node.name in nodes or activation not in still_quantized:
+                    node.input[i] = activation
+                continue
+            dq = producer.get(name)
+            if node.name not in nodes or dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            weight = dq.input[0].removesuffix("_quantized")  # onnxruntime.quantization's name for the INT8 copy
+            node.input[i] = weight
+            if weight not in present:
+                graph.initializer.append(weights[weight])
+                present.add(weight)
+    return out
+
+
+def _quantised_nodes(qdq: onnx.ModelProto) -> set[str]:
+    """MatMul nodes that read a dequantised input."""
+    dq = {name for node in qdq.graph.node if node.op_type == "DequantizeLinear" for name in node.output}
+    return {n.name for n in qdq.graph.node if n.op_type == "MatMul" and any(i in dq for i in n.input)}
+
+
+def _pooled(session: ort.InferenceSession) -> Runner:
+    return lambda feed: session.run(["pooled_embedding"], feed)[0]
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3  # the INT8 weights a reverted node no longer reads are reported unused
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def quantize_static_mixed(plain: Path, dst: Path, feeds: list[dict[str, np.ndarray]], matrices: dict[str, str],
+                          cfg: MixedConfig, threads: int) -> dict[str, Any]:
+    """Static QDQ INT8 of `plain` to `dst` with the matrices (MatMul node -> module) whose quantisation
+    costs the most pooled-embedding cosine kept fp32, per `cfg`; returns the choice table and figures.
+
+    The costs are measured on one QDQ graph of every MatMul, its nodes set back to float in memory."""
+    if _external(plain):
+        raise LmmcError(f"{plain.name} keeps its weights outside the ONNX file (over 2 GB); the mixed-precision "
+                        f"search runs graphs in memory, which protobuf caps at 2 GB: drop `mixed` from ort.int8")
+    search = feeds[:cfg.search_batches]
+    fp32 = load(plain, "onnxruntime", threads)
+    reference = [fp32.run(f)["pooled_embedding"] for f in search]
+    with tempfile.TemporaryDirectory(prefix="lmmc-mixed-") as tmp:
+        full = Path(tmp) / "search.onnx"
+        quantize_static_onnx(plain, full, feeds)
+        qdq = onnx.load(str(full))
+    weights = {init.name: init for init in onnx.load(str(plain)).graph.initializer}
+    quantised = _quantised_nodes(qdq)
+    matrices = {n: m for n, m in matrices.items() if n in quantised}
+
+    def quantise(exclude: list[str]) -> Runner:
+        quantize_static_onnx(plain, dst, feeds, exclude=exclude)
+        model = load(dst, "onnxruntime", threads)
+        return lambda feed: model.run(feed)["pooled_embedding"]
+
+    return choose_precisions(matrices, lambda nodes: _pooled(_session(qdq_without(qdq, weights, nodes), threads)),
+                             quantise, search, reference, cfg)
+
+
 def fc2_matmuls(model: torch.nn.Module, adapter: Adapter, tower: TowerSpec, plain: Path) -> list[str]:
     """The MatMul nodes of the plain export that hold a block's second FFN weight, found through the
     export's initialiser map. Their input is the GELU output, whose few large values stretch a min-max
@@ -152,17 +242,42 @@ def median_ms(models: dict[str, Model], feed: dict[str, np.ndarray], repeats: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+class StaticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mixed: MixedConfig = Field(description="keep the block matrices whose quantisation costs the most cosine fp32")
+
+
+class StaticMixed(BaseModel):
+    """``{static: {mixed: {max_cosine_drop: 0.002}}}`` in ``int8``: static QDQ in mixed precision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    static: StaticOptions
+
+
 class OrtConfig(PassConfig):
     fuse: Literal["auto", "on", "off"] = Field("auto", description="fused graph: auto keeps it only when it "
                                                "is faster than the plain one in ONNX Runtime; on keeps it, off skips it")
-    int8: list[Literal["dynamic", "static"]] = Field(["dynamic", "static"], description="INT8 artifacts: "
-                                                     "dynamic (weights), static (weights and MatMul activations, QDQ)")
+    int8: list[Literal["dynamic", "static"] | StaticMixed] = Field(
+        ["dynamic", "static"], description="INT8 artifacts: dynamic (weights), static (weights and MatMul "
+        "activations, QDQ; the second FFN matrices kept fp32), or {static: {mixed: {max_cosine_drop: d}}} (static "
+        "QDQ, the matrices kept fp32 chosen by their measured cosine cost)")
     atol: float = Field(1e-4, gt=0, description="largest |fused - plain| allowed on the calibration batches")
     threads: int = Field(2, gt=0, description="ONNX Runtime threads when timing plain against fused")
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
     repeats: int = Field(10, gt=2, description="timed runs per graph for fuse: auto; medians compared")
+
+    @field_validator("int8")
+    @classmethod
+    def _once_each(cls, modes: list) -> list:
+        names = ["static" if isinstance(m, StaticMixed) else m for m in modes]
+        if len(set(names)) < len(names):
+            raise ValueError(f"int8 lists a mode twice ({names}); give dynamic and static at most once each, "
+                             f"static either plain or as {{static: {{mixed: ...}}}}")
+        return modes
 
 
 @register
@@ -171,7 +286,9 @@ class OrtExportPass(Pass):
 
     Recipe: ``export: [onnx, {ort: {fuse: auto, int8: [dynamic, static]}}]`` (after ``onnx``). Writes
     ``ort/<tower>.fused.onnx`` (when kept) and ``ort/<tower>.int8-<mode>.onnx``: dynamic from the kept
-    graph, static QDQ from the plain one, calibrated on the calibration batches."""
+    graph, static QDQ from the plain one, calibrated on the calibration batches. A static entry given as
+    ``{static: {mixed: {max_cosine_drop: 0.002}}}`` writes ``ort/<tower>.mixed-static.onnx`` instead, its
+    choice table under ``mixed`` in the pass's report."""
 
     name = "ort"
     kind = "export"
@@ -193,6 +310,15 @@ class OrtExportPass(Pass):
                 base, variant = self._fuse(art, tower, plain, folder, feeds, result)
             result["kept"] = variant
             for mode in cfg.int8:
+                if isinstance(mode, StaticMixed):
+                    dst = folder / f"{tower.name}.mixed-static.onnx"
+                    choice = quantize_static_mixed(plain, dst, feeds, block_matrices(art.student, art.adapter, tower, plain),
+                                                   mode.static.mixed, cfg.threads)
+                    result.setdefault("mixed", {})[dst.name] = choice
+                    result["warnings"].extend(f"{dst.name}: {w}" for w in choice["warnings"])
+                    art.exports.append(ExportRecord(tower.name, "onnxruntime", "mixed", "static", dst, source="plain",
+                                                    fp32_matrices=choice["fp32_matrices"]))
+                    continue
                 dst = folder / f"{tower.name}.int8-{mode}.onnx"
                 if mode == "dynamic":
                     quantize_dynamic_onnx(base, dst)

@@ -28,10 +28,11 @@ class ExportRecord:
 
     tower: str
     backend: str  # "onnxruntime" or "openvino"
-    precision: str  # "fp32" or "int8"
+    precision: str  # "fp32", "int8" or "mixed" (INT8 with the matrices in fp32_matrices kept fp32)
     variant: str  # "fused", "plain", "dynamic", "static" (ORT INT8), "nncf" (OpenVINO INT8)
     path: Path  # inside the work directory while compiling
     source: str | None = None  # the graph a quantised artifact was made from ("fused" or "plain")
+    fp32_matrices: list[str] | None = None  # precision "mixed": the block matrices (PyTorch modules) kept fp32
 
 
 @dataclass

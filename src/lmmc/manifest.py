@@ -83,6 +83,8 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         }
         if rec.source:
             entry["source"] = rec.source
+        if rec.fp32_matrices is not None:
+            entry["fp32_matrices"] = rec.fp32_matrices
         if rel in by_path:
             entry["validation"] = {k: v for k, v in by_path[rel].items() if k not in entry}
         elif rec.variant == "plain" and rec.backend == "onnxruntime" and rec.tower in validation.get("towers", {}):

@@ -385,6 +385,27 @@ def _distillation(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _mixed_precision(report: dict[str, Any]) -> str:
+    """The choice table of every mixed-precision artifact: per block matrix, the precision kept and the
+    pooled-embedding cosine its quantisation cost on the calibration batches."""
+    out = []
+    for name in ("ort", "openvino"):
+        for p in _passes(report, name):
+            for tower, m in p["metrics"].items():
+                for file, choice in ((m.get("mixed") or {}) if isinstance(m, dict) else {}).items():
+                    rows = [[_e(r.get("matrix")), _e(r.get("precision")), _num(r.get("cosine_cost"), ".2e")]
+                            for r in choice.get("matrices") or []]
+                    out.append(f"<h3>{_e(tower)}: {_e(name)} {_e(file)}</h3>")
+                    out.append(f"<p>{len(choice.get('fp32_matrices') or [])} of {len(rows)} matrices kept fp32; "
+                               f"cosine drop to the fp32 student on {_e(choice.get('search_batches'))} calibration "
+                               f"batches: {_num(choice.get('cosine_drop'), '.2e')} (every matrix INT8: "
+                               f"{_num(choice.get('int8_cosine_drop'), '.2e')}; budget "
+                               f"{_num(choice.get('max_cosine_drop'))}).</p>")
+                    out.append(_table(["matrix", "precision", "cosine cost of quantising it alone"], rows))
+                    out.extend(_note(w) for w in choice.get("warnings") or [])
+    return "\n".join(out) if out else _note("no mixed-precision artifact: no export asked for int8 mixed")
+
+
 def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
     """OUT_DIR/bench.json when `lmmc bench` wrote it, else None."""
     path = out_dir / "bench.json" if out_dir else None
@@ -452,6 +473,7 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
         _section("Sparsity per matrix and tower", _sparsity(report, prefixes)),
         _section("Structure per layer", _structure(report, out_dir)),
         _section("Distillation", _distillation(report)),
+        _section("Mixed precision", _mixed_precision(report)),
         _section("Latency", _latency(report, read_bench(out_dir))),
         _section("Time per pass", _time(report)),
     ]

@@ -1,0 +1,154 @@
+"""Mixed precision: a block matrix made outlier-heavy is kept fp32 by the ONNX Runtime and OpenVINO
+searches, the mixed artifacts beat plain INT8 on held-out cosine, the choice table and manifest name the
+module, plain INT8 is unchanged, and bad recipes fail at the boundary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import nncf
+import numpy as np
+import onnx
+import openvino as ov
+import pytest
+import torch
+
+from lmmc.adapters import input_names
+from lmmc.errors import LmmcError
+from lmmc.export.openvino import quantize_openvino
+from lmmc.export.ort import calibration_feeds, qdq_without, quantize_static_onnx
+from lmmc.export.validate import cosine
+from lmmc.manifest import build_manifest
+from lmmc.recipe import parse_recipe
+from lmmc.report_html import render
+from lmmc.runtime import load
+from tests.test_ort import run, tiny_artifact
+
+OUTLIER = "encoder.layer.0.output.dense"  # block 0's second FFN matrix
+FC1 = "encoder.layer.0.intermediate.dense"
+MIXED = {"mixed": {"max_cosine_drop": 0.002}}
+
+
+def outlier_artifact(tmp_path):
+    """The tiny uneven BERT student with one input column of block 0's fc2 weight scaled up 300-fold and
+    the fc1 channel feeding it scaled down alike (GELU is nearly linear there, so the function barely
+    moves): an INT8 scale stretched by that column rounds the rest of each row to nearly nothing. The
+    whole fc2 is first scaled 20-fold so that its block's FFN weighs in the embedding (random weights
+    of std 0.02 leave the residual stream to the embeddings)."""
+    art = tiny_artifact("bert", tmp_path)
+    with torch.no_grad():
+        art.student.get_submodule(OUTLIER).weight.mul_(20)
+        art.student.get_submodule(OUTLIER).weight[:, 5] *= 300
+        art.student.get_submodule(FC1).weight[5] /= 300
+        art.student.get_submodule(FC1).bias[5] /= 300
+    run(art, "onnx")
+    return art
+
+
+def held_out_cosine(art, path, backend) -> float:
+    """Mean cosine of an artifact's pooled embeddings to the fp32 export's on the held-out batches."""
+    tower = art.adapter.towers[0]
+    feeds = [{n: b[n].numpy() for n in input_names(tower)} for b in art.calib.eval_batches(tower.modality)]
+    fp32, model = load(art.onnx["text"], "onnxruntime", 1), load(path, backend, 1)
+    return float(np.concatenate([cosine(fp32.run(f)["pooled_embedding"], model.run(f)["pooled_embedding"])
+                                 for f in feeds]).mean())
+
+
+def check_choice(choice: dict) -> None:
+    table = {row["matrix"]: row for row in choice["matrices"]}
+    # every block linear of the two blocks has a row: q, k, v, attention output, fc1, fc2
+    assert len(table) == 12
+    assert max(table, key=lambda m: table[m]["cosine_cost"]) == OUTLIER
+    assert table[OUTLIER]["precision"] == "fp32" and OUTLIER in choice["fp32_matrices"]
+    assert choice["fp32_matrices"] == [m for m, row in table.items() if row["precision"] == "fp32"]
+    assert len(choice["fp32_matrices"]) < 12
+    assert choice["cosine_drop"] <= 0.002 < choice["int8_cosine_drop"]
+
+
+def test_ort_static_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
+    art = outlier_artifact(tmp_path)
+    metrics = run(art, "ort", fuse="off", int8=[{"static": MIXED}], threads=1).metrics["text"]
+    check_choice(metrics["mixed"]["text.mixed-static.onnx"])
+    [rec] = art.exports
+    assert (rec.backend, rec.precision, rec.variant, rec.path.name) == ("onnxruntime", "mixed", "static",
+                                                                         "text.mixed-static.onnx")
+    assert rec.fp32_matrices == metrics["mixed"]["text.mixed-static.onnx"]["fp32_matrices"]
+    # the MatMuls kept fp32 read no dequantised input; the others all do
+    graph = onnx.load(str(rec.path)).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_nodes = {n.name for n in graph.node if n.op_type == "MatMul" and not any(i in dq for i in n.input)}
+    kept = {row["node"] for row in metrics["mixed"]["text.mixed-static.onnx"]["matrices"] if row["precision"] == "fp32"}
+    assert kept <= float_nodes
+    every_int8 = tmp_path / "every.onnx"
+    quantize_static_onnx(art.onnx["text"], every_int8, calibration_feeds(art, art.adapter.towers[0]))
+    mixed, plain = held_out_cosine(art, rec.path, "onnxruntime"), held_out_cosine(art, every_int8, "onnxruntime")
+    assert mixed >= 0.998 and mixed > plain + 0.002
+    entry = next(a for a in build_manifest(art, tmp_path, 64)["artifacts"] if a["precision"] == "mixed")
+    assert entry["fp32_matrices"] == rec.fp32_matrices and entry["path"] == "ort/text.mixed-static.onnx"
+
+
+def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
+    art = outlier_artifact(tmp_path)
+    metrics = run(art, "openvino", int8=MIXED, threads=1).metrics["text"]
+    choice = metrics["mixed"]["text.mixed.xml"]
+    check_choice(choice)
+    assert metrics["files"] == ["text.xml", "text.mixed.xml"]
+    fp32_ir, rec = art.exports
+    assert (rec.backend, rec.precision, rec.variant) == ("openvino", "mixed", "nncf")
+    plain = quantize_openvino(fp32_ir.path, tmp_path / "plain.int8.xml", calibration_feeds(art, art.adapter.towers[0]))
+    mixed, int8 = held_out_cosine(art, rec.path, "openvino"), held_out_cosine(art, plain, "openvino")
+    assert mixed >= 0.998 and mixed > int8 + 0.002
+    html = render({"lmmc_version": "x", "passes": [{"name": "openvino", "metrics": {"text": metrics}}]})
+    assert f"<td>{OUTLIER}</td><td>fp32</td>" in html
+    assert html.count("<td>int8</td>") == 12 - len(choice["fp32_matrices"])
+
+
+def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread):
+    """int8: true writes what NNCF's transformer preset alone writes: the same operators, the same counts."""
+    art = outlier_artifact(tmp_path)
+    run(art, "openvino", int8=True)
+    fp32, int8 = art.exports
+    feeds = calibration_feeds(art, art.adapter.towers[0])
+    direct = nncf.quantize(ov.Core().read_model(str(fp32.path)), nncf.Dataset(feeds),
+                           model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+
+    def ops(model) -> Counter:
+        return Counter(op.get_type_name() for op in model.get_ops())
+    written = ops(ov.Core().read_model(str(int8.path)))
+    assert written == ops(direct) and written["FakeQuantize"] > 0
+    assert int8.precision == "int8" and int8.fp32_matrices is None
+
+
+def test_qdq_graph_with_every_node_reverted_is_the_fp32_graph(tmp_path, one_thread):
+    art = outlier_artifact(tmp_path)
+    plain, qdq_path = art.onnx["text"], tmp_path / "qdq.onnx"
+    feeds = calibration_feeds(art, art.adapter.towers[0])
+    quantize_static_onnx(plain, qdq_path, feeds)
+    qdq = onnx.load(str(qdq_path))
+    weights = {i.name: i for i in onnx.load(str(plain)).graph.initializer}
+    every = {n.name for n in qdq.graph.node if n.op_type == "MatMul"}
+    reverted = tmp_path / "reverted.onnx"
+    onnx.save(qdq_without(qdq, weights, every), str(reverted))
+    got, want = load(reverted).run(feeds[0]), load(plain).run(feeds[0])
+    assert np.abs(got["pooled_embedding"] - want["pooled_embedding"]).max() <= 1e-5
+    assert np.abs(load(qdq_path).run(feeds[0])["pooled_embedding"] - want["pooled_embedding"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("export, message", [
+    ({"openvino": {"int8": {"mixed": {"max_cosine_drop": 0}}}}, "max_cosine_drop"),
+    ({"openvino": {"int8": {"mixed": {"max_cosine_drop": 0.01, "rounds": 2}}}}, "rounds"),
+    ({"openvino": {"int8": {"mixed": {}}}}, "max_cosine_drop"),
+    ({"ort": {"int8": ["static", {"static": MIXED}]}}, "int8 lists a mode twice"),
+    ({"ort": {"int8": [{"dynamic": MIXED}]}}, "dynamic"),
+])
+def test_bad_mixed_recipe_is_one_clear_error(export, message):
+    with pytest.raises(LmmcError, match=message):
+        parse_recipe({"calibration": {"random": True}, "export": ["onnx", export]})
+
+
+def test_mixed_recipe_parses_alongside_plain_int8():
+    recipe = parse_recipe({"calibration": {"random": True}, "export": [
+        "onnx", {"ort": {"int8": ["dynamic", {"static": MIXED}]}}, {"openvino": {"int8": MIXED}}]})
+    ort_cfg, ov_cfg = (s.config for s in recipe.export if s.name in ("ort", "openvino"))
+    assert ort_cfg.int8[0] == "dynamic" and ort_cfg.int8[1].static.mixed.max_cosine_drop == 0.002
+    assert ov_cfg.int8.mixed.max_cosine_drop == 0.002 and ov_cfg.int8.mixed.max_rounds == 3
