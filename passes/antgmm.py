@@ -25,7 +25,8 @@ from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
 from lmmc.selection import Unit, select_units
 from lmmc.student import read_structure
-from lmmc.surgery import find_restore, hidden_width, keep_blocks_, keep_channels_, keep_heads_, keep_hidden_
+from lmmc.surgery import (find_restore, group_size, hidden_width, keep_blocks_, keep_channels_, keep_heads_,
+                           keep_hidden_)
 
 Stage = Literal["depth", "ffn", "heads", "hidden"]
 STAGE_ORDER: tuple[Stage, ...] = ("depth", "ffn", "heads", "hidden")
@@ -404,8 +405,8 @@ class AntGMMPass(Pass):
                 tower = adapter.tower(tname)
                 block = block_list(model, tower)[1][i]
                 if stage == "heads":
-                    n = len(scores.heads[(tname, i)])
-                    keep_heads_(block, tower, self.head_dims[tname], [h for h in range(n) if h not in idx])
+                    n, g = len(scores.heads[(tname, i)]), group_size(block, tower, self.head_dims[tname])
+                    keep_heads_(block, tower, self.head_dims[tname], [h for h in range(n) if h // g not in idx])
                 else:
                     n = len(scores.channels[(tname, i)])
                     keep_channels_(block, tower, [c for c in range(n) if c not in idx])
@@ -434,7 +435,11 @@ class AntGMMPass(Pass):
             for i, block in enumerate(blocks):
                 key = (tower.name, i)
                 if stage == "heads":
-                    cost, s, floors[key] = self.costs.head(tower, block), scores.heads[key], cfg.min_heads
+                    # A unit is a head group: a key/value head with the query heads sharing it (one head
+                    # without grouped-query attention), scored by the sum over its query heads.
+                    g = group_size(block, tower, self.head_dims[tower.name])
+                    s = scores.heads[key].reshape(-1, g).sum(1)
+                    cost, floors[key] = self.costs.head(tower, block) * g, -(-cfg.min_heads // g)
                 else:
                     cost, s, floors[key] = self.costs.channel(tower, block), scores.channels[key], cfg.min_ffn
                 units += [Unit(key, j, float(v), cost) for j, v in enumerate(s.tolist())]

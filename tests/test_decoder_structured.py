@@ -4,13 +4,19 @@ of a LLaVA model, their costs, and exact reload through the student format."""
 from __future__ import annotations
 
 import copy
+import json
 
+import conftest
 import pytest
 import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from lmmc.adapters import block_linears, block_list, get_adapter, head_dim
+from lmmc.artifact import Artifact
+from lmmc.data import random_generative_calibration
+from lmmc.pipeline import get_pass, load_passes
+from lmmc.recipe import CalibrationConfig
 from lmmc.cost import block_cost, channel_cost, group_cost
 from lmmc.errors import LmmcError
 from lmmc.importance import gate_hook
@@ -161,9 +167,23 @@ def test_a_pruned_llava_reloads_exactly(decoder: str, tmp_path) -> None:
     assert torch.equal(greedy(reloaded, tokens=16), greedy(model, tokens=16))
 
 
-def test_reload_refuses_a_record_whose_heads_split_groups(tmp_path) -> None:
-    import json
+@pytest.mark.parametrize("decoder", ["llama", "qwen2"])
+def test_a_llava_with_blocks_removed_only_reloads_with_from_pretrained(decoder: str, tmp_path) -> None:
+    """Depth pruning alone leaves a model its config describes: plain weights, and the config's layer
+    count, layer types and teacher layers carry the removal."""
+    model = tiny_llava(decoder)
+    keep_blocks_(model, LANGUAGE, [0, 3])
+    keep_blocks_(model, VISION, [1])
+    assert save(model, tmp_path, {})["weights"] == "model.safetensors"
+    plain = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    reloaded = load_student(tmp_path)
+    assert plain.config.text_config.lmmc_teacher_layers == [0, 3]
+    for other in (plain, reloaded):
+        assert torch.equal(logits(other), logits(model))
+        assert torch.equal(greedy(other), greedy(model))
 
+
+def test_reload_refuses_a_record_whose_heads_split_groups(tmp_path) -> None:
     model = tiny_llava()
     prune_unevenly_(model)
     save(model, tmp_path, {})
@@ -199,3 +219,33 @@ def test_group_and_channel_costs_match_the_flop_counter() -> None:
     keep_channels_(block, LANGUAGE, range(47))
     flops2, params2 = flops_and_params(block, hidden, rope)
     assert (channel.flops, channel.params) == (flops1 - flops2, params1 - params2)
+
+
+def test_antgmm_removes_whole_gqa_groups_and_the_student_reloads_exactly(tmp_path) -> None:
+    """AntGMM's head units on a decoder are GQA groups scored over their query heads: a group whose two
+    query heads are silenced (zero output-projection columns, so zero activation score) goes first, with
+    its k/v head; every block keeps whole groups, and the pruned LLaVA reloads exactly."""
+    load_passes()
+    model = conftest.tiny_llava()  # calibration ids are drawn above its image token
+    hd = head_dim(model, LANGUAGE)
+    lin = block_linears(decoder_block(model, 0), LANGUAGE)
+    with torch.no_grad():
+        lin["o"][1].weight[:, : 2 * hd] = 0  # group 0 = query heads 0 and 1
+    q_before, k_before = lin["q"][1].weight.clone(), lin["k"][1].weight.clone()
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4), model, ADAPTER)
+    art = Artifact(model_ref="tiny", adapter=ADAPTER, teacher=copy.deepcopy(model), student=model, calib=calib)
+    antgmm = get_pass("antgmm")
+    metrics = antgmm(antgmm.Config(keep=0.8, importance="activation", shares={"ffn": 0.5, "heads": 0.5})).run(art)
+    assert abs(metrics["kept"] - 0.8) < 0.03
+    lang = metrics["structure"]["language"]
+    assert all(h == 2 * kv for h, kv in zip(lang["heads"], lang["kv_heads"]))
+    assert sum(lang["heads"]) + sum(metrics["structure"]["vision"]["heads"]) < 4 * 4  # some groups went
+    lin = block_linears(decoder_block(model, 0), LANGUAGE)
+    assert torch.equal(lin["q"][1].weight, q_before[2 * hd:]) and torch.equal(lin["k"][1].weight, k_before[hd:])
+    save(model, tmp_path, {})
+    reloaded = load_student(tmp_path)
+    assert read_structure(reloaded, ADAPTER) == read_structure(model, ADAPTER)
+    batch = calib.eval_batches("text")[0]
+    with torch.no_grad():
+        assert torch.equal(reloaded(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                           model(**{k: v for k, v in batch.items() if k != "labels"}).logits)

@@ -131,7 +131,7 @@ def check(ledger: Ledger, blocks: list[tuple[str, int]]) -> None:
 def test_wanda_on_a_llava_holds_one_block_on_the_execution_device(ledger_for, one_thread) -> None:
     model = tiny_llava()
     adapter = get_adapter("llava")
-    calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2), model)
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2), model, adapter)
     reference, _ = run_wanda(copy.deepcopy(model), adapter, calib, HOME)
     roots = {"vision": model.model.vision_tower, "language": model.model.language_model}
     ledger = ledger_for(model, adapter, roots)
