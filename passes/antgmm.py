@@ -72,7 +72,8 @@ class AntGMMConfig(PassConfig):
     segments: int = Field(1, ge=1, description="cuts per stage; importance is rescored before each cut "
                           "and distillation (if set) runs after each")
     min_layers: int = Field(1, ge=1, description="floor: blocks every tower keeps")
-    min_heads: int = Field(1, ge=1, description="floor: attention heads every block keeps")
+    min_heads: int = Field(1, ge=1, description="floor: attention (query) heads every block keeps; under "
+                           "grouped-query attention heads go in whole groups, so rounded up to whole groups")
     min_ffn: int = Field(1, ge=1, description="floor: FFN channels every block keeps")
     min_hidden: int = Field(1, ge=1, description="floor: hidden (residual-stream) channels every tower keeps")
     distill: dict[str, Any] | None = Field(None, description="config of the 'distill' pass run after "
