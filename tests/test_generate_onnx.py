@@ -1,5 +1,6 @@
 """Generative export: vision + projector and a KV-cache decoder in ONNX Runtime reproduce PyTorch's greedy
-generate token for token, with CLIP and SigLIP towers, Llama and Qwen2 decoders, left padding and pruned decoder layers."""
+generate token for token, with CLIP and SigLIP towers, Llama and Qwen2 decoders, left padding and pruned
+decoder layers."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from PIL import Image
 import lmmc
 from conftest import save_tiny, save_tiny_llava, tiny_model, tiny_vocab
 from lmmc.cli import main
+from lmmc.adapters import block_list, get_adapter
 from lmmc.errors import LmmcError
 from lmmc.runtime import open_generative
 from lmmc.export.generative import DECODER, export_generative
 from lmmc.runtime.generate import Generator
+from lmmc.student import load_student, save
+from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 
 SIDE, PATCH = 32, 8
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=SIDE,
@@ -33,7 +37,8 @@ DECODER_CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n
 NEW_TOKENS = 32
 
 
-def tiny_llava(vision: str, tmp: Path, decoder: str = "llama") -> tuple[torch.nn.Module, transformers.LlavaProcessor]:
+def tiny_llava(vision: str, tmp: Path, decoder: str = "llama",
+               layers: int = 2) -> tuple[torch.nn.Module, transformers.LlavaProcessor]:
     """A seeded tiny LLaVA whose greedy output varies (a wide initialisation keeps it from repeating one
     token) and the processor that expands its image token: CLIP drops its CLS feature, SigLIP has none.
     The decoder is Llama or Qwen2 (q/k/v with biases)."""
@@ -48,7 +53,7 @@ def tiny_llava(vision: str, tmp: Path, decoder: str = "llama") -> tuple[torch.nn
         vision_cfg = transformers.SiglipVisionConfig(**VISION)
         images = transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
         select, extra, layer = "full", 0, -1
-    text_cfg = (transformers.LlamaConfig if decoder == "llama" else transformers.Qwen2Config)(**DECODER_CFG)
+    text_cfg = (transformers.LlamaConfig if decoder == "llama" else transformers.Qwen2Config)(**{**DECODER_CFG, "num_hidden_layers": layers})
     cfg = transformers.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
                                    image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                    vision_feature_select_strategy=select, vision_feature_layer=layer,
@@ -151,6 +156,28 @@ def test_generate_text_from_an_image(exported):
     want = reference(model, enc)[0, :12]
     assert text == processor.tokenizer.decode(want, skip_special_tokens=True)
     assert text
+
+
+def test_a_reloaded_structured_student_generates_like_pytorch(tmp_path, one_thread):
+    """lmmc's own surgery: a GQA group fewer in one block, a narrower SwiGLU in another, the middle block
+    removed (the last one renumbered for the cache); the student format reloads it, and ONNX follows."""
+    model, processor = tiny_llava("siglip", tmp_path, layers=3)
+    language = get_adapter("llava").tower("language")
+    blocks = block_list(model, language)[1]
+    keep_heads_(blocks[0], language, model.model.language_model.layers[0].self_attn.head_dim, [2, 3])
+    keep_channels_(blocks[2], language, range(0, 96, 3))
+    keep_blocks_(model, language, [0, 2])
+    save(model, tmp_path / "student", {})
+    student = load_student(tmp_path / "student")
+    export_generative(student, tmp_path / "onnx")
+    gen = Generator(tmp_path / "onnx", threads=1)
+    assert [s.shape[1] for s in gen.decoder.inputs if s.name.endswith(".key")] == [1, 2]
+    enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")
+    want = reference(student, enc)
+    np.testing.assert_array_equal(want, reference(model, enc))
+    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS)
+    assert want.shape == (2, NEW_TOKENS) and len(np.unique(want)) >= 4
+    np.testing.assert_array_equal(got.tokens, want)
 
 
 def test_export_refuses_a_model_without_a_decoder(tmp_path):
