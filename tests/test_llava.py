@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -23,7 +24,7 @@ from lmmc.objectives import NextTokenObjective, objective_batches
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig
 from lmmc.sparsity import row_mask
-from tests.conftest import (LLAVA_IMAGE_TOKEN, save_tiny_idefics3, save_tiny_llava, tiny_idefics3, tiny_llava,
+from tests.conftest import (LLAVA_IMAGE_TOKEN, TINY_DECODER, TINY_VISION, save_tiny_idefics3, save_tiny_llava, tiny_idefics3, tiny_llava,
                             tiny_llava_processor)
 
 ADAPTER = get_adapter("llava")
@@ -33,6 +34,13 @@ KINDS = ("clip", "siglip", "idefics3")
 
 
 def build(kind: str) -> torch.nn.Module:
+    """A tiny model of `kind`; "qwen2": LLaVA with a CLIP tower and a Qwen2 decoder (q/k/v with biases)."""
+    if kind == "qwen2":
+        torch.manual_seed(0)
+        cfg = transformers.LlavaConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION},
+                                       text_config={**TINY_DECODER, "model_type": "qwen2"},
+                                       image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS)
+        return transformers.LlavaForConditionalGeneration(cfg).eval()
     return tiny_idefics3() if kind == "idefics3" else tiny_llava(kind)
 
 
@@ -154,7 +162,7 @@ def test_max_length_cuts_the_answer_and_refuses_a_prompt_that_leaves_no_room(tmp
 
 # ---- block-sequential calibration of the decoder ---------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "qwen2"])
 def test_captured_decoder_inputs_carry_the_projected_image_features(kind):
     art = make_artifact(kind)
     model, adapter = art.teacher, art.adapter
@@ -285,11 +293,10 @@ def test_compile_prunes_a_saved_model_and_saves_the_student(tmp_path, kind):
     assert report["sparsity"]["sparsity"] == pytest.approx(0.5)
     assert set(report["sparsity"]["sparsity_per_tower"]) == {"vision", "language", "projector"}
     assert "50.0% (vision 50.0%, language 50.0%, projector 50.0%)" in result.output
+    assert report["validated"] is False and report["onnx"] == {}
     student_dir = out / "student"
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
             "chat_template.jinja"} <= {p.name for p in student_dir.iterdir()}
-    import transformers
-
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(student_dir)
     for pl in prunable_linears(reloaded, adapter):
         w = pl.module.weight
@@ -309,3 +316,15 @@ def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, messa
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_compile_skips_only_the_exports_and_checks_that_do_not_handle_generative_models():
+    from lmmc.compile import skipped
+
+    onnx_pass = get_pass("onnx")
+    step = onnx_pass(onnx_pass.Config())
+    generative_step = type("GenerativeOnnx", (onnx_pass,), {"generative": True})(onnx_pass.Config())
+    wanda = get_pass("wanda")(get_pass("wanda").Config())
+    assert skipped(ADAPTER, step) is not getattr(onnx_pass, "generative", False)
+    assert not skipped(ADAPTER, generative_step) and not skipped(ADAPTER, wanda)
+    assert not skipped(get_adapter("clip"), step)

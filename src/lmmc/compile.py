@@ -159,6 +159,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe)
+    warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
+                 f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
     return {
         "model": model_ref,
         "adapter": adapter.family,
@@ -170,6 +172,12 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         "validated": recipe.validated,
         "warnings": warnings,
     }
+
+
+def skipped(adapter: Any, step: Any) -> bool:
+    """Whether the compile skips `step`: exports and checks written for encoders would trace or compare
+    the wrong outputs of a generative model, so only those whose pass says `generative = True` run."""
+    return adapter.kind == "generative" and step.kind != "compress" and not getattr(step, "generative", False)
 
 
 def _check_bench(recipe: Recipe) -> None:
@@ -315,11 +323,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         for index, step in enumerate(recipe.steps()):
             if index < done:
                 continue
-            if adapter.kind == "generative" and step.kind != "compress" and not getattr(step, "generative", False):
-                # Exports and checks written for encoders would trace or compare the wrong outputs.
-                note = (f"{step.kind} step '{step.name}' skipped: it does not handle generative models "
-                        f"({adapter.family}) yet; the student is saved unexported and unvalidated")
-                the_plan["warnings"].append(note)
+            if skipped(adapter, step):  # the plan's warnings say so
                 done = index + 1
                 continue
             art.scratch = area.scratch(index, step.name)
