@@ -249,3 +249,29 @@ def test_antgmm_removes_whole_gqa_groups_and_the_student_reloads_exactly(tmp_pat
     with torch.no_grad():
         assert torch.equal(reloaded(**{k: v for k, v in batch.items() if k != "labels"}).logits,
                            model(**{k: v for k, v in batch.items() if k != "labels"}).logits)
+
+
+def test_a_pruned_idefics3_reloads_exactly(tmp_path) -> None:
+    """The second generative family: uneven GQA groups, SwiGLU widths and vision heads, a removed vision
+    block; logits and greedy tokens of the reloaded student equal the saved model's."""
+    model = conftest.tiny_idefics3()
+    adapter = get_adapter("idefics3")
+    language, vision = adapter.tower("language"), adapter.tower("vision")
+    blocks = block_list(model, language)[1]
+    keep_heads_(blocks[0], language, head_dim(model, language), [0, 1])
+    keep_channels_(blocks[0], language, range(0, 64, 3))
+    keep_channels_(blocks[1], language, range(50))
+    keep_heads_(block_list(model, vision)[1][1], vision, head_dim(model, vision), [0, 2, 3])
+    keep_blocks_(model, vision, [1])
+    record = save(model, tmp_path, {})
+    assert record["towers"]["language"]["kv_heads"] == [1, 2] and record["towers"]["language"]["ffn"] == [22, 50]
+    reloaded = load_student(tmp_path)
+    assert type(reloaded) is type(model) and read_structure(reloaded, adapter) == read_structure(model, adapter)
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=2, eval_samples=2, batch_size=2),
+                                          model, adapter)
+    batch = {k: v for k, v in calib.eval_batches("text")[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+        tokens = [m.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             suppress_tokens=[model.config.image_token_id]) for m in (model, reloaded)]
+    assert torch.equal(*tokens)

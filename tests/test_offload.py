@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_llava, tiny_model
+from conftest import tiny_idefics3, tiny_llava, tiny_model
 from torch import nn
 
 from lmmc.adapters import block_list, get_adapter, prunable_linears
@@ -128,12 +128,16 @@ def check(ledger: Ledger, blocks: list[tuple[str, int]]) -> None:
     assert {(t, i) for t, i, _ in alone} == set(blocks)  # every block was calibrated on the execution device
 
 
-def test_wanda_on_a_llava_holds_one_block_on_the_execution_device(ledger_for, one_thread) -> None:
-    model = tiny_llava()
-    adapter = get_adapter("llava")
-    calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2), model, adapter)
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_wanda_on_a_generative_model_holds_one_block_on_the_execution_device(family: str, ledger_for,
+                                                                             one_thread) -> None:
+    model = tiny_llava() if family == "llava" else tiny_idefics3()
+    adapter = get_adapter(family)
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2),
+                                          model, adapter)
     reference, _ = run_wanda(copy.deepcopy(model), adapter, calib, HOME)
-    roots = {"vision": model.model.vision_tower, "language": model.model.language_model}
+    roots = ({"vision": model.model.vision_tower, "language": model.model.language_model} if family == "llava"
+             else {"vision": model.model.vision_model, "language": model.model.text_model})
     ledger = ledger_for(model, adapter, roots)
     masks, art = run_wanda(model, adapter, calib, EXEC)
     blocks = [(t.name, i) for t in adapter.towers for i in range(len(block_list(model, t)[1]))]
