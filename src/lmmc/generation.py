@@ -9,9 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmmc.data import IGNORE_INDEX  # the label of prompt, image and padding positions
 from lmmc.errors import LmmcError
-
-IGNORE_INDEX = -100  # label of prompt, image and padding positions
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
