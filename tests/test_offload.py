@@ -110,10 +110,11 @@ def ledger_for(monkeypatch):
     return make
 
 
-def run_wanda(model: nn.Module, adapter, calib, device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
+def run_pruner(model: nn.Module, adapter, calib, device: torch.device,
+              name: str = "wanda") -> tuple[dict[str, torch.Tensor], Any]:
     art = Artifact(model_ref="tiny", adapter=adapter, teacher=model, student=model, calib=calib, device=device)
-    wanda = get_pass("wanda")
-    wanda(wanda.Config(sparsity=0.5)).run(art)
+    pruner = get_pass(name)
+    pruner(pruner.Config(sparsity=0.5)).run(art)
     return art.masks, art
 
 
@@ -135,11 +136,11 @@ def test_wanda_on_a_generative_model_holds_one_block_on_the_execution_device(fam
     adapter = get_adapter(family)
     calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2),
                                           model, adapter)
-    reference, _ = run_wanda(copy.deepcopy(model), adapter, calib, HOME)
+    reference, _ = run_pruner(copy.deepcopy(model), adapter, calib, HOME)
     roots = ({"vision": model.model.vision_tower, "language": model.model.language_model} if family == "llava"
              else {"vision": model.model.vision_model, "language": model.model.text_model})
     ledger = ledger_for(model, adapter, roots)
-    masks, art = run_wanda(model, adapter, calib, EXEC)
+    masks, art = run_pruner(model, adapter, calib, EXEC)
     blocks = [(t.name, i) for t in adapter.towers for i in range(len(block_list(model, t)[1]))]
     check(ledger, blocks)
     # The vision tower ran whole, at home, to capture the decoder's inputs and the projector's.
@@ -153,9 +154,24 @@ def test_wanda_on_an_encoder_is_unchanged_by_offload(ledger_for, one_thread) -> 
     model = tiny_model("clip")
     adapter = get_adapter("clip")
     calib = random_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4), model, adapter)
-    reference, _ = run_wanda(copy.deepcopy(model), adapter, calib, HOME)
+    reference, _ = run_pruner(copy.deepcopy(model), adapter, calib, HOME)
     roots = {"text": model.text_model.encoder, "vision": model.vision_model.encoder}
     ledger = ledger_for(model, adapter, roots)
-    masks, _ = run_wanda(model, adapter, calib, EXEC)
+    masks, _ = run_pruner(model, adapter, calib, EXEC)
     check(ledger, [(t.name, i) for t in adapter.towers for i in range(len(block_list(model, t)[1]))])
     assert masks.keys() == reference.keys() and all(torch.equal(masks[k], reference[k]) for k in masks)
+
+
+def test_sparsegpt_updates_the_same_weights_offloaded(ledger_for, one_thread) -> None:
+    """SparseGPT also rewrites the weights it keeps: offloaded, every weight ends as it does without."""
+    model = tiny_llava()
+    adapter = get_adapter("llava")
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=4, eval_samples=2, batch_size=2),
+                                          model, adapter)
+    reference = copy.deepcopy(model)
+    run_pruner(reference, adapter, calib, HOME, "sparsegpt")
+    ledger = ledger_for(model, adapter, {"vision": model.model.vision_tower, "language": model.model.language_model})
+    run_pruner(model, adapter, calib, EXEC, "sparsegpt")
+    check(ledger, [(t.name, i) for t in adapter.towers for i in range(len(block_list(model, t)[1]))])
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
