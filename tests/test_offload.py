@@ -111,7 +111,7 @@ def ledger_for(monkeypatch):
 
 
 def run_pruner(model: nn.Module, adapter, calib, device: torch.device,
-              name: str = "wanda") -> tuple[dict[str, torch.Tensor], Any]:
+               name: str = "wanda") -> tuple[dict[str, torch.Tensor], Any]:
     art = Artifact(model_ref="tiny", adapter=adapter, teacher=model, student=model, calib=calib, device=device)
     pruner = get_pass(name)
     pruner(pruner.Config(sparsity=0.5)).run(art)
