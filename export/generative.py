@@ -64,16 +64,18 @@ class VisionModule(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.inner = _parts(model)[0]
+        inner = _parts(model)[0]
+        # Only the vision side, so the weight map and the size check see no decoder weights.
+        self.tower, self.projector = inner.vision_tower, inner.multi_modal_projector
+        layer = inner.config.vision_feature_layer
+        self.layers = [layer] if isinstance(layer, int) else list(layer)
+        self.start = 1 if inner.config.vision_feature_select_strategy == "default" else 0  # drops CLS
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The model's own get_image_features splits its result into a list per image, which would fix the
         # batch axis at export; this selects the same layers and CLS handling without splitting.
-        cfg = self.inner.config
-        hidden = self.inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
-        start = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        return self.inner.multi_modal_projector(torch.cat([hidden[i][:, start:] for i in layers], dim=-1))
+        hidden = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        return self.projector(torch.cat([hidden[i][:, self.start:] for i in self.layers], dim=-1))
 
 
 class DecoderModule(nn.Module):
@@ -126,8 +128,8 @@ def export_decoder(model: nn.Module, path: Path, opset: int = 20) -> dict[str, A
     attention_mask [batch, past + sequence], position_ids [batch, sequence], past_key_values.{i}.key/value
     [batch, kv heads, past, head size] -> logits [batch, sequence, vocab] and present.{i}.key/value.
 
-    One graph serves prefill and decode: it was checked to run with a past of length 0, so no separate
-    prefill graph is needed."""
+    One graph serves prefill and decode: it runs with an empty past (length 0), as every prefill in the
+    runtime does, so no separate prefill graph is needed."""
     _, decoder, _ = _parts(model)
     shapes = _cache_shapes(decoder)
     width = decoder.config.hidden_size
