@@ -40,7 +40,8 @@ def _trim(batch: Batch) -> Batch:
 def objective_batches(calib: CalibData, adapter: Adapter, samples: int, batch_size: int) -> list[dict[str, Batch]]:
     """The first `samples` calibration samples in batches of `batch_size`; each step holds one batch per
     modality, with the same samples in the same order (image-text pairs stay paired). A last batch of
-    one sample is dropped: a contrastive loss needs another sample to contrast with."""
+    one sample is dropped: a contrastive loss needs another sample to contrast with (a next-token loss
+    does not, so generative models keep it)."""
     pooled: dict[str, Batch] = {}
     for modality in dict.fromkeys(t.modality for t in adapter.towers):
         batches = calib.calib_batches(modality)
@@ -49,11 +50,13 @@ def objective_batches(calib: CalibData, adapter: Adapter, samples: int, batch_si
                             f"with {modality} for this {adapter.family} model")
         pooled[modality] = _concat(batches)
     n = min(samples, *(len(next(iter(b.values()))) for b in pooled.values()))
-    starts = [i for i in range(0, n, batch_size) if min(batch_size, n - i) >= 2]
+    least = 1 if adapter.kind == "generative" else 2
+    starts = [i for i in range(0, n, batch_size) if min(batch_size, n - i) >= least]
     if not starts:
         raise LmmcError(f"the allocation's contrastive loss needs at least 2 calibration samples, got {n}; "
                         f"give more calibration data or raise 'samples'")
-    return [{m: _trim({k: v[i:i + batch_size] for k, v in b.items()}) for m, b in pooled.items()} for i in starts]
+    return [{m: _trim({k: v[i:min(i + batch_size, n)] for k, v in b.items()}) for m, b in pooled.items()}
+            for i in starts]
 
 
 def step_samples(step: dict[str, Batch]) -> int:
