@@ -328,3 +328,15 @@ def test_compile_skips_only_the_exports_and_checks_that_do_not_handle_generative
     assert skipped(ADAPTER, step) is not getattr(onnx_pass, "generative", False)
     assert not skipped(ADAPTER, generative_step) and not skipped(ADAPTER, wanda)
     assert not skipped(get_adapter("clip"), step)
+
+
+def test_chat_template_on_an_encoder_exits_2(tmp_path):
+    from tests.conftest import save_tiny
+
+    model = save_tiny("bert", tmp_path / "bert")
+    calib = tmp_path / "texts.txt"
+    calib.write_text("\n".join(f"the water is cold {i}" for i in range(16)))
+    result = _compile(tmp_path, model, calib, {"chat_template": True}, validate=False)
+    assert result.exit_code == 2, result.output
+    assert "calibration.chat_template: true applies to generative models" in result.output
+    assert not (tmp_path / "out").exists()

@@ -146,6 +146,9 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     preprocessors, every sequence length against the model's positions, the data and how it splits,
     the pass order and what each pass can do to this model. Returns the plan, with its warnings."""
     config, adapter = resolve_config(model_ref, trust_remote_code)
+    if recipe.calibration.chat_template and adapter.kind != "generative":
+        raise LmmcError(f"calibration.chat_template: true applies to generative models, and '{model_ref}' is a "
+                        f"{adapter.family} encoder that reads plain text; remove calibration.chat_template")
     model_dir = local_dir(model_ref)
     shapes = meta_model(config, adapter)
     if model_dir:
