@@ -1,4 +1,4 @@
-"""Structured surgery: physically remove attention heads, FFN channels, whole blocks and hidden channels."""
+"""Structured surgery: physically remove attention heads (whole GQA groups), FFN channels (SwiGLU gates too), blocks and hidden channels."""
 
 from __future__ import annotations
 
