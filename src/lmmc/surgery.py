@@ -1,4 +1,4 @@
-"""Structured surgery: physically remove attention heads (whole GQA groups), FFN channels (SwiGLU gates too), blocks and hidden channels."""
+"""Structured surgery: physically remove attention heads (in GQA groups), FFN channels, blocks, hidden channels."""
 
 from __future__ import annotations
 
