@@ -1,0 +1,186 @@
+"""Compiling to a latency target: AntGMM's target/deploy config, selection by importance per predicted
+millisecond of a latency model fitted with real OpenVINO/NNCF INT8 on a tiny BERT, the unreachable
+target refused at plan time, and validate's gate on the measured latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from lmmc.artifact import ExportRecord, PassRecord
+from lmmc.cli import main
+from lmmc.errors import LmmcError
+from lmmc.export.onnx import export_tower
+from lmmc.export.openvino import quantize_openvino, to_openvino
+from lmmc.export.validate import ValidateConfig, latency_target_gate, target_artifact
+from lmmc.latency_budget import cover
+from lmmc.latency_model import Target, fit_latency_model, tower_feed
+from lmmc.recipe import parse_recipe
+from lmmc.runtime import load
+from lmmc.selection import Unit
+from tests.conftest import save_tiny
+from tests.test_structured import make_artifact, run_antgmm
+
+# Small and on one thread: the fit deploys nine structure variants through NNCF.
+DEPLOY = {"runtime": "openvino", "precision": "int8", "threads": 1, "batch": 4, "seq": 32}
+
+
+def calib_feeds(art) -> dict[str, list[dict[str, Any]]]:
+    return {t.name: [{k: v.numpy() for k, v in b.items()} for b in art.calib.calib_batches(t.modality)]
+            for t in art.adapter.towers}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Any]:
+    """A latency model of the tiny BERT on OpenVINO INT8, in a cache folder the passes below reuse."""
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.mktemp("latency-cache")
+    art = make_artifact("bert")
+    model = fit_latency_model(art.teacher, art.adapter, Target(**DEPLOY), cache, calib_feeds(art))
+    return cache, model
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"keep": 0.5, "target": {"speedup": 2}}, "either keep"),
+    ({"target": {"speedup": 2, "latency_ms": 5}}, "exactly one of latency_ms"),
+    ({"target": {}}, "exactly one of latency_ms"),
+    ({"target": {"speedup": 0.5}}, "speedup"),
+    ({"target": {"latency_ms": -1}}, "latency_ms"),
+    ({"keep": 0.5, "deploy": {"runtime": "openvino"}}, "give target too"),
+    ({"target": {"speedup": 2}, "budget": "params"}, "drop budget"),
+    ({"target": {"speedup": 2}, "shares": {"ffn": 0.5, "hidden": 0.5}}, "hidden"),
+    ({"target": {"speedup": 2}, "deploy": {"runtime": "tensorrt"}}, "runtime"),
+    ({"target": {"speedup": 2}, "deploy": {"threads": 0}}, "threads"),
+])
+def test_bad_target_config_is_one_clear_error(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(LmmcError, match=message):
+        parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": bad}]})
+
+
+def test_keep_stays_the_default_budget() -> None:
+    recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": {}}]})
+    assert recipe.passes[0].config.keep == 0.5 and recipe.passes[0].config.target is None
+
+
+def test_cover_reaches_the_amount_with_the_fewest_units_and_keeps_floors() -> None:
+    units = [Unit("a", i, s, 1.0) for i, s in enumerate([0.1, 0.5, 0.9])] + [Unit("b", 0, 0.05, 3.0)]
+    # per cost: b0 0.017, a0 0.1, a1 0.5, a2 0.9; 'a' keeps its best unit
+    assert [(u.group, u.index) for u in cover(units, 3.5, {"a": 1})] == [("b", 0), ("a", 0)]
+    assert [(u.group, u.index) for u in cover(units, 3.0, {"a": 1})] == [("b", 0)]
+    assert cover(units, 0.0, {}) == []
+    assert len(cover(units, 100.0, {"a": 1})) == 3  # the floor holds even when the amount is out of reach
+
+
+def test_fitted_model_predicts_its_held_out_variants_loosely(fitted) -> None:
+    _, model = fitted
+    tower = model.towers["text"]
+    assert tower.fixed >= 0 and tower.block >= 0 and tower.head >= 0 and tower.channel >= 0
+    assert tower.head + tower.channel > 0  # a pruned head or channel must save something
+    # a loaded, shared two-core machine: the bound is loose
+    assert model.fit["held_out_rel_error"]["text"]["max"] < 0.5
+
+
+@pytest.mark.parametrize("shares", [None, {"depth": 0.5, "ffn": 0.25, "heads": 0.25}])
+def test_latency_target_is_met_within_one_unit(fitted, shares) -> None:
+    cache, model = fitted
+    art = make_artifact("bert")
+    start = sum(model.predict(art.student, art.adapter).values())
+    floor = model.towers["text"].fixed + 1 * model.block_ms("text", 1, 1) if shares else \
+        model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)
+    target = floor + 0.5 * (start - floor)
+    config = {"target": {"latency_ms": target}, "deploy": DEPLOY, "latency_cache": cache, "importance": "activation"}
+    metrics = run_antgmm(art, **config, **({"shares": shares} if shares else {}))
+    lat = metrics["latency_target"]
+    predicted = sum(model.predict(art.student, art.adapter).values())
+    assert lat["predicted_ms"] == pytest.approx(predicted)
+    assert lat["target_ms"] == pytest.approx(target) and lat["floor_ms"] == pytest.approx(floor)
+    assert lat["start_ms"] == pytest.approx(start)
+    unit = model.block_ms("text", 4, 64) if shares else max(model.towers["text"].head, model.towers["text"].channel)
+    assert target - unit <= predicted <= target + 1e-9
+    assert lat["model"]["fit"]["held_out_rel_error"] == model.fit["held_out_rel_error"]
+    assert metrics["budget"] == "ms"
+
+
+def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitted, tmp_path) -> None:
+    cache, model = fitted
+    model_dir = save_tiny("bert", tmp_path / "tiny")
+    floor = model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)  # ffn and heads to their floor of 1
+    recipe = {"calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"antgmm": {"target": {"latency_ms": floor / 2}, "deploy": DEPLOY,
+                                     "latency_cache": str(cache)}}],
+              "export": ["onnx"]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(tmp_path / "r.yaml"), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "cannot be reached" in result.output and f"{floor:.3g} ms" in result.output
+    assert "min_heads=1" in result.output and "min_ffn=1" in result.output and "depth a share" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert time.perf_counter() - started < 240  # refused before any scoring, from the cached model
+
+
+def _student_ir(tmp_path: Path, fitted) -> Any:
+    """A pruned student exported to OpenVINO INT8 as the compile's export would, with its antgmm record."""
+    cache, model = fitted
+    art = make_artifact("bert")
+    start = sum(model.predict(art.student, art.adapter).values())
+    floor = model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)
+    metrics = run_antgmm(art, target={"latency_ms": (start + floor) / 2}, deploy=DEPLOY, latency_cache=cache,
+                         importance="activation")
+    art.workdir = tmp_path
+    (tower,) = art.adapter.towers
+    art.onnx[tower.name] = tmp_path / "onnx" / "text.onnx"
+    art.onnx[tower.name].parent.mkdir()
+    export_tower(art.student, tower, art.onnx[tower.name])
+    (tmp_path / "openvino").mkdir()
+    xml = to_openvino(art.onnx[tower.name], tmp_path / "openvino" / "text.xml")
+    int8 = quantize_openvino(xml, tmp_path / "openvino" / "text.int8.xml", calib_feeds(art)["text"])
+    art.exports.append(ExportRecord("text", "openvino", "int8", "nncf", int8))
+    return art, metrics
+
+
+def test_validate_gates_measured_latency_against_the_target(fitted, tmp_path) -> None:
+    art, metrics = _student_ir(tmp_path, fitted)
+    target = Target(**DEPLOY)
+    runner = load(art.exports[0].path, "openvino", target.threads)
+    feed = tower_feed(art.student, art.adapter.towers[0], target)
+    runner.run(feed)
+    times = []
+    for _ in range(15):
+        t = time.perf_counter()
+        runner.run(feed)
+        times.append((time.perf_counter() - t) * 1e3)
+    measured = statistics.median(times)
+
+    def gate(target_ms: float, miss: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        art.records = [PassRecord("antgmm", {}, 0.0, {**metrics, "latency_target":
+                                                      {**metrics["latency_target"], "target_ms": target_ms}})]
+        gates: list[dict[str, Any]] = []
+        result = latency_target_gate(art, ValidateConfig(max_latency_miss=miss, repeats=15), gates)
+        (g,) = gates
+        return result, g
+
+    result, g = gate(measured / 4, None)  # a target four times faster than the artifact runs: missed
+    assert not g["passed"] and g["threshold"] == 0.10 and g["value"] == pytest.approx(result["miss"])
+    assert result["miss"] > 1.0
+    assert result["predicted_ms"] == metrics["latency_target"]["predicted_ms"]
+    assert result["prediction_error"] == pytest.approx((result["predicted_ms"] - result["measured_ms"])
+                                                       / result["measured_ms"])
+    result, g = gate(measured, 0.5)  # the artifact's own independently timed latency: met (loose on a busy CPU)
+    assert g["passed"] and result["miss"] < 0.5
+
+
+def test_validate_refuses_a_target_without_its_artifact(tmp_path) -> None:
+    art = make_artifact("bert")
+    with pytest.raises(LmmcError, match=r"openvino: \{int8: true\}"):
+        target_artifact(art, "text", "openvino", "int8")
+    with pytest.raises(LmmcError, match=r"ort: \{int8: \[static\]\}"):
+        target_artifact(art, "text", "onnxruntime", "int8")
