@@ -81,6 +81,7 @@ def test_predict_reads_uneven_structures():
     one = cut(teacher, adapter, lm.Variant("y", False, {"text": [2]}, {"text": [63]}))
     assert model.predict(one, adapter)["text"] == pytest.approx(1.5 + 0.25 + 2 * 0.125 + 63 * 0.01)
     assert model.block_ms("text", 2, 63) == pytest.approx(0.25 + 2 * 0.125 + 63 * 0.01)
+    assert model.structure_ms("text", [3, 1], [37, 5]) == model.predict(student, adapter)["text"]
     assert LatencyModel.from_json(json.loads(json.dumps(model.to_json()))).towers == model.towers
     keep_hidden_(one, adapter.towers[0], range(20))
     with pytest.raises(LmmcError, match="residual stream is 20 channels wide"):

@@ -100,8 +100,13 @@ class LatencyModel:
                 raise LmmcError(f"the {name} tower's residual stream is {rec['hidden']} channels wide, but this "
                                 f"latency model was measured at {c.hidden}; it does not cover removed hidden "
                                 f"channels: predict before the hidden stage, or leave 'hidden' out of the shares")
-            out[name] = c.fixed + sum(self.block_ms(name, h, ch) for h, ch in zip(rec["heads"], rec["ffn"]))
+            out[name] = self.structure_ms(name, rec["heads"], rec["ffn"])
         return out
+
+    def structure_ms(self, tower: str, heads: list[int], channels: list[int]) -> float:
+        """The tower's ms with one block per list entry, of those heads and FFN channels."""
+        blocks = zip(heads, channels, strict=True)
+        return self._tower(tower).fixed + sum(self.block_ms(tower, h, c) for h, c in blocks)
 
     def _tower(self, name: str) -> TowerLatency:
         if name not in self.towers:
@@ -361,7 +366,8 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     if repeats < 3:
         raise LmmcError(f"repeats = {repeats}; a median needs at least 3 timed runs per variant")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    chosen = variants(read_structure(teacher, adapter))
+    structure = read_structure(teacher, adapter)
+    chosen = variants(structure)
     feeds = _variant_feeds(calib_feeds)
     started = time.perf_counter()
     runs: dict[tuple[str, str], tuple[Model, dict[str, np.ndarray]]] = {}
@@ -379,7 +385,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     for tower in adapter.towers:
         rows = [(v.heads[tower.name], v.ffn[tower.name], ms[(v.name, tower.name)]) for v in chosen if not v.held_out]
         coef = fit_tower(rows)
-        towers[tower.name] = TowerLatency(*coef, hidden=read_structure(teacher, adapter)[tower.name]["hidden"])
+        towers[tower.name] = TowerLatency(*coef, hidden=structure[tower.name]["hidden"])
     model = LatencyModel(target, towers)
     model.fit = _fit_report(model, chosen, ms, {"deploy": deployed - started, "timing": timed - deployed},
                             repeats, key)
@@ -394,8 +400,7 @@ def _fit_report(model: LatencyModel, chosen: list[Variant], ms: dict[tuple[str, 
     rows = []
     for v in chosen:
         for tower in model.towers:
-            c = model.towers[tower]
-            predicted = c.fixed + sum(model.block_ms(tower, h, ch) for h, ch in zip(v.heads[tower], v.ffn[tower]))
+            predicted = model.structure_ms(tower, v.heads[tower], v.ffn[tower])
             measured = ms[(v.name, tower)]
             rows.append({"variant": v.name, "tower": tower, "held_out": v.held_out, "heads": v.heads[tower],
                          "ffn": v.ffn[tower], "measured_ms": measured, "predicted_ms": predicted,
