@@ -195,6 +195,8 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
     (copy / DECODER).unlink()
     with pytest.raises(LmmcError, match="lacks decoder.onnx"):
         Generator(copy)
+    with pytest.raises(LmmcError, match=r"token ids must lie in \[0, 100\)"):
+        gen.generate_ids(None, np.array([[5, 100]]))
 
 
 def compile_with(model_dir: Path, out: Path, recipe: dict) -> tuple[int, str]:

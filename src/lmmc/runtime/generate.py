@@ -77,6 +77,9 @@ class Generator:
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.shape != input_ids.shape:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
+        if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= len(self.embeddings)):
+            raise LmmcError(f"token ids must lie in [0, {len(self.embeddings)}), the model's vocabulary; got "
+                            f"{input_ids.min()}..{input_ids.max()}: tokenise with the compile's saved processor")
         eos = self.spec["eos_token_id"] if eos_token_id is None else eos_token_id
         eos = np.asarray([eos] if isinstance(eos, int) else eos, dtype=np.int64)
         batch = len(input_ids)
@@ -116,6 +119,7 @@ class Generator:
         if proc.image_token not in prompt:
             prompt = f"{proc.image_token}\n{prompt}"
         enc = proc(images=image, text=prompt, return_tensors="np")
-        result = self.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], max_new_tokens)
-        tokens = [t for t in result.tokens[0].tolist() if t not in set(np.atleast_1d(self.spec["eos_token_id"]))]
-        return proc.tokenizer.decode(tokens, skip_special_tokens=True)
+        tokens = self.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"],
+                                   max_new_tokens).tokens[0].tolist()
+        ends = [i for i, t in enumerate(tokens) if t in self.spec["eos_token_id"]]
+        return proc.tokenizer.decode(tokens[:ends[0]] if ends else tokens, skip_special_tokens=True)
