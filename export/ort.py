@@ -128,10 +128,10 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
 
 
 def qdq_without(qdq: onnx.ModelProto, weights: dict[str, onnx.TensorProto], nodes: set[str]) -> onnx.ModelProto:
-    """A copy of a QDQ graph whose MatMul nodes in `nodes` run in float again: they read the activation
-    from before its QuantizeLinear and the weight from the plain export's initialisers `weights`. As the
-    quantiser would, an activation stays quantised for all its readers (a residual Add too) only while a
-    quantised MatMul reads or writes it."""
+    """A copy of a QDQ graph whose MatMul nodes in `nodes` are no longer quantised, as the quantiser's
+    `nodes_to_exclude` leaves them: they read the weight from the plain export's initialisers `weights`,
+    and an activation stays quantised for all its readers (a residual Add too) only while a quantised
+    MatMul reads or writes it."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
     graph = out.graph
@@ -153,7 +153,9 @@ def qdq_without(qdq: onnx.ModelProto, weights: dict[str, onnx.TensorProto], node
         for i, name in enumerate(node.input):
             activation = quantized_activation(name)
             if activation is not None:
-                if node.name in nodes or activation not in still_quantized:
+                # as onnxruntime.quantization does, a node kept fp32 reads an activation that a quantised
+                # sibling still quantises through the shared DequantizeLinear: only its weight is float
+                if activation not in still_quantized:
                     node.input[i] = activation
                 continue
             dq = producer.get(name)
