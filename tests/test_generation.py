@@ -367,3 +367,18 @@ def test_compile_validates_a_pruned_llava_through_its_onnx_export(tmp_path):
     assert report["passed"] is True and all(gate["passed"] for gate in validation["gates"])
     page = (tmp_path / "out" / "report.html").read_text()
     assert f"{g['kl_mean']:.4g}" in page and "ONNX Runtime vs PyTorch student: greedy outputs identical" in page
+
+
+def test_captioner_refuses_a_vision_tower_that_held_out_other_images(short_run, tmp_path):
+    """A dual-encoder teacher split another way would have trained on some of the captioner's test images."""
+    captioner, out = short_run
+    records = {name: _read(out / "data" / f"{name}.jsonl") for name in ("train", "test")}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "model").mkdir()
+    first = records["test"][0]["image"]
+    moved = [r for r in records["test"] if r["image"] != first] + records["train"][:1]  # one image swapped
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in moved))
+    with pytest.raises(SystemExit, match="held out other test images than this split \\(2 differ\\)"):
+        captioner.load_vision_tower(None, tmp_path / "model", records)
+    with pytest.raises(SystemExit, match="no .*test.jsonl beside it"):
+        captioner.load_vision_tower(None, tmp_path / "elsewhere" / "model", records)
