@@ -168,14 +168,16 @@ def test_validate_gates_measured_latency_against_the_target(fitted, tmp_path) ->
         (g,) = gates
         return result, g
 
-    result, g = gate(measured / 4, None)  # a target four times faster than the artifact runs: missed
+    result, g = gate(measured / 10, None)  # a target ten times faster than the artifact runs: missed
     assert not g["passed"] and g["threshold"] == 0.10 and g["value"] == pytest.approx(result["miss"])
-    assert result["miss"] > 1.0
+    assert result["miss"] > 2.0
     assert result["predicted_ms"] == metrics["latency_target"]["predicted_ms"]
     assert result["prediction_error"] == pytest.approx((result["predicted_ms"] - result["measured_ms"])
                                                        / result["measured_ms"])
-    result, g = gate(measured, 0.5)  # the artifact's own independently timed latency: met (loose on a busy CPU)
-    assert g["passed"] and result["miss"] < 0.5
+    # The artifact's own independently timed latency: met. Loose, since a few-millisecond model on a
+    # shared CPU times within a factor of two of itself, not within 10 %.
+    result, g = gate(measured, 1.0)
+    assert g["passed"] and result["miss"] < 1.0
 
 
 def test_validate_refuses_a_target_without_its_artifact(tmp_path) -> None:
