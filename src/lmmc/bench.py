@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmmc.errors import LmmcError
+from lmmc.modelio import text_positions
 from lmmc.runtime import MANIFEST, load
 
 JSON_KIND = "lmmc bench"
@@ -427,9 +428,12 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
     for path in cfg.corpora:
         corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples)
+    # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions.
+    seq = cfg.seq or validate.get("latency_seq") or min(
+        [128, *(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")])
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
-               seq=cfg.seq or validate.get("latency_seq", 128), min_cosine=validate.get("min_cosine"), notes=skipped)
+               seq=seq, min_cosine=validate.get("min_cosine"), notes=skipped)
 
     started = time.perf_counter()
     result: dict[str, Any] = {
