@@ -74,17 +74,22 @@ def split_by_image(labels: np.ndarray, test_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(test)
 
 
-def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[dict]]:
-    """Write the images and the three jsonl files; return their records (image paths relative to `root`)."""
+def write_images(root: Path) -> np.ndarray:
+    """The 1,797 digits as SIDE x SIDE grey PNGs, `root/images/NNNN.png`; returns their labels."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    labels = digits.target
     (root / "images").mkdir(parents=True, exist_ok=True)
     for i, pixels in enumerate(digits.images):
         grey = (pixels * (255.0 / 16.0)).round().astype(np.uint8)  # load_digits counts ink from 0 to 16
         Image.fromarray(grey, mode="L").resize((SIDE, SIDE), Image.Resampling.NEAREST).save(root / f"images/{i:04d}.png")
+    return digits.target
+
+
+def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[dict]]:
+    """Write the images and the three jsonl files; return their records (image paths relative to `root`)."""
+    labels = write_images(root)
     train, test = split_by_image(labels, test_fraction, seed)
     rng = random.Random(seed)
 

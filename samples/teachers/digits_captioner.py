@@ -37,7 +37,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 
@@ -82,16 +81,7 @@ def answer(prompt: str, label: int) -> str:
 
 def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[dict]]:
     """Write the images and the three jsonl files; return their records (image paths relative to `root`)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    labels = data.target
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for i, pixels in enumerate(data.images):
-        grey = (pixels * (255.0 / 16.0)).round().astype(np.uint8)  # load_digits counts ink from 0 to 16
-        Image.fromarray(grey, mode="L").resize((digits.SIDE, digits.SIDE), Image.Resampling.NEAREST).save(
-            root / f"images/{i:04d}.png")
+    labels = digits.write_images(root)
     train, test = digits.split_by_image(labels, test_fraction, seed)
 
     def record(i: int, prompt: str) -> dict:
