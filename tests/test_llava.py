@@ -318,6 +318,16 @@ def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, messa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("passes", [[{"distill": {"steps": 2}}],
+                                    [{"antgmm": {"keep": 0.5, "distill": {}, "distill_steps_per_segment": 2}}]])
+def test_distillation_of_a_generative_model_is_refused_at_plan_time(tmp_path, passes):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    result = _compile(tmp_path, model, write_pairs(tmp_path), {}, passes=passes, validate=False)
+    assert result.exit_code == 2, result.output
+    assert "distillation of generative models (llava) is not supported yet" in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_compile_skips_only_the_exports_and_checks_that_do_not_handle_generative_models():
     from lmmc.compile import skipped
 

@@ -164,6 +164,11 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_bench(recipe)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
                  f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
+    if adapter.kind == "generative":
+        for step in recipe.passes:
+            if step.name == "distill" or getattr(step.config, "distill", None) is not None:
+                raise LmmcError(f"pass '{step.name}': distillation of generative models ({adapter.family}) is not "
+                                f"supported yet; remove the distill step (and antgmm's distill) from the recipe")
     return {
         "model": model_ref,
         "adapter": adapter.family,
