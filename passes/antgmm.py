@@ -101,7 +101,8 @@ class AntGMMConfig(PassConfig):
             if data.get("deploy") is not None or data.get("latency_cache") is not None:
                 raise ValueError("deploy and latency_cache serve a latency target; give target too, or drop them")
             return {**data, "keep": data.get("keep") if data.get("keep") is not None else 0.5}
-        if "budget" in data:
+        # A saved recipe writes the default budget back; only another budget contradicts the target.
+        if data.get("budget", "flops") != "flops":
             raise ValueError("budget says what keep measures; with a latency target the budget is milliseconds: "
                              "drop budget")
         if (data.get("shares") or {}).get("hidden"):
