@@ -8,7 +8,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +25,13 @@ from lmmc.modelio import text_positions
 
 
 class ValidateConfig(PassConfig):
+    # Gates that read figures only one kind of model has; a gate of the other kind would be silently
+    # ignored, so the plan refuses it. The rest (runtime diff, held-out floor, task metric) apply to both.
+    ENCODER_GATES: ClassVar[tuple[str, ...]] = ("min_cosine", "min_cosine_int8", "max_latency_miss")
+    GENERATIVE_GATES: ClassVar[tuple[str, ...]] = ("max_kl", "min_top1_agreement", "min_generation_agreement")
+    SHARED_GATES: ClassVar[tuple[str, ...]] = ("max_runtime_diff", "min_held_out", "min_task_metric",
+                                               "min_task_metric_ratio")
+
     min_cosine: float | None = Field(None, ge=-1, le=1, description="gate: mean teacher-student cosine of "
                                      "pooled embeddings on held-out samples, every tower")
     min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the student's task metric "

@@ -162,10 +162,12 @@ def _fmt(value: float | None) -> str:
     return "n/a (NaN/Inf)" if value is None or value != value or abs(value) == float("inf") else f"{value:.3f}"
 
 
-def summary_table(report: dict) -> str:
-    """The result table printed after a compile."""
+def _tower_table(towers: dict) -> list[str]:
+    """An encoder's validation per tower; nothing when no tower was validated."""
+    if not towers:
+        return []
     rows = [("tower", "cosine", "min cos", "ORT diff", "teacher ms", "student ms", "speedup")]
-    for name, t in report["validation"].get("towers", {}).items():
+    for name, t in towers.items():
         lat = t.get("latency_ms", {})  # absent when the recipe switched latency off ('-' in the table)
         rows.append((name, f"{t['cosine_mean']:.4f}", f"{t['cosine_min']:.4f}",
                      f"{max(t['runtime_max_abs_diff'].values()):.1e}",
@@ -173,7 +175,33 @@ def summary_table(report: dict) -> str:
                      f"{lat['student']:.1f}" if "student" in lat else "-",
                      f"{lat['speedup']:.2f}x" if "speedup" in lat else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+
+def _generation_lines(g: dict | None) -> list[str]:
+    """A generative model's fidelity to the teacher on the held-out samples; nothing when not validated."""
+    if not g:
+        return []
+    lines = [f"generative fidelity on {g['held_out_samples']} held-out samples ({g['answer_tokens']} answer tokens): "
+             f"next-token KL {_fmt(g['kl_mean'])} nats (max {_fmt(g['kl_max'])}), top-1 agreement "
+             f"{_fmt(g['top1_agreement'])}, greedy agreement on the first {g['generation']['tokens']} tokens "
+             f"{_fmt(g['generation']['agreement'])} (matching prefix {_fmt(g['generation']['prefix_mean'])} tokens)"]
+    runtime = g.get("runtime")
+    if runtime:
+        lines.append(f"ONNX Runtime vs PyTorch student: greedy tokens identical {_fmt(runtime['greedy_identical'])}, "
+                     f"first-step logits max abs diff {_sci(runtime['first_logits_max_abs_diff'])}")
+    return lines
+
+
+def _sci(value: float | None) -> str:
+    return "n/a (NaN/Inf)" if value is None or value != value or abs(value) == float("inf") else f"{value:.1e}"
+
+
+def summary_table(report: dict) -> str:
+    """The result table printed after a compile: per tower for an encoder, the generation figures for a
+    generative model, then sparsity, FLOPs, the task metric and the gates."""
+    lines = _tower_table(report["validation"].get("towers") or {}) + _generation_lines(
+        report["validation"].get("generation"))
     sp = report["sparsity"]
     task = report["validation"].get("task_metric")
     towers = sp.get("sparsity_per_tower") or {}
@@ -207,7 +235,10 @@ def summary_table(report: dict) -> str:
 @click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
 @click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up and 3 timed rounds, no memory.")
-def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick):
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, or cuda / cuda:N: ONNX Runtime's CUDA provider (needs onnxruntime-gpu) and PyTorch on the GPU.")
+def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
+              device):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
     from pydantic import ValidationError
@@ -217,7 +248,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     if quick:
         repeats, warmup, no_memory = 3, 1, True
     given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
-             "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None}
+             "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
                           corpora=tuple(Path(c) for c in corpus))

@@ -158,6 +158,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
                        recipe.calibration.chat_template)
     warnings: list[str] = []
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
+    recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)

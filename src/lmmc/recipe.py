@@ -124,6 +124,24 @@ class Recipe(BaseModel):
             for i, step in enumerate(steps):
                 walk(step.config.model_dump(mode="json"), f"{section}[{i}] '{step.name}'")
 
+    def check_gates(self, family: str, kind: str) -> None:
+        """Refuse a validate gate that this kind of model has no figure for (e.g. min_cosine on a generative
+        model, max_kl on an encoder): validation would silently skip it and certify without it."""
+        if self.validate_ is None:
+            return
+        cfg = self.validate_.config
+        generative = kind == "generative"
+        wrong = cfg.ENCODER_GATES if generative else cfg.GENERATIVE_GATES
+        applies = [*(cfg.GENERATIVE_GATES if generative else cfg.ENCODER_GATES), *cfg.SHARED_GATES]
+        given = [g for g in wrong if g in cfg.model_fields_set and getattr(cfg, g) is not None]
+        if given:
+            what = "a generative model, validated by next-token fidelity and greedy generation" if generative else \
+                   "an encoder, validated by the cosine of its embeddings to the teacher's"
+            raise LmmcError(f"validate: {', '.join(given)} {'is a gate' if len(given) == 1 else 'are gates'} for "
+                            f"{'encoders' if generative else 'generative models'}, and this {family} model is "
+                            f"{what}; the gates that apply to it are {', '.join(applies)}. Remove "
+                            f"{', '.join(given)} from the recipe's validate section")
+
     def _check_allocations(self) -> None:
         """An allocation sets per-matrix targets that only a later local pruner applies."""
         steps = [s.build() for s in self.passes]

@@ -1,0 +1,122 @@
+"""What a compile refuses at plan time and prints at the end, per kind of model: validate gates of the
+other family are refused (they would be silently skipped), and a generative model's summary shows its
+generation figures and per-tower sparsity instead of an empty encoder table."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lmmc.cli import main, summary_table
+from tests.conftest import save_tiny, save_tiny_llava
+from tests.test_llava import write_pairs
+
+
+def _dry_run(tmp_path: Path, model: Path, calib: Path, validate: dict, calibration: dict | None = None):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4,
+                                                      **(calibration or {})},
+                                      "passes": [{"wanda": {"sparsity": 0.5}}],
+                                      "validate": {"min_held_out": 4, **validate}}))
+    return CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib", str(calib),
+                                     "-o", str(tmp_path / "out"), "--dry-run"])
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("llava")
+    return save_tiny_llava(folder / "teacher", "clip"), write_pairs(folder)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("bert")
+    calib = folder / "texts.txt"
+    calib.write_text("\n".join(f"the water is cold {i}" for i in range(24)))
+    return save_tiny("bert", folder / "bert"), calib
+
+
+@pytest.mark.parametrize("gates, named", [
+    ({"min_cosine": 0.8}, "min_cosine is a gate for encoders"),
+    ({"min_cosine_int8": 0.9, "max_kl": 1.0}, "min_cosine_int8 is a gate for encoders"),
+    ({"max_latency_miss": 0.2}, "max_latency_miss is a gate for encoders"),
+])
+def test_an_encoder_gate_on_a_generative_model_is_refused_at_plan_time(tmp_path, llava, gates, named):
+    model, calib = llava
+    result = _dry_run(tmp_path, model, calib, gates, {"chat_template": True})
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "this llava model is a generative model" in result.output
+    assert ("the gates that apply to it are max_kl, min_top1_agreement, min_generation_agreement, "
+            "max_runtime_diff, min_held_out, min_task_metric, min_task_metric_ratio") in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("gates, named", [
+    ({"max_kl": 0.5}, "max_kl is a gate for generative models"),
+    ({"min_top1_agreement": 0.9, "min_generation_agreement": 0.8},
+     "min_top1_agreement, min_generation_agreement are gates for generative models"),
+])
+def test_a_generative_gate_on_an_encoder_is_refused_at_plan_time(tmp_path, bert, gates, named):
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, gates)
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "this bert model is an encoder" in result.output
+    assert "the gates that apply to it are min_cosine, min_cosine_int8, max_latency_miss, max_runtime_diff" \
+        in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
+    model, calib = llava
+    shared = {"max_runtime_diff": 1e-3, "min_task_metric": 0.0}
+    result = _dry_run(tmp_path, model, calib, {"max_kl": 1.0, "min_top1_agreement": 0.5, **shared},
+                      {"chat_template": True})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["adapter"] == "llava"
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {"min_cosine": 0.8, "min_cosine_int8": 0.9, **shared})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["adapter"] == "bert"
+
+
+def _generative_report(runtime: bool) -> dict:
+    generation = {"answer_tokens": 40, "kl_mean": 0.0123, "kl_max": 0.5, "top1_agreement": 0.95, "held_out_samples": 6,
+                  "generation": {"tokens": 8, "agreement": 0.5, "prefix_mean": 5.25}}
+    if runtime:
+        generation["runtime"] = {"greedy_identical": 1.0, "first_logits_max_abs_diff": 2.5e-6}
+    return {"validation": {"towers": {}, "generation": generation,
+                           "task_metric": {"name": "exact-match accuracy of the greedy answer", "value": 0.25,
+                                           "teacher": 0.5},
+                           "gates": [{"name": "held-out samples", "passed": True}]},
+            "validated": True, "flops": {},
+            "sparsity": {"sparsity": 0.5, "sparsity_per_tower": {"vision": 0.4, "language": 0.6, "projector": 0.3}},
+            "parameters": {"teacher": 1000, "student": 1000}}
+
+
+def test_a_generative_summary_prints_its_fidelity_and_no_empty_tower_table():
+    lines = summary_table(_generative_report(runtime=True)).splitlines()
+    assert lines == [
+        "generative fidelity on 6 held-out samples (40 answer tokens): next-token KL 0.012 nats (max 0.500), "
+        "top-1 agreement 0.950, greedy agreement on the first 8 tokens 0.500 (matching prefix 5.250 tokens)",
+        "ONNX Runtime vs PyTorch student: greedy tokens identical 1.000, first-step logits max abs diff 2.5e-06",
+        "sparsity of prunable weights: 50.0% (vision 40.0%, language 60.0%, projector 30.0%); parameters "
+        "1,000 -> 1,000",
+        "exact-match accuracy of the greedy answer: student 0.250, teacher 0.500",
+        "gates: held-out samples ok"]
+    assert not any(line.startswith("tower") for line in lines)
+    # Without a generative export there is no runtime line; a NaN KL reads as such, not as a number.
+    report = _generative_report(runtime=False)
+    report["validation"]["generation"]["kl_mean"] = float("nan")
+    lines = summary_table(report).splitlines()
+    assert "next-token KL n/a (NaN/Inf) nats" in lines[0]
+    assert not any(line.startswith("ONNX Runtime") for line in lines)
+
+
+def test_an_unvalidated_summary_has_no_table_header():
+    report = _generative_report(runtime=False)
+    report["validation"], report["validated"] = {}, False
+    assert summary_table(report).splitlines() == [
+        "sparsity of prunable weights: 50.0% (vision 40.0%, language 60.0%, projector 30.0%); parameters "
+        "1,000 -> 1,000"]
