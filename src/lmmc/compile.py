@@ -72,6 +72,20 @@ def _is_lmmc_output(path: Path) -> bool:
     return isinstance(report, dict) and "lmmc_version" in report
 
 
+class OutputTaken(LmmcError):
+    """--out was created or replaced by someone else while the compile ran; the finished work is kept."""
+
+
+def _taken(target: Path, force: bool) -> bool:
+    """Whether `target` holds what this compile may not replace: a link, a file, or a directory that is
+    not an earlier lmmc output (without --force, any directory: it did not exist when the compile began)."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        return True
+    if not target.exists():
+        return False
+    return not force or (any(target.iterdir()) and not _is_lmmc_output(target))
+
+
 def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
     """Every file or directory a compile reads, which an output must never replace."""
     found = [("the current directory", Path.cwd().resolve())]
@@ -347,6 +361,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             write_manifest(art, tmp, recipe.calibration.max_length)
             (tmp / "report.json").write_text(report_json(report))
             write_report_html(tmp)
+            if _taken(out, force):
+                change = "is no longer an earlier lmmc output" if force else "appeared"
+                raise OutputTaken(f"--out '{out}' {change} while the compile ran; it was left untouched. The "
+                                  f"finished compile is kept in '{area.path}': move '{out}' away and run the same "
+                                  f"command with --resume to write it there")
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -359,6 +378,9 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
             raise LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
                             f"Choose an --out on a writable disk, or fix the permissions") from None
+        raise
+    except OutputTaken:
+        area.release()
         raise
     except LmmcError:
         area.discard()

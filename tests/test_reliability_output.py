@@ -1,0 +1,102 @@
+"""The output directory is replaced only if it is still what the compile checked at its start: a directory
+that appears at --out while a compile runs (or an earlier output swapped for someone else's files) is left
+untouched, and the finished work stays resumable."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import lmmc.compile
+from lmmc.cli import main
+from lmmc.resume import work_path
+from tests.conftest import save_tiny
+
+RECIPE = {"calibration": {"random": True, "samples": 8, "eval_samples": 4, "batch_size": 4},
+          "passes": [{"magnitude": {"sparsity": 0.5}}], "export": [], "validate": False}
+
+
+@pytest.fixture
+def setup(tmp_path, one_thread) -> tuple[Path, Path]:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    return save_tiny("bert", tmp_path / "teacher"), recipe
+
+
+def compile_(model: Path, recipe: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", str(out), "--device", "cpu",
+                                     *extra])
+
+
+def intrude(monkeypatch, out: Path, make) -> None:
+    """Run `make(out)` just before the compile moves its output into place."""
+    real = lmmc.compile.write_report_html
+
+    def write_then_intrude(folder):
+        real(folder)
+        make(out)
+    monkeypatch.setattr(lmmc.compile, "write_report_html", write_then_intrude)
+
+
+def users_folder(out: Path) -> None:
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_that_appears_at_out_during_the_compile_is_kept_and_the_work_resumes(setup, tmp_path, monkeypatch,
+                                                                                      force):
+    model, recipe = setup
+    out = tmp_path / "out"
+    if force:  # an earlier lmmc output, swapped for the user's own folder while the compile runs
+        assert compile_(model, recipe, out).exit_code == 0
+        intrude(monkeypatch, out, lambda o: (lmmc.compile.shutil.rmtree(o), users_folder(o)))
+    else:
+        intrude(monkeypatch, out, users_folder)
+    result = compile_(model, recipe, out, *(["--force"] if force else []))
+    assert result.exit_code == 2, result.output
+    change = "is no longer an earlier lmmc output" if force else "appeared"
+    assert f"--out '{out}' {change} while the compile ran; it was left untouched" in result.output
+    assert "run the same command with --resume" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "mine"
+    assert (work_path(out) / "state-01").is_dir()  # the finished pass is kept
+
+    monkeypatch.undo()
+    (out / "thesis.tex").rename(tmp_path / "thesis.tex")
+    out.rmdir()
+    resumed = compile_(model, recipe, out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["magnitude"] and report["sparsity"]["sparsity"] == 0.5
+    assert not work_path(out).exists()
+
+
+@pytest.mark.parametrize("what", ["file", "link"])
+def test_a_file_or_link_put_at_out_during_a_forced_compile_is_kept(setup, tmp_path, monkeypatch, what):
+    model, recipe = setup
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    assert compile_(model, recipe, out).exit_code == 0
+
+    def swap(o: Path) -> None:
+        lmmc.compile.shutil.rmtree(o)
+        o.write_text("notes") if what == "file" else o.symlink_to(elsewhere)
+    intrude(monkeypatch, out, swap)
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert "is no longer an earlier lmmc output while the compile ran" in result.output
+    assert (out.read_text() == "notes") if what == "file" else (out.is_symlink() and out.resolve() == elsewhere)
+    assert (elsewhere / "keep.txt").read_text() == "x"
+
+
+def test_an_earlier_output_is_still_replaced_with_force(setup, tmp_path):
+    model, recipe = setup
+    out = tmp_path / "out"
+    assert compile_(model, recipe, out).exit_code == 0
+    (out / "report.html").write_text("stale")
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").read_text() != "stale" and not work_path(out).exists()
