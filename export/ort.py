@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lmmc.adapters import Adapter, TowerSpec, example_inputs, input_names, prunable_linears
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
+from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
@@ -265,6 +266,8 @@ class OrtConfig(PassConfig):
         ["dynamic", "static"], description="INT8 artifacts: dynamic (weights), static (weights and MatMul "
         "activations, QDQ; the second FFN matrices kept fp32), or {static: {mixed: {max_cosine_drop: d}}} (static "
         "QDQ, the matrices kept fp32 chosen by their measured cosine cost)")
+    fp16: bool = Field(False, description="also write ort/<tower>.fp16.onnx: fp16 weights and matrix work, layer "
+                       "norm, softmax and reductions kept fp32, inputs and outputs fp32 (for GPUs; slow on a CPU)")
     atol: float = Field(1e-4, gt=0, description="largest |fused - plain| allowed on the calibration batches")
     threads: int = Field(2, gt=0, description="ONNX Runtime threads when timing plain against fused")
     latency_batch: int = Field(8, gt=0)
@@ -331,8 +334,21 @@ class OrtExportPass(Pass):
                     quantize_static_onnx(plain, dst, feeds, exclude=fc2_matmuls(art.student, art.adapter, tower, plain))
                     source = "plain"
                 art.exports.append(ExportRecord(tower.name, "onnxruntime", "int8", mode, dst, source=source))
+            if cfg.fp16:
+                result["fp16"] = self._fp16(art, tower, plain, folder)
             metrics[tower.name] = result
         return metrics
+
+    def _fp16(self, art: Artifact, tower: TowerSpec, plain: Path, folder: Path) -> dict[str, int]:
+        """The FP16 graph, from the plain one: ONNX Runtime's CUDA provider runs ORT's fused operators in
+        fp16 on its own, and the plain graph is the one every provider reads."""
+        if _external(plain):
+            raise LmmcError(f"ort.fp16: {plain.name} keeps its weights outside the ONNX file (over 2 GB), and the "
+                            f"fp16 conversion works on a graph in memory, which protobuf caps at 2 GB; set fp16: false")
+        dst = folder / f"{tower.name}.fp16.onnx"
+        counts = to_fp16_onnx(plain, dst)
+        art.exports.append(ExportRecord(tower.name, "onnxruntime", "fp16", "plain", dst, source="plain"))
+        return counts
 
     def _fuse(self, art: Artifact, tower: TowerSpec, plain: Path, folder: Path,
               feeds: list[dict[str, np.ndarray]], result: dict[str, Any]) -> tuple[Path, str]:

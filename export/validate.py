@@ -27,7 +27,7 @@ from lmmc.modelio import text_positions
 class ValidateConfig(PassConfig):
     # Gates that read figures only one kind of model has; a gate of the other kind would be silently
     # ignored, so the plan refuses it. The rest (runtime diff, held-out floor, task metric) apply to both.
-    ENCODER_GATES: ClassVar[tuple[str, ...]] = ("min_cosine", "min_cosine_int8", "max_latency_miss")
+    ENCODER_GATES: ClassVar[tuple[str, ...]] = ("min_cosine", "min_cosine_int8", "min_cosine_fp16", "max_latency_miss")
     GENERATIVE_GATES: ClassVar[tuple[str, ...]] = ("max_kl", "min_top1_agreement", "min_generation_agreement")
     SHARED_GATES: ClassVar[tuple[str, ...]] = ("max_runtime_diff", "min_held_out", "min_task_metric",
                                                "min_task_metric_ratio")
@@ -46,6 +46,11 @@ class ValidateConfig(PassConfig):
                                     "student's outputs (also every further fp32 artifact: fused graph, OpenVINO IR)")
     min_cosine_int8: float | None = Field(None, ge=-1, le=1, description="gate: mean cosine of every INT8 "
                                           "artifact's pooled embeddings to the fp32 student's, held-out samples")
+    min_cosine_fp16: float | None = Field(0.999, ge=-1, le=1, description="gate: mean cosine of every FP16 "
+                                          "artifact's pooled embeddings to the fp32 student's, held-out samples; "
+                                          "applies only where an fp16 artifact is exported")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where ONNX Runtime runs the "
+                        "further artifacts (fused, INT8, FP16): cpu, cuda or cuda:N; cuda needs onnxruntime-gpu")
     latency: bool = Field(True, description="time teacher and student in ONNX Runtime")
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
@@ -311,7 +316,8 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
     for rec in art.exports:
         tower = art.adapter.tower(rec.tower)
         batches = art.calib.eval_batches(tower.modality)
-        model = load_artifact(rec.path, rec.backend, cfg.threads)
+        # OpenVINO IRs and TensorRT engines run where their backend runs; only ONNX files move to the GPU
+        model = load_artifact(rec.path, rec.backend, cfg.threads, cfg.device if rec.backend == "onnxruntime" else None)
         outs = [model.run({n: b[n].numpy() for n in input_names(tower)}) for b in batches]
         t_emb, s_emb = pooled[rec.tower]
         emb = np.concatenate([o["pooled_embedding"] for o in outs])
@@ -319,7 +325,8 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
         label = f"{rec.tower}: {rec.backend} {rec.precision} {rec.variant}"
         result: dict[str, Any] = {
             "tower": rec.tower, "backend": rec.backend, "precision": rec.precision, "variant": rec.variant,
-            "path": str(rec.path.relative_to(art.workdir)),
+            "path": str(rec.path.relative_to(art.workdir)), "device": model.device,
+            **({"providers": list(model.providers)} if model.providers else {}),
             "cosine_to_student": float(to_student.mean()), "cosine_to_student_min": float(to_student.min()),
             "cosine_to_teacher": float(to_teacher.mean()), "cosine_to_teacher_min": float(to_teacher.min()),
         }
@@ -331,7 +338,10 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
                                       "pooled_embedding": float(np.abs(emb - s_emb).max())}
             gates.append(_gate(f"{label}: max abs diff to PyTorch", max(result["max_abs_diff"].values()),
                                cfg.max_runtime_diff, "<="))
-        elif cfg.min_cosine_int8 is not None:
+        elif rec.precision == "fp16":
+            if cfg.min_cosine_fp16 is not None:
+                gates.append(_gate(f"{label}: cosine to fp32 student", result["cosine_to_student"], cfg.min_cosine_fp16, ">="))
+        elif cfg.min_cosine_int8 is not None:  # int8, and mixed (INT8 with some matrices kept fp32)
             gates.append(_gate(f"{label}: cosine to fp32 student", result["cosine_to_student"], cfg.min_cosine_int8, ">="))
         if cfg.min_cosine is not None:
             gates.append(_gate(f"{label}: cosine to teacher", result["cosine_to_teacher"], cfg.min_cosine, ">="))

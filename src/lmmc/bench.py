@@ -3,11 +3,13 @@ interleaved in one run, with fidelity to the fp32 teacher on held-out text and p
 
 The teacher is deployed the ways a user could deploy it without lmmc: PyTorch eager, ONNX Runtime fp32,
 fused and dynamic INT8, OpenVINO fp32 and OpenVINO INT8 by NNCF calibrated on the compile's own
-calibration split. Those files live in a temporary directory; the only file bench writes is its JSON."""
+calibration split; on a CUDA device, PyTorch and ONNX Runtime's CUDA provider (fp32, fused, fp16).
+Those files live in a temporary directory; the only file bench writes is its JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ from lmmc.runtime import MANIFEST, load
 
 JSON_KIND = "lmmc bench"
 CPU_BACKENDS = ("onnxruntime", "openvino")
+GPU_BACKENDS = ("onnxruntime", "tensorrt")
 MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runtime, then loads the artifact "
                  "and runs one timing batch (Linux VmHWM after load+run minus VmRSS before, the peak reset "
                  "after the runtime loaded), MiB")
@@ -51,6 +54,8 @@ class BenchConfig(BaseModel):
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
     calib: Path | None = Field(None, description="the compile's calibration data, when it moved since")
     teacher: Path | None = Field(None, description="the compile's teacher, when it moved since")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where ONNX Runtime and PyTorch run: "
+                        "cpu, or cuda / cuda:N (ONNX Runtime's CUDA provider, from onnxruntime-gpu)")
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Candidate:
     path: Path | None
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     parameters: int | None = None
+    device: str = "cpu"
+    providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,9 +95,10 @@ def read_output(out_dir: Path) -> dict[str, Any]:
         raise LmmcError(f"{report_path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
 
 
-def student_artifacts(out_dir: Path, towers: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every student file a CPU runtime can run (the manifest's list when there is one, else onnx/*.onnx),
-    and a note for each listed artifact of another backend (a TensorRT engine needs a GPU)."""
+def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> tuple[list[dict[str, Any]], list[str]]:
+    """Every student file the device's runtimes can run (the manifest's list when there is one, else
+    onnx/*.onnx), and a note for each listed artifact of another backend: on the CPU a TensorRT engine needs
+    a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs TensorRT installed."""
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
@@ -102,10 +110,17 @@ def student_artifacts(out_dir: Path, towers: list[str]) -> tuple[list[dict[str, 
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
-    skipped = [f"student {e['path']}: {e['backend']} artifacts are not benched on the CPU" for e in entries
-               if e["backend"] not in CPU_BACKENDS]
+    if device == "cpu":
+        backends, where = CPU_BACKENDS, "on the CPU"
+    else:
+        import importlib.util
+
+        backends = GPU_BACKENDS if importlib.util.find_spec("tensorrt") else ("onnxruntime",)
+        where = f"on {device}" + ("" if "tensorrt" in backends else " (tensorrt: not installed)")
+    skipped = [f"student {e['path']}: {e['backend']} artifacts are not benched {where}" for e in entries
+               if e["backend"] not in backends]
     found = [{**e, "label": e["path"], "path": out_dir / e["path"]} for e in entries
-             if e["tower"] in towers and e["backend"] in CPU_BACKENDS]
+             if e["tower"] in towers and e["backend"] in backends]
     if not found:
         raise LmmcError(f"'{out_dir}' holds no student artifact to bench (no {MANIFEST} entries and no "
                         f"onnx/<tower>.onnx for towers {towers}); compile with an export step such as 'export: [onnx]'")
@@ -115,12 +130,18 @@ def student_artifacts(out_dir: Path, towers: list[str]) -> tuple[list[dict[str, 
     return found, skipped
 
 
-def check_backends() -> dict[str, str]:
-    """Versions of the runtimes bench needs; a missing one is bad input naming the extra to install."""
+def check_backends(device: str = "cpu") -> dict[str, str]:
+    """Versions of the runtimes bench needs; a missing one, or an ONNX Runtime without the device's
+    execution provider, is bad input naming what to install."""
     import onnxruntime
     import torch
 
+    from lmmc.runtime.onnxruntime import check_available, providers_for
+
+    check_available(providers_for(device), onnxruntime.get_available_providers())
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    if device != "cpu":
+        return versions  # OpenVINO and NNCF deploy the teacher on the CPU only
     try:
         import nncf
         import openvino
@@ -151,18 +172,20 @@ def check_json_target(path: Path) -> None:
 # The teacher's deployments
 
 
-def torch_runner(model, tower) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """The model in PyTorch eager, with the runtime's interface: numpy in, the tower's outputs out."""
+def torch_runner(model, tower, device: str = "cpu") -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The model in PyTorch eager on `device`, with the runtime's interface: numpy in, the tower's outputs
+    out (copied back to the host, which also waits for the GPU to finish)."""
     import torch
 
     from lmmc.adapters import TowerModule
 
-    module = TowerModule(model, tower).eval()
+    # a copy goes to the GPU: the teacher itself stays on the CPU for the exports that follow
+    module = TowerModule(model if device == "cpu" else copy.deepcopy(model).to(device), tower).eval()
 
     @torch.inference_mode()
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        hidden, pooled = module(*[torch.from_numpy(feed[n]) for n in module.names])
-        return {"last_hidden_state": hidden.numpy(), "pooled_embedding": pooled.numpy()}
+        hidden, pooled = module(*[torch.from_numpy(feed[n]).to(device) for n in module.names])
+        return {"last_hidden_state": hidden.cpu().numpy(), "pooled_embedding": pooled.cpu().numpy()}
 
     return run
 
@@ -184,15 +207,18 @@ def tower_parameters(model, tower) -> int:
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
-                        notes: list[str], progress) -> list[Candidate]:
+                        notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu") -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
-    ONNX Runtime plain, fused (when a fusion holds) and dynamic INT8, OpenVINO fp32 and NNCF INT8."""
+    ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 and NNCF
+    INT8; on a CUDA device ONNX Runtime fp16 instead of the three CPU ones (ORT's dynamic INT8 and
+    OpenVINO run on the CPU)."""
+    from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
     from lmmc.export.openvino import quantize_openvino, to_openvino
     from lmmc.export.ort import FusionFailed, fuse_onnx, quantize_dynamic_onnx
 
     files = {"plain": folder / f"teacher-{tower.name}.onnx", "fused": folder / f"teacher-{tower.name}.fused.onnx",
-             "int8": folder / f"teacher-{tower.name}.int8-dynamic.onnx",
+             "int8": folder / f"teacher-{tower.name}.int8-dynamic.onnx", "fp16": folder / f"teacher-{tower.name}.fp16.onnx",
              "ov": folder / f"teacher-{tower.name}.xml", "ov8": folder / f"teacher-{tower.name}.int8.xml"}
 
     def fuse() -> None:
@@ -208,6 +234,10 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
         ("ORT INT8", lambda: quantize_dynamic_onnx(files["plain"], files["int8"])),
         ("OpenVINO", lambda: to_openvino(files["plain"], files["ov"])),
         ("NNCF INT8", lambda: quantize_openvino(files["ov"], files["ov8"], calib)),
+    ] if device == "cpu" else [
+        ("export", lambda: export_tower(teacher, tower, files["plain"])),
+        ("fuse", fuse),
+        ("ORT FP16", lambda: to_fp16_onnx(files["plain"], files["fp16"])),
     ]
     for what, step in steps:
         progress.set_postfix_str(f"teacher {tower.name}: {what}")
@@ -218,13 +248,15 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
     spec = [("onnxruntime fp32", "onnxruntime", "fp32", "plain"),
             ("onnxruntime fused fp32", "onnxruntime", "fp32", "fused"),
             ("onnxruntime INT8 dynamic", "onnxruntime", "int8", "int8"),
+            ("onnxruntime fp16", "onnxruntime", "fp16", "fp16"),
             ("openvino fp32", "openvino", "fp32", "ov"), ("openvino INT8 (NNCF)", "openvino", "int8", "ov8")]
     out = [Candidate("teacher", tower.name, "PyTorch eager fp32", "pytorch", "fp32", None,
-                     torch_runner(teacher, tower), params)]
+                     torch_runner(teacher, tower, torch_device), params, torch_device)]
     for label, backend, precision, key in spec:
         if files[key].is_file():
-            out.append(Candidate("teacher", tower.name, label, backend, precision, files[key],
-                                 load(files[key], backend, threads).run, params))
+            model = load(files[key], backend, threads, device if backend == "onnxruntime" else None)
+            out.append(Candidate("teacher", tower.name, label, backend, precision, files[key], model.run, params,
+                                 model.device, model.providers))
     return out
 
 
@@ -397,6 +429,9 @@ class _Run:
     seq: int
     min_cosine: float | None  # the recipe's fidelity gate, which the best student artifact must keep
     notes: list[str]
+    device: str = "cpu"  # ONNX Runtime's
+    torch_device: str = "cpu"  # PyTorch eager's: the CPU when torch sees no GPU
+    memory: bool = True
 
 
 def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dict[str, Any]:
@@ -413,14 +448,22 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     for corpus in cfg.corpora:
         if not corpus.exists():
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
-    versions = check_backends()
+    versions = check_backends(cfg.device)
     teacher_ref = str(cfg.teacher) if cfg.teacher else report["model"]
     try:
         _, adapter = resolve_config(teacher_ref)
     except LmmcError as err:
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
-    artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers])
+    artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
+    torch_device, measure_memory = cfg.device, cfg.memory
+    if cfg.device != "cpu":
+        if not torch.cuda.is_available():
+            torch_device = "cpu"
+            skipped.append(f"PyTorch eager runs on the CPU: this torch ({torch.__version__}) sees no CUDA GPU")
+        if measure_memory:
+            measure_memory = False
+            skipped.append("peak memory is not measured on a GPU: it is the host process's RSS")
     calib_cfg = _recipe_calibration(report, cfg)
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
     validate = report["recipe"].get("validate") or {}
@@ -433,15 +476,16 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         [128, *(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")])
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
-               seq=seq, min_cosine=validate.get("min_cosine"), notes=skipped)
+               seq=seq, min_cosine=validate.get("min_cosine"), notes=skipped, device=cfg.device,
+               torch_device=torch_device, memory=measure_memory)
 
     started = time.perf_counter()
     result: dict[str, Any] = {
         "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir), "teacher": teacher_ref,
-        "threads": run.threads, "batch": run.batch, "seq": run.seq, "repeats": cfg.repeats, "warmup": cfg.warmup,
+        "device": run.device, "threads": run.threads, "batch": run.batch, "seq": run.seq, "repeats": cfg.repeats, "warmup": cfg.warmup,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "system": platform.platform()},
-        "versions": versions, "memory": MEMORY_METHOD if cfg.memory else None,
+        "versions": versions, "memory": MEMORY_METHOD if run.memory else None,
         "corpora": {name: {m: sum(len(next(iter(b.values()))) for b in bs) for m, bs in c.items()}
                     for name, c in corpora.items()},
         "towers": {}, "notes": run.notes,
@@ -475,27 +519,31 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
     n = 6 + len(artifacts)
-    with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if cfg.memory else 1), desc=f"bench {tower.name}",
+    with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
-                                         run.threads, run.notes, progress)
+                                         run.threads, run.notes, progress, run.device, run.torch_device)
         params = tower_parameters(run.student, tower)
         for a in artifacts:
+            # ONNX files run on the bench's device; an IR on the CPU, an engine on its GPU
+            device = run.device if a["backend"] == "onnxruntime" else ("cuda" if a["backend"] == "tensorrt" else None)
+            model = load(a["path"], a["backend"], run.threads, device)
             candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
-                                        load(a["path"], a["backend"], run.threads).run, params))
+                                        model.run, params, model.device, model.providers))
         progress.set_postfix_str(f"{tower.name}: timing")
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
         with ThreadPoolExecutor(max_workers=1) as pool:
             memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads)
-                      for c in candidates] if cfg.memory else []
+                      for c in candidates] if run.memory else []
             reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
             for i, cand in enumerate(candidates):
                 progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
                 ms = sorted(times[i])
                 cand.row = {
                     "model": cand.model, "artifact": cand.label, "backend": cand.backend,
-                    "precision": cand.precision, "file": str(cand.path) if cand.model == "student" else None,
+                    "precision": cand.precision, "device": cand.device, "providers": list(cand.providers),
+                    "file": str(cand.path) if cand.model == "student" else None,
                     "size_bytes": file_size(cand.path), "parameters": cand.parameters,
                     "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
                     "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
@@ -536,7 +584,9 @@ def best_pair(rows: list[dict[str, Any]], min_cosine: float | None = None) -> di
 
 def format_table(result: dict[str, Any]) -> str:
     """The bench table, one block per tower, with the comparison that matters last."""
-    lines = [f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
+    device = result.get("device", "cpu")
+    lines = [("" if device == "cpu" else f"device {device} (each row's ONNX Runtime providers are in the JSON), ")
+             + f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
              f"warm-up + {result['repeats']} timed rounds, interleaved; cosine: mean to the fp32 teacher "
              f"(PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
@@ -545,11 +595,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"peak MiB: {result['memory']}")
     for name, tower in result["towers"].items():
         corpora = list(tower["rows"][0]["cosine_to_teacher"])
-        header = ("model", "artifact", "p50 ms", "p90 ms", "items/s", "peak MiB", "MB", "params",
+        on = () if device == "cpu" else ("device",)  # PyTorch stays on the CPU where torch sees no GPU
+        header = ("model", "artifact", *on, "p50 ms", "p90 ms", "items/s", "peak MiB", "MB", "params",
                   *[f"cos {c}" for c in corpora])
         table = [header]
         for r in tower["rows"]:
-            table.append((r["model"], r["artifact"], f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
+            table.append((r["model"], r["artifact"], *[r["device"] for _ in on],
+                          f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
                           f"{r['throughput_per_s']:.1f}",
                           "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
                           "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}",

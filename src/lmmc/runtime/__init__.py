@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lmmc.errors import LmmcError
+
+if TYPE_CHECKING:
+    from lmmc.runtime.onnxruntime import TensorRTOptions
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 MANIFEST = "manifest.json"
@@ -33,6 +36,8 @@ class Model:
     path: Path
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    device: str = "cpu"  # where it runs: cpu, cuda or cuda:N
+    providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers the session uses; other backends: none
 
     @property
     def input_names(self) -> list[str]:
@@ -59,22 +64,37 @@ def backend_for(path: Path) -> str:
                     f"(.engine); pass one of those, or name the backend with backend=...")
 
 
-def load(path: str | Path, backend: str | None = None, threads: int | None = None) -> Model:
+def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
+         tensorrt: "TensorRTOptions | None" = None) -> Model:
     """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
-    runtime's intra-op threads (None: the runtime's default)."""
+    runtime's intra-op threads (None: the runtime's default). `device` (cpu, cuda or cuda:N) picks ONNX
+    Runtime's execution providers, CUDA with the CPU for what CUDA lacks, and `tensorrt`
+    (lmmc.runtime.onnxruntime.TensorRTOptions) puts its TensorRT provider first; a provider this ONNX
+    Runtime lacks is an error naming the package to install, never a quiet fall-back to the CPU. None:
+    the backend's own device (the CPU; a TensorRT engine's GPU)."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
     backend = backend or backend_for(path)
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
-        return OrtModel(path, threads)
+        return OrtModel(path, threads, device or "cpu", tensorrt)
+    if tensorrt is not None:
+        raise LmmcError(f"tensorrt options are for ONNX Runtime's TensorRT provider; {path.name} runs on {backend}")
     if backend == "openvino":
+        if device not in (None, "cpu"):
+            raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; load the ONNX artifact "
+                            f"with device='{device}' instead")
         from lmmc.runtime.openvino import OpenVinoModel
         return OpenVinoModel(path, threads)
     if backend == "tensorrt":
+        if device not in (None, "cuda"):
+            raise LmmcError(f"a TensorRT engine runs on the current NVIDIA GPU, not on '{device}'; pass device='cuda' "
+                            f"or None, and choose the GPU with CUDA_VISIBLE_DEVICES")
         from lmmc.runtime.tensorrt import TrtModel
-        return TrtModel(path, threads)
+        model = TrtModel(path, threads)
+        model.device = "cuda"
+        return model
     raise LmmcError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
@@ -148,7 +168,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 
 
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
-             variant: str | None = None, threads: int | None = None) -> Deployment:
+             variant: str | None = None, threads: int | None = None, device: str | None = None) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
     the compile keeps only when it is the faster, over the plain one."""
     out_dir = Path(out_dir)
@@ -162,7 +182,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
             raise LmmcError(f"{out_dir} has no {backend} {precision} {variant or ''} artifact for the {tower} tower; "
                             f"it has {have}")
         chosen.sort(key=lambda a: a["variant"] != "fused")
-        models[tower] = load(out_dir / chosen[0]["path"], backend, threads)
+        models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device)
     return Deployment(out_dir, manifest, models)
 
 

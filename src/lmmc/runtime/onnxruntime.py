@@ -1,8 +1,12 @@
-"""ONNX Runtime backend of lmmc.runtime: an ONNX file on the CPU execution provider."""
+"""ONNX Runtime backend of lmmc.runtime: an ONNX file on the CPU, CUDA or TensorRT execution provider, the
+providers chosen from the device and never silently replaced by the CPU."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,36 +16,104 @@ from lmmc.runtime import Model, TensorSpec, cast_feed
 # ONNX Runtime's type strings -> numpy dtype names
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
            "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+GPU_INSTALL = ("pip install onnxruntime-gpu (it replaces the CPU-only onnxruntime package: run "
+               "`pip uninstall onnxruntime` first, the two cannot be installed side by side)")
+
+Provider = str | tuple[str, dict[str, str]]
 
 
-def _spec(arg) -> TensorSpec:
-    return TensorSpec(arg.name, _DTYPES.get(arg.type, arg.type),
-                      tuple(d if isinstance(d, int) else None for d in arg.shape))
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """ONNX Runtime's TensorRT execution provider: `fp16` lets TensorRT pick half-precision kernels
+    (trt_fp16_enable), `sparsity` lets it use 2:4 sparse kernels on a 2:4 student (trt_sparsity_enable),
+    `cache_dir` keeps the engines it builds so the next session does not build them again."""
+
+    fp16: bool = False
+    sparsity: bool = False
+    cache_dir: Path | None = None
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", N) from "cpu", "cuda" or "cuda:N"."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise LmmcError(f"unknown device '{device}'; use cpu, cuda or cuda:N (N = GPU index)")
+    kind, _, index = device.partition(":")
+    return kind, int(index or 0)
+
+
+def providers_for(device: str = "cpu", tensorrt: TensorRTOptions | None = None) -> list[Provider]:
+    """The execution providers, most preferred first, that run a graph on `device`: the CPU alone, or
+    CUDA on GPU N with the CPU for the operators CUDA lacks; with `tensorrt`, TensorRT ahead of both."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        if tensorrt is not None:
+            raise LmmcError("the TensorRT execution provider runs on a GPU; pass device='cuda' (or cuda:N) with it")
+        return [CPU]
+    providers: list[Provider] = [(CUDA, {"device_id": str(index)}), CPU]
+    if tensorrt is not None:
+        options = {"device_id": str(index), "trt_fp16_enable": "1" if tensorrt.fp16 else "0",
+                   "trt_sparsity_enable": "1" if tensorrt.sparsity else "0"}
+        if tensorrt.cache_dir is not None:
+            options.update(trt_engine_cache_enable="1", trt_engine_cache_path=str(tensorrt.cache_dir))
+        providers.insert(0, (TENSORRT, options))
+    return providers
+
+
+def check_available(providers: list[Provider], available: list[str]) -> None:
+    """One clear error when a provider the device needs is not in this ONNX Runtime build."""
+    missing = [name for name in (p if isinstance(p, str) else p[0] for p in providers) if name not in available]
+    if not missing:
+        return
+    if TENSORRT in missing and CUDA not in missing:
+        raise LmmcError(f"this ONNX Runtime has no TensorRT execution provider (it has {', '.join(available)}); "
+                        f"install TensorRT 10 (pip install tensorrt) beside onnxruntime-gpu, or run on the CUDA "
+                        f"provider alone")
+    raise LmmcError(f"this ONNX Runtime has no {' or '.join(missing)} (it has {', '.join(available)}): the installed "
+                    f"package runs on the CPU only. For an NVIDIA GPU, {GPU_INSTALL}; or use device cpu")
 
 
 class OrtModel(Model):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, device: str = "cpu",
+                 tensorrt: TensorRTOptions | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise LmmcError("ONNX Runtime is not installed; install it with `pip install onnxruntime` "
                             "(a dependency of lmmc: reinstall with `pip install lmmc`)") from None
+        providers = providers_for(device, tensorrt)
+        check_available(providers, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # a failing run raises with ORT's message; its log would print it twice
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types for unreadable files
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LmmcError(f"ONNX Runtime cannot load '{path}': {first}. The file is corrupt or not an ONNX "
                             f"model; export it again with `lmmc compile`") from None
         self.path = path
+        self.device = device
+        self.providers = tuple(self.session.get_providers())
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if wanted not in self.providers:
+            # a GPU build that cannot reach the GPU (no driver, CUDA or cuDNN libraries) registers only the
+            # CPU provider for the session; running on it would report CPU figures as GPU ones
+            raise LmmcError(f"ONNX Runtime could not start {wanted} for '{path.name}' on {device} (the session has "
+                            f"only {', '.join(self.providers)}); check the NVIDIA driver and the CUDA and cuDNN "
+                            f"libraries onnxruntime-gpu needs, or use device cpu")
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(None, cast_feed(self, feed))))
+
+
+def _spec(arg: Any) -> TensorSpec:
+    return TensorSpec(arg.name, _DTYPES.get(arg.type, arg.type),
+                      tuple(d if isinstance(d, int) else None for d in arg.shape))
