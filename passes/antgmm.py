@@ -19,6 +19,7 @@ from lmmc.errors import LmmcError
 from lmmc.export.ort import calibration_feeds
 from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
 from lmmc.importance import Importance, gate_hook, importance
+from lmmc.joint_selection import BlockUnits, block_loss_change, select_joint
 from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover
 from lmmc.latency_model import fit_latency_model
 from lmmc.modelio import text_positions
@@ -54,10 +55,12 @@ class AntGMMConfig(PassConfig):
                                        "for reuse by later compiles on this machine (a model is reused only for "
                                        "the same CPU, runtime version, target and architecture); default: the "
                                        "compile's output, 'latency-model/'")
-    shares: dict[Stage, float] | None = Field(None, description="share of the removed cost each stage "
-                                              "takes, e.g. {depth: 0.5, ffn: 0.25, heads: 0.25}; stages run "
-                                              "in AntGMM's order depth → ffn → heads → hidden. Default: ffn "
-                                              "and heads in proportion to their cost, so both shrink alike")
+    shares: dict[Stage, float] | Literal["auto"] | None = Field(
+        None, description="share of the removed cost each stage takes, e.g. {depth: 0.5, ffn: 0.25, heads: "
+        "0.25}; stages run in AntGMM's order depth → ffn → heads → hidden. Default with keep: ffn and heads in "
+        "proportion to their cost, so both shrink alike. With a target, omitted or 'auto': no stages; heads, "
+        "FFN channels and whole blocks of every tower compete in one ranking by loss change per predicted "
+        "millisecond (Taylor importance; a block's loss change is measured)")
     importance: Literal["taylor", "activation"] = Field("taylor", description="heads, FFN and hidden channels: "
                                                         "first-order Taylor (needs backward) or gradient-free "
                                                         "activation scores")
@@ -82,8 +85,8 @@ class AntGMMConfig(PassConfig):
 
     @field_validator("shares")
     @classmethod
-    def _shares_sum_to_one(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v is None:
+    def _shares_sum_to_one(cls, v: dict[str, float] | str | None) -> dict[str, float] | str | None:
+        if v is None or v == "auto":
             return v
         if any(x < 0 for x in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
             raise ValueError(f"shares must be non-negative and sum to 1, got {v}")
@@ -98,6 +101,10 @@ class AntGMMConfig(PassConfig):
             raise ValueError("give either keep (a fraction of the blocks' cost) or target (a latency: "
                              "{latency_ms: X} or {speedup: S}), not both")
         if data.get("target") is None:
+            if data.get("shares") == "auto":
+                raise ValueError("shares: auto ranks heads, channels and blocks together by importance per "
+                                 "predicted millisecond, which needs a latency target; give target (e.g. "
+                                 "{speedup: 2}) or explicit shares (e.g. {depth: 0.5, ffn: 0.25, heads: 0.25})")
             if data.get("deploy") is not None or data.get("latency_cache") is not None:
                 raise ValueError("deploy and latency_cache serve a latency target; give target too, or drop them")
             return {**data, "keep": data.get("keep") if data.get("keep") is not None else 0.5}
@@ -105,7 +112,12 @@ class AntGMMConfig(PassConfig):
         if data.get("budget", "flops") != "flops":
             raise ValueError("budget says what keep measures; with a latency target the budget is milliseconds: "
                              "drop budget")
-        if (data.get("shares") or {}).get("hidden"):
+        shares = data.get("shares")
+        if shares in (None, "auto") and data.get("importance", "taylor") != "taylor":
+            raise ValueError("with a target and no shares, heads, channels and blocks are ranked together by "
+                             "loss change, which only Taylor importance estimates: use importance: taylor, or give "
+                             "shares (e.g. {depth: 0.5, ffn: 0.25, heads: 0.25}) to keep activation scores")
+        if isinstance(shares, dict) and shares.get("hidden"):
             raise ValueError("a latency target cannot drive the hidden stage (the latency model has no term for "
                              "the residual width); drop 'hidden' from the shares or use keep")
         return data
@@ -200,7 +212,7 @@ class AntGMMPass(Pass):
         model, adapter = art.student.to(art.device), art.adapter
         self.tokens = _tokens(art, cfg)
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
-        if cfg.shares and cfg.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
+        if isinstance(cfg.shares, dict) and cfg.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
             raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
                             f"text encoders only, not of '{art.student.config.model_type}'; drop 'hidden' from "
                             f"the shares")
@@ -213,15 +225,22 @@ class AntGMMPass(Pass):
         start = blocks_cost(model, adapter, self.head_dims, self.tokens)
         start_blocks = self.costs.blocks(model, adapter)
         total0 = sum(start_blocks.values())
-        shares = self._shares(model, adapter)
+        joint = latency is not None and not isinstance(cfg.shares, dict)
+        shares = {s: 1.0 for s in ("depth", "ffn", "heads")} if joint else self._shares(model, adapter)
         if latency is None:
             plan = self._plan(model, adapter, shares, total0 - cfg.keep * total0, total0)
         else:
             self._check_reachable(model, adapter, shares, latency)
             remove = latency["start_ms"] - latency["target_ms"]
-            plan = self._plan(model, adapter, shares, remove, total0) if remove > 0 else {}
+            if joint:
+                plan = {"joint": remove} if remove > 0 else {}
+            else:
+                plan = self._plan(model, adapter, shares, remove, total0) if remove > 0 else {}
         history: list[dict[str, Any]] = []
         removed = 0.0
+        if plan.get("joint"):
+            for seg in range(1, cfg.segments + 1):
+                history.append(self._joint_segment(art, seg, total0 - seg / cfg.segments * plan["joint"]))
         for stage in (s for s in STAGE_ORDER if plan.get(s)):
             removed += plan[stage]
             stage_start = self._cost(model, adapter)
@@ -414,6 +433,60 @@ class AntGMMPass(Pass):
                     keep_channels_(block, tower, [c for c in range(n) if c not in idx])
             if cfg.distill is not None and chosen:
                 record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
+        record["cost"] = self._cost(model, adapter)
+        record["goal"] = goal
+        return record
+
+    def _joint_segment(self, art: Artifact, seg: int, goal: float) -> dict[str, Any]:
+        """One cut of the joint ranking (no stage shares): heads, FFN channels and whole blocks of every
+        tower by loss change per predicted millisecond, until the blocks' predicted ms reach `goal`.
+        Widths are cut first, then the chosen blocks are faded out (with distillation) and removed."""
+        cfg, model, adapter = self.config, art.student, art.adapter
+        before = self._cost(model, adapter)
+        # Taylor scores of heads and channels are per batch first-order loss changes of zeroing the unit,
+        # summed as absolute values over the calibration batches: one scale for both, no normalising.
+        # A block's is the loss change measured over the same batches (block_loss_change).
+        scores = importance("taylor", model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
+        whole = block_loss_change(model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
+        candidates = []
+        for tower in adapter.towers:
+            for i, block in enumerate(block_list(model, tower)[1]):
+                key = (tower.name, i)
+                g = group_size(block, tower, self.head_dims[tower.name])
+                candidates.append(BlockUnits(
+                    group=key, tower=tower.name, overhead=self.costs.overhead(tower),
+                    head_ms=self.costs.head(tower, block) * g, channel_ms=self.costs.channel(tower, block),
+                    heads=scores.heads[key].reshape(-1, g).sum(1).tolist(), channels=scores.channels[key].tolist(),
+                    block=whole[key], min_heads=-(-cfg.min_heads // g), min_channels=cfg.min_ffn))
+        chosen = select_joint(candidates, before - goal, cfg.min_layers)
+        origin = read_structure(model, adapter)
+        record: dict[str, Any] = {
+            "stage": "joint", "segment": seg, "removed_ms": chosen.removed_ms,
+            "removed_heads": {f"{t}.{i}": len(v) for (t, i), v in chosen.heads.items()},
+            "removed_channels": {f"{t}.{i}": len(v) for (t, i), v in chosen.channels.items()},
+            "block_loss_change": {f"{t}.{i}": v for (t, i), v in whole.items()},
+        }
+        for (tname, i), idx in chosen.heads.items():
+            tower = adapter.tower(tname)
+            block = block_list(model, tower)[1][i]
+            n, g = len(scores.heads[(tname, i)]), group_size(block, tower, self.head_dims[tname])
+            keep_heads_(block, tower, self.head_dims[tname], [h for h in range(n) if h // g not in set(idx)])
+        for (tname, i), idx in chosen.channels.items():
+            block = block_list(model, adapter.tower(tname))[1][i]
+            keep_channels_(block, adapter.tower(tname), [c for c in range(len(scores.channels[(tname, i)]))
+                                                         if c not in set(idx)])
+        drop: dict[str, set[int]] = {}
+        for tname, i in chosen.blocks:
+            drop.setdefault(tname, set()).add(i)
+        record["removed_layers"] = {t: [origin[t]["teacher_layers"][i] for i in sorted(idx)] for t, idx in drop.items()}
+        if cfg.distill is not None and drop:
+            record["distill"] = self._fade_out(art, drop)
+        elif cfg.distill is not None and (chosen.heads or chosen.channels):
+            record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
+        for tname, idx in drop.items():
+            tower = adapter.tower(tname)
+            n = len(block_list(model, tower)[1])
+            keep_blocks_(model, tower, [i for i in range(n) if i not in idx])
         record["cost"] = self._cost(model, adapter)
         record["goal"] = goal
         return record

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from lmmc.adapters import Adapter, TowerSpec, block_linears, block_list
+from lmmc.errors import LmmcError
 from lmmc.latency_model import LatencyModel, Target, tower_feed
 from lmmc.selection import Unit, select_units
 
@@ -76,6 +77,10 @@ class LatencyCosts:
 
     def channel(self, tower: TowerSpec, block: nn.Module) -> float:
         return self.model.towers[tower.name].channel
+
+    def overhead(self, tower: TowerSpec) -> float:
+        """A block with no heads and no channels: what removing a block saves beyond its units."""
+        return self.model.towers[tower.name].block
 
     def block(self, tower: TowerSpec, block: nn.Module) -> float:
         return self.model.block_ms(tower.name, *block_width(block, tower, self.head_dims[tower.name]))
@@ -161,3 +166,29 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
     if students:
         out["student_ms"] = sum(t["student"]["ms"] for t in towers.values())
     return out
+
+
+
+def check_target_exports(passes: list[tuple[str, Any]], exports: list[tuple[str, Any]]) -> None:
+    """Refuse, at plan time, a latency target that validation could not time: the recipe's export steps
+    ((name, config) each) must write the artifact of the target's runtime and precision, the one
+    `lmmc.export.validate.target_artifact` measures."""
+    steps = dict(exports)
+    for i, (name, cfg) in enumerate(passes):
+        if getattr(cfg, "target", None) is None:
+            continue
+        deploy = getattr(cfg, "deploy", None) or DeployConfig()
+        if deploy.runtime == "openvino":
+            ov = steps.get("openvino")
+            ok = ov is not None and (ov.int8 is True if deploy.precision == "int8" else True)
+            fix = "'openvino: {int8: true}'" if deploy.precision == "int8" else "'openvino'"
+        elif deploy.precision == "int8":
+            ok = "ort" in steps and "static" in steps["ort"].int8
+            fix = "'ort: {int8: [static]}'"
+        else:
+            ok, fix = "onnx" in steps, "'onnx'"
+        if not ok:
+            raise LmmcError(f"passes[{i}] '{name}' sets a latency target on {deploy.runtime} {deploy.precision}, but "
+                            f"the recipe exports no {deploy.runtime} {deploy.precision} artifact for validation to "
+                            f"time it on; add {fix} under export (after 'onnx'), or set the target's deploy to a "
+                            f"runtime and precision the recipe exports")

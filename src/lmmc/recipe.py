@@ -68,7 +68,7 @@ class Step(BaseModel):
 
 
 # Pass parameters that name files or directories: resolved against the recipe's directory like calibration.path.
-PATH_PARAMS = ("corpus", "checkpoint_dir")
+PATH_PARAMS = ("corpus", "checkpoint_dir", "latency_cache")
 
 
 class Recipe(BaseModel):
@@ -102,6 +102,10 @@ class Recipe(BaseModel):
                             "with 'validate: false'")
         check_plan(self.steps(), {"teacher", "student"} | ({"calib"} if has_calib else set()))
         self._check_allocations()
+        if self.validated:
+            from lmmc.latency_budget import check_target_exports
+
+            check_target_exports([(s.name, s.config) for s in self.passes], [(s.name, s.config) for s in self.export])
 
     def check_towers(self, family: str, towers: list[str]) -> None:
         """Every per-tower mapping in the passes' settings (keys that are tower names, e.g. distill's
