@@ -90,9 +90,13 @@ def test_joint_selection_takes_the_least_loss_per_millisecond_first() -> None:
     small = select_joint([block], 0.15, min_layers=1)
     assert small.channels == {("text", 0): [0, 2]} and small.heads == {} and small.blocks == []
     assert small.removed_ms == pytest.approx(0.2)
+    # taking head 0 overshoots 1.0 ms: the channels taken before it are given back, the costliest in loss
+    # per ms first, since the head alone still reaches the amount
     larger = select_joint([block], 1.0, min_layers=1)
-    assert larger.channels == {("text", 0): [0, 2]} and larger.heads == {("text", 0): [0]}
-    assert larger.removed_ms == pytest.approx(2.2)
+    assert larger.channels == {} and larger.heads == {("text", 0): [0]}
+    assert larger.removed_ms == pytest.approx(2.0)
+    # given back only while the amount stays reached: channel 2 (0.4 per ms) returns, channel 0 cannot
+    assert select_joint([block], 2.05, min_layers=1).channels == {("text", 0): [0]}
     # the floors cap it: one head and one channel stay whatever is asked
     everything = select_joint([block], 100.0, min_layers=1)
     assert everything.heads == {("text", 0): [0]} and everything.channels == {("text", 0): [0, 2]}

@@ -95,11 +95,24 @@ def select_joint(blocks: list[BlockUnits], remove: float, min_layers: int) -> Jo
             out.blocks.append(group)
             per_tower[b.tower] -= 1
             del alive[group]
+    # The last unit taken may overshoot by up to a whole block: give back removed heads and channels of
+    # blocks that stay, the most loss per ms first, while the removed ms still reach `remove`.
+    removed = [(b.heads[j], b.head_ms, "head", g, j) for g, b in alive.items()
+               for j in heads_order[g][:taken_heads[g]]]
+    removed += [(b.channels[j], b.channel_ms, "channel", g, j) for g, b in alive.items()
+                for j in chan_order[g][:taken_chan[g]]]
+    restored = set()
+    for loss, ms, kind, group, j in sorted(removed, key=lambda u: -_ratio(u[0], u[1])):
+        if out.removed_ms - ms >= remove:
+            out.removed_ms -= ms
+            restored.add((kind, group, j))
     for group in alive:
-        if taken_heads[group]:
-            out.heads[group] = sorted(heads_order[group][:taken_heads[group]])
-        if taken_chan[group]:
-            out.channels[group] = sorted(chan_order[group][:taken_chan[group]])
+        heads = [j for j in heads_order[group][:taken_heads[group]] if ("head", group, j) not in restored]
+        channels = [j for j in chan_order[group][:taken_chan[group]] if ("channel", group, j) not in restored]
+        if heads:
+            out.heads[group] = sorted(heads)
+        if channels:
+            out.channels[group] = sorted(channels)
     return out
 
 
