@@ -181,3 +181,43 @@ def test_minilm_fp16_artifact_validates_in_onnx_runtime_cpu(minilm, tmp_path):
     assert fp16["precision"] == "fp16" and fp16["cosine_to_student"] >= 0.999
     [gate] = [g for g in validation["gates"] if g["name"] == "text: onnxruntime fp16 plain: cosine to fp32 student"]
     assert gate["threshold"] == 0.999 and gate["passed"]
+
+
+def test_bench_on_cuda_keeps_the_artifacts_a_gpu_runs_and_shows_each_rows_device(tmp_path):
+    from lmmc.bench import format_table, student_artifacts
+
+    (tmp_path / "onnx").mkdir()
+    entries = [{"tower": "text", "backend": "onnxruntime", "precision": p, "path": f"onnx/text.{p}.onnx"}
+               for p in ("fp32", "fp16")]
+    entries += [{"tower": "text", "backend": "openvino", "precision": "int8", "path": "openvino/text.int8.xml"},
+                {"tower": "text", "backend": "tensorrt", "precision": "fp16", "path": "tensorrt/text.fp16.engine"}]
+    for e in entries:
+        (tmp_path / e["path"]).parent.mkdir(exist_ok=True)
+        (tmp_path / e["path"]).write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))
+    found, skipped = student_artifacts(tmp_path, ["text"], "cuda:1")
+    assert [a["label"] for a in found] == ["onnx/text.fp32.onnx", "onnx/text.fp16.onnx"]  # this machine: no TensorRT
+    assert skipped == [f"student {p}: {b} artifacts are not benched on cuda:1 (tensorrt: not installed)"
+                       for p, b in (("openvino/text.int8.xml", "openvino"), ("tensorrt/text.fp16.engine", "tensorrt"))]
+    found, skipped = student_artifacts(tmp_path, ["text"])  # the CPU: the IR runs, the engine does not
+    assert [a["backend"] for a in found] == ["onnxruntime", "onnxruntime", "openvino"]
+
+    def row(model, artifact, device, p50):
+        return {"model": model, "artifact": artifact, "device": device, "latency_ms": {"p50": p50, "p90": p50},
+                "throughput_per_s": 8 / p50 * 1e3, "peak_rss_mib": None, "size_bytes": None, "parameters": None,
+                "cosine_to_teacher": {"held-out": 1.0}}
+
+    rows = [row("teacher", "PyTorch eager fp32", "cpu", 9.0), row("teacher", "onnxruntime fp16", "cuda:1", 2.0),
+            row("student", "onnx/text.fp16.onnx", "cuda:1", 1.0)]
+    best = {"student": "onnx/text.fp16.onnx", "teacher": "onnxruntime fp16", "min_cosine": None,
+            "student_meets_min_cosine": True, "latency_ratio": 0.5, "student_cosine": {"held-out": 1.0},
+            "teacher_cosine": {"held-out": 1.0}}
+    result = {"device": "cuda:1", "threads": 1, "batch": 8, "seq": 16, "warmup": 1, "repeats": 3, "memory": None,
+              "machine": {"cpus": 2, "processor": "x86_64"}, "versions": {"onnxruntime": "1.32.0"},
+              "towers": {"text": {"input": {}, "rows": rows, "best": best}}, "notes": []}
+    lines = format_table(result).splitlines()
+    assert lines[0].startswith("device cuda:1")
+    header = next(line for line in lines if line.startswith("model"))
+    assert header.split()[:3] == ["model", "artifact", "device"]
+    # each row's device, the column before the seven figures
+    assert [line.split()[-8] for line in lines if line.startswith(("teacher", "student"))] == ["cpu", "cuda:1", "cuda:1"]
