@@ -212,3 +212,48 @@ def save_tiny_idefics3(path: Path, chat_template: bool = True, seed: int = 0) ->
     tiny_idefics3(seed).save_pretrained(path)
     tiny_idefics3_processor(chat_template).save_pretrained(path)
     return path
+
+
+def write_llava_pairs(folder: Path, n: int = 24) -> Path:
+    """`n` image-prompt-answer records of random 40x40 pictures, in words the tiny tokenizers know."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    with (folder / "pairs.jsonl").open("w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "prompt": "is the picture a number ?",
+                                "text": ["the water is cold", "a man was on the road"][i % 2]}) + "\n")
+    return folder / "pairs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def compiled_llava(tmp_path_factory) -> tuple[Path, object]:
+    """One `lmmc compile` of a saved tiny LLaVA (CLIP tower): Wanda 50 %, the KV-cache ONNX export and
+    validation with every generative gate; (output directory, click result). Exporting a generative model
+    takes most of a minute, so the tests that read a compiled one share this."""
+    import yaml
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    tmp = tmp_path_factory.mktemp("compiled-llava")
+    model = save_tiny_llava(tmp / "teacher", "clip")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"samples": 12, "eval_samples": 6, "batch_size": 4, "chat_template": True},
+        "passes": [{"wanda": {"sparsity": 0.5}}], "export": [{"onnx_generative": {}}],
+        "validate": {"min_held_out": 6, "generation_tokens": 8, "max_kl": 100.0, "min_top1_agreement": 0.0,
+                     "min_generation_agreement": 0.0}}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib",
+                                           str(write_llava_pairs(tmp)), "-o", str(tmp / "out")])
+    finally:
+        torch.set_num_threads(before)
+    return tmp / "out", result

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lmmc
-from conftest import save_tiny, save_tiny_llava, tiny_model, tiny_vocab
+from conftest import save_tiny, tiny_model, tiny_vocab
 from lmmc.cli import main
 from lmmc.adapters import block_list, get_adapter
 from lmmc.errors import LmmcError
@@ -211,17 +211,17 @@ GENERATIVE_RECIPE = {"calibration": {"random": True, "samples": 4, "eval_samples
                      "validate": False}
 
 
-def test_compile_output_generates_what_the_saved_student_generates(tmp_path, one_thread):
-    code, output = compile_with(save_tiny_llava(tmp_path / "llava"), tmp_path / "out", GENERATIVE_RECIPE)
-    assert code == 0, output
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+def test_compile_output_generates_what_the_saved_student_generates(compiled_llava, one_thread):
+    out, result = compiled_llava  # Wanda 50 % and the generative export of a saved tiny LLaVA
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generative"]["decoder"] == "onnx/decoder.onnx"
     decoder = next(a for a in manifest["artifacts"] if a["tower"] == "language")
     assert decoder["path"] == "onnx/decoder.onnx" and decoder["dynamic_axes"]["past_key_values.1.value"] == {"0": "batch", "2": "past"}
-    gen = open_generative(tmp_path / "out", threads=1)
+    gen = open_generative(out, threads=1)
     image = images(1)[0]
     text = gen.generate(image, "the picture of a house is", max_new_tokens=16)
-    student = lmmc.load_student(tmp_path / "out" / "student")
+    student = lmmc.load_student(out / "student")
     enc = gen.preprocessor(images=image, text="<image>\nthe picture of a house is", return_tensors="pt")
     with torch.no_grad():
         want = student.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1]:]
