@@ -1,5 +1,6 @@
-"""ONNX export of a generative vision-language model (LLaVA layout): the vision encoder with its projector
-as one graph, the decoder with a key/value cache as another, and the token embedding table as .npy."""
+"""ONNX export of a generative vision-language model (LLaVA or Idefics3 / SmolVLM layout): the vision
+encoder with its projector as one graph, the decoder with a key/value cache as another, and the token
+embedding table as .npy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydantic import Field
 from torch import nn
 from transformers import DynamicCache
 
+from lmmc.adapters import get_adapter
 from lmmc.artifact import Artifact
 from lmmc.errors import LmmcError
 from lmmc.export.onnx import initializer_map
@@ -38,14 +40,15 @@ def present_names(layers: int) -> list[str]:
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """The LLaVA-style inner model, its decoder and the LM head, or one clear error."""
+    """The inner model, its decoder (LLaVA: language_model, Idefics3: text_model) and the LM head, or one
+    clear error."""
     inner = getattr(model, "model", None)
-    decoder = getattr(inner, "language_model", None)
+    decoder = next((getattr(inner, n) for n in ("language_model", "text_model") if hasattr(inner, n)), None)
     head = getattr(model, "lm_head", None)
     if decoder is None or head is None or not hasattr(inner, "get_image_features") or not hasattr(decoder, "layers"):
         raise LmmcError(f"{type(model).__name__} is not a generative vision-language model (a vision tower, a "
-                        f"projector and a decoder with an LM head, laid out as LlavaForConditionalGeneration); "
-                        f"export encoder models with the 'onnx' pass instead")
+                        f"projector and a decoder with an LM head, laid out as LlavaForConditionalGeneration or "
+                        f"Idefics3ForConditionalGeneration); export encoder models with the 'onnx' pass instead")
     return inner, decoder, head
 
 
@@ -60,7 +63,7 @@ def _cache_shapes(decoder: nn.Module) -> list[tuple[int, int]]:
 
 
 class VisionModule(nn.Module):
-    """pixel_values -> image features in the decoder's width, one row per image token."""
+    """LLaVA: pixel_values [batch, C, H, W] -> image features in the decoder's width, one row per image token."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -76,6 +79,29 @@ class VisionModule(nn.Module):
         # batch axis at export; this selects the same layers and CLS handling without splitting.
         hidden = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
         return self.projector(torch.cat([hidden[i][:, self.start:] for i in self.layers], dim=-1))
+
+
+class Idefics3VisionModule(nn.Module):
+    """Idefics3: pixel_values [batch, images, C, H, W] -> image features [batch, images x image tokens,
+    decoder width], the images of a row one after the other, as the model writes them over its image tokens.
+
+    Every image is a full square at the vision encoder's size, as Idefics3's processor gives it with or
+    without image splitting (one image or its crops and the global view per <image>), so the graph takes
+    no pixel_attention_mask. It encodes every image it is given: the all-zero images a processor pads a
+    batch with, when its prompts hold different numbers of images or crops, the model skips and the
+    runtime refuses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        inner = _parts(model)[0]
+        self.encoder, self.connector = inner.vision_model, inner.connector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch, images = pixel_values.shape[:2]
+        # Without a patch mask the encoder attends over every patch, as it does for an unpadded image.
+        hidden = self.encoder(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state
+        features = self.connector(hidden)
+        return features.reshape(batch, images * features.shape[1], features.shape[2])
 
 
 class DecoderModule(nn.Module):
@@ -113,14 +139,18 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
 
 
 def export_vision(model: nn.Module, path: Path, opset: int = 20) -> dict[str, Any]:
-    """The vision tower and projector as one ONNX: pixel_values [batch, 3, H, W] -> image_features
-    [batch, image tokens, decoder width]; dynamic batch."""
+    """The vision tower and projector as one ONNX: pixel_values [batch, 3, H, W] (Idefics3: [batch,
+    images, 3, H, W]) -> image_features [batch, image tokens, decoder width]; dynamic batch (and images)."""
     vision_cfg = model.config.vision_config
     side = vision_cfg.image_size
-    pixels = torch.randn(2, getattr(vision_cfg, "num_channels", 3), side, side)
+    image = (getattr(vision_cfg, "num_channels", 3), side, side)
     batch = torch.export.Dim("batch")
-    return _export(VisionModule(model).eval(), (pixels,), ["pixel_values"], ["image_features"],
-                   ({0: batch},), path, opset)
+    if get_adapter(model.config.model_type).image_tokens.images_axis:
+        module, pixels = Idefics3VisionModule(model), torch.randn(2, 3, *image)
+        axes = {0: batch, 1: torch.export.Dim("images")}
+    else:
+        module, pixels, axes = VisionModule(model), torch.randn(2, *image), {0: batch}
+    return _export(module.eval(), (pixels,), ["pixel_values"], ["image_features"], (axes,), path, opset)
 
 
 def export_decoder(model: nn.Module, path: Path, opset: int = 20) -> dict[str, Any]:
@@ -168,6 +198,7 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[s
     needs) into `folder`."""
     model = model.cpu().eval()
     _parts(model)
+    image_tokens = get_adapter(model.config.model_type).image_tokens
     text_cfg = model.config.text_config
     gen_cfg = getattr(model, "generation_config", None)
     eos = _token_ids(getattr(gen_cfg, "eos_token_id", None)) or _token_ids(text_cfg.eos_token_id)
@@ -177,7 +208,9 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[s
                "decoder": export_decoder(model, folder / DECODER, opset),
                "embeddings": export_embeddings(model, folder / EMBEDDINGS)}
     spec = {"format": FORMAT, "vision": VISION, "decoder": DECODER, "embeddings": EMBEDDINGS,
-            "image_token_index": model.config.image_token_index, "eos_token_id": eos,
+            "image_token_index": image_tokens.token_id(model.config),
+            "image_tokens_per_image": image_tokens.count(model.config),
+            "images_axis": image_tokens.images_axis, "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
             "layers": metrics["decoder"]["layers"]}
     (folder / SPEC).write_text(json.dumps(spec, indent=1))

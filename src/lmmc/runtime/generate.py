@@ -28,7 +28,7 @@ class Generation:
 
 class Generator:
     """The three generative artifacts of one folder (vision.onnx, decoder.onnx, embed_tokens.npy) and the
-    token ids generative.json records; `preprocessor` (a LLaVA-style processor) is needed by `generate`."""
+    token ids generative.json records; `preprocessor` (the model's processor) is needed by `generate`."""
 
     def __init__(self, folder: str | Path, threads: int | None = None, preprocessor: Any = None) -> None:
         folder = Path(folder)
@@ -56,14 +56,30 @@ class Generator:
             if image.any():
                 raise LmmcError("the prompt holds image tokens but no image was given; pass pixel_values")
             return embeds
+        self._check_pixels(np.asarray(pixel_values), len(input_ids))
         features = self.vision.run({"pixel_values": pixel_values})["image_features"]
         features = features.reshape(-1, features.shape[-1])
         if image.sum() != len(features):
+            per_image = self.spec.get("image_tokens_per_image", "as many as the vision graph gives")
             raise LmmcError(f"the prompt holds {int(image.sum())} image tokens but the images give {len(features)} "
-                            f"features; expand each image token as the model's processor does "
-                            f"({len(features) // len(pixel_values)} per image)")
+                            f"features; expand each image token as the model's processor does ({per_image} per "
+                            f"image)")
         embeds[image] = features
         return embeds
+
+    def _check_pixels(self, pixel_values: np.ndarray, batch: int) -> None:
+        """What the vision graph cannot take, refused before it runs: the wrong rank, or (with an images
+        axis) a row count other than the prompts' or the all-zero images a processor pads a batch with when
+        its prompts hold different numbers of images, which the model itself skips and the graph would encode."""
+        axis = self.spec.get("images_axis", False)
+        want = "[prompts, images, channels, height, width]" if axis else "[images, channels, height, width]"
+        if pixel_values.ndim != (5 if axis else 4) or (axis and len(pixel_values) != batch):
+            raise LmmcError(f"pixel_values must be {want} for {batch} prompt(s); got shape {pixel_values.shape}: "
+                            f"preprocess with the model's saved processor")
+        if axis and not pixel_values.reshape(*pixel_values.shape[:2], -1).any(-1).all():
+            raise LmmcError("pixel_values hold all-zero padding images (prompts with different numbers of "
+                            "images in one batch); the exported vision graph encodes every image it is given, "
+                            "so give every prompt in a batch the same number of images, or run them one by one")
 
     def generate_ids(self, pixel_values: np.ndarray | None, input_ids: np.ndarray,
                      attention_mask: np.ndarray | None = None, max_new_tokens: int = 32,
@@ -118,7 +134,9 @@ class Generator:
             image = Image.open(image).convert("RGB")
         if proc.image_token not in prompt:
             prompt = f"{proc.image_token}\n{prompt}"
-        enc = proc(images=image, text=prompt, return_tensors="np")
+        # Idefics3's processor takes a list of images per prompt; its pixel_attention_mask is all ones for one
+        # prompt (every crop fills the encoder's size), so the vision graph does not read it.
+        enc = proc(images=[[image]] if self.spec.get("images_axis") else image, text=prompt, return_tensors="np")
         tokens = self.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"],
                                    max_new_tokens).tokens[0].tolist()
         ends = [i for i, t in enumerate(tokens) if t in self.spec["eos_token_id"]]
