@@ -1,8 +1,10 @@
 """Training plumbing for fine-tuning passes: learning-rate schedule, torch.distributed set-up and
-collectives, and checkpoints (safetensors + JSON, written atomically) that a run can resume from."""
+collectives, sharding a model over the ranks with torch's FSDP2, and checkpoints (safetensors + JSON,
+written atomically) that a run can resume from."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,6 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmmc.errors import LmmcError
 
@@ -116,24 +122,134 @@ def barrier(ctx: Distributed) -> None:
         dist.barrier(group=ctx.group)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimiser's per-parameter state as flat named tensors ("<index>.<key>"), for safetensors."""
+# --- sharding with FSDP2 ------------------------------------------------------------------------------
+
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
+
+
+def shard_copy(model: nn.Module, units: list[str], device: torch.device) -> nn.Module:
+    """A copy of `model` sharded over every rank with torch's FSDP2 (`fully_shard`): each unit (a
+    transformer block, by its dotted name) is one FSDP unit whose parameters are gathered for its own
+    forward and backward only; the root holds the rest. Every rank keeps 1/world of each parameter, and
+    the gradients and optimiser state made for the copy are sharded the same way.
+
+    The copy is built on the meta device and filled from `model` one parameter at a time, so the full
+    model is never held twice; then `model`'s parameters are emptied (their storage freed) until
+    `unshard_into` refills them. The copy shares `model`'s own attributes (configuration, the process
+    group); its modules and buffers are copies.
+
+    `copy.as_forward(fn, *args)` runs fn as part of the root's forward: code that calls parts of the
+    model directly (an evaluation) then finds the root's parameters gathered, and each unit gathers its
+    own when it runs, exactly as in a forward.
+
+    FSDP2 cannot shard a scalar (a CLIP's logit scale): scalars stay whole on every rank, outside FSDP,
+    and a gradient they get is averaged over the ranks, as DDP and FSDP average every other one."""
+    memo: dict[int, Any] = {id(v): v for k, v in vars(model).items() if not k.startswith("_")}
+    memo |= {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+             for p in model.parameters()}
+    twin = copy.deepcopy(model, memo)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    scalars = {p for p in twin.parameters() if p.dim() == 0}
+    for name in units:
+        fully_shard(twin.get_submodule(name), mesh=mesh, ignored_params=scalars)
+    fully_shard(twin, mesh=mesh, ignored_params=scalars)
+    twin.to_empty(device=device)
+    plain = dict(model.named_parameters())
+    with torch.no_grad():
+        buffers = dict(model.named_buffers())
+        for name, buf in twin.named_buffers():
+            buf.copy_(buffers[name])
+        for name, param in twin.named_parameters():
+            _local(param).copy_(_local(shard_like(plain[name].detach(), param)))
+            plain[name].data = torch.empty(0, dtype=param.dtype, device=plain[name].device)
+            if param.dim() == 0 and param.requires_grad:
+                param.register_hook(_average_over_ranks)
+    twin.as_forward = _call
+    register_fsdp_forward_method(twin, "as_forward")
+    return twin
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a full tensor, placed as the sharded `like` (returned as it is when `like`
+    is not sharded). Every rank holds the full tensor, so nothing is sent."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The whole of a sharded tensor (a collective: every rank calls it), or `x` as it is."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Each tensor whole, gathered one at a time (every rank calls this); returned only where `keep`, so
+    the other ranks never hold more than one whole tensor."""
     out = {}
+    for name, value in tensors.items():
+        value = full_tensor(value.detach())
+        if keep:
+            out[name] = value
+    return out
+
+
+def run_gathered(model: nn.Module, fn, *args, **kwargs):
+    """fn(*args) with `model`'s parameters reachable as in its forward: for a shard_copy, the root's are
+    gathered for the call and freed after it."""
+    if not isinstance(model, FSDPModule):
+        return fn(*args, **kwargs)
+    try:
+        return model.as_forward(fn, *args, **kwargs)
+    finally:
+        model.reshard()
+
+
+def unshard_into(model: nn.Module, sharded: nn.Module) -> None:
+    """Refill `model` (emptied by shard_copy) with the sharded copy's weights, whole, on every rank; one
+    parameter is gathered at a time."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in sharded.named_parameters():
+            params[name].data = full_tensor(param.detach()).to(params[name].device).clone()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat named tensors ("<index>.<key>"), for safetensors.
+
+    Sharded state is gathered whole as by `whole` (every rank calls this; only `keep` returns it), so a
+    checkpoint is the same whether the run was sharded or not."""
+    flat = {}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             if not torch.is_tensor(value):
                 raise TypeError(f"optimiser state '{key}' is not a tensor; it cannot go to safetensors")
-            out[f"{index}.{key}"] = value.detach().cpu().contiguous()
-    return out
+            flat[f"{index}.{key}"] = value
+    return {k: v.cpu().contiguous() for k, v in whole(flat, keep).items()}
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     """Inverse of optimizer_tensors. Hyper-parameters stay the optimiser's own: the learning rate is set
-    from the step number on every step, so the state is all a resumed run needs."""
+    from the step number on every step, so the state is all a resumed run needs. A sharded parameter's
+    state is cut to this rank's shard (scalars such as Adam's step count stay whole)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        like = params[int(index)]
+        state.setdefault(int(index), {})[key] = shard_like(value, like) if value.shape == like.shape else value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
