@@ -10,9 +10,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from lmmc.adapters import get_adapter
+from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
-from lmmc.data import Batch, encode_images, encode_text, read_samples
+from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
+                       tower_batches)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, modality_key, sample_length
 from lmmc.errors import LmmcError
@@ -24,6 +25,8 @@ LayerMap = Literal["origin", "uniform", "closest"] | list[PositiveInt] | dict[st
 # Tokens kept per text sample when recognising held-out samples in a corpus: a shared prefix this long
 # is treated as the same sentence, whatever truncation length either side used.
 _KEY_TOKENS = 24
+# Per-token inputs of a text batch, trimmed to the real tokens when a batch is split into samples.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 class DistillConfig(PassConfig):
@@ -38,16 +41,24 @@ class DistillConfig(PassConfig):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU")
     seed: int = Field(0, description="seeds the data order and the bandit")
-    corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder); default: "
-                               "the calibration samples. Held-out validation samples are always removed")
+    corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder; generative "
+                               "models: a .jsonl of {image, prompt?, text} records); default: the calibration "
+                               "samples. Held-out validation samples are always removed")
     samples: int | None = Field(None, gt=0, description="use at most this many corpus samples for training")
-    max_length: int = Field(128, gt=1, description="token limit for corpus text")
+    max_length: int = Field(128, gt=1, description="token limit for corpus text (generative models: prompt and "
+                            "answer, image tokens aside)")
+    chat_template: bool = Field(False, description="generative models: put corpus prompts in the processor's chat "
+                                "template, as calibration.chat_template does for calibration records")
     dev_samples: int = Field(64, ge=0, description="corpus samples set aside to pick the best checkpoint "
                              "(never trained on, disjoint from the compile's held-out set)")
     eval_every: int = Field(100, ge=0, description="steps between held-out evaluations; 0 = only at the end")
     keep_best: bool = Field(True, description="end with the weights of the best held-out evaluation")
-    hidden: float = Field(1.0, ge=0, description="weight of the layerwise hidden-state loss")
-    output: float = Field(1.0, ge=0, description="weight of the pooled-embedding loss")
+    hidden: float = Field(1.0, ge=0, description="weight of the layerwise hidden-state loss (generative models: "
+                          "also of the projector's image-feature loss)")
+    output: float = Field(1.0, ge=0, description="weight of the pooled-embedding loss; for generative models the "
+                          "weight of the token-level KL(teacher ‖ student) on the answer tokens")
+    temperature: float = Field(1.0, gt=0, description="generative models: softmax temperature of the token-level "
+                               "KL (the loss is scaled by its square)")
     contrastive: float = Field(1.0, ge=0, description="weight of the similarity-matrix loss (dual encoders only)")
     output_loss: OutputLoss = Field("cosine", description="pooled-embedding loss: cosine or mse")
     contrastive_loss: ContrastiveLoss = Field("kl", description="kl on the teacher's softmax over each "
@@ -86,6 +97,26 @@ class DistillConfig(PassConfig):
     resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
                          "(`lmmc compile --resume` sets it)")
     progress: bool = Field(True, description="show a progress bar")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (every rank holds the whole student, its gradients and AdamW "
+        "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
+        "A single process runs unsharded either way")
+
+    def check_model(self, adapter: Adapter) -> None:
+        """What a generative model's distillation cannot take, refused before anything runs."""
+        if adapter.kind != "generative":
+            return
+        if self.corpus and Path(self.corpus).suffix != ".jsonl":
+            raise LmmcError(f"distill: corpus '{self.corpus}' is not a .jsonl, but this generative image-text model "
+                            f"({adapter.family}) distils on image-text records: give a .jsonl with "
+                            f"{{\"image\": ..., \"prompt\": ... (optional), \"text\": the answer or caption}} per line")
+        if self.arm_span == "towers":
+            raise LmmcError("distill: arm_span: towers pairs the stages of a dual encoder's two towers; a generative "
+                            "model's arms are runs of vision blocks, the projector and runs of decoder blocks: "
+                            "use arm_span: tower")
+        if self.contrastive_loss != "kl" or self.output_loss != "cosine":
+            raise LmmcError("distill: output_loss and contrastive_loss apply to encoders; a generative model's output "
+                            "term is the token-level KL (weight: output, softness: temperature): remove them")
 
     @field_validator("corpus")
     @classmethod
@@ -104,16 +135,17 @@ class DistillConfig(PassConfig):
 
 
 def _split_samples(batches: dict[str, list[Batch]], modalities: list[str]) -> list[Sample]:
-    """Pre-encoded batches back into single samples, text trimmed to its real tokens. For pairs the i-th
-    text and image batches hold the same pairs, so samples are zipped by position."""
+    """Pre-encoded batches back into single samples, text trimmed to its real tokens (a generative model's
+    labels with them; its pixels kept whole). For pairs the i-th text and image batches hold the same
+    pairs, so samples are zipped by position."""
     per: dict[str, list[dict[str, torch.Tensor]]] = {}
     for m in modalities:
         rows = []
         for b in batches.get(m, []):
             if m == "text":
-                for ids, mask in zip(b["input_ids"], b["attention_mask"]):
-                    keep = mask.bool()
-                    rows.append({"input_ids": ids[keep], "attention_mask": mask[keep]})
+                for row in range(len(b["input_ids"])):
+                    keep = b["attention_mask"][row].bool()
+                    rows.append({k: v[row][keep] if k in _TOKEN_KEYS else v[row] for k, v in b.items()})
             else:
                 rows += [{"pixel_values": pv} for pv in b["pixel_values"]]
         per[m] = rows
@@ -125,7 +157,10 @@ def _sample_key(sample: Sample) -> tuple:
     parts = []
     for m in sorted(sample):
         if m == "text":
-            parts.append(tuple(sample[m]["input_ids"][:_KEY_TOKENS].tolist()))
+            # A generative sample's tokens start with its image and prompt: only the whole sequence tells
+            # two answers to one image apart.
+            ids = sample[m]["input_ids"] if "labels" in sample[m] else sample[m]["input_ids"][:_KEY_TOKENS]
+            parts.append(tuple(ids.tolist()))
         else:
             parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
     return tuple(parts)
@@ -151,7 +186,7 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     dev comes first, so changing `samples` never moves a sample between the two."""
     if cfg.corpus:
         source = f"corpus '{cfg.corpus}'"
-        samples = encode_corpus(art, Path(cfg.corpus), modalities, cfg.max_length)
+        samples = encode_corpus(art, Path(cfg.corpus), modalities, cfg.max_length, cfg.chat_template)
     else:
         if art.calib is None:
             raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
@@ -180,8 +215,19 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     return train, dev
 
 
-def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int) -> list[Sample]:
-    """The corpus's records that have every modality the model needs, encoded one sample at a time."""
+def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int,
+                  chat_template: bool = False) -> list[Sample]:
+    """The corpus's records that have every modality the model needs, encoded one sample at a time (a
+    generative model's: every record, which must be an image-text record)."""
+    if art.adapter.kind == "generative":
+        records = read_samples(path)
+        check_generative_records(records, path)
+        processor = (art.preprocessor or {}).get("processor")
+        if processor is None:
+            raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
+                            "from a model directory that holds its processor")
+        return _split_samples(tower_batches(encode_generative(processor, records, 64, max_length, chat_template)),
+                              modalities)
     records = [r for r in read_samples(path) if all(m in r for m in modalities)]
     if not records:
         return []
@@ -211,7 +257,11 @@ class DistillPass(Pass):
     Foundation Models"): modules are bandit arms (blocks of a tower, or a stage of both towers), the
     reward is the drop of the whole distillation loss on samples set aside over the step spent on a
     module, and sliding-window Thompson sampling picks the next module (lmmc.optima), with round-robin
-    as its non-adaptive ablation. Pruning masks hold after every step. AdamW, warm-up and cosine decay,
+    as its non-adaptive ablation. Generative image-text models (LLaVA, Idefics3) learn the teacher's
+    next-token distributions on the answer tokens (token-level KL at a temperature), the hidden states of
+    the vision and decoder blocks, and the projector's image features; their arms are runs of vision
+    blocks, the projector, and runs of decoder blocks, and the dev score is teacher-forced KL (top-1
+    agreement reported beside it). Pruning masks hold after every step. AdamW, warm-up and cosine decay,
     clipping, accumulation; checkpoints that resume exactly; DistributedDataParallel under torchrun
     (gloo on CPU, NCCL on GPU). The trainer is lmmc.distiller.
 
@@ -233,6 +283,7 @@ class DistillPass(Pass):
                                          "checkpoint_every": cfg.checkpoint_every or max(1, cfg.steps // 10),
                                          "resume": cfg.resume or art.resume})
         check_towers(art)
+        cfg.check_model(art.adapter)
         train, dev = build_corpus(cfg, art, sorted({modality_key(t) for t in art.adapter.towers}))
         trainer = Trainer(cfg, art, train, dev)
         try:

@@ -31,7 +31,7 @@ from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
                           local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
-from lmmc.pipeline import run_pass
+from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import Recipe
 from lmmc.report_html import write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
@@ -179,11 +179,11 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_bench(recipe)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
                  f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
-    if adapter.kind == "generative":
-        for step in recipe.passes:
-            if step.name == "distill" or getattr(step.config, "distill", None) is not None:
-                raise LmmcError(f"pass '{step.name}': distillation of generative models ({adapter.family}) is not "
-                                f"supported yet; remove the distill step (and antgmm's distill) from the recipe")
+    for step in recipe.passes:
+        if step.name == "distill":
+            step.config.check_model(adapter)
+        elif getattr(step.config, "distill", None) is not None:
+            get_pass("distill").Config(**step.config.distill).check_model(adapter)
     return {
         "model": model_ref,
         "adapter": adapter.family,

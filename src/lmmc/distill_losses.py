@@ -1,5 +1,6 @@
-"""Distillation losses (layerwise hidden states, pooled outputs, dual-encoder similarity matrices) and the
-teacher-student layer mapping, as per-sample functions so any batch split sums to the same objective."""
+"""Distillation losses (layerwise hidden states, pooled outputs, dual-encoder similarity matrices,
+generative models' next-token distributions on answer tokens) and the teacher-student layer mapping, as
+per-sample functions so any batch split sums to the same objective."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lmmc.data import IGNORE_INDEX
 from lmmc.errors import LmmcError
 
 OutputLoss = Literal["cosine", "mse"]
@@ -99,6 +101,17 @@ def kl_logits(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     t = F.log_softmax(teacher.float(), dim=-1)
     s = F.log_softmax(student.float(), dim=-1)
     return (t.exp() * (t - s)).sum(-1)
+
+
+def answer_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+              temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample token-level distillation of a generative model: the mean over the sample's answer tokens
+    of KL(teacher ‖ student) between the next-token distributions softened by `temperature`, times
+    temperature² so the gradient keeps its size whatever the temperature (Hinton et al.). Logits [B, T, V];
+    the logits at t predict the token at t + 1, an answer token where labels[t + 1] is not -100."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).to(torch.float32)
+    kl = kl_logits(student[:, :-1] / temperature, teacher[:, :-1] / temperature)
+    return temperature ** 2 * (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def similarity_loss(s_a: torch.Tensor, s_b_all: torch.Tensor, t_a: torch.Tensor, t_b_all: torch.Tensor,

@@ -1,6 +1,7 @@
-"""The distillation trainer: a student learns the teacher's hidden states, pooled embeddings and (dual
-encoders) similarity matrices, every module each step or one module per step as a schedule picks
-(lmmc.optima), with batching, a teacher-target cache, evaluation on a dev split and resumable checkpoints."""
+"""The distillation trainer: a student learns the teacher's hidden states, pooled embeddings, (dual
+encoders) similarity matrices or (generative models) next-token distributions, every module each step or
+one module per step as a schedule picks (lmmc.optima), with batching, a teacher-target cache, evaluation on
+a dev split and resumable checkpoints."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmmc.adapters import TowerSpec, block_list, prunable_linears, tower_config
+from lmmc.adapters import BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
-from lmmc.data import Batch
-from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
-                                 origin_layer_map, output_loss, uniform_layer_map)
+from lmmc.data import IGNORE_INDEX, Batch
+from lmmc.distill_losses import (answer_kl, check_layer_map, closest_layer_map, contrastive_loss, fit_projection,
+                                 hidden_loss, origin_layer_map, output_loss, uniform_layer_map)
 from lmmc.errors import LmmcError
+from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
                         lr_multiplier, optimizer_tensors, setup_distributed)
@@ -37,6 +39,8 @@ Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sam
 _PROBE_SAMPLES = 32
 # Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
 _RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress"}
+# What a generative model's dev evaluation adds to each point of the curve.
+_GENERATIVE_DEV = ("kl", "top1_agreement")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,20 @@ class TowerPlan:
     scales: list[float] = field(default_factory=list)  # teacher mean square per student layer's target
     skip: set[int] = field(default_factory=set)  # student blocks without a hidden-state term
     pooled_scale: float = 1.0
+    # The tower's output term: "pooled" (an encoder's embedding), "logits" (a generative decoder's
+    # next-token distributions on answer tokens) or None (a generative model's vision tower, whose output
+    # reaches the decoder only through the projector, which has a term of its own).
+    output: str | None = "pooled"
+
+
+@dataclass
+class BridgePlan:
+    """A generative model's projector: it learns the teacher's image features (its output), and its own
+    arm's gradient stops at its input linear so the step changes the projector alone."""
+
+    spec: BridgeSpec
+    input_linear: str  # dotted path of the linear that reads the vision tower's features
+    scale: float = 1.0  # teacher image features' mean square
 
 
 @dataclass
@@ -171,17 +189,21 @@ def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
 
 
 def collate(samples: list[Sample], modality: str, pad_id: int) -> Batch:
-    """Stack samples of one modality; text is right-padded to the longest sample."""
+    """Stack samples of one modality; text is right-padded to the longest sample (a generative model's
+    labels with -100, its pixels stacked)."""
     if modality != "text":
         return {"pixel_values": torch.stack([s[modality]["pixel_values"] for s in samples])}
     length = max(len(s["text"]["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {k: torch.full((len(samples), length), v, dtype=torch.long) for k, v in fill.items()
+           if k in samples[0]["text"]}
     for i, s in enumerate(samples):
         n = len(s["text"]["input_ids"])
-        ids[i, :n] = s["text"]["input_ids"]
-        mask[i, :n] = s["text"]["attention_mask"]
-    return {"input_ids": ids, "attention_mask": mask}
+        for k in out:
+            out[k][i, :n] = s["text"][k]
+    for k in samples[0]["text"].keys() - fill.keys():
+        out[k] = torch.stack([s["text"][k] for s in samples])
+    return out
 
 
 class DistillLoss(nn.Module):
@@ -189,11 +211,14 @@ class DistillLoss(nn.Module):
     DistributedDataParallel wrapper covers every trainable tensor."""
 
     def __init__(self, student: nn.Module, plans: dict[str, TowerPlan], cfg: DistillConfig,
-                 ctx: Distributed, logit_scale: float) -> None:
+                 ctx: Distributed, logit_scale: float, bridge: BridgePlan | None = None,
+                 image_features=None) -> None:
         super().__init__()
         self.student = student
         self.proj = nn.ModuleDict()
         self.plans = plans
+        self.bridge = bridge
+        self.image_features = image_features
         self.cfg = cfg
         self.ctx = ctx
         self.logit_scale = logit_scale
@@ -220,11 +245,12 @@ class DistillLoss(nn.Module):
                 continue
             batch = inputs[modality_key(plan.spec)]
             if seg is None:
-                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)) - plan.skip)
+                run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)) - plan.skip,
+                                stop_after=None if plan.output else plan.n_student - 1)
             else:
                 train_below = seg.first == 0 and cfg.train_embeddings
                 run = run_tower(self.student, plan.spec, batch, set(range(seg.first, seg.last + 1)) - plan.skip,
-                                stop_after=None if seg.last_of_tower else seg.last,
+                                stop_after=None if seg.last_of_tower and plan.output else seg.last,
                                 detach_before=None if train_below else seg.first)
             mask = batch.get("attention_mask")
             for i, h in run.hidden.items():
@@ -232,7 +258,11 @@ class DistillLoss(nn.Module):
                 term = hidden_loss(self.project(name, str(i), h), targets[name]["hidden"][plan.layer_map[i]],
                                    mask, plan.scales[i])
                 per_sample = per_sample + (cfg.hidden / plan.n_student) * term
-            if run.pooled is not None:
+            if run.pooled is not None and plan.output == "logits":
+                if cfg.output:
+                    per_sample = per_sample + cfg.output * answer_kl(run.pooled, targets[name]["pooled"],
+                                                                     batch["labels"], cfg.temperature)
+            elif run.pooled is not None:
                 pooled[name] = run.pooled
                 if cfg.output:
                     p = self.project(name, "pooled", run.pooled)
@@ -240,7 +270,28 @@ class DistillLoss(nn.Module):
                                                                        plan.pooled_scale)
         if cfg.contrastive and len(self.plans) == 2 and pooled:
             per_sample = per_sample + cfg.contrastive * self.contrastive(inputs, pooled, teacher_pooled, sharded)
+        if self.bridge is not None and cfg.hidden and (focus is None or focus.segment(self.bridge.spec.name)):
+            per_sample = per_sample + cfg.hidden * self.bridge_loss(inputs["image"]["pixel_values"],
+                                                                    targets[self.bridge.spec.name]["features"],
+                                                                    alone=focus is not None)
         return per_sample
+
+    def bridge_loss(self, pixel_values: torch.Tensor, teacher: torch.Tensor, alone: bool) -> torch.Tensor:
+        """Per-sample MSE of the projector's image features to the teacher's (scaled like a hidden-state
+        term). `alone`: the gradient stops at the projector's input, so only the projector learns."""
+        handle = None
+        if alone:
+            linear = self.student.get_submodule(self.bridge.input_linear)
+            handle = linear.register_forward_pre_hook(lambda _mod, args: (args[0].detach(), *args[1:]))
+        try:
+            student = self.image_features(self.student, pixel_values)
+        finally:
+            if handle is not None:
+                handle.remove()
+        n = len(pixel_values)
+        # Several images per sample (an images axis) make one sample's row of features.
+        return hidden_loss(student.reshape(n, -1, student.shape[-1]), teacher.reshape(n, -1, teacher.shape[-1]),
+                           None, self.bridge.scale)
 
     def contrastive(self, inputs: dict[str, Batch], pooled: dict[str, torch.Tensor],
                     teacher_pooled: dict[str, torch.Tensor], sharded: bool = True) -> torch.Tensor:
@@ -274,6 +325,16 @@ def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[st
     return {n for (n, _), g in zip(named, grads) if g is not None}
 
 
+def image_side_params(model: nn.Module, image_features, pixel_values: torch.Tensor) -> set[str]:
+    """Parameters that compute a generative model's image features (vision tower and projector): they lie
+    on the decoder's input side, yet are modules of their own, not the decoder's embeddings."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with torch.enable_grad():
+        out = image_features(model, pixel_values)
+        grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
+    return {n for (n, _), g in zip(named, grads) if g is not None}
+
+
 class Trainer:
     """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
 
@@ -290,6 +351,7 @@ class Trainer:
         self.teacher = art.teacher.to(self.device).eval()
         self.student = art.student.to(self.device).eval()
         self.towers = list(art.adapter.towers)
+        self.generative = art.adapter.kind == "generative"
         self.bandit = cfg.schedule == "optima"
         # The bandit's reward is measured on samples of its own, so a step is never judged on what it fitted.
         self.reward_set = train[:cfg.reward_samples] if self.bandit else []
@@ -309,6 +371,13 @@ class Trainer:
                             f"{[t.name for t in self.towers]}; name blocks of those towers")
         self.plans = {t.name: self._plan(t) for t in self.towers}
         self.arms = make_arms(self.plans, cfg.blocks_per_arm, cfg.arm_span)
+        self.bridge = self._bridge()
+        if self.bridge is not None:
+            # The projector is an arm of its own, between the vision tower's arms and the decoder's: its
+            # output (the image features) has a teacher target of its own, and joined to the last vision
+            # arm its term would pull on the vision blocks through their output as well.
+            after = max(k for k, a in enumerate(self.arms) if a.segment(self.bridge.spec.after))
+            self.arms.insert(after + 1, Arm((Segment(self.bridge.spec.name, 0, 0, False),)))
         if cfg.schedule == "optima" and cfg.window < len(self.arms):
             raise LmmcError(f"distill: window ({cfg.window}) must be at least the number of modules "
                             f"({len(self.arms)}: {', '.join(a.name for a in self.arms)})")
@@ -318,7 +387,8 @@ class Trainer:
         projections = self._probe()
         logit_scale = getattr(self.teacher, "logit_scale", None)
         self.objective = DistillLoss(self.student, self.plans, cfg, self.ctx,
-                                   float(logit_scale.detach().exp()) if logit_scale is not None else 1.0)
+                                   float(logit_scale.detach().exp()) if logit_scale is not None else 1.0,
+                                   self.bridge, art.adapter.image_features)
         for name, weight in projections.items():
             lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
             lin.weight.data.copy_(weight)
@@ -329,7 +399,12 @@ class Trainer:
                        if pl.role == "k" and pl.module.bias is not None}
         if not cfg.train_embeddings:
             for t in self.towers:
-                self.frozen |= input_side_params(self.student, t, self._collate(self.train[:2], t))
+                side = input_side_params(self.student, t, self._collate(self.train[:2], t))
+                if self.generative and t.modality == "text":
+                    # The decoder's input side also holds the vision tower and projector, which are trained.
+                    side -= image_side_params(self.student, art.adapter.image_features,
+                                              self._collate(self.train[:2], t)["pixel_values"])
+                self.frozen |= side
         self.flags = {n: p.requires_grad for n, p in self.student.named_parameters()}
         for n, p in self.student.named_parameters():
             p.requires_grad_(self.flags[n] and n not in self.frozen)
@@ -365,6 +440,8 @@ class Trainer:
         layer_map = self.cfg.layer_map
         n_s, n_t = len(block_list(self.student, spec)[1]), len(block_list(self.teacher, spec)[1])
         plan = TowerPlan(spec, n_s, n_t)
+        if self.generative:
+            plan.output = "logits" if spec.modality == "text" else None
         if isinstance(layer_map, dict):
             if spec.name not in layer_map:
                 raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}'; give one "
@@ -380,6 +457,14 @@ class Trainer:
             raise LmmcError(f"skip_hidden names blocks {sorted(plan.skip)} of the {spec.name} tower, which has "
                             f"blocks 0..{n_s - 1}; give 0-based indices of the student's blocks")
         return plan
+
+    def _bridge(self) -> BridgePlan | None:
+        """The projector of a generative model (the bridge whose output the decoder reads as image
+        features), or None."""
+        if not self.generative or not self.art.adapter.bridges:
+            return None
+        spec = self.art.adapter.bridges[0]
+        return BridgePlan(spec, next(iter(bridge_linears(self.student, spec).values())))
 
     def _check_weights(self) -> None:
         """Every module the schedule can pick must have a loss term."""
@@ -447,13 +532,19 @@ class Trainer:
             for i, j in enumerate(plan.layer_map):
                 if s_tok[i].shape[1] != t_tok[j - 1].shape[1]:
                     projections[f"{name}_{i}"] = fit_projection(s_tok[i], t_tok[j - 1])
-            if s_run.pooled.shape[-1] != t_run.pooled.shape[-1]:
+            if plan.output == "pooled" and s_run.pooled.shape[-1] != t_run.pooled.shape[-1]:
                 projections[f"{name}_pooled"] = fit_projection(s_run.pooled.float().cpu(), t_run.pooled.float().cpu())
+        if self.bridge is not None:
+            pixels = self._collate(probe, self.art.adapter.tower(self.bridge.spec.after))["pixel_values"]
+            features = self.art.adapter.image_features(self.teacher, pixels)
+            self.bridge.scale = float(features.float().pow(2).mean())
         return projections
 
     @torch.no_grad()
     def _dev_teacher(self) -> dict[str, torch.Tensor]:
-        return {name: self._embed(self.teacher, plan.spec) for name, plan in self.plans.items()} if self.dev else {}
+        if not self.dev or self.generative:
+            return {}
+        return {name: self._embed(self.teacher, plan.spec) for name, plan in self.plans.items()}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
@@ -493,36 +584,66 @@ class Trainer:
 
     def _needs(self, name: str, focus: Arm | None) -> tuple[set[int], bool]:
         """The teacher layers (1-based) a step's losses read in one tower, and whether they read its
-        pooled embedding (which takes the whole tower)."""
+        output (pooled embedding or logits, which take the whole tower)."""
         plan = self.plans[name]
         if focus is None:
-            return set(plan.layer_map), True
+            return set(plan.layer_map), plan.output is not None
         seg = focus.segment(name)
         if seg is not None:
-            return {plan.layer_map[i] for i in range(seg.first, seg.last + 1)}, seg.last_of_tower
+            return {plan.layer_map[i] for i in range(seg.first, seg.last + 1)}, \
+                seg.last_of_tower and plan.output is not None
         return set(), focus.ends_a_tower and bool(self.cfg.contrastive) and len(self.plans) == 2
 
     @torch.no_grad()
     def teacher_targets(self, inputs: dict[str, Batch], focus: Arm | None, local: list[int]) -> tuple[dict, dict]:
-        """Per tower the teacher hidden states the step reads ({layer: [B, T, d]}) and its pooled
-        embeddings; from the cache when there is one."""
+        """Per tower the teacher hidden states the step reads ({layer: [B, T, d]}) and its output (pooled
+        embeddings, or a decoder's logits [B, T, V]); for a projector, the image features. From the cache
+        when there is one."""
+        if self.cache is None:
+            return self._run_teacher(inputs, focus)
         targets, pooled = {}, {}
         for name, plan in self.plans.items():
             layers, full = self._needs(name, focus)
             if not layers and not full:
                 continue
             batch = inputs[modality_key(plan.spec)]
-            if self.cache is not None:
-                length = batch["input_ids"].shape[1] if "input_ids" in batch else None
-                rows = [self.cache[name][i] for i in local]
-                hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]) for j in layers}
-                targets[name] = {"hidden": hidden, "pooled": torch.stack([r["pooled"] for r in rows])}
-            else:
-                keep = {j - 1 for j in layers}
-                run = run_tower(self.teacher, plan.spec, batch, keep, stop_after=None if full else max(keep))
-                targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            length = batch["input_ids"].shape[1] if "input_ids" in batch else None
+            rows = [self.cache[name][i] for i in local]
+            hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]) for j in layers}
+            out = None
+            if plan.output == "logits":
+                out = torch.stack([_pad_rows(r["pooled"], length) for r in rows])
+            elif plan.output == "pooled":
+                out = torch.stack([r["pooled"] for r in rows])
+            targets[name] = {"hidden": hidden, "pooled": out}
             if full:
-                pooled[name] = targets[name]["pooled"]
+                pooled[name] = out
+        if self._needs_bridge(focus):
+            name = self.bridge.spec.name
+            targets[name] = {"features": torch.stack([self.cache[name][i] for i in local])}
+        return targets, pooled
+
+    def _needs_bridge(self, focus: Arm | None) -> bool:
+        return self.bridge is not None and bool(self.cfg.hidden) and \
+            (focus is None or focus.segment(self.bridge.spec.name) is not None)
+
+    @torch.no_grad()
+    def _run_teacher(self, inputs: dict[str, Batch], focus: Arm | None) -> tuple[dict, dict]:
+        """teacher_targets computed by running the teacher."""
+        targets, pooled = {}, {}
+        for name, plan in self.plans.items():
+            layers, full = self._needs(name, focus)
+            if not layers and not full:
+                continue
+            keep = {j - 1 for j in layers}
+            run = run_tower(self.teacher, plan.spec, inputs[modality_key(plan.spec)], keep,
+                            stop_after=None if full else max(keep))
+            targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            if full:
+                pooled[name] = run.pooled
+        if self._needs_bridge(focus):
+            targets[self.bridge.spec.name] = {
+                "features": self.art.adapter.image_features(self.teacher, inputs["image"]["pixel_values"])}
         return targets, pooled
 
     @torch.no_grad()
@@ -536,7 +657,9 @@ class Trainer:
         if not budget or self.cfg.steps * self.cfg.batch_size < len(self.train):
             return None
         order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
-        cache: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in self.plans}
+        cache: dict[str, dict[int, Any]] = {name: {} for name in self.plans}
+        if self.bridge is not None:
+            cache[self.bridge.spec.name] = {}
         total, done, used = len(order) * len(self.plans), 0, 0
         for name, plan in self.plans.items():
             layers = sorted(set(plan.layer_map))
@@ -544,16 +667,33 @@ class Trainer:
                 chunk = order[k:k + 64]
                 batch = self._collate([self.train[i] for i in chunk], plan.spec)
                 with self._autocast():
-                    run = run_tower(self.teacher, plan.spec, batch, {j - 1 for j in layers})
+                    run = run_tower(self.teacher, plan.spec, batch, {j - 1 for j in layers},
+                                    stop_after=None if plan.output else plan.n_teacher - 1)
                 mask = batch.get("attention_mask")
                 for row, i in enumerate(chunk):
                     real = mask[row].bool() if mask is not None else slice(None)
-                    entry = {"hidden": {j: run.hidden[j - 1][row][real].float() for j in layers},
-                             "pooled": run.pooled[row].float()}
-                    used += 4 * (sum(t.numel() for t in entry["hidden"].values()) + entry["pooled"].numel())
+                    entry = {"hidden": {j: run.hidden[j - 1][row][real].float() for j in layers}}
+                    if plan.output is not None:
+                        # A decoder's logits have a token axis: only the real tokens are kept.
+                        entry["pooled"] = run.pooled[row][real if plan.output == "logits" else slice(None)].float()
+                    used += 4 * (sum(t.numel() for t in entry["hidden"].values())
+                                 + (entry["pooled"].numel() if "pooled" in entry else 0))
                     cache[name][i] = entry
                 done += len(chunk)
                 if used / done * total > budget:
+                    return None
+        if self._needs_bridge(None):
+            spec = self.art.adapter.tower(self.bridge.spec.after)
+            for k in range(0, len(order), 64):
+                chunk = order[k:k + 64]
+                pixels = self._collate([self.train[i] for i in chunk], spec)["pixel_values"]
+                with self._autocast():
+                    features = self.art.adapter.image_features(self.teacher, pixels).float()
+                features = features.reshape(len(chunk), -1, features.shape[-1])
+                for row, i in enumerate(chunk):
+                    cache[self.bridge.spec.name][i] = features[row]
+                used += 4 * features.numel()
+                if used > budget:
                     return None
         return cache
 
@@ -563,13 +703,8 @@ class Trainer:
         if not self.reward_set:
             return None
         inputs = {modality_key(t): self._collate(self.reward_set, t) for t in self.towers}
-        targets, pooled = {}, {}
-        for name, plan in self.plans.items():
-            layers = set(plan.layer_map)
-            with self._autocast():
-                run = run_tower(self.teacher, plan.spec, inputs[modality_key(plan.spec)], {j - 1 for j in layers})
-            targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
-            pooled[name] = run.pooled
+        with self._autocast():
+            targets, pooled = self._run_teacher(inputs, None)
         return inputs, targets, pooled
 
     @torch.no_grad()
@@ -637,9 +772,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Held-out fidelity on the dev samples: mean cosine of pooled embeddings per tower and, for dual
-        encoders, the similarity-matrix loss over every dev pair."""
+        encoders, the similarity-matrix loss over every dev pair; for generative models teacher-forced
+        next-token KL and top-1 agreement on the answer tokens (lmmc.generation)."""
         if not self.dev:
             return {}
+        if self.generative:
+            return self._evaluate_generative()
         student = {}
         cosine = {}
         for name, plan in self.plans.items():
@@ -656,6 +794,17 @@ class Trainer:
                                                             self.cfg.contrastive_loss,
                                                             self.objective.logit_scale).mean())
         return out
+
+    def _evaluate_generative(self) -> dict[str, Any]:
+        """The score is minus the mean KL: it moves with every step, where top-1 agreement on a few dev
+        answers moves in coarse jumps and would keep an early checkpoint over a better later one."""
+        spec = next(t for t in self.towers if t.modality == "text")
+        batches = [self._collate(self.dev[k:k + 64], spec) for k in range(0, len(self.dev), 64)]
+        result = teacher_forced(self.teacher, self.student, batches)
+        return {"step": self.step, "train_seconds": round(self.train_seconds, 2),
+                "seconds": round(time.perf_counter() - self.started, 2), "kl": result["kl_mean"],
+                "top1_agreement": result["top1_agreement"], "answer_tokens": result["answer_tokens"],
+                "score": -result["kl_mean"]}
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -726,7 +875,10 @@ class Trainer:
             postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.step * cfg.batch_size / self.train_seconds:.1f}"}
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._record(self.evaluate())
-                postfix["dev cos"] = f"{self.curve[-1]['score']:.4f}" if self.curve else "-"
+                if self.generative:
+                    postfix["dev kl"] = f"{-self.curve[-1]['score']:.4f}" if self.curve else "-"
+                else:
+                    postfix["dev cos"] = f"{self.curve[-1]['score']:.4f}" if self.curve else "-"
             bar.set_postfix(postfix, refresh=False)
             bar.update()
             if self.checkpoints and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
@@ -776,7 +928,8 @@ class Trainer:
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": sum(tail) / len(tail) if tail else None,
             "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
-            "curve": [{k: c.get(k) for k in ("step", "train_seconds", "seconds", "score", "loss")} for c in self.curve],
+            "curve": [{k: c.get(k) for k in ("step", "train_seconds", "seconds", "score", "loss", *_GENERATIVE_DEV)
+                       if k in c or k not in _GENERATIVE_DEV} for c in self.curve],
             "train_seconds": round(self.train_seconds, 2),
             "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
             "teacher_cached": self.cache is not None, "masked_weights_nonzero": nonzero,
