@@ -24,7 +24,7 @@ from lmmc.objectives import NextTokenObjective, objective_batches
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig
 from lmmc.sparsity import row_mask
-from tests.conftest import (LLAVA_IMAGE_TOKEN, TINY_DECODER, TINY_VISION, save_tiny_idefics3, save_tiny_llava, tiny_idefics3, tiny_llava,
+from tests.conftest import (CORPUS, LLAVA_IMAGE_TOKEN, TINY_DECODER, TINY_VISION, save_tiny_idefics3, save_tiny_llava, tiny_idefics3, tiny_llava,
                             tiny_llava_processor)
 
 ADAPTER = get_adapter("llava")
@@ -318,13 +318,15 @@ def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, messa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("passes", [[{"distill": {"steps": 2}}],
-                                    [{"antgmm": {"keep": 0.5, "distill": {}, "distill_steps_per_segment": 2}}]])
-def test_distillation_of_a_generative_model_is_refused_at_plan_time(tmp_path, passes):
+@pytest.mark.parametrize("passes", [[{"distill": {"steps": 2, "corpus": str(CORPUS)}}],
+                                    [{"antgmm": {"keep": 0.5, "distill": {"corpus": str(CORPUS)},
+                                                 "distill_steps_per_segment": 2}}]])
+def test_a_plain_text_distillation_corpus_for_a_generative_model_is_refused_at_plan_time(tmp_path, passes):
     model = save_tiny_llava(tmp_path / "teacher", "clip")
     result = _compile(tmp_path, model, write_pairs(tmp_path), {}, passes=passes, validate=False)
     assert result.exit_code == 2, result.output
-    assert "distillation of generative models (llava) is not supported yet" in result.output
+    assert "is not a .jsonl, but this generative image-text model (llava) distils on image-text records" \
+        in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
