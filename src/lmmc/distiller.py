@@ -28,7 +28,8 @@ from lmmc.errors import LmmcError
 from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
-                        lr_multiplier, optimizer_tensors, setup_distributed)
+                        lr_multiplier, optimizer_tensors, run_gathered, setup_distributed, shard_copy, shard_like,
+                        unshard_into, whole)
 
 if TYPE_CHECKING:
     from lmmc.passes.distill import DistillConfig
@@ -38,7 +39,8 @@ Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sam
 # Samples (in fixed order) whose activations set loss scales, projections and the "closest" layer map.
 _PROBE_SAMPLES = 32
 # Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
-_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress"}
+# (ddp and fsdp compute the same steps: a checkpoint of either resumes the other, or a single process.)
+_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress", "parallel"}
 # What a generative model's dev evaluation adds to each point of the curve.
 _GENERATIVE_DEV = ("kl", "top1_agreement")
 
@@ -409,7 +411,11 @@ class Trainer:
         for n, p in self.student.named_parameters():
             p.requires_grad_(self.flags[n] and n not in self.frozen)
         self.engine: nn.Module = self.objective
-        if self.ctx.enabled:
+        # fsdp: the objective, student and masks the run started from; their weights wait in the shards.
+        self.plain: tuple[DistillLoss, nn.Module, dict[str, torch.Tensor]] | None = None
+        if self.ctx.enabled and cfg.parallel == "fsdp":
+            self._shard()
+        elif self.ctx.enabled:
             # Modules distilled one at a time leave the others without gradients on most steps.
             self.engine = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -722,7 +728,7 @@ class Trainer:
         indices = self.batch_indices(self.step)
         norm = ctx.world / cfg.batch_size
         if self.bandit and self.reward_loss is None:
-            self.reward_loss = self._whole_loss()
+            self.reward_loss = run_gathered(self.objective, self._whole_loss)
         loss_sum = torch.zeros((), device=self.device)
         for k in range(cfg.grad_accum):
             chunk = indices[k * self.micro:(k + 1) * self.micro]
@@ -731,7 +737,10 @@ class Trainer:
             inputs = {modality_key(t): self._collate([self.train[i] for i in local], t) for t in self.towers}
             with self._autocast():
                 targets, t_pooled = self.teacher_targets(inputs, focus, local)
-            sync = self.engine.no_sync() if ctx.enabled and k + 1 < cfg.grad_accum else nullcontext()
+            # DDP sums a step's micro-batches locally and all-reduces once; FSDP reduce-scatters each
+            # micro-batch, so its gradients accumulate sharded and are never whole.
+            ddp = isinstance(self.engine, DistributedDataParallel)
+            sync = self.engine.no_sync() if ddp and k + 1 < cfg.grad_accum else nullcontext()
             with sync:
                 with self._autocast():
                     loss = self.engine(inputs, targets, focus, norm, t_pooled)
@@ -753,7 +762,7 @@ class Trainer:
         reward = 0.0
         if self.bandit:
             # The weights only change in steps, so this step's "after" is the next step's "before".
-            before, self.reward_loss = self.reward_loss, self._whole_loss()
+            before, self.reward_loss = self.reward_loss, run_gathered(self.objective, self._whole_loss)
             drop = before - self.reward_loss
             reward = drop / max(before, 1e-12) if cfg.reward == "relative" else drop
         for arm in picked:
@@ -816,10 +825,14 @@ class Trainer:
                 "config": self.cfg.model_dump(mode="json")}
 
     def save_step(self) -> None:
-        if self.ctx.main:
-            files = {"weights": self.objective.state_dict(), "optimizer": optimizer_tensors(self.optimizer)}
-            if self.best is not None and self.best[1] != self.step:
-                files["best"] = self.best[2]
+        # Sharded weights and optimiser state are gathered by every rank, one tensor at a time, and kept by
+        # rank 0 alone, which writes them whole: the checkpoint of a sharded run is a plain one.
+        main = self.ctx.main
+        files = {"weights": whole(self.objective.state_dict(), main),
+                 "optimizer": optimizer_tensors(self.optimizer, main)}
+        if self.best is not None and self.best[1] != self.step:
+            files["best"] = whole(self.best[2], main)
+        if main:
             self.checkpoints.save(f"step-{self.step:06d}", files, self._state())
         barrier(self.ctx)
 
@@ -831,7 +844,7 @@ class Trainer:
             return None
         files, state = Checkpoints.load(path)
         try:
-            self.objective.load_state_dict(files["weights"])
+            self.objective.load_state_dict(self._local(files["weights"]))
         except RuntimeError as err:
             raise LmmcError(f"checkpoint '{path}' does not fit this student ({err}); delete it to start afresh") \
                 from None
@@ -845,13 +858,48 @@ class Trainer:
         self.dev_before = state["dev_before"]
         self.reward_loss = state["reward_loss"]
         if state["best"] is not None:
-            weights = files.get("best", self._student_state())
+            weights = self._local(files["best"]) if "best" in files else self._student_state()
             self.best = (state["best"]["score"], state["best"]["step"],
                          {k: v.to(self.device) for k, v in weights.items()})
         return self.step
 
     def _student_state(self) -> dict[str, torch.Tensor]:
+        """The objective's weights (under fsdp this rank's shards: a kept best costs 1/world of the model)."""
         return {k: v.detach().clone() for k, v in self.objective.state_dict().items()}
+
+    def _local(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole weights (a checkpoint's) cut to this rank's shards where the objective is sharded; a
+        tensor that does not fit is left for load_state_dict to report."""
+        current = self.objective.state_dict()
+        return {k: shard_like(v, current[k]) if k in current and v.shape == current[k].shape else v
+                for k, v in tensors.items()}
+
+    # --- sharding (parallel: fsdp) ---------------------------------------------------------------------
+
+    def _shard(self) -> None:
+        """Train a copy of the objective sharded with torch's FSDP2, one unit per block of every tower, the
+        rest (embeddings, heads, projector, projections) in the root unit.
+
+        The teacher stays whole and frozen on every rank: it runs forward only (no gradients, no optimiser
+        state), its targets are often cached before the first step, and sharding it would add one gather
+        per teacher block per step to save (world − 1)/world of its weights."""
+        names = {id(m): n for n, m in self.objective.named_modules()}
+        units = [names[id(b)] for t in self.towers for b in block_list(self.student, t)[1]]
+        self.plain = (self.objective, self.student, self.masks)
+        self.objective = shard_copy(self.objective, units, self.device)
+        self.engine, self.student = self.objective, self.objective.student
+        # A sparse student's masks are cut like its weights: each rank zeroes its own shard of each matrix.
+        self.masks = {n: shard_like(m, self._param(n)) for n, m in self.masks.items()}
+
+    def _unshard(self) -> None:
+        """fsdp: the trained weights, whole, back into the objective and student the run started from, on
+        every rank (as a ddp run ends: every rank goes on with the whole student)."""
+        if self.plain is None:
+            return
+        objective, student, masks = self.plain
+        unshard_into(objective, self.objective)
+        self.objective = self.engine = objective
+        self.student, self.masks, self.plain = student, masks, None
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -859,9 +907,10 @@ class Trainer:
         cfg = self.cfg
         self.resumed_from = self.resume() if cfg.resume and self.checkpoints else None
         if self.resumed_from == "final":
+            self._unshard()
             return {**self.final_metrics, "resumed_from": "final"}
         if self.resumed_from is None:
-            self.dev_before = self.evaluate()
+            self.dev_before = run_gathered(self.objective, self.evaluate)
             if self.dev_before:
                 self.best = (self.dev_before["score"], 0, self._student_state())
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill ({cfg.schedule})", unit="step",
@@ -874,7 +923,7 @@ class Trainer:
             self.losses.append(loss)
             postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.step * cfg.batch_size / self.train_seconds:.1f}"}
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self._record(self.evaluate())
+                self._record(run_gathered(self.objective, self.evaluate))
                 if self.generative:
                     postfix["dev kl"] = f"{-self.curve[-1]['score']:.4f}" if self.curve else "-"
                 else:
@@ -885,12 +934,13 @@ class Trainer:
                     and self.step < cfg.steps:
                 self.save_step()
         bar.close()
-        final_eval = self.evaluate()
+        final_eval = run_gathered(self.objective, self.evaluate)
         self._record(final_eval)
         kept = self.step
         if cfg.keep_best and self.best is not None and self.best[0] > final_eval.get("score", float("-inf")):
             self.objective.load_state_dict(self.best[2])
             kept = self.best[1]
+        self._unshard()
         self.apply_masks()
         metrics = self._metrics(kept)
         if self.checkpoints:

@@ -1,0 +1,152 @@
+"""The distill pass under torchrun with `parallel: fsdp` (torch's FSDP2 on two gloo ranks on CPU): the
+weights after N steps equal DDP's and one process's (same data order, same global batch), a Wanda 50 %
+student keeps its zeros, each rank holds half of the optimiser state, and a checkpoint written sharded
+resumes in a single process to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+# Two micro-batches per step (FSDP reduce-scatters each, DDP only the last), a dev evaluation mid-run
+# (it calls the student outside the engine's forward), checkpoints every two steps.
+BERT_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="all", dev_samples=8, eval_every=3,
+                keep_best=False, progress=False, checkpoint_every=2)
+# OPTIMA over both CLIP towers: modules trained one at a time leave blocks unused, a step can stop the
+# forward early, and the contrastive loss gathers embeddings across ranks.
+CLIP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", blocks_per_arm=1, window=8,
+                dev_samples=8, eval_every=3, keep_best=False, progress=False)
+TOL = 1e-5
+
+
+def wanda_bert():
+    from test_distill import tiny_art
+
+    from lmmc.pipeline import get_pass, run_pass
+
+    art = tiny_art("bert", sparsity=0)
+    wanda = get_pass("wanda")
+    run_pass(wanda(wanda.Config(sparsity=0.5)), art)
+    return art
+
+
+def run(art, **cfg) -> tuple[dict, int]:
+    """Distil as the pass does; also count this rank's elements of AdamW's first moment."""
+    from test_distill import Distill, trainer
+
+    t = trainer(art, Distill.Config(**cfg))
+    try:
+        metrics = t.fit()
+        held = sum(s["exp_avg"].to_local().numel() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"].numel()
+                   for s in t.optimizer.state.values())
+    finally:
+        t.restore_flags()
+    return metrics, held
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_fsdp_trains_the_weights_of_ddp_and_of_one_process_and_keeps_wanda_zeros(ranks, one_thread):
+    art = wanda_bert()
+    start = weights(art.student)
+    single, held_single = run(art, **BERT_CFG)
+    expected = weights(art.student)
+
+    for rank in range(2):
+        fsdp = load_file(str(ranks / f"bert-fsdp-rank{rank}.safetensors"))
+        ddp = load_file(str(ranks / f"bert-ddp-rank{rank}.safetensors"))
+        assert close(fsdp, expected) <= TOL and close(fsdp, ddp) <= TOL
+        for name, mask in art.masks.items():
+            assert mask.float().mean() == 0.5, name
+            assert int(fsdp[name][~mask].count_nonzero()) == 0, name
+        info = json.loads((ranks / f"bert-rank{rank}.json").read_text())
+        assert info["fsdp"]["world_size"] == 2 and info["fsdp"]["masked_weights_nonzero"] == 0
+        # Sharded: each rank holds half of AdamW's state (rows of odd-sized matrices pad one rank's share).
+        assert info["ddp_held"] == held_single
+        assert 0.5 * held_single <= info["fsdp_held"] <= 0.52 * held_single
+    # The runs did train: the weights moved far more than the tolerance.
+    assert close(expected, start) > 1e-3
+
+
+def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(ranks, tmp_path, one_thread):
+    art = wanda_bert()
+    run(art, **BERT_CFG)
+    uninterrupted = weights(art.student)
+
+    # The sharded run's checkpoints with its final one gone, as if it had been killed after step 4.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ranks / "ckpt", ckpt)
+    [run_dir] = ckpt.iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "step-000002", "step-000004"]
+    step4 = load_file(str(run_dir / "step-000004" / "weights.safetensors"))
+    # Whole tensors, not one rank's shards.
+    assert {k.removeprefix("student."): v.shape for k, v in step4.items()} == \
+        {k: v.shape for k, v in uninterrupted.items()}
+    shutil.rmtree(run_dir / "final")
+
+    art = wanda_bert()
+    metrics, _ = run(art, **BERT_CFG, checkpoint_dir=str(ckpt), resume=True)
+    assert metrics["resumed_from"] == 4
+    assert close(weights(art.student), uninterrupted) <= TOL
+
+
+def test_fsdp_optima_on_both_clip_towers_matches_one_process(ranks, one_thread):
+    from test_distill import tiny_art
+
+    art = tiny_art("clip")
+    single, _ = run(art, **CLIP_CFG)
+    for rank in range(2):
+        fsdp = load_file(str(ranks / f"clip-fsdp-rank{rank}.safetensors"))
+        assert close(fsdp, weights(art.student)) <= TOL
+        info = json.loads((ranks / f"clip-rank{rank}.json").read_text())
+        assert info["arm_picks"] == single["arm_picks"]
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_distill import tiny_art
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    record = {}
+    for parallel in ("ddp", "fsdp"):
+        art = wanda_bert()
+        extra = {"checkpoint_dir": str(out / "ckpt")} if parallel == "fsdp" else {}
+        metrics, held = run(art, **BERT_CFG, parallel=parallel, **extra)
+        record[parallel], record[f"{parallel}_held"] = metrics, held
+        save_file(weights(art.student), str(out / f"bert-{parallel}-rank{rank}.safetensors"))
+    (out / f"bert-rank{rank}.json").write_text(json.dumps(record))
+
+    art = tiny_art("clip")
+    metrics, _ = run(art, **CLIP_CFG, parallel="fsdp")
+    save_file(weights(art.student), str(out / f"clip-fsdp-rank{rank}.safetensors"))
+    (out / f"clip-rank{rank}.json").write_text(json.dumps({"arm_picks": metrics["arm_picks"]}))
+    dist.destroy_process_group()
