@@ -101,10 +101,6 @@ class DistillConfig(PassConfig):
         "ddp", description="under torchrun: ddp (every rank holds the whole student, its gradients and AdamW "
         "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
         "A single process runs unsharded either way")
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under torchrun: ddp (every rank holds the whole student, its gradients and AdamW "
-        "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
-        "A single process runs unsharded either way")
 
     def check_model(self, adapter: Adapter) -> None:
         """What a generative model's distillation cannot take, refused before anything runs."""
