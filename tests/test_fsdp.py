@@ -24,6 +24,8 @@ BERT_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="all", de
 # forward early, and the contrastive loss gathers embeddings across ranks.
 CLIP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", blocks_per_arm=1, window=8,
                 dev_samples=8, eval_every=3, keep_best=False, progress=False)
+# A tiny LLaVA: token-level KL on answer logits, vision and decoder blocks as units, the projector in the root.
+LLAVA_CFG = dict(steps=4, batch_size=8, lr=2e-3, dev_samples=8, eval_every=2, keep_best=False, progress=False)
 TOL = 1e-5
 
 
@@ -127,6 +129,25 @@ def test_fsdp_optima_on_both_clip_towers_matches_one_process(ranks, one_thread):
         assert info["arm_picks"] == single["arm_picks"]
 
 
+def pruned_llava():
+    import conftest
+    from test_generative_distill import pruned
+
+    return pruned(conftest.tiny_llava())
+
+
+def test_fsdp_distils_a_generative_student_as_one_process_does(ranks, one_thread):
+    art = pruned_llava()
+    single, _ = run(art, **LLAVA_CFG)
+    for rank in range(2):
+        fsdp = load_file(str(ranks / f"llava-fsdp-rank{rank}.safetensors"))
+        assert close(fsdp, weights(art.student)) <= TOL
+        for name, mask in art.masks.items():
+            assert int(fsdp[name][~mask].count_nonzero()) == 0, name
+        info = json.loads((ranks / f"llava-rank{rank}.json").read_text())
+        assert info["dev_after"]["score"] == pytest.approx(single["dev_after"]["score"], abs=1e-5)
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
@@ -149,4 +170,9 @@ if __name__ == "__main__":
     metrics, _ = run(art, **CLIP_CFG, parallel="fsdp")
     save_file(weights(art.student), str(out / f"clip-fsdp-rank{rank}.safetensors"))
     (out / f"clip-rank{rank}.json").write_text(json.dumps({"arm_picks": metrics["arm_picks"]}))
+
+    art = pruned_llava()
+    metrics, _ = run(art, **LLAVA_CFG, parallel="fsdp")
+    save_file(weights(art.student), str(out / f"llava-fsdp-rank{rank}.safetensors"))
+    (out / f"llava-rank{rank}.json").write_text(json.dumps({"dev_after": metrics["dev_after"]}))
     dist.destroy_process_group()
