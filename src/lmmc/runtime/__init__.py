@@ -65,7 +65,7 @@ def backend_for(path: Path) -> str:
 
 
 def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
-         tensorrt: "TensorRTOptions | None" = None) -> Model:
+         tensorrt: TensorRTOptions | None = None) -> Model:
     """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
     runtime's intra-op threads (None: the runtime's default). `device` (cpu, cuda or cuda:N) picks ONNX
     Runtime's execution providers, CUDA with the CPU for what CUDA lacks, and `tensorrt`
@@ -170,7 +170,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
              variant: str | None = None, threads: int | None = None, device: str | None = None) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
-    the compile keeps only when it is the faster, over the plain one."""
+    the compile keeps only when it is the faster, over the plain one; `threads` and `device` as in `load`."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     models = {}
