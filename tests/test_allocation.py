@@ -265,7 +265,7 @@ def test_bad_allocation_input_exits_2_with_one_clear_error(tmp_path, passes, mes
     result = _compile(tmp_path, passes)
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_recipe_check_rejects_nm_after_an_allocation_before_loading():
