@@ -45,13 +45,20 @@ def run(art, **cfg) -> tuple[dict, int]:
     from test_distill import Distill, trainer
 
     t = trainer(art, Distill.Config(**cfg))
+    held = []
+    unshard = t._unshard
+
+    def counting_unshard():  # the optimiser state is let go when the sharded run ends
+        held.append(sum(s["exp_avg"].to_local().numel() if hasattr(s["exp_avg"], "to_local")
+                        else s["exp_avg"].numel() for s in t.optimizer.state.values()))
+        unshard()
+
+    t._unshard = counting_unshard
     try:
         metrics = t.fit()
-        held = sum(s["exp_avg"].to_local().numel() if hasattr(s["exp_avg"], "to_local") else s["exp_avg"].numel()
-                   for s in t.optimizer.state.values())
     finally:
         t.restore_flags()
-    return metrics, held
+    return metrics, held[0]
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -897,6 +897,9 @@ class Trainer:
         if self.plain is None:
             return
         objective, student, masks = self.plain
+        # The sharded run is over: its optimiser state goes before the whole weights come back, so the
+        # end of a run does not raise its peak memory.
+        self.optimizer.state.clear()
         unshard_into(objective, self.objective)
         self.objective = self.engine = objective
         self.student, self.masks, self.plain = student, masks, None
