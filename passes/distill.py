@@ -262,8 +262,9 @@ class DistillPass(Pass):
     the vision and decoder blocks, and the projector's image features; their arms are runs of vision
     blocks, the projector, and runs of decoder blocks, and the dev score is teacher-forced KL (top-1
     agreement reported beside it). Pruning masks hold after every step. AdamW, warm-up and cosine decay,
-    clipping, accumulation; checkpoints that resume exactly; DistributedDataParallel under torchrun
-    (gloo on CPU, NCCL on GPU). The trainer is lmmc.distiller.
+    clipping, accumulation; checkpoints that resume exactly; under torchrun (gloo on CPU, NCCL on GPU)
+    DistributedDataParallel, or torch's FSDP2 with ``parallel: fsdp`` (the student, its gradients and
+    AdamW state sharded over the ranks, one unit per block). The trainer is lmmc.distiller.
 
     Recipe: ``- distill: {steps: 1200, lr: 1.0e-3, corpus: samples/calib/python_docs.txt,
     schedule: all, checkpoint_dir: .lmmc-checkpoints/run, checkpoint_every: 200}``
