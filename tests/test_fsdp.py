@@ -1,7 +1,8 @@
 """The distill pass under torchrun with `parallel: fsdp` (torch's FSDP2 on two gloo ranks on CPU): the
 weights after N steps equal DDP's and one process's (same data order, same global batch), a Wanda 50 %
 student keeps its zeros, each rank holds half of the optimiser state, and a checkpoint written sharded
-resumes in a single process to the weights of an uninterrupted run."""
+resumes in a single process to the weights of an uninterrupted run; also OPTIMA on CLIP, a tiny LLaVA, and
+fsdp in a single process (unsharded)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,20 @@ def test_fsdp_optima_on_both_clip_towers_matches_one_process(ranks, one_thread):
         assert close(fsdp, weights(art.student)) <= TOL
         info = json.loads((ranks / f"clip-rank{rank}.json").read_text())
         assert info["arm_picks"] == single["arm_picks"]
+
+
+def test_parallel_is_checked_and_a_single_process_runs_fsdp_unsharded(one_thread):
+    from pydantic import ValidationError
+    from test_distill import Distill, tiny_art
+
+    with pytest.raises(ValidationError, match="parallel"):
+        Distill.Config(parallel="zero")
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        art = tiny_art("bert")
+        run(art, **{**BERT_CFG, "checkpoint_every": 0}, parallel=parallel)
+        runs[parallel] = weights(art.student)
+    assert close(runs["ddp"], runs["fsdp"]) == 0.0
 
 
 def pruned_llava():
