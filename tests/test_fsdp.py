@@ -151,6 +151,45 @@ def test_parallel_is_checked_and_a_single_process_runs_fsdp_unsharded(one_thread
     assert close(runs["ddp"], runs["fsdp"]) == 0.0
 
 
+def test_fsdp_keeps_the_best_weights_it_held_as_shards(ranks):
+    # The run's start was made to score best, so keep_best must hand back exactly the starting weights.
+    for rank in range(2):
+        info = json.loads((ranks / f"best-rank{rank}.json").read_text())
+        assert info["kept_step"] == 0 and info["moved"] == 0.0 and info["moved_before_kept"] > 1e-3
+
+
+def kept_best_run(rank: int, out: Path) -> None:
+    """Under fsdp, a run whose starting weights score best (their shards kept as the best) ends with them."""
+    from test_distill import Distill, tiny_art, trainer
+
+    art = tiny_art("bert")
+    start = weights(art.student)
+    t = trainer(art, Distill.Config(**{**BERT_CFG, "checkpoint_every": 0, "keep_best": True, "parallel": "fsdp"}))
+    evaluate, record = t.evaluate, t._record
+    moved = []
+
+    def declining():  # the start scores best
+        return {**evaluate(), "score": -t.step}
+
+    def recording(result):  # the last call is the final evaluation's, before the best weights come back
+        moved.append(close(whole_student(t), start))
+        record(result)
+
+    t.evaluate, t._record = declining, recording
+    try:
+        metrics = t.fit()
+    finally:
+        t.restore_flags()
+    (out / f"best-rank{rank}.json").write_text(json.dumps(
+        {"kept_step": metrics["kept_step"], "moved": close(weights(art.student), start), "moved_before_kept": moved[-1]}))
+
+
+def whole_student(t) -> dict[str, torch.Tensor]:
+    from lmmc.train import whole
+
+    return {k.removeprefix("student."): v for k, v in whole(t.objective.state_dict()).items() if k.startswith("student.")}
+
+
 def pruned_llava():
     import conftest
     from test_generative_distill import pruned
@@ -192,6 +231,8 @@ if __name__ == "__main__":
     metrics, _ = run(art, **CLIP_CFG, parallel="fsdp")
     save_file(weights(art.student), str(out / f"clip-fsdp-rank{rank}.safetensors"))
     (out / f"clip-rank{rank}.json").write_text(json.dumps({"arm_picks": metrics["arm_picks"]}))
+
+    kept_best_run(rank, out)
 
     art = pruned_llava()
     metrics, _ = run(art, **LLAVA_CFG, parallel="fsdp")
