@@ -190,6 +190,39 @@ def whole_student(t) -> dict[str, torch.Tensor]:
     return {k.removeprefix("student."): v for k, v in whole(t.objective.state_dict()).items() if k.startswith("student.")}
 
 
+def test_a_scalar_stays_whole_and_its_gradient_is_averaged_over_the_ranks(ranks):
+    for rank in range(2):
+        info = json.loads((ranks / f"scalar-rank{rank}.json").read_text())
+        assert info["grad"] == pytest.approx(info["expected"], rel=1e-6)
+        assert info["restored"] == 0.0
+
+
+def scalar_run(rank: int, out: Path) -> None:
+    """FSDP2 cannot shard a scalar parameter: shard_copy leaves it whole and averages its gradient."""
+    from lmmc.train import setup_distributed, shard_copy, unshard_into
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = torch.nn.Linear(4, 4)
+            self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * self.block(x).sum()
+
+    torch.manual_seed(0)
+    model = Scaled()
+    start = weights(model)
+    with torch.no_grad():  # d loss / d scale on each rank's input, averaged
+        expected = sum(float(model.block(torch.full((1, 4), r + 1.0)).sum()) for r in range(2)) / 2
+    sharded = shard_copy(model, ["block"], torch.device("cpu"), setup_distributed(torch.device("cpu")).group)
+    sharded(torch.full((1, 4), rank + 1.0)).backward()
+    grad = float(sharded.scale.grad)
+    unshard_into(model, sharded)
+    (out / f"scalar-rank{rank}.json").write_text(json.dumps(
+        {"grad": grad, "expected": expected, "restored": close(weights(model), start)}))
+
+
 def pruned_llava():
     import conftest
     from test_generative_distill import pruned
@@ -233,6 +266,7 @@ if __name__ == "__main__":
     (out / f"clip-rank{rank}.json").write_text(json.dumps({"arm_picks": metrics["arm_picks"]}))
 
     kept_best_run(rank, out)
+    scalar_run(rank, out)
 
     art = pruned_llava()
     metrics, _ = run(art, **LLAVA_CFG, parallel="fsdp")

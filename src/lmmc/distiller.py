@@ -886,7 +886,7 @@ class Trainer:
         names = {id(m): n for n, m in self.objective.named_modules()}
         units = [names[id(b)] for t in self.towers for b in block_list(self.student, t)[1]]
         self.plain = (self.objective, self.student, self.masks)
-        self.objective = shard_copy(self.objective, units, self.device)
+        self.objective = shard_copy(self.objective, units, self.device, self.ctx.group)
         self.engine, self.student = self.objective, self.objective.student
         # A sparse student's masks are cut like its weights: each rank zeroes its own shard of each matrix.
         self.masks = {n: shard_like(m, self._param(n)) for n, m in self.masks.items()}

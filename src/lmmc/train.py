@@ -5,6 +5,7 @@ written atomically) that a run can resume from."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -132,13 +133,13 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
-def _average_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+def _average_over_ranks(grad: torch.Tensor, group: Any) -> torch.Tensor:
     grad = grad.clone()
-    dist.all_reduce(grad)
-    return grad / dist.get_world_size()
+    dist.all_reduce(grad, group=group)
+    return grad / dist.get_world_size(group)
 
 
-def shard_copy(model: nn.Module, units: list[str], device: torch.device) -> nn.Module:
+def shard_copy(model: nn.Module, units: list[str], device: torch.device, group: Any = None) -> nn.Module:
     """A copy of `model` sharded over every rank with torch's FSDP2 (`fully_shard`): each unit (a
     transformer block, by its dotted name) is one FSDP unit whose parameters are gathered for its own
     forward and backward only; the root holds the rest. Every rank keeps 1/world of each parameter, and
@@ -154,7 +155,8 @@ def shard_copy(model: nn.Module, units: list[str], device: torch.device) -> nn.M
     own when it runs, exactly as in a forward.
 
     FSDP2 cannot shard a scalar (a CLIP's logit scale): scalars stay whole on every rank, outside FSDP,
-    and a gradient they get is averaged over the ranks, as DDP and FSDP average every other one."""
+    and a gradient they get is averaged over the ranks of `group` (one of its own, so it cannot interleave
+    with FSDP's collectives), as DDP and FSDP average every other gradient."""
     memo: dict[int, Any] = {id(v): v for k, v in vars(model).items() if not k.startswith("_")}
     memo |= {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
              for p in model.parameters()}
@@ -176,7 +178,7 @@ def shard_copy(model: nn.Module, units: list[str], device: torch.device) -> nn.M
             _local(param).copy_(_local(shard_like(plain[name].detach(), param)))
             plain[name].data = torch.empty(0, dtype=param.dtype, device=plain[name].device)
             if param.dim() == 0 and param.requires_grad:
-                param.register_hook(_average_over_ranks)
+                param.register_hook(functools.partial(_average_over_ranks, group=group))
     twin.as_forward = _call
     register_fsdp_forward_method(twin, "as_forward")
     return twin
