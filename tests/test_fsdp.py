@@ -1,7 +1,7 @@
 """The distill pass under torchrun with `parallel: fsdp` (torch's FSDP2 on two gloo ranks on CPU): the
 weights after N steps equal DDP's and one process's (same data order, same global batch), a Wanda 50 %
 student keeps its zeros, each rank holds half of the optimiser state, and a checkpoint written sharded
-resumes in a single process to the weights of an uninterrupted run; also OPTIMA on CLIP, a tiny LLaVA, and
+resumes in a single process, and sharded again, to the weights of an uninterrupted run; also OPTIMA on CLIP, a tiny LLaVA, and
 fsdp in a single process (unsharded)."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_fsdp_trains_the_weights_of_ddp_and_of_one_process_and_keeps_wanda_zeros
     assert close(expected, start) > 1e-3
 
 
-def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(ranks, tmp_path, one_thread):
+def test_a_checkpoint_written_under_fsdp_resumes_in_one_process_and_under_fsdp(ranks, tmp_path, one_thread):
     art = wanda_bert()
     run(art, **BERT_CFG)
     uninterrupted = weights(art.student)
@@ -123,6 +123,11 @@ def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(ranks, tmp_path,
     metrics, _ = run(art, **BERT_CFG, checkpoint_dir=str(ckpt), resume=True)
     assert metrics["resumed_from"] == 4
     assert close(weights(art.student), uninterrupted) <= TOL
+
+    # And sharded again: the optimiser state and weights cut back into shards.
+    for rank in range(2):
+        resumed = load_file(str(ranks / f"bert-fsdp-resumed-rank{rank}.safetensors"))
+        assert close(resumed, uninterrupted) <= TOL
 
 
 def test_fsdp_optima_on_both_clip_towers_matches_one_process(ranks, one_thread):
@@ -259,6 +264,17 @@ if __name__ == "__main__":
         record[parallel], record[f"{parallel}_held"] = metrics, held
         save_file(weights(art.student), str(out / f"bert-{parallel}-rank{rank}.safetensors"))
     (out / f"bert-rank{rank}.json").write_text(json.dumps(record))
+
+    # A sharded run resumed sharded, from step 4 of the checkpoints above.
+    if rank == 0:
+        shutil.copytree(out / "ckpt", out / "ckpt-resume")
+        for final in (out / "ckpt-resume").glob("*/final"):
+            shutil.rmtree(final)
+    dist.barrier()
+    art = wanda_bert()
+    metrics, _ = run(art, **BERT_CFG, parallel="fsdp", checkpoint_dir=str(out / "ckpt-resume"), resume=True)
+    assert metrics["resumed_from"] == 4
+    save_file(weights(art.student), str(out / f"bert-fsdp-resumed-rank{rank}.safetensors"))
 
     art = tiny_art("clip")
     metrics, _ = run(art, **CLIP_CFG, parallel="fsdp")
