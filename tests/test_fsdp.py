@@ -1,8 +1,8 @@
 """The distill pass under torchrun with `parallel: fsdp` (torch's FSDP2 on two gloo ranks on CPU): the
 weights after N steps equal DDP's and one process's (same data order, same global batch), a Wanda 50 %
 student keeps its zeros, each rank holds half of the optimiser state, and a checkpoint written sharded
-resumes in a single process, and sharded again, to the weights of an uninterrupted run; also OPTIMA on CLIP, a tiny LLaVA, and
-fsdp in a single process (unsharded)."""
+resumes in a single process, and sharded again, to the weights of an uninterrupted run. Also: OPTIMA on
+CLIP, a tiny LLaVA, keep_best, a scalar parameter, and fsdp in a single process (unsharded)."""
 
 from __future__ import annotations
 
