@@ -120,7 +120,7 @@ def test_structure_and_distillation_plots_follow_report_json(compiled):
         assert [t["kept"][layer] for layer in s["teacher_layers"]] == list(zip(s["heads"], s["ffn"]))
         assert set(range(2)) - set(t["kept"]) == set(removed.get(name, []))
 
-    runs = {title: (points, boundaries) for title, _, points, boundaries in _distill_runs(report)}
+    runs = {title: (points, boundaries) for title, _, points, boundaries, _ in _distill_runs(report)}
     assert list(runs) == ["pass 1: antgmm's distillation", "pass 4: distill (all, 12 steps)"]
     done = [d for seg in antgmm["segments"] for d in (seg["distill"] if isinstance(seg["distill"], list)
                                                         else [seg["distill"]])]
@@ -131,6 +131,19 @@ def test_structure_and_distillation_plots_follow_report_json(compiled):
     assert boundaries == [] and [p[0] for p in points] == [0, 4, 8, 12]
     assert [p[2] for p in points] == [distill["dev_before"]["score"], *(c["score"] for c in distill["curve"])]
     assert [p[1] for p in points[1:]] == [c["loss"] for c in distill["curve"]]
+
+
+def test_a_generative_distillation_is_summarised_by_its_kl_not_by_minus_the_kl() -> None:
+    """A generative student's dev score is minus its KL (higher is better for keep_best); the page shows the
+    KL itself."""
+    metrics = {"steps": 20, "schedule": "all", "kept_step": 20, "train_seconds": 3.0,
+               "dev_before": {"kl": 0.1011, "top1_agreement": 0.97, "score": -0.1011},
+               "dev_after": {"kl": 0.0010, "top1_agreement": 1.0, "score": -0.0010},
+               "curve": [{"step": 10, "loss": 0.5, "kl": 0.02, "score": -0.02},
+                         {"step": 20, "loss": 0.1, "kl": 0.0010, "score": -0.0010}]}
+    [(title, summary, points, boundaries, measure)] = _distill_runs({"passes": [{"name": "distill", "metrics": metrics}]})
+    assert summary.startswith("dev KL to the teacher 0.1011 before, 0.0010 kept (step 20 of 20)")
+    assert [p[2] for p in points] == [0.1011, 0.02, 0.0010] and measure.startswith("dev KL")
 
 def verdict(page: str) -> tuple[str, str]:
     match = re.search(r'<div id="verdict" class="verdict (\w+)" data-passed="(\w+)">(\w[\w ]*):', page)

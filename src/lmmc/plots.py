@@ -126,8 +126,8 @@ def cosine_histogram(per_tower: dict[str, list[float]], threshold: float | None)
 
 
 def distill_figure(steps: list[int], loss: list[float | None], score: list[float | None], title: str,
-                   boundaries: list[int] = ()) -> Figure:
-    """Training loss (mean since the previous evaluation) and dev fidelity against the step; dotted lines
+                   boundaries: list[int] = (), measure: str = "dev fidelity (mean cosine)") -> Figure:
+    """Training loss (mean since the previous evaluation) and the dev measure against the step; dotted lines
     where a run starts, when one plot joins several."""
     fig = Figure(figsize=(_WIDTH, 3.4))
     ax = fig.subplots()
@@ -140,8 +140,8 @@ def distill_figure(steps: list[int], loss: list[float | None], score: list[float
         ax.set_ylabel("training loss")
     dev = ax.twinx() if has_loss else ax
     handles += dev.plot(*zip(*[(s, v) for s, v in zip(steps, score) if v is not None]), color="tab:blue",
-                        marker="o", label="dev fidelity (mean cosine)")
-    dev.set_ylabel("dev fidelity")
+                        marker="o", label=measure)
+    dev.set_ylabel(measure.split(" (")[0])
     for axis in {ax, dev}:
         axis.ticklabel_format(axis="y", useOffset=False)  # cosines near 1 read as they are, not as 1 + 1e-5
     ax.set_xlabel("step")

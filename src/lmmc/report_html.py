@@ -331,15 +331,26 @@ def _cosines(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _generative(m: dict[str, Any]) -> bool:
+    """Whether a distillation was scored by next-token KL (a generative student) rather than by cosine."""
+    return "kl" in (m.get("dev_before") or {})
+
+
 def _points(m: dict[str, Any], offset: int = 0) -> list[tuple[int, float | None, float | None]]:
-    """(step, training loss, dev fidelity) of one distillation run: the evaluation before it, then its curve."""
+    """(step, training loss, dev measure) of one distillation run: the evaluation before it, then its curve.
+    The measure is the mean cosine, or the KL for a generative student (its score is minus the KL)."""
+    key = "kl" if _generative(m) else "score"
     before = m.get("dev_before") or {}
-    start = [(offset, None, before["score"])] if before.get("score") is not None else []
-    return start + [(offset + c["step"], c.get("loss"), c.get("score")) for c in m.get("curve") or []]
+    start = [(offset, None, before[key])] if before.get(key) is not None else []
+    return start + [(offset + c["step"], c.get("loss"), c.get(key)) for c in m.get("curve") or []]
 
 
-def _distill_runs(report: dict[str, Any]) -> list[tuple[str, str, list, list[int]]]:
-    """(title, summary, points, boundaries) of every distillation that has a curve: each distill pass, and
+def _measure(m: dict[str, Any]) -> str:
+    return "dev KL to the teacher (lower is better)" if _generative(m) else "dev fidelity (mean cosine)"
+
+
+def _distill_runs(report: dict[str, Any]) -> list[tuple[str, str, list, list[int], str]]:
+    """(title, summary, points, boundaries, measure) of every distillation that has a curve: each distill pass, and
     per antgmm pass all its distillation between segments joined on one step axis."""
     runs = []
     for i, p in enumerate(report.get("passes") or []):
@@ -348,14 +359,15 @@ def _distill_runs(report: dict[str, Any]) -> list[tuple[str, str, list, list[int
             continue
         if p.get("name") == "distill" and m.get("curve"):
             before, after = m.get("dev_before") or {}, m.get("dev_after") or {}
-            kept = after.get("score", before.get("score") if m.get("kept_step") == 0 else None)
-            summary = (f"dev fidelity {_num(before.get('score'), '.4f')} before, {_num(kept, '.4f')} kept (step "
+            key, name = ("kl", "dev KL to the teacher") if _generative(m) else ("score", "dev fidelity")
+            kept = after.get(key, before.get(key) if m.get("kept_step") == 0 else None)
+            summary = (f"{name} {_num(before.get(key), '.4f')} before, {_num(kept, '.4f')} kept (step "
                        f"{_e(m.get('kept_step'))} of {_e(m.get('steps'))}), {_num(m.get('train_seconds'), '.1f')} s "
                        f"of training")
             runs.append((f"pass {i + 1}: distill ({m.get('schedule', '')}, {m.get('steps')} steps)", summary,
-                         _points(m), []))
+                         _points(m), [], _measure(m)))
         if p.get("name") == "antgmm":
-            points, boundaries, offset = [], [], 0
+            points, boundaries, offset, measure = [], [], 0, ""
             for seg in m.get("segments") or []:
                 # a width stage distils once per segment, the depth stage once per fade-out step
                 found = seg.get("distill")
@@ -363,11 +375,12 @@ def _distill_runs(report: dict[str, Any]) -> list[tuple[str, str, list, list[int
                     if isinstance(d, dict) and d.get("curve"):
                         boundaries.append(offset)
                         points += _points(d, offset)
+                        measure = _measure(d)
                         offset += d.get("steps") or 0
             if points:
                 summary = (f"{len(boundaries)} distillation runs between segments and fade-out steps, {offset} "
                            f"steps in all (dotted lines: where each starts)")
-                runs.append((f"pass {i + 1}: antgmm's distillation", summary, points, boundaries))
+                runs.append((f"pass {i + 1}: antgmm's distillation", summary, points, boundaries, measure))
     return runs
 
 
@@ -378,10 +391,10 @@ def _distillation(report: dict[str, Any]) -> str:
     if not runs:
         return _note("no distillation ran (or it ran without dev evaluations)")
     out = []
-    for title, summary, points, boundaries in runs:
+    for title, summary, points, boundaries, measure in runs:
         out.append(f"<p>{_e(title)}: {summary}</p>")
         steps, loss, score = (list(v) for v in zip(*points))
-        out.append(_img(distill_figure(steps, loss, score, title, boundaries), title))
+        out.append(_img(distill_figure(steps, loss, score, title, boundaries, measure), title))
     return "\n".join(out)
 
 
