@@ -47,8 +47,9 @@ class DistillConfig(PassConfig):
     samples: int | None = Field(None, gt=0, description="use at most this many corpus samples for training")
     max_length: int = Field(128, gt=1, description="token limit for corpus text (generative models: prompt and "
                             "answer, image tokens aside)")
-    chat_template: bool = Field(False, description="generative models: put corpus prompts in the processor's chat "
-                                "template, as calibration.chat_template does for calibration records")
+    chat_template: bool | None = Field(None, description="generative models: put corpus prompts in the processor's "
+                                       "chat template; default: as calibration.chat_template does for the "
+                                       "calibration records, so both reach the model in one form")
     dev_samples: int = Field(64, ge=0, description="corpus samples set aside to pick the best checkpoint "
                              "(never trained on, disjoint from the compile's held-out set)")
     eval_every: int = Field(100, ge=0, description="steps between held-out evaluations; 0 = only at the end")
@@ -186,7 +187,8 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     dev comes first, so changing `samples` never moves a sample between the two."""
     if cfg.corpus:
         source = f"corpus '{cfg.corpus}'"
-        samples = encode_corpus(art, Path(cfg.corpus), modalities, cfg.max_length, cfg.chat_template)
+        template = cfg.chat_template if cfg.chat_template is not None else bool(art.calib and art.calib.chat_template)
+        samples = encode_corpus(art, Path(cfg.corpus), modalities, cfg.max_length, template)
     else:
         if art.calib is None:
             raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,27 @@ def test_lmmc_compile_prunes_and_distils_a_saved_llava(tmp_path):
     assert m["kept_step"] == 6 and m["dev_after"]["kl"] < m["dev_before"]["kl"]
     assert m["train_samples"] + m["dev_samples"] == 32 and m["dev_samples"] == 6  # no held-out sample
     assert 0 <= m["dev_after"]["top1_agreement"] <= 1
+
+
+@pytest.mark.parametrize("override", [None, False])
+def test_a_corpus_takes_the_calibration_records_chat_template_unless_told_otherwise(tmp_path, override):
+    """Corpus prompts reach the student in the form the calibration records did (the chat template
+    here), so distillation trains on the inputs the student is validated on; `chat_template: false`
+    overrides it."""
+    from lmmc.data import load_generative_calibration
+    from lmmc.passes.distill import _split_samples
+
+    model = conftest.tiny_llava()
+    processor = conftest.tiny_llava_processor()
+    records = _image_records(tmp_path / "data", 24)
+    cal = CalibrationConfig(path=str(records), samples=16, eval_samples=8, batch_size=8, chat_template=True)
+    calib = load_generative_calibration(cal, str(records), processor)
+    assert calib.chat_template
+    art = Artifact(model_ref="tiny", adapter=get_adapter("llava"), teacher=model, student=make_student(model),
+                   preprocessor={"processor": processor}, calib=calib)
+    train, dev = build_corpus(config(corpus=str(records), chat_template=override, dev_samples=0), art,
+                              ["text", "image"])
+    calibrated = Counter(tuple(s["text"]["input_ids"].tolist()) for s in _split_samples(calib.calib, ["text", "image"]))
+    corpus = Counter(tuple(s["text"]["input_ids"].tolist()) for s in train + dev)
+    assert corpus.total() == 24 - calib.counts["held_out"]  # the held-out records are removed either way
+    assert (calibrated <= corpus) == (override is None)

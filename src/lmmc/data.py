@@ -45,6 +45,7 @@ class CalibData:
     counts: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     labels: Labels | None = None
+    chat_template: bool = False  # generative records: whether their prompts went through the chat template
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -479,7 +480,8 @@ def load_generative_calibration(cfg, path: str, processor) -> CalibData:
     calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template)
     held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
-    return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings)
+    return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings,
+                     chat_template=cfg.chat_template)
 
 
 def random_generative_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
