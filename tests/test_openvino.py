@@ -10,23 +10,21 @@ import openvino as ov
 import pytest
 import torch
 
-from lmmc.adapters import TowerModule, get_adapter
+from lmmc.adapters import TowerModule
 from lmmc.errors import LmmcError
-from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import quantize_openvino, to_openvino
 from lmmc.export.ort import calibration_feeds
 from lmmc.export.validate import cosine
 from lmmc.recipe import parse_recipe
 from lmmc.runtime import load
-from tests.test_ort import feed, tiny_artifact, uneven_student
+from tests.test_ort import feed, tiny_artifact
 
 
-def test_ir_of_uneven_student_matches_pytorch_and_int8_stays_close(tiny_kind, tmp_path, one_thread):
+def test_ir_of_uneven_student_matches_pytorch_and_int8_stays_close(tiny_kind, tmp_path, one_thread, exported_tower):
     art = tiny_artifact(tiny_kind, tmp_path)
-    model = art.student
+    model = art.student  # uneven_student(tiny_kind)
     for tower in art.adapter.towers:
-        plain = tmp_path / f"{tower.name}.onnx"
-        export_tower(model, tower, plain)
+        plain = exported_tower("uneven", tiny_kind, tower.name, tmp_path / f"{tower.name}.onnx")
         fp32 = to_openvino(plain, tmp_path / f"{tower.name}.xml")
         # fp32 means fp32 weights: save_model's default would have halved them
         consts = [op for op in ov.Core().read_model(str(fp32)).get_ops() if op.get_type_name() == "Constant"]
@@ -58,11 +56,8 @@ def test_missing_nncf_fails_only_when_int8_is_asked(monkeypatch):
 
 
 @pytest.fixture
-def tiny_ir(tmp_path):
-    model = uneven_student("bert")
-    tower = get_adapter("bert").towers[0]
-    export_tower(model, tower, tmp_path / "text.onnx")
-    return to_openvino(tmp_path / "text.onnx", tmp_path / "text.xml")
+def tiny_ir(tmp_path, exported_tower):
+    return to_openvino(exported_tower("uneven", "bert", "text", tmp_path / "text.onnx"), tmp_path / "text.xml")
 
 
 @pytest.mark.parametrize("damage", ["truncated xml", "foreign bin", "missing bin"])
@@ -79,16 +74,15 @@ def test_broken_ir_is_one_clear_error(tiny_ir, damage):
 
 
 @pytest.mark.e2e
-def test_minilm_nncf_int8_keeps_cosine_to_fp32(minilm, tmp_path):
+def test_minilm_nncf_int8_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     """NNCF INT8 of the real teacher, calibrated on one part of the corpus: held-out cosine to the fp32
     IR at least 0.98."""
     import transformers
 
     from tests.conftest import CORPUS
 
-    model = transformers.AutoModel.from_pretrained(minilm).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
-    export_tower(model, get_adapter("bert").towers[0], tmp_path / "text.onnx")
+    minilm_onnx(tmp_path / "text.onnx")
     lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
 
     def feeds(texts):

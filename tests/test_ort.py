@@ -7,28 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names
+from lmmc.adapters import TowerModule, example_inputs, get_adapter, input_names
 from lmmc.artifact import Artifact
 from lmmc.data import random_calibration
-from lmmc.export.onnx import export_tower
 from lmmc.export.ort import FusionFailed, fc2_matmuls, fuse_onnx, quantize_dynamic_onnx, quantize_static_onnx
 from lmmc.export.validate import cosine
-from lmmc.modelio import make_student
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig
 from lmmc.runtime import load
-from lmmc.surgery import keep_channels_, keep_heads_
-from tests.conftest import tiny_model
-
-
-def uneven_student(kind: str) -> torch.nn.Module:
-    """A tiny model with 3 heads in block 0, 4 in block 1, and 23 of 64 FFN channels in block 1."""
-    model = make_student(tiny_model(kind))
-    for tower in get_adapter(model.config.model_type).towers:
-        blocks = block_list(model, tower)[1]
-        keep_heads_(blocks[0], tower, head_dim(model, tower), [0, 2, 3])
-        keep_channels_(blocks[1], tower, range(23))
-    return model
+from tests.conftest import tiny_model, uneven_student
 
 
 def feed(model, tower, batch=3, seq=11) -> tuple[dict[str, np.ndarray], tuple[torch.Tensor, ...]]:
@@ -38,11 +25,11 @@ def feed(model, tower, batch=3, seq=11) -> tuple[dict[str, np.ndarray], tuple[to
     return {n: t.numpy() for n, t in zip(input_names(tower), inputs)}, inputs
 
 
-def test_fused_uneven_student_matches_pytorch_with_fused_attention(tiny_kind, tmp_path, one_thread):
+def test_fused_uneven_student_matches_pytorch_with_fused_attention(tiny_kind, tmp_path, one_thread, exported_tower):
     model = uneven_student(tiny_kind)
     for tower in get_adapter(model.config.model_type).towers:
         plain, fused = tmp_path / f"{tower.name}.onnx", tmp_path / f"{tower.name}.fused.onnx"
-        export_tower(model, tower, plain)
+        exported_tower("uneven", tiny_kind, tower.name, plain)
         probe, _ = feed(model, tower, batch=2, seq=9)
         counts = fuse_onnx(plain, fused, [probe])
         # one Attention per block, two skip layer norms per block (CLIP's vision tower: its pre-norm
@@ -60,11 +47,11 @@ def test_fused_uneven_student_matches_pytorch_with_fused_attention(tiny_kind, tm
             assert np.abs(got[name] - r.numpy()).max() <= 1e-4
 
 
-def test_fusion_that_changes_outputs_is_refused_and_removed(tmp_path, one_thread):
+def test_fusion_that_changes_outputs_is_refused_and_removed(tmp_path, one_thread, exported_tower):
     model = uneven_student("bert")
     tower = get_adapter("bert").towers[0]
     plain, fused = tmp_path / "text.onnx", tmp_path / "text.fused.onnx"
-    export_tower(model, tower, plain)
+    exported_tower("uneven", "bert", tower.name, plain)
     notes: list[str] = []
     # fusion reorders float sums (about 1e-6 here); a tolerance of 1e-12 makes every level miss
     with pytest.raises(FusionFailed):
@@ -132,7 +119,7 @@ def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread
 
 
 @pytest.mark.e2e
-def test_minilm_int8_keeps_cosine_to_fp32(minilm, tmp_path):
+def test_minilm_int8_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     """ORT INT8, dynamic and static, on the real teacher: held-out cosine to fp32 at least 0.98."""
     import transformers
 
@@ -141,8 +128,7 @@ def test_minilm_int8_keeps_cosine_to_fp32(minilm, tmp_path):
     model = transformers.AutoModel.from_pretrained(minilm).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
     tower = get_adapter("bert").towers[0]
-    plain = tmp_path / "text.onnx"
-    export_tower(model, tower, plain)
+    plain = minilm_onnx(tmp_path / "text.onnx")
     lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
 
     def feeds(texts):

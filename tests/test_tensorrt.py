@@ -20,7 +20,6 @@ from lmmc.adapters import TowerModule, get_adapter, prunable_linears
 from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
-from lmmc.export.onnx import export_tower
 from lmmc.export.ort import calibration_feeds, fc2_matmuls
 from lmmc.export.tensorrt import (NOT_BUILT, ShapeRange, builder_setup, make_builder, node_modules,
                                   optimisation_profile, parse_inspector, parse_sparsity_log, quantize_for_tensorrt,
@@ -40,11 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RANGES = {"batch": ShapeRange(min=1, opt=8, max=32), "sequence": ShapeRange(min=1, opt=48, max=64)}
 
 
-def test_profile_comes_from_the_exports_dynamic_axes(tmp_path):
-    text, vision = get_adapter("clip").towers
-    model = tiny_model("clip")
-    export_tower(model, text, tmp_path / "text.onnx")
-    export_tower(model, vision, tmp_path / "vision.onnx")
+def test_profile_comes_from_the_exports_dynamic_axes(tmp_path, exported_tower):
+    exported_tower("tiny", "clip", "text", tmp_path / "text.onnx")
+    exported_tower("tiny", "clip", "vision", tmp_path / "vision.onnx")
     assert optimisation_profile(tmp_path / "text.onnx", RANGES) == {
         "input_ids": ((1, 1), (8, 48), (32, 64)), "attention_mask": ((1, 1), (8, 48), (32, 64))}
     # an image tower has only its batch dynamic: channels and the 32x32 image stay fixed
@@ -71,11 +68,11 @@ def test_precision_by_flags_on_tensorrt_10_and_by_typed_graphs_on_11():
     assert builder_setup(11, "int8") == ("qdq", [])
 
 
-def test_fp16_onnx_matches_the_fp32_student_in_onnx_runtime(tiny_kind, tmp_path):
+def test_fp16_onnx_matches_the_fp32_student_in_onnx_runtime(tiny_kind, tmp_path, exported_tower):
     model = tiny_model(tiny_kind)
     for tower in get_adapter(tiny_kind).towers:
         plain, half = tmp_path / f"{tower.name}.onnx", tmp_path / f"{tower.name}.fp16.onnx"
-        export_tower(model, tower, plain)
+        exported_tower("tiny", tiny_kind, tower.name, plain)
         counts = to_fp16_onnx(plain, half)
         graph = onnx.load(str(half)).graph
         dtypes = {i.name: i.data_type for i in graph.initializer}
@@ -95,15 +92,13 @@ def test_fp16_onnx_matches_the_fp32_student_in_onnx_runtime(tiny_kind, tmp_path)
 
 
 @pytest.mark.e2e
-def test_minilm_fp16_onnx_keeps_cosine_to_fp32(minilm, tmp_path):
+def test_minilm_fp16_onnx_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     import transformers
 
     from tests.conftest import CORPUS
 
-    model = transformers.AutoModel.from_pretrained(minilm).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
-    tower = get_adapter("bert").towers[0]
-    export_tower(model, tower, tmp_path / "text.onnx")
+    minilm_onnx(tmp_path / "text.onnx")
     to_fp16_onnx(tmp_path / "text.onnx", tmp_path / "text.fp16.onnx")
     lines = [line for line in CORPUS.read_text().splitlines() if line.strip()][-64:]
     enc = tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="np")
@@ -113,11 +108,11 @@ def test_minilm_fp16_onnx_keeps_cosine_to_fp32(minilm, tmp_path):
     assert cosine(ref, got).min() >= 0.999
 
 
-def test_int8_qdq_for_tensorrt_is_signed_symmetric_and_close(tmp_path):
+def test_int8_qdq_for_tensorrt_is_signed_symmetric_and_close(tmp_path, exported_tower):
     art = tiny_artifact("bert", tmp_path)
     tower = art.adapter.towers[0]
     plain, qdq = tmp_path / "text.onnx", tmp_path / "text.int8-qdq.onnx"
-    export_tower(art.student, tower, plain)
+    exported_tower("uneven", "bert", "text", plain)  # the export of art.student
     quantize_for_tensorrt(plain, qdq, calibration_feeds(art, tower), fc2_matmuls(art.student, art.adapter, tower, plain))
     graph = onnx.load(str(qdq)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -148,7 +143,7 @@ def two_four_export(tmp_path):
     return path, json.loads(path.with_suffix(".names.json").read_text()), art
 
 
-def test_two_four_detection_agrees_with_polygraphy(two_four_export, tmp_path):
+def test_two_four_detection_agrees_with_polygraphy(two_four_export, tmp_path, exported_tower):
     path, names, art = two_four_export
     found = two_four_weights(path)
     sparse, _ = polygraphy_sparse_tensors(path)
@@ -156,8 +151,7 @@ def test_two_four_detection_agrees_with_polygraphy(two_four_export, tmp_path):
     # every pruned linear of the student is 2:4 in the export, and nothing else is
     targeted = {p.param for p in prunable_linears(art.student, art.adapter)}
     assert {names[w]["param"] for w in found} == targeted
-    export_tower(tiny_model("bert"), art.adapter.towers[0], tmp_path / "dense.onnx")
-    assert two_four_weights(tmp_path / "dense.onnx") == []
+    assert two_four_weights(exported_tower("tiny", "bert", "text", tmp_path / "dense.onnx")) == []
 
 
 def test_sparsity_report_from_documented_log_lines_names_the_modules(two_four_export):
