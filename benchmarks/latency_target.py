@@ -191,10 +191,10 @@ def fidelity(out: Path) -> dict[str, float]:
     return result
 
 
-def mean_spread(values: list[float]) -> str:
+def mean_spread(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
@@ -260,7 +260,7 @@ def main() -> None:
                          f"{r['speedup']:.2f}x", *(f"{r[c]:.4f}" for c in cosines)) for label, r in rows.items()]
     for kind in ("latency", "flops"):
         mine = [r for label, r in rows.items() if label.startswith(kind)]
-        table.append((f"{kind}: mean ± sd", "", "", mean_spread([r["measured_ms"] for r in mine]), "",
+        table.append((f"{kind}: mean ± sd", "", "", mean_spread([r["measured_ms"] for r in mine], 2), "",
                       *(mean_spread([r[c] for r in mine]) for c in cosines)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
