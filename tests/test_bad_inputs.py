@@ -448,7 +448,8 @@ def _(tmp):
     (tmp / "photos").mkdir()
     (tmp / "photos" / "holiday.jpg").write_bytes(b"jpeg")
     return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "photos", "--force"],
-            ["is not one; it was left untouched", "Choose a new --out"])
+            ["is not one (it holds holiday.jpg, which lmmc does not write); it was left untouched",
+             "Choose a new --out"])
 
 
 @case("--force on a directory with another tool's report.json")

@@ -139,11 +139,11 @@ def test_force_replaces_existing_output(tmp_path):
     out = tmp_path / "out"
     (out / "student").mkdir(parents=True)
     (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace
-    (out / "stale.txt").write_text("old")
+    (out / "report.html").write_text("old")  # a file of that earlier output, replaced with the rest
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", out, "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "stale.txt").exists()
+    assert (out / "report.html").read_text() != "old"
     assert (out / "onnx" / "vision.onnx").is_file()
 
 

@@ -97,3 +97,32 @@ def test_a_file_or_link_put_at_out_during_a_forced_compile_is_kept(setup, tmp_pa
     assert "is no longer an earlier lmmc output while the compile ran" in result.output
     assert (out.read_text() == "notes") if what == "file" else (out.is_symlink() and out.resolve() == elsewhere)
     assert (elsewhere / "keep.txt").read_text() == "x"
+
+
+def test_force_refuses_a_folder_of_the_users_that_holds_a_copied_student(setup, tmp_path):
+    """student/lmmc.json alone is no proof: a project folder the user copied a student into is not replaced."""
+    model, recipe, earlier = setup
+    project = tmp_path / "project"
+    shutil.copytree(earlier / "student", project / "student")
+    (project / "thesis.tex").write_text("mine")
+    result = compile_(model, recipe, project, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"'{project}' is not one (it holds thesis.tex, which lmmc does not write); it was left untouched" \
+        in result.output
+    assert (project / "thesis.tex").read_text() == "mine" and (project / "student" / "lmmc.json").is_file()
+    assert not work_path(project).exists()
+
+
+def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(setup, tmp_path):
+    from lmmc.compile import check_output
+    from lmmc.recipe import load_recipe
+
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / ".report.html.tmp-4242").write_text("a killed `lmmc report`'s partial page")
+    (out / "bench.json").write_text("{}")
+    assert check_output(out, str(model), load_recipe(recipe), recipe, force=True) == out.resolve()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which lmmc does not write"):
+        check_output(out, str(model), load_recipe(recipe), recipe, force=True)

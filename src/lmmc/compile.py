@@ -61,8 +61,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
+_OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-model", "allocation.png",
+                   "manifest.json", "report.json", "report.html", "bench.json"}
+
+
+def _foreign(path: Path) -> list[str]:
+    """Entries of `path` that no lmmc command writes there (their own hidden partial files aside)."""
+    return sorted(p.name for p in path.iterdir()
+                  if p.name not in _OUTPUT_ENTRIES and not re.fullmatch(r"\.(report\.html|bench\.json)\.tmp-\d+", p.name))
+
+
 def _is_lmmc_output(path: Path) -> bool:
-    """Holds student/lmmc.json, or a report.json that lmmc wrote (another tool's report.json is no proof)."""
+    """Holds student/lmmc.json, or a report.json that lmmc wrote (another tool's report.json is no proof),
+    and nothing else than lmmc writes: a copied student in a folder of the user's own is no earlier output."""
+    if _foreign(path):
+        return False
     if (path / "student" / "lmmc.json").is_file():
         return True
     try:
@@ -133,8 +147,11 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
             raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
                             f"replace it")
         if any(target.iterdir()) and not _is_lmmc_output(target):
+            foreign = _foreign(target)
+            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc does not " \
+                    f"write)" if foreign else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
-                            f"student/lmmc.json), and '{out}' is not one; it was left untouched. Choose a new "
+                            f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
                             f"--out, or move that directory away yourself")
     _check_writable(target)
     return target
