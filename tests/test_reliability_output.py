@@ -1,6 +1,7 @@
-"""The output directory is replaced only if it is still what the compile checked at its start: a directory
-that appears at --out while a compile runs (or an earlier output swapped for someone else's files) is left
-untouched, and the finished work stays resumable."""
+"""What a compile may replace at --out: only an earlier lmmc output holding nothing lmmc does not write, and
+only if it is still that when the compile ends. A directory that appears at --out while a compile runs (or
+an earlier output swapped for someone else's files) is left untouched, and the finished work stays
+resumable."""
 
 import json
 import shutil
