@@ -4,6 +4,7 @@ module, plain INT8 is unchanged, and bad recipes fail at the boundary."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
 import nncf
@@ -29,7 +30,7 @@ FC1 = "encoder.layer.0.intermediate.dense"
 MIXED = {"mixed": {"max_cosine_drop": 0.002}}
 
 
-def outlier_artifact(tmp_path):
+def outlier_student(tmp_path):
     """The tiny uneven BERT student with one input column of block 0's fc2 weight scaled up 300-fold and
     the fc1 channel feeding it scaled down alike (GELU is nearly linear there, so the function barely
     moves): an INT8 scale stretched by that column rounds the rest of each row to nearly nothing. The
@@ -41,7 +42,25 @@ def outlier_artifact(tmp_path):
         art.student.get_submodule(OUTLIER).weight[:, 5] *= 300
         art.student.get_submodule(FC1).weight[5] /= 300
         art.student.get_submodule(FC1).bias[5] /= 300
-    run(art, "onnx")
+    return art
+
+
+@pytest.fixture(scope="module")
+def outlier_onnx(tmp_path_factory):
+    """The outlier student's onnx pass, run once for the module: (its workdir, its record)."""
+    folder = tmp_path_factory.mktemp("outlier")
+    art = outlier_student(folder)
+    return folder, run(art, "onnx")
+
+
+@pytest.fixture
+def outlier_artifact(tmp_path, outlier_onnx):
+    """A fresh outlier student in `tmp_path` whose onnx pass has run: the module's export, copied."""
+    folder, record = outlier_onnx
+    art = outlier_student(tmp_path)
+    shutil.copytree(folder / "onnx", tmp_path / "onnx")
+    art.onnx = {"text": tmp_path / "onnx" / "text.onnx"}
+    art.records.append(record)
     return art
 
 
@@ -65,8 +84,8 @@ def check_choice(choice: dict) -> None:
     assert choice["cosine_drop"] <= 0.002 < choice["int8_cosine_drop"]
 
 
-def test_ort_static_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
-    art = outlier_artifact(tmp_path)
+def test_ort_static_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread, outlier_artifact):
+    art = outlier_artifact
     metrics = run(art, "ort", fuse="off", int8=[{"static": MIXED}], threads=1).metrics["text"]
     check_choice(metrics["mixed"]["text.mixed-static.onnx"])
     [rec] = art.exports
@@ -87,8 +106,8 @@ def test_ort_static_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
     assert entry["fp32_matrices"] == rec.fp32_matrices and entry["path"] == "ort/text.mixed-static.onnx"
 
 
-def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
-    art = outlier_artifact(tmp_path)
+def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread, outlier_artifact):
+    art = outlier_artifact
     metrics = run(art, "openvino", int8=MIXED, threads=1).metrics["text"]
     choice = metrics["mixed"]["text.mixed.xml"]
     check_choice(choice)
@@ -103,9 +122,9 @@ def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread):
     assert html.count("<td>int8</td>") == 12 - len(choice["fp32_matrices"])
 
 
-def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread):
+def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread, outlier_artifact):
     """int8: true writes what NNCF's transformer preset alone writes: the same operators, the same counts."""
-    art = outlier_artifact(tmp_path)
+    art = outlier_artifact
     run(art, "openvino", int8=True)
     fp32, int8 = art.exports
     feeds = calibration_feeds(art, art.adapter.towers[0])
@@ -119,8 +138,8 @@ def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread):
     assert int8.precision == "int8" and int8.fp32_matrices is None
 
 
-def test_qdq_graph_with_every_node_reverted_is_the_fp32_graph(tmp_path, one_thread):
-    art = outlier_artifact(tmp_path)
+def test_qdq_graph_with_every_node_reverted_is_the_fp32_graph(tmp_path, one_thread, outlier_artifact):
+    art = outlier_artifact
     plain, qdq_path = art.onnx["text"], tmp_path / "qdq.onnx"
     feeds = calibration_feeds(art, art.adapter.towers[0])
     quantize_static_onnx(plain, qdq_path, feeds)
