@@ -204,6 +204,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration and distillation seeds")
     ap.add_argument("--latency-cache", type=Path, default=None, help="folder keeping the fitted latency model "
                     "(default: the first latency-targeted compile's output)")
+    ap.add_argument("--latency-recipe", type=Path, default=RECIPES["latency"], help="the latency-targeted recipe "
+                    "(default: the shipped one, joint selection; benchmarks/recipes/minilm-speedup3-shares.yaml "
+                    "keeps the twin's stage shares)")
     ap.add_argument("--force", action="store_true", help="recompile outputs that exist")
     ap.add_argument("--repeats", type=int, default=30, help="timed rounds of the side-by-side run")
     args = ap.parse_args()
@@ -215,7 +218,7 @@ def main() -> None:
     for seed in args.seeds:
         folder = args.out / f"seed{seed}"
         lat = outs[f"latency s{seed}"] = folder / "latency"
-        compile_one(write_recipe(RECIPES["latency"], folder / "recipes", args.steps, seed, cache), lat, args.force)
+        compile_one(write_recipe(args.latency_recipe, folder / "recipes", args.steps, seed, cache), lat, args.force)
         cache = cache or lat / "latency-model"
         model = latency_model(lat)
         goal = antgmm_metrics(lat)["latency_target"]["predicted_ms"]
