@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +20,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmmc.errors import LmmcError
 
@@ -129,8 +127,20 @@ def _call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+# torch's FSDP and DTensor packages take seconds to import, and only a sharded run needs them: they are
+# imported by shard_copy, and until then no tensor can be a DTensor nor a module an FSDP unit.
+def _is_dtensor(x: Any) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(x, tensor.DTensor)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def _local(x: torch.Tensor) -> torch.Tensor:
-    return x.to_local() if isinstance(x, DTensor) else x
+    return x.to_local() if _is_dtensor(x) else x
 
 
 def _average_over_ranks(grad: torch.Tensor, group: Any) -> torch.Tensor:
@@ -157,6 +167,9 @@ def shard_copy(model: nn.Module, units: list[str], device: torch.device, group: 
     FSDP2 cannot shard a scalar (a CLIP's logit scale): scalars stay whole on every rank, outside FSDP,
     and a gradient they get is averaged over the ranks of `group` (one of its own, so it cannot interleave
     with FSDP's collectives), as DDP and FSDP average every other gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
     memo: dict[int, Any] = {id(v): v for k, v in vars(model).items() if not k.startswith("_")}
     memo |= {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
              for p in model.parameters()}
@@ -187,14 +200,16 @@ def shard_copy(model: nn.Module, units: list[str], device: torch.device, group: 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a full tensor, placed as the sharded `like` (returned as it is when `like`
     is not sharded). Every rank holds the full tensor, so nothing is sent."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def full_tensor(x: torch.Tensor) -> torch.Tensor:
     """The whole of a sharded tensor (a collective: every rank calls it), or `x` as it is."""
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    return x.full_tensor() if _is_dtensor(x) else x
 
 
 def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
@@ -211,7 +226,7 @@ def whole(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torc
 def run_gathered(model: nn.Module, fn, *args, **kwargs):
     """fn(*args) with `model`'s parameters reachable as in its forward: for a shard_copy, the root's are
     gathered for the call and freed after it."""
-    if not isinstance(model, FSDPModule):
+    if not _is_fsdp(model):
         return fn(*args, **kwargs)
     try:
         return model.as_forward(fn, *args, **kwargs)
