@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lmmc
-from conftest import save_tiny, tiny_model, tiny_vocab
+from conftest import assert_greedy_matches_pytorch, greedy_reference, save_tiny, tiny_model, tiny_vocab
 from lmmc.cli import main
 from lmmc.adapters import block_list, get_adapter
 from lmmc.errors import LmmcError
@@ -116,24 +116,14 @@ def exported(request, tmp_path_factory):
 
 
 def reference(model, enc, **kwargs) -> np.ndarray:
-    with torch.no_grad():
-        out = model.generate(**{k: torch.as_tensor(v) for k, v in enc.items()}, max_new_tokens=NEW_TOKENS,
-                             do_sample=False, **kwargs)
-    return out[:, enc["input_ids"].shape[1]:].numpy()
+    return greedy_reference(model, enc, NEW_TOKENS, **kwargs)
 
 
 def test_greedy_matches_pytorch_token_for_token(exported):
     model, processor, gen = exported
     enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")
     assert (enc["attention_mask"][1] == 0).sum() > 0  # the second prompt is left-padded
-    want = reference(model, enc)
-    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS)
-    assert want.shape == (2, NEW_TOKENS)  # no end token cut it short: all 32 steps are compared
-    np.testing.assert_array_equal(got.tokens, want)
-    assert len(np.unique(want[0])) >= 4 and len(np.unique(want[1])) >= 4
-    with torch.no_grad():
-        logits = model(**{k: torch.as_tensor(v) for k, v in enc.items()}).logits[:, -1].numpy()
-    assert np.abs(got.first_logits - logits).max() < 1e-4
+    assert_greedy_matches_pytorch(model, gen, enc, NEW_TOKENS)
 
 
 def test_end_token_stops_rows_like_pytorch(exported):

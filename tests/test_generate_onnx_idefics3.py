@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lmmc
-from conftest import LLAVA_IMAGE_TOKEN, save_tiny_idefics3, tiny_idefics3, tiny_idefics3_processor
+from conftest import (LLAVA_IMAGE_TOKEN, assert_greedy_matches_pytorch, greedy_reference, save_tiny_idefics3,
+                      tiny_idefics3, tiny_idefics3_processor)
 from lmmc.adapters import get_adapter
 from lmmc.cli import main
 from lmmc.errors import LmmcError
@@ -76,11 +77,8 @@ def compiled(threads, tmp_path_factory):
     return tiny_idefics3(), student, out, result
 
 
-def reference(model, enc, tokens: int = NEW_TOKENS) -> np.ndarray:
-    with torch.no_grad():
-        out = model.generate(**{k: torch.as_tensor(v) for k, v in enc.items()}, max_new_tokens=tokens,
-                             do_sample=False)
-    return out[:, enc["input_ids"].shape[1]:].numpy()
+def reference(model, enc) -> np.ndarray:
+    return greedy_reference(model, enc, NEW_TOKENS)
 
 
 def features(model, pixel_values: np.ndarray) -> np.ndarray:
@@ -92,14 +90,7 @@ def test_greedy_matches_pytorch_token_for_token(plain):
     model, processor, gen = plain
     enc = processor(images=[[im] for im in images(2)], text=PROMPTS, padding=True, return_tensors="np")
     assert (enc["attention_mask"][1] == 0).sum() > 0  # the second prompt is left-padded
-    want = reference(model, enc)
-    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS)
-    assert want.shape == (2, NEW_TOKENS)  # no end token cut it short: all 32 steps are compared
-    np.testing.assert_array_equal(got.tokens, want)
-    assert len(np.unique(want[0])) >= 4 and len(np.unique(want[1])) >= 4
-    with torch.no_grad():
-        logits = model(**{k: torch.as_tensor(v) for k, v in enc.items()}).logits[:, -1].numpy()
-    assert np.abs(got.first_logits - logits).max() < 1e-4
+    assert_greedy_matches_pytorch(model, gen, enc, NEW_TOKENS)
 
 
 def test_vision_graph_gives_the_connector_features(plain):
