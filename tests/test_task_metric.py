@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from lmmc.adapters import get_adapter
 from lmmc.cli import main
 from lmmc.data import load_calibration, read_samples, split, text_tokens
 from lmmc.export.validate import nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
@@ -126,7 +127,7 @@ def test_distillation_corpus_drops_held_out_images_under_any_caption(tmp_path):
     # distil on the calibration pairs and, as a corpus, on every pair of the data set
     for corpus in (None, str(tmp_path / "pairs.jsonl")):
         distill_cfg = get_pass("distill").Config(steps=1, dev_samples=4, corpus=corpus)
-        art = SimpleNamespace(calib=calib, preprocessor=pre)
+        art = SimpleNamespace(calib=calib, preprocessor=pre, adapter=get_adapter("clip"))
         train, dev = build_corpus(distill_cfg, art, ["image", "text"])
 
         def image_key(sample):
