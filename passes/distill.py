@@ -39,7 +39,8 @@ class DistillConfig(PassConfig):
     final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decay ends at this fraction of lr")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU")
+        "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU. On a CPU "
+        "with AMX, bf16 trains faster at batch 32 and up (text batches are then padded to multiples of 16 tokens)")
     seed: int = Field(0, description="seeds the data order and the bandit")
     corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder; generative "
                                "models: a .jsonl of {image, prompt?, text} records); default: the calibration "

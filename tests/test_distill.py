@@ -23,7 +23,7 @@ from lmmc.artifact import Artifact
 from lmmc.data import load_calibration, random_calibration
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
                                  kl_logits, origin_layer_map, uniform_layer_map)
-from lmmc.distiller import Trainer, modality_key
+from lmmc.distiller import Trainer, collate, modality_key
 from lmmc.errors import LmmcError
 from lmmc.modelio import make_student
 from lmmc.passes.distill import build_corpus
@@ -161,6 +161,35 @@ def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
             torch.testing.assert_close(a[tower]["hidden"][layer][mask], b[tower]["hidden"][layer][mask])
         torch.testing.assert_close(a[tower]["pooled"], b[tower]["pooled"])
     cached.restore_flags()
+
+
+def test_padding_to_a_multiple_of_16_tokens_leaves_every_sample_loss_unchanged():
+    art = tiny_art("bert")
+    t = trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=0))
+    samples = [{"text": {k: v[:n] for k, v in s["text"].items()}}
+               for s, n in zip(t.train[:6], (5, 7, 9, 11, 12, 6))]
+    losses = []
+    for multiple in (1, 16):
+        inputs = {"text": {k: v.to(t.device) for k, v in collate(samples, "text", t.pad["text"], multiple).items()}}
+        assert inputs["text"]["input_ids"].shape[1] == (12 if multiple == 1 else 16)
+        with torch.no_grad():
+            targets, pooled = t.teacher_targets(inputs, None, [])
+            losses.append(t.objective.per_sample_loss(inputs, targets, None, pooled, sharded=False))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    t.restore_flags()
+
+
+def test_bf16_on_the_cpu_pads_batches_to_16_tokens_and_learns_as_fp32_does():
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        art = tiny_art("clip")
+        t = trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, precision=precision))
+        assert t.pad_multiple == (16 if precision == "bf16" else 1)
+        t.restore_flags()
+        runs[precision] = distill(art, steps=12, lr=3e-3, schedule="all", eval_every=0, precision=precision)
+    fp32, bf16 = (runs[p]["dev_after"]["score"] for p in ("fp32", "bf16"))
+    assert bf16 > runs["bf16"]["dev_before"]["score"] + 0.02
+    assert abs(bf16 - fp32) < 0.01
 
 
 def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss():
