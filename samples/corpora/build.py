@@ -13,6 +13,14 @@ PyPI, and all under licences that allow redistribution (see samples/README.md):
       melville      Debian package `r-cran-tokenizers` (Moby-Dick, public domain text)
       fortunes      Debian package `fortunes` (fortune cookies, BSD)
       bierce        Debian package `dict-devil` (The Devil's Dictionary, public domain)
+      then, appended after those (and deduplicated against both held-out corpora too):
+      sotu          Debian package `r-cran-wordcloud` (two State of the Union addresses, public domain)
+      gcide         Debian package `dict-gcide` (definitions of Webster's 1913 dictionary in GCIDE, GPL)
+      history       Debian package `debian-history` (the project's history, constitution, social contract
+                    and dedications, GPL-2+)
+      anarchism     Debian package `fortune-anarchism` (political quotations and opinion, public domain)
+      novels        Debian package `r-cran-tidytext` (Wells, Verne and Dickens, public domain texts; its
+                    Pride and Prejudice stays out, as Austen is held out)
     heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
       austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
     heldout/reuters.txt (judging only: newswire, a domain neither distillation corpus holds)
@@ -55,6 +63,11 @@ DEBS = {  # package -> the version these corpora were built from (Debian 12)
     "fortunes": "1:1.99.1-7.3",
     "dict-devil": "1.0-13.1",
     "r-cran-tm": "0.7-11-1",
+    "r-cran-wordcloud": "2.6-2",
+    "dict-gcide": "0.48.5+nmu2",
+    "debian-history": "2.28",
+    "fortune-anarchism": "1.8.0-1",
+    "r-cran-tidytext": "0.4.1-1",
 }
 # Distribution name -> import name, for packages whose licence is MIT, BSD or Apache-2.0.
 DOCSTRING_PACKAGES = {
@@ -66,10 +79,15 @@ DOCSTRING_PACKAGES = {
 QUOTAS = {"python_docs": 4500, "docstrings": 14000, "manpages": 5000, "jargon": 4500, "wordnet": 10000}
 # general_en.txt adds narrative and conversational prose to broad_en.txt.
 GENERAL_QUOTAS = {"melville": 8000, "fortunes": 8000, "bierce": 2000}
+# Appended later for breadth (speeches, encyclopedic definitions, history and governance, opinion); the earlier lines
+# stay as they were so that results measured on them hold.
+MORE_QUOTAS = {"sotu": 2000, "gcide": 8000, "history": 3000, "anarchism": 3000, "novels": 4500}
 # Fortune-cookie files of technical jokes, nonsense or stereotypes stay out.
 FORTUNE_SKIP = {"ascii-art", "computers", "debian", "drugs", "ethnic", "linux", "linuxcookie", "perl", "zippy",
                 "men-women"}
 HELDOUT_QUOTA = 3000
+NOVEL_TITLES = {"The War of the Worlds", "Twenty Thousand Leagues under the Sea", "Great Expectations",
+                "Pride and Prejudice"}
 SEED = 0
 
 ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "Mr.", "Mrs.", "Dr.", "St.", "No.", "cf.", "approx.",
@@ -235,14 +253,23 @@ def melville(_repo: Path, root: Path) -> Iterator[str]:
         yield from split_sentences(para.replace("_", ""))
 
 
+def _cookies(path: Path) -> Iterator[str]:
+    """Sentences of one fortune-cookie file, attributions dropped."""
+    for cookie in path.read_text(errors="replace").split("\n%\n"):
+        lines = [ln for ln in cookie.splitlines() if not ln.strip().startswith("--")]
+        for para in paragraphs(lines):
+            yield from split_sentences(para)
+
+
 def fortunes(_repo: Path, root: Path) -> Iterator[str]:
     for path in sorted((root / "usr/share/games/fortunes").iterdir()):
-        if path.suffix or path.name in FORTUNE_SKIP:
-            continue  # .dat indexes and .u8 links
-        for cookie in path.read_text(errors="replace").split("\n%\n"):
-            lines = [ln for ln in cookie.splitlines() if not ln.strip().startswith("--")]
-            for para in paragraphs(lines):
-                yield from split_sentences(para)
+        if path.suffix or path.name in FORTUNE_SKIP or path.name == "anarchism":
+            continue  # .dat indexes, .u8 links, and fortune-anarchism's file (a source of its own)
+        yield from _cookies(path)
+
+
+def anarchism(_repo: Path, root: Path) -> Iterator[str]:
+    yield from _cookies(root / "usr/share/games/fortunes/anarchism")
 
 
 def bierce(_repo: Path, root: Path) -> Iterator[str]:
@@ -261,9 +288,74 @@ def reuters(_repo: Path, root: Path) -> Iterator[str]:
                 yield from split_sentences(para)
 
 
+def _r_all_strings(data: bytes) -> Iterator[str]:
+    """Every string stored in a serialised R workspace, whatever objects hold them (data frames, lists)."""
+    # A CHARSXP header: flags 9 with the ASCII, UTF-8, Latin-1 or native encoding bit, then its length.
+    for m in re.finditer(rb"\x00(?:\x04\x00|\x00\x80|\x02\x00|\x00\x00)\x09(....)", data, re.S):
+        length = struct.unpack(">i", m.group(1))[0]
+        # Empty and missing strings too, so that the columns of a data frame stay aligned.
+        yield data[m.end():m.end() + max(length, 0)].decode("utf-8", errors="replace")
+
+
+def sotu(_repo: Path, root: Path) -> Iterator[str]:
+    data = gzip.decompress((root / "usr/lib/R/site-library/wordcloud/data/SOTU.RData").read_bytes())
+    for text in _r_all_strings(data):
+        # Typographic quotes to plain ones, which the sentence splitter knows.
+        text = text.translate(str.maketrans("\u2018\u2019\u201c\u201d", "''\"\""))
+        for para in text.splitlines():
+            yield from split_sentences(para)
+
+
+def gcide(_repo: Path, root: Path) -> Iterator[str]:
+    text = gzip.decompress((root / "usr/share/dictd/gcide.dict.dz").read_bytes()).decode("utf-8", errors="replace")
+    # Sense numbers start lines; dropping them leaves the definition.
+    lines = [re.sub(r"^\s*(?:\d+\.|\([a-z]\))\s+", "", ln) for ln in text.splitlines()]
+    for para in paragraphs(lines):
+        # Sources, etymologies and subject labels go; the entry's head (headword and pronunciation, between
+        # backslashes) stays in one piece that fails is_prose.
+        para = re.sub(r"\[[^\]]*\]|\((?:[A-Z][a-z]*\.\s*)+\)|[{}]", "", para)
+        for sentence in split_sentences(para):
+            if "--" not in sentence:  # attributed quotations and usage notes
+                yield sentence
+
+
+def history(_repo: Path, root: Path) -> Iterator[str]:
+    doc = root / "usr/share/doc/debian-history"
+    files = [doc / "docs/project-history.en.txt.gz", doc / "constitution.txt.gz", doc / "social-contract.txt.gz",
+             doc / "debian-manifesto.gz", *sorted(doc.glob("dedication/dedication-*[0-9].txt"))]
+    for path in files:
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8", errors="replace")
+        # List numbers start lines; dropping them leaves the item's sentence.
+        lines = [re.sub(r"^\s*(?:\d+\.)+\s+|^\s*[*o-]\s+", "", ln) for ln in text.splitlines()]
+        for para in paragraphs(lines):
+            yield from split_sentences(para)
+
+
+def novels(_repo: Path, root: Path) -> Iterator[str]:
+    data = gzip.decompress((root / "usr/lib/R/site-library/tidytext/extdata/books.rda").read_bytes())
+    strings = list(_r_all_strings(data))
+    # The data frame "books": a column of e-book lines, then a column of their titles (row by row).
+    end = max(i for i, s in enumerate(strings) if s in NOVEL_TITLES) + 1
+    start = end
+    while strings[start - 1] in NOVEL_TITLES:
+        start -= 1
+    rows = end - start
+    assert strings[start - rows - 1] == "books", "unexpected layout of tidytext's books.rda"
+    texts, titles = strings[start - rows:start], strings[start:end]
+    for title in sorted(NOVEL_TITLES - {"Pride and Prejudice"}):
+        book = [line for line, t in zip(texts, titles) if t == title]
+        for para in paragraphs(book):
+            if para.isupper() or para.startswith("CHAPTER") or re.search(r"Gutenberg|etext", para):
+                continue
+            yield from split_sentences(para.replace("_", ""))
+
+
 SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
            "jargon": jargon, "wordnet": wordnet}
 GENERAL = {"melville": melville, "fortunes": fortunes, "bierce": bierce}
+MORE = {"sotu": sotu, "gcide": gcide, "history": history, "anarchism": anarchism,
+        "novels": novels}
 
 
 def collect(name: str, lines: Iterable[str], seen: set[str], quota: int, narrative: bool = False) -> list[str]:
@@ -309,6 +401,11 @@ def main() -> None:
             general_ranges.append((name, len(general) + 1, len(general) + len(kept)))
             general.extend(kept)
         news = collect("reuters", reuters(args.repo, root), seen, HELDOUT_QUOTA, narrative=True)
+        # After the held-out corpora, so that they stay as they were and the new lines avoid them.
+        for name, source in MORE.items():
+            kept = collect(name, source(args.repo, root), seen, MORE_QUOTAS[name], narrative=True)
+            general_ranges.append((name, len(general) + 1, len(general) + len(kept)))
+            general.extend(kept)
     calib = args.repo / "samples/calib"
     (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
     (calib / "broad_en.sources.tsv").write_text(
