@@ -404,6 +404,19 @@ def test_only_the_newest_step_checkpoints_are_kept(tmp_path):
     assert m["checkpoint"] == str(run_dir / "final")
 
 
+def test_a_dead_save_is_cleared_and_the_checkpoint_it_moved_aside_put_back(tmp_path):
+    from lmmc.train import Checkpoints
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    run_dir = tmp_path / "run"
+    for name in (f".step-000004.old-{dead}", f".step-000006.tmp-{dead}", f".final.tmp-{os.getpid()}"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "state.json").write_text("{}")
+    ckpt = Checkpoints(tmp_path, "run", keep_last=2)
+    assert sorted(p.name for p in run_dir.iterdir()) == [f".final.tmp-{os.getpid()}", "step-000004"]
+    assert ckpt.latest() == run_dir / "step-000004"
+
+
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     m = distill(tiny_art("bert"), steps=4, lr=5e-4, checkpoint_dir=str(tmp_path), resume=True)

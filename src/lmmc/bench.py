@@ -502,8 +502,11 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     result["seconds"] = time.perf_counter() - started
     # written whole or not at all: into a temporary file beside it, then renamed over it
     partial = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(result, indent=2))
-    os.replace(partial, json_path)
+    try:
+        partial.write_text(json.dumps(result, indent=2))
+        os.replace(partial, json_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return result
 
 

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -270,6 +271,16 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
 class Checkpoints:
     """One run's checkpoints under `root/<fingerprint>/`: `step-N/` (resumable, the newest `keep_last`
     kept), `best/` (weights of the best held-out score) and `final/` (the finished run).
@@ -282,6 +293,22 @@ class Checkpoints:
     def __init__(self, root: Path, fingerprint: str, keep_last: int) -> None:
         self.dir = Path(root) / fingerprint
         self.keep_last = keep_last
+        self._clear_dead()
+
+    def _clear_dead(self) -> None:
+        """Temporary directories of a process that died while saving: a checkpoint it had moved aside but
+        not yet replaced is put back, the rest removed."""
+        if not self.dir.is_dir():
+            return
+        for path in sorted(self.dir.iterdir()):
+            match = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", path.name)
+            if not match or not path.is_dir() or _alive(int(match[3])):
+                continue
+            name, kind = match[1], match[2]
+            if kind == "old" and not (self.dir / name).exists():
+                path.rename(self.dir / name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
     def save(self, name: str, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
         target = self.dir / name
