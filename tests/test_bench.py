@@ -21,10 +21,12 @@ from lmmc.bench import best_pair, format_table, student_artifacts
 from lmmc.cli import main
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
+from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny
 
+BF16 = cpu_has_bf16()  # every fp32 IR is also run in bf16 where the CPU has the units
 TEACHER_ROWS = ["PyTorch eager fp32", "onnxruntime fp32", "onnxruntime fused fp32", "onnxruntime INT8 dynamic",
-                "openvino fp32", "openvino INT8 (NNCF)"]
+                "openvino fp32", *(["openvino bf16"] if BF16 else []), "openvino INT8 (NNCF)"]
 BATCH, SEQ = 8, 64
 # Sentences the tiny tokenizer reads word by word; a corpus the compile never saw.
 EXTRA = ["the man was on the road", "cold water in the house", "a picture of a number", "the text of the data",
@@ -88,10 +90,14 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     students = [r for r in rows if r["model"] == "student"]
     manifest = json.loads((out / "manifest.json").read_text())["artifacts"]
     assert len(manifest) == 5
-    assert [(r["artifact"], r["backend"], r["precision"]) for r in students] == \
-        [(a["path"], a["backend"], a["precision"]) for a in manifest]
+    expected_rows = []
+    for a in manifest:
+        expected_rows.append((a["path"], a["backend"], a["precision"]))
+        if BF16 and a["backend"] == "openvino" and a["precision"] == "fp32":
+            expected_rows.append((a["path"] + " bf16", "openvino", "bf16"))
+    assert [(r["artifact"], r["backend"], r["precision"]) for r in students] == expected_rows
     for r in students:
-        path = out / r["artifact"]
+        path = out / r["artifact"].removesuffix(" bf16")
         companion = [path.with_suffix(".bin")] if path.suffix == ".xml" else []
         assert r["size_bytes"] == sum(f.stat().st_size for f in [path, *companion])
     # parameters: every weight the exported tower uses (BERT's pooler is not part of the embedding)
@@ -105,7 +111,7 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"]
         assert r["throughput_per_s"] == pytest.approx(BATCH / r["latency_ms"]["p50"] * 1e3)
         # a fresh process that loads and runs the model holds at least its weights
-        assert r["peak_rss_mib"] >= expected[r["model"]] * (1 if r["precision"] == "int8" else 4) / 2**20
+        assert r["peak_rss_mib"] >= expected[r["model"]] * {"int8": 1, "bf16": 2}.get(r["precision"], 4) / 2**20
     # the table names every row, and ends with the comparison that matters
     for r in rows:
         assert r["artifact"] in output
@@ -129,6 +135,11 @@ def test_fidelity_matches_the_compile_and_an_independent_computation(compiled, b
     assert student["cosine_to_teacher"]["held-out"] < 0.99  # pruning shows; the comparison above means something
     for fp32 in ("onnxruntime fp32", "onnxruntime fused fp32", "openvino fp32"):
         assert rows[("teacher", fp32)]["cosine_to_teacher"]["held-out"] > 0.9999
+    if BF16:  # bf16 inference: close to the fp32 IR it runs, yet not the same numbers
+        for model, fp32, bf16 in [("teacher", "openvino fp32", "openvino bf16"),
+                                  ("student", "openvino/text.xml", "openvino/text.xml bf16")]:
+            a, b = (rows[(model, k)]["cosine_to_teacher"]["held-out"] for k in (fp32, bf16))
+            assert a != b and abs(a - b) < 0.01
     # the extra corpus: every line (fewer than the samples drawn), student in ONNX Runtime vs teacher in PyTorch
     teacher, adapter, pre = load_teacher(str(model_dir))
     enc = pre["tokenizer"](EXTRA, padding=True, truncation=True, max_length=32, return_tensors="pt")  # the recipe's

@@ -1,5 +1,6 @@
-"""OpenVINO deployment: IR of structurally pruned students against PyTorch, NNCF INT8 against fp32, and
-the errors for a missing OpenVINO or a broken IR."""
+"""OpenVINO deployment: IR of structurally pruned students (from PyTorch and from ONNX) against PyTorch,
+NNCF INT8 and bf16 inference against fp32, and the errors for a missing OpenVINO, a broken IR or a
+frontend the recipe cannot serve."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import torch
 
 from lmmc.adapters import TowerModule
 from lmmc.errors import LmmcError
-from lmmc.export.openvino import quantize_openvino, to_openvino
+from lmmc.adapters import block_list, get_adapter
+from lmmc.export.openvino import OpenVinoConfig, quantize_openvino, to_openvino, torch_to_openvino
 from lmmc.export.ort import calibration_feeds
 from lmmc.export.validate import cosine
 from lmmc.recipe import parse_recipe
 from lmmc.runtime import load
+from lmmc.runtime.openvino import cpu_has_bf16
+from tests.conftest import uneven_student
 from tests.test_ort import feed, tiny_artifact
 
 
@@ -40,6 +44,57 @@ def test_ir_of_uneven_student_matches_pytorch_and_int8_stays_close(tiny_kind, tm
         assert cosine(quantised, ref[1]).min() >= 0.98
 
 
+def test_ir_from_pytorch_keeps_fused_attention_and_matches(tiny_kind, tmp_path, one_thread):
+    """OpenVINO's PyTorch frontend on a student with uneven heads per layer: one ScaledDotProductAttention
+    per block, every other shape of batch and sequence, PyTorch's outputs within 1e-4, INT8 close."""
+    art = tiny_artifact(tiny_kind, tmp_path)
+    model = art.student
+    for tower in art.adapter.towers:
+        fp32 = torch_to_openvino(model, tower, tmp_path / f"{tower.name}.xml")
+        ops = [op.get_type_name() for op in ov.Core().read_model(str(fp32)).get_ops()]
+        assert ops.count("ScaledDotProductAttention") == len(block_list(model, tower)[1])
+        int8 = quantize_openvino(fp32, tmp_path / f"{tower.name}.int8.xml", calibration_feeds(art, tower))
+        runtime = load(fp32, threads=1)
+        assert [s.name for s in runtime.outputs] == ["last_hidden_state", "pooled_embedding"]
+        for batch, seq in [(3, 11), (2, 19)]:
+            got_feed, inputs = feed(model, tower, batch, seq)
+            with torch.no_grad():
+                ref = [r.numpy() for r in TowerModule(model, tower)(*inputs)]
+            got = runtime.run(got_feed)
+            assert np.abs(got["last_hidden_state"] - ref[0]).max() <= 1e-4
+            assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4
+        quantised = load(int8, threads=1).run(got_feed)["pooled_embedding"]
+        assert cosine(quantised, ref[1]).min() >= 0.98
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units for OpenVINO")
+def test_bf16_inference_stays_close_to_f32(tiny_ir):
+    got_feed, _ = feed_for_ir(tiny_ir)
+    f32 = load(tiny_ir, threads=1).run(got_feed)["pooled_embedding"]
+    bf16 = load(tiny_ir, threads=1, inference_precision="bf16")
+    assert bf16.inference_precision == "bf16"
+    got = bf16.run(got_feed)["pooled_embedding"]
+    assert 0 < np.abs(got - f32).max() and cosine(got, f32).min() >= 0.99  # bf16 really ran, and stays close
+
+
+def test_inference_precision_errors(tiny_ir, tmp_path, exported_tower):
+    with pytest.raises(LmmcError, match="unknown OpenVINO inference precision 'f16'"):
+        load(tiny_ir, inference_precision="f16")
+    onnx_file = exported_tower("uneven", "bert", "text", tmp_path / "other.onnx")
+    with pytest.raises(LmmcError, match="inference_precision is OpenVINO's setting"):
+        load(onnx_file, inference_precision="bf16")
+
+
+def test_frontend_follows_the_int8_choice():
+    assert OpenVinoConfig().frontend == "pytorch"
+    assert OpenVinoConfig(int8={"mixed": {"max_cosine_drop": 0.002}}).frontend == "onnx"
+    with pytest.raises(ValueError, match="use frontend: onnx"):
+        OpenVinoConfig(int8={"mixed": {"max_cosine_drop": 0.002}}, frontend="pytorch")
+    parse_recipe({"calibration": {"random": True}, "export": ["openvino", "onnx"]})  # nothing needed before it
+    with pytest.raises(LmmcError, match="put 'onnx' before it"):
+        parse_recipe({"calibration": {"random": True}, "export": [{"openvino": {"frontend": "onnx"}}]})
+
+
 def test_missing_openvino_fails_the_recipe_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # what an environment without the package sees
     with pytest.raises(LmmcError, match=r"pip install 'lmmc\[openvino\]'"):
@@ -58,6 +113,11 @@ def test_missing_nncf_fails_only_when_int8_is_asked(monkeypatch):
 @pytest.fixture
 def tiny_ir(tmp_path, exported_tower):
     return to_openvino(exported_tower("uneven", "bert", "text", tmp_path / "text.onnx"), tmp_path / "text.xml")
+
+
+def feed_for_ir(ir):
+    """A feed for the `tiny_ir` fixture's tower (the uneven BERT student)."""
+    return feed(uneven_student("bert"), get_adapter("bert").towers[0])
 
 
 @pytest.mark.parametrize("damage", ["truncated xml", "foreign bin", "missing bin"])

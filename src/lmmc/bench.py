@@ -209,12 +209,13 @@ def tower_parameters(model, tower) -> int:
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
                         notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu") -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
-    ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 and NNCF
-    INT8; on a CUDA device ONNX Runtime fp16 instead of the three CPU ones (ORT's dynamic INT8 and
-    OpenVINO run on the CPU)."""
+    ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted
+    from PyTorch, as OpenVINO recommends), the same IR run in bf16 (OpenVINO's own default on a CPU with
+    bf16 units) and NNCF INT8; on a CUDA device ONNX Runtime fp16 instead of the CPU ones (ORT's dynamic
+    INT8 and OpenVINO run on the CPU)."""
     from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
-    from lmmc.export.openvino import quantize_openvino, to_openvino
+    from lmmc.export.openvino import FrontendFailed, quantize_openvino, to_openvino, torch_to_openvino
     from lmmc.export.ort import FusionFailed, fuse_onnx, quantize_dynamic_onnx
 
     files = {"plain": folder / f"teacher-{tower.name}.onnx", "fused": folder / f"teacher-{tower.name}.fused.onnx",
@@ -228,11 +229,18 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
         except FusionFailed as err:
             notes.append(f"teacher {tower.name}: no fused ONNX Runtime graph ({err})")
 
+    def to_ir() -> None:
+        try:
+            torch_to_openvino(teacher, tower, files["ov"])
+        except FrontendFailed as err:
+            notes.append(f"teacher {tower.name}: OpenVINO IR converted from the ONNX export ({err})")
+            to_openvino(files["plain"], files["ov"])
+
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("export", lambda: export_tower(teacher, tower, files["plain"])),
         ("fuse", fuse),
         ("ORT INT8", lambda: quantize_dynamic_onnx(files["plain"], files["int8"])),
-        ("OpenVINO", lambda: to_openvino(files["plain"], files["ov"])),
+        ("OpenVINO", to_ir),
         ("NNCF INT8", lambda: quantize_openvino(files["ov"], files["ov8"], calib)),
     ] if device == "cpu" else [
         ("export", lambda: export_tower(teacher, tower, files["plain"])),
@@ -257,7 +265,24 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
             model = load(files[key], backend, threads, device if backend == "onnxruntime" else None)
             out.append(Candidate("teacher", tower.name, label, backend, precision, files[key], model.run, params,
                                  model.device, model.providers))
+            if key == "ov" and bf16_openvino(notes):
+                model = load(files[key], backend, threads, inference_precision="bf16")
+                out.append(Candidate("teacher", tower.name, "openvino bf16", backend, "bf16", files[key], model.run,
+                                     params, model.device))
     return out
+
+
+def bf16_openvino(notes: list[str]) -> bool:
+    """Whether bench also runs every fp32 IR in bf16 (the CPU has the units); says so in `notes` once
+    when it does not."""
+    from lmmc.runtime.openvino import cpu_has_bf16
+
+    if cpu_has_bf16():
+        return True
+    note = "openvino bf16: not run, this CPU has no bf16 units (AVX512-BF16 or AMX)"
+    if note not in notes:
+        notes.append(note)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +362,8 @@ def memory_child() -> None:
         model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32).eval()
         run = torch_runner(model, adapter.tower(spec["tower"]))
     else:
-        run = load(spec["path"], spec["backend"], spec["threads"]).run
+        bf16 = spec["backend"] == "openvino" and spec["precision"] == "bf16"
+        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision="bf16" if bf16 else None).run
     run(feed)
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
@@ -345,7 +371,8 @@ def memory_child() -> None:
 def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int) -> float | None:
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
-    spec = {"backend": cand.backend, "path": str(cand.path) if cand.path else None, "model": teacher_ref,
+    spec = {"backend": cand.backend, "precision": cand.precision, "path": str(cand.path) if cand.path else None,
+            "model": teacher_ref,
             "tower": cand.tower, "feed": str(feed_path), "threads": threads}
     code = "from lmmc.bench import memory_child; memory_child()"
     # a hub teacher is in the local cache by now: the child needs no network
@@ -521,7 +548,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     feed_path = tmp / f"feed-{tower.name}.npz"
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
-    n = 6 + len(artifacts)
+    n = 7 + len(artifacts) + sum(a["backend"] == "openvino" and a["precision"] == "fp32" for a in artifacts)
     with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
@@ -533,6 +560,10 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
             model = load(a["path"], a["backend"], run.threads, device)
             candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
                                         model.run, params, model.device, model.providers))
+            if a["backend"] == "openvino" and a["precision"] == "fp32" and bf16_openvino(run.notes):
+                model = load(a["path"], "openvino", run.threads, inference_precision="bf16")
+                candidates.append(Candidate("student", tower.name, f"{a['label']} bf16", "openvino", "bf16",
+                                            a["path"], model.run, params, model.device))
         progress.set_postfix_str(f"{tower.name}: timing")
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.

@@ -32,7 +32,7 @@ from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("int8", "fp32")
 # Bumped whenever the variants or the fit change, so a cache written by another design is not reused.
-DESIGN_VERSION = 1
+DESIGN_VERSION = 2
 # Timing-only variants are quantised on a small slice of the calibration data: INT8 speed does not
 # depend on the activation ranges, and NNCF's statistics pass over a full calibration set dominates.
 VARIANT_CALIB_BATCHES = 1
@@ -143,13 +143,13 @@ def deploy(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for tower in adapter.towers:
-        plain = folder / f"{tower.name}.onnx"
-        export_tower(model, tower, plain)
         feeds = calib_feeds.get(tower.name) if target.precision == "int8" else []
         if target.precision == "int8" and not feeds:
             raise LmmcError(f"an INT8 target needs calibration feeds for the {tower.name} tower; pass "
                             f"calib_feeds={{'{tower.name}': [feed, ...]}} (the compile's calibration batches)")
         if target.runtime == "onnxruntime":
+            plain = folder / f"{tower.name}.onnx"
+            export_tower(model, tower, plain)
             if target.precision == "fp32":
                 out[tower.name] = plain
             else:
@@ -157,9 +157,9 @@ def deploy(model: nn.Module, adapter: Adapter, target: Target, folder: Path,
                 ort.quantize_static_onnx(plain, dst, feeds, exclude=ort.fc2_matmuls(model, adapter, tower, plain))
                 out[tower.name] = dst
             continue
-        from lmmc.export.openvino import quantize_openvino, to_openvino
+        from lmmc.export.openvino import quantize_openvino, torch_to_openvino
 
-        xml = to_openvino(plain, folder / f"{tower.name}.xml")
+        xml = torch_to_openvino(model, tower, folder / f"{tower.name}.xml")
         if target.precision == "int8":
             with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars
                 xml = quantize_openvino(xml, folder / f"{tower.name}.int8.xml", feeds)

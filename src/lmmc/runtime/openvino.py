@@ -15,20 +15,40 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), port.get_element_type().to_dtype().name, shape)
 
 
+INFERENCE_PRECISIONS = ("f32", "bf16")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise LmmcError("OpenVINO is not installed; install the extra with `pip install 'lmmc[openvino]'`") from None
+    return openvino
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can run layers in bf16 here (AVX512-BF16 or AMX)."""
+    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVinoModel(Model):
     backend = "openvino"
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise LmmcError("OpenVINO is not installed; install the extra with `pip install 'lmmc[openvino]'`") from None
+    def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32") -> None:
+        ov = _openvino()
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise LmmcError(f"unknown OpenVINO inference precision '{inference_precision}'; choose one of "
+                            f"{', '.join(INFERENCE_PRECISIONS)}")
+        if inference_precision == "bf16" and not cpu_has_bf16():
+            raise LmmcError("this CPU has no bf16 units OpenVINO can use (no AVX512-BF16 or AMX); run the IR with "
+                            "inference_precision='f32'")
         if not path.with_suffix(".bin").is_file():
             raise LmmcError(f"OpenVINO IR '{path}' has no weights file '{path.with_suffix('.bin').name}' beside it; "
                             f"copy the .xml and .bin together, or export it again with `lmmc compile`")
         # One stream and a latency hint: a single request runs on all the given threads, as ORT does.
-        # f32 inference: on CPUs with bf16 units OpenVINO otherwise runs fp32 layers in bf16 (2e-4 off).
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32"}
+        # f32 by default: on CPUs with bf16 units OpenVINO's own default runs fp32 layers in bf16 (2e-4
+        # off), which is faster and is asked for with inference_precision="bf16".
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": inference_precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
@@ -39,6 +59,7 @@ class OpenVinoModel(Model):
             raise LmmcError(f"OpenVINO cannot load '{path}': {first}. The IR is corrupt or its .bin does not "
                             f"belong to it; export it again with `lmmc compile`") from None
         self.path = path
+        self.inference_precision = inference_precision
         self.inputs = [_spec(p) for p in self.compiled.inputs]
         self.outputs = [_spec(p) for p in self.compiled.outputs]
         self.request = self.compiled.create_infer_request()
