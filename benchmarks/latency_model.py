@@ -5,7 +5,7 @@ its predictions against measurements of structures it never saw, in one run.
                                                   # took 16 minutes on 2 cores shared at load average 10
 
 Per target: the fit (its time printed), then held-out structures deployed exactly as the fit's variants
-are (lmmc's ONNX export, OpenVINO IR, NNCF INT8 calibrated on 16 sentences of the broad corpus), timed
+are (OpenVINO IR converted from PyTorch, NNCF INT8 calibrated on 16 sentences of the broad corpus), timed
 interleaved, each prediction against its measurement. The held-out structures are two real AntGMM
 students (the antgmm pass at 50 % and 33 % of the FLOPs, gradient-free importance, no distillation:
 latency depends on the shapes only), any compiled student given with --student, and four uneven

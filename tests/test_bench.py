@@ -24,9 +24,10 @@ from lmmc.modelio import load_teacher
 from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny
 
-BF16 = cpu_has_bf16()  # every fp32 IR is also run in bf16 where the CPU has the units
+BF16 = cpu_has_bf16()  # every IR is also run in bf16 where the CPU has the units
 TEACHER_ROWS = ["PyTorch eager fp32", "onnxruntime fp32", "onnxruntime fused fp32", "onnxruntime INT8 dynamic",
-                "openvino fp32", *(["openvino bf16"] if BF16 else []), "openvino INT8 (NNCF)"]
+                "openvino fp32", *(["openvino bf16"] if BF16 else []),
+                "openvino INT8 (NNCF)", *(["openvino INT8 (NNCF) bf16"] if BF16 else [])]
 BATCH, SEQ = 8, 64
 # Sentences the tiny tokenizer reads word by word; a corpus the compile never saw.
 EXTRA = ["the man was on the road", "cold water in the house", "a picture of a number", "the text of the data",
@@ -93,8 +94,8 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     expected_rows = []
     for a in manifest:
         expected_rows.append((a["path"], a["backend"], a["precision"]))
-        if BF16 and a["backend"] == "openvino" and a["precision"] == "fp32":
-            expected_rows.append((a["path"] + " bf16", "openvino", "bf16"))
+        if BF16 and a["backend"] == "openvino":
+            expected_rows.append((a["path"] + " bf16", "openvino", "bf16" if a["precision"] == "fp32" else a["precision"]))
     assert [(r["artifact"], r["backend"], r["precision"]) for r in students] == expected_rows
     for r in students:
         path = out / r["artifact"].removesuffix(" bf16")
@@ -135,7 +136,7 @@ def test_fidelity_matches_the_compile_and_an_independent_computation(compiled, b
     assert student["cosine_to_teacher"]["held-out"] < 0.99  # pruning shows; the comparison above means something
     for fp32 in ("onnxruntime fp32", "onnxruntime fused fp32", "openvino fp32"):
         assert rows[("teacher", fp32)]["cosine_to_teacher"]["held-out"] > 0.9999
-    if BF16:  # bf16 inference: close to the fp32 IR it runs, yet not the same numbers
+    if BF16:  # bf16 inference: close to the fp32 IR run in f32, yet not the same numbers
         for model, fp32, bf16 in [("teacher", "openvino fp32", "openvino bf16"),
                                   ("student", "openvino/text.xml", "openvino/text.xml bf16")]:
             a, b = (rows[(model, k)]["cosine_to_teacher"]["held-out"] for k in (fp32, bf16))

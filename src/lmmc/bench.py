@@ -72,6 +72,7 @@ class Candidate:
     parameters: int | None = None
     device: str = "cpu"
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
+    inference: str | None = None  # OpenVINO's inference precision: "f32", or "bf16" for an IR's bf16 twin
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,8 +211,8 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
                         notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu") -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
     ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted
-    from PyTorch, as OpenVINO recommends), the same IR run in bf16 (OpenVINO's own default on a CPU with
-    bf16 units) and NNCF INT8; on a CUDA device ONNX Runtime fp16 instead of the CPU ones (ORT's dynamic
+    from PyTorch, as OpenVINO recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default
+    on a CPU with bf16 units); on a CUDA device ONNX Runtime fp16 instead of the CPU ones (ORT's dynamic
     INT8 and OpenVINO run on the CPU)."""
     from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
@@ -264,17 +265,23 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
         if files[key].is_file():
             model = load(files[key], backend, threads, device if backend == "onnxruntime" else None)
             out.append(Candidate("teacher", tower.name, label, backend, precision, files[key], model.run, params,
-                                 model.device, model.providers))
-            if key == "ov" and bf16_openvino(notes):
-                model = load(files[key], backend, threads, inference_precision="bf16")
-                out.append(Candidate("teacher", tower.name, "openvino bf16", backend, "bf16", files[key], model.run,
-                                     params, model.device))
+                                 model.device, model.providers, "f32" if backend == "openvino" else None))
+            if backend == "openvino" and bf16_openvino(notes):
+                out.append(bf16_twin(out[-1], "openvino bf16" if precision == "fp32" else f"{label} bf16", threads))
     return out
 
 
+def bf16_twin(cand: Candidate, label: str, threads: int) -> Candidate:
+    """The same OpenVINO IR run with bf16 inference, as OpenVINO runs it by default on a CPU with bf16
+    units; an fp32 IR's twin counts as bf16, an INT8 one stays INT8 (its unquantised layers in bf16)."""
+    model = load(cand.path, "openvino", threads, inference_precision="bf16")
+    return Candidate(cand.model, cand.tower, label, "openvino", "bf16" if cand.precision == "fp32" else cand.precision,
+                     cand.path, model.run, cand.parameters, model.device, inference="bf16")
+
+
 def bf16_openvino(notes: list[str]) -> bool:
-    """Whether bench also runs every fp32 IR in bf16 (the CPU has the units); says so in `notes` once
-    when it does not."""
+    """Whether bench also runs every IR in bf16 (the CPU has the units); says so in `notes` once when
+    it does not."""
     from lmmc.runtime.openvino import cpu_has_bf16
 
     if cpu_has_bf16():
@@ -362,8 +369,7 @@ def memory_child() -> None:
         model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32).eval()
         run = torch_runner(model, adapter.tower(spec["tower"]))
     else:
-        bf16 = spec["backend"] == "openvino" and spec["precision"] == "bf16"
-        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision="bf16" if bf16 else None).run
+        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"]).run
     run(feed)
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
@@ -371,7 +377,7 @@ def memory_child() -> None:
 def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int) -> float | None:
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
-    spec = {"backend": cand.backend, "precision": cand.precision, "path": str(cand.path) if cand.path else None,
+    spec = {"backend": cand.backend, "inference": cand.inference, "path": str(cand.path) if cand.path else None,
             "model": teacher_ref,
             "tower": cand.tower, "feed": str(feed_path), "threads": threads}
     code = "from lmmc.bench import memory_child; memory_child()"
@@ -548,7 +554,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     feed_path = tmp / f"feed-{tower.name}.npz"
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
-    n = 7 + len(artifacts) + sum(a["backend"] == "openvino" and a["precision"] == "fp32" for a in artifacts)
+    n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
     with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
@@ -558,12 +564,11 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
             # ONNX files run on the bench's device; an IR on the CPU, an engine on its GPU
             device = run.device if a["backend"] == "onnxruntime" else ("cuda" if a["backend"] == "tensorrt" else None)
             model = load(a["path"], a["backend"], run.threads, device)
+            ov = a["backend"] == "openvino"
             candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
-                                        model.run, params, model.device, model.providers))
-            if a["backend"] == "openvino" and a["precision"] == "fp32" and bf16_openvino(run.notes):
-                model = load(a["path"], "openvino", run.threads, inference_precision="bf16")
-                candidates.append(Candidate("student", tower.name, f"{a['label']} bf16", "openvino", "bf16",
-                                            a["path"], model.run, params, model.device))
+                                        model.run, params, model.device, model.providers, "f32" if ov else None))
+            if ov and bf16_openvino(run.notes):
+                candidates.append(bf16_twin(candidates[-1], f"{a['label']} bf16", run.threads))
         progress.set_postfix_str(f"{tower.name}: timing")
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
@@ -576,7 +581,8 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                 ms = sorted(times[i])
                 cand.row = {
                     "model": cand.model, "artifact": cand.label, "backend": cand.backend,
-                    "precision": cand.precision, "device": cand.device, "providers": list(cand.providers),
+                    "precision": cand.precision, "inference_precision": cand.inference,
+                    "device": cand.device, "providers": list(cand.providers),
                     "file": str(cand.path) if cand.model == "student" else None,
                     "size_bytes": file_size(cand.path), "parameters": cand.parameters,
                     "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
