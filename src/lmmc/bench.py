@@ -378,8 +378,7 @@ def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads:
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
     spec = {"backend": cand.backend, "inference": cand.inference, "path": str(cand.path) if cand.path else None,
-            "model": teacher_ref,
-            "tower": cand.tower, "feed": str(feed_path), "threads": threads}
+            "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads}
     code = "from lmmc.bench import memory_child; memory_child()"
     # a hub teacher is in the local cache by now: the child needs no network
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}

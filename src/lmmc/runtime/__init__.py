@@ -68,11 +68,11 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
          tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None) -> Model:
     """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
     runtime's intra-op threads (None: the runtime's default). `inference_precision` (OpenVINO only): f32,
-    the default, or bf16 to run an IR's fp32 layers in bf16 on a CPU that has the units. `device` (cpu, cuda or cuda:N) picks ONNX
-    Runtime's execution providers, CUDA with the CPU for what CUDA lacks, and `tensorrt`
-    (lmmc.runtime.onnxruntime.TensorRTOptions) puts its TensorRT provider first; a provider this ONNX
-    Runtime lacks is an error naming the package to install, never a quiet fall-back to the CPU. None:
-    the backend's own device (the CPU; a TensorRT engine's GPU)."""
+    the default, or bf16 to run an IR's fp32 layers in bf16 on a CPU that has the units. `device` (cpu,
+    cuda or cuda:N) picks ONNX Runtime's execution providers, CUDA with the CPU for what CUDA lacks, and
+    `tensorrt` (lmmc.runtime.onnxruntime.TensorRTOptions) puts its TensorRT provider first; a provider
+    this ONNX Runtime lacks is an error naming the package to install, never a quiet fall-back to the
+    CPU. None: the backend's own device (the CPU; a TensorRT engine's GPU)."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
