@@ -69,7 +69,7 @@ def test_ir_from_pytorch_keeps_fused_attention_and_matches(tiny_kind, tmp_path, 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units for OpenVINO")
 def test_bf16_inference_stays_close_to_f32(tiny_ir):
-    got_feed, _ = feed_for_ir(tiny_ir)
+    got_feed, _ = uneven_bert_feed()
     f32 = load(tiny_ir, threads=1).run(got_feed)["pooled_embedding"]
     bf16 = load(tiny_ir, threads=1, inference_precision="bf16")
     assert bf16.inference_precision == "bf16"
@@ -115,7 +115,7 @@ def tiny_ir(tmp_path, exported_tower):
     return to_openvino(exported_tower("uneven", "bert", "text", tmp_path / "text.onnx"), tmp_path / "text.xml")
 
 
-def feed_for_ir(ir):
+def uneven_bert_feed():
     """A feed for the `tiny_ir` fixture's tower (the uneven BERT student)."""
     return feed(uneven_student("bert"), get_adapter("bert").towers[0])
 
