@@ -9,19 +9,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 
 from lmmc.artifact import ExportRecord, PassRecord
+from lmmc.bench import Candidate, torch_runner
 from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import quantize_openvino, to_openvino
 from lmmc.export.validate import ValidateConfig, latency_target_gate, target_artifact
 from lmmc.joint_selection import BlockUnits, select_joint
-from lmmc.latency_budget import cover
+from lmmc.latency_budget import cover, teacher_reference, time_deployments
 from lmmc.latency_model import Target, fit_latency_model, tower_feed
 from lmmc.recipe import load_recipe, parse_recipe
 from lmmc.runtime import load
@@ -282,3 +284,29 @@ def test_validate_refuses_a_target_without_its_artifact(tmp_path) -> None:
         target_artifact(art, "text", "openvino", "int8")
     with pytest.raises(LmmcError, match=r"ort: \{int8: \[static\]\}"):
         target_artifact(art, "text", "onnxruntime", "int8")
+
+
+def test_the_speedup_reference_is_a_faithful_teacher_at_f32_inference(tmp_path) -> None:
+    art = make_artifact("bert")
+    feeds = calib_feeds(art)
+    target = Target(**DEPLOY)
+    timing = time_deployments(art.teacher, art.adapter, target, tmp_path, feeds, repeats=3)
+    ms = timing["towers"]["text"]["teacher"]["all_ms"]
+    # the teacher's IRs at f32 inference, never a bf16 twin the student's artifact is not timed against
+    assert set(ms) == {"openvino fp32", "openvino INT8 (NNCF)"}
+    assert timing["teacher_ms"] == min(ms.values())
+
+    tower = art.adapter.towers[0]
+    eager = Candidate("teacher", "text", "PyTorch eager fp32", "pytorch", "fp32", None, torch_runner(art.teacher, tower))
+
+    def shifted(scale: float) -> Candidate:
+        def run(feed):
+            out = eager.run(feed)
+            noise = np.random.default_rng(0).standard_normal(out["pooled_embedding"].shape).astype(np.float32)
+            return {**out, "pooled_embedding": out["pooled_embedding"] + scale * noise}
+        return Candidate("teacher", "text", f"noise {scale}", "openvino", "int8", None, run)
+
+    notes: list[str] = []
+    kept = teacher_reference([shifted(0.0), shifted(100.0)], eager, feeds["text"][:2], notes)
+    assert [c.label for c in kept] == ["noise 0.0"]
+    assert len(notes) == 1 and "noise 100.0 not a reference" in notes[0]

@@ -133,7 +133,11 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
     ways `lmmc bench` deploys it (`deploy_teacher`), on the target's runtime only, whose fastest is the
     reference a speed-up is measured against; and the student's artifact (`students`: tower -> (label,
     run)) when given. Medians in ms; `teacher_ms` and `student_ms` sum the towers (one batch through
-    every tower). Built files go to `folder`."""
+    every tower). Built files go to `folder`.
+
+    The reference is held to what the student is held to: f32 inference, as the student's artifact and
+    the latency model run (an IR's bf16 twin would set a bar the student is not timed against), and the
+    teacher's own fidelity (`teacher_reference`)."""
     from tqdm import tqdm
 
     from lmmc.bench import Candidate, interleaved_latency, teacher_deployments
@@ -146,7 +150,8 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
             if deploy_teacher:
                 built = teacher_deployments(teacher, tower, folder, calib_feeds[tower.name], target.threads, notes,
                                             quiet)
-                candidates = [c for c in built if c.backend == target.runtime]
+                candidates = teacher_reference([c for c in built if c.backend == target.runtime and c.inference != "bf16"],
+                                               built[0], calib_feeds[tower.name][:4], notes)
             if students:
                 label, run = students[tower.name]
                 candidates.append(Candidate("student", tower.name, label, target.runtime, target.precision, None, run))
@@ -167,6 +172,24 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
         out["student_ms"] = sum(t["student"]["ms"] for t in towers.values())
     return out
 
+
+def teacher_reference(candidates: list, eager, feeds: list[dict[str, np.ndarray]], notes: list[str]) -> list:
+    """The teacher deployments that may set a speed-up's reference: those whose pooled embedding keeps a
+    mean cosine of at least bench's TEACHER_MIN_COSINE to PyTorch eager (`eager`) on the calibration
+    batches. A quantised teacher that has lost its own fidelity would make any target unreachable for a
+    faithful student; each one passed over is named in `notes`."""
+    from lmmc.bench import TEACHER_MIN_COSINE, embeddings, mean_cosine
+
+    reference = embeddings(eager.run, feeds)
+    kept = []
+    for cand in candidates:
+        cosine = mean_cosine(embeddings(cand.run, feeds), reference)
+        if cosine >= TEACHER_MIN_COSINE:
+            kept.append(cand)
+        else:
+            notes.append(f"teacher {cand.tower}: {cand.label} not a reference, its cosine to the teacher on the "
+                         f"calibration batches is {cosine:.4f} (< {TEACHER_MIN_COSINE})")
+    return kept
 
 
 def check_target_exports(passes: list[tuple[str, Any]], exports: list[tuple[str, Any]]) -> None:
