@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from lmmc.cli import main
 from lmmc.runtime import load, read_manifest
+from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import REPO, save_tiny
 from tests.test_cli import write_recipe
 
@@ -101,6 +102,22 @@ def test_text_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path, 
     assert np.abs(got - ref).max() <= atol
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="bf16 inference needs a CPU with bf16 units (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("precision, variant", [("fp32", "plain"), ("int8", "nncf")])
+def test_bf16_inference_equals_lmmc_runtime_in_bf16(lmmc_embed, compiled_out, tmp_path, precision, variant):
+    feed = _token_feed(compiled_out, tmp_path / "ids.txt")
+    path = _artifact(compiled_out, "text", "openvino", precision, variant)
+    got = {}
+    for inference in ("f32", "bf16"):
+        done = _run(lmmc_embed, compiled_out, tmp_path / "ids.txt", tmp_path / f"{inference}.txt", "--precision",
+                    precision, "--threads", 1, "--inference", inference)
+        assert done.returncode == 0, done.stderr
+        got[inference] = np.loadtxt(tmp_path / f"{inference}.txt", ndmin=2)
+    ref = load(path, threads=1, inference_precision="bf16").run(feed)["pooled_embedding"]
+    assert np.abs(got["bf16"] - ref).max() <= 1e-5  # the same plugin at the same precision
+    assert np.abs(got["bf16"] - got["f32"]).max() > 1e-5  # and bf16 was really asked for
+
+
 @pytest.mark.parametrize("precision, variant, atol", [("fp32", "plain", 1e-4), ("int8", "nncf", 1e-2)])
 def test_image_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path, precision, variant, atol):
     pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
@@ -123,6 +140,8 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     assert done.returncode == 1 and "not a whole number of float32 images of 3072 values" in done.stderr
     done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt", "--precision", "fp16")
     assert done.returncode == 2 and "usage: lmmc_embed" in done.stderr
+    done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt", "--inference", "fp16")
+    assert done.returncode == 2 and "--inference is f32 or bf16" in done.stderr
     done = _run(lmmc_embed, tmp_path, tmp_path / "bad.txt", tmp_path / "emb.txt")
     assert done.returncode == 1 and "manifest.json" in done.stderr
     assert not (tmp_path / "emb.txt").exists()
