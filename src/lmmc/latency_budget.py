@@ -150,8 +150,8 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
             if deploy_teacher:
                 built = teacher_deployments(teacher, tower, folder, calib_feeds[tower.name], target.threads, notes,
                                             quiet)
-                candidates = teacher_reference([c for c in built if c.backend == target.runtime and c.inference != "bf16"],
-                                               built[0], calib_feeds[tower.name][:4], notes)
+                same = [c for c in built if c.backend == target.runtime and c.inference != "bf16"]
+                candidates = teacher_reference(same, built[0], calib_feeds[tower.name][:4], notes)
             if students:
                 label, run = students[tower.name]
                 candidates.append(Candidate("student", tower.name, label, target.runtime, target.precision, None, run))
