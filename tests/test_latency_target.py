@@ -297,7 +297,8 @@ def test_the_speedup_reference_is_a_faithful_teacher_at_f32_inference(tmp_path) 
     assert timing["teacher_ms"] == min(ms.values())
 
     tower = art.adapter.towers[0]
-    eager = Candidate("teacher", "text", "PyTorch eager fp32", "pytorch", "fp32", None, torch_runner(art.teacher, tower))
+    eager = Candidate("teacher", "text", "PyTorch eager fp32", "pytorch", "fp32", None,
+                      torch_runner(art.teacher, tower))
 
     def shifted(scale: float) -> Candidate:
         def run(feed):
