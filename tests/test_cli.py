@@ -2,6 +2,7 @@
 nothing left behind."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from lmmc.cli import main
+from lmmc.export.validate import scaled_diff
 from tests.conftest import CORPUS, REPO, save_preprocessors, save_tiny, tiny_model
 
 TINY_RECIPE = {
@@ -46,8 +48,12 @@ def test_compile_tiny_model_end_to_end(tmp_path, kind):
     report = json.loads((out / "report.json").read_text())
     towers = report["validation"]["towers"]
     assert set(towers) == ({"text"} if kind == "bert" else {"text", "vision"})
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
     for name, tower in towers.items():
         assert max(tower["runtime_max_abs_diff"].values()) <= 1e-4
+        # the gate divides each output's difference by its scale where that exceeds 1
+        assert gates[f"{name}: runtime max diff"]["value"] == pytest.approx(max(
+            d / max(1.0, tower["runtime_output_scale"][k]) for k, d in tower["runtime_max_abs_diff"].items()))
         assert (out / "onnx" / f"{name}.onnx").is_file()
         assert tower["latency_ms"]["teacher"] > 0
     # timed at the model's 64 positions by default, not at 128 (which real CLIPs, with 77, cannot take)
@@ -67,6 +73,16 @@ def test_compile_tiny_model_end_to_end(tmp_path, kind):
     assert not list(tmp_path.glob(".out*"))  # no work area left behind
 
 
+def test_the_runtime_gate_is_relative_where_an_output_exceeds_1():
+    diff = {"last_hidden_state": 5e-4, "pooled_embedding": 2e-7}
+    # hidden states reaching 20: 2.5e-5 relative passes a 3e-4 gate that 5e-4 absolute would miss
+    assert scaled_diff(diff, {"last_hidden_state": 20.0, "pooled_embedding": 0.4}) == pytest.approx(2.5e-5)
+    # below 1 the difference stays absolute: small outputs do not loosen the gate
+    assert scaled_diff(diff, {"last_hidden_state": 0.5, "pooled_embedding": 0.4}) == pytest.approx(5e-4)
+    assert math.isnan(scaled_diff({**diff, "pooled_embedding": float("nan")}, {"last_hidden_state": 20.0,
+                                                                              "pooled_embedding": 0.4}))
+
+
 def test_missed_gate_exits_1_with_complete_output(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     # No latency timing: it would export the teacher too, and the gate missed here is the runtime diff.
@@ -74,7 +90,7 @@ def test_missed_gate_exits_1_with_complete_output(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)), "-o", str(out)])
     assert result.exit_code == 1
-    assert "validation gate missed: text: runtime max abs diff" in result.output
+    assert "validation gate missed: text: runtime max diff" in result.output
     assert json.loads((out / "report.json").read_text())["passed"] is False
 
 
@@ -219,7 +235,7 @@ def test_non_finite_student_fails_every_gate_and_report_is_strict_json(tmp_path,
 
     report = json.loads((out / "report.json").read_text(), parse_constant=refuse)
     gates = {g["name"]: g for g in report["validation"]["gates"]}
-    for name in ("text: runtime max abs diff", "text: cosine to teacher", "nearest-neighbour agreement"):
+    for name in ("text: runtime max diff", "text: cosine to teacher", "nearest-neighbour agreement"):
         assert gates[name]["value"] is None and gates[name]["passed"] is False
     assert report["validation"]["task_metric"]["value"] is None  # NaN embeddings do not agree 100 %
     assert report["passed"] is False

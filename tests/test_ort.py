@@ -115,7 +115,7 @@ def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread
         assert abs(e["cosine_to_teacher"] - fp32) <= 0.02
     names = [g["name"] for g in validation["gates"]]
     assert "text: onnxruntime int8 static: cosine to fp32 student" in names
-    assert "vision: onnxruntime fp32 fused: max abs diff to PyTorch" in names
+    assert "vision: onnxruntime fp32 fused: max diff to PyTorch" in names
 
 
 @pytest.mark.e2e
