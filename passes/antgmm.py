@@ -24,6 +24,7 @@ from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig,
 from lmmc.latency_model import fit_latency_model
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
+from lmmc.reconstruct import compensate_, input_gram
 from lmmc.selection import Unit, select_units
 from lmmc.student import read_structure
 from lmmc.surgery import (find_restore, group_size, hidden_width, keep_blocks_, keep_channels_, keep_heads_,
@@ -79,6 +80,11 @@ class AntGMMConfig(PassConfig):
                            "grouped-query attention heads go in whole groups, so rounded up to whole groups")
     min_ffn: int = Field(1, ge=1, description="floor: FFN channels every block keeps")
     min_hidden: int = Field(1, ge=1, description="floor: hidden (residual-stream) channels every tower keeps")
+    reconstruct: float | None = Field(None, ge=0.0, description="refit each cut block's output projection by "
+                                      "least squares on the calibration tokens so its kept heads or FFN "
+                                      "channels stand in for the removed ones; the value is the ridge "
+                                      "strength (relative to the mean diagonal of the Gram matrix); off "
+                                      "when omitted")
     distill: dict[str, Any] | None = Field(None, description="config of the 'distill' pass run after "
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
@@ -179,6 +185,8 @@ class AntGMMPass(Pass):
     channels from the whole tower — embeddings, every block's readers and writers of the stream, every
     LayerNorm over it — and ends the tower in a linear map back to the teacher's width, fitted by least
     squares on the calibration data, so the pooled embedding stays comparable with the teacher's.
+    With `reconstruct`, each block losing heads or FFN channels has its output projection refitted by
+    least squares on the calibration tokens first, so the kept units stand in for the removed ones.
 
     Recipe::
 
@@ -186,6 +194,7 @@ class AntGMMPass(Pass):
         - antgmm: {keep: 0.5, shares: {depth: 0.5, ffn: 0.25, heads: 0.25}, segments: 2,
                    distill: {lr: 1.0e-4}, distill_steps_per_segment: 200}
         - antgmm: {keep: 0.5, shares: {depth: 0.4, ffn: 0.2, heads: 0.2, hidden: 0.2}}
+        - antgmm: {keep: 0.42, shares: {depth: 0.5, ffn: 0.25, heads: 0.25}, reconstruct: 0.01}
     """
 
     name = "antgmm"
@@ -422,15 +431,12 @@ class AntGMMPass(Pass):
             drop_units: dict[tuple[str, int], set[int]] = {}
             for u in chosen:
                 drop_units.setdefault(u.group, set()).add(u.index)
-            for (tname, i), idx in drop_units.items():
-                tower = adapter.tower(tname)
-                block = block_list(model, tower)[1][i]
-                if stage == "heads":
-                    n, g = len(scores.heads[(tname, i)]), group_size(block, tower, self.head_dims[tname])
-                    keep_heads_(block, tower, self.head_dims[tname], [h for h in range(n) if h // g not in idx])
-                else:
-                    n = len(scores.channels[(tname, i)])
-                    keep_channels_(block, tower, [c for c in range(n) if c not in idx])
+            left: dict[str, float] = {}
+            for key, idx in self._in_order(adapter, drop_units):
+                n = len((scores.heads if stage == "heads" else scores.channels)[key])
+                self._cut(art, stage, key, n, idx, left)
+            if left:
+                record["reconstruction_left"] = left
             if cfg.distill is not None and chosen:
                 record["distill"] = self._distill(art, cfg.distill_steps_per_segment)
         record["cost"] = self._cost(model, adapter)
@@ -466,15 +472,13 @@ class AntGMMPass(Pass):
             "removed_channels": {f"{t}.{i}": len(v) for (t, i), v in chosen.channels.items()},
             "block_loss_change": {f"{t}.{i}": v for (t, i), v in whole.items()},
         }
-        for (tname, i), idx in chosen.heads.items():
-            tower = adapter.tower(tname)
-            block = block_list(model, tower)[1][i]
-            n, g = len(scores.heads[(tname, i)]), group_size(block, tower, self.head_dims[tname])
-            keep_heads_(block, tower, self.head_dims[tname], [h for h in range(n) if h // g not in set(idx)])
-        for (tname, i), idx in chosen.channels.items():
-            block = block_list(model, adapter.tower(tname))[1][i]
-            keep_channels_(block, adapter.tower(tname), [c for c in range(len(scores.channels[(tname, i)]))
-                                                         if c not in set(idx)])
+        left: dict[str, float] = {}
+        for key, idx in self._in_order(adapter, chosen.heads):
+            self._cut(art, "heads", key, len(scores.heads[key]), set(idx), left)
+        for key, idx in self._in_order(adapter, chosen.channels):
+            self._cut(art, "ffn", key, len(scores.channels[key]), set(idx), left)
+        if left:
+            record["reconstruction_left"] = left
         drop: dict[str, set[int]] = {}
         for tname, i in chosen.blocks:
             drop.setdefault(tname, set()).add(i)
@@ -490,6 +494,36 @@ class AntGMMPass(Pass):
         record["cost"] = self._cost(model, adapter)
         record["goal"] = goal
         return record
+
+    @staticmethod
+    def _in_order(adapter: Adapter, units: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
+        """Blocks from the input on, tower by tower: each refit then sees what its cut predecessors give."""
+        order = {t.name: k for k, t in enumerate(adapter.towers)}
+        return sorted(units.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+
+    def _cut(self, art: Artifact, stage: str, key: tuple[str, int], n: int, idx: set[int],
+             left: dict[str, float]) -> None:
+        """Remove the units `idx` (of `n`) of one block: heads (whole key/value groups) or FFN channels.
+        With `reconstruct`, the block's output projection is refitted first and the share of the removed
+        units' contribution it cannot replace goes into `left`."""
+        tname, i = key
+        tower, hd = art.adapter.tower(tname), self.head_dims[tname]
+        block = block_list(art.student, tower)[1][i]
+        if stage == "heads":
+            g = group_size(block, tower, hd)
+            kept = [h for h in range(n) if h // g not in idx]
+            columns = [h * hd + d for h in kept for d in range(hd)]
+        else:
+            kept = columns = [c for c in range(n) if c not in idx]
+        if self.config.reconstruct is not None:
+            role = "o" if stage == "heads" else "fc2"
+            gram = input_gram(art.student, tower, i, role, art.calib, art.device)
+            left[f"{tname}.{i}"] = compensate_(block_linears(block, tower)[role][1], gram, columns,
+                                                 self.config.reconstruct)
+        if stage == "heads":
+            keep_heads_(block, tower, hd, kept)
+        else:
+            keep_channels_(block, tower, kept)
 
     def _select(self, units: list[Unit], remove: float, floors: dict[Any, int]) -> list[Unit]:
         """A cost budget is met as closely as whole units allow; a latency target is a ceiling."""

@@ -204,6 +204,21 @@ def test_latency_target_is_met_within_one_unit(fitted, shares) -> None:
     assert metrics["budget"] == "ms"
 
 
+def test_the_joint_ranking_refits_what_it_cuts(fitted) -> None:
+    cache, model = fitted
+    art = make_artifact("bert")
+    start = sum(model.predict(art.student, art.adapter).values())
+    floor = model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)
+    target = floor + 0.5 * (start - floor)
+    metrics = run_antgmm(art, target={"latency_ms": target}, deploy=DEPLOY, latency_cache=cache, reconstruct=0.01,
+                         min_layers=2)  # both blocks stay: only heads and channels go
+    cut = {k for seg in metrics["segments"] for k in {**seg["removed_heads"], **seg["removed_channels"]}}
+    left = {k: v for seg in metrics["segments"] for k, v in seg.get("reconstruction_left", {}).items()}
+    assert cut and cut == set(left)
+    assert all(0.0 <= v < 1.0 for v in left.values())
+    assert sum(model.predict(art.student, art.adapter).values()) <= target + 1e-9
+
+
 def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitted, tmp_path) -> None:
     cache, model = fitted
     model_dir = save_tiny("bert", tmp_path / "tiny")
