@@ -10,7 +10,9 @@ from conftest import tiny_model
 from test_structured import calib_for, make_artifact, run_antgmm
 
 from lmmc.adapters import TowerModule, block_linears, block_list, get_adapter, input_names
+from lmmc.errors import LmmcError
 from lmmc.reconstruct import compensate_, input_gram
+from lmmc.recipe import parse_recipe
 from lmmc.surgery import keep_channels_, keep_cols_
 
 CPU = torch.device("cpu")
@@ -100,3 +102,9 @@ def test_antgmm_with_reconstruction_keeps_more_of_the_teacher(kind: str) -> None
     assert len(lefts) >= sum(len(block_list(rebuilt.student, t)[1]) for t in rebuilt.adapter.towers)
     assert all(0.0 <= v < 1.0 for v in lefts)
     assert calib_cosine(rebuilt) > calib_cosine(plain)
+
+
+@pytest.mark.parametrize("bad", [-0.1, "auto"])
+def test_a_bad_ridge_is_one_clear_error(bad) -> None:
+    with pytest.raises(LmmcError, match="reconstruct"):
+        parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": {"reconstruct": bad}}]})
