@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from lmmc.adapters import TowerModule, TowerSpec, block_linears, block_list, input_names
+from lmmc.blockwise import StopForward
 from lmmc.data import CalibData
 
 
 def input_gram(model: nn.Module, tower: TowerSpec, block: int, role: str, calib: CalibData,
                device: torch.device) -> torch.Tensor:
     """E[x̃ x̃ᵀ] over the calibration tokens of x̃ = [x, 1], x the input of block `block`'s `role` linear
-    ('o': the heads' concatenated outputs; 'fc2': the FFN's activations). Padding tokens are left out:
-    no pooled embedding reads them."""
+    ('o': the heads' concatenated outputs; 'fc2': the FFN's activations); each forward stops there.
+    Padding tokens are left out: no pooled embedding reads them."""
     lin = block_linears(block_list(model, tower)[1][block], tower)[role][1]
     width = lin.in_features
     gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
@@ -30,6 +31,7 @@ def input_gram(model: nn.Module, tower: TowerSpec, block: int, role: str, calib:
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         gram.add_(x.T @ x)
         seen[0] += len(x)
+        raise StopForward  # nothing after this linear's input is needed
 
     handle = lin.register_forward_pre_hook(hook)
     names = input_names(tower)
@@ -39,7 +41,10 @@ def input_gram(model: nn.Module, tower: TowerSpec, block: int, role: str, calib:
             for batch in calib.calib_batches(tower.modality):
                 mask = batch.get("attention_mask")
                 keep[0] = mask.reshape(-1).bool() if mask is not None and tower.modality == "text" else None
-                tower_module(*[batch[n].to(device) for n in names])
+                try:
+                    tower_module(*[batch[n].to(device) for n in names])
+                except StopForward:
+                    pass
     finally:
         handle.remove()
     return gram / max(seen[0], 1)
