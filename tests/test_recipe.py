@@ -58,3 +58,20 @@ def test_bad_recipes_fail_with_one_clear_message(change, message):
 def test_calibration_needed_without_data():
     with pytest.raises(LmmcError, match="needs \\['calib'\\]"):
         parse_recipe({"passes": [{"wanda": {}}]})
+
+
+def test_paths_inside_antgmm_distill_resolve_against_the_recipe(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one sentence\n")
+    between = {"corpus": "../corpus.txt", "checkpoint_dir": "ckpt"}
+    data = {**FULL, "calibration": {**FULL["calibration"], "path": "../corpus.txt"},
+            "passes": [{"antgmm": {"keep": 0.5, "distill": between, "distill_steps_per_segment": 4}}]}
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    nested = load_recipe(path).passes[0].config.distill
+    assert nested == {"corpus": str(corpus), "checkpoint_dir": str(tmp_path / "recipes" / "ckpt")}
+    between["corpus"] = "missing.txt"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LmmcError, match="antgmm.distill.corpus 'missing.txt' does not exist"):
+        load_recipe(path)

@@ -216,6 +216,14 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
     return str(path)
 
 
+def _resolve_params(params: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
+    """A step's parameters with their paths resolved, also inside a nested step config (antgmm's
+    `distill`, which the distill pass runs between segments)."""
+    return {k: _resolve(v, base, f"{where}.{k}", must_exist=k == "corpus") if k in PATH_PARAMS
+            else _resolve_params(v, base, f"{where}.{k}") if isinstance(v, dict) and k == "distill"
+            else v for k, v in params.items()}
+
+
 def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     data = dict(data)
     calibration = data.get("calibration")
@@ -231,8 +239,7 @@ def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
             if isinstance(item, dict) and len(item) == 1:
                 (name, params), = item.items()
                 if isinstance(params, dict):
-                    params = {k: _resolve(v, base, f"{name}.{k}", must_exist=k == "corpus") if k in PATH_PARAMS
-                              else v for k, v in params.items()}
+                    params = _resolve_params(params, base, name)
                 item = {name: params}
             resolved.append(item)
         data[section] = resolved
