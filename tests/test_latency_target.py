@@ -28,6 +28,7 @@ from lmmc.latency_model import Target, fit_latency_model, tower_feed
 from lmmc.recipe import load_recipe, parse_recipe
 from lmmc.runtime import load
 from lmmc.selection import Unit
+from lmmc.student import read_structure
 from tests.conftest import save_tiny
 from tests.test_structured import make_artifact, run_antgmm
 
@@ -216,6 +217,22 @@ def test_the_joint_ranking_refits_what_it_cuts(fitted) -> None:
     left = {k: v for seg in metrics["segments"] for k, v in seg.get("reconstruction_left", {}).items()}
     assert cut and cut == set(left)
     assert all(0.0 <= v < 1.0 for v in left.values())
+    assert sum(model.predict(art.student, art.adapter).values()) <= target + 1e-9
+
+
+def test_under_a_target_ffn_multiple_rounds_down_and_stays_under_it(fitted) -> None:
+    cache, model = fitted
+    art = make_artifact("bert")
+    start = sum(model.predict(art.student, art.adapter).values())
+    floor = model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)
+    target = floor + 0.25 * (start - floor)
+    metrics = run_antgmm(art, target={"latency_ms": target}, deploy=DEPLOY, latency_cache=cache, min_layers=2,
+                         ffn_multiple=16)
+    widths = read_structure(art.student, art.adapter)["text"]["ffn"]
+    cut = [w for w in widths if w != 64]
+    assert cut and all(w % 16 == 0 for w in cut)
+    removed = {k: v for seg in metrics["segments"] for k, v in seg["removed_channels"].items()}
+    assert [64 - removed.get(f"text.{i}", 0) for i in range(2)] == widths
     assert sum(model.predict(art.student, art.adapter).values()) <= target + 1e-9
 
 

@@ -207,6 +207,24 @@ def test_antgmm_meets_the_flop_budget_with_non_uniform_widths(kind: str) -> None
         assert torch.isfinite(a).all()
 
 
+def test_ffn_multiple_rounds_each_cut_block_to_the_nearest_multiple_keeping_the_best_channels() -> None:
+    plain, aligned = make_artifact("bert"), make_artifact("bert")
+    config = dict(keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation")
+    run_antgmm(plain, **config)
+    metrics = run_antgmm(aligned, **config, ffn_multiple=8)
+    scores = activation_importance(plain.teacher, plain.adapter, plain.calib, torch.device("cpu")).channels
+    before = read_structure(plain.student, plain.adapter)["text"]["ffn"]
+    after = read_structure(aligned.student, aligned.adapter)["text"]["ffn"]
+    assert before != after and all(w % 8 == 0 for w in after)
+    assert after == [max(8, round(w / 8) * 8) for w in before]
+    assert metrics["kept"] == pytest.approx(0.7, abs=0.05)
+    fc1 = [block_linears(b, plain.adapter.towers[0])["fc1"][1] for b in block_list(aligned.student, aligned.adapter.towers[0])[1]]
+    teacher_fc1 = [block_linears(b, plain.adapter.towers[0])["fc1"][1] for b in block_list(plain.teacher, plain.adapter.towers[0])[1]]
+    for i, (lin, ref) in enumerate(zip(fc1, teacher_fc1)):
+        best = sorted(torch.topk(scores[("text", i)], lin.out_features).indices.tolist())
+        assert torch.equal(lin.weight, ref.weight[best])  # the best-scored channels, in their order
+
+
 def test_depth_stage_removes_whole_blocks_and_updates_the_config() -> None:
     art = make_artifact("vit")
     metrics = run_antgmm(art, keep=0.5, shares={"depth": 1.0}, importance="activation")
