@@ -81,7 +81,7 @@ class AntGMMConfig(PassConfig):
     min_ffn: int = Field(1, ge=1, description="floor: FFN channels every block keeps")
     ffn_multiple: int = Field(1, ge=1, description="each cut block keeps a multiple of this many FFN "
                               "channels (blocks narrower than it are left as they are): 64 suits the "
-                              "INT8 and bf16 matrix kernels of x86 CPUs; rounded to the nearest multiple "
+                              "INT8 matrix kernels of x86 CPUs; rounded to the nearest multiple "
                               "under a keep budget, down under a latency target (a ceiling)")
     min_hidden: int = Field(1, ge=1, description="floor: hidden (residual-stream) channels every tower keeps")
     reconstruct: float | None = Field(None, ge=0.0, description="refit each cut block's output projection by "
