@@ -25,10 +25,10 @@ from lmmc.export.validate import ValidateConfig, latency_target_gate, target_art
 from lmmc.joint_selection import BlockUnits, select_joint
 from lmmc.latency_budget import cover, teacher_reference, time_deployments
 from lmmc.latency_model import Target, fit_latency_model, tower_feed
+from lmmc.pipeline import get_pass
 from lmmc.recipe import load_recipe, parse_recipe
 from lmmc.runtime import load
 from lmmc.selection import Unit
-from lmmc.student import read_structure
 from tests.conftest import save_tiny
 from tests.test_structured import make_artifact, run_antgmm
 
@@ -220,20 +220,16 @@ def test_the_joint_ranking_refits_what_it_cuts(fitted) -> None:
     assert sum(model.predict(art.student, art.adapter).values()) <= target + 1e-9
 
 
-def test_under_a_target_ffn_multiple_rounds_down_and_stays_under_it(fitted) -> None:
-    cache, model = fitted
-    art = make_artifact("bert")
-    start = sum(model.predict(art.student, art.adapter).values())
-    floor = model.towers["text"].fixed + 2 * model.block_ms("text", 1, 1)
-    target = floor + 0.25 * (start - floor)
-    metrics = run_antgmm(art, target={"latency_ms": target}, deploy=DEPLOY, latency_cache=cache, min_layers=2,
-                         ffn_multiple=16)
-    widths = read_structure(art.student, art.adapter)["text"]["ffn"]
-    cut = [w for w in widths if w != 64]
-    assert cut and all(w % 16 == 0 for w in cut)
-    removed = {k: v for seg in metrics["segments"] for k, v in seg["removed_channels"].items()}
-    assert [64 - removed.get(f"text.{i}", 0) for i in range(2)] == widths
-    assert sum(model.predict(art.student, art.adapter).values()) <= target + 1e-9
+def test_ffn_multiple_rounds_to_the_nearest_multiple_under_keep_and_down_under_a_target() -> None:
+    cls = get_pass("antgmm")
+    scores = {("text", 0): torch.arange(100.0), ("text", 1): torch.arange(40.0), ("text", 2): torch.arange(8.0)}
+    drop = {("text", 0): set(range(30)), ("text", 1): set(range(10)), ("text", 2): {0, 1}}  # keeps 70, 30, 6
+    nearest = cls(cls.Config(keep=0.5, ffn_multiple=16))._aligned(drop, scores)
+    down = cls(cls.Config(target={"latency_ms": 5.0}, deploy=DEPLOY, ffn_multiple=16))._aligned(drop, scores)
+    # the worst-scored channels go (channel j scores j); a block narrower than the multiple is left alone
+    assert nearest == {("text", 0): set(range(36)), ("text", 1): set(range(8)), ("text", 2): {0, 1}}
+    assert down == {("text", 0): set(range(36)), ("text", 1): set(range(24)), ("text", 2): {0, 1}}
+    assert cls(cls.Config(keep=0.5))._aligned(drop, scores) == drop
 
 
 def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitted, tmp_path) -> None:
