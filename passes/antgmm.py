@@ -475,7 +475,6 @@ class AntGMMPass(Pass):
         record: dict[str, Any] = {
             "stage": "joint", "segment": seg, "removed_ms": chosen.removed_ms,
             "removed_heads": {f"{t}.{i}": len(v) for (t, i), v in chosen.heads.items()},
-            "removed_channels": {f"{t}.{i}": len(v) for (t, i), v in chosen.channels.items()},
             "block_loss_change": {f"{t}.{i}": v for (t, i), v in whole.items()},
         }
         left: dict[str, float] = {}
