@@ -43,16 +43,10 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def median_interleaved(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Median milliseconds per candidate, one run of each per round, the GPU drained around every run."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(warmup + repeats):
-        for key, fn in runs.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if r >= warmup:
-                times[key].append((time.perf_counter() - start) * 1e3)
+    """Median milliseconds per candidate, timed in turns (`lmmc.timing`), the GPU drained around every run."""
+    from lmmc.timing import time_interleaved
+
+    times = time_interleaved(runs, repeats, warmup, sync=sync)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -173,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=128, help="ONNX Runtime part: tokens per sequence")
     parser.add_argument("--tokens", type=int, default=4096, help="sparse part: rows through each linear")
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds of turns")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the shapes; run nothing")
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """Time several exported text-tower artifacts (.onnx in ONNX Runtime, .xml in OpenVINO) against each other,
-interleaved round by round in one process, so machine load hits all alike; medians reported.
+timed in turns in one process (`lmmc.timing`), so machine load hits all alike; medians reported.
 
     python benchmarks/interleaved.py hidden/onnx/text.onnx base/onnx/text.onnx hidden/openvino/text.xml ...
 
@@ -9,13 +9,14 @@ compiles directly."""
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 import lmmc.runtime
+from lmmc.timing import time_interleaved
 
 
 def main() -> None:
@@ -30,15 +31,8 @@ def main() -> None:
     feed = {"input_ids": rng.integers(1000, 30000, (args.batch, args.seq), dtype=np.int64),
             "attention_mask": np.ones((args.batch, args.seq), dtype=np.int64)}
     models = {str(p): lmmc.runtime.load(p, threads=args.threads) for p in args.artifacts}
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for model in models.values():
-        model.run(feed)  # warm-up, left out
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.run(feed)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    print(f"threads {args.threads}, batch {args.batch} x {args.seq} tokens, {args.repeats} interleaved rounds")
+    times = time_interleaved({k: functools.partial(m.run, feed) for k, m in models.items()}, args.repeats)
+    print(f"threads {args.threads}, batch {args.batch} x {args.seq} tokens, {args.repeats} runs each, in turns")
     print("| artifact | p50 ms | p90 ms |\n|---|---:|---:|")
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.1f} | {np.percentile(t, 90):.1f} |")

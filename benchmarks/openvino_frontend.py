@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import quantize_openvino, to_openvino, torch_to_openvino
 from lmmc.modelio import load_teacher
 from lmmc.runtime.openvino import cpu_has_bf16
+from lmmc.timing import time_interleaved
 
 
 def build(model, tower, folder: Path, name: str, feeds) -> dict[str, Path]:
@@ -67,19 +68,11 @@ def main() -> None:
             for key, xml in build(model, tower, Path(tmp), name, feeds).items():
                 for hint in hints:
                     models[(name, key, hint)] = lmmc.runtime.load(xml, threads=args.threads, inference_precision=hint)
-        times: dict[tuple, list[float]] = {k: [] for k in models}
-        keys = list(models)
-        for r in range(2 + args.repeats):  # two warm-up rounds, left out; the starting entry rotates
-            for k in range(len(keys)):
-                key = keys[(r + k) % len(keys)]
-                start = time.perf_counter()
-                models[key].run(feed)
-                if r >= 2:
-                    times[key].append((time.perf_counter() - start) * 1e3)
+        times = time_interleaved({k: functools.partial(m.run, feed) for k, m in models.items()}, args.repeats)
     p50 = {k: statistics.median(v) for k, v in times.items()}
     best_teacher = min(v for k, v in p50.items() if k[0] == "teacher")
-    print(f"threads {args.threads}, batch {args.batch} x {args.seq} tokens, {args.repeats} interleaved rounds "
-          f"after 2 warm-up; ratio: to the fastest teacher row")
+    print(f"threads {args.threads}, batch {args.batch} x {args.seq} tokens, {args.repeats} runs each, in turns "
+          f"(lmmc.timing); ratio: to the fastest teacher row")
     print("| model | converted from | weights | inference | p50 ms | p90 ms | ratio |\n|---|---|---|---|---:|---:|---:|")
     for (name, key, hint), v in p50.items():
         frontend, weights = key.split()

