@@ -55,7 +55,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path, one_thread, monkeypatch):
     weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     for name, value in art.student.state_dict().items():
         assert torch.equal(weights[0][name], weights[1][name]), name
-        assert float((weights[0][name] - value).abs().max()) <= 1e-5, name
+        # Two half-batch gradients averaged round differently from one whole-batch gradient, and Adam divides
+        # each element by its own gradient's size, so a near-zero one moves by up to lr on a last-bit
+        # difference: 2e-5 on one CPU, while a wrong shard or a missing all-reduce moves weights by ~lr (1e-3).
+        assert float((weights[0][name] - value).abs().max()) <= 1e-4, name
     # The runs did train: the weights moved far more than the tolerance.
     start = tiny_art("clip").student.state_dict()
     assert max(float((art.student.state_dict()[n] - start[n]).abs().max()) for n in start) > 1e-3
