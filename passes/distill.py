@@ -90,7 +90,8 @@ class DistillConfig(PassConfig):
     train_embeddings: bool = Field(False, description="also train the token/patch embeddings; off because a "
                                    "small corpus covers few tokens and pruning leaves them intact")
     teacher_cache_mb: int = Field(2048, ge=0, description="keep the teacher's targets for the whole corpus "
-                                  "in memory when they fit in this many MB; 0 = run the teacher every step")
+                                  "in memory (bf16 under bf16 precision) when they fit in this many MB, so a "
+                                  "run of more than one epoch runs the teacher once; 0 = run it every step")
     checkpoint_dir: str | None = Field(None, description="directory for resumable checkpoints; default in "
                                        "`lmmc compile`: the compile's work area beside --out")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one "

@@ -163,6 +163,26 @@ def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
     cached.restore_flags()
 
 
+def test_under_bf16_the_cache_holds_bf16_targets_that_a_step_reads_as_fp32_within_rounding():
+    art = tiny_art("bert")
+    cached, fresh = (trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, precision="bf16",
+                                                 teacher_cache_mb=mb)) for mb in (2048, 0))
+    entry = next(iter(cached.cache["text"].values()))
+    assert {t.dtype for t in entry["hidden"].values()} == {torch.bfloat16} and entry["pooled"].dtype == torch.bfloat16
+    local = cached.batch_indices(3)
+    inputs = {"text": cached._collate([cached.train[i] for i in local], art.adapter.towers[0])}
+    with fresh._autocast():
+        (a, _), (b, _) = (t.teacher_targets(inputs, None, local) for t in (cached, fresh))
+    mask = inputs["text"]["attention_mask"].bool()
+    for layer in b["text"]["hidden"]:
+        got, want = a["text"]["hidden"][layer], b["text"]["hidden"][layer].float()
+        assert got.dtype == torch.float32
+        # bf16 keeps 8 bits of mantissa: a relative rounding of at most 2^-8 per element.
+        torch.testing.assert_close(got[mask], want[mask], rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(a["text"]["pooled"], b["text"]["pooled"].float(), rtol=2 ** -8, atol=1e-6)
+    cached.restore_flags()
+
+
 def test_padding_to_a_multiple_of_16_tokens_leaves_every_sample_loss_unchanged():
     art = tiny_art("bert")
     t = trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=0))

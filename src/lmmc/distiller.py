@@ -630,18 +630,18 @@ class Trainer:
             batch = inputs[modality_key(plan.spec)]
             length = batch["input_ids"].shape[1] if "input_ids" in batch else None
             rows = [self.cache[name][i] for i in local]
-            hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]) for j in layers}
+            hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]).float() for j in layers}
             out = None
             if plan.output == "logits":
-                out = torch.stack([_pad_rows(r["pooled"], length) for r in rows])
+                out = torch.stack([_pad_rows(r["pooled"], length) for r in rows]).float()
             elif plan.output == "pooled":
-                out = torch.stack([r["pooled"] for r in rows])
+                out = torch.stack([r["pooled"] for r in rows]).float()
             targets[name] = {"hidden": hidden, "pooled": out}
             if full:
                 pooled[name] = out
         if self._needs_bridge(focus):
             name = self.bridge.spec.name
-            targets[name] = {"features": torch.stack([self.cache[name][i] for i in local])}
+            targets[name] = {"features": torch.stack([self.cache[name][i] for i in local]).float()}
         return targets, pooled
 
     def _needs_bridge(self, focus: Arm | None) -> bool:
@@ -678,10 +678,19 @@ class Trainer:
         if not budget or self.cfg.steps * self.cfg.batch_size < len(self.train):
             return None
         order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
+        # Under bf16 the targets come from bf16 products, so bf16 storage halves the memory for little
+        # loss; a step reads them back as fp32.
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        size = torch.finfo(dtype).bits // 8
         cache: dict[str, dict[int, Any]] = {name: {} for name in self.plans}
         if self.bridge is not None:
             cache[self.bridge.spec.name] = {}
-        total, done, used = len(order) * len(self.plans), 0, 0
+        # Targets grow with a sample's tokens and the order is shortest first, so the memory they will
+        # take is extrapolated per token (per sample for images), not per sample.
+        weight = [max(self.lengths[i], 1) for i in order]
+        total, done, used = sum(weight) * len(self.plans), 0, 0
+        bar = tqdm(total=len(order) * len(self.plans), desc="teacher targets", unit="sample",
+                   disable=not (self.cfg.progress and self.ctx.main))
         for name, plan in self.plans.items():
             layers = sorted(set(plan.layer_map))
             for k in range(0, len(order), 64):
@@ -693,27 +702,30 @@ class Trainer:
                 mask = batch.get("attention_mask")
                 for row, i in enumerate(chunk):
                     real = mask[row].bool() if mask is not None else slice(None)
-                    entry = {"hidden": {j: run.hidden[j - 1][row][real].float() for j in layers}}
+                    entry = {"hidden": {j: run.hidden[j - 1][row][real].to(dtype) for j in layers}}
                     if plan.output is not None:
                         # A decoder's logits have a token axis: only the real tokens are kept.
-                        entry["pooled"] = run.pooled[row][real if plan.output == "logits" else slice(None)].float()
-                    used += 4 * (sum(t.numel() for t in entry["hidden"].values())
-                                 + (entry["pooled"].numel() if "pooled" in entry else 0))
+                        entry["pooled"] = run.pooled[row][real if plan.output == "logits" else slice(None)].to(dtype)
+                    used += size * (sum(t.numel() for t in entry["hidden"].values())
+                                    + (entry["pooled"].numel() if "pooled" in entry else 0))
                     cache[name][i] = entry
-                done += len(chunk)
+                done += sum(weight[k:k + 64])
+                bar.update(len(chunk))
                 if used / done * total > budget:
+                    bar.close()
                     return None
+        bar.close()
         if self._needs_bridge(None):
             spec = self.art.adapter.tower(self.bridge.spec.after)
             for k in range(0, len(order), 64):
                 chunk = order[k:k + 64]
                 pixels = self._collate([self.train[i] for i in chunk], spec)["pixel_values"]
                 with self._autocast():
-                    features = self.art.adapter.image_features(self.teacher, pixels).float()
+                    features = self.art.adapter.image_features(self.teacher, pixels).to(dtype)
                 features = features.reshape(len(chunk), -1, features.shape[-1])
                 for row, i in enumerate(chunk):
                     cache[self.bridge.spec.name][i] = features[row]
-                used += 4 * features.numel()
+                used += size * features.numel()
                 if used > budget:
                     return None
         return cache
