@@ -681,7 +681,7 @@ class Trainer:
         # Under bf16 the targets come from bf16 products, so bf16 storage halves the memory for little
         # loss; a step reads them back as fp32.
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        size = torch.finfo(dtype).bits // 8
+        size = dtype.itemsize
         cache: dict[str, dict[int, Any]] = {name: {} for name in self.plans}
         if self.bridge is not None:
             cache[self.bridge.spec.name] = {}
