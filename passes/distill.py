@@ -17,6 +17,7 @@ from lmmc.data import (Batch, check_generative_records, encode_generative, encod
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, modality_key, sample_length
 from lmmc.errors import LmmcError
+from lmmc.modelio import text_pad_length
 from lmmc.optima import ArmSpan, ScheduleName
 from lmmc.pipeline import Pass, PassConfig, register
 
@@ -241,7 +242,8 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         if m == "text":
             if proc.get("tokenizer") is None:
                 raise LmmcError("distill: the model has no tokenizer to encode the text corpus with")
-            batches[m] = encode_text(proc["tokenizer"], [r["text"] for r in records], 256, max_length)
+            batches[m] = encode_text(proc["tokenizer"], [r["text"] for r in records], 256, max_length,
+                                     text_pad_length(art.teacher.config, art.adapter))
         else:
             if proc.get("image_processor") is None:
                 raise LmmcError("distill: the model has no image processor to encode the image corpus with")

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmmc.errors import LmmcError
-from lmmc.modelio import text_positions
+from lmmc.modelio import text_pad_length, text_positions
 from lmmc.runtime import MANIFEST, load
 from lmmc.timing import PER_VISIT, time_interleaved
 
@@ -407,14 +407,15 @@ def load_data(calib_cfg, teacher, adapter, preprocessor):
     from lmmc.data import load_calibration, random_calibration
 
     if calib_cfg.path:
-        return load_calibration(calib_cfg, calib_cfg.path, {t.modality for t in adapter.towers}, preprocessor)
+        return load_calibration(calib_cfg, calib_cfg.path, {t.modality for t in adapter.towers}, preprocessor,
+                                pad_to=text_pad_length(teacher.config, adapter))
     if calib_cfg.random:
         return random_calibration(calib_cfg, teacher, adapter)
     raise LmmcError("the compile's recipe names no calibration data, so there is no held-out split to measure "
                     "fidelity on; pass --calib with the data the student should be judged on")
 
 
-def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int) -> dict[str, list[dict]]:
+def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, pad_to: int | None = None) -> dict[str, list[dict]]:
     """An extra held-out corpus, encoded for every tower whose modality it holds: modality -> batches."""
     from lmmc.data import encode_images, encode_text, read_samples
 
@@ -427,7 +428,8 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int) -> dict
         if len(items) < 2:
             continue
         if modality == "text":
-            out[modality] = encode_text(preprocessor["tokenizer"], items, calib_cfg.batch_size, calib_cfg.max_length)
+            out[modality] = encode_text(preprocessor["tokenizer"], items, calib_cfg.batch_size, calib_cfg.max_length,
+                                        pad_to)
         else:
             out[modality] = encode_images(preprocessor["image_processor"], items, calib_cfg.batch_size)
     if not out:
@@ -500,7 +502,8 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
     for path in cfg.corpora:
-        corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples)
+        corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
+                                            text_pad_length(teacher.config, adapter))
     # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions.
     seq = cfg.seq or validate.get("latency_seq") or min(
         [128, *(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")])

@@ -30,8 +30,10 @@ from lmmc.data import (check_generative_records, check_images, check_random_allo
 from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
-                          local_dir, make_student, meta_model, resolve_config, save_student, text_positions)
+                          local_dir, make_student, meta_model, resolve_config, save_student, text_pad_length,
+                          text_positions)
 from lmmc.pipeline import get_pass, run_pass
+from lmmc.pooling import read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
@@ -187,6 +189,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter,
                        load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
                        recipe.calibration.chat_template)
+    if [t.modality for t in adapter.towers] == ["text"]:
+        read_modules(str(model_dir or model_ref))  # a sentence-transformers module lmmc cannot carry is refused now
     warnings: list[str] = []
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
@@ -351,7 +355,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             modalities = {t.modality for t in adapter.towers}
             text = [t for t in adapter.towers if t.modality == "text"]
             positions = min((text_positions(teacher.config, t) for t in text), default=None)
-            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor, positions)
+            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor, positions,
+                                         text_pad_length(teacher.config, adapter))
         elif recipe.calibration.random:
             art.calib = random_calibration(recipe.calibration, teacher, adapter)
         check_teacher_outputs(art)

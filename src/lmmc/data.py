@@ -207,13 +207,22 @@ def _chunks(items: list, size: int) -> list[list]:
 DEFAULT_MAX_LENGTH = 128
 
 
-def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | None) -> list[Batch]:
-    """Token batches; without a `max_length`, 128 tokens or the tokenizer's own limit if lower."""
+def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | None,
+                pad_to: int | None = None) -> list[Batch]:
+    """Token batches, truncated to `max_length` (default: 128 tokens or the tokenizer's own limit if
+    lower) and padded to the batch's longest text, or to exactly `pad_to` tokens when the model reads
+    texts at a fixed length."""
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)))
+    if pad_to is not None:
+        max_length = min(max_length, pad_to)
     out = []
     for chunk in _chunks(texts, batch_size):
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        if pad_to is None:
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        else:
+            enc = tokenizer.pad(tokenizer(chunk, truncation=True, max_length=max_length), padding="max_length",
+                                max_length=pad_to, return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 
@@ -301,9 +310,9 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
 
 
 def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: dict[str, Any],
-                     positions: int | None = None) -> CalibData:
+                     positions: int | None = None, pad_to: int | None = None) -> CalibData:
     """Read, split and encode real calibration data for the modalities the model's towers need.
-    `positions` (the text tower's limit) caps the default token length."""
+    `positions` (the text tower's limit) caps the default token length; `pad_to`: see `encode_text`."""
     source = Path(path)
     max_length = cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
     records = read_samples(source, cfg.caption_template)
@@ -318,8 +327,8 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
             tok = preprocessor.get("tokenizer")
             if tok is None:
                 raise LmmcError("the model directory has no tokenizer; save one beside the model to calibrate on text")
-            calib[modality] = encode_text(tok, c, cfg.batch_size, max_length)
-            held[modality] = encode_text(tok, e, cfg.batch_size, max_length)
+            calib[modality] = encode_text(tok, c, cfg.batch_size, max_length, pad_to)
+            held[modality] = encode_text(tok, e, cfg.batch_size, max_length, pad_to)
         else:
             proc = preprocessor.get("image_processor")
             if proc is None:
@@ -330,12 +339,12 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     labels = None
     if chosen.held_out and "label" in chosen.held_out[0]:
         labels = _labels(cfg, records, chosen.held_out, preprocessor.get("tokenizer") if "text" in modalities
-                         else None, max_length)
+                         else None, max_length, pad_to)
     return CalibData(calib, held, str(source), counts, chosen.warnings, labels)
 
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
-            max_length: int | None) -> Labels:
+            max_length: int | None, pad_to: int | None) -> Labels:
     """Classes of the whole data set; prompts from the caption template, else every distinct caption."""
     classes = sorted({r["label"] for r in records})
     index = {c: i for i, c in enumerate(classes)}
@@ -343,7 +352,7 @@ def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], 
         prompts = {cfg.caption_template.format(label=c): c for c in classes}
     else:
         prompts = {r["text"]: r["label"] for r in sorted(records, key=lambda r: r.get("text", "")) if "text" in r}
-    encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length) if tokenizer else []
+    encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length, pad_to) if tokenizer else []
     return Labels(classes, [index[r["label"]] for r in held_out], encoded, [index[c] for c in prompts.values()])
 
 

@@ -26,6 +26,7 @@ from lmmc.data import IGNORE_INDEX, Batch
 from lmmc.distill_losses import (answer_kl, check_layer_map, closest_layer_map, contrastive_loss, fit_projection,
                                  hidden_loss, origin_layer_map, output_loss, uniform_layer_map)
 from lmmc.errors import LmmcError
+from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
@@ -191,12 +192,14 @@ def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])
 
 
-def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1) -> Batch:
+def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1, length: int | None = None) -> Batch:
     """Stack samples of one modality; text is right-padded to the longest sample, rounded up to a
-    `multiple` of tokens (a generative model's labels with -100, its pixels stacked)."""
+    `multiple` of tokens, or to exactly `length` tokens (a generative model's labels with -100, its
+    pixels stacked)."""
     if modality != "text":
         return {"pixel_values": torch.stack([s[modality]["pixel_values"] for s in samples])}
-    length = -(-max(len(s["text"]["input_ids"]) for s in samples) // multiple) * multiple
+    if length is None:
+        length = -(-max(len(s["text"]["input_ids"]) for s in samples) // multiple) * multiple
     fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     out = {k: torch.full((len(samples), length), v, dtype=torch.long) for k, v in fill.items()
            if k in samples[0]["text"]}
@@ -372,6 +375,7 @@ class Trainer:
                             f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
                             f"grad_accum × ranks")
         self.pad = {t.name: getattr(tower_config(self.student, t), "pad_token_id", None) or 0 for t in self.towers}
+        self.pad_to = text_pad_length(art.teacher.config, art.adapter)
         if set(cfg.skip_hidden) - {t.name for t in self.towers}:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
                             f"{[t.name for t in self.towers]}; name blocks of those towers")
@@ -514,7 +518,7 @@ class Trainer:
         return digest.hexdigest()[:16]
 
     def _collate(self, samples: list[Sample], spec: TowerSpec) -> Batch:
-        batch = collate(samples, modality_key(spec), self.pad[spec.name], self.pad_multiple)
+        batch = collate(samples, modality_key(spec), self.pad[spec.name], self.pad_multiple, self.pad_to)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()

@@ -10,6 +10,8 @@ from typing import Any
 import lmmc
 from lmmc.adapters import dynamic_axes
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.modelio import text_pad_length
+from lmmc.pooling import modes_of
 from lmmc.runtime import MANIFEST, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
@@ -100,8 +102,14 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
     modalities = {t.modality for t in art.adapter.towers}
     preprocessing: dict[str, Any] = {}
     if "text" in modalities:
-        preprocessing["text"] = {"kind": "tokenizer", "max_length": max_length, "padding": "longest",
+        pad_to = text_pad_length(art.student.config, art.adapter)
+        preprocessing["text"] = {"kind": "tokenizer", "max_length": max_length,
+                                 "padding": "longest" if pad_to is None else "max_length",
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
+        if pad_to is not None:
+            preprocessing["text"]["pad_to"] = pad_to
+        if [t.modality for t in art.adapter.towers] == ["text"]:
+            preprocessing["text"]["pooling"] = list(modes_of(art.student.config))
     if "image" in modalities:
         preprocessing["image"] = {"kind": "image_processor",
                                   "files": [f for f in preprocessing_files if "preprocessor" in f]}

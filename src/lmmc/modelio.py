@@ -13,6 +13,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter
 from lmmc.errors import LmmcError
+from lmmc.pooling import CONFIG_KEY, read_modules
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -74,6 +75,13 @@ def text_positions(config: Any, tower: TowerSpec) -> int:
     if config.model_type in _OFFSET_POSITIONS:
         n -= int(getattr(tcfg, "pad_token_id", 1) or 0) + 1
     return n
+
+
+def text_pad_length(config: Any, adapter: Adapter) -> int | None:
+    """The length every text is padded to for a model read at a fixed length (SigLIP: 64), else None."""
+    if adapter.text_padding != "max_length":
+        return None
+    return min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
 
 
 def check_weights(path: Path, model: torch.nn.Module) -> None:
@@ -252,7 +260,14 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
                         f"Use the weights saved with this config.json")
     model.eval()
     check_finite(model, f"teacher '{ref}'")
-    return model, adapter, load_preprocessor(source, adapter.kind == "generative")
+    preprocessor = load_preprocessor(source, adapter.kind == "generative")
+    if [t.modality for t in adapter.towers] == ["text"]:
+        modules = read_modules(source)
+        if modules is not None:
+            preprocessor["sentence_modules"] = modules
+            if getattr(model.config, CONFIG_KEY, None) is None:
+                setattr(model.config, CONFIG_KEY, list(modules.modes))
+    return model, adapter, preprocessor
 
 
 def make_student(teacher: torch.nn.Module) -> torch.nn.Module:

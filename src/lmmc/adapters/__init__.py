@@ -103,6 +103,9 @@ class Adapter:
     # them [batch, image tokens, hidden], i.e. the bridge's output that replaces the image tokens.
     image_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     image_tokens: ImageTokens | None = None
+    # "max_length": every text is padded to the text tower's full length, as the model was trained
+    # (SigLIP: its embedding is the last position's, which only then is the same for every text).
+    text_padding: Literal["longest", "max_length"] = "longest"
 
     def tower(self, name: str) -> TowerSpec:
         for spec in self.towers:
@@ -240,11 +243,6 @@ class TowerModule(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = self.tower.embed(self.model, dict(zip(self.names, inputs)))
         return hidden, l2_normalise(pooled)
-
-
-def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def _registry() -> dict[str, Adapter]:

@@ -1,13 +1,14 @@
 """BERT-family text encoders (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT): one text tower."""
 
-from lmmc.adapters import Adapter, BlockLayout, HiddenLayout, TowerSpec, masked_mean
+from lmmc.adapters import Adapter, BlockLayout, HiddenLayout, TowerSpec
+from lmmc.pooling import modes_of, pool
 
 
 def _embed(model, inputs):
-    # The sentence embedding of sentence-transformers encoders such as MiniLM: masked mean of the
-    # last hidden state. A BERT without a trained pooler head has nothing better to offer.
+    # The sentence embedding as the model's sentence-transformers modules pool it (the teacher's
+    # modules.json, carried in its config); the masked mean, as MiniLM's, for a BERT without one.
     hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-    return hidden, masked_mean(hidden, inputs["attention_mask"])
+    return hidden, pool(hidden, inputs["attention_mask"], modes_of(model.config))
 
 
 _BERT_LAYOUT = BlockLayout(

@@ -49,5 +49,6 @@ ADAPTERS = (
         ),
         auto_class="AutoModel",
         task_metric="zero_shot",
+        text_padding="max_length",
     ),
 )

@@ -151,8 +151,14 @@ class Deployment:
     def _encode_inputs(self, modality: str, chunk: list) -> dict[str, np.ndarray]:
         proc = self._preprocessor(modality)
         if modality == "text":
-            max_length = self.manifest["preprocessing"]["text"]["max_length"]
-            enc = proc(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            text = self.manifest["preprocessing"]["text"]
+            pad_to = text.get("pad_to")
+            if pad_to is None:
+                enc = proc(chunk, padding=True, truncation=True, max_length=text["max_length"], return_tensors="np")
+            else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads it
+                limit = min(text["max_length"] or pad_to, pad_to)
+                enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
+                               max_length=pad_to, return_tensors="np")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         from PIL import Image
 

@@ -1,0 +1,105 @@
+"""SigLIP reads every text padded to its full length, as it was trained and as its model card says
+(`padding="max_length"`): its embedding is the last position's. lmmc calibrates, distils, validates and
+deploys it that way, so a text's embedding never depends on the other texts of its batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from click.testing import CliRunner
+
+from lmmc.adapters import TowerModule
+from lmmc.cli import main
+from lmmc.data import encode_text
+from lmmc.distiller import collate
+from lmmc.modelio import load_teacher, text_pad_length
+from lmmc.runtime import open_dir
+from lmmc.student import load_student
+from tests.conftest import TINY_TEXT, save_tiny, tiny_vocab
+from tests.test_task_metric import coco_style
+
+SHORT, LONG = "the water", "a man was on the road and the house of the man was cold in the water"
+
+
+def text_embeddings(model, adapter, batches) -> torch.Tensor:
+    runner = TowerModule(model, adapter.tower("text"))
+    with torch.no_grad():
+        return torch.cat([runner(b["input_ids"], b["attention_mask"])[1] for b in batches])
+
+
+def test_fixed_length_batches_are_the_tokenizers_own_max_length_padding(tmp_path):
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    texts = [SHORT, LONG, "python"]
+    ours = encode_text(tok, texts, 2, None, pad_to=20)
+    ref = tok(texts, padding="max_length", max_length=20, truncation=True, return_tensors="pt")
+    assert [tuple(b["input_ids"].shape) for b in ours] == [(2, 20), (1, 20)]
+    assert torch.equal(torch.cat([b["input_ids"] for b in ours]), ref["input_ids"])
+    assert torch.equal(torch.cat([b["attention_mask"] for b in ours]), ref["attention_mask"])
+    # A shorter max_length truncates the text and still pads to the fixed length.
+    short = encode_text(tok, [LONG], 2, 6, pad_to=20)[0]
+    assert short["input_ids"].shape == (1, 20) and int(short["attention_mask"].sum()) == 6
+    assert short["input_ids"][0, 5] == tok.sep_token_id
+
+
+def test_a_siglip_text_embedding_does_not_depend_on_its_batch(tmp_path):
+    model, adapter, pre = load_teacher(str(save_tiny("siglip", tmp_path / "m")))
+    pad_to = text_pad_length(model.config, adapter)
+    assert pad_to == TINY_TEXT["max_position_embeddings"]
+    tok = pre["tokenizer"]
+    alone = text_embeddings(model, adapter, encode_text(tok, [SHORT], 8, None, pad_to))[0]
+    beside = text_embeddings(model, adapter, encode_text(tok, [SHORT, LONG], 8, None, pad_to))[0]
+    assert torch.allclose(alone, beside, atol=1e-6)
+    # Padded to the longest text instead, the last position is another token in each batch.
+    dynamic = [text_embeddings(model, adapter, encode_text(tok, t, 8, None))[0] for t in ([SHORT], [SHORT, LONG])]
+    assert (dynamic[0] - dynamic[1]).abs().max() > 1e-3
+
+
+def test_collate_pads_distillation_samples_to_the_fixed_length():
+    samples = [{"text": {"input_ids": torch.arange(2, 2 + n), "attention_mask": torch.ones(n, dtype=torch.long)}}
+               for n in (3, 7)]
+    batch = collate(samples, "text", pad_id=1, multiple=16, length=64)
+    assert batch["input_ids"].shape == (2, 64)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 7]
+    assert torch.equal(batch["input_ids"][0, 3:], torch.ones(61, dtype=torch.long))
+    assert collate(samples, "text", pad_id=1, multiple=16)["input_ids"].shape == (2, 16)
+
+
+def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_length(tmp_path):
+    teacher = save_tiny("siglip", tmp_path / "teacher")
+    pairs = coco_style(tmp_path, n_images=48, captions=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"samples": 16, "eval_samples": 12, "batch_size": 8},
+        "passes": [{"magnitude": {"sparsity": 0.3}},
+                   {"distill": {"steps": 2, "batch_size": 4, "dev_samples": 4, "eval_every": 0, "corpus": str(pairs), "max_length": 64,
+                                "progress": False}}],
+        "export": ["onnx"], "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.0,
+                     "min_held_out": 12}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out), "--calib", str(pairs)])
+    assert result.exit_code == 0, result.output
+    text = json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]
+    assert text["padding"] == "max_length" and text["pad_to"] == 64
+    # The deployed text tower against the PyTorch student on the model card's own preprocessing.
+    student = load_student(out / "student")
+    tok = transformers.AutoTokenizer.from_pretrained(out / "student")
+    enc = tok([SHORT, LONG], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    ref = text_embeddings(student, load_teacher(str(teacher))[1], [dict(enc)]).numpy()
+    deployed = open_dir(out).encode([SHORT, LONG])
+    assert np.abs(deployed - ref).max() < 1e-4
+    assert np.abs(open_dir(out).encode([SHORT])[0] - deployed[0]).max() < 1e-5
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_other_models_keep_padding_to_the_longest_text(tmp_path, kind):
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    model, adapter, _ = load_teacher(str(save_tiny(kind, tmp_path / "m")))
+    assert text_pad_length(model.config, adapter) is None
+    assert encode_text(tok, [SHORT, "python"], 8, None)[0]["input_ids"].shape == (2, 4)
