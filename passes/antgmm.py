@@ -22,7 +22,7 @@ from lmmc.importance import Importance, gate_hook, importance
 from lmmc.joint_selection import BlockUnits, block_loss_change, select_joint
 from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover
 from lmmc.latency_model import fit_latency_model
-from lmmc.modelio import text_positions
+from lmmc.modelio import text_pad_length, text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
 from lmmc.reconstruct import compensate_, input_gram
 from lmmc.selection import Unit, select_units
@@ -147,7 +147,9 @@ def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
     seq_len = cfg.seq_len or ((cfg.deploy or DeployConfig()).seq if cfg.target is not None else None)
     for tower in art.adapter.towers:
         if tower.modality == "text":
-            out[tower.name] = text_tokens(art.calib, text_positions(art.student.config, tower), seq_len)
+            # A model read at a fixed length (SigLIP) computes every position, whatever the text.
+            fixed = text_pad_length(art.student.config, art.adapter)
+            out[tower.name] = text_tokens(art.calib, text_positions(art.student.config, tower), fixed or seq_len)
             continue
         (args, kwargs), = capture_block_inputs(art.student, tower, art.calib.calib_batches("image")[:1], art.device)
         out[tower.name] = (args[0] if args else kwargs["hidden_states"]).shape[1]

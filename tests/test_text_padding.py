@@ -95,6 +95,8 @@ def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_leng
     assert np.abs(open_dir(out).encode([SHORT])[0] - deployed[0]).max() < 1e-5
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
+    # Every text costs the tower's full length, which FLOPs are counted at, not the texts' mean length.
+    assert report["flops"]["text"]["tokens"] == 64
 
 
 @pytest.mark.parametrize("kind", ["bert", "clip"])

@@ -448,7 +448,8 @@ def flops_per_tower(art: Artifact) -> dict[str, dict[str, Any]]:
         if tower.name in counted:
             tokens[tower.name] = int(counted[tower.name])
         elif tower.modality == "text":
-            tokens[tower.name] = text_tokens(art.calib, text_positions(art.teacher.config, tower))
+            tokens[tower.name] = text_tokens(art.calib, text_positions(art.teacher.config, tower),
+                                             text_pad_length(art.teacher.config, art.adapter))
         else:
             (args, kwargs), = capture_block_inputs(art.teacher, tower, art.calib.calib_batches("image")[:1],
                                                    art.device)
