@@ -14,9 +14,9 @@ import transformers
 from click.testing import CliRunner
 
 from lmmc.cli import main
-from lmmc.runtime import load, read_manifest
+from lmmc.runtime import load, open_dir, read_manifest
 from lmmc.runtime.openvino import cpu_has_bf16
-from tests.conftest import REPO, save_tiny
+from tests.conftest import REPO, save_tiny, tiny_vocab
 from tests.test_cli import write_recipe
 
 RECIPE = {
@@ -129,6 +129,36 @@ def test_image_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path,
     ref = load(_artifact(compiled_out, "vision", "openvino", precision, variant)).run({"pixel_values": pixels})
     assert got.shape == ref["pooled_embedding"].shape == (3, 16)
     assert np.abs(got - ref["pooled_embedding"]).max() <= atol
+
+
+@pytest.fixture(scope="module")
+def compiled_siglip(tmp_path_factory) -> Path:
+    """A tiny SigLIP, whose texts are read at the tower's full length, with SigLIP's pad = end-of-text."""
+    root = tmp_path_factory.mktemp("cpp-siglip")
+    model_dir = save_tiny("siglip", root / "teacher")
+    transformers.BertTokenizer(vocab=str(tiny_vocab(root / "vocab.txt")), pad_token="[SEP]").save_pretrained(model_dir)
+    recipe = {**RECIPE, "export": ["onnx", "openvino"]}
+    out = root / "out"
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(root, recipe)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_fixed_length_model_is_fed_padded_to_its_length_with_its_pad_id(lmmc_embed, compiled_siglip, tmp_path):
+    text = read_manifest(compiled_siglip)["preprocessing"]["text"]
+    assert (text["pad_to"], text["pad_id"]) == (64, 3)
+    feed = _token_feed(compiled_siglip, tmp_path / "ids.txt")  # unpadded ids, one text a line
+    done = _run(lmmc_embed, compiled_siglip, tmp_path / "ids.txt", tmp_path / "emb.txt", "--threads", 1)
+    assert done.returncode == 0, done.stderr
+    got = np.loadtxt(tmp_path / "emb.txt", ndmin=2)
+    ref = open_dir(compiled_siglip, backend="openvino").encode(TEXTS)
+    assert np.abs(got - ref).max() <= 1e-4
+    # Padded to the longest text with id 0 instead, the embeddings would be others.
+    shorter = load(_artifact(compiled_siglip, "text", "openvino", "fp32", "plain")).run(feed)["pooled_embedding"]
+    assert np.abs(shorter - ref).max() > 1e-3
+    (tmp_path / "long.txt").write_text(" ".join(["5"] * 65) + "\n")
+    done = _run(lmmc_embed, compiled_siglip, tmp_path / "long.txt", tmp_path / "emb.txt")
+    assert done.returncode != 0 and "reads texts of 64 tokens" in done.stderr
 
 
 def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):

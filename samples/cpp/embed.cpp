@@ -6,7 +6,8 @@
 // Reads OUT_DIR/manifest.json, picks the tower's artifact (OpenVINO IR, or the ONNX file, which OpenVINO
 // reads too) in the asked precision, runs INPUT through it and writes one pooled embedding per line to
 // OUTPUT. INPUT for a text tower: one sample per line, its token ids separated by spaces (as the saved
-// tokenizer makes them; shorter lines are padded and masked). For an image tower: raw little-endian
+// tokenizer makes them; shorter lines are padded and masked, to the manifest's fixed length where the model
+// reads every text at one length, as SigLIP does). For an image tower: raw little-endian
 // float32 pixel values, samples one after another in the manifest's [channels, height, width] layout.
 // --inference bf16 runs the layers OpenVINO keeps in floating point in bf16, as lmmc.runtime's
 // inference_precision="bf16" does: faster on CPUs with bf16 units, close to but not equal to f32.
@@ -95,9 +96,10 @@ std::string default_tower(const mini_json::Value& manifest) {
     return towers.begin()->first;
 }
 
-// Token ids, one sample a line, padded to the longest line; the mask marks real tokens.
-void read_token_ids(const std::string& path, std::vector<int64_t>& ids, std::vector<int64_t>& mask, size_t& batch,
-                    size_t& seq) {
+// Token ids, one sample a line, padded with `pad_id` to the longest line or to `pad_to` tokens when the
+// model reads texts at a fixed length (0: it does not); the mask marks real tokens.
+void read_token_ids(const std::string& path, size_t pad_to, int64_t pad_id, std::vector<int64_t>& ids,
+                    std::vector<int64_t>& mask, size_t& batch, size_t& seq) {
     std::ifstream in(path);
     if (!in) throw std::runtime_error("cannot read '" + path + "'");
     std::vector<std::vector<int64_t>> rows;
@@ -112,9 +114,16 @@ void read_token_ids(const std::string& path, std::vector<int64_t>& ids, std::vec
     }
     if (rows.empty()) throw std::runtime_error("'" + path + "' holds no token ids");
     batch = rows.size();
-    seq = 0;
-    for (const auto& r : rows) seq = std::max(seq, r.size());
-    ids.assign(batch * seq, 0);
+    seq = pad_to;
+    for (size_t b = 0; b < batch; ++b) {
+        if (pad_to && rows[b].size() > pad_to) {
+            throw std::runtime_error("'" + path + "' line " + std::to_string(b + 1) + " has " +
+                                     std::to_string(rows[b].size()) + " token ids; this model reads texts of " +
+                                     std::to_string(pad_to) + " tokens: truncate them to that many");
+        }
+        seq = std::max(seq, rows[b].size());
+    }
+    ids.assign(batch * seq, pad_id);
     mask.assign(batch * seq, 0);
     for (size_t b = 0; b < batch; ++b) {
         for (size_t t = 0; t < rows[b].size(); ++t) {
@@ -167,7 +176,10 @@ int main(int argc, char** argv) {
         if (manifest["towers"][tower]["modality"].string == "text") {
             std::vector<int64_t> ids, mask;
             size_t batch = 0, seq = 0;
-            read_token_ids(o.input, ids, mask, batch, seq);
+            const mini_json::Value& text = manifest["preprocessing"]["text"];
+            const bool fixed = text.has("pad_to");
+            read_token_ids(o.input, fixed ? static_cast<size_t>(text["pad_to"].number) : 0,
+                           fixed ? static_cast<int64_t>(text["pad_id"].number) : 0, ids, mask, batch, seq);
             const ov::Shape shape{batch, seq};
             request.set_tensor("input_ids", int_tensor(compiled.input("input_ids").get_element_type(), ids, shape));
             request.set_tensor("attention_mask",

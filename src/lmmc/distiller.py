@@ -374,7 +374,12 @@ class Trainer:
             raise LmmcError(f"distill: batch_size / grad_accum = {self.micro} samples per micro-batch cannot be "
                             f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
                             f"grad_accum × ranks")
-        self.pad = {t.name: getattr(tower_config(self.student, t), "pad_token_id", None) or 0 for t in self.towers}
+        # The tokenizer's pad id, which the encoded corpus was padded with; a model read at a fixed length
+        # (SigLIP) sees its pads, so the re-padded batches must hold the very same ids.
+        tokenizer = (art.preprocessor or {}).get("tokenizer")
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad = {t.name: pad_id if pad_id is not None else getattr(tower_config(self.student, t), "pad_token_id", None)
+                    or 0 for t in self.towers}
         self.pad_to = text_pad_length(art.teacher.config, art.adapter)
         if set(cfg.skip_hidden) - {t.name for t in self.towers}:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "

@@ -108,6 +108,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to
+            preprocessing["text"]["pad_id"] = int((art.preprocessor or {})["tokenizer"].pad_token_id)
         if [t.modality for t in art.adapter.towers] == ["text"]:
             preprocessing["text"]["pooling"] = list(modes_of(art.student.config))
     if "image" in modalities:
