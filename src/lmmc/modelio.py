@@ -41,6 +41,11 @@ def local_dir(ref: str) -> Path | None:
     if not path.is_dir():
         raise LmmcError(f"model path '{ref}' is a file; pass the directory saved with save_pretrained()")
     if not (path / "config.json").is_file():
+        inner = sorted(p.parent.name for p in path.glob("*/config.json") if (path / "modules.json").is_file())
+        if inner:  # an older sentence-transformers layout: the transformer is saved in a module directory
+            raise LmmcError(f"'{ref}' has no config.json but is a sentence-transformers directory whose "
+                            f"transformer lies in a module directory; point lmmc at '{path / inner[0]}' (its "
+                            f"pooling is then the mean, unless that directory has a modules.json of its own)")
         raise LmmcError(f"'{ref}' has no config.json; point lmmc at a directory saved with save_pretrained()")
     return where
 
