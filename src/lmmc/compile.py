@@ -189,7 +189,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter,
                        load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
                        recipe.calibration.chat_template)
-    if [t.modality for t in adapter.towers] == ["text"]:
+    if adapter.sentence_pooling:
         read_modules(str(model_dir or model_ref))  # a sentence-transformers module lmmc cannot carry is refused now
     warnings: list[str] = []
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])

@@ -109,7 +109,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to
             preprocessing["text"]["pad_id"] = int((art.preprocessor or {})["tokenizer"].pad_token_id)
-        if [t.modality for t in art.adapter.towers] == ["text"]:
+        if art.adapter.sentence_pooling:
             preprocessing["text"]["pooling"] = list(modes_of(art.student.config))
     if "image" in modalities:
         preprocessing["image"] = {"kind": "image_processor",

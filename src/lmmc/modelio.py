@@ -266,7 +266,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
     model.eval()
     check_finite(model, f"teacher '{ref}'")
     preprocessor = load_preprocessor(source, adapter.kind == "generative")
-    if [t.modality for t in adapter.towers] == ["text"]:
+    if adapter.sentence_pooling:
         modules = read_modules(source)
         if modules is not None:
             preprocessor["sentence_modules"] = modules

@@ -106,6 +106,8 @@ class Adapter:
     # "max_length": every text is padded to the text tower's full length, as the model was trained
     # (SigLIP: its embedding is the last position's, which only then is the same for every text).
     text_padding: Literal["longest", "max_length"] = "longest"
+    # Whether `embed` pools as a sentence-transformers modules.json says (lmmc.pooling), the mean without one.
+    sentence_pooling: bool = False
 
     def tower(self, name: str) -> TowerSpec:
         for spec in self.towers:

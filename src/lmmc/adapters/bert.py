@@ -28,6 +28,7 @@ ADAPTERS = (
                           HiddenLayout("embeddings", ("output.LayerNorm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",
+        sentence_pooling=True,
     ),
     Adapter(
         family="distilbert",
@@ -36,5 +37,6 @@ ADAPTERS = (
                           HiddenLayout("embeddings", ("output_layer_norm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",
+        sentence_pooling=True,
     ),
 )
