@@ -29,6 +29,9 @@ def tiny_model(kind: str) -> torch.nn.Module:
         cfg = transformers.CLIPConfig(text_config={**TINY_TEXT, "bos_token_id": 0, "eos_token_id": 2},
                                       vision_config=TINY_VISION, projection_dim=16)
         model = transformers.CLIPModel(cfg)
+    elif kind == "mpnet":
+        # MPNet counts positions after its pad id, as RoBERTa does; the tiny tokenizer pads with 0.
+        model = transformers.MPNetModel(transformers.MPNetConfig(**TINY_TEXT, pad_token_id=0))
     elif kind == "siglip":
         cfg = transformers.SiglipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION)
         model = transformers.SiglipModel(cfg)
@@ -38,7 +41,7 @@ def tiny_model(kind: str) -> torch.nn.Module:
 
 
 TINY_KINDS = ("bert", "vit", "clip", "siglip")
-_TEXT_KINDS = {"bert", "clip", "siglip"}
+_TEXT_KINDS = {"bert", "clip", "siglip", "mpnet"}
 _IMAGE_KINDS = {"vit", "clip", "siglip"}
 # Ordinary words first, so a tiny tokenizer reads real text; letters let WordPiece spell any other word.
 _WORDS = ["the", "a", "of", "and", "is", "in", "to", "water", "cold", "house", "man", "was", "on", "road",

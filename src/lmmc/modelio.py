@@ -19,7 +19,7 @@ from lmmc.student import save
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
 ORDINARY_TEXT = "the water is cold and the house of a man was on the road"
 # RoBERTa-style models number positions from pad_token_id + 1, so that many slots are never usable.
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
 
 
 def local_dir(ref: str) -> Path | None:

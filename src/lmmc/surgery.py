@@ -81,6 +81,8 @@ def keep_heads_(block: nn.Module, tower: TowerSpec, head_dim: int, keep: Sequenc
         raise LmmcError(f"the kept heads {heads.tolist()} split the {tower.name} tower's grouped-query attention "
                         f"groups {split}: each group of {g} query heads shares one key/value head, so heads go "
                         f"in whole groups (heads {g}k .. {g}k+{g - 1}); keep or remove all {g} heads of a group")
+    if tower.keep_heads is not None:
+        tower.keep_heads(block, heads)
     rows = _rows(heads, head_dim)
     kv_rows = _rows(groups, head_dim)
     keep_rows_(linears["q"][1], rows)

@@ -73,6 +73,9 @@ class TowerSpec:
     # What `embed` reads, when not the modality's usual inputs: a decoder of an image-text model also
     # needs the pixels, since the image features are merged into its token embeddings.
     inputs: tuple[str, ...] = ()
+    # (block, kept query heads) -> None, called before a block's heads are removed, for per-head state
+    # outside the block's linears (MPNet: the relative-position bias all blocks share).
+    keep_heads: Callable[[nn.Module, torch.Tensor], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -248,10 +251,11 @@ class TowerModule(nn.Module):
 
 
 def _registry() -> dict[str, Adapter]:
-    from lmmc.adapters import bert, clip, idefics3, llava, vit
+    from lmmc.adapters import bert, clip, idefics3, llava, mpnet, vit
 
     out = {}
-    for adapter in (*bert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS, *idefics3.ADAPTERS):
+    for adapter in (*bert.ADAPTERS, *mpnet.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS,
+                    *idefics3.ADAPTERS):
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out
