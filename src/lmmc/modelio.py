@@ -70,7 +70,7 @@ def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adap
 def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
     """The model built on the meta device: every shape, no memory and no weights read."""
     with torch.device("meta"):
-        return getattr(transformers, adapter.auto_class).from_config(config)
+        return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(config))
 
 
 def text_positions(config: Any, tower: TowerSpec) -> int:
@@ -263,7 +263,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
         raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
                         f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
                         f"Use the weights saved with this config.json")
-    model.eval()
+    adapter.prepared(model).eval()
     check_finite(model, f"teacher '{ref}'")
     preprocessor = load_preprocessor(source, adapter.kind == "generative")
     if adapter.sentence_pooling:

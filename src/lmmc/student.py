@@ -171,7 +171,7 @@ def load_student(path: str | Path) -> nn.Module:
             raise LmmcError(f"'{path}' does not load exactly into {cls.__name__}: {bad}")
         return model.eval()
     with no_init_weights():
-        model = cls(config)
+        model = adapter.prepared(cls(config))
     apply_structure_(model, adapter, record["towers"])
     state = safetensors.torch.load_file(str(path / weights))
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}

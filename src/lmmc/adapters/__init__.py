@@ -111,6 +111,14 @@ class Adapter:
     text_padding: Literal["longest", "max_length"] = "longest"
     # Whether `embed` pools as a sentence-transformers modules.json says (lmmc.pooling), the mean without one.
     sentence_pooling: bool = False
+    # Rewrites a model just built or loaded into the layout the towers name, in place (ModernBERT: fused
+    # linears split per role); every model lmmc builds or loads of this family goes through it.
+    prepare: Callable[[nn.Module], None] | None = None
+
+    def prepared(self, model: nn.Module) -> nn.Module:
+        if self.prepare is not None:
+            self.prepare(model)
+        return model
 
     def tower(self, name: str) -> TowerSpec:
         for spec in self.towers:
@@ -251,11 +259,11 @@ class TowerModule(nn.Module):
 
 
 def _registry() -> dict[str, Adapter]:
-    from lmmc.adapters import bert, clip, idefics3, llava, mpnet, vit
+    from lmmc.adapters import bert, clip, idefics3, llava, modernbert, mpnet, vit
 
     out = {}
-    for adapter in (*bert.ADAPTERS, *mpnet.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS, *llava.ADAPTERS,
-                    *idefics3.ADAPTERS):
+    for adapter in (*bert.ADAPTERS, *mpnet.ADAPTERS, *modernbert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS,
+                    *llava.ADAPTERS, *idefics3.ADAPTERS):
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out

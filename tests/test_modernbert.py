@@ -1,0 +1,163 @@
+"""ModernBERT: its fused q/k/v and GLU linears split per role compute the same model, and a student with
+uneven heads and FFN widths reloads, exports and compiles like any other."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from click.testing import CliRunner
+from conftest import TINY_TEXT, save_preprocessors
+
+from lmmc.adapters import TowerModule, block_list, get_adapter
+from lmmc.cli import main
+from lmmc.export.onnx import export_tower
+from lmmc.export.openvino import torch_to_openvino
+from lmmc.modelio import save_student
+from lmmc.runtime import load, open_dir
+from lmmc.student import load_student
+from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
+
+ADAPTER = get_adapter("modernbert")
+TOWER = ADAPTER.tower("text")
+HEAD_DIM = 8
+
+
+def modernbert() -> torch.nn.Module:
+    """Three blocks, the first with global attention and the others with a window of 8 tokens, so
+    test inputs longer than the window exercise both kinds."""
+    torch.manual_seed(0)
+    cfg = transformers.ModernBertConfig(**{**TINY_TEXT, "num_hidden_layers": 3}, pad_token_id=0, bos_token_id=2,
+                                        eos_token_id=3, cls_token_id=2, sep_token_id=3, local_attention=8,
+                                        global_attn_every_n_layers=3)
+    return transformers.ModernBertModel(cfg).eval()
+
+
+def inputs(batch: int = 3, seq: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(4, 99, (batch, seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0
+    return ids, mask
+
+
+def run(model: torch.nn.Module, *feed: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.numpy() for t in TowerModule(model, TOWER)(*feed)]
+
+
+def real(hidden: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """The states of real tokens: a padded query inside a window of padding sees no key, and runtimes
+    differ on what it gets."""
+    return hidden[mask.numpy().astype(bool)]
+
+
+def uneven(model: torch.nn.Module) -> torch.nn.Module:
+    blocks = block_list(model, TOWER)[1]
+    keep_heads_(blocks[0], TOWER, HEAD_DIM, [0, 2, 3])
+    keep_heads_(blocks[2], TOWER, HEAD_DIM, [1])
+    keep_channels_(blocks[1], TOWER, [3, *range(10, 32)])
+    return model
+
+
+def test_split_linears_compute_the_fused_model() -> None:
+    fused = modernbert()
+    split = ADAPTER.prepared(copy.deepcopy(fused))
+    assert type(split.layers[0].attn.Wqkv).__name__ == "SplitLinear"
+    fused.set_attn_implementation("eager")  # as prepared: the comparison is of the linears alone
+    feed = inputs()
+    with torch.no_grad():
+        a = fused(input_ids=feed[0], attention_mask=feed[1]).last_hidden_state
+        b = split(input_ids=feed[0], attention_mask=feed[1]).last_hidden_state
+    assert torch.equal(a, b)
+
+
+def test_removed_heads_and_channels_match_the_model_with_them_silenced() -> None:
+    teacher = ADAPTER.prepared(modernbert())
+    reference = copy.deepcopy(teacher)
+    with torch.no_grad():
+        reference.layers[0].attn.Wo.weight[:, HEAD_DIM:2 * HEAD_DIM] = 0
+        for h in (0, 2, 3):
+            reference.layers[2].attn.Wo.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0
+        dropped = sorted(set(range(64)) - {3, *range(10, 32)})
+        reference.layers[1].mlp.Wo.weight[:, dropped] = 0
+    student = uneven(copy.deepcopy(teacher))
+    assert student.layers[1].mlp.Wi.up.out_features == student.layers[1].mlp.Wi.gate.out_features == 23
+    feed = inputs()
+    assert np.abs(run(student, *feed)[0] - run(reference, *feed)[0]).max() <= 1e-5
+    # Removing a block renumbers the kinds of attention the rest use.
+    keep_blocks_(student, TOWER, [0, 2])
+    keep_blocks_(reference, TOWER, [0, 2])
+    assert student.config.layer_types == ["full_attention", "sliding_attention"]
+    assert np.abs(run(student, *feed)[0] - run(reference, *feed)[0]).max() <= 1e-5
+
+
+def test_shrunk_modernbert_reloads_bit_identically_and_runs_in_every_runtime(tmp_path) -> None:
+    student = uneven(ADAPTER.prepared(modernbert()))
+    save_student(student, {}, tmp_path / "student", {"teacher": "tiny"})
+    loaded = load_student(tmp_path / "student")
+    feed = inputs()
+    ref = run(student, *feed)
+    for a, b in zip(run(loaded, *feed), ref):
+        assert np.array_equal(a, b)
+    export_tower(student, TOWER, tmp_path / "text.onnx")
+    torch_to_openvino(student, TOWER, tmp_path / "text.xml")
+    for path in ("text.onnx", "text.xml"):
+        got = load(tmp_path / path, threads=1).run({"input_ids": feed[0].numpy(), "attention_mask": feed[1].numpy()})
+        assert np.abs(real(got["last_hidden_state"], feed[1]) - real(ref[0], feed[1])).max() <= 1e-4, path
+        assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4, path
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_compile_prunes_and_deploys_with_the_models_pooling(tmp_path, pooling: str) -> None:
+    torch.set_num_threads(1)
+    teacher = tmp_path / "teacher"
+    modernbert().save_pretrained(teacher)
+    save_preprocessors("bert", teacher)
+    (teacher / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.'
+                                          'Transformer"}, {"idx": 1, "name": "1", "path": "1_Pooling", "type": '
+                                          '"sentence_transformers.models.Pooling"}]')
+    (teacher / "1_Pooling").mkdir()
+    (teacher / "1_Pooling" / "config.json").write_text(
+        f'{{"word_embedding_dimension": 32, "pooling_mode_cls_token": {str(pooling == "cls").lower()}, '
+        f'"pooling_mode_mean_tokens": {str(pooling == "mean").lower()}}}')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 20},
+        "passes": [{"antgmm": {"keep": 0.5, "budget": "flops", "importance": "activation"}},
+                   {"distill": {"steps": 4, "batch_size": 8, "dev_samples": 8, "eval_every": 2}}],
+        "export": ["onnx", "openvino"],
+        "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.0},
+    }))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    student = load_student(out / "student")
+    assert len(student.layers) < 3 or sum(b.attn.Wqkv.q.out_features for b in student.layers) < 3 * 32
+    texts = ["the cold water", "a man on the road was in the house of the picture number", "python"]
+    enc = transformers.AutoTokenizer.from_pretrained(out / "student")(texts, padding=True, return_tensors="pt")
+    ref = run(student, enc["input_ids"], enc["attention_mask"])[1]
+    hidden = run(student, enc["input_ids"], enc["attention_mask"])[0]
+    first = hidden[:, 0] / np.linalg.norm(hidden[:, 0], axis=-1, keepdims=True)
+    assert (np.abs(ref - first).max() <= 1e-5) == (pooling == "cls")
+    for backend in ("onnxruntime", "openvino"):
+        got = open_dir(out, backend=backend, threads=1).encode(texts)
+        assert np.abs(got - ref).max() <= 1e-4, backend
+
+
+def test_runtime_agreement_is_judged_at_real_tokens() -> None:
+    from lmmc.export.validate import hidden_diff
+
+    ref = np.zeros((2, 3, 4), dtype=np.float32)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    padded = ref.copy()
+    padded[1, 2] = 5.0  # a padded position: not compared
+    assert hidden_diff(padded, ref, {"attention_mask": mask}) == 0.0
+    assert hidden_diff(padded, ref, {}) == 5.0  # no mask (an image tower): every position
+    padded[0, 1, 0] = 0.25
+    assert hidden_diff(padded, ref, {"attention_mask": mask}) == 0.25
+    padded[1, 0, 3] = np.nan
+    assert np.isnan(hidden_diff(padded, ref, {"attention_mask": mask}))
