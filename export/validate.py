@@ -89,14 +89,28 @@ def torch_outputs(model: torch.nn.Module, tower: TowerSpec, batches: list[dict])
     return [tuple(t.cpu().numpy() for t in module(*[b[n] for n in module.names])) for b in batches]
 
 
+def hidden_diff(got: np.ndarray, ref: np.ndarray, batch: dict) -> float:
+    """Max |got − ref| of a last hidden state over real tokens; NaN when either side is not finite there.
+
+    A padding position's state is whatever a runtime computes for a query that may see no key at all
+    (ModernBERT's sliding windows over a padded tail), and nothing downstream reads it."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        real = np.asarray(mask).astype(bool)
+        got, ref = got[real], ref[real]
+    return float(np.abs(got - ref).max()) if np.isfinite(got).all() and np.isfinite(ref).all() else float("nan")
+
+
 def runtime_diff(session: ort.InferenceSession, tower: TowerSpec, batches: list[dict],
                  reference: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Max |ORT − PyTorch| per output over the held-out batches; NaN when either side is not finite."""
+    """Max |ORT − PyTorch| per output over the held-out batches (the hidden state at real tokens); NaN when
+    either side is not finite."""
     worst = {"last_hidden_state": 0.0, "pooled_embedding": 0.0}
     for batch, ref in zip(batches, reference):
         got = session.run(None, {n: batch[n].numpy() for n in input_names(tower)})
-        for key, a, b in zip(worst, got, ref):
-            diff = np.abs(a - b).max() if np.isfinite(a).all() and np.isfinite(b).all() else np.nan
+        diffs = {"last_hidden_state": hidden_diff(got[0], ref[0], batch),
+                 "pooled_embedding": hidden_diff(got[1], ref[1], {})}
+        for key, diff in diffs.items():
             worst[key] = float(np.maximum(worst[key], diff))  # np.maximum keeps NaN; max() would drop it
     return worst
 
@@ -345,7 +359,9 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
         if rec.precision == "fp32":
             if rec.tower not in hidden:
                 hidden[rec.tower] = [h for h, _ in torch_outputs(art.student, tower, batches)]
-            last = max(float(np.abs(o["last_hidden_state"] - h).max()) for o, h in zip(outs, hidden[rec.tower]))
+            # np.max keeps a NaN that the builtin max() would drop when it is not first
+            last = float(np.max([hidden_diff(o["last_hidden_state"], h, b)
+                                 for o, h, b in zip(outs, hidden[rec.tower], batches)]))
             result["max_abs_diff"] = {"last_hidden_state": last,
                                       "pooled_embedding": float(np.abs(emb - s_emb).max())}
             result["output_scale"] = {"last_hidden_state": max(float(np.abs(h).max()) for h in hidden[rec.tower]),
