@@ -60,8 +60,8 @@ def _crash_log() -> Path:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lmmc")
 def main() -> None:
-    """lmmc compiles a Hugging Face transformer (BERT-family, ViT, CLIP, SigLIP) into a smaller student,
-    exports it to ONNX and validates it against the original (the teacher).
+    """lmmc compiles a Hugging Face transformer (BERT-family, MPNet, ModernBERT, ViT, CLIP, SigLIP, LLaVA) into
+    a smaller student, exports it to ONNX and validates it against the original (the teacher).
 
     \b
     A compile is described by a YAML recipe:
