@@ -4,6 +4,7 @@ layer) against PyTorch with their fused operators counted, the fallback when fus
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -84,6 +85,36 @@ def test_pass_falls_back_to_the_plain_graph_with_a_warning(tmp_path, one_thread)
     assert not (tmp_path / "ort" / "text.fused.onnx").exists()
     [rec] = art.exports
     assert (rec.backend, rec.precision, rec.variant, rec.source) == ("onnxruntime", "int8", "dynamic", "plain")
+
+
+@pytest.mark.parametrize("fuse", ["off", "on"])
+def test_dynamic_int8_keeps_the_second_ffn_matrices_fp32_when_quantising_them_costs_too_much(tmp_path, one_thread,
+                                                                                              fuse):
+    art = tiny_artifact("bert", tmp_path)
+    run(art, "onnx")
+    plain = art.onnx["text"]
+    fc2 = set(fc2_matmuls(art.student, art.adapter, art.adapter.tower("text"), plain))
+    assert len(fc2) == 2
+    weights = {n.input[1] for n in onnx.load(str(plain)).graph.node if n.name in fc2}
+    dst = tmp_path / "ort" / "text.int8-dynamic.onnx"
+
+    def float_matmul_weights() -> set[str]:
+        return {n.input[1] for n in onnx.load(str(dst)).graph.node if n.op_type == "MatMul"}
+
+    every = run(art, "ort", fuse=fuse, int8=["dynamic"], dynamic_min_cosine=0.0).metrics["text"]["dynamic"]
+    assert every["fp32_fc2"] is False and 0.9 < every["cosine_to_fp32"] < 1.0
+    every_float = float_matmul_weights()
+    assert not every_float & weights
+    art.exports.clear()
+    # No INT8 graph reaches a cosine of 1: the fallback runs, and only the fc2 MatMuls stay fp32.
+    kept = run(art, "ort", fuse=fuse, int8=["dynamic"], dynamic_min_cosine=1.0).metrics["text"]
+    assert kept["kept"] == ("fused" if fuse == "on" else "plain")
+    assert kept["dynamic"]["fp32_fc2"] is True
+    assert kept["dynamic"]["cosine_every_matmul"] == pytest.approx(every["cosine_to_fp32"], abs=1e-6)
+    # Every MatMul the quantiser leaves float besides (attention's products of two activations) is left in both.
+    assert float_matmul_weights() - weights == every_float - weights and weights <= float_matmul_weights()
+    # On this tiny random model the fc2 inputs have no outliers: keeping them fp32 changes the cosine by < 1e-6.
+    assert kept["dynamic"]["cosine_to_fp32"] == pytest.approx(every["cosine_to_fp32"], abs=1e-6)
 
 
 def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread):
