@@ -83,6 +83,42 @@ def save_tiny(kind: str, path: Path) -> Path:
     return save_preprocessors(kind, path)
 
 
+def padded_text(batch: int = 3, seq: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (above the tiny vocabulary's special tokens) and a mask whose second row is half padding."""
+    ids = torch.randint(5, TINY_TEXT["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0
+    return ids, mask
+
+
+def tower_outputs(model: torch.nn.Module, tower, *feed: torch.Tensor) -> list:
+    """The tower's (last hidden state, normalised pooled embedding) as numpy arrays."""
+    from lmmc.adapters import TowerModule
+
+    with torch.no_grad():
+        return [t.numpy() for t in TowerModule(model, tower)(*feed)]
+
+
+def compile_tiny_text(teacher: Path, out: Path, passes: list, max_length: int = 12) -> Path:
+    """`lmmc compile` of a tiny text teacher on random calibration, with `passes`, ONNX and OpenVINO
+    exports and the runtime gates; fails the test unless it exits 0."""
+    import yaml
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    recipe = out.parent / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": max_length},
+        "passes": passes,
+        "export": ["onnx", "openvino"],
+        "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.0},
+    }))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def uneven_student(kind: str) -> torch.nn.Module:
     """A tiny model with 3 heads in block 0, 4 in block 1, and 23 of 64 FFN channels in block 1."""
     from lmmc.adapters import block_list, get_adapter, head_dim

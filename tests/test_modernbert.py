@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import yaml
-from click.testing import CliRunner
-from conftest import TINY_TEXT, save_preprocessors
+from conftest import TINY_TEXT, compile_tiny_text, padded_text, save_preprocessors, tower_outputs
 
-from lmmc.adapters import TowerModule, block_list, get_adapter
-from lmmc.cli import main
+from lmmc.adapters import block_list, get_adapter
 from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import torch_to_openvino
 from lmmc.modelio import save_student
@@ -37,16 +34,6 @@ def modernbert() -> torch.nn.Module:
     return transformers.ModernBertModel(cfg).eval()
 
 
-def inputs(batch: int = 3, seq: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(4, 99, (batch, seq), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, seq // 2:] = 0
-    return ids, mask
-
-
-def run(model: torch.nn.Module, *feed: torch.Tensor) -> list[np.ndarray]:
-    with torch.no_grad():
-        return [t.numpy() for t in TowerModule(model, TOWER)(*feed)]
 
 
 def real(hidden: np.ndarray, mask: torch.Tensor) -> np.ndarray:
@@ -68,7 +55,7 @@ def test_split_linears_compute_the_fused_model() -> None:
     split = ADAPTER.prepared(copy.deepcopy(fused))
     assert type(split.layers[0].attn.Wqkv).__name__ == "SplitLinear"
     fused.set_attn_implementation("eager")  # as prepared: the comparison is of the linears alone
-    feed = inputs()
+    feed = padded_text()
     with torch.no_grad():
         a = fused(input_ids=feed[0], attention_mask=feed[1]).last_hidden_state
         b = split(input_ids=feed[0], attention_mask=feed[1]).last_hidden_state
@@ -86,22 +73,22 @@ def test_removed_heads_and_channels_match_the_model_with_them_silenced() -> None
         reference.layers[1].mlp.Wo.weight[:, dropped] = 0
     student = uneven(copy.deepcopy(teacher))
     assert student.layers[1].mlp.Wi.up.out_features == student.layers[1].mlp.Wi.gate.out_features == 23
-    feed = inputs()
-    assert np.abs(run(student, *feed)[0] - run(reference, *feed)[0]).max() <= 1e-5
+    feed = padded_text()
+    assert np.abs(tower_outputs(student, TOWER, *feed)[0] - tower_outputs(reference, TOWER, *feed)[0]).max() <= 1e-5
     # Removing a block renumbers the kinds of attention the rest use.
     keep_blocks_(student, TOWER, [0, 2])
     keep_blocks_(reference, TOWER, [0, 2])
     assert student.config.layer_types == ["full_attention", "sliding_attention"]
-    assert np.abs(run(student, *feed)[0] - run(reference, *feed)[0]).max() <= 1e-5
+    assert np.abs(tower_outputs(student, TOWER, *feed)[0] - tower_outputs(reference, TOWER, *feed)[0]).max() <= 1e-5
 
 
 def test_shrunk_modernbert_reloads_bit_identically_and_runs_in_every_runtime(tmp_path) -> None:
     student = uneven(ADAPTER.prepared(modernbert()))
     save_student(student, {}, tmp_path / "student", {"teacher": "tiny"})
     loaded = load_student(tmp_path / "student")
-    feed = inputs()
-    ref = run(student, *feed)
-    for a, b in zip(run(loaded, *feed), ref):
+    feed = padded_text()
+    ref = tower_outputs(student, TOWER, *feed)
+    for a, b in zip(tower_outputs(loaded, TOWER, *feed), ref):
         assert np.array_equal(a, b)
     export_tower(student, TOWER, tmp_path / "text.onnx")
     torch_to_openvino(student, TOWER, tmp_path / "text.xml")
@@ -112,8 +99,7 @@ def test_shrunk_modernbert_reloads_bit_identically_and_runs_in_every_runtime(tmp
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_compile_prunes_and_deploys_with_the_models_pooling(tmp_path, pooling: str) -> None:
-    torch.set_num_threads(1)
+def test_compile_prunes_and_deploys_with_the_models_pooling(tmp_path, one_thread, pooling: str) -> None:
     teacher = tmp_path / "teacher"
     modernbert().save_pretrained(teacher)
     save_preprocessors("bert", teacher)
@@ -124,23 +110,15 @@ def test_compile_prunes_and_deploys_with_the_models_pooling(tmp_path, pooling: s
     (teacher / "1_Pooling" / "config.json").write_text(
         f'{{"word_embedding_dimension": 32, "pooling_mode_cls_token": {str(pooling == "cls").lower()}, '
         f'"pooling_mode_mean_tokens": {str(pooling == "mean").lower()}}}')
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 20},
-        "passes": [{"antgmm": {"keep": 0.5, "budget": "flops", "importance": "activation"}},
-                   {"distill": {"steps": 4, "batch_size": 8, "dev_samples": 8, "eval_every": 2}}],
-        "export": ["onnx", "openvino"],
-        "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.0},
-    }))
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    out = compile_tiny_text(teacher, tmp_path / "out", [
+        {"antgmm": {"keep": 0.5, "budget": "flops", "importance": "activation"}},
+        {"distill": {"steps": 4, "batch_size": 8, "dev_samples": 8, "eval_every": 2}}], max_length=20)
     student = load_student(out / "student")
     assert len(student.layers) < 3 or sum(b.attn.Wqkv.q.out_features for b in student.layers) < 3 * 32
     texts = ["the cold water", "a man on the road was in the house of the picture number", "python"]
     enc = transformers.AutoTokenizer.from_pretrained(out / "student")(texts, padding=True, return_tensors="pt")
-    ref = run(student, enc["input_ids"], enc["attention_mask"])[1]
-    hidden = run(student, enc["input_ids"], enc["attention_mask"])[0]
+    ref = tower_outputs(student, TOWER, enc["input_ids"], enc["attention_mask"])[1]
+    hidden = tower_outputs(student, TOWER, enc["input_ids"], enc["attention_mask"])[0]
     first = hidden[:, 0] / np.linalg.norm(hidden[:, 0], axis=-1, keepdims=True)
     assert (np.abs(ref - first).max() <= 1e-5) == (pooling == "cls")
     for backend in ("onnxruntime", "openvino"):

@@ -7,15 +7,11 @@ import copy
 import json
 
 import numpy as np
-import pytest
 import torch
 import transformers
-import yaml
-from click.testing import CliRunner
-from conftest import save_tiny, tiny_model
+from conftest import compile_tiny_text, padded_text, save_tiny, tiny_model, tower_outputs
 
-from lmmc.adapters import TowerModule, block_list, get_adapter
-from lmmc.cli import main
+from lmmc.adapters import block_list, get_adapter
 from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import torch_to_openvino
 from lmmc.modelio import save_student
@@ -35,16 +31,6 @@ def mpnet() -> torch.nn.Module:
     return model
 
 
-def inputs(batch: int = 3, seq: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(2, 99, (batch, seq), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, seq // 2:] = 0
-    return ids, mask
-
-
-def run(model: torch.nn.Module, *feed: torch.Tensor) -> list[np.ndarray]:
-    with torch.no_grad():
-        return [t.numpy() for t in TowerModule(model, TOWER)(*feed)]
 
 
 def silence_heads_(model: torch.nn.Module, block: int, heads: list[int]) -> None:
@@ -73,12 +59,12 @@ def test_removed_heads_keep_their_own_rows_of_the_shared_position_bias() -> None
         reference.encoder.layer[1].output.dense.weight[:, 23:] = 0
     student = uneven(copy.deepcopy(teacher))
     assert [b.attention.attn.bias_heads.tolist() for b in student.encoder.layer] == [[0, 2, 3], [2]]
-    feed = inputs()
-    got, ref = run(student, *feed), run(reference, *feed)
+    feed = padded_text()
+    got, ref = tower_outputs(student, TOWER, *feed), tower_outputs(reference, TOWER, *feed)
     assert np.abs(got[0] - ref[0]).max() <= 1e-5
     # The bias matters: the same heads reading the first rows of the table give another model.
     student.encoder.layer[1].attention.attn.bias_heads = torch.tensor([0])
-    assert np.abs(run(student, *feed)[0] - ref[0]).max() > 1e-2
+    assert np.abs(tower_outputs(student, TOWER, *feed)[0] - ref[0]).max() > 1e-2
 
 
 def test_blocks_removed_after_heads_keep_their_rows() -> None:
@@ -89,8 +75,8 @@ def test_blocks_removed_after_heads_keep_their_rows() -> None:
     student = copy.deepcopy(teacher)
     keep_heads_(block_list(student, TOWER)[1][1], TOWER, HEAD_DIM, [1, 2])
     keep_blocks_(student, TOWER, [1])
-    feed = inputs()
-    assert np.abs(run(student, *feed)[0] - run(reference, *feed)[0]).max() <= 1e-5
+    feed = padded_text()
+    assert np.abs(tower_outputs(student, TOWER, *feed)[0] - tower_outputs(reference, TOWER, *feed)[0]).max() <= 1e-5
 
 
 def test_shrunk_mpnet_reloads_bit_identically(tmp_path) -> None:
@@ -101,8 +87,8 @@ def test_shrunk_mpnet_reloads_bit_identically(tmp_path) -> None:
     assert record["towers"]["text"]["heads"] == [3, 1] and record["towers"]["text"]["ffn"] == [64, 23]
     loaded = load_student(tmp_path)
     assert [b.attention.attn.bias_heads.tolist() for b in loaded.encoder.layer] == [[0, 2, 3], [2]]
-    feed = inputs()
-    for a, b in zip(run(loaded, *feed), run(student, *feed)):
+    feed = padded_text()
+    for a, b in zip(tower_outputs(loaded, TOWER, *feed), tower_outputs(student, TOWER, *feed)):
         assert np.array_equal(a, b)
 
 
@@ -110,8 +96,8 @@ def test_shrunk_mpnet_runs_the_same_in_onnx_runtime_and_openvino(tmp_path) -> No
     student = uneven(mpnet())
     export_tower(student, TOWER, tmp_path / "text.onnx")
     torch_to_openvino(student, TOWER, tmp_path / "text.xml")
-    feed = inputs(batch=2, seq=13)  # not the tracing shapes: the dynamic axes are exercised
-    ref = run(student, *feed)
+    feed = padded_text(batch=2, seq=13)  # not the tracing shapes: the dynamic axes are exercised
+    ref = tower_outputs(student, TOWER, *feed)
     for path in ("text.onnx", "text.xml"):
         model = load(tmp_path / path, threads=1)
         got = model.run({n: t.numpy() for n, t in zip(model.input_names, feed)})
@@ -119,28 +105,18 @@ def test_shrunk_mpnet_runs_the_same_in_onnx_runtime_and_openvino(tmp_path) -> No
         assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4, path
 
 
-def test_compile_prunes_heads_and_deploys(tmp_path) -> None:
-    torch.set_num_threads(1)
+def test_compile_prunes_heads_and_deploys(tmp_path, one_thread) -> None:
     teacher = save_tiny("mpnet", tmp_path / "teacher")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 12},
-        "passes": [{"antgmm": {"keep": 0.5, "budget": "flops", "importance": "activation",
-                               "shares": {"ffn": 0.5, "heads": 0.5}}},
-                   {"distill": {"steps": 4, "batch_size": 8, "dev_samples": 8, "eval_every": 2}}],
-        "export": ["onnx", "openvino"],
-        "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.0},
-    }))
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    out = compile_tiny_text(teacher, tmp_path / "out", [
+        {"antgmm": {"keep": 0.5, "budget": "flops", "importance": "activation", "shares": {"ffn": 0.5, "heads": 0.5}}},
+        {"distill": {"steps": 4, "batch_size": 8, "dev_samples": 8, "eval_every": 2}}])
     student = load_student(out / "student")
     heads = [b.attention.attn.q.out_features // HEAD_DIM for b in student.encoder.layer]
     assert sum(heads) < 8
     texts = ["the cold water", "a man on the road was in the house", "python"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "student")
     enc = tokenizer(texts, padding=True, return_tensors="pt")
-    ref = run(student, enc["input_ids"], enc["attention_mask"])[1]
+    ref = tower_outputs(student, TOWER, enc["input_ids"], enc["attention_mask"])[1]
     for backend in ("onnxruntime", "openvino"):
         got = open_dir(out, backend=backend, threads=1).encode(texts)
         assert np.abs(got - ref).max() <= 1e-4, backend
