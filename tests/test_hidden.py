@@ -57,15 +57,15 @@ def subset_norm_hook(keep: list[int]):
 
 
 def text_model(kind: str) -> nn.Module:
-    if kind == "bert":
-        return tiny_model("bert")
+    if kind in ("bert", "mpnet"):
+        return tiny_model(kind)
     torch.manual_seed(0)
     config = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                            max_position_embeddings=64)
     return transformers.DistilBertModel(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "mpnet"])
 def test_surgery_equals_the_full_model_with_subset_layernorms(kind: str, tmp_path: Path, one_thread) -> None:
     """The narrowed model computes exactly what the full one does when every LayerNorm over the stream
     normalises over the kept channels and zeroes the rest: removed channels stay zero in the residual

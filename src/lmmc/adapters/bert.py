@@ -4,7 +4,7 @@ from lmmc.adapters import Adapter, BlockLayout, HiddenLayout, TowerSpec
 from lmmc.pooling import modes_of, pool
 
 
-def _embed(model, inputs):
+def embed_sentences(model, inputs):
     # The sentence embedding as the model's sentence-transformers modules pool it (the teacher's
     # modules.json, carried in its config); the masked mean, as MiniLM's, for a BERT without one.
     hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
@@ -24,7 +24,7 @@ ADAPTERS = (
     Adapter(
         family="bert",
         model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
-        towers=(TowerSpec("text", "text", ("encoder.layer",), _BERT_LAYOUT, None, _embed,
+        towers=(TowerSpec("text", "text", ("encoder.layer",), _BERT_LAYOUT, None, embed_sentences,
                           HiddenLayout("embeddings", ("output.LayerNorm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",
@@ -33,7 +33,7 @@ ADAPTERS = (
     Adapter(
         family="distilbert",
         model_types=("distilbert",),
-        towers=(TowerSpec("text", "text", ("transformer.layer",), _DISTIL_LAYOUT, None, _embed,
+        towers=(TowerSpec("text", "text", ("transformer.layer",), _DISTIL_LAYOUT, None, embed_sentences,
                           HiddenLayout("embeddings", ("output_layer_norm",))),),
         auto_class="AutoModel",
         task_metric="neighbour",

@@ -8,12 +8,7 @@ import torch
 from torch import nn
 
 from lmmc.adapters import Adapter, BlockLayout, TowerSpec
-from lmmc.pooling import modes_of, pool
-
-
-def _embed(model, inputs):
-    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-    return hidden, pool(hidden, inputs["attention_mask"], modes_of(model.config))
+from lmmc.adapters.bert import embed_sentences
 
 
 class SplitLinear(nn.Module):
@@ -61,7 +56,7 @@ ADAPTERS = (
         family="modernbert",
         model_types=("modernbert",),
         # The residual stream ends in the model's final_norm, outside every block: no hidden-size stage.
-        towers=(TowerSpec("text", "text", ("layers",), _LAYOUT, None, _embed),),
+        towers=(TowerSpec("text", "text", ("layers",), _LAYOUT, None, embed_sentences),),
         auto_class="AutoModel",
         task_metric="neighbour",
         sentence_pooling=True,

@@ -4,12 +4,7 @@ import torch
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
 from lmmc.adapters import Adapter, BlockLayout, HiddenLayout, TowerSpec
-from lmmc.pooling import modes_of, pool
-
-
-def _embed(model, inputs):
-    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-    return hidden, pool(hidden, inputs["attention_mask"], modes_of(model.config))
+from lmmc.adapters.bert import embed_sentences
 
 
 class HeadSubsetAttention(MPNetSelfAttention):
@@ -28,9 +23,11 @@ class HeadSubsetAttention(MPNetSelfAttention):
 def _keep_heads(block, heads: torch.Tensor) -> None:
     attn = block.attention.attn
     if not isinstance(attn, HeadSubsetAttention):
+        every = torch.arange(attn.q.out_features // attn.attention_head_size, device=attn.q.weight.device)
+        if torch.equal(heads.to(every.device), every):
+            return  # all heads, in order: the block stays a plain MPNet block, as a reloaded one will be
         attn.__class__ = HeadSubsetAttention
-        attn.register_buffer("bias_heads", torch.arange(attn.q.out_features // attn.attention_head_size,
-                                                        device=attn.q.weight.device))
+        attn.register_buffer("bias_heads", every)
     attn.bias_heads = attn.bias_heads.index_select(0, heads.to(attn.bias_heads.device))
 
 
@@ -43,7 +40,7 @@ ADAPTERS = (
     Adapter(
         family="mpnet",
         model_types=("mpnet",),
-        towers=(TowerSpec("text", "text", ("encoder.layer",), _LAYOUT, None, _embed,
+        towers=(TowerSpec("text", "text", ("encoder.layer",), _LAYOUT, None, embed_sentences,
                           HiddenLayout("embeddings", ("output.LayerNorm",)), keep_heads=_keep_heads),),
         auto_class="AutoModel",
         task_metric="neighbour",
