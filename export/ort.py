@@ -109,12 +109,10 @@ def quantize_dynamic_onnx(src: Path, dst: Path, exclude: list[str] | None = None
                      use_external_data_format=_external(src))
 
 
-def pooled_agreement(reference: Path, candidate: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> float:
-    """Mean cosine between two graphs' pooled embeddings over `feeds`."""
-    a, b = load(reference, "onnxruntime", threads), load(candidate, "onnxruntime", threads)
-    ref = np.concatenate([a.run(f)["pooled_embedding"] for f in feeds])
-    got = np.concatenate([b.run(f)["pooled_embedding"] for f in feeds])
-    return float(cosine(ref, got).mean())
+def pooled(graph: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
+    """A graph's pooled embeddings over `feeds`, in ONNX Runtime."""
+    model = load(graph, "onnxruntime", threads)
+    return np.concatenate([model.run(f)["pooled_embedding"] for f in feeds])
 
 
 class _FeedReader(CalibrationDataReader):
@@ -354,12 +352,16 @@ class OrtExportPass(Pass):
         """Dynamic INT8 of `base`, every MatMul quantised; where that moves the pooled embedding too far
         from fp32 on the calibration batches, again with the second FFN matrices kept fp32."""
         cfg = self.config
+        reference = pooled(base, feeds, cfg.threads)
+
+        def agreement() -> float:
+            return float(cosine(reference, pooled(dst, feeds, cfg.threads)).mean())
+
         quantize_dynamic_onnx(base, dst)
-        out: dict[str, Any] = {"cosine_to_fp32": pooled_agreement(base, dst, feeds, cfg.threads), "fp32_fc2": False}
+        out: dict[str, Any] = {"cosine_to_fp32": agreement(), "fp32_fc2": False}
         if out["cosine_to_fp32"] < cfg.dynamic_min_cosine:
             quantize_dynamic_onnx(base, dst, exclude=fc2_matmuls(art.student, art.adapter, tower, plain, base))
-            out = {"cosine_every_matmul": out["cosine_to_fp32"], "fp32_fc2": True,
-                   "cosine_to_fp32": pooled_agreement(base, dst, feeds, cfg.threads)}
+            out = {"cosine_every_matmul": out["cosine_to_fp32"], "fp32_fc2": True, "cosine_to_fp32": agreement()}
         return out
 
     def _fp16(self, art: Artifact, tower: TowerSpec, plain: Path, folder: Path) -> dict[str, int]:
