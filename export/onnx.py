@@ -60,7 +60,7 @@ def initializer_map(model_proto: onnx.ModelProto, module: torch.nn.Module) -> di
 def export_tower(model: torch.nn.Module, tower: TowerSpec, path: Path, opset: int = 20) -> dict[str, Any]:
     """Export one tower to `path` (single file, weights as initialisers) and check it fully."""
     model = model.cpu().eval()
-    module = TowerModule(model, tower).eval()
+    module = TowerModule(model, tower, deployed=True).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     # The exporter warns about every merged symbolic axis and deprecated internals; none is actionable.

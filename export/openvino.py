@@ -51,7 +51,7 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
     8 x 128 the NNCF INT8 IR from PyTorch ran about 10 % faster)."""
     ov = _openvino()
     model = model.cpu().eval()
-    module = TowerModule(model, tower).eval()
+    module = TowerModule(model, tower, deployed=True).eval()
     names, axes = input_names(tower), dynamic_axes(tower)
     example = example_inputs(model, tower)
     shapes = [ov.PartialShape([-1 if i in axes.get(name, {}) else d for i, d in enumerate(x.shape)])

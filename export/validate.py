@@ -22,6 +22,7 @@ from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
 from lmmc.runtime import load as load_artifact
 from lmmc.modelio import text_positions
+from lmmc.pooling import normalises
 from lmmc.timing import time_interleaved
 
 
@@ -85,7 +86,7 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
 
 @torch.no_grad()
 def torch_outputs(model: torch.nn.Module, tower: TowerSpec, batches: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-    module = TowerModule(model, tower).eval()
+    module = TowerModule(model, tower, deployed=True).eval()
     return [tuple(t.cpu().numpy() for t in module(*[b[n] for n in module.names])) for b in batches]
 
 
@@ -249,6 +250,12 @@ class ValidatePass(Pass):
                     "cosine_min": float(cos.min()),
                     "cosine_per_sample": [round(float(c), 6) for c in cos],  # for the report's histogram
                 }
+                if not normalises(student.config):
+                    # The model's embedding is not normalised (a dot-product model): its norms rank results
+                    # too, and cosine does not see them.
+                    ratio = np.linalg.norm(s_emb, axis=1) / np.linalg.norm(t_emb, axis=1).clip(1e-12)
+                    result["norm_ratio"] = {"mean": float(ratio.mean()), "min": float(ratio.min()),
+                                            "max": float(ratio.max())}
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
                     export_tower(teacher, tower, teacher_path)

@@ -105,7 +105,8 @@ def test_compile_prunes_and_deploys_with_the_models_pooling(tmp_path, one_thread
     save_preprocessors("bert", teacher)
     (teacher / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.'
                                           'Transformer"}, {"idx": 1, "name": "1", "path": "1_Pooling", "type": '
-                                          '"sentence_transformers.models.Pooling"}]')
+                                          '"sentence_transformers.models.Pooling"}, {"idx": 2, "name": "2", "path": '
+                                          '"2_Normalize", "type": "sentence_transformers.models.Normalize"}]')
     (teacher / "1_Pooling").mkdir()
     (teacher / "1_Pooling" / "config.json").write_text(
         f'{{"word_embedding_dimension": 32, "pooling_mode_cls_token": {str(pooling == "cls").lower()}, '

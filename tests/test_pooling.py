@@ -89,6 +89,7 @@ def test_a_compiled_cls_student_deploys_the_cls_embedding_and_loads_in_sentence_
     assert json.loads((student / "config.json").read_text())["sentence_pooling"] == ["cls"]
     assert (student / "1_Pooling" / "config.json").read_text() == (teacher / "1_Pooling" / "config.json").read_text()
     assert (student / "2_Normalize").is_dir()
+    assert manifest["towers"]["text"]["normalized"] is True
     # The same student through sentence-transformers (CLS, normalised) and through the ONNX artifact.
     theirs = st.SentenceTransformer(str(student), device="cpu").encode(TEXTS)
     ours = open_dir(out).encode(TEXTS)
@@ -98,6 +99,40 @@ def test_a_compiled_cls_student_deploys_the_cls_embedding_and_loads_in_sentence_
     model.config.sentence_pooling = ["mean"]
     mean = torch.nn.functional.normalize(lmmc_embeddings(model, adapter, pre), dim=-1).numpy()
     assert np.abs(ours - mean).max() > 0.05
+
+
+def test_a_dot_product_model_deploys_its_embedding_unnormalised(tmp_path):
+    """Without a Normalize module sentence-transformers returns the pooled embedding as it is, and a
+    dot-product model ranks by its norm: every artifact gives that embedding, not a unit vector."""
+    teacher = write_modules(save_tiny("bert", tmp_path / "teacher"), ["mean"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
+        "passes": [{"magnitude": {"sparsity": 0.3}}],
+        "export": ["onnx", {"openvino": {"int8": False}}], "validate": {"latency": False, "max_runtime_diff": 1e-4}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["towers"]["text"]["normalized"] is False
+    student = out / "student"
+    assert json.loads((student / "config.json").read_text())["sentence_normalize"] is False
+    theirs = st.SentenceTransformer(str(student), device="cpu").encode(TEXTS)
+    norms = np.linalg.norm(theirs, axis=1)
+    assert np.abs(norms - 1).min() > 0.1, norms
+    for backend in ("onnxruntime", "openvino"):
+        ours = open_dir(out, backend=backend).encode(TEXTS)
+        assert np.abs(ours - theirs).max() < 1e-4 * norms.max(), backend
+    # Validation reports how the student's norms follow the teacher's, which cosine cannot see.
+    report = json.loads((out / "report.json").read_text())
+    ratio = report["validation"]["towers"]["text"]["norm_ratio"]
+    model, adapter, pre = load_teacher(str(teacher))
+    enc = pre["tokenizer"](TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        t_norm = TowerModule(model, adapter.towers[0], deployed=True)(enc["input_ids"], enc["attention_mask"])[1].norm(dim=-1)
+    assert ratio["min"] <= ratio["mean"] <= ratio["max"]
+    assert 0.2 < ratio["mean"] < 5 and abs(ratio["mean"] - 1) > 1e-4
+    assert not np.allclose(norms, t_norm.numpy(), atol=1e-4)  # the magnitude pruning moved the norms
 
 
 def test_a_student_pooled_the_teachers_way_is_what_validation_measures(tmp_path):

@@ -49,7 +49,8 @@ def test_manifest_lists_every_artifact_with_io_and_validation(compiled):
     assert kinds == sorted((t, *k) for t in ("text", "vision") for k in [
         ("onnxruntime", "fp32", "plain"), ("onnxruntime", "fp32", "fused"), ("onnxruntime", "int8", "dynamic"),
         ("onnxruntime", "int8", "static"), ("openvino", "fp32", "plain"), ("openvino", "int8", "nncf")])
-    assert manifest["towers"] == {"text": {"modality": "text"}, "vision": {"modality": "image"}}
+    assert manifest["towers"] == {"text": {"modality": "text", "normalized": True},
+                                  "vision": {"modality": "image", "normalized": True}}
     assert manifest["preprocessing"]["text"]["max_length"] == 12
     for modality in ("text", "image"):
         files = manifest["preprocessing"][modality]["files"]

@@ -190,7 +190,7 @@ def torch_runner(model, tower, device: str = "cpu") -> Callable[[dict[str, np.nd
     from lmmc.adapters import TowerModule
 
     # a copy goes to the GPU: the teacher itself stays on the CPU for the exports that follow
-    module = TowerModule(model if device == "cpu" else copy.deepcopy(model).to(device), tower).eval()
+    module = TowerModule(model if device == "cpu" else copy.deepcopy(model).to(device), tower, deployed=True).eval()
 
     @torch.inference_mode()
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

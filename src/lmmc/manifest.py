@@ -11,7 +11,7 @@ import lmmc
 from lmmc.adapters import dynamic_axes
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.modelio import text_pad_length
-from lmmc.pooling import modes_of
+from lmmc.pooling import modes_of, normalises
 from lmmc.runtime import MANIFEST, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
@@ -120,7 +120,8 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         "teacher": art.model_ref,
         "adapter": art.adapter.family,
         "student": "student",
-        "towers": {t.name: {"modality": t.modality} for t in art.adapter.towers},
+        "towers": {t.name: {"modality": t.modality, "normalized": normalises(art.student.config)}
+                   for t in art.adapter.towers},
         "preprocessing": preprocessing,
         "artifacts": artifacts,
         "passed": validation.get("passed"),

@@ -13,7 +13,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter
 from lmmc.errors import LmmcError
-from lmmc.pooling import CONFIG_KEY, read_modules
+from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, read_modules
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -272,6 +272,8 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
             preprocessor["sentence_modules"] = modules
             if getattr(model.config, CONFIG_KEY, None) is None:
                 setattr(model.config, CONFIG_KEY, list(modules.modes))
+            if getattr(model.config, NORMALIZE_KEY, None) is None:
+                setattr(model.config, NORMALIZE_KEY, modules.normalize)
     return model, adapter, preprocessor
 
 

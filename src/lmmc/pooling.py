@@ -18,8 +18,10 @@ _KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mea
          "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
          "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
 DEFAULT = ("mean",)
-# The model config's attribute that carries the modes into the student and its saved config.json.
+# The model config's attributes that carry the modes, and whether the pipeline ends in a Normalize module,
+# into the student and its saved config.json.
 CONFIG_KEY = "sentence_pooling"
+NORMALIZE_KEY = "sentence_normalize"
 # Beside the weights, sentence-transformers reads these (its prompts, its sequence limit).
 _TOP_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 _KNOWN = {"Transformer", "Pooling", "Normalize"}
@@ -27,11 +29,11 @@ _KNOWN = {"Transformer", "Pooling", "Normalize"}
 
 @dataclass(frozen=True)
 class SentenceModules:
-    """What a sentence-transformers directory adds to the transformer: its pooling, plus the small files
-    that make a saved student load in sentence-transformers too. (Its Normalize module changes no cosine,
-    and lmmc's exported embeddings are L2-normalised anyway.)"""
+    """What a sentence-transformers directory adds to the transformer: its pooling, whether it normalises
+    the pooled embedding, plus the small files that make a saved student load in sentence-transformers too."""
 
     modes: tuple[str, ...]
+    normalize: bool = False
     files: dict[str, str] = field(default_factory=dict)  # path relative to the model directory -> text
     dirs: tuple[str, ...] = ()  # module directories without files (Normalize)
 
@@ -103,12 +105,20 @@ def read_modules(source: str) -> SentenceModules | None:
             files[f"{rel}/config.json"] = cfg_text
         elif kind == "Normalize":
             dirs.append(rel)
-    return SentenceModules(modes, files, tuple(dirs))
+    return SentenceModules(modes, bool(dirs), files, tuple(dirs))
 
 
 def modes_of(config: Any) -> tuple[str, ...]:
     """The pooling a model's config carries; the mean when it carries none (a plain BERT)."""
     return tuple(getattr(config, CONFIG_KEY, None) or DEFAULT)
+
+
+def normalises(config: Any) -> bool:
+    """Whether the embedding users get from this model is L2-normalised: as its sentence-transformers
+    modules say (a Normalize module, or none: a dot-product model, whose norms rank its results), and
+    normalised for a model that declares no pipeline (a plain BERT, CLIP, SigLIP, ViT)."""
+    value = getattr(config, NORMALIZE_KEY, None)
+    return True if value is None else bool(value)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmmc.errors import LmmcError
+from lmmc.pooling import normalises
 
 ROLES = ("q", "k", "v", "o", "fc1", "fc2")
 # A gated MLP (SwiGLU) has a third linear: gate = gate_proj, cut together with fc1 = up_proj.
@@ -245,17 +246,19 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
 class TowerModule(nn.Module):
     """One tower as a module with positional tensor inputs, for export and runtime comparison.
 
-    Outputs: the last hidden state and the L2-normalised pooled embedding."""
+    Outputs: the last hidden state and the pooled embedding, L2-normalised for the passes' objectives;
+    `deployed` gives the embedding as the model's users get it instead (`pooling.normalises`)."""
 
-    def __init__(self, model: nn.Module, tower: TowerSpec) -> None:
+    def __init__(self, model: nn.Module, tower: TowerSpec, deployed: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tower = tower
         self.names = input_names(tower)
+        self.normalise = normalises(model.config) if deployed else True
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, pooled = self.tower.embed(self.model, dict(zip(self.names, inputs)))
-        return hidden, l2_normalise(pooled)
+        return hidden, l2_normalise(pooled) if self.normalise else pooled
 
 
 def _registry() -> dict[str, Adapter]:

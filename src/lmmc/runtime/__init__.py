@@ -136,7 +136,8 @@ class Deployment:
         raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}")
 
     def encode(self, items: list, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
-        """Pooled, L2-normalised embeddings of texts (str) or images (PIL images or pathlib.Path files)."""
+        """Pooled embeddings of texts (str) or images (PIL images or pathlib.Path files), L2-normalised
+        unless the model's pipeline does not normalise (the manifest's `towers.<name>.normalized`)."""
         if not items:
             return np.zeros((0, 0), dtype=np.float32)
         modality = "text" if isinstance(items[0], str) else "image"
