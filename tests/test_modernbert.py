@@ -84,6 +84,9 @@ def test_removed_heads_and_channels_match_the_model_with_them_silenced() -> None
 
 def test_shrunk_modernbert_reloads_bit_identically_and_runs_in_every_runtime(tmp_path) -> None:
     student = uneven(ADAPTER.prepared(modernbert()))
+    # Without its first block: the teacher's first block alone has no attn_norm, and the block now first
+    # keeps its own, which a model built from the config would lack.
+    keep_blocks_(student, TOWER, [1, 2])
     save_student(student, {}, tmp_path / "student", {"teacher": "tiny"})
     loaded = load_student(tmp_path / "student")
     feed = padded_text()
@@ -96,6 +99,31 @@ def test_shrunk_modernbert_reloads_bit_identically_and_runs_in_every_runtime(tmp
         got = load(tmp_path / path, threads=1).run({"input_ids": feed[0].numpy(), "attention_mask": feed[1].numpy()})
         assert np.abs(real(got["last_hidden_state"], feed[1]) - real(ref[0], feed[1])).max() <= 1e-4, path
         assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4, path
+
+
+def test_a_student_of_the_teachers_shapes_is_saved_as_a_standard_checkpoint(tmp_path) -> None:
+    """Split linears are fused again on save when the config describes the student: plain
+    `from_pretrained` then loads it, and `load_student` splits it again."""
+    student = ADAPTER.prepared(modernbert())
+    with torch.no_grad():  # unstructured sparsity changes no shape
+        student.layers[1].mlp.Wi.gate.weight[:, ::2] = 0
+        student.layers[0].attn.Wqkv.k.weight[3] = 0
+    save_student(student, {}, tmp_path / "student", {"teacher": "tiny"})
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+    assert not (tmp_path / "student" / "student.safetensors").exists()
+    plain, info = transformers.AutoModel.from_pretrained(tmp_path / "student", output_loading_info=True)
+    assert not any(v for k, v in info.items() if k != "error_msgs"), info
+    assert isinstance(plain.layers[0].attn.Wqkv, torch.nn.Linear)
+    plain.set_attn_implementation("eager")
+    feed = padded_text()
+    ref = tower_outputs(student, TOWER, *feed)
+    with torch.no_grad():
+        got = plain.eval()(input_ids=feed[0], attention_mask=feed[1]).last_hidden_state.numpy()
+    assert np.array_equal(got, ref[0])
+    loaded = load_student(tmp_path / "student")
+    assert type(loaded.layers[0].attn.Wqkv).__name__ == "SplitLinear"
+    for a, b in zip(tower_outputs(loaded, TOWER, *feed), ref):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

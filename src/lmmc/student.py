@@ -9,7 +9,8 @@ dimension, the kept heads per layer, the FFN width per layer and the width of th
 (`hidden`; below the config's hidden size the tower ends in a `WidthRestore` back to that size).
 
 Where the config alone describes the model exactly (no pruning, or depth pruning only), the weights are
-written by `save_pretrained` as `model.safetensors`, and plain `from_pretrained` loads them exactly.
+written as `model.safetensors` in the family's own layout (ModernBERT's split linears fused again), and
+plain `from_pretrained` loads them exactly.
 Where heads or FFN channels were removed, no standard config can describe the model: per-layer widths
 differ. Then the weights go to `student.safetensors` and no `model.safetensors` is written, so plain
 `from_pretrained` stops with "no file named model.safetensors" instead of loading a full-size model and
@@ -98,10 +99,15 @@ def _shape_map(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def is_standard(model: nn.Module) -> bool:
-    """True when a model built from the config alone has exactly this model's tensors and shapes."""
+    """True when a model built from the config alone has exactly this model's tensors and shapes (in the
+    family's own layout: `Adapter.standard_state`)."""
+    adapter = get_adapter(model.config.model_type)
+    state = model.state_dict()
+    if adapter.standard_state is not None:
+        state = adapter.standard_state(state)
     with torch.device("meta"):
         reference = type(model)(model.config)
-    return _shape_map(reference) == _shape_map(model)
+    return _shape_map(reference) == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +123,12 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / STANDARD_WEIGHTS).unlink(missing_ok=True)
     (out / SHRUNK_WEIGHTS).unlink(missing_ok=True)
-    if standard:
+    if standard and adapter.standard_state is not None:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out)
+        state = {k: v.detach().contiguous() for k, v in adapter.standard_state(model.state_dict()).items()}
+        safetensors.torch.save_file(state, str(out / STANDARD_WEIGHTS), metadata={"format": "pt"})
+    elif standard:
         # A compile saves the student after every pass; transformers' per-save progress bar is noise there.
         shown = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
@@ -169,7 +180,7 @@ def load_student(path: str | Path) -> nn.Module:
         bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if bad:
             raise LmmcError(f"'{path}' does not load exactly into {cls.__name__}: {bad}")
-        return model.eval()
+        return adapter.prepared(model).eval()
     with no_init_weights():
         model = adapter.prepared(cls(config))
     apply_structure_(model, adapter, record["towers"])

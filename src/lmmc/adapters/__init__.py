@@ -115,6 +115,10 @@ class Adapter:
     # Rewrites a model just built or loaded into the layout the towers name, in place (ModernBERT: fused
     # linears split per role); every model lmmc builds or loads of this family goes through it.
     prepare: Callable[[nn.Module], None] | None = None
+    # The inverse of `prepare` on a state dict: the prepared model's tensors in the layout the family's own
+    # class loads (ModernBERT: the split linears fused again), so a student whose shapes the config
+    # describes is saved as a standard checkpoint.
+    standard_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def prepared(self, model: nn.Module) -> nn.Module:
         if self.prepare is not None:

@@ -33,17 +33,40 @@ class SplitLinear(nn.Module):
         return torch.cat([getattr(self, name)(x) for name in self.names], dim=-1)
 
 
+_SPLITS = {"attn.Wqkv": ("q", "k", "v"), "mlp.Wi": ("up", "gate")}
+
+
 def _prepare(model: nn.Module) -> None:
+    # Only the teacher's first block reads the embeddings' own norm and has no attn_norm. A student whose
+    # first block came from a later teacher block keeps that block's norm, which the config's build omits.
+    cfg = model.config
+    origin = getattr(cfg, "lmmc_teacher_layers", None)
+    if origin and origin[0] != 0 and isinstance(model.layers[0].attn_norm, nn.Identity):
+        model.layers[0].attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
     # Eager attention masks with a large negative number: a padded query whose window holds only padding
     # then gets finite weights. Under SDPA, OpenVINO's conversion turns such a row into NaN, which the next
     # block's zero attention weights carry into every token (0 * NaN).
     model.set_attn_implementation("eager")
     for layer in model.layers:
         if isinstance(layer.attn.Wqkv, nn.Linear):
-            layer.attn.Wqkv = SplitLinear(layer.attn.Wqkv, ("q", "k", "v"))
+            layer.attn.Wqkv = SplitLinear(layer.attn.Wqkv, _SPLITS["attn.Wqkv"])
         if isinstance(layer.mlp.Wi, nn.Linear):
             # ModernBertMLP: act(first half) * second half, the second half being the gate.
-            layer.mlp.Wi = SplitLinear(layer.mlp.Wi, ("up", "gate"))
+            layer.mlp.Wi = SplitLinear(layer.mlp.Wi, _SPLITS["mlp.Wi"])
+
+
+def _standard_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The split linears' weights and biases concatenated back into ModernBERT's fused ones."""
+    out = dict(state)
+    for key in state:
+        for fused, parts in _SPLITS.items():
+            prefix, _, tail = key.partition(f".{fused}.{parts[0]}.")
+            if tail:  # e.g. layers.0 / weight
+                names = [f"{prefix}.{fused}.{p}.{tail}" for p in parts]
+                out[f"{prefix}.{fused}.{tail}"] = torch.cat([state[n] for n in names])
+                for n in names:
+                    del out[n]
+    return out
 
 
 _LAYOUT = BlockLayout(
@@ -61,5 +84,6 @@ ADAPTERS = (
         task_metric="neighbour",
         sentence_pooling=True,
         prepare=_prepare,
+        standard_state=_standard_state,
     ),
 )
