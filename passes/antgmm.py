@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +40,10 @@ FADE = (0.25, 0.5, 0.75, 1.0)
 
 
 class AntGMMConfig(PassConfig):
-    keep: float | None = Field(None, gt=0.0, le=1.0, description="fraction of the transformer blocks' cost "
-                               "kept (all towers together; embeddings and heads are not counted); 0.5 when "
-                               "neither keep nor target is given")
+    keep: float | dict[str, float] | None = Field(
+        None, description="fraction of the transformer blocks' cost kept (all towers together; embeddings and "
+        "heads are not counted), or one per tower ({text: 1.0, vision: 0.5}: each tower cut to its own "
+        "fraction, 1.0 leaves it whole); 0.5 when neither keep nor target is given")
     budget: Literal["flops", "params"] = Field("flops", description="what `keep` measures: FLOPs of one "
                                                "sequence per tower, or parameters")
     target: LatencyTargetConfig | None = Field(None, description="instead of keep: a latency the student must "
@@ -92,6 +94,14 @@ class AntGMMConfig(PassConfig):
     distill: dict[str, Any] | None = Field(None, description="config of the 'distill' pass run after "
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_is_a_fraction(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(not 0 < x <= 1 for x in values):
+            raise ValueError(f"keep is a fraction of the blocks' cost in (0, 1], per tower or for all, got {v}")
+        return v
 
     @field_validator("shares")
     @classmethod
@@ -240,30 +250,47 @@ class AntGMMPass(Pass):
         start = blocks_cost(model, adapter, self.head_dims, self.tokens)
         start_blocks = self.costs.blocks(model, adapter)
         total0 = sum(start_blocks.values())
-        joint = latency is not None and not isinstance(cfg.shares, dict)
-        shares = {s: 1.0 for s in ("depth", "ffn", "heads")} if joint else self._shares(model, adapter)
+        # Each round cuts the towers of its adapter to its keep: one round over all towers under one budget,
+        # or one per tower under its own. Every round is planned before the first cut, so an impossible
+        # budget fails before any scoring.
+        rounds: list[tuple[Adapter, dict[str, float]]] = []
         if latency is None:
-            plan = self._plan(model, adapter, shares, total0 - cfg.keep * total0, total0)
+            if isinstance(cfg.keep, dict):
+                views = [(dataclasses.replace(adapter, towers=(t,)), cfg.keep[t.name]) for t in adapter.towers
+                         if cfg.keep[t.name] < 1]
+            else:
+                views = [(adapter, cfg.keep)]
+            for view, keep in views:
+                total = sum(self.costs.blocks(model, view).values())
+                rounds.append((view, self._plan(model, view, self._shares(model, view), total - keep * total,
+                                                total, keep)))
         else:
+            joint = not isinstance(cfg.shares, dict)
+            shares = {s: 1.0 for s in ("depth", "ffn", "heads")} if joint else self._shares(model, adapter)
             self._check_reachable(model, adapter, shares, latency)
             remove = latency["start_ms"] - latency["target_ms"]
             if joint:
                 plan = {"joint": remove} if remove > 0 else {}
             else:
                 plan = self._plan(model, adapter, shares, remove, total0) if remove > 0 else {}
+            rounds.append((adapter, plan))
         history: list[dict[str, Any]] = []
-        removed = 0.0
-        if plan.get("joint"):
-            for seg in range(1, cfg.segments + 1):
-                history.append(self._joint_segment(art, seg, total0 - seg / cfg.segments * plan["joint"]))
-        for stage in (s for s in STAGE_ORDER if plan.get(s)):
-            removed += plan[stage]
-            stage_start = self._cost(model, adapter)
-            # Goals are cumulative, so what one stage's whole units miss carries into the next.
-            stage_goal = total0 - removed
-            for seg in range(1, cfg.segments + 1):
-                goal = stage_start - seg / cfg.segments * (stage_start - stage_goal)
-                history.append(self._segment(art, stage, seg, goal))
+        for view, plan in rounds:
+            self.adapter = view
+            total = self._cost(model, view)
+            removed = 0.0
+            if plan.get("joint"):
+                for seg in range(1, cfg.segments + 1):
+                    history.append(self._joint_segment(art, seg, total - seg / cfg.segments * plan["joint"]))
+            for stage in (s for s in STAGE_ORDER if plan.get(s)):
+                removed += plan[stage]
+                stage_start = self._cost(model, view)
+                # Goals are cumulative, so what one stage's whole units miss carries into the next.
+                stage_goal = total - removed
+                for seg in range(1, cfg.segments + 1):
+                    goal = stage_start - seg / cfg.segments * (stage_start - stage_goal)
+                    history.append(self._segment(art, stage, seg, goal))
+        self.adapter = adapter
         end = blocks_cost(model, adapter, self.head_dims, self.tokens)
         end_blocks = self.costs.blocks(model, adapter)
         art.student = model.to(art.device)
@@ -277,8 +304,11 @@ class AntGMMPass(Pass):
             "budget": metric,
             "tokens": self.tokens,
             "kept": sum(end_blocks.values()) / total0,
+            "kept_per_tower": {k: end_blocks[k] / v for k, v in start_blocks.items() if v},
             "target_keep": cfg.keep if latency is None else (latency["target_ms"] - self.costs.fixed()) / total0,
-            "plan": {k: v / total0 for k, v in plan.items()},
+            # Each round's stages as fractions of the cost it started from (the whole model's, or its tower's).
+            "plan": {"+".join(t.name for t in view.towers): {k: v / sum(start_blocks[t.name] for t in view.towers)
+                                                             for k, v in plan.items()} for view, plan in rounds},
             "blocks_before": before,
             "blocks_after": after,
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -382,7 +412,7 @@ class AntGMMPass(Pass):
         return cap
 
     def _plan(self, model: torch.nn.Module, adapter: Adapter, shares: dict[str, float], remove: float,
-              total: float) -> dict[str, float]:
+              total: float, keep: float | None = None) -> dict[str, float]:
         """Cost each stage removes: its share of `remove`, moved to the other stages where floors cap it.
 
         Checked before any scoring, so an impossible budget fails at once. Removing blocks takes their
@@ -398,7 +428,8 @@ class AntGMMPass(Pass):
                 break
             depth = min(depth + short, cap["depth"])
         if short > 1e-6 * total:
-            asked = f"keep={cfg.keep} of the blocks' {cfg.budget}" if cfg.target is None else \
+            where = "" if len(adapter.towers) > 1 or not isinstance(cfg.keep, dict) else f" of the {adapter.towers[0].name} tower"
+            asked = f"keep={keep} of the blocks' {cfg.budget}{where}" if cfg.target is None else \
                 f"keeping {1 - remove / total:.3f} of the blocks' predicted ms"
             raise LmmcError(f"pass 'antgmm': {asked} is below what the floors "
                             f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
@@ -408,7 +439,7 @@ class AntGMMPass(Pass):
         return {"depth": depth, **alloc} if "depth" in shares else alloc
 
     def _segment(self, art: Artifact, stage: str, seg: int, goal: float) -> dict[str, Any]:
-        cfg, model, adapter = self.config, art.student, art.adapter
+        cfg, model, adapter = self.config, art.student, self.adapter
         if stage == "hidden":
             return self._hidden_segment(art, seg, goal)
         before = self._cost(model, adapter)
@@ -455,7 +486,7 @@ class AntGMMPass(Pass):
         """One cut of the joint ranking (no stage shares): heads, FFN channels and whole blocks of every
         tower by loss change per predicted millisecond, until the blocks' predicted ms reach `goal`.
         Widths are cut first, then the chosen blocks are faded out (with distillation) and removed."""
-        cfg, model, adapter = self.config, art.student, art.adapter
+        cfg, model, adapter = self.config, art.student, self.adapter
         before = self._cost(model, adapter)
         # Taylor scores of heads and channels are per batch first-order loss changes of zeroing the unit,
         # summed as absolute values over the calibration batches: one scale for both, no normalising.
@@ -605,7 +636,7 @@ class AntGMMPass(Pass):
         shifts their statistics; nothing rescales them: the least-squares map and the distillation that
         follows absorb the shift. The record gives the pooled cosine to the teacher on the calibration
         data before the cut, right after it and after the fit, which measures that shift."""
-        cfg, model, adapter = self.config, art.student, art.adapter
+        cfg, model, adapter = self.config, art.student, self.adapter
         before = self._cost(model, adapter) + sum(self._restore_to_add(model, t) for t in adapter.towers)
         scores = hidden_importance(cfg.importance, model, art.teacher, adapter, art.calib, art.device, cfg.temperature)
         units, floors = [], {}

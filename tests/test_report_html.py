@@ -28,7 +28,7 @@ from lmmc.report_html import _distill_runs, layer_structure, render
 
 RECIPE = {
     "calibration": {"random": True, "samples": 32, "eval_samples": 32, "batch_size": 8},
-    "passes": [{"antgmm": {"keep": 0.6, "shares": {"depth": 0.5, "ffn": 0.25, "heads": 0.25},
+    "passes": [{"antgmm": {"keep": {"text": 0.7, "vision": 0.4}, "shares": {"depth": 0.5, "ffn": 0.25, "heads": 0.25},
                            "distill": {"batch_size": 4, "dev_samples": 4, "eval_every": 2, "progress": False},
                            "distill_steps_per_segment": 4}},
                {"ecoflap": {"sparsity": 0.3}}, {"wanda": {}},
@@ -99,6 +99,9 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
         assert np.mean(t["cosine_per_sample"]) == pytest.approx(t["cosine_mean"], abs=1e-5)
         assert min(t["cosine_per_sample"]) == pytest.approx(t["cosine_min"], abs=1e-5)
         assert f"<td>{name}</td><td class=\"num\">32</td><td class=\"num\">{t['cosine_mean']:.4f}</td>" in page
+    antgmm = report["passes"][0]["metrics"]
+    assert antgmm["kept_per_tower"] == pytest.approx({"text": 0.7, "vision": 0.4}, abs=0.05)
+    assert "(target text 70%, vision 40%)" in page
     curve = next(p for p in report["passes"] if p["name"] == "distill")["metrics"]["curve"]
     assert [c["step"] for c in curve] == [4, 8, 12]
     assert all(c["loss"] is not None and c["loss"] > 0 for c in curve)
@@ -122,8 +125,9 @@ def test_structure_and_distillation_plots_follow_report_json(compiled):
 
     runs = {title: (points, boundaries) for title, _, points, boundaries, _ in _distill_runs(report)}
     assert list(runs) == ["pass 1: antgmm's distillation", "pass 4: distill (all, 12 steps)"]
-    done = [d for seg in antgmm["segments"] for d in (seg["distill"] if isinstance(seg["distill"], list)
-                                                        else [seg["distill"]])]
+    # A segment whose cut removed nothing distils nothing.
+    done = [d for seg in antgmm["segments"] if "distill" in seg
+            for d in (seg["distill"] if isinstance(seg["distill"], list) else [seg["distill"]])]
     points, boundaries = runs["pass 1: antgmm's distillation"]
     assert len(boundaries) == len(done) and points[-1][0] == sum(d["steps"] for d in done)
     points, boundaries = runs["pass 4: distill (all, 12 steps)"]

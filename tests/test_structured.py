@@ -207,6 +207,34 @@ def test_antgmm_meets_the_flop_budget_with_non_uniform_widths(kind: str) -> None
         assert torch.isfinite(a).all()
 
 
+def test_a_keep_per_tower_cuts_each_tower_to_its_own_fraction() -> None:
+    art = make_artifact("clip")
+    teacher = read_structure(art.teacher, art.adapter)
+    metrics = run_antgmm(art, keep={"text": 1.0, "vision": 0.5}, seq_len=16)
+    structure = read_structure(art.student, art.adapter)
+    assert structure["text"] == teacher["text"]  # 1.0: the tower is left whole
+    assert structure["vision"] != teacher["vision"]
+    assert metrics["kept_per_tower"]["text"] == 1.0
+    assert metrics["kept_per_tower"]["vision"] == pytest.approx(0.5, abs=0.03)
+    assert list(metrics["plan"]) == ["vision"]
+    both = make_artifact("clip")
+    metrics = run_antgmm(both, keep={"text": 0.7, "vision": 0.4}, seq_len=16)
+    assert metrics["kept_per_tower"]["text"] == pytest.approx(0.7, abs=0.03)
+    assert metrics["kept_per_tower"]["vision"] == pytest.approx(0.4, abs=0.03)
+    head_dims = {t.name: 8 for t in both.adapter.towers}
+    after = blocks_cost(both.student, both.adapter, head_dims, metrics["tokens"])
+    before = blocks_cost(both.teacher, both.adapter, head_dims, metrics["tokens"])
+    for name, kept in metrics["kept_per_tower"].items():
+        assert after[name].flops / before[name].flops == pytest.approx(kept)
+
+
+def test_a_keep_per_tower_below_its_floors_fails_before_any_cut() -> None:
+    art = make_artifact("clip")
+    with pytest.raises(LmmcError, match="keep=0.05 of the blocks' flops of the vision tower"):
+        run_antgmm(art, keep={"text": 0.6, "vision": 0.05}, min_heads=2, min_ffn=16, seq_len=16)
+    assert read_structure(art.student, art.adapter) == read_structure(art.teacher, art.adapter)
+
+
 def test_ffn_multiple_rounds_each_cut_block_to_the_nearest_multiple_keeping_the_best_channels() -> None:
     plain, aligned = make_artifact("bert"), make_artifact("bert")
     config = dict(keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation")
@@ -252,6 +280,7 @@ def test_units_below_the_floor_are_never_removed() -> None:
 
 @pytest.mark.parametrize("bad, message", [
     ({"keep": 0}, "keep"),
+    ({"keep": {"text": 0.5, "vision": 1.5}}, "keep"),
     ({"shares": {"ffn": 0.7, "heads": 0.7}}, "sum to 1"),
     ({"shares": {"width": 1.0}}, "shares"),
     ({"distill_steps_per_segment": 10}, "distill"),

@@ -304,8 +304,11 @@ def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
         b, a = (before.get(name) or {}).get(budget), (after.get(name) or {}).get(budget)
         rows.append([_e(name), _num(b, ",.0f"), _num(a, ",.0f"), f"{a / b:.1%}" if a is not None and b else "n/a"])
     tokens = m.get("tokens") or {}
+    target = m.get("target_keep")
+    target = ", ".join(f"{_e(t)} {_num(k, '.0%')}" for t, k in target.items()) if isinstance(target, dict) \
+        else _num(target, ".0%")
     out = [f"<p>Kept {_num(m.get('kept'), '.1%')} of the blocks' {_e(budget)} (target "
-           f"{_num(m.get('target_keep'), '.0%')}), counted at "
+           f"{target}), counted at "
            f"{_e(', '.join(f'{t}: {n} tokens' for t, n in tokens.items()))}.</p>",
            _table(["tower", f"teacher {budget}", f"student {budget}", "kept"], rows),
            _img(structure_figure(towers), "heads and FFN width kept per layer")]
