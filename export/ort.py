@@ -4,8 +4,10 @@ quantisation calibrated on the compile's calibration batches."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import statistics
 import tempfile
 from collections import Counter
@@ -102,9 +104,32 @@ def _external(src: Path) -> bool:
     return src.with_name(src.name + ".data").exists()
 
 
+class _PreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_quantizer():
+    """onnxruntime.quantization advises its pre-processing through the root logger at every call, with a
+    link; lmmc quantises its own exports, whose shapes the exporter already inferred, so a compile would
+    print the same advice once per graph."""
+    advice = _PreprocessAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
 def quantize_dynamic_onnx(src: Path, dst: Path, exclude: list[str] | None = None) -> None:
     """INT8 weights, activations quantised on the fly per batch (no calibration data needed); nodes named
     in `exclude` stay fp32."""
+    with quiet_quantizer():
+        _quantize_dynamic(src, dst, exclude)
+
+
+def _quantize_dynamic(src: Path, dst: Path, exclude: list[str] | None) -> None:
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude or [],
                      use_external_data_format=_external(src))
 
@@ -132,6 +157,11 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
 
     Only MatMul inputs are quantised: INT8 softmax, layer norm and GELU outputs cost transformers most
     of their accuracy and little of their time."""
+    with quiet_quantizer():
+        _quantize_static(src, dst, feeds, exclude)
+
+
+def _quantize_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str] | None) -> None:
     quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                     nodes_to_exclude=exclude or [], per_channel=True, activation_type=QuantType.QUInt8,
                     use_external_data_format=_external(src),

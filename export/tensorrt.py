@@ -196,12 +196,13 @@ def quantize_for_tensorrt(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     activations, which suit ONNX Runtime's CPU kernels but which TensorRT refuses.)"""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from lmmc.export.ort import _FeedReader
+    from lmmc.export.ort import _FeedReader, quiet_quantizer
 
-    quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    nodes_to_exclude=exclude, per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    with quiet_quantizer():
+        quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        nodes_to_exclude=exclude, per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
 
 
 def timing_cache_path(workdir: Path) -> Path:

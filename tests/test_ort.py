@@ -117,6 +117,22 @@ def test_dynamic_int8_keeps_the_second_ffn_matrices_fp32_when_quantising_them_co
     assert kept["dynamic"]["cosine_to_fp32"] == pytest.approx(every["cosine_to_fp32"], abs=1e-6)
 
 
+def test_quantising_drops_only_onnxruntimes_pre_processing_advice(tmp_path, exported_tower, caplog):
+    import logging
+
+    plain = exported_tower("tiny", "bert", "text", tmp_path / "text.onnx")
+    model = tiny_model("bert")
+    feeds = [feed(model, get_adapter("bert").towers[0])[0]]
+    with caplog.at_level(logging.WARNING):
+        quantize_dynamic_onnx(plain, tmp_path / "dynamic.onnx")
+        quantize_static_onnx(plain, tmp_path / "static.onnx", feeds)
+        logging.warning("a warning of the caller")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("pre-processing" in m for m in messages) == 0
+    assert messages.count("a warning of the caller") == 1
+    assert len(logging.getLogger().filters) == 0
+
+
 def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread):
     art = tiny_artifact("clip", tmp_path)
     run(art, "onnx")
