@@ -428,7 +428,7 @@ class AntGMMPass(Pass):
                 break
             depth = min(depth + short, cap["depth"])
         if short > 1e-6 * total:
-            where = "" if len(adapter.towers) > 1 or not isinstance(cfg.keep, dict) else f" of the {adapter.towers[0].name} tower"
+            where = f" of the {adapter.towers[0].name} tower" if isinstance(cfg.keep, dict) else ""
             asked = f"keep={keep} of the blocks' {cfg.budget}{where}" if cfg.target is None else \
                 f"keeping {1 - remove / total:.3f} of the blocks' predicted ms"
             raise LmmcError(f"pass 'antgmm': {asked} is below what the floors "
