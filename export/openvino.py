@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import transformers
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmmc.adapters import TowerModule, TowerSpec, dynamic_axes, example_inputs, input_names
@@ -56,7 +57,10 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
     example = example_inputs(model, tower)
     shapes = [ov.PartialShape([-1 if i in axes.get(name, {}) else d for i, d in enumerate(x.shape)])
               for name, x in zip(names, example)]
-    # The frontend traces with TorchScript, which warns about every data-dependent branch it freezes.
+    # The frontend traces with TorchScript, which warns about every data-dependent branch it freezes, and
+    # reads every property of the model, whose `loss_function` warns that an encoder has no loss type.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -65,6 +69,8 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FrontendFailed(f"OpenVINO's PyTorch frontend cannot convert the {tower.name} tower ({first}); "
                              f"convert the ONNX export instead with `openvino: {{frontend: onnx}}`") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     for port, name in zip(converted.inputs, names):
         port.get_tensor().set_names({name})
     for port, name in zip(converted.outputs, OUTPUT_NAMES):

@@ -4,12 +4,14 @@ frontend the recipe cannot serve."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
 import openvino as ov
 import pytest
 import torch
+import transformers
 
 from lmmc.adapters import TowerModule
 from lmmc.errors import LmmcError
@@ -22,6 +24,15 @@ from lmmc.runtime import load
 from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import uneven_student
 from tests.test_ort import feed, tiny_artifact
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_ir_of_uneven_student_matches_pytorch_and_int8_stays_close(tiny_kind, tmp_path, one_thread, exported_tower):
@@ -50,7 +61,16 @@ def test_ir_from_pytorch_keeps_fused_attention_and_matches(tiny_kind, tmp_path, 
     art = tiny_artifact(tiny_kind, tmp_path)
     model = art.student
     for tower in art.adapter.towers:
-        fp32 = torch_to_openvino(model, tower, tmp_path / f"{tower.name}.xml")
+        transformers.utils.logging.warning_once.cache_clear()  # a warning shown once per process
+        seen = Records()
+        logging.getLogger("transformers").addHandler(seen)  # its logger does not propagate to caplog
+        try:
+            fp32 = torch_to_openvino(model, tower, tmp_path / f"{tower.name}.xml")
+        finally:
+            logging.getLogger("transformers").removeHandler(seen)
+        # Tracing reads every property; the model's loss_function would warn about a loss it never uses.
+        assert [r for r in seen.records if "loss_type" in r.getMessage()] == []
+        assert transformers.logging.get_verbosity() == transformers.logging.WARNING
         ops = [op.get_type_name() for op in ov.Core().read_model(str(fp32)).get_ops()]
         assert ops.count("ScaledDotProductAttention") == len(block_list(model, tower)[1])
         int8 = quantize_openvino(fp32, tmp_path / f"{tower.name}.int8.xml", calibration_feeds(art, tower))
