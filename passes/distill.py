@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from lmmc.adapters import Adapter, get_adapter
+from lmmc.adapters import Adapter, TowerSpec, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
                        tower_batches)
@@ -101,13 +101,26 @@ class DistillConfig(PassConfig):
     resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
                          "(`lmmc compile --resume` sets it)")
     progress: bool = Field(True, description="show a progress bar")
+    towers: list[str] | None = Field(
+        None, min_length=1, description="distil only these towers (default: every tower); a dual encoder's other "
+        "tower stays as it is, the contrastive term needs both and is dropped, and the corpus needs only these "
+        "towers' inputs (an image folder for the vision tower alone)")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (every rank holds the whole student, its gradients and AdamW "
         "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
         "A single process runs unsharded either way")
 
     def check_model(self, adapter: Adapter) -> None:
-        """What a generative model's distillation cannot take, refused before anything runs."""
+        """What this model's distillation cannot take, refused before anything runs."""
+        names = [t.name for t in adapter.towers]
+        if self.towers is not None:
+            unknown = sorted(set(self.towers) - set(names))
+            if unknown:
+                raise LmmcError(f"distill: towers names {unknown}, but this {adapter.family} model has the towers "
+                                f"{names}; name some of those")
+            if adapter.kind == "generative" and set(self.towers) != set(names):
+                raise LmmcError(f"distill: towers cannot leave out part of a generative model ({adapter.family}): its "
+                                f"decoder reads the vision tower's features; remove towers")
         if adapter.kind != "generative":
             return
         if self.corpus and Path(self.corpus).suffix != ".jsonl":
@@ -168,6 +181,11 @@ def _sample_key(sample: Sample) -> tuple:
         else:
             parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
     return tuple(parts)
+
+
+def distilled_towers(cfg: DistillConfig, adapter: Adapter) -> list[TowerSpec]:
+    """The towers the config distils, in the model's order."""
+    return [t for t in adapter.towers if cfg.towers is None or t.name in cfg.towers]
 
 
 def check_towers(art: Artifact) -> None:
@@ -291,7 +309,7 @@ class DistillPass(Pass):
                                          "resume": cfg.resume or art.resume})
         check_towers(art)
         cfg.check_model(art.adapter)
-        train, dev = build_corpus(cfg, art, sorted({modality_key(t) for t in art.adapter.towers}))
+        train, dev = build_corpus(cfg, art, sorted({modality_key(t) for t in distilled_towers(cfg, art.adapter)}))
         trainer = Trainer(cfg, art, train, dev)
         try:
             return trainer.fit()

@@ -227,6 +227,60 @@ def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_sim
     assert after < 0.7 * before
 
 
+def test_one_tower_of_a_dual_encoder_is_distilled_and_the_other_left_bit_for_bit():
+    art = tiny_art("clip")
+    text_tower = {n: p.detach().clone() for n, p in art.student.named_parameters() if n.startswith("text_")}
+    vision_tower = {n: p.detach().clone() for n, p in art.student.named_parameters() if n.startswith("vision_")}
+    m = distill(art, steps=12, towers=["vision"], blocks_per_arm=1, schedule="round_robin")
+    assert m["towers"] == ["vision"] and m["arms"] == ["vision[0:1]", "vision[1:2]"]
+    assert set(m["dev_after"]["cosine"]) == {"vision"} and "similarity_loss" not in m["dev_after"]
+    assert m["dev_after"]["score"] > m["dev_before"]["score"]
+    params = dict(art.student.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in text_tower.items())
+    assert sum(not torch.equal(params[n], p) for n, p in vision_tower.items()) > len(vision_tower) // 2
+    for name, mask in art.masks.items():
+        assert params[name][~mask.bool()].count_nonzero() == 0
+
+
+def test_compile_cuts_and_distils_the_vision_tower_alone_on_an_image_folder(tmp_path):
+    """An image index's case: only the vision tower is cut and distilled, on images without captions."""
+    import numpy as np
+    from PIL import Image
+
+    from lmmc.cli import main
+    from lmmc.student import load_student
+
+    model = save_tiny("clip", tmp_path / "tiny-clip")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    recipe = {"calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"antgmm": {"keep": {"text": 1.0, "vision": 0.5}, "seq_len": 8}},
+                         {"distill": {"towers": ["vision"], "corpus": str(images), "steps": 6, "batch_size": 8,
+                                      "dev_samples": 8, "eval_every": 3, "progress": False}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    metrics = next(p["metrics"] for p in report["passes"] if p["name"] == "distill")
+    assert metrics["towers"] == ["vision"] and (metrics["train_samples"], metrics["dev_samples"]) == (32, 8)
+    student, teacher = load_student(out / "student"), transformers.CLIPModel.from_pretrained(model)
+    t_params = dict(teacher.named_parameters())
+    same = {n: torch.equal(p, t_params[n]) for n, p in student.named_parameters() if p.shape == t_params[n].shape}
+    assert all(v for n, v in same.items() if n.startswith(("text_model.", "text_projection")))
+    vision = [v for n, v in same.items() if n.startswith("vision_model.encoder.")]
+    assert sum(not v for v in vision) > len(vision) // 2  # trained (its key biases stay: see distiller)
+
+
+def test_towers_must_be_the_models():
+    with pytest.raises(LmmcError, match=r"towers names \['audio'\].*towers \['text', 'vision'\]"):
+        distill(tiny_art("clip", sparsity=0.0), towers=["audio", "vision"])
+
+
 def test_optima_reward_is_the_drop_of_the_whole_loss_on_samples_it_never_trains_on():
     art = tiny_art("bert", sparsity=0.0)
     with torch.no_grad():  # something to distil: a perturbed student

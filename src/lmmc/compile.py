@@ -245,7 +245,8 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         lengths.append(("calibration.max_length", recipe.calibration.max_length))
     for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
         cfg = step.config
-        if getattr(cfg, "corpus", None):
+        # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
+        if getattr(cfg, "corpus", None) and any(t.name in (getattr(cfg, "towers", None) or [t.name]) for t in text):
             lengths.append((f"{step.name}.max_length", cfg.max_length))
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", False):
             lengths.append((f"{step.name}.latency_seq", cfg.latency_seq))

@@ -359,7 +359,7 @@ class Trainer:
         self.pad_multiple = 16 if self.bf16 and self.device.type == "cpu" else 1
         self.teacher = art.teacher.to(self.device).eval()
         self.student = art.student.to(self.device).eval()
-        self.towers = list(art.adapter.towers)
+        self.towers = [t for t in art.adapter.towers if cfg.towers is None or t.name in cfg.towers]
         self.generative = art.adapter.kind == "generative"
         self.bandit = cfg.schedule == "optima"
         # The bandit's reward is measured on samples of its own, so a step is never judged on what it fitted.
@@ -381,9 +381,9 @@ class Trainer:
         self.pad = {t.name: pad_id if pad_id is not None else getattr(tower_config(self.student, t), "pad_token_id", None)
                     or 0 for t in self.towers}
         self.pad_to = text_pad_length(art.teacher.config, art.adapter)
-        if set(cfg.skip_hidden) - {t.name for t in self.towers}:
+        if set(cfg.skip_hidden) - {t.name for t in art.adapter.towers}:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
-                            f"{[t.name for t in self.towers]}; name blocks of those towers")
+                            f"{[t.name for t in art.adapter.towers]}; name blocks of those towers")
         self.plans = {t.name: self._plan(t) for t in self.towers}
         self.arms = make_arms(self.plans, cfg.blocks_per_arm, cfg.arm_span)
         self.bridge = self._bridge()
@@ -1011,6 +1011,7 @@ class Trainer:
             "steps": self.step, "schedule": self.cfg.schedule, "world_size": self.ctx.world,
             "precision": "bf16" if self.bf16 else "fp32",
             "train_samples": len(self.train), "dev_samples": len(self.dev),
+            "towers": [t.name for t in self.towers],
             "arms": [a.name for a in self.arms],
             "arm_picks": {a.name: n for a, n in zip(self.arms, self.picks)},
             "layer_map": {name: plan.layer_map for name, plan in self.plans.items()},
