@@ -29,13 +29,18 @@ from lmmc.timing import time_interleaved
 class ValidateConfig(PassConfig):
     # Gates that read figures only one kind of model has; a gate of the other kind would be silently
     # ignored, so the plan refuses it. The rest (runtime diff, held-out floor, task metric) apply to both.
-    ENCODER_GATES: ClassVar[tuple[str, ...]] = ("min_cosine", "min_cosine_int8", "min_cosine_fp16", "max_latency_miss")
+    ENCODER_GATES: ClassVar[tuple[str, ...]] = ("min_cosine", "max_norm_error", "min_cosine_int8", "min_cosine_fp16",
+                                                "max_latency_miss")
     GENERATIVE_GATES: ClassVar[tuple[str, ...]] = ("max_kl", "min_top1_agreement", "min_generation_agreement")
     SHARED_GATES: ClassVar[tuple[str, ...]] = ("max_runtime_diff", "min_held_out", "min_task_metric",
                                                "min_task_metric_ratio")
 
     min_cosine: float | None = Field(None, ge=-1, le=1, description="gate: mean teacher-student cosine of "
                                      "pooled embeddings on held-out samples, every tower")
+    max_norm_error: float | None = Field(None, gt=0, description="gate, models whose embedding is not normalised "
+                                         "(sentence-transformers without a Normalize module, ranked by dot product): "
+                                         "max |student norm / teacher norm - 1| over held-out samples, which cosine "
+                                         "does not see")
     min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the student's task metric "
                                           "(zero-shot or nearest-neighbour accuracy on labelled data, else "
                                           "agreement with the teacher's retrieval)")
@@ -256,6 +261,9 @@ class ValidatePass(Pass):
                     ratio = np.linalg.norm(s_emb, axis=1) / np.linalg.norm(t_emb, axis=1).clip(1e-12)
                     result["norm_ratio"] = {"mean": float(ratio.mean()), "min": float(ratio.min()),
                                             "max": float(ratio.max())}
+                    if cfg.max_norm_error is not None:
+                        gates.append(_gate(f"{tower.name}: norm to teacher's, max error",
+                                           float(np.abs(ratio - 1).max()), cfg.max_norm_error, "<="))
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
                     export_tower(teacher, tower, teacher_path)

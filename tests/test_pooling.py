@@ -109,7 +109,8 @@ def test_a_dot_product_model_deploys_its_embedding_unnormalised(tmp_path):
     recipe.write_text(yaml.safe_dump({
         "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
         "passes": [{"magnitude": {"sparsity": 0.3}}],
-        "export": ["onnx", {"openvino": {"int8": False}}], "validate": {"latency": False, "max_runtime_diff": 1e-4}}))
+        "export": ["onnx", {"openvino": {"int8": False}}],
+        "validate": {"latency": False, "max_runtime_diff": 1e-4, "max_norm_error": 10.0}}))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -133,6 +134,28 @@ def test_a_dot_product_model_deploys_its_embedding_unnormalised(tmp_path):
     assert ratio["min"] <= ratio["mean"] <= ratio["max"]
     assert 0.2 < ratio["mean"] < 5 and abs(ratio["mean"] - 1) > 1e-4
     assert not np.allclose(norms, t_norm.numpy(), atol=1e-4)  # the magnitude pruning moved the norms
+    gate = next(g for g in report["validation"]["gates"] if g["name"] == "text: norm to teacher's, max error")
+    assert gate["value"] == pytest.approx(max(1 - ratio["min"], ratio["max"] - 1)) and gate["passed"]
+
+    # The same gate below the error it measured fails the compile; cosine alone would have passed it.
+    strict = yaml.safe_load(recipe.read_text())
+    strict["validate"].update(max_norm_error=gate["value"] / 2, min_cosine=0.5)
+    recipe.write_text(yaml.safe_dump(strict))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(tmp_path / "strict")])
+    assert result.exit_code == 1 and "gate missed: text: norm to teacher's, max error" in result.output, result.output
+    assert "text: cosine to teacher" not in result.output.split("gate missed")[1]
+
+
+def test_a_norm_gate_on_a_normalised_embedding_is_refused(tmp_path):
+    teacher = write_modules(save_tiny("bert", tmp_path / "teacher"), ["mean"],
+                            [{"idx": 2, "name": "2", "path": "2_Normalize",
+                              "type": "sentence_transformers.models.Normalize"}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {"sparsity": 0.3}}],
+                                      "validate": {"max_norm_error": 0.1}}))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "remove max_norm_error" in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_student_pooled_the_teachers_way_is_what_validation_measures(tmp_path):

@@ -33,7 +33,7 @@ from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_
                           local_dir, make_student, meta_model, resolve_config, save_student, text_pad_length,
                           text_positions)
 from lmmc.pipeline import get_pass, run_pass
-from lmmc.pooling import read_modules
+from lmmc.pooling import NORMALIZE_KEY, normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
@@ -189,12 +189,14 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter,
                        load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
                        recipe.calibration.chat_template)
-    if adapter.sentence_pooling:
-        read_modules(str(model_dir or model_ref))  # a sentence-transformers module lmmc cannot carry is refused now
+    # A sentence-transformers module lmmc cannot carry is refused now.
+    modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
     warnings: list[str] = []
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
+    _check_norm_gate(modules.normalize if modules is not None and getattr(config, NORMALIZE_KEY, None) is None
+                     else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe)
@@ -233,6 +235,14 @@ def _check_bench(recipe: Recipe) -> None:
         if not corpus.exists():
             raise LmmcError(f"bench.corpora: '{corpus}' does not exist; give a .txt, .jsonl or image folder "
                             f"(relative paths are resolved against the recipe's directory)")
+
+
+def _check_norm_gate(normalised: bool, recipe: Recipe) -> None:
+    """max_norm_error reads the norms of an unnormalised embedding; a normalised one has none to gate."""
+    if recipe.validate_ is not None and recipe.validate_.config.max_norm_error is not None and normalised:
+        raise LmmcError("validate.max_norm_error gates the norms of an embedding that is not normalised, but this "
+                        "model's embedding is (a unit vector, whose quality min_cosine measures): remove "
+                        "max_norm_error")
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
