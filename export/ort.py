@@ -126,12 +126,8 @@ def quantize_dynamic_onnx(src: Path, dst: Path, exclude: list[str] | None = None
     """INT8 weights, activations quantised on the fly per batch (no calibration data needed); nodes named
     in `exclude` stay fp32."""
     with quiet_quantizer():
-        _quantize_dynamic(src, dst, exclude)
-
-
-def _quantize_dynamic(src: Path, dst: Path, exclude: list[str] | None) -> None:
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude or [],
-                     use_external_data_format=_external(src))
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude or [],
+                         use_external_data_format=_external(src))
 
 
 def pooled(graph: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
@@ -158,14 +154,10 @@ def quantize_static_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]
     Only MatMul inputs are quantised: INT8 softmax, layer norm and GELU outputs cost transformers most
     of their accuracy and little of their time."""
     with quiet_quantizer():
-        _quantize_static(src, dst, feeds, exclude)
-
-
-def _quantize_static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str] | None) -> None:
-    quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    nodes_to_exclude=exclude or [], per_channel=True, activation_type=QuantType.QUInt8,
-                    use_external_data_format=_external(src),
-                    weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        quantize_static(src, dst, _FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        nodes_to_exclude=exclude or [], per_channel=True, activation_type=QuantType.QUInt8,
+                        use_external_data_format=_external(src), weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
 def qdq_without(qdq: onnx.ModelProto, weights: dict[str, onnx.TensorProto], nodes: set[str]) -> onnx.ModelProto:
