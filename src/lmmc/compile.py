@@ -33,7 +33,7 @@ from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_
                           local_dir, make_student, meta_model, resolve_config, save_student, text_pad_length,
                           text_positions)
 from lmmc.pipeline import get_pass, run_pass
-from lmmc.pooling import NORMALIZE_KEY, normalises, read_modules
+from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
@@ -195,8 +195,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
-    _check_norm_gate(modules.normalize if modules is not None and getattr(config, NORMALIZE_KEY, None) is None
-                     else normalises(config), recipe)
+    _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe)
