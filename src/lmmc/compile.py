@@ -255,7 +255,8 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
         cfg = step.config
         # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
-        if getattr(cfg, "corpus", None) and any(t.name in (getattr(cfg, "towers", None) or [t.name]) for t in text):
+        towers = getattr(cfg, "towers", None)
+        if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
             lengths.append((f"{step.name}.max_length", cfg.max_length))
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", False):
             lengths.append((f"{step.name}.latency_seq", cfg.latency_seq))
