@@ -63,9 +63,8 @@ def test_a_generative_gate_on_an_encoder_is_refused_at_plan_time(tmp_path, bert,
     result = _dry_run(tmp_path, model, calib, gates)
     assert result.exit_code == 2, result.output
     assert named in result.output and "this bert model is an encoder" in result.output
-    assert "the gates that apply to it are min_cosine, min_cosine_int8, min_cosine_fp16, max_latency_miss, " \
-           "max_runtime_diff" \
-        in result.output
+    assert "the gates that apply to it are min_cosine, max_norm_error, min_cosine_int8, min_cosine_fp16, " \
+           "max_latency_miss, max_runtime_diff" in result.output
     assert not (tmp_path / "out").exists()
 
 
