@@ -493,8 +493,8 @@ class Trainer:
         cfg = self.cfg
         dual = len(self.towers) == 2 and cfg.contrastive > 0
         if cfg.hidden == 0 and cfg.output == 0 and not dual:
-            raise LmmcError("distill: all loss weights are 0 (contrastive counts for dual encoders only); give "
-                            "hidden or output a positive weight")
+            raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
+                            "encoder are distilled); give hidden or output a positive weight")
         inner = [a.name for a in self.arms if not a.ends_a_tower]
         if cfg.hidden == 0 and cfg.schedule != "all" and inner:
             raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
