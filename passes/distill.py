@@ -10,12 +10,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from lmmc.adapters import Adapter, TowerSpec, get_adapter
+from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
                        tower_batches)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
-from lmmc.distiller import Sample, Trainer, modality_key, sample_length
+from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length
 from lmmc.optima import ArmSpan, ScheduleName
@@ -181,11 +181,6 @@ def _sample_key(sample: Sample) -> tuple:
         else:
             parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
     return tuple(parts)
-
-
-def distilled_towers(cfg: DistillConfig, adapter: Adapter) -> list[TowerSpec]:
-    """The towers the config distils, in the model's order."""
-    return [t for t in adapter.towers if cfg.towers is None or t.name in cfg.towers]
 
 
 def check_towers(art: Artifact) -> None:

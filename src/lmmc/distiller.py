@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmmc.adapters import BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
+from lmmc.adapters import Adapter, BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
 from lmmc.data import IGNORE_INDEX, Batch
@@ -174,6 +174,11 @@ def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None, span: Arm
         if kept:
             out.append(Arm(kept))
     return out
+
+
+def distilled_towers(cfg: DistillConfig, adapter: Adapter) -> list[TowerSpec]:
+    """The towers the config distils (`towers`, default all), in the model's order."""
+    return [t for t in adapter.towers if cfg.towers is None or t.name in cfg.towers]
 
 
 def modality_key(spec: TowerSpec) -> str:
@@ -359,7 +364,7 @@ class Trainer:
         self.pad_multiple = 16 if self.bf16 and self.device.type == "cpu" else 1
         self.teacher = art.teacher.to(self.device).eval()
         self.student = art.student.to(self.device).eval()
-        self.towers = [t for t in art.adapter.towers if cfg.towers is None or t.name in cfg.towers]
+        self.towers = distilled_towers(cfg, art.adapter)
         self.generative = art.adapter.kind == "generative"
         self.bandit = cfg.schedule == "optima"
         # The bandit's reward is measured on samples of its own, so a step is never judged on what it fitted.
