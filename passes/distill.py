@@ -4,6 +4,7 @@ pass's config, its corpus (held-out validation samples removed) and its run."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +32,12 @@ _TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 class DistillConfig(PassConfig):
-    steps: int = Field(500, ge=0, description="optimiser steps (0 leaves the student as it is)")
+    steps: int = Field(500, ge=0, description="optimiser steps (0 leaves the student as it is); with minutes, "
+                       "the most steps to run")
+    minutes: float | None = Field(None, gt=0, description="wall-clock budget of the pass, the teacher's cache "
+                                  "and the dev evaluations included: training ends when it is spent or at steps, "
+                                  "whichever comes first, and the learning-rate schedule runs its course over the "
+                                  "same span, so a faster machine trains more steps in the same minutes")
     batch_size: int = Field(16, gt=0, description="samples per optimiser step, over all ranks and micro-batches")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (divides batch_size)")
     lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
@@ -148,6 +154,9 @@ class DistillConfig(PassConfig):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir, the directory the interrupted run wrote to")
+        if self.minutes is not None and "steps" not in self.model_fields_set:
+            raise ValueError("minutes needs steps too, as a ceiling (e.g. steps: 100000): the default of 500 "
+                             "would end the run long before its minutes")
         return self
 
 
@@ -294,6 +303,7 @@ class DistillPass(Pass):
     needs = frozenset({"teacher", "student"})
 
     def run(self, art: Artifact) -> dict[str, Any]:
+        started = time.perf_counter()
         cfg = self.config
         if art.scratch is not None:
             # In a compile's work area the checkpoints survive a kill, and `lmmc compile --resume` continues
@@ -305,7 +315,7 @@ class DistillPass(Pass):
         check_towers(art)
         cfg.check_model(art.adapter)
         train, dev = build_corpus(cfg, art, sorted({modality_key(t) for t in distilled_towers(cfg, art.adapter)}))
-        trainer = Trainer(cfg, art, train, dev)
+        trainer = Trainer(cfg, art, train, dev, started)
         try:
             return trainer.fit()
         finally:

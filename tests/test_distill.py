@@ -471,6 +471,37 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert got == pytest.approx([0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1])
 
 
+def test_a_run_on_a_clock_warms_up_then_follows_the_cosine_over_its_fraction_done():
+    from lmmc.train import progress_multiplier
+
+    got = [progress_multiplier(p, 0.1, 0.1) for p in (0.0, 0.05, 0.1, 0.55, 1.0, 1.2)]
+    assert got == pytest.approx([0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])
+
+
+def test_minutes_end_training_on_the_clock_with_the_learning_rate_at_the_end_of_its_schedule():
+    art = tiny_art("bert")
+    cfg = Distill.Config(steps=10 ** 6, minutes=0.03, batch_size=8, lr=1e-3, final_lr_ratio=0.1, dev_samples=8,
+                         eval_every=0, teacher_cache_mb=0, progress=False)
+    t = trainer(art, cfg)
+    m = t.fit()
+    assert m["stopped_by"] == "minutes" and 10 < m["steps"] < 10 ** 6
+    # The budget covers the set-up too, so the loop had less than the whole 1.8 s.
+    assert t.horizon < 1.8 <= t.horizon + (t.loop_start - t.started) + 1e-6
+    assert t.horizon <= t.elapsed < t.horizon + 1.0
+    # The last step ran at the end of the cosine (10 % of the peak), not at a step count's midpoint.
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4, rel=0.05)
+    # steps stay the ceiling when they come first.
+    m = distill(tiny_art("bert"), steps=6, minutes=5, eval_every=0)
+    assert (m["steps"], m["stopped_by"]) == (6, "steps")
+
+
+def test_minutes_need_a_ceiling_of_steps_and_a_budget_the_set_up_does_not_spend():
+    with pytest.raises(ValueError, match="minutes needs steps too"):
+        Distill.Config(minutes=10)
+    with pytest.raises(LmmcError, match="minutes were spent before the first step"):
+        distill(tiny_art("bert"), steps=100, minutes=1e-7)
+
+
 def test_only_the_newest_step_checkpoints_are_kept(tmp_path):
     m = distill(tiny_art("bert"), steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_last=2)
     run_dir, = tmp_path.iterdir()

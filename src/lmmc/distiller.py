@@ -30,7 +30,7 @@ from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
-                        lr_multiplier, optimizer_tensors, run_gathered, setup_distributed, shard_copy, shard_like,
+                        lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered, setup_distributed, shard_copy, shard_like,
                         unshard_into, whole)
 
 if TYPE_CHECKING:
@@ -349,9 +349,11 @@ def image_side_params(model: nn.Module, image_features, pixel_values: torch.Tens
 class Trainer:
     """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
 
-    def __init__(self, cfg: DistillConfig, art: Artifact, train: list[Sample], dev: list[Sample]) -> None:
-        """`train` and `dev`: the samples to train on and to evaluate (and keep the best step) on."""
-        self.started = time.perf_counter()
+    def __init__(self, cfg: DistillConfig, art: Artifact, train: list[Sample], dev: list[Sample],
+                 started: float | None = None) -> None:
+        """`train` and `dev`: the samples to train on and to evaluate (and keep the best step) on; `started`:
+        the perf_counter the pass began at, from which its `minutes` count (default: now)."""
+        self.started = time.perf_counter() if started is None else started
         self.cfg = cfg
         self.art = art
         self.ctx = setup_distributed(art.device)
@@ -453,6 +455,11 @@ class Trainer:
         self.epochs: dict[int, list[list[int]]] = {}
         self.step = 0
         self.train_seconds = 0.0
+        # With `minutes`: the seconds the training loop may run (what the budget leaves after the set-up) and
+        # the seconds it has run, the same on every rank.
+        self.horizon: float | None = None
+        self.elapsed = 0.0
+        self.loop_before = 0.0
         self.picks = [0] * len(self.arms)
         self.losses: list[float] = []
         self.curve: list[dict[str, Any]] = []
@@ -796,9 +803,13 @@ class Trainer:
                     param.grad.masked_fill_(~mask, 0.0)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.max_grad_norm)
-            warmup = int(cfg.warmup * cfg.steps)
+            if self.horizon is None:
+                multiplier = lr_multiplier(self.step, cfg.steps, int(cfg.warmup * cfg.steps), cfg.final_lr_ratio)
+            else:
+                progress = max((self.step + 1) / max(1, cfg.steps), self.elapsed / self.horizon)
+                multiplier = progress_multiplier(progress, cfg.warmup, cfg.final_lr_ratio)
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_multiplier(self.step, cfg.steps, warmup, cfg.final_lr_ratio)
+                group["lr"] = cfg.lr * multiplier
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.apply_masks()
@@ -864,6 +875,7 @@ class Trainer:
         return {"fingerprint": self.fingerprint, "step": self.step, "schedule": self.schedule.state_dict(),
                 "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
                 "curve": self.curve, "dev_before": self.dev_before, "reward_loss": self.reward_loss,
+                "loop_seconds": self.elapsed, "horizon": self.horizon,
                 "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
                 "config": self.cfg.model_dump(mode="json")}
 
@@ -900,6 +912,8 @@ class Trainer:
         self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
         self.dev_before = state["dev_before"]
         self.reward_loss = state["reward_loss"]
+        # A resumed run keeps its first horizon, so its learning rate goes on along the same schedule.
+        self.loop_before, self.horizon = state["loop_seconds"], state["horizon"]
         if state["best"] is not None:
             weights = self._local(files["best"]) if "best" in files else self._student_state()
             self.best = (state["best"]["score"], state["best"]["step"],
@@ -959,16 +973,27 @@ class Trainer:
             self.dev_before = run_gathered(self.objective, self.evaluate)
             if self.dev_before:
                 self.best = (self.dev_before["score"], 0, self._student_state())
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distill ({cfg.schedule})", unit="step",
-                   disable=not (cfg.progress and self.ctx.main))
-        while self.step < cfg.steps:
+        if cfg.minutes is not None and self.horizon is None:
+            self.horizon = cfg.minutes * 60 - (time.perf_counter() - self.started)
+            if self.horizon <= 0:
+                raise LmmcError(f"pass 'distill': its {cfg.minutes:g} minutes were spent before the first step "
+                                f"(filling the teacher's cache and the first dev evaluation); raise minutes, or "
+                                f"lower teacher_cache_mb or dev_samples")
+        self.loop_start = time.perf_counter()
+        self.elapsed = self._clock()
+        bar = tqdm(total=cfg.steps if self.horizon is None else None, initial=self.step,
+                   desc=f"distill ({cfg.schedule})", unit="step", disable=not (cfg.progress and self.ctx.main))
+        while not self._done():
             started = time.perf_counter()
             loss = self.train_step()
             self.step += 1
             self.train_seconds += time.perf_counter() - started
+            self.elapsed = self._clock()
             self.losses.append(loss)
             postfix = {"loss": f"{loss:.4f}", "samples/s": f"{self.step * cfg.batch_size / self.train_seconds:.1f}"}
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            if self.horizon is not None:
+                postfix["left"] = f"{max(0.0, self.horizon - self.elapsed):.0f}s"
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not self._done():
                 self._record(run_gathered(self.objective, self.evaluate))
                 if self.generative:
                     postfix["dev kl"] = f"{-self.curve[-1]['score']:.4f}" if self.curve else "-"
@@ -977,7 +1002,7 @@ class Trainer:
             bar.set_postfix(postfix, refresh=False)
             bar.update()
             if self.checkpoints and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
-                    and self.step < cfg.steps:
+                    and not self._done():
                 self.save_step()
         bar.close()
         final_eval = run_gathered(self.objective, self.evaluate)
@@ -997,6 +1022,16 @@ class Trainer:
             barrier(self.ctx)
         return metrics
 
+    def _clock(self) -> float:
+        """Seconds spent in the training loop, over resumes; the ranks' mean, so all stop at the same step."""
+        seconds = self.loop_before + time.perf_counter() - self.loop_start
+        if self.ctx.enabled:
+            seconds = float(all_reduce_sum(torch.tensor([seconds], device=self.device), self.ctx)) / self.ctx.world
+        return seconds
+
+    def _done(self) -> bool:
+        return self.step >= self.cfg.steps or (self.horizon is not None and self.elapsed >= self.horizon)
+
     def _record(self, result: dict[str, Any]) -> None:
         if not result:
             return
@@ -1014,6 +1049,7 @@ class Trainer:
         nonzero = sum(int(self._param(n)[~m].count_nonzero()) for n, m in self.masks.items())
         return {
             "steps": self.step, "schedule": self.cfg.schedule, "world_size": self.ctx.world,
+            "stopped_by": "minutes" if self.step < self.cfg.steps else "steps",
             "precision": "bf16" if self.bf16 else "fp32",
             "train_samples": len(self.train), "dev_samples": len(self.dev),
             "towers": [t.name for t in self.towers],

@@ -35,6 +35,15 @@ def lr_multiplier(step: int, total: int, warmup: int, final_ratio: float) -> flo
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def progress_multiplier(progress: float, warmup: float, final_ratio: float) -> float:
+    """lr_multiplier over the fraction of the run done rather than steps, for a run that ends on a clock:
+    linear warm-up over the first `warmup` of it, then cosine decay to `final_ratio` at 1."""
+    if progress < warmup:
+        return progress / warmup
+    rest = (progress - warmup) / (1.0 - warmup)
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, rest)))
+
+
 @dataclass(frozen=True)
 class Distributed:
     """Where this process sits in a torch.distributed job; a plain run is rank 0 of 1."""
