@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 # two micro-batches per step (DDP's no_sync path), and held-out evaluation on every rank.
 DDP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", blocks_per_arm=1, window=8,
                dev_samples=8, eval_every=3, keep_best=False, progress=False)
+# A run on a clock: each rank reads its own clock, so without one agreed reading they could stop a step apart
+# and the one going on would wait for the other's all-reduce forever.
+CLOCK_CFG = dict(steps=10 ** 6, minutes=0.05, batch_size=8, lr=1e-3, dev_samples=8, eval_every=0, progress=False)
 
 
 def count_samples(monkeypatch) -> list[int]:
@@ -64,6 +67,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path, one_thread, monkeypatch):
     assert max(float((art.student.state_dict()[n] - start[n]).abs().max()) for n in start) > 1e-3
 
 
+def test_ranks_on_a_clock_stop_at_the_same_step(tmp_path, one_thread):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          __file__, str(tmp_path), "clock"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["metrics"] for r in range(2)]
+    assert ranks[0]["stopped_by"] == ranks[1]["stopped_by"] == "minutes"
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 1
+    weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
@@ -74,7 +89,8 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     seen = count_samples(pytest.MonkeyPatch())
     art = tiny_art("clip")
-    metrics = Distill(Distill.Config(**DDP_CFG)).run(art)
+    cfg = CLOCK_CFG if sys.argv[2:] == ["clock"] else DDP_CFG
+    metrics = Distill(Distill.Config(**cfg)).run(art)
     rank = dist.get_rank()
     save_file({k: v.contiguous().clone() for k, v in art.student.state_dict().items()},
               str(out / f"rank{rank}.safetensors"))

@@ -974,7 +974,7 @@ class Trainer:
             if self.dev_before:
                 self.best = (self.dev_before["score"], 0, self._student_state())
         if cfg.minutes is not None and self.horizon is None:
-            self.horizon = cfg.minutes * 60 - (time.perf_counter() - self.started)
+            self.horizon = self._agreed(cfg.minutes * 60 - (time.perf_counter() - self.started))
             if self.horizon <= 0:
                 raise LmmcError(f"pass 'distill': its {cfg.minutes:g} minutes were spent before the first step "
                                 f"(filling the teacher's cache and the first dev evaluation); raise minutes, or "
@@ -1022,12 +1022,15 @@ class Trainer:
             barrier(self.ctx)
         return metrics
 
+    def _agreed(self, seconds: float) -> float:
+        """The ranks' mean of a time each read on its own clock, so that all of them stop at the same step."""
+        if not self.ctx.enabled:
+            return seconds
+        return float(all_reduce_sum(torch.tensor([seconds], device=self.device), self.ctx)) / self.ctx.world
+
     def _clock(self) -> float:
-        """Seconds spent in the training loop, over resumes; the ranks' mean, so all stop at the same step."""
-        seconds = self.loop_before + time.perf_counter() - self.loop_start
-        if self.ctx.enabled:
-            seconds = float(all_reduce_sum(torch.tensor([seconds], device=self.device), self.ctx)) / self.ctx.world
-        return seconds
+        """Seconds spent in the training loop, over resumes, agreed between the ranks."""
+        return self._agreed(self.loop_before + time.perf_counter() - self.loop_start)
 
     def _done(self) -> bool:
         return self.step >= self.cfg.steps or (self.horizon is not None and self.elapsed >= self.horizon)
