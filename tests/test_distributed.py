@@ -19,7 +19,7 @@ DDP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima", 
                dev_samples=8, eval_every=3, keep_best=False, progress=False)
 # A run on a clock: each rank reads its own clock, so without one agreed reading they could stop a step apart
 # and the one going on would wait for the other's all-reduce forever.
-CLOCK_CFG = dict(steps=10 ** 6, minutes=0.05, batch_size=8, lr=1e-3, dev_samples=8, eval_every=0, progress=False)
+CLOCK_CFG = dict(steps=10 ** 6, minutes=0.15, batch_size=8, lr=1e-3, dev_samples=8, eval_every=0, progress=False)
 
 
 def count_samples(monkeypatch) -> list[int]:
