@@ -2,6 +2,9 @@
 and on extra corpora: the quick fidelity check behind the deployment recipe's choices.
 
     .venv/bin/python benchmarks/fidelity.py OUT_DIR [OUT_DIR ...] --corpus samples/heldout/austen.txt
+
+`--by-length` adds, for text, the mean cosine of the sentences in each band of token counts (with [CLS] and
+[SEP]), which shows where a student's losses lie.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lmmc
@@ -17,8 +21,22 @@ from lmmc import bench as B
 from lmmc.modelio import load_teacher
 
 
-def fidelity(out: Path, corpora: list[Path], samples: int) -> dict[str, float]:
-    """Held-out split and each corpus -> mean cosine of the student's pooled embedding to the teacher's."""
+BANDS = (0, 16, 32, 64)  # token counts at which the --by-length bands start
+
+
+def by_length(cosines: np.ndarray, lengths: np.ndarray) -> dict[str, str]:
+    """Mean cosine and sentence count per band of token counts, e.g. {"16-31": "0.9267 (199)"}."""
+    out = {}
+    for lo, hi in zip(BANDS, (*BANDS[1:], None)):
+        sel = (lengths >= lo) & (lengths < (hi or np.inf))
+        if sel.any():
+            out[f"{lo}-{hi - 1}" if hi else f"{lo}+"] = f"{cosines[sel].mean():.4f} ({int(sel.sum())})"
+    return out
+
+
+def fidelity(out: Path, corpora: list[Path], samples: int, bands: bool = False) -> dict[str, float | dict]:
+    """Held-out split and each corpus -> mean cosine of the student's pooled embedding to the teacher's
+    (with `bands`, for text also per band of token counts)."""
     report = B.read_output(out)
     calib = B._recipe_calibration(report, B.BenchConfig())
     teacher, adapter, preprocessor = load_teacher(report["model"])
@@ -33,8 +51,11 @@ def fidelity(out: Path, corpora: list[Path], samples: int) -> dict[str, float]:
         with torch.no_grad():
             for name, batches in sets.items():
                 arrays = B._numpy(batches)
-                result[f"{tower.name} {name}"] = round(B.mean_cosine(B.embeddings(run_s, arrays),
-                                                                     B.embeddings(run_t, arrays)), 4)
+                cos = B.cosines(B.embeddings(run_s, arrays), B.embeddings(run_t, arrays))
+                result[f"{tower.name} {name}"] = round(float(cos.mean()), 4)
+                if bands and "attention_mask" in arrays[0]:
+                    lengths = np.concatenate([b["attention_mask"].sum(1) for b in arrays])
+                    result[f"{tower.name} {name} by length"] = by_length(cos, lengths)
     return result
 
 
@@ -44,10 +65,11 @@ def main() -> None:
     ap.add_argument("--corpus", action="append", type=Path, default=[], help="an extra held-out corpus (repeatable)")
     ap.add_argument("--samples", type=int, default=256, help="samples drawn from each extra corpus")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--by-length", action="store_true", help="text: mean cosine per band of token counts too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for out in args.outs:
-        print(out, json.dumps(fidelity(out, args.corpus, args.samples)))
+        print(out, json.dumps(fidelity(out, args.corpus, args.samples, args.by_length)))
 
 
 if __name__ == "__main__":
