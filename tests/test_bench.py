@@ -25,9 +25,22 @@ from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny
 
 BF16 = cpu_has_bf16()  # every IR is also run in bf16 where the CPU has the units
-TEACHER_ROWS = ["PyTorch eager fp32", "onnxruntime fp32", "onnxruntime fused fp32", "onnxruntime INT8 dynamic",
-                "openvino fp32", *(["openvino bf16"] if BF16 else []),
-                "openvino INT8 (NNCF)", *(["openvino INT8 (NNCF) bf16"] if BF16 else [])]
+
+
+def ir_rows(label: str, bf16_label: str, static: bool) -> list[str]:
+    """The rows of one OpenVINO IR: run in f32, in bf16 where the CPU can, and each compiled for the
+    timed shape with --static."""
+    rows = [label, *([bf16_label] if BF16 else [])]
+    return rows + [f"{r} static" for r in rows] if static else rows
+
+
+def teacher_rows(static: bool = False) -> list[str]:
+    return ["PyTorch eager fp32", "onnxruntime fp32", "onnxruntime fused fp32", "onnxruntime INT8 dynamic",
+            *ir_rows("openvino fp32", "openvino bf16", static),
+            *ir_rows("openvino INT8 (NNCF)", "openvino INT8 (NNCF) bf16", static)]
+
+
+TEACHER_ROWS = teacher_rows()
 BATCH, SEQ = 8, 64
 # Sentences the tiny tokenizer reads word by word; a corpus the compile never saw.
 EXTRA = ["the man was on the road", "cold water in the house", "a picture of a number", "the text of the data",
@@ -74,7 +87,7 @@ def benched(compiled):
     extra = tmp / "extra.txt"
     extra.write_text("\n".join(EXTRA) + "\n")
     torch.set_num_threads(1)
-    result = run("bench", out, "--threads", 1, "--repeats", 30, "--corpus", extra)
+    result = run("bench", out, "--threads", 1, "--repeats", 30, "--corpus", extra, "--static")
     assert result.exit_code == 0, result.output
     return result.stdout, json.loads((out / "bench.json").read_text())
 
@@ -87,18 +100,22 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     tower = bench["towers"]["text"]
     assert tower["input"] == {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ]}
     rows = tower["rows"]
-    assert [r["artifact"] for r in rows if r["model"] == "teacher"] == TEACHER_ROWS
+    assert [r["artifact"] for r in rows if r["model"] == "teacher"] == teacher_rows(static=True)
     students = [r for r in rows if r["model"] == "student"]
     manifest = json.loads((out / "manifest.json").read_text())["artifacts"]
     assert len(manifest) == 5
     expected_rows = []
     for a in manifest:
-        expected_rows.append((a["path"], a["backend"], a["precision"]))
-        if BF16 and a["backend"] == "openvino":
-            expected_rows.append((a["path"] + " bf16", "openvino", "bf16" if a["precision"] == "fp32" else a["precision"]))
+        if a["backend"] != "openvino":
+            expected_rows.append((a["path"], a["backend"], a["precision"]))
+            continue
+        for label in ir_rows(a["path"], a["path"] + " bf16", static=True):
+            expected_rows.append((label, "openvino", "bf16" if a["precision"] == "fp32" and "bf16" in label else a["precision"]))
     assert [(r["artifact"], r["backend"], r["precision"]) for r in students] == expected_rows
+    for r in rows:
+        assert r["static_shape"] == ([BATCH, SEQ] if r["artifact"].endswith(" static") else None)
     for r in students:
-        path = out / r["artifact"].removesuffix(" bf16")
+        path = out / r["artifact"].removesuffix(" static").removesuffix(" bf16")
         companion = [path.with_suffix(".bin")] if path.suffix == ".xml" else []
         assert r["size_bytes"] == sum(f.stat().st_size for f in [path, *companion])
     # parameters: every weight the exported tower uses (BERT's pooler is not part of the embedding)
@@ -142,6 +159,12 @@ def test_fidelity_matches_the_compile_and_an_independent_computation(compiled, b
                                   ("student", "openvino/text.xml", "openvino/text.xml bf16")]:
             a, b = (rows[(model, k)]["cosine_to_teacher"]["held-out"] for k in (fp32, bf16))
             assert a != b and abs(a - b) < 0.01
+    # an IR compiled for the timed shape pads the held-out batches up to it: the same embeddings in f32
+    for model, ir in [("teacher", "openvino fp32"), ("student", "openvino/text.xml"),
+                      ("teacher", "openvino INT8 (NNCF)"), ("student", "openvino/text.int8.xml")]:
+        a, b = (rows[(model, k)]["cosine_to_teacher"] for k in (ir, f"{ir} static"))
+        for corpus in a:
+            assert b[corpus] == pytest.approx(a[corpus], abs=1e-5 if "INT8" not in ir and "int8" not in ir else 2e-3)
     # the extra corpus: every line (fewer than the samples drawn), student in ONNX Runtime vs teacher in PyTorch
     teacher, adapter, pre = load_teacher(str(model_dir))
     enc = pre["tokenizer"](EXTRA, padding=True, truncation=True, max_length=32, return_tensors="pt")  # the recipe's

@@ -54,6 +54,8 @@ class BenchConfig(BaseModel):
                          "three timed ones, candidates taking turns")
     warmup: int = Field(1, ge=1, description="untimed rounds of visits before the timed ones")
     memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
+    static: bool = Field(False, description="also run every OpenVINO IR compiled for the timed shape (batch x "
+                         "seq), as a deployment that always pads to that shape would")
     corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
     calib: Path | None = Field(None, description="the compile's calibration data, when it moved since")
@@ -82,6 +84,7 @@ class Candidate:
     device: str = "cpu"
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
     inference: str | None = None  # OpenVINO's inference precision: "f32", or "bf16" for an IR's bf16 twin
+    static_shape: tuple[int, int] | None = None  # OpenVINO: the one input shape the IR was compiled for
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,12 +220,13 @@ def tower_parameters(model, tower) -> int:
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
-                        notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu") -> list[Candidate]:
+                        notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
+                        static_shape: tuple[int, int] | None = None) -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
     ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted
     from PyTorch, as OpenVINO recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default
-    on a CPU with bf16 units); on a CUDA device ONNX Runtime fp16 instead of the CPU ones (ORT's dynamic
-    INT8 and OpenVINO run on the CPU)."""
+    on a CPU with bf16 units) and, with `static_shape`, compiled for that one shape; on a CUDA device ONNX
+    Runtime fp16 instead of the CPU ones (ORT's dynamic INT8 and OpenVINO run on the CPU)."""
     from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
     from lmmc.export.openvino import FrontendFailed, quantize_openvino, to_openvino, torch_to_openvino
@@ -275,17 +279,30 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
             model = load(files[key], backend, threads, device if backend == "onnxruntime" else None)
             out.append(Candidate("teacher", tower.name, label, backend, precision, files[key], model.run, params,
                                  model.device, model.providers, "f32" if backend == "openvino" else None))
-            if backend == "openvino" and bf16_openvino(notes):
-                out.append(bf16_twin(out[-1], "openvino bf16" if precision == "fp32" else f"{label} bf16", threads))
+            if backend == "openvino":
+                bf16 = "openvino bf16" if precision == "fp32" else f"{label} bf16"
+                out += openvino_twins(out[-1], bf16, threads, notes, static_shape)
     return out
 
 
-def bf16_twin(cand: Candidate, label: str, threads: int) -> Candidate:
+def openvino_twins(cand: Candidate, bf16_label: str, threads: int, notes: list[str],
+                   static_shape: tuple[int, int] | None) -> list[Candidate]:
     """The same OpenVINO IR run with bf16 inference, as OpenVINO runs it by default on a CPU with bf16
-    units; an fp32 IR's twin counts as bf16, an INT8 one stays INT8 (its unquantised layers in bf16)."""
-    model = load(cand.path, "openvino", threads, inference_precision="bf16")
-    return Candidate(cand.model, cand.tower, label, "openvino", "bf16" if cand.precision == "fp32" else cand.precision,
-                     cand.path, model.run, cand.parameters, model.device, inference="bf16")
+    units (an fp32 IR's twin counts as bf16, an INT8 one stays INT8, its unquantised layers in bf16), and,
+    with `static_shape`, each of the two compiled for that one shape."""
+    twins = [cand]
+    if bf16_openvino(notes):
+        model = load(cand.path, "openvino", threads, inference_precision="bf16")
+        twins.append(Candidate(cand.model, cand.tower, bf16_label, "openvino",
+                               "bf16" if cand.precision == "fp32" else cand.precision, cand.path, model.run,
+                               cand.parameters, model.device, inference="bf16"))
+    if static_shape is not None:
+        for twin in list(twins):
+            model = load(cand.path, "openvino", threads, inference_precision=twin.inference, static_shape=static_shape)
+            twins.append(Candidate(cand.model, cand.tower, f"{twin.label} static", "openvino", twin.precision,
+                                   cand.path, model.run, cand.parameters, model.device, inference=twin.inference,
+                                   static_shape=static_shape))
+    return twins[1:]
 
 
 def bf16_openvino(notes: list[str]) -> bool:
@@ -372,7 +389,8 @@ def memory_child() -> None:
         model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32).eval()
         run = torch_runner(model, adapter.tower(spec["tower"]))
     else:
-        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"]).run
+        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"],
+                   static_shape=tuple(spec["static"]) if spec["static"] else None).run
     run(feed)
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
@@ -380,7 +398,8 @@ def memory_child() -> None:
 def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int) -> float | None:
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
-    spec = {"backend": cand.backend, "inference": cand.inference, "path": str(cand.path) if cand.path else None,
+    spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
+            "path": str(cand.path) if cand.path else None,
             "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads}
     code = "from lmmc.bench import memory_child; memory_child()"
     # a hub teacher is in the local cache by now: the child needs no network
@@ -559,11 +578,13 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     feed_path = tmp / f"feed-{tower.name}.npz"
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
+    static = (run.batch, run.seq) if cfg.static else None
     n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
+    n += 4 + 2 * sum(a["backend"] == "openvino" for a in artifacts) if static else 0
     with tqdm(total=5 + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
-                                         run.threads, run.notes, progress, run.device, run.torch_device)
+                                         run.threads, run.notes, progress, run.device, run.torch_device, static)
         params = tower_parameters(run.student, tower)
         for a in artifacts:
             # ONNX files run on the bench's device; an IR on the CPU, an engine on its GPU
@@ -572,8 +593,8 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
             ov = a["backend"] == "openvino"
             candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
                                         model.run, params, model.device, model.providers, "f32" if ov else None))
-            if ov and bf16_openvino(run.notes):
-                candidates.append(bf16_twin(candidates[-1], f"{a['label']} bf16", run.threads))
+            if ov:
+                candidates += openvino_twins(candidates[-1], f"{a['label']} bf16", run.threads, run.notes, static)
         progress.set_postfix_str(f"{tower.name}: timing")
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
@@ -587,6 +608,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                 cand.row = {
                     "model": cand.model, "artifact": cand.label, "backend": cand.backend,
                     "precision": cand.precision, "inference_precision": cand.inference,
+                    "static_shape": list(cand.static_shape) if cand.static_shape else None,
                     "device": cand.device, "providers": list(cand.providers),
                     "file": str(cand.path) if cand.model == "student" else None,
                     "size_bytes": file_size(cand.path), "parameters": cand.parameters,

@@ -235,10 +235,12 @@ def summary_table(report: dict) -> str:
 @click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
 @click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up round and 3 timed runs, no memory.")
+@click.option("--static", is_flag=True, help="Also run every OpenVINO IR, the teacher's and the student's, compiled "
+              "for the timed shape (batch x seq): faster where inputs are always padded to one shape.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N: ONNX Runtime's CUDA provider (needs onnxruntime-gpu) and PyTorch on the GPU.")
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
-              device):
+              static, device):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
     from pydantic import ValidationError
@@ -251,7 +253,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
              "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
-                          corpora=tuple(Path(c) for c in corpus))
+                          static=static, corpora=tuple(Path(c) for c in corpus))
     except ValidationError as err:
         raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
     result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)

@@ -65,20 +65,26 @@ def backend_for(path: Path) -> str:
 
 
 def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
-         tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None) -> Model:
+         tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None,
+         static_shape: tuple[int, ...] | None = None) -> Model:
     """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
     runtime's intra-op threads (None: the runtime's default). `inference_precision` (OpenVINO only): f32,
     the default, or bf16 to run an IR's fp32 layers in bf16 on a CPU that has the units. `device` (cpu,
     cuda or cuda:N) picks ONNX Runtime's execution providers, CUDA with the CPU for what CUDA lacks, and
     `tensorrt` (lmmc.runtime.onnxruntime.TensorRTOptions) puts its TensorRT provider first; a provider
     this ONNX Runtime lacks is an error naming the package to install, never a quiet fall-back to the
-    CPU. None: the backend's own device (the CPU; a TensorRT engine's GPU)."""
+    CPU. None: the backend's own device (the CPU; a TensorRT engine's GPU). `static_shape` (OpenVINO
+    only): (batch, seq), or (batch,) for images, compiles the IR for that one input shape, which runs
+    faster than the dynamic IR; `run` then takes any batch in chunks of `batch`, pads each up to the shape
+    (tokens the attention mask hides) and trims the outputs back, so a feed longer than `seq` is an error."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
     backend = backend or backend_for(path)
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
+    if static_shape is not None and backend != "openvino":
+        raise LmmcError(f"static_shape is for OpenVINO IRs; {path.name} runs on {backend}")
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
         return OrtModel(path, threads, device or "cpu", tensorrt)
@@ -89,7 +95,7 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
             raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; load the ONNX artifact "
                             f"with device='{device}' instead")
         from lmmc.runtime.openvino import OpenVinoModel
-        return OpenVinoModel(path, threads, inference_precision or "f32")
+        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape)
     if backend == "tensorrt":
         if device not in (None, "cuda"):
             raise LmmcError(f"a TensorRT engine runs on the current NVIDIA GPU, not on '{device}'; pass device='cuda' "
@@ -179,10 +185,10 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
              variant: str | None = None, threads: int | None = None, device: str | None = None,
-             inference_precision: str | None = None) -> Deployment:
+             inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
-    the compile keeps only when it is the faster, over the plain one; `threads`, `device` and
-    `inference_precision` as in `load`."""
+    the compile keeps only when it is the faster, over the plain one; `threads`, `device`,
+    `inference_precision` and `static_shape` as in `load`."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     models = {}
@@ -195,7 +201,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
                             f"it has {have}")
         chosen.sort(key=lambda a: a["variant"] != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
-                             inference_precision=inference_precision)
+                             inference_precision=inference_precision, static_shape=static_shape)
     return Deployment(out_dir, manifest, models)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ from lmmc.errors import LmmcError
 from lmmc.runtime import Model, TensorSpec, cast_feed
 
 
-def _spec(port) -> TensorSpec:
+def _spec(port, name: str) -> TensorSpec:
     shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-    return TensorSpec(port.get_any_name(), port.get_element_type().to_dtype().name, shape)
+    return TensorSpec(name, port.get_element_type().to_dtype().name, shape)
 
 
 INFERENCE_PRECISIONS = ("f32", "bf16")
@@ -33,10 +34,55 @@ def cpu_has_bf16() -> bool:
     return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@dataclass(frozen=True)
+class StaticShape:
+    """The one input shape a model was compiled for, and which axes had been dynamic."""
+
+    batch: int
+    seq: int | None
+    inputs: dict[str, list[int]]  # input name -> its formerly dynamic axes past the batch
+    outputs: dict[str, list[int]]  # output name -> the same, trimmed back to the feed's length
+    masked: bool  # the model takes an attention mask, so padded tokens do not change real ones
+
+
+def _make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
+    """Reshape an ov.Model in place to (batch,) or (batch, seq): every input's first axis to batch, its
+    other dynamic axes to seq."""
+    if not 1 <= len(shape) <= 2 or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {shape!r}")
+    batch, seq = shape[0], (shape[1] if len(shape) == 2 else None)
+
+    def dynamic(port) -> list[int]:
+        return [i for i, d in enumerate(port.get_partial_shape()) if i > 0 and not d.is_static]
+
+    inputs = {p.get_any_name(): dynamic(p) for p in model.inputs}
+    outputs = {p.get_any_name(): dynamic(p) for p in model.outputs}
+    if seq is None and any(inputs.values()):
+        raise LmmcError(f"{path.name} has inputs of dynamic length; give static_shape as (batch, seq)")
+    shapes = {p.get_any_name(): [batch if i == 0 else (seq if i in inputs[p.get_any_name()] else d.get_length())
+                                 for i, d in enumerate(p.get_partial_shape())] for p in model.inputs}
+    try:
+        model.reshape(shapes)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no reason given"
+        raise LmmcError(f"OpenVINO cannot compile {path.name} for the input shapes {shapes} ({first}); choose a "
+                        f"static_shape the model accepts") from None
+    return StaticShape(batch, seq, inputs, outputs, "attention_mask" in inputs)
+
+
+def _trim(x, rows: int, axes: list[int], length: int | None) -> np.ndarray:
+    """A copy of one padded output: its first `rows` rows, its sequence axes cut to `length`."""
+    index = [slice(0, rows)] + [slice(None)] * (x.ndim - 1)
+    for axis in axes:
+        index[axis] = slice(0, length)
+    return np.array(x[tuple(index)])
+
+
 class OpenVinoModel(Model):
     backend = "openvino"
 
-    def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32") -> None:
+    def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32",
+                 static_shape: tuple[int, ...] | None = None) -> None:
         ov = _openvino()
         if inference_precision not in INFERENCE_PRECISIONS:
             raise LmmcError(f"unknown OpenVINO inference precision '{inference_precision}'; choose one of "
@@ -55,18 +101,53 @@ class OpenVinoModel(Model):
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
             core = ov.Core()
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            model = core.read_model(str(path))
+            self.static = None if static_shape is None else _make_static(model, static_shape, path)
+            self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
             raise LmmcError(f"OpenVINO cannot load '{path}': {first}. The IR is corrupt or its .bin does not "
                             f"belong to it; export it again with `lmmc compile`") from None
         self.path = path
         self.inference_precision = inference_precision
-        self.inputs = [_spec(p) for p in self.compiled.inputs]
-        self.outputs = [_spec(p) for p in self.compiled.outputs]
+        # Names from the IR as read: compiled for a static shape, a port may gain names such as '45'.
+        self.inputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.inputs, model.inputs)]
+        self.outputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.outputs, model.outputs)]
         self.request = self.compiled.create_infer_request()
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.request.infer(cast_feed(self, feed))
+        feed = cast_feed(self, feed)
+        if self.static is not None:
+            return self._run_static(feed)
+        result = self.request.infer(feed)
         # infer() returns views into the request's buffers; copy so the next run cannot overwrite them
         return {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
+
+    def _run_static(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a feed of any batch on a model compiled for one shape: in chunks of its batch, each padded
+        up to the compiled shape (rows of zeros; tokens the attention mask hides), outputs trimmed back."""
+        static = self.static
+        n = len(next(iter(feed.values())))
+        length = None
+        for spec in self.inputs:
+            x = feed[spec.name]
+            for axis in static.inputs[spec.name]:
+                if x.shape[axis] > spec.shape[axis]:
+                    raise LmmcError(f"{self.path.name} was compiled for inputs of {spec.shape[axis]} on axis {axis} of "
+                                    f"'{spec.name}', and the feed has {x.shape[axis]}; load it with a larger "
+                                    f"static_shape, or without one")
+                length = x.shape[axis]
+        if length is not None and length < static.seq and not static.masked:
+            raise LmmcError(f"{self.path.name} has no attention mask, so padding its sequence would change its "
+                            f"outputs; feed exactly {static.seq} tokens, or load it without static_shape")
+        chunks = []
+        for start in range(0, n, static.batch):
+            padded = {}
+            for spec in self.inputs:
+                x = feed[spec.name][start:start + static.batch]
+                padded[spec.name] = np.pad(x, [(0, want - have) for want, have in zip(spec.shape, x.shape)])
+            result = self.request.infer(padded)
+            rows = min(static.batch, n - start)
+            chunks.append({spec.name: _trim(result[port], rows, static.outputs[spec.name], length)
+                           for spec, port in zip(self.outputs, self.compiled.outputs)})
+        return {spec.name: np.concatenate([c[spec.name] for c in chunks]) for spec in self.outputs}
