@@ -131,6 +131,30 @@ def test_image_embeddings_equal_lmmc_runtime(lmmc_embed, compiled_out, tmp_path,
     assert np.abs(got - ref["pooled_embedding"]).max() <= atol
 
 
+@pytest.mark.parametrize("precision, variant", [("fp32", "plain"), ("int8", "nncf")])
+def test_static_shape_equals_lmmc_runtime_static(lmmc_embed, compiled_out, tmp_path, precision, variant):
+    """--static 3,12: four texts in two runs of three, each padded to 12 tokens; images in runs of two."""
+    feed = _token_feed(compiled_out, tmp_path / "ids.txt")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "ids.txt", tmp_path / "emb.txt", "--precision", precision,
+                "--threads", 1, "--static", "3,12")
+    assert done.returncode == 0, done.stderr
+    got = np.loadtxt(tmp_path / "emb.txt", ndmin=2)
+    path = _artifact(compiled_out, "text", "openvino", precision, variant)
+    ref = load(path, threads=1, static_shape=(3, 12)).run(feed)["pooled_embedding"]
+    assert got.shape == ref.shape == (len(TEXTS), 16)
+    assert np.abs(got - ref).max() <= 1e-5  # the same plugin, compiled for the same shape
+    if precision == "fp32":  # and padding changed nothing
+        assert np.abs(got - load(path, threads=1).run(feed)["pooled_embedding"]).max() <= 1e-4
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (tmp_path / "pixels.f32").write_bytes(pixels.tobytes())
+    done = _run(lmmc_embed, compiled_out, tmp_path / "pixels.f32", tmp_path / "img.txt", "--tower", "vision",
+                "--precision", precision, "--threads", 1, "--static", "2")
+    assert done.returncode == 0, done.stderr
+    vision = _artifact(compiled_out, "vision", "openvino", precision, variant)
+    ref = load(vision, threads=1, static_shape=(2,)).run({"pixel_values": pixels})["pooled_embedding"]
+    assert np.abs(np.loadtxt(tmp_path / "img.txt", ndmin=2) - ref).max() <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def compiled_siglip(tmp_path_factory) -> Path:
     """A tiny SigLIP, whose texts are read at the tower's full length, with SigLIP's pad = end-of-text."""
@@ -174,4 +198,11 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     assert done.returncode == 2 and "--inference is f32 or bf16" in done.stderr
     done = _run(lmmc_embed, tmp_path, tmp_path / "bad.txt", tmp_path / "emb.txt")
     assert done.returncode == 1 and "manifest.json" in done.stderr
+    for value, message in [("0,12", "--static is BATCH or BATCH,SEQ, positive integers, not '0,12'"),
+                           ("4", "--static needs BATCH,SEQ for a text tower")]:
+        done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt", "--static", value)
+        assert done.returncode == 2 and message in done.stderr
+    (tmp_path / "long.txt").write_text(" ".join(["5"] * 13) + "\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "long.txt", tmp_path / "emb.txt", "--static", "2,12")
+    assert done.returncode == 1 and "has 13 token ids; --static compiles the model for 12 tokens" in done.stderr
     assert not (tmp_path / "emb.txt").exists()

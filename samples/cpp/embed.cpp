@@ -1,7 +1,7 @@
 // lmmc_embed: pooled embeddings of an lmmc student from C++ with OpenVINO.
 //
 //   lmmc_embed OUT_DIR INPUT OUTPUT [--precision fp32|int8] [--format ir|onnx] [--tower NAME] [--threads N]
-//              [--inference f32|bf16]
+//              [--inference f32|bf16] [--static BATCH[,SEQ]]
 //
 // Reads OUT_DIR/manifest.json, picks the tower's artifact (OpenVINO IR, or the ONNX file, which OpenVINO
 // reads too) in the asked precision, runs INPUT through it and writes one pooled embedding per line to
@@ -11,13 +11,19 @@
 // float32 pixel values, samples one after another in the manifest's [channels, height, width] layout.
 // --inference bf16 runs the layers OpenVINO keeps in floating point in bf16, as lmmc.runtime's
 // inference_precision="bf16" does: faster on CPUs with bf16 units, close to but not equal to f32.
+// --static compiles the model for one input shape, BATCH samples of SEQ tokens (images: BATCH), as
+// lmmc.runtime's static_shape does: faster where inputs always come at that size. The samples then run
+// BATCH at a time, the last batch filled up with masked rows, and every line is padded to SEQ tokens.
 #include <openvino/openvino.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -30,11 +36,27 @@ namespace {
 struct Options {
     std::string out_dir, input, output, precision = "fp32", format = "ir", tower, inference = "f32";
     int threads = 0;
+    size_t static_batch = 0, static_seq = 0;  // --static; 0: dynamic shapes
 };
 
 [[noreturn]] void usage(const std::string& problem) {
     throw std::invalid_argument(problem + "\nusage: lmmc_embed OUT_DIR INPUT OUTPUT [--precision fp32|int8] "
-                                "[--format ir|onnx] [--tower NAME] [--threads N] [--inference f32|bf16]");
+                                "[--format ir|onnx] [--tower NAME] [--threads N] [--inference f32|bf16] "
+                                "[--static BATCH[,SEQ]]");
+}
+
+// "8,128" -> (8, 128); "8" -> (8, 0).
+void parse_static(const std::string& v, Options& o) {
+    const size_t comma = v.find(',');
+    const std::string batch = v.substr(0, comma), seq = comma == std::string::npos ? "" : v.substr(comma + 1);
+    const auto positive = [](const std::string& s) {
+        return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), ::isdigit) && std::stoul(s) > 0;
+    };
+    if (!positive(batch) || (comma != std::string::npos && !positive(seq))) {
+        usage("--static is BATCH or BATCH,SEQ, positive integers, not '" + v + "'");
+    }
+    o.static_batch = std::stoul(batch);
+    o.static_seq = seq.empty() ? 0 : std::stoul(seq);
 }
 
 Options parse_args(int argc, char** argv) {
@@ -50,6 +72,7 @@ Options parse_args(int argc, char** argv) {
             else if (a == "--tower") o.tower = v;
             else if (a == "--threads") o.threads = std::stoi(v);
             else if (a == "--inference") o.inference = v;
+            else if (a == "--static") parse_static(v, o);
             else usage("unknown option " + a);
         } else {
             positional.push_back(a);
@@ -97,9 +120,10 @@ std::string default_tower(const mini_json::Value& manifest) {
 }
 
 // Token ids, one sample a line, padded with `pad_id` to the longest line or to `pad_to` tokens when the
-// model reads texts at a fixed length (0: it does not); the mask marks real tokens.
-void read_token_ids(const std::string& path, size_t pad_to, int64_t pad_id, std::vector<int64_t>& ids,
-                    std::vector<int64_t>& mask, size_t& batch, size_t& seq) {
+// model reads texts at one length (0: it does not; `limit` says why a longer line is refused); the mask
+// marks real tokens.
+void read_token_ids(const std::string& path, size_t pad_to, const std::string& limit, int64_t pad_id,
+                    std::vector<int64_t>& ids, std::vector<int64_t>& mask, size_t& batch, size_t& seq) {
     std::ifstream in(path);
     if (!in) throw std::runtime_error("cannot read '" + path + "'");
     std::vector<std::vector<int64_t>> rows;
@@ -118,8 +142,8 @@ void read_token_ids(const std::string& path, size_t pad_to, int64_t pad_id, std:
     for (size_t b = 0; b < batch; ++b) {
         if (pad_to && rows[b].size() > pad_to) {
             throw std::runtime_error("'" + path + "' line " + std::to_string(b + 1) + " has " +
-                                     std::to_string(rows[b].size()) + " token ids; this model reads texts of " +
-                                     std::to_string(pad_to) + " tokens: truncate them to that many");
+                                     std::to_string(rows[b].size()) + " token ids; " + limit +
+                                     ": truncate them to that many");
         }
         seq = std::max(seq, rows[b].size());
     }
@@ -170,51 +194,94 @@ int main(int argc, char** argv) {
         ov::AnyMap config{ov::hint::inference_precision(o.inference == "bf16" ? ov::element::bf16 : ov::element::f32),
                           ov::hint::performance_mode(ov::hint::PerformanceMode::LATENCY), ov::num_streams(1)};
         if (o.threads > 0) config.emplace(ov::inference_num_threads(o.threads));
-        ov::CompiledModel compiled = core.compile_model(core.read_model(path), "CPU", config);
-        ov::InferRequest request = compiled.create_infer_request();
+        const bool text_tower = manifest["towers"][tower]["modality"].string == "text";
+        std::shared_ptr<ov::Model> model = core.read_model(path);
 
-        if (manifest["towers"][tower]["modality"].string == "text") {
-            std::vector<int64_t> ids, mask;
-            size_t batch = 0, seq = 0;
+        // The whole input in host memory: token ids and mask [batch, seq], or pixels [batch, C, H, W].
+        std::vector<int64_t> ids, mask;
+        int64_t pad_id = 0;
+        std::vector<float> pixels;
+        size_t batch = 0, seq = 0;
+        ov::Shape sample_shape;  // one sample's shape past the batch axis
+        if (text_tower) {
             const mini_json::Value& text = manifest["preprocessing"]["text"];
             const bool fixed = text.has("pad_to");
-            read_token_ids(o.input, fixed ? static_cast<size_t>(text["pad_to"].number) : 0,
-                           fixed ? static_cast<int64_t>(text["pad_id"].number) : 0, ids, mask, batch, seq);
-            const ov::Shape shape{batch, seq};
-            request.set_tensor("input_ids", int_tensor(compiled.input("input_ids").get_element_type(), ids, shape));
-            request.set_tensor("attention_mask",
-                               int_tensor(compiled.input("attention_mask").get_element_type(), mask, shape));
+            size_t pad_to = fixed ? static_cast<size_t>(text["pad_to"].number) : 0;
+            std::string limit = "this model reads texts of " + std::to_string(pad_to) + " tokens";
+            if (o.static_batch) {
+                if (!o.static_seq) usage("--static needs BATCH,SEQ for a text tower");
+                if (fixed && o.static_seq != pad_to) usage(limit + ": pass --static BATCH," + std::to_string(pad_to));
+                pad_to = o.static_seq;
+                limit = "--static compiles the model for " + std::to_string(pad_to) + " tokens";
+            }
+            pad_id = fixed ? static_cast<int64_t>(text["pad_id"].number) : 0;
+            read_token_ids(o.input, pad_to, limit, pad_id, ids, mask, batch, seq);
+            sample_shape = {seq};
         } else {
             const auto& dims = artifact["inputs"].array.at(0)["shape"].array;  // [null, C, H, W]
-            ov::Shape shape{0};
             size_t per_sample = 1;
             for (size_t i = 1; i < dims.size(); ++i) {
-                shape.push_back(static_cast<size_t>(dims[i].number));
-                per_sample *= shape.back();
+                sample_shape.push_back(static_cast<size_t>(dims[i].number));
+                per_sample *= sample_shape.back();
             }
             const std::string bytes = read_file(o.input);
             if (bytes.empty() || bytes.size() % (per_sample * sizeof(float)) != 0) {
                 throw std::runtime_error("'" + o.input + "' is not a whole number of float32 images of " +
                                          std::to_string(per_sample) + " values");
             }
-            shape[0] = bytes.size() / (per_sample * sizeof(float));
-            ov::Tensor pixels(ov::element::f32, shape);
-            std::copy(bytes.begin(), bytes.end(), static_cast<char*>(pixels.data()));
-            request.set_tensor("pixel_values", pixels);
+            batch = bytes.size() / (per_sample * sizeof(float));
+            pixels.resize(batch * per_sample);
+            std::copy(bytes.begin(), bytes.end(), reinterpret_cast<char*>(pixels.data()));
         }
-        request.infer();
 
-        const ov::Tensor pooled = request.get_tensor("pooled_embedding");
-        const ov::Shape out_shape = pooled.get_shape();
-        const float* data = pooled.data<const float>();
+        // Dynamic shapes: the whole input in one run. Static: runs of static_batch samples.
+        const size_t chunk = o.static_batch ? o.static_batch : batch;
+        ov::Shape shape{chunk};
+        shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
+        if (o.static_batch) {
+            std::map<std::string, ov::PartialShape> shapes;
+            for (const auto& input : model->inputs()) shapes[input.get_any_name()] = ov::PartialShape(shape);
+            model->reshape(shapes);
+        }
+        ov::CompiledModel compiled = core.compile_model(model, "CPU", config);
+        ov::InferRequest request = compiled.create_infer_request();
+
+        size_t per_sample = 1;
+        for (size_t d : sample_shape) per_sample *= d;
+        std::vector<float> embeddings;
+        size_t width = 0;
+        for (size_t start = 0; start < batch; start += chunk) {
+            const size_t rows = std::min(chunk, batch - start);
+            // rows past the input stay padding: pad ids with a zero mask, or zero pixels
+            if (text_tower) {
+                std::vector<int64_t> chunk_ids(chunk * seq, pad_id);
+                std::vector<int64_t> chunk_mask(chunk * seq, 0);
+                std::copy_n(ids.begin() + start * seq, rows * seq, chunk_ids.begin());
+                std::copy_n(mask.begin() + start * seq, rows * seq, chunk_mask.begin());
+                request.set_tensor("input_ids", int_tensor(compiled.input("input_ids").get_element_type(), chunk_ids, shape));
+                request.set_tensor("attention_mask",
+                                   int_tensor(compiled.input("attention_mask").get_element_type(), chunk_mask, shape));
+            } else {
+                ov::Tensor chunk_pixels(ov::element::f32, shape);
+                std::fill_n(chunk_pixels.data<float>(), chunk * per_sample, 0.0f);
+                std::copy_n(pixels.begin() + start * per_sample, rows * per_sample, chunk_pixels.data<float>());
+                request.set_tensor("pixel_values", chunk_pixels);
+            }
+            request.infer();
+            const ov::Tensor pooled = request.get_tensor("pooled_embedding");
+            width = pooled.get_shape()[1];
+            const float* data = pooled.data<const float>();
+            embeddings.insert(embeddings.end(), data, data + rows * width);
+        }
+
         std::ofstream out(o.output);
         if (!out) throw std::runtime_error("cannot write '" + o.output + "'");
         out << std::setprecision(9);
-        for (size_t b = 0; b < out_shape[0]; ++b) {
-            for (size_t d = 0; d < out_shape[1]; ++d) out << (d ? " " : "") << data[b * out_shape[1] + d];
+        for (size_t b = 0; b < batch; ++b) {
+            for (size_t d = 0; d < width; ++d) out << (d ? " " : "") << embeddings[b * width + d];
             out << "\n";
         }
-        std::cerr << "lmmc_embed: " << out_shape[0] << " embeddings of " << out_shape[1] << " values from "
+        std::cerr << "lmmc_embed: " << batch << " embeddings of " << width << " values from "
                   << artifact["path"].string << " -> " << o.output << "\n";
         return 0;
     } catch (const std::invalid_argument& e) {
