@@ -24,7 +24,7 @@ from lmmc.adapters import example_inputs, input_names
 from lmmc.bench import BenchConfig, _numpy, _recipe_calibration, load_data, read_output
 from lmmc.export.openvino import quantize_openvino, torch_to_openvino
 from lmmc.modelio import load_teacher
-from lmmc.runtime.openvino import _make_static, cpu_has_bf16
+from lmmc.runtime.openvino import cpu_has_bf16, make_static
 
 
 def profile(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, static: bool) -> tuple[float, dict]:
@@ -35,7 +35,7 @@ def profile(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, st
     model = core.read_model(str(path))
     if static:
         batch, seq = next(iter(feed.values())).shape[:2]
-        _make_static(model, (batch, seq), path)
+        make_static(model, (batch, seq), path)
     config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads),
               "INFERENCE_PRECISION_HINT": "bf16" if cpu_has_bf16() else "f32", "PERF_COUNT": "YES"}
     request = core.compile_model(model, "CPU", config).create_infer_request()

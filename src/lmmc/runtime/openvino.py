@@ -45,7 +45,7 @@ class StaticShape:
     masked: bool  # the model takes an attention mask, so padded tokens do not change real ones
 
 
-def _make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
+def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
     """Reshape an ov.Model in place to (batch,) or (batch, seq): every input's first axis to batch, its
     other dynamic axes to seq."""
     if not 1 <= len(shape) <= 2 or any(not isinstance(d, int) or d < 1 for d in shape):
@@ -102,7 +102,7 @@ class OpenVinoModel(Model):
         try:
             core = ov.Core()
             model = core.read_model(str(path))
-            self.static = None if static_shape is None else _make_static(model, static_shape, path)
+            self.static = None if static_shape is None else make_static(model, static_shape, path)
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
