@@ -164,6 +164,9 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
         load(text, threads=1, static_shape=(2,))
     with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
         load(text, threads=1, static_shape=(0, 12))
+    small = {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)}  # not padded into a 32 x 32 image
+    with pytest.raises(LmmcError, match="vision.xml takes 'pixel_values' of shape \\[2, 3, 32, 32\\] \\(any batch\\)"):
+        load(compiled / "openvino" / "vision.xml", threads=1, static_shape=(2,)).run(small)
     with pytest.raises(LmmcError, match="static_shape is for OpenVINO IRs; text.onnx runs on onnxruntime"):
         load(compiled / "onnx" / "text.onnx", static_shape=(2, 12))
 

@@ -131,6 +131,10 @@ class OpenVinoModel(Model):
         length = None
         for spec in self.inputs:
             x = feed[spec.name]
+            if x.ndim != len(spec.shape) or any(x.shape[a] != spec.shape[a] for a in range(1, x.ndim)
+                                                if a not in static.inputs[spec.name]):
+                raise LmmcError(f"{self.path.name} takes '{spec.name}' of shape {list(spec.shape)} (any batch), and "
+                                f"the feed has {list(x.shape)}")
             for axis in static.inputs[spec.name]:
                 if x.shape[axis] > spec.shape[axis]:
                     raise LmmcError(f"{self.path.name} was compiled for inputs of {spec.shape[axis]} on axis {axis} of "
