@@ -9,12 +9,12 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.activations import ACT2FN
 
-from lmmc.adapters import TowerModule, TowerSpec, block_linears, block_list, input_names, tower_config
+from lmmc.adapters import TowerSpec, block_linears, block_list, tower_config
 from lmmc.artifact import Artifact
-from lmmc.blockwise import StopForward
 from lmmc.data import CalibData
 from lmmc.errors import LmmcError
 from lmmc.pipeline import PassConfig, Pass, register
+from lmmc.reconstruct import at_tokens
 
 # Where the families keep their FFN activation: BERT, MPNet, ViT (intermediate_act_fn), CLIP and SigLIP
 # (activation_fn), ModernBERT (act), Llama-style decoders (act_fn); and the config key that builds it.
@@ -44,10 +44,11 @@ class ActivationConfig(PassConfig):
 class ActivationPass(Pass):
     """Swap the FFN activation of every block (ReLU by default), config included, so the student reloads with it.
 
-    Ours, for CPU deployment: in OpenVINO INT8 on a Xeon with AMX, the exact GELU after the FFN's first
-    matrix product costs about 0.2 ms a block at 8 x 128 tokens, where a ReLU folds into the product's
-    output conversion: the MiniLM deployment student ran 12 % faster with ReLU and nothing else changed
-    (BENCHMARKS.md, "Deployment", run 24). The swap changes the function, so a `distill` pass must follow.
+    Ours, for CPU deployment: in OpenVINO INT8 on a Xeon with AMX, the exact GELU fused into the FFN's
+    first matrix product costs about 0.2 ms a block at 8 x 128 tokens, where ReLU costs almost nothing: the
+    MiniLM deployment student ran 12 % faster with ReLU, and after the same distillation kept 0.006-0.011
+    less cosine (BENCHMARKS.md, "Deployment", run 24). The swap changes the function, so a `distill` pass
+    should follow.
 
     Recipe::
 
@@ -128,14 +129,10 @@ def refit_fc2_(model: nn.Module, tower: TowerSpec, block: int, new: nn.Module, c
     xx = torch.zeros(width, width, dtype=torch.float64)
     x_sum = torch.zeros(width, dtype=torch.float64)
     seen = [0]
-    keep: list[torch.Tensor | None] = [None]
-    act = activation_sites(block_list(model, tower)[1][block])[0]
-    old = getattr(*act)
+    old = getattr(*activation_sites(block_list(model, tower)[1][block])[0])
 
-    def hook(_mod: nn.Module, _args: Any, h: torch.Tensor) -> None:
-        h = h.detach().reshape(-1, width).float()
-        if keep[0] is not None and len(keep[0]) == len(h):
-            h = h[keep[0]]
+    def add(h: torch.Tensor) -> None:
+        h = h.float()
         x, z = old(h).double().cpu(), new(h).double().cpu()
         z = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)
         zz.add_(z.T @ z)
@@ -143,22 +140,8 @@ def refit_fc2_(model: nn.Module, tower: TowerSpec, block: int, new: nn.Module, c
         xx.add_(x.T @ x)
         x_sum.add_(x.sum(0))
         seen[0] += len(x)
-        raise StopForward  # nothing after the first matrix is needed
 
-    handle = fc1.register_forward_hook(hook)
-    names = input_names(tower)
-    tower_module = TowerModule(model, tower)
-    try:
-        with torch.no_grad():
-            for batch in calib.calib_batches(tower.modality):
-                mask = batch.get("attention_mask")
-                keep[0] = mask.reshape(-1).bool() if mask is not None and tower.modality == "text" else None
-                try:
-                    tower_module(*[batch[n].to(device) for n in names])
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
+    at_tokens(model, tower, fc1, calib, device, add, output=True)
     n = max(seen[0], 1)
     zz, xz, xx, mean = zz / n, xz / n, xx / n, x_sum / n
     reg = ridge * zz.diagonal().mean() * torch.eye(width + 1, dtype=zz.dtype)

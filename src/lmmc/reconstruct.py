@@ -3,7 +3,7 @@ its kept heads or FFN channels stand in for the removed ones on the calibration 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,18 +22,34 @@ def input_gram(model: nn.Module, tower: TowerSpec, block: int, role: str, calib:
     width = lin.in_features
     gram = torch.zeros(width + 1, width + 1, dtype=torch.float64)
     seen = [0]
-    keep: list[torch.Tensor | None] = [None]
 
-    def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, width).double().cpu()
-        if keep[0] is not None and len(keep[0]) == len(x):
-            x = x[keep[0]]
+    def add(x: torch.Tensor) -> None:
+        x = x.double().cpu()
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         gram.add_(x.T @ x)
         seen[0] += len(x)
-        raise StopForward  # nothing after this linear's input is needed
 
-    handle = lin.register_forward_pre_hook(hook)
+    at_tokens(model, tower, lin, calib, device, add)
+    return gram / max(seen[0], 1)
+
+
+def at_tokens(model: nn.Module, tower: TowerSpec, module: nn.Module, calib: CalibData, device: torch.device,
+              take: Callable[[torch.Tensor], None], output: bool = False) -> None:
+    """Run the calibration batches through `tower` and pass `take` the input of `module` (its output with
+    `output`) as [tokens, width] rows, padding tokens left out; each forward stops there."""
+    keep: list[torch.Tensor | None] = [None]
+
+    def rows(x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if keep[0] is not None and len(keep[0]) == len(x):
+            x = x[keep[0]]
+        take(x)
+        raise StopForward  # nothing after this point is needed
+
+    if output:
+        handle = module.register_forward_hook(lambda _mod, _args, out: rows(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda _mod, args: rows(args[0]))
     names = input_names(tower)
     tower_module = TowerModule(model, tower)
     try:
@@ -47,7 +63,6 @@ def input_gram(model: nn.Module, tower: TowerSpec, block: int, role: str, calib:
                     pass
     finally:
         handle.remove()
-    return gram / max(seen[0], 1)
 
 
 def compensate_(lin: nn.Linear, gram: torch.Tensor, kept: Sequence[int], ridge: float) -> float:
