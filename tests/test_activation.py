@@ -24,7 +24,8 @@ from lmmc.export.openvino import to_openvino
 from lmmc.modelio import make_student, save_student
 from lmmc.passes.activation import activation_sites
 from lmmc.pipeline import get_pass
-from lmmc.recipe import CalibrationConfig
+from lmmc.recipe import CalibrationConfig, parse_recipe
+from lmmc.resume import WorkArea, describe_inputs
 from lmmc.runtime import load
 
 
@@ -95,6 +96,20 @@ def test_every_ffn_computes_relu_and_the_student_reloads_exactly(kind: str, tmp_
     loaded = lmmc.load_student(tmp_path)
     for name, value in outputs(loaded).items():
         assert torch.equal(value, got[name])
+
+
+def test_a_resumed_compile_gets_the_swapped_student_back(tmp_path: Path) -> None:
+    """The work area's saved state rebuilds the student from its config: a resume after the swap goes on
+    with ReLU, not with the teacher's GELU under the new weights."""
+    _, student, _ = swapped("bert")
+    area = WorkArea(tmp_path / "out")
+    area.claim(describe_inputs("tiny", parse_recipe({"calibration": {"random": True}, "passes": [{"activation": {}}]})),
+               resume=False)
+    area.save(Artifact("tiny", get_adapter("bert"), tiny_model("bert"), student, workdir=area.output), 1, 1.0)
+    back = Artifact("tiny", get_adapter("bert"), tiny_model("bert"), tiny_model("bert"))
+    assert area.restore(back) == (1, 1.0)
+    assert torch.equal(outputs(back.student)["text"], outputs(student)["text"])
+    area.finish()
 
 
 def test_one_tower_only_leaves_the_other_as_it_was() -> None:
