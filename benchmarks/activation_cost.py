@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from torch import nn
 from transformers.activations import ACT2FN
 
 import lmmc
@@ -30,7 +29,7 @@ from lmmc.bench import BenchConfig, _numpy, _recipe_calibration, load_data, read
 from lmmc.export.openvino import quantize_openvino, torch_to_openvino
 from lmmc.modelio import load_teacher
 from lmmc.runtime.openvino import cpu_has_bf16, make_static
-from lmmc.passes.activation import ACT_ATTRS
+from lmmc.passes.activation import activation_sites
 
 
 def main() -> None:
@@ -57,10 +56,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for act in args.acts.split(","):
             model = copy.deepcopy(student)
-            for module in model.modules():
-                for attr in ACT_ATTRS:
-                    if isinstance(getattr(module, attr, None), nn.Module):
-                        setattr(module, attr, ACT2FN[act])
+            for module, attr in activation_sites(model):
+                setattr(module, attr, ACT2FN[act])
             fp32, int8 = Path(tmp) / f"{act}.xml", Path(tmp) / f"{act}.int8.xml"
             with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars
                 torch_to_openvino(model, tower, fp32)

@@ -56,15 +56,11 @@ def calibration(kind: str):
     return random_calibration(cfg, model, get_adapter(model.config.model_type))
 
 
-def outputs(model: nn.Module, towers: list[str] | None = None) -> dict[str, torch.Tensor]:
+def outputs(model: nn.Module) -> dict[str, torch.Tensor]:
     adapter = get_adapter(model.config.model_type)
-    out = {}
     with torch.no_grad():
-        for tower in adapter.towers:
-            if towers is None or tower.name in towers:
-                inputs = example_inputs(model, tower, batch=2, seq=9)
-                out[tower.name] = TowerModule(model, tower)(*inputs)[0]
-    return out
+        return {tower.name: TowerModule(model, tower)(*example_inputs(model, tower, batch=2, seq=9))[0]
+                for tower in adapter.towers}
 
 
 def reference_with(activation: type[nn.Module], model: nn.Module) -> nn.Module:
