@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import transformers
 import yaml
 from click.testing import CliRunner
@@ -171,7 +173,7 @@ def test_under_bf16_the_cache_holds_bf16_targets_that_a_step_reads_as_fp32_withi
     assert {t.dtype for t in entry["hidden"].values()} == {torch.bfloat16} and entry["pooled"].dtype == torch.bfloat16
     local = cached.batch_indices(3)
     inputs = {"text": cached._collate([cached.train[i] for i in local], art.adapter.towers[0])}
-    with fresh._autocast():
+    with torch.no_grad(), fresh._autocast():
         (a, _), (b, _) = (t.teacher_targets(inputs, None, local) for t in (cached, fresh))
     mask = inputs["text"]["attention_mask"].bool()
     for layer in b["text"]["hidden"]:
@@ -181,6 +183,26 @@ def test_under_bf16_the_cache_holds_bf16_targets_that_a_step_reads_as_fp32_withi
         torch.testing.assert_close(got[mask], want[mask], rtol=2 ** -8, atol=1e-6)
     torch.testing.assert_close(a["text"]["pooled"], b["text"]["pooled"].float(), rtol=2 ** -8, atol=1e-6)
     cached.restore_flags()
+
+
+def test_under_bf16_on_the_cpu_attention_runs_fused_without_gradients_and_as_plain_products_with_them():
+    t = trainer(tiny_art("bert"), Distill.Config(batch_size=8, dev_samples=8, progress=False, precision="bf16"))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 48, 32, generator=gen) for _ in range(3))
+    mask = torch.ones(4, 1, 48, 48, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+
+    def attend(backend=None):
+        with sdpa_kernel(backend) if backend else nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    fused, plain = attend(SDPBackend.FLASH_ATTENTION), attend(SDPBackend.MATH)
+    assert not torch.equal(fused, plain)
+    with torch.no_grad(), t._autocast():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), fused)
+    with t._autocast():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), plain)
+    t.restore_flags()
 
 
 def test_padding_to_a_multiple_of_16_tokens_leaves_every_sample_loss_unchanged():
