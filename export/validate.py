@@ -45,7 +45,8 @@ class ValidateConfig(PassConfig):
                                           "(zero-shot or nearest-neighbour accuracy on labelled data, else "
                                           "agreement with the teacher's retrieval)")
     min_task_metric_ratio: float | None = Field(None, gt=0, le=1, description="gate: the student's task "
-                                                "metric divided by the teacher's")
+                                                "metric divided by the teacher's; on labelled data the teacher "
+                                                "must also be told apart from chance (a second gate)")
     agreement_k: int = Field(5, gt=0, description="data without labels: a student's best match agrees when "
                              "it is among the teacher's k best, so near-synonymous captions and look-alike "
                              "images do not count as disagreement")
@@ -176,6 +177,20 @@ def zero_shot_accuracy(images: np.ndarray, prompts: np.ndarray, prompt_class: li
     return float(((_unit(images) @ classes.T).argmax(1) == np.asarray(truth)).mean())
 
 
+def chance_accuracy(kind: str, truth: list[int]) -> tuple[float, float]:
+    """(chance level, the accuracy a model must reach to be told apart from it) of a labelled task metric
+    on these held-out labels. Chance is the accuracy of always naming the most common class (zero-shot),
+    or of a random other sample sharing a sample's class (nearest neighbour); the bound adds three binomial
+    standard errors over the held-out samples, which a model at chance clears about once in 700 tries."""
+    counts = np.bincount(np.asarray(truth))
+    n = int(counts.sum())
+    if kind == "zero_shot_accuracy":
+        chance = float(counts.max() / n)
+    else:
+        chance = float((counts * (counts - 1)).sum() / max(n * (n - 1), 1))
+    return chance, min(1.0, chance + 3 * math.sqrt(chance * (1 - chance) / n))
+
+
 def nearest_neighbour_accuracy(embeddings: np.ndarray, truth: list[int]) -> float:
     """Fraction of samples whose nearest other sample has their class. NaN when an embedding is not finite."""
     if not _finite(embeddings):
@@ -286,6 +301,10 @@ class ValidatePass(Pass):
         if cfg.min_task_metric is not None:
             gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
         if cfg.min_task_metric_ratio is not None:
+            if "chance_bound" in task:
+                # A teacher no better than chance on these labels makes any ratio to it meaningless: a broken
+                # student would pass as readily as a faithful one.
+                gates.append(_gate(f"{task['name']}: teacher above chance", task["teacher"], task["chance_bound"], ">="))
             gates.append(_gate(f"{task['name']}: student / teacher", task["ratio"], cfg.min_task_metric_ratio, ">="))
         exports = validate_exports(art, cfg, pooled, gates)
         latency_target = latency_target_gate(art, cfg, gates)
@@ -343,6 +362,8 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
         (t, s), = pooled.values()
         out = {"name": "nearest-neighbour agreement", "kind": "nearest_neighbour_agreement", "teacher": 1.0,
                "student": neighbour_agreement(t, s)}
+    if labels is not None:
+        out["chance"], out["chance_bound"] = chance_accuracy(out["kind"], labels.held_out)
     ratio = out["student"] / out["teacher"] if out["teacher"] else float("nan")
     return {**out, "value": out["student"], "ratio": ratio}
 

@@ -17,7 +17,7 @@ from PIL import Image
 from lmmc.adapters import get_adapter
 from lmmc.cli import main
 from lmmc.data import load_calibration, read_samples, split, text_tokens
-from lmmc.export.validate import nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
+from lmmc.export.validate import chance_accuracy, nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
 from lmmc.recipe import CalibrationConfig
 from tests.conftest import save_tiny, tiny_vocab
 
@@ -171,6 +171,22 @@ def test_text_tokens_are_the_real_mean_length_capped_at_positions(tmp_path):
     assert text_tokens(data, positions=16, deployment=32) == 16
 
 
+def test_chance_levels_and_the_accuracy_that_clears_them():
+    truth = [0] * 6 + [1] * 3 + [2] * 3
+    chance, bound = chance_accuracy("zero_shot_accuracy", truth)
+    assert chance == pytest.approx(0.5) and bound == pytest.approx(0.5 + 3 * np.sqrt(0.25 / 12))
+    chance, bound = chance_accuracy("nearest_neighbour_accuracy", truth)
+    assert chance == pytest.approx((6 * 5 + 3 * 2 + 3 * 2) / (12 * 11))
+    assert bound == pytest.approx(chance + 3 * np.sqrt(chance * (1 - chance) / 12))
+    # A teacher that knows its classes clears the bound; the same embeddings against shuffled labels do not.
+    rng, truth, images, prompt_class, prompts, _ = synthetic()
+    shuffled = rng.permutation(truth)
+    for labels, clears in ((truth, True), (shuffled, False)):
+        for kind, accuracy in (("zero_shot_accuracy", zero_shot_accuracy(images, prompts, prompt_class, labels, 10)),
+                               ("nearest_neighbour_accuracy", nearest_neighbour_accuracy(images, labels))):
+            assert (accuracy >= chance_accuracy(kind, labels)[1]) is clears, (kind, accuracy)
+
+
 def class_folder(tmp: Path) -> Path:
     rng = np.random.default_rng(0)
     for label in ("water", "house", "road", "man"):  # one token each in the tiny vocabulary
@@ -180,22 +196,25 @@ def class_folder(tmp: Path) -> Path:
     return tmp / "classes"
 
 
-def test_compile_reports_teacher_and_student_accuracy_and_flops_per_tower(tmp_path, monkeypatch, one_thread):
-    monkeypatch.chdir(tmp_path)
+def compile_classes(tmp_path: Path, validate: dict):
     save_tiny("clip", tmp_path / "clip")
     class_folder(tmp_path)
     recipe = {"calibration": {"path": "classes", "caption_template": "a picture of the {label}",
                               "samples": 32, "eval_samples": 12, "batch_size": 4},
               "passes": [{"antgmm": {"keep": 0.5, "importance": "activation"}}],
-              "validate": {"latency": False, "threads": 1, "min_held_out": 12, "min_task_metric_ratio": 0.01}}
+              "validate": {"latency": False, "threads": 1, "min_held_out": 12, **validate}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(main, ["compile", "./clip", "-r", "r.yaml", "-o", "out"])
+    return result, json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+def test_compile_reports_teacher_and_student_accuracy_and_flops_per_tower(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    result, report = compile_classes(tmp_path, {"min_task_metric": 0.0})
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
     task = report["validation"]["task_metric"]
     assert task["kind"] == "zero_shot_accuracy" and task["classes"] == 4
     assert task["value"] == task["student"] and task["ratio"] == pytest.approx(task["student"] / task["teacher"])
-    assert any(g["name"].endswith("student / teacher") for g in report["validation"]["gates"])
     flops = report["flops"]
     caption = "a picture of the road"  # every caption has this length
     tokens = len(transformers.BertTokenizer.from_pretrained(str(tmp_path / "clip"))(caption)["input_ids"])
@@ -206,3 +225,19 @@ def test_compile_reports_teacher_and_student_accuracy_and_flops_per_tower(tmp_pa
     student = sum(f["student"] for f in flops.values())
     assert student / teacher == pytest.approx(0.5, abs=0.05)
     assert "FLOPs kept" in result.output and "teacher" in result.output
+
+
+def test_a_ratio_to_a_teacher_at_chance_fails_the_compile(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    result, report = compile_classes(tmp_path, {"min_task_metric_ratio": 0.01})
+    task = report["validation"]["task_metric"]
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
+    assert gates["zero-shot accuracy (image -> class prompt): student / teacher"]["passed"]
+    # The random teacher is at chance on these labels (the most common of four classes among the 12
+    # held-out images), so its ratio cannot judge the student: the compile fails on that, naming it.
+    chance = task["chance"]
+    assert chance * 12 == round(chance * 12) and 0.25 <= chance < 0.5 and task["teacher"] < task["chance_bound"]
+    chance_gate = gates["zero-shot accuracy (image -> class prompt): teacher above chance"]
+    assert not chance_gate["passed"] and chance_gate["value"] == task["teacher"]
+    assert chance_gate["threshold"] == pytest.approx(chance + 3 * np.sqrt(chance * (1 - chance) / 12))
+    assert result.exit_code == 1 and "teacher above chance" in result.output
