@@ -587,8 +587,9 @@ class Trainer:
         stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
         if self.device.type == "cpu":
             # Ours: on the CPU the fused bf16 attention's backward runs several times slower than the plain
-            # matrix products it replaces, which AMX runs at bf16 speed; its forward alone runs 1.3-2x faster
-            # (the teacher's cache, dev evaluations), so the kernel follows whether gradients are recorded.
+            # matrix products it replaces, which AMX runs at bf16 speed; its forward alone is faster (the
+            # teacher's forward over the shipped corpus: 68 s against 80 s, BENCHMARKS.md run 25), so the
+            # kernel follows whether gradients are recorded when the context is entered.
             backends = SDPBackend.MATH if torch.is_grad_enabled() else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
             stack.enter_context(sdpa_kernel(backends))
         return stack
@@ -787,7 +788,7 @@ class Trainer:
             share = self.micro // ctx.world
             local = chunk[ctx.rank * share:(ctx.rank + 1) * share]
             inputs = {modality_key(t): self._collate([self.train[i] for i in local], t) for t in self.towers}
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast():  # no_grad first: an uncached teacher gets the fused kernel
                 targets, t_pooled = self.teacher_targets(inputs, focus, local)
             # DDP sums a step's micro-batches locally and all-reduces once; FSDP reduce-scatters each
             # micro-batch, so its gradients accumulate sharded and are never whole.
