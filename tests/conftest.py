@@ -77,6 +77,27 @@ def save_preprocessors(kind: str, path: Path) -> Path:
     return path
 
 
+def siglip_sentencepiece(path: Path) -> Path:
+    """Replace a tiny SigLIP's tokenizer by the kind Google's SigLIP checkpoints ship: a SentencePiece model
+    read by SiglipTokenizer (lower-cased, punctuation stripped, padded with </s>), trained here on the
+    tiny vocabulary's words and letters."""
+    import io
+
+    import sentencepiece as spm
+
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    words = [*_WORDS, *(chr(c) for c in range(ord("a"), ord("z") + 1))]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
+                                   vocab_size=TINY_TEXT["vocab_size"], hard_vocab_limit=False, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    (path / "spiece.model").write_bytes(model.getvalue())
+    transformers.SiglipTokenizer(str(path / "spiece.model")).save_pretrained(path)
+    return path
+
+
 def save_tiny(kind: str, path: Path) -> Path:
     """A tiny model of `kind` saved as a complete Hugging Face directory: weights, tokenizer, processor."""
     tiny_model(kind).save_pretrained(path)

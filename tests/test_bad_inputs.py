@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import CORPUS, save_preprocessors, save_tiny, tiny_model, tiny_vocab
+from tests.conftest import CORPUS, save_preprocessors, save_tiny, siglip_sentencepiece, tiny_model, tiny_vocab
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -568,4 +568,27 @@ def test_teacher_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
     assert result.exit_code == 2, result.output
     assert "gives NaN/Inf outputs on the calibration data" in result.output
+    assert snapshot(tmp_path) == before
+
+
+# A child process where `import sentencepiece` fails, as on an install without the package.
+_NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None; from lmmc.cli import main; main(sys.argv[1:])"
+
+
+def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
+    """SigLIP checkpoints ship a SentencePiece tokenizer: without the package, transformers raises an
+    ImportError, which must reach the user as one message naming what to install, not as a crash."""
+    import subprocess
+    import sys
+
+    model = siglip_sentencepiece(save_tiny("siglip", tmp_path / "siglip"))
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _NO_SENTENCEPIECE, "compile", str(model), "-r", str(recipe), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert f"reading the tokenizer of '{model}' needs a package that is not installed" in proc.stderr
+    assert "SiglipTokenizer requires the SentencePiece library" in proc.stderr
+    assert "pip install sentencepiece" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before

@@ -5,6 +5,8 @@ deploys it that way, so a text's embedding never depends on the other texts of i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from lmmc.distiller import collate
 from lmmc.modelio import load_teacher, text_pad_length
 from lmmc.runtime import open_dir
 from lmmc.student import load_student
-from tests.conftest import TINY_TEXT, save_tiny, tiny_vocab
+from tests.conftest import TINY_TEXT, save_tiny, siglip_sentencepiece, tiny_vocab
 from tests.test_task_metric import coco_style
 
 SHORT, LONG = "the water", "a man was on the road and the house of the man was cold in the water"
@@ -69,8 +71,11 @@ def test_collate_pads_distillation_samples_to_the_fixed_length():
     assert collate(samples, "text", pad_id=1, multiple=16)["input_ids"].shape == (2, 16)
 
 
-def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_length(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["wordpiece", "sentencepiece"])
+def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_length(tmp_path, tokenizer):
     teacher = save_tiny("siglip", tmp_path / "teacher")
+    if tokenizer == "sentencepiece":  # as Google's checkpoints ship it
+        siglip_sentencepiece(teacher)
     pairs = coco_style(tmp_path, n_images=48, captions=1)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -88,11 +93,18 @@ def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_leng
     # The deployed text tower against the PyTorch student on the model card's own preprocessing.
     student = load_student(out / "student")
     tok = transformers.AutoTokenizer.from_pretrained(out / "student")
+    assert type(tok).__name__ == {"wordpiece": "BertTokenizer", "sentencepiece": "SiglipTokenizer"}[tokenizer]
     enc = tok([SHORT, LONG], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
     ref = text_embeddings(student, load_teacher(str(teacher))[1], [dict(enc)]).numpy()
     deployed = open_dir(out).encode([SHORT, LONG])
     assert np.abs(deployed - ref).max() < 1e-4
     assert np.abs(open_dir(out).encode([SHORT])[0] - deployed[0]).max() < 1e-5
+    if tokenizer == "sentencepiece":  # deployed where the package is missing: one message naming it
+        code = ("import sys; sys.modules['sentencepiece'] = None; from lmmc.errors import LmmcError; "
+                "from lmmc.runtime import open_dir\ntry: open_dir(sys.argv[1]).encode(['the water'])\n"
+                "except LmmcError as e: print(e)")
+        message = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True).stdout
+        assert "needs a package that is not installed" in message and "pip install sentencepiece" in message
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
     # Every text costs the tower's full length, which FLOPs are counted at, not the texts' mean length.

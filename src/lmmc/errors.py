@@ -13,3 +13,18 @@ class LmmcError(Exception):
 
 class GateFailed(Exception):
     """A validation gate in the recipe was missed; the outputs exist but must not be trusted."""
+
+
+# Optional packages that transformers imports only when a model's tokenizer or processor needs them.
+_PACKAGES = ("sentencepiece", "protobuf", "tiktoken", "torchvision")
+
+
+def missing_package(err: ImportError, what: str) -> LmmcError:
+    """The ImportError transformers raises while reading `what` (a tokenizer, a processor), as one error
+    naming the package to install: a model's files can need a package that lmmc itself does not."""
+    text = " ".join(str(err).split())
+    first = text.split(". ")[0].rstrip(".") or type(err).__name__
+    named = [p for p in _PACKAGES if p in str(err).lower()]
+    fix = f"pip install {named[0]}" if named else "install the package it names"
+    return LmmcError(f"reading {what} needs a package that is not installed ({first}); {fix} into this "
+                     f"environment and run again")

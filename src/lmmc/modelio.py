@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter
-from lmmc.errors import LmmcError
+from lmmc.errors import LmmcError, missing_package
 from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, read_modules
 from lmmc.student import save
 
@@ -140,6 +140,8 @@ def load_preprocessor(ref: str, generative: bool = False) -> dict[str, Any]:
     if generative:
         try:
             out["processor"] = transformers.AutoProcessor.from_pretrained(ref)
+        except ImportError as err:
+            raise missing_package(err, f"the processor of '{ref}'") from None
         except (OSError, ValueError, TypeError, KeyError):
             out["processor"] = None
         proc = out["processor"]
@@ -150,10 +152,14 @@ def load_preprocessor(ref: str, generative: bool = False) -> dict[str, Any]:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise OSError(f"no tokenizer files in {path}")
         out["tokenizer"] = transformers.AutoTokenizer.from_pretrained(ref)
+    except ImportError as err:  # SigLIP's SentencePiece tokenizer without the sentencepiece package
+        raise missing_package(err, f"the tokenizer of '{ref}'") from None
     except (OSError, ValueError, TypeError, KeyError):
         pass
     try:
         out["image_processor"] = transformers.AutoImageProcessor.from_pretrained(ref)
+    except ImportError as err:
+        raise missing_package(err, f"the image processor of '{ref}'") from None
     except (OSError, ValueError, TypeError, KeyError):
         pass
     return out

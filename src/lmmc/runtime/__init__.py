@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmmc.errors import LmmcError
+from lmmc.errors import LmmcError, missing_package
 
 if TYPE_CHECKING:
     from lmmc.runtime.onnxruntime import TensorRTOptions
@@ -132,7 +132,11 @@ class Deployment:
 
             student = self.out_dir / "student"
             cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
-            self._preprocessors[modality] = cls.from_pretrained(student)
+            try:
+                self._preprocessors[modality] = cls.from_pretrained(student)
+            except ImportError as err:
+                raise missing_package(err, f"the {'tokenizer' if modality == 'text' else 'image processor'} "
+                                           f"in {student}") from None
         return self._preprocessors[modality]
 
     def tower_for(self, modality: str) -> str:
@@ -217,5 +221,8 @@ def open_generative(out_dir: str | Path, threads: int | None = None):
     if "generative" not in manifest:
         raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
                         f"model with the 'onnx_generative' export pass, or open an encoder's output with open_dir")
-    processor = transformers.AutoProcessor.from_pretrained(out_dir / "student")
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(out_dir / "student")
+    except ImportError as err:
+        raise missing_package(err, f"the processor in {out_dir / 'student'}") from None
     return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
