@@ -592,3 +592,45 @@ def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
     assert "SiglipTokenizer requires the SentencePiece library" in proc.stderr
     assert "pip install sentencepiece" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_weight_is_refused(tmp_path, monkeypatch):
+    """google/vit-base-patch16-224 is a ViTForImageClassification checkpoint: no pooler, which ViTModel has
+    but lmmc's embedding (the [CLS] state) never reads. That compiles, the report says so; a checkpoint
+    lacking a weight the embedding does read is still refused."""
+    from lmmc.adapters import TowerModule
+    from lmmc.modelio import load_teacher
+    from tests.conftest import TINY_VISION
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    task = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY_VISION, num_labels=5)).eval()
+    model = save_preprocessors("vit", tmp_path / "vit-cls")
+    task.save_pretrained(model)
+    teacher, adapter, _ = load_teacher(str(model))
+    assert teacher.lmmc_absent_weights == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert float(teacher.pooler.dense.weight.detach().abs().sum()) == 0.0
+    pixels = torch.randn(3, 3, TINY_VISION["image_size"], TINY_VISION["image_size"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = TowerModule(teacher, adapter.towers[0])(pixels)[1]
+        ref = torch.nn.functional.normalize(task.vit(pixel_values=pixels).last_hidden_state[:, 0], dim=-1)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o", "out"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("lacks pooler.dense.bias, pooler.dense.weight" in w for w in report["warnings"]), report["warnings"]
+    from lmmc.student import load_student
+    assert float(load_student(tmp_path / "out" / "student").pooler.dense.weight.detach().abs().sum()) == 0.0
+
+    weights = load_file(model / "model.safetensors")
+    del weights["vit.encoder.layer.1.attention.attention.query.weight"]
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out2"])
+    assert result.exit_code == 2, result.output
+    # named as transformers names it once loaded (layers.1.attention.q_proj.weight), not as the file does
+    assert "lack or mis-shape 1 tensor(s) the model needs (" in result.output
+    assert "1.attention.q_proj.weight)" in result.output
+    assert snapshot(tmp_path) == before

@@ -479,6 +479,10 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
     warnings = [*the_plan.get("warnings", [])]
     if art.calib:
         warnings += [w for w in art.calib.warnings if w not in warnings]
+    absent = getattr(art.teacher, "lmmc_absent_weights", [])
+    if absent:
+        warnings.append(f"the teacher's checkpoint lacks {', '.join(absent)}, which none of its embeddings reads "
+                        f"(a task checkpoint without the base model's pooler); teacher and student carry them as zeros")
     for record in art.records:
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
         if dense and record.config.get("nm"):

@@ -264,12 +264,20 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
                                            output_loading_info=True)
     except SafetensorError as err:
         raise LmmcError(f"the weights of '{ref}' are corrupt or truncated ({err}); copy or download them again") from None
-    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    adapter.prepared(model).eval()
+    absent = sorted(info.get("missing_keys") or [])
+    # A task checkpoint (google/vit-base-patch16-224, roberta-base) lacks the base model's pooler, which no
+    # embedding lmmc computes reads: zeroed and named in the report rather than refused.
+    unread = _unread(model, adapter, absent) if absent and adapter.kind != "generative" else set()
+    missing = [k for k in absent if k not in unread] + sorted(info.get("mismatched_keys") or [])
     if missing:
         raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
                         f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
                         f"Use the weights saved with this config.json")
-    adapter.prepared(model).eval()
+    with torch.no_grad():
+        for name in sorted(unread):
+            model.get_parameter(name).zero_()
+    model.lmmc_absent_weights = sorted(unread)
     check_finite(model, f"teacher '{ref}'")
     preprocessor = load_preprocessor(source, adapter.kind == "generative")
     if adapter.sentence_pooling:
@@ -281,6 +289,24 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
             if getattr(model.config, NORMALIZE_KEY, None) is None:
                 setattr(model.config, NORMALIZE_KEY, modules.normalize)
     return model, adapter, preprocessor
+
+
+def _unread(model: torch.nn.Module, adapter: Adapter, names: list[str]) -> set[str]:
+    """Those of the parameters `names` that no tower's outputs depend on: they get no gradient through a
+    forward of every tower."""
+    from lmmc.adapters import TowerModule, example_inputs
+
+    params = dict(model.named_parameters())
+    if not all(n in params for n in names):
+        return set()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for tower in adapter.towers:
+            hidden, pooled = TowerModule(model, tower)(*example_inputs(model, tower))
+            (hidden.float().sum() + pooled.float().sum()).backward()
+    unread = {n for n in names if params[n].grad is None}
+    model.zero_grad(set_to_none=True)
+    return unread
 
 
 def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
