@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +21,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import CORPUS, save_preprocessors, save_tiny, siglip_sentencepiece, tiny_model, tiny_vocab
+from tests.conftest import (CORPUS, TINY_VISION, save_preprocessors, save_tiny, siglip_sentencepiece, tiny_model,
+                            tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -578,9 +581,6 @@ _NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None; from lmmc.
 def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
     """SigLIP checkpoints ship a SentencePiece tokenizer: without the package, transformers raises an
     ImportError, which must reach the user as one message naming what to install, not as a crash."""
-    import subprocess
-    import sys
-
     model = siglip_sentencepiece(save_tiny("siglip", tmp_path / "siglip"))
     recipe = write_recipe(tmp_path, RANDOM)
     before = snapshot(tmp_path)
@@ -600,7 +600,7 @@ def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_we
     lacking a weight the embedding does read is still refused."""
     from lmmc.adapters import TowerModule
     from lmmc.modelio import load_teacher
-    from tests.conftest import TINY_VISION
+    from lmmc.student import load_student
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
@@ -620,7 +620,6 @@ def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_we
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any("lacks pooler.dense.bias, pooler.dense.weight" in w for w in report["warnings"]), report["warnings"]
-    from lmmc.student import load_student
     assert float(load_student(tmp_path / "out" / "student").pooler.dense.weight.detach().abs().sum()) == 0.0
 
     weights = load_file(model / "model.safetensors")
