@@ -14,7 +14,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
-                       tower_batches)
+                       tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
@@ -53,6 +53,10 @@ class DistillConfig(PassConfig):
                                "models: a .jsonl of {image, prompt?, text} records); default: the calibration "
                                "samples. Held-out validation samples are always removed")
     samples: int | None = Field(None, gt=0, description="use at most this many corpus samples for training")
+    vocabulary: float = Field(0.0, ge=0, le=1, description="text encoders: add this share of the corpus's "
+                              "training samples again as runs of 4 to 24 tokens drawn at random from the whole "
+                              "vocabulary, so the student also learns the teacher on tokens the corpus lacks "
+                              "(names, figures, other domains' terms); the dev samples stay corpus text")
     max_length: int = Field(128, gt=1, description="token limit for corpus text (generative models: prompt and "
                             "answer, image tokens aside)")
     chat_template: bool | None = Field(None, description="generative models: put corpus prompts in the processor's "
@@ -127,6 +131,12 @@ class DistillConfig(PassConfig):
             if adapter.kind == "generative" and set(self.towers) != set(names):
                 raise LmmcError(f"distill: towers cannot leave out part of a generative model ({adapter.family}): its "
                                 f"decoder reads the vision tower's features; remove towers")
+        read = sorted({t.modality for t in distilled_towers(self, adapter)})
+        if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
+            pairs = adapter.kind != "generative" and "text" in read
+            raise LmmcError(f"distill: vocabulary adds samples of text alone, but the {adapter.family} model's "
+                            f"distillation reads {' and '.join(read)}: "
+                            f"{'distil the text tower alone (towers: [text])' if pairs else 'remove vocabulary'}")
         if adapter.kind != "generative":
             return
         if self.corpus and Path(self.corpus).suffix != ".jsonl":
@@ -235,6 +245,13 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     dev, train = sorted(samples[:n_dev], key=sample_length), samples[n_dev:]
     if cfg.samples:
         train = train[:cfg.samples]
+    if cfg.vocabulary and train:
+        tokenizer = (art.preprocessor or {}).get("tokenizer")
+        if tokenizer is None:
+            raise LmmcError("distill: vocabulary draws from the model's tokenizer, and the model has none")
+        texts = vocabulary_runs(tokenizer, round(cfg.vocabulary * len(train)), cfg.seed)
+        train += _split_samples({"text": encode_text(tokenizer, texts, 256, cfg.max_length,
+                                                      text_pad_length(art.teacher.config, art.adapter))}, ["text"])
     if not train:
         need = "image-text pairs" if len(modalities) > 1 else f"{modalities[0]} samples"
         raise LmmcError(f"distill: {source} has no usable samples for this model (it needs {need} that are "

@@ -19,10 +19,10 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from conftest import CORPUS, TINY_TEXT, save_tiny, tiny_model
+from conftest import _WORDS, CORPUS, TINY_TEXT, save_tiny, tiny_model, tiny_vocab
 from lmmc.adapters import TowerModule, block_list, get_adapter
 from lmmc.artifact import Artifact
-from lmmc.data import load_calibration, random_calibration
+from lmmc.data import load_calibration, random_calibration, vocabulary_runs
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
                                  kl_logits, origin_layer_map, uniform_layer_map)
 from lmmc.distiller import Trainer, collate, modality_key
@@ -614,3 +614,41 @@ def test_config_errors_name_the_fix(bad, match):
 def test_all_zero_loss_weights_are_refused():
     with pytest.raises(LmmcError, match="all loss weights are 0"):
         distill(tiny_art("bert", sparsity=0.0), hidden=0.0, output=0.0)
+
+
+# --- vocabulary runs ------------------------------------------------------------------------------------
+
+def test_vocabulary_runs_cover_the_ordinary_tokens_and_are_added_to_training_alone(tmp_path):
+    tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    runs = vocabulary_runs(tokenizer, 400, seed=0)
+    assert runs == vocabulary_runs(tokenizer, 400, seed=0) and runs != vocabulary_runs(tokenizer, 400, seed=1)
+    rows = tokenizer(runs, add_special_tokens=False)["input_ids"]
+    drawn = {i for row in rows for i in row}
+    special = set(tokenizer.all_special_ids)
+    # A run that starts with a continuation piece decodes to '##…', whose '#' this tiny vocabulary lacks.
+    assert drawn & special <= {tokenizer.unk_token_id}
+    assert len(drawn) >= 0.9 * (len(tokenizer) - len(special))   # 400 runs of 4+ draws reach nearly all 94
+    assert min(map(len, rows)) >= 1 and max(map(len, rows)) <= 48
+
+    art = tiny_art("bert", sparsity=0)
+    art.preprocessor = {"tokenizer": tokenizer}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(_WORDS[(i * k) % len(_WORDS)] for k in range(1, 7)) + f" {i}"
+                               for i in range(60)) + "\n")
+    cfg = Distill.Config(corpus=str(corpus), dev_samples=8)
+    train, dev = build_corpus(cfg, art, ["text"])
+    more, dev_more = build_corpus(cfg.model_copy(update={"vocabulary": 0.5}), art, ["text"])
+    ids = lambda samples: [s["text"]["input_ids"].tolist() for s in samples]  # noqa: E731
+    assert ids(dev_more) == ids(dev) and ids(more[:len(train)]) == ids(train)
+    added = ids(more[len(train):])
+    assert len(added) == round(0.5 * len(train))
+    assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in added)
+    assert {i for row in added for i in row[1:-1]} & special <= {tokenizer.unk_token_id}
+    assert sum(row not in ids(train) for row in added) == len(added)
+
+
+def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():
+    clip = get_adapter("clip")
+    with pytest.raises(LmmcError, match="towers: \\[text\\]"):
+        Distill.Config(vocabulary=0.2).check_model(clip)
+    Distill.Config(vocabulary=0.2, towers=["text"]).check_model(clip)

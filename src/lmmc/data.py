@@ -227,6 +227,29 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
     return out
 
 
+# Vocabulary entries that are placeholders rather than text: BERT's [unused0], SentencePiece's <0x0A>.
+_PLACEHOLDER = re.compile(r"^(\[[^\]]*\]|<[^>]*>)$")
+
+
+def vocabulary_runs(tokenizer, count: int, seed: int, shortest: int = 4, longest: int = 24) -> list[str]:
+    """`count` texts, each a run of `shortest` to `longest` tokens drawn uniformly from the tokenizer's whole
+    vocabulary (special tokens and placeholders never), decoded back to text so that they are encoded like
+    any corpus line."""
+    special = set(tokenizer.all_special_ids)
+    pool = [i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+            if i not in special and tok and not _PLACEHOLDER.match(tok)]
+    if not pool:
+        raise LmmcError("the tokenizer's vocabulary holds no ordinary tokens to draw from")
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.tensor(pool)
+    texts = []
+    for _ in range(count):
+        n = int(torch.randint(shortest, longest + 1, (1,), generator=gen))
+        ids = picks[torch.randint(len(pool), (n,), generator=gen)].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
 def encode_images(image_processor, paths: list[str], batch_size: int) -> list[Batch]:
     from PIL import Image
 
