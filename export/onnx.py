@@ -57,13 +57,20 @@ def initializer_map(model_proto: onnx.ModelProto, module: torch.nn.Module) -> di
     return out
 
 
+def quiet_exporter_logs() -> None:
+    """torch's exporter and onnxscript's optimiser log what they skip in each graph (merged symbolic axes, a
+    Split with several outputs left unfolded); none of it is actionable, and a ViT tower printed it per block."""
+    for name in ("torch.onnx", "onnxscript.optimizer._constant_folding"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def export_tower(model: torch.nn.Module, tower: TowerSpec, path: Path, opset: int = 20) -> dict[str, Any]:
     """Export one tower to `path` (single file, weights as initialisers) and check it fully."""
     model = model.cpu().eval()
     module = TowerModule(model, tower, deployed=True).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    # The exporter warns about every merged symbolic axis and deprecated internals; none is actionable.
+    quiet_exporter_logs()
+    # The exporter also warns about deprecated internals; none is actionable.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

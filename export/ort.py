@@ -28,6 +28,7 @@ from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
+from lmmc.export.onnx import quiet_exporter_logs
 from lmmc.export.validate import cosine
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
@@ -74,6 +75,7 @@ def fuse_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]] | None = 
 
     With `feeds`, each fusion level must run and agree with `src` within `atol` on them, else the next
     level is tried (each miss appended to `notes`); FusionFailed when none does."""
+    quiet_exporter_logs()
     reference = load(src, "onnxruntime") if feeds else None
     # a source over protobuf's 2 GB limit keeps its weights beside it; so must the fused graph
     external = dst.name + ".data" if _external(src) else None
