@@ -14,7 +14,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
-                       tower_batches, vocabulary_runs)
+                       token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
@@ -331,9 +331,21 @@ class DistillPass(Pass):
                                          "resume": cfg.resume or art.resume})
         check_towers(art)
         cfg.check_model(art.adapter)
-        train, dev = build_corpus(cfg, art, sorted({modality_key(t) for t in distilled_towers(cfg, art.adapter)}))
+        modalities = sorted({modality_key(t) for t in distilled_towers(cfg, art.adapter)})
+        train, dev = build_corpus(cfg, art, modalities)
         trainer = Trainer(cfg, art, train, dev, started)
         try:
-            return trainer.fit()
+            metrics = trainer.fit()
         finally:
             trainer.restore_flags()
+        tokenizer = (art.preprocessor or {}).get("tokenizer")
+        if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
+            metrics["token_coverage"] = round(token_coverage(tokenizer, [s["text"]["input_ids"] for s in train]), 4)
+            if metrics["token_coverage"] < 0.5 and not cfg.vocabulary:
+                # Measured on MiniLM: distilled on Python's documentation alone (14 % of its tokens), a
+                # student kept 0.04-0.06 less on fiction and newswire than with vocabulary: 0.25.
+                metrics["warnings"] = [
+                    f"the training text holds {metrics['token_coverage']:.0%} of the tokenizer's ordinary tokens, so "
+                    "the student learns the teacher on that text's domain alone and follows it less elsewhere; "
+                    "vocabulary: 0.25 adds runs of tokens from the whole vocabulary (or distil on broader text)"]
+        return metrics

@@ -19,10 +19,10 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from conftest import _WORDS, CORPUS, TINY_TEXT, save_tiny, tiny_model, tiny_vocab
+from conftest import _WORDS, CORPUS, TINY_TEXT, compile_tiny_text, save_tiny, tiny_model, tiny_vocab
 from lmmc.adapters import TowerModule, block_list, get_adapter
 from lmmc.artifact import Artifact
-from lmmc.data import load_calibration, random_calibration, vocabulary_runs
+from lmmc.data import load_calibration, random_calibration, token_coverage, vocabulary_runs
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
                                  kl_logits, origin_layer_map, uniform_layer_map)
 from lmmc.distiller import Trainer, collate, modality_key
@@ -645,6 +645,49 @@ def test_vocabulary_runs_cover_the_ordinary_tokens_and_are_added_to_training_alo
     assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in added)
     assert {i for row in added for i in row[1:-1]} & special <= {tokenizer.unk_token_id}
     assert sum(row not in ids(train) for row in added) == len(added)
+
+
+def narrow_corpus(path: Path) -> Path:
+    """20 distinct lines, each all of the first ten corpus words: 10 of the tiny vocabulary's 92 ordinary tokens
+    (98 ids, as 'a' is both a word and a letter, less 5 special tokens and the id the duplicate leaves empty)."""
+    words = _WORDS[:10]
+    lines = [" ".join(words[(i + k) % 10] for k in range(10)) for i in range(10)]
+    path.write_text("\n".join(lines + [" ".join(reversed(line.split())) for line in lines]) + "\n")
+    return path
+
+
+def test_token_coverage_counts_each_ordinary_token_once(tmp_path):
+    tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    water, cold = tokenizer.convert_tokens_to_ids(["water", "cold"])
+    rows = [torch.tensor([tokenizer.cls_token_id, water, water, tokenizer.sep_token_id]), torch.tensor([cold, 0])]
+    assert token_coverage(tokenizer, rows) == 2 / 92   # [CLS], [SEP] and [PAD] (id 0) are not ordinary tokens
+    assert token_coverage(tokenizer, []) == 0.0
+
+
+def test_a_narrow_corpus_is_warned_of_unless_vocabulary_runs_widen_it(tmp_path):
+    corpus = narrow_corpus(tmp_path / "narrow.txt")
+    art = tiny_art("bert", sparsity=0)
+    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
+    narrow = distill(art, corpus=str(corpus), steps=2, eval_every=0)
+    assert narrow["token_coverage"] == round(10 / 92, 4)
+    assert narrow["warnings"] == [
+        "the training text holds 11% of the tokenizer's ordinary tokens, so the student learns the teacher on that "
+        "text's domain alone and follows it less elsewhere; vocabulary: 0.25 adds runs of tokens from the whole "
+        "vocabulary (or distil on broader text)"]
+    art = tiny_art("bert", sparsity=0)
+    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
+    widened = distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=0.5)
+    assert widened["token_coverage"] > 0.3 and "warnings" not in widened
+
+
+def test_the_compile_report_carries_the_passes_warnings(tmp_path):
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    corpus = narrow_corpus(tmp_path / "narrow.txt")
+    out = compile_tiny_text(teacher, tmp_path / "out", [{"distill": {"corpus": str(corpus), "steps": 2, "eval_every": 0,
+                                                                     "dev_samples": 4, "max_length": 12}}])
+    report = json.loads((out / "report.json").read_text())
+    assert [w for w in report["warnings"] if w.startswith("distill:")] == [
+        "distill: " + report["passes"][0]["metrics"]["warnings"][0]]
 
 
 def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():

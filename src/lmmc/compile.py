@@ -473,6 +473,17 @@ def flops_per_tower(art: Artifact) -> dict[str, dict[str, Any]]:
             for t in art.adapter.towers}
 
 
+def _pass_warnings(metrics: Any) -> list[str]:
+    """A pass's warnings: its own list, and each tower's (the export passes keep one per tower)."""
+    if not isinstance(metrics, dict):
+        return []
+    found = list(metrics.get("warnings") or [])
+    for value in metrics.values():
+        if isinstance(value, dict):
+            found += value.get("warnings") or []
+    return found
+
+
 def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], seconds: float) -> dict[str, Any]:
     n_teacher = sum(p.numel() for p in art.teacher.parameters())
     n_student = sum(p.numel() for p in art.student.parameters())
@@ -484,6 +495,7 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         warnings.append(f"the teacher's checkpoint lacks {', '.join(absent)}, which none of its embeddings reads "
                         f"(a task checkpoint without the base model's pooler); teacher and student carry them as zeros")
     for record in art.records:
+        warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
         if dense and record.config.get("nm"):
             note = f"'{record.name}' nm {record.config['nm']}: {len(dense)} matrices stayed dense"

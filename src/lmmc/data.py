@@ -231,13 +231,25 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
 _PLACEHOLDER = re.compile(r"^(\[[^\]]*\]|<[^>]*>)$")
 
 
+def ordinary_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's ids that stand for text: neither special tokens nor placeholders."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+            if i not in special and tok and not _PLACEHOLDER.match(tok)]
+
+
+def token_coverage(tokenizer, input_ids: list[torch.Tensor]) -> float:
+    """The share of the tokenizer's ordinary tokens that occur at least once in `input_ids`."""
+    pool = ordinary_token_ids(tokenizer)
+    seen = set(torch.cat([ids.flatten() for ids in input_ids]).tolist()) if input_ids else set()
+    return len(seen.intersection(pool)) / len(pool) if pool else 0.0
+
+
 def vocabulary_runs(tokenizer, count: int, seed: int, shortest: int = 4, longest: int = 24) -> list[str]:
     """`count` texts, each a run of `shortest` to `longest` tokens drawn uniformly from the tokenizer's whole
     vocabulary (special tokens and placeholders never), decoded back to text so that they are encoded like
     any corpus line."""
-    special = set(tokenizer.all_special_ids)
-    pool = [i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-            if i not in special and tok and not _PLACEHOLDER.match(tok)]
+    pool = ordinary_token_ids(tokenizer)
     if not pool:
         raise LmmcError("the tokenizer's vocabulary holds no ordinary tokens to draw from")
     gen = torch.Generator().manual_seed(seed)
