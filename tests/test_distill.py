@@ -666,17 +666,19 @@ def test_token_coverage_counts_each_ordinary_token_once(tmp_path):
 
 def test_a_narrow_corpus_is_warned_of_unless_vocabulary_runs_widen_it(tmp_path):
     corpus = narrow_corpus(tmp_path / "narrow.txt")
-    art = tiny_art("bert", sparsity=0)
-    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
-    narrow = distill(art, corpus=str(corpus), steps=2, eval_every=0)
+    tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+
+    def run(vocabulary: float) -> dict:
+        art = tiny_art("bert", sparsity=0)
+        art.preprocessor = {"tokenizer": tokenizer}
+        return distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=vocabulary)
+
+    narrow, widened = run(0.0), run(0.5)
     assert narrow["token_coverage"] == round(10 / 92, 4)
     assert narrow["warnings"] == [
         "the training text holds 11% of the tokenizer's ordinary tokens, so the student learns the teacher on that "
         "text's domain alone and follows it less elsewhere; vocabulary: 0.25 adds runs of tokens from the whole "
         "vocabulary (or distil on broader text)"]
-    art = tiny_art("bert", sparsity=0)
-    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
-    widened = distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=0.5)
     assert widened["token_coverage"] > 0.3 and "warnings" not in widened
 
 

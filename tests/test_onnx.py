@@ -11,6 +11,8 @@ import torch
 from onnx import numpy_helper
 
 from lmmc.adapters import TowerModule, example_inputs, get_adapter, input_names
+from lmmc.export.onnx import export_tower
+from lmmc.export.ort import fuse_onnx
 from tests.conftest import tiny_model
 
 
@@ -53,9 +55,6 @@ def test_initialiser_map_points_every_matmul_weight_at_its_parameter(tmp_path, e
 
 
 def test_export_and_fusion_log_nothing_a_user_cannot_act_on(tmp_path, caplog):
-    from lmmc.export.onnx import export_tower
-    from lmmc.export.ort import fuse_onnx
-
     # SigLIP's vision tower makes onnxscript's constant folding log a skipped Split per graph
     model = tiny_model("siglip")
     with caplog.at_level(logging.WARNING):
