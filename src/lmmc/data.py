@@ -227,8 +227,9 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
     return out
 
 
-# Vocabulary entries that are placeholders rather than text: BERT's [unused0], SentencePiece's <0x0A>.
-_PLACEHOLDER = re.compile(r"^(\[[^\]]*\]|<[^>]*>)$")
+# Vocabulary entries that are placeholders rather than text: BERT's [unused0], SentencePiece's <0x0A>, T5's
+# <extra_id_0>. Only names in brackets: a byte-level BPE's "<</w>" or "<>" is text.
+_PLACEHOLDER = re.compile(r"^(\[[A-Za-z0-9_]+\]|<[A-Za-z0-9_|]+>)$")
 
 
 def ordinary_token_ids(tokenizer) -> list[int]:
