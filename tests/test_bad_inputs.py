@@ -262,7 +262,15 @@ def _(tmp):
 def _(tmp):
     texts(tmp, n=40)
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
-    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "floor of 32", "more distinct samples"]
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "floor of 32",
+                                                                  "four times that floor of distinct samples"]
+
+
+@case("too few held-out samples asked for")
+def _(tmp):
+    texts(tmp, n=400)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "eval_samples": 10}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "Raise calibration.eval_samples"]
 
 
 @case("validation without held-out data")

@@ -51,7 +51,9 @@ def test_manifest_lists_every_artifact_with_io_and_validation(compiled):
         ("onnxruntime", "int8", "static"), ("openvino", "fp32", "plain"), ("openvino", "int8", "nncf")])
     assert manifest["towers"] == {"text": {"modality": "text", "normalized": True},
                                   "vision": {"modality": "image", "normalized": True}}
-    assert manifest["preprocessing"]["text"]["max_length"] == 12
+    # The text tower's 64 positions: the tiny tokenizer declares no limit, and calibration's 12 is not the
+    # deployment's (text_truncation)
+    assert manifest["preprocessing"]["text"]["max_length"] == 64
     for modality in ("text", "image"):
         files = manifest["preprocessing"][modality]["files"]
         assert files and all((compiled / f).is_file() for f in files)
@@ -104,12 +106,35 @@ def test_every_artifact_loads_and_matches_the_pytorch_student(compiled):
 def test_encode_applies_the_saved_tokenizer(compiled, backend):
     student = load_student(compiled / "student")
     tokenizer = transformers.AutoTokenizer.from_pretrained(compiled / "student")
-    enc = tokenizer(TEXTS, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    texts = [*TEXTS, "the water " * 40]  # 80 words: cut to the tower's 64 positions, not to calibration's 12
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
         ref = TowerModule(student, get_adapter("clip").tower("text"))(enc["input_ids"], enc["attention_mask"])[1]
-    got = open_dir(compiled, backend=backend, threads=1).encode(TEXTS, batch_size=3)
+    got = open_dir(compiled, backend=backend, threads=1).encode(texts, batch_size=3)
     assert got.shape == tuple(ref.shape)
     assert np.abs(got - ref.numpy()).max() <= 1e-4
+
+
+def test_deployed_texts_are_cut_where_the_models_users_cut_them(tmp_path, minilm):
+    from lmmc.modelio import load_teacher, text_truncation
+
+    def truncation(ref) -> int:
+        model, adapter, preprocessor = load_teacher(str(ref))
+        return text_truncation(model.config, adapter, preprocessor)
+
+    assert truncation(minilm) == 256  # sentence-transformers' max_seq_length; its tokenizer says 512
+    teacher = save_tiny("bert", tmp_path / "bert")
+    assert truncation(teacher) == 64  # the tokenizer declares no limit: the 64 positions
+    transformers.AutoTokenizer.from_pretrained(teacher, model_max_length=20).save_pretrained(teacher)
+    assert truncation(teacher) == 20
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_more_tokens_than_the_positions_is_one_clear_error(compiled, backend):
+    path = compiled / {"onnxruntime": "onnx/text.onnx", "openvino": "openvino/text.xml"}[backend]
+    ids = np.full((2, 70), 7, dtype=np.int64)  # the tower has 64 positions
+    with pytest.raises(LmmcError, match=r"input_ids \[2, 70\].*(M|m)ore tokens than the model's position table"):
+        load(path, backend, threads=1).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 def test_encode_applies_the_saved_image_processor(compiled, tmp_path):
@@ -150,9 +175,16 @@ def test_static_shape_pads_any_batch_up_to_the_compiled_shape(compiled):
             else:
                 for k in ref:
                     assert np.abs(got[k] - ref[k]).max() <= 1e-5, (name, k)
-    texts = open_dir(compiled, backend="openvino", threads=1).encode(TEXTS)
-    padded = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
+    texts = open_dir(compiled, backend="openvino", threads=1).encode(TEXTS)  # 21 tokens at most
+    padded = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 24)).encode(TEXTS)
     assert np.abs(padded - texts).max() <= 1e-5
+    # A static shape shorter than a text cuts the text there.
+    enc = transformers.AutoTokenizer.from_pretrained(compiled / "student")(
+        TEXTS, padding=True, truncation=True, max_length=12, return_tensors="np")
+    cut = load(compiled / "openvino" / "text.xml", threads=1).run(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})["pooled_embedding"]
+    short = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
+    assert np.abs(short - cut).max() <= 1e-5 and np.abs(short - texts).max() > 1e-3
 
 
 def test_static_shape_bad_input_is_one_clear_error(compiled):

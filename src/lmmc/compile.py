@@ -31,7 +31,7 @@ from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
                           local_dir, make_student, meta_model, resolve_config, save_student, text_pad_length,
-                          text_positions)
+                          text_positions, text_truncation)
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
@@ -289,8 +289,10 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         vcfg = getattr(config, vision.config_key) if vision.config_key else config
         check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r],
                      int(getattr(vcfg, "patch_size", 1)))
+    capped = len(chosen.held_out) < cal.eval_samples  # a quarter of the distinct samples at most
     _check_floor(recipe, len(chosen.held_out),
-                 f"give more distinct samples in '{cal.path}' or raise calibration.eval_samples")
+                 f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
+                 f"at most a quarter of them are held out" if capped else "raise calibration.eval_samples")
     return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
 
 
@@ -391,7 +393,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         if area.writer:
             save_student(art.student.cpu(), preprocessor, tmp / "student",
                          {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
-            write_manifest(art, tmp, recipe.calibration.max_length)
+            write_manifest(art, tmp, text_truncation(teacher.config, adapter, preprocessor))
             (tmp / "report.json").write_text(report_json(report))
             write_report_html(tmp)
             if _taken(out, force):

@@ -82,6 +82,23 @@ def text_positions(config: Any, tower: TowerSpec) -> int:
     return n
 
 
+def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any]) -> int | None:
+    """The length the deployed text towers cut a text to, as the model's users get it: sentence-transformers'
+    max_seq_length where the model has one, else the tokenizer's model_max_length, within the position table.
+    None for a model without a text tower."""
+    text = [t for t in adapter.towers if t.modality == "text"]
+    if not text:
+        return None
+    limit = min(text_positions(config, t) for t in text)
+    modules = preprocessor.get("sentence_modules")
+    declared = json.loads(modules.files["sentence_bert_config.json"]).get("max_seq_length") \
+        if modules is not None and "sentence_bert_config.json" in modules.files else None
+    if declared is None:
+        declared = getattr(preprocessor.get("tokenizer"), "model_max_length", None)
+    # transformers writes a huge sentinel for "no limit"; the position table is the limit then
+    return min(limit, int(declared)) if isinstance(declared, int) and declared > 0 else limit
+
+
 def text_pad_length(config: Any, adapter: Adapter) -> int | None:
     """The length every text is padded to for a model read at a fixed length (SigLIP: 64), else None."""
     if adapter.text_padding != "max_length":

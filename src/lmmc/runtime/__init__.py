@@ -116,6 +116,15 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {s.name: np.ascontiguousarray(feed[s.name], dtype=s.dtype) for s in model.inputs}
 
 
+def shapes_of(feed: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(x.shape)}" for name, x in feed.items())
+
+
+# What a run that cannot index its inputs usually means for lmmc's towers.
+OUT_OF_RANGE = ("more tokens than the model's position table or a token id beyond its vocabulary is the usual "
+                "cause; truncate texts to the manifest's preprocessing.text.max_length, as encode() does")
+
+
 class Deployment:
     """A compile's output directory read through its manifest: one artifact per tower, chosen by backend,
     precision and variant, and the saved tokenizer / image processor to feed it."""
@@ -153,21 +162,27 @@ class Deployment:
         modality = "text" if isinstance(items[0], str) else "image"
         tower = tower or self.tower_for(modality)
         model = self.models[tower]
+        static = getattr(model, "static", None)
+        seq = static.seq if static is not None and modality == "text" else None
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            out.append(model.run(self._encode_inputs(modality, chunk))["pooled_embedding"])
+            out.append(model.run(self._encode_inputs(modality, chunk, seq))["pooled_embedding"])
         return np.concatenate(out)
 
-    def _encode_inputs(self, modality: str, chunk: list) -> dict[str, np.ndarray]:
+    def _encode_inputs(self, modality: str, chunk: list, seq: int | None) -> dict[str, np.ndarray]:
+        """The model's inputs for `chunk`; texts cut to the manifest's length, or to `seq` tokens where the
+        model was loaded for a static shape of fewer."""
         proc = self._preprocessor(modality)
         if modality == "text":
             text = self.manifest["preprocessing"]["text"]
             pad_to = text.get("pad_to")
+            limits = [x for x in (text["max_length"], seq) if x]
+            limit = min(limits) if limits else None
             if pad_to is None:
-                enc = proc(chunk, padding=True, truncation=True, max_length=text["max_length"], return_tensors="np")
+                enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np")
             else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads it
-                limit = min(text["max_length"] or pad_to, pad_to)
+                limit = min(limit or pad_to, pad_to)
                 enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
                                max_length=pad_to, return_tensors="np")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

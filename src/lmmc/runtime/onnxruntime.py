@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import Model, TensorSpec, cast_feed
+from lmmc.runtime import OUT_OF_RANGE, Model, TensorSpec, cast_feed, shapes_of
 
 # ONNX Runtime's type strings -> numpy dtype names
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -111,7 +111,16 @@ class OrtModel(Model):
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, cast_feed(self, feed))))
+        feed = cast_feed(self, feed)
+        try:
+            outputs = self.session.run(None, feed)
+        except Exception as err:  # ORT's own InvalidArgument/Fail/... types
+            if not type(err).__module__.startswith("onnxruntime"):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LmmcError(f"ONNX Runtime could not run '{self.path.name}' on {shapes_of(feed)}: {first}. "
+                            f"{OUT_OF_RANGE[0].upper()}{OUT_OF_RANGE[1:]}") from None
+        return dict(zip(self.output_names, outputs))
 
 
 def _spec(arg: Any) -> TensorSpec:

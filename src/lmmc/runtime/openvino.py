@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import Model, TensorSpec, cast_feed
+from lmmc.runtime import OUT_OF_RANGE, Model, TensorSpec, cast_feed, shapes_of
 
 
 def _spec(port, name: str) -> TensorSpec:
@@ -121,7 +121,12 @@ class OpenVinoModel(Model):
             return self._run_static(feed)
         result = self.request.infer(feed)
         # infer() returns views into the request's buffers; copy so the next run cannot overwrite them
-        return {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
+        outputs = {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
+        # An index out of range (a token past the position table) gives empty outputs, not an error.
+        if all(x.size for x in feed.values()) and any(x.size == 0 for x in outputs.values()):
+            raise LmmcError(f"OpenVINO ran '{self.path.name}' on {shapes_of(feed)} and returned empty outputs: "
+                            f"{OUT_OF_RANGE}")
+        return outputs
 
     def _run_static(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a feed of any batch on a model compiled for one shape: in chunks of its batch, each padded
