@@ -656,7 +656,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The bench table, one block per tower, with the comparison that matters last."""
     device = result.get("device", "cpu")
     lines = [("" if device == "cpu" else f"device {device} (each row's ONNX Runtime providers are in the JSON), ")
-             + f"threads {result['threads']}, batch {result['batch']}, seq {result['seq']}, {result['warmup']} "
+             + f"threads {result['threads']}, batch {result['batch']}, "
+             + ("" if all("pixel_values" in t["input"] for t in result["towers"].values()) else f"seq {result['seq']}, ")
+             + f"{result['warmup']} "
              f"warm-up rounds + {result['repeats']} timed runs a candidate, in turns of 1 untimed + {PER_VISIT} timed; cosine: mean to the fp32 teacher "
              f"(PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -270,17 +271,28 @@ def check_finite(model: torch.nn.Module, what: str) -> None:
                             f"weights (a model with non-finite weights cannot be compressed or validated)")
 
 
+class _LoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, Adapter, dict[str, Any]]:
     config, adapter = resolve_config(ref, trust_remote_code)
     source = str(local_dir(ref) or ref)
     auto = getattr(transformers, adapter.auto_class)
     from safetensors import SafetensorError
 
+    # transformers prints absent weights as "newly initialized"; lmmc acts on the same loading info below
+    # (zeroes what no embedding reads and names it in the report, refuses the rest), so its table would mislead.
+    report_logger, quiet = logging.getLogger("transformers.modeling_utils"), _LoadReport()
+    report_logger.addFilter(quiet)
     try:
         model, info = auto.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                            output_loading_info=True)
     except SafetensorError as err:
         raise LmmcError(f"the weights of '{ref}' are corrupt or truncated ({err}); copy or download them again") from None
+    finally:
+        report_logger.removeFilter(quiet)
     adapter.prepared(model).eval()
     absent = sorted(info.get("missing_keys") or [])
     # A task checkpoint (google/vit-base-patch16-224, roberta-base) lacks the base model's pooler, which no
