@@ -140,12 +140,30 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     else:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state, tied = _untied_state(model)
+        if tied:
+            record["tied"] = tied
         # One metadata entry: the writer orders several differently in each process, and a resumed
         # compile must write the same bytes as an uninterrupted one.
         safetensors.torch.save_file(state, str(out / SHRUNK_WEIGHTS), metadata={"format": "pt"})
     (out / META_FILE).write_text(json.dumps({**meta, "structure": record}, indent=2))
     return record
+
+
+def _untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once (a decoder's output layer tied to its token embeddings:
+    safetensors stores no aliases), and the dropped names -> the name they share with."""
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if where in first:
+            tied[name] = first[where]
+            continue
+        first[where] = name
+        state[name] = tensor.detach().contiguous()
+    return state, tied
 
 
 def _model_class(config: Any, record: dict[str, Any] | None) -> type[nn.Module]:
@@ -188,9 +206,18 @@ def load_student(path: str | Path) -> nn.Module:
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())
+    tied = record.get("tied", {})
+    for name, source in tied.items():
+        if source in state:
+            state[name] = state[source]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise LmmcError(f"the weights in '{path / weights}' do not match the shapes recorded in {META_FILE}: "
                         f"{err}") from None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, source in tied.items():  # shared again, as the saved model had them
+        if name in params and source in params:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, params[source])
     return model.eval()
