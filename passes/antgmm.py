@@ -19,7 +19,7 @@ from lmmc.data import text_tokens
 from lmmc.errors import LmmcError
 from lmmc.export.ort import calibration_feeds
 from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
-from lmmc.importance import Importance, gate_hook, importance
+from lmmc.importance import Importance, add_gate, importance
 from lmmc.joint_selection import BlockUnits, block_loss_change, select_joint
 from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover
 from lmmc.latency_model import fit_latency_model
@@ -683,7 +683,7 @@ class AntGMMPass(Pass):
             for i in sorted(drop.get(tower.name, ())):
                 gate = torch.ones((), device=art.device)
                 gates.append(gate)
-                handles.append(blocks[i].register_forward_hook(gate_hook(gate), with_kwargs=True))
+                handles.append(add_gate(blocks[i], gate))
         out = []
         try:
             for k, t in enumerate(FADE):

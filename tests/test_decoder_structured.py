@@ -275,3 +275,37 @@ def test_a_pruned_idefics3_reloads_exactly(tmp_path) -> None:
         tokens = [m.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                              suppress_tokens=[model.config.image_token_id]) for m in (model, reloaded)]
     assert torch.equal(*tokens)
+
+
+def test_taylor_importance_of_a_llava_follows_its_next_token_loss() -> None:
+    """A LLaVA has no embedding to contrast: Taylor scores come from its next-token loss through the whole
+    model. The vision block after the one LLaVA-1.5 reads (vision_feature_layer -2) scores nothing; every
+    other block scores, on a second call too, when transformers' own hidden-state hooks already sit on
+    the blocks and the gate must still come first."""
+    from lmmc.importance import taylor_importance
+
+    model = conftest.tiny_llava()  # calibration ids are drawn above its image token
+    assert model.config.vision_feature_layer == -2
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
+                                          model, ADAPTER)
+    first, second = (taylor_importance(model, model, ADAPTER, calib, torch.device("cpu")) for _ in range(2))
+    unread = ("vision", 1)
+    assert first.blocks[unread] == 0.0 and not first.heads[unread].any() and not first.channels[unread].any()
+    for key in [("vision", 0), ("language", 0), ("language", 1)]:
+        assert first.blocks[key] > 0 and first.heads[key].sum() > 0 and first.channels[key].sum() > 0, key
+    assert first.blocks == pytest.approx(second.blocks)
+    assert all(torch.allclose(first.heads[k], second.heads[k]) for k in first.heads)
+
+
+def test_a_pruned_decoder_with_tied_embeddings_saves_and_reloads_tied(tmp_path) -> None:
+    """Qwen2-0.5B ties its output layer to its token embeddings; safetensors stores no aliases, so the
+    student keeps the tensor once and reload shares it again."""
+    cfg = tiny_llava("qwen").config
+    cfg.tie_word_embeddings = cfg.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    keep_channels_(decoder_block(model, 1), LANGUAGE, range(20))
+    save(model, tmp_path, {})
+    reloaded = load_student(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.model.language_model.embed_tokens.weight
+    assert torch.equal(logits(reloaded), logits(model))

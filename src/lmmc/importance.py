@@ -14,7 +14,7 @@ from lmmc.adapters import Adapter, TowerModule, block_linears, block_list, head_
 from lmmc.blockwise import block_input, block_output, input_square_sums, run_block, token_mask, visit_blocks
 from lmmc.data import CalibData
 from lmmc.errors import LmmcError
-from lmmc.objectives import info_nce
+from lmmc.objectives import info_nce, make_objective, objective_batches
 
 Key = tuple[str, int]  # (tower name, block index)
 
@@ -58,6 +58,13 @@ def gate_hook(gate: torch.Tensor):
     return hook
 
 
+def add_gate(block: nn.Module, gate: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+    """Hook `gate_hook(gate)` onto `block`, ahead of its other forward hooks: transformers records hidden
+    states (LLaVA's image features are the second-to-last block's) with hooks it installs at a model's first
+    call, and those must record the gated output, or the gate drops out of the loss."""
+    return block.register_forward_hook(gate_hook(gate), with_kwargs=True, prepend=True)
+
+
 def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, calib: CalibData,
                       device: torch.device, temperature: float = 0.1) -> Importance:
     """First-order Taylor importance (AntGMM's grad⊙W sums) under `contrastive_distill_loss`.
@@ -86,7 +93,7 @@ def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
     handles = []
     for tower in adapter.towers:
         for i, block in enumerate(block_list(student, tower)[1]):
-            handles.append(block.register_forward_hook(gate_hook(gates[(tower.name, i)]), with_kwargs=True))
+            handles.append(add_gate(block, gates[(tower.name, i)]))
     out = Importance()
     for key, lin in linears.items():
         hd = head_dim(student, towers[key[0]])
@@ -94,29 +101,46 @@ def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
         out.channels[key] = torch.zeros(lin["fc1"].out_features)
         out.blocks[key] = 0.0
     used = 0
+
+    @torch.no_grad()
+    def collect(names: set[str]) -> None:
+        """Add this backward pass's sums for the blocks of the towers in `names`, then clear the gradients."""
+        for key, lin in linears.items():
+            o = lin["o"].weight
+            if key[0] not in names or o.grad is None:  # a block the loss does not read scores nothing
+                continue
+            hd = head_dim(student, towers[key[0]])
+            out.heads[key] += (o * o.grad).reshape(o.shape[0], -1, hd).sum((0, 2)).abs().cpu()
+            out.channels[key] += (lin["fc2"].weight * lin["fc2"].weight.grad).sum(0).abs().cpu()
+            out.blocks[key] += float(gates[key].grad.abs())
+            for r in ("o", "fc2"):
+                lin[r].weight.grad = None
+            gates[key].grad = None
+
     try:
-        for tower in adapter.towers:
-            s_mod, t_mod = TowerModule(student, tower), TowerModule(teacher, tower)
-            hd = head_dim(student, tower)
-            for batch in calib.calib_batches(tower.modality):
-                if len(next(iter(batch.values()))) < 2:
-                    continue  # one sample has no in-batch negative: the loss is constant
-                with torch.no_grad():
-                    t_emb = t_mod(*_batch_inputs(t_mod, batch, device))[1]
-                loss = contrastive_distill_loss(s_mod(*_batch_inputs(s_mod, batch, device))[1], t_emb, temperature)
-                loss.backward()
+        if adapter.kind == "generative":
+            # Ours: a generative model's output is logits, with no embedding to contrast. Its own teacher-forced
+            # next-token loss on the calibration answers (ECoFLaP's objective) reaches every tower through the
+            # decoder; a vision block the decoder never reads (LLaVA-1.5 takes the second-to-last) scores 0.
+            objective = make_objective(student, adapter)
+            text = next(t for t in adapter.towers if t.modality == "text")
+            sizes = [len(next(iter(b.values()))) for b in calib.calib_batches(text.modality)]
+            for step in objective_batches(calib, adapter, sum(sizes), max(sizes)):
+                objective(step, device).backward()
                 used += 1
-                with torch.no_grad():
-                    for key, lin in linears.items():
-                        if key[0] != tower.name:
-                            continue
-                        o = lin["o"].weight
-                        out.heads[key] += (o * o.grad).reshape(o.shape[0], -1, hd).sum((0, 2)).abs().cpu()
-                        out.channels[key] += (lin["fc2"].weight * lin["fc2"].weight.grad).sum(0).abs().cpu()
-                        out.blocks[key] += float(gates[key].grad.abs())
-                        for r in ("o", "fc2"):
-                            lin[r].weight.grad = None
-                        gates[key].grad = None
+                collect(set(towers))
+        else:
+            for tower in adapter.towers:
+                s_mod, t_mod = TowerModule(student, tower), TowerModule(teacher, tower)
+                for batch in calib.calib_batches(tower.modality):
+                    if len(next(iter(batch.values()))) < 2:
+                        continue  # one sample has no in-batch negative: the loss is constant
+                    with torch.no_grad():
+                        t_emb = t_mod(*_batch_inputs(t_mod, batch, device))[1]
+                    s_emb = s_mod(*_batch_inputs(s_mod, batch, device))[1]
+                    contrastive_distill_loss(s_emb, t_emb, temperature).backward()
+                    used += 1
+                    collect({tower.name})
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,7 @@ from torch import nn
 
 from lmmc.adapters import Adapter, TowerModule, block_list
 from lmmc.data import CalibData
-from lmmc.importance import contrastive_distill_loss, gate_hook
+from lmmc.importance import add_gate, contrastive_distill_loss
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def block_loss_change(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
     for tower in adapter.towers:
         blocks = block_list(student, tower)[1]
         gates = [torch.ones((), device=device) for _ in blocks]
-        handles = [b.register_forward_hook(gate_hook(g), with_kwargs=True) for b, g in zip(blocks, gates)]
+        handles = [add_gate(b, g) for b, g in zip(blocks, gates)]
         s_mod, t_mod = TowerModule(student, tower), TowerModule(teacher, tower)
         totals = [0.0] * len(blocks)
         try:
