@@ -338,6 +338,8 @@ class DistillPass(Pass):
             metrics = trainer.fit()
         finally:
             trainer.restore_flags()
+        if not self.config.checkpoint_dir:
+            metrics.pop("checkpoint", None)  # in the work area, which the finished compile removes
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
             metrics["token_coverage"] = round(token_coverage(tokenizer, [s["text"]["input_ids"] for s in train]), 4)

@@ -249,6 +249,7 @@ def test_sigkilled_compiles_resume_to_the_bytes_of_an_uninterrupted_run(tmp_path
     report = json.loads((plain / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["antgmm", "wanda", "distill", "onnx", "validate"]
     assert report["passes"][2]["metrics"]["resumed_from"] is None
+    assert "checkpoint" not in report["passes"][2]["metrics"]  # it was in the work area, now removed
 
     # SIGKILLed at the boundary after wanda (pass 2 of 5), resumed, SIGKILLed inside distillation, resumed.
     code, _ = kill_when(compile_args(teacher, recipe, resumed), lambda: (work_path(resumed) / "state-02").is_dir(),
