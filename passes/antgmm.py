@@ -65,8 +65,9 @@ class AntGMMConfig(PassConfig):
         "FFN channels and whole blocks of every tower compete in one ranking by loss change per predicted "
         "millisecond (Taylor importance; a block's loss change is measured)")
     importance: Literal["taylor", "activation"] = Field("taylor", description="heads, FFN and hidden channels: "
-                                                        "first-order Taylor (needs backward) or gradient-free "
-                                                        "activation scores")
+                                                        "first-order Taylor (needs backward; of the contrastive "
+                                                        "loss below, of the next-token loss for generative "
+                                                        "models) or gradient-free activation scores")
     depth_importance: Literal["taylor", "activation"] = Field("activation", description="blocks: first-order "
                                                               "Taylor of a gate on the block, or its measured "
                                                               "influence on the residual stream (1 - cos)")

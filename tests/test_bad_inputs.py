@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import (CORPUS, TINY_VISION, save_preprocessors, save_tiny, siglip_sentencepiece, tiny_model,
-                            tiny_vocab)
+from tests.conftest import (CORPUS, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava, siglip_sentencepiece,
+                            tiny_model, tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -265,6 +265,14 @@ def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "floor of 32",
                                                                   "four times that floor of distinct samples"]
+
+
+@case("a latency target on a generative model")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {"target": {"speedup": 2}}}],
+                                "export": ["onnx", {"openvino": {"int8": True}}]})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "sets a latency target", "generative models (llava)", "Set keep"]
 
 
 @case("too few held-out samples asked for")

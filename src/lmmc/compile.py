@@ -195,6 +195,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
+    _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes)
     _check_nm(recipe, shapes, adapter, warnings)
@@ -242,6 +243,17 @@ def _check_norm_gate(normalised: bool, recipe: Recipe) -> None:
         raise LmmcError("validate.max_norm_error gates the norms of an embedding that is not normalised, but this "
                         "model's embedding is (a unit vector, whose quality min_cosine measures): remove "
                         "max_norm_error")
+
+
+def _check_target(adapter: Any, recipe: Recipe) -> None:
+    """A latency target is met on the deployed student, which a generative model does not have yet."""
+    if adapter.kind != "generative":
+        return
+    for i, step in enumerate(recipe.passes):
+        if getattr(step.config, "target", None) is not None:
+            raise LmmcError(f"passes[{i}] '{step.name}' sets a latency target, which is measured on the student "
+                            f"deployed to ONNX Runtime or OpenVINO; lmmc does not deploy generative models "
+                            f"({adapter.family}) there yet. Set keep (a FLOPs fraction) instead")
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
