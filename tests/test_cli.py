@@ -154,7 +154,8 @@ def test_force_replaces_existing_output(tmp_path):
     model_dir = save_tiny("vit", tmp_path / "teacher")
     out = tmp_path / "out"
     (out / "student").mkdir(parents=True)
-    (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace
+    (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace,
+    (out / ".lmmc-files.json").write_text('["student", "student/lmmc.json"]')  # with the list of its files
     (out / "report.html").write_text("old")  # a file of that earlier output, replaced with the rest
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", out, "--force")

@@ -127,3 +127,56 @@ def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(s
     (out / "notes.txt").write_text("mine")
     with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which lmmc does not write"):
         check_output(out, str(model), load_recipe(recipe), recipe, force=True)
+
+
+@pytest.mark.parametrize("added", ["student/NOTES.md", "onnx/my_model_v2.onnx", "student/link"])
+def test_force_keeps_an_earlier_output_holding_a_file_of_the_users_anywhere(setup, tmp_path, added):
+    """Inside student/ or onnx/ too: an earlier output lists every file it wrote, and one the user added
+    (or a link, which lmmc never writes) makes it the user's."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / added).parent.mkdir(exist_ok=True)  # the earlier compile exported nothing: onnx/ is the user's too
+    if added.endswith("link"):
+        (out / added).symlink_to(tmp_path)
+    else:
+        (out / added).write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"{added}, which lmmc does not write); it was left untouched" in result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path):
+    """An output whose files were not listed (an older lmmc's) cannot show that nothing was added to it."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / lmmc.compile.FILE_LIST).unlink()
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2 and "it has no .lmmc-files.json" in result.output, result.output
+    assert (out / "report.json").is_file()
+
+
+def test_bad_input_leaves_no_folders_and_a_failed_resume_keeps_the_saved_passes(setup, tmp_path):
+    model, recipe, _ = setup
+    broken = tmp_path / "nan-teacher"
+    shutil.copytree(model, broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    next(iter(weights.values()))[0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = compile_(broken, recipe, tmp_path / "deep" / "er" / "out")
+    assert result.exit_code == 2 and "NaN" in result.output, result.output
+    assert not (tmp_path / "deep").exists()
+
+    from lmmc.compile import _give_up
+    from lmmc.resume import WorkArea
+
+    for resume in (True, False):
+        area = WorkArea(tmp_path / "out")
+        (area.path / "state-01").mkdir(parents=True, exist_ok=True)  # a pass the interrupted run finished
+        _give_up(area, resume, [])
+        assert (area.path / "state-01").is_dir() == resume

@@ -63,21 +63,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Every file and directory a compile put in its output, written last; --force replaces an earlier output
+# only while it holds nothing else (`lmmc bench` and `lmmc report` add or rewrite the files of _LATER).
+FILE_LIST = ".lmmc-files.json"
+_LATER = {"report.html", "bench.json", FILE_LIST}
 # What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
 _OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-model", "allocation.png",
-                   "manifest.json", "report.json", "report.html", "bench.json"}
+                   "manifest.json", "report.json", *_LATER}
+_PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+")  # bench's and report's files being written
+
+
+def _entries(root: Path) -> list[str]:
+    """Every file, directory and link under `root` (links not followed), as paths relative to it."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found += [(Path(folder) / name).relative_to(root).as_posix() for name in [*dirs, *files]]
+    return sorted(found)
 
 
 def _foreign(path: Path) -> list[str]:
-    """Entries of `path` that no lmmc command writes there (their own hidden partial files aside)."""
-    return sorted(p.name for p in path.iterdir()
-                  if p.name not in _OUTPUT_ENTRIES and not re.fullmatch(r"\.(report\.html|bench\.json)\.tmp-\d+", p.name))
+    """What `path` holds that lmmc did not write there: top-level names no lmmc command writes, then, in an
+    output that lists its files, anything the list does not name and every link (lmmc writes none)."""
+    top = sorted(p.name for p in path.iterdir() if p.name not in _OUTPUT_ENTRIES and not _PARTIAL.fullmatch(p.name))
+    if top:
+        return top
+    try:
+        listed = set(json.loads((path / FILE_LIST).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return []  # no list: _is_lmmc_output says so
+    return [rel for rel in _entries(path) if (path / rel).is_symlink()
+            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel))]
 
 
 def _is_lmmc_output(path: Path) -> bool:
-    """Holds student/lmmc.json, or a report.json that lmmc wrote (another tool's report.json is no proof),
-    and nothing else than lmmc writes: a copied student in a folder of the user's own is no earlier output."""
-    if _foreign(path):
+    """Holds the list of files a compile wrote and nothing beyond it (a file the user added inside
+    student/ too), and student/lmmc.json or a report.json that lmmc wrote (another tool's report.json is
+    no proof)."""
+    if _foreign(path) or not (path / FILE_LIST).is_file():
         return False
     if (path / "student" / "lmmc.json").is_file():
         return True
@@ -151,7 +173,9 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
         if any(target.iterdir()) and not _is_lmmc_output(target):
             foreign = _foreign(target)
             holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc does not " \
-                    f"write)" if foreign else ""
+                    f"write)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
+                    f"files added to it cannot be told apart: an output of an older lmmc)" \
+                    if (target / "report.json").is_file() else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
                             f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
                             f"--out, or move that directory away yourself")
@@ -361,6 +385,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     dev = resolve_device(device)
     the_plan = plan(model_ref, recipe, trust_remote_code)
     calib = recipe.calibration.path
+    created = [p for p in out.parents if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     area = WorkArea(out)
     area.claim(describe_inputs(model_ref, recipe), resume)
@@ -408,6 +433,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             write_manifest(art, tmp, text_truncation(teacher.config, adapter, preprocessor))
             (tmp / "report.json").write_text(report_json(report))
             write_report_html(tmp)
+            (tmp / FILE_LIST).write_text(json.dumps(_entries(tmp), indent=0))
             if _taken(out, force):
                 change = "is no longer an earlier lmmc output" if force else "appeared"
                 raise OutputTaken(f"--out '{out}' {change} while the compile ran; it was left untouched. The "
@@ -418,7 +444,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             tmp.rename(out)
         area.finish()
     except OSError as err:
-        area.discard()
+        _give_up(area, resume, created)
         if err.errno in _DISK_FULL:
             raise LmmcError(f"the disk is full: writing '{err.filename or tmp}' failed ({err.strerror}); nothing "
                             f"was written to '{out}'. Free some space, or choose an --out on another disk") from None
@@ -430,7 +456,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         area.release()
         raise
     except LmmcError:
-        area.discard()
+        _give_up(area, resume, created)
         raise
     except BaseException:
         area.release()
@@ -443,6 +469,20 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
                                       for g in missed), *report["failures"]]))
     return report
+
+
+def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:
+    """After bad input or a full disk: a new compile leaves nothing behind, not even the folders it made
+    for --out; a resumed one keeps what the interrupted run saved, to resume once the input is fixed."""
+    if resume:
+        area.release()
+        return
+    area.discard()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else wrote there meanwhile
+            break
 
 
 def _num(value: float | None) -> str:
