@@ -508,6 +508,27 @@ def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_p
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("value, got", [
+    ({"text": "a cat", "image": ["a.png", "b.png"]}, '"image" must be a string, got ["a.png", "b.png"]; write it as a path'),
+    ({"text": "a cat", "image": None}, '"image" must be a string, got null; write it as a path'),
+    ({"text": "a cat", "image": 7}, '"image" must be a string, got 7; write it as a path'),
+    ({"text": None}, '"text" must be a string, got null; write it as text in quotes'),
+    ({"text": 3.5}, '"text" must be a string, got 3.5; write it as text in quotes'),
+])
+def test_a_jsonl_line_whose_text_or_image_is_not_a_string_is_refused(value, got, tmp_path, monkeypatch):
+    """A null text would otherwise be read as the text "None", and a list as an image path raised a TypeError."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join([json.dumps({"text": "the water is cold"}), json.dumps(value)]))
+    args = [bert(tmp_path), "-r", write_recipe(tmp_path, RANDOM), "-o", "out", "--calib", data, "--dry-run"]
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", *map(str, args)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert f"error: {data}:2: {got}" in result.output, result.output
+    assert snapshot(tmp_path) == before
+
+
 def _readonly_dir(tmp_path: Path) -> Path:
     """A directory this process cannot write into: chmod for ordinary users; root writes through
     permissions, so for root a read-only place of the system (sysfs) where one exists."""
@@ -608,6 +629,35 @@ def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
     assert f"reading the tokenizer of '{model}' needs a package that is not installed" in proc.stderr
     assert "SiglipTokenizer requires the SentencePiece library" in proc.stderr
     assert "pip install sentencepiece" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path):
+    """A hub id whose cached snapshot holds pytorch_model.bin alone: lmmc never unpickles weights, whether
+    or not the hub has a model.safetensors, and says how to convert them. The hub cache is set through the
+    environment, which huggingface_hub reads at import: hence a child process."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
+    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    (snapshot_dir / "model.safetensors").unlink()
+    torch.save(tiny_model("bert").state_dict(), snapshot_dir / "pytorch_model.bin")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    recipe = write_recipe(tmp_path, RANDOM)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "HF_HUB_OFFLINE": "1"}
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert ("error: the weights of 'acme/tinybert' cannot be read as safetensors (acme/tinybert does not appear to "
+            "have a file named model.safetensors or model.safetensors.index.json and thus cannot be loaded with "
+            "`safetensors`); lmmc loads safetensors weights only (never pickle such as pytorch_model.bin): convert "
+            "them once yourself, from_pretrained('acme/tinybert') and then save_pretrained(DIR, "
+            "safe_serialization=True), and pass DIR") in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
-from lmmc.runtime import MANIFEST, load
+from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, load, read_manifest
 from lmmc.timing import PER_VISIT, time_interleaved
 
 JSON_KIND = "lmmc bench"
@@ -103,23 +103,20 @@ def read_output(out_dir: Path) -> dict[str, Any]:
         raise LmmcError(f"'{out_dir}' is not an lmmc output (no report.json or student/lmmc.json); "
                         f"run `lmmc compile MODEL --recipe R.yaml --out {out_dir}` first")
     try:
-        return json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text())
     except json.JSONDecodeError as err:
         raise LmmcError(f"{report_path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
+    if not isinstance(report, dict) or not isinstance(report.get("model"), str):
+        raise LmmcError(f"{report_path} does not name the model it was compiled from; recompile to rewrite it")
+    return report
 
 
 def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> tuple[list[dict[str, Any]], list[str]]:
     """Every student file the device's runtimes can run (the manifest's list when there is one, else
     onnx/*.onnx), and a note for each listed artifact of another backend: on the CPU a TensorRT engine needs
     a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs TensorRT installed."""
-    manifest = out_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            entries = [{k: e[k] for k in ("tower", "backend", "precision", "path")}
-                       for e in json.loads(manifest.read_text())["artifacts"]]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LmmcError(f"{manifest} is not an lmmc manifest (each artifact needs tower, backend, precision "
-                            f"and path); recompile to rewrite it") from None
+    if (out_dir / MANIFEST).is_file():
+        entries = [{k: e[k] for k in ARTIFACT_KEYS} for e in read_manifest(out_dir)["artifacts"]]
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
@@ -386,7 +383,8 @@ def memory_child() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM so import-time peaks do not count
     before = _vm("VmRSS")
     if spec["backend"] == "pytorch":
-        model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32).eval()
+        model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32,
+                                     use_safetensors=True).eval()
         run = torch_runner(model, adapter.tower(spec["tower"]))
     else:
         run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"],
@@ -414,10 +412,21 @@ def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads:
 # Data
 
 
-def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig):
-    from lmmc.recipe import CalibrationConfig
+def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: Path):
+    """The compile's calibration settings, --calib applied; the recipe's validate section, which bench reads
+    next, is checked here too."""
+    from lmmc.recipe import CalibrationConfig, _explain
 
-    calib = CalibrationConfig(**report["recipe"]["calibration"])
+    recipe = report.get("recipe")
+    if (not isinstance(recipe, dict) or not isinstance(recipe.get("calibration"), dict)
+            or not isinstance(recipe.get("validate") or {}, dict)):
+        raise LmmcError(f"{report_path} lacks its recipe's calibration or validate section, from which lmmc bench "
+                        f"takes the held-out split and the timing settings; recompile to rewrite it")
+    try:
+        calib = CalibrationConfig.model_validate(recipe["calibration"])
+    except ValidationError as err:
+        raise LmmcError(f"{report_path} holds a bad calibration section in its recipe; recompile to rewrite it:\n"
+                        f"{_explain(err)}") from None
     if cfg.calib is not None:
         calib = calib.model_copy(update={"path": str(cfg.calib)})
     if calib.path and not Path(calib.path).exists():
@@ -520,7 +529,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         if measure_memory:
             measure_memory = False
             skipped.append("peak memory is not measured on a GPU: it is the host process's RSS")
-    calib_cfg = _recipe_calibration(report, cfg)
+    calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
     validate = report["recipe"].get("validate") or {}
     data = load_data(calib_cfg, teacher, adapter, preprocessor)

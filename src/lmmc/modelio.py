@@ -288,9 +288,18 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
     report_logger.addFilter(quiet)
     try:
         model, info = auto.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                           output_loading_info=True)
+                                           output_loading_info=True, use_safetensors=True)
     except SafetensorError as err:
         raise LmmcError(f"the weights of '{ref}' are corrupt or truncated ({err}); copy or download them again") from None
+    except OSError as err:  # a hub snapshot with pytorch_model.bin alone (plan checks only a local directory's files)
+        if "safetensors" not in str(err):
+            raise
+        # transformers' first sentence says what is missing; its advice (drop use_safetensors) is not for users
+        reason = " ".join(str(err).split()).split(". ")[0]
+        raise LmmcError(f"the weights of '{ref}' cannot be read as safetensors ({reason}); lmmc loads safetensors "
+                        f"weights only (never pickle such as pytorch_model.bin): convert them once yourself, "
+                        f"from_pretrained('{ref}') and then save_pretrained(DIR, safe_serialization=True), "
+                        f"and pass DIR") from None
     finally:
         report_logger.removeFilter(quiet)
     adapter.prepared(model).eval()

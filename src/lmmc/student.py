@@ -194,7 +194,8 @@ def load_student(path: str | Path) -> nn.Module:
     if not (path / weights).is_file():
         raise LmmcError(f"'{path}' has no {weights}, which its {META_FILE} names as the weights file")
     if weights == STANDARD_WEIGHTS:
-        model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype="auto")
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype="auto",
+                                           use_safetensors=True)
         bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
         if bad:
             raise LmmcError(f"'{path}' does not load exactly into {cls.__name__}: {bad}")
