@@ -109,6 +109,32 @@ def test_calibration_file_bytes_are_part_of_the_fingerprint(tmp_path, teacher):
     assert changed_inputs(before, after) == [f"the data of calibration ('{data}') changed"]
 
 
+def test_images_a_jsonl_names_are_part_of_the_fingerprint(tmp_path, teacher):
+    """A .jsonl holds image paths, not images: an image changed in place must still stop --resume, for the
+    calibration data and for a distillation corpus alike."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"picture {i}", "image": f"img/{i}.png"}) for i in range(3)))
+    distill = {**RECIPE["passes"][2]["distill"], "corpus": str(data)}
+    recipe = parse_recipe({**RECIPE, "calibration": {"path": str(data), "samples": 1, "eval_samples": 2},
+                           "passes": [*RECIPE["passes"][:2], {"distill": distill}]})
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(describe_inputs(str(teacher), recipe), resume=False)
+    dead.release()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "img" / "1.png")  # same name, other pixels
+    changes = [f"the data of calibration ('{data}') changed", f"the data of passes[2].distill.corpus ('{data}') changed"]
+    assert changed_inputs(json.loads((work_path(tmp_path / "out") / INPUTS_FILE).read_text()),
+                          describe_inputs(str(teacher), recipe)) == changes
+    with pytest.raises(LmmcError) as err:
+        WorkArea(tmp_path / "out").claim(describe_inputs(str(teacher), recipe), resume=True)
+    assert str(err.value).startswith(f"cannot resume the compile to '{tmp_path / 'out'}': since it was interrupted, "
+                                     f"{'; '.join(changes)}. Restore what changed")
+
+
 def test_resume_without_a_work_area_says_there_is_nothing_to_resume(tmp_path, teacher):
     with pytest.raises(LmmcError, match="nothing to resume.*without --resume"):
         WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=True)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import lmmc
 from lmmc.artifact import Artifact, ExportRecord, PassRecord
+from lmmc.data import read_samples
 from lmmc.errors import LmmcError
 from lmmc.recipe import Recipe
 from lmmc.student import load_student
@@ -78,19 +79,32 @@ def hash_files(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hash_data(path: Path) -> str:
+    """hash_files of a data file or folder; for a .jsonl file, also the bytes of every image its lines name
+    (resolved as the data reader resolves them): an image changed in place changes the samples too."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".jsonl"):
+        return hash_files(path)
+    digest = hashlib.sha256(hash_files(path).encode())
+    # the images' names are in the file's bytes already; each image's bytes once, in the order of the lines
+    for image in dict.fromkeys(r["image"] for r in read_samples(path) if "image" in r):
+        digest.update(hash_files(Path(image)).encode())
+    return digest.hexdigest()
+
+
 def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
     """What a resumed compile must find unchanged: the model's files, the recipe, and every data file
-    the recipe reads (calibration data and distillation corpora)."""
+    the recipe reads (calibration data and distillation corpora, with the images a .jsonl names)."""
     model_path = Path(model_ref).expanduser()
     # A hub id without a local copy is known by its name only.
     model = {"ref": model_ref, "sha256": hash_files(model_path) if model_path.exists() else None}
     data = {}
     if recipe.calibration.path:
-        data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_files(Path(recipe.calibration.path))}
+        data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_data(Path(recipe.calibration.path))}
     for i, step in enumerate(recipe.passes):
         corpus = getattr(step.config, "corpus", None)
         if corpus:
-            data[f"passes[{i}].{step.name}.corpus"] = {"path": corpus, "sha256": hash_files(Path(corpus))}
+            data[f"passes[{i}].{step.name}.corpus"] = {"path": corpus, "sha256": hash_data(Path(corpus))}
     return {"lmmc_version": lmmc.__version__, "model": model, "recipe": recipe.to_dict(), "data": data}
 
 
