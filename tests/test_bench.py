@@ -273,6 +273,47 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
     assert (target.read_text() == '{"mine": 1}') if case == "json not ours" else not target.exists()
 
 
+def _tampered_output(tmp_path, change):
+    """An lmmc output as bench reads it up to the point of loading the teacher (the report, the student's
+    record, one ONNX file), with `change` applied to (report, manifest)."""
+    out = tmp_path / "out"
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "lmmc.json").write_text("{}")
+    (out / "onnx").mkdir()
+    (out / "onnx" / "text.onnx").write_bytes(b"")
+    report = {"model": str(save_tiny("bert", tmp_path / "teacher")),
+              "recipe": {"calibration": {"random": True, "samples": 16, "eval_samples": 32}, "validate": {}}}
+    manifest = {"artifacts": [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "path": "onnx/text.onnx"}]}
+    change(report, manifest)
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r, m: r.pop("recipe"), "{out}/report.json lacks its recipe's calibration or validate section, from "
+     "which lmmc bench takes the held-out split and the timing settings; recompile to rewrite it"),
+    (lambda r, m: r.pop("model"), "{out}/report.json does not name the model it was compiled from; recompile to "
+     "rewrite it"),
+    (lambda r, m: r["recipe"]["calibration"].update(samples="lots"), "{out}/report.json holds a bad calibration "
+     "section in its recipe; recompile to rewrite it:\n  samples: Input should be a valid integer, unable to parse "
+     "string as an integer"),
+    (lambda r, m: m["artifacts"][0].update(path="../outside.onnx"), "{out}/manifest.json names '../outside.onnx', "
+     "which is not a file inside '{out}'; a manifest names only files of its own output directory: recompile to "
+     "rewrite it"),
+    (lambda r, m: m["artifacts"][0].pop("tower"), "{out}/manifest.json is not an lmmc manifest (each artifact needs "
+     "a tower, backend, precision and path, each tower a modality); recompile to rewrite it"),
+], ids=["report without recipe", "report without model", "samples not a number", "artifact outside", "artifact without tower"])
+def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, change, message):
+    out = _tampered_output(tmp_path, change)
+    (tmp_path / "outside.onnx").write_bytes(b"")
+    result = run("bench", out, "--json", tmp_path / "b.json", "--quick")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert f"error: {message.format(out=out)}\n" in result.output, result.output
+    assert not (tmp_path / "b.json").exists()
+
+
 def _row(model, artifact, p50, cosine):
     return {"model": model, "artifact": artifact, "latency_ms": {"p50": p50}, "cosine_to_teacher": {"held-out": cosine}}
 

@@ -210,6 +210,71 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         open_dir(tmp_path)
 
 
+def _identity_onnx(path):
+    """A valid one-node ONNX file, which ONNX Runtime loads."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _tamper_path(m, outside):
+    m["artifacts"][0]["path"] = "../outside.onnx"
+
+
+def _tamper_absolute(m, outside):
+    m["artifacts"][0]["path"] = str(outside)
+
+
+def _tamper_files(m, outside):
+    m["artifacts"][0]["files"] = ["onnx/text.onnx", "../outside.onnx"]
+
+
+def _tamper_preprocessing(m, outside):
+    m["preprocessing"]["text"]["files"] = [str(outside)]
+
+
+NOT_A_MANIFEST = ("is not an lmmc manifest (each artifact needs a tower, backend, precision and path, each tower "
+                  "a modality); recompile to rewrite it")
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_tamper_path, "names '../outside.onnx', which is not a file inside"),
+    (_tamper_absolute, "names '{outside}', which is not a file inside"),
+    (_tamper_files, "names '../outside.onnx', which is not a file inside"),
+    (_tamper_preprocessing, "names '{outside}', which is not a file inside"),
+    (lambda m, outside: m["artifacts"][0].pop("tower"), NOT_A_MANIFEST),
+    (lambda m, outside: m["artifacts"][0].pop("path"), NOT_A_MANIFEST),
+    (lambda m, outside: m.update(artifacts="x"), NOT_A_MANIFEST),
+    (lambda m, outside: m["towers"].update(text="text"), NOT_A_MANIFEST),
+], ids=["relative path", "absolute path", "file beside", "preprocessing file", "no tower", "no path",
+        "artifacts not a list", "tower not an object"])
+def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
+    """An edited manifest must not make lmmc open files outside the output directory, nor crash on a
+    missing key: one error naming manifest.json."""
+    out, outside = tmp_path / "out", tmp_path / "outside.onnx"
+    (out / "onnx").mkdir(parents=True)
+    _identity_onnx(out / "onnx" / "text.onnx")
+    _identity_onnx(outside)  # a loadable model: only the manifest check keeps it out
+    manifest = {"towers": {"text": {"modality": "text", "normalized": True}},
+                "preprocessing": {"text": {"kind": "tokenizer", "max_length": 8, "files": ["student/tokenizer.json"]}},
+                "artifacts": [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "variant": "plain",
+                               "path": "onnx/text.onnx", "files": ["onnx/text.onnx"]}]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert str(open_dir(out).models["text"].path) == str(out / "onnx" / "text.onnx")  # untampered: it opens
+    tamper(manifest, outside)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmmcError) as err:
+        open_dir(out)
+    assert str(err.value).startswith(f"{out / 'manifest.json'} "), str(err.value)
+    assert message.format(outside=outside) in str(err.value)
+    if message != NOT_A_MANIFEST:
+        assert str(err.value).endswith(f"inside '{out}'; a manifest names only files of its own output directory: "
+                                       f"recompile to rewrite it")
+
+
 @pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x08\x07" * 50])
 def test_corrupt_onnx_is_one_clear_error(tmp_path, content):
     path = tmp_path / "text.onnx"

@@ -86,16 +86,21 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 raise LmmcError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be an object") from None
             if not isinstance(obj, dict) or not ({"text", "image"} & obj.keys()):
                 raise LmmcError(f"{path}:{n}: each line needs a \"text\" and/or an \"image\" key")
+            # str() would quietly turn a null into the text "None"; a list or number is no path
+            for key in ("text", "image", "prompt"):
+                if key in obj and not isinstance(obj[key], str):
+                    raise LmmcError(f"{path}:{n}: \"{key}\" must be a string, got {json.dumps(obj[key])}; write it "
+                                    f"as {'a path in quotes' if key == 'image' else 'text in quotes'}")
             rec = {}
             if "text" in obj:
-                rec["text"] = str(obj["text"])
+                rec["text"] = obj["text"]
             if "image" in obj:
                 image = Path(obj["image"])
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
             if "label" in obj:
                 rec["label"] = str(obj["label"])
             if "prompt" in obj:  # generative models: the text before the answer, not trained on
-                rec["prompt"] = str(obj["prompt"])
+                rec["prompt"] = obj["prompt"]
             records.append(rec)
         check_labels(records, path)
     else:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 MANIFEST = "manifest.json"
+# What every reader of a manifest takes from each of its artifacts.
+ARTIFACT_KEYS = ("tower", "backend", "precision", "path")
 
 
 @dataclass(frozen=True)
@@ -193,13 +195,55 @@ class Deployment:
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """A compile's manifest, its shape checked once for every reader (open_dir, lmmc bench): each artifact
+    names its tower, backend, precision and path, and no file it names lies outside `out_dir`, so an edited
+    manifest cannot make lmmc read files elsewhere."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise LmmcError(f"'{out_dir}' has no {MANIFEST}; give the output directory of 'lmmc compile'")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise LmmcError(f"{path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
+    malformed = LmmcError(f"{path} is not an lmmc manifest (each artifact needs a tower, backend, precision and "
+                          f"path, each tower a modality); recompile to rewrite it")
+    artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
+    if not isinstance(artifacts, list) or not all(
+            isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ARTIFACT_KEYS) for a in artifacts):
+        raise malformed
+    towers = manifest.get("towers", {})
+    if not isinstance(towers, dict) or not all(isinstance(t, dict) and isinstance(t.get("modality"), str)
+                                               for t in towers.values()):
+        raise malformed
+    try:
+        named = _named_files(manifest)
+    except (AttributeError, TypeError):  # a "files" list or a section that is not what lmmc writes
+        raise malformed from None
+    root = Path(out_dir).resolve()
+    for name in named:
+        if not _inside(root, name):
+            raise LmmcError(f"{path} names {name!r}, which is not a file inside '{out_dir}'; a manifest names only "
+                            f"files of its own output directory: recompile to rewrite it")
+    return manifest
+
+
+def _inside(root: Path, name: Any) -> bool:
+    """Whether `name` is a path that resolves inside `root` (links followed; an absolute path or '..' may not)."""
+    try:
+        return isinstance(name, str) and (root / name).resolve().is_relative_to(root)
+    except (OSError, ValueError):  # a NUL character, a link loop
+        return False
+
+
+def _named_files(manifest: dict[str, Any]) -> list:
+    """Every file a manifest names: the artifacts and the files they read, the preprocessing files, and a
+    generative export's spec, graphs and token table."""
+    names = [a["path"] for a in manifest["artifacts"]]
+    names += [f for a in manifest["artifacts"] for f in a.get("files", [])]
+    names += [f for section in manifest.get("preprocessing", {}).values() for f in section.get("files", [])]
+    generative = manifest.get("generative", {})
+    names += [generative[key] for key in ("spec", "vision", "decoder", "embeddings") if key in generative]
+    return names
 
 
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -210,15 +254,19 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     `inference_precision` and `static_shape` as in `load`."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
+    if not manifest.get("towers"):
+        raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")
     models = {}
     for tower in manifest["towers"]:
+        # read_manifest requires no variant (bench needs none): an artifact without one matches variant=None only
         chosen = [a for a in manifest["artifacts"] if a["tower"] == tower and a["backend"] == backend
-                  and a["precision"] == precision and variant in (None, a["variant"])]
+                  and a["precision"] == precision and variant in (None, a.get("variant"))]
         if not chosen:
-            have = sorted({(a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"] if a["tower"] == tower})
+            have = sorted({(a["backend"], a["precision"], a.get("variant", "")) for a in manifest["artifacts"]
+                           if a["tower"] == tower})
             raise LmmcError(f"{out_dir} has no {backend} {precision} {variant or ''} artifact for the {tower} tower; "
                             f"it has {have}")
-        chosen.sort(key=lambda a: a["variant"] != "fused")
+        chosen.sort(key=lambda a: a.get("variant") != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
     return Deployment(out_dir, manifest, models)
