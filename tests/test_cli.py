@@ -107,6 +107,20 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_known_model_with_code_of_its_own_is_compiled_as_the_built_in_and_says_so(tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "custom.CustomBert"}}))
+    (model_dir / "custom.py").write_text("raise SystemExit('the model\'s own code ran')\n")
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0, result.output
+    warning = (f"'{model_dir}' ships code of its own (auto_map in config.json), which lmmc does not run without "
+               f"--trust-remote-code: it is compiled as transformers' built-in bert, which may compute something "
+               f"else than that code")
+    assert json.loads(result.stdout)["warnings"] == [warning]
+    assert f"warning: {warning}" in result.stderr
+
+
 def _bad_cases(tmp_path):
     good = save_tiny("bert", tmp_path / "teacher")
     nocfg = tmp_path / "noconfig"

@@ -216,6 +216,10 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
     warnings: list[str] = []
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
+                        f"without --trust-remote-code: it is compiled as transformers' built-in "
+                        f"{config.model_type}, which may compute something else than that code")
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
