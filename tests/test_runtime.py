@@ -133,7 +133,7 @@ def test_deployed_texts_are_cut_where_the_models_users_cut_them(tmp_path, minilm
 def test_more_tokens_than_the_positions_is_one_clear_error(compiled, backend):
     path = compiled / {"onnxruntime": "onnx/text.onnx", "openvino": "openvino/text.xml"}[backend]
     ids = np.full((2, 70), 7, dtype=np.int64)  # the tower has 64 positions
-    with pytest.raises(LmmcError, match=r"input_ids \[2, 70\].*(M|m)ore tokens than the model's position table"):
+    with pytest.raises(LmmcError, match=r"input_ids \[2, 70\].*More tokens than the model's position table"):
         load(path, backend, threads=1).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 

@@ -67,7 +67,8 @@ def add_gate(block: nn.Module, gate: torch.Tensor) -> torch.utils.hooks.Removabl
 
 def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, calib: CalibData,
                       device: torch.device, temperature: float = 0.1) -> Importance:
-    """First-order Taylor importance (AntGMM's grad⊙W sums) under `contrastive_distill_loss`.
+    """First-order Taylor importance (AntGMM's grad⊙W sums) under `contrastive_distill_loss`; for a
+    generative model, under its own next-token loss.
 
     FFN channel j: |Σ_i grad⊙W_fc2[i, j]|, AntGMM's score. Head h: |Σ grad⊙W over the head's columns
     of the output projection| (ours: AntGMM sums over the head's q/k rows and over its v rows; the

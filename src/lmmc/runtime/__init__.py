@@ -123,7 +123,7 @@ def shapes_of(feed: dict[str, np.ndarray]) -> str:
 
 
 # What a run that cannot index its inputs usually means for lmmc's towers.
-OUT_OF_RANGE = ("more tokens than the model's position table or a token id beyond its vocabulary is the usual "
+OUT_OF_RANGE = ("More tokens than the model's position table or a token id beyond its vocabulary is the usual "
                 "cause; truncate texts to the manifest's preprocessing.text.max_length, as encode() does")
 
 

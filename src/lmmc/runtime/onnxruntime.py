@@ -119,7 +119,7 @@ class OrtModel(Model):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LmmcError(f"ONNX Runtime could not run '{self.path.name}' on {shapes_of(feed)}: {first}. "
-                            f"{OUT_OF_RANGE[0].upper()}{OUT_OF_RANGE[1:]}") from None
+                            f"{OUT_OF_RANGE}") from None
         return dict(zip(self.output_names, outputs))
 
 

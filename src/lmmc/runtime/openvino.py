@@ -124,7 +124,7 @@ class OpenVinoModel(Model):
         outputs = {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
         # An index out of range (a token past the position table) gives empty outputs, not an error.
         if all(x.size for x in feed.values()) and any(x.size == 0 for x in outputs.values()):
-            raise LmmcError(f"OpenVINO ran '{self.path.name}' on {shapes_of(feed)} and returned empty outputs: "
+            raise LmmcError(f"OpenVINO ran '{self.path.name}' on {shapes_of(feed)} and returned empty outputs. "
                             f"{OUT_OF_RANGE}")
         return outputs
 
