@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -116,9 +117,16 @@ def test_a_known_model_with_code_of_its_own_is_compiled_as_the_built_in_and_says
     assert result.exit_code == 0, result.output
     warning = (f"'{model_dir}' ships code of its own (auto_map in config.json), which lmmc does not run without "
                f"--trust-remote-code: it is compiled as transformers' built-in bert, which may compute something "
-               f"else than that code")
+               f"else than that code, and the student's config no longer names it")
     assert json.loads(result.stdout)["warnings"] == [warning]
     assert f"warning: {warning}" in result.stderr
+    # The student is the built-in class, and its config no longer names the teacher's code.
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "auto_map" in json.loads((model_dir / "config.json").read_text())
+    assert "auto_map" not in json.loads((tmp_path / "out" / "student" / "config.json").read_text())
+    student = transformers.AutoModel.from_pretrained(tmp_path / "out" / "student", trust_remote_code=True)
+    assert type(student) is transformers.BertModel
 
 
 def _bad_cases(tmp_path):

@@ -219,7 +219,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     if getattr(config, "auto_map", None) and not trust_remote_code:
         warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
                         f"without --trust-remote-code: it is compiled as transformers' built-in "
-                        f"{config.model_type}, which may compute something else than that code")
+                        f"{config.model_type}, which may compute something else than that code, and the student's "
+                        f"config no longer names it")
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)

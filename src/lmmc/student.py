@@ -120,6 +120,10 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "weights": STANDARD_WEIGHTS if standard else SHRUNK_WEIGHTS,
         "towers": read_structure(model, adapter),
     }
+    if getattr(model.config, "auto_map", None) and type(model).__module__.startswith("transformers."):
+        # Compiled as transformers' built-in class: a config naming the teacher's own code (not copied
+        # here) would make a loader with trust_remote_code look for, or fetch, code the student never ran.
+        del model.config.auto_map
     out.mkdir(parents=True, exist_ok=True)
     (out / STANDARD_WEIGHTS).unlink(missing_ok=True)
     (out / SHRUNK_WEIGHTS).unlink(missing_ok=True)
