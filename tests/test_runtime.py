@@ -4,6 +4,7 @@ matching the PyTorch student; encode() applies the saved preprocessing; bad inpu
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -151,6 +152,117 @@ def test_encode_applies_the_saved_image_processor(compiled, tmp_path):
     deployed = open_dir(compiled, threads=1)
     got = deployed.encode([images[0], tmp_path / "one.png", images[2]], batch_size=2)  # an image or its path
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_an_image_reads_the_same_as_a_file_or_a_picture_upright_and_over_white(compiled, tmp_path):
+    """A path and the PIL image of the same file give one embedding: EXIF orientation applied (as
+    transformers' load_image does), transparency laid over white, other modes converted to RGB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    upright = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    sideways = upright.transpose(Image.Transpose.ROTATE_270)  # stored as a camera does, with orientation 8
+    exif = sideways.getexif()
+    exif[0x0112] = 8
+    sideways.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    clear = Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA")
+    clear.save(tmp_path / "clear.png")
+    over_white = Image.alpha_composite(Image.new("RGBA", clear.size, (255, 255, 255)), clear).convert("RGB")
+    grey = Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L")
+    deployed = open_dir(compiled, threads=1)
+    got = deployed.encode([tmp_path / "photo.jpg", tmp_path / "clear.png", clear, grey])
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        turned = stored.transpose(Image.Transpose.ROTATE_90)  # what orientation 8 asks a viewer to do
+    ref = deployed.encode([turned, over_white, over_white, grey.convert("RGB")])
+    assert np.abs(got - ref).max() <= 1e-6
+    assert np.abs(got[0] - deployed.encode([Image.open(tmp_path / "photo.jpg").convert("RGB")])[0]).max() > 1e-3
+    with pytest.raises(LmmcError, match="an image has mode I;16 .* not a picture; convert it to 8-bit RGB"):
+        deployed.encode([Image.fromarray(np.zeros((40, 40), np.uint16))])
+
+
+def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled):
+    from PIL import Image
+
+    deployed = open_dir(compiled, threads=1)
+    listed = deployed.encode(TEXTS)
+    assert np.abs(deployed.encode(t for t in TEXTS) - listed).max() == 0  # any iterable
+    assert np.abs(deployed.encode(np.array(TEXTS)) - listed).max() == 0
+    assert deployed.encode([]).shape == (0, 16)  # both towers project to 16
+    assert deployed.encode([], tower="vision").shape == (0, 16)
+    picture = Image.new("RGB", (40, 40))
+    for items, message in [
+            ("a b c", "encode takes a list of texts or images, and got one str; wrap it in a list: encode\(\[item\]\)"),
+            (picture, "got one Image; wrap it in a list"),
+            (["a", 3], "item 1 is int where item 0 is str"),
+            ([picture, "photo.png"], "item 1 is str where item 0 is Image"),
+            ([b"a b c"], "item 0 is bytes"), (["a", None], "item 1 is NoneType")]:
+        with pytest.raises(LmmcError, match=message):
+            deployed.encode(items)
+    with pytest.raises(LmmcError, match="has no tower 'image'; its towers are \['text', 'vision'\]"):
+        deployed.encode(TEXTS, tower="image")
+    with pytest.raises(LmmcError, match="the vision tower reads image, and the items are text"):
+        deployed.encode(TEXTS, tower="vision")
+    with pytest.raises(LmmcError, match="batch_size must be a positive integer, not 0"):
+        deployed.encode(TEXTS, batch_size=0)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled, backend):
+    suffix = {"onnxruntime": "onnx/{}.onnx", "openvino": "openvino/{}.xml"}[backend]
+    text, vision = (load(compiled / suffix.format(t), backend, threads=1) for t in ("text", "vision"))
+    name = text.path.name
+    ids = np.full((2, 5), 7, dtype=np.int64)
+    for feed, message in [
+            ({"input_ids": ids[0], "attention_mask": ids[0]}, f"{name} takes 'input_ids' of shape \['any', 'any'\], "
+                                                             f"and the feed has \[5\]"),
+            ({"input_ids": ids, "attention_mask": np.ones((3, 5))}, "disagree on the batch size"),
+            ({"input_ids": ids[:, :0], "attention_mask": ids[:, :0]}, "'input_ids' of shape \[2, 0\] is empty"),
+            ({"input_ids": ids - 8, "attention_mask": ids}, "'input_ids' holds id -1; token ids are never negative"),
+            ({"input_ids": ids + 0.5, "attention_mask": ids}, "'input_ids' holds fractions")]:
+        with pytest.raises(LmmcError, match=message):
+            text.run(feed)
+    with pytest.raises(LmmcError, match="takes 'pixel_values' of shape \['any', 3, 32, 32\], and the feed has "
+                                        "\[1, 3, 40, 40\]"):
+        vision.run({"pixel_values": np.zeros((1, 3, 40, 40), np.float32)})
+    # An id past the 99-token vocabulary: ONNX Runtime's Gather fails, OpenVINO's would return zeros.
+    with pytest.raises(LmmcError, match="id 99|Gather"):
+        text.run({"input_ids": ids + 92, "attention_mask": ids})
+    with pytest.raises(LmmcError, match="threads must be a positive integer"):
+        load(text.path, backend, threads=0)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_threads_sharing_one_loaded_model_each_get_their_own_results(compiled, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    deployed = open_dir(compiled, backend=backend, threads=1)
+    batches = [[f"{w} " * (1 + 3 * i) for w in TEXTS[:1 + i % 4]] for i in range(8)]
+    expected = [deployed.encode(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: deployed.encode(batches[i % 8]), range(64)))
+    for i, g in enumerate(got):
+        assert g.shape == expected[i % 8].shape and np.abs(g - expected[i % 8]).max() <= 1e-6, i
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_runtime_needs_no_torch(compiled, tmp_path, backend):
+    """lmmc.runtime runs where PyTorch is not installed (an edge device): the same embeddings."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    script = (f"import sys, numpy as np\n"
+              f"sys.modules['torch'] = sys.modules['torchvision'] = None  # as if not installed\n"
+              f"from pathlib import Path\n"
+              f"import lmmc.runtime\n"
+              f"d = lmmc.runtime.open_dir({str(compiled)!r}, backend={backend!r}, threads=1)\n"
+              f"np.save({str(tmp_path / 'text.npy')!r}, d.encode({TEXTS!r}))\n"
+              f"np.save({str(tmp_path / 'image.npy')!r}, d.encode([Path({str(tmp_path / 'a.png')!r})]))\n"
+              f"assert not any(m.startswith('torch') for m, v in sys.modules.items() if v is not None)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    deployed = open_dir(compiled, backend=backend, threads=1)
+    assert np.abs(np.load(tmp_path / "text.npy") - deployed.encode(TEXTS)).max() <= 1e-6
+    assert np.abs(np.load(tmp_path / "image.npy") - deployed.encode([tmp_path / "a.png"])).max() <= 1e-6
 
 
 def test_static_shape_pads_any_batch_up_to_the_compiled_shape(compiled):

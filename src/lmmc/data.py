@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmmc.errors import LmmcError
+from lmmc.runtime.images import NOT_PICTURES, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
@@ -269,22 +270,11 @@ def vocabulary_runs(tokenizer, count: int, seed: int, shortest: int = 4, longest
 
 
 def encode_images(image_processor, paths: list[str], batch_size: int) -> list[Batch]:
-    from PIL import Image
-
     out = []
     for chunk in _chunks(paths, batch_size):
-        images = []
-        for p in chunk:
-            try:
-                images.append(Image.open(p).convert("RGB"))
-            except (OSError, ValueError) as err:
-                raise LmmcError(f"cannot read image '{p}': {err}") from None
+        images = [open_image(p) for p in chunk]
         out.append({"pixel_values": image_processor(images=images, return_tensors="pt")["pixel_values"]})
     return out
-
-
-# Image modes that are not pictures: converting 32-bit integer or float pixels to RGB clips them to garbage.
-_NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 def check_images(paths: list[str], min_side: int) -> None:
@@ -298,7 +288,7 @@ def check_images(paths: list[str], min_side: int) -> None:
                 mode, size = im.mode, im.size
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise LmmcError(f"cannot read image '{p}': {err}; remove it or replace it with a PNG/JPEG picture") from None
-        if mode in _NOT_PICTURES:
+        if mode in NOT_PICTURES:
             raise LmmcError(f"image '{p}' has mode {mode} (integer or float pixels, e.g. a depth map or a 16-bit "
                             f"scan), not a picture; convert it to 8-bit RGB or remove it")
         if min(size) < min_side:
@@ -474,8 +464,6 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
     which expands the image token; the answer is tokenized alone and appended, so the boundary between
     them, where labels start, is exact. `max_length` caps the text tokens (prompt and answer, not the
     image tokens); the answer is cut to fit."""
-    from PIL import Image
-
     tok = processor.tokenizer
     limit = max_length or DEFAULT_MAX_LENGTH
     image_id = tok.convert_tokens_to_ids(processor.image_token)
@@ -484,10 +472,7 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
     for chunk in _chunks(records, batch_size):
         ids, labels, pixels = [], [], []
         for r in chunk:
-            try:
-                image = Image.open(r["image"]).convert("RGB")
-            except (OSError, ValueError) as err:
-                raise LmmcError(f"cannot read image '{r['image']}': {err}") from None
+            image = open_image(r["image"])
             # Images nested per text: processors of models with several images per sample require it.
             enc = processor(images=[[image]], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
                             return_tensors="pt")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from lmmc.errors import LmmcError, missing_package
+from lmmc.runtime.images import open_image, to_rgb
 
 if TYPE_CHECKING:
     from lmmc.runtime.onnxruntime import TensorRTOptions
@@ -82,6 +83,8 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise LmmcError(f"threads must be a positive integer (or None for the runtime's default), not {threads!r}")
     backend = backend or backend_for(path)
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
@@ -109,20 +112,38 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     raise LmmcError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
-def cast_feed(model: Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Check the feed names the model's inputs and give each array the dtype the model declares, so a
-    tokenizer's int32 ids or a float64 image work as they are."""
+def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> dict[str, np.ndarray]:
+    """Check the feed names the model's inputs, with the rank and fixed sizes they declare (`exact`; a
+    static-shape IR pads its feeds itself), one batch size, and no empty ids or pixels; give each array
+    the dtype the model declares, so a tokenizer's int32 ids or a float64 image work as they are."""
     missing = [s.name for s in model.inputs if s.name not in feed]
     if missing:
         raise LmmcError(f"{model.path.name} needs input(s) {missing}; the feed has {sorted(feed)}")
-    return {s.name: np.ascontiguousarray(feed[s.name], dtype=s.dtype) for s in model.inputs}
+    out = {}
+    for spec in model.inputs:
+        x = np.asarray(feed[spec.name])
+        if exact and (x.ndim != len(spec.shape) or any(d is not None and d != n for d, n in zip(spec.shape, x.shape))):
+            wanted = [d if d is not None else "any" for d in spec.shape]
+            raise LmmcError(f"{model.path.name} takes '{spec.name}' of shape {wanted}, and the feed has {list(x.shape)}")
+        if spec.name in ("input_ids", "pixel_values") and x.size == 0:
+            raise LmmcError(f"'{spec.name}' of shape {list(x.shape)} is empty; feed at least one token or image")
+        if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype.kind == "f" and not np.array_equal(x, np.trunc(x)):
+            raise LmmcError(f"'{spec.name}' holds fractions, and {model.path.name} takes integers ({spec.dtype})")
+        if spec.name == "input_ids" and x.min() < 0:  # ONNX's Gather would read a negative id from the end
+            raise LmmcError(f"'input_ids' holds id {x.min()}; token ids are never negative: feed ids from the "
+                            f"model's own tokenizer, as encode() does")
+        out[spec.name] = np.ascontiguousarray(x, dtype=spec.dtype)
+    batches = {x.shape[0] for x in out.values() if x.ndim}
+    if len(batches) > 1:
+        raise LmmcError(f"the inputs of {model.path.name} disagree on the batch size: {shapes_of(out)}")
+    return out
 
 
 def shapes_of(feed: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{name} {list(x.shape)}" for name, x in feed.items())
 
 
-# What a run that cannot index its inputs usually means for lmmc's towers.
+# What a text tower's run that cannot index its inputs usually means.
 OUT_OF_RANGE = ("More tokens than the model's position table or a token id beyond its vocabulary is the usual "
                 "cause; truncate texts to the manifest's preprocessing.text.max_length, as encode() does")
 
@@ -154,15 +175,27 @@ class Deployment:
         for name, tower in self.manifest["towers"].items():
             if tower["modality"] == modality:
                 return name
-        raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}")
+        how = "; pass images as PIL images or pathlib.Path files (a str is read as text)" if modality == "text" else ""
+        raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}{how}")
 
-    def encode(self, items: list, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
-        """Pooled embeddings of texts (str) or images (PIL images or pathlib.Path files), L2-normalised
-        unless the model's pipeline does not normalise (the manifest's `towers.<name>.normalized`)."""
+    def encode(self, items: Iterable, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
+        """Pooled embeddings of texts (str) or images (PIL images, pathlib.Path files or HWC arrays), one row
+        per item, L2-normalised unless the model's pipeline does not normalise (the manifest's
+        `towers.<name>.normalized`)."""
+        items = _as_list(items)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise LmmcError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if tower is not None and tower not in self.models:
+            raise LmmcError(f"{self.out_dir} has no tower '{tower}'; its towers are {sorted(self.models)}")
         if not items:
-            return np.zeros((0, 0), dtype=np.float32)
-        modality = "text" if isinstance(items[0], str) else "image"
+            width = {s.shape[-1] for name, m in self.models.items() if tower in (None, name)
+                     for s in m.outputs if s.name == "pooled_embedding"}
+            return np.zeros((0, width.pop() if len(width) == 1 and None not in width else 0), dtype=np.float32)
+        modality = _modality(items)
         tower = tower or self.tower_for(modality)
+        if self.manifest["towers"][tower]["modality"] != modality:
+            raise LmmcError(f"the {tower} tower reads {self.manifest['towers'][tower]['modality']}, and the items are "
+                            f"{modality}; pass tower= one of {sorted(self.models)} that reads {modality}")
         model = self.models[tower]
         static = getattr(model, "static", None)
         seq = static.seq if static is not None and modality == "text" else None
@@ -188,10 +221,34 @@ class Deployment:
                 enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
                                max_length=pad_to, return_tensors="np")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        from PIL import Image
-
-        images = [Image.open(i).convert("RGB") if isinstance(i, Path) else i for i in chunk]
+        images = [open_image(i) if isinstance(i, Path) else to_rgb(i) for i in chunk]
         return {"pixel_values": proc(images=images, return_tensors="np")["pixel_values"]}
+
+
+def _as_list(items: Iterable) -> list:
+    """encode's items as a list; one text or image alone is refused, since iterating it would encode its
+    characters or its rows."""
+    from PIL import Image
+
+    if isinstance(items, (str, bytes, Path, Image.Image)):
+        raise LmmcError(f"encode takes a list of texts or images, and got one {type(items).__name__}; wrap it in a "
+                        f"list: encode([item])")
+    try:
+        return list(items)
+    except TypeError:
+        raise LmmcError(f"encode takes a list of texts or images, not {type(items).__name__}") from None
+
+
+def _modality(items: list) -> str:
+    """text when every item is a str, image when none is (PIL images, Path files, arrays); a mix, or bytes
+    and None, is refused naming the first item that does not fit."""
+    first = "text" if isinstance(items[0], str) else "image"
+    for i, item in enumerate(items):
+        if item is None or isinstance(item, (bytes, bytearray)) or isinstance(item, str) != (first == "text"):
+            raise LmmcError(f"encode's items must all be texts (str) or all images (PIL images, pathlib.Path files, "
+                            f"arrays); item {i} is {type(item).__name__} where item 0 is "
+                            f"{type(items[0]).__name__}")
+    return first
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

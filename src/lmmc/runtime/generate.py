@@ -13,6 +13,7 @@ import numpy as np
 
 from lmmc.errors import LmmcError
 from lmmc.runtime import load
+from lmmc.runtime.images import open_image, to_rgb
 
 SPEC = "generative.json"
 
@@ -127,11 +128,8 @@ class Generator:
         if self.preprocessor is None:
             raise LmmcError("generate() needs the model's processor (tokenizer and image processor); open the "
                             "compile's output with lmmc.runtime.open_generative, or pass preprocessor=")
-        from PIL import Image
-
         proc = self.preprocessor
-        if isinstance(image, (str, Path)):
-            image = Image.open(image).convert("RGB")
+        image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
         if proc.image_token not in prompt:
             prompt = f"{proc.image_token}\n{prompt}"
         # Idefics3's processor takes a list of images per prompt; its pixel_attention_mask is all ones for one

@@ -118,8 +118,8 @@ class OrtModel(Model):
             if not type(err).__module__.startswith("onnxruntime"):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LmmcError(f"ONNX Runtime could not run '{self.path.name}' on {shapes_of(feed)}: {first}. "
-                            f"{OUT_OF_RANGE}") from None
+            hint = f" {OUT_OF_RANGE}" if "input_ids" in feed else ""
+            raise LmmcError(f"ONNX Runtime could not run '{self.path.name}' on {shapes_of(feed)}: {first}.{hint}") from None
         return dict(zip(self.output_names, outputs))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
     return StaticShape(batch, seq, inputs, outputs, "attention_mask" in inputs)
 
 
+def table_rows(model) -> dict[str, int]:
+    """Input name -> the rows of the table its ids index (a text tower's vocabulary). OpenVINO's Gather
+    returns zeros for an id past the table where ONNX Runtime fails, so `run` checks the ids itself."""
+    rows: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Gather":
+            continue
+        source = op.input_value(1).get_node()
+        while source.get_type_name() in ("Convert", "Reshape", "Squeeze", "Unsqueeze"):  # the ids' values kept
+            source = source.input_value(0).get_node()
+        table = op.input_value(0).get_partial_shape()
+        if source.get_type_name() == "Parameter" and table.rank.is_static and table[0].is_static:
+            name = source.output(0).get_any_name()
+            rows[name] = min(rows.get(name, table[0].get_length()), table[0].get_length())
+    return rows
+
+
 def _trim(x, rows: int, axes: list[int], length: int | None) -> np.ndarray:
     """A copy of one padded output: its first `rows` rows, its sequence axes cut to `length`."""
     index = [slice(0, rows)] + [slice(None)] * (x.ndim - 1)
@@ -113,13 +131,36 @@ class OpenVinoModel(Model):
         # Names from the IR as read: compiled for a static shape, a port may gain names such as '45'.
         self.inputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.inputs, model.inputs)]
         self.outputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.outputs, model.outputs)]
-        self.request = self.compiled.create_infer_request()
+        self.rows = table_rows(model)
+        # One infer request per thread: a request's buffers hold one run, so threads sharing one would
+        # read each other's outputs. A compiled model serves several requests at once.
+        self._local = threading.local()
+
+    @property
+    def request(self):
+        if not hasattr(self._local, "request"):
+            self._local.request = self.compiled.create_infer_request()
+        return self._local.request
+
+    def _infer(self, feed: dict[str, np.ndarray]):
+        try:
+            return self.request.infer(feed)
+        except RuntimeError as err:
+            # OpenVINO's message is a stack of "Exception from <file>" lines; its last line says what failed
+            last = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), "no reason given")
+            raise LmmcError(f"OpenVINO could not run '{self.path.name}' on {shapes_of(feed)}: {last}") from None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = cast_feed(self, feed)
+        feed = cast_feed(self, feed, exact=self.static is None)
+        for name, rows in self.rows.items():
+            ids = feed[name]
+            if ids.size and (ids.min() < 0 or ids.max() >= rows):
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise LmmcError(f"'{name}' holds id {bad}, outside the {rows} rows of the table {self.path.name} "
+                                f"looks it up in; feed ids from the model's own tokenizer, as encode() does")
         if self.static is not None:
             return self._run_static(feed)
-        result = self.request.infer(feed)
+        result = self._infer(feed)
         # infer() returns views into the request's buffers; copy so the next run cannot overwrite them
         outputs = {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
         # An index out of range (a token past the position table) gives empty outputs, not an error.
@@ -155,7 +196,7 @@ class OpenVinoModel(Model):
             for spec in self.inputs:
                 x = feed[spec.name][start:start + static.batch]
                 padded[spec.name] = np.pad(x, [(0, want - have) for want, have in zip(spec.shape, x.shape)])
-            result = self.request.infer(padded)
+            result = self._infer(padded)
             rows = min(static.batch, n - start)
             chunks.append({spec.name: _trim(result[port], rows, static.outputs[spec.name], length)
                            for spec, port in zip(self.outputs, self.compiled.outputs)})

@@ -3,6 +3,7 @@ shapes set on every call within the engine's optimisation profile."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,15 @@ class TrtModel(Model):
         self.outputs = [specs[n] for n in names if not is_input[n]]
         self._stream = cuda.Stream()
         self._buffers = {n: cuda.DeviceArray(dtype=np.dtype(specs[n].dtype)) for n in names}
+        # One context, stream and set of buffers hold one run at a time: threads take turns.
+        self._lock = threading.Lock()
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = cast_feed(self, feed)
+        with self._lock:
+            return self._run(feed)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for spec in self.inputs:
             array = feed[spec.name]
             if not self.context.set_input_shape(spec.name, array.shape):
