@@ -92,7 +92,12 @@ def test_missed_gate_exits_1_with_complete_output(tmp_path):
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)), "-o", str(out)])
     assert result.exit_code == 1
     assert "validation gate missed: text: runtime max diff" in result.output
-    assert json.loads((out / "report.json").read_text())["passed"] is False
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False
+    # The summary shows the figures behind the miss, as after a passed compile.
+    cosine = report["validation"]["towers"]["text"]["cosine_mean"]
+    assert re.search(rf"^text\s+{cosine:.4f}\s", result.stdout, re.M), result.stdout
+    assert "gates: text: runtime max diff MISSED" in result.stdout
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path):

@@ -318,6 +318,10 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
 def test_open_dir_names_what_is_missing(compiled, tmp_path):
     with pytest.raises(LmmcError, match="has no onnxruntime int8 fused artifact for the text tower"):
         open_dir(compiled, precision="int8", variant="fused")
+    with pytest.raises(LmmcError, match="has no onnxruntime fp16 artifact for the text tower; it has"):
+        open_dir(compiled, precision="fp16")
+    with pytest.raises(LmmcError, match="OpenVINO opens an IR \\(.xml with its .bin\\), and 'text.onnx' is not one"):
+        load(compiled / "onnx" / "text.onnx", backend="openvino")
     with pytest.raises(LmmcError, match="has no manifest.json"):
         open_dir(tmp_path)
 

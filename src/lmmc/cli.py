@@ -114,7 +114,10 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
     try:
         report = compile_model(model, parsed, Path(out), force=force, device=device,
                                trust_remote_code=trust_remote_code, recipe_path=recipe, resume=resume)
-    except GateFailed:
+    except GateFailed as err:
+        if err.report is not None:  # the figures behind the missed gate
+            click.echo(summary_table(err.report))
+            _warn(err.report["warnings"])
         click.echo(f"wrote {_written(Path(out))}", err=True)
         raise
     click.echo(summary_table(report))

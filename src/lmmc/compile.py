@@ -472,7 +472,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     if report["validated"] and not report["passed"]:
         missed = [g for g in report["validation"].get("gates", []) if not g["passed"]]
         raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
-                                      for g in missed), *report["failures"]]))
+                                      for g in missed), *report["failures"]]), report)
     return report
 
 

@@ -12,7 +12,12 @@ class LmmcError(Exception):
 
 
 class GateFailed(Exception):
-    """A validation gate in the recipe was missed; the outputs exist but must not be trusted."""
+    """A validation gate in the recipe was missed; the outputs exist but must not be trusted. `report` is
+    the compile's report, whose figures show by how much."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 # Optional packages that transformers imports only when a model's tokenizer or processor needs them.

@@ -86,6 +86,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     if threads is not None and (type(threads) is not int or threads < 1):
         raise LmmcError(f"threads must be a positive integer (or None for the runtime's default), not {threads!r}")
     backend = backend or backend_for(path)
+    if backend == "openvino" and path.suffix.lower() != ".xml":
+        raise LmmcError(f"OpenVINO opens an IR (.xml with its .bin), and '{path.name}' is not one; convert it with "
+                        f"an 'openvino' export step, or open it with backend='onnxruntime'")
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
     if static_shape is not None and backend != "openvino":
@@ -321,8 +324,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         if not chosen:
             have = sorted({(a["backend"], a["precision"], a.get("variant", "")) for a in manifest["artifacts"]
                            if a["tower"] == tower})
-            raise LmmcError(f"{out_dir} has no {backend} {precision} {variant or ''} artifact for the {tower} tower; "
-                            f"it has {have}")
+            wanted = " ".join(filter(None, (backend, precision, variant)))
+            raise LmmcError(f"{out_dir} has no {wanted} artifact for the {tower} tower; it has {have}")
         chosen.sort(key=lambda a: a.get("variant") != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
