@@ -195,7 +195,8 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
             (picture, "got one Image; wrap it in a list"),
             (["a", 3], "item 1 is int where item 0 is str"),
             ([picture, "photo.png"], "item 1 is str where item 0 is Image"),
-            ([b"a b c"], "item 0 is bytes"), (["a", None], "item 1 is NoneType")]:
+            ([b"a b c"], "item 0 of encode's list is bytes; pass texts as str"),
+            (["a", None], "item 1 of encode's list is NoneType")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode(items)
     with pytest.raises(LmmcError, match="has no tower 'image'; its towers are \['text', 'vision'\]"):

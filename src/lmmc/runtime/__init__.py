@@ -247,7 +247,10 @@ def _modality(items: list) -> str:
     and None, is refused naming the first item that does not fit."""
     first = "text" if isinstance(items[0], str) else "image"
     for i, item in enumerate(items):
-        if item is None or isinstance(item, (bytes, bytearray)) or isinstance(item, str) != (first == "text"):
+        if item is None or isinstance(item, (bytes, bytearray)):
+            raise LmmcError(f"item {i} of encode's list is {type(item).__name__}; pass texts as str and images as "
+                            f"PIL images, pathlib.Path files or arrays")
+        if isinstance(item, str) != (first == "text"):
             raise LmmcError(f"encode's items must all be texts (str) or all images (PIL images, pathlib.Path files, "
                             f"arrays); item {i} is {type(item).__name__} where item 0 is "
                             f"{type(items[0]).__name__}")
