@@ -86,9 +86,6 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     if threads is not None and (type(threads) is not int or threads < 1):
         raise LmmcError(f"threads must be a positive integer (or None for the runtime's default), not {threads!r}")
     backend = backend or backend_for(path)
-    if backend == "openvino" and path.suffix.lower() != ".xml":
-        raise LmmcError(f"OpenVINO opens an IR (.xml with its .bin), and '{path.name}' is not one; convert it with "
-                        f"an 'openvino' export step, or open it with backend='onnxruntime'")
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
     if static_shape is not None and backend != "openvino":

@@ -102,6 +102,9 @@ class OpenVinoModel(Model):
     def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32",
                  static_shape: tuple[int, ...] | None = None) -> None:
         ov = _openvino()
+        if path.suffix.lower() != ".xml":
+            raise LmmcError(f"OpenVINO opens an IR (.xml with its .bin), and '{path.name}' is not one; convert it "
+                            f"with an 'openvino' export step, or open it with backend='onnxruntime'")
         if inference_precision not in INFERENCE_PRECISIONS:
             raise LmmcError(f"unknown OpenVINO inference precision '{inference_precision}'; choose one of "
                             f"{', '.join(INFERENCE_PRECISIONS)}")
