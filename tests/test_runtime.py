@@ -225,11 +225,35 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
     with pytest.raises(LmmcError, match="takes 'pixel_values' of shape \['any', 3, 32, 32\], and the feed has "
                                         "\[1, 3, 40, 40\]"):
         vision.run({"pixel_values": np.zeros((1, 3, 40, 40), np.float32)})
+    pixels = np.zeros((3, 3, 32, 32), np.float32)
+    pixels[1, 0, 5, 5] = np.nan
+    with pytest.raises(LmmcError, match="'pixel_values' holds NaN or infinite values \\(batch rows \\[1\\]\\)"):
+        vision.run({"pixel_values": pixels})
     # An id past the 99-token vocabulary: ONNX Runtime's Gather fails, OpenVINO's would return zeros.
     with pytest.raises(LmmcError, match="id 99|Gather"):
         text.run({"input_ids": ids + 92, "attention_mask": ids})
     with pytest.raises(LmmcError, match="threads must be a positive integer"):
         load(text.path, backend, threads=0)
+
+
+def test_an_artifact_that_gives_nan_is_an_error_not_an_embedding(compiled, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    model = onnx.load(out / "onnx" / "text.onnx")
+    # A weight of the last layer norm made NaN, as an overflow in a reduced-precision artifact would.
+    init = next(i for i in reversed(model.graph.initializer) if i.data_type == onnx.TensorProto.FLOAT
+                and numpy_helper.to_array(i).ndim == 1)
+    init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
+    onnx.save(model, out / "onnx" / "text.onnx")
+    deployed = open_dir(out, variant="plain", threads=1)
+    with pytest.raises(LmmcError, match="the text tower's artifact text.onnx gave NaN or infinite embeddings for "
+                                        "item\\(s\\) \\[0, 1, 2, 3\\]; try the fp32 artifact"):
+        deployed.encode(TEXTS)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])

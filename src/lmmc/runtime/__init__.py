@@ -129,6 +129,10 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
             raise LmmcError(f"'{spec.name}' of shape {list(x.shape)} is empty; feed at least one token or image")
         if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype.kind == "f" and not np.array_equal(x, np.trunc(x)):
             raise LmmcError(f"'{spec.name}' holds fractions, and {model.path.name} takes integers ({spec.dtype})")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():  # a NaN pixel would come back as a NaN embedding
+            rows = sorted({int(i) for i in np.argwhere(~np.isfinite(x))[:, 0]}) if x.ndim else []
+            raise LmmcError(f"'{spec.name}' holds NaN or infinite values (batch rows {rows[:5]}"
+                            f"{' ...' if len(rows) > 5 else ''}); check the images or arrays fed")
         if spec.name == "input_ids" and x.min() < 0:  # ONNX's Gather would read a negative id from the end
             raise LmmcError(f"'input_ids' holds id {x.min()}; token ids are never negative: feed ids from the "
                             f"model's own tokenizer, as encode() does")
@@ -203,7 +207,12 @@ class Deployment:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             out.append(model.run(self._encode_inputs(modality, chunk, seq))["pooled_embedding"])
-        return np.concatenate(out)
+        emb = np.concatenate(out)
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if bad.size:  # an overflow in a reduced-precision artifact, say: never hand back NaN as an embedding
+            raise LmmcError(f"the {tower} tower's artifact {model.path.name} gave NaN or infinite embeddings for "
+                            f"item(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}; try the fp32 artifact")
+        return emb
 
     def _encode_inputs(self, modality: str, chunk: list, seq: int | None) -> dict[str, np.ndarray]:
         """The model's inputs for `chunk`; texts cut to the manifest's length, or to `seq` tokens where the
