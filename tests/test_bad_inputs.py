@@ -661,6 +661,35 @@ def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["hub", "local"])
+def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where):
+    """transformers reads whatever a model.safetensors.index.json names, a pickle shard included: the index
+    is checked before any weight loads, for a hub snapshot as for a local directory."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
+    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    weights = load_file(snapshot_dir / "model.safetensors")
+    (snapshot_dir / "model.safetensors").unlink()
+    torch.save(weights, snapshot_dir / "pytorch_model-00001-of-00001.bin")
+    (snapshot_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in weights}}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    recipe = write_recipe(tmp_path, RANDOM)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "HF_HUB_OFFLINE": "1"}
+    ref = "acme/tinybert" if where == "hub" else str(snapshot_dir)
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                           "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"error: the safetensors index of '{ref}' names pytorch_model-00001-of-00001.bin, which is not a "
+            f"safetensors file; lmmc loads safetensors weights only (never pickle)") in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_weight_is_refused(tmp_path, monkeypatch,
                                                                                                 caplog):
     """google/vit-base-patch16-224 is a ViTForImageClassification checkpoint: no pooler, which ViTModel has

@@ -107,17 +107,33 @@ def text_pad_length(config: Any, adapter: Adapter) -> int | None:
     return min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def index_files(index: Path, ref: str) -> list[str]:
+    """The weight files a safetensors index names; an index naming anything but safetensors files (a
+    pickle such as pytorch_model-00001-of-00002.bin) is refused, since loading it would unpickle it."""
+    try:
+        files = sorted({str(f) for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise LmmcError(f"'{index}' is not a valid safetensors index ({err}); save the model again") from None
+    other = [f for f in files if not f.endswith(".safetensors")]
+    if other:
+        raise LmmcError(f"the safetensors index of '{ref}' names {', '.join(other[:2])}{' ...' if len(other) > 2 else ''}, "
+                        f"which is not a safetensors file; lmmc loads safetensors weights only (never pickle): "
+                        f"convert them once yourself, from_pretrained('{ref}') and then save_pretrained(DIR, "
+                        f"safe_serialization=True), and pass DIR")
+    return files
+
+
 def check_weights(path: Path, model: torch.nn.Module) -> None:
     """Read only the safetensors headers: a truncated or corrupt file, pickle-only weights, or a weight
     whose shape disagrees with config.json fail here, before anything loads."""
     from safetensors import SafetensorError, safe_open
 
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, UnicodeDecodeError) as err:
-            raise LmmcError(f"'{index}' is not a valid safetensors index ({err}); save the model again") from None
+        files = index_files(index, str(path))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -284,6 +300,15 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
 
     # transformers prints absent weights as "newly initialized"; lmmc acts on the same loading info below
     # (zeroes what no embedding reads and names it in the report, refuses the rest), so its table would mislead.
+    # transformers reads whatever a safetensors index names, a pickle included; a hub snapshot's index is
+    # fetched alone (a small file) and checked before any weight is.
+    try:
+        index = transformers.utils.cached_file(source, INDEX, _raise_exceptions_for_missing_entries=False,
+                                               _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        index = None
+    if index:
+        index_files(Path(index), ref)
     report_logger, quiet = logging.getLogger("transformers.modeling_utils"), _LoadReport()
     report_logger.addFilter(quiet)
     try:
