@@ -632,10 +632,11 @@ def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path):
-    """A hub id whose cached snapshot holds pytorch_model.bin alone: lmmc never unpickles weights, whether
-    or not the hub has a model.safetensors, and says how to convert them. The hub cache is set through the
-    environment, which huggingface_hub reads at import: hence a child process."""
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path, dry):
+    """A hub id whose cached snapshot holds pytorch_model.bin alone: lmmc never unpickles weights and says
+    how to convert them, before any pass as in a dry run. The hub cache is set through the environment,
+    which huggingface_hub reads at import: hence a child process."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
     snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
@@ -648,23 +649,23 @@ def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path):
            "HF_HUB_OFFLINE": "1"}
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(tmp_path / "out")],
+                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(tmp_path / "out"),
+                           *(["--dry-run"] if dry else [])],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1, proc.stderr
-    assert ("error: the weights of 'acme/tinybert' cannot be read as safetensors (acme/tinybert does not appear to "
-            "have a file named model.safetensors or model.safetensors.index.json and thus cannot be loaded with "
-            "`safetensors`); lmmc loads safetensors weights only (never pickle such as pytorch_model.bin): convert "
-            "them once yourself, from_pretrained('acme/tinybert') and then save_pretrained(DIR, "
-            "safe_serialization=True), and pass DIR") in proc.stderr
+    reason = "acme/tinybert has no model.safetensors or model.safetensors.index.json"
+    assert (f"error: the weights of 'acme/tinybert' cannot be read as safetensors ({reason}); lmmc loads safetensors weights only (never pickle such as pytorch_model.bin): convert "
+            f"them once yourself, from_pretrained('acme/tinybert') and then save_pretrained(DIR, "
+            f"safe_serialization=True), and pass DIR") in proc.stderr
     assert "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["hub", "local"])
-def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where):
+@pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", False)])
+def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where, dry):
     """transformers reads whatever a model.safetensors.index.json names, a pickle shard included: the index
-    is checked before any weight loads, for a hub snapshot as for a local directory."""
+    is checked before any weight loads, for a hub snapshot as for a local directory, and by a dry run."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
     snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
@@ -681,7 +682,8 @@ def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where):
     ref = "acme/tinybert" if where == "hub" else str(snapshot_dir)
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                           "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out")],
+                           "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out"),
+                           *(["--dry-run"] if dry else [])],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -29,9 +29,9 @@ from lmmc.data import (check_generative_records, check_images, check_random_allo
                        select, text_tokens)
 from lmmc.errors import GateFailed, LmmcError
 from lmmc.manifest import write_manifest
-from lmmc.modelio import (check_finite, check_preprocessor, check_weights, load_preprocessor, load_teacher,
-                          local_dir, make_student, meta_model, resolve_config, save_student, text_pad_length,
-                          text_positions, text_truncation)
+from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, load_preprocessor,
+                          load_teacher, local_dir, make_student, meta_model, resolve_config, save_student,
+                          text_pad_length, text_positions, text_truncation)
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
@@ -210,6 +210,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     shapes = meta_model(config, adapter)
     if model_dir:
         check_weights(model_dir, shapes)
+    else:
+        check_hub_weights(model_ref, shapes)
     check_preprocessor(model_ref, config, adapter,
                        load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
                        recipe.calibration.chat_template)

@@ -160,6 +160,41 @@ def check_weights(path: Path, model: torch.nn.Module) -> None:
                         f"{' ...' if len(mismatched) > 3 else ''}; restore the config.json saved with these weights")
 
 
+def not_safetensors(ref: str, reason: str) -> LmmcError:
+    return LmmcError(f"the weights of '{ref}' cannot be read as safetensors ({reason}); lmmc loads safetensors "
+                     f"weights only (never pickle such as pytorch_model.bin): convert them once yourself, "
+                     f"from_pretrained('{ref}') and then save_pretrained(DIR, safe_serialization=True), and pass DIR")
+
+
+def check_hub_weights(ref: str, model: torch.nn.Module) -> None:
+    """What a dry run can know of a hub model's weights without downloading them: their headers where the
+    snapshot is cached, else the repository's file list (offline, the cached snapshot's); pickle-only
+    weights and an index naming pickle shards are refused, as the real run refuses them."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    config_file = transformers.utils.cached_file(ref, "config.json", _raise_exceptions_for_missing_entries=False,
+                                                 _raise_exceptions_for_connection_errors=False)
+    snapshot = Path(config_file).parent if config_file else None
+    if snapshot and ((snapshot / INDEX).is_file() or (snapshot / "model.safetensors").is_file()):
+        if (snapshot / INDEX).is_file():
+            index_files(snapshot / INDEX, ref)  # named by the hub id, not the cache's path
+        check_weights(snapshot, model)
+        return
+    try:
+        files = set(huggingface_hub.list_repo_files(ref))
+    except (OSError, HfHubHTTPError):  # offline, or not reachable: the cache is what loads
+        if snapshot is None:
+            return
+        files = {p.name for p in snapshot.iterdir()}
+    if INDEX in files:
+        index = transformers.utils.cached_file(ref, INDEX, _raise_exceptions_for_connection_errors=False)
+        if index:
+            index_files(Path(index), ref)
+    elif "model.safetensors" not in files:
+        raise not_safetensors(ref, f"{ref} has no model.safetensors or {INDEX}")
+
+
 # Any of these beside a model is a tokenizer; without one, transformers 5 returns a 5-token stand-in.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model")
@@ -321,10 +356,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
             raise
         # transformers' first sentence says what is missing; its advice (drop use_safetensors) is not for users
         reason = " ".join(str(err).split()).split(". ")[0]
-        raise LmmcError(f"the weights of '{ref}' cannot be read as safetensors ({reason}); lmmc loads safetensors "
-                        f"weights only (never pickle such as pytorch_model.bin): convert them once yourself, "
-                        f"from_pretrained('{ref}') and then save_pretrained(DIR, safe_serialization=True), "
-                        f"and pass DIR") from None
+        raise not_safetensors(ref, reason) from None
     finally:
         report_logger.removeFilter(quiet)
     adapter.prepared(model).eval()
