@@ -79,8 +79,8 @@ def save_preprocessors(kind: str, path: Path) -> Path:
 
 def siglip_sentencepiece(path: Path) -> Path:
     """Replace a tiny SigLIP's tokenizer by the kind Google's SigLIP checkpoints ship: a SentencePiece model
-    read by SiglipTokenizer (lower-cased, punctuation stripped, padded with </s>), trained here on the
-    tiny vocabulary's words and letters."""
+    read by SiglipTokenizer (lower-cased, punctuation stripped, padded with </s>, returning no attention
+    mask), trained here on the tiny vocabulary's words and letters."""
     import io
 
     import sentencepiece as spm
@@ -94,7 +94,7 @@ def siglip_sentencepiece(path: Path) -> Path:
                                    vocab_size=TINY_TEXT["vocab_size"], hard_vocab_limit=False, pad_id=0,
                                    eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
     (path / "spiece.model").write_bytes(model.getvalue())
-    transformers.SiglipTokenizer(str(path / "spiece.model")).save_pretrained(path)
+    transformers.SiglipTokenizer(str(path / "spiece.model"), model_input_names=["input_ids"]).save_pretrained(path)
     return path
 
 

@@ -157,10 +157,12 @@ def test_static_shape_equals_lmmc_runtime_static(lmmc_embed, compiled_out, tmp_p
 
 @pytest.fixture(scope="module")
 def compiled_siglip(tmp_path_factory) -> Path:
-    """A tiny SigLIP, whose texts are read at the tower's full length, with SigLIP's pad = end-of-text."""
+    """A tiny SigLIP, whose texts are read at the tower's full length, with SigLIP's pad = end-of-text and,
+    as Google's tokenizers, no attention mask: the model reads its padding."""
     root = tmp_path_factory.mktemp("cpp-siglip")
     model_dir = save_tiny("siglip", root / "teacher")
-    transformers.BertTokenizer(vocab=str(tiny_vocab(root / "vocab.txt")), pad_token="[SEP]").save_pretrained(model_dir)
+    transformers.BertTokenizer(vocab=str(tiny_vocab(root / "vocab.txt")), pad_token="[SEP]",
+                               model_input_names=["input_ids"]).save_pretrained(model_dir)
     recipe = {**RECIPE, "export": ["onnx", "openvino"]}
     out = root / "out"
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(root, recipe)), "-o", str(out)])
@@ -170,7 +172,7 @@ def compiled_siglip(tmp_path_factory) -> Path:
 
 def test_a_fixed_length_model_is_fed_padded_to_its_length_with_its_pad_id(lmmc_embed, compiled_siglip, tmp_path):
     text = read_manifest(compiled_siglip)["preprocessing"]["text"]
-    assert (text["pad_to"], text["pad_id"]) == (64, 3)
+    assert (text["pad_to"], text["pad_id"], text["attend_to_padding"]) == (64, 3, True)
     feed = _token_feed(compiled_siglip, tmp_path / "ids.txt")  # unpadded ids, one text a line
     done = _run(lmmc_embed, compiled_siglip, tmp_path / "ids.txt", tmp_path / "emb.txt", "--threads", 1)
     assert done.returncode == 0, done.stderr

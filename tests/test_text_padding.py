@@ -34,6 +34,28 @@ def text_embeddings(model, adapter, batches) -> torch.Tensor:
         return torch.cat([runner(b["input_ids"], b["attention_mask"])[1] for b in batches])
 
 
+def reference_text_features(model, enc) -> np.ndarray:
+    """transformers' own normalised text embedding of the tokenizer's output, as it is, mask or none."""
+    with torch.no_grad():
+        out = model.get_text_features(**enc)
+    return torch.nn.functional.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1).numpy()
+
+
+def test_a_tokenizer_without_a_mask_is_read_as_the_model_was_trained_padding_included(tmp_path):
+    """Google's SigLIP tokenizers return input_ids alone: SigLIP reads the padding, and lmmc's batches,
+    the teacher's embedding and the deployed one are transformers' on that tokenizer's output."""
+    teacher = siglip_sentencepiece(save_tiny("siglip", tmp_path / "m"))
+    model, adapter, pre = load_teacher(str(teacher))
+    ref = reference_text_features(model, pre["tokenizer"]([SHORT, LONG], padding="max_length", max_length=64,
+                                                          truncation=True, return_tensors="pt"))
+    batches = encode_text(pre["tokenizer"], [SHORT, LONG], 8, None, pad_to=64)
+    assert batches[0]["attention_mask"].shape == (2, 64) and bool(batches[0]["attention_mask"].all())
+    assert np.abs(text_embeddings(model, adapter, batches).numpy() - ref).max() < 1e-5
+    # A mask of the real tokens would give another embedding: the last position then sees only itself.
+    masked = {**batches[0], "attention_mask": (batches[0]["input_ids"] != pre["tokenizer"].pad_token_id).long()}
+    assert np.abs(text_embeddings(model, adapter, [masked]).numpy() - ref).max() > 1e-2
+
+
 def test_fixed_length_batches_are_the_tokenizers_own_max_length_padding(tmp_path):
     tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
     texts = [SHORT, LONG, "python"]
@@ -90,12 +112,15 @@ def test_a_compiled_siglip_is_calibrated_distilled_and_deployed_at_its_full_leng
     assert result.exit_code == 0, result.output
     text = json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]
     assert text["padding"] == "max_length" and text["pad_to"] == 64
-    # The deployed text tower against the PyTorch student on the model card's own preprocessing.
+    # Google's tokenizer returns no mask: SigLIP then reads its padding, as it was trained.
+    assert text["attend_to_padding"] is (tokenizer == "sentencepiece")
+    # The deployed text tower against transformers' own student on the model card's own preprocessing.
     student = load_student(out / "student")
     tok = transformers.AutoTokenizer.from_pretrained(out / "student")
     assert type(tok).__name__ == {"wordpiece": "BertTokenizer", "sentencepiece": "SiglipTokenizer"}[tokenizer]
     enc = tok([SHORT, LONG], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
-    ref = text_embeddings(student, load_teacher(str(teacher))[1], [dict(enc)]).numpy()
+    assert ("attention_mask" in enc) is (tokenizer == "wordpiece")
+    ref = reference_text_features(student, enc)
     deployed = open_dir(out).encode([SHORT, LONG])
     assert np.abs(deployed - ref).max() < 1e-4
     assert np.abs(open_dir(out).encode([SHORT])[0] - deployed[0]).max() < 1e-5

@@ -216,6 +216,8 @@ int main(int argc, char** argv) {
             }
             pad_id = fixed ? static_cast<int64_t>(text["pad_id"].number) : 0;
             read_token_ids(o.input, pad_to, limit, pad_id, ids, mask, batch, seq);
+            // a model whose tokenizer returns no mask (SigLIP as Google ships it) reads its padding too
+            if (text.has("attend_to_padding") && text["attend_to_padding"].boolean) std::fill(mask.begin(), mask.end(), 1);
             sample_shape = {seq};
         } else {
             const auto& dims = artifact["inputs"].array.at(0)["shape"].array;  // [null, C, H, W]

@@ -217,7 +217,8 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
                 pad_to: int | None = None) -> list[Batch]:
     """Token batches, truncated to `max_length` (default: 128 tokens or the tokenizer's own limit if
     lower) and padded to the batch's longest text, or to exactly `pad_to` tokens when the model reads
-    texts at a fixed length."""
+    texts at a fixed length. There the mask is the tokenizer's own: one that returns none (SigLIP's, as
+    Google ships it) means the model reads its padding too, as it was trained, and the mask is all ones."""
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)))
     if pad_to is not None:
@@ -225,11 +226,14 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
     out = []
     for chunk in _chunks(texts, batch_size):
         if pad_to is None:
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                            return_attention_mask=True)  # padding to a batch's longest text must change nothing
         else:
             enc = tokenizer.pad(tokenizer(chunk, truncation=True, max_length=max_length), padding="max_length",
                                 max_length=pad_to, return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        mask = enc.get("attention_mask")
+        out.append({"input_ids": enc["input_ids"],
+                    "attention_mask": mask if mask is not None else torch.ones_like(enc["input_ids"])})
     return out
 
 

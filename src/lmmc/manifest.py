@@ -108,7 +108,10 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to
-            preprocessing["text"]["pad_id"] = int((art.preprocessor or {})["tokenizer"].pad_token_id)
+            tokenizer = (art.preprocessor or {})["tokenizer"]
+            preprocessing["text"]["pad_id"] = int(tokenizer.pad_token_id)
+            # A tokenizer that returns no mask: the model reads its padding too (lmmc.data.encode_text).
+            preprocessing["text"]["attend_to_padding"] = "attention_mask" not in tokenizer.model_input_names
         if art.adapter.sentence_pooling:
             preprocessing["text"]["pooling"] = list(modes_of(art.student.config))
     if "image" in modalities:

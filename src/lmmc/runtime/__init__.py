@@ -224,12 +224,15 @@ class Deployment:
             limits = [x for x in (text["max_length"], seq) if x]
             limit = min(limits) if limits else None
             if pad_to is None:
-                enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np")
-            else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads it
+                enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np",
+                           return_attention_mask=True)
+            else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads and masks it
                 limit = min(limit or pad_to, pad_to)
                 enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
                                max_length=pad_to, return_tensors="np")
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            mask = enc.get("attention_mask")
+            return {"input_ids": enc["input_ids"],
+                    "attention_mask": mask if mask is not None else np.ones_like(enc["input_ids"])}
         images = [open_image(i) if isinstance(i, Path) else to_rgb(i) for i in chunk]
         return {"pixel_values": proc(images=images, return_tensors="np")["pixel_values"]}
 
