@@ -333,8 +333,9 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
 
     Labelled data: zero-shot accuracy (dual encoders: each image against the class prompts) or
     nearest-neighbour accuracy (one tower). Without labels the teacher is the reference (1.0): dual
-    encoders score the lower of image->image and text->image agreement, the student's best match counted
-    as agreeing when it is among the teacher's `agreement_k` best; one tower, nearest-neighbour agreement."""
+    encoders score the lowest of image->image, text->image and image->text agreement (the last is how
+    zero-shot classification ranks captions), the student's best match counted as agreeing when it is among
+    the teacher's `agreement_k` best; one tower, nearest-neighbour agreement."""
     labels = art.calib.labels if art.calib else None
     dual = art.adapter.task_metric == "zero_shot"
     if labels is not None and dual:
@@ -354,7 +355,8 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
     elif dual:
         (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
         parts = {"image -> image": top_k_agreement(t_img, t_img, s_img, s_img, cfg.agreement_k, same=True),
-                 "text -> image": top_k_agreement(t_txt, t_img, s_txt, s_img, cfg.agreement_k)}
+                 "text -> image": top_k_agreement(t_txt, t_img, s_txt, s_img, cfg.agreement_k),
+                 "image -> text": top_k_agreement(t_img, t_txt, s_img, s_txt, cfg.agreement_k)}
         out = {"name": f"retrieval agreement with the teacher (top-1 in its top {cfg.agreement_k})",
                "kind": "retrieval_agreement", "k": cfg.agreement_k, "parts": parts, "teacher": 1.0,
                "student": min(parts.values()) if all(map(math.isfinite, parts.values())) else float("nan")}

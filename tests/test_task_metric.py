@@ -80,6 +80,28 @@ def test_top_k_agreement_is_exact_at_the_teacher_and_never_trivial():
     assert top_k_agreement(three, three, reversed_, reversed_, 50, same=True) < 1.0
 
 
+def test_retrieval_agreement_counts_the_captions_each_image_ranks_first():
+    """Zero-shot classification ranks captions per image. A student that keeps every caption's best image
+    but swaps each image's best caption for a near-synonym agrees text -> image, and the metric still
+    catches it."""
+    from types import SimpleNamespace
+
+    from lmmc.adapters import get_adapter
+    from lmmc.export.validate import task_metric
+
+    rng = np.random.default_rng(0)
+    centres = 4.0 * np.eye(8)[:4]  # 4 images far apart, 2 captions each, caption a nearer than caption b
+    t_img = centres + 0.01 * rng.normal(size=centres.shape)
+    offsets = np.zeros((2, 8))
+    offsets[0, 4], offsets[1, 5] = 0.3, 0.3
+    t_txt = np.concatenate([centres + offsets[0], centres + offsets[1] - 0.6 * np.eye(8)[:4]])  # a, then b
+    s_img = t_img + 1.0 * np.eye(8)[5]  # every image now nearer its caption b
+    art = SimpleNamespace(calib=None, adapter=get_adapter("clip"))
+    out = task_metric(art, SimpleNamespace(agreement_k=1), {"text": (t_txt, t_txt), "vision": (t_img, s_img)})
+    assert out["parts"]["text -> image"] == 1.0
+    assert out["parts"]["image -> text"] == 0.0 and out["value"] == 0.0
+
+
 # --- held-out split by image ---------------------------------------------------------------------
 
 def coco_style(tmp: Path, n_images: int = 40, captions: int = 3) -> Path:
