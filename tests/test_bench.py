@@ -244,14 +244,33 @@ def _teacher_moved(tmp_path, out):
     moved = tmp_path / "moved"
     shutil.copytree(out, moved, ignore=shutil.ignore_patterns("bench.json"))
     report = json.loads((moved / "report.json").read_text())
+    report["inputs"]["model"]["path"] = str(tmp_path / "gone")
     (moved / "report.json").write_text(json.dumps({**report, "model": str(tmp_path / "gone")}))
     return moved
 
 
+def _teacher_changed(tmp_path, teacher):
+    """A copy of the teacher with one weight changed: what a bench run from another directory holding a
+    model of the same relative name would read."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher, other)
+    weights = load_file(other / "model.safetensors")
+    weights["embeddings.word_embeddings.weight"][5] += 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    return other
+
+
+def _other_data(tmp_path):
+    (tmp_path / "other.txt").write_text("\n".join(EXTRA * 8) + "\n")
+    return tmp_path / "other.txt"
+
+
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
-                                  "teacher moved"])
+                                  "teacher moved", "teacher changed", "data changed", "seq too long"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
-    _, _, out = compiled
+    _, teacher, out = compiled
     target = tmp_path / "b.json"
     args = {
         "missing": ([tmp_path / "nope"], "does not exist; pass the --out directory of an lmmc compile"),
@@ -260,6 +279,13 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "backend missing": ([out], "pip install 'lmmc[openvino]'"),
         "json not ours": ([out], "exists and was not written by lmmc bench"),
         "teacher moved": ([_teacher_moved(tmp_path, out)], "if it moved, pass --teacher with its new place"),
+        "teacher changed": ([out, "--teacher", _teacher_changed(tmp_path, teacher)],
+                            f"is not the model {out} was compiled from: its files differ from those the compile read "
+                            f"({teacher}); pass --teacher with that model"),
+        "data changed": ([out, "--calib", _other_data(tmp_path)], f"is not the data {out} was compiled with (its "
+                                                                  f"files differ), so its held-out split would be another"),
+        "seq too long": ([out, "--seq", 65], "--seq 65 is more tokens than the teacher's text tower takes (64 "
+                                             "positions); pass --seq 64 or less"),
     }
     where, message = args[case]
     if case == "backend missing":
@@ -298,12 +324,16 @@ def _tampered_output(tmp_path, change):
     (lambda r, m: r["recipe"]["calibration"].update(samples="lots"), "{out}/report.json holds a bad calibration "
      "section in its recipe; recompile to rewrite it:\n  samples: Input should be a valid integer, unable to parse "
      "string as an integer"),
+    (lambda r, m: r["recipe"]["validate"].update(threads="two"), "{out}/report.json holds a bad validate section in "
+     "its recipe; recompile to rewrite it:\n  threads: Input should be a valid integer, unable to parse string as an "
+     "integer"),
     (lambda r, m: m["artifacts"][0].update(path="../outside.onnx"), "{out}/manifest.json names '../outside.onnx', "
      "which is not a file inside '{out}'; a manifest names only files of its own output directory: recompile to "
      "rewrite it"),
     (lambda r, m: m["artifacts"][0].pop("tower"), "{out}/manifest.json is not an lmmc manifest (each artifact needs "
      "a tower, backend, precision and path, each tower a modality); recompile to rewrite it"),
-], ids=["report without recipe", "report without model", "samples not a number", "artifact outside", "artifact without tower"])
+], ids=["report without recipe", "report without model", "samples not a number", "threads not a number",
+        "artifact outside", "artifact without tower"])
 def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, change, message):
     out = _tampered_output(tmp_path, change)
     (tmp_path / "outside.onnx").write_bytes(b"")
@@ -312,6 +342,15 @@ def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, ch
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
     assert f"error: {message.format(out=out)}\n" in result.output, result.output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_corpora_of_one_name_each_keep_a_column():
+    from pathlib import Path
+
+    from lmmc.bench import corpus_names
+
+    paths = [Path("a/extra.txt"), Path("b/extra.txt"), Path("news.txt"), Path("imgs/held-out")]
+    assert corpus_names(paths) == ["a/extra.txt", "b/extra.txt", "news.txt", "imgs/held-out"]
 
 
 def _row(model, artifact, p50, cosine):

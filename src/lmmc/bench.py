@@ -435,6 +435,57 @@ def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: P
     return calib
 
 
+def _recipe_validate(report: dict[str, Any], report_path: Path):
+    """The recipe's validate section (timing sizes, threads, the fidelity gate), checked as the compile did."""
+    from lmmc.export.validate import ValidateConfig
+    from lmmc.recipe import _explain
+
+    try:
+        return ValidateConfig.model_validate(report["recipe"].get("validate") or {})
+    except ValidationError as err:
+        raise LmmcError(f"{report_path} holds a bad validate section in its recipe; recompile to rewrite it:\n"
+                        f"{_explain(err)}") from None
+
+
+def corpus_names(paths: list[Path]) -> list[str]:
+    """Each --corpus's column name: its file name, or the path as given where two share a name (or one is
+    called held-out), so no corpus hides another."""
+    names = [p.name for p in paths]
+    return [str(p) if names.count(p.name) > 1 or p.name == "held-out" else p.name for p in paths]
+
+
+def _recorded(report: dict[str, Any], *keys: str) -> Any:
+    """report["inputs"][keys...], or None where an older or edited report lacks it."""
+    node: Any = report.get("inputs")
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def compiled_teacher(report: dict[str, Any]) -> str:
+    """Where the compile read its teacher: the absolute path it recorded, so a bench run from elsewhere
+    finds the same model, else the name the compile was given (a hub id, or an older report)."""
+    path = _recorded(report, "model", "path")
+    return path if isinstance(path, str) else report["model"]
+
+
+def check_unchanged(report: dict[str, Any], teacher_ref: str, calib_cfg, out_dir: Path) -> None:
+    """The teacher and the calibration data bench reads are the files the compile read: another model
+    would give other fidelity figures, other data another held-out split."""
+    from lmmc.modelio import local_dir
+    from lmmc.resume import hash_data, hash_files
+
+    model_dir, model_sha = local_dir(teacher_ref), _recorded(report, "model", "sha256")
+    if model_dir is not None and isinstance(model_sha, str) and hash_files(model_dir) != model_sha:
+        raise LmmcError(f"the teacher '{teacher_ref}' is not the model {out_dir} was compiled from: its files differ "
+                        f"from those the compile read ({_recorded(report, 'model', 'path') or report['model']}); "
+                        f"pass --teacher with that model")
+    data_sha = _recorded(report, "data", "calibration", "sha256")
+    if calib_cfg.path and isinstance(data_sha, str) and hash_data(Path(calib_cfg.path)) != data_sha:
+        raise LmmcError(f"the calibration data '{calib_cfg.path}' is not the data {out_dir} was compiled with (its "
+                        f"files differ), so its held-out split would be another; pass --calib with that data")
+
+
 def load_data(calib_cfg, teacher, adapter, preprocessor):
     """The compile's calibration and held-out split, re-derived deterministically from its recipe."""
     from lmmc.data import load_calibration, random_calibration
@@ -514,12 +565,16 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         if not corpus.exists():
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
     versions = check_backends(cfg.device)
-    teacher_ref = str(cfg.teacher) if cfg.teacher else report["model"]
+    teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
     try:
-        _, adapter = resolve_config(teacher_ref)
+        config, adapter = resolve_config(teacher_ref)
     except LmmcError as err:
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
+    positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
+    if cfg.seq and positions and cfg.seq > positions:
+        raise LmmcError(f"--seq {cfg.seq} is more tokens than the teacher's text tower takes ({positions} positions); "
+                        f"pass --seq {positions} or less")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
     torch_device, measure_memory = cfg.device, cfg.memory
     if cfg.device != "cpu":
@@ -530,19 +585,19 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
             measure_memory = False
             skipped.append("peak memory is not measured on a GPU: it is the host process's RSS")
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
+    validate = _recipe_validate(report, out_dir / "report.json")
+    check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
-    validate = report["recipe"].get("validate") or {}
     data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
-    for path in cfg.corpora:
-        corpora[path.name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
+    for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
+        corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
                                             text_pad_length(teacher.config, adapter))
     # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions.
-    seq = cfg.seq or validate.get("latency_seq") or min(
-        [128, *(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")])
+    seq = cfg.seq or validate.latency_seq or min([128, *([positions] if positions else [])])
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
-               threads=cfg.threads or validate.get("threads", 2), batch=cfg.batch or validate.get("latency_batch", 8),
-               seq=seq, min_cosine=validate.get("min_cosine"), notes=skipped, device=cfg.device,
+               threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
+               seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,
                torch_device=torch_device, memory=measure_memory)
 
     started = time.perf_counter()

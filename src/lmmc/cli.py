@@ -237,7 +237,8 @@ def summary_table(report: dict) -> str:
 @click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
 @click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
-@click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up round and 3 timed runs, no memory.")
+@click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up round and 3 timed runs (unless --warmup or "
+              "--repeats say otherwise), no memory.")
 @click.option("--static", is_flag=True, help="Also run every OpenVINO IR, the teacher's and the student's, compiled "
               "for the timed shape (batch x seq): faster where inputs are always padded to one shape.")
 @click.option("--device", default="cpu", show_default=True,
@@ -251,7 +252,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     from lmmc.bench import BenchConfig, bench, format_table
 
     if quick:
-        repeats, warmup, no_memory = 3, 1, True
+        repeats, warmup, no_memory = 3 if repeats is None else repeats, 1 if warmup is None else warmup, True
     given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
              "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device}
     try:

@@ -395,7 +395,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     created = [p for p in out.parents if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     area = WorkArea(out)
-    area.claim(describe_inputs(model_ref, recipe), resume)
+    inputs = describe_inputs(model_ref, recipe)
+    area.claim(inputs, resume)
     tmp = area.output
     done = 0
     try:
@@ -434,6 +435,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             done = index + 1
             area.save(art, done, time.perf_counter() - started)
         report = build_report(art, recipe, the_plan, time.perf_counter() - started)
+        # What lmmc bench checks it re-reads: the teacher's place and files, and the data's.
+        report["inputs"] = {"model": inputs["model"], "data": inputs["data"]}
         if area.writer:
             save_student(art.student.cpu(), preprocessor, tmp / "student",
                          {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})

@@ -97,7 +97,8 @@ def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
     the recipe reads (calibration data and distillation corpora, with the images a .jsonl names)."""
     model_path = Path(model_ref).expanduser()
     # A hub id without a local copy is known by its name only.
-    model = {"ref": model_ref, "sha256": hash_files(model_path) if model_path.exists() else None}
+    model = {"ref": model_ref, "path": str(model_path.resolve()) if model_path.exists() else None,
+             "sha256": hash_files(model_path) if model_path.exists() else None}
     data = {}
     if recipe.calibration.path:
         data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_data(Path(recipe.calibration.path))}
@@ -131,7 +132,9 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     if old.get("lmmc_version") != new["lmmc_version"]:
         out.append(f"lmmc version {old.get('lmmc_version')} -> {new['lmmc_version']}")
-    if old.get("model") != new["model"]:
+    # The model is known by its name and files; where it lies is bench's business.
+    if {k: v for k, v in (old.get("model") or {}).items() if k != "path"} != \
+            {k: v for k, v in new["model"].items() if k != "path"}:
         if old.get("model", {}).get("ref") != new["model"]["ref"]:
             out.append(f"model '{old.get('model', {}).get('ref')}' -> '{new['model']['ref']}'")
         else:
