@@ -236,6 +236,19 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     assert not (out / "report.html").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lmmc-files.json"]  # no partial page
 
+    # Edited by hand into shapes no compile writes: one message, not a crash.
+    report = json.loads((compiled / "report.json").read_text())
+    for edit in (lambda r: r["validation"].update(towers=list(r["validation"]["towers"])),
+                 lambda r: r["parameters"].update(teacher="lots"),
+                 lambda r: [t.update(cosine_per_sample=[float("inf")] * 32) for t in r["validation"]["towers"].values()]):
+        edited = json.loads(json.dumps(report))
+        edit(edited)
+        (out / "report.json").write_text(json.dumps(edited))
+        result = runner.invoke(main, ["report", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"'{out / 'report.json'}' does not hold what lmmc compile writes" in result.output
+        assert not (out / "report.html").exists()
+
 
 
 def test_report_command_adds_every_backend_of_bench_json(compiled, tmp_path):

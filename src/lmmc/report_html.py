@@ -522,7 +522,13 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
     if target.exists() and not _is_ours(target):
         raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
-    page = render(report, out_dir)
+    try:
+        page = render(report, out_dir)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        # A report.json edited by hand, or cut: the page is drawn from what a compile writes, no other shape.
+        also = " (or bench.json beside it what lmmc bench writes)" if (out_dir / "bench.json").is_file() else ""
+        raise LmmcError(f"'{source}' does not hold what lmmc compile writes{also} ({type(err).__name__}: {err}); "
+                        f"compile again to write it anew, or restore the file") from None
     partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         partial.write_text(page, encoding="utf-8")
