@@ -732,7 +732,7 @@ def format_table(result: dict[str, Any]) -> str:
     for name, tower in result["towers"].items():
         corpora = list(tower["rows"][0]["cosine_to_teacher"])
         on = () if device == "cpu" else ("device",)  # PyTorch stays on the CPU where torch sees no GPU
-        header = ("model", "artifact", *on, "p50 ms", "p90 ms", "items/s", "peak MiB", "MB", "params",
+        header = ("model", "artifact", *on, "p50 ms", "p90 ms", "items/s", "peak MiB", "MB", "tower params",
                   *[f"cos {c}" for c in corpora])
         table = [header]
         for r in tower["rows"]:
