@@ -166,6 +166,21 @@ def _(tmp):
     return ["./m", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["index past the table", "not this model's tokenizer"]
 
 
+@case("tokenizer without a pad token")
+def _(tmp):
+    tiny_model("bert").save_pretrained(tmp / "m")
+    transformers.BertTokenizer(vocab=str(tiny_vocab(tmp / "vocab.txt")), pad_token=None).save_pretrained(tmp / "m")
+    return ["./m", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["has no pad token", "tokenizer.pad_token ="]
+
+
+@case("tokenizer.json that cannot be read")
+def _(tmp):
+    model = bert(tmp)
+    (model / "tokenizer.json").write_text("{garbage")
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["has tokenizer.json", "cannot be read",
+                                                                                 "save the model's own tokenizer"]
+
+
 @case("no image processor")
 def _(tmp):
     tiny_model("vit").save_pretrained(tmp / "vit")
@@ -253,6 +268,15 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["takes at most 64 tokens", "calibration.max_length to 64 or less"]
 
 
+@case("antgmm's distillation longer than the model's positions")
+def _(tmp):
+    texts(tmp, name="long.txt")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {
+        "keep": 0.8, "distill": {"corpus": "long.txt", "max_length": 512}, "distill_steps_per_segment": 2}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["antgmm.distill.max_length = 512",
+                                                                 "takes at most 64 tokens", "64 or less"]
+
+
 @case("latency_seq above the model's positions")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "validate": {"latency_seq": 77}})
@@ -327,6 +351,23 @@ def _(tmp):
     save_tiny("vit", tmp / "vit")
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "replace it"]
+
+
+def test_an_image_too_large_to_decode_safely_is_one_clear_error(tmp_path, monkeypatch):
+    """PIL refuses a decompression bomb with an error of its own kind, which is no OSError."""
+    from PIL import Image as PILImage
+
+    monkeypatch.chdir(tmp_path)
+    images(tmp_path, 160)
+    save_tiny("vit", tmp_path / "vit")
+    recipe = write_recipe(tmp_path, {**RANDOM, "calibration": {"path": "pics"}})
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # the 40 x 40 pictures are then over twice the limit
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", "./vit", "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "cannot read image" in result.output
+    assert "decompression bomb" in result.output
+    assert snapshot(tmp_path) == before
 
 
 def digit_pairs(tmp: Path, labels: list[str], captions: list[str]) -> Path:

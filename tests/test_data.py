@@ -26,6 +26,23 @@ def test_split_is_deterministic_and_never_overlaps():
     assert other_calib != calib
 
 
+def test_no_held_out_text_is_calibrated_on_in_another_case_or_spacing(tmp_path):
+    """An uncased tokenizer reads "The water" and "the  water " alike: such variants are one text to the split,
+    so none is held out while another is calibrated on; .jsonl texts are stripped as .txt lines are."""
+    lines = []
+    for i in range(80):
+        text = f"sample number {i} of the set"
+        lines += [{"text": text}, {"text": text + " "}, {"text": text.upper()}, {"text": text.replace(" ", "  ")}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    records = read_samples(tmp_path / "d.jsonl")
+    assert {r["text"] for r in records[:2]} == {"sample number 0 of the set"}
+    calib, held = split(records, 200, 40, seed=0)
+    norm = lambda r: " ".join(r["text"].split()).lower()
+    # a quarter of the 80 texts held out, one sample each; the three distinct variants of each other one calibrated
+    assert len(held) == 20 and len(calib) == 60 * 3
+    assert not {norm(r) for r in held} & {norm(r) for r in calib}
+
+
 def test_split_shrinks_to_what_exists():
     calib, held = split([{"text": str(i)} for i in range(10)], n_calib=100, n_eval=64, seed=0)
     assert (len(calib), len(held)) == (8, 2)

@@ -78,6 +78,16 @@ def test_a_dead_runs_area_is_reported_and_emptied(tmp_path, teacher, capsys):
     fresh.finish()
 
 
+def test_a_corpus_distilled_on_between_antgmm_stages_is_checked_too(tmp_path, teacher):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the water is cold\n")
+    nested = [{"antgmm": {"keep": 0.5, "distill": {"corpus": str(corpus)}, "distill_steps_per_segment": 2}}]
+    before = inputs(tmp_path, passes=nested)
+    corpus.write_text("the water is warm\n")
+    assert changed_inputs(before, inputs(tmp_path, passes=nested)) == [
+        f"the data of passes[0].antgmm.distill.corpus ('{corpus}') changed"]
+
+
 def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
     dead = WorkArea(tmp_path / "out")
     dead.claim(inputs(tmp_path), resume=False)
@@ -139,6 +149,25 @@ def test_resume_without_a_work_area_says_there_is_nothing_to_resume(tmp_path, te
     with pytest.raises(LmmcError, match="nothing to resume.*without --resume"):
         WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=True)
     assert not work_path(tmp_path / "out").exists()
+
+
+def test_a_dry_run_with_resume_refuses_what_the_resume_would(tmp_path, teacher):
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    args = ["compile", str(teacher), "-r", str(recipe), "-o", str(tmp_path / "out"), "--resume", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--resume: nothing to resume for --out" in result.output, result.output
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    dead.release()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"antgmm": {"keep": 0.6}}, *RECIPE["passes"][1:]]}))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "recipe passes[0].antgmm.keep: 0.5 -> 0.6" in result.output, result.output
 
 
 def test_a_folder_by_the_areas_name_that_lmmc_did_not_make_is_left_alone(tmp_path, teacher):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears
@@ -134,10 +135,10 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
         found.append(("the recipe", Path(recipe_path).resolve()))
     if recipe.calibration.path:
         found.append(("the calibration data", Path(recipe.calibration.path).resolve()))
-    for step in [*recipe.passes, *recipe.export]:
-        corpus = getattr(step.config, "corpus", None)
+    for name, cfg in _step_configs(recipe):
+        corpus = getattr(cfg, "corpus", None)
         if corpus:
-            found.append((f"the corpus of '{step.name}'", Path(corpus).resolve()))
+            found.append((f"the corpus of '{name}'", Path(corpus).resolve()))
     return found
 
 
@@ -287,6 +288,21 @@ def _check_target(adapter: Any, recipe: Recipe) -> None:
                             f"({adapter.family}) there yet. Set keep (a FLOPs fraction) instead")
 
 
+def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
+    """Every step's config by its recipe name, with a distillation nested in a pass (antgmm's `distill`)
+    as a step of its own; a nested config that does not validate is left to the plan's own check of it."""
+    out = []
+    for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
+        out.append((step.name, step.config))
+        nested = getattr(step.config, "distill", None)
+        if isinstance(nested, dict):
+            try:
+                out.append((f"{step.name}.distill", get_pass("distill").Config(**nested)))
+            except ValidationError:
+                pass
+    return out
+
+
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     text = [t for t in adapter.towers if t.modality == "text"]
     if not text:
@@ -295,14 +311,13 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     lengths = []
     if recipe.calibration.path and recipe.calibration.max_length:
         lengths.append(("calibration.max_length", recipe.calibration.max_length))
-    for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
-        cfg = step.config
+    for name, cfg in _step_configs(recipe):
         # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
         towers = getattr(cfg, "towers", None)
         if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
-            lengths.append((f"{step.name}.max_length", cfg.max_length))
+            lengths.append((f"{name}.max_length", cfg.max_length))
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", False):
-            lengths.append((f"{step.name}.latency_seq", cfg.latency_seq))
+            lengths.append((f"{name}.latency_seq", cfg.latency_seq))
     for key, value in lengths:
         if value > positions:
             raise LmmcError(f"{key} = {value}, but this model's text tower takes at most {positions} tokens "

@@ -93,8 +93,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                     raise LmmcError(f"{path}:{n}: \"{key}\" must be a string, got {json.dumps(obj[key])}; write it "
                                     f"as {'a path in quotes' if key == 'image' else 'text in quotes'}")
             rec = {}
-            if "text" in obj:
-                rec["text"] = obj["text"]
+            if "text" in obj:  # stripped as a .txt line is
+                rec["text"] = obj["text"].strip()
             if "image" in obj:
                 image = Path(obj["image"])
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
@@ -146,7 +146,7 @@ def _check_readable(folder: Path, paths: list[str]) -> None:
         try:
             with Image.open(p):
                 pass
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             broken.append((p, err))
     if broken:
         more = f"; {len(broken) - 1} more file(s) in '{folder}' are unreadable too" if len(broken) > 1 else ""
@@ -183,8 +183,9 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
 
 
 def _group(record: dict[str, Any]) -> str:
-    """What a held-out sample must not share with any calibration sample: its image, else its text."""
-    return record["image"] if "image" in record else record["text"]
+    """What a held-out sample must not share with any calibration sample: its image, else its text, read
+    as an uncased tokenizer reads it (case and runs of spaces aside)."""
+    return record["image"] if "image" in record else " ".join(record["text"].split()).casefold()
 
 
 def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int) -> tuple[list, list]:
@@ -290,7 +291,7 @@ def check_images(paths: list[str], min_side: int) -> None:
         try:
             with Image.open(p) as im:
                 mode, size = im.mode, im.size
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             raise LmmcError(f"cannot read image '{p}': {err}; remove it or replace it with a PNG/JPEG picture") from None
         if mode in NOT_PICTURES:
             raise LmmcError(f"image '{p}' has mode {mode} (integer or float pixels, e.g. a depth map or a 16-bit "

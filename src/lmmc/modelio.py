@@ -243,7 +243,8 @@ def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: di
     for tower in adapter.towers:
         tcfg = getattr(config, tower.config_key) if tower.config_key else config
         if tower.modality == "text":
-            _check_tokenizer(ref, preprocessor.get("tokenizer"), int(tcfg.vocab_size))
+            _check_tokenizer(ref, preprocessor.get("tokenizer"), int(tcfg.vocab_size),
+                             pads=adapter.kind != "generative")
         else:
             _check_image_processor(ref, preprocessor.get("image_processor"), int(tcfg.image_size))
 
@@ -280,10 +281,19 @@ def _check_processor(ref: str, config: Any, adapter: Adapter, proc: Any, chat_te
                         f"'<image> prompt answer' without one")
 
 
-def _check_tokenizer(ref: str, tok: Any, vocab_size: int) -> None:
+def _check_tokenizer(ref: str, tok: Any, vocab_size: int, pads: bool = True) -> None:
+    """The model's own tokenizer: present, readable, of the model's vocabulary, and (`pads`: an encoder,
+    whose batches lmmc pads) with a pad token."""
     fix = ("save the model's own tokenizer beside it (tokenizer.save_pretrained(dir)); the student ships "
            "with this tokenizer")
     if tok is None:
+        present = [n for n in TOKENIZER_FILES if (Path(ref) / n).is_file()]
+        if present:  # files there that transformers cannot read: say why rather than that there are none
+            try:
+                transformers.AutoTokenizer.from_pretrained(ref)
+            except Exception as err:  # whatever a third-party tokenizer raises on a broken file
+                raise LmmcError(f"'{ref}' has {', '.join(present)}, but its tokenizer cannot be read "
+                                f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); {fix}") from None
         raise LmmcError(f"'{ref}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {fix}")
     size = len(tok)
     if size > vocab_size:
@@ -296,6 +306,11 @@ def _check_tokenizer(ref: str, tok: Any, vocab_size: int) -> None:
     if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
         raise LmmcError(f"the tokenizer of '{ref}' maps every ordinary word to the unknown token; it is not "
                         f"the model's tokenizer: {fix}")
+    if pads and tok.pad_token_id is None:
+        raise LmmcError(f"the tokenizer of '{ref}' has no pad token, and lmmc pads the texts of a batch to one "
+                        f"length; set the one the model was trained with and save it beside the model "
+                        f"(tokenizer.pad_token = '[PAD]', or the token its model card names; then "
+                        f"tokenizer.save_pretrained(dir))")
 
 
 def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:

@@ -106,6 +106,10 @@ def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
         corpus = getattr(step.config, "corpus", None)
         if corpus:
             data[f"passes[{i}].{step.name}.corpus"] = {"path": corpus, "sha256": hash_data(Path(corpus))}
+        nested = getattr(step.config, "distill", None)  # antgmm's distillation between its stages
+        if isinstance(nested, dict) and nested.get("corpus"):
+            data[f"passes[{i}].{step.name}.distill.corpus"] = {"path": nested["corpus"],
+                                                                "sha256": hash_data(Path(nested["corpus"]))}
     return {"lmmc_version": lmmc.__version__, "model": model, "recipe": recipe.to_dict(), "data": data}
 
 
@@ -201,12 +205,7 @@ class WorkArea:
                 previous = _read_json(self.path / INPUTS_FILE)
                 if previous is None:
                     raise LmmcError(self._nothing_to_resume())
-                changes = changed_inputs(previous, inputs)
-                if changes:
-                    raise LmmcError(f"cannot resume the compile to '{self.out}': since it was interrupted, "
-                                    f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}. Restore "
-                                    f"what changed, or run without --resume to start afresh (this discards "
-                                    f"the interrupted run's work in '{self.path}')")
+                self._check_unchanged(previous, inputs)
             else:
                 self._clear_dead_run()
             _write_json(self.path / OWNER_FILE, {"lmmc_work_area": 1, "pid": os.getpid(),
@@ -217,6 +216,21 @@ class WorkArea:
         except BaseException:
             self.release()
             raise
+
+    def check_resume(self, inputs: dict[str, Any]) -> None:
+        """What claim(resume=True) refuses, checked without taking the area: for a dry run."""
+        previous = _read_json(self.path / INPUTS_FILE)
+        if previous is None:
+            raise LmmcError(self._nothing_to_resume())
+        self._check_unchanged(previous, inputs)
+
+    def _check_unchanged(self, previous: dict[str, Any], inputs: dict[str, Any]) -> None:
+        changes = changed_inputs(previous, inputs)
+        if changes:
+            raise LmmcError(f"cannot resume the compile to '{self.out}': since it was interrupted, "
+                            f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}. Restore "
+                            f"what changed, or run without --resume to start afresh (this discards "
+                            f"the interrupted run's work in '{self.path}')")
 
     def _nothing_to_resume(self) -> str:
         return (f"--resume: nothing to resume for --out '{self.out}' (no work area '{self.path}' of an "

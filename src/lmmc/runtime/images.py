@@ -22,7 +22,7 @@ def open_image(path: str | Path):
             # browsers turn them upright, so the model must see them that way too.
             upright = ImageOps.exif_transpose(image)
             upright.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise LmmcError(f"cannot read image '{path}': {err}") from None
     return to_rgb(upright, str(path))
 
