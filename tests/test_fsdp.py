@@ -27,7 +27,7 @@ CLIP_CFG = dict(steps=6, batch_size=8, grad_accum=2, lr=1e-3, schedule="optima",
                 dev_samples=8, eval_every=3, keep_best=False, progress=False)
 # A tiny LLaVA: token-level KL on answer logits, vision and decoder blocks as units, the projector in the root.
 LLAVA_CFG = dict(steps=4, batch_size=8, lr=2e-3, dev_samples=8, eval_every=2, keep_best=False, progress=False)
-TOL = 1e-5
+TOL = 3e-5  # float sums taken in another order over shards, after a few optimiser steps
 
 
 def wanda_bert():
