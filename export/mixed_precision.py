@@ -9,18 +9,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lmmc.adapters import Adapter, TowerSpec, prunable_linears
+from lmmc.config import Config
 
 # feed -> pooled embeddings of one quantised variant
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-class MixedConfig(BaseModel):
+class MixedConfig(Config):
     """`mixed:` under an INT8 export: the fidelity budget and the bounds of the search."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_cosine_drop: float = Field(gt=0, lt=1, description="largest 1 - mean cosine of the mixed artifact's pooled "
                                    "embeddings to the fp32 student's, on the calibration batches; the most "

@@ -11,10 +11,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from lmmc.adapters import TowerModule, TowerSpec, dynamic_axes, example_inputs, input_names
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.export.onnx import OUTPUT_NAMES
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
@@ -160,9 +161,7 @@ def quantize_openvino_mixed(src_xml: Path, dst_xml: Path, feeds: list[dict[str, 
                              quantise, search, reference, cfg)
 
 
-class Int8Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Int8Options(Config):
     mixed: MixedConfig = Field(description="keep the block matrices whose quantisation costs the most cosine fp32")
 
 

@@ -21,10 +21,11 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                       quantize_static)
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from lmmc.adapters import Adapter, TowerSpec, example_inputs, input_names, prunable_linears
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.config import Config, on_off
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
@@ -276,16 +277,12 @@ def median_ms(models: dict[str, Model], feed: dict[str, np.ndarray], repeats: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class StaticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class StaticOptions(Config):
     mixed: MixedConfig = Field(description="keep the block matrices whose quantisation costs the most cosine fp32")
 
 
-class StaticMixed(BaseModel):
+class StaticMixed(Config):
     """``{static: {mixed: {max_cosine_drop: 0.002}}}`` in ``int8``: static QDQ in mixed precision."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     static: StaticOptions
 
@@ -308,6 +305,8 @@ class OrtConfig(PassConfig):
     dynamic_min_cosine: float = Field(0.99, ge=0, le=1, description="dynamic INT8 quantises every MatMul unless "
                                       "its pooled embedding then falls below this mean cosine to the fp32 graph's on "
                                       "the calibration batches; then the second FFN matrices stay fp32")
+
+    _fuse_on_off = field_validator("fuse", mode="before")(on_off)
 
     @field_validator("int8")
     @classmethod

@@ -13,9 +13,10 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmmc.artifact import Artifact, ExportRecord
+from lmmc.config import Config, on_off
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
@@ -31,10 +32,8 @@ _PICKED = re.compile(r"\(Sparsity\) TRT inference plan picked sparse implementat
 _WEIGHT_PATH_OPS = {"DequantizeLinear", "Cast", "Transpose", "Identity"}
 
 
-class ShapeRange(BaseModel):
+class ShapeRange(Config):
     """Smallest, typical (tuned for) and largest size of one dynamic axis in the engine's profile."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     min: int = Field(gt=0)
     opt: int = Field(gt=0)
@@ -59,6 +58,8 @@ class TensorRtConfig(PassConfig):
     timing_cache: bool = Field(True, description="keep the builder's timing cache beside the output and reuse it")
     optional: bool = Field(False, description="without TensorRT, note 'engine not built' and finish the compile "
                            "instead of refusing the recipe")
+
+    _sparse_on_off = field_validator("sparse", mode="before")(on_off)
 
 
 def tensorrt_module():

@@ -48,6 +48,11 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"export": [], "validate": {}}, "pass 'validate' needs ['onnx']"),
     ({"calibrate": {}}, "unknown key(s) ['calibrate']"),
     ({"calibration": {"samples": 0}}, "samples: Input should be greater than 0"),
+    ({"calibration": {"samples": True}}, "samples: Value error, True holds a yes/no value where a number belongs"),
+    ({"passes": [{"wanda": {"sparsity": False}}]}, "sparsity: Value error, False holds a yes/no value"),
+    ({"passes": [{"distill": {"layer_map": {"text": [2, True]}}}]}, "layer_map: Value error, {'text': [2, True]}"),
+    ({"export": ["onnx", {"ort": {"int8": ["dynamic"], "threads": True}}]}, "threads: Value error, True holds"),
+    ({"validate": {"threads": True}}, "threads: Value error, True holds"),
 ])
 def test_bad_recipes_fail_with_one_clear_message(change, message):
     with pytest.raises(LmmcError) as err:
@@ -75,3 +80,21 @@ def test_paths_inside_antgmm_distill_resolve_against_the_recipe(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(LmmcError, match="antgmm.distill.corpus 'missing.txt' does not exist"):
         load_recipe(path)
+
+
+def test_yes_and_no_settings_keep_their_meaning():
+    # YAML 1.1 reads an unquoted on/off as true/false: the settings spelt "on"/"off" take them back
+    recipe = parse_recipe({**FULL, "export": ["onnx", {"ort": {"fuse": True}}]})
+    assert recipe.export[1].config.fuse == "on"
+    assert parse_recipe({**FULL, "export": ["onnx", {"ort": {"fuse": False, "fp16": True}}]}).export[1].config.fuse == "off"
+
+
+def test_a_key_given_twice_is_refused_not_overridden(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {random: true, samples: 8}\npasses:\n  - wanda: {sparsity: 0.5, sparsity: 0.7}\n")
+    with pytest.raises(LmmcError, match="the key 'sparsity' appears twice"):
+        load_recipe(recipe)
+    # a merge key brings in a mapping whose keys the explicit ones may override
+    recipe.write_text("calibration: {random: true, samples: 8}\npasses:\n"
+                      "  - wanda: &w {sparsity: 0.5}\n  - magnitude: {<<: *w, sparsity: 0.6}\n")
+    assert [s.config.sparsity for s in load_recipe(recipe).passes] == [0.5, 0.6]

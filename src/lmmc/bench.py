@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
 from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, load, read_manifest
@@ -42,10 +43,8 @@ MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runti
                  "after the runtime loaded), MiB")
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(Config):
     """How `lmmc bench` measures; unset sizes come from the compile's recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     threads: int | None = Field(None, gt=0, description="intra-op threads for every runtime (default: the recipe's)")
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from lmmc.adapters import Adapter, TowerSpec, block_linears, block_list
+from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.latency_model import LatencyModel, Target, tower_feed
 from lmmc.selection import Unit, select_units
@@ -21,10 +22,8 @@ TIMING_REPEATS = 15
 TIMING_WARMUP = 1
 
 
-class DeployConfig(BaseModel):
+class DeployConfig(Config):
     """Where the student will run: what the latency target is measured on."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     runtime: Literal["openvino", "onnxruntime"] = Field("openvino", description="the deployment runtime")
     precision: Literal["int8", "fp32"] = Field("int8", description="int8: NNCF INT8 (OpenVINO) or static QDQ "
@@ -39,11 +38,9 @@ class DeployConfig(BaseModel):
                       seq=self.seq)
 
 
-class LatencyTargetConfig(BaseModel):
+class LatencyTargetConfig(Config):
     """One batch through every tower in `latency_ms`, or `speedup` times faster than the teacher's fastest
     deployment on the same runtime, timed in the same run."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     latency_ms: float | None = Field(None, gt=0, description="milliseconds per batch, all towers together")
     speedup: float | None = Field(None, gt=1, description="times faster than the teacher's fastest deployment "

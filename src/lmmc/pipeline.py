@@ -7,16 +7,13 @@ import pkgutil
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from lmmc.artifact import Artifact, PassRecord
+from lmmc.config import Config
 from lmmc.errors import LmmcError
 
 
-class PassConfig(BaseModel):
-    """Base of every pass config: typed, validated, and unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PassConfig(Config):
+    """Base of every pass config."""
 
 
 class Pass:

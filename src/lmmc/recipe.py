@@ -15,14 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
+from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass
 
 
-class CalibrationConfig(BaseModel):
+class CalibrationConfig(Config):
     """Where calibration and held-out evaluation samples come from, and how many of each."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str | None = Field(None, description="text (.txt/.jsonl), image folder or image-text .jsonl")
     random: bool = Field(False, description="random inputs; allowed only for tiny random-weight models")
@@ -306,6 +305,26 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     return recipe
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping; in a recipe the first was then silently ignored."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue   # `<<: *anchor` merges a mapping whose keys the explicit ones may override
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue   # an unhashable key: the base class names it
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} appears twice (first {first.line + 1}:{first.column + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
     """Read a recipe file; `calib` (the CLI's --calib, relative to the current directory) replaces its
     calibration path."""
@@ -313,7 +332,7 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
     if not path.is_file():
         raise LmmcError(f"recipe '{path}' does not exist; pass --recipe with a YAML file (see samples/recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise LmmcError(f"recipe '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                         f"{err.start}); save it as UTF-8") from None

@@ -1,0 +1,38 @@
+"""Base of every typed config read from a recipe: unknown keys refused, and no yes/no value read as a number."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+
+def _bool_coerced(raw: Any, value: Any) -> bool:
+    """Whether validation turned a YAML true/false somewhere in `raw` into a number in `value`."""
+    if isinstance(raw, bool):
+        return not isinstance(value, bool)
+    if isinstance(raw, (list, tuple)) and isinstance(value, (list, tuple)) and len(raw) == len(value):
+        return any(_bool_coerced(r, v) for r, v in zip(raw, value))
+    if isinstance(raw, dict) and isinstance(value, dict):
+        return any(_bool_coerced(r, value[k]) for k, r in raw.items() if k in value)
+    return False
+
+
+def on_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted on/off as true/false; a setting whose values are "on"/"off" takes them back."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+class Config(BaseModel):
+    """Typed, frozen, unknown keys rejected. pydantic reads `samples: true` as 1 and `lr: false` as 0.0; a
+    recipe that says yes or no where a number belongs has a mistake in it, so that is refused instead."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _no_yes_no_numbers(cls, value: Any, handler: Any) -> Any:
+        result = handler(value)
+        if _bool_coerced(value, result):
+            raise ValueError(f"{value!r} holds a yes/no value where a number belongs; write the number")
+        return result
