@@ -192,6 +192,40 @@ def test_force_replaces_existing_output(tmp_path):
     assert (out / "onnx" / "vision.onnx").is_file()
 
 
+def test_force_fills_an_empty_directory_and_keeps_it(tmp_path):
+    model_dir = save_tiny("vit", tmp_path / "teacher")
+    out = tmp_path / "out"
+    out.mkdir(mode=0o750)
+    made = out.stat()
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}})
+    result = run("compile", model_dir, "-r", recipe, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out.stat().st_ino, out.stat().st_mode) == (made.st_ino, made.st_mode)  # the user's directory, not a new one
+    listed = json.loads((out / ".lmmc-files.json").read_text())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [".lmmc-files.json"])
+
+
+def test_force_writes_into_a_mount_point_and_replaces_its_earlier_output(tmp_path):
+    # A container's output volume: the directory cannot be removed or renamed onto, only filled.
+    out = tmp_path / "volume"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the test needs root")
+    try:
+        model_dir = save_tiny("vit", tmp_path / "teacher")
+        recipe = write_recipe(tmp_path, {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}})
+        for _ in range(2):   # into the empty volume, then over the earlier output there
+            result = run("compile", model_dir, "-r", recipe, "-o", out, "--force")
+            assert result.exit_code == 0, result.output
+            assert os.path.ismount(out)
+            listed = json.loads((out / ".lmmc-files.json").read_text())
+            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [".lmmc-files.json"])
+        assert not list(tmp_path.glob(".volume*"))  # no work area left behind
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
 def test_random_calibration_refused_for_large_models(tmp_path):
     big = tiny_model("bert").__class__(tiny_model("bert").config.__class__(hidden_size=256, num_hidden_layers=8,
                                        num_attention_heads=4, intermediate_size=1024, vocab_size=99))

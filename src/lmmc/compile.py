@@ -464,9 +464,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                 raise OutputTaken(f"--out '{out}' {change} while the compile ran; it was left untouched. The "
                                   f"finished compile is kept in '{area.path}': move '{out}' away and run the same "
                                   f"command with --resume to write it there")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            _place(tmp, out)
         area.finish()
     except OSError as err:
         _give_up(area, resume, created)
@@ -494,6 +492,32 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
                                       for g in missed), *report["failures"]]), report)
     return report
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Move the finished output to --out. An --out that exists and is empty, or is a mount point (a
+    container's volume), stays the directory it is, whose owner, mode and mount lmmc did not make: the
+    earlier output's files in it (checked as lmmc's before) are replaced, and the new ones moved in."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not os.path.ismount(out) and any(out.iterdir()):
+        shutil.rmtree(out)
+        tmp.rename(out)
+        return
+    for entry in out.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    staged = tmp
+    if tmp.stat().st_dev != out.stat().st_dev:   # a mount point: renames cannot cross into it, copies can
+        staged = out / f".lmmc-incoming-{os.getpid()}"
+        try:
+            shutil.copytree(tmp, staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    for entry in list(staged.iterdir()):
+        entry.rename(out / entry.name)
+    staged.rmdir()
 
 
 def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:
