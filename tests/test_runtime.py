@@ -206,6 +206,41 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
         deployed.encode(TEXTS, tower="vision")
     with pytest.raises(LmmcError, match="batch_size must be a positive integer, not 0"):
         deployed.encode(TEXTS, batch_size=0)
+    with pytest.raises(LmmcError, match="batch_size must be a positive integer, not True"):
+        deployed.encode(TEXTS, batch_size=True)
+
+
+def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
+    from PIL import Image
+
+    deployed = open_dir(compiled, threads=1)
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 255, (40, 44, 4), dtype=np.uint8)
+    grey = rgba[..., 0]
+    pictures = [Image.fromarray(rgba[..., :3]), Image.fromarray(rgba, "RGBA"), Image.fromarray(grey, "L")]
+    ref = deployed.encode(pictures)
+    for arrays in ([rgba[..., :3], rgba, grey], [rgba[..., :3].transpose(2, 0, 1), rgba.astype(np.int64), grey[..., None]]):
+        assert np.abs(deployed.encode(arrays) - ref).max() <= 1e-6
+    floats = deployed.encode([rgba[..., :3] + 0.3, rgba.astype(np.float32) + 0.4])  # pixels rounded, as PIL holds them
+    assert np.abs(floats - ref[:2]).max() <= 1e-6
+    for item, message in [
+            (np.stack([rgba[..., :3]] * 2), "an array of shape \\[2, 40, 44, 3\\]; one picture is"),
+            (rgba[:0], "a picture without pixels"),
+            (rgba[..., :3] / 255.0, "float pixels within \\[0, 1\\]; .* multiply it by 255"),
+            (rgba.astype(np.uint16) * 256, "pixel values from 0 to 65024"),
+            (3, "item 0 of encode's list is int")]:
+        with pytest.raises(LmmcError, match=message):
+            deployed.encode([item])
+
+
+def test_a_directory_without_its_tokenizer_files_is_an_error_not_a_blank_tokenizer(compiled, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    (out / "student" / "tokenizer.json").unlink()  # transformers would build an empty vocabulary from config.json
+    with pytest.raises(LmmcError, match="lacks \\['student/tokenizer.json'\\], the tokenizer files its manifest lists"):
+        open_dir(out, threads=1).encode(TEXTS)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -220,7 +255,15 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
             ({"input_ids": ids, "attention_mask": np.ones((3, 5))}, "disagree on the batch size"),
             ({"input_ids": ids[:, :0], "attention_mask": ids[:, :0]}, "'input_ids' of shape \[2, 0\] is empty"),
             ({"input_ids": ids - 8, "attention_mask": ids}, "'input_ids' holds id -1; token ids are never negative"),
-            ({"input_ids": ids + 0.5, "attention_mask": ids}, "'input_ids' holds fractions")]:
+            ({"input_ids": ids + 0.5, "attention_mask": ids}, "'input_ids' holds fractions"),
+            ([ids, ids], f"{name} takes a dict of input name -> array, not list"),
+            ({"input_ids": ids.astype(str), "attention_mask": ids}, "'input_ids' holds <U21 values"),
+            ({"input_ids": [[1, 2], [3]], "attention_mask": ids}, "'input_ids' is not an array"),
+            # OpenVINO ran this, and its request then answered later, correct feeds with stale outputs
+            ({"input_ids": ids, "attention_mask": np.ones((2, 3))}, "the token inputs of .* differ in shape"),
+            ({"input_ids": ids, "attention_mask": -np.ones((2, 5))}, "'attention_mask' holds values other than 0 and 1"),
+            # one backend gave zeros for such a row, another NaN
+            ({"input_ids": ids, "attention_mask": np.array([[1] * 5, [0] * 5])}, "'attention_mask' rows \\[1\\] mark no token")]:
         with pytest.raises(LmmcError, match=message):
             text.run(feed)
     with pytest.raises(LmmcError, match="takes 'pixel_values' of shape \['any', 3, 32, 32\], and the feed has "
@@ -232,7 +275,7 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
         vision.run({"pixel_values": pixels})
     # An id past the 99-token vocabulary: ONNX Runtime's Gather fails, OpenVINO's would return zeros.
     with pytest.raises(LmmcError, match="id 99|Gather"):
-        text.run({"input_ids": ids + 92, "attention_mask": ids})
+        text.run({"input_ids": ids + 92, "attention_mask": np.ones_like(ids)})
     with pytest.raises(LmmcError, match="threads must be a positive integer"):
         load(text.path, backend, threads=0)
 
@@ -332,8 +375,9 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
         load(text, threads=1, static_shape=(2, 12)).run(longer)
     with pytest.raises(LmmcError, match="has inputs of dynamic length; give static_shape as \\(batch, seq\\)"):
         load(text, threads=1, static_shape=(2,))
-    with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
-        load(text, threads=1, static_shape=(0, 12))
+    for shape in ((0, 12), 2, (True, 12)):
+        with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
+            load(text, threads=1, static_shape=shape)
     small = {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)}  # not padded into a 32 x 32 image
     with pytest.raises(LmmcError, match="vision.xml takes 'pixel_values' of shape \\[2, 3, 32, 32\\] \\(any batch\\)"):
         load(compiled / "openvino" / "vision.xml", threads=1, static_shape=(2,)).run(small)
@@ -379,7 +423,7 @@ def _tamper_preprocessing(m, outside):
 
 
 NOT_A_MANIFEST = ("is not an lmmc manifest (each artifact needs a tower, backend, precision and path, each tower "
-                  "a modality); recompile to rewrite it")
+                  "a modality and its preprocessing); recompile to rewrite it")
 
 
 @pytest.mark.parametrize("tamper, message", [
@@ -391,8 +435,13 @@ NOT_A_MANIFEST = ("is not an lmmc manifest (each artifact needs a tower, backend
     (lambda m, outside: m["artifacts"][0].pop("path"), NOT_A_MANIFEST),
     (lambda m, outside: m.update(artifacts="x"), NOT_A_MANIFEST),
     (lambda m, outside: m["towers"].update(text="text"), NOT_A_MANIFEST),
+    (lambda m, outside: m.pop("preprocessing"), NOT_A_MANIFEST),
+    (lambda m, outside: m["preprocessing"]["text"].pop("max_length"), NOT_A_MANIFEST),
+    (lambda m, outside: m["preprocessing"]["text"].update(max_length="8"), NOT_A_MANIFEST),
+    (lambda m, outside: m["preprocessing"]["text"].update(pad_to=True), NOT_A_MANIFEST),
 ], ids=["relative path", "absolute path", "file beside", "preprocessing file", "no tower", "no path",
-        "artifacts not a list", "tower not an object"])
+        "artifacts not a list", "tower not an object", "no preprocessing", "no length", "length a string",
+        "pad_to not a number"])
 def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
     """An edited manifest must not make lmmc open files outside the output directory, nor crash on a
     missing key: one error naming manifest.json."""

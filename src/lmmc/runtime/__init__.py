@@ -5,6 +5,7 @@ TensorRT engine behind the same small interface, `open_dir` turns a compile's ou
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -88,6 +89,8 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     backend = backend or backend_for(path)
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
+    if static_shape is not None and not isinstance(static_shape, (tuple, list)):
+        raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
     if static_shape is not None and backend != "openvino":
         raise LmmcError(f"static_shape is for OpenVINO IRs; {path.name} runs on {backend}")
     if backend == "onnxruntime":
@@ -116,12 +119,21 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
     """Check the feed names the model's inputs, with the rank and fixed sizes they declare (`exact`; a
     static-shape IR pads its feeds itself), one batch size, and no empty ids or pixels; give each array
     the dtype the model declares, so a tokenizer's int32 ids or a float64 image work as they are."""
+    if not isinstance(feed, Mapping):
+        raise LmmcError(f"{model.path.name} takes a dict of input name -> array, not {type(feed).__name__}; its "
+                        f"inputs are {[s.name for s in model.inputs]}")
     missing = [s.name for s in model.inputs if s.name not in feed]
     if missing:
         raise LmmcError(f"{model.path.name} needs input(s) {missing}; the feed has {sorted(feed)}")
     out = {}
     for spec in model.inputs:
-        x = np.asarray(feed[spec.name])
+        try:
+            x = np.asarray(feed[spec.name])
+        except (ValueError, TypeError) as err:  # ragged nested lists
+            raise LmmcError(f"'{spec.name}' is not an array ({err}); feed a rectangular array") from None
+        if x.dtype.kind not in "biuf":
+            raise LmmcError(f"'{spec.name}' holds {x.dtype} values, and {model.path.name} takes numbers "
+                            f"({spec.dtype}); tokenize texts first, or use encode()")
         if exact and (x.ndim != len(spec.shape) or any(d is not None and d != n for d, n in zip(spec.shape, x.shape))):
             wanted = [d if d is not None else "any" for d in spec.shape]
             raise LmmcError(f"{model.path.name} takes '{spec.name}' of shape {wanted}, and the feed has {list(x.shape)}")
@@ -140,7 +152,25 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
     batches = {x.shape[0] for x in out.values() if x.ndim}
     if len(batches) > 1:
         raise LmmcError(f"the inputs of {model.path.name} disagree on the batch size: {shapes_of(out)}")
+    tokens = {name: x for name, x in out.items() if name in TOKEN_INPUTS}
+    if "input_ids" in tokens and len({x.shape for x in tokens.values()}) > 1:
+        # ONNX Runtime refuses it; OpenVINO runs it, and its request then returned stale outputs to later feeds
+        raise LmmcError(f"the token inputs of {model.path.name} differ in shape: {shapes_of(tokens)}; give "
+                        f"every one a value per token of input_ids")
+    mask = tokens.get("attention_mask")
+    if mask is not None and "input_ids" in tokens:
+        if not np.isin(mask, (0, 1)).all():
+            raise LmmcError(f"'attention_mask' holds values other than 0 and 1 ({np.unique(mask)[:5].tolist()}); "
+                            f"1 marks a token to read, 0 padding")
+        empty = np.flatnonzero(mask.reshape(mask.shape[0], -1).sum(axis=1) == 0) if mask.ndim else []
+        if len(empty):  # backends disagree on a row that reads nothing: zeros from one, NaN from another
+            raise LmmcError(f"'attention_mask' rows {empty[:5].tolist()} mark no token to read; every row needs "
+                            f"at least one 1")
     return out
+
+
+# Inputs with one value per token of input_ids.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def shapes_of(feed: dict[str, np.ndarray]) -> str:
@@ -167,12 +197,21 @@ class Deployment:
             import transformers
 
             student = self.out_dir / "student"
+            what = "tokenizer" if modality == "text" else "image processor"
+            # transformers builds a tokenizer with an empty vocabulary from config.json alone: every word
+            # would read as one unknown token, silently
+            missing = [f for f in self.manifest["preprocessing"][modality]["files"] if not (self.out_dir / f).is_file()]
+            if missing:
+                raise LmmcError(f"{self.out_dir} lacks {missing}, the {what} files its manifest lists; copy the "
+                                f"whole output directory, or compile again")
             cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
             try:
                 self._preprocessors[modality] = cls.from_pretrained(student)
             except ImportError as err:
-                raise missing_package(err, f"the {'tokenizer' if modality == 'text' else 'image processor'} "
-                                           f"in {student}") from None
+                raise missing_package(err, f"the {what} in {student}") from None
+            except (OSError, ValueError) as err:
+                raise LmmcError(f"cannot read the {what} in {student}: {str(err).strip().splitlines()[0]}; copy the "
+                                f"whole output directory, or compile again") from None
         return self._preprocessors[modality]
 
     def tower_for(self, modality: str) -> str:
@@ -187,7 +226,7 @@ class Deployment:
         per item, L2-normalised unless the model's pipeline does not normalise (the manifest's
         `towers.<name>.normalized`)."""
         items = _as_list(items)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if type(batch_size) is not int or batch_size < 1:
             raise LmmcError(f"batch_size must be a positive integer, not {batch_size!r}")
         if tower is not None and tower not in self.models:
             raise LmmcError(f"{self.out_dir} has no tower '{tower}'; its towers are {sorted(self.models)}")
@@ -256,14 +295,21 @@ def _modality(items: list) -> str:
     and None, is refused naming the first item that does not fit."""
     first = "text" if isinstance(items[0], str) else "image"
     for i, item in enumerate(items):
-        if item is None or isinstance(item, (bytes, bytearray)):
+        unreadable = item is None or isinstance(item, (bytes, bytearray))
+        if unreadable or (i == 0 and first == "image" and not _image_like(item)):
             raise LmmcError(f"item {i} of encode's list is {type(item).__name__}; pass texts as str and images as "
                             f"PIL images, pathlib.Path files or arrays")
-        if isinstance(item, str) != (first == "text"):
+        if isinstance(item, str) != (first == "text") or (first == "image" and not _image_like(item)):
             raise LmmcError(f"encode's items must all be texts (str) or all images (PIL images, pathlib.Path files, "
                             f"arrays); item {i} is {type(item).__name__} where item 0 is "
                             f"{type(items[0]).__name__}")
     return first
+
+
+def _image_like(item: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(item, (Path, Image.Image)) or hasattr(item, "__array__")
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -278,7 +324,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise LmmcError(f"{path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
     malformed = LmmcError(f"{path} is not an lmmc manifest (each artifact needs a tower, backend, precision and "
-                          f"path, each tower a modality); recompile to rewrite it")
+                          f"path, each tower a modality and its preprocessing); recompile to rewrite it")
     artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
     if not isinstance(artifacts, list) or not all(
             isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ARTIFACT_KEYS) for a in artifacts):
@@ -291,12 +337,26 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         named = _named_files(manifest)
     except (AttributeError, TypeError):  # a "files" list or a section that is not what lmmc writes
         raise malformed from None
+    sections = manifest.get("preprocessing", {})
+    if not all(_preprocessing_ok(sections.get(t["modality"]), t["modality"]) for t in towers.values()):
+        raise malformed
     root = Path(out_dir).resolve()
     for name in named:
         if not _inside(root, name):
             raise LmmcError(f"{path} names {name!r}, which is not a file inside '{out_dir}'; a manifest names only "
                             f"files of its own output directory: recompile to rewrite it")
     return manifest
+
+
+def _preprocessing_ok(section: Any, modality: str) -> bool:
+    """Whether a tower's preprocessing section has what encode reads: its files, and for text the length
+    to cut at (None: the tokenizer's own) and, for a model read at a fixed length, that length."""
+    def length(value: Any) -> bool:
+        return value is None or (type(value) is int and value > 0)
+
+    return (isinstance(section, dict) and isinstance(section.get("files"), list)
+            and (modality != "text" or ("max_length" in section and length(section["max_length"])
+                                        and length(section.get("pad_to")))))
 
 
 def _inside(root: Path, name: Any) -> bool:

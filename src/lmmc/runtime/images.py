@@ -29,14 +29,52 @@ def open_image(path: str | Path):
 
 def to_rgb(image: Any, name: str = "an image"):
     """A PIL image as RGB, transparent pixels over white as CLIP-style processors do it (a plain convert
-    would turn them black, and ViT-style processors reject anything but three channels); other inputs
-    (arrays) pass through as they are."""
+    would turn them black, and ViT-style processors reject anything but three channels); an array as an
+    H x W x 3 array of the same pixels (`rgb_array`)."""
     from PIL import Image
 
-    if not isinstance(image, Image.Image) or image.mode == "RGB":
+    if not isinstance(image, Image.Image):
+        return rgb_array(image, name)
+    if image.mode == "RGB":
         return image
     if image.mode in NOT_PICTURES:
         raise LmmcError(f"{name} has mode {image.mode} (integer or float pixels, e.g. a depth map or a 16-bit "
                         f"scan), not a picture; convert it to 8-bit RGB first")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
+
+
+def rgb_array(image: Any, name: str = "an image"):
+    """One picture given as an array (H x W, H x W x C or C x H x W; C of 1, 3 or 4; values 0-255, as
+    transformers' image processors read arrays) as an H x W x 3 uint8 array, read like the PIL image of the
+    same pixels: grey repeated, transparency laid over white. Anything else is refused, never guessed at: a
+    stack of pictures in one item would come back as several embeddings, and floats within [0, 1] would be
+    read as nearly black."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(image)
+    if x.dtype.kind not in "uif":
+        raise LmmcError(f"{name} is an array of {x.dtype}; give pixels as numbers 0-255")
+    if x.ndim == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+        x = x.transpose(1, 2, 0)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+        raise LmmcError(f"{name} is an array of shape {list(x.shape)}; one picture is H x W, H x W x C or C x H x W "
+                        f"with 1, 3 or 4 channels (pass several as a list, or as encode(stack) for a stack)")
+    if 0 in x.shape:
+        raise LmmcError(f"{name} is an array of shape {list(x.shape)}: a picture without pixels")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise LmmcError(f"{name} holds NaN or infinite pixels")
+    low, high = x.min(), x.max()
+    if low < 0 or high > 255:
+        raise LmmcError(f"{name} holds pixel values from {low} to {high}; arrays are read on the 0-255 scale, as "
+                        f"transformers' image processors read them: scale them to that range")
+    if x.dtype.kind == "f" and 0 < high <= 1:
+        raise LmmcError(f"{name} holds float pixels within [0, 1]; arrays are read on the 0-255 scale, as "
+                        f"transformers' image processors read them, so this picture would be read as nearly "
+                        f"black: multiply it by 255")
+    # Through PIL as 8-bit pixels: image processors that resize with PIL refuse floats with fractions
+    x = np.rint(x).astype(np.uint8)
+    return np.asarray(to_rgb(Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x), name))

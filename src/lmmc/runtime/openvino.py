@@ -49,7 +49,7 @@ class StaticShape:
 def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
     """Reshape an ov.Model in place to (batch,) or (batch, seq): every input's first axis to batch, its
     other dynamic axes to seq."""
-    if not 1 <= len(shape) <= 2 or any(not isinstance(d, int) or d < 1 for d in shape):
+    if not 1 <= len(shape) <= 2 or any(type(d) is not int or d < 1 for d in shape):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {shape!r}")
     batch, seq = shape[0], (shape[1] if len(shape) == 2 else None)
 
