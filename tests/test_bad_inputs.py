@@ -534,6 +534,14 @@ def _(tmp):
     return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "notes.txt/out"], ["is a file, not a directory", "cannot create --out"]
 
 
+@case("a distillation that diverges")
+def _(tmp):
+    diverges = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "dev_samples": 4, "lr": 1e30,
+                                                  "keep_best": False, "progress": False}}], "validate": False}
+    return ([bert(tmp), "-r", write_recipe(tmp, diverges), "-o", "out"],
+            ["pass 'distill' left NaN/Inf values in", "Lower its learning rate"])
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -424,6 +424,18 @@ def test_an_nm_pruner_that_pruned_nothing_fails_the_report():
     assert report["warnings"] == ["'magnitude' nm 3:7: 12 matrices stayed dense"]
 
 
+def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):
+    # An N:M pattern that fits no matrix of the cut student leaves it dense: exit 1, not a silent success.
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**TINY_RECIPE, "passes": [{"antgmm": {"keep": 0.5}}, {"wanda": {"nm": "3:13"}}], "validate": False,
+              "export": []}
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "'wanda' nm 3:13 fitted no matrix: the student stayed dense" in result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["validated"] is False and report["passed"] is None
+
+
 def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
     proc = subprocess.Popen([str(Path(sys.executable).parent / "lmmc"), "passes"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -53,6 +53,13 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"passes": [{"distill": {"layer_map": {"text": [2, True]}}}]}, "layer_map: Value error, {'text': [2, True]}"),
     ({"export": ["onnx", {"ort": {"int8": ["dynamic"], "threads": True}}]}, "threads: Value error, True holds"),
     ({"validate": {"threads": True}}, "threads: Value error, True holds"),
+    ({"passes": [{"wanda": False}]}, "the parameters of 'wanda' must be a mapping, got False"),
+    ({"passes": [{"wanda": {}}, {"antgmm": {"keep": 0.5}}]}, "passes[1] 'antgmm' removes whole units and would leave "
+                                                             "the masks of 'wanda' before it pointing at the wrong"),
+    ({"passes": [{"uniform": {"sparsity": 0.3}}, {"wanda": {"sparsity": 0.6}}]},
+     "passes[1] 'wanda' gives sparsity 0.6, but the allocation 'uniform' before it sets every matrix's sparsity"),
+    ({"passes": [{"uniform": {"sparsity": 0.7}}, {"owl": {"sparsity": 0.3}}, {"wanda": {}}]},
+     "passes[1] 'owl' would replace the sparsities of the allocation 'uniform' before any pruner applied them"),
 ])
 def test_bad_recipes_fail_with_one_clear_message(change, message):
     with pytest.raises(LmmcError) as err:
@@ -98,3 +105,10 @@ def test_a_key_given_twice_is_refused_not_overridden(tmp_path):
     recipe.write_text("calibration: {random: true, samples: 8}\npasses:\n"
                       "  - wanda: &w {sparsity: 0.5}\n  - magnitude: {<<: *w, sparsity: 0.6}\n")
     assert [s.config.sparsity for s in load_recipe(recipe).passes] == [0.5, 0.6]
+
+
+def test_a_recipe_nested_past_reading_is_one_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - wanda: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(LmmcError, match="nests lists or mappings too deeply to read"):
+        load_recipe(recipe)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears
 from lmmc.artifact import Artifact
-from lmmc.bench import check_backends
+from lmmc.bench import GENERATIVE_BENCH, check_backends
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (check_generative_records, check_images, check_random_allowed, load_calibration,
@@ -213,9 +213,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         check_weights(model_dir, shapes)
     else:
         check_hub_weights(model_ref, shapes)
-    check_preprocessor(model_ref, config, adapter,
-                       load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative"),
-                       recipe.calibration.chat_template)
+    preprocessors = load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative")
+    check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
     warnings: list[str] = []
@@ -229,9 +228,9 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_lengths(config, adapter, recipe)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
-    counts = _check_data(config, adapter, recipe, warnings, shapes)
+    counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors.get("processor"))
     _check_nm(recipe, shapes, adapter, warnings)
-    _check_bench(recipe)
+    _check_bench(recipe, adapter)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
                  f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
     for step in recipe.passes:
@@ -258,10 +257,12 @@ def skipped(adapter: Any, step: Any) -> bool:
     return adapter.kind == "generative" and step.kind != "compress" and not getattr(step, "generative", False)
 
 
-def _check_bench(recipe: Recipe) -> None:
+def _check_bench(recipe: Recipe, adapter: Any) -> None:
     """The recipe's bench runs after the output is written: refuse now what it would refuse then."""
     if recipe.bench is None:
         return
+    if adapter.kind == "generative":
+        raise LmmcError(GENERATIVE_BENCH)
     check_backends()
     for corpus in recipe.bench.corpora:
         if not corpus.exists():
@@ -316,16 +317,21 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         towers = getattr(cfg, "towers", None)
         if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
             lengths.append((f"{name}.max_length", cfg.max_length))
-        if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", False):
+        # validate times at latency_seq only with latency on; ort's has no such switch
+        if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", True):
             lengths.append((f"{name}.latency_seq", cfg.latency_seq))
+    # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only).
+    image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
     for key, value in lengths:
-        if value > positions:
-            raise LmmcError(f"{key} = {value}, but this model's text tower takes at most {positions} tokens "
-                            f"(max_position_embeddings); set {key} to {positions} or less")
+        extra = image if key.endswith("max_length") else 0
+        if value + extra > positions:
+            plus = f" text tokens, with the {extra} an image becomes, take {value + extra} positions," if extra else ","
+            raise LmmcError(f"{key} = {value}{plus} but this model's text tower takes at most {positions} tokens "
+                            f"(max_position_embeddings); set {key} to {positions - extra} or less")
 
 
 def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
-                shapes: torch.nn.Module) -> dict[str, int] | None:
+                shapes: torch.nn.Module, processor: Any = None) -> dict[str, int] | None:
     """Read and split the calibration data exactly as the compile will, without encoding it."""
     cal = recipe.calibration
     if not cal.path:
@@ -339,7 +345,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     modalities = {t.modality for t in adapter.towers}
     records = read_samples(Path(cal.path), cal.caption_template)
     if adapter.kind == "generative":
-        check_generative_records(records, Path(cal.path))
+        check_generative_records(records, Path(cal.path), processor, cal.chat_template)
     chosen = select(cal, Path(cal.path), records, modalities)
     warnings.extend(chosen.warnings)
     if "image" in modalities:
@@ -447,6 +453,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             art.scratch = area.scratch(index, step.name)
             torch.manual_seed(pass_seed(recipe.calibration.seed, index))
             run_pass(step, art)
+            if step.kind == "compress":
+                _check_finite_student(art.student, step.name)
             done = index + 1
             area.save(art, done, time.perf_counter() - started)
         report = build_report(art, recipe, the_plan, time.perf_counter() - started)
@@ -487,8 +495,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same "
                   f"command with --resume to continue from there", file=sys.stderr)
         raise
-    if report["validated"] and not report["passed"]:
-        missed = [g for g in report["validation"].get("gates", []) if not g["passed"]]
+    if report["failures"] or (report["validated"] and not report["passed"]):
+        missed = [g for g in (report["validation"] or {}).get("gates", []) if not g["passed"]]
         raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
                                       for g in missed), *report["failures"]]), report)
     return report
@@ -532,6 +540,17 @@ def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty: something else wrote there meanwhile
             break
+
+
+def _check_finite_student(student: torch.nn.Module, after: str) -> None:
+    """A pass that left NaN or Inf in the student (a distillation that diverged) ends the compile: nothing
+    computed from those weights means anything, validated or not."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in student.named_parameters()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        first = next(iter(bad))
+        raise LmmcError(f"pass '{after}' left NaN/Inf values in {len(bad)} of the student's tensors ({bad[first]} in "
+                        f"'{first}'): it diverged. Lower its learning rate (lr) or check its other settings")
 
 
 def _num(value: float | None) -> str:

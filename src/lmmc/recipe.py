@@ -146,13 +146,30 @@ class Recipe(BaseModel):
                             f"{', '.join(given)} from the recipe's validate section")
 
     def _check_allocations(self) -> None:
-        """An allocation sets per-matrix targets that only a later local pruner applies."""
+        """An allocation sets per-matrix targets that every later local pruner applies in place of its own
+        sparsity; structured pruning cannot follow the masks of a local pruner."""
         steps = [s.build() for s in self.passes]
+        allocation, pending, masked = None, False, None
         for i, step in enumerate(steps):
-            if "allocation" in step.provides and not any("masks" in later.provides for later in steps[i + 1:]):
-                raise LmmcError(f"passes[{i}] '{step.name}' is an allocation: it only sets per-matrix sparsities, "
-                                f"which a local pruner after it (magnitude, wanda, sparsegpt) applies; no pruner "
-                                f"follows it, so it would do nothing. Move it before the pruner")
+            if "allocation" in step.provides:
+                if not any("masks" in later.provides for later in steps[i + 1:]):
+                    raise LmmcError(f"passes[{i}] '{step.name}' is an allocation: it only sets per-matrix sparsities, "
+                                    f"which a local pruner after it (magnitude, wanda, sparsegpt) applies; no pruner "
+                                    f"follows it, so it would do nothing. Move it before the pruner")
+                if pending:
+                    raise LmmcError(f"passes[{i}] '{step.name}' would replace the sparsities of the allocation "
+                                    f"'{allocation}' before any pruner applied them; keep one of the two")
+                allocation, pending = step.name, True
+            if "masks" in step.provides:
+                # (against the default, not the keys given: a dumped recipe, as report.json keeps it, gives every key)
+                if allocation and step.config.sparsity != type(step.config).model_fields["sparsity"].default:
+                    raise LmmcError(f"passes[{i}] '{step.name}' gives sparsity {step.config.sparsity}, but the "
+                                    f"allocation '{allocation}' before it sets every matrix's sparsity, which it "
+                                    f"would follow instead; drop the one you do not mean")
+                pending, masked = False, masked or step.name
+            if step.name == "antgmm" and masked:
+                raise LmmcError(f"passes[{i}] 'antgmm' removes whole units and would leave the masks of "
+                                f"'{masked}' before it pointing at the wrong weights; put antgmm before {masked}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -175,7 +192,7 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
         name, params = item, {}
     elif isinstance(item, dict) and len(item) == 1:
         name, params = next(iter(item.items()))
-        params = params or {}
+        params = {} if params is None else params
     else:
         raise LmmcError(f"{where}: each entry is a pass name or a one-key mapping like '- wanda: {{sparsity: 0.5}}'")
     cls = get_pass(name)
@@ -338,6 +355,9 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
                         f"{err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise LmmcError(f"recipe '{path}' is not valid YAML: {err}") from None
+    except RecursionError:
+        raise LmmcError(f"recipe '{path}' nests lists or mappings too deeply to read; a recipe is a few levels "
+                        f"deep (see samples/recipes/)") from None
     if calib is not None and isinstance(data, dict):
         given = Path(calib).expanduser()
         if not given.exists():
