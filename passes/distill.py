@@ -265,11 +265,11 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
     generative model's: every record, which must be an image-text record)."""
     if art.adapter.kind == "generative":
         records = read_samples(path)
-        check_generative_records(records, path)
         processor = (art.preprocessor or {}).get("processor")
         if processor is None:
             raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
                             "from a model directory that holds its processor")
+        check_generative_records(records, path, processor, chat_template)
         return _split_samples(tower_batches(encode_generative(processor, records, 64, max_length, chat_template)),
                               modalities)
     records = [r for r in read_samples(path) if all(m in r for m in modalities)]

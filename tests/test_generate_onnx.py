@@ -187,6 +187,18 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
         Generator(copy)
     with pytest.raises(LmmcError, match=r"token ids must lie in \[0, 100\)"):
         gen.generate_ids(None, np.array([[5, 100]]))
+    (copy / DECODER).write_bytes((gen.folder / DECODER).read_bytes())
+    table = copy / "embed_tokens.npy"
+    for broken, message in [
+            (lambda: table.write_bytes(table.read_bytes()[:200]), "the token table .* cannot be read"),
+            (lambda: np.save(table, gen.embeddings[:10]), r"holds float32 of shape \[10, \d+\], and the decoder reads a "
+                                                          r"float table of 100 rows x \d+ columns"),
+            (lambda: (copy / "generative.json").write_text("{oops"), "generative.json is not JSON"),
+            (lambda: (copy / "generative.json").write_text("{}"), "generative.json lacks what generation reads")]:
+        broken()
+        with pytest.raises(LmmcError, match=message):
+            Generator(copy)
+        np.save(table, gen.embeddings)
 
 
 def compile_with(model_dir: Path, out: Path, recipe: dict) -> tuple[int, str]:

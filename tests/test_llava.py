@@ -271,13 +271,13 @@ def test_ecoflap_spreads_one_budget_over_vision_projector_and_language(kind, gra
 
 # ---- compile ---------------------------------------------------------------------------------------
 
-def _compile(tmp_path: Path, model: Path, calib: Path, calibration: dict, passes=None, **recipe_extra):
+def _compile(tmp_path: Path, model: Path, calib: Path, calibration: dict, passes=None, args=(), **recipe_extra):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4,
                                                       **calibration},
                                       "passes": passes or [{"wanda": {"sparsity": 0.5}}], **recipe_extra}))
     return CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib", str(calib),
-                                     "-o", str(tmp_path / "out")])
+                                     "-o", str(tmp_path / "out"), *args])
 
 
 @pytest.mark.parametrize("kind", ["clip", "idefics3"])
@@ -316,6 +316,37 @@ def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, messa
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_image_token_may_stand_once_in_a_prompt_and_nowhere_else(tmp_path):
+    processor = tiny_llava_processor("clip")
+    path = write_pairs(tmp_path, n=2)
+    records = [{**json.loads(line), "image": str(tmp_path / json.loads(line)["image"])}
+               for line in path.read_text().splitlines()]
+    placed = [{**records[1], "prompt": f"{processor.image_token}\n{records[1]['prompt']}"}]
+    ours, theirs = (encode_generative(processor, r, batch_size=1, max_length=None, chat_template=False)[0]
+                    for r in (records[1:], placed))
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])  # where lmmc puts it when the prompt has none
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    lines = path.read_text().splitlines()
+    for field, value, message in [
+            ("text", "the <image> water", "the text of sample 1 holds the image token '<image>'"),
+            ("prompt", "<image> and <image> ?", "the prompt of sample 1 holds the image token '<image>' 2 time(s)")]:
+        rec = {**json.loads(lines[0]), field: value}
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+        for dry in ([], ["--dry-run"]):
+            result = _compile(tmp_path, model, bad, {}, args=dry, validate=False)
+            assert result.exit_code == 2, result.output
+            assert message in result.output
+            assert not (tmp_path / "out").exists()
+
+
+def test_bench_on_a_generative_model_is_refused_before_the_compile(tmp_path):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    result = _compile(tmp_path, model, write_pairs(tmp_path), {}, validate=False, bench=True)
+    assert result.exit_code == 2, result.output
+    assert "lmmc bench times encoders' embeddings and does not handle generative models yet" in result.output
 
 
 @pytest.mark.parametrize("passes", [[{"distill": {"steps": 2, "corpus": str(CORPUS)}}],

@@ -91,6 +91,10 @@ class Candidate:
 # What a compile output holds
 
 
+GENERATIVE_BENCH = ("lmmc bench times encoders' embeddings and does not handle generative models yet; time "
+                    "generation with lmmc.runtime.open_generative, and drop the recipe's bench section")
+
+
 def read_output(out_dir: Path) -> dict[str, Any]:
     """The compile's report, after checking `out_dir` is an lmmc output."""
     if not out_dir.exists():
@@ -570,6 +574,8 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     except LmmcError as err:
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
+    if adapter.kind == "generative":
+        raise LmmcError(GENERATIVE_BENCH)
     positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
     if cfg.seq and positions and cfg.seq > positions:
         raise LmmcError(f"--seq {cfg.seq} is more tokens than the teacher's text tower takes ({positions} positions); "

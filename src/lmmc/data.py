@@ -444,14 +444,27 @@ def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
 IGNORE_INDEX = -100
 
 
-def check_generative_records(records: list[dict[str, Any]], source: Path) -> None:
-    """Every record of an image-text generative model needs an image and the text it should produce."""
+def check_generative_records(records: list[dict[str, Any]], source: Path, processor: Any = None,
+                             chat_template: bool = False) -> None:
+    """Every record of an image-text generative model needs an image and the text it should produce; the
+    processor's image token (`<image>`) may stand once in a prompt, where the picture goes, and nowhere else."""
+    token = getattr(processor, "image_token", None)
     for n, r in enumerate(records, 1):
         lacking = [k for k in ("image", "text") if k not in r]
         if lacking:
             raise LmmcError(f"calibration data '{source}': sample {n} has no {' and no '.join(lacking)}; this "
                             f"generative image-text model calibrates on image-text records: give a .jsonl with "
                             f"{{\"image\": ..., \"prompt\": ... (optional), \"text\": the answer or caption}} per line")
+        if not token:
+            continue
+        if token in r["text"]:
+            raise LmmcError(f"calibration data '{source}': the text of sample {n} holds the image token {token!r}, "
+                            f"which stands for the picture; an answer is words only: remove it")
+        uses = (r.get("prompt") or "").count(token)
+        if uses > 1 or (uses and chat_template):
+            raise LmmcError(f"calibration data '{source}': the prompt of sample {n} holds the image token {token!r} "
+                            f"{uses} time(s); " + ("with chat_template the template places the picture: remove it"
+                                                   if chat_template else "each sample has one picture: keep one"))
 
 
 def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
@@ -460,6 +473,8 @@ def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str
         content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
+    if prompt and processor.image_token in prompt:  # the picture where the prompt puts it, as generate() does
+        return f"{prompt}\n"
     return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
 
 
@@ -515,7 +530,7 @@ def load_generative_calibration(cfg, path: str, processor) -> CalibData:
     """Read, split and encode image-text records for a generative model."""
     source = Path(path)
     records = read_samples(source)
-    check_generative_records(records, source)
+    check_generative_records(records, source, processor, cfg.chat_template)
     chosen = select(cfg, source, records, {"text", "image"})
     calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template)
     held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template)

@@ -37,15 +37,32 @@ class Generator:
         if not spec_path.is_file():
             raise LmmcError(f"'{folder}' has no {SPEC}, so it holds no exported generative model; export one "
                             f"with the 'onnx_generative' pass (recipe: export: [{{onnx_generative: {{}}}}])")
-        self.spec = json.loads(spec_path.read_text())
+        again = "export the model again with the 'onnx_generative' pass"
+        try:
+            self.spec = json.loads(spec_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LmmcError(f"{spec_path} is not JSON; {again}") from None
+        if not _spec_ok(self.spec):
+            raise LmmcError(f"{spec_path} lacks what generation reads (the graphs' and token table's files, the image, "
+                            f"end and pad token ids); {again}")
         for key in ("vision", "decoder", "embeddings"):
             if not (folder / self.spec[key]).is_file():
-                raise LmmcError(f"'{folder}' lacks {self.spec[key]}, which {SPEC} names; export the model again "
-                                f"with the 'onnx_generative' pass")
+                raise LmmcError(f"'{folder}' lacks {self.spec[key]}, which {SPEC} names; {again}")
         self.folder = folder
         self.vision = load(folder / self.spec["vision"], "onnxruntime", threads)
         self.decoder = load(folder / self.spec["decoder"], "onnxruntime", threads)
-        self.embeddings = np.load(folder / self.spec["embeddings"], allow_pickle=False)
+        table = folder / self.spec["embeddings"]
+        try:
+            self.embeddings = np.load(table, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as err:
+            raise LmmcError(f"the token table {table} cannot be read ({err}); {again}") from None
+        width = next((s.shape[-1] for s in self.decoder.inputs if s.name == "inputs_embeds"), None)
+        vocab = next((s.shape[-1] for s in self.decoder.outputs if s.name == "logits"), None)
+        shape = self.embeddings.shape
+        if (self.embeddings.ndim != 2 or self.embeddings.dtype.kind != "f" or (width and shape[1] != width)
+                or (vocab and shape[0] < vocab)):
+            raise LmmcError(f"the token table {table} holds {self.embeddings.dtype} of shape {list(shape)}, and the "
+                            f"decoder reads a float table of {vocab or 'its vocabulary'} rows x {width} columns; {again}")
         self.preprocessor = preprocessor
         self._past = [s for s in self.decoder.inputs if s.name.startswith("past_key_values.")]
 
@@ -139,3 +156,13 @@ class Generator:
                                    max_new_tokens).tokens[0].tolist()
         ends = [i for i, t in enumerate(tokens) if t in self.spec["eos_token_id"]]
         return proc.tokenizer.decode(tokens[:ends[0]] if ends else tokens, skip_special_tokens=True)
+
+
+def _spec_ok(spec: Any) -> bool:
+    """Whether generative.json has the keys and types an export writes."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return (isinstance(spec, dict) and all(isinstance(spec.get(k), str) for k in ("vision", "decoder", "embeddings"))
+            and integer(spec.get("image_token_index")) and integer(spec.get("pad_token_id"))
+            and isinstance(spec.get("eos_token_id"), list) and all(integer(e) for e in spec["eos_token_id"]))
