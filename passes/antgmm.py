@@ -15,6 +15,7 @@ from lmmc.adapters import Adapter, block_linears, block_list, head_dim
 from lmmc.artifact import Artifact
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import Cost, block_cost, blocks_cost, channel_cost, head_cost, hidden_channel_cost, restore_cost
+from lmmc.config import explain
 from lmmc.data import text_tokens
 from lmmc.errors import LmmcError
 from lmmc.export.ort import calibration_feeds
@@ -226,7 +227,7 @@ class AntGMMPass(Pass):
             try:
                 distill.Config(**{**self.config.distill, "steps": self.config.distill_steps_per_segment})
             except ValidationError as err:
-                raise LmmcError(f"pass 'antgmm': bad 'distill' config for the distill pass: {err}") from None
+                raise LmmcError(f"pass 'antgmm': bad 'distill' config for the distill pass:\n{explain(err)}") from None
 
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config

@@ -54,6 +54,10 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"export": ["onnx", {"ort": {"int8": ["dynamic"], "threads": True}}]}, "threads: Value error, True holds"),
     ({"validate": {"threads": True}}, "threads: Value error, True holds"),
     ({"passes": [{"wanda": False}]}, "the parameters of 'wanda' must be a mapping, got False"),
+    ({"calibration": {"random": "yes"}}, "random: Value error, 'yes' is text where yes/no belongs"),
+    ({"validate": {"max_runtime_diff": float("inf")}}, "max_runtime_diff: Input should be a finite number"),
+    ({"passes": [{"antgmm": {"keep": 0.5, "distill": {"lr": -1.0}, "distill_steps_per_segment": 2}}]},
+     "bad 'distill' config for the distill pass:\n  lr: Input should be greater than 0"),
     ({"passes": [{"wanda": {}}, {"antgmm": {"keep": 0.5}}]}, "passes[1] 'antgmm' removes whole units and would leave "
                                                              "the masks of 'wanda' before it pointing at the wrong"),
     ({"passes": [{"uniform": {"sparsity": 0.3}}, {"wanda": {"sparsity": 0.6}}]},

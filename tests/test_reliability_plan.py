@@ -14,11 +14,13 @@ from tests.conftest import save_tiny, save_tiny_llava
 from tests.test_llava import write_pairs
 
 
-def _dry_run(tmp_path: Path, model: Path, calib: Path, validate: dict, calibration: dict | None = None):
+def _dry_run(tmp_path: Path, model: Path, calib: Path, validate: dict, calibration: dict | None = None,
+             export: list | None = None):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4,
                                                       **(calibration or {})},
                                       "passes": [{"wanda": {"sparsity": 0.5}}],
+                                      **({"export": export} if export is not None else {}),
                                       "validate": {"min_held_out": 4, **validate}}))
     return CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib", str(calib),
                                      "-o", str(tmp_path / "out"), "--dry-run"])
@@ -72,9 +74,13 @@ def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
     model, calib = llava
     shared = {"max_runtime_diff": 1e-3, "min_task_metric": 0.0}
     result = _dry_run(tmp_path, model, calib, {"max_kl": 1.0, "min_top1_agreement": 0.5, **shared},
-                      {"chat_template": True})
+                      {"chat_template": True}, export=["onnx_generative"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["adapter"] == "llava"
+    # without its generative export the validation would have nothing to run (the encoders' exports are skipped)
+    result = _dry_run(tmp_path, model, calib, {"max_kl": 1.0}, {"chat_template": True})
+    assert result.exit_code == 2, result.output
+    assert "validating this llava model needs its generative export: add 'onnx_generative'" in result.output
     model, calib = bert
     result = _dry_run(tmp_path, model, calib, {"min_cosine": 0.8, "min_cosine_int8": 0.9, **shared})
     assert result.exit_code == 0, result.output

@@ -418,7 +418,8 @@ def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads:
 def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: Path):
     """The compile's calibration settings, --calib applied; the recipe's validate section, which bench reads
     next, is checked here too."""
-    from lmmc.recipe import CalibrationConfig, _explain
+    from lmmc.config import explain
+    from lmmc.recipe import CalibrationConfig
 
     recipe = report.get("recipe")
     if (not isinstance(recipe, dict) or not isinstance(recipe.get("calibration"), dict)
@@ -429,7 +430,7 @@ def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: P
         calib = CalibrationConfig.model_validate(recipe["calibration"])
     except ValidationError as err:
         raise LmmcError(f"{report_path} holds a bad calibration section in its recipe; recompile to rewrite it:\n"
-                        f"{_explain(err)}") from None
+                        f"{explain(err)}") from None
     if cfg.calib is not None:
         calib = calib.model_copy(update={"path": str(cfg.calib)})
     if calib.path and not Path(calib.path).exists():
@@ -441,13 +442,13 @@ def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: P
 def _recipe_validate(report: dict[str, Any], report_path: Path):
     """The recipe's validate section (timing sizes, threads, the fidelity gate), checked as the compile did."""
     from lmmc.export.validate import ValidateConfig
-    from lmmc.recipe import _explain
+    from lmmc.config import explain
 
     try:
         return ValidateConfig.model_validate(report["recipe"].get("validate") or {})
     except ValidationError as err:
         raise LmmcError(f"{report_path} holds a bad validate section in its recipe; recompile to rewrite it:\n"
-                        f"{_explain(err)}") from None
+                        f"{explain(err)}") from None
 
 
 def corpus_names(paths: list[Path]) -> list[str]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 
 def _bool_coerced(raw: Any, value: Any) -> bool:
-    """Whether validation turned a YAML true/false somewhere in `raw` into a number in `value`."""
+    """Whether validation turned a YAML true/false somewhere in `raw` into a number in `value`, or text
+    ('yes', 'off') into true/false."""
     if isinstance(raw, bool):
         return not isinstance(value, bool)
+    if isinstance(raw, str) and isinstance(value, bool):
+        return True
     if isinstance(raw, (list, tuple)) and isinstance(value, (list, tuple)) and len(raw) == len(value):
         return any(_bool_coerced(r, v) for r, v in zip(raw, value))
     if isinstance(raw, dict) and isinstance(value, dict):
@@ -24,15 +27,28 @@ def on_off(value: Any) -> Any:
 
 
 class Config(BaseModel):
-    """Typed, frozen, unknown keys rejected. pydantic reads `samples: true` as 1 and `lr: false` as 0.0; a
-    recipe that says yes or no where a number belongs has a mistake in it, so that is refused instead."""
+    """Typed, frozen, unknown keys rejected, no infinite or NaN number (a gate of .inf is no gate). pydantic
+    reads `samples: true` as 1, `lr: false` as 0.0 and `random: "no"` as false; a recipe that says yes or no
+    where a number belongs, or quotes a yes/no, has a mistake in it, so that is refused instead."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="wrap")
     @classmethod
     def _no_yes_no_numbers(cls, value: Any, handler: Any) -> Any:
         result = handler(value)
         if _bool_coerced(value, result):
+            if isinstance(result, bool):
+                raise ValueError(f"{value!r} is text where yes/no belongs; write true or false, unquoted")
             raise ValueError(f"{value!r} holds a yes/no value where a number belongs; write the number")
         return result
+
+
+def explain(err: ValidationError) -> str:
+    """A validation error as one indented line per wrong key: where it is and what is wrong."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (check the spelling against the pass's documented keys)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

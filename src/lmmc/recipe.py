@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
-from lmmc.config import Config
+from lmmc.config import Config, explain
 from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass
 
@@ -144,6 +144,10 @@ class Recipe(BaseModel):
                             f"{'encoders' if generative else 'generative models'}, and this {family} model is "
                             f"{what}; the gates that apply to it are {', '.join(applies)}. Remove "
                             f"{', '.join(given)} from the recipe's validate section")
+        if generative and not any(s.name == "onnx_generative" for s in self.export):
+            raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
+                            f"the recipe's export section (the other exports are for encoders, and a compile of a "
+                            f"generative model skips them), or switch validation off with 'validate: false'")
 
     def _check_allocations(self) -> None:
         """An allocation sets per-matrix targets that every later local pruner applies in place of its own
@@ -206,16 +210,7 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
     try:
         return Step(name=name, config=cls.Config.model_validate(params))
     except ValidationError as err:
-        raise LmmcError(f"{where}: bad parameters for pass '{name}':\n{_explain(err)}") from None
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check the spelling against the pass's documented keys)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+        raise LmmcError(f"{where}: bad parameters for pass '{name}':\n{explain(err)}") from None
 
 
 def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
@@ -285,7 +280,7 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     try:
         calibration = CalibrationConfig.model_validate(data.get("calibration") or {})
     except ValidationError as err:
-        raise LmmcError(f"{source}: bad calibration section:\n{_explain(err)}") from None
+        raise LmmcError(f"{source}: bad calibration section:\n{explain(err)}") from None
     for section in ("passes", "export"):
         if not isinstance(data.get(section) or [], list):
             raise LmmcError(f"{source}: '{section}' must be a list of passes")
@@ -315,7 +310,7 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     try:
         bench = BenchConfig.model_validate(raw_bench) if isinstance(raw_bench, dict) else None
     except ValidationError as err:
-        raise LmmcError(f"{source}: bad bench section:\n{_explain(err)}") from None
+        raise LmmcError(f"{source}: bad bench section:\n{explain(err)}") from None
     recipe = Recipe(model=model, calibration=calibration, passes=passes, export=export, validate=validate,
                     bench=bench)
     recipe.check()
