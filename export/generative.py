@@ -193,9 +193,9 @@ def _token_ids(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[str, Any]:
+def export_generative(model: nn.Module, folder: Path, opset: int = 20, chat_template: bool = False) -> dict[str, Any]:
     """Write vision.onnx, decoder.onnx, embed_tokens.npy and generative.json (the token ids the runtime
-    needs) into `folder`."""
+    needs, and whether prompts go in the chat template, as the compile wrote them) into `folder`."""
     model = model.cpu().eval()
     _parts(model)
     image_tokens = get_adapter(model.config.model_type).image_tokens
@@ -212,7 +212,7 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20) -> dict[s
             "image_tokens_per_image": image_tokens.count(model.config),
             "images_axis": image_tokens.images_axis, "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
-            "layers": metrics["decoder"]["layers"]}
+            "layers": metrics["decoder"]["layers"], "chat_template": chat_template}
     (folder / SPEC).write_text(json.dumps(spec, indent=1))
     return metrics
 
@@ -241,7 +241,7 @@ class GenerativeOnnxPass(Pass):
             raise LmmcError(f"the 'onnx_generative' pass exports generative models; {art.adapter.family} is an "
                             f"encoder family: use the 'onnx' pass")
         folder = art.workdir / "onnx"
-        metrics = export_generative(art.student, folder, self.config.opset)
+        metrics = export_generative(art.student, folder, self.config.opset, bool(art.calib and art.calib.chat_template))
         for tower in art.adapter.towers:
             art.onnx[tower.name] = folder / (VISION if tower.modality == "image" else DECODER)
         art.student.to(art.device)

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers.activations import ACT2FN
 
-from lmmc.adapters import TowerSpec, block_linears, block_list, tower_config
+from lmmc.adapters import Adapter, TowerSpec, block_linears, block_list, tower_config
 from lmmc.artifact import Artifact
 from lmmc.data import CalibData
 from lmmc.errors import LmmcError
@@ -31,6 +31,13 @@ class ActivationConfig(PassConfig):
                                 "from the new activation what it read from the old, on the calibration tokens; "
                                 "blocks in order, each on what the swapped ones before it give. Needs calibration "
                                 "data; not for gated FFNs")
+
+    def check_model(self, adapter: Adapter) -> None:
+        names = [t.name for t in adapter.towers]
+        unknown = sorted(set(self.towers or []) - set(names))
+        if unknown:
+            raise LmmcError(f"pass 'activation': no tower {unknown} in this {adapter.family} model; its towers "
+                            f"are {names}")
 
     @field_validator("to")
     @classmethod
@@ -69,12 +76,8 @@ class ActivationPass(Pass):
 
     def run(self, art: Artifact) -> dict[str, Any]:
         model, adapter = art.student, art.adapter
-        names = [t.name for t in adapter.towers]
-        chosen = self.config.towers or names
-        unknown = sorted(set(chosen) - set(names))
-        if unknown:
-            raise LmmcError(f"pass 'activation': no tower {unknown} in this {adapter.family} model; its towers "
-                            f"are {names}")
+        self.config.check_model(adapter)
+        chosen = self.config.towers or [t.name for t in adapter.towers]
         out: dict[str, Any] = {}
         for tower in (adapter.tower(n) for n in chosen):
             cfg = tower_config(model, tower)

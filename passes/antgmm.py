@@ -97,6 +97,12 @@ class AntGMMConfig(PassConfig):
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
 
+    def check_model(self, adapter: Adapter) -> None:
+        """The hidden stage narrows BERT-family text encoders only (their towers' HiddenLayout)."""
+        if isinstance(self.shares, dict) and self.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
+            raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
+                            f"text encoders only, not of this {adapter.family} model; drop 'hidden' from the shares")
+
     @field_validator("keep")
     @classmethod
     def _keep_is_a_fraction(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
@@ -239,10 +245,7 @@ class AntGMMPass(Pass):
         model, adapter = art.student.to(art.device), art.adapter
         self.tokens = _tokens(art, cfg)
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
-        if isinstance(cfg.shares, dict) and cfg.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
-            raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
-                            f"text encoders only, not of '{art.student.config.model_type}'; drop 'hidden' from "
-                            f"the shares")
+        cfg.check_model(adapter)
         latency: dict[str, Any] | None = None
         if cfg.target is None:
             self.costs: CountCosts | LatencyCosts = CountCosts(cfg.budget, self.head_dims, self.tokens)

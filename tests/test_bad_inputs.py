@@ -534,6 +534,28 @@ def _(tmp):
     return [bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "notes.txt/out"], ["is a file, not a directory", "cannot create --out"]
 
 
+@case("the hidden stage on a dual encoder, dry run")
+def _(tmp):
+    model = save_tiny("clip", tmp / "clip")
+    recipe = {**RANDOM, "passes": [{"antgmm": {"keep": 0.6, "shares": {"ffn": 0.5, "hidden": 0.5}}}]}
+    return [model, "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], ["BERT-family text encoders only",
+                                                                                "drop 'hidden' from the shares"]
+
+
+@case("an activation swap naming a tower the model lacks, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"activation": {"towers": ["vision"]}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], ["no tower ['vision'] in this bert",
+                                                                                    "its towers are ['text']"]
+
+
+@case("ort timing past the positions, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "export": ["onnx", {"ort": {"latency_seq": 500, "int8": []}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], ["ort.latency_seq = 500",
+                                                                                    "set ort.latency_seq to 64 or less"]
+
+
 @case("a distillation that diverges")
 def _(tmp):
     diverges = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "dev_samples": 4, "lr": 1e30,

@@ -331,7 +331,7 @@ def _tampered_output(tmp_path, change):
      "which is not a file inside '{out}'; a manifest names only files of its own output directory: recompile to "
      "rewrite it"),
     (lambda r, m: m["artifacts"][0].pop("tower"), "{out}/manifest.json is not an lmmc manifest (each artifact needs "
-     "a tower, backend, precision and path, each tower a modality); recompile to rewrite it"),
+     "a tower, backend, precision and path, each tower a modality and its preprocessing); recompile to rewrite it"),
 ], ids=["report without recipe", "report without model", "samples not a number", "threads not a number",
         "artifact outside", "artifact without tower"])
 def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, change, message):

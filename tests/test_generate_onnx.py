@@ -23,7 +23,7 @@ from lmmc.adapters import block_list, get_adapter
 from lmmc.errors import LmmcError
 from lmmc.runtime import open_generative
 from lmmc.export.generative import DECODER, export_generative
-from lmmc.runtime.generate import Generator
+from lmmc.runtime.generate import Generator, generative_prompt
 from lmmc.student import load_student, save
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 
@@ -142,7 +142,9 @@ def test_generate_text_from_an_image(exported):
     model, processor, gen = exported
     image = images(1)[0]
     text = gen.generate(image, "the picture of a house on the road is", max_new_tokens=12)
-    enc = processor(images=image, text=PROMPTS[0], return_tensors="np")
+    # the prompt as calibration and validation write it
+    enc = processor(images=image, text=generative_prompt(processor, "the picture of a house on the road is", False),
+                    return_tensors="np")
     want = reference(model, enc)[0, :12]
     assert text == processor.tokenizer.decode(want, skip_special_tokens=True)
     assert text
@@ -187,6 +189,12 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
         Generator(copy)
     with pytest.raises(LmmcError, match=r"token ids must lie in \[0, 100\)"):
         gen.generate_ids(None, np.array([[5, 100]]))
+    with pytest.raises(LmmcError, match="input_ids must be integer token ids; got float64"):
+        gen.generate_ids(None, np.array([[5.5, 6.0]]))
+    with pytest.raises(LmmcError, match=r"max_new_tokens an integer of at least 1; got shape \(1, 2\) and 2.5"):
+        gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=2.5)
+    with pytest.raises(LmmcError, match="attention_mask must hold 0 .padding. and 1"):
+        gen.generate_ids(None, np.array([[5, 6]]), np.array([[0, 0]]))
     (copy / DECODER).write_bytes((gen.folder / DECODER).read_bytes())
     table = copy / "embed_tokens.npy"
     for broken, message in [
@@ -221,14 +229,19 @@ def test_compile_output_generates_what_the_saved_student_generates(compiled_llav
     decoder = next(a for a in manifest["artifacts"] if a["tower"] == "language")
     assert decoder["path"] == "onnx/decoder.onnx" and decoder["dynamic_axes"]["past_key_values.1.value"] == {"0": "batch", "2": "past"}
     gen = open_generative(out, threads=1)
+    assert gen.spec["chat_template"] is True  # the compile calibrated and validated in the chat template
     image = images(1)[0]
-    text = gen.generate(image, "the picture of a house is", max_new_tokens=16)
     student = lmmc.load_student(out / "student")
-    enc = gen.preprocessor(images=image, text="<image>\nthe picture of a house is", return_tensors="pt")
-    with torch.no_grad():
-        want = student.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1]:]
-    assert text == gen.preprocessor.tokenizer.decode(want, skip_special_tokens=True)
-    assert len(set(want.tolist())) >= 4
+    for template in (True, False):  # generate() writes the prompt as the compile did, unless told otherwise
+        text = gen.generate(image, "the picture of a house is", max_new_tokens=16, chat_template=None if template else False)
+        enc = gen.preprocessor(images=image, text=generative_prompt(gen.preprocessor, "the picture of a house is", template),
+                               return_tensors="pt")
+        with torch.no_grad():
+            want = student.generate(**enc, max_new_tokens=16, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert text == gen.preprocessor.tokenizer.decode(want, skip_special_tokens=True)
+        assert len(set(want.tolist())) >= 4
+    with pytest.raises(LmmcError, match="the chat template places the picture"):
+        gen.generate(image, "<image> the picture of a house is")
 
 
 def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):

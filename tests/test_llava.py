@@ -342,6 +342,17 @@ def test_the_image_token_may_stand_once_in_a_prompt_and_nowhere_else(tmp_path):
             assert not (tmp_path / "out").exists()
 
 
+def test_max_length_and_the_image_tokens_together_must_fit_the_positions(tmp_path):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")  # 128 positions; an image becomes 16 tokens
+    result = _compile(tmp_path, model, write_pairs(tmp_path), {"max_length": 120}, args=["--dry-run"], validate=False)
+    assert result.exit_code == 2, result.output
+    assert ("calibration.max_length = 120 text tokens, with the 16 an image becomes, take 136 positions, but this "
+            "model's text tower takes at most 128 tokens") in result.output
+    assert "set calibration.max_length to 112 or less" in result.output
+    assert _compile(tmp_path, model, write_pairs(tmp_path), {"max_length": 112}, args=["--dry-run"],
+                    validate=False).exit_code == 0
+
+
 def test_bench_on_a_generative_model_is_refused_before_the_compile(tmp_path):
     model = save_tiny_llava(tmp_path / "teacher", "clip")
     result = _compile(tmp_path, model, write_pairs(tmp_path), {}, validate=False, bench=True)

@@ -44,6 +44,7 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"passes": [{"wanda": {"sparsity": -0.1}}]}, "sparsity must be in [0, 1)"),
     ({"passes": [{"wanda": {"nm": "4:4"}}]}, "0 < N < M"),
     ({"passes": [{"wanda": {"nm": "two:four"}}]}, "is not N:M"),
+    ({"passes": [{"wanda": {"nm": "1_0:2_0"}}]}, "is not N:M"),
     ({"passes": ["onnx"]}, "is a export pass"),
     ({"export": [], "validate": {}}, "pass 'validate' needs ['onnx']"),
     ({"calibrate": {}}, "unknown key(s) ['calibrate']"),

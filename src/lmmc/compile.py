@@ -233,10 +233,10 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_bench(recipe, adapter)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
                  f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
-    for step in recipe.passes:
-        if step.name == "distill":
+    for step in recipe.passes:  # what a pass's settings ask of this model, refused before anything runs
+        if hasattr(step.config, "check_model"):
             step.config.check_model(adapter)
-        elif getattr(step.config, "distill", None) is not None:
+        if step.name != "distill" and getattr(step.config, "distill", None) is not None:
             get_pass("distill").Config(**step.config.distill).check_model(adapter)
     return {
         "model": model_ref,
@@ -309,21 +309,22 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     if not text:
         return
     positions = min(text_positions(config, t) for t in text)
-    lengths = []
+    lengths = []  # (setting, tokens, whether the recipe gave it)
     if recipe.calibration.path and recipe.calibration.max_length:
-        lengths.append(("calibration.max_length", recipe.calibration.max_length))
+        lengths.append(("calibration.max_length", recipe.calibration.max_length, True))
     for name, cfg in _step_configs(recipe):
         # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
         towers = getattr(cfg, "towers", None)
         if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
-            lengths.append((f"{name}.max_length", cfg.max_length))
+            lengths.append((f"{name}.max_length", cfg.max_length, "max_length" in cfg.model_fields_set))
         # validate times at latency_seq only with latency on; ort's has no such switch
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", True):
-            lengths.append((f"{name}.latency_seq", cfg.latency_seq))
-    # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only).
+            lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))
+    # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only);
+    # a default length is a cap that short records never reach, so only a length the recipe gives counts them.
     image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
-    for key, value in lengths:
-        extra = image if key.endswith("max_length") else 0
+    for key, value, given in lengths:
+        extra = image if key.endswith("max_length") and given else 0
         if value + extra > positions:
             plus = f" text tokens, with the {extra} an image becomes, take {value + extra} positions," if extra else ","
             raise LmmcError(f"{key} = {value}{plus} but this model's text tower takes at most {positions} tokens "

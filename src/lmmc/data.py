@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmmc.errors import LmmcError
+from lmmc.runtime.generate import generative_prompt
 from lmmc.runtime.images import NOT_PICTURES, open_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -465,17 +466,6 @@ def check_generative_records(records: list[dict[str, Any]], source: Path, proces
             raise LmmcError(f"calibration data '{source}': the prompt of sample {n} holds the image token {token!r} "
                             f"{uses} time(s); " + ("with chat_template the template places the picture: remove it"
                                                    if chat_template else "each sample has one picture: keep one"))
-
-
-def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
-    """The text before the answer: the image token and the prompt, in the chat template when asked for."""
-    if chat_template:
-        content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-    if prompt and processor.image_token in prompt:  # the picture where the prompt puts it, as generate() does
-        return f"{prompt}\n"
-    return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
 
 
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -28,10 +29,10 @@ class NM:
 
     @classmethod
     def parse(cls, text: str) -> "NM":
-        try:
-            n, m = (int(x) for x in str(text).split(":"))
-        except ValueError:
-            raise ValueError(f"'{text}' is not N:M (e.g. '2:4')") from None
+        match = re.fullmatch(r"([0-9]+):([0-9]+)", str(text))  # int() would also take '1_0', '+2' and other digits
+        if not match:
+            raise ValueError(f"'{text}' is not N:M (e.g. '2:4')")
+        n, m = int(match[1]), int(match[2])
         if not 0 < n < m:
             raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
         return cls(n, m)

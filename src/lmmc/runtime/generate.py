@@ -104,13 +104,19 @@ class Generator:
                      eos_token_id: int | list[int] | None = None) -> Generation:
         """Greedy decoding of at most `max_new_tokens` per row; `input_ids` padded on the left (zeros in
         `attention_mask`) when the prompts differ in length. `eos_token_id` overrides the saved end ids."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or max_new_tokens < 1:
-            raise LmmcError(f"input_ids must be [batch, sequence] and max_new_tokens at least 1; got shape "
-                            f"{input_ids.shape} and {max_new_tokens}")
+        given = np.asarray(input_ids)
+        if given.dtype.kind not in "iuf" or (given.dtype.kind == "f" and not np.array_equal(given, np.trunc(given))):
+            raise LmmcError(f"input_ids must be integer token ids; got {given.dtype} values: tokenise with the "
+                            f"compile's saved processor")
+        input_ids = given.astype(np.int64)
+        if input_ids.ndim != 2 or type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise LmmcError(f"input_ids must be [batch, sequence] and max_new_tokens an integer of at least 1; got "
+                            f"shape {input_ids.shape} and {max_new_tokens!r}")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.shape != input_ids.shape:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
+        if not np.isin(mask, (0, 1)).all() or (mask.sum(axis=1) == 0).any():
+            raise LmmcError("attention_mask must hold 0 (padding) and 1 (a token), with at least one token a row")
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= len(self.embeddings)):
             raise LmmcError(f"token ids must lie in [0, {len(self.embeddings)}), the model's vocabulary; got "
                             f"{input_ids.min()}..{input_ids.max()}: tokenise with the compile's saved processor")
@@ -139,16 +145,21 @@ class Generator:
             positions = positions[:, -1:] + 1
         return Generation(np.stack(tokens, axis=1), first)
 
-    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy answer to `prompt` about `image` (a PIL image or an image file's path); the processor
-        expands the image token into one per image feature, and one is put before the prompt if it has none."""
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, chat_template: bool | None = None) -> str:
+        """Greedy answer to `prompt` about `image` (a PIL image or an image file's path), the prompt written
+        as the compile calibrated and validated the model (`generative_prompt`): in the processor's chat
+        template when the compile used it (None: as generative.json records; True or False to choose), else
+        after the image token unless the prompt places it. The processor expands the image token into one per
+        image feature."""
         if self.preprocessor is None:
             raise LmmcError("generate() needs the model's processor (tokenizer and image processor); open the "
                             "compile's output with lmmc.runtime.open_generative, or pass preprocessor=")
         proc = self.preprocessor
         image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
-        if proc.image_token not in prompt:
-            prompt = f"{proc.image_token}\n{prompt}"
+        template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
+        if template and proc.image_token in prompt:
+            raise LmmcError(f"the chat template places the picture; write the prompt without {proc.image_token!r}")
+        prompt = generative_prompt(proc, prompt, template)
         # Idefics3's processor takes a list of images per prompt; its pixel_attention_mask is all ones for one
         # prompt (every crop fills the encoder's size), so the vision graph does not read it.
         enc = proc(images=[[image]] if self.spec.get("images_axis") else image, text=prompt, return_tensors="np")
@@ -156,6 +167,18 @@ class Generator:
                                    max_new_tokens).tokens[0].tolist()
         ends = [i for i, t in enumerate(tokens) if t in self.spec["eos_token_id"]]
         return proc.tokenizer.decode(tokens[:ends[0]] if ends else tokens, skip_special_tokens=True)
+
+
+def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
+    """The text before the answer, as lmmc calibrates, validates and generates it: the image token and the
+    prompt (the image token where the prompt already holds one), in the chat template when asked for."""
+    if chat_template:
+        content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    if prompt and processor.image_token in prompt:  # the picture where the prompt puts it
+        return f"{prompt}\n"
+    return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
 
 
 def _spec_ok(spec: Any) -> bool:
