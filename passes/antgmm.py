@@ -99,7 +99,8 @@ class AntGMMConfig(PassConfig):
 
     def check_model(self, adapter: Adapter) -> None:
         """The hidden stage narrows BERT-family text encoders only (their towers' HiddenLayout)."""
-        if isinstance(self.shares, dict) and self.shares.get("hidden") and any(t.hidden is None for t in adapter.towers):
+        hidden = isinstance(self.shares, dict) and self.shares.get("hidden")
+        if hidden and any(t.hidden is None for t in adapter.towers):
             raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
                             f"text encoders only, not of this {adapter.family} model; drop 'hidden' from the shares")
 

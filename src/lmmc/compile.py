@@ -514,16 +514,21 @@ def _place(tmp: Path, out: Path) -> None:
         shutil.rmtree(out)
         tmp.rename(out)
         return
-    for entry in out.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     staged = tmp
     if tmp.stat().st_dev != out.stat().st_dev:   # a mount point: renames cannot cross into it, copies can
         staged = out / f".lmmc-incoming-{os.getpid()}"
         try:
             shutil.copytree(tmp, staged)
-        except BaseException:
+        except BaseException:  # a full disk: the earlier output stays whole
             shutil.rmtree(staged, ignore_errors=True)
             raise
+    for entry in out.iterdir():
+        if entry == staged:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     for entry in list(staged.iterdir()):
         entry.rename(out / entry.name)
     staged.rmdir()

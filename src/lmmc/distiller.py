@@ -374,7 +374,8 @@ class Trainer:
         self.train, self.dev = train[len(self.reward_set):], dev
         self.lengths = [sample_length(s) for s in self.train]
         if len(self.train) < cfg.batch_size:
-            reward = f" (of {len(train)}, after the bandit's reward_samples = {cfg.reward_samples})" if self.bandit else ""
+            reward = f" (of {len(train)}, after the bandit's reward_samples = {cfg.reward_samples})" \
+                if self.bandit else ""
             raise LmmcError(f"distill: {len(self.train)} training samples{reward} are fewer than batch_size "
                             f"({cfg.batch_size}); lower batch_size{' or reward_samples' if self.bandit else ''} "
                             f"or give more samples (a corpus, or calibration.samples)")

@@ -333,7 +333,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if first is not key_node.start_mark:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark,
-                    f"the key {key!r} appears twice (first {first.line + 1}:{first.column + 1}); keep one", key_node.start_mark)
+                    f"the key {key!r} appears twice (first {first.line + 1}:{first.column + 1}); keep one",
+                    key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 

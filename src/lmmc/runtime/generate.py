@@ -62,7 +62,8 @@ class Generator:
         if (self.embeddings.ndim != 2 or self.embeddings.dtype.kind != "f" or (width and shape[1] != width)
                 or (vocab and shape[0] < vocab)):
             raise LmmcError(f"the token table {table} holds {self.embeddings.dtype} of shape {list(shape)}, and the "
-                            f"decoder reads a float table of {vocab or 'its vocabulary'} rows x {width} columns; {again}")
+                            f"decoder reads a float table of {vocab or 'its vocabulary'} rows x {width} columns; "
+                            f"{again}")
         self.preprocessor = preprocessor
         self._past = [s for s in self.decoder.inputs if s.name.startswith("past_key_values.")]
 
