@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -146,6 +147,11 @@ class EcoflapPass(AllocationPass):
                 matrix = zeroth_order_scores(objective, linears, steps, cfg.epsilon, cfg.seed, art.device)
         else:
             matrix = first_order_scores(objective, linears, steps, art.device)
+        bad = [name for name, score in matrix.items() if not math.isfinite(score)]
+        if bad:
+            hint = f"lower 'epsilon' (now {cfg.epsilon}): W ± εz must stay a model that computes" if cfg.order == 0 \
+                else "the gradients overflowed"
+            raise LmmcError(f"ecoflap's loss was NaN or infinite on {len(bad)} matrices (first {bad[0]}); {hint}")
         group_scores = {g: sum(matrix[pl.param] for pl in members) for g, members in groups.items()}
         ratios = keep_budget_ratios(group_scores, sizes, cfg.sparsity, cfg.cap)
         samples = sum(step_samples(step) for step in steps)

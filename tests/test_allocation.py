@@ -260,6 +260,8 @@ def _compile(tmp_path, passes: list) -> Result:
     ([{"sparsegpt": {"nm": "4:4"}}], "N:M needs 0 < N < M, got 4:4"),
     # tiny BERT's q is 32 x 32: a 70 % cap keeps ceil(0.3 * 1024) = 308 > 307.2, so 70 % is out of reach
     ([{"ecoflap": {"sparsity": 0.7, "p_max": 0.7, "samples": 4, "batch_size": 4}}, "wanda"], "cannot be reached"),
+    # W ± εz with ε = 1e30 overflows every loss: the scores are NaN, which would allocate nothing meaningful
+    ([{"ecoflap": {"sparsity": 0.5, "epsilon": 1e30, "samples": 4, "batch_size": 4}}, "wanda"], "lower 'epsilon'"),
 ])
 def test_bad_allocation_input_exits_2_with_one_clear_error(tmp_path, passes, message):
     result = _compile(tmp_path, passes)

@@ -100,7 +100,8 @@ class Recipe(BaseModel):
                             "held-out data: give --calib PATH or 'calibration.path', or switch validation off "
                             "with 'validate: false'")
         check_plan(self.steps(), {"teacher", "student"} | ({"calib"} if has_calib else set()))
-        self._check_allocations()
+        self._check_pass_order()
+        self._check_exports()
         if self.validated:
             from lmmc.latency_budget import check_target_exports
 
@@ -149,7 +150,16 @@ class Recipe(BaseModel):
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
                             f"generative model skips them), or switch validation off with 'validate: false'")
 
-    def _check_allocations(self) -> None:
+    def _check_exports(self) -> None:
+        """Each export writes its own files; a second one of the same kind would overwrite the first's."""
+        seen: dict[str, int] = {}
+        for i, step in enumerate(self.export):
+            if step.name in seen:
+                raise LmmcError(f"export[{i}] '{step.name}' repeats export[{seen[step.name]}]: both would write the "
+                                f"same files, and the second would replace the first's; keep one")
+            seen[step.name] = i
+
+    def _check_pass_order(self) -> None:
         """An allocation sets per-matrix targets that every later local pruner applies in place of its own
         sparsity; structured pruning cannot follow the masks of a local pruner."""
         steps = [s.build() for s in self.passes]

@@ -115,6 +115,10 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     raise LmmcError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
+# Inputs with one value per token of input_ids.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
 def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> dict[str, np.ndarray]:
     """Check the feed names the model's inputs, with the rank and fixed sizes they declare (`exact`; a
     static-shape IR pads its feeds itself), one batch size, and no empty ids or pixels; give each array
@@ -167,10 +171,6 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
             raise LmmcError(f"'attention_mask' rows {empty[:5].tolist()} mark no token to read; every row needs "
                             f"at least one 1")
     return out
-
-
-# Inputs with one value per token of input_ids.
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def shapes_of(feed: dict[str, np.ndarray]) -> str:
