@@ -375,6 +375,8 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
         load(text, threads=1, static_shape=(2, 12)).run(longer)
     with pytest.raises(LmmcError, match="has inputs of dynamic length; give static_shape as \\(batch, seq\\)"):
         load(text, threads=1, static_shape=(2,))
+    with pytest.raises(LmmcError, match="a seq of 1000 past the model's position table is the usual cause"):
+        load(text, threads=1, static_shape=(2, 1000))
     for shape in ((0, 12), 2, (True, 12)):
         with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
             load(text, threads=1, static_shape=shape)

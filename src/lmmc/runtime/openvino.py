@@ -66,8 +66,10 @@ def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
         model.reshape(shapes)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "no reason given"
+        hint = "" if seq is None else (f"; a seq of {seq} past the model's position table is the usual cause: "
+                                       f"encode() truncates texts to the manifest's preprocessing.text.max_length")
         raise LmmcError(f"OpenVINO cannot compile {path.name} for the input shapes {shapes} ({first}); choose a "
-                        f"static_shape the model accepts") from None
+                        f"static_shape the model accepts{hint}") from None
     return StaticShape(batch, seq, inputs, outputs, "attention_mask" in inputs)
 
 
