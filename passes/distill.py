@@ -18,7 +18,7 @@ from lmmc.data import (Batch, check_generative_records, encode_generative, encod
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
-from lmmc.modelio import text_pad_length
+from lmmc.modelio import text_pad_length, text_positions
 from lmmc.optima import ArmSpan, ScheduleName
 from lmmc.pipeline import Pass, PassConfig, register
 
@@ -270,8 +270,9 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
             raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
                             "from a model directory that holds its processor")
         check_generative_records(records, path, processor, chat_template)
-        return _split_samples(tower_batches(encode_generative(processor, records, 64, max_length, chat_template)),
-                              modalities)
+        positions = min(text_positions(art.teacher.config, t) for t in art.adapter.towers if t.modality == "text")
+        batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
+        return _split_samples(tower_batches(batches), modalities)
     records = [r for r in read_samples(path) if all(m in r for m in modalities)]
     if not records:
         return []

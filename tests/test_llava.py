@@ -158,6 +158,14 @@ def test_max_length_cuts_the_answer_and_refuses_a_prompt_that_leaves_no_room(tmp
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == 2
     with pytest.raises(LmmcError, match="leaving none of calibration.max_length = 6"):
         encode_generative(processor, records[1:], batch_size=1, max_length=6, chat_template=False)
+    # the decoder's positions bound the whole sequence, the image's tokens included
+    prompt = int((batch["labels"] == IGNORE_INDEX).sum())
+    batch, = encode_generative(processor, records[1:], batch_size=1, max_length=None, chat_template=False,
+                               positions=prompt + 1)
+    assert batch["input_ids"].shape[1] == prompt + 1 and int((batch["labels"] != IGNORE_INDEX).sum()) == 1
+    with pytest.raises(LmmcError, match=f"takes {prompt} positions with its image's tokens, leaving none of the "
+                                        f"decoder's {prompt}"):
+        encode_generative(processor, records[1:], batch_size=1, max_length=None, chat_template=False, positions=prompt)
 
 
 # ---- block-sequential calibration of the decoder ---------------------------------------------------

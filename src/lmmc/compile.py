@@ -321,7 +321,7 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", True):
             lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))
     # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only);
-    # a default length is a cap that short records never reach, so only a length the recipe gives counts them.
+    # the default length is a cap that the encoding lowers to the positions left, so only a given one counts them.
     image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
     for key, value, given in lengths:
         extra = image if key.endswith("max_length") and given else 0
@@ -428,7 +428,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         art = Artifact(model_ref=model_ref, adapter=adapter, teacher=teacher, student=make_student(teacher),
                        preprocessor=preprocessor, device=dev, workdir=tmp, resume=resume)
         if calib and adapter.kind == "generative":
-            art.calib = load_generative_calibration(recipe.calibration, calib, preprocessor["processor"])
+            positions = min(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")
+            art.calib = load_generative_calibration(recipe.calibration, calib, preprocessor["processor"], positions)
         elif recipe.calibration.random and adapter.kind == "generative":
             art.calib = random_generative_calibration(recipe.calibration, teacher, adapter)
         elif calib:

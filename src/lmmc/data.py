@@ -469,11 +469,11 @@ def check_generative_records(records: list[dict[str, Any]], source: Path, proces
 
 
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
-                      chat_template: bool) -> list[Batch]:
+                      chat_template: bool, positions: int | None = None) -> list[Batch]:
     """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
     which expands the image token; the answer is tokenized alone and appended, so the boundary between
     them, where labels start, is exact. `max_length` caps the text tokens (prompt and answer, not the
-    image tokens); the answer is cut to fit."""
+    image tokens); the answer is cut to fit, and to fit the decoder's `positions` with the image's tokens."""
     tok = processor.tokenizer
     limit = max_length or DEFAULT_MAX_LENGTH
     image_id = tok.convert_tokens_to_ids(processor.image_token)
@@ -491,7 +491,14 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
             answer = tok(r["text"], add_special_tokens=False)["input_ids"]
             if tok.eos_token_id is not None:
                 answer = answer + [tok.eos_token_id]
-            answer = answer[:max(0, limit - text_tokens)]
+            room = limit - text_tokens
+            if positions is not None and positions - len(prompt_ids) < room:
+                room = positions - len(prompt_ids)
+                if room <= 0:
+                    raise LmmcError(f"the prompt of image '{r['image']}' takes {len(prompt_ids)} positions with its "
+                                    f"image's tokens, leaving none of the decoder's {positions} for its answer; "
+                                    f"shorten the prompt")
+            answer = answer[:max(0, room)]
             if not answer:
                 raise LmmcError(f"the prompt of image '{r['image']}' takes {text_tokens} text tokens, leaving none "
                                 f"of calibration.max_length = {limit} for its answer; raise calibration.max_length "
@@ -516,14 +523,14 @@ def tower_batches(batches: list[Batch]) -> dict[str, list[Batch]]:
     return {"text": batches, "image": [{"pixel_values": b["pixel_values"]} for b in batches]}
 
 
-def load_generative_calibration(cfg, path: str, processor) -> CalibData:
-    """Read, split and encode image-text records for a generative model."""
+def load_generative_calibration(cfg, path: str, processor, positions: int | None = None) -> CalibData:
+    """Read, split and encode image-text records for a generative model within the decoder's `positions`."""
     source = Path(path)
     records = read_samples(source)
     check_generative_records(records, source, processor, cfg.chat_template)
     chosen = select(cfg, source, records, {"text", "image"})
-    calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template)
-    held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template)
+    calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
+    held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
     return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings,
                      chat_template=cfg.chat_template)
