@@ -341,14 +341,21 @@ class DistillPass(Pass):
             trainer.restore_flags()
         if not self.config.checkpoint_dir:
             metrics.pop("checkpoint", None)  # in the work area, which the finished compile removes
+        warnings = []
+        if len(dev) < cfg.dev_samples:
+            warnings.append(f"the corpus gives {len(dev)} dev samples, not the {cfg.dev_samples} of "
+                            f"dev_samples (they are capped at a quarter of its distinct samples), so the best "
+                            f"checkpoint is picked on fewer; give a larger corpus")
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
             metrics["token_coverage"] = round(token_coverage(tokenizer, [s["text"]["input_ids"] for s in train]), 4)
             if metrics["token_coverage"] < 0.5 and not cfg.vocabulary:
                 # Measured on MiniLM: distilled on Python's documentation alone (14 % of its tokens), a
                 # student kept 0.04-0.06 less on fiction and newswire than with vocabulary: 0.25.
-                metrics["warnings"] = [
+                warnings += [
                     f"the training text holds {metrics['token_coverage']:.0%} of the tokenizer's ordinary tokens, so "
                     "the student learns the teacher on that text's domain alone and follows it less elsewhere; "
                     "vocabulary: 0.25 adds runs of tokens from the whole vocabulary (or distil on broader text)"]
+        if warnings:
+            metrics["warnings"] = warnings
         return metrics

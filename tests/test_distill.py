@@ -671,7 +671,7 @@ def test_a_narrow_corpus_is_warned_of_unless_vocabulary_runs_widen_it(tmp_path):
     def run(vocabulary: float) -> dict:
         art = tiny_art("bert", sparsity=0)
         art.preprocessor = {"tokenizer": tokenizer}
-        return distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=vocabulary)
+        return distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=vocabulary, dev_samples=4)
 
     narrow, widened = run(0.0), run(0.5)
     assert narrow["token_coverage"] == round(10 / 92, 4)
@@ -680,6 +680,16 @@ def test_a_narrow_corpus_is_warned_of_unless_vocabulary_runs_widen_it(tmp_path):
         "text's domain alone and follows it less elsewhere; vocabulary: 0.25 adds runs of tokens from the whole "
         "vocabulary (or distil on broader text)"]
     assert widened["token_coverage"] > 0.3 and "warnings" not in widened
+
+
+def test_dev_samples_capped_by_a_small_corpus_are_warned_of(tmp_path):
+    corpus = narrow_corpus(tmp_path / "narrow.txt")   # 22 distinct lines: a quarter is 5
+    art = tiny_art("bert", sparsity=0)
+    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
+    metrics = distill(art, corpus=str(corpus), steps=2, eval_every=0, dev_samples=8, vocabulary=0.5)
+    assert metrics["dev_samples"] == 5 and metrics["warnings"] == [
+        "the corpus gives 5 dev samples, not the 8 of dev_samples (they are capped at a quarter of its distinct "
+        "samples), so the best checkpoint is picked on fewer; give a larger corpus"]
 
 
 def test_the_compile_report_carries_the_passes_warnings(tmp_path):
