@@ -388,7 +388,7 @@ def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
     assert skipped == ["student tensorrt/text.engine: tensorrt artifacts are not benched on the CPU"]
 
 
-def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path):
+def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path, monkeypatch):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = {
         "calibration": {"path": str(CORPUS), "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
@@ -408,3 +408,13 @@ def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path):
     validated = json.loads((out / "report.json").read_text())["validation"]["towers"]["text"]["cosine_mean"]
     assert student == pytest.approx(validated, abs=1e-4)
     assert result.stdout.strip().splitlines()[-1] == format_table(saved).splitlines()[-1]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+    import lmmc.bench
+    monkeypatch.setattr(lmmc.bench, "bench", interrupted)
+    result = run("compile", model_dir, "--recipe", tmp_path / "recipe.yaml", "--out", tmp_path / "again")
+    assert result.exit_code == 130 and (tmp_path / "again" / "report.json").is_file()
+    assert result.output.strip().splitlines()[-1] == (
+        f"interrupted by SIGINT during the bench; the compile's output in '{tmp_path / 'again'}' is complete: run "
+        f"'lmmc bench {tmp_path / 'again'}' to time it")

@@ -4,7 +4,9 @@ an earlier output swapped for someone else's files) is left untouched, and the f
 resumable."""
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,32 @@ def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path):
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2 and "it has no .lmmc-files.json" in result.output, result.output
     assert (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_sigterm_while_the_output_is_swapped_in_waits_until_it_is_whole(setup, tmp_path, monkeypatch, empty):
+    """kill (SIGTERM) lands between moving the earlier output aside and moving the new one in: --out must
+    not be left without either, and the message must not say that nothing was written."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    out.mkdir() if empty else shutil.copytree(earlier, out)
+    real_rename, renames = Path.rename, []
+
+    def rename_then_kill(self, target):
+        moved = real_rename(self, target)
+        renames.append(target)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return moved
+    monkeypatch.setattr(Path, "rename", rename_then_kill)
+    result = compile_(model, recipe, out, "--force")
+    monkeypatch.undo()
+    assert result.exit_code == 130, result.output
+    assert f"interrupted by SIGTERM as the output was put in place; it is complete in '{out}'" in result.output
+    listed = json.loads((out / lmmc.compile.FILE_LIST).read_text())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [lmmc.compile.FILE_LIST])
+    assert (out / "report.json").stat().st_mtime > (earlier / "report.json").stat().st_mtime
+    assert not work_path(out).exists()
 
 
 def test_bad_input_leaves_no_folders_and_a_failed_resume_keeps_the_saved_passes(setup, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from lmmc.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, GateFailed, LmmcError
+from lmmc.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, GateFailed, LmmcError, OutputWritten
 
 
 def _interrupt(signum, frame):
@@ -33,6 +33,9 @@ class _Group(click.Group):
         except GateFailed as err:
             click.echo(f"validation gate missed: {err}", err=True)
             sys.exit(EXIT_GATE)
+        except OutputWritten as err:
+            click.echo(str(err), err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt as err:
             how = f" by {err.args[0]}" if err.args else ""
             click.echo(f"interrupted{how}; the output directory was not written", err=True)
@@ -135,7 +138,12 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
 
         from lmmc.report_html import write_report_html
 
-        result = bench(Path(out), parsed.bench)
+        try:
+            result = bench(Path(out), parsed.bench)
+        except KeyboardInterrupt as err:
+            how = f" by {err.args[0]}" if err.args else ""
+            raise OutputWritten(f"interrupted{how} during the bench; the compile's output in '{out}' is complete: "
+                                f"run 'lmmc bench {out}' to time it") from None
         write_report_html(Path(out))  # the page's latency plot then holds every backend bench timed
         click.echo(f"wrote {Path(out) / 'bench.json'}", err=True)
         click.echo(format_table(result))

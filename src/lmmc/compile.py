@@ -3,14 +3,17 @@ complete output into place only at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +31,7 @@ from lmmc.cost import blocks_cost
 from lmmc.data import (check_generative_records, check_images, check_random_allowed, load_calibration,
                        load_generative_calibration, random_calibration, random_generative_calibration, read_samples,
                        select, text_tokens)
-from lmmc.errors import GateFailed, LmmcError
+from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, load_preprocessor,
                           load_teacher, local_dir, make_student, meta_model, resolve_config, save_student,
@@ -474,8 +477,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                 raise OutputTaken(f"--out '{out}' {change} while the compile ran; it was left untouched. The "
                                   f"finished compile is kept in '{area.path}': move '{out}' away and run the same "
                                   f"command with --resume to write it there")
-            _place(tmp, out)
-        area.finish()
+            staged = _stage(tmp, out)
+        with _interrupts_deferred() as interrupted:
+            if area.writer:
+                _place(tmp, staged, out)
+            area.finish()
     except OSError as err:
         _give_up(area, resume, created)
         if err.errno in _DISK_FULL:
@@ -497,6 +503,9 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same "
                   f"command with --resume to continue from there", file=sys.stderr)
         raise
+    if interrupted:
+        raise OutputWritten(f"interrupted by {signal.Signals(interrupted[0]).name} as the output was put in place; "
+                            f"it is complete in '{out}'")
     if report["failures"] or (report["validated"] and not report["passed"]):
         missed = [g for g in (report["validation"] or {}).get("gates", []) if not g["passed"]]
         raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
@@ -504,35 +513,59 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     return report
 
 
-def _place(tmp: Path, out: Path) -> None:
-    """Move the finished output to --out. An --out that exists and is empty, or is a mount point (a
-    container's volume), stays the directory it is, whose owner, mode and mount lmmc did not make: the
-    earlier output's files in it (checked as lmmc's before) are replaced, and the new ones moved in."""
+def _stage(tmp: Path, out: Path) -> Path:
+    """Where the finished output waits to be put in place: where it was written, or, for an --out that
+    is a mount point (a container's volume, which renames cannot cross into, even a bind mount of the same
+    filesystem), a copy inside it. A copy
+    that fails (a full disk) is removed, and the earlier output stays whole."""
+    if not out.exists() or (not os.path.ismount(out) and tmp.stat().st_dev == out.stat().st_dev):
+        return tmp
+    staged = out / f".lmmc-incoming-{os.getpid()}"
+    try:
+        shutil.copytree(tmp, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT and SIGTERM while the output is swapped in, so that --out is never left half old and
+    half new; yields the signals that came, to be acted on once the output is whole."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield came
+        return
+    held = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+
+
+def _place(tmp: Path, staged: Path, out: Path) -> None:
+    """Put the finished output at --out. An earlier output (checked as lmmc's before) is moved into the
+    work area, which is removed next. An --out that exists and is empty, or is a mount point, stays the
+    directory it is, whose owner, mode and mount lmmc did not make: the earlier output's files in it are
+    moved aside and removed, and the new ones moved in."""
     if not out.exists():
         tmp.rename(out)
         return
     if not os.path.ismount(out) and any(out.iterdir()):
-        shutil.rmtree(out)
+        out.rename(tmp.parent / "replaced")
         tmp.rename(out)
         return
-    staged = tmp
-    if tmp.stat().st_dev != out.stat().st_dev:   # a mount point: renames cannot cross into it, copies can
-        staged = out / f".lmmc-incoming-{os.getpid()}"
-        try:
-            shutil.copytree(tmp, staged)
-        except BaseException:  # a full disk: the earlier output stays whole
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-    for entry in out.iterdir():
-        if entry == staged:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    aside = out / f".lmmc-replaced-{os.getpid()}"
+    aside.mkdir()
+    for entry in list(out.iterdir()):
+        if entry not in (staged, aside):
+            entry.rename(aside / entry.name)
     for entry in list(staged.iterdir()):
         entry.rename(out / entry.name)
     staged.rmdir()
+    shutil.rmtree(aside)
 
 
 def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:

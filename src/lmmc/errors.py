@@ -20,6 +20,10 @@ class GateFailed(Exception):
         self.report = report
 
 
+class OutputWritten(KeyboardInterrupt):
+    """SIGINT or SIGTERM that came once the output was complete in its place; the message says where."""
+
+
 # Optional packages that transformers imports only when a model's tokenizer or processor needs them.
 _PACKAGES = ("sentencepiece", "protobuf", "tiktoken", "torchvision")
 
