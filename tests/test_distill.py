@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -549,6 +550,19 @@ def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     m = distill(tiny_art("bert"), steps=4, lr=5e-4, checkpoint_dir=str(tmp_path), resume=True)
     assert m["resumed_from"] is None
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_it(tmp_path):
+    distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    run, = tmp_path.iterdir()
+    weights = run / "final" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])   # a disk that filled while it was written
+    with pytest.raises(LmmcError, match=f"checkpoint '{run / 'final'}' is damaged \\(SafetensorError"):
+        distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    shutil.rmtree(run / "final")
+    (run / "step-000002" / "optimizer.safetensors").unlink()
+    with pytest.raises(LmmcError, match="step-000002' is damaged \\(KeyError: 'optimizer'\\); delete that folder"):
+        distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True)
 
 
 # --- bad input ------------------------------------------------------------------------------------------

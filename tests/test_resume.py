@@ -229,6 +229,10 @@ def test_saved_state_reloads_a_shrunk_student_masks_and_records_exactly(tmp_path
     assert torch.equal(back.masks[next(iter(masks))], next(iter(masks.values())))
     assert back.allocation == art.allocation and back.records == art.records
     assert back.onnx == art.onnx and back.exports == art.exports
+    saved = work_path(tmp_path / "out") / "state-02" / "masks.safetensors"
+    saved.write_bytes(saved.read_bytes()[:40])   # cut short
+    with pytest.raises(LmmcError, match="the saved state '.*state-02' is damaged \\(SafetensorError"):
+        area.restore(Artifact("m", adapter, tiny_model("bert"), tiny_model("bert")))
     area.finish()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
@@ -903,13 +904,20 @@ class Trainer:
         path = final or self.checkpoints.latest()
         if path is None:
             return None
+        try:
+            return self._load(path, final is not None)
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:  # a truncated or edited file
+            raise LmmcError(f"checkpoint '{path}' is damaged ({type(err).__name__}: {err}); delete that folder to "
+                            f"resume from the one before it, or run without --resume to start afresh") from None
+
+    def _load(self, path: Path, final: bool) -> str | int:
         files, state = Checkpoints.load(path)
         try:
             self.objective.load_state_dict(self._local(files["weights"]))
         except RuntimeError as err:
             raise LmmcError(f"checkpoint '{path}' does not fit this student ({err}); delete it to start afresh") \
                 from None
-        if final is not None:
+        if final:
             self.final_metrics = state["metrics"]
             return "final"
         load_optimizer_tensors(self.optimizer, files["optimizer"])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lmmc
@@ -338,14 +339,18 @@ class WorkArea:
         state = _read_json(state_dir / "state.json")
         if state is None:
             raise LmmcError(f"the saved state '{state_dir}' is unreadable; run without --resume to start afresh")
-        art.student = load_student(state_dir / "student").to(art.device)
-        masks = state_dir / "masks.safetensors"
-        art.masks = {k: v.to(art.device) for k, v in load_file(str(masks)).items()} if masks.is_file() else {}
-        art.allocation = state["allocation"]
-        art.records = [PassRecord(**r) for r in state["records"]]
-        art.validation = state["validation"]
-        # Rank 0's files: the other ranks read the ONNX files where rank 0 wrote them.
-        output = self.path / OUTPUT_DIR
-        art.onnx = {k: output / v for k, v in state["onnx"].items()}
-        art.exports = [ExportRecord(**{**e, "path": output / e["path"]}) for e in state["exports"]]
-        return state["passes_done"], state["seconds"]
+        try:
+            art.student = load_student(state_dir / "student").to(art.device)
+            masks = state_dir / "masks.safetensors"
+            art.masks = {k: v.to(art.device) for k, v in load_file(str(masks)).items()} if masks.is_file() else {}
+            art.allocation = state["allocation"]
+            art.records = [PassRecord(**r) for r in state["records"]]
+            art.validation = state["validation"]
+            # Rank 0's files: the other ranks read the ONNX files where rank 0 wrote them.
+            output = self.path / OUTPUT_DIR
+            art.onnx = {k: output / v for k, v in state["onnx"].items()}
+            art.exports = [ExportRecord(**{**e, "path": output / e["path"]}) for e in state["exports"]]
+            return state["passes_done"], state["seconds"]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:  # a truncated or edited file
+            raise LmmcError(f"the saved state '{state_dir}' is damaged ({type(err).__name__}: {err}); run without "
+                            f"--resume to start afresh") from None
