@@ -107,6 +107,9 @@ class DistillConfig(PassConfig):
                                        "`lmmc compile`: the compile's work area beside --out")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one "
                                   "(in `lmmc compile`: every tenth of the steps)")
+    checkpoint_minutes: float | None = Field(None, gt=0, description="minutes of training between checkpoints, "
+                                             "besides checkpoint_every (in `lmmc compile` with `minutes`: a "
+                                             "tenth of them)")
     keep_last: int = Field(2, ge=1, description="resumable step checkpoints kept")
     resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
                          "(`lmmc compile --resume` sets it)")
@@ -326,9 +329,13 @@ class DistillPass(Pass):
         if art.scratch is not None:
             # In a compile's work area the checkpoints survive a kill, and `lmmc compile --resume` continues
             # from the newest one; a checkpoint_dir named by the recipe is kept.
-            # Unless the recipe says how often, a kill loses at most a tenth of the steps.
+            # Unless the recipe says how often, a kill loses at most a tenth of the steps, or of the minutes
+            # (a run on the clock, whose steps are a cap it may be far from reaching).
+            often = cfg.checkpoint_every or cfg.checkpoint_minutes
             cfg = cfg.model_copy(update={"checkpoint_dir": cfg.checkpoint_dir or str(art.scratch),
                                          "checkpoint_every": cfg.checkpoint_every or max(1, cfg.steps // 10),
+                                         "checkpoint_minutes": cfg.checkpoint_minutes or
+                                         (cfg.minutes / 10 if cfg.minutes and not often else None),
                                          "resume": cfg.resume or art.resume})
         check_towers(art)
         cfg.check_model(art.adapter)

@@ -518,6 +518,19 @@ def test_minutes_end_training_on_the_clock_with_the_learning_rate_at_the_end_of_
     assert (m["steps"], m["stopped_by"]) == (6, "steps")
 
 
+def test_a_compile_on_the_clock_checkpoints_every_tenth_of_its_minutes(tmp_path):
+    # 100,000 steps are a ceiling the 3 s never reach: checkpoints by steps alone (every 10,000) never came
+    art = tiny_art("bert")
+    art.scratch = tmp_path
+    m = distill(art, steps=10 ** 5, minutes=0.05, eval_every=0, teacher_cache_mb=0)
+    assert m["stopped_by"] == "minutes"
+    run, = tmp_path.iterdir()
+    kept = sorted(int(p.name.split("-")[1]) for p in run.glob("step-*"))
+    assert len(kept) == 2 and 0 < kept[0] < kept[1] < m["steps"]   # the newest two of about nine
+    older, newer = (json.loads((run / f"step-{k:06d}" / "state.json").read_text())["loop_seconds"] for k in kept)
+    assert newer - older >= 0.3 and newer >= 0.6   # a tenth of 3 s apart, the second save at the earliest
+
+
 def test_minutes_need_a_ceiling_of_steps_and_a_budget_the_set_up_does_not_spend():
     with pytest.raises(ValueError, match="minutes needs steps too"):
         Distill.Config(minutes=10)

@@ -43,7 +43,8 @@ Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sam
 _PROBE_SAMPLES = 32
 # Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
 # (ddp and fsdp compute the same steps: a checkpoint of either resumes the other, or a single process.)
-_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "keep_last", "progress", "parallel"}
+_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "keep_last", "progress",
+                "parallel"}
 # What a generative model's dev evaluation adds to each point of the curve.
 _GENERATIVE_DEV = ("kl", "top1_agreement")
 
@@ -464,6 +465,7 @@ class Trainer:
         self.horizon: float | None = None
         self.elapsed = 0.0
         self.loop_before = 0.0
+        self.saved_at = 0.0  # `elapsed` at the newest step checkpoint (checkpoint_minutes)
         self.picks = [0] * len(self.arms)
         self.losses: list[float] = []
         self.curve: list[dict[str, Any]] = []
@@ -890,6 +892,7 @@ class Trainer:
         # Sharded weights and optimiser state are gathered by every rank, one tensor at a time, and kept by
         # rank 0 alone, which writes them whole: the checkpoint of a sharded run is a plain one.
         main = self.ctx.main
+        self.saved_at = self.elapsed
         files = {"weights": whole(self.objective.state_dict(), main),
                  "optimizer": optimizer_tensors(self.optimizer, main)}
         if self.best is not None and self.best[1] != self.step:
@@ -928,6 +931,7 @@ class Trainer:
         self.reward_loss = state["reward_loss"]
         # A resumed run keeps its first horizon, so its learning rate goes on along the same schedule.
         self.loop_before, self.horizon = state["loop_seconds"], state["horizon"]
+        self.saved_at = self.loop_before
         if state["best"] is not None:
             weights = self._local(files["best"]) if "best" in files else self._student_state()
             self.best = (state["best"]["score"], state["best"]["step"],
@@ -1015,8 +1019,7 @@ class Trainer:
                     postfix["dev cos"] = f"{self.curve[-1]['score']:.4f}" if self.curve else "-"
             bar.set_postfix(postfix, refresh=False)
             bar.update()
-            if self.checkpoints and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
-                    and not self._done():
+            if self.checkpoints and self._checkpoint_due() and not self._done():
                 self.save_step()
         bar.close()
         final_eval = run_gathered(self.objective, self.evaluate)
@@ -1045,6 +1048,13 @@ class Trainer:
     def _clock(self) -> float:
         """Seconds spent in the training loop, over resumes, agreed between the ranks."""
         return self._agreed(self.loop_before + time.perf_counter() - self.loop_start)
+
+    def _checkpoint_due(self) -> bool:
+        cfg = self.cfg
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            return True
+        # on the agreed clock, so that every rank saves at the same step
+        return bool(cfg.checkpoint_minutes) and self.elapsed - self.saved_at >= cfg.checkpoint_minutes * 60
 
     def _done(self) -> bool:
         return self.step >= self.cfg.steps or (self.horizon is not None and self.elapsed >= self.horizon)
