@@ -207,4 +207,18 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     (tmp_path / "long.txt").write_text(" ".join(["5"] * 13) + "\n")
     done = _run(lmmc_embed, compiled_out, tmp_path / "long.txt", tmp_path / "emb.txt", "--static", "2,12")
     assert done.returncode == 1 and "has 13 token ids; --static compiles the model for 12 tokens" in done.stderr
+    for value in ("abc", "-3", "0"):
+        done = _run(lmmc_embed, compiled_out, tmp_path / "long.txt", tmp_path / "emb.txt", "--threads", value)
+        assert done.returncode == 2 and f"--threads is a positive integer, not '{value}'" in done.stderr
+    text = read_manifest(compiled_out)["preprocessing"]["text"]
+    # OpenVINO reads an id outside the table as zeros: the sample refuses it, as lmmc.runtime does
+    for wrong in (-7, text["vocab_size"]):
+        (tmp_path / "ids.txt").write_text(f"5 {wrong} 6\n")
+        done = _run(lmmc_embed, compiled_out, tmp_path / "ids.txt", tmp_path / "emb.txt")
+        assert done.returncode == 1 and (f"line 1 holds token id {wrong}, outside this model's vocabulary "
+                                         f"[0, {text['vocab_size']})") in done.stderr
+    (tmp_path / "long.txt").write_text(" ".join(["5"] * (text["max_length"] + 1)) + "\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "long.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and (f"has {text['max_length'] + 1} token ids; this model reads at most "
+                                     f"{text['max_length']} tokens") in done.stderr
     assert not (tmp_path / "emb.txt").exists()

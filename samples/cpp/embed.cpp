@@ -45,13 +45,14 @@ struct Options {
                                 "[--static BATCH[,SEQ]]");
 }
 
+bool positive(const std::string& s) {
+    return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), ::isdigit) && std::stoul(s) > 0;
+}
+
 // "8,128" -> (8, 128); "8" -> (8, 0).
 void parse_static(const std::string& v, Options& o) {
     const size_t comma = v.find(',');
     const std::string batch = v.substr(0, comma), seq = comma == std::string::npos ? "" : v.substr(comma + 1);
-    const auto positive = [](const std::string& s) {
-        return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), ::isdigit) && std::stoul(s) > 0;
-    };
     if (!positive(batch) || (comma != std::string::npos && !positive(seq))) {
         usage("--static is BATCH or BATCH,SEQ, positive integers, not '" + v + "'");
     }
@@ -70,7 +71,10 @@ Options parse_args(int argc, char** argv) {
             if (a == "--precision") o.precision = v;
             else if (a == "--format") o.format = v;
             else if (a == "--tower") o.tower = v;
-            else if (a == "--threads") o.threads = std::stoi(v);
+            else if (a == "--threads") {
+                if (!positive(v)) usage("--threads is a positive integer, not '" + v + "'");
+                o.threads = std::stoi(v);
+            }
             else if (a == "--inference") o.inference = v;
             else if (a == "--static") parse_static(v, o);
             else usage("unknown option " + a);
@@ -119,11 +123,12 @@ std::string default_tower(const mini_json::Value& manifest) {
     return towers.begin()->first;
 }
 
-// Token ids, one sample a line, padded with `pad_id` to the longest line or to `pad_to` tokens when the
-// model reads texts at one length (0: it does not; `limit` says why a longer line is refused); the mask
-// marks real tokens.
-void read_token_ids(const std::string& path, size_t pad_to, const std::string& limit, int64_t pad_id,
-                    std::vector<int64_t>& ids, std::vector<int64_t>& mask, size_t& batch, size_t& seq) {
+// Token ids, one sample a line, each in [0, vocab) (0: not checked), padded with `pad_id` to the longest
+// line or to `pad_to` tokens when the model reads texts at one length; no line longer than `max_tokens`
+// (0: any; `limit` says why a longer line is refused). The mask marks real tokens.
+void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, const std::string& limit,
+                    int64_t pad_id, int64_t vocab, std::vector<int64_t>& ids, std::vector<int64_t>& mask,
+                    size_t& batch, size_t& seq) {
     std::ifstream in(path);
     if (!in) throw std::runtime_error("cannot read '" + path + "'");
     std::vector<std::vector<int64_t>> rows;
@@ -133,14 +138,23 @@ void read_token_ids(const std::string& path, size_t pad_to, const std::string& l
         std::vector<int64_t> row;
         int64_t id;
         while (s >> id) row.push_back(id);
-        if (!s.eof()) throw std::runtime_error("'" + path + "' line " + std::to_string(rows.size() + 1) + " is not token ids");
+        const std::string where = "'" + path + "' line " + std::to_string(rows.size() + 1);
+        if (!s.eof()) throw std::runtime_error(where + " is not token ids");
+        for (int64_t t : row) {
+            // OpenVINO reads an id outside the embedding table as a row of zeros, silently
+            if (t < 0 || (vocab && t >= vocab)) {
+                throw std::runtime_error(where + " holds token id " + std::to_string(t) + ", outside this model's "
+                                         "vocabulary [0, " + std::to_string(vocab) + "); write the ids with this "
+                                         "output's own tokenizer (student/)");
+            }
+        }
         if (!row.empty()) rows.push_back(row);
     }
     if (rows.empty()) throw std::runtime_error("'" + path + "' holds no token ids");
     batch = rows.size();
     seq = pad_to;
     for (size_t b = 0; b < batch; ++b) {
-        if (pad_to && rows[b].size() > pad_to) {
+        if (max_tokens && rows[b].size() > max_tokens) {
             throw std::runtime_error("'" + path + "' line " + std::to_string(b + 1) + " has " +
                                      std::to_string(rows[b].size()) + " token ids; " + limit +
                                      ": truncate them to that many");
@@ -208,14 +222,23 @@ int main(int argc, char** argv) {
             const bool fixed = text.has("pad_to");
             size_t pad_to = fixed ? static_cast<size_t>(text["pad_to"].number) : 0;
             std::string limit = "this model reads texts of " + std::to_string(pad_to) + " tokens";
+            // the length the compile cut texts to, within the model's positions (null: the tokenizer's own)
+            size_t max_tokens = pad_to;
+            if (!fixed && text.has("max_length") && text["max_length"].kind == mini_json::Value::Kind::Number) {
+                max_tokens = static_cast<size_t>(text["max_length"].number);
+                limit = "this model reads at most " + std::to_string(max_tokens) + " tokens (the manifest's "
+                        "preprocessing.text.max_length)";
+            }
             if (o.static_batch) {
                 if (!o.static_seq) usage("--static needs BATCH,SEQ for a text tower");
                 if (fixed && o.static_seq != pad_to) usage(limit + ": pass --static BATCH," + std::to_string(pad_to));
-                pad_to = o.static_seq;
+                if (max_tokens && o.static_seq > max_tokens) usage(limit + ": pass --static BATCH," + std::to_string(max_tokens) + " or less");
+                pad_to = max_tokens = o.static_seq;
                 limit = "--static compiles the model for " + std::to_string(pad_to) + " tokens";
             }
             pad_id = fixed ? static_cast<int64_t>(text["pad_id"].number) : 0;
-            read_token_ids(o.input, pad_to, limit, pad_id, ids, mask, batch, seq);
+            const int64_t vocab = text.has("vocab_size") ? static_cast<int64_t>(text["vocab_size"].number) : 0;
+            read_token_ids(o.input, pad_to, max_tokens, limit, pad_id, vocab, ids, mask, batch, seq);
             // a model whose tokenizer returns no mask (SigLIP as Google ships it) reads its padding too
             if (text.has("attend_to_padding") && text["attend_to_padding"].boolean) std::fill(mask.begin(), mask.end(), 1);
             sample_shape = {seq};

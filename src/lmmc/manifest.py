@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lmmc
-from lmmc.adapters import dynamic_axes
+from lmmc.adapters import dynamic_axes, tower_config
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.modelio import text_pad_length
 from lmmc.pooling import modes_of, normalises
@@ -103,8 +103,11 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
     preprocessing: dict[str, Any] = {}
     if "text" in modalities:
         pad_to = text_pad_length(art.student.config, art.adapter)
+        text = next(t for t in art.adapter.towers if t.modality == "text")
         preprocessing["text"] = {"kind": "tokenizer", "max_length": max_length,
                                  "padding": "longest" if pad_to is None else "max_length",
+                                 # token ids at or past it index no row of the embedding table
+                                 "vocab_size": int(tower_config(art.student, text).vocab_size),
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to
