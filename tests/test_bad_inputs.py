@@ -509,7 +509,7 @@ def _(tmp):
     (tmp / "photos").mkdir()
     (tmp / "photos" / "holiday.jpg").write_bytes(b"jpeg")
     return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "photos", "--force"],
-            ["is not one (it holds holiday.jpg, which lmmc does not write); it was left untouched",
+            ["is not one (it holds holiday.jpg, which no compile writes there); it was left untouched",
              "Choose a new --out"])
 
 

@@ -110,7 +110,7 @@ def test_force_refuses_a_folder_of_the_users_that_holds_a_copied_student(setup, 
     (project / "thesis.tex").write_text("mine")
     result = compile_(model, recipe, project, "--force")
     assert result.exit_code == 2, result.output
-    assert f"'{project}' is not one (it holds thesis.tex, which lmmc does not write); it was left untouched" \
+    assert f"'{project}' is not one (it holds thesis.tex, which no compile writes there); it was left untouched" \
         in result.output
     assert (project / "thesis.tex").read_text() == "mine" and (project / "student" / "lmmc.json").is_file()
     assert not work_path(project).exists()
@@ -127,7 +127,7 @@ def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(s
     (out / "bench.json").write_text("{}")
     assert check_output(out, str(model), load_recipe(recipe), recipe, force=True) == out.resolve()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which lmmc does not write"):
+    with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which no compile writes there"):
         check_output(out, str(model), load_recipe(recipe), recipe, force=True)
 
 
@@ -146,7 +146,7 @@ def test_force_keeps_an_earlier_output_holding_a_file_of_the_users_anywhere(setu
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2, result.output
-    assert f"{added}, which lmmc does not write); it was left untouched" in result.output
+    assert f"{added}, which no compile writes there); it was left untouched" in result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 

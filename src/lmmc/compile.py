@@ -176,8 +176,8 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
                             f"replace it")
         if any(target.iterdir()) and not _is_lmmc_output(target):
             foreign = _foreign(target)
-            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc does not " \
-                    f"write)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
+            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which no compile " \
+                    f"writes there)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
                     f"files added to it cannot be told apart: an output of an older lmmc)" \
                     if (target / "report.json").is_file() else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
