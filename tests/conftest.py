@@ -48,6 +48,12 @@ _WORDS = ["the", "a", "of", "and", "is", "in", "to", "water", "cold", "house", "
           "picture", "number", "text", "python", "function", "data"]
 
 
+def spelled(i: int) -> str:
+    """A number in letters (907 -> "jah"), which the tiny vocab reads as one distinct word each: the
+    digits it knows end at 21, and every larger number would read as the same unknown token."""
+    return "".join("abcdefghij"[int(d)] for d in str(i))
+
+
 def tiny_vocab(path: Path) -> Path:
     """A WordPiece vocab.txt of exactly the tiny models' vocab_size (99) tokens."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]

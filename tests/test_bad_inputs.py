@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
 from tests.conftest import (CORPUS, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava, siglip_sentencepiece,
-                            tiny_model, tiny_vocab)
+                            spelled, tiny_model, tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -38,7 +38,7 @@ def write_recipe(tmp: Path, data: dict | str, name: str = "recipe.yaml") -> Path
 
 def texts(tmp: Path, n: int = 200, name: str = "calib.txt") -> Path:
     path = tmp / name
-    path.write_text("\n".join(f"the water of road {i} is cold" for i in range(n)))
+    path.write_text("\n".join(f"the water of road {spelled(i)} is cold" for i in range(n)))
     return path
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from lmmc.cli import main
 from lmmc.export.validate import scaled_diff
-from tests.conftest import CORPUS, REPO, save_preprocessors, save_tiny, tiny_model
+from tests.conftest import CORPUS, REPO, save_preprocessors, save_tiny, spelled, tiny_model
 
 TINY_RECIPE = {
     "calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -361,7 +361,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_130(tmp_path):
 def test_sample_counts_that_shrink_are_warned_and_planned(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     data = tmp_path / "data.txt"
-    data.write_text("\n".join(f"the road number {i}" for i in range(150)))
+    data.write_text("\n".join(f"the road number {spelled(i)}" for i in range(150)))
     recipe = {"calibration": {"path": "data.txt", "samples": 128, "eval_samples": 64}, "passes": ["wanda"]}
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)),
                                        "-o", str(tmp_path / "o"), "--dry-run"])
@@ -377,7 +377,7 @@ def test_recipe_paths_resolve_against_the_recipe_and_calib_against_the_cwd(tmp_p
     (tmp_path / "recipes").mkdir()
     (tmp_path / "data").mkdir()
     corpus = tmp_path / "data" / "corpus.txt"
-    corpus.write_text("\n".join(f"the house number {i}" for i in range(400)))
+    corpus.write_text("\n".join(f"the house number {spelled(i)}" for i in range(400)))
     recipe = write_recipe(tmp_path / "recipes", {"calibration": {"path": "../data/corpus.txt"}, "passes": ["wanda"]})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -43,6 +43,42 @@ def test_no_held_out_text_is_calibrated_on_in_another_case_or_spacing(tmp_path):
     assert not {norm(r) for r in held} & {norm(r) for r in calib}
 
 
+def test_a_copied_or_linked_image_is_one_image_to_the_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}-link.png").symlink_to(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}-copy.png").write_bytes((tmp_path / f"{i}.png").read_bytes())
+    calib, held = split(read_samples(tmp_path), n_calib=100, n_eval=5, seed=0)
+    pixels = lambda records: {Path(r["image"]).resolve().read_bytes() for r in records}
+    assert len(held) == 5 and len(pixels(held)) == 5 and len(calib) == 15 * 3
+    assert not pixels(held) & pixels(calib)
+
+
+def test_a_text_model_splits_image_caption_records_by_their_text():
+    # two images per caption: held out by image, a caption would be calibrated on beside its other image
+    records = [{"text": f"caption {i // 2}", "image": f"/nowhere/{i}.png"} for i in range(80)]
+    calib, held = split(records, n_calib=200, n_eval=10, seed=0, modalities={"text"})
+    assert len({r["text"] for r in held}) == 10 and not {r["text"] for r in held} & {r["text"] for r in calib}
+
+
+def test_held_out_texts_that_read_as_calibration_tokens_once_cut_are_not_held_out(tmp_path):
+    """Texts that share their first max_length tokens are one input to the model, however they end."""
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    opening = "the man was on the road to the house of the cold water and the data"
+    words = ["python", "function", "picture", "number", "text", "a", "of", "is", "in", "to"]
+    (tmp_path / "d.txt").write_text("\n".join(f"{opening} {a} {b}" for a in words for b in words))
+    cfg = CalibrationConfig(samples=64, eval_samples=16, batch_size=8)
+    full = load_calibration(cfg.model_copy(update={"max_length": 24}), str(tmp_path / "d.txt"), {"text"}, {"tokenizer": tok})
+    assert full.counts == {"calibration": 64, "held_out": 16} and not full.warnings
+    cut = load_calibration(cfg.model_copy(update={"max_length": 12}), str(tmp_path / "d.txt"), {"text"}, {"tokenizer": tok})
+    held = [tuple(row[m.bool()].tolist()) for b in cut.eval["text"] for row, m in zip(b["input_ids"], b["attention_mask"])]
+    calib = {tuple(row[m.bool()].tolist()) for b in cut.calib["text"] for row, m in zip(b["input_ids"], b["attention_mask"])}
+    assert len(calib) == 1 and held == [] and cut.counts == {"calibration": 64, "held_out": 0}
+    assert cut.warnings[-1] == ("16 held-out text(s) read as the same 12 tokens as a calibration text or another "
+                                "held-out one (they differ only past the cut) and were not held out; 0 remain")
+
+
 def test_split_shrinks_to_what_exists():
     calib, held = split([{"text": str(i)} for i in range(10)], n_calib=100, n_eval=64, seed=0)
     assert (len(calib), len(held)) == (8, 2)

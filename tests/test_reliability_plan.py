@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from lmmc.cli import main, summary_table
-from tests.conftest import save_tiny, save_tiny_llava
+from tests.conftest import save_tiny, save_tiny_llava, spelled
 from tests.test_llava import write_pairs
 
 
@@ -36,7 +36,7 @@ def llava(tmp_path_factory) -> tuple[Path, Path]:
 def bert(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("bert")
     calib = folder / "texts.txt"
-    calib.write_text("\n".join(f"the water is cold {i}" for i in range(24)))
+    calib.write_text("\n".join(f"the water is cold {spelled(i)}" for i in range(24)))
     return save_tiny("bert", folder / "bert"), calib
 
 

@@ -28,9 +28,9 @@ from lmmc.artifact import Artifact
 from lmmc.bench import GENERATIVE_BENCH, check_backends
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (check_generative_records, check_images, check_random_allowed, load_calibration,
-                       load_generative_calibration, random_calibration, random_generative_calibration, read_samples,
-                       select, text_tokens)
+from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_random_allowed,
+                       drop_token_twins, load_calibration, load_generative_calibration, random_calibration,
+                       random_generative_calibration, read_samples, select, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, load_preprocessor,
@@ -231,7 +231,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_lengths(config, adapter, recipe)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
-    counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors.get("processor"))
+    counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe, adapter)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
@@ -335,7 +335,7 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
 
 
 def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
-                shapes: torch.nn.Module, processor: Any = None) -> dict[str, int] | None:
+                shapes: torch.nn.Module, preprocessors: dict[str, Any]) -> dict[str, int] | None:
     """Read and split the calibration data exactly as the compile will, without encoding it."""
     cal = recipe.calibration
     if not cal.path:
@@ -349,8 +349,13 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     modalities = {t.modality for t in adapter.towers}
     records = read_samples(Path(cal.path), cal.caption_template)
     if adapter.kind == "generative":
-        check_generative_records(records, Path(cal.path), processor, cal.chat_template)
+        check_generative_records(records, Path(cal.path), preprocessors.get("processor"), cal.chat_template)
     chosen = select(cal, Path(cal.path), records, modalities)
+    if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
+        positions = min(text_positions(config, t) for t in adapter.towers)
+        length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, positions),
+                             text_pad_length(config, adapter))
+        chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
     warnings.extend(chosen.warnings)
     if "image" in modalities:
         vision = next(t for t in adapter.towers if t.modality == "image")

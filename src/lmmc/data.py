@@ -4,6 +4,8 @@ share no image (no text, for text alone), and encode them into batches."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 import re
@@ -183,28 +185,45 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
                                 f"'{r['label']}'; each {key} belongs to one class. Fix the labels")
 
 
-def _group(record: dict[str, Any]) -> str:
-    """What a held-out sample must not share with any calibration sample: its image, else its text, read
-    as an uncased tokenizer reads it (case and runs of spaces aside)."""
-    return record["image"] if "image" in record else " ".join(record["text"].split()).casefold()
+def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
+    """What a held-out sample must not share with any calibration sample: its image (by its bytes, so a
+    copy or a link of it is the same image) where the model reads images, else its text, read as an
+    uncased tokenizer reads it (case and runs of spaces aside). None: the model reads nothing of it."""
+    if "image" in record and "image" in modalities:
+        return "image:" + _image_digest(record["image"])
+    if "text" in record and "text" in modalities:
+        return "text:" + " ".join(record["text"].split()).casefold()
+    return None
 
 
-def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int) -> tuple[list, list]:
+@functools.cache
+def _image_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:  # a missing file is reported where images are opened
+        return path
+
+
+def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int,
+          modalities: set[str] | None = None) -> tuple[list, list]:
     """Deduplicate, shuffle with `seed`, and hold out whole images (whole texts, for text alone) first,
-    one sample each, so no held-out image is calibrated on under any caption."""
+    one sample each, so no held-out image is calibrated on under any caption. `modalities`: what the
+    model reads (default: text and images)."""
+    modalities = {"text", "image"} if modalities is None else modalities
     unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
-    order = list(range(len(unique)))
+    groups = [_group(r, modalities) for r in unique]
+    order = [i for i in range(len(unique)) if groups[i] is not None]
     random.Random(seed).shuffle(order)
     firsts: dict[str, dict[str, Any]] = {}
     for i in order:
-        firsts.setdefault(_group(unique[i]), unique[i])
+        firsts.setdefault(groups[i], unique[i])
     if len(firsts) < 3:
         raise LmmcError(f"calibration data has {len(firsts)} distinct samples; at least 3 are needed "
                         f"(some to calibrate on, two to validate on)")
     n_eval = min(n_eval, max(2, len(firsts) // 4))
-    held_out = list(firsts.values())[:n_eval]
-    held = {_group(r) for r in held_out}
-    calib = [unique[i] for i in order if _group(unique[i]) not in held][:n_calib]
+    held = set(list(firsts)[:n_eval])
+    held_out = [firsts[g] for g in list(firsts)[:n_eval]]
+    calib = [unique[i] for i in order if groups[i] not in held][:n_calib]
     return calib, held_out
 
 
@@ -215,16 +234,21 @@ def _chunks(items: list, size: int) -> list[list]:
 DEFAULT_MAX_LENGTH = 128
 
 
+def text_length(tokenizer, max_length: int | None, pad_to: int | None = None) -> int:
+    """The tokens a text is cut to: `max_length`, by default 128 or the tokenizer's own limit if lower,
+    and never more than a fixed length the model reads."""
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)))
+    return max_length if pad_to is None else min(max_length, pad_to)
+
+
 def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | None,
                 pad_to: int | None = None) -> list[Batch]:
     """Token batches, truncated to `max_length` (default: 128 tokens or the tokenizer's own limit if
     lower) and padded to the batch's longest text, or to exactly `pad_to` tokens when the model reads
     texts at a fixed length. There the mask is the tokenizer's own: one that returns none (SigLIP's, as
     Google ships it) means the model reads its padding too, as it was trained, and the mask is all ones."""
-    if max_length is None:
-        max_length = min(DEFAULT_MAX_LENGTH, int(getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)))
-    if pad_to is not None:
-        max_length = min(max_length, pad_to)
+    max_length = text_length(tokenizer, max_length, pad_to)
     out = []
     for chunk in _chunks(texts, batch_size):
         if pad_to is None:
@@ -314,7 +338,7 @@ class Selection:
 def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str]) -> Selection:
     """Split the records and keep what the model's towers can use. Every count that ends below what the
     recipe asked for is said in a warning; too few to work with is an error."""
-    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed)
+    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed, modalities)
     dual = "text" in modalities and "image" in modalities
     if dual:
         # Dual encoders need pairs so both towers see matched samples and zero-shot agreement is defined.
@@ -346,6 +370,29 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
     return Selection(calib_recs, eval_recs, warnings)
 
 
+def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection:
+    """A text model's held-out texts that read, cut to `max_length` tokens, as the same tokens as a text
+    calibrated on (or held out before): texts that share a long opening and differ only past the cut. The
+    split tells texts apart by their words; validating on such a twin would measure a calibrated input."""
+    def tokens(records: list[dict[str, Any]]) -> list[tuple[int, ...]]:
+        texts = [r["text"] for r in records]
+        return [tuple(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]] \
+            if texts else []
+
+    seen = set(tokens(chosen.calib))
+    held_out = []
+    for record, ids in zip(chosen.held_out, tokens(chosen.held_out)):
+        if ids not in seen:
+            held_out.append(record)
+            seen.add(ids)
+    if len(held_out) == len(chosen.held_out):
+        return chosen
+    twins = len(chosen.held_out) - len(held_out)
+    warning = (f"{twins} held-out text(s) read as the same {max_length} tokens as a calibration text or another "
+               f"held-out one (they differ only past the cut) and were not held out; {len(held_out)} remain")
+    return Selection(chosen.calib, held_out, [*chosen.warnings, warning])
+
+
 def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: dict[str, Any],
                      positions: int | None = None, pad_to: int | None = None) -> CalibData:
     """Read, split and encode real calibration data for the modalities the model's towers need.
@@ -354,6 +401,9 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     max_length = cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
     records = read_samples(source, cfg.caption_template)
     chosen = select(cfg, source, records, modalities)
+    if modalities == {"text"} and preprocessor.get("tokenizer") is not None:
+        chosen = drop_token_twins(chosen, preprocessor["tokenizer"], text_length(preprocessor["tokenizer"],
+                                                                                 max_length, pad_to))
     calib: dict[str, list[Batch]] = {}
     held: dict[str, list[Batch]] = {}
     for modality in sorted(modalities):
