@@ -353,6 +353,16 @@ def _(tmp):
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "replace it"]
 
 
+@case("truncated images")
+def _(tmp):
+    folder = images(tmp, 160)
+    for image in folder.iterdir():  # whole headers, half the pixels: a copy that stopped halfway
+        image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "truncated", "replace it"]
+
+
 def test_an_image_too_large_to_decode_safely_is_one_clear_error(tmp_path, monkeypatch):
     """PIL refuses a decompression bomb with an error of its own kind, which is no OSError."""
     from PIL import Image as PILImage

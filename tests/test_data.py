@@ -79,6 +79,18 @@ def test_held_out_texts_that_read_as_calibration_tokens_once_cut_are_not_held_ou
                                 "held-out one (they differ only past the cut) and were not held out; 0 remain")
 
 
+def test_text_with_a_byte_order_mark_reads_as_without(tmp_path):
+    lines = ["café au lait", "the water is cold"]
+    expected = [{"text": t} for t in lines]
+    for name, encoding in (("utf8.txt", "utf-8-sig"), ("le.txt", "utf-16"), ("be.txt", "utf-16-be")):
+        data = "\n".join(lines).encode(encoding)
+        (tmp_path / name).write_bytes(b"\xfe\xff" + data if encoding == "utf-16-be" else data)
+        assert read_samples(tmp_path / name) == expected, name
+    blank = [{"text": "  "}, {"text": "", "image": "a.png"}]   # a blank text is dropped, as a blank .txt line is
+    (tmp_path / "D.JSONL").write_bytes("\n".join(json.dumps(r) for r in expected + blank).encode("utf-8-sig"))
+    assert read_samples(tmp_path / "D.JSONL") == expected + [{"image": str(tmp_path / "a.png")}]
+
+
 def test_split_shrinks_to_what_exists():
     calib, held = split([{"text": str(i)} for i in range(10)], n_calib=100, n_eval=64, seed=0)
     assert (len(calib), len(held)) == (8, 2)

@@ -59,8 +59,11 @@ class CalibData:
 
 
 def _read_text(path: Path) -> str:
+    """UTF-8, or UTF-16 with its byte-order mark (as Windows tools save text); a UTF-8 mark is dropped, so
+    it is not read as part of the first sample."""
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError as err:
         raise LmmcError(f"calibration data '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at "
                         f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
@@ -77,9 +80,9 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     elif path.is_dir():
         records = [{"image": str(p)} for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
         _check_readable(path, [r["image"] for r in records])
-    elif path.suffix == ".txt":
+    elif path.suffix.lower() == ".txt":
         records = [{"text": line.strip()} for line in _read_text(path).splitlines() if line.strip()]
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         records = []
         for n, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
@@ -96,7 +99,7 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                     raise LmmcError(f"{path}:{n}: \"{key}\" must be a string, got {json.dumps(obj[key])}; write it "
                                     f"as {'a path in quotes' if key == 'image' else 'text in quotes'}")
             rec = {}
-            if "text" in obj:  # stripped as a .txt line is
+            if obj.get("text", "").strip():  # stripped, and a blank one dropped, as a .txt line is
                 rec["text"] = obj["text"].strip()
             if "image" in obj:
                 image = Path(obj["image"])
@@ -105,7 +108,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 rec["label"] = str(obj["label"])
             if "prompt" in obj:  # generative models: the text before the answer, not trained on
                 rec["prompt"] = obj["prompt"]
-            records.append(rec)
+            if "text" in rec or "image" in rec:
+                records.append(rec)
         check_labels(records, path)
     else:
         raise LmmcError(f"calibration data '{path}' has an unknown format; use .txt (one text per line), "
@@ -308,14 +312,15 @@ def encode_images(image_processor, paths: list[str], batch_size: int) -> list[Ba
 
 
 def check_images(paths: list[str], min_side: int) -> None:
-    """Open only the headers: unreadable files, non-picture modes and images smaller than one patch fail
-    before any weight loads."""
+    """Decode each image: unreadable or truncated files, non-picture modes and images smaller than one
+    patch fail before any weight loads."""
     from PIL import Image, UnidentifiedImageError
 
     for p in paths:
         try:
             with Image.open(p) as im:
                 mode, size = im.mode, im.size
+                im.load()  # a truncated file has a whole header
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             raise LmmcError(f"cannot read image '{p}': {err}; remove it or replace it with a PNG/JPEG picture") from None
         if mode in NOT_PICTURES:

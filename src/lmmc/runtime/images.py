@@ -23,7 +23,8 @@ def open_image(path: str | Path):
             upright = ImageOps.exif_transpose(image)
             upright.load()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise LmmcError(f"cannot read image '{path}': {err}") from None
+        raise LmmcError(f"cannot read image '{path}': {err}; remove it or replace it with a PNG/JPEG picture") \
+            from None
     return to_rgb(upright, str(path))
 
 
