@@ -112,6 +112,23 @@ def _(tmp):
     return ["./gpt", "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["model_type 'gpt2' is not supported", "bert"]
 
 
+@case("a model type transformers does not know")
+def _(tmp):
+    (tmp / "foo").mkdir()
+    (tmp / "foo" / "config.json").write_text(json.dumps({"model_type": "foobert", "hidden_size": 8}))
+    return ["./foo", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "declares model_type 'foobert', which transformers", "does not know; lmmc compiles these architectures: bert"]
+
+
+@case("a model type whose code ships with the model")
+def _(tmp):
+    (tmp / "foo").mkdir()
+    (tmp / "foo" / "config.json").write_text(json.dumps({"model_type": "foobert", "auto_map": {
+        "AutoConfig": "modeling.FooConfig", "AutoModel": "modeling.FooModel"}}))
+    return ["./foo", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "(auto_map in config.json) and runs only with --trust-remote-code", "architectures: bert"]
+
+
 @case("truncated safetensors")
 def _(tmp):
     model = bert(tmp)

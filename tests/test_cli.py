@@ -114,6 +114,25 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_remote_code(tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoTokenizer": ["own_tokenizer.OwnTokenizer", None]}}))
+    (model_dir / "own_tokenizer.py").write_text(
+        f"from pathlib import Path\nfrom transformers import BertTokenizer\n"
+        f"Path({str(tmp_path / 'ran')!r}).write_text('yes')\n"
+        "class OwnTokenizer(BertTokenizer):\n    pass\n")
+    args = ["compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out", "--dry-run"]
+    refused = run(*args)
+    assert refused.exit_code == 2 and (f"'{model_dir}' ships the code of its own tokenizer (auto_map in "
+                                       f"tokenizer_config.json), which runs only with --trust-remote-code") in refused.output
+    assert not (tmp_path / "ran").exists()
+    trusted = run(*args, "--trust-remote-code")
+    assert trusted.exit_code == 0, trusted.output
+    assert (tmp_path / "ran").read_text() == "yes"  # its own class read the tokenizer
+
+
 def test_a_known_model_with_code_of_its_own_is_compiled_as_the_built_in_and_says_so(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     config = json.loads((model_dir / "config.json").read_text())

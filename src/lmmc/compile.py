@@ -216,7 +216,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         check_weights(model_dir, shapes)
     else:
         check_hub_weights(model_ref, shapes)
-    preprocessors = load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative")
+    preprocessors = load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative", trust_remote_code)
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import transformers
 
-from lmmc.adapters import Adapter, TowerSpec, get_adapter
+from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package
 from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, read_modules
 from lmmc.student import save
@@ -57,8 +57,7 @@ def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adap
     try:
         config = transformers.AutoConfig.from_pretrained(str(path or ref), trust_remote_code=trust_remote_code)
     except ValueError as err:
-        raise LmmcError(f"cannot read the config of '{ref}': {err}. Pass --trust-remote-code only if you trust "
-                        f"the model's own code") from None
+        raise LmmcError(_config_error(ref, path, err, trust_remote_code)) from None
     except OSError as err:
         if path:
             raise LmmcError(f"'{ref}': its config.json cannot be read ({err}); save the model again") from None
@@ -66,6 +65,25 @@ def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adap
                         f"model of that name could be loaded (offline, or no such id); check the spelling of the "
                         f"path or the hub id, or download the model first") from None
     return config, get_adapter(config.model_type)
+
+
+def _config_error(ref: str, path: Path | None, err: ValueError, trust_remote_code: bool) -> str:
+    """What transformers' refusal of a config means to an lmmc user, in one line: a model type it does not
+    know, or code of the model's own that runs only when asked."""
+    try:
+        declared = json.loads((path / "config.json").read_text(encoding="utf-8")) if path else {}
+    except (OSError, ValueError):
+        declared = {}
+    kind = declared.get("model_type") if isinstance(declared, dict) else None
+    supported = ", ".join(supported_model_types())
+    if isinstance(declared, dict) and declared.get("auto_map") and not trust_remote_code:
+        return (f"'{ref}' declares model_type {kind!r}, whose code ships with the model (auto_map in config.json) "
+                f"and runs only with --trust-remote-code; pass it only if you trust that code. lmmc compiles these "
+                f"architectures: {supported}")
+    if kind is not None:
+        return (f"'{ref}' declares model_type {kind!r}, which transformers {transformers.__version__} does not "
+                f"know; lmmc compiles these architectures: {supported}")
+    return f"cannot read the config of '{ref}': {' '.join(str(err).split())}"
 
 
 def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
@@ -200,15 +218,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "sentencepiece.bpe.model")
 
 
-def load_preprocessor(ref: str, generative: bool = False) -> dict[str, Any]:
+def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """The tokenizer and/or image processor saved beside the model; absent ones are None. A generative
     image-text model also gets its "processor" (tokenizer + image processor + image-token expansion),
-    whose own tokenizer and image processor then fill the other two keys."""
+    whose own tokenizer and image processor then fill the other two keys. Code that ships with them runs
+    only with `trust_remote_code`."""
     out: dict[str, Any] = {"tokenizer": None, "image_processor": None}
     path = Path(ref)
+    if not trust_remote_code:
+        _refuse_own_code(path)
     if generative:
         try:
-            out["processor"] = transformers.AutoProcessor.from_pretrained(ref)
+            out["processor"] = transformers.AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
         except ImportError as err:
             raise missing_package(err, f"the processor of '{ref}'") from None
         except (OSError, ValueError, TypeError, KeyError):
@@ -220,18 +241,32 @@ def load_preprocessor(ref: str, generative: bool = False) -> dict[str, Any]:
     try:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise OSError(f"no tokenizer files in {path}")
-        out["tokenizer"] = transformers.AutoTokenizer.from_pretrained(ref)
+        out["tokenizer"] = transformers.AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except ImportError as err:  # SigLIP's SentencePiece tokenizer without the sentencepiece package
         raise missing_package(err, f"the tokenizer of '{ref}'") from None
     except (OSError, ValueError, TypeError, KeyError):
         pass
     try:
-        out["image_processor"] = transformers.AutoImageProcessor.from_pretrained(ref)
+        out["image_processor"] = transformers.AutoImageProcessor.from_pretrained(ref,
+                                                                                 trust_remote_code=trust_remote_code)
     except ImportError as err:
         raise missing_package(err, f"the image processor of '{ref}'") from None
     except (OSError, ValueError, TypeError, KeyError):
         pass
     return out
+
+
+def _refuse_own_code(path: Path) -> None:
+    """A tokenizer or processor whose class ships with the model (auto_map in its config) is that code:
+    transformers refuses it with a message that blames missing packages."""
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        try:
+            declared = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(declared, dict) and declared.get("auto_map"):
+            raise LmmcError(f"'{path}' ships the code of its own {name.split('_')[0]} (auto_map in {name}), which "
+                            f"runs only with --trust-remote-code; pass it only if you trust that code")
 
 
 def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any],
@@ -389,7 +424,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
             model.get_parameter(name).zero_()
     model.lmmc_absent_weights = sorted(unread)
     check_finite(model, f"teacher '{ref}'")
-    preprocessor = load_preprocessor(source, adapter.kind == "generative")
+    preprocessor = load_preprocessor(source, adapter.kind == "generative", trust_remote_code)
     if adapter.sentence_pooling:
         modules = read_modules(source)
         if modules is not None:
