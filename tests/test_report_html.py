@@ -164,7 +164,7 @@ def test_verdict_matches_report_json(compiled, tmp_path):
     out = copy_output(compiled, tmp_path / "out")
     failed = {**report, "passed": False}
     gates = [dict(g) for g in report["validation"]["gates"]]
-    gates[1] = {**gates[1], "passed": False}
+    gates[1] = {**gates[1], "passed": False, "op": ">=", "value": 0.9999836, "threshold": 0.99999}
     failed["validation"] = {**report["validation"], "gates": gates, "passed": False}
     (out / "report.json").write_text(json.dumps(failed))
     result = CliRunner().invoke(main, ["report", str(out)])
@@ -172,7 +172,8 @@ def test_verdict_matches_report_json(compiled, tmp_path):
     page = (out / "report.html").read_text()
     assert verdict(page) == ("false", "FAILED") and f"FAILED: 1 of {len(gates)} gates missed" in page
     assert page.count("<td>MISSED</td>") == 1 and page.count("<td>ok</td>") == len(gates) - 1
-    assert f'<tr class="gate missed"><td>{gates[1]["name"]}</td>' in page
+    # digits enough to see the miss: at 4 both would read "1"
+    assert f'<tr class="gate missed"><td>{gates[1]["name"]}</td><td class="num">0.99998</td><td>&gt;= 0.99999</td>' in page
 
     (out / "report.json").write_text(json.dumps({**report, "passed": None, "validated": False}))
     assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0

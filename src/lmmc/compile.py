@@ -39,7 +39,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
-from lmmc.report_html import write_report_html
+from lmmc.report_html import gate_digits, write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
@@ -513,7 +513,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                             f"it is complete in '{out}'")
     if report["failures"] or (report["validated"] and not report["passed"]):
         missed = [g for g in (report["validation"] or {}).get("gates", []) if not g["passed"]]
-        raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'])}, needs {g['op']} {g['threshold']}"
+        raise GateFailed("; ".join([*(f"{g['name']} = {_num(g['value'], g['threshold'])}, needs {g['op']} "
+                                      f"{g['threshold']}"
                                       for g in missed), *report["failures"]]), report)
     return report
 
@@ -598,8 +599,10 @@ def _check_finite_student(student: torch.nn.Module, after: str) -> None:
                         f"'{first}'): it diverged. Lower its learning rate (lr) or check its other settings")
 
 
-def _num(value: float | None) -> str:
-    return "non-finite (NaN/Inf)" if value is None or not math.isfinite(value) else f"{value:.4g}"
+def _num(value: float | None, threshold: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "non-finite (NaN/Inf)"
+    return format(value, gate_digits(value, threshold))
 
 
 def _failures(art: Artifact) -> list[str]:

@@ -38,6 +38,17 @@ def _num(value: Any, fmt: str = ".4g") -> str:
     return format(value, fmt)
 
 
+def gate_digits(value: Any, threshold: Any) -> str:
+    """The format that tells a gate's figure from its threshold: 4 significant digits, more where those
+    would print 0.9999836 and 0.99999 alike (as "1" and "1", a missed gate that reads as met)."""
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, threshold)):
+        return ".4g"
+    for digits in range(4, 13):
+        if format(value, f".{digits}g") != format(threshold, f".{digits}g"):
+            return f".{digits}g"
+    return ".12g"
+
+
 def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
     """A table of already escaped cells; a cell starting with a digit or sign is aligned right."""
     def cell(c: str) -> str:
@@ -85,7 +96,8 @@ def _verdict(report: dict[str, Any]) -> str:
     state = "null" if passed is None else str(bool(passed)).lower()
     out = [f'<div id="verdict" class="verdict {cls}" data-passed="{state}">{word}: {_e(detail)}</div>']
     if gates:
-        rows = [[_e(g["name"]), _num(g["value"]), f"{_e(g['op'])} {_num(g['threshold'])}",
+        rows = [[_e(g["name"]), _num(g["value"], gate_digits(g["value"], g["threshold"])),
+                 f"{_e(g['op'])} {_num(g['threshold'], gate_digits(g['value'], g['threshold']))}",
                  "ok" if g["passed"] else "MISSED"] for g in gates]
         out.append(_table(["gate", "value", "needs", "result"], rows,
                           ["gate" if g["passed"] else "gate missed" for g in gates]))
