@@ -3,10 +3,13 @@ compile's own validation and an independent computation, the latency ratio again
 timing loop, and bad input -> one clear error, exit 2, nothing written."""
 
 import json
+import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -345,8 +348,6 @@ def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, ch
 
 
 def test_corpora_of_one_name_each_keep_a_column():
-    from pathlib import Path
-
     from lmmc.bench import corpus_names
 
     paths = [Path("a/extra.txt"), Path("b/extra.txt"), Path("news.txt"), Path("imgs/held-out")]
@@ -418,3 +419,189 @@ def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path, monkey
     assert result.output.strip().splitlines()[-1] == (
         f"interrupted by SIGINT during the bench; the compile's output in '{tmp_path / 'again'}' is complete: run "
         f"'lmmc bench {tmp_path / 'again'}' to time it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A compile whose recipe sets no calibration.max_length, of a model with 64 positions: what bench re-derives
+# must be capped at them as the compile's own split was.
+
+LONG = " ".join(["the man was on the road to the house of the data and the python function read the text of a "
+                 "picture of a number in the cold water"] * 3)
+
+
+@pytest.fixture(scope="module")
+def uncapped(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uncapped")
+    model_dir = save_tiny("bert", tmp / "teacher")
+    recipe = {"calibration": {"path": str(CORPUS), "samples": 16, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"wanda": {"sparsity": 0.5}}], "export": ["onnx"],
+              "validate": {"latency": False, "latency_batch": 2, "threads": 1}}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp / "out"
+    result = run("compile", model_dir, "--recipe", tmp / "recipe.yaml", "--out", out)
+    assert result.exit_code == 0, result.output
+    return tmp, model_dir, out
+
+
+def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, tmp_path):
+    """The compile encodes texts to at most min(128, positions) tokens; bench re-derives the held-out
+    split and encodes a --corpus the same way (uncapped, 128 tokens crash a model with 64 positions)."""
+    _, model_dir, out = uncapped
+    texts = [LONG, LONG + " again", *EXTRA[:4]]
+    (tmp_path / "long.txt").write_text("\n".join(texts) + "\n")
+    teacher, adapter, pre = load_teacher(str(model_dir))
+    assert len(pre["tokenizer"](LONG)["input_ids"]) > 64  # the cap matters
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "long.txt", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "b.json").read_text())
+    student = bench["towers"]["text"]["rows"][-1]
+    report = json.loads((out / "report.json").read_text())
+    assert student["cosine_to_teacher"]["held-out"] == pytest.approx(
+        report["validation"]["towers"]["text"]["cosine_mean"], abs=1e-4)
+    assert bench["corpora"]["long.txt"] == {"text": len(texts)}
+    enc = pre["tokenizer"](texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        t = TowerModule(teacher, adapter.tower("text"))(enc["input_ids"], enc["attention_mask"])[1].numpy()
+    session = ort.InferenceSession(str(out / "onnx" / "text.onnx"), providers=["CPUExecutionProvider"])
+    s = session.run(["pooled_embedding"], {"input_ids": enc["input_ids"].numpy(),
+                                           "attention_mask": enc["attention_mask"].numpy()})[0]
+    assert student["cosine_to_teacher"]["long.txt"] == pytest.approx(float((t * s).sum(1).mean()), abs=1e-4)
+
+
+def test_a_nan_cosine_is_null_in_strict_json(uncapped, tmp_path):
+    """A student whose outputs are NaN (a damaged file): bench.json stays strict JSON, the cosine null,
+    and the table says nan."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    _, _, out = uncapped
+    broken = tmp_path / "out"
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns("bench.json"))
+    model = onnx.load(broken / "onnx" / "text.onnx")
+    table = next(i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight"))
+    table.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(table), np.nan), table.name))
+    onnx.save(model, broken / "onnx" / "text.onnx")
+    result = run("bench", broken, "--quick")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in bench.json")
+    bench = json.loads((broken / "bench.json").read_text(), parse_constant=refuse)
+    rows = bench["towers"]["text"]["rows"]
+    assert rows[-1]["artifact"] == "onnx/text.onnx" and rows[-1]["cosine_to_teacher"] == {"held-out": None}
+    assert rows[0]["cosine_to_teacher"] == {"held-out": 1.0}
+    assert [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("student ")] == ["nan"]
+
+
+def _readonly_dir(tmp_path):
+    """A folder this process cannot create files in: chmod for a user; root writes through modes, so
+    for root sysfs, where it cannot create files either."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro
+    try:
+        with tempfile.NamedTemporaryFile(dir="/sys/kernel"):
+            pass
+    except OSError:
+        return Path("/sys/kernel")
+    pytest.skip("no folder here refuses root's files")
+
+
+def test_an_unwritable_json_folder_fails_before_the_run(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    ro = _readonly_dir(tmp_path)
+    started = []
+    monkeypatch.setattr("lmmc.modelio.load_teacher", lambda *a: started.append(a))
+    result = run("bench", out, "--quick", "--json", ro / "b.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert (f"error: cannot write '{ro / 'b.json'}': folder '{ro}' refuses new files (Permission denied); make it "
+            f"writable or pass --json with a path in a writable folder\n") in result.output
+    assert started == [] and not (ro / "b.json").exists()
+
+
+def _during_the_run(monkeypatch, action):
+    """Runs `action` while bench measures, after the checks at its start."""
+    import lmmc.bench
+
+    measure = lmmc.bench._bench_tower
+
+    def measured(*args):
+        action()
+        return measure(*args)
+    monkeypatch.setattr(lmmc.bench, "_bench_tower", measured)
+
+
+def test_a_failed_write_at_the_end_prints_the_table_and_one_error(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    folder = tmp_path / "results"
+    folder.mkdir()
+    _during_the_run(monkeypatch, lambda: folder.rmdir())
+    result = run("bench", out, "--quick", "--json", folder / "b.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert "text: fastest student onnx/text.onnx vs fastest teacher" in result.stdout
+    assert (f"error: lmmc bench measured everything but saved nothing: cannot write '{folder / 'b.json'}' (No such "
+            f"file or directory); make '{folder}' writable or pass --json with another path\n") in result.output
+
+
+def test_a_file_put_at_the_json_path_during_the_run_is_kept(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    target = tmp_path / "b.json"
+    _during_the_run(monkeypatch, lambda: target.write_text('{"mine": 1}'))
+    result = run("bench", out, "--quick", "--json", target)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert "text: fastest student onnx/text.onnx vs fastest teacher" in result.stdout
+    assert (f"error: lmmc bench measured everything but saved nothing, as '{target}' changed during the run: "
+            f"'{target}' exists and was not written by lmmc bench; pass --json with another path\n") in result.output
+    assert target.read_text() == '{"mine": 1}' and [p.name for p in tmp_path.iterdir()] == ["b.json"]
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], "--corpus '{path}' holds no samples; give it at least a few texts or images"),
+    (["only one line"], "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),
+    (["same", "same", "same"], "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: "
+                               "add more texts"),
+], ids=["empty", "one line", "one distinct line"])
+def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, message):
+    _, _, out = uncapped
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    result = run("bench", out, "--quick", "--corpus", path, "--json", tmp_path / "b.json")
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    assert f"error: {message.format(path=path)}\n" in result.output, result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):
+    """ViT: no text, so no timing length (and --seq is refused); an IR compiled for the timed shape is
+    compiled for the batch only. --repeats 4 times two whole turns of three: the header says 6."""
+    save_tiny("vit", tmp_path / "vit")
+    recipe = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"wanda": {"sparsity": 0.5}}], "export": ["onnx"],
+              "validate": {"latency": False, "latency_batch": 2, "threads": 1}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert run("compile", tmp_path / "vit", "--recipe", tmp_path / "recipe.yaml", "--out", out).exit_code == 0
+    refused = run("bench", out, "--quick", "--seq", 9)
+    assert refused.exit_code == 2 and refused.output.count("error:") == 1, refused.output
+    assert (f"error: --seq sets the tokens of a text sample, and the teacher '{tmp_path / 'vit'}' has no text tower "
+            f"(towers: vision); drop --seq\n") in refused.output
+    assert not (out / "bench.json").exists()
+    result = run("bench", out, "--quick", "--static", "--repeats", 4)
+    assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    assert (bench["seq"], bench["repeats"]) == (None, 4)
+    rows = bench["towers"]["vision"]["rows"]
+    assert [r["artifact"] for r in rows] == [*teacher_rows(static=True), "onnx/vision.onnx"]
+    for r in rows:
+        assert r["static_shape"] == ([2] if r["artifact"].endswith(" static") else None)
+        assert len(r["latency_ms"]["runs"]) == 6
+    assert result.stdout.splitlines()[0] == (
+        "threads 1, batch 2, 1 warm-up rounds + 6 timed runs a candidate (repeats 4 rounded up to whole turns), in "
+        "turns of 1 untimed + 3 timed; cosine: mean to the fp32 teacher (PyTorch) per corpus")

@@ -50,7 +50,7 @@ class BenchConfig(Config):
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
     repeats: int = Field(15, gt=2, description="timed runs per candidate, in visits of one untimed run and "
-                         "three timed ones, candidates taking turns")
+                         "three timed ones, candidates taking turns (rounded up to whole visits)")
     warmup: int = Field(1, ge=1, description="untimed rounds of visits before the timed ones")
     memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
     static: bool = Field(False, description="also run every OpenVINO IR compiled for the timed shape (batch x "
@@ -83,7 +83,7 @@ class Candidate:
     device: str = "cpu"
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
     inference: str | None = None  # OpenVINO's inference precision: "f32", or "bf16" for an IR's bf16 twin
-    static_shape: tuple[int, int] | None = None  # OpenVINO: the one input shape the IR was compiled for
+    static_shape: tuple[int, ...] | None = None  # OpenVINO: the one input shape the IR was compiled for
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +181,55 @@ def check_json_target(path: Path) -> None:
         raise LmmcError(f"'{path}' exists and was not written by lmmc bench; pass --json with another path")
 
 
+def _partial(path: Path) -> Path:
+    """Where the JSON is written before it is renamed into place (a name --force knows as bench's)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def check_writable(path: Path) -> None:
+    """A new file can be made beside `path` (one is created and removed), so a folder that refuses the JSON
+    fails now rather than after the whole run."""
+    probe = _partial(path)
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as err:
+        raise LmmcError(f"cannot write '{path}': folder '{path.parent}' refuses new files ({err.strerror or err}); "
+                        f"make it writable or pass --json with a path in a writable folder") from None
+
+
+class NotSaved(LmmcError):
+    """The bench ran to the end but its JSON could not be saved; `result` holds what it measured, so the
+    table can still be printed."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN/Inf replaced by None, so it is strict JSON (a broken artifact's NaN cosine)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Strict JSON written whole or not at all: into a new temporary file beside `path`, then renamed over
+    it once `path` is checked again, since a file someone put there during the run is not bench's to replace."""
+    partial = _partial(path)
+    try:
+        partial.write_text(json.dumps(result, indent=2, allow_nan=False))
+        check_json_target(path)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The teacher's deployments
 
@@ -221,7 +270,7 @@ def tower_parameters(model, tower) -> int:
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
                         notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
-                        static_shape: tuple[int, int] | None = None) -> list[Candidate]:
+                        static_shape: tuple[int, ...] | None = None) -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
     ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted
     from PyTorch, as OpenVINO recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default
@@ -286,7 +335,7 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
 
 
 def openvino_twins(cand: Candidate, bf16_label: str, threads: int, notes: list[str],
-                   static_shape: tuple[int, int] | None) -> list[Candidate]:
+                   static_shape: tuple[int, ...] | None) -> list[Candidate]:
     """The same OpenVINO IR run with bf16 inference, as OpenVINO runs it by default on a CPU with bf16
     units (an fp32 IR's twin counts as bf16, an INT8 one stays INT8, its unquantised layers in bf16), and,
     with `static_shape`, each of the two compiled for that one shape."""
@@ -490,39 +539,50 @@ def check_unchanged(report: dict[str, Any], teacher_ref: str, calib_cfg, out_dir
                         f"files differ), so its held-out split would be another; pass --calib with that data")
 
 
-def load_data(calib_cfg, teacher, adapter, preprocessor):
-    """The compile's calibration and held-out split, re-derived deterministically from its recipe."""
+def load_data(calib_cfg, teacher, adapter, preprocessor, positions: int | None):
+    """The compile's calibration and held-out split, re-derived deterministically from its recipe and
+    encoded as the compile encoded them: texts capped at `positions`, the text towers' limit."""
     from lmmc.data import load_calibration, random_calibration
 
     if calib_cfg.path:
         return load_calibration(calib_cfg, calib_cfg.path, {t.modality for t in adapter.towers}, preprocessor,
-                                pad_to=text_pad_length(teacher.config, adapter))
+                                positions, text_pad_length(teacher.config, adapter))
     if calib_cfg.random:
         return random_calibration(calib_cfg, teacher, adapter)
     raise LmmcError("the compile's recipe names no calibration data, so there is no held-out split to measure "
                     "fidelity on; pass --calib with the data the student should be judged on")
 
 
-def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, pad_to: int | None = None) -> dict[str, list[dict]]:
-    """An extra held-out corpus, encoded for every tower whose modality it holds: modality -> batches."""
-    from lmmc.data import encode_images, encode_text, read_samples
+def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positions: int | None,
+                   pad_to: int | None = None) -> dict[str, list[dict]]:
+    """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
+    held-out split (texts capped at `positions`, the text towers' limit): modality -> batches."""
+    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, read_samples
 
-    records = read_samples(path)
+    try:
+        records = read_samples(path)
+    except LmmcError as err:  # read_samples calls its file calibration data; this one was given as --corpus
+        raise LmmcError(str(err).replace(f"calibration data '{path}'", f"--corpus '{path}'")) from None
     unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
     chosen = random.Random(calib_cfg.seed).sample(unique, min(n, len(unique)))
+    modalities = sorted({t.modality for t in adapter.towers})
+    items = {m: [r[m] for r in chosen if m in r] for m in modalities}
+    most = max(len(i) for i in items.values())
+    if most == 0:
+        raise LmmcError(f"--corpus '{path}' holds nothing this model's towers read ({modalities}); give text or images")
+    if most < 2:
+        raise LmmcError(f"--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add "
+                        f"more {' or '.join(m + 's' for m in modalities if items[m])}")
+    # the default length as load_calibration sets it for the compile's held-out split
+    max_length = calib_cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
     out: dict[str, list[dict]] = {}
-    for modality in {t.modality for t in adapter.towers}:
-        items = [r[modality] for r in chosen if modality in r]
-        if len(items) < 2:
+    for modality, found in items.items():
+        if len(found) < 2:  # a mixed corpus: only the modalities it holds enough of
             continue
         if modality == "text":
-            out[modality] = encode_text(preprocessor["tokenizer"], items, calib_cfg.batch_size, calib_cfg.max_length,
-                                        pad_to)
+            out[modality] = encode_text(preprocessor["tokenizer"], found, calib_cfg.batch_size, max_length, pad_to)
         else:
-            out[modality] = encode_images(preprocessor["image_processor"], items, calib_cfg.batch_size)
-    if not out:
-        raise LmmcError(f"corpus '{path}' holds nothing this model's towers read "
-                        f"({sorted(t.modality for t in adapter.towers)}); give text or images")
+            out[modality] = encode_images(preprocessor["image_processor"], found, calib_cfg.batch_size)
     return out
 
 
@@ -546,7 +606,7 @@ class _Run:
     corpora: dict[str, dict[str, list]]  # corpus name -> modality -> batches
     threads: int
     batch: int
-    seq: int
+    seq: int | None  # None: no tower reads text
     min_cosine: float | None  # the recipe's fidelity gate, which the best student artifact must keep
     notes: list[str]
     device: str = "cpu"  # ONNX Runtime's
@@ -565,6 +625,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     report = read_output(out_dir)
     json_path = Path(json_path) if json_path else out_dir / "bench.json"
     check_json_target(json_path)
+    check_writable(json_path)
     for corpus in cfg.corpora:
         if not corpus.exists():
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
@@ -578,6 +639,9 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     if adapter.kind == "generative":
         raise LmmcError(GENERATIVE_BENCH)
     positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
+    if cfg.seq and positions is None:
+        raise LmmcError(f"--seq sets the tokens of a text sample, and the teacher '{teacher_ref}' has no text tower "
+                        f"(towers: {', '.join(t.name for t in adapter.towers)}); drop --seq")
     if cfg.seq and positions and cfg.seq > positions:
         raise LmmcError(f"--seq {cfg.seq} is more tokens than the teacher's text tower takes ({positions} positions); "
                         f"pass --seq {positions} or less")
@@ -594,13 +658,14 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     validate = _recipe_validate(report, out_dir / "report.json")
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref)
-    data = load_data(calib_cfg, teacher, adapter, preprocessor)
+    data = load_data(calib_cfg, teacher, adapter, preprocessor, positions)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
-        corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
-                                            text_pad_length(teacher.config, adapter))
-    # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions.
-    seq = cfg.seq or validate.latency_seq or min([128, *([positions] if positions else [])])
+        corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples, positions,
+                                       text_pad_length(teacher.config, adapter))
+    # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions;
+    # none where no tower reads text.
+    seq = (cfg.seq or validate.latency_seq or min(128, positions)) if positions else None
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
                seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,
@@ -627,13 +692,16 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     finally:
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
-    # written whole or not at all: into a temporary file beside it, then renamed over it
-    partial = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    result = finite(result)  # what is returned (and printed) is what is saved
     try:
-        partial.write_text(json.dumps(result, indent=2))
-        os.replace(partial, json_path)
-    finally:
-        partial.unlink(missing_ok=True)
+        write_json(json_path, result)
+    except LmmcError as err:  # the target changed during the run
+        raise NotSaved(f"lmmc bench measured everything but saved nothing, as '{json_path}' changed during the "
+                       f"run: {err}", result) from None
+    except OSError as err:
+        raise NotSaved(f"lmmc bench measured everything but saved nothing: cannot write '{json_path}' "
+                       f"({err.strerror or err}); make '{json_path.parent}' writable or pass --json with another "
+                       f"path", result) from None
     return result
 
 
@@ -648,7 +716,8 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     feed_path = tmp / f"feed-{tower.name}.npz"
     np.savez(feed_path, **feed)
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
-    static = (run.batch, run.seq) if cfg.static else None
+    # an image tower's only dynamic axis is the batch
+    static = ((run.batch, run.seq) if modality == "text" else (run.batch,)) if cfg.static else None
     n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
     n += 4 + 2 * sum(a["backend"] == "openvino" for a in artifacts) if static else 0
     with tqdm(total=5 + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
@@ -725,12 +794,14 @@ def best_pair(rows: list[dict[str, Any]], min_cosine: float | None = None) -> di
 def format_table(result: dict[str, Any]) -> str:
     """The bench table, one block per tower, with the comparison that matters last."""
     device = result.get("device", "cpu")
+    # every candidate is timed in whole turns, so the runs can be more than the repeats asked for
+    timed = len(next(iter(result["towers"].values()))["rows"][0]["latency_ms"]["runs"])
+    asked = "" if timed == result["repeats"] else f" (repeats {result['repeats']} rounded up to whole turns)"
     lines = [("" if device == "cpu" else f"device {device} (each row's ONNX Runtime providers are in the JSON), ")
              + f"threads {result['threads']}, batch {result['batch']}, "
-             + ("" if all("pixel_values" in t["input"] for t in result["towers"].values()) else f"seq {result['seq']}, ")
-             + f"{result['warmup']} "
-             f"warm-up rounds + {result['repeats']} timed runs a candidate, in turns of 1 untimed + {PER_VISIT} timed; cosine: mean to the fp32 teacher "
-             f"(PyTorch) per corpus",
+             + ("" if result["seq"] is None else f"seq {result['seq']}, ")
+             + f"{result['warmup']} warm-up rounds + {timed} timed runs a candidate{asked}, in turns of 1 untimed + "
+             f"{PER_VISIT} timed; cosine: mean to the fp32 teacher (PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
     if result["memory"]:
@@ -748,14 +819,14 @@ def format_table(result: dict[str, Any]) -> str:
                           "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
                           "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}",
                           "-" if r["parameters"] is None else f"{r['parameters']:,}",
-                          *[f"{r['cosine_to_teacher'][c]:.4f}" for c in corpora]))
+                          *[_cosine(r["cosine_to_teacher"][c]) for c in corpora]))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines.append(f"\n{name} tower, input {tower['input']}")
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines += [f"note: {note}" for note in result["notes"]]
     for name, tower in result["towers"].items():
         b = tower["best"]
-        cos = ", ".join(f"{c} {b['student_cosine'][c]:.4f} (teacher {b['teacher_cosine'][c]:.4f})"
+        cos = ", ".join(f"{c} {_cosine(b['student_cosine'][c])} (teacher {_cosine(b['teacher_cosine'][c])})"
                         for c in b["student_cosine"])
         which = "fastest student" if b["min_cosine"] is None else (
             f"fastest student with held-out cosine >= {b['min_cosine']}" if b["student_meets_min_cosine"]
@@ -764,6 +835,11 @@ def format_table(result: dict[str, Any]) -> str:
                      f"latency ratio {b['latency_ratio']:.2f} (the student is {_times(b['latency_ratio'])}); "
                      f"cosine {cos}")
     return "\n".join(lines)
+
+
+def _cosine(value: float | None) -> str:
+    """A cosine as the table shows it; None is the JSON's NaN (an artifact whose outputs are not numbers)."""
+    return "nan" if value is None else f"{value:.4f}"
 
 
 def _times(ratio: float) -> str:

@@ -134,12 +134,15 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
                    "compared with the teacher", err=True)
     click.echo(f"wrote {_written(Path(out))}")
     if parsed.bench is not None and os.environ.get("RANK", "0") == "0":
-        from lmmc.bench import bench, format_table
+        from lmmc.bench import NotSaved, bench, format_table
 
         from lmmc.report_html import write_report_html
 
         try:
             result = bench(Path(out), parsed.bench)
+        except NotSaved as err:
+            click.echo(format_table(err.result))
+            raise
         except KeyboardInterrupt as err:
             how = f" by {err.args[0]}" if err.args else ""
             raise OutputWritten(f"interrupted{how} during the bench; the compile's output in '{out}' is complete: "
@@ -242,7 +245,8 @@ def summary_table(report: dict) -> str:
 @click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
 @click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
 @click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
-@click.option("--repeats", type=int, help="Timed runs per candidate, in turns of one untimed run and three timed (default 15).")
+@click.option("--repeats", type=int, help="Timed runs per candidate, in turns of one untimed run and three timed, "
+              "rounded up to whole turns (default 15).")
 @click.option("--warmup", type=int, help="Untimed rounds of turns first (default 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
 @click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
@@ -261,7 +265,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
     from pydantic import ValidationError
 
-    from lmmc.bench import BenchConfig, bench, format_table
+    from lmmc.bench import BenchConfig, NotSaved, bench, format_table
 
     if quick:
         repeats, warmup, no_memory = 3 if repeats is None else repeats, 1 if warmup is None else warmup, True
@@ -272,7 +276,11 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
                           static=static, corpora=tuple(Path(c) for c in corpus))
     except ValidationError as err:
         raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
-    result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
+    try:
+        result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
+    except NotSaved as err:
+        click.echo(format_table(err.result))  # the run's figures, then the one error saying why they are not saved
+        raise
     click.echo(f"wrote {json_path or Path(out_dir) / 'bench.json'}", err=True)
     click.echo(format_table(result))  # the comparison that matters is its last line
 
