@@ -97,6 +97,10 @@ def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
     with pytest.raises(LmmcError, match=r"recipe passes\[0\]\.antgmm\.keep: 0\.5 -> 0\.6.*without --resume"):
         WorkArea(tmp_path / "out").claim(changed, resume=True)
     assert (dead.output / "kept").read_text() == "1"
+    # The same files named another way (relative, with a trailing slash) are the same model.
+    saved = json.loads((work_path(tmp_path / "out") / INPUTS_FILE).read_text())
+    other_name = describe_inputs(os.path.relpath(teacher) + "/", parse_recipe(RECIPE))
+    assert other_name["model"]["ref"] != saved["model"]["ref"] and changed_inputs(saved, other_name) == []
     # The model's weights changed (same path, other bytes).
     tiny_model("vit").save_pretrained(tmp_path / "other")
     (teacher / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())

@@ -137,10 +137,13 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     out = []
     if old.get("lmmc_version") != new["lmmc_version"]:
         out.append(f"lmmc version {old.get('lmmc_version')} -> {new['lmmc_version']}")
-    # The model is known by its name and files; where it lies is bench's business.
-    if {k: v for k, v in (old.get("model") or {}).items() if k != "path"} != \
-            {k: v for k, v in new["model"].items() if k != "path"}:
-        if old.get("model", {}).get("ref") != new["model"]["ref"]:
+    # A local model is known by its files (`./teacher`, `teacher/` or its absolute path alike; where it lies
+    # is bench's business), a hub model by its id.
+    before, now = old.get("model") or {}, new["model"]
+    same = before.get("sha256") == now["sha256"] if now["sha256"] else (before.get("ref"), before.get("sha256")) \
+        == (now["ref"], None)
+    if not same:
+        if before.get("ref") != now["ref"]:
             out.append(f"model '{old.get('model', {}).get('ref')}' -> '{new['model']['ref']}'")
         else:
             out.append(f"the files of model '{new['model']['ref']}' changed")
