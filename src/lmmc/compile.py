@@ -25,7 +25,7 @@ from pydantic import ValidationError
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears
 from lmmc.artifact import Artifact
-from lmmc.bench import GENERATIVE_BENCH, check_backends
+from lmmc.bench import GENERATIVE_BENCH, check_backends, finite
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_random_allowed,
@@ -694,17 +694,6 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
     }
 
 
-def _finite(value: Any) -> Any:
-    """The report with every NaN/Inf replaced by None, so it is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def report_json(report: dict[str, Any]) -> str:
     """Strict JSON (no bare NaN): non-finite numbers are written as null; their gates have failed."""
-    return json.dumps(_finite(report), indent=2, allow_nan=False, default=str)
+    return json.dumps(finite(report), indent=2, allow_nan=False, default=str)
