@@ -3,7 +3,6 @@ processor, decoder calibration on merged image features, local pruners and ECoFL
 the projector, and the compile end to end with its bad inputs."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
