@@ -51,6 +51,7 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"calibration": {"samples": 0}}, "samples: Input should be greater than 0"),
     ({"calibration": {"samples": True}}, "samples: Value error, True holds a yes/no value where a number belongs"),
     ({"passes": [{"wanda": {"sparsity": False}}]}, "sparsity: Value error, False holds a yes/no value"),
+    ({"passes": [{"wanda": {"sparsity": True}}]}, "sparsity: Value error, True holds a yes/no value"),
     ({"passes": [{"distill": {"layer_map": {"text": [2, True]}}}]}, "layer_map: Value error, {'text': [2, True]}"),
     ({"export": ["onnx", {"ort": {"int8": ["dynamic"], "threads": True}}]}, "threads: Value error, True holds"),
     ({"validate": {"threads": True}}, "threads: Value error, True holds"),

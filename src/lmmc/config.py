@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 def _bool_coerced(raw: Any, value: Any) -> bool:
@@ -21,6 +22,12 @@ def _bool_coerced(raw: Any, value: Any) -> bool:
     return False
 
 
+def _types(annotation: Any) -> set:
+    """Every type (and Literal value) an annotation names, unions and containers opened."""
+    args = typing.get_args(annotation)
+    return {annotation} if not args else set().union(*(_types(a) for a in args))
+
+
 def on_off(value: Any) -> Any:
     """YAML 1.1 reads an unquoted on/off as true/false; a setting whose values are "on"/"off" takes them back."""
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
@@ -35,7 +42,11 @@ class Config(BaseModel):
 
     @field_validator("*", mode="wrap")
     @classmethod
-    def _no_yes_no_numbers(cls, value: Any, handler: Any) -> Any:
+    def _no_yes_no_numbers(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        # before the field's own checks, which would read true as 1 and say it is out of range
+        kinds = _types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"{value!r} holds a yes/no value where a number belongs; write the number")
         result = handler(value)
         if _bool_coerced(value, result):
             if isinstance(result, bool):

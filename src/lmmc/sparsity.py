@@ -99,7 +99,7 @@ class LocalPruneConfig(PassConfig):
     @field_validator("sparsity", mode="before")
     @classmethod
     def _sparsity_range(cls, v):
-        if isinstance(v, (int, float)) and not 0.0 <= v < 1.0:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0.0 <= v < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {v}; 0.5 zeroes half the weights")
         return v
 
