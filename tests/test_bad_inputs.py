@@ -112,6 +112,16 @@ def _(tmp):
     return ["./gpt", "-r", write_recipe(tmp, RANDOM), "-o", "out"], ["model_type 'gpt2' is not supported", "bert"]
 
 
+@case("a config no model can be built from")
+def _(tmp):
+    model = bert(tmp)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": 30}))   # 4 heads do not divide 30
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "describes no model transformers can build", "not a multiple of the number of attention heads",
+        "fix config.json"]
+
+
 @case("a model type transformers does not know")
 def _(tmp):
     (tmp / "foo").mkdir()

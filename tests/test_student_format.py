@@ -57,6 +57,8 @@ def test_round_trip_is_bit_identical_with_different_shapes_in_every_layer(tiny_k
     record = json.loads((tmp_path / "lmmc.json").read_text())["structure"]
     assert record["weights"] == SHRUNK_WEIGHTS
     assert (tmp_path / SHRUNK_WEIGHTS).is_file() and not (tmp_path / STANDARD_WEIGHTS).exists()
+    # readable as the config beside it is (safetensors alone would write it owner-only)
+    assert (tmp_path / SHRUNK_WEIGHTS).stat().st_mode & 0o777 == (tmp_path / "config.json").stat().st_mode & 0o777
     for tower, (heads, widths) in shapes.items():
         assert record["towers"][tower]["heads"] == heads
         assert record["towers"][tower]["ffn"] == widths

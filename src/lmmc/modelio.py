@@ -88,8 +88,12 @@ def _config_error(ref: str, path: Path | None, err: ValueError, trust_remote_cod
 
 def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
     """The model built on the meta device: every shape, no memory and no weights read."""
-    with torch.device("meta"):
-        return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(config))
+    try:
+        with torch.device("meta"):
+            return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(config))
+    except (ValueError, TypeError, ZeroDivisionError) as err:  # e.g. a hidden size no head count divides
+        raise LmmcError(f"the config.json of this {config.model_type} model describes no model transformers can "
+                        f"build ({' '.join(str(err).split())}); fix config.json, or save the model again") from None
 
 
 def text_positions(config: Any, tower: TowerSpec) -> int:

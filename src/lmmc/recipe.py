@@ -359,8 +359,11 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
     except UnicodeDecodeError as err:
         raise LmmcError(f"recipe '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
                         f"{err.start}); save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise LmmcError(f"recipe '{path}' is not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # one line: where, and what; PyYAML's own text quotes the file with carets
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LmmcError(f"recipe '{path}' is not valid YAML{where}: "
+                        f"{' '.join(str(getattr(err, 'problem', None) or err).split())}") from None
     except RecursionError:
         raise LmmcError(f"recipe '{path}' nests lists or mappings too deeply to read; a recipe is a few levels "
                         f"deep (see samples/recipes/)") from None

@@ -20,6 +20,7 @@ silently re-initialising every mismatched matrix (what `ignore_mismatched_sizes=
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,17 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         # compile must write the same bytes as an uninterrupted one.
         safetensors.torch.save_file(state, str(out / SHRUNK_WEIGHTS), metadata={"format": "pt"})
     (out / META_FILE).write_text(json.dumps({**meta, "structure": record}, indent=2))
+    for weights in out.glob("*.safetensors"):
+        _readable_as_umask_allows(weights)
     return record
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes its files owner-only (0600), unlike every other file of the output: a serving
+    container running as another user could not read the weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
