@@ -130,9 +130,13 @@ def quiet_quantizer():
 def quantize_dynamic_onnx(src: Path, dst: Path, exclude: list[str] | None = None) -> None:
     """INT8 weights, activations quantised on the fly per batch (no calibration data needed); nodes named
     in `exclude` stay fp32."""
+    # ONNX's own Attention (opset 23 on) shares its name with ONNX Runtime's contrib operator, which the
+    # quantizer maps to QAttention, carrying over attributes QAttention does not take: a graph that cannot load.
+    standard_attention = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
+                          if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     with quiet_quantizer():
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude or [],
-                         use_external_data_format=_external(src))
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=[*(exclude or []), *standard_attention], use_external_data_format=_external(src))
 
 
 def pooled(graph: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:

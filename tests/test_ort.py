@@ -144,6 +144,21 @@ def test_quantising_drops_only_onnxruntimes_noise(tmp_path, exported_tower, capl
     assert len(logging.getLogger().filters) == 0
 
 
+def test_dynamic_int8_of_an_opset_23_graph_leaves_onnxs_own_attention_to_run(tmp_path, one_thread):
+    """From opset 23 the exporter writes ONNX's Attention operator, which ONNX Runtime's quantiser took for
+    its own contrib Attention and turned into a QAttention that cannot load."""
+    model, tower = tiny_model("bert"), get_adapter("bert").towers[0]
+    export_tower(model, tower, tmp_path / "text.onnx", opset=23)
+    assert sum(n.op_type == "Attention" for n in onnx.load(tmp_path / "text.onnx").graph.node) == 2
+    quantize_dynamic_onnx(tmp_path / "text.onnx", tmp_path / "dynamic.onnx")
+    ops = {n.op_type for n in onnx.load(tmp_path / "dynamic.onnx").graph.node}
+    assert "Attention" in ops and "QAttention" not in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    x, inputs = feed(model, tower)
+    fp32 = load(tmp_path / "text.onnx", threads=1).run(x)["pooled_embedding"]
+    int8 = load(tmp_path / "dynamic.onnx", threads=1).run(x)["pooled_embedding"]
+    assert cosine(fp32, int8).min() >= 0.98
+
+
 def test_pass_writes_fused_and_int8_artifacts_that_validate(tmp_path, one_thread):
     art = tiny_artifact("clip", tmp_path)
     run(art, "onnx")
