@@ -220,6 +220,11 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20, chat_temp
 class GenerativeOnnxConfig(PassConfig):
     opset: int = Field(20, ge=18, le=23, description="ONNX opset")
 
+    def check_model(self, adapter) -> None:
+        if getattr(adapter, "kind", "encoder") != "generative":
+            raise LmmcError(f"the 'onnx_generative' pass exports generative models; {adapter.family} is an "
+                            f"encoder family: use the 'onnx' pass")
+
 
 @register
 class GenerativeOnnxPass(Pass):
@@ -237,9 +242,7 @@ class GenerativeOnnxPass(Pass):
     provides = frozenset({"onnx"})
 
     def run(self, art: Artifact) -> dict[str, Any]:
-        if getattr(art.adapter, "kind", "encoder") != "generative":
-            raise LmmcError(f"the 'onnx_generative' pass exports generative models; {art.adapter.family} is an "
-                            f"encoder family: use the 'onnx' pass")
+        self.config.check_model(art.adapter)
         folder = art.workdir / "onnx"
         metrics = export_generative(art.student, folder, self.config.opset, bool(art.calib and art.calib.chat_template))
         for tower in art.adapter.towers:

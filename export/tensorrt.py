@@ -53,6 +53,13 @@ class TensorRtConfig(PassConfig):
     seq: ShapeRange | None = Field(None, description="tokens per text sample; default 1 / 128 / 128, capped at "
                                    "the model's position limit (CLIP: 77)")
     workspace_mb: int = Field(4096, gt=0, description="builder workspace limit (MiB)")
+
+    @field_validator("precision")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a precision twice ({v}); each builds one engine per tower")
+        return v
     sparse: Literal["auto", "on", "off"] = Field("auto", description="SPARSE_WEIGHTS: auto sets it when a MatMul "
                                                  "weight of the export is 2:4 sparse")
     timing_cache: bool = Field(True, description="keep the builder's timing cache beside the output and reuse it")

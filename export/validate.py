@@ -241,6 +241,16 @@ class ValidatePass(Pass):
     needs = frozenset({"teacher", "student", "calib", "onnx"})
     provides = frozenset({"validation"})
 
+    def check(self, available: set[str]) -> None:
+        """An ONNX Runtime without the device's execution provider is refused before any pass runs."""
+        super().check(available)
+        if self.config.device != "cpu":
+            import onnxruntime
+
+            from lmmc.runtime.onnxruntime import check_available, providers_for
+
+            check_available(providers_for(self.config.device), onnxruntime.get_available_providers())
+
     def run(self, art: Artifact) -> dict[str, Any]:
         cfg = self.config
         if art.adapter.kind == "generative":

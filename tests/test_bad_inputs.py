@@ -310,6 +310,13 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 77", "64 or less"]
 
 
+@case("a tensorrt profile longer than the model's positions")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"tensorrt": {
+        "seq": {"min": 1, "opt": 64, "max": 512}, "optional": True}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["tensorrt.seq.max = 512", "64 or less"]
+
+
 @case("too few held-out samples to certify")
 def _(tmp):
     texts(tmp, n=40)

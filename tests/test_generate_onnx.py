@@ -249,6 +249,9 @@ def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):
     code, output = compile_with(save_tiny("bert", tmp_path / "bert"), tmp_path / "out", recipe)
     assert code == 2 and "'onnx_generative' pass exports generative models" in output and "use the 'onnx' pass" in output
     assert not (tmp_path / "out").exists()
+    dry = CliRunner().invoke(main, ["compile", str(tmp_path / "bert"), "-r", str(tmp_path / "recipe.yaml"), "-o",
+                                    str(tmp_path / "out"), "--dry-run"])   # refused by the plan, before any pass
+    assert dry.exit_code == 2 and "'onnx_generative' pass exports generative models" in dry.output
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "manifest.json").write_text(json.dumps({"towers": {}, "artifacts": []}))
     with pytest.raises(LmmcError, match="holds no generative export"):

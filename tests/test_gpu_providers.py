@@ -96,6 +96,17 @@ def test_bench_on_cuda_without_the_gpu_package_exits_2_naming_it(tmp_path):
     assert result.exit_code == 2 and "--device" in result.output
 
 
+def test_validating_on_cuda_without_the_gpu_package_is_refused_by_the_recipe():
+    """Refused when the recipe is read, not after every pass and export has run."""
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider: there is nothing to refuse")
+    from lmmc.recipe import parse_recipe
+
+    with pytest.raises(LmmcError, match="pip install onnxruntime-gpu"):
+        parse_recipe({"calibration": {"random": True}, "validate": {"device": "cuda"}})
+    assert parse_recipe({"calibration": {"random": True}, "validate": {"device": "cpu"}}).validated
+
+
 @pytest.mark.parametrize("kind", ["bert", "clip"])
 def test_ort_pass_writes_an_fp16_artifact_that_keeps_the_student(kind, tmp_path, one_thread):
     art = tiny_artifact(kind, tmp_path)

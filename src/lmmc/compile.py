@@ -234,9 +234,11 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe, adapter)
-    warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet; "
-                 f"the student is saved unexported and unvalidated" for s in recipe.steps() if skipped(adapter, s)]
-    for step in recipe.passes:  # what a pass's settings ask of this model, refused before anything runs
+    exported = any(s.name == "onnx_generative" for s in recipe.export)
+    warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet"
+                 + ("" if exported else "; the student is saved unexported and unvalidated")
+                 for s in recipe.steps() if skipped(adapter, s)]
+    for step in [*recipe.passes, *recipe.export]:  # what a step asks of this model, refused before anything runs
         if hasattr(step.config, "check_model"):
             step.config.check_model(adapter)
         if step.name != "distill" and getattr(step.config, "distill", None) is not None:
@@ -323,6 +325,8 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         # validate times at latency_seq only with latency on; ort's has no such switch
         if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", True):
             lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))
+        if hasattr(getattr(cfg, "seq", None), "max"):  # tensorrt's profile: its longest text must fit
+            lengths.append((f"{name}.seq.max", cfg.seq.max, True))
     # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only);
     # the default length is a cap that the encoding lowers to the positions left, so only a given one counts them.
     image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
