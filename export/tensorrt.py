@@ -23,6 +23,7 @@ from lmmc.pipeline import Pass, PassConfig, register
 
 EXTRA = "pip install 'lmmc[tensorrt]'"
 NOT_BUILT = "not installed — engine not built"
+NO_GPU = "installed, no usable GPU — engine not built"
 # The builder's INFO lines on 2:4 weights, as TensorRT's developer guide shows them (with or without
 # trtexec's "[date] [I] [TRT]" prefix).
 _ELIGIBLE = re.compile(r"\(Sparsity\) Layers eligible for sparse math:\s*(.*?)\s*$")
@@ -316,6 +317,11 @@ class TensorRtExportPass(Pass):
         if trt is None:
             return {"tensorrt": NOT_BUILT}
         cfg = self.config
+        if cfg.optional:  # an optional step is skipped on a machine whose GPU TensorRT cannot use, as without it
+            try:
+                make_builder(trt, trt.Logger(trt.Logger.ERROR))
+            except LmmcError:
+                return {"tensorrt": NO_GPU}
         major = int(trt.__version__.split(".")[0])
         folder = art.workdir / "tensorrt"
         folder.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.ort import calibration_feeds, fc2_matmuls
-from lmmc.export.tensorrt import (NOT_BUILT, ShapeRange, builder_setup, make_builder, node_modules,
+from lmmc.export.tensorrt import (NO_GPU, NOT_BUILT, ShapeRange, builder_setup, make_builder, node_modules,
                                   optimisation_profile, parse_inspector, parse_sparsity_log, quantize_for_tensorrt,
                                   sparsity_table, timing_cache_path, two_four_weights)
 from lmmc.export.validate import cosine
@@ -248,6 +248,31 @@ def test_optional_step_without_tensorrt_finishes_and_says_not_built(monkeypatch,
     assert {a["backend"] for a in manifest["artifacts"]} == {"onnxruntime"}
     assert report["passed"] is True and not (out / "tensorrt").exists()
     assert not list(tmp_path.glob(".out.tensorrt-timing.cache"))
+
+
+def test_optional_step_with_tensorrt_but_no_usable_gpu_finishes_and_says_not_built(monkeypatch, tmp_path):
+    class NoGpu:  # what the binding does where CUDA cannot start: its builder factory returns nothing
+        __version__ = "10.0.0"
+
+        class Logger:
+            ERROR = 0
+
+            def __init__(self, severity):
+                pass
+
+        def Builder(self, logger):
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    monkeypatch.setitem(sys.modules, "tensorrt", NoGpu())
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**TINY_RECIPE, "export": ["onnx", {"tensorrt": {"optional": True}}],
+              "validate": {**TINY_RECIPE["validate"], "latency": False}}
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensorrt"] == NO_GPU and {a["backend"] for a in manifest["artifacts"]} == {"onnxruntime"}
+    assert not (out / "tensorrt").exists()
 
 
 def _tensorrt_gpu():
