@@ -526,8 +526,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
 def _stage(tmp: Path, out: Path) -> Path:
     """Where the finished output waits to be put in place: where it was written, or, for an --out that
     is a mount point (a container's volume, which renames cannot cross into, even a bind mount of the same
-    filesystem), a copy inside it. A copy
-    that fails (a full disk) is removed, and the earlier output stays whole."""
+    filesystem), a copy inside it. A copy that fails (a full disk) is removed; the earlier output stays whole."""
     if not out.exists() or (not os.path.ismount(out) and tmp.stat().st_dev == out.stat().st_dev):
         return tmp
     staged = out / f".lmmc-incoming-{os.getpid()}"
