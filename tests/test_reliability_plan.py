@@ -82,9 +82,19 @@ def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
     assert result.exit_code == 2, result.output
     assert "validating this llava model needs its generative export: add 'onnx_generative'" in result.output
     model, calib = bert
-    result = _dry_run(tmp_path, model, calib, {"min_cosine": 0.8, "min_cosine_int8": 0.9, **shared})
+    result = _dry_run(tmp_path, model, calib, {"min_cosine": 0.8, "min_cosine_int8": 0.9, **shared},
+                      export=["onnx", {"ort": {"int8": ["dynamic"]}}])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["adapter"] == "bert"
+
+
+@pytest.mark.parametrize("export", [None, ["onnx"], ["onnx", {"ort": {"int8": []}}], ["onnx", {"openvino": {"int8": False}}]])
+def test_an_int8_gate_without_an_int8_export_is_refused_at_plan_time(tmp_path, bert, export):
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {"min_cosine_int8": 0.95}, export=export)
+    assert result.exit_code == 2, result.output
+    assert "validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def _generative_report(runtime: bool) -> dict:

@@ -145,6 +145,11 @@ class Recipe(BaseModel):
                             f"{'encoders' if generative else 'generative models'}, and this {family} model is "
                             f"{what}; the gates that apply to it are {', '.join(applies)}. Remove "
                             f"{', '.join(given)} from the recipe's validate section")
+        if not generative and "min_cosine_int8" in cfg.model_fields_set and cfg.min_cosine_int8 is not None \
+                and not any(_writes_int8(s) for s in self.export):
+            raise LmmcError("validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one, "
+                            "so it would certify nothing; add {ort: {int8: [dynamic]}} or {openvino: {int8: true}} "
+                            "to the export section, or remove min_cosine_int8")
         if generative and not any(s.name == "onnx_generative" for s in self.export):
             raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
@@ -375,3 +380,10 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
         calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
         data["calibration"] = {**calibration, "path": str(given.resolve()), "random": False}
     return parse_recipe(data, source=str(path), base=path.resolve().parent)
+
+
+def _writes_int8(step: Step) -> bool:
+    """Whether an export step writes an artifact that validation judges by min_cosine_int8."""
+    cfg = step.config
+    return ((step.name in ("ort", "openvino") and bool(cfg.int8))
+            or (step.name == "tensorrt" and "int8" in cfg.precision))
