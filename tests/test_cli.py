@@ -5,12 +5,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -131,6 +133,35 @@ def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_remote_code(tmp_p
     trusted = run(*args, "--trust-remote-code")
     assert trusted.exit_code == 0, trusted.output
     assert (tmp_path / "ran").read_text() == "yes"  # its own class read the tokenizer
+
+
+def test_a_student_whose_tokenizer_has_code_of_its_own_is_read_by_the_runtime_and_bench_only_when_trusted(tmp_path):
+    from lmmc import runtime
+    from lmmc.errors import LmmcError
+
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {
+        "AutoTokenizer": ["own_tokenizer.OwnTokenizer", None]}}))
+    (model_dir / "own_tokenizer.py").write_text("from transformers import BertTokenizer\n\n"
+                                                "class OwnTokenizer(BertTokenizer):\n    pass\n")
+    out = tmp_path / "out"
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", out, "--trust-remote-code")
+    assert result.exit_code == 0, result.output
+    texts = ["the water is cold", "a man on the road"]
+    with pytest.raises(LmmcError, match="tokenizer_config.json\\), which runs only with trust_remote_code=True"):
+        runtime.open_dir(out).encode(texts)
+    trusted = runtime.open_dir(out, trust_remote_code=True).encode(texts)
+    # the same student read by the built-in tokenizer its class extends
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    (plain / "student" / "tokenizer_config.json").write_text(json.dumps(config))
+    np.testing.assert_allclose(trusted, runtime.open_dir(plain).encode(texts), atol=1e-6)
+    refused = run("bench", out, "--quick")
+    assert refused.exit_code == 2 and "runs only with --trust-remote-code" in refused.output
+    benched = run("bench", out, "--quick", "--trust-remote-code")
+    assert benched.exit_code == 0, benched.output
+    assert json.loads((out / "bench.json").read_text())["towers"]["text"]["rows"]
 
 
 def test_a_known_model_with_code_of_its_own_is_compiled_as_the_built_in_and_says_so(tmp_path):

@@ -61,6 +61,8 @@ class BenchConfig(Config):
     teacher: Path | None = Field(None, description="the compile's teacher, when it moved since")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where ONNX Runtime and PyTorch run: "
                         "cpu, or cuda / cuda:N (ONNX Runtime's CUDA provider, from onnxruntime-gpu)")
+    trust_remote_code: bool = Field(False, description="read a teacher tokenizer or processor that ships its own "
+                                    "code, as a compile with --trust-remote-code did")
 
 
 # A teacher deployment further than this from the fp32 teacher (e.g. an INT8 IR that bf16 inference
@@ -421,7 +423,7 @@ def memory_child() -> None:
         from lmmc.modelio import local_dir, resolve_config
 
         torch.set_num_threads(spec["threads"])
-        config, adapter = resolve_config(spec["model"])
+        config, adapter = resolve_config(spec["model"], spec["trust_remote_code"])
         auto = getattr(transformers, adapter.auto_class)
         with torch.device("meta"):  # imports the modelling code (about 1,400 modules) without any weights
             auto.from_config(config)
@@ -445,12 +447,14 @@ def memory_child() -> None:
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
 
-def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int) -> float | None:
+def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int,
+                    trust_remote_code: bool = False) -> float | None:
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
     spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
             "path": str(cand.path) if cand.path else None,
-            "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads}
+            "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads,
+            "trust_remote_code": trust_remote_code}
     code = "from lmmc.bench import memory_child; memory_child()"
     # a hub teacher is in the local cache by now: the child needs no network
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
@@ -632,7 +636,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     versions = check_backends(cfg.device)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
     try:
-        config, adapter = resolve_config(teacher_ref)
+        config, adapter = resolve_config(teacher_ref, cfg.trust_remote_code)
     except LmmcError as err:
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
@@ -657,7 +661,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
     validate = _recipe_validate(report, out_dir / "report.json")
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)
-    teacher, adapter, preprocessor = load_teacher(teacher_ref)
+    teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     data = load_data(calib_cfg, teacher, adapter, preprocessor, positions)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
@@ -738,7 +742,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads)
+            memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads, cfg.trust_remote_code)
                       for c in candidates] if run.memory else []
             reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
             for i, cand in enumerate(candidates):

@@ -257,10 +257,12 @@ def summary_table(report: dict) -> str:
               "--repeats say otherwise), no memory.")
 @click.option("--static", is_flag=True, help="Also run every OpenVINO IR, the teacher's and the student's, compiled "
               "for the timed shape (batch x seq): faster where inputs are always padded to one shape.")
+@click.option("--trust-remote-code", is_flag=True, help="Read a teacher tokenizer or processor that ships its own "
+              "code, as the compile did with --trust-remote-code.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N: ONNX Runtime's CUDA provider (needs onnxruntime-gpu) and PyTorch on the GPU.")
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
-              static, device):
+              static, trust_remote_code, device):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
     from pydantic import ValidationError
@@ -273,7 +275,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
              "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
-                          static=static, corpora=tuple(Path(c) for c in corpus))
+                          static=static, corpora=tuple(Path(c) for c in corpus), trust_remote_code=trust_remote_code)
     except ValidationError as err:
         raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
     try:

@@ -1,5 +1,10 @@
 """Errors a user can fix, and the exit codes of the command line."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_GATE = 1  # a validation gate was missed; the complete output was written
 EXIT_BAD_INPUT = 2  # LmmcError: one message naming what is wrong and the fix; nothing written
@@ -37,3 +42,16 @@ def missing_package(err: ImportError, what: str) -> LmmcError:
     fix = f"pip install {named[0]}" if named else "install the package it names"
     return LmmcError(f"reading {what} needs a package that is not installed ({first}); {fix} into this "
                      f"environment and run again")
+
+
+def refuse_own_code(path: Path, opt_in: str = "--trust-remote-code") -> None:
+    """A tokenizer or processor whose class ships with the model (auto_map in its config) is that code:
+    transformers refuses it with a message that blames missing packages."""
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        try:
+            declared = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(declared, dict) and declared.get("auto_map"):
+            raise LmmcError(f"'{path}' ships the code of its own {name.split('_')[0]} (auto_map in {name}), which "
+                            f"runs only with {opt_in}; pass it only if you trust that code")

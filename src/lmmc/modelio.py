@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
-from lmmc.errors import LmmcError, missing_package
+from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, read_modules
 from lmmc.student import save
 
@@ -230,7 +230,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
     out: dict[str, Any] = {"tokenizer": None, "image_processor": None}
     path = Path(ref)
     if not trust_remote_code:
-        _refuse_own_code(path)
+        refuse_own_code(path)
     if generative:
         try:
             out["processor"] = transformers.AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
@@ -258,19 +258,6 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
     except (OSError, ValueError, TypeError, KeyError):
         pass
     return out
-
-
-def _refuse_own_code(path: Path) -> None:
-    """A tokenizer or processor whose class ships with the model (auto_map in its config) is that code:
-    transformers refuses it with a message that blames missing packages."""
-    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
-        try:
-            declared = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(declared, dict) and declared.get("auto_map"):
-            raise LmmcError(f"'{path}' ships the code of its own {name.split('_')[0]} (auto_map in {name}), which "
-                            f"runs only with --trust-remote-code; pass it only if you trust that code")
 
 
 def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any],

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from lmmc.errors import LmmcError, missing_package
+from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.runtime.images import open_image, to_rgb
 
 if TYPE_CHECKING:
@@ -186,10 +186,12 @@ class Deployment:
     """A compile's output directory read through its manifest: one artifact per tower, chosen by backend,
     precision and variant, and the saved tokenizer / image processor to feed it."""
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], models: dict[str, Model]) -> None:
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], models: dict[str, Model],
+                 trust_remote_code: bool = False) -> None:
         self.out_dir = out_dir
         self.manifest = manifest
         self.models = models  # tower -> loaded artifact
+        self.trust_remote_code = trust_remote_code
         self._preprocessors: dict[str, Any] = {}
 
     def _preprocessor(self, modality: str):
@@ -204,9 +206,11 @@ class Deployment:
             if missing:
                 raise LmmcError(f"{self.out_dir} lacks {missing}, the {what} files its manifest lists; copy the "
                                 f"whole output directory, or compile again")
+            if not self.trust_remote_code:
+                refuse_own_code(student, "trust_remote_code=True")
             cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
             try:
-                self._preprocessors[modality] = cls.from_pretrained(student)
+                self._preprocessors[modality] = cls.from_pretrained(student, trust_remote_code=self.trust_remote_code)
             except ImportError as err:
                 raise missing_package(err, f"the {what} in {student}") from None
             except (OSError, ValueError) as err:
@@ -380,10 +384,12 @@ def _named_files(manifest: dict[str, Any]) -> list:
 
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
              variant: str | None = None, threads: int | None = None, device: str | None = None,
-             inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None) -> Deployment:
+             inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None,
+             trust_remote_code: bool = False) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
     the compile keeps only when it is the faster, over the plain one; `threads`, `device`,
-    `inference_precision` and `static_shape` as in `load`."""
+    `inference_precision` and `static_shape` as in `load`. A tokenizer or image processor that ships its
+    own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.get("towers"):
@@ -401,12 +407,13 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         chosen.sort(key=lambda a: a.get("variant") != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
-    return Deployment(out_dir, manifest, models)
+    return Deployment(out_dir, manifest, models, trust_remote_code)
 
 
-def open_generative(out_dir: str | Path, threads: int | None = None):
+def open_generative(out_dir: str | Path, threads: int | None = None, trust_remote_code: bool = False):
     """A compile's generative export (vision graph, KV-cache decoder, token table) with the saved processor,
-    ready for `generate(image, prompt, max_new_tokens)`; see lmmc.runtime.generate."""
+    ready for `generate(image, prompt, max_new_tokens)`; see lmmc.runtime.generate. A processor that ships
+    its own code is read only with `trust_remote_code`."""
     import transformers
 
     from lmmc.runtime.generate import Generator
@@ -416,8 +423,10 @@ def open_generative(out_dir: str | Path, threads: int | None = None):
     if "generative" not in manifest:
         raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
                         f"model with the 'onnx_generative' export pass, or open an encoder's output with open_dir")
+    if not trust_remote_code:
+        refuse_own_code(out_dir / "student", "trust_remote_code=True")
     try:
-        processor = transformers.AutoProcessor.from_pretrained(out_dir / "student")
+        processor = transformers.AutoProcessor.from_pretrained(out_dir / "student", trust_remote_code=trust_remote_code)
     except ImportError as err:
         raise missing_package(err, f"the processor in {out_dir / 'student'}") from None
     return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
