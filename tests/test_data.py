@@ -154,6 +154,22 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
     assert read_samples(tmp_path / "pics") == [{"image": r["image"]} for r in records]
 
 
+def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "store" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "store" / label / f"{i}.png")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "cat").symlink_to(tmp_path / "store" / "cat", target_is_directory=True)
+    (tmp_path / "pics" / "dog").symlink_to(tmp_path / "store" / "dog", target_is_directory=True)
+    (tmp_path / "store" / "dog" / "up").symlink_to(tmp_path / "pics", target_is_directory=True)
+    records = read_samples(tmp_path / "pics", "a photo of a {label}")
+    assert [(Path(r["image"]).relative_to(tmp_path / "pics").as_posix(), r["label"]) for r in records] == [
+        (f"{label}/{i}.png", label) for label in ("cat", "dog") for i in range(2)]
+    assert [Path(r["image"]).name for r in read_samples(tmp_path / "pics")] == ["0.png", "1.png"] * 2
+
+
 @pytest.mark.parametrize("lines, message", [
     ([{"text": "a cat", "label": "cat"}, {"text": "a dog"}], "sample 2 has none"),
     ([{"text": "a cat", "label": "cat"}, {"text": "another cat", "label": "cat"}], "needs at least two classes"),

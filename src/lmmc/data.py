@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 import re
 import statistics
@@ -78,7 +79,7 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     if path.is_dir() and caption_template is not None:
         records = _class_folders(path, caption_template)
     elif path.is_dir():
-        records = [{"image": str(p)} for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        records = [{"image": str(p)} for p in folder_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
         _check_readable(path, [r["image"] for r in records])
     elif path.suffix.lower() == ".txt":
         records = [{"text": line.strip()} for line in _read_text(path).splitlines() if line.strip()]
@@ -119,11 +120,25 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     return records
 
 
+def folder_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, following linked subfolders (a class folder is often a link to
+    where the images live) but entering each real folder once, so a link back up cannot loop."""
+    seen, files = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names]
+    return sorted(files)
+
+
 def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     """An image folder with one subfolder per class: every file in it must be a readable image."""
     records, loose, strangers = [], [], []
-    for p in sorted(path.rglob("*")):
-        if p.is_dir() or any(part.startswith(".") for part in p.relative_to(path).parts):
+    for p in folder_files(path):
+        if any(part.startswith(".") for part in p.relative_to(path).parts):
             continue
         if len(p.relative_to(path).parts) < 2:
             loose.append(p)
