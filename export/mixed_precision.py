@@ -75,10 +75,13 @@ def choose_precisions(matrices: dict[str, str], revert: Callable[[set[str]], Run
             break
         keep += 1
     fp32 = set(order[:keep])
+    # With every block matrix fp32, what still drops is quantisation outside them (the attention scores'
+    # products, the embeddings): more rounds cannot help.
+    fix = ("every block matrix is fp32 already, and the drop left is the quantisation outside them; raise "
+           "max_cosine_drop" if keep == len(order) else "raise mixed.max_rounds or max_cosine_drop")
     warnings = [] if measured <= cfg.max_cosine_drop else [
         f"the mixed artifact's cosine drop {measured:.4g} stays above max_cosine_drop {cfg.max_cosine_drop} "
-        f"with {keep} of {len(order)} matrices in fp32 after {len(rounds)} rounds; raise mixed.max_rounds or "
-        f"max_cosine_drop"]
+        f"with {keep} of {len(order)} matrices in fp32 after {len(rounds)} rounds; {fix}"]
     return {
         "max_cosine_drop": cfg.max_cosine_drop, "search_batches": len(feeds),
         "int8_cosine_drop": int8_drop, "predicted_cosine_drop": predicted, "cosine_drop": measured,

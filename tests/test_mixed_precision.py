@@ -171,3 +171,21 @@ def test_mixed_recipe_parses_alongside_plain_int8():
     ort_cfg, ov_cfg = (s.config for s in recipe.export if s.name in ("ort", "openvino"))
     assert ort_cfg.int8[0] == "dynamic" and ort_cfg.int8[1].static.mixed.max_cosine_drop == 0.002
     assert ov_cfg.int8.mixed.max_cosine_drop == 0.002 and ov_cfg.int8.mixed.max_rounds == 3
+
+
+def test_a_budget_missed_with_every_matrix_fp32_does_not_advise_more_rounds():
+    from lmmc.export.mixed_precision import MixedConfig, choose_precisions
+
+    feeds, reference = [{"x": np.zeros(1)}], [np.array([[1.0, 0.0]])]
+    tilted = np.array([[1.0, 0.2]])  # a drop of about 0.02 that no matrix kept fp32 removes
+
+    def runner(_nodes):
+        return lambda feed: tilted
+
+    matrices = {"m0": "blocks.0.fc", "m1": "blocks.1.fc"}
+    result = choose_precisions(matrices, runner, runner, feeds, reference, MixedConfig(max_cosine_drop=0.001))
+    assert result["fp32_matrices"] == ["blocks.0.fc", "blocks.1.fc"] and len(result["rounds"]) == 1
+    assert result["warnings"] == [
+        f"the mixed artifact's cosine drop {result['cosine_drop']:.4g} stays above max_cosine_drop 0.001 with 2 of 2 "
+        "matrices in fp32 after 1 rounds; every block matrix is fp32 already, and the drop left is the quantisation "
+        "outside them; raise max_cosine_drop"]
