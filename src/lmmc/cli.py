@@ -20,6 +20,14 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _close_progress_bars() -> None:
+    """An interrupted pass leaves its progress bar open, and its last line would follow the message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class _Group(click.Group):
     """Gives every outcome one line and one exit code: 0 success, 1 a missed gate, 2 bad input,
     3 an internal error (traceback in a log file), 130 interrupted (SIGINT or SIGTERM)."""
@@ -34,9 +42,11 @@ class _Group(click.Group):
             click.echo(f"validation gate missed: {err}", err=True)
             sys.exit(EXIT_GATE)
         except OutputWritten as err:
+            _close_progress_bars()
             click.echo(str(err), err=True)
             sys.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt as err:
+            _close_progress_bars()
             how = f" by {err.args[0]}" if err.args else ""
             click.echo(f"interrupted{how}; the output directory was not written", err=True)
             sys.exit(EXIT_INTERRUPTED)
