@@ -137,6 +137,17 @@ def test_more_tokens_than_the_positions_is_one_clear_error(compiled, backend):
     ids = np.full((2, 70), 7, dtype=np.int64)  # the tower has 64 positions
     with pytest.raises(LmmcError, match=r"input_ids \[2, 70\].*More tokens than the model's position table"):
         load(path, backend, threads=1).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    # a model that has run before, on another shape, and the same one run again afterwards
+    model = load(path, backend, threads=1)
+    if backend == "openvino":
+        assert model.tokens == 64  # found by OpenVINO's shape inference, before any run
+    short = np.full((3, 5), 7, dtype=np.int64)
+    first = model.run({"input_ids": short, "attention_mask": np.ones_like(short)})
+    for _ in range(2):
+        with pytest.raises(LmmcError, match=r"input_ids \[2, 70\].*More tokens than the model's position table"):
+            model.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    again = model.run({"input_ids": short, "attention_mask": np.ones_like(short)})
+    assert all(np.array_equal(first[k], again[k]) for k in first)
 
 
 def test_encode_applies_the_saved_image_processor(compiled, tmp_path):
@@ -197,7 +208,8 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
             (["a", 3], "item 1 is int where item 0 is str"),
             ([picture, "photo.png"], "item 1 is str where item 0 is Image"),
             ([b"a b c"], "item 0 of encode's list is bytes; pass texts as str"),
-            (["a", None], "item 1 of encode's list is NoneType")]:
+            (["a", None], "item 1 of encode's list is NoneType"),
+            ({"a b": 1}, "not a dict; pass list\\(d.values\\(\\)\\) to encode its values")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode(items)
     with pytest.raises(LmmcError, match="has no tower 'image'; its towers are \['text', 'vision'\]"):
@@ -208,6 +220,13 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
         deployed.encode(TEXTS, batch_size=0)
     with pytest.raises(LmmcError, match="batch_size must be a positive integer, not True"):
         deployed.encode(TEXTS, batch_size=True)
+
+
+def test_an_output_opened_by_a_relative_path_encodes_after_the_working_directory_changes(compiled, monkeypatch):
+    monkeypatch.chdir(compiled.parent)
+    deployed = open_dir(compiled.name, threads=1)
+    monkeypatch.chdir("/")
+    assert np.abs(deployed.encode(TEXTS) - open_dir(compiled, threads=1).encode(TEXTS)).max() == 0
 
 
 def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
@@ -483,6 +502,9 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         load(tmp_path / "m.pt")
     with pytest.raises(LmmcError, match="does not exist"):
         load(tmp_path / "absent.onnx")
+    with pytest.raises(LmmcError, match="is a directory; pass the path of an exported .onnx, .xml or .engine file, "
+                                        "or open a compile's whole output with open_dir"):
+        load(tmp_path)
     with pytest.raises(LmmcError, match="unknown backend 'tflite'; choose one of onnxruntime, openvino, tensorrt"):
         load(tmp_path / "m.pt", backend="tflite")
 

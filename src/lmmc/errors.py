@@ -30,7 +30,7 @@ class OutputWritten(KeyboardInterrupt):
 
 
 # Optional packages that transformers imports only when a model's tokenizer or processor needs them.
-_PACKAGES = ("sentencepiece", "protobuf", "tiktoken", "torchvision")
+_PACKAGES = ("sentencepiece", "protobuf", "tiktoken", "torchvision", "transformers")
 
 
 def missing_package(err: ImportError, what: str) -> LmmcError:

@@ -82,6 +82,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     faster than the dynamic IR; `run` then takes any batch in chunks of `batch`, pads each up to the shape
     (tokens the attention mask hides) and trims the outputs back, so a feed longer than `seq` is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise LmmcError(f"'{path}' is a directory; pass the path of an exported .onnx, .xml or .engine file, or open "
+                        f"a compile's whole output with open_dir")
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
     if threads is not None and (type(threads) is not int or threads < 1):
@@ -196,7 +199,10 @@ class Deployment:
 
     def _preprocessor(self, modality: str):
         if modality not in self._preprocessors:
-            import transformers
+            try:
+                import transformers
+            except ImportError as err:
+                raise missing_package(err, "the saved tokenizer or image processor") from None
 
             student = self.out_dir / "student"
             what = "tokenizer" if modality == "text" else "image processor"
@@ -288,6 +294,9 @@ def _as_list(items: Iterable) -> list:
     if isinstance(items, (str, bytes, Path, Image.Image)):
         raise LmmcError(f"encode takes a list of texts or images, and got one {type(items).__name__}; wrap it in a "
                         f"list: encode([item])")
+    if isinstance(items, Mapping):  # iterating it would encode its keys
+        raise LmmcError(f"encode takes a list of texts or images, not a {type(items).__name__}; pass "
+                        f"list(d.values()) to encode its values")
     try:
         return list(items)
     except TypeError:
@@ -390,7 +399,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     the compile keeps only when it is the faster, over the plain one; `threads`, `device`,
     `inference_precision` and `static_shape` as in `load`. A tokenizer or image processor that ships its
     own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the tokenizer is read at the first encode, perhaps from another cwd
     manifest = read_manifest(out_dir)
     if not manifest.get("towers"):
         raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")

@@ -90,6 +90,31 @@ def table_rows(model) -> dict[str, int]:
     return rows
 
 
+def max_tokens(model, limit: int = 1 << 14) -> int | None:
+    """The most tokens a text IR takes (its position table's rows), found by OpenVINO's own shape
+    inference on copies reshaped to (1, n): running a longer feed is undefined (it returned a previous
+    run's outputs, or crashed). None: an IR without token inputs of dynamic length, or no limit below
+    `limit` (rotary positions)."""
+    if not any(p.get_any_name() == "input_ids" and p.get_partial_shape()[1].is_dynamic for p in model.inputs):
+        return None
+
+    def fits(n: int) -> bool:
+        copy = model.clone()
+        try:
+            copy.reshape({p.get_any_name(): [1, n] for p in copy.inputs})
+        except RuntimeError:
+            return False
+        return True
+
+    if fits(limit):
+        return None
+    low, high = 1, limit - 1  # binary search: about 14 reshapes, 0.1-0.2 s on MiniLM
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
 def _trim(x, rows: int, axes: list[int], length: int | None) -> np.ndarray:
     """A copy of one padded output: its first `rows` rows, its sequence axes cut to `length`."""
     index = [slice(0, rows)] + [slice(None)] * (x.ndim - 1)
@@ -137,6 +162,7 @@ class OpenVinoModel(Model):
         self.inputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.inputs, model.inputs)]
         self.outputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.outputs, model.outputs)]
         self.rows = table_rows(model)
+        self.tokens = max_tokens(model) if self.static is None else None
         # One infer request per thread: a request's buffers hold one run, so threads sharing one would
         # read each other's outputs. A compiled model serves several requests at once.
         self._local = threading.local()
@@ -165,13 +191,18 @@ class OpenVinoModel(Model):
                                 f"looks it up in; feed ids from the model's own tokenizer, as encode() does")
         if self.static is not None:
             return self._run_static(feed)
+        if self.tokens is not None and feed["input_ids"].shape[1] > self.tokens:
+            raise LmmcError(f"{self.path.name} takes at most {self.tokens} tokens, and the feed has "
+                            f"{shapes_of(feed)}. {OUT_OF_RANGE}")
         result = self._infer(feed)
         # infer() returns views into the request's buffers; copy so the next run cannot overwrite them
         outputs = {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
-        # An index out of range (a token past the position table) gives empty outputs, not an error.
-        if all(x.size for x in feed.values()) and any(x.size == 0 for x in outputs.values()):
-            raise LmmcError(f"OpenVINO ran '{self.path.name}' on {shapes_of(feed)} and returned empty outputs. "
-                            f"{OUT_OF_RANGE}")
+        # What max_tokens could not rule out: an index out of range is no error to OpenVINO, which returns
+        # empty outputs or a previous run's.
+        batch = len(next(iter(feed.values())))
+        if any(x.size == 0 or len(x) != batch for x in outputs.values()):
+            raise LmmcError(f"OpenVINO ran '{self.path.name}' on {shapes_of(feed)} and returned "
+                            f"{shapes_of(outputs)}, which belong to no such feed. {OUT_OF_RANGE}")
         return outputs
 
     def _run_static(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
