@@ -490,6 +490,22 @@ def _(tmp):
             ["layer_map names the tower(s) ['vision']", "towers ['text', 'vision']", "give a value for each"])
 
 
+@case("a per-tower keep naming a tower the model lacks")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {"keep": {"text": 0.5, "image": 0.5}}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["keep names the tower(s) ['image', 'text']", "towers ['text', 'vision']", "give a value for each"])
+
+
+@case("distill.max_length past a CLIP text tower's positions")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    texts(tmp)
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "calib.txt", "max_length": 100}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["distill.max_length = 100", "64"])
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()
@@ -850,3 +866,13 @@ def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_we
     assert "lack or mis-shape 1 tensor(s) the model needs (" in result.output
     assert "1.attention.q_proj.weight)" in result.output
     assert snapshot(tmp_path) == before
+
+
+def test_distills_default_length_is_capped_at_a_clip_text_towers_positions(tmp_path, monkeypatch):
+    """distill's max_length of 128 is a default the text tower's 64 positions lower, not an error."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny("clip", tmp_path / "clip")
+    texts(tmp_path)
+    recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "calib.txt"}}]})
+    result = CliRunner().invoke(main, ["compile", "./clip", "-r", str(recipe), "-o", "out", "--dry-run"])
+    assert result.exit_code == 0, result.output

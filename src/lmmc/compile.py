@@ -331,7 +331,9 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     # the default length is a cap that the encoding lowers to the positions left, so only a given one counts them.
     image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
     for key, value, given in lengths:
-        extra = image if key.endswith("max_length") and given else 0
+        if not given:  # a default length is a cap, lowered to the positions where the text is encoded
+            continue
+        extra = image if key.endswith("max_length") else 0
         if value + extra > positions:
             plus = f" text tokens, with the {extra} an image becomes, take {value + extra} positions," if extra else ","
             raise LmmcError(f"{key} = {value}{plus} but this model's text tower takes at most {positions} tokens "

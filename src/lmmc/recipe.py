@@ -114,7 +114,8 @@ class Recipe(BaseModel):
 
         def walk(value: Any, where: str) -> None:
             if isinstance(value, dict):
-                if value and set(value) <= names and set(value) != set(towers):
+                # a mapping that names any tower is per tower ({text: 0.5, image: 0.5} included)
+                if set(value) & names and set(value) != set(towers):
                     raise LmmcError(f"{where} names the tower(s) {sorted(value)}, but this {family} model has the "
                                     f"towers {towers}; give a value for each of them, e.g. "
                                     f"{{{', '.join(f'{t}: ...' for t in towers)}}}")
