@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import (CORPUS, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava, siglip_sentencepiece,
+from tests.conftest import (CORPUS, TINY_TEXT, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava, siglip_sentencepiece,
                             spelled, tiny_model, tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
@@ -504,6 +504,16 @@ def _(tmp):
     texts(tmp)
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "calib.txt", "max_length": 100}}]})
     return (["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["distill.max_length = 100", "64"])
+
+
+@case("a siglip whose towers embed into different widths")
+def _(tmp):
+    cfg = transformers.SiglipConfig(text_config={**TINY_TEXT, "projection_size": 24}, vision_config=TINY_VISION)
+    torch.manual_seed(0)
+    transformers.SiglipModel(cfg).save_pretrained(tmp / "siglip")
+    save_preprocessors("siglip", tmp / "siglip")
+    return (["./siglip", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["text tower embeds into 24 dimensions", "vision tower into 32", "set projection_size to 32"])
 
 
 @case("recipe's calibration path missing")

@@ -229,6 +229,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     recipe.check_towers(adapter.family, [t.name for t in adapter.towers])
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
+    _check_shared_space(config, adapter)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
@@ -307,6 +308,20 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
             except ValidationError:
                 pass
     return out
+
+
+def _check_shared_space(config: Any, adapter: Any) -> None:
+    """A SigLIP's text head projects to text_config.projection_size and its image embedding is the vision
+    tower's width; the two must agree for texts and images to be compared (CLIP projects both to one
+    projection_dim). transformers' own forward fails on a model where they do not."""
+    if adapter.family != "siglip":
+        return
+    text, vision = config.text_config.projection_size, config.vision_config.hidden_size
+    if text != vision:
+        raise LmmcError(f"this siglip model's text tower embeds into {text} dimensions (text_config.projection_size) "
+                        f"and its vision tower into {vision} (vision_config.hidden_size), so its texts and images "
+                        f"share no space to compare them in; set projection_size to {vision}, or compile a checkpoint "
+                        f"whose towers were trained together")
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
