@@ -184,10 +184,14 @@ def test_an_image_reads_the_same_as_a_file_or_a_picture_upright_and_over_white(c
     deployed = open_dir(compiled, threads=1)
     got = deployed.encode([tmp_path / "photo.jpg", tmp_path / "clear.png", clear, grey])
     with Image.open(tmp_path / "photo.jpg") as stored:
-        turned = stored.transpose(Image.Transpose.ROTATE_90)  # what orientation 8 asks a viewer to do
+        # what orientation 8 asks a viewer to do, as pixels alone (transpose keeps the tag, which says rotate)
+        turned = Image.fromarray(np.asarray(stored.transpose(Image.Transpose.ROTATE_90)))
     ref = deployed.encode([turned, over_white, over_white, grey.convert("RGB")])
     assert np.abs(got - ref).max() <= 1e-6
-    assert np.abs(got[0] - deployed.encode([Image.open(tmp_path / "photo.jpg").convert("RGB")])[0]).max() > 1e-3
+    with Image.open(tmp_path / "photo.jpg") as opened:  # the PIL image of the file, tag and all
+        assert np.abs(got[0] - deployed.encode([opened])[0]).max() <= 1e-6
+        as_stored = Image.fromarray(np.asarray(opened))  # the same pixels without the tag
+    assert np.abs(got[0] - deployed.encode([as_stored])[0]).max() > 1e-3
     with pytest.raises(LmmcError, match="an image has mode I;16 .* not a picture; convert it to 8-bit RGB"):
         deployed.encode([Image.fromarray(np.zeros((40, 40), np.uint16))])
 

@@ -12,6 +12,9 @@ from lmmc.errors import LmmcError
 NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 def open_image(path: str | Path):
     """The picture in an image file, upright and RGB."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,11 +34,14 @@ def open_image(path: str | Path):
 def to_rgb(image: Any, name: str = "an image"):
     """A PIL image as RGB, transparent pixels over white as CLIP-style processors do it (a plain convert
     would turn them black, and ViT-style processors reject anything but three channels); an array as an
-    H x W x 3 array of the same pixels (`rgb_array`)."""
-    from PIL import Image
+    H x W x 3 array of the same pixels (`rgb_array`). A PIL image with an orientation tag is turned
+    upright, as open_image turns its file, so a file and the image opened from it read alike."""
+    from PIL import Image, ImageOps
 
     if not isinstance(image, Image.Image):
         return rgb_array(image, name)
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in NOT_PICTURES:
