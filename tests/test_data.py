@@ -150,7 +150,10 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
     records = read_samples(tmp_path / "pics", "a photo of a {label}")
     assert [(Path(r["image"]).relative_to(tmp_path / "pics").as_posix(), r["label"], r["text"]) for r in records] == [
         (f"{label}/{i}.png", label, f"a photo of a {label}") for label in ("cat", "dog") for i in range(3)]
-    # without a template the same folder is plain images, as before
+    # without a template the same folder is plain images, hidden ones left out alike
+    (tmp_path / "pics" / "cat" / "._0.png").write_bytes(b"\0\5\26\7")  # macOS's resource fork of 0.png
+    (tmp_path / "pics" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "pics" / ".ipynb_checkpoints" / "0.png").hardlink_to(tmp_path / "pics" / "cat" / "0.png")
     assert read_samples(tmp_path / "pics") == [{"image": r["image"]} for r in records]
 
 

@@ -122,7 +122,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
 
 def folder_files(root: Path) -> list[Path]:
     """Every file under `root`, sorted, following linked subfolders (a class folder is often a link to
-    where the images live) but entering each real folder once, so a link back up cannot loop."""
+    where the images live) but entering each real folder once, so a link back up cannot loop. Hidden files
+    and folders are no samples (macOS's ._photo.png, .ipynb_checkpoints)."""
     seen, files = set(), []
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -130,7 +131,8 @@ def folder_files(root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        files += [Path(folder) / n for n in names]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder) / n for n in names if not n.startswith(".")]
     return sorted(files)
 
 
@@ -138,8 +140,6 @@ def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     """An image folder with one subfolder per class: every file in it must be a readable image."""
     records, loose, strangers = [], [], []
     for p in folder_files(path):
-        if any(part.startswith(".") for part in p.relative_to(path).parts):
-            continue
         if len(p.relative_to(path).parts) < 2:
             loose.append(p)
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
