@@ -71,6 +71,22 @@ def test_cache_hit_returns_the_same_coefficients_without_exporting(fitted, monke
     assert again.fit["variants"] == result.fit["variants"]
 
 
+@pytest.mark.parametrize("damage", [{"head": float("nan")}, {"channel": -0.5}, {"fixed": "1.2"},
+                                    {"block": 0.0, "head": 0.0, "channel": 0.0}, None])
+def test_a_cached_fit_that_no_fit_would_write_is_measured_again(fitted, tmp_path, damage):
+    model, adapter, cache, _, _ = fitted
+    key = cache_key(model, adapter, TARGET)
+    stored = json.loads(cache_file(cache, key).read_text())
+    assert lm._read_cache(cache_file(cache, key), key, ["text"]) is not None
+    if damage is None:
+        stored["model"]["towers"] = {}  # a fit of no tower
+    else:
+        stored["model"]["towers"]["text"].update(damage)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(stored))
+    assert lm._read_cache(path, key, ["text"]) is None
+
+
 def test_predict_reads_uneven_structures():
     teacher = tiny_model("bert")
     adapter = get_adapter("bert")

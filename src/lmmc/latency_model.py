@@ -9,6 +9,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -328,14 +329,22 @@ def cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
     return cache_dir / f"latency-model-{digest}.json"
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> LatencyModel | None:
+def _read_cache(path: Path, key: dict[str, Any], towers: list[str]) -> LatencyModel | None:
     try:
         stored = json.loads(path.read_text())
         if stored.get("key") != key:
             return None
-        return LatencyModel.from_json(stored["model"])
+        model = LatencyModel.from_json(stored["model"])
     except (OSError, ValueError, KeyError, TypeError, LmmcError):
         return None  # missing or unreadable: measure again and rewrite it
+
+    def sound(t: TowerLatency) -> bool:  # what a fit writes: finite, non-negative, a block costing something
+        costs = (t.fixed, t.block, t.head, t.channel)
+        return (all(type(c) in (int, float) and math.isfinite(c) and c >= 0 for c in costs)
+                and t.block + t.head + t.channel > 0)
+
+    # an edited or damaged fit would plan with NaN or negative milliseconds: measure again instead
+    return model if sorted(model.towers) == sorted(towers) and all(map(sound, model.towers.values())) else None
 
 
 def _variant_feeds(calib_feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -351,7 +360,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     cache_dir = Path(cache_dir)
     key = cache_key(teacher, adapter, target)
     path = cache_file(cache_dir, key)
-    cached = _read_cache(path, key)
+    cached = _read_cache(path, key, [t.name for t in adapter.towers])
     if cached is not None:
         return cached
     if repeats < 3:
