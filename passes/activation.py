@@ -32,7 +32,7 @@ class ActivationConfig(PassConfig):
                                 "blocks in order, each on what the swapped ones before it give. Needs calibration "
                                 "data; not for gated FFNs")
 
-    def check_model(self, adapter: Adapter) -> None:
+    def check_model(self, adapter: Adapter, config: Any = None) -> None:
         names = [t.name for t in adapter.towers]
         unknown = sorted(set(self.towers or []) - set(names))
         if unknown:

@@ -97,12 +97,18 @@ class AntGMMConfig(PassConfig):
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
 
-    def check_model(self, adapter: Adapter) -> None:
-        """The hidden stage narrows BERT-family text encoders only (their towers' HiddenLayout)."""
+    def check_model(self, adapter: Adapter, config: Any = None) -> None:
+        """The hidden stage narrows BERT-family text encoders only (their towers' HiddenLayout), and not
+        one whose embeddings are narrower than its blocks (ELECTRA's embedding_size)."""
         hidden = isinstance(self.shares, dict) and self.shares.get("hidden")
         if hidden and any(t.hidden is None for t in adapter.towers):
             raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels of BERT-family "
                             f"text encoders only, not of this {adapter.family} model; drop 'hidden' from the shares")
+        width = getattr(config, "embedding_size", None)
+        if hidden and width is not None and width != config.hidden_size:
+            raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels, and this "
+                            f"{adapter.family} model's embeddings are {width} wide, projected to its blocks' "
+                            f"{config.hidden_size} (a factorised embedding); drop 'hidden' from the shares")
 
     @field_validator("keep")
     @classmethod
@@ -246,7 +252,7 @@ class AntGMMPass(Pass):
         model, adapter = art.student.to(art.device), art.adapter
         self.tokens = _tokens(art, cfg)
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
-        cfg.check_model(adapter)
+        cfg.check_model(adapter, model.config)
         latency: dict[str, Any] | None = None
         if cfg.target is None:
             self.costs: CountCosts | LatencyCosts = CountCosts(cfg.budget, self.head_dims, self.tokens)

@@ -123,7 +123,7 @@ class DistillConfig(PassConfig):
         "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
         "A single process runs unsharded either way")
 
-    def check_model(self, adapter: Adapter) -> None:
+    def check_model(self, adapter: Adapter, config: Any = None) -> None:
         """What this model's distillation cannot take, refused before anything runs."""
         names = [t.name for t in adapter.towers]
         if self.towers is not None:

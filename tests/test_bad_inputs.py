@@ -516,6 +516,16 @@ def _(tmp):
             ["text tower embeds into 24 dimensions", "vision tower into 32", "set projection_size to 32"])
 
 
+@case("the hidden stage on an ELECTRA whose embeddings are narrower than its blocks, dry run")
+def _(tmp):
+    torch.manual_seed(0)
+    transformers.ElectraModel(transformers.ElectraConfig(**TINY_TEXT, embedding_size=16)).save_pretrained(tmp / "electra")
+    save_preprocessors("bert", tmp / "electra")
+    recipe = {**RANDOM, "passes": [{"antgmm": {"keep": 0.6, "shares": {"ffn": 0.5, "hidden": 0.5}}}]}
+    return ["./electra", "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "embeddings are 16 wide, projected to its blocks' 32 (a factorised embedding)", "drop 'hidden' from the shares"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()

@@ -241,9 +241,9 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
                  for s in recipe.steps() if skipped(adapter, s)]
     for step in [*recipe.passes, *recipe.export]:  # what a step asks of this model, refused before anything runs
         if hasattr(step.config, "check_model"):
-            step.config.check_model(adapter)
+            step.config.check_model(adapter, config)
         if step.name != "distill" and getattr(step.config, "distill", None) is not None:
-            get_pass("distill").Config(**step.config.distill).check_model(adapter)
+            get_pass("distill").Config(**step.config.distill).check_model(adapter, config)
     return {
         "model": model_ref,
         "adapter": adapter.family,
