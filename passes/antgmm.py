@@ -281,6 +281,10 @@ class AntGMMPass(Pass):
             shares = {s: 1.0 for s in ("depth", "ffn", "heads")} if joint else self._shares(model, adapter)
             self._check_reachable(model, adapter, shares, latency)
             remove = latency["start_ms"] - latency["target_ms"]
+            if remove <= 0:  # nothing would be cut, and validation would then miss the target from below
+                raise LmmcError(f"pass 'antgmm': the model already runs at {latency['start_ms']:.4g} ms on the "
+                                f"target (predicted), within its latency_ms of {latency['target_ms']:.4g}; nothing "
+                                f"needs removing: give a latency_ms below {latency['start_ms']:.4g}, or a speedup")
             if joint:
                 plan = {"joint": remove} if remove > 0 else {}
             else:

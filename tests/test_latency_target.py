@@ -251,6 +251,15 @@ def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitte
     assert time.perf_counter() - started < 240  # refused before any scoring, from the cached model
 
 
+def test_a_target_the_model_already_meets_is_refused_before_any_cut(fitted) -> None:
+    cache, model = fitted
+    art = make_artifact("bert")
+    start = sum(model.predict(art.student, art.adapter).values())
+    with pytest.raises(LmmcError, match=f"already runs at {start:.4g} ms on the target .* within its latency_ms of "
+                                        f"{2 * start:.4g}; nothing needs removing"):
+        run_antgmm(art, target={"latency_ms": 2 * start}, deploy=DEPLOY, latency_cache=cache)
+
+
 def _student_ir(tmp_path: Path, fitted) -> Any:
     """A pruned student exported to OpenVINO INT8 as the compile's export would, with its antgmm record."""
     cache, model = fitted
