@@ -526,6 +526,14 @@ def _(tmp):
         "embeddings are 16 wide, projected to its blocks' 32 (a factorised embedding)", "drop 'hidden' from the shares"]
 
 
+@case("an OPTIMA distillation after antgmm with fewer samples than its batch, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"antgmm": {"keep": 0.6}}, {"distill": {"schedule": "optima", "batch_size": 4}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: at most 0 training samples (of 8, less the bandit's reward_samples = 16, after its dev samples) "
+        "for a batch_size of 4", "lower batch_size or reward_samples"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()

@@ -233,6 +233,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
+    _check_distill_samples(recipe, adapter, counts)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe, adapter)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
@@ -293,6 +294,35 @@ def _check_target(adapter: Any, recipe: Recipe) -> None:
             raise LmmcError(f"passes[{i}] '{step.name}' sets a latency target, which is measured on the student "
                             f"deployed to ONNX Runtime or OpenVINO; lmmc does not deploy generative models "
                             f"({adapter.family}) there yet. Set keep (a FLOPs fraction) instead")
+
+
+def _check_distill_samples(recipe: Recipe, adapter: Any, counts: dict[str, int] | None) -> None:
+    """A distillation's training samples against its batch, refused now rather than after the passes before
+    it. The count is the most it can be (its corpus's records, or the calibration split), since held-out
+    and repeated samples drop out only once encoded."""
+    from lmmc.distiller import distilled_towers, modality_key
+
+    for name, cfg in _step_configs(recipe):
+        if name.split(".")[-1] != "distill":
+            continue
+        if cfg.corpus:
+            needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
+            records = read_samples(Path(cfg.corpus))
+            n = len(records) if adapter.kind == "generative" else sum(needed <= r.keys() for r in records)
+        elif counts:
+            n = counts["calibration"]
+        else:
+            continue  # no data at all: the plan has refused it already, or distill will
+        train = n - min(cfg.dev_samples, n // 4)
+        train = min(train, cfg.samples) if cfg.samples else train
+        train += round(cfg.vocabulary * train)
+        reward = cfg.reward_samples if cfg.schedule == "optima" else 0
+        if train - reward < cfg.batch_size:
+            bandit = f", less the bandit's reward_samples = {reward}," if reward else ""
+            raise LmmcError(f"{name}: at most {max(train - reward, 0)} training samples (of {n}{bandit} after its dev "
+                            f"samples) for a batch_size of {cfg.batch_size}; lower batch_size"
+                            f"{' or reward_samples' if reward else ''} or give more samples (a corpus, or "
+                            f"calibration.samples)")
 
 
 def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
