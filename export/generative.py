@@ -4,8 +4,12 @@ embedding table as .npy."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -85,9 +89,9 @@ class Idefics3VisionModule(nn.Module):
     """Idefics3: pixel_values [batch, images, C, H, W] -> image features [batch, images x image tokens,
     decoder width], the images of a row one after the other, as the model writes them over its image tokens.
 
-    Every image is a full square at the vision encoder's size, as Idefics3's processor gives it with or
-    without image splitting (one image or its crops and the global view per <image>), so the graph takes
-    no pixel_attention_mask. It encodes every image it is given: the all-zero images a processor pads a
+    Every image is a full square at the vision encoder's size, as Idefics3's processor gives it (image
+    splitting, which the adapter refuses, would give crops of the same size), so the graph takes no
+    pixel_attention_mask. It encodes every image it is given: the all-zero images a processor pads a
     batch with, when its prompts hold different numbers of images or crops, the model skips and the
     runtime refuses."""
 
@@ -120,6 +124,33 @@ class DecoderModule(nn.Module):
         return (self.head(out.last_hidden_state), *present)
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs warnings with the whole traced graph (tens of KB) on stderr when it fails on a
+    guard; keep torch's loggers to errors while exporting."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _summary(err: Exception) -> str:
+    """The exporter's error in one line: the first line of its exception summary where it has one, and
+    the source line it failed on."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    head = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "## Exception summary"),
+                lines[0] if lines else type(err).__name__)
+    where = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("The following call raised")),
+                 "")
+    return f"{head[:300]}{f' (at {where[:200]})' if where else ''}"
+
+
 def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str], dynamic_shapes: tuple,
             path: Path, opset: int) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +158,22 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
     # The exporter warns about every merged symbolic axis and deprecated internals; none is actionable.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
-                                    dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False)
+        # On a failure torch.export prints the partial graph (tens of KB) to stderr itself: keep it, and
+        # hand it on with the error rather than to the terminal.
+        printed = io.StringIO()
+        try:
+            with _quiet_torch_logs(), contextlib.redirect_stderr(printed):
+                program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
+                                            dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
+                                            verbose=False)
+        except Exception as err:  # whatever torch.export raises, its message pages long
+            # A model that passed check_config and still fails to trace is a bug: one line here, and the
+            # exporter's full message and output stay chained to it, so the crash log's traceback keeps them.
+            if printed.getvalue():
+                err.add_note(f"the exporter printed:\n{printed.getvalue()}")
+            raise RuntimeError(f"torch.onnx.export could not trace {type(module).__name__} for {path.name}: "
+                               f"{_summary(err)}") from err
+        sys.stderr.write(printed.getvalue())
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
     program.save(str(path), external_data=large)
     onnx.checker.check_model(str(path), full_check=True)
@@ -217,13 +262,42 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20, chat_temp
     return metrics
 
 
+def rope_types(text_config: Any) -> list[str]:
+    """The rotary-embedding types of a decoder's config: rope_parameters (transformers 5) or rope_scaling,
+    either one mapping or one mapping per layer type."""
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return []
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    return sorted({str(p.get("rope_type", p.get("type", "default"))) for p in (nested or [params])})
+
+
+def check_config(config: Any) -> None:
+    """Refuse a model config the generative export cannot trace, from its config alone (check_model with
+    the config, which the export also runs before it traces).
+
+    Dynamic NTK rotary embeddings ("dynamic") recompute their frequencies in Python whenever a position
+    passes the longest sequence seen so far, a branch on the data that torch.export cannot trace; the
+    other types (linear, llama3, yarn, longrope) are fixed or choose with torch.where and export."""
+    text_config = getattr(config, "text_config", None)
+    dynamic = [t for t in rope_types(text_config) if "dynamic" in t] if text_config is not None else []
+    if dynamic:
+        raise LmmcError(f"this {config.model_type} model's decoder uses rope_type {dynamic[0]!r}, whose rotary "
+                        f"frequencies change with the sequence length in Python, which the 'onnx_generative' "
+                        f"export cannot trace; it exports rope types such as linear, llama3 and yarn (or remove "
+                        f"'onnx_generative' and set 'validate: false' to compress it without export)")
+
+
 class GenerativeOnnxConfig(PassConfig):
     opset: int = Field(20, ge=18, le=23, description="ONNX opset")
 
-    def check_model(self, adapter) -> None:
+    def check_model(self, adapter, config: Any = None) -> None:
+        """What this export refuses of a model family and, given its config, of the model."""
         if getattr(adapter, "kind", "encoder") != "generative":
             raise LmmcError(f"the 'onnx_generative' pass exports generative models; {adapter.family} is an "
                             f"encoder family: use the 'onnx' pass")
+        if config is not None:
+            check_config(config)
 
 
 @register
@@ -242,7 +316,7 @@ class GenerativeOnnxPass(Pass):
     provides = frozenset({"onnx"})
 
     def run(self, art: Artifact) -> dict[str, Any]:
-        self.config.check_model(art.adapter)
+        self.config.check_model(art.adapter, art.student.config)
         folder = art.workdir / "onnx"
         metrics = export_generative(art.student, folder, self.config.opset, bool(art.calib and art.calib.chat_template))
         for tower in art.adapter.towers:

@@ -29,8 +29,8 @@ from lmmc.pipeline import Pass, PassConfig, get_pass, register
 from lmmc.reconstruct import compensate_, input_gram
 from lmmc.selection import Unit, select_units
 from lmmc.student import read_structure
-from lmmc.surgery import (find_restore, group_size, hidden_width, keep_blocks_, keep_channels_, keep_heads_,
-                           keep_hidden_)
+from lmmc.surgery import (feature_blocks, find_restore, group_size, hidden_width, keep_blocks_, keep_channels_,
+                           keep_heads_, keep_hidden_)
 
 Stage = Literal["depth", "ffn", "heads", "hidden"]
 STAGE_ORDER: tuple[Stage, ...] = ("depth", "ffn", "heads", "hidden")
@@ -616,8 +616,12 @@ class AntGMMPass(Pass):
             blocks = block_list(model, tower)[1]
             if stage == "depth":
                 floors[tower.name] = cfg.min_layers
-                units += [Unit(tower.name, i, scores.blocks[(tower.name, i)], self.costs.block(tower, b))
-                          for i, b in enumerate(blocks)]
+                # LLaVA's projector reads a vision block's output (vision_feature_layer, -2 by default): that
+                # block stays, and the blocks after the deepest one read are dead compute, removed first.
+                read = feature_blocks(model, tower) or set()
+                units += [Unit(tower.name, i, float("-inf") if read and i > max(read) else
+                               scores.blocks[(tower.name, i)], self.costs.block(tower, b))
+                          for i, b in enumerate(blocks) if i not in read]
                 continue
             for i, block in enumerate(blocks):
                 key = (tower.name, i)

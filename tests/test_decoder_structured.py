@@ -173,7 +173,7 @@ def test_a_llava_with_blocks_removed_only_reloads_with_from_pretrained(decoder: 
     count, layer types and teacher layers carry the removal."""
     model = tiny_llava(decoder)
     keep_blocks_(model, LANGUAGE, [0, 3])
-    keep_blocks_(model, VISION, [1])
+    keep_blocks_(model, VISION, [0])  # the block whose output the projector reads (vision_feature_layer -2)
     assert save(model, tmp_path, {})["weights"] == "model.safetensors"
     plain = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     reloaded = load_student(tmp_path)

@@ -78,7 +78,7 @@ def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["adapter"] == "llava"
     # without its generative export the validation would have nothing to run (the encoders' exports are skipped)
-    result = _dry_run(tmp_path, model, calib, {"max_kl": 1.0}, {"chat_template": True})
+    result = _dry_run(tmp_path, model, calib, {"max_kl": 1.0}, {"chat_template": True}, export=["onnx"])
     assert result.exit_code == 2, result.output
     assert "validating this llava model needs its generative export: add 'onnx_generative'" in result.output
     model, calib = bert

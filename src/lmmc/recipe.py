@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
@@ -82,6 +82,9 @@ class Recipe(BaseModel):
     validate_: Step | None = Field(None, alias="validate")
     # `lmmc bench` run on the finished output, its table printed after the compile's; None = not run.
     bench: BenchConfig | None = None
+    # Whether `export` is the default that parse_recipe gave a validated recipe listing no export ("onnx", an
+    # encoder's), which check_gates replaces by the export this kind of model validates on.
+    _default_export: bool = PrivateAttr(False)
 
     def steps(self) -> list[Pass]:
         """Every pass in the order it runs: compression, export, then validation."""
@@ -131,7 +134,12 @@ class Recipe(BaseModel):
 
     def check_gates(self, family: str, kind: str) -> None:
         """Refuse a validate gate that this kind of model has no figure for (e.g. min_cosine on a generative
-        model, max_kl on an encoder): validation would silently skip it and certify without it."""
+        model, max_kl on an encoder): validation would silently skip it and certify without it. A default
+        export (the recipe listed none) becomes the one this kind of model validates on."""
+        if self._default_export and kind == "generative":
+            # parse_recipe chose "onnx" before the model, and so its kind, was known; the recipe is frozen, so
+            # its export list is refilled in place, before the plan builds or lists any step.
+            self.export[:] = [_step("onnx_generative", "export[0]", ("export",))]
         if self.validate_ is None:
             return
         cfg = self.validate_.config
@@ -329,6 +337,7 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
         raise LmmcError(f"{source}: bad bench section:\n{explain(err)}") from None
     recipe = Recipe(model=model, calibration=calibration, passes=passes, export=export, validate=validate,
                     bench=bench)
+    recipe._default_export = data.get("export") is None and raw_validate is not False
     recipe.check()
     return recipe
 

@@ -132,6 +132,10 @@ def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> Non
                         f"channels (antgmm's stage order does)")
     cfg = tower_config(model, tower)
     origin = list(getattr(cfg, "lmmc_teacher_layers", None) or range(len(blocks)))
+    if tower.config_key == "vision_config" and getattr(model.config, "vision_feature_layer", None) is not None:
+        # Checked before anything changes, since it may refuse the cut.
+        model.config.vision_feature_layer = _feature_layer(model.config.vision_feature_layer, idx, len(blocks),
+                                                           tower.name)
     parent_path, _, attr = path.rpartition(".")
     parent = _get(model, parent_path) if parent_path else model
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in idx]))
@@ -145,6 +149,44 @@ def keep_blocks_(model: nn.Module, tower: TowerSpec, keep: Sequence[int]) -> Non
     if isinstance(layer_types, list) and len(layer_types) == len(blocks):
         cfg.layer_types = [layer_types[i] for i in idx]
     cfg.lmmc_teacher_layers = [origin[i] for i in idx]
+
+
+def feature_blocks(model: nn.Module, tower: TowerSpec) -> set[int] | None:
+    """The blocks of a LLaVA-style vision tower whose output the projector reads (`vision_feature_layer`,
+    the patch embeddings' state excluded); None for a tower read only at its end."""
+    layer = getattr(model.config, "vision_feature_layer", None)
+    if tower.config_key != "vision_config" or layer is None:
+        return None
+    blocks = len(block_list(model, tower)[1])
+    states = {i % (blocks + 1) for i in ([layer] if isinstance(layer, int) else layer)}
+    return {state - 1 for state in states if state}
+
+
+def _feature_layer(layer: int | list[int], keep: list[int], blocks: int, tower: str) -> int | list[int]:
+    """LLaVA's `vision_feature_layer` once only the blocks `keep` of `blocks` remain, so that the projector
+    reads the same hidden state as before.
+
+    The index counts hidden states (0: the patch embeddings, i: the output of block i - 1) and is usually
+    negative (-2: the second to last), so it would point elsewhere once blocks are removed. A read block
+    that is kept is read at its new position. The deepest read block may go, as a tower's last block may:
+    the projector then reads the last block kept before it, the tower's output now. Any other read block
+    is refused, since its hidden state is then no longer in the student."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    deepest = max(i % (blocks + 1) for i in layers)
+    out = []
+    for i in layers:
+        state = i % (blocks + 1)  # 0 .. blocks
+        before = sum(k < state for k in keep)  # kept blocks whose output this state has passed through
+        if state and state - 1 not in keep and (state != deepest or before == 0):
+            raise LmmcError(f"removing {tower} block {state - 1}, whose output the projector reads "
+                            f"(vision_feature_layer {layer}), leaves no block to read in its place; remove fewer "
+                            f"{tower} blocks (a lower depth share or a higher keep)")
+        out.append(before if i >= 0 else before - (len(keep) + 1))
+    if len(set(out)) < len(out):  # two read states became one: the projector would read a state twice
+        raise LmmcError(f"removing {tower} blocks {sorted(set(range(blocks)) - set(keep))} leaves the projector "
+                        f"reading one hidden state in place of two (vision_feature_layer {layer}); remove fewer "
+                        f"{tower} blocks (a lower depth share or a higher keep)")
+    return out[0] if isinstance(layer, int) else out
 
 
 class WidthRestore(nn.Module):

@@ -146,20 +146,26 @@ class Generator:
             positions = positions[:, -1:] + 1
         return Generation(np.stack(tokens, axis=1), first)
 
-    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, chat_template: bool | None = None) -> str:
+    def generate(self, image: Any, prompt: str | None, max_new_tokens: int = 32,
+                 chat_template: bool | None = None) -> str:
         """Greedy answer to `prompt` about `image` (a PIL image or an image file's path), the prompt written
         as the compile calibrated and validated the model (`generative_prompt`): in the processor's chat
         template when the compile used it (None: as generative.json records; True or False to choose), else
         after the image token unless the prompt places it. The processor expands the image token into one per
-        image feature."""
+        image feature. A prompt of None or "" asks about the image alone."""
         if self.preprocessor is None:
             raise LmmcError("generate() needs the model's processor (tokenizer and image processor); open the "
                             "compile's output with lmmc.runtime.open_generative, or pass preprocessor=")
         proc = self.preprocessor
         image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
         template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
+        prompt = "" if prompt is None else prompt  # no prompt: the image alone, as a calibration record without one
         if template and proc.image_token in prompt:
             raise LmmcError(f"the chat template places the picture; write the prompt without {proc.image_token!r}")
+        if prompt.count(proc.image_token) > 1:  # one image is given, so one image token can stand for it
+            raise LmmcError(f"the prompt holds {proc.image_token!r} {prompt.count(proc.image_token)} times, but "
+                            f"generate() takes one image; write {proc.image_token!r} once where the picture goes, "
+                            f"or leave it out to put the picture before the prompt")
         prompt = generative_prompt(proc, prompt, template)
         # Idefics3's processor takes a list of images per prompt; its pixel_attention_mask is all ones for one
         # prompt (every crop fills the encoder's size), so the vision graph does not read it.
