@@ -900,7 +900,9 @@ def test_distills_default_length_is_capped_at_a_clip_text_towers_positions(tmp_p
     """distill's max_length of 128 is a default the text tower's 64 positions lower, not an error."""
     monkeypatch.chdir(tmp_path)
     save_tiny("clip", tmp_path / "clip")
-    texts(tmp_path)
-    recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "calib.txt"}}]})
+    images(tmp_path, 40)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"image": f"pics/{i}.png", "text": f"the road {spelled(i)}"})
+                                                    for i in range(40)))
+    recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "pairs.jsonl"}}]})
     result = CliRunner().invoke(main, ["compile", "./clip", "-r", str(recipe), "-o", "out", "--dry-run"])
     assert result.exit_code == 0, result.output
