@@ -150,7 +150,7 @@ def test_distillation_corpus_drops_held_out_images_under_any_caption(tmp_path):
     for corpus in (None, str(tmp_path / "pairs.jsonl")):
         distill_cfg = get_pass("distill").Config(steps=1, dev_samples=4, corpus=corpus)
         art = SimpleNamespace(calib=calib, preprocessor=pre, adapter=get_adapter("clip"),
-                              teacher=SimpleNamespace(config=None))
+                              teacher=SimpleNamespace(config=transformers.CLIPConfig()))
         train, dev = build_corpus(distill_cfg, art, ["image", "text"])
 
         def image_key(sample):

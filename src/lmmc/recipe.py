@@ -205,7 +205,9 @@ class Recipe(BaseModel):
             out["model"] = self.model
         out["calibration"] = self.calibration.model_dump(mode="json")
         out["passes"] = [{s.name: s.config.model_dump(mode="json")} for s in self.passes]
-        out["export"] = [{s.name: s.config.model_dump(mode="json")} for s in self.export]
+        if not self._default_export:
+            # a default export stays unwritten: parsed again, it becomes the one the model's kind validates on
+            out["export"] = [{s.name: s.config.model_dump(mode="json")} for s in self.export]
         out["validate"] = self.validate_.config.model_dump(mode="json") if self.validate_ is not None else False
         if self.bench is not None:
             out["bench"] = self.bench.model_dump(mode="json")
