@@ -220,7 +220,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
-    warnings: list[str] = []
+    warnings: list[str] = [] if modules is None else list(modules.warnings)
     if getattr(config, "auto_map", None) and not trust_remote_code:
         warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
                         f"without --trust-remote-code: it is compiled as transformers' built-in "

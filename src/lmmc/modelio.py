@@ -14,7 +14,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, read_modules
+from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -114,6 +114,7 @@ def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any])
         return None
     limit = min(text_positions(config, t) for t in text)
     modules = preprocessor.get("sentence_modules")
+    # read_modules has checked that the file holds one JSON object
     declared = json.loads(modules.files["sentence_bert_config.json"]).get("max_seq_length") \
         if modules is not None and "sentence_bert_config.json" in modules.files else None
     if declared is None:
@@ -250,6 +251,8 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         raise missing_package(err, f"the tokenizer of '{ref}'") from None
     except (OSError, ValueError, TypeError, KeyError):
         pass
+    if out["tokenizer"] is not None and bert_config(ref).get("do_lower_case") is True:
+        _lowercase(out["tokenizer"], ref)
     try:
         out["image_processor"] = transformers.AutoImageProcessor.from_pretrained(ref,
                                                                                  trust_remote_code=trust_remote_code)
@@ -258,6 +261,27 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
     except (OSError, ValueError, TypeError, KeyError):
         pass
     return out
+
+
+def _lowercase(tok: Any, ref: str) -> None:
+    """Make the tokenizer lowercase its input, as sentence-transformers does for a model whose
+    sentence_bert_config.json sets do_lower_case: a Lowercase normalizer ahead of the tokenizer's own, so
+    every encode, and the tokenizer.json saved with the student, lowercase too."""
+    from tokenizers.normalizers import BertNormalizer, Lowercase, Sequence
+
+    if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
+        raise LmmcError(f"'{ref}/sentence_bert_config.json' sets do_lower_case, which lmmc applies to fast "
+                        f"tokenizers only, and the tokenizer of '{ref}' is a slow {type(tok).__name__}; save the "
+                        f"model with its fast tokenizer (tokenizer.json)")
+    backend = tok.backend_tokenizer
+    current = backend.normalizer
+    steps = list(current) if isinstance(current, Sequence) else [] if current is None else [current]
+    if any(isinstance(n, Lowercase) or (isinstance(n, BertNormalizer) and n.lowercase) for n in steps):
+        return  # it lowercases already (an uncased BERT, or a student saved by lmmc)
+    backend.normalizer = Sequence([Lowercase(), *steps])
+    # transformers rebuilds a model's own tokenizer class (BertTokenizer, ...) from its settings and drops
+    # the normalizer of tokenizer.json; save_student marks the saved tokenizer to be read as tokenizer.json has it.
+    tok.lmmc_lowercase = True
 
 
 def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: dict[str, Any],
@@ -461,3 +485,10 @@ def save_student(student: torch.nn.Module, preprocessor: dict[str, Any], out: Pa
     for proc in preprocessor.values():
         if proc is not None:
             proc.save_pretrained(out)
+    tok = preprocessor.get("tokenizer")
+    if getattr(tok, "lmmc_lowercase", False) and (out / "tokenizer_config.json").is_file():
+        # Read back as the generic tokenizer of tokenizer.json, which keeps its Lowercase normalizer
+        # (see _lowercase); transformers, sentence-transformers and lmmc.runtime then lowercase alike.
+        settings = json.loads((out / "tokenizer_config.json").read_text())
+        settings["tokenizer_class"] = "TokenizersBackend"
+        (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")

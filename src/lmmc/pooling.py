@@ -17,6 +17,10 @@ from lmmc.errors import LmmcError
 _KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
          "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
          "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+# sentence-transformers 3 and later write one "pooling_mode" (a name or a list, concatenated in the list's
+# order) instead of the flags above; its names, mapped to lmmc's.
+_NAMES = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len",
+          "weightedmean": "weightedmean", "lasttoken": "lasttoken"}
 DEFAULT = ("mean",)
 # The model config's attributes that carry the modes, and whether the pipeline ends in a Normalize module,
 # into the student and its saved config.json.
@@ -36,6 +40,8 @@ class SentenceModules:
     normalize: bool = False
     files: dict[str, str] = field(default_factory=dict)  # path relative to the model directory -> text
     dirs: tuple[str, ...] = ()  # module directories without files (Normalize)
+    # What the compile should tell the user: settings of the model's files lmmc does not apply (a default prompt).
+    warnings: tuple[str, ...] = ()
 
     def save_pretrained(self, out: Path | str) -> None:
         out = Path(out)
@@ -62,11 +68,59 @@ def _reader(source: str):
     return hub
 
 
+def _json_object(text: str, where: str) -> dict[str, Any]:
+    """A sentence-transformers file that must hold one JSON object; anything else is one clear error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LmmcError(f"{where} is not valid JSON ({err.msg}, line {err.lineno}); repair it, or save the "
+                        f"model again with sentence-transformers") from None
+    if not isinstance(value, dict):
+        raise LmmcError(f"{where} holds a JSON {type(value).__name__}, not an object of settings; repair it, or "
+                        f"save the model again with sentence-transformers")
+    return value
+
+
+def bert_config(source: str) -> dict[str, Any]:
+    """The settings of a sentence-transformers directory's sentence_bert_config.json (its max_seq_length,
+    do_lower_case); empty without modules.json, since sentence-transformers reads it only as a module's."""
+    read = _reader(source)
+    if read("modules.json") is None:
+        return {}
+    text = read("sentence_bert_config.json")
+    return {} if text is None else _json_object(text, f"'{source}/sentence_bert_config.json'")
+
+
+def _prompt_warnings(text: str | None, source: str) -> tuple[str, ...]:
+    """sentence-transformers' encode prepends the default prompt to every text; lmmc encodes the text as
+    given, so a model that declares one is measured and deployed on other inputs than its users'."""
+    if text is None:
+        return ()
+    cfg = _json_object(text, f"'{source}/config_sentence_transformers.json'")
+    name = cfg.get("default_prompt_name")
+    prompts = cfg.get("prompts")
+    prompt = prompts.get(name) if isinstance(prompts, dict) and isinstance(name, str) else None
+    if not prompt:
+        return ()
+    return (f"'{source}' sets default_prompt_name '{name}' (config_sentence_transformers.json), which "
+            f"sentence-transformers prepends to every text ({prompt!r}); lmmc calibrates, validates and encodes "
+            f"the texts as given, without it: prepend {prompt!r} to the calibration texts and to the texts you "
+            f"encode with the student",)
+
+
 def _modes(cfg: dict[str, Any], where: str) -> tuple[str, ...]:
     if cfg.get("include_prompt") is False:
         raise LmmcError(f"{where}: the pooling leaves the prompt's tokens out (include_prompt: false), which "
                         f"needs the prompt's length at every call; lmmc pools over every token. Compile the "
                         f"transformer without modules.json if mean pooling over the whole input is acceptable")
+    if "pooling_mode" in cfg:  # sentence-transformers 3 and later
+        value = cfg["pooling_mode"]
+        names = [value] if isinstance(value, str) else value
+        valid = ", ".join(_NAMES)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in _NAMES for n in names):
+            raise LmmcError(f"{where}: pooling_mode {value!r} is not a pooling mode or a list of them; use "
+                            f"{valid}")
+        return tuple(_NAMES[n] for n in names)
     modes = tuple(m for m, key in _KEYS.items() if cfg.get(key))
     if not modes:
         raise LmmcError(f"{where} sets no pooling mode; set one of pooling_mode_cls_token, "
@@ -86,7 +140,13 @@ def read_modules(source: str) -> SentenceModules | None:
         modules = json.loads(text)
     except json.JSONDecodeError as err:
         raise LmmcError(f"'{source}': modules.json is not valid JSON ({err.msg}); repair or remove it") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise LmmcError(f"'{source}': modules.json is not a list of modules (objects with a type and a path); "
+                        f"repair it, or save the model again with sentence-transformers")
     files = {rel: t for rel in _TOP_FILES if (t := read(rel)) is not None}
+    # Read now so that a broken file is refused before anything loads, not when the manifest is written.
+    bert_config(source)
+    warnings = _prompt_warnings(files.get("config_sentence_transformers.json"), source)
     modes, dirs = DEFAULT, []
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -101,11 +161,12 @@ def read_modules(source: str) -> SentenceModules | None:
             if cfg_text is None:
                 raise LmmcError(f"'{source}': modules.json names a Pooling module at '{rel}' without "
                                 f"'{rel}/config.json'; copy the whole sentence-transformers directory")
-            modes = _modes(json.loads(cfg_text), f"'{source}/{rel}/config.json'")
+            where = f"'{source}/{rel}/config.json'"
+            modes = _modes(_json_object(cfg_text, where), where)
             files[f"{rel}/config.json"] = cfg_text
         elif kind == "Normalize":
             dirs.append(rel)
-    return SentenceModules(modes, bool(dirs), files, tuple(dirs))
+    return SentenceModules(modes, bool(dirs), files, tuple(dirs), warnings)
 
 
 def modes_of(config: Any) -> tuple[str, ...]:
@@ -126,10 +187,17 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, .
     sentence-transformers computes it."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     count = mask.sum(1).clamp(min=1e-9)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    # The first real token, whichever side the padding is on: the count of positions before it (left
+    # padding). Computed from the mask, so the exported graphs follow each batch's padding too; a row
+    # without a real token reads position 0, as sentence-transformers' argmax does.
+    real = attention_mask.to(positions.dtype)
+    first = (real.cumsum(1) == 0).to(positions.dtype).sum(1) * real.amax(1)
     out = []
     for mode in modes:
         if mode == "cls":
-            out.append(hidden[:, 0])
+            out.append(hidden[rows, first])
         elif mode == "max":
             out.append(hidden.masked_fill(mask == 0, -1e9).max(1).values)
         elif mode == "mean":
@@ -137,13 +205,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, .
         elif mode == "mean_sqrt_len":
             out.append((hidden * mask).sum(1) / count.sqrt())
         elif mode == "weightedmean":
-            weights = mask * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)[None, :, None]
+            # Weights count from 1 at the first real token, as sentence-transformers counts them.
+            weights = mask * (positions[None, :] + 1 - first[:, None]).to(hidden.dtype).unsqueeze(-1)
             out.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9))
         elif mode == "lasttoken":
             # The last real token, whichever side the padding is on.
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
             last = (attention_mask.to(positions.dtype) * positions).argmax(1)
-            out.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+            out.append(hidden[rows, last])
         else:
             raise ValueError(f"unknown pooling mode '{mode}'")
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)

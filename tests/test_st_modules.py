@@ -1,0 +1,205 @@
+"""The files of a sentence-transformers directory as the installed sentence-transformers writes and reads
+them: the pooling config of sentence-transformers 3 and later, broken files refused with one clear error,
+do_lower_case, a default prompt, and CLS / weighted-mean pooling under left padding. Each embedding is
+compared with sentence-transformers' own encode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentence_transformers as st
+import torch
+import transformers
+import yaml
+from click.testing import CliRunner
+
+from lmmc.cli import main
+from lmmc.errors import LmmcError
+from lmmc.modelio import load_teacher
+from lmmc.pooling import read_modules
+from lmmc.runtime import open_dir
+from tests.conftest import compile_tiny_text, save_tiny, tiny_vocab
+
+TEXTS = ["the water is cold", "a man was on the road and the house of the man", "python", "data of a function"]
+MIXED_CASE = ["The Water is COLD", "A man was on the Road and the House of the man", "the water is cold", "Of"]
+
+
+def st_dir(path: Path, pooling: dict, normalize: bool = False, bert_config: dict | None = None) -> Path:
+    """Turn a saved BERT directory into a sentence-transformers one whose Pooling config is `pooling`."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 32, **pooling}))
+    (path / "sentence_bert_config.json").write_text(json.dumps(bert_config or {"max_seq_length": 32,
+                                                                              "do_lower_case": False}))
+    return path
+
+
+def lmmc_embeddings(path: Path, texts: list[str]) -> torch.Tensor:
+    """The teacher's pooled embedding as lmmc computes it, on one padded batch of `texts`."""
+    model, adapter, preprocessor = load_teacher(str(path))
+    enc = preprocessor["tokenizer"](texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return adapter.towers[0].embed(model, {"input_ids": enc["input_ids"],
+                                              "attention_mask": enc["attention_mask"]})[1]
+
+
+def st_embeddings(path: Path, texts: list[str]) -> torch.Tensor:
+    return st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_tensor=True)
+
+
+# --- the pooling config of sentence-transformers 3 and later: one "pooling_mode" --------------------------
+
+@pytest.mark.parametrize("pooling_mode, modes", [
+    ("cls", ["cls"]), ("max", ["max"]), ("mean_sqrt_len_tokens", ["mean_sqrt_len"]),
+    ("lasttoken", ["lasttoken"]), (["weightedmean"], ["weightedmean"]),
+    # concatenated in the list's order, which need not be the order of the legacy flags
+    (["mean", "cls"], ["mean", "cls"]), (["max", "mean", "cls"], ["max", "mean", "cls"]),
+])
+def test_a_pooling_mode_key_is_read_as_sentence_transformers_reads_it(tmp_path, pooling_mode, modes):
+    path = st_dir(save_tiny("bert", tmp_path / "m"),
+                  {"embedding_dimension": 32, "pooling_mode": pooling_mode, "include_prompt": True})
+    assert list(read_modules(str(path)).modes) == modes
+    ours, theirs = lmmc_embeddings(path, TEXTS), st_embeddings(path, TEXTS)
+    assert ours.shape == theirs.shape == (len(TEXTS), 32 * len(modes))
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_a_directory_saved_by_the_installed_sentence_transformers_compiles_dry(tmp_path):
+    hf = save_tiny("bert", tmp_path / "hf")
+    model = st.SentenceTransformer(modules=[st.models.Transformer(str(hf), max_seq_length=32),
+                                            st.models.Pooling(32, pooling_mode=("cls", "mean")),
+                                            st.models.Normalize()], device="cpu")
+    model.save(str(tmp_path / "st"))
+    assert read_modules(str(tmp_path / "st")).modes == ("cls", "mean")
+    ours = torch.nn.functional.normalize(lmmc_embeddings(tmp_path / "st", TEXTS), dim=-1)
+    assert torch.allclose(ours, model.encode(TEXTS, convert_to_tensor=True), atol=1e-5)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "st"), "-r", str(recipe), "-o",
+                                       str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("pooling_mode", ["avg", ["cls", "nope"], [], 3])
+def test_an_unknown_pooling_mode_is_refused(tmp_path, pooling_mode):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"embedding_dimension": 32, "pooling_mode": pooling_mode})
+    with pytest.raises(LmmcError, match="pooling_mode .* is not a pooling mode.*mean_sqrt_len_tokens"):
+        read_modules(str(path))
+
+
+# --- broken files: one LmmcError where they are read, the dry run included ---------------------------------
+
+@pytest.mark.parametrize("rel, text, words", [
+    ("1_Pooling/config.json", '{"pooling_mode_mean_tokens": tru', "1_Pooling/config.json' is not valid JSON"),
+    ("1_Pooling/config.json", "[1, 2]", "1_Pooling/config.json' holds a JSON list, not an object"),
+    ("modules.json", '{"0": {"type": "sentence_transformers.models.Transformer", "path": ""}}',
+     "modules.json is not a list of modules"),
+    ("modules.json", '["Transformer"]', "modules.json is not a list of modules"),
+    ("sentence_bert_config.json", '{"max_seq_length": 12', "sentence_bert_config.json' is not valid JSON"),
+    ("sentence_bert_config.json", '"max_seq_length"', "sentence_bert_config.json' holds a JSON str"),
+    ("config_sentence_transformers.json", "{", "config_sentence_transformers.json' is not valid JSON"),
+])
+def test_a_broken_sentence_transformers_file_is_one_error_before_anything_loads(tmp_path, rel, text, words):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode_mean_tokens": True})
+    (path / rel).write_text(text)
+    with pytest.raises(LmmcError, match=words):
+        read_modules(str(path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
+    result = CliRunner().invoke(main, ["compile", str(path), "-r", str(recipe), "-o", str(tmp_path / "out"),
+                                       "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+# --- do_lower_case -----------------------------------------------------------------------------------------
+
+def cased_bert(path: Path) -> Path:
+    """A tiny BERT whose own tokenizer keeps case: its vocabulary is lower-case, so capitals are unknown
+    unless the text is lowercased first."""
+    save_tiny("bert", path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    transformers.BertTokenizer(vocab=str(tiny_vocab(path / "vocab.txt")), do_lower_case=False).save_pretrained(path)
+    return path
+
+
+def test_do_lower_case_lowercases_every_encode_and_the_students_tokenizer(tmp_path):
+    teacher = st_dir(cased_bert(tmp_path / "teacher"), {"pooling_mode": "mean"}, normalize=True,
+                     bert_config={"max_seq_length": 32, "do_lower_case": True})
+    # The teacher's tokenizer as lmmc loads it reads capitals as sentence-transformers does: lowercased.
+    _, _, pre = load_teacher(str(teacher))
+    assert pre["tokenizer"](MIXED_CASE[0])["input_ids"] == pre["tokenizer"](MIXED_CASE[0].lower())["input_ids"]
+    theirs = st_embeddings(teacher, MIXED_CASE)
+    ours = torch.nn.functional.normalize(lmmc_embeddings(teacher, MIXED_CASE), dim=-1)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+    out = compile_tiny_text(teacher, tmp_path / "out", [{"magnitude": {"sparsity": 0.3}}], max_length=32)
+    # The saved tokenizer lowercases wherever it is read: transformers (the C++ sample's ids), the ONNX
+    # and OpenVINO artifacts through lmmc.runtime, and sentence-transformers.
+    tok = transformers.AutoTokenizer.from_pretrained(out / "student")
+    assert tok(MIXED_CASE[1])["input_ids"] == tok(MIXED_CASE[1].lower())["input_ids"]
+    student = st.SentenceTransformer(str(out / "student"), device="cpu").encode(MIXED_CASE)
+    for backend in ("onnxruntime", "openvino"):
+        deployed = open_dir(out, backend=backend).encode(MIXED_CASE)
+        assert np.abs(deployed - student).max() < 1e-4, backend
+    assert np.abs(student - st.SentenceTransformer(str(out / "student"), device="cpu")
+                  .encode([t.lower() for t in MIXED_CASE])).max() < 1e-5
+
+
+def test_do_lower_case_with_a_slow_tokenizer_is_refused():
+    from lmmc.modelio import _lowercase
+
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(LmmcError, match="sentence_bert_config.json' sets do_lower_case.*slow"):
+        _lowercase(Slow(), "m")
+
+
+# --- a default prompt --------------------------------------------------------------------------------------
+
+def test_a_default_prompt_is_named_in_a_warning(tmp_path):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"})
+    assert read_modules(str(path)).warnings == ()
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": "query"}))
+    warnings = read_modules(str(path)).warnings
+    assert len(warnings) == 1 and "default_prompt_name 'query'" in warnings[0] and "'query: '" in warnings[0]
+    # An empty default prompt changes nothing
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": ""}, "default_prompt_name": "query"}))
+    assert read_modules(str(path)).warnings == ()
+
+
+# --- left padding ------------------------------------------------------------------------------------------
+
+def left_padded(path: Path) -> Path:
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    settings["padding_side"] = "left"
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return path
+
+
+@pytest.mark.parametrize("pooling_mode", ["cls", "weightedmean", ["cls", "weightedmean", "lasttoken"]])
+def test_left_padding_pools_from_the_first_real_token(tmp_path, pooling_mode):
+    path = left_padded(st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": pooling_mode}))
+    ours, theirs = lmmc_embeddings(path, TEXTS), st_embeddings(path, TEXTS)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_a_left_padded_cls_student_deploys_the_first_real_token(tmp_path):
+    teacher = left_padded(st_dir(save_tiny("bert", tmp_path / "teacher"), {"pooling_mode": "cls"}, normalize=True))
+    out = compile_tiny_text(teacher, tmp_path / "out", [{"magnitude": {"sparsity": 0.3}}], max_length=32)
+    student = st.SentenceTransformer(str(out / "student"), device="cpu").encode(TEXTS)
+    for backend in ("onnxruntime", "openvino"):  # one batch, padded on the left to its longest text
+        deployed = open_dir(out, backend=backend).encode(TEXTS)
+        assert np.abs(deployed - student).max() < 1e-4, backend
