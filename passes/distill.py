@@ -192,17 +192,30 @@ def _split_samples(batches: dict[str, list[Batch]], modalities: list[str]) -> li
     return [{m: per[m][i] for m in modalities} for i in range(n)]
 
 
-def _sample_key(sample: Sample) -> tuple:
+def _sample_key(sample: Sample, special: frozenset[int] = frozenset(), tokens: int = _KEY_TOKENS) -> tuple:
+    """What tells samples apart: an image's pixels, a generative sample's whole sequence, and an encoder
+    text's first `tokens` content tokens (its special tokens left out, since a text cut short ends in one)."""
     parts = []
     for m in sorted(sample):
         if m == "text":
             # A generative sample's tokens start with its image and prompt: only the whole sequence tells
             # two answers to one image apart.
-            ids = sample[m]["input_ids"] if "labels" in sample[m] else sample[m]["input_ids"][:_KEY_TOKENS]
-            parts.append(tuple(ids.tolist()))
+            ids = sample[m]["input_ids"].tolist()
+            if "labels" not in sample[m]:
+                ids = [i for i in ids if i not in special][:tokens]
+            parts.append(tuple(ids))
         else:
             parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
     return tuple(parts)
+
+
+def _key_tokens(special: frozenset[int], *sides: list[Sample]) -> int:
+    """How many content tokens the keys compare: no more than either side kept of its longest text. The
+    held-out split and the corpus may be cut at different max_length, and a text is the same text when one
+    side holds only the start of it."""
+    longest = [max(sum(i not in special for i in s["text"]["input_ids"].tolist()) for s in side)
+               for side in sides if side and "text" in side[0] and "labels" not in side[0]["text"]]
+    return max(1, min([_KEY_TOKENS, *longest]))
 
 
 def check_towers(art: Artifact) -> None:
@@ -238,11 +251,13 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
         samples = _split_samples(art.calib.calib, modalities)
     # Pairs are held out by their image: a held-out image under another caption is still held out.
     by = ["image"] if "image" in modalities else modalities
-    held_out = ({_sample_key({m: s[m] for m in by}) for s in _split_samples(art.calib.eval, modalities)}
-                if art.calib else set())
+    held = _split_samples(art.calib.eval, modalities) if art.calib else []
+    special = frozenset(getattr((art.preprocessor or {}).get("tokenizer"), "all_special_ids", None) or ())
+    n = _key_tokens(special, held, samples)
+    held_out = {_sample_key({m: s[m] for m in by}, special, n) for s in held}
     unique: dict[tuple, Sample] = {}
     for s in samples:
-        if _sample_key({m: s[m] for m in by}) not in held_out:
+        if _sample_key({m: s[m] for m in by}, special, n) not in held_out:
             unique.setdefault(_sample_key(s), s)
     samples = list(unique.values())
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

@@ -436,6 +436,33 @@ def test_text_corpus_excludes_held_out_sentences(minilm, tmp_path):
     assert (m["train_samples"], m["dev_samples"]) == (60 - 12 - 8, 8)
 
 
+
+@pytest.mark.parametrize("calib_length, corpus_length", [(12, None), (None, 12)])
+def test_held_out_sentences_stay_out_when_one_side_is_cut_shorter(minilm, tmp_path, calib_length, corpus_length):
+    """A held-out text cut to 12 tokens is the start of the same corpus text cut to 128, and the other way
+    round: neither may be trained on."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm))
+    teacher = transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size})).eval()
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()][:60]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines))
+    calib = load_calibration(CalibrationConfig(samples=20, eval_samples=12, batch_size=8, max_length=calib_length),
+                             str(corpus), {"text"}, {"tokenizer": tokenizer})
+    art = Artifact("tiny", get_adapter("bert"), teacher, make_student(teacher), preprocessor={"tokenizer": tokenizer},
+                   calib=calib)
+    cfg = Distill.Config(corpus=str(corpus), dev_samples=8, **({"max_length": corpus_length} if corpus_length else {}))
+    train, dev = build_corpus(cfg, art, ["text"])
+
+    def texts(rows):
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+    held = texts(row[mask.bool()] for batch in calib.eval["text"]
+                 for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
+    trained = texts(s["text"]["input_ids"] for s in train + dev)
+    assert len(held) >= 11  # two texts cut to 12 tokens may be one
+    assert [t for t in trained if any(t.startswith(h) or h.startswith(t) for h in held)] == []
+    assert len(trained) >= 60 - 12 - 2  # a distinct line that starts as a held-out one may go too
+
 # --- checkpoints and resume ---------------------------------------------------------------------------
 
 RESUME_CFG = dict(steps=9, batch_size=8, lr=3e-3, dev_samples=8, eval_every=3, schedule="optima",
