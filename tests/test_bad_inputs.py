@@ -584,6 +584,29 @@ def _(tmp):
     return [model, "-r", write_recipe(tmp, RANDOM), "-o", model / "out"], ["sits inside the model directory", "outside it"]
 
 
+@case("distill's checkpoint_dir inside --out, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "checkpoint_dir": "out/checkpoints"}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["writes its checkpoint_dir", "checkpoints' inside --out", "outside --out"])
+
+
+@case("distill's checkpoint_dir inside the model directory, dry run")
+def _(tmp):
+    model = bert(tmp)
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "checkpoint_dir": str(model / "ckpt")}}]}
+    return ([model, "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["inside the model directory", "does not write into its inputs", "outside it"])
+
+
+@case("antgmm's latency_cache inside --out, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"antgmm": {"target": {"speedup": 1.5}, "latency_cache": "out/cache"}}],
+              "export": ["onnx", {"openvino": {"int8": True}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["writes its latency_cache", "inside --out"])
+
+
 @case("--force on the calibration folder")
 def _(tmp):
     images(tmp, 160)

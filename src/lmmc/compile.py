@@ -183,8 +183,32 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
                             f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
                             f"--out, or move that directory away yourself")
+    _check_side_paths(target, model_ref, recipe, recipe_path)
     _check_writable(target)
     return target
+
+
+def _check_side_paths(target: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> None:
+    """Folders a pass writes beside the output (distill's checkpoint_dir, antgmm's latency_cache) may not
+    sit inside --out, which is only put in place at the end, nor inside an input, whose files --resume
+    checks for changes."""
+    inputs = [(what, path) for what, path in _inputs(model_ref, recipe, recipe_path)
+              if what != "the current directory"]
+    for name, cfg in _step_configs(recipe):
+        for key in ("checkpoint_dir", "latency_cache"):
+            value = getattr(cfg, key, None)
+            if not value:
+                continue
+            path = Path(value).expanduser().resolve()
+            if path == target or target in path.parents:
+                raise LmmcError(f"'{name}' writes its {key} '{value}' inside --out '{target}', which lmmc writes "
+                                f"elsewhere and moves into place only when the compile ends; give a {key} outside "
+                                f"--out")
+            for what, inp in inputs:
+                if path == inp or inp in path.parents:
+                    raise LmmcError(f"'{name}' writes its {key} '{value}' inside {what} ({inp}); lmmc does not "
+                                    f"write into its inputs (and --resume would find them changed). Give a {key} "
+                                    f"outside it")
 
 
 def _check_writable(target: Path) -> None:
