@@ -48,7 +48,7 @@ class DistillConfig(PassConfig):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU. On a CPU "
         "with AMX, bf16 trains faster at batch 32 and up (text batches are then padded to multiples of 16 tokens)")
-    seed: int = Field(0, description="seeds the data order and the bandit")
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds the data order and the bandit")
     corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder; generative "
                                "models: a .jsonl of {image, prompt?, text} records); default: the calibration "
                                "samples. Held-out validation samples are always removed")

@@ -88,7 +88,7 @@ class EcoflapConfig(AllocationConfig):
     epsilon: float = Field(1e-3, gt=0.0, description="finite-difference step ε of the zeroth-order estimate")
     samples: int = Field(64, gt=0, description="calibration samples the scores are computed on")
     batch_size: int = Field(8, gt=1, description="samples per loss evaluation (in-batch negatives need ≥ 2)")
-    seed: int = Field(0, description="seed of the random directions z")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the random directions z")
 
     @model_validator(mode="after")
     def _cap_reaches_target(self) -> "EcoflapConfig":

@@ -607,6 +607,12 @@ def _(tmp):
             ["writes its latency_cache", "inside --out"])
 
 
+@case("a seed past 64 bits, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "seed": 2**64}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], ["seed", "less than 9223372036854775808"]
+
+
 @case("--force on the calibration folder")
 def _(tmp):
     images(tmp, 160)

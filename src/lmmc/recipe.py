@@ -31,7 +31,8 @@ class CalibrationConfig(Config):
     batch_size: int = Field(8, gt=0)
     max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or the model's "
                                    "position limit if lower (CLIP: 77)")
-    seed: int = 0
+    # torch seeds its generators with a 64-bit integer
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds the held-out split and random calibration")
     caption_template: str | None = Field(None, description="reads an image folder as one subfolder per class, "
                                          "each image captioned with this template, e.g. \"a photo of the "
                                          "digit {label}\"; also the class prompt of zero-shot accuracy on "
