@@ -1,6 +1,7 @@
 """Calibration data: formats, the deterministic non-overlapping split, and encoding."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,25 @@ def test_labels_must_match_the_captions(tmp_path, lines, message):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     with pytest.raises(LmmcError, match=message):
         read_samples(tmp_path / "d.jsonl")
+
+
+def test_lines_split_at_line_feeds_only(tmp_path):
+    """A form feed, U+2028 or NEL inside a line (PDF extracts hold them) is not a line break; CRLF is."""
+    txt = tmp_path / "pages.txt"
+    txt.write_text("end of page\x0cstart of the next\r\nlines\u2028joined\nnext\x85line\n", encoding="utf-8")
+    assert [r["text"] for r in read_samples(txt)] == ["end of page\x0cstart of the next", "lines\u2028joined",
+                                                      "next\x85line"]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_samples(jsonl) == [{"text": "a\u2028b"}]
+
+
+@pytest.mark.parametrize("label", [None, True, [1, 2], {"a": 1}, 1.5])
+def test_a_label_that_is_no_class_name_or_number_is_refused(tmp_path, label):
+    path = tmp_path / "labelled.jsonl"
+    path.write_text(json.dumps({"text": "a cat", "label": "cat"}) + "\n" + json.dumps({"text": "a dog", "label": label}) + "\n")
+    with pytest.raises(LmmcError, match=rf"labelled.jsonl:2: \"label\" must be a class name or number, got "
+                                        rf"{re.escape(json.dumps(label))}"):
+        read_samples(path)
+    path.write_text(json.dumps({"text": "a cat", "label": 3}) + "\n" + json.dumps({"text": "a dog", "label": "dog"}) + "\n")
+    assert [r["label"] for r in read_samples(path)] == ["3", "dog"]

@@ -59,6 +59,12 @@ class CalibData:
         return self.eval.get(modality, [])
 
 
+def _lines(path: Path) -> list[str]:
+    """A text file's lines, split at line feeds only (a carriage return before one is stripped with the
+    line): str.splitlines would also split at form feeds and U+2028, which PDF extracts and JSON strings hold."""
+    return _read_text(path).split("\n")
+
+
 def _read_text(path: Path) -> str:
     """UTF-8, or UTF-16 with its byte-order mark (as Windows tools save text); a UTF-8 mark is dropped, so
     it is not read as part of the first sample."""
@@ -82,10 +88,10 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
         records = [{"image": str(p)} for p in folder_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
         _check_readable(path, [r["image"] for r in records])
     elif path.suffix.lower() == ".txt":
-        records = [{"text": line.strip()} for line in _read_text(path).splitlines() if line.strip()]
+        records = [{"text": line.strip()} for line in _lines(path) if line.strip()]
     elif path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(_read_text(path).splitlines(), 1):
+        for n, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
             try:
@@ -106,7 +112,11 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 image = Path(obj["image"])
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
             if "label" in obj:
-                rec["label"] = str(obj["label"])
+                label = obj["label"]
+                if isinstance(label, bool) or not isinstance(label, (str, int)):
+                    raise LmmcError(f"{path}:{n}: \"label\" must be a class name or number, got "
+                                    f"{json.dumps(label)}; write the class in quotes")
+                rec["label"] = str(label)
             if "prompt" in obj:  # generative models: the text before the answer, not trained on
                 rec["prompt"] = obj["prompt"]
             if "text" in rec or "image" in rec:
