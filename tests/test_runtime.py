@@ -246,6 +246,13 @@ def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
         assert np.abs(deployed.encode(arrays) - ref).max() <= 1e-6
     floats = deployed.encode([rgba[..., :3] + 0.3, rgba.astype(np.float32) + 0.4])  # pixels rounded, as PIL holds them
     assert np.abs(floats - ref[:2]).max() <= 1e-6
+    # 1, 3 or 4 pixels high: an image processor given the array would take its height for the channels
+    short = [rgba[:h, :, :3] for h in (1, 3, 4)] + [rgba[:4, :4, :3]]
+    ref = deployed.encode([Image.fromarray(a) for a in short])
+    assert np.abs(deployed.encode(short) - ref).max() <= 1e-6
+    # premultiplied grey with alpha, which PIL converts only to plain grey with alpha
+    la = Image.fromarray(rgba[..., :2], "LA")
+    assert np.abs(deployed.encode([la.convert("La")]) - deployed.encode([la.convert("La").convert("LA")])).max() <= 1e-6
     for item, message in [
             (np.stack([rgba[..., :3]] * 2), "an array of shape \\[2, 40, 44, 3\\]; one picture is"),
             (rgba[:0], "a picture without pixels"),
@@ -294,8 +301,14 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
         vision.run({"pixel_values": np.zeros((1, 3, 40, 40), np.float32)})
     pixels = np.zeros((3, 3, 32, 32), np.float32)
     pixels[1, 0, 5, 5] = np.nan
-    with pytest.raises(LmmcError, match="'pixel_values' holds NaN or infinite values \\(batch rows \\[1\\]\\)"):
+    with pytest.raises(LmmcError, match="'pixel_values' holds NaN or infinite values.* \\(batch rows \\[1\\]\\)"):
         vision.run({"pixel_values": pixels})
+    big = np.zeros((3, 3, 32, 32))  # float64, finite, but infinite as the float32 the model takes
+    big[2, 1, 0, 0] = 1e300
+    with pytest.raises(LmmcError, match="values beyond float32 \\(batch rows \\[2\\]\\)"):
+        vision.run({"pixel_values": big})
+    with pytest.raises(LmmcError, match=f"'input_ids' holds 9223372036854775813, beyond the int64 {name} takes"):
+        text.run({"input_ids": np.full((1, 5), 2**63 + 5, np.uint64), "attention_mask": ids[:1]})
     # An id past the 99-token vocabulary: ONNX Runtime's Gather fails, OpenVINO's would return zeros.
     with pytest.raises(LmmcError, match="id 99|Gather"):
         text.run({"input_ids": ids + 92, "attention_mask": np.ones_like(ids)})

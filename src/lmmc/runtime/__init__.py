@@ -148,14 +148,23 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
             raise LmmcError(f"'{spec.name}' of shape {list(x.shape)} is empty; feed at least one token or image")
         if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype.kind == "f" and not np.array_equal(x, np.trunc(x)):
             raise LmmcError(f"'{spec.name}' holds fractions, and {model.path.name} takes integers ({spec.dtype})")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():  # a NaN pixel would come back as a NaN embedding
-            rows = sorted({int(i) for i in np.argwhere(~np.isfinite(x))[:, 0]}) if x.ndim else []
-            raise LmmcError(f"'{spec.name}' holds NaN or infinite values (batch rows {rows[:5]}"
-                            f"{' ...' if len(rows) > 5 else ''}); check the images or arrays fed")
-        if spec.name == "input_ids" and x.min() < 0:  # ONNX's Gather would read a negative id from the end
-            raise LmmcError(f"'input_ids' holds id {x.min()}; token ids are never negative: feed ids from the "
+        if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.size:
+            info = np.iinfo(spec.dtype)
+            if x.max() > info.max or x.min() < info.min:  # the cast would wrap it around
+                raise LmmcError(f"'{spec.name}' holds {x.max() if x.max() > info.max else x.min()}, beyond the "
+                                f"{spec.dtype} {model.path.name} takes; feed ids from the model's own tokenizer, "
+                                f"as encode() does")
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.ascontiguousarray(x, dtype=spec.dtype)
+        # Checked after the cast: a float64 beyond float32's range becomes infinite in it.
+        if cast.dtype.kind == "f" and not np.isfinite(cast).all():  # a NaN pixel would come back as a NaN embedding
+            rows = sorted({int(i) for i in np.argwhere(~np.isfinite(cast))[:, 0]}) if cast.ndim else []
+            raise LmmcError(f"'{spec.name}' holds NaN or infinite values, or values beyond {spec.dtype} (batch rows "
+                            f"{rows[:5]}{' ...' if len(rows) > 5 else ''}); check the images or arrays fed")
+        if spec.name == "input_ids" and cast.min() < 0:  # ONNX's Gather would read a negative id from the end
+            raise LmmcError(f"'input_ids' holds id {cast.min()}; token ids are never negative: feed ids from the "
                             f"model's own tokenizer, as encode() does")
-        out[spec.name] = np.ascontiguousarray(x, dtype=spec.dtype)
+        out[spec.name] = cast
     batches = {x.shape[0] for x in out.values() if x.ndim}
     if len(batches) > 1:
         raise LmmcError(f"the inputs of {model.path.name} disagree on the batch size: {shapes_of(out)}")

@@ -33,8 +33,8 @@ def open_image(path: str | Path):
 
 def to_rgb(image: Any, name: str = "an image"):
     """A PIL image as RGB, transparent pixels over white as CLIP-style processors do it (a plain convert
-    would turn them black, and ViT-style processors reject anything but three channels); an array as an
-    H x W x 3 array of the same pixels (`rgb_array`). A PIL image with an orientation tag is turned
+    would turn them black, and ViT-style processors reject anything but three channels); an array as the RGB
+    PIL image of the same pixels (`rgb_array`). A PIL image with an orientation tag is turned
     upright, as open_image turns its file, so a file and the image opened from it read alike."""
     from PIL import Image, ImageOps
 
@@ -47,16 +47,17 @@ def to_rgb(image: Any, name: str = "an image"):
     if image.mode in NOT_PICTURES:
         raise LmmcError(f"{name} has mode {image.mode} (integer or float pixels, e.g. a depth map or a 16-bit "
                         f"scan), not a picture; convert it to 8-bit RGB first")
+    if image.mode == "La":  # premultiplied grey, which PIL converts only to its plain form
+        image = image.convert("LA")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255)), rgba).convert("RGB")
 
 
 def rgb_array(image: Any, name: str = "an image"):
     """One picture given as an array (H x W, H x W x C or C x H x W; C of 1, 3 or 4; values 0-255, as
-    transformers' image processors read arrays) as an H x W x 3 uint8 array, read like the PIL image of the
-    same pixels: grey repeated, transparency laid over white. Anything else is refused, never guessed at: a
-    stack of pictures in one item would come back as several embeddings, and floats within [0, 1] would be
-    read as nearly black."""
+    transformers' image processors read arrays) as the RGB PIL image of its pixels: grey repeated,
+    transparency laid over white. Anything else is refused, never guessed at: a stack of pictures in one
+    item would come back as several embeddings, and floats within [0, 1] would be read as nearly black."""
     import numpy as np
     from PIL import Image
 
@@ -82,6 +83,8 @@ def rgb_array(image: Any, name: str = "an image"):
         raise LmmcError(f"{name} holds float pixels within [0, 1]; arrays are read on the 0-255 scale, as "
                         f"transformers' image processors read them, so this picture would be read as nearly "
                         f"black: multiply it by 255")
-    # Through PIL as 8-bit pixels: image processors that resize with PIL refuse floats with fractions
+    # Through PIL as 8-bit pixels: image processors that resize with PIL refuse floats with fractions. And
+    # handed on as a PIL image: given an array, a processor guesses its channel axis, and takes a picture 1, 3
+    # or 4 pixels high for channels first.
     x = np.rint(x).astype(np.uint8)
-    return np.asarray(to_rgb(Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x), name))
+    return to_rgb(Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x), name)
