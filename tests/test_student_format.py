@@ -134,6 +134,47 @@ def test_a_record_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> 
         lmmc.load_student(tmp_path)
 
 
+
+def _damage(path: Path, name: str, change) -> None:
+    if name == "lmmc.json" and not isinstance(change, (str, bytes)):
+        meta = json.loads((path / name).read_text())
+        change(meta["structure"])
+        change = json.dumps(meta)
+    (path / name).write_bytes(change.encode() if isinstance(change, str) else change)
+
+
+@pytest.mark.parametrize("shrunk", [True, False])
+@pytest.mark.parametrize("name, change, message", [
+    ("weights", lambda data: data[:1000], "cannot be read \\(Error while deserializing header.*truncated or damaged"),
+    ("weights", lambda data: b"", "cannot be read .* truncated or damaged"),
+    ("config.json", "{", "config.json' cannot be read as a model config .* compile it again"),
+    ("lmmc.json", "{", "lmmc.json' is not valid JSON"),
+    ("lmmc.json", "[]", "lmmc.json' is not of the shape lmmc writes"),
+    ("lmmc.json", '{"structure": "x"}', "lmmc.json' is not of the shape lmmc writes"),
+    ("lmmc.json", lambda s: s.update({"class": "GPT2Model"}), "names the class 'GPT2Model', which is no transformers "
+                                                             "model of this bert config"),
+])
+def test_a_damaged_student_file_is_one_clear_error(tmp_path: Path, shrunk: bool, name: str, change, message: str) -> None:
+    model = tiny_model("bert")
+    if shrunk:
+        shrink(model)
+    save_student(model, {}, tmp_path, {})
+    if name == "weights":
+        name = SHRUNK_WEIGHTS if shrunk else STANDARD_WEIGHTS
+        change = change((tmp_path / name).read_bytes())
+    _damage(tmp_path, name, change)
+    with pytest.raises(LmmcError, match=message):
+        lmmc.load_student(tmp_path)
+
+
+def test_a_shrunk_student_without_its_record_says_so(tmp_path: Path) -> None:
+    model = tiny_model("bert")
+    shrink(model)
+    save_student(model, {}, tmp_path, {})
+    (tmp_path / "lmmc.json").unlink()
+    with pytest.raises(LmmcError, match="has no model.safetensors, and no lmmc.json naming another weights file"):
+        lmmc.load_student(tmp_path)
+
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
     transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(LmmcError) as err:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from safetensors import SafetensorError
 import torch
 import transformers
 from torch import nn
@@ -184,7 +185,11 @@ def _untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 def _model_class(config: Any, record: dict[str, Any] | None) -> type[nn.Module]:
     """The class that wrote the student; else the class the adapter's auto class picks for the config."""
     name = (record or {}).get("class") or (config.architectures or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if (record or {}).get("class") and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+                                            and isinstance(config, cls.config_class)):
+        raise LmmcError(f"{META_FILE} names the class {name!r}, which is no transformers model of this "
+                        f"{config.model_type} config; the student directory is damaged: compile it again")
     if cls is None:
         with torch.device("meta"):
             cls = type(getattr(transformers, get_adapter(config.model_type).auto_class).from_config(config))
@@ -197,17 +202,48 @@ def load_student(path: str | Path) -> nn.Module:
     if not (path / "config.json").is_file():
         raise LmmcError(f"'{path}' has no config.json; pass the 'student' directory of a compile output")
     meta_path = path / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    record = meta.get("structure")
+    record = _structure(meta_path) if meta_path.is_file() else None
     if record is not None and record.get("format") != FORMAT_VERSION:
         raise LmmcError(f"'{meta_path}' uses student format {record.get('format')}; this lmmc reads format "
                         f"{FORMAT_VERSION}. Load it with the lmmc version that wrote it")
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LmmcError(f"'{path / 'config.json'}' cannot be read as a model config ({first}); the student "
+                        f"directory is damaged: compile it again") from None
     adapter = get_adapter(config.model_type)
     cls = _model_class(config, record)
     weights = (record or {}).get("weights", STANDARD_WEIGHTS)
     if not (path / weights).is_file():
-        raise LmmcError(f"'{path}' has no {weights}, which its {META_FILE} names as the weights file")
+        names = f"which its {META_FILE} names as the weights file" if record else \
+            f"and no {META_FILE} naming another weights file"
+        raise LmmcError(f"'{path}' has no {weights}, {names}; pass the 'student' directory of a compile output")
+    try:
+        return _load_weights(path, config, adapter, cls, record, weights)
+    except (SafetensorError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LmmcError(f"'{path / weights}' cannot be read ({first}): the file is truncated or damaged; copy "
+                        f"the student directory again, or compile it again") from None
+
+
+def _structure(meta_path: Path) -> dict[str, Any] | None:
+    """The structure record of a student's lmmc.json, checked to be of the shape lmmc writes."""
+    damaged = f"the student directory is damaged: restore '{meta_path.name}' or compile it again"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LmmcError(f"'{meta_path}' is not valid JSON ({err}); {damaged}") from None
+    record = meta.get("structure") if isinstance(meta, dict) else []
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("towers", {}), dict)
+                                   and ("towers" in record or record.get("weights") in (None, STANDARD_WEIGHTS))):
+        raise LmmcError(f"'{meta_path}' is not of the shape lmmc writes (an object whose 'structure' gives the "
+                        f"student's towers); {damaged}")
+    return record
+
+
+def _load_weights(path: Path, config: Any, adapter: Adapter, cls: type[nn.Module], record: dict[str, Any] | None,
+                  weights: str) -> nn.Module:
     if weights == STANDARD_WEIGHTS:
         model, info = cls.from_pretrained(str(path), output_loading_info=True, dtype="auto",
                                            use_safetensors=True)
