@@ -271,7 +271,8 @@ def _other_data(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
-                                  "teacher moved", "teacher changed", "data changed", "seq too long"])
+                                  "teacher moved", "teacher changed", "data changed", "seq too long",
+                                  "static seq below the texts", "empty json path"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -289,13 +290,17 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
                                                                   f"files differ), so its held-out split would be another"),
         "seq too long": ([out, "--seq", 65], "--seq 65 is more tokens than the teacher's text tower takes (64 "
                                              "positions); pass --seq 64 or less"),
+        # the held-out texts are cut at the compile's max_length, 32
+        "static seq below the texts": ([out, "--static", "--seq", 8], "--static compiles the IRs for 8 tokens, and the "
+                                                                     "texts fidelity is measured on run to 32 tokens"),
+        "empty json path": ([out], "--json is an empty path"),
     }
     where, message = args[case]
     if case == "backend missing":
         monkeypatch.setitem(sys.modules, "nncf", None)  # what Python does when the package is absent
     if case == "json not ours":
         target.write_text('{"mine": 1}')
-    result = run("bench", *where, "--json", target, "--quick")
+    result = run("bench", *where, "--json", "" if case == "empty json path" else target, "--quick")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.count("error:") == 1

@@ -432,6 +432,8 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         load(compiled / "onnx" / "text.onnx", backend="openvino")
     with pytest.raises(LmmcError, match="has no manifest.json"):
         open_dir(tmp_path)
+    with pytest.raises(LmmcError, match="open_dir takes the path of a compile's output directory, not NoneType"):
+        open_dir(None)
 
 
 def _identity_onnx(path):

@@ -670,6 +670,12 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions;
     # none where no tower reads text.
     seq = (cfg.seq or validate.latency_seq or min(128, positions)) if positions else None
+    longest = max((b["input_ids"].shape[1] for c in corpora.values() for b in c.get("text", [])), default=0)
+    if cfg.static and seq and longest > seq:
+        # A static IR takes no more tokens than it was compiled for, and fidelity runs every candidate on the
+        # same held-out texts.
+        raise LmmcError(f"--static compiles the IRs for {seq} tokens, and the texts fidelity is measured on run to "
+                        f"{longest} tokens (the longest, as tokenised); pass --seq {longest} or more, or leave out --static")
     run = _Run(cfg, teacher, lmmc.load_student(out_dir / "student"), teacher_ref, data, corpora,
                threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
                seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,

@@ -288,6 +288,9 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
                           static=static, corpora=tuple(Path(c) for c in corpus), trust_remote_code=trust_remote_code)
     except ValidationError as err:
         raise LmmcError("bad option: " + "; ".join(f"--{e['loc'][0]} {e['msg']}" for e in err.errors())) from None
+    if json_path is not None and not json_path.strip():
+        raise LmmcError("--json is an empty path; give the file to save the result to, or leave --json out for "
+                        "OUT_DIR/bench.json")
     try:
         result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
     except NotSaved as err:

@@ -5,6 +5,7 @@ TensorRT engine behind the same small interface, `open_dir` turns a compile's ou
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,6 +409,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     the compile keeps only when it is the faster, over the plain one; `threads`, `device`,
     `inference_precision` and `static_shape` as in `load`. A tokenizer or image processor that ships its
     own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise LmmcError(f"open_dir takes the path of a compile's output directory, not {type(out_dir).__name__}")
     out_dir = Path(out_dir).resolve()  # the tokenizer is read at the first encode, perhaps from another cwd
     manifest = read_manifest(out_dir)
     if not manifest.get("towers"):
