@@ -4,6 +4,7 @@ matching the PyTorch student; encode() applies the saved preprocessing; bad inpu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -402,6 +403,22 @@ def test_static_shape_pads_any_batch_up_to_the_compiled_shape(compiled):
         {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})["pooled_embedding"]
     short = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
     assert np.abs(short - cut).max() <= 1e-5 and np.abs(short - texts).max() > 1e-3
+
+
+
+def test_a_static_shape_for_texts_read_at_a_fixed_length_takes_that_length(compiled, tmp_path):
+    """A model whose texts are padded to one length (SigLIP's pad_to): a static length other than it is
+    refused when the directory is opened, not at the first encode; that length itself runs as it should."""
+    fixed = tmp_path / "fixed"
+    shutil.copytree(compiled, fixed)
+    manifest = json.loads((fixed / "manifest.json").read_text())
+    manifest["preprocessing"]["text"]["pad_to"] = 24
+    (fixed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmmcError, match="reads every text padded to 24 tokens .* static_shape=\\(3, 24\\)"):
+        open_dir(fixed, backend="openvino", threads=1, static_shape=(3, 16))
+    padded = open_dir(fixed, backend="openvino", threads=1).encode(TEXTS)
+    static = open_dir(fixed, backend="openvino", threads=1, static_shape=(3, 24)).encode(TEXTS)
+    assert np.abs(static - padded).max() <= 1e-5
 
 
 def test_static_shape_bad_input_is_one_clear_error(compiled):

@@ -415,6 +415,12 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     manifest = read_manifest(out_dir)
     if not manifest.get("towers"):
         raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")
+    pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
+    if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:
+        # encode pads every text to that length; a static IR of another length could not take it
+        raise LmmcError(f"{out_dir.name}'s text tower reads every text padded to {pad_to} tokens (as it was "
+                        f"trained), so a static_shape for it gives {pad_to} as its length: "
+                        f"static_shape=({static_shape[0]}, {pad_to})")
     models = {}
     for tower in manifest["towers"]:
         # read_manifest requires no variant (bench needs none): an artifact without one matches variant=None only
