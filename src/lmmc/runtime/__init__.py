@@ -393,9 +393,15 @@ def _inside(root: Path, name: Any) -> bool:
 def _named_files(manifest: dict[str, Any]) -> list:
     """Every file a manifest names: the artifacts and the files they read, the preprocessing files, and a
     generative export's spec, graphs and token table."""
+    def listed(section: dict[str, Any]) -> list:
+        files = section.get("files", [])
+        if not isinstance(files, list):  # a string would be read as the names of its characters
+            raise TypeError("files is not a list")
+        return files
+
     names = [a["path"] for a in manifest["artifacts"]]
-    names += [f for a in manifest["artifacts"] for f in a.get("files", [])]
-    names += [f for section in manifest.get("preprocessing", {}).values() for f in section.get("files", [])]
+    names += [f for a in manifest["artifacts"] for f in listed(a)]
+    names += [f for section in manifest.get("preprocessing", {}).values() for f in listed(section)]
     generative = manifest.get("generative", {})
     names += [generative[key] for key in ("spec", "vision", "decoder", "embeddings") if key in generative]
     return names
