@@ -208,6 +208,30 @@ def _(tmp):
                                                                                  "save the model's own tokenizer"]
 
 
+@case("tokenizer_config.json of another shape")
+def _(tmp):
+    model = bert(tmp)
+    (model / "tokenizer_config.json").write_text("[]")
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["tokenizer cannot be read (AttributeError",
+                                                                                 "save the model's own tokenizer"]
+
+
+@case("vocab.txt alone, not UTF-8")
+def _(tmp):
+    tiny_model("bert").save_pretrained(tmp / "m")
+    (tmp / "m" / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\n\xff\xfe\n")
+    return ["./m", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["has vocab.txt, but its tokenizer cannot "
+                                                                                "be read (Exception: Error while"]
+
+
+@case("preprocessor_config.json that cannot be read")
+def _(tmp):
+    model = save_tiny("vit", tmp / "vit")
+    (model / "preprocessor_config.json").write_text("[]")
+    return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "has preprocessor_config.json, but its image processor cannot be read", "processor.save_pretrained"]
+
+
 @case("no image processor")
 def _(tmp):
     tiny_model("vit").save_pretrained(tmp / "vit")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         out["tokenizer"] = transformers.AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except ImportError as err:  # SigLIP's SentencePiece tokenizer without the sentencepiece package
         raise missing_package(err, f"the tokenizer of '{ref}'") from None
-    except (OSError, ValueError, TypeError, KeyError):
+    except Exception:  # noqa: BLE001 - a broken file raises anything (tokenizers: a bare Exception); the check says why
         pass
     if out["tokenizer"] is not None and bert_config(ref).get("do_lower_case") is True:
         _lowercase(out["tokenizer"], ref)
@@ -258,7 +259,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
                                                                                  trust_remote_code=trust_remote_code)
     except ImportError as err:
         raise missing_package(err, f"the image processor of '{ref}'") from None
-    except (OSError, ValueError, TypeError, KeyError):
+    except Exception:  # noqa: BLE001 - as for the tokenizer: the check reports a present but unreadable file
         pass
     return out
 
@@ -288,6 +289,7 @@ def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: di
                        chat_template: bool = False) -> None:
     """Refuse a missing or degenerate tokenizer / image processor: the student ships with it. A
     generative model needs its processor, and a chat template when `chat_template` asks for one."""
+    ref = os.path.expanduser(ref)  # '~/model': its files are looked for where they are
     if adapter.kind == "generative":
         _check_processor(ref, config, adapter, preprocessor.get("processor"), chat_template)
     for tower in adapter.towers:
@@ -366,6 +368,12 @@ def _check_tokenizer(ref: str, tok: Any, vocab_size: int, pads: bool = True) -> 
 def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
     fix = "save the model's image processor beside it (processor.save_pretrained(dir))"
     if proc is None:
+        if (Path(ref) / "preprocessor_config.json").is_file():  # there, but transformers cannot read it: say why
+            try:
+                transformers.AutoImageProcessor.from_pretrained(ref)
+            except Exception as err:  # noqa: BLE001 - whatever a broken file raises
+                raise LmmcError(f"'{ref}' has preprocessor_config.json, but its image processor cannot be read "
+                                f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); {fix}") from None
         raise LmmcError(f"'{ref}' has no image processor config (preprocessor_config.json); {fix}")
     from PIL import Image
 
