@@ -824,6 +824,22 @@ def test_teacher_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+
+def test_teacher_with_all_zero_weights_is_refused(tmp_path, monkeypatch):
+    """Finite, but every sample gets the same (zero) embedding: cosines between constants certify nothing."""
+    monkeypatch.chdir(tmp_path)
+    model = bert(tmp_path)
+    weights = load_file(model / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert "the teacher's text tower gives an all-zero embedding for every one of 8 different calibration " \
+           "samples" in result.output
+    assert snapshot(tmp_path) == before
+
 # A child process where `import sentencepiece` fails, as on an install without the package.
 _NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None; from lmmc.cli import main; main(sys.argv[1:])"
 

@@ -475,7 +475,8 @@ def _check_nm(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, warnings: l
 
 @torch.no_grad()
 def check_teacher_outputs(art: Artifact) -> None:
-    """Refuse a teacher whose outputs on the calibration data are NaN or Inf."""
+    """Refuse a teacher whose outputs on the calibration data are NaN or Inf, or whose embedding is the same
+    for every sample (all zeros, say): every fidelity figure would then compare constants."""
     for tower in art.adapter.towers:
         batches = art.calib.calib_batches(tower.modality) if art.calib else []
         if not batches:
@@ -485,6 +486,15 @@ def check_teacher_outputs(art: Artifact) -> None:
         if not all(bool(torch.isfinite(o).all()) for o in outputs):
             raise LmmcError(f"the teacher's {tower.name} tower gives NaN/Inf outputs on the calibration data; "
                             f"the teacher is broken (check its weights and config) and cannot be compressed")
+        pooled = outputs[1].float()
+        if art.adapter.kind == "generative" or pooled.ndim != 2 or len(pooled) < 2:
+            continue
+        scale = float(pooled.abs().max())
+        if float((pooled - pooled[:1]).abs().max()) <= 1e-6 * scale:  # all zeros included
+            what = "an all-zero embedding" if scale == 0 else "one and the same embedding"
+            raise LmmcError(f"the teacher's {tower.name} tower gives {what} for every one of {len(pooled)} "
+                            f"different calibration samples; the teacher is broken (its weights, e.g. all zeros, "
+                            f"or a config that does not fit them) and cannot be compressed or validated")
 
 
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
