@@ -840,6 +840,21 @@ def test_teacher_with_all_zero_weights_is_refused(tmp_path, monkeypatch):
            "samples" in result.output
     assert snapshot(tmp_path) == before
 
+
+def test_a_config_of_fewer_layers_than_the_weights_is_refused(tmp_path, monkeypatch):
+    """transformers drops the weights of the blocks the config does not build: the teacher would be cut."""
+    monkeypatch.chdir(tmp_path)
+    model = bert(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    recipe = write_recipe(tmp_path, RANDOM)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
+    assert result.exit_code == 2, result.output
+    assert "hold 16 tensor(s) of transformer blocks that the model its config.json describes has no place for " \
+           "(encoder.layer.1." in result.output
+    assert snapshot(tmp_path) == before
+
 # A child process where `import sentencepiece` fails, as on an install without the package.
 _NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None; from lmmc.cli import main; main(sys.argv[1:])"
 

@@ -438,6 +438,15 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
     # embedding lmmc computes reads: zeroed and named in the report rather than refused.
     unread = _unread(model, adapter, absent) if absent and adapter.kind != "generative" else set()
     missing = [k for k in absent if k not in unread] + sorted(info.get("mismatched_keys") or [])
+    # A task head beside the base model's weights is expected; tensors of blocks the config does not build (a
+    # config.json of fewer layers) would be dropped, and the teacher silently cut.
+    paths = [p for tower in adapter.towers for p in tower.layers]
+    extra = [k for k in sorted(info.get("unexpected_keys") or [])
+             if any(k.startswith(f"{p}.") or f".{p}." in k for p in paths) and not k.endswith("inv_freq")]
+    if extra:
+        raise LmmcError(f"the weights of '{ref}' hold {len(extra)} tensor(s) of transformer blocks that the model its "
+                        f"config.json describes has no place for ({', '.join(extra[:3])}); the config does not fit "
+                        f"these weights (it names fewer layers, say). Use the config.json saved with them")
     if missing:
         raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
                         f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
