@@ -855,6 +855,7 @@ def test_a_config_of_fewer_layers_than_the_weights_is_refused(tmp_path, monkeypa
            "(encoder.layer.1." in result.output
     assert snapshot(tmp_path) == before
 
+
 # A child process where `import sentencepiece` fails, as on an install without the package.
 _NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None; from lmmc.cli import main; main(sys.argv[1:])"
 
@@ -904,6 +905,25 @@ def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path, dry):
     assert "Traceback" not in proc.stderr
     assert snapshot(tmp_path) == before
 
+
+
+def test_out_inside_a_hub_models_cache_is_refused(tmp_path):
+    """A hub id is read from its cached snapshot: an output there would write into the cache."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
+    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    recipe = write_recipe(tmp_path, RANDOM)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "HF_HUB_OFFLINE": "1"}
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(snapshot_dir / "out"), "--dry-run"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"sits inside the model's hub cache ({repo})" in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before
 
 @pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", False)])
 def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where, dry):

@@ -134,6 +134,8 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
     model = local_dir(model_ref)
     if model:
         found.append(("the model directory", model))
+    elif (cached := _hub_cache(model_ref)) is not None:
+        found.append(("the model's hub cache", cached))
     if recipe_path:
         found.append(("the recipe", Path(recipe_path).resolve()))
     if recipe.calibration.path:
@@ -143,6 +145,18 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
         if corpus:
             found.append((f"the corpus of '{name}'", Path(corpus).resolve()))
     return found
+
+
+def _hub_cache(model_ref: str) -> Path | None:
+    """The folder of a hub model's cached snapshots (models--org--name), where it has one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(model_ref, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached under it
+        return None
+    # .../models--org--name/snapshots/<commit>/config.json, itself a link into blobs/: not resolved
+    return Path(hit).parents[2].resolve() if isinstance(hit, str) else None
 
 
 def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None = None,
