@@ -925,6 +925,31 @@ def test_out_inside_a_hub_models_cache_is_refused(tmp_path):
     assert f"sits inside the model's hub cache ({repo})" in proc.stderr, proc.stderr
     assert snapshot(tmp_path) == before
 
+
+def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_path):
+    """Without the hub, huggingface_hub retried each file it looked for (8 minutes for a tiny model): a cached
+    model is read offline at once, with a warning, and an uncached one is refused at once."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
+    save_tiny("bert", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    recipe = write_recipe(tmp_path, RANDOM)
+    proxies = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in proxies}, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens
+    for ref, code, message in [
+            ("acme/tinybert", 0, "warning: the hub (http://127.0.0.1:9) cannot be reached (Connection refused): "
+                                 "'acme/tinybert' was read from its cached snapshot, offline"),
+            ("acme/other", 2, "error: 'acme/other' is not a local directory nor in the hub cache, and the hub "
+                              "(http://127.0.0.1:9) cannot be reached (Connection refused); connect to the network")]:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                               "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert proc.returncode == code, proc.stderr
+        assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr
+
 @pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", False)])
 def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where, dry):
     """transformers reads whatever a model.safetensors.index.json names, a pickle shard included: the index

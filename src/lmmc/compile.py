@@ -33,9 +33,10 @@ from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_image
                        random_generative_calibration, read_samples, select, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
-from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, load_preprocessor,
-                          load_teacher, local_dir, make_student, meta_model, resolve_config, save_student,
-                          text_pad_length, text_positions, text_truncation)
+from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
+                          load_preprocessor, load_teacher, local_dir, make_student, meta_model,
+                          offline_if_unreachable, resolve_config, save_student, text_pad_length, text_positions,
+                          text_truncation)
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
@@ -134,7 +135,7 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
     model = local_dir(model_ref)
     if model:
         found.append(("the model directory", model))
-    elif (cached := _hub_cache(model_ref)) is not None:
+    elif (cached := hub_cache(model_ref)) is not None:
         found.append(("the model's hub cache", cached))
     if recipe_path:
         found.append(("the recipe", Path(recipe_path).resolve()))
@@ -145,18 +146,6 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
         if corpus:
             found.append((f"the corpus of '{name}'", Path(corpus).resolve()))
     return found
-
-
-def _hub_cache(model_ref: str) -> Path | None:
-    """The folder of a hub model's cached snapshots (models--org--name), where it has one."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(model_ref, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached under it
-        return None
-    # .../models--org--name/snapshots/<commit>/config.json, itself a link into blobs/: not resolved
-    return Path(hit).parents[2].resolve() if isinstance(hit, str) else None
 
 
 def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None = None,
@@ -244,6 +233,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     """Everything checkable without loading weights: the model's config, weight headers and
     preprocessors, every sequence length against the model's positions, the data and how it splits,
     the pass order and what each pass can do to this model. Returns the plan, with its warnings."""
+    offline = offline_if_unreachable(model_ref)
     config, adapter = resolve_config(model_ref, trust_remote_code)
     if recipe.calibration.chat_template and adapter.kind != "generative":
         raise LmmcError(f"calibration.chat_template: true applies to generative models, and '{model_ref}' is a "
@@ -258,7 +248,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
-    warnings: list[str] = [] if modules is None else list(modules.warnings)
+    warnings: list[str] = ([offline] if offline else []) + ([] if modules is None else list(modules.warnings))
     if getattr(config, "auto_map", None) and not trust_remote_code:
         warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
                         f"without --trust-remote-code: it is compiled as transformers' built-in "

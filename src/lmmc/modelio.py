@@ -224,6 +224,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "sentencepiece.bpe.model")
 
 
+def hub_cache(ref: str) -> Path | None:
+    """The folder of a hub model's cached snapshots (models--org--name), where it has one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached under it
+        return None
+    # .../models--org--name/snapshots/<commit>/config.json, itself a link into blobs/: not resolved
+    return Path(hit).parents[2].resolve() if isinstance(hit, str) else None
+
+
+def offline_if_unreachable(ref: str) -> str | None:
+    """A hub id while the hub cannot be reached: read from its cached snapshot, offline, and return a warning
+    saying so (huggingface_hub would retry every file it looks for, minutes in all); refuse at once one that
+    is not cached. Not probed behind a proxy, which a direct connection would bypass."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                              "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied or local_dir(ref) is not None:
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+        return None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+    if hub_cache(ref) is None:
+        raise LmmcError(f"'{ref}' is not a local directory nor in the hub cache, and the hub ({constants.ENDPOINT}) "
+                        f"cannot be reached ({reason}); connect to the network, or pass the path of a local copy "
+                        f"of the model")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes lmmc starts, too
+    return (f"the hub ({constants.ENDPOINT}) cannot be reached ({reason}): '{ref}' was read from its cached "
+            f"snapshot, offline")
+
+
 def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """The tokenizer and/or image processor saved beside the model; absent ones are None. A generative
     image-text model also gets its "processor" (tokenizer + image processor + image-token expansion),
