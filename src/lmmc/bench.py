@@ -623,7 +623,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     import torch
 
     import lmmc
-    from lmmc.modelio import load_teacher, resolve_config
+    from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config
 
     out_dir = Path(out_dir)
     report = read_output(out_dir)
@@ -635,6 +635,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
     versions = check_backends(cfg.device)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
+    offline = offline_if_unreachable(teacher_ref)
     try:
         config, adapter = resolve_config(teacher_ref, cfg.trust_remote_code)
     except LmmcError as err:
@@ -650,6 +651,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         raise LmmcError(f"--seq {cfg.seq} is more tokens than the teacher's text tower takes ({positions} positions); "
                         f"pass --seq {positions} or less")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
+    skipped += [offline] if offline else []
     torch_device, measure_memory = cfg.device, cfg.memory
     if cfg.device != "cpu":
         if not torch.cuda.is_available():
