@@ -247,7 +247,12 @@ def offline_if_unreachable(ref: str) -> str | None:
 
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                                               "ALL_PROXY", "all_proxy"))
-    if constants.HF_HUB_OFFLINE or proxied or local_dir(ref) is not None:
+    if constants.HF_HUB_OFFLINE or proxied:
+        return None
+    try:
+        if local_dir(ref) is not None:
+            return None
+    except LmmcError:  # a path that is no model directory: resolve_config says so
         return None
     url = urlparse(constants.ENDPOINT)
     try:
