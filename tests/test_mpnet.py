@@ -7,6 +7,7 @@ import copy
 import json
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from conftest import compile_tiny_text, padded_text, save_tiny, tiny_model, tower_outputs
@@ -120,3 +121,21 @@ def test_compile_prunes_heads_and_deploys(tmp_path, one_thread) -> None:
     for backend in ("onnxruntime", "openvino"):
         got = open_dir(out, backend=backend, threads=1).encode(texts)
         assert np.abs(got - ref).max() <= 1e-4, backend
+
+
+def test_the_token_limit_is_the_longest_input_the_position_table_takes():
+    """MPNet numbers positions from 2 whatever its pad_token_id (the tiny one's is 0), RoBERTa from
+    pad_token_id + 1: the limit lmmc cuts and times at runs, and one token more does not."""
+    from lmmc.modelio import text_positions
+
+    model = tiny_model("mpnet")
+    assert model.config.pad_token_id != 1
+    limit = text_positions(model.config, TOWER)
+    assert limit == model.config.max_position_embeddings - 2
+    ids = torch.full((1, limit), 5)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with pytest.raises(IndexError):  # a position past the table
+            model(input_ids=torch.full((1, limit + 1), 5), attention_mask=torch.ones(1, limit + 1, dtype=torch.long))
+    roberta = transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)
+    assert text_positions(roberta, get_adapter("roberta").tower("text")) == 512

@@ -20,8 +20,9 @@ from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
 ORDINARY_TEXT = "the water is cold and the house of a man was on the road"
-# RoBERTa-style models number positions from pad_token_id + 1, so that many slots are never usable.
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+# RoBERTa-style models number positions from pad_token_id + 1, so that many slots are never usable;
+# MPNet from 2, whatever its pad_token_id (transformers fixes its padding index at 1).
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
 
 
 def local_dir(ref: str) -> Path | None:
@@ -103,6 +104,8 @@ def text_positions(config: Any, tower: TowerSpec) -> int:
     n = int(tcfg.max_position_embeddings)
     if config.model_type in _OFFSET_POSITIONS:
         n -= int(getattr(tcfg, "pad_token_id", 1) or 0) + 1
+    elif config.model_type == "mpnet":
+        n -= 2
     return n
 
 
