@@ -17,9 +17,10 @@ from lmmc.pipeline import PassConfig, Pass, register
 from lmmc.reconstruct import at_tokens
 
 # Where the families keep their FFN activation: BERT, MPNet, ViT (intermediate_act_fn), CLIP and SigLIP
-# (activation_fn), ModernBERT (act), Llama-style decoders (act_fn); and the config key that builds it.
-ACT_ATTRS = ("intermediate_act_fn", "activation_fn", "act", "act_fn")
-CONFIG_KEYS = ("hidden_act", "hidden_activation")
+# (activation_fn), ModernBERT (act), Llama-style decoders (act_fn), DistilBERT (activation); and the config
+# key that builds it.
+ACT_ATTRS = ("intermediate_act_fn", "activation_fn", "act", "act_fn", "activation")
+CONFIG_KEYS = ("hidden_act", "hidden_activation", "activation")
 
 
 class ActivationConfig(PassConfig):
@@ -38,6 +39,15 @@ class ActivationConfig(PassConfig):
         if unknown:
             raise LmmcError(f"pass 'activation': no tower {unknown} in this {adapter.family} model; its towers "
                             f"are {names}")
+        if config is None:
+            return
+        for tower in (adapter.tower(n) for n in self.towers or names):
+            tcfg = getattr(config, tower.config_key) if tower.config_key else config
+            if not any(isinstance(getattr(tcfg, k, None), str) for k in CONFIG_KEYS):
+                raise _unsupported(tower, adapter)
+            if self.refit is not None and tower.layout.gate:
+                raise LmmcError(f"pass 'activation': refit is for FFNs without a gate; the {tower.name} tower of "
+                                f"this {adapter.family} model gates its FFN. Drop refit")
 
     @field_validator("to")
     @classmethod
@@ -45,6 +55,12 @@ class ActivationConfig(PassConfig):
         if value not in ACT2FN:
             raise ValueError(f"unknown activation '{value}'; transformers knows {', '.join(sorted(ACT2FN))}")
         return value
+
+
+def _unsupported(tower: TowerSpec, adapter: Adapter) -> LmmcError:
+    return LmmcError(f"pass 'activation': the {tower.name} tower of this {adapter.family} model keeps its FFN "
+                     f"activation where the pass does not look (modules {ACT_ATTRS}, config {CONFIG_KEYS}); drop "
+                     f"the pass for this model")
 
 
 @register
@@ -76,7 +92,7 @@ class ActivationPass(Pass):
 
     def run(self, art: Artifact) -> dict[str, Any]:
         model, adapter = art.student, art.adapter
-        self.config.check_model(adapter)
+        self.config.check_model(adapter, model.config)
         chosen = self.config.towers or [t.name for t in adapter.towers]
         out: dict[str, Any] = {}
         for tower in (adapter.tower(n) for n in chosen):
@@ -84,13 +100,8 @@ class ActivationPass(Pass):
             keys = [k for k in CONFIG_KEYS if isinstance(getattr(cfg, k, None), str)]
             blocks = block_list(model, tower)[1]
             sites = [activation_sites(block) for block in blocks]
-            if not keys or not all(sites):
-                raise LmmcError(f"pass 'activation': the {tower.name} tower of this {adapter.family} model keeps "
-                                f"its FFN activation where the pass does not look (modules {ACT_ATTRS}, config "
-                                f"{CONFIG_KEYS}); drop the pass for this model")
-            if self.config.refit is not None and tower.layout.gate:
-                raise LmmcError(f"pass 'activation': refit is for FFNs without a gate; the {tower.name} tower of "
-                                f"this {adapter.family} model gates its FFN. Drop refit")
+            if not all(sites):
+                raise _unsupported(tower, adapter)
             record: dict[str, Any] = {"from": getattr(cfg, keys[0]), "to": self.config.to,
                                       "modules": sum(map(len, sites))}
             left = []

@@ -36,8 +36,15 @@ def modernbert() -> nn.Module:
     return get_adapter("modernbert").prepared(transformers.ModernBertModel(cfg)).eval()
 
 
+def distilbert() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                        max_position_embeddings=64)
+    return get_adapter("distilbert").prepared(transformers.DistilBertModel(cfg)).eval()
+
+
 def build(kind: str) -> nn.Module:
-    return modernbert() if kind == "modernbert" else tiny_model(kind)
+    return {"modernbert": modernbert, "distilbert": distilbert}.get(kind, lambda: tiny_model(kind))()
 
 
 def swapped(kind: str, to: str = "relu", towers: list[str] | None = None, refit: float | None = None,
@@ -67,13 +74,13 @@ def reference_with(activation: type[nn.Module], model: nn.Module) -> nn.Module:
     """The model with every FFN activation module replaced by hand, the function the pass must give."""
     ref = copy.deepcopy(model)
     for module in ref.modules():
-        for attr in ("intermediate_act_fn", "activation_fn", "act", "act_fn"):
+        for attr in ("intermediate_act_fn", "activation_fn", "act", "act_fn", "activation"):
             if isinstance(getattr(module, attr, None), nn.Module):
                 setattr(module, attr, activation())
     return ref
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit", "clip", "siglip", "mpnet", "modernbert"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "clip", "siglip", "mpnet", "modernbert", "distilbert"])
 def test_every_ffn_computes_relu_and_the_student_reloads_exactly(kind: str, tmp_path: Path, one_thread) -> None:
     teacher, student, metrics = swapped(kind)
     adapter = get_adapter(teacher.config.model_type)
@@ -81,7 +88,7 @@ def test_every_ffn_computes_relu_and_the_student_reloads_exactly(kind: str, tmp_
         assert metrics["activation"][tower.name]["to"] == "relu"
         assert metrics["activation"][tower.name]["modules"] == 2  # one per block of the tiny models
         cfg = tower_config(student, tower)
-        assert "relu" in {getattr(cfg, "hidden_act", None), getattr(cfg, "hidden_activation", None)}
+        assert "relu" in {getattr(cfg, k, None) for k in ("hidden_act", "hidden_activation", "activation")}
     expected, got, before = outputs(reference_with(nn.ReLU, teacher)), outputs(student), outputs(teacher)
     for name in expected:
         assert torch.equal(got[name], expected[name])
@@ -166,6 +173,9 @@ def test_refit_brings_the_ffn_back_near_the_old_function(kind: str, one_thread) 
 def test_refit_is_refused_for_gated_ffns_and_without_calibration() -> None:
     with pytest.raises(LmmcError, match="FFNs without a gate"):
         swapped("modernbert", refit=0.01, calib=calibration("modernbert"))
+    # before anything loads, from the config alone (a dry run)
+    with pytest.raises(LmmcError, match="FFNs without a gate"):
+        get_pass("activation").Config(refit=0.01).check_model(get_adapter("modernbert"), modernbert().config)
     step = get_pass("activation")
     with pytest.raises(LmmcError, match="refit needs calibration data"):
         step(step.Config(refit=0.01)).check({"student", "teacher"})
