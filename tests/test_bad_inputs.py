@@ -793,66 +793,47 @@ def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, monkeypat
     assert snapshot(tmp_path) == before  # no out/, no partial ONNX file, no work directory left
 
 
-def test_teacher_with_one_nan_weight_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    model = bert(tmp_path)
-    weights = load_file(model / "model.safetensors")
+def _one_nan(weights, config):
     weights["encoder.layer.1.attention.self.query.weight"][3, 5] = float("nan")
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    recipe = write_recipe(tmp_path, RANDOM)
-    before = snapshot(tmp_path)
-    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
-    assert result.exit_code == 2, result.output
-    assert "1 NaN/Inf value(s) in 'encoder.layer.1.attention.self.query.weight'" in result.output
-    assert "repair or re-download the weights" in result.output
-    assert snapshot(tmp_path) == before
 
 
-def test_teacher_with_non_finite_outputs_is_refused(tmp_path, monkeypatch):
-    """Finite weights can still overflow: a huge LayerNorm bias makes the outputs Inf."""
-    monkeypatch.chdir(tmp_path)
-    model = bert(tmp_path)
-    weights = load_file(model / "model.safetensors")
+def _overflow(weights, config):
+    """Finite weights can still overflow: a huge LayerNorm scale makes the outputs Inf."""
     weights["encoder.layer.0.output.LayerNorm.weight"][:] = 3e38
     weights["encoder.layer.1.output.dense.weight"][:] = 3e38
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    recipe = write_recipe(tmp_path, RANDOM)
-    before = snapshot(tmp_path)
-    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
-    assert result.exit_code == 2, result.output
-    assert "gives NaN/Inf outputs on the calibration data" in result.output
-    assert snapshot(tmp_path) == before
 
 
-
-def test_teacher_with_all_zero_weights_is_refused(tmp_path, monkeypatch):
+def _all_zero(weights, config):
     """Finite, but every sample gets the same (zero) embedding: cosines between constants certify nothing."""
+    for value in weights.values():
+        value.zero_()
+
+
+def _fewer_layers(weights, config):
+    """transformers drops the weights of the blocks the config does not build: the teacher would be cut."""
+    config["num_hidden_layers"] = 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_one_nan, "1 NaN/Inf value(s) in 'encoder.layer.1.attention.self.query.weight'; repair or re-download the weights"),
+    (_overflow, "gives NaN/Inf outputs on the calibration data"),
+    (_all_zero, "the teacher's text tower gives an all-zero embedding for every one of 8 different calibration samples"),
+    (_fewer_layers, "hold 16 tensor(s) of transformer blocks that the model its config.json describes has no place "
+                    "for (encoder.layer.1."),
+], ids=["one NaN weight", "outputs overflow", "all-zero weights", "config of fewer layers"])
+def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, damage, message):
     monkeypatch.chdir(tmp_path)
     model = bert(tmp_path)
     weights = load_file(model / "model.safetensors")
-    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(model / "model.safetensors"),
-              metadata={"format": "pt"})
-    recipe = write_recipe(tmp_path, RANDOM)
-    before = snapshot(tmp_path)
-    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
-    assert result.exit_code == 2, result.output
-    assert "the teacher's text tower gives an all-zero embedding for every one of 8 different calibration " \
-           "samples" in result.output
-    assert snapshot(tmp_path) == before
-
-
-def test_a_config_of_fewer_layers_than_the_weights_is_refused(tmp_path, monkeypatch):
-    """transformers drops the weights of the blocks the config does not build: the teacher would be cut."""
-    monkeypatch.chdir(tmp_path)
-    model = bert(tmp_path)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    damage(weights, config)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    (model / "config.json").write_text(json.dumps(config))
     recipe = write_recipe(tmp_path, RANDOM)
     before = snapshot(tmp_path)
     result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
     assert result.exit_code == 2, result.output
-    assert "hold 16 tensor(s) of transformer blocks that the model its config.json describes has no place for " \
-           "(encoder.layer.1." in result.output
+    assert message in result.output
     assert snapshot(tmp_path) == before
 
 
