@@ -857,26 +857,36 @@ def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def fake_hub(tmp: Path) -> tuple[Path, Path]:
+    """A hub cache under `tmp` holding acme/tinybert (a tiny BERT) as huggingface_hub lays one out: the repo
+    folder and its snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp / "hf" / "hub" / "models--acme--tinybert"
+    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo, snapshot_dir
+
+
+def hub_compile(tmp: Path, *args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """lmmc compile in a child process reading `tmp`'s hub cache, offline unless `env` says otherwise:
+    huggingface_hub reads the cache's place from the environment at import."""
+    env = env or {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_CACHE": str(tmp / "hf" / "hub"),
+                  "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                           "compile", *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+
+
 @pytest.mark.parametrize("dry", [False, True])
 def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path, dry):
     """A hub id whose cached snapshot holds pytorch_model.bin alone: lmmc never unpickles weights and says
-    how to convert them, before any pass as in a dry run. The hub cache is set through the environment,
-    which huggingface_hub reads at import: hence a child process."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
-    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    how to convert them, before any pass as in a dry run."""
+    _, snapshot_dir = fake_hub(tmp_path)
     (snapshot_dir / "model.safetensors").unlink()
     torch.save(tiny_model("bert").state_dict(), snapshot_dir / "pytorch_model.bin")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
     recipe = write_recipe(tmp_path, RANDOM)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
-           "HF_HUB_OFFLINE": "1"}
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(tmp_path / "out"),
-                           *(["--dry-run"] if dry else [])],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = hub_compile(tmp_path, "acme/tinybert", "-r", recipe, "-o", tmp_path / "out", *(["--dry-run"] if dry else []))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1, proc.stderr
     reason = "acme/tinybert has no model.safetensors or model.safetensors.index.json"
@@ -887,21 +897,12 @@ def test_a_hub_teacher_with_pickle_weights_only_is_refused(tmp_path, dry):
     assert snapshot(tmp_path) == before
 
 
-
 def test_out_inside_a_hub_models_cache_is_refused(tmp_path):
     """A hub id is read from its cached snapshot: an output there would write into the cache."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
-    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    repo, snapshot_dir = fake_hub(tmp_path)
     recipe = write_recipe(tmp_path, RANDOM)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
-           "HF_HUB_OFFLINE": "1"}
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                           "compile", "acme/tinybert", "-r", str(recipe), "-o", str(snapshot_dir / "out"), "--dry-run"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = hub_compile(tmp_path, "acme/tinybert", "-r", recipe, "-o", snapshot_dir / "out", "--dry-run")
     assert proc.returncode == 2, proc.stderr
     assert f"sits inside the model's hub cache ({repo})" in proc.stderr, proc.stderr
     assert snapshot(tmp_path) == before
@@ -910,11 +911,7 @@ def test_out_inside_a_hub_models_cache_is_refused(tmp_path):
 def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_path):
     """Without the hub, huggingface_hub retried each file it looked for (8 minutes for a tiny model): a cached
     model is read offline at once, with a warning, and an uncached one is refused at once."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
-    save_tiny("bert", repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    fake_hub(tmp_path)
     recipe = write_recipe(tmp_path, RANDOM)
     proxies = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
@@ -925,35 +922,25 @@ def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_
                                  "'acme/tinybert' was read from its cached snapshot, offline"),
             ("acme/other", 2, "error: 'acme/other' is not a local directory nor in the hub cache, and the hub "
                               "(http://127.0.0.1:9) cannot be reached (Connection refused); connect to the network")]:
-        proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                               "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"],
-                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        proc = hub_compile(tmp_path, ref, "-r", recipe, "-o", tmp_path / "out", "--dry-run", env=env)
         assert proc.returncode == code, proc.stderr
         assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr
+
 
 @pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", False)])
 def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where, dry):
     """transformers reads whatever a model.safetensors.index.json names, a pickle shard included: the index
     is checked before any weight loads, for a hub snapshot as for a local directory, and by a dry run."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--acme--tinybert"
-    snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
+    _, snapshot_dir = fake_hub(tmp_path)
     weights = load_file(snapshot_dir / "model.safetensors")
     (snapshot_dir / "model.safetensors").unlink()
     torch.save(weights, snapshot_dir / "pytorch_model-00001-of-00001.bin")
     (snapshot_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in weights}}))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
     recipe = write_recipe(tmp_path, RANDOM)
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
-           "HF_HUB_OFFLINE": "1"}
     ref = "acme/tinybert" if where == "hub" else str(snapshot_dir)
     before = snapshot(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
-                           "compile", ref, "-r", str(recipe), "-o", str(tmp_path / "out"),
-                           *(["--dry-run"] if dry else [])],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = hub_compile(tmp_path, ref, "-r", recipe, "-o", tmp_path / "out", *(["--dry-run"] if dry else []))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert (f"error: the safetensors index of '{ref}' names pytorch_model-00001-of-00001.bin, which is not a "
