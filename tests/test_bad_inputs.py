@@ -921,7 +921,8 @@ def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_
             ("acme/tinybert", 0, "warning: the hub (http://127.0.0.1:9) cannot be reached (Connection refused): "
                                  "'acme/tinybert' was read from its cached snapshot, offline"),
             ("acme/other", 2, "error: 'acme/other' is not a local directory nor in the hub cache, and the hub "
-                              "(http://127.0.0.1:9) cannot be reached (Connection refused); connect to the network")]:
+                              "(http://127.0.0.1:9) cannot be reached (Connection refused): for a hub id, connect to "
+                              "the network; for a local model, check the spelling of its path")]:
         proc = hub_compile(tmp_path, ref, "-r", recipe, "-o", tmp_path / "out", "--dry-run", env=env)
         assert proc.returncode == code, proc.stderr
         assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr

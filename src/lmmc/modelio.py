@@ -250,7 +250,9 @@ def offline_if_unreachable(ref: str) -> str | None:
 
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
                                               "ALL_PROXY", "all_proxy"))
-    if constants.HF_HUB_OFFLINE or proxied:
+    # the environment as well: huggingface_hub read it when imported, perhaps before the caller set it
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if constants.HF_HUB_OFFLINE or proxied or (offline or "").upper() in ("1", "ON", "YES", "TRUE"):
         return None
     try:
         if local_dir(ref) is not None:
@@ -265,8 +267,8 @@ def offline_if_unreachable(ref: str) -> str | None:
         reason = err.strerror or type(err).__name__
     if hub_cache(ref) is None:
         raise LmmcError(f"'{ref}' is not a local directory nor in the hub cache, and the hub ({constants.ENDPOINT}) "
-                        f"cannot be reached ({reason}); connect to the network, or pass the path of a local copy "
-                        f"of the model")
+                        f"cannot be reached ({reason}): for a hub id, connect to the network; for a local model, "
+                        f"check the spelling of its path")
     constants.HF_HUB_OFFLINE = True
     os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes lmmc starts, too
     return (f"the hub ({constants.ENDPOINT}) cannot be reached ({reason}): '{ref}' was read from its cached "
