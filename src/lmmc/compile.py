@@ -479,26 +479,38 @@ def _check_nm(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, warnings: l
 
 @torch.no_grad()
 def check_teacher_outputs(art: Artifact) -> None:
-    """Refuse a teacher whose outputs on the calibration data are NaN or Inf, or whose embedding is the same
-    for every sample (all zeros, say): every fidelity figure would then compare constants."""
+    """Refuse a teacher whose outputs on the calibration data are NaN or Inf, or whose embedding carries
+    nothing: all zeros in a tower, or the same for every sample in every tower (zeroed weights, say). Every
+    fidelity figure would then compare constants."""
+    constant: dict[str, tuple[str, int]] = {}
     for tower in art.adapter.towers:
         batches = art.calib.calib_batches(tower.modality) if art.calib else []
         if not batches:
             continue
         module = TowerModule(art.teacher, tower).eval()
-        outputs = module(*[batches[0][n].to(art.device) for n in module.names])
+        inputs = [batches[0][n] for n in module.names]
+        outputs = module(*[x.to(art.device) for x in inputs])
         if not all(bool(torch.isfinite(o).all()) for o in outputs):
             raise LmmcError(f"the teacher's {tower.name} tower gives NaN/Inf outputs on the calibration data; "
                             f"the teacher is broken (check its weights and config) and cannot be compressed")
-        pooled = outputs[1].float()
+        # Compared over distinct inputs only: captions from one template repeat within a batch.
+        rows = {b"".join(x[i].numpy().tobytes() for x in inputs): i for i in range(len(inputs[0]))}
+        pooled = outputs[1].float()[sorted(rows.values())]
         if art.adapter.kind == "generative" or pooled.ndim != 2 or len(pooled) < 2:
-            continue
+            return
         scale = float(pooled.abs().max())
-        if float((pooled - pooled[:1]).abs().max()) <= 1e-6 * scale:  # all zeros included
-            what = "an all-zero embedding" if scale == 0 else "one and the same embedding"
-            raise LmmcError(f"the teacher's {tower.name} tower gives {what} for every one of {len(pooled)} "
-                            f"different calibration samples; the teacher is broken (its weights, e.g. all zeros, "
-                            f"or a config that does not fit them) and cannot be compressed or validated")
+        if scale == 0:
+            constant[tower.name] = ("an all-zero embedding", len(pooled))
+            break
+        if float((pooled - pooled[:1]).abs().max()) <= 1e-6 * scale:
+            constant[tower.name] = ("one and the same embedding", len(pooled))
+    zero = [t for t, (what, _) in constant.items() if what.startswith("an all-zero")]
+    if zero or (constant and len(constant) == len(art.adapter.towers)):
+        name = zero[0] if zero else next(iter(constant))
+        what, n = constant[name]
+        raise LmmcError(f"the teacher's {name} tower gives {what} for every one of {n} different calibration "
+                        f"samples; the teacher is broken (its weights, e.g. all zeros, or a config that does not "
+                        f"fit them) and cannot be compressed or validated")
 
 
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
