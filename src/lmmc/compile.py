@@ -493,16 +493,17 @@ def check_teacher_outputs(art: Artifact) -> None:
         if not all(bool(torch.isfinite(o).all()) for o in outputs):
             raise LmmcError(f"the teacher's {tower.name} tower gives NaN/Inf outputs on the calibration data; "
                             f"the teacher is broken (check its weights and config) and cannot be compressed")
+        if art.adapter.kind == "generative":  # no embedding: its figures are the decoder's tokens
+            continue
         # Compared over distinct inputs only: captions from one template repeat within a batch.
         rows = {b"".join(x[i].numpy().tobytes() for x in inputs): i for i in range(len(inputs[0]))}
         pooled = outputs[1].float()[sorted(rows.values())]
-        if art.adapter.kind == "generative" or pooled.ndim != 2 or len(pooled) < 2:
-            return
+        if pooled.ndim != 2 or len(pooled) < 2:
+            continue
         scale = float(pooled.abs().max())
         if scale == 0:
             constant[tower.name] = ("an all-zero embedding", len(pooled))
-            break
-        if float((pooled - pooled[:1]).abs().max()) <= 1e-6 * scale:
+        elif float((pooled - pooled[:1]).abs().max()) <= 1e-6 * scale:
             constant[tower.name] = ("one and the same embedding", len(pooled))
     zero = [t for t, (what, _) in constant.items() if what.startswith("an all-zero")]
     if zero or (constant and len(constant) == len(art.adapter.towers)):
