@@ -154,6 +154,17 @@ def _(tmp):
     return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["corrupt or truncated", "again"]
 
 
+@case("a shard the index names is missing")
+def _(tmp):
+    model = bert(tmp)
+    keys = sorted(load_file(model / "model.safetensors"))
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    shards = {k: "model-00001-of-00002.safetensors" for k in keys} | {keys[0]: "model-00002-of-00002.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "model-00002-of-00002.safetensors' is missing", "copy or download it again"]
+
+
 @case("no weights file")
 def _(tmp):
     model = bert(tmp)

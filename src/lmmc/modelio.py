@@ -173,8 +173,8 @@ def check_weights(path: Path, model: torch.nn.Module) -> None:
                 for key in f.keys():
                     shapes[key] = list(f.get_slice(key).get_shape())
         except (SafetensorError, OSError) as err:
-            raise LmmcError(f"weights file '{path / name}' is corrupt or truncated ({err}); copy or download "
-                            f"it again") from None
+            state = "missing" if not (path / name).is_file() else "corrupt or truncated"
+            raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
     mismatched = []
     for name, param in model.state_dict().items():
         found = shapes.get(name)
@@ -404,7 +404,7 @@ def _check_tokenizer(ref: str, tok: Any, vocab_size: int, pads: bool = True) -> 
                         f"{vocab_size:,}; its ids would index past the table. It is not this model's tokenizer: {fix}")
     if size < vocab_size // 2:
         raise LmmcError(f"the tokenizer of '{ref}' has {size:,} tokens for a model with {vocab_size:,}; it is a "
-                        f"stand-in (missing tokenizer files), not the model's tokenizer: {fix}")
+                        f"stand-in (missing tokenizer files) or another model's, not this model's tokenizer: {fix}")
     ids = tok(ORDINARY_TEXT, add_special_tokens=False)["input_ids"]
     if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
         raise LmmcError(f"the tokenizer of '{ref}' maps every ordinary word to the unknown token; it is not "
