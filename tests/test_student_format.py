@@ -167,6 +167,19 @@ def test_a_damaged_student_file_is_one_clear_error(tmp_path: Path, shrunk: bool,
         lmmc.load_student(tmp_path)
 
 
+@pytest.mark.parametrize("shrunk", [True, False])
+def test_a_student_with_nan_weights_is_refused(tmp_path: Path, shrunk: bool) -> None:
+    model = tiny_model("bert")
+    if shrunk:
+        shrink(model)
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight[0, 3] = float("nan")
+    save_student(model, {}, tmp_path, {})
+    with pytest.raises(LmmcError, match=r"student in .* has 1 NaN/Inf value\(s\) in 'encoder.layer.1.output.dense."
+                                        r"weight'; the file is damaged"):
+        lmmc.load_student(tmp_path)
+
+
 def test_a_shrunk_student_without_its_record_says_so(tmp_path: Path) -> None:
     model = tiny_model("bert")
     shrink(model)

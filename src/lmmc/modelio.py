@@ -437,13 +437,14 @@ def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
                         f"takes {image_size}x{image_size}; it is not this model's processor: {fix}")
 
 
-def check_finite(model: torch.nn.Module, what: str) -> None:
+def check_finite(model: torch.nn.Module, what: str,
+                 fix: str = "repair or re-download the weights (a model with non-finite weights cannot be "
+                            "compressed or validated)") -> None:
     """Refuse NaN or Inf in a model's weights: every number computed from them would be meaningless."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise LmmcError(f"the {what} has {bad} NaN/Inf value(s) in '{name}'; repair or re-download the "
-                            f"weights (a model with non-finite weights cannot be compressed or validated)")
+            raise LmmcError(f"the {what} has {bad} NaN/Inf value(s) in '{name}'; {fix}")
 
 
 class _LoadReport(logging.Filter):

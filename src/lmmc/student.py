@@ -220,11 +220,15 @@ def load_student(path: str | Path) -> nn.Module:
             f"and no {META_FILE} naming another weights file"
         raise LmmcError(f"'{path}' has no {weights}, {names}; pass the 'student' directory of a compile output")
     try:
-        return _load_weights(path, config, adapter, cls, record, weights)
+        model = _load_weights(path, config, adapter, cls, record, weights)
     except (SafetensorError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LmmcError(f"'{path / weights}' cannot be read ({first}): the file is truncated or damaged; copy "
                         f"the student directory again, or compile it again") from None
+    from lmmc.modelio import check_finite  # modelio imports this module
+    check_finite(model, f"student in '{path}'", "the file is damaged (a compile never writes such a student); "
+                                                "copy the student directory again, or compile it again")
+    return model
 
 
 def _structure(meta_path: Path) -> dict[str, Any] | None:
