@@ -642,6 +642,15 @@ def _(tmp):
             ["writes its latency_cache", "inside --out"])
 
 
+@case("antgmm's latency_cache is a file, dry run")
+def _(tmp):
+    (tmp / "afile").write_text("mine")
+    recipe = {**RANDOM, "passes": [{"antgmm": {"target": {"speedup": 1.5}, "latency_cache": "afile/cache"}}],
+              "export": ["onnx", {"openvino": {"int8": True}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["writes its latency_cache", "afile' is a file", "give a latency_cache that is a directory"])
+
+
 @case("a seed past 64 bits, dry run")
 def _(tmp):
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "seed": 2**64}}]}

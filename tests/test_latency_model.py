@@ -87,6 +87,14 @@ def test_a_cached_fit_that_no_fit_would_write_is_measured_again(fitted, tmp_path
     assert lm._read_cache(path, key, ["text"]) is None
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "3", '"key"'])
+def test_a_cache_file_that_holds_no_object_is_measured_again(fitted, tmp_path, text):
+    model, adapter, _, _, _ = fitted
+    path = tmp_path / "foreign.json"
+    path.write_text(text)
+    assert lm._read_cache(path, cache_key(model, adapter, TARGET), ["text"]) is None
+
+
 def test_predict_reads_uneven_structures():
     teacher = tiny_model("bert")
     adapter = get_adapter("bert")

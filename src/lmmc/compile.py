@@ -212,6 +212,15 @@ def _check_side_paths(target: Path, model_ref: str, recipe: Recipe, recipe_path:
                     raise LmmcError(f"'{name}' writes its {key} '{value}' inside {what} ({inp}); lmmc does not "
                                     f"write into its inputs (and --resume would find them changed). Give a {key} "
                                     f"outside it")
+            existing = path
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                raise LmmcError(f"'{name}' writes its {key} '{value}' into a directory, but '{existing}' is a file; "
+                                f"give a {key} that is a directory, or a new one")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise LmmcError(f"'{name}' cannot write its {key} '{value}': '{existing}' is not writable; give a "
+                                f"{key} on a writable disk, or fix the permissions")
 
 
 def _check_writable(target: Path) -> None:

@@ -332,7 +332,7 @@ def cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
 def _read_cache(path: Path, key: dict[str, Any], towers: list[str]) -> LatencyModel | None:
     try:
         stored = json.loads(path.read_text())
-        if stored.get("key") != key:
+        if not isinstance(stored, dict) or stored.get("key") != key:
             return None
         model = LatencyModel.from_json(stored["model"])
     except (OSError, ValueError, KeyError, TypeError, LmmcError):
