@@ -331,7 +331,15 @@ class AntGMMPass(Pass):
             "structure": read_structure(model, adapter),
             "segments": history,
         }
-        return out if latency is None else {**out, "latency_target": latency}
+        if latency is None:
+            return out
+        if latency["predicted_ms"] > latency["target_ms"] * (1 + 1e-9):
+            # the ranking removes whole units and ffn_multiple rounds widths; the validation gate has the last word
+            rounded = f" and FFN widths in multiples of {cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else ""
+            out["warnings"] = [f"the student is predicted at {latency['predicted_ms']:.4g} ms, above the target "
+                               f"{latency['target_ms']:.4g} ms: the stages' whole units{rounded} did not meet it "
+                               f"exactly; ask for a lower target" + (", or a smaller ffn_multiple" if rounded else "")]
+        return {**out, "latency_target": latency}
 
     def _shares(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         if self.config.shares is not None:
@@ -387,7 +395,8 @@ class AntGMMPass(Pass):
                          latency: dict[str, Any]) -> None:
         """Refuse, before any scoring, a target faster than the fastest structure the floors allow."""
         cfg = self.config
-        floor = self.costs.floor_ms(model, adapter, set(shares), cfg.min_layers, cfg.min_heads, cfg.min_ffn)
+        floor = self.costs.floor_ms(model, adapter, set(shares), cfg.min_layers, cfg.min_heads, cfg.min_ffn,
+                                    cfg.ffn_multiple)
         latency["floor_ms"] = floor
         if latency["target_ms"] >= floor:
             return
@@ -398,7 +407,7 @@ class AntGMMPass(Pass):
             asked = f"a speed-up of {cfg.target.speedup:g}x over the teacher's {teacher:.3g} ms ({asked})"
             best += f", a speed-up of {teacher / floor:.2f}x"
         floors = {"depth": f"min_layers={cfg.min_layers}", "heads": f"min_heads={cfg.min_heads}",
-                  "ffn": f"min_ffn={cfg.min_ffn}"}
+                  "ffn": f"min_ffn={cfg.min_ffn}" + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")}
         lower = [floors[s] for s in ("depth", "heads", "ffn") if s in shares]
         idle = [s for s in ("depth", "heads", "ffn") if s not in shares]
         raise LmmcError(f"pass 'antgmm': target {asked} cannot be reached: the fastest structure the floors allow "

@@ -4,6 +4,7 @@ target refused at plan time, and validate's gate on the measured latency."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from lmmc.export.openvino import quantize_openvino, to_openvino
 from lmmc.export.validate import ValidateConfig, latency_target_gate, target_artifact
 from lmmc.joint_selection import BlockUnits, select_joint
 from lmmc.latency_budget import cover, teacher_reference, time_deployments
-from lmmc.latency_model import Target, fit_latency_model, tower_feed
+from lmmc.latency_model import (LatencyModel, Target, TowerLatency, cache_file, cache_key, fit_latency_model,
+                                tower_feed)
 from lmmc.pipeline import get_pass
 from lmmc.recipe import load_recipe, parse_recipe
 from lmmc.runtime import load
@@ -348,3 +350,39 @@ def test_the_speedup_reference_is_a_faithful_teacher_at_f32_inference(tmp_path) 
     kept = teacher_reference([shifted(0.0), shifted(100.0)], eager, feeds["text"][:2], notes)
     assert [c.label for c in kept] == ["noise 0.0"]
     assert len(notes) == 1 and "noise 100.0 not a reference" in notes[0]
+
+
+def _written_model(cache: Path, art, coefficients: tuple[float, float, float, float]) -> LatencyModel:
+    """A latency model of known milliseconds, stored where the pass reads its cached fit: nothing is timed."""
+    target = Target(**DEPLOY)
+    key = cache_key(art.teacher, art.adapter, target)
+    model = LatencyModel(target, {t.name: TowerLatency(*coefficients, hidden=32) for t in art.adapter.towers})
+    cache_file(cache, key).parent.mkdir(parents=True, exist_ok=True)
+    cache_file(cache, key).write_text(json.dumps({"key": key, "model": model.to_json()}))
+    return model
+
+
+def test_the_floor_counts_ffn_widths_rounded_to_their_multiple(tmp_path) -> None:
+    art = make_artifact("bert")  # two blocks of 4 heads and 64 FFN channels
+    model = _written_model(tmp_path, art, (0.1, 0.01, 0.001, 0.01))
+    at_min = model.towers["text"].fixed + 2 * model.block_ms("text", 4, 1)  # min_ffn=1, heads untouched
+    at_multiple = model.towers["text"].fixed + 2 * model.block_ms("text", 4, 16)
+    target = (at_min + at_multiple) / 2  # reachable one channel at a time, not sixteen
+    config = {"target": {"latency_ms": target}, "deploy": DEPLOY, "latency_cache": str(tmp_path),
+              "shares": {"ffn": 1.0}, "importance": "activation"}
+    assert run_antgmm(make_artifact("bert"), **config)["latency_target"]["predicted_ms"] <= target + 1e-9
+    with pytest.raises(LmmcError, match=rf"predicted at {at_multiple:.3g} ms.*min_ffn=1, ffn_multiple=16"):
+        run_antgmm(make_artifact("bert"), **config, ffn_multiple=16)
+
+
+def test_a_student_predicted_above_its_target_is_warned_of(tmp_path) -> None:
+    art = make_artifact("bert")
+    model = _written_model(tmp_path, art, (0.1, 0.01, 0.001, 0.01))
+    start = sum(model.predict(art.student, art.adapter).values())
+    target = model.towers["text"].fixed + 0.1 * (start - model.towers["text"].fixed)
+    metrics = run_antgmm(art, target={"latency_ms": target}, deploy=DEPLOY, latency_cache=str(tmp_path),
+                         shares={"depth": 0.5, "ffn": 0.25, "heads": 0.25}, importance="activation")
+    predicted = sum(model.predict(art.student, art.adapter).values())
+    assert predicted > target  # depth took a whole block, so the heads stage found fewer heads than planned
+    assert metrics["warnings"] == [f"the student is predicted at {predicted:.4g} ms, above the target {target:.4g} "
+                                   f"ms: the stages' whole units did not meet it exactly; ask for a lower target"]

@@ -91,17 +91,19 @@ class LatencyCosts:
         return sum(t.fixed for t in self.model.towers.values())
 
     def floor_ms(self, model: nn.Module, adapter: Adapter, stages: set[str], min_layers: int, min_heads: int,
-                 min_ffn: int) -> float:
+                 min_ffn: int, ffn_multiple: int = 1) -> float:
         """The fastest structure the floors allow, predicted: each stage in `stages` cut down to its floor
-        (blocks keep their widths where a width stage takes no part), the cheapest `min_layers` blocks kept
-        when depth does."""
+        (blocks keep their widths where a width stage takes no part; a block at least `ffn_multiple` wide
+        keeps a multiple of it), the cheapest `min_layers` blocks kept when depth does."""
         total = self.fixed()
         for tower in adapter.towers:
             costs = []
             for block in block_list(model, tower)[1]:
                 heads, channels = block_width(block, tower, self.head_dims[tower.name])
                 heads = min(heads, min_heads) if "heads" in stages else heads
-                channels = min(channels, min_ffn) if "ffn" in stages else channels
+                if "ffn" in stages:
+                    m = ffn_multiple
+                    channels = min(channels, max(m, -(-min_ffn // m) * m) if channels >= m else min_ffn)
                 costs.append(self.model.block_ms(tower.name, heads, channels))
             total += sum(sorted(costs)[:min_layers] if "depth" in stages else costs)
         return total
