@@ -193,6 +193,27 @@ def test_sections_without_data_are_notes_not_errors():
 
 
 
+def test_a_latency_target_is_shown_in_milliseconds_with_its_outcome():
+    antgmm = {"name": "antgmm", "metrics": {
+        "budget": "ms", "kept": 0.343, "target_keep": 0.35, "tokens": {"text": 16},
+        "blocks_before": {"text": {"ms": 0.2448}}, "blocks_after": {"text": {"ms": 0.0840}},
+        "structure": {"text": {"layers": 1, "teacher_layers": [0], "heads": [1], "ffn": [64], "head_dim": 8}}}}
+    target = {"deploy": "onnxruntime-fp32-cpu-threads1-batch4-seq16", "target_ms": 0.5230, "measured_ms": 0.5758,
+              "predicted_ms": 0.3523, "miss": 0.1010, "prediction_error": -0.3882, "speedup_target": 1.3,
+              "speedup_predicted": 1.362, "speedup_measured": 1.181}
+    report = {"lmmc_version": "0", "model": "m", "adapter": "bert", "passes": [antgmm], "passed": False,
+              "validated": True, "validation": {"towers": {}, "latency_target": target, "gates": []}}
+    page = render(report)
+    assert '<td>text</td><td class="num">0.2448</td><td class="num">0.084</td><td class="num">34.3%</td>' in page
+    assert "Latency target on onnxruntime-fp32-cpu-threads1-batch4-seq16: the student measured 10.1% off" in page
+    assert "prediction was -38.8% off the measurement" in page
+    for row in ("<td>target</td><td class=\"num\">0.523</td><td class=\"num\">1.3</td>",
+                "<td>predicted at the cut</td><td class=\"num\">0.3523</td><td class=\"num\">1.362</td>",
+                "<td>measured</td><td class=\"num\">0.5758</td><td class=\"num\">1.181</td>"):
+        assert row in page, row
+    assert "no latency was measured" not in page
+
+
 def test_non_finite_cosines_are_counted_not_drawn(compiled):
     report = json.loads((compiled / "report.json").read_text())
     towers = report["validation"]["towers"]

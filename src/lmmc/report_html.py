@@ -312,9 +312,10 @@ def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
     rows = []
     before, after = m.get("blocks_before") or {}, m.get("blocks_after") or {}
     budget = m.get("budget", "flops")
+    fmt = ".4g" if budget == "ms" else ",.0f"  # predicted milliseconds are fractions; FLOPs and parameters counts
     for name in towers:
         b, a = (before.get(name) or {}).get(budget), (after.get(name) or {}).get(budget)
-        rows.append([_e(name), _num(b, ",.0f"), _num(a, ",.0f"), f"{a / b:.1%}" if a is not None and b else "n/a"])
+        rows.append([_e(name), _num(b, fmt), _num(a, fmt), f"{a / b:.1%}" if a is not None and b else "n/a"])
     tokens = m.get("tokens") or {}
     target = m.get("target_keep")
     target = ", ".join(f"{_e(t)} {_num(k, '.0%')}" for t, k in target.items()) if isinstance(target, dict) \
@@ -448,7 +449,27 @@ def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("kind") == JSON_KIND else None
 
 
+def _latency_target(report: dict[str, Any]) -> str:
+    """A latency target's outcome: what was asked, predicted when the student was cut, and measured."""
+    lat = (report.get("validation") or {}).get("latency_target")
+    if not isinstance(lat, dict):
+        return ""
+    rows = [["target", _num(lat.get("target_ms")), _num(lat.get("speedup_target"))],
+            ["predicted at the cut", _num(lat.get("predicted_ms")), _num(lat.get("speedup_predicted"))],
+            ["measured", _num(lat.get("measured_ms")), _num(lat.get("speedup_measured"))]]
+    return (f"<p>Latency target on {_e(lat.get('deploy'))}: the student measured "
+            f"{_num(lat.get('miss'), '.1%')} off its target; the latency model's prediction was "
+            f"{_num(lat.get('prediction_error'), '+.1%')} off the measurement.</p>"
+            + _table(["student", "ms per batch", "speed-up over the teacher"], rows))
+
+
 def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
+    target, timing = _latency_target(report), _latency_timing(report, bench)
+    return target + ("" if target and timing is None else timing or _note(
+        "no latency was measured (validate.latency is off, or validation did not run)"))
+
+
+def _latency_timing(report: dict[str, Any], bench: dict[str, Any] | None) -> str | None:
     from lmmc.plots import latency_figure
 
     if bench and bench.get("towers"):
@@ -460,7 +481,7 @@ def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
     towers = (report.get("validation") or {}).get("towers") or {}
     timed = {n: t["latency_ms"] for n, t in towers.items() if t.get("latency_ms")}
     if not timed:
-        return _note("no latency was measured (validate.latency is off, or validation did not run)")
+        return None
     first = next(iter(timed.values()))
     groups = {n: [("teacher", lat["teacher"], False), ("student", lat["student"], True)] for n, lat in timed.items()}
     text = (f"<p>{_e(first.get('runtime'))}, {_e(first.get('threads'))} threads, inputs "
