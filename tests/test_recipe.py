@@ -62,6 +62,8 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
      "bad 'distill' config for the distill pass:\n  lr: Input should be greater than 0"),
     ({"passes": [{"wanda": {}}, {"antgmm": {"keep": 0.5}}]}, "passes[1] 'antgmm' removes whole units and would leave "
                                                              "the masks of 'wanda' before it pointing at the wrong"),
+    ({"passes": [{"magnitude": {"nm": "2:4"}}, {"activation": {"refit": 0.001}}]},
+     "passes[1] 'activation' refits each FFN's second matrix whole, which would fill the zeros 'magnitude' left"),
     ({"passes": [{"uniform": {"sparsity": 0.3}}, {"wanda": {"sparsity": 0.6}}]},
      "passes[1] 'wanda' gives sparsity 0.6, but the allocation 'uniform' before it sets every matrix's sparsity"),
     ({"passes": [{"uniform": {"sparsity": 0.7}}, {"owl": {"sparsity": 0.3}}, {"wanda": {}}]},

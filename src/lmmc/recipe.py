@@ -199,6 +199,9 @@ class Recipe(BaseModel):
             if step.name == "antgmm" and masked:
                 raise LmmcError(f"passes[{i}] 'antgmm' removes whole units and would leave the masks of "
                                 f"'{masked}' before it pointing at the wrong weights; put antgmm before {masked}")
+            if step.name == "activation" and masked and step.config.refit is not None:
+                raise LmmcError(f"passes[{i}] 'activation' refits each FFN's second matrix whole, which would fill "
+                                f"the zeros '{masked}' left in it; put activation before {masked}, or drop refit")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
