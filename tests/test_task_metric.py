@@ -180,6 +180,24 @@ def test_labels_give_classes_prompts_and_held_out_truth(tmp_path):
     assert templated.labels.prompt_class == list(range(10))
 
 
+def test_images_without_captions_take_no_held_out_place_and_no_class(tmp_path):
+    """A dual encoder scores pairs: an image-only record cannot be held out, and a class that only such
+    records carry has no prompt, which would make every zero-shot prediction that class's NaN row."""
+    pre = tiny_preprocessors(tmp_path)
+    path = coco_style(tmp_path)
+    rng = np.random.default_rng(1)
+    lines = path.read_text().splitlines()
+    for i in range(40, 56):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "label": "twelve"}))
+    path.write_text("\n".join(lines))
+    data = load_calibration(CalibrationConfig(samples=64, eval_samples=16, batch_size=4), str(path),
+                            {"text", "image"}, pre)
+    assert data.counts["held_out"] == 10  # a quarter of the 40 captioned images, none of the 16 others
+    assert data.labels.classes == sorted(NUMBERS)
+    assert sorted(set(data.labels.prompt_class)) == list(range(10))
+
+
 # --- FLOPs at the real token lengths ----------------------------------------------------------------
 
 def test_text_tokens_are_the_real_mean_length_capped_at_positions(tmp_path):

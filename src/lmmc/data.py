@@ -368,7 +368,6 @@ class Selection:
 def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str]) -> Selection:
     """Split the records and keep what the model's towers can use. Every count that ends below what the
     recipe asked for is said in a warning; too few to work with is an error."""
-    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed, modalities)
     dual = "text" in modalities and "image" in modalities
     if dual:
         # Dual encoders need pairs so both towers see matched samples and zero-shot agreement is defined.
@@ -379,8 +378,9 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
                             f"{lacking}; this model has a text and an image tower and calibrates on image-text "
                             f"pairs: give a .jsonl with {{\"text\": ..., \"image\": ...}} per line, or an image folder "
                             f"with one subfolder per class and calibration.caption_template")
-        calib_recs = [r for r in calib_recs if "text" in r and "image" in r]
-        eval_recs = [r for r in eval_recs if "text" in r and "image" in r]
+        # before the split, so a sample neither tower can use takes no held-out place
+        records = [r for r in records if "text" in r and "image" in r]
+    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed, modalities)
     for modality in sorted(modalities):
         key = "text" if modality == "text" else "image"
         c = [r for r in calib_recs if key in r]
@@ -462,8 +462,10 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
             max_length: int | None, pad_to: int | None) -> Labels:
-    """Classes of the whole data set; prompts from the caption template, else every distinct caption."""
-    classes = sorted({r["label"] for r in records})
+    """Classes of the whole data set; prompts from the caption template, else every distinct caption (a
+    class that no caption names has no prompt, so zero-shot scores the captioned classes)."""
+    prompted = tokenizer is not None and cfg.caption_template is None
+    classes = sorted({r["label"] for r in records if "text" in r or not prompted})
     index = {c: i for i, c in enumerate(classes)}
     if cfg.caption_template is not None:
         prompts = {cfg.caption_template.format(label=c): c for c in classes}
