@@ -22,7 +22,7 @@ from lmmc.export.ort import calibration_feeds
 from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
 from lmmc.importance import Importance, add_gate, importance
 from lmmc.joint_selection import BlockUnits, block_loss_change, select_joint
-from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover
+from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover, ffn_floor
 from lmmc.latency_model import fit_latency_model
 from lmmc.modelio import text_pad_length, text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
@@ -332,6 +332,15 @@ class AntGMMPass(Pass):
             "segments": history,
         }
         if latency is None:
+            asked = cfg.keep if isinstance(cfg.keep, dict) else {"all towers": cfg.keep}
+            got = out["kept_per_tower"] if isinstance(cfg.keep, dict) else {"all towers": out["kept"]}
+            missed = [f"{t}: {got[t]:.3f} against keep {k:g}" for t, k in asked.items() if got.get(t, 0) > k + 0.02]
+            if missed:
+                out["warnings"] = [f"the student kept more of the blocks' {metric} than asked ({'; '.join(missed)}): "
+                                   f"whole units" + (f" and FFN widths in multiples of {cfg.ffn_multiple}"
+                                                     if cfg.ffn_multiple > 1 else "")
+                                   + " could not meet it; give other stages a share"
+                                   + (", or a smaller ffn_multiple" if cfg.ffn_multiple > 1 else "")]
             return out
         if latency["predicted_ms"] > latency["target_ms"] * (1 + 1e-9):
             # the ranking removes whole units and ffn_multiple rounds widths; the validation gate has the last word
@@ -432,7 +441,7 @@ class AntGMMPass(Pass):
                 per_block.append(self.costs.block(tower, block))
                 heads, width = lin["q"][1].out_features // hd, lin["fc1"][1].out_features
                 cap["heads"] += max(heads - cfg.min_heads, 0) * self.costs.head(tower, block)
-                cap["ffn"] += max(width - cfg.min_ffn, 0) * self.costs.channel(tower, block)
+                cap["ffn"] += max(width - ffn_floor(width, cfg.min_ffn, cfg.ffn_multiple), 0) * self.costs.channel(tower, block)
             cap["depth"] += sum(sorted(per_block)[cfg.min_layers:])
         return cap
 
@@ -458,7 +467,9 @@ class AntGMMPass(Pass):
                 f"keeping {1 - remove / total:.3f} of the blocks' predicted ms"
             raise LmmcError(f"pass 'antgmm': {asked} is below what the floors "
                             f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
-                            f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn} and stages {sorted(shares)}); "
+                            f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn}"
+                            + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")
+                            + f" and stages {sorted(shares)}); "
                             f"raise {'keep' if cfg.target is None else 'the target'}, lower the floors or give "
                             f"other stages a share")
         return {"depth": depth, **alloc} if "depth" in shares else alloc
@@ -495,6 +506,7 @@ class AntGMMPass(Pass):
                 drop_units.setdefault(u.group, set()).add(u.index)
             if stage == "ffn":
                 drop_units = self._aligned(drop_units, scores.channels)
+                record["removed"] = sum(map(len, drop_units.values()))
             left: dict[str, float] = {}
             for key, idx in self._in_order(adapter, drop_units):
                 n = len((scores.heads if stage == "heads" else scores.channels)[key])
@@ -577,7 +589,7 @@ class AntGMMPass(Pass):
                 out[key] = idx
                 continue
             target = kept // m * m if self.config.target is not None else round(kept / m) * m
-            target = min(max(target, m, -(-self.config.min_ffn // m) * m), n)
+            target = min(max(target, ffn_floor(n, self.config.min_ffn, m)), n)
             order = sorted(range(n), key=lambda j: (-float(scores[key][j]), j))  # best first
             out[key] = set(order[target:])
         return {k: v for k, v in out.items() if v}

@@ -253,6 +253,22 @@ def test_ffn_multiple_rounds_each_cut_block_to_the_nearest_multiple_keeping_the_
         assert torch.equal(lin.weight, ref.weight[best])  # the best-scored channels, in their order
 
 
+def test_an_ffn_multiple_as_wide_as_the_block_leaves_the_stage_nothing_and_says_so() -> None:
+    # the tiny BERT's FFN is 64 wide: a multiple of 64 keeps it whole, so a cut by FFN alone cannot be met
+    config = dict(keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation", ffn_multiple=64)
+    with pytest.raises(LmmcError, match=r"keep=0.7 of the blocks' flops is below what the floors allow \(about 1.000 "
+                                        r"with .*min_ffn=1, ffn_multiple=64"):
+        run_antgmm(make_artifact("bert"), **config)
+    # a multiple of 32 is possible, but rounds a light cut (a few channels per block) back to the whole width
+    art = make_artifact("bert")
+    metrics = run_antgmm(art, **{**config, "keep": 0.95, "ffn_multiple": 32})
+    assert read_structure(art.student, art.adapter)["text"]["ffn"] == [64, 64]
+    assert [s["removed"] for s in metrics["segments"]] == [0]  # what was cut, after the rounding
+    assert metrics["warnings"] == ["the student kept more of the blocks' flops than asked (all towers: 1.000 against "
+                                   "keep 0.95): whole units and FFN widths in multiples of 32 could not meet it; give "
+                                   "other stages a share, or a smaller ffn_multiple"]
+
+
 def test_depth_stage_removes_whole_blocks_and_updates_the_config() -> None:
     art = make_artifact("vit")
     metrics = run_antgmm(art, keep=0.5, shares={"depth": 1.0}, importance="activation")

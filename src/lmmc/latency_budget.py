@@ -101,12 +101,18 @@ class LatencyCosts:
             for block in block_list(model, tower)[1]:
                 heads, channels = block_width(block, tower, self.head_dims[tower.name])
                 heads = min(heads, min_heads) if "heads" in stages else heads
-                if "ffn" in stages:
-                    m = ffn_multiple
-                    channels = min(channels, max(m, -(-min_ffn // m) * m) if channels >= m else min_ffn)
+                channels = ffn_floor(channels, min_ffn, ffn_multiple) if "ffn" in stages else channels
                 costs.append(self.model.block_ms(tower.name, heads, channels))
             total += sum(sorted(costs)[:min_layers] if "depth" in stages else costs)
         return total
+
+
+def ffn_floor(width: int, min_ffn: int, multiple: int) -> int:
+    """The fewest FFN channels a block of `width` can keep: min_ffn, rounded up to a multiple of `multiple`
+    where the block is at least that wide (as antgmm's ffn_multiple rounds a cut block)."""
+    if width < multiple:
+        return min(width, min_ffn)
+    return min(width, max(multiple, -(-min_ffn // multiple) * multiple))
 
 
 def cover(units: list[Unit], remove: float, floors: dict[Any, int]) -> list[Unit]:
