@@ -195,6 +195,9 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
         gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=2.5)
     with pytest.raises(LmmcError, match="attention_mask must hold 0 .padding. and 1"):
         gen.generate_ids(None, np.array([[5, 6]]), np.array([[0, 0]]))
+    with pytest.raises(LmmcError, match="pads a row on the right; .* padding_side = 'left'"):
+        gen.generate_ids(None, np.array([[5, 6, 7], [5, 6, 0]]), np.array([[1, 1, 1], [1, 1, 0]]))
+    assert gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=np.int64(2)).tokens.shape[1] <= 2
     (copy / DECODER).write_bytes((gen.folder / DECODER).read_bytes())
     table = copy / "embed_tokens.npy"
     for broken, message in [

@@ -110,7 +110,8 @@ class Generator:
             raise LmmcError(f"input_ids must be integer token ids; got {given.dtype} values: tokenise with the "
                             f"compile's saved processor")
         input_ids = given.astype(np.int64)
-        if input_ids.ndim != 2 or type(max_new_tokens) is not int or max_new_tokens < 1:
+        whole = isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
+        if input_ids.ndim != 2 or not whole or max_new_tokens < 1:
             raise LmmcError(f"input_ids must be [batch, sequence] and max_new_tokens an integer of at least 1; got "
                             f"shape {input_ids.shape} and {max_new_tokens!r}")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
@@ -118,6 +119,9 @@ class Generator:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
         if not np.isin(mask, (0, 1)).all() or (mask.sum(axis=1) == 0).any():
             raise LmmcError("attention_mask must hold 0 (padding) and 1 (a token), with at least one token a row")
+        if (np.diff(mask, axis=1) < 0).any():  # decoding appends after the last position, which must be a token
+            raise LmmcError("attention_mask pads a row on the right; greedy decoding needs prompts padded on the left: "
+                            "set the tokenizer's padding_side = 'left' before tokenising the batch")
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= len(self.embeddings)):
             raise LmmcError(f"token ids must lie in [0, {len(self.embeddings)}), the model's vocabulary; got "
                             f"{input_ids.min()}..{input_ids.max()}: tokenise with the compile's saved processor")
