@@ -245,6 +245,8 @@ def test_compile_output_generates_what_the_saved_student_generates(compiled_llav
         assert len(set(want.tolist())) >= 4
     with pytest.raises(LmmcError, match="the chat template places the picture"):
         gen.generate(image, "<image> the picture of a house is")
+    with pytest.raises(LmmcError, match="holds a generative model's export, .* open it with lmmc.runtime.open_generative"):
+        lmmc.runtime.open_dir(out)
 
 
 def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):

@@ -419,6 +419,9 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         raise LmmcError(f"open_dir takes the path of a compile's output directory, not {type(out_dir).__name__}")
     out_dir = Path(out_dir).resolve()  # the tokenizer is read at the first encode, perhaps from another cwd
     manifest = read_manifest(out_dir)
+    if "generative" in manifest:
+        raise LmmcError(f"{out_dir} holds a generative model's export, which generates text rather than encoding "
+                        f"it: open it with lmmc.runtime.open_generative")
     if not manifest.get("towers"):
         raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")
     pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
