@@ -3,6 +3,7 @@ digits captioner teacher's data."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -14,7 +15,7 @@ import transformers
 
 from conftest import REPO
 from lmmc.generation import (IGNORE_INDEX, Sample, answer_mask, exact_match, fidelity, generation_agreement, greedy,
-                             samples, teacher_forced, token_kl, top1_agreement, validate_generative)
+                             samples, teacher_forced, token_kl, top1_agreement, until_eos, validate_generative)
 
 BOS, EOS, PAD, IMAGE = 1, 2, 0, 3
 IMAGE_TOKENS = 4  # 2x2 patches, CLS dropped (LLaVA's default feature selection)
@@ -180,6 +181,21 @@ def test_greedy_batches_equal_one_sample_at_a_time(teacher):
                                    pixel_values=s.pixel_values[None], do_sample=False, max_new_tokens=6)
             alone = out[0, len(s.prompt):].tolist()
             assert got == (alone[:alone.index(EOS) + 1] if EOS in alone else alone)
+
+
+def test_greedy_is_plain_greedy_whatever_the_checkpoint_sets(teacher):
+    """lmmc.runtime decodes by argmax alone: a repetition_penalty in generation_config.json, which
+    generate() would apply, must not change what validation compares it with."""
+    items = samples(batches())
+    plain = greedy(teacher, items, 12, {EOS})
+    penalised = copy.deepcopy(teacher)
+    penalised.generation_config.repetition_penalty = 1.5
+    assert greedy(penalised, items, 12, {EOS}) == plain
+    assert penalised.generation_config.repetition_penalty == 1.5  # the model's own config is put back
+    with torch.no_grad():  # what generate() itself makes of the setting: other tokens
+        applied = [penalised.generate(input_ids=torch.tensor([s.prompt]), pixel_values=s.pixel_values[None],
+                                      do_sample=False, max_new_tokens=12)[0, len(s.prompt):].tolist() for s in items]
+    assert any(until_eos(a, {EOS}) != p for a, p in zip(applied, plain))
 
 
 def test_greedy_agreement_of_itself_is_one_and_of_a_perturbed_copy_less(teacher):

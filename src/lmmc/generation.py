@@ -3,11 +3,14 @@ the answer tokens, greedy-generation agreement, and exact-match accuracy of the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 
 from lmmc.data import IGNORE_INDEX  # the label of prompt, image and padding positions
 from lmmc.errors import LmmcError
@@ -99,18 +102,32 @@ def greedy(model: torch.nn.Module, items: list[Sample], max_new_tokens: int, eos
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(eos), 0)
     device = next(model.parameters()).device
-    for length, members in by_length.items():
-        for start in range(0, len(members), batch_size):
-            idx = members[start:start + batch_size]
-            ids = torch.tensor([items[i].prompt for i in idx], device=device)
-            generated = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.stack([items[i].pixel_values for i in idx]).to(device), do_sample=False,
-                max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
-                pad_token_id=pad)
-            for i, row in zip(idx, generated[:, length:].tolist()):
-                out[i] = until_eos(row, eos)
+    with _plain_greedy(model, pad, eos):
+        for length, members in by_length.items():
+            for start in range(0, len(members), batch_size):
+                idx = members[start:start + batch_size]
+                ids = torch.tensor([items[i].prompt for i in idx], device=device)
+                generated = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    pixel_values=torch.stack([items[i].pixel_values for i in idx]).to(device), do_sample=False,
+                    max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
+                    pad_token_id=pad)
+                for i, row in zip(idx, generated[:, length:].tolist()):
+                    out[i] = until_eos(row, eos)
     return out  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _plain_greedy(model: torch.nn.Module, pad: int, eos: set[int]) -> Iterator[None]:
+    """generate() lays the checkpoint's own settings (repetition_penalty, no_repeat_ngram_size, ...) over any
+    it is given; for plain greedy decoding, as lmmc.runtime decodes, the model holds a config without them."""
+    saved = model.generation_config
+    model.generation_config = transformers.GenerationConfig(bos_token_id=saved.bos_token_id, pad_token_id=pad,
+                                                            eos_token_id=sorted(eos) or None)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def generation_agreement(teacher: list[list[int]], student: list[list[int]], n: int) -> dict[str, float]:
