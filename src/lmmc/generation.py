@@ -149,11 +149,12 @@ def generation_agreement(teacher: list[list[int]], student: list[list[int]], n: 
 
 def exact_match(generated: list[list[int]], answers: list[list[int]], eos: set[int]) -> float:
     """Fraction of samples whose greedy answer is exactly the reference answer, end-of-sequence tokens
-    aside. A generation that never ended matches nothing when the model has an end-of-sequence token."""
+    aside. A generation that never ended matches nothing when the model has an end-of-sequence token; a
+    reference without one (calibration.max_length cut it) is matched by the generation's opening."""
     hits = 0
     for tokens, answer in zip(generated, answers):
         reference = [t for t in answer if t not in eos]
-        if eos:
+        if eos and len(reference) < len(answer):
             cut = until_eos(tokens, eos)
             hits += bool(cut) and cut[-1] in eos and cut[:-1] == reference
         else:
