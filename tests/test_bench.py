@@ -357,6 +357,7 @@ def test_corpora_of_one_name_each_keep_a_column():
 
     paths = [Path("a/extra.txt"), Path("b/extra.txt"), Path("news.txt"), Path("imgs/held-out")]
     assert corpus_names(paths) == ["a/extra.txt", "b/extra.txt", "news.txt", "imgs/held-out"]
+    assert corpus_names([Path("held-out"), Path("./held-out")]) == [str(Path("held-out").absolute())] * 2
 
 
 def _row(model, artifact, p50, cosine):
@@ -377,6 +378,11 @@ def test_best_student_must_keep_the_recipes_fidelity_gate():
     degraded = [*rows, _row("teacher", "openvino INT8 (NNCF) bf16", 30.0, 0.938)]
     assert best_pair(degraded, min_cosine=0.9)["teacher"] == "openvino INT8 (NNCF)"
     assert best_pair([*degraded, _row("teacher", "openvino bf16", 35.0, 0.9999)])["teacher"] == "openvino bf16"
+    # an artifact whose cosine is NaN (broken) is never the best student, with or without a gate
+    broken = [*rows, _row("student", "ort/text.fp16.onnx", 5.0, float("nan"))]
+    assert best_pair(broken)["student"] == "ort/text.int8-static.onnx"
+    assert best_pair(broken, min_cosine=0.99)["student"] == "ort/text.int8-static.onnx"
+    assert best_pair(broken, min_cosine=0.9)["student"] == "openvino/text.int8.xml"
 
 
 def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):

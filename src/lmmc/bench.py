@@ -508,7 +508,8 @@ def corpus_names(paths: list[Path]) -> list[str]:
     """Each --corpus's column name: its file name, or the path as given where two share a name (or one is
     called held-out), so no corpus hides another."""
     names = [p.name for p in paths]
-    return [str(p) if names.count(p.name) > 1 or p.name == "held-out" else p.name for p in paths]
+    out = [str(p) if names.count(p.name) > 1 or p.name == "held-out" else p.name for p in paths]
+    return [str(p.absolute()) if n == "held-out" else n for n, p in zip(out, paths)]  # given as ./held-out
 
 
 def _recorded(report: dict[str, Any], *keys: str) -> Any:
@@ -789,8 +790,13 @@ def best_pair(rows: list[dict[str, Any]], min_cosine: float | None = None) -> di
     def fastest(candidates: list[dict[str, Any]]) -> dict[str, Any]:
         return min(candidates, key=lambda r: r["latency_ms"]["p50"])
 
+    def sound(r: dict[str, Any]) -> bool:  # a broken artifact's cosine is NaN (None in bench.json)
+        return finite(r["cosine_to_teacher"]["held-out"]) is not None
+
     students = [r for r in rows if r["model"] == "student"]
-    passing = [r for r in students if min_cosine is None or r["cosine_to_teacher"]["held-out"] >= min_cosine]
+    students = [r for r in students if sound(r)] or students
+    passing = [r for r in students
+               if sound(r) and (min_cosine is None or r["cosine_to_teacher"]["held-out"] >= min_cosine)]
     teachers = [r for r in rows if r["model"] == "teacher" and r["cosine_to_teacher"]["held-out"] >= TEACHER_MIN_COSINE]
     s, t = fastest(passing or students), fastest(teachers or [r for r in rows if r["model"] == "teacher"])
     return {"student": s["artifact"], "teacher": t["artifact"], "min_cosine": min_cosine,
