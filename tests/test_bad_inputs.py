@@ -517,6 +517,14 @@ def _(tmp):
     return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["caption_template", "must name the class as {label}"]
 
 
+@case("a caption template that formats the class as a number")
+def _(tmp):
+    class_folders(tmp)
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**TEMPLATE, "calibration": {"path": "classes", "caption_template": "a {label:d}"}})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["'a {label:d}' must name the class as {label}"]
+
+
 @case("a dual-encoder recipe naming one tower only")
 def _(tmp):
     save_tiny("clip", tmp / "clip")

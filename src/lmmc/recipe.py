@@ -46,10 +46,12 @@ class CalibrationConfig(Config):
         if v is None:
             return v
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+            parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(v)
+                     if name is not None]
         except ValueError as err:
             raise ValueError(f"{v!r} is not a format string ({err}); write the class as {{label}}") from None
-        if fields != {"label"}:
+        # a class name is text: a format spec ({label:d}) or conversion ({label!x}) would fail on it later
+        if {name for name, _, _ in parts} != {"label"} or any(spec or conversion for _, spec, conversion in parts):
             raise ValueError(f"{v!r} must name the class as {{label}} and nothing else in braces, "
                              f"e.g. \"a photo of the digit {{label}}\"")
         return v
