@@ -517,6 +517,26 @@ def _(tmp):
     return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["caption_template", "must name the class as {label}"]
 
 
+def vit_config(tmp: Path, **change) -> Path:
+    """A tiny ViT built and saved with other config values, its weights to match."""
+    config = tiny_model("vit").config
+    config.update(change)
+    transformers.ViTModel(config).save_pretrained(tmp / "vit")
+    return save_preprocessors("vit", tmp / "vit")
+
+
+@case("a vision tower of grey pictures, dry run")
+def _(tmp):
+    model, recipe = vit_config(tmp, num_channels=1), write_recipe(tmp, RANDOM)
+    return [model, "-r", recipe, "-o", "out", "--dry-run"], ["takes 1-channel pictures (num_channels)", "RGB models only"]
+
+
+@case("a vision tower of oblong pictures, dry run")
+def _(tmp):
+    model, recipe = vit_config(tmp, image_size=[32, 48]), write_recipe(tmp, RANDOM)
+    return [model, "-r", recipe, "-o", "out", "--dry-run"], ["takes [32, 48] pictures (image_size)", "square pictures only"]
+
+
 @case("a caption template that formats the class as a number")
 def _(tmp):
     class_folders(tmp)

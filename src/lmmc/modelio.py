@@ -349,7 +349,22 @@ def check_preprocessor(ref: str, config: Any, adapter: Adapter, preprocessor: di
             _check_tokenizer(ref, preprocessor.get("tokenizer"), int(tcfg.vocab_size),
                              pads=adapter.kind != "generative")
         else:
-            _check_image_processor(ref, preprocessor.get("image_processor"), int(tcfg.image_size))
+            _check_image_processor(ref, preprocessor.get("image_processor"), _square_rgb(ref, tower.name, tcfg))
+
+
+def _square_rgb(ref: str, tower: str, tcfg: Any) -> int:
+    """The side of the square RGB pictures a vision tower takes: lmmc feeds three-channel pictures of one
+    side (its calibration, export shapes and runtime), so another kind of input is refused here."""
+    size, channels = tcfg.image_size, getattr(tcfg, "num_channels", 3)
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise LmmcError(f"the {tower} tower of '{ref}' takes {size} pictures (image_size); lmmc compiles models of "
+                        f"square pictures only")
+    if channels != 3:
+        raise LmmcError(f"the {tower} tower of '{ref}' takes {channels}-channel pictures (num_channels); lmmc "
+                        f"feeds three-channel RGB pictures, so it compiles RGB models only")
+    return size
 
 
 def _check_processor(ref: str, config: Any, adapter: Adapter, proc: Any, chat_template: bool) -> None:
