@@ -62,6 +62,9 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
      "bad 'distill' config for the distill pass:\n  lr: Input should be greater than 0"),
     ({"passes": [{"wanda": {}}, {"antgmm": {"keep": 0.5}}]}, "passes[1] 'antgmm' removes whole units and would leave "
                                                              "the masks of 'wanda' before it pointing at the wrong"),
+    ({"passes": [{"antgmm": {"keep": 0.7, "shares": {"ffn": 0.5, "hidden": 0.5}}},
+                 {"antgmm": {"keep": 0.7, "shares": {"ffn": 1.0}}}]},
+     "passes[1] 'antgmm' follows passes[0], whose hidden stage narrowed the residual stream"),
     ({"passes": [{"magnitude": {"nm": "2:4"}}, {"activation": {"refit": 0.001}}]},
      "passes[1] 'activation' refits each FFN's second matrix whole, which would fill the zeros 'magnitude' left"),
     ({"passes": [{"uniform": {"sparsity": 0.3}}, {"wanda": {"sparsity": 0.6}}]},

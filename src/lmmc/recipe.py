@@ -180,7 +180,7 @@ class Recipe(BaseModel):
         """An allocation sets per-matrix targets that every later local pruner applies in place of its own
         sparsity; structured pruning cannot follow the masks of a local pruner."""
         steps = [s.build() for s in self.passes]
-        allocation, pending, masked = None, False, None
+        allocation, pending, masked, narrowed = None, False, None, None
         for i, step in enumerate(steps):
             if "allocation" in step.provides:
                 if not any("masks" in later.provides for later in steps[i + 1:]):
@@ -201,6 +201,13 @@ class Recipe(BaseModel):
             if step.name == "antgmm" and masked:
                 raise LmmcError(f"passes[{i}] 'antgmm' removes whole units and would leave the masks of "
                                 f"'{masked}' before it pointing at the wrong weights; put antgmm before {masked}")
+            if step.name == "antgmm":
+                if narrowed is not None:
+                    raise LmmcError(f"passes[{i}] 'antgmm' follows passes[{narrowed}], whose hidden stage narrowed "
+                                    f"the residual stream behind a map back to the teacher's width in the last block; "
+                                    f"no stage can cut that student again. Give all stages' shares to one antgmm")
+                if (step.config.shares or {}).get("hidden"):
+                    narrowed = i
             if step.name == "activation" and masked and step.config.refit is not None:
                 raise LmmcError(f"passes[{i}] 'activation' refits each FFN's second matrix whole, which would fill "
                                 f"the zeros '{masked}' left in it; put activation before {masked}, or drop refit")
