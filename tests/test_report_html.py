@@ -252,9 +252,10 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     assert (out / "report.html").read_text() == "<html>someone's own page</html>"
 
     (out / "report.html").unlink()
-    (out / "report.json").write_text("{not json")
-    result = runner.invoke(main, ["report", str(out)])
-    assert result.exit_code == 2 and "not valid JSON" in result.output
+    for text in ("{not json", '{"a": ' * 100_000 + "1" + "}" * 100_000):
+        (out / "report.json").write_text(text)
+        result = runner.invoke(main, ["report", str(out)])
+        assert result.exit_code == 2 and "not valid JSON" in result.output
     assert not (out / "report.html").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lmmc-files.json"]  # no partial page
 
@@ -262,6 +263,7 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     report = json.loads((compiled / "report.json").read_text())
     for edit in (lambda r: r["validation"].update(towers=list(r["validation"]["towers"])),
                  lambda r: r["parameters"].update(teacher="lots"),
+                 lambda r: r["parameters"].update(student=10 ** 400, teacher=1),
                  lambda r: [t.update(cosine_per_sample=[float("inf")] * 32) for t in r["validation"]["towers"].values()]):
         edited = json.loads(json.dumps(report))
         edit(edited)

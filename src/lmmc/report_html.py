@@ -442,7 +442,7 @@ def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     from lmmc.bench import JSON_KIND
 
@@ -549,15 +549,16 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{out_dir}' holds no report.json; give the --out directory of an lmmc compile")
     try:
         report = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LmmcError(f"'{source}' is not valid JSON ({err}); compile again to write it anew") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deep" if isinstance(err, RecursionError) else str(err)
+        raise LmmcError(f"'{source}' is not valid JSON ({reason}); compile again to write it anew") from None
     if not isinstance(report, dict) or "lmmc_version" not in report:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
     if target.exists() and not _is_ours(target):
         raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
     try:
         page = render(report, out_dir)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as err:
         # A report.json edited by hand, or cut: the page is drawn from what a compile writes, no other shape.
         also = " (or bench.json beside it what lmmc bench writes)" if (out_dir / "bench.json").is_file() else ""
         raise LmmcError(f"'{source}' does not hold what lmmc compile writes{also} ({type(err).__name__}: {err}); "
