@@ -636,10 +636,10 @@ class AntGMMPass(Pass):
         for tower in adapter.towers:
             blocks = block_list(model, tower)[1]
             if stage == "depth":
-                floors[tower.name] = cfg.min_layers
                 # LLaVA's projector reads a vision block's output (vision_feature_layer, -2 by default): that
                 # block stays, and the blocks after the deepest one read are dead compute, removed first.
                 read = feature_blocks(model, tower) or set()
+                floors[tower.name] = max(cfg.min_layers - len(read), 0)  # the read blocks count toward the floor
                 units += [Unit(tower.name, i, float("-inf") if read and i > max(read) else
                                scores.blocks[(tower.name, i)], self.costs.block(tower, b))
                           for i, b in enumerate(blocks) if i not in read]

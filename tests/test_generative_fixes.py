@@ -231,6 +231,21 @@ def test_removing_the_blocks_after_the_read_layer_leaves_the_image_features_exac
     assert torch.equal(_features(student), _features(teacher))
 
 
+def test_the_read_block_counts_toward_min_layers_so_the_dead_block_goes():
+    """min_layers=1 with two vision blocks, the projector reading the first: the read block is the one the
+    floor keeps, and the dead second block is removed to meet keep 0.5 (it was kept, the budget missed)."""
+    load_passes()
+    model = _llava(vision_layers=2)
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
+                                          model, LLAVA)
+    art = Artifact(model_ref="tiny", adapter=LLAVA, teacher=copy.deepcopy(model), student=model, calib=calib)
+    antgmm = get_pass("antgmm")
+    metrics = antgmm(antgmm.Config(keep={"vision": 0.5, "language": 1.0}, shares={"depth": 1.0}, min_layers=1)).run(art)
+    assert metrics["structure"]["vision"]["teacher_layers"] == [0]
+    assert metrics["kept_per_tower"]["vision"] == pytest.approx(0.5)
+    assert torch.equal(_features(art.student), _features(art.teacher))
+
+
 def test_removing_a_block_before_the_read_layer_keeps_reading_the_same_block():
     teacher = _llava(vision_layers=4)
     student = copy.deepcopy(teacher)
