@@ -458,6 +458,28 @@ def digit_pairs(tmp: Path, labels: list[str], captions: list[str]) -> Path:
     return tmp / "pairs.jsonl"
 
 
+@case("an unreadable image in distill's corpus, dry run")
+def _(tmp):
+    digit_pairs(tmp, ["3", "7"] * 20, [f"a picture of {spelled(i)}" for i in range(40)])
+    (tmp / "pics" / "7.png").write_bytes(b"not a picture")
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {"sparsity": 0.5}},
+                                                     {"distill": {"steps": 2, "corpus": "pairs.jsonl"}}]})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "remove it"]
+
+
+@case("a generative prompt longer than the decoder's positions, dry run")
+def _(tmp):
+    folder = images(tmp, 40)
+    lines = [json.dumps({"image": f"{folder.name}/{i}.png", "text": "a road",
+                         "prompt": "what is it" + " now" * 130 * (i == 3)}) for i in range(40)]
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 36, "eval_samples": 4,
+                                                          "batch_size": 4}, "validate": False})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "the prompt of image", "3.png' takes", "leaving none of the decoder's 128", "shorten the prompt"]
+
+
 @case("a caption labelled with another class")
 def _(tmp):
     labels = ["3", "7"] * 20

@@ -28,9 +28,10 @@ from lmmc.artifact import Artifact
 from lmmc.bench import GENERATIVE_BENCH, check_backends, finite
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_random_allowed,
-                       drop_token_twins, load_calibration, load_generative_calibration, random_calibration,
-                       random_generative_calibration, read_samples, select, text_length, text_tokens)
+from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_prompts,
+                       check_random_allowed, drop_token_twins, load_calibration, load_generative_calibration,
+                       random_calibration, random_generative_calibration, read_samples, select, text_length,
+                       text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -270,7 +271,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
-    _check_distill_samples(recipe, adapter, counts)
+    _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe, adapter)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
@@ -333,10 +334,15 @@ def _check_target(adapter: Any, recipe: Recipe) -> None:
                             f"({adapter.family}) there yet. Set keep (a FLOPs fraction) instead")
 
 
-def _check_distill_samples(recipe: Recipe, adapter: Any, counts: dict[str, int] | None) -> None:
-    """A distillation's training samples against its batch, refused now rather than after the passes before
-    it. The count is the most it can be (its corpus's records, or the calibration split), since held-out
-    and repeated samples drop out only once encoded."""
+def _decoder_positions(config: Any, adapter: Any) -> int:
+    return min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
+
+
+def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: dict[str, int] | None,
+                           preprocessors: dict[str, Any]) -> None:
+    """A distillation's corpus as the pass will read it, and its training samples against its batch,
+    refused now rather than after the passes before it. The count is the most it can be (its corpus's
+    records, or the calibration split), since held-out and repeated samples drop out only once encoded."""
     from lmmc.distiller import distilled_towers, modality_key
 
     for name, cfg in _step_configs(recipe):
@@ -345,7 +351,15 @@ def _check_distill_samples(recipe: Recipe, adapter: Any, counts: dict[str, int] 
         if cfg.corpus:
             needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
             records = read_samples(Path(cfg.corpus))
-            n = len(records) if adapter.kind == "generative" else sum(needed <= r.keys() for r in records)
+            used = records if adapter.kind == "generative" else [r for r in records if needed <= r.keys()]
+            if adapter.kind == "generative" and Path(cfg.corpus).suffix == ".jsonl":  # else the pass says so
+                template = cfg.chat_template if cfg.chat_template is not None else recipe.calibration.chat_template
+                check_generative_records(records, Path(cfg.corpus), preprocessors["processor"], template)
+                check_prompts(preprocessors["processor"], records, cfg.max_length, template,
+                              _decoder_positions(config, adapter))
+            if "image" in needed:
+                check_images([r["image"] for r in used if "image" in r], _patch(config, adapter))
+            n = len(used)
         elif counts:
             n = counts["calibration"]
         else:
@@ -439,6 +453,9 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     if adapter.kind == "generative":
         check_generative_records(records, Path(cal.path), preprocessors.get("processor"), cal.chat_template)
     chosen = select(cal, Path(cal.path), records, modalities)
+    if adapter.kind == "generative":
+        check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length, cal.chat_template,
+                      _decoder_positions(config, adapter))
     if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         positions = min(text_positions(config, t) for t in adapter.towers)
         length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, positions),
@@ -446,15 +463,18 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
     warnings.extend(chosen.warnings)
     if "image" in modalities:
-        vision = next(t for t in adapter.towers if t.modality == "image")
-        vcfg = getattr(config, vision.config_key) if vision.config_key else config
-        check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r],
-                     int(getattr(vcfg, "patch_size", 1)))
+        check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r], _patch(config, adapter))
     capped = len(chosen.held_out) < cal.eval_samples  # a quarter of the distinct samples at most
     _check_floor(recipe, len(chosen.held_out),
                  f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
                  f"at most a quarter of them are held out" if capped else "raise calibration.eval_samples")
     return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+
+
+def _patch(config: Any, adapter: Any) -> int:
+    """The vision tower's patch side: the smallest picture it can read."""
+    vision = next(t for t in adapter.towers if t.modality == "image")
+    return int(getattr(getattr(config, vision.config_key) if vision.config_key else config, "patch_size", 1))
 
 
 def _check_floor(recipe: Recipe, held_out: int, fix: str) -> None:

@@ -550,6 +550,40 @@ def check_generative_records(records: list[dict[str, Any]], source: Path, proces
                                                    if chat_template else "each sample has one picture: keep one"))
 
 
+def _answer_room(prompt_ids: list[int], image_id: int, limit: int, positions: int | None, image: str) -> int:
+    """Tokens left for the answer after a prompt: within `limit` text tokens and the decoder's `positions`
+    (the image's tokens included); none left is an error naming the prompt's image."""
+    text_tokens = sum(i != image_id for i in prompt_ids)
+    room = limit - text_tokens
+    if positions is not None and positions - len(prompt_ids) < room:
+        room = positions - len(prompt_ids)
+        if room <= 0:
+            raise LmmcError(f"the prompt of image '{image}' takes {len(prompt_ids)} positions with its image's "
+                            f"tokens, leaving none of the decoder's {positions} for its answer; shorten the prompt")
+    if room <= 0:
+        raise LmmcError(f"the prompt of image '{image}' takes {text_tokens} text tokens, leaving none of "
+                        f"calibration.max_length = {limit} for its answer; raise calibration.max_length or shorten "
+                        f"the prompt")
+    return room
+
+
+def check_prompts(processor, records: list[dict[str, Any]], max_length: int | None, chat_template: bool,
+                  positions: int | None) -> None:
+    """What encode_generative refuses of the prompts, found without reading the images: the processor
+    expands the image token by the model's config alone, so a blank picture stands in."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (64, 64))
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    seen = set()
+    for r in records:
+        prompt = generative_prompt(processor, r.get("prompt"), chat_template)
+        if prompt not in seen:
+            seen.add(prompt)
+            ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+            _answer_room(ids, image_id, max_length or DEFAULT_MAX_LENGTH, positions, r["image"])
+
+
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
                       chat_template: bool, positions: int | None = None) -> list[Batch]:
     """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
@@ -569,22 +603,10 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
             enc = processor(images=[[image]], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
                             return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
-            text_tokens = sum(i != image_id for i in prompt_ids)
             answer = tok(r["text"], add_special_tokens=False)["input_ids"]
             if tok.eos_token_id is not None:
                 answer = answer + [tok.eos_token_id]
-            room = limit - text_tokens
-            if positions is not None and positions - len(prompt_ids) < room:
-                room = positions - len(prompt_ids)
-                if room <= 0:
-                    raise LmmcError(f"the prompt of image '{r['image']}' takes {len(prompt_ids)} positions with its "
-                                    f"image's tokens, leaving none of the decoder's {positions} for its answer; "
-                                    f"shorten the prompt")
-            answer = answer[:max(0, room)]
-            if not answer:
-                raise LmmcError(f"the prompt of image '{r['image']}' takes {text_tokens} text tokens, leaving none "
-                                f"of calibration.max_length = {limit} for its answer; raise calibration.max_length "
-                                f"or shorten the prompt")
+            answer = answer[:_answer_room(prompt_ids, image_id, limit, positions, r["image"])]
             ids.append(prompt_ids + answer)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer)
             pixels.append(enc["pixel_values"])
