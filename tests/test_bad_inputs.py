@@ -1074,3 +1074,19 @@ def test_distills_default_length_is_capped_at_a_clip_text_towers_positions(tmp_p
     recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "pairs.jsonl"}}]})
     result = CliRunner().invoke(main, ["compile", "./clip", "-r", str(recipe), "-o", "out", "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_batch_the_ranks_cannot_share_is_refused_by_the_dry_run(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE set), a micro-batch that does not split over the ranks is refused before
+    any pass, not by the distillation after the pruning."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"magnitude": {"sparsity": 0.5}},
+                                                          {"distill": {"steps": 2, "batch_size": 6, "grad_accum": 2}}]})
+    result = CliRunner().invoke(main, ["compile", str(bert(tmp_path)), "-r", str(recipe), "-o", "out", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "batch_size / grad_accum = 3 samples per micro-batch cannot be split evenly over 2 ranks" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    result = CliRunner().invoke(main, ["compile", str(bert(tmp_path / "again")), "-r", str(recipe), "-o", "out",
+                                       "--dry-run"])
+    assert result.exit_code == 0, result.output

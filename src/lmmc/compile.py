@@ -343,11 +343,12 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
     """A distillation's corpus as the pass will read it, and its training samples against its batch,
     refused now rather than after the passes before it. The count is the most it can be (its corpus's
     records, or the calibration split), since held-out and repeated samples drop out only once encoded."""
-    from lmmc.distiller import distilled_towers, modality_key
+    from lmmc.distiller import distilled_towers, micro_batch, modality_key
 
     for name, cfg in _step_configs(recipe):
         if name.split(".")[-1] != "distill":
             continue
+        micro_batch(cfg.batch_size, cfg.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))  # the ranks torchrun started
         if cfg.corpus:
             needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
             records = read_samples(Path(cfg.corpus))

@@ -178,6 +178,15 @@ def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None, span: Arm
     return out
 
 
+def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:
+    """Samples per micro-batch, which the ranks share evenly."""
+    micro = batch_size // grad_accum
+    if micro % world:
+        raise LmmcError(f"distill: batch_size / grad_accum = {micro} samples per micro-batch cannot be split evenly "
+                        f"over {world} ranks; make batch_size a multiple of grad_accum × ranks")
+    return micro
+
+
 def distilled_towers(cfg: DistillConfig, adapter: Adapter) -> list[TowerSpec]:
     """The towers the config distils (`towers`, default all), in the model's order."""
     return [t for t in adapter.towers if cfg.towers is None or t.name in cfg.towers]
@@ -381,11 +390,7 @@ class Trainer:
             raise LmmcError(f"distill: {len(self.train)} training samples{reward} are fewer than batch_size "
                             f"({cfg.batch_size}); lower batch_size{' or reward_samples' if self.bandit else ''} "
                             f"or give more samples (a corpus, or calibration.samples)")
-        self.micro = cfg.batch_size // cfg.grad_accum
-        if self.micro % self.ctx.world:
-            raise LmmcError(f"distill: batch_size / grad_accum = {self.micro} samples per micro-batch cannot be "
-                            f"split evenly over {self.ctx.world} ranks; make batch_size a multiple of "
-                            f"grad_accum × ranks")
+        self.micro = micro_batch(cfg.batch_size, cfg.grad_accum, self.ctx.world)
         # The tokenizer's pad id, which the encoded corpus was padded with; a model read at a fixed length
         # (SigLIP) sees its pads, so the re-padded batches must hold the very same ids.
         tokenizer = (art.preprocessor or {}).get("tokenizer")
