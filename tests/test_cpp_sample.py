@@ -191,6 +191,13 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     (tmp_path / "bad.txt").write_text("12 7 x\n")
     done = _run(lmmc_embed, compiled_out, tmp_path / "bad.txt", tmp_path / "emb.txt")
     assert done.returncode == 1 and "line 1 is not token ids" in done.stderr
+    # a blank line would shift every row after it; trailing blank lines are no sample
+    (tmp_path / "gap.txt").write_text("5 6\n\n5 7 x\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "gap.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and "line 3 is not token ids" in done.stderr
+    (tmp_path / "gap.txt").write_text("5 6\n\n5 7\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "gap.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and "line 2 holds no token ids; every line is one sample" in done.stderr
     (tmp_path / "odd.f32").write_bytes(b"\0" * 10)
     done = _run(lmmc_embed, compiled_out, tmp_path / "odd.f32", tmp_path / "emb.txt", "--tower", "vision")
     assert done.returncode == 1 and "not a whole number of float32 images of 3072 values" in done.stderr

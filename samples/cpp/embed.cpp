@@ -132,13 +132,16 @@ void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, c
     std::ifstream in(path);
     if (!in) throw std::runtime_error("cannot read '" + path + "'");
     std::vector<std::vector<int64_t>> rows;
+    std::vector<size_t> line_of;  // each row's line in the file, for messages
     std::string line;
+    size_t n = 0, blank = 0;
     while (std::getline(in, line)) {
+        ++n;
         std::istringstream s(line);
         std::vector<int64_t> row;
         int64_t id;
         while (s >> id) row.push_back(id);
-        const std::string where = "'" + path + "' line " + std::to_string(rows.size() + 1);
+        const std::string where = "'" + path + "' line " + std::to_string(n);
         if (!s.eof()) throw std::runtime_error(where + " is not token ids");
         for (int64_t t : row) {
             // OpenVINO reads an id outside the embedding table as a row of zeros, silently
@@ -148,14 +151,23 @@ void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, c
                                          "output's own tokenizer (student/)");
             }
         }
-        if (!row.empty()) rows.push_back(row);
+        if (row.empty()) {
+            blank = blank ? blank : n;
+            continue;
+        }
+        if (blank) {  // a tokenizer writes [CLS] [SEP] even for an empty text: a blank line would shift every row after it
+            throw std::runtime_error("'" + path + "' line " + std::to_string(blank) + " holds no token ids; every "
+                                     "line is one sample");
+        }
+        rows.push_back(row);
+        line_of.push_back(n);
     }
     if (rows.empty()) throw std::runtime_error("'" + path + "' holds no token ids");
     batch = rows.size();
     seq = pad_to;
     for (size_t b = 0; b < batch; ++b) {
         if (max_tokens && rows[b].size() > max_tokens) {
-            throw std::runtime_error("'" + path + "' line " + std::to_string(b + 1) + " has " +
+            throw std::runtime_error("'" + path + "' line " + std::to_string(line_of[b]) + " has " +
                                      std::to_string(rows[b].size()) + " token ids; " + limit +
                                      ": truncate them to that many");
         }
