@@ -189,6 +189,23 @@ def test_labels_must_match_the_captions(tmp_path, lines, message):
         read_samples(tmp_path / "d.jsonl")
 
 
+def test_a_copy_of_an_image_under_another_label_is_refused(tmp_path):
+    """The split knows an image by its bytes, so a copy under another name is the same image: it cannot be
+    of two classes, or which one is held out would depend on the shuffle."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "0.png").read_bytes())
+    lines = [{"image": "0.png", "text": "one", "label": "cat"}, {"image": "copy.png", "text": "two", "label": "dog"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(LmmcError, match=r"the image '.*copy.png' \(the same picture as '.*0.png'\) carries two labels, "
+                                        r"'cat' and 'dog'"):
+        read_samples(tmp_path / "d.jsonl")
+    lines[1]["label"] = "cat"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "1.png")
+    lines.append({"image": "1.png", "text": "three", "label": "dog"})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert len(read_samples(tmp_path / "d.jsonl")) == 3
+
+
 def test_lines_split_at_line_feeds_only(tmp_path):
     """A form feed, U+2028 or NEL inside a line (PDF extracts hold them) is not a line break; CRLF is."""
     txt = tmp_path / "pages.txt"

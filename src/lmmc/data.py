@@ -207,10 +207,14 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
             raise LmmcError(f"'{source}': the caption '{r['text']}' names the class '{named[0]}' but is labelled "
                             f"'{r['label']}'; the labels do not match the captions. Fix the label or the caption")
     for key in ("image", "text"):
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[str, str]] = {}  # an image by its bytes, as the split knows it: a copy is the same
         for r in records:
-            if key in r and seen.setdefault(r[key], r["label"]) != r["label"]:
-                raise LmmcError(f"'{source}': the {key} '{r[key]}' carries two labels, '{seen[r[key]]}' and "
+            if key not in r:
+                continue
+            first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else r[key], (r[key], r["label"]))
+            if label != r["label"]:
+                same = f" (the same picture as '{first}')" if first != r[key] else ""
+                raise LmmcError(f"'{source}': the {key} '{r[key]}'{same} carries two labels, '{label}' and "
                                 f"'{r['label']}'; each {key} belongs to one class. Fix the labels")
 
 
