@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 # OPTIMA over four modules of both CLIP towers (the contrastive loss gathers embeddings across ranks),
@@ -96,3 +98,48 @@ if __name__ == "__main__":
               str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "samples_seen": sum(seen)}))
     dist.destroy_process_group()
+
+
+def test_a_torchrun_compile_ends_on_every_rank_once_rank_0_wrote_the_output(tmp_path):
+    """Rank 1 says where rank 0 wrote, after the output is in place (it used to print an empty list while
+    rank 0 was still writing, and exit 0 even when rank 0 then failed)."""
+    from conftest import save_tiny
+
+    save_tiny("bert", tmp_path / "teacher")
+    recipe = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"magnitude": {"sparsity": 0.5}}, {"distill": {"steps": 2, "batch_size": 4, "dev_samples": 2}}],
+              "validate": False}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--tee", "3", shutil.which("lmmc") or str(Path(sys.executable).parent / "lmmc"), "compile",
+                          str(tmp_path / "teacher"), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    listed = sorted(p.name + "/" * p.is_dir() for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert f"rank 1: finished; rank 0 wrote {tmp_path / 'out'}/ ({', '.join(['.lmmc-files.json', *listed])})" \
+        in run.stdout, run.stdout[-3000:]
+    assert run.stdout.count("wrote ") == 2  # rank 0's own line and rank 1's
+
+
+def test_a_rank_whose_peer_stopped_says_so_instead_of_reporting_a_bug(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from conftest import save_tiny
+
+    import lmmc.cli
+    import lmmc.compile
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:1")
+
+    monkeypatch.setattr(lmmc.compile, "compile_model", peer_gone)
+    save_tiny("bert", tmp_path / "teacher")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {}}]}))
+    args = ["compile", str(tmp_path / "teacher"), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(lmmc.cli.main, args)
+    assert result.exit_code == 130 and "stopped: another rank of this torchrun job stopped first" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug
+    result = CliRunner().invoke(lmmc.cli.main, args)
+    assert result.exit_code == 3 and "internal error: RuntimeError" in result.output

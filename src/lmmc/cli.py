@@ -57,10 +57,23 @@ class _Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _peer_gone(err):
+                # another rank of a torchrun job stopped (its own message says why) and took the group down
+                click.echo(f"stopped: another rank of this torchrun job stopped first ({type(err).__name__}); "
+                           f"its message says why", err=True)
+                sys.exit(EXIT_INTERRUPTED)
             log = _crash_log()
             click.echo(f"internal error: {type(err).__name__}: {err}. This is a bug in lmmc, not in your input; "
                        f"the traceback is in {log}; please report it with that file", err=True)
             sys.exit(EXIT_INTERNAL)
+
+
+def _peer_gone(err: Exception) -> bool:
+    """A collective that failed because a peer process went away (gloo or NCCL lost its connection)."""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistError) or any(s in str(err) for s in ("Connection closed by peer",
+                                                                          "Connection reset by peer"))
 
 
 def _crash_log() -> Path:
@@ -132,18 +145,23 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
         report = compile_model(model, parsed, Path(out), force=force, device=device,
                                trust_remote_code=trust_remote_code, recipe_path=recipe, resume=resume)
     except GateFailed as err:
-        if err.report is not None:  # the figures behind the missed gate
-            click.echo(summary_table(err.report))
-            _warn(err.report["warnings"])
-        click.echo(f"wrote {_written(Path(out))}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 prints the result and writes the output
+            if err.report is not None:  # the figures behind the missed gate
+                click.echo(summary_table(err.report))
+                _warn(err.report["warnings"])
+            click.echo(f"wrote {_written(Path(out))}", err=True)
         raise
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":  # rank 0 prints the result and writes the output
+        click.echo(f"rank {rank}: finished; rank 0 wrote {_written(Path(out))}")
+        return
     click.echo(summary_table(report))
     _warn(report["warnings"])
     if not report["validated"] and not parsed.validated:  # a skipped validation is among the warnings
         click.echo("not validated: the recipe switched validation off ('validate: false'); the student was not "
                    "compared with the teacher", err=True)
     click.echo(f"wrote {_written(Path(out))}")
-    if parsed.bench is not None and os.environ.get("RANK", "0") == "0":
+    if parsed.bench is not None:
         from lmmc.bench import NotSaved, bench, format_table
 
         from lmmc.report_html import write_report_html

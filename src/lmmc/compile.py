@@ -619,6 +619,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             if area.writer:
                 _place(tmp, staged, out)
             area.finish()
+        barrier(ctx)  # under torchrun, every rank ends once rank 0's output is in place, or stops with it
     except OSError as err:
         _give_up(area, resume, created)
         if err.errno in _DISK_FULL:
