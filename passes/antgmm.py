@@ -396,7 +396,9 @@ class AntGMMPass(Pass):
             start_ms=costs.fixed() + sum(costs.blocks(student, adapter).values()),
             fixed_ms=costs.fixed(),
             model={"towers": {k: vars(v) for k, v in model.towers.items()}, "fit": model.fit},
-            cache=str(cache) if cfg.latency_cache is not None or art.workdir is not None else None,
+            # the default cache moves with the output: named where it will be, not in the work area
+            cache=str(cache) if cfg.latency_cache is not None else
+            "latency-model" if art.workdir is not None else None,
         )
         return costs, latency
 

@@ -386,3 +386,13 @@ def test_a_student_predicted_above_its_target_is_warned_of(tmp_path) -> None:
     assert predicted > target  # depth took a whole block, so the heads stage found fewer heads than planned
     assert metrics["warnings"] == [f"the student is predicted at {predicted:.4g} ms, above the target {target:.4g} "
                                    f"ms: the stages' whole units did not meet it exactly; ask for a lower target"]
+
+
+def test_the_default_cache_is_recorded_where_the_output_will_hold_it(tmp_path) -> None:
+    art = make_artifact("bert")
+    art.workdir = tmp_path / "work-area-output"  # moved into --out when the compile ends
+    model = _written_model(art.workdir / "latency-model", art, (0.1, 0.01, 0.001, 0.01))
+    start = sum(model.predict(art.student, art.adapter).values())
+    metrics = run_antgmm(art, target={"latency_ms": 0.8 * start}, deploy=DEPLOY, importance="activation",
+                         shares={"ffn": 1.0})
+    assert metrics["latency_target"]["cache"] == "latency-model"
