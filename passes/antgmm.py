@@ -282,9 +282,13 @@ class AntGMMPass(Pass):
             self._check_reachable(model, adapter, shares, latency)
             remove = latency["start_ms"] - latency["target_ms"]
             if remove <= 0:  # nothing would be cut, and validation would then miss the target from below
+                teacher = latency.get("teacher_ms")
+                asked = (f"a speed-up of {cfg.target.speedup:g}x over the teacher ({latency['target_ms']:.4g} ms)"
+                         if teacher is not None else f"its latency_ms of {latency['target_ms']:.4g}")
+                more = (f"a speedup above {teacher / latency['start_ms']:.3g}" if teacher is not None
+                        else f"a latency_ms below {latency['start_ms']:.4g}")
                 raise LmmcError(f"pass 'antgmm': the model already runs at {latency['start_ms']:.4g} ms on the "
-                                f"target (predicted), within its latency_ms of {latency['target_ms']:.4g}; nothing "
-                                f"needs removing: give a latency_ms below {latency['start_ms']:.4g}, or a speedup")
+                                f"target (predicted), within {asked}; nothing needs removing: give {more}")
             if joint:
                 plan = {"joint": remove} if remove > 0 else {}
             else:

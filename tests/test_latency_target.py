@@ -396,3 +396,15 @@ def test_the_default_cache_is_recorded_where_the_output_will_hold_it(tmp_path) -
     metrics = run_antgmm(art, target={"latency_ms": 0.8 * start}, deploy=DEPLOY, importance="activation",
                          shares={"ffn": 1.0})
     assert metrics["latency_target"]["cache"] == "latency-model"
+
+
+def test_a_speedup_the_student_already_meets_is_refused_in_its_own_terms(tmp_path) -> None:
+    art = make_artifact("bert")
+    model = _written_model(tmp_path, art, (0.1, 0.01, 0.001, 0.01))
+    run_antgmm(art, keep=0.3, seq_len=16)  # an earlier cut
+    start, teacher = (sum(model.predict(m, art.adapter).values()) for m in (art.student, art.teacher))
+    assert teacher / start > 1.2
+    with pytest.raises(LmmcError, match=rf"already runs at {start:.4g} ms on the target \(predicted\), within a speed-up "
+                                        rf"of 1.2x over the teacher \({teacher / 1.2:.4g} ms\); nothing needs removing: "
+                                        rf"give a speedup above {teacher / start:.3g}"):
+        run_antgmm(art, target={"speedup": 1.2}, deploy=DEPLOY, latency_cache=str(tmp_path))
