@@ -310,7 +310,8 @@ class TensorRtExportPass(Pass):
         """Refuse at recipe time, before any weight loads, a required step that cannot build."""
         super().check(available)
         if not self.config.optional:
-            _require_tensorrt()
+            trt = _require_tensorrt()
+            make_builder(trt, trt.Logger(trt.Logger.ERROR))  # installed without a GPU it can use: say so now
 
     def run(self, art: Artifact) -> dict[str, Any]:
         trt = tensorrt_module()

@@ -250,21 +250,31 @@ def test_optional_step_without_tensorrt_finishes_and_says_not_built(monkeypatch,
     assert not list(tmp_path.glob(".out.tensorrt-timing.cache"))
 
 
-def test_optional_step_with_tensorrt_but_no_usable_gpu_finishes_and_says_not_built(monkeypatch, tmp_path):
-    class NoGpu:  # what the binding does where CUDA cannot start: its builder factory returns nothing
-        __version__ = "10.0.0"
+class NoGpu:  # what the binding does where CUDA cannot start: its builder factory returns nothing
+    __version__ = "10.0.0"
 
-        class Logger:
-            ERROR = 0
+    class Logger:
+        ERROR = 0
 
-            def __init__(self, severity):
-                pass
+        def __init__(self, severity):
+            pass
 
-        def Builder(self, logger):
-            raise TypeError("pybind11::init(): factory function returned nullptr")
+    def Builder(self, logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
 
+
+def test_a_required_step_with_tensorrt_but_no_usable_gpu_is_refused_by_the_dry_run(monkeypatch, tmp_path):
+    model_dir = save_tiny("bert", tmp_path / "teacher")  # transformers looks for TensorRT as it first imports
     monkeypatch.setitem(sys.modules, "tensorrt", NoGpu())
+    recipe = {**TINY_RECIPE, "export": ["onnx", "tensorrt"]}
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)), "-o",
+                                       str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2 and "TensorRT is installed but finds no usable NVIDIA GPU" in result.output
+
+
+def test_optional_step_with_tensorrt_but_no_usable_gpu_finishes_and_says_not_built(monkeypatch, tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
+    monkeypatch.setitem(sys.modules, "tensorrt", NoGpu())
     recipe = {**TINY_RECIPE, "export": ["onnx", {"tensorrt": {"optional": True}}],
               "validate": {**TINY_RECIPE["validate"], "latency": False}}
     out = tmp_path / "out"
