@@ -238,7 +238,8 @@ class OpenVinoExportPass(Pass):
                 art.exports.append(ExportRecord(tower.name, "openvino", "mixed", "nncf", mixed, source="plain",
                                                 fp32_matrices=choice["fp32_matrices"]))
                 written.append(mixed.name)
-                metrics[tower.name] = {"files": written, "mixed": {mixed.name: choice}, "warnings": choice["warnings"]}
+                metrics[tower.name] = {"files": written, "mixed": {mixed.name: choice},
+                                       "warnings": [f"{mixed.name}: {w}" for w in choice["warnings"]]}
                 continue
             if self.config.int8:
                 feeds = calibration_feeds(art, tower)

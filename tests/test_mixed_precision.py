@@ -112,6 +112,7 @@ def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread, outl
     choice = metrics["mixed"]["text.mixed.xml"]
     check_choice(choice)
     assert metrics["files"] == ["text.xml", "text.mixed.xml"]
+    assert metrics["warnings"] == [f"text.mixed.xml: {w}" for w in choice["warnings"]]  # a dual encoder has two
     fp32_ir, rec = art.exports
     assert (rec.backend, rec.precision, rec.variant) == ("openvino", "mixed", "nncf")
     plain = quantize_openvino(fp32_ir.path, tmp_path / "plain.int8.xml", calibration_feeds(art, art.adapter.towers[0]))

@@ -419,6 +419,14 @@ def test_a_static_shape_for_texts_read_at_a_fixed_length_takes_that_length(compi
     padded = open_dir(fixed, backend="openvino", threads=1).encode(TEXTS)
     static = open_dir(fixed, backend="openvino", threads=1, static_shape=(3, 24)).encode(TEXTS)
     assert np.abs(static - padded).max() <= 1e-5
+    # loaded alone, the IR still knows its texts come at that length: a shorter feed would be padded and pooled
+    # at another position, so it is refused
+    short = {"input_ids": np.full((2, 10), 7, np.int64), "attention_mask": np.ones((2, 10), np.int64)}
+    with pytest.raises(LmmcError, match="text.xml reads texts padded to 24 tokens .* the feed has 10: pad it to 24"):
+        load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 24)).run(short)
+    whole = {k: np.pad(v, [(0, 0), (0, 14)]) for k, v in short.items()}
+    static_ir = load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 24))
+    assert static_ir.run(whole)["pooled_embedding"].shape[0] == 2
 
 
 def test_static_shape_bad_input_is_one_clear_error(compiled):

@@ -69,6 +69,15 @@ def backend_for(path: Path) -> str:
                     f"(.engine); pass one of those, or name the backend with backend=...")
 
 
+def _text_pad_to(path: Path) -> int | None:
+    """The one length an lmmc output's text tower reads (SigLIP's 64), from the manifest beside its IR."""
+    try:
+        manifest = json.loads((path.parent.parent / MANIFEST).read_text())
+        return int(manifest["preprocessing"]["text"]["pad_to"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
          tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None,
          static_shape: tuple[int, ...] | None = None) -> Model:
@@ -107,7 +116,7 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
             raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; load the ONNX artifact "
                             f"with device='{device}' instead")
         from lmmc.runtime.openvino import OpenVinoModel
-        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape)
+        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape, _text_pad_to(path))
     if backend == "tensorrt":
         if device not in (None, "cuda"):
             raise LmmcError(f"a TensorRT engine runs on the current NVIDIA GPU, not on '{device}'; pass device='cuda' "

@@ -127,7 +127,8 @@ class OpenVinoModel(Model):
     backend = "openvino"
 
     def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32",
-                 static_shape: tuple[int, ...] | None = None) -> None:
+                 static_shape: tuple[int, ...] | None = None, pad_to: int | None = None) -> None:
+        self.pad_to = pad_to  # a text model read at one length (SigLIP pools its last position): padding moves it
         ov = _openvino()
         if path.suffix.lower() != ".xml":
             raise LmmcError(f"OpenVINO opens an IR (.xml with its .bin), and '{path.name}' is not one; convert it "
@@ -223,6 +224,10 @@ class OpenVinoModel(Model):
                                     f"'{spec.name}', and the feed has {x.shape[axis]}; load it with a larger "
                                     f"static_shape, or without one")
                 length = x.shape[axis]
+        if length is not None and length < static.seq and self.pad_to:
+            raise LmmcError(f"{self.path.name} reads texts padded to {self.pad_to} tokens with the pad id (its pooling "
+                            f"reads a fixed position), and the feed has {length}: pad it to {self.pad_to} as "
+                            f"encode does")
         if length is not None and length < static.seq and not static.masked:
             raise LmmcError(f"{self.path.name} has no attention mask, so padding its sequence would change its "
                             f"outputs; feed exactly {static.seq} tokens, or load it without static_shape")
