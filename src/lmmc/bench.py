@@ -94,7 +94,7 @@ class Candidate:
 
 
 GENERATIVE_BENCH = ("lmmc bench times encoders' embeddings and does not handle generative models yet; time "
-                    "generation with lmmc.runtime.open_generative, and drop the recipe's bench section")
+                    "generation with lmmc.runtime.open_generative")
 
 
 def read_output(out_dir: Path) -> dict[str, Any]:

@@ -307,7 +307,7 @@ def _check_bench(recipe: Recipe, adapter: Any) -> None:
     if recipe.bench is None:
         return
     if adapter.kind == "generative":
-        raise LmmcError(GENERATIVE_BENCH)
+        raise LmmcError(f"{GENERATIVE_BENCH}, and drop the recipe's bench section")
     check_backends()
     for corpus in recipe.bench.corpora:
         if not corpus.exists():
