@@ -245,6 +245,10 @@ def test_compile_output_generates_what_the_saved_student_generates(compiled_llav
         assert len(set(want.tolist())) >= 4
     with pytest.raises(LmmcError, match="the chat template places the picture"):
         gen.generate(image, "<image> the picture of a house is")
+    with pytest.raises(LmmcError, match="takes a prompt as text .* got int and None"):
+        gen.generate(image, 123)
+    with pytest.raises(LmmcError, match="chat_template as True, False or None; got str and 'no'"):
+        gen.generate(image, "a house", chat_template="no")
     with pytest.raises(LmmcError, match="holds a generative model's export, .* open it with lmmc.runtime.open_generative"):
         lmmc.runtime.open_dir(out)
     bench = CliRunner().invoke(main, ["bench", str(out)])

@@ -160,6 +160,9 @@ class Generator:
         if self.preprocessor is None:
             raise LmmcError("generate() needs the model's processor (tokenizer and image processor); open the "
                             "compile's output with lmmc.runtime.open_generative, or pass preprocessor=")
+        if not isinstance(prompt, (str, type(None))) or not isinstance(chat_template, (bool, type(None))):
+            raise LmmcError(f"generate() takes a prompt as text (or None) and chat_template as True, False or None; "
+                            f"got {type(prompt).__name__} and {chat_template!r}")
         proc = self.preprocessor
         image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
         template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
