@@ -234,13 +234,7 @@ def test_removing_the_blocks_after_the_read_layer_leaves_the_image_features_exac
 def test_the_read_block_counts_toward_min_layers_so_the_dead_block_goes():
     """min_layers=1 with two vision blocks, the projector reading the first: the read block is the one the
     floor keeps, and the dead second block is removed to meet keep 0.5 (it was kept, the budget missed)."""
-    load_passes()
-    model = _llava(vision_layers=2)
-    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
-                                          model, LLAVA)
-    art = Artifact(model_ref="tiny", adapter=LLAVA, teacher=copy.deepcopy(model), student=model, calib=calib)
-    antgmm = get_pass("antgmm")
-    metrics = antgmm(antgmm.Config(keep={"vision": 0.5, "language": 1.0}, shares={"depth": 1.0}, min_layers=1)).run(art)
+    art, metrics = _antgmm_depth(2, keep={"vision": 0.5, "language": 1.0}, min_layers=1)
     assert metrics["structure"]["vision"]["teacher_layers"] == [0]
     assert metrics["kept_per_tower"]["vision"] == pytest.approx(0.5)
     assert torch.equal(_features(art.student), _features(art.teacher))
@@ -269,15 +263,20 @@ def test_removing_a_block_the_projector_reads_below_another_is_refused():
     assert len(block_list(model, VISION)[1]) == 4 and model.config.vision_feature_layer == [-2, -3]
 
 
-def test_antgmm_depth_removes_the_dead_vision_block_and_keeps_the_read_one():
+def _antgmm_depth(vision_layers: int, **config) -> tuple[Artifact, dict]:
+    """antgmm's depth stage alone on the tiny LLaVA with that many vision blocks."""
     load_passes()
-    model = _llava(vision_layers=4)
+    model = _llava(vision_layers=vision_layers)
     calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
                                           model, LLAVA)
     art = Artifact(model_ref="tiny", adapter=LLAVA, teacher=copy.deepcopy(model), student=model, calib=calib)
     antgmm = get_pass("antgmm")
-    metrics = antgmm(antgmm.Config(keep=0.7, shares={"depth": 1.0})).run(art)
+    return art, antgmm(antgmm.Config(shares={"depth": 1.0}, **config)).run(art)
+
+
+def test_antgmm_depth_removes_the_dead_vision_block_and_keeps_the_read_one():
+    art, metrics = _antgmm_depth(4, keep=0.7)
     kept = metrics["structure"]["vision"]["teacher_layers"]
     assert 3 not in kept and 2 in kept
-    read = model.config.vision_feature_layer % (len(kept) + 1) - 1
+    read = art.student.config.vision_feature_layer % (len(kept) + 1) - 1
     assert kept[read] == 2
