@@ -72,6 +72,8 @@ def test_a_pooling_mode_key_is_read_as_sentence_transformers_reads_it(tmp_path, 
 
 
 def test_a_directory_saved_by_the_installed_sentence_transformers_compiles_dry(tmp_path):
+    import sentence_transformers.models  # noqa: F401 - sentence-transformers 6 loads this submodule only on import
+
     hf = save_tiny("bert", tmp_path / "hf")
     model = st.SentenceTransformer(modules=[st.models.Transformer(str(hf), max_seq_length=32),
                                             st.models.Pooling(32, pooling_mode=("cls", "mean")),
