@@ -205,3 +205,19 @@ def test_a_left_padded_cls_student_deploys_the_first_real_token(tmp_path):
     for backend in ("onnxruntime", "openvino"):  # one batch, padded on the left to its longest text
         deployed = open_dir(out, backend=backend).encode(TEXTS)
         assert np.abs(deployed - student).max() < 1e-4, backend
+
+
+def test_calibration_cuts_texts_where_the_models_users_get_them_cut_by_default(tmp_path):
+    """A max_seq_length of 16: calibration and validation see what sentence-transformers and encode send (16
+    tokens), not 128 (or the positions) that nobody sends; the FLOPs are counted at that length too."""
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode_mean_tokens": True},
+                  bert_config={"max_seq_length": 16, "do_lower_case": False})
+    long = " ".join(["the water of the road is cold"] * 6)  # about 40 tokens
+    (tmp_path / "calib.txt").write_text("\n".join(f"{long} {i}" for i in range(160)))
+    recipe = {"calibration": {"path": "calib.txt", "samples": 64, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"magnitude": {"sparsity": 0.1}}], "validate": False}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(path), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["flops"]["text"]["tokens"] == 16

@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 
 from lmmc.config import Config
 from lmmc.errors import LmmcError
-from lmmc.modelio import text_pad_length, text_positions
+from lmmc.modelio import text_pad_length, text_positions, text_truncation
 from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, load, read_manifest
 from lmmc.timing import PER_VISIT, time_interleaved
 
@@ -544,14 +544,15 @@ def check_unchanged(report: dict[str, Any], teacher_ref: str, calib_cfg, out_dir
                         f"files differ), so its held-out split would be another; pass --calib with that data")
 
 
-def load_data(calib_cfg, teacher, adapter, preprocessor, positions: int | None):
+def load_data(calib_cfg, teacher, adapter, preprocessor):
     """The compile's calibration and held-out split, re-derived deterministically from its recipe and
-    encoded as the compile encoded them: texts capped at `positions`, the text towers' limit."""
+    encoded as the compile encoded them: texts cut by default where the model's users get them cut."""
     from lmmc.data import load_calibration, random_calibration
 
     if calib_cfg.path:
         return load_calibration(calib_cfg, calib_cfg.path, {t.modality for t in adapter.towers}, preprocessor,
-                                positions, text_pad_length(teacher.config, adapter))
+                                text_truncation(teacher.config, adapter, preprocessor),
+                                text_pad_length(teacher.config, adapter))
     if calib_cfg.random:
         return random_calibration(calib_cfg, teacher, adapter)
     raise LmmcError("the compile's recipe names no calibration data, so there is no held-out split to measure "
@@ -561,7 +562,8 @@ def load_data(calib_cfg, teacher, adapter, preprocessor, positions: int | None):
 def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positions: int | None,
                    pad_to: int | None = None) -> dict[str, list[dict]]:
     """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
-    held-out split (texts capped at `positions`, the text towers' limit): modality -> batches."""
+    held-out split (texts cut by default at `positions`, where the model's users get them cut): modality ->
+    batches."""
     from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, read_samples
 
     try:
@@ -665,10 +667,11 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     validate = _recipe_validate(report, out_dir / "report.json")
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
-    data = load_data(calib_cfg, teacher, adapter, preprocessor, positions)
+    data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
-        corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples, positions,
+        corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
+                                       text_truncation(teacher.config, adapter, preprocessor),
                                        text_pad_length(teacher.config, adapter))
     # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions;
     # none where no tower reads text.

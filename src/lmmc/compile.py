@@ -458,8 +458,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length, cal.chat_template,
                       _decoder_positions(config, adapter))
     if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
-        positions = min(text_positions(config, t) for t in adapter.towers)
-        length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, positions),
+        cut = text_truncation(config, adapter, preprocessors)
+        length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, cut),
                              text_pad_length(config, adapter))
         chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
     warnings.extend(chosen.warnings)
@@ -574,9 +574,9 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             art.calib = random_generative_calibration(recipe.calibration, teacher, adapter)
         elif calib:
             modalities = {t.modality for t in adapter.towers}
-            text = [t for t in adapter.towers if t.modality == "text"]
-            positions = min((text_positions(teacher.config, t) for t in text), default=None)
-            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor, positions,
+            # by default, texts are cut where the model's users get them cut (its max_seq_length)
+            art.calib = load_calibration(recipe.calibration, calib, modalities, preprocessor,
+                                         text_truncation(teacher.config, adapter, preprocessor),
                                          text_pad_length(teacher.config, adapter))
         elif recipe.calibration.random:
             art.calib = random_calibration(recipe.calibration, teacher, adapter)
