@@ -422,7 +422,8 @@ class AntGMMPass(Pass):
             asked = f"a speed-up of {cfg.target.speedup:g}x over the teacher's {teacher:.3g} ms ({asked})"
             best += f", a speed-up of {teacher / floor:.2f}x"
         floors = {"depth": f"min_layers={cfg.min_layers}", "heads": f"min_heads={cfg.min_heads}",
-                  "ffn": f"min_ffn={cfg.min_ffn}" + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")}
+                  "ffn": f"min_ffn={cfg.min_ffn}"
+                  + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")}
         lower = [floors[s] for s in ("depth", "heads", "ffn") if s in shares]
         idle = [s for s in ("depth", "heads", "ffn") if s not in shares]
         raise LmmcError(f"pass 'antgmm': target {asked} cannot be reached: the fastest structure the floors allow "
@@ -447,7 +448,8 @@ class AntGMMPass(Pass):
                 per_block.append(self.costs.block(tower, block))
                 heads, width = lin["q"][1].out_features // hd, lin["fc1"][1].out_features
                 cap["heads"] += max(heads - cfg.min_heads, 0) * self.costs.head(tower, block)
-                cap["ffn"] += max(width - ffn_floor(width, cfg.min_ffn, cfg.ffn_multiple), 0) * self.costs.channel(tower, block)
+                floor = ffn_floor(width, cfg.min_ffn, cfg.ffn_multiple)
+                cap["ffn"] += max(width - floor, 0) * self.costs.channel(tower, block)
             cap["depth"] += sum(sorted(per_block)[cfg.min_layers:])
         return cap
 

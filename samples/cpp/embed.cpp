@@ -155,7 +155,8 @@ void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, c
             blank = blank ? blank : n;
             continue;
         }
-        if (blank) {  // a tokenizer writes [CLS] [SEP] even for an empty text: a blank line would shift every row after it
+        // a tokenizer writes [CLS] [SEP] even for an empty text: a blank line would shift every row after it
+        if (blank) {
             throw std::runtime_error("'" + path + "' line " + std::to_string(blank) + " holds no token ids; every "
                                      "line is one sample");
         }

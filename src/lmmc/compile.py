@@ -348,7 +348,7 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
     for name, cfg in _step_configs(recipe):
         if name.split(".")[-1] != "distill":
             continue
-        micro_batch(cfg.batch_size, cfg.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))  # the ranks torchrun started
+        micro_batch(cfg.batch_size, cfg.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks
         if cfg.corpus:
             needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
             records = read_samples(Path(cfg.corpus))
