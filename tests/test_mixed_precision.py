@@ -112,7 +112,6 @@ def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread, outl
     choice = metrics["mixed"]["text.mixed.xml"]
     check_choice(choice)
     assert metrics["files"] == ["text.xml", "text.mixed.xml"]
-    assert metrics["warnings"] == [f"text.mixed.xml: {w}" for w in choice["warnings"]]  # a dual encoder has two
     fp32_ir, rec = art.exports
     assert (rec.backend, rec.precision, rec.variant) == ("openvino", "mixed", "nncf")
     plain = quantize_openvino(fp32_ir.path, tmp_path / "plain.int8.xml", calibration_feeds(art, art.adapter.towers[0]))
@@ -121,6 +120,14 @@ def test_openvino_mixed_keeps_the_outlier_matrix_fp32(tmp_path, one_thread, outl
     html = render({"lmmc_version": "x", "passes": [{"name": "openvino", "metrics": {"text": metrics}}]})
     assert f"<td>{OUTLIER}</td><td>fp32</td>" in html
     assert html.count("<td>int8</td>") == 12 - len(choice["fp32_matrices"])
+
+
+def test_openvino_mixed_warnings_name_their_file(one_thread, outlier_artifact):
+    """A budget no single round meets: the warning says which IR it is about (a dual encoder has two)."""
+    metrics = run(outlier_artifact, "openvino", int8={"mixed": {"max_cosine_drop": 1e-9, "max_rounds": 1}},
+                  threads=1).metrics["text"]
+    choice = metrics["mixed"]["text.mixed.xml"]
+    assert choice["warnings"] and metrics["warnings"] == [f"text.mixed.xml: {w}" for w in choice["warnings"]]
 
 
 def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread, outlier_artifact):
