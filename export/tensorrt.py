@@ -373,14 +373,18 @@ class TensorRtExportPass(Pass):
         if source == "fp16-onnx":
             from lmmc.export.fp16 import to_fp16_onnx
 
-            dst = folder / f"{tower.name}.fp16.onnx"
-            if not dst.exists():
-                to_fp16_onnx(plain, dst)
-            return dst
+            return _made_once(folder / f"{tower.name}.fp16.onnx", lambda dst: to_fp16_onnx(plain, dst))
         from lmmc.export.ort import calibration_feeds, fc2_matmuls
 
-        dst = folder / f"{tower.name}.int8-qdq.onnx"
-        if not dst.exists():
-            quantize_for_tensorrt(plain, dst, calibration_feeds(art, tower),
-                                  fc2_matmuls(art.student, art.adapter, tower, plain))
-        return dst
+        return _made_once(folder / f"{tower.name}.int8-qdq.onnx", lambda dst: quantize_for_tensorrt(
+            plain, dst, calibration_feeds(art, tower), fc2_matmuls(art.student, art.adapter, tower, plain)))
+
+
+def _made_once(dst: Path, make: Any) -> Path:
+    """`dst`, written by `make` under a temporary name unless it exists: a kill mid-write leaves no file a
+    resumed compile would take for a finished one."""
+    if not dst.exists():
+        tmp = dst.with_name(f".{dst.name}.partial")
+        make(tmp)
+        tmp.replace(dst)
+    return dst

@@ -21,7 +21,7 @@ from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.ort import calibration_feeds, fc2_matmuls
-from lmmc.export.tensorrt import (NO_GPU, NOT_BUILT, ShapeRange, builder_setup, make_builder, node_modules,
+from lmmc.export.tensorrt import (NO_GPU, NOT_BUILT, ShapeRange, _made_once, builder_setup, make_builder, node_modules,
                                   optimisation_profile, parse_inspector, parse_sparsity_log, quantize_for_tensorrt,
                                   sparsity_table, timing_cache_path, two_four_weights)
 from lmmc.export.validate import cosine
@@ -106,6 +106,19 @@ def test_minilm_fp16_onnx_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     ref = load(tmp_path / "text.onnx").run(feed_)["pooled_embedding"]
     got = load(tmp_path / "text.fp16.onnx").run(feed_)["pooled_embedding"]
     assert cosine(ref, got).min() >= 0.999
+
+
+def test_a_source_graph_killed_mid_write_is_made_again(tmp_path):
+    def killed(dst):
+        dst.write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    dst = tmp_path / "text.fp16.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        _made_once(dst, killed)
+    assert not dst.exists()  # a resumed compile finds no file to take for a finished one
+    assert _made_once(dst, lambda d: d.write_bytes(b"whole")).read_bytes() == b"whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["text.fp16.onnx"]
 
 
 def test_int8_qdq_for_tensorrt_is_signed_symmetric_and_close(tmp_path, exported_tower):
