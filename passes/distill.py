@@ -13,7 +13,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
-from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_samples,
+from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
                        token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
@@ -286,7 +286,7 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
     """The corpus's records that have every modality the model needs, encoded one sample at a time (a
     generative model's: every record, which must be an image-text record)."""
     if art.adapter.kind == "generative":
-        records = read_samples(path)
+        records = read_corpus(path, "distill.corpus")
         processor = (art.preprocessor or {}).get("processor")
         if processor is None:
             raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
@@ -295,7 +295,7 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         positions = min(text_positions(art.teacher.config, t) for t in art.adapter.towers if t.modality == "text")
         batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
         return _split_samples(tower_batches(batches), modalities)
-    records = [r for r in read_samples(path) if all(m in r for m in modalities)]
+    records = [r for r in read_corpus(path, "distill.corpus") if all(m in r for m in modalities)]
     if not records:
         return []
     proc = art.preprocessor or {}

@@ -619,6 +619,15 @@ def _(tmp):
         "for a batch_size of 4", "lower batch_size or reward_samples"]
 
 
+@case("a distill corpus of one line repeated, dry run")
+def _(tmp):
+    (tmp / "same.txt").write_text("the water is cold\n" * 100)
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "dev_samples": 4,
+                                                "corpus": str(tmp / "same.txt")}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()

@@ -9,9 +9,10 @@ import pytest
 import transformers
 from PIL import Image
 
-from lmmc.data import load_calibration, read_samples, split
+from lmmc.data import load_calibration, read_corpus, read_samples, select, split
 from lmmc.errors import LmmcError
 from lmmc.recipe import CalibrationConfig
+from lmmc.resume import hash_data
 from tests.conftest import CORPUS, tiny_vocab
 
 
@@ -77,7 +78,8 @@ def test_held_out_texts_that_read_as_calibration_tokens_once_cut_are_not_held_ou
     calib = {tuple(row[m.bool()].tolist()) for b in cut.calib["text"] for row, m in zip(b["input_ids"], b["attention_mask"])}
     assert len(calib) == 1 and held == [] and cut.counts == {"calibration": 64, "held_out": 0}
     assert cut.warnings[-1] == ("16 held-out text(s) read as the same 12 tokens as a calibration text or another "
-                                "held-out one (they differ only past the cut) and were not held out; 0 remain")
+                                "held-out one (they differ only past the cut, or in characters the tokenizer drops) and were "
+                                "not held out; 0 remain")
 
 
 def test_text_with_a_byte_order_mark_reads_as_without(tmp_path):
@@ -177,8 +179,8 @@ def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path
 @pytest.mark.parametrize("lines, message", [
     ([{"text": "a cat", "label": "cat"}, {"text": "a dog"}], "sample 2 has none"),
     ([{"text": "a cat", "label": "cat"}, {"text": "another cat", "label": "cat"}], "needs at least two classes"),
-    ([{"text": "a cat", "label": "cat"}, {"text": "a dog", "label": "cat"}, {"text": "a puppy", "label": "dog"}],
-     "names the class 'dog' but is labelled 'cat'"),
+    ([{"image": "1.png", "text": "a cat", "label": "cat"}, {"image": "2.png", "text": "a dog", "label": "cat"},
+      {"image": "3.png", "text": "a puppy", "label": "dog"}], "names the class 'dog' but is labelled 'cat'"),
     ([{"text": "a pet", "label": "cat"}, {"text": "a pet", "label": "dog"}], "the text 'a pet' carries two labels"),
     ([{"image": "1.png", "text": "one", "label": "cat"}, {"image": "1.png", "text": "two", "label": "dog"}],
      "carries two labels, 'cat' and 'dog'"),
@@ -187,6 +189,65 @@ def test_labels_must_match_the_captions(tmp_path, lines, message):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     with pytest.raises(LmmcError, match=message):
         read_samples(tmp_path / "d.jsonl")
+
+
+def test_a_text_without_an_image_may_name_another_class(tmp_path):
+    """Only a caption describes its image: a labelled review may say "1 star" and be of class 0."""
+    lines = [{"text": "i give the house 1 star", "label": 0}, {"text": "the water is not negative", "label": "1"},
+             {"text": "negative", "label": "negative"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert [r["label"] for r in read_samples(tmp_path / "d.jsonl")] == ["0", "1", "negative"]
+
+
+def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "kitty").symlink_to(tmp_path / "cat", target_is_directory=True)
+    with pytest.raises(LmmcError, match="the class folders 'cat' and 'kitty' are the same folder"):
+        read_samples(tmp_path, "a photo of a {label}")
+
+
+def test_the_data_hash_reads_linked_folders_and_jsonl_in_any_case(tmp_path):
+    """--resume and bench know the data by this hash: an image edited in a linked class folder, or named by a
+    .JSONL file, changes the samples, so it changes the hash."""
+    (tmp_path / "store").mkdir()
+    image = tmp_path / "store" / "0.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "cat").symlink_to(tmp_path / "store", target_is_directory=True)
+    (tmp_path / "pairs.JSONL").write_text(json.dumps({"text": "a cat", "image": str(image)}) + "\n")
+    before = hash_data(tmp_path / "pics"), hash_data(tmp_path / "pairs.JSONL")
+    Image.fromarray(np.ones((8, 8, 3), dtype=np.uint8)).save(image)
+    after = hash_data(tmp_path / "pics"), hash_data(tmp_path / "pairs.JSONL")
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_a_one_tower_model_calibrates_on_each_sample_once(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        for c in range(3):
+            (tmp_path / f"{i}-copy{c}.png").write_bytes((tmp_path / f"{i}.png").read_bytes())
+    calib, held = split(read_samples(tmp_path), n_calib=100, n_eval=3, seed=0, modalities={"image"})
+    pixels = [Path(r["image"]).read_bytes() for r in calib]
+    assert len(held) == 3 and len(calib) == len(set(pixels)) == 9
+    texts = [{"text": f"text {i % 5}"} for i in range(40)]
+    calib, held = split(texts, n_calib=100, n_eval=2, seed=0, modalities={"text"})
+    assert len(held) == 2 and sorted(r["text"] for r in calib) == sorted({r["text"] for r in calib}) and len(calib) == 3
+
+
+def test_data_of_the_other_kind_is_named(tmp_path):
+    (tmp_path / "t.txt").write_text("\n".join(f"line {i}" for i in range(20)))
+    cfg = CalibrationConfig(samples=8, eval_samples=4, batch_size=4)
+    with pytest.raises(LmmcError, match=r"'.*t.txt' holds 20 texts and no images; this model reads images only: "
+                                        r"give a folder of images"):
+        select(cfg, tmp_path / "t.txt", read_samples(tmp_path / "t.txt"), {"image"})
+    with pytest.raises(LmmcError, match=r"distill.corpus '.*latin.txt' is not UTF-8 text"):
+        (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+        read_corpus(tmp_path / "latin.txt", "distill.corpus")
 
 
 def test_a_copy_of_an_image_under_another_label_is_refused(tmp_path):

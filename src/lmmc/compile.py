@@ -30,8 +30,8 @@ from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_prompts,
                        check_random_allowed, drop_token_twins, load_calibration, load_generative_calibration,
-                       random_calibration, random_generative_calibration, read_samples, select, text_length,
-                       text_tokens)
+                       random_calibration, random_generative_calibration, read_corpus, read_samples, select,
+                       text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -351,7 +351,7 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
         micro_batch(cfg.batch_size, cfg.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks
         if cfg.corpus:
             needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
-            records = read_samples(Path(cfg.corpus))
+            records = read_corpus(Path(cfg.corpus), f"{name}.corpus")
             used = records if adapter.kind == "generative" else [r for r in records if needed <= r.keys()]
             if adapter.kind == "generative" and Path(cfg.corpus).suffix == ".jsonl":  # else the pass says so
                 template = cfg.chat_template if cfg.chat_template is not None else recipe.calibration.chat_template
@@ -360,7 +360,7 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
                               _decoder_positions(config, adapter))
             if "image" in needed:
                 check_images([r["image"] for r in used if "image" in r], _patch(config, adapter))
-            n = len(used)
+            n = len({json.dumps(r, sort_keys=True) for r in used})  # a repeated record trains once
         elif counts:
             n = counts["calibration"]
         else:

@@ -130,6 +130,15 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     return records
 
 
+def read_corpus(path: Path, what: str) -> list[dict[str, Any]]:
+    """read_samples of a file that is not the calibration data, its errors naming it as `what`."""
+    try:
+        return read_samples(path)
+    except LmmcError as err:
+        raise LmmcError(str(err).replace(f"calibration data '{path}'", f"{what} '{path}'")
+                        .replace("; pass --calib with a .txt", "; give a .txt")) from None
+
+
 def folder_files(root: Path) -> list[Path]:
     """Every file under `root`, sorted, following linked subfolders (a class folder is often a link to
     where the images live) but entering each real folder once, so a link back up cannot loop. Hidden files
@@ -141,13 +150,20 @@ def folder_files(root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder) / n for n in names if not n.startswith(".")]
     return sorted(files)
 
 
 def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     """An image folder with one subfolder per class: every file in it must be a readable image."""
+    classes: dict[str, list[str]] = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        classes.setdefault(os.path.realpath(sub), []).append(sub.name)
+    same = next((names for names in classes.values() if len(names) > 1), None)
+    if same:
+        raise LmmcError(f"image folder '{path}': the class folders {' and '.join(repr(n) for n in same)} are the same "
+                        f"folder (one links to the other), so its images would carry two labels; keep one of them")
     records, loose, strangers = [], [], []
     for p in folder_files(path):
         if len(p.relative_to(path).parts) < 2:
@@ -202,7 +218,8 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
                         f"least two classes. Give samples of several classes, or drop the labels")
     words = {c: re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in classes}
     for r in records:
-        named = [c for c, w in words.items() if "text" in r and w.search(r["text"])]
+        # a caption describes its image; a text alone may name any class (a review's "1 star" labelled 0)
+        named = [c for c, w in words.items() if "text" in r and "image" in r and w.search(r["text"])]
         if named and r["label"] not in named:
             raise LmmcError(f"'{source}': the caption '{r['text']}' names the class '{named[0]}' but is labelled "
                             f"'{r['label']}'; the labels do not match the captions. Fix the label or the caption")
@@ -238,7 +255,7 @@ def _image_digest(path: str) -> str:
 
 
 def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int,
-          modalities: set[str] | None = None) -> tuple[list, list]:
+          modalities: set[str] | None = None, source: Path | None = None) -> tuple[list, list]:
     """Deduplicate, shuffle with `seed`, and hold out whole images (whole texts, for text alone) first,
     one sample each, so no held-out image is calibrated on under any caption. `modalities`: what the
     model reads (default: text and images)."""
@@ -251,12 +268,16 @@ def split(records: list[dict[str, Any]], n_calib: int, n_eval: int, seed: int,
     for i in order:
         firsts.setdefault(groups[i], unique[i])
     if len(firsts) < 3:
-        raise LmmcError(f"calibration data has {len(firsts)} distinct samples; at least 3 are needed "
+        named = "" if source is None else f" '{source}'"
+        raise LmmcError(f"calibration data{named} has {len(firsts)} distinct samples; at least 3 are needed "
                         f"(some to calibrate on, two to validate on)")
     n_eval = min(n_eval, max(2, len(firsts) // 4))
     held = set(list(firsts)[:n_eval])
     held_out = [firsts[g] for g in list(firsts)[:n_eval]]
-    calib = [unique[i] for i in order if groups[i] not in held][:n_calib]
+    if len(modalities) == 1:  # a copy of an image, or a text again, is the same sample to a one-tower model
+        calib = [r for g, r in firsts.items() if g not in held][:n_calib]
+    else:  # an image under each of its captions is a pair of its own
+        calib = [unique[i] for i in order if groups[i] not in held][:n_calib]
     return calib, held_out
 
 
@@ -384,7 +405,14 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
                             f"with one subfolder per class and calibration.caption_template")
         # before the split, so a sample neither tower can use takes no held-out place
         records = [r for r in records if "text" in r and "image" in r]
-    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed, modalities)
+    else:
+        (modality,) = modalities
+        if not any(modality in r for r in records):
+            other = "images" if modality == "text" else "texts"
+            raise LmmcError(f"calibration data '{source}' holds {len(records)} {other} and no {modality}s; this "
+                            f"model reads {modality}s only: give "
+                            + ("a .txt with one text per line" if modality == "text" else "a folder of images"))
+    calib_recs, eval_recs = split(records, cfg.samples, cfg.eval_samples, cfg.seed, modalities, source)
     for modality in sorted(modalities):
         key = "text" if modality == "text" else "image"
         c = [r for r in calib_recs if key in r]
@@ -423,7 +451,7 @@ def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection
         return chosen
     twins = len(chosen.held_out) - len(held_out)
     warning = (f"{twins} held-out text(s) read as the same {max_length} tokens as a calibration text or another "
-               f"held-out one (they differ only past the cut) and were not held out; {len(held_out)} remain")
+               f"held-out one (they differ only past the cut, or in characters the tokenizer drops) and were not held out; {len(held_out)} remain")
     return Selection(chosen.calib, held_out, [*chosen.warnings, warning])
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import lmmc
 from lmmc.artifact import Artifact, ExportRecord, PassRecord
-from lmmc.data import read_samples
+from lmmc.data import folder_files, read_samples
 from lmmc.errors import LmmcError
 from lmmc.recipe import Recipe
 from lmmc.student import load_student
@@ -68,9 +68,8 @@ def hash_files(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         files = [(path, "")]
-    else:
-        files = [(p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*"))
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    else:  # the files the data reader reads, linked subfolders included
+        files = [(p, p.relative_to(path).as_posix()) for p in folder_files(path) if p.is_file()]
     digest = hashlib.sha256()
     for file, name in files:
         digest.update(f"{name}\0{file.stat().st_size}\0".encode())
@@ -84,7 +83,7 @@ def hash_data(path: Path) -> str:
     """hash_files of a data file or folder; for a .jsonl file, also the bytes of every image its lines name
     (resolved as the data reader resolves them): an image changed in place changes the samples too."""
     path = Path(path)
-    if not (path.is_file() and path.suffix == ".jsonl"):
+    if not (path.is_file() and path.suffix.lower() == ".jsonl"):
         return hash_files(path)
     digest = hashlib.sha256(hash_files(path).encode())
     # the images' names are in the file's bytes already; each image's bytes once, in the order of the lines
