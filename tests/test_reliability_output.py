@@ -4,8 +4,10 @@ an earlier output swapped for someone else's files) is left untouched, and the f
 resumable."""
 
 import json
+import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,11 +77,17 @@ def test_a_folder_that_appears_at_out_during_the_compile_is_kept_and_the_work_re
     monkeypatch.undo()
     (out / "thesis.tex").rename(tmp_path / "thesis.tex")
     out.rmdir()
+    # a run killed while it wrote its last files leaves their partial copies and its list of files
+    (work_path(out) / "output" / ".report.html.tmp-4440").write_text("half a page")
+    assert (work_path(out) / "output" / lmmc.compile.FILE_LIST).is_file()
     resumed = compile_(model, recipe, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["magnitude"] and report["sparsity"]["sparsity"] == 0.5
     assert not work_path(out).exists()
+    listed = json.loads((out / lmmc.compile.FILE_LIST).read_text())
+    assert listed == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != lmmc.compile.FILE_LIST)
+    assert not (out / ".report.html.tmp-4440").exists()
 
 
 @pytest.mark.parametrize("what", ["file", "link"])
@@ -123,11 +131,98 @@ def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(s
     out = tmp_path / "out"
     shutil.copytree(earlier, out)
     (out / ".report.html.tmp-4242").write_text("a killed `lmmc report`'s partial page")
-    (out / "bench.json").write_text("{}")
+    (out / "bench.json").write_text('{"kind": "lmmc bench"}')
+    (out / ".lmmc-incoming-651" / "student").mkdir(parents=True)  # a copy into a volume --out, killed
+    (out / ".lmmc-incoming-651" / "student" / "lmmc.json").write_text("{")
     assert check_output(out, str(model), load_recipe(recipe), recipe, force=True) == out.resolve()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which no compile writes there"):
         check_output(out, str(model), load_recipe(recipe), recipe, force=True)
+
+
+@pytest.mark.parametrize("name, text", [("bench.json", '{"my": "own benchmark numbers"}'),
+                                        ("report.html", "<html>my own notes page</html>")])
+def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_report_html(setup, tmp_path, name, text):
+    """lmmc bench and lmmc report refuse to replace such a file; a forced compile refuses it alike."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / name).write_text(text)
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"(it holds {name}, which no compile writes there); it was left untouched" in result.output
+    assert (out / name).read_text() == text
+
+
+def test_a_dry_run_refuses_a_file_of_the_users_where_the_work_area_goes(setup, tmp_path):
+    model, recipe, _ = setup
+    work_path(tmp_path / "out").write_text("data")
+    result = compile_(model, recipe, tmp_path / "out", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "is in the way of the compile's work area but was not made by lmmc" in result.output
+    assert work_path(tmp_path / "out").read_text() == "data"
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """mount(source_or_None, target, *options): a bind mount of `source`, or a tmpfs; unmounted after the
+    test. Skips where this process may not mount."""
+    points = []
+
+    def mount(source, target, *options):
+        target.mkdir(exist_ok=True)
+        args = ["mount", "--bind", str(source), str(target)] if source else ["mount", "-t", "tmpfs", *options,
+                                                                              "tmpfs", str(target)]
+        if subprocess.run(args, capture_output=True).returncode:
+            pytest.skip("mounting needs privileges this process lacks")
+        points.append(target)
+        return target
+    yield mount
+    for point in reversed(points):
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_bind_mount_of_the_same_filesystem_at_out_is_filled_in_place(setup, tmp_path, mounted, one_thread):
+    """Renames cannot cross into a bind mount even on one filesystem: the output is copied into it."""
+    model, recipe, earlier = setup
+    (tmp_path / "volume").mkdir()
+    out = mounted(tmp_path / "volume", tmp_path / "out")
+    assert lmmc.compile.is_mount(out) and not os.path.ismount(out)
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert lmmc.compile.is_mount(out) and (tmp_path / "volume" / "student" / "lmmc.json").is_file()
+    again = compile_(model, recipe, out, "--force")  # an earlier output in the mount, replaced
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in earlier.iterdir())
+
+
+def test_a_file_written_into_a_volume_out_while_the_output_is_copied_in_is_kept(setup, tmp_path, mounted,
+                                                                                 monkeypatch, one_thread):
+    model, recipe, earlier = setup
+    out = mounted(None, tmp_path / "out")
+    shutil.copytree(earlier, out, dirs_exist_ok=True)
+    real = lmmc.compile._stage
+
+    def stage_then_intrude(tmp, target):
+        staged = real(tmp, target)
+        (target / "users_new_file.txt").write_text("mine")
+        return staged
+    monkeypatch.setattr(lmmc.compile, "_stage", stage_then_intrude)
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert "changed while the output was copied into it; it was left as it is" in result.output
+    assert (out / "users_new_file.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in earlier.iterdir()), "users_new_file.txt"])
+    assert (work_path(out) / "state-01").is_dir()
+
+
+def test_a_read_only_volume_at_out_is_refused_before_any_work(setup, tmp_path, mounted):
+    model, recipe, _ = setup
+    out = mounted(None, tmp_path / "out", "-o", "ro")
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"cannot write the output: '{out}' is not writable" in result.output
+    assert not work_path(out).exists()
 
 
 @pytest.mark.parametrize("added", ["student/NOTES.md", "onnx/my_model_v2.onnx", "student/link"])

@@ -167,6 +167,14 @@ def check_backends(device: str = "cpu") -> dict[str, str]:
     return versions
 
 
+def is_bench_json(path: Path) -> bool:
+    """Whether `path` holds JSON that lmmc bench wrote."""
+    try:
+        return json.loads(path.read_text()).get("kind") == JSON_KIND
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+        return False
+
+
 def check_json_target(path: Path) -> None:
     """bench may replace its own earlier JSON, never a file it did not write."""
     if path.is_dir():
@@ -175,11 +183,7 @@ def check_json_target(path: Path) -> None:
         if not path.parent.is_dir():
             raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
         return
-    try:
-        ours = json.loads(path.read_text()).get("kind") == JSON_KIND
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        ours = False
-    if not ours:
+    if not is_bench_json(path):
         raise LmmcError(f"'{path}' exists and was not written by lmmc bench; pass --json with another path")
 
 

@@ -134,10 +134,9 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
         target = check_output(Path(out), model, parsed, recipe, force)
         resolve_device(device)
         the_plan = plan(model, parsed, trust_remote_code)
-        if resume:
-            from lmmc.resume import WorkArea, describe_inputs
+        from lmmc.resume import WorkArea, describe_inputs
 
-            WorkArea(target).check_resume(describe_inputs(model, parsed))
+        WorkArea(target).check_claim(describe_inputs(model, parsed) if resume else None, resume)
         click.echo(json.dumps(the_plan, indent=2))
         _warn(the_plan["warnings"])
         return

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears
 from lmmc.artifact import Artifact
-from lmmc.bench import GENERATIVE_BENCH, check_backends, finite
+from lmmc.bench import GENERATIVE_BENCH, check_backends, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_prompts,
@@ -41,7 +41,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
-from lmmc.report_html import gate_digits, write_report_html
+from lmmc.report_html import gate_digits, is_ours, write_report_html
 from lmmc.resume import WorkArea, describe_inputs, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
@@ -76,7 +76,10 @@ _LATER = {"report.html", "bench.json", FILE_LIST}
 # What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
 _OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-model", "allocation.png",
                    "manifest.json", "report.json", *_LATER}
-_PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+")  # bench's and report's files being written
+# bench's and report's files being written; a compile's output being copied into a volume --out
+_PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+|\.lmmc-incoming-\d+")
+# lmmc bench's and lmmc report's files, each known as theirs as those commands know them
+_ADDED = {"bench.json": is_bench_json, "report.html": is_ours}
 
 
 def _entries(root: Path) -> list[str]:
@@ -90,7 +93,8 @@ def _entries(root: Path) -> list[str]:
 def _foreign(path: Path) -> list[str]:
     """What `path` holds that lmmc did not write there: top-level names no lmmc command writes, then, in an
     output that lists its files, anything the list does not name and every link (lmmc writes none)."""
-    top = sorted(p.name for p in path.iterdir() if p.name not in _OUTPUT_ENTRIES and not _PARTIAL.fullmatch(p.name))
+    top = sorted(p.name for p in path.iterdir() if (p.name not in _OUTPUT_ENTRIES and not _PARTIAL.fullmatch(p.name))
+                 or (p.name in _ADDED and not _ADDED[p.name](p)))
     if top:
         return top
     try:
@@ -98,7 +102,7 @@ def _foreign(path: Path) -> list[str]:
     except (OSError, ValueError, TypeError):
         return []  # no list: _is_lmmc_output says so
     return [rel for rel in _entries(path) if (path / rel).is_symlink()
-            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel))]
+            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0]))]
 
 
 def _is_lmmc_output(path: Path) -> bool:
@@ -120,14 +124,15 @@ class OutputTaken(LmmcError):
     """--out was created or replaced by someone else while the compile ran; the finished work is kept."""
 
 
-def _taken(target: Path, force: bool) -> bool:
+def _taken(target: Path, force: bool, staged: Path | None = None) -> bool:
     """Whether `target` holds what this compile may not replace: a link, a file, or a directory that is
-    not an earlier lmmc output (without --force, any directory: it did not exist when the compile began)."""
+    not an earlier lmmc output (without --force, any directory: it did not exist when the compile began).
+    `staged`: this compile's copy inside it, not counted."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         return True
     if not target.exists():
         return False
-    return not force or (any(target.iterdir()) and not _is_lmmc_output(target))
+    return not force or (any(p != staged for p in target.iterdir()) and not _is_lmmc_output(target))
 
 
 def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
@@ -189,6 +194,8 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
                             f"--out, or move that directory away yourself")
     _check_side_paths(target, model_ref, recipe, recipe_path)
     _check_writable(target)
+    if target.is_dir() and is_mount(target):  # the output is copied into a volume, not renamed to it
+        _check_writable(target / ".lmmc-write-probe")
     return target
 
 
@@ -603,6 +610,9 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         # What lmmc bench checks it re-reads: the teacher's place and files, and the data's.
         report["inputs"] = {"model": inputs["model"], "data": inputs["data"]}
         if area.writer:
+            for stale in tmp.iterdir():  # what a run killed while writing these files left (under --resume)
+                if stale.name == FILE_LIST or _PARTIAL.fullmatch(stale.name):
+                    stale.unlink()
             save_student(art.student.cpu(), preprocessor, tmp / "student",
                          {"lmmc_version": lmmc.__version__, "teacher": model_ref, "recipe": recipe.to_dict()})
             write_manifest(art, tmp, text_truncation(teacher.config, adapter, preprocessor))
@@ -615,6 +625,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                                   f"finished compile is kept in '{area.path}': move '{out}' away and run the same "
                                   f"command with --resume to write it there")
             staged = _stage(tmp, out)
+            if staged != tmp and _taken(out, force, staged):  # changed while the output was copied into it
+                shutil.rmtree(staged, ignore_errors=True)
+                raise OutputTaken(f"--out '{out}' changed while the output was copied into it; it was left as it "
+                                  f"is. The finished compile is kept in '{area.path}': run the same command with "
+                                  f"--resume once nothing else writes there")
         with _interrupts_deferred() as interrupted:
             if area.writer:
                 _place(tmp, staged, out)
@@ -652,11 +667,25 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     return report
 
 
+def is_mount(path: Path) -> bool:
+    """Whether `path` is a mount point, a bind mount of its own filesystem included, which
+    os.path.ismount (comparing devices with the parent's) does not see."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+            # the fifth field, with space, tab, newline and backslash written as octal escapes
+            points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in fh}
+    except (OSError, IndexError):  # not Linux
+        return False
+    return str(Path(path).resolve()) in points
+
+
 def _stage(tmp: Path, out: Path) -> Path:
     """Where the finished output waits to be put in place: where it was written, or, for an --out that
     is a mount point (a container's volume, which renames cannot cross into, even a bind mount of the same
     filesystem), a copy inside it. A copy that fails (a full disk) is removed; the earlier output stays whole."""
-    if not out.exists() or (not os.path.ismount(out) and tmp.stat().st_dev == out.stat().st_dev):
+    if not out.exists() or (not is_mount(out) and tmp.stat().st_dev == out.stat().st_dev):
         return tmp
     staged = out / f".lmmc-incoming-{os.getpid()}"
     try:
@@ -691,7 +720,7 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    if not os.path.ismount(out) and any(out.iterdir()):
+    if not is_mount(out) and any(out.iterdir()):
         out.rename(tmp.parent / "replaced")
         tmp.rename(out)
         return

@@ -532,7 +532,7 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
             + "\n</body></html>\n")
 
 
-def _is_ours(path: Path) -> bool:
+def is_ours(path: Path) -> bool:
     try:
         head = path.read_text(encoding="utf-8", errors="replace")[:2000]
     except OSError:
@@ -554,7 +554,7 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' is not valid JSON ({reason}); compile again to write it anew") from None
     if not isinstance(report, dict) or "lmmc_version" not in report:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
-    if target.exists() and not _is_ours(target):
+    if target.exists() and not is_ours(target):
         raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
     try:
         page = render(report, out_dir)

@@ -220,8 +220,11 @@ class WorkArea:
             self.release()
             raise
 
-    def check_resume(self, inputs: dict[str, Any]) -> None:
-        """What claim(resume=True) refuses, checked without taking the area: for a dry run."""
+    def check_claim(self, inputs: dict[str, Any] | None, resume: bool) -> None:
+        """What claim refuses before any pass, checked without taking the area: for a dry run."""
+        self._check_ours()
+        if not resume:
+            return
         previous = _read_json(self.path / INPUTS_FILE)
         if previous is None:
             raise LmmcError(self._nothing_to_resume())
