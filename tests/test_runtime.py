@@ -214,6 +214,7 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
             ([picture, "photo.png"], "item 1 is str where item 0 is Image"),
             ([b"a b c"], "item 0 of encode's list is bytes; pass texts as str"),
             (["a", None], "item 1 of encode's list is NoneType"),
+            (["a", "b\ud800"], "item 1 of encode's list holds a lone surrogate"),
             ({"a b": 1}, "not a dict; pass list\\(d.values\\(\\)\\) to encode its values")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode(items)
@@ -441,6 +442,8 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
     for shape in ((0, 12), 2, (True, 12)):
         with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
             load(text, threads=1, static_shape=shape)
+    with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
+        open_dir(compiled, backend="openvino", static_shape=8)
     small = {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)}  # not padded into a 32 x 32 image
     with pytest.raises(LmmcError, match="vision.xml takes 'pixel_values' of shape \\[2, 3, 32, 32\\] \\(any batch\\)"):
         load(compiled / "openvino" / "vision.xml", threads=1, static_shape=(2,)).run(small)
@@ -539,6 +542,15 @@ def test_corrupt_onnx_is_one_clear_error(tmp_path, content):
     with pytest.raises(LmmcError, match="The file is corrupt or not an ONNX model; export it again") as err:
         load(path)
     assert str(path) in str(err.value)
+
+
+def test_a_cut_ir_weights_file_is_one_error_saying_what_openvino_found(compiled, tmp_path):
+    shutil.copytree(compiled / "openvino", tmp_path / "ir")
+    weights = tmp_path / "ir" / "text.bin"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(LmmcError, match=r"OpenVINO cannot load '.*text.xml': Incorrect weights in bin file!\. The IR is "
+                                        r"corrupt"):
+        load(tmp_path / "ir" / "text.xml")
 
 
 def test_unknown_suffix_and_missing_file(tmp_path):

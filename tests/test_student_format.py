@@ -153,6 +153,9 @@ def _damage(path: Path, name: str, change) -> None:
     ("lmmc.json", '{"structure": "x"}', "lmmc.json' is not of the shape lmmc writes"),
     ("lmmc.json", lambda s: s.update({"class": "GPT2Model"}), "names the class 'GPT2Model', which is no transformers "
                                                              "model of this bert config"),
+    ("lmmc.json", lambda s: s.update({"weights": "../elsewhere/student.safetensors"}),
+     "names the weights file '../elsewhere/student.safetensors', which is not a file name inside the student"),
+    ("lmmc.json", lambda s: s.update({"weights": 5}), "names the weights file 5, which is not a file name"),
 ])
 def test_a_damaged_student_file_is_one_clear_error(tmp_path: Path, shrunk: bool, name: str, change, message: str) -> None:
     model = tiny_model("bert")

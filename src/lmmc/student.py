@@ -243,6 +243,10 @@ def _structure(meta_path: Path) -> dict[str, Any] | None:
                                    and ("towers" in record or record.get("weights") in (None, STANDARD_WEIGHTS))):
         raise LmmcError(f"'{meta_path}' is not of the shape lmmc writes (an object whose 'structure' gives the "
                         f"student's towers); {damaged}")
+    weights = (record or {}).get("weights", STANDARD_WEIGHTS)
+    if not isinstance(weights, str) or Path(weights).name != weights:  # an edited record may not point elsewhere
+        raise LmmcError(f"'{meta_path}' names the weights file {weights!r}, which is not a file name inside the "
+                        f"student directory; {damaged}")
     return record
 
 

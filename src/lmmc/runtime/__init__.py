@@ -327,6 +327,9 @@ def _modality(items: list) -> str:
     and None, is refused naming the first item that does not fit."""
     first = "text" if isinstance(items[0], str) else "image"
     for i, item in enumerate(items):
+        if isinstance(item, str) and not _utf8(item):
+            raise LmmcError(f"item {i} of encode's list holds a lone surrogate, which is no text a tokenizer reads "
+                            f"(bytes decoded with errors='surrogateescape'?); decode them with errors='replace'")
         unreadable = item is None or isinstance(item, (bytes, bytearray))
         if unreadable or (i == 0 and first == "image" and not _image_like(item)):
             raise LmmcError(f"item {i} of encode's list is {type(item).__name__}; pass texts as str and images as "
@@ -336,6 +339,16 @@ def _modality(items: list) -> str:
                             f"arrays); item {i} is {type(item).__name__} where item 0 is "
                             f"{type(items[0]).__name__}")
     return first
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` is text a tokenizer reads: a lone surrogate (of bytes decoded with surrogateescape,
+    say) is none."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _image_like(item: Any) -> bool:
@@ -434,6 +447,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if not manifest.get("towers"):
         raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")
     pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
+    if static_shape is not None and not isinstance(static_shape, (tuple, list)):
+        raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
     if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:
         # encode pads every text to that length; a static IR of another length could not take it
         raise LmmcError(f"{out_dir.name}'s text tower reads every text padded to {pad_to} tokens (as it was "

@@ -21,6 +21,13 @@ def _spec(port, name: str) -> TensorSpec:
 INFERENCE_PRECISIONS = ("f32", "bf16")
 
 
+def reason(err: Exception) -> str:
+    """What failed, from OpenVINO's message: a stack of "Exception from <file>" lines whose last says it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith("Exception from ")]
+    return (said or lines or ["no reason given"])[-1]
+
+
 def _openvino():
     try:
         import openvino
@@ -65,7 +72,7 @@ def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
     try:
         model.reshape(shapes)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "no reason given"
+        first = reason(err)
         hint = "" if seq is None else (f"; a seq of {seq} past the model's position table is the usual cause: "
                                        f"encode() truncates texts to the manifest's preprocessing.text.max_length")
         raise LmmcError(f"OpenVINO cannot compile {path.name} for the input shapes {shapes} ({first}); choose a "
@@ -154,8 +161,7 @@ class OpenVinoModel(Model):
             self.static = None if static_shape is None else make_static(model, static_shape, path)
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-            raise LmmcError(f"OpenVINO cannot load '{path}': {first}. The IR is corrupt or its .bin does not "
+            raise LmmcError(f"OpenVINO cannot load '{path}': {reason(err)}. The IR is corrupt or its .bin does not "
                             f"belong to it; export it again with `lmmc compile`") from None
         self.path = path
         self.inference_precision = inference_precision
@@ -178,9 +184,7 @@ class OpenVinoModel(Model):
         try:
             return self.request.infer(feed)
         except RuntimeError as err:
-            # OpenVINO's message is a stack of "Exception from <file>" lines; its last line says what failed
-            last = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), "no reason given")
-            raise LmmcError(f"OpenVINO could not run '{self.path.name}' on {shapes_of(feed)}: {last}") from None
+            raise LmmcError(f"OpenVINO could not run '{self.path.name}' on {shapes_of(feed)}: {reason(err)}") from None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = cast_feed(self, feed, exact=self.static is None)
