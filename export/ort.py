@@ -92,8 +92,8 @@ def fuse_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]] | None = 
             misses.append(f"{src.name}: {level} gave a graph ONNX Runtime cannot run ({str(err).splitlines()[0][:200]})")
             continue
         if diff <= atol:
-            if notes is not None:
-                notes.extend(misses)
+            if notes is not None and misses:  # the fused graph kept is this level's, which ran and agreed
+                notes.append(f"{'; '.join(misses)}; {src.name}'s graph of {level} ran and agreed, and is the one kept")
             return fused_op_counts(dst)
         misses.append(f"{src.name}: {level} changed the outputs by {diff:.2e} > {atol:.0e}")
     dst.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+import lmmc.export.ort
 from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names
 from lmmc.artifact import Artifact
 from lmmc.data import random_calibration
@@ -62,6 +63,19 @@ def test_fusion_that_changes_outputs_is_refused_and_removed(tmp_path, one_thread
         fuse_onnx(plain, fused, [feed(model, tower)[0]], atol=1e-12, notes=notes)
     assert not fused.exists()
     assert len(notes) == 2 and all("changed the outputs" in n for n in notes)
+
+
+def test_a_level_that_misses_is_noted_with_the_level_kept(tmp_path, one_thread, exported_tower, monkeypatch):
+    model = uneven_student("bert")
+    tower = get_adapter("bert").towers[0]
+    plain, fused = tmp_path / "text.onnx", tmp_path / "text.fused.onnx"
+    exported_tower("uneven", "bert", tower.name, plain)
+    diffs = iter([1.0, 0.0])  # the first level's graph off by 1, the second's exact
+    monkeypatch.setattr(lmmc.export.ort, "_max_diff", lambda *args: next(diffs))
+    notes: list[str] = []
+    assert fuse_onnx(plain, fused, [feed(model, tower)[0]], notes=notes)["Attention"] == 2
+    assert notes == ["text.onnx: optimize_for_ort changed the outputs by 1.00e+00 > 1e-04; text.onnx's graph of "
+                     "transformer fusions ran and agreed, and is the one kept"]
 
 
 def tiny_artifact(kind: str, tmp_path) -> Artifact:
