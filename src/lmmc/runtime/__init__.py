@@ -251,9 +251,10 @@ class Deployment:
         raise LmmcError(f"{self.out_dir} has no {modality} tower; its towers are {sorted(self.manifest['towers'])}{how}")
 
     def encode(self, items: Iterable, tower: str | None = None, batch_size: int = 16) -> np.ndarray:
-        """Pooled embeddings of texts (str) or images (PIL images, pathlib.Path files or HWC arrays), one row
-        per item, L2-normalised unless the model's pipeline does not normalise (the manifest's
-        `towers.<name>.normalized`)."""
+        """Pooled embeddings of texts (str) or images (PIL images, pathlib.Path files, or arrays H x W,
+        H x W x C or C x H x W), one row per item, L2-normalised unless the model's pipeline does not
+        normalise (the manifest's `towers.<name>.normalized`). A dynamic INT8 artifact quantises each
+        batch's activations on that batch's range, so an item's row depends slightly on its batch."""
         items = _as_list(items)
         if type(batch_size) is not int or batch_size < 1:
             raise LmmcError(f"batch_size must be a positive integer, not {batch_size!r}")
