@@ -20,6 +20,7 @@ from lmmc.artifact import Artifact
 from lmmc.errors import LmmcError
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.export.onnx import export_tower
+from lmmc.runtime import MAX_THREADS
 from lmmc.runtime import load as load_artifact
 from lmmc.modelio import text_positions
 from lmmc.pooling import normalises
@@ -64,7 +65,7 @@ class ValidateConfig(PassConfig):
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
-    threads: int = Field(2, gt=0, description="ONNX Runtime intra-op threads, the same for both models")
+    threads: int = Field(2, gt=0, le=MAX_THREADS, description="ONNX Runtime intra-op threads, the same for both models")
     repeats: int = Field(15, gt=2, description="timed runs per model; medians are reported")
     min_held_out: int = Field(32, ge=2, description="floor: fewer held-out samples than this and validation "
                               "refuses to certify the student")

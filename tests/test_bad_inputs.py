@@ -628,6 +628,20 @@ def _(tmp):
         "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
 
 
+@case("a recipe's bench.seq past the positions, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "bench": {"seq": 1000, "repeats": 3, "memory": False}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "bench.seq 1000 is more tokens than the teacher's text tower takes (64 positions); set bench.seq to 64 or less"]
+
+
+@case("antgmm's keep for a misspelt tower, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "calibration": {"path": str(texts(tmp))}, "passes": [{"antgmm": {"keep": {"txt": 0.5}}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "passes[0] 'antgmm'.keep names the tower(s) ['txt'], but this bert model has the towers ['text']"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()

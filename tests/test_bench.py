@@ -272,7 +272,7 @@ def _other_data(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
                                   "teacher moved", "teacher changed", "data changed", "seq too long",
-                                  "static seq below the texts", "empty json path"])
+                                  "static seq below the texts", "empty json path", "threads past any CPU"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -294,6 +294,7 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "static seq below the texts": ([out, "--static", "--seq", 8], "--static compiles the IRs for 8 tokens, and the "
                                                                      "texts fidelity is measured on run to 32 tokens"),
         "empty json path": ([out], "--json is an empty path"),
+        "threads past any CPU": ([out, "--threads", 10**20], "less than or equal to 1024"),
     }
     where, message = args[case]
     if case == "backend missing":

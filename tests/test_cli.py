@@ -100,7 +100,8 @@ def test_missed_gate_exits_1_with_complete_output(tmp_path):
     # The summary shows the figures behind the miss, as after a passed compile.
     cosine = report["validation"]["towers"]["text"]["cosine_mean"]
     assert re.search(rf"^text\s+{cosine:.4f}\s", result.stdout, re.M), result.stdout
-    assert "gates: text: runtime max diff MISSED" in result.stdout
+    gate, = [g for g in report["validation"]["gates"] if not g["passed"]]
+    assert f"gates: text: runtime max diff MISSED ({gate['value']:.4g}, needs {gate['op']} 1e-12)" in result.stdout
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
@@ -114,6 +115,35 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     assert [s["pass"] for s in plan["steps"]] == ["wanda", "onnx", "validate"]
     assert plan["samples"] == {"calibration": 8, "held_out": 32} and plan["validated"] is True
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_recipes_model_is_compiled_when_the_command_line_gives_none(tmp_path):
+    save_tiny("bert", tmp_path / "recipes" / "teacher")
+    recipe = write_recipe(tmp_path / "recipes", {**TINY_RECIPE, "model": "teacher"})  # beside the recipe
+    result = run("compile", "-r", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"] == str(tmp_path / "recipes" / "teacher")
+    other = save_tiny("siglip", tmp_path / "other")
+    assert json.loads(run("compile", other, "-r", recipe, "-o", tmp_path / "out", "--dry-run").output)["adapter"] == \
+        "siglip"  # the command line's MODEL first
+    result = run("compile", "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 2 and "no MODEL to compile: give it on the command line" in result.output
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    for args, name in [(["compile", model_dir, "-r", "", "-o", "out"], "'--recipe' / '-r'"),
+                       (["compile", model_dir, "-r", recipe, "-o", "out", "--calib", ""], "'--calib'"),
+                       (["report", ""], "'OUT_DIR'"), (["bench", ""], "'OUT_DIR'")]:
+        result = run(*args, "--dry-run") if args[0] == "compile" else run(*args)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for {name}: is an empty path, which would read as the current directory" in \
+            result.output, result.output
+    result = run("compile", "", "-r", recipe, "-o", "out", "--dry-run")
+    assert result.exit_code == 2 and "MODEL is an empty path" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "teacher"]
 
 
 def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_remote_code(tmp_path):

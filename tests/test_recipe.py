@@ -45,7 +45,7 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"passes": [{"wanda": {"nm": "4:4"}}]}, "0 < N < M"),
     ({"passes": [{"wanda": {"nm": "two:four"}}]}, "is not N:M"),
     ({"passes": [{"wanda": {"nm": "1_0:2_0"}}]}, "is not N:M"),
-    ({"passes": ["onnx"]}, "is a export pass"),
+    ({"passes": ["onnx"]}, "'onnx' is an export pass; put it under 'export' in the recipe"),
     ({"export": [], "validate": {}}, "pass 'validate' needs ['onnx']"),
     ({"calibrate": {}}, "unknown key(s) ['calibrate']"),
     ({"calibration": {"samples": 0}}, "samples: Input should be greater than 0"),

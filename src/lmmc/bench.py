@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
-from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, load, read_manifest
+from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, MAX_THREADS, load, read_manifest
 from lmmc.timing import PER_VISIT, time_interleaved
 
 JSON_KIND = "lmmc bench"
@@ -46,7 +46,7 @@ MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runti
 class BenchConfig(Config):
     """How `lmmc bench` measures; unset sizes come from the compile's recipe."""
 
-    threads: int | None = Field(None, gt=0, description="intra-op threads for every runtime (default: the recipe's)")
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="intra-op threads for every runtime (default: the recipe's)")
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
     repeats: int = Field(15, gt=2, description="timed runs per candidate, in visits of one untimed run and "
@@ -173,6 +173,19 @@ def is_bench_json(path: Path) -> bool:
         return json.loads(path.read_text()).get("kind") == JSON_KIND
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return False
+
+
+def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: str = "--seq") -> None:
+    """A timing length the teacher's text tower takes; `option` names where it was given (a recipe's
+    bench.seq)."""
+    positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
+    fix = (lambda what: f"pass {option} {what}") if option.startswith("--") else (lambda what: f"set {option} to {what}")
+    if seq and positions is None:
+        raise LmmcError(f"{option} sets the tokens of a text sample, and {teacher} has no text tower "
+                        f"(towers: {', '.join(t.name for t in adapter.towers)}); drop {option}")
+    if seq and positions and seq > positions:
+        raise LmmcError(f"{option} {seq} is more tokens than the teacher's text tower takes ({positions} positions); "
+                        f"{fix(f'{positions} or less')}")
 
 
 def check_json_target(path: Path) -> None:
@@ -647,13 +660,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
                         f"moved, pass --teacher with its new place") from None
     if adapter.kind == "generative":
         raise LmmcError(GENERATIVE_BENCH)
-    positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
-    if cfg.seq and positions is None:
-        raise LmmcError(f"--seq sets the tokens of a text sample, and the teacher '{teacher_ref}' has no text tower "
-                        f"(towers: {', '.join(t.name for t in adapter.towers)}); drop --seq")
-    if cfg.seq and positions and cfg.seq > positions:
-        raise LmmcError(f"--seq {cfg.seq} is more tokens than the teacher's text tower takes ({positions} positions); "
-                        f"pass --seq {positions} or less")
+    check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
     skipped += [offline] if offline else []
     torch_device, measure_memory = cfg.device, cfg.memory

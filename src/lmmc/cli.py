@@ -83,6 +83,15 @@ def _crash_log() -> Path:
     return path
 
 
+class _Path(click.Path):
+    """A path option or argument; an empty one, which would read as the current directory, is refused."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("is an empty path, which would read as the current directory; give a real path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lmmc")
 def main() -> None:
@@ -91,7 +100,7 @@ def main() -> None:
 
     \b
     A compile is described by a YAML recipe:
-      model: optional default for MODEL
+      model: MODEL when the command line gives none
       calibration: {path: data.txt, samples: 128, eval_samples: 64}
       passes:  [{wanda: {sparsity: 0.5}}]          # compression, in order
       export:  [onnx]                              # export targets
@@ -104,10 +113,10 @@ def main() -> None:
 
 
 @main.command("compile")
-@click.argument("model")
-@click.option("--recipe", "-r", required=True, type=click.Path(dir_okay=False), help="YAML recipe (see samples/recipes/).")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output directory: new, or an earlier lmmc output with --force.")
-@click.option("--calib", type=click.Path(), help="Calibration data: .txt, .jsonl or image folder; overrides the recipe.")
+@click.argument("model", required=False)
+@click.option("--recipe", "-r", required=True, type=_Path(dir_okay=False), help="YAML recipe (see samples/recipes/).")
+@click.option("--out", "-o", required=True, type=_Path(file_okay=False), help="Output directory: new, or an earlier lmmc output with --force.")
+@click.option("--calib", type=_Path(), help="Calibration data: .txt, .jsonl or image folder; overrides the recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, model config and data, print the plan, load nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output (never anything else).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the passes.")
@@ -115,7 +124,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue a killed compile to the same --out from its last finished "
               "pass (same model, recipe and data).")
 def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
-    """Compile MODEL (a local Hugging Face directory or a hub id) with a recipe into --out:
+    """Compile MODEL (a local Hugging Face directory or a hub id; default: the recipe's model) with a recipe into --out:
     student/ (config, safetensors, tokenizer), onnx/ (one file per tower) and report.json."""
     # kill, systemd, Kubernetes and SLURM send SIGTERM: stop as cleanly as on Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -130,6 +139,14 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
     from lmmc.recipe import load_recipe
 
     parsed = load_recipe(recipe, calib=calib)
+    if model == "":
+        raise LmmcError("MODEL is an empty path, which would read as the current directory; give the model's "
+                        "directory or hub id")
+    if model is None:
+        if parsed.model is None:
+            raise LmmcError("no MODEL to compile: give it on the command line (lmmc compile MODEL -r RECIPE -o OUT), "
+                            "or as 'model:' in the recipe")
+        model = parsed.model
     if dry_run:
         target = check_output(Path(out), model, parsed, recipe, force)
         resolve_device(device)
@@ -243,6 +260,16 @@ def _sci(value: float | None) -> str:
     return "n/a (NaN/Inf)" if value is None or value != value or abs(value) == float("inf") else f"{value:.1e}"
 
 
+def _missed(gate: dict) -> str:
+    """A missed gate with its figure, in the digits that tell it from its threshold (a cosine of 0.99998 that
+    the table's four decimals show as 1.0000)."""
+    from lmmc.report_html import gate_digits
+
+    digits = gate_digits(gate.get("value"), gate.get("threshold"))
+    value = format(gate["value"], digits) if isinstance(gate.get("value"), (int, float)) else gate.get("value")
+    return f"{gate['name']} MISSED ({value}, needs {gate.get('op', '')} {gate.get('threshold')})"
+
+
 def summary_table(report: dict) -> str:
     """The result table printed after a compile: per tower for an encoder, the generation figures for a
     generative model, then sparsity, FLOPs, the task metric and the gates."""
@@ -263,13 +290,13 @@ def summary_table(report: dict) -> str:
         lines.append(f"{task['name']}: student {_fmt(task['value'])}"
                      + (f", teacher {_fmt(task['teacher'])}" if "teacher" in task else ""))
     if report.get("validated", True):
-        lines.append("gates: " + ", ".join(f"{g['name']} {'ok' if g['passed'] else 'MISSED'}"
+        lines.append("gates: " + ", ".join(f"{g['name']} ok" if g["passed"] else _missed(g)
                                           for g in report["validation"].get("gates", [])))
     return "\n".join(lines)
 
 
 @main.command("bench")
-@click.argument("out_dir", type=click.Path())
+@click.argument("out_dir", type=_Path())
 @click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
 @click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
 @click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
@@ -277,9 +304,9 @@ def summary_table(report: dict) -> str:
               "rounded up to whole turns (default 15).")
 @click.option("--warmup", type=int, help="Untimed rounds of turns first (default 1).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
-@click.option("--corpus", multiple=True, type=click.Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
-@click.option("--calib", type=click.Path(), help="The compile's calibration data, if it moved since the compile.")
-@click.option("--teacher", type=click.Path(), help="The compile's teacher, if it moved since the compile.")
+@click.option("--corpus", multiple=True, type=_Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
+@click.option("--calib", type=_Path(), help="The compile's calibration data, if it moved since the compile.")
+@click.option("--teacher", type=_Path(), help="The compile's teacher, if it moved since the compile.")
 @click.option("--no-memory", is_flag=True, help="Skip peak memory (one fresh process per candidate).")
 @click.option("--quick", is_flag=True, help="A smoke run: 1 warm-up round and 3 timed runs (unless --warmup or "
               "--repeats say otherwise), no memory.")
@@ -319,7 +346,7 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
 
 
 @main.command("report")
-@click.argument("out_dir", type=click.Path())
+@click.argument("out_dir", type=_Path())
 def report_cmd(out_dir):
     """Draw OUT_DIR/report.html again from OUT_DIR/report.json, with lmmc bench's latencies when OUT_DIR
     holds bench.json."""

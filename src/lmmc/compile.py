@@ -25,7 +25,7 @@ from pydantic import ValidationError
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears
 from lmmc.artifact import Artifact
-from lmmc.bench import GENERATIVE_BENCH, check_backends, finite, is_bench_json
+from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_prompts,
@@ -280,7 +280,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
-    _check_bench(recipe, adapter)
+    _check_bench(recipe, adapter, config)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet"
                  + ("" if exported else "; the student is saved unexported and unvalidated")
@@ -309,13 +309,14 @@ def skipped(adapter: Any, step: Any) -> bool:
     return adapter.kind == "generative" and step.kind != "compress" and not getattr(step, "generative", False)
 
 
-def _check_bench(recipe: Recipe, adapter: Any) -> None:
+def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
     """The recipe's bench runs after the output is written: refuse now what it would refuse then."""
     if recipe.bench is None:
         return
     if adapter.kind == "generative":
         raise LmmcError(f"{GENERATIVE_BENCH}, and drop the recipe's bench section")
     check_backends()
+    check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
     for corpus in recipe.bench.corpora:
         if not corpus.exists():
             raise LmmcError(f"bench.corpora: '{corpus}' does not exist; give a .txt, .jsonl or image folder "

@@ -60,7 +60,7 @@ def explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check the spelling against the pass's documented keys)" \
+        msg = "unknown key (check the spelling against the documented keys: `lmmc passes` lists a pass's)" \
             if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)

@@ -73,6 +73,10 @@ class Step(BaseModel):
 PATH_PARAMS = ("corpus", "checkpoint_dir", "latency_cache")
 
 
+# Settings whose mapping form is always one value per tower.
+_PER_TOWER = {"keep", "layer_map"}
+
+
 class Recipe(BaseModel):
     """A parsed recipe. `validate_` is None only when the recipe switched validation off (`validate: false`)."""
 
@@ -120,8 +124,10 @@ class Recipe(BaseModel):
 
         def walk(value: Any, where: str) -> None:
             if isinstance(value, dict):
-                # a mapping that names any tower is per tower ({text: 0.5, image: 0.5} included)
-                if set(value) & names and set(value) != set(towers):
+                # a mapping that names any tower is per tower ({text: 0.5, image: 0.5} included), and so is
+                # every mapping of these settings, whatever it names ({txt: 0.5} misspelt)
+                per_tower = set(value) & names or where.rsplit(".", 1)[-1] in _PER_TOWER
+                if per_tower and set(value) != set(towers):
                     raise LmmcError(f"{where} names the tower(s) {sorted(value)}, but this {family} model has the "
                                     f"towers {towers}; give a value for each of them, e.g. "
                                     f"{{{', '.join(f'{t}: ...' for t in towers)}}}")
@@ -240,7 +246,9 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
         raise LmmcError(f"{where}: each entry is a pass name or a one-key mapping like '- wanda: {{sparsity: 0.5}}'")
     cls = get_pass(name)
     if cls.kind not in kinds:
-        raise LmmcError(f"{where}: '{name}' is a {cls.kind} pass; put it under the matching section of the recipe")
+        section = {"compress": "passes", "export": "export"}.get(cls.kind, cls.kind)
+        raise LmmcError(f"{where}: '{name}' is {'an' if cls.kind[0] in 'aeiou' else 'a'} {cls.kind} pass; put it "
+                        f"under '{section}' in the recipe")
     if not isinstance(params, dict):
         raise LmmcError(f"{where}: the parameters of '{name}' must be a mapping, got {params!r}")
     if isinstance(params.get("nm"), int):
@@ -276,6 +284,9 @@ def _resolve_params(params: dict[str, Any], base: Path | None, where: str) -> di
 
 def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     data = dict(data)
+    model = data.get("model")
+    if isinstance(model, str) and base is not None and "\0" not in model and (base / model).expanduser().exists():
+        data["model"] = _resolve(model, base, "model", must_exist=True)  # a directory beside the recipe; else a hub id
     calibration = data.get("calibration")
     if isinstance(calibration, dict) and "path" in calibration:
         data["calibration"] = {**calibration,

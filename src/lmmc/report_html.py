@@ -484,8 +484,8 @@ def _latency_timing(report: dict[str, Any], bench: dict[str, Any] | None) -> str
         return None
     first = next(iter(timed.values()))
     groups = {n: [("teacher", lat["teacher"], False), ("student", lat["student"], True)] for n, lat in timed.items()}
-    text = (f"<p>{_e(first.get('runtime'))}, {_e(first.get('threads'))} threads, inputs "
-            f"{_e('; '.join(f'{n}: {shape}' for n, shape in (first.get('input') or {}).items()))}. Run "
+    inputs = "; ".join(f"{n}: {shape}" for lat in timed.values() for n, shape in (lat.get("input") or {}).items())
+    text = (f"<p>{_e(first.get('runtime'))}, {_e(first.get('threads'))} threads, inputs {_e(inputs)}. Run "
             f"<code>lmmc bench</code> and then <code>lmmc report</code> for every backend.</p>")
     return text + _img(latency_figure(groups, "median latency per batch in ONNX Runtime (ms)"), "latency")
 

@@ -16,6 +16,10 @@ import numpy as np
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.runtime.images import open_image, to_rgb
 
+# The most intra-op threads a setting may ask for: far above any CPU's cores, far below what overflows
+# the runtimes' C integers.
+MAX_THREADS = 1024
+
 if TYPE_CHECKING:
     from lmmc.runtime.onnxruntime import TensorRTOptions
 
@@ -97,8 +101,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
                         f"a compile's whole output with open_dir")
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
-    if threads is not None and (type(threads) is not int or threads < 1):
-        raise LmmcError(f"threads must be a positive integer (or None for the runtime's default), not {threads!r}")
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise LmmcError(f"threads must be an integer from 1 to {MAX_THREADS} (or None for the runtime's default), "
+                        f"not {threads!r}")
     backend = backend or backend_for(path)
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
