@@ -107,7 +107,7 @@ class AntGMMConfig(PassConfig):
         width = getattr(config, "embedding_size", None)
         if hidden and width is not None and width != config.hidden_size:
             raise LmmcError(f"pass 'antgmm': the hidden stage removes residual-stream channels, and this "
-                            f"{adapter.family} model's embeddings are {width} wide, projected to its blocks' "
+                            f"{config.model_type} model's embeddings are {width} wide, projected to its blocks' "
                             f"{config.hidden_size} (a factorised embedding); drop 'hidden' from the shares")
 
     @field_validator("keep")

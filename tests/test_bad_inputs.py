@@ -608,7 +608,7 @@ def _(tmp):
     save_preprocessors("bert", tmp / "electra")
     recipe = {**RANDOM, "passes": [{"antgmm": {"keep": 0.6, "shares": {"ffn": 0.5, "hidden": 0.5}}}]}
     return ["./electra", "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
-        "embeddings are 16 wide, projected to its blocks' 32 (a factorised embedding)", "drop 'hidden' from the shares"]
+        "this electra model's embeddings are 16 wide, projected to its blocks' 32 (a factorised embedding)", "drop 'hidden' from the shares"]
 
 
 @case("an OPTIMA distillation after antgmm with fewer samples than its batch, dry run")
@@ -928,6 +928,19 @@ def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, dama
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert snapshot(tmp_path) == before
+    if damage is _fewer_layers:  # seen in the weights' headers: the dry run refuses it alike
+        dry = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out", "--dry-run"])
+        assert dry.exit_code == 2 and message in dry.output, dry.output
+
+
+def test_a_shard_index_left_beside_model_safetensors_is_not_what_is_checked(tmp_path):
+    """transformers loads model.safetensors first; a stale index beside it names shards it never opens."""
+    model = bert(tmp_path)
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "model-00002-of-00006.safetensors"}}))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o",
+                                       str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
 
 
 # A child process where `import sentencepiece` fails, as on an install without the package.

@@ -89,6 +89,15 @@ def test_a_directory_saved_by_the_installed_sentence_transformers_compiles_dry(t
     assert result.exit_code == 0, result.output
 
 
+def test_a_cross_encoder_is_refused_naming_its_head(tmp_path):
+    """Its scores come from a classification head lmmc would drop; its mean-pooled hidden states are no
+    embedding its users get."""
+    st.CrossEncoder(str(save_tiny("bert", tmp_path / "hf")), num_labels=3, device="cpu").save(str(tmp_path / "ce"))
+    with pytest.raises(LmmcError, match="is a sentence-transformers CrossEncoder \\(transformer_task "
+                                        "'sequence-classification'\\): its output comes from a task head"):
+        read_modules(str(tmp_path / "ce"))
+
+
 @pytest.mark.parametrize("pooling_mode", ["avg", ["cls", "nope"], [], 3])
 def test_an_unknown_pooling_mode_is_refused(tmp_path, pooling_mode):
     path = st_dir(save_tiny("bert", tmp_path / "m"), {"embedding_dimension": 32, "pooling_mode": pooling_mode})

@@ -258,9 +258,9 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     model_dir = local_dir(model_ref)
     shapes = meta_model(config, adapter)
     if model_dir:
-        check_weights(model_dir, shapes)
+        check_weights(model_dir, shapes, adapter)
     else:
-        check_hub_weights(model_ref, shapes)
+        check_hub_weights(model_ref, shapes, adapter)
     preprocessors = load_preprocessor(str(model_dir or model_ref), adapter.kind == "generative", trust_remote_code)
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.

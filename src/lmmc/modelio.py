@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,17 @@ def index_files(index: Path, ref: str) -> list[str]:
     return files
 
 
-def check_weights(path: Path, model: torch.nn.Module) -> None:
-    """Read only the safetensors headers: a truncated or corrupt file, pickle-only weights, or a weight
-    whose shape disagrees with config.json fail here, before anything loads."""
+def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
+    """Read only the safetensors headers: a truncated or corrupt file, pickle-only weights, a weight whose
+    shape disagrees with config.json, or blocks config.json has no place for fail here, before anything
+    loads (load_teacher refuses the same)."""
     from safetensors import SafetensorError, safe_open
 
     index = path / INDEX
-    if index.is_file():
-        files = index_files(index, str(path))
-    elif (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file():  # what transformers loads first, beside an index or not
         files = ["model.safetensors"]
+    elif index.is_file():
+        files = index_files(index, str(path))
     else:
         raise LmmcError(f"'{path}' has no model.safetensors; lmmc loads safetensors weights only (never pickle): "
                         f"save the model with save_pretrained(..., safe_serialization=True)")
@@ -175,6 +177,21 @@ def check_weights(path: Path, model: torch.nn.Module) -> None:
         except (SafetensorError, OSError) as err:
             state = "missing" if not (path / name).is_file() else "corrupt or truncated"
             raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
+    extra = []
+    for tower in adapter.towers:
+        for path_ in tower.layers:
+            try:
+                built = len(model.get_submodule(path_))
+            except AttributeError:  # another family's name for the blocks
+                continue
+            # a task checkpoint's keys carry a prefix ("bert.encoder.layer.3...")
+            block = re.compile(rf"(?:^|\.){re.escape(path_)}\.(\d+)\.")
+            extra += [k for k in shapes if (m := block.search(k)) and int(m[1]) >= built]
+    extra.sort()
+    if extra:
+        raise LmmcError(f"the weights of '{path}' hold {len(extra)} tensor(s) of transformer blocks that the model "
+                        f"its config.json describes has no place for ({', '.join(extra[:3])}); the config does not "
+                        f"fit these weights (it names fewer layers, say). Use the config.json saved with them")
     mismatched = []
     for name, param in model.state_dict().items():
         found = shapes.get(name)
@@ -193,7 +210,7 @@ def not_safetensors(ref: str, reason: str) -> LmmcError:
                      f"from_pretrained('{ref}') and then save_pretrained(DIR, safe_serialization=True), and pass DIR")
 
 
-def check_hub_weights(ref: str, model: torch.nn.Module) -> None:
+def check_hub_weights(ref: str, model: torch.nn.Module, adapter: Adapter) -> None:
     """What a dry run can know of a hub model's weights without downloading them: their headers where the
     snapshot is cached, else the repository's file list (offline, the cached snapshot's); pickle-only
     weights and an index naming pickle shards are refused, as the real run refuses them."""
@@ -206,7 +223,7 @@ def check_hub_weights(ref: str, model: torch.nn.Module) -> None:
     if snapshot and ((snapshot / INDEX).is_file() or (snapshot / "model.safetensors").is_file()):
         if (snapshot / INDEX).is_file():
             index_files(snapshot / INDEX, ref)  # named by the hub id, not the cache's path
-        check_weights(snapshot, model)
+        check_weights(snapshot, model, adapter)
         return
     try:
         files = set(huggingface_hub.list_repo_files(ref))

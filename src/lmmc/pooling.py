@@ -91,6 +91,20 @@ def bert_config(source: str) -> dict[str, Any]:
     return {} if text is None else _json_object(text, f"'{source}/sentence_bert_config.json'")
 
 
+def _refuse_task_heads(files: dict[str, str], source: str) -> None:
+    """A CrossEncoder (a classification head scoring text pairs) or a SparseEncoder (the masked-LM head)
+    outputs what its head computes, which lmmc neither compiles nor validates: compiled as an encoder, the
+    student would keep the model's files without the head."""
+    st = _json_object(files.get("config_sentence_transformers.json") or "{}",
+                      f"'{source}/config_sentence_transformers.json'")
+    bert = _json_object(files.get("sentence_bert_config.json") or "{}", f"'{source}/sentence_bert_config.json'")
+    kind, task = st.get("model_type"), bert.get("transformer_task")
+    if kind not in (None, "SentenceTransformer") or task not in (None, "feature-extraction"):
+        raise LmmcError(f"'{source}' is a sentence-transformers {kind or 'model'} (transformer_task {task!r}): its "
+                        f"output comes from a task head on the transformer, which lmmc neither compiles nor "
+                        f"validates. Compile an embedding model (a SentenceTransformer) instead")
+
+
 def _prompt_warnings(text: str | None, source: str) -> tuple[str, ...]:
     """sentence-transformers' encode prepends the default prompt to every text; lmmc encodes the text as
     given, so a model that declares one is measured and deployed on other inputs than its users'."""
@@ -144,6 +158,7 @@ def read_modules(source: str) -> SentenceModules | None:
         raise LmmcError(f"'{source}': modules.json is not a list of modules (objects with a type and a path); "
                         f"repair it, or save the model again with sentence-transformers")
     files = {rel: t for rel in _TOP_FILES if (t := read(rel)) is not None}
+    _refuse_task_heads(files, source)
     # Read now so that a broken file is refused before anything loads, not when the manifest is written.
     bert_config(source)
     warnings = _prompt_warnings(files.get("config_sentence_transformers.json"), source)
