@@ -196,6 +196,22 @@ def test_a_bind_mount_of_the_same_filesystem_at_out_is_filled_in_place(setup, tm
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in earlier.iterdir())
 
 
+def test_a_volumes_lost_and_found_is_left_where_it_is(setup, tmp_path, mounted, one_thread):
+    """An ext4 volume (a Kubernetes claim mounted at --out) holds its filesystem's lost+found from the start."""
+    model, recipe, earlier = setup
+    out = mounted(None, tmp_path / "out")
+    (out / "lost+found").mkdir()
+    (out / "lost+found" / "#1234").write_text("a recovered block")
+    for _ in range(2):  # into the empty volume, then over the earlier output in it
+        result = compile_(model, recipe, out, "--force")
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in earlier.iterdir()), "lost+found"])
+        assert (out / "lost+found" / "#1234").read_text() == "a recovered block"
+    (out / "notes.txt").write_text("mine")  # anything else is still the user's
+    refused = compile_(model, recipe, out, "--force")
+    assert refused.exit_code == 2 and "it holds notes.txt, which no compile writes there" in refused.output
+
+
 def test_a_file_written_into_a_volume_out_while_the_output_is_copied_in_is_kept(setup, tmp_path, mounted,
                                                                                  monkeypatch, one_thread):
     model, recipe, earlier = setup

@@ -93,7 +93,7 @@ def _entries(root: Path) -> list[str]:
 def _foreign(path: Path) -> list[str]:
     """What `path` holds that lmmc did not write there: top-level names no lmmc command writes, then, in an
     output that lists its files, anything the list does not name and every link (lmmc writes none)."""
-    top = sorted(p.name for p in path.iterdir() if (p.name not in _OUTPUT_ENTRIES and not _PARTIAL.fullmatch(p.name))
+    top = sorted(p.name for p in _own_entries(path) if (p.name not in _OUTPUT_ENTRIES and not _PARTIAL.fullmatch(p.name))
                  or (p.name in _ADDED and not _ADDED[p.name](p)))
     if top:
         return top
@@ -101,8 +101,16 @@ def _foreign(path: Path) -> list[str]:
         listed = set(json.loads((path / FILE_LIST).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return []  # no list: _is_lmmc_output says so
-    return [rel for rel in _entries(path) if (path / rel).is_symlink()
-            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0]))]
+    kept = {p.name for p in path.iterdir()} - {p.name for p in _own_entries(path)}
+    return [rel for rel in _entries(path) if rel.split("/")[0] not in kept and ((path / rel).is_symlink()
+            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0])))]
+
+
+def _own_entries(path: Path) -> list[Path]:
+    """The entries of `path` that an output may hold: all but a volume's lost+found, which its filesystem
+    made and keeps (an ext4 volume mounted at --out, as Kubernetes mounts one)."""
+    volume = is_mount(path)
+    return [p for p in path.iterdir() if not (volume and p.name == "lost+found" and p.is_dir())]
 
 
 def _is_lmmc_output(path: Path) -> bool:
@@ -132,7 +140,7 @@ def _taken(target: Path, force: bool, staged: Path | None = None) -> bool:
         return True
     if not target.exists():
         return False
-    return not force or (any(p != staged for p in target.iterdir()) and not _is_lmmc_output(target))
+    return not force or (any(p != staged for p in _own_entries(target)) and not _is_lmmc_output(target))
 
 
 def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
@@ -183,7 +191,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
         if not force:
             raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
                             f"replace it")
-        if any(target.iterdir()) and not _is_lmmc_output(target):
+        if any(_own_entries(target)) and not _is_lmmc_output(target):
             foreign = _foreign(target)
             holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which no compile " \
                     f"writes there)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
@@ -727,7 +735,7 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
         return
     aside = out / f".lmmc-replaced-{os.getpid()}"
     aside.mkdir()
-    for entry in list(out.iterdir()):
+    for entry in _own_entries(out):
         if entry not in (staged, aside):
             entry.rename(aside / entry.name)
     for entry in list(staged.iterdir()):
