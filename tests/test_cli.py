@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from lmmc.cli import main
 from lmmc.export.validate import scaled_diff
+from lmmc.report_html import GENERATOR
 from tests.conftest import CORPUS, REPO, save_preprocessors, save_tiny, spelled, tiny_model
 
 TINY_RECIPE = {
@@ -264,11 +265,12 @@ def test_force_replaces_existing_output(tmp_path):
     (out / "student").mkdir(parents=True)
     (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace,
     (out / ".lmmc-files.json").write_text('["student", "student/lmmc.json"]')  # with the list of its files
-    (out / "report.html").write_text("old")  # a file of that earlier output, replaced with the rest
+    old = f'<html><head><meta name="generator" content="{GENERATOR} 0.1">old'
+    (out / "report.html").write_text(old)  # a page of that earlier output, replaced with the rest
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", out, "--force")
     assert result.exit_code == 0, result.output
-    assert (out / "report.html").read_text() != "old"
+    assert (out / "report.html").read_text() != old
     assert (out / "onnx" / "vision.onnx").is_file()
 
 

@@ -175,9 +175,9 @@ def is_bench_json(path: Path) -> bool:
         return False
 
 
-def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: str = "--seq") -> None:
+def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: str = "--seq") -> int | None:
     """A timing length the teacher's text tower takes; `option` names where it was given (a recipe's
-    bench.seq)."""
+    bench.seq). Returns the text tower's positions (None: no text tower)."""
     positions = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
     fix = (lambda what: f"pass {option} {what}") if option.startswith("--") else (lambda what: f"set {option} to {what}")
     if seq and positions is None:
@@ -186,6 +186,7 @@ def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: 
     if seq and positions and seq > positions:
         raise LmmcError(f"{option} {seq} is more tokens than the teacher's text tower takes ({positions} positions); "
                         f"{fix(f'{positions} or less')}")
+    return positions
 
 
 def check_json_target(path: Path) -> None:
@@ -660,7 +661,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
                         f"moved, pass --teacher with its new place") from None
     if adapter.kind == "generative":
         raise LmmcError(GENERATIVE_BENCH)
-    check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
+    positions = check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
     skipped += [offline] if offline else []
     torch_device, measure_memory = cfg.device, cfg.memory

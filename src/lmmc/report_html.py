@@ -533,6 +533,7 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
 
 
 def is_ours(path: Path) -> bool:
+    """Whether `path` is a page lmmc drew (its generator tag)."""
     try:
         head = path.read_text(encoding="utf-8", errors="replace")[:2000]
     except OSError:
