@@ -12,6 +12,7 @@ import transformers
 from conftest import TINY_TEXT, compile_tiny_text, padded_text, save_preprocessors, tower_outputs
 
 from lmmc.adapters import block_list, get_adapter
+from lmmc.blockwise import block_output, run_block, visit_blocks
 from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import torch_to_openvino
 from lmmc.modelio import save_student
@@ -48,6 +49,26 @@ def uneven(model: torch.nn.Module) -> torch.nn.Module:
     keep_heads_(blocks[2], TOWER, HEAD_DIM, [1])
     keep_channels_(blocks[1], TOWER, [3, *range(10, 32)])
     return model
+
+
+def test_block_by_block_calibration_gives_each_attention_type_its_own_mask_and_rotary_embeddings() -> None:
+    """The sliding-window blocks are called with a mask and rotary embeddings of their own: a block visited
+    in turn must see exactly the input the model's own forward gives it."""
+    model = ADAPTER.prepared(modernbert())
+    blocks = block_list(model, TOWER)[1]
+    assert [b.attention_type for b in blocks] == ["full_attention", "sliding_attention", "sliding_attention"]
+    torch.manual_seed(1)
+    batches = [{"input_ids": torch.randint(5, 99, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=torch.long)}]
+    batches[0]["attention_mask"][1, 20:] = 0
+    seen = []
+    handles = [b.register_forward_hook(lambda m, a, out: seen.append(block_output(out))) for b in blocks]
+    with torch.no_grad():
+        model(**batches[0])
+    for handle in handles:
+        handle.remove()
+    for tower, i, block, inputs, _ in visit_blocks(model, ADAPTER, lambda t: batches, torch.device("cpu")):
+        got = run_block(block, inputs[0])
+        assert torch.allclose(got, seen[i], atol=1e-6), (i, (got - seen[i]).abs().max())
 
 
 def test_split_linears_compute_the_fused_model() -> None:

@@ -71,6 +71,43 @@ def capture_block_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch
     return captured
 
 
+Side = tuple[bool, tuple, dict]  # a block's call less its hidden state: (passed positionally, other args, kwargs)
+
+
+def capture_side_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch],
+                        device: torch.device) -> dict[str, list[Side]] | None:
+    """For a tower whose blocks attend differently (ModernBERT's sliding-window layers among its global
+    ones: each kind is called with a mask and rotary embeddings of its own), the call of the first block
+    of each attention type less its hidden state, per batch; None when every block takes block 0's."""
+    _, blocks = block_list(model, tower)
+    kinds = [getattr(b, "attention_type", None) for b in blocks]
+    if len(set(kinds)) < 2:
+        return None
+    firsts = {blocks[kinds.index(k)]: k for k in dict.fromkeys(kinds)}
+    last = max(firsts, key=lambda b: kinds.index(firsts[b]))
+    runner = TowerModule(model, tower)
+    sides: dict[str, list[Side]] = {k: [] for k in firsts.values()}
+
+    def hook(mod, args, kwargs):
+        sides[firsts[mod]].append((True, args[1:], kwargs) if args else
+                                  (False, (), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if mod is last:  # every kind seen: the rest of the forward is not needed
+            raise StopForward
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in firsts]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    runner(*[batch[name].to(device) for name in runner.names])
+                except StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sides
+
+
 def token_mask(batch: Batch) -> torch.Tensor | None:
     """Which positions hold real tokens; padding must not shape calibration statistics."""
     mask = batch.get("attention_mask")
@@ -82,13 +119,17 @@ def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     return block_output(block(*args, **kwargs))
 
 
-def advance(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
-    """The next block's inputs: this block's outputs replace the hidden state, the rest is reused."""
+def advance(block: nn.Module, inputs: list[BlockInput], sides: list[Side] | None = None) -> list[BlockInput]:
+    """The next block's inputs: this block's outputs replace the hidden state, the rest is reused, or is
+    `sides` (the next block's own call per batch, see capture_side_inputs)."""
     out = []
     with torch.no_grad():
-        for args, kwargs in inputs:
+        for b, (args, kwargs) in enumerate(inputs):
             hidden = run_block(block, (args, kwargs))
-            if args:
+            if sides is not None:
+                positional, rest, own = sides[b]
+                out.append(((hidden, *rest), own) if positional else ((), {**own, "hidden_states": hidden}))
+            elif args:
                 out.append(((hidden, *args[1:]), kwargs))
             else:
                 out.append(((), {**kwargs, "hidden_states": hidden}))
@@ -125,15 +166,16 @@ def visit_blocks(model: nn.Module, adapter: Adapter, batches_for: Callable[[Towe
         batches = batches_for(tower)
         _, blocks = block_list(model, tower)
         inputs = capture_block_inputs(model, tower, batches, home)
+        sides = capture_side_inputs(model, tower, batches, home)
         if offload:
-            inputs = to_device(inputs, device)
+            inputs, sides = to_device(inputs, device), to_device(sides, device)
         for i, block in enumerate(blocks):
             if offload:
                 block.to(device)
             try:
                 yield tower, i, block, inputs, batches
                 if i + 1 < len(blocks):
-                    inputs = advance(block, inputs)
+                    inputs = advance(block, inputs, None if sides is None else sides[blocks[i + 1].attention_type])
             finally:
                 if offload:
                     block.to(home)
