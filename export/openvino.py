@@ -20,6 +20,7 @@ from lmmc.errors import LmmcError
 from lmmc.export.onnx import OUTPUT_NAMES
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
 from lmmc.pipeline import Pass, PassConfig, register
+from lmmc.runtime import MAX_THREADS
 
 EXTRA = "pip install 'lmmc[openvino]'"
 
@@ -169,7 +170,7 @@ class OpenVinoConfig(PassConfig):
     int8: bool | Int8Options = Field(True, description="also write the NNCF INT8 IR, calibrated on the calibration "
                                      "batches; {mixed: {max_cosine_drop: d}} keeps the matrices whose quantisation "
                                      "costs the most cosine fp32 instead")
-    threads: int = Field(2, gt=0, description="OpenVINO threads when measuring the mixed-precision costs")
+    threads: int = Field(2, gt=0, le=MAX_THREADS, description="OpenVINO threads when measuring the mixed-precision costs")
     frontend: Literal["pytorch", "onnx"] = Field("pytorch", description="what the IR is converted from: the "
                                                         "PyTorch student (attention fused; the default) or its "
                                                         "ONNX export (needs the onnx step first; what int8: "

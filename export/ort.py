@@ -33,7 +33,7 @@ from lmmc.export.onnx import quiet_exporter_logs
 from lmmc.export.validate import cosine
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
-from lmmc.runtime import Model, load
+from lmmc.runtime import MAX_THREADS, Model, load
 from lmmc.timing import time_interleaved
 
 # Contrib operators the fusions produce; counted per tower.
@@ -301,7 +301,7 @@ class OrtConfig(PassConfig):
     fp16: bool = Field(False, description="also write ort/<tower>.fp16.onnx: fp16 weights and matrix work, layer "
                        "norm, softmax and reductions kept fp32, inputs and outputs fp32 (for GPUs; slow on a CPU)")
     atol: float = Field(1e-4, gt=0, description="largest |fused - plain| allowed on the calibration batches")
-    threads: int = Field(2, gt=0, description="ONNX Runtime threads when timing plain against fused")
+    threads: int = Field(2, gt=0, le=MAX_THREADS, description="ONNX Runtime threads when timing plain against fused")
     latency_batch: int = Field(8, gt=0)
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")

@@ -642,6 +642,27 @@ def _(tmp):
         "passes[0] 'antgmm'.keep names the tower(s) ['txt'], but this bert model has the towers ['text']"]
 
 
+@case("an ort step's threads past any CPU, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "export": ["onnx", {"ort": {"threads": 3000000000}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "threads: Input should be less than or equal to 1024"]
+
+
+@case("a recipe's model path missing beside the recipe")
+def _(tmp):
+    bert(tmp)  # ./tiny-bert of the current directory, not of the recipe's
+    (tmp / "recipes").mkdir()
+    return ["-r", write_recipe(tmp / "recipes", {**RANDOM, "model": "./tiny-bert"}), "-o", "out", "--dry-run"], [
+        "model './tiny-bert' does not exist: relative paths in a recipe are resolved against the recipe's directory"]
+
+
+@case("a recipe's empty model path")
+def _(tmp):
+    return ["-r", write_recipe(tmp, {**RANDOM, "model": ""}), "-o", "out", "--dry-run"], [
+        "model is an empty path, which would read as the recipe's directory"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()
@@ -743,7 +764,7 @@ def _(tmp):
     (tmp / "photos").mkdir()
     (tmp / "photos" / "holiday.jpg").write_bytes(b"jpeg")
     return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "photos", "--force"],
-            ["is not one (it holds holiday.jpg, which no compile writes there); it was left untouched",
+            ["is not one (it holds holiday.jpg, which lmmc did not write); it was left untouched",
              "Choose a new --out"])
 
 
@@ -936,11 +957,13 @@ def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, dama
 def test_a_shard_index_left_beside_model_safetensors_is_not_what_is_checked(tmp_path):
     """transformers loads model.safetensors first; a stale index beside it names shards it never opens."""
     model = bert(tmp_path)
-    (model / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "model-00002-of-00006.safetensors"}}))
-    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o",
-                                       str(tmp_path / "out"), "--dry-run"])
-    assert result.exit_code == 0, result.output
+    for shard in ("model-00002-of-00006.safetensors", "pytorch_model-00001-of-00002.bin"):
+        (model / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": shard}}))
+        for dry in (["--dry-run"], []):  # the dry run and the real run read the same file
+            result = CliRunner().invoke(main, ["compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o",
+                                               str(tmp_path / "out"), "--force", *dry])
+            assert result.exit_code == 0, result.output
 
 
 # A child process where `import sentencepiece` fails, as on an install without the package.

@@ -206,7 +206,13 @@ def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
     (tmp_path / "kitty").symlink_to(tmp_path / "cat", target_is_directory=True)
-    with pytest.raises(LmmcError, match="the class folders 'cat' and 'kitty' are the same folder"):
+    with pytest.raises(LmmcError, match="the class folders 'cat' and 'kitty' hold the same pictures"):
+        read_samples(tmp_path, "a photo of a {label}")
+    (tmp_path / "kitty").unlink()
+    (tmp_path / "cat" / "tabby").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "cat" / "tabby" / "0.png")
+    (tmp_path / "tabby").symlink_to(tmp_path / "cat" / "tabby", target_is_directory=True)  # inside another class
+    with pytest.raises(LmmcError, match="the class folders 'cat' and 'tabby' hold the same pictures"):
         read_samples(tmp_path, "a photo of a {label}")
 
 

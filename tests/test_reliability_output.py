@@ -117,7 +117,7 @@ def test_force_refuses_a_folder_of_the_users_that_holds_a_copied_student(setup, 
     (project / "thesis.tex").write_text("mine")
     result = compile_(model, recipe, project, "--force")
     assert result.exit_code == 2, result.output
-    assert f"'{project}' is not one (it holds thesis.tex, which no compile writes there); it was left untouched" \
+    assert f"'{project}' is not one (it holds thesis.tex, which lmmc did not write); it was left untouched" \
         in result.output
     assert (project / "thesis.tex").read_text() == "mine" and (project / "student" / "lmmc.json").is_file()
     assert not work_path(project).exists()
@@ -136,7 +136,7 @@ def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(s
     (out / ".lmmc-incoming-651" / "student" / "lmmc.json").write_text("{")
     assert check_output(out, str(model), load_recipe(recipe), recipe, force=True) == out.resolve()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which no compile writes there"):
+    with pytest.raises(lmmc.compile.LmmcError, match=r"it holds notes.txt, which lmmc did not write"):
         check_output(out, str(model), load_recipe(recipe), recipe, force=True)
 
 
@@ -150,7 +150,7 @@ def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_repor
     (out / name).write_text(text)
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2, result.output
-    assert f"(it holds {name}, which no compile writes there); it was left untouched" in result.output
+    assert f"(it holds {name}, which lmmc did not write); it was left untouched" in result.output
     assert (out / name).read_text() == text
 
 
@@ -209,7 +209,18 @@ def test_a_volumes_lost_and_found_is_left_where_it_is(setup, tmp_path, mounted, 
         assert (out / "lost+found" / "#1234").read_text() == "a recovered block"
     (out / "notes.txt").write_text("mine")  # anything else is still the user's
     refused = compile_(model, recipe, out, "--force")
-    assert refused.exit_code == 2 and "it holds notes.txt, which no compile writes there" in refused.output
+    assert refused.exit_code == 2 and "it holds notes.txt, which lmmc did not write" in refused.output
+
+
+def test_what_a_killed_first_copy_into_a_volume_left_is_cleared_by_force(setup, tmp_path, mounted, one_thread):
+    model, recipe, earlier = setup
+    out = mounted(None, tmp_path / "out")
+    for left in (".lmmc-incoming-777/student", ".lmmc-replaced-778/onnx"):
+        (out / left).mkdir(parents=True)
+        (out / left / "lmmc.json").write_text("{")
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in earlier.iterdir())
 
 
 def test_a_file_written_into_a_volume_out_while_the_output_is_copied_in_is_kept(setup, tmp_path, mounted,
@@ -256,7 +267,7 @@ def test_force_keeps_an_earlier_output_holding_a_file_of_the_users_anywhere(setu
     before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2, result.output
-    assert f"{added}, which no compile writes there); it was left untouched" in result.output
+    assert f"{added}, which lmmc did not write); it was left untouched" in result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 

@@ -76,8 +76,9 @@ _LATER = {"report.html", "bench.json", FILE_LIST}
 # What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
 _OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-model", "allocation.png",
                    "manifest.json", "report.json", *_LATER}
-# bench's and report's files being written; a compile's output being copied into a volume --out
-_PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+|\.lmmc-incoming-\d+")
+# bench's and report's files being written; a compile's output being copied into a volume --out, and the
+# earlier output moved aside there
+_PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+|\.lmmc-(incoming|replaced)-\d+")
 # lmmc bench's and lmmc report's files, each known as theirs as those commands know them
 _ADDED = {"bench.json": is_bench_json, "report.html": is_ours}
 
@@ -106,6 +107,11 @@ def _foreign(path: Path) -> list[str]:
             or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0])))]
 
 
+def _holds_output(path: Path) -> bool:
+    """Whether `path` holds more than what a killed lmmc command left half-written."""
+    return any(not _PARTIAL.fullmatch(p.name) for p in _own_entries(path))
+
+
 def _own_entries(path: Path) -> list[Path]:
     """The entries of `path` that an output may hold: all but a volume's lost+found, which its filesystem
     made and keeps (an ext4 volume mounted at --out, as Kubernetes mounts one)."""
@@ -132,15 +138,14 @@ class OutputTaken(LmmcError):
     """--out was created or replaced by someone else while the compile ran; the finished work is kept."""
 
 
-def _taken(target: Path, force: bool, staged: Path | None = None) -> bool:
+def _taken(target: Path, force: bool) -> bool:
     """Whether `target` holds what this compile may not replace: a link, a file, or a directory that is
-    not an earlier lmmc output (without --force, any directory: it did not exist when the compile began).
-    `staged`: this compile's copy inside it, not counted."""
+    not an earlier lmmc output (without --force, any directory: it did not exist when the compile began)."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         return True
     if not target.exists():
         return False
-    return not force or (any(p != staged for p in _own_entries(target)) and not _is_lmmc_output(target))
+    return not force or (_holds_output(target) and not _is_lmmc_output(target))
 
 
 def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> list[tuple[str, Path]]:
@@ -191,10 +196,10 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
         if not force:
             raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
                             f"replace it")
-        if any(_own_entries(target)) and not _is_lmmc_output(target):
+        if _holds_output(target) and not _is_lmmc_output(target):
             foreign = _foreign(target)
-            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which no compile " \
-                    f"writes there)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
+            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc did not " \
+                    f"write)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
                     f"files added to it cannot be told apart: an output of an older lmmc)" \
                     if (target / "report.json").is_file() else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
@@ -202,7 +207,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
                             f"--out, or move that directory away yourself")
     _check_side_paths(target, model_ref, recipe, recipe_path)
     _check_writable(target)
-    if target.is_dir() and is_mount(target):  # the output is copied into a volume, not renamed to it
+    if target.is_dir() and (is_mount(target) or not _holds_output(target)):  # filled in place, not replaced
         _check_writable(target / ".lmmc-write-probe")
     return target
 
@@ -634,7 +639,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                                   f"finished compile is kept in '{area.path}': move '{out}' away and run the same "
                                   f"command with --resume to write it there")
             staged = _stage(tmp, out)
-            if staged != tmp and _taken(out, force, staged):  # changed while the output was copied into it
+            if staged != tmp and _taken(out, force):  # changed while the output was copied into it
                 shutil.rmtree(staged, ignore_errors=True)
                 raise OutputTaken(f"--out '{out}' changed while the output was copied into it; it was left as it "
                                   f"is. The finished compile is kept in '{area.path}': run the same command with "

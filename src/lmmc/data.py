@@ -157,13 +157,13 @@ def folder_files(root: Path) -> list[Path]:
 
 def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     """An image folder with one subfolder per class: every file in it must be a readable image."""
-    classes: dict[str, list[str]] = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        classes.setdefault(os.path.realpath(sub), []).append(sub.name)
-    same = next((names for names in classes.values() if len(names) > 1), None)
-    if same:
-        raise LmmcError(f"image folder '{path}': the class folders {' and '.join(repr(n) for n in same)} are the same "
-                        f"folder (one links to the other), so its images would carry two labels; keep one of them")
+    real = {sub.name: Path(os.path.realpath(sub)) for sub in sorted(path.iterdir())
+            if sub.is_dir() and not sub.name.startswith(".")}
+    for a, b in ((a, b) for a in real for b in real if a < b):
+        if real[a] == real[b] or real[a] in real[b].parents or real[b] in real[a].parents:
+            raise LmmcError(f"image folder '{path}': the class folders '{a}' and '{b}' hold the same pictures (through a "
+                            f"link, they are one folder or one holds the other), so those would carry two labels; "
+                            f"give each class a folder of its own")
     records, loose, strangers = [], [], []
     for p in folder_files(path):
         if len(p.relative_to(path).parts) < 2:

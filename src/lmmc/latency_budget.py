@@ -16,6 +16,7 @@ from lmmc.adapters import Adapter, TowerSpec, block_linears, block_list
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.latency_model import LatencyModel, Target, tower_feed
+from lmmc.runtime import MAX_THREADS
 from lmmc.selection import Unit, select_units
 
 TIMING_REPEATS = 15
@@ -28,7 +29,7 @@ class DeployConfig(Config):
     runtime: Literal["openvino", "onnxruntime"] = Field("openvino", description="the deployment runtime")
     precision: Literal["int8", "fp32"] = Field("int8", description="int8: NNCF INT8 (OpenVINO) or static QDQ "
                                                "(ONNX Runtime), as lmmc's exports write them")
-    threads: int = Field(2, gt=0, description="intra-op threads of the runtime")
+    threads: int = Field(2, gt=0, le=MAX_THREADS, description="intra-op threads of the runtime")
     batch: int = Field(8, gt=0, description="samples per timed batch")
     seq: int = Field(128, gt=0, description="tokens per text sample, capped at the model's positions (image "
                      "towers use their patch count)")

@@ -499,7 +499,8 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
                                                _raise_exceptions_for_connection_errors=False)
     except OSError:
         index = None
-    if index:
+    local = local_dir(ref)
+    if index and not (local and (local / "model.safetensors").is_file()):  # transformers reads that file first
         index_files(Path(index), ref)
     report_logger, quiet = logging.getLogger("transformers.modeling_utils"), _LoadReport()
     report_logger.addFilter(quiet)

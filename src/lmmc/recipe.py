@@ -262,6 +262,8 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
 
 def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
     """A recipe's relative path, made absolute against the recipe's directory."""
+    if isinstance(value, str) and not value.strip():
+        raise LmmcError(f"{what} is an empty path, which would read as the recipe's directory; give a real path")
     if base is None or not isinstance(value, str) or Path(value).expanduser().is_absolute():
         return value
     if "\0" in value:
@@ -285,8 +287,10 @@ def _resolve_params(params: dict[str, Any], base: Path | None, where: str) -> di
 def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     data = dict(data)
     model = data.get("model")
-    if isinstance(model, str) and base is not None and "\0" not in model and (base / model).expanduser().exists():
-        data["model"] = _resolve(model, base, "model", must_exist=True)  # a directory beside the recipe; else a hub id
+    # a path (./teacher, or a directory beside the recipe) is the recipe's; anything else is a hub id
+    if isinstance(model, str) and (model.startswith((".", "~")) or not model.strip()
+                                   or (base is not None and "\0" not in model and (base / model).exists())):
+        data["model"] = _resolve(model, base, "model", must_exist=True)
     calibration = data.get("calibration")
     if isinstance(calibration, dict) and "path" in calibration:
         data["calibration"] = {**calibration,
