@@ -262,9 +262,16 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     samples = list(unique.values())
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     samples = [samples[i] for i in order]
-    n_dev = min(cfg.dev_samples, len(samples) // 4)
-    # Sorted dev samples pad little when evaluated in batches; the order of a fixed set changes nothing.
-    dev, train = sorted(samples[:n_dev], key=sample_length), samples[n_dev:]
+    if "image" in modalities:  # dev images, like held-out ones, are not trained on under another caption
+        keys = [_sample_key({"image": s["image"]}) for s in samples]
+        firsts = dict(zip(reversed(keys), reversed(samples)))  # each image's first sample in the shuffled order
+        chosen = list(dict.fromkeys(keys))[:min(cfg.dev_samples, len(firsts) // 4)]
+        dev, taken = [firsts[k] for k in chosen], set(chosen)
+        train = [s for s, k in zip(samples, keys) if k not in taken]
+    else:
+        n_dev = min(cfg.dev_samples, len(samples) // 4)
+        dev, train = samples[:n_dev], samples[n_dev:]
+    dev = sorted(dev, key=sample_length)  # pads little when evaluated in batches; a fixed set's order changes nothing
     if cfg.samples:
         train = train[:cfg.samples]
     if cfg.vocabulary and train:
@@ -374,7 +381,8 @@ class DistillPass(Pass):
                             f"checkpoint is picked on fewer; give a larger corpus")
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
-            metrics["token_coverage"] = round(token_coverage(tokenizer, [s["text"]["input_ids"] for s in train]), 4)
+            trained = trainer.train  # the bandit's reward samples are measured on, never trained on
+            metrics["token_coverage"] = round(token_coverage(tokenizer, [s["text"]["input_ids"] for s in trained]), 4)
             if metrics["token_coverage"] < 0.5 and not cfg.vocabulary:
                 # Measured on MiniLM: distilled on Python's documentation alone (14 % of its tokens), a
                 # student kept 0.04-0.06 less on fiction and newswire than with vocabulary: 0.25.

@@ -304,6 +304,27 @@ def test_towers_must_be_the_models():
         distill(tiny_art("clip", sparsity=0.0), towers=["audio", "vision"])
 
 
+def test_a_dual_encoders_dev_images_are_not_trained_on_under_another_caption():
+    art = tiny_art("clip", sparsity=0.0, samples=64)
+    for batch in art.calib.calib["image"]:  # every image twice, under two captions
+        batch["pixel_values"][1::2] = batch["pixel_values"][0::2]
+    train, dev = build_corpus(Distill.Config(dev_samples=8, progress=False), art, ["image", "text"])
+    pixels = lambda samples: [s["image"]["pixel_values"].numpy().tobytes() for s in samples]  # noqa: E731
+    assert len(dev) == len(set(pixels(dev))) == 8 and not set(pixels(dev)) & set(pixels(train))
+    assert len(train) == 64 - 2 * 8  # a dev image's other caption is neither dev nor trained on
+
+
+def test_token_coverage_counts_the_texts_trained_on_not_the_bandits_reward_samples(tmp_path):
+    art = tiny_art("bert", sparsity=0.0)
+    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
+    m = distill(art, steps=2, schedule="optima", blocks_per_arm=1, reward_samples=12)
+    t = trainer(art, Distill.Config(dev_samples=8, schedule="optima", blocks_per_arm=1, reward_samples=12,
+                                    progress=False))
+    trained = token_coverage(art.preprocessor["tokenizer"], [s["text"]["input_ids"] for s in t.train])
+    assert m["token_coverage"] == round(trained, 4)
+    t.restore_flags()
+
+
 def test_optima_reward_is_the_drop_of_the_whole_loss_on_samples_it_never_trains_on():
     art = tiny_art("bert", sparsity=0.0)
     with torch.no_grad():  # something to distil: a perturbed student

@@ -243,6 +243,16 @@ def test_a_file_written_into_a_volume_out_while_the_output_is_copied_in_is_kept(
     assert (work_path(out) / "state-01").is_dir()
 
 
+def test_a_disk_that_fills_while_weights_are_saved_is_one_error_leaving_nothing(setup, tmp_path, mounted, one_thread):
+    """safetensors reports a full disk as an error of its own; it is still the full disk the user can fix."""
+    model, recipe, _ = setup
+    small = mounted(None, tmp_path / "small", "-o", "size=64k")  # the student's weights need about 120 kB
+    result = compile_(model, recipe, small / "out")
+    assert result.exit_code == 2, result.output
+    assert "error: the disk is full: writing '" in result.output and "No space left on device" in result.output
+    assert list(small.iterdir()) == []
+
+
 def test_a_read_only_volume_at_out_is_refused_before_any_work(setup, tmp_path, mounted):
     model, recipe, _ = setup
     out = mounted(None, tmp_path / "out", "-o", "ro")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import lmmc
 from lmmc.artifact import Artifact, ExportRecord, PassRecord
@@ -37,6 +37,7 @@ from lmmc.errors import LmmcError
 from lmmc.recipe import Recipe
 from lmmc.student import load_student
 from lmmc.student import save as save_student_weights
+from lmmc.student import save_tensors
 
 WORK_SUFFIX = ".lmmc-work"
 OWNER_FILE = "lmmc-work.json"
@@ -323,7 +324,7 @@ class WorkArea:
         tmp.mkdir()
         save_student_weights(art.student, tmp / "student", {})
         if art.masks:
-            save_file({k: v.detach().cpu().contiguous() for k, v in art.masks.items()}, str(tmp / "masks.safetensors"))
+            save_tensors({k: v.detach().cpu().contiguous() for k, v in art.masks.items()}, tmp / "masks.safetensors")
         _write_json(tmp / "state.json", {
             "passes_done": done, "seconds": seconds, "allocation": art.allocation,
             "records": [asdict(r) for r in art.records], "validation": art.validation,

@@ -19,8 +19,10 @@ silently re-initialising every mismatched matrix (what `ignore_mismatched_sizes=
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +135,14 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
         state = {k: v.detach().contiguous() for k, v in adapter.standard_state(model.state_dict()).items()}
-        safetensors.torch.save_file(state, str(out / STANDARD_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(state, out / STANDARD_WEIGHTS, metadata={"format": "pt"})
     elif standard:
         # A compile saves the student after every pass; transformers' per-save progress bar is noise there.
         shown = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
         try:
-            model.save_pretrained(out, safe_serialization=True)
+            with write_errors(out / STANDARD_WEIGHTS):
+                model.save_pretrained(out, safe_serialization=True)
         finally:
             if shown:
                 transformers.utils.logging.enable_progress_bar()
@@ -151,7 +154,7 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
             record["tied"] = tied
         # One metadata entry: the writer orders several differently in each process, and a resumed
         # compile must write the same bytes as an uninterrupted one.
-        safetensors.torch.save_file(state, str(out / SHRUNK_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(state, out / SHRUNK_WEIGHTS, metadata={"format": "pt"})
     (out / META_FILE).write_text(json.dumps({**meta, "structure": record}, indent=2))
     for weights in out.glob("*.safetensors"):
         _readable_as_umask_allows(weights)
@@ -194,6 +197,25 @@ def _model_class(config: Any, record: dict[str, Any] | None) -> type[nn.Module]:
         with torch.device("meta"):
             cls = type(getattr(transformers, get_adapter(config.model_type).auto_class).from_config(config))
     return cls
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, a failed write raised as an OSError (see `write_errors`)."""
+    with write_errors(path):
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+@contextlib.contextmanager
+def write_errors(path: Path):
+    """A safetensors write that failed (a full disk) raised as the OSError it is: safetensors raises an
+    error of its own that names only the OS error's number."""
+    try:
+        yield
+    except SafetensorError as err:
+        number = re.search(r"\(os error (\d+)\)", str(err))
+        if number is None:
+            raise
+        raise OSError(int(number[1]), os.strerror(int(number[1])), str(path)) from None
 
 
 def load_student(path: str | Path) -> nn.Module:

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lmmc.errors import LmmcError
+from lmmc.student import save_tensors
 
 
 def lr_multiplier(step: int, total: int, warmup: int, final_ratio: float) -> float:
@@ -325,8 +326,8 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for stem, tensors in files.items():
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-                      str(tmp / f"{stem}.safetensors"))
+            save_tensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                         tmp / f"{stem}.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if target.exists():
             old = self.dir / f".{name}.old-{os.getpid()}"
