@@ -134,7 +134,20 @@ class DistillConfig(PassConfig):
             if adapter.kind == "generative" and set(self.towers) != set(names):
                 raise LmmcError(f"distill: towers cannot leave out part of a generative model ({adapter.family}): its "
                                 f"decoder reads the vision tower's features; remove towers")
-        read = sorted({t.modality for t in distilled_towers(self, adapter)})
+        distilled = distilled_towers(self, adapter)
+        if adapter.kind != "generative" and self.hidden == 0 and self.output == 0 and not (
+                len(distilled) == 2 and self.contrastive > 0):
+            raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
+                            "encoder are distilled); give hidden or output a positive weight")
+        for tower in distilled if config is not None and isinstance(self.layer_map, (list, dict)) else []:
+            layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
+            mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
+            for i, j in enumerate(mapping, 1):
+                if not 1 <= j <= layers:  # as check_layer_map refuses it when distillation starts
+                    raise LmmcError(f"layer_map for the {tower.name} tower maps student layer {i} to teacher layer "
+                                    f"{j}, which is out of range; the teacher's {tower.name} tower has layers "
+                                    f"1..{layers}")
+        read = sorted({t.modality for t in distilled})
         if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
             pairs = adapter.kind != "generative" and "text" in read
             raise LmmcError(f"distill: vocabulary adds samples of text alone, but the {adapter.family} model's "

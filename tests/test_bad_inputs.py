@@ -663,6 +663,21 @@ def _(tmp):
         "model is an empty path, which would read as the recipe's directory"]
 
 
+@case("a distill layer_map past the teacher's layers, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "layer_map": [1, 5]}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "layer_map for the text tower maps student layer 2 to teacher layer 5, which is out of range; the teacher's "
+        "text tower has layers 1..2"]
+
+
+@case("distill with every loss weight 0, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "hidden": 0, "output": 0}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: all loss weights are 0", "give hidden or output a positive weight"]
+
+
 @case("recipe's calibration path missing")
 def _(tmp):
     (tmp / "recipes").mkdir()
