@@ -314,6 +314,21 @@ def test_a_dual_encoders_dev_images_are_not_trained_on_under_another_caption():
     assert len(train) == 64 - 2 * 8  # a dev image's other caption is neither dev nor trained on
 
 
+def test_a_dual_encoders_reward_images_are_not_trained_on_under_another_caption():
+    art = tiny_art("clip", sparsity=0.0, samples=64)
+    for batch in art.calib.calib["image"]:  # every image twice, under two captions
+        batch["pixel_values"][1::2] = batch["pixel_values"][0::2]
+    cfg = Distill.Config(dev_samples=8, schedule="optima", blocks_per_arm=1, reward_samples=6, progress=False)
+    train, dev = build_corpus(cfg, art, ["image", "text"])
+    t = Trainer(cfg, art, train, dev)
+    pixels = lambda samples: {s["image"]["pixel_values"].numpy().tobytes() for s in samples}  # noqa: E731
+    aside = pixels(t.reward_set)
+    assert len(t.reward_set) == 6 and not aside & pixels(t.train)
+    twins = sum(pixels([s]) <= aside for s in train[6:])  # the reward images' other captions
+    assert twins > 0 and len(t.train) == len(train) - 6 - twins
+    t.restore_flags()
+
+
 def test_token_coverage_counts_the_texts_trained_on_not_the_bandits_reward_samples(tmp_path):
     art = tiny_art("bert", sparsity=0.0)
     art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}

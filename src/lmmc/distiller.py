@@ -357,6 +357,17 @@ def image_side_params(model: nn.Module, image_features, pixel_values: torch.Tens
     return {n for (n, _), g in zip(named, grads) if g is not None}
 
 
+def set_aside(samples: list[Sample], n: int) -> tuple[list[Sample], list[Sample]]:
+    """The first `n` samples, and the rest without any that shows one of their images under another
+    caption: a sample set aside must not be fitted through its image either."""
+    def image(s: Sample) -> str | None:
+        return hashlib.sha1(s["image"]["pixel_values"].float().numpy().tobytes()).hexdigest() if "image" in s else None
+
+    aside = samples[:n]
+    images = {image(s) for s in aside} - {None}
+    return aside, [s for s in samples[n:] if image(s) not in images]
+
+
 class Trainer:
     """One distillation run: set-up from the artifact, the training loop, evaluation and checkpoints."""
 
@@ -381,8 +392,8 @@ class Trainer:
         self.generative = art.adapter.kind == "generative"
         self.bandit = cfg.schedule == "optima"
         # The bandit's reward is measured on samples of its own, so a step is never judged on what it fitted.
-        self.reward_set = train[:cfg.reward_samples] if self.bandit else []
-        self.train, self.dev = train[len(self.reward_set):], dev
+        self.reward_set, self.train = set_aside(train, cfg.reward_samples) if self.bandit else ([], train)
+        self.dev = dev
         self.lengths = [sample_length(s) for s in self.train]
         if len(self.train) < cfg.batch_size:
             reward = f" (of {len(train)}, after the bandit's reward_samples = {cfg.reward_samples})" \
