@@ -15,7 +15,7 @@ from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
                        token_coverage, tower_batches, vocabulary_runs)
-from lmmc.distill_losses import ContrastiveLoss, OutputLoss
+from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_range
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
@@ -142,11 +142,7 @@ class DistillConfig(PassConfig):
         for tower in distilled if config is not None and isinstance(self.layer_map, (list, dict)) else []:
             layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
             mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
-            for i, j in enumerate(mapping, 1):
-                if not 1 <= j <= layers:  # as check_layer_map refuses it when distillation starts
-                    raise LmmcError(f"layer_map for the {tower.name} tower maps student layer {i} to teacher layer "
-                                    f"{j}, which is out of range; the teacher's {tower.name} tower has layers "
-                                    f"1..{layers}")
+            check_layer_range(mapping, layers, tower.name)
         read = sorted({t.modality for t in distilled})
         if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
             pairs = adapter.kind != "generative" and "text" in read

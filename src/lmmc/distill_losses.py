@@ -59,11 +59,17 @@ def check_layer_map(mapping: list[int], n_student: int, n_teacher: int, tower: s
     if len(mapping) != n_student:
         raise LmmcError(f"layer_map for the {tower} tower has {len(mapping)} entries, but the student has "
                         f"{n_student} layers; give one teacher layer (1..{n_teacher}) per student layer")
+    check_layer_range(mapping, n_teacher, tower)
+    return list(mapping)
+
+
+def check_layer_range(mapping: list[int], n_teacher: int, tower: str) -> None:
+    """Every teacher layer a mapping names lies in 1..L_t (the part of check_layer_map a recipe's dry run
+    can check before an earlier pass sets the student's depth)."""
     for i, j in enumerate(mapping, 1):
         if not 1 <= j <= n_teacher:
             raise LmmcError(f"layer_map for the {tower} tower maps student layer {i} to teacher layer {j}, "
                             f"which is out of range; the teacher's {tower} tower has layers 1..{n_teacher}")
-    return list(mapping)
 
 
 def fit_projection(student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
