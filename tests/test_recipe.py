@@ -103,6 +103,21 @@ def test_paths_inside_antgmm_distill_resolve_against_the_recipe(tmp_path):
         load_recipe(path)
 
 
+def test_a_home_path_in_a_recipe_is_the_home_directory(tmp_path, monkeypatch):
+    # The checkpoints went to a folder named '~' in the current directory, and '~/corpus' was "missing".
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "corpus.txt").write_text("one sentence\n")
+    data = {**FULL, "calibration": {**FULL["calibration"], "path": "~/corpus.txt"},
+            "passes": [{"distill": {"corpus": "~/corpus.txt", "checkpoint_dir": "~/ckpt"}}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    assert recipe.calibration.path == str(tmp_path / "home" / "corpus.txt")
+    assert (recipe.passes[0].config.corpus, recipe.passes[0].config.checkpoint_dir) == (
+        str(tmp_path / "home" / "corpus.txt"), str(tmp_path / "home" / "ckpt"))
+
+
 def test_yes_and_no_settings_keep_their_meaning():
     # YAML 1.1 reads an unquoted on/off as true/false: the settings spelt "on"/"off" take them back
     recipe = parse_recipe({**FULL, "export": ["onnx", {"ort": {"fuse": True}}]})

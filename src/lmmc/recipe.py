@@ -264,7 +264,9 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
     """A recipe's relative path, made absolute against the recipe's directory."""
     if isinstance(value, str) and not value.strip():
         raise LmmcError(f"{what} is an empty path, which would read as the recipe's directory; give a real path")
-    if base is None or not isinstance(value, str) or Path(value).expanduser().is_absolute():
+    if isinstance(value, str) and value.startswith("~"):
+        value = str(Path(value).expanduser())  # as a shell would: the passes open paths as given
+    if base is None or not isinstance(value, str) or Path(value).is_absolute():
         return value
     if "\0" in value:
         raise LmmcError(f"{what} {value!r} holds a NUL character, which no path can; fix the path")
