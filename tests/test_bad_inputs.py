@@ -628,6 +628,14 @@ def _(tmp):
         "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
 
 
+@case("a recipe's bench on a GPU this ONNX Runtime cannot use, dry run")
+def _(tmp):
+    # the real run wrote the output, then failed in the bench with exit 2
+    recipe = {**RANDOM, "bench": {"device": "cuda", "repeats": 3, "memory": False}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "this ONNX Runtime has no CUDAExecutionProvider"]
+
+
 @case("a recipe's bench.seq past the positions, dry run")
 def _(tmp):
     recipe = {**RANDOM, "bench": {"seq": 1000, "repeats": 3, "memory": False}}

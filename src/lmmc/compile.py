@@ -328,7 +328,7 @@ def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
         return
     if adapter.kind == "generative":
         raise LmmcError(f"{GENERATIVE_BENCH}, and drop the recipe's bench section")
-    check_backends()
+    check_backends(recipe.bench.device)
     check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
     for corpus in recipe.bench.corpora:
         if not corpus.exists():
