@@ -628,6 +628,14 @@ def _(tmp):
         "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
 
 
+@case("a count beyond any the compile takes, dry run")
+def _(tmp):
+    # torch's randint overflowed on it after the passes: exit 3
+    recipe = {**RANDOM, "validate": {"latency_batch": 10**20}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "validate.latency_batch", "100000000000000000000 is larger than any count or size lmmc takes (at most 2147483647)"]
+
+
 @case("a recipe's bench on a GPU this ONNX Runtime cannot use, dry run")
 def _(tmp):
     # the real run wrote the output, then failed in the bench with exit 2

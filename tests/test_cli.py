@@ -405,19 +405,38 @@ def test_internal_error_exits_3_with_the_traceback_in_a_log(tmp_path, monkeypatc
     from lmmc.pipeline import get_pass
 
     def boom(self, art):
-        raise ZeroDivisionError("a bug inside a pass")
+        raise ZeroDivisionError("a bug inside a pass\nframe #0 of a native library")
 
     monkeypatch.setattr(get_pass("wanda"), "run", boom)
     model_dir = save_tiny("bert", tmp_path / "teacher")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, QUICK)), "-o", str(out)])
     assert result.exit_code == 3, result.output
-    assert "internal error: ZeroDivisionError: a bug inside a pass" in result.output
+    assert "internal error: ZeroDivisionError: a bug inside a pass. This is a bug in lmmc" in result.output
+    assert "frame #0" not in result.output  # pages of native stack frames go to the log alone
     log = Path(re.search(r"the traceback is in (\S+);", result.output).group(1))
     assert log.is_file() and not log.is_relative_to(tmp_path)
     text = log.read_text()
-    assert "Traceback" in text and "raise ZeroDivisionError" in text
+    assert "Traceback" in text and "raise ZeroDivisionError" in text and "frame #0" in text
     log.unlink()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. "
+                                                               "DefaultCPUAllocator: can't allocate memory: you "
+                                                               "tried to allocate 1099511627776 bytes.\nframe #0")])
+def test_running_out_of_memory_is_bad_input_that_names_the_batch_sizes(tmp_path, monkeypatch, error):
+    from lmmc.pipeline import get_pass
+
+    def allocate(self, art):
+        raise error
+
+    monkeypatch.setattr(get_pass("wanda"), "run", allocate)
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, QUICK)), "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert "error: out of memory (" in result.output and "lower the recipe's batch sizes" in result.output
+    assert "internal error" not in result.output and "frame #0" not in result.output
     assert not out.exists()
 
 

@@ -62,10 +62,29 @@ class _Group(click.Group):
                 click.echo(f"stopped: another rank of this torchrun job stopped first ({type(err).__name__}); "
                            f"its message says why", err=True)
                 sys.exit(EXIT_INTERRUPTED)
+            if _out_of_memory(err):
+                _close_progress_bars()
+                click.echo(f"error: out of memory ({_first_line(err)}); lower the recipe's batch sizes or sample "
+                           f"counts (calibration, distill, validate.latency_batch, bench.batch), or run where more "
+                           f"memory is free", err=True)
+                sys.exit(EXIT_BAD_INPUT)
             log = _crash_log()
-            click.echo(f"internal error: {type(err).__name__}: {err}. This is a bug in lmmc, not in your input; "
-                       f"the traceback is in {log}; please report it with that file", err=True)
+            click.echo(f"internal error: {type(err).__name__}: {_first_line(err)}. This is a bug in lmmc, not in "
+                       f"your input; the traceback is in {log}; please report it with that file", err=True)
             sys.exit(EXIT_INTERNAL)
+
+
+def _first_line(err: Exception) -> str:
+    """An error's first line: native libraries append pages of stack frames, which belong in the log."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """An allocation the machine could not serve (Python's, numpy's, or PyTorch's on the CPU or a GPU)."""
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def _peer_gone(err: Exception) -> bool:

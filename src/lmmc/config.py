@@ -33,6 +33,9 @@ def on_off(value: Any) -> Any:
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+LARGEST = 2**31 - 1
+
+
 class Config(BaseModel):
     """Typed, frozen, unknown keys rejected, no infinite or NaN number (a gate of .inf is no gate). pydantic
     reads `samples: true` as 1, `lr: false` as 0.0 and `random: "no"` as false; a recipe that says yes or no
@@ -48,6 +51,9 @@ class Config(BaseModel):
         if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise ValueError(f"{value!r} holds a yes/no value where a number belongs; write the number")
         result = handler(value)
+        if type(result) is int and info.field_name != "seed" and abs(result) > LARGEST:
+            # no count or size of a compile comes near it; past int64, torch's calls overflow (exit 3)
+            raise ValueError(f"{result} is larger than any count or size lmmc takes (at most {LARGEST})")
         if _bool_coerced(value, result):
             if isinstance(result, bool):
                 raise ValueError(f"{value!r} is text where yes/no belongs; write true or false, unquoted")
