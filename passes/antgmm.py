@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -417,18 +418,24 @@ class AntGMMPass(Pass):
             return
         teacher = latency.get("teacher_ms")
         asked = f"{latency['target_ms']:.3g} ms per batch on {latency['deploy']}"
-        best = f"{floor:.3g} ms"
+        # rounded towards what can be reached, so asking for the figure printed is not refused again
+        digits = max(2 - math.floor(math.log10(floor)), 0)
+        least = f"{math.ceil(floor * 10**digits) / 10**digits:.{digits}f}"
+        most = f"{math.floor(teacher / floor * 100) / 100:.2f}" if teacher is not None else None
+        best = f"{least} ms"
         if teacher is not None:
             asked = f"a speed-up of {cfg.target.speedup:g}x over the teacher's {teacher:.3g} ms ({asked})"
-            best += f", a speed-up of {teacher / floor:.2f}x"
-        floors = {"depth": f"min_layers={cfg.min_layers}", "heads": f"min_heads={cfg.min_heads}",
-                  "ffn": f"min_ffn={cfg.min_ffn}"
-                  + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")}
-        lower = [floors[s] for s in ("depth", "heads", "ffn") if s in shares]
+            best += f", a speed-up of {most}x"
+        # only floors above their least value can be lowered
+        floors = {"depth": [f"min_layers={cfg.min_layers}"] if cfg.min_layers > 1 else [],
+                  "heads": [f"min_heads={cfg.min_heads}"] if cfg.min_heads > 1 else [],
+                  "ffn": ([f"min_ffn={cfg.min_ffn}"] if cfg.min_ffn > 1 else [])
+                  + ([f"ffn_multiple={cfg.ffn_multiple}"] if cfg.ffn_multiple > 1 else [])}
+        lower = [f for s in ("depth", "heads", "ffn") if s in shares for f in floors[s]]
         idle = [s for s in ("depth", "heads", "ffn") if s not in shares]
         raise LmmcError(f"pass 'antgmm': target {asked} cannot be reached: the fastest structure the floors allow "
-                        f"is predicted at {best}. Ask for at least {floor:.3g} ms"
-                        + (f" (a speed-up of at most {teacher / floor:.2f})" if teacher is not None else "")
+                        f"is predicted at {best}. Ask for at least {least} ms"
+                        + (f" (a speed-up of at most {most})" if teacher is not None else "")
                         + (f", or lower {', '.join(lower)}" if lower else "")
                         + (f", or give {', '.join(idle)} a share" if idle else ""))
 
