@@ -38,6 +38,15 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def without_cache(args: tuple, kwargs: dict) -> BlockInput:
+    """A block's call less the forward's key/value cache (a decoder-configured BERT gets one): replayed
+    with it, the block would append its keys to the cache at every call."""
+    from transformers.cache_utils import Cache
+
+    return (tuple(None if isinstance(a, Cache) else a for a in args),
+            {k: v for k, v in kwargs.items() if not isinstance(v, Cache)})
+
+
 def first_block_input(model: nn.Module, tower: TowerSpec, forward: Callable[[], Any]) -> BlockInput | None:
     """Call `forward` (a forward of `model` through `tower`) only up to the tower's first block and return
     the arguments that block was called with; None when the forward never reached it."""
@@ -45,7 +54,7 @@ def first_block_input(model: nn.Module, tower: TowerSpec, forward: Callable[[], 
     captured: list[BlockInput] = []
 
     def hook(_mod, args, kwargs):
-        captured.append((args, kwargs))
+        captured.append(without_cache(args, kwargs))
         raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -89,6 +98,7 @@ def capture_side_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch]
     sides: dict[str, list[Side]] = {k: [] for k in firsts.values()}
 
     def hook(mod, args, kwargs):
+        args, kwargs = without_cache(args, kwargs)
         sides[firsts[mod]].append((True, args[1:], kwargs) if args else
                                   (False, (), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         if mod is last:  # every kind seen: the rest of the forward is not needed
