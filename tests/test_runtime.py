@@ -291,6 +291,9 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
             ([ids, ids], f"{name} takes a dict of input name -> array, not list"),
             ({"input_ids": ids.astype(str), "attention_mask": ids}, "'input_ids' holds <U21 values"),
             ({"input_ids": [[1, 2], [3]], "attention_mask": ids}, "'input_ids' is not an array"),
+            # a value the model never reads was dropped without a word
+            ({"input_ids": ids, "attention_mask": ids, "position_ids": ids}, f"{name} takes no input\\(s\\) "
+                                                                            f"\\['position_ids'\\]; its inputs are"),
             # OpenVINO ran this, and its request then answered later, correct feeds with stale outputs
             ({"input_ids": ids, "attention_mask": np.ones((2, 3))}, "the token inputs of .* differ in shape"),
             ({"input_ids": ids, "attention_mask": -np.ones((2, 5))}, "'attention_mask' holds values other than 0 and 1"),

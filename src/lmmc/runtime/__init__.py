@@ -147,6 +147,10 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
     missing = [s.name for s in model.inputs if s.name not in feed]
     if missing:
         raise LmmcError(f"{model.path.name} needs input(s) {missing}; the feed has {sorted(feed)}")
+    unknown = sorted(str(k) for k in feed if k not in {s.name for s in model.inputs})
+    if unknown:  # ONNX Runtime refuses them too; a value the model never reads must not pass as one it does
+        raise LmmcError(f"{model.path.name} takes no input(s) {unknown}; its inputs are "
+                        f"{[s.name for s in model.inputs]}: leave the others out of the feed")
     out = {}
     for spec in model.inputs:
         try:
