@@ -125,6 +125,9 @@ class DistillConfig(PassConfig):
 
     def check_model(self, adapter: Adapter, config: Any = None) -> None:
         """What this model's distillation cannot take, refused before anything runs."""
+        if self.chat_template and adapter.kind != "generative":
+            raise LmmcError(f"distill: chat_template: true applies to generative models, and this {adapter.family} "
+                            f"model is an encoder that reads plain text; remove chat_template")
         names = [t.name for t in adapter.towers]
         if self.towers is not None:
             unknown = sorted(set(self.towers) - set(names))

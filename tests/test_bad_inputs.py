@@ -628,12 +628,35 @@ def _(tmp):
         "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
 
 
+@case("a distill chat template for an encoder, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "chat_template": True}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: chat_template: true applies to generative models, and this bert model is an encoder"]
+
+
+@case("an fp16 gate without an fp16 export")
+def _(tmp):
+    recipe = {**RANDOM, "validate": {"min_cosine_fp16": 0.9}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one"]
+
+
+@case("random calibration beside a calibration path")
+def _(tmp):
+    (tmp / "data.txt").write_text("\n".join(f"sentence number {i}" for i in range(300)))
+    recipe = {"calibration": {"path": "data.txt", "random": True, "samples": 8, "eval_samples": 32}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "random: true and path", "are both given; random inputs replace data, so keep one of them"]
+
+
 @case("a count beyond any the compile takes, dry run")
 def _(tmp):
     # torch's randint overflowed on it after the passes: exit 3
     recipe = {**RANDOM, "validate": {"latency_batch": 10**20}}
     return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
-        "validate.latency_batch", "100000000000000000000 is larger than any count or size lmmc takes (at most 2147483647)"]
+        "latency_batch: Value error, 100000000000000000000 is larger than any count or size lmmc takes (at most "
+        "2147483647)"]
 
 
 @case("a recipe's bench on a GPU this ONNX Runtime cannot use, dry run")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
@@ -39,6 +39,13 @@ class CalibrationConfig(Config):
                                          "labelled data")
     chat_template: bool = Field(False, description="generative models: wrap each record's image and prompt in "
                                 "the processor's chat template before the answer (the model needs one)")
+
+    @model_validator(mode="after")
+    def _random_or_a_path(self) -> CalibrationConfig:
+        if self.random and self.path is not None:
+            raise ValueError(f"random: true and path '{self.path}' are both given; random inputs replace data, so "
+                             f"keep one of them")
+        return self
 
     @field_validator("caption_template")
     @classmethod
@@ -168,6 +175,11 @@ class Recipe(BaseModel):
             raise LmmcError("validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one, "
                             "so it would certify nothing; add {ort: {int8: [dynamic]}} or {openvino: {int8: true}} "
                             "to the export section, or remove min_cosine_int8")
+        if not generative and "min_cosine_fp16" in cfg.model_fields_set and cfg.min_cosine_fp16 is not None \
+                and not any(_writes_fp16(s) for s in self.export):
+            raise LmmcError("validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one, "
+                            "so it would certify nothing; add {ort: {fp16: true}} or {tensorrt: {precision: [fp16]}} "
+                            "to the export section, or remove min_cosine_fp16")
         if generative and not any(s.name == "onnx_generative" for s in self.export):
             raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
@@ -422,6 +434,12 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
         calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
         data["calibration"] = {**calibration, "path": str(given.resolve()), "random": False}
     return parse_recipe(data, source=str(path), base=path.resolve().parent)
+
+
+def _writes_fp16(step: Step) -> bool:
+    """Whether an export step writes an artifact that validation judges by min_cosine_fp16."""
+    cfg = step.config
+    return (step.name == "ort" and bool(cfg.fp16)) or (step.name == "tensorrt" and "fp16" in cfg.precision)
 
 
 def _writes_int8(step: Step) -> bool:
