@@ -352,6 +352,17 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["tensorrt.seq.max = 512", "64 or less"]
 
 
+@case("too few held-out samples once texts that read alike when cut are dropped")
+def _(tmp):
+    # the message asked for more samples in a file that had plenty
+    (tmp / "calib.txt").write_text("\n".join(f"one two three four five six seven {i}" for i in range(400)))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "samples": 64, "eval_samples": 32,
+                                                          "max_length": 4}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "only 0 held-out samples", "32 of the 32 texts held out read as the same tokens as a calibration text, "
+        "cut where they are: raise calibration.eval_samples or max_length, or lower calibration.samples"]
+
+
 @case("too few held-out samples to certify")
 def _(tmp):
     texts(tmp, n=40)

@@ -478,6 +478,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     if adapter.kind == "generative":
         check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length, cal.chat_template,
                       _decoder_positions(config, adapter))
+    selected = len(chosen.held_out)
     if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         cut = text_truncation(config, adapter, preprocessors)
         length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, cut),
@@ -486,10 +487,16 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     warnings.extend(chosen.warnings)
     if "image" in modalities:
         check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r], _patch(config, adapter))
-    capped = len(chosen.held_out) < cal.eval_samples  # a quarter of the distinct samples at most
-    _check_floor(recipe, len(chosen.held_out),
-                 f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
-                 f"at most a quarter of them are held out" if capped else "raise calibration.eval_samples")
+    if selected < cal.eval_samples:  # a quarter of the distinct samples at most
+        fix = (f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
+               f"at most a quarter of them are held out")
+    elif len(chosen.held_out) < selected:
+        fix = (f"{selected - len(chosen.held_out)} of the {selected} texts held out read as the same tokens as a "
+               f"calibration text, cut where they are: raise calibration.eval_samples or max_length, or lower "
+               f"calibration.samples")
+    else:
+        fix = "raise calibration.eval_samples"
+    _check_floor(recipe, len(chosen.held_out), fix)
     return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
 
 
