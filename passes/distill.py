@@ -15,7 +15,7 @@ from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
                        token_coverage, tower_batches, vocabulary_runs)
-from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_range
+from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_map, check_layer_range
 from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
@@ -123,8 +123,9 @@ class DistillConfig(PassConfig):
         "state) or fsdp (torch's FSDP2 shards them over the ranks, one unit per block; the teacher stays whole). "
         "A single process runs unsharded either way")
 
-    def check_model(self, adapter: Adapter, config: Any = None) -> None:
-        """What this model's distillation cannot take, refused before anything runs."""
+    def check_model(self, adapter: Adapter, config: Any = None, unchanged_depth: bool = False) -> None:
+        """What this model's distillation cannot take, refused before anything runs; `unchanged_depth`: no
+        pass before this one removes blocks, so the student's are the teacher's."""
         if self.chat_template and adapter.kind != "generative":
             raise LmmcError(f"distill: chat_template: true applies to generative models, and this {adapter.family} "
                             f"model is an encoder that reads plain text; remove chat_template")
@@ -142,10 +143,18 @@ class DistillConfig(PassConfig):
                 len(distilled) == 2 and self.contrastive > 0):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
-        for tower in distilled if config is not None and isinstance(self.layer_map, (list, dict)) else []:
+        for tower in distilled if config is not None else []:
             layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
-            mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
-            check_layer_range(mapping, layers, tower.name)
+            if isinstance(self.layer_map, (list, dict)):
+                mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
+                if unchanged_depth:  # the student has the teacher's blocks, one entry each
+                    check_layer_map(mapping, layers, layers, tower.name)
+                else:
+                    check_layer_range(mapping, layers, tower.name)
+            skip = sorted(self.skip_hidden.get(tower.name, ()))
+            if unchanged_depth and skip and skip[-1] >= layers:
+                raise LmmcError(f"skip_hidden names blocks {skip} of the {tower.name} tower, which has blocks "
+                                f"0..{layers - 1}; give 0-based indices of the student's blocks")
         read = sorted({t.modality for t in distilled})
         if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
             pairs = adapter.kind != "generative" and "text" in read

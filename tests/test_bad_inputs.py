@@ -721,6 +721,20 @@ def _(tmp):
         "text tower has layers 1..2"]
 
 
+@case("a distill layer_map of fewer entries than the student's blocks, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "layer_map": [1]}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "layer_map for the text tower has 1 entries, but the student has 2 layers"]
+
+
+@case("distill skip_hidden past the student's blocks, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "skip_hidden": {"text": [99]}}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "skip_hidden names blocks [99] of the text tower, which has blocks 0..1"]
+
+
 @case("distill with every loss weight 0, dry run")
 def _(tmp):
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "hidden": 0, "output": 0}}]}

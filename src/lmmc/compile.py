@@ -298,9 +298,13 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet"
                  + ("" if exported else "; the student is saved unexported and unvalidated")
                  for s in recipe.steps() if skipped(adapter, s)]
+    unchanged_depth = True
     for step in [*recipe.passes, *recipe.export]:  # what a step asks of this model, refused before anything runs
-        if hasattr(step.config, "check_model"):
+        if step.name == "distill":
+            step.config.check_model(adapter, config, unchanged_depth)
+        elif hasattr(step.config, "check_model"):
             step.config.check_model(adapter, config)
+        unchanged_depth = unchanged_depth and step.name != "antgmm"
         if step.name != "distill" and getattr(step.config, "distill", None) is not None:
             get_pass("distill").Config(**step.config.distill).check_model(adapter, config)
     return {
