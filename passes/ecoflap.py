@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -155,4 +155,9 @@ class EcoflapPass(AllocationPass):
         group_scores = {g: sum(matrix[pl.param] for pl in members) for g, members in groups.items()}
         ratios = keep_budget_ratios(group_scores, sizes, cfg.sparsity, cfg.cap)
         samples = sum(step_samples(step) for step in steps)
-        return Allocation(ratios, group_scores, matrix, {"p_max": cfg.cap, "order": cfg.order, "samples": samples})
+        details: dict[str, Any] = {"p_max": cfg.cap, "order": cfg.order, "samples": samples}
+        if samples < cfg.samples:
+            details["warnings"] = [f"ecoflap scored on {samples} calibration samples, fewer than its samples = "
+                                   f"{cfg.samples} (the calibration set holds no more in whole batches of "
+                                   f"{cfg.batch_size}); raise calibration.samples, or lower ecoflap's samples"]
+        return Allocation(ratios, group_scores, matrix, details)

@@ -34,8 +34,9 @@ def inverse_hessian_factor(xtx: torch.Tensor, tokens: int, damp: float) -> tuple
     h.diagonal().add_(damp * h.diagonal().mean())
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info):
+        fix = "raise 'damp' (at most 10) or give" if damp < 10 else "give"
         raise LmmcError(f"the calibration Hessian is not positive definite even after damping {damp}; "
-                        f"raise 'damp' (e.g. 0.1) or give more calibration samples")
+                        f"{fix} more calibration samples")
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True), dead
 
 
@@ -86,7 +87,7 @@ def sparsegpt_prune_(weight: torch.Tensor, xtx: torch.Tensor, tokens: int, spars
 
 class SparseGPTConfig(LocalPruneConfig):
     blocksize: int = Field(128, gt=0, description="columns swept per block before the error is carried on")
-    damp: float = Field(0.01, gt=0, description="λ added to diag H, as a fraction of mean(diag H)")
+    damp: float = Field(0.01, gt=0, le=10, description="λ added to diag H, as a fraction of mean(diag H)")
 
     @model_validator(mode="after")
     def _blocks_hold_whole_groups(self) -> "SparseGPTConfig":

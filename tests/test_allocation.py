@@ -188,6 +188,16 @@ def test_dual_encoder_allocation_spans_both_towers_under_one_budget(tmp_path, ki
         assert abs(zeros - art.allocation[pl.param] * pl.module.weight.numel()) <= 1
 
 
+def test_ecoflap_on_fewer_samples_than_it_asks_for_says_so():
+    # the pass scored on what the calibration set held and its metrics said samples: 8, without a word
+    asked = run(make_artifact("bert"), "ecoflap", sparsity=0.5, samples=8, batch_size=4).metrics
+    short = run(make_artifact("bert"), "ecoflap", sparsity=0.5, samples=64, batch_size=4).metrics
+    assert asked["samples"] == short["samples"] == 8 and "warnings" not in asked
+    assert short["warnings"] == ["ecoflap scored on 8 calibration samples, fewer than its samples = 64 (the "
+                                 "calibration set holds no more in whole batches of 4); raise calibration.samples, "
+                                 "or lower ecoflap's samples"]
+
+
 def test_report_table_and_plot(tmp_path):
     art = make_artifact("clip", tmp_path)
     metrics = run(art, "ecoflap", sparsity=0.5, granularity="block", samples=8, batch_size=4).metrics

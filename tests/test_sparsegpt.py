@@ -140,3 +140,14 @@ def test_pass_follows_per_matrix_targets_of_an_allocation():
 def test_bad_config_is_one_clear_error(params, match):
     with pytest.raises(LmmcError, match=match):
         parse_recipe({"calibration": {"random": True}, "passes": [{"sparsegpt": params}]})
+
+
+def test_damping_is_bounded_and_the_failure_names_a_fix_that_is_left():
+    # damp 1e300 overflowed, and the message then asked to raise it "(e.g. 0.1)"
+    with pytest.raises(LmmcError, match="damp: Input should be less than or equal to 10"):
+        parse_recipe({"calibration": {"random": True}, "passes": [{"sparsegpt": {"damp": 1e300}}]})
+    indefinite = -torch.eye(4)  # no damping makes it positive definite
+    with pytest.raises(LmmcError, match=r"after damping 0.01; raise 'damp' \(at most 10\) or give more calibration"):
+        inverse_hessian_factor(indefinite, 8, 0.01)
+    with pytest.raises(LmmcError, match="after damping 10; give more calibration samples"):
+        inverse_hessian_factor(indefinite, 8, 10)
