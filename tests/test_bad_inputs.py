@@ -639,6 +639,14 @@ def _(tmp):
         "distill: at most 1 training samples (of 1 after its dev samples) for a batch_size of 4"]
 
 
+@case("a distill samples cap below its batch, dry run")
+def _(tmp):
+    texts(tmp, n=400)
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "samples": 3, "corpus": "calib.txt"}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: at most 3 training samples", "lower batch_size or raise distill.samples (now 3)"]
+
+
 @case("a distill chat template for an encoder, dry run")
 def _(tmp):
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "chat_template": True}}]}

@@ -391,15 +391,17 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
         else:
             continue  # no data at all: the plan has refused it already, or distill will
         train = n - min(cfg.dev_samples, n // 4)
+        capped = bool(cfg.samples) and cfg.samples < train
         train = min(train, cfg.samples) if cfg.samples else train
         train += round(cfg.vocabulary * train)
         reward = cfg.reward_samples if cfg.schedule == "optima" else 0
         if train - reward < cfg.batch_size:
             bandit = f", less the bandit's reward_samples = {reward}," if reward else ""
+            more = f"raise {name}.samples (now {cfg.samples})" if capped else \
+                "give more samples (a corpus, or calibration.samples)"
             raise LmmcError(f"{name}: at most {max(train - reward, 0)} training samples (of {n}{bandit} after its dev "
                             f"samples) for a batch_size of {cfg.batch_size}; lower batch_size"
-                            f"{' or reward_samples' if reward else ''} or give more samples (a corpus, or "
-                            f"calibration.samples)")
+                            f"{' or reward_samples' if reward else ''} or {more}")
 
 
 def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
