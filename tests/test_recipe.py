@@ -118,6 +118,14 @@ def test_a_home_path_in_a_recipe_is_the_home_directory(tmp_path, monkeypatch):
         str(tmp_path / "home" / "corpus.txt"), str(tmp_path / "home" / "ckpt"))
 
 
+def test_a_count_in_exponent_notation_is_said_to_be_text_to_yaml(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {random: true, samples: 1e1}\n")
+    with pytest.raises(LmmcError, match="samples: Input should be a valid integer.* \\('1e1' is text to YAML, not a "
+                                        "number; write the count in digits\\)"):
+        load_recipe(recipe)
+
+
 def test_yes_and_no_settings_keep_their_meaning():
     # YAML 1.1 reads an unquoted on/off as true/false: the settings spelt "on"/"off" take them back
     recipe = parse_recipe({**FULL, "export": ["onnx", {"ort": {"fuse": True}}]})

@@ -68,5 +68,7 @@ def explain(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key (check the spelling against the documented keys: `lmmc passes` lists a pass's)" \
             if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "int_parsing" and isinstance(e.get("input"), str) and "e" in e["input"].lower():
+            msg += f" ({e['input']!r} is text to YAML, not a number; write the count in digits)"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
