@@ -144,6 +144,10 @@ def test_a_key_given_twice_is_refused_not_overridden(tmp_path):
     recipe.write_text("calibration: {random: true, samples: 8}\npasses:\n"
                       "  - wanda: &w {sparsity: 0.5}\n  - magnitude: {<<: *w, sparsity: 0.6}\n")
     assert [s.config.sparsity for s in load_recipe(recipe).passes] == [0.5, 0.6]
+    # ... but a key twice in the merged mapping itself is a mistake, as anywhere else
+    recipe.write_text("calibration:\n  <<: {samples: 32, random: true, samples: 64}\n")
+    with pytest.raises(LmmcError, match="the key 'samples' appears twice \\(first 2:8\\); keep one"):
+        load_recipe(recipe)
 
 
 def test_a_recipe_nested_past_reading_is_one_error(tmp_path):

@@ -390,10 +390,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys in a mapping; in a recipe the first was then silently ignored."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self._unique_keys(node, deep)
+        return super().construct_mapping(node, deep=deep)
+
+    def _unique_keys(self, node: yaml.MappingNode, deep: bool) -> None:
         seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                continue   # `<<: *anchor` merges a mapping whose keys the explicit ones may override
+                # `<<: *anchor` merges a mapping whose keys the explicit ones may override; a mapping written
+                # in place there is never constructed on its own, so its keys are checked here
+                for merged in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    if isinstance(merged, yaml.MappingNode):
+                        self._unique_keys(merged, deep)
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.setdefault(key, key_node.start_mark)
@@ -404,7 +413,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark,
                     f"the key {key!r} appears twice (first {first.line + 1}:{first.column + 1}); keep one",
                     key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
