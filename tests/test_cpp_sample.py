@@ -229,3 +229,20 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     assert done.returncode == 1 and (f"has {text['max_length'] + 1} token ids; this model reads at most "
                                      f"{text['max_length']} tokens") in done.stderr
     assert not (tmp_path / "emb.txt").exists()
+    # pixels that hold a NaN gave a NaN row and exit 0
+    pixels = np.zeros((3, 3, 32, 32), np.float32)
+    pixels[1, 0, 4, 4] = np.nan
+    (tmp_path / "nan.f32").write_bytes(pixels.tobytes())
+    done = _run(lmmc_embed, compiled_out, tmp_path / "nan.f32", tmp_path / "emb.txt", "--tower", "vision")
+    assert done.returncode == 1 and "holds a NaN or infinite value in image 1" in done.stderr
+    # a full disk was reported as written
+    (tmp_path / "ok.txt").write_text("5 6 7\n")
+    done = _run(lmmc_embed, compiled_out, tmp_path / "ok.txt", "/dev/full")
+    assert done.returncode == 1 and "could not write all of '/dev/full' (is the disk full?)" in done.stderr
+    # a manifest's bad \u escape was a usage error (exit 2) saying only "stoul"
+    broken = tmp_path / "broken"
+    shutil.copytree(compiled_out, broken)
+    manifest = broken / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("{", '{"x": "\\uZZ1f", ', 1))
+    done = _run(lmmc_embed, broken, tmp_path / "ok.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and "invalid JSON at byte" in done.stderr and "bad \\u escape" in done.stderr

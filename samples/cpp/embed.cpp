@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <iomanip>
@@ -270,6 +271,13 @@ int main(int argc, char** argv) {
             batch = bytes.size() / (per_sample * sizeof(float));
             pixels.resize(batch * per_sample);
             std::copy(bytes.begin(), bytes.end(), reinterpret_cast<char*>(pixels.data()));
+            // a NaN pixel comes back as a NaN embedding: refused, as lmmc.runtime refuses it
+            for (size_t i = 0; i < pixels.size(); ++i) {
+                if (!std::isfinite(pixels[i])) {
+                    throw std::runtime_error("'" + o.input + "' holds a NaN or infinite value in image " +
+                                             std::to_string(i / per_sample) + "; check the pixels written");
+                }
+            }
         }
 
         // Dynamic shapes: the whole input in one run. Static: runs of static_batch samples.
@@ -319,6 +327,8 @@ int main(int argc, char** argv) {
             for (size_t d = 0; d < width; ++d) out << (d ? " " : "") << embeddings[b * width + d];
             out << "\n";
         }
+        out.flush();  // a full disk shows only here
+        if (!out) throw std::runtime_error("could not write all of '" + o.output + "' (is the disk full?)");
         std::cerr << "lmmc_embed: " << batch << " embeddings of " << width << " values from "
                   << artifact["path"].string << " -> " << o.output << "\n";
         return 0;

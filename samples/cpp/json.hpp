@@ -129,6 +129,9 @@ private:
                 case 'f': out += '\f'; break;
                 case 'u': {  // paths and names in a manifest: encode the code point as UTF-8
                     if (pos_ + 4 > text_.size()) fail("short \\u escape");
+                    for (size_t i = pos_; i < pos_ + 4; ++i) {
+                        if (!std::isxdigit(static_cast<unsigned char>(text_[i]))) fail("bad \\u escape");
+                    }
                     unsigned code = std::stoul(text_.substr(pos_, 4), nullptr, 16);
                     pos_ += 4;
                     if (code < 0x80) {
