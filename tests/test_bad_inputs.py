@@ -345,6 +345,27 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 77", "64 or less"]
 
 
+@case("held-out batches outside the tensorrt profile")
+def _(tmp):
+    # validation ran the engines on them after every pass and every build
+    recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"tensorrt": {"batch": {"min": 1, "opt": 4, "max": 4},
+                                                                          "optional": True}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "tensorrt.batch takes 1 to 4 samples, and validation runs the engines on the 32 held-out samples in batches "
+        "of [8] (calibration.batch_size = 8); widen tensorrt.batch or change calibration.batch_size"]
+
+
+@case("held-out texts longer than the tensorrt profile")
+def _(tmp):
+    texts(tmp, n=400)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "max_length": 48},
+                                "export": ["onnx", {"tensorrt": {"seq": {"min": 1, "opt": 32, "max": 32},
+                                                                  "optional": True}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "tensorrt.seq takes texts of at most 32 tokens, and validation runs the engines on held-out texts of up to "
+        "calibration.max_length = 48"]
+
+
 @case("a tensorrt profile longer than the model's positions")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"tensorrt": {

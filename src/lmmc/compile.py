@@ -294,6 +294,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_bench(recipe, adapter, config)
+    _check_engine_profile(recipe, config, adapter, counts)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet"
                  + ("" if exported else "; the student is saved unexported and unvalidated")
@@ -338,6 +339,28 @@ def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
         if not corpus.exists():
             raise LmmcError(f"bench.corpora: '{corpus}' does not exist; give a .txt, .jsonl or image folder "
                             f"(relative paths are resolved against the recipe's directory)")
+
+
+def _check_engine_profile(recipe: Recipe, config: Any, adapter: Any, counts: dict[str, int] | None) -> None:
+    """Validation runs each TensorRT engine on the held-out batches, which must lie inside the engine's
+    profile; the engine refused them only after every pass and every build."""
+    step = next((s for s in recipe.export if s.name == "tensorrt"), None)
+    if step is None or recipe.validate_ is None or not counts or adapter.kind == "generative":
+        return
+    batch, held_out, profile = recipe.calibration.batch_size, counts["held_out"], step.config.batch
+    sizes = {min(batch, held_out), held_out % batch or batch}
+    if max(sizes) > profile.max or min(sizes) < profile.min:
+        raise LmmcError(f"tensorrt.batch takes {profile.min} to {profile.max} samples, and validation runs the engines "
+                        f"on the {held_out} held-out samples in batches of {sorted(sizes, reverse=True)} "
+                        f"(calibration.batch_size = {batch}); widen tensorrt.batch or change calibration.batch_size")
+    text = [t for t in adapter.towers if t.modality == "text"]
+    if text and recipe.calibration.path and recipe.calibration.max_length:
+        positions = min(text_positions(config, t) for t in text)
+        longest = step.config.seq.max if step.config.seq else min(DEFAULT_MAX_LENGTH, positions)
+        if recipe.calibration.max_length > longest:
+            raise LmmcError(f"tensorrt.seq takes texts of at most {longest} tokens, and validation runs the engines on "
+                            f"held-out texts of up to calibration.max_length = {recipe.calibration.max_length}; raise "
+                            f"tensorrt.seq.max or lower calibration.max_length")
 
 
 def _check_norm_gate(normalised: bool, recipe: Recipe) -> None:
