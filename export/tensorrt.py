@@ -273,8 +273,9 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
     reused = cache is not None and cache.is_file()
     if cache is not None:
         earlier = config.create_timing_cache(cache.read_bytes() if reused else b"")
-        # the builder refuses a cache from another GPU or TensorRT version (ignore_mismatch=False): start anew
-        if not config.set_timing_cache(earlier, False):
+        # the builder refuses a cache from another GPU or TensorRT version (ignore_mismatch=False), and
+        # bytes it cannot read give no cache at all: start anew
+        if earlier is None or not config.set_timing_cache(earlier, False):
             reused = False
             config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
@@ -282,10 +283,10 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
         raise LmmcError(f"TensorRT could not build an engine from {onnx_path.name}: "
                         f"{' | '.join(logger.lines[-3:]) or 'no message'}. Raise tensorrt.workspace_mb or "
                         f"narrow tensorrt.batch / seq")
-    engine_path.write_bytes(bytes(plan))
+    _write_whole(engine_path, bytes(plan))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        _write_whole(cache, bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     inspector = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     return {"log": logger.lines, "inspector": inspector, "cache_reused": reused}
@@ -378,6 +379,14 @@ class TensorRtExportPass(Pass):
 
         return _made_once(folder / f"{tower.name}.int8-qdq.onnx", lambda dst: quantize_for_tensorrt(
             plain, dst, calibration_feeds(art, tower), fc2_matmuls(art.student, art.adapter, tower, plain)))
+
+
+def _write_whole(dst: Path, data: bytes) -> None:
+    """`data` at `dst` under a temporary name first: a kill or a full disk mid-write leaves no truncated
+    engine or timing cache for the next build to read."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    tmp.write_bytes(data)
+    tmp.replace(dst)
 
 
 def _made_once(dst: Path, make: Any) -> Path:
