@@ -195,6 +195,17 @@ def test_sections_without_data_are_notes_not_errors():
 
 
 
+def test_a_validated_generative_model_is_not_said_to_lack_validation():
+    # the page said "validation did not run" and "validate.latency is off" of a validated captioner
+    report = {"lmmc_version": "0", "model": "m", "adapter": "llava", "recipe": {}, "passes": [],
+              "validation": {"towers": {}, "generation": {"kl_per_sample": [0.25, 0.5, 2.0]}, "gates": [],
+                             "passed": True}, "validated": True, "passed": True}
+    page = render(report)
+    assert "validation did not run" not in page and "validate.latency is off" not in page
+    assert "Per sample, over 3 samples: median 0.5, largest 2." in page
+    assert "a generative model&#x27;s validation times nothing" in page
+
+
 def test_a_latency_target_is_shown_in_milliseconds_with_its_outcome():
     antgmm = {"name": "antgmm", "metrics": {
         "budget": "ms", "kept": 0.343, "target_keep": 0.35, "tokens": {"text": 16},

@@ -331,7 +331,13 @@ def _structure(report: dict[str, Any], out_dir: Path | None) -> str:
 def _cosines(report: dict[str, Any]) -> str:
     from lmmc.plots import cosine_histogram
 
-    towers = (report.get("validation") or {}).get("towers") or {}
+    validation = report.get("validation") or {}
+    kl = [v for v in (validation.get("generation") or {}).get("kl_per_sample") or [] if v is not None]
+    if kl:  # a generative model has no embedding to take a cosine of
+        return (f"<p>A generative model is validated by its next-token KL divergence from the teacher on the "
+                f"held-out answers, not by an embedding's cosine. Per sample, over {len(kl)} samples: median "
+                f"{_num(statistics.median(kl))}, largest {_num(max(kl))}.</p>")
+    towers = validation.get("towers") or {}
     recorded = {n: t["cosine_per_sample"] for n, t in towers.items() if t.get("cosine_per_sample")}
     if not recorded:
         return _note("report.json holds no per-sample cosines (validation did not run, or an older lmmc wrote it)")
@@ -465,6 +471,9 @@ def _latency_target(report: dict[str, Any]) -> str:
 
 def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
     target, timing = _latency_target(report), _latency_timing(report, bench)
+    if not target and timing is None and (report.get("validation") or {}).get("generation"):
+        return _note("no latency was measured: a generative model's validation times nothing, and lmmc bench "
+                     "does not run generative models yet")
     return target + ("" if target and timing is None else timing or _note(
         "no latency was measured (validate.latency is off, or validation did not run)"))
 
