@@ -53,7 +53,8 @@ class ValidateConfig(PassConfig):
                              "images do not count as disagreement")
     max_runtime_diff: float = Field(1e-4, gt=0, description="gate: max |ONNX Runtime - PyTorch| of the "
                                     "student's outputs, each divided by its largest |PyTorch value| where that "
-                                    "exceeds 1 (also every further fp32 artifact: fused graph, OpenVINO IR)")
+                                    "exceeds 1 (also every further fp32 artifact: fused graph, OpenVINO IR); "
+                                    "generative models: the first-step logits' max |diff|, not divided")
     min_cosine_int8: float | None = Field(None, ge=-1, le=1, description="gate: mean cosine of every INT8 "
                                           "artifact's pooled embeddings to the fp32 student's, held-out samples")
     min_cosine_fp16: float | None = Field(0.999, ge=-1, le=1, description="gate: mean cosine of every FP16 "
