@@ -319,7 +319,7 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         if processor is None:
             raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
                             "from a model directory that holds its processor")
-        check_generative_records(records, path, processor, chat_template)
+        check_generative_records(records, path, processor, chat_template, "distill.corpus")
         positions = min(text_positions(art.teacher.config, t) for t in art.adapter.towers if t.modality == "text")
         batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
         return _split_samples(tower_batches(batches), modalities)

@@ -512,6 +512,36 @@ def _(tmp):
         "the prompt of image", "3.png' takes", "leaving none of the decoder's 128", "shorten the prompt"]
 
 
+@case("held-out answers a generative model's max_length would cut, dry run")
+def _(tmp):
+    # validation scored two-token stubs of them: exact match 1.000 where whole answers gave 0.156
+    folder = images(tmp, 40)
+    lines = [json.dumps({"image": f"{folder.name}/{i}.png", "text": "a road" + " now" * 8, "prompt": "what is it"})
+             for i in range(40)]
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 8, "eval_samples": 32,
+                                                          "batch_size": 4, "max_length": 8},
+                                "export": ["onnx_generative"], "validate": {"min_held_out": 8}})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "of the 10 held-out answers do not fit calibration.max_length = 8 text tokens with their prompts",
+        "validation would score the cut answers: raise calibration.max_length to"]
+
+
+@case("a generative distill corpus record without its answer, dry run")
+def _(tmp):
+    # the message named the calibration data, which was fine
+    folder = images(tmp, 40)
+    good = [json.dumps({"image": f"{folder.name}/{i}.png", "text": "a road"}) for i in range(40)]
+    (tmp / "pairs.jsonl").write_text("\n".join(good))
+    (tmp / "corpus.jsonl").write_text("\n".join(good[:3] + [json.dumps({"image": f"{folder.name}/3.png"})]))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 8, "eval_samples": 8,
+                                                          "batch_size": 4},
+                                "passes": [{"distill": {"steps": 2, "batch_size": 2, "corpus": "corpus.jsonl"}}],
+                                "validate": False})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "distill.corpus '", "corpus.jsonl': sample 4 has no text"]
+
+
 @case("a caption labelled with another class")
 def _(tmp):
     labels = ["3", "7"] * 20

@@ -313,7 +313,7 @@ def test_compile_prunes_a_saved_model_and_saves_the_student(tmp_path, kind):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("no images", "sample 1 has no image; this generative image-text model calibrates on image-text records"),
+    ("no images", "sample 1 has no image; this generative image-text model reads image-text records"),
     ("no chat template", "the recipe sets calibration.chat_template: true, but the processor of"),
 ])
 def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, message):

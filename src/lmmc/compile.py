@@ -28,7 +28,7 @@ from lmmc.artifact import Artifact
 from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, check_generative_records, check_images, check_prompts,
+from lmmc.data import (DEFAULT_MAX_LENGTH, check_answers, check_generative_records, check_images, check_prompts,
                        check_random_allowed, drop_token_twins, load_calibration, load_generative_calibration,
                        random_calibration, random_generative_calibration, read_corpus, read_samples, select,
                        text_length, text_tokens)
@@ -403,7 +403,8 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
             used = records if adapter.kind == "generative" else [r for r in records if needed <= r.keys()]
             if adapter.kind == "generative" and Path(cfg.corpus).suffix == ".jsonl":  # else the pass says so
                 template = cfg.chat_template if cfg.chat_template is not None else recipe.calibration.chat_template
-                check_generative_records(records, Path(cfg.corpus), preprocessors["processor"], template)
+                check_generative_records(records, Path(cfg.corpus), preprocessors["processor"], template,
+                                         f"{name}.corpus")
                 check_prompts(preprocessors["processor"], records, cfg.max_length, template,
                               _decoder_positions(config, adapter))
             if "image" in needed:
@@ -507,6 +508,9 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     if adapter.kind == "generative":
         check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length, cal.chat_template,
                       _decoder_positions(config, adapter))
+        if recipe.validate_ is not None:
+            check_answers(preprocessors["processor"], chosen.held_out, cal.max_length, cal.chat_template,
+                          _decoder_positions(config, adapter))
     selected = len(chosen.held_out)
     if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         cut = text_truncation(config, adapter, preprocessors)

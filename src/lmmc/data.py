@@ -560,24 +560,24 @@ IGNORE_INDEX = -100
 
 
 def check_generative_records(records: list[dict[str, Any]], source: Path, processor: Any = None,
-                             chat_template: bool = False) -> None:
+                             chat_template: bool = False, what: str = "calibration data") -> None:
     """Every record of an image-text generative model needs an image and the text it should produce; the
     processor's image token (`<image>`) may stand once in a prompt, where the picture goes, and nowhere else."""
     token = getattr(processor, "image_token", None)
     for n, r in enumerate(records, 1):
         lacking = [k for k in ("image", "text") if k not in r]
         if lacking:
-            raise LmmcError(f"calibration data '{source}': sample {n} has no {' and no '.join(lacking)}; this "
-                            f"generative image-text model calibrates on image-text records: give a .jsonl with "
+            raise LmmcError(f"{what} '{source}': sample {n} has no {' and no '.join(lacking)}; this "
+                            f"generative image-text model reads image-text records: give a .jsonl with "
                             f"{{\"image\": ..., \"prompt\": ... (optional), \"text\": the answer or caption}} per line")
         if not token:
             continue
         if token in r["text"]:
-            raise LmmcError(f"calibration data '{source}': the text of sample {n} holds the image token {token!r}, "
+            raise LmmcError(f"{what} '{source}': the text of sample {n} holds the image token {token!r}, "
                             f"which stands for the picture; an answer is words only: remove it")
         uses = (r.get("prompt") or "").count(token)
         if uses > 1 or (uses and chat_template):
-            raise LmmcError(f"calibration data '{source}': the prompt of sample {n} holds the image token {token!r} "
+            raise LmmcError(f"{what} '{source}': the prompt of sample {n} holds the image token {token!r} "
                             f"{uses} time(s); " + ("with chat_template the template places the picture: remove it"
                                                    if chat_template else "each sample has one picture: keep one"))
 
@@ -614,6 +614,34 @@ def check_prompts(processor, records: list[dict[str, Any]], max_length: int | No
             seen.add(prompt)
             ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
             _answer_room(ids, image_id, max_length or DEFAULT_MAX_LENGTH, positions, r["image"])
+
+
+def check_answers(processor, held_out: list[dict[str, Any]], max_length: int | None, chat_template: bool,
+                  positions: int | None) -> None:
+    """Held-out answers encode_generative would cut to fit: validation scores the answers as encoded, and a
+    cut one is matched by any generation that starts like it (exact match 1.000 on two-token stubs)."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (64, 64))
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    limit = max_length or DEFAULT_MAX_LENGTH
+    rooms: dict[str, tuple[int, int]] = {}  # prompt -> (answer room, text tokens of the prompt)
+    cut, needed = 0, 0
+    for r in held_out:
+        prompt = generative_prompt(processor, r.get("prompt"), chat_template)
+        if prompt not in rooms:
+            ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+            rooms[prompt] = (_answer_room(ids, image_id, limit, positions, r["image"]), sum(i != image_id for i in ids))
+        room, text_tokens = rooms[prompt]
+        answer = len(tok(r["text"], add_special_tokens=False)["input_ids"]) + (tok.eos_token_id is not None)
+        if answer > room:
+            cut, needed = cut + 1, max(needed, text_tokens + answer)
+    if cut:
+        raise LmmcError(f"{cut} of the {len(held_out)} held-out answers do not fit calibration.max_length = {limit} "
+                        f"text tokens with their prompts (or the decoder's positions) and would be cut, and validation "
+                        f"would score the cut answers: raise calibration.max_length to {needed}, or shorten the "
+                        f"answers or prompts")
 
 
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
