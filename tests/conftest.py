@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,15 @@ def exported_tower(tmp_path_factory):
         shutil.copyfile(source.with_suffix(".names.json"), path.with_suffix(".names.json"))
         return path
     return copy
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_as_it_was():
+    """An interrupted in-process compile leaves SIGTERM ignored, as its process is about to exit; the test
+    process is not, and must stay stoppable."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
 
 
 @pytest.fixture(params=TINY_KINDS)

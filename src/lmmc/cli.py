@@ -149,7 +149,13 @@ def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume)
-    finally:
+    except KeyboardInterrupt:
+        # Stopping, its work saved: a supervisor's second SIGTERM during the slow interpreter exit must not
+        # kill the process (143) before it exits 130. Ignored, not handled: Python resets its handlers to the
+        # default as it finalises, but leaves an ignored signal ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    else:
         signal.signal(signal.SIGTERM, previous)
 
 
