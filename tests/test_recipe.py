@@ -116,6 +116,12 @@ def test_a_home_path_in_a_recipe_is_the_home_directory(tmp_path, monkeypatch):
     assert recipe.calibration.path == str(tmp_path / "home" / "corpus.txt")
     assert (recipe.passes[0].config.corpus, recipe.passes[0].config.checkpoint_dir) == (
         str(tmp_path / "home" / "corpus.txt"), str(tmp_path / "home" / "ckpt"))
+    # '~name' of no user is a file of that name beside the recipe, as a shell reads it (pathlib raised: exit 3)
+    (tmp_path / "~corpus.txt").write_text("one sentence\n")
+    path.write_text(yaml.safe_dump({**data, "calibration": {**FULL["calibration"], "path": "~corpus.txt"}}))
+    assert load_recipe(path).calibration.path == str(tmp_path / "~corpus.txt")
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(path, calib="~corpus.txt").calibration.path == str(tmp_path / "~corpus.txt")
 
 
 def test_a_count_in_exponent_notation_is_said_to_be_text_to_yaml(tmp_path):

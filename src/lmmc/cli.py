@@ -228,7 +228,7 @@ def _warn(warnings: list[str]) -> None:
 
 def _written(out: Path) -> str:
     """The output directory and what it actually holds."""
-    out = out.expanduser()  # a quoted '~/out' was written to the home directory
+    out = Path(os.path.expanduser(out))  # a quoted '~/out' was written to the home directory
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
     return f"{out}/ ({', '.join(entries)})"
 

@@ -174,7 +174,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
     The output may not be, contain or sit inside anything the compile reads (the model, the recipe,
     the data), may not be or contain the current directory, and --force replaces only an earlier lmmc
     output. The location must be writable now, before minutes of work."""
-    out = Path(out).expanduser()
+    out = Path(os.path.expanduser(out))
     if out.is_symlink():
         raise LmmcError(f"--out '{out}' is a symbolic link (to {os.readlink(out)}); give the real directory, "
                         f"lmmc does not replace links or what they point to")
@@ -223,7 +223,7 @@ def _check_side_paths(target: Path, model_ref: str, recipe: Recipe, recipe_path:
             value = getattr(cfg, key, None)
             if not value:
                 continue
-            path = Path(value).expanduser().resolve()
+            path = Path(os.path.expanduser(value)).resolve()
             if path == target or target in path.parents:
                 raise LmmcError(f"'{name}' writes its {key} '{value}' inside --out '{target}', which lmmc writes "
                                 f"elsewhere and moves into place only when the compile ends; give a {key} outside "

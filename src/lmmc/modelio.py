@@ -32,8 +32,8 @@ def local_dir(ref: str) -> Path | None:
     A reference is a path when it starts with '.', '/' or '~', exists, has more than one '/', or its
     first part is an existing local directory ('modles/bert' with 'modles/' present is a typo'd path,
     not a hub id). Raises when it looks like a path but is not a model directory."""
-    path = Path(ref).expanduser()
-    first = Path(ref.split("/")[0]).expanduser() if "/" in ref else None
+    path = Path(os.path.expanduser(ref))
+    first = Path(os.path.expanduser(ref.split("/")[0])) if "/" in ref else None
     looks_local = (ref.startswith((".", "/", "~")) or path.exists() or ref.count("/") > 1
                    or (first is not None and first.is_dir()))
     if not looks_local:

@@ -6,6 +6,7 @@ directory; `--calib` on the command line is resolved against the current directo
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,7 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
     if isinstance(value, str) and not value.strip():
         raise LmmcError(f"{what} is an empty path, which would read as the recipe's directory; give a real path")
     if isinstance(value, str) and value.startswith("~"):
-        value = str(Path(value).expanduser())  # as a shell would: the passes open paths as given
+        value = os.path.expanduser(value)  # as a shell would: the passes open paths as given
     if base is None or not isinstance(value, str) or Path(value).is_absolute():
         return value
     if "\0" in value:
@@ -435,7 +436,7 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
         raise LmmcError(f"recipe '{path}' nests lists or mappings too deeply to read; a recipe is a few levels "
                         f"deep (see samples/recipes/)") from None
     if calib is not None and isinstance(data, dict):
-        given = Path(calib).expanduser()
+        given = Path(os.path.expanduser(calib))
         if not given.exists():
             raise LmmcError(f"calibration data '{calib}' (--calib, relative to the current directory "
                             f"{Path.cwd()}) does not exist; pass --calib with a .txt, .jsonl or image folder")

@@ -96,7 +96,7 @@ def hash_data(path: Path) -> str:
 def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
     """What a resumed compile must find unchanged: the model's files, the recipe, and every data file
     the recipe reads (calibration data and distillation corpora, with the images a .jsonl names)."""
-    model_path = Path(model_ref).expanduser()
+    model_path = Path(os.path.expanduser(model_ref))
     # A hub id without a local copy is known by its name only.
     model = {"ref": model_ref, "path": str(model_path.resolve()) if model_path.exists() else None,
              "sha256": hash_files(model_path) if model_path.exists() else None}

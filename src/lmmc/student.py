@@ -220,7 +220,7 @@ def write_errors(path: Path):
 
 def load_student(path: str | Path) -> nn.Module:
     """Rebuild a student saved by lmmc (pruned or not) and load its weights strictly; eval mode, CPU."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if not (path / "config.json").is_file():
         raise LmmcError(f"'{path}' has no config.json; pass the 'student' directory of a compile output")
     meta_path = path / META_FILE
