@@ -527,6 +527,21 @@ def _(tmp):
         "validation would score the cut answers: raise calibration.max_length to"]
 
 
+@case("held-out answers longer than a generative decoder's positions, dry run")
+def _(tmp):
+    # the message asked for a max_length the plan itself refuses
+    folder = images(tmp, 40)
+    lines = [json.dumps({"image": f"{folder.name}/{i}.png", "text": "a road" + " now" * 150, "prompt": "what is it"})
+             for i in range(40)]
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 8, "eval_samples": 32,
+                                                          "batch_size": 4},
+                                "export": ["onnx_generative"], "validate": {"min_held_out": 8}})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "validation would score the cut answers: shorten the answers or prompts: the decoder's 128 positions, the "
+        "image's tokens among them, hold no more"]
+
+
 @case("a generative distill corpus record without its answer, dry run")
 def _(tmp):
     # the message named the calibration data, which was fine

@@ -626,22 +626,26 @@ def check_answers(processor, held_out: list[dict[str, Any]], max_length: int | N
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(processor.image_token)
     limit = max_length or DEFAULT_MAX_LENGTH
-    rooms: dict[str, tuple[int, int]] = {}  # prompt -> (answer room, text tokens of the prompt)
-    cut, needed = 0, 0
+    rooms: dict[str, tuple[int, int, int]] = {}  # prompt -> (answer room, text tokens, positions it takes)
+    cut, needed, beyond = 0, 0, False
     for r in held_out:
         prompt = generative_prompt(processor, r.get("prompt"), chat_template)
         if prompt not in rooms:
             ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
-            rooms[prompt] = (_answer_room(ids, image_id, limit, positions, r["image"]), sum(i != image_id for i in ids))
-        room, text_tokens = rooms[prompt]
+            rooms[prompt] = (_answer_room(ids, image_id, limit, positions, r["image"]),
+                             sum(i != image_id for i in ids), len(ids))
+        room, text_tokens, taken = rooms[prompt]
         answer = len(tok(r["text"], add_special_tokens=False)["input_ids"]) + (tok.eos_token_id is not None)
         if answer > room:
             cut, needed = cut + 1, max(needed, text_tokens + answer)
+            beyond |= positions is not None and taken + answer > positions
     if cut:
+        fix = (f"shorten the answers or prompts: the decoder's {positions} positions, the image's tokens among them, "
+               f"hold no more" if beyond else
+               f"raise calibration.max_length to {needed}, or shorten the answers or prompts")
         raise LmmcError(f"{cut} of the {len(held_out)} held-out answers do not fit calibration.max_length = {limit} "
                         f"text tokens with their prompts (or the decoder's positions) and would be cut, and validation "
-                        f"would score the cut answers: raise calibration.max_length to {needed}, or shorten the "
-                        f"answers or prompts")
+                        f"would score the cut answers: {fix}")
 
 
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
