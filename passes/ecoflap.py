@@ -156,8 +156,13 @@ class EcoflapPass(AllocationPass):
         ratios = keep_budget_ratios(group_scores, sizes, cfg.sparsity, cfg.cap)
         samples = sum(step_samples(step) for step in steps)
         details: dict[str, Any] = {"p_max": cfg.cap, "order": cfg.order, "samples": samples}
+        held = min(sum(len(next(iter(b.values()))) for b in art.calib.calib_batches(m))
+                   for m in dict.fromkeys(t.modality for t in art.adapter.towers))
         if samples < cfg.samples:
+            why = (f"the calibration set holds {held}; raise calibration.samples, or lower ecoflap's samples"
+                   if held < cfg.samples else
+                   f"a last batch of one sample, which has none to contrast with, is left out; make samples no "
+                   f"multiple of batch_size = {cfg.batch_size} plus one")
             details["warnings"] = [f"ecoflap scored on {samples} calibration samples, fewer than its samples = "
-                                   f"{cfg.samples} (the calibration set holds no more in whole batches of "
-                                   f"{cfg.batch_size}); raise calibration.samples, or lower ecoflap's samples"]
+                                   f"{cfg.samples}: {why}"]
         return Allocation(ratios, group_scores, matrix, details)

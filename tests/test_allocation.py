@@ -193,9 +193,12 @@ def test_ecoflap_on_fewer_samples_than_it_asks_for_says_so():
     asked = run(make_artifact("bert"), "ecoflap", sparsity=0.5, samples=8, batch_size=4).metrics
     short = run(make_artifact("bert"), "ecoflap", sparsity=0.5, samples=64, batch_size=4).metrics
     assert asked["samples"] == short["samples"] == 8 and "warnings" not in asked
-    assert short["warnings"] == ["ecoflap scored on 8 calibration samples, fewer than its samples = 64 (the "
-                                 "calibration set holds no more in whole batches of 4); raise calibration.samples, "
-                                 "or lower ecoflap's samples"]
+    assert short["warnings"] == ["ecoflap scored on 8 calibration samples, fewer than its samples = 64: the "
+                                 "calibration set holds 8; raise calibration.samples, or lower ecoflap's samples"]
+    lone = run(make_artifact("bert"), "ecoflap", sparsity=0.5, samples=5, batch_size=4).metrics
+    assert lone["samples"] == 4 and lone["warnings"] == [
+        "ecoflap scored on 4 calibration samples, fewer than its samples = 5: a last batch of one sample, which has "
+        "none to contrast with, is left out; make samples no multiple of batch_size = 4 plus one"]
 
 
 def test_report_table_and_plot(tmp_path):

@@ -357,13 +357,13 @@ def _(tmp):
 
 @case("held-out texts longer than the tensorrt profile")
 def _(tmp):
-    texts(tmp, n=400)
+    texts(tmp, n=400)  # texts of up to 11 tokens; a profile of 32 holds them whatever max_length says
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "max_length": 48},
-                                "export": ["onnx", {"tensorrt": {"seq": {"min": 1, "opt": 32, "max": 32},
+                                "export": ["onnx", {"tensorrt": {"seq": {"min": 1, "opt": 4, "max": 4},
                                                                   "optional": True}}]})
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
-        "tensorrt.seq takes texts of at most 32 tokens, and validation runs the engines on held-out texts of up to "
-        "calibration.max_length = 48"]
+        "tensorrt.seq takes texts of at most 4 tokens, and validation runs the engines on held-out texts of up to 11; "
+        "raise tensorrt.seq.max to 11"]
 
 
 @case("a tensorrt profile longer than the model's positions")
@@ -711,6 +711,14 @@ def _(tmp):
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "samples": 3, "corpus": "calib.txt"}}]}
     return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
         "distill: at most 3 training samples", "lower batch_size or raise distill.samples (now 3)"]
+
+
+@case("a distill samples cap below its batch on a corpus that could not fill it either, dry run")
+def _(tmp):
+    texts(tmp, n=10)
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 16, "samples": 3, "corpus": "calib.txt"}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: at most 3 training samples", "lower batch_size or give more samples (a corpus, or calibration.samples)"]
 
 
 @case("a distill chat template for an encoder, dry run")

@@ -353,14 +353,23 @@ def _check_engine_profile(recipe: Recipe, config: Any, adapter: Any, counts: dic
         raise LmmcError(f"tensorrt.batch takes {profile.min} to {profile.max} samples, and validation runs the engines "
                         f"on the {held_out} held-out samples in batches of {sorted(sizes, reverse=True)} "
                         f"(calibration.batch_size = {batch}); widen tensorrt.batch or change calibration.batch_size")
-    text = [t for t in adapter.towers if t.modality == "text"]
-    if text and recipe.calibration.path and recipe.calibration.max_length:
-        positions = min(text_positions(config, t) for t in text)
-        longest = step.config.seq.max if step.config.seq else min(DEFAULT_MAX_LENGTH, positions)
-        if recipe.calibration.max_length > longest:
-            raise LmmcError(f"tensorrt.seq takes texts of at most {longest} tokens, and validation runs the engines on "
-                            f"held-out texts of up to calibration.max_length = {recipe.calibration.max_length}; raise "
-                            f"tensorrt.seq.max or lower calibration.max_length")
+
+
+def _check_engine_seq(recipe: Recipe, config: Any, adapter: Any, tokenizer: Any, held_out: list[dict[str, Any]],
+                      length: int, pad_to: int | None) -> None:
+    """The held-out texts, as validation pads each batch to its longest, against the TensorRT profile's
+    longest text."""
+    step = next((s for s in recipe.export if s.name == "tensorrt"), None)
+    if step is None or recipe.validate_ is None or not held_out:
+        return
+    positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
+    longest = step.config.seq.max if step.config.seq else min(DEFAULT_MAX_LENGTH, positions)
+    widest = pad_to or max(len(ids) for ids in tokenizer([r["text"] for r in held_out], truncation=True,
+                                                         max_length=length)["input_ids"])
+    if widest > longest:
+        raise LmmcError(f"tensorrt.seq takes texts of at most {longest} tokens, and validation runs the engines on "
+                        f"held-out texts of up to {widest}; raise tensorrt.seq.max to {widest}, or lower "
+                        f"calibration.max_length")
 
 
 def _check_norm_gate(normalised: bool, recipe: Recipe) -> None:
@@ -414,13 +423,14 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
             n = counts["calibration"]
         else:
             continue  # no data at all: the plan has refused it already, or distill will
-        train = n - min(cfg.dev_samples, n // 4)
-        capped = bool(cfg.samples) and cfg.samples < train
-        train = min(train, cfg.samples) if cfg.samples else train
+        full = n - min(cfg.dev_samples, n // 4)
+        train = min(full, cfg.samples) if cfg.samples else full
         train += round(cfg.vocabulary * train)
         reward = cfg.reward_samples if cfg.schedule == "optima" else 0
         if train - reward < cfg.batch_size:
             bandit = f", less the bandit's reward_samples = {reward}," if reward else ""
+            # the cap is to blame only where the samples without it would fill a batch
+            capped = bool(cfg.samples) and full + round(cfg.vocabulary * full) - reward >= cfg.batch_size
             more = f"raise {name}.samples (now {cfg.samples})" if capped else \
                 "give more samples (a corpus, or calibration.samples)"
             raise LmmcError(f"{name}: at most {max(train - reward, 0)} training samples (of {n}{bandit} after its dev "
@@ -517,6 +527,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, cut),
                              text_pad_length(config, adapter))
         chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
+        _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"], chosen.held_out, length,
+                          text_pad_length(config, adapter))
     warnings.extend(chosen.warnings)
     if "image" in modalities:
         check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r], _patch(config, adapter))
