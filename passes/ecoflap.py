@@ -156,9 +156,9 @@ class EcoflapPass(AllocationPass):
         ratios = keep_budget_ratios(group_scores, sizes, cfg.sparsity, cfg.cap)
         samples = sum(step_samples(step) for step in steps)
         details: dict[str, Any] = {"p_max": cfg.cap, "order": cfg.order, "samples": samples}
-        held = min(sum(len(next(iter(b.values()))) for b in art.calib.calib_batches(m))
-                   for m in dict.fromkeys(t.modality for t in art.adapter.towers))
         if samples < cfg.samples:
+            held = min(sum(len(next(iter(b.values()))) for b in art.calib.calib_batches(m))
+                       for m in dict.fromkeys(t.modality for t in art.adapter.towers))
             why = (f"the calibration set holds {held}; raise calibration.samples, or lower ecoflap's samples"
                    if held < cfg.samples else
                    f"a last batch of one sample, which has none to contrast with, is left out; make samples no "

@@ -516,11 +516,12 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         check_generative_records(records, Path(cal.path), preprocessors.get("processor"), cal.chat_template)
     chosen = select(cal, Path(cal.path), records, modalities)
     if adapter.kind == "generative":
-        check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length, cal.chat_template,
-                      _decoder_positions(config, adapter))
+        positions = _decoder_positions(config, adapter)
+        rooms = check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length,
+                              cal.chat_template, positions)
         if recipe.validate_ is not None:
-            check_answers(preprocessors["processor"], chosen.held_out, cal.max_length, cal.chat_template,
-                          _decoder_positions(config, adapter))
+            check_answers(preprocessors["processor"], chosen.held_out, rooms, cal.max_length, cal.chat_template,
+                          positions)
     selected = len(chosen.held_out)
     if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         cut = text_truncation(config, adapter, preprocessors)

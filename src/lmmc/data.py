@@ -600,41 +600,33 @@ def _answer_room(prompt_ids: list[int], image_id: int, limit: int, positions: in
 
 
 def check_prompts(processor, records: list[dict[str, Any]], max_length: int | None, chat_template: bool,
-                  positions: int | None) -> None:
+                  positions: int | None) -> dict[str, tuple[int, int, int]]:
     """What encode_generative refuses of the prompts, found without reading the images: the processor
-    expands the image token by the model's config alone, so a blank picture stands in."""
+    expands the image token by the model's config alone, so a blank picture stands in. Returns, per prompt,
+    the answer's room, the prompt's text tokens and the positions it takes."""
     from PIL import Image
 
     blank = Image.new("RGB", (64, 64))
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    seen = set()
+    rooms: dict[str, tuple[int, int, int]] = {}
     for r in records:
-        prompt = generative_prompt(processor, r.get("prompt"), chat_template)
-        if prompt not in seen:
-            seen.add(prompt)
-            ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
-            _answer_room(ids, image_id, max_length or DEFAULT_MAX_LENGTH, positions, r["image"])
-
-
-def check_answers(processor, held_out: list[dict[str, Any]], max_length: int | None, chat_template: bool,
-                  positions: int | None) -> None:
-    """Held-out answers encode_generative would cut to fit: validation scores the answers as encoded, and a
-    cut one is matched by any generation that starts like it (exact match 1.000 on two-token stubs)."""
-    from PIL import Image
-
-    blank = Image.new("RGB", (64, 64))
-    tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
-    limit = max_length or DEFAULT_MAX_LENGTH
-    rooms: dict[str, tuple[int, int, int]] = {}  # prompt -> (answer room, text tokens, positions it takes)
-    cut, needed, beyond = 0, 0, False
-    for r in held_out:
         prompt = generative_prompt(processor, r.get("prompt"), chat_template)
         if prompt not in rooms:
             ids = processor(images=[[blank]], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
-            rooms[prompt] = (_answer_room(ids, image_id, limit, positions, r["image"]),
+            rooms[prompt] = (_answer_room(ids, image_id, max_length or DEFAULT_MAX_LENGTH, positions, r["image"]),
                              sum(i != image_id for i in ids), len(ids))
-        room, text_tokens, taken = rooms[prompt]
+    return rooms
+
+
+def check_answers(processor, held_out: list[dict[str, Any]], rooms: dict[str, tuple[int, int, int]],
+                  max_length: int | None, chat_template: bool, positions: int | None) -> None:
+    """Held-out answers encode_generative would cut to fit: validation scores the answers as encoded, and a
+    cut one is matched by any generation that starts like it (exact match 1.000 on two-token stubs).
+    `rooms` is what check_prompts returned for these records."""
+    tok = processor.tokenizer
+    cut, needed, beyond = 0, 0, False
+    for r in held_out:
+        room, text_tokens, taken = rooms[generative_prompt(processor, r.get("prompt"), chat_template)]
         answer = len(tok(r["text"], add_special_tokens=False)["input_ids"]) + (tok.eos_token_id is not None)
         if answer > room:
             cut, needed = cut + 1, max(needed, text_tokens + answer)
@@ -643,9 +635,9 @@ def check_answers(processor, held_out: list[dict[str, Any]], max_length: int | N
         fix = (f"shorten the answers or prompts: the decoder's {positions} positions, the image's tokens among them, "
                f"hold no more" if beyond else
                f"raise calibration.max_length to {needed}, or shorten the answers or prompts")
-        raise LmmcError(f"{cut} of the {len(held_out)} held-out answers do not fit calibration.max_length = {limit} "
-                        f"text tokens with their prompts (or the decoder's positions) and would be cut, and validation "
-                        f"would score the cut answers: {fix}")
+        raise LmmcError(f"{cut} of the {len(held_out)} held-out answers do not fit calibration.max_length = "
+                        f"{max_length or DEFAULT_MAX_LENGTH} text tokens with their prompts (or the decoder's "
+                        f"positions) and would be cut, and validation would score the cut answers: {fix}")
 
 
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
