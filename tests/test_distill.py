@@ -534,6 +534,11 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
     resumed_art = tiny_art("bert")
     resumed = Distill(Distill.Config(**RESUME_CFG, checkpoint_dir=str(ckpt), resume=True)).run(resumed_art)
     assert resumed["resumed_from"] == 6
+    # The pass's seconds go on from what the killed process had run, not from zero.
+    from lmmc.train import Checkpoints
+    before = Checkpoints.load(run_dir / "step-000006")[1]["pass_seconds"]
+    assert before > 0 and resumed["seconds_before_resume"] == round(before, 2)
+    assert resumed["curve"][-1]["seconds"] > before
     plain_art = tiny_art("bert")
     plain = distill(plain_art, **{**RESUME_CFG, "checkpoint_every": 0})
     assert resumed["arm_picks"] == plain["arm_picks"]
@@ -546,6 +551,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
     again_art = tiny_art("bert")
     again = Distill(Distill.Config(**RESUME_CFG, checkpoint_dir=str(ckpt), resume=True)).run(again_art)
     assert again["resumed_from"] == "final"
+    assert again["seconds_before_resume"] == round(Checkpoints.load(run_dir / "final")[1]["pass_seconds"], 2)
     assert all(torch.equal(a, b) for a, b in zip(again_art.student.state_dict().values(),
                                                  plain_art.student.state_dict().values()))
 

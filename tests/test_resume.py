@@ -326,7 +326,11 @@ def test_sigkilled_compiles_resume_to_the_bytes_of_an_uninterrupted_run(tmp_path
     last = run_lmmc(*compile_args(teacher, recipe, resumed, "--resume"))
     assert last.returncode == 0, last.stderr[-3000:]
     assert not work_path(resumed).exists()
-    distill = json.loads((resumed / "report.json").read_text())["passes"][2]["metrics"]
+    final = json.loads((resumed / "report.json").read_text())
+    distill = final["passes"][2]["metrics"]
     assert isinstance(distill["resumed_from"], int) and distill["resumed_from"] >= 4
+    # The killed process's share of the pass counts in the pass's seconds and in the compile's.
+    assert final["passes"][2]["seconds"] > distill["seconds_before_resume"] > 0
+    assert final["seconds"] >= sum(p["seconds"] for p in final["passes"])
     assert [c["score"] for c in distill["curve"]] == [c["score"] for c in report["passes"][2]["metrics"]["curve"]]
     assert_same_output(plain, resumed)

@@ -668,7 +668,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
                 continue
             art.scratch = area.scratch(index, step.name)
             torch.manual_seed(pass_seed(recipe.calibration.seed, index))
-            run_pass(step, art)
+            started -= run_pass(step, art).metrics.get("seconds_before_resume", 0.0)
             if step.kind == "compress":
                 _check_finite_student(art.student, step.name)
             done = index + 1

@@ -489,6 +489,7 @@ class Trainer:
         self.dev_before: dict[str, Any] | None = None
         self.resumed_from: int | str | None = None
         self.final_metrics: dict[str, Any] = {}
+        self.seconds_before_resume = 0.0  # what the pass had run in the process a resume continues
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -901,6 +902,7 @@ class Trainer:
                 "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
                 "curve": self.curve, "dev_before": self.dev_before, "reward_loss": self.reward_loss,
                 "loop_seconds": self.elapsed, "horizon": self.horizon,
+                "pass_seconds": time.perf_counter() - self.started,
                 "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
                 "config": self.cfg.model_dump(mode="json")}
 
@@ -931,6 +933,7 @@ class Trainer:
 
     def _load(self, path: Path, final: bool) -> str | int:
         files, state = Checkpoints.load(path)
+        self.seconds_before_resume = state.get("pass_seconds", 0.0)
         try:
             self.objective.load_state_dict(self._local(files["weights"]))
         except RuntimeError as err:
@@ -942,6 +945,7 @@ class Trainer:
         load_optimizer_tensors(self.optimizer, files["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.started -= self.seconds_before_resume  # the dev curve's seconds go on from where they stopped
         self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
         self.dev_before = state["dev_before"]
         self.reward_loss = state["reward_loss"]
@@ -1002,7 +1006,8 @@ class Trainer:
         self.resumed_from = self.resume() if cfg.resume and self.checkpoints else None
         if self.resumed_from == "final":
             self._unshard()
-            return {**self.final_metrics, "resumed_from": "final"}
+            return {**self.final_metrics, "resumed_from": "final",
+                    "seconds_before_resume": round(self.seconds_before_resume, 2)}
         if self.resumed_from is None:
             self.dev_before = run_gathered(self.objective, self.evaluate)
             if self.dev_before:
@@ -1109,7 +1114,8 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 2),
             "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
             "teacher_cached": self.cache is not None, "masked_weights_nonzero": nonzero,
-            "resumed_from": self.resumed_from, "checkpoint": None,
+            "resumed_from": self.resumed_from, "seconds_before_resume": round(self.seconds_before_resume, 2),
+            "checkpoint": None,
         }
 
     def restore_flags(self) -> None:

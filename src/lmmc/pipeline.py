@@ -87,10 +87,12 @@ def check_plan(steps: list[Pass], initial: set[str]) -> None:
 
 
 def run_pass(step: Pass, art: Artifact) -> PassRecord:
-    """Run one pass and append its record (name, config, seconds, metrics) to the artifact."""
+    """Run one pass and append its record (name, config, seconds, metrics) to the artifact. A pass resumed
+    from its own checkpoint adds the seconds it had run before (`seconds_before_resume`)."""
     step.check(art.available())
     start = time.perf_counter()
     metrics = step.run(art) or {}
-    record = PassRecord(step.name, step.config.model_dump(mode="json"), time.perf_counter() - start, metrics)
+    seconds = time.perf_counter() - start + metrics.get("seconds_before_resume", 0.0)
+    record = PassRecord(step.name, step.config.model_dump(mode="json"), seconds, metrics)
     art.records.append(record)
     return record
