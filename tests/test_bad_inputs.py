@@ -437,14 +437,6 @@ def _(tmp):
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["has mode F", "convert it to 8-bit RGB"]
 
 
-@case("images smaller than a patch")
-def _(tmp):
-    images(tmp, 160, size=(4, 6))
-    save_tiny("vit", tmp / "vit")
-    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
-    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["is 4x6 pixels", "at least 8x8"]
-
-
 @case("a corrupt image")
 def _(tmp):
     folder = images(tmp, 160)

@@ -191,6 +191,33 @@ def test_labels_must_match_the_captions(tmp_path, lines, message):
         read_samples(tmp_path / "d.jsonl")
 
 
+def test_numbered_classes_are_ids_unless_the_captions_say_their_numbers(tmp_path):
+    ids = [{"image": f"{i}.png", "text": t, "label": i % 2} for i, t in
+           enumerate(["a dog with 1 ball", "a cat and 0 mice", "a dog", "a cat", "a dog in the snow", "a cat"])]
+    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps(line) for line in ids))
+    assert [r["label"] for r in read_samples(tmp_path / "ids.jsonl")] == ["0", "1"] * 3
+    names = [{"image": f"{i}.png", "text": f"the number {3 + 4 * (i % 2)}", "label": 3 + 4 * (i % 2)} for i in range(6)]
+    names[4]["text"] = "the number 7"  # labelled 3, where the other captions say their numbers
+    (tmp_path / "names.jsonl").write_text("\n".join(json.dumps(line) for line in names))
+    with pytest.raises(LmmcError, match="the caption 'the number 7' names the class '7' but is labelled '3'"):
+        read_samples(tmp_path / "names.jsonl")
+
+
+def test_a_picture_of_any_size_is_read_as_the_processor_resizes_it(tmp_path):
+    from lmmc.data import check_images, encode_images
+
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    rng = np.random.default_rng(0)
+    paths = []
+    for w, h in [(1, 1), (6, 300), (300, 3)]:  # each smaller than an 8-pixel patch on one side
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{w}x{h}.png")
+        paths.append(str(tmp_path / f"{w}x{h}.png"))
+    check_images(paths)
+    pixels = encode_images(proc, paths, 3)[0]["pixel_values"]
+    expected = proc(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (3, 3, 32, 32) and float((pixels - expected).abs().max()) == 0.0
+
+
 def test_a_text_without_an_image_may_name_another_class(tmp_path):
     """Only a caption describes its image: a labelled review may say "1 star" and be of class 0."""
     lines = [{"text": "i give the house 1 star", "label": 0}, {"text": "the water is not negative", "label": "1"},

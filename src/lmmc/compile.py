@@ -417,7 +417,7 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
                 check_prompts(preprocessors["processor"], records, cfg.max_length, template,
                               _decoder_positions(config, adapter))
             if "image" in needed:
-                check_images([r["image"] for r in used if "image" in r], _patch(config, adapter))
+                check_images([r["image"] for r in used if "image" in r])
             n = len({json.dumps(r, sort_keys=True) for r in used})  # a repeated record trains once
         elif counts:
             n = counts["calibration"]
@@ -532,7 +532,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
                           text_pad_length(config, adapter))
     warnings.extend(chosen.warnings)
     if "image" in modalities:
-        check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r], _patch(config, adapter))
+        check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r])
     if selected < cal.eval_samples:  # a quarter of the distinct samples at most
         fix = (f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
                f"at most a quarter of them are held out")
@@ -544,12 +544,6 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         fix = "raise calibration.eval_samples"
     _check_floor(recipe, len(chosen.held_out), fix)
     return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
-
-
-def _patch(config: Any, adapter: Any) -> int:
-    """The vision tower's patch side: the smallest picture it can read."""
-    vision = next(t for t in adapter.towers if t.modality == "image")
-    return int(getattr(getattr(config, vision.config_key) if vision.config_key else config, "patch_size", 1))
 
 
 def _check_floor(recipe: Recipe, held_out: int, fix: str) -> None:

@@ -217,6 +217,11 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
         raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; zero-shot accuracy needs at "
                         f"least two classes. Give samples of several classes, or drop the labels")
     words = {c: re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in classes}
+    # A number is a class's name only where captions use it so ("the number 3"); where most captions of
+    # numbered classes do not say their own number, the numbers are ids, and "a dog with 2 balls" names none.
+    numbered = [r for r in records if "text" in r and "image" in r and re.fullmatch(r"-?\d+", r["label"])]
+    if 2 * sum(bool(words[r["label"]].search(r["text"])) for r in numbered) <= len(numbered):
+        words = {c: w for c, w in words.items() if not re.fullmatch(r"-?\d+", c)}
     for r in records:
         # a caption describes its image; a text alone may name any class (a review's "1 star" labelled 0)
         named = [c for c, w in words.items() if "text" in r and "image" in r and w.search(r["text"])]
@@ -361,24 +366,21 @@ def encode_images(image_processor, paths: list[str], batch_size: int) -> list[Ba
     return out
 
 
-def check_images(paths: list[str], min_side: int) -> None:
-    """Decode each image: unreadable or truncated files, non-picture modes and images smaller than one
-    patch fail before any weight loads."""
+def check_images(paths: list[str]) -> None:
+    """Decode each image: unreadable or truncated files and non-picture modes fail before any weight loads.
+    Any size is read: the image processor resizes every picture to the model's (checked at load)."""
     from PIL import Image, UnidentifiedImageError
 
     for p in paths:
         try:
             with Image.open(p) as im:
-                mode, size = im.mode, im.size
+                mode = im.mode
                 im.load()  # a truncated file has a whole header
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             raise LmmcError(f"cannot read image '{p}': {err}; remove it or replace it with a PNG/JPEG picture") from None
         if mode in NOT_PICTURES:
             raise LmmcError(f"image '{p}' has mode {mode} (integer or float pixels, e.g. a depth map or a 16-bit "
                             f"scan), not a picture; convert it to 8-bit RGB or remove it")
-        if min(size) < min_side:
-            raise LmmcError(f"image '{p}' is {size[0]}x{size[1]} pixels, smaller than one {min_side}-pixel patch "
-                            f"of the model; use real pictures of at least {min_side}x{min_side}")
 
 
 @dataclass
