@@ -219,6 +219,22 @@ def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray
     return float((top == best[:, None]).any(1).mean())
 
 
+def distinct_texts(batches: list[dict]) -> list[int]:
+    """Index of the first of each distinct text among the batches' samples, by its tokens (padding aside):
+    a caption held out under several images is one caption to retrieve, not several copies."""
+    seen: set[tuple[int, ...]] = set()
+    first, index = [], 0
+    for b in batches:
+        mask = b.get("attention_mask")
+        for row, ids in enumerate(b["input_ids"]):
+            key = tuple((ids if mask is None else ids[mask[row].bool()]).tolist())
+            if key not in seen:
+                seen.add(key)
+                first.append(index)
+            index += 1
+    return first
+
+
 def median_latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
     """Median ms per session, the sessions timed in turns (`time_interleaved`)."""
     times = time_interleaved({k: functools.partial(s.run, None, feed) for k, s in sessions.items()}, repeats)
@@ -366,9 +382,12 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
                "student": nearest_neighbour_accuracy(s, labels.held_out)}
     elif dual:
         (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
+        # Captions repeated under several images are ranked once: copies would fill the teacher's top k
+        # and a student ranking the same caption first through another copy would count as disagreeing.
+        keys = distinct_texts(art.calib.eval_batches("text")) if art.calib else list(range(len(t_txt)))
         parts = {"image -> image": top_k_agreement(t_img, t_img, s_img, s_img, cfg.agreement_k, same=True),
                  "text -> image": top_k_agreement(t_txt, t_img, s_txt, s_img, cfg.agreement_k),
-                 "image -> text": top_k_agreement(t_img, t_txt, s_img, s_txt, cfg.agreement_k)}
+                 "image -> text": top_k_agreement(t_img, t_txt[keys], s_img, s_txt[keys], cfg.agreement_k)}
         out = {"name": f"retrieval agreement with the teacher (top-1 in its top {cfg.agreement_k})",
                "kind": "retrieval_agreement", "k": cfg.agreement_k, "parts": parts, "teacher": 1.0,
                "student": min(parts.values()) if all(map(math.isfinite, parts.values())) else float("nan")}

@@ -102,6 +102,32 @@ def test_retrieval_agreement_counts_the_captions_each_image_ranks_first():
     assert out["parts"]["image -> text"] == 0.0 and out["value"] == 0.0
 
 
+def test_a_caption_held_out_under_several_images_is_ranked_once():
+    """40 images, 4 captions ten times each: a student that ranks every image's caption as the teacher does
+    agrees, whichever copy of the caption it finds first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmmc.adapters import get_adapter
+    from lmmc.export.validate import distinct_texts, task_metric
+
+    rng = np.random.default_rng(0)
+    captions = 4.0 * np.eye(8)[:4]
+    t_img = captions[np.arange(40) % 4] + 0.3 * rng.normal(size=(40, 8))
+    s_img = t_img + 0.01 * rng.normal(size=t_img.shape)
+    ids = torch.tensor([[101, 7 + i % 4, 102, 0] for i in range(40)])
+    mask = (ids != 0).long()
+    mask[:20, 3], ids[:20, 3] = 1, 5  # the first 20 read "caption, 5": other texts, with the same embeddings
+    batches = [{"input_ids": ids[:24], "attention_mask": mask[:24]}, {"input_ids": ids[24:], "attention_mask": mask[24:]}]
+    assert distinct_texts(batches) == [0, 1, 2, 3, 20, 21, 22, 23]
+    t_txt = np.concatenate([captions, captions])[np.r_[np.arange(20) % 4, 4 + np.arange(20) % 4]]
+    art = SimpleNamespace(calib=SimpleNamespace(eval_batches=lambda m: batches, labels=None),
+                          adapter=get_adapter("clip"))
+    out = task_metric(art, SimpleNamespace(agreement_k=5), {"text": (t_txt, t_txt), "vision": (t_img, s_img)})
+    assert out["parts"]["image -> text"] == 1.0
+
+
 # --- held-out split by image ---------------------------------------------------------------------
 
 def coco_style(tmp: Path, n_images: int = 40, captions: int = 3) -> Path:
