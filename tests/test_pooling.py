@@ -195,13 +195,3 @@ def test_a_pooling_without_its_config_or_with_none_set_is_refused(tmp_path):
         read_modules(str(path))
 
 
-def test_an_older_sentence_transformers_layout_names_the_directory_to_compile(tmp_path):
-    root = tmp_path / "st"
-    save_tiny("bert", root / "0_Transformer")
-    (root / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}]))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
-    result = CliRunner().invoke(main, ["compile", str(root), "-r", str(recipe), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2
-    assert f"point lmmc at '{root / '0_Transformer'}'" in result.output.replace("\n", "")

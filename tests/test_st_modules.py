@@ -116,6 +116,16 @@ def test_an_unknown_pooling_mode_is_refused(tmp_path, pooling_mode):
     ("sentence_bert_config.json", '{"max_seq_length": 12', "sentence_bert_config.json' is not valid JSON"),
     ("sentence_bert_config.json", '"max_seq_length"', "sentence_bert_config.json' holds a JSON str"),
     ("config_sentence_transformers.json", "{", "config_sentence_transformers.json' is not valid JSON"),
+    ("sentence_bert_config.json", '{"max_seq_length": "16"}', "max_seq_length '16' is not a positive whole number"),
+    ("sentence_bert_config.json", '{"max_seq_length": 0}', "max_seq_length 0 is not a positive whole number"),
+    ("sentence_bert_config.json", '{"do_lower_case": "no"}', "do_lower_case 'no' is not true or false"),
+    ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": ""},
+                                 {"type": "sentence_transformers.models.Normalize", "path": "2_Normalize"},
+                                 {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]),
+     "modules.json lists Transformer -> Normalize -> Pooling; lmmc compiles Transformer -> Pooling"),
+    ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": ""},
+                                 {"type": "sentence_transformers.models.Normalize", "path": "2_Normalize"}]),
+     "modules.json lists Transformer -> Normalize; lmmc compiles"),
 ])
 def test_a_broken_sentence_transformers_file_is_one_error_before_anything_loads(tmp_path, rel, text, words):
     path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode_mean_tokens": True})
@@ -129,6 +139,46 @@ def test_a_broken_sentence_transformers_file_is_one_error_before_anything_loads(
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_modules_json_decides_over_pooling_keys_a_config_carries(tmp_path):
+    """A student of lmmc's whose modules were changed in sentence-transformers keeps lmmc's keys in its
+    config.json; the pooling compiled is still the one sentence-transformers runs."""
+    path = save_tiny("bert", tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "sentence_pooling": ["cls", "max"],
+                                                  "sentence_normalize": False}))
+    st_dir(path, {"pooling_mode": "mean"}, normalize=True)
+    ours = lmmc_embeddings(path, TEXTS)
+    assert ours.shape == (len(TEXTS), 32)
+    assert torch.allclose(torch.nn.functional.normalize(ours, dim=-1), st_embeddings(path, TEXTS), atol=1e-5)
+    model, _, _ = load_teacher(str(path))
+    assert model.config.sentence_pooling == ["mean"] and model.config.sentence_normalize is True
+
+
+def test_the_older_layout_is_refused_with_how_to_save_it_whole(tmp_path):
+    import sentence_transformers.models  # noqa: F401
+
+    hf = save_tiny("bert", tmp_path / "hf")
+    st.SentenceTransformer(modules=[st.models.Transformer(str(hf)), st.models.Pooling(32, pooling_mode="cls"),
+                                    st.models.Dense(32, 16), st.models.Normalize()], device="cpu").save(str(tmp_path / "st"))
+    old = tmp_path / "st"
+    (old / "0_Transformer").mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json", "sentence_bert_config.json"):
+        if (old / f).exists():
+            (old / f).rename(old / "0_Transformer" / f)
+    modules = json.loads((old / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (old / "modules.json").write_text(json.dumps(modules))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
+    result = CliRunner().invoke(main, ["compile", str(old), "-r", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2
+    assert (f"it is a sentence-transformers directory in the older layout, its transformer in '0_Transformer/'. "
+            f"Save it again in the current layout, which lmmc reads whole: SentenceTransformer('{old}')"
+            ) in " ".join(result.output.split())
+    assert "point lmmc at" not in result.output
 
 
 # --- do_lower_case -----------------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ def local_dir(ref: str) -> Path | None:
     if not (path / "config.json").is_file():
         inner = sorted(p.parent.name for p in path.glob("*/config.json") if (path / "modules.json").is_file())
         if inner:  # an older sentence-transformers layout: the transformer is saved in a module directory
-            raise LmmcError(f"'{ref}' has no config.json but is a sentence-transformers directory whose "
-                            f"transformer lies in a module directory; point lmmc at '{path / inner[0]}' (its "
-                            f"pooling is then the mean, unless that directory has a modules.json of its own)")
+            # Pointed at the module directory alone, lmmc would miss the pooling and normalisation.
+            raise LmmcError(f"'{ref}' has no config.json: it is a sentence-transformers directory in the older "
+                            f"layout, its transformer in '{inner[0]}/'. Save it again in the current layout, "
+                            f"which lmmc reads whole: SentenceTransformer('{ref}').save('NEW_DIR'), then compile "
+                            f"NEW_DIR")
         raise LmmcError(f"'{ref}' has no config.json; point lmmc at a directory saved with save_pretrained()")
     return where
 
@@ -546,10 +548,10 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
         modules = read_modules(source)
         if modules is not None:
             preprocessor["sentence_modules"] = modules
-            if getattr(model.config, CONFIG_KEY, None) is None:
-                setattr(model.config, CONFIG_KEY, list(modules.modes))
-            if getattr(model.config, NORMALIZE_KEY, None) is None:
-                setattr(model.config, NORMALIZE_KEY, modules.normalize)
+            # modules.json decides, as in sentence-transformers: keys a config.json carries from an earlier
+            # lmmc student whose modules were changed since must not override it.
+            setattr(model.config, CONFIG_KEY, list(modules.modes))
+            setattr(model.config, NORMALIZE_KEY, modules.normalize)
     return model, adapter, preprocessor
 
 

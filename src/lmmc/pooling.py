@@ -88,7 +88,17 @@ def bert_config(source: str) -> dict[str, Any]:
     if read("modules.json") is None:
         return {}
     text = read("sentence_bert_config.json")
-    return {} if text is None else _json_object(text, f"'{source}/sentence_bert_config.json'")
+    if text is None:
+        return {}
+    where = f"'{source}/sentence_bert_config.json'"
+    cfg = _json_object(text, where)
+    length, lower = cfg.get("max_seq_length"), cfg.get("do_lower_case")
+    if length is not None and (type(length) is not int or length < 1):
+        raise LmmcError(f"{where}: max_seq_length {length!r} is not a positive whole number of tokens; write it "
+                        f"as one (e.g. 256), or remove it to cut texts where the model's positions end")
+    if lower is not None and type(lower) is not bool:
+        raise LmmcError(f"{where}: do_lower_case {lower!r} is not true or false; write it as one")
+    return cfg
 
 
 def _refuse_task_heads(files: dict[str, str], source: str) -> None:
@@ -162,6 +172,14 @@ def read_modules(source: str) -> SentenceModules | None:
     # Read now so that a broken file is refused before anything loads, not when the manifest is written.
     bert_config(source)
     warnings = _prompt_warnings(files.get("config_sentence_transformers.json"), source)
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if all(k in _KNOWN for k in kinds) and kinds not in (["Transformer", "Pooling"],
+                                                         ["Transformer", "Pooling", "Normalize"]):
+        # sentence-transformers runs the modules in this order; another order computes something else, and
+        # without a Pooling its encode has no sentence embedding at all
+        raise LmmcError(f"'{source}': modules.json lists {' -> '.join(kinds) or 'no modules'}; lmmc compiles "
+                        f"Transformer -> Pooling, then Normalize if the model has one, in that order. Repair "
+                        f"modules.json, or save the model again with sentence-transformers")
     modes, dirs = DEFAULT, []
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
