@@ -193,5 +193,3 @@ def test_a_pooling_without_its_config_or_with_none_set_is_refused(tmp_path):
     (path / "1_Pooling" / "config.json").unlink()
     with pytest.raises(LmmcError, match="1_Pooling/config.json"):
         read_modules(str(path))
-
-
