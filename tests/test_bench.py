@@ -535,6 +535,20 @@ def test_an_unwritable_json_folder_fails_before_the_run(uncapped, tmp_path, monk
     assert started == [] and not (ro / "b.json").exists()
 
 
+def test_a_json_inside_the_teacher_or_a_corpus_folder_is_refused(uncapped, tmp_path, monkeypatch):
+    """A file bench added there would change what it reads: every later bench would refuse the teacher as
+    changed since the compile."""
+    _, model_dir, out = uncapped
+    started = []
+    monkeypatch.setattr("lmmc.modelio.load_teacher", lambda *a: started.append(a))
+    before = sorted(p.name for p in model_dir.iterdir())
+    result = run("bench", out, "--quick", "--json", model_dir / "bench.json")
+    assert result.exit_code == 2, result.output
+    assert (f"error: --json '{model_dir / 'bench.json'}' is inside the teacher's folder ({model_dir}), which bench "
+            f"reads; pass --json with a path outside it") in " ".join(result.output.split())
+    assert started == [] and sorted(p.name for p in model_dir.iterdir()) == before
+
+
 def _during_the_run(monkeypatch, action):
     """Runs `action` while bench measures, after the checks at its start."""
     import lmmc.bench

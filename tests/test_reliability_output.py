@@ -253,6 +253,63 @@ def test_a_disk_that_fills_while_weights_are_saved_is_one_error_leaving_nothing(
     assert list(small.iterdir()) == []
 
 
+def fill(folder: Path) -> Path:
+    """Fill the disk `folder` lies on to its last byte; returns the file that holds the space."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_full_before_the_compile_starts_is_one_error_leaving_nothing(setup, tmp_path, mounted, one_thread):
+    """The work area's first record fails to write: no area is left that a later run would refuse as not
+    lmmc's, nor the folders made for --out."""
+    model, recipe, earlier = setup
+    small = mounted(None, tmp_path / "small", "-o", "size=2m")
+    filler = fill(small)
+    result = compile_(model, recipe, small / "deep" / "out")
+    assert result.exit_code == 2, result.output
+    assert "error: the disk is full: writing '" in result.output and "No space left on device" in result.output
+    assert [p.name for p in small.iterdir()] == ["filler"]
+    filler.unlink()
+    again = compile_(model, recipe, small / "deep" / "out")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (small / "deep" / "out").iterdir()) == sorted(p.name for p in earlier.iterdir())
+
+
+def test_a_full_disk_reported_in_a_libraries_own_words_is_still_a_full_disk(setup, tmp_path, mounted, monkeypatch,
+                                                                              one_thread):
+    """OpenVINO's writer says "basic_ios::clear: iostream error" when the disk fills."""
+    model, recipe, _ = setup
+    small = mounted(None, tmp_path / "small", "-o", "size=2m")
+
+    def fill_then_fail(folder):
+        fill(small)
+        raise RuntimeError("basic_ios::clear: iostream error")
+    monkeypatch.setattr(lmmc.compile, "write_report_html", fill_then_fail)
+    result = compile_(model, recipe, small / "out")
+    assert result.exit_code == 2, result.output
+    assert ("error: the disk is full: RuntimeError (basic_ios::clear: iostream error) while writing the output; "
+            f"nothing was written to '{small / 'out'}'") in " ".join(result.output.split())
+    assert [p.name for p in small.iterdir()] == ["filler"]
+
+
+def test_lmmc_report_on_a_full_disk_is_one_error(setup, tmp_path, mounted):
+    _, _, earlier = setup
+    small = mounted(None, tmp_path / "small", "-o", "size=2m")
+    shutil.copytree(earlier, small / "out")
+    (small / "out" / "report.html").unlink()
+    fill(small)
+    result = CliRunner().invoke(main, ["report", str(small / "out")])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write '{small / 'out' / 'report.html'}': the disk is full" in " ".join(result.output.split())
+    assert not (small / "out" / "report.html").exists()
+
+
 def test_a_read_only_volume_at_out_is_refused_before_any_work(setup, tmp_path, mounted):
     model, recipe, _ = setup
     out = mounted(None, tmp_path / "out", "-o", "ro")

@@ -57,7 +57,11 @@ def test_a_live_compile_holds_its_area_and_a_second_one_is_refused(tmp_path, tea
         WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=False)
     with pytest.raises(LmmcError, match="another lmmc compile"):
         WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=True)
+    with pytest.raises(LmmcError, match="another lmmc compile"):  # what a dry run checks
+        WorkArea(tmp_path / "out").check_claim(inputs(tmp_path), resume=False)
     assert (first.output / "half-written.onnx").read_bytes() == b"x"  # a live run's area is never emptied
+    first.release()  # a dead run's area: the lock is free, and a dry run has nothing to refuse
+    WorkArea(tmp_path / "out").check_claim(inputs(tmp_path), resume=False)
     first.finish()
     assert not work_path(tmp_path / "out").exists()
 

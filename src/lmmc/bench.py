@@ -218,6 +218,21 @@ def check_writable(path: Path) -> None:
                         f"make it writable or pass --json with a path in a writable folder") from None
 
 
+def _check_outside_inputs(json_path: Path, teacher_ref: str, calib_cfg: Any, corpora: list[Path]) -> None:
+    """The JSON may not land inside what bench reads: a file added to the teacher's folder or to a data
+    folder changes the inputs, and every later bench would refuse them as changed since the compile."""
+    from lmmc.modelio import local_dir
+
+    target = json_path.resolve()
+    reads = [("the teacher's folder", local_dir(teacher_ref)),
+             ("the calibration data", Path(calib_cfg.path) if calib_cfg.path else None),
+             *(("the corpus", Path(c)) for c in corpora)]
+    for what, place in reads:
+        if place is not None and place.is_dir() and target.is_relative_to(place.resolve()):
+            raise LmmcError(f"--json '{json_path}' is inside {what} ({place}), which bench reads; pass --json "
+                            f"with a path outside it")
+
+
 class NotSaved(LmmcError):
     """The bench ran to the end but its JSON could not be saved; `result` holds what it measured, so the
     table can still be printed."""
@@ -674,6 +689,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
             skipped.append("peak memory is not measured on a GPU: it is the host process's RSS")
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
     validate = _recipe_validate(report, out_dir / "report.json")
+    _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora)
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     data = load_data(calib_cfg, teacher, adapter, preprocessor)

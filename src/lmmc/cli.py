@@ -205,8 +205,6 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
     if parsed.bench is not None:
         from lmmc.bench import NotSaved, bench, format_table
 
-        from lmmc.report_html import write_report_html
-
         try:
             result = bench(Path(out), parsed.bench)
         except NotSaved as err:
@@ -216,7 +214,7 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
             how = f" by {err.args[0]}" if err.args else ""
             raise OutputWritten(f"interrupted{how} during the bench; the compile's output in '{out}' is complete: "
                                 f"run 'lmmc bench {out}' to time it") from None
-        write_report_html(Path(out))  # the page's latency plot then holds every backend bench timed
+        _draw_report(Path(out))  # the page's latency plot then holds every backend bench timed
         click.echo(f"wrote {Path(out) / 'bench.json'}", err=True)
         click.echo(format_table(result))
 
@@ -375,6 +373,20 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
 def report_cmd(out_dir):
     """Draw OUT_DIR/report.html again from OUT_DIR/report.json, with lmmc bench's latencies when OUT_DIR
     holds bench.json."""
+    click.echo(f"wrote {_draw_report(Path(out_dir))}")
+
+
+def _draw_report(out_dir: Path) -> Path:
+    """report.html drawn again; a page that cannot be written is the user's to fix (exit 2), not a bug."""
+    import errno
+
     from lmmc.report_html import write_report_html
 
-    click.echo(f"wrote {write_report_html(Path(out_dir))}")
+    try:
+        return write_report_html(out_dir)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "it is not writable"
+        raise LmmcError(f"cannot write '{out_dir / 'report.html'}': {why} ({err.strerror}); free some space or "
+                        f"fix the permissions, then run 'lmmc report {out_dir}'") from None

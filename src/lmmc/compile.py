@@ -626,7 +626,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     area = WorkArea(out)
     inputs = describe_inputs(model_ref, recipe)
-    area.claim(inputs, resume)
+    try:
+        area.claim(inputs, resume)
+    except OSError as err:
+        _remove(created)
+        raise _write_error(err, area.path, out) or err
     tmp = area.output
     done = 0
     try:
@@ -697,25 +701,27 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             area.finish()
         barrier(ctx)  # under torchrun, every rank ends once rank 0's output is in place, or stops with it
     except OSError as err:
+        full = err.errno is None and area.writer and _no_room(tmp, out)  # shutil's copy errors carry none
         _give_up(area, resume, created)
-        if err.errno in _DISK_FULL:
-            raise LmmcError(f"the disk is full: writing '{err.filename or tmp}' failed ({err.strerror}); nothing "
-                            f"was written to '{out}'. Free some space, or choose an --out on another disk") from None
-        if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
-            raise LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
-                            f"Choose an --out on a writable disk, or fix the permissions") from None
-        raise
+        raise _write_error(err, tmp, out, full) or err
     except OutputTaken:
         area.release()
         raise
     except LmmcError:
         _give_up(area, resume, created)
         raise
-    except BaseException:
+    except BaseException as err:
+        # Third-party writers (OpenVINO, ONNX Runtime's quantiser) report a full disk in words of their own.
+        if isinstance(err, Exception) and area.writer and _no_room(tmp, out):
+            _give_up(area, resume, created)
+            raise LmmcError(f"the disk is full: {type(err).__name__} ({_first_words(err)}) while writing the "
+                            f"output; nothing was written to '{out}'. Free some space, or choose an --out on "
+                            f"another disk") from None
         area.release()
         if area.writer:
-            print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same "
-                  f"command with --resume to continue from there", file=sys.stderr)
+            print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same command "
+                  f"with --resume to continue from there" if done else
+                  "lmmc: no pass finished; run the same command again (without --resume)", file=sys.stderr)
         raise
     if interrupted:
         raise OutputWritten(f"interrupted by {signal.Signals(interrupted[0]).name} as the output was put in place; "
@@ -796,6 +802,39 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
     shutil.rmtree(aside)
 
 
+def _write_error(err: OSError, where: Path, out: Path, full: bool = False) -> LmmcError | None:
+    """The one-line error of a write that failed for a full disk or a folder lmmc may not write; None for
+    any other failure."""
+    if err.errno in _DISK_FULL or full:
+        return LmmcError(f"the disk is full: writing '{err.filename or where}' failed ({err.strerror or 'no space'}); "
+                         f"nothing was written to '{out}'. Free some space, or choose an --out on another disk")
+    if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
+        return LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
+                         f"Choose an --out on a writable disk, or fix the permissions")
+    return None
+
+
+def _no_room(*folders: Path, probe: int = 8 << 20) -> bool:
+    """Whether writing `probe` bytes fails for want of space in one of `folders` (those that exist)."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        try:
+            with tempfile.TemporaryFile(dir=folder, prefix=".lmmc-room-probe-") as fh:
+                fh.write(b"\0" * probe)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            if err.errno in _DISK_FULL:
+                return True
+    return False
+
+
+def _first_words(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
 def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:
     """After bad input or a full disk: a new compile leaves nothing behind, not even the folders it made
     for --out; a resumed one keeps what the interrupted run saved, to resume once the input is fixed."""
@@ -803,6 +842,11 @@ def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:
         area.release()
         return
     area.discard()
+    _remove(created)
+
+
+def _remove(created: list[Path]) -> None:
+    """The folders a compile made for --out, deepest first, as far as they are empty."""
     for folder in created:
         try:
             folder.rmdir()

@@ -159,8 +159,12 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file left in the area
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_json(path: Path) -> Any:
@@ -195,14 +199,19 @@ class WorkArea:
         self._check_ours()
         if resume and not (self.path / INPUTS_FILE).is_file():
             raise LmmcError(self._nothing_to_resume())
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        made = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a full disk: an area this run made is removed, not left to be refused as not lmmc's
+            if made:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LmmcError(f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
-                            f"'{self.path}'); wait for it to finish or stop it, or choose another --out") from None
+            raise LmmcError(self._taken()) from None
         self._lock = fd
         try:
             if resume:
@@ -219,11 +228,25 @@ class WorkArea:
             self.output.mkdir(exist_ok=True)
         except BaseException:
             self.release()
+            if made:
+                shutil.rmtree(self.path, ignore_errors=True)
             raise
+
+    def _taken(self) -> str:
+        return (f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
+                f"'{self.path}'); wait for it to finish or stop it, or choose another --out")
 
     def check_claim(self, inputs: dict[str, Any] | None, resume: bool) -> None:
         """What claim refuses before any pass, checked without taking the area: for a dry run."""
         self._check_ours()
+        if (self.path / LOCK_FILE).is_file():  # a live compile holds the lock; try it and let it go at once
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LmmcError(self._taken()) from None
+            finally:
+                os.close(fd)
         if not resume:
             return
         previous = _read_json(self.path / INPUTS_FILE)
