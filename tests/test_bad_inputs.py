@@ -437,6 +437,35 @@ def _(tmp):
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["has mode F", "convert it to 8-bit RGB"]
 
 
+@case("weights named under a prefix transformers does not strip, dry run")
+def _(tmp):
+    from safetensors.torch import load_file, save_file
+
+    model = bert(tmp)
+    weights = load_file(model / "model.safetensors")
+    save_file({f"model.{k}": v for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp, RANDOM)
+    return [model, "-r", recipe, "-o", "out", "--dry-run"], [
+        "name their tensors under the prefix 'model.'", "which transformers does not strip", "Save the model's own"]
+
+
+@case("calibration data that is a pipe")
+def _(tmp):
+    os.mkfifo(tmp / "calib.txt")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "calib.txt' is neither a file nor a folder (a pipe or a device)", "save the data to a file"]
+
+
+@case("a folder of text files as calibration data")
+def _(tmp):
+    (tmp / "texts").mkdir()
+    texts(tmp / "texts")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "texts"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "is a folder, which lmmc reads as images, and it holds none", "pass the file itself", "calib.txt"]
+
+
 @case("a corrupt image")
 def _(tmp):
     folder = images(tmp, 160)

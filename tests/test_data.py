@@ -191,6 +191,13 @@ def test_labels_must_match_the_captions(tmp_path, lines, message):
         read_samples(tmp_path / "d.jsonl")
 
 
+def test_nul_bytes_are_no_text(tmp_path):
+    (tmp_path / "d.txt").write_bytes(b"a cat\n\0\0\n\0 a dog\0\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "\0"}) + "\n" + json.dumps({"text": "a\0 cat"}) + "\n")
+    assert read_samples(tmp_path / "d.txt") == [{"text": "a cat"}, {"text": "a dog"}]
+    assert read_samples(tmp_path / "d.jsonl") == [{"text": "a cat"}]
+
+
 def test_numbered_classes_are_ids_unless_the_captions_say_their_numbers(tmp_path):
     ids = [{"image": f"{i}.png", "text": t, "label": i % 2} for i, t in
            enumerate(["a dog with 1 ball", "a cat and 0 mice", "a dog", "a cat", "a dog in the snow", "a cat"])]

@@ -82,13 +82,22 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     each image captioned with the template."""
     if not path.exists():
         raise LmmcError(f"calibration data '{path}' does not exist; pass --calib with a .txt, .jsonl or image folder")
+    if not (path.is_dir() or path.is_file()):  # read twice (the plan, then the run): a pipe would be empty, or hang
+        raise LmmcError(f"calibration data '{path}' is neither a file nor a folder (a pipe or a device); save the "
+                        f"data to a file and pass that")
     if path.is_dir() and caption_template is not None:
         records = _class_folders(path, caption_template)
     elif path.is_dir():
-        records = [{"image": str(p)} for p in folder_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = folder_files(path)
+        records = [{"image": str(p)} for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        texts = [p for p in files if p.suffix.lower() in (".txt", ".jsonl")]
+        if not records and texts:
+            raise LmmcError(f"calibration data '{path}' is a folder, which lmmc reads as images, and it holds none; "
+                            f"for its texts pass the file itself ({texts[0]})")
         _check_readable(path, [r["image"] for r in records])
     elif path.suffix.lower() == ".txt":
-        records = [{"text": line.strip()} for line in _lines(path) if line.strip()]
+        # NUL bytes (a file cut from a binary) are no text: a line of them is blank
+        records = [{"text": text} for line in _lines(path) if (text := line.replace("\0", "").strip())]
     elif path.suffix.lower() == ".jsonl":
         records = []
         for n, line in enumerate(_lines(path), 1):
@@ -106,8 +115,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                     raise LmmcError(f"{path}:{n}: \"{key}\" must be a string, got {json.dumps(obj[key])}; write it "
                                     f"as {'a path in quotes' if key == 'image' else 'text in quotes'}")
             rec = {}
-            if obj.get("text", "").strip():  # stripped, and a blank one dropped, as a .txt line is
-                rec["text"] = obj["text"].strip()
+            if text := obj.get("text", "").replace("\0", "").strip():  # as a .txt line is read
+                rec["text"] = text
             if "image" in obj:
                 image = Path(obj["image"])
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
