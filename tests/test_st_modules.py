@@ -141,6 +141,21 @@ def test_a_broken_sentence_transformers_file_is_one_error_before_anything_loads(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_calibration_length_above_the_deployed_cut_is_named(tmp_path):
+    from tests.conftest import CORPUS
+
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"})  # max_seq_length 32
+    recipe = tmp_path / "recipe.yaml"
+    for length, warned in [(48, True), (32, False)]:
+        recipe.write_text(yaml.safe_dump({"calibration": {"path": str(CORPUS), "max_length": length},
+                                          "passes": [{"magnitude": {"sparsity": 0.3}}]}))
+        result = CliRunner().invoke(main, ["compile", str(path), "-r", str(recipe), "-o", str(tmp_path / "out"),
+                                           "--dry-run"])
+        assert result.exit_code == 0, result.output
+        assert (f"calibration.max_length = {length} is above the 32 tokens the deployed student's encode cuts a "
+                f"text to" in " ".join(result.output.split())) is warned
+
+
 def test_modules_json_decides_over_pooling_keys_a_config_carries(tmp_path):
     """A student of lmmc's whose modules were changed in sentence-transformers keeps lmmc's keys in its
     config.json; the pooling compiled is still the one sentence-transformers runs."""

@@ -278,6 +278,8 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
+    if modules is not None:  # as load_teacher keeps them: the length texts are cut to reads max_seq_length
+        preprocessors["sentence_modules"] = modules
     warnings: list[str] = ([offline] if offline else []) + ([] if modules is None else list(modules.warnings))
     if getattr(config, "auto_map", None) and not trust_remote_code:
         warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
@@ -531,6 +533,13 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
         _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"], chosen.held_out, length,
                           text_pad_length(config, adapter))
     warnings.extend(chosen.warnings)
+    if "text" in modalities and cal.max_length and preprocessors.get("tokenizer") is not None:
+        cut = text_truncation(config, adapter, preprocessors)
+        if cut is not None and cal.max_length > cut:
+            warnings.append(f"calibration.max_length = {cal.max_length} is above the {cut} tokens the deployed "
+                            f"student's encode cuts a text to (the manifest's preprocessing.text.max_length): "
+                            f"validation scores texts longer than any it will be sent; set max_length to {cut} "
+                            f"or less")
     if "image" in modalities:
         check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r])
     if selected < cal.eval_samples:  # a quarter of the distinct samples at most

@@ -458,7 +458,7 @@ def _check_tokenizer(ref: str, tok: Any, vocab_size: int, pads: bool = True) -> 
     if size < vocab_size // 2:
         raise LmmcError(f"the tokenizer of '{ref}' has {size:,} tokens for a model with {vocab_size:,}; it is a "
                         f"stand-in (missing tokenizer files) or another model's, not this model's tokenizer: {fix}")
-    ids = tok(ORDINARY_TEXT, add_special_tokens=False)["input_ids"]
+    ids = tok(ORDINARY_TEXT, add_special_tokens=False, verbose=False)["input_ids"]
     if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
         raise LmmcError(f"the tokenizer of '{ref}' maps every ordinary word to the unknown token; it is not "
                         f"the model's tokenizer: {fix}")
