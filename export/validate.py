@@ -48,7 +48,8 @@ class ValidateConfig(PassConfig):
     min_task_metric_ratio: float | None = Field(None, gt=0, le=1, description="gate: the student's task "
                                                 "metric divided by the teacher's; on labelled data the teacher "
                                                 "must also be told apart from chance (a second gate)")
-    agreement_k: int = Field(5, gt=0, description="data without labels: a student's best match agrees when "
+    agreement_k: int = Field(5, gt=0, description="dual encoders on data without labels (one tower: exact "
+                             "nearest-neighbour agreement): a student's best match agrees when "
                              "it is among the teacher's k best, so near-synonymous captions and look-alike "
                              "images do not count as disagreement")
     max_runtime_diff: float = Field(1e-4, gt=0, description="gate: max |ONNX Runtime - PyTorch| of the "
