@@ -310,6 +310,18 @@ def test_lmmc_report_on_a_full_disk_is_one_error(setup, tmp_path, mounted):
     assert not (small / "out" / "report.html").exists()
 
 
+def test_a_compile_stopped_before_its_first_pass_says_there_is_nothing_to_resume(setup, tmp_path, monkeypatch):
+    model, recipe, _ = setup
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGTERM")
+    monkeypatch.setattr(lmmc.compile, "load_teacher", stopped)
+    result = compile_(model, recipe, tmp_path / "out")
+    assert result.exit_code == 130, result.output
+    assert "lmmc: no pass finished; run the same command again (without --resume)" in result.output
+    assert "--resume to continue" not in result.output
+
+
 def test_a_read_only_volume_at_out_is_refused_before_any_work(setup, tmp_path, mounted):
     model, recipe, _ = setup
     out = mounted(None, tmp_path / "out", "-o", "ro")
