@@ -446,7 +446,19 @@ def _(tmp):
     save_file({f"model.{k}": v for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
     recipe = write_recipe(tmp, RANDOM)
     return [model, "-r", recipe, "-o", "out", "--dry-run"], [
-        "name their tensors under the prefix 'model.'", "which transformers does not strip", "Save the model's own"]
+        "name every tensor under the prefix 'model.'", "which transformers does not strip", "Save the model's own"]
+
+
+@case("a ViT's weights saved from a compiled module (_orig_mod.), dry run")
+def _(tmp):
+    from safetensors.torch import load_file, save_file
+
+    model = save_tiny("vit", tmp / "vit")
+    weights = load_file(model / "model.safetensors")
+    save_file({f"_orig_mod.{k}": v for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    images(tmp, 160)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return [model, "-r", recipe, "-o", "out", "--dry-run"], ["name every tensor under the prefix '_orig_mod.'"]
 
 
 @case("calibration data that is a pipe")

@@ -208,6 +208,10 @@ def test_numbered_classes_are_ids_unless_the_captions_say_their_numbers(tmp_path
     (tmp_path / "names.jsonl").write_text("\n".join(json.dumps(line) for line in names))
     with pytest.raises(LmmcError, match="the caption 'the number 7' names the class '7' but is labelled '3'"):
         read_samples(tmp_path / "names.jsonl")
+    shifted = [{"image": f"{i}.png", "text": f"the number {i % 3}", "label": i % 3 + 1} for i in range(6)]  # 1-based
+    (tmp_path / "shifted.jsonl").write_text("\n".join(json.dumps(line) for line in shifted))
+    with pytest.raises(LmmcError, match="the caption 'the number 1' names the class '1' but is labelled '2'"):
+        read_samples(tmp_path / "shifted.jsonl")
 
 
 def test_a_picture_of_any_size_is_read_as_the_processor_resizes_it(tmp_path):

@@ -283,19 +283,42 @@ def test_a_disk_full_before_the_compile_starts_is_one_error_leaving_nothing(setu
 
 def test_a_full_disk_reported_in_a_libraries_own_words_is_still_a_full_disk(setup, tmp_path, mounted, monkeypatch,
                                                                               one_thread):
-    """OpenVINO's writer says "basic_ios::clear: iostream error" when the disk fills."""
-    model, recipe, _ = setup
+    """OpenVINO's writer says "basic_ios::clear: iostream error" when the disk fills. The finished passes
+    are kept for --resume: the failure may have another cause than the space."""
+    model, recipe, earlier = setup
     small = mounted(None, tmp_path / "small", "-o", "size=2m")
+    real = lmmc.compile.write_report_html
 
     def fill_then_fail(folder):
-        fill(small)
+        filler = fill(small)
+        monkeypatch.setattr(lmmc.compile, "write_report_html", real)
         raise RuntimeError("basic_ios::clear: iostream error")
     monkeypatch.setattr(lmmc.compile, "write_report_html", fill_then_fail)
     result = compile_(model, recipe, small / "out")
     assert result.exit_code == 2, result.output
-    assert ("error: the disk is full: RuntimeError (basic_ios::clear: iostream error) while writing the output; "
-            f"nothing was written to '{small / 'out'}'") in " ".join(result.output.split())
-    assert [p.name for p in small.iterdir()] == ["filler"]
+    assert ("error: the disk is full (less than 1 MiB left) after RuntimeError: basic_ios::clear: iostream error; "
+            f"nothing was written to '{small / 'out'}'; the 1 finished pass(es) are kept in "
+            f"'{work_path(small / 'out')}': free some space, then run the same command with --resume"
+            ) in " ".join(result.output.split())
+    assert sorted(p.name for p in small.iterdir()) == [".out.lmmc-work", "filler"]
+    (small / "filler").unlink()
+    resumed = compile_(model, recipe, small / "out", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in (small / "out").iterdir()) == sorted(p.name for p in earlier.iterdir())
+
+
+def test_a_bug_on_a_disk_with_space_left_is_no_full_disk(setup, tmp_path, mounted, monkeypatch, one_thread):
+    model, recipe, _ = setup
+    small = mounted(None, tmp_path / "small", "-o", "size=8m")
+    with open(small / "filler", "wb") as fh:
+        fh.write(b"\0" * (6 << 20))  # 2 MiB left
+
+    def bug(folder):
+        raise ValueError("an ordinary bug")
+    monkeypatch.setattr(lmmc.compile, "write_report_html", bug)
+    result = compile_(model, recipe, small / "out")
+    assert result.exit_code == 3 and "internal error: ValueError: an ordinary bug" in result.output
+    assert "1 pass(es) finished; their results are kept" in result.output
 
 
 def test_lmmc_report_on_a_full_disk_is_one_error(setup, tmp_path, mounted):

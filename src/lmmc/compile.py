@@ -710,9 +710,11 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             area.finish()
         barrier(ctx)  # under torchrun, every rank ends once rank 0's output is in place, or stops with it
     except OSError as err:
-        full = err.errno is None and area.writer and _no_room(tmp, out)  # shutil's copy errors carry none
+        if err.errno is None and area.writer and _no_room(tmp, out):  # shutil's copy errors carry no errno
+            area.release()
+            raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
         _give_up(area, resume, created)
-        raise _write_error(err, tmp, out, full) or err
+        raise _write_error(err, tmp, out) or err
     except OutputTaken:
         area.release()
         raise
@@ -722,10 +724,8 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     except BaseException as err:
         # Third-party writers (OpenVINO, ONNX Runtime's quantiser) report a full disk in words of their own.
         if isinstance(err, Exception) and area.writer and _no_room(tmp, out):
-            _give_up(area, resume, created)
-            raise LmmcError(f"the disk is full: {type(err).__name__} ({_first_words(err)}) while writing the "
-                            f"output; nothing was written to '{out}'. Free some space, or choose an --out on "
-                            f"another disk") from None
+            area.release()
+            raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
         area.release()
         if area.writer:
             print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same command "
@@ -811,10 +811,10 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _write_error(err: OSError, where: Path, out: Path, full: bool = False) -> LmmcError | None:
+def _write_error(err: OSError, where: Path, out: Path) -> LmmcError | None:
     """The one-line error of a write that failed for a full disk or a folder lmmc may not write; None for
     any other failure."""
-    if err.errno in _DISK_FULL or full:
+    if err.errno in _DISK_FULL:
         return LmmcError(f"the disk is full: writing '{err.filename or where}' failed ({err.strerror or 'no space'}); "
                          f"nothing was written to '{out}'. Free some space, or choose an --out on another disk")
     if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
@@ -823,25 +823,20 @@ def _write_error(err: OSError, where: Path, out: Path, full: bool = False) -> Lm
     return None
 
 
-def _no_room(*folders: Path, probe: int = 8 << 20) -> bool:
-    """Whether writing `probe` bytes fails for want of space in one of `folders` (those that exist)."""
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        try:
-            with tempfile.TemporaryFile(dir=folder, prefix=".lmmc-room-probe-") as fh:
-                fh.write(b"\0" * probe)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as err:
-            if err.errno in _DISK_FULL:
-                return True
-    return False
+def _no_room(*folders: Path) -> bool:
+    """Whether one of `folders` (those that exist) lies on a disk with less than 1 MiB left: what a writer
+    that filled it leaves behind."""
+    return any(shutil.disk_usage(f).free < 1 << 20 for f in folders if f.is_dir())
 
 
-def _first_words(err: BaseException) -> str:
+def _full_and_kept(err: BaseException, out: Path, area: Path, done: int) -> str:
+    """A failure in a library's own words on a disk left full. The work is kept, not discarded: the failure
+    may have another cause, and freeing space is the user's to do."""
     text = " ".join(str(err).split())
-    return text[:200] + ("..." if len(text) > 200 else "")
+    then = (f"the {done} finished pass(es) are kept in '{area}': free some space, then run the same command with "
+            f"--resume" if done else "free some space, then run the same command again")
+    return (f"the disk is full (less than 1 MiB left) after {type(err).__name__}: {text[:200]}"
+            f"{'...' if len(text) > 200 else ''}; nothing was written to '{out}'; {then}")
 
 
 def _give_up(area: WorkArea, resume: bool, created: list[Path]) -> None:

@@ -226,11 +226,12 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
         raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; zero-shot accuracy needs at "
                         f"least two classes. Give samples of several classes, or drop the labels")
     words = {c: re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in classes}
-    # A number is a class's name only where captions use it so ("the number 3"); where most captions of
-    # numbered classes do not say their own number, the numbers are ids, and "a dog with 2 balls" names none.
-    numbered = [r for r in records if "text" in r and "image" in r and re.fullmatch(r"-?\d+", r["label"])]
-    if 2 * sum(bool(words[r["label"]].search(r["text"])) for r in numbered) <= len(numbered):
-        words = {c: w for c, w in words.items() if not re.fullmatch(r"-?\d+", c)}
+    # A number is a class's name only where captions use class numbers ("the number 3", right or wrong);
+    # where most captions of numbered classes say none, the numbers are ids, and "a dog with 1 ball" names none.
+    numbers = [c for c in classes if re.fullmatch(r"-?\d+", c)]
+    numbered = [r for r in records if "text" in r and "image" in r and r["label"] in numbers]
+    if 2 * sum(any(words[c].search(r["text"]) for c in numbers) for r in numbered) <= len(numbered):
+        words = {c: w for c, w in words.items() if c not in numbers}
     for r in records:
         # a caption describes its image; a text alone may name any class (a review's "1 star" labelled 0)
         named = [c for c, w in words.items() if "text" in r and "image" in r and w.search(r["text"])]

@@ -156,20 +156,21 @@ def index_files(index: Path, ref: str) -> list[str]:
     return files
 
 
-def _refuse_foreign_prefix(ref: str, keys: Any, loose: list[str], base: str) -> None:
-    """Refuse weights named under a prefix transformers does not strip (a training wrapper's "model."):
-    the model would find none of the `loose` names it looked for in vain, though the checkpoint holds them."""
-    keys = set(keys)
-    if not loose:
+def _refuse_foreign_prefix(ref: str, keys: Any, model: torch.nn.Module) -> None:
+    """Refuse weights all named under a prefix transformers does not strip (a training wrapper's "module."
+    or "_orig_mod."): the model would find none of them. The base model's own prefix ("bert.") and a name
+    the model has at its top are no wrapper."""
+    keys = list(keys)
+    first = keys[0].split(".")[0] if keys else ""
+    if len(keys) < 2 or not all(k.startswith(first + ".") for k in keys):
         return
-    for key in keys:
-        if key.endswith("." + loose[0]):
-            prefix = key[:-len(loose[0])]
-            if 2 * sum(prefix + n in keys for n in loose) >= len(loose):
-                raise LmmcError(f"the weights of '{ref}' name their tensors under the prefix '{prefix}' ('{key}'), "
-                                f"which transformers does not strip{f' (it strips {base!r} only)' if base else ''}: "
-                                f"the model would find none of them. Save the model's own weights, e.g. "
-                                f"from_pretrained of the model the wrapper holds, then save_pretrained")
+    base = getattr(model, "base_model_prefix", "")
+    if first == base or hasattr(model, first):
+        return
+    raise LmmcError(f"the weights of '{ref}' name every tensor under the prefix '{first}.' ('{keys[0]}'), which "
+                    f"transformers does not strip{f' (it strips {base!r} only)' if base else ''}: the model would "
+                    f"find none of them. Save the model's own weights, e.g. from_pretrained of the model the "
+                    f"wrapper holds, then save_pretrained")
 
 
 def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
@@ -195,9 +196,7 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
         except (SafetensorError, OSError) as err:
             state = "missing" if not (path / name).is_file() else "corrupt or truncated"
             raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
-    base = getattr(model, "base_model_prefix", "")
-    _refuse_foreign_prefix(str(path), shapes, [n for n in model.state_dict() if n not in shapes
-                                               and f"{base}.{n}" not in shapes], base)
+    _refuse_foreign_prefix(str(path), shapes, model)
     extra = []
     for tower in adapter.towers:
         for path_ in tower.layers:
@@ -546,7 +545,8 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
     missing = [k for k in absent if k not in unread] + sorted(info.get("mismatched_keys") or [])
     # A task head beside the base model's weights is expected; tensors of blocks the config does not build (a
     # config.json of fewer layers) would be dropped, and the teacher silently cut.
-    _refuse_foreign_prefix(ref, info.get("unexpected_keys") or [], absent, getattr(model, "base_model_prefix", ""))
+    if 2 * len(absent) > len(model.state_dict()):  # a head's unexpected keys beside a whole model are no wrapper
+        _refuse_foreign_prefix(ref, info.get("unexpected_keys") or [], model)
     paths = [p for tower in adapter.towers for p in tower.layers]
     extra = [k for k in sorted(info.get("unexpected_keys") or [])
              if any(k.startswith(f"{p}.") or f".{p}." in k for p in paths) and not k.endswith("inv_freq")]
