@@ -21,7 +21,7 @@ from lmmc.errors import LmmcError
 from lmmc.export.validate import cosine
 from lmmc.runtime import load, open_dir
 from lmmc.student import load_student
-from tests.conftest import save_tiny
+from tests.conftest import save_preprocessors, save_tiny
 
 RECIPE = {
     "calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 12},
@@ -263,6 +263,10 @@ def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
             (3, "item 0 of encode's list is int")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode([item])
+    for lone in (np.zeros((40, 48, 3), np.uint8), np.zeros((3, 40, 48), np.float32)):  # one picture, not 40 or 3
+        with pytest.raises(LmmcError, match=f"got one array of shape \\{list(lone.shape)}; an array is one picture: "
+                                            "wrap it in a list"):
+            deployed.encode(lone)
 
 
 def test_a_directory_without_its_tokenizer_files_is_an_error_not_a_blank_tokenizer(compiled, tmp_path):
@@ -272,7 +276,34 @@ def test_a_directory_without_its_tokenizer_files_is_an_error_not_a_blank_tokeniz
     shutil.copytree(compiled, out)
     (out / "student" / "tokenizer.json").unlink()  # transformers would build an empty vocabulary from config.json
     with pytest.raises(LmmcError, match="lacks \\['student/tokenizer.json'\\], the tokenizer files its manifest lists"):
-        open_dir(out, threads=1).encode(TEXTS)
+        open_dir(out, threads=1)
+
+
+def test_two_threads_encoding_at_once_on_a_fresh_process_agree(compiled):
+    """The tokenizer and image processor are read when the folder is opened: threads' first encodes used to
+    import transformers together, and one of them failed on the half-imported module."""
+    code = f"""
+import threading, numpy as np
+from lmmc.runtime import open_dir
+d = open_dir({str(compiled)!r}, threads=1)
+barrier, got = threading.Barrier(2), [None, None]
+def go(i):
+    barrier.wait()
+    got[i] = d.encode({TEXTS!r})
+threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(float(np.abs(got[0] - got[1]).max()))
+"""
+    for _ in range(3):  # the failure needed two imports racing, which a fresh process gives most times
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.split() == ["0.0"], run.stdout + run.stderr
+
+
+def test_a_folder_moved_after_opening_keeps_its_tokenizer(compiled, tmp_path):
+    shutil.copytree(compiled, tmp_path / "a")
+    deployed = open_dir(tmp_path / "a", threads=1)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert np.abs(deployed.encode(TEXTS) - open_dir(tmp_path / "b", threads=1).encode(TEXTS)).max() == 0
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -522,6 +553,7 @@ def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
     (out / "onnx").mkdir(parents=True)
     _identity_onnx(out / "onnx" / "text.onnx")
     _identity_onnx(outside)  # a loadable model: only the manifest check keeps it out
+    save_preprocessors("bert", out / "student")  # read as the folder opens
     manifest = {"towers": {"text": {"modality": "text", "normalized": True}},
                 "preprocessing": {"text": {"kind": "tokenizer", "max_length": 8, "files": ["student/tokenizer.json"]}},
                 "artifacts": [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "variant": "plain",

@@ -323,6 +323,10 @@ def _as_list(items: Iterable) -> list:
     if isinstance(items, (str, bytes, Path, Image.Image)):
         raise LmmcError(f"encode takes a list of texts or images, and got one {type(items).__name__}; wrap it in a "
                         f"list: encode([item])")
+    if isinstance(items, np.ndarray) and items.dtype.kind in "biuf":  # iterating it would encode its rows as pictures
+        raise LmmcError(f"encode takes a list of texts or images, and got one array of shape {list(items.shape)}; "
+                        f"an array is one picture: wrap it in a list, encode([array]), or pass a stack of "
+                        f"pictures as list(stack)")
     if isinstance(items, Mapping):  # iterating it would encode its keys
         raise LmmcError(f"encode takes a list of texts or images, not a {type(items).__name__}; pass "
                         f"list(d.values()) to encode its values")
@@ -449,7 +453,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise LmmcError(f"open_dir takes the path of a compile's output directory, not {type(out_dir).__name__}")
-    out_dir = Path(out_dir).resolve()  # the tokenizer is read at the first encode, perhaps from another cwd
+    out_dir = Path(out_dir).resolve()
     manifest = read_manifest(out_dir)
     if "generative" in manifest:
         raise LmmcError(f"{out_dir} holds a generative model's export, which generates text rather than encoding "
@@ -477,7 +481,13 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         chosen.sort(key=lambda a: a.get("variant") != "fused")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
-    return Deployment(out_dir, manifest, models, trust_remote_code)
+    deployment = Deployment(out_dir, manifest, models, trust_remote_code)
+    # Read now, with the artifacts: the first encodes of several threads would otherwise import transformers
+    # together (which fails half-imported), and a folder moved or replaced after opening would pair these
+    # artifacts with another compile's tokenizer.
+    for tower in manifest["towers"].values():
+        deployment._preprocessor(tower["modality"])
+    return deployment
 
 
 def open_generative(out_dir: str | Path, threads: int | None = None, trust_remote_code: bool = False):
