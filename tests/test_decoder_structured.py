@@ -154,6 +154,7 @@ def prune_unevenly_(model: torch.nn.Module) -> None:
 def test_a_pruned_llava_reloads_exactly(decoder: str, tmp_path) -> None:
     model = tiny_llava(decoder)
     prune_unevenly_(model)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [2, 3], 0  # not config.json's
     record = save(model, tmp_path, {})
     assert record["weights"] == "student.safetensors"
     lang = record["towers"]["language"]
@@ -165,6 +166,7 @@ def test_a_pruned_llava_reloads_exactly(decoder: str, tmp_path) -> None:
     assert read_structure(reloaded, ADAPTER) == read_structure(model, ADAPTER)
     assert torch.equal(logits(reloaded), logits(model))
     assert torch.equal(greedy(reloaded, tokens=16), greedy(model, tokens=16))
+    assert (reloaded.generation_config.eos_token_id, reloaded.generation_config.pad_token_id) == ([2, 3], 0)
 
 
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
@@ -174,6 +176,7 @@ def test_a_llava_with_blocks_removed_only_reloads_with_from_pretrained(decoder: 
     model = tiny_llava(decoder)
     keep_blocks_(model, LANGUAGE, [0, 3])
     keep_blocks_(model, VISION, [0])  # the block whose output the projector reads (vision_feature_layer -2)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [2, 3], 0
     assert save(model, tmp_path, {})["weights"] == "model.safetensors"
     plain = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     reloaded = load_student(tmp_path)
@@ -181,6 +184,7 @@ def test_a_llava_with_blocks_removed_only_reloads_with_from_pretrained(decoder: 
     for other in (plain, reloaded):
         assert torch.equal(logits(other), logits(model))
         assert torch.equal(greedy(other), greedy(model))
+        assert (other.generation_config.eos_token_id, other.generation_config.pad_token_id) == ([2, 3], 0)
 
 
 def test_reload_refuses_a_record_whose_heads_split_groups(tmp_path) -> None:

@@ -134,6 +134,7 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if standard and adapter.standard_state is not None:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
+        _save_generation_config(model, out)
         state = {k: v.detach().contiguous() for k, v in adapter.standard_state(model.state_dict()).items()}
         save_tensors(state, out / STANDARD_WEIGHTS, metadata={"format": "pt"})
     elif standard:
@@ -149,6 +150,7 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     else:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
+        _save_generation_config(model, out)
         state, tied = _untied_state(model)
         if tied:
             record["tied"] = tied
@@ -272,6 +274,13 @@ def _structure(meta_path: Path) -> dict[str, Any] | None:
     return record
 
 
+def _save_generation_config(model: nn.Module, out: Path) -> None:
+    """A generative student's end and pad tokens, as save_pretrained writes them: without the file, a reload
+    falls back to config.json's and generates past the teacher's end token."""
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out)
+
+
 def _load_weights(path: Path, config: Any, adapter: Adapter, cls: type[nn.Module], record: dict[str, Any] | None,
                   weights: str) -> nn.Module:
     if weights == STANDARD_WEIGHTS:
@@ -283,6 +292,8 @@ def _load_weights(path: Path, config: Any, adapter: Adapter, cls: type[nn.Module
         return adapter.prepared(model).eval()
     with no_init_weights():
         model = adapter.prepared(cls(config))
+    if (path / transformers.utils.GENERATION_CONFIG_NAME).is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     apply_structure_(model, adapter, record["towers"])
     state = safetensors.torch.load_file(str(path / weights))
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
