@@ -325,6 +325,30 @@ def test_bad_generative_input_exits_2_with_one_clear_error(tmp_path, case, messa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+TEXT_ONLY_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} "
+                      "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}: {% endif %}")
+
+
+@pytest.mark.parametrize("case", ["template without the image", "distill's template without one"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_chat_template_that_cannot_place_the_image_exits_2(tmp_path, case, dry_run):
+    """Both reached the processor and came back as an internal error (exit 3), in the dry run too."""
+    model = save_tiny_llava(tmp_path / "teacher", "clip", chat_template=case == "template without the image")
+    pairs = write_pairs(tmp_path)
+    if case == "template without the image":
+        (model / "chat_template.jinja").write_text(TEXT_ONLY_TEMPLATE)
+        result = _compile(tmp_path, model, pairs, {"chat_template": True}, validate=False,
+                          args=["--dry-run"] if dry_run else [])
+        message = "the processor's chat template writes the image token '<image>' 0 time(s) for one image, not once"
+    else:
+        result = _compile(tmp_path, model, pairs, {}, validate=False, args=["--dry-run"] if dry_run else [],
+                          passes=[{"distill": {"steps": 2, "chat_template": True, "corpus": str(pairs)}}])
+        message = "chat_template is asked for, but the model's processor has no chat template"
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_the_image_token_may_stand_once_in_a_prompt_and_nowhere_else(tmp_path):
     processor = tiny_llava_processor("clip")
     path = write_pairs(tmp_path, n=2)

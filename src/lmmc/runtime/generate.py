@@ -187,9 +187,19 @@ def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str
     """The text before the answer, as lmmc calibrates, validates and generates it: the image token and the
     prompt (the image token where the prompt already holds one), in the chat template when asked for."""
     if chat_template:
+        if not getattr(processor, "chat_template", None):
+            raise LmmcError("chat_template is asked for, but the model's processor has no chat template (no "
+                            "chat_template.jinja beside it); save the model's chat template with its processor, or "
+                            "leave chat_template off to use the prompts as written")
         content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
+        if text.count(processor.image_token) != 1:  # the processor would find no place, or two, for the picture
+            raise LmmcError(f"the processor's chat template writes the image token {processor.image_token!r} "
+                            f"{text.count(processor.image_token)} time(s) for one image, not once: {text[:120]!r}; "
+                            f"fix the template's image entry, or leave chat_template off to use the prompts as "
+                            f"written")
+        return text
     if prompt and processor.image_token in prompt:  # the picture where the prompt puts it
         return f"{prompt}\n"
     return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
