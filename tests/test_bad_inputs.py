@@ -1122,13 +1122,22 @@ def _fewer_layers(weights, config):
     config["num_hidden_layers"] = 1
 
 
+def _relative_positions(weights, config):
+    """A relative-position BERT saved by an older transformers: its blocks' distance embeddings have no place
+    in the BERT this transformers builds, which would drop them and compute another model."""
+    for i in range(config["num_hidden_layers"]):
+        weights[f"encoder.layer.{i}.attention.self.distance_embedding.weight"] = torch.zeros(127, 8)
+
+
 @pytest.mark.parametrize("damage, message", [
     (_one_nan, "1 NaN/Inf value(s) in 'encoder.layer.1.attention.self.query.weight'; repair or re-download the weights"),
     (_overflow, "gives NaN/Inf outputs on the calibration data"),
     (_all_zero, "the teacher's text tower gives an all-zero embedding for every one of 8 different calibration samples"),
     (_fewer_layers, "hold 16 tensor(s) of transformer blocks that the model its config.json describes has no place "
                     "for (encoder.layer.1."),
-], ids=["one NaN weight", "outputs overflow", "all-zero weights", "config of fewer layers"])
+    (_relative_positions, "hold 2 tensor(s) of transformer blocks that the model its config.json describes has no "
+                          "place for (encoder.layer.0.attention.self.distance_embedding.weight, encoder.layer.1."),
+], ids=["one NaN weight", "outputs overflow", "all-zero weights", "config of fewer layers", "relative positions"])
 def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, damage, message):
     monkeypatch.chdir(tmp_path)
     model = bert(tmp_path)
@@ -1143,7 +1152,7 @@ def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, dama
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert snapshot(tmp_path) == before
-    if damage is _fewer_layers:  # seen in the weights' headers: the dry run refuses it alike
+    if damage in (_fewer_layers, _relative_positions):  # seen in the weights' headers: the dry run refuses it alike
         dry = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out", "--dry-run"])
         assert dry.exit_code == 2 and message in dry.output, dry.output
 

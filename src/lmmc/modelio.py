@@ -198,6 +198,7 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
             raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
     _refuse_foreign_prefix(str(path), shapes, model)
     extra = []
+    modules = {name for name, _ in model.named_modules()}
     for tower in adapter.towers:
         for path_ in tower.layers:
             try:
@@ -206,12 +207,15 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
                 continue
             # a task checkpoint's keys carry a prefix ("bert.encoder.layer.3...")
             block = re.compile(rf"(?:^|\.){re.escape(path_)}\.(\d+)\.")
-            extra += [k for k in shapes if (m := block.search(k)) and int(m[1]) >= built]
+            # a block past the config's count, or a module the config does not build inside one (the
+            # distance embedding of a relative-position BERT, which this transformers no longer builds);
+            # modules, not tensor names, since transformers renames some tensors as it loads
+            extra += [k for k in shapes if (m := block.search(k)) and not k.endswith("inv_freq")
+                      and (int(m[1]) >= built or not _builds(modules, k.rsplit(".", 1)[0]))]
     extra.sort()
     if extra:
         raise LmmcError(f"the weights of '{path}' hold {len(extra)} tensor(s) of transformer blocks that the model "
-                        f"its config.json describes has no place for ({', '.join(extra[:3])}); the config does not "
-                        f"fit these weights (it names fewer layers, say). Use the config.json saved with them")
+                        f"its config.json describes has no place for ({', '.join(extra[:3])}); {NO_PLACE}")
     mismatched = []
     for name, param in model.state_dict().items():
         found = shapes.get(name)
@@ -222,6 +226,17 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
     if mismatched:
         raise LmmcError(f"the weights in '{path}' do not match its config.json: {'; '.join(mismatched[:3])}"
                         f"{' ...' if len(mismatched) > 3 else ''}; restore the config.json saved with these weights")
+
+
+NO_PLACE = ("the config does not fit these weights: it names fewer layers, say, or a kind of attention or position "
+            "embedding this version of transformers no longer builds. Use the config.json saved with them, or a "
+            "transformers version that builds it")
+
+
+def _builds(modules: set[str], module: str) -> bool:
+    """Whether the model has `module`, read without a task checkpoint's prefix ("bert.")."""
+    parts = module.split(".")
+    return any(".".join(parts[i:]) in modules for i in range(len(parts)))
 
 
 def not_safetensors(ref: str, reason: str) -> LmmcError:
@@ -552,8 +567,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
              if any(k.startswith(f"{p}.") or f".{p}." in k for p in paths) and not k.endswith("inv_freq")]
     if extra:
         raise LmmcError(f"the weights of '{ref}' hold {len(extra)} tensor(s) of transformer blocks that the model its "
-                        f"config.json describes has no place for ({', '.join(extra[:3])}); the config does not fit "
-                        f"these weights (it names fewer layers, say). Use the config.json saved with them")
+                        f"config.json describes has no place for ({', '.join(extra[:3])}); {NO_PLACE}")
     if missing:
         raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
                         f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
