@@ -571,6 +571,24 @@ def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
                                        f"recompile to rewrite it")
 
 
+def test_an_output_whose_files_link_elsewhere_opens_as_a_hub_snapshot_does(compiled, tmp_path):
+    """A hub cache snapshot (or git-annex, DVC) links each file to a blob outside the folder."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    for i, f in enumerate(p for p in sorted(compiled.rglob("*")) if p.is_file()):
+        shutil.copy(f, blobs / str(i))
+        (snapshot / f.relative_to(compiled)).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / f.relative_to(compiled)).symlink_to(blobs / str(i))
+    assert np.abs(open_dir(snapshot, threads=1).encode(TEXTS) - open_dir(compiled, threads=1).encode(TEXTS)).max() == 0
+
+
+def test_a_manifest_that_is_not_utf8_is_one_clear_error(compiled, tmp_path):
+    shutil.copytree(compiled, tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(LmmcError, match="manifest.json is not UTF-8 text, so not a manifest lmmc wrote"):
+        open_dir(tmp_path / "out")
+
+
 @pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x08\x07" * 50])
 def test_corrupt_onnx_is_one_clear_error(tmp_path, content):
     path = tmp_path / "text.onnx"

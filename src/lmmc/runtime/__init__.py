@@ -379,9 +379,13 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LmmcError(f"'{out_dir}' has no {MANIFEST}; give the output directory of 'lmmc compile'")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LmmcError(f"{path} is not valid JSON ({err.msg}); recompile to rewrite it") from None
+    except UnicodeDecodeError:
+        raise LmmcError(f"{path} is not UTF-8 text, so not a manifest lmmc wrote; recompile to rewrite it") from None
+    except OSError as err:
+        raise LmmcError(f"cannot read {path}: {err.strerror}; fix its permissions") from None
     malformed = LmmcError(f"{path} is not an lmmc manifest (each artifact needs a tower, backend, precision and "
                           f"path, each tower a modality and its preprocessing); recompile to rewrite it")
     artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
@@ -399,9 +403,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     sections = manifest.get("preprocessing", {})
     if not all(_preprocessing_ok(sections.get(t["modality"]), t["modality"]) for t in towers.values()):
         raise malformed
-    root = Path(out_dir).resolve()
     for name in named:
-        if not _inside(root, name):
+        if not _inside(name):
             raise LmmcError(f"{path} names {name!r}, which is not a file inside '{out_dir}'; a manifest names only "
                             f"files of its own output directory: recompile to rewrite it")
     return manifest
@@ -418,12 +421,11 @@ def _preprocessing_ok(section: Any, modality: str) -> bool:
                                         and length(section.get("pad_to")))))
 
 
-def _inside(root: Path, name: Any) -> bool:
-    """Whether `name` is a path that resolves inside `root` (links followed; an absolute path or '..' may not)."""
-    try:
-        return isinstance(name, str) and (root / name).resolve().is_relative_to(root)
-    except (OSError, ValueError):  # a NUL character, a link loop
-        return False
+def _inside(name: Any) -> bool:
+    """Whether `name` is a path within `root` as written: not absolute, no '..'. A file inside that is a link
+    elsewhere is the folder's own (a hub cache snapshot links every file to its blob)."""
+    return (isinstance(name, str) and "\0" not in name and not Path(name).is_absolute()
+            and bool(Path(name).parts) and ".." not in Path(name).parts)
 
 
 def _named_files(manifest: dict[str, Any]) -> list:
