@@ -582,6 +582,16 @@ def test_an_output_whose_files_link_elsewhere_opens_as_a_hub_snapshot_does(compi
     assert np.abs(open_dir(snapshot, threads=1).encode(TEXTS) - open_dir(compiled, threads=1).encode(TEXTS)).max() == 0
 
 
+def test_an_ir_opened_with_the_wrong_backend_or_device_names_the_right_one(compiled):
+    ir = compiled / "openvino" / "text.xml"
+    with pytest.raises(LmmcError, match="The file is an OpenVINO IR, not an ONNX model; open it with "
+                                        "backend='openvino'"):
+        load(ir, "onnxruntime")
+    with pytest.raises(LmmcError, match="not on 'CPU'; pass device='cpu' or None, or load the ONNX artifact with "
+                                        "device='cuda' for a GPU"):
+        load(ir, device="CPU")
+
+
 def test_a_manifest_that_is_not_utf8_is_one_clear_error(compiled, tmp_path):
     shutil.copytree(compiled, tmp_path / "out")
     (tmp_path / "out" / "manifest.json").write_bytes(b"\xff\xfe{}")

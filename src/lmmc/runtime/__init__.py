@@ -118,8 +118,8 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"tensorrt options are for ONNX Runtime's TensorRT provider; {path.name} runs on {backend}")
     if backend == "openvino":
         if device not in (None, "cpu"):
-            raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; load the ONNX artifact "
-                            f"with device='{device}' instead")
+            raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; pass device='cpu' or None, "
+                            f"or load the ONNX artifact with device='cuda' for a GPU")
         from lmmc.runtime.openvino import OpenVinoModel
         return OpenVinoModel(path, threads, inference_precision or "f32", static_shape, _text_pad_to(path))
     if backend == "tensorrt":

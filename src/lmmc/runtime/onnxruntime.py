@@ -3,6 +3,7 @@ providers chosen from the device and never silently replaced by the CPU."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,13 @@ class OrtModel(Model):
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types for unreadable files
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LmmcError(f"ONNX Runtime cannot load '{path}': {first}. The file is corrupt or not an ONNX "
-                            f"model; export it again with `lmmc compile`") from None
+            if not os.access(path, os.R_OK):
+                why = "the file cannot be read; fix its permissions"
+            elif path.suffix == ".xml":
+                why = "the file is an OpenVINO IR, not an ONNX model; open it with backend='openvino'"
+            else:
+                why = "the file is corrupt or not an ONNX model; export it again with `lmmc compile`"
+            raise LmmcError(f"ONNX Runtime cannot load '{path}': {first}. {why[0].upper()}{why[1:]}") from None
         self.path = path
         self.device = device
         self.providers = tuple(self.session.get_providers())
