@@ -267,3 +267,14 @@ def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):
     (tmp_path / "fake" / "manifest.json").write_text(json.dumps({"towers": {}, "artifacts": []}))
     with pytest.raises(LmmcError, match="holds no generative export"):
         open_generative(tmp_path / "fake")
+
+
+@pytest.mark.parametrize("lost", ["tokenizer.json", "processor_config.json"])
+def test_a_generative_output_without_its_processor_files_is_one_clear_error(compiled_llava, tmp_path, lost):
+    """transformers asked for sentencepiece, or for the hub, instead of naming the missing file."""
+    out, _ = compiled_llava
+    shutil.copytree(out, tmp_path / "out")
+    (tmp_path / "out" / "student" / lost).unlink()
+    with pytest.raises(LmmcError, match=f"lacks \\['student/{lost}'\\], the processor files its manifest lists; "
+                                        "copy the whole output directory"):
+        open_generative(tmp_path / "out", threads=1)

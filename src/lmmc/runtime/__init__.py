@@ -505,10 +505,18 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     if "generative" not in manifest:
         raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
                         f"model with the 'onnx_generative' export pass, or open an encoder's output with open_dir")
+    missing = [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
+               if not (out_dir / f).is_file()]
+    if missing:  # transformers would ask for a tokenizer package, or the hub, instead
+        raise LmmcError(f"{out_dir} lacks {missing[:3]}, the processor files its manifest lists; copy the whole "
+                        f"output directory, or compile again")
     if not trust_remote_code:
         refuse_own_code(out_dir / "student", "trust_remote_code=True")
     try:
         processor = transformers.AutoProcessor.from_pretrained(out_dir / "student", trust_remote_code=trust_remote_code)
     except ImportError as err:
         raise missing_package(err, f"the processor in {out_dir / 'student'}") from None
+    except (OSError, ValueError) as err:
+        raise LmmcError(f"cannot read the processor in {out_dir / 'student'}: {str(err).strip().splitlines()[0]}; "
+                        f"copy the whole output directory, or compile again") from None
     return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
