@@ -129,6 +129,10 @@ class DistillConfig(PassConfig):
         if self.chat_template and adapter.kind != "generative":
             raise LmmcError(f"distill: chat_template: true applies to generative models, and this {adapter.family} "
                             f"model is an encoder that reads plain text; remove chat_template")
+        if self.chat_template is not None and not self.corpus:  # else it would be ignored, silently
+            raise LmmcError("distill: chat_template applies to corpus prompts, and this distill has no corpus: it "
+                            "trains on the calibration records, in the form calibration.chat_template gives them; "
+                            "remove chat_template, or set calibration.chat_template")
         names = [t.name for t in adapter.towers]
         if self.towers is not None:
             unknown = sorted(set(self.towers) - set(names))

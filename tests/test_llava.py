@@ -329,6 +329,14 @@ TEXT_ONLY_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c
                       "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}: {% endif %}")
 
 
+def test_a_distill_chat_template_without_a_corpus_is_refused_not_ignored(tmp_path):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    result = _compile(tmp_path, model, write_pairs(tmp_path), {}, validate=False, args=["--dry-run"],
+                      passes=[{"distill": {"steps": 2, "batch_size": 2, "chat_template": True}}])
+    assert result.exit_code == 2, result.output
+    assert "distill: chat_template applies to corpus prompts, and this distill has no corpus" in result.output
+
+
 @pytest.mark.parametrize("case", ["template without the image", "distill's template without one"])
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_a_chat_template_that_cannot_place_the_image_exits_2(tmp_path, case, dry_run):
