@@ -422,7 +422,7 @@ def _preprocessing_ok(section: Any, modality: str) -> bool:
 
 
 def _inside(name: Any) -> bool:
-    """Whether `name` is a path within `root` as written: not absolute, no '..'. A file inside that is a link
+    """Whether `name` is a path within the output directory as written: not absolute, no '..'. A file that is a link
     elsewhere is the folder's own (a hub cache snapshot links every file to its blob)."""
     return (isinstance(name, str) and "\0" not in name and not Path(name).is_absolute()
             and bool(Path(name).parts) and ".." not in Path(name).parts)
