@@ -136,7 +136,7 @@ class AllocationPass(Pass):
         linears = prunable_linears(art.student, art.adapter)
         groups = build_groups(linears, cfg.granularity)
         result = self.allocate(art, groups)
-        art.allocation = {pl.param: result.ratios[g] for g, members in groups.items() for pl in members}
+        art.allocation = matrix_targets(groups, result.ratios)
         metrics = {**allocation_table(groups, result, cfg.sparsity), "granularity": cfg.granularity,
                    **result.details, "plot": None}
         if art.workdir is not None:
@@ -146,6 +146,24 @@ class AllocationPass(Pass):
             plot_allocation(metrics["groups"], cfg.sparsity, path, f"{self.name}: {cfg.granularity} groups")
             metrics["plot"] = path.name
         return metrics
+
+
+def matrix_targets(groups: dict[str, list[PrunableLinear]], ratios: dict[str, float]) -> dict[str, float]:
+    """Matrix name -> its sparsity, so that each group loses exactly round(ratio·N_g) weights in all.
+
+    Each matrix rounds its own count, so a group's ratio applied to every member would miss the group's
+    (and the global) budget by up to half a weight per matrix; the remainder goes instead to the members
+    whose exact share was rounded down the most (ties: first matrix first)."""
+    targets: dict[str, float] = {}
+    for g, members in groups.items():
+        sizes = [pl.module.weight.numel() for pl in members]
+        exact = [ratios[g] * n for n in sizes]
+        zeros = [math.floor(z + 1e-9) for z in exact]
+        short = round(ratios[g] * sum(sizes)) - sum(zeros)
+        for i in sorted(range(len(members)), key=lambda i: zeros[i] - exact[i])[:max(short, 0)]:
+            zeros[i] += 1
+        targets.update({pl.param: z / n for pl, z, n in zip(members, zeros, sizes)})
+    return targets
 
 
 def allocation_table(groups: dict[str, list[PrunableLinear]], result: Allocation, target: float) -> dict[str, Any]:
