@@ -98,6 +98,15 @@ class AntGMMConfig(PassConfig):
                                            "each segment; without it the schedule runs one-shot")
     distill_steps_per_segment: int = Field(0, ge=0, description="distillation steps after each segment")
 
+    @property
+    def uses_taylor(self) -> bool:
+        """Whether some stage scores units by Taylor importance (a contrastive loss's gradient)."""
+        if not isinstance(self.shares, dict):  # ffn and heads with keep; the joint ranking (Taylor) with a target
+            return self.importance == "taylor" or self.target is not None
+        stages = {stage for stage, share in self.shares.items() if share > 0}
+        return (self.importance == "taylor" and bool(stages - {"depth"})) or (
+            self.depth_importance == "taylor" and "depth" in stages)
+
     def check_model(self, adapter: Adapter, config: Any = None) -> None:
         """The hidden stage narrows BERT-family text encoders only (their towers' HiddenLayout), and not
         one whose embeddings are narrower than its blocks (ELECTRA's embedding_size)."""

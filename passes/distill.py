@@ -16,7 +16,7 @@ from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
                        token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_map, check_layer_range
-from lmmc.distiller import Sample, Trainer, distilled_towers, modality_key, sample_length
+from lmmc.distiller import Sample, TowerPlan, Trainer, distilled_towers, make_arms, modality_key, sample_length
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
 from lmmc.optima import ArmSpan, ScheduleName
@@ -147,8 +147,10 @@ class DistillConfig(PassConfig):
                 len(distilled) == 2 and self.contrastive > 0):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
+        depths = {}
         for tower in distilled if config is not None else []:
             layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
+            depths[tower.name] = layers
             if isinstance(self.layer_map, (list, dict)):
                 mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
                 if unchanged_depth:  # the student has the teacher's blocks, one entry each
@@ -159,6 +161,15 @@ class DistillConfig(PassConfig):
             if unchanged_depth and skip and skip[-1] >= layers:
                 raise LmmcError(f"skip_hidden names blocks {skip} of the {tower.name} tower, which has blocks "
                                 f"0..{layers - 1}; give 0-based indices of the student's blocks")
+        if unchanged_depth and depths and self.schedule == "optima":
+            plans = {t.name: TowerPlan(t, depths[t.name], depths[t.name], skip=set(self.skip_hidden.get(t.name, ())))
+                     for t in distilled}
+            arms = [a.name for a in make_arms(plans, self.blocks_per_arm, self.arm_span)]
+            if adapter.kind == "generative" and adapter.bridges:  # the projector is an arm of its own
+                arms.append(f"{adapter.bridges[0].name}[0:1]")
+            if self.window < len(arms):
+                raise LmmcError(f"distill: window ({self.window}) must be at least the number of modules "
+                                f"({len(arms)}: {', '.join(arms)})")
         read = sorted({t.modality for t in distilled})
         if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
             pairs = adapter.kind != "generative" and "text" in read

@@ -94,7 +94,7 @@ class EcoflapConfig(AllocationConfig):
     def _cap_reaches_target(self) -> "EcoflapConfig":
         if self.p_max is not None and self.p_max < self.sparsity:
             raise ValueError(f"p_max ({self.p_max}) is below the target sparsity ({self.sparsity}); no group "
-                             f"may exceed p_max, so the target cannot be met. Use p_max ≥ {self.sparsity}, "
+                             f"may exceed p_max, so the target cannot be met. Use a p_max above {self.sparsity}, "
                              f"e.g. {min(1.0, round(self.sparsity + 0.1, 6))}")
         return self
 

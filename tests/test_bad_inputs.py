@@ -1005,6 +1005,39 @@ def _(tmp):
                                                                                     "set ort.latency_seq to 64 or less"]
 
 
+# What only a pass used to find out, after the passes before it: the dry run refuses it now.
+@case("ecoflap's cap equal to its target, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "calibration": {**RANDOM["calibration"], "samples": 16},
+              "passes": [{"ecoflap": {"sparsity": 0.3, "p_max": 0.3, "samples": 16}}, "wanda"]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["passes[0] 'ecoflap': sparsity 0.3 cannot be reached with p_max = 0.3", "Raise p_max above 0.3"])
+
+
+@case("ecoflap on one calibration sample, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "calibration": {**RANDOM["calibration"], "samples": 1, "batch_size": 1},
+              "passes": [{"ecoflap": {"sparsity": 0.5}}, "wanda"]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["needs at least 2 calibration samples, and it gets 1", "give more calibration data"])
+
+
+@case("antgmm's Taylor importance on batches of one, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "calibration": {**RANDOM["calibration"], "batch_size": 1}, "passes": [{"antgmm": {"keep": 0.6}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["batches of at least 2 samples", "and they hold 1", "raise calibration.batch_size"])
+
+
+@case("optima's window below its modules, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "calibration": {**RANDOM["calibration"], "samples": 32},
+              "passes": [{"distill": {"steps": 2, "batch_size": 4, "reward_samples": 4, "schedule": "optima",
+                                      "blocks_per_arm": 1, "window": 1}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["window (1) must be at least the number of modules (2: text[0:1], text[1:2])"])
+
+
 @case("a distillation that diverges")
 def _(tmp):
     diverges = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "dev_samples": 4, "lr": 1e30,

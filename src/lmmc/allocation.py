@@ -43,7 +43,7 @@ def keep_floors(sizes: list[int], sparsity: float, p_max: float) -> list[int]:
         raise LmmcError(f"target sparsity must be in [0, 1), got {sparsity}")
     if p_max < sparsity:
         raise LmmcError(f"p_max ({p_max}) is below the target sparsity ({sparsity}); no group may exceed "
-                        f"p_max, so the target cannot be met. Set p_max ≥ {sparsity} (ECoFLaP uses target + 0.1)")
+                        f"p_max, so the target cannot be met. Set p_max above {sparsity} (ECoFLaP uses target + 0.1)")
     if p_max > 1.0:
         raise LmmcError(f"p_max must be at most 1 (a fully pruned group), got {p_max}")
     if not sizes or any(n <= 0 for n in sizes):

@@ -295,6 +295,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
+    _check_scoring(recipe, shapes, adapter, counts)
     _check_bench(recipe, adapter, config)
     _check_engine_profile(recipe, config, adapter, counts)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
@@ -582,6 +583,35 @@ def _check_nm(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, warnings: l
         if dense:
             warnings.append(f"'{step.name}' nm {nm}: {len(dense)} of {len(widths)} matrices have an input width "
                             f"not divisible by {nm.m} and stay dense (e.g. {dense[0]})")
+
+
+def _check_scoring(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, counts: dict[str, int] | None) -> None:
+    """What an allocation's caps and a contrastive score need, refused now rather than after the passes before
+    them: ECoFLaP's floors against its target, and in-batch negatives (at least 2 samples in a batch)."""
+    from lmmc.allocation import build_groups, keep_floors
+
+    structured = False  # an antgmm before an allocation changes the matrices its floors are counted on
+    for i, step in enumerate(recipe.passes):
+        cfg = step.config
+        if step.name == "ecoflap":
+            if not structured:
+                groups = build_groups(prunable_linears(shapes, adapter), cfg.granularity)
+                try:
+                    keep_floors([sum(pl.module.weight.numel() for pl in g) for g in groups.values()], cfg.sparsity,
+                                cfg.cap)
+                except LmmcError as e:
+                    raise LmmcError(f"passes[{i}] 'ecoflap': {e}") from None
+            if counts and adapter.kind != "generative" and min(cfg.samples, counts["calibration"]) < 2:
+                raise LmmcError(f"passes[{i}] 'ecoflap': its contrastive loss needs at least 2 calibration samples, "
+                                f"and it gets {min(cfg.samples, counts['calibration'])}; give more calibration data "
+                                f"or raise ecoflap's samples")
+        if step.name == "antgmm":
+            structured = True
+            batch = min(recipe.calibration.batch_size, counts["calibration"]) if counts else 2
+            if adapter.kind != "generative" and batch < 2 and cfg.uses_taylor:
+                raise LmmcError(f"passes[{i}] 'antgmm': Taylor importance needs calibration batches of at least 2 "
+                                f"samples (the loss contrasts samples within a batch), and they hold {batch}; raise "
+                                f"calibration.batch_size or use importance: activation")
 
 
 @torch.no_grad()
