@@ -21,6 +21,7 @@ from lmmc.export.onnx import OUTPUT_NAMES
 from lmmc.export.mixed_precision import MixedConfig, Runner, block_matrices, choose_precisions
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime import MAX_THREADS
+from lmmc.runtime.openvino import core
 
 EXTRA = "pip install 'lmmc[openvino]'"
 
@@ -93,11 +94,11 @@ def to_openvino(onnx_path: Path, dst_xml: Path) -> Path:
 def _nncf_int8(src_xml: Path, feeds: list[dict[str, np.ndarray]], fp32_nodes: list[str] | None = None,
                compress_weights: bool = True):
     """The quantised ov.Model: NNCF's transformer preset, MatMul nodes in `fp32_nodes` left fp32."""
-    ov, nncf = _openvino(), _nncf()
+    nncf = _nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     # subset_size counts dataset items, here whole batches: use every one
-    return nncf.quantize(ov.Core().read_model(str(src_xml)), nncf.Dataset(feeds),
+    return nncf.quantize(core().read_model(str(src_xml)), nncf.Dataset(feeds),
                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
                          ignored_scope=nncf.IgnoredScope(names=list(fp32_nodes or [])),
                          advanced_parameters=AdvancedQuantizationParameters(
@@ -115,10 +116,9 @@ def quantize_openvino(src_xml: Path, dst_xml: Path, feeds: list[dict[str, np.nda
 
 
 def _compiled(model, threads: int) -> Runner:
-    ov = _openvino()
     config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32",
               "INFERENCE_NUM_THREADS": str(threads)}
-    compiled = ov.Core().compile_model(model, "CPU", config)
+    compiled = core().compile_model(model, "CPU", config)
     output = compiled.output("pooled_embedding")
     return lambda feed: np.array(compiled(feed)[output])
 
@@ -145,7 +145,7 @@ def quantize_openvino_mixed(src_xml: Path, dst_xml: Path, feeds: list[dict[str, 
     so that a node's FakeQuantize nodes can be bypassed in memory."""
     ov = _openvino()
     search = feeds[:cfg.search_batches]
-    fp32 = _compiled(ov.Core().read_model(str(src_xml)), threads)
+    fp32 = _compiled(core().read_model(str(src_xml)), threads)
     reference = [fp32(f) for f in search]
     base = _nncf_int8(src_xml, feeds, compress_weights=False)
     # NNCF's transformer preset leaves some MatMuls unquantised; only those it quantised have a choice

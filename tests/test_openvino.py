@@ -5,6 +5,7 @@ frontend the recipe cannot serve."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 import numpy as np
@@ -187,3 +188,19 @@ def test_minilm_nncf_int8_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     ref = np.concatenate([load(fp32).run(f)["pooled_embedding"] for f in held_out])
     got = np.concatenate([load(int8).run(f)["pooled_embedding"] for f in held_out])
     assert cosine(ref, got).mean() >= 0.98
+
+
+def test_a_signal_after_irs_are_released_in_load_order_reaches_its_handler(tiny_ir):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack in and back out; two plugins released
+    first-in first-out left a freed stack installed, and the next SIGTERM or Ctrl-C was a segfault (exit 139)
+    instead of lmmc's handler. Every IR is compiled through one Core, so none is ever released."""
+    code = ("import gc, os, signal, sys, time\n"
+            "from lmmc.runtime import load\n"
+            "first, second = load(sys.argv[1]), load(sys.argv[1])\n"
+            "del first; gc.collect()\n"
+            "del second; gc.collect()\n"
+            "signal.signal(signal.SIGTERM, lambda *a: print('handled', flush=True))\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(0.5)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_ir)], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, "handled\n"), proc.stderr

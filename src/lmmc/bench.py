@@ -463,9 +463,9 @@ def memory_child() -> None:
     elif spec["backend"] == "onnxruntime":
         import onnxruntime  # noqa: F401
     else:
-        import openvino
+        from lmmc.runtime.openvino import core
 
-        openvino.Core().get_versions("CPU")
+        core().get_versions("CPU")
     feed = dict(np.load(spec["feed"]))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM so import-time peaks do not count
     before = _vm("VmRSS")

@@ -37,9 +37,20 @@ def _openvino():
 
 
 @functools.cache
+def core():
+    """The process's one OpenVINO Core, which every part of lmmc compiles and reads through.
+
+    OpenVINO's CPU plugin gives the thread an alternate signal stack while it is loaded, and on release
+    puts back the stack it found. Released in another order than loaded, two plugins leave a freed stack
+    in place, and the next signal (Ctrl-C, SIGTERM) kills the process with a segmentation fault; one Core
+    that lives as long as the process installs one stack and never frees it."""
+    return _openvino().Core()
+
+
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin can run layers in bf16 here (AVX512-BF16 or AMX)."""
-    return "BF16" in _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @dataclass(frozen=True)
@@ -156,10 +167,9 @@ class OpenVinoModel(Model):
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
-            core = ov.Core()
-            model = core.read_model(str(path))
+            model = core().read_model(str(path))
             self.static = None if static_shape is None else make_static(model, static_shape, path)
-            self.compiled = core.compile_model(model, "CPU", config)
+            self.compiled = core().compile_model(model, "CPU", config)
         except RuntimeError as err:
             raise LmmcError(f"OpenVINO cannot load '{path}': {reason(err)}. The IR is corrupt or its .bin does not "
                             f"belong to it; export it again with `lmmc compile`") from None
