@@ -178,6 +178,32 @@ def test_a_dry_run_with_resume_refuses_what_the_resume_would(tmp_path, teacher):
     assert result.exit_code == 2 and "recipe passes[0].antgmm.keep: 0.5 -> 0.6" in result.output, result.output
 
 
+def test_resume_after_a_stop_between_placing_the_output_and_removing_the_area(tmp_path, teacher, monkeypatch):
+    """The output was complete in --out; --resume restored a state whose exports had moved there with it
+    and blamed the user's input ("artifact ... does not exist"), with --force too."""
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
+    out = tmp_path / "out"
+    args = ["compile", str(teacher), "-r", str(recipe), "-o", str(out)]
+    for force in ([], ["--force"]):
+        with monkeypatch.context() as m:  # stopped where the area is removed: it stays, unlocked
+            m.setattr(WorkArea, "finish", WorkArea.release)
+            assert CliRunner().invoke(main, [*args, *force]).exit_code == 0
+        assert (out / "report.json").is_file() and WorkArea(out).latest_state() is not None
+        files = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+        result = CliRunner().invoke(main, [*args, "--resume", *force])
+        assert result.exit_code == 2, result.output
+        assert f"error: --resume: the compile to '{out}' had finished and was stopped while removing its work " \
+               f"area '{work_path(out)}' (now removed): its output is complete in '{out}'. Nothing is left to " \
+               f"resume" in " ".join(result.output.split()), result.output
+        assert not work_path(out).exists()
+        assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == files
+
+
 def test_a_folder_by_the_areas_name_that_lmmc_did_not_make_is_left_alone(tmp_path, teacher):
     area = work_path(tmp_path / "out")
     area.mkdir()

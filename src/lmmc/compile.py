@@ -657,6 +657,13 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
     complete output was written but a validation gate was missed. `resume` continues a killed compile to
     the same `out` from its last finished pass."""
+    left = WorkArea(Path(os.path.expanduser(out)))
+    if resume and left.writer and left.left_after_placing():
+        shutil.rmtree(left.path, ignore_errors=True)
+        where = f"its output is complete in '{out}'" if Path(os.path.expanduser(out)).is_dir() else \
+            f"its output was put in '{out}', which has been moved away since"
+        raise LmmcError(f"--resume: the compile to '{out}' had finished and was stopped while removing its work area "
+                        f"'{left.path}' (now removed): {where}. Nothing is left to resume")
     out = check_output(Path(out), model_ref, recipe, recipe_path, force)
     dev = resolve_device(device)
     the_plan = plan(model_ref, recipe, trust_remote_code)

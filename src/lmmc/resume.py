@@ -232,6 +232,21 @@ class WorkArea:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
+    def left_after_placing(self) -> bool:
+        """Whether a compile was stopped after moving its output to --out and before removing this area: a
+        saved state without the output folder, which only that move takes away, and no compile running."""
+        if not self.path.is_dir() or self.path.is_symlink() or self.output.exists() or self.latest_state() is None:
+            return False
+        self._check_ours()
+        fd = os.open(self.path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
     def _taken(self) -> str:
         return (f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
                 f"'{self.path}'); wait for it to finish or stop it, or choose another --out")
