@@ -39,7 +39,9 @@ class DistillConfig(PassConfig):
                                   "whichever comes first, and the learning-rate schedule runs its course over the "
                                   "same span, so a faster machine trains more steps in the same minutes")
     batch_size: int = Field(16, gt=0, description="samples per optimiser step, over all ranks and micro-batches")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (divides batch_size)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step (divides batch_size); a "
+                            "dual encoder's similarity-matrix loss compares the samples of one micro-batch "
+                            "(gathered over torchrun's ranks), so it sees batch_size / grad_accum of them")
     lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; off because it pulls away from the teacher")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming the learning rate up")
@@ -126,8 +128,8 @@ class DistillConfig(PassConfig):
     def check_model(self, adapter: Adapter, config: Any = None, unchanged_depth: bool = False) -> None:
         """What this model's distillation cannot take, refused before anything runs; `unchanged_depth`: no
         pass before this one removes blocks, so the student's are the teacher's."""
-        if self.chat_template and adapter.kind != "generative":
-            raise LmmcError(f"distill: chat_template: true applies to generative models, and this {adapter.family} "
+        if self.chat_template is not None and adapter.kind != "generative":
+            raise LmmcError(f"distill: chat_template applies to generative models, and this {adapter.family} "
                             f"model is an encoder that reads plain text; remove chat_template")
         if self.chat_template is not None and not self.corpus:  # else it would be ignored, silently
             raise LmmcError("distill: chat_template applies to corpus prompts, and this distill has no corpus: it "
@@ -152,7 +154,10 @@ class DistillConfig(PassConfig):
             layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
             depths[tower.name] = layers
             if isinstance(self.layer_map, (list, dict)):
-                mapping = self.layer_map.get(tower.name, []) if isinstance(self.layer_map, dict) else self.layer_map
+                if isinstance(self.layer_map, dict) and tower.name not in self.layer_map:
+                    raise LmmcError(f"layer_map names towers {sorted(self.layer_map)} but not '{tower.name}', which "
+                                    f"this distill trains; give one list of teacher layers per distilled tower")
+                mapping = self.layer_map[tower.name] if isinstance(self.layer_map, dict) else self.layer_map
                 if unchanged_depth:  # the student has the teacher's blocks, one entry each
                     check_layer_map(mapping, layers, layers, tower.name)
                 else:

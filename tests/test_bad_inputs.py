@@ -682,7 +682,18 @@ def _(tmp):
     save_tiny("clip", tmp / "clip")
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "layer_map": {"vision": [1, 2]}}}]})
     return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
-            ["layer_map names the tower(s) ['vision']", "towers ['text', 'vision']", "give a value for each"])
+            ["layer_map names towers ['vision'] but not 'text', which this distill trains",
+             "give one list of teacher layers per distilled tower"])
+
+
+@case("a distill layer_map naming a tower the model lacks")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "layer_map": {"text": [1, 2],
+                                                                                            "image": [1, 2]}}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["layer_map names the tower(s) ['image'], which this clip model does not have",
+             "its towers are ['text', 'vision']"])
 
 
 @case("a per-tower keep naming a tower the model lacks")
@@ -758,7 +769,16 @@ def _(tmp):
 def _(tmp):
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "chat_template": True}}]}
     return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
-        "distill: chat_template: true applies to generative models, and this bert model is an encoder"]
+        "distill: chat_template applies to generative models, and this bert model is an encoder"]
+
+
+@case("a distill chat template turned off for an encoder, dry run")
+def _(tmp):
+    # it was told to set calibration.chat_template, which an encoder refuses
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "chat_template": False}}]}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "distill: chat_template applies to generative models, and this bert model is an encoder",
+        "remove chat_template"]
 
 
 @case("an fp16 gate without an fp16 export")
@@ -1059,6 +1079,22 @@ def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_p
         assert fragment in message, (fragment, message)
     assert "huggingface.co" not in message and "Traceback" not in message
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("distill", [{"skip_hidden": {"text": [0]}},
+                                     {"towers": ["text"], "layer_map": {"text": [2, 2]}}])
+def test_distill_settings_may_leave_out_towers_they_do_not_touch(tmp_path, monkeypatch, distill):
+    """skip_hidden of one tower skips nothing in the other, and layer_map needs only the distilled towers:
+    both were refused unless every tower was named, the unused ones with values that mean nothing."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny("clip", tmp_path / "clip")
+    recipe = write_recipe(tmp_path, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, **distill}}]})
+    for dry in (["--dry-run"], []):
+        result = CliRunner().invoke(main, ["compile", "./clip", "-r", str(recipe), "-o", "out", *dry])
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "report.json").read_text())["passes"][0]["metrics"]
+    assert metrics["skip_hidden"] == distill.get("skip_hidden", {})
+    assert metrics["layer_map"] == ({"text": [2, 2]} if "layer_map" in distill else {"text": [1, 2], "vision": [1, 2]})
 
 
 @pytest.mark.parametrize("value, got", [

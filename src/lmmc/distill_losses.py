@@ -1,6 +1,7 @@
 """Distillation losses (layerwise hidden states, pooled outputs, dual-encoder similarity matrices,
 generative models' next-token distributions on answer tokens) and the teacher-student layer mapping, as
-per-sample functions so any batch split sums to the same objective."""
+per-sample functions so any batch split sums to the same objective; the similarity-matrix loss's samples
+are compared with the others of their micro-batch, which the distiller gathers over torchrun's ranks."""
 
 from __future__ import annotations
 

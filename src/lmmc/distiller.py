@@ -501,8 +501,8 @@ class Trainer:
             plan.output = "logits" if spec.modality == "text" else None
         if isinstance(layer_map, dict):
             if spec.name not in layer_map:
-                raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}'; give one "
-                                f"list of teacher layers per tower")
+                raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}', which "
+                                f"this distill trains; give one list of teacher layers per distilled tower")
             plan.layer_map = check_layer_map(layer_map[spec.name], n_s, n_t, spec.name)
         elif isinstance(layer_map, list):
             if len(self.towers) > 1:

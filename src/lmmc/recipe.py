@@ -83,6 +83,9 @@ PATH_PARAMS = ("corpus", "checkpoint_dir", "latency_cache")
 
 # Settings whose mapping form is always one value per tower.
 _PER_TOWER = {"keep", "layer_map"}
+# Per-tower settings that may leave towers out: distill reads layer_map for the towers it distils only,
+# and skip_hidden's towers missing skip nothing.
+_SOME_TOWERS = {"layer_map", "skip_hidden"}
 
 
 class Recipe(BaseModel):
@@ -126,16 +129,21 @@ class Recipe(BaseModel):
             check_target_exports([(s.name, s.config) for s in self.passes], [(s.name, s.config) for s in self.export])
 
     def check_towers(self, family: str, towers: list[str]) -> None:
-        """Every per-tower mapping in the passes' settings (keys that are tower names, e.g. distill's
-        layer_map) names each of the model's towers and no other."""
+        """Every per-tower mapping in the passes' settings (keys that are tower names, e.g. antgmm's keep)
+        names each of the model's towers and no other; distill's layer_map and skip_hidden name no other."""
         names = {t.name for model_type in supported_model_types() for t in get_adapter(model_type).towers}
 
         def walk(value: Any, where: str) -> None:
             if isinstance(value, dict):
                 # a mapping that names any tower is per tower ({text: 0.5, image: 0.5} included), and so is
                 # every mapping of these settings, whatever it names ({txt: 0.5} misspelt)
-                per_tower = set(value) & names or where.rsplit(".", 1)[-1] in _PER_TOWER
-                if per_tower and set(value) != set(towers):
+                key = where.rsplit(".", 1)[-1]
+                per_tower = set(value) & names or key in _PER_TOWER
+                unknown = sorted(set(value) - set(towers))
+                if per_tower and key in _SOME_TOWERS and unknown:
+                    raise LmmcError(f"{where} names the tower(s) {unknown}, which this {family} model does not have; "
+                                    f"its towers are {towers}")
+                if per_tower and key not in _SOME_TOWERS and set(value) != set(towers):
                     raise LmmcError(f"{where} names the tower(s) {sorted(value)}, but this {family} model has the "
                                     f"towers {towers}; give a value for each of them, e.g. "
                                     f"{{{', '.join(f'{t}: ...' for t in towers)}}}")
