@@ -680,7 +680,7 @@ def _(tmp):
 @case("a dual-encoder recipe naming one tower only")
 def _(tmp):
     save_tiny("clip", tmp / "clip")
-    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "layer_map": {"vision": [1, 2]}}}]})
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 2, "layer_map": {"vision": [1, 2]}}}]})
     return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
             ["layer_map names towers ['vision'] but not 'text', which this distill trains",
              "give one list of teacher layers per distilled tower"])
