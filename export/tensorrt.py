@@ -69,6 +69,12 @@ class TensorRtConfig(PassConfig):
 
     _sparse_on_off = field_validator("sparse", mode="before")(on_off)
 
+    def check_model(self, adapter, config: Any = None) -> None:
+        """seq shapes text inputs; a model without a text tower has none it could shape."""
+        if self.seq is not None and not any(t.modality == "text" for t in adapter.towers):
+            raise LmmcError(f"tensorrt.seq sets the tokens of a text, and this {adapter.family} model has no text "
+                            f"tower; remove seq")
+
 
 def tensorrt_module():
     """The tensorrt package, or None where it is not installed."""

@@ -533,6 +533,28 @@ def _(tmp):
     return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], ["cannot read image", "7.png", "remove it"]
 
 
+@case("held-out captions longer than a CLIP tensorrt profile")
+def _(tmp):
+    # checked for text-only models alone: the engines were built, then refused the first held-out batch
+    digit_pairs(tmp, ["3", "7"] * 80, [f"a picture of the water of road {spelled(i)}" for i in range(160)])
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 64, "eval_samples": 32},
+                                "export": ["onnx", {"tensorrt": {"seq": {"min": 1, "opt": 4, "max": 4},
+                                                                  "optional": True}}]})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], [
+        "tensorrt.seq takes texts of at most 4 tokens, and validation runs the engines on held-out texts of up to",
+        "raise tensorrt.seq.max to"]
+
+
+@case("a tensorrt text length for a model without a text tower")
+def _(tmp):
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"tensorrt": {"seq": {"min": 1, "opt": 4, "max": 4},
+                                                                          "optional": True}}]})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], [
+        "tensorrt.seq sets the tokens of a text", "this vit model has no text tower", "remove seq"]
+
+
 @case("a generative prompt longer than the decoder's positions, dry run")
 def _(tmp):
     folder = images(tmp, 40)

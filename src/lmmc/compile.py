@@ -526,13 +526,14 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
             check_answers(preprocessors["processor"], chosen.held_out, rooms, cal.max_length, cal.chat_template,
                           positions)
     selected = len(chosen.held_out)
-    if modalities == {"text"} and preprocessors.get("tokenizer") is not None:  # as load_calibration does
+    if "text" in modalities and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         cut = text_truncation(config, adapter, preprocessors)
         length = text_length(preprocessors["tokenizer"], cal.max_length or min(DEFAULT_MAX_LENGTH, cut),
                              text_pad_length(config, adapter))
-        chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
-        _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"], chosen.held_out, length,
-                          text_pad_length(config, adapter))
+        if modalities == {"text"}:
+            chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
+        _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"],
+                          [r for r in chosen.held_out if "text" in r], length, text_pad_length(config, adapter))
     warnings.extend(chosen.warnings)
     if "text" in modalities and cal.max_length and preprocessors.get("tokenizer") is not None:
         cut = text_truncation(config, adapter, preprocessors)

@@ -26,7 +26,14 @@ class TrtModel(Model):
             raise LmmcError(f"running a TensorRT engine needs TensorRT and an NVIDIA GPU; install the extra with "
                             f"`{EXTRA}`") from None
         self._trt, self._cuda = trt, cuda
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        try:
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        except TypeError:  # the binding's factory returned no runtime: CUDA could not be initialised
+            self._runtime = None
+        if self._runtime is None:
+            raise LmmcError(f"TensorRT is installed but finds no usable NVIDIA GPU (CUDA could not be initialised) to "
+                            f"run '{path}'; run the engine on a machine with one, or the student's ONNX or OpenVINO "
+                            f"export on this one")
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise LmmcError(f"TensorRT cannot load '{path}': an engine runs only with the TensorRT version and GPU "
