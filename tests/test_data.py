@@ -182,6 +182,9 @@ def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path
     ([{"image": "1.png", "text": "a cat", "label": "cat"}, {"image": "2.png", "text": "a dog", "label": "cat"},
       {"image": "3.png", "text": "a puppy", "label": "dog"}], "names the class 'dog' but is labelled 'cat'"),
     ([{"text": "a pet", "label": "cat"}, {"text": "a pet", "label": "dog"}], "the text 'a pet' carries two labels"),
+    # the split reads them as one text: held out under one label, the other label was never scored
+    ([{"text": "a pet", "label": "cat"}, {"text": "A  Pet", "label": "dog"}],
+     r"the text 'A  Pet' \(the same text, case and spaces aside, as 'a pet'\) carries two labels"),
     ([{"image": "1.png", "text": "one", "label": "cat"}, {"image": "1.png", "text": "two", "label": "dog"}],
      "carries two labels, 'cat' and 'dog'"),
 ])
@@ -312,11 +315,15 @@ def test_a_copy_of_an_image_under_another_label_is_refused(tmp_path):
 
 
 def test_lines_split_at_line_feeds_only(tmp_path):
-    """A form feed, U+2028 or NEL inside a line (PDF extracts hold them) is not a line break; CRLF is."""
+    """A form feed, U+2028 or NEL inside a line (PDF extracts hold them) is not a line break; CRLF and a
+    carriage return alone are."""
     txt = tmp_path / "pages.txt"
-    txt.write_text("end of page\x0cstart of the next\r\nlines\u2028joined\nnext\x85line\n", encoding="utf-8")
+    txt.write_text("end of page\x0cstart of the next\r\nlines\u2028joined\nnext\x85line\rlast\n", encoding="utf-8")
     assert [r["text"] for r in read_samples(txt)] == ["end of page\x0cstart of the next", "lines\u2028joined",
-                                                      "next\x85line"]
+                                                      "next\x85line", "last"]
+    mac = tmp_path / "mac.jsonl"  # read as one line, it was one bad JSON record
+    mac.write_text(json.dumps({"text": "a cat"}) + "\r" + json.dumps({"text": "a dog"}) + "\r")
+    assert read_samples(mac) == [{"text": "a cat"}, {"text": "a dog"}]
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_samples(jsonl) == [{"text": "a\u2028b"}]
@@ -326,8 +333,12 @@ def test_lines_split_at_line_feeds_only(tmp_path):
 def test_a_label_that_is_no_class_name_or_number_is_refused(tmp_path, label):
     path = tmp_path / "labelled.jsonl"
     path.write_text(json.dumps({"text": "a cat", "label": "cat"}) + "\n" + json.dumps({"text": "a dog", "label": label}) + "\n")
-    with pytest.raises(LmmcError, match=rf"labelled.jsonl:2: \"label\" must be a class name or number, got "
-                                        rf"{re.escape(json.dumps(label))}"):
+    with pytest.raises(LmmcError, match=rf"labelled.jsonl:2: \"label\" must be a class name or a whole number, "
+                                        rf"got {re.escape(json.dumps(label))}"):
         read_samples(path)
     path.write_text(json.dumps({"text": "a cat", "label": 3}) + "\n" + json.dumps({"text": "a dog", "label": "dog"}) + "\n")
     assert [r["label"] for r in read_samples(path)] == ["3", "dog"]
+    # class 1 written as 1.0 (pandas' int column with a gap) is class 1, not a second class "1.0"
+    path.write_text("\n".join(json.dumps({"text": t, "label": v}) for t, v in [("a cat", 1), ("a dog", 2.0),
+                                                                              ("a kitten", 1.0)]))
+    assert [r["label"] for r in read_samples(path)] == ["1", "2", "1"]

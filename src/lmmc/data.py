@@ -60,9 +60,10 @@ class CalibData:
 
 
 def _lines(path: Path) -> list[str]:
-    """A text file's lines, split at line feeds only (a carriage return before one is stripped with the
-    line): str.splitlines would also split at form feeds and U+2028, which PDF extracts and JSON strings hold."""
-    return _read_text(path).split("\n")
+    """A text file's lines, split at line feeds, carriage returns (classic Mac files end lines with them
+    alone) and the pair: str.splitlines would also split at form feeds and U+2028, which PDF extracts and
+    JSON strings hold."""
+    return re.split(r"\r\n?|\n", _read_text(path))
 
 
 def _read_text(path: Path) -> str:
@@ -122,8 +123,10 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
             if "label" in obj:
                 label = obj["label"]
+                if isinstance(label, float) and label.is_integer():  # 1.0: pandas writes integer columns with gaps so
+                    label = int(label)
                 if isinstance(label, bool) or not isinstance(label, (str, int)):
-                    raise LmmcError(f"{path}:{n}: \"label\" must be a class name or number, got "
+                    raise LmmcError(f"{path}:{n}: \"label\" must be a class name or a whole number, got "
                                     f"{json.dumps(label)}; write the class in quotes")
                 rec["label"] = str(label)
             if "prompt" in obj:  # generative models: the text before the answer, not trained on
@@ -239,13 +242,16 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
             raise LmmcError(f"'{source}': the caption '{r['text']}' names the class '{named[0]}' but is labelled "
                             f"'{r['label']}'; the labels do not match the captions. Fix the label or the caption")
     for key in ("image", "text"):
-        seen: dict[str, tuple[str, str]] = {}  # an image by its bytes, as the split knows it: a copy is the same
+        # a sample as the split knows it: an image by its bytes (a copy is the same), a text case and spaces aside
+        seen: dict[str, tuple[str, str]] = {}
         for r in records:
             if key not in r:
                 continue
-            first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else r[key], (r[key], r["label"]))
+            first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else _text_key(r[key]),
+                                           (r[key], r["label"]))
             if label != r["label"]:
-                same = f" (the same picture as '{first}')" if first != r[key] else ""
+                kind = "picture" if key == "image" else "text, case and spaces aside,"
+                same = f" (the same {kind} as '{first}')" if first != r[key] else ""
                 raise LmmcError(f"'{source}': the {key} '{r[key]}'{same} carries two labels, '{label}' and "
                                 f"'{r['label']}'; each {key} belongs to one class. Fix the labels")
 
@@ -257,8 +263,12 @@ def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
     if "image" in record and "image" in modalities:
         return "image:" + _image_digest(record["image"])
     if "text" in record and "text" in modalities:
-        return "text:" + " ".join(record["text"].split()).casefold()
+        return "text:" + _text_key(record["text"])
     return None
+
+
+def _text_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
 
 
 @functools.cache
