@@ -389,7 +389,16 @@ def _(tmp):
     texts(tmp, n=40)
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt"}})
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["only 10 held-out samples", "floor of 32",
-                                                                  "four times that floor of distinct samples"]
+                                                                  "Give at least 128 distinct samples"]
+
+
+@case("too few held-out samples, with eval_samples below the floor too")
+def _(tmp):
+    # more samples alone would still hold out only eval_samples
+    texts(tmp, n=20)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "eval_samples": 8}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "only 5 held-out samples", "Raise calibration.eval_samples to 32 and give at least 128 distinct samples"]
 
 
 @case("a latency target on a generative model")

@@ -544,9 +544,12 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
                             f"or less")
     if "image" in modalities:
         check_images([r["image"] for r in chosen.calib + chosen.held_out if "image" in r])
+    floor = recipe.validate_.config.min_held_out if recipe.validate_ is not None else 0
     if selected < cal.eval_samples:  # a quarter of the distinct samples at most
-        fix = (f"give at least four times that floor of distinct samples (images, for pairs) in '{cal.path}': "
-               f"at most a quarter of them are held out")
+        fix = (f"give at least {4 * floor} distinct samples (images, for pairs) in '{cal.path}': at most a quarter "
+               f"of them are held out")
+        if cal.eval_samples < floor:
+            fix = f"raise calibration.eval_samples to {floor} and {fix}"
     elif len(chosen.held_out) < selected:
         fix = (f"{selected - len(chosen.held_out)} of the {selected} texts held out read as the same tokens as a "
                f"calibration text, cut where they are: raise calibration.eval_samples or max_length, or lower "
