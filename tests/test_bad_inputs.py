@@ -532,6 +532,17 @@ def digit_pairs(tmp: Path, labels: list[str], captions: list[str]) -> Path:
     return tmp / "pairs.jsonl"
 
 
+@case("a distill corpus without the modality of the towers it trains")
+def _(tmp):
+    # the dry run said "at most 0 training samples", as if the corpus were too small
+    texts(tmp, n=200, name="corpus.txt")
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "corpus": "corpus.txt"}}]})
+    return ["./clip", "-r", recipe, "-o", "out", "--dry-run"], [
+        "corpus.txt' holds text samples only, and this distill trains on image-text pairs",
+        "give a corpus of image-text pairs"]
+
+
 @case("an unreadable image in distill's corpus, dry run")
 def _(tmp):
     digit_pairs(tmp, ["3", "7"] * 20, [f"a picture of {spelled(i)}" for i in range(40)])

@@ -419,6 +419,11 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
                                          f"{name}.corpus")
                 check_prompts(preprocessors["processor"], records, cfg.max_length, template,
                               _decoder_positions(config, adapter))
+            if not used:
+                need = "image-text pairs" if len(needed) > 1 else f"{next(iter(needed))} samples"
+                have = sorted({k for r in records for k in ("text", "image") if k in r})
+                raise LmmcError(f"{name}: its corpus '{cfg.corpus}' holds {' and '.join(have) or 'no'} samples only, "
+                                f"and this distill trains on {need}; give a corpus of {need}")
             if "image" in needed:
                 check_images([r["image"] for r in used if "image" in r])
             n = len({json.dumps(r, sort_keys=True) for r in used})  # a repeated record trains once
