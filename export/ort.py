@@ -302,7 +302,7 @@ class OrtConfig(PassConfig):
                        "norm, softmax and reductions kept fp32, inputs and outputs fp32 (for GPUs; slow on a CPU)")
     atol: float = Field(1e-4, gt=0, description="largest |fused - plain| allowed on the calibration batches")
     threads: int = Field(2, gt=0, le=MAX_THREADS, description="ONNX Runtime threads when timing plain against fused")
-    latency_batch: int = Field(8, gt=0)
+    latency_batch: int = Field(8, gt=0, description="samples per timed batch when timing plain against fused")
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
     repeats: int = Field(12, gt=2, description="timed runs per graph for fuse: auto; medians compared")

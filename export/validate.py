@@ -64,7 +64,7 @@ class ValidateConfig(PassConfig):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where ONNX Runtime runs the "
                         "further artifacts (fused, INT8, FP16): cpu, cuda or cuda:N; cuda needs onnxruntime-gpu")
     latency: bool = Field(True, description="time teacher and student in ONNX Runtime")
-    latency_batch: int = Field(8, gt=0)
+    latency_batch: int = Field(8, gt=0, description="samples per timed batch")
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
     threads: int = Field(2, gt=0, le=MAX_THREADS, description="ONNX Runtime intra-op threads, the same for both models")

@@ -542,6 +542,33 @@ def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):
     assert report["validated"] is False and report["passed"] is None
 
 
+def test_lmmc_passes_documents_every_key_a_recipe_takes():
+    """The unknown-key error sends users to `lmmc passes`; it listed no calibration or bench key."""
+    from lmmc.bench import BenchConfig
+    from lmmc.pipeline import load_passes
+    from lmmc.recipe import CalibrationConfig
+
+    result = CliRunner().invoke(main, ["passes"])
+    assert result.exit_code == 0, result.output
+    sections, current = {}, None
+    for line in result.output.splitlines():
+        if not line.startswith(" "):
+            current = sections.setdefault(line.split()[0], {})
+        else:
+            key, _, rest = line.strip().partition(" = ")
+            current[key] = rest
+    configs = {name: cls.Config for name, cls in load_passes().items()}
+    configs.update(calibration=CalibrationConfig, bench=BenchConfig)
+    assert set(sections) == set(configs)
+    for name, config in configs.items():
+        assert list(sections[name]) == list(config.model_fields), name
+        undescribed = [k for k, rest in sections[name].items() if "  " not in rest]
+        assert undescribed == [], (name, undescribed)
+    # a docstring's first sentence, wrapped over two lines, is printed whole
+    wanda = next(line for line in result.output.splitlines() if line.startswith("wanda "))
+    assert wanda.endswith("No weight update. Block-sequential.")
+
+
 def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
     proc = subprocess.Popen([str(Path(sys.executable).parent / "lmmc"), "passes"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

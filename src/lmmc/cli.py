@@ -233,13 +233,18 @@ def _written(out: Path) -> str:
 
 @main.command("passes")
 def passes_cmd():
-    """List the passes a recipe can use, with their parameters."""
+    """List the passes a recipe can use, with their parameters, then the recipe's calibration and bench keys."""
+    from lmmc.bench import BenchConfig
     from lmmc.pipeline import load_passes
+    from lmmc.recipe import CalibrationConfig
 
-    for name, cls in sorted(load_passes().items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name} [{cls.kind}]  {doc}")
-        for field, info in cls.Config.model_fields.items():
+    sections = [(name, f"[{cls.kind}]", cls.__doc__, cls.Config) for name, cls in sorted(load_passes().items())]
+    sections += [("calibration", "[recipe section]", CalibrationConfig.__doc__, CalibrationConfig),
+                 ("bench", "[recipe section]", BenchConfig.__doc__, BenchConfig)]
+    for name, kind, doc, config in sections:
+        summary = " ".join((doc or "").strip().split("\n\n")[0].split())  # the first paragraph, joined
+        click.echo(f"{name} {kind}  {summary}")
+        for field, info in config.model_fields.items():
             desc = f"  {info.description}" if info.description else ""
             click.echo(f"    {field} = {info.default!r}{desc}")
 

@@ -66,7 +66,8 @@ def explain(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key (check the spelling against the documented keys: `lmmc passes` lists a pass's)" \
+        msg = "unknown key (check the spelling against the documented keys: `lmmc passes` lists each pass's and " \
+            "the calibration and bench sections')" \
             if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] == "int_parsing" and isinstance(e.get("input"), str) and "e" in e["input"].lower():
             msg += f" ({e['input']!r} is text to YAML, not a number; write the count in digits)"

@@ -29,7 +29,7 @@ class CalibrationConfig(Config):
     samples: int = Field(128, gt=0, description="calibration samples")
     eval_samples: int = Field(64, gt=1, description="held-out samples for validation, one per distinct image "
                               "(per distinct text, for text alone), never calibrated on under any caption")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="samples per batch of the passes' forward runs and of validation")
     max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or the model's "
                                    "position limit if lower (CLIP: 77)")
     # torch seeds its generators with a 64-bit integer
