@@ -83,7 +83,7 @@ class ValidateConfig(PassConfig):
     max_latency_miss: float | None = Field(None, gt=0, description="gate, when a pass set a latency target "
                                            "(antgmm's target): |measured - target| / target of the student's "
                                            "artifact on the target's runtime and precision; default 0.10 there, "
-                                           "unused without a target")
+                                           "refused without a target")
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:

@@ -384,6 +384,16 @@ def _(tmp):
         "cut where they are: raise calibration.eval_samples or max_length, or lower calibration.samples"]
 
 
+@case("a caption template for unlabelled text")
+def _(tmp):
+    # accepted, and then changed nothing
+    texts(tmp)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "caption_template": "a {label}"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "calibration.caption_template captions the classes of an image folder and prompts those of labelled data",
+        "calib.txt' is neither (no sample has a \"label\")", "remove caption_template, or label the samples"]
+
+
 @case("too few held-out samples to certify")
 def _(tmp):
     texts(tmp, n=40)

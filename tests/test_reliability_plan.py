@@ -97,6 +97,16 @@ def test_an_int8_gate_without_an_int8_export_is_refused_at_plan_time(tmp_path, b
     assert not (tmp_path / "out").exists()
 
 
+def test_a_latency_miss_gate_without_a_latency_target_is_refused_at_plan_time(tmp_path, bert):
+    # it was accepted and then gated nothing: the report certified a miss no one measured
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {"max_latency_miss": 0.1})
+    assert result.exit_code == 2, result.output
+    assert "validate.max_latency_miss gates how far the student misses a latency target, and no pass in this " \
+           "recipe sets one" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def _generative_report(runtime: bool) -> dict:
     generation = {"answer_tokens": 40, "kl_mean": 0.0123, "kl_max": 0.5, "top1_agreement": 0.95, "held_out_samples": 6,
                   "generation": {"tokens": 8, "agreement": 0.5, "prefix_mean": 5.25}}

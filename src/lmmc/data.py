@@ -139,6 +139,10 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                         f".jsonl ({{\"text\": ..., \"image\": ...}} per line) or a folder of images")
     if not records:
         raise LmmcError(f"calibration data '{path}' holds no samples; give it at least a few texts or images")
+    if caption_template is not None and not path.is_dir() and not any("label" in r for r in records):
+        raise LmmcError(f"calibration.caption_template captions the classes of an image folder and prompts those of "
+                        f"labelled data, and '{path}' is neither (no sample has a \"label\"), so it would do "
+                        f"nothing; remove caption_template, or label the samples")
     return records
 
 

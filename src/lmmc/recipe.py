@@ -189,6 +189,11 @@ class Recipe(BaseModel):
             raise LmmcError("validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one, "
                             "so it would certify nothing; add {ort: {fp16: true}} or {tensorrt: {precision: [fp16]}} "
                             "to the export section, or remove min_cosine_fp16")
+        if not generative and "max_latency_miss" in cfg.model_fields_set and cfg.max_latency_miss is not None \
+                and not any(getattr(s.config, "target", None) is not None for s in self.passes):
+            raise LmmcError("validate.max_latency_miss gates how far the student misses a latency target, and no "
+                            "pass in this recipe sets one, so it would certify nothing; give antgmm a target, e.g. "
+                            "{antgmm: {target: {speedup: 2}}}, or remove max_latency_miss")
         if generative and not any(s.name == "onnx_generative" for s in self.export):
             raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
