@@ -277,15 +277,7 @@ class AntGMMPass(Pass):
         # budget fails before any scoring.
         rounds: list[tuple[Adapter, dict[str, float]]] = []
         if latency is None:
-            if isinstance(cfg.keep, dict):
-                views = [(dataclasses.replace(adapter, towers=(t,)), cfg.keep[t.name]) for t in adapter.towers
-                         if cfg.keep[t.name] < 1]
-            else:
-                views = [(adapter, cfg.keep)]
-            for view, keep in views:
-                total = sum(self.costs.blocks(model, view).values())
-                rounds.append((view, self._plan(model, view, self._shares(model, view), total - keep * total,
-                                                total, keep)))
+            rounds = self._keep_rounds(model, adapter)
         else:
             joint = not isinstance(cfg.shares, dict)
             shares = {s: 1.0 for s in ("depth", "ffn", "heads")} if joint else self._shares(model, adapter)
@@ -363,6 +355,26 @@ class AntGMMPass(Pass):
                                f"{latency['target_ms']:.4g} ms: the stages' whole units{rounded} did not meet it "
                                f"exactly; ask for a lower target" + (", or a smaller ffn_multiple" if rounded else "")]
         return {**out, "latency_target": latency}
+
+    def check_keep(self, art: Artifact) -> None:
+        """Plan a keep budget as run() does before any scoring, so that the compile's dry run refuses what the
+        floors do not allow; shapes are all it reads (a meta-device student will do)."""
+        self.tokens = _tokens(art, self.config)
+        self.head_dims = {t.name: head_dim(art.student, t) for t in art.adapter.towers}
+        self.costs = CountCosts(self.config.budget, self.head_dims, self.tokens)
+        self._keep_rounds(art.student, art.adapter)
+
+    def _keep_rounds(self, model: torch.nn.Module, adapter: Adapter) -> list[tuple[Adapter, dict[str, float]]]:
+        """One round over all towers under one keep, or one per tower under its own, each with its plan."""
+        keep = self.config.keep
+        views = [(dataclasses.replace(adapter, towers=(t,)), keep[t.name]) for t in adapter.towers
+                 if keep[t.name] < 1] if isinstance(keep, dict) else [(adapter, keep)]
+        rounds = []
+        for view, kept in views:
+            total = sum(self.costs.blocks(model, view).values())
+            rounds.append((view, self._plan(model, view, self._shares(model, view), total - kept * total, total,
+                                            kept)))
+        return rounds
 
     def _shares(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         if self.config.shares is not None:

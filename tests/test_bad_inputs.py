@@ -1473,3 +1473,27 @@ def test_a_batch_the_ranks_cannot_share_is_refused_by_the_dry_run(tmp_path, monk
     result = CliRunner().invoke(main, ["compile", str(bert(tmp_path / "again")), "-r", str(recipe), "-o", "out",
                                        "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_the_dry_run_refuses_an_antgmm_keep_below_its_floors_as_the_pass_does(tmp_path, monkeypatch, kind):
+    """Planned on the model's shapes, with the text lengths of the calibration data (BERT) and an image
+    tower's tokens (CLIP's vision tower): the same refusal, figure included, that the pass gave only once
+    the passes before it (here a distillation) had run."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny(kind, tmp_path / kind)
+    antgmm = {"keep": 0.3 if kind == "bert" else {"text": 1.0, "vision": 0.3}, "min_heads": 2, "min_ffn": 40,
+              "importance": "activation"}
+    calibration = {"path": str(texts(tmp_path)), "samples": 64, "eval_samples": 32} if kind == "bert" else \
+        RANDOM["calibration"]
+    messages = []
+    for first in ([], [{"distill": {"steps": 2, "batch_size": 4}}]):
+        recipe = write_recipe(tmp_path, {**RANDOM, "calibration": calibration, "passes": [*first, {"antgmm": antgmm}],
+                                         "validate": False})
+        args = ["compile", f"./{kind}", "-r", str(recipe), "-o", "out"] + (["--dry-run"] if first else [])
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+        messages.append(result.output.split("error: ")[1])
+    assert "is below what the floors allow (about 0." in messages[0]
+    assert messages[1] == messages[0]
+    assert not (tmp_path / "out").exists()

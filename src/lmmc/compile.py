@@ -23,15 +23,15 @@ import torch
 from pydantic import ValidationError
 
 import lmmc
-from lmmc.adapters import TowerModule, head_dim, prunable_linears
+from lmmc.adapters import TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, check_answers, check_generative_records, check_images, check_prompts,
-                       check_random_allowed, drop_token_twins, load_calibration, load_generative_calibration,
-                       random_calibration, random_generative_calibration, read_corpus, read_samples, select,
-                       text_length, text_tokens)
+from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_images,
+                       check_prompts, check_random_allowed, drop_token_twins, encode_text, load_calibration,
+                       load_generative_calibration, random_calibration, random_generative_calibration, read_corpus,
+                       read_samples, select, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -292,7 +292,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_shared_space(config, adapter)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
-    counts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
+    counts, calib_texts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_scoring(recipe, shapes, adapter, counts)
@@ -311,6 +311,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         unchanged_depth = unchanged_depth and step.name != "antgmm"
         if step.name != "distill" and getattr(step.config, "distill", None) is not None:
             get_pass("distill").Config(**step.config.distill).check_model(adapter, config)
+    _check_keep(recipe, config, adapter, shapes, preprocessors, calib_texts)
     return {
         "model": model_ref,
         "adapter": adapter.family,
@@ -506,18 +507,19 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
                             f"(max_position_embeddings); set {key} to {positions - extra} or less")
 
 
-def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
-                shapes: torch.nn.Module, preprocessors: dict[str, Any]) -> dict[str, int] | None:
-    """Read and split the calibration data exactly as the compile will, without encoding it."""
+def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], shapes: torch.nn.Module,
+                preprocessors: dict[str, Any]) -> tuple[dict[str, int] | None, list[str]]:
+    """Read and split the calibration data exactly as the compile will, without encoding it. Returns the
+    sample counts and the calibration texts."""
     cal = recipe.calibration
     if not cal.path:
         if not cal.random and any("calib" in s.needs for s in recipe.steps()):
             raise LmmcError("the recipe's passes need calibration data; give --calib PATH or 'calibration.path'")
         if not cal.random:
-            return None
+            return None, []
         check_random_allowed(shapes)
         _check_floor(recipe, cal.eval_samples, "raise calibration.eval_samples")
-        return {"calibration": cal.samples, "held_out": cal.eval_samples}
+        return {"calibration": cal.samples, "held_out": cal.eval_samples}, []
     modalities = {t.modality for t in adapter.towers}
     records = read_samples(Path(cal.path), cal.caption_template)
     if adapter.kind == "generative":
@@ -562,7 +564,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str],
     else:
         fix = "raise calibration.eval_samples"
     _check_floor(recipe, len(chosen.held_out), fix)
-    return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+    return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}, [r["text"] for r in chosen.calib
+                                                                                   if "text" in r]
 
 
 def _check_floor(recipe: Recipe, held_out: int, fix: str) -> None:
@@ -621,6 +624,35 @@ def _check_scoring(recipe: Recipe, shapes: torch.nn.Module, adapter: Any, counts
                 raise LmmcError(f"passes[{i}] 'antgmm': Taylor importance needs calibration batches of at least 2 "
                                 f"samples (the loss contrasts samples within a batch), and they hold {batch}; raise "
                                 f"calibration.batch_size or use importance: activation")
+
+
+def _check_keep(recipe: Recipe, config: Any, adapter: Any, shapes: torch.nn.Module, preprocessors: dict[str, Any],
+                calib_texts: list[str]) -> None:
+    """antgmm's keep against its floors, planned on the model's shapes and the calibration texts' lengths
+    before anything runs: the pass refused it only once the passes before it (a distillation) had run."""
+    step = next((s for s in recipe.passes if s.name == "antgmm"), None)  # a later one plans on the first's cuts
+    if step is None or step.config.target is not None or adapter.kind == "generative":
+        return
+    cal = recipe.calibration
+    if cal.random:
+        data = random_calibration(cal, shapes, adapter)
+    else:  # what the pass reads of the data: text lengths, and an image tower's tokens, which one shape gives
+        batches: dict[str, list] = {}
+        for tower in adapter.towers:
+            if tower.modality == "text" and calib_texts and preprocessors.get("tokenizer") is not None:
+                cut = text_truncation(config, adapter, preprocessors)
+                batches["text"] = encode_text(preprocessors["tokenizer"], calib_texts, cal.batch_size,
+                                              cal.max_length or min(DEFAULT_MAX_LENGTH, cut),
+                                              text_pad_length(config, adapter))
+            elif tower.modality != "text":
+                vision = tower_config(shapes, tower)
+                batches["image"] = [{"pixel_values": torch.empty(1, getattr(vision, "num_channels", 3),
+                                                                 vision.image_size, vision.image_size,
+                                                                 device="meta")}]
+        data = CalibData(batches, {}, "shapes")
+    art = Artifact(model_ref="", adapter=adapter, teacher=shapes, student=shapes, calib=data,
+                   device=torch.device("meta"))
+    step.build().check_keep(art)
 
 
 @torch.no_grad()
