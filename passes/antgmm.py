@@ -505,6 +505,7 @@ class AntGMMPass(Pass):
                             f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
                             f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn}"
                             + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")
+                            + (f", min_hidden={cfg.min_hidden}" if "hidden" in shares else "")
                             + f" and stages {sorted(shares)}); "
                             f"raise {'keep' if cfg.target is None else 'the target'}, lower the floors or give "
                             f"other stages a share")

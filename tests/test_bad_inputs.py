@@ -384,6 +384,16 @@ def _(tmp):
         "cut where they are: raise calibration.eval_samples or max_length, or lower calibration.samples"]
 
 
+@case("a hidden stage held whole by min_hidden")
+def _(tmp):
+    # the floors the message listed left out the one that blocked the cut
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {"keep": 0.7, "shares": {"hidden": 1.0},
+                                                                 "min_hidden": 32}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "keep=0.7 of the blocks' flops is below what the floors allow (about 1.000 with",
+        "min_hidden=32 and stages ['hidden']"]
+
+
 @case("a caption template for unlabelled text")
 def _(tmp):
     # accepted, and then changed nothing
