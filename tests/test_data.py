@@ -158,6 +158,11 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
     (tmp_path / "pics" / ".ipynb_checkpoints").mkdir()
     (tmp_path / "pics" / ".ipynb_checkpoints" / "0.png").hardlink_to(tmp_path / "pics" / "cat" / "0.png")
     assert read_samples(tmp_path / "pics") == [{"image": r["image"]} for r in records]
+    # a class without pictures was dropped from the classes zero-shot accuracy chooses among
+    (tmp_path / "pics" / "bird").mkdir()
+    (tmp_path / "pics" / "bird" / ".DS_Store").write_bytes(b"\0\1")
+    with pytest.raises(LmmcError, match=r"the class folder\(s\) \['bird'\] hold no images; add pictures"):
+        read_samples(tmp_path / "pics", "a photo of a {label}")
 
 
 def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path):

@@ -196,6 +196,10 @@ def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     if strangers:
         raise LmmcError(f"image folder '{path}' holds {len(strangers)} file(s) that are not images, e.g. "
                         f"'{strangers[0]}'; remove them (a class folder holds only .png/.jpg/... pictures)")
+    empty = sorted(set(real) - {r["label"] for r in records})
+    if empty:  # its class would be left out of zero-shot accuracy's choices without a word
+        raise LmmcError(f"image folder '{path}': the class folder(s) {empty} hold no images; add pictures of the "
+                        f"class, or remove the folder")
     _check_readable(path, [r["image"] for r in records])
     check_labels(records, path)
     return records
