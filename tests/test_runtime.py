@@ -256,7 +256,9 @@ def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
     la = Image.fromarray(rgba[..., :2], "LA")
     assert np.abs(deployed.encode([la.convert("La")]) - deployed.encode([la.convert("La").convert("LA")])).max() <= 1e-6
     for item, message in [
-            (np.stack([rgba[..., :3]] * 2), "an array of shape \\[2, 40, 44, 3\\]; one picture is"),
+            # the fix it gave, encode(stack), is refused in turn
+            (np.stack([rgba[..., :3]] * 2), "an array of shape \\[2, 40, 44, 3\\]; one picture is .* a stack of them "
+                                            "as list\\(stack\\)\\)$"),
             (rgba[:0], "a picture without pixels"),
             (rgba[..., :3] / 255.0, "float pixels within \\[0, 1\\]; .* multiply it by 255"),
             (rgba.astype(np.uint16) * 256, "pixel values from 0 to 65024"),
@@ -319,6 +321,9 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
             ({"input_ids": ids[:, :0], "attention_mask": ids[:, :0]}, "'input_ids' of shape \[2, 0\] is empty"),
             ({"input_ids": ids - 8, "attention_mask": ids}, "'input_ids' holds id -1; token ids are never negative"),
             ({"input_ids": ids + 0.5, "attention_mask": ids}, "'input_ids' holds fractions"),
+            ({"input_ids": np.full((2, 5), np.nan), "attention_mask": ids}, "'input_ids' holds NaN or infinite values"),
+            # a mask fed as ids ran as ids 0 and 1
+            ({"input_ids": ids > 0, "attention_mask": ids}, "'input_ids' holds booleans, .* only attention_mask may be"),
             ([ids, ids], f"{name} takes a dict of input name -> array, not list"),
             ({"input_ids": ids.astype(str), "attention_mask": ids}, "'input_ids' holds <U21 values"),
             ({"input_ids": [[1, 2], [3]], "attention_mask": ids}, "'input_ids' is not an array"),
@@ -497,6 +502,9 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         open_dir(tmp_path)
     with pytest.raises(LmmcError, match="open_dir takes the path of a compile's output directory, not NoneType"):
         open_dir(None)
+    # None matched no artifact, and the message then listed several
+    with pytest.raises(LmmcError, match="unknown backend None; choose one of onnxruntime, openvino, tensorrt$"):
+        open_dir(compiled, backend=None)
 
 
 def _identity_onnx(path):
@@ -628,6 +636,10 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         load(tmp_path)
     with pytest.raises(LmmcError, match="unknown backend 'tflite'; choose one of onnxruntime, openvino, tensorrt"):
         load(tmp_path / "m.pt", backend="tflite")
+    with pytest.raises(LmmcError, match="unknown backend ''; .* or None for the one the file's suffix implies"):
+        load(tmp_path / "m.pt", backend="")
+    with pytest.raises(LmmcError, match="load takes the path of an exported .onnx, .xml or .engine file, not int"):
+        load(5)
 
 
 def test_compile_without_openvino_exits_2_before_loading(tmp_path, monkeypatch):

@@ -95,6 +95,11 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     only): (batch, seq), or (batch,) for images, compiles the IR for that one input shape, which runs
     faster than the dynamic IR; `run` then takes any batch in chunks of `batch`, pads each up to the shape
     (tokens the attention mask hides) and trims the outputs back, so a feed longer than `seq` is an error."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise LmmcError(f"load takes the path of an exported .onnx, .xml or .engine file, not {type(path).__name__}")
+    if backend is not None and backend not in BACKENDS:  # "" too, which read as "by the suffix"
+        raise LmmcError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, or None for the one the "
+                        f"file's suffix implies")
     path = Path(path)
     if path.is_dir():
         raise LmmcError(f"'{path}' is a directory; pass the path of an exported .onnx, .xml or .engine file, or open "
@@ -165,6 +170,12 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
             raise LmmcError(f"{model.path.name} takes '{spec.name}' of shape {wanted}, and the feed has {list(x.shape)}")
         if spec.name in ("input_ids", "pixel_values") and x.size == 0:
             raise LmmcError(f"'{spec.name}' of shape {list(x.shape)} is empty; feed at least one token or image")
+        if x.dtype.kind == "b" and spec.name != "attention_mask":  # a mask passed as ids would run as ids 0 and 1
+            raise LmmcError(f"'{spec.name}' holds booleans, and {model.path.name} takes {spec.dtype} values there; "
+                            f"only attention_mask may be boolean")
+        if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise LmmcError(f"'{spec.name}' holds NaN or infinite values, and {model.path.name} takes integers "
+                            f"({spec.dtype})")
         if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype.kind == "f" and not np.array_equal(x, np.trunc(x)):
             raise LmmcError(f"'{spec.name}' holds fractions, and {model.path.name} takes integers ({spec.dtype})")
         if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.size:
@@ -455,6 +466,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise LmmcError(f"open_dir takes the path of a compile's output directory, not {type(out_dir).__name__}")
+    if backend not in BACKENDS:  # None included: the manifest lists one artifact per backend, none "by default"
+        raise LmmcError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     out_dir = Path(out_dir).resolve()
     manifest = read_manifest(out_dir)
     if "generative" in manifest:

@@ -70,7 +70,7 @@ def rgb_array(image: Any, name: str = "an image"):
         x = x[..., None]
     if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
         raise LmmcError(f"{name} is an array of shape {list(x.shape)}; one picture is H x W, H x W x C or C x H x W "
-                        f"with 1, 3 or 4 channels (pass several as a list, or as encode(stack) for a stack)")
+                        f"with 1, 3 or 4 channels (pass several as a list, a stack of them as list(stack))")
     if 0 in x.shape:
         raise LmmcError(f"{name} is an array of shape {list(x.shape)}: a picture without pixels")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
