@@ -341,8 +341,14 @@ def _tampered_output(tmp_path, change):
      "rewrite it"),
     (lambda r, m: m["artifacts"][0].pop("tower"), "{out}/manifest.json is not an lmmc manifest (each artifact needs "
      "a tower, backend, precision and path, each tower a modality and its preprocessing); recompile to rewrite it"),
+    # an absolute path is found from nowhere else, and a folder is not missing
+    (lambda r, m: r["recipe"]["calibration"].update(random=False, path="/nonexistent/calib.txt"), "the compile's "
+     "calibration data '/nonexistent/calib.txt' is not there any more; put it back, or pass --calib with the same "
+     "file where it now is"),
+    (lambda r, m: m["artifacts"][0].update(path="student"), "student artifact '{out}/student' is listed in "
+     "manifest.json but not a file; recompile '{out}'"),
 ], ids=["report without recipe", "report without model", "samples not a number", "threads not a number",
-        "artifact outside", "artifact without tower"])
+        "artifact outside", "artifact without tower", "calibration data gone", "artifact a folder"])
 def test_a_tampered_report_or_manifest_is_one_error_naming_the_file(tmp_path, change, message):
     out = _tampered_output(tmp_path, change)
     (tmp_path / "outside.onnx").write_bytes(b"")
@@ -619,6 +625,10 @@ def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):
     assert (f"error: --seq sets the tokens of a text sample, and the teacher '{tmp_path / 'vit'}' has no text tower "
             f"(towers: vision); drop --seq\n") in refused.output
     assert not (out / "bench.json").exists()
+    one = run("bench", out, "--quick", "--repeats", 1, "--json", tmp_path / "one.json")  # refused, though documented
+    assert one.exit_code == 0, one.output
+    rows = json.loads((tmp_path / "one.json").read_text())["towers"]["vision"]["rows"]
+    assert [len(r["latency_ms"]["runs"]) for r in rows] == [3] * len(rows)
     result = run("bench", out, "--quick", "--static", "--repeats", 4)
     assert result.exit_code == 0, result.output
     bench = json.loads((out / "bench.json").read_text())

@@ -49,7 +49,7 @@ class BenchConfig(Config):
     threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="intra-op threads for every runtime (default: the recipe's)")
     batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
-    repeats: int = Field(15, gt=2, description="timed runs per candidate, in visits of one untimed run and "
+    repeats: int = Field(15, ge=1, description="timed runs per candidate, in visits of one untimed run and "
                          "three timed ones, candidates taking turns (rounded up to whole visits)")
     warmup: int = Field(1, ge=1, description="untimed rounds of visits before the timed ones")
     memory: bool = Field(True, description="measure peak memory, one fresh process per candidate")
@@ -141,7 +141,8 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
                         f"onnx/<tower>.onnx for towers {towers}); compile with an export step such as 'export: [onnx]'")
     for a in found:
         if not a["path"].is_file():
-            raise LmmcError(f"student artifact '{a['path']}' is listed in {MANIFEST} but missing; recompile '{out_dir}'")
+            what = "not a file" if a["path"].exists() else "missing"
+            raise LmmcError(f"student artifact '{a['path']}' is listed in {MANIFEST} but {what}; recompile '{out_dir}'")
     return found, skipped
 
 
@@ -520,6 +521,12 @@ def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: P
     if cfg.calib is not None:
         calib = calib.model_copy(update={"path": str(cfg.calib)})
     if calib.path and not Path(calib.path).exists():
+        if cfg.calib is not None:
+            raise LmmcError(f"--calib '{calib.path}' does not exist; pass the compile's calibration data where it "
+                            f"now is")
+        if Path(calib.path).is_absolute():  # no working directory finds it
+            raise LmmcError(f"the compile's calibration data '{calib.path}' is not there any more; put it back, or "
+                            f"pass --calib with the same file where it now is")
         raise LmmcError(f"the compile's calibration data '{calib.path}' is not found from {Path.cwd()}; run "
                         f"lmmc bench from where the compile ran, or pass --calib with the same file")
     return calib
