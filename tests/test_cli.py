@@ -493,6 +493,18 @@ def test_recipe_paths_resolve_against_the_recipe_and_calib_against_the_cwd(tmp_p
     monkeypatch.chdir(tmp_path / "data")
     result = run("compile", model_dir, "-r", recipe, "-o", "o", "--dry-run", "--calib", "corpus.txt")
     assert json.loads(result.output)["calibration"] == str(corpus)
+    # --calib replaced a calibration section that was no mapping, and its settings went unread
+    bad = write_recipe(tmp_path / "recipes", {"calibration": "../data/corpus.txt", "passes": ["wanda"]}, "bad.yaml")
+    result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(bad), "-o", "o", "--dry-run", "--calib",
+                                       "corpus.txt"])
+    assert result.exit_code == 2 and "'calibration' must be a mapping like {path: data.txt" in result.output
+    # a recipe's model found from the current directory only: the same recipe failed from anywhere else
+    monkeypatch.chdir(tmp_path)
+    beside = write_recipe(tmp_path / "recipes", {"model": "teacher", "calibration": {"path": "../data/corpus.txt"},
+                                                 "passes": ["wanda"]}, "model.yaml")
+    result = CliRunner().invoke(main, ["compile", "-r", str(beside), "-o", "o", "--dry-run"])
+    assert result.exit_code == 2 and "model 'teacher' is a path, and relative paths in a recipe are resolved " \
+                                     f"against the recipe's directory {tmp_path / 'recipes'}" in result.output
 
 
 @pytest.mark.parametrize("recipe", ["minilm-wanda50.yaml", "minilm-distill-wanda50.yaml"])

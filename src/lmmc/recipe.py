@@ -319,6 +319,13 @@ def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     if isinstance(model, str) and (model.startswith((".", "~")) or not model.strip()
                                    or (base is not None and "\0" not in model and (base / model).exists())):
         data["model"] = _resolve(model, base, "model", must_exist=True)
+    elif isinstance(model, str) and base is not None and not Path(model).is_absolute() and "\0" not in model \
+            and (Path(model).exists() or model.count("/") > 1 or ("/" in model and Path(model.split("/")[0]).is_dir())):
+        # a hub id is org/name; this is a path, which the model loader would read from the current directory
+        raise LmmcError(f"model '{model}' is a path, and relative paths in a recipe are resolved against the "
+                        f"recipe's directory {base}, giving {(base / model).resolve()}, which does not exist; fix "
+                        f"the path (relative to the recipe), give an absolute one, or give the model on the "
+                        f"command line")
     calibration = data.get("calibration")
     if isinstance(calibration, dict) and "path" in calibration:
         data["calibration"] = {**calibration,
@@ -453,8 +460,9 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
         if not given.exists():
             raise LmmcError(f"calibration data '{calib}' (--calib, relative to the current directory "
                             f"{Path.cwd()}) does not exist; pass --calib with a .txt, .jsonl or image folder")
-        calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
-        data["calibration"] = {**calibration, "path": str(given.resolve()), "random": False}
+        calibration = {} if data.get("calibration") is None else data["calibration"]
+        if isinstance(calibration, dict):  # any other section is the parse's to refuse, not --calib's to replace
+            data["calibration"] = {**calibration, "path": str(given.resolve()), "random": False}
     return parse_recipe(data, source=str(path), base=path.resolve().parent)
 
 
