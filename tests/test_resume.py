@@ -169,6 +169,11 @@ def test_a_dry_run_with_resume_refuses_what_the_resume_would(tmp_path, teacher):
     args = ["compile", str(teacher), "-r", str(recipe), "-o", str(tmp_path / "out"), "--resume", "--dry-run"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--resume: nothing to resume for --out" in result.output, result.output
+    # the run refused it too, leaving the folders it had made for --out
+    deep = tmp_path / "new" / "deeper" / "out"
+    result = CliRunner().invoke(main, [*args[:5], str(deep), "--resume"])
+    assert result.exit_code == 2 and "--resume: nothing to resume for --out" in result.output, result.output
+    assert not (tmp_path / "new").exists()
     dead = WorkArea(tmp_path / "out")
     dead.claim(inputs(tmp_path), resume=False)
     dead.release()
@@ -195,6 +200,11 @@ def test_resume_after_a_stop_between_placing_the_output_and_removing_the_area(tm
             assert CliRunner().invoke(main, [*args, *force]).exit_code == 0
         assert (out / "report.json").is_file() and WorkArea(out).latest_state() is not None
         files = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+        if force:  # the dry run passed it, and the run then refused it
+            dry = CliRunner().invoke(main, [*args, "--resume", "--dry-run", *force])
+            assert dry.exit_code == 2 and "nothing is left to resume (run without --dry-run to have the work area " \
+                                          "removed)" in " ".join(dry.output.split()), dry.output
+            assert WorkArea(out).latest_state() is not None
         result = CliRunner().invoke(main, [*args, "--resume", *force])
         assert result.exit_code == 2, result.output
         assert f"error: --resume: the compile to '{out}' had finished and was stopped while removing its work " \

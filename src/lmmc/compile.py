@@ -715,6 +715,9 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     inputs = describe_inputs(model_ref, recipe)
     try:
         area.claim(inputs, resume)
+    except LmmcError:  # nothing to resume, say: bad input writes nothing, the folders made for --out included
+        _remove(created)
+        raise
     except OSError as err:
         _remove(created)
         raise _write_error(err, area.path, out) or err

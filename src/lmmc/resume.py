@@ -264,6 +264,10 @@ class WorkArea:
                 os.close(fd)
         if not resume:
             return
+        if self.writer and self.left_after_placing():
+            raise LmmcError(f"--resume: the compile to '{self.out}' had finished and was stopped while removing its "
+                            f"work area '{self.path}'; nothing is left to resume (run without --dry-run to have the "
+                            f"work area removed)")
         previous = _read_json(self.path / INPUTS_FILE)
         if previous is None:
             raise LmmcError(self._nothing_to_resume())
