@@ -600,3 +600,27 @@ def test_summary_table_without_latency_prints_dashes_not_nan():
     assert row == ["text", "0.9123", "0.5000", "2.0e-06", "-", "-", "-"]
     tower["latency_ms"] = {"teacher": 20.0, "student": 10.0, "speedup": 2.0}
     assert summary_table(report).splitlines()[1].split()[4:] == ["20.0", "10.0", "2.00x"]
+
+
+@pytest.mark.parametrize("where", ["--out", "--calib", "MODEL"])
+def test_a_path_that_is_not_utf8_is_one_error_before_anything_is_written(tmp_path, monkeypatch, where):
+    """The dry run passed it; the run then failed writing ONNX (or the report) with a traceback, exit 1, and
+    the crash log itself failed to write."""
+    monkeypatch.chdir(tmp_path)
+    bad = os.fsdecode(b"n\xffme")
+    model = save_tiny("bert", tmp_path / "teacher")
+    if where == "MODEL":  # saved where tokenizers can write, then named so
+        model = model.rename(tmp_path / bad)
+    (tmp_path / "calib.txt").write_text("\n".join(f"the house number {spelled(i)}" for i in range(400)))
+    if where == "--calib":
+        shutil.copy(tmp_path / "calib.txt", tmp_path / bad)
+    recipe = write_recipe(tmp_path, {"calibration": {"path": "calib.txt"}, "passes": [{"magnitude": {"sparsity": 0.5}}],
+                                     "validate": False})
+    args = ["compile", str(model), "-r", str(recipe), "-o", bad if where == "--out" else "out"]
+    args += ["--calib", bad] if where == "--calib" else []
+    before = sorted(os.listdir(tmp_path))
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, args + dry)
+        assert result.exit_code == 2, result.output
+        assert "holds the byte 0xff, which is not UTF-8 text" in result.output, result.output
+        assert sorted(os.listdir(tmp_path)) == before

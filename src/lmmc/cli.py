@@ -98,8 +98,24 @@ def _peer_gone(err: Exception) -> bool:
 def _crash_log() -> Path:
     """Write the current traceback to a log file in the system temp directory (never into --out)."""
     path = Path(tempfile.gettempdir()) / f"lmmc-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    path.write_text(f"lmmc {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8")
+    # an argument may hold bytes that are not UTF-8 (a path's name): written escaped, not a second crash
+    path.write_text(f"lmmc {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8",
+                    errors="backslashreplace")
     return path
+
+
+_NOT_UTF8 = ("which is not UTF-8 text, and lmmc writes its paths into UTF-8 files (ONNX, report, manifest); rename "
+             "it, or the folder holding it, in UTF-8")
+
+
+def non_utf8(path: str) -> str | None:
+    """The first byte of `path` that is not UTF-8 text (Python holds such a byte of a name as an escaped
+    surrogate), or None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"{ord(err.object[err.start]) & 0xFF:#04x}"
+    return None
 
 
 class _Path(click.Path):
@@ -108,6 +124,9 @@ class _Path(click.Path):
     def convert(self, value, param, ctx):
         if value == "":
             self.fail("is an empty path, which would read as the current directory; give a real path", param, ctx)
+        bad = non_utf8(os.path.abspath(value)) if isinstance(value, str) else None
+        if bad is not None:
+            self.fail(f"'{os.path.abspath(value)}' holds the byte {bad}, {_NOT_UTF8}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -172,6 +191,9 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
             raise LmmcError("no MODEL to compile: give it on the command line (lmmc compile MODEL -r RECIPE -o OUT), "
                             "or as 'model:' in the recipe")
         model = parsed.model
+    local = os.path.abspath(os.path.expanduser(model)) if os.path.exists(os.path.expanduser(model)) else model
+    if non_utf8(local) is not None:
+        raise LmmcError(f"MODEL '{local}' holds the byte {non_utf8(local)}, {_NOT_UTF8}")
     if dry_run:
         target = check_output(Path(out), model, parsed, recipe, force)
         resolve_device(device)
