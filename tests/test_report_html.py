@@ -182,6 +182,14 @@ def test_verdict_matches_report_json(compiled, tmp_path):
     assert verdict((out / "report.html").read_text()) == ("null", "NOT VALIDATED")
 
 
+def test_a_gates_threshold_prints_as_given():
+    from lmmc.report_html import gate_digits
+
+    # "0.9998 >= 1 MISSED": the figures differed at 4 digits, the threshold did not print whole
+    assert format(0.99999, gate_digits(0.9998, 0.99999)) == "0.99999"
+    assert [format(x, gate_digits(0.91234, 0.9)) for x in (0.91234, 0.9)] == ["0.9123", "0.9"]
+
+
 def test_sections_without_data_are_notes_not_errors():
     report = {"lmmc_version": "0", "model": "m", "adapter": "bert", "recipe": {}, "passes": [],
               "validation": {}, "validated": False, "passed": None}

@@ -39,13 +39,15 @@ def _num(value: Any, fmt: str = ".4g") -> str:
 
 
 def gate_digits(value: Any, threshold: Any) -> str:
-    """The format that tells a gate's figure from its threshold: 4 significant digits, more where those
-    would print 0.9999836 and 0.99999 alike (as "1" and "1", a missed gate that reads as met)."""
+    """The format that tells a gate's figure from its threshold and prints the threshold as the recipe gave
+    it: 4 significant digits, more where those would print 0.9999836 and 0.99999 alike (as "1" and "1", a
+    missed gate that reads as met), or 0.99999 as "1"."""
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, threshold)):
         return ".4g"
     for digits in range(4, 13):
-        if format(value, f".{digits}g") != format(threshold, f".{digits}g"):
-            return f".{digits}g"
+        fmt = f".{digits}g"
+        if format(value, fmt) != format(threshold, fmt) and float(format(threshold, fmt)) == threshold:
+            return fmt
     return ".12g"
 
 
