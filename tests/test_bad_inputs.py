@@ -345,6 +345,21 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 77", "64 or less"]
 
 
+@case("latency_seq above the model's positions with latency off")
+def _(tmp):
+    # lmmc bench, after the compile or alone, timed at it and stopped with exit 3
+    recipe = write_recipe(tmp, {**RANDOM, "validate": {"latency": False, "latency_seq": 500}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 500", "64 or less"]
+
+
+@case("latency_seq for a model without a text tower")
+def _(tmp):
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"ort": {"latency_seq": 32, "int8": ["dynamic"]}}]})
+    return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], [
+        "ort.latency_seq sets the tokens of a text sample, and this vit model has no text tower; remove latency_seq"]
+
+
 @case("held-out batches outside the tensorrt profile")
 def _(tmp):
     # validation ran the engines on them after every pass and every build

@@ -479,6 +479,10 @@ def _check_shared_space(config: Any, adapter: Any) -> None:
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     text = [t for t in adapter.towers if t.modality == "text"]
     if not text:
+        for name, cfg in _step_configs(recipe):
+            if getattr(cfg, "latency_seq", None) is not None:
+                raise LmmcError(f"{name}.latency_seq sets the tokens of a text sample, and this {adapter.family} "
+                                f"model has no text tower; remove latency_seq")
         return
     positions = min(text_positions(config, t) for t in text)
     lengths = []  # (setting, tokens, whether the recipe gave it)
@@ -489,8 +493,8 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         towers = getattr(cfg, "towers", None)
         if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
             lengths.append((f"{name}.max_length", cfg.max_length, "max_length" in cfg.model_fields_set))
-        # validate times at latency_seq only with latency on; ort's has no such switch
-        if getattr(cfg, "latency_seq", None) is not None and getattr(cfg, "latency", True):
+        # lmmc bench times at validate's latency_seq too, with the compile's latency off or on
+        if getattr(cfg, "latency_seq", None) is not None:
             lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))
         if hasattr(getattr(cfg, "seq", None), "max"):  # tensorrt's profile: its longest text must fit
             lengths.append((f"{name}.seq.max", cfg.seq.max, True))
