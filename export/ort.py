@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                       quantize_static)
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmmc.adapters import Adapter, TowerSpec, example_inputs, input_names, prunable_linears
 from lmmc.artifact import Artifact, ExportRecord
@@ -320,6 +320,13 @@ class OrtConfig(PassConfig):
             raise ValueError(f"int8 lists a mode twice ({names}); give dynamic and static at most once each, "
                              f"static either plain or as {{static: {{mixed: ...}}}}")
         return modes
+
+    @model_validator(mode="after")
+    def _writes_something(self) -> "OrtConfig":
+        if self.fuse == "off" and not self.int8 and not self.fp16:
+            raise ValueError("fuse: off, int8: [] and no fp16 write nothing; ask for an artifact (int8: [dynamic], "
+                             "say) or remove the ort step")
+        return self
 
 
 @register

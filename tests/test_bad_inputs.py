@@ -352,6 +352,14 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["validate.latency_seq = 500", "64 or less"]
 
 
+@case("an ort step that writes nothing")
+def _(tmp):
+    # it ran, left an empty ort/ folder and said nothing
+    recipe = write_recipe(tmp, {**RANDOM, "export": ["onnx", {"ort": {"fuse": "off", "int8": []}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "fuse: off, int8: [] and no fp16 write nothing; ask for an artifact"]
+
+
 @case("latency_seq for a model without a text tower")
 def _(tmp):
     save_tiny("vit", tmp / "vit")
