@@ -2,6 +2,7 @@
 other family are refused (they would be silently skipped), and a generative model's summary shows its
 generation figures and per-tower sparsity instead of an empty encoder table."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def test_an_int8_gate_without_an_int8_export_is_refused_at_plan_time(tmp_path, b
     assert result.exit_code == 2, result.output
     assert "validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed: the engines are built")
+@pytest.mark.parametrize("precision, gate", [("int8", "min_cosine_int8"), ("fp16", "min_cosine_fp16")])
+def test_a_precision_gate_on_an_optional_engine_that_cannot_be_built_is_refused(tmp_path, bert, precision, gate):
+    # the compile noted "engine not built", gated nothing and said PASSED
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {gate: 0.9},
+                      export=["onnx", {"tensorrt": {"optional": True, "precision": [precision]}}])
+    assert result.exit_code == 2, result.output
+    assert f"validate.{gate} gates {precision.upper()} artifacts, and no export in this recipe writes one (the " \
+           "optional tensorrt step builds no engine here: TensorRT is not installed)" in result.output
 
 
 def test_a_latency_miss_gate_without_a_latency_target_is_refused_at_plan_time(tmp_path, bert):

@@ -181,14 +181,16 @@ class Recipe(BaseModel):
                             f"{', '.join(given)} from the recipe's validate section")
         if not generative and "min_cosine_int8" in cfg.model_fields_set and cfg.min_cosine_int8 is not None \
                 and not any(_writes_int8(s) for s in self.export):
-            raise LmmcError("validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one, "
-                            "so it would certify nothing; add {ort: {int8: [dynamic]}} or {openvino: {int8: true}} "
-                            "to the export section, or remove min_cosine_int8")
+            raise LmmcError("validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one"
+                            f"{_no_engine(self.export, 'int8')}, so it would certify nothing; add "
+                            "{ort: {int8: [dynamic]}} or {openvino: {int8: true}} to the export section, or remove "
+                            "min_cosine_int8")
         if not generative and "min_cosine_fp16" in cfg.model_fields_set and cfg.min_cosine_fp16 is not None \
                 and not any(_writes_fp16(s) for s in self.export):
-            raise LmmcError("validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one, "
-                            "so it would certify nothing; add {ort: {fp16: true}} or {tensorrt: {precision: [fp16]}} "
-                            "to the export section, or remove min_cosine_fp16")
+            raise LmmcError("validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one"
+                            f"{_no_engine(self.export, 'fp16')}, so it would certify nothing; add "
+                            "{ort: {fp16: true}} or {tensorrt: {precision: [fp16]}} to the export section, or remove "
+                            "min_cosine_fp16")
         if not generative and "max_latency_miss" in cfg.model_fields_set and cfg.max_latency_miss is not None \
                 and not any(getattr(s.config, "target", None) is not None for s in self.passes):
             raise LmmcError("validate.max_latency_miss gates how far the student misses a latency target, and no "
@@ -469,11 +471,24 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
 def _writes_fp16(step: Step) -> bool:
     """Whether an export step writes an artifact that validation judges by min_cosine_fp16."""
     cfg = step.config
-    return (step.name == "ort" and bool(cfg.fp16)) or (step.name == "tensorrt" and "fp16" in cfg.precision)
+    return (step.name == "ort" and bool(cfg.fp16)) or (step.name == "tensorrt" and "fp16" in cfg.precision
+                                                       and _builds_engines(step))
 
 
 def _writes_int8(step: Step) -> bool:
     """Whether an export step writes an artifact that validation judges by min_cosine_int8."""
     cfg = step.config
     return ((step.name in ("ort", "openvino") and bool(cfg.int8))
-            or (step.name == "tensorrt" and "int8" in cfg.precision))
+            or (step.name == "tensorrt" and "int8" in cfg.precision and _builds_engines(step)))
+
+
+def _builds_engines(step: Step) -> bool:
+    """An optional tensorrt step without TensorRT notes 'engine not built' and writes nothing to gate."""
+    from lmmc.export.tensorrt import tensorrt_module
+
+    return not step.config.optional or tensorrt_module() is not None
+
+
+def _no_engine(exports: list[Step], precision: str) -> str:
+    optional = any(s.name == "tensorrt" and precision in s.config.precision for s in exports)
+    return " (the optional tensorrt step builds no engine here: TensorRT is not installed)" if optional else ""
