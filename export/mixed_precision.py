@@ -55,13 +55,16 @@ def choose_precisions(matrices: dict[str, str], revert: Callable[[set[str]], Run
     `revert(nodes)` runs the fully quantised search model with those MatMul nodes' quantisers removed (no
     re-calibration: cheap); `quantise(nodes)` writes the artifact with those nodes kept fp32 through the
     library's own quantiser and runs it. A matrix's cost is the cosine drop of the model with that matrix
-    alone quantised. The costliest are kept fp32, fewest first, until the search model meets the budget;
-    then the artifact is quantised and measured, one more matrix kept per round while it misses. Cost:
-    one search quantisation, at most 2N + 1 runs of the search batches and `max_rounds` quantisations."""
+    alone quantised, less the drop with none of them quantised (what the quantisers outside the block
+    matrices cost: the attention scores' products). The costliest are kept fp32, fewest first, until the
+    search model meets the budget; then the artifact is quantised and measured, one more matrix kept per
+    round while it misses. Cost: one search quantisation, at most 2N + 2 runs of the search batches and
+    `max_rounds` quantisations."""
     nodes = list(matrices)
     every = set(nodes)
     int8_drop = _cosine_drop(revert(set()), feeds, reference)
-    cost = {n: _cosine_drop(revert(every - {n}), feeds, reference) for n in nodes}
+    outside = _cosine_drop(revert(every), feeds, reference)
+    cost = {n: _cosine_drop(revert(every - {n}), feeds, reference) - outside for n in nodes}
     order = sorted(nodes, key=lambda n: -cost[n])
     keep, predicted = 0, int8_drop
     while predicted > cfg.max_cosine_drop and keep < len(order):
@@ -84,7 +87,8 @@ def choose_precisions(matrices: dict[str, str], revert: Callable[[set[str]], Run
         f"with {keep} of {len(order)} matrices in fp32 after {len(rounds)} rounds; {fix}"]
     return {
         "max_cosine_drop": cfg.max_cosine_drop, "search_batches": len(feeds),
-        "int8_cosine_drop": int8_drop, "predicted_cosine_drop": predicted, "cosine_drop": measured,
+        "int8_cosine_drop": int8_drop, "fp32_matrices_cosine_drop": outside, "predicted_cosine_drop": predicted,
+        "cosine_drop": measured,
         "rounds": rounds, "warnings": warnings,
         "fp32_matrices": [matrices[n] for n in nodes if n in fp32],
         "matrices": [{"matrix": matrices[n], "node": n, "precision": "fp32" if n in fp32 else "int8",

@@ -197,3 +197,26 @@ def test_a_budget_missed_with_every_matrix_fp32_does_not_advise_more_rounds():
         f"the mixed artifact's cosine drop {result['cosine_drop']:.4g} stays above max_cosine_drop 0.001 with 2 of 2 "
         "matrices in fp32 after 1 rounds; every block matrix is fp32 already, and the drop left is the quantisation "
         "outside them; raise max_cosine_drop"]
+
+
+def test_a_matrixs_cost_leaves_out_what_the_quantisers_outside_the_matrices_cost():
+    """The costs included the drop of the always-quantised attention products: a matrix whose quantisation
+    changed nothing was priced at that drop. Runners here add a fixed error per quantised matrix (none for
+    'a') on top of one from outside the matrices."""
+    from lmmc.export.mixed_precision import MixedConfig, choose_precisions
+
+    rng = np.random.default_rng(0)
+    reference = [rng.normal(size=(4, 8)) for _ in range(2)]
+    feeds = [{"batch": np.array(i)} for i in range(2)]
+    outside, error = rng.normal(size=(4, 8)) * 0.3, {"a": np.zeros((4, 8)), "b": rng.normal(size=(4, 8))}
+
+    def runner(quantised: set[str]):
+        return lambda feed: reference[int(feed["batch"])] + outside + sum((error[n] for n in quantised), np.zeros((4, 8)))
+
+    every = {"a", "b"}
+    choice = choose_precisions({"a": "m.a", "b": "m.b"}, lambda fp32: runner(every - fp32),
+                               lambda fp32: runner(every - set(fp32)), feeds, reference,
+                               MixedConfig(max_cosine_drop=0.5))
+    cost = {row["matrix"]: row["cosine_cost"] for row in choice["matrices"]}
+    assert choice["fp32_matrices_cosine_drop"] > 0.01
+    assert cost["m.a"] == pytest.approx(0.0, abs=1e-12) and cost["m.b"] > 0.01
