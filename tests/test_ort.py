@@ -231,3 +231,22 @@ def test_minilm_int8_keeps_cosine_to_fp32(minilm, minilm_onnx, tmp_path):
     for name in ("dynamic", "static"):
         got = np.concatenate([load(tmp_path / f"{name}.onnx").run(f)["pooled_embedding"] for f in held_out])
         assert cosine(ref, got).mean() >= 0.98, name
+
+
+def test_fusion_is_judged_relative_to_large_outputs(tmp_path, one_thread):
+    """A fused graph of a model whose hidden states reach thousands differs by more than 1e-4 in absolute
+    terms through reordered float sums alone; it was thrown away even with fuse: on."""
+    model = tiny_model("bert")
+    with torch.no_grad():
+        norm = model.encoder.layer[-1].output.LayerNorm
+        norm.weight.mul_(3000)
+        norm.bias.mul_(3000)
+    tower = get_adapter("bert").towers[0]
+    plain, fused = tmp_path / "text.onnx", tmp_path / "text.fused.onnx"
+    export_tower(model, tower, plain)
+    probe, _ = feed(model, tower)
+    assert fuse_onnx(plain, fused, [probe])["Attention"] == 2
+    a, b = load(plain).run(probe), load(fused).run(probe)
+    largest = np.abs(a["last_hidden_state"]).max()
+    absolute = np.abs(a["last_hidden_state"] - b["last_hidden_state"]).max()
+    assert largest > 1000 and 1e-4 < absolute <= 1e-4 * largest
