@@ -265,6 +265,13 @@ def _teacher_changed(tmp_path, teacher):
     return other
 
 
+def _without_tokenizer(tmp_path, out):
+    lacking = tmp_path / "lacking"
+    shutil.copytree(out, lacking, ignore=shutil.ignore_patterns("bench.json"))
+    (lacking / "student" / "tokenizer.json").unlink()
+    return lacking
+
+
 def _other_data(tmp_path):
     (tmp_path / "other.txt").write_text("\n".join(EXTRA * 8) + "\n")
     return tmp_path / "other.txt"
@@ -272,7 +279,8 @@ def _other_data(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
                                   "teacher moved", "teacher changed", "data changed", "seq too long",
-                                  "static seq below the texts", "empty json path", "threads past any CPU"])
+                                  "static seq below the texts", "empty json path", "threads past any CPU",
+                                  "tokenizer deleted"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -295,6 +303,9 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
                                                                      "texts fidelity is measured on run to 32 tokens"),
         "empty json path": ([out], "--json is an empty path"),
         "threads past any CPU": ([out, "--threads", 10**20], "less than or equal to 1024"),
+        # benched with the teacher's tokenizer, an output open_dir refuses
+        "tokenizer deleted": ([_without_tokenizer(tmp_path, out)], "lacks ['student/tokenizer.json'], the "
+                                                                   "preprocessing files its manifest lists"),
     }
     where, message = args[case]
     if case == "backend missing":

@@ -121,7 +121,14 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
     onnx/*.onnx), and a note for each listed artifact of another backend: on the CPU a TensorRT engine needs
     a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs TensorRT installed."""
     if (out_dir / MANIFEST).is_file():
-        entries = [{k: e[k] for k in ARTIFACT_KEYS} for e in read_manifest(out_dir)["artifacts"]]
+        manifest = read_manifest(out_dir)
+        missing = [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
+                   if not (out_dir / f).is_file()]
+        if missing:  # the figures would be the teacher's tokenizer's, for a deployment that cannot run
+            raise LmmcError(f"{out_dir} lacks {missing[:3]}, the preprocessing files its manifest lists, without which "
+                            f"its artifacts cannot encode as deployed; copy the whole output directory, or compile "
+                            f"again")
+        entries = [{k: e[k] for k in ARTIFACT_KEYS} for e in manifest["artifacts"]]
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
