@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
-from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, MAX_THREADS, load, read_manifest
+from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, MAX_THREADS, load, missing_preprocessing, read_manifest
 from lmmc.timing import PER_VISIT, time_interleaved
 
 JSON_KIND = "lmmc bench"
@@ -122,8 +122,7 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
     a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs TensorRT installed."""
     if (out_dir / MANIFEST).is_file():
         manifest = read_manifest(out_dir)
-        missing = [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
-                   if not (out_dir / f).is_file()]
+        missing = missing_preprocessing(out_dir, manifest)
         if missing:  # the figures would be the teacher's tokenizer's, for a deployment that cannot run
             raise LmmcError(f"{out_dir} lacks {missing[:3]}, the preprocessing files its manifest lists, without which "
                             f"its artifacts cannot encode as deployed; copy the whole output directory, or compile "

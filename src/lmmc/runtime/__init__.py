@@ -505,6 +505,12 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     return deployment
 
 
+def missing_preprocessing(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The preprocessing files (tokenizer, image processor) a manifest lists that its output lacks."""
+    return [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
+            if not (out_dir / f).is_file()]
+
+
 def open_generative(out_dir: str | Path, threads: int | None = None, trust_remote_code: bool = False):
     """A compile's generative export (vision graph, KV-cache decoder, token table) with the saved processor,
     ready for `generate(image, prompt, max_new_tokens)`; see lmmc.runtime.generate. A processor that ships
@@ -518,8 +524,7 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     if "generative" not in manifest:
         raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
                         f"model with the 'onnx_generative' export pass, or open an encoder's output with open_dir")
-    missing = [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
-               if not (out_dir / f).is_file()]
+    missing = missing_preprocessing(out_dir, manifest)
     if missing:  # transformers would ask for a tokenizer package, or the hub, instead
         raise LmmcError(f"{out_dir} lacks {missing[:3]}, the processor files its manifest lists; copy the whole "
                         f"output directory, or compile again")
