@@ -505,6 +505,9 @@ def test_recipe_paths_resolve_against_the_recipe_and_calib_against_the_cwd(tmp_p
     result = CliRunner().invoke(main, ["compile", "-r", str(beside), "-o", "o", "--dry-run"])
     assert result.exit_code == 2 and "model 'teacher' is a path, and relative paths in a recipe are resolved " \
                                      f"against the recipe's directory {tmp_path / 'recipes'}" in result.output
+    # MODEL on the command line replaces the recipe's, which is then neither read nor refused
+    result = run("compile", model_dir, "-r", beside, "-o", "o", "--dry-run")
+    assert json.loads(result.output)["model"] == str(model_dir)
 
 
 @pytest.mark.parametrize("recipe", ["minilm-wanda50.yaml", "minilm-distill-wanda50.yaml"])

@@ -182,7 +182,7 @@ def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_cod
     from lmmc.compile import check_output, compile_model, plan, resolve_device
     from lmmc.recipe import load_recipe
 
-    parsed = load_recipe(recipe, calib=calib)
+    parsed = load_recipe(recipe, calib=calib, model_given=model is not None)
     if model == "":
         raise LmmcError("MODEL is an empty path, which would read as the current directory; give the model's "
                         "directory or hub id")

@@ -438,9 +438,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
 
 
-def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
+def load_recipe(path: str | Path, calib: str | None = None, model_given: bool = False) -> Recipe:
     """Read a recipe file; `calib` (the CLI's --calib, relative to the current directory) replaces its
-    calibration path."""
+    calibration path, and `model_given` (MODEL on the command line) its model."""
     path = Path(path)
     if not path.is_file():
         raise LmmcError(f"recipe '{path}' does not exist; pass --recipe with a YAML file (see samples/recipes/)")
@@ -457,6 +457,8 @@ def load_recipe(path: str | Path, calib: str | None = None) -> Recipe:
     except RecursionError:
         raise LmmcError(f"recipe '{path}' nests lists or mappings too deeply to read; a recipe is a few levels "
                         f"deep (see samples/recipes/)") from None
+    if model_given and isinstance(data, dict):
+        data.pop("model", None)  # not read, so not judged: its path may hold only from where the recipe was written
     if calib is not None and isinstance(data, dict):
         given = Path(os.path.expanduser(calib))
         if not given.exists():
