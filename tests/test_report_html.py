@@ -272,6 +272,15 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     assert result.exit_code == 2 and "was not written by lmmc" in result.output
     assert (out / "report.html").read_text() == "<html>someone's own page</html>"
 
+    # a link the user made, even to a page lmmc drew elsewhere, is theirs: neither replaced nor written through
+    (out / "report.html").unlink()
+    (tmp_path / "kept.html").write_text((compiled / "report.html").read_text())
+    (out / "report.html").symlink_to(tmp_path / "kept.html")
+    result = runner.invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "is a symbolic link, which lmmc never writes" in result.output
+    assert (out / "report.html").is_symlink()
+    assert (tmp_path / "kept.html").read_text() == (compiled / "report.html").read_text()
+
     (out / "report.html").unlink()
     for text in ("{not json", '{"a": ' * 100_000 + "1" + "}" * 100_000):
         (out / "report.json").write_text(text)

@@ -566,6 +566,8 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' is not valid JSON ({reason}); compile again to write it anew") from None
     if not isinstance(report, dict) or "lmmc_version" not in report:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
+    if target.is_symlink():  # replacing it would drop the user's link; writing through it, their file
+        raise LmmcError(f"'{target}' is a symbolic link, which lmmc never writes; remove it to draw the report there")
     if target.exists() and not is_ours(target):
         raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
     try:
