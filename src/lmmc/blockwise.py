@@ -73,7 +73,8 @@ def capture_block_inputs(model: nn.Module, tower: TowerSpec, batches: list[Batch
     runner = TowerModule(model, tower)
     captured: list[BlockInput] = []
     with torch.no_grad():
-        for batch in tqdm(batches, desc=f"calibrating {tower.name} tower", unit="batch", leave=False):
+        for batch in tqdm(batches, desc=f"calibrating {tower.name} tower", unit="batch", leave=False,
+                          disable=device.type == "meta"):  # a dry run's plan, over shapes only
             inp = first_block_input(model, tower, lambda: runner(*[batch[name].to(device) for name in runner.names]))
             if inp is not None:
                 captured.append(inp)
