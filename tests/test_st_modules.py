@@ -71,6 +71,18 @@ def test_a_pooling_mode_key_is_read_as_sentence_transformers_reads_it(tmp_path, 
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
+def test_include_prompt_false_matters_only_to_a_model_with_prompts(tmp_path):
+    """sentence-transformers leaves out only a prompt's tokens: without prompts it pools every token."""
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "cls", "include_prompt": False})
+    assert read_modules(str(path)).modes == ("cls",)
+    assert torch.allclose(lmmc_embeddings(path, TEXTS), st_embeddings(path, TEXTS), atol=1e-5)
+    (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: ",
+                                                                                     "passage": ""}}))
+    with pytest.raises(LmmcError, match="include_prompt: false\), and the model declares prompts \(query\); "
+                                        "lmmc encodes texts without prompts"):
+        read_modules(str(path))
+
+
 def test_a_directory_saved_by_the_installed_sentence_transformers_compiles_dry(tmp_path):
     import sentence_transformers.models  # noqa: F401 - sentence-transformers 6 loads this submodule only on import
 

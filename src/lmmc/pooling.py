@@ -132,11 +132,22 @@ def _prompt_warnings(text: str | None, source: str) -> tuple[str, ...]:
             f"encode with the student",)
 
 
-def _modes(cfg: dict[str, Any], where: str) -> tuple[str, ...]:
-    if cfg.get("include_prompt") is False:
-        raise LmmcError(f"{where}: the pooling leaves the prompt's tokens out (include_prompt: false), which "
-                        f"needs the prompt's length at every call; lmmc pools over every token. Compile the "
-                        f"transformer without modules.json if mean pooling over the whole input is acceptable")
+def _declared_prompts(text: str | None, source: str) -> list[str]:
+    """The names of the non-empty prompts config_sentence_transformers.json declares."""
+    if text is None:
+        return []
+    prompts = _json_object(text, f"'{source}/config_sentence_transformers.json'").get("prompts")
+    return sorted(str(k) for k, v in prompts.items() if v) if isinstance(prompts, dict) else []
+
+
+def _modes(cfg: dict[str, Any], where: str, prompts: list[str]) -> tuple[str, ...]:
+    # Without a prompt, sentence-transformers pools over every token whatever include_prompt says.
+    if cfg.get("include_prompt") is False and prompts:
+        raise LmmcError(f"{where}: the pooling leaves a prompt's tokens out (include_prompt: false), and the model "
+                        f"declares prompts ({', '.join(prompts)}); lmmc encodes texts without prompts and pools over "
+                        f"every token, so it cannot give the embeddings sentence-transformers gives with them. "
+                        f"Remove the prompts from config_sentence_transformers.json to compile the model for use "
+                        f"without them")
     if "pooling_mode" in cfg:  # sentence-transformers 3 and later
         value = cfg["pooling_mode"]
         names = [value] if isinstance(value, str) else value
@@ -195,7 +206,8 @@ def read_modules(source: str) -> SentenceModules | None:
                 raise LmmcError(f"'{source}': modules.json names a Pooling module at '{rel}' without "
                                 f"'{rel}/config.json'; copy the whole sentence-transformers directory")
             where = f"'{source}/{rel}/config.json'"
-            modes = _modes(_json_object(cfg_text, where), where)
+            modes = _modes(_json_object(cfg_text, where), where,
+                           _declared_prompts(files.get("config_sentence_transformers.json"), source))
             files[f"{rel}/config.json"] = cfg_text
         elif kind == "Normalize":
             dirs.append(rel)
