@@ -256,6 +256,15 @@ def _(tmp):
     return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["makes 224x224 images", "takes 32x32"]
 
 
+@case("image processor that keeps a picture's aspect")
+def _(tmp):
+    tiny_model("clip").save_pretrained(tmp / "clip")
+    save_preprocessors("clip", tmp / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp / "clip")
+    return ["./clip", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "keeps a picture's aspect (a 48x40 one becomes 32x38)", "do_center_crop: true with crop_size 32"]
+
+
 @case("random inputs for a model that is not tiny")
 def _(tmp):
     config = transformers.BertConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
