@@ -165,6 +165,42 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
         read_samples(tmp_path / "pics", "a photo of a {label}")
 
 
+def test_held_out_captions_shared_with_calibration_and_unpaired_records_are_said(tmp_path):
+    """The split keeps held-out images apart, not captions: a class's one templated caption is a calibration
+    caption too, so the text tower's figures are on fitted texts; pairs with captions of their own are not."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "text": f"picture number {i}", "label": ["cat", "dog"][i % 2]})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    cfg = CalibrationConfig(samples=12, eval_samples=4)
+    assert select(cfg, data, read_samples(data), {"text", "image"}).warnings == []
+
+    for line in lines:
+        line["text"] = f"a photo of a {line['label']}"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    chosen = select(cfg, data, read_samples(data), {"text", "image"})
+    assert chosen.warnings == ["the 4 held-out pairs hold 2 distinct caption(s), 2 of them calibration captions too: "
+                               "the text tower's figures measure texts the compile calibrated on, and distils on if "
+                               "distill reads this data, more than unseen text; give pairs with captions of their own "
+                               "to measure that"]
+    # a captioner's answers are no text tower's inputs
+    assert select(cfg, data, read_samples(data), {"text", "image"}, generative=True).warnings == []
+
+    # the dogs without captions: dropped from zero-shot's choices, unless a template prompts the classes
+    for line in lines[1::2]:
+        del line["text"]
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(LmmcError, match="class\\(es\\) 'dog' have no record with both a text and an image"):
+        select(cfg, data, read_samples(data), {"text", "image"})
+    templated = CalibrationConfig(samples=12, eval_samples=4, caption_template="a photo of a {label}")
+    warnings = select(templated, data, read_samples(data, templated.caption_template), {"text", "image"}).warnings
+    assert warnings[0] == (f"8 record(s) of '{data}' lack a text or an image and were left out: a model with a text "
+                           f"and an image tower calibrates and validates on image-text pairs")
+
+
 def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path):
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):

@@ -528,7 +528,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
     records = read_samples(Path(cal.path), cal.caption_template)
     if adapter.kind == "generative":
         check_generative_records(records, Path(cal.path), preprocessors.get("processor"), cal.chat_template)
-    chosen = select(cal, Path(cal.path), records, modalities)
+    chosen = select(cal, Path(cal.path), records, modalities, generative=adapter.kind == "generative")
     if adapter.kind == "generative":
         positions = _decoder_positions(config, adapter)
         rooms = check_prompts(preprocessors["processor"], chosen.calib + chosen.held_out, cal.max_length,

@@ -420,9 +420,11 @@ class Selection:
     warnings: list[str]
 
 
-def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str]) -> Selection:
+def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str],
+           generative: bool = False) -> Selection:
     """Split the records and keep what the model's towers can use. Every count that ends below what the
-    recipe asked for is said in a warning; too few to work with is an error."""
+    recipe asked for is said in a warning; too few to work with is an error. `generative`: the texts are
+    answers a decoder writes about each image, not a text tower's inputs."""
     dual = "text" in modalities and "image" in modalities
     if dual:
         # Dual encoders need pairs so both towers see matched samples and zero-shot agreement is defined.
@@ -434,8 +436,16 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
                             f"pairs: give a .jsonl with {{\"text\": ..., \"image\": ...}} per line, or an image folder "
                             f"with one subfolder per class and calibration.caption_template")
         # before the split, so a sample neither tower can use takes no held-out place
-        records = [r for r in records if "text" in r and "image" in r]
+        paired = [r for r in records if "text" in r and "image" in r]
+        lost = sorted({r["label"] for r in records if "label" in r} - {r["label"] for r in paired if "label" in r})
+        if lost and cfg.caption_template is None:  # its prompts are the captions: it would drop out of zero-shot
+            raise LmmcError(f"calibration data '{source}': class(es) {', '.join(map(repr, lost[:5]))} have no record "
+                            f"with both a text and an image, so zero-shot accuracy would leave them out of its "
+                            f"choices; give their records a \"text\", or set calibration.caption_template")
+        unpaired = len(records) - len(paired)
+        records = paired
     else:
+        unpaired = 0
         (modality,) = modalities
         if not any(modality in r for r in records):
             other = "images" if modality == "text" else "texts"
@@ -452,6 +462,21 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
             raise LmmcError(f"calibration data '{source}' has too few usable {modality} samples for this model "
                             f"({len(c)} to calibrate on, {len(e)} held out); it needs {kinds}")
     warnings = []
+    if unpaired:
+        warnings.append(f"{unpaired} record(s) of '{source}' lack a text or an image and were left out: a model "
+                        f"with a text and an image tower calibrates and validates on image-text pairs")
+    if dual and not generative:
+        # The split keeps held-out images apart; a caption shared by several images (a caption_template's,
+        # one per class) can be a calibration caption too, and then the text tower is judged on what it fitted.
+        calibrated = {_text_key(r["text"]) for r in calib_recs}
+        texts = {_text_key(r["text"]) for r in eval_recs}
+        if len(texts - calibrated) < len(eval_recs):
+            template = " (a caption_template gives each class one)" if cfg.caption_template else ""
+            warnings.append(f"the {len(eval_recs)} held-out pairs hold {len(texts)} distinct caption(s), "
+                            f"{len(texts & calibrated)} of them calibration captions too{template}: the text "
+                            f"tower's figures measure texts the compile calibrated on, and distils on if distill "
+                            f"reads this data, more than unseen text; give pairs with captions of their own to "
+                            f"measure that")
     unit = "pairs" if dual else "samples"
     for what, got, asked in (("calibration", len(calib_recs), cfg.samples),
                              ("held-out", len(eval_recs), cfg.eval_samples)):
@@ -718,7 +743,7 @@ def load_generative_calibration(cfg, path: str, processor, positions: int | None
     source = Path(path)
     records = read_samples(source)
     check_generative_records(records, source, processor, cfg.chat_template)
-    chosen = select(cfg, source, records, {"text", "image"})
+    chosen = select(cfg, source, records, {"text", "image"}, generative=True)
     calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
     held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
