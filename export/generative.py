@@ -246,7 +246,8 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20, chat_temp
     image_tokens = get_adapter(model.config.model_type).image_tokens
     text_cfg = model.config.text_config
     gen_cfg = getattr(model, "generation_config", None)
-    eos = _token_ids(getattr(gen_cfg, "eos_token_id", None)) or _token_ids(text_cfg.eos_token_id)
+    # transformers' generate stops at the generation config's end ids alone: none there means none at all
+    eos = _token_ids(text_cfg.eos_token_id if gen_cfg is None else gen_cfg.eos_token_id)
     pad = getattr(gen_cfg, "pad_token_id", None)
     pad = pad if pad is not None else text_cfg.pad_token_id
     metrics = {"vision": export_vision(model, folder / VISION, opset),

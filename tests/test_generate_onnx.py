@@ -126,6 +126,22 @@ def test_greedy_matches_pytorch_token_for_token(exported):
     assert_greedy_matches_pytorch(model, gen, enc, NEW_TOKENS)
 
 
+def test_no_end_id_in_the_generation_config_means_no_end(tmp_path):
+    """transformers' generate reads end ids from the generation config only; the decoder config's own
+    eos_token_id, a token this model does generate, must not stop the exported model where it goes on."""
+    torch.manual_seed(0)
+    model, processor = tiny_llava("clip", tmp_path)
+    enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")
+    model.generation_config.eos_token_id = None
+    free = reference(model, enc)
+    model.config.text_config.eos_token_id = int(free[0, 5])
+    export_generative(model, tmp_path / "onnx")
+    gen = Generator(tmp_path / "onnx", threads=1, preprocessor=processor)
+    assert gen.spec["eos_token_id"] == []
+    got = gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], NEW_TOKENS)
+    np.testing.assert_array_equal(got.tokens, free)
+
+
 def test_end_token_stops_rows_like_pytorch(exported):
     model, processor, gen = exported
     enc = processor(images=images(2), text=PROMPTS, padding=True, return_tensors="np")

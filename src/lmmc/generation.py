@@ -177,7 +177,7 @@ def runtime_agreement(student: torch.nn.Module, generator, items: list[Sample], 
         ids = torch.tensor([items[i].prompt for i in idx])
         pixels = torch.stack([items[i].pixel_values for i in idx]).cpu()
         out = generator.generate_ids(pixels.numpy(), ids.numpy(), max_new_tokens=max_new_tokens,
-                                     eos_token_id=sorted(eos) or None)
+                                     eos_token_id=sorted(eos))
         ids, pixels = ids.to(device), pixels.to(device)
         reference = student(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[:, -1].cpu()
         worst = max(worst, float((torch.from_numpy(out.first_logits) - reference).abs().max()))
