@@ -17,6 +17,7 @@ from PIL import Image
 from lmmc.adapters import get_adapter
 from lmmc.cli import main
 from lmmc.data import load_calibration, read_samples, split, text_tokens
+from lmmc.errors import LmmcError
 from lmmc.export.validate import chance_accuracy, nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
 from lmmc.recipe import CalibrationConfig
 from tests.conftest import save_tiny, tiny_vocab
@@ -210,20 +211,25 @@ def test_labels_give_classes_prompts_and_held_out_truth(tmp_path):
 
 def test_images_without_captions_take_no_held_out_place_and_no_class(tmp_path):
     """A dual encoder scores pairs: an image-only record cannot be held out, and a class that only such
-    records carry has no prompt, which would make every zero-shot prediction that class's NaN row."""
+    records carry has no prompt, so zero-shot accuracy could not choose it: refused."""
     pre = tiny_preprocessors(tmp_path)
     path = coco_style(tmp_path)
     rng = np.random.default_rng(1)
     lines = path.read_text().splitlines()
     for i in range(40, 56):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "label": "twelve"}))
+        lines.append(json.dumps({"image": f"{i}.png", "label": NUMBERS[i % 10]}))
     path.write_text("\n".join(lines))
-    data = load_calibration(CalibrationConfig(samples=64, eval_samples=16, batch_size=4), str(path),
-                            {"text", "image"}, pre)
+    cfg = CalibrationConfig(samples=64, eval_samples=16, batch_size=4)
+    data = load_calibration(cfg, str(path), {"text", "image"}, pre)
     assert data.counts["held_out"] == 10  # a quarter of the 40 captioned images, none of the 16 others
     assert data.labels.classes == sorted(NUMBERS)
     assert sorted(set(data.labels.prompt_class)) == list(range(10))
+    assert f"16 record(s) of '{path}' lack a text or an image and were left out" in data.warnings[0]
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "56.png")
+    path.write_text("\n".join([*lines, json.dumps({"image": "56.png", "label": "twelve"})]))
+    with pytest.raises(LmmcError, match="class\\(es\\) 'twelve' have no record with both a text and an image"):
+        load_calibration(cfg, str(path), {"text", "image"}, pre)
 
 
 # --- FLOPs at the real token lengths ----------------------------------------------------------------
