@@ -104,6 +104,19 @@ def test_adapter_names_every_linear_gqa_heads_and_the_projector(vision):
     assert feats.shape == (2, IMAGE_TOKENS, 32)
 
 
+@pytest.mark.parametrize("vision, strategy, seq", [("clip", "default", 576), ("clip", "full", 16),
+                                                   ("siglip", "full", 5), ("siglip", "default", 16)])
+def test_image_tokens_are_the_features_the_model_makes_whatever_image_seq_length_says(vision, strategy, seq):
+    """transformers never reads image_seq_length: a stale one (576 from a 336-px checkpoint) must neither
+    refuse the right processor nor pass a wrong one."""
+    model = tiny_llava(vision)
+    model.config.vision_feature_select_strategy, model.config.image_seq_length = strategy, seq
+    pixels = torch.zeros(1, 3, TINY_VISION["image_size"], TINY_VISION["image_size"])
+    with torch.no_grad():
+        made = model.model.get_image_features(pixel_values=pixels).pooler_output[0].shape[0]
+    assert get_adapter("llava").image_tokens.count(model.config) == made
+
+
 def test_idefics3_adapter_names_the_connector_and_the_gated_decoder():
     model = tiny_idefics3()
     adapter = get_adapter("idefics3")

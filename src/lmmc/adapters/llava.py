@@ -31,6 +31,15 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
+def image_token_count(config) -> int:
+    """Features one image becomes, as transformers computes them: the vision tower's patches, plus CLIP's
+    class token, less the first feature under the "default" selection. The config's image_seq_length is
+    only the processor's default; the model never reads it, and a checkpoint may carry a stale one."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + (vision.model_type == "clip_vision_model")
+    return tokens - (config.vision_feature_select_strategy == "default")
+
+
 def _vision(model, inputs):
     out = model.model.vision_tower(pixel_values=inputs["pixel_values"])
     return out.last_hidden_state, image_features(model, inputs["pixel_values"]).mean(1)
@@ -61,6 +70,6 @@ ADAPTERS = (
         bridges=(BridgeSpec("projector", "vision", (("fc1", "model.multi_modal_projector.linear_1"),
                                                     ("fc2", "model.multi_modal_projector.linear_2"))),),
         image_features=image_features,
-        image_tokens=ImageTokens("image_token_index", lambda config: int(config.image_seq_length)),
+        image_tokens=ImageTokens("image_token_index", image_token_count),
     ),
 )
