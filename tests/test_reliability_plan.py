@@ -56,6 +56,18 @@ def test_an_encoder_gate_on_a_generative_model_is_refused_at_plan_time(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("timing", [{"latency_seq": 1000}, {"latency": True, "repeats": 5}, {"latency_batch": 2}])
+def test_timing_a_generative_model_is_refused_at_plan_time(tmp_path, llava, timing):
+    """Nothing times a generative student: the settings would do nothing (and latency_seq was even refused
+    against the decoder's positions)."""
+    model, calib = llava
+    result = _dry_run(tmp_path, model, calib, timing, {"chat_template": True})
+    assert result.exit_code == 2, result.output
+    assert (f"validate: {', '.join(sorted(timing, key=['latency_batch', 'latency_seq', 'repeats', 'latency'].index))} "
+            f"set how the student is timed, and a llava model is not timed") in result.output
+    assert _dry_run(tmp_path, model, calib, {"latency": False}, {"chat_template": True}).exit_code == 0
+
+
 @pytest.mark.parametrize("gates, named", [
     ({"max_kl": 0.5}, "max_kl is a gate for generative models"),
     ({"min_top1_agreement": 0.9, "min_generation_agreement": 0.8},

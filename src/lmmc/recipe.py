@@ -196,6 +196,12 @@ class Recipe(BaseModel):
             raise LmmcError("validate.max_latency_miss gates how far the student misses a latency target, and no "
                             "pass in this recipe sets one, so it would certify nothing; give antgmm a target, e.g. "
                             "{antgmm: {target: {speedup: 2}}}, or remove max_latency_miss")
+        timing = [k for k in ("latency_batch", "latency_seq", "repeats") if k in cfg.model_fields_set]
+        timing += ["latency"] if "latency" in cfg.model_fields_set and cfg.latency else []
+        if generative and timing:
+            raise LmmcError(f"validate: {', '.join(timing)} set how the student is timed, and a {family} model is "
+                            f"not timed: validation measures its next-token fidelity and greedy generation. Remove "
+                            f"{', '.join(timing)} from the recipe's validate section")
         if generative and not any(s.name == "onnx_generative" for s in self.export):
             raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
