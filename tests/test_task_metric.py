@@ -261,6 +261,17 @@ def test_chance_levels_and_the_accuracy_that_clears_them():
             assert (accuracy >= chance_accuracy(kind, labels)[1]) is clears, (kind, accuracy)
 
 
+def test_a_model_that_cannot_tell_samples_apart_scores_chance_not_the_first_class():
+    truth = [0] * 8 + [1] * 2 + [2] * 2  # the first sample's class is the commonest
+    same = np.ones((12, 4), dtype=np.float32)
+    assert nearest_neighbour_accuracy(same, truth) == pytest.approx(chance_accuracy("nearest_neighbour_accuracy", truth)[0])
+    assert zero_shot_accuracy(same, np.ones((3, 4)), [0, 1, 2], truth, 3) == pytest.approx(1 / 3)
+    # a tie between two of three classes: half a hit for a sample of either, none for the third
+    images = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    prompts = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 0.0]])
+    assert zero_shot_accuracy(images, prompts, [0, 1, 2], [0, 1, 2], 3) == pytest.approx(1 / 3)
+
+
 def class_folder(tmp: Path) -> Path:
     rng = np.random.default_rng(0)
     for label in ("water", "house", "road", "man"):  # one token each in the tiny vocabulary
