@@ -82,6 +82,19 @@ def test_held_out_texts_that_read_as_calibration_tokens_once_cut_are_not_held_ou
                                 "not held out; 0 remain")
 
 
+def test_held_out_samples_of_one_class_are_refused(tmp_path):
+    """Accuracy over one class is 1.0 for any model, and so is chance: no gate could fail."""
+    tok = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))
+    words = ["python", "function", "picture", "number", "text", "a", "of", "is", "in", "to"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"the {words[i // 10]} {words[i % 10]}",
+                                                            "label": "cat" if i < 30 else "dog"}) for i in range(32)))
+    cfg = CalibrationConfig(samples=24, eval_samples=8, batch_size=8)
+    with pytest.raises(LmmcError, match="all 8 held-out samples have the label 'cat'"):
+        load_calibration(cfg, str(tmp_path / "d.jsonl"), {"text"}, {"tokenizer": tok})
+    data = load_calibration(cfg.model_copy(update={"seed": 2}), str(tmp_path / "d.jsonl"), {"text"}, {"tokenizer": tok})
+    assert sorted(data.labels.held_out) == [0] * 7 + [1]
+
+
 def test_text_with_a_byte_order_mark_reads_as_without(tmp_path):
     lines = ["café au lait", "the water is cold"]
     expected = [{"text": t} for t in lines]

@@ -29,7 +29,7 @@ from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, finite, is_b
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_images,
-                       check_prompts, check_random_allowed, drop_token_twins, encode_text, load_calibration,
+                       check_held_out_classes, check_prompts, check_random_allowed, drop_token_twins, encode_text, load_calibration,
                        load_generative_calibration, random_calibration, random_generative_calibration, read_corpus,
                        read_samples, select, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
@@ -545,6 +545,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
             chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
         _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"],
                           [r for r in chosen.held_out if "text" in r], length, text_pad_length(config, adapter))
+    if adapter.kind != "generative":
+        check_held_out_classes(chosen, Path(cal.path))
     warnings.extend(chosen.warnings)
     if "text" in modalities and cal.max_length and preprocessors.get("tokenizer") is not None:
         cut = text_truncation(config, adapter, preprocessors)

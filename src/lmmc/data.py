@@ -234,8 +234,9 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
                         f"or none")
     classes = sorted({r["label"] for r in records})
     if len(classes) < 2:
-        raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; zero-shot accuracy needs at "
-                        f"least two classes. Give samples of several classes, or drop the labels")
+        raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; accuracy (zero-shot, or "
+                        f"nearest-neighbour for a one-tower model) needs at least two classes. Give samples of "
+                        f"several classes, or drop the labels")
     words = {c: re.compile(rf"\b{re.escape(c)}\b", re.IGNORECASE) for c in classes}
     # A number is a class's name only where captions use class numbers ("the number 3", right or wrong);
     # where most captions of numbered classes say none, the numbers are ids, and "a dog with 1 ball" names none.
@@ -487,6 +488,16 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
     return Selection(calib_recs, eval_recs, warnings)
 
 
+def check_held_out_classes(chosen: Selection, source: Path) -> None:
+    """Labelled held-out samples of one class only: every accuracy on them reads 1.0, chance is 1.0, and
+    no gate can tell a student from a constant."""
+    labels = {r["label"] for r in chosen.held_out if "label" in r}
+    if len(labels) == 1:
+        raise LmmcError(f"'{source}': all {len(chosen.held_out)} held-out samples have the label '{labels.pop()}', "
+                        f"so their accuracy is 1.0 for any model; raise calibration.eval_samples, change "
+                        f"calibration.seed, or give more samples of the other classes")
+
+
 def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection:
     """A text model's held-out texts that read, cut to `max_length` tokens, as the same tokens as a text
     calibrated on (or held out before): texts that share a long opening and differ only past the cut. The
@@ -539,6 +550,7 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
                 raise LmmcError("the model directory has no image processor config; save one beside the model")
             calib[modality] = encode_images(proc, c, cfg.batch_size)
             held[modality] = encode_images(proc, e, cfg.batch_size)
+    check_held_out_classes(chosen, source)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
     labels = None
     if chosen.held_out and "label" in chosen.held_out[0]:
