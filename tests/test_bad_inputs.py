@@ -320,6 +320,13 @@ def _(tmp):
                                                                   "relative to the recipe"]
 
 
+@case("bench calib in a recipe")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "bench": {"calib": "moved.txt"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["bench.calib is for `lmmc bench --calib`",
+                                                                  "runs on its own compile's: drop it"]
+
+
 @case("N:M pattern that fits no matrix")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {"nm": "3:7"}}]})

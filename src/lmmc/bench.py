@@ -57,8 +57,8 @@ class BenchConfig(Config):
                          "seq), as a deployment that always pads to that shape would")
     corpora: tuple[Path, ...] = Field((), description="extra held-out corpora, fidelity reported per corpus")
     corpus_samples: int = Field(256, gt=1, description="samples drawn from each extra corpus")
-    calib: Path | None = Field(None, description="the compile's calibration data, when it moved since")
-    teacher: Path | None = Field(None, description="the compile's teacher, when it moved since")
+    calib: Path | None = Field(None, description="the compile's calibration data, when it moved since (lmmc bench only, not a recipe)")
+    teacher: Path | None = Field(None, description="the compile's teacher, when it moved since (lmmc bench only, not a recipe)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="where ONNX Runtime and PyTorch run: "
                         "cpu, or cuda / cuda:N (ONNX Runtime's CUDA provider, from onnxruntime-gpu)")
     trust_remote_code: bool = Field(False, description="read a teacher tokenizer or processor that ships its own "

@@ -408,6 +408,12 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
         bench = BenchConfig.model_validate(raw_bench) if isinstance(raw_bench, dict) else None
     except ValidationError as err:
         raise LmmcError(f"{source}: bad bench section:\n{explain(err)}") from None
+    moved = [key for key in ("calib", "teacher") if bench is not None and getattr(bench, key) is not None]
+    if moved:
+        # the recipe's bench runs right after its compile, on that compile's data and teacher
+        raise LmmcError(f"{source}: bench.{moved[0]} is for `lmmc bench --{moved[0]}` on an output whose "
+                        f"{'calibration data' if moved[0] == 'calib' else 'teacher'} moved after its compile; a "
+                        f"recipe's bench runs on its own compile's: drop it")
     recipe = Recipe(model=model, calibration=calibration, passes=passes, export=export, validate=validate,
                     bench=bench)
     recipe._default_export = data.get("export") is None and raw_validate is not False
