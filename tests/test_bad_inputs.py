@@ -327,6 +327,25 @@ def _(tmp):
                                                                   "runs on its own compile's: drop it"]
 
 
+@case("bench static IRs shorter than the held-out texts")
+def _(tmp):
+    texts(tmp)
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "eval_samples": 32},
+                                "bench": {"static": True, "seq": 4}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["bench.static compiles the IRs for 4 tokens",
+                                                                  "set bench.seq to", "or drop bench.static"]
+
+
+@case("bench static IRs shorter than a bench corpus")
+def _(tmp):
+    texts(tmp)
+    (tmp / "long.txt").write_text("\n".join(" ".join(["water"] * 40) + f" {spelled(i)}" for i in range(8)))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "calib.txt", "eval_samples": 32},
+                                "bench": {"static": True, "seq": 24, "corpora": ["long.txt"]}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["bench.static compiles the IRs for 24 tokens",
+                                                                  "texts of up to 4"]
+
+
 @case("N:M pattern that fits no matrix")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"magnitude": {"nm": "3:7"}}]})

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
-from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, finite, is_bench_json
+from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_images,
@@ -292,11 +292,11 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_shared_space(config, adapter)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
+    _check_bench(recipe, adapter, config)  # before the data: its static IRs' length is checked on them
     counts, calib_texts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
     _check_scoring(recipe, shapes, adapter, counts)
-    _check_bench(recipe, adapter, config)
     _check_engine_profile(recipe, config, adapter, counts)
     exported = any(s.name == "onnx_generative" for s in recipe.export)
     warnings += [f"{s.kind} step '{s.name}' skipped: it does not handle generative models ({adapter.family}) yet"
@@ -374,6 +374,28 @@ def _check_engine_seq(recipe: Recipe, config: Any, adapter: Any, tokenizer: Any,
         raise LmmcError(f"tensorrt.seq takes texts of at most {longest} tokens, and validation runs the engines on "
                         f"held-out texts of up to {widest}; raise tensorrt.seq.max to {widest}, or lower "
                         f"calibration.max_length")
+
+
+def _check_bench_static(recipe: Recipe, config: Any, adapter: Any, preprocessors: dict[str, Any],
+                        held_out: list[dict[str, Any]], length: int, pad_to: int | None) -> None:
+    """bench's static IRs take no more tokens than they are compiled for, and it measures fidelity on the
+    held-out texts and its corpora at their own lengths: it refused longer ones after the whole compile."""
+    bench = recipe.bench
+    if bench is None or not bench.static or not held_out:
+        return
+    positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
+    seq = bench.seq or (recipe.validate_.config.latency_seq if recipe.validate_ else None) or min(128, positions)
+    tokenizer = preprocessors["tokenizer"]
+    widest = pad_to or max(len(ids) for ids in tokenizer([r["text"] for r in held_out], truncation=True,
+                                                         max_length=length)["input_ids"])
+    for corpus in bench.corpora:
+        batches = corpus_batches(corpus, adapter, preprocessors, recipe.calibration, bench.corpus_samples,
+                                 text_truncation(config, adapter, preprocessors), pad_to)
+        widest = max([widest, *(b["input_ids"].shape[1] for b in batches.get("text", []))])
+    if widest > seq:
+        raise LmmcError(f"bench.static compiles the IRs for {seq} tokens, and bench measures fidelity on texts of up "
+                        f"to {widest} tokens (the held-out split and bench.corpora, as tokenised); set bench.seq to "
+                        f"{widest} or more, lower calibration.max_length, or drop bench.static")
 
 
 def _check_norm_gate(normalised: bool, recipe: Recipe) -> None:
@@ -545,6 +567,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
             chosen = drop_token_twins(chosen, preprocessors["tokenizer"], length)
         _check_engine_seq(recipe, config, adapter, preprocessors["tokenizer"],
                           [r for r in chosen.held_out if "text" in r], length, text_pad_length(config, adapter))
+        _check_bench_static(recipe, config, adapter, preprocessors, [r for r in chosen.held_out if "text" in r],
+                            length, text_pad_length(config, adapter))
     if adapter.kind != "generative":
         check_held_out_classes(chosen, Path(cal.path))
     warnings.extend(chosen.warnings)
