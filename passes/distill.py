@@ -66,8 +66,8 @@ class DistillConfig(PassConfig):
                                        "calibration records, so both reach the model in one form")
     dev_samples: int = Field(64, ge=0, description="corpus samples set aside to pick the best checkpoint "
                              "(never trained on, disjoint from the compile's held-out set)")
-    eval_every: int = Field(100, ge=0, description="steps between held-out evaluations; 0 = only at the end")
-    keep_best: bool = Field(True, description="end with the weights of the best held-out evaluation")
+    eval_every: int = Field(100, ge=0, description="steps between evaluations on the dev samples; 0 = only at the end")
+    keep_best: bool = Field(True, description="end with the weights that scored best on the dev samples")
     hidden: float = Field(1.0, ge=0, description="weight of the layerwise hidden-state loss (generative models: "
                           "also of the projector's image-feature loss)")
     output: float = Field(1.0, ge=0, description="weight of the pooled-embedding loss; for generative models the "
