@@ -505,6 +505,8 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
     # None matched no artifact, and the message then listed several
     with pytest.raises(LmmcError, match="unknown backend None; choose one of onnxruntime, openvino, tensorrt$"):
         open_dir(compiled, backend=None)
+    with pytest.raises(LmmcError, match="precision must name one, not None: .*'s onnxruntime artifacts are fp32, int8$"):
+        open_dir(compiled, precision=None)
 
 
 def _identity_onnx(path):

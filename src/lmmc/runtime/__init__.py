@@ -483,6 +483,10 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         raise LmmcError(f"{out_dir.name}'s text tower reads every text padded to {pad_to} tokens (as it was "
                         f"trained), so a static_shape for it gives {pad_to} as its length: "
                         f"static_shape=({static_shape[0]}, {pad_to})")
+    if not isinstance(precision, str):  # None would read as "any" in the message below, and match nothing
+        held = sorted({a["precision"] for a in manifest["artifacts"] if a["backend"] == backend})
+        raise LmmcError(f"precision must name one, not {precision!r}: {out_dir}'s {backend} artifacts are "
+                        f"{', '.join(held) or 'none'}")
     models = {}
     for tower in manifest["towers"]:
         # read_manifest requires no variant (bench needs none): an artifact without one matches variant=None only
