@@ -156,7 +156,7 @@ def main() -> None:
 @click.option("--out", "-o", required=True, type=_Path(file_okay=False), help="Output directory: new, or an earlier lmmc output with --force.")
 @click.option("--calib", type=_Path(), help="Calibration data: .txt, .jsonl or image folder; overrides the recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe, model config and data, print the plan, load nothing.")
-@click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output (never anything else).")
+@click.option("--force", is_flag=True, help="Replace --out if it is an earlier lmmc output, or fill it if it is empty (never anything else).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the passes.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (off by default).")
 @click.option("--resume", is_flag=True, help="Continue a killed compile to the same --out from its last finished "
