@@ -291,7 +291,7 @@ class StaticOptions(Config):
 class StaticMixed(Config):
     """``{static: {mixed: {max_cosine_drop: 0.002}}}`` in ``int8``: static QDQ in mixed precision."""
 
-    static: StaticOptions
+    static: StaticOptions = Field(description="static QDQ with these options")
 
 
 class OrtConfig(PassConfig):

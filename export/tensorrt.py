@@ -36,9 +36,9 @@ _WEIGHT_PATH_OPS = {"DequantizeLinear", "Cast", "Transpose", "Identity"}
 class ShapeRange(Config):
     """Smallest, typical (tuned for) and largest size of one dynamic axis in the engine's profile."""
 
-    min: int = Field(gt=0)
-    opt: int = Field(gt=0)
-    max: int = Field(gt=0)
+    min: int = Field(gt=0, description="smallest size the engine accepts")
+    opt: int = Field(gt=0, description="the size its kernels are tuned for")
+    max: int = Field(gt=0, description="largest size the engine accepts")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ShapeRange":

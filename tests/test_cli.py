@@ -558,27 +558,34 @@ def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):
 
 
 def test_lmmc_passes_documents_every_key_a_recipe_takes():
-    """The unknown-key error sends users to `lmmc passes`; it listed no calibration or bench key."""
+    """The unknown-key error sends users to `lmmc passes`; it listed no calibration or bench key, nor the
+    keys of a mapping a key takes (int8's mixed, a target's deploy)."""
     from lmmc.bench import BenchConfig
     from lmmc.pipeline import load_passes
     from lmmc.recipe import CalibrationConfig
 
     result = CliRunner().invoke(main, ["passes"])
     assert result.exit_code == 0, result.output
-    sections, current = {}, None
+    sections, nested, current = {}, {}, None
     for line in result.output.splitlines():
         if not line.startswith(" "):
-            current = sections.setdefault(line.split()[0], {})
+            current = line.split()[0]
+            sections[current], nested[current] = {}, {}
         else:
-            key, _, rest = line.strip().partition(" = ")
-            current[key] = rest
+            head, _, desc = line.strip().partition("  ")  # "key = default  description", or "key  description"
+            key, _, default = head.partition(" = ")
+            (sections if line[4] != " " else nested)[current][key] = f"{default}  {desc}" if desc else default
     configs = {name: cls.Config for name, cls in load_passes().items()}
     configs.update(calibration=CalibrationConfig, bench=BenchConfig)
     assert set(sections) == set(configs)
     for name, config in configs.items():
         assert list(sections[name]) == list(config.model_fields), name
-        undescribed = [k for k, rest in sections[name].items() if "  " not in rest]
+        undescribed = [k for k, rest in {**sections[name], **nested[name]}.items() if "  " not in rest]
         assert undescribed == [], (name, undescribed)
+    assert nested["openvino"]["int8.mixed.max_rounds"].startswith("3  ")
+    assert nested["ort"]["int8.static.mixed.search_batches"].startswith("4  ")
+    assert nested["antgmm"]["deploy.runtime"].startswith("'openvino'  ")
+    assert list(nested["tensorrt"]) == ["batch.min", "batch.opt", "batch.max", "seq.min", "seq.opt", "seq.max"]
     # a docstring's first sentence, wrapped over two lines, is printed whole
     wanda = next(line for line in result.output.splitlines() if line.startswith("wanda "))
     assert wanda.endswith("No weight update. Block-sequential.")

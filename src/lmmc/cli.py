@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 from pathlib import Path
 
 import click
@@ -266,9 +267,25 @@ def passes_cmd():
     for name, kind, doc, config in sections:
         summary = " ".join((doc or "").strip().split("\n\n")[0].split())  # the first paragraph, joined
         click.echo(f"{name} {kind}  {summary}")
-        for field, info in config.model_fields.items():
-            desc = f"  {info.description}" if info.description else ""
-            click.echo(f"    {field} = {info.default!r}{desc}")
+        _echo_fields(config, "", 4)
+
+
+def _echo_fields(config: type, prefix: str, indent: int) -> None:
+    """A config's fields, and under each the keys of any mapping it takes (int8's mixed, a target's
+    speedup), by their dotted names."""
+    from pydantic import BaseModel
+
+    def nested(annotation: object) -> list[type]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in nested(arg)]
+
+    for field, info in config.model_fields.items():
+        desc = f"  {info.description}" if info.description else ""
+        default = "" if info.is_required() else f" = {info.default!r}"
+        click.echo(f"{' ' * indent}{prefix}{field}{default}{desc}")
+        for model in dict.fromkeys(nested(info.annotation)):
+            _echo_fields(model, f"{prefix}{field}.", indent + 2)
 
 
 def _fmt(value: float | None) -> str:
