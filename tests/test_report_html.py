@@ -320,6 +320,18 @@ def test_report_command_adds_every_backend_of_bench_json(compiled, tmp_path):
     # five bars (three text backends, two vision) instead of the teacher and student of each tower
     assert found["latency per backend"].height > before["latency"].height
 
+def test_a_bench_json_that_cannot_be_read_is_said_not_dropped(compiled, tmp_path):
+    out = copy_output(compiled, tmp_path / "out")
+    for text, why in (('{"kind": ', "is not valid JSON, so its latencies are left out"),
+                      (json.dumps({"rows": []}), "was not written by lmmc bench, so it is left out")):
+        (out / "bench.json").write_text(text)
+        result = CliRunner().invoke(main, ["report", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"warning: '{out / 'bench.json'}' {why}" in result.output
+        page = (out / "report.html").read_text()
+        assert html.escape(f"'{out / 'bench.json'}' {why}", quote=True) in page
+        assert "latency" in dict(images(page))  # validation's timing drawn instead
+
 # --- the page in a browser ------------------------------------------------------------------------------
 
 def _chromium() -> str:

@@ -424,10 +424,14 @@ def _draw_report(out_dir: Path) -> Path:
     """report.html drawn again; a page that cannot be written is the user's to fix (exit 2), not a bug."""
     import errno
 
-    from lmmc.report_html import write_report_html
+    from lmmc.report_html import read_bench, write_report_html
 
     try:
-        return write_report_html(out_dir)
+        page = write_report_html(out_dir)
+        problem = read_bench(out_dir)[1]
+        if problem:
+            click.echo(f"warning: {problem}", err=True)
+        return page
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
             raise

@@ -443,18 +443,20 @@ def _mixed_precision(report: dict[str, Any]) -> str:
     return "\n".join(out) if out else _note("no mixed-precision artifact: no export asked for int8 mixed")
 
 
-def read_bench(out_dir: Path | None) -> dict[str, Any] | None:
-    """OUT_DIR/bench.json when `lmmc bench` wrote it, else None."""
+def read_bench(out_dir: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """OUT_DIR/bench.json when `lmmc bench` wrote it, else None; and why a bench.json there is left out."""
     path = out_dir / "bench.json" if out_dir else None
     if path is None or not path.is_file():
-        return None
+        return None, None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return None
+        return None, f"'{path}' is not valid JSON, so its latencies are left out; run lmmc bench again to rewrite it"
     from lmmc.bench import JSON_KIND
 
-    return data if isinstance(data, dict) and data.get("kind") == JSON_KIND else None
+    if isinstance(data, dict) and data.get("kind") == JSON_KIND:
+        return data, None
+    return None, f"'{path}' was not written by lmmc bench, so it is left out"
 
 
 def _latency_target(report: dict[str, Any]) -> str:
@@ -523,6 +525,7 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
 
     family = report.get("adapter")
     prefixes = {t.name: t.layers for t in get_adapter(family).towers} if family else {}
+    bench, bench_problem = read_bench(out_dir)
     title = f"lmmc report: {report.get('model', '')}"
     body = [
         f"<h1>{_e(title)}</h1>",
@@ -534,7 +537,7 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
         _section("Structure per layer", _structure(report, out_dir)),
         _section("Distillation", _distillation(report)),
         _section("Mixed precision", _mixed_precision(report)),
-        _section("Latency", _latency(report, read_bench(out_dir))),
+        _section("Latency", (_note(bench_problem) if bench_problem else "") + _latency(report, bench)),
         _section("Time per pass", _time(report)),
     ]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
