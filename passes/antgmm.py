@@ -172,7 +172,17 @@ class AntGMMConfig(PassConfig):
         if (self.distill is not None) != (self.distill_steps_per_segment > 0):
             raise ValueError("give both 'distill' (the distill pass's config) and 'distill_steps_per_segment' "
                              "> 0 to distil between segments, or neither for one-shot pruning")
+        # Each cut distils for distill_steps_per_segment steps (split over a fading block's ramp); a steps
+        # or a clock of its own would be overwritten, or spent again by every one of those runs.
+        for key in ("steps", "minutes"):
+            if isinstance(self.distill, dict) and self.distill.get(key) is not None:
+                raise ValueError(f"distill.{key} is not read between segments: distill_steps_per_segment sets the "
+                                 f"steps after each cut; drop distill.{key}")
         return self
+
+    def distill_config(self) -> Any:
+        """The distill pass's config of the runs between segments."""
+        return get_pass("distill").Config(**{**self.distill, "steps": self.distill_steps_per_segment})
 
 
 def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
@@ -246,9 +256,8 @@ class AntGMMPass(Pass):
     def check(self, available: set[str]) -> None:
         super().check(available)
         if self.config.distill is not None:
-            distill = get_pass("distill")
             try:
-                distill.Config(**{**self.config.distill, "steps": self.config.distill_steps_per_segment})
+                self.config.distill_config()
             except ValidationError as err:
                 raise LmmcError(f"pass 'antgmm': bad 'distill' config for the distill pass:\n{explain(err)}") from None
 

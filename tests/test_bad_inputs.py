@@ -374,6 +374,22 @@ def _(tmp):
                                                                  "takes at most 64 tokens", "64 or less"]
 
 
+@case("antgmm's distillation with a layer_map for another depth")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {
+        "keep": 0.8, "distill": {"layer_map": [1], "batch_size": 4}, "distill_steps_per_segment": 2}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["antgmm.distill: layer_map", "has 1 entries"]
+
+
+@case("antgmm's distillation with a bandit window below its arms")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {
+        "keep": 0.8, "distill": {"schedule": "optima", "blocks_per_arm": 1, "window": 1, "batch_size": 4,
+                                 "reward_samples": 2, "dev_samples": 0},
+        "distill_steps_per_segment": 2}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["antgmm.distill: window (1) must be at least"]
+
+
 @case("latency_seq above the model's positions")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "validate": {"latency_seq": 77}})

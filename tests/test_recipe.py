@@ -60,6 +60,11 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"validate": {"max_runtime_diff": float("inf")}}, "max_runtime_diff: Input should be a finite number"),
     ({"passes": [{"antgmm": {"keep": 0.5, "distill": {"lr": -1.0}, "distill_steps_per_segment": 2}}]},
      "bad 'distill' config for the distill pass:\n  lr: Input should be greater than 0"),
+    # each cut distils for distill_steps_per_segment: a steps was overwritten, a clock spent by every run
+    ({"passes": [{"antgmm": {"keep": 0.5, "distill": {"minutes": 1}, "distill_steps_per_segment": 2}}]},
+     "distill.minutes is not read between segments: distill_steps_per_segment sets the steps after each cut"),
+    ({"passes": [{"antgmm": {"keep": 0.5, "distill": {"steps": 900}, "distill_steps_per_segment": 2}}]},
+     "distill.steps is not read between segments"),
     ({"passes": [{"wanda": {}}, {"antgmm": {"keep": 0.5}}]}, "passes[1] 'antgmm' removes whole units and would leave "
                                                              "the masks of 'wanda' before it pointing at the wrong"),
     ({"passes": [{"antgmm": {"keep": 0.7, "shares": {"ffn": 0.5, "hidden": 0.5}}},

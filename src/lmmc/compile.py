@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears, tower_config
@@ -38,7 +37,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
                           load_preprocessor, load_teacher, local_dir, make_student, meta_model,
                           offline_if_unreachable, resolve_config, save_student, text_pad_length, text_positions,
                           text_truncation)
-from lmmc.pipeline import get_pass, run_pass
+from lmmc.pipeline import run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, write_report_html
@@ -308,9 +307,13 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
             step.config.check_model(adapter, config, unchanged_depth)
         elif hasattr(step.config, "check_model"):
             step.config.check_model(adapter, config)
+        if step.name == "antgmm" and step.config.distill is not None:
+            # its first distillation runs at the depth the pass starts from (a fading block is still there)
+            try:
+                step.config.distill_config().check_model(adapter, config, unchanged_depth)
+            except LmmcError as err:
+                raise LmmcError(f"antgmm.distill: {str(err).removeprefix('distill: ')}") from None
         unchanged_depth = unchanged_depth and step.name != "antgmm"
-        if step.name != "distill" and getattr(step.config, "distill", None) is not None:
-            get_pass("distill").Config(**step.config.distill).check_model(adapter, config)
     _check_keep(recipe, config, adapter, shapes, preprocessors, calib_texts)
     return {
         "model": model_ref,
@@ -475,12 +478,8 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
     out = []
     for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
         out.append((step.name, step.config))
-        nested = getattr(step.config, "distill", None)
-        if isinstance(nested, dict):
-            try:
-                out.append((f"{step.name}.distill", get_pass("distill").Config(**nested)))
-            except ValidationError:
-                pass
+        if step.name == "antgmm" and step.config.distill is not None:  # validated with the recipe
+            out.append((f"{step.name}.distill", step.config.distill_config()))
     return out
 
 
@@ -1025,14 +1024,19 @@ def flops_per_tower(art: Artifact) -> dict[str, dict[str, Any]]:
 
 
 def _pass_warnings(metrics: Any) -> list[str]:
-    """A pass's warnings: its own list, and each tower's (the export passes keep one per tower)."""
-    if not isinstance(metrics, dict):
+    """A pass's warnings wherever its metrics keep them: its own list, each tower's (the export passes),
+    each distillation's between antgmm's segments; each said once."""
+    found: list[str] = []
+    if isinstance(metrics, dict):
+        found += [w for w in metrics.get("warnings") or [] if isinstance(w, str)]
+        values = [v for k, v in metrics.items() if k != "warnings"]
+    elif isinstance(metrics, list):
+        values = metrics
+    else:
         return []
-    found = list(metrics.get("warnings") or [])
-    for value in metrics.values():
-        if isinstance(value, dict):
-            found += value.get("warnings") or []
-    return found
+    for value in values:
+        found += _pass_warnings(value)
+    return list(dict.fromkeys(found))
 
 
 def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], seconds: float) -> dict[str, Any]:
