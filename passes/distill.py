@@ -416,10 +416,13 @@ class DistillPass(Pass):
         if not self.config.checkpoint_dir:
             metrics.pop("checkpoint", None)  # in the work area, which the finished compile removes
         warnings = []
-        if len(dev) < cfg.dev_samples:
-            warnings.append(f"the corpus gives {len(dev)} dev samples, not the {cfg.dev_samples} of "
-                            f"dev_samples (they are capped at a quarter of its distinct samples), so the best "
-                            f"checkpoint is picked on fewer; give a larger corpus")
+        if cfg.steps and len(dev) < cfg.dev_samples:  # no step trained, no checkpoint picked
+            source, fix = (("the corpus gives", "give a larger corpus") if cfg.corpus else
+                           ("the calibration samples (distill has no corpus) give",
+                            "raise calibration.samples or give a corpus"))
+            warnings.append(f"{source} {len(dev)} dev samples, not the {cfg.dev_samples} of "
+                            f"dev_samples (they are capped at a quarter of the distinct samples), so the best "
+                            f"checkpoint is picked on fewer; {fix}")
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
             trained = trainer.train  # the bandit's reward samples are measured on, never trained on

@@ -784,8 +784,13 @@ def test_dev_samples_capped_by_a_small_corpus_are_warned_of(tmp_path):
     art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
     metrics = distill(art, corpus=str(corpus), steps=2, eval_every=0, dev_samples=8, vocabulary=0.5)
     assert metrics["dev_samples"] == 5 and metrics["warnings"] == [
-        "the corpus gives 5 dev samples, not the 8 of dev_samples (they are capped at a quarter of its distinct "
+        "the corpus gives 5 dev samples, not the 8 of dev_samples (they are capped at a quarter of the distinct "
         "samples), so the best checkpoint is picked on fewer; give a larger corpus"]
+    # trained on the calibration samples, the fix is more of them; with no step trained nothing is picked
+    metrics = distill(tiny_art("bert", sparsity=0), steps=2, eval_every=0, dev_samples=64)
+    assert metrics["warnings"][0].startswith("the calibration samples (distill has no corpus) give ")
+    assert metrics["warnings"][0].endswith("; raise calibration.samples or give a corpus")
+    assert "warnings" not in distill(tiny_art("bert", sparsity=0), steps=0, dev_samples=64)
 
 
 def test_the_compile_report_carries_the_passes_warnings(tmp_path):
@@ -796,6 +801,13 @@ def test_the_compile_report_carries_the_passes_warnings(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [w for w in report["warnings"] if w.startswith("distill:")] == [
         "distill: " + report["passes"][0]["metrics"]["warnings"][0]]
+    # a distillation between antgmm's segments warns alike, once however many segments ran
+    out = compile_tiny_text(teacher, tmp_path / "out2", [{"antgmm": {
+        "keep": 0.6, "distill_steps_per_segment": 2,
+        "distill": {"corpus": str(corpus), "eval_every": 0, "dev_samples": 4, "max_length": 12}}}])
+    report = json.loads((out / "report.json").read_text())
+    nested = report["passes"][0]["metrics"]["segments"][0]["distill"]["warnings"]
+    assert [w for w in report["warnings"] if w.startswith("antgmm:")] == ["antgmm: " + w for w in nested]
 
 
 def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():
