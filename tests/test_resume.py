@@ -374,3 +374,18 @@ def test_sigkilled_compiles_resume_to_the_bytes_of_an_uninterrupted_run(tmp_path
     assert final["seconds"] >= sum(p["seconds"] for p in final["passes"])
     assert [c["score"] for c in distill["curve"]] == [c["score"] for c in report["passes"][2]["metrics"]["curve"]]
     assert_same_output(plain, resumed)
+
+
+def test_a_compile_stopped_inside_its_first_pass_with_checkpoints_says_to_resume(tmp_path, teacher):
+    """No pass had finished, but the distillation's checkpoints had: the advice to run without --resume
+    would have thrown them away."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"distill": {**RECIPE["passes"][2]["distill"],
+                                                                         "steps": 100000}}]}))
+    out = tmp_path / "out"
+    code, err = kill_when(compile_args(teacher, recipe, out),
+                          lambda: any(work_path(out).glob("pass-*/**/step-*/state.json")), "a checkpoint", signal.SIGTERM)
+    assert code == 130 and states(work_path(out)) == []
+    assert f"no pass finished, and the running one kept checkpoints in '{work_path(out)}': run the same command " \
+           f"with --resume" in " ".join(err.split())
+    assert "without --resume" not in err

@@ -838,8 +838,12 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
         area.release()
         if area.writer:
+            # a distillation's checkpoints (state.json beside its weights) resume it mid-pass
+            saved = area.path.is_dir() and any(area.path.glob("pass-*/**/state.json"))
             print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same command "
                   f"with --resume to continue from there" if done else
+                  f"lmmc: no pass finished, and the running one kept checkpoints in '{area.path}': run the same "
+                  f"command with --resume to continue from the last" if saved else
                   "lmmc: no pass finished; run the same command again (without --resume)", file=sys.stderr)
         raise
     if interrupted:
