@@ -149,6 +149,10 @@ class DistillConfig(PassConfig):
                 len(distilled) == 2 and self.contrastive > 0):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
+        if len(distilled) == 2 and self.contrastive > 0 and self.batch_size // self.grad_accum < 2:
+            raise LmmcError(f"distill: the similarity-matrix loss compares the samples of one micro-batch, and "
+                            f"batch_size {self.batch_size} / grad_accum {self.grad_accum} leaves one: the term is 0. "
+                            f"Raise batch_size or lower grad_accum, or set contrastive: 0")
         depths = {}
         for tower in distilled if config is not None else []:
             layers = getattr(getattr(config, tower.config_key) if tower.config_key else config, "num_hidden_layers")
@@ -166,6 +170,11 @@ class DistillConfig(PassConfig):
             if unchanged_depth and skip and skip[-1] >= layers:
                 raise LmmcError(f"skip_hidden names blocks {skip} of the {tower.name} tower, which has blocks "
                                 f"0..{layers - 1}; give 0-based indices of the student's blocks")
+        if unchanged_depth and depths and adapter.kind != "generative":
+            self.check_terms({t.name: depths[t.name] for t in distilled})
+        if isinstance(self.layer_map, list) and len(distilled) > 1:
+            raise LmmcError(f"distill: layer_map is one list, but this distill trains the towers "
+                            f"{[t.name for t in distilled]}; give {{tower: [teacher layers]}} per tower")
         if unchanged_depth and depths and self.schedule == "optima":
             plans = {t.name: TowerPlan(t, depths[t.name], depths[t.name], skip=set(self.skip_hidden.get(t.name, ())))
                      for t in distilled}
@@ -194,6 +203,14 @@ class DistillConfig(PassConfig):
         if self.contrastive_loss != "kl" or self.output_loss != "cosine":
             raise LmmcError("distill: output_loss and contrastive_loss apply to encoders; a generative model's output "
                             "term is the token-level KL (weight: output, softness: temperature): remove them")
+
+    def check_terms(self, depths: dict[str, int]) -> None:
+        """An encoder's distillation of towers with these block counts has a loss term left to train on:
+        skip_hidden over every block with output 0 left none, and the loss was a number, not a tensor."""
+        hidden = self.hidden > 0 and any(set(range(n)) - set(self.skip_hidden.get(t, ())) for t, n in depths.items())
+        if not hidden and self.output == 0 and not (len(depths) == 2 and self.contrastive > 0):
+            raise LmmcError("distill: skip_hidden leaves no block a hidden-state term and output is 0, so no loss "
+                            "term is left to train on; give output a positive weight, or skip fewer blocks")
 
     @field_validator("corpus")
     @classmethod

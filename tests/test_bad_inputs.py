@@ -822,6 +822,31 @@ def _(tmp):
              "give one list of teacher layers per distilled tower"])
 
 
+@case("one layer_map list for both towers of a dual encoder")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 2, "layer_map": [1, 2]}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["layer_map is one list, but this distill trains the towers ['text', 'vision']",
+             "give {tower: [teacher layers]} per tower"])
+
+
+@case("a dual encoder's contrastive term over micro-batches of one")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "grad_accum": 4}}]})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["batch_size 4 / grad_accum 4 leaves one: the term is 0", "set contrastive: 0"])
+
+
+@case("skip_hidden over every block with no output term")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "output": 0,
+                                                                  "skip_hidden": {"text": [0, 1]}}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["skip_hidden leaves no block a hidden-state term",
+                                                                  "give output a positive weight"]
+
+
 @case("a distill layer_map naming a tower the model lacks")
 def _(tmp):
     save_tiny("clip", tmp / "clip")

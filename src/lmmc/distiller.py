@@ -413,6 +413,8 @@ class Trainer:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
                             f"{[t.name for t in art.adapter.towers]}; name blocks of those towers")
         self.plans = {t.name: self._plan(t) for t in self.towers}
+        if not self.generative:  # checked again here: a pass before may have removed blocks
+            cfg.check_terms({name: plan.n_student for name, plan in self.plans.items()})
         self.arms = make_arms(self.plans, cfg.blocks_per_arm, cfg.arm_span)
         self.bridge = self._bridge()
         if self.bridge is not None:
