@@ -3,6 +3,7 @@ matching the PyTorch student; encode() applies the saved preprocessing; bad inpu
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from lmmc.adapters import TowerModule, get_adapter
 from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.validate import cosine
-from lmmc.runtime import load, open_dir
+from lmmc.runtime import load, open_dir, open_generative
 from lmmc.student import load_student
 from tests.conftest import save_preprocessors, save_tiny
 
@@ -195,6 +196,29 @@ def test_an_image_reads_the_same_as_a_file_or_a_picture_upright_and_over_white(c
     assert np.abs(got[0] - deployed.encode([as_stored])[0]).max() > 1e-3
     with pytest.raises(LmmcError, match="an image has mode I;16 .* not a picture; convert it to 8-bit RGB"):
         deployed.encode([Image.fromarray(np.zeros((40, 40), np.uint16))])
+
+
+def test_a_pil_image_that_cannot_be_read_is_refused_as_its_file_is(compiled, tmp_path):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    (tmp_path / "whole.png").write_bytes(buffer.getvalue())
+    deployed = open_dir(compiled, threads=1)
+    with pytest.raises(LmmcError, match="cannot read image '.*cut.png': image file is truncated"):
+        deployed.encode([tmp_path / "cut.png"])
+    with pytest.raises(LmmcError, match="cannot read an image: image file is truncated; pass an open, whole image"):
+        deployed.encode([Image.open(tmp_path / "cut.png")])
+    with Image.open(tmp_path / "whole.png") as closed:
+        pass
+    with pytest.raises(LmmcError, match="cannot read an image: it was closed"):
+        deployed.encode([closed])
+    for empty in (Image.new("RGB", (0, 0)), Image.new("RGB", (5, 0))):
+        with pytest.raises(LmmcError, match="an image is .* pixels: a picture without pixels"):
+            deployed.encode([empty])
+    with Image.open(tmp_path / "whole.png") as opened:  # an open one reads as its file
+        assert np.abs(deployed.encode([opened]) - deployed.encode([tmp_path / "whole.png"])).max() == 0
 
 
 def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled):
@@ -507,6 +531,22 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         open_dir(compiled, backend=None)
     with pytest.raises(LmmcError, match="precision must name one, not None: .*'s onnxruntime artifacts are fp32, int8$"):
         open_dir(compiled, precision=None)
+    with pytest.raises(LmmcError, match="variant must name one, such as 'fused'.*not 3$"):
+        open_dir(compiled, variant=3)
+    with pytest.raises(LmmcError, match="open_generative takes the path of a compile's output directory, not NoneType"):
+        open_generative(None)
+    # 0 is GPU 0 to PyTorch: it ran on the CPU without a word
+    for device in (0, "", False):
+        with pytest.raises(LmmcError, match=f"unknown device '{device}'; use cpu, cuda or cuda:N"):
+            load(compiled / "onnx" / "text.onnx", device=device)
+    with pytest.raises(LmmcError, match="has no tower \\['text'\\]; its towers are"):
+        open_dir(compiled, threads=1).encode(["a"], tower=["text"])
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled, copy)
+    (copy / "onnx" / "text.onnx").unlink()
+    with pytest.raises(LmmcError, match="'onnx/text.onnx' is listed in .*manifest.json but missing; copy the whole "
+                                        "output directory, or compile again"):
+        open_dir(copy, variant="plain")
 
 
 def _identity_onnx(path):

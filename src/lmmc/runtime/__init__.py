@@ -118,7 +118,7 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"static_shape is for OpenVINO IRs; {path.name} runs on {backend}")
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
-        return OrtModel(path, threads, device or "cpu", tensorrt)
+        return OrtModel(path, threads, "cpu" if device is None else device, tensorrt)  # 0 or "" is no CPU
     if tensorrt is not None:
         raise LmmcError(f"tensorrt options are for ONNX Runtime's TensorRT provider; {path.name} runs on {backend}")
     if backend == "openvino":
@@ -278,8 +278,8 @@ class Deployment:
         items = _as_list(items)
         if type(batch_size) is not int or batch_size < 1:
             raise LmmcError(f"batch_size must be a positive integer, not {batch_size!r}")
-        if tower is not None and tower not in self.models:
-            raise LmmcError(f"{self.out_dir} has no tower '{tower}'; its towers are {sorted(self.models)}")
+        if tower is not None and (not isinstance(tower, str) or tower not in self.models):
+            raise LmmcError(f"{self.out_dir} has no tower {tower!r}; its towers are {sorted(self.models)}")
         if not items:
             width = {s.shape[-1] for name, m in self.models.items() if tower in (None, name)
                      for s in m.outputs if s.name == "pooled_embedding"}
@@ -461,7 +461,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
              inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None,
              trust_remote_code: bool = False) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
-    the compile keeps only when it is the faster, over the plain one; `threads`, `device`,
+    the compile keeps only when it is the faster, over the plain one, and otherwise takes the first the
+    manifest lists (ONNX Runtime INT8: dynamic before static; name one with `variant`); `threads`, `device`,
     `inference_precision` and `static_shape` as in `load`. A tokenizer or image processor that ships its
     own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
     if not isinstance(out_dir, (str, os.PathLike)):
@@ -483,6 +484,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         raise LmmcError(f"{out_dir.name}'s text tower reads every text padded to {pad_to} tokens (as it was "
                         f"trained), so a static_shape for it gives {pad_to} as its length: "
                         f"static_shape=({static_shape[0]}, {pad_to})")
+    if variant is not None and not isinstance(variant, str):
+        raise LmmcError(f"variant must name one, such as 'fused', 'dynamic' or 'static', or be None; not {variant!r}")
     if not isinstance(precision, str):  # None would read as "any" in the message below, and match nothing
         held = sorted({a["precision"] for a in manifest["artifacts"] if a["backend"] == backend})
         raise LmmcError(f"precision must name one, not {precision!r}: {out_dir}'s {backend} artifacts are "
@@ -498,6 +501,9 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
             wanted = " ".join(filter(None, (backend, precision, variant)))
             raise LmmcError(f"{out_dir} has no {wanted} artifact for the {tower} tower; it has {have}")
         chosen.sort(key=lambda a: a.get("variant") != "fused")
+        if not (out_dir / chosen[0]["path"]).is_file():
+            raise LmmcError(f"'{chosen[0]['path']}' is listed in {out_dir / MANIFEST} but missing; copy the whole "
+                            f"output directory, or compile again")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
     deployment = Deployment(out_dir, manifest, models, trust_remote_code)
@@ -523,6 +529,8 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
 
     from lmmc.runtime.generate import Generator
 
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise LmmcError(f"open_generative takes the path of a compile's output directory, not {type(out_dir).__name__}")
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if "generative" not in manifest:

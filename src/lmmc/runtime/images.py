@@ -40,6 +40,13 @@ def to_rgb(image: Any, name: str = "an image"):
 
     if not isinstance(image, Image.Image):
         return rgb_array(image, name)
+    try:
+        image.load()  # PIL reads pixels lazily: a truncated or closed image fails here, not in the processor
+    except (OSError, ValueError, AssertionError, Image.DecompressionBombError) as err:
+        why = str(err) or "it was closed"  # a `with Image.open(...)` block closed it: PIL says nothing
+        raise LmmcError(f"cannot read {name}: {why}; pass an open, whole image, or its file's path") from None
+    if 0 in image.size:
+        raise LmmcError(f"{name} is {image.size[0]} x {image.size[1]} pixels: a picture without pixels")
     if image.getexif().get(ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
