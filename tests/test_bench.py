@@ -272,6 +272,13 @@ def _without_tokenizer(tmp_path, out):
     return lacking
 
 
+def _without_weights(tmp_path, out):
+    lacking = tmp_path / "unweighted"
+    shutil.copytree(out, lacking, ignore=shutil.ignore_patterns("bench.json"))
+    (lacking / "openvino" / "text.bin").unlink()
+    return lacking
+
+
 def _other_data(tmp_path):
     (tmp_path / "other.txt").write_text("\n".join(EXTRA * 8) + "\n")
     return tmp_path / "other.txt"
@@ -280,7 +287,7 @@ def _other_data(tmp_path):
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
                                   "teacher moved", "teacher changed", "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
-                                  "tokenizer deleted"])
+                                  "tokenizer deleted", "weights deleted"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -306,6 +313,9 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         # benched with the teacher's tokenizer, an output open_dir refuses
         "tokenizer deleted": ([_without_tokenizer(tmp_path, out)], "lacks ['student/tokenizer.json'], the "
                                                                    "preprocessing files its manifest lists"),
+        # refused before the teacher's exports, not after them
+        "weights deleted": ([_without_weights(tmp_path, out)], "openvino/text.bin', a file of student artifact "
+                                                               "'openvino/text.xml' listed in manifest.json, is missing"),
     }
     where, message = args[case]
     if case == "backend missing":

@@ -128,9 +128,13 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
                             f"its artifacts cannot encode as deployed; copy the whole output directory, or compile "
                             f"again")
         entries = [{k: e[k] for k in ARTIFACT_KEYS} for e in manifest["artifacts"]]
+        # an IR's weights (.bin) too, which OpenVINO reads only after the teacher's exports
+        lost = {e["path"]: f for e in manifest["artifacts"] if e["tower"] in towers for f in e.get("files") or []
+                if f != e["path"] and not (out_dir / f).is_file()}
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
+        lost = {}
     if device == "cpu":
         backends, where = CPU_BACKENDS, "on the CPU"
     else:
@@ -149,6 +153,10 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         if not a["path"].is_file():
             what = "not a file" if a["path"].exists() else "missing"
             raise LmmcError(f"student artifact '{a['path']}' is listed in {MANIFEST} but {what}; recompile '{out_dir}'")
+    for path, f in lost.items():
+        if any(a["label"] == path for a in found):
+            raise LmmcError(f"'{out_dir / f}', a file of student artifact '{path}' listed in {MANIFEST}, is missing; "
+                            f"copy the whole output directory, or recompile '{out_dir}'")
     return found, skipped
 
 
