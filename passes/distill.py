@@ -440,6 +440,10 @@ class DistillPass(Pass):
             warnings.append(f"{source} {len(dev)} dev samples, not the {cfg.dev_samples} of "
                             f"dev_samples (they are capped at a quarter of the distinct samples), so the best "
                             f"checkpoint is picked on fewer; {fix}")
+        if metrics.get("steps") and metrics.get("kept_step") == 0:
+            warnings.append(f"no evaluation after training scored better on the dev samples than the student before "
+                            f"it, so keep_best kept the student as it was and the {metrics['steps']} steps are lost; "
+                            f"lower lr, or train longer")
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if modalities == ["text"] and art.adapter.kind != "generative" and tokenizer is not None:
             trained = trainer.train  # the bandit's reward samples are measured on, never trained on

@@ -767,7 +767,9 @@ def test_a_narrow_corpus_is_warned_of_unless_vocabulary_runs_widen_it(tmp_path):
     def run(vocabulary: float) -> dict:
         art = tiny_art("bert", sparsity=0)
         art.preprocessor = {"tokenizer": tokenizer}
-        return distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=vocabulary, dev_samples=4)
+        # keep_best off: the unpruned student starts at the teacher, and two steps cannot beat that
+        return distill(art, corpus=str(corpus), steps=2, eval_every=0, vocabulary=vocabulary, dev_samples=4,
+                       keep_best=False)
 
     narrow, widened = run(0.0), run(0.5)
     assert narrow["token_coverage"] == round(10 / 92, 4)
@@ -782,12 +784,12 @@ def test_dev_samples_capped_by_a_small_corpus_are_warned_of(tmp_path):
     corpus = narrow_corpus(tmp_path / "narrow.txt")   # 22 distinct lines: a quarter is 5
     art = tiny_art("bert", sparsity=0)
     art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")))}
-    metrics = distill(art, corpus=str(corpus), steps=2, eval_every=0, dev_samples=8, vocabulary=0.5)
+    metrics = distill(art, corpus=str(corpus), steps=2, eval_every=0, dev_samples=8, vocabulary=0.5, keep_best=False)
     assert metrics["dev_samples"] == 5 and metrics["warnings"] == [
         "the corpus gives 5 dev samples, not the 8 of dev_samples (they are capped at a quarter of the distinct "
         "samples), so the best checkpoint is picked on fewer; give a larger corpus"]
     # trained on the calibration samples, the fix is more of them; with no step trained nothing is picked
-    metrics = distill(tiny_art("bert", sparsity=0), steps=2, eval_every=0, dev_samples=64)
+    metrics = distill(tiny_art("bert", sparsity=0), steps=2, eval_every=0, dev_samples=64, keep_best=False)
     assert metrics["warnings"][0].startswith("the calibration samples (distill has no corpus) give ")
     assert metrics["warnings"][0].endswith("; raise calibration.samples or give a corpus")
     assert "warnings" not in distill(tiny_art("bert", sparsity=0), steps=0, dev_samples=64)
@@ -797,14 +799,15 @@ def test_the_compile_report_carries_the_passes_warnings(tmp_path):
     teacher = save_tiny("bert", tmp_path / "teacher")
     corpus = narrow_corpus(tmp_path / "narrow.txt")
     out = compile_tiny_text(teacher, tmp_path / "out", [{"distill": {"corpus": str(corpus), "steps": 2, "eval_every": 0,
-                                                                     "dev_samples": 4, "max_length": 12}}])
+                                                                     "dev_samples": 4, "max_length": 12,
+                                                                     "keep_best": False}}])
     report = json.loads((out / "report.json").read_text())
     assert [w for w in report["warnings"] if w.startswith("distill:")] == [
         "distill: " + report["passes"][0]["metrics"]["warnings"][0]]
     # a distillation between antgmm's segments warns alike, once however many segments ran
     out = compile_tiny_text(teacher, tmp_path / "out2", [{"antgmm": {
         "keep": 0.6, "distill_steps_per_segment": 2,
-        "distill": {"corpus": str(corpus), "eval_every": 0, "dev_samples": 4, "max_length": 12}}}])
+        "distill": {"corpus": str(corpus), "eval_every": 0, "dev_samples": 4, "max_length": 12, "keep_best": False}}}])
     report = json.loads((out / "report.json").read_text())
     nested = report["passes"][0]["metrics"]["segments"][0]["distill"]["warnings"]
     assert [w for w in report["warnings"] if w.startswith("antgmm:")] == ["antgmm: " + w for w in nested]
@@ -815,3 +818,12 @@ def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():
     with pytest.raises(LmmcError, match="towers: \\[text\\]"):
         Distill.Config(vocabulary=0.2).check_model(clip)
     Distill.Config(vocabulary=0.2, towers=["text"]).check_model(clip)
+
+
+def test_training_that_keep_best_throws_away_is_warned_of():
+    metrics = distill(tiny_art("bert", sparsity=0.5), steps=4, lr=50.0, eval_every=2)
+    assert metrics["kept_step"] == 0 and metrics["dev_after"] == metrics["dev_before"]
+    assert all(c["score"] < metrics["dev_before"]["score"] for c in metrics["curve"])
+    assert metrics["warnings"][-1] == (
+        "no evaluation after training scored better on the dev samples than the student before it, so keep_best "
+        "kept the student as it was and the 4 steps are lost; lower lr, or train longer")

@@ -1095,7 +1095,8 @@ class Trainer:
 
     def _metrics(self, kept: int) -> dict[str, Any]:
         tail = self.losses[-10:]
-        dev_after = next((c for c in reversed(self.curve) if c["step"] == kept), None) if self.curve else None
+        dev_after = self.dev_before if kept == 0 else \
+            next((c for c in reversed(self.curve) if c["step"] == kept), None)
         nonzero = sum(int(self._param(n)[~m].count_nonzero()) for n, m in self.masks.items())
         return {
             "steps": self.step, "schedule": self.cfg.schedule, "world_size": self.ctx.world,
