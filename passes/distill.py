@@ -149,6 +149,9 @@ class DistillConfig(PassConfig):
                 len(distilled) == 2 and self.contrastive > 0):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
+        if self.arm_span == "towers" and adapter.kind != "generative" and len(distilled) < 2:
+            raise LmmcError(f"distill: arm_span: towers pairs the stages of a dual encoder's two towers, and this "
+                            f"distill trains one ({distilled[0].name}); use arm_span: tower")
         if len(distilled) == 2 and self.contrastive > 0 and self.batch_size // self.grad_accum < 2:
             raise LmmcError(f"distill: the similarity-matrix loss compares the samples of one micro-batch, and "
                             f"batch_size {self.batch_size} / grad_accum {self.grad_accum} leaves one: the term is 0. "

@@ -839,6 +839,13 @@ def _(tmp):
             ["batch_size 4 / grad_accum 4 leaves one: the term is 0", "set contrastive: 0"])
 
 
+@case("arm_span towers on a model of one tower")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "arm_span": "towers"}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["arm_span: towers pairs the stages of a dual",
+                                                                  "this distill trains one (text); use arm_span: tower"]
+
+
 @case("skip_hidden over every block with no output term")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "output": 0,
