@@ -508,6 +508,8 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
             load(text, threads=1, static_shape=shape)
     with pytest.raises(LmmcError, match="static_shape must be \\(batch,\\) or \\(batch, seq\\) of positive integers"):
         open_dir(compiled, backend="openvino", static_shape=8)
+    with pytest.raises(LmmcError, match="static_shape \\(1000000000000, 8\\) holds a size past 2\\*\\*31 - 1"):
+        load(compiled / "openvino" / "text.xml", static_shape=(10**12, 8))
     small = {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)}  # not padded into a 32 x 32 image
     with pytest.raises(LmmcError, match="vision.xml takes 'pixel_values' of shape \\[2, 3, 32, 32\\] \\(any batch\\)"):
         load(compiled / "openvino" / "vision.xml", threads=1, static_shape=(2,)).run(small)

@@ -69,6 +69,8 @@ def make_static(model, shape: tuple[int, ...], path: Path) -> StaticShape:
     other dynamic axes to seq."""
     if not 1 <= len(shape) <= 2 or any(type(d) is not int or d < 1 for d in shape):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {shape!r}")
+    if any(d >= 2**31 for d in shape):  # OpenVINO's dimensions are 32-bit: it reports a negative one instead
+        raise LmmcError(f"static_shape {shape!r} holds a size past 2**31 - 1, more than OpenVINO's dimensions take")
     batch, seq = shape[0], (shape[1] if len(shape) == 2 else None)
 
     def dynamic(port) -> list[int]:
