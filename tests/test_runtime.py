@@ -695,3 +695,15 @@ def test_compile_without_openvino_exits_2_before_loading(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "pip install 'lmmc[openvino]'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_missed_a_gate_opens_with_a_warning(compiled, tmp_path, recwarn):
+    open_dir(compiled, threads=1)
+    assert not [w for w in recwarn if "validation gate" in str(w.message)]
+    failed = tmp_path / "failed"
+    shutil.copytree(compiled, failed)
+    manifest = json.loads((failed / "manifest.json").read_text())
+    assert manifest["passed"] is True
+    (failed / "manifest.json").write_text(json.dumps({**manifest, "passed": False}))
+    with pytest.warns(UserWarning, match="missed a validation gate when it was compiled .* read its report.json"):
+        open_dir(failed, threads=1)

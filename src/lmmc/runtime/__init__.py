@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,6 +507,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
                             f"output directory, or compile again")
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
+    _warn_if_failed(out_dir, manifest)
     deployment = Deployment(out_dir, manifest, models, trust_remote_code)
     # Read now, with the artifacts: the first encodes of several threads would otherwise import transformers
     # together (which fails half-imported), and a folder moved or replaced after opening would pair these
@@ -519,6 +521,13 @@ def missing_preprocessing(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """The preprocessing files (tokenizer, image processor) a manifest lists that its output lacks."""
     return [f for section in manifest.get("preprocessing", {}).values() for f in section["files"]
             if not (out_dir / f).is_file()]
+
+
+def _warn_if_failed(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """An output whose student missed a validation gate loads, for inspection, with a warning."""
+    if manifest.get("passed") is False:
+        warnings.warn(f"{out_dir} missed a validation gate when it was compiled (manifest.json: \"passed\": false): "
+                      f"read its report.json before deploying this student", UserWarning, stacklevel=3)
 
 
 def open_generative(out_dir: str | Path, threads: int | None = None, trust_remote_code: bool = False):
@@ -549,4 +558,5 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     except (OSError, ValueError) as err:
         raise LmmcError(f"cannot read the processor in {out_dir / 'student'}: {str(err).strip().splitlines()[0]}; "
                         f"copy the whole output directory, or compile again") from None
+    _warn_if_failed(out_dir, manifest)
     return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
