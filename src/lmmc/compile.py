@@ -27,10 +27,10 @@ from lmmc.artifact import Artifact
 from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_images,
-                       check_held_out_classes, check_prompts, check_random_allowed, drop_token_twins, encode_text, load_calibration,
-                       load_generative_calibration, random_calibration, random_generative_calibration, read_corpus,
-                       read_samples, select, text_length, text_tokens)
+from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_held_out_classes,
+                       check_images, check_prompts, check_random_allowed, drop_token_twins, encode_text,
+                       load_calibration, load_generative_calibration, random_calibration,
+                       random_generative_calibration, read_corpus, read_samples, select, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -474,7 +474,7 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
 
 def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
     """Every step's config by its recipe name, with a distillation nested in a pass (antgmm's `distill`)
-    as a step of its own; a nested config that does not validate is left to the plan's own check of it."""
+    as a step of its own."""
     out = []
     for step in [*recipe.passes, *recipe.export, *([recipe.validate_] if recipe.validate_ else [])]:
         out.append((step.name, step.config))
