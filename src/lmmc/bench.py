@@ -204,6 +204,12 @@ def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: 
     return positions
 
 
+def timing_seq(seq: int | None, latency_seq: int | None, positions: int | None) -> int | None:
+    """The tokens bench times a text at: its own seq, else the recipe's latency_seq, else 128 capped at the
+    text tower's positions; None where no tower reads text."""
+    return (seq or latency_seq or min(128, positions)) if positions else None
+
+
 def check_json_target(path: Path) -> None:
     """bench may replace its own earlier JSON, never a file it did not write."""
     if path.is_dir():
@@ -719,9 +725,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
                                        text_truncation(teacher.config, adapter, preprocessor),
                                        text_pad_length(teacher.config, adapter))
-    # The recipe's timing length, else validation's default: 128 tokens, capped at the model's positions;
-    # none where no tower reads text.
-    seq = (cfg.seq or validate.latency_seq or min(128, positions)) if positions else None
+    seq = timing_seq(cfg.seq, validate.latency_seq, positions)
     longest = max((b["input_ids"].shape[1] for c in corpora.values() for b in c.get("text", [])), default=0)
     if cfg.static and seq and longest > seq:
         # A static IR takes no more tokens than it was compiled for, and fidelity runs every candidate on the

@@ -24,7 +24,8 @@ import torch
 import lmmc
 from lmmc.adapters import TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
-from lmmc.bench import GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json
+from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json,
+                         timing_seq)
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_held_out_classes,
@@ -387,7 +388,7 @@ def _check_bench_static(recipe: Recipe, config: Any, adapter: Any, preprocessors
     if bench is None or not bench.static or not held_out:
         return
     positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
-    seq = bench.seq or (recipe.validate_.config.latency_seq if recipe.validate_ else None) or min(128, positions)
+    seq = timing_seq(bench.seq, recipe.validate_.config.latency_seq if recipe.validate_ else None, positions)
     tokenizer = preprocessors["tokenizer"]
     widest = pad_to or max(len(ids) for ids in tokenizer([r["text"] for r in held_out], truncation=True,
                                                          max_length=length)["input_ids"])
