@@ -326,3 +326,18 @@ def test_a_ratio_to_a_teacher_at_chance_fails_the_compile(tmp_path, monkeypatch,
     assert not chance_gate["passed"] and chance_gate["value"] == task["teacher"]
     assert chance_gate["threshold"] == pytest.approx(chance + 3 * np.sqrt(chance * (1 - chance) / 12))
     assert result.exit_code == 1 and "teacher above chance" in result.output
+
+
+def test_random_embeddings_clear_the_chance_bound_as_rarely_as_the_readme_says():
+    """The false-pass rate the README and chance_accuracy state: about 1 % for nearest neighbour, almost
+    never for zero-shot (400 draws of 100 samples in 4 classes)."""
+    rng = np.random.default_rng(0)
+    passed = {"nearest_neighbour_accuracy": 0, "zero_shot_accuracy": 0}
+    for _ in range(400):
+        truth = list(rng.integers(0, 4, 100))
+        images = rng.normal(size=(100, 32))
+        passed["nearest_neighbour_accuracy"] += nearest_neighbour_accuracy(images, truth) >= \
+            chance_accuracy("nearest_neighbour_accuracy", truth)[1]
+        passed["zero_shot_accuracy"] += zero_shot_accuracy(images, rng.normal(size=(4, 32)), [0, 1, 2, 3], truth, 4) >= \
+            chance_accuracy("zero_shot_accuracy", truth)[1]
+    assert 1 <= passed["nearest_neighbour_accuracy"] <= 12 and passed["zero_shot_accuracy"] <= 2, passed
