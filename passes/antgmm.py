@@ -178,6 +178,15 @@ class AntGMMConfig(PassConfig):
             if isinstance(self.distill, dict) and self.distill.get(key) is not None:
                 raise ValueError(f"distill.{key} is not read between segments: distill_steps_per_segment sets the "
                                  f"steps after each cut; drop distill.{key}")
+        # A listed map names one teacher layer per block, and the blocks a depth cut (or the joint ranking)
+        # removes leave the later runs with fewer: the list fits the first run only.
+        removes_blocks = (self.shares.get("depth", 0) > 0 if isinstance(self.shares, dict)
+                          else self.target is not None)
+        if removes_blocks and isinstance(self.distill, dict) and isinstance(self.distill.get("layer_map"), (list, dict)):
+            raise ValueError("distill.layer_map lists a teacher layer per student block, but this pass removes "
+                             "whole blocks between its distillations, so the list fits none after the first cut; "
+                             "use layer_map: origin (each block learns from the teacher layer it was cut from) or "
+                             "uniform")
         return self
 
     def distill_config(self) -> Any:

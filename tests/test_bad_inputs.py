@@ -381,6 +381,16 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["antgmm.distill: layer_map", "has 1 entries"]
 
 
+@case("antgmm's distillation with a layer_map list while the depth stage removes blocks")
+def _(tmp):
+    # [1, 2] fits the two blocks of the first run; after the depth cut the later runs have fewer
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {
+        "keep": 0.5, "shares": {"depth": 0.5, "ffn": 0.5}, "distill": {"layer_map": [1, 2], "batch_size": 4},
+        "distill_steps_per_segment": 2}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["distill.layer_map lists a teacher layer per "
+                                                                 "student block", "use layer_map: origin"]
+
+
 @case("antgmm's distillation with a bandit window below its arms")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {
