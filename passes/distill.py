@@ -227,7 +227,8 @@ class DistillConfig(PassConfig):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.resume and not self.checkpoint_dir:
-            raise ValueError("resume needs checkpoint_dir, the directory the interrupted run wrote to")
+            raise ValueError("resume needs checkpoint_dir, the directory the interrupted run wrote to; a compile "
+                             "killed mid-run continues with `lmmc compile --resume` and no resume in the recipe")
         if self.minutes is not None and "steps" not in self.model_fields_set:
             raise ValueError("minutes needs steps too, as a ceiling (e.g. steps: 100000): the default of 500 "
                              "would end the run long before its minutes")
