@@ -492,6 +492,10 @@ def test_a_static_shape_for_texts_read_at_a_fixed_length_takes_that_length(compi
     whole = {k: np.pad(v, [(0, 0), (0, 14)]) for k, v in short.items()}
     static_ir = load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 24))
     assert static_ir.run(whole)["pooled_embedding"].shape[0] == 2
+    # and another static length is refused when the IR is loaded, as open_dir refuses it
+    with pytest.raises(LmmcError, match="text.xml's text tower reads every text padded to 24 tokens .* "
+                                        "static_shape=\\(2, 24\\)"):
+        load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 16))
 
 
 def test_static_shape_bad_input_is_one_clear_error(compiled):

@@ -83,6 +83,14 @@ def _text_pad_to(path: Path) -> int | None:
         return None
 
 
+def _check_static_pad(name: str, static_shape: tuple[int, ...] | None, pad_to: int | None) -> None:
+    # encode pads every text to that length; a static IR of another length could not take it
+    if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:
+        raise LmmcError(f"{name}'s text tower reads every text padded to {pad_to} tokens (as it was trained), so "
+                        f"a static_shape for it gives {pad_to} as its length: static_shape=({static_shape[0]}, "
+                        f"{pad_to})")
+
+
 def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
          tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None,
          static_shape: tuple[int, ...] | None = None) -> Model:
@@ -127,7 +135,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
             raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; pass device='cpu' or None, "
                             f"or load the ONNX artifact with device='cuda' for a GPU")
         from lmmc.runtime.openvino import OpenVinoModel
-        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape, _text_pad_to(path))
+        pad_to = _text_pad_to(path)
+        _check_static_pad(path.name, static_shape, pad_to)
+        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape, pad_to)
     if backend == "tensorrt":
         if device not in (None, "cuda"):
             raise LmmcError(f"a TensorRT engine runs on the current NVIDIA GPU, not on '{device}'; pass device='cuda' "
@@ -480,11 +490,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
-    if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:
-        # encode pads every text to that length; a static IR of another length could not take it
-        raise LmmcError(f"{out_dir.name}'s text tower reads every text padded to {pad_to} tokens (as it was "
-                        f"trained), so a static_shape for it gives {pad_to} as its length: "
-                        f"static_shape=({static_shape[0]}, {pad_to})")
+    _check_static_pad(out_dir.name, static_shape, pad_to)
     if variant is not None and not isinstance(variant, str):
         raise LmmcError(f"variant must name one, such as 'fused', 'dynamic' or 'static', or be None; not {variant!r}")
     if not isinstance(precision, str):  # None would read as "any" in the message below, and match nothing
