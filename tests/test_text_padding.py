@@ -142,3 +142,17 @@ def test_other_models_keep_padding_to_the_longest_text(tmp_path, kind):
     model, adapter, _ = load_teacher(str(save_tiny(kind, tmp_path / "m")))
     assert text_pad_length(model.config, adapter) is None
     assert encode_text(tok, [SHORT, "python"], 8, None)[0]["input_ids"].shape == (2, 4)
+
+
+def test_random_calibration_gives_a_fixed_length_model_its_full_length(tmp_path):
+    """Random token batches (tiny test models) come at the length a SigLIP reads, every position unmasked,
+    so a static IR compiled for that length takes the held-out split bench re-derives; other models keep
+    16 tokens with masked padding."""
+    from lmmc.data import random_calibration
+    from lmmc.recipe import CalibrationConfig
+
+    cfg = CalibrationConfig(random=True, samples=8, eval_samples=8, batch_size=4, max_length=12)
+    for kind, seq, full in (("siglip", TINY_TEXT["max_position_embeddings"], True), ("bert", 12, False)):
+        model, adapter, _ = load_teacher(str(save_tiny(kind, tmp_path / kind)))
+        for batch in random_calibration(cfg, model, adapter).eval_batches("text"):
+            assert batch["input_ids"].shape == (4, seq) and bool(batch["attention_mask"].all()) == full

@@ -594,9 +594,12 @@ def check_random_allowed(model: torch.nn.Module) -> None:
 def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
     """Random token ids and pixels, for tiny random-weight test models only."""
     from lmmc.adapters import tower_config
+    from lmmc.modelio import text_pad_length
 
     check_random_allowed(model)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # a model read at one length (SigLIP) gets every text at that length, as load_calibration pads them
+    fixed = text_pad_length(model.config, adapter)
     calib, held = {}, {}
     for tower in adapter.towers:
         tcfg = tower_config(model, tower)
@@ -605,10 +608,11 @@ def random_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
             out = []
             for size in [len(c) for c in _chunks(list(range(n)), cfg.batch_size)]:
                 if tower.modality == "text":
-                    seq = min(cfg.max_length or 16, 16, getattr(tcfg, "max_position_embeddings", 16))
+                    seq = fixed or min(cfg.max_length or 16, 16, getattr(tcfg, "max_position_embeddings", 16))
                     ids = torch.randint(0, tcfg.vocab_size, (size, seq), generator=gen)
                     mask = torch.ones_like(ids)
-                    mask[size // 2:, seq * 3 // 4:] = 0  # some padding, so masks are exercised
+                    if not fixed:
+                        mask[size // 2:, seq * 3 // 4:] = 0  # some padding, so masks are exercised
                     out.append({"input_ids": ids, "attention_mask": mask})
                 else:
                     shape = (size, getattr(tcfg, "num_channels", 3), tcfg.image_size, tcfg.image_size)
