@@ -482,18 +482,21 @@ def uncapped(tmp_path_factory):
     return tmp, model_dir, out
 
 
-def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, tmp_path):
+def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, tmp_path, monkeypatch):
     """The compile encodes texts to at most min(128, positions) tokens; bench re-derives the held-out
-    split and encodes a --corpus the same way (uncapped, 128 tokens crash a model with 64 positions)."""
+    split and encodes a --corpus the same way (uncapped, 128 tokens crash a model with 64 positions).
+    Given relative to the working directory, the output's paths are written absolute to the JSON."""
     _, model_dir, out = uncapped
     texts = [LONG, LONG + " again", *EXTRA[:4]]
     (tmp_path / "long.txt").write_text("\n".join(texts) + "\n")
     teacher, adapter, pre = load_teacher(str(model_dir))
     assert len(pre["tokenizer"](LONG)["input_ids"]) > 64  # the cap matters
-    result = run("bench", out, "--quick", "--corpus", tmp_path / "long.txt", "--json", tmp_path / "b.json")
+    monkeypatch.chdir(out.parent)
+    result = run("bench", out.name, "--quick", "--corpus", tmp_path / "long.txt", "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     bench = json.loads((tmp_path / "b.json").read_text())
     student = bench["towers"]["text"]["rows"][-1]
+    assert bench["out_dir"] == str(out.resolve()) and student["file"] == str((out / "onnx" / "text.onnx").resolve())
     report = json.loads((out / "report.json").read_text())
     assert student["cosine_to_teacher"]["held-out"] == pytest.approx(
         report["validation"]["towers"]["text"]["cosine_mean"], abs=1e-4)

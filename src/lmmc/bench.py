@@ -739,7 +739,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
 
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir), "teacher": teacher_ref,
+        "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir.resolve()), "teacher": teacher_ref,
         "device": run.device, "threads": run.threads, "batch": run.batch, "seq": run.seq, "repeats": cfg.repeats, "warmup": cfg.warmup,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "system": platform.platform()},
@@ -815,7 +815,8 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                     "precision": cand.precision, "inference_precision": cand.inference,
                     "static_shape": list(cand.static_shape) if cand.static_shape else None,
                     "device": cand.device, "providers": list(cand.providers),
-                    "file": str(cand.path) if cand.model == "student" else None,
+                    # absolute, as out_dir: bench.json is read from other directories than the one it ran in
+                    "file": str(Path(cand.path).resolve()) if cand.model == "student" else None,
                     "size_bytes": file_size(cand.path), "parameters": cand.parameters,
                     "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
                     "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
