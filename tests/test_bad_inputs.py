@@ -900,6 +900,16 @@ def _(tmp):
             ["text tower embeds into 24 dimensions", "vision tower into 32", "set projection_size to 32"])
 
 
+@case("a siglip whose vision tower has no pooling head")
+def _(tmp):
+    cfg = transformers.SiglipConfig(text_config=TINY_TEXT, vision_config={**TINY_VISION, "vision_use_head": False})
+    torch.manual_seed(0)
+    transformers.SiglipModel(cfg).save_pretrained(tmp / "siglip")
+    save_preprocessors("siglip", tmp / "siglip")
+    return (["./siglip", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["no pooling head (vision_config.vision_use_head: false)", "compile a SigLIP checkpoint with its head"])
+
+
 @case("the hidden stage on an ELECTRA whose embeddings are narrower than its blocks, dry run")
 def _(tmp):
     torch.manual_seed(0)

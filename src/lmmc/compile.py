@@ -490,6 +490,12 @@ def _check_shared_space(config: Any, adapter: Any) -> None:
     projection_dim). transformers' own forward fails on a model where they do not."""
     if adapter.family != "siglip":
         return
+    if getattr(config.vision_config, "vision_use_head", True) is False:
+        # without its attention-pooling head the vision tower gives token states, no image embedding
+        raise LmmcError("this siglip model's vision tower has no pooling head (vision_config.vision_use_head: "
+                        "false), so it gives no image embedding to compare with its texts: it is the image "
+                        "encoder of a generative model, not a dual encoder; compile a SigLIP checkpoint with "
+                        "its head")
     text, vision = config.text_config.projection_size, config.vision_config.hidden_size
     if text != vision:
         raise LmmcError(f"this siglip model's text tower embeds into {text} dimensions (text_config.projection_size) "
