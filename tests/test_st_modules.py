@@ -130,6 +130,9 @@ def test_an_unknown_pooling_mode_is_refused(tmp_path, pooling_mode):
     ("config_sentence_transformers.json", "{", "config_sentence_transformers.json' is not valid JSON"),
     ("sentence_bert_config.json", '{"max_seq_length": "16"}', "max_seq_length '16' is not a positive whole number"),
     ("sentence_bert_config.json", '{"max_seq_length": 0}', "max_seq_length 0 is not a positive whole number"),
+    ("sentence_bert_config.json", '{"processing_kwargs": {"text": {"max_length": "8"}}}',
+     "processing_kwargs.text.max_length '8' is not a positive whole number"),
+    ("sentence_bert_config.json", '{"processing_kwargs": [8]}', "is not an object of modality -> settings"),
     ("sentence_bert_config.json", '{"do_lower_case": "no"}', "do_lower_case 'no' is not true or false"),
     ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": ""},
                                  {"type": "sentence_transformers.models.Normalize", "path": "2_Normalize"},
@@ -241,6 +244,28 @@ def test_do_lower_case_lowercases_every_encode_and_the_students_tokenizer(tmp_pa
         assert np.abs(deployed - student).max() < 1e-4, backend
     assert np.abs(student - st.SentenceTransformer(str(out / "student"), device="cpu")
                   .encode([t.lower() for t in MIXED_CASE])).max() < 1e-5
+
+
+def test_processing_kwargs_max_length_cuts_texts_where_sentence_transformers_does(tmp_path):
+    """sentence-transformers 6 may keep the cut in processing_kwargs (over max_seq_length and the
+    tokenizer's model_max_length): the student encodes a long text cut there, as sentence-transformers does."""
+    import sentence_transformers.models  # noqa: F401 - sentence-transformers 6 loads this submodule only on import
+
+    model = st.SentenceTransformer(modules=[
+        st.models.Transformer(str(save_tiny("bert", tmp_path / "hf")), max_seq_length=32,
+                              processing_kwargs={"text": {"max_length": 6}}),
+        st.models.Pooling(32, pooling_mode="mean")], device="cpu")
+    model.save(str(tmp_path / "st"))
+    texts = [TEXTS[1], TEXTS[0]]  # 11 and 4 words
+    out = compile_tiny_text(tmp_path / "st", tmp_path / "out", [{"magnitude": {"sparsity": 0.3}}], max_length=6)
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]["max_length"] == 6
+    student = st.SentenceTransformer(str(out / "student"), device="cpu").encode(texts)
+    deployed = open_dir(out).encode(texts)
+    assert np.abs(deployed - student).max() < 1e-4
+    # the long text's embedding is the cut one's, not the whole text's
+    whole = st.SentenceTransformer(str(out / "student"), device="cpu").encode(
+        texts[:1], processing_kwargs={"text": {"max_length": 32}})
+    assert np.abs(deployed[0] - whole[0]).max() > 1e-3
 
 
 def test_do_lower_case_with_a_slow_tokenizer_is_refused():

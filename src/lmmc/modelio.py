@@ -16,7 +16,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules
+from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules, st_max_length
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -113,16 +113,17 @@ def text_positions(config: Any, tower: TowerSpec) -> int:
 
 
 def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any]) -> int | None:
-    """The length the deployed text towers cut a text to, as the model's users get it: sentence-transformers'
-    max_seq_length where the model has one, else the tokenizer's model_max_length, within the position table.
-    None for a model without a text tower."""
+    """The length the deployed text towers cut a text to, as the model's users get it: where
+    sentence-transformers cuts it when the model has a length of its (processing_kwargs' max_length, else
+    max_seq_length), else the tokenizer's model_max_length, within the position table. None for a model
+    without a text tower."""
     text = [t for t in adapter.towers if t.modality == "text"]
     if not text:
         return None
     limit = min(text_positions(config, t) for t in text)
     modules = preprocessor.get("sentence_modules")
-    # read_modules has checked that the file holds one JSON object
-    declared = json.loads(modules.files["sentence_bert_config.json"]).get("max_seq_length") \
+    # read_modules has checked the file (bert_config)
+    declared = st_max_length(json.loads(modules.files["sentence_bert_config.json"])) \
         if modules is not None and "sentence_bert_config.json" in modules.files else None
     if declared is None:
         declared = getattr(preprocessor.get("tokenizer"), "model_max_length", None)

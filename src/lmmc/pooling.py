@@ -98,7 +98,27 @@ def bert_config(source: str) -> dict[str, Any]:
                         f"as one (e.g. 256), or remove it to cut texts where the model's positions end")
     if lower is not None and type(lower) is not bool:
         raise LmmcError(f"{where}: do_lower_case {lower!r} is not true or false; write it as one")
+    kwargs = cfg.get("processing_kwargs")
+    if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(v, dict) for v in kwargs.values())):
+        raise LmmcError(f"{where}: processing_kwargs {kwargs!r} is not an object of modality -> settings (e.g. "
+                        f"{{\"text\": {{\"max_length\": 256}}}}); repair it, or save the model again with "
+                        f"sentence-transformers")
+    for key in ("common", "text"):
+        cut = ((kwargs or {}).get(key) or {}).get("max_length")
+        if cut is not None and (type(cut) is not int or cut < 1):
+            raise LmmcError(f"{where}: processing_kwargs.{key}.max_length {cut!r} is not a positive whole number of "
+                            f"tokens; write it as one (e.g. 256), or remove it")
     return cfg
+
+
+def st_max_length(cfg: dict[str, Any]) -> int | None:
+    """Where sentence-transformers cuts a text, from a checked sentence_bert_config.json: its
+    processing_kwargs' max_length (common over text, as it calls a tokenizer), else max_seq_length."""
+    kwargs = cfg.get("processing_kwargs") or {}
+    for key in ("common", "text"):
+        if (kwargs.get(key) or {}).get("max_length") is not None:
+            return kwargs[key]["max_length"]
+    return cfg.get("max_seq_length")
 
 
 def _refuse_task_heads(files: dict[str, str], source: str) -> None:
