@@ -278,7 +278,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     check_preprocessor(model_ref, config, adapter, preprocessors, recipe.calibration.chat_template)
     # A sentence-transformers module lmmc cannot carry is refused now.
     modules = read_modules(str(model_dir or model_ref)) if adapter.sentence_pooling else None
-    if modules is not None:  # as load_teacher keeps them: the length texts are cut to reads max_seq_length
+    if modules is not None:  # as load_teacher keeps them: text_truncation reads its sentence_bert_config.json
         preprocessors["sentence_modules"] = modules
     warnings: list[str] = ([offline] if offline else []) + ([] if modules is None else list(modules.warnings))
     if getattr(config, "auto_map", None) and not trust_remote_code:
