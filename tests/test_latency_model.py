@@ -87,6 +87,25 @@ def test_a_cached_fit_that_no_fit_would_write_is_measured_again(fitted, tmp_path
     assert lm._read_cache(path, key, ["text"]) is None
 
 
+@pytest.mark.parametrize("edit", ["plausible", "towers_list", "hidden"])
+def test_a_cached_fit_edited_by_hand_is_measured_again(fitted, tmp_path, edit):
+    """Figures no fit wrote, however plausible (a channel 100x dearer), or a shape the read cannot take,
+    are measured again rather than planned with or failing the compile."""
+    model, adapter, cache, _, _ = fitted
+    key = cache_key(model, adapter, TARGET)
+    stored = json.loads(cache_file(cache, key).read_text())
+    text = stored["model"]["towers"]["text"]
+    if edit == "plausible":
+        text["channel"] *= 100
+    elif edit == "hidden":
+        text["hidden"] //= 2
+    else:
+        stored["model"]["towers"] = []
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(stored))
+    assert lm._read_cache(path, key, ["text"]) is None
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", "null", "3", '"key"'])
 def test_a_cache_file_that_holds_no_object_is_measured_again(fitted, tmp_path, text):
     model, adapter, _, _, _ = fitted

@@ -27,7 +27,7 @@ from lmmc.export.validate import ValidateConfig, latency_target_gate, target_art
 from lmmc.joint_selection import BlockUnits, select_joint
 from lmmc.latency_budget import cover, teacher_reference, time_deployments
 from lmmc.latency_model import (LatencyModel, Target, TowerLatency, cache_file, cache_key, fit_latency_model,
-                                tower_feed)
+                                tower_feed, write_cache)
 from lmmc.pipeline import get_pass
 from lmmc.recipe import load_recipe, parse_recipe
 from lmmc.runtime import load
@@ -361,7 +361,7 @@ def _written_model(cache: Path, art, coefficients: tuple[float, float, float, fl
     key = cache_key(art.teacher, art.adapter, target)
     model = LatencyModel(target, {t.name: TowerLatency(*coefficients, hidden=32) for t in art.adapter.towers})
     cache_file(cache, key).parent.mkdir(parents=True, exist_ok=True)
-    cache_file(cache, key).write_text(json.dumps({"key": key, "model": model.to_json()}))
+    write_cache(cache_file(cache, key), key, model)
     return model
 
 

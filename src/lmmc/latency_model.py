@@ -329,13 +329,26 @@ def cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
     return cache_dir / f"latency-model-{digest}.json"
 
 
+def _digest(model_json: Any) -> str:
+    return hashlib.sha256(json.dumps(model_json, sort_keys=True).encode()).hexdigest()
+
+
+def write_cache(path: Path, key: dict[str, Any], model: LatencyModel) -> None:
+    """Store a fit with the digest of its figures, by which a read tells a fit from an edited one."""
+    stored = model.to_json()
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(json.dumps({"key": key, "model": stored, "sha256": _digest(stored)}, indent=1))
+    tmp_path.replace(path)
+
+
 def _read_cache(path: Path, key: dict[str, Any], towers: list[str]) -> LatencyModel | None:
     try:
         stored = json.loads(path.read_text())
-        if not isinstance(stored, dict) or stored.get("key") != key:
+        # an edited fit plans with milliseconds nobody measured, however plausible they look
+        if not isinstance(stored, dict) or stored.get("key") != key or stored.get("sha256") != _digest(stored["model"]):
             return None
         model = LatencyModel.from_json(stored["model"])
-    except (OSError, ValueError, KeyError, TypeError, LmmcError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LmmcError):
         return None  # missing or unreadable: measure again and rewrite it
 
     def sound(t: TowerLatency) -> bool:  # what a fit writes: finite, non-negative, a block costing something
@@ -389,9 +402,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     model = LatencyModel(target, towers)
     model.fit = _fit_report(model, chosen, ms, {"deploy": deployed - started, "timing": timed - deployed},
                             repeats, key)
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(json.dumps({"key": key, "model": model.to_json()}, indent=1))
-    tmp_path.replace(path)
+    write_cache(path, key, model)
     return model
 
 
