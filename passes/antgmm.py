@@ -380,7 +380,34 @@ class AntGMMPass(Pass):
         self.tokens = _tokens(art, self.config)
         self.head_dims = {t.name: head_dim(art.student, t) for t in art.adapter.towers}
         self.costs = CountCosts(self.config.budget, self.head_dims, self.tokens)
-        self._keep_rounds(art.student, art.adapter)
+        if self.config.target is None:
+            self._keep_rounds(art.student, art.adapter)
+            return
+        # a target's milliseconds are known only once the latency model is fitted, minutes in; that the
+        # floors leave nothing to remove is known from the shapes
+        stages = set(self._shares(art.student, art.adapter)) if isinstance(self.config.shares, dict) \
+            else {"depth", "ffn", "heads"}
+        cap = self._capacity(art.student, art.adapter)
+        if not any(cap[s] > 0 for s in stages):
+            self._refuse_nothing_removable(stages)
+
+    def _floor_fixes(self, stages: set[str]) -> tuple[list[str], list[str]]:
+        """The floors of `stages` that can be lowered (only those above their least value), and the stages
+        without a share."""
+        cfg = self.config
+        floors = {"depth": [f"min_layers={cfg.min_layers}"] if cfg.min_layers > 1 else [],
+                  "heads": [f"min_heads={cfg.min_heads}"] if cfg.min_heads > 1 else [],
+                  "ffn": ([f"min_ffn={cfg.min_ffn}"] if cfg.min_ffn > 1 else [])
+                  + ([f"ffn_multiple={cfg.ffn_multiple}"] if cfg.ffn_multiple > 1 else [])}
+        return ([f for s in ("depth", "heads", "ffn") if s in stages for f in floors[s]],
+                [s for s in ("depth", "heads", "ffn") if s not in stages])
+
+    def _refuse_nothing_removable(self, stages: set[str]) -> None:
+        lower, idle = self._floor_fixes(stages)
+        raise LmmcError(f"pass 'antgmm': the floors leave nothing to remove from this model for a target: the "
+                        f"fastest structure they allow is the model as it is"
+                        + (f"; lower {', '.join(lower)}" if lower else "")
+                        + (f"{', or' if lower else ';'} give {', '.join(idle)} a share" if idle else ""))
 
     def _keep_rounds(self, model: torch.nn.Module, adapter: Adapter) -> list[tuple[Adapter, dict[str, float]]]:
         """One round over all towers under one keep, or one per tower under its own, each with its plan."""
@@ -455,6 +482,8 @@ class AntGMMPass(Pass):
         latency["floor_ms"] = floor
         if latency["target_ms"] >= floor:
             return
+        if floor >= latency["start_ms"] * (1 - 1e-9):  # no target below the model itself is reachable
+            self._refuse_nothing_removable(set(shares))
         teacher = latency.get("teacher_ms")
         asked = f"{latency['target_ms']:.3g} ms per batch on {latency['deploy']}"
         # rounded towards what can be reached, so asking for the figure printed is not refused again
@@ -465,13 +494,7 @@ class AntGMMPass(Pass):
         if teacher is not None:
             asked = f"a speed-up of {cfg.target.speedup:g}x over the teacher's {teacher:.3g} ms ({asked})"
             best += f", a speed-up of {most}x"
-        # only floors above their least value can be lowered
-        floors = {"depth": [f"min_layers={cfg.min_layers}"] if cfg.min_layers > 1 else [],
-                  "heads": [f"min_heads={cfg.min_heads}"] if cfg.min_heads > 1 else [],
-                  "ffn": ([f"min_ffn={cfg.min_ffn}"] if cfg.min_ffn > 1 else [])
-                  + ([f"ffn_multiple={cfg.ffn_multiple}"] if cfg.ffn_multiple > 1 else [])}
-        lower = [f for s in ("depth", "heads", "ffn") if s in shares for f in floors[s]]
-        idle = [s for s in ("depth", "heads", "ffn") if s not in shares]
+        lower, idle = self._floor_fixes(set(shares))
         raise LmmcError(f"pass 'antgmm': target {asked} cannot be reached: the fastest structure the floors allow "
                         f"is predicted at {best}. Ask for at least {least} ms"
                         + (f" (a speed-up of at most {most})" if teacher is not None else "")

@@ -1138,6 +1138,16 @@ def _(tmp):
             ["writes its latency_cache", "inside --out"])
 
 
+@case("a latency target whose floors leave nothing to remove, dry run")
+def _(tmp):
+    # known from the shapes: the pass would fail only after fitting its latency model, minutes in
+    recipe = {**RANDOM, "passes": [{"antgmm": {"target": {"speedup": 2}, "min_layers": 9, "min_heads": 9,
+                                               "min_ffn": 100000}}],
+              "export": ["onnx", {"openvino": {"int8": True}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"],
+            ["the floors leave nothing to remove", "lower min_layers=9, min_heads=9, min_ffn=100000"])
+
+
 @case("antgmm's latency_cache is a file, dry run")
 def _(tmp):
     (tmp / "afile").write_text("mine")

@@ -667,7 +667,7 @@ def _check_keep(recipe: Recipe, config: Any, adapter: Any, shapes: torch.nn.Modu
     """antgmm's keep against its floors, planned on the model's shapes and the calibration texts' lengths
     before anything runs: the pass refused it only once the passes before it (a distillation) had run."""
     step = next((s for s in recipe.passes if s.name == "antgmm"), None)  # a later one plans on the first's cuts
-    if step is None or step.config.target is not None or adapter.kind == "generative":
+    if step is None or adapter.kind == "generative":
         return
     cal = recipe.calibration
     if cal.random:
