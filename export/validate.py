@@ -504,7 +504,10 @@ def latency_target_gate(art: Artifact, cfg: ValidateConfig, gates: list[dict[str
                       speedup_measured=measured_speedup, speedup_predicted=predicted_speedup,
                       prediction_error=(measured_speedup - predicted_speedup) / predicted_speedup,
                       prediction_error_absolute=(predicted - measured) / measured)
-    gates.append(_gate(f"latency on {planned['deploy']}: |measured - target| / target", miss, threshold, "<="))
+    # the gate is two-sided (a student far faster than asked kept less than it could); the name says which side
+    side = "faster" if measured < goal else "slower"
+    gates.append(_gate(f"latency on {planned['deploy']}: |measured - target| / target ({measured:.3g} ms, {side} "
+                       f"than the {goal:.3g} ms target)", miss, threshold, "<="))
     return result
 
 

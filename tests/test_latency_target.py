@@ -309,6 +309,7 @@ def test_validate_gates_measured_latency_against_the_target(fitted, tmp_path) ->
     result, g = gate(measured / 10, None)  # a target ten times faster than the artifact runs: missed
     assert not g["passed"] and g["threshold"] == 0.10 and g["value"] == pytest.approx(result["miss"])
     assert result["miss"] > 2.0
+    assert g["name"].endswith(f"({result['measured_ms']:.3g} ms, slower than the {measured / 10:.3g} ms target)")
     assert result["predicted_ms"] == metrics["latency_target"]["predicted_ms"]
     assert result["prediction_error"] == pytest.approx((result["predicted_ms"] - result["measured_ms"])
                                                        / result["measured_ms"])
