@@ -4,6 +4,7 @@ measured in OpenVINO INT8 (NNCF), predictions read off uneven structures, the ca
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_fit_recovers_known_coefficients_and_nnls_matches_scipy():
         np.testing.assert_allclose(lm.nonnegative_lstsq(a, b), scipy.optimize.nnls(a, b)[0], atol=1e-9)
 
 
-def test_cache_key_follows_the_target_and_the_architecture():
+def test_cache_key_follows_the_target_and_the_architecture(monkeypatch):
     teacher = tiny_model("bert")
     adapter = get_adapter("bert")
     base = cache_key(teacher, adapter, TARGET)
@@ -157,6 +158,14 @@ def test_cache_key_follows_the_target_and_the_architecture():
         assert cache_file(lm.Path("c"), cache_key(teacher, adapter, other)) != cache_file(lm.Path("c"), base)
     shallow = cut(teacher, adapter, lm.Variant("z", False, {"text": [4]}, {"text": [64]}))
     assert cache_key(shallow, adapter, TARGET) != base
+    relu = tiny_model("bert")
+    relu.config.hidden_act = "relu"
+    assert base["model"]["towers"]["text"]["activation"] == "gelu"
+    assert cache_key(relu, adapter, TARGET) != base
+    # a CPU named alike with other instruction sets (AMX or not) is another machine
+    assert "avx" in " ".join(base["machine"]["isa"]) or platform.machine() != "x86_64"
+    monkeypatch.setattr(lm, "machine", lambda: {**base["machine"], "isa": []})
+    assert cache_key(teacher, adapter, TARGET) != base
     assert base["machine"]["cores"] >= 1 and list(base["runtime"]) == ["onnxruntime"]
     assert list(cache_key(teacher, adapter, Target())["runtime"]) == ["openvino", "nncf"]
 

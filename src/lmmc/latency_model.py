@@ -280,17 +280,23 @@ def fit_tower(rows: list[tuple[list[int], list[int], float]]) -> tuple[float, fl
 # Cache
 
 
+# The instruction-set flags the runtimes' kernels choose by: a virtual machine may name two CPU
+# generations alike ("Intel(R) Xeon(R) Processor"), one with AMX and one without.
+_ISA = ("avx", "amx", "vnni", "fma", "f16c", "bf16")
+
+
 def machine() -> dict[str, Any]:
-    """The CPU the timings hold for: its model name and the cores this process may use."""
-    name = platform.processor() or platform.machine()
+    """The CPU the timings hold for: its model name, its vector and matrix instruction sets, and the cores
+    this process may use."""
+    name, isa = platform.processor() or platform.machine(), []
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        lines = cpuinfo.read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        isa = sorted(f for f in flags if any(k in f for k in _ISA))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": name, "cores": cores}
+    return {"cpu": name, "isa": isa, "cores": cores}
 
 
 def runtime_versions(target: Target) -> dict[str, str]:
@@ -318,6 +324,9 @@ def cache_key(teacher: nn.Module, adapter: Adapter, target: Target) -> dict[str,
     architecture and the timed input shapes, and the variant design."""
     arch = {name: {k: rec[k] for k in ("layers", "head_dim", "heads", "ffn", "hidden")}
             for name, rec in read_structure(teacher, adapter).items()}
+    for tower in adapter.towers:  # the FFN's activation costs what it costs (ReLU against GELU: about 12 %)
+        tcfg = getattr(teacher.config, tower.config_key) if tower.config_key else teacher.config
+        arch[tower.name]["activation"] = str(getattr(tcfg, "hidden_act", getattr(tcfg, "hidden_activation", None)))
     shapes = {t.name: {n: list(v.shape) for n, v in tower_feed(teacher, t, target).items()} for t in adapter.towers}
     return {"design": DESIGN_VERSION, "machine": machine(), "runtime": runtime_versions(target),
             "target": target.key(), "model": {"class": type(teacher).__name__, "model_type": teacher.config.model_type,
