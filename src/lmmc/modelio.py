@@ -113,10 +113,9 @@ def text_positions(config: Any, tower: TowerSpec) -> int:
 
 
 def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any]) -> int | None:
-    """The length the deployed text towers cut a text to, as the model's users get it: where
-    sentence-transformers cuts it when the model has a length of its (processing_kwargs' max_length, else
-    max_seq_length), else the tokenizer's model_max_length, within the position table. None for a model
-    without a text tower."""
+    """The length the deployed text towers cut a text to, as the model's users get it: sentence-transformers'
+    cut where the model sets one (processing_kwargs' max_length, else max_seq_length), else the tokenizer's
+    model_max_length, within the position table. None for a model without a text tower."""
     text = [t for t in adapter.towers if t.modality == "text"]
     if not text:
         return None
