@@ -111,7 +111,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = run("compile", model_dir, "-r", recipe, "-o", tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert plan["adapter"] == "siglip"
     assert [s["pass"] for s in plan["steps"]] == ["wanda", "onnx", "validate"]
     assert plan["samples"] == {"calibration": 8, "held_out": 32} and plan["validated"] is True
@@ -123,9 +123,9 @@ def test_the_recipes_model_is_compiled_when_the_command_line_gives_none(tmp_path
     recipe = write_recipe(tmp_path / "recipes", {**TINY_RECIPE, "model": "teacher"})  # beside the recipe
     result = run("compile", "-r", recipe, "-o", tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["model"] == str(tmp_path / "recipes" / "teacher")
+    assert json.loads(result.stdout)["model"] == str(tmp_path / "recipes" / "teacher")
     other = save_tiny("siglip", tmp_path / "other")
-    assert json.loads(run("compile", other, "-r", recipe, "-o", tmp_path / "out", "--dry-run").output)["adapter"] == \
+    assert json.loads(run("compile", other, "-r", recipe, "-o", tmp_path / "out", "--dry-run").stdout)["adapter"] == \
         "siglip"  # the command line's MODEL first
     result = run("compile", "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out", "--dry-run")
     assert result.exit_code == 2 and "no MODEL to compile: give it on the command line" in result.output
@@ -205,7 +205,7 @@ def test_a_known_model_with_code_of_its_own_is_compiled_as_the_built_in_and_says
     warning = (f"'{model_dir}' ships code of its own (auto_map in config.json), which lmmc does not run without "
                f"--trust-remote-code: it is compiled as transformers' built-in bert, which may compute something "
                f"else than that code, and the student's config no longer names it")
-    assert json.loads(result.stdout)["warnings"] == [warning]
+    assert json.loads(result.stdout)["warnings"][0] == warning
     assert f"warning: {warning}" in result.stderr
     # The student is the built-in class, and its config no longer names the teacher's code.
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "out")
@@ -327,7 +327,7 @@ def test_calib_option_supplies_data_the_recipe_lacks(tmp_path):
     assert without.exit_code == 2 and "needs ['calib']" in without.output
     result = run("compile", model_dir, "-r", recipe, "-o", tmp_path / "o", "--dry-run", "--calib", CORPUS)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["calibration"] == str(CORPUS)
+    assert json.loads(result.stdout)["calibration"] == str(CORPUS)
 
 
 QUICK = {**TINY_RECIPE, "validate": {"latency": False, "threads": 1}}
@@ -351,8 +351,24 @@ def test_a_recipe_without_validate_is_validated_by_default(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = {"calibration": TINY_RECIPE["calibration"], "passes": TINY_RECIPE["passes"]}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "o", "--dry-run")
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert [s["pass"] for s in plan["steps"]] == ["wanda", "onnx", "validate"] and plan["validated"] is True
+
+
+UNGATED = "validate sets no gate that compares the student with the teacher"
+
+
+@pytest.mark.parametrize("validate, warned", [
+    ({}, True), ({"max_runtime_diff": 1e-3}, True), ({"min_cosine": 0.9}, False), ({"min_task_metric_ratio": 0.8}, False)])
+def test_a_validation_that_never_compares_student_and_teacher_is_warned(tmp_path, validate, warned):
+    """Its "passed" would certify a broken student: the plan (and so the report) says so, naming the gates."""
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**TINY_RECIPE, "validate": validate}
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0, result.output
+    found = [w for w in json.loads(result.stdout)["warnings"] if w.startswith(UNGATED)]
+    assert len(found) == int(warned)
+    assert (f"warning: {UNGATED} (min_cosine, min_task_metric, min_task_metric_ratio)" in result.stderr) is warned
 
 
 def test_non_finite_student_fails_every_gate_and_report_is_strict_json(tmp_path, monkeypatch):
@@ -468,7 +484,8 @@ def test_sample_counts_that_shrink_are_warned_and_planned(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     data = tmp_path / "data.txt"
     data.write_text("\n".join(f"the road number {spelled(i)}" for i in range(150)))
-    recipe = {"calibration": {"path": "data.txt", "samples": 128, "eval_samples": 64}, "passes": ["wanda"]}
+    recipe = {"calibration": {"path": "data.txt", "samples": 128, "eval_samples": 64}, "passes": ["wanda"],
+              "validate": {"min_cosine": 0.5}}
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, recipe)),
                                        "-o", str(tmp_path / "o"), "--dry-run"])
     assert result.exit_code == 0, result.stderr
@@ -489,10 +506,10 @@ def test_recipe_paths_resolve_against_the_recipe_and_calib_against_the_cwd(tmp_p
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     result = run("compile", model_dir, "-r", recipe, "-o", "o", "--dry-run")
-    assert json.loads(result.output)["calibration"] == str(corpus)
+    assert json.loads(result.stdout)["calibration"] == str(corpus)
     monkeypatch.chdir(tmp_path / "data")
     result = run("compile", model_dir, "-r", recipe, "-o", "o", "--dry-run", "--calib", "corpus.txt")
-    assert json.loads(result.output)["calibration"] == str(corpus)
+    assert json.loads(result.stdout)["calibration"] == str(corpus)
     # --calib replaced a calibration section that was no mapping, and its settings went unread
     bad = write_recipe(tmp_path / "recipes", {"calibration": "../data/corpus.txt", "passes": ["wanda"]}, "bad.yaml")
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(bad), "-o", "o", "--dry-run", "--calib",
@@ -507,14 +524,14 @@ def test_recipe_paths_resolve_against_the_recipe_and_calib_against_the_cwd(tmp_p
                                      f"against the recipe's directory {tmp_path / 'recipes'}" in result.output
     # MODEL on the command line replaces the recipe's, which is then neither read nor refused
     result = run("compile", model_dir, "-r", beside, "-o", "o", "--dry-run")
-    assert json.loads(result.output)["model"] == str(model_dir)
+    assert json.loads(result.stdout)["model"] == str(model_dir)
 
 
 @pytest.mark.parametrize("recipe", ["minilm-wanda50.yaml", "minilm-distill-wanda50.yaml"])
 def test_shipped_recipes_plan_from_any_directory(minilm, tmp_path, monkeypatch, recipe):
     monkeypatch.chdir(tmp_path)
     result = run("compile", minilm, "-r", REPO / "samples" / "recipes" / recipe, "-o", "out", "--dry-run")
-    plan = json.loads(result.output)
+    plan = json.loads(result.stdout)
     assert plan["calibration"] == str(CORPUS) and plan["samples"]["held_out"] == 256
 
 

@@ -316,6 +316,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
                 raise LmmcError(f"antgmm.distill: {str(err).removeprefix('distill: ')}") from None
         unchanged_depth = unchanged_depth and step.name != "antgmm"
     _check_keep(recipe, config, adapter, shapes, preprocessors, calib_texts)
+    warnings += _ungated_fidelity(recipe, adapter.kind)
     return {
         "model": model_ref,
         "adapter": adapter.family,
@@ -482,6 +483,22 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
         if step.name == "antgmm" and step.config.distill is not None:  # validated with the recipe
             out.append((f"{step.name}.distill", step.config.distill_config()))
     return out
+
+
+def _ungated_fidelity(recipe: Recipe, kind: str) -> list[str]:
+    """A validation none of whose gates compares the student with the teacher passes any student, however
+    broken: its "passed" then certifies the exports' agreement with PyTorch and the held-out count only."""
+    if recipe.validate_ is None:
+        return []
+    cfg = recipe.validate_.config
+    generative = kind == "generative"
+    gates = (*(cfg.GENERATIVE_GATES if generative else ("min_cosine",)), "min_task_metric", "min_task_metric_ratio")
+    if any(getattr(cfg, g) is not None for g in gates):
+        return []
+    example = "min_top1_agreement: 0.9" if generative else "min_cosine: 0.9"
+    return [f"validate sets no gate that compares the student with the teacher ({', '.join(gates)}), so "
+            f"'passed' says only that the exports agree with PyTorch, not that the student keeps the teacher's "
+            f"fidelity; set one, e.g. validate: {{{example}}}"]
 
 
 def _check_shared_space(config: Any, adapter: Any) -> None:
