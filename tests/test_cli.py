@@ -284,7 +284,7 @@ def test_force_fills_an_empty_directory_and_keeps_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out.stat().st_ino, out.stat().st_mode) == (made.st_ino, made.st_mode)  # the user's directory, not a new one
     listed = json.loads((out / ".lmmc-files.json").read_text())
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [".lmmc-files.json"])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([*listed, ".lmmc-files.json"])
 
 
 def test_force_writes_into_a_mount_point_and_replaces_its_earlier_output(tmp_path):
@@ -302,7 +302,7 @@ def test_force_writes_into_a_mount_point_and_replaces_its_earlier_output(tmp_pat
             assert result.exit_code == 0, result.output
             assert os.path.ismount(out)
             listed = json.loads((out / ".lmmc-files.json").read_text())
-            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [".lmmc-files.json"])
+            assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([*listed, ".lmmc-files.json"])
         assert not list(tmp_path.glob(".volume*"))  # no work area left behind
     finally:
         subprocess.run(["umount", str(out)], check=True)

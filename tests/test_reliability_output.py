@@ -86,7 +86,7 @@ def test_a_folder_that_appears_at_out_during_the_compile_is_kept_and_the_work_re
     assert [p["name"] for p in report["passes"]] == ["magnitude"] and report["sparsity"]["sparsity"] == 0.5
     assert not work_path(out).exists()
     listed = json.loads((out / lmmc.compile.FILE_LIST).read_text())
-    assert listed == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != lmmc.compile.FILE_LIST)
+    assert list(listed) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.name != lmmc.compile.FILE_LIST)
     assert not (out / ".report.html.tmp-4440").exists()
 
 
@@ -377,6 +377,21 @@ def test_force_keeps_an_earlier_output_holding_a_file_of_the_users_anywhere(setu
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
+@pytest.mark.parametrize("edited", ["student/config.json", "manifest.json"])
+def test_force_keeps_an_earlier_output_whose_file_the_user_edited(setup, tmp_path, edited):
+    """A file lmmc wrote and the user then changed holds the user's bytes under lmmc's name: the list of
+    files records what each held, and --force keeps the output."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / edited).write_text((out / edited).read_text().replace("{", '{"mine": 1, ', 1))
+    mine = (out / edited).read_bytes()
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"{edited}, which lmmc did not write); it was left untouched" in result.output
+    assert (out / edited).read_bytes() == mine
+
+
 def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path):
     """An output whose files were not listed (an older lmmc's) cannot show that nothing was added to it."""
     model, recipe, earlier = setup
@@ -409,7 +424,7 @@ def test_a_sigterm_while_the_output_is_swapped_in_waits_until_it_is_whole(setup,
     assert result.exit_code == 130, result.output
     assert f"interrupted by SIGTERM as the output was put in place; it is complete in '{out}'" in result.output
     listed = json.loads((out / lmmc.compile.FILE_LIST).read_text())
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(listed + [lmmc.compile.FILE_LIST])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([*listed, lmmc.compile.FILE_LIST])
     assert (out / "report.json").stat().st_mtime > (earlier / "report.json").stat().st_mtime
     assert not work_path(out).exists()
 

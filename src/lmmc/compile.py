@@ -42,7 +42,7 @@ from lmmc.pipeline import run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, write_report_html
-from lmmc.resume import WorkArea, describe_inputs, pass_seed
+from lmmc.resume import WorkArea, describe_inputs, hash_files, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
 
@@ -69,8 +69,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Every file and directory a compile put in its output, written last; --force replaces an earlier output
-# only while it holds nothing else (`lmmc bench` and `lmmc report` add or rewrite the files of _LATER).
+# Every file and directory a compile put in its output, each file with the SHA-256 of the bytes written,
+# written last; --force replaces an earlier output only while it holds nothing else and none of those files
+# was edited since (`lmmc bench` and `lmmc report` add or rewrite the files of _LATER).
 FILE_LIST = ".lmmc-files.json"
 _LATER = {"report.html", "bench.json", FILE_LIST}
 # What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
@@ -99,12 +100,21 @@ def _foreign(path: Path) -> list[str]:
     if top:
         return top
     try:
-        listed = set(json.loads((path / FILE_LIST).read_text(encoding="utf-8")))
+        listed = json.loads((path / FILE_LIST).read_text(encoding="utf-8"))
+        digests = listed if isinstance(listed, dict) else dict.fromkeys(listed)  # a list: names alone
     except (OSError, ValueError, TypeError):
         return []  # no list: _is_lmmc_output says so
     kept = {p.name for p in path.iterdir()} - {p.name for p in _own_entries(path)}
     return [rel for rel in _entries(path) if rel.split("/")[0] not in kept and ((path / rel).is_symlink()
-            or (rel not in listed and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0])))]
+            or (rel not in digests and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0]))
+            # a file the user edited holds their bytes under lmmc's name
+            or (isinstance(digests.get(rel), str) and (path / rel).is_file()
+                and hash_files(path / rel) != digests[rel]))]
+
+
+def _file_list(root: Path) -> dict[str, str | None]:
+    """What FILE_LIST holds: every entry under `root`, each file with its SHA-256 (a directory: None)."""
+    return {rel: None if (root / rel).is_dir() else hash_files(root / rel) for rel in _entries(root)}
 
 
 def _holds_output(path: Path) -> bool:
@@ -826,7 +836,7 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
             write_manifest(art, tmp, text_truncation(teacher.config, adapter, preprocessor))
             (tmp / "report.json").write_text(report_json(report))
             write_report_html(tmp)
-            (tmp / FILE_LIST).write_text(json.dumps(_entries(tmp), indent=0))
+            (tmp / FILE_LIST).write_text(json.dumps(_file_list(tmp), indent=0))
             if _taken(out, force):
                 change = "is no longer an earlier lmmc output" if force else "appeared"
                 raise OutputTaken(f"--out '{out}' {change} while the compile ran; it was left untouched. The "
