@@ -287,7 +287,7 @@ def _other_data(tmp_path):
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
                                   "teacher moved", "teacher changed", "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
-                                  "tokenizer deleted", "weights deleted"])
+                                  "tokenizer deleted", "weights deleted", "json a link"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -316,17 +316,22 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         # refused before the teacher's exports, not after them
         "weights deleted": ([_without_weights(tmp_path, out)], "openvino/text.bin', a file of student artifact "
                                                                "'openvino/text.xml' listed in manifest.json, is missing"),
+        # the user's link (here dangling) stays a link, as lmmc report keeps a report.html link
+        "json a link": ([out], "is a symbolic link, which lmmc never writes"),
     }
     where, message = args[case]
     if case == "backend missing":
         monkeypatch.setitem(sys.modules, "nncf", None)  # what Python does when the package is absent
     if case == "json not ours":
         target.write_text('{"mine": 1}')
+    if case == "json a link":
+        target.symlink_to(tmp_path / "elsewhere.json")
     result = run("bench", *where, "--json", "" if case == "empty json path" else target, "--quick")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.count("error:") == 1
     assert (target.read_text() == '{"mine": 1}') if case == "json not ours" else not target.exists()
+    assert target.is_symlink() == (case == "json a link")
 
 
 def _tampered_output(tmp_path, change):

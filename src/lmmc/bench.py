@@ -212,6 +212,9 @@ def timing_seq(seq: int | None, latency_seq: int | None, positions: int | None) 
 
 def check_json_target(path: Path) -> None:
     """bench may replace its own earlier JSON, never a file it did not write."""
+    if path.is_symlink():  # replacing it would drop the user's link (a dangling one too)
+        raise LmmcError(f"--json '{path}' is a symbolic link, which lmmc never writes; remove it, or pass --json "
+                        f"with another path")
     if path.is_dir():
         raise LmmcError(f"--json '{path}' is a directory; give a file path such as {path / 'bench.json'}")
     if not path.exists():
