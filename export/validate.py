@@ -148,17 +148,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
-    """Fraction of held-out samples whose nearest other sample is the same under both models; NaN when
-    an embedding is not finite (argmax of NaN rows would agree everywhere)."""
+    """Fraction of held-out samples whose nearest other sample is the same under both models, ties within
+    float noise shared as in `_tied_hits`; NaN when an embedding is not finite."""
     if not (np.isfinite(teacher).all() and np.isfinite(student).all()):
         return float("nan")
 
-    def nearest(e: np.ndarray) -> np.ndarray:
-        e = e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
-        sim = e @ e.T
+    def similarities(e: np.ndarray) -> np.ndarray:
+        sim = _unit(e) @ _unit(e).T
         np.fill_diagonal(sim, -np.inf)
-        return sim.argmax(1)
-    return float((nearest(teacher) == nearest(student)).mean())
+        return sim
+    return _shared_best(similarities(student), _best(similarities(teacher), 1))
 
 
 def _unit(e: np.ndarray) -> np.ndarray:
@@ -183,8 +182,20 @@ def zero_shot_accuracy(images: np.ndarray, prompts: np.ndarray, prompt_class: li
 def _tied_hits(sim: np.ndarray, candidates: np.ndarray, truth: np.ndarray) -> float:
     """Mean over rows of the share of a row's best candidates (ties within float noise) whose class is
     the row's: a model that cannot tell candidates apart scores chance, not the class of the first one."""
-    best = sim >= sim.max(1, keepdims=True) - 1e-6
-    return float(((best & (candidates[None, :] == truth[:, None])).sum(1) / best.sum(1)).mean())
+    return _shared_best(sim, candidates[None, :] == truth[:, None])
+
+
+def _best(sim: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k best candidates, and any within float noise (1e-6) of the k-th: which of tied
+    candidates comes first is decided by rounding, not by the model."""
+    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1:k]
+    return sim >= kth - 1e-6
+
+
+def _shared_best(sim: np.ndarray, right: np.ndarray) -> float:
+    """Mean over rows of the share of a row's best candidates (ties within float noise) that are right."""
+    best = _best(sim, 1)
+    return float(((best & right).sum(1) / best.sum(1)).mean())
 
 
 def chance_accuracy(kind: str, truth: list[int]) -> tuple[float, float]:
@@ -215,8 +226,9 @@ def nearest_neighbour_accuracy(embeddings: np.ndarray, truth: list[int]) -> floa
 
 def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray, s_keys: np.ndarray,
                     k: int, same: bool = False) -> float:
-    """Fraction of queries whose best key under the student is among the teacher's k best; `same` when
-    queries and keys are the same samples (a sample is never its own match). NaN when not finite."""
+    """Fraction of queries whose best key under the student is among the teacher's k best (ties within float
+    noise shared as in `_tied_hits`); `same` when queries and keys are the same samples (a sample is never
+    its own match). NaN when not finite."""
     if not _finite(t_query, t_keys, s_query, s_keys):
         return float("nan")
     t_sim, s_sim = _unit(t_query) @ _unit(t_keys).T, _unit(s_query) @ _unit(s_keys).T
@@ -224,9 +236,7 @@ def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray
         np.fill_diagonal(t_sim, -np.inf)
         np.fill_diagonal(s_sim, -np.inf)
     k = min(k, t_sim.shape[1] - (2 if same else 1))  # never every candidate, which would always agree
-    best = s_sim.argmax(1)
-    top = np.argsort(-t_sim, axis=1)[:, :max(k, 1)]
-    return float((top == best[:, None]).any(1).mean())
+    return _shared_best(s_sim, _best(t_sim, max(k, 1)))
 
 
 def distinct_texts(batches: list[dict]) -> list[int]:

@@ -81,6 +81,26 @@ def test_top_k_agreement_is_exact_at_the_teacher_and_never_trivial():
     assert top_k_agreement(three, three, reversed_, reversed_, 50, same=True) < 1.0
 
 
+def test_agreement_shares_tied_neighbours_instead_of_trusting_rounding():
+    """Sample 0's two nearest neighbours tie under the teacher; which one argmax names is rounding. A student
+    that picks either agrees; one that cannot tell the two apart agrees as well; one that picks a third
+    sample does not."""
+    from lmmc.export.validate import neighbour_agreement
+
+    teacher = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    second = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, -0.999, 0.0], [0.0, 0.0, 1.0]])  # picks sample 2
+    first = np.array([[1.0, 0.0, 0.0], [1.0, 0.999, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])  # picks sample 1
+    for student in (teacher, first, second):
+        row0 = top_k_agreement(teacher[:1], teacher[1:], student[:1], student[1:], 1)
+        assert row0 == 1.0
+    assert neighbour_agreement(teacher, first) == neighbour_agreement(teacher, second)
+    wrong = teacher.copy()
+    wrong[3] = [0.9, 0.1, 0.1]  # now sample 0's nearest neighbour under the student
+    assert top_k_agreement(teacher[:1], teacher[1:], wrong[:1], wrong[1:], 1) == 0.0
+    # ties on the student's side count the share of its tied picks the teacher ranks best
+    assert top_k_agreement(second[:1], second[1:], teacher[:1], teacher[1:], 1) == 0.5
+
+
 def test_retrieval_agreement_counts_the_captions_each_image_ranks_first():
     """Zero-shot classification ranks captions per image. A student that keeps every caption's best image
     but swaps each image's best caption for a near-synonym agrees text -> image, and the metric still
