@@ -40,8 +40,8 @@ class ValidateConfig(PassConfig):
                                      "pooled embeddings on held-out samples, every tower")
     max_norm_error: float | None = Field(None, gt=0, description="gate, models whose embedding is not normalised "
                                          "(sentence-transformers without a Normalize module, ranked by dot product): "
-                                         "max |student norm / teacher norm - 1| over held-out samples, which cosine "
-                                         "does not see")
+                                         "max |student norm / teacher norm - 1| over held-out samples, in PyTorch "
+                                         "and in every artifact, which cosine does not see")
     min_task_metric: float | None = Field(None, ge=0, le=1, description="gate: the student's task metric "
                                           "(zero-shot or nearest-neighbour accuracy on labelled data, else "
                                           "agreement with the teacher's retrieval)")
@@ -319,14 +319,7 @@ class ValidatePass(Pass):
                     "cosine_per_sample": [round(float(c), 6) for c in cos],  # for the report's histogram
                 }
                 if not normalises(student.config):
-                    # The model's embedding is not normalised (a dot-product model): its norms rank results
-                    # too, and cosine does not see them.
-                    ratio = np.linalg.norm(s_emb, axis=1) / np.linalg.norm(t_emb, axis=1).clip(1e-12)
-                    result["norm_ratio"] = {"mean": float(ratio.mean()), "min": float(ratio.min()),
-                                            "max": float(ratio.max())}
-                    if cfg.max_norm_error is not None:
-                        gates.append(_gate(f"{tower.name}: norm to teacher's, max error",
-                                           float(np.abs(ratio - 1).max()), cfg.max_norm_error, "<="))
+                    _norm_ratio(result, s_emb, t_emb, tower.name, cfg, gates)
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
                     export_tower(teacher, tower, teacher_path)
@@ -421,6 +414,17 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
     return {**out, "value": out["student"], "ratio": ratio}
 
 
+def _norm_ratio(result: dict[str, Any], emb: np.ndarray, t_emb: np.ndarray, label: str, cfg: ValidateConfig,
+                gates: list[dict[str, Any]]) -> None:
+    """Record each embedding's norm against the teacher's, and gate the worst: a model whose embedding is not
+    normalised (a dot-product model) ranks results by its norms too, and cosine does not see them."""
+    ratio = np.linalg.norm(emb, axis=1) / np.linalg.norm(t_emb, axis=1).clip(1e-12)
+    result["norm_ratio"] = {"mean": float(ratio.mean()), "min": float(ratio.min()), "max": float(ratio.max())}
+    if cfg.max_norm_error is not None:
+        gates.append(_gate(f"{label}: norm to teacher's, max error", float(np.abs(ratio - 1).max()),
+                           cfg.max_norm_error, "<="))
+
+
 def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.ndarray, np.ndarray]],
                      gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run every further artifact (fused, INT8, OpenVINO) through lmmc.runtime on the held-out batches:
@@ -464,6 +468,8 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
             gates.append(_gate(f"{label}: cosine to fp32 student", result["cosine_to_student"], cfg.min_cosine_int8, ">="))
         if cfg.min_cosine is not None:
             gates.append(_gate(f"{label}: cosine to teacher", result["cosine_to_teacher"], cfg.min_cosine, ">="))
+        if not normalises(art.student.config):
+            _norm_ratio(result, emb, t_emb, label, cfg, gates)
         results.append(result)
     return results
 

@@ -136,6 +136,12 @@ def test_a_dot_product_model_deploys_its_embedding_unnormalised(tmp_path):
     assert not np.allclose(norms, t_norm.numpy(), atol=1e-4)  # the magnitude pruning moved the norms
     gate = next(g for g in report["validation"]["gates"] if g["name"] == "text: norm to teacher's, max error")
     assert gate["value"] == pytest.approx(max(1 - ratio["min"], ratio["max"] - 1)) and gate["passed"]
+    # Each deployed artifact is held to the same gate: its norms are what users rank by.
+    (ir,) = [e for e in report["validation"]["exports"] if e["backend"] == "openvino"]
+    assert ir["norm_ratio"] == pytest.approx(ratio, abs=1e-4)
+    ir_gate = next(g for g in report["validation"]["gates"]
+                   if g["name"] == f"text: openvino fp32 {ir['variant']}: norm to teacher's, max error")
+    assert ir_gate["value"] == pytest.approx(max(1 - ir["norm_ratio"]["min"], ir["norm_ratio"]["max"] - 1))
 
     # The same gate below the error it measured fails the compile; cosine alone would have passed it.
     strict = yaml.safe_load(recipe.read_text())
