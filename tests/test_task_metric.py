@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import transformers
 import yaml
 from click.testing import CliRunner
@@ -222,6 +223,13 @@ def test_labels_give_classes_prompts_and_held_out_truth(tmp_path):
     held_images = [r for r in split(read_samples(path), 64, 8, 0)[1]]
     assert [labels.classes[i] for i in labels.held_out] == [r["label"] for r in held_images]
     assert len(labels.prompt_class) == 30 and sum(b["input_ids"].shape[0] for b in labels.prompts) == 30
+    # a caption written again with other case or spacing is the same prompt, not a second vote for its class
+    lines = path.read_text().splitlines()
+    twin = json.loads(lines[0])
+    path.write_text("\n".join([*lines, json.dumps({**twin, "text": "  " + twin["text"].upper()})]))
+    again = load_calibration(cfg, str(path), {"text", "image"}, pre).labels
+    assert again.prompt_class == labels.prompt_class
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again.prompts, labels.prompts))
     # with a caption template: one prompt per class
     templated = load_calibration(CalibrationConfig(samples=64, eval_samples=8, batch_size=4,
                                                    caption_template="a picture of the number {label}"),

@@ -569,7 +569,12 @@ def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], 
     if cfg.caption_template is not None:
         prompts = {cfg.caption_template.format(label=c): c for c in classes}
     else:
-        prompts = {r["text"]: r["label"] for r in sorted(records, key=lambda r: r.get("text", "")) if "text" in r}
+        # one prompt per caption, case and spacing aside as in the split: a copy would weigh twice in its class
+        firsts: dict[str, dict[str, Any]] = {}
+        for r in records:
+            if "text" in r:
+                firsts.setdefault(_text_key(r["text"]), r)
+        prompts = {r["text"]: r["label"] for r in sorted(firsts.values(), key=lambda r: r["text"])}
     encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length, pad_to) if tokenizer else []
     return Labels(classes, [index[r["label"]] for r in held_out], encoded, [index[c] for c in prompts.values()])
 
