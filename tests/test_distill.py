@@ -235,11 +235,22 @@ def test_bf16_on_the_cpu_pads_batches_to_16_tokens_and_learns_as_fp32_does():
     assert abs(bf16 - fp32) < 0.01
 
 
-def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss():
+def test_clip_arms_cover_both_towers_and_contrastive_distillation_lowers_the_similarity_loss(monkeypatch):
+    from lmmc.optima import SlidingWindowThompson
+
+    seen: list[tuple[int, float]] = []
+    update = SlidingWindowThompson.update
+    monkeypatch.setattr(SlidingWindowThompson, "update",
+                        lambda self, arm, reward: (seen.append((arm, reward)), update(self, arm, reward))[1])
     art = tiny_art("clip")
     m = distill(art, steps=12, schedule="optima", blocks_per_arm=1)
     assert m["arms"] == ["text[0:1]", "text[1:2]", "vision[0:1]", "vision[1:2]"]
     assert all(n > 0 for n in m["arm_picks"].values()) and sum(m["arm_picks"].values()) == 12
+    # the report gives each arm's mean reward, as the bandit received them
+    assert len(seen) == 12 and any(r != 0 for _, r in seen)
+    for i, name in enumerate(m["arms"]):
+        mine = [r for a, r in seen if a == i]
+        assert m["arm_reward_mean"][name] == pytest.approx(sum(mine) / len(mine), rel=1e-12)
 
     # Contrastive distillation alone, on held-out pairs the pass never saw.
     art = tiny_art("clip")
@@ -541,7 +552,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
     assert resumed["curve"][-1]["seconds"] > before
     plain_art = tiny_art("bert")
     plain = distill(plain_art, **{**RESUME_CFG, "checkpoint_every": 0})
-    assert resumed["arm_picks"] == plain["arm_picks"]
+    assert resumed["arm_picks"] == plain["arm_picks"] and resumed["arm_reward_mean"] == plain["arm_reward_mean"]
     assert [c["score"] for c in resumed["curve"]] == [c["score"] for c in plain["curve"]]
     for (name, a), b in zip(resumed_art.student.state_dict().items(), plain_art.student.state_dict().values()):
         assert torch.equal(a, b), name

@@ -485,6 +485,7 @@ class Trainer:
         self.loop_before = 0.0
         self.saved_at = 0.0  # `elapsed` at the newest step checkpoint (checkpoint_minutes)
         self.picks = [0] * len(self.arms)
+        self.rewards = [0.0] * len(self.arms)  # each arm's rewards summed, to report what the bandit learnt from
         self.losses: list[float] = []
         self.curve: list[dict[str, Any]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -849,6 +850,7 @@ class Trainer:
             reward = drop / max(before, 1e-12) if cfg.reward == "relative" else drop
         for arm in picked:
             self.picks[arm] += 1
+        self.rewards[picked[0]] += reward
         self.schedule.update(picked[0], reward)
         return float(all_reduce_sum(loss_sum, ctx)) / ctx.world
 
@@ -901,7 +903,7 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "step": self.step, "schedule": self.schedule.state_dict(),
-                "train_seconds": self.train_seconds, "picks": self.picks, "losses": self.losses,
+                "train_seconds": self.train_seconds, "picks": self.picks, "rewards": self.rewards, "losses": self.losses,
                 "curve": self.curve, "dev_before": self.dev_before, "reward_loss": self.reward_loss,
                 "loop_seconds": self.elapsed, "horizon": self.horizon,
                 "pass_seconds": time.perf_counter() - self.started,
@@ -948,7 +950,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self.started -= self.seconds_before_resume  # the dev curve's seconds go on from where they stopped
-        self.picks, self.losses, self.curve = state["picks"], state["losses"], state["curve"]
+        self.picks, self.rewards, self.losses, self.curve = state["picks"], state["rewards"], state["losses"], state["curve"]
         self.dev_before = state["dev_before"]
         self.reward_loss = state["reward_loss"]
         # A resumed run keeps its first horizon, so its learning rate goes on along the same schedule.
@@ -1106,6 +1108,9 @@ class Trainer:
             "towers": [t.name for t in self.towers],
             "arms": [a.name for a in self.arms],
             "arm_picks": {a.name: n for a, n in zip(self.arms, self.picks)},
+            # the bandit's reward per pick: the whole loss's drop on the reward samples (relative by default)
+            **({"arm_reward_mean": {a.name: r / n if n else None for a, r, n in zip(self.arms, self.rewards, self.picks)}}
+               if self.bandit else {}),
             "layer_map": {name: plan.layer_map for name, plan in self.plans.items()},
             "skip_hidden": {name: sorted(plan.skip) for name, plan in self.plans.items() if plan.skip},
             "projections": sorted(self.objective.proj.keys()),
