@@ -1403,7 +1403,8 @@ def _relative_positions(weights, config):
     (_fewer_layers, "hold 16 tensor(s) of transformer blocks that the model its config.json describes has no place "
                     "for (encoder.layer.1."),
     (_relative_positions, "hold 2 tensor(s) of transformer blocks that the model its config.json describes has no "
-                          "place for (encoder.layer.0.attention.self.distance_embedding.weight, encoder.layer.1."),
+                          "place for (encoder.layer.0.attention.self.distance_embedding.weight, encoder.layer.1.attention.self."
+                          "distance_embedding.weight); they are the distance embeddings of a relative-position BERT"),
 ], ids=["one NaN weight", "outputs overflow", "all-zero weights", "config of fewer layers", "relative positions"])
 def test_a_broken_teacher_is_refused_before_any_pass(tmp_path, monkeypatch, damage, message):
     monkeypatch.chdir(tmp_path)

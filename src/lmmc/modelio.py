@@ -215,7 +215,7 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
     extra.sort()
     if extra:
         raise LmmcError(f"the weights of '{path}' hold {len(extra)} tensor(s) of transformer blocks that the model "
-                        f"its config.json describes has no place for ({', '.join(extra[:3])}); {NO_PLACE}")
+                        f"its config.json describes has no place for ({', '.join(extra[:3])}); {no_place(extra)}")
     mismatched = []
     for name, param in model.state_dict().items():
         found = shapes.get(name)
@@ -229,8 +229,17 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
 
 
 NO_PLACE = ("the config does not fit these weights: it names fewer layers, say, or a kind of attention or position "
-            "embedding this version of transformers no longer builds. Use the config.json saved with them, or a "
-            "transformers version that builds it")
+            "embedding this version of transformers no longer builds. Use the config.json saved with them")
+
+
+def no_place(extra: list[str]) -> str:
+    """Why block tensors have no place in the model, and what to do: relative-position BERTs (their
+    blocks' distance embeddings) cannot be compiled at all, since transformers 5, which lmmc needs, builds none."""
+    if any(".distance_embedding." in k for k in extra):
+        return ("they are the distance embeddings of a relative-position BERT (position_embedding_type relative_key "
+                "or relative_key_query), which transformers 5, the version lmmc runs on, no longer builds: lmmc "
+                "cannot compile this model; use a BERT-family model with absolute positions")
+    return NO_PLACE
 
 
 def _builds(modules: set[str], module: str) -> bool:
@@ -573,7 +582,7 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
              if any(k.startswith(f"{p}.") or f".{p}." in k for p in paths) and not k.endswith("inv_freq")]
     if extra:
         raise LmmcError(f"the weights of '{ref}' hold {len(extra)} tensor(s) of transformer blocks that the model its "
-                        f"config.json describes has no place for ({', '.join(extra[:3])}); {NO_PLACE}")
+                        f"config.json describes has no place for ({', '.join(extra[:3])}); {no_place(extra)}")
     if missing:
         raise LmmcError(f"the weights of '{ref}' lack or mis-shape {len(missing)} tensor(s) the model needs "
                         f"({', '.join(map(str, missing[:3]))}); transformers would fill them with random values. "
