@@ -14,7 +14,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
-                       token_coverage, tower_batches, vocabulary_runs)
+                       text_key, token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_map, check_layer_range
 from lmmc.distiller import Sample, TowerPlan, Trainer, distilled_towers, make_arms, modality_key, sample_length
 from lmmc.errors import LmmcError
@@ -365,6 +365,8 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
         return _split_samples(tower_batches(batches), modalities)
     records = [r for r in read_corpus(path, "distill.corpus") if all(m in r for m in modalities)]
+    if art.calib is not None and art.calib.held_out_texts:  # a cased tokenizer would tell "The" from "the"
+        records = [r for r in records if text_key(r["text"]) not in art.calib.held_out_texts]
     if not records:
         return []
     proc = art.preprocessor or {}

@@ -483,6 +483,24 @@ def test_text_corpus_excludes_held_out_sentences(minilm, tmp_path):
     assert (m["train_samples"], m["dev_samples"]) == (60 - 12 - 8, 8)
 
 
+def test_held_out_sentences_stay_out_in_other_case_under_a_cased_tokenizer(minilm, tmp_path):
+    """The split holds texts out case and spacing aside; so does the corpus, though a cased tokenizer gives
+    "The section" other tokens than "the section"."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm), do_lower_case=False)
+    assert tokenizer("The")["input_ids"] != tokenizer("the")["input_ids"]
+    teacher = transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size})).eval()
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()][:60]
+    (tmp_path / "calib.txt").write_text("\n".join(lines))
+    calib = load_calibration(CalibrationConfig(samples=20, eval_samples=12, batch_size=8), str(tmp_path / "calib.txt"),
+                             {"text"}, {"tokenizer": tokenizer})
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([line[0].swapcase() + " ".join(line[1:].split()) + "  " for line in lines]))
+    art = Artifact("tiny", get_adapter("bert"), teacher, make_student(teacher), preprocessor={"tokenizer": tokenizer},
+                   calib=calib)
+    train, dev = build_corpus(Distill.Config(corpus=str(corpus), dev_samples=8), art, ["text"])
+    assert len(calib.held_out_texts) == 12 and len(train) + len(dev) == 60 - 12
+
+
 
 @pytest.mark.parametrize("calib_length, corpus_length", [(12, None), (None, 12)])
 def test_held_out_sentences_stay_out_when_one_side_is_cut_shorter(minilm, tmp_path, calib_length, corpus_length):

@@ -51,6 +51,7 @@ class CalibData:
     warnings: list[str] = field(default_factory=list)
     labels: Labels | None = None
     chat_template: bool = False  # generative records: whether their prompts went through the chat template
+    held_out_texts: frozenset[str] = frozenset()  # a text model's held-out texts as `text_key` reads them
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -256,7 +257,7 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
         for r in records:
             if key not in r:
                 continue
-            first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else _text_key(r[key]),
+            first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else text_key(r[key]),
                                            (r[key], r["label"]))
             if label != r["label"]:
                 kind = "picture" if key == "image" else "text, case and spaces aside,"
@@ -272,11 +273,12 @@ def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
     if "image" in record and "image" in modalities:
         return "image:" + _image_digest(record["image"])
     if "text" in record and "text" in modalities:
-        return "text:" + _text_key(record["text"])
+        return "text:" + text_key(record["text"])
     return None
 
 
-def _text_key(text: str) -> str:
+def text_key(text: str) -> str:
+    """What tells texts apart: case and spacing aside, whatever the tokenizer keeps of them."""
     return " ".join(text.split()).casefold()
 
 
@@ -469,8 +471,8 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
     if dual and not generative:
         # The split keeps held-out images apart; a caption shared by several images (a caption_template's,
         # one per class) can be a calibration caption too, and then the text tower is judged on what it fitted.
-        calibrated = {_text_key(r["text"]) for r in calib_recs}
-        texts = {_text_key(r["text"]) for r in eval_recs}
+        calibrated = {text_key(r["text"]) for r in calib_recs}
+        texts = {text_key(r["text"]) for r in eval_recs}
         if len(texts - calibrated) < len(eval_recs):
             template = " (a caption_template gives each class one)" if cfg.caption_template else ""
             warnings.append(f"the {len(eval_recs)} held-out pairs hold {len(texts)} distinct caption(s), "
@@ -556,7 +558,8 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     if chosen.held_out and "label" in chosen.held_out[0]:
         labels = _labels(cfg, records, chosen.held_out, preprocessor.get("tokenizer") if "text" in modalities
                          else None, max_length, pad_to)
-    return CalibData(calib, held, str(source), counts, chosen.warnings, labels)
+    texts = frozenset(text_key(r["text"]) for r in chosen.held_out) if modalities == {"text"} else frozenset()
+    return CalibData(calib, held, str(source), counts, chosen.warnings, labels, held_out_texts=texts)
 
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
@@ -573,7 +576,7 @@ def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], 
         firsts: dict[str, dict[str, Any]] = {}
         for r in records:
             if "text" in r:
-                firsts.setdefault(_text_key(r["text"]), r)
+                firsts.setdefault(text_key(r["text"]), r)
         prompts = {r["text"]: r["label"] for r in sorted(firsts.values(), key=lambda r: r["text"])}
     encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length, pad_to) if tokenizer else []
     return Labels(classes, [index[r["label"]] for r in held_out], encoded, [index[c] for c in prompts.values()])
