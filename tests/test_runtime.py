@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,6 +251,27 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
         deployed.encode(TEXTS, batch_size=0)
     with pytest.raises(LmmcError, match="batch_size must be a positive integer, not True"):
         deployed.encode(TEXTS, batch_size=True)
+
+
+def test_a_str_naming_an_image_file_is_refused_where_a_tower_reads_pictures(compiled, tmp_path):
+    """A str is text; one that names an existing picture was meant as the picture, and would have come back as
+    the embedding of its file name."""
+    from PIL import Image
+
+    deployed = open_dir(compiled, threads=1)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    name = str(tmp_path / "red.png")
+    with pytest.raises(LmmcError, match=f"item 1 of encode's list is the str '{name}', which names an image file; "
+                                        f"a str is always text: pass pathlib.Path"):
+        deployed.encode(["a photo", name])
+    words = deployed.encode(["a photo", name], tower="text")  # asked for in words, it is text
+    assert np.abs(words[1:] - deployed.encode([name], tower="text")).max() < 1e-6
+    picture = deployed.encode([Path(name)])
+    assert np.abs(picture - words[1:]).max() > 0.1
+    assert deployed.encode(["see " + "x" * 300 + ".png"]).shape == (1, 16)  # too long for a file name: text
+    with pytest.raises(LmmcError, match="cannot read image '.*missing.png': .*; pass the path of a readable PNG or "
+                                        "JPEG picture"):
+        deployed.encode([tmp_path / "missing.png"])
 
 
 def test_an_output_opened_by_a_relative_path_encodes_after_the_working_directory_changes(compiled, monkeypatch):

@@ -19,9 +19,7 @@ import torch
 
 from lmmc.errors import LmmcError
 from lmmc.runtime.generate import generative_prompt
-from lmmc.runtime.images import NOT_PICTURES, open_image
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+from lmmc.runtime.images import IMAGE_SUFFIXES, NOT_PICTURES, open_image
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
 RANDOM_MAX_PARAMS = 5_000_000
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.runtime.images import open_image, to_rgb
+from lmmc.runtime.images import IMAGE_SUFFIXES, READ_FIX, open_image, to_rgb
 
 # The most intra-op threads a setting may ask for: far above any CPU's cores, far below what overflows
 # the runtimes' C integers.
@@ -296,6 +296,8 @@ class Deployment:
                      for s in m.outputs if s.name == "pooled_embedding"}
             return np.zeros((0, width.pop() if len(width) == 1 and None not in width else 0), dtype=np.float32)
         modality = _modality(items)
+        if modality == "text" and tower is None and "image" in {t["modality"] for t in self.manifest["towers"].values()}:
+            _refuse_image_paths(items, self.tower_for("text"))
         tower = tower or self.tower_for(modality)
         if self.manifest["towers"][tower]["modality"] != modality:
             raise LmmcError(f"the {tower} tower reads {self.manifest['towers'][tower]['modality']}, and the items are "
@@ -333,8 +335,25 @@ class Deployment:
             mask = enc.get("attention_mask")
             return {"input_ids": enc["input_ids"],
                     "attention_mask": mask if mask is not None else np.ones_like(enc["input_ids"])}
-        images = [open_image(i) if isinstance(i, Path) else to_rgb(i) for i in chunk]
+        images = [open_image(i, READ_FIX) if isinstance(i, Path) else to_rgb(i) for i in chunk]
         return {"pixel_values": proc(images=images, return_tensors="np")["pixel_values"]}
+
+
+def _refuse_image_paths(texts: list[str], text_tower: str) -> None:
+    """A model with an image tower reads a str as text: one that names an image file was surely meant as the
+    picture, and would come back as the embedding of its file name."""
+    def names_image(text: str) -> bool:
+        path = Path(text.strip())
+        try:
+            return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        except (OSError, ValueError):  # a sentence too long for a file name, or one holding a NUL
+            return False
+
+    for i, text in enumerate(texts):
+        if names_image(text):
+            raise LmmcError(f"item {i} of encode's list is the str '{text}', which names an image file; a str is "
+                            f"always text: pass pathlib.Path('{text}') to encode the picture, or tower='{text_tower}' to "
+                            f"encode the words")
 
 
 def _as_list(items: Iterable) -> list:

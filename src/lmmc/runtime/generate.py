@@ -13,7 +13,7 @@ import numpy as np
 
 from lmmc.errors import LmmcError
 from lmmc.runtime import load
-from lmmc.runtime.images import open_image, to_rgb
+from lmmc.runtime.images import READ_FIX, open_image, to_rgb
 
 SPEC = "generative.json"
 
@@ -164,7 +164,7 @@ class Generator:
             raise LmmcError(f"generate() takes a prompt as text (or None) and chat_template as True, False or None; "
                             f"got {type(prompt).__name__} and {chat_template!r}")
         proc = self.preprocessor
-        image = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        image = open_image(image, READ_FIX) if isinstance(image, (str, Path)) else to_rgb(image)
         template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
         prompt = "" if prompt is None else prompt  # no prompt: the image alone, as a calibration record without one
         if template and proc.image_token in prompt:

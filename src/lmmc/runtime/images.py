@@ -13,10 +13,12 @@ NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 ORIENTATION = 0x0112  # the EXIF tag
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+READ_FIX = "pass the path of a readable PNG or JPEG picture"  # what a user of lmmc.runtime does about a bad file
 
 
-def open_image(path: str | Path):
-    """The picture in an image file, upright and RGB."""
+def open_image(path: str | Path, fix: str = "remove it or replace it with a PNG/JPEG picture"):
+    """The picture in an image file, upright and RGB; `fix` says what to do when it cannot be read."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -26,8 +28,7 @@ def open_image(path: str | Path):
             upright = ImageOps.exif_transpose(image)
             upright.load()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise LmmcError(f"cannot read image '{path}': {err}; remove it or replace it with a PNG/JPEG picture") \
-            from None
+        raise LmmcError(f"cannot read image '{path}': {err}; {fix}") from None
     return to_rgb(upright, str(path))
 
 
