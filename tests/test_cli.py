@@ -333,6 +333,16 @@ def test_calib_option_supplies_data_the_recipe_lacks(tmp_path):
 QUICK = {**TINY_RECIPE, "validate": {"latency": False, "threads": 1}}
 
 
+def test_the_manifest_names_a_local_teacher_by_its_absolute_path(tmp_path, monkeypatch):
+    """Typed relative to where the compile ran, the teacher's path would name another folder, or none, for
+    whoever reads the manifest from elsewhere."""
+    save_tiny("bert", tmp_path / "models" / "teacher")
+    recipe = write_recipe(tmp_path, QUICK)
+    monkeypatch.chdir(tmp_path / "models")
+    assert run("compile", "./teacher", "-r", recipe, "-o", tmp_path / "out").exit_code == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["teacher"] == str(tmp_path / "models" / "teacher")
+
+
 def test_validation_switched_off_is_never_reported_as_passed(tmp_path):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     out = tmp_path / "out"

@@ -10,7 +10,8 @@ from typing import Any
 import lmmc
 from lmmc.adapters import dynamic_axes, tower_config
 from lmmc.artifact import Artifact, ExportRecord
-from lmmc.modelio import text_pad_length
+from lmmc.errors import LmmcError
+from lmmc.modelio import local_dir, text_pad_length
 from lmmc.pooling import modes_of, normalises
 from lmmc.runtime import MANIFEST, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
@@ -123,7 +124,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
     manifest = {
         "format": FORMAT,
         "lmmc_version": lmmc.__version__,
-        "teacher": art.model_ref,
+        "teacher": _teacher_ref(art.model_ref),
         "adapter": art.adapter.family,
         "student": "student",
         "towers": {t.name: {"modality": t.modality, "normalized": normalises(art.student.config)}
@@ -140,6 +141,16 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
     if trt:
         manifest["tensorrt"] = trt[-1]
     return manifest
+
+
+def _teacher_ref(ref: str) -> str:
+    """The teacher as anyone reading the manifest finds it: a local directory as an absolute path, since a
+    relative one would name another folder once read from elsewhere; a hub id as it is."""
+    try:
+        where = local_dir(ref)
+    except LmmcError:  # the teacher's folder went away during the compile: keep what the user typed
+        return ref
+    return str(where) if where is not None else ref
 
 
 def write_manifest(art: Artifact, root: Path, max_length: int | None) -> Path:
