@@ -195,10 +195,11 @@ def test_held_out_captions_shared_with_calibration_and_unpaired_records_are_said
         line["text"] = f"a photo of a {line['label']}"
     data.write_text("\n".join(json.dumps(line) for line in lines))
     chosen = select(cfg, data, read_samples(data), {"text", "image"})
-    assert chosen.warnings == ["the 4 held-out pairs hold 2 distinct caption(s), 2 of them calibration captions too: "
-                               "the text tower's figures measure texts the compile calibrated on, and distils on if "
-                               "distill reads this data, more than unseen text; give pairs with captions of their own "
-                               "to measure that"]
+    assert chosen.warnings == ["the 4 held-out pairs hold 2 distinct caption(s), 2 of them among the 2 distinct "
+                               "calibration captions: the text tower's figures, the gates of its INT8 artifacts "
+                               "(quantised on those captions) included, measure texts the compile calibrated on, and "
+                               "distils on if distill reads this data, more than unseen text; give pairs with captions "
+                               "of their own to measure that"]
     # a captioner's answers are no text tower's inputs
     assert select(cfg, data, read_samples(data), {"text", "image"}, generative=True).warnings == []
 

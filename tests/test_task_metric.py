@@ -338,6 +338,13 @@ def test_compile_reports_teacher_and_student_accuracy_and_flops_per_tower(tmp_pa
     student = sum(f["student"] for f in flops.values())
     assert student / teacher == pytest.approx(0.5, abs=0.05)
     assert "FLOPs kept" in result.output and "teacher" in result.output
+    # The tiny CLIP reads a caption at its highest token id (eos_token_id 2), which every caption of this
+    # template holds before its label: the text tower embeds them alike (two in the first batch), as the report says.
+    assert [w for w in report["warnings"] if "one and the same embedding" in w] == [
+        "the teacher's text tower gives one and the same embedding for every one of 2 different calibration "
+        "samples, so its cosine to the student compares constants (a CLIP text tower reads each caption at one "
+        "token, its end token or, where the config's eos_token_id is 2, its highest id: captions alike up to that "
+        "token embed alike); calibrate on more varied texts to measure that tower"]
 
 
 def test_a_ratio_to_a_teacher_at_chance_fails_the_compile(tmp_path, monkeypatch, one_thread):

@@ -753,6 +753,13 @@ def check_teacher_outputs(art: Artifact) -> None:
         raise LmmcError(f"the teacher's {name} tower gives {what} for every one of {n} different calibration "
                         f"samples; the teacher is broken (its weights, e.g. all zeros, or a config that does not "
                         f"fit them) and cannot be compressed or validated")
+    for name, (_, n) in constant.items():  # one tower of a dual encoder: usable, but its figures say nothing
+        art.calib.warnings.append(
+            f"the teacher's {name} tower gives one and the same embedding for every one of {n} different "
+            f"calibration samples, so its cosine to the student compares constants (a CLIP text tower reads each "
+            f"caption at one token, its end token or, where the config's eos_token_id is 2, its highest id: "
+            f"captions alike up to that token embed alike); calibrate on more varied "
+            f"{art.adapter.tower(name).modality}s to measure that tower")
 
 
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,

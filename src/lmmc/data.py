@@ -474,10 +474,11 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
         if len(texts - calibrated) < len(eval_recs):
             template = " (a caption_template gives each class one)" if cfg.caption_template else ""
             warnings.append(f"the {len(eval_recs)} held-out pairs hold {len(texts)} distinct caption(s), "
-                            f"{len(texts & calibrated)} of them calibration captions too{template}: the text "
-                            f"tower's figures measure texts the compile calibrated on, and distils on if distill "
-                            f"reads this data, more than unseen text; give pairs with captions of their own to "
-                            f"measure that")
+                            f"{len(texts & calibrated)} of them among the {len(calibrated)} distinct calibration "
+                            f"captions{template}: the text tower's figures, the gates of its INT8 artifacts "
+                            f"(quantised on those captions) included, measure texts the compile calibrated on, and "
+                            f"distils on if distill reads this data, more than unseen text; give pairs with captions "
+                            f"of their own to measure that")
     unit = "pairs" if dual else "samples"
     for what, got, asked in (("calibration", len(calib_recs), cfg.samples),
                              ("held-out", len(eval_recs), cfg.eval_samples)):
