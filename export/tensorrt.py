@@ -139,8 +139,7 @@ def builder_setup(major: int, precision: str) -> tuple[str, list[str]]:
     BuilderFlag names to set, for TensorRT `major`.
 
     TensorRT 10 keeps the precision flags; 11 builds every network strongly typed, so the precision must
-    be in the graph. fp32 clears TF32, which TensorRT enables by default and which would take a tenth of
-    the mantissa off every matrix product."""
+    be in the graph. (An fp32 build also clears TF32: see `build_engine`.)"""
     if precision == "fp32":
         return "plain", []
     if major < 11:
@@ -204,6 +203,15 @@ def sparsity_table(log: dict[str, list[str]], inspector: dict[str, bool],
     return rows
 
 
+def unreported_sparsity(tower: str, precision: str, version: str) -> str:
+    """Said when a build asked for sparse weights and TensorRT named no layer, eligible or sparse: the
+    table is then empty for want of a report, not for want of 2:4 weights."""
+    return (f"the {tower} {precision} engine was built with SPARSE_WEIGHTS, and TensorRT {version} named no layer "
+            f"eligible for sparse math nor any running sparse weights (it compiles transformer blocks into fused "
+            f"kernels whose layers it may not report); its sparsity table is empty, and its latency against a dense "
+            f"build, not the table, tells whether the 2:4 weights paid")
+
+
 def quantize_for_tensorrt(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: list[str]) -> None:
     """INT8 QDQ graph for TensorRT's explicit quantisation: MatMul weights per channel and activations per
     tensor, both signed and symmetric (zero point 0), the only INT8 form TensorRT reads; ranges from
@@ -232,6 +240,13 @@ def timing_cache_path(workdir: Path) -> Path:
     return workdir / "tensorrt" / "timing.cache"
 
 
+def build_hint(errors: list[str]) -> str:
+    """What to do about a failed build, from the builder's errors: memory, or what they say."""
+    if any(word in e.lower() for e in errors for word in ("memory", "workspace", "allocat")):
+        return "Raise tensorrt.workspace_mb, or narrow tensorrt.batch / seq"
+    return "The builder's errors above say why; a narrower tensorrt.batch / seq or another precision may build"
+
+
 def make_builder(trt, logger):
     """A TensorRT builder, or one LmmcError where TensorRT finds no usable GPU."""
     try:
@@ -244,17 +259,33 @@ def make_builder(trt, logger):
     return builder
 
 
+def parser_hint(onnx_path: Path, version: str) -> str:
+    """What to do about a graph TensorRT's ONNX parser refused: a lower opset where the graph's is above the
+    20 its parser documents, else the operator list of this TensorRT."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > 20:
+        return f"Export with opset 20 or lower (`onnx: {{opset: 20}}`; this graph is opset {opset}), which its parser documents"
+    return (f"The graph is opset {opset}, which the parser reads: an operator or attribute in it is one TensorRT "
+            f"{version} does not take (onnx-tensorrt's operator list for that version says which)")
+
+
 def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]],
-                 flags: list[str], workspace_bytes: int, cache: Path | None) -> dict[str, Any]:
+                 flags: list[str], workspace_bytes: int, cache: Path | None, fp32: bool) -> dict[str, Any]:
     """Parse `onnx_path`, build and write a serialized engine; return the builder's INFO-and-worse log
-    lines, the engine inspector's JSON and whether an earlier timing cache was read."""
+    lines, the engine inspector's JSON and whether an earlier timing cache was read. An `fp32` build clears
+    TF32, which TensorRT enables by default and which would take a tenth of the mantissa off every matrix
+    product; FP16 and INT8 builds keep it for the layers they leave in float."""
 
     class Log(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.lines: list[str] = []
+            self.errors: list[str] = []
 
         def log(self, severity, msg) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
             if severity <= trt.ILogger.Severity.INFO:  # VERBOSE would keep every tactic tried
                 self.lines.append(msg)
 
@@ -264,11 +295,12 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise LmmcError(f"TensorRT's ONNX parser refused {onnx_path.name}: {errors}. Export with opset 20 or "
-                        f"lower (`onnx: {{opset: 20}}`), which its parser documents")
+        raise LmmcError(f"TensorRT's ONNX parser refused {onnx_path.name}: {errors}. "
+                        f"{parser_hint(onnx_path, trt.__version__)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    config.clear_flag(trt.BuilderFlag.TF32)
+    if fp32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     for flag in flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector's per-layer JSON needs it
@@ -287,8 +319,7 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, profile: dict[str, tup
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise LmmcError(f"TensorRT could not build an engine from {onnx_path.name}: "
-                        f"{' | '.join(logger.lines[-3:]) or 'no message'}. Raise tensorrt.workspace_mb or "
-                        f"narrow tensorrt.batch / seq")
+                        f"{' | '.join((logger.errors or logger.lines)[-3:]) or 'no message'}. {build_hint(logger.errors)}")
     _write_whole(engine_path, bytes(plan))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +383,8 @@ class TensorRtExportPass(Pass):
                 flags += ["SPARSE_WEIGHTS"] if sparse else []
                 src = self._source(art, tower, plain, source, folder)
                 engine = folder / f"{tower.name}.{precision}.engine"
-                built = build_engine(trt, src, engine, profile, flags, cfg.workspace_mb << 20, cache)
+                built = build_engine(trt, src, engine, profile, flags, cfg.workspace_mb << 20, cache,
+                                     fp32=precision == "fp32")
                 table = sparsity_table(parse_sparsity_log(built["log"]), parse_inspector(built["inspector"]),
                                        node_modules(src, names)) if sparse else []
                 variant = "builder-flags" if major < 11 else "strongly-typed"
@@ -361,6 +393,8 @@ class TensorRtExportPass(Pass):
                     "file": engine.name, "source": src.name, "flags": flags,
                     "timing_cache_reused": built["cache_reused"], "sparsity": table,
                     "picked_sparse": sum(bool(r["picked_sparse"]) for r in table),
+                    "warnings": [unreported_sparsity(tower.name, precision, trt.__version__)] if sparse and not table
+                    else [],
                 }
             metrics[tower.name] = result
         return metrics

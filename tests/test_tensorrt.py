@@ -21,9 +21,9 @@ from lmmc.cli import main
 from lmmc.errors import LmmcError
 from lmmc.export.fp16 import to_fp16_onnx
 from lmmc.export.ort import calibration_feeds, fc2_matmuls
-from lmmc.export.tensorrt import (NO_GPU, NOT_BUILT, ShapeRange, _made_once, builder_setup, make_builder, node_modules,
-                                  optimisation_profile, parse_inspector, parse_sparsity_log, quantize_for_tensorrt,
-                                  sparsity_table, timing_cache_path, two_four_weights)
+from lmmc.export.tensorrt import (NO_GPU, NOT_BUILT, ShapeRange, _made_once, build_hint, builder_setup, make_builder,
+                                  node_modules, optimisation_profile, parse_inspector, parse_sparsity_log, parser_hint,
+                                  quantize_for_tensorrt, sparsity_table, timing_cache_path, two_four_weights)
 from lmmc.export.validate import cosine
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import parse_recipe
@@ -220,6 +220,24 @@ def test_sparsity_report_from_inspector_json(two_four_export):
     assert node_modules(path.with_name("text.fp16.onnx"), names) == modules
 
 
+def test_a_refused_graph_or_failed_build_says_what_applies(tmp_path, exported_tower):
+    """The opset advice only where the graph's opset is above the parser's 20; the memory advice only where
+    the builder's errors speak of memory."""
+    exported_tower("tiny", "bert", "text", tmp_path / "text.onnx")
+    assert parser_hint(tmp_path / "text.onnx", "10.13.0") == (
+        "The graph is opset 20, which the parser reads: an operator or attribute in it is one TensorRT 10.13.0 "
+        "does not take (onnx-tensorrt's operator list for that version says which)")
+    model = onnx.load(str(tmp_path / "text.onnx"))
+    next(o for o in model.opset_import if o.domain == "").version = 23
+    onnx.save(model, str(tmp_path / "23.onnx"))
+    assert parser_hint(tmp_path / "23.onnx", "10.13.0").startswith(
+        "Export with opset 20 or lower (`onnx: {opset: 20}`; this graph is opset 23)")
+    assert build_hint(["Error Code 2: OutOfMemory (Requested size was 4294967296 bytes.)"]) == \
+        "Raise tensorrt.workspace_mb, or narrow tensorrt.batch / seq"
+    assert build_hint(["Error Code 4: Internal Error (no implementation for node /MatMul)"]).startswith(
+        "The builder's errors above say why")
+
+
 def test_timing_cache_sits_beside_the_output(tmp_path):
     out = tmp_path / "out"
     assert timing_cache_path(work_path(out) / "output") == tmp_path / ".out.tensorrt-timing.cache"
@@ -343,5 +361,7 @@ def test_two_four_engine_reports_its_sparse_layers(two_four_export):
     metrics = run_pass(get_pass("tensorrt")(get_pass("tensorrt").Config(precision=["fp16"])), art).metrics
     engine = metrics["text"]["engines"]["fp16"]
     assert "SPARSE_WEIGHTS" in engine["flags"] and metrics["text"]["two_four_weights"] == 12
-    # whether a sparse kernel wins is TensorRT's call (tiny widths rarely); every eligible row names modules
+    # whether a sparse kernel wins is TensorRT's call (tiny widths rarely); every eligible row names modules,
+    # and a build whose layers TensorRT did not report says so instead of leaving the table empty unremarked
     assert all(r["modules"] for r in engine["sparsity"] if r["eligible"])
+    assert bool(engine["sparsity"]) != bool(engine["warnings"])

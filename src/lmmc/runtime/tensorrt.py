@@ -51,12 +51,29 @@ class TrtModel(Model):
         # One context, stream and set of buffers hold one run at a time: threads take turns.
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Give the engine's device buffers and stream back to the GPU now; polygraphy's hold them until freed,
+        so a process that loads engine after engine would otherwise run out of GPU memory."""
+        with self._lock:
+            for buffer in self._buffers.values():
+                buffer.free()
+            self._buffers = {}
+            if self._stream is not None:
+                self._stream.free()
+                self._stream = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:  # a load that failed half-way has nothing to free
+            self.close()
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = cast_feed(self, feed)
         with self._lock:
             return self._run(feed)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._stream is None:
+            raise LmmcError(f"'{self.path}' was closed; load it again to run it")
         for spec in self.inputs:
             array = feed[spec.name]
             if not self.context.set_input_shape(spec.name, array.shape):
