@@ -296,7 +296,7 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "not lmmc": ([tmp_path], "is not an lmmc output (no report.json or student/lmmc.json)"),
         "no artifacts": ([_no_artifacts(tmp_path, out)], "holds no student artifact to bench"),
         "backend missing": ([out], "pip install 'lmmc[openvino]'"),
-        "json not ours": ([out], "exists and was not written by lmmc bench"),
+        "json not ours": ([out], "exists and was not written there by lmmc bench"),
         "teacher moved": ([_teacher_moved(tmp_path, out)], "if it moved, pass --teacher with its new place"),
         "teacher changed": ([out, "--teacher", _teacher_changed(tmp_path, teacher)],
                             f"is not the model {out} was compiled from: its files differ from those the compile read "
@@ -618,8 +618,36 @@ def test_a_file_put_at_the_json_path_during_the_run_is_kept(uncapped, tmp_path, 
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
     assert "text: fastest student onnx/text.onnx vs fastest teacher" in result.stdout
     assert (f"error: lmmc bench measured everything but saved nothing, as '{target}' changed during the run: "
-            f"'{target}' exists and was not written by lmmc bench; pass --json with another path\n") in result.output
+            f"'{target}' exists and was not written there by lmmc bench, or was edited since; pass --json with "
+            f"another path\n") in result.output
     assert target.read_text() == '{"mine": 1}' and [p.name for p in tmp_path.iterdir()] == ["b.json"]
+
+
+def test_a_copy_or_an_edit_of_a_bench_json_is_the_users(uncapped, tmp_path):
+    """bench replaces a JSON it wrote at that path, unedited; a baseline copied from it, or the output's own
+    bench.json with the user's notes added, is the user's file."""
+    _, _, out = uncapped
+    target = tmp_path / "b.json"
+    assert run("bench", out, "--quick", "--no-memory", "--json", target).exit_code == 0
+    first = json.loads(target.read_text())
+    assert first["json"] == str(target) and len(first["digest"]) == 64
+    assert run("bench", out, "--quick", "--no-memory", "--json", target).exit_code == 0  # its own: replaced
+    assert json.loads(target.read_text())["seconds"] != first["seconds"]
+    baseline = tmp_path / "baseline.json"
+    shutil.copy(target, baseline)
+    kept = baseline.read_bytes()
+    result = run("bench", out, "--quick", "--no-memory", "--json", baseline)
+    assert result.exit_code == 2 and "exists and was not written there by lmmc bench" in result.output, result.output
+    assert baseline.read_bytes() == kept
+    assert run("bench", out, "--quick", "--no-memory").exit_code == 0
+    own = json.loads((out / "bench.json").read_text())
+    assert "json" not in own  # the output's own bench.json is known by its place
+    (out / "bench.json").write_text(json.dumps({**own, "note": "mine"}, indent=2))
+    edited = (out / "bench.json").read_bytes()
+    result = run("bench", out, "--quick", "--no-memory")
+    assert result.exit_code == 2 and "or was edited since" in result.output, result.output
+    assert (out / "bench.json").read_bytes() == edited
+    (out / "bench.json").unlink()
 
 
 @pytest.mark.parametrize("lines, message", [

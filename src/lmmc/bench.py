@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -182,12 +183,29 @@ def check_backends(device: str = "cpu") -> dict[str, str]:
     return versions
 
 
-def is_bench_json(path: Path) -> bool:
-    """Whether `path` holds JSON that lmmc bench wrote."""
+def _digest(result: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(result, indent=2, allow_nan=False).encode()).hexdigest()
+
+
+def is_bench_json(path: Path, here: bool = False) -> bool:
+    """Whether `path` holds JSON that lmmc bench wrote, unedited since (its digest), and with `here`, wrote at
+    this path: a copy kept elsewhere (a baseline) is the user's. A JSON from before bench signed its files
+    passes on its kind alone."""
     try:
-        return json.loads(path.read_text()).get("kind") == JSON_KIND
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+        data = json.loads(path.read_text())
+        if data.get("kind") != JSON_KIND:
+            return False
+        if "digest" not in data:
+            return True
+        digest = data.pop("digest")
+        return _digest(data) == digest and (not here or data.get("json") == str(path.resolve()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError, ValueError, TypeError):
         return False
+
+
+def _elsewhere(path: Path, out_dir: Path) -> bool:
+    """Whether `path` is not the output's own bench.json, the one place whose name alone marks it as bench's."""
+    return path.resolve() != (out_dir / "bench.json").resolve()
 
 
 def check_seq(seq: int | None, config: Any, adapter: Any, teacher: str, option: str = "--seq") -> int | None:
@@ -210,8 +228,9 @@ def timing_seq(seq: int | None, latency_seq: int | None, positions: int | None) 
     return (seq or latency_seq or min(128, positions)) if positions else None
 
 
-def check_json_target(path: Path) -> None:
-    """bench may replace its own earlier JSON, never a file it did not write."""
+def check_json_target(path: Path, out_dir: Path) -> None:
+    """bench may replace its own earlier JSON, never a file it did not write: outside the output, only one it
+    wrote at that very path."""
     if path.is_symlink():  # replacing it would drop the user's link (a dangling one too)
         raise LmmcError(f"--json '{path}' is a symbolic link, which lmmc never writes; remove it, or pass --json "
                         f"with another path")
@@ -221,8 +240,9 @@ def check_json_target(path: Path) -> None:
         if not path.parent.is_dir():
             raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
         return
-    if not is_bench_json(path):
-        raise LmmcError(f"'{path}' exists and was not written by lmmc bench; pass --json with another path")
+    if not is_bench_json(path, here=_elsewhere(path, out_dir)):
+        raise LmmcError(f"'{path}' exists and was not written there by lmmc bench, or was edited since; pass --json "
+                        f"with another path")
 
 
 def _partial(path: Path) -> Path:
@@ -277,13 +297,17 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, result: dict[str, Any]) -> None:
+def write_json(path: Path, result: dict[str, Any], out_dir: Path) -> None:
     """Strict JSON written whole or not at all: into a new temporary file beside `path`, then renamed over
-    it once `path` is checked again, since a file someone put there during the run is not bench's to replace."""
+    it once `path` is checked again, since a file someone put there during the run is not bench's to replace.
+    It holds where it was written (outside the output) and the digest of the rest, by which bench knows it
+    again."""
     partial = _partial(path)
+    if _elsewhere(path, out_dir):
+        result = {**result, "json": str(path.resolve())}
     try:
-        partial.write_text(json.dumps(result, indent=2, allow_nan=False))
-        check_json_target(path)
+        partial.write_text(json.dumps({**result, "digest": _digest(result)}, indent=2, allow_nan=False))
+        check_json_target(path, out_dir)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -691,7 +715,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     out_dir = Path(out_dir)
     report = read_output(out_dir)
     json_path = Path(json_path) if json_path else out_dir / "bench.json"
-    check_json_target(json_path)
+    check_json_target(json_path, out_dir)
     check_writable(json_path)
     for corpus in cfg.corpora:
         if not corpus.exists():
@@ -763,7 +787,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
     result["seconds"] = time.perf_counter() - started
     result = finite(result)  # what is returned (and printed) is what is saved
     try:
-        write_json(json_path, result)
+        write_json(json_path, result, out_dir)
     except LmmcError as err:  # the target changed during the run
         raise NotSaved(f"lmmc bench measured everything but saved nothing, as '{json_path}' changed during the "
                        f"run: {err}", result) from None
