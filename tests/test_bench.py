@@ -126,8 +126,11 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     expected = {k: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("pooler."))
                 for k, m in models.items()}
     assert expected["student"] < 0.6 * expected["teacher"]
+    nonzero = {k: sum(int(p.count_nonzero()) for n, p in m.named_parameters() if not n.startswith("pooler."))
+               for k, m in models.items()}
+    assert nonzero["teacher"] < expected["teacher"]  # its biases start at zero
     for r in rows:
-        assert r["parameters"] == expected[r["model"]]
+        assert r["parameters"] == expected[r["model"]] and r["nonzero_parameters"] == nonzero[r["model"]]
         assert len(r["latency_ms"]["runs"]) == 30
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"]
         assert r["throughput_per_s"] == pytest.approx(BATCH / r["latency_ms"]["p50"] * 1e3)

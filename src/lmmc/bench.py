@@ -82,7 +82,7 @@ class Candidate:
     precision: str
     path: Path | None
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-    parameters: int | None = None
+    parameters: tuple[int, int] | None = None  # those the tower's outputs use, and how many of them are not zero
     device: str = "cpu"
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
     inference: str | None = None  # OpenVINO's inference precision: "f32", or "bf16" for an IR's bf16 twin
@@ -335,9 +335,18 @@ def torch_runner(model, tower, device: str = "cpu") -> Callable[[dict[str, np.nd
     return run
 
 
-def tower_parameters(model, tower) -> int:
+def _parameters(row: dict[str, Any]) -> str:
+    """The table's count: the tower's parameters, and the non-zero ones where pruning left zeros."""
+    total, nonzero = row["parameters"], row.get("nonzero_parameters")
+    if total is None:
+        return "-"
+    return f"{total:,}" if nonzero in (None, total) else f"{total:,} ({nonzero:,} nonzero)"
+
+
+def tower_parameters(model, tower) -> tuple[int, int]:
     """Parameters the tower's outputs depend on: those that receive a gradient through one forward
-    (a BERT pooler the embedding never uses, or the other tower of a dual encoder, does not count)."""
+    (a BERT pooler the embedding never uses, or the other tower of a dual encoder, does not count); and
+    how many of them are not zero, which is what unstructured pruning removes."""
     import torch
 
     from lmmc.adapters import TowerModule, example_inputs
@@ -346,9 +355,9 @@ def tower_parameters(model, tower) -> int:
     with torch.enable_grad():
         hidden, pooled = TowerModule(model, tower)(*example_inputs(model, tower))
         (hidden.sum() + pooled.sum()).backward()
-    used = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    used = [p for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
-    return used
+    return sum(p.numel() for p in used), sum(int(p.count_nonzero()) for p in used)
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
@@ -844,7 +853,8 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                     "device": cand.device, "providers": list(cand.providers),
                     # absolute, as out_dir: bench.json is read from other directories than the one it ran in
                     "file": str(Path(cand.path).resolve()) if cand.model == "student" else None,
-                    "size_bytes": file_size(cand.path), "parameters": cand.parameters,
+                    "size_bytes": file_size(cand.path), "parameters": cand.parameters[0] if cand.parameters else None,
+                    "nonzero_parameters": cand.parameters[1] if cand.parameters else None,
                     "latency_ms": {"p50": statistics.median(ms), "p90": float(np.percentile(ms, 90)), "runs": ms},
                     "throughput_per_s": run.batch / statistics.median(ms) * 1e3,
                     # the first candidate, PyTorch eager fp32, is the reference itself
@@ -917,7 +927,7 @@ def format_table(result: dict[str, Any]) -> str:
                           f"{r['throughput_per_s']:.1f}",
                           "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
                           "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}",
-                          "-" if r["parameters"] is None else f"{r['parameters']:,}",
+                          _parameters(r),
                           *[_cosine(r["cosine_to_teacher"][c]) for c in corpora]))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines.append(f"\n{name} tower, input {tower['input']}")
