@@ -188,7 +188,8 @@ def test_a_shrunk_student_without_its_record_says_so(tmp_path: Path) -> None:
     shrink(model)
     save_student(model, {}, tmp_path, {})
     (tmp_path / "lmmc.json").unlink()
-    with pytest.raises(LmmcError, match="has no model.safetensors, and no lmmc.json naming another weights file"):
+    with pytest.raises(LmmcError, match="has no model.safetensors, and no lmmc.json naming another weights file: "
+                                        "the student is incomplete; copy the whole output of the compile again"):
         lmmc.load_student(tmp_path)
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -242,7 +242,8 @@ def load_student(path: str | Path) -> nn.Module:
     if not (path / weights).is_file():
         names = f"which its {META_FILE} names as the weights file" if record else \
             f"and no {META_FILE} naming another weights file"
-        raise LmmcError(f"'{path}' has no {weights}, {names}; pass the 'student' directory of a compile output")
+        raise LmmcError(f"'{path}' has no {weights}, {names}: the student is incomplete; copy the whole output of "
+                        f"the compile again, or compile it again")
     try:
         model = _load_weights(path, config, adapter, cls, record, weights)
     except (SafetensorError, OSError) as err:
