@@ -22,8 +22,10 @@ from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
 from lmmc.bench import best_pair, format_table, student_artifacts
 from lmmc.cli import main
+from lmmc.compile import FILE_LIST
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
+from lmmc.resume import hash_files
 from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny
 
@@ -282,6 +284,15 @@ def _without_weights(tmp_path, out):
     return lacking
 
 
+def _artifact_edited(tmp_path, out):
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited, ignore=shutil.ignore_patterns("bench.json"))
+    with open(edited / "openvino" / "text.bin", "r+b") as f:  # one weight's bytes, the size kept
+        f.seek(64)
+        f.write(b"\x7f\xc0\x00\x00")
+    return edited
+
+
 def _other_data(tmp_path):
     (tmp_path / "other.txt").write_text("\n".join(EXTRA * 8) + "\n")
     return tmp_path / "other.txt"
@@ -290,7 +301,7 @@ def _other_data(tmp_path):
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
                                   "teacher moved", "teacher changed", "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
-                                  "tokenizer deleted", "weights deleted", "json a link"])
+                                  "tokenizer deleted", "weights deleted", "artifact edited", "json a link"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -319,6 +330,10 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         # refused before the teacher's exports, not after them
         "weights deleted": ([_without_weights(tmp_path, out)], "openvino/text.bin', a file of student artifact "
                                                                "'openvino/text.xml' listed in manifest.json, is missing"),
+        # refused before the teacher's exports, and never benched as the compile's
+        "artifact edited": ([_artifact_edited(tmp_path, out)], "openvino/text.bin' is not the file the compile wrote "
+                                                               "(its SHA-256 differs from the one .lmmc-files.json "
+                                                               "keeps): it was edited or damaged since"),
         # the user's link (here dangling) stays a link, as lmmc report keeps a report.html link
         "json a link": ([out], "is a symbolic link, which lmmc never writes"),
     }
@@ -519,8 +534,8 @@ def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, 
 
 
 def test_a_nan_cosine_is_null_in_strict_json(uncapped, tmp_path):
-    """A student whose outputs are NaN (a damaged file): bench.json stays strict JSON, the cosine null,
-    and the table says nan."""
+    """A student whose outputs are NaN (as a compile wrote it: the file list keeps its digest): bench.json stays
+    strict JSON, the cosine null, and the table says nan."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -532,6 +547,8 @@ def test_a_nan_cosine_is_null_in_strict_json(uncapped, tmp_path):
     table = next(i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight"))
     table.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(table), np.nan), table.name))
     onnx.save(model, broken / "onnx" / "text.onnx")
+    listed = json.loads((broken / FILE_LIST).read_text())
+    (broken / FILE_LIST).write_text(json.dumps({**listed, "onnx/text.onnx": hash_files(broken / "onnx" / "text.onnx")}))
     result = run("bench", broken, "--quick")
     assert result.exit_code == 0, result.output
 
