@@ -443,6 +443,12 @@ def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
     # without a manifest: onnx/<tower>.onnx of the model's towers
     found, skipped = student_artifacts(tmp_path, ["text"])
     assert [(a["label"], a["backend"], a["path"]) for a in found] == [("onnx/text.onnx", "onnxruntime", tmp_path / "onnx" / "text.onnx")]
+    assert skipped == []
+    (tmp_path / "openvino").mkdir()
+    (tmp_path / "openvino" / "text.xml").write_bytes(b"")
+    assert student_artifacts(tmp_path, ["text"])[1] == [  # what a manifest would have named is not left out unsaid
+        f"{tmp_path} has no manifest.json, which names each artifact's tower and backend: only onnx/*.onnx is "
+        f"benched, and openvino/text.xml are left out (compile again to write the manifest)"]
     entries = [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "path": "onnx/text.onnx"},
                {"tower": "text", "backend": "tensorrt", "precision": "fp16", "path": "tensorrt/text.engine"}]
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))

@@ -137,6 +137,8 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
         lost, files = {}, {e["path"]: [e["path"]] for e in entries}
+        unlisted = sorted(str(p.relative_to(out_dir)) for pattern in ("ort/*.onnx", "openvino/*.xml", "tensorrt/*.engine")
+                          for p in out_dir.glob(pattern))
     if device == "cpu":
         backends, where = CPU_BACKENDS, "on the CPU"
     else:
@@ -146,6 +148,10 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         where = f"on {device}" + ("" if "tensorrt" in backends else " (tensorrt: not installed)")
     skipped = [f"student {e['path']}: {e['backend']} artifacts are not benched {where}" for e in entries
                if e["backend"] not in backends]
+    if not (out_dir / MANIFEST).is_file() and unlisted:
+        skipped.append(f"{out_dir} has no {MANIFEST}, which names each artifact's tower and backend: only onnx/*.onnx "
+                       f"is benched, and {', '.join(unlisted[:4])}{' ...' if len(unlisted) > 4 else ''} are left out "
+                       f"(compile again to write the manifest)")
     found = [{**e, "label": e["path"], "path": out_dir / e["path"]} for e in entries
              if e["tower"] in towers and e["backend"] in backends]
     if not found:
