@@ -69,8 +69,10 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
             warnings.simplefilter("ignore")
             converted = ov.convert_model(module, example_input=example, input=shapes)
     except Exception as err:  # the frontend raises its own types, and RuntimeError from tracing
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise FrontendFailed(f"OpenVINO's PyTorch frontend cannot convert the {tower.name} tower ({first}); "
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+        # its first line names a source file; the operations it could not convert are said further down
+        why = "; ".join(line for line in lines if "failed for" in line.lower()) or lines[0]
+        raise FrontendFailed(f"OpenVINO's PyTorch frontend cannot convert the {tower.name} tower ({why}); "
                              f"convert the ONNX export instead with `openvino: {{frontend: onnx}}`") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -224,6 +224,9 @@ def _bad_cases(tmp_path):
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    vision = tmp_path / "clip-vision"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     recipe = write_recipe(tmp_path, TINY_RECIPE)
@@ -234,6 +237,8 @@ def _bad_cases(tmp_path):
         "missing path": ([tmp_path / "nope", "-r", recipe], "does not exist"),
         "no config.json": ([nocfg, "-r", recipe], "has no config.json"),
         "unsupported model_type": ([gpt, "-r", recipe], "model_type 'gpt2' is not supported; supported model types: bert"),
+        "one tower saved alone": ([vision, "-r", recipe], "model_type 'clip_vision_model' is one tower of a clip model "
+                                                          "saved alone; lmmc compiles the whole clip checkpoint"),
         "unknown pass": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": ["sparsify"]}, "a.yaml")], "unknown pass 'sparsify'"),
         "unknown key": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": [{"wanda": {"ratio": 0.5}}]}, "b.yaml")], "ratio: unknown key"),
         "sparsity outside [0, 1)": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": [{"wanda": {"sparsity": 1.5}}]}, "c.yaml")], "sparsity must be in [0, 1)"),
@@ -243,8 +248,8 @@ def _bad_cases(tmp_path):
     }, exists
 
 
-@pytest.mark.parametrize("case", ["missing path", "no config.json", "unsupported model_type", "unknown pass",
-                                  "unknown key", "sparsity outside [0, 1)", "empty calibration file",
+@pytest.mark.parametrize("case", ["missing path", "no config.json", "unsupported model_type", "one tower saved alone",
+                                  "unknown pass", "unknown key", "sparsity outside [0, 1)", "empty calibration file",
                                   "missing recipe", "output exists"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, case):
     cases, exists = _bad_cases(tmp_path)

@@ -97,6 +97,23 @@ def test_ir_from_pytorch_keeps_fused_attention_and_matches(tiny_kind, tmp_path, 
         assert_int8_close(model, tower, int8)
 
 
+def test_a_bert_configured_as_a_decoder_converts_from_pytorch(tmp_path, one_thread):
+    """With is_decoder, BERT builds a key/value cache the frontend cannot convert (it failed after every pass
+    had run); the embedding reads none, so the tower runs without one, as transformers' causal BERT computes."""
+    from tests.conftest import TINY_TEXT
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**TINY_TEXT, is_decoder=True)).eval()
+    tower = get_adapter("bert").towers[0]
+    runtime = load(torch_to_openvino(model, tower, tmp_path / "text.xml"), threads=1)
+    got_feed, inputs = feed(model, tower, 3, 11)
+    with torch.no_grad():
+        causal = model(input_ids=inputs[0], attention_mask=inputs[1], use_cache=False).last_hidden_state
+    got = runtime.run(got_feed)
+    mask = got_feed["attention_mask"].astype(bool)
+    assert np.abs(got["last_hidden_state"][mask] - causal.numpy()[mask]).max() <= 1e-4
+
+
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units for OpenVINO")
 def test_bf16_inference_stays_close_to_f32(tiny_ir):
     got_feed, _ = uneven_bert_feed()

@@ -283,6 +283,13 @@ def supported_model_types() -> list[str]:
 def get_adapter(model_type: str) -> Adapter:
     registry = _registry()
     if model_type not in registry:
+        whole = {"clip_vision_model": "clip", "clip_text_model": "clip", "siglip_vision_model": "siglip",
+                 "siglip_text_model": "siglip"}.get(model_type)
+        if whole:  # one tower of a dual encoder, saved alone (CLIPVisionModelWithProjection, say)
+            raise LmmcError(f"model_type '{model_type}' is one tower of a {whole} model saved alone; lmmc compiles the "
+                            f"whole {whole} checkpoint it came from (both towers, model_type '{whole}'). To shrink "
+                            f"one tower only, compile that checkpoint with a keep per tower, e.g. antgmm's "
+                            f"keep: {{text: 1.0, vision: 0.5}}")
         raise LmmcError(f"model_type '{model_type}' is not supported; supported model types: "
                         f"{', '.join(sorted(registry))}")
     return registry[model_type]

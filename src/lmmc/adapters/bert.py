@@ -7,7 +7,10 @@ from lmmc.pooling import modes_of, pool
 def embed_sentences(model, inputs):
     # The sentence embedding as the model's sentence-transformers modules pool it (the teacher's
     # modules.json, carried in its config); the masked mean, as MiniLM's, for a BERT without one.
-    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    # A BERT configured as a decoder would build a key/value cache, which OpenVINO's PyTorch frontend cannot
+    # convert and an embedding never reads.
+    cache = {"use_cache": False} if getattr(model.config, "is_decoder", False) else {}
+    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **cache).last_hidden_state
     return hidden, pool(hidden, inputs["attention_mask"], modes_of(model.config))
 
 
