@@ -132,6 +132,24 @@ def test_the_recipes_model_is_compiled_when_the_command_line_gives_none(tmp_path
     assert result.exit_code == 2 and "no MODEL to compile: give it on the command line" in result.output
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_is_said_to_be_computed_and_saved_in_float32(tmp_path, dtype):
+    """The student's files would be twice the checkpoint's size per weight without a word."""
+    model = save_tiny("bert", tmp_path / "teacher")
+    half = transformers.AutoModel.from_pretrained(model).to(dtype)
+    half.save_pretrained(model)
+    assert json.loads((model / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    plan = json.loads(run("compile", model, "-r", write_recipe(tmp_path, QUICK), "-o", tmp_path / "o", "--dry-run").stdout)
+    name = str(dtype).removeprefix("torch.")
+    assert [w for w in plan["warnings"] if "float32" in w] == [
+        f"'{model}' holds {name} weights: lmmc computes teacher and student in float32 and saves the student's "
+        f"weights in float32, twice the checkpoint's bytes per weight (its ONNX and OpenVINO exports too, unless "
+        f"the recipe quantises them)"]
+    full = save_tiny("bert", tmp_path / "full")
+    plan = json.loads(run("compile", full, "-r", write_recipe(tmp_path, QUICK), "-o", tmp_path / "o", "--dry-run").stdout)
+    assert not [w for w in plan["warnings"] if "float32" in w]
+
+
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = write_recipe(tmp_path, TINY_RECIPE)

@@ -291,6 +291,11 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     if modules is not None:  # as load_teacher keeps them: text_truncation reads its sentence_bert_config.json
         preprocessors["sentence_modules"] = modules
     warnings: list[str] = ([offline] if offline else []) + ([] if modules is None else list(modules.warnings))
+    declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+    if declared in ("float16", "bfloat16"):
+        warnings.append(f"'{model_ref}' holds {declared} weights: lmmc computes teacher and student in float32 and "
+                        f"saves the student's weights in float32, twice the checkpoint's bytes per weight (its "
+                        f"ONNX and OpenVINO exports too, unless the recipe quantises them)")
     if getattr(config, "auto_map", None) and not trust_remote_code:
         warnings.append(f"'{model_ref}' ships code of its own (auto_map in config.json), which lmmc does not run "
                         f"without --trust-remote-code: it is compiled as transformers' built-in "
