@@ -233,6 +233,17 @@ class CountCosts:
         return {k: float(c.get(self.metric)) for k, c in blocks_cost(model, adapter, self.head_dims, self.tokens).items()}
 
 
+def _lopsided(per_tower: dict[str, float], kept: float, metric: str) -> list[str]:
+    """A warning for each tower that one budget ranked across towers cut to under half the share the model
+    kept: its heads and channels scored lowest beside the other tower's, which may not be what the user wants."""
+    if len(per_tower) < 2:
+        return []
+    return [f"one budget ranked across towers kept {share:.0%} of the {tower} tower's blocks' {metric} against "
+            f"{kept:.0%} of the model's: its heads and channels scored lowest beside the other tower's; if it must "
+            f"keep more, give antgmm a keep per tower, e.g. keep: {{{', '.join(f'{t}: {kept:.2g}' for t in per_tower)}}}"
+            for tower, share in per_tower.items() if share < 0.5 * kept]
+
+
 @register
 class AntGMMPass(Pass):
     """AntGMM (Ant Group, WWW 2024): multi-stage structured pruning with distillation between segments.
@@ -355,24 +366,25 @@ class AntGMMPass(Pass):
             "structure": read_structure(model, adapter),
             "segments": history,
         }
+        warnings = _lopsided(out["kept_per_tower"], out["kept"], metric) if not isinstance(cfg.keep, dict) else []
         if latency is None:
             asked = cfg.keep if isinstance(cfg.keep, dict) else {"all towers": cfg.keep}
             got = out["kept_per_tower"] if isinstance(cfg.keep, dict) else {"all towers": out["kept"]}
             missed = [f"{t}: {got[t]:.3f} against keep {k:g}" for t, k in asked.items() if got.get(t, 0) > k + 0.02]
             if missed:
-                out["warnings"] = [f"the student kept more of the blocks' {metric} than asked ({'; '.join(missed)}): "
-                                   f"whole units" + (f" and FFN widths in multiples of {cfg.ffn_multiple}"
-                                                     if cfg.ffn_multiple > 1 else "")
-                                   + " could not meet it; give other stages a share"
-                                   + (", or a smaller ffn_multiple" if cfg.ffn_multiple > 1 else "")]
-            return out
+                warnings.append(f"the student kept more of the blocks' {metric} than asked ({'; '.join(missed)}): "
+                                f"whole units" + (f" and FFN widths in multiples of {cfg.ffn_multiple}"
+                                                  if cfg.ffn_multiple > 1 else "")
+                                + " could not meet it; give other stages a share"
+                                + (", or a smaller ffn_multiple" if cfg.ffn_multiple > 1 else ""))
+            return {**out, **({"warnings": warnings} if warnings else {})}
         if latency["predicted_ms"] > latency["target_ms"] * (1 + 1e-9):
             # the ranking removes whole units and ffn_multiple rounds widths; the validation gate has the last word
             rounded = f" and FFN widths in multiples of {cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else ""
-            out["warnings"] = [f"the student is predicted at {latency['predicted_ms']:.4g} ms, above the target "
-                               f"{latency['target_ms']:.4g} ms: the stages' whole units{rounded} did not meet it "
-                               f"exactly; ask for a lower target" + (", or a smaller ffn_multiple" if rounded else "")]
-        return {**out, "latency_target": latency}
+            warnings.append(f"the student is predicted at {latency['predicted_ms']:.4g} ms, above the target "
+                            f"{latency['target_ms']:.4g} ms: the stages' whole units{rounded} did not meet it "
+                            f"exactly; ask for a lower target" + (", or a smaller ffn_multiple" if rounded else ""))
+        return {**out, **({"warnings": warnings} if warnings else {}), "latency_target": latency}
 
     def check_keep(self, art: Artifact) -> None:
         """Plan a keep budget as run() does before any scoring, so that the compile's dry run refuses what the

@@ -228,6 +228,21 @@ def test_a_keep_per_tower_cuts_each_tower_to_its_own_fraction() -> None:
         assert after[name].flops / before[name].flops == pytest.approx(kept)
 
 
+def test_one_budget_that_empties_a_tower_says_so() -> None:
+    """Ranked across towers, a tower whose units all score low can be cut far below the model's share (a CLIP
+    text tower kept 12 % against 50 %); the pass warns and names the per-tower keep that bounds it. A balanced
+    cut, or a model of one tower, is not warned of."""
+    from lmmc.passes.antgmm import _lopsided
+
+    assert _lopsided({"text": 0.124, "vision": 0.579}, 0.5, "flops") == [
+        "one budget ranked across towers kept 12% of the text tower's blocks' flops against 50% of the model's: "
+        "its heads and channels scored lowest beside the other tower's; if it must keep more, give antgmm a keep "
+        "per tower, e.g. keep: {text: 0.5, vision: 0.5}"]
+    assert _lopsided({"text": 0.3, "vision": 0.6}, 0.5, "flops") == [] == _lopsided({"text": 0.1}, 0.5, "flops")
+    balanced = run_antgmm(make_artifact("clip"), keep=0.6, seq_len=16)
+    assert min(balanced["kept_per_tower"].values()) >= 0.5 * balanced["kept"] and "warnings" not in balanced
+
+
 def test_a_keep_per_tower_below_its_floors_fails_before_any_cut() -> None:
     art = make_artifact("clip")
     with pytest.raises(LmmcError, match="keep=0.05 of the blocks' flops of the vision tower"):
