@@ -376,6 +376,11 @@ def test_a_feed_the_model_cannot_take_is_one_clear_error_before_it_runs(compiled
             # a value the model never reads was dropped without a word
             ({"input_ids": ids, "attention_mask": ids, "position_ids": ids}, f"{name} takes no input\\(s\\) "
                                                                             f"\\['position_ids'\\]; its inputs are"),
+            # a sentence pair: dropping its segment ids, as the message above advises, reads both texts as one
+            ({"input_ids": ids, "attention_mask": ids, "token_type_ids": np.array([[0, 0, 1, 1, 1]] * 2)},
+             f"{name} reads every token as segment 0, and the feed's token_type_ids mark a second segment"),
+            ({"input_ids": ids, "attention_mask": ids, "token_type_ids": np.zeros_like(ids)},
+             f"{name} takes no input\\(s\\) \\['token_type_ids'\\]"),
             # OpenVINO ran this, and its request then answered later, correct feeds with stale outputs
             ({"input_ids": ids, "attention_mask": np.ones((2, 3))}, "the token inputs of .* differ in shape"),
             ({"input_ids": ids, "attention_mask": -np.ones((2, 5))}, "'attention_mask' holds values other than 0 and 1"),

@@ -153,6 +153,13 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+def _nonzero(values: Any) -> bool:
+    try:
+        return bool(np.any(np.asarray(values) != 0))
+    except (ValueError, TypeError):  # ragged: refused as an unknown input all the same
+        return False
+
+
 def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> dict[str, np.ndarray]:
     """Check the feed names the model's inputs, with the rank and fixed sizes they declare (`exact`; a
     static-shape IR pads its feeds itself), one batch size, and no empty ids or pixels; give each array
@@ -164,6 +171,10 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
     if missing:
         raise LmmcError(f"{model.path.name} needs input(s) {missing}; the feed has {sorted(feed)}")
     unknown = sorted(str(k) for k in feed if k not in {s.name for s in model.inputs})
+    if "token_type_ids" in unknown and _nonzero(feed["token_type_ids"]):
+        raise LmmcError(f"{model.path.name} reads every token as segment 0, and the feed's token_type_ids mark a "
+                        f"second segment (a sentence pair): lmmc's exports embed one text at a time, so pairs "
+                        f"are not supported; encode each text alone")
     if unknown:  # ONNX Runtime refuses them too; a value the model never reads must not pass as one it does
         raise LmmcError(f"{model.path.name} takes no input(s) {unknown}; its inputs are "
                         f"{[s.name for s in model.inputs]}: leave the others out of the feed")
