@@ -150,6 +150,19 @@ def test_a_half_precision_checkpoint_is_said_to_be_computed_and_saved_in_float32
     assert not [w for w in plan["warnings"] if "float32" in w]
 
 
+def test_an_opset_whose_attention_ort_cannot_fuse_is_warned_of_in_the_plan(tmp_path):
+    model = save_tiny("bert", tmp_path / "teacher")
+    warned = []
+    for opset, fuse in [(23, "on"), (22, "on"), (23, "off")]:
+        recipe = {**QUICK, "export": [{"onnx": {"opset": opset}}, {"ort": {"fuse": fuse, "int8": ["dynamic"]}}]}
+        path = write_recipe(tmp_path, recipe, f"r{opset}{fuse}.yaml")
+        plan = json.loads(run("compile", model, "-r", path, "-o", tmp_path / "o", "--dry-run").stdout)
+        warned.append([w for w in plan["warnings"] if "fuse no attention" in w])
+    assert warned == [["onnx opset 23 exports attention as ONNX's own Attention operator, which ONNX Runtime's "
+                       "fusions do not rewrite: the ort pass will fuse no attention; export with opset 20 to have it "
+                       "fused"], [], []]
+
+
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
     model_dir = save_tiny("bert", tmp_path / "teacher")
     recipe = write_recipe(tmp_path, TINY_RECIPE)

@@ -331,7 +331,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
                 raise LmmcError(f"antgmm.distill: {str(err).removeprefix('distill: ')}") from None
         unchanged_depth = unchanged_depth and step.name != "antgmm"
     _check_keep(recipe, config, adapter, shapes, preprocessors, calib_texts)
-    warnings += _ungated_fidelity(recipe, adapter.kind)
+    warnings += _ungated_fidelity(recipe, adapter.kind) + _unfusable_opset(recipe)
     return {
         "model": model_ref,
         "adapter": adapter.family,
@@ -498,6 +498,17 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
         if step.name == "antgmm" and step.config.distill is not None:  # validated with the recipe
             out.append((f"{step.name}.distill", step.config.distill_config()))
     return out
+
+
+def _unfusable_opset(recipe: Recipe) -> list[str]:
+    """From opset 23 the exporter writes ONNX's own Attention operator, which ONNX Runtime's fusions do not
+    rewrite: the `ort` pass's fused graph then holds no fused attention."""
+    configs = dict(_step_configs(recipe))
+    onnx, ort = configs.get("onnx"), configs.get("ort")
+    if onnx is None or ort is None or onnx.opset < 23 or ort.fuse == "off":
+        return []
+    return [f"onnx opset {onnx.opset} exports attention as ONNX's own Attention operator, which ONNX Runtime's "
+            f"fusions do not rewrite: the ort pass will fuse no attention; export with opset 20 to have it fused"]
 
 
 def _ungated_fidelity(recipe: Recipe, kind: str) -> list[str]:
