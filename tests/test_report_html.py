@@ -260,6 +260,25 @@ def test_deployment_artifacts_and_task_metric_side_by_side():
     assert ('<tr class=""><td>teacher</td><td class="num">0.9600</td></tr><tr class=""><td>student</td>'
             '<td class="num">0.9300</td></tr><tr class=""><td>student / teacher</td><td class="num">0.9688</td>') in page
 
+def test_sigterm_stops_lmmc_report_as_ctrl_c_does(compiled, tmp_path, monkeypatch):
+    """A supervisor's SIGTERM while the page is drawn: exit 130 and one line saying the earlier page is kept,
+    as for the compile; it killed lmmc report without a word (exit 143)."""
+    import os
+    import signal
+
+    import lmmc.report_html
+
+    out = copy_output(compiled, tmp_path / "out")
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    before = (out / "report.html").read_bytes()
+    monkeypatch.setattr(lmmc.report_html, "write_report_html", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 130, result.output
+    assert result.output.splitlines()[-1] == ("interrupted by SIGTERM; report.html was not written, and an earlier "
+                                              "one is as it was")
+    assert (out / "report.html").read_bytes() == before
+
+
 def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["report", str(tmp_path)])

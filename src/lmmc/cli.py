@@ -29,11 +29,32 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+# What an interrupted command leaves as it was.
+_UNWRITTEN = {"compile": "; the output directory was not written",
+              "bench": "; nothing was saved, and an earlier bench JSON is as it was",
+              "report": "; report.html was not written, and an earlier one is as it was"}
+
+
 class _Group(click.Group):
     """Gives every outcome one line and one exit code: 0 success, 1 a missed gate, 2 bad input,
     3 an internal error (traceback in a log file), 130 interrupted (SIGINT or SIGTERM)."""
 
     def invoke(self, ctx):
+        # kill, systemd, Kubernetes and SLURM send SIGTERM: every command stops as cleanly as on Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        stopping = False
+        try:
+            return self._outcome(ctx)
+        except SystemExit as done:
+            stopping = done.code == EXIT_INTERRUPTED
+            raise
+        finally:
+            # Stopping, its work saved: a supervisor's second SIGTERM during the slow interpreter exit must not
+            # kill the process (143) before it exits 130. Ignored, not handled: Python resets its handlers to the
+            # default as it finalises, but leaves an ignored signal ignored.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
+
+    def _outcome(self, ctx):
         try:
             return super().invoke(ctx)
         except LmmcError as err:
@@ -49,7 +70,7 @@ class _Group(click.Group):
         except KeyboardInterrupt as err:
             _close_progress_bars()
             how = f" by {err.args[0]}" if err.args else ""
-            click.echo(f"interrupted{how}; the output directory was not written", err=True)
+            click.echo(f"interrupted{how}{_UNWRITTEN.get(ctx.invoked_subcommand, '')}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except BrokenPipeError:
             # Whoever read lmmc's output went away (`lmmc ... | head`): not a bug, an interruption.
@@ -165,21 +186,6 @@ def main() -> None:
 def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
     """Compile MODEL (a local Hugging Face directory or a hub id; default: the recipe's model) with a recipe into --out:
     student/ (config, safetensors, tokenizer), onnx/ (one file per tower) and report.json."""
-    # kill, systemd, Kubernetes and SLURM send SIGTERM: stop as cleanly as on Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume)
-    except KeyboardInterrupt:
-        # Stopping, its work saved: a supervisor's second SIGTERM during the slow interpreter exit must not
-        # kill the process (143) before it exits 130. Ignored, not handled: Python resets its handlers to the
-        # default as it finalises, but leaves an ignored signal ignored.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise
-    else:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _compile(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
     from lmmc.compile import check_output, compile_model, plan, resolve_device
     from lmmc.recipe import load_recipe
 
