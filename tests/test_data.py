@@ -312,6 +312,43 @@ def test_two_class_folders_that_are_one_folder_are_refused(tmp_path):
         read_samples(tmp_path, "a photo of a {label}")
 
 
+def test_a_folder_linked_into_two_classes_or_a_link_above_the_data_is_refused(tmp_path):
+    """Read once, a folder linked into two class folders gave its pictures the first class's label, and a
+    link to a folder above the data pulled in every folder beside it."""
+    rng = np.random.default_rng(0)
+    for folder in ("pics/cat", "pics/dog", "shared", "beside"):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "pics" / "cat" / "more").symlink_to(tmp_path / "shared", target_is_directory=True)
+    assert len(read_samples(tmp_path / "pics", "a photo of a {label}")) == 6  # in one class: read
+    (tmp_path / "pics" / "dog" / "extra").symlink_to(tmp_path / "shared", target_is_directory=True)
+    with pytest.raises(LmmcError, match=f"'{tmp_path / 'pics' / 'cat' / 'more'}' and '{tmp_path / 'pics' / 'dog' / 'extra'}' "
+                                        f"are one folder \\(through a link\\), in the class folders 'cat' and 'dog'"):
+        read_samples(tmp_path / "pics", "a photo of a {label}")
+    (tmp_path / "pics" / "dog" / "extra").unlink()
+    (tmp_path / "pics" / "dog" / "up").symlink_to(tmp_path, target_is_directory=True)
+    for template in ("a photo of a {label}", None):
+        with pytest.raises(LmmcError, match="which holds the data folder .* itself: every folder beside it would be "
+                                            "read as data too"):
+            read_samples(tmp_path / "pics", template)
+
+
+def test_image_paths_in_jsonl_urls_home_and_other_picture_suffixes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "0.jfif", format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "1.ppm")
+    assert sorted(Path(r["image"]).name for r in read_samples(tmp_path)) == ["0.jfif", "1.ppm"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"image": "~/1.ppm", "text": "a picture"}) + "\n")
+    assert read_samples(data)[0]["image"] == str(tmp_path / "1.ppm")
+    data.write_text(json.dumps({"image": "https://example.com/a.png", "text": "a picture"}) + "\n")
+    with pytest.raises(LmmcError, match="d.jsonl:1: \"image\" is a URL \\(https://example.com/a.png\\); lmmc reads "
+                                        "image files: download it"):
+        read_samples(data)
+
+
 def test_the_data_hash_reads_linked_folders_and_jsonl_in_any_case(tmp_path):
     """--resume and bench know the data by this hash: an image edited in a linked class folder, or named by a
     .JSONL file, changes the samples, so it changes the hash."""

@@ -93,7 +93,8 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
         texts = [p for p in files if p.suffix.lower() in (".txt", ".jsonl")]
         if not records and texts:
             raise LmmcError(f"calibration data '{path}' is a folder, which lmmc reads as images, and it holds none; "
-                            f"for its texts pass the file itself ({texts[0]})")
+                            f"for its texts pass one file" + (f" ({texts[0]})" if len(texts) == 1 else
+                                                              f": join its {len(texts)} text files into one first"))
         _check_readable(path, [r["image"] for r in records])
     elif path.suffix.lower() == ".txt":
         # NUL bytes (a file cut from a binary) are no text: a line of them is blank
@@ -118,7 +119,10 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
             if text := obj.get("text", "").replace("\0", "").strip():  # as a .txt line is read
                 rec["text"] = text
             if "image" in obj:
-                image = Path(obj["image"])
+                if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", obj["image"]):
+                    raise LmmcError(f"{path}:{n}: \"image\" is a URL ({obj['image']}); lmmc reads image files: "
+                                    f"download it, and give its path (relative to the .jsonl's folder, or absolute)")
+                image = Path(os.path.expanduser(obj["image"]))
                 rec["image"] = str(image if image.is_absolute() else path.parent / image)
             if "label" in obj:
                 label = obj["label"]
@@ -158,12 +162,15 @@ def folder_files(root: Path) -> list[Path]:
     """Every file under `root`, sorted, following linked subfolders (a class folder is often a link to
     where the images live) but entering each real folder once, so a link back up cannot loop. Hidden files
     and folders are no samples (macOS's ._photo.png, .ipynb_checkpoints)."""
-    seen, files = set(), []
+    seen, files, top = set(), [], Path(os.path.realpath(root))
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []
             continue
+        if Path(real) in top.parents:  # a link to a folder above: everything beside the data would be data
+            raise LmmcError(f"'{folder}' is a link to '{real}', which holds the data folder '{root}' itself: every "
+                            f"folder beside it would be read as data too; remove the link")
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder) / n for n in names if not n.startswith(".")]
@@ -179,8 +186,10 @@ def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
             raise LmmcError(f"image folder '{path}': the class folders '{a}' and '{b}' hold the same pictures (through a "
                             f"link, they are one folder or one holds the other), so those would carry two labels; "
                             f"give each class a folder of its own")
+    files = folder_files(path)
+    _refuse_shared_folders(path, real)
     records, loose, strangers = [], [], []
-    for p in folder_files(path):
+    for p in files:
         if len(p.relative_to(path).parts) < 2:
             loose.append(p)
         elif p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -202,6 +211,26 @@ def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
     _check_readable(path, [r["image"] for r in records])
     check_labels(records, path)
     return records
+
+
+def _refuse_shared_folders(path: Path, classes: dict[str, Path]) -> None:
+    """A folder reached from two class folders through links inside them: its pictures would carry the
+    first class's label only, and the other class could read as empty."""
+    owner: dict[str, tuple[str, str]] = {}
+    for label, top in classes.items():
+        for folder, dirs, _ in os.walk(top, followlinks=True):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            real = os.path.realpath(folder)
+            if real == os.path.realpath(path):  # a link back up to the data folder, which is read once
+                dirs[:] = []
+                continue
+            first = owner.setdefault(real, (label, folder))
+            if first[0] != label:
+                raise LmmcError(f"image folder '{path}': '{first[1]}' and '{folder}' are one folder (through a link), "
+                                f"in the class folders '{first[0]}' and '{label}', so its pictures would carry two "
+                                f"labels; give each class pictures of its own")
+            if first[1] != folder:
+                dirs[:] = []  # a link back up inside one class: walked once
 
 
 def _check_readable(folder: Path, paths: list[str]) -> None:

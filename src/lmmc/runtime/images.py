@@ -13,7 +13,8 @@ NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 ORIENTATION = 0x0112  # the EXIF tag
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".pbm", ".pnm", ".ico"}
 READ_FIX = "pass the path of a readable PNG or JPEG picture"  # what a user of lmmc.runtime does about a bad file
 
 
