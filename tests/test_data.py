@@ -2,6 +2,7 @@
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,22 @@ def test_split_is_deterministic_and_never_overlaps():
     assert not texts_c & texts_h
     other_calib, _ = split(records, n_calib=50, n_eval=20, seed=8)
     assert other_calib != calib
+
+
+def test_unicode_forms_and_invisible_characters_make_no_second_text(tmp_path):
+    """"café" composed and decomposed, or a line with a zero-width space or a byte-order mark inside, read the
+    same to a tokenizer: one text to the split, not a duplicate calibrated twice or held out beside itself; a
+    line of invisible characters only is no text."""
+    lines = []
+    for i in range(20):
+        text = f"the café number {i}"
+        lines += [unicodedata.normalize("NFC", text), unicodedata.normalize("NFD", text),
+                  text.replace("number", "num\u200bber"), "\ufeff" + text]
+    (tmp_path / "d.txt").write_text("\n".join([*lines, "\u200b\u200b", "\ufeff"]) + "\n", encoding="utf-8")
+    records = read_samples(tmp_path / "d.txt")
+    assert len(records) == 80  # the two invisible lines are no samples
+    calib, held = split(records, 200, 40, seed=0, modalities={"text"})
+    assert (len(held), len(calib)) == (5, 15)  # a quarter of the 20 texts held out, the other 15 calibrated once
 
 
 def test_no_held_out_text_is_calibrated_on_in_another_case_or_spacing(tmp_path):

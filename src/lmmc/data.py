@@ -11,6 +11,7 @@ import os
 import random
 import re
 import statistics
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
         _check_readable(path, [r["image"] for r in records])
     elif path.suffix.lower() == ".txt":
         # NUL bytes (a file cut from a binary) are no text: a line of them is blank
-        records = [{"text": text} for line in _lines(path) if (text := line.replace("\0", "").strip())]
+        records = [{"text": text} for line in _lines(path) if text_key(text := line.replace("\0", "").strip())]
     elif path.suffix.lower() == ".jsonl":
         records = []
         for n, line in enumerate(_lines(path), 1):
@@ -116,7 +117,7 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                     raise LmmcError(f"{path}:{n}: \"{key}\" must be a string, got {json.dumps(obj[key])}; write it "
                                     f"as {'a path in quotes' if key == 'image' else 'text in quotes'}")
             rec = {}
-            if text := obj.get("text", "").replace("\0", "").strip():  # as a .txt line is read
+            if text_key(text := obj.get("text", "").replace("\0", "").strip()):  # as a .txt line is read
                 rec["text"] = text
             if "image" in obj:
                 if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", obj["image"]):
@@ -305,7 +306,10 @@ def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
 
 
 def text_key(text: str) -> str:
-    """What tells texts apart: case and spacing aside, whatever the tokenizer keeps of them."""
+    """What tells texts apart: whatever the tokenizer keeps of them, so case, spacing, the Unicode form (NFKC: an
+    "é" composed or as "e" and an accent) and invisible format characters (zero-width spaces, byte-order marks)
+    aside."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).casefold()
 
 
