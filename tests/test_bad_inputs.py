@@ -588,7 +588,7 @@ def _(tmp):
     texts(tmp / "texts")
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "texts"}})
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
-        "is a folder, which lmmc reads as images, and it holds none", "pass the file itself", "calib.txt"]
+        "is a folder, which lmmc reads as images, and it holds none", "for its texts pass one file", "calib.txt"]
 
 
 @case("a corrupt image")
