@@ -672,8 +672,26 @@ def test_summary_table_without_latency_prints_dashes_not_nan():
               "parameters": {"teacher": 10, "student": 10}, "validated": True}
     row = summary_table(report).splitlines()[1].split()
     assert row == ["text", "0.9123", "0.5000", "2.0e-06", "-", "-", "-"]
-    tower["latency_ms"] = {"teacher": 20.0, "student": 10.0, "speedup": 2.0}
+    tower["latency_ms"] = {"teacher": 20.0, "student": 10.0, "speedup": 2.0, "threads": 2}
     assert summary_table(report).splitlines()[1].split()[4:] == ["20.0", "10.0", "2.00x"]
+
+
+def test_summary_says_what_its_speedup_times_and_gives_a_latency_targets_own():
+    """Under a target of 1.5x on OpenVINO INT8 the table printed the fp32 ONNX speed-up (1.85x) and nothing
+    else, while the target's gate had measured 1.40x against the teacher's fastest deployment."""
+    from lmmc.cli import summary_table
+
+    tower = {"cosine_mean": 0.9, "cosine_min": 0.5, "runtime_max_abs_diff": {"onnx": 2e-6},
+             "latency_ms": {"teacher": 0.6, "student": 0.3, "speedup": 1.85, "threads": 1}}
+    target = {"deploy": "openvino-int8-cpu-threads1-batch8-seq32", "target_ms": 0.591, "measured_ms": 0.634,
+              "speedup_target": 1.5, "speedup_measured": 1.398, "teacher_ms": 0.886}
+    report = {"validation": {"towers": {"text": tower}, "latency_target": target, "gates": []},
+              "sparsity": {"sparsity": 0.5}, "parameters": {"teacher": 10, "student": 10}, "validated": True}
+    lines = summary_table(report).splitlines()
+    assert lines[2] == "(ms: teacher and student as fp32 ONNX in ONNX Runtime, 1 thread)"
+    assert lines[3] == ("latency target on openvino-int8-cpu-threads1-batch8-seq32: student 0.634 ms against a "
+                        "target of 0.591 ms; speed-up 1.40x measured, 1.50x asked (the teacher's fastest "
+                        "deployment there 0.886 ms)")
 
 
 @pytest.mark.parametrize("where", ["--out", "--calib", "MODEL"])
