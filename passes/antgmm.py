@@ -511,7 +511,10 @@ class AntGMMPass(Pass):
                         f"is predicted at {best}. Ask for at least {least} ms"
                         + (f" (a speed-up of at most {most})" if teacher is not None else "")
                         + (f", or lower {', '.join(lower)}" if lower else "")
-                        + (f", or give {', '.join(idle)} a share" if idle else ""))
+                        + (f", or give {', '.join(idle)} a share" if idle else "")
+                        # the fit (minutes on a real model) is in the work area this error discards
+                        + ("; set the pass's latency_cache: DIR so the next compile reuses the latency model "
+                           "fitted for this one" if cfg.latency_cache is None else ""))
 
     def _capacity(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         """The most each stage could remove from the model as it is, given the floors."""
