@@ -2,6 +2,7 @@
 compile's own validation and an independent computation, the latency ratio against an independent
 timing loop, and bad input -> one clear error, exit 2, nothing written."""
 
+import html
 import json
 import os
 import shutil
@@ -674,6 +675,46 @@ def test_a_copy_or_an_edit_of_a_bench_json_is_the_users(uncapped, tmp_path):
     assert result.exit_code == 2 and "or was edited since" in result.output, result.output
     assert (out / "bench.json").read_bytes() == edited
     (out / "bench.json").unlink()
+
+
+def test_an_output_a_compile_replaces_during_the_run_gets_no_bench_json(uncapped, tmp_path, monkeypatch):
+    """A bench beside a `compile --force` into the same folder saved the old student's figures into the new
+    output (or into the old one, which the compile then removed) and exited 0; lmmc report then drew them
+    on the new student's page."""
+    from lmmc.resume import WorkArea
+
+    _, _, original = uncapped
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    area = WorkArea(out)
+    area.claim({}, resume=False)  # a compile running into it, as its lock says
+    try:
+        result = run("bench", out, "--quick", "--no-memory")
+    finally:
+        area.discard()
+    assert result.exit_code == 2, result.output
+    assert f"a compile (pid {os.getpid()} on " in result.output and f"is writing to '{out}'" in result.output
+    listed = out / FILE_LIST
+    _during_the_run(monkeypatch, lambda: listed.write_text(listed.read_text() + "\n"))  # a compile replaced it
+    result = run("bench", out, "--quick", "--no-memory")
+    assert result.exit_code == 2, result.output
+    assert "text: fastest student onnx/text.onnx vs fastest teacher" in result.stdout
+    assert (f"error: lmmc bench measured everything but saved nothing: '{out}' was replaced or is being replaced by "
+            f"a compile since the run began") in " ".join(result.output.split())
+    assert not (out / "bench.json").exists()
+    monkeypatch.undo()
+    assert run("bench", out, "--quick", "--no-memory").exit_code == 0
+    assert run("report", out).exit_code == 0
+    timed = "lmmc bench: median latency per backend"
+    assert timed in (out / "report.html").read_text()
+    listed.write_text(listed.read_text() + "\n")  # recompiled since the bench
+    result = run("report", out)
+    assert result.exit_code == 0, result.output
+    why = (f"'{out / 'bench.json'}' timed another compile's output (one since replaced, or copied from elsewhere), "
+           f"so its latencies are left out; run lmmc bench {out} again")
+    assert f"warning: {why}" in " ".join(result.output.split())
+    page = (out / "report.html").read_text()
+    assert html.escape(why, quote=True) in page and timed not in page
 
 
 @pytest.mark.parametrize("lines, message", [

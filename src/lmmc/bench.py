@@ -188,6 +188,27 @@ def _check_unchanged(out_dir: Path, files: list[str]) -> None:
                             f"'{out_dir}'")
 
 
+def output_fingerprint(out_dir: Path) -> str | None:
+    """SHA-256 of the compile's file list, which names every file it wrote with that file's digest: what tells
+    this output from one compiled into the same folder later. None for an output without the list."""
+    from lmmc.compile import FILE_LIST
+
+    try:
+        return hashlib.sha256((out_dir / FILE_LIST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _refuse_running_compile(out_dir: Path) -> None:
+    """A compile writing to `out_dir` (--force) replaces what bench would time, and with it the bench's JSON."""
+    from lmmc.resume import WorkArea
+
+    owner = WorkArea(out_dir).running()
+    if owner is not None:
+        raise LmmcError(f"a compile ({owner}) is writing to '{out_dir}' and will replace it; run lmmc bench once it "
+                        f"has finished")
+
+
 def check_backends(device: str = "cpu") -> dict[str, str]:
     """Versions of the runtimes bench needs; a missing one, or an ONNX Runtime without the device's
     execution provider, is bad input naming what to install."""
@@ -750,6 +771,8 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
 
     out_dir = Path(out_dir)
     report = read_output(out_dir)
+    _refuse_running_compile(out_dir)
+    fingerprint = output_fingerprint(out_dir)
     json_path = Path(json_path) if json_path else out_dir / "bench.json"
     check_json_target(json_path, out_dir)
     check_writable(json_path)
@@ -802,7 +825,8 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
 
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir.resolve()), "teacher": teacher_ref,
+        "kind": JSON_KIND, "lmmc_version": lmmc.__version__, "out_dir": str(out_dir.resolve()), "output": fingerprint,
+        "teacher": teacher_ref,
         "device": run.device, "threads": run.threads, "batch": run.batch, "seq": run.seq, "repeats": cfg.repeats, "warmup": cfg.warmup,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "system": platform.platform()},
@@ -822,6 +846,12 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
     result = finite(result)  # what is returned (and printed) is what is saved
+    from lmmc.resume import WorkArea
+
+    if WorkArea(out_dir).running() is not None or output_fingerprint(out_dir) != fingerprint:
+        raise NotSaved(f"lmmc bench measured everything but saved nothing: '{out_dir}' was replaced or is being "
+                       f"replaced by a compile since the run began, so these figures describe the output as it was; "
+                       f"run lmmc bench again once the compile has finished", result)
     try:
         write_json(json_path, result, out_dir)
     except LmmcError as err:  # the target changed during the run

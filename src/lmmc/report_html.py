@@ -452,9 +452,12 @@ def read_bench(out_dir: Path | None) -> tuple[dict[str, Any] | None, str | None]
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None, f"'{path}' is not valid JSON, so its latencies are left out; run lmmc bench again to rewrite it"
-    from lmmc.bench import JSON_KIND
+    from lmmc.bench import JSON_KIND, output_fingerprint
 
     if isinstance(data, dict) and data.get("kind") == JSON_KIND:
+        if data.get("output") is not None and data["output"] != output_fingerprint(out_dir):
+            return None, (f"'{path}' timed another compile's output (one since replaced, or copied from elsewhere), "
+                          f"so its latencies are left out; run lmmc bench {out_dir} again")
         return data, None
     return None, f"'{path}' was not written by lmmc bench, so it is left out"
 

@@ -247,6 +247,22 @@ class WorkArea:
             os.close(fd)
         return True
 
+    def running(self) -> str | None:
+        """Who holds this area's lock (a live compile writing to its --out), in words; None when nobody does."""
+        if not (self.path / LOCK_FILE).is_file() or self.path.is_symlink():
+            return None
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self._owner_words()
+        finally:
+            os.close(fd)
+        return None
+
     def _taken(self) -> str:
         return (f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
                 f"'{self.path}'); wait for it to finish or stop it, or choose another --out")
