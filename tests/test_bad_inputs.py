@@ -1348,7 +1348,13 @@ def test_read_only_output_is_refused_before_loading(tmp_path, monkeypatch):
     assert not (ro / "out").exists()
 
 
-def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, said", [
+    (errno.ENOSPC, "the disk is full: writing"),
+    (errno.EFBIG, "a file this large is refused by the disk's filesystem (FAT32 takes at most 4 GiB) or by the "
+                  "file-size limit of this shell ('ulimit -f')")], ids=["disk full", "file too large"])
+def test_a_write_refused_for_space_during_export_keeps_the_finished_passes(tmp_path, monkeypatch, code, said):
+    """No output is half-written, and the finished pass (a distillation can take an hour) is kept for --resume;
+    a file too large for the disk (FAT32, ulimit -f) was an internal error, exit 3."""
     monkeypatch.chdir(tmp_path)
     model, recipe = bert(tmp_path), write_recipe(tmp_path, RANDOM)
     real_save = torch.onnx.ONNXProgram.save
@@ -1357,15 +1363,25 @@ def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, monkeypat
         real_save(self, destination, *args, **kwargs)
         data = Path(destination).read_bytes()
         Path(destination).write_bytes(data[: len(data) // 3])  # the disk filled a third of the way in
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+        raise OSError(code, os.strerror(code), str(destination))
 
     monkeypatch.setattr(torch.onnx.ONNXProgram, "save", save_until_full)
     before = snapshot(tmp_path)
     result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"])
     assert result.exit_code == 2, result.output
-    assert "the disk is full" in result.output and "Free some space" in result.output
-    assert result.output.count("error:") == 1
-    assert snapshot(tmp_path) == before  # no out/, no partial ONNX file, no work directory left
+    area = tmp_path / ".out.lmmc-work"
+    assert said in " ".join(result.output.split()) and result.output.count("error:") == 1
+    assert (f"nothing was written to '{tmp_path / 'out'}'" in result.output and f"The 1 finished pass(es) are kept in '{area}'"
+            in " ".join(result.output.split()))
+    assert not (tmp_path / "out").exists() and (area / "state-01").is_dir()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert not area.exists() and (tmp_path / "out" / "onnx" / "text.onnx").is_file()
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert {k.split("/")[0] for k in after if k not in before} == {"out"}
 
 
 def _one_nan(weights, config):

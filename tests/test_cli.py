@@ -716,3 +716,27 @@ def test_a_path_that_is_not_utf8_is_one_error_before_anything_is_written(tmp_pat
         assert result.exit_code == 2, result.output
         assert "holds the byte 0xff, which is not UTF-8 text" in result.output, result.output
         assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_file_too_large_for_its_disk_is_the_users_to_fix_not_a_bug(tmp_path, monkeypatch):
+    """`ulimit -f`, or a file over FAT32's 4 GiB, fails a write with EFBIG: said as such, exit 2, not an
+    internal error (exit 3) with a crash log."""
+    import errno
+
+    import lmmc.bench
+    import lmmc.report_html
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(tmp_path / "big.onnx"))
+    monkeypatch.setattr(lmmc.report_html, "write_report_html", too_large)
+    monkeypatch.setattr(lmmc.bench, "bench", too_large)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (f"error: cannot write '{tmp_path / 'report.html'}': the file is too large for the disk or the file-size "
+            f"limit ('ulimit -f')") in " ".join(result.output.split())
+    result = CliRunner().invoke(main, ["bench", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (f"error: writing '{tmp_path / 'big.onnx'}' failed (File too large); use a disk that takes files this "
+            f"large, or raise the file-size limit ('ulimit -f'), then run the command again"
+            ) in " ".join(result.output.split())
+    assert "internal error" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -84,6 +85,13 @@ class _Group(click.Group):
                 click.echo(f"stopped: another rank of this torchrun job stopped first ({type(err).__name__}); "
                            f"its message says why", err=True)
                 sys.exit(EXIT_INTERRUPTED)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                _close_progress_bars()  # a write into a temporary folder, or one a command does not plan for
+                fix = ("free some space" if err.errno != errno.EFBIG else
+                       "use a disk that takes files this large, or raise the file-size limit ('ulimit -f')")
+                click.echo(f"error: writing '{err.filename or '?'}' failed ({err.strerror}); {fix}, then run the "
+                           f"command again", err=True)
+                sys.exit(EXIT_BAD_INPUT)
             if _out_of_memory(err):
                 _close_progress_bars()
                 click.echo(f"error: out of memory ({_first_line(err)}); lower the recipe's batch sizes or sample "
@@ -445,8 +453,6 @@ def report_cmd(out_dir):
 
 def _draw_report(out_dir: Path) -> Path:
     """report.html drawn again; a page that cannot be written is the user's to fix (exit 2), not a bug."""
-    import errno
-
     from lmmc.report_html import read_bench, write_report_html
 
     try:
@@ -456,8 +462,9 @@ def _draw_report(out_dir: Path) -> Path:
             click.echo(f"warning: {problem}", err=True)
         return page
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "it is not writable"
+        why = ("the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "the file is too large for the "
+               "disk or the file-size limit ('ulimit -f')" if err.errno == errno.EFBIG else "it is not writable")
         raise LmmcError(f"cannot write '{out_dir / 'report.html'}': {why} ({err.strerror}); free some space or "
                         f"fix the permissions, then run 'lmmc report {out_dir}'") from None

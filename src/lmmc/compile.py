@@ -49,6 +49,8 @@ from lmmc.train import barrier, setup_distributed
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Write failures that the user fixes (free space, permissions), not bugs: said in one line, exit 2.
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# A file over the filesystem's limit (4 GiB on FAT32) or the process's (ulimit -f).
+_TOO_LARGE = {errno.EFBIG}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -880,6 +882,10 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
         if err.errno is None and area.writer and _no_room(tmp, out):  # shutil's copy errors carry no errno
             area.release()
             raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
+        kept = area.kept_passes() if err.errno in _DISK_FULL | _TOO_LARGE and area.writer else 0
+        if kept:
+            area.release()  # the finished passes (a long distillation) are kept to resume once there is room
+            raise _write_error(err, tmp, out, kept=(area.path, kept)) from None
         _give_up(area, resume, created)
         raise _write_error(err, tmp, out) or err
     except OutputTaken:
@@ -982,12 +988,23 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _write_error(err: OSError, where: Path, out: Path) -> LmmcError | None:
-    """The one-line error of a write that failed for a full disk or a folder lmmc may not write; None for
-    any other failure."""
+def _write_error(err: OSError, where: Path, out: Path, kept: tuple[Path, int] | None = None) -> LmmcError | None:
+    """The one-line error of a write that failed for a full disk, a file too large for its disk, or a folder
+    lmmc may not write; None for any other failure. `kept`: the work area kept for --resume, and its
+    finished passes."""
+    def then(fix: str) -> str:
+        return (f". The {kept[1]} finished pass(es) are kept in '{kept[0]}': {fix}, then run the same command with "
+                f"--resume (or remove '{kept[0]}')" if kept else "")
+
     if err.errno in _DISK_FULL:
         return LmmcError(f"the disk is full: writing '{err.filename or where}' failed ({err.strerror or 'no space'}); "
-                         f"nothing was written to '{out}'. Free some space, or choose an --out on another disk")
+                         f"nothing was written to '{out}'" + (then("free some space") or
+                                                              ". Free some space, or choose an --out on another disk"))
+    if err.errno in _TOO_LARGE:
+        return LmmcError(f"writing '{err.filename or where}' failed ({err.strerror}): a file this large is refused by "
+                         f"the disk's filesystem (FAT32 takes at most 4 GiB) or by the file-size limit of this shell "
+                         f"('ulimit -f'); nothing was written to '{out}'. Choose an --out on another disk, or raise "
+                         f"the limit" + then("raise the limit"))
     if err.errno in _NOT_WRITABLE and err.filename and Path(err.filename).is_relative_to(out.parent):
         return LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
                          f"Choose an --out on a writable disk, or fix the permissions")

@@ -364,6 +364,14 @@ class WorkArea:
         """The folder pass `index` keeps its own resumable state in (distillation checkpoints)."""
         return self.path / f"pass-{index:02d}-{name}"
 
+    def kept_passes(self) -> int:
+        """How many finished passes a --resume would skip, by the last whole state saved; a state whose writing
+        failed (a full disk) is removed, giving its space back."""
+        for partial in self.path.glob(f".{STATE_PREFIX}*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
+        state = self.latest_state()
+        return int(state.name[len(STATE_PREFIX):]) if state else 0
+
     def latest_state(self) -> Path | None:
         if not self.path.is_dir():
             return None
