@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -1331,6 +1332,32 @@ def _readonly_dir(tmp_path: Path) -> Path:
             return candidate
         (candidate / "lmmc-probe").rmdir()
     pytest.skip("no read-only directory available to root here")
+
+
+def test_force_onto_an_earlier_output_the_user_made_read_only_is_refused_before_loading(tmp_path, monkeypatch):
+    """Moving the earlier output aside needs the right to write into it: the compile ran every pass, then
+    failed to place its output and discarded them."""
+    import lmmc.compile
+
+    monkeypatch.chdir(tmp_path)
+    model, recipe = bert(tmp_path), write_recipe(tmp_path, RANDOM)
+    assert CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out"]).exit_code == 0
+    out = (tmp_path / "out").resolve()
+    real = tempfile.TemporaryFile
+
+    def read_only_out(*args, dir=None, **kwargs):  # chmod 555 on out, which root would write through
+        if dir is not None and Path(dir).resolve() == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(lmmc.compile.tempfile, "TemporaryFile", read_only_out)
+    loaded = []
+    monkeypatch.setattr("lmmc.compile.load_teacher", lambda *a, **k: loaded.append(a))
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", "out", "--force"])
+    assert result.exit_code == 2, result.output
+    assert (f"cannot write the output: '{out}' is not writable (Permission denied); choose an --out on a writable "
+            f"disk, or fix the permissions") in " ".join(result.output.split())
+    assert loaded == [] and snapshot(tmp_path) == before
 
 
 def test_read_only_output_is_refused_before_loading(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
                             f"--out, or move that directory away yourself")
     _check_side_paths(target, model_ref, recipe, recipe_path)
     _check_writable(target)
-    if target.is_dir() and (is_mount(target) or not _holds_output(target)):  # filled in place, not replaced
+    if target.is_dir():  # filled in place, or (an earlier output) moved aside, which a directory's mode also bars
         _check_writable(target / ".lmmc-write-probe")
     return target
 
