@@ -39,6 +39,9 @@ WIDTH_STAGES = ("ffn", "heads", "hidden")
 # Ours: the residual updates of blocks chosen for removal are faded out in these steps, a quarter of
 # the segment's distillation each, so the rest of the network learns to do without them before they go.
 FADE = (0.25, 0.5, 0.75, 1.0)
+# A latency model off by more than this on the structures it held out is warned of: on an idle machine
+# MiniLM's is 2.2 % off at most (BENCHMARKS.md, "Latency targets").
+POOR_FIT = 0.15
 
 
 class AntGMMConfig(PassConfig):
@@ -378,6 +381,12 @@ class AntGMMPass(Pass):
                                 + " could not meet it; give other stages a share"
                                 + (", or a smaller ffn_multiple" if cfg.ffn_multiple > 1 else ""))
             return {**out, **({"warnings": warnings} if warnings else {})}
+        held_out = (latency["model"]["fit"] or {}).get("held_out_rel_error") or {}
+        poor = {t: e["max"] for t, e in held_out.items() if e.get("max", 0) > POOR_FIT}
+        if poor:
+            warnings.append(f"the latency model predicts the structures it held out up to "
+                            f"{', '.join(f'{e:.0%} off ({t})' for t, e in poor.items())}, so the cut may miss the "
+                            f"target; fit it again on an idle machine (remove its cache), or time a larger batch")
         if latency["predicted_ms"] > latency["target_ms"] * (1 + 1e-9):
             # the ranking removes whole units and ffn_multiple rounds widths; the validation gate has the last word
             rounded = f" and FFN widths in multiples of {cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else ""
