@@ -173,8 +173,14 @@ class LocalPruner(Pass):
             allocated = pl.param in art.allocation
             target = art.allocation[pl.param] if allocated else cfg.sparsity
             with torch.no_grad():
-                mask = self.prune_(w, stats, target, spread=allocated)
-            art.masks[pl.param] = mask.cpu()
+                mask = self.prune_(w, stats, target, spread=allocated).cpu()
+                earlier = art.masks.get(pl.param)
+                if earlier is not None and earlier.shape == mask.shape:
+                    # A later pruner at a lower sparsity keeps what an earlier one removed, and a distillation
+                    # after it would grow that back: a pass removes weights, never restores them.
+                    mask &= earlier
+                    w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
+            art.masks[pl.param] = mask
 
         by_block: dict[tuple[str, int], list[PrunableLinear]] = {}
         for pl in linears.values():
