@@ -26,6 +26,10 @@ from lmmc.modelio import text_positions
 from lmmc.pooling import normalises
 from lmmc.timing import time_interleaved
 
+# A task-metric gate on retrieval agreement certifies nothing once a student ranking at random would agree
+# this often (agreement_k against too few held-out samples).
+MAX_AGREEMENT_CHANCE = 0.5
+
 
 class ValidateConfig(PassConfig):
     # Gates that read figures only one kind of model has; a gate of the other kind would be silently
@@ -239,6 +243,14 @@ def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray
     return _shared_best(s_sim, _best(t_sim, max(k, 1)))
 
 
+def agreement_chance(k: int, candidates: int, same: bool = False) -> tuple[int, float]:
+    """The k `top_k_agreement` uses among `candidates` keys, and the agreement of a student whose best match
+    is drawn at random: k of the candidates (the query itself aside when `same`)."""
+    pool = candidates - (1 if same else 0)
+    used = max(min(k, pool - 1), 1)
+    return used, used / max(pool, 1)
+
+
 def distinct_texts(batches: list[dict]) -> list[int]:
     """Index of the first of each distinct text among the batches' samples, by its tokens (padding aside):
     a caption held out under several images is one caption to retrieve, not several copies."""
@@ -339,6 +351,9 @@ class ValidatePass(Pass):
                     gates.append(_gate(f"{tower.name}: cosine to teacher", result["cosine_mean"], cfg.min_cosine, ">="))
                 gates.append(_gate(f"{tower.name}: held-out samples", int(len(cos)), cfg.min_held_out, ">="))
         task = task_metric(art, cfg, pooled)
+        if task["kind"] == "retrieval_agreement" and (cfg.min_task_metric, cfg.min_task_metric_ratio) != (None, None):
+            # a k near the number of held-out samples agrees whatever the student ranks first
+            gates.append(_gate(f"{task['name']}: agreement by chance", task["chance"], MAX_AGREEMENT_CHANCE, "<="))
         if cfg.min_task_metric is not None:
             gates.append(_gate(task["name"], task["value"], cfg.min_task_metric, ">="))
         if cfg.min_task_metric_ratio is not None:
@@ -401,9 +416,14 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
         parts = {"image -> image": top_k_agreement(t_img, t_img, s_img, s_img, cfg.agreement_k, same=True),
                  "text -> image": top_k_agreement(t_txt, t_img, s_txt, s_img, cfg.agreement_k),
                  "image -> text": top_k_agreement(t_img, t_txt[keys], s_img, s_txt[keys], cfg.agreement_k)}
-        out = {"name": f"retrieval agreement with the teacher (top-1 in its top {cfg.agreement_k})",
+        # k as top_k_agreement caps it, and how often a student ranking at random would agree
+        ks, chance = zip(*(agreement_chance(cfg.agreement_k, n, same) for n, same in
+                           ((len(t_img), True), (len(t_img), False), (len(keys), False))))
+        k = f"{cfg.agreement_k}" if max(ks) == cfg.agreement_k else f"{max(ks)} of the {cfg.agreement_k} asked"
+        out = {"name": f"retrieval agreement with the teacher (top-1 in its top {k})",
                "kind": "retrieval_agreement", "k": cfg.agreement_k, "parts": parts, "teacher": 1.0,
-               "student": min(parts.values()) if all(map(math.isfinite, parts.values())) else float("nan")}
+               "student": min(parts.values()) if all(map(math.isfinite, parts.values())) else float("nan"),
+               "chance": max(chance)}
     else:
         (t, s), = pooled.values()
         out = {"name": "nearest-neighbour agreement", "kind": "nearest_neighbour_agreement", "teacher": 1.0,

@@ -376,3 +376,28 @@ def test_random_embeddings_clear_the_chance_bound_as_rarely_as_the_readme_says()
         passed["zero_shot_accuracy"] += zero_shot_accuracy(images, rng.normal(size=(4, 32)), [0, 1, 2, 3], truth, 4) >= \
             chance_accuracy("zero_shot_accuracy", truth)[1]
     assert 1 <= passed["nearest_neighbour_accuracy"] <= 12 and passed["zero_shot_accuracy"] <= 2, passed
+
+
+@pytest.mark.parametrize("k", [5, 100000])
+def test_a_task_gate_on_retrieval_agreement_that_a_random_student_meets_is_missed(tmp_path, monkeypatch, one_thread, k):
+    """agreement_k 100000 against 32 held-out pairs made every part 1.0: a student pruned to noise passed
+    min_task_metric 0.9. The report names the k used and a random student's agreement."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny("clip", tmp_path / "clip")
+    recipe = {"calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"magnitude": {"sparsity": 0.9}}],
+              "validate": {"latency": False, "threads": 1, "min_task_metric": 0.0, "agreement_k": k}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", "./clip", "-r", "r.yaml", "-o", "out"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    task = report["validation"]["task_metric"]
+    gate = next(g for g in report["validation"]["gates"] if g["name"].endswith("agreement by chance"))
+    # image -> image leaves the image itself out of 31 others; text -> image ranks all 32 images
+    assert task["chance"] == pytest.approx(max(min(k, 30) / 31, min(k, 31) / 32)) and gate["value"] == task["chance"]
+    if k == 5:
+        assert result.exit_code == 0 and gate["passed"], result.output
+        assert task["name"] == "retrieval agreement with the teacher (top-1 in its top 5)"
+    else:
+        assert result.exit_code == 1 and not gate["passed"], result.output
+        assert task["name"] == "retrieval agreement with the teacher (top-1 in its top 31 of the 100000 asked)"
+        assert task["value"] >= 0.9, task["parts"]  # what min_task_metric 0.9 alone would have certified
