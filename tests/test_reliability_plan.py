@@ -83,6 +83,16 @@ def test_a_generative_gate_on_an_encoder_is_refused_at_plan_time(tmp_path, bert,
     assert not (tmp_path / "out").exists()
 
 
+def test_generation_tokens_on_an_encoder_is_refused_at_plan_time(tmp_path, bert):
+    """It was accepted and did nothing."""
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {"generation_tokens": 5})
+    assert result.exit_code == 2, result.output
+    assert ("validate: generation_tokens sets how many greedy tokens a generative model's validation compares, and "
+            "this bert model is an encoder") in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
     model, calib = llava
     shared = {"max_runtime_diff": 1e-3, "min_task_metric": 0.0}

@@ -203,6 +203,10 @@ class Recipe(BaseModel):
             raise LmmcError(f"validate: {', '.join(timing)} set how the student is timed, and a {family} model is "
                             f"not timed: validation measures its next-token fidelity and greedy generation. Remove "
                             f"{', '.join(timing)} from the recipe's validate section")
+        if not generative and "generation_tokens" in cfg.model_fields_set:
+            raise LmmcError(f"validate: generation_tokens sets how many greedy tokens a generative model's validation "
+                            f"compares, and this {family} model is an encoder, validated by the cosine of its "
+                            f"embeddings; remove generation_tokens from the recipe's validate section")
         if generative and not any(s.name == "onnx_generative" for s in self.export):
             raise LmmcError(f"validating this {family} model needs its generative export: add 'onnx_generative' to "
                             f"the recipe's export section (the other exports are for encoders, and a compile of a "
