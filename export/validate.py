@@ -293,6 +293,10 @@ class ValidatePass(Pass):
 
     def check(self, available: set[str]) -> None:
         """An ONNX Runtime without the device's execution provider is refused before any pass runs."""
+        if "onnx" not in available:
+            raise LmmcError("validation compares the student's ONNX export with PyTorch and the teacher, and the "
+                            "recipe exports no ONNX: add 'onnx' to its export section (before openvino or ort), or "
+                            "switch validation off with 'validate: false'")
         super().check(available)
         if self.config.device != "cpu":
             import onnxruntime

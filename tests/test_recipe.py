@@ -38,7 +38,11 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"passes": [{"prune_everything": {}}]}, "unknown pass 'prune_everything'; known passes:"),
+    ({"passes": [{"prune_everything": {}}]}, "passes[0]: unknown pass 'prune_everything'; known passes here: "
+                                             "activation, antgmm, distill, ecoflap"),
+    ({"passes": ["wandaa"]}, "passes[0]: unknown pass 'wandaa' (did you mean wanda?); known passes here:"),
+    ({"export": ["onnx", "openvno"]}, "export[1]: unknown pass 'openvno' (did you mean openvino?); known passes "
+                                      "here: onnx, onnx_generative, openvino, ort, tensorrt"),
     ({"passes": [{"wanda": {"sparsty": 0.5}}]}, "sparsty: unknown key"),
     ({"passes": [{"wanda": {"sparsity": 1.0}}]}, "sparsity must be in [0, 1)"),
     ({"passes": [{"wanda": {"sparsity": -0.1}}]}, "sparsity must be in [0, 1)"),
@@ -46,7 +50,9 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     ({"passes": [{"wanda": {"nm": "two:four"}}]}, "is not N:M"),
     ({"passes": [{"wanda": {"nm": "1_0:2_0"}}]}, "is not N:M"),
     ({"passes": ["onnx"]}, "'onnx' is an export pass; put it under 'export' in the recipe"),
-    ({"export": [], "validate": {}}, "pass 'validate' needs ['onnx']"),
+    ({"export": [], "validate": {}}, "validation compares the student's ONNX export with PyTorch and the teacher, and "
+                                     "the recipe exports no ONNX: add 'onnx' to its export section (before openvino or "
+                                     "ort), or switch validation off with 'validate: false'"),
     ({"calibrate": {}}, "unknown key(s) ['calibrate']"),
     ({"calibration": {"samples": 0}}, "samples: Input should be greater than 0"),
     ({"calibration": {"samples": True}}, "samples: Value error, True holds a yes/no value where a number belongs"),

@@ -6,6 +6,7 @@ directory; `--calib` on the command line is resolved against the current directo
 
 from __future__ import annotations
 
+import difflib
 import os
 import string
 from pathlib import Path
@@ -18,7 +19,7 @@ from lmmc.adapters import get_adapter, supported_model_types
 from lmmc.bench import BenchConfig
 from lmmc.config import Config, explain
 from lmmc.errors import LmmcError
-from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass
+from lmmc.pipeline import Pass, PassConfig, check_plan, get_pass, load_passes
 
 
 class CalibrationConfig(Config):
@@ -283,7 +284,13 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
         params = {} if params is None else params
     else:
         raise LmmcError(f"{where}: each entry is a pass name or a one-key mapping like '- wanda: {{sparsity: 0.5}}'")
-    cls = get_pass(name)
+    passes = load_passes()
+    if name not in passes:
+        known = sorted(n for n, c in passes.items() if c.kind in kinds)
+        close = difflib.get_close_matches(str(name), known, 1)
+        raise LmmcError(f"{where}: unknown pass '{name}'{f' (did you mean {close[0]}?)' if close else ''}; known "
+                        f"passes here: {', '.join(known)}")
+    cls = passes[name]
     if cls.kind not in kinds:
         section = {"compress": "passes", "export": "export"}.get(cls.kind, cls.kind)
         raise LmmcError(f"{where}: '{name}' is {'an' if cls.kind[0] in 'aeiou' else 'a'} {cls.kind} pass; put it "
