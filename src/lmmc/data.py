@@ -309,7 +309,8 @@ def text_key(text: str) -> str:
     """What tells texts apart: whatever the tokenizer keeps of them, so case, spacing, the Unicode form (NFKC: an
     "é" composed or as "e" and an accent) and invisible format characters (zero-width spaces, byte-order marks)
     aside."""
-    text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+    if not text.isascii():  # ASCII is its own NFKC form and holds no format characters
+        text = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).casefold()
 
 
