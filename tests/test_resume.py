@@ -389,3 +389,43 @@ def test_a_compile_stopped_inside_its_first_pass_with_checkpoints_says_to_resume
     assert f"no pass finished, and the running one kept checkpoints in '{work_path(out)}': run the same command " \
            f"with --resume" in " ".join(err.split())
     assert "without --resume" not in err
+
+
+def test_a_kill_between_moving_the_earlier_output_aside_and_placing_the_new_one_loses_neither(tmp_path, teacher,
+                                                                                              monkeypatch):
+    """SIGKILL there left --out missing, the earlier output hidden in the work area, and the next plain run
+    removed it with the rest of the area without a word: had that run failed too, the user had nothing."""
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+    from lmmc.resume import REPLACED_DIR, hash_files
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
+    out = tmp_path / "out"
+    assert run_lmmc(*compile_args(teacher, recipe, out)).returncode == 0
+    earlier = {p.relative_to(out): hash_files(p) for p in out.rglob("*") if p.is_file()}
+    killed = ("import os, pathlib, signal, sys\n"
+              "real = pathlib.Path.rename\n"
+              "def rename(self, target):\n"
+              "    moved = real(self, target)\n"
+              f"    if pathlib.Path(target).name == {REPLACED_DIR!r}:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return moved\n"
+              "pathlib.Path.rename = rename\n"
+              "from lmmc.cli import main\n"
+              "sys.exit(main())\n")
+    args = compile_args(teacher, recipe, out, "--force")
+    result = run_lmmc(sys.executable, "-c", killed, *args[3:])
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not out.exists() and (work_path(out) / REPLACED_DIR).is_dir()
+    # the next plain run puts the earlier output back before anything else; here it then fails on its input
+
+    def unreadable(*args, **kwargs):
+        raise LmmcError("the teacher's weights cannot be read")
+    monkeypatch.setattr("lmmc.compile.load_teacher", unreadable)
+    result = CliRunner().invoke(main, args[3:])
+    assert result.exit_code == 2, result.output
+    assert f"lmmc: put the earlier output back at '{out}'" in result.output
+    assert {p.relative_to(out): hash_files(p) for p in out.rglob("*") if p.is_file()} == earlier
+    assert not work_path(out).exists()

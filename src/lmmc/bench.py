@@ -768,6 +768,7 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
 
     import lmmc
     from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config
+    from lmmc.resume import WorkArea
 
     out_dir = Path(out_dir)
     report = read_output(out_dir)
@@ -846,8 +847,6 @@ def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dic
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
     result = finite(result)  # what is returned (and printed) is what is saved
-    from lmmc.resume import WorkArea
-
     if WorkArea(out_dir).running() is not None or output_fingerprint(out_dir) != fingerprint:
         raise NotSaved(f"lmmc bench measured everything but saved nothing: '{out_dir}' was replaced or is being "
                        f"replaced by a compile since the run began, so these figures describe the output as it was; "

@@ -42,7 +42,7 @@ from lmmc.pipeline import run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, write_report_html
-from lmmc.resume import WorkArea, describe_inputs, hash_files, pass_seed
+from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
 
@@ -974,7 +974,7 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
         tmp.rename(out)
         return
     if not is_mount(out) and any(out.iterdir()):
-        out.rename(tmp.parent / "replaced")
+        out.rename(tmp.parent / REPLACED_DIR)
         tmp.rename(out)
         return
     aside = out / f".lmmc-replaced-{os.getpid()}"

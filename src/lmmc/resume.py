@@ -44,6 +44,7 @@ OWNER_FILE = "lmmc-work.json"
 LOCK_FILE = "lock"
 INPUTS_FILE = "inputs.json"
 OUTPUT_DIR = "output"
+REPLACED_DIR = "replaced"  # an earlier output at --out, moved here the instant before the new one takes its place
 STATE_PREFIX = "state-"
 
 
@@ -270,14 +271,8 @@ class WorkArea:
     def check_claim(self, inputs: dict[str, Any] | None, resume: bool) -> None:
         """What claim refuses before any pass, checked without taking the area: for a dry run."""
         self._check_ours()
-        if (self.path / LOCK_FILE).is_file():  # a live compile holds the lock; try it and let it go at once
-            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LmmcError(self._taken()) from None
-            finally:
-                os.close(fd)
+        if self.running() is not None:
+            raise LmmcError(self._taken())
         if not resume:
             return
         if self.writer and self.left_after_placing():
@@ -328,6 +323,13 @@ class WorkArea:
         leftovers = [c for c in self.path.iterdir() if c.name != LOCK_FILE]
         if not leftovers:
             return
+        replaced = self.path / REPLACED_DIR
+        if replaced.is_dir() and not replaced.is_symlink() and not os.path.lexists(self.out):
+            # killed between moving the earlier output aside and moving the new one in: the earlier goes back
+            replaced.rename(self.out)
+            leftovers.remove(replaced)
+            print(f"lmmc: put the earlier output back at '{self.out}': an interrupted compile had moved it aside "
+                  f"to '{replaced}' and stopped before its own output took its place", file=sys.stderr)
         state = self.latest_state()
         done = int(state.name[len(STATE_PREFIX):]) if state else 0
         print(f"lmmc: removing '{self.path}', left by an interrupted compile ({self._owner_words()}, {done} "
