@@ -212,6 +212,15 @@ def test_resume_after_a_stop_between_placing_the_output_and_removing_the_area(tm
                f"resume" in " ".join(result.output.split()), result.output
         assert not work_path(out).exists()
         assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == files
+    # a plain run over that state says the area it removes was a finished compile's, not one to resume
+    with monkeypatch.context() as m:
+        m.setattr(WorkArea, "finish", WorkArea.release)
+        assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert f"lmmc: removing '{work_path(out)}', left by a compile (pid {os.getpid()} on " in said
+    assert "stopped after it had put its output in place" in said and "--resume" not in said
 
 
 def test_a_folder_by_the_areas_name_that_lmmc_did_not_make_is_left_alone(tmp_path, teacher):

@@ -332,8 +332,12 @@ class WorkArea:
                   f"to '{replaced}' and stopped before its own output took its place", file=sys.stderr)
         state = self.latest_state()
         done = int(state.name[len(STATE_PREFIX):]) if state else 0
-        print(f"lmmc: removing '{self.path}', left by an interrupted compile ({self._owner_words()}, {done} "
-              f"pass(es) finished); run with --resume to continue such a compile instead", file=sys.stderr)
+        if state is not None and not self.output.exists():  # only placing the output takes that folder away
+            print(f"lmmc: removing '{self.path}', left by a compile ({self._owner_words()}) stopped after it had put "
+                  f"its output in place", file=sys.stderr)
+        else:
+            print(f"lmmc: removing '{self.path}', left by an interrupted compile ({self._owner_words()}, {done} "
+                  f"pass(es) finished); run with --resume to continue such a compile instead", file=sys.stderr)
         for child in leftovers:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
