@@ -1622,6 +1622,10 @@ def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_we
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any("lacks pooler.dense.bias, pooler.dense.weight" in w for w in report["warnings"]), report["warnings"]
+    # its classifier is not in the student: said, not dropped in silence
+    assert teacher.lmmc_dropped_weights == ["classifier.bias", "classifier.weight"]
+    assert ("the teacher's checkpoint holds 2 tensor(s) outside the vit model lmmc compiles (classifier.*: a task "
+            "head, such as a classifier); the student has none") in " ".join(report["warnings"])
     assert float(load_student(tmp_path / "out" / "student").pooler.dense.weight.detach().abs().sum()) == 0.0
 
     weights = load_file(model / "model.safetensors")

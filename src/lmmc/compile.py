@@ -1127,6 +1127,13 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
     if absent:
         warnings.append(f"the teacher's checkpoint lacks {', '.join(absent)}, which none of its embeddings reads "
                         f"(a task checkpoint without the base model's pooler); teacher and student carry them as zeros")
+    dropped = getattr(art.teacher, "lmmc_dropped_weights", [])
+    if dropped:
+        heads = sorted({k.split(".")[0] for k in dropped})
+        warnings.append(f"the teacher's checkpoint holds {len(dropped)} tensor(s) outside the {art.adapter.family} model "
+                        f"lmmc compiles ({', '.join(f'{h}.*' for h in heads[:3])}: a task head, such as a classifier); "
+                        f"the student has none, and its validated outputs are the base model's embeddings. A head's "
+                        f"outputs from the student need that head put back and checked by you")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
