@@ -195,6 +195,29 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
         read_samples(tmp_path / "pics", "a photo of a {label}")
 
 
+def test_class_folders_read_unlabelled_by_a_vision_model_are_said(tmp_path):
+    """Without caption_template a vision-only model read the folders as unlabelled images and its task metric
+    was agreement with the teacher, with nothing saying how to have accuracy on the classes."""
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "pics" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "pics" / label / f"{i}.png")
+    cfg = CalibrationConfig(samples=12, eval_samples=4)
+    warned = [w for w in select(cfg, tmp_path / "pics", read_samples(tmp_path / "pics"), {"image"}).warnings
+              if "as classes are laid out" in w]
+    assert warned == [f"calibration data '{tmp_path / 'pics'}' holds its images in 2 subfolders, as classes are laid "
+                      f"out, and is read unlabelled: the task metric is nearest-neighbour agreement with the teacher. "
+                      f"To measure nearest-neighbour accuracy on those classes, set calibration.caption_template "
+                      f"(e.g. '{{label}}'), which labels each image by its folder"]
+    labelled = CalibrationConfig(samples=12, eval_samples=4, caption_template="{label}")
+    data = read_samples(tmp_path / "pics", "{label}")
+    assert not [w for w in select(labelled, tmp_path / "pics", data, {"image"}).warnings if "laid out" in w]
+    (tmp_path / "pics" / "loose.png").write_bytes((tmp_path / "pics" / "cat" / "0.png").read_bytes())
+    assert not [w for w in select(cfg, tmp_path / "pics", read_samples(tmp_path / "pics"), {"image"}).warnings
+                if "laid out" in w]  # an image beside the folders: not a class layout
+
+
 def test_held_out_captions_shared_with_calibration_and_unpaired_records_are_said(tmp_path):
     """The split keeps held-out images apart, not captions: a class's one templated caption is a calibration
     caption too, so the text tower's figures are on fitted texts; pairs with captions of their own are not."""

@@ -513,6 +513,14 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
                             f"(quantised on those captions) included, measure texts the compile calibrated on, and "
                             f"distils on if distill reads this data, more than unseen text; give pairs with captions "
                             f"of their own to measure that")
+    if modalities == {"image"} and source.is_dir() and not any("label" in r for r in records):
+        folders = {Path(r["image"]).relative_to(source).parts[0] for r in records
+                   if len(Path(r["image"]).relative_to(source).parts) == 2}
+        if len(folders) > 1 and all(len(Path(r["image"]).relative_to(source).parts) == 2 for r in records):
+            warnings.append(f"calibration data '{source}' holds its images in {len(folders)} subfolders, as classes "
+                            f"are laid out, and is read unlabelled: the task metric is nearest-neighbour agreement "
+                            f"with the teacher. To measure nearest-neighbour accuracy on those classes, set "
+                            f"calibration.caption_template (e.g. '{{label}}'), which labels each image by its folder")
     unit = "pairs" if dual else "samples"
     for what, got, asked in (("calibration", len(calib_recs), cfg.samples),
                              ("held-out", len(eval_recs), cfg.eval_samples)):
