@@ -70,6 +70,26 @@ def test_cache_hit_returns_the_same_coefficients_without_exporting(fitted, monke
     assert exports == []
     assert again.towers == result.towers and again.target == TARGET
     assert again.fit["variants"] == result.fit["variants"]
+    # the report tells a reused fit (its seconds are the first compile's) from this compile's own
+    assert again.fit["reused_from"] == str(cache_file(cache, cache_key(model, adapter, TARGET)))
+    assert "reused_from" not in result.fit and result.fit["fitted_at"] == again.fit["fitted_at"]
+
+
+def test_a_damaged_cache_file_is_said_before_it_is_fitted_again(fitted, tmp_path, monkeypatch, capsys):
+    model, adapter, cache, _, _ = fitted
+    path = cache_file(tmp_path, cache_key(model, adapter, TARGET))
+    path.write_text(cache_file(cache, cache_key(model, adapter, TARGET)).read_text()[:100])  # cut short
+
+    class Fitting(Exception):
+        pass
+
+    def fitting(*args):
+        raise Fitting
+    monkeypatch.setattr(lm, "variants", fitting)
+    with pytest.raises(Fitting):
+        fit_latency_model(model, adapter, TARGET, tmp_path, _feeds(model, adapter))
+    assert (f"lmmc: the latency model cached in '{path}' is damaged, edited or of another lmmc version; fitting it "
+            f"again, which replaces that file") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", [{"head": float("nan")}, {"channel": -0.5}, {"fixed": "1.2"},
@@ -166,8 +186,35 @@ def test_cache_key_follows_the_target_and_the_architecture(monkeypatch):
     assert "avx" in " ".join(base["machine"]["isa"]) or platform.machine() != "x86_64"
     monkeypatch.setattr(lm, "machine", lambda: {**base["machine"], "isa": []})
     assert cache_key(teacher, adapter, TARGET) != base
-    assert base["machine"]["cores"] >= 1 and list(base["runtime"]) == ["onnxruntime"]
-    assert list(cache_key(teacher, adapter, Target())["runtime"]) == ["openvino", "nncf"]
+    assert base["machine"]["cores"] >= 1 and list(base["runtime"]) == ["onnxruntime", "torch", "transformers"]
+    assert list(cache_key(teacher, adapter, Target())["runtime"]) == ["openvino", "nncf", "torch", "transformers"]
+    # relative position terms change every attention's graph; they reused absolute positions' milliseconds
+    relative = tiny_model("bert")
+    relative.config.position_embedding_type = "relative_key_query"
+    assert cache_key(relative, adapter, TARGET) != cache_key(tiny_model("bert"), adapter, TARGET)
+
+
+def test_two_writers_of_one_cache_file_both_finish_and_leave_a_whole_file(fitted, tmp_path):
+    """They shared one temporary name: the second rename found it gone (FileNotFoundError) after the whole fit."""
+    import multiprocessing
+
+    model, adapter, cache, result, _ = fitted
+    key = cache_key(model, adapter, TARGET)
+    path = tmp_path / cache_file(cache, key).name
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_often, args=(path, key, result)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert lm._read_cache(path, key, ["text"]).towers == result.towers
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def _write_often(path, key, model):
+    for _ in range(150):
+        lm.write_cache(path, key, model)
 
 
 @pytest.mark.parametrize("kwargs, match", [

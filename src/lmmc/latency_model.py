@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+import transformers
 from torch import nn
 
 from lmmc.adapters import Adapter, TowerSpec, block_list, example_inputs, input_names
@@ -327,8 +329,12 @@ def cache_key(teacher: nn.Module, adapter: Adapter, target: Target) -> dict[str,
     for tower in adapter.towers:  # the FFN's activation costs what it costs (ReLU against GELU: about 12 %)
         tcfg = getattr(teacher.config, tower.config_key) if tower.config_key else teacher.config
         arch[tower.name]["activation"] = str(getattr(tcfg, "hidden_act", getattr(tcfg, "hidden_activation", None)))
+        # relative position terms add products to every attention
+        arch[tower.name]["positions"] = str(getattr(tcfg, "position_embedding_type", None))
     shapes = {t.name: {n: list(v.shape) for n, v in tower_feed(teacher, t, target).items()} for t in adapter.towers}
-    return {"design": DESIGN_VERSION, "machine": machine(), "runtime": runtime_versions(target),
+    # the exporter decides the graph the runtime times
+    exporter = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {"design": DESIGN_VERSION, "machine": machine(), "runtime": {**runtime_versions(target), **exporter},
             "target": target.key(), "model": {"class": type(teacher).__name__, "model_type": teacher.config.model_type,
                                               "towers": arch, "inputs": shapes}}
 
@@ -345,9 +351,15 @@ def _digest(model_json: Any) -> str:
 def write_cache(path: Path, key: dict[str, Any], model: LatencyModel) -> None:
     """Store a fit with the digest of its figures, by which a read tells a fit from an edited one."""
     stored = model.to_json()
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(json.dumps({"key": key, "model": stored, "sha256": _digest(stored)}, indent=1))
-    tmp_path.replace(path)
+    # a temporary file of its own: two compiles sharing a cache write it at once
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"key": key, "model": stored, "sha256": _digest(stored)}, indent=1))
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def _read_cache(path: Path, key: dict[str, Any], towers: list[str]) -> LatencyModel | None:
@@ -384,7 +396,11 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     path = cache_file(cache_dir, key)
     cached = _read_cache(path, key, [t.name for t in adapter.towers])
     if cached is not None:
+        cached.fit = {**cached.fit, "reused_from": str(path)}  # the figures are that fit's, not this compile's
         return cached
+    if path.exists():  # the file named for this key, unusable
+        print(f"lmmc: the latency model cached in '{path}' is damaged, edited or of another lmmc version; fitting "
+              f"it again, which replaces that file", file=sys.stderr)
     if repeats < 3:
         raise LmmcError(f"repeats = {repeats}; a median needs at least 3 timed runs per variant")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -437,4 +453,4 @@ def _fit_report(model: LatencyModel, chosen: list[Variant], ms: dict[tuple[str, 
             "seconds": {k: round(v, 2) for k, v in seconds.items()}, "repeats": repeats,
             "calibration": f"first {VARIANT_CALIB_SAMPLES} samples of {VARIANT_CALIB_BATCHES} calibration batch(es) "
                            f"per variant", "inputs": key["model"]["inputs"], "machine": key["machine"],
-            "runtime": key["runtime"]}
+            "runtime": key["runtime"], "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
