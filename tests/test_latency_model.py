@@ -188,6 +188,9 @@ def test_cache_key_follows_the_target_and_the_architecture(monkeypatch):
     assert cache_key(teacher, adapter, TARGET) != base
     assert base["machine"]["cores"] >= 1 and list(base["runtime"]) == ["onnxruntime", "torch", "transformers"]
     assert list(cache_key(teacher, adapter, Target())["runtime"]) == ["openvino", "nncf", "torch", "transformers"]
+    # an image tower reads no tokens: a seq it never sees fitted it again
+    vit = tiny_model("vit")
+    assert cache_key(vit, get_adapter("vit"), Target(seq=16)) == cache_key(vit, get_adapter("vit"), Target(seq=32))
     # relative position terms change every attention's graph; they reused absolute positions' milliseconds
     relative = tiny_model("bert")
     relative.config.position_embedding_type = "relative_key_query"

@@ -335,8 +335,10 @@ def cache_key(teacher: nn.Module, adapter: Adapter, target: Target) -> dict[str,
     # the exporter decides the graph the runtime times
     exporter = {"torch": torch.__version__, "transformers": transformers.__version__}
     return {"design": DESIGN_VERSION, "machine": machine(), "runtime": {**runtime_versions(target), **exporter},
-            "target": target.key(), "model": {"class": type(teacher).__name__, "model_type": teacher.config.model_type,
-                                              "towers": arch, "inputs": shapes}}
+            # batch and tokens as the inputs below have them: an image tower reads no seq, a text one at most its positions
+            "target": f"{target.runtime}-{target.precision}-{target.device}-threads{target.threads}",
+            "model": {"class": type(teacher).__name__, "model_type": teacher.config.model_type, "towers": arch,
+                      "inputs": shapes}}
 
 
 def cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
