@@ -514,9 +514,9 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
                             f"distils on if distill reads this data, more than unseen text; give pairs with captions "
                             f"of their own to measure that")
     if modalities == {"image"} and source.is_dir() and not any("label" in r for r in records):
-        folders = {Path(r["image"]).relative_to(source).parts[0] for r in records
-                   if len(Path(r["image"]).relative_to(source).parts) == 2}
-        if len(folders) > 1 and all(len(Path(r["image"]).relative_to(source).parts) == 2 for r in records):
+        places = [Path(os.path.relpath(r["image"], source)).parts for r in records]
+        folders = {p[0] for p in places if len(p) == 2}
+        if len(folders) > 1 and all(len(p) == 2 for p in places):
             warnings.append(f"calibration data '{source}' holds its images in {len(folders)} subfolders, as classes "
                             f"are laid out, and is read unlabelled: the task metric is nearest-neighbour agreement "
                             f"with the teacher. To measure nearest-neighbour accuracy on those classes, set "
