@@ -365,7 +365,7 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
         return _split_samples(tower_batches(batches), modalities)
     records = [r for r in read_corpus(path, "distill.corpus") if all(m in r for m in modalities)]
-    if art.calib is not None and art.calib.held_out_texts:  # a cased tokenizer would tell "The" from "the"
+    if "text" in modalities and art.calib is not None and art.calib.held_out_texts:  # "The" is "the", whatever the tokenizer
         records = [r for r in records if text_key(r["text"]) not in art.calib.held_out_texts]
     if not records:
         return []

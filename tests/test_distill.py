@@ -518,6 +518,43 @@ def test_held_out_sentences_stay_out_in_other_case_under_a_cased_tokenizer(minil
 
 
 
+def test_a_dual_encoders_held_out_captions_stay_out_of_a_corpus_under_other_images(tmp_path):
+    """Held-out pairs were kept out by their image only: a held-out caption paired with another picture in
+    the distillation corpus trained the text tower on the very captions validation then scored it on."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import spelled
+    from lmmc.data import text_key
+
+    rng = np.random.default_rng(0)
+    model = save_tiny("clip", tmp_path / "clip")
+    lines = []
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "text": f"the picture {spelled(i)} on a road"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    teacher = tiny_model("clip")
+    preprocessor = {"tokenizer": transformers.AutoTokenizer.from_pretrained(str(model)),
+                    "image_processor": transformers.CLIPImageProcessor.from_pretrained(str(model))}
+    calib = load_calibration(CalibrationConfig(samples=40, eval_samples=12, batch_size=8),
+                             str(tmp_path / "pairs.jsonl"), {"text", "image"}, preprocessor)
+    held = calib.held_out_texts  # the 12 held-out pairs' captions, as text_key reads them
+    assert len(held) == 12 and held <= {text_key(line["text"]) for line in lines}
+    for i, line in enumerate(lines):  # each caption again, in capitals, under a new picture
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"new{i}.png")
+    corpus = [*lines, *({"image": f"new{i}.png", "text": line["text"].upper()} for i, line in enumerate(lines))]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps(line) for line in corpus))
+    art = Artifact("tiny", get_adapter("clip"), teacher, make_student(teacher), preprocessor=preprocessor,
+                   calib=calib)
+    train, dev = build_corpus(Distill.Config(corpus=str(tmp_path / "corpus.jsonl"), dev_samples=8), art,
+                              ["image", "text"])
+    tokenizer = preprocessor["tokenizer"]
+    trained = {tokenizer.decode(s["text"]["input_ids"], skip_special_tokens=True) for s in [*train, *dev]}
+    assert not {text_key(t) for t in trained} & held
+    assert len(train) + len(dev) == 2 * (60 - 12)  # the other captions, under both pictures
+
+
 @pytest.mark.parametrize("calib_length, corpus_length", [(12, None), (None, 12)])
 def test_held_out_sentences_stay_out_when_one_side_is_cut_shorter(minilm, tmp_path, calib_length, corpus_length):
     """A held-out text cut to 12 tokens is the start of the same corpus text cut to 128, and the other way

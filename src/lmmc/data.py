@@ -50,7 +50,7 @@ class CalibData:
     warnings: list[str] = field(default_factory=list)
     labels: Labels | None = None
     chat_template: bool = False  # generative records: whether their prompts went through the chat template
-    held_out_texts: frozenset[str] = frozenset()  # a text model's held-out texts as `text_key` reads them
+    held_out_texts: frozenset[str] = frozenset()  # held-out texts (captions) as `text_key` reads them
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -599,7 +599,11 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
     if chosen.held_out and "label" in chosen.held_out[0]:
         labels = _labels(cfg, records, chosen.held_out, preprocessor.get("tokenizer") if "text" in modalities
                          else None, max_length, pad_to)
-    texts = frozenset(text_key(r["text"]) for r in chosen.held_out) if modalities == {"text"} else frozenset()
+    texts = frozenset(text_key(r["text"]) for r in chosen.held_out if "text" in r)
+    if modalities != {"text"}:
+        # A dual encoder's held-out caption is kept out of a distillation corpus under any image, unless it is a
+        # calibration caption too (a class's templated caption), which select() warns of.
+        texts -= {text_key(r["text"]) for r in chosen.calib if "text" in r}
     return CalibData(calib, held, str(source), counts, chosen.warnings, labels, held_out_texts=texts)
 
 
