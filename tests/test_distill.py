@@ -716,6 +716,16 @@ def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_checkpoints_of_other_training_samples_are_not_resumed(tmp_path):
+    """The fingerprint held the corpus's path, not its texts: a run resumed on a corpus file rewritten in
+    place trained its last steps on other data and reported an exact resume."""
+    cfg = dict(steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    distill(tiny_art("bert"), **cfg)
+    assert distill(tiny_art("bert"), **cfg, resume=True)["resumed_from"] == "final"  # the same samples: resumed
+    # the same config and student, other samples to train on (here fewer calibration samples)
+    assert distill(tiny_art("bert", samples=40), **cfg, resume=True)["resumed_from"] is None
+
+
 def test_a_damaged_checkpoint_is_one_error_naming_it(tmp_path):
     distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     run, = tmp_path.iterdir()

@@ -551,13 +551,20 @@ class Trainer:
         return out
 
     def _fingerprint(self) -> str:
-        """Config and starting student, hashed: checkpoints of another run never resume this one."""
+        """Config, starting student and the samples it trains and picks checkpoints on, hashed: checkpoints of
+        another run never resume this one (a corpus file rewritten in place keeps its path in the config)."""
         digest = hashlib.sha1()
         config = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _RUN_CONTROL}
         digest.update(json.dumps(config, sort_keys=True).encode())
         for name, tensor in [*self.student.state_dict().items(), *sorted(self.masks.items())]:
             digest.update(f"{name}{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        for part, samples in (("train", self.train), ("reward", self.reward_set), ("dev", self.dev)):
+            digest.update(f"{part}{len(samples)}".encode())
+            for sample in samples:
+                for m in sorted(sample):
+                    for key in sorted(sample[m]):
+                        digest.update(sample[m][key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def _collate(self, samples: list[Sample], spec: TowerSpec, multiple: int | None = None) -> Batch:
