@@ -285,3 +285,21 @@ def test_antgmm_depth_removes_the_dead_vision_block_and_keeps_the_read_one():
     assert 3 not in kept and 2 in kept
     read = art.student.config.vision_feature_layer % (len(kept) + 1) - 1
     assert kept[read] == 2
+
+
+def test_a_tokenizer_end_the_generation_config_does_not_stop_at_is_warned_of(tmp_path):
+    """Answers end in the tokenizer's '</s>' (id 3) while a generation config of eos_token_id 2 never stops there:
+    generation ran past every answer's end and exact match compared prefixes, without a word."""
+    from lmmc.compile import _unheeded_eos
+    from lmmc.modelio import load_teacher
+
+    teacher, adapter, preprocessor = load_teacher(str(save_tiny_llava(tmp_path / "llava")))
+    art = Artifact("llava", adapter, teacher, teacher, preprocessor=preprocessor)
+    assert preprocessor["processor"].tokenizer.eos_token_id == 3 and teacher.generation_config.eos_token_id == 2
+    assert _unheeded_eos(art) == [
+        "the tokenizer ends every answer with '</s>' (id 3), and the model's generation config stops at [2] only: "
+        "generation, the exported generator's included, runs past the end of an answer, and exact match compares "
+        "each answer with the start of what was generated; add 3 to eos_token_id in the model's "
+        "generation_config.json"]
+    teacher.generation_config.eos_token_id = [2, 3]
+    assert _unheeded_eos(art) == []

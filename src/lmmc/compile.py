@@ -1117,6 +1117,21 @@ def _pass_warnings(metrics: Any) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _unheeded_eos(art: Artifact) -> list[str]:
+    """A tokenizer that ends answers with a token the generation config does not stop at: the model and its
+    exported generator run past every answer, and exact match reads a prefix."""
+    from lmmc.generation import eos_ids
+
+    tokenizer = getattr((art.preprocessor or {}).get("processor"), "tokenizer", None)
+    end, stops = getattr(tokenizer, "eos_token_id", None), eos_ids(art.teacher)
+    if end is None or not stops or end in stops:
+        return []
+    return [f"the tokenizer ends every answer with '{tokenizer.eos_token}' (id {end}), and the model's generation "
+            f"config stops at {sorted(stops)} only: generation, the exported generator's included, runs past the "
+            f"end of an answer, and exact match compares each answer with the start of what was generated; add {end} "
+            f"to eos_token_id in the model's generation_config.json"]
+
+
 def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], seconds: float) -> dict[str, Any]:
     n_teacher = sum(p.numel() for p in art.teacher.parameters())
     n_student = sum(p.numel() for p in art.student.parameters())
@@ -1134,6 +1149,8 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
                         f"lmmc compiles ({', '.join(f'{h}.*' for h in heads[:3])}: a task head, such as a classifier); "
                         f"the student has none, and its validated outputs are the base model's embeddings. A head's "
                         f"outputs from the student need that head put back and checked by you")
+    if art.adapter.kind == "generative":
+        warnings += _unheeded_eos(art)
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
