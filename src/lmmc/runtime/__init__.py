@@ -297,7 +297,7 @@ class Deployment:
         H x W x C or C x H x W), one row per item, L2-normalised unless the model's pipeline does not
         normalise (the manifest's `towers.<name>.normalized`). A dynamic INT8 artifact quantises each
         batch's activations on that batch's range, padding included, so an item's row depends on its batch
-        (a cosine of 0.975 between an empty text alone and padded to 128 tokens, on MiniLM); batch_size=1
+        (a cosine of 0.966 between an empty text alone and padded to 128 tokens, on MiniLM); batch_size=1
         makes each row its own."""
         items = _as_list(items)
         if type(batch_size) is not int or batch_size < 1:
