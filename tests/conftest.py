@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,21 @@ def exported_tower(tmp_path_factory):
         shutil.copyfile(source.with_suffix(".names.json"), path.with_suffix(".names.json"))
         return path
     return copy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_kept_in_the_run(tmp_path_factory):
+    """Temporary files of the tests and their subprocesses (crash logs of the internal errors tests cause,
+    torchrun's rendezvous folders, bench's scratch files) go under this run's pytest folder, not /tmp."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    tempfile.tempdir = None
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(autouse=True)
