@@ -124,6 +124,24 @@ def test_text_with_a_byte_order_mark_reads_as_without(tmp_path):
     assert read_samples(tmp_path / "D.JSONL") == expected + [{"image": str(tmp_path / "a.png")}]
 
 
+def test_utf32_with_its_mark_reads_and_utf16_without_a_mark_is_refused(tmp_path):
+    lines = ["don’t say “never” — it’s 😀", "the water is cold"]
+    for name, encoding in (("le32.txt", "utf-32"), ("be32.txt", "utf-32-be")):
+        data = "\n".join(lines).encode(encoding)
+        (tmp_path / name).write_bytes(b"\0\0\xfe\xff" + data if encoding == "utf-32-be" else data)
+        assert read_samples(tmp_path / name) == [{"text": t} for t in lines], name
+    for encoding in ("utf-16-le", "utf-16-be", "utf-32-le"):
+        (tmp_path / "nomark.txt").write_bytes("\n".join(lines).encode(encoding))
+        with pytest.raises(LmmcError, match="looks like UTF-16 or UTF-32 text without a byte-order mark"):
+            read_samples(tmp_path / "nomark.txt")
+    (tmp_path / "odd.txt").write_bytes("\n".join(lines).encode("utf-16") + b"x")
+    with pytest.raises(LmmcError, match="is not UTF-16 text .*starts with a UTF-16 byte-order mark"):
+        read_samples(tmp_path / "odd.txt")
+    (tmp_path / "cp1252.txt").write_bytes("first line\nsecond “line”".encode("cp1252"))
+    with pytest.raises(LmmcError, match=r"is not UTF-8 text \(line 2, byte 0x93\).*iconv -f cp1252"):
+        read_samples(tmp_path / "cp1252.txt")
+
+
 def test_split_shrinks_to_what_exists():
     calib, held = split([{"text": str(i)} for i in range(10)], n_calib=100, n_eval=64, seed=0)
     assert (len(calib), len(held)) == (8, 2)

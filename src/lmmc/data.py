@@ -67,14 +67,29 @@ def _lines(path: Path) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    """UTF-8, or UTF-16 with its byte-order mark (as Windows tools save text); a UTF-8 mark is dropped, so
-    it is not read as part of the first sample."""
+    """UTF-8, or UTF-16 or UTF-32 with its byte-order mark (as Windows tools save text); a UTF-8 mark is
+    dropped, so it is not read as part of the first sample."""
     data = path.read_bytes()
+    # UTF-32-LE's mark starts with UTF-16-LE's, so it is looked for first
+    encoding = ("utf-32" if data[:4] in (b"\xff\xfe\0\0", b"\0\0\xfe\xff") else
+                "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8")
+    even, odd = (data[i::2].count(0) / max(1, len(data[i::2])) for i in (0, 1))
+    if encoding == "utf-8" and len(data) >= 8 and max(even, odd) > 0.5 and abs(even - odd) > 0.3:
+        # ASCII in UTF-16 or UTF-32 decodes as UTF-8 with a NUL beside each letter, on one side; lines drop NULs
+        # (a file cut from a binary holds runs of them), which would keep the letters and garble the rest in silence
+        raise LmmcError(f"calibration data '{path}' looks like UTF-16 or UTF-32 text without a byte-order mark (a "
+                        f"zero byte beside nearly every letter); convert it to UTF-8, e.g. iconv -f UTF-16LE -t "
+                        f"UTF-8 (UTF-16BE, UTF-32LE or UTF-32BE as the file was saved)")
     try:
-        return data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+        return data.decode(encoding + "-sig" if encoding == "utf-8" else encoding)
     except UnicodeDecodeError as err:
-        raise LmmcError(f"calibration data '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at "
-                        f"offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        line = data.count(b"\n", 0, err.start) + 1 if encoding == "utf-8" else None
+        where = f"line {line}, byte {err.object[err.start]:#04x}" if line else f"at byte offset {err.start}"
+        raise LmmcError(f"calibration data '{path}' is not {encoding.upper()} text ({where}"
+                        + ("" if encoding == "utf-8" else f", though it starts with a {encoding.upper()} "
+                                                          f"byte-order mark")
+                        + "); convert it to UTF-8 from the encoding it was saved in, e.g. iconv -f cp1252 -t "
+                          "utf-8 for Windows text or -f latin1 for ISO-8859-1") from None
 
 
 def read_samples(path: Path, caption_template: str | None = None) -> list[dict[str, Any]]:
