@@ -203,3 +203,17 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LmmcError, match="no config.json"):
         lmmc.load_student(tmp_path / "nope")
+
+
+def test_the_students_tokenizer_file_cuts_and_pads_as_the_teachers(minilm: Path, tmp_path: Path) -> None:
+    """Each call of a fast tokenizer sets its truncation and padding; the calibration's calls cut at its
+    max_length, which the saved tokenizer.json then carried to every reader of the file (a Rust or JS server)."""
+    from lmmc.modelio import load_teacher
+
+    model, _, pre = load_teacher(str(minilm))
+    pre["tokenizer"](["the water is cold", "a"], truncation=True, max_length=3, padding=True)
+    save_student(model, pre, tmp_path / "student", {})
+    theirs, ours = (json.loads((p / "tokenizer.json").read_text()) for p in (minilm, tmp_path / "student"))
+    for key in ("truncation", "padding"):  # this tokenizers version also writes the default direction
+        assert {k: ours[key][k] for k in theirs[key]} == theirs[key], key
+    assert ours["truncation"]["max_length"] == 128 and ours["padding"]["strategy"] == {"Fixed": 128}

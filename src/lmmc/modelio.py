@@ -336,6 +336,23 @@ def offline_if_unreachable(ref: str) -> str | None:
             f"snapshot, offline")
 
 
+def _remember_file_settings(tok: Any) -> None:
+    """Keeps the truncation and padding that a fast tokenizer's tokenizer.json holds: each call of the
+    tokenizer overwrites them (the calibration's max_length), and the student's file would carry that."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        tok.lmmc_file_settings = (backend.truncation, backend.padding)
+
+
+def _restore_file_settings(tok: Any) -> None:
+    truncation, padding = getattr(tok, "lmmc_file_settings", (None, None))
+    if not hasattr(tok, "lmmc_file_settings"):
+        return
+    backend = tok.backend_tokenizer
+    backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+    backend.no_padding() if padding is None else backend.enable_padding(**padding)
+
+
 def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """The tokenizer and/or image processor saved beside the model; absent ones are None. A generative
     image-text model also gets its "processor" (tokenizer + image processor + image-token expansion),
@@ -355,6 +372,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         proc = out["processor"]
         if proc is not None and hasattr(proc, "tokenizer") and hasattr(proc, "image_processor"):
             out["tokenizer"], out["image_processor"] = proc.tokenizer, proc.image_processor
+            _remember_file_settings(out["tokenizer"])
             return out
     try:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -364,6 +382,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         raise missing_package(err, f"the tokenizer of '{ref}'") from None
     except Exception:  # noqa: BLE001 - a broken file raises anything (tokenizers: a bare Exception); the check says why
         pass
+    _remember_file_settings(out["tokenizer"])
     if out["tokenizer"] is not None and bert_config(ref).get("do_lower_case") is True:
         _lowercase(out["tokenizer"], ref)
     try:
@@ -635,6 +654,7 @@ def save_student(student: torch.nn.Module, preprocessor: dict[str, Any], out: Pa
     """config + safetensors weights + tokenizer/processor files + lmmc.json (how it was made, and the
     per-layer shapes that `lmmc.load_student` rebuilds a structurally pruned student from)."""
     save(student, out, meta)
+    _restore_file_settings(preprocessor.get("tokenizer"))  # tokenizer.json cuts and pads as the teacher's does
     if preprocessor.get("processor") is not None:  # it saves its own tokenizer and image processor
         preprocessor["processor"].save_pretrained(out)
         return
