@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from lmmc.cli import main
 from lmmc.export.validate import scaled_diff
 from lmmc.report_html import GENERATOR
+from lmmc.resume import hash_files
 from tests.conftest import CORPUS, REPO, save_preprocessors, save_tiny, spelled, tiny_model
 
 TINY_RECIPE = {
@@ -301,7 +302,8 @@ def test_force_replaces_existing_output(tmp_path):
     out = tmp_path / "out"
     (out / "student").mkdir(parents=True)
     (out / "student" / "lmmc.json").write_text("{}")  # an earlier lmmc output, which --force may replace,
-    (out / ".lmmc-files.json").write_text('["student", "student/lmmc.json"]')  # with the list of its files
+    listed = {"student": None, "student/lmmc.json": hash_files(out / "student" / "lmmc.json")}
+    (out / ".lmmc-files.json").write_text(json.dumps(listed))  # with the list of its files
     old = f'<html><head><meta name="generator" content="{GENERATOR} 0.1">old'
     (out / "report.html").write_text(old)  # a page of that earlier output, replaced with the rest
     recipe = {**TINY_RECIPE, "validate": {**TINY_RECIPE["validate"], "latency": False}}

@@ -392,15 +392,23 @@ def test_force_keeps_an_earlier_output_whose_file_the_user_edited(setup, tmp_pat
     assert (out / edited).read_bytes() == mine
 
 
-def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path):
-    """An output whose files were not listed (an older lmmc's) cannot show that nothing was added to it."""
+@pytest.mark.parametrize("listed", ["none", "names alone"])
+def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path, listed):
+    """An output whose files were not listed, or listed by name alone (older lmmc's), cannot show that nothing
+    was added to it or edited in it: an edited report.json was deleted under a list of names."""
     model, recipe, earlier = setup
     out = tmp_path / "out"
     shutil.copytree(earlier, out)
-    (out / lmmc.compile.FILE_LIST).unlink()
+    if listed == "none":
+        (out / lmmc.compile.FILE_LIST).unlink()
+    else:
+        names = list(json.loads((out / lmmc.compile.FILE_LIST).read_text()))
+        (out / lmmc.compile.FILE_LIST).write_text(json.dumps(names))
+        (out / "report.json").write_text('{"my": "notes", "lmmc_version": "mine"}')
+    mine = (out / "report.json").read_bytes()
     result = compile_(model, recipe, out, "--force")
-    assert result.exit_code == 2 and "it has no .lmmc-files.json" in result.output, result.output
-    assert (out / "report.json").is_file()
+    assert result.exit_code == 2 and "it has no .lmmc-files.json with the digests" in result.output, result.output
+    assert (out / "report.json").read_bytes() == mine
 
 
 @pytest.mark.parametrize("empty", [False, True])

@@ -101,10 +101,8 @@ def _foreign(path: Path) -> list[str]:
                  or (p.name in _ADDED and not _ADDED[p.name](p)))
     if top:
         return top
-    try:
-        listed = json.loads((path / FILE_LIST).read_text(encoding="utf-8"))
-        digests = listed if isinstance(listed, dict) else dict.fromkeys(listed)  # a list: names alone
-    except (OSError, ValueError, TypeError):
+    digests = _listed(path)
+    if digests is None:
         return []  # no list: _is_lmmc_output says so
     kept = {p.name for p in path.iterdir()} - {p.name for p in _own_entries(path)}
     return [rel for rel in _entries(path) if rel.split("/")[0] not in kept and ((path / rel).is_symlink()
@@ -112,6 +110,16 @@ def _foreign(path: Path) -> list[str]:
             # a file the user edited holds their bytes under lmmc's name
             or (isinstance(digests.get(rel), str) and (path / rel).is_file()
                 and hash_files(path / rel) != digests[rel]))]
+
+
+def _listed(path: Path) -> dict[str, str | None] | None:
+    """The files FILE_LIST names with their digests, or None without one; an older lmmc's list of names alone
+    counts as none, since a file edited under a listed name cannot be told from lmmc's."""
+    try:
+        listed = json.loads((path / FILE_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return listed if isinstance(listed, dict) else None
 
 
 def _file_list(root: Path) -> dict[str, str | None]:
@@ -135,7 +143,7 @@ def _is_lmmc_output(path: Path) -> bool:
     """Holds the list of files a compile wrote and nothing beyond it (a file the user added inside
     student/ too), and student/lmmc.json or a report.json that lmmc wrote (another tool's report.json is
     no proof)."""
-    if _foreign(path) or not (path / FILE_LIST).is_file():
+    if _foreign(path) or _listed(path) is None:
         return False
     if (path / "student" / "lmmc.json").is_file():
         return True
@@ -211,8 +219,8 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
         if _holds_output(target) and not _is_lmmc_output(target):
             foreign = _foreign(target)
             holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc did not " \
-                    f"write)" if foreign else f" (it has no {FILE_LIST}, the list of the files a compile wrote, so " \
-                    f"files added to it cannot be told apart: an output of an older lmmc)" \
+                    f"write)" if foreign else f" (it has no {FILE_LIST} with the digests of the files a compile " \
+                    f"wrote, so files added to it or edited cannot be told apart: an output of an older lmmc)" \
                     if (target / "report.json").is_file() else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
                             f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
