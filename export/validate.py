@@ -164,6 +164,20 @@ def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
     return _shared_best(similarities(student), _best(similarities(teacher), 1))
 
 
+def dominant_channels(embeddings: np.ndarray, most: int = 3) -> dict[str, Any] | None:
+    """The few channels (at most `most`, and at most a tenth of them) that hold half or more of the embeddings'
+    squared length, averaged over the samples as cosine weighs them (each sample at unit length), or None.
+    Cosine to such an embedding mostly measures those channels: a model with outlier features keeps it and
+    loses what ranks neighbours."""
+    share = (_unit(embeddings.astype(np.float64)) ** 2).mean(axis=0)
+    order = np.argsort(share)[::-1][:min(most, len(share) // 10)]
+    held = np.cumsum(share[order])
+    if not len(held) or not np.isfinite(held[-1]) or held[-1] < 0.5:
+        return None
+    k = int(np.argmax(held >= 0.5)) + 1
+    return {"channels": [int(c) for c in order[:k]], "share": float(held[k - 1]), "of": int(len(share))}
+
+
 def _unit(e: np.ndarray) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
 
@@ -336,6 +350,8 @@ class ValidatePass(Pass):
                 }
                 if not normalises(student.config):
                     _norm_ratio(result, s_emb, t_emb, tower.name, cfg, gates)
+                if (dominant := dominant_channels(t_emb)) is not None:
+                    result["dominant_channels"] = dominant
                 if cfg.latency:
                     teacher_path = Path(tmp) / f"{tower.name}.onnx"
                     export_tower(teacher, tower, teacher_path)

@@ -401,3 +401,34 @@ def test_a_task_gate_on_retrieval_agreement_that_a_random_student_meets_is_misse
         assert result.exit_code == 1 and not gate["passed"], result.output
         assert task["name"] == "retrieval agreement with the teacher (top-1 in its top 31 of the 100000 asked)"
         assert task["value"] >= 0.9, task["parts"]  # what min_task_metric 0.9 alone would have certified
+
+
+def test_channels_that_carry_the_embeddings_length_are_found_and_warned_of(tmp_path):
+    """A teacher with outlier features (two channels of its last LayerNorm scaled up, as some checkpoints
+    have): a pruned student kept cosine 0.97 to it with nearest-neighbour agreement 0, and the report said
+    nothing. The channels are found, and the report says what the cosine gate measures there."""
+    from safetensors.torch import load_file, save_file
+
+    from lmmc.export.validate import dominant_channels
+    from tests.conftest import compile_tiny_text
+
+    rng = np.random.default_rng(0)
+    plain = rng.normal(size=(64, 384))
+    assert dominant_channels(plain) is None
+    outliers = plain.copy()
+    outliers[:, [5, 300]] += 40.0  # MiniLM's largest channel holds 0.9 %; these two hold 90 %
+    found = dominant_channels(outliers)
+    assert sorted(found["channels"]) == [5, 300] and found["share"] == pytest.approx(0.90, abs=0.01)
+    assert dominant_channels(plain[:, :6]) is None  # too few channels to tell
+
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    weights = load_file(teacher / "model.safetensors")
+    for layer in range(2):
+        weights[f"encoder.layer.{layer}.output.LayerNorm.weight"][[3, 17]] = 300.0
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    out = compile_tiny_text(teacher, tmp_path / "out", [{"magnitude": {"sparsity": 0.3}}])
+    report = json.loads((out / "report.json").read_text())
+    found = report["validation"]["towers"]["text"]["dominant_channels"]
+    assert sorted(found["channels"]) in ([3], [17], [3, 17]) and found["share"] >= 0.5
+    assert any(w.startswith(f"text: {len(found['channels'])} of the teacher's 32 embedding channels") and
+               "Gate the task metric" in w for w in report["warnings"])

@@ -1159,6 +1159,14 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
                         f"outputs from the student need that head put back and checked by you")
     if art.adapter.kind == "generative":
         warnings += _unheeded_eos(art)
+    for tower, result in ((art.validation or {}).get("towers") or {}).items():
+        if "dominant_channels" in result:
+            d = result["dominant_channels"]
+            warnings.append(f"{tower}: {len(d['channels'])} of the teacher's {d['of']} embedding channels "
+                            f"({', '.join(map(str, d['channels']))}) hold {d['share']:.0%} of its held-out embeddings' "
+                            f"length, so cosine to the teacher mostly measures them: a student can keep the cosine "
+                            f"gate and lose how the other channels rank neighbours. Gate the task metric as well "
+                            f"(validate.min_task_metric or min_task_metric_ratio)")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
