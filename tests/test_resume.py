@@ -117,6 +117,24 @@ def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
     again.finish()
 
 
+def test_a_work_area_of_other_lmmc_code_is_not_resumed(tmp_path, teacher, monkeypatch):
+    """The version number stays the same across builds: a work area an older build left was resumed as its
+    own, its passes' results (a bug since fixed) kept in silence, and new defaults named as recipe edits."""
+    import lmmc.resume
+
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    (dead.output / "kept").write_text("1")
+    dead.release()
+    monkeypatch.setattr(lmmc.resume, "code_digest", lambda: "0" * 64)
+    changed = inputs(tmp_path, passes=[{"antgmm": {"keep": 0.6}}, *RECIPE["passes"][1:]])
+    with pytest.raises(LmmcError) as err:
+        WorkArea(tmp_path / "out").claim(changed, resume=True)
+    assert "interrupted under another build of lmmc (version 0.1.0, this is 0.1.0; their code differs)" in str(err.value)
+    assert "Run without --resume" in str(err.value) and "antgmm" not in str(err.value)
+    assert (dead.output / "kept").read_text() == "1"
+
+
 def test_calibration_file_bytes_are_part_of_the_fingerprint(tmp_path, teacher):
     data = tmp_path / "calib.txt"
     data.write_text("one sentence\nanother sentence\n")

@@ -43,6 +43,7 @@ WORK_SUFFIX = ".lmmc-work"
 OWNER_FILE = "lmmc-work.json"
 LOCK_FILE = "lock"
 INPUTS_FILE = "inputs.json"
+CODE_CHANGED = "lmmc's code changed"
 OUTPUT_DIR = "output"
 REPLACED_DIR = "replaced"  # an earlier output at --out, moved here the instant before the new one takes its place
 STATE_PREFIX = "state-"
@@ -81,6 +82,19 @@ def hash_files(path: Path) -> str:
     return digest.hexdigest()
 
 
+def code_digest() -> str:
+    """SHA-256 over lmmc's own Python files (the lmmc, lmmc.passes and lmmc.export packages): a work area
+    resumes only under the code that wrote it, since a version number stays the same across many builds."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in ("lmmc", "lmmc.passes", "lmmc.export"):
+        for root in importlib.util.find_spec(package).submodule_search_locations:
+            for file in sorted(Path(root).rglob("*.py")):
+                digest.update(f"{package}/{file.relative_to(root).as_posix()}\0".encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
 def hash_data(path: Path) -> str:
     """hash_files of a data file or folder; for a .jsonl file, also the bytes of every image its lines name
     (resolved as the data reader resolves them): an image changed in place changes the samples too."""
@@ -112,7 +126,8 @@ def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
         if isinstance(nested, dict) and nested.get("corpus"):
             data[f"passes[{i}].{step.name}.distill.corpus"] = {"path": nested["corpus"],
                                                                 "sha256": hash_data(Path(nested["corpus"]))}
-    return {"lmmc_version": lmmc.__version__, "model": model, "recipe": recipe.to_dict(), "data": data}
+    return {"lmmc_version": lmmc.__version__, "lmmc_code": code_digest(), "model": model, "recipe": recipe.to_dict(),
+            "data": data}
 
 
 def differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -135,9 +150,10 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What changed since the interrupted run, in words a user can act on."""
+    if (old.get("lmmc_version"), old.get("lmmc_code")) != (new["lmmc_version"], new["lmmc_code"]):
+        # the recipe's defaults are this code's too: listing them as changes would ask the user to undo them
+        return [CODE_CHANGED]
     out = []
-    if old.get("lmmc_version") != new["lmmc_version"]:
-        out.append(f"lmmc version {old.get('lmmc_version')} -> {new['lmmc_version']}")
     # A local model is known by its files (`./teacher`, `teacher/` or its absolute path alike; where it lies
     # is bench's business), a hub model by its id.
     before, now = old.get("model") or {}, new["model"]
@@ -286,6 +302,11 @@ class WorkArea:
 
     def _check_unchanged(self, previous: dict[str, Any], inputs: dict[str, Any]) -> None:
         changes = changed_inputs(previous, inputs)
+        if changes == [CODE_CHANGED]:
+            raise LmmcError(f"cannot resume the compile to '{self.out}': it was interrupted under another build of "
+                            f"lmmc (version {previous.get('lmmc_version')}, this is {inputs['lmmc_version']}; their "
+                            f"code differs), and its finished passes are that code's results. Run without --resume "
+                            f"to start afresh (this discards the interrupted run's work in '{self.path}')")
         if changes:
             raise LmmcError(f"cannot resume the compile to '{self.out}': since it was interrupted, "
                             f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}. Restore "
