@@ -4,6 +4,7 @@ measured in OpenVINO INT8 (NNCF), predictions read off uneven structures, the ca
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 import numpy as np
@@ -213,6 +214,19 @@ def test_two_writers_of_one_cache_file_both_finish_and_leave_a_whole_file(fitted
     assert [w.exitcode for w in writers] == [0, 0]
     assert lm._read_cache(path, key, ["text"]).towers == result.towers
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_cache_file_is_as_readable_as_any_file_the_user_writes(fitted, tmp_path):
+    """The temporary file it is renamed from is its owner's alone (0600), which others sharing the cache kept."""
+    model, adapter, cache, result, _ = fitted
+    key = cache_key(model, adapter, TARGET)
+    path = tmp_path / cache_file(cache, key).name
+    before = os.umask(0o022)
+    try:
+        lm.write_cache(path, key, result)
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def _write_often(path, key, model):

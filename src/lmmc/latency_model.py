@@ -356,6 +356,9 @@ def write_cache(path: Path, key: dict[str, Any], model: LatencyModel) -> None:
     # a temporary file of its own: two compiles sharing a cache write it at once
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's file is its owner's alone; a shared cache is read by others
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"key": key, "model": stored, "sha256": _digest(stored)}, indent=1))
         os.replace(tmp_name, path)
