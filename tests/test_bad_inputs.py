@@ -228,6 +228,18 @@ def _(tmp):
                                                                                  "save the model's own tokenizer"]
 
 
+@case("a text tower with fewer positions than the export traces")
+def _(tmp):
+    model = bert(tmp)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    weights = load_file(model / "model.safetensors")
+    weights["embeddings.position_embeddings.weight"] = weights["embeddings.position_embeddings.weight"][:8].clone()
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out"], [
+        "takes at most 8 tokens (max_position_embeddings), and lmmc traces a text tower at 16 tokens"]
+
+
 @case("vocab.txt alone, not UTF-8")
 def _(tmp):
     tiny_model("bert").save_pretrained(tmp / "m")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import lmmc
-from lmmc.adapters import TowerModule, head_dim, prunable_linears, tower_config
+from lmmc.adapters import TRACE_TOKENS, TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json,
                          timing_seq)
@@ -566,6 +566,10 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
                                 f"model has no text tower; remove latency_seq")
         return
     positions = min(text_positions(config, t) for t in text)
+    if positions < TRACE_TOKENS:
+        raise LmmcError(f"this model's text tower takes at most {positions} tokens (max_position_embeddings), and "
+                        f"lmmc traces a text tower at {TRACE_TOKENS} tokens to export it with any length up to the "
+                        f"model's; compile a model with at least {TRACE_TOKENS} positions")
     lengths = []  # (setting, tokens, whether the recipe gave it)
     if recipe.calibration.path and recipe.calibration.max_length:
         lengths.append(("calibration.max_length", recipe.calibration.max_length, True))

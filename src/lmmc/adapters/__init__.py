@@ -233,7 +233,11 @@ def dynamic_axes(tower: TowerSpec) -> dict[str, dict[int, str]]:
     return {"pixel_values": {0: "batch"}}
 
 
-def example_inputs(model: nn.Module, tower: TowerSpec, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
+TRACE_TOKENS = 16  # the text length towers are traced at for export
+
+
+def example_inputs(model: nn.Module, tower: TowerSpec, batch: int = 2,
+                   seq: int = TRACE_TOKENS) -> tuple[torch.Tensor, ...]:
     """Inputs for tracing and timing. Sizes above 1 so an exporter keeps batch and sequence symbolic."""
     cfg = tower_config(model, tower)
     gen = torch.Generator().manual_seed(0)
