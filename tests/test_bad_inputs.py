@@ -1637,7 +1637,8 @@ def test_a_task_checkpoint_without_the_pooler_compiles_and_one_missing_a_used_we
     # its classifier is not in the student: said, not dropped in silence
     assert teacher.lmmc_dropped_weights == ["classifier.bias", "classifier.weight"]
     assert ("the teacher's checkpoint holds 2 tensor(s) outside the vit model lmmc compiles (classifier.*: a task "
-            "head, such as a classifier); the student has none") in " ".join(report["warnings"])
+            "head, such as a classifier, or other tensors the model does not read); the student has none") \
+        in " ".join(report["warnings"])
     assert float(load_student(tmp_path / "out" / "student").pooler.dense.weight.detach().abs().sum()) == 0.0
 
     weights = load_file(model / "model.safetensors")
@@ -1704,3 +1705,17 @@ def test_the_dry_run_refuses_an_antgmm_keep_below_its_floors_as_the_pass_does(tm
     assert "is below what the floors allow (about 0." in messages[0]
     assert messages[1] == messages[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_buffers_a_checkpoint_saves_are_not_called_a_dropped_head(tmp_path):
+    """Some checkpoints save the token-type and position ids BERT makes itself; no head is lost with them."""
+    from lmmc.modelio import load_teacher
+
+    model = bert(tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["embeddings.token_type_ids"] = torch.zeros(1, 64, dtype=torch.int64)
+    weights["embeddings.position_ids"] = torch.arange(64)[None]
+    weights["stray.weight"] = torch.ones(2)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    teacher, _, _ = load_teacher(str(model))
+    assert teacher.lmmc_dropped_weights == ["stray.weight"]

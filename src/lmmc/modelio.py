@@ -611,8 +611,10 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
             model.get_parameter(name).zero_()
     model.lmmc_absent_weights = sorted(unread)
     # A task head (a classifier, a masked-LM head) is not part of the embedding lmmc compiles: the student has none.
-    model.lmmc_dropped_weights = [k for k in sorted(info.get("unexpected_keys") or [])
-                                  if not k.endswith(("position_ids", "inv_freq"))]
+    # Buffers the model makes itself (position and token-type ids, rotary frequencies) are saved by some
+    # checkpoints and read by none: no head is lost with them.
+    buffers = tuple({name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {"position_ids", "inv_freq"})
+    model.lmmc_dropped_weights = [k for k in sorted(info.get("unexpected_keys") or []) if not k.endswith(buffers)]
     check_finite(model, f"teacher '{ref}'")
     preprocessor = load_preprocessor(source, adapter.kind == "generative", trust_remote_code)
     if adapter.sentence_pooling:
