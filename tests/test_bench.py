@@ -722,7 +722,9 @@ def test_an_output_a_compile_replaces_during_the_run_gets_no_bench_json(uncapped
     (["only one line"], "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),
     (["same", "same", "same"], "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: "
                                "add more texts"),
-], ids=["empty", "one line", "one distinct line"])
+    (["caf\u00e9 au lait", "Cafe\u0301  AU lait", "caf\u00e9 au\u200b lait"],
+     "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),
+], ids=["empty", "one line", "one distinct line", "one text in three forms"])
 def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, message):
     _, _, out = uncapped
     path = tmp_path / "corpus.txt"

@@ -297,7 +297,7 @@ def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path
     ([{"text": "a pet", "label": "cat"}, {"text": "a pet", "label": "dog"}], "the text 'a pet' carries two labels"),
     # the split reads them as one text: held out under one label, the other label was never scored
     ([{"text": "a pet", "label": "cat"}, {"text": "A  Pet", "label": "dog"}],
-     r"the text 'A  Pet' \(the same text, case and spaces aside, as 'a pet'\) carries two labels"),
+     r"the text 'A  Pet' \(the same text, case, spacing and Unicode form aside, as 'a pet'\) carries two labels"),
     ([{"image": "1.png", "text": "one", "label": "cat"}, {"image": "1.png", "text": "two", "label": "dog"}],
      "carries two labels, 'cat' and 'dog'"),
 ])

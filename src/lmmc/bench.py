@@ -708,10 +708,10 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
     held-out split (texts cut by default at `positions`, where the model's users get them cut): modality ->
     batches."""
-    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, read_corpus
+    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, read_corpus, sample_key
 
     records = read_corpus(path, "--corpus")
-    unique = list({json.dumps(r, sort_keys=True): r for r in records}.values())
+    unique = list({sample_key(r): r for r in records}.values())
     chosen = random.Random(calib_cfg.seed).sample(unique, min(n, len(unique)))
     modalities = sorted({t.modality for t in adapter.towers})
     items = {m: [r[m] for r in chosen if m in r] for m in modalities}

@@ -303,7 +303,7 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
             first, label = seen.setdefault(_image_digest(r[key]) if key == "image" else text_key(r[key]),
                                            (r[key], r["label"]))
             if label != r["label"]:
-                kind = "picture" if key == "image" else "text, case and spaces aside,"
+                kind = "picture" if key == "image" else "text, case, spacing and Unicode form aside,"
                 same = f" (the same {kind} as '{first}')" if first != r[key] else ""
                 raise LmmcError(f"'{source}': the {key} '{r[key]}'{same} carries two labels, '{label}' and "
                                 f"'{r['label']}'; each {key} belongs to one class. Fix the labels")
@@ -318,6 +318,12 @@ def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
     if "text" in record and "text" in modalities:
         return "text:" + text_key(record["text"])
     return None
+
+
+def sample_key(record: dict[str, Any]) -> str:
+    """What tells samples of a judging corpus apart: an image by its bytes, a text by its text_key, a pair by
+    both, so a sentence again in another case or Unicode form is not counted twice."""
+    return json.dumps([_group(record, {"image"}), _group(record, {"text"})])
 
 
 def text_key(text: str) -> str:
