@@ -115,6 +115,15 @@ def hidden_diff(got: np.ndarray, ref: np.ndarray, batch: dict) -> float:
     return float(np.abs(got - ref).max()) if np.isfinite(got).all() and np.isfinite(ref).all() else float("nan")
 
 
+def token_cosine(got: np.ndarray, ref: np.ndarray, batch: dict) -> np.ndarray:
+    """Cosine of each real token's last hidden state to the reference's (padding aside, as in hidden_diff)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        real = np.asarray(mask).astype(bool)
+        got, ref = got[real], ref[real]
+    return cosine(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]))
+
+
 def runtime_diff(session: ort.InferenceSession, tower: TowerSpec, batches: list[dict],
                  reference: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Max |ORT − PyTorch| per output over the held-out batches (the hidden state at real tokens); NaN when
@@ -489,9 +498,14 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
             "cosine_to_student": float(to_student.mean()), "cosine_to_student_min": float(to_student.min()),
             "cosine_to_teacher": float(to_teacher.mean()), "cosine_to_teacher_min": float(to_teacher.min()),
         }
+        if rec.tower not in hidden:
+            hidden[rec.tower] = [h for h, _ in torch_outputs(art.student, tower, batches)]
+        if rec.precision != "fp32":
+            # the gates judge the pooled embedding; users of the token states get their own figure
+            tokens = np.concatenate([token_cosine(o["last_hidden_state"], h, b)
+                                     for o, h, b in zip(outs, hidden[rec.tower], batches)])
+            result["hidden_cosine_to_student"] = {"mean": float(tokens.mean()), "min": float(tokens.min())}
         if rec.precision == "fp32":
-            if rec.tower not in hidden:
-                hidden[rec.tower] = [h for h, _ in torch_outputs(art.student, tower, batches)]
             # np.max keeps a NaN that the builtin max() would drop when it is not first
             last = float(np.max([hidden_diff(o["last_hidden_state"], h, b)
                                  for o, h, b in zip(outs, hidden[rec.tower], batches)]))

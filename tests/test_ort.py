@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers
 
 import lmmc.export.ort
 from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names
@@ -250,3 +251,49 @@ def test_fusion_is_judged_relative_to_large_outputs(tmp_path, one_thread):
     largest = np.abs(a["last_hidden_state"]).max()
     absolute = np.abs(a["last_hidden_state"] - b["last_hidden_state"]).max()
     assert largest > 1000 and 1e-4 < absolute <= 1e-4 * largest
+
+
+def test_token_states_of_quantised_artifacts_are_measured_and_their_loss_is_warned_of(tmp_path, one_thread):
+    """On a teacher with outlier features the INT8 and fp16 artifacts kept pooled cosines of 0.999 to the fp32
+    student while single token states pointed the other way; the gates read only the pooled embedding."""
+    import json
+
+    import onnxruntime as ort
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from lmmc.cli import main
+    from tests.conftest import save_tiny
+
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    weights = load_file(teacher / "model.safetensors")
+    for name in weights:
+        if name.startswith("encoder.") and name.endswith(".weight") and "LayerNorm" not in name:
+            weights[name] *= 10
+    for layer in range(2):
+        weights[f"encoder.layer.{layer}.output.LayerNorm.weight"][[3, 17]] = 3000.0
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    recipe = {"calibration": {"random": True, "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 12},
+              "passes": [], "export": ["onnx", {"ort": {"fuse": "off", "int8": ["static"], "fp16": True}}],
+              "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.5, "min_cosine_fp16": 0.99,
+                           "threads": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+
+    # the same held-out batches, the artifacts in ONNX Runtime directly, cosine per real token
+    model = transformers.BertModel.from_pretrained(teacher).eval()
+    held = random_calibration(CalibrationConfig(**recipe["calibration"]), model, get_adapter("bert")).eval["text"]
+    def states(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [session.run(["last_hidden_state"], {k: b[k].numpy() for k in ("input_ids", "attention_mask")})[0]
+                [b["attention_mask"].numpy().astype(bool)] for b in held]
+    fp32 = np.concatenate(states(tmp_path / "o" / "onnx" / "text.onnx"))
+    for export in report["validation"]["exports"]:
+        ours = cosine(fp32, np.concatenate(states(tmp_path / "o" / export["path"])))
+        assert export["hidden_cosine_to_student"] == pytest.approx({"mean": ours.mean(), "min": ours.min()}, abs=1e-4)
+        assert export["cosine_to_student"] > 0.99 and ours.min() < 0.8, export["path"]
+        assert any(w.startswith(f"{export['path']}: its last_hidden_state falls to a cosine of {ours.min():.3f}")
+                   for w in report["warnings"]), export["path"]

@@ -52,6 +52,10 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 # A file over the filesystem's limit (4 GiB on FAT32) or the process's (ulimit -f).
 _TOO_LARGE = {errno.EFBIG}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+# An INT8 or fp16 artifact whose worst token state falls below this cosine to the fp32 student's is warned of:
+# MiniLM's INT8 artifacts keep 0.94 or more on every token; on a tiny BERT with outlier features, whose pooled
+# embeddings kept 0.999, tokens fell to 0.71 (fp16) and to -0.93 (INT8).
+MIN_TOKEN_COSINE = 0.8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1167,10 +1171,18 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         if "dominant_channels" in result:
             d = result["dominant_channels"]
             warnings.append(f"{tower}: {len(d['channels'])} of the teacher's {d['of']} embedding channels "
-                            f"({', '.join(map(str, d['channels']))}) hold {d['share']:.0%} of its held-out embeddings' "
+                            f"({', '.join(map(str, d['channels']))}) {'holds' if len(d['channels']) == 1 else 'hold'} "
+                            f"{d['share']:.0%} of its held-out embeddings' "
                             f"length, so cosine to the teacher mostly measures them: a student can keep the cosine "
                             f"gate and lose how the other channels rank neighbours. Gate the task metric as well "
                             f"(validate.min_task_metric or min_task_metric_ratio)")
+    for result in (art.validation or {}).get("exports") or []:
+        tokens = result.get("hidden_cosine_to_student")
+        if tokens and not tokens["min"] >= MIN_TOKEN_COSINE:
+            warnings.append(f"{result['path']}: its last_hidden_state falls to a cosine of {tokens['min']:.3f} to the "
+                            f"fp32 student's at its worst token ({tokens['mean']:.3f} on average), where the gates "
+                            f"judge its pooled_embedding: read only the pooled embedding from it, and token states "
+                            f"from an fp32 artifact")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
