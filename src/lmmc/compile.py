@@ -53,7 +53,7 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _TOO_LARGE = {errno.EFBIG}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 # An INT8 or fp16 artifact whose worst token state falls below this cosine to the fp32 student's is warned of:
-# MiniLM's INT8 artifacts keep 0.94 or more on every token; on a tiny BERT with outlier features, whose pooled
+# MiniLM's INT8 artifacts keep more than 0.9 on every token; on a tiny BERT with outlier features, whose pooled
 # embeddings kept 0.999, tokens fell to 0.71 (fp16) and to -0.93 (INT8).
 MIN_TOKEN_COSINE = 0.8
 
