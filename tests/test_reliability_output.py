@@ -154,6 +154,19 @@ def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_repor
     assert (out / name).read_text() == text
 
 
+def test_force_replaces_an_earlier_output_whose_page_lmmc_report_redrew(setup, tmp_path):
+    """lmmc report redraws report.html with bench's figures (a recipe's bench section does too): the page
+    then differs from the digest the compile listed, and --force refused lmmc's own output as edited."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    page = (out / "report.html").read_text()
+    (out / "report.html").write_text(page.replace("</body>", "<section>latency</section></body>"))
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert "<section>latency</section>" not in (out / "report.html").read_text()
+
+
 def test_a_dry_run_refuses_a_file_of_the_users_where_the_work_area_goes(setup, tmp_path):
     model, recipe, _ = setup
     work_path(tmp_path / "out").write_text("data")
