@@ -298,8 +298,10 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
     if not isinstance(params, dict):
         raise LmmcError(f"{where}: the parameters of '{name}' must be a mapping, got {params!r}")
     if isinstance(params.get("nm"), int):
-        raise LmmcError(f"{where}: nm = {params['nm']} is a number: YAML reads an unquoted 2:4 as the base-60 "
-                        f"number 124. Quote it: nm: \"2:4\"")
+        # 1:4 reads as 64: minutes and seconds; a number that no N:M gives is shown as 2:4 would be
+        n, m = divmod(params["nm"], 60) if params["nm"] >= 60 else (2, 4)
+        raise LmmcError(f"{where}: nm = {params['nm']} is a number: YAML reads an unquoted {n}:{m} as the base-60 "
+                        f"number {params['nm'] if params['nm'] >= 60 else 124}. Quote it: nm: \"{n}:{m}\"")
     try:
         return Step(name=name, config=cls.Config.model_validate(params))
     except ValidationError as err:
