@@ -193,7 +193,8 @@ def main() -> None:
               "pass (same model, recipe and data).")
 def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_code, resume):
     """Compile MODEL (a local Hugging Face directory or a hub id; default: the recipe's model) with a recipe into --out:
-    student/ (config, safetensors, tokenizer), onnx/ (one file per tower) and report.json."""
+    student/ (config, safetensors, tokenizer), the recipe's exports (by default onnx/, one file per tower) and
+    report.json."""
     from lmmc.compile import check_output, compile_model, plan, resolve_device
     from lmmc.recipe import load_recipe
 
