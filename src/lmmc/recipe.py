@@ -32,8 +32,9 @@ class CalibrationConfig(Config):
                               "(per distinct text, for text alone), never calibrated on under any caption")
     batch_size: int = Field(8, gt=0, description="samples per batch of the passes' forward runs and of validation")
     max_length: int | None = Field(None, gt=1, description="token limit for text; default: 128, or, if lower, the "
-                                   "length the model's users get a text cut to (sentence-transformers' max_seq_length, "
-                                   "else the tokenizer's model_max_length) within its position table (CLIP: 77)")
+                                   "length the model's users get a text cut to (sentence-transformers' processing_kwargs "
+                                   "max_length, else its max_seq_length, else the tokenizer's model_max_length) within "
+                                   "its position table (CLIP: 77)")
     # torch seeds its generators with a 64-bit integer
     seed: int = Field(0, ge=0, lt=2**63, description="seeds the held-out split and random calibration")
     caption_template: str | None = Field(None, description="reads an image folder as one subfolder per class, "
