@@ -1164,8 +1164,9 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         heads = sorted({k.split(".")[0] for k in dropped})
         warnings.append(f"the teacher's checkpoint holds {len(dropped)} tensor(s) outside the {art.adapter.family} model "
                         f"lmmc compiles ({', '.join(f'{h}.*' for h in heads[:3])}: a task head, such as a classifier, "
-                        f"or other tensors the model does not read); the student has none, and its validated outputs are the base model's embeddings. A head's "
-                        f"outputs from the student need that head put back and checked by you")
+                        f"or other tensors the model does not read); the student has none, and its validated outputs "
+                        f"are the base model's embeddings. A head's outputs from the student need that head put back "
+                        f"and checked by you")
     if art.adapter.kind == "generative":
         warnings += _unheeded_eos(art)
     for tower, result in ((art.validation or {}).get("towers") or {}).items():

@@ -345,9 +345,9 @@ def _remember_file_settings(tok: Any) -> None:
 
 
 def _restore_file_settings(tok: Any) -> None:
-    truncation, padding = getattr(tok, "lmmc_file_settings", (None, None))
     if not hasattr(tok, "lmmc_file_settings"):
         return
+    truncation, padding = tok.lmmc_file_settings
     backend = tok.backend_tokenizer
     backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
     backend.no_padding() if padding is None else backend.enable_padding(**padding)

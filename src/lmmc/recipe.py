@@ -299,7 +299,7 @@ def _step(item: Any, where: str, kinds: tuple[str, ...]) -> Step:
     if not isinstance(params, dict):
         raise LmmcError(f"{where}: the parameters of '{name}' must be a mapping, got {params!r}")
     if isinstance(params.get("nm"), int):
-        # 1:4 reads as 64: minutes and seconds; a number that no N:M gives is shown as 2:4 would be
+        # YAML reads N:M in base 60, as minutes and seconds (1:4 is 64); below 60 no N:M gave it, and 2:4 is shown
         n, m = divmod(params["nm"], 60) if params["nm"] >= 60 else (2, 4)
         raise LmmcError(f"{where}: nm = {params['nm']} is a number: YAML reads an unquoted {n}:{m} as the base-60 "
                         f"number {params['nm'] if params['nm'] >= 60 else 124}. Quote it: nm: \"{n}:{m}\"")
