@@ -666,6 +666,25 @@ def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
     assert "internal error" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["an ASCII locale", "a removed directory"])
+def test_a_process_without_utf8_text_or_a_current_directory_is_told_what_to_fix(tmp_path, where):
+    """Under LC_ALL=C without UTF-8 mode NNCF's progress output crashed every OpenVINO INT8 export (exit 3), and
+    non-ASCII names were read as mojibake; in a removed directory torch failed to import with a native error."""
+    env, cwd = {**os.environ}, tmp_path / "here"
+    cwd.mkdir()
+    if where == "an ASCII locale":
+        env.update(LC_ALL="C", PYTHONUTF8="0")
+        message = "(its locale), and lmmc's recipes, data, file names and outputs are UTF-8; run it in Python's UTF-8 mode"
+    else:
+        message = "the current directory no longer exists"
+    lmmc = f"{Path(sys.executable).parent / 'lmmc'} passes"
+    command = lmmc if where == "an ASCII locale" else f"rmdir '{cwd}' && exec {lmmc}"  # the shell stays in it
+    proc = subprocess.run(["sh", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    assert proc.stdout == ""
+
+
 def test_summary_table_without_latency_prints_dashes_not_nan():
     from lmmc.cli import summary_table
 

@@ -57,6 +57,7 @@ class _Group(click.Group):
 
     def _outcome(self, ctx):
         try:
+            _check_environment()
             return super().invoke(ctx)
         except LmmcError as err:
             click.echo(f"error: {err}", err=True)
@@ -102,6 +103,24 @@ class _Group(click.Group):
             click.echo(f"internal error: {type(err).__name__}: {_first_line(err)}. This is a bug in lmmc, not in "
                        f"your input; the traceback is in {log}; please report it with that file", err=True)
             sys.exit(EXIT_INTERNAL)
+
+
+def _check_environment() -> None:
+    """What every command needs of its process: a current directory (torch fails to import without one) and
+    UTF-8 text I/O (recipes, data, paths and the quantisers' progress output are UTF-8; under a Latin-1 or ASCII
+    locale they crashed midway or read names as mojibake)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise LmmcError("the current directory no longer exists (it was removed after this shell entered it); cd to "
+                        "an existing directory and run the command again") from None
+    import locale
+
+    encodings = {sys.getfilesystemencoding(), locale.getpreferredencoding(False)}
+    if not sys.flags.utf8_mode and {e.lower().replace("_", "-") for e in encodings} - {"utf-8", "utf8"}:
+        raise LmmcError(f"this process reads and writes text as {' and '.join(sorted(encodings))} (its locale), and "
+                        f"lmmc's recipes, data, file names and outputs are UTF-8; run it in Python's UTF-8 mode "
+                        f"(PYTHONUTF8=1) or under a UTF-8 locale (e.g. LC_ALL=C.UTF-8)")
 
 
 def _first_line(err: Exception) -> str:
