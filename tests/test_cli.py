@@ -666,6 +666,15 @@ def test_a_closed_output_pipe_is_an_interruption_not_an_internal_error():
     assert "internal error" not in err and "Traceback" not in err
 
 
+def test_a_library_that_exits_on_a_closed_pipe_is_an_interruption_not_a_missed_gate():
+    """NNCF's progress display (rich) meets a closed pipe by exiting 1, lmmc's code for a missed gate: a compile
+    piped into `head -1` ended as if validation had failed."""
+    script = ("import rich.console\nfrom lmmc.cli import main\n"
+              "main.command('closed')(lambda: rich.console.Console().on_broken_pipe())\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "closed"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+
+
 @pytest.mark.parametrize("where", ["an ASCII locale", "a removed directory"])
 def test_a_process_without_utf8_text_or_a_current_directory_is_told_what_to_fix(tmp_path, where):
     """Under LC_ALL=C without UTF-8 mode NNCF's progress output crashed every OpenVINO INT8 export (exit 3), and

@@ -78,6 +78,12 @@ class _Group(click.Group):
             # Whoever read lmmc's output went away (`lmmc ... | head`): not a bug, an interruption.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(EXIT_INTERRUPTED)
+        except SystemExit as done:
+            # rich (NNCF's progress display) meets a broken pipe by pointing stdout at the null device and
+            # exiting 1, which is lmmc's code for a missed gate; no lmmc command exits from inside itself
+            if done.code == EXIT_GATE and os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull)):
+                sys.exit(EXIT_INTERRUPTED)
+            raise
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as err:
