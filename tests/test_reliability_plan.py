@@ -93,6 +93,22 @@ def test_generation_tokens_on_an_encoder_is_refused_at_plan_time(tmp_path, bert)
     assert not (tmp_path / "out").exists()
 
 
+def test_threads_above_the_cpus_are_warned_of(tmp_path, bert, monkeypatch):
+    """64 threads on 2 CPUs timed the teacher at 116 ms against 1.2, and the compile said nothing."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    model, calib = bert
+    result = _dry_run(tmp_path, model, calib, {"threads": 64}, export=["onnx", {"ort": {"threads": 2}}])
+    assert result.exit_code == 0, result.output
+    warnings = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]["warnings"]
+    assert ("validate.threads = 64 is above the 2 CPU(s) this process may use: the timings, and what is chosen by "
+            "them (fuse: auto's graph, a latency target's fit), come from threads waiting for a core; set it to 2 or "
+            "fewer") in warnings, warnings
+    result = _dry_run(tmp_path, model, calib, {"threads": 2})
+    assert "CPU(s)" not in result.output
+
+
 def test_each_familys_own_gates_and_the_shared_ones_plan(tmp_path, llava, bert):
     model, calib = llava
     shared = {"max_runtime_diff": 1e-3, "min_task_metric": 0.0}
