@@ -41,7 +41,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
 from lmmc.pipeline import run_pass
 from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
-from lmmc.report_html import gate_digits, is_ours, write_report_html
+from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
@@ -88,6 +88,8 @@ _OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-mo
 _PARTIAL = re.compile(r"\.(report\.html|bench\.json)\.tmp-\d+|\.lmmc-(incoming|replaced)-\d+")
 # lmmc bench's and lmmc report's files, each known as theirs as those commands know them
 _ADDED = {"bench.json": is_bench_json, "report.html": is_ours}
+# those files as lmmc rewrote them, unedited since
+_REDRAWN = {"bench.json": is_bench_json, "report.html": is_unedited}
 
 
 def _entries(root: Path) -> list[str]:
@@ -112,9 +114,9 @@ def _foreign(path: Path) -> list[str]:
     return [rel for rel in _entries(path) if rel.split("/")[0] not in kept and ((path / rel).is_symlink()
             or (rel not in digests and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0]))
             # a file the user edited holds their bytes under lmmc's name; lmmc report redraws its page with
-            # bench's figures, and lmmc bench rewrites its own file
+            # bench's figures, and lmmc bench rewrites its own file, each carrying its own digest
             or (isinstance(digests.get(rel), str) and (path / rel).is_file() and hash_files(path / rel) != digests[rel]
-                and not (rel in _ADDED and _ADDED[rel](path / rel))))]
+                and not (rel in _REDRAWN and _REDRAWN[rel](path / rel))))]
 
 
 def _listed(path: Path) -> dict[str, str | None] | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -543,10 +545,16 @@ def render(report: dict[str, Any], out_dir: Path | None = None) -> str:
         _section("Latency", (_note(bench_problem) if bench_problem else "") + _latency(report, bench)),
         _section("Time per pass", _time(report)),
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="generator" content="{GENERATOR} {_e(report.get("lmmc_version", ""))}">'
             f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body)
             + "\n</body></html>\n")
+    # the page's own SHA-256: lmmc report redraws it, and --force tells that from a user's edit by this
+    return page.replace("<title>", _SEAL.format(hashlib.sha256(page.encode()).hexdigest()) + "<title>", 1)
+
+
+_SEAL = '<meta name="lmmc-sha256" content="{}">'
+_SEALED = re.compile(_SEAL.format("([0-9a-f]{64})"))
 
 
 def is_ours(path: Path) -> bool:
@@ -556,6 +564,16 @@ def is_ours(path: Path) -> bool:
     except OSError:
         return False
     return f'<meta name="generator" content="{GENERATOR}' in head
+
+
+def is_unedited(path: Path) -> bool:
+    """Whether `path` is a page lmmc drew, as it drew it (its text hashes to the digest it carries)."""
+    try:
+        page = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    seal = _SEALED.search(page[:4000])
+    return seal is not None and hashlib.sha256(page.replace(seal.group(0), "", 1).encode()).hexdigest() == seal.group(1)
 
 
 def write_report_html(out_dir: Path) -> Path:
