@@ -217,3 +217,21 @@ def test_the_students_tokenizer_file_cuts_and_pads_as_the_teachers(minilm: Path,
     for key in ("truncation", "padding"):  # this tokenizers version also writes the default direction
         assert {k: ours[key][k] for k in theirs[key]} == theirs[key], key
     assert ours["truncation"]["max_length"] == 128 and ours["padding"]["strategy"] == {"Fixed": 128}
+
+
+def test_a_generative_students_tokenizer_file_cuts_and_pads_as_the_teachers(tmp_path: Path) -> None:
+    """A LLaVA processor calls its tokenizer as it loads, which cleared the settings before they were kept."""
+    from conftest import save_tiny_llava
+
+    from lmmc.modelio import load_teacher
+
+    teacher = save_tiny_llava(tmp_path / "teacher")
+    settings = json.loads((teacher / "tokenizer.json").read_text())
+    settings["truncation"] = {"direction": "Left", "max_length": 40, "strategy": "LongestFirst", "stride": 0}
+    settings["padding"] = {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}
+    (teacher / "tokenizer.json").write_text(json.dumps(settings))
+    model, _, pre = load_teacher(str(teacher))
+    save_student(model, pre, tmp_path / "student", {})
+    ours = json.loads((tmp_path / "student" / "tokenizer.json").read_text())
+    assert (ours["truncation"], ours["padding"]) == (settings["truncation"], settings["padding"])

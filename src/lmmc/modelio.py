@@ -336,12 +336,18 @@ def offline_if_unreachable(ref: str) -> str | None:
             f"snapshot, offline")
 
 
-def _remember_file_settings(tok: Any) -> None:
-    """Keeps the truncation and padding that a fast tokenizer's tokenizer.json holds: each call of the
-    tokenizer overwrites them (the calibration's max_length), and the student's file would carry that."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        tok.lmmc_file_settings = (backend.truncation, backend.padding)
+def _remember_file_settings(tok: Any, folder: Path) -> None:
+    """Keeps the truncation and padding of the teacher's tokenizer.json: each call of a fast tokenizer overwrites
+    them (the calibration's max_length; a LLaVA processor's own call as it loads), and the student's file would
+    carry that."""
+    source = getattr(tok, "backend_tokenizer", None)
+    if source is None:
+        return
+    if (folder / "tokenizer.json").is_file():
+        import tokenizers
+
+        source = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))  # the tokenizer read it already
+    tok.lmmc_file_settings = (source.truncation, source.padding)
 
 
 def _restore_file_settings(tok: Any) -> None:
@@ -372,7 +378,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         proc = out["processor"]
         if proc is not None and hasattr(proc, "tokenizer") and hasattr(proc, "image_processor"):
             out["tokenizer"], out["image_processor"] = proc.tokenizer, proc.image_processor
-            _remember_file_settings(out["tokenizer"])
+            _remember_file_settings(out["tokenizer"], path)
             return out
     try:
         if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -382,7 +388,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
         raise missing_package(err, f"the tokenizer of '{ref}'") from None
     except Exception:  # noqa: BLE001 - a broken file raises anything (tokenizers: a bare Exception); the check says why
         pass
-    _remember_file_settings(out["tokenizer"])
+    _remember_file_settings(out["tokenizer"], path)
     if out["tokenizer"] is not None and bert_config(ref).get("do_lower_case") is True:
         _lowercase(out["tokenizer"], ref)
     try:
