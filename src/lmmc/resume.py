@@ -87,10 +87,14 @@ def code_digest() -> str:
     resumes only under the code that wrote it, since a version number stays the same across many builds."""
     import importlib.util
 
+    roots = {package: Path(importlib.util.find_spec(package).submodule_search_locations[0])
+             for package in ("lmmc", "lmmc.passes", "lmmc.export")}
     digest = hashlib.sha256()
-    for package in ("lmmc", "lmmc.passes", "lmmc.export"):
-        for root in importlib.util.find_spec(package).submodule_search_locations:
-            for file in sorted(Path(root).rglob("*.py")):
+    for package, root in roots.items():
+        for file in sorted(root.rglob("*.py")):
+            # an installed wheel holds passes/ and export/ inside lmmc/; an editor's lock file is a dangling link
+            inside = any(other != root and file.is_relative_to(other) for other in roots.values())
+            if not inside and file.is_file() and not file.name.startswith("."):
                 digest.update(f"{package}/{file.relative_to(root).as_posix()}\0".encode() + file.read_bytes())
     return digest.hexdigest()
 
