@@ -57,7 +57,8 @@ class _Group(click.Group):
 
     def _outcome(self, ctx):
         try:
-            _check_environment()
+            if "--help" not in ctx.args:  # a command's help reads under any locale
+                _check_environment()
             return super().invoke(ctx)
         except LmmcError as err:
             click.echo(f"error: {err}", err=True)

@@ -522,11 +522,12 @@ def _oversubscribed(recipe: Recipe) -> list[str]:
     """Thread counts above the CPUs this process may use: every timing then measures threads waiting for a core
     (64 threads on 2 CPUs timed the teacher at 116 ms against 1.2), and fuse: auto or a latency fit chose by it."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # the ones the recipe sets: a default of 2 on one CPU costs little, and may time nothing
     settings = [(f"{name}.threads", cfg.threads) for name, cfg in _step_configs(recipe)
-                if isinstance(getattr(cfg, "threads", None), int)]
+                if "threads" in cfg.model_fields_set]
     settings += [(f"{name}.deploy.threads", cfg.deploy.threads) for name, cfg in _step_configs(recipe)
-                 if getattr(cfg, "deploy", None) is not None]
-    if recipe.bench is not None and recipe.bench.threads is not None:
+                 if getattr(cfg, "deploy", None) is not None and "threads" in cfg.deploy.model_fields_set]
+    if recipe.bench is not None and "threads" in recipe.bench.model_fields_set:
         settings.append(("bench.threads", recipe.bench.threads))
     over = [f"{key} = {value}" for key, value in settings if value > cpus]
     if not over:
