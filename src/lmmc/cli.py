@@ -82,7 +82,7 @@ class _Group(click.Group):
         except SystemExit as done:
             # rich (NNCF's progress display) meets a broken pipe by pointing stdout at the null device and
             # exiting 1, which is lmmc's code for a missed gate; no lmmc command exits from inside itself
-            if done.code == EXIT_GATE and os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull)):
+            if done.code == EXIT_GATE and _stdout_is_null():
                 sys.exit(EXIT_INTERRUPTED)
             raise
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -110,6 +110,13 @@ class _Group(click.Group):
             click.echo(f"internal error: {type(err).__name__}: {_first_line(err)}. This is a bug in lmmc, not in "
                        f"your input; the traceback is in {log}; please report it with that file", err=True)
             sys.exit(EXIT_INTERNAL)
+
+
+def _stdout_is_null() -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):  # a stream without a file (a test runner's)
+        return False
 
 
 def _check_environment() -> None:
