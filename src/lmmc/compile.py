@@ -356,11 +356,27 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         "towers": [f"{t.name} ({t.modality})" for t in adapter.towers],
         "calibration": recipe.calibration.path or ("random" if recipe.calibration.random else None),
         "samples": counts,
-        "steps": [{"pass": s.name, "kind": s.kind, "config": s.config.model_dump(mode="json"),
-                   "needs": sorted(s.needs), "provides": sorted(s.provides)} for s in recipe.steps()],
+        "steps": _planned_steps(recipe),
         "validated": recipe.validated,
+        "bench": recipe.bench.model_dump(mode="json") if recipe.bench is not None else None,
         "warnings": warnings,
     }
+
+
+def _planned_steps(recipe: Recipe) -> list[dict[str, Any]]:
+    """Each step with its configuration; a local pruner after an allocation shows where its sparsity
+    comes from, not the default it ignores."""
+    steps, allocation = [], None
+    for s in recipe.steps():
+        config = s.config.model_dump(mode="json")
+        if "allocation" in s.provides:
+            allocation = s.name
+        elif "masks" in s.provides and allocation is not None and "sparsity" in config:
+            config["sparsity"] = f"per matrix, from {allocation}"
+            allocation = None
+        steps.append({"pass": s.name, "kind": s.kind, "config": config, "needs": sorted(s.needs),
+                      "provides": sorted(s.provides)})
+    return steps
 
 
 def skipped(adapter: Any, step: Any) -> bool:
