@@ -57,10 +57,13 @@ def initializer_map(model_proto: onnx.ModelProto, module: torch.nn.Module) -> di
     return out
 
 
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript.optimizer._constant_folding")
+
+
 def quiet_exporter_logs() -> None:
     """torch's exporter and onnxscript's optimiser log what they skip in each graph (merged symbolic axes, a
     Split with several outputs left unfolded); none of it is actionable, and a ViT tower printed it per block."""
-    for name in ("torch.onnx", "onnxscript.optimizer._constant_folding"):
+    for name in EXPORTER_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -1589,6 +1589,39 @@ def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_
         assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr
 
 
+HOST = """
+import logging, os, sys, torch
+from pathlib import Path
+from huggingface_hub import constants
+from lmmc.compile import compile_model
+from lmmc.recipe import load_recipe
+def state():
+    return (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE, torch.initial_seed(),
+            torch.get_rng_state().sum().item(), logging.getLogger("torch.onnx").level)
+torch.manual_seed(1234)
+before = state()
+report = compile_model("acme/tinybert", load_recipe(sys.argv[1]), Path(sys.argv[2]))
+print(report["warnings"][0], before == state(), before, state(), sep="|")
+"""
+
+
+def test_a_compile_called_from_python_leaves_the_host_process_as_it_was(tmp_path):
+    """A host that calls compile_model kept the hub offline for good once the hub was unreachable, and had
+    its torch random stream reseeded and the exporter's warnings silenced."""
+    fake_hub(tmp_path)
+    proxies = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in proxies}, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    recipe = write_recipe(tmp_path, {**RANDOM, "export": ["onnx"]})
+    proc = subprocess.run([sys.executable, "-c", HOST, str(recipe), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warned, same, before, _ = proc.stdout.strip().splitlines()[-1].split("|")
+    assert warned.startswith("the hub (http://127.0.0.1:9) cannot be reached")  # offline for its own run
+    assert same == "True" and before.startswith("(None, False, 1234, "), proc.stdout
+
+
 @pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", False)])
 def test_a_safetensors_index_naming_pickle_shards_is_refused(tmp_path, where, dry):
     """transformers reads whatever a model.safetensors.index.json names, a pickle shard included: the index

@@ -764,6 +764,13 @@ class _Run:
 
 def bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None = None) -> dict[str, Any]:
     """Measure every candidate of every tower of `out_dir`; write and return the result."""
+    from lmmc import process_state
+
+    with process_state.kept():
+        return _bench(out_dir, cfg, json_path)
+
+
+def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str, Any]:
     import torch
 
     import lmmc

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import lmmc
+from lmmc import process_state
 from lmmc.adapters import TRACE_TOKENS, TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json,
@@ -841,6 +842,12 @@ def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
     complete output was written but a validation gate was missed. `resume` continues a killed compile to
     the same `out` from its last finished pass."""
+    with process_state.kept():
+        return _compile(model_ref, recipe, out, force, device, trust_remote_code, recipe_path, resume)
+
+
+def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str, trust_remote_code: bool,
+             recipe_path: str | Path | None, resume: bool) -> dict[str, Any]:
     left = WorkArea(Path(os.path.expanduser(out)))
     if resume and left.writer and left.left_after_placing():
         shutil.rmtree(left.path, ignore_errors=True)
