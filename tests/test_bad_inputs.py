@@ -1589,6 +1589,24 @@ def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_
         assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", True)])
+def test_a_snapshot_whose_weights_link_points_nowhere_is_an_unfinished_download(tmp_path, where, dry):
+    """A hub snapshot links each file into blobs/; a stopped download leaves model.safetensors a link to
+    nothing. The dry run let it through and the real run called it pickle weights to convert."""
+    repo, snapshot_dir = fake_hub(tmp_path)
+    (repo / "blobs").mkdir()
+    (snapshot_dir / "model.safetensors").rename(repo / "blobs" / "abc123")
+    (snapshot_dir / "model.safetensors").symlink_to("../../blobs/abc123")
+    (repo / "blobs" / "abc123").unlink()
+    ref = "acme/tinybert" if where == "hub" else str(snapshot_dir)
+    proc = hub_compile(tmp_path, ref, "-r", write_recipe(tmp_path, RANDOM), "-o", tmp_path / "out",
+                       *(["--dry-run"] if dry else []))
+    assert proc.returncode == 2, proc.stderr
+    assert (f"error: '{snapshot_dir / 'model.safetensors'}' is a link to '../../blobs/abc123', which is not there (a "
+            f"download that did not finish); download the model again") in proc.stderr, proc.stderr
+    assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
 HOST = """
 import logging, os, sys, torch
 from pathlib import Path

@@ -180,6 +180,8 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
     from safetensors import SafetensorError, safe_open
 
     index = path / INDEX
+    for name in ("model.safetensors", INDEX):
+        _refuse_broken_link(path / name)
     if (path / "model.safetensors").is_file():  # what transformers loads first, beside an index or not
         files = ["model.safetensors"]
     elif index.is_file():
@@ -254,6 +256,14 @@ def not_safetensors(ref: str, reason: str) -> LmmcError:
                      f"from_pretrained('{ref}') and then save_pretrained(DIR, safe_serialization=True), and pass DIR")
 
 
+def _refuse_broken_link(path: Path) -> None:
+    """A hub snapshot's files are links into its blobs: a download stopped early leaves one pointing nowhere,
+    which reads as no file at all."""
+    if path.is_symlink() and not path.exists():
+        raise LmmcError(f"'{path}' is a link to '{os.readlink(path)}', which is not there (a download that did not "
+                        f"finish); download the model again")
+
+
 def check_hub_weights(ref: str, model: torch.nn.Module, adapter: Adapter) -> None:
     """What a dry run can know of a hub model's weights without downloading them: their headers where the
     snapshot is cached, else the repository's file list (offline, the cached snapshot's); pickle-only
@@ -264,7 +274,8 @@ def check_hub_weights(ref: str, model: torch.nn.Module, adapter: Adapter) -> Non
     config_file = transformers.utils.cached_file(ref, "config.json", _raise_exceptions_for_missing_entries=False,
                                                  _raise_exceptions_for_connection_errors=False)
     snapshot = Path(config_file).parent if config_file else None
-    if snapshot and ((snapshot / INDEX).is_file() or (snapshot / "model.safetensors").is_file()):
+    if snapshot and any((snapshot / name).is_file() or (snapshot / name).is_symlink()
+                        for name in (INDEX, "model.safetensors")):
         if (snapshot / INDEX).is_file():
             index_files(snapshot / INDEX, ref)  # named by the hub id, not the cache's path
         check_weights(snapshot, model, adapter)
