@@ -235,7 +235,7 @@ class OpenVinoExportPass(Pass):
             written = [fp32.name]
             if isinstance(self.config.int8, Int8Options):
                 mixed = folder / f"{tower.name}.mixed.xml"
-                choice = quantize_openvino_mixed(fp32, mixed, calibration_feeds(art, tower),
+                choice = quantize_openvino_mixed(fp32, mixed, calibration_feeds(art, tower, short=True),
                                                  block_matrices(art.student, art.adapter, tower, art.onnx[tower.name]),
                                                  self.config.int8.mixed, self.config.threads)
                 art.exports.append(ExportRecord(tower.name, "openvino", "mixed", "nncf", mixed, source="plain",
@@ -245,7 +245,7 @@ class OpenVinoExportPass(Pass):
                                        "warnings": [f"{mixed.name}: {w}" for w in choice["warnings"]]}
                 continue
             if self.config.int8:
-                feeds = calibration_feeds(art, tower)
+                feeds = calibration_feeds(art, tower, short=True)
                 int8 = quantize_openvino(fp32, folder / f"{tower.name}.int8.xml", feeds)
                 art.exports.append(ExportRecord(tower.name, "openvino", "int8", "nncf", int8, source="plain"))
                 written.append(int8.name)

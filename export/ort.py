@@ -273,9 +273,11 @@ def fc2_matmuls(model: torch.nn.Module, adapter: Adapter, tower: TowerSpec, plai
     return [n.name for n in nodes if n.op_type == "MatMul" and n.input[1] in weights]
 
 
-def calibration_feeds(art: Artifact, tower: TowerSpec) -> list[dict[str, np.ndarray]]:
-    """The compile's calibration batches (never the held-out ones) as runtime feeds."""
-    return [{n: b[n].numpy() for n in input_names(tower)} for b in art.calib.calib_batches(tower.modality)]
+def calibration_feeds(art: Artifact, tower: TowerSpec, short: bool = False) -> list[dict[str, np.ndarray]]:
+    """The compile's calibration batches (never the held-out ones) as runtime feeds; with `short`, a text
+    tower's also the short texts cut from them (`data.short_texts`)."""
+    batches = art.calib.calib_batches(tower.modality) + (art.calib.short if short and tower.modality == "text" else [])
+    return [{n: b[n].numpy() for n in input_names(tower)} for b in batches]
 
 
 def median_ms(models: dict[str, Model], feed: dict[str, np.ndarray], repeats: int) -> dict[str, float]:
