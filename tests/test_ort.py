@@ -259,6 +259,62 @@ def test_fusion_is_judged_relative_to_large_outputs(tmp_path, one_thread):
     assert largest > 1000 and 1e-4 < absolute <= 1e-4 * largest
 
 
+def test_short_texts_of_quantised_artifacts_are_measured_and_their_loss_is_warned_of(tmp_path, one_thread,
+                                                                                      monkeypatch):
+    """A query of a word or two is mostly [CLS] and [SEP]: the gates, judging whole held-out texts, did not
+    see what INT8 does to it. Each quantised artifact gets its cosine to the fp32 student on the opening
+    words of the held-out texts, checked here against ONNX Runtime and PyTorch run directly."""
+    import json
+
+    import onnxruntime as ort
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from lmmc.cli import main
+    from lmmc.data import load_calibration
+    from tests.conftest import save_tiny, tower_outputs
+
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    weights = load_file(teacher / "model.safetensors")
+    for layer in range(2):  # outlier channels, as trained encoders have them
+        weights[f"encoder.layer.{layer}.output.LayerNorm.weight"][[3, 17]] = 40.0
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    words = "cold water road sea hill town river stone field light dark rain snow wind tree leaf bird".split()
+    (tmp_path / "calib.txt").write_text("\n".join(
+        f"{words[i % 17]} {words[i // 17]} {words[(i * 5) % 17]} {words[(i * 3) % 17]} {words[(i * 7) % 17]} {i}"
+        for i in range(200)))
+    recipe = {"calibration": {"path": str(tmp_path / "calib.txt"), "samples": 64, "eval_samples": 48, "batch_size": 8,
+                              "max_length": 32},
+              "passes": [], "export": ["onnx", {"ort": {"fuse": "off", "int8": ["dynamic", "static"]}}],
+              "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.5, "threads": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr("lmmc.compile.MIN_SHORT_COSINE", 1.0)  # a tiny model loses too little to be warned of
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(teacher)
+    cfg = CalibrationConfig(**recipe["calibration"])
+    short = load_calibration(cfg, cfg.path, {"text"}, {"tokenizer": tokenizer}).eval_short
+    model = transformers.BertModel.from_pretrained(tmp_path / "o" / "student").eval()
+    tower = get_adapter("bert").towers[0]
+    ref = np.concatenate([tower_outputs(model, tower, b["input_ids"], b["attention_mask"])[1] for b in short])
+    for export in report["validation"]["exports"]:
+        session = ort.InferenceSession(str(tmp_path / "o" / export["path"]), providers=["CPUExecutionProvider"])
+        got = np.concatenate([session.run(["pooled_embedding"], {k: b[k].numpy() for k in ("input_ids", "attention_mask")})[0]
+                              for b in short])
+        ours = cosine(ref, got)
+        assert export["short_cosine_to_student"] == pytest.approx({"mean": ours.mean(), "min": ours.min(),
+                                                                   "texts": len(ours)}, abs=1e-4)
+        assert 0.99 < ours.min() < 1 and f"{export['path']}: on texts of one to four words (the opening words of the " \
+               f"held-out texts) its embedding falls to a cosine of {ours.min():.3f}" in " ".join(report["warnings"])
+        assert f'<td class="num">{ours.min():.4f}</td>' in (tmp_path / "o" / "report.html").read_text()
+    # the held-out texts' openings, not the empty text, which calibration sees
+    assert 20 <= len(ours) <= 48 and "" not in [t for b in short for t in tokenizer.batch_decode(
+        b["input_ids"], skip_special_tokens=True)]
+
+
 def test_token_states_of_quantised_artifacts_are_measured_and_their_loss_is_warned_of(tmp_path, one_thread):
     """On a teacher with outlier features the INT8 and fp16 artifacts kept pooled cosines of 0.999 to the fp32
     student while single token states pointed the other way; the gates read only the pooled embedding."""

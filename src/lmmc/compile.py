@@ -57,6 +57,9 @@ _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 # MiniLM's INT8 artifacts keep more than 0.9 on every token; on a tiny BERT with outlier features, whose pooled
 # embeddings kept 0.999, tokens fell to 0.71 (fp16) and to -0.93 (INT8).
 MIN_TOKEN_COSINE = 0.8
+# ... and one whose worst short text (a held-out text's opening words) falls below this: the MiniLM teacher's INT8
+# artifacts, calibrated on 256 sentences of samples/calib/general_en.txt, keep 0.943 (ORT static) to 0.977 (NNCF).
+MIN_SHORT_COSINE = 0.9
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1230,6 +1233,12 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
                             f"fp32 student's at its worst token ({tokens['mean']:.3f} on average), where the gates "
                             f"judge its pooled_embedding: read only the pooled embedding from it, and token states "
                             f"from an fp32 artifact")
+        short = result.get("short_cosine_to_student")
+        if short and not short["min"] >= MIN_SHORT_COSINE:
+            warnings.append(f"{result['path']}: on texts of one to four words (the opening words of the held-out "
+                            f"texts) its embedding falls to a cosine of {short['min']:.3f} to the fp32 student's "
+                            f"({short['mean']:.3f} on average), where the gates judge whole held-out texts: for short "
+                            f"queries, deploy an fp32 artifact or calibrate on texts as short as they are")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None

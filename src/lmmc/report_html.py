@@ -190,9 +190,11 @@ def _fidelity(report: dict[str, Any]) -> str:
     if exports:
         rows = [[_e(x.get("tower")), _e(f"{x.get('backend')} {x.get('precision')} {x.get('variant')}"),
                  _num(x.get("cosine_to_teacher"), ".4f"), _num(x.get("cosine_to_student"), ".4f"),
+                 _num((x.get("short_cosine_to_student") or {}).get("min"), ".4f"),
                  _num(_worst(x.get("max_abs_diff")), ".1e")] for x in exports]
         out.append("<h3>Deployment artifacts</h3>")
-        out.append(_table(["tower", "artifact", "cosine to teacher", "cosine to student", "max diff"], rows))
+        out.append(_table(["tower", "artifact", "cosine to teacher", "cosine to student",
+                           "short texts, worst cosine to student", "max diff"], rows))
     return "\n".join(out)
 
 
