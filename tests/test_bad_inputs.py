@@ -1589,36 +1589,41 @@ def test_a_cached_hub_model_compiles_offline_when_the_hub_cannot_be_reached(tmp_
         assert message in proc.stderr and "Retry" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("where,dry", [("hub", False), ("hub", True), ("local", True)])
-def test_a_snapshot_whose_weights_link_points_nowhere_is_an_unfinished_download(tmp_path, where, dry):
+@pytest.mark.parametrize("where,dry,name", [("hub", False, "model.safetensors"), ("hub", True, "model.safetensors"),
+                                            ("local", True, "model.safetensors"), ("hub", True, "config.json"),
+                                            ("local", False, "config.json")])
+def test_a_snapshot_whose_weights_link_points_nowhere_is_an_unfinished_download(tmp_path, where, dry, name):
     """A hub snapshot links each file into blobs/; a stopped download leaves model.safetensors a link to
-    nothing. The dry run let it through and the real run called it pickle weights to convert."""
+    nothing. The dry run let it through and the real run called it pickle weights to convert; a config.json
+    link was no such model."""
     repo, snapshot_dir = fake_hub(tmp_path)
     (repo / "blobs").mkdir()
-    (snapshot_dir / "model.safetensors").rename(repo / "blobs" / "abc123")
-    (snapshot_dir / "model.safetensors").symlink_to("../../blobs/abc123")
+    (snapshot_dir / name).rename(repo / "blobs" / "abc123")
+    (snapshot_dir / name).symlink_to("../../blobs/abc123")
     (repo / "blobs" / "abc123").unlink()
     ref = "acme/tinybert" if where == "hub" else str(snapshot_dir)
     proc = hub_compile(tmp_path, ref, "-r", write_recipe(tmp_path, RANDOM), "-o", tmp_path / "out",
                        *(["--dry-run"] if dry else []))
     assert proc.returncode == 2, proc.stderr
-    assert (f"error: '{snapshot_dir / 'model.safetensors'}' is a link to '../../blobs/abc123', which is not there (a "
+    assert (f"error: '{snapshot_dir / name}' is a link to '../../blobs/abc123', which is not there (a "
             f"download that did not finish); download the model again") in proc.stderr, proc.stderr
     assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
 
 
 HOST = """
-import logging, os, sys, torch
+import logging, os, random, sys, numpy, torch
 from pathlib import Path
 from huggingface_hub import constants
 from lmmc.compile import compile_model
 from lmmc.recipe import load_recipe
 def state():
     return (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE, torch.initial_seed(),
-            torch.get_rng_state().sum().item(), logging.getLogger("torch.onnx").level)
+            torch.get_rng_state().sum().item(), logging.getLogger("torch.onnx").level, hash(random.getstate()),
+            int(numpy.random.get_state()[1].sum()))
+recipe = load_recipe(sys.argv[1])  # its imports draw from Python's generator (rich does at import)
 torch.manual_seed(1234)
 before = state()
-report = compile_model("acme/tinybert", load_recipe(sys.argv[1]), Path(sys.argv[2]))
+report = compile_model("acme/tinybert", recipe, Path(sys.argv[2]))
 print(report["warnings"][0], before == state(), before, state(), sep="|")
 """
 
@@ -1631,7 +1636,7 @@ def test_a_compile_called_from_python_leaves_the_host_process_as_it_was(tmp_path
                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
     env = {**{k: v for k, v in os.environ.items() if k not in proxies}, "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    recipe = write_recipe(tmp_path, {**RANDOM, "export": ["onnx"]})
+    recipe = write_recipe(tmp_path, {**RANDOM, "export": ["onnx", {"openvino": {"int8": True}}]})  # NNCF draws too
     proc = subprocess.run([sys.executable, "-c", HOST, str(recipe), str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

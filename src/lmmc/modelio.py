@@ -45,6 +45,7 @@ def local_dir(ref: str) -> Path | None:
     if not path.is_dir():
         raise LmmcError(f"model path '{ref}' is a file; pass the directory saved with save_pretrained()")
     if not (path / "config.json").is_file():
+        _refuse_broken_link(path / "config.json")
         inner = sorted(p.parent.name for p in path.glob("*/config.json") if (path / "modules.json").is_file())
         if inner:  # an older sentence-transformers layout: the transformer is saved in a module directory
             # Pointed at the module directory alone, lmmc would miss the pooling and normalisation.
@@ -66,6 +67,10 @@ def resolve_config(ref: str, trust_remote_code: bool = False) -> tuple[Any, Adap
     except OSError as err:
         if path:
             raise LmmcError(f"'{ref}': its config.json cannot be read ({err}); save the model again") from None
+        from huggingface_hub import constants
+
+        for snapshot in sorted((Path(constants.HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}").glob("snapshots/*")):
+            _refuse_broken_link(snapshot / "config.json")
         raise LmmcError(f"no such directory: '{ref}' (relative to the current directory {Path.cwd()}), and no hub "
                         f"model of that name could be loaded (offline, or no such id); check the spelling of the "
                         f"path or the hub id, or download the model first") from None

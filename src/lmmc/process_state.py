@@ -1,17 +1,22 @@
-"""Library calls leave the caller's process as they found it: the hub's offline switch, torch's global
-random state and the exporter's log levels."""
+"""Library calls leave the caller's process as they found it: the hub's offline switch, the global random
+states and the exporter's log levels."""
 from __future__ import annotations
 
 import logging
 import os
+import random
 from contextlib import contextmanager
 from typing import Iterator
 
 
 @contextmanager
 def kept() -> Iterator[None]:
-    """Runs the body, then puts back what lmmc changes for its own run: the hub set offline when it cannot
-    be reached, the seed each pass sets, the exporter loggers quietened."""
+    """Runs the body, then puts back what lmmc and the libraries it calls change for its run: the hub set
+    offline when it cannot be reached, the seed each pass sets (and what NNCF draws from Python's and
+    numpy's generators), the exporter loggers quietened."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # before the imports: one reseeds
     import torch
     from huggingface_hub import constants
 
@@ -19,11 +24,14 @@ def kept() -> Iterator[None]:
 
     offline_env, offline_flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
     levels = {name: logging.getLogger(name).level for name in EXPORTER_LOGGERS}
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # the GPUs' generators only where the caller has started CUDA: forking them would start it on every GPU
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
         constants.HF_HUB_OFFLINE = offline_flag
         if offline_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
