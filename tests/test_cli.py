@@ -408,12 +408,12 @@ def test_the_plan_shows_the_allocated_sparsity_and_the_bench(tmp_path):
     """After an allocation, a pruner's own sparsity (its default) is not what it applies; the bench the
     recipe asks for runs too."""
     model_dir = save_tiny("bert", tmp_path / "teacher")
-    recipe = {**TINY_RECIPE, "passes": [{"ecoflap": {"sparsity": 0.6, "samples": 8}}, {"wanda": {}}],
+    recipe = {**TINY_RECIPE, "passes": [{"ecoflap": {"sparsity": 0.6, "samples": 8}}, {"wanda": {}}, {"magnitude": {}}],
               "bench": {"repeats": 3}}
     result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "o", "--dry-run")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
-    assert [s["config"].get("sparsity") for s in plan["steps"][:2]] == [0.6, "per matrix, from ecoflap"]
+    assert [s["config"].get("sparsity") for s in plan["steps"][:3]] == [0.6] + ["per matrix, from ecoflap"] * 2
     assert plan["bench"]["repeats"] == 3
     plain = json.loads(run("compile", model_dir, "-r", write_recipe(tmp_path, TINY_RECIPE), "-o", tmp_path / "o",
                            "--dry-run").stdout)

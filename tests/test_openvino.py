@@ -229,7 +229,7 @@ def test_minilm_nncf_int8_calibrated_on_short_texts_too_keeps_short_queries(mini
     fp32 = to_openvino(tmp_path / "text.onnx", tmp_path / "text.xml")
     ref = np.concatenate([load(fp32).run(f)["pooled_embedding"] for f in feeds(queries, 1)])
     cos = {}
-    for name, calib in {"sentences": feeds(lines), "with short": feeds(lines) + feeds([""] + short_texts(lines[:16], 0))}.items():
+    for name, calib in {"sentences": feeds(lines), "with short": feeds(lines) + feeds([""] + short_texts(lines[:16], 0, tokenizer))}.items():
         int8 = quantize_openvino(fp32, tmp_path / f"{name}.int8.xml", calib)
         got = np.concatenate([load(int8).run(f)["pooled_embedding"] for f in feeds(queries, 1)])
         cos[name] = cosine(ref, got)
@@ -256,7 +256,7 @@ def test_the_openvino_pass_calibrates_a_text_tower_on_its_short_texts_too(tmp_pa
               for row, mask in zip(b["input_ids"], b["attention_mask"])]
     short = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True) for b in art.calib.short
              for row, mask in zip(b["input_ids"], b["attention_mask"])]
-    assert short == [""] + short_texts(chosen[:8], 0) and len(chosen) == 32 and len(short) >= 6
+    assert short == [""] + short_texts(chosen[:8], 0, tokenizer) and len(chosen) == 32 and len(short) >= 6
     seen = []
     real = openvino_export.quantize_openvino
     monkeypatch.setattr(openvino_export, "quantize_openvino", lambda *a: seen.append(a[2]) or real(*a))
@@ -266,15 +266,20 @@ def test_the_openvino_pass_calibrates_a_text_tower_on_its_short_texts_too(tmp_pa
     assert len(feeds) == 4 + len(art.calib.short) == 6 and all((f["input_ids"] == b["input_ids"].numpy()).all() for f, b in zip(feeds[4:], art.calib.short))
 
 
-def test_short_texts_are_the_opening_words_of_a_quarter_of_the_texts_and_the_empty_text():
-    from lmmc.data import short_texts
+def test_short_texts_are_the_opening_words_of_each_text(minilm):
+    from lmmc.data import _unseen, short_texts
 
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
     texts = [f"w{i} a b c d e f" for i in range(10)]
-    short = short_texts(texts, 0)
-    assert len(short) == 10 and short == short_texts(texts, 0)
+    short = short_texts(texts, 0, tokenizer)
+    assert len(short) == 10 and short == short_texts(texts, 0, tokenizer)
     assert all(s.split() == t.split()[:len(s.split())] and 1 <= len(s.split()) <= 4 for s, t in zip(short, texts))
-    assert len({tuple(short_texts(texts, seed)) for seed in range(5)}) > 1  # the cut moves with the seed
-    assert short_texts(["a b", "a b", "a"], 0) in (["a b", "a"], ["a"])  # repeats dropped
+    assert len({tuple(short_texts(texts, seed, tokenizer)) for seed in range(5)}) > 1  # the cut moves with the seed
+    assert short_texts(["a b", "a b", "a"], 0, tokenizer) in (["a b", "a"], ["a"])  # repeats dropped
+    [cjk] = short_texts(["今天天气很好我们去公园散步吧"], 0, tokenizer)  # no spaces: its first one to four tokens
+    assert 1 <= len(cjk.replace(" ", "")) <= 4 and "今天天气".startswith(cjk.replace(" ", ""))
+    # held out only where the tokens differ from every calibrated text's and from each other's
+    assert _unseen(tokenizer, ["What is", "where", "WHERE", "how"], ["what is"], 128, None) == ["where", "how"]
 
 
 def test_a_signal_after_irs_are_released_in_load_order_reaches_its_handler(tiny_ir):

@@ -315,6 +315,31 @@ def test_short_texts_of_quantised_artifacts_are_measured_and_their_loss_is_warne
         b["input_ids"], skip_special_tokens=True)]
 
 
+def test_held_out_texts_that_open_as_calibrated_ones_leave_no_short_figure_and_say_so(tmp_path, one_thread):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+    from tests.conftest import save_tiny
+
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    (tmp_path / "calib.txt").write_text("\n".join(f"one two three four {chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(200)))
+    recipe = {"calibration": {"path": str(tmp_path / "calib.txt"), "samples": 128, "eval_samples": 32, "batch_size": 8,
+                              "max_length": 32},
+              "passes": [], "export": ["onnx", {"ort": {"fuse": "off", "int8": ["dynamic"]}}],
+              "validate": {"latency": False, "max_runtime_diff": 1e-4, "min_cosine": 0.5, "threads": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    [export] = report["validation"]["exports"]
+    assert "short_cosine_to_student" not in export
+    assert any(w.startswith("every held-out text opens with words that calibration's short texts hold as well")
+               for w in report["warnings"])
+
+
 def test_token_states_of_quantised_artifacts_are_measured_and_their_loss_is_warned_of(tmp_path, one_thread):
     """On a teacher with outlier features the INT8 and fp16 artifacts kept pooled cosines of 0.999 to the fp32
     student while single token states pointed the other way; the gates read only the pooled embedding."""

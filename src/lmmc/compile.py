@@ -376,8 +376,7 @@ def _planned_steps(recipe: Recipe) -> list[dict[str, Any]]:
         if "allocation" in s.provides:
             allocation = s.name
         elif "masks" in s.provides and allocation is not None and "sparsity" in config:
-            config["sparsity"] = f"per matrix, from {allocation}"
-            allocation = None
+            config["sparsity"] = f"per matrix, from {allocation}"  # every later pruner applies it too
         steps.append({"pass": s.name, "kind": s.kind, "config": config, "needs": sorted(s.needs),
                       "provides": sorted(s.provides)})
     return steps
@@ -1226,6 +1225,11 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
                             f"length, so cosine to the teacher mostly measures them: a student can keep the cosine "
                             f"gate and lose how the other channels rank neighbours. Gate the task metric as well "
                             f"(validate.min_task_metric or min_task_metric_ratio)")
+    quantised = [r for r in (art.validation or {}).get("exports") or [] if r["precision"] in ("int8", "mixed")]
+    if art.calib is not None and art.calib.short and not art.calib.eval_short and quantised:
+        warnings.append("every held-out text opens with words that calibration's short texts hold as well, so the "
+                        "quantised artifacts have no figure on short texts (short_cosine_to_student); hold out "
+                        "texts that open more diversely")
     for result in (art.validation or {}).get("exports") or []:
         tokens = result.get("hidden_cosine_to_student")
         if tokens and not tokens["min"] >= MIN_TOKEN_COSINE:

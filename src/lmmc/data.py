@@ -612,10 +612,10 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
                 raise LmmcError("the model directory has no tokenizer; save one beside the model to calibrate on text")
             calib[modality] = encode_text(tok, c, cfg.batch_size, max_length, pad_to)
             held[modality] = encode_text(tok, e, cfg.batch_size, max_length, pad_to)
-            cut = [""] + short_texts(c[:len(c) // 4], cfg.seed)
+            cut = [""] + short_texts(c[:len(c) // 4], cfg.seed, tok)
             short = encode_text(tok, cut, cfg.batch_size, max_length, pad_to)
-            eval_short = encode_text(tok, [t for t in short_texts(e, cfg.seed) if t not in set(cut)], cfg.batch_size,
-                                     max_length, pad_to)
+            eval_short = encode_text(tok, _unseen(tok, short_texts(e, cfg.seed, tok), cut, max_length, pad_to),
+                                     cfg.batch_size, max_length, pad_to)
         else:
             proc = preprocessor.get("image_processor")
             if proc is None:
@@ -637,13 +637,34 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
                      eval_short=eval_short)
 
 
-def short_texts(texts: list[str], seed: int) -> list[str]:
-    """The first one to four words of each text: queries as short as a search box sends. In a text of two or
-    three tokens the [CLS] and [SEP] states, whose outlier channels set the INT8 ranges, make most of the mean;
-    calibrated on 64 sentences alone, NNCF's INT8 MiniLM kept 0.871 cosine to fp32 on the empty text, 0.981 with
-    these (tests/test_openvino.py). Repeats are dropped."""
+def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
+    """The first one to four words of each text (tokens, in a script written without spaces): queries as
+    short as a search box sends. In a text of two or three tokens the [CLS] and [SEP] states, whose outlier
+    channels set the INT8 ranges, make most of the mean; calibrated on 64 sentences alone, NNCF's INT8 MiniLM
+    kept 0.871 cosine to fp32 on the empty text, 0.981 with these (tests/test_openvino.py). Repeats are dropped."""
     gen = random.Random(seed)
-    return list(dict.fromkeys(" ".join(t.split()[:gen.randint(1, 4)]) for t in texts))
+    out = []
+    for text in texts:
+        count, words = gen.randint(1, 4), text.split()
+        if len(words) > 1 or not getattr(tokenizer, "is_fast", False):
+            out.append(" ".join(words[:count]))
+        else:  # the text up to the end of its count-th token, as the user wrote it (an [UNK] keeps its letter)
+            spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            out.append(text[:spans[min(count, len(spans)) - 1][1]] if spans else text)
+    return list(dict.fromkeys(out))
+
+
+def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int | None, pad_to: int | None) -> list[str]:
+    """`texts` less those whose tokens are those of a text in `seen` or of an earlier one: an uncased tokenizer
+    reads "What is" as "what is"."""
+    length = text_length(tokenizer, max_length, pad_to)
+    tokens = {tuple(ids) for ids in tokenizer(seen, truncation=True, max_length=length)["input_ids"]}
+    out = []
+    for text, ids in zip(texts, tokenizer(texts, truncation=True, max_length=length)["input_ids"]):
+        if tuple(ids) not in tokens:
+            tokens.add(tuple(ids))
+            out.append(text)
+    return out
 
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
