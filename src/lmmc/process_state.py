@@ -11,12 +11,12 @@ from typing import Iterator
 
 @contextmanager
 def kept() -> Iterator[None]:
-    """Runs the body, then puts back what lmmc and the libraries it calls change for its run: the hub set
-    offline when it cannot be reached, the seed each pass sets (and what NNCF draws from Python's and
-    numpy's generators), the exporter loggers quietened."""
+    """Runs the body, then puts back what lmmc and the libraries it loads change for its run: the hub set
+    offline when it cannot be reached, the seed each pass sets and what libraries draw from Python's and
+    numpy's generators (rich, as NNCF imports it), the exporter loggers quietened."""
     import numpy as np
 
-    python_state, numpy_state = random.getstate(), np.random.get_state()  # before the imports: one reseeds
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # before the imports, which may draw
     import torch
     from huggingface_hub import constants
 
