@@ -1242,7 +1242,8 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
             warnings.append(f"{result['path']}: on texts of one to four words (the opening words of the held-out "
                             f"texts) its embedding falls to a cosine of {short['min']:.3f} to the fp32 student's "
                             f"({short['mean']:.3f} on average), where the gates judge whole held-out texts: for short "
-                            f"queries, deploy an fp32 artifact or calibrate on texts as short as they are")
+                            f"queries, deploy an fp32 artifact, or one that keeps its costliest matrices fp32 "
+                            f"(int8: {{mixed: ...}})")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
         dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
