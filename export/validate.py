@@ -481,6 +481,7 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
     their gates appended to `gates`. `pooled` holds each tower's (teacher, student) embeddings."""
     results = []
     hidden: dict[str, list[np.ndarray]] = {}  # tower -> the PyTorch student's last hidden states
+    short_pooled: dict[str, np.ndarray] = {}  # tower -> the PyTorch student's pooled embeddings of the short texts
     for rec in art.exports:
         tower = art.adapter.tower(rec.tower)
         batches = art.calib.eval_batches(tower.modality)
@@ -508,10 +509,11 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
         short = art.calib.eval_short if tower.modality == "text" else []
         if short and rec.precision in ("int8", "mixed") and rec.backend != "tensorrt":
             # a search box's queries: one to four words, mostly [CLS] and [SEP] (an engine's profile may not take them)
-            ref = np.concatenate([p for _, p in torch_outputs(art.student, tower, short)])
+            if rec.tower not in short_pooled:
+                short_pooled[rec.tower] = np.concatenate([p for _, p in torch_outputs(art.student, tower, short)])
             got = np.concatenate([model.run({n: b[n].numpy() for n in input_names(tower)})["pooled_embedding"]
                                   for b in short])
-            texts = cosine(ref, got)
+            texts = cosine(short_pooled[rec.tower], got)
             result["short_cosine_to_student"] = {"mean": float(texts.mean()), "min": float(texts.min()),
                                                  "texts": len(texts)}
         if rec.precision == "fp32":
