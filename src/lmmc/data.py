@@ -657,6 +657,8 @@ def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
 def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int | None, pad_to: int | None) -> list[str]:
     """`texts` less those whose tokens are those of a text in `seen` or of an earlier one: an uncased tokenizer
     reads "What is" as "what is"."""
+    if not texts:  # a tokenizer given no texts fails
+        return []
     length = text_length(tokenizer, max_length, pad_to)
     tokens = {tuple(ids) for ids in tokenizer(seen, truncation=True, max_length=length)["input_ids"]}
     out = []
