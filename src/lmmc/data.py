@@ -568,17 +568,8 @@ def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection
     """A text model's held-out texts that read, cut to `max_length` tokens, as the same tokens as a text
     calibrated on (or held out before): texts that share a long opening and differ only past the cut. The
     split tells texts apart by their words; validating on such a twin would measure a calibrated input."""
-    def tokens(records: list[dict[str, Any]]) -> list[tuple[int, ...]]:
-        texts = [r["text"] for r in records]
-        return [tuple(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]] \
-            if texts else []
-
-    seen = set(tokens(chosen.calib))
-    held_out = []
-    for record, ids in zip(chosen.held_out, tokens(chosen.held_out)):
-        if ids not in seen:
-            held_out.append(record)
-            seen.add(ids)
+    kept = _unseen(tokenizer, [r["text"] for r in chosen.held_out], [r["text"] for r in chosen.calib], max_length)
+    held_out = [chosen.held_out[i] for i in kept]
     if len(held_out) == len(chosen.held_out):
         return chosen
     twins = len(chosen.held_out) - len(held_out)
@@ -614,8 +605,9 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
             held[modality] = encode_text(tok, e, cfg.batch_size, max_length, pad_to)
             cut = [""] + short_texts(c[:len(c) // 4], cfg.seed, tok)
             short = encode_text(tok, cut, cfg.batch_size, max_length, pad_to)
-            eval_short = encode_text(tok, _unseen(tok, short_texts(e, cfg.seed, tok), cut, max_length, pad_to),
-                                     cfg.batch_size, max_length, pad_to)
+            openings = short_texts(e, cfg.seed, tok)
+            kept = _unseen(tok, openings, cut, text_length(tok, max_length, pad_to))
+            eval_short = encode_text(tok, [openings[i] for i in kept], cfg.batch_size, max_length, pad_to)
         else:
             proc = preprocessor.get("image_processor")
             if proc is None:
@@ -654,19 +646,19 @@ def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int | None, pad_to: int | None) -> list[str]:
-    """`texts` less those whose tokens are those of a text in `seen` or of an earlier one: an uncased tokenizer
-    reads "What is" as "what is"."""
-    if not texts:  # a tokenizer given no texts fails
-        return []
-    length = text_length(tokenizer, max_length, pad_to)
-    tokens = {tuple(ids) for ids in tokenizer(seen, truncation=True, max_length=length)["input_ids"]}
-    out = []
-    for text, ids in zip(texts, tokenizer(texts, truncation=True, max_length=length)["input_ids"]):
-        if tuple(ids) not in tokens:
-            tokens.add(tuple(ids))
-            out.append(text)
-    return out
+def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int) -> list[int]:
+    """The indices of `texts` whose tokens, cut to `max_length`, are neither those of a text in `seen` nor of an
+    earlier one: an uncased tokenizer reads "What is" as "what is"."""
+    def tokens(batch: list[str]) -> list[tuple[int, ...]]:  # a tokenizer given no texts fails
+        return [tuple(ids) for ids in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]] \
+            if batch else []
+
+    known, kept = set(tokens(seen)), []
+    for i, ids in enumerate(tokens(texts)):
+        if ids not in known:
+            known.add(ids)
+            kept.append(i)
+    return kept
 
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
