@@ -34,9 +34,10 @@ def _dynamic_shapes(tower: TowerSpec) -> tuple[tuple[dict[int, Any], ...]]:
                   for axes in dynamic_axes(tower).values()),)
 
 
-def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str]:
-    array = np.ascontiguousarray(array)
-    return array.shape, hashlib.sha1(array.tobytes()).hexdigest()
+def _digest(array: np.ndarray) -> tuple[tuple[int, ...], str, str]:
+    # the shape before ascontiguousarray, which turns a scalar into shape (1,): a scalar constant of the
+    # graph (a mask's fill value 0.0) is no parameter of shape (1,) that holds the same number
+    return array.shape, array.dtype.str, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def initializer_map(model_proto: onnx.ModelProto, module: torch.nn.Module) -> dict[str, dict[str, Any] | None]:

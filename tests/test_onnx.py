@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from lmmc.adapters import TowerModule, example_inputs, get_adapter, input_names
-from lmmc.export.onnx import export_tower
+from lmmc.export.onnx import export_tower, initializer_map
 from lmmc.export.ort import fuse_onnx
 from tests.conftest import tiny_model
 
@@ -52,6 +52,16 @@ def test_initialiser_map_points_every_matmul_weight_at_its_parameter(tmp_path, e
         checked += 1
     # q, k, v, o, fc1, fc2 in each of the 2 blocks
     assert checked == 12
+
+
+def test_initialiser_map_leaves_a_scalar_constant_unmapped_when_a_parameter_holds_the_same_number():
+    # SigLIP's text graph holds a scalar 0.0 (the attention mask's fill value); its logit_bias is a [1] tensor of 0.0
+    module = torch.nn.Module()
+    module.bias = torch.nn.Parameter(torch.zeros(1))
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(np.array(0.0, np.float32), "fill"),
+                                                                numpy_helper.from_array(np.zeros(1, np.float32), "b")])
+    got = initializer_map(onnx.helper.make_model(graph), module)
+    assert got == {"fill": None, "b": {"param": "bias", "transposed": False}}
 
 
 def test_export_and_fusion_log_nothing_a_user_cannot_act_on(tmp_path, caplog):
