@@ -709,6 +709,21 @@ def test_a_dead_save_is_cleared_and_the_checkpoint_it_moved_aside_put_back(tmp_p
     assert ckpt.latest() == run_dir / "step-000004"
 
 
+def test_a_run_into_checkpoints_another_live_run_holds_is_refused_and_touches_none(tmp_path):
+    # two compiles given one checkpoint_dir: the second renamed over the first's saves and pruned its steps
+    from lmmc.train import Checkpoints
+    distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    run_dir, = tmp_path.iterdir()
+    before = {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir()}
+    with Checkpoints(tmp_path, run_dir.name, keep_last=2).held():
+        with pytest.raises(LmmcError, match="another distillation with the same settings .* is writing its "
+                                            "checkpoints to .* give this run a checkpoint_dir of its own"):
+            distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+        assert {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir()} == before
+    m = distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True)
+    assert m["resumed_from"] == "final"
+
+
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     m = distill(tiny_art("bert"), steps=4, lr=5e-4, checkpoint_dir=str(tmp_path), resume=True)

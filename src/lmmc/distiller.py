@@ -1013,6 +1013,11 @@ class Trainer:
     # --- the run ------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        # rank 0 alone writes checkpoints, and holds their folder while it trains
+        with self.checkpoints.held() if self.checkpoints and self.ctx.main else nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.resumed_from = self.resume() if cfg.resume and self.checkpoints else None
         if self.resumed_from == "final":

@@ -4,7 +4,9 @@ written atomically) that a run can resume from."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import functools
 import json
 import math
@@ -15,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -319,6 +321,24 @@ class Checkpoints:
                 path.rename(self.dir / name)
             else:
                 shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """This run's hold on its folder for as long as it trains. Two live runs of one fingerprint (two
+        compiles given the same checkpoint_dir) would rename over each other's saves and prune each other's
+        steps; the second is refused. The lock is on the folder itself, so no lock file is left in it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LmmcError(f"another distillation with the same settings and starting student is writing its "
+                                f"checkpoints to '{self.dir}' now; wait for it to finish, or give this run a "
+                                f"checkpoint_dir of its own") from None
+            yield
+        finally:
+            os.close(fd)
 
     def save(self, name: str, files: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
         target = self.dir / name
