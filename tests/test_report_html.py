@@ -324,6 +324,41 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
 
 
 
+def test_report_drawn_while_a_compile_replaces_the_output_is_not_written(compiled, tmp_path, monkeypatch):
+    import fcntl
+
+    import lmmc.report_html
+    from lmmc.resume import LOCK_FILE, work_path
+
+    out = copy_output(compiled, tmp_path / "out")
+    (out / "report.html").unlink()
+    draw = lmmc.report_html.render
+
+    def drawn_as_a_compile_puts_its_output_in_place(report, out_dir):
+        page = draw(report, out_dir)
+        newer = copy_output(compiled, tmp_path / "newer")
+        (newer / ".lmmc-files.json").write_text((newer / ".lmmc-files.json").read_text() + " ")
+        (newer / "report.html").unlink()
+        out_dir.rename(tmp_path / "older")
+        newer.rename(out_dir)
+        return page
+
+    monkeypatch.setattr(lmmc.report_html, "render", drawn_as_a_compile_puts_its_output_in_place)
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "was replaced by a compile while its report was drawn" in result.output
+    assert not (out / "report.html").exists() and not (tmp_path / "older" / "report.html").exists()
+    monkeypatch.setattr(lmmc.report_html, "render", draw)
+
+    # a compile writing to the folder holds its work area's lock
+    area = work_path(out)
+    area.mkdir()
+    with open(area / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "a compile is writing to" in result.output
+    assert not (out / "report.html").exists()
+
+
 def test_report_command_adds_every_backend_of_bench_json(compiled, tmp_path):
     out = copy_output(compiled, tmp_path / "out")
     rows = [{"model": model, "artifact": artifact, "latency_ms": {"p50": ms}}

@@ -581,8 +581,15 @@ def is_unedited(path: Path) -> bool:
 def write_report_html(out_dir: Path) -> Path:
     """Draw OUT_DIR/report.html from OUT_DIR/report.json, written whole or not at all; an existing
     report.html is replaced only when lmmc wrote it."""
+    from lmmc.bench import output_fingerprint
+    from lmmc.resume import WorkArea
+
     out_dir = Path(out_dir)
     source, target = out_dir / "report.json", out_dir / "report.html"
+    if WorkArea(out_dir).running() is not None:
+        raise LmmcError(f"a compile is writing to '{out_dir}' and will replace it, report.html with it; run lmmc "
+                        f"report once it has finished")
+    fingerprint = output_fingerprint(out_dir)
     if not source.is_file():
         raise LmmcError(f"'{out_dir}' holds no report.json; give the --out directory of an lmmc compile")
     try:
@@ -604,9 +611,16 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' does not hold what lmmc compile writes{also} ({type(err).__name__}: {err}); "
                         f"compile again to write it anew, or restore the file") from None
     partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    moved = LmmcError(f"'{out_dir}' was replaced by a compile while its report was drawn; nothing was written: run "
+                      f"lmmc report again")
     try:
         partial.write_text(page, encoding="utf-8")
+        # a compile --force that replaced the output while the page was drawn: the page describes the old one
+        if WorkArea(out_dir).running() is not None or output_fingerprint(out_dir) != fingerprint:
+            raise moved
         os.replace(partial, target)
+    except FileNotFoundError:  # the folder the partial page was in moved away with the old output
+        raise moved from None
     finally:
         partial.unlink(missing_ok=True)
     return target
