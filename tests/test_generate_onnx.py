@@ -285,6 +285,25 @@ def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):
         open_generative(tmp_path / "fake")
 
 
+def test_a_generative_output_replaced_while_it_is_opened_is_an_error(compiled_llava, tmp_path, monkeypatch):
+    import lmmc.runtime.generate
+
+    out, _ = compiled_llava
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(out, tmp_path / "newer")
+    (tmp_path / "newer" / ".lmmc-files.json").write_text((out / ".lmmc-files.json").read_text() + " ")
+    built = lmmc.runtime.generate.Generator.__init__
+
+    def built_as_the_folder_is_replaced(self, *args, **kwargs):  # a compile --force puts its output in place
+        built(self, *args, **kwargs)
+        (tmp_path / "out").rename(tmp_path / "older")
+        (tmp_path / "newer").rename(tmp_path / "out")
+
+    monkeypatch.setattr(lmmc.runtime.generate.Generator, "__init__", built_as_the_folder_is_replaced)
+    with pytest.raises(LmmcError, match="was replaced by a compile while it was being opened"):
+        open_generative(tmp_path / "out", threads=1)
+
+
 @pytest.mark.parametrize("lost", ["tokenizer.json", "processor_config.json"])
 def test_a_generative_output_without_its_processor_files_is_one_clear_error(compiled_llava, tmp_path, lost):
     """transformers asked for sentencepiece, or for the hub, instead of naming the missing file."""

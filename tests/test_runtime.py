@@ -327,6 +327,31 @@ def test_a_directory_without_its_tokenizer_files_is_an_error_not_a_blank_tokeniz
         open_dir(out, threads=1)
 
 
+def test_a_directory_replaced_while_it_is_opened_is_an_error_not_a_mixed_deployment(compiled, tmp_path, monkeypatch):
+    # a compile --force puts its output in place between the manifest's reading and the graphs' loading
+    import lmmc.runtime
+
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    newer = tmp_path / "newer"
+    shutil.copytree(compiled, newer)
+    (newer / ".lmmc-files.json").write_text((newer / ".lmmc-files.json").read_text() + " ")
+    loaded = lmmc.runtime.load
+
+    def load_as_the_folder_is_replaced(*args, **kwargs):
+        if newer.exists():
+            out.rename(tmp_path / "older")
+            newer.rename(out)
+        return loaded(*args, **kwargs)
+
+    monkeypatch.setattr(lmmc.runtime, "load", load_as_the_folder_is_replaced)
+    with pytest.raises(LmmcError, match="was replaced by a compile while it was being opened, so its manifest and "
+                                        "its artifacts may belong to different compiles; open it again"):
+        open_dir(out, threads=1)
+    monkeypatch.setattr(lmmc.runtime, "load", loaded)
+    assert np.abs(open_dir(out, threads=1).encode(TEXTS) - open_dir(compiled, threads=1).encode(TEXTS)).max() == 0
+
+
 def test_two_threads_encoding_at_once_on_a_fresh_process_agree(compiled):
     """The tokenizer and image processor are read when the folder is opened: threads' first encodes used to
     import transformers together, and one of them failed on the half-imported module."""

@@ -33,7 +33,8 @@ from pydantic import Field, ValidationError
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
-from lmmc.runtime import ARTIFACT_KEYS, MANIFEST, MAX_THREADS, load, missing_preprocessing, read_manifest
+from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, load, missing_preprocessing,
+                           output_fingerprint, read_manifest)
 from lmmc.timing import PER_VISIT, time_interleaved
 
 JSON_KIND = "lmmc bench"
@@ -172,7 +173,6 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
 def _check_unchanged(out_dir: Path, files: list[str]) -> None:
     """Each file is the one the compile wrote, by the SHA-256 its file list keeps: a damaged or edited artifact
     is refused now, not after the minutes the teacher's deployments take, nor benched as the compile's."""
-    from lmmc.compile import FILE_LIST
     from lmmc.resume import hash_files
 
     try:
@@ -186,17 +186,6 @@ def _check_unchanged(out_dir: Path, files: list[str]) -> None:
             raise LmmcError(f"'{out_dir / f}' is not the file the compile wrote (its SHA-256 differs from the one "
                             f"{FILE_LIST} keeps): it was edited or damaged since; restore it, or recompile "
                             f"'{out_dir}'")
-
-
-def output_fingerprint(out_dir: Path) -> str | None:
-    """SHA-256 of the compile's file list, which names every file it wrote with that file's digest: what tells
-    this output from one compiled into the same folder later. None for an output without the list."""
-    from lmmc.compile import FILE_LIST
-
-    try:
-        return hashlib.sha256((out_dir / FILE_LIST).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _refuse_running_compile(out_dir: Path) -> None:

@@ -44,6 +44,7 @@ from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
+from lmmc.runtime import FILE_LIST
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
 
@@ -79,10 +80,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Every file and directory a compile put in its output, each file with the SHA-256 of the bytes written,
-# written last; --force replaces an earlier output only while it holds nothing else and none of those files
-# was edited since (`lmmc bench` and `lmmc report` add or rewrite the files of _LATER).
-FILE_LIST = ".lmmc-files.json"
+# FILE_LIST: every file and directory a compile put in its output, each file with the digest of the bytes
+# written, written last; --force replaces an earlier output only while it holds nothing else and none of those
+# files was edited since (`lmmc bench` and `lmmc report` add or rewrite the files of _LATER).
 _LATER = {"report.html", "bench.json", FILE_LIST}
 # What a compile (and `lmmc bench` / `lmmc report` on its output) writes at the top of --out.
 _OUTPUT_ENTRIES = {"student", "onnx", "ort", "openvino", "tensorrt", "latency-model", "allocation.png",

@@ -581,8 +581,8 @@ def is_unedited(path: Path) -> bool:
 def write_report_html(out_dir: Path) -> Path:
     """Draw OUT_DIR/report.html from OUT_DIR/report.json, written whole or not at all; an existing
     report.html is replaced only when lmmc wrote it."""
-    from lmmc.bench import output_fingerprint
     from lmmc.resume import WorkArea
+    from lmmc.runtime import output_fingerprint
 
     out_dir = Path(out_dir)
     source, target = out_dir / "report.json", out_dir / "report.html"

@@ -4,6 +4,7 @@ TensorRT engine behind the same small interface, `open_dir` turns a compile's ou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 MANIFEST = "manifest.json"
+FILE_LIST = ".lmmc-files.json"  # every file a compile wrote, each with its digest
 # What every reader of a manifest takes from each of its artifacts.
 ARTIFACT_KEYS = ("tower", "backend", "precision", "path")
 
@@ -499,6 +501,15 @@ def _named_files(manifest: dict[str, Any]) -> list:
     return names
 
 
+def output_fingerprint(out_dir: Path) -> str | None:
+    """SHA-256 of the compile's file list, which names every file it wrote with that file's digest: what tells
+    this output from one compiled into the same folder later. None for an output without the list."""
+    try:
+        return hashlib.sha256((Path(out_dir) / FILE_LIST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
              variant: str | None = None, threads: int | None = None, device: str | None = None,
              inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None,
@@ -513,6 +524,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if backend not in BACKENDS:  # None included: the manifest lists one artifact per backend, none "by default"
         raise LmmcError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     out_dir = Path(out_dir).resolve()
+    fingerprint = output_fingerprint(out_dir)
     manifest = read_manifest(out_dir)
     if "generative" in manifest:
         raise LmmcError(f"{out_dir} holds a generative model's export, which generates text rather than encoding "
@@ -552,7 +564,16 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     # artifacts with another compile's tokenizer.
     for tower in manifest["towers"].values():
         deployment._preprocessor(tower["modality"])
+    _check_not_replaced(out_dir, fingerprint)
     return deployment
+
+
+def _check_not_replaced(out_dir: Path, fingerprint: str | None) -> None:
+    """A compile --force that put another output in place while `out_dir` was opened (fingerprint taken
+    before its manifest was read) would pair one compile's manifest with another's graphs."""
+    if output_fingerprint(out_dir) != fingerprint:
+        raise LmmcError(f"{out_dir} was replaced by a compile while it was being opened, so its manifest and its "
+                        f"artifacts may belong to different compiles; open it again")
 
 
 def missing_preprocessing(out_dir: Path, manifest: dict[str, Any]) -> list[str]:
@@ -579,6 +600,7 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     if not isinstance(out_dir, (str, os.PathLike)):
         raise LmmcError(f"open_generative takes the path of a compile's output directory, not {type(out_dir).__name__}")
     out_dir = Path(out_dir)
+    fingerprint = output_fingerprint(out_dir)
     manifest = read_manifest(out_dir)
     if "generative" not in manifest:
         raise LmmcError(f"{out_dir} holds no generative export (no decoder with a KV cache); compile a generative "
@@ -597,4 +619,6 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
         raise LmmcError(f"cannot read the processor in {out_dir / 'student'}: {str(err).strip().splitlines()[0]}; "
                         f"copy the whole output directory, or compile again") from None
     _warn_if_failed(out_dir, manifest)
-    return Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
+    generator = Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
+    _check_not_replaced(out_dir, fingerprint)
+    return generator
