@@ -74,6 +74,14 @@ def test_bad_target_config_is_one_clear_error(bad: dict[str, Any], message: str)
         parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": bad}]})
 
 
+def test_shares_auto_with_a_target_is_a_recipe_that_parses() -> None:
+    # the pass-order check read shares as a mapping and crashed (exit 3) on "auto"
+    recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": {"target": {"speedup": 2},
+                                                                                  "shares": "auto"}}],
+                           "export": ["onnx", {"openvino": {"int8": True}}]})
+    assert recipe.passes[0].config.shares == "auto" and recipe.passes[0].config.target.speedup == 2
+
+
 def test_keep_stays_the_default_budget() -> None:
     recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"antgmm": {}}]})
     assert recipe.passes[0].config.keep == 0.5 and recipe.passes[0].config.target is None

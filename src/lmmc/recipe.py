@@ -260,7 +260,7 @@ class Recipe(BaseModel):
                     raise LmmcError(f"passes[{i}] 'antgmm' follows passes[{narrowed}], whose hidden stage narrowed "
                                     f"the residual stream behind a map back to the teacher's width in the last block; "
                                     f"no stage can cut that student again. Give all stages' shares to one antgmm")
-                if (step.config.shares or {}).get("hidden"):
+                if isinstance(step.config.shares, dict) and step.config.shares.get("hidden"):  # or "auto"
                     narrowed = i
             if step.name == "activation" and masked and step.config.refit is not None:
                 raise LmmcError(f"passes[{i}] 'activation' refits each FFN's second matrix whole, which would fill "
