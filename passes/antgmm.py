@@ -152,7 +152,8 @@ class AntGMMConfig(PassConfig):
             if data.get("shares") == "auto":
                 raise ValueError("shares: auto ranks heads, channels and blocks together by importance per "
                                  "predicted millisecond, which needs a latency target; give target (e.g. "
-                                 "{speedup: 2}) or explicit shares (e.g. {depth: 0.5, ffn: 0.25, heads: 0.25})")
+                                 "{speedup: 2}, measured on the OpenVINO INT8 IR the recipe exports unless deploy says "
+                                 "otherwise) or explicit shares (e.g. {depth: 0.5, ffn: 0.25, heads: 0.25})")
             if data.get("deploy") is not None or data.get("latency_cache") is not None:
                 raise ValueError("deploy and latency_cache serve a latency target; give target too, or drop them")
             return {**data, "keep": data.get("keep") if data.get("keep") is not None else 0.5}

@@ -190,15 +190,17 @@ class Recipe(BaseModel):
                             "min_cosine_int8")
         if not generative and "min_cosine_fp16" in cfg.model_fields_set and cfg.min_cosine_fp16 is not None \
                 and not any(_writes_fp16(s) for s in self.export):
-            raise LmmcError("validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one"
-                            f"{_no_engine(self.export, 'fp16')}, so it would certify nothing; add "
-                            "{ort: {fp16: true}} or {tensorrt: {precision: [fp16]}} to the export section, or remove "
-                            "min_cosine_fp16")
+            no_engine = _no_engine(self.export, "fp16")
+            add = "{ort: {fp16: true}}" + ("" if no_engine else " or {tensorrt: {precision: [fp16]}}")
+            raise LmmcError(f"validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one"
+                            f"{no_engine}, so it would certify nothing; add {add} to the export section, or remove "
+                            f"min_cosine_fp16")
         if not generative and "max_latency_miss" in cfg.model_fields_set and cfg.max_latency_miss is not None \
                 and not any(getattr(s.config, "target", None) is not None for s in self.passes):
             raise LmmcError("validate.max_latency_miss gates how far the student misses a latency target, and no "
                             "pass in this recipe sets one, so it would certify nothing; give antgmm a target, e.g. "
-                            "{antgmm: {target: {speedup: 2}}}, or remove max_latency_miss")
+                            "{antgmm: {target: {speedup: 2}}} (measured on the OpenVINO INT8 IR unless its deploy "
+                            "says otherwise: export {openvino: {int8: true}} too), or remove max_latency_miss")
         timing = [k for k in ("latency_batch", "latency_seq", "repeats") if k in cfg.model_fields_set]
         timing += ["latency"] if "latency" in cfg.model_fields_set and cfg.latency else []
         if generative and timing:
