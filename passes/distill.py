@@ -16,7 +16,8 @@ from lmmc.artifact import Artifact
 from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text, read_corpus,
                        text_key, token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_map, check_layer_range
-from lmmc.distiller import Sample, TowerPlan, Trainer, distilled_towers, make_arms, modality_key, sample_length
+from lmmc.distiller import (Sample, TowerPlan, Trainer, check_arms_have_losses, distilled_towers, make_arms,
+                            modality_key, sample_length)
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions
 from lmmc.optima import ArmSpan, ScheduleName
@@ -178,13 +179,15 @@ class DistillConfig(PassConfig):
         if isinstance(self.layer_map, list) and len(distilled) > 1:
             raise LmmcError(f"distill: layer_map is one list, but this distill trains the towers "
                             f"{[t.name for t in distilled]}; give {{tower: [teacher layers]}} per tower")
-        if unchanged_depth and depths and self.schedule == "optima":
+        if unchanged_depth and depths and self.schedule != "all":
             plans = {t.name: TowerPlan(t, depths[t.name], depths[t.name], skip=set(self.skip_hidden.get(t.name, ())))
                      for t in distilled}
-            arms = [a.name for a in make_arms(plans, self.blocks_per_arm, self.arm_span)]
+            made = make_arms(plans, self.blocks_per_arm, self.arm_span)
+            check_arms_have_losses(made, self.hidden, self.schedule)
+            arms = [a.name for a in made]
             if adapter.kind == "generative" and adapter.bridges:  # the projector is an arm of its own
                 arms.append(f"{adapter.bridges[0].name}[0:1]")
-            if self.window < len(arms):
+            if self.schedule == "optima" and self.window < len(arms):
                 raise LmmcError(f"distill: window ({self.window}) must be at least the number of modules "
                                 f"({len(arms)}: {', '.join(arms)})")
         read = sorted({t.modality for t in distilled})

@@ -199,3 +199,20 @@ def test_an_unvalidated_summary_has_no_table_header():
     assert summary_table(report).splitlines() == [
         "sparsity of prunable weights: 50.0% (vision 40.0%, language 60.0%, projector 30.0%); parameters "
         "1,000 -> 1,000"]
+
+
+@pytest.mark.parametrize("schedule", ["optima", "round_robin"])
+def test_a_one_module_schedule_without_hidden_terms_is_refused_at_plan_time(tmp_path, bert, schedule):
+    # the dry run passed it; the real run refused it in the distillation, after the passes before it
+    model, calib = bert
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4},
+                                      "passes": [{"distill": {"hidden": 0, "schedule": schedule, "blocks_per_arm": 1,
+                                                              "steps": 2, "batch_size": 4, "reward_samples": 4,
+                                                              "dev_samples": 4}}],
+                                      "validate": {"min_held_out": 4}}))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib", str(calib),
+                                       "-o", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "with hidden: 0 only the last module of a tower has a loss, but modules ['text[0:1]'] do not end " \
+           "their tower; set blocks_per_arm: null" in result.output

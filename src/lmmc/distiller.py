@@ -151,6 +151,15 @@ def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], 
     return TowerRun(hidden, pooled)
 
 
+def check_arms_have_losses(arms: list[Arm], hidden: float, schedule: str) -> None:
+    """A schedule that trains one module at a time needs a loss on each: without hidden-state terms only a
+    module that ends its tower has one (the output's)."""
+    inner = [a.name for a in arms if not a.ends_a_tower]
+    if hidden == 0 and schedule != "all" and inner:
+        raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
+                        f"{inner} do not end their tower; set blocks_per_arm: null (one module per tower)")
+
+
 def make_arms(plans: dict[str, TowerPlan], blocks_per_arm: int | None, span: ArmSpan = "tower") -> list[Arm]:
     """The bandit's arms. span "tower": each tower's student blocks cut into runs of `blocks_per_arm`
     (the last run may be shorter), one arm per run. span "towers": every tower cut into the same number
@@ -533,10 +542,7 @@ class Trainer:
         if cfg.hidden == 0 and cfg.output == 0 and not dual:
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
-        inner = [a.name for a in self.arms if not a.ends_a_tower]
-        if cfg.hidden == 0 and cfg.schedule != "all" and inner:
-            raise LmmcError(f"distill: with hidden: 0 only the last module of a tower has a loss, but modules "
-                            f"{inner} do not end their tower; set blocks_per_arm: null (one module per tower)")
+        check_arms_have_losses(self.arms, cfg.hidden, cfg.schedule)
 
     def _masks(self) -> dict[str, torch.Tensor]:
         params = dict(self.student.named_parameters())
