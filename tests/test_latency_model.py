@@ -76,6 +76,27 @@ def test_cache_hit_returns_the_same_coefficients_without_exporting(fitted, monke
     assert "reused_from" not in result.fit and result.fit["fitted_at"] == again.fit["fitted_at"]
 
 
+def test_the_variants_of_a_fit_killed_on_this_machine_are_cleared_and_no_other(fitted, tmp_path, monkeypatch):
+    # a SIGKILL skips the temporary folder's removal; a shared cache kept every killed fit's exported models
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    model, adapter, cache, _, _ = fitted
+    shutil.copytree(cache, tmp_path / "cache")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    host = socket.gethostname()
+    names = [f"latency-variants-{host}-{dead}-k3x_9a", f"latency-variants-{host}-{os.getpid()}-b7q1",
+             f"latency-variants-elsewhere-{dead}-c2d0", "latency-variants-notes"]
+    for name in names:
+        (tmp_path / "cache" / name / "v0").mkdir(parents=True)
+    monkeypatch.setattr(lm, "export_tower", lambda *a, **k: pytest.fail("a cached fit exports nothing"))
+    fit_latency_model(model, adapter, TARGET, tmp_path / "cache", _feeds(model, adapter))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("latency-variants-*")) == sorted(names[1:])
+
+
 def test_a_damaged_cache_file_is_said_before_it_is_fitted_again(fitted, tmp_path, monkeypatch, capsys):
     model, adapter, cache, _, _ = fitted
     path = cache_file(tmp_path, cache_key(model, adapter, TARGET))

@@ -12,6 +12,9 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from lmmc.runtime import Model, load
 from lmmc.student import read_structure
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 from lmmc.timing import time_interleaved
+from lmmc.train import alive
 
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("int8", "fp32")
@@ -391,6 +395,17 @@ def _variant_feeds(calib_feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[
             for t, feeds in calib_feeds.items()}
 
 
+def _clear_dead_variants(cache_dir: Path) -> None:
+    """The variant models of fits whose process died (a SIGKILL skips the temporary folder's removal); a
+    cache shared by compiles would otherwise keep every killed fit's exported models. Only this machine's:
+    a process of another machine sharing the folder cannot be seen from here."""
+    for path in cache_dir.glob("latency-variants-*"):
+        match = re.fullmatch(r"latency-variants-(.+)-(\d+)-[a-z0-9_]+", path.name)
+        if match and match[1] == socket.gethostname() and path.is_dir() and not path.is_symlink() \
+                and not alive(int(match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cache_dir: Path,
                       calib_feeds: dict[str, list[dict[str, np.ndarray]]], repeats: int = 20) -> LatencyModel:
     """Measure structure variants cut from the teacher on the target, fit each tower's coefficients and
@@ -399,6 +414,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     cache_dir = Path(cache_dir)
     key = cache_key(teacher, adapter, target)
     path = cache_file(cache_dir, key)
+    _clear_dead_variants(cache_dir)
     cached = _read_cache(path, key, [t.name for t in adapter.towers])
     if cached is not None:
         cached.fit = {**cached.fit, "reused_from": str(path)}  # the figures are that fit's, not this compile's
@@ -414,7 +430,9 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     feeds = _variant_feeds(calib_feeds)
     started = time.perf_counter()
     runs: dict[tuple[str, str], tuple[Model, dict[str, np.ndarray]]] = {}
-    with tempfile.TemporaryDirectory(prefix="latency-variants-", dir=cache_dir) as tmp:
+    # named after this process, so that a later fit can tell the folder of one killed mid-way from a live one's
+    with tempfile.TemporaryDirectory(prefix=f"latency-variants-{socket.gethostname()}-{os.getpid()}-",
+                                     dir=cache_dir) as tmp:
         for i, variant in enumerate(chosen):
             model = cut(teacher, adapter, variant)
             paths = deploy(model, adapter, target, Path(tmp) / f"v{i}", feeds)

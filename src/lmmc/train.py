@@ -283,7 +283,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -314,7 +315,7 @@ class Checkpoints:
             return
         for path in sorted(self.dir.iterdir()):
             match = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", path.name)
-            if not match or not path.is_dir() or _alive(int(match[3])):
+            if not match or not path.is_dir() or alive(int(match[3])):
                 continue
             name, kind = match[1], match[2]
             if kind == "old" and not (self.dir / name).exists():
