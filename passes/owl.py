@@ -60,8 +60,13 @@ def owl_ratios(outliers: dict[str, float], sizes: dict[str, int], sparsity: floa
     ratios = {g: 1.0 - (scaled[g] - mean + 1.0 - sparsity) for g in scaled}
     low, high = min(ratios.values()), max(ratios.values())
     if low < 0.0 or high >= 1.0:
+        # a group's sparsity moves from the target by lam times its spread: the largest lam that fits
+        spread = {g: (scaled[g] - mean) / lam for g in scaled}
+        bound = min([sparsity / c for c in spread.values() if c > 0] +
+                    [(1.0 - sparsity) / -c for c in spread.values() if c < 0])
         raise LmmcError(f"OWL's sparsities span [{low:.3f}, {high:.3f}] at sparsity {sparsity} with lam {lam}, "
-                        f"outside [0, 1); lower 'lam' or move the target away from 0 and 1")
+                        f"outside [0, 1); give a lam below {bound:.4f}, which keeps them inside here, or move "
+                        f"the target away from 0 and 1")
     return ratios
 
 

@@ -249,8 +249,10 @@ def test_owl_rule_matches_hand_computation():
     ratios = owl_ratios({"a": 0.01, "b": 0.03, "c": 0.02}, sizes, 0.6, 0.08)
     assert sum(ratios[g] * n for g, n in sizes.items()) / sum(sizes.values()) == pytest.approx(0.6)
     assert ratios["b"] < ratios["c"] < ratios["a"]
-    with pytest.raises(LmmcError, match="lower 'lam'"):
+    # b's sparsity is 0.05 - lam: the message names the largest lam that fits, and a lam under it does
+    with pytest.raises(LmmcError, match="give a lam below 0.0500, which keeps them inside here"):
         owl_ratios({"a": 0.0, "b": 1.0}, {"a": 1, "b": 1}, 0.05, 0.2)
+    assert owl_ratios({"a": 0.0, "b": 1.0}, {"a": 1, "b": 1}, 0.05, 0.0499) == pytest.approx({"a": 0.0999, "b": 0.0001})
 
 
 def test_owl_pass_meets_the_budget_on_both_towers():
