@@ -227,7 +227,8 @@ class Recipe(BaseModel):
 
     def _check_pass_order(self) -> None:
         """An allocation sets per-matrix targets that every later local pruner applies in place of its own
-        sparsity, over weights no pruner has masked yet; structured pruning cannot follow the masks of a local pruner."""
+        sparsity, over weights no pruner has masked yet; structured pruning cannot follow the masks of a local
+        pruner."""
         steps = [s.build() for s in self.passes]
         allocation, pending, masked, narrowed = None, False, None, None
         for i, step in enumerate(steps):
