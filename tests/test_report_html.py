@@ -99,6 +99,8 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
         assert np.mean(t["cosine_per_sample"]) == pytest.approx(t["cosine_mean"], abs=1e-5)
         assert min(t["cosine_per_sample"]) == pytest.approx(t["cosine_min"], abs=1e-5)
         assert f"<td>{name}</td><td class=\"num\">32</td><td class=\"num\">{t['cosine_mean']:.4f}</td>" in page
+    # the table's differences are absolute, the gates' divided by the output's scale: the page says which
+    assert "<th>ORT max |diff|</th>" in page and "max |diff| is absolute; the runtime gates divide it" in page
     inputs = "; ".join(f"{n}: {shape}" for t in towers.values() for n, shape in t["latency_ms"]["input"].items())
     assert "pixel_values" in inputs and f"threads, inputs {html.escape(inputs)}. Run" in page  # both towers' inputs
     antgmm = report["passes"][0]["metrics"]

@@ -183,8 +183,8 @@ def _fidelity(report: dict[str, Any]) -> str:
                      _num(_worst(diff), ".1e"),
                      _num(lat.get("teacher"), ".2f"), _num(lat.get("student"), ".2f"),
                      f"{lat['speedup']:.2f}x" if lat.get("speedup") else "n/a"])
-    out = [_table(["tower", "held-out", "cosine mean", "median", "min", "ORT diff", "teacher ms", "student ms",
-                   "speedup"], rows)]
+    out = [_table(["tower", "held-out", "cosine mean", "median", "min", "ORT max |diff|", "teacher ms",
+                   "student ms", "speedup"], rows)]
     out.append(_task_metric(validation.get("task_metric")))
     exports = validation.get("exports") or []
     if exports:
@@ -194,7 +194,10 @@ def _fidelity(report: dict[str, Any]) -> str:
                  _num(_worst(x.get("max_abs_diff")), ".1e")] for x in exports]
         out.append("<h3>Deployment artifacts</h3>")
         out.append(_table(["tower", "artifact", "cosine to teacher", "cosine to student",
-                           "short texts, worst cosine to student", "max diff"], rows))
+                           "short texts, worst cosine to student", "max |diff|"], rows))
+    if any(_worst(t.get("runtime_max_abs_diff")) is not None for t in towers.values()) or exports:
+        out.append(_note("max |diff| is absolute; the runtime gates divide it by the output's largest |value| "
+                         "where that exceeds 1 (validate.max_runtime_diff)"))
     return "\n".join(out)
 
 
