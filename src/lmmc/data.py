@@ -149,7 +149,10 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 if isinstance(label, bool) or not isinstance(label, (str, int)):
                     raise LmmcError(f"{path}:{n}: \"label\" must be a class name or a whole number, got "
                                     f"{json.dumps(label)}; write the class in quotes")
-                rec["label"] = str(label)
+                rec["label"] = str(label).strip()  # " cat" from a CSV's "a, cat" is the class cat
+                if not rec["label"]:
+                    raise LmmcError(f"{path}:{n}: \"label\" is empty; give the sample's class, or drop the "
+                                    f"labels of every sample")
             if "prompt" in obj:  # generative models: the text before the answer, not trained on
                 rec["prompt"] = obj["prompt"]
             if "text" in rec or "image" in rec:
@@ -279,6 +282,11 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
         raise LmmcError(f"'{source}': some samples have a \"label\" and sample {n} has none; label every sample "
                         f"or none")
     classes = sorted({r["label"] for r in records})
+    folded: dict[str, str] = {}
+    for c in classes:  # "Cat" and "cat" would be two classes whose prompts the text tower reads alike
+        if folded.setdefault(c.casefold(), c) != c:
+            raise LmmcError(f"'{source}': the labels '{folded[c.casefold()]}' and '{c}' differ only in case, so they "
+                            f"would count as two classes; write each class one way")
     if len(classes) < 2:
         raise LmmcError(f"'{source}': every sample has the label '{classes[0]}'; accuracy (zero-shot, or "
                         f"nearest-neighbour for a one-tower model) needs at least two classes. Give samples of "
