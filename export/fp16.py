@@ -20,13 +20,19 @@ def to_fp16_onnx(src: Path, dst: Path, keep_fp32: tuple[str, ...] = KEEP_FP32) -
     integer types, so the file is a drop-in replacement. Returns the count of float16 and float32
     initialisers."""
     model = onnx.load(str(src))
+    # the exporter's value_info names every initialiser; the converter relabels each float16, also the layer
+    # norm weights it keeps float32, which ONNX's checker and shape inference then refuse
+    weights = {i.name for i in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     # constants beyond fp16's range (the attention mask's -3.4e38) are clipped to +-65504, not made inf
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32))
     # the converter appends its casts at the end of the node list; ONNX wants producers first
     graph = ir.from_proto(half)
     graph.graph.sort()
     half = ir.to_proto(graph)
-    onnx.checker.check_model(half)
+    onnx.checker.check_model(half, full_check=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(half, str(dst))
     kinds = Counter(onnx.TensorProto.DataType.Name(i.data_type).lower() for i in half.graph.initializer)

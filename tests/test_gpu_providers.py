@@ -9,6 +9,7 @@ import copy
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -117,6 +118,10 @@ def test_ort_pass_writes_an_fp16_artifact_that_keeps_the_student(kind, tmp_path,
         (t, "onnxruntime", "fp16", "plain", f"ort/{t}.fp16.onnx") for t in towers]
     for t in towers:
         assert metrics[t]["fp16"]["float16_initializers"] > 0
+        # valid to ONNX's own tools: the layer norm weights kept float32 were labelled float16
+        onnx.checker.check_model(str(tmp_path / f"ort/{t}.fp16.onnx"), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(tmp_path / f"ort/{t}.fp16.onnx"), str(tmp_path / "inferred.onnx"),
+                                               strict_mode=True)
     # min_cosine_int8 1.0 would fail every fp16 artifact if fp16 were still gated as INT8
     validation = run(art, "validate", latency=False, min_cosine_int8=1.0).metrics
     gates = {g["name"]: g for g in validation["gates"]}
