@@ -94,6 +94,21 @@ def test_plain_from_pretrained_on_a_shrunk_student_fails_loudly(tmp_path: Path, 
     save_student(model, {}, tmp_path, {})
     with pytest.raises(OSError, match="model.safetensors"):
         transformers.BertModel.from_pretrained(tmp_path, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    # the folder says what loads it, and the loader it names does
+    assert 'model = lmmc.load_student("path/to/this/folder")' in (tmp_path / "README.md").read_text()
+    for a, b in zip(outputs(model), outputs(lmmc.load_student(tmp_path))):
+        assert torch.equal(a, b)
+
+
+def test_the_loading_note_goes_with_shrunk_students_only_and_over_no_card(tmp_path: Path) -> None:
+    save_student(tiny_model("bert"), {}, tmp_path / "plain", {})
+    assert not (tmp_path / "plain" / "README.md").exists()  # from_pretrained loads it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my own card")
+    model = tiny_model("bert")
+    shrink(model)
+    save_student(model, {}, tmp_path / "mine", {})
+    assert (tmp_path / "mine" / "README.md").read_text() == "my own card"
 
 
 def test_onnx_export_of_shrunk_students_matches_pytorch(tiny_kind: str, tmp_path: Path) -> None:

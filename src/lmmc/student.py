@@ -14,8 +14,8 @@ plain `from_pretrained` loads them exactly.
 Where heads or FFN channels were removed, no standard config can describe the model: per-layer widths
 differ. Then the weights go to `student.safetensors` and no `model.safetensors` is written, so plain
 `from_pretrained` stops with "no file named model.safetensors" instead of loading a full-size model and
-silently re-initialising every mismatched matrix (what `ignore_mismatched_sizes=True` would do).
-`lmmc.load_student(dir)` loads both kinds."""
+silently re-initialising every mismatched matrix (what `ignore_mismatched_sizes=True` would do), and a
+`README.md` beside it says to load it with `lmmc.load_student(dir)`, which loads both kinds."""
 
 from __future__ import annotations
 
@@ -41,6 +41,22 @@ FORMAT_VERSION = 1
 STANDARD_WEIGHTS = "model.safetensors"
 SHRUNK_WEIGHTS = "student.safetensors"
 META_FILE = "lmmc.json"
+# A student whose shapes config.json cannot describe: what a user who tried from_pretrained finds beside it.
+CARD = "README.md"
+_SHRUNK_CARD = """# A structurally pruned student
+
+lmmc removed attention heads, FFN channels or hidden channels from this model, so its layers differ from
+one another and from what `config.json` describes. `from_pretrained` cannot load it (there is no
+`model.safetensors`); load it with lmmc, which rebuilds each layer's shapes from `lmmc.json`:
+
+```python
+import lmmc
+
+model = lmmc.load_student("path/to/this/folder")
+```
+
+The ONNX and OpenVINO files of the same compile run without lmmc.
+"""
 
 
 def read_structure(model: nn.Module, adapter: Adapter) -> dict[str, dict[str, Any]]:
@@ -157,6 +173,8 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         # One metadata entry: the writer orders several differently in each process, and a resumed
         # compile must write the same bytes as an uninterrupted one.
         save_tensors(state, out / SHRUNK_WEIGHTS, metadata={"format": "pt"})
+        if not (out / CARD).exists():  # never over a card of someone else's
+            (out / CARD).write_text(_SHRUNK_CARD)
     (out / META_FILE).write_text(json.dumps({**meta, "structure": record}, indent=2))
     for weights in out.glob("*.safetensors"):
         _readable_as_umask_allows(weights)
