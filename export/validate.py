@@ -8,7 +8,7 @@ import math
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -165,12 +165,8 @@ def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
     float noise shared as in `_tied_hits`; NaN when an embedding is not finite."""
     if not (np.isfinite(teacher).all() and np.isfinite(student).all()):
         return float("nan")
-
-    def similarities(e: np.ndarray) -> np.ndarray:
-        sim = _unit(e) @ _unit(e).T
-        np.fill_diagonal(sim, -np.inf)
-        return sim
-    return _shared_best(similarities(student), _best(similarities(teacher), 1))
+    return _mean_share([_shares(s, _best(t, 1)) for (_, t), (_, s) in zip(_row_blocks(teacher, teacher, True),
+                                                                           _row_blocks(student, student, True))])
 
 
 def dominant_channels(embeddings: np.ndarray, most: int = 3) -> dict[str, Any] | None:
@@ -219,10 +215,35 @@ def _best(sim: np.ndarray, k: int) -> np.ndarray:
     return sim >= kth - 1e-6
 
 
+def _shares(sim: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Per row, the share of its best candidates (ties within float noise) that are right."""
+    best = _best(sim, 1)
+    return (best & right).sum(1) / best.sum(1)
+
+
 def _shared_best(sim: np.ndarray, right: np.ndarray) -> float:
     """Mean over rows of the share of a row's best candidates (ties within float noise) that are right."""
-    best = _best(sim, 1)
-    return float(((best & right).sum(1) / best.sum(1)).mean())
+    return float(_shares(sim, right).mean())
+
+
+# Rows of a similarity matrix held at once: the whole held-out set against itself is 10 GB at 50,000 samples.
+_ROWS = 1024
+
+
+def _row_blocks(query: np.ndarray, keys: np.ndarray, same: bool) -> Iterator[tuple[slice, np.ndarray]]:
+    """The queries' cosine similarities to every key, _ROWS queries at a time, with the rows they are; with
+    `same` (queries and keys the same samples) a sample's similarity to itself is -inf, never its own match."""
+    query, keys = _unit(query), _unit(keys)
+    for start in range(0, len(query), _ROWS):
+        sim = query[start:start + _ROWS] @ keys.T
+        if same:
+            rows = np.arange(len(sim))
+            sim[rows, start + rows] = -np.inf
+        yield slice(start, start + len(sim)), sim
+
+
+def _mean_share(blocks: list[np.ndarray]) -> float:
+    return float(np.concatenate(blocks).mean()) if blocks else float("nan")
 
 
 def chance_accuracy(kind: str, truth: list[int]) -> tuple[float, float]:
@@ -245,10 +266,9 @@ def nearest_neighbour_accuracy(embeddings: np.ndarray, truth: list[int]) -> floa
     """Fraction of samples whose nearest other sample has their class. NaN when an embedding is not finite."""
     if not _finite(embeddings):
         return float("nan")
-    sim = _unit(embeddings) @ _unit(embeddings).T
-    np.fill_diagonal(sim, -np.inf)
     labels = np.asarray(truth)
-    return _tied_hits(sim, labels, labels)
+    return _mean_share([_shares(sim, labels[None, :] == labels[rows, None])
+                        for rows, sim in _row_blocks(embeddings, embeddings, True)])
 
 
 def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray, s_keys: np.ndarray,
@@ -258,12 +278,9 @@ def top_k_agreement(t_query: np.ndarray, t_keys: np.ndarray, s_query: np.ndarray
     its own match). NaN when not finite."""
     if not _finite(t_query, t_keys, s_query, s_keys):
         return float("nan")
-    t_sim, s_sim = _unit(t_query) @ _unit(t_keys).T, _unit(s_query) @ _unit(s_keys).T
-    if same:
-        np.fill_diagonal(t_sim, -np.inf)
-        np.fill_diagonal(s_sim, -np.inf)
-    k = min(k, t_sim.shape[1] - (2 if same else 1))  # never every candidate, which would always agree
-    return _shared_best(s_sim, _best(t_sim, max(k, 1)))
+    k = max(min(k, len(t_keys) - (2 if same else 1)), 1)  # never every candidate, which would always agree
+    return _mean_share([_shares(s, _best(t, k)) for (_, t), (_, s) in zip(_row_blocks(t_query, t_keys, same),
+                                                                          _row_blocks(s_query, s_keys, same))])
 
 
 def agreement_chance(k: int, candidates: int, same: bool = False) -> tuple[int, float]:

@@ -102,6 +102,45 @@ def test_agreement_shares_tied_neighbours_instead_of_trusting_rounding():
     assert top_k_agreement(second[:1], second[1:], teacher[:1], teacher[1:], 1) == 0.5
 
 
+def test_metrics_over_row_blocks_equal_the_whole_matrix_ones(monkeypatch):
+    # the held-out set against itself is compared a block of rows at a time (N x N was 36 GB at 50,000)
+    import lmmc.export.validate as v
+
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((37, 8)).astype(np.float32)
+    student = teacher + 0.7 * rng.standard_normal((37, 8)).astype(np.float32)
+    student[5] = student[9]  # a tie that the blocks must share as the whole matrix does
+    truth = [int(i) for i in rng.integers(0, 3, 37)]
+
+    def whole(e):  # the whole matrix, each sample never its own match
+        sim = v._unit(e) @ v._unit(e).T
+        np.fill_diagonal(sim, -np.inf)
+        return sim
+
+    labels = np.asarray(truth)
+    reference = {"agreement": v._shared_best(whole(student), v._best(whole(teacher), 1)),
+                 "accuracy": v._tied_hits(whole(student), labels, labels),
+                 "top5": v._shared_best(whole(student), v._best(whole(teacher), 5)),
+                 "retrieval": v._shared_best(v._unit(student[:20]) @ v._unit(student[20:]).T,
+                                             v._best(v._unit(teacher[:20]) @ v._unit(teacher[20:]).T, 3))}
+    monkeypatch.setattr(v, "_ROWS", 4)
+    got = {"agreement": v.neighbour_agreement(teacher, student),
+           "accuracy": nearest_neighbour_accuracy(student, truth),
+           "top5": top_k_agreement(teacher, teacher, student, student, 5, same=True),
+           "retrieval": top_k_agreement(teacher[:20], teacher[20:], student[:20], student[20:], 3)}
+    assert got == pytest.approx(reference, abs=1e-12)
+    assert 0.0 < got["agreement"] < 1.0 and 0.0 < got["accuracy"] < 1.0
+
+    import tracemalloc
+    big = rng.standard_normal((4000, 8)).astype(np.float32)
+    monkeypatch.setattr(v, "_ROWS", 256)
+    tracemalloc.start()
+    v.neighbour_agreement(big, big + 0.1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4000 * 4000 * 4  # less than one whole float32 matrix; the whole-matrix code held three
+
+
 def test_retrieval_agreement_counts_the_captions_each_image_ranks_first():
     """Zero-shot classification ranks captions per image. A student that keeps every caption's best image
     but swaps each image's best caption for a near-synonym agrees text -> image, and the metric still
