@@ -237,6 +237,22 @@ def test_uniform_sets_every_matrix_to_the_target():
     assert run(art, "wanda").metrics["sparsity"] == pytest.approx(0.45, abs=1e-3)
 
 
+def test_an_allocation_below_the_zeros_a_pruner_left_is_said():
+    # wanda 2:4 then an allocation: a matrix given less than its 50 % keeps its zeros, and the budget is missed
+    art = make_artifact("bert")
+    run(art, "magnitude", nm="2:4")
+    metrics = run(art, "uniform", sparsity=0.3).metrics
+    [warning] = metrics["warnings"]
+    assert "uniform gives 12 matrices less sparsity than the zeros an earlier pruner left in them" in warning
+    assert ": 0.300 against 0.500); they keep their zeros, so the student ends sparser than the 0.3 budget" in warning
+    assert run(art, "magnitude").metrics["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # gradual pruning that stays at or above what the pruner left meets the budget, and says nothing
+    art = make_artifact("bert")
+    run(art, "magnitude", sparsity=0.3)
+    assert "warnings" not in run(art, "uniform", sparsity=0.6).metrics
+    assert run(art, "wanda").metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
 # ---- OWL ----------------------------------------------------------------------------------------
 
 

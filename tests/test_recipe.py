@@ -82,9 +82,6 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
      "passes[1] 'wanda' gives sparsity 0.6, but the allocation 'uniform' before it sets every matrix's sparsity"),
     ({"passes": [{"uniform": {"sparsity": 0.7}}, {"owl": {"sparsity": 0.3}}, {"wanda": {}}]},
      "passes[1] 'owl' would replace the sparsities of the allocation 'uniform' before any pruner applied them"),
-    # the earlier 2:4 zeros stay where ecoflap gives a matrix 0.25: 66 % instead of the budget's 60 %
-    ({"passes": [{"wanda": {"nm": "2:4"}}, {"ecoflap": {"sparsity": 0.6}}, {"magnitude": {}}]},
-     "passes[1] 'ecoflap' is an allocation after the pruner 'wanda'"),
     ({"export": ["onnx", {"tensorrt": {"precision": ["fp16", "fp16"]}}]}, "lists a precision twice"),
     ({"export": ["onnx", {"openvino": {"int8": False}}, "openvino"]},
      "export[2] 'openvino' repeats export[1]: both would write the same files"),

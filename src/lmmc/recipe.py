@@ -227,8 +227,7 @@ class Recipe(BaseModel):
 
     def _check_pass_order(self) -> None:
         """An allocation sets per-matrix targets that every later local pruner applies in place of its own
-        sparsity, over weights no pruner has masked yet; structured pruning cannot follow the masks of a local
-        pruner."""
+        sparsity; structured pruning cannot follow the masks of a local pruner."""
         steps = [s.build() for s in self.passes]
         allocation, pending, masked, narrowed = None, False, None, None
         for i, step in enumerate(steps):
@@ -237,13 +236,6 @@ class Recipe(BaseModel):
                     raise LmmcError(f"passes[{i}] '{step.name}' is an allocation: it only sets per-matrix sparsities, "
                                     f"which a local pruner after it (magnitude, wanda, sparsegpt) applies; no pruner "
                                     f"follows it, so it would do nothing. Move it before the pruner")
-                if masked:
-                    # it would share the budget out over dense weights; the earlier zeros stay, so matrices it
-                    # gives less than they hold keep theirs and the model ends sparser than the budget
-                    raise LmmcError(f"passes[{i}] '{step.name}' is an allocation after the pruner '{masked}': it "
-                                    f"shares its budget out as if the weights were dense, but the zeros '{masked}' "
-                                    f"left stay, so the student would miss the budget without a word. Put the "
-                                    f"allocation first, before any pruner")
                 if pending:
                     raise LmmcError(f"passes[{i}] '{step.name}' would replace the sparsities of the allocation "
                                     f"'{allocation}' before any pruner applied them; keep one of the two")
