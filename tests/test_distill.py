@@ -692,7 +692,7 @@ def test_minutes_need_a_ceiling_of_steps_and_a_budget_the_set_up_does_not_spend(
 def test_only_the_newest_step_checkpoints_are_kept(tmp_path):
     m = distill(tiny_art("bert"), steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_last=2)
     run_dir, = tmp_path.iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "step-000004", "step-000006"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "final", "step-000004", "step-000006"]
     assert m["checkpoint"] == str(run_dir / "final")
 
 
@@ -714,14 +714,28 @@ def test_a_run_into_checkpoints_another_live_run_holds_is_refused_and_touches_no
     from lmmc.train import Checkpoints
     distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     run_dir, = tmp_path.iterdir()
-    before = {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir()}
+    before = {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir() if p.is_dir()}
     with Checkpoints(tmp_path, run_dir.name, keep_last=2).held():
         with pytest.raises(LmmcError, match="another distillation with the same settings .* is writing its "
                                             "checkpoints to .* give this run a checkpoint_dir of its own"):
             distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-        assert {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir()} == before
+        assert {p.name: (p / "state.json").read_bytes() for p in run_dir.iterdir() if p.is_dir()} == before
     m = distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2, resume=True)
     assert m["resumed_from"] == "final"
+
+
+def test_checkpoints_on_a_filesystem_without_locks_train_unlocked(tmp_path, monkeypatch):
+    # NFS emulates flock with fcntl locks and may refuse one (EBADF, ENOLCK): the run goes on as before the lock
+    import errno
+    import fcntl
+
+    def refused(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    m = distill(tiny_art("bert"), steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    run_dir, = tmp_path.iterdir()
+    assert m["checkpoint"] == str(run_dir / "final") and (run_dir / "step-000002" / "state.json").is_file()
 
 
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):

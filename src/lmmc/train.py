@@ -283,8 +283,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists (on this machine)."""
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -292,6 +291,9 @@ def alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         pass
     return True
+
+
+LOCK_FILE = ".lock"  # held by the run writing a checkpoint folder
 
 
 class Checkpoints:
@@ -315,7 +317,7 @@ class Checkpoints:
             return
         for path in sorted(self.dir.iterdir()):
             match = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)", path.name)
-            if not match or not path.is_dir() or alive(int(match[3])):
+            if not match or not path.is_dir() or _alive(int(match[3])):
                 continue
             name, kind = match[1], match[2]
             if kind == "old" and not (self.dir / name).exists():
@@ -327,9 +329,10 @@ class Checkpoints:
     def held(self) -> Iterator[None]:
         """This run's hold on its folder for as long as it trains. Two live runs of one fingerprint (two
         compiles given the same checkpoint_dir) would rename over each other's saves and prune each other's
-        steps; the second is refused. The lock is on the folder itself, so no lock file is left in it."""
+        steps; the second is refused. A file opened for writing, as NFS's emulated flock needs; on a
+        filesystem that has no locks the run goes on without one."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir, os.O_RDONLY)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -337,6 +340,8 @@ class Checkpoints:
                 raise LmmcError(f"another distillation with the same settings and starting student is writing its "
                                 f"checkpoints to '{self.dir}' now; wait for it to finish, or give this run a "
                                 f"checkpoint_dir of its own") from None
+            except OSError:
+                pass
             yield
         finally:
             os.close(fd)
