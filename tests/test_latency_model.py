@@ -76,25 +76,25 @@ def test_cache_hit_returns_the_same_coefficients_without_exporting(fitted, monke
     assert "reused_from" not in result.fit and result.fit["fitted_at"] == again.fit["fitted_at"]
 
 
-def test_the_variants_of_a_fit_killed_on_this_machine_are_cleared_and_no_other(fitted, tmp_path, monkeypatch):
+def test_the_variants_of_a_killed_fit_are_cleared_and_no_live_ones(fitted, tmp_path, monkeypatch):
     # a SIGKILL skips the temporary folder's removal; a shared cache kept every killed fit's exported models
+    import fcntl
     import shutil
-    import socket
-    import subprocess
-    import sys
 
     model, adapter, cache, _, _ = fitted
     shutil.copytree(cache, tmp_path / "cache")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    host = socket.gethostname()
-    names = [f"latency-variants-{host}-{dead}-k3x_9a", f"latency-variants-{host}-{os.getpid()}-b7q1",
-             f"latency-variants-elsewhere-{dead}-c2d0", "latency-variants-notes"]
+    names = ["latency-variants-dead", "latency-variants-live", "latency-variants-unlocked", "latency-variants-notes"]
     for name in names:
         (tmp_path / "cache" / name / "v0").mkdir(parents=True)
+    for name in names[:2]:
+        (tmp_path / "cache" / name / ".lock").touch()
+    (tmp_path / "cache" / "latency-variants-link").symlink_to(tmp_path / "cache" / "latency-variants-dead")
     monkeypatch.setattr(lm, "export_tower", lambda *a, **k: pytest.fail("a cached fit exports nothing"))
-    fit_latency_model(model, adapter, TARGET, tmp_path / "cache", _feeds(model, adapter))
-    assert sorted(p.name for p in (tmp_path / "cache").glob("latency-variants-*")) == sorted(names[1:])
+    # a live fit, in this process or another machine's container, holds its folder's lock
+    with open(tmp_path / "cache" / "latency-variants-live" / ".lock", "r+") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)
+        fit_latency_model(model, adapter, TARGET, tmp_path / "cache", _feeds(model, adapter))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("latency-variants-*") if p.exists()) == sorted(names[1:])
 
 
 def test_a_damaged_cache_file_is_said_before_it_is_fitted_again(fitted, tmp_path, monkeypatch, capsys):

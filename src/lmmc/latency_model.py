@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -12,16 +13,14 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -36,7 +35,6 @@ from lmmc.runtime import Model, load
 from lmmc.student import read_structure
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 from lmmc.timing import time_interleaved
-from lmmc.train import alive
 
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("int8", "fp32")
@@ -395,15 +393,41 @@ def _variant_feeds(calib_feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[
             for t, feeds in calib_feeds.items()}
 
 
+_VARIANTS_LOCK = ".lock"  # held by the fit measuring a variants folder, for as long as it runs
+
+
 def _clear_dead_variants(cache_dir: Path) -> None:
-    """The variant models of fits whose process died (a SIGKILL skips the temporary folder's removal); a
-    cache shared by compiles would otherwise keep every killed fit's exported models. Only this machine's:
-    a process of another machine sharing the folder cannot be seen from here."""
+    """The variant models of fits that died (a SIGKILL skips the temporary folder's removal); a cache shared
+    by compiles would otherwise keep every killed fit's exported models. A folder goes only when its lock
+    can be taken, which no live fit allows, whatever machine or container it runs in."""
     for path in cache_dir.glob("latency-variants-*"):
-        match = re.fullmatch(r"latency-variants-(.+)-(\d+)-[a-z0-9_]+", path.name)
-        if match and match[1] == socket.gethostname() and path.is_dir() and not path.is_symlink() \
-                and not alive(int(match[2])):
+        if path.is_symlink() or not (path / _VARIANTS_LOCK).is_file():
+            continue  # not a fit's folder, or one whose fit is taking its lock this instant
+        try:
+            fd = os.open(path / _VARIANTS_LOCK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live fit, or a filesystem without locks: left alone
+            continue
+        else:
             shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _variants_folder(cache_dir: Path) -> Iterator[Path]:
+    """A temporary folder for the variant models, locked by this fit while it measures."""
+    with tempfile.TemporaryDirectory(prefix="latency-variants-", dir=cache_dir) as tmp:
+        fd = os.open(Path(tmp) / _VARIANTS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield Path(tmp)
+        finally:
+            os.close(fd)
 
 
 def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cache_dir: Path,
@@ -430,9 +454,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     feeds = _variant_feeds(calib_feeds)
     started = time.perf_counter()
     runs: dict[tuple[str, str], tuple[Model, dict[str, np.ndarray]]] = {}
-    # named after this process, so that a later fit can tell the folder of one killed mid-way from a live one's
-    with tempfile.TemporaryDirectory(prefix=f"latency-variants-{socket.gethostname()}-{os.getpid()}-",
-                                     dir=cache_dir) as tmp:
+    with _variants_folder(cache_dir) as tmp:
         for i, variant in enumerate(chosen):
             model = cut(teacher, adapter, variant)
             paths = deploy(model, adapter, target, Path(tmp) / f"v{i}", feeds)
