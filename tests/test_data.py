@@ -301,8 +301,8 @@ def test_linked_class_folders_are_read_and_a_link_back_up_does_not_loop(tmp_path
     ([{"image": "1.png", "text": "one", "label": "cat"}, {"image": "1.png", "text": "two", "label": "dog"}],
      "carries two labels, 'cat' and 'dog'"),
     # two classes the accuracy would count apart, whose prompts the text tower reads alike
-    ([{"text": "a kitten", "label": "Cat"}, {"text": "a puppy", "label": "dog"}, {"text": "a tabby", "label": "cat"}],
-     "the labels 'Cat' and 'cat' differ only in case"),
+    ([{"image": "1.png", "text": "a kitten", "label": "Cat"}, {"image": "2.png", "text": "a puppy", "label": "dog"},
+      {"image": "3.png", "text": "a tabby", "label": "cat"}], "the labels 'Cat' and 'cat' differ only in case"),
     ([{"text": "a kitten", "label": "cat"}, {"text": "a puppy", "label": " "}], r"d.jsonl:2: \"label\" is empty"),
 ])
 def test_labels_must_match_the_captions(tmp_path, lines, message):
@@ -499,3 +499,6 @@ def test_a_label_that_is_no_class_name_or_number_is_refused(tmp_path, label):
     path.write_text("\n".join(json.dumps({"text": t, "label": v}) for t, v in [("a cat", "cat"), ("a dog", " dog"),
                                                                               ("a kitten", "cat ")]))
     assert [r["label"] for r in read_samples(path)] == ["cat", "dog", "cat"]  # spaces around a class name are none of it
+    # texts alone are scored by nearest neighbour, which compares labels as written: "A" and "a" are two ids
+    path.write_text("\n".join(json.dumps({"text": t, "label": v}) for t, v in [("a cat", "A"), ("a dog", "a")]))
+    assert [r["label"] for r in read_samples(path)] == ["A", "a"]

@@ -283,7 +283,9 @@ def check_labels(records: list[dict[str, Any]], source: Path) -> None:
                         f"or none")
     classes = sorted({r["label"] for r in records})
     folded: dict[str, str] = {}
-    for c in classes:  # "Cat" and "cat" would be two classes whose prompts the text tower reads alike
+    # Where labels name classes for zero-shot (captioned images), "Cat" and "cat" would be two classes whose
+    # prompts the text tower reads alike; elsewhere a label is an id, compared as written.
+    for c in classes if any("image" in r and "text" in r for r in records) else []:
         if folded.setdefault(c.casefold(), c) != c:
             raise LmmcError(f"'{source}': the labels '{folded[c.casefold()]}' and '{c}' differ only in case, so they "
                             f"would count as two classes; write each class one way")
