@@ -88,6 +88,10 @@ def test_the_variants_of_a_killed_fit_are_cleared_and_no_live_ones(fitted, tmp_p
         (tmp_path / "cache" / name / "v0").mkdir(parents=True)
     for name in names[:2]:
         (tmp_path / "cache" / name / ".lock").touch()
+        os.utime(tmp_path / "cache" / name / ".lock", (0, 0))  # made long ago: a fit just started is left alone
+    (tmp_path / "cache" / "latency-variants-new" / "v0").mkdir(parents=True)
+    (tmp_path / "cache" / "latency-variants-new" / ".lock").touch()
+    names.append("latency-variants-new")
     (tmp_path / "cache" / "latency-variants-link").symlink_to(tmp_path / "cache" / "latency-variants-dead")
     monkeypatch.setattr(lm, "export_tower", lambda *a, **k: pytest.fail("a cached fit exports nothing"))
     # a live fit, in this process or another machine's container, holds its folder's lock

@@ -401,9 +401,9 @@ def _clear_dead_variants(cache_dir: Path) -> None:
     by compiles would otherwise keep every killed fit's exported models. A folder goes only when its lock
     can be taken, which no live fit allows, whatever machine or container it runs in."""
     for path in cache_dir.glob("latency-variants-*"):
-        if path.is_symlink() or not (path / _VARIANTS_LOCK).is_file():
-            continue  # not a fit's folder, or one whose fit is taking its lock this instant
-        try:
+        try:  # not a fit's folder, or one whose fit has just made its lock and may not hold it yet
+            if path.is_symlink() or time.time() - (path / _VARIANTS_LOCK).stat().st_mtime < 60:
+                continue
             fd = os.open(path / _VARIANTS_LOCK, os.O_RDWR)
         except OSError:
             continue
