@@ -112,7 +112,7 @@ def test_a_checkpoint_written_under_fsdp_resumes_in_one_process_and_under_fsdp(r
     ckpt = tmp_path / "ckpt"
     shutil.copytree(ranks / "ckpt", ckpt)
     [run_dir] = ckpt.iterdir()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["final", "step-000002", "step-000004"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "final", "step-000002", "step-000004"]
     step4 = load_file(str(run_dir / "step-000004" / "weights.safetensors"))
     # Whole tensors, not one rank's shards.
     assert {k.removeprefix("student."): v.shape for k, v in step4.items()} == \
