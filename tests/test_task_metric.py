@@ -103,7 +103,7 @@ def test_agreement_shares_tied_neighbours_instead_of_trusting_rounding():
 
 
 def test_metrics_over_row_blocks_equal_the_whole_matrix_ones(monkeypatch):
-    # the held-out set against itself is compared a block of rows at a time (N x N was 36 GB at 50,000)
+    # the held-out set against itself is compared a block of rows at a time (each N x N matrix was 10 GB at 50,000)
     import lmmc.export.validate as v
 
     rng = np.random.default_rng(0)
