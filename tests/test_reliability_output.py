@@ -482,3 +482,34 @@ def test_bad_input_leaves_no_folders_and_a_failed_resume_keeps_the_saved_passes(
         (area.path / "state-01").mkdir(parents=True, exist_ok=True)  # a pass the interrupted run finished
         _give_up(area, resume, [])
         assert (area.path / "state-01").is_dir() == resume
+
+
+def test_compiles_called_from_two_threads_at_once_run_one_after_the_other(setup, tmp_path):
+    """Two compiles at once in one process both failed inside torch.export (an error of its own, not
+    LmmcError, and two work areas left); they now take turns and write what one compile alone writes."""
+    import threading
+
+    from lmmc.compile import compile_model
+    from lmmc.recipe import parse_recipe
+
+    model, _, _ = setup
+    recipe = parse_recipe({**RECIPE, "export": ["onnx"]})
+    alone = compile_model(str(model), recipe, tmp_path / "alone")
+    barrier, failed = threading.Barrier(2), []
+
+    def run(name: str) -> None:
+        barrier.wait()
+        try:
+            compile_model(str(model), recipe, tmp_path / name)
+        except Exception as e:  # noqa: BLE001 - the test reports what either thread raised
+            failed.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
+    onnx = [(tmp_path / name / "onnx" / "text.onnx").read_bytes() for name in ("alone", "a", "b")]
+    assert onnx[0] == onnx[1] == onnx[2]
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["sparsity"] == alone["sparsity"]

@@ -838,13 +838,18 @@ def check_teacher_outputs(art: Artifact) -> None:
             f"{art.adapter.tower(name).modality}s to measure that tower")
 
 
+# torch.export and the random states that process_state restores are the process's: two compiles at once in
+# one process both failed inside the exporter.
+_ONE_AT_A_TIME = threading.Lock()
+
+
 def compile_model(model_ref: str, recipe: Recipe, out: Path, force: bool = False,
                   device: str = "auto", trust_remote_code: bool = False,
                   recipe_path: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Compile `model_ref` with `recipe` into `out`. Raises LmmcError on bad input, GateFailed when the
     complete output was written but a validation gate was missed. `resume` continues a killed compile to
-    the same `out` from its last finished pass."""
-    with process_state.kept():
+    the same `out` from its last finished pass. Calls from several threads run one after another."""
+    with _ONE_AT_A_TIME, process_state.kept():
         return _compile(model_ref, recipe, out, force, device, trust_remote_code, recipe_path, resume)
 
 
