@@ -492,6 +492,9 @@ class DistillPass(Pass):
             warnings.append(f"{source} {len(dev)} dev samples, not the {cfg.dev_samples} of "
                             f"dev_samples (they are capped at a quarter of the distinct samples), so the best "
                             f"checkpoint is picked on fewer; {fix}")
+        if metrics.get("diverged_at"):
+            warnings.append(f"training diverged: the loss was NaN or infinite from step {metrics['diverged_at']} on "
+                            f"(step {metrics['kept_step']} was kept); lower lr or max_grad_norm")
         if metrics.get("steps") and metrics.get("kept_step") == 0:
             warnings.append(f"no evaluation after training scored better on the dev samples than the student before "
                             f"it, so keep_best kept the student as it was and the {metrics['steps']} steps are lost; "

@@ -4,6 +4,7 @@ that ends where an uninterrupted run ends, both towers of a dual encoder, and ba
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -994,6 +995,19 @@ def test_the_compile_report_carries_the_passes_warnings(tmp_path):
     assert [w for w in report["warnings"] if w.startswith("antgmm:")] == ["antgmm: " + w for w in nested]
 
 
+def test_training_that_diverges_to_nan_keeps_the_best_student_and_says_so():
+    """A NaN dev score compared false with the best one, so keep_best kept the NaN student, and the compile
+    then failed on its weights though the student before training was there to keep."""
+    art = tiny_art("bert", sparsity=0.5)
+    before = {n: p.detach().clone() for n, p in art.student.named_parameters()}
+    metrics = distill(art, steps=4, lr=1e38, eval_every=2)
+    assert math.isnan(metrics["curve"][-1]["score"]) and metrics["diverged_at"] == 2
+    assert metrics["kept_step"] == 0 and metrics["dev_after"] == metrics["dev_before"]
+    assert all(torch.equal(p, before[n]) for n, p in art.student.named_parameters())
+    assert metrics["warnings"][0] == ("training diverged: the loss was NaN or infinite from step 2 on (step 0 was "
+                                      "kept); lower lr or max_grad_norm")
+
+
 def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():
     clip = get_adapter("clip")
     with pytest.raises(LmmcError, match="towers: \\[text\\]"):
@@ -1004,7 +1018,8 @@ def test_vocabulary_is_refused_for_pairs_and_allowed_for_a_text_tower_alone():
 def test_training_that_keep_best_throws_away_is_warned_of():
     metrics = distill(tiny_art("bert", sparsity=0.5), steps=4, lr=50.0, eval_every=2)
     assert metrics["kept_step"] == 0 and metrics["dev_after"] == metrics["dev_before"]
-    assert all(c["score"] < metrics["dev_before"]["score"] for c in metrics["curve"])
+    # at this lr some CPUs end in NaN scores, which compare false with anything
+    assert not any(c["score"] >= metrics["dev_before"]["score"] for c in metrics["curve"])
     assert metrics["warnings"][-1] == (
         "no evaluation after training scored better on the dev samples than the student before it, so keep_best "
         "kept the student as it was and the 4 steps are lost; lower lr, or train longer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -235,6 +236,12 @@ def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1
     for k in samples[0]["text"].keys() - fill.keys():
         out[k] = torch.stack([s["text"][k] for s in samples])
     return out
+
+
+def _rank(score: float) -> float:
+    """A dev score as keep_best ranks it: a NaN one (training that diverged) below every other, where a
+    comparison with NaN is always false and kept the NaN student."""
+    return float("-inf") if math.isnan(score) else score
 
 
 class DistillLoss(nn.Module):
@@ -1068,7 +1075,8 @@ class Trainer:
         final_eval = run_gathered(self.objective, self.evaluate)
         self._record(final_eval)
         kept = self.step
-        if cfg.keep_best and self.best is not None and self.best[0] > final_eval.get("score", float("-inf")):
+        if cfg.keep_best and self.best is not None and \
+                _rank(self.best[0]) > _rank(final_eval.get("score", float("-inf"))):
             self.objective.load_state_dict(self.best[2])
             kept = self.best[1]
         self._unshard()
@@ -1110,7 +1118,7 @@ class Trainer:
         window = self.losses[since:self.step]
         result["loss"] = sum(window) / len(window) if window else None
         self.curve.append(result)
-        if self.best is None or result["score"] > self.best[0]:
+        if self.best is None or _rank(result["score"]) > _rank(self.best[0]):
             self.best = (result["score"], self.step, self._student_state())
 
     def _metrics(self, kept: int) -> dict[str, Any]:
@@ -1134,6 +1142,7 @@ class Trainer:
             "projections": sorted(self.objective.proj.keys()),
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": sum(tail) / len(tail) if tail else None,
+            "diverged_at": next((i + 1 for i, loss in enumerate(self.losses) if not math.isfinite(loss)), None),
             "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
             "curve": [{k: c.get(k) for k in ("step", "train_seconds", "seconds", "score", "loss", *_GENERATIVE_DEV)
                        if k in c or k not in _GENERATIVE_DEV} for c in self.curve],
