@@ -426,7 +426,12 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
         else:
             if proc.get("image_processor") is None:
                 raise LmmcError("distill: the model has no image processor to encode the image corpus with")
-            batches[m] = encode_images(proc["image_processor"], [r["image"] for r in records], 64)
+            # each file once, its pixels shared by every caption it has (five apiece in COCO's captions)
+            paths = [r["image"] for r in records]
+            distinct = list(dict.fromkeys(paths))
+            pixels = dict(zip(distinct, (pv for b in encode_images(proc["image_processor"], distinct, 64)
+                                         for pv in b["pixel_values"])))
+            batches[m] = [{"pixel_values": [pixels[path] for path in paths]}]  # a list: stacking would copy
     return _split_samples(batches, modalities)
 
 

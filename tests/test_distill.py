@@ -579,6 +579,35 @@ def test_held_out_sentences_stay_out_in_other_case_under_a_cased_tokenizer(minil
 
 
 
+def test_an_image_under_several_captions_is_decoded_once_and_its_pixels_shared(tmp_path):
+    """Each record's image was decoded into pixels of its own: a corpus with five captions an image held
+    five copies of every image's pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import spelled
+    from lmmc.data import encode_images
+    from lmmc.passes.distill import encode_corpus
+
+    rng = np.random.default_rng(0)
+    model = save_tiny("clip", tmp_path / "clip")
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines += [{"image": f"{i}.png", "text": f"picture {spelled(i)} seen the {spelled(k)} time"} for k in range(3)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    processor = transformers.CLIPImageProcessor.from_pretrained(str(model))
+    teacher = tiny_model("clip")
+    art = Artifact("tiny", get_adapter("clip"), teacher, make_student(teacher), preprocessor={
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(str(model)), "image_processor": processor})
+    samples = encode_corpus(art, tmp_path / "corpus.jsonl", ["image", "text"], 16)
+    assert len(samples) == 12
+    pixels = [s["image"]["pixel_values"] for s in samples]
+    assert len({p.data_ptr() for p in pixels}) == 4
+    for line, p in zip(lines, pixels):
+        assert torch.equal(p, encode_images(processor, [str(tmp_path / line["image"])], 1)[0]["pixel_values"][0])
+
+
 def test_a_dual_encoders_held_out_captions_stay_out_of_a_corpus_under_other_images(tmp_path):
     """Held-out pairs were kept out by their image only: a held-out caption paired with another picture in
     the distillation corpus trained the text tower on the very captions validation then scored it on."""
