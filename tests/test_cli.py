@@ -713,11 +713,14 @@ def test_a_process_without_utf8_text_or_a_current_directory_is_told_what_to_fix(
 def test_summary_table_without_latency_prints_dashes_not_nan():
     from lmmc.cli import summary_table
 
-    tower = {"cosine_mean": 0.91234, "cosine_min": 0.5, "runtime_max_abs_diff": {"onnx": 2e-6}}
+    tower = {"cosine_mean": 0.91234, "cosine_min": 0.5, "runtime_max_abs_diff": {"onnx": 2e-6},
+             "runtime_output_scale": {"onnx": 4.0}}
     report = {"validation": {"towers": {"text": tower}, "gates": []}, "sparsity": {"sparsity": 0.5},
               "parameters": {"teacher": 10, "student": 10}, "validated": True}
     row = summary_table(report).splitlines()[1].split()
-    assert row == ["text", "0.9123", "0.5000", "2.0e-06", "-", "-", "-"]
+    # the difference as max_runtime_diff gates it, scaled by the output's size: the absolute one sat beside
+    # "runtime max diff ok" above the gate's threshold
+    assert row == ["text", "0.9123", "0.5000", "5.0e-07", "-", "-", "-"]
     tower["latency_ms"] = {"teacher": 20.0, "student": 10.0, "speedup": 2.0, "threads": 2}
     assert summary_table(report).splitlines()[1].split()[4:] == ["20.0", "10.0", "2.00x"]
 
@@ -728,7 +731,7 @@ def test_summary_says_what_its_speedup_times_and_gives_a_latency_targets_own():
     from lmmc.cli import summary_table
 
     tower = {"cosine_mean": 0.9, "cosine_min": 0.5, "runtime_max_abs_diff": {"onnx": 2e-6},
-             "latency_ms": {"teacher": 0.6, "student": 0.3, "speedup": 1.85, "threads": 1}}
+             "runtime_output_scale": {"onnx": 1.0}, "latency_ms": {"teacher": 0.6, "student": 0.3, "speedup": 1.85, "threads": 1}}
     target = {"deploy": "openvino-int8-cpu-threads1-batch8-seq32", "target_ms": 0.591, "measured_ms": 0.634,
               "speedup_target": 1.5, "speedup_measured": 1.398, "teacher_ms": 0.886}
     report = {"validation": {"towers": {"text": tower}, "latency_target": target, "gates": []},
