@@ -300,7 +300,8 @@ def _other_data(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not lmmc", "no artifacts", "backend missing", "json not ours",
-                                  "teacher moved", "teacher changed", "data changed", "seq too long",
+                                  "teacher moved", "teacher changed", "teacher of another kind", "teacher no model",
+                                  "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
                                   "tokenizer deleted", "weights deleted", "artifact edited", "json a link"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
@@ -316,6 +317,10 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "teacher changed": ([out, "--teacher", _teacher_changed(tmp_path, teacher)],
                             f"is not the model {out} was compiled from: its files differ from those the compile read "
                             f"({teacher}); pass --teacher with that model"),
+        # a ViT's towers were read first: "holds no student artifact to bench", with onnx/text.onnx there
+        "teacher of another kind": ([out, "--teacher", save_tiny("vit", tmp_path / "vit")],
+                                    f"is not the model {out} was compiled from"),
+        "teacher no model": ([out, "--teacher", tmp_path / "nope"], "give the model"),
         "data changed": ([out, "--calib", _other_data(tmp_path)], f"is not the data {out} was compiled with (its "
                                                                   f"files differ), so its held-out split would be another"),
         "seq too long": ([out, "--seq", 65], "--seq 65 is more tokens than the teacher's text tower takes (64 "

@@ -782,10 +782,17 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     try:
         config, adapter = resolve_config(teacher_ref, cfg.trust_remote_code)
     except LmmcError as err:
+        if cfg.teacher:
+            raise LmmcError(f"cannot open --teacher '{teacher_ref}' ({err}); give the model {out_dir} was compiled "
+                            f"from") from None
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
     if adapter.kind == "generative":
         raise LmmcError(GENERATIVE_BENCH)
+    calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
+    validate = _recipe_validate(report, out_dir / "report.json")
+    _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora)
+    check_unchanged(report, teacher_ref, calib_cfg, out_dir)  # before its towers are read: another model's mislead
     positions = check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
     skipped += [offline] if offline else []
@@ -797,10 +804,6 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         if measure_memory:
             measure_memory = False
             skipped.append("peak memory is not measured on a GPU: it is the host process's RSS")
-    calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
-    validate = _recipe_validate(report, out_dir / "report.json")
-    _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora)
-    check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
