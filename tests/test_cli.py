@@ -691,6 +691,15 @@ def test_a_library_that_exits_on_a_closed_pipe_is_an_interruption_not_a_missed_g
     assert proc.returncode == 130, proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_a_commands_help_reads_under_an_ascii_locale(flag):
+    """--help was let through the locale check and -h, listed beside it, was refused with exit 2."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "lmmc"), "compile", flag], env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: lmmc compile"), proc.stderr
+
+
 @pytest.mark.parametrize("where", ["an ASCII locale", "a removed directory"])
 def test_a_process_without_utf8_text_or_a_current_directory_is_told_what_to_fix(tmp_path, where):
     """Under LC_ALL=C without UTF-8 mode NNCF's progress output crashed every OpenVINO INT8 export (exit 3), and

@@ -57,7 +57,7 @@ class _Group(click.Group):
 
     def _outcome(self, ctx):
         try:
-            if "--help" not in ctx.args:  # a command's help reads under any locale
+            if not set(ctx.help_option_names) & set(ctx.args):  # a command's help reads under any locale
                 _check_environment()
             return super().invoke(ctx)
         except LmmcError as err:
