@@ -691,6 +691,18 @@ def test_a_library_that_exits_on_a_closed_pipe_is_an_interruption_not_a_missed_g
     assert proc.returncode == 130, proc.stderr
 
 
+def test_progress_bars_in_a_log_draw_a_frame_every_30_seconds():
+    """Off a terminal tqdm wrote a frame ten times a second: a 15-minute distillation put thousands in a log."""
+    script = ("import time\nfrom lmmc.cli import main\n"  # tqdm imported by the command, as the passes import it
+              "main.command('loop')(lambda: [time.sleep(0.01) for _ in __import__('tqdm').tqdm(range(200))])\n"
+              "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    proc = subprocess.run([sys.executable, "-c", script, "loop"], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    frames = proc.stderr.count(b"\r")  # bytes: text mode reads a carriage return as a new line
+    assert frames <= 3 and b"200/200" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_a_commands_help_reads_under_an_ascii_locale(flag):
     """--help was let through the locale check and -h, listed beside it, was refused with exit 2."""

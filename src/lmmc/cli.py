@@ -56,6 +56,8 @@ class _Group(click.Group):
             signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
 
     def _outcome(self, ctx):
+        if not sys.stderr.isatty():  # a log: a progress frame every 30 s, where a terminal's bar redraws 10 a second
+            os.environ.setdefault("TQDM_MININTERVAL", "30")
         try:
             if not set(ctx.help_option_names) & set(ctx.args):  # a command's help reads under any locale
                 _check_environment()
