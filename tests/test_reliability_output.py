@@ -416,6 +416,26 @@ def test_force_keeps_an_earlier_output_whose_file_the_user_edited(setup, tmp_pat
     assert (out / edited).read_bytes() == mine
 
 
+@pytest.mark.parametrize("how", ["a file where lmmc wrote a folder", "a list that calls the file a folder"])
+def test_force_keeps_a_users_file_that_the_list_names_as_a_folder(setup, tmp_path, how):
+    """The list's folders (no digest) were never checked to be folders still: --force removed the file."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    if how == "a file where lmmc wrote a folder":
+        shutil.rmtree(out / "student")
+        mine = out / "student"
+    else:
+        mine = out / "student" / "user_data.bin"
+        listed = json.loads((out / ".lmmc-files.json").read_text())
+        (out / ".lmmc-files.json").write_text(json.dumps({**listed, "student/user_data.bin": None}))
+    mine.write_text("mine")
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert f"{mine.relative_to(out).as_posix()}, which lmmc did not write); it was left untouched" in result.output
+    assert mine.read_text() == "mine"
+
+
 @pytest.mark.parametrize("listed", ["none", "names alone"])
 def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path, listed):
     """An output whose files were not listed, or listed by name alone (older lmmc's), cannot show that nothing

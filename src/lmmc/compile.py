@@ -117,6 +117,8 @@ def _foreign(path: Path) -> list[str]:
     kept = {p.name for p in path.iterdir()} - {p.name for p in _own_entries(path)}
     return [rel for rel in _entries(path) if rel.split("/")[0] not in kept and ((path / rel).is_symlink()
             or (rel not in digests and rel not in _LATER and not _PARTIAL.fullmatch(rel.split("/")[0]))
+            # a folder lmmc wrote, now a file under its name (or a list that calls a file a folder)
+            or (rel in digests and digests[rel] is None and not (path / rel).is_dir())
             # a file the user edited holds their bytes under lmmc's name; lmmc report redraws its page with
             # bench's figures, and lmmc bench rewrites its own file, each carrying its own digest
             or (isinstance(digests.get(rel), str) and (path / rel).is_file() and hash_files(path / rel) != digests[rel]
