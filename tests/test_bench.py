@@ -320,7 +320,7 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         # a ViT's towers were read first: "holds no student artifact to bench", with onnx/text.onnx there
         "teacher of another kind": ([out, "--teacher", save_tiny("vit", tmp_path / "vit")],
                                     f"is not the model {out} was compiled from"),
-        "teacher no model": ([out, "--teacher", tmp_path / "nope"], "give the model"),
+        "teacher no model": ([out, "--teacher", tmp_path / "nope"], f"cannot open --teacher '{tmp_path / 'nope'}': "),
         "data changed": ([out, "--calib", _other_data(tmp_path)], f"is not the data {out} was compiled with (its "
                                                                   f"files differ), so its held-out split would be another"),
         "seq too long": ([out, "--seq", 65], "--seq 65 is more tokens than the teacher's text tower takes (64 "

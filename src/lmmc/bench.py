@@ -783,8 +783,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         config, adapter = resolve_config(teacher_ref, cfg.trust_remote_code)
     except LmmcError as err:
         if cfg.teacher:
-            raise LmmcError(f"cannot open --teacher '{teacher_ref}' ({err}); give the model {out_dir} was compiled "
-                            f"from") from None
+            raise LmmcError(f"cannot open --teacher '{teacher_ref}': {err}") from None
         raise LmmcError(f"cannot open the teacher '{teacher_ref}' that {out_dir} was compiled from ({err}); if it "
                         f"moved, pass --teacher with its new place") from None
     if adapter.kind == "generative":

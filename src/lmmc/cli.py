@@ -58,6 +58,7 @@ class _Group(click.Group):
     def _outcome(self, ctx):
         if not sys.stderr.isatty():  # a log: a progress frame every 30 s, where a terminal's bar redraws 10 a second
             os.environ.setdefault("TQDM_MININTERVAL", "30")
+            os.environ.setdefault("TQDM_MAXINTERVAL", "30")  # else its monitor redraws a stale frame every 10 s
         try:
             if not set(ctx.help_option_names) & set(ctx.args):  # a command's help reads under any locale
                 _check_environment()
