@@ -251,6 +251,28 @@ def test_a_folder_by_the_areas_name_that_lmmc_did_not_make_is_left_alone(tmp_pat
     assert (area / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("link", ["output", "lock", f".{INPUTS_FILE}.tmp", "output/onnx"])
+def test_a_work_area_holding_a_link_is_left_alone(tmp_path, teacher, link):
+    """A dead run's area, planted with a link where lmmc writes: --resume wrote the whole output through an
+    'output' link into the folder it named, and the lock was created through a 'lock' link even without it."""
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    dead.release()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("mine")
+    area = work_path(tmp_path / "out")
+    if (area / link).is_dir():
+        (area / link).rmdir()
+    else:
+        (area / link).unlink(missing_ok=True)
+    (area / link).symlink_to(elsewhere if link.startswith("output") else elsewhere / "target")
+    for resume in (False, True):
+        with pytest.raises(LmmcError, match=rf"holds a symbolic link \('{link}'\), which lmmc never makes"):
+            WorkArea(tmp_path / "out").claim(inputs(tmp_path), resume=resume)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["mine.txt"] and (area / link).is_symlink()
+
+
 def test_only_rank_0_writes(tmp_path, teacher, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     area = WorkArea(tmp_path / "out")
@@ -300,6 +322,12 @@ def test_saved_state_reloads_a_shrunk_student_masks_and_records_exactly(tmp_path
     assert torch.equal(back.masks[next(iter(masks))], next(iter(masks.values())))
     assert back.allocation == art.allocation and back.records == art.records
     assert back.onnx == art.onnx and back.exports == art.exports
+    state = work_path(tmp_path / "out") / "state-02" / "state.json"
+    kept = state.read_text()
+    state.write_text(kept.replace('"onnx/text.onnx"', '"../../elsewhere/text.onnx"'))  # a graph outside the area
+    with pytest.raises(LmmcError, match="damaged \\(ValueError: '../../elsewhere/text.onnx' lies outside"):
+        area.restore(Artifact("m", adapter, tiny_model("bert"), tiny_model("bert")))
+    state.write_text(kept)
     saved = work_path(tmp_path / "out") / "state-02" / "masks.safetensors"
     saved.write_bytes(saved.read_bytes()[:40])   # cut short
     with pytest.raises(LmmcError, match="the saved state '.*state-02' is damaged \\(SafetensorError"):

@@ -188,6 +188,14 @@ def _write_json(path: Path, data: Any) -> None:
         raise
 
 
+def _inside(folder: Path, rel: str) -> Path:
+    """`folder / rel` for a path a saved state names, which must stay inside `folder`."""
+    path = folder / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"'{rel}' lies outside the area's output")
+    return path
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -335,6 +343,13 @@ class WorkArea:
         if not ours:
             raise LmmcError(f"'{p}' is in the way of the compile's work area but was not made by lmmc (no "
                             f"{OWNER_FILE}); move or delete it yourself, or choose another --out")
+        # lmmc makes no links there; one would have the compile write (or resume from) files elsewhere
+        link = next((Path(folder, name) for folder, dirs, files in os.walk(p) for name in [*dirs, *files]
+                     if Path(folder, name).is_symlink()), None)
+        if link is not None:
+            raise LmmcError(f"the compile's work area '{p}' holds a symbolic link ('{link.relative_to(p)}'), which "
+                            f"lmmc never makes; it was left untouched: move or delete it yourself, or choose "
+                            f"another --out")
 
     def _owner_words(self) -> str:
         owner = _read_json(self.path / OWNER_FILE) or {}
@@ -451,8 +466,8 @@ class WorkArea:
             art.validation = state["validation"]
             # Rank 0's files: the other ranks read the ONNX files where rank 0 wrote them.
             output = self.path / OUTPUT_DIR
-            art.onnx = {k: output / v for k, v in state["onnx"].items()}
-            art.exports = [ExportRecord(**{**e, "path": output / e["path"]}) for e in state["exports"]]
+            art.onnx = {k: _inside(output, v) for k, v in state["onnx"].items()}
+            art.exports = [ExportRecord(**{**e, "path": _inside(output, e["path"])}) for e in state["exports"]]
             return state["passes_done"], state["seconds"]
         except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:  # a truncated or edited file
             raise LmmcError(f"the saved state '{state_dir}' is damaged ({type(err).__name__}: {err}); run without "
