@@ -772,3 +772,20 @@ def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):
     assert result.stdout.splitlines()[0] == (
         "threads 1, batch 2, 1 warm-up rounds + 6 timed runs a candidate (repeats 4 rounded up to whole turns), in "
         "turns of 1 untimed + 3 timed; cosine: mean to the fp32 teacher (PyTorch) per corpus")
+
+
+def test_a_link_planted_under_the_jsons_temporary_name_is_not_written_through(tmp_path):
+    """The JSON went to a predictable temporary name (pid-numbered) through whatever link sat there, and a
+    file the link named held bench's JSON; one planted before the run made bench refuse the folder."""
+    from lmmc.bench import JSON_KIND, check_writable, is_bench_json, write_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    target = tmp_path / "bench.json"
+    (tmp_path / f".bench.json.tmp-{os.getpid()}").symlink_to(victim)
+    check_writable(target)
+    (tmp_path / f".bench.json.tmp-{os.getpid()}").symlink_to(victim)
+    write_json(target, {"kind": JSON_KIND, "rows": []}, tmp_path / "out")
+    assert victim.read_text() == "mine"
+    assert not target.is_symlink() and is_bench_json(target, here=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "victim.txt"]

@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -359,6 +360,22 @@ def test_report_drawn_while_a_compile_replaces_the_output_is_not_written(compile
         result = CliRunner().invoke(main, ["report", str(out)])
     assert result.exit_code == 2 and "a compile is writing to" in result.output
     assert not (out / "report.html").exists()
+
+
+def test_a_link_planted_under_the_reports_temporary_name_is_not_written_through(compiled, tmp_path):
+    """The page was written to a predictable temporary name (pid-numbered) through whatever link sat there:
+    a file anywhere the user can write held the page, and report.html became a link to it."""
+    out = copy_output(compiled, tmp_path / "out")
+    (out / "report.html").unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (out / f".report.html.tmp-{os.getpid()}").symlink_to(victim)
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "mine"
+    page = out / "report.html"
+    assert not page.is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
+    assert not (out / f".report.html.tmp-{os.getpid()}").exists()
 
 
 def test_report_command_adds_every_backend_of_bench_json(compiled, tmp_path):

@@ -290,9 +290,11 @@ def _partial(path: Path) -> Path:
 def check_writable(path: Path) -> None:
     """A new file can be made beside `path` (one is created and removed), so a folder that refuses the JSON
     fails now rather than after the whole run."""
+    from lmmc.resume import write_new
+
     probe = _partial(path)
     try:
-        probe.touch(exist_ok=False)
+        write_new(probe, "")
         probe.unlink()
     except OSError as err:
         raise LmmcError(f"cannot write '{path}': folder '{path.parent}' refuses new files ({err.strerror or err}); "
@@ -339,11 +341,13 @@ def write_json(path: Path, result: dict[str, Any], out_dir: Path) -> None:
     it once `path` is checked again, since a file someone put there during the run is not bench's to replace.
     It holds where it was written (outside the output) and the digest of the rest, by which bench knows it
     again."""
+    from lmmc.resume import write_new
+
     partial = _partial(path)
     if _elsewhere(path, out_dir):
         result = {**result, "json": str(path.resolve())}
     try:
-        partial.write_text(json.dumps({**result, "digest": _digest(result)}, indent=2, allow_nan=False))
+        write_new(partial, json.dumps({**result, "digest": _digest(result)}, indent=2, allow_nan=False))
         check_json_target(path, out_dir)
         os.replace(partial, path)
     finally:

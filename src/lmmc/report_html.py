@@ -584,7 +584,7 @@ def is_unedited(path: Path) -> bool:
 def write_report_html(out_dir: Path) -> Path:
     """Draw OUT_DIR/report.html from OUT_DIR/report.json, written whole or not at all; an existing
     report.html is replaced only when lmmc wrote it."""
-    from lmmc.resume import WorkArea
+    from lmmc.resume import WorkArea, write_new
     from lmmc.runtime import output_fingerprint
 
     out_dir = Path(out_dir)
@@ -617,7 +617,7 @@ def write_report_html(out_dir: Path) -> Path:
     moved = LmmcError(f"'{out_dir}' was replaced by a compile while its report was drawn; nothing was written: run "
                       f"lmmc report again")
     try:
-        partial.write_text(page, encoding="utf-8")
+        write_new(partial, page)
         # a compile --force that replaced the output while the page was drawn: the page describes the old one
         if WorkArea(out_dir).running() is not None or output_fingerprint(out_dir) != fingerprint:
             raise moved

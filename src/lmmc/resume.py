@@ -178,10 +178,19 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def write_new(path: Path, text: str) -> None:
+    """`text` in a new file at `path`, a temporary name of lmmc's: what is there is removed first (a link, not
+    what it points to), and a link put there meanwhile fails the exclusive create rather than being written
+    through, to a file elsewhere."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1))
+        write_new(tmp, json.dumps(data, indent=1))
         os.replace(tmp, path)
     except BaseException:  # a full disk: no half-written file left in the area
         tmp.unlink(missing_ok=True)
