@@ -221,7 +221,12 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
             (lambda: np.save(table, gen.embeddings[:10]), r"holds float32 of shape \[10, \d+\], and the decoder reads a "
                                                           r"float table of 100 rows x \d+ columns"),
             (lambda: (copy / "generative.json").write_text("{oops"), "generative.json is not JSON"),
-            (lambda: (copy / "generative.json").write_text("{}"), "generative.json lacks what generation reads")]:
+            (lambda: (copy / "generative.json").write_text("{}"), "generative.json lacks what generation reads"),
+            # an edited spec naming a graph elsewhere, which loaded
+            (lambda: (copy / "generative.json").write_text(json.dumps({**gen.spec, "decoder": str(gen.folder / DECODER)})),
+             f"names '{gen.folder / DECODER}', which is not a file in '{copy}'"),
+            (lambda: (copy / "generative.json").write_text(json.dumps({**gen.spec, "embeddings": "../embed_tokens.npy"})),
+             "names '../embed_tokens.npy', which is not a file in")]:
         broken()
         with pytest.raises(LmmcError, match=message):
             Generator(copy)

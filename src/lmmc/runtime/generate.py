@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import load
+from lmmc.runtime import _inside, load
 from lmmc.runtime.images import READ_FIX, open_image, to_rgb
 
 SPEC = "generative.json"
@@ -46,6 +46,8 @@ class Generator:
             raise LmmcError(f"{spec_path} lacks what generation reads (the graphs' and token table's files, the image, "
                             f"end and pad token ids); {again}")
         for key in ("vision", "decoder", "embeddings"):
+            if not _inside(self.spec[key]):  # an edited spec may not have files elsewhere loaded, as a manifest may not
+                raise LmmcError(f"{spec_path} names '{self.spec[key]}', which is not a file in '{folder}'; {again}")
             if not (folder / self.spec[key]).is_file():
                 raise LmmcError(f"'{folder}' lacks {self.spec[key]}, which {SPEC} names; {again}")
         self.folder = folder
