@@ -3,6 +3,7 @@ its embeddings from a real compile's manifest equal lmmc.runtime's, fp32 within 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -246,3 +247,37 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     manifest.write_text(manifest.read_text().replace("{", '{"x": "\\uZZ1f", ', 1))
     done = _run(lmmc_embed, broken, tmp_path / "ok.txt", tmp_path / "emb.txt")
     assert done.returncode == 1 and "invalid JSON at byte" in done.stderr and "bad \\u escape" in done.stderr
+
+
+
+def test_an_edited_manifest_is_refused_not_followed(lmmc_embed, compiled_out, tmp_path):
+    """The sample read an artifact a manifest named outside the folder, and a size of 0 in an image shape
+    killed it with a floating-point exception (a huge pad_to: bad_alloc)."""
+    (tmp_path / "ok.txt").write_text("5 6 7\n")
+    (tmp_path / "zero.f32").write_bytes(np.zeros((1, 3, 32, 32), np.float32).tobytes())
+    original = json.loads((compiled_out / "manifest.json").read_text())
+
+    def path_outside(m):
+        for a in m["artifacts"]:
+            a["path"] = "../" + a["path"]
+
+    def zero_dim(m):
+        for a in m["artifacts"]:
+            if a["tower"] == "vision":
+                a["inputs"][0]["shape"][1] = 0
+
+    def huge_length(m):
+        m["preprocessing"]["text"]["max_length"] = 10**15
+
+    for edit, tower, data, message in [
+            (path_outside, "text", "ok.txt", "the manifest names '../"),
+            (zero_dim, "vision", "zero.f32", "the manifest's image input's shape is not a whole number from 1 to 65536"),
+            (huge_length, "text", "ok.txt", "preprocessing.text.max_length is not a whole number from 1 to 1048576")]:
+        edited = tmp_path / edit.__name__
+        shutil.copytree(compiled_out, edited)
+        manifest = json.loads(json.dumps(original))
+        edit(manifest)
+        (edited / "manifest.json").write_text(json.dumps(manifest))
+        done = _run(lmmc_embed, edited, tmp_path / data, tmp_path / "emb.txt", "--tower", tower)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert not (tmp_path / "emb.txt").exists()

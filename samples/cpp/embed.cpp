@@ -198,6 +198,26 @@ ov::Tensor int_tensor(const ov::element::Type& type, const std::vector<int64_t>&
     return t;
 }
 
+// A size the manifest gives: a whole number from 1 to `most`. An edited manifest's zero would divide by zero,
+// and a huge or negative one allocate without bound.
+size_t manifest_size(const mini_json::Value& v, const std::string& what, double most) {
+    if (v.kind != mini_json::Value::Kind::Number || v.number < 1 || v.number > most || v.number != std::floor(v.number)) {
+        throw std::runtime_error("the manifest's " + what + " is not a whole number from 1 to " +
+                                 std::to_string(static_cast<long long>(most)) + "; compile again to rewrite it");
+    }
+    return static_cast<size_t>(v.number);
+}
+
+// The artifact's file in OUT_DIR: a manifest names only files of its own output directory, as lmmc.runtime
+// checks; an edited one may not have a file elsewhere read.
+std::string inside(const std::string& out_dir, const std::string& name) {
+    if (name.empty() || name.front() == '/' || ("/" + name + "/").find("/../") != std::string::npos) {
+        throw std::runtime_error("the manifest names '" + name + "', which is not a file inside '" + out_dir +
+                                 "'; compile again to rewrite it");
+    }
+    return out_dir + "/" + name;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -207,7 +227,7 @@ int main(int argc, char** argv) {
         const std::string tower = o.tower.empty() ? default_tower(manifest) : o.tower;
         if (!manifest["towers"].has(tower)) throw std::runtime_error("the manifest has no tower '" + tower + "'");
         const mini_json::Value& artifact = pick_artifact(manifest, o, tower);
-        const std::string path = o.out_dir + "/" + artifact["path"].string;
+        const std::string path = inside(o.out_dir, artifact["path"].string);
 
         ov::Core core;
         // f32 inference unless asked, as lmmc.runtime does: CPUs with bf16 units would otherwise run fp32
@@ -234,12 +254,12 @@ int main(int argc, char** argv) {
         if (text_tower) {
             const mini_json::Value& text = manifest["preprocessing"]["text"];
             const bool fixed = text.has("pad_to");
-            size_t pad_to = fixed ? static_cast<size_t>(text["pad_to"].number) : 0;
+            size_t pad_to = fixed ? manifest_size(text["pad_to"], "preprocessing.text.pad_to", 1 << 20) : 0;
             std::string limit = "this model reads texts of " + std::to_string(pad_to) + " tokens";
             // the length the compile cut texts to, within the model's positions (null: the tokenizer's own)
             size_t max_tokens = pad_to;
             if (!fixed && text.has("max_length") && text["max_length"].kind == mini_json::Value::Kind::Number) {
-                max_tokens = static_cast<size_t>(text["max_length"].number);
+                max_tokens = manifest_size(text["max_length"], "preprocessing.text.max_length", 1 << 20);
                 limit = "this model reads at most " + std::to_string(max_tokens) + " tokens (the manifest's "
                         "preprocessing.text.max_length)";
             }
@@ -260,7 +280,7 @@ int main(int argc, char** argv) {
             const auto& dims = artifact["inputs"].array.at(0)["shape"].array;  // [null, C, H, W]
             size_t per_sample = 1;
             for (size_t i = 1; i < dims.size(); ++i) {
-                sample_shape.push_back(static_cast<size_t>(dims[i].number));
+                sample_shape.push_back(manifest_size(dims[i], "image input's shape", 1 << 16));
                 per_sample *= sample_shape.back();
             }
             const std::string bytes = read_file(o.input);
