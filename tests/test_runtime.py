@@ -650,10 +650,12 @@ NOT_A_MANIFEST = ("is not an lmmc manifest (each artifact needs a tower, backend
     (lambda m, outside: m["preprocessing"]["text"].pop("max_length"), NOT_A_MANIFEST),
     (lambda m, outside: m["preprocessing"]["text"].update(max_length="8"), NOT_A_MANIFEST),
     (lambda m, outside: m["preprocessing"]["text"].update(pad_to=True), NOT_A_MANIFEST),
+    # encode padded every text to it: a MemoryError from the tokenizer, after trying to allocate many GB
+    (lambda m, outside: m["preprocessing"]["text"].update(pad_to=10**9), NOT_A_MANIFEST),
     (lambda m, outside: m["artifacts"][0].update(files="onnx/text.onnx"), NOT_A_MANIFEST),
 ], ids=["relative path", "absolute path", "file beside", "preprocessing file", "no tower", "no path",
         "artifacts not a list", "tower not an object", "no preprocessing", "no length", "length a string",
-        "pad_to not a number", "files a string"])
+        "pad_to not a number", "pad_to past any model", "files a string"])
 def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
     """An edited manifest must not make lmmc open files outside the output directory, nor crash on a
     missing key: one error naming manifest.json."""

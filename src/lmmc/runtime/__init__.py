@@ -469,8 +469,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 def _preprocessing_ok(section: Any, modality: str) -> bool:
     """Whether a tower's preprocessing section has what encode reads: its files, and for text the length
     to cut at (None: the tokenizer's own) and, for a model read at a fixed length, that length."""
-    def length(value: Any) -> bool:
-        return value is None or (type(value) is int and value > 0)
+    def length(value: Any) -> bool:  # an edited manifest's 10**9 would have encode pad every text to it
+        return value is None or (type(value) is int and 0 < value <= 1 << 20)
 
     return (isinstance(section, dict) and isinstance(section.get("files"), list)
             and (modality != "text" or ("max_length" in section and length(section["max_length"])
