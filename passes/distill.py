@@ -291,6 +291,42 @@ class _TextCorpus:
         return {"text": {name: torch.from_numpy(flat[a:b]).long() for name, flat in self._flat.items()}}
 
 
+class _ImageCorpus:
+    """Image or image-text samples whose pixels are made when a sample is read, once an image file for all its
+    captions: pixels cost 600 KB an image at 224 x 224, and every image of a corpus was decoded before `samples`
+    kept a few thousand. What tells images apart, their pixels' digest, is taken a chunk of files at a time."""
+
+    def __init__(self, processor, paths: list[str], texts: _TextCorpus | None) -> None:
+        self._processor, self._paths, self._texts = processor, paths, texts
+        distinct, digests = list(dict.fromkeys(paths)), {}
+        for start in range(0, len(distinct), 64):
+            chunk = distinct[start:start + 64]
+            digests.update(zip(chunk, map(_pixels_digest, encode_images(processor, chunk, 64)[0]["pixel_values"])))
+        self._digests = [digests[path] for path in paths]
+        self._pixels: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i: int) -> Sample:
+        path = self._paths[i]
+        if path not in self._pixels:
+            self._pixels[path] = encode_images(self._processor, [path], 1)[0]["pixel_values"][0]
+        return {"image": {"pixel_values": self._pixels[path]}, **(self._texts[i] if self._texts else {})}
+
+    def image_key(self, i: int) -> tuple:
+        """`_sample_key` of sample i's image alone, without its pixels."""
+        return (self._digests[i],)
+
+    def key(self, i: int) -> tuple:
+        """`_sample_key` of sample i, without its pixels."""
+        return (self._digests[i], *(_sample_key(self._texts[i]) if self._texts else ()))
+
+
+def _pixels_digest(pixels: torch.Tensor) -> str:
+    return hashlib.sha1(pixels.float().numpy().tobytes()).hexdigest()
+
+
 def _sample_key(sample: Sample, special: frozenset[int] = frozenset(), tokens: int = _KEY_TOKENS) -> tuple:
     """What tells samples apart: an image's pixels, a generative sample's whole sequence, and an encoder
     text's first `tokens` content tokens (its special tokens left out, since a text cut short ends in one)."""
@@ -304,7 +340,7 @@ def _sample_key(sample: Sample, special: frozenset[int] = frozenset(), tokens: i
                 ids = [i for i in ids if i not in special][:tokens]
             parts.append(np.array(ids, dtype=np.int32).tobytes())  # a tenth of a tuple's memory
         else:
-            parts.append(hashlib.sha1(sample[m]["pixel_values"].float().numpy().tobytes()).hexdigest())
+            parts.append(_pixels_digest(sample[m]["pixel_values"]))
     return tuple(parts)
 
 
@@ -349,33 +385,36 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
         source = f"the calibration samples of '{art.calib.source}'"
         samples = _split_samples(art.calib.calib, modalities)
     # Pairs are held out by their image: a held-out image under another caption is still held out.
-    by = ["image"] if "image" in modalities else modalities
     held = _split_samples(art.calib.eval, modalities) if art.calib else []
     special = frozenset(getattr((art.preprocessor or {}).get("tokenizer"), "all_special_ids", None) or ())
-    n = _key_tokens(special, held, samples)
-    held_out = {_sample_key({m: s[m] for m in by}, special, n) for s in held}
+    lazy = isinstance(samples, _ImageCorpus)  # its keys come without decoding its images
+    if "image" in modalities:
+        held_out = {_sample_key({"image": s["image"]}) for s in held}
+        image_keys = [samples.image_key(i) if lazy else _sample_key({"image": samples[i]["image"]})
+                      for i in range(len(samples))]
+        kept = [i for i, k in enumerate(image_keys) if k not in held_out]
+    else:
+        n = _key_tokens(special, held, samples)
+        held_out = {_sample_key(s, special, n) for s in held}
+        kept = [i for i, s in enumerate(samples) if _sample_key(s, special, n) not in held_out]
     unique: dict[tuple, int] = {}
-    for i, s in enumerate(samples):
-        if _sample_key({m: s[m] for m in by}, special, n) not in held_out:
-            unique.setdefault(_sample_key(s), i)
+    for i in kept:
+        unique.setdefault(samples.key(i) if lazy else _sample_key(samples[i]), i)
     index = list(unique.values())
     order = torch.randperm(len(index), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     index = [index[i] for i in order]
     if "image" in modalities:  # dev images, like held-out ones, are not trained on under another caption
-        samples = [samples[i] for i in index]
-        keys = [_sample_key({"image": s["image"]}) for s in samples]
-        firsts = dict(zip(reversed(keys), reversed(samples)))  # each image's first sample in the shuffled order
+        keys = [image_keys[i] for i in index]
+        firsts = dict(zip(reversed(keys), reversed(index)))  # each image's first sample in the shuffled order
         chosen = list(dict.fromkeys(keys))[:min(cfg.dev_samples, len(firsts) // 4)]
         dev, taken = [firsts[k] for k in chosen], set(chosen)
-        train = [s for s, k in zip(samples, keys) if k not in taken]
+        train = [i for i, k in zip(index, keys) if k not in taken]
     else:
         n_dev = min(cfg.dev_samples, len(index) // 4)
-        # only the samples kept become tensors of their own
-        dev = [samples[i] for i in index[:n_dev]]
-        train = [samples[i] for i in index[n_dev:n_dev + cfg.samples if cfg.samples else None]]
-    dev = sorted(dev, key=sample_length)  # pads little when evaluated in batches; a fixed set's order changes nothing
-    if cfg.samples:
-        train = train[:cfg.samples]
+        dev, train = index[:n_dev], index[n_dev:]
+    # only the samples kept become tensors of their own
+    dev = sorted((samples[i] for i in dev), key=sample_length)  # pads little when evaluated in batches
+    train = [samples[i] for i in train[:cfg.samples]]
     if cfg.vocabulary and train:
         tokenizer = (art.preprocessor or {}).get("tokenizer")
         if tokenizer is None:
@@ -391,9 +430,10 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
 
 
 def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int,
-                  chat_template: bool = False) -> list[Sample] | _TextCorpus:
+                  chat_template: bool = False) -> list[Sample] | _TextCorpus | _ImageCorpus:
     """The corpus's records that have every modality the model needs, encoded one sample at a time (a
-    generative model's: every record, which must be an image-text record; an encoder's texts packed)."""
+    generative model's: every record, which must be an image-text record; an encoder's texts packed, its
+    images decoded when read)."""
     if art.adapter.kind == "generative":
         records = read_corpus(path, "distill.corpus")
         processor = (art.preprocessor or {}).get("processor")
@@ -410,29 +450,19 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
     if not records:
         return []
     proc = art.preprocessor or {}
-    if modalities == ["text"] and proc.get("tokenizer") is not None:  # a few thousand texts' batches at once
-        corpus, texts = _TextCorpus(), [r["text"] for r in records]
-        for start in range(0, len(texts), 256 * 16):
-            corpus.extend(encode_text(proc["tokenizer"], texts[start:start + 256 * 16], 256, max_length,
-                                      text_pad_length(art.teacher.config, art.adapter)))
-        return corpus
-    batches: dict[str, list[Batch]] = {}
-    for m in modalities:
-        if m == "text":
-            if proc.get("tokenizer") is None:
-                raise LmmcError("distill: the model has no tokenizer to encode the text corpus with")
-            batches[m] = encode_text(proc["tokenizer"], [r["text"] for r in records], 256, max_length,
-                                     text_pad_length(art.teacher.config, art.adapter))
-        else:
-            if proc.get("image_processor") is None:
-                raise LmmcError("distill: the model has no image processor to encode the image corpus with")
-            # each file once, its pixels shared by every caption it has (five apiece in COCO's captions)
-            paths = [r["image"] for r in records]
-            distinct = list(dict.fromkeys(paths))
-            pixels = dict(zip(distinct, (pv for b in encode_images(proc["image_processor"], distinct, 64)
-                                         for pv in b["pixel_values"])))
-            batches[m] = [{"pixel_values": [pixels[path] for path in paths]}]  # a list: stacking would copy
-    return _split_samples(batches, modalities)
+    if "image" in modalities and proc.get("image_processor") is None:
+        raise LmmcError("distill: the model has no image processor to encode the image corpus with")
+    if "text" in modalities and proc.get("tokenizer") is None:
+        raise LmmcError("distill: the model has no tokenizer to encode the text corpus with")
+    texts = None
+    if "text" in modalities:  # a few thousand texts' batches at once
+        texts, lines = _TextCorpus(), [r["text"] for r in records]
+        for start in range(0, len(lines), 256 * 16):
+            texts.extend(encode_text(proc["tokenizer"], lines[start:start + 256 * 16], 256, max_length,
+                                     text_pad_length(art.teacher.config, art.adapter)))
+    if "image" not in modalities:
+        return texts
+    return _ImageCorpus(proc["image_processor"], [r["image"] for r in records], texts)
 
 
 @register

@@ -608,6 +608,45 @@ def test_an_image_under_several_captions_is_decoded_once_and_its_pixels_shared(t
         assert torch.equal(p, encode_images(processor, [str(tmp_path / line["image"])], 1)[0]["pixel_values"][0])
 
 
+_IMAGE_CORPUS_MEMORY = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import transformers
+from conftest import tiny_model
+from lmmc.adapters import get_adapter
+from lmmc.artifact import Artifact
+from lmmc.modelio import make_student
+from lmmc.passes.distill import build_corpus
+from lmmc.pipeline import get_pass
+teacher = tiny_model("clip")
+processor = transformers.CLIPImageProcessor(size={{"shortest_edge": 224}}, crop_size=224)
+art = Artifact("tiny", get_adapter("clip"), teacher, make_student(teacher), preprocessor={{"image_processor": processor}})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train, dev = build_corpus(get_pass("distill").Config(corpus={corpus!r}, samples=8, dev_samples=8), art, ["image"])
+print(len(train), len(dev), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_large_image_corpus_costs_little_memory_when_samples_keeps_few(tmp_path):
+    """Every image of a corpus was decoded into pixels (600 KB each at 224 x 224) before `samples` kept a few:
+    800 images took 532 MB more memory. Now pixels are made for the samples kept: 128 MB, as for 400 images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(800):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    run = subprocess.run([sys.executable, "-c", _IMAGE_CORPUS_MEMORY.format(tests=str(TESTS),
+                                                                            corpus=str(tmp_path / "images"))],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    train, dev, grown_mb = map(int, run.stdout.split())
+    assert (train, dev) == (8, 8)
+    assert grown_mb < 250, grown_mb
+
+
 def test_a_dual_encoders_held_out_captions_stay_out_of_a_corpus_under_other_images(tmp_path):
     """Held-out pairs were kept out by their image only: a held-out caption paired with another picture in
     the distillation corpus trained the text tower on the very captions validation then scored it on."""
