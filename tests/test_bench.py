@@ -789,3 +789,6 @@ def test_a_link_planted_under_the_jsons_temporary_name_is_not_written_through(tm
     assert victim.read_text() == "mine"
     assert not target.is_symlink() and is_bench_json(target, here=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "victim.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file of the user's, group write and all

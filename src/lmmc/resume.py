@@ -183,7 +183,7 @@ def write_new(path: Path, text: str) -> None:
     what it points to), and a link put there meanwhile fails the exclusive create rather than being written
     through, to a file elsewhere."""
     path.unlink(missing_ok=True)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w", encoding="utf-8") as f:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", encoding="utf-8") as f:
         f.write(text)
 
 
