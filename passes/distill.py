@@ -296,14 +296,18 @@ class _ImageCorpus:
     captions: pixels cost 600 KB an image at 224 x 224, and every image of a corpus was decoded before `samples`
     kept a few thousand. What tells images apart, their pixels' digest, is taken a chunk of files at a time."""
 
-    def __init__(self, processor, paths: list[str], texts: _TextCorpus | None) -> None:
+    def __init__(self, processor, paths: list[str], texts: _TextCorpus | None, keep: bool) -> None:
+        """`keep`: every sample will be read (no `samples` cap), so pixels are kept rather than decoded twice."""
         self._processor, self._paths, self._texts = processor, paths, texts
         distinct, digests = list(dict.fromkeys(paths)), {}
+        self._pixels: dict[str, torch.Tensor] = {}
         for start in range(0, len(distinct), 64):
             chunk = distinct[start:start + 64]
-            digests.update(zip(chunk, map(_pixels_digest, encode_images(processor, chunk, 64)[0]["pixel_values"])))
+            for path, pixels in zip(chunk, encode_images(processor, chunk, 64)[0]["pixel_values"]):
+                digests[path] = _pixels_digest(pixels)
+                if keep:
+                    self._pixels[path] = pixels
         self._digests = [digests[path] for path in paths]
-        self._pixels: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -378,7 +382,7 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
         text = [t for t in art.adapter.towers if t.modality == "text"]
         if "max_length" not in cfg.model_fields_set and text and art.adapter.kind != "generative":
             length = min(length, *(text_positions(art.teacher.config, t) for t in text))  # CLIP: 77, not 128
-        samples = encode_corpus(art, Path(cfg.corpus), modalities, length, template)
+        samples = encode_corpus(art, Path(cfg.corpus), modalities, length, template, keep=cfg.samples is None)
     else:
         if art.calib is None:
             raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
@@ -430,10 +434,10 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
 
 
 def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int,
-                  chat_template: bool = False) -> list[Sample] | _TextCorpus | _ImageCorpus:
+                  chat_template: bool = False, keep: bool = False) -> list[Sample] | _TextCorpus | _ImageCorpus:
     """The corpus's records that have every modality the model needs, encoded one sample at a time (a
     generative model's: every record, which must be an image-text record; an encoder's texts packed, its
-    images decoded when read)."""
+    images decoded when read unless `keep`)."""
     if art.adapter.kind == "generative":
         records = read_corpus(path, "distill.corpus")
         processor = (art.preprocessor or {}).get("processor")
@@ -462,7 +466,7 @@ def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: 
                                      text_pad_length(art.teacher.config, art.adapter)))
     if "image" not in modalities:
         return texts
-    return _ImageCorpus(proc["image_processor"], [r["image"] for r in records], texts)
+    return _ImageCorpus(proc["image_processor"], [r["image"] for r in records], texts, keep)
 
 
 @register
