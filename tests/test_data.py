@@ -164,6 +164,9 @@ def test_text_and_jsonl_and_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json}\n')
     with pytest.raises(LmmcError, match="bad.jsonl:2: not valid JSON"):
         read_samples(tmp_path / "bad.jsonl")
+    (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    with pytest.raises(LmmcError, match="deep.jsonl:2: not valid JSON \\(nested too deep\\)"):  # a RecursionError
+        read_samples(tmp_path / "deep.jsonl")
     (tmp_path / "c.csv").write_text("x")
     with pytest.raises(LmmcError, match="unknown format"):
         read_samples(tmp_path / "c.csv")

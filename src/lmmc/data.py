@@ -124,8 +124,9 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LmmcError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be an object") from None
+            except (json.JSONDecodeError, RecursionError) as err:
+                why = getattr(err, "msg", "nested too deep")
+                raise LmmcError(f"{path}:{n}: not valid JSON ({why}); each line must be an object") from None
             if not isinstance(obj, dict) or not ({"text", "image"} & obj.keys()):
                 raise LmmcError(f"{path}:{n}: each line needs a \"text\" and/or an \"image\" key")
             # str() would quietly turn a null into the text "None"; a list or number is no path
