@@ -123,6 +123,24 @@ def _(tmp):
         "fix config.json"]
 
 
+@case("a config declaring 100,000 blocks")
+def _(tmp):
+    model = bert(tmp)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100_000}))  # built for minutes
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "declares 100000 blocks in its text tower, more than any model has", "fix config.json"]
+
+
+@case("an image processor resizing to a million pixels a side")
+def _(tmp):
+    model = save_tiny("vit", tmp / "vit")
+    config = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps({**config, "size": {"height": 10**6, "width": 10**6}}))
+    return [model, "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "resizes pictures to 1000000 pixels a side, and the model takes 32x32 images"]
+
+
 @case("a model type transformers does not know")
 def _(tmp):
     (tmp / "foo").mkdir()

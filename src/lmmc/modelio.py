@@ -96,8 +96,19 @@ def _config_error(ref: str, path: Path | None, err: ValueError, trust_remote_cod
     return f"cannot read the config of '{ref}': {' '.join(str(err).split())}"
 
 
+# More blocks than any tower holds (the largest models have about 130): a config declaring 100,000 built for
+# minutes, taking 50 KB a block, and crashed.
+_MOST_LAYERS = 1024
+
+
 def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
     """The model built on the meta device: every shape, no memory and no weights read."""
+    for tower in adapter.towers:
+        layers = getattr(getattr(config, tower.config_key, None) if tower.config_key else config, "num_hidden_layers", 0)
+        if isinstance(layers, int) and layers > _MOST_LAYERS:
+            raise LmmcError(f"the config.json of this {config.model_type} model declares {layers} blocks in its "
+                            f"{tower.name} tower, more than any model has (at most {_MOST_LAYERS} here); fix "
+                            f"config.json, or save the model again")
     try:
         with torch.device("meta"):
             return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(config))
@@ -543,12 +554,22 @@ def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
                 raise LmmcError(f"'{ref}' has preprocessor_config.json, but its image processor cannot be read "
                                 f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); {fix}") from None
         raise LmmcError(f"'{ref}' has no image processor config (preprocessor_config.json); {fix}")
+    # before a picture is resized to it: an edited size of 10**6 x 10**6 took all the machine's memory
+    sizes = []
+    for size in (getattr(proc, "size", None), getattr(proc, "crop_size", None)):  # a dict, a SizeDict or an int
+        fields = size if isinstance(size, dict) else getattr(size, "__dict__", {"side": size})
+        sizes += [fields[k] for k in ("side", "height", "width", "shortest_edge", "longest_edge", "max_height",
+                                      "max_width") if type(fields.get(k)) is int]
+    if any(v > 16 * image_size for v in sizes):
+        raise LmmcError(f"the image processor of '{ref}' resizes pictures to {max(sizes)} pixels a side, and the model "
+                        f"takes {image_size}x{image_size} images; {fix}")
     from PIL import Image
 
     try:
         shape = tuple(proc(images=[Image.new("RGB", (48, 40))], return_tensors="pt")["pixel_values"].shape)
     except Exception as err:  # any failure of a third-party processor on a plain RGB image means it is unusable
-        raise LmmcError(f"the image processor of '{ref}' fails on a plain RGB image ({err}); {fix}") from None
+        raise LmmcError(f"the image processor of '{ref}' fails on a plain RGB image ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]}); {fix}") from None
     if shape[-2:] != (image_size, image_size):
         square = tuple(proc(images=[Image.new("RGB", (48, 48))], return_tensors="pt")["pixel_values"].shape)
         if square[-2:] == (image_size, image_size):  # the model's processor, set to keep a picture's aspect
