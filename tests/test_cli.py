@@ -517,6 +517,7 @@ def test_running_out_of_memory_is_bad_input_that_names_the_batch_sizes(tmp_path,
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(tmp_path, QUICK)), "-o", str(out)])
     assert result.exit_code == 2 and not out.exists(), result.output
     assert "error: out of memory (" in result.output and "lower the recipe's batch sizes" in result.output
+    assert "out of memory ()" not in result.output  # a bare MemoryError is named
     assert "internal error" not in result.output and "frame #0" not in result.output
     assert not out.exists()
 

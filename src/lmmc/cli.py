@@ -142,7 +142,7 @@ def _check_environment() -> None:
 
 def _first_line(err: Exception) -> str:
     """An error's first line: native libraries append pages of stack frames, which belong in the log."""
-    return (str(err).strip().splitlines() or [""])[0]
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]  # a bare MemoryError says nothing
 
 
 def _out_of_memory(err: Exception) -> bool:
