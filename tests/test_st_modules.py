@@ -332,3 +332,28 @@ def test_calibration_cuts_texts_where_the_models_users_get_them_cut_by_default(t
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["flops"]["text"]["tokens"] == 16
+
+
+def test_a_hub_model_whose_modules_the_cache_cannot_tell_is_refused_offline(tmp_path, monkeypatch):
+    """Offline, a hub model's modules.json was read as absent whenever it was not cached (transformers caches
+    only the files it loads), and the model compiled with mean pooling and no Normalize. Absent now means the
+    cache recorded its absence; otherwise one error says what to do."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "models--org--enc" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(LmmcError) as err:
+        read_modules("org/enc")
+    assert str(err.value).startswith("cannot tell whether the hub model 'org/enc' has modules.json, which decides "
+                                     "its pooling as sentence-transformers runs it: ")
+    assert str(err.value).endswith(". Connect to the hub once, or download the whole repository to a folder and "
+                                   "compile that")
+    absent = snapshot.parents[1] / ".no_exist" / "abc123" / "modules.json"  # what a look-up online leaves
+    absent.parent.mkdir(parents=True)
+    absent.touch()
+    assert read_modules("org/enc") is None

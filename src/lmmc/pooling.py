@@ -59,13 +59,28 @@ def _reader(source: str):
         return lambda rel: (path / rel).read_text() if (path / rel).is_file() else None
 
     def hub(rel: str) -> str | None:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
         try:
             return Path(hf_hub_download(source, rel)).read_text()
-        except Exception:  # absent from the repository, or offline: the file is not there to read
+        except LocalEntryNotFoundError as err:
+            # Offline or unreachable: the file is absent only where an earlier look-up cached its absence.
+            # Taken as absent otherwise, a sentence-transformers model would lose its pooling and normalisation.
+            if try_to_load_from_cache(source, rel) is _CACHED_NO_EXIST:
+                return None
+            raise LmmcError(f"cannot tell whether the hub model '{source}' has {rel}, which decides its pooling as "
+                            f"sentence-transformers runs it: {_first_sentence(err)}. Connect to the hub once, or "
+                            f"download the whole repository to a folder and compile that") from None
+        except EntryNotFoundError:  # the repository has no such file
             return None
+        except HfHubHTTPError as err:
+            raise LmmcError(f"cannot read {rel} of the hub model '{source}': {_first_sentence(err)}") from None
     return hub
+
+
+def _first_sentence(err: Exception) -> str:
+    return " ".join(str(err).split()).split(". ")[0].rstrip(".") or type(err).__name__
 
 
 def _json_object(text: str, where: str) -> dict[str, Any]:
