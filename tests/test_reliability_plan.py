@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from lmmc.cli import main, summary_table
+from lmmc.errors import LmmcError
 from tests.conftest import save_tiny, save_tiny_llava, spelled
 from tests.test_llava import write_pairs
 
@@ -66,6 +67,27 @@ def test_timing_a_generative_model_is_refused_at_plan_time(tmp_path, llava, timi
     assert (f"validate: {', '.join(sorted(timing, key=['latency_batch', 'latency_seq', 'repeats', 'latency'].index))} "
             f"set how the student is timed, and a llava model is not timed") in result.output
     assert _dry_run(tmp_path, model, calib, {"latency": False}, {"chat_template": True}).exit_code == 0
+
+
+def test_encoder_validation_settings_on_a_generative_model_are_refused(tmp_path, llava, monkeypatch):
+    """agreement_k and a GPU device were accepted and did nothing: a generative student is validated by its
+    greedy generation, on the CPU."""
+    from lmmc.recipe import parse_recipe
+
+    model, calib = llava
+    result = _dry_run(tmp_path, model, calib, {"agreement_k": 3}, {"chat_template": True})
+    assert result.exit_code == 2, result.output
+    assert ("validate: agreement_k sets the top-k agreement of a dual encoder's retrieval, and a llava model's task "
+            "metric is its greedy generation") in result.output
+    import onnxruntime  # a GPU build's providers: the recipe checks the device's before the model's family
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    recipe = parse_recipe({"calibration": {"path": str(calib)}, "passes": [{"magnitude": {"sparsity": 0.5}}],
+                           "export": ["onnx_generative"], "validate": {"device": "cuda:1"}})
+    with pytest.raises(LmmcError, match=r"^validate: device cuda:1 runs an encoder's ONNX artifacts on the GPU, and "
+                                        r"a llava model's generative export is validated on the CPU; remove device"):
+        recipe.check_gates("llava", "generative")
+    recipe.check_gates("bert", "encoder")
 
 
 @pytest.mark.parametrize("gates, named", [

@@ -207,6 +207,14 @@ class Recipe(BaseModel):
             raise LmmcError(f"validate: {', '.join(timing)} set how the student is timed, and a {family} model is "
                             f"not timed: validation measures its next-token fidelity and greedy generation. Remove "
                             f"{', '.join(timing)} from the recipe's validate section")
+        if generative and "agreement_k" in cfg.model_fields_set:
+            raise LmmcError(f"validate: agreement_k sets the top-k agreement of a dual encoder's retrieval, and a "
+                            f"{family} model's task metric is its greedy generation; remove agreement_k from the "
+                            f"recipe's validate section")
+        if generative and cfg.device != "cpu":
+            raise LmmcError(f"validate: device {cfg.device} runs an encoder's ONNX artifacts on the GPU, and a "
+                            f"{family} model's generative export is validated on the CPU; remove device from the "
+                            f"recipe's validate section (the passes run where --device says)")
         if not generative and "generation_tokens" in cfg.model_fields_set:
             raise LmmcError(f"validate: generation_tokens sets how many greedy tokens a generative model's validation "
                             f"compares, and this {family} model is an encoder, validated by the cosine of its "
