@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from pydantic import Field
 from torch import nn
@@ -24,7 +23,7 @@ from transformers import DynamicCache
 from lmmc.adapters import get_adapter
 from lmmc.artifact import Artifact
 from lmmc.errors import LmmcError
-from lmmc.export.onnx import initializer_map
+from lmmc.export.onnx import save_program
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime.generate import SPEC
 
@@ -174,13 +173,7 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
             raise RuntimeError(f"torch.onnx.export could not trace {type(module).__name__} for {path.name}: "
                                f"{_summary(err)}") from err
         sys.stderr.write(printed.getvalue())
-    large = sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
-    program.save(str(path), external_data=large)
-    onnx.checker.check_model(str(path), full_check=True)
-    names_map = initializer_map(onnx.load(str(path)), module)
-    path.with_suffix(".names.json").write_text(json.dumps(names_map, indent=1))
-    return {"file": path.name, "opset": opset, "initializers": len(names_map),
-            "mapped_to_parameters": sum(v is not None for v in names_map.values())}
+    return save_program(program, path, module, opset)
 
 
 def export_vision(model: nn.Module, path: Path, opset: int = 20) -> dict[str, Any]:

@@ -81,8 +81,19 @@ def export_tower(model: torch.nn.Module, tower: TowerSpec, path: Path, opset: in
             module, example_inputs(model, tower), input_names=input_names(tower), output_names=OUTPUT_NAMES,
             dynamic_shapes=_dynamic_shapes(tower), opset_version=opset, dynamo=True, verbose=False,
         )
-    large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
-    program.save(str(path), external_data=large)
+    return save_program(program, path, model, opset)
+
+
+# protobuf cannot hold a file over 2 GB: a graph's weights past this go to a file beside it
+EXTERNAL_BYTES = 1.8e9
+
+
+def save_program(program: Any, path: Path, model: torch.nn.Module, opset: int) -> dict[str, Any]:
+    """Save an exported program to `path`, check it fully and map its initialisers to `model`'s parameters
+    (`<path>.names.json`). Its weights stay in the file unless the graph's own (one tower's, not the whole
+    model's) exceed EXTERNAL_BYTES."""
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    program.save(str(path), external_data=weights > EXTERNAL_BYTES)
     onnx.checker.check_model(str(path), full_check=True)
     names = initializer_map(onnx.load(str(path)), model)
     path.with_suffix(".names.json").write_text(json.dumps(names, indent=1))

@@ -73,3 +73,35 @@ def test_export_and_fusion_log_nothing_a_user_cannot_act_on(tmp_path, caplog):
             fuse_onnx(tmp_path / f"{tower.name}.onnx", tmp_path / f"{tower.name}.fused.onnx")
     noise = [r.getMessage() for r in caplog.records if r.name.startswith(("onnxscript", "torch.onnx"))]
     assert noise == []
+
+
+def test_a_tower_keeps_its_weights_inside_unless_its_own_pass_the_limit(tmp_path, monkeypatch):
+    """The choice to write weights beside the file was made on the whole model's size: a CLIP tower under
+    the limit, in a model over it, got an external data file (and ONNX Runtime's mixed precision, which
+    refuses those, then called it over 2 GB). Each tower is judged by its own initialisers."""
+    import lmmc.export.onnx as export_onnx
+
+    model = tiny_model("clip")
+    adapter = get_adapter(model.config.model_type)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    sizes = {}
+    for tower in adapter.towers:
+        path = export_tower(model, tower, tmp_path / "probe" / f"{tower.name}.onnx")["file"]
+        sizes[tower.name] = sum(numpy_helper.to_array(i).nbytes
+                                for i in onnx.load(str(tmp_path / "probe" / path)).graph.initializer)
+    assert max(sizes.values()) < whole
+    limit = (sizes["text"] + sizes["vision"]) / 2  # between the towers: the larger goes external, the other not
+    assert min(sizes.values()) < limit < max(sizes.values())
+    monkeypatch.setattr(export_onnx, "EXTERNAL_BYTES", limit)
+    for tower in adapter.towers:
+        path = tmp_path / "out" / f"{tower.name}.onnx"
+        export_tower(model, tower, path)
+        external = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer
+                    if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert bool(external) == (sizes[tower.name] > limit), tower.name
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs = example_inputs(model, tower, batch=2, seq=5)
+        got = session.run(None, {n: t.numpy() for n, t in zip(input_names(tower), inputs)})
+        with torch.no_grad():
+            ref = TowerModule(model, tower)(*inputs)
+        assert max(np.abs(a - b.numpy()).max() for a, b in zip(got, ref)) <= 1e-4
