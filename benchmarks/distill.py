@@ -116,12 +116,6 @@ def distill(art: Artifact, config: dict[str, Any], digits_data: Path | None = No
             "towers": towers, "accuracy": accuracy}
 
 
-def at_time(curve: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """The last evaluation reached within `seconds` of training."""
-    reached = [c for c in curve if c["train_seconds"] <= seconds + 1e-6]
-    return reached[-1] if reached else {"step": 0, "score": float("nan"), "train_seconds": 0.0}
-
-
 def schedules_table(args: argparse.Namespace) -> None:
     """OPTIMA's variants compared on the pass's dev split (one seed), then the chosen variant against
     `all` and `round_robin` at equal steps and at equal training time, per seed; `--json` keeps the runs

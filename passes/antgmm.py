@@ -214,10 +214,6 @@ def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
     return out
 
 
-def _total(costs: dict[str, Cost], metric: str) -> float:
-    return float(sum(c.get(metric) for c in costs.values()))
-
-
 class CountCosts:
     """Unit costs in FLOPs of one sequence or in parameters (`lmmc.cost`), at the pass's token counts."""
 

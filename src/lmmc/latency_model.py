@@ -44,7 +44,6 @@ DESIGN_VERSION = 3
 # depend on the activation ranges, and NNCF's statistics pass over a full calibration set dominates.
 VARIANT_CALIB_BATCHES = 1
 VARIANT_CALIB_SAMPLES = 2
-COEFFICIENTS = ("fixed", "block", "head", "channel")
 
 
 @dataclass(frozen=True)
