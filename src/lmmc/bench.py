@@ -515,15 +515,10 @@ def embeddings(run: Callable, batches: list[dict[str, np.ndarray]]) -> np.ndarra
     return np.concatenate([run(b)["pooled_embedding"] for b in batches])
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two embedding matrices [N, d]."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
-    return (a * b).sum(1)
-
-
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(cosines(a, b).mean())
+    from lmmc.export.validate import cosine
+
+    return float(cosine(a, b).mean())
 
 
 def file_size(path: Path | None) -> int | None:
