@@ -301,6 +301,10 @@ def _compile(tmp_path, passes: list) -> Result:
     ([{"ecoflap": {"sparsity": 0.7, "p_max": 0.7, "samples": 4, "batch_size": 4}}, "wanda"], "cannot be reached"),
     # W ± εz with ε = 1e30 overflows every loss: the scores are NaN, which would allocate nothing meaningful
     ([{"ecoflap": {"sparsity": 0.5, "epsilon": 1e30, "samples": 4, "batch_size": 4}}, "wanda"], "lower 'epsilon'"),
+    # settings of the zeroth-order estimate did nothing at order 1
+    ([{"ecoflap": {"sparsity": 0.5, "order": 1, "epsilon": 1e-2, "seed": 3}}, "wanda"],
+     "epsilon and seed set the zeroth-order estimate's random directions, and order 1 computes gradients instead; "
+     "remove epsilon and seed, or use order 0"),
 ])
 def test_bad_allocation_input_exits_2_with_one_clear_error(tmp_path, passes, message):
     result = _compile(tmp_path, passes)
