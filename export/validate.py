@@ -154,10 +154,12 @@ def scaled_diff(diff: dict[str, float], scale: dict[str, float]) -> float:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two embedding matrices."""
+    """Row-wise cosine of two embedding matrices, in float64: float32 put identical embeddings at
+    1.0000001 and a mean above its own minimum."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
     b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
-    return (a * b).sum(1)
+    return (a * b).sum(1).clip(-1.0, 1.0)
 
 
 def neighbour_agreement(teacher: np.ndarray, student: np.ndarray) -> float:
