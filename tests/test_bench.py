@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -587,6 +588,33 @@ def _readonly_dir(tmp_path):
     except OSError:
         return Path("/sys/kernel")
     pytest.skip("no folder here refuses root's files")
+
+
+def test_runs_are_saved_in_the_order_timed_and_small_files_keep_their_size(uncapped, tmp_path, monkeypatch):
+    """The JSON's runs were sorted, which hid any drift over the run; the table's MB column printed a
+    tens-of-KB artifact as 0.0."""
+    import lmmc.bench
+
+    _, _, out = uncapped
+    timed = lmmc.bench.interleaved_latency
+
+    def slowing(candidates, *args):  # each candidate's runs as timed, then made to slow down run by run
+        return {i: [t + 10.0 * (len(runs) - k) for k, t in enumerate(runs)]
+                for i, runs in timed(candidates, *args).items()}
+
+    monkeypatch.setattr(lmmc.bench, "interleaved_latency", slowing)
+    result = run("bench", out, "--quick", "--no-memory", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())["towers"]["text"]["rows"]
+    for r in rows:
+        runs = r["latency_ms"]["runs"]
+        assert runs == sorted(runs, reverse=True) and runs != sorted(runs)
+        assert r["latency_ms"]["p50"] == statistics.median(runs)
+        assert r["latency_ms"]["p90"] == pytest.approx(np.percentile(runs, 90))
+    student = next(r for r in rows if r["artifact"] == "onnx/text.onnx")
+    assert student["size_bytes"] < 1e6
+    line = next(x for x in result.stdout.splitlines() if x.startswith("student  onnx/text.onnx "))
+    assert f" {student['size_bytes'] / 1e6:.3f} " in line
 
 
 def test_an_unwritable_json_folder_fails_before_the_run(uncapped, tmp_path, monkeypatch):

@@ -898,7 +898,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
             reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
             for i, cand in enumerate(candidates):
                 progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
-                ms = sorted(times[i])
+                ms = times[i]  # in the order timed, so drift over the run stays visible
                 cand.row = {
                     "model": cand.model, "artifact": cand.label, "backend": cand.backend,
                     "precision": cand.precision, "inference_precision": cand.inference,
@@ -953,6 +953,10 @@ def best_pair(rows: list[dict[str, Any]], min_cosine: float | None = None) -> di
 # Printing
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f}" if size >= 1e6 else f"{size / 1e6:.3f}"  # a 45 KB artifact read 0.0
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The bench table, one block per tower, with the comparison that matters last."""
     device = result.get("device", "cpu")
@@ -979,7 +983,7 @@ def format_table(result: dict[str, Any]) -> str:
                           f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p90']:.2f}",
                           f"{r['throughput_per_s']:.1f}",
                           "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
-                          "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}",
+                          "-" if r["size_bytes"] is None else _megabytes(r["size_bytes"]),
                           _parameters(r),
                           *[_cosine(r["cosine_to_teacher"][c]) for c in corpora]))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
