@@ -23,7 +23,7 @@ from lmmc.export.ort import calibration_feeds
 from lmmc.hidden import fit_restore_, hidden_importance, pooled_cosine
 from lmmc.importance import Importance, add_gate, importance
 from lmmc.joint_selection import BlockUnits, block_loss_change, select_joint
-from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover, ffn_floor
+from lmmc.latency_budget import DeployConfig, LatencyCosts, LatencyTargetConfig, cover, ffn_floor, head_floor
 from lmmc.latency_model import fit_latency_model
 from lmmc.modelio import text_pad_length, text_positions
 from lmmc.pipeline import Pass, PassConfig, get_pass, register
@@ -537,7 +537,8 @@ class AntGMMPass(Pass):
                 lin = block_linears(block, tower)
                 per_block.append(self.costs.block(tower, block))
                 heads, width = lin["q"][1].out_features // hd, lin["fc1"][1].out_features
-                cap["heads"] += max(heads - cfg.min_heads, 0) * self.costs.head(tower, block)
+                cap["heads"] += (heads - head_floor(heads, cfg.min_heads, group_size(block, tower, hd))) \
+                    * self.costs.head(tower, block)
                 floor = ffn_floor(width, cfg.min_ffn, cfg.ffn_multiple)
                 cap["ffn"] += max(width - floor, 0) * self.costs.channel(tower, block)
             cap["depth"] += sum(sorted(per_block)[cfg.min_layers:])

@@ -15,6 +15,7 @@ from lmmc.adapters import PrunableLinear, block_linears, block_list, get_adapter
 from lmmc.allocation import keep_budget
 from lmmc.artifact import Artifact
 from lmmc.data import random_calibration, random_generative_calibration
+from lmmc.errors import LmmcError
 from lmmc.importance import activation_importance
 from lmmc.modelio import make_student
 from lmmc.pipeline import get_pass, load_passes, run_pass
@@ -211,7 +212,7 @@ def test_antgmm_keeps_min_heads_query_heads_in_every_gqa_block() -> None:
                                           model, adapter)
     art = Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
     antgmm = get_pass("antgmm")
-    metrics = antgmm(antgmm.Config(keep=0.9, importance="activation", min_heads=3, shares={"heads": 1.0})).run(art)
+    metrics = antgmm(antgmm.Config(keep=0.96, importance="activation", min_heads=3, shares={"heads": 1.0})).run(art)
     structure = metrics["structure"]
     assert structure["language"]["heads"] == [4, 4] and structure["language"]["kv_heads"] == [2, 2]
     assert structure["vision"]["heads"] == [3, 3]  # the budget did cut where the floor allows
@@ -305,3 +306,29 @@ def test_keep_budget_drops_full_groups_and_ends(scores, sizes, expected) -> None
         signal.signal(signal.SIGALRM, before)
     assert keep == expected
     assert sum(keep) == round(0.5 * sum(sizes))
+
+
+def test_a_cut_the_gqa_head_floor_cannot_reach_is_refused_before_scoring() -> None:
+    """The up-front check counted min_heads query heads one at a time, while grouped-query attention keeps
+    whole groups: on the tiny LLaVA (groups of 2 in the decoder) min_heads=3 keeps 4, and keep=0.88 passed
+    the check ("about 0.879") to end at 0.955 with a warning."""
+    load_passes()
+    model = tiny_llava()
+    adapter = get_adapter("llava")
+    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
+                                          model, adapter)
+    art = Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
+    antgmm = get_pass("antgmm")
+    with pytest.raises(LmmcError, match=r"keep=0.88 of the blocks' flops is below what the floors allow \(about "
+                                        r"0\.9[0-9]+ with min_layers=1, min_heads=3"):
+        antgmm(antgmm.Config(keep=0.88, importance="activation", min_heads=3, shares={"heads": 1.0})).run(art)
+
+
+@pytest.mark.parametrize("heads, min_heads, group, floor", [(8, 3, 1, 3), (8, 3, 2, 4), (8, 3, 4, 4), (8, 5, 4, 8),
+                                                            (2, 3, 2, 2), (12, 1, 3, 3)])
+def test_the_head_floor_is_min_heads_in_whole_groups(heads, min_heads, group, floor) -> None:
+    """What the up-front checks of a FLOPs budget and of a latency target take as the fewest heads a block
+    can keep."""
+    from lmmc.latency_budget import head_floor
+
+    assert head_floor(heads, min_heads, group) == floor

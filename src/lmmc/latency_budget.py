@@ -18,6 +18,7 @@ from lmmc.errors import LmmcError
 from lmmc.latency_model import LatencyModel, Target, tower_feed
 from lmmc.runtime import MAX_THREADS
 from lmmc.selection import Unit, select_units
+from lmmc.surgery import group_size
 
 TIMING_REPEATS = 15
 TIMING_WARMUP = 1
@@ -101,11 +102,18 @@ class LatencyCosts:
             costs = []
             for block in block_list(model, tower)[1]:
                 heads, channels = block_width(block, tower, self.head_dims[tower.name])
-                heads = min(heads, min_heads) if "heads" in stages else heads
+                if "heads" in stages:
+                    heads = head_floor(heads, min_heads, group_size(block, tower, self.head_dims[tower.name]))
                 channels = ffn_floor(channels, min_ffn, ffn_multiple) if "ffn" in stages else channels
                 costs.append(self.model.block_ms(tower.name, heads, channels))
             total += sum(sorted(costs)[:min_layers] if "depth" in stages else costs)
         return total
+
+
+def head_floor(heads: int, min_heads: int, group: int) -> int:
+    """The fewest query heads a block of `heads` can keep: min_heads, rounded up to whole groups of `group`
+    query heads sharing a key/value head (grouped-query attention removes a group at a time)."""
+    return min(heads, -(-min_heads // group) * group)
 
 
 def ffn_floor(width: int, min_ffn: int, multiple: int) -> int:
