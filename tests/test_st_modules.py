@@ -334,26 +334,47 @@ def test_calibration_cuts_texts_where_the_models_users_get_them_cut_by_default(t
     assert report["flops"]["text"]["tokens"] == 16
 
 
-def test_a_hub_model_whose_modules_the_cache_cannot_tell_is_refused_offline(tmp_path, monkeypatch):
-    """Offline, a hub model's modules.json was read as absent whenever it was not cached (transformers caches
-    only the files it loads), and the model compiled with mean pooling and no Normalize. Absent now means the
-    cache recorded its absence; otherwise one error says what to do."""
-    import huggingface_hub.constants as hub
-
-    snapshot = tmp_path / "models--org--enc" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
+def _hub_cache(cache: Path, repo: str, kind: str) -> Path:
+    """A tiny model laid out as the hub cache holds a download by transformers: a snapshot, no records of
+    absent files."""
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+    save_tiny(kind, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
-    (snapshot / "config.json").write_text("{}")
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(LmmcError) as err:
-        read_modules("org/enc")
-    assert str(err.value).startswith("cannot tell whether the hub model 'org/enc' has modules.json, which decides "
-                                     "its pooling as sentence-transformers runs it: ")
-    assert str(err.value).endswith(". Connect to the hub once, or download the whole repository to a folder and "
-                                   "compile that")
-    absent = snapshot.parents[1] / ".no_exist" / "abc123" / "modules.json"  # what a look-up online leaves
+    return snapshot
+
+
+def test_offline_a_hub_encoder_whose_modules_the_cache_cannot_tell_is_refused(tmp_path):
+    """Offline, a hub model's modules.json was read as absent whenever it was not cached (transformers caches
+    only the files it loads), and a sentence-transformers model compiled with mean pooling and no Normalize.
+    Absent now means the cache recorded its absence; otherwise one error says what to do. A CLIP model, which
+    has no such pooling, compiles offline as before."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    bert = _hub_cache(cache, "org/enc", "bert")
+    _hub_cache(cache, "org/clip", "clip")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+                                      "passes": [{"wanda": {"sparsity": 0.5}}], "export": ["onnx"]}))
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def dry_run(repo: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", "compile", repo, "-r", str(recipe), "-o",
+                               str(tmp_path / repo.replace("/", "-")), "--dry-run"], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    refused = dry_run("org/enc")
+    assert refused.returncode == 2, refused.stderr
+    assert ("error: cannot tell whether the hub model 'org/enc' has modules.json, which decides its pooling as "
+            "sentence-transformers runs it: the cache holds no record of it and the hub cannot be reached (") in refused.stderr
+    assert ("Run once with the hub reachable (HF_HUB_OFFLINE unset) so the cache records it, or download the "
+            "repository to a folder (hf download org/enc --local-dir DIR) and compile DIR\n") in refused.stderr
+    assert dry_run("org/clip").returncode == 0
+    absent = bert.parents[1] / ".no_exist" / "abc123" / "modules.json"  # what a look-up online leaves
     absent.parent.mkdir(parents=True)
     absent.touch()
-    assert read_modules("org/enc") is None
+    allowed = dry_run("org/enc")
+    assert allowed.returncode == 0, allowed.stderr

@@ -52,8 +52,10 @@ class SentenceModules:
             (out / rel).write_text(text)
 
 
-def _reader(source: str):
-    """(relative path -> text or None) for a local directory or a hub repository."""
+def _reader(source: str, strict: bool = False):
+    """(relative path -> text or None) for a local directory or a hub repository. Offline, a hub file the
+    cache holds no record of reads as absent, or, `strict`, is refused: a sentence-transformers model's
+    modules.json decides its pooling, and taken as absent would silently give it mean pooling."""
     path = Path(source)
     if path.is_dir():
         return lambda rel: (path / rel).read_text() if (path / rel).is_file() else None
@@ -64,14 +66,14 @@ def _reader(source: str):
 
         try:
             return Path(hf_hub_download(source, rel)).read_text()
-        except LocalEntryNotFoundError as err:
-            # Offline or unreachable: the file is absent only where an earlier look-up cached its absence.
-            # Taken as absent otherwise, a sentence-transformers model would lose its pooling and normalisation.
-            if try_to_load_from_cache(source, rel) is _CACHED_NO_EXIST:
+        except LocalEntryNotFoundError as err:  # offline or unreachable, and not in the cache
+            if not strict or try_to_load_from_cache(source, rel) is _CACHED_NO_EXIST:
                 return None
             raise LmmcError(f"cannot tell whether the hub model '{source}' has {rel}, which decides its pooling as "
-                            f"sentence-transformers runs it: {_first_sentence(err)}. Connect to the hub once, or "
-                            f"download the whole repository to a folder and compile that") from None
+                            f"sentence-transformers runs it: the cache holds no record of it and the hub cannot be "
+                            f"reached ({_first_sentence(err)}). Run once with the hub reachable (HF_HUB_OFFLINE "
+                            f"unset) so the cache records it, or download the repository to a folder ("
+                            f"hf download {source} --local-dir DIR) and compile DIR") from None
         except EntryNotFoundError:  # the repository has no such file
             return None
         except HfHubHTTPError as err:
@@ -96,10 +98,10 @@ def _json_object(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def bert_config(source: str) -> dict[str, Any]:
+def bert_config(source: str, strict: bool = False) -> dict[str, Any]:
     """The settings of a sentence-transformers directory's sentence_bert_config.json (its max_seq_length,
     do_lower_case); empty without modules.json, since sentence-transformers reads it only as a module's."""
-    read = _reader(source)
+    read = _reader(source, strict)
     if read("modules.json") is None:
         return {}
     text = read("sentence_bert_config.json")
@@ -202,7 +204,7 @@ def read_modules(source: str) -> SentenceModules | None:
     """The pooling of a sentence-transformers model directory (or hub id); None when it has no
     modules.json. A module lmmc does not carry into the student (a Dense projection, a custom module)
     is refused: the student's embeddings would not be the model's."""
-    read = _reader(source)
+    read = _reader(source, strict=True)
     text = read("modules.json")
     if text is None:
         return None
@@ -216,7 +218,7 @@ def read_modules(source: str) -> SentenceModules | None:
     files = {rel: t for rel in _TOP_FILES if (t := read(rel)) is not None}
     _refuse_task_heads(files, source)
     # Read now so that a broken file is refused before anything loads, not when the manifest is written.
-    bert_config(source)
+    bert_config(source, strict=True)
     warnings = _prompt_warnings(files.get("config_sentence_transformers.json"), source)
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if all(k in _KNOWN for k in kinds) and kinds not in (["Transformer", "Pooling"],
