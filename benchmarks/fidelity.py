@@ -18,7 +18,8 @@ import torch
 
 import lmmc
 from lmmc import bench as B
-from lmmc.modelio import load_teacher
+from lmmc.export.validate import cosine
+from lmmc.modelio import load_teacher, text_pad_length, text_truncation
 
 
 BANDS = (0, 16, 32, 64)  # token counts at which the --by-length bands start
@@ -38,7 +39,7 @@ def fidelity(out: Path, corpora: list[Path], samples: int, bands: bool = False) 
     """Held-out split and each corpus -> mean cosine of the student's pooled embedding to the teacher's
     (with `bands`, for text also per band of token counts)."""
     report = B.read_output(out)
-    calib = B._recipe_calibration(report, B.BenchConfig())
+    calib = B._recipe_calibration(report, B.BenchConfig(), out / "report.json")
     teacher, adapter, preprocessor = load_teacher(report["model"])
     student = lmmc.load_student(out / "student")
     data = B.load_data(calib, teacher, adapter, preprocessor)
@@ -46,12 +47,14 @@ def fidelity(out: Path, corpora: list[Path], samples: int, bands: bool = False) 
     for tower in adapter.towers:
         sets = {"held-out": data.eval_batches(tower.modality)}
         for path in corpora:
-            sets[path.name] = B.corpus_batches(path, adapter, preprocessor, calib, samples)[tower.modality]
+            sets[path.name] = B.corpus_batches(path, adapter, preprocessor, calib, samples,
+                                               text_truncation(teacher.config, adapter, preprocessor),
+                                               text_pad_length(teacher.config, adapter))[tower.modality]
         run_t, run_s = B.torch_runner(teacher, tower), B.torch_runner(student, tower)
         with torch.no_grad():
             for name, batches in sets.items():
                 arrays = B._numpy(batches)
-                cos = B.cosines(B.embeddings(run_s, arrays), B.embeddings(run_t, arrays))
+                cos = cosine(B.embeddings(run_s, arrays), B.embeddings(run_t, arrays))
                 result[f"{tower.name} {name}"] = round(float(cos.mean()), 4)
                 if bands and "attention_mask" in arrays[0]:
                     lengths = np.concatenate([b["attention_mask"].sum(1) for b in arrays])

@@ -590,6 +590,20 @@ def _readonly_dir(tmp_path):
     pytest.skip("no folder here refuses root's files")
 
 
+def test_the_fidelity_script_agrees_with_validation(uncapped):
+    """benchmarks/fidelity.py, whose figures BENCHMARKS.md quotes, had fallen behind two changes to bench's
+    functions and failed at once."""
+    from benchmarks.fidelity import fidelity
+
+    _, _, out = uncapped
+    got = fidelity(out, [CORPUS], 12, bands=True)
+    validated = json.loads((out / "report.json").read_text())["validation"]["towers"]["text"]["cosine_mean"]
+    assert got["text held-out"] == pytest.approx(validated, abs=5e-5)  # the script rounds to 4 decimals
+    bands = got[f"text {CORPUS.name} by length"]
+    assert sum(int(v.split("(")[1].rstrip(")")) for v in bands.values()) == 12
+    assert 0 < got[f"text {CORPUS.name}"] <= 1
+
+
 def test_runs_are_saved_in_the_order_timed_and_small_files_keep_their_size(uncapped, tmp_path, monkeypatch):
     """The JSON's runs were sorted, which hid any drift over the run; the table's MB column printed a
     tens-of-KB artifact as 0.0."""
@@ -598,11 +612,11 @@ def test_runs_are_saved_in_the_order_timed_and_small_files_keep_their_size(uncap
     _, _, out = uncapped
     timed = lmmc.bench.interleaved_latency
 
-    def slowing(candidates, *args):  # each candidate's runs as timed, then made to slow down run by run
-        return {i: [t + 10.0 * (len(runs) - k) for k, t in enumerate(runs)]
+    def speeding_up(candidates, *args):  # as many runs as timed, each 10 ms faster than the one before
+        return {i: [10.0 * (len(runs) - k) + i for k in range(len(runs))]
                 for i, runs in timed(candidates, *args).items()}
 
-    monkeypatch.setattr(lmmc.bench, "interleaved_latency", slowing)
+    monkeypatch.setattr(lmmc.bench, "interleaved_latency", speeding_up)
     result = run("bench", out, "--quick", "--no-memory", "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "b.json").read_text())["towers"]["text"]["rows"]
