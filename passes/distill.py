@@ -380,7 +380,7 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
         template = cfg.chat_template if cfg.chat_template is not None else bool(art.calib and art.calib.chat_template)
         length = cfg.max_length
         text = [t for t in art.adapter.towers if t.modality == "text"]
-        if "max_length" not in cfg.model_fields_set and text and art.adapter.kind != "generative":
+        if not cfg.given("max_length") and text and art.adapter.kind != "generative":
             length = min(length, *(text_positions(art.teacher.config, t) for t in text))  # CLIP: 77, not 128
         samples = encode_corpus(art, Path(cfg.corpus), modalities, length, template, keep=cfg.samples is None)
     else:

@@ -96,7 +96,7 @@ class EcoflapConfig(AllocationConfig):
             raise ValueError(f"p_max ({self.p_max}) is below the target sparsity ({self.sparsity}); no group "
                              f"may exceed p_max, so the target cannot be met. Use a p_max above {self.sparsity}, "
                              f"e.g. {min(1.0, round(self.sparsity + 0.1, 6))}")
-        unused = [k for k in ("epsilon", "seed") if k in self.model_fields_set]
+        unused = [k for k in ("epsilon", "seed") if self.given(k)]
         if self.order == 1 and unused:
             raise ValueError(f"{' and '.join(unused)} set{'s' if len(unused) == 1 else ''} the zeroth-order "
                              f"estimate's random directions, and order 1 computes gradients instead; remove "

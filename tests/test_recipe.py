@@ -37,6 +37,52 @@ def test_shipped_recipes_parse_and_round_trip(path, tmp_path):
     assert parse_recipe(yaml.safe_load(recipe.dump())) == recipe
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "samples" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_a_shipped_recipe_written_back_is_judged_as_given(path, tmp_path):
+    """report.json's recipe lists every field, defaults included: written back, every encoder recipe without an
+    FP16 export was refused for its default min_cosine_fp16, and a generative one for its default timing."""
+    made_by_script = "out/" in yaml.safe_load(path.read_text())["calibration"].get("path", "")
+    data = tmp_path / "calib.jsonl"
+    data.write_text('{"image": "a.png", "text": "a photo of the handwritten digit one", "label": "one"}\n')
+    given = lambda: load_recipe(path, calib=str(data) if made_by_script else None)  # noqa: E731
+    for family, kind in (("bert", "encoder"), ("llava", "generative")):
+        outcomes = []
+        for recipe in (given(), parse_recipe(yaml.safe_load(given().dump()))):
+            try:
+                recipe.check_gates(family, kind)
+                outcomes.append("accepted")
+            except LmmcError as err:
+                outcomes.append(str(err))
+        assert outcomes[0] == outcomes[1], (family, outcomes)
+
+
+def test_an_ecoflap_of_order_1_written_back_parses():
+    """ecoflap refuses epsilon and seed with order 1; written back with their defaults, they are not set."""
+    recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"ecoflap": {"sparsity": 0.5, "order": 1}}, "wanda"]})
+    assert yaml.safe_load(recipe.dump())["passes"][0]["ecoflap"]["epsilon"] == 1e-3
+    assert parse_recipe(yaml.safe_load(recipe.dump())) == recipe
+
+
+def test_a_clip_distillation_written_back_keeps_its_default_length(tmp_path):
+    """A distill corpus's default max_length (128) is lowered to CLIP's 77 positions; written back it read as
+    given, and the compile refused it as longer than the model's positions."""
+    from lmmc.adapters import get_adapter
+    from lmmc.compile import _check_lengths
+    from tests.conftest import tiny_model
+
+    corpus = tmp_path / "pairs.jsonl"
+    corpus.write_text('{"image": "a.png", "text": "a photo"}\n')
+    recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"distill": {"corpus": str(corpus), "steps": 2}}]})
+    model = tiny_model("clip")
+    assert model.config.text_config.max_position_embeddings < 128
+    for r in (recipe, parse_recipe(yaml.safe_load(recipe.dump()))):
+        _check_lengths(model.config, get_adapter("clip"), r)
+    with pytest.raises(LmmcError, match="distill.max_length"):
+        _check_lengths(model.config, get_adapter("clip"), parse_recipe(
+            {"calibration": {"random": True}, "passes": [{"distill": {"corpus": str(corpus), "steps": 2,
+                                                                      "max_length": 100}}]}))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"passes": [{"prune_everything": {}}]}, "passes[0]: unknown pass 'prune_everything'; known passes here: "
                                              "activation, antgmm, distill, ecoflap"),

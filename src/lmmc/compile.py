@@ -625,7 +625,7 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
         towers = getattr(cfg, "towers", None)
         if getattr(cfg, "corpus", None) and (towers is None or any(t.name in towers for t in text)):
-            lengths.append((f"{name}.max_length", cfg.max_length, "max_length" in cfg.model_fields_set))
+            lengths.append((f"{name}.max_length", cfg.max_length, cfg.given("max_length")))
         # lmmc bench times at validate's latency_seq too, with the compile's latency off or on
         if getattr(cfg, "latency_seq", None) is not None:
             lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))

@@ -60,6 +60,11 @@ class Config(BaseModel):
             raise ValueError(f"{value!r} holds a yes/no value where a number belongs; write the number")
         return result
 
+    def given(self, key: str) -> bool:
+        """Whether `key` holds other than its default. A recipe written back by Recipe.to_dict (report.json's)
+        lists every field, defaults included, so what a setting does must follow its value, not its presence."""
+        return getattr(self, key) != type(self).model_fields[key].default
+
 
 def explain(err: ValidationError) -> str:
     """A validation error as one indented line per wrong key: where it is and what is wrong."""

@@ -174,7 +174,7 @@ class Recipe(BaseModel):
         generative = kind == "generative"
         wrong = cfg.ENCODER_GATES if generative else cfg.GENERATIVE_GATES
         applies = [*(cfg.GENERATIVE_GATES if generative else cfg.ENCODER_GATES), *cfg.SHARED_GATES]
-        given = [g for g in wrong if g in cfg.model_fields_set and getattr(cfg, g) is not None]
+        given = [g for g in wrong if cfg.given(g) and getattr(cfg, g) is not None]
         if given:
             what = "a generative model, validated by next-token fidelity and greedy generation" if generative else \
                    "an encoder, validated by the cosine of its embeddings to the teacher's"
@@ -182,32 +182,31 @@ class Recipe(BaseModel):
                             f"{'encoders' if generative else 'generative models'}, and this {family} model is "
                             f"{what}; the gates that apply to it are {', '.join(applies)}. Remove "
                             f"{', '.join(given)} from the recipe's validate section")
-        if not generative and "min_cosine_int8" in cfg.model_fields_set and cfg.min_cosine_int8 is not None \
+        if not generative and cfg.given("min_cosine_int8") and cfg.min_cosine_int8 is not None \
                 and not any(_writes_int8(s) for s in self.export):
             raise LmmcError("validate.min_cosine_int8 gates INT8 artifacts, and no export in this recipe writes one"
                             f"{_no_engine(self.export, 'int8')}, so it would certify nothing; add "
                             "{ort: {int8: [dynamic]}} or {openvino: {int8: true}} to the export section, or remove "
                             "min_cosine_int8")
-        if not generative and "min_cosine_fp16" in cfg.model_fields_set and cfg.min_cosine_fp16 is not None \
+        if not generative and cfg.given("min_cosine_fp16") and cfg.min_cosine_fp16 is not None \
                 and not any(_writes_fp16(s) for s in self.export):
             no_engine = _no_engine(self.export, "fp16")
             add = "{ort: {fp16: true}}" + ("" if no_engine else " or {tensorrt: {precision: [fp16]}}")
             raise LmmcError(f"validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one"
                             f"{no_engine}, so it would certify nothing; add {add} to the export section, or remove "
                             f"min_cosine_fp16")
-        if not generative and "max_latency_miss" in cfg.model_fields_set and cfg.max_latency_miss is not None \
+        if not generative and cfg.given("max_latency_miss") and cfg.max_latency_miss is not None \
                 and not any(getattr(s.config, "target", None) is not None for s in self.passes):
             raise LmmcError("validate.max_latency_miss gates how far the student misses a latency target, and no "
                             "pass in this recipe sets one, so it would certify nothing; give antgmm a target, e.g. "
                             "{antgmm: {target: {speedup: 2}}} (measured on the OpenVINO INT8 IR unless its deploy "
                             "says otherwise: export {openvino: {int8: true}} too), or remove max_latency_miss")
-        timing = [k for k in ("latency_batch", "latency_seq", "repeats") if k in cfg.model_fields_set]
-        timing += ["latency"] if "latency" in cfg.model_fields_set and cfg.latency else []
+        timing = [k for k in ("latency_batch", "latency_seq", "repeats") if cfg.given(k)]
         if generative and timing:
             raise LmmcError(f"validate: {', '.join(timing)} set how the student is timed, and a {family} model is "
                             f"not timed: validation measures its next-token fidelity and greedy generation. Remove "
                             f"{', '.join(timing)} from the recipe's validate section")
-        if generative and "agreement_k" in cfg.model_fields_set:
+        if generative and cfg.given("agreement_k"):
             raise LmmcError(f"validate: agreement_k sets the top-k agreement of a dual encoder's retrieval, and a "
                             f"{family} model's task metric is its greedy generation; remove agreement_k from the "
                             f"recipe's validate section")
@@ -215,7 +214,7 @@ class Recipe(BaseModel):
             raise LmmcError(f"validate: device {cfg.device} runs an encoder's ONNX artifacts on the GPU, and a "
                             f"{family} model's generative export is validated on the CPU; remove device from the "
                             f"recipe's validate section (the passes run where --device says)")
-        if not generative and "generation_tokens" in cfg.model_fields_set:
+        if not generative and cfg.given("generation_tokens"):
             raise LmmcError(f"validate: generation_tokens sets how many greedy tokens a generative model's validation "
                             f"compares, and this {family} model is an encoder, validated by the cosine of its "
                             f"embeddings; remove generation_tokens from the recipe's validate section")
