@@ -106,7 +106,8 @@ def fuse_onnx(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]] | None = 
 
 
 def _external(src: Path) -> bool:
-    """Whether an export keeps its weights in a file beside it (models over protobuf's 2 GB)."""
+    """Whether an export keeps its weights in a file beside it (graphs of over 1.5 GB of weights, near
+    protobuf's 2 GB)."""
     return src.with_name(src.name + ".data").exists()
 
 
@@ -238,7 +239,7 @@ def quantize_static_mixed(plain: Path, dst: Path, feeds: list[dict[str, np.ndarr
 
     The costs are measured on one QDQ graph of every MatMul, its nodes set back to float in memory."""
     if _external(plain):
-        raise LmmcError(f"{plain.name} keeps its weights outside the ONNX file (over 2 GB); the mixed-precision "
+        raise LmmcError(f"{plain.name} keeps its weights outside the ONNX file (over 1.5 GB); the mixed-precision "
                         f"search runs graphs in memory, which protobuf caps at 2 GB: drop `mixed` from ort.int8")
     search = feeds[:cfg.search_batches]
     fp32 = load(plain, "onnxruntime", threads)
@@ -410,7 +411,7 @@ class OrtExportPass(Pass):
         """The FP16 graph, from the plain one: ONNX Runtime's CUDA provider runs ORT's fused operators in
         fp16 on its own, and the plain graph is the one every provider reads."""
         if _external(plain):
-            raise LmmcError(f"ort.fp16: {plain.name} keeps its weights outside the ONNX file (over 2 GB), and the "
+            raise LmmcError(f"ort.fp16: {plain.name} keeps its weights outside the ONNX file (over 1.5 GB), and the "
                             f"fp16 conversion works on a graph in memory, which protobuf caps at 2 GB; set fp16: false")
         dst = folder / f"{tower.name}.fp16.onnx"
         counts = to_fp16_onnx(plain, dst)
