@@ -564,9 +564,12 @@ class AntGMMPass(Pass):
             where = f" of the {adapter.towers[0].name} tower" if isinstance(cfg.keep, dict) else ""
             asked = f"keep={keep} of the blocks' {cfg.budget}{where}" if cfg.target is None else \
                 f"keeping {1 - remove / total:.3f} of the blocks' predicted ms"
+            grouped = any(group_size(b, t, self.head_dims[t.name]) > 1 for t in adapter.towers
+                          for b in block_list(model, t)[1])
             raise LmmcError(f"pass 'antgmm': {asked} is below what the floors "
                             f"allow (about {1 - (remove - short) / total:.3f} with min_layers={cfg.min_layers}, "
-                            f"min_heads={cfg.min_heads}, min_ffn={cfg.min_ffn}"
+                            f"min_heads={cfg.min_heads}{' in whole query-head groups' if grouped else ''}, "
+                            f"min_ffn={cfg.min_ffn}"
                             + (f", ffn_multiple={cfg.ffn_multiple}" if cfg.ffn_multiple > 1 else "")
                             + (f", min_hidden={cfg.min_hidden}" if "hidden" in shares else "")
                             + f" and stages {sorted(shares)}); "

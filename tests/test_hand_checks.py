@@ -320,7 +320,7 @@ def test_a_cut_the_gqa_head_floor_cannot_reach_is_refused_before_scoring() -> No
     art = Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
     antgmm = get_pass("antgmm")
     with pytest.raises(LmmcError, match=r"keep=0.88 of the blocks' flops is below what the floors allow \(about "
-                                        r"0\.9[0-9]+ with min_layers=1, min_heads=3"):
+                                        r"0\.9[0-9]+ with min_layers=1, min_heads=3 in whole query-head groups, "):
         antgmm(antgmm.Config(keep=0.88, importance="activation", min_heads=3, shares={"heads": 1.0})).run(art)
 
 
