@@ -47,7 +47,7 @@ def main() -> None:
     teacher, adapter, preprocessor = load_teacher(report["model"])
     tower = adapter.tower("text")
     student = lmmc.load_student(args.out_dir / "student")
-    feeds = _numpy(load_data(_recipe_calibration(report, BenchConfig()), teacher, adapter, preprocessor)
+    feeds = _numpy(load_data(_recipe_calibration(report, BenchConfig(), args.out_dir / "report.json"), teacher, adapter, preprocessor)
                    .calib_batches("text"))
     feed = {n: t.numpy() for n, t in zip(input_names(tower), example_inputs(teacher, tower, args.batch, args.seq))}
     core, requests = ov.Core(), {}

@@ -35,7 +35,7 @@ from lmmc import bench as B
 from lmmc.adapters import get_adapter
 from lmmc.artifact import Artifact
 from lmmc.latency_model import LatencyModel, Target, tower_feed
-from lmmc.modelio import load_teacher, make_student
+from lmmc.modelio import load_teacher, make_student, text_pad_length, text_truncation
 from lmmc.pipeline import get_pass
 from lmmc.recipe import load_recipe
 
@@ -153,7 +153,8 @@ def time_all(outs: dict[str, Path], target: Target, repeats: int) -> dict[str, A
     first = next(iter(outs.values()))
     report = B.read_output(first)
     teacher, adapter, preprocessor = load_teacher(report["model"])
-    calib = B.load_data(B._recipe_calibration(report, B.BenchConfig()), teacher, adapter, preprocessor)
+    calib = B.load_data(B._recipe_calibration(report, B.BenchConfig(), first / "report.json"), teacher, adapter,
+                        preprocessor)
     (tower,) = adapter.towers
     with tempfile.TemporaryDirectory() as tmp, tqdm(disable=True) as quiet:
         candidates = [c for c in B.teacher_deployments(teacher, tower, Path(tmp), B._numpy(calib.calib_batches("text")),
@@ -173,13 +174,15 @@ def fidelity(out: Path) -> dict[str, float]:
     256 sentences of each samples/heldout/ corpus (never calibrated or distilled on), and the INT8 IR's on
     the held-out split from the compile's validation."""
     report = B.read_output(out)
-    calib_cfg = B._recipe_calibration(report, B.BenchConfig())
+    calib_cfg = B._recipe_calibration(report, B.BenchConfig(), out / "report.json")
     teacher, adapter, preprocessor = load_teacher(report["model"])
     student = lmmc.load_student(out / "student")
     (tower,) = adapter.towers
     sets = {"held-out": B.load_data(calib_cfg, teacher, adapter, preprocessor).eval_batches("text")}
     for path in HELDOUT:
-        sets[path.stem] = B.corpus_batches(path, adapter, preprocessor, calib_cfg, 256)["text"]
+        sets[path.stem] = B.corpus_batches(path, adapter, preprocessor, calib_cfg, 256,
+                                           text_truncation(teacher.config, adapter, preprocessor),
+                                           text_pad_length(teacher.config, adapter))["text"]
     run_t, run_s = B.torch_runner(teacher, tower), B.torch_runner(student, tower)
     result = {}
     with torch.no_grad():

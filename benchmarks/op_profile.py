@@ -81,7 +81,7 @@ def main() -> None:
     teacher, adapter, preprocessor = load_teacher(report["model"])
     tower = adapter.tower("text")
     feed = {n: t.numpy() for n, t in zip(input_names(tower), example_inputs(teacher, tower, args.batch, args.seq))}
-    calib = load_data(_recipe_calibration(report, BenchConfig()), teacher, adapter, preprocessor)
+    calib = load_data(_recipe_calibration(report, BenchConfig(), args.out_dir / "report.json"), teacher, adapter, preprocessor)
     with tempfile.TemporaryDirectory() as tmp:
         irs = {"teacher fp32": Path(tmp) / "teacher.xml", "teacher NNCF INT8": Path(tmp) / "teacher.int8.xml"}
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars

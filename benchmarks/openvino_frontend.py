@@ -57,7 +57,7 @@ def main() -> None:
     teacher, adapter, preprocessor = load_teacher(report["model"])
     student = lmmc.load_student(args.out_dir / "student")
     tower = adapter.towers[0]
-    data = B.load_data(B._recipe_calibration(report, B.BenchConfig()), teacher, adapter, preprocessor)
+    data = B.load_data(B._recipe_calibration(report, B.BenchConfig(), args.out_dir / "report.json"), teacher, adapter, preprocessor)
     feeds = B._numpy(data.calib_batches(tower.modality))
     inputs = example_inputs(teacher, tower, batch=args.batch, seq=args.seq)
     feed = {n: t.numpy() for n, t in zip(input_names(tower), inputs)}
