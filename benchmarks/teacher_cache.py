@@ -53,7 +53,8 @@ def fill_seconds(cfg, art: Artifact, train, dev, plain: bool) -> tuple[float, fl
         distiller.run_tower, distiller.sdpa_kernel = run_tower, kernel
     trainer.restore_flags()
     if trainer.cache is None:
-        sys.exit("the recipe's teacher_cache_mb is too small for this corpus: nothing was cached")
+        sys.exit("nothing was cached: the recipe's distillation is shorter than one pass over its corpus (steps x "
+                 "batch_size), or its teacher_cache_mb is too small for the corpus")
     return forward[0], total
 
 
