@@ -176,7 +176,8 @@ def main() -> None:
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    cache = Path(tempfile.mkdtemp(prefix="lmmc-bench-")) / "teacher.safetensors"
+    scratch = tempfile.TemporaryDirectory(prefix="lmmc-bench-")  # removed when this process ends
+    cache = Path(scratch.name) / "teacher.safetensors"
     common = {"threads": args.threads, "samples": args.samples, "eval_samples": args.eval_samples,
               "ecoflap_samples": args.ecoflap_samples, "teacher_cache": str(cache)}
     targets: list[float | None] = [*args.sparsities, *([] if args.no_nm else [None])]
