@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
+    if args.rounds <= 5:
+        parser.error("--rounds must be above 5: the first 5 rounds are warm-up, not timed")
     import openvino as ov
 
     report = read_output(args.out_dir)
