@@ -202,15 +202,20 @@ def test_lasttoken_and_weightedmean_pooling_under_left_padding() -> None:
 
 # --- AntGMM: the head floor under grouped-query attention --------------------------------------------------
 
-def test_antgmm_keeps_min_heads_query_heads_in_every_gqa_block() -> None:
-    """The decoder's head units are GQA groups of 2 query heads, so min_heads=3 must keep 2 whole groups
-    (rounded up), not 1; a tight heads-only budget then cuts only the vision tower (groups of 1)."""
+def llava_artifact() -> Artifact:
     load_passes()
     model = tiny_llava()
     adapter = get_adapter("llava")
     calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
                                           model, adapter)
-    art = Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
+    return Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
+
+
+def test_antgmm_keeps_min_heads_query_heads_in_every_gqa_block() -> None:
+    """The decoder's head units are GQA groups of 2 query heads, so min_heads=3 must keep 2 whole groups
+    (rounded up), not 1; a tight heads-only budget then cuts only the vision tower (groups of 1)."""
+    art = llava_artifact()
+    model, adapter = art.student, art.adapter
     antgmm = get_pass("antgmm")
     metrics = antgmm(antgmm.Config(keep=0.96, importance="activation", min_heads=3, shares={"heads": 1.0})).run(art)
     structure = metrics["structure"]
@@ -312,12 +317,7 @@ def test_a_cut_the_gqa_head_floor_cannot_reach_is_refused_before_scoring() -> No
     """The up-front check counted min_heads query heads one at a time, while grouped-query attention keeps
     whole groups: on the tiny LLaVA (groups of 2 in the decoder) min_heads=3 keeps 4, and keep=0.88 passed
     the check ("about 0.879") to end at 0.955 with a warning."""
-    load_passes()
-    model = tiny_llava()
-    adapter = get_adapter("llava")
-    calib = random_generative_calibration(CalibrationConfig(random=True, samples=8, eval_samples=2, batch_size=4),
-                                          model, adapter)
-    art = Artifact(model_ref="tiny", adapter=adapter, teacher=copy.deepcopy(model), student=model, calib=calib)
+    art = llava_artifact()
     antgmm = get_pass("antgmm")
     with pytest.raises(LmmcError, match=r"keep=0.88 of the blocks' flops is below what the floors allow \(about "
                                         r"0\.9[0-9]+ with min_layers=1, min_heads=3 in whole query-head groups, "):
