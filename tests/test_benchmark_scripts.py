@@ -28,7 +28,7 @@ def _lmmc_names(tree: ast.AST) -> dict[str, Any]:
             for alias in node.names:
                 if alias.name.split(".")[0] == "lmmc":
                     module = importlib.import_module(alias.name)
-                    names[alias.asname] = module if alias.asname else importlib.import_module("lmmc")
+                    names[alias.asname or "lmmc"] = module if alias.asname else importlib.import_module("lmmc")
     return names
 
 

@@ -56,6 +56,20 @@ def test_a_shipped_recipe_written_back_is_judged_as_given(path, tmp_path):
         assert outcomes[0] == outcomes[1], (family, outcomes)
 
 
+def test_a_recipe_with_bench_written_back_is_checked_for_threads_as_given(monkeypatch):
+    """The thread check read `bench.threads` as set once written back (null), and compared None with the CPU
+    count: an internal error at plan time. The default validate.threads also read as set."""
+    import lmmc.compile as compile_module
+
+    recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"wanda": {"sparsity": 0.5}}],
+                           "export": ["onnx"], "bench": {"repeats": 3}, "validate": {"latency_batch": 2}})
+    again = parse_recipe(yaml.safe_load(recipe.dump()))
+    monkeypatch.setattr(compile_module.os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert compile_module._oversubscribed(recipe) == compile_module._oversubscribed(again) == []
+    busy = parse_recipe({**yaml.safe_load(recipe.dump()), "bench": {"threads": 4}})
+    assert compile_module._oversubscribed(busy)[0].startswith("bench.threads = 4 is above the 1 CPU(s)")
+
+
 def test_an_ecoflap_of_order_1_written_back_parses():
     """ecoflap refuses epsilon and seed with order 1; written back with their defaults, they are not set."""
     recipe = parse_recipe({"calibration": {"random": True}, "passes": [{"ecoflap": {"sparsity": 0.5, "order": 1}}, "wanda"]})

@@ -359,7 +359,7 @@ def test_offline_a_hub_encoder_whose_modules_the_cache_cannot_tell_is_refused(tm
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
                                       "passes": [{"wanda": {"sparsity": 0.5}}], "export": ["onnx"]}))
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
     def dry_run(repo: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", "compile", repo, "-r", str(recipe), "-o",

@@ -545,10 +545,10 @@ def _oversubscribed(recipe: Recipe) -> list[str]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # the ones the recipe sets: a default of 2 on one CPU costs little, and may time nothing
     settings = [(f"{name}.threads", cfg.threads) for name, cfg in _step_configs(recipe)
-                if "threads" in cfg.model_fields_set]
+                if "threads" in type(cfg).model_fields and cfg.given("threads")]
     settings += [(f"{name}.deploy.threads", cfg.deploy.threads) for name, cfg in _step_configs(recipe)
-                 if getattr(cfg, "deploy", None) is not None and "threads" in cfg.deploy.model_fields_set]
-    if recipe.bench is not None and "threads" in recipe.bench.model_fields_set:
+                 if getattr(cfg, "deploy", None) is not None and cfg.deploy.given("threads")]
+    if recipe.bench is not None and recipe.bench.given("threads"):
         settings.append(("bench.threads", recipe.bench.threads))
     over = [f"{key} = {value}" for key, value in settings if value > cpus]
     if not over:

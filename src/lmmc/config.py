@@ -63,7 +63,7 @@ class Config(BaseModel):
     def given(self, key: str) -> bool:
         """Whether `key` holds other than its default. A recipe written back by Recipe.to_dict (report.json's)
         lists every field, defaults included, so what a setting does must follow its value, not its presence."""
-        return getattr(self, key) != type(self).model_fields[key].default
+        return getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)
 
 
 def explain(err: ValidationError) -> str:
