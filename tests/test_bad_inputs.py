@@ -1537,13 +1537,16 @@ def test_a_tokenizer_whose_package_is_missing_names_the_package(tmp_path):
 
 
 def fake_hub(tmp: Path) -> tuple[Path, Path]:
-    """A hub cache under `tmp` holding acme/tinybert (a tiny BERT) as huggingface_hub lays one out: the repo
-    folder and its snapshot."""
+    """A hub cache under `tmp` holding acme/tinybert (a tiny BERT) as huggingface_hub lays one out once lmmc
+    or sentence-transformers has read it online: the repo folder, its snapshot, and the record that it has
+    no modules.json (without it, an offline compile cannot tell the model's pooling: tests/test_st_modules.py)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp / "hf" / "hub" / "models--acme--tinybert"
     snapshot_dir = save_tiny("bert", repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "modules.json").touch()
     return repo, snapshot_dir
 
 
