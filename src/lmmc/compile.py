@@ -45,6 +45,7 @@ from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
 from lmmc.runtime import FILE_LIST
+from lmmc.runtime.texts import clip_texts
 from lmmc.sparsity import sparsity_summary
 from lmmc.train import barrier, setup_distributed
 
@@ -418,6 +419,12 @@ def _check_engine_profile(recipe: Recipe, config: Any, adapter: Any, counts: dic
                         f"(calibration.batch_size = {batch}); widen tensorrt.batch or change calibration.batch_size")
 
 
+def _widest(tokenizer: Any, held_out: list[dict[str, Any]], length: int, pad_to: int | None) -> int:
+    """The tokens of validation's widest held-out batch: the longest text cut to `length`, or `pad_to`."""
+    texts = clip_texts(tokenizer, [r["text"] for r in held_out], length)
+    return pad_to or max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=length)["input_ids"])
+
+
 def _check_engine_seq(recipe: Recipe, config: Any, adapter: Any, tokenizer: Any, held_out: list[dict[str, Any]],
                       length: int, pad_to: int | None) -> None:
     """The held-out texts, as validation pads each batch to its longest, against the TensorRT profile's
@@ -427,8 +434,7 @@ def _check_engine_seq(recipe: Recipe, config: Any, adapter: Any, tokenizer: Any,
         return
     positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
     longest = step.config.seq.max if step.config.seq else min(DEFAULT_MAX_LENGTH, positions)
-    widest = pad_to or max(len(ids) for ids in tokenizer([r["text"] for r in held_out], truncation=True,
-                                                         max_length=length)["input_ids"])
+    widest = _widest(tokenizer, held_out, length, pad_to)
     if widest > longest:
         raise LmmcError(f"tensorrt.seq takes texts of at most {longest} tokens, and validation runs the engines on "
                         f"held-out texts of up to {widest}; raise tensorrt.seq.max to {widest}, or lower "
@@ -445,8 +451,7 @@ def _check_bench_static(recipe: Recipe, config: Any, adapter: Any, preprocessors
     positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
     seq = timing_seq(bench.seq, recipe.validate_.config.latency_seq if recipe.validate_ else None, positions)
     tokenizer = preprocessors["tokenizer"]
-    widest = pad_to or max(len(ids) for ids in tokenizer([r["text"] for r in held_out], truncation=True,
-                                                         max_length=length)["input_ids"])
+    widest = _widest(tokenizer, held_out, length, pad_to)
     for corpus in bench.corpora:
         batches = corpus_batches(corpus, adapter, preprocessors, recipe.calibration, bench.corpus_samples,
                                  text_truncation(config, adapter, preprocessors), pad_to)

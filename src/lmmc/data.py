@@ -21,6 +21,7 @@ import torch
 from lmmc.errors import LmmcError
 from lmmc.runtime.generate import generative_prompt
 from lmmc.runtime.images import IMAGE_SUFFIXES, NOT_PICTURES, open_image
+from lmmc.runtime.texts import clip_text, clip_texts
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
 RANDOM_MAX_PARAMS = 5_000_000
 
@@ -406,7 +407,7 @@ def encode_text(tokenizer, texts: list[str], batch_size: int, max_length: int | 
     Google ships it) means the model reads its padding too, as it was trained, and the mask is all ones."""
     max_length = text_length(tokenizer, max_length, pad_to)
     out = []
-    for chunk in _chunks(texts, batch_size):
+    for chunk in _chunks(clip_texts(tokenizer, texts, max_length), batch_size):
         if pad_to is None:
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                             return_attention_mask=True)  # padding to a batch's longest text must change nothing
@@ -652,7 +653,8 @@ def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
         if len(words) > 1 or not getattr(tokenizer, "is_fast", False):
             out.append(" ".join(words[:count]))
         else:  # the text up to the end of its count-th token, as the user wrote it (an [UNK] keeps its letter)
-            spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            spans = tokenizer(clip_text(tokenizer, text, count), add_special_tokens=False,
+                              return_offsets_mapping=True)["offset_mapping"]
             out.append(text[:spans[min(count, len(spans)) - 1][1]] if spans else text)
     return list(dict.fromkeys(out))
 
@@ -661,7 +663,8 @@ def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int) -> li
     """The indices of `texts` whose tokens, cut to `max_length`, are neither those of a text in `seen` nor of an
     earlier one: an uncased tokenizer reads "What is" as "what is"."""
     def tokens(batch: list[str]) -> list[tuple[int, ...]]:  # a tokenizer given no texts fails
-        return [tuple(ids) for ids in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]] \
+        return [tuple(ids) for ids in tokenizer(clip_texts(tokenizer, batch, max_length), truncation=True,
+                                                max_length=max_length)["input_ids"]] \
             if batch else []
 
     known, kept = set(tokens(seen)), []
@@ -848,7 +851,7 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
             enc = processor(images=[[image]], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
                             return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
-            answer = tok(r["text"], add_special_tokens=False)["input_ids"]
+            answer = tok(clip_text(tok, r["text"], limit), add_special_tokens=False)["input_ids"]
             if tok.eos_token_id is not None:
                 answer = answer + [tok.eos_token_id]
             answer = answer[:_answer_room(prompt_ids, image_id, limit, positions, r["image"])]

@@ -17,6 +17,7 @@ import numpy as np
 
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.runtime.images import IMAGE_SUFFIXES, READ_FIX, open_image, to_rgb
+from lmmc.runtime.texts import clip_texts
 
 # The most intra-op threads a setting may ask for: far above any CPU's cores, far below what overflows
 # the runtimes' C integers.
@@ -340,6 +341,7 @@ class Deployment:
             pad_to = text.get("pad_to")
             limits = [x for x in (text["max_length"], seq) if x]
             limit = min(limits) if limits else None
+            chunk = clip_texts(proc, chunk, min(limit or pad_to, pad_to) if pad_to else limit)
             if pad_to is None:
                 enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np",
                            return_attention_mask=True)
