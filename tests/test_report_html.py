@@ -110,6 +110,10 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
     curve = next(p for p in report["passes"] if p["name"] == "distill")["metrics"]["curve"]
     assert [c["step"] for c in curve] == [4, 8, 12]
     assert all(c["loss"] is not None and c["loss"] > 0 for c in curve)
+    distill = next(p for p in report["passes"] if p["name"] == "distill")["metrics"]
+    for dev in (distill["dev_before"], distill["dev_after"]):  # keep_best ranks by the towers' mean, not the worst
+        assert set(dev["cosine"]) == {"text", "vision"} and dev["cosine"]["text"] != dev["cosine"]["vision"]
+        assert dev["score"] == pytest.approx(np.mean(list(dev["cosine"].values())), abs=1e-12)
     for i, p in enumerate(report["passes"]):
         assert f"<td class=\"num\">{i + 1}</td><td>{p['name']}</td><td class=\"num\">{p['seconds']:.2f}</td>" in page
 
