@@ -284,7 +284,7 @@ def _(tmp):
 def _(tmp):
     tiny_model("vit").save_pretrained(tmp / "vit")
     transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(tmp / "vit")
-    return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["makes 224x224 images", "takes 32x32"]
+    return ["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], ["makes images 224 wide and 224 high", "takes 32x32"]
 
 
 @case("image processor that keeps a picture's aspect")
@@ -293,7 +293,7 @@ def _(tmp):
     save_preprocessors("clip", tmp / "clip")
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp / "clip")
     return ["./clip", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
-        "keeps a picture's aspect (a 48x40 one becomes 32x38)", "do_center_crop: true with crop_size 32"]
+        "keeps a picture's aspect (one 48 wide and 40 high becomes 38 wide and 32 high)", "do_center_crop: true with crop_size 32"]
 
 
 @case("random inputs for a model that is not tiny")

@@ -573,12 +573,12 @@ def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
     if shape[-2:] != (image_size, image_size):
         square = tuple(proc(images=[Image.new("RGB", (48, 48))], return_tensors="pt")["pixel_values"].shape)
         if square[-2:] == (image_size, image_size):  # the model's processor, set to keep a picture's aspect
-            raise LmmcError(f"the image processor of '{ref}' keeps a picture's aspect (a 48x40 one becomes "
-                            f"{shape[-2]}x{shape[-1]}) but the model takes {image_size}x{image_size} images; set "
+            raise LmmcError(f"the image processor of '{ref}' keeps a picture's aspect (one 48 wide and 40 high "
+                            f"becomes {shape[-1]} wide and {shape[-2]} high) but the model takes {image_size}x{image_size} images; set "
                             f"do_center_crop: true with crop_size {image_size}, or size {{height: {image_size}, "
                             f"width: {image_size}}}, in its preprocessor_config.json")
-        raise LmmcError(f"the image processor of '{ref}' makes {shape[-2]}x{shape[-1]} images but the model "
-                        f"takes {image_size}x{image_size}; it is not this model's processor: {fix}")
+        raise LmmcError(f"the image processor of '{ref}' makes images {shape[-1]} wide and {shape[-2]} high but the "
+                        f"model takes {image_size}x{image_size}; it is not this model's processor: {fix}")
 
 
 def check_finite(model: torch.nn.Module, what: str,
