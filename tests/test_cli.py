@@ -811,3 +811,37 @@ def test_a_file_too_large_for_its_disk_is_the_users_to_fix_not_a_bug(tmp_path, m
             f"large, or raise the file-size limit ('ulimit -f'), then run the command again"
             ) in " ".join(result.output.split())
     assert "internal error" not in result.output
+
+
+def _stuck_in_c() -> None:
+    """Block for ever where no Python signal handler can run: relocking a plain pthread mutex."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # zeroed: a default (non-recursive) mutex
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)
+
+
+def test_a_child_forked_while_sigterm_is_handled_dies_on_terminate():
+    """OpenVINO's telemetry forks a child per event; one forked while a resolver lock was held blocked in C
+    for ever, ignored terminate() through the command's inherited handler, and the finished compile waited."""
+    import multiprocessing
+
+    from lmmc import cli
+
+    previous = signal.signal(signal.SIGTERM, cli._interrupt)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_stuck_in_c, daemon=True)
+        child.start()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        time.sleep(0.5)
+        child.terminate()
+        child.join(10)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()

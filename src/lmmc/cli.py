@@ -22,6 +22,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _default_sigterm_in_child() -> None:
+    """A process forked while a command handles SIGTERM (a multiprocessing child: OpenVINO's telemetry sends
+    from one) gets the default action back. Blocked in C, as in a resolver lock held at the fork, a Python
+    handler never runs: the child ignored its parent's terminate(), and the parent waited for it at exit for
+    ever, its output long written."""
+    if signal.getsignal(signal.SIGTERM) is _interrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 def _close_progress_bars() -> None:
     """An interrupted pass leaves its progress bar open, and its last line would follow the message."""
     from tqdm import tqdm
