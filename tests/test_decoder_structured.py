@@ -34,7 +34,8 @@ def tiny_llava(decoder: str = "llama", seed: int = 0) -> transformers.LlavaForCo
                                            num_attention_heads=4, image_size=30, patch_size=10)
     text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=64, max_position_embeddings=128)
-    text_cfg = transformers.LlamaConfig(**text) if decoder == "llama" else transformers.Qwen2Config(**text)
+    text_cfg = {"llama": transformers.LlamaConfig, "olmo2": transformers.Olmo2Config}.get(
+        decoder, transformers.Qwen2Config)(**text)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMAGE_TOKEN,
                                    image_seq_length=IMAGE_TOKENS)
     return transformers.LlavaForConditionalGeneration(cfg).eval()
@@ -136,6 +137,22 @@ def test_removing_decoder_blocks_keeps_the_kv_cache_working(decoder: str) -> Non
     assert torch.equal(greedy(model), greedy(skipped, use_cache=False))
 
 
+def test_olmo2s_q_and_k_norms_keep_the_rows_of_the_kept_heads() -> None:
+    """OLMo2 normalises q and k over all heads: a cut keeps the norm weights of the rows it keeps (it left
+    them whole, and the block failed on mismatched shapes), and generation runs with and without the cache."""
+    model = tiny_llava("olmo2")
+    hd = head_dim(model, LANGUAGE)
+    attention = decoder_block(model, 1).self_attn
+    q_norm, k_norm = attention.q_norm.weight.detach().clone(), attention.k_norm.weight.detach().clone()
+    with torch.no_grad():
+        q_norm.uniform_(0.5, 1.5), k_norm.uniform_(0.5, 1.5)
+        attention.q_norm.weight.copy_(q_norm), attention.k_norm.weight.copy_(k_norm)
+    keep_heads_(decoder_block(model, 1), LANGUAGE, hd, [2, 3])
+    assert torch.equal(attention.q_norm.weight, q_norm[2 * hd:4 * hd])
+    assert torch.equal(attention.k_norm.weight, k_norm[hd:2 * hd])
+    assert torch.equal(greedy(model), greedy(model, use_cache=False))
+
+
 def prune_unevenly_(model: torch.nn.Module) -> None:
     """Different head groups, SwiGLU widths and block counts per layer, in both towers."""
     hd = head_dim(model, LANGUAGE)
@@ -150,7 +167,7 @@ def prune_unevenly_(model: torch.nn.Module) -> None:
     keep_channels_(vision_block, VISION, range(20))
 
 
-@pytest.mark.parametrize("decoder", ["llama", "qwen2"])
+@pytest.mark.parametrize("decoder", ["llama", "qwen2", "olmo2"])
 def test_a_pruned_llava_reloads_exactly(decoder: str, tmp_path) -> None:
     model = tiny_llava(decoder)
     prune_unevenly_(model)

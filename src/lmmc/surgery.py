@@ -85,12 +85,20 @@ def keep_heads_(block: nn.Module, tower: TowerSpec, head_dim: int, keep: Sequenc
         tower.keep_heads(block, heads)
     rows = _rows(heads, head_dim)
     kv_rows = _rows(groups, head_dim)
+    q_name = linears["q"][0]
+    attention = _get(block, q_name.rsplit(".", 1)[0]) if "." in q_name else block
+    # OLMo2 normalises q and k across all their heads, so those norms' weights run along the rows cut here
+    # (Qwen3's are one head wide, shared by every head, and stay as they are).
+    for name, role, kept in (("q_norm", "q", rows), ("k_norm", "k", kv_rows)):
+        norm = getattr(attention, name, None)
+        weight = getattr(norm, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 1 and \
+                weight.numel() == linears[role][1].out_features != head_dim:
+            norm.weight = nn.Parameter(weight.data[kept].clone(), requires_grad=weight.requires_grad)
     keep_rows_(linears["q"][1], rows)
     for role in ("k", "v"):
         keep_rows_(linears[role][1], kv_rows)
     keep_cols_(linears["o"][1], rows)
-    q_name = linears["q"][0]
-    attention = _get(block, q_name.rsplit(".", 1)[0]) if "." in q_name else block
     for attr in _HEAD_COUNT_ATTRS:
         if isinstance(getattr(attention, attr, None), int):
             setattr(attention, attr, len(heads))
