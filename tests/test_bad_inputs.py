@@ -23,8 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import (CORPUS, TINY_TEXT, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava, siglip_sentencepiece,
-                            spelled, tiny_model, tiny_vocab)
+from tests.conftest import (CORPUS, TINY_DECODER, TINY_TEXT, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava,
+                            siglip_sentencepiece, spelled, tiny_llava, tiny_llava_processor, tiny_model, tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -1301,6 +1301,37 @@ def _(tmp):
             ["pass 'distill' left NaN/Inf values in", "Lower its learning rate"])
 
 
+@case("an mpnet whose relative-position buckets transformers cannot run, dry run")
+def _(tmp):
+    model = transformers.MPNetModel(transformers.MPNetConfig(**TINY_TEXT, pad_token_id=0,
+                                                             relative_attention_num_buckets=16))
+    model.save_pretrained(tmp / "mpnet")
+    save_preprocessors("mpnet", tmp / "mpnet")
+    return ["./mpnet", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "relative_attention_num_buckets = 16", "in 32 buckets", "compile a checkpoint with 32 buckets"]
+
+
+@case("a llava reading its image features at layer 0, dry run")
+def _(tmp):
+    path = save_tiny_llava(tmp / "llava")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vision_feature_layer": 0}))
+    return [str(path), "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "vision_feature_layer 0", "reads layer 0 as no layer", "-1 is the last"]
+
+
+@case("a llava whose decoder fuses q, k and v into one linear, dry run")
+def _(tmp):
+    model = tiny_llava()
+    config = transformers.LlavaConfig(**{**model.config.to_dict(), "text_config": {
+        **TINY_DECODER, "model_type": "phi3", "pad_token_id": 0}})
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(tmp / "llava")
+    tiny_llava_processor().save_pretrained(tmp / "llava")
+    return ["./llava", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"], [
+        "block (Phi3DecoderLayer) has no 'q' linear", "self_attn.qkv_proj", "does not support this layout",
+        "linears of their own"]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -1802,3 +1833,4 @@ def test_buffers_a_checkpoint_saves_are_not_called_a_dropped_head(tmp_path):
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     teacher, _, _ = load_teacher(str(model))
     assert teacher.lmmc_dropped_weights == ["stray.weight"]
+

@@ -329,6 +329,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     recipe.check_gates(adapter.family, adapter.kind)
     _check_lengths(config, adapter, recipe)
     _check_shared_space(config, adapter)
+    _check_runnable(config)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
     _check_bench(recipe, adapter, config)  # before the data: its static IRs' length is checked on them
@@ -608,6 +609,21 @@ def _check_shared_space(config: Any, adapter: Any) -> None:
                         f"and its vision tower into {vision} (vision_config.hidden_size), so its texts and images "
                         f"share no space to compare them in; set projection_size to {vision}, or compile a checkpoint "
                         f"whose towers were trained together")
+
+
+def _check_runnable(config: Any) -> None:
+    """Configs that transformers' own forward of the model cannot run: refused before anything loads, where
+    the first forward failed inside transformers and read as a bug of lmmc's."""
+    buckets = getattr(config, "relative_attention_num_buckets", 32)
+    if config.model_type == "mpnet" and buckets != 32:
+        raise LmmcError(f"this mpnet model sets relative_attention_num_buckets = {buckets}, and transformers' MPNet "
+                        f"computes its relative positions in 32 buckets whatever the config says, so its own "
+                        f"forward indexes past the {buckets}-row bias table; compile a checkpoint with 32 buckets")
+    layer = getattr(config, "vision_feature_layer", None)
+    if layer == 0 or (isinstance(layer, (list, tuple)) and 0 in layer):
+        raise LmmcError(f"this {config.model_type} model reads its image features at vision_feature_layer {layer}, "
+                        f"and transformers' own forward of the model reads layer 0 as no layer and fails; "
+                        f"read the features after a vision block (-1 is the last, -2 the one before it)")
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:

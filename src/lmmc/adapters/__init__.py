@@ -162,7 +162,12 @@ def block_linears(block: nn.Module, tower: TowerSpec) -> dict[str, tuple[str, nn
                 out[role] = (name, mod)
                 break
         else:
-            raise LmmcError(f"the {tower.name} tower's block has no '{role}' linear at {getattr(tower.layout, role)}")
+            linears = sorted(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+            raise LmmcError(f"the {tower.name} tower's block ({type(block).__name__}) has no '{role}' linear at "
+                            f"{getattr(tower.layout, role)}, only {linears}: lmmc does not support this layout (fused "
+                            f"projections such as qkv_proj or gate_up_proj, for one); compile a model whose q, k, "
+                            f"v and FFN matrices are linears of their own (for a decoder, Llama-, Qwen2- or "
+                            f"Mistral-style)")
     return out
 
 
