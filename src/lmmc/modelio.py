@@ -574,9 +574,10 @@ def _check_image_processor(ref: str, proc: Any, image_size: int) -> None:
         square = tuple(proc(images=[Image.new("RGB", (48, 48))], return_tensors="pt")["pixel_values"].shape)
         if square[-2:] == (image_size, image_size):  # the model's processor, set to keep a picture's aspect
             raise LmmcError(f"the image processor of '{ref}' keeps a picture's aspect (one 48 wide and 40 high "
-                            f"becomes {shape[-1]} wide and {shape[-2]} high) but the model takes {image_size}x{image_size} images; set "
-                            f"do_center_crop: true with crop_size {image_size}, or size {{height: {image_size}, "
-                            f"width: {image_size}}}, in its preprocessor_config.json")
+                            f"becomes {shape[-1]} wide and {shape[-2]} high) but the model takes "
+                            f"{image_size}x{image_size} images; set do_center_crop: true with crop_size "
+                            f"{image_size}, or size {{height: {image_size}, width: {image_size}}}, in its "
+                            f"preprocessor_config.json")
         raise LmmcError(f"the image processor of '{ref}' makes images {shape[-1]} wide and {shape[-2]} high but the "
                         f"model takes {image_size}x{image_size}; it is not this model's processor: {fix}")
 
