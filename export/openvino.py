@@ -4,6 +4,7 @@ compile's calibration batches."""
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ import torch
 import transformers
 from pydantic import Field, model_validator
 
+from lmmc import process_state
 from lmmc.adapters import TowerModule, TowerSpec, dynamic_axes, example_inputs, input_names
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.config import Config
@@ -64,18 +66,26 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
     # reads every property of the model, whose `loss_function` warns that an encoder has no loss type.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            converted = ov.convert_model(module, example_input=example, input=shapes)
-    except Exception as err:  # the frontend raises its own types, and RuntimeError from tracing
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    failed = None
+    # An interrupt waits for the conversion: raised in the Python the frontend calls back into, it became a
+    # conversion error (and the compile a bad input that discarded its finished passes) or aborted the process.
+    with process_state.interrupts_deferred() as interrupted:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = ov.convert_model(module, example_input=example, input=shapes)
+        except Exception as err:  # the frontend raises its own types, and RuntimeError from tracing
+            failed = err
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    if interrupted:
+        raise KeyboardInterrupt(signal.Signals(interrupted[0]).name)
+    if failed is not None:
+        lines = [line.strip() for line in str(failed).strip().splitlines() if line.strip()] or [type(failed).__name__]
         # its first line names a source file; the operations it could not convert are said further down
         why = "; ".join(line for line in lines if "failed for" in line.lower()) or lines[0]
         raise FrontendFailed(f"OpenVINO's PyTorch frontend cannot convert the {tower.name} tower ({why}); "
-                             f"convert the ONNX export instead with `openvino: {{frontend: onnx}}`") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+                             f"convert the ONNX export instead with `openvino: {{frontend: onnx}}`")
     for port, name in zip(converted.inputs, names):
         port.get_tensor().set_names({name})
     for port, name in zip(converted.outputs, OUTPUT_NAMES):

@@ -23,7 +23,7 @@ from lmmc.export.validate import cosine
 from lmmc.recipe import parse_recipe
 from lmmc.runtime import load
 from lmmc.runtime.openvino import cpu_has_bf16
-from tests.conftest import uneven_student
+from tests.conftest import tiny_model, uneven_student
 from tests.test_ort import feed, tiny_artifact
 
 
@@ -95,6 +95,32 @@ def test_ir_from_pytorch_keeps_fused_attention_and_matches(tiny_kind, tmp_path, 
             assert np.abs(got["last_hidden_state"] - ref[0]).max() <= 1e-4
             assert np.abs(got["pooled_embedding"] - ref[1]).max() <= 1e-4
         assert_int8_close(model, tower, int8)
+
+
+def test_an_interrupt_during_the_frontends_conversion_stays_an_interrupt(tmp_path, monkeypatch):
+    """The frontend calls back into Python while it converts; a SIGTERM handled there raised inside its C++,
+    which reported a failed conversion: the compile called that bad input (exit 2) and discarded its work."""
+    import os
+    import signal
+
+    from lmmc import cli
+
+    def interrupted_conversion(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the Python the frontend calls back into, where the handler runs
+                sum(range(1000))
+        except KeyboardInterrupt:  # what the frontend's C++ makes of an exception in its callback
+            raise RuntimeError("Check 'false' failed at src/frontends/common/src/frontend.cpp:53:") from None
+        raise RuntimeError("Check 'false' failed at src/frontends/common/src/frontend.cpp:53:")
+
+    monkeypatch.setattr(ov, "convert_model", interrupted_conversion)
+    previous = signal.signal(signal.SIGTERM, cli._interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            torch_to_openvino(tiny_model("bert"), get_adapter("bert").towers[0], tmp_path / "text.xml")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_bert_configured_as_a_decoder_converts_from_pytorch(tmp_path, one_thread):

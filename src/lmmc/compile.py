@@ -3,7 +3,6 @@ complete output into place only at the end."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -965,7 +964,7 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
                 raise OutputTaken(f"--out '{out}' changed while the output was copied into it; it was left as it "
                                   f"is. The finished compile is kept in '{area.path}': run the same command with "
                                   f"--resume once nothing else writes there")
-        with _interrupts_deferred() as interrupted:
+        with process_state.interrupts_deferred() as interrupted:
             if area.writer:
                 _place(tmp, staged, out)
             area.finish()
@@ -1039,22 +1038,6 @@ def _stage(tmp: Path, out: Path) -> Path:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold SIGINT and SIGTERM while the output is swapped in, so that --out is never left half old and
-    half new; yields the signals that came, to be acted on once the output is whole."""
-    came: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
-        yield came
-        return
-    held = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield came
-    finally:
-        for s, handler in held.items():
-            signal.signal(s, handler)
 
 
 def _place(tmp: Path, staged: Path, out: Path) -> None:

@@ -1,10 +1,12 @@
 """Library calls leave the caller's process as they found it: the hub's offline switch, the global random
-states and the exporter's log levels."""
+states and the exporter's log levels; and signals held where an interrupt must wait."""
 from __future__ import annotations
 
 import logging
 import os
 import random
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -39,3 +41,20 @@ def kept() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = offline_env
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM for the body; yields the signals that came, for the caller to act on after it:
+    while an output is swapped in, or while C++ code that calls back into Python runs (OpenVINO's frontend
+    turned an interrupt raised in its callback into a conversion error, or aborted the process)."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield came
+        return
+    held = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
