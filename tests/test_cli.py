@@ -845,3 +845,15 @@ def test_a_child_forked_while_sigterm_is_handled_dies_on_terminate():
         if child.is_alive():
             child.kill()
             child.join()
+
+
+def test_the_lmmc_command_ignores_sigterm_once_its_command_has_ended():
+    """A SIGTERM in the slow interpreter exit after a command's last line killed the process: 143, not 0."""
+    script = ("import atexit, signal, sys\n"
+              "from lmmc.cli import run\n"
+              "atexit.register(lambda: print('SIGTERM at exit:', int(signal.getsignal(signal.SIGTERM))))\n"
+              "sys.argv = ['lmmc', 'passes']\n"
+              "run()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"SIGTERM at exit: {int(signal.SIG_IGN)}"

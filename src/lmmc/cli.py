@@ -519,3 +519,13 @@ def _draw_report(out_dir: Path) -> Path:
                "disk or the file-size limit ('ulimit -f')" if err.errno == errno.EFBIG else "it is not writable")
         raise LmmcError(f"cannot write '{out_dir / 'report.html'}': {why} ({err.strerror}); free some space or "
                         f"fix the permissions, then run 'lmmc report {out_dir}'") from None
+
+
+def run() -> None:
+    """The `lmmc` command. Once a command has ended, its work saved and its exit code decided, the process
+    ignores SIGTERM through the slow interpreter exit: a supervisor's SIGTERM there turned a finished compile's
+    0 into 143."""
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
