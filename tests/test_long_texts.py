@@ -85,3 +85,21 @@ def test_the_runtime_encodes_a_long_text_from_its_opening_as_it_encodes_that_ope
     opening = " ".join(text.split()[:150])  # more than the 64 tokens the model reads
     np.testing.assert_array_equal(dep.encode([text, "the water"]), dep.encode([opening, "the water"]))
     assert rec.longest <= 64 * 32  # the text is 300,000 characters long
+
+
+def test_threads_sharing_a_deployment_get_what_one_thread_gets(tmp_path):
+    """A fast tokenizer applies each call's truncation by changing its own state: with a long text's cut in
+    one thread, another's text came back uncut, a wrong embedding with no error, or failed on the positions."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = compile_tiny_text(save_tiny("bert", tmp_path / "teacher"), tmp_path / "out", [])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["preprocessing"]["text"]["max_length"] = 16  # users' cut below the 64 positions, as MiniLM's 256 of 512
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    dep = open_dir(out, threads=1)
+    medium, long = " ".join(["the water of the road"] * 8), "the water " * 1_000  # 40 tokens; one cut first
+    alone = dep.encode([medium])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: dep.encode([medium if i % 2 == 0 else long]), range(400)))
+    np.testing.assert_array_equal(np.concatenate(got[0::2]), np.repeat(alone, 200, axis=0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -260,6 +261,9 @@ class Deployment:
         self.models = models  # tower -> loaded artifact
         self.trust_remote_code = trust_remote_code
         self._preprocessors: dict[str, Any] = {}
+        # A fast tokenizer applies each call's truncation by changing its own state, so threads that share one
+        # took each other's settings: texts came back uncut, with no error or failing on the position table.
+        self._tokenizing = threading.Lock()
 
     def _preprocessor(self, modality: str):
         if modality not in self._preprocessors:
@@ -341,14 +345,16 @@ class Deployment:
             pad_to = text.get("pad_to")
             limits = [x for x in (text["max_length"], seq) if x]
             limit = min(limits) if limits else None
-            chunk = clip_texts(proc, chunk, min(limit or pad_to, pad_to) if pad_to else limit)
-            if pad_to is None:
-                enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np",
-                           return_attention_mask=True)
-            else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads and masks it
+            if pad_to is not None:
                 limit = min(limit or pad_to, pad_to)
-                enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
-                               max_length=pad_to, return_tensors="np")
+            with self._tokenizing:
+                chunk = clip_texts(proc, chunk, limit)
+                if pad_to is None:
+                    enc = proc(chunk, padding=True, truncation=True, max_length=limit, return_tensors="np",
+                               return_attention_mask=True)
+                else:  # a model read at a fixed length (SigLIP), as lmmc.data.encode_text pads and masks it
+                    enc = proc.pad(proc(chunk, truncation=True, max_length=limit), padding="max_length",
+                                   max_length=pad_to, return_tensors="np")
             mask = enc.get("attention_mask")
             return {"input_ids": enc["input_ids"],
                     "attention_mask": mask if mask is not None else np.ones_like(enc["input_ids"])}
