@@ -240,7 +240,9 @@ def test_encode_takes_one_kind_of_item_in_any_list_and_refuses_the_rest(compiled
             ([b"a b c"], "item 0 of encode's list is bytes; pass texts as str"),
             (["a", None], "item 1 of encode's list is NoneType"),
             (["a", "b\ud800"], "item 1 of encode's list holds a lone surrogate"),
-            ({"a b": 1}, "not a dict; pass list\\(d.values\\(\\)\\) to encode its values")]:
+            ({"a b": 1}, "not a dict; pass list\\(d.values\\(\\)\\) to encode its values"),
+            ({"a b", "c"}, "not a set, whose order is not the same in every process; pass a list"),
+            (np.array([["a", "b"], ["c", "d"]]), "got an array of shape \\[2, 2\\]; pass a one-dimensional one")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode(items)
     with pytest.raises(LmmcError, match="has no tower 'image'; its towers are \['text', 'vision'\]"):

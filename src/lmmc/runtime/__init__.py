@@ -394,6 +394,12 @@ def _as_list(items: Iterable) -> list:
     if isinstance(items, Mapping):  # iterating it would encode its keys
         raise LmmcError(f"encode takes a list of texts or images, not a {type(items).__name__}; pass "
                         f"list(d.values()) to encode its values")
+    if isinstance(items, (set, frozenset)):  # its order, and so the rows', changes from one process to the next
+        raise LmmcError(f"encode takes a list of texts or images, not a {type(items).__name__}, whose order is not "
+                        f"the same in every process; pass a list (sorted(items) for a fixed order)")
+    if isinstance(items, np.ndarray) and items.dtype.kind in "USO" and items.ndim != 1:
+        raise LmmcError(f"encode takes a list of texts, and got an array of shape {list(items.shape)}; pass a "
+                        f"one-dimensional one, array.ravel() or array.tolist() of its rows' texts")
     try:
         return list(items)
     except TypeError:
