@@ -78,8 +78,8 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
             failed = err
         finally:
             transformers.logging.set_verbosity(verbosity)
-    if interrupted:
-        raise KeyboardInterrupt(signal.Signals(interrupted[0]).name)
+    for signum in interrupted:  # now to the handlers the caller had: lmmc's command stops, as on Ctrl-C
+        signal.raise_signal(signum)
     if failed is not None:
         lines = [line.strip() for line in str(failed).strip().splitlines() if line.strip()] or [type(failed).__name__]
         # its first line names a source file; the operations it could not convert are said further down
