@@ -812,7 +812,7 @@ def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):
         assert r["static_shape"] == ([2] if r["artifact"].endswith(" static") else None)
         assert len(r["latency_ms"]["runs"]) == 6
     assert result.stdout.splitlines()[0] == (
-        "threads 1, batch 2, 1 warm-up rounds + 6 timed runs a candidate (repeats 4 rounded up to whole turns), in "
+        "threads 1, batch 2, 1 warm-up round + 6 timed runs a candidate (repeats 4 rounded up to whole turns), in "
         "turns of 1 untimed + 3 timed; cosine: mean to the fp32 teacher (PyTorch) per corpus")
 
 

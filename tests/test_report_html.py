@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import save_tiny
 from PIL import Image
 
-from lmmc.bench import JSON_KIND
+from lmmc.bench import JSON_KIND, _digest
 from lmmc.cli import main
 from lmmc.compile import compile_model
 from lmmc.recipe import parse_recipe
@@ -297,6 +297,11 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     result = runner.invoke(main, ["report", str(out)])
     assert result.exit_code == 2 and "was not written by lmmc" in result.output
     assert (out / "report.html").read_text() == "<html>someone's own page</html>"
+    edited = (compiled / "report.html").read_text() + "<!-- my notes -->"  # a page lmmc drew, then edited
+    (out / "report.html").write_text(edited)
+    result = runner.invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and "was not written by lmmc, or was edited since" in result.output
+    assert (out / "report.html").read_text() == edited
 
     # a link the user made, even to a page lmmc drew elsewhere, is theirs: neither replaced nor written through
     (out / "report.html").unlink()
@@ -399,8 +404,12 @@ def test_report_command_adds_every_backend_of_bench_json(compiled, tmp_path):
 
 def test_a_bench_json_that_cannot_be_read_is_said_not_dropped(compiled, tmp_path):
     out = copy_output(compiled, tmp_path / "out")
+    signed = {"kind": JSON_KIND, "batch": 8, "threads": 2, "towers": {}}
+    signed["digest"] = _digest(signed)
     for text, why in (('{"kind": ', "is not valid JSON, so its latencies are left out"),
-                      (json.dumps({"rows": []}), "was not written by lmmc bench, so it is left out")):
+                      (json.dumps({"rows": []}), "was not written by lmmc bench, so it is left out"),
+                      (json.dumps({**signed, "threads": 99}), "was edited since lmmc bench wrote it, so its latencies "
+                                                               "are left out")):
         (out / "bench.json").write_text(text)
         result = CliRunner().invoke(main, ["report", str(out)])
         assert result.exit_code == 0, result.output

@@ -459,12 +459,15 @@ def read_bench(out_dir: Path | None) -> tuple[dict[str, Any] | None, str | None]
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None, f"'{path}' is not valid JSON, so its latencies are left out; run lmmc bench again to rewrite it"
-    from lmmc.bench import JSON_KIND, output_fingerprint
+    from lmmc.bench import JSON_KIND, is_bench_json, output_fingerprint
 
     if isinstance(data, dict) and data.get("kind") == JSON_KIND:
         if data.get("output") is not None and data["output"] != output_fingerprint(out_dir):
             return None, (f"'{path}' timed another compile's output (one since replaced, or copied from elsewhere), "
                           f"so its latencies are left out; run lmmc bench {out_dir} again")
+        if not is_bench_json(path):  # its figures may be anyone's: drawn, they would read as measured
+            return None, (f"'{path}' was edited since lmmc bench wrote it, so its latencies are left out; run lmmc "
+                          f"bench {out_dir} again")
         return data, None
     return None, f"'{path}' was not written by lmmc bench, so it is left out"
 
@@ -604,8 +607,9 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
     if target.is_symlink():  # replacing it would drop the user's link; writing through it, their file
         raise LmmcError(f"'{target}' is a symbolic link, which lmmc never writes; remove it to draw the report there")
-    if target.exists() and not is_ours(target):
-        raise LmmcError(f"'{target}' exists and was not written by lmmc; move it away to draw the report there")
+    if target.exists() and not is_unedited(target):  # a page lmmc drew and someone edited is theirs now
+        raise LmmcError(f"'{target}' exists and was not written by lmmc, or was edited since; move it away to draw "
+                        f"the report there")
     try:
         page = render(report, out_dir)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError, RecursionError) as err:
