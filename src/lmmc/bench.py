@@ -966,8 +966,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [("" if device == "cpu" else f"device {device} (each row's ONNX Runtime providers are in the JSON), ")
              + f"threads {result['threads']}, batch {result['batch']}, "
              + ("" if result["seq"] is None else f"seq {result['seq']}, ")
-             + f"{result['warmup']} warm-up round{'s' * (result['warmup'] != 1)} + {timed} timed runs a candidate{asked}, in turns of 1 untimed + "
-             f"{PER_VISIT} timed; cosine: mean to the fp32 teacher (PyTorch) per corpus",
+             + f"{result['warmup']} warm-up round{'s' * (result['warmup'] != 1)} + {timed} timed runs a candidate"
+             f"{asked}, in turns of 1 untimed + {PER_VISIT} timed; cosine: mean to the fp32 teacher (PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
     if result["memory"]:

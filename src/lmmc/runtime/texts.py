@@ -1,5 +1,5 @@
 """Texts cut before tokenizing: a tokenizer truncates only after tokenizing the whole text, which for a line of
-megabytes takes seconds and gigabytes (10 MB: 11 s and 1.8 GB for MiniLM's), to give the tokens of its first words."""
+megabytes takes seconds and gigabytes, to give the tokens of its first words."""
 
 from __future__ import annotations
 
