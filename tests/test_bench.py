@@ -764,6 +764,58 @@ def test_an_output_a_compile_replaces_during_the_run_gets_no_bench_json(uncapped
     assert html.escape(why, quote=True) in page and timed not in page
 
 
+def _calibrated_texts(out: Path) -> list[str]:
+    """The texts the compile of `out` calibrated on, split again from its recipe."""
+    from lmmc.data import read_samples, select
+    from lmmc.recipe import CalibrationConfig
+
+    cfg = CalibrationConfig.model_validate(json.loads((out / "report.json").read_text())["recipe"]["calibration"])
+    return [r["text"] for r in select(cfg, CORPUS, read_samples(CORPUS), {"text"}).calib]
+
+
+def test_a_corpus_is_judged_without_what_the_compile_calibrated_on(uncapped, tmp_path):
+    """A --corpus holding the compile's calibration texts (here: its whole calibration file) is judged on
+    the rest: fidelity on calibrated texts is not held-out fidelity. A corpus of nothing else is refused."""
+    _, _, out = uncapped
+    calibrated = _calibrated_texts(out)
+    assert len(calibrated) == 16
+    lines = [*calibrated, *(t.upper() for t in calibrated[:3]), *EXTRA]  # another case is the same text
+    (tmp_path / "mixed.txt").write_text("\n".join(lines) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "mixed.txt", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["corpora"]["mixed.txt"] == {"text": len(EXTRA)}
+    note = f"--corpus {tmp_path / 'mixed.txt'}: 16 of its 26 distinct samples were calibrated or distilled on"
+    assert [n for n in bench["notes"] if n.startswith("--corpus")] == [
+        note + " (their texts or images) and are left out of its fidelity"]
+
+    (tmp_path / "calib.txt").write_text("\n".join(calibrated) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "calib.txt", "--json", tmp_path / "c.json")
+    assert result.exit_code == 2, result.output
+    assert (f"error: --corpus '{tmp_path / 'calib.txt'}': the compile calibrated or distilled on every sample of "
+            f"it") in " ".join(result.output.split())
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_the_distillation_corpora_count_as_trained_on(tmp_path):
+    """Every corpus a distill pass read, nested in another pass's settings too, joins the calibration split
+    in what a --corpus is judged without; a corpus that is gone is said in a note."""
+    from types import SimpleNamespace
+
+    from lmmc.bench import trained_on
+    from lmmc.data import text_key
+
+    (tmp_path / "d.txt").write_text("The first line\nthe second line\n")
+    (tmp_path / "e.txt").write_text("A third line\n")
+    passes = [{"distill": {"corpus": str(tmp_path / "d.txt")}}, {"antgmm": {"distill": {"corpus": str(tmp_path / "e.txt")}}},
+              {"distill": {"corpus": str(tmp_path / "gone.txt")}}]
+    notes: list[str] = []
+    seen = trained_on({"recipe": {"passes": passes}}, SimpleNamespace(calibrated=frozenset({"text:x"})), {"text"}, notes)
+    assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line"])}
+    assert notes == [f"the distillation corpus {tmp_path / 'gone.txt'} is not there any more: --corpus samples it "
+                     f"held are not told apart from unseen ones"]
+
+
 @pytest.mark.parametrize("lines, message", [
     ([], "--corpus '{path}' holds no samples; give it at least a few texts or images"),
     (["only one line"], "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),

@@ -691,17 +691,50 @@ def load_data(calib_cfg, teacher, adapter, preprocessor):
                     "fidelity on; pass --calib with the data the student should be judged on")
 
 
+def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[str]) -> frozenset[str]:
+    """The texts and images the compile calibrated or distilled on (as `part_keys` reads them): its
+    calibration split and every corpus a distill pass read. Fidelity on them is not held-out fidelity."""
+    from lmmc.data import part_keys, read_corpus
+
+    def corpora(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k == "corpus" and isinstance(v, str)] + \
+                [c for v in node.values() for c in corpora(v)]
+        return [c for v in node for c in corpora(v)] if isinstance(node, list) else []
+
+    seen = set(data.calibrated)
+    for corpus in dict.fromkeys(corpora(report["recipe"].get("passes"))):
+        if not Path(corpus).exists():
+            notes.append(f"the distillation corpus {corpus} is not there any more: --corpus samples it held are "
+                         f"not told apart from unseen ones")
+            continue
+        seen.update(k for r in read_corpus(Path(corpus), "the distillation corpus")
+                    for k in part_keys(r, modalities).values())
+    return frozenset(seen)
+
+
 def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positions: int | None,
-                   pad_to: int | None = None) -> dict[str, list[dict]]:
+                   pad_to: int | None = None, seen: frozenset[str] = frozenset(),
+                   notes: list[str] | None = None) -> dict[str, list[dict]]:
     """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
     held-out split (texts cut by default at `positions`, where the model's users get them cut): modality ->
-    batches."""
-    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, read_corpus, sample_key
+    batches. Texts and images in `seen` (what the compile trained on) are left out, and `notes` says so."""
+    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, part_keys, read_corpus, sample_key
 
+    modalities = sorted({t.modality for t in adapter.towers})
     records = read_corpus(path, "--corpus")
     unique = list({sample_key(r): r for r in records}.values())
+    parts = [part_keys(r, modalities) for r in unique]
+    kept = [{m: r[m] for m, k in p.items() if k not in seen} for r, p in zip(unique, parts)]
+    dropped = sum(len(k) < len(p) for k, p in zip(kept, parts))
+    if dropped and not any(kept):
+        raise LmmcError(f"--corpus '{path}': the compile calibrated or distilled on every sample of it, so it cannot "
+                        f"judge held-out fidelity; give a corpus the compile did not read")
+    if dropped and notes is not None:
+        notes.append(f"--corpus {path}: {dropped} of its {len(unique)} distinct samples were calibrated or distilled "
+                     f"on (their texts or images) and are left out of its fidelity")
+    unique = [k for k in kept if k]
     chosen = random.Random(calib_cfg.seed).sample(unique, min(n, len(unique)))
-    modalities = sorted({t.modality for t in adapter.towers})
     items = {m: [r[m] for r in chosen if m in r] for m in modalities}
     most = max(len(i) for i in items.values())
     if most == 0:
@@ -805,10 +838,11 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
+    seen = trained_on(report, data, {t.modality for t in adapter.towers}, skipped) if cfg.corpora else frozenset()
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
         corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
                                        text_truncation(teacher.config, adapter, preprocessor),
-                                       text_pad_length(teacher.config, adapter))
+                                       text_pad_length(teacher.config, adapter), seen, skipped)
     seq = timing_seq(cfg.seq, validate.latency_seq, positions)
     longest = max((b["input_ids"].shape[1] for c in corpora.values() for b in c.get("text", [])), default=0)
     if cfg.static and seq and longest > seq:

@@ -14,7 +14,7 @@ import statistics
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -54,6 +54,7 @@ class CalibData:
     held_out_texts: frozenset[str] = frozenset()  # held-out texts (captions) as `text_key` reads them
     short: list[Batch] = field(default_factory=list)  # the empty text and `short_texts` of calibration texts
     eval_short: list[Batch] = field(default_factory=list)  # `short_texts` of the held-out texts, none of `short`
+    calibrated: frozenset[str] = frozenset()  # the calibration samples' texts and images, as `part_keys` reads them
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -332,6 +333,12 @@ def _group(record: dict[str, Any], modalities: set[str]) -> str | None:
     if "text" in record and "text" in modalities:
         return "text:" + text_key(record["text"])
     return None
+
+
+def part_keys(record: dict[str, Any], modalities: Iterable[str] = ("text", "image")) -> dict[str, str]:
+    """Each part of a sample a model reads (`modalities`) as samples are told apart: modality -> its text by
+    text_key, or its image by its bytes."""
+    return {m: g for m in modalities if (g := _group(record, {m})) is not None}
 
 
 def sample_key(record: dict[str, Any]) -> str:
@@ -637,8 +644,9 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
         # A dual encoder's held-out caption is kept out of a distillation corpus under any image, unless it is a
         # calibration caption too (a class's templated caption), which select() warns of.
         texts -= {text_key(r["text"]) for r in chosen.calib if "text" in r}
+    calibrated = frozenset(k for r in chosen.calib for k in part_keys(r, modalities).values())
     return CalibData(calib, held, str(source), counts, chosen.warnings, labels, held_out_texts=texts, short=short,
-                     eval_short=eval_short)
+                     eval_short=eval_short, calibrated=calibrated)
 
 
 def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
