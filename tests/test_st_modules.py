@@ -274,8 +274,75 @@ def test_do_lower_case_with_a_slow_tokenizer_is_refused():
     class Slow:
         is_fast = False
 
-    with pytest.raises(LmmcError, match="sentence_bert_config.json' sets do_lower_case.*slow"):
+    with pytest.raises(LmmcError, match=r"sets do_lower_case \(sentence_bert_config.json\).*slow"):
         _lowercase(Slow(), "m")
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("sentence_xlm-roberta_config.json", {"max_seq_length": 6}),  # an older name sentence-transformers still reads
+    ("sentence_bert_config.json", {"max_seq_length": 32, "tokenizer_args": {"model_max_length": 6}}),
+    ("sentence_bert_config.json", {"max_seq_length": 32, "processor_kwargs": {"model_max_length": 6}}),
+], ids=["older file name", "tokenizer_args", "processor_kwargs"])
+def test_the_cut_of_every_settings_file_sentence_transformers_reads_is_deployed(tmp_path, name, settings):
+    """sentence-transformers cuts texts at the tokenizer's model_max_length from the Transformer module's
+    settings (over max_seq_length), read from the first of its settings files' names that exists; the
+    student carries the same file and encodes a long text cut there."""
+    teacher = st_dir(save_tiny("bert", tmp_path / "teacher"), {"pooling_mode": "mean"})
+    (teacher / "sentence_bert_config.json").unlink()
+    (teacher / name).write_text(json.dumps(settings))
+    texts = [TEXTS[1], TEXTS[0]]  # 11 and 4 words
+    assert st.SentenceTransformer(str(teacher), device="cpu").max_seq_length == 6
+    out = compile_tiny_text(teacher, tmp_path / "out", [{"magnitude": {"sparsity": 0.3}}], max_length=6)
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]["max_length"] == 6
+    student = st.SentenceTransformer(str(out / "student"), device="cpu")
+    assert student.max_seq_length == 6
+    deployed = open_dir(out).encode(texts)
+    assert np.abs(deployed - student.encode(texts)).max() < 1e-4
+    student.max_seq_length = 32
+    assert np.abs(deployed[0] - student.encode(texts[:1])[0]).max() > 1e-3
+
+
+def test_settings_lmmc_does_not_apply_are_named_in_a_warning(tmp_path):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"},
+                  bert_config={"max_seq_length": 32, "tokenizer_args": {"trust_remote_code": True, "model_max_length": 8},
+                               "model_args": {"torch_dtype": "float32"}})
+    assert read_modules(str(path)).warnings == ()
+    (path / "sentence_bert_config.json").write_text(json.dumps(
+        {"tokenizer_args": {"add_prefix_space": True}, "config_args": {"hidden_dropout_prob": 0.2}}))
+    assert read_modules(str(path)).warnings == (
+        f"'{path}/sentence_bert_config.json' sets add_prefix_space, hidden_dropout_prob for sentence-transformers to "
+        f"apply as it loads the tokenizer or the model; lmmc loads them as saved, without these settings, so check "
+        f"that the teacher's embeddings do not depend on them",)
+
+
+@pytest.mark.parametrize("config, refused", [
+    ({}, False), ({"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}, False),
+    ({"module_input_name": "token_embeddings"}, True), ({"module_output_name": "normed"}, True)])
+def test_a_normalize_module_of_anything_but_the_sentence_embedding_is_refused(tmp_path, config, refused):
+    """sentence-transformers' Normalize may normalise the token embeddings instead, or write its result under
+    another name: the sentence embedding its users get is then not normalised."""
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"}, normalize=True)
+    (path / "2_Normalize").mkdir()
+    (path / "2_Normalize" / "config.json").write_text(json.dumps(config))
+    norms = st_embeddings(path, TEXTS).norm(dim=-1)
+    assert torch.allclose(norms, torch.ones(len(TEXTS))) is not refused
+    if refused:
+        with pytest.raises(LmmcError, match="2_Normalize/config.json': the Normalize module reads .* not the sentence "
+                                            "embedding; lmmc compiles a Normalize of the pooled sentence embedding"):
+            read_modules(str(path))
+    else:
+        modules = read_modules(str(path))
+        assert modules.normalize and modules.files["2_Normalize/config.json"] == json.dumps(config)
+
+
+def test_a_module_of_another_package_is_not_taken_for_sentence_transformers_own(tmp_path):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"})
+    modules = json.loads((path / "modules.json").read_text())
+    modules[1]["type"] = "my_pkg.pooling.Pooling"
+    (path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(LmmcError, match="modules.json lists a my_pkg.pooling.Pooling module \\(1_Pooling\\); lmmc "
+                                        "compiles sentence-transformers' Transformer, Pooling and Normalize modules"):
+        read_modules(str(path))
 
 
 # --- a default prompt --------------------------------------------------------------------------------------

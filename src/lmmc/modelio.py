@@ -16,7 +16,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules, st_max_length
+from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, bert_config_text, read_modules, st_max_length
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -138,8 +138,8 @@ def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any])
     limit = min(text_positions(config, t) for t in text)
     modules = preprocessor.get("sentence_modules")
     # read_modules has checked the file (bert_config)
-    declared = st_max_length(json.loads(modules.files["sentence_bert_config.json"])) \
-        if modules is not None and "sentence_bert_config.json" in modules.files else None
+    found = bert_config_text(modules.files.get) if modules is not None else None
+    declared = st_max_length(json.loads(found[1])) if found else None
     if declared is None:
         declared = getattr(preprocessor.get("tokenizer"), "model_max_length", None)
     # transformers writes a huge sentinel for "no limit"; the position table is the limit then
@@ -435,7 +435,7 @@ def _lowercase(tok: Any, ref: str) -> None:
     from tokenizers.normalizers import BertNormalizer, Lowercase, Sequence
 
     if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
-        raise LmmcError(f"'{ref}/sentence_bert_config.json' sets do_lower_case, which lmmc applies to fast "
+        raise LmmcError(f"'{ref}' sets do_lower_case (sentence_bert_config.json), which lmmc applies to fast "
                         f"tokenizers only, and the tokenizer of '{ref}' is a slow {type(tok).__name__}; save the "
                         f"model with its fast tokenizer (tokenizer.json)")
     backend = tok.backend_tokenizer

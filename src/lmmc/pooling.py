@@ -27,8 +27,16 @@ DEFAULT = ("mean",)
 CONFIG_KEY = "sentence_pooling"
 NORMALIZE_KEY = "sentence_normalize"
 # Beside the weights, sentence-transformers reads these (its prompts, its sequence limit).
-_TOP_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+# The Transformer module's settings, under the first of these names that exists, as sentence-transformers looks
+# for them (models saved by its early versions carry the later names).
+BERT_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+                "sentence_camembert_config.json", "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+                "sentence_xlnet_config.json")
+_TOP_FILES = ("modules.json", "config_sentence_transformers.json", *BERT_CONFIGS)
 _KNOWN = {"Transformer", "Pooling", "Normalize"}
+# Settings of the model's loading that change nothing lmmc computes (where and how the files are read).
+_LOAD_ONLY = {"trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "torch_dtype", "dtype",
+              "attn_implementation", "device_map", "low_cpu_mem_usage", "use_safetensors"}
 
 
 @dataclass(frozen=True)
@@ -98,17 +106,23 @@ def _json_object(text: str, where: str) -> dict[str, Any]:
     return value
 
 
+def bert_config_text(read) -> tuple[str, str] | None:
+    """(file name, text) of the Transformer module's settings file that sentence-transformers reads, if any."""
+    return next(((name, text) for name in BERT_CONFIGS if (text := read(name)) is not None), None)
+
+
 def bert_config(source: str, strict: bool = False) -> dict[str, Any]:
-    """The settings of a sentence-transformers directory's sentence_bert_config.json (its max_seq_length,
-    do_lower_case); empty without modules.json, since sentence-transformers reads it only as a module's."""
+    """The settings of a sentence-transformers directory's sentence_bert_config.json (or the older name it
+    has; its max_seq_length, do_lower_case, tokenizer settings); empty without modules.json, since
+    sentence-transformers reads it only as a module's."""
     read = _reader(source, strict)
     if read("modules.json") is None:
         return {}
-    text = read("sentence_bert_config.json")
-    if text is None:
+    found = bert_config_text(read)
+    if found is None:
         return {}
-    where = f"'{source}/sentence_bert_config.json'"
-    cfg = _json_object(text, where)
+    where = f"'{source}/{found[0]}'"
+    cfg = _json_object(found[1], where)
     length, lower = cfg.get("max_seq_length"), cfg.get("do_lower_case")
     if length is not None and (type(length) is not int or length < 1):
         raise LmmcError(f"{where}: max_seq_length {length!r} is not a positive whole number of tokens; write it "
@@ -125,17 +139,44 @@ def bert_config(source: str, strict: bool = False) -> dict[str, Any]:
         if cut is not None and (type(cut) is not int or cut < 1):
             raise LmmcError(f"{where}: processing_kwargs.{key}.max_length {cut!r} is not a positive whole number of "
                             f"tokens; write it as one (e.g. 256), or remove it")
+    for key in ("tokenizer_args", "processor_kwargs", "config_args", "config_kwargs", "model_args", "model_kwargs"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise LmmcError(f"{where}: {key} {cfg[key]!r} is not an object of settings; repair it, or save the "
+                            f"model again with sentence-transformers")
+    cut = _tokenizer_settings(cfg).get("model_max_length")
+    if cut is not None and (type(cut) is not int or cut < 1):
+        raise LmmcError(f"{where}: model_max_length {cut!r} in its tokenizer settings is not a positive whole number "
+                        f"of tokens; write it as one (e.g. 256), or remove it")
     return cfg
+
+
+def _tokenizer_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What sentence-transformers passes to the tokenizer as it loads it: tokenizer_args, its older name,
+    replaces processor_kwargs."""
+    return (cfg["tokenizer_args"] if "tokenizer_args" in cfg else cfg.get("processor_kwargs")) or {}
+
+
+def _unapplied(cfg: dict[str, Any], where: str) -> tuple[str, ...]:
+    """Settings sentence-transformers applies to the model or tokenizer as it loads them, which lmmc does not."""
+    tokenizer = [k for k in _tokenizer_settings(cfg) if k not in _LOAD_ONLY | {"model_max_length"}]
+    model = [k for pair in (("config_args", "config_kwargs"), ("model_args", "model_kwargs"))
+             for k in (cfg[pair[0]] if pair[0] in cfg else cfg.get(pair[1]) or {}) if k not in _LOAD_ONLY]
+    if not tokenizer and not model:
+        return ()
+    return (f"{where} sets {', '.join(tokenizer + model)} for sentence-transformers to apply as it loads the "
+            f"tokenizer or the model; lmmc loads them as saved, without these settings, so check that the "
+            f"teacher's embeddings do not depend on them",)
 
 
 def st_max_length(cfg: dict[str, Any]) -> int | None:
     """Where sentence-transformers cuts a text, from a checked sentence_bert_config.json: its
-    processing_kwargs' max_length (common over text, as it calls a tokenizer), else max_seq_length."""
+    processing_kwargs' max_length (common over text, as it calls a tokenizer), else the tokenizer's
+    model_max_length as its settings give it, else max_seq_length."""
     kwargs = cfg.get("processing_kwargs") or {}
     for key in ("common", "text"):
         if (kwargs.get(key) or {}).get("max_length") is not None:
             return kwargs[key]["max_length"]
-    return cfg.get("max_seq_length")
+    return _tokenizer_settings(cfg).get("model_max_length", cfg.get("max_seq_length"))
 
 
 def _refuse_task_heads(files: dict[str, str], source: str) -> None:
@@ -144,7 +185,8 @@ def _refuse_task_heads(files: dict[str, str], source: str) -> None:
     student would keep the model's files without the head."""
     st = _json_object(files.get("config_sentence_transformers.json") or "{}",
                       f"'{source}/config_sentence_transformers.json'")
-    bert = _json_object(files.get("sentence_bert_config.json") or "{}", f"'{source}/sentence_bert_config.json'")
+    name, text = bert_config_text(files.get) or ("sentence_bert_config.json", "{}")
+    bert = _json_object(text, f"'{source}/{name}'")
     kind, task = st.get("model_type"), bert.get("transformer_task")
     if kind not in (None, "SentenceTransformer") or task not in (None, "feature-extraction"):
         raise LmmcError(f"'{source}' is a sentence-transformers {kind or 'model'} (transformer_task {task!r}): its "
@@ -218,9 +260,11 @@ def read_modules(source: str) -> SentenceModules | None:
     files = {rel: t for rel in _TOP_FILES if (t := read(rel)) is not None}
     _refuse_task_heads(files, source)
     # Read now so that a broken file is refused before anything loads, not when the manifest is written.
-    bert_config(source, strict=True)
-    warnings = _prompt_warnings(files.get("config_sentence_transformers.json"), source)
-    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    settings = bert_config(source, strict=True)
+    found = bert_config_text(files.get)
+    warnings = (*_prompt_warnings(files.get("config_sentence_transformers.json"), source),
+                *(_unapplied(settings, f"'{source}/{found[0]}'") if found else ()))
+    kinds = [_kind(m) for m in modules]
     if all(k in _KNOWN for k in kinds) and kinds not in (["Transformer", "Pooling"],
                                                          ["Transformer", "Pooling", "Normalize"]):
         # sentence-transformers runs the modules in this order; another order computes something else, and
@@ -230,13 +274,12 @@ def read_modules(source: str) -> SentenceModules | None:
                         f"modules.json, or save the model again with sentence-transformers")
     modes, dirs = DEFAULT, []
     for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        kind = _kind(module)
         rel = str(module.get("path", ""))
         if kind not in _KNOWN:
-            raise LmmcError(f"'{source}': modules.json lists a {module.get('type')} module after the transformer "
-                            f"({rel or 'at the top'}); lmmc compiles the transformer and its pooling, so the "
-                            f"student's embeddings would lack it. Compile a model whose modules are "
-                            f"Transformer, Pooling and Normalize")
+            raise LmmcError(f"'{source}': modules.json lists a {module.get('type')} module ({rel or 'at the top'}); "
+                            f"lmmc compiles sentence-transformers' Transformer, Pooling and Normalize modules and "
+                            f"nothing else, so the student would lack it. Compile a model whose modules are those")
         if kind == "Pooling":
             cfg_text = read(f"{rel}/config.json")
             if cfg_text is None:
@@ -247,8 +290,25 @@ def read_modules(source: str) -> SentenceModules | None:
                            _declared_prompts(files.get("config_sentence_transformers.json"), source))
             files[f"{rel}/config.json"] = cfg_text
         elif kind == "Normalize":
+            cfg_text = read(f"{rel}/config.json")
+            if cfg_text is not None:
+                where = f"'{source}/{rel}/config.json'"
+                cfg = _json_object(cfg_text, where)
+                taken = cfg.get("module_input_name", "sentence_embedding")
+                if taken != "sentence_embedding" or cfg.get("module_output_name") not in (None, taken):
+                    raise LmmcError(f"{where}: the Normalize module reads '{taken}' and writes "
+                                    f"'{cfg.get('module_output_name') or taken}', not the sentence embedding; lmmc "
+                                    f"compiles a Normalize of the pooled sentence embedding only")
+                files[f"{rel}/config.json"] = cfg_text
             dirs.append(rel)
     return SentenceModules(modes, bool(dirs), files, tuple(dirs), warnings)
+
+
+def _kind(module: dict[str, Any]) -> str:
+    """A module's class name where it is one of sentence-transformers' own (any of its module paths), else its
+    whole type: a class of another package that shares the name computes something else."""
+    kind = str(module.get("type", ""))
+    return kind.rsplit(".", 1)[-1] if kind.startswith("sentence_transformers.") else kind
 
 
 def modes_of(config: Any) -> tuple[str, ...]:
