@@ -587,6 +587,17 @@ def _(tmp):
     return ["./vit", "-r", recipe, "-o", "out", "--dry-run"], ["has mode F", "convert it to 8-bit RGB"]
 
 
+@case("pictures in a format lmmc does not read among an image folder's")
+def _(tmp):
+    folder = images(tmp, 40)
+    for i in range(3):  # the bytes of a PNG: what matters is that lmmc would skip them by their name
+        (folder / f"{i}.png").rename(folder / f"phone-{i}.HEIC")
+    save_tiny("vit", tmp / "vit")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
+    return (["./vit", "-r", recipe, "-o", "out", "--dry-run"],
+            ["holds 3 picture(s) in a format lmmc does not read (.heic)", "phone-0.HEIC", "convert them to PNG or JPEG"])
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file

@@ -216,6 +216,19 @@ def test_class_folders_read_as_labelled_captioned_images(tmp_path):
         read_samples(tmp_path / "pics", "a photo of a {label}")
 
 
+def test_a_class_folder_with_pictures_lmmc_does_not_read_names_their_format(tmp_path):
+    """A class folder refused its .avif pictures as "not images"; plain folders left them out without a word."""
+    (tmp_path / "pics" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "pics" / "cat" / "0.png")
+    (tmp_path / "pics" / "cat" / "1.avif").write_bytes(b"\0")
+    (tmp_path / "pics" / "notes.md").write_text("not a picture: skipped in a plain folder")
+    for template in (None, "a photo of a {label}"):
+        with pytest.raises(LmmcError, match=r"holds 1 picture\(s\) in a format lmmc does not read \(.avif\)"):
+            read_samples(tmp_path / "pics", template)
+    (tmp_path / "pics" / "cat" / "1.avif").unlink()
+    assert [Path(r["image"]).name for r in read_samples(tmp_path / "pics")] == ["0.png"]
+
+
 def test_class_folders_read_unlabelled_by_a_vision_model_are_said(tmp_path):
     """Without caption_template a vision-only model read the folders as unlabelled images and its task metric
     was agreement with the teacher, with nothing saying how to have accuracy on the classes."""

@@ -20,7 +20,7 @@ import torch
 
 from lmmc.errors import LmmcError
 from lmmc.runtime.generate import generative_prompt
-from lmmc.runtime.images import IMAGE_SUFFIXES, NOT_PICTURES, open_image
+from lmmc.runtime.images import IMAGE_SUFFIXES, NOT_PICTURES, OTHER_PICTURES, open_image
 from lmmc.runtime.texts import clip_text, clip_texts
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
 RANDOM_MAX_PARAMS = 5_000_000
@@ -109,6 +109,7 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
         records = _class_folders(path, caption_template)
     elif path.is_dir():
         files = folder_files(path)
+        _refuse_other_pictures(path, files)
         records = [{"image": str(p)} for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         texts = [p for p in files if p.suffix.lower() in (".txt", ".jsonl")]
         if not records and texts:
@@ -173,6 +174,16 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
     return records
 
 
+def _refuse_other_pictures(folder: Path, files: list[Path]) -> None:
+    """Pictures in a format lmmc does not read would be left out of an image folder without a word."""
+    others = [p for p in files if p.suffix.lower() in OTHER_PICTURES]
+    if others:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in others}))
+        raise LmmcError(f"image folder '{folder}' holds {len(others)} picture(s) in a format lmmc does not read "
+                        f"({kinds}), e.g. '{others[0]}'; convert them to PNG or JPEG, or move them out of the folder "
+                        f"(lmmc reads {', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
 def read_corpus(path: Path, what: str) -> list[dict[str, Any]]:
     """read_samples of a file that is not the calibration data, its errors naming it as `what`."""
     try:
@@ -212,6 +223,7 @@ def _class_folders(path: Path, template: str) -> list[dict[str, Any]]:
                             f"give each class a folder of its own")
     files = folder_files(path)
     _refuse_shared_folders(path, real)
+    _refuse_other_pictures(path, files)
     records, loose, strangers = [], [], []
     for p in files:
         if len(p.relative_to(path).parts) < 2:

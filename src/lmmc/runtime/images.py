@@ -15,6 +15,10 @@ NOT_PICTURES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 ORIENTATION = 0x0112  # the EXIF tag
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
                   ".pbm", ".pnm", ".ico"}
+# Picture formats lmmc does not read (Pillow reads some only with a plugin, or not at all): a folder holding them
+# is refused rather than read without them.
+OTHER_PICTURES = {".avif", ".avifs", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".apng", ".qoi", ".dng",
+                  ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raw", ".svg", ".psd", ".tga", ".exr", ".hdr"}
 READ_FIX = "pass the path of a readable PNG or JPEG picture"  # what a user of lmmc.runtime does about a bad file
 
 
