@@ -665,7 +665,7 @@ class Trainer:
         (on the shipped corpus random batches of 16 pad to twice the mean sentence length), while every
         sample still lands in a random batch position from epoch to epoch."""
         size = self.cfg.batch_size
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) % 2**63)  # a seed torch takes
         order = torch.randperm(len(self.train), generator=gen).tolist()[:count * size]
         batches = []
         for k in range(0, len(order), 32 * size):
