@@ -498,6 +498,11 @@ class DistillPass(Pass):
     Config = DistillConfig
     needs = frozenset({"teacher", "student"})
 
+    def check(self, available: set[str]) -> None:
+        super().check(available)
+        if self.config.corpus is None and "calib" not in available:  # refused before any weight loads
+            raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
+
     def run(self, art: Artifact) -> dict[str, Any]:
         started = time.perf_counter()
         cfg = self.config

@@ -598,6 +598,12 @@ def _(tmp):
             ["holds 3 picture(s) in a format lmmc does not read (.heic)", "phone-0.HEIC", "convert them to PNG or JPEG"])
 
 
+@case("distillation without a corpus or calibration data, dry run")
+def _(tmp):
+    recipe = write_recipe(tmp, {"passes": [{"distill": {"steps": 2}}], "validate": False})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["distill needs data", "give 'corpus'", "--calib"]
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file
