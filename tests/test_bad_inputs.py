@@ -604,6 +604,22 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["distill needs data", "give 'corpus'", "--calib"]
 
 
+@case("retrieval agreement gated with k near the held-out count")
+def _(tmp):
+    save_tiny("clip", tmp / "clip")
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"random": True, "eval_samples": 8},
+                                "validate": {**QUICK_VALIDATE, "min_held_out": 8, "min_task_metric": 0.1}})
+    return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
+            ["agreement_k = 5 among 8 held-out images and 8 captions a random ranking agrees 0.71 of the time",
+             "Lower validate.agreement_k or raise calibration.eval_samples"])
+
+
+@case("agreement_k for a model of one tower")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "validate": {**QUICK_VALIDATE, "agreement_k": 3}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["has one tower", "remove agreement_k"]
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file

@@ -427,6 +427,15 @@ def test_a_task_gate_on_retrieval_agreement_that_a_random_student_meets_is_misse
               "passes": [{"magnitude": {"sparsity": 0.9}}],
               "validate": {"latency": False, "threads": 1, "min_task_metric": 0.0, "agreement_k": k}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    if k != 5:  # the plan knows the held-out count: refused before anything loads
+        result = CliRunner().invoke(main, ["compile", "./clip", "-r", "r.yaml", "-o", "out", "--dry-run"])
+        assert result.exit_code == 2, result.output
+        assert ("with agreement_k = 100000 among 32 held-out images and 32 captions a random ranking agrees 0.97 of "
+                "the time, above 0.5: it would certify nothing. Lower validate.agreement_k or raise "
+                "calibration.eval_samples") in " ".join(result.output.split())
+        import lmmc.compile  # validation's own gate stays, for counts the plan cannot foresee
+
+        monkeypatch.setattr(lmmc.compile, "_check_agreement", lambda *args: None)
     result = CliRunner().invoke(main, ["compile", "./clip", "-r", "r.yaml", "-o", "out"])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     task = report["validation"]["task_metric"]

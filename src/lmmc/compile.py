@@ -31,7 +31,8 @@ from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_held_out_classes,
                        check_images, check_prompts, check_random_allowed, drop_token_twins, encode_text,
                        load_calibration, load_generative_calibration, random_calibration,
-                       random_generative_calibration, read_corpus, read_samples, select, text_length, text_tokens)
+                       random_generative_calibration, read_corpus, read_samples, select, text_key, text_length,
+                       text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -676,6 +677,7 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
             return None, []
         check_random_allowed(shapes)
         _check_floor(recipe, cal.eval_samples, "raise calibration.eval_samples")
+        _check_agreement(recipe, adapter, cal.eval_samples, cal.eval_samples)
         return {"calibration": cal.samples, "held_out": cal.eval_samples}, []
     modalities = {t.modality for t in adapter.towers}
     records = read_samples(Path(cal.path), cal.caption_template)
@@ -725,8 +727,36 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
     else:
         fix = "raise calibration.eval_samples"
     _check_floor(recipe, len(chosen.held_out), fix)
+    if not (chosen.held_out and "label" in chosen.held_out[0]):  # labelled data is scored by accuracy instead
+        _check_agreement(recipe, adapter, len(chosen.held_out),
+                         len({text_key(r["text"]) for r in chosen.held_out if "text" in r}))
     return {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}, [r["text"] for r in chosen.calib
                                                                                    if "text" in r]
+
+
+def _check_agreement(recipe: Recipe, adapter: Any, images: int, captions: int) -> None:
+    """validate.agreement_k ranks a dual encoder's held-out images and captions; a gate on that agreement
+    with k so near their count that a random ranking agrees most of the time failed after the whole compile."""
+    from lmmc.export.validate import MAX_AGREEMENT_CHANCE, agreement_chance
+
+    if recipe.validate_ is None or adapter.kind == "generative":
+        return
+    cfg = recipe.validate_.config
+    if {t.modality for t in adapter.towers} != {"text", "image"}:
+        if cfg.given("agreement_k"):
+            raise LmmcError(f"validate.agreement_k sets the top-k of a dual encoder's retrieval agreement, and this "
+                            f"{adapter.family} model has one tower, scored by nearest-neighbour agreement; remove "
+                            f"agreement_k")
+        return
+    if (cfg.min_task_metric, cfg.min_task_metric_ratio) == (None, None):
+        return
+    chance = max(agreement_chance(cfg.agreement_k, images, True)[1], agreement_chance(cfg.agreement_k, images)[1],
+                 agreement_chance(cfg.agreement_k, captions)[1])
+    if chance > MAX_AGREEMENT_CHANCE:
+        raise LmmcError(f"validate gates the retrieval agreement (min_task_metric or min_task_metric_ratio), and "
+                        f"with agreement_k = {cfg.agreement_k} among {images} held-out images and {captions} captions "
+                        f"a random ranking agrees {chance:.2f} of the time, above {MAX_AGREEMENT_CHANCE}: it would "
+                        f"certify nothing. Lower validate.agreement_k or raise calibration.eval_samples")
 
 
 def _check_floor(recipe: Recipe, held_out: int, fix: str) -> None:
