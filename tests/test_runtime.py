@@ -61,6 +61,8 @@ def test_manifest_lists_every_artifact_with_io_and_validation(compiled):
     for modality in ("text", "image"):
         files = manifest["preprocessing"][modality]["files"]
         assert files and all((compiled / f).is_file() for f in files)
+        # the student's model card is no tokenizer file: encode needs only what preprocessing needs
+        assert (compiled / "student" / "README.md").is_file() and "student/README.md" not in files
     for a in manifest["artifacts"]:
         bin_file = [a["path"].removesuffix(".xml") + ".bin"] if a["backend"] == "openvino" else []
         assert a["files"] == [a["path"], *bin_file] and all((compiled / f).is_file() for f in a["files"])

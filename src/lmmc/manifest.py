@@ -17,8 +17,8 @@ from lmmc.runtime import MANIFEST, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
 FORMAT = "lmmc-manifest/1"
-# Files of student/ that are weights or lmmc's own record, not preprocessing.
-_NOT_PREPROCESSING = {"config.json", "lmmc.json", "generation_config.json"}
+# Files of student/ that are weights or lmmc's own records (its model card among them), not preprocessing.
+_NOT_PREPROCESSING = {"config.json", "lmmc.json", "generation_config.json", "README.md"}
 
 
 def _io(spec: TensorSpec) -> dict[str, Any]:
