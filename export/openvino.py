@@ -249,7 +249,8 @@ class OpenVinoExportPass(Pass):
                                                  block_matrices(art.student, art.adapter, tower, art.onnx[tower.name]),
                                                  self.config.int8.mixed, self.config.threads)
                 art.exports.append(ExportRecord(tower.name, "openvino", "mixed", "nncf", mixed, source="plain",
-                                                fp32_matrices=choice["fp32_matrices"]))
+                                                fp32_matrices=choice["fp32_matrices"],
+                                                max_cosine_drop=choice["max_cosine_drop"]))
                 written.append(mixed.name)
                 metrics[tower.name] = {"files": written, "mixed": {mixed.name: choice},
                                        "warnings": [f"{mixed.name}: {w}" for w in choice["warnings"]]}

@@ -373,7 +373,8 @@ class OrtExportPass(Pass):
                     result.setdefault("mixed", {})[dst.name] = choice
                     result["warnings"].extend(f"{dst.name}: {w}" for w in choice["warnings"])
                     art.exports.append(ExportRecord(tower.name, "onnxruntime", "mixed", "static", dst, source="plain",
-                                                    fp32_matrices=choice["fp32_matrices"]))
+                                                    fp32_matrices=choice["fp32_matrices"],
+                                                    max_cosine_drop=choice["max_cosine_drop"]))
                     continue
                 dst = folder / f"{tower.name}.int8-{mode}.onnx"
                 if mode == "dynamic":

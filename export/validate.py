@@ -552,6 +552,12 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
             gates.append(_gate(f"{label}: cosine to fp32 student", result["cosine_to_student"], cfg.min_cosine_int8, ">="))
         if cfg.min_cosine is not None:
             gates.append(_gate(f"{label}: cosine to teacher", result["cosine_to_teacher"], cfg.min_cosine, ">="))
+        if rec.max_cosine_drop is not None and 1 - result["cosine_to_student"] > rec.max_cosine_drop:
+            # its matrices were chosen on calibration batches, which its INT8 ranges were fitted to as well
+            result["warnings"] = [f"{result['path']}: its cosine drop to the fp32 student on the held-out samples, "
+                                  f"{1 - result['cosine_to_student']:.4g}, is above the max_cosine_drop of "
+                                  f"{rec.max_cosine_drop} its fp32 matrices were chosen for on the calibration "
+                                  f"batches; lower max_cosine_drop to keep more matrices fp32"]
         if not normalises(art.student.config):
             _norm_ratio(result, emb, t_emb, label, cfg, gates)
         results.append(result)

@@ -130,6 +130,25 @@ def test_openvino_mixed_warnings_name_their_file(one_thread, outlier_artifact):
     assert choice["warnings"] and metrics["warnings"] == [f"text.mixed.xml: {w}" for w in choice["warnings"]]
 
 
+def test_validation_warns_of_a_mixed_artifact_over_its_budget_on_held_out_samples(one_thread, outlier_artifact):
+    """The budget is met on the calibration batches the matrices were chosen (and INT8 ranges fitted) on;
+    held-out samples may cost more, which validation measured and said nothing of."""
+    art = outlier_artifact
+    run(art, "openvino", int8=MIXED, threads=1)
+    rec = art.exports[-1]
+    assert rec.max_cosine_drop == 0.002
+    for budget in (0.5, 1e-9):
+        rec.max_cosine_drop = budget
+        [entry] = [e for e in run(art, "validate", latency=False, threads=1, min_cosine=0.0,
+                                  min_cosine_int8=0.0).metrics["exports"] if e["precision"] == "mixed"]
+        drop = 1 - entry["cosine_to_student"]
+        assert 1e-9 < drop < 0.5
+        assert entry.get("warnings", []) == ([] if budget == 0.5 else [
+            f"openvino/text.mixed.xml: its cosine drop to the fp32 student on the held-out samples, {drop:.4g}, is "
+            f"above the max_cosine_drop of 1e-09 its fp32 matrices were chosen for on the calibration batches; lower "
+            f"max_cosine_drop to keep more matrices fp32"])
+
+
 def test_plain_nncf_int8_is_unchanged(tmp_path, one_thread, outlier_artifact):
     """int8: true writes what NNCF's transformer preset alone writes: the same operators, the same counts."""
     art = outlier_artifact
