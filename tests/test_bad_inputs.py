@@ -620,6 +620,14 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["has one tower", "remove agreement_k"]
 
 
+@case("a recipe's calibration path under the home folder that does not exist")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "~/no-such-calibration-file.txt"}})
+    return ([bert(tmp), "-r", recipe, "-o", "out", "--dry-run"],
+            [f"calibration.path '{Path.home()}/no-such-calibration-file.txt' does not exist",
+             "fix the path in the recipe"])
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file

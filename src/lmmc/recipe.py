@@ -324,7 +324,11 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
         raise LmmcError(f"{what} is an empty path, which would read as the recipe's directory; give a real path")
     if isinstance(value, str) and value.startswith("~"):
         value = os.path.expanduser(value)  # as a shell would: the passes open paths as given
-    if base is None or not isinstance(value, str) or Path(value).is_absolute():
+    if base is None or not isinstance(value, str):
+        return value
+    if Path(value).is_absolute():
+        if must_exist and "\0" not in value and not Path(value).exists():
+            raise LmmcError(f"{what} '{value}' does not exist; fix the path in the recipe")
         return value
     if "\0" in value:
         raise LmmcError(f"{what} {value!r} holds a NUL character, which no path can; fix the path")
