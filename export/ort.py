@@ -443,7 +443,7 @@ class OrtExportPass(Pass):
         keep_fused = cfg.fuse == "on" or ms["fused"] < ms["plain"]
         if not keep_fused:
             dst.unlink()
-            result["reason"] = f"the fused graph is slower ({ms['fused']:.1f} ms vs {ms['plain']:.1f} ms plain)"
+            result["reason"] = f"the fused graph is slower ({ms['fused']:.3g} ms vs {ms['plain']:.3g} ms plain)"
             return plain, "plain"
         art.exports.append(ExportRecord(tower.name, "onnxruntime", "fp32", "fused", dst))
         return dst, "fused"

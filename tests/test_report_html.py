@@ -103,7 +103,7 @@ def test_sections_hold_the_numbers_of_report_json(compiled):
     # the table's differences are absolute, the gates' divided by the output's scale: the page says which
     assert "<th>ORT max |diff|</th>" in page and "max |diff| is absolute; the runtime gates divide it" in page
     inputs = "; ".join(f"{n}: {shape}" for t in towers.values() for n, shape in t["latency_ms"]["input"].items())
-    assert "pixel_values" in inputs and f"threads, inputs {html.escape(inputs)}. Run" in page  # both towers' inputs
+    assert "pixel_values" in inputs and f", inputs {html.escape(inputs)}. Run" in page  # both towers' inputs
     antgmm = report["passes"][0]["metrics"]
     assert antgmm["kept_per_tower"] == pytest.approx({"text": 0.7, "vision": 0.4}, abs=0.05)
     assert "(target text 70%, vision 40%)" in page
@@ -195,6 +195,21 @@ def test_a_gates_threshold_prints_as_given():
     # "0.9998 >= 1 MISSED": the figures differed at 4 digits, the threshold did not print whole
     assert format(0.99999, gate_digits(0.9998, 0.99999)) == "0.99999"
     assert [format(x, gate_digits(0.91234, 0.9)) for x in (0.91234, 0.9)] == ["0.9123", "0.9"]
+    # a cosine of 0.99998 against a gate of 0 read as a student identical to its teacher
+    assert [format(x, gate_digits(0.9999805, 0.0)) for x in (0.9999805, 0.0)] == ["0.99998", "0"]
+    assert format(1.0, gate_digits(1.0, 0.5)) == "1"
+
+
+def test_small_latencies_print_their_digits_and_one_thread_is_singular():
+    from lmmc.cli import _tower_table
+    from lmmc.report_html import _latency_timing
+
+    lat = {"teacher": 0.0808, "student": 0.0396, "speedup": 2.04, "threads": 1, "runtime": "onnxruntime",
+           "input": {"pixel_values": [8, 3, 16, 16]}}
+    towers = {"vision": {"cosine_mean": 0.99, "cosine_min": 0.9, "runtime_max_abs_diff": {"pooled_embedding": 1e-6},
+                         "runtime_output_scale": {"pooled_embedding": 1.0}, "latency_ms": lat}}
+    assert _tower_table(towers)[1].split()[4:6] == ["0.0808", "0.0396"]
+    assert "onnxruntime, 1 thread, inputs" in _latency_timing({"validation": {"towers": towers}}, None)
 
 
 def test_sections_without_data_are_notes_not_errors():

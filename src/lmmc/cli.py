@@ -355,6 +355,11 @@ def _fmt(value: float | None) -> str:
     return "n/a (NaN/Inf)" if value is None or value != value or abs(value) == float("inf") else f"{value:.3f}"
 
 
+def _ms(ms: float) -> str:
+    """Milliseconds to three significant digits (a tiny model's 0.04 ms printed as 0.0 with one decimal)."""
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
 def _tower_table(towers: dict) -> list[str]:
     """An encoder's validation per tower; nothing when no tower was validated."""
     if not towers:
@@ -366,8 +371,8 @@ def _tower_table(towers: dict) -> list[str]:
         lat = t.get("latency_ms", {})  # absent when the recipe switched latency off ('-' in the table)
         rows.append((name, f"{t['cosine_mean']:.4f}", f"{t['cosine_min']:.4f}",
                      f"{scaled_diff(t['runtime_max_abs_diff'], t['runtime_output_scale']):.1e}",  # the gate's figure
-                     f"{lat['teacher']:.1f}" if "teacher" in lat else "-",
-                     f"{lat['student']:.1f}" if "student" in lat else "-",
+                     _ms(lat["teacher"]) if "teacher" in lat else "-",
+                     _ms(lat["student"]) if "student" in lat else "-",
                      f"{lat['speedup']:.2f}x" if "speedup" in lat else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -40,15 +40,20 @@ def _num(value: Any, fmt: str = ".4g") -> str:
     return format(value, fmt)
 
 
+def _threads(n: Any) -> str:
+    return f"{_e(n)} thread{'' if n == 1 else 's'}"
+
+
 def gate_digits(value: Any, threshold: Any) -> str:
     """The format that tells a gate's figure from its threshold and prints the threshold as the recipe gave
     it: 4 significant digits, more where those would print 0.9999836 and 0.99999 alike (as "1" and "1", a
-    missed gate that reads as met), or 0.99999 as "1"."""
+    missed gate that reads as met), 0.99999 as "1", or a cosine of 0.99998 as a whole 1."""
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, threshold)):
         return ".4g"
     for digits in range(4, 13):
         fmt = f".{digits}g"
-        if format(value, fmt) != format(threshold, fmt) and float(format(threshold, fmt)) == threshold:
+        whole = float(format(value, fmt)).is_integer() and not float(value).is_integer()
+        if format(value, fmt) != format(threshold, fmt) and float(format(threshold, fmt)) == threshold and not whole:
             return fmt
     return ".12g"
 
@@ -502,7 +507,7 @@ def _latency_timing(report: dict[str, Any], bench: dict[str, Any] | None) -> str
         groups = {name: [(f"{r['model']}: {r['artifact']}", r["latency_ms"]["p50"], r["model"] == "student")
                          for r in t.get("rows") or []] for name, t in bench["towers"].items()}
         text = (f"<p>lmmc bench: median latency per backend, batch {_e(bench.get('batch'))}, "
-                f"{_e(bench.get('threads'))} threads, {_e((bench.get('machine') or {}).get('cpus'))} CPUs.</p>")
+                f"{_threads(bench.get('threads'))}, {_e((bench.get('machine') or {}).get('cpus'))} CPUs.</p>")
         return text + _img(latency_figure(groups, "median latency per batch (ms)"), "latency per backend")
     towers = (report.get("validation") or {}).get("towers") or {}
     timed = {n: t["latency_ms"] for n, t in towers.items() if t.get("latency_ms")}
@@ -511,7 +516,7 @@ def _latency_timing(report: dict[str, Any], bench: dict[str, Any] | None) -> str
     first = next(iter(timed.values()))
     groups = {n: [("teacher", lat["teacher"], False), ("student", lat["student"], True)] for n, lat in timed.items()}
     inputs = "; ".join(f"{n}: {shape}" for lat in timed.values() for n, shape in (lat.get("input") or {}).items())
-    text = (f"<p>{_e(first.get('runtime'))}, {_e(first.get('threads'))} threads, inputs {_e(inputs)}. Run "
+    text = (f"<p>{_e(first.get('runtime'))}, {_threads(first.get('threads'))}, inputs {_e(inputs)}. Run "
             f"<code>lmmc bench</code> and then <code>lmmc report</code> for every backend.</p>")
     return text + _img(latency_figure(groups, "median latency per batch in ONNX Runtime (ms)"), "latency")
 
