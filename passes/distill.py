@@ -198,6 +198,15 @@ class DistillConfig(PassConfig):
                             f"distillation reads {' and '.join(read)}: "
                             f"{'distil the text tower alone (towers: [text])' if pairs else 'remove vocabulary'}")
         if adapter.kind != "generative":
+            if self.given("temperature"):
+                raise LmmcError(f"distill: temperature softens a generative model's token-level KL, and this "
+                                f"{adapter.family} model is an encoder, distilled on its embeddings; remove temperature")
+            both = len(distilled) == 2
+            unused = [k for k in ("contrastive", "contrastive_loss") if self.given(k)] if not both else []
+            if unused:
+                raise LmmcError(f"distill: {', '.join(unused)} set the similarity-matrix term of a dual encoder whose "
+                                f"two towers are both distilled, and this distill trains one tower of a "
+                                f"{adapter.family} model; remove {', '.join(unused)}")
             return
         if self.corpus and Path(self.corpus).suffix != ".jsonl":
             raise LmmcError(f"distill: corpus '{self.corpus}' is not a .jsonl, but this generative image-text model "

@@ -628,6 +628,19 @@ def _(tmp):
              "fix the path in the recipe"])
 
 
+@case("a generative distillation setting for an encoder")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "temperature": 2.0}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["temperature softens", "remove temperature"]
+
+
+@case("a dual encoder's distillation setting for one tower")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "contrastive_loss": "mse"}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["contrastive_loss set the similarity-matrix term",
+                                                                 "remove contrastive_loss"]
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file
