@@ -641,6 +641,12 @@ def _(tmp):
                                                                  "remove contrastive_loss"]
 
 
+@case("a caption template for random calibration")
+def _(tmp):
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {**RANDOM["calibration"], "caption_template": "a {label}"}})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["random inputs have neither", "remove caption_template"]
+
+
 @case("weights named under a prefix transformers does not strip, dry run")
 def _(tmp):
     from safetensors.torch import load_file, save_file

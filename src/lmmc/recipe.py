@@ -49,6 +49,10 @@ class CalibrationConfig(Config):
         if self.random and self.path is not None:
             raise ValueError(f"random: true and path '{self.path}' are both given; random inputs replace data, so "
                              f"keep one of them")
+        if self.random and self.caption_template is not None:
+            raise ValueError("caption_template captions an image folder's classes and prompts labelled data, and "
+                             "random inputs have neither, so it would do nothing; remove caption_template, or give "
+                             "the labelled data as path")
         return self
 
     @field_validator("caption_template")
