@@ -354,13 +354,15 @@ class TensorRtExportPass(Pass):
     def run(self, art: Artifact) -> dict[str, Any]:
         trt = tensorrt_module()
         if trt is None:
-            return {"tensorrt": NOT_BUILT}
+            return {"tensorrt": NOT_BUILT, "warnings": [f"TensorRT is not installed, so no engine was built (the step "
+                                                        f"is optional); {EXTRA} on a machine with an NVIDIA GPU"]}
         cfg = self.config
         if cfg.optional:  # an optional step is skipped on a machine whose GPU TensorRT cannot use, as without it
             try:
                 make_builder(trt, trt.Logger(trt.Logger.ERROR))
             except LmmcError:
-                return {"tensorrt": NO_GPU}
+                return {"tensorrt": NO_GPU, "warnings": ["TensorRT finds no usable NVIDIA GPU, so no engine was built "
+                                                         "(the step is optional); build on a machine with one"]}
         major = int(trt.__version__.split(".")[0])
         folder = art.workdir / "tensorrt"
         folder.mkdir(exist_ok=True)

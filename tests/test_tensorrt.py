@@ -273,7 +273,10 @@ def test_optional_step_without_tensorrt_finishes_and_says_not_built(monkeypatch,
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     step = next(p for p in report["passes"] if p["name"] == "tensorrt")
-    assert step["metrics"] == {"tensorrt": NOT_BUILT} == {"tensorrt": "not installed — engine not built"}
+    assert step["metrics"]["tensorrt"] == NOT_BUILT == "not installed — engine not built"
+    said = ("warning: tensorrt: TensorRT is not installed, so no engine was built (the step is optional); pip install "
+            "'lmmc[tensorrt]' on a machine with an NVIDIA GPU")
+    assert said in " ".join(result.output.split())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"] == NOT_BUILT
     assert {a["backend"] for a in manifest["artifacts"]} == {"onnxruntime"}
@@ -314,6 +317,7 @@ def test_optional_step_with_tensorrt_but_no_usable_gpu_finishes_and_says_not_bui
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"] == NO_GPU and {a["backend"] for a in manifest["artifacts"]} == {"onnxruntime"}
     assert not (out / "tensorrt").exists()
+    assert "warning: tensorrt: TensorRT finds no usable NVIDIA GPU, so no engine was built" in " ".join(result.output.split())
 
 
 def _tensorrt_gpu():
