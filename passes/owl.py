@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from lmmc.adapters import PrunableLinear, block_linears
-from lmmc.allocation import Allocation, AllocationConfig, AllocationPass, group_name
+from lmmc.allocation import Allocation, AllocationConfig, AllocationPass, group_name, whole_counts
 from lmmc.artifact import Artifact
 from lmmc.blockwise import input_square_sums, visit_blocks
 from lmmc.errors import LmmcError
@@ -70,6 +70,13 @@ def owl_ratios(outliers: dict[str, float], sizes: dict[str, int], sparsity: floa
     return ratios
 
 
+def whole_weights(ratios: dict[str, float], sizes: dict[str, int], sparsity: float) -> dict[str, float]:
+    """Each group's sparsity as a whole number of its weights, together exactly round(sparsity · ΣN): each
+    group rounding its own count missed the global budget by up to half a weight per group."""
+    zeros = whole_counts([ratios[g] * sizes[g] for g in ratios], round(sparsity * sum(sizes.values())))
+    return {g: z / sizes[g] for g, z in zip(ratios, zeros)}
+
+
 class OwlConfig(AllocationConfig):
     threshold: float = Field(5.0, gt=0.0, description="M: a weight is an outlier when its Wanda score exceeds "
                              "M times the mean score of its group")
@@ -101,5 +108,5 @@ class OwlPass(AllocationPass):
             raise LmmcError("the owl pass needs calibration data; give --calib or 'calibration.path'")
         per_group, per_matrix = outlier_ratios(groups, input_sq_norms(art), cfg.threshold)
         sizes = {g: sum(pl.module.weight.numel() for pl in members) for g, members in groups.items()}
-        ratios = owl_ratios(per_group, sizes, cfg.sparsity, cfg.lam)
+        ratios = whole_weights(owl_ratios(per_group, sizes, cfg.sparsity, cfg.lam), sizes, cfg.sparsity)
         return Allocation(ratios, per_group, per_matrix, {"threshold": cfg.threshold, "lam": cfg.lam})

@@ -167,13 +167,18 @@ def matrix_targets(groups: dict[str, list[PrunableLinear]], ratios: dict[str, fl
     targets: dict[str, float] = {}
     for g, members in groups.items():
         sizes = [pl.module.weight.numel() for pl in members]
-        exact = [ratios[g] * n for n in sizes]
-        zeros = [math.floor(z + 1e-9) for z in exact]
-        short = round(ratios[g] * sum(sizes)) - sum(zeros)
-        for i in sorted(range(len(members)), key=lambda i: zeros[i] - exact[i])[:max(short, 0)]:
-            zeros[i] += 1
+        zeros = whole_counts([ratios[g] * n for n in sizes], round(ratios[g] * sum(sizes)))
         targets.update({pl.param: z / n for pl, z, n in zip(members, zeros, sizes)})
     return targets
+
+
+def whole_counts(exact: list[float], total: int) -> list[int]:
+    """Whole numbers summing to `total`: each exact count rounded down, the rest one each to those rounded
+    down the most (ties: first first)."""
+    counts = [math.floor(z + 1e-9) for z in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:max(total - sum(counts), 0)]:
+        counts[i] += 1
+    return counts
 
 
 def allocation_table(groups: dict[str, list[PrunableLinear]], result: Allocation, target: float) -> dict[str, Any]:
