@@ -200,6 +200,40 @@ def _(tmp):
             ["do not match its config.json", "[64, 32] in the weights", "restore the config.json"])
 
 
+@case("config and weights disagree on a shape, under names transformers changes as it loads")
+def _(tmp):
+    model = save_tiny("vit", tmp / "vit")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    return (["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["do not match its config.json", "encoder.layer.0.intermediate.dense.weight [64, 32] in the weights",
+             "restore the config.json"])
+
+
+@case("blocks the config has no place for, under names transformers changes as it loads")
+def _(tmp):
+    model = save_tiny("vit", tmp / "vit")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    return (["./vit", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            ["tensor(s) of transformer blocks", "encoder.layer.1.attention.attention.key.bias", "config.json saved"])
+
+
+@case("a tensor in two weight shards")
+def _(tmp):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp / "sharded"
+    tiny_model("bert").save_pretrained(model, max_shard_size="20KB")
+    save_preprocessors("bert", model)
+    shards = sorted(model.glob("model-*.safetensors"))
+    first, last = load_file(shards[0]), load_file(shards[-1])
+    key = next(iter(first))
+    save_file({**last, key: first[key] + 100}, shards[-1], metadata={"format": "pt"})
+    return (["./sharded", "-r", write_recipe(tmp, RANDOM), "-o", "out", "--dry-run"],
+            [f"hold the tensor '{key}' twice, in {shards[0].name} and {shards[-1].name}", "remove the copy"])
+
+
 @case("no tokenizer")
 def _(tmp):
     tiny_model("bert").save_pretrained(tmp / "bare")
@@ -1894,3 +1928,16 @@ def test_buffers_a_checkpoint_saves_are_not_called_a_dropped_head(tmp_path):
     teacher, _, _ = load_teacher(str(model))
     assert teacher.lmmc_dropped_weights == ["stray.weight"]
 
+
+
+def test_loading_weights_that_do_not_fit_the_config_is_one_clear_error(tmp_path):
+    """transformers' own refusal of a mis-shaped tensor reached the user as a bug in lmmc (exit 3) where the
+    plan's header check could not see it (a hub model downloaded in the run)."""
+    from lmmc.errors import LmmcError
+    from lmmc.modelio import load_teacher
+
+    model = save_tiny("vit", tmp_path / "vit")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(LmmcError, match="do not match its config.json .*restore the config.json saved with these"):
+        load_teacher(str(model))

@@ -189,6 +189,22 @@ def _refuse_foreign_prefix(ref: str, keys: Any, model: torch.nn.Module) -> None:
                     f"wrapper holds, then save_pretrained")
 
 
+def _as_loaded(names: list[str], model: torch.nn.Module) -> dict[str, str]:
+    """Each saved tensor's name as transformers names it once loaded (ViT's encoder.layer.N.attention.
+    attention.query becomes layers.N.attention.q_proj) -> its saved name, so headers compare with the
+    model's own names. Left as saved for a family whose loading also merges or splits tensors."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):  # another transformers: the names as saved
+        transforms = []
+    if not transforms or not all(isinstance(t, WeightRenaming) for t in transforms):
+        return {k: k for k in names}
+    return {rename_source_key(k, transforms, [])[0]: k for k in names}
+
+
 def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
     """Read only the safetensors headers: a truncated or corrupt file, pickle-only weights, a weight whose
     shape disagrees with config.json, or blocks config.json has no place for fail here, before anything
@@ -206,15 +222,23 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
         raise LmmcError(f"'{path}' has no model.safetensors; lmmc loads safetensors weights only (never pickle): "
                         f"save the model with save_pretrained(..., safe_serialization=True)")
     shapes: dict[str, list[int]] = {}
+    held: dict[str, str] = {}  # tensor -> the file holding it
     for name in files:
         try:
             with safe_open(str(path / name), framework="pt") as f:
                 for key in f.keys():
+                    if key in held:  # transformers loads the copy it reads last, whichever the index names
+                        raise LmmcError(f"the weights of '{path}' hold the tensor '{key}' twice, in {held[key]} and "
+                                        f"{name}, and the two need not agree; remove the copy {INDEX} does not name, "
+                                        f"or save the model again")
+                    held[key] = name
                     shapes[key] = list(f.get_slice(key).get_shape())
         except (SafetensorError, OSError) as err:
             state = "missing" if not (path / name).is_file() else "corrupt or truncated"
             raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
     _refuse_foreign_prefix(str(path), shapes, model)
+    saved = _as_loaded(list(shapes), model)
+    shapes = {k: shapes[s] for k, s in saved.items()}
     extra = []
     modules = {name for name, _ in model.named_modules()}
     for tower in adapter.towers:
@@ -230,17 +254,15 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
             # modules, not tensor names, since transformers renames some tensors as it loads
             extra += [k for k in shapes if (m := block.search(k)) and not k.endswith("inv_freq")
                       and (int(m[1]) >= built or not _builds(modules, k.rsplit(".", 1)[0]))]
-    extra.sort()
+    extra = sorted(saved[k] for k in extra)
     if extra:
         raise LmmcError(f"the weights of '{path}' hold {len(extra)} tensor(s) of transformer blocks that the model "
                         f"its config.json describes has no place for ({', '.join(extra[:3])}); {no_place(extra)}")
     mismatched = []
     for name, param in model.state_dict().items():
-        found = shapes.get(name)
-        if found is None:  # checkpoints of a task model carry a prefix ("bert.")
-            found = next((s for k, s in shapes.items() if k.endswith("." + name)), None)
-        if found is not None and found != list(param.shape):
-            mismatched.append(f"{name} {found} in the weights, {list(param.shape)} by config.json")
+        key = name if name in shapes else next((k for k in shapes if k.endswith("." + name)), None)  # "bert." of a task model
+        if key is not None and shapes[key] != list(param.shape):
+            mismatched.append(f"{saved[key]} {shapes[key]} in the weights, {list(param.shape)} by config.json")
     if mismatched:
         raise LmmcError(f"the weights in '{path}' do not match its config.json: {'; '.join(mismatched[:3])}"
                         f"{' ...' if len(mismatched) > 3 else ''}; restore the config.json saved with these weights")
@@ -622,6 +644,11 @@ def load_teacher(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mo
                                            output_loading_info=True, use_safetensors=True)
     except SafetensorError as err:
         raise LmmcError(f"the weights of '{ref}' are corrupt or truncated ({err}); copy or download them again") from None
+    except RuntimeError as err:  # transformers' refusal of tensors whose shapes the config does not give
+        if "ignore_mismatched_sizes" not in str(err) and "size mismatch" not in str(err):
+            raise
+        raise LmmcError(f"the weights of '{ref}' do not match its config.json ({' '.join(str(err).split())[:300]}); "
+                        f"restore the config.json saved with these weights") from None
     except OSError as err:  # a hub snapshot with pytorch_model.bin alone (plan checks only a local directory's files)
         if "safetensors" not in str(err):
             raise
