@@ -69,6 +69,39 @@ def test_two_gloo_ranks_match_one_process(tmp_path, one_thread, monkeypatch):
     assert max(float((art.student.state_dict()[n] - start[n]).abs().max()) for n in start) > 1e-3
 
 
+def test_ranks_given_another_run_are_refused_on_every_rank(tmp_path, one_thread):
+    """Rank 1 with another learning rate trained a silent mix of the two runs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          __file__, str(tmp_path), "mismatch"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.error").read_text()
+        assert message.startswith("distill: rank 1 of this torchrun job would train another run than rank 0"), message
+        assert message.endswith("start every rank with the same command, recipe and data")
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_dry_run_under_torchrun_prints_its_plan_once(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from conftest import save_tiny
+
+    import lmmc.cli
+
+    save_tiny("bert", tmp_path / "teacher")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {}}]}))
+    args = ["compile", str(tmp_path / "teacher"), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"),
+            "--dry-run"]
+    printed = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        result = CliRunner().invoke(lmmc.cli.main, args)
+        assert result.exit_code == 0, result.output
+        printed[rank] = result.stdout
+    assert json.loads(printed["0"])["steps"] and printed["1"] == ""
+
+
 def test_ranks_on_a_clock_stop_at_the_same_step(tmp_path, one_thread):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -92,6 +125,15 @@ if __name__ == "__main__":
     seen = count_samples(pytest.MonkeyPatch())
     art = tiny_art("clip")
     cfg = CLOCK_CFG if sys.argv[2:] == ["clock"] else DDP_CFG
+    if sys.argv[2:] == ["mismatch"]:  # rank 1 given another learning rate
+        from lmmc.errors import LmmcError
+
+        rank = int(os.environ["RANK"])
+        try:
+            Distill(Distill.Config(**{**DDP_CFG, "lr": 1e-3 * (1 + rank)})).run(art)
+        except LmmcError as err:
+            (out / f"rank{rank}.error").write_text(str(err))
+        sys.exit(0)
     metrics = Distill(Distill.Config(**cfg)).run(art)
     rank = dist.get_rank()
     save_file({k: v.contiguous().clone() for k, v in art.student.state_dict().items()},

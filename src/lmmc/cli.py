@@ -265,8 +265,9 @@ def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_
         from lmmc.resume import WorkArea, describe_inputs
 
         WorkArea(target).check_claim(describe_inputs(model, parsed) if resume else None, resume)
-        click.echo(json.dumps(the_plan, indent=2))
-        _warn(the_plan["warnings"])
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank plans; one prints
+            click.echo(json.dumps(the_plan, indent=2))
+            _warn(the_plan["warnings"])
         return
     try:
         report = compile_model(model, parsed, Path(out), force=force, device=device,

@@ -31,8 +31,8 @@ from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
-from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, gather, load_optimizer_tensors,
-                        lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered, setup_distributed,
+from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, check_same_run, gather,
+                        load_optimizer_tensors, lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered, setup_distributed,
                         shard_copy, shard_like, unshard_into, whole)
 
 if TYPE_CHECKING:
@@ -445,6 +445,7 @@ class Trainer:
         self._check_weights()
         self.masks = self._masks()
         self.fingerprint = self._fingerprint()
+        check_same_run(self.ctx, f"{self.fingerprint} {cfg.parallel}")
         projections = self._probe()
         logit_scale = getattr(self.teacher, "logit_scale", None)
         self.objective = DistillLoss(self.student, self.plans, cfg, self.ctx,

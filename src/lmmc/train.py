@@ -134,6 +134,20 @@ def barrier(ctx: Distributed) -> None:
         dist.barrier(group=ctx.group)
 
 
+def check_same_run(ctx: Distributed, fingerprint: str) -> None:
+    """Every rank must train the same run: ranks given another recipe, data or seed trained a silent mix of
+    both, hung after rank 0 wrote its output (another step count), or aborted in a collective."""
+    if not ctx.enabled:
+        return
+    prints: list[Any] = [None] * ctx.world
+    dist.all_gather_object(prints, fingerprint, group=ctx.group)
+    other = next((r for r, p in enumerate(prints) if p != prints[0]), None)
+    if other is not None:
+        raise LmmcError(f"distill: rank {other} of this torchrun job would train another run than rank 0 (its "
+                        f"recipe, data, seed or starting student differ: {prints[other]} against {prints[0]}); "
+                        f"start every rank with the same command, recipe and data")
+
+
 # --- sharding with FSDP2 ------------------------------------------------------------------------------
 
 def _call(fn, *args, **kwargs):
