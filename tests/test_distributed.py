@@ -164,6 +164,39 @@ def test_a_torchrun_compile_ends_on_every_rank_once_rank_0_wrote_the_output(tmp_
     assert run.stdout.count("wrote ") == 2  # rank 0's own line and rank 1's
 
 
+def test_a_rank_whose_rank_0_was_killed_says_where_its_work_is_kept(tmp_path):
+    """Rank 0 killed (the OOM killer, say) prints nothing; rank 1 now says how to resume its work."""
+    import signal
+    import time
+
+    from conftest import save_tiny
+
+    save_tiny("bert", tmp_path / "teacher")
+    recipe = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"magnitude": {"sparsity": 0.5}},
+                         {"distill": {"steps": 100000, "batch_size": 4, "dev_samples": 2, "checkpoint_every": 2,
+                                      "eval_every": 0, "progress": False}}],
+              "validate": False}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             shutil.which("lmmc") or str(Path(sys.executable).parent / "lmmc"), "compile",
+                             str(tmp_path / "teacher"), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    area = tmp_path / ".out.lmmc-work"
+    try:
+        deadline = time.monotonic() + 300
+        while not any(area.glob("pass-*/**/state.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        os.kill(json.loads((area / "lmmc-work.json").read_text())["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert f"lmmc: rank 0 kept its work in '{area}': run the same command with --resume" in output, output[-3000:]
+
+
 def test_a_rank_whose_peer_stopped_says_so_instead_of_reporting_a_bug(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
