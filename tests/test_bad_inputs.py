@@ -1941,3 +1941,24 @@ def test_loading_weights_that_do_not_fit_the_config_is_one_clear_error(tmp_path)
     (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
     with pytest.raises(LmmcError, match="do not match its config.json .*restore the config.json saved with these"):
         load_teacher(str(model))
+
+
+def test_a_model_shipping_its_code_compiles_with_consent_and_asks_nothing(tmp_path, monkeypatch):
+    """A BERT whose config names its own classes (auto_map): with --trust-remote-code the plan built the model
+    without passing the consent on, and transformers asked on the terminal, which a compile has none of."""
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    model = bert(tmp_path)
+    (model / "custom.py").write_text("from transformers import BertConfig, BertModel\n\n\n"
+                                     "class CustomConfig(BertConfig):\n    model_type = 'bert'\n\n\n"
+                                     "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "custom.CustomConfig",
+                                                                          "AutoModel": "custom.CustomModel"}}))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o",
+                                       str(tmp_path / "out"), "--dry-run", "--trust-remote-code"], input="")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["adapter"] and "[y/N]" not in result.output

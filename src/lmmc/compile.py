@@ -303,7 +303,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
         raise LmmcError(f"calibration.chat_template: true applies to generative models, and '{model_ref}' is a "
                         f"{adapter.family} encoder that reads plain text; remove calibration.chat_template")
     model_dir = local_dir(model_ref)
-    shapes = meta_model(config, adapter)
+    shapes = meta_model(config, adapter, trust_remote_code)
     if model_dir:
         check_weights(model_dir, shapes, adapter)
     else:

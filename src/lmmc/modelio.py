@@ -101,8 +101,10 @@ def _config_error(ref: str, path: Path | None, err: ValueError, trust_remote_cod
 _MOST_LAYERS = 1024
 
 
-def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
-    """The model built on the meta device: every shape, no memory and no weights read."""
+def meta_model(config: Any, adapter: Adapter, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model built on the meta device: every shape, no memory and no weights read. A model whose code
+    ships with it is built from that code only with `trust_remote_code` (transformers would otherwise ask
+    on the terminal)."""
     for tower in adapter.towers:
         layers = getattr(getattr(config, tower.config_key, None) if tower.config_key else config, "num_hidden_layers", 0)
         if isinstance(layers, int) and layers > _MOST_LAYERS:
@@ -111,7 +113,8 @@ def meta_model(config: Any, adapter: Adapter) -> torch.nn.Module:
                             f"config.json, or save the model again")
     try:
         with torch.device("meta"):
-            return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(config))
+            return adapter.prepared(getattr(transformers, adapter.auto_class).from_config(
+                config, trust_remote_code=trust_remote_code))
     except (ValueError, TypeError, ZeroDivisionError) as err:  # e.g. a hidden size no head count divides
         raise LmmcError(f"the config.json of this {config.model_type} model describes no model transformers can "
                         f"build ({' '.join(str(err).split())}); fix config.json, or save the model again") from None
