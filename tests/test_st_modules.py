@@ -411,6 +411,28 @@ def _hub_cache(cache: Path, repo: str, kind: str) -> Path:
     return snapshot
 
 
+def test_a_hub_model_whose_tokenizer_ships_code_is_refused_as_a_local_one_is(tmp_path):
+    """The check read the hub id as a local folder, found nothing there, and compiled the model."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = _hub_cache(cache, "org/tokcode", "clip")
+    settings = json.loads((snapshot / "tokenizer_config.json").read_text())
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({**settings, "auto_map": {
+        "AutoTokenizer": ["tok.OwnTokenizer", None]}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [{"magnitude": {}}]}))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])",
+                              "compile", "org/tokcode", "-r", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    assert ("error: 'org/tokcode' ships the code of its own tokenizer (auto_map in tokenizer_config.json), which "
+            "runs only with --trust-remote-code") in " ".join(refused.stderr.split())
+
+
 def test_offline_a_hub_encoder_whose_modules_the_cache_cannot_tell_is_refused(tmp_path):
     """Offline, a hub model's modules.json was read as absent whenever it was not cached (transformers caches
     only the files it loads), and a sentence-transformers model compiled with mean pooling and no Normalize.

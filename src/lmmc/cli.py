@@ -357,8 +357,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _ms(ms: float) -> str:
-    """Milliseconds to three significant digits (a tiny model's 0.04 ms printed as 0.0 with one decimal)."""
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+    """Milliseconds to one decimal, or three significant digits below 1 ms (a tiny model's 0.04 ms read 0.0)."""
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def _tower_table(towers: dict) -> list[str]:

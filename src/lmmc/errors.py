@@ -44,14 +44,16 @@ def missing_package(err: ImportError, what: str) -> LmmcError:
                      f"environment and run again")
 
 
-def refuse_own_code(path: Path, opt_in: str = "--trust-remote-code") -> None:
+def refuse_own_code(path: Path, opt_in: str = "--trust-remote-code", name: str | None = None) -> None:
     """A tokenizer or processor whose class ships with the model (auto_map in its config) is that code:
-    transformers refuses it with a message that blames missing packages."""
-    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+    transformers refuses it with a message that blames missing packages. `name`: the model as the user gave
+    it, where `path` is a hub snapshot."""
+    shown = name or path
+    for file in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
         try:
-            declared = json.loads((path / name).read_text(encoding="utf-8"))
+            declared = json.loads((path / file).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(declared, dict) and declared.get("auto_map"):
-            raise LmmcError(f"'{path}' ships the code of its own {name.split('_')[0]} (auto_map in {name}), which "
+            raise LmmcError(f"'{shown}' ships the code of its own {file.split('_')[0]} (auto_map in {file}), which "
                             f"runs only with {opt_in}; pass it only if you trust that code")

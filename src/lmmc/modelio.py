@@ -411,6 +411,14 @@ def _restore_file_settings(tok: Any) -> None:
     backend.no_padding() if padding is None else backend.enable_padding(**padding)
 
 
+def _snapshot(ref: str) -> Path:
+    """The hub snapshot a model's tokenizer and processor configs are fetched into (from the cache offline)."""
+    hits = [transformers.utils.cached_file(ref, name, _raise_exceptions_for_missing_entries=False,
+                                           _raise_exceptions_for_connection_errors=False)
+            for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")]
+    return next((Path(hit).parent for hit in hits if hit), Path(ref))
+
+
 def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """The tokenizer and/or image processor saved beside the model; absent ones are None. A generative
     image-text model also gets its "processor" (tokenizer + image processor + image-token expansion),
@@ -419,7 +427,7 @@ def load_preprocessor(ref: str, generative: bool = False, trust_remote_code: boo
     out: dict[str, Any] = {"tokenizer": None, "image_processor": None}
     path = Path(ref)
     if not trust_remote_code:
-        refuse_own_code(path)
+        refuse_own_code(path if local_dir(ref) else _snapshot(ref), name=ref)
     if generative:
         try:
             out["processor"] = transformers.AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
