@@ -32,8 +32,8 @@ from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, check_same_run, gather,
-                        load_optimizer_tensors, lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered, setup_distributed,
-                        shard_copy, shard_like, unshard_into, whole)
+                        load_optimizer_tensors, lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered,
+                        setup_distributed, shard_copy, shard_like, unshard_into, whole)
 
 if TYPE_CHECKING:
     from lmmc.passes.distill import DistillConfig

@@ -263,7 +263,8 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
                         f"its config.json describes has no place for ({', '.join(extra[:3])}); {no_place(extra)}")
     mismatched = []
     for name, param in model.state_dict().items():
-        key = name if name in shapes else next((k for k in shapes if k.endswith("." + name)), None)  # "bert." of a task model
+        # checkpoints of a task model carry a prefix ("bert.")
+        key = name if name in shapes else next((k for k in shapes if k.endswith("." + name)), None)
         if key is not None and shapes[key] != list(param.shape):
             mismatched.append(f"{saved[key]} {shapes[key]} in the weights, {list(param.shape)} by config.json")
     if mismatched:
