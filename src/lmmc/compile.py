@@ -1029,7 +1029,7 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
                   f"lmmc: no pass finished, and the running one kept checkpoints in '{area.path}': run the same "
                   f"command with --resume to continue from the last" if saved else
                   "lmmc: no pass finished; run the same command again (without --resume)", file=sys.stderr)
-        elif area.path.is_dir() and any(area.path.glob("state-*")) or any(area.path.glob("pass-*/**/state.json")):
+        elif area.path.is_dir() and (any(area.path.glob("state-*")) or any(area.path.glob("pass-*/**/state.json"))):
             # another rank of a torchrun job, which rank 0 may have left without a word (killed)
             print(f"lmmc: rank 0 kept its work in '{area.path}': run the same command with --resume to continue "
                   f"from there", file=sys.stderr)
