@@ -26,8 +26,9 @@ def _default_sigterm_in_child() -> None:
     """A process forked while a command handles SIGTERM (a multiprocessing child: OpenVINO's telemetry sends
     from one) gets the default action back. Blocked in C, as in a resolver lock held at the fork, a Python
     handler never runs: the child ignored its parent's terminate(), and the parent waited for it at exit for
-    ever, its output long written."""
-    if signal.getsignal(signal.SIGTERM) is _interrupt:
+    ever, its output long written. Any Python handler: one forked while OpenVINO's conversion holds signals
+    inherits the holding handler."""
+    if callable(signal.getsignal(signal.SIGTERM)):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
