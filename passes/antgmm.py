@@ -193,9 +193,15 @@ class AntGMMConfig(PassConfig):
                              "uniform")
         return self
 
-    def distill_config(self) -> Any:
-        """The distill pass's config of the runs between segments."""
-        return get_pass("distill").Config(**{**self.distill, "steps": self.distill_steps_per_segment})
+    def distill_config(self, steps: int | None = None, **extra: Any) -> Any:
+        """The distill pass's config of the runs between segments: the towers this pass cuts, unless it names
+        its own (a tower kept at 1.0 is left whole: distilled, it changed while its structure stayed)."""
+        towers = {}
+        if isinstance(self.keep, dict) and "towers" not in self.distill:
+            cut = [t for t, k in self.keep.items() if k < 1.0]
+            towers = {"towers": cut} if len(cut) < len(self.keep) else {}
+        return get_pass("distill").Config(**{**self.distill, **towers, "steps": steps or self.distill_steps_per_segment,
+                                             **extra})
 
 
 def _tokens(art: Artifact, cfg: AntGMMConfig) -> dict[str, int]:
@@ -816,7 +822,7 @@ class AntGMMPass(Pass):
 
     def _distill(self, art: Artifact, steps: int, **extra: Any) -> dict[str, Any]:
         distill = get_pass("distill")
-        return distill(distill.Config(**{**self.config.distill, "steps": steps, **extra})).run(art) or {}
+        return distill(self.config.distill_config(steps, **extra)).run(art) or {}
 
     def _fade_out(self, art: Artifact, drop: dict[str, set[int]]) -> list[dict[str, Any]]:
         """Distil while the chosen blocks' residual updates shrink to nothing (AntGMM's depth ramp)."""
