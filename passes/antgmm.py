@@ -42,6 +42,8 @@ FADE = (0.25, 0.5, 0.75, 1.0)
 # A latency model off by more than this on the structures it held out is warned of: on an idle machine
 # MiniLM's is 2.2 % off at most (BENCHMARKS.md, "Latency targets").
 POOR_FIT = 0.15
+# A student predicted this much faster than its target is warned of (validation's default max_latency_miss).
+OVERSHOOT = 0.10
 
 
 class AntGMMConfig(PassConfig):
@@ -396,6 +398,13 @@ class AntGMMPass(Pass):
             warnings.append(f"the student is predicted at {latency['predicted_ms']:.4g} ms, above the target "
                             f"{latency['target_ms']:.4g} ms: the stages' whole units{rounded} did not meet it "
                             f"exactly; ask for a lower target" + (", or a smaller ffn_multiple" if rounded else ""))
+        elif latency["predicted_ms"] < latency["target_ms"] * (1 - OVERSHOOT):
+            # validation's latency gate allows a 10 % miss by default, either way
+            warnings.append(f"the student is predicted at {latency['predicted_ms']:.4g} ms, "
+                            f"{1 - latency['predicted_ms'] / latency['target_ms']:.0%} below the target "
+                            f"{latency['target_ms']:.4g} ms: a stage's whole units (a block, say) removed more than "
+                            f"the target needs, and fidelity with it; give the smaller units (ffn, heads) the shares, "
+                            f"or ask for a nearer target")
         return {**out, **({"warnings": warnings} if warnings else {}), "latency_target": latency}
 
     def check_keep(self, art: Artifact) -> None:

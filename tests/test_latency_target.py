@@ -402,6 +402,25 @@ def test_a_student_predicted_above_its_target_is_warned_of(tmp_path) -> None:
                                    f"ms: the stages' whole units did not meet it exactly; ask for a lower target"]
 
 
+def test_a_student_predicted_well_below_its_target_is_warned_of(tmp_path) -> None:
+    """A stage's whole units overshoot a near target: the student loses more than it had to, and validation's
+    default 10 % latency gate then fails on it, where a warning could have said so at the cut."""
+    art = make_artifact("bert")
+    model = _written_model(tmp_path, art, (0.1, 0.01, 0.001, 0.01))
+    start = sum(model.predict(art.student, art.adapter).values())
+    target = start - 0.02  # two FFN channels' worth
+    for shares, warned in (({"depth": 1.0}, True), ({"ffn": 1.0}, False)):
+        art = make_artifact("bert")
+        metrics = run_antgmm(art, target={"latency_ms": target}, deploy=DEPLOY, latency_cache=str(tmp_path),
+                             shares=shares, importance="activation")
+        predicted = sum(model.predict(art.student, art.adapter).values())
+        assert (predicted < 0.9 * target) is warned
+        assert metrics.get("warnings", []) == ([
+            f"the student is predicted at {predicted:.4g} ms, {1 - predicted / target:.0%} below the target "
+            f"{target:.4g} ms: a stage's whole units (a block, say) removed more than the target needs, and fidelity "
+            f"with it; give the smaller units (ffn, heads) the shares, or ask for a nearer target"] if warned else [])
+
+
 def test_a_latency_model_that_misses_its_held_out_structures_is_warned_of(tmp_path) -> None:
     """A fit 36 % off on what it held out (timing noise on a loaded machine) passed without a word, and the
     student then missed its target by what the model had mispredicted."""
