@@ -143,6 +143,16 @@ def quantize_dynamic_onnx(src: Path, dst: Path, exclude: list[str] | None = None
                          nodes_to_exclude=[*(exclude or []), *standard_attention], use_external_data_format=_external(src))
 
 
+def kept_fp32(art: Artifact, tower: TowerSpec, base: Path, fc2: bool) -> list[str]:
+    """The block linears (PyTorch modules) whose weights a dynamic INT8 graph of `base` leaves fp32: q, k and
+    v where ONNX Runtime's fused Attention holds them (its quantiser skips that operator), fc2 where asked."""
+    fused = any(n.op_type == "Attention" and n.domain == "com.microsoft"
+                for n in onnx.load(str(base), load_external_data=False).graph.node)
+    roles = ({"q", "k", "v"} if fused else set()) | ({"fc2"} if fc2 else set())
+    return [p.param.removesuffix(".weight") for p in prunable_linears(art.student, art.adapter)
+            if p.tower == tower.name and p.role in roles]
+
+
 def pooled(graph: Path, feeds: list[dict[str, np.ndarray]], threads: int) -> np.ndarray:
     """A graph's pooled embeddings over `feeds`, in ONNX Runtime."""
     model = load(graph, "onnxruntime", threads)
@@ -313,9 +323,11 @@ class OrtConfig(PassConfig):
     latency_seq: int | None = Field(None, gt=0, description="tokens per text sample when timing; default: 128 "
                                     "or the model's position limit if lower (CLIP: 77)")
     repeats: int = Field(12, gt=2, description="timed runs per graph for fuse: auto; medians compared")
-    dynamic_min_cosine: float = Field(0.99, ge=0, le=1, description="dynamic INT8 quantises every MatMul unless "
-                                      "its pooled embedding then falls below this mean cosine to the fp32 graph's on "
-                                      "the calibration batches; then the second FFN matrices stay fp32")
+    dynamic_min_cosine: float = Field(0.99, ge=0, le=1, description="dynamic INT8 quantises every MatMul (on a "
+                                      "fused graph, ONNX Runtime leaves the Attention operator's q/k/v projection "
+                                      "fp32) unless its pooled embedding then falls below this mean cosine to the "
+                                      "fp32 graph's on the calibration batches; then the second FFN matrices stay "
+                                      "fp32 too. The manifest lists the matrices left fp32")
 
     _fuse_on_off = field_validator("fuse", mode="before")(on_off)
 
@@ -377,15 +389,18 @@ class OrtExportPass(Pass):
                                                     max_cosine_drop=choice["max_cosine_drop"]))
                     continue
                 dst = folder / f"{tower.name}.int8-{mode}.onnx"
+                kept = None
                 if mode == "dynamic":
                     result["dynamic"] = self._dynamic(art, tower, plain, base, dst, feeds)
                     source = variant
+                    kept = kept_fp32(art, tower, base, result["dynamic"]["fp32_fc2"])
                 else:
                     # QDQ has no quantiser for the fused Attention operator: on the fused graph the q/k/v
                     # projections would stay fp32, so static INT8 always starts from the plain graph.
                     quantize_static_onnx(plain, dst, feeds, exclude=fc2_matmuls(art.student, art.adapter, tower, plain))
                     source = "plain"
-                art.exports.append(ExportRecord(tower.name, "onnxruntime", "int8", mode, dst, source=source))
+                art.exports.append(ExportRecord(tower.name, "onnxruntime", "int8", mode, dst, source=source,
+                                                fp32_matrices=kept))
             if cfg.fp16:
                 result["fp16"] = self._fp16(art, tower, plain, folder)
             metrics[tower.name] = result
@@ -393,8 +408,9 @@ class OrtExportPass(Pass):
 
     def _dynamic(self, art: Artifact, tower: TowerSpec, plain: Path, base: Path, dst: Path,
                  feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Dynamic INT8 of `base`, every MatMul quantised; where that moves the pooled embedding too far
-        from fp32 on the calibration batches, again with the second FFN matrices kept fp32."""
+        """Dynamic INT8 of `base`, every MatMul quantised (but a fused Attention's q/k/v); where that moves
+        the pooled embedding too far from fp32 on the calibration batches, again with the second FFN
+        matrices kept fp32."""
         cfg = self.config
         reference = pooled(base, feeds, cfg.threads)
 

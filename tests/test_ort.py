@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import lmmc.export.ort
-from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names
+from lmmc.adapters import TowerModule, block_list, example_inputs, get_adapter, head_dim, input_names, prunable_linears
 from lmmc.artifact import Artifact
 from lmmc.data import random_calibration
 from lmmc.export.onnx import export_tower
@@ -119,15 +119,27 @@ def test_dynamic_int8_keeps_the_second_ffn_matrices_fp32_when_quantising_them_co
     def float_matmul_weights() -> set[str]:
         return {n.input[1] for n in onnx.load(str(dst)).graph.node if n.op_type == "MatMul"}
 
+    def float_attention_weights() -> list[str]:
+        graph = onnx.load(str(dst)).graph
+        floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        return [n.input[1] for n in graph.node if n.op_type == "Attention" and n.input[1] in floats]
+
+    def modules(*roles: str) -> list[str]:
+        return [p.param.removesuffix(".weight") for p in prunable_linears(art.student, art.adapter) if p.role in roles]
+
     every = run(art, "ort", fuse=fuse, int8=["dynamic"], dynamic_min_cosine=0.0).metrics["text"]["dynamic"]
     assert every["fp32_fc2"] is False and 0.9 < every["cosine_to_fp32"] < 1.0
     every_float = float_matmul_weights()
     assert not every_float & weights
+    # ONNX Runtime's quantiser leaves the fused Attention's q/k/v fp32; the record (and so the manifest) says so
+    assert len(float_attention_weights()) == (2 if fuse == "on" else 0)
+    assert art.exports[-1].fp32_matrices == (modules("q", "k", "v") if fuse == "on" else [])
     art.exports.clear()
     # No INT8 graph reaches a cosine of 1: the fallback runs, and only the fc2 MatMuls stay fp32.
     kept = run(art, "ort", fuse=fuse, int8=["dynamic"], dynamic_min_cosine=1.0).metrics["text"]
     assert kept["kept"] == ("fused" if fuse == "on" else "plain")
     assert kept["dynamic"]["fp32_fc2"] is True
+    assert art.exports[-1].fp32_matrices == (modules("q", "k", "v", "fc2") if fuse == "on" else modules("fc2"))
     assert kept["dynamic"]["cosine_every_matmul"] == pytest.approx(every["cosine_to_fp32"], abs=1e-6)
     # Every MatMul the quantiser leaves float besides (attention's products of two activations) is left in both.
     assert float_matmul_weights() - weights == every_float - weights and weights <= float_matmul_weights()
