@@ -335,6 +335,10 @@ def passes_cmd():
         _echo_fields(config, "", 4)
 
 
+# A field's bounds as pydantic keeps them (annotated_types' Ge, Gt, Le, Lt), as `lmmc passes` prints them.
+BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
 def _echo_fields(config: type, prefix: str, indent: int) -> None:
     """A config's fields, and under each the keys of any mapping it takes (int8's mixed, a target's
     speedup), by their dotted names."""
@@ -346,7 +350,9 @@ def _echo_fields(config: type, prefix: str, indent: int) -> None:
         return [m for arg in typing.get_args(annotation) for m in nested(arg)]
 
     for field, info in config.model_fields.items():
+        bounds = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in BOUNDS if hasattr(m, attr)]
         desc = f"  {info.description}" if info.description else ""
+        desc += f" ({', '.join(bounds)})" if bounds else ""
         default = "" if info.is_required() else f" = {info.default!r}"
         click.echo(f"{' ' * indent}{prefix}{field}{default}{desc}")
         for model in dict.fromkeys(nested(info.annotation)):
