@@ -5,6 +5,7 @@ decoder layers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -207,8 +208,12 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
         gen.generate_ids(None, np.array([[5, 100]]))
     with pytest.raises(LmmcError, match="input_ids must be integer token ids; got float64"):
         gen.generate_ids(None, np.array([[5.5, 6.0]]))
-    with pytest.raises(LmmcError, match=r"max_new_tokens an integer of at least 1; got shape \(1, 2\) and 2.5"):
+    with pytest.raises(LmmcError, match=r"max_new_tokens must be a whole number of at least 1; got 2.5"):
         gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=2.5)
+    # no row (it returned a token a row anyway), or no token
+    for empty in (np.zeros((0, 3), dtype=np.int64), np.zeros((1, 0), dtype=np.int64), np.array([5, 6])):
+        with pytest.raises(LmmcError, match=re.escape(f"with at least one token and one row; got shape {empty.shape}")):
+            gen.generate_ids(None, empty)
     with pytest.raises(LmmcError, match="attention_mask must hold 0 .padding. and 1"):
         gen.generate_ids(None, np.array([[5, 6]]), np.array([[0, 0]]))
     with pytest.raises(LmmcError, match="pads a row on the right; .* padding_side = 'left'"):
@@ -270,6 +275,11 @@ def test_compile_output_generates_what_the_saved_student_generates(compiled_llav
         gen.generate(image, 123)
     with pytest.raises(LmmcError, match="chat_template as True, False or None; got str and 'no'"):
         gen.generate(image, "a house", chat_template="no")
+    # three grey pictures in a list stacked into one of three channels, and got an answer
+    grey = [im.convert("L") for im in images(3)]
+    for many in (grey, tuple(grey)):
+        with pytest.raises(LmmcError, match=f"answers about one image .*; got a {type(many).__name__} of 3: call it once"):
+            gen.generate(many, "a house")
     with pytest.raises(LmmcError, match="holds a generative model's export, .* open it with lmmc.runtime.open_generative"):
         lmmc.runtime.open_dir(out)
     bench = CliRunner().invoke(main, ["bench", str(out)])

@@ -113,9 +113,11 @@ class Generator:
                             f"compile's saved processor")
         input_ids = given.astype(np.int64)
         whole = isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
-        if input_ids.ndim != 2 or not whole or max_new_tokens < 1:
-            raise LmmcError(f"input_ids must be [batch, sequence] and max_new_tokens an integer of at least 1; got "
-                            f"shape {input_ids.shape} and {max_new_tokens!r}")
+        if not whole or max_new_tokens < 1:
+            raise LmmcError(f"max_new_tokens must be a whole number of at least 1; got {max_new_tokens!r}")
+        if input_ids.ndim != 2 or not input_ids.size:
+            raise LmmcError(f"input_ids must be [batch, sequence] with at least one token and one row; got shape "
+                            f"{input_ids.shape}")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.shape != input_ids.shape:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
@@ -165,6 +167,10 @@ class Generator:
         if not isinstance(prompt, (str, type(None))) or not isinstance(chat_template, (bool, type(None))):
             raise LmmcError(f"generate() takes a prompt as text (or None) and chat_template as True, False or None; "
                             f"got {type(prompt).__name__} and {chat_template!r}")
+        if isinstance(image, (list, tuple, set)) or image is None:  # a list of three grey images read as one RGB
+            raise LmmcError(f"generate() answers about one image (a PIL image, an array or a file's path); got "
+                            f"{'None' if image is None else f'a {type(image).__name__} of {len(image)}'}: call it "
+                            f"once per image")
         proc = self.preprocessor
         image = open_image(image, READ_FIX) if isinstance(image, (str, Path)) else to_rgb(image)
         template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
