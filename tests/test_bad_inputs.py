@@ -234,6 +234,19 @@ def _(tmp):
             [f"hold the tensor '{key}' twice, in {shards[0].name} and {shards[-1].name}", "remove the copy"])
 
 
+@case("an output name too long for its work area")
+def _(tmp):
+    return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", "o" * 250, "--dry-run"],
+            ["--out's name is 250 bytes long", "name of at most 244 bytes"])
+
+
+@case("an output path too long for the file system")
+def _(tmp):
+    deep = "/".join(["d" * 200] * 25)  # past PATH_MAX
+    return ([bert(tmp), "-r", write_recipe(tmp, RANDOM), "-o", deep + "/out", "--dry-run"],
+            ["cannot be used: File name too long", "give a shorter path"])
+
+
 @case("no tokenizer")
 def _(tmp):
     tiny_model("bert").save_pretrained(tmp / "bare")
@@ -1962,3 +1975,24 @@ def test_a_model_shipping_its_code_compiles_with_consent_and_asks_nothing(tmp_pa
                                        str(tmp_path / "out"), "--dry-run", "--trust-remote-code"], input="")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["adapter"] and "[y/N]" not in result.output
+
+
+def test_no_writable_temporary_folder_is_one_clear_error(tmp_path):
+    """A read-only root with only a volume writable: the libraries lmmc imports found no temporary folder, the
+    crash handler failed the same way, and two tracebacks ended in exit 1, the missed gate's code."""
+    import subprocess
+    import sys
+
+    script = ("import sys, tempfile\n"
+              "tempfile.tempdir = None\n"
+              "def none(*a, **k): raise FileNotFoundError(2, 'No usable temporary directory found in []')\n"
+              "tempfile._get_default_tempdir = none\n"
+              "from lmmc.cli import main\n"
+              "sys.argv = ['lmmc', 'compile', sys.argv[1], '-r', sys.argv[2], '-o', sys.argv[3]]\n"
+              "main()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(bert(tmp_path)), str(write_recipe(tmp_path, RANDOM)),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("Traceback") == 0 and ("error: no writable temporary folder (TMPDIR, /tmp, /var/tmp)"
+                                                    in done.stderr), done.stderr[-2000:]

@@ -862,3 +862,20 @@ def test_the_lmmc_command_ignores_sigterm_once_its_command_has_ended():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == f"SIGTERM at exit: {int(signal.SIG_IGN)}"
+
+
+def test_a_crash_log_that_no_folder_takes_is_printed(monkeypatch, capsys):
+    """The crash handler failed as the crash had (no temporary folder): a second traceback, exit 1."""
+    import tempfile
+
+    from lmmc import cli
+
+    def nowhere():
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", nowhere)
+    try:
+        raise ValueError("the first crash")
+    except ValueError:
+        assert cli._crash_log() is None
+    assert "ValueError: the first crash" in capsys.readouterr().err

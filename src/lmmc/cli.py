@@ -123,8 +123,10 @@ class _Group(click.Group):
                            f"memory is free", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             log = _crash_log()
+            where = f"the traceback is in {log}; please report it with that file" if log else \
+                "the traceback is above (no temporary folder took a log); please report it"
             click.echo(f"internal error: {type(err).__name__}: {_first_line(err)}. This is a bug in lmmc, not in "
-                       f"your input; the traceback is in {log}; please report it with that file", err=True)
+                       f"your input; {where}", err=True)
             sys.exit(EXIT_INTERNAL)
 
 
@@ -136,14 +138,20 @@ def _stdout_is_null() -> bool:
 
 
 def _check_environment() -> None:
-    """What every command needs of its process: a current directory (torch fails to import without one) and
-    UTF-8 text I/O (recipes, data, paths and the quantisers' progress output are UTF-8; under a Latin-1 or ASCII
-    locale they crashed midway or read names as mojibake)."""
+    """What every command needs of its process: a current directory (torch fails to import without one), a
+    writable temporary folder (torch, the exporters and lmmc's own scratch files: without one, two tracebacks
+    ended in the missed gate's exit code) and UTF-8 text I/O (recipes, data, paths and the quantisers' progress
+    output are UTF-8; under a Latin-1 or ASCII locale they crashed midway or read names as mojibake)."""
     try:
         os.getcwd()
     except FileNotFoundError:
         raise LmmcError("the current directory no longer exists (it was removed after this shell entered it); cd to "
                         "an existing directory and run the command again") from None
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        raise LmmcError("no writable temporary folder (TMPDIR, /tmp, /var/tmp): lmmc and the libraries it runs write "
+                        "their scratch files there; set TMPDIR to a writable folder") from None
     import locale
 
     encodings = {sys.getfilesystemencoding(), locale.getpreferredencoding(False)}
@@ -174,13 +182,18 @@ def _peer_gone(err: Exception) -> bool:
                                                                           "Connection reset by peer"))
 
 
-def _crash_log() -> Path:
-    """Write the current traceback to a log file in the system temp directory (never into --out)."""
-    path = Path(tempfile.gettempdir()) / f"lmmc-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    # an argument may hold bytes that are not UTF-8 (a path's name): written escaped, not a second crash
-    path.write_text(f"lmmc {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8",
-                    errors="backslashreplace")
-    return path
+def _crash_log() -> Path | None:
+    """Write the current traceback to a log file in the system temp directory (never into --out); where no
+    temporary folder takes it, print it instead and return None."""
+    text = f"lmmc {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    try:
+        path = Path(tempfile.gettempdir()) / f"lmmc-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        # an argument may hold bytes that are not UTF-8 (a path's name): written escaped, not a second crash
+        path.write_text(text, encoding="utf-8", errors="backslashreplace")
+        return path
+    except OSError:
+        click.echo(text, err=True)
+        return None
 
 
 _NOT_UTF8 = ("which is not UTF-8 text, and lmmc writes its paths into UTF-8 files (ONNX, report, manifest); rename "

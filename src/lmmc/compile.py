@@ -201,6 +201,10 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
     return found
 
 
+# The longest file name most file systems take, in bytes (ext4, xfs, btrfs, tmpfs).
+NAME_MAX = 255
+
+
 def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None = None,
                  force: bool = False) -> Path:
     """Refuse, touching nothing, an --out that would destroy what lmmc did not write; return it resolved.
@@ -209,6 +213,15 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
     the data), may not be or contain the current directory, and --force replaces only an earlier lmmc
     output. The location must be writable now, before minutes of work."""
     out = Path(os.path.expanduser(out))
+    name = len(os.fsencode(out.name))
+    if name > NAME_MAX - len(".lmmc-work") - 1:  # the work area beside it is .NAME.lmmc-work
+        raise LmmcError(f"--out's name is {name} bytes long, and lmmc keeps its work beside it in "
+                        f"'.<name>.lmmc-work', which must fit the file system's {NAME_MAX}-byte names; give --out a "
+                        f"name of at most {NAME_MAX - len('.lmmc-work') - 1} bytes")
+    try:
+        out.resolve(strict=False).exists()
+    except OSError as err:
+        raise LmmcError(f"--out '{out}' cannot be used: {err.strerror}; give a shorter path") from None
     if out.is_symlink():
         raise LmmcError(f"--out '{out}' is a symbolic link (to {os.readlink(out)}); give the real directory, "
                         f"lmmc does not replace links or what they point to")
