@@ -886,3 +886,36 @@ def test_a_link_planted_under_the_jsons_temporary_name_is_not_written_through(tm
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file of the user's, group write and all
+
+
+def test_a_hub_teacher_that_now_resolves_to_another_revision_is_refused(tmp_path):
+    """A later download moved the hub id to other weights: bench reported the student's cosine to a teacher
+    the compile never read (-0.06) without a word. The compile records the snapshot's revision."""
+    import subprocess
+
+    from conftest import save_tiny
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    save_tiny("clip", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    recipe = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+              "passes": [{"magnitude": {"sparsity": 0.3}}], "export": ["onnx"],
+              "validate": {"latency": False, "threads": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def lmmc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", *args],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    done = lmmc("compile", "org/tiny", "-r", "r.yaml", "-o", "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["inputs"]["model"]["revision"] == "abc123"
+    shutil.copytree(repo / "snapshots" / "abc123", repo / "snapshots" / "def456")
+    (repo / "refs" / "main").write_text("def456")
+    refused = lmmc("bench", "out", "--quick", "--corpus", str(CORPUS))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert ("the hub model 'org/tiny' now resolves to revision def456, and out was compiled from revision abc123; "
+            "pass --teacher with a copy of that one") in " ".join(refused.stderr.split())

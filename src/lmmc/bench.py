@@ -662,7 +662,7 @@ def compiled_teacher(report: dict[str, Any]) -> str:
 def check_unchanged(report: dict[str, Any], teacher_ref: str, calib_cfg, out_dir: Path) -> None:
     """The teacher and the calibration data bench reads are the files the compile read: another model
     would give other fidelity figures, other data another held-out split."""
-    from lmmc.modelio import local_dir
+    from lmmc.modelio import hub_revision, local_dir
     from lmmc.resume import hash_data, hash_files
 
     model_dir, model_sha = local_dir(teacher_ref), _recorded(report, "model", "sha256")
@@ -670,6 +670,11 @@ def check_unchanged(report: dict[str, Any], teacher_ref: str, calib_cfg, out_dir
         raise LmmcError(f"the teacher '{teacher_ref}' is not the model {out_dir} was compiled from: its files differ "
                         f"from those the compile read ({_recorded(report, 'model', 'path') or report['model']}); "
                         f"pass --teacher with that model")
+    revision = _recorded(report, "model", "revision")
+    if model_dir is None and isinstance(revision, str) and hub_revision(teacher_ref) not in (None, revision):
+        raise LmmcError(f"the hub model '{teacher_ref}' now resolves to revision {hub_revision(teacher_ref)}, and "
+                        f"{out_dir} was compiled from revision {revision}; pass --teacher with a copy of that one "
+                        f"(hf download {teacher_ref} --revision {revision} --local-dir DIR)")
     data_sha = _recorded(report, "data", "calibration", "sha256")
     if calib_cfg.path and isinstance(data_sha, str) and hash_data(Path(calib_cfg.path)) != data_sha:
         raise LmmcError(f"the calibration data '{calib_cfg.path}' is not the data {out_dir} was compiled with (its "

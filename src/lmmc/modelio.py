@@ -341,6 +341,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "sentencepiece.bpe.model")
 
 
+def hub_revision(ref: str) -> str | None:
+    """The commit of the hub snapshot `ref` resolves to now (the cache's, offline), or None."""
+    try:
+        hit = transformers.utils.cached_file(ref, "config.json", _raise_exceptions_for_missing_entries=False,
+                                             _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):  # not a repository id
+        return None
+    return Path(hit).parent.name if hit else None
+
+
 def hub_cache(ref: str) -> Path | None:
     """The folder of a hub model's cached snapshots (models--org--name), where it has one."""
     try:

@@ -115,10 +115,13 @@ def hash_data(path: Path) -> str:
 def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
     """What a resumed compile must find unchanged: the model's files, the recipe, and every data file
     the recipe reads (calibration data and distillation corpora, with the images a .jsonl names)."""
+    from lmmc.modelio import hub_revision
+
     model_path = Path(os.path.expanduser(model_ref))
-    # A hub id without a local copy is known by its name only.
+    # A hub id without a local copy is known by its name and the snapshot it resolved to.
     model = {"ref": model_ref, "path": str(model_path.resolve()) if model_path.exists() else None,
-             "sha256": hash_files(model_path) if model_path.exists() else None}
+             "sha256": hash_files(model_path) if model_path.exists() else None,
+             "revision": None if model_path.exists() else hub_revision(model_ref)}
     data = {}
     if recipe.calibration.path:
         data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_data(Path(recipe.calibration.path))}
