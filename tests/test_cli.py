@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -814,6 +815,14 @@ def test_a_file_too_large_for_its_disk_is_the_users_to_fix_not_a_bug(tmp_path, m
             f"large, or raise the file-size limit ('ulimit -f'), then run the command again"
             ) in " ".join(result.output.split())
     assert "internal error" not in result.output
+
+    def full(*args, **kwargs):  # a native library's write (bench's teacher export in TMPDIR) names no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(lmmc.bench, "bench", full)
+    result = CliRunner().invoke(main, ["bench", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert (f"error: writing a file (no name given: likely in the temporary folder {tempfile.gettempdir()}, which "
+            f"TMPDIR moves) failed (No space left on device); free some space") in " ".join(result.output.split())
 
 
 def _stuck_in_c() -> None:

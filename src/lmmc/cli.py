@@ -113,8 +113,10 @@ class _Group(click.Group):
                 _close_progress_bars()  # a write into a temporary folder, or one a command does not plan for
                 fix = ("free some space" if err.errno != errno.EFBIG else
                        "use a disk that takes files this large, or raise the file-size limit ('ulimit -f')")
-                click.echo(f"error: writing '{err.filename or '?'}' failed ({err.strerror}); {fix}, then run the "
-                           f"command again", err=True)
+                # a native library's write names no file: the temporary folder is the likely one
+                what = f"'{err.filename}'" if err.filename else \
+                    f"a file (no name given: likely in the temporary folder {tempfile.gettempdir()}, which TMPDIR moves)"
+                click.echo(f"error: writing {what} failed ({err.strerror}); {fix}, then run the command again", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             if _out_of_memory(err):
                 _close_progress_bars()
