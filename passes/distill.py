@@ -200,7 +200,8 @@ class DistillConfig(PassConfig):
         if adapter.kind != "generative":
             if self.given("temperature"):
                 raise LmmcError(f"distill: temperature softens a generative model's token-level KL, and this "
-                                f"{adapter.family} model is an encoder, distilled on its embeddings; remove temperature")
+                                f"{adapter.family} model is an encoder, distilled on its embeddings; remove "
+                                f"temperature")
             both = len(distilled) == 2
             unused = [k for k in ("contrastive", "contrastive_loss") if self.given(k)] if not both else []
             if unused:

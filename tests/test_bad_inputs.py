@@ -642,7 +642,8 @@ def _(tmp):
     save_tiny("vit", tmp / "vit")
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pics"}})
     return (["./vit", "-r", recipe, "-o", "out", "--dry-run"],
-            ["holds 3 picture(s) in a format lmmc does not read (.heic)", "phone-0.HEIC", "convert them to PNG or JPEG"])
+            ["holds 3 picture(s) in a format lmmc does not read (.heic)", "phone-0.HEIC",
+             "convert them to PNG or JPEG"])
 
 
 @case("distillation without a corpus or calibration data, dry run")
@@ -683,7 +684,8 @@ def _(tmp):
 
 @case("a dual encoder's distillation setting for one tower")
 def _(tmp):
-    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4, "contrastive_loss": "mse"}}]})
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 4,
+                                                                  "contrastive_loss": "mse"}}]})
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["contrastive_loss set the similarity-matrix term",
                                                                  "remove contrastive_loss"]
 
@@ -691,7 +693,8 @@ def _(tmp):
 @case("a caption template for random calibration")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {**RANDOM["calibration"], "caption_template": "a {label}"}})
-    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["random inputs have neither", "remove caption_template"]
+    return ([bert(tmp), "-r", recipe, "-o", "out", "--dry-run"],
+            ["random inputs have neither", "remove caption_template"])
 
 
 @case("weights named under a prefix transformers does not strip, dry run")

@@ -807,10 +807,12 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
 
     (tmp_path / "d.txt").write_text("The first line\nthe second line\n")
     (tmp_path / "e.txt").write_text("A third line\n")
-    passes = [{"distill": {"corpus": str(tmp_path / "d.txt")}}, {"antgmm": {"distill": {"corpus": str(tmp_path / "e.txt")}}},
+    passes = [{"distill": {"corpus": str(tmp_path / "d.txt")}},
+              {"antgmm": {"distill": {"corpus": str(tmp_path / "e.txt")}}},
               {"distill": {"corpus": str(tmp_path / "gone.txt")}}]
     notes: list[str] = []
-    seen = trained_on({"recipe": {"passes": passes}}, SimpleNamespace(calibrated=frozenset({"text:x"})), {"text"}, notes)
+    data = SimpleNamespace(calibrated=frozenset({"text:x"}))
+    seen = trained_on({"recipe": {"passes": passes}}, data, {"text"}, notes)
     assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line"])}
     assert notes == [f"the distillation corpus {tmp_path / 'gone.txt'} is not there any more: --corpus samples it "
                      f"held are not told apart from unseen ones"]
@@ -907,8 +909,8 @@ def test_a_hub_teacher_that_now_resolves_to_another_revision_is_refused(tmp_path
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def lmmc(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", *args],
-                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        command = [sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
     done = lmmc("compile", "org/tiny", "-r", "r.yaml", "-o", "out")
     assert done.returncode == 0, done.stderr[-3000:]

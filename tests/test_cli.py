@@ -667,7 +667,8 @@ def test_lmmc_passes_documents_every_key_a_recipe_takes():
         undescribed = [k for k, rest in {**sections[name], **nested[name]}.items() if "  " not in rest]
         assert undescribed == [], (name, undescribed)
     # bounds a value must keep, after the description
-    assert sections["onnx"]["opset"].startswith("20  ONNX opset") and sections["onnx"]["opset"].endswith("(>= 18, <= 23)")
+    opset = sections["onnx"]["opset"]
+    assert opset.startswith("20  ONNX opset") and opset.endswith("(>= 18, <= 23)")
     assert sections["ort"]["repeats"].endswith("medians compared (> 2)")
     assert nested["openvino"]["int8.mixed.max_rounds"].startswith("3  ")
     assert nested["ort"]["int8.static.mixed.search_batches"].startswith("4  ")

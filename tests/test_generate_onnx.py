@@ -278,7 +278,8 @@ def test_compile_output_generates_what_the_saved_student_generates(compiled_llav
     # three grey pictures in a list stacked into one of three channels, and got an answer
     grey = [im.convert("L") for im in images(3)]
     for many in (grey, tuple(grey)):
-        with pytest.raises(LmmcError, match=f"answers about one image .*; got a {type(many).__name__} of 3: call it once"):
+        kind = type(many).__name__
+        with pytest.raises(LmmcError, match=f"answers about one image .*; got a {kind} of 3: call it once"):
             gen.generate(many, "a house")
     with pytest.raises(LmmcError, match="holds a generative model's export, .* open it with lmmc.runtime.open_generative"):
         lmmc.runtime.open_dir(out)

@@ -304,8 +304,8 @@ def test_the_cut_of_every_settings_file_sentence_transformers_reads_is_deployed(
 
 def test_settings_lmmc_does_not_apply_are_named_in_a_warning(tmp_path):
     path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"},
-                  bert_config={"max_seq_length": 32, "tokenizer_args": {"trust_remote_code": True, "model_max_length": 8},
-                               "model_args": {"torch_dtype": "float32"}})
+                  bert_config={"max_seq_length": 32, "model_args": {"torch_dtype": "float32"},
+                               "tokenizer_args": {"trust_remote_code": True, "model_max_length": 8}})
     assert read_modules(str(path)).warnings == ()
     (path / "sentence_bert_config.json").write_text(json.dumps(
         {"tokenizer_args": {"add_prefix_space": True}, "config_args": {"hidden_dropout_prob": 0.2}}))

@@ -114,9 +114,10 @@ class _Group(click.Group):
                 fix = ("free some space" if err.errno != errno.EFBIG else
                        "use a disk that takes files this large, or raise the file-size limit ('ulimit -f')")
                 # a native library's write names no file: the temporary folder is the likely one
-                what = f"'{err.filename}'" if err.filename else \
-                    f"a file (no name given: likely in the temporary folder {tempfile.gettempdir()}, which TMPDIR moves)"
-                click.echo(f"error: writing {what} failed ({err.strerror}); {fix}, then run the command again", err=True)
+                what = f"'{err.filename}'" if err.filename else (f"a file (no name given: likely in the temporary "
+                                                                 f"folder {tempfile.gettempdir()}, which TMPDIR moves)")
+                click.echo(f"error: writing {what} failed ({err.strerror}); {fix}, then run the command again",
+                           err=True)
                 sys.exit(EXIT_BAD_INPUT)
             if _out_of_memory(err):
                 _close_progress_bars()
