@@ -196,6 +196,9 @@ def test_an_image_reads_the_same_as_a_file_or_a_picture_upright_and_over_white(c
     with Image.open(tmp_path / "photo.jpg") as opened:  # the PIL image of the file, tag and all
         assert np.abs(got[0] - deployed.encode([opened])[0]).max() <= 1e-6
         as_stored = Image.fromarray(np.asarray(opened))  # the same pixels without the tag
+        by_hand = opened.transpose(Image.Transpose.ROTATE_90)  # turned upright by the user; PIL keeps the tag
+        assert by_hand.getexif().get(0x0112) == 8
+        assert np.abs(got[0] - deployed.encode([by_hand])[0]).max() <= 1e-6
     assert np.abs(got[0] - deployed.encode([as_stored])[0]).max() > 1e-3
     with pytest.raises(LmmcError, match="an image has mode I;16 .* not a picture; convert it to 8-bit RGB"):
         deployed.encode([Image.fromarray(np.zeros((40, 40), np.uint16))])

@@ -39,9 +39,11 @@ def open_image(path: str | Path, fix: str = "remove it or replace it with a PNG/
 
 def to_rgb(image: Any, name: str = "an image"):
     """A PIL image as RGB, transparent pixels over white as CLIP-style processors do it (a plain convert
-    would turn them black, and ViT-style processors reject anything but three channels); an array as the RGB
-    PIL image of the same pixels (`rgb_array`). A PIL image with an orientation tag is turned
-    upright, as open_image turns its file, so a file and the image opened from it read alike."""
+    would show whatever colour the file stores under them, and ViT-style processors reject anything but three
+    channels); an array as the RGB PIL image of the same pixels (`rgb_array`). An image as `Image.open`
+    returned it is turned upright by its orientation tag, as open_image turns its file, so a file and the image
+    opened from it read alike; any other image is taken as it is, since PIL copies the tag onto the images
+    derived from it, one the user already rotated included."""
     from PIL import Image, ImageOps
 
     if not isinstance(image, Image.Image):
@@ -53,7 +55,7 @@ def to_rgb(image: Any, name: str = "an image"):
         raise LmmcError(f"cannot read {name}: {why}; pass an open, whole image, or its file's path") from None
     if 0 in image.size:
         raise LmmcError(f"{name} is {image.size[0]} x {image.size[1]} pixels: a picture without pixels")
-    if image.getexif().get(ORIENTATION, 1) != 1:
+    if image.format is not None and image.getexif().get(ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
