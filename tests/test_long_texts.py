@@ -3,6 +3,7 @@ tokenizer's own truncation gives: tokenizing a line of megabytes whole took seco
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -58,6 +59,22 @@ def test_a_long_text_gives_the_tokens_the_tokenizer_gives_it_whole_from_a_short_
             assert rec.longest == len(clipped)
             assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == whole, (name, kind)
             assert _unseen(rec, [text, text[:-5]], [], length) == [0]  # the same first tokens: one kept
+
+
+def test_cutting_a_text_raises_no_warning_of_indexing_errors(tmp_path):
+    """The prefix a text is cut to is past a 24-token tokenizer's limit by design: transformers' warning that
+    running it "will result in indexing errors" would describe a feed that never happens."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        tok = transformers.BertTokenizerFast(vocab_file=str(tiny_vocab(tmp_path / "vocab.txt")), model_max_length=24)
+        clipped = clip_text(tok, long_texts()["words"], 24)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert len(tok(clipped, add_special_tokens=False, verbose=False)["input_ids"]) > 24
+    assert not [r for r in records if "indexing errors" in r.getMessage()]
 
 
 def test_texts_under_the_budget_and_left_truncation_are_tokenized_whole(tmp_path):

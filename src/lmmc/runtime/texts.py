@@ -22,7 +22,8 @@ def clip_text(tokenizer: Any, text: str, max_length: int | None) -> str:
     while len(text) > budget:
         spaces = [m.start() for m in _SPACE.finditer(text, budget // 2, budget)]
         prefix = text[:spaces[-1]] if spaces else text[:budget]
-        if len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) > max_length:
+        # verbose off: a prefix past the tokenizer's model_max_length is expected here, never fed to a model
+        if len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]) > max_length:
             return prefix
         budget *= 4
     return text
