@@ -525,7 +525,9 @@ def test_static_shape_pads_any_batch_up_to_the_compiled_shape(compiled):
         TEXTS, padding=True, truncation=True, max_length=12, return_tensors="np")
     cut = load(compiled / "openvino" / "text.xml", threads=1).run(
         {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})["pooled_embedding"]
-    short = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
+    with pytest.warns(UserWarning, match="static_shape's 12 tokens are fewer than the 64 .* validated at: encode\\(\\) "
+                                         "cuts every text to 12 tokens"):
+        short = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
     assert np.abs(short - cut).max() <= 1e-5 and np.abs(short - texts).max() > 1e-3
 
 
@@ -546,8 +548,9 @@ def test_a_static_shape_for_texts_read_at_a_fixed_length_takes_that_length(compi
     # loaded alone, the IR still knows its texts come at that length: a shorter feed would be padded and pooled
     # at another position, so it is refused
     short = {"input_ids": np.full((2, 10), 7, np.int64), "attention_mask": np.ones((2, 10), np.int64)}
-    with pytest.raises(LmmcError, match="text.xml reads texts padded to 24 tokens .* the feed has 10: pad it to 24"):
-        load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 24)).run(short)
+    for artifact, shape in (("openvino/text.xml", (2, 24)), ("openvino/text.xml", None), ("onnx/text.onnx", None)):
+        with pytest.raises(LmmcError, match="text.(xml|onnx) reads texts padded to 24 tokens .* the feed has 10: pad it"):
+            load(fixed / artifact, threads=1, static_shape=shape).run(short)
     whole = {k: np.pad(v, [(0, 0), (0, 14)]) for k, v in short.items()}
     static_ir = load(fixed / "openvino" / "text.xml", threads=1, static_shape=(2, 24))
     assert static_ir.run(whole)["pooled_embedding"].shape[0] == 2
@@ -580,6 +583,22 @@ def test_static_shape_bad_input_is_one_clear_error(compiled):
         load(compiled / "onnx" / "text.onnx", static_shape=(2, 12))
 
 
+def test_torch_tensors_feed_as_their_values(compiled):
+    """A tensor that requires grad, or holds bf16, has no numpy view: its values are fed, as an array's are."""
+    text, vision = (load(compiled / "onnx" / f"{t}.onnx", threads=1) for t in ("text", "vision"))
+    pixels = torch.rand(2, 3, 32, 32)
+    ref = vision.run({"pixel_values": pixels.numpy()})["pooled_embedding"]
+    got = vision.run({"pixel_values": pixels.clone().requires_grad_()})["pooled_embedding"]
+    assert np.abs(got - ref).max() == 0
+    ids = torch.tensor([[1, 5, 7, 2]])
+    ref = text.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["pooled_embedding"]
+    got = text.run({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bfloat16)})["pooled_embedding"]
+    assert np.abs(got - ref).max() == 0
+    deployed = open_dir(compiled, threads=1)
+    picture = torch.randint(0, 255, (3, 40, 40)).float()
+    assert np.abs(deployed.encode([picture.requires_grad_()]) - deployed.encode([picture.detach().numpy()])).max() == 0
+
+
 def test_open_dir_names_what_is_missing(compiled, tmp_path):
     with pytest.raises(LmmcError, match="has no onnxruntime int8 fused artifact for the text tower"):
         open_dir(compiled, precision="int8", variant="fused")
@@ -589,6 +608,11 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         load(compiled / "onnx" / "text.onnx", backend="openvino")
     with pytest.raises(LmmcError, match="has no manifest.json"):
         open_dir(tmp_path)
+    with pytest.raises(LmmcError, match="text.onnx' is a file; open one artifact with load\\(\\), or pass its compile"):
+        open_dir(compiled / "onnx" / "text.onnx")
+    with pytest.raises(LmmcError, match="manifest.json' is a compile manifest; .* open a compile's whole output with open_dir"):
+        load(compiled / "manifest.json")
+    assert open_dir(compiled / "manifest.json", threads=1).out_dir == compiled.resolve()
     with pytest.raises(LmmcError, match="open_dir takes the path of a compile's output directory, not NoneType"):
         open_dir(None)
     # None matched no artifact, and the message then listed several

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.runtime.images import IMAGE_SUFFIXES, READ_FIX, open_image, to_rgb
+from lmmc.runtime.images import IMAGE_SUFFIXES, READ_FIX, as_numpy, open_image, to_rgb
 from lmmc.runtime.texts import clip_texts
 
 # The most intra-op threads a setting may ask for: far above any CPU's cores, far below what overflows
@@ -52,6 +52,7 @@ class Model:
     outputs: list[TensorSpec]
     device: str = "cpu"  # where it runs: cpu, cuda or cuda:N
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers the session uses; other backends: none
+    pad_to: int | None = None  # a text model read at one length (SigLIP pools its last position): the only one fed
 
     @property
     def input_names(self) -> list[str]:
@@ -114,9 +115,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}, or None for the one the "
                         f"file's suffix implies")
     path = Path(path)
-    if path.is_dir():
-        raise LmmcError(f"'{path}' is a directory; pass the path of an exported .onnx, .xml or .engine file, or open "
-                        f"a compile's whole output with open_dir")
+    if path.is_dir() or path.name == MANIFEST:
+        raise LmmcError(f"'{path}' is {'a directory' if path.is_dir() else 'a compile manifest'}; pass the path of an "
+                        f"exported .onnx, .xml or .engine file, or open a compile's whole output with open_dir")
     if not path.is_file():
         raise LmmcError(f"artifact '{path}' does not exist; pass the path of an exported .onnx or .xml file")
     if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
@@ -131,7 +132,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"static_shape is for OpenVINO IRs; {path.name} runs on {backend}")
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
-        return OrtModel(path, threads, "cpu" if device is None else device, tensorrt)  # 0 or "" is no CPU
+        model = OrtModel(path, threads, "cpu" if device is None else device, tensorrt)  # 0 or "" is no CPU
+        model.pad_to = _text_pad_to(path)
+        return model
     if tensorrt is not None:
         raise LmmcError(f"tensorrt options are for ONNX Runtime's TensorRT provider; {path.name} runs on {backend}")
     if backend == "openvino":
@@ -185,7 +188,7 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
     out = {}
     for spec in model.inputs:
         try:
-            x = np.asarray(feed[spec.name])
+            x = as_numpy(feed[spec.name])
         except (ValueError, TypeError) as err:  # ragged nested lists
             raise LmmcError(f"'{spec.name}' is not an array ({err}); feed a rectangular array") from None
         if x.dtype.kind not in "biuf":
@@ -194,6 +197,10 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
         if exact and (x.ndim != len(spec.shape) or any(d is not None and d != n for d, n in zip(spec.shape, x.shape))):
             wanted = [d if d is not None else "any" for d in spec.shape]
             raise LmmcError(f"{model.path.name} takes '{spec.name}' of shape {wanted}, and the feed has {list(x.shape)}")
+        if spec.name == "input_ids" and model.pad_to and x.ndim == 2 and x.shape[1] != model.pad_to:
+            raise LmmcError(f"{model.path.name} reads texts padded to {model.pad_to} tokens with the pad id (its "
+                            f"pooling reads a fixed position), and the feed has {x.shape[1]}: pad it to "
+                            f"{model.pad_to} as encode() does")
         if spec.name in ("input_ids", "pixel_values") and x.size == 0:
             raise LmmcError(f"'{spec.name}' of shape {list(x.shape)} is empty; feed at least one token or image")
         if x.dtype.kind == "b" and spec.name != "attention_mask":  # a mask passed as ids would run as ids 0 and 1
@@ -538,6 +545,11 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if backend not in BACKENDS:  # None included: the manifest lists one artifact per backend, none "by default"
         raise LmmcError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     out_dir = Path(out_dir).resolve()
+    if out_dir.name == MANIFEST and out_dir.is_file():
+        out_dir = out_dir.parent
+    elif out_dir.is_file():
+        raise LmmcError(f"'{out_dir}' is a file; open one artifact with load(), or pass its compile's output "
+                        f"directory to open_dir")
     fingerprint = output_fingerprint(out_dir)
     manifest = read_manifest(out_dir)
     if "generative" in manifest:
@@ -549,6 +561,12 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
     _check_static_pad(out_dir.name, static_shape, pad_to)
+    validated = min(filter(None, (((manifest.get("preprocessing") or {}).get("text") or {}).get("max_length"),
+                                  pad_to)), default=None)
+    if static_shape is not None and len(static_shape) == 2 and validated and static_shape[1] < validated:
+        warnings.warn(f"static_shape's {static_shape[1]} tokens are fewer than the {validated} {out_dir.name}'s "
+                      f"artifacts were validated at: encode() cuts every text to {static_shape[1]} tokens",
+                      stacklevel=2)
     if variant is not None and not isinstance(variant, str):
         raise LmmcError(f"variant must name one, such as 'fused', 'dynamic' or 'static', or be None; not {variant!r}")
     if not isinstance(precision, str):  # None would read as "any" in the message below, and match nothing

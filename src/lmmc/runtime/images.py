@@ -76,7 +76,7 @@ def rgb_array(image: Any, name: str = "an image"):
     import numpy as np
     from PIL import Image
 
-    x = np.asarray(image)
+    x = as_numpy(image)
     if x.dtype.kind not in "uif":
         raise LmmcError(f"{name} is an array of {x.dtype}; give pixels as numbers 0-255")
     if x.ndim == 3 and x.shape[0] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
@@ -103,3 +103,15 @@ def rgb_array(image: Any, name: str = "an image"):
     # or 4 pixels high for channels first.
     x = np.rint(x).astype(np.uint8)
     return to_rgb(Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x), name)
+
+
+def as_numpy(value: Any):
+    """An array of `value`; a torch tensor is detached and moved to the CPU first (one that requires grad, or
+    lives on a GPU, has no numpy view), and bf16, which numpy lacks, widened to fp32."""
+    import numpy as np
+
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+    return np.asarray(value)

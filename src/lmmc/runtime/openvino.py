@@ -240,10 +240,6 @@ class OpenVinoModel(Model):
                                     f"'{spec.name}', and the feed has {x.shape[axis]}; load it with a larger "
                                     f"static_shape, or without one")
                 length = x.shape[axis]
-        if length is not None and length < static.seq and self.pad_to:
-            raise LmmcError(f"{self.path.name} reads texts padded to {self.pad_to} tokens with the pad id (its pooling "
-                            f"reads a fixed position), and the feed has {length}: pad it to {self.pad_to} as "
-                            f"encode does")
         if length is not None and length < static.seq and not static.masked:
             raise LmmcError(f"{self.path.name} has no attention mask, so padding its sequence would change its "
                             f"outputs; feed exactly {static.seq} tokens, or load it without static_shape")
