@@ -182,6 +182,8 @@ def cast_feed(model: Model, feed: dict[str, np.ndarray], exact: bool = True) -> 
         raise LmmcError(f"{model.path.name} reads every token as segment 0, and the feed's token_type_ids mark a "
                         f"second segment (a sentence pair): lmmc's exports embed one text at a time, so pairs "
                         f"are not supported; encode each text alone")
+    if "token_type_ids" in unknown:  # all segment 0, as the model reads every token: a tokenizer's output as it is
+        unknown.remove("token_type_ids")
     if unknown:  # ONNX Runtime refuses them too; a value the model never reads must not pass as one it does
         raise LmmcError(f"{model.path.name} takes no input(s) {unknown}; its inputs are "
                         f"{[s.name for s in model.inputs]}: leave the others out of the feed")
