@@ -204,9 +204,12 @@ def _temporary_files_kept_in_the_run(tmp_path_factory):
 def _sigterm_as_it_was():
     """An interrupted in-process compile leaves SIGTERM ignored, as its process is about to exit; the test
     process is not, and must stay stoppable."""
+    from lmmc import process_state
+
     before = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, before)
+    process_state.INTERRUPTS.clear()  # an interrupt a test sent by hand, for the next test's direct compile
 
 
 @pytest.fixture(params=TINY_KINDS)

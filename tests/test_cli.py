@@ -843,9 +843,9 @@ def test_a_child_forked_while_sigterm_is_handled_dies_on_terminate(while_):
     Signals are held while OpenVINO converts a model, with a handler of their own."""
     import multiprocessing
 
-    from lmmc import cli
+    from lmmc import process_state
 
-    previous = signal.signal(signal.SIGTERM, cli._interrupt if while_ == "a command runs" else lambda *a: None)
+    previous = signal.signal(signal.SIGTERM, process_state.interrupt if while_ == "a command runs" else lambda *a: None)
     try:
         child = multiprocessing.get_context("fork").Process(target=_stuck_in_c, daemon=True)
         child.start()

@@ -103,7 +103,7 @@ def test_an_interrupt_during_the_frontends_conversion_stays_an_interrupt(tmp_pat
     import os
     import signal
 
-    from lmmc import cli
+    from lmmc import process_state
 
     def interrupted_conversion(*args, **kwargs):
         try:
@@ -115,7 +115,7 @@ def test_an_interrupt_during_the_frontends_conversion_stays_an_interrupt(tmp_pat
         raise RuntimeError("Check 'false' failed at src/frontends/common/src/frontend.cpp:53:")
 
     monkeypatch.setattr(ov, "convert_model", interrupted_conversion)
-    previous = signal.signal(signal.SIGTERM, cli._interrupt)
+    previous = signal.signal(signal.SIGTERM, process_state.interrupt)
     try:
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
             torch_to_openvino(tiny_model("bert"), get_adapter("bert").towers[0], tmp_path / "text.xml")

@@ -455,6 +455,35 @@ def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path, li
     assert (out / "report.json").read_bytes() == mine
 
 
+def test_an_interrupt_a_finaliser_swallowed_still_stops_the_compile(setup, tmp_path, monkeypatch):
+    """A signal whose KeyboardInterrupt is raised while the garbage collector runs a __del__ is printed as
+    "Exception ignored" and lost: the compile ran on to its end, wrote its output and exited 0."""
+    from lmmc.pipeline import load_passes
+
+    model, recipe, earlier = setup
+    step = load_passes()["magnitude"]
+    real = step.run
+
+    class Finalised:
+        def __del__(self):  # what SIGTERM's delivery runs, inside a finaliser
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    def run_then_lose_an_interrupt(self, art):
+        metrics = real(self, art)
+        Finalised()  # collected at once: its KeyboardInterrupt is ignored
+        return metrics
+    monkeypatch.setattr(step, "run", run_then_lose_an_interrupt)
+    out = tmp_path / "out"
+    result = compile_(model, recipe, out)
+    monkeypatch.undo()
+    assert result.exit_code == 130, result.output
+    assert "lmmc: 1 pass(es) finished" in result.output and not out.exists()
+    assert result.output.splitlines()[-1] == "interrupted by SIGTERM; the output directory was not written"
+    resumed = compile_(model, recipe, out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "student" / "model.safetensors").read_bytes() == (earlier / "student" / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("empty", [False, True])
 def test_a_sigterm_while_the_output_is_swapped_in_waits_until_it_is_whole(setup, tmp_path, monkeypatch, empty):
     """kill (SIGTERM) lands between moving the earlier output aside and moving the new one in: --out must

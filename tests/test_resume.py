@@ -130,7 +130,7 @@ def test_a_work_area_of_other_lmmc_code_is_not_resumed(tmp_path, teacher, monkey
     changed = inputs(tmp_path, passes=[{"antgmm": {"keep": 0.6}}, *RECIPE["passes"][1:]])
     with pytest.raises(LmmcError) as err:
         WorkArea(tmp_path / "out").claim(changed, resume=True)
-    assert "interrupted under another build of lmmc (version 0.1.0, this is 0.1.0; their code differs)" in str(err.value)
+    assert "interrupted under another build of lmmc (version 0.1.0, its code changed since)" in str(err.value)
     assert "Run without --resume" in str(err.value) and "antgmm" not in str(err.value)
     assert (dead.output / "kept").read_text() == "1"
 
@@ -444,6 +444,33 @@ def test_a_compile_stopped_inside_its_first_pass_with_checkpoints_says_to_resume
     assert f"no pass finished, and the running one kept checkpoints in '{work_path(out)}': run the same command " \
            f"with --resume" in " ".join(err.split())
     assert "without --resume" not in err
+
+
+def test_an_interrupt_a_finaliser_swallowed_stops_the_distillation_at_its_next_step(tmp_path, teacher,
+                                                                                     monkeypatch):
+    """A KeyboardInterrupt raised inside a __del__ is lost; the distillation ran on to its last step."""
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+    from lmmc.distiller import Trainer
+
+    class Finalised:
+        def __del__(self):  # what SIGTERM's delivery runs, inside a finaliser
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    real, steps = Trainer.train_step, []
+
+    def step_then_lose_an_interrupt(self):
+        steps.append(self.step)
+        if len(steps) == 3:
+            Finalised()  # collected at once: its KeyboardInterrupt is ignored
+        return real(self)
+    monkeypatch.setattr(Trainer, "train_step", step_then_lose_an_interrupt)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [RECIPE["passes"][2]]}))
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130 and len(steps) == 3, (len(steps), result.output)
+    assert result.output.splitlines()[-1] == "interrupted by SIGTERM; the output directory was not written"
 
 
 def test_a_kill_between_moving_the_earlier_output_aside_and_placing_the_new_one_loses_neither(tmp_path, teacher,

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import click
 
+from lmmc import process_state
 from lmmc.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, GateFailed, LmmcError, OutputWritten
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _default_sigterm_in_child() -> None:
@@ -55,7 +52,9 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         # kill, systemd, Kubernetes and SLURM send SIGTERM: every command stops as cleanly as on Ctrl-C.
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        process_state.INTERRUPTS.clear()
+        previous = signal.signal(signal.SIGTERM, process_state.interrupt)
+        previous_int = signal.signal(signal.SIGINT, process_state.interrupt)
         stopping = False
         try:
             return self._outcome(ctx)
@@ -67,6 +66,7 @@ class _Group(click.Group):
             # kill the process (143) before it exits 130. Ignored, not handled: Python resets its handlers to the
             # default as it finalises, but leaves an ignored signal ignored.
             signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
+            signal.signal(signal.SIGINT, previous_int)
 
     def _outcome(self, ctx):
         if not sys.stderr.isatty():  # a log: a progress frame every 30 s, where a terminal's bar redraws 10 a second

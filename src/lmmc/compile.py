@@ -983,6 +983,7 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
                 _check_finite_student(art.student, step.name)
             done = index + 1
             area.save(art, done, time.perf_counter() - started)
+            process_state.raise_lost_interrupt()  # the pass is saved: stopping here resumes after it
         report = build_report(art, recipe, the_plan, time.perf_counter() - started)
         # What lmmc bench checks it re-reads: the teacher's place and files, and the data's.
         report["inputs"] = {"model": inputs["model"], "data": inputs["data"]}
@@ -1007,6 +1008,7 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
                 raise OutputTaken(f"--out '{out}' changed while the output was copied into it; it was left as it "
                                   f"is. The finished compile is kept in '{area.path}': run the same command with "
                                   f"--resume once nothing else writes there")
+        process_state.raise_lost_interrupt()
         with process_state.interrupts_deferred() as interrupted:
             if area.writer:
                 _place(tmp, staged, out)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmmc.adapters import Adapter, BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
+from lmmc import process_state
 from lmmc.artifact import Artifact
 from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
 from lmmc.data import IGNORE_INDEX, Batch
@@ -1072,6 +1073,7 @@ class Trainer:
             bar.update()
             if self.checkpoints and self._checkpoint_due() and not self._done():
                 self.save_step()
+            process_state.raise_lost_interrupt()
         bar.close()
         final_eval = run_gathered(self.objective, self.evaluate)
         self._record(final_eval)

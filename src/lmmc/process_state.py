@@ -43,6 +43,24 @@ def kept() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+# The signals lmmc's handler turned into KeyboardInterrupt during this command. One raised while a finaliser
+# (a __del__ the garbage collector runs) executes is printed as "Exception ignored" and lost, and the command
+# would run on to its end and exit 0: the steps of a compile raise it again.
+INTERRUPTS: list[int] = []
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """lmmc's handler for SIGINT and SIGTERM while a command runs."""
+    INTERRUPTS.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def raise_lost_interrupt() -> None:
+    """Raise again an interrupt a finaliser swallowed; called between steps, where stopping is clean."""
+    if INTERRUPTS:
+        raise KeyboardInterrupt(signal.Signals(INTERRUPTS[-1]).name)
+
+
 @contextmanager
 def interrupts_deferred() -> Iterator[list[int]]:
     """Hold SIGINT and SIGTERM for the body; yields the signals that came, for the caller to act on after it:
