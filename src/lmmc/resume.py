@@ -327,9 +327,10 @@ class WorkArea:
     def _check_unchanged(self, previous: dict[str, Any], inputs: dict[str, Any]) -> None:
         changes = changed_inputs(previous, inputs)
         if changes == [CODE_CHANGED]:
+            then, now = previous.get("lmmc_version"), inputs["lmmc_version"]
+            version = f"version {then}, this is {now}" if then != now else f"version {now}, its code changed since"
             raise LmmcError(f"cannot resume the compile to '{self.out}': it was interrupted under another build of "
-                            f"lmmc (version {previous.get('lmmc_version')}, this is {inputs['lmmc_version']}; their "
-                            f"code differs), and its finished passes are that code's results. Run without --resume "
+                            f"lmmc ({version}), and its finished passes are that code's results. Run without --resume "
                             f"to start afresh (this discards the interrupted run's work in '{self.path}')")
         if changes:
             raise LmmcError(f"cannot resume the compile to '{self.out}': since it was interrupted, "
