@@ -25,11 +25,12 @@ from lmmc.adapters import TowerModule, example_inputs
 from lmmc.bench import best_pair, format_table, student_artifacts
 from lmmc.cli import main
 from lmmc.compile import FILE_LIST
+from lmmc.errors import LmmcError
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
 from lmmc.resume import hash_files
 from lmmc.runtime.openvino import cpu_has_bf16
-from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny
+from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny, spelled
 
 BF16 = cpu_has_bf16()  # every IR is also run in bf16 where the CPU has the units
 
@@ -53,6 +54,8 @@ BATCH, SEQ = 8, 64
 EXTRA = ["the man was on the road", "cold water in the house", "a picture of a number", "the text of the data",
          "python is a function", "the house on the road", "a man and a picture", "the data is cold",
          "water to the house", "a number in the text"]
+EXTRA += [f"{a} and {b}" for a, b in zip(EXTRA, EXTRA[3:] + EXTRA[:3])] + \
+         [f"{a} of {b}" for a in EXTRA[:4] for b in EXTRA[4:7]]  # 32: bench's floor of distinct samples
 
 
 def run(*args):
@@ -103,6 +106,8 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     _, model_dir, out = compiled
     output, bench = benched
     assert bench["kind"] == "lmmc bench" and bench["threads"] == 1
+    held_out = bench["corpora"]["held-out"]["text"]
+    assert f"samples: held-out {held_out} texts; extra.txt {len(EXTRA)} texts" in output.splitlines()
     assert (bench["batch"], bench["seq"]) == (BATCH, SEQ)
     tower = bench["towers"]["text"]
     assert tower["input"] == {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ]}
@@ -242,6 +247,25 @@ def test_dual_encoder_benched_per_tower(tmp_path):
     assert bench["towers"]["vision"]["input"] == {"pixel_values": [2, 3, 32, 32]}
     positions = json.loads((tmp_path / "clip" / "config.json").read_text())["text_config"]["max_position_embeddings"]
     assert bench["towers"]["text"]["input"]["input_ids"] == [2, min(128, positions)]
+
+    # Pairs of 33 pictures under one caption: each tower counts its own distinct items. Counted by pair, the
+    # one caption stood for 33 texts in the text tower's column.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "pictures").mkdir()
+    pairs = []
+    for i in range(33):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "pictures" / f"{i}.png")
+        pairs.append(json.dumps({"image": f"pictures/{i}.png", "text": "a picture of a number"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "pairs.jsonl")
+    assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["corpora"]["pairs.jsonl"] == {"image": 33}
+    assert f"note: --corpus {tmp_path / 'pairs.jsonl'}: its texts are one distinct text, so the text tower's " \
+           f"fidelity is not measured on it" in result.output
+    assert "pairs.jsonl" not in bench["towers"]["text"]["rows"][-1]["cosine_to_teacher"]
 
 
 def _no_artifacts(tmp_path, out):
@@ -523,7 +547,7 @@ def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, 
     split and encodes a --corpus the same way (uncapped, 128 tokens crash a model with 64 positions).
     Given relative to the working directory, the output's paths are written absolute to the JSON."""
     _, model_dir, out = uncapped
-    texts = [LONG, LONG + " again", *EXTRA[:4]]
+    texts = [LONG, LONG + " again", *EXTRA]
     (tmp_path / "long.txt").write_text("\n".join(texts) + "\n")
     teacher, adapter, pre = load_teacher(str(model_dir))
     assert len(pre["tokenizer"](LONG)["input_ids"]) > 64  # the cap matters
@@ -785,7 +809,7 @@ def test_a_corpus_is_judged_without_what_the_compile_calibrated_on(uncapped, tmp
     assert result.exit_code == 0, result.output
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["corpora"]["mixed.txt"] == {"text": len(EXTRA)}
-    note = f"--corpus {tmp_path / 'mixed.txt'}: 16 of its 26 distinct samples were calibrated or distilled on"
+    note = f"--corpus {tmp_path / 'mixed.txt'}: 16 of its {16 + len(EXTRA)} distinct samples were calibrated or distilled on"
     assert [n for n in bench["notes"] if n.startswith("--corpus")] == [
         note + " (their texts or images) and are left out of its fidelity"]
 
@@ -816,6 +840,16 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
     assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line"])}
     assert notes == [f"the distillation corpus {tmp_path / 'gone.txt'} is not there any more: --corpus samples it "
                      f"held are not told apart from unseen ones"]
+    # edited since the compile hashed it: which --corpus texts were distilled on can no longer be told
+    from lmmc.resume import hash_data
+
+    data_inputs = {"passes[0].distill.corpus": {"path": str(tmp_path / "d.txt"), "sha256": hash_data(tmp_path / "d.txt")}}
+    report = {"recipe": {"passes": passes[:1]}, "inputs": {"data": data_inputs}}
+    assert len(trained_on(report, data, {"text"}, [])) == 3
+    (tmp_path / "d.txt").write_text("The first line\n")
+    with pytest.raises(LmmcError, match="the distillation corpus .*d.txt changed since the compile read it, so bench "
+                                        "cannot tell which --corpus samples the student was distilled on"):
+        trained_on(report, data, {"text"}, [])
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -825,7 +859,10 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
                                "add more texts"),
     (["caf\u00e9 au lait", "Cafe\u0301  AU lait", "caf\u00e9 au\u200b lait"],
      "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),
-], ids=["empty", "one line", "one distinct line", "one text in three forms"])
+    ([f"the {spelled(i)} road" for i in range(10)],
+     "--corpus '{path}' holds 10 distinct texts this compile did not train on, and fidelity on fewer than 32 "
+     "certifies nothing (the floor of the recipe's validate.min_held_out); give at least 32"),
+], ids=["empty", "one line", "one distinct line", "one text in three forms", "ten lines"])
 def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, message):
     _, _, out = uncapped
     path = tmp_path / "corpus.txt"

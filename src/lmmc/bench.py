@@ -707,12 +707,20 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
                 [c for v in node.values() for c in corpora(v)]
         return [c for v in node for c in corpora(v)] if isinstance(node, list) else []
 
+    from lmmc.resume import hash_data
+
+    recorded = {e["path"]: e.get("sha256") for k, e in (_recorded(report, "data") or {}).items()
+                if "corpus" in k and isinstance(e, dict) and "path" in e}
     seen = set(data.calibrated)
     for corpus in dict.fromkeys(corpora(report["recipe"].get("passes"))):
         if not Path(corpus).exists():
             notes.append(f"the distillation corpus {corpus} is not there any more: --corpus samples it held are "
                          f"not told apart from unseen ones")
             continue
+        if recorded.get(corpus) and hash_data(Path(corpus)) != recorded[corpus]:
+            raise LmmcError(f"the distillation corpus {corpus} changed since the compile read it, so bench cannot "
+                            f"tell which --corpus samples the student was distilled on; restore that file, or bench "
+                            f"without --corpus")
         seen.update(k for r in read_corpus(Path(corpus), "the distillation corpus")
                     for k in part_keys(r, modalities).values())
     return frozenset(seen)
@@ -720,11 +728,13 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
 
 def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positions: int | None,
                    pad_to: int | None = None, seen: frozenset[str] = frozenset(),
-                   notes: list[str] | None = None) -> dict[str, list[dict]]:
+                   notes: list[str] | None = None, floor: int = 2) -> dict[str, list[dict]]:
     """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
     held-out split (texts cut by default at `positions`, where the model's users get them cut): modality ->
-    batches. Texts and images in `seen` (what the compile trained on) are left out, and `notes` says so."""
-    from lmmc.data import DEFAULT_MAX_LENGTH, encode_images, encode_text, part_keys, read_corpus, sample_key
+    batches of up to `n` distinct items each. Texts and images in `seen` (what the compile trained on) are
+    left out, and `notes` says so; a tower given fewer than `floor` distinct items is an error."""
+    from lmmc.data import (DEFAULT_MAX_LENGTH, encode_images, encode_text, part_keys, read_corpus, sample_key,
+                           text_length)
 
     modalities = sorted({t.modality for t in adapter.towers})
     records = read_corpus(path, "--corpus")
@@ -738,9 +748,11 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     if dropped and notes is not None:
         notes.append(f"--corpus {path}: {dropped} of its {len(unique)} distinct samples were calibrated or distilled "
                      f"on (their texts or images) and are left out of its fidelity")
-    unique = [k for k in kept if k]
-    chosen = random.Random(calib_cfg.seed).sample(unique, min(n, len(unique)))
-    items = {m: [r[m] for r in chosen if m in r] for m in modalities}
+    # Each tower's own distinct items: captions repeat across images ("a photo of a dog") and one image can
+    # carry several captions, so counted by pair one text or one picture stood for a whole column.
+    distinct = {m: list({p[m]: k[m] for k, p in zip(kept, parts) if m in k}.values()) for m in modalities}
+    gen = random.Random(calib_cfg.seed)
+    items = {m: gen.sample(found, min(n, len(found))) for m, found in distinct.items()}
     most = max(len(i) for i in items.values())
     if most == 0:
         raise LmmcError(f"--corpus '{path}' holds nothing this model's towers read ({modalities}); give text or images")
@@ -752,9 +764,21 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     out: dict[str, list[dict]] = {}
     for modality, found in items.items():
         if len(found) < 2:  # a mixed corpus: only the modalities it holds enough of
+            if found and notes is not None:
+                notes.append(f"--corpus {path}: its {modality}s are one distinct {modality}, so the {modality} "
+                             f"tower's fidelity is not measured on it")
             continue
+        if len(found) < floor:
+            raise LmmcError(f"--corpus '{path}' holds {len(found)} distinct {modality}s this compile did not train "
+                            f"on, and fidelity on fewer than {floor} certifies nothing (the floor of the recipe's "
+                            f"validate.min_held_out); give at least {floor}")
         if modality == "text":
             out[modality] = encode_text(preprocessor["tokenizer"], found, calib_cfg.batch_size, max_length, pad_to)
+            length = text_length(preprocessor["tokenizer"], max_length, pad_to)
+            cut = sum(int((b["attention_mask"].sum(1) >= length).sum()) for b in out[modality])
+            if cut and pad_to is None and notes is not None:  # padded to a fixed length, every mask may be full
+                notes.append(f"--corpus {path}: {cut} of its {len(found)} texts are cut to {length} tokens, as the "
+                             f"compile cut its held-out split")
         else:
             out[modality] = encode_images(preprocessor["image_processor"], found, calib_cfg.batch_size)
     return out
@@ -847,7 +871,8 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
         corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
                                        text_truncation(teacher.config, adapter, preprocessor),
-                                       text_pad_length(teacher.config, adapter), seen, skipped)
+                                       text_pad_length(teacher.config, adapter), seen, skipped,
+                                       validate.min_held_out)
     seq = timing_seq(cfg.seq, validate.latency_seq, positions)
     longest = max((b["input_ids"].shape[1] for c in corpora.values() for b in c.get("text", [])), default=0)
     if cfg.static and seq and longest > seq:
@@ -1011,6 +1036,8 @@ def format_table(result: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
     if result["memory"]:
         lines.append(f"peak MiB: {result['memory']}")
+    lines.append("samples: " + "; ".join(f"{c} " + ", ".join(f"{n} {m}{'s' * (n != 1)}" for m, n in counts.items())
+                                         for c, counts in result["corpora"].items()))
     for name, tower in result["towers"].items():
         corpora = list(tower["rows"][0]["cosine_to_teacher"])
         on = () if device == "cpu" else ("device",)  # PyTorch stays on the CPU where torch sees no GPU
