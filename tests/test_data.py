@@ -124,6 +124,24 @@ def test_text_with_a_byte_order_mark_reads_as_without(tmp_path):
     assert read_samples(tmp_path / "D.JSONL") == expected + [{"image": str(tmp_path / "a.png")}]
 
 
+def test_a_compressed_file_is_refused_as_compressed(tmp_path):
+    """A gzip file named .txt was refused as text not UTF-8, with advice to convert it from cp1252."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    text = b"the water is cold\nthe house on the road\n"
+    for kind, data in (("gzip", gzip.compress(text)), ("bzip2", bz2.compress(text)), ("xz", lzma.compress(text))):
+        (tmp_path / "corpus.txt").write_bytes(data)
+        with pytest.raises(LmmcError, match=f"corpus.txt' is a {kind}-compressed file, not text; decompress it first"):
+            read_samples(tmp_path / "corpus.txt")
+    with zipfile.ZipFile(tmp_path / "corpus.txt", "w") as z:
+        z.writestr("corpus.txt", text)
+    with pytest.raises(LmmcError, match="is a zip-compressed file, not text; decompress it first \\(unzip\\)"):
+        read_samples(tmp_path / "corpus.txt")
+
+
 def test_utf32_with_its_mark_reads_and_utf16_without_a_mark_is_refused(tmp_path):
     lines = ["don’t say “never” — it’s 😀", "the water is cold"]
     for name, encoding in (("le32.txt", "utf-32"), ("be32.txt", "utf-32-be")):

@@ -74,6 +74,11 @@ def _read_text(path: Path) -> str:
     """UTF-8, or UTF-16 or UTF-32 with its byte-order mark (as Windows tools save text); a UTF-8 mark is
     dropped, so it is not read as part of the first sample."""
     data = path.read_bytes()
+    for magic, kind, fix in ((b"\x1f\x8b", "gzip", "gunzip"), (b"PK\x03\x04", "zip", "unzip"),
+                             (b"BZh", "bzip2", "bunzip2"), (b"\xfd7zXZ\x00", "xz", "unxz")):
+        if data.startswith(magic):
+            raise LmmcError(f"calibration data '{path}' is a {kind}-compressed file, not text; decompress it first "
+                            f"({fix}) and give the text file")
     # UTF-32-LE's mark starts with UTF-16-LE's, so it is looked for first
     encoding = ("utf-32" if data[:4] in (b"\xff\xfe\0\0", b"\0\0\xfe\xff") else
                 "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8")
