@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
 
-from lmmc.adapters import PrunableLinear
+from lmmc.adapters import PrunableLinear, block_list
 from lmmc.allocation import Allocation, AllocationConfig, AllocationPass, Granularity, keep_budget_ratios, keep_floors
 from lmmc.artifact import Artifact
 from lmmc.data import Batch
@@ -18,6 +21,34 @@ from lmmc.pipeline import register
 from lmmc.sparsity import one_cpu_thread
 
 
+@contextmanager
+def _blocks_recorded(blocks: dict[str, nn.ModuleList]) -> Iterator[dict[str, list[Any]]]:
+    """Each block's output as the body's forwards give it, by tower and block index (the last forward's)."""
+    outputs: dict[str, list[Any]] = {name: [None] * len(mods) for name, mods in blocks.items()}
+
+    def keep(name: str, index: int):
+        return lambda module, args, output: outputs[name].__setitem__(index, output)
+    handles = [b.register_forward_hook(keep(name, i)) for name, mods in blocks.items() for i, b in enumerate(mods)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _replayed(blocks: nn.ModuleList, outputs: list[Any], upto: int) -> Iterator[None]:
+    """Blocks before `upto` hand back the outputs they gave on this batch instead of computing them again: a
+    matrix perturbed in block `upto` changes nothing before it, and the forward costs only the blocks after."""
+    for i in range(upto):
+        blocks[i].forward = lambda *args, _out=outputs[i], **kwargs: _out
+    try:
+        yield
+    finally:
+        for i in range(upto):
+            del blocks[i].forward
+
+
 @torch.no_grad()
 def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], steps: list[dict[str, Batch]],
                         epsilon: float, seed: int, device: torch.device) -> dict[str, float]:
@@ -25,10 +56,13 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
 
     Forward passes only. The perturbed weights live in one probe tensor the size of the matrix, which
     the layer reads in place of its own weights while the original tensor stays untouched; swapping it
-    back restores the weights bit for bit (adding and subtracting εz would not) and costs no copy."""
+    back restores the weights bit for bit (adding and subtracting εz would not) and costs no copy. The
+    blocks before a perturbed matrix's replay their unperturbed outputs, which halves the forwards' cost."""
     gen = torch.Generator().manual_seed(seed)
     towers = {t.name: t for t in objective.adapter.towers}
+    blocks = {name: block_list(objective.model, t)[1] for name, t in towers.items()}
     scores = {pl.param: 0.0 for pl in linears}
+    bar = tqdm(total=len(steps) * len(linears), desc="ecoflap: zeroth-order scores", unit="matrix", leave=False)
     for step in steps:
         targets = objective.targets(step, device)
         inputs = {name: objective.inputs(t, step, device) for name, t in towers.items()}
@@ -37,19 +71,28 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
             tower = objective.scored_by(pl.tower)
             return float(objective.loss(tower.name, objective.embed(tower, inputs[tower.name]), targets))
 
+        with _blocks_recorded(blocks) as outputs:
+            for tower in {objective.scored_by(pl.tower).name for pl in linears}:
+                objective.embed(towers[tower], inputs[tower])  # every block's unperturbed output on this batch
         for pl in linears:
             weight = pl.module.weight
             original = weight.data
             probe = torch.randn(original.shape, generator=gen).to(device=original.device, dtype=original.dtype)
             probe.mul_(epsilon).add_(original)  # W + εz
             weight.data = probe
+            # a bridge's linears (a projector between towers) lie in no tower's blocks: nothing to replay
+            replay = (_replayed(blocks[pl.tower], outputs[pl.tower], pl.block) if pl.tower in blocks
+                      else nullcontext())
             try:
-                up = loss(pl)
-                probe.mul_(-1.0).add_(original, alpha=2.0)  # 2W − (W + εz) = W − εz
-                down = loss(pl)
+                with replay:
+                    up = loss(pl)
+                    probe.mul_(-1.0).add_(original, alpha=2.0)  # 2W − (W + εz) = W − εz
+                    down = loss(pl)
             finally:
                 weight.data = original
             scores[pl.param] += abs(up - down) / (2 * epsilon)
+            bar.update()
+    bar.close()
     return scores
 
 

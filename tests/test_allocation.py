@@ -23,7 +23,7 @@ from lmmc.objectives import Objective, objective_batches
 from lmmc.pipeline import get_pass, run_pass
 from lmmc.recipe import CalibrationConfig, parse_recipe
 from lmmc.sparsity import sparsity_summary
-from tests.conftest import save_tiny, tiny_model
+from tests.conftest import TINY_KINDS, save_tiny, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,31 @@ def test_zeroth_order_estimate_equals_the_directional_derivative(kind):
     expected = float((grad * z).sum().abs())
     assert expected > 1e-3  # the loss has a real slope at the current weights
     assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_replaying_the_blocks_before_a_perturbed_matrix_changes_no_score(kind, monkeypatch):
+    """The blocks before a perturbed matrix hand back their unperturbed outputs instead of computing them:
+    the scores are those of whole forwards, bit for bit."""
+    from contextlib import nullcontext
+
+    from lmmc.passes import ecoflap
+
+    art = make_artifact(kind)
+    objective = Objective(art.student, art.adapter)
+    steps = objective_batches(art.calib, art.adapter, 8, 4)
+    linears = prunable_linears(art.student, art.adapter)
+    first = linears[0]  # in block 0: replayed, it no longer runs for the matrices of the blocks after it
+    calls = []
+    first.module.register_forward_hook(lambda *args: calls.append(1))
+    replayed = zeroth_order_scores(objective, linears, steps, 1e-3, seed=0, device=torch.device("cpu"))
+    monkeypatch.setattr(ecoflap, "_replayed", lambda *args: nullcontext())
+    runs = len(calls)
+    whole = zeroth_order_scores(objective, linears, steps, 1e-3, seed=0, device=torch.device("cpu"))
+    assert replayed == whole and min(whole.values()) > 0
+    later = sum(pl.tower == first.tower and pl.block > 0 for pl in linears)
+    assert runs == (len(calls) - runs) - 2 * len(steps) * later and later > 0
+    assert all("forward" not in vars(b) for b in art.student.modules())  # every block computes again
 
 
 def test_first_order_scores_equal_hand_computation():

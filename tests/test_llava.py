@@ -270,6 +270,23 @@ def test_next_token_objective_is_the_models_own_language_modelling_loss():
         assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["siglip", "idefics3"])
+def test_ecoflap_replaying_the_blocks_before_a_matrix_scores_as_whole_forwards(kind, monkeypatch):
+    """The blocks before a perturbed matrix replay their outputs, the decoder's too: the same scores."""
+    from contextlib import nullcontext
+
+    from lmmc.objectives import make_objective
+    from lmmc.passes import ecoflap
+
+    art = make_artifact(kind)
+    objective = make_objective(art.student.eval(), art.adapter)
+    steps = objective_batches(art.calib, art.adapter, 8, 4)
+    linears = prunable_linears(art.student, art.adapter)
+    replayed = ecoflap.zeroth_order_scores(objective, linears, steps, 1e-3, 0, torch.device("cpu"))
+    monkeypatch.setattr(ecoflap, "_replayed", lambda *args: nullcontext())
+    assert replayed == ecoflap.zeroth_order_scores(objective, linears, steps, 1e-3, 0, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("kind, granularity", [("siglip", "tower"), ("siglip", "layer"), ("idefics3", "tower")])
 def test_ecoflap_spreads_one_budget_over_vision_projector_and_language(kind, granularity):
     art = make_artifact(kind)
