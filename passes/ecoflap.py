@@ -57,7 +57,7 @@ def zeroth_order_scores(objective: Objective, linears: list[PrunableLinear], ste
     Forward passes only. The perturbed weights live in one probe tensor the size of the matrix, which
     the layer reads in place of its own weights while the original tensor stays untouched; swapping it
     back restores the weights bit for bit (adding and subtracting εz would not) and costs no copy. The
-    blocks before a perturbed matrix's replay their unperturbed outputs, which halves the forwards' cost."""
+    blocks before a perturbed matrix replay their unperturbed outputs, which nearly halves the forwards' cost."""
     gen = torch.Generator().manual_seed(seed)
     towers = {t.name: t for t in objective.adapter.towers}
     blocks = {name: block_list(objective.model, t)[1] for name, t in towers.items()}

@@ -21,8 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmmc.adapters import Adapter, BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
 from lmmc import process_state
+from lmmc.adapters import Adapter, BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
 from lmmc.data import IGNORE_INDEX, Batch
