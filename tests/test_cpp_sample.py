@@ -15,6 +15,7 @@ import transformers
 from click.testing import CliRunner
 
 from lmmc.cli import main
+from lmmc.errors import LmmcError
 from lmmc.runtime import load, open_dir, read_manifest
 from lmmc.runtime.openvino import cpu_has_bf16
 from tests.conftest import REPO, save_tiny, tiny_vocab
@@ -180,9 +181,9 @@ def test_a_fixed_length_model_is_fed_padded_to_its_length_with_its_pad_id(lmmc_e
     got = np.loadtxt(tmp_path / "emb.txt", ndmin=2)
     ref = open_dir(compiled_siglip, backend="openvino").encode(TEXTS)
     assert np.abs(got - ref).max() <= 1e-4
-    # Padded to the longest text with id 0 instead, the embeddings would be others.
-    shorter = load(_artifact(compiled_siglip, "text", "openvino", "fp32", "plain")).run(feed)["pooled_embedding"]
-    assert np.abs(shorter - ref).max() > 1e-3
+    # Padded to the longest text only, the pooling would read another position: refused in Python too.
+    with pytest.raises(LmmcError, match="text.xml reads texts padded to 64 tokens with the pad id .* the feed has"):
+        load(_artifact(compiled_siglip, "text", "openvino", "fp32", "plain")).run(feed)
     (tmp_path / "long.txt").write_text(" ".join(["5"] * 65) + "\n")
     done = _run(lmmc_embed, compiled_siglip, tmp_path / "long.txt", tmp_path / "emb.txt")
     assert done.returncode != 0 and "reads texts of 64 tokens" in done.stderr

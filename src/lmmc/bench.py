@@ -1036,8 +1036,9 @@ def format_table(result: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
     if result["memory"]:
         lines.append(f"peak MiB: {result['memory']}")
-    lines.append("samples: " + "; ".join(f"{c} " + ", ".join(f"{n} {m}{'s' * (n != 1)}" for m, n in counts.items())
-                                         for c, counts in result["corpora"].items()))
+    if result.get("corpora"):  # a bench JSON of an earlier lmmc has no counts
+        lines.append("samples: " + "; ".join(f"{c} " + ", ".join(f"{n} {m}{'s' * (n != 1)}" for m, n in counts.items())
+                                             for c, counts in result["corpora"].items()))
     for name, tower in result["towers"].items():
         corpora = list(tower["rows"][0]["cosine_to_teacher"])
         on = () if device == "cpu" else ("device",)  # PyTorch stays on the CPU where torch sees no GPU
