@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmmc.adapters import Adapter, TowerModule, block_linears, block_list, head_dim
 from lmmc.blockwise import block_input, block_output, input_square_sums, run_block, token_mask, visit_blocks
@@ -118,6 +119,7 @@ def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
                 lin[r].weight.grad = None
             gates[key].grad = None
 
+    bar = tqdm(desc="antgmm: Taylor importance", unit="batch", leave=False)  # a batch takes seconds at full size
     try:
         if adapter.kind == "generative":
             # Ours: a generative model's output is logits, with no embedding to contrast. Its own teacher-forced
@@ -130,6 +132,7 @@ def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
                 objective(step, device).backward()
                 used += 1
                 collect(set(towers))
+                bar.update()
         else:
             for tower in adapter.towers:
                 s_mod, t_mod = TowerModule(student, tower), TowerModule(teacher, tower)
@@ -142,7 +145,9 @@ def taylor_importance(student: nn.Module, teacher: nn.Module, adapter: Adapter, 
                     contrastive_distill_loss(s_emb, t_emb, temperature).backward()
                     used += 1
                     collect({tower.name})
+                    bar.update()
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         for p, flag in saved.items():
