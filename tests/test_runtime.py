@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -377,6 +378,51 @@ print(float(np.abs(got[0] - got[1]).max()))
     for _ in range(3):  # the failure needed two imports racing, which a fresh process gives most times
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0 and run.stdout.split() == ["0.0"], run.stdout + run.stderr
+
+
+def test_threads_opening_the_folder_at_once_on_a_fresh_process_each_get_a_deployment(compiled):
+    """A server's workers each opening the folder: all but one of them failed on transformers half-imported
+    (no attribute 'AutoTokenizer') while another thread's first read imported it."""
+    code = f"""
+import threading, numpy as np
+from lmmc.runtime import open_dir
+barrier, got = threading.Barrier(4), [None] * 4
+def go(i):
+    barrier.wait()
+    got[i] = open_dir({str(compiled)!r}, threads=1).encode({TEXTS!r})
+threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(max(float(np.abs(g - got[0]).max()) for g in got))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["0.0"], run.stdout + run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is a POSIX call")
+def test_a_process_forked_while_a_thread_tokenizes_encodes_in_the_child(compiled):
+    """The tokenizer's lock, held by a parent's thread at the fork, stayed held in the child, whose first
+    encode then waited forever. The parent's lock is held here as a tokenizing thread holds it."""
+    code = f"""
+import os, time, numpy as np
+from lmmc.runtime import open_dir
+d = open_dir({str(compiled)!r}, threads=1)
+want = d.encode(["a b c"])
+d._tokenizing.acquire()
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, repr(float(np.abs(d.encode(["a b c"]) - want).max())).encode())
+    os._exit(0)
+os.close(w)
+deadline = time.time() + 60
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.time() > deadline:
+        os.kill(pid, 9); os.waitpid(pid, 0); break
+    time.sleep(0.05)
+print(os.read(r, 100).decode() or "hung")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["0.0"], run.stdout + run.stderr
 
 
 def test_a_folder_moved_after_opening_keeps_its_tokenizer(compiled, tmp_path):

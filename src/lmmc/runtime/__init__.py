@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,24 @@ import numpy as np
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.runtime.images import IMAGE_SUFFIXES, READ_FIX, as_numpy, open_image, to_rgb
 from lmmc.runtime.texts import clip_texts
+
+# transformers imports its classes lazily, and a thread reading one while another thread's import is under
+# way finds the module half-built (no attribute 'AutoTokenizer'): one thread at a time reads a preprocessor.
+_READING = threading.Lock()
+# Deployments whose locks a forked child renews: a lock that a parent's thread held at the fork stays held
+# in the child, where no thread will ever release it.
+_DEPLOYMENTS: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
+
+
+def _renew_locks() -> None:
+    global _READING
+    _READING = threading.Lock()
+    for deployment in list(_DEPLOYMENTS):
+        deployment._tokenizing = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks)
 
 # The most intra-op threads a setting may ask for: far above any CPU's cores, far below what overflows
 # the runtimes' C integers.
@@ -273,33 +292,40 @@ class Deployment:
         # A fast tokenizer applies each call's truncation by changing its own state, so threads that share one
         # took each other's settings: texts came back uncut, with no error or failing on the position table.
         self._tokenizing = threading.Lock()
+        _DEPLOYMENTS.add(self)
 
     def _preprocessor(self, modality: str):
         if modality not in self._preprocessors:
-            try:
-                import transformers
-            except ImportError as err:
-                raise missing_package(err, "the saved tokenizer or image processor") from None
-
-            student = self.out_dir / "student"
-            what = "tokenizer" if modality == "text" else "image processor"
-            # transformers builds a tokenizer with an empty vocabulary from config.json alone: every word
-            # would read as one unknown token, silently
-            missing = [f for f in self.manifest["preprocessing"][modality]["files"] if not (self.out_dir / f).is_file()]
-            if missing:
-                raise LmmcError(f"{self.out_dir} lacks {missing}, the {what} files its manifest lists; copy the "
-                                f"whole output directory, or compile again")
-            if not self.trust_remote_code:
-                refuse_own_code(student, "trust_remote_code=True")
-            cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
-            try:
-                self._preprocessors[modality] = cls.from_pretrained(student, trust_remote_code=self.trust_remote_code)
-            except ImportError as err:
-                raise missing_package(err, f"the {what} in {student}") from None
-            except (OSError, ValueError) as err:
-                raise LmmcError(f"cannot read the {what} in {student}: {str(err).strip().splitlines()[0]}; copy the "
-                                f"whole output directory, or compile again") from None
+            with _READING:
+                self._read_preprocessor(modality)
         return self._preprocessors[modality]
+
+    def _read_preprocessor(self, modality: str) -> None:
+        if modality in self._preprocessors:  # another thread read it while this one waited
+            return
+        try:
+            import transformers
+        except ImportError as err:
+            raise missing_package(err, "the saved tokenizer or image processor") from None
+
+        student = self.out_dir / "student"
+        what = "tokenizer" if modality == "text" else "image processor"
+        # transformers builds a tokenizer with an empty vocabulary from config.json alone: every word
+        # would read as one unknown token, silently
+        missing = [f for f in self.manifest["preprocessing"][modality]["files"] if not (self.out_dir / f).is_file()]
+        if missing:
+            raise LmmcError(f"{self.out_dir} lacks {missing}, the {what} files its manifest lists; copy the "
+                            f"whole output directory, or compile again")
+        if not self.trust_remote_code:
+            refuse_own_code(student, "trust_remote_code=True")
+        cls = transformers.AutoTokenizer if modality == "text" else transformers.AutoImageProcessor
+        try:
+            self._preprocessors[modality] = cls.from_pretrained(student, trust_remote_code=self.trust_remote_code)
+        except ImportError as err:
+            raise missing_package(err, f"the {what} in {student}") from None
+        except (OSError, ValueError) as err:
+            raise LmmcError(f"cannot read the {what} in {student}: {str(err).strip().splitlines()[0]}; copy the "
+                            f"whole output directory, or compile again") from None
 
     def tower_for(self, modality: str) -> str:
         for name, tower in self.manifest["towers"].items():
@@ -646,7 +672,9 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     if not trust_remote_code:
         refuse_own_code(out_dir / "student", "trust_remote_code=True")
     try:
-        processor = transformers.AutoProcessor.from_pretrained(out_dir / "student", trust_remote_code=trust_remote_code)
+        with _READING:
+            processor = transformers.AutoProcessor.from_pretrained(out_dir / "student",
+                                                                   trust_remote_code=trust_remote_code)
     except ImportError as err:
         raise missing_package(err, f"the processor in {out_dir / 'student'}") from None
     except (OSError, ValueError) as err:
