@@ -18,7 +18,7 @@ from lmmc.data import Batch
 from lmmc.errors import LmmcError
 from lmmc.objectives import Objective, make_objective, objective_batches, step_samples
 from lmmc.pipeline import register
-from lmmc.sparsity import one_cpu_thread
+from lmmc.sparsity import fastest_cpu_threads
 
 
 @contextmanager
@@ -190,8 +190,9 @@ class EcoflapPass(AllocationPass):
         objective = make_objective(model, art.adapter)
         steps = objective_batches(art.calib, art.adapter, cfg.samples, cfg.batch_size)
         linears = [pl for members in groups.values() for pl in members]
+        threads = None
         if cfg.order == 0:
-            with one_cpu_thread():
+            with torch.no_grad(), fastest_cpu_threads(lambda: objective(steps[0], art.device), art.device) as threads:
                 matrix = zeroth_order_scores(objective, linears, steps, cfg.epsilon, cfg.seed, art.device)
         else:
             matrix = first_order_scores(objective, linears, steps, art.device)
@@ -204,6 +205,8 @@ class EcoflapPass(AllocationPass):
         ratios = keep_budget_ratios(group_scores, sizes, cfg.sparsity, cfg.cap)
         samples = sum(step_samples(step) for step in steps)
         details: dict[str, Any] = {"p_max": cfg.cap, "order": cfg.order, "samples": samples}
+        if threads is not None and art.device.type == "cpu":
+            details["threads"] = threads  # the faster of one and all, timed on this machine as it ran
         if samples < cfg.samples:
             held = min(sum(len(next(iter(b.values()))) for b in art.calib.calib_batches(m))
                        for m in dict.fromkeys(t.modality for t in art.adapter.towers))

@@ -4,6 +4,7 @@ bad input -> one clear error, exit 2."""
 
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -389,3 +390,24 @@ def test_minilm_allocation_beats_uniform_wanda_at_60_percent(minilm):
         by_role.setdefault(pl.role, []).append(art.allocation[pl.param])
     mean = {role: sum(v) / len(v) for role, v in by_role.items()}
     assert max(mean["v"], mean["o"]) < min(mean["q"], mean["k"])  # values and outputs are kept denser
+
+
+@pytest.mark.parametrize("slow_at", [1, 2])
+def test_scores_run_on_the_thread_count_that_ran_the_probe_faster(slow_at):
+    """The zeroth-order scores' thread count is timed, not fixed: one thread for small forwards on busy
+    cores, all of them for a base-size model on a many-core server."""
+    from lmmc.sparsity import fastest_cpu_threads
+
+    torch.set_num_threads(2)
+    seen = []
+
+    def probe():
+        seen.append(torch.get_num_threads())
+        time.sleep(0.03 if torch.get_num_threads() == slow_at else 0.001)
+    with fastest_cpu_threads(probe, torch.device("cpu")) as chosen:
+        inside = torch.get_num_threads()
+    assert chosen == inside == 3 - slow_at
+    assert sorted(seen) == [1] * 4 + [2] * 4  # one warm-up and three timed runs of each, in turns
+    assert torch.get_num_threads() == 2  # restored after the work
+    with fastest_cpu_threads(probe, torch.device("meta")) as chosen:  # off the CPU nothing is timed
+        assert chosen == 2 and len(seen) == 8
