@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,30 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
     result = compile_(model, recipe, folder / "earlier")
     assert result.exit_code == 0, result.output
     return model, recipe, folder / "earlier"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_report_names_the_threads_and_package_versions_the_bytes_depend_on(setup, tmp_path, threads):
+    """Two compiles of one recipe differ where the thread count or a package's version did; the report says
+    which, as the output's files alone could not."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    model, recipe, _ = setup
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert compile_(model, recipe, tmp_path / "out").exit_code == 0
+    finally:
+        torch.set_num_threads(before)
+    env = json.loads((tmp_path / "out" / "report.json").read_text())["environment"]
+    assert env["device"] == "cpu" and env["torch_threads"] == threads
+    assert env["python"] == platform.python_version()
+    assert env["packages"]["torch"] == importlib.metadata.version("torch")
+    assert env["packages"]["onnxruntime"] == importlib.metadata.version("onnxruntime")
+    assert "tensorrt" not in env["packages"]  # a package not installed is left out, not guessed
 
 
 def compile_(model: Path, recipe: Path, out: Path, *extra: str):
@@ -141,9 +166,11 @@ def test_an_earlier_output_with_lmmcs_own_leftovers_is_still_an_earlier_output(s
         check_output(out, str(model), load_recipe(recipe), recipe, force=True)
 
 
-@pytest.mark.parametrize("name, text", [("bench.json", '{"my": "own benchmark numbers"}'),
-                                        ("report.html", "<html>my own notes page</html>")])
-def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_report_html(setup, tmp_path, name, text):
+@pytest.mark.parametrize("name, text, why", [
+    ("bench.json", '{"my": "own benchmark numbers"}', "which lmmc did not write"),
+    ("report.html", "<html>my own notes page</html>", "which lmmc wrote and which was changed since")])
+def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_report_html(setup, tmp_path, name, text,
+                                                                                        why):
     """lmmc bench and lmmc report refuse to replace such a file; a forced compile refuses it alike."""
     model, recipe, earlier = setup
     out = tmp_path / "out"
@@ -151,7 +178,7 @@ def test_force_keeps_an_earlier_output_holding_the_users_own_bench_json_or_repor
     (out / name).write_text(text)
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2, result.output
-    assert f"(it holds {name}, which lmmc did not write); it was left untouched" in result.output
+    assert f"(it holds {name}, {why}); it was left untouched" in result.output
     assert (out / name).read_text() == text
 
 
@@ -174,7 +201,8 @@ def test_force_replaces_an_earlier_output_whose_page_lmmc_report_redrew(setup, t
     (edited / "report.html").write_text((edited / "report.html").read_text().replace("<body>", "<body><p>notes</p>"))
     mine = (edited / "report.html").read_bytes()
     result = compile_(model, recipe, edited, "--force")
-    assert result.exit_code == 2 and "it holds report.html, which lmmc did not write" in result.output, result.output
+    assert result.exit_code == 2 and "it holds report.html, which lmmc wrote and which was changed since" \
+        in result.output, result.output
     assert (edited / "report.html").read_bytes() == mine
 
 
@@ -412,8 +440,20 @@ def test_force_keeps_an_earlier_output_whose_file_the_user_edited(setup, tmp_pat
     mine = (out / edited).read_bytes()
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2, result.output
-    assert f"{edited}, which lmmc did not write); it was left untouched" in result.output
+    assert f"(it holds {edited}, which lmmc wrote and which was changed since); it was left untouched" in result.output
     assert (out / edited).read_bytes() == mine
+
+
+def test_force_names_a_file_added_apart_from_one_edited(setup, tmp_path):
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    (out / "student" / "notes.txt").write_text("mine")
+    (out / "manifest.json").write_text((out / "manifest.json").read_text().replace("{", '{"mine": 1, ', 1))
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    assert ("(it holds student/notes.txt, which lmmc did not write; and manifest.json, which lmmc wrote and which "
+            "was changed since); it was left untouched") in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("how", ["a file where lmmc wrote a folder", "a list that calls the file a folder"])
@@ -473,9 +513,12 @@ def test_an_interrupt_a_finaliser_swallowed_still_stops_the_compile(setup, tmp_p
         Finalised()  # collected at once: its KeyboardInterrupt is ignored
         return metrics
     monkeypatch.setattr(step, "run", run_then_lose_an_interrupt)
+    printed = []  # what Python's hook would print as "Exception ignored in ..."
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
     out = tmp_path / "out"
     result = compile_(model, recipe, out)
     monkeypatch.undo()
+    assert printed == []  # the signal is recorded and raised again, not printed as a bug
     assert result.exit_code == 130, result.output
     assert "lmmc: 1 pass(es) finished" in result.output and not out.exists()
     assert result.output.splitlines()[-1] == "interrupted by SIGTERM; the output directory was not written"

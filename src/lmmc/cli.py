@@ -46,6 +46,15 @@ _UNWRITTEN = {"compile": "; the output directory was not written",
               "report": "; report.html was not written, and an earlier one is as it was"}
 
 
+def _unraisable_unless_interrupt(previous):
+    """An interrupt raised inside a finaliser is recorded and raised again at the next step: not the
+    "Exception ignored" traceback Python prints for it."""
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and process_state.INTERRUPTS):
+            previous(unraisable)
+    return hook
+
+
 class _Group(click.Group):
     """Gives every outcome one line and one exit code: 0 success, 1 a missed gate, 2 bad input,
     3 an internal error (traceback in a log file), 130 interrupted (SIGINT or SIGTERM)."""
@@ -55,6 +64,8 @@ class _Group(click.Group):
         process_state.INTERRUPTS.clear()
         previous = signal.signal(signal.SIGTERM, process_state.interrupt)
         previous_int = signal.signal(signal.SIGINT, process_state.interrupt)
+        previous_hook = sys.unraisablehook
+        sys.unraisablehook = _unraisable_unless_interrupt(previous_hook)
         stopping = False
         try:
             return self._outcome(ctx)
@@ -67,6 +78,7 @@ class _Group(click.Group):
             # default as it finalises, but leaves an ignored signal ignored.
             signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
             signal.signal(signal.SIGINT, previous_int)
+            sys.unraisablehook = previous_hook
 
     def _outcome(self, ctx):
         if not sys.stderr.isatty():  # a log: a progress frame every 30 s, where a terminal's bar redraws 10 a second

@@ -4,9 +4,11 @@ complete output into place only at the end."""
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -244,11 +246,15 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
             raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
                             f"replace it")
         if _holds_output(target) and not _is_lmmc_output(target):
-            foreign = _foreign(target)
-            holds = f" (it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which lmmc did not " \
-                    f"write)" if foreign else f" (it has no {FILE_LIST} with the digests of the files a compile " \
-                    f"wrote, so files added to it or edited cannot be told apart: an output of an older lmmc)" \
-                    if (target / "report.json").is_file() else ""
+            foreign, digests = _foreign(target), _listed(target) or {}
+            edited = [rel for rel in foreign if isinstance(digests.get(rel), str)]
+            added = [rel for rel in foreign if rel not in edited]
+            parts = [f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, {what}" for names, what in
+                     ((added, "which lmmc did not write"), (edited, "which lmmc wrote and which was changed since"))
+                     if names]
+            holds = f" (it holds {'; and '.join(parts)})" if foreign else f" (it has no {FILE_LIST} with the digests " \
+                    f"of the files a compile wrote, so files added to it or edited cannot be told apart: an output " \
+                    f"of an older lmmc)" if (target / "report.json").is_file() else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
                             f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
                             f"--out, or move that directory away yourself")
@@ -1331,7 +1337,25 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         # Never true without validation: an unvalidated student is not known to work.
         "passed": (art.validation.get("passed", False) and not failures) if validated else None,
         "seconds": seconds,
+        "environment": environment(art.device),
     }
+
+
+# The packages whose kernels and rewrites a student's bytes and figures depend on.
+_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "tensorrt")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What besides the model, recipe and data decides a compile's bytes: distillation's and the refit's sums
+    round by device and thread count, and the packages' kernels and graph rewrites change between versions."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "packages": versions}
 
 
 def report_json(report: dict[str, Any]) -> str:
