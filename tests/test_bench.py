@@ -797,6 +797,22 @@ def _calibrated_texts(out: Path) -> list[str]:
     return [r["text"] for r in select(cfg, CORPUS, read_samples(CORPUS), {"text"}).calib]
 
 
+def test_threads_above_the_cpus_are_noted_as_unequal_runtimes(uncapped, tmp_path):
+    """OpenVINO runs no more threads than the cores, ONNX Runtime all it is given: the table would compare the
+    two at unequal threads without a word."""
+    _, _, out = uncapped
+    cpus = len(os.sched_getaffinity(0))
+    for threads, notes in ((cpus + 1, 1), (cpus, 0)):
+        result = run("bench", out, "--quick", "--threads", threads, "--json", tmp_path / f"{threads}.json")
+        assert result.exit_code == 0, result.output
+        bench = json.loads((tmp_path / f"{threads}.json").read_text())
+        assert bench["threads"] == threads
+        assert [n for n in bench["notes"] if n.startswith("threads ")] == [
+            f"threads {cpus + 1} is above the {cpus} CPU(s) this process may use: ONNX Runtime's threads wait for a "
+            f"core while OpenVINO runs {cpus}, so the rows compare runtimes at unequal threads; pass --threads {cpus} "
+            f"or fewer"][:notes]
+
+
 def test_a_corpus_is_judged_without_what_the_compile_calibrated_on(uncapped, tmp_path):
     """A --corpus holding the compile's calibration texts (here: its whole calibration file) is judged on
     the rest: fidelity on calibrated texts is not held-out fidelity. A corpus of nothing else is refused."""

@@ -884,6 +884,11 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
                threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
                seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,
                torch_device=torch_device, memory=measure_memory)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if run.threads > cpus:  # ONNX Runtime starts every thread asked for; OpenVINO runs no more than the cores
+        run.notes.append(f"threads {run.threads} is above the {cpus} CPU(s) this process may use: ONNX Runtime's "
+                         f"threads wait for a core while OpenVINO runs {cpus}, so the rows compare runtimes at unequal "
+                         f"threads; pass --threads {cpus} or fewer")
 
     started = time.perf_counter()
     result: dict[str, Any] = {
