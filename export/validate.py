@@ -478,8 +478,32 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
                "student": neighbour_agreement(t, s)}
     if labels is not None:
         out["chance"], out["chance_bound"] = chance_accuracy(out["kind"], labels.held_out)
+    if dual and (probabilities := match_probabilities(getattr(art, "teacher", None), getattr(art, "student", None),
+                                                      pooled)) is not None:
+        out["match_probability"] = probabilities
     ratio = out["student"] / out["teacher"] if out["teacher"] else float("nan")
     return {**out, "value": out["student"], "ratio": ratio}
+
+
+def match_probabilities(teacher: torch.nn.Module | None, student: torch.nn.Module | None,
+                        pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float] | None:
+    """How far the student moves each held-out image-text pair's match probability σ(scale · cos + bias), for
+    models that score pairs one at a time (SigLIP; None for others): rankings, which the task metric judges,
+    stay where every similarity shifts alike, and a threshold on the probability does not."""
+    if not all(isinstance(getattr(m, "logit_bias", None), torch.Tensor) for m in (teacher, student)) or \
+            not {"text", "vision"} <= pooled.keys():
+        return None
+
+    def probability(model: torch.nn.Module, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+        scale = float(model.logit_scale.detach().float().exp())
+        bias = float(model.logit_bias.detach().float().reshape(-1)[0])
+        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)  # noqa: E731
+        return 1.0 / (1.0 + np.exp(-(scale * unit(image) @ unit(text).T + bias)))
+    (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
+    p_t, p_s = probability(teacher, t_img, t_txt), probability(student, s_img, s_txt)
+    diff = np.abs(p_t - p_s)
+    return {"pairs": int(diff.size), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+            "decision_agreement": float(((p_t > 0.5) == (p_s > 0.5)).mean())}
 
 
 def _norm_ratio(result: dict[str, Any], emb: np.ndarray, t_emb: np.ndarray, label: str, cfg: ValidateConfig,

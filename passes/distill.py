@@ -78,8 +78,11 @@ class DistillConfig(PassConfig):
                                "KL (the loss is scaled by its square)")
     contrastive: float = Field(1.0, ge=0, description="weight of the similarity-matrix loss (dual encoders only)")
     output_loss: OutputLoss = Field("cosine", description="pooled-embedding loss: cosine or mse")
-    contrastive_loss: ContrastiveLoss = Field("kl", description="kl on the teacher's softmax over each "
-                                              "similarity row, or mse on the cosine similarities")
+    contrastive_loss: ContrastiveLoss | None = Field(None, description="kl on the teacher's softmax over each "
+                                                     "similarity row (CLIP's objective), sigmoid on each pair's "
+                                                     "match probability (SigLIP's), or mse on the cosine "
+                                                     "similarities; default: the teacher's own objective, sigmoid "
+                                                     "for a model with a logit bias, else kl")
     layer_map: LayerMap = Field("origin", description="origin (the teacher layer each block was cut from; "
                                 "uniform when the student has no such record), uniform, closest, or teacher "
                                 "layers (1-based) per student layer: a list, or {tower: list} for dual encoders")
@@ -217,7 +220,7 @@ class DistillConfig(PassConfig):
             raise LmmcError("distill: arm_span: towers pairs the stages of a dual encoder's two towers; a generative "
                             "model's arms are runs of vision blocks, the projector and runs of decoder blocks: "
                             "use arm_span: tower")
-        if self.contrastive_loss != "kl" or self.output_loss != "cosine":
+        if self.contrastive_loss not in (None, "kl") or self.output_loss != "cosine":
             raise LmmcError("distill: output_loss and contrastive_loss apply to encoders; a generative model's output "
                             "term is the token-level KL (weight: output, softness: temperature): remove them")
 

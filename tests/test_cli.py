@@ -45,7 +45,7 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("kind", ["bert", "clip"])
+@pytest.mark.parametrize("kind", ["bert", "clip", "siglip"])
 def test_compile_tiny_model_end_to_end(tmp_path, kind):
     model_dir = save_tiny(kind, tmp_path / "teacher")
     out = tmp_path / "out"
@@ -69,11 +69,15 @@ def test_compile_tiny_model_end_to_end(tmp_path, kind):
     assert report["passed"] is True and report["validated"] is True
     assert not [w for w in report["warnings"] if "one and the same embedding" in w]  # random texts differ
     assert result.output.strip().endswith(f"wrote {out}/ ({', '.join(sorted(p.name + ('/' if p.is_dir() else '') for p in out.iterdir()))})")
-    if kind == "clip":
+    if kind != "bert":
         task = report["validation"]["task_metric"]
         assert task["kind"] == "retrieval_agreement" and set(task["parts"]) == {"image -> image", "text -> image",
                                                                                    "image -> text"}
         assert task["value"] == min(task["parts"].values()) and task["teacher"] == 1.0
+        # SigLIP scores pairs one at a time: the 32 x 32 held-out pairs' match probabilities, CLIP none
+        probabilities = task.get("match_probability")
+        assert (probabilities is None) if kind == "clip" else (probabilities["pairs"] == 32 * 32 and
+                                                               0 <= probabilities["mean_abs_diff"] <= 1)
     # the saved student holds exactly the pruned weights
     weights = load_file(out / "student" / "model.safetensors")
     for name, sp in report["sparsity"]["sparsity_per_layer"].items():

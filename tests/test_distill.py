@@ -127,6 +127,58 @@ def test_contrastive_loss_is_the_teacher_row_softmax_kl_and_splits_over_shards()
     assert float(contrastive_loss(t_img, t_txt, t_img, t_txt, t_img, t_txt, t_img, t_txt, "mse", 1.0).max()) == 0.0
 
 
+def test_sigmoid_contrastive_loss_is_each_pairs_bernoulli_kl_and_sees_a_shifted_row():
+    """SigLIP scores each pair on its own, σ(scale · cos + bias): a student whose every similarity sits lower
+    by the same amount keeps the softmax of each row, so kl misses it, and loses every match probability."""
+    gen = torch.Generator().manual_seed(0)
+    s_img, s_txt, t_img, t_txt = (torch.randn(6, 8, generator=gen) for _ in range(4))
+    scale, bias = 10.0, -4.0
+    got = contrastive_loss(s_img, s_txt, t_img, t_txt, s_img, s_txt, t_img, t_txt, "sigmoid", scale, bias)
+    cos = lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T  # noqa: E731
+
+    def bernoulli_kl(t, s):
+        p, q = torch.sigmoid(scale * t + bias), torch.sigmoid(scale * s + bias)
+        return (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
+    want = 0.5 * (bernoulli_kl(cos(t_img, t_txt), cos(s_img, s_txt)) + bernoulli_kl(cos(t_txt, t_img), cos(s_txt, s_img)))
+    torch.testing.assert_close(got, want)
+    assert float(contrastive_loss(t_img, t_txt, t_img, t_txt, t_img, t_txt, t_img, t_txt, "sigmoid", scale,
+                                  bias).abs().max()) < 1e-6
+    # one row of the student's similarities lowered by 0.2 everywhere: the softmax is the same
+    s, t = cos(t_img, t_txt), cos(t_img, t_txt)
+    lowered = s - 0.2
+    kl = kl_logits(scale * lowered, scale * t)
+    assert float(kl.abs().max()) < 1e-5
+    p, q = torch.sigmoid(scale * t + bias), torch.sigmoid(scale * lowered + bias)
+    assert float((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1).min()) > 0.1
+
+
+def test_a_siglip_teacher_is_distilled_on_its_own_pairwise_objective_by_default():
+    art = tiny_art("siglip", sparsity=0.0)
+    assert trainer(art, Distill.Config(steps=1, progress=False)).objective.contrastive_kind == "sigmoid"
+    assert trainer(art, Distill.Config(steps=1, progress=False, contrastive_loss="kl")).objective.contrastive_kind == "kl"
+    assert trainer(tiny_art("clip", sparsity=0.0), Distill.Config(steps=1, progress=False)).objective.contrastive_kind == "kl"
+
+    # Contrastive distillation alone, at a scale and bias where match probabilities spread: the pairwise
+    # objective brings the held-out pairs' probabilities toward the teacher's, the row softmax away from them.
+    drift = {}
+    for kind in ("sigmoid", "kl"):
+        teacher = tiny_model("siglip")
+        with torch.no_grad():
+            teacher.logit_scale.fill_(math.log(10.0))
+            teacher.logit_bias.fill_(-2.0)
+        art = tiny_art("siglip", teacher=teacher)
+
+        def mean_drift() -> float:
+            s, t = held_out_embeddings(art.student, art), held_out_embeddings(art.teacher, art)
+            p = lambda e: torch.sigmoid(10.0 * e["vision"] @ e["text"].T - 2.0)  # noqa: E731
+            return float((p(s) - p(t)).abs().mean())
+        before = mean_drift()
+        distill(art, steps=12, hidden=0.0, output=0.0, contrastive=1.0, schedule="round_robin", blocks_per_arm=None,
+                contrastive_loss=kind)
+        drift[kind] = mean_drift()
+    assert drift["sigmoid"] < 0.95 * before < drift["kl"]
+
+
 def test_fit_projection_recovers_a_linear_map():
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(400, 8, generator=gen)

@@ -480,3 +480,26 @@ def test_channels_that_carry_the_embeddings_length_are_found_and_warned_of(tmp_p
     assert sorted(found["channels"]) in ([3], [17], [3, 17]) and found["share"] >= 0.5
     assert any(w.startswith(f"text: {len(found['channels'])} of the teacher's 32 embedding channels") and
                "Gate the task metric" in w for w in report["warnings"])
+
+
+def test_match_probabilities_are_each_models_sigmoid_of_its_scaled_and_biased_cosine():
+    """SigLIP scores each pair alone: a student whose similarities all sit lower ranks as the teacher does,
+    so the task metric passes it, and every match probability moves; the report measures that."""
+    from types import SimpleNamespace
+
+    from lmmc.export.validate import match_probabilities
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.normal(size=(5, 8)), rng.normal(size=(7, 8))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    teacher = SimpleNamespace(logit_scale=torch.tensor([np.log(10.0)]), logit_bias=torch.tensor([-2.0]))
+    student = SimpleNamespace(logit_scale=torch.tensor([np.log(10.0)]), logit_bias=torch.tensor([-3.0]))
+    got = match_probabilities(teacher, student, {"text": (txt, 2 * txt), "vision": (img, img)})
+    p_t = 1 / (1 + np.exp(-(10 * unit(img) @ unit(txt).T - 2)))
+    p_s = 1 / (1 + np.exp(-(10 * unit(img) @ unit(txt).T - 3)))  # the embeddings' norms do not count
+    assert got["pairs"] == 35
+    assert got["mean_abs_diff"] == pytest.approx(float(np.abs(p_t - p_s).mean()), rel=1e-6)
+    assert got["max_abs_diff"] == pytest.approx(float(np.abs(p_t - p_s).max()), rel=1e-6)
+    assert got["decision_agreement"] == float(((p_t > 0.5) == (p_s > 0.5)).mean()) < 1.0
+    clip = SimpleNamespace(logit_scale=torch.tensor([np.log(10.0)]))  # a softmax model: rankings are its output
+    assert match_probabilities(clip, clip, {"text": (txt, txt), "vision": (img, img)}) is None

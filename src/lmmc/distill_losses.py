@@ -15,7 +15,7 @@ from lmmc.data import IGNORE_INDEX
 from lmmc.errors import LmmcError
 
 OutputLoss = Literal["cosine", "mse"]
-ContrastiveLoss = Literal["kl", "mse"]
+ContrastiveLoss = Literal["kl", "mse", "sigmoid"]
 
 
 def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
@@ -122,25 +122,34 @@ def answer_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 
 
 def similarity_loss(s_a: torch.Tensor, s_b_all: torch.Tensor, t_a: torch.Tensor, t_b_all: torch.Tensor,
-                    kind: ContrastiveLoss, logit_scale: float) -> torch.Tensor:
+                    kind: ContrastiveLoss, logit_scale: float, logit_bias: float = 0.0) -> torch.Tensor:
     """Per-row loss of this side's rows of the similarity matrix: embeddings `s_a`/`t_a` [b, d] of this
     shard's samples against every sample's embeddings of the other tower [B, d].
 
     "kl" matches the teacher's softmax over each row of logit_scale · cos (CLIP's retrieval
-    distribution); "mse" matches the raw cosine similarities."""
+    distribution); "sigmoid" matches each pair's match probability σ(logit_scale · cos + logit_bias), the
+    sum over the row of KL between the two Bernoullis (SigLIP's pairwise objective, which a softmax cannot
+    see: it ignores a shift of the whole row); "mse" matches the raw cosine similarities."""
     s = F.normalize(s_a.float(), dim=-1) @ F.normalize(s_b_all.float(), dim=-1).T
     t = F.normalize(t_a.float(), dim=-1) @ F.normalize(t_b_all.float(), dim=-1).T
     if kind == "kl":
         return kl_logits(logit_scale * s, logit_scale * t)
+    if kind == "sigmoid":
+        s_logit, t_logit = logit_scale * s + logit_bias, logit_scale * t + logit_bias
+        p = torch.sigmoid(t_logit)
+        # cross-entropy to the teacher's probabilities less their own entropy: zero where the two agree
+        return (F.binary_cross_entropy_with_logits(s_logit, p, reduction="none")
+                - F.binary_cross_entropy_with_logits(t_logit, p, reduction="none")).sum(-1)
     return (s - t).pow(2).mean(-1)
 
 
 def contrastive_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
                      s_img_all: torch.Tensor, s_txt_all: torch.Tensor, t_img_all: torch.Tensor,
-                     t_txt_all: torch.Tensor, kind: ContrastiveLoss, logit_scale: float) -> torch.Tensor:
+                     t_txt_all: torch.Tensor, kind: ContrastiveLoss, logit_scale: float,
+                     logit_bias: float = 0.0) -> torch.Tensor:
     """Per-pair contrastive distillation: the mean of the pair's image->text row and text->image row of
     the student's similarity matrix against the teacher's. `*_all` hold every pair of the global batch
     (gathered across ranks), the others this shard's pairs."""
-    i2t = similarity_loss(s_img, s_txt_all, t_img, t_txt_all, kind, logit_scale)
-    t2i = similarity_loss(s_txt, s_img_all, t_txt, t_img_all, kind, logit_scale)
+    i2t = similarity_loss(s_img, s_txt_all, t_img, t_txt_all, kind, logit_scale, logit_bias)
+    t2i = similarity_loss(s_txt, s_img_all, t_txt, t_img_all, kind, logit_scale, logit_bias)
     return 0.5 * (i2t + t2i)

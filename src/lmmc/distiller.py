@@ -251,7 +251,7 @@ class DistillLoss(nn.Module):
 
     def __init__(self, student: nn.Module, plans: dict[str, TowerPlan], cfg: DistillConfig,
                  ctx: Distributed, logit_scale: float, bridge: BridgePlan | None = None,
-                 image_features=None) -> None:
+                 image_features=None, logit_bias: float | None = None) -> None:
         super().__init__()
         self.student = student
         self.proj = nn.ModuleDict()
@@ -261,6 +261,9 @@ class DistillLoss(nn.Module):
         self.cfg = cfg
         self.ctx = ctx
         self.logit_scale = logit_scale
+        self.logit_bias = logit_bias or 0.0
+        # unset: the model's own objective, SigLIP's pairwise sigmoid where it has a bias, else the softmax
+        self.contrastive_kind = cfg.contrastive_loss or ("sigmoid" if logit_bias is not None else "kl")
 
     def project(self, tower: str, key: str, x: torch.Tensor) -> torch.Tensor:
         name = f"{tower}_{key}"
@@ -348,7 +351,7 @@ class DistillLoss(nn.Module):
             return gather(x, self.ctx) if sharded else x
 
         return contrastive_loss(s_img, s_txt, t_img, t_txt, every(s_img), every(s_txt), every(t_img), every(t_txt),
-                                self.cfg.contrastive_loss, self.logit_scale)
+                                self.contrastive_kind, self.logit_scale, self.logit_bias)
 
 
 def input_side_params(model: nn.Module, spec: TowerSpec, batch: Batch) -> set[str]:
@@ -448,10 +451,11 @@ class Trainer:
         self.fingerprint = self._fingerprint()
         check_same_run(self.ctx, f"{self.fingerprint} {cfg.parallel}")
         projections = self._probe()
-        logit_scale = getattr(self.teacher, "logit_scale", None)
+        logit_scale, logit_bias = (getattr(self.teacher, name, None) for name in ("logit_scale", "logit_bias"))
         self.objective = DistillLoss(self.student, self.plans, cfg, self.ctx,
                                    float(logit_scale.detach().exp()) if logit_scale is not None else 1.0,
-                                   self.bridge, art.adapter.image_features)
+                                   self.bridge, art.adapter.image_features,
+                                   float(logit_bias.detach().reshape(-1)[0]) if logit_bias is not None else None)
         for name, weight in projections.items():
             lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
             lin.weight.data.copy_(weight)
@@ -906,8 +910,9 @@ class Trainer:
             image = next(n for n in self.plans if n != text)
             s_t, s_i, t_t, t_i = student[text], student[image], self.dev_teacher[text], self.dev_teacher[image]
             out["similarity_loss"] = float(contrastive_loss(s_i, s_t, t_i, t_t, s_i, s_t, t_i, t_t,
-                                                            self.cfg.contrastive_loss,
-                                                            self.objective.logit_scale).mean())
+                                                            self.objective.contrastive_kind,
+                                                            self.objective.logit_scale,
+                                                            self.objective.logit_bias).mean())
         return out
 
     def _evaluate_generative(self) -> dict[str, Any]:
