@@ -35,7 +35,7 @@ from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
 from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, load, missing_preprocessing,
                            output_fingerprint, read_manifest)
-from lmmc.timing import PER_VISIT, time_interleaved
+from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
 
 JSON_KIND = "lmmc bench"
 CPU_BACKENDS = ("onnxruntime", "openvino")
@@ -884,7 +884,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
                threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
                seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,
                torch_device=torch_device, memory=measure_memory)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if run.threads > cpus:  # ONNX Runtime starts every thread asked for; OpenVINO runs no more than the cores
         run.notes.append(f"threads {run.threads} is above the {cpus} CPU(s) this process may use: ONNX Runtime's "
                          f"threads wait for a core while OpenVINO runs {cpus}, so the rows compare runtimes at unequal "

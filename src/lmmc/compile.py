@@ -49,6 +49,7 @@ from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pas
 from lmmc.runtime import FILE_LIST
 from lmmc.runtime.texts import clip_texts
 from lmmc.sparsity import sparsity_summary
+from lmmc.timing import usable_cpus
 from lmmc.train import barrier, setup_distributed
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -567,7 +568,7 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
 def _oversubscribed(recipe: Recipe) -> list[str]:
     """Thread counts above the CPUs this process may use: every timing then measures threads waiting for a core
     (64 threads on 2 CPUs timed the teacher at 116 ms against 1.2), and fuse: auto or a latency fit chose by it."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     # the ones the recipe sets: a default of 2 on one CPU costs little, and may time nothing
     settings = [(f"{name}.threads", cfg.threads) for name, cfg in _step_configs(recipe)
                 if "threads" in type(cfg).model_fields and cfg.given("threads")]

@@ -34,7 +34,7 @@ from lmmc.modelio import text_positions
 from lmmc.runtime import Model, load
 from lmmc.student import read_structure
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
-from lmmc.timing import time_interleaved
+from lmmc.timing import time_interleaved, usable_cpus
 
 RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("int8", "fp32")
@@ -298,7 +298,7 @@ def machine() -> dict[str, Any]:
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
         flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
         isa = sorted(f for f in flags if any(k in f for k in _ISA))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     return {"cpu": name, "isa": isa, "cores": cores}
 
 

@@ -4,6 +4,7 @@ interleaved in visits, so drift hits all alike and no run is timed in the previo
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
@@ -11,6 +12,11 @@ from typing import TypeVar
 K = TypeVar("K", bound=Hashable)
 
 PER_VISIT = 3  # timed runs per visit, after one untimed run
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or taskset narrows), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 1,
