@@ -82,6 +82,16 @@ def test_ranks_given_another_run_are_refused_on_every_rank(tmp_path, one_thread)
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_every_rank_leaves_its_process_group_before_it_exits(tmp_path):
+    """A gloo group left to the interpreter's teardown aborted about one exit in three (SIGABRT): torchrun
+    then called a compile that had finished on every rank a failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          __file__, str(tmp_path), "exit"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.exit").read_text() for r in range(2)] == ["group left"] * 2
+
+
 def test_a_dry_run_under_torchrun_prints_its_plan_once(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -117,11 +127,22 @@ def test_ranks_on_a_clock_stop_at_the_same_step(tmp_path, one_thread):
 if __name__ == "__main__":
     import torch.distributed as dist
 
+    out = Path(sys.argv[1])
+    if sys.argv[2:] == ["exit"]:  # what each rank's process group is at exit, once lmmc set it up
+        import atexit
+
+        from lmmc.train import setup_distributed
+
+        rank = os.environ["RANK"]
+        # Registered first, so it runs after every exit handler lmmc registers.
+        atexit.register(lambda: (out / f"rank{rank}.exit").write_text(
+            "group left" if not dist.is_initialized() else "group still open"))
+        setup_distributed(torch.device("cpu"))
+        sys.exit(0)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_distill import Distill, tiny_art
 
     torch.set_num_threads(1)
-    out = Path(sys.argv[1])
     seen = count_samples(pytest.MonkeyPatch())
     art = tiny_art("clip")
     cfg = CLOCK_CFG if sys.argv[2:] == ["clock"] else DDP_CFG
