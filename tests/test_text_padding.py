@@ -156,3 +156,39 @@ def test_random_calibration_gives_a_fixed_length_model_its_full_length(tmp_path)
         model, adapter, _ = load_teacher(str(save_tiny(kind, tmp_path / kind)))
         for batch in random_calibration(cfg, model, adapter).eval_batches("text"):
             assert batch["input_ids"].shape == (4, seq) and bool(batch["attention_mask"].all()) == full
+
+
+def test_a_siglip_text_artifact_copied_alone_still_refuses_another_length(tmp_path):
+    """Each text artifact carries the length it reads: taken out of its output, away from manifest.json,
+    a SigLIP text graph fed the tokenizer's longest-padding ids embedded them 0.37 off without a word."""
+    import shutil
+
+    from lmmc.errors import LmmcError
+    from lmmc.runtime import load
+
+    teacher = save_tiny("siglip", tmp_path / "teacher")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
+        "passes": [{"magnitude": {"sparsity": 0.3}}],
+        "export": ["onnx", {"ort": {"fuse": "on", "int8": ["dynamic", "static"], "threads": 1}},
+                   {"openvino": {"int8": True}}],
+        "validate": {"latency": False, "min_cosine": 0.0, "threads": 1}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(teacher), "-r", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    texts = [a for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a["tower"] == "text"]
+    assert len(texts) == 6  # plain, fused, dynamic and static INT8 ONNX; fp32 and INT8 IR
+    ids = np.random.default_rng(0).integers(1, TINY_TEXT["vocab_size"], (2, 64))
+    for entry in texts:
+        alone = tmp_path / "alone" / entry["path"].replace("/", "_")
+        alone.mkdir(parents=True)
+        for name in entry["files"]:
+            shutil.copy(out / name, alone / (out / name).name)
+        copy = load(alone / (out / entry["path"]).name, threads=1)
+        assert copy.pad_to == 64, entry["path"]
+        with pytest.raises(LmmcError, match="padded to 64 tokens"):
+            copy.run({"input_ids": ids[:, :16], "attention_mask": np.ones((2, 16), np.int64)})
+        full = {"input_ids": ids, "attention_mask": np.ones((2, 64), np.int64)}
+        original = load(out / entry["path"], threads=1).run(full)["pooled_embedding"]
+        assert np.array_equal(copy.run(full)["pooled_embedding"], original), entry["path"]

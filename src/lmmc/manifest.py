@@ -4,6 +4,7 @@ outputs, the preprocessing files that feed it, its tower and its validation figu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
 from lmmc.modelio import local_dir, text_pad_length
 from lmmc.pooling import modes_of, normalises
-from lmmc.runtime import MANIFEST, TensorSpec, load
+from lmmc.runtime import MANIFEST, PAD_TO_KEY, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
 FORMAT = "lmmc-manifest/1"
@@ -153,8 +154,42 @@ def _teacher_ref(ref: str) -> str:
     return str(where) if where is not None else ref
 
 
+def stamp_pad_to(path: Path, pad_to: int) -> None:
+    """Write into a text artifact the one length it reads, so that a copy taken out of its output (away
+    from manifest.json) still refuses ids of another length, which it would embed wrongly without a word."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+        kept = [p for p in model.metadata_props if p.key != PAD_TO_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        model.metadata_props.add(key=PAD_TO_KEY, value=str(pad_to))
+        staged = path.with_name(path.name + ".stamping")
+        onnx.save(model, str(staged))
+        os.replace(staged, path)
+    elif path.suffix == ".xml":
+        import openvino as ov
+
+        from lmmc.runtime.openvino import PAD_TO_PATH, core
+
+        model = core().read_model(str(path))
+        model.set_rt_info(str(pad_to), PAD_TO_PATH)
+        staged = path.with_name(path.stem + ".stamping.xml")
+        ov.save_model(model, str(staged), compress_to_fp16=False)  # the same weights, byte for byte
+        del model  # it maps the .bin being replaced
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)
+
+
 def write_manifest(art: Artifact, root: Path, max_length: int | None) -> Path:
-    """Write `root`/manifest.json; `root` holds the artifacts and the saved student."""
+    """Write `root`/manifest.json; `root` holds the artifacts and the saved student. Text artifacts of a
+    model that reads one length are stamped with it first."""
+    pad_to = text_pad_length(art.student.config, art.adapter)
+    if pad_to is not None:
+        for rec in artifact_records(art):
+            if art.adapter.tower(rec.tower).modality == "text":
+                stamp_pad_to(rec.path, pad_to)
     path = root / MANIFEST
     path.write_text(json.dumps(build_manifest(art, root, max_length), indent=2))
     return path

@@ -4,6 +4,7 @@ TensorRT engine behind the same small interface, `open_dir` turns a compile's ou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -98,8 +99,17 @@ def backend_for(path: Path) -> str:
                     f"(.engine); pass one of those, or name the backend with backend=...")
 
 
-def _text_pad_to(path: Path) -> int | None:
-    """The one length an lmmc output's text tower reads (SigLIP's 64), from the manifest beside its IR."""
+# Where a text artifact that reads one length says which (ONNX metadata_props; an IR's rt_info under
+# lmmc/pad_to): a copy taken out of its output, away from manifest.json, must still refuse other lengths.
+PAD_TO_KEY = "lmmc.pad_to"
+
+
+def text_pad_to(path: Path, stamped: Any = None) -> int | None:
+    """The one length an lmmc text artifact reads (SigLIP's 64): the artifact's own `stamped` value, else
+    the manifest of the output it sits in (outputs written before artifacts carried it)."""
+    with contextlib.suppress(ValueError, TypeError):
+        if stamped is not None:
+            return int(stamped)
     try:
         manifest = json.loads((path.parent.parent / MANIFEST).read_text())
         return int(manifest["preprocessing"]["text"]["pad_to"])
@@ -107,7 +117,7 @@ def _text_pad_to(path: Path) -> int | None:
         return None
 
 
-def _check_static_pad(name: str, static_shape: tuple[int, ...] | None, pad_to: int | None) -> None:
+def check_static_pad(name: str, static_shape: tuple[int, ...] | None, pad_to: int | None) -> None:
     # encode pads every text to that length; a static IR of another length could not take it
     if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:
         raise LmmcError(f"{name}'s text tower reads every text padded to {pad_to} tokens (as it was trained), so "
@@ -152,7 +162,7 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
         model = OrtModel(path, threads, "cpu" if device is None else device, tensorrt)  # 0 or "" is no CPU
-        model.pad_to = _text_pad_to(path)
+        model.pad_to = text_pad_to(path, model.session.get_modelmeta().custom_metadata_map.get(PAD_TO_KEY))
         return model
     if tensorrt is not None:
         raise LmmcError(f"tensorrt options are for ONNX Runtime's TensorRT provider; {path.name} runs on {backend}")
@@ -161,9 +171,7 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
             raise LmmcError(f"lmmc runs OpenVINO IRs on the CPU only, not on '{device}'; pass device='cpu' or None, "
                             f"or load the ONNX artifact with device='cuda' for a GPU")
         from lmmc.runtime.openvino import OpenVinoModel
-        pad_to = _text_pad_to(path)
-        _check_static_pad(path.name, static_shape, pad_to)
-        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape, pad_to)
+        return OpenVinoModel(path, threads, inference_precision or "f32", static_shape)
     if backend == "tensorrt":
         if device not in (None, "cuda"):
             raise LmmcError(f"a TensorRT engine runs on the current NVIDIA GPU, not on '{device}'; pass device='cuda' "
@@ -588,7 +596,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
-    _check_static_pad(out_dir.name, static_shape, pad_to)
+    check_static_pad(out_dir.name, static_shape, pad_to)
     validated = min(filter(None, (((manifest.get("preprocessing") or {}).get("text") or {}).get("max_length"),
                                   pad_to)), default=None)
     if static_shape is not None and len(static_shape) == 2 and validated and static_shape[1] < validated:

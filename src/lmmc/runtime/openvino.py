@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import OUT_OF_RANGE, Model, TensorSpec, cast_feed, shapes_of
+from lmmc.runtime import OUT_OF_RANGE, PAD_TO_KEY, Model, TensorSpec, cast_feed, check_static_pad, shapes_of, text_pad_to
 
 
 def _spec(port, name: str) -> TensorSpec:
@@ -19,6 +19,7 @@ def _spec(port, name: str) -> TensorSpec:
 
 
 INFERENCE_PRECISIONS = ("f32", "bf16")
+PAD_TO_PATH = PAD_TO_KEY.split(".")  # rt_info's nested keys
 
 
 def reason(err: Exception) -> str:
@@ -147,8 +148,7 @@ class OpenVinoModel(Model):
     backend = "openvino"
 
     def __init__(self, path: Path, threads: int | None = None, inference_precision: str = "f32",
-                 static_shape: tuple[int, ...] | None = None, pad_to: int | None = None) -> None:
-        self.pad_to = pad_to  # a text model read at one length (SigLIP pools its last position): padding moves it
+                 static_shape: tuple[int, ...] | None = None) -> None:
         ov = _openvino()
         if path.suffix.lower() != ".xml":
             raise LmmcError(f"OpenVINO opens an IR (.xml with its .bin), and '{path.name}' is not one; convert it "
@@ -170,6 +170,10 @@ class OpenVinoModel(Model):
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
             model = core().read_model(str(path))
+            # a text model read at one length (SigLIP pools its last position): padding moves it
+            self.pad_to = text_pad_to(path, model.get_rt_info(PAD_TO_PATH).astype(str)
+                                      if model.has_rt_info(PAD_TO_PATH) else None)
+            check_static_pad(path.name, static_shape, self.pad_to)
             self.static = None if static_shape is None else make_static(model, static_shape, path)
             self.compiled = core().compile_model(model, "CPU", config)
         except RuntimeError as err:
