@@ -319,6 +319,29 @@ def _artifact_edited(tmp_path, out):
     return edited
 
 
+def _tokenizer_swapped(tmp_path, out):
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped, ignore=shutil.ignore_patterns("bench.json"))
+    tokenizer = swapped / "student" / "tokenizer.json"
+    spec = json.loads(tokenizer.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[5:7]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two words read as each other: another tokenizer, the same size
+    tokenizer.write_text(json.dumps(spec))
+    return swapped
+
+
+def _manifest_redirected(tmp_path, out):
+    redirected = tmp_path / "redirected"
+    shutil.copytree(out, redirected, ignore=shutil.ignore_patterns("bench.json"))
+    manifest = json.loads((redirected / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["backend"] == "openvino" and a["precision"] == "fp32")
+    int8 = next(a for a in manifest["artifacts"] if a["backend"] == "openvino" and a["precision"] == "int8")
+    fp32["path"], fp32["files"] = int8["path"], int8["files"]  # the INT8 graph listed as the fp32 one
+    (redirected / "manifest.json").write_text(json.dumps(manifest))
+    return redirected
+
+
 def _other_data(tmp_path):
     (tmp_path / "other.txt").write_text("\n".join(EXTRA * 8) + "\n")
     return tmp_path / "other.txt"
@@ -328,7 +351,8 @@ def _other_data(tmp_path):
                                   "teacher moved", "teacher changed", "teacher of another kind", "teacher no model",
                                   "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
-                                  "tokenizer deleted", "weights deleted", "artifact edited", "json a link"])
+                                  "tokenizer deleted", "weights deleted", "artifact edited", "tokenizer swapped",
+                                  "manifest edited", "json a link"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -365,6 +389,10 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "artifact edited": ([_artifact_edited(tmp_path, out)], "openvino/text.bin' is not the file the compile wrote "
                                                                "(its SHA-256 differs from the one .lmmc-files.json "
                                                                "keeps): it was edited or damaged since"),
+        # the deployment's own preprocessing, which bench's feeds (the teacher's tokenizer's) never read
+        "tokenizer swapped": ([_tokenizer_swapped(tmp_path, out)], "student/tokenizer.json' is not the file the "
+                                                                   "compile wrote"),
+        "manifest edited": ([_manifest_redirected(tmp_path, out)], "manifest.json' is not the file the compile wrote"),
         # the user's link (here dangling) stays a link, as lmmc report keeps a report.html link
         "json a link": ([out], "is a symbolic link, which lmmc never writes"),
     }

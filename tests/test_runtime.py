@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,27 @@ def test_a_directory_without_its_tokenizer_files_is_an_error_not_a_blank_tokeniz
     (out / "student" / "tokenizer.json").unlink()  # transformers would build an empty vocabulary from config.json
     with pytest.raises(LmmcError, match="lacks \\['student/tokenizer.json'\\], the tokenizer files its manifest lists"):
         open_dir(out, threads=1)
+
+
+def test_an_output_whose_tokenizer_was_swapped_warns_as_it_opens(compiled, tmp_path):
+    """Another tokenizer of the same size in student/ encoded other numbers than those the manifest vouches
+    for, without a word: the file list's digests say which files are no longer the compile's."""
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        reference = open_dir(out, threads=1).encode(TEXTS)
+    assert not [w for w in seen if "not what the compile wrote" in str(w.message)]
+    tok = transformers.AutoTokenizer.from_pretrained(out / "student")
+    first, second = [t for t in tok.convert_ids_to_tokens(tok(TEXTS[1])["input_ids"]) if t not in tok.all_special_tokens][:2]
+    spec = json.loads((out / "student" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (out / "student" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.warns(UserWarning, match="student/tokenizer.json in .* is not what the compile wrote .* restore the "
+                                         "compile's files, or compile again"):
+        swapped = open_dir(out, threads=1).encode(TEXTS)
+    assert np.abs(swapped[1] - reference[1]).max() > 1e-3 and np.array_equal(swapped[0], reference[0])
 
 
 def test_a_directory_replaced_while_it_is_opened_is_an_error_not_a_mixed_deployment(compiled, tmp_path, monkeypatch):

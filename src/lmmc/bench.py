@@ -33,8 +33,8 @@ from pydantic import Field, ValidationError
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
-from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, load, missing_preprocessing,
-                           output_fingerprint, read_manifest)
+from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, load,
+                           missing_preprocessing, output_fingerprint, read_manifest)
 from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
 
 JSON_KIND = "lmmc bench"
@@ -134,10 +134,11 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         lost = {e["path"]: f for e in manifest["artifacts"] if e["tower"] in towers for f in e.get("files") or []
                 if f != e["path"] and not (out_dir / f).is_file()}
         files = {e["path"]: e.get("files") or [e["path"]] for e in manifest["artifacts"]}
+        preprocessing = [MANIFEST, *(f for section in manifest["preprocessing"].values() for f in section["files"])]
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]
-        lost, files = {}, {e["path"]: [e["path"]] for e in entries}
+        lost, files, preprocessing = {}, {e["path"]: [e["path"]] for e in entries}, []
         unlisted = sorted(str(p.relative_to(out_dir)) for pattern in ("ort/*.onnx", "openvino/*.xml", "tensorrt/*.engine")
                           for p in out_dir.glob(pattern))
     if device == "cpu":
@@ -166,26 +167,19 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         if any(a["label"] == path for a in found):
             raise LmmcError(f"'{out_dir / f}', a file of student artifact '{path}' listed in {MANIFEST}, is missing; "
                             f"copy the whole output directory, or recompile '{out_dir}'")
-    _check_unchanged(out_dir, [f for a in found for f in files.get(a["label"], [])])
+    # the manifest and the student's tokenizer or image processor too: what the deployment reads with them
+    _check_unchanged(out_dir, [*preprocessing, *(f for a in found for f in files.get(a["label"], []))])
     return found, skipped
 
 
 def _check_unchanged(out_dir: Path, files: list[str]) -> None:
     """Each file is the one the compile wrote, by the SHA-256 its file list keeps: a damaged or edited artifact
     is refused now, not after the minutes the teacher's deployments take, nor benched as the compile's."""
-    from lmmc.resume import hash_files
-
-    try:
-        digests = json.loads((out_dir / FILE_LIST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # an output from before lmmc kept its files' digests
-    if not isinstance(digests, dict):
-        return
-    for f in files:
-        if isinstance(digests.get(f), str) and hash_files(out_dir / f) != digests[f]:
-            raise LmmcError(f"'{out_dir / f}' is not the file the compile wrote (its SHA-256 differs from the one "
-                            f"{FILE_LIST} keeps): it was edited or damaged since; restore it, or recompile "
-                            f"'{out_dir}'")
+    edited = edited_files(out_dir, files)
+    if edited:
+        raise LmmcError(f"'{out_dir / edited[0]}' is not the file the compile wrote (its SHA-256 differs from the one "
+                        f"{FILE_LIST} keeps): it was edited or damaged since; restore it, or recompile "
+                        f"'{out_dir}'")
 
 
 def _refuse_running_compile(out_dir: Path) -> None:

@@ -35,6 +35,7 @@ from lmmc.artifact import Artifact, ExportRecord, PassRecord
 from lmmc.data import folder_files, read_samples
 from lmmc.errors import LmmcError
 from lmmc.recipe import Recipe
+from lmmc.runtime import digest_file
 from lmmc.student import load_student
 from lmmc.student import save as save_student_weights
 from lmmc.student import save_tensors
@@ -75,10 +76,7 @@ def hash_files(path: Path) -> str:
         files = [(p, p.relative_to(path).as_posix()) for p in folder_files(path) if p.is_file()]
     digest = hashlib.sha256()
     for file, name in files:
-        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        digest_file(digest, file, name)
     return digest.hexdigest()
 
 

@@ -558,6 +558,33 @@ def _named_files(manifest: dict[str, Any]) -> list:
     return names
 
 
+def digest_file(digest: Any, path: Path, name: str = "") -> None:
+    """Feed one file to a SHA-256 as a compile's file list hashes it: its name there, size, then bytes."""
+    digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def edited_files(out_dir: Path, files: Iterable[str]) -> list[str]:
+    """Those of `files` (relative to `out_dir`) that are not what the compile wrote, by the digests its file
+    list keeps; none for an output from before lmmc kept them."""
+    try:
+        listed = json.loads((Path(out_dir) / FILE_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    edited = []
+    for f in files:
+        if not isinstance(listed, dict) or not isinstance(listed.get(f), str):
+            continue
+        digest = hashlib.sha256()
+        with contextlib.suppress(OSError):  # a missing file counts as edited
+            digest_file(digest, Path(out_dir) / f)
+        if digest.hexdigest() != listed[f]:
+            edited.append(f)
+    return edited
+
+
 def output_fingerprint(out_dir: Path) -> str | None:
     """SHA-256 of the compile's file list, which names every file it wrote with that file's digest: what tells
     this output from one compiled into the same folder later. None for an output without the list."""
@@ -626,6 +653,12 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
     _warn_if_failed(out_dir, manifest)
+    edited = edited_files(out_dir, [MANIFEST, *(f for s in manifest["preprocessing"].values() for f in s["files"])])
+    if edited:  # a swapped tokenizer, an entry pointed at another graph: encode() would differ without a word
+        warnings.warn(f"{', '.join(edited)} in {out_dir} {'is' if len(edited) == 1 else 'are'} not what the compile "
+                      f"wrote (the SHA-256 {FILE_LIST} keeps differs): edited or replaced since, so the figures "
+                      f"{MANIFEST} lists do not vouch for what encode() returns; restore the compile's files, or "
+                      f"compile again", UserWarning, stacklevel=2)
     deployment = Deployment(out_dir, manifest, models, trust_remote_code)
     # Read now, with the artifacts: the first encodes of several threads would otherwise import transformers
     # together (which fails half-imported), and a folder moved or replaced after opening would pair these
