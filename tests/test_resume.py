@@ -329,7 +329,11 @@ def test_saved_state_reloads_a_shrunk_student_masks_and_records_exactly(tmp_path
         area.restore(Artifact("m", adapter, tiny_model("bert"), tiny_model("bert")))
     state.write_text(kept)
     saved = work_path(tmp_path / "out") / "state-02" / "masks.safetensors"
-    saved.write_bytes(saved.read_bytes()[:40])   # cut short
+    whole = saved.read_bytes()
+    saved.unlink()  # resumed as a dense student, exit 0, where the recipe asked for 50 % sparsity
+    with pytest.raises(LmmcError, match="the saved state '.*state-02' is damaged \\(FileNotFoundError"):
+        area.restore(Artifact("m", adapter, tiny_model("bert"), tiny_model("bert")))
+    saved.write_bytes(whole[:40])   # cut short
     with pytest.raises(LmmcError, match="the saved state '.*state-02' is damaged \\(SafetensorError"):
         area.restore(Artifact("m", adapter, tiny_model("bert"), tiny_model("bert")))
     area.finish()

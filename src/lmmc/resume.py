@@ -449,7 +449,8 @@ class WorkArea:
         if art.masks:
             save_tensors({k: v.detach().cpu().contiguous() for k, v in art.masks.items()}, tmp / "masks.safetensors")
         _write_json(tmp / "state.json", {
-            "passes_done": done, "seconds": seconds, "allocation": art.allocation,
+            # how many masks the state holds: a masks file gone missing must not resume as a dense student
+            "passes_done": done, "seconds": seconds, "masks": len(art.masks), "allocation": art.allocation,
             "records": [asdict(r) for r in art.records], "validation": art.validation,
             "onnx": {k: str(Path(v).relative_to(self.output)) for k, v in art.onnx.items()},
             "exports": [{**asdict(e), "path": str(Path(e.path).relative_to(self.output))} for e in art.exports],
@@ -471,7 +472,9 @@ class WorkArea:
         try:
             art.student = load_student(state_dir / "student").to(art.device)
             masks = state_dir / "masks.safetensors"
-            art.masks = {k: v.to(art.device) for k, v in load_file(str(masks)).items()} if masks.is_file() else {}
+            art.masks = {k: v.to(art.device) for k, v in load_file(str(masks)).items()} if state["masks"] else {}
+            if len(art.masks) != state["masks"]:
+                raise ValueError(f"{masks.name} holds {len(art.masks)} masks, and {state['masks']} were saved")
             art.allocation = state["allocation"]
             art.records = [PassRecord(**r) for r in state["records"]]
             art.validation = state["validation"]
