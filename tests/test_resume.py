@@ -339,6 +339,19 @@ def test_saved_state_reloads_a_shrunk_student_masks_and_records_exactly(tmp_path
     area.finish()
 
 
+def test_an_area_whose_empty_output_folder_went_missing_is_resumed_not_removed(tmp_path):
+    """A saved state without the output folder read as a compile stopped after placing its output: --resume
+    removed its finished passes, saying the output had been moved away."""
+    area = WorkArea(tmp_path / "out")
+    area.claim(inputs(tmp_path), resume=False)
+    area.save(Artifact("m", get_adapter("bert"), tiny_model("bert"), tiny_model("bert")), 1, 1.0)
+    area.release()
+    area.output.rmdir()  # empty before the first export: a temp cleaner's prey
+    assert not area.left_after_placing()
+    area.placing()
+    assert area.left_after_placing()  # the mark, and the output moved away with its folder
+
+
 # --- whole compiles, killed and resumed ----------------------------------------------------------------
 
 LMMC = [sys.executable, "-c", "import sys; from lmmc.cli import main; sys.exit(main())"]

@@ -1018,6 +1018,7 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
         process_state.raise_lost_interrupt()
         with process_state.interrupts_deferred() as interrupted:
             if area.writer:
+                area.placing()
                 _place(tmp, staged, out)
             area.finish()
         barrier(ctx)  # under torchrun, every rank ends once rank 0's output is in place, or stops with it

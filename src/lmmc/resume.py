@@ -48,6 +48,7 @@ CODE_CHANGED = "lmmc's code changed"
 OUTPUT_DIR = "output"
 REPLACED_DIR = "replaced"  # an earlier output at --out, moved here the instant before the new one takes its place
 STATE_PREFIX = "state-"
+PLACING_FILE = "placing"  # written the instant before the output moves to --out
 
 
 def work_path(out: Path) -> Path:
@@ -272,9 +273,11 @@ class WorkArea:
             raise
 
     def left_after_placing(self) -> bool:
-        """Whether a compile was stopped after moving its output to --out and before removing this area: a
-        saved state without the output folder, which only that move takes away, and no compile running."""
-        if not self.path.is_dir() or self.path.is_symlink() or self.output.exists() or self.latest_state() is None:
+        """Whether a compile was stopped after moving its output to --out and before removing this area: the
+        mark it leaves just before that move, the output folder gone, and no compile running. (The folder
+        alone gone, a temp cleaner's doing say, is no sign: its saved passes would be lost.)"""
+        if not self.path.is_dir() or self.path.is_symlink() or self.output.exists() or \
+                not (self.path / PLACING_FILE).is_file():
             return False
         self._check_ours()
         fd = os.open(self.path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
@@ -396,6 +399,11 @@ class WorkArea:
                 child.unlink()
 
     # --- ending ---------------------------------------------------------------------------------------
+
+    def placing(self) -> None:
+        """Mark the area as one whose output is about to move to --out."""
+        if self.writer:
+            (self.path / PLACING_FILE).touch()
 
     def finish(self) -> None:
         """The output is in place: drop the area (and its lock)."""
