@@ -305,6 +305,35 @@ def test_a_disk_that_fills_while_weights_are_saved_is_one_error_leaving_nothing(
     assert list(small.iterdir()) == []
 
 
+def test_a_volume_out_too_small_for_the_new_output_keeps_the_earlier_one_and_the_passes(setup, tmp_path, mounted,
+                                                                                         one_thread):
+    """The copy into a volume --out filled it, and removing the partial copy gave the space back: the full
+    disk read as an internal error (exit 3), and the finished passes were deleted."""
+    import torch
+    import transformers
+
+    from tests.conftest import TINY_TEXT, save_preprocessors
+
+    _, recipe, _ = setup
+    torch.manual_seed(0)  # 12.6 MB of weights, so the space the partial copy gives back is well over 1 MiB
+    model = tmp_path / "teacher"
+    transformers.BertModel(transformers.BertConfig(**{**TINY_TEXT, "hidden_size": 256, "intermediate_size": 1024,
+                                                      "num_hidden_layers": 4})).save_pretrained(model)
+    save_preprocessors("bert", model)
+    earlier = tmp_path / "earlier"
+    assert compile_(model, recipe, earlier).exit_code == 0
+    size = sum(p.stat().st_size for p in earlier.rglob("*") if p.is_file())
+    out = mounted(None, tmp_path / "out", "-o", f"size={(size + 6 * 2 ** 20) // 1024}k")  # one output fits, not two
+    shutil.copytree(earlier, out, dirs_exist_ok=True)
+    files = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "error: the disk is full: writing '" in said and "The 1 finished pass(es) are kept in" in said, said
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == files
+    assert (work_path(out) / "state-01").is_dir()
+
+
 def fill(folder: Path) -> Path:
     """Fill the disk `folder` lies on to its last byte; returns the file that holds the space."""
     filler = folder / "filler"

@@ -1091,6 +1091,15 @@ def _stage(tmp: Path, out: Path) -> Path:
     staged = out / f".lmmc-incoming-{os.getpid()}"
     try:
         shutil.copytree(tmp, staged)
+    except shutil.Error as err:  # one error for all the files it could not copy, with no errno of its own
+        failed = [f for f in err.args[0] if isinstance(f, tuple) and len(f) == 3] if err.args else []
+        # measured before the partial copy is removed, which gives the volume its space back
+        full = _no_room(out) or any(f"[Errno {errno.ENOSPC}]" in str(why) for _, _, why in failed)
+        shutil.rmtree(staged, ignore_errors=True)
+        if full:  # read as the full disk it is: the finished passes are kept for --resume
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(failed[0][1]) if failed else str(out)) \
+                from None
+        raise
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
