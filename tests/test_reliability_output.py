@@ -334,6 +334,26 @@ def test_a_volume_out_too_small_for_the_new_output_keeps_the_earlier_one_and_the
     assert (work_path(out) / "state-01").is_dir()
 
 
+def test_a_full_temporary_folder_is_named_not_the_outputs_roomy_disk(setup, tmp_path, mounted, monkeypatch,
+                                                                       one_thread):
+    """ONNX Runtime's quantiser fills TMPDIR, and its error names no file: the message blamed the disk of
+    the work area, which had gigabytes free."""
+    import tempfile
+
+    model, _, _ = setup
+    small = mounted(None, tmp_path / "tmp", "-o", "size=64k")
+    monkeypatch.setenv("TMPDIR", str(small))
+    monkeypatch.setattr(tempfile, "tempdir", str(small))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "export": ["onnx", {"ort": {"fuse": "off", "int8": ["dynamic"]}}]}))
+    result = compile_(model, recipe, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"error: the disk is full: a write that names no file failed (No space left on device), likely in the " \
+           f"temporary folder {small}, whose disk has less room than" in said, said
+    assert "point TMPDIR at another disk" in said and not (tmp_path / "out").exists()
+
+
 def fill(folder: Path) -> Path:
     """Fill the disk `folder` lies on to its last byte; returns the file that holds the space."""
     filler = folder / "filler"

@@ -1137,6 +1137,13 @@ def _write_error(err: OSError, where: Path, out: Path, kept: tuple[Path, int] | 
         return (f". The {kept[1]} finished pass(es) are kept in '{kept[0]}': {fix}, then run the same command with "
                 f"--resume (or remove '{kept[0]}')" if kept else "")
 
+    temp = Path(tempfile.gettempdir())
+    if err.errno in _DISK_FULL and not err.filename and _fuller(temp, where):
+        # a native library's write names no file; ONNX Runtime's quantiser writes its copies in the temp folder
+        return LmmcError(f"the disk is full: a write that names no file failed ({err.strerror or 'no space'}), likely in "
+                         f"the temporary folder {temp}, whose disk has less room than '{where}'s; nothing was written "
+                         f"to '{out}'" + (then("free some space there, or point TMPDIR at another disk") or
+                                          ". Free some space there, or point TMPDIR at another disk"))
     if err.errno in _DISK_FULL:
         return LmmcError(f"the disk is full: writing '{err.filename or where}' failed ({err.strerror or 'no space'}); "
                          f"nothing was written to '{out}'" + (then("free some space") or
@@ -1150,6 +1157,15 @@ def _write_error(err: OSError, where: Path, out: Path, kept: tuple[Path, int] | 
         return LmmcError(f"cannot write '{err.filename}' ({err.strerror}); nothing was written to '{out}'. "
                          f"Choose an --out on a writable disk, or fix the permissions")
     return None
+
+
+def _fuller(folder: Path, than: Path) -> bool:
+    """Whether `folder` lies on another disk than `than`, with less space left."""
+    try:
+        return folder.stat().st_dev != than.stat().st_dev and \
+            shutil.disk_usage(folder).free < shutil.disk_usage(than).free
+    except OSError:
+        return False
 
 
 def _no_room(*folders: Path) -> bool:
