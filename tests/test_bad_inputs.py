@@ -1999,3 +1999,26 @@ def test_no_writable_temporary_folder_is_one_clear_error(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("Traceback") == 0 and ("error: no writable temporary folder (TMPDIR, /tmp, /var/tmp)"
                                                     in done.stderr), done.stderr[-2000:]
+
+
+def test_weights_this_user_cannot_read_are_named_as_such_not_as_corrupt(tmp_path):
+    """safetensors reports a file it may not read as "No such file": lmmc said the weights were corrupt and
+    asked for a new download."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv, to drop the right to read any file")
+    model = bert(tmp_path)
+    (model / "model.safetensors").chmod(0)
+    drop = "-dac_override,-dac_read_search"
+    done = subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable, "-c",
+                           "import sys; from lmmc.cli import main; sys.exit(main())", "compile", str(model), "-r", str(write_recipe(tmp_path, RANDOM)), "-o",
+                           str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if "Permission denied" in done.stderr and "model.safetensors" not in done.stderr:
+        pytest.skip(f"this process cannot drop its capabilities and still run Python: {done.stderr[-300:]}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: weights file '{model / 'model.safetensors'}' cannot be read by this user (permission denied); " \
+           f"fix its permissions" in " ".join(done.stderr.split()), done.stderr[-2000:]

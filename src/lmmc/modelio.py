@@ -237,6 +237,9 @@ def check_weights(path: Path, model: torch.nn.Module, adapter: Adapter) -> None:
                     held[key] = name
                     shapes[key] = list(f.get_slice(key).get_shape())
         except (SafetensorError, OSError) as err:
+            if (path / name).is_file() and not os.access(path / name, os.R_OK):  # safetensors says "No such file"
+                raise LmmcError(f"weights file '{path / name}' cannot be read by this user (permission denied); fix "
+                                f"its permissions") from None
             state = "missing" if not (path / name).is_file() else "corrupt or truncated"
             raise LmmcError(f"weights file '{path / name}' is {state} ({err}); copy or download it again") from None
     _refuse_foreign_prefix(str(path), shapes, model)
