@@ -166,8 +166,11 @@ def stamp_pad_to(path: Path, pad_to: int) -> None:
         model.metadata_props.extend(kept)
         model.metadata_props.add(key=PAD_TO_KEY, value=str(pad_to))
         staged = path.with_name(path.name + ".stamping")
-        onnx.save(model, str(staged))
-        os.replace(staged, path)
+        try:
+            onnx.save(model, str(staged))
+            os.replace(staged, path)
+        finally:  # what a failed write (a full disk) left
+            staged.unlink(missing_ok=True)
     elif path.suffix == ".xml":
         import openvino as ov
 
@@ -175,11 +178,15 @@ def stamp_pad_to(path: Path, pad_to: int) -> None:
 
         model = core().read_model(str(path))
         model.set_rt_info(str(pad_to), PAD_TO_PATH)
-        staged = path.with_name(path.stem + ".stamping.xml")
-        ov.save_model(model, str(staged), compress_to_fp16=False)  # the same weights, byte for byte
-        del model  # it maps the .bin being replaced
-        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(staged, path)
+        xml = path.with_name(path.stem + ".stamping.xml")
+        try:
+            ov.save_model(model, str(xml), compress_to_fp16=False)  # the same weights, byte for byte
+            del model  # it maps the .bin being replaced
+            os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(xml, path)
+        finally:  # what a failed write (a full disk) left
+            xml.unlink(missing_ok=True)
+            xml.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def write_manifest(art: Artifact, root: Path, max_length: int | None) -> Path:

@@ -107,8 +107,8 @@ PAD_TO_KEY = "lmmc.pad_to"
 def text_pad_to(path: Path, stamped: Any = None) -> int | None:
     """The one length an lmmc text artifact reads (SigLIP's 64): the artifact's own `stamped` value, else
     the manifest of the output it sits in (outputs written before artifacts carried it)."""
-    with contextlib.suppress(ValueError, TypeError):
-        if stamped is not None:
+    if stamped is not None:
+        with contextlib.suppress(ValueError, TypeError):
             return int(stamped)
     try:
         manifest = json.loads((path.parent.parent / MANIFEST).read_text())
