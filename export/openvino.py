@@ -4,6 +4,8 @@ compile's calibration batches."""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -91,15 +93,29 @@ def torch_to_openvino(model: torch.nn.Module, tower: TowerSpec, dst_xml: Path) -
     for port, name in zip(converted.outputs, OUTPUT_NAMES):
         port.get_tensor().set_names({name})
     dst_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(converted, str(dst_xml), compress_to_fp16=False)
+    save_ir(converted, dst_xml)
     return dst_xml
+
+
+def save_ir(model, dst_xml: Path) -> None:
+    """Save an fp32 or INT8 IR (save_model would halve fp32 weights to fp16). OpenVINO reports a file stopped
+    by the shell's file-size limit ('ulimit -f') as "iostream error": where such a limit is set, that is the
+    likely cause, said as the error it is."""
+    import resource
+
+    try:
+        _openvino().save_model(model, str(dst_xml), compress_to_fp16=False)
+    except RuntimeError as err:
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY:
+            raise
+        raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)}, likely: {' '.join(str(err).split())[:200]}",
+                      str(dst_xml)) from None
 
 
 def to_openvino(onnx_path: Path, dst_xml: Path) -> Path:
     """Convert an ONNX file to an fp32 IR at `dst_xml` (and its .bin); returns `dst_xml`."""
     ov = _openvino()
-    # save_model halves weights to fp16 by default; an fp32 artifact must hold fp32 weights.
-    ov.save_model(ov.convert_model(str(onnx_path)), str(dst_xml), compress_to_fp16=False)
+    save_ir(ov.convert_model(str(onnx_path)), dst_xml)
     return dst_xml
 
 
@@ -122,8 +138,7 @@ def quantize_openvino(src_xml: Path, dst_xml: Path, feeds: list[dict[str, np.nda
     """NNCF INT8 of an IR with the transformer preset (smooth quant, fast bias correction, the ops that
     must stay fp32 kept so), activation ranges from `feeds`, the MatMul nodes named in `fp32_nodes` kept
     fp32; returns `dst_xml`."""
-    ov = _openvino()
-    ov.save_model(_nncf_int8(src_xml, feeds, fp32_nodes), str(dst_xml), compress_to_fp16=False)
+    save_ir(_nncf_int8(src_xml, feeds, fp32_nodes), dst_xml)
     return dst_xml
 
 
@@ -155,7 +170,6 @@ def quantize_openvino_mixed(src_xml: Path, dst_xml: Path, feeds: list[dict[str, 
     the most pooled-embedding cosine kept fp32 through NNCF's ignored scope, per `cfg`; returns the choice
     table and figures. The costs are measured on one NNCF model whose weights NNCF leaves uncompressed,
     so that a node's FakeQuantize nodes can be bypassed in memory."""
-    ov = _openvino()
     search = feeds[:cfg.search_batches]
     fp32 = _compiled(core().read_model(str(src_xml)), threads)
     reference = [fp32(f) for f in search]
@@ -167,7 +181,7 @@ def quantize_openvino_mixed(src_xml: Path, dst_xml: Path, feeds: list[dict[str, 
 
     def quantise(exclude: list[str]) -> Runner:
         model = _nncf_int8(src_xml, feeds, exclude)
-        ov.save_model(model, str(dst_xml), compress_to_fp16=False)
+        save_ir(model, dst_xml)
         return _compiled(model, threads)
 
     return choose_precisions(matrices, lambda nodes: _compiled(_without_quantisers(base, nodes), threads),

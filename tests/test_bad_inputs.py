@@ -2022,3 +2022,30 @@ def test_weights_this_user_cannot_read_are_named_as_such_not_as_corrupt(tmp_path
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"error: weights file '{model / 'model.safetensors'}' cannot be read by this user (permission denied); " \
            f"fix its permissions" in " ".join(done.stderr.split()), done.stderr[-2000:]
+
+
+def test_an_ir_stopped_by_the_file_size_limit_is_said_as_such(tmp_path):
+    """OpenVINO's writer meets 'ulimit -f' as "basic_ios::clear: iostream error": an internal error (exit 3)
+    where the user's limit stopped a file, and the finished passes were left to a line about --resume."""
+    import resource
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True, "samples": 8, "eval_samples": 32},
+                                      "passes": [{"magnitude": {"sparsity": 0.5}}], "export": ["openvino"],
+                                      "validate": False}))
+    limit = 120 * 1024  # the student's weights (98 kB) fit; the INT8 IR does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", "import sys; from lmmc.cli import main; sys.exit(main())", "compile",
+                           str(bert(tmp_path)), "-r", str(recipe), "-o", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limited)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2, said[-2000:]
+    assert f"error: writing '{tmp_path}/.out.lmmc-work/output/openvino/text.int8.xml' failed (File too large, likely: " \
+           f"basic_ios::clear: iostream error)" in said and "or by the file-size limit of this shell ('ulimit -f')" \
+           in said and "The 1 finished pass(es) are kept in" in said, said[-2000:]
+    assert not (tmp_path / "out").exists()
