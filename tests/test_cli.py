@@ -630,7 +630,25 @@ def test_an_nm_pruner_that_pruned_nothing_fails_the_report():
     report = build_report(art, parse_recipe(QUICK), {"calibration": "random"}, 0.0)
     assert report["failures"] == ["'magnitude' nm 3:7 fitted no matrix: the student stayed dense"]
     assert report["validated"] is True and report["passed"] is False
-    assert report["warnings"] == ["'magnitude' nm 3:7: 12 matrices stayed dense"]
+    assert report["warnings"] == ["'magnitude' nm 3:7: 12 matrices stayed dense, their input widths no multiple of 7 "
+                                  "(encoder.layer.0.attention.self.query.weight, encoder.layer.0.attention.self.key."
+                                  "weight, encoder.layer.0.attention.self.value.weight ...). A structured pass before "
+                                  "it keeps FFN widths in multiples of 7 with antgmm: {ffn_multiple: 7}"]
+
+
+def test_a_2_4_pass_after_another_pruner_says_it_went_past_half(tmp_path):
+    """The 2:4 pass keeps an earlier pass's zeros: every matrix ends sparser than 2:4, which README says
+    fixes every matrix at 50 %, and nothing said so."""
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**QUICK, "passes": [{"magnitude": {"sparsity": 0.5}}, {"wanda": {"nm": "2:4"}}], "export": [],
+              "validate": False}
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["sparsity"]["sparsity"] > 0.55
+    assert f"'wanda' nm 2:4 kept the zeros an earlier pass made, so 12 matrices are sparser than 2:4; the prunable " \
+           f"weights are {report['sparsity']['sparsity']:.1%} sparse. For 2:4 alone, drop the earlier pruning pass" \
+           in report["warnings"], report["warnings"]
 
 
 def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):

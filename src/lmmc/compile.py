@@ -1339,11 +1339,18 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
                             f"(int8: {{mixed: ...}})")
     for record in art.records:
         warnings += [f"{record.name}: {w}" for w in _pass_warnings(record.metrics) if f"{record.name}: {w}" not in warnings]
-        dense = record.metrics.get("dense_nm") if isinstance(record.metrics, dict) else None
-        if dense and record.config.get("nm"):
-            note = f"'{record.name}' nm {record.config['nm']}: {len(dense)} matrices stayed dense"
-            if not any(w.startswith(f"'{record.name}' nm") for w in warnings):
-                warnings.append(note)
+        metrics = record.metrics if isinstance(record.metrics, dict) else {}
+        nm, dense, denser = record.config.get("nm"), metrics.get("dense_nm"), metrics.get("nm_kept_earlier")
+        reached = f"; the prunable weights are {metrics['sparsity']:.1%} sparse" if "sparsity" in metrics else ""
+        if nm and dense and not any(w.startswith(f"'{record.name}' nm") for w in warnings):
+            m = str(nm).split(":")[-1]
+            warnings.append(f"'{record.name}' nm {nm}: {len(dense)} matrices stayed dense, their input widths no "
+                            f"multiple of {m} ({', '.join(dense[:3])}{' ...' if len(dense) > 3 else ''})"
+                            f"{reached}. A structured pass before it keeps FFN widths in multiples of {m} with "
+                            f"antgmm: {{ffn_multiple: {m}}}")
+        if nm and denser:
+            warnings.append(f"'{record.name}' nm {nm} kept the zeros an earlier pass made, so {len(denser)} matrices "
+                            f"are sparser than {nm}{reached}. For {nm} alone, drop the earlier pruning pass")
     failures = _failures(art)
     validated = bool(art.validation)
     return {

@@ -192,6 +192,7 @@ class LocalPruner(Pass):
         model = art.student.cpu()
         linears = {p.param: p for p in prunable_linears(model, art.adapter)}
         dense_nm: list[str] = []
+        kept_earlier: list[str] = []  # matrices an earlier pass's zeros leave sparser than this pass's pattern
 
         def prune(pl: PrunableLinear, stats: Any) -> None:
             w = pl.module.weight
@@ -206,6 +207,8 @@ class LocalPruner(Pass):
                 if earlier is not None and earlier.shape == mask.shape:
                     # A later pruner at a lower sparsity keeps what an earlier one removed, and a distillation
                     # after it would grow that back: a pass removes weights, never restores them.
+                    if cfg.nm and bool((mask & ~earlier).any()):
+                        kept_earlier.append(pl.param)
                     mask &= earlier
                     w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
             art.masks[pl.param] = mask
@@ -247,7 +250,7 @@ class LocalPruner(Pass):
                             prune(pl, stats)
                         bar.update()
         bar.close()
-        return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm,
+        return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm, "nm_kept_earlier": kept_earlier,
                 "targets": "allocation" if art.allocation else "uniform"}
 
 
