@@ -588,7 +588,11 @@ def test_held_out_split_and_corpus_are_capped_at_the_models_positions(uncapped, 
     report = json.loads((out / "report.json").read_text())
     assert student["cosine_to_teacher"]["held-out"] == pytest.approx(
         report["validation"]["towers"]["text"]["cosine_mean"], abs=1e-4)
-    assert bench["corpora"]["long.txt"] == {"text": len(texts)}
+    # LONG " again" reads, cut to 64 tokens, as LONG: one input, counted once
+    assert bench["corpora"]["long.txt"] == {"text": len(texts) - 1}
+    assert f"--corpus {tmp_path / 'long.txt'}: 1 of its texts read, cut to 64 tokens, as a text the compile " \
+           f"calibrated or distilled on or as another of its texts, and are left out of its fidelity" in bench["notes"]
+    texts.remove(LONG + " again")
     enc = pre["tokenizer"](texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
         t = TowerModule(teacher, adapter.tower("text"))(enc["input_ids"], enc["attention_mask"])[1].numpy()
@@ -839,6 +843,19 @@ def test_threads_above_the_cpus_are_noted_as_unequal_runtimes(uncapped, tmp_path
             f"threads {cpus + 1} is above the {cpus} CPU(s) this process may use: ONNX Runtime's threads wait for a "
             f"core while OpenVINO runs {cpus}, so the rows compare runtimes at unequal threads; pass --threads {cpus} "
             f"or fewer"][:notes]
+
+
+def test_texts_of_exactly_the_cut_length_are_not_counted_as_cut(uncapped, tmp_path):
+    """A text of 64 tokens, [CLS] and [SEP] included, fills the mask and is whole; the note counted it as cut."""
+    _, _, out = uncapped
+    whole = [f"{w} " + "the " * 61 for w in ("water", "house", "road")]  # 62 words: 64 tokens
+    longer = [f"{w} " + "the " * 70 for w in ("man", "number")]
+    (tmp_path / "edge.txt").write_text("\n".join([*whole, *longer, *EXTRA]) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "edge.txt", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "b.json").read_text())["notes"]
+    assert [n for n in notes if "are cut to" in n] == [f"--corpus {tmp_path / 'edge.txt'}: 2 of its {5 + len(EXTRA)} "
+                                                      f"texts are cut to 64 tokens, as the compile cut its held-out split"]
 
 
 def test_a_corpus_is_judged_without_what_the_compile_calibrated_on(uncapped, tmp_path):

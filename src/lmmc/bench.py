@@ -728,7 +728,7 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     batches of up to `n` distinct items each. Texts and images in `seen` (what the compile trained on) are
     left out, and `notes` says so; a tower given fewer than `floor` distinct items is an error."""
     from lmmc.data import (DEFAULT_MAX_LENGTH, encode_images, encode_text, part_keys, read_corpus, sample_key,
-                           text_length)
+                           text_length, unseen_texts)
 
     modalities = sorted({t.modality for t in adapter.towers})
     records = read_corpus(path, "--corpus")
@@ -745,6 +745,18 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     # Each tower's own distinct items: captions repeat across images ("a photo of a dog") and one image can
     # carry several captions, so counted by pair one text or one picture stood for a whole column.
     distinct = {m: list({p[m]: k[m] for k, p in zip(kept, parts) if m in k}.values()) for m in modalities}
+    # the default length as load_calibration sets it for the compile's held-out split
+    max_length = calib_cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
+    if distinct.get("text") and preprocessor.get("tokenizer") is not None:
+        # A text that differs from one the compile read only past the cut reads as the same tokens, as the
+        # compile's own held-out split leaves out; so does one that reads as another of the corpus's texts.
+        length = text_length(preprocessor["tokenizer"], max_length, pad_to)
+        texts = distinct["text"]
+        distinct["text"] = [texts[i] for i in unseen_texts(preprocessor["tokenizer"], texts, sorted(seen), length)]
+        twins = len(texts) - len(distinct["text"])
+        if twins and notes is not None:
+            notes.append(f"--corpus {path}: {twins} of its texts read, cut to {length} tokens, as a text the compile "
+                         f"calibrated or distilled on or as another of its texts, and are left out of its fidelity")
     gen = random.Random(calib_cfg.seed)
     items = {m: gen.sample(found, min(n, len(found))) for m, found in distinct.items()}
     most = max(len(i) for i in items.values())
@@ -753,8 +765,6 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     if most < 2:
         raise LmmcError(f"--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add "
                         f"more {' or '.join(m + 's' for m in modalities if items[m])}")
-    # the default length as load_calibration sets it for the compile's held-out split
-    max_length = calib_cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
     out: dict[str, list[dict]] = {}
     for modality, found in items.items():
         if len(found) < 2:  # a mixed corpus: only the modalities it holds enough of
@@ -769,7 +779,9 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
         if modality == "text":
             out[modality] = encode_text(preprocessor["tokenizer"], found, calib_cfg.batch_size, max_length, pad_to)
             length = text_length(preprocessor["tokenizer"], max_length, pad_to)
-            cut = sum(int((b["attention_mask"].sum(1) >= length).sum()) for b in out[modality])
+            # one token more than the cut: a text of exactly `length` tokens is whole
+            cut = sum(len(ids) > length for ids in preprocessor["tokenizer"](found, truncation=True,
+                                                                           max_length=length + 1)["input_ids"])
             if cut and pad_to is None and notes is not None:  # padded to a fixed length, every mask may be full
                 notes.append(f"--corpus {path}: {cut} of its {len(found)} texts are cut to {length} tokens, as the "
                              f"compile cut its held-out split")

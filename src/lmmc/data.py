@@ -604,7 +604,8 @@ def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection
     """A text model's held-out texts that read, cut to `max_length` tokens, as the same tokens as a text
     calibrated on (or held out before): texts that share a long opening and differ only past the cut. The
     split tells texts apart by their words; validating on such a twin would measure a calibrated input."""
-    kept = _unseen(tokenizer, [r["text"] for r in chosen.held_out], [r["text"] for r in chosen.calib], max_length)
+    kept = unseen_texts(tokenizer, [r["text"] for r in chosen.held_out], [r["text"] for r in chosen.calib],
+                        max_length)
     held_out = [chosen.held_out[i] for i in kept]
     if len(held_out) == len(chosen.held_out):
         return chosen
@@ -642,7 +643,7 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
             cut = [""] + short_texts(c[:len(c) // 4], cfg.seed, tok)
             short = encode_text(tok, cut, cfg.batch_size, max_length, pad_to)
             openings = short_texts(e, cfg.seed, tok)
-            kept = _unseen(tok, openings, cut, text_length(tok, max_length, pad_to))
+            kept = unseen_texts(tok, openings, cut, text_length(tok, max_length, pad_to))
             eval_short = encode_text(tok, [openings[i] for i in kept], cfg.batch_size, max_length, pad_to)
         else:
             proc = preprocessor.get("image_processor")
@@ -684,7 +685,7 @@ def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _unseen(tokenizer, texts: list[str], seen: list[str], max_length: int) -> list[int]:
+def unseen_texts(tokenizer, texts: list[str], seen: list[str], max_length: int) -> list[int]:
     """The indices of `texts` whose tokens, cut to `max_length`, are neither those of a text in `seen` nor of an
     earlier one: an uncased tokenizer reads "What is" as "what is"."""
     def tokens(batch: list[str]) -> list[tuple[int, ...]]:  # a tokenizer given no texts fails
