@@ -1019,3 +1019,11 @@ def test_a_hub_teacher_that_now_resolves_to_another_revision_is_refused(tmp_path
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert ("the hub model 'org/tiny' now resolves to revision def456, and out was compiled from revision abc123; "
             "pass --teacher with a copy of that one") in " ".join(refused.stderr.split())
+
+
+def test_a_ratio_that_rounds_to_one_is_said_as_level():
+    """A student 0.13 % slower read as "the student is 1.00x slower"."""
+    from lmmc.bench import _times
+
+    assert [_times(r) for r in (1.0013, 0.998, 1.0, 1.2, 0.5)] == [
+        "as fast, within 0.5 %", "as fast, within 0.5 %", "as fast, within 0.5 %", "1.20x slower", "2.00x faster"]

@@ -1087,4 +1087,6 @@ def _cosine(value: float | None) -> str:
 
 
 def _times(ratio: float) -> str:
-    return f"{1 / ratio:.2f}x faster" if ratio <= 1 else f"{ratio:.2f}x slower"
+    if round(ratio, 2) == 1 or round(1 / ratio, 2) == 1:  # "1.00x slower" read as a difference it is not
+        return "as fast, within 0.5 %"
+    return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
