@@ -782,6 +782,19 @@ def test_open_dir_refuses_a_tampered_manifest(tmp_path, tamper, message):
                                        f"recompile to rewrite it")
 
 
+def test_a_manifest_of_another_format_is_refused_not_read_as_this_one(compiled, tmp_path):
+    """A manifest a later lmmc writes in another format opened as this one's, whatever its keys now mean."""
+    out = tmp_path / "out"
+    shutil.copytree(compiled, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "lmmc-manifest/1"
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": "lmmc-manifest/2", "lmmc_version": "9.0"}))
+    with pytest.raises(LmmcError, match="manifest.json is of format 'lmmc-manifest/2' \\(lmmc 9.0 wrote it\\), and this "
+                                        "lmmc reads 'lmmc-manifest/1'; open it with the lmmc that wrote it, or "
+                                        "recompile"):
+        open_dir(out, threads=1)
+
+
 def test_an_output_whose_files_link_elsewhere_opens_as_a_hub_snapshot_does(compiled, tmp_path):
     """A hub cache snapshot (or git-annex, DVC) links each file to a blob outside the folder."""
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"

@@ -134,7 +134,8 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         lost = {e["path"]: f for e in manifest["artifacts"] if e["tower"] in towers for f in e.get("files") or []
                 if f != e["path"] and not (out_dir / f).is_file()}
         files = {e["path"]: e.get("files") or [e["path"]] for e in manifest["artifacts"]}
-        preprocessing = [MANIFEST, *(f for section in manifest["preprocessing"].values() for f in section["files"])]
+        preprocessing = [MANIFEST, *(f for section in manifest.get("preprocessing", {}).values()
+                                     for f in section["files"])]
     else:
         entries = [{"tower": p.stem, "backend": "onnxruntime", "precision": "fp32",
                     "path": str(p.relative_to(out_dir))} for p in sorted((out_dir / "onnx").glob("*.onnx"))]

@@ -14,10 +14,9 @@ from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
 from lmmc.modelio import local_dir, text_pad_length
 from lmmc.pooling import modes_of, normalises
-from lmmc.runtime import MANIFEST, PAD_TO_KEY, TensorSpec, load
+from lmmc.runtime import MANIFEST, MANIFEST_FORMAT, PAD_TO_KEY, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
-FORMAT = "lmmc-manifest/1"
 # Files of student/ that are weights or lmmc's own records (its model card among them), not preprocessing.
 _NOT_PREPROCESSING = {"config.json", "lmmc.json", "generation_config.json", "README.md"}
 
@@ -123,7 +122,7 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
         preprocessing["image"] = {"kind": "image_processor",
                                   "files": [f for f in preprocessing_files if "preprocessor" in f]}
     manifest = {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "lmmc_version": lmmc.__version__,
         "teacher": _teacher_ref(art.model_ref),
         "adapter": art.adapter.family,

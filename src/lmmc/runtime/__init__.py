@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lmmc-manifest/1"  # what a manifest's "format" says; another is one this lmmc cannot read
 FILE_LIST = ".lmmc-files.json"  # every file a compile wrote, each with its digest
 # What every reader of a manifest takes from each of its artifacts.
 ARTIFACT_KEYS = ("tower", "backend", "precision", "path")
@@ -499,6 +500,10 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
         raise LmmcError(f"{path} is not UTF-8 text, so not a manifest lmmc wrote; recompile to rewrite it") from None
     except OSError as err:
         raise LmmcError(f"cannot read {path}: {err.strerror}; fix its permissions") from None
+    written = manifest.get("format", MANIFEST_FORMAT) if isinstance(manifest, dict) else MANIFEST_FORMAT
+    if written != MANIFEST_FORMAT:
+        raise LmmcError(f"{path} is of format {written!r} (lmmc {manifest.get('lmmc_version', '?')} wrote it), and this "
+                        f"lmmc reads {MANIFEST_FORMAT!r}; open it with the lmmc that wrote it, or recompile")
     malformed = LmmcError(f"{path} is not an lmmc manifest (each artifact needs a tower, backend, precision and "
                           f"path, each tower a modality and its preprocessing); recompile to rewrite it")
     artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
@@ -653,7 +658,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
     _warn_if_failed(out_dir, manifest)
-    edited = edited_files(out_dir, [MANIFEST, *(f for s in manifest["preprocessing"].values() for f in s["files"])])
+    edited = edited_files(out_dir, [MANIFEST, *(f for s in manifest.get("preprocessing", {}).values()
+                                                for f in s["files"])])
     if edited:  # a swapped tokenizer, an entry pointed at another graph: encode() would differ without a word
         warnings.warn(f"{', '.join(edited)} in {out_dir} {'is' if len(edited) == 1 else 'are'} not what the compile "
                       f"wrote (the SHA-256 {FILE_LIST} keeps differs): edited or replaced since, so the figures "
