@@ -53,9 +53,10 @@ class DistillConfig(PassConfig):
         "auto", description="bf16 autocast or fp32; auto = bf16 on GPUs that support it, fp32 on CPU. On a CPU "
         "with AMX, bf16 trains faster at batch 32 and up (text batches are then padded to multiples of 16 tokens)")
     seed: int = Field(0, ge=0, lt=2**63, description="seeds the data order and the bandit")
-    corpus: str | None = Field(None, description="distillation data (.txt, .jsonl, image folder; generative "
-                               "models: a .jsonl of {image, prompt?, text} records); default: the calibration "
-                               "samples. Held-out validation samples are always removed")
+    corpus: str | list[str] | None = Field(None, description="distillation data (.txt, .jsonl, image folder; "
+                                           "generative models: a .jsonl of {image, prompt?, text} records), or a "
+                                           "list of them read as one; default: the calibration samples. Held-out "
+                                           "validation samples are always removed")
     samples: int | None = Field(None, gt=0, description="use at most this many corpus samples for training")
     vocabulary: float = Field(0.0, ge=0, le=1, description="text encoders: add this share of the corpus's "
                               "training samples again as runs of 4 to 24 tokens drawn at random from the whole "
@@ -212,8 +213,10 @@ class DistillConfig(PassConfig):
                                 f"two towers are both distilled, and this distill trains one tower of a "
                                 f"{adapter.family} model; remove {', '.join(unused)}")
             return
-        if self.corpus and Path(self.corpus).suffix != ".jsonl":
-            raise LmmcError(f"distill: corpus '{self.corpus}' is not a .jsonl, but this generative image-text model "
+        for path in self.corpus_paths():
+            if path.suffix == ".jsonl":
+                continue
+            raise LmmcError(f"distill: corpus '{path}' is not a .jsonl, but this generative image-text model "
                             f"({adapter.family}) distils on image-text records: give a .jsonl with "
                             f"{{\"image\": ..., \"prompt\": ... (optional), \"text\": the answer or caption}} per line")
         if self.arm_span == "towers":
@@ -234,10 +237,18 @@ class DistillConfig(PassConfig):
 
     @field_validator("corpus")
     @classmethod
-    def _corpus_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).exists():
-            raise ValueError(f"corpus '{v}' does not exist; give a .txt, .jsonl or image folder")
+    def _corpus_exists(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("corpus is an empty list; give at least one .txt, .jsonl or image folder, or leave "
+                             "corpus out to distil on the calibration samples")
+        for path in [v] if isinstance(v, str) else v or []:
+            if not Path(path).exists():
+                raise ValueError(f"corpus '{path}' does not exist; give a .txt, .jsonl or image folder")
         return v
+
+    def corpus_paths(self) -> list[Path]:
+        """The corpus files, in the order given (none: distil on the calibration samples)."""
+        return [Path(p) for p in ([self.corpus] if isinstance(self.corpus, str) else self.corpus or [])]
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":
@@ -389,13 +400,13 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     """Training and dev samples: the corpus minus the compile's held-out samples, shuffled with the seed;
     dev comes first, so changing `samples` never moves a sample between the two."""
     if cfg.corpus:
-        source = f"corpus '{cfg.corpus}'"
+        source = "corpus " + ", ".join(f"'{p}'" for p in cfg.corpus_paths())
         template = cfg.chat_template if cfg.chat_template is not None else bool(art.calib and art.calib.chat_template)
         length = cfg.max_length
         text = [t for t in art.adapter.towers if t.modality == "text"]
         if not cfg.given("max_length") and text and art.adapter.kind != "generative":
             length = min(length, *(text_positions(art.teacher.config, t) for t in text))  # CLIP: 77, not 128
-        samples = encode_corpus(art, Path(cfg.corpus), modalities, length, template, keep=cfg.samples is None)
+        samples = encode_corpus(art, cfg.corpus_paths(), modalities, length, template, keep=cfg.samples is None)
     else:
         if art.calib is None:
             raise LmmcError("distill needs data: give 'corpus' in its config, or calibration data (--calib)")
@@ -446,22 +457,25 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     return train, dev
 
 
-def encode_corpus(art: Artifact, path: Path, modalities: list[str], max_length: int,
+def encode_corpus(art: Artifact, paths: list[Path], modalities: list[str], max_length: int,
                   chat_template: bool = False, keep: bool = False) -> list[Sample] | _TextCorpus | _ImageCorpus:
-    """The corpus's records that have every modality the model needs, encoded one sample at a time (a
-    generative model's: every record, which must be an image-text record; an encoder's texts packed, its
-    images decoded when read unless `keep`)."""
+    """The records of the corpus files, in order, that have every modality the model needs, encoded one
+    sample at a time (a generative model's: every record, which must be an image-text record; an encoder's
+    texts packed, its images decoded when read unless `keep`)."""
     if art.adapter.kind == "generative":
-        records = read_corpus(path, "distill.corpus")
+        files = {path: read_corpus(path, "distill.corpus") for path in paths}
         processor = (art.preprocessor or {}).get("processor")
         if processor is None:
             raise LmmcError("distill: the model has no processor to encode the image-text corpus with; compile "
                             "from a model directory that holds its processor")
-        check_generative_records(records, path, processor, chat_template, "distill.corpus")
+        for path, records in files.items():
+            check_generative_records(records, path, processor, chat_template, "distill.corpus")
+        records = [r for file in files.values() for r in file]
         positions = min(text_positions(art.teacher.config, t) for t in art.adapter.towers if t.modality == "text")
         batches = encode_generative(processor, records, 64, max_length, chat_template, positions)
         return _split_samples(tower_batches(batches), modalities)
-    records = [r for r in read_corpus(path, "distill.corpus") if all(m in r for m in modalities)]
+    records = [r for path in paths for r in read_corpus(path, "distill.corpus")
+               if all(m in r for m in modalities)]
     if "text" in modalities and art.calib is not None and art.calib.held_out_texts:  # "The" is "the", whatever the tokenizer
         records = [r for r in records if text_key(r["text"]) not in art.calib.held_out_texts]
     if not records:

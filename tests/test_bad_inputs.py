@@ -1256,6 +1256,16 @@ def _(tmp):
             ["contains the model directory", "Choose a new directory"])
 
 
+@case("--force on the folder of a distill corpus given in a list")
+def _(tmp):
+    (tmp / "texts").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp / name if name == "a.txt" else tmp / "texts" / name).write_text("the water is cold\n" * 3)
+    recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "corpus": [str(tmp / "a.txt"), str(tmp / "texts/b.txt")]}}]}
+    return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "texts", "--force", "--dry-run"],
+            ["contains the corpus of 'distill'", "b.txt", "Choose a new directory"])
+
+
 @case("--out inside the model directory")
 def _(tmp):
     model = bert(tmp)

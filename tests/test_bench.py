@@ -892,13 +892,15 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
 
     (tmp_path / "d.txt").write_text("The first line\nthe second line\n")
     (tmp_path / "e.txt").write_text("A third line\n")
+    (tmp_path / "f.txt").write_text("A fourth line\n")
     passes = [{"distill": {"corpus": str(tmp_path / "d.txt")}},
-              {"antgmm": {"distill": {"corpus": str(tmp_path / "e.txt")}}},
+              {"antgmm": {"distill": {"corpus": [str(tmp_path / "e.txt"), str(tmp_path / "f.txt")]}}},
               {"distill": {"corpus": str(tmp_path / "gone.txt")}}]
     notes: list[str] = []
     data = SimpleNamespace(calibrated=frozenset({"text:x"}))
     seen = trained_on({"recipe": {"passes": passes}}, data, {"text"}, notes)
-    assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line"])}
+    assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line",
+                                                                "a fourth line"])}
     assert notes == [f"the distillation corpus {tmp_path / 'gone.txt'} is not there any more: --corpus samples it "
                      f"held are not told apart from unseen ones"]
     # edited since the compile hashed it: which --corpus texts were distilled on can no longer be told

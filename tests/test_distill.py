@@ -563,6 +563,15 @@ def test_text_corpus_excludes_held_out_sentences(minilm, tmp_path):
                    calib=calib)
     m = distill(art, steps=2, corpus=str(corpus), dev_samples=8)
     assert (m["train_samples"], m["dev_samples"]) == (60 - 12 - 8, 8)
+    # The same sentences in two files, one repeated across them, read as one corpus; either file alone has fewer.
+    (tmp_path / "a.txt").write_text("\n".join(lines[:30]))
+    (tmp_path / "b.txt").write_text("\n".join(lines[25:]))
+    m = distill(art, steps=2, corpus=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], dev_samples=8)
+    assert (m["train_samples"], m["dev_samples"]) == (60 - 12 - 8, 8)
+    cfg = Distill.Config(corpus=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], dev_samples=8)
+    both = build_corpus(cfg, art, ["text"])
+    one = build_corpus(cfg.model_copy(update={"corpus": str(tmp_path / "a.txt")}), art, ["text"])
+    assert len(one[0]) + len(one[1]) < len(both[0]) + len(both[1]) == 60 - 12
 
 
 @pytest.mark.parametrize("pad_to", [None, 40])

@@ -174,6 +174,26 @@ def test_paths_inside_antgmm_distill_resolve_against_the_recipe(tmp_path):
         load_recipe(path)
 
 
+def test_a_list_of_corpus_files_resolves_each_against_the_recipe(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("one sentence\n")
+    distill = {"corpus": ["../a.txt", str(tmp_path / "b.txt")], "steps": 1}
+    data = {**FULL, "calibration": {**FULL["calibration"], "path": "../a.txt"}, "passes": [{"distill": distill}]}
+    path = tmp_path / "recipes" / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_recipe(path).passes[0].config
+    assert config.corpus_paths() == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    distill["corpus"] = ["../a.txt", "missing.txt"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LmmcError, match=r"distill.corpus\[1\] 'missing.txt' does not exist"):
+        load_recipe(path)
+    distill["corpus"] = []
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LmmcError, match="corpus is an empty list; give at least one"):
+        load_recipe(path)
+
+
 def test_a_home_path_in_a_recipe_is_the_home_directory(tmp_path, monkeypatch):
     # The checkpoints went to a folder named '~' in the current directory, and '~/corpus' was "missing".
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

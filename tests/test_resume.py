@@ -92,6 +92,17 @@ def test_a_corpus_distilled_on_between_antgmm_stages_is_checked_too(tmp_path, te
         f"the data of passes[0].antgmm.distill.corpus ('{corpus}') changed"]
 
 
+def test_each_file_of_a_corpus_list_is_checked(tmp_path, teacher):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for f in files:
+        f.write_text("the water is cold\n")
+    passes = [{"distill": {"corpus": [str(f) for f in files], "steps": 1}}]
+    before = inputs(tmp_path, passes=passes)
+    files[1].write_text("the water is warm\n")
+    assert changed_inputs(before, inputs(tmp_path, passes=passes)) == [
+        f"the data of passes[0].distill.corpus[1] ('{files[1]}') changed"]
+
+
 def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
     dead = WorkArea(tmp_path / "out")
     dead.claim(inputs(tmp_path), resume=False)

@@ -698,7 +698,7 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
 
     def corpora(node: Any) -> list[str]:
         if isinstance(node, dict):
-            return [v for k, v in node.items() if k == "corpus" and isinstance(v, str)] + \
+            return [p for k, v in node.items() if k == "corpus" for p in ([v] if isinstance(v, str) else v or [])] + \
                 [c for v in node.values() for c in corpora(v)]
         return [c for v in node for c in corpora(v)] if isinstance(node, list) else []
 

@@ -198,9 +198,8 @@ def _inputs(model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> l
     if recipe.calibration.path:
         found.append(("the calibration data", Path(recipe.calibration.path).resolve()))
     for name, cfg in _step_configs(recipe):
-        corpus = getattr(cfg, "corpus", None)
-        if corpus:
-            found.append((f"the corpus of '{name}'", Path(corpus).resolve()))
+        for corpus in cfg.corpus_paths() if hasattr(cfg, "corpus_paths") else []:
+            found.append((f"the corpus of '{name}'", corpus.resolve()))
     return found
 
 
@@ -519,18 +518,20 @@ def _check_distill_samples(recipe: Recipe, config: Any, adapter: Any, counts: di
         micro_batch(cfg.batch_size, cfg.grad_accum, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's ranks
         if cfg.corpus:
             needed = {modality_key(t) for t in distilled_towers(cfg, adapter)}
-            records = read_corpus(Path(cfg.corpus), f"{name}.corpus")
+            files = {path: read_corpus(path, f"{name}.corpus") for path in cfg.corpus_paths()}
+            records = [r for file in files.values() for r in file]
             used = records if adapter.kind == "generative" else [r for r in records if needed <= r.keys()]
-            if adapter.kind == "generative" and Path(cfg.corpus).suffix == ".jsonl":  # else the pass says so
+            if adapter.kind == "generative" and all(p.suffix == ".jsonl" for p in files):  # else the pass says so
                 template = cfg.chat_template if cfg.chat_template is not None else recipe.calibration.chat_template
-                check_generative_records(records, Path(cfg.corpus), preprocessors["processor"], template,
-                                         f"{name}.corpus")
+                for path, file in files.items():
+                    check_generative_records(file, path, preprocessors["processor"], template, f"{name}.corpus")
                 check_prompts(preprocessors["processor"], records, cfg.max_length, template,
                               _decoder_positions(config, adapter))
             if not used:
                 need = "image-text pairs" if len(needed) > 1 else f"{next(iter(needed))} samples"
                 have = sorted({k for r in records for k in ("text", "image") if k in r})
-                raise LmmcError(f"{name}: its corpus '{cfg.corpus}' holds {' and '.join(have) or 'no'} samples only, "
+                named = ", ".join(f"'{p}'" for p in files)
+                raise LmmcError(f"{name}: its corpus {named} holds {' and '.join(have) or 'no'} samples only, "
                                 f"and this distill trains on {need}; give a corpus of {need}")
             if "image" in needed:
                 check_images([r["image"] for r in used if "image" in r])

@@ -328,6 +328,8 @@ def _resolve(value: Any, base: Path | None, what: str, must_exist: bool) -> Any:
         raise LmmcError(f"{what} is an empty path, which would read as the recipe's directory; give a real path")
     if isinstance(value, str) and value.startswith("~"):
         value = os.path.expanduser(value)  # as a shell would: the passes open paths as given
+    if isinstance(value, list):  # a list of corpus files
+        return [_resolve(v, base, f"{what}[{i}]", must_exist) for i, v in enumerate(value)]
     if base is None or not isinstance(value, str):
         return value
     if Path(value).is_absolute():

@@ -125,13 +125,14 @@ def describe_inputs(model_ref: str, recipe: Recipe) -> dict[str, Any]:
     if recipe.calibration.path:
         data["calibration"] = {"path": recipe.calibration.path, "sha256": hash_data(Path(recipe.calibration.path))}
     for i, step in enumerate(recipe.passes):
-        corpus = getattr(step.config, "corpus", None)
-        if corpus:
-            data[f"passes[{i}].{step.name}.corpus"] = {"path": corpus, "sha256": hash_data(Path(corpus))}
         nested = getattr(step.config, "distill", None)  # antgmm's distillation between its stages
-        if isinstance(nested, dict) and nested.get("corpus"):
-            data[f"passes[{i}].{step.name}.distill.corpus"] = {"path": nested["corpus"],
-                                                                "sha256": hash_data(Path(nested["corpus"]))}
+        for where, corpus in ((f"passes[{i}].{step.name}.corpus", getattr(step.config, "corpus", None)),
+                              (f"passes[{i}].{step.name}.distill.corpus",
+                               nested.get("corpus") if isinstance(nested, dict) else None)):
+            paths = [corpus] if isinstance(corpus, str) else corpus or []
+            for j, path in enumerate(paths):
+                key = where if isinstance(corpus, str) else f"{where}[{j}]"
+                data[key] = {"path": path, "sha256": hash_data(Path(path))}
     return {"lmmc_version": lmmc.__version__, "lmmc_code": code_digest(), "model": model, "recipe": recipe.to_dict(),
             "data": data}
 
