@@ -21,28 +21,34 @@ PyPI, and all under licences that allow redistribution (see samples/README.md):
       anarchism     Debian package `fortune-anarchism` (political quotations and opinion, public domain)
       novels        Debian package `r-cran-tidytext` (Wells, Verne and Dickens, public domain texts; its
                     Pride and Prejudice stays out, as Austen is held out)
+    wiki_en.txt (distilled on beside general_en.txt by the deployment recipe; deduplicated against all of the above)
+      wikipedia     the shortened dump of English Wikipedia articles in the test data of the PyPI wheel `gensim`
+                    (encyclopedic prose: history, geography, economies, politics, science, people; CC BY-SA)
     heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
       austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
     heldout/reuters.txt (judging only: newswire, a domain neither distillation corpus holds)
       reuters       Debian package `r-cran-tm` (its Reuters-21578 and RCV1 example articles)
 
-Run from the repository root (needs apt-get and dpkg-deb for the Debian packages, groff for man pages):
+Run from the repository root (needs apt-get and dpkg-deb for the Debian packages, groff for man pages, pip
+for the wheel):
 
     .venv/bin/python samples/corpora/build.py
 
 It downloads the .deb files into a temporary folder without installing them, extracts the text,
 splits it into sentences, cleans and deduplicates them, samples each source to its quota with a fixed
 seed, and writes the corpora plus broad_en.sources.tsv and general_en.sources.tsv (which line range came
-from which source).
+from which source) and wiki_en.articles.txt (the titles of the articles wiki_en.txt draws on).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import bz2
 import gzip
 import html
 import importlib.metadata
+import io
 import random
 import re
 import struct
@@ -50,6 +56,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -88,6 +96,12 @@ FORTUNE_MIN = {"fortunes", "literature", "riddles"}  # the files of fortunes-min
 FORTUNE_SKIP = {"ascii-art", "computers", "debian", "drugs", "ethnic", "linux", "linuxcookie", "perl", "zippy",
                 "men-women"}
 HELDOUT_QUOTA = 3000
+# Every clean sentence of the articles (about 14,400).
+WIKI_QUOTA = 20000
+WIKI_WHEEL = ("gensim", "4.4.0")  # its test data holds a shortened English Wikipedia dump
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# What a removed template (a unit conversion, a citation) leaves behind: a space before punctuation, empty brackets.
+_WIKI_GAP = re.compile(r"\s[,.;:)]|\(\s*[,;)]|\s\s")
 NOVEL_TITLES = {"The War of the Worlds", "Twenty Thousand Leagues under the Sea", "Great Expectations",
                 "Pride and Prejudice"}
 SEED = 0
@@ -354,6 +368,59 @@ def novels(_repo: Path, root: Path) -> Iterator[str]:
             yield from split_sentences(para.replace("_", ""))
 
 
+def fetch_wiki(folder: Path) -> bytes:
+    """The Wikipedia dump in the test data of gensim's wheel, read from the wheel without installing it."""
+    name, version = WIKI_WHEEL
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+                    "-d", str(folder), f"{name}=={version}"], check=True)
+    with zipfile.ZipFile(next(folder.glob(f"{name}-{version}-*.whl"))) as wheel:
+        return bz2.decompress(wheel.read(WIKI_MEMBER))
+
+
+def wiki_articles(dump: bytes) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of every article of a MediaWiki XML dump, redirects left out."""
+    title = None
+    for _, el in ET.iterparse(io.BytesIO(dump)):
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "title":
+            title = el.text
+        elif tag == "text" and el.text and not el.text.lstrip().upper().startswith("#REDIRECT"):
+            yield title or "", el.text
+        elif tag == "page":
+            el.clear()
+
+
+def _wiki_plain(text: str) -> list[str]:
+    """The running text of an article's wikitext, one line per line, blank where a heading, list or table was."""
+    text = re.sub(r"<!--.*?-->|<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    # Templates and tables nest: remove the innermost until none is left.
+    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|(?:(?!\{\|).)*?\|\}"):
+        while (stripped := re.sub(pattern, "", text, flags=re.S)) != text:
+            text = stripped
+    # Links keep their shown text; files, categories and other languages' links go (innermost first too).
+    while True:
+        stripped = re.sub(r"\[\[(?!(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):)(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]",
+                          r"\1", text)
+        stripped = re.sub(r"\[\[[^\[\]]*\]\]", "", stripped)
+        if stripped == text:
+            break
+        text = stripped
+    text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
+    text = re.sub(r"<[^>]+>", "", html.unescape(re.sub(r"'{2,}", "", text)))
+    return ["" if ln.strip().startswith(("=", "*", "#", ":", ";", "|", "!", "{", "}")) else ln.strip()
+            for ln in text.splitlines()]
+
+
+def wikipedia(dump: bytes) -> Iterator[str]:
+    for _, text in wiki_articles(dump):
+        for para in paragraphs(_wiki_plain(text)):
+            # "U.S." and "U.K." end no sentence here; the shared splitter's list stays as the other corpora were built.
+            for sentence in split_sentences(para.replace("U.S. ", "U.S.\x01").replace("U.K. ", "U.K.\x01")):
+                sentence = sentence.replace("\x01", " ")
+                if not _WIKI_GAP.search(sentence):
+                    yield sentence
+
+
 SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
            "jargon": jargon, "wordnet": wordnet}
 GENERAL = {"melville": melville, "fortunes": fortunes, "bierce": bierce}
@@ -420,6 +487,9 @@ def main() -> None:
             kept = collect(name, source(args.repo, root), seen_more, MORE_QUOTAS[name], narrative=True)
             general_ranges.append((name, len(general) + 1, len(general) + len(kept)))
             general.extend(kept)
+        dump = fetch_wiki(Path(tmp))
+        wiki = collect("wikipedia", wikipedia(dump), seen_more, WIKI_QUOTA)
+        titles = [title for title, _ in wiki_articles(dump)]
     calib = args.repo / "samples/calib"
     (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
     (calib / "broad_en.sources.tsv").write_text(
@@ -430,7 +500,10 @@ def main() -> None:
         "source\tfirst_line\tlast_line\n" + "".join(f"{n}\t{a}\t{b}\n" for n, a, b in general_ranges))
     (args.repo / "samples/heldout/austen.txt").write_text("\n".join(heldout) + "\n")
     (args.repo / "samples/heldout/reuters.txt").write_text("\n".join(news) + "\n")
-    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(heldout)} + {len(news)} sentences", file=sys.stderr)
+    (calib / "wiki_en.txt").write_text("\n".join(wiki) + "\n")
+    (calib / "wiki_en.articles.txt").write_text("\n".join(titles) + "\n")
+    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(wiki)} + {len(heldout)} + {len(news)} sentences",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
