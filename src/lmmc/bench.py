@@ -698,7 +698,8 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
 
     def corpora(node: Any) -> list[str]:
         if isinstance(node, dict):
-            return [p for k, v in node.items() if k == "corpus" for p in ([v] if isinstance(v, str) else v or [])] + \
+            given = node.get("corpus")  # a file, or a list of files read as one corpus
+            return ([given] if isinstance(given, str) else given if isinstance(given, list) else []) + \
                 [c for v in node.values() for c in corpora(v)]
         return [c for v in node for c in corpora(v)] if isinstance(node, list) else []
 
