@@ -101,7 +101,7 @@ WIKI_QUOTA = 20000
 WIKI_WHEEL = ("gensim", "4.4.0")  # its test data holds a shortened English Wikipedia dump
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # What a removed template (a unit conversion, a citation) leaves behind: a space before punctuation, empty brackets.
-_WIKI_GAP = re.compile(r"\s[,.;:)]|\(\s*[,;)]|\s\s")
+_WIKI_GAP = re.compile(r"\s[,.;:)]|\(\s*[,;)]")
 NOVEL_TITLES = {"The War of the Worlds", "Twenty Thousand Leagues under the Sea", "Great Expectations",
                 "Pride and Prejudice"}
 SEED = 0
@@ -391,7 +391,7 @@ def wiki_articles(dump: bytes) -> Iterator[tuple[str, str]]:
 
 
 def _wiki_plain(text: str) -> list[str]:
-    """The running text of an article's wikitext, one line per line, blank where a heading, list or table was."""
+    """The running text of an article's wikitext, line by line, blank where a heading, list or table was."""
     text = re.sub(r"<!--.*?-->|<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S)
     # Templates and tables nest: remove the innermost until none is left.
     for pattern in (r"\{\{[^{}]*\}\}", r"\{\|(?:(?!\{\|).)*?\|\}"):
