@@ -1259,8 +1259,8 @@ def _(tmp):
 @case("--force on the folder of a distill corpus given in a list")
 def _(tmp):
     (tmp / "texts").mkdir()
-    for name in ("a.txt", "b.txt"):
-        (tmp / name if name == "a.txt" else tmp / "texts" / name).write_text("the water is cold\n" * 3)
+    (tmp / "a.txt").write_text("the water is cold\n")
+    (tmp / "texts" / "b.txt").write_text("the water is warm\n")
     recipe = {**RANDOM, "passes": [{"distill": {"steps": 1, "corpus": [str(tmp / "a.txt"), str(tmp / "texts/b.txt")]}}]}
     return ([bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "texts", "--force", "--dry-run"],
             ["contains the corpus of 'distill'", "b.txt", "Choose a new directory"])
