@@ -674,7 +674,7 @@ def test_an_image_under_several_captions_is_decoded_once_and_its_pixels_shared(t
     teacher = tiny_model("clip")
     art = Artifact("tiny", get_adapter("clip"), teacher, make_student(teacher), preprocessor={
         "tokenizer": transformers.AutoTokenizer.from_pretrained(str(model)), "image_processor": processor})
-    samples = encode_corpus(art, tmp_path / "corpus.jsonl", ["image", "text"], 16)
+    samples = encode_corpus(art, [tmp_path / "corpus.jsonl"], ["image", "text"], 16)
     assert len(samples) == 12
     pixels = [s["image"]["pixel_values"] for s in samples]
     assert len({p.data_ptr() for p in pixels}) == 4
