@@ -212,6 +212,28 @@ def test_a_dry_run_with_resume_refuses_what_the_resume_would(tmp_path, teacher):
     assert result.exit_code == 2 and "recipe passes[0].antgmm.keep: 0.5 -> 0.6" in result.output, result.output
 
 
+def test_resume_from_a_model_directory_that_moved_says_so(tmp_path, teacher):
+    """The interrupted run read the teacher from a folder that has moved since: said as such, with the fix, not
+    as a hub id missing from the cache; from its new path the compile resumes (the model is known by its files)."""
+    from click.testing import CliRunner
+
+    from lmmc.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    dead = WorkArea(tmp_path / "out")
+    dead.claim(inputs(tmp_path), resume=False)
+    dead.release()
+    teacher.rename(tmp_path / "moved")
+    args = ["-r", str(recipe), "-o", str(tmp_path / "out"), "--resume", "--dry-run"]
+    result = CliRunner().invoke(main, ["compile", str(teacher), *args])
+    assert result.exit_code == 2
+    assert (f"--resume: the model directory '{teacher}' that the interrupted compile to '{tmp_path / 'out'}' read "
+            f"is not there any more; if it moved, give its new path") in " ".join(result.output.split())
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "moved"), *args])
+    assert result.exit_code == 0, result.output
+
+
 def test_resume_after_a_stop_between_placing_the_output_and_removing_the_area(tmp_path, teacher, monkeypatch):
     """The output was complete in --out; --resume restored a state whose exports had moved there with it
     and blamed the user's input ("artifact ... does not exist"), with --force too."""

@@ -287,6 +287,10 @@ def compile_cmd(model, recipe, out, calib, dry_run, force, device, trust_remote_
     local = os.path.abspath(os.path.expanduser(model)) if os.path.exists(os.path.expanduser(model)) else model
     if non_utf8(local) is not None:
         raise LmmcError(f"MODEL '{local}' holds the byte {non_utf8(local)}, {_NOT_UTF8}")
+    if resume:
+        from lmmc.resume import WorkArea
+
+        WorkArea(Path(os.path.expanduser(out))).check_model_there(model)
     if dry_run:
         target = check_output(Path(out), model, parsed, recipe, force)
         resolve_device(device)

@@ -310,6 +310,17 @@ class WorkArea:
         return (f"another lmmc compile ({self._owner_words()}) is writing to '{self.out}' (work area "
                 f"'{self.path}'); wait for it to finish or stop it, or choose another --out")
 
+    def check_model_there(self, model_ref: str) -> None:
+        """A local model directory the interrupted compile read, gone from that path now, said as such: read as a
+        hub id it would be "not a local directory nor in the hub cache"."""
+        previous = _read_json(self.path / INPUTS_FILE)
+        read = (previous.get("model") or {}).get("path") if isinstance(previous, dict) else None
+        given = Path(os.path.expanduser(model_ref))
+        if read and not given.exists() and str(given.resolve()) == read:
+            raise LmmcError(f"--resume: the model directory '{model_ref}' that the interrupted compile to "
+                            f"'{self.out}' read is not there any more; if it moved, give its new path (a resumed "
+                            f"compile knows the model by its files, not by where they lie)")
+
     def check_claim(self, inputs: dict[str, Any] | None, resume: bool) -> None:
         """What claim refuses before any pass, checked without taking the area: for a dry run."""
         self._check_ours()
