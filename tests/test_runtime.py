@@ -315,12 +315,15 @@ def test_an_image_array_reads_as_the_picture_of_its_pixels(compiled):
             (np.stack([rgba[..., :3]] * 2), "an array of shape \\[2, 40, 44, 3\\]; one picture is .* a stack of them "
                                             "as list\\(stack\\)\\)$"),
             (rgba[:0], "a picture without pixels"),
-            (rgba[..., :3] / 255.0, "float pixels within \\[0, 1\\]; .* multiply it by 255"),
+            (rgba[..., :3] / 255.0, "float pixels within \\[0, 0.996\\]; .* multiply it by 255"),
+            # a [0, 1] picture that a resize overshot: read as 0-255, it was a black picture
+            (np.minimum(rgba[..., :3] / 240.0, 1.04), "float pixels within \\[0, 1.04\\]; .* multiply it by 255"),
             (rgba.astype(np.uint16) * 256, "pixel values from 0 to 65024"),
             (3, "item 0 of encode's list is int")]:
         with pytest.raises(LmmcError, match=message):
             deployed.encode([item])
-    for lone in (np.zeros((40, 48, 3), np.uint8), np.zeros((3, 40, 48), np.float32)):  # one picture, not 40 or 3
+    # one picture, not 40 or 3 (a torch tensor was read as three grey pictures)
+    for lone in (np.zeros((40, 48, 3), np.uint8), np.zeros((3, 40, 48), np.float32), torch.zeros(3, 40, 48)):
         with pytest.raises(LmmcError, match=f"got one array of shape \\{list(lone.shape)}; an array is one picture: "
                                             "wrap it in a list"):
             deployed.encode(lone)
@@ -595,8 +598,9 @@ def test_static_shape_pads_any_batch_up_to_the_compiled_shape(compiled):
         TEXTS, padding=True, truncation=True, max_length=12, return_tensors="np")
     cut = load(compiled / "openvino" / "text.xml", threads=1).run(
         {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})["pooled_embedding"]
-    with pytest.warns(UserWarning, match="static_shape's 12 tokens are fewer than the 64 .* validated at: encode\\(\\) "
-                                         "cuts every text to 12 tokens"):
+    # 64: what encode reads without a static shape, not the 12 calibration read (a warning at every (8, 128) on MiniLM)
+    with pytest.warns(UserWarning, match="static_shape's 12 tokens are fewer than the 64 that .*'s encode\\(\\) reads "
+                                         "otherwise \\(its tokenizer's limit\\): encode\\(\\) cuts every text to 12 tokens"):
         short = open_dir(compiled, backend="openvino", threads=1, static_shape=(3, 12)).encode(TEXTS)
     assert np.abs(short - cut).max() <= 1e-5 and np.abs(short - texts).max() > 1e-3
 
@@ -690,8 +694,9 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
         open_dir(compiled, backend=None)
     with pytest.raises(LmmcError, match="precision must name one, not None: .*'s onnxruntime artifacts are fp32, int8$"):
         open_dir(compiled, precision=None)
-    with pytest.raises(LmmcError, match="variant must name one, such as 'fused'.*not 3$"):
-        open_dir(compiled, variant=3)
+    for variant in (3, ""):  # "" matched nothing, and the message left it out
+        with pytest.raises(LmmcError, match=f"variant must name one, such as 'fused'.*not {variant!r}$"):
+            open_dir(compiled, variant=variant)
     with pytest.raises(LmmcError, match="open_generative takes the path of a compile's output directory, not NoneType"):
         open_generative(None)
     # 0 is GPU 0 to PyTorch: it ran on the CPU without a word
@@ -706,6 +711,45 @@ def test_open_dir_names_what_is_missing(compiled, tmp_path):
     with pytest.raises(LmmcError, match="'onnx/text.onnx' is listed in .*manifest.json but missing; copy the whole "
                                         "output directory, or compile again"):
         open_dir(copy, variant="plain")
+    (copy / "openvino" / "text.bin").unlink()  # the IR's weights, beside the .xml the entry's path names
+    with pytest.raises(LmmcError, match="'openvino/text.bin' is listed in .*manifest.json but missing"):
+        open_dir(copy, backend="openvino")
+
+
+@pytest.mark.parametrize("backend, folder, suffix", [("onnxruntime", "onnx", ".onnx"), ("openvino", "openvino", ".xml")])
+def test_an_artifact_replaced_by_another_models_file_is_refused(compiled, tmp_path, backend, folder, suffix):
+    """Another model's graph copied over an artifact (whose digest open_dir does not read) encoded at its own
+    width, without a word."""
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled, copy)
+    for ext in (suffix, ".bin") if backend == "openvino" else (suffix,):
+        shutil.copy(copy / folder / f"vision{ext}", copy / folder / f"text{ext}")
+    with pytest.raises(LmmcError, match=f"'{folder}/text{suffix}' in .* has inputs pixel_values float32\\[\\?, 3, 32, "
+                                        f"32\\], but manifest.json lists input_ids int64\\[\\?, \\?\\], "
+                                        f"attention_mask int64\\[\\?, \\?\\]: the file was replaced"):
+        open_dir(copy, backend=backend, variant="plain" if backend == "onnxruntime" else None, threads=1)
+
+
+def test_a_deployment_and_a_model_pickle_as_how_they_were_opened(compiled, tmp_path):
+    """A process pool's workers receive them pickled; a runtime's session itself cannot be pickled."""
+    import pickle
+
+    deployed = open_dir(compiled, backend="openvino", precision="int8", threads=1)
+    again = pickle.loads(pickle.dumps(deployed))
+    assert again is not deployed and again.models["text"].path == deployed.models["text"].path
+    assert np.abs(again.encode(TEXTS) - deployed.encode(TEXTS)).max() == 0
+    model = load(compiled / "onnx" / "vision.onnx", threads=1)
+    pixels = {"pixel_values": np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)}
+    assert np.abs(pickle.loads(pickle.dumps(model)).run(pixels)["pooled_embedding"]
+                  - model.run(pixels)["pooled_embedding"]).max() == 0
+    # compiled again between the sending and the receiving: its artifacts are not the ones opened
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled, copy)
+    sent = pickle.dumps(open_dir(copy, threads=1))
+    files = copy / ".lmmc-files.json"
+    files.write_text(files.read_text() + " ")
+    with pytest.raises(LmmcError, match="was compiled again since the process that sent this Deployment opened it"):
+        pickle.loads(sent)
 
 
 def _identity_onnx(path):

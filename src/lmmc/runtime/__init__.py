@@ -86,6 +86,15 @@ class Model:
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def __reduce__(self):
+        """Pickled (for a process pool's workers, say) as how `load` opened it: the worker opens the file again,
+        since a runtime's session cannot be copied between processes."""
+        opened = getattr(self, "_opened_with", None)
+        if opened is None:
+            raise LmmcError(f"this {type(self).__name__} was not opened by lmmc.runtime.load, so it cannot be sent to "
+                            f"another process; call load() there")
+        return load, opened
+
 
 def backend_for(path: Path) -> str:
     """The backend a file's suffix implies: .onnx -> onnxruntime, .xml -> openvino, .engine -> tensorrt."""
@@ -154,6 +163,13 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"threads must be an integer from 1 to {MAX_THREADS} (or None for the runtime's default), "
                         f"not {threads!r}")
     backend = backend or backend_for(path)
+    model = _load(path, backend, threads, device, tensorrt, inference_precision, static_shape)
+    model._opened_with = (path.resolve(), backend, threads, device, tensorrt, inference_precision, static_shape)
+    return model
+
+
+def _load(path: Path, backend: str, threads: int | None, device: str | None, tensorrt: TensorRTOptions | None,
+          inference_precision: str | None, static_shape: tuple[int, ...] | None) -> Model:
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
@@ -302,6 +318,17 @@ class Deployment:
         # took each other's settings: texts came back uncut, with no error or failing on the position table.
         self._tokenizing = threading.Lock()
         _DEPLOYMENTS.add(self)
+        self._opened_with: dict[str, Any] | None = None  # open_dir's settings, which pickling sends
+        self._fingerprint: str | None = None
+
+    def __reduce__(self):
+        """Pickled (for a process pool's workers, say) as how `open_dir` opened it: each worker opens the output
+        again, since a runtime's session cannot be copied between processes, and refuses one that a compile
+        has replaced since."""
+        if self._opened_with is None:
+            raise LmmcError("this Deployment was not opened by lmmc.runtime.open_dir, so it cannot be sent to another "
+                            "process; call open_dir() there")
+        return _reopen, (self.out_dir, self._opened_with, self._fingerprint)
 
     def _preprocessor(self, modality: str):
         if modality not in self._preprocessors:
@@ -431,6 +458,8 @@ def _as_list(items: Iterable) -> list:
     if isinstance(items, (str, bytes, Path, Image.Image)):
         raise LmmcError(f"encode takes a list of texts or images, and got one {type(items).__name__}; wrap it in a "
                         f"list: encode([item])")
+    if not isinstance(items, (list, tuple, np.ndarray)) and hasattr(items, "__array__"):  # a torch tensor, say
+        items = as_numpy(items)
     if isinstance(items, np.ndarray) and items.dtype.kind in "biuf":  # iterating it would encode its rows as pictures
         raise LmmcError(f"encode takes a list of texts or images, and got one array of shape {list(items.shape)}; "
                         f"an array is one picture: wrap it in a list, encode([array]), or pass a stack of "
@@ -629,13 +658,13 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
     check_static_pad(out_dir.name, static_shape, pad_to)
-    validated = min(filter(None, (((manifest.get("preprocessing") or {}).get("text") or {}).get("max_length"),
-                                  pad_to)), default=None)
-    if static_shape is not None and len(static_shape) == 2 and validated and static_shape[1] < validated:
-        warnings.warn(f"static_shape's {static_shape[1]} tokens are fewer than the {validated} {out_dir.name}'s "
-                      f"artifacts were validated at: encode() cuts every text to {static_shape[1]} tokens",
-                      stacklevel=2)
-    if variant is not None and not isinstance(variant, str):
+    reads = min(filter(None, (((manifest.get("preprocessing") or {}).get("text") or {}).get("max_length"),
+                              pad_to)), default=None)
+    if static_shape is not None and len(static_shape) == 2 and reads and static_shape[1] < reads:
+        warnings.warn(f"static_shape's {static_shape[1]} tokens are fewer than the {reads} that {out_dir.name}'s "
+                      f"encode() reads otherwise (its tokenizer's limit): encode() cuts every text to "
+                      f"{static_shape[1]} tokens", stacklevel=2)
+    if variant is not None and (not isinstance(variant, str) or not variant):
         raise LmmcError(f"variant must name one, such as 'fused', 'dynamic' or 'static', or be None; not {variant!r}")
     if not isinstance(precision, str):  # None would read as "any" in the message below, and match nothing
         held = sorted({a["precision"] for a in manifest["artifacts"] if a["backend"] == backend})
@@ -652,11 +681,15 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
             wanted = " ".join(filter(None, (backend, precision, variant)))
             raise LmmcError(f"{out_dir} has no {wanted} artifact for the {tower} tower; it has {have}")
         chosen.sort(key=lambda a: a.get("variant") != "fused")
-        if not (out_dir / chosen[0]["path"]).is_file():
-            raise LmmcError(f"'{chosen[0]['path']}' is listed in {out_dir / MANIFEST} but missing; copy the whole "
-                            f"output directory, or compile again")
-        models[tower] = load(out_dir / chosen[0]["path"], backend, threads, device,
+        entry = chosen[0]
+        files = entry.get("files") if isinstance(entry.get("files"), list) else []
+        for name in [entry["path"], *(f for f in files if isinstance(f, str) and f != entry["path"])]:
+            if not (out_dir / name).is_file():  # an ONNX graph's external data or an IR's weights too
+                raise LmmcError(f"'{name}' is listed in {out_dir / MANIFEST} but missing; copy the whole output "
+                                f"directory, or compile again")
+        models[tower] = load(out_dir / entry["path"], backend, threads, device,
                              inference_precision=inference_precision, static_shape=static_shape)
+        _check_signature(out_dir, entry, models[tower])
     _warn_if_failed(out_dir, manifest)
     edited = edited_files(out_dir, [MANIFEST, *(f for s in manifest.get("preprocessing", {}).values()
                                                 for f in s["files"])])
@@ -672,7 +705,51 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     for tower in manifest["towers"].values():
         deployment._preprocessor(tower["modality"])
     _check_not_replaced(out_dir, fingerprint)
+    deployment._opened_with = dict(backend=backend, precision=precision, variant=variant, threads=threads,
+                                   device=device, inference_precision=inference_precision, static_shape=static_shape,
+                                   trust_remote_code=trust_remote_code)
+    deployment._fingerprint = fingerprint
     return deployment
+
+
+def _reopen(out_dir: Path, settings: dict[str, Any], fingerprint: str | None) -> Deployment:
+    """A pickled Deployment, opened again where it is unpickled."""
+    deployment = open_dir(out_dir, **settings)
+    if deployment._fingerprint != fingerprint:
+        raise LmmcError(f"{out_dir} was compiled again since the process that sent this Deployment opened it, so its "
+                        f"artifacts are not the ones opened there; open it again in that process")
+    return deployment
+
+
+def _check_signature(out_dir: Path, entry: dict[str, Any], model: Model) -> None:
+    """The loaded artifact has the inputs and outputs its manifest entry lists: a graph copied over it from
+    another model (its digest is not checked, which would read every weight) would otherwise encode without
+    a word, at another width."""
+    def listed(key: str) -> list[tuple[str, str, list]] | None:
+        specs = entry.get(key)
+        try:
+            return [(s["name"], s["dtype"], list(s["shape"])) for s in specs]
+        except (TypeError, KeyError):  # an older or hand-written entry without them: nothing to compare
+            return None
+
+    for key, loaded in (("inputs", model.inputs), ("outputs", model.outputs)):
+        want = listed(key)
+        if want is None:
+            continue
+        have = [(s.name, s.dtype, list(s.shape)) for s in loaded]
+        # a static_shape fixes axes the manifest leaves dynamic; only sizes both state must agree
+        same = len(want) == len(have) and all(
+            w[:2] == h[:2] and len(w[2]) == len(h[2]) and all(None in (a, b) or a == b for a, b in zip(w[2], h[2]))
+            for w, h in zip(want, have))
+        if not same:
+            raise LmmcError(f"'{entry['path']}' in {out_dir} has {key} {_specs(have)}, but {MANIFEST} lists "
+                            f"{_specs(want)}: the file was replaced by another model's; restore the compile's "
+                            f"files, or compile again")
+
+
+def _specs(specs: list[tuple[str, str, list]]) -> str:
+    return ", ".join(f"{name} {dtype}[{', '.join('?' if d is None else str(d) for d in shape)}]"
+                     for name, dtype, shape in specs)
 
 
 def _check_not_replaced(out_dir: Path, fingerprint: str | None) -> None:

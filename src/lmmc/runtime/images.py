@@ -94,8 +94,8 @@ def rgb_array(image: Any, name: str = "an image"):
     if low < 0 or high > 255:
         raise LmmcError(f"{name} holds pixel values from {low} to {high}; arrays are read on the 0-255 scale, as "
                         f"transformers' image processors read them: scale them to that range")
-    if x.dtype.kind == "f" and 0 < high <= 1:
-        raise LmmcError(f"{name} holds float pixels within [0, 1]; arrays are read on the 0-255 scale, as "
+    if x.dtype.kind == "f" and 0 < high < 2:  # a [0, 1] picture that resizing overshot a little, too
+        raise LmmcError(f"{name} holds float pixels within [0, {high:.3g}]; arrays are read on the 0-255 scale, as "
                         f"transformers' image processors read them, so this picture would be read as nearly "
                         f"black: multiply it by 255")
     # Through PIL as 8-bit pixels: image processors that resize with PIL refuse floats with fractions. And
