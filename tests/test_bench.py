@@ -331,6 +331,23 @@ def _tokenizer_swapped(tmp_path, out):
     return swapped
 
 
+def _report_edited(tmp_path, out):
+    edited = tmp_path / "report-edited"
+    shutil.copytree(out, edited, ignore=shutil.ignore_patterns("bench.json"))
+    report = json.loads((edited / "report.json").read_text())
+    report["recipe"]["calibration"]["seed"] = 7  # another held-out split, some of it calibrated on
+    (edited / "report.json").write_text(json.dumps(report))
+    return edited
+
+
+def _file_list_damaged(tmp_path, out):
+    damaged = tmp_path / "list-damaged"
+    shutil.copytree(out, damaged, ignore=shutil.ignore_patterns("bench.json"))
+    listed = damaged / FILE_LIST
+    listed.write_text(listed.read_text()[:300])
+    return damaged
+
+
 def _manifest_redirected(tmp_path, out):
     redirected = tmp_path / "redirected"
     shutil.copytree(out, redirected, ignore=shutil.ignore_patterns("bench.json"))
@@ -352,7 +369,7 @@ def _other_data(tmp_path):
                                   "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
                                   "tokenizer deleted", "weights deleted", "artifact edited", "tokenizer swapped",
-                                  "manifest edited", "json a link"])
+                                  "manifest edited", "report edited", "file list damaged", "json a link"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = tmp_path / "b.json"
@@ -393,6 +410,11 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "tokenizer swapped": ([_tokenizer_swapped(tmp_path, out)], "student/tokenizer.json' is not the file the "
                                                                    "compile wrote"),
         "manifest edited": ([_manifest_redirected(tmp_path, out)], "manifest.json' is not the file the compile wrote"),
+        # its recipe draws the held-out split and sets the gate: benched with seed 7's split, exit 0
+        "report edited": ([_report_edited(tmp_path, out)], "report.json' is not the file the compile wrote"),
+        # it checked nothing, and said nothing
+        "file list damaged": ([_file_list_damaged(tmp_path, out)], ".lmmc-files.json' is damaged (not the JSON object "
+                                                                   "of digests the compile wrote)"),
         # the user's link (here dangling) stays a link, as lmmc report keeps a report.html link
         "json a link": ([out], "is a symbolic link, which lmmc never writes"),
     }
@@ -502,18 +524,20 @@ def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
     # without a manifest: onnx/<tower>.onnx of the model's towers
     found, skipped = student_artifacts(tmp_path, ["text"])
     assert [(a["label"], a["backend"], a["path"]) for a in found] == [("onnx/text.onnx", "onnxruntime", tmp_path / "onnx" / "text.onnx")]
-    assert skipped == []
+    unchecked = (f"{tmp_path} has no .lmmc-files.json, the digests of the files its compile wrote, so its artifacts "
+                 f"and report.json were not checked against them (an older lmmc's output, or the list was removed)")
+    assert skipped == [unchecked]  # nothing checked, and it says so
     (tmp_path / "openvino").mkdir()
     (tmp_path / "openvino" / "text.xml").write_bytes(b"")
     assert student_artifacts(tmp_path, ["text"])[1] == [  # what a manifest would have named is not left out unsaid
         f"{tmp_path} has no manifest.json, which names each artifact's tower and backend: only onnx/*.onnx is "
-        f"benched, and openvino/text.xml are left out (compile again to write the manifest)"]
+        f"benched, and openvino/text.xml are left out (compile again to write the manifest)", unchecked]
     entries = [{"tower": "text", "backend": "onnxruntime", "precision": "fp32", "path": "onnx/text.onnx"},
                {"tower": "text", "backend": "tensorrt", "precision": "fp16", "path": "tensorrt/text.engine"}]
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))
     found, skipped = student_artifacts(tmp_path, ["text"])
     assert [a["label"] for a in found] == ["onnx/text.onnx"]
-    assert skipped == ["student tensorrt/text.engine: tensorrt artifacts are not benched on the CPU"]
+    assert skipped == ["student tensorrt/text.engine: tensorrt artifacts are not benched on the CPU", unchecked]
 
 
 def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path, monkeypatch):

@@ -211,6 +211,7 @@ def test_bench_on_cuda_keeps_the_artifacts_a_gpu_runs_and_shows_each_rows_device
         (tmp_path / e["path"]).parent.mkdir(exist_ok=True)
         (tmp_path / e["path"]).write_bytes(b"")
     (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": entries}))
+    (tmp_path / ".lmmc-files.json").write_text("{}")  # a digest list, which holds none of these stand-ins
     found, skipped = student_artifacts(tmp_path, ["text"], "cuda:1")
     assert [a["label"] for a in found] == ["onnx/text.fp32.onnx", "onnx/text.fp16.onnx"]  # this machine: no TensorRT
     assert skipped == [f"student {p}: {b} artifacts are not benched on cuda:1 (tensorrt: not installed)"

@@ -168,8 +168,21 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         if any(a["label"] == path for a in found):
             raise LmmcError(f"'{out_dir / f}', a file of student artifact '{path}' listed in {MANIFEST}, is missing; "
                             f"copy the whole output directory, or recompile '{out_dir}'")
-    # the manifest and the student's tokenizer or image processor too: what the deployment reads with them
-    _check_unchanged(out_dir, [*preprocessing, *(f for a in found for f in files.get(a["label"], []))])
+    listed = out_dir / FILE_LIST
+    if not listed.is_file():  # nothing to check the files against: say so, never pass in silence
+        skipped.append(f"{out_dir} has no {FILE_LIST}, the digests of the files its compile wrote, so its artifacts "
+                       f"and report.json were not checked against them (an older lmmc's output, or the list was removed)")
+    else:
+        try:
+            digests = json.loads(listed.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            digests = None
+        if not isinstance(digests, dict):
+            raise LmmcError(f"'{listed}' is damaged (not the JSON object of digests the compile wrote), so the output's "
+                            f"files cannot be checked against it; recompile '{out_dir}'")
+    # the report (its recipe draws the held-out split and sets the gate), the manifest and the student's
+    # tokenizer or image processor too: what the deployment reads with them
+    _check_unchanged(out_dir, ["report.json", *preprocessing, *(f for a in found for f in files.get(a["label"], []))])
     return found, skipped
 
 
@@ -439,7 +452,7 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
         ("ORT FP16", lambda: to_fp16_onnx(files["plain"], files["fp16"])),
     ]
     for what, step in steps:
-        progress.set_postfix_str(f"teacher {tower.name}: {what}")
+        progress.set_postfix_str(f"teacher {tower.name}: {what}", refresh=False)
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
             step()
         progress.update(1)
@@ -966,7 +979,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                                         model.run, params, model.device, model.providers, "f32" if ov else None))
             if ov:
                 candidates += openvino_twins(candidates[-1], f"{a['label']} bf16", run.threads, run.notes, static)
-        progress.set_postfix_str(f"{tower.name}: timing")
+        progress.set_postfix_str(f"{tower.name}: timing", refresh=False)
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -974,7 +987,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                       for c in candidates] if run.memory else []
             reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
             for i, cand in enumerate(candidates):
-                progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}")
+                progress.set_postfix_str(f"{tower.name}: fidelity {cand.model} {cand.label}", refresh=False)
                 ms = times[i]  # in the order timed, so drift over the run stays visible
                 cand.row = {
                     "model": cand.model, "artifact": cand.label, "backend": cand.backend,
@@ -993,7 +1006,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                     "peak_rss_mib": None,
                 }
                 progress.update(1)
-            progress.set_postfix_str(f"{tower.name}: memory")
+            progress.set_postfix_str(f"{tower.name}: memory", refresh=False)
             for cand, measured in zip(candidates, memory):
                 cand.row["peak_rss_mib"] = measured.result()
                 progress.update(1)
