@@ -651,6 +651,23 @@ def test_a_2_4_pass_after_another_pruner_says_it_went_past_half(tmp_path):
            in report["warnings"], report["warnings"]
 
 
+@pytest.mark.parametrize("second, warned", [({"magnitude": {"sparsity": 0.2}}, True),
+                                             ({"magnitude": {"sparsity": 0.5}}, False)])
+def test_a_pruning_pass_that_removes_nothing_says_so(tmp_path, second, warned):
+    """A pass at or below an earlier pass's sparsity keeps that pass's zeros and adds none: it ran, and the
+    report said nothing of it."""
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**QUICK, "passes": [{"magnitude": {"sparsity": 0.3}}, second], "export": [], "validate": False}
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    first, then = (p["metrics"]["sparsity"] for p in report["passes"])
+    assert (then == first) == warned
+    message = (f"'magnitude' removed no weight: an earlier pass's zeros already held every one it would remove; the "
+               f"prunable weights are {then:.1%} sparse. Drop it, or give it a higher sparsity than the earlier pass")
+    assert (message in report["warnings"]) == warned, report["warnings"]
+
+
 def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):
     # An N:M pattern that fits no matrix of the cut student leaves it dense: exit 1, not a silent success.
     model_dir = save_tiny("bert", tmp_path / "teacher")

@@ -1352,6 +1352,9 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
         if nm and denser:
             warnings.append(f"'{record.name}' nm {nm} kept the zeros an earlier pass made, so {len(denser)} matrices "
                             f"are sparser than {nm}{reached}. For {nm} alone, drop the earlier pruning pass")
+        if metrics.get("removed_nothing"):
+            warnings.append(f"'{record.name}' removed no weight: an earlier pass's zeros already held every one it would "
+                            f"remove{reached}. Drop it, or give it a higher sparsity than the earlier pass")
     failures = _failures(art)
     validated = bool(art.validation)
     return {

@@ -193,6 +193,8 @@ class LocalPruner(Pass):
         linears = {p.param: p for p in prunable_linears(model, art.adapter)}
         dense_nm: list[str] = []
         kept_earlier: list[str] = []  # matrices an earlier pass's zeros leave sparser than this pass's pattern
+        pruned: list[str] = []  # matrices this pass set a mask on
+        no_new_zeros: list[str] = []  # of those, matrices whose earlier zeros already held all of this pass's
 
         def prune(pl: PrunableLinear, stats: Any) -> None:
             w = pl.module.weight
@@ -209,9 +211,12 @@ class LocalPruner(Pass):
                     # after it would grow that back: a pass removes weights, never restores them.
                     if cfg.nm and bool((mask & ~earlier).any()):
                         kept_earlier.append(pl.param)
+                    if not bool((earlier & ~mask).any()):
+                        no_new_zeros.append(pl.param)
                     mask &= earlier
                     w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
             art.masks[pl.param] = mask
+            pruned.append(pl.param)
 
         by_block: dict[tuple[str, int], list[PrunableLinear]] = {}
         for pl in linears.values():
@@ -251,7 +256,8 @@ class LocalPruner(Pass):
                         bar.update()
         bar.close()
         return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm, "nm_kept_earlier": kept_earlier,
-                "targets": "allocation" if art.allocation else "uniform"}
+                "targets": "allocation" if art.allocation else "uniform",
+                "removed_nothing": bool(pruned) and len(no_new_zeros) == len(pruned)}
 
 
 def bridge_linear_inputs(model: nn.Module, adapter, linear: nn.Linear, batches: list[dict[str, torch.Tensor]],
