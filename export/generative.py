@@ -251,7 +251,9 @@ def export_generative(model: nn.Module, folder: Path, opset: int = 20, chat_temp
             "image_tokens_per_image": image_tokens.count(model.config),
             "images_axis": image_tokens.images_axis, "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
-            "layers": metrics["decoder"]["layers"], "chat_template": chat_template}
+            "layers": metrics["decoder"]["layers"], "chat_template": chat_template,
+            # the runtime refuses a prompt and answer longer than this, as the compile refuses such lengths
+            "max_positions": int(text_cfg.max_position_embeddings)}
     (folder / SPEC).write_text(json.dumps(spec, indent=1))
     return metrics
 

@@ -219,12 +219,29 @@ def test_runtime_refuses_a_folder_without_the_decoder(tmp_path, exported):
     with pytest.raises(LmmcError, match="pads a row on the right; .* padding_side = 'left'"):
         gen.generate_ids(None, np.array([[5, 6, 7], [5, 6, 0]]), np.array([[1, 1, 1], [1, 1, 0]]))
     assert gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=np.int64(2)).tokens.shape[1] <= 2
+    # left padding without its mask read the padding as tokens
+    pad = gen.spec["pad_token_id"]
+    with pytest.raises(LmmcError, match="rows padded on the left but no attention_mask"):
+        gen.generate_ids(None, np.array([[pad, 5, 6], [5, 6, 7]]))
+    # [None] and "3" raised raw errors, 2.5 was cut to 2, and ids past the vocabulary could never stop a row
+    for eos in ([None], "3", 2.5, -1, 100, True):
+        with pytest.raises(LmmcError, match=re.escape(f"eos_token_id must be a token id, or a list of them, in "
+                                                      f"[0, 100); got {eos!r}")):
+            gen.generate_ids(None, np.array([[5, 6]]), eos_token_id=eos)
+    # past the decoder's positions it went on, as PyTorch does, with whatever the position table gave
+    limit = gen.spec["max_positions"]
+    with pytest.raises(LmmcError, match=f"a prompt of 2 tokens .* and {limit} new tokens take {limit + 1} positions, "
+                                        f"and the decoder has {limit}"):
+        gen.generate_ids(None, np.array([[5, 6]]), max_new_tokens=limit)
     (copy / DECODER).write_bytes((gen.folder / DECODER).read_bytes())
     table = copy / "embed_tokens.npy"
     for broken, message in [
             (lambda: table.write_bytes(table.read_bytes()[:200]), "the token table .* cannot be read"),
             (lambda: np.save(table, gen.embeddings[:10]), r"holds float32 of shape \[10, \d+\], and the decoder reads a "
                                                           r"float table of 100 rows x \d+ columns"),
+            # another model's larger vocabulary, read by this decoder's ids
+            (lambda: np.save(table, np.concatenate([gen.embeddings, gen.embeddings[:3]])),
+             r"holds float32 of shape \[103, \d+\], and the decoder reads a float table of 100 rows"),
             (lambda: (copy / "generative.json").write_text("{oops"), "generative.json is not JSON"),
             (lambda: (copy / "generative.json").write_text("{}"), "generative.json lacks what generation reads"),
             # an edited spec naming a graph elsewhere, which loaded
@@ -318,6 +335,17 @@ def test_a_generative_output_replaced_while_it_is_opened_is_an_error(compiled_ll
     monkeypatch.setattr(lmmc.runtime.generate.Generator, "__init__", built_as_the_folder_is_replaced)
     with pytest.raises(LmmcError, match="was replaced by a compile while it was being opened"):
         open_generative(tmp_path / "out", threads=1)
+
+
+def test_a_generative_output_with_an_edited_token_table_warns_as_it_opens(compiled_llava, tmp_path):
+    """Another compile's table of the same vocabulary, or an edited spec, generated other tokens without a word."""
+    out, _ = compiled_llava
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    table = copy / "onnx" / "embed_tokens.npy"
+    np.save(table, np.load(table) * 1.5)
+    with pytest.warns(UserWarning, match="onnx/embed_tokens.npy in .* is not what the compile wrote"):
+        open_generative(copy / "manifest.json", threads=1)  # its manifest's path, as open_dir takes
 
 
 @pytest.mark.parametrize("lost", ["tokenizer.json", "processor_config.json"])

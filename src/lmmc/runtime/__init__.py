@@ -691,13 +691,8 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
                              inference_precision=inference_precision, static_shape=static_shape)
         _check_signature(out_dir, entry, models[tower])
     _warn_if_failed(out_dir, manifest)
-    edited = edited_files(out_dir, [MANIFEST, *(f for s in manifest.get("preprocessing", {}).values()
-                                                for f in s["files"])])
-    if edited:  # a swapped tokenizer, an entry pointed at another graph: encode() would differ without a word
-        warnings.warn(f"{', '.join(edited)} in {out_dir} {'is' if len(edited) == 1 else 'are'} not what the compile "
-                      f"wrote (the SHA-256 {FILE_LIST} keeps differs): edited or replaced since, so the figures "
-                      f"{MANIFEST} lists do not vouch for what encode() returns; restore the compile's files, or "
-                      f"compile again", UserWarning, stacklevel=2)
+    # a swapped tokenizer, an entry pointed at another graph: encode() would differ without a word
+    _warn_if_edited(out_dir, [MANIFEST, *(f for s in manifest.get("preprocessing", {}).values() for f in s["files"])])
     deployment = Deployment(out_dir, manifest, models, trust_remote_code)
     # Read now, with the artifacts: the first encodes of several threads would otherwise import transformers
     # together (which fails half-imported), and a folder moved or replaced after opening would pair these
@@ -719,6 +714,18 @@ def _reopen(out_dir: Path, settings: dict[str, Any], fingerprint: str | None) ->
         raise LmmcError(f"{out_dir} was compiled again since the process that sent this Deployment opened it, so its "
                         f"artifacts are not the ones opened there; open it again in that process")
     return deployment
+
+
+def _warn_if_edited(out_dir: Path, files: list[str]) -> None:
+    """The small files that steer what an artifact returns (the manifest, the preprocessing, a generative model's
+    spec and token table), checked against their digests; the graphs themselves are too large to read at
+    every opening."""
+    edited = edited_files(out_dir, files)
+    if edited:
+        warnings.warn(f"{', '.join(edited)} in {out_dir} {'is' if len(edited) == 1 else 'are'} not what the compile "
+                      f"wrote (the SHA-256 {FILE_LIST} keeps differs): edited or replaced since, so the figures "
+                      f"{MANIFEST} lists do not vouch for what it returns; restore the compile's files, or compile "
+                      f"again", UserWarning, stacklevel=3)
 
 
 def _check_signature(out_dir: Path, entry: dict[str, Any], model: Model) -> None:
@@ -784,6 +791,8 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
     if not isinstance(out_dir, (str, os.PathLike)):
         raise LmmcError(f"open_generative takes the path of a compile's output directory, not {type(out_dir).__name__}")
     out_dir = Path(out_dir)
+    if out_dir.name == MANIFEST and out_dir.is_file():
+        out_dir = out_dir.parent
     fingerprint = output_fingerprint(out_dir)
     manifest = read_manifest(out_dir)
     if "generative" not in manifest:
@@ -806,5 +815,8 @@ def open_generative(out_dir: str | Path, threads: int | None = None, trust_remot
                         f"copy the whole output directory, or compile again") from None
     _warn_if_failed(out_dir, manifest)
     generator = Generator(out_dir / Path(manifest["generative"]["spec"]).parent, threads, processor)
+    folder = Path(manifest["generative"]["spec"]).parent
+    _warn_if_edited(out_dir, [MANIFEST, manifest["generative"]["spec"], str(folder / generator.spec["embeddings"]),
+                              *(f for s in manifest.get("preprocessing", {}).values() for f in s["files"])])
     _check_not_replaced(out_dir, fingerprint)
     return generator

@@ -62,7 +62,7 @@ class Generator:
         vocab = next((s.shape[-1] for s in self.decoder.outputs if s.name == "logits"), None)
         shape = self.embeddings.shape
         if (self.embeddings.ndim != 2 or self.embeddings.dtype.kind != "f" or (width and shape[1] != width)
-                or (vocab and shape[0] < vocab)):
+                or (vocab and shape[0] != vocab)):  # the export writes one row per logit: another is another model's
             raise LmmcError(f"the token table {table} holds {self.embeddings.dtype} of shape {list(shape)}, and the "
                             f"decoder reads a float table of {vocab or 'its vocabulary'} rows x {width} columns; "
                             f"{again}")
@@ -118,6 +118,9 @@ class Generator:
         if input_ids.ndim != 2 or not input_ids.size:
             raise LmmcError(f"input_ids must be [batch, sequence] with at least one token and one row; got shape "
                             f"{input_ids.shape}")
+        if attention_mask is None and len(input_ids) > 1 and (input_ids[:, 0] == self.spec["pad_token_id"]).any():
+            raise LmmcError("input_ids hold rows padded on the left but no attention_mask, so the padding would be "
+                            "read as tokens; pass the attention_mask the processor returned with them")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.shape != input_ids.shape:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
@@ -129,8 +132,19 @@ class Generator:
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= len(self.embeddings)):
             raise LmmcError(f"token ids must lie in [0, {len(self.embeddings)}), the model's vocabulary; got "
                             f"{input_ids.min()}..{input_ids.max()}: tokenise with the compile's saved processor")
-        eos = self.spec["eos_token_id"] if eos_token_id is None else eos_token_id
-        eos = np.asarray([eos] if isinstance(eos, int) else eos, dtype=np.int64)
+        limit = self.spec.get("max_positions")
+        if isinstance(limit, int) and int(mask.sum(axis=1).max()) + max_new_tokens - 1 > limit:
+            raise LmmcError(f"a prompt of {int(mask.sum(axis=1).max())} tokens (the image's included) and "
+                            f"{max_new_tokens} new tokens take {int(mask.sum(axis=1).max()) + max_new_tokens - 1} "
+                            f"positions, and the decoder has {limit} (max_position_embeddings): shorten the prompt "
+                            f"or lower max_new_tokens")
+        ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
+        if ids is not None and (not isinstance(ids, (list, tuple)) or not all(
+                isinstance(e, (int, np.integer)) and not isinstance(e, bool) and 0 <= e < len(self.embeddings)
+                for e in ids)):
+            raise LmmcError(f"eos_token_id must be a token id, or a list of them, in [0, {len(self.embeddings)}); got "
+                            f"{eos_token_id!r}")
+        eos = np.asarray(self.spec["eos_token_id"] if ids is None else ids, dtype=np.int64)
         batch = len(input_ids)
         embeds = self.embed(input_ids, pixel_values)
         # Positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
