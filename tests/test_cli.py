@@ -748,6 +748,18 @@ def test_progress_bars_in_a_log_draw_a_frame_every_30_seconds():
     assert frames <= 3 and b"200/200" in proc.stderr, proc.stderr
 
 
+def test_an_error_raised_under_an_open_progress_bar_starts_its_own_line():
+    """In a log the message was glued to the bar's last frame, so `grep '^error'` found nothing."""
+    script = ("from lmmc.cli import main\nfrom lmmc.errors import LmmcError\n"
+              "def fail():\n    bar = __import__('tqdm').tqdm(total=5, desc='calibrating')\n    bar.update(2)\n"
+              "    raise LmmcError('the data is bad')\n"
+              "main.command('fail')(fail)\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    proc = subprocess.run([sys.executable, "-c", script, "fail"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "calibrating" in proc.stderr and "\nerror: the data is bad\n" in proc.stderr, repr(proc.stderr)
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_a_commands_help_reads_under_an_ascii_locale(flag):
     """--help was let through the locale check and -h, listed beside it, was refused with exit 2."""

@@ -89,9 +89,11 @@ class _Group(click.Group):
                 _check_environment()
             return super().invoke(ctx)
         except LmmcError as err:
+            _close_progress_bars()
             click.echo(f"error: {err}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except GateFailed as err:
+            _close_progress_bars()
             click.echo(f"validation gate missed: {err}", err=True)
             sys.exit(EXIT_GATE)
         except OutputWritten as err:
