@@ -223,6 +223,21 @@ def test_latency_ratio_agrees_with_an_independent_loop(compiled, benched, tmp_pa
     assert 1 / 1.5 <= reported / independent <= 1.5, (reported, independent)
 
 
+def test_the_bench_bar_in_a_log_draws_a_frame_at_its_start_and_end(compiled, tmp_path):
+    """Each change of the bar's label drew a frame, past the 30 s a log's bars wait between frames. A process
+    of its own: tqdm reads TQDM_MININTERVAL, which the command sets off a terminal, when it is first imported."""
+    import subprocess
+
+    _, _, out = compiled
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", "import sys; from lmmc.cli import main; main(sys.argv[1:])", "bench", str(out),
+               "--quick", "--no-memory", "--json", str(tmp_path / "b.json")]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = [f for f in proc.stderr.replace("\n", "\r").split("\r") if f.startswith("bench text")]
+    assert 1 <= len(frames) <= 3, frames
+
+
 def test_dual_encoder_benched_per_tower(tmp_path):
     """CLIP: one table per tower, each with the teacher's six deployments and that tower's artifact, and
     fidelity on the re-derived held-out split equal to the compile's own, tower by tower. The recipe sets
