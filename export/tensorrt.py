@@ -247,6 +247,18 @@ def build_hint(errors: list[str]) -> str:
     return "The builder's errors above say why; a narrower tensorrt.batch / seq or another precision may build"
 
 
+def why_no_engines() -> str | None:
+    """Why a tensorrt step can build no engine on this machine; None where it can."""
+    trt = tensorrt_module()
+    if trt is None:
+        return "TensorRT is not installed"
+    try:
+        make_builder(trt, trt.Logger(trt.Logger.ERROR))
+    except LmmcError:
+        return "TensorRT finds no usable NVIDIA GPU"
+    return None
+
+
 def make_builder(trt, logger):
     """A TensorRT builder, or one LmmcError where TensorRT finds no usable GPU."""
     try:

@@ -4,6 +4,7 @@ generation figures and per-tower sparsity instead of an empty encoder table."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,20 @@ def test_a_precision_gate_on_an_optional_engine_that_cannot_be_built_is_refused(
            "optional tensorrt step builds no engine here: TensorRT is not installed)" in result.output
     if precision == "fp16":  # not the tensorrt step again, which the recipe already has
         assert "add {ort: {fp16: true}} to the export section" in result.output
+
+
+def test_a_precision_gate_on_an_optional_engine_without_a_usable_gpu_is_refused(tmp_path, bert, monkeypatch):
+    """TensorRT installed where CUDA cannot start: the step noted 'no engine was built', the FP16 gate judged
+    nothing, and the report said passed."""
+    from tests.test_tensorrt import NoGpu
+
+    model, calib = bert
+    monkeypatch.setitem(sys.modules, "tensorrt", NoGpu())
+    result = _dry_run(tmp_path, model, calib, {"min_cosine_fp16": 0.99},
+                      export=["onnx", {"tensorrt": {"optional": True, "precision": ["fp16"]}}])
+    assert result.exit_code == 2, result.output
+    assert "validate.min_cosine_fp16 gates FP16 artifacts, and no export in this recipe writes one (the optional " \
+           "tensorrt step builds no engine here: TensorRT finds no usable NVIDIA GPU)" in " ".join(result.output.split())
 
 
 def test_a_latency_miss_gate_without_a_latency_target_is_refused_at_plan_time(tmp_path, bert):

@@ -531,12 +531,15 @@ def _writes_int8(step: Step) -> bool:
 
 
 def _builds_engines(step: Step) -> bool:
-    """An optional tensorrt step without TensorRT notes 'engine not built' and writes nothing to gate."""
-    from lmmc.export.tensorrt import tensorrt_module
+    """An optional tensorrt step without TensorRT, or without a GPU it can use, notes 'engine not built' and
+    writes nothing to gate."""
+    from lmmc.export.tensorrt import why_no_engines
 
-    return not step.config.optional or tensorrt_module() is not None
+    return not step.config.optional or why_no_engines() is None
 
 
 def _no_engine(exports: list[Step], precision: str) -> str:
+    from lmmc.export.tensorrt import why_no_engines
+
     optional = any(s.name == "tensorrt" and precision in s.config.precision for s in exports)
-    return " (the optional tensorrt step builds no engine here: TensorRT is not installed)" if optional else ""
+    return f" (the optional tensorrt step builds no engine here: {why_no_engines()})" if optional else ""
