@@ -668,6 +668,22 @@ def test_a_pruning_pass_that_removes_nothing_says_so(tmp_path, second, warned):
     assert (message in report["warnings"]) == warned, report["warnings"]
 
 
+@pytest.mark.parametrize("sparsity, message", [
+    (0.0, "'magnitude' removed no weight; the prunable weights are 0.0% sparse. Drop it, or give it a higher sparsity"),
+    # the tiny model's rows of 32 and 64 inputs lose 31 and 63 weights
+    (0.99, "'magnitude' asked for sparsity 0.99 and reached 97.3%: each row of a matrix loses a whole number of "
+           "weights, rounded down, which falls short on rows this narrow; sparsegpt meets the target per matrix"),
+    (0.5, None)])
+def test_a_pruning_pass_that_misses_its_sparsity_says_so(tmp_path, sparsity, message):
+    """Sparsity 0 and a target the rows' widths round below were met without a word."""
+    model_dir = save_tiny("bert", tmp_path / "teacher")
+    recipe = {**QUICK, "passes": [{"magnitude": {"sparsity": sparsity}}], "export": [], "validate": False}
+    result = run("compile", model_dir, "-r", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    warnings = json.loads((tmp_path / "out" / "report.json").read_text())["warnings"]
+    assert warnings == ([message] if message else []), warnings
+
+
 def test_a_failure_fails_the_compile_with_validation_off_too(tmp_path):
     # An N:M pattern that fits no matrix of the cut student leaves it dense: exit 1, not a silent success.
     model_dir = save_tiny("bert", tmp_path / "teacher")

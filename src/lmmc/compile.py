@@ -1353,8 +1353,17 @@ def build_report(art: Artifact, recipe: Recipe, the_plan: dict[str, Any], second
             warnings.append(f"'{record.name}' nm {nm} kept the zeros an earlier pass made, so {len(denser)} matrices "
                             f"are sparser than {nm}{reached}. For {nm} alone, drop the earlier pruning pass")
         if metrics.get("removed_nothing"):
-            warnings.append(f"'{record.name}' removed no weight: an earlier pass's zeros already held every one it would "
-                            f"remove{reached}. Drop it, or give it a higher sparsity than the earlier pass")
+            earlier = metrics.get("after_earlier")
+            why = ": an earlier pass's zeros already held every one it would remove" if earlier else ""
+            warnings.append(f"'{record.name}' removed no weight{why}{reached}. Drop it, or give it a higher sparsity"
+                            f"{' than the earlier pass' if earlier else ''}")
+        target = record.config.get("sparsity")
+        if (not nm and metrics.get("targets") == "uniform" and isinstance(target, (int, float))
+                and "sparsity" in metrics and metrics["sparsity"] < target - 0.005 and not metrics.get("removed_nothing")):
+            # each row loses floor(sparsity x its inputs) weights: on narrow matrices that falls short of the target
+            warnings.append(f"'{record.name}' asked for sparsity {target} and reached {metrics['sparsity']:.1%}: each row "
+                            f"of a matrix loses a whole number of weights, rounded down, which falls short on rows this "
+                            f"narrow; sparsegpt meets the target per matrix")
     failures = _failures(art)
     validated = bool(art.validation)
     return {

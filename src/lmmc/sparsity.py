@@ -194,7 +194,8 @@ class LocalPruner(Pass):
         dense_nm: list[str] = []
         kept_earlier: list[str] = []  # matrices an earlier pass's zeros leave sparser than this pass's pattern
         pruned: list[str] = []  # matrices this pass set a mask on
-        no_new_zeros: list[str] = []  # of those, matrices whose earlier zeros already held all of this pass's
+        no_new_zeros: list[str] = []  # of those, matrices it zeroed no weight of that was not zero already
+        followed: list[str] = []  # matrices an earlier pass had masked
 
         def prune(pl: PrunableLinear, stats: Any) -> None:
             w = pl.module.weight
@@ -211,9 +212,12 @@ class LocalPruner(Pass):
                     # after it would grow that back: a pass removes weights, never restores them.
                     if cfg.nm and bool((mask & ~earlier).any()):
                         kept_earlier.append(pl.param)
+                    followed.append(pl.param)
                     if not bool((earlier & ~mask).any()):
                         no_new_zeros.append(pl.param)
                     mask &= earlier
+                elif bool(mask.all()):  # sparsity 0, or a row too short to lose a weight at this sparsity
+                    no_new_zeros.append(pl.param)
                     w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
             art.masks[pl.param] = mask
             pruned.append(pl.param)
@@ -257,7 +261,7 @@ class LocalPruner(Pass):
         bar.close()
         return {**sparsity_summary(model, art.adapter), "dense_nm": dense_nm, "nm_kept_earlier": kept_earlier,
                 "targets": "allocation" if art.allocation else "uniform",
-                "removed_nothing": bool(pruned) and len(no_new_zeros) == len(pruned)}
+                "removed_nothing": bool(pruned) and len(no_new_zeros) == len(pruned), "after_earlier": bool(followed)}
 
 
 def bridge_linear_inputs(model: nn.Module, adapter, linear: nn.Linear, batches: list[dict[str, torch.Tensor]],
