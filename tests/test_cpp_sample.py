@@ -248,6 +248,13 @@ def test_bad_inputs_are_one_clear_message(lmmc_embed, compiled_out, tmp_path):
     manifest.write_text(manifest.read_text().replace("{", '{"x": "\\uZZ1f", ', 1))
     done = _run(lmmc_embed, broken, tmp_path / "ok.txt", tmp_path / "emb.txt")
     assert done.returncode == 1 and "invalid JSON at byte" in done.stderr and "bad \\u escape" in done.stderr
+    # OpenVINO's message for a missing weights file named a check in its sources and no file
+    lost = tmp_path / "lost"
+    shutil.copytree(compiled_out, lost)
+    (lost / "openvino" / "text.bin").unlink()
+    done = _run(lmmc_embed, lost, tmp_path / "ok.txt", tmp_path / "emb.txt")
+    assert done.returncode == 1 and (f"'openvino/text.bin', which the manifest lists, is missing from '{lost}'; copy "
+                                     f"the whole output directory, or compile again") in done.stderr, done.stderr
 
 
 

@@ -228,6 +228,18 @@ int main(int argc, char** argv) {
         if (!manifest["towers"].has(tower)) throw std::runtime_error("the manifest has no tower '" + tower + "'");
         const mini_json::Value& artifact = pick_artifact(manifest, o, tower);
         const std::string path = inside(o.out_dir, artifact["path"].string);
+        // the graph and what it reads beside it (an IR's weights, an ONNX file's external data): OpenVINO's own
+        // message for a missing one names a check in its sources, or no file at all
+        std::vector<std::string> files{artifact["path"].string};
+        if (artifact.has("files")) {
+            for (const auto& f : artifact["files"].array) files.push_back(f.string);
+        }
+        for (const auto& f : files) {
+            if (!std::ifstream(inside(o.out_dir, f)).good()) {
+                throw std::runtime_error("'" + f + "', which the manifest lists, is missing from '" + o.out_dir +
+                                         "'; copy the whole output directory, or compile again");
+            }
+        }
 
         ov::Core core;
         // f32 inference unless asked, as lmmc.runtime does: CPUs with bf16 units would otherwise run fp32
