@@ -216,9 +216,9 @@ class LocalPruner(Pass):
                     if not bool((earlier & ~mask).any()):
                         no_new_zeros.append(pl.param)
                     mask &= earlier
+                    w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
                 elif bool(mask.all()):  # sparsity 0, or a row too short to lose a weight at this sparsity
                     no_new_zeros.append(pl.param)
-                    w.mul_(mask.to(w.device, w.dtype))  # SparseGPT's update writes into the earlier zeros
             art.masks[pl.param] = mask
             pruned.append(pl.param)
 
