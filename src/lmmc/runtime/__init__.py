@@ -682,8 +682,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
             raise LmmcError(f"{out_dir} has no {wanted} artifact for the {tower} tower; it has {have}")
         chosen.sort(key=lambda a: a.get("variant") != "fused")
         entry = chosen[0]
-        files = entry.get("files") if isinstance(entry.get("files"), list) else []
-        for name in [entry["path"], *(f for f in files if isinstance(f, str) and f != entry["path"])]:
+        for name in dict.fromkeys([entry["path"], *entry.get("files", [])]):  # read_manifest checked their types
             if not (out_dir / name).is_file():  # an ONNX graph's external data or an IR's weights too
                 raise LmmcError(f"'{name}' is listed in {out_dir / MANIFEST} but missing; copy the whole output "
                                 f"directory, or compile again")
