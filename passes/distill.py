@@ -440,6 +440,12 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     else:
         n_dev = min(cfg.dev_samples, len(index) // 4)
         dev, train = index[:n_dev], index[n_dev:]
+    if not dev and cfg.dev_samples and cfg.keep_best and cfg.steps:
+        # nothing would pick the checkpoint that keep_best promises, and the report would have no dev figure
+        raise LmmcError(f"distill: the {'corpus' if cfg.corpus else 'calibration data'} gives {len(index)} distinct "
+                        f"sample(s) once the held-out ones and repeats are left out, too few to set a quarter aside "
+                        f"as the dev samples that pick the best checkpoint; give more distinct samples, or set "
+                        f"dev_samples: 0 to keep the last step")
     # only the samples kept become tensors of their own
     dev = sorted((samples[i] for i in dev), key=sample_length)  # pads little when evaluated in batches
     train = [samples[i] for i in train[:cfg.samples]]

@@ -794,6 +794,17 @@ def _(tmp):
         "give a corpus of image-text pairs"]
 
 
+@case("a distill corpus of one repeated line")
+def _(tmp):
+    # it trained on one sample with no dev sample, while keep_best promised a checkpoint picked on them
+    (tmp / "same.txt").write_text("the man was on the road\n" * 200)
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"distill": {"steps": 2, "batch_size": 1, "corpus": "same.txt"}}],
+                                "validate": False})
+    return [bert(tmp), "-r", recipe, "-o", "out"], [
+        "distill: the corpus gives 1 distinct sample(s) once the held-out ones and repeats are left out, too few to set "
+        "a quarter aside as the dev samples that pick the best checkpoint", "dev_samples: 0 to keep the last step"]
+
+
 @case("an unreadable image in distill's corpus, dry run")
 def _(tmp):
     digit_pairs(tmp, ["3", "7"] * 20, [f"a picture of {spelled(i)}" for i in range(40)])
