@@ -440,7 +440,7 @@ def build_corpus(cfg: DistillConfig, art: Artifact, modalities: list[str]) -> tu
     else:
         n_dev = min(cfg.dev_samples, len(index) // 4)
         dev, train = index[:n_dev], index[n_dev:]
-    if not dev and cfg.dev_samples and cfg.keep_best and cfg.steps:
+    if index and not dev and cfg.dev_samples and cfg.keep_best and cfg.steps:  # none at all: refused below
         # nothing would pick the checkpoint that keep_best promises, and the report would have no dev figure
         raise LmmcError(f"distill: the {'corpus' if cfg.corpus else 'calibration data'} gives {len(index)} distinct "
                         f"sample(s) once the held-out ones and repeats are left out, too few to set a quarter aside "
