@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
-from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, load,
+from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, file_list, load,
                            missing_preprocessing, output_fingerprint, read_manifest)
 from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
 
@@ -172,14 +172,9 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
     if not listed.is_file():  # nothing to check the files against: say so, never pass in silence
         skipped.append(f"{out_dir} has no {FILE_LIST}, the digests of the files its compile wrote, so its artifacts "
                        f"and report.json were not checked against them (an older lmmc's output, or the list was removed)")
-    else:
-        try:
-            digests = json.loads(listed.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            digests = None
-        if not isinstance(digests, dict):
-            raise LmmcError(f"'{listed}' is damaged (not the JSON object of digests the compile wrote), so the output's "
-                            f"files cannot be checked against it; recompile '{out_dir}'")
+    elif file_list(out_dir) is None:
+        raise LmmcError(f"'{listed}' is damaged (not the JSON object of digests the compile wrote), so the output's "
+                        f"files cannot be checked against it; recompile '{out_dir}'")
     # the report (its recipe draws the held-out split and sets the gate), the manifest and the student's
     # tokenizer or image processor too: what the deployment reads with them
     _check_unchanged(out_dir, ["report.json", *preprocessing, *(f for a in found for f in files.get(a["label"], []))])

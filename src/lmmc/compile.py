@@ -46,7 +46,7 @@ from lmmc.pooling import normalises, read_modules
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
-from lmmc.runtime import FILE_LIST
+from lmmc.runtime import FILE_LIST, file_list
 from lmmc.runtime.texts import clip_texts
 from lmmc.sparsity import sparsity_summary
 from lmmc.timing import usable_cpus
@@ -115,7 +115,7 @@ def _foreign(path: Path) -> list[str]:
                  or (p.name in _ADDED and not _ADDED[p.name](p)))
     if top:
         return top
-    digests = _listed(path)
+    digests = file_list(path)
     if digests is None:
         return []  # no list: _is_lmmc_output says so
     kept = {p.name for p in path.iterdir()} - {p.name for p in _own_entries(path)}
@@ -127,16 +127,6 @@ def _foreign(path: Path) -> list[str]:
             # bench's figures, and lmmc bench rewrites its own file, each carrying its own digest
             or (isinstance(digests.get(rel), str) and (path / rel).is_file() and hash_files(path / rel) != digests[rel]
                 and not (rel in _REDRAWN and _REDRAWN[rel](path / rel))))]
-
-
-def _listed(path: Path) -> dict[str, str | None] | None:
-    """The files FILE_LIST names with their digests, or None without one; an older lmmc's list of names alone
-    counts as none, since a file edited under a listed name cannot be told from lmmc's."""
-    try:
-        listed = json.loads((path / FILE_LIST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return listed if isinstance(listed, dict) else None
 
 
 def _file_list(root: Path) -> dict[str, str | None]:
@@ -160,7 +150,7 @@ def _is_lmmc_output(path: Path) -> bool:
     """Holds the list of files a compile wrote and nothing beyond it (a file the user added inside
     student/ too), and student/lmmc.json or a report.json that lmmc wrote (another tool's report.json is
     no proof)."""
-    if _foreign(path) or _listed(path) is None:
+    if _foreign(path) or file_list(path) is None:
         return False
     if (path / "student" / "lmmc.json").is_file():
         return True
@@ -246,7 +236,7 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
             raise LmmcError(f"output directory '{out}' already exists; choose another --out or pass --force to "
                             f"replace it")
         if _holds_output(target) and not _is_lmmc_output(target):
-            foreign, digests = _foreign(target), _listed(target) or {}
+            foreign, digests = _foreign(target), file_list(target) or {}
             edited = [rel for rel in foreign if isinstance(digests.get(rel), str)]
             added = [rel for rel in foreign if rel not in edited]
             parts = [f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, {what}" for names, what in

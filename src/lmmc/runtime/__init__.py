@@ -600,16 +600,24 @@ def digest_file(digest: Any, path: Path, name: str = "") -> None:
             digest.update(chunk)
 
 
-def edited_files(out_dir: Path, files: Iterable[str]) -> list[str]:
-    """Those of `files` (relative to `out_dir`) that are not what the compile wrote, by the digests its file
-    list keeps; none for an output from before lmmc kept them."""
+def file_list(out_dir: Path) -> dict[str, str | None] | None:
+    """The files FILE_LIST names with their digests, or None without one (or with one that is not the JSON
+    object a compile writes); an older lmmc's list of names alone counts as none, since a file edited under a
+    listed name cannot be told from lmmc's."""
     try:
         listed = json.loads((Path(out_dir) / FILE_LIST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
+        return None
+    return listed if isinstance(listed, dict) else None
+
+
+def edited_files(out_dir: Path, files: Iterable[str]) -> list[str]:
+    """Those of `files` (relative to `out_dir`) that are not what the compile wrote, by the digests its file
+    list keeps; none for an output from before lmmc kept them."""
+    listed = file_list(out_dir) or {}
     edited = []
     for f in files:
-        if not isinstance(listed, dict) or not isinstance(listed.get(f), str):
+        if not isinstance(listed.get(f), str):
             continue
         digest = hashlib.sha256()
         with contextlib.suppress(OSError):  # a missing file counts as edited
