@@ -653,6 +653,7 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
     lengths = []  # (setting, tokens, whether the recipe gave it)
     if recipe.calibration.path and recipe.calibration.max_length:
         lengths.append(("calibration.max_length", recipe.calibration.max_length, True))
+    opts: dict[str, int] = {}  # a tensorrt profile's opt, which must come down with its max
     for name, cfg in _step_configs(recipe):
         # A corpus read by no text tower (distill's `towers: [vision]`) is never tokenised.
         towers = getattr(cfg, "towers", None)
@@ -663,6 +664,7 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
             lengths.append((f"{name}.latency_seq", cfg.latency_seq, True))
         if hasattr(getattr(cfg, "seq", None), "max"):  # tensorrt's profile: its longest text must fit
             lengths.append((f"{name}.seq.max", cfg.seq.max, True))
+            opts[f"{name}.seq.max"] = cfg.seq.opt
     # A generative model's sequence holds the image's tokens besides the text's (max_length counts text only);
     # the default length is a cap that the encoding lowers to the positions left, so only a given one counts them.
     image = adapter.image_tokens.count(config) if adapter.kind == "generative" and adapter.image_tokens else 0
@@ -673,7 +675,8 @@ def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
         if value + extra > positions:
             plus = f" text tokens, with the {extra} an image becomes, take {value + extra} positions," if extra else ","
             raise LmmcError(f"{key} = {value}{plus} but this model's text tower takes at most {positions} tokens "
-                            f"(max_position_embeddings); set {key} to {positions - extra} or less")
+                            f"(max_position_embeddings); set {key} to {positions - extra} or less"
+                            + (f", and opt (now {opts[key]}) with it" if opts.get(key, 0) > positions else ""))
 
 
 def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], shapes: torch.nn.Module,
