@@ -921,6 +921,48 @@ def test_a_corpus_is_judged_without_what_the_compile_calibrated_on(uncapped, tmp
     assert not (tmp_path / "c.json").exists()
 
 
+def test_corpus_texts_the_tokenizer_reads_as_calibration_texts_are_left_out(uncapped, tmp_path):
+    """A --corpus text that differs from a calibration text only where the uncased tokenizer does not look (its
+    accents) is the same input to the model: it is left out of the held-out fidelity, as a copy is."""
+    from lmmc.bench import load_data
+    from lmmc.recipe import CalibrationConfig
+
+    _, model_dir, out = uncapped
+    teacher, adapter, pre = load_teacher(str(model_dir))
+    calib_cfg = CalibrationConfig.model_validate(json.loads((out / "report.json").read_text())["recipe"]["calibration"])
+    calibrated = list(load_data(calib_cfg, teacher, adapter, pre).calibration_texts)
+    accented = [t.replace("e", "é") for t in calibrated if "e" in t]
+    assert accented and all(pre["tokenizer"](a)["input_ids"] == pre["tokenizer"](t.replace("é", "e"))["input_ids"]
+                            for a, t in zip(accented, accented))
+    (tmp_path / "c.txt").write_text("\n".join(accented + EXTRA) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "c.txt", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["corpora"]["c.txt"] == {"text": len(EXTRA)}
+    assert any(n.startswith(f"--corpus {tmp_path / 'c.txt'}: {len(accented)} of its texts read, cut to 64 tokens, as "
+                            f"a text the compile calibrated or distilled on") for n in bench["notes"]), bench["notes"]
+
+
+def test_a_corpus_line_of_megabytes_is_cut_before_the_tokenizer_reads_it(uncapped, tmp_path, monkeypatch):
+    """The tokenizer never reads a --corpus line whole: one of megabytes took seconds and gigabytes, and
+    killed the process where memory was short."""
+    _, _, out = uncapped
+    longest: list[int] = []
+    call = transformers.PreTrainedTokenizerBase.__call__
+
+    def recording(self, text=None, *args, **kwargs):
+        longest.append(max(map(len, [text] if isinstance(text, str) else text or [""])))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__call__", recording)
+    line = " ".join(EXTRA * 20_000)  # about 1.2 MB
+    (tmp_path / "c.txt").write_text(line + "\n" + "\n".join(EXTRA) + "\n")
+    result = run("bench", out, "--quick", "--corpus", tmp_path / "c.txt", "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["corpora"]["c.txt"] == {"text": len(EXTRA) + 1}
+    assert len(line) > 10**6 and longest and max(longest) < 10**4
+
+
 def test_the_distillation_corpora_count_as_trained_on(tmp_path):
     """Every corpus a distill pass read, nested in another pass's settings too, joins the calibration split
     in what a --corpus is judged without; a corpus that is gone is said in a note."""
@@ -936,10 +978,11 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
               {"antgmm": {"distill": {"corpus": [str(tmp_path / "e.txt"), str(tmp_path / "f.txt")]}}},
               {"distill": {"corpus": str(tmp_path / "gone.txt")}}]
     notes: list[str] = []
-    data = SimpleNamespace(calibrated=frozenset({"text:x"}))
+    data = SimpleNamespace(calibrated=frozenset({"text:x"}), calibration_texts=("X",))
     seen = trained_on({"recipe": {"passes": passes}}, data, {"text"}, notes)
-    assert seen == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line", "a third line",
-                                                                "a fourth line"])}
+    assert seen.keys == {"text:x", *("text:" + text_key(t) for t in ["the first line", "the second line",
+                                                                     "a third line", "a fourth line"])}
+    assert seen.texts == ("X", "The first line", "the second line", "A third line", "A fourth line")  # as written
     assert notes == [f"the distillation corpus {tmp_path / 'gone.txt'} is not there any more: --corpus samples it "
                      f"held are not told apart from unseen ones"]
     # edited since the compile hashed it: which --corpus texts were distilled on can no longer be told
@@ -947,7 +990,7 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
 
     data_inputs = {"passes[0].distill.corpus": {"path": str(tmp_path / "d.txt"), "sha256": hash_data(tmp_path / "d.txt")}}
     report = {"recipe": {"passes": passes[:1]}, "inputs": {"data": data_inputs}}
-    assert len(trained_on(report, data, {"text"}, [])) == 3
+    assert len(trained_on(report, data, {"text"}, []).keys) == 3
     (tmp_path / "d.txt").write_text("The first line\n")
     with pytest.raises(LmmcError, match="the distillation corpus .*d.txt changed since the compile read it, so bench "
                                         "cannot tell which --corpus samples the student was distilled on"):

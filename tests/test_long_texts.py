@@ -58,7 +58,7 @@ def test_a_long_text_gives_the_tokens_the_tokenizer_gives_it_whole_from_a_short_
             batch = encode_text(rec, [text, "the water"], 2, length)[0]
             assert rec.longest == len(clipped)
             assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == whole, (name, kind)
-            assert unseen_texts(rec, [text, text[:-5]], [], length) == [0]  # the same first tokens: one kept
+            assert unseen_texts(rec, [text, text[:-5]], set(), length) == [0]  # the same first tokens: one kept
 
 
 def test_cutting_a_text_raises_no_warning_of_indexing_errors(tmp_path):

@@ -293,7 +293,7 @@ def test_the_openvino_pass_calibrates_a_text_tower_on_its_short_texts_too(tmp_pa
 
 
 def test_short_texts_are_the_opening_words_of_each_text(minilm):
-    from lmmc.data import short_texts, unseen_texts
+    from lmmc.data import short_texts, token_ids, unseen_texts
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
     texts = [f"w{i} a b c d e f" for i in range(10)]
@@ -305,7 +305,8 @@ def test_short_texts_are_the_opening_words_of_each_text(minilm):
     [cjk] = short_texts(["今天天气很好我们去公园散步吧"], 0, tokenizer)  # no spaces: its first one to four tokens
     assert 1 <= len(cjk.replace(" ", "")) <= 4 and "今天天气".startswith(cjk.replace(" ", ""))
     # held out only where the tokens differ from every calibrated text's and from each other's
-    assert unseen_texts(tokenizer, ["What is", "where", "WHERE", "how"], ["what is"], 128) == [1, 3]
+    seen = set(token_ids(tokenizer, ["what is"], 128))
+    assert unseen_texts(tokenizer, ["What is", "where", "WHERE", "how"], seen, 128) == [1, 3]
 
 
 def test_a_signal_after_irs_are_released_in_load_order_reaches_its_handler(tiny_ir):

@@ -699,9 +699,26 @@ def load_data(calib_cfg, teacher, adapter, preprocessor):
                     "fidelity on; pass --calib with the data the student should be judged on")
 
 
-def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[str]) -> frozenset[str]:
-    """The texts and images the compile calibrated or distilled on (as `part_keys` reads them): its
-    calibration split and every corpus a distill pass read. Fidelity on them is not held-out fidelity."""
+@dataclass(frozen=True)
+class Trained:
+    """What the compile calibrated or distilled on: its calibration split and every corpus a distill pass
+    read. Fidelity on them is not held-out fidelity."""
+
+    keys: frozenset[str] = frozenset()  # texts and images as `part_keys` reads them
+    texts: tuple[str, ...] = ()  # the texts as written, which the tokenizer reads to find texts read alike
+    _tokens: dict[int, set[tuple[int, ...]]] = field(default_factory=dict, compare=False, repr=False)
+
+    def tokens(self, tokenizer, length: int) -> set[tuple[int, ...]]:
+        """The texts' tokens cut to `length`, read once for all the corpora of a bench."""
+        from lmmc.data import token_ids
+
+        if length not in self._tokens:
+            self._tokens[length] = set(token_ids(tokenizer, list(self.texts), length))
+        return self._tokens[length]
+
+
+def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[str]) -> Trained:
+    """What the compile calibrated or distilled on (`Trained`)."""
     from lmmc.data import part_keys, read_corpus
 
     def corpora(node: Any) -> list[str]:
@@ -715,7 +732,7 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
 
     recorded = {e["path"]: e.get("sha256") for k, e in (_recorded(report, "data") or {}).items()
                 if "corpus" in k and isinstance(e, dict) and "path" in e}
-    seen = set(data.calibrated)
+    seen, texts = set(data.calibrated), list(data.calibration_texts)
     for corpus in dict.fromkeys(corpora(report["recipe"].get("passes"))):
         if not Path(corpus).exists():
             notes.append(f"the distillation corpus {corpus} is not there any more: --corpus samples it held are "
@@ -725,26 +742,28 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
             raise LmmcError(f"the distillation corpus {corpus} changed since the compile read it, so bench cannot "
                             f"tell which --corpus samples the student was distilled on; restore that file, or bench "
                             f"without --corpus")
-        seen.update(k for r in read_corpus(Path(corpus), "the distillation corpus")
-                    for k in part_keys(r, modalities).values())
-    return frozenset(seen)
+        records = read_corpus(Path(corpus), "the distillation corpus")
+        seen.update(k for r in records for k in part_keys(r, modalities).values())
+        texts += [r["text"] for r in records if "text" in r and "text" in modalities]
+    return Trained(frozenset(seen), tuple(dict.fromkeys(texts)))
 
 
 def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positions: int | None,
-                   pad_to: int | None = None, seen: frozenset[str] = frozenset(),
+                   pad_to: int | None = None, trained: Trained = Trained(),
                    notes: list[str] | None = None, floor: int = 2) -> dict[str, list[dict]]:
     """An extra held-out corpus, encoded for every tower whose modality it holds as the compile encodes its
     held-out split (texts cut by default at `positions`, where the model's users get them cut): modality ->
-    batches of up to `n` distinct items each. Texts and images in `seen` (what the compile trained on) are
+    batches of up to `n` distinct items each. Texts and images in `trained` (what the compile trained on) are
     left out, and `notes` says so; a tower given fewer than `floor` distinct items is an error."""
     from lmmc.data import (DEFAULT_MAX_LENGTH, encode_images, encode_text, part_keys, read_corpus, sample_key,
                            text_length, unseen_texts)
+    from lmmc.runtime.texts import clip_texts
 
     modalities = sorted({t.modality for t in adapter.towers})
     records = read_corpus(path, "--corpus")
     unique = list({sample_key(r): r for r in records}.values())
     parts = [part_keys(r, modalities) for r in unique]
-    kept = [{m: r[m] for m, k in p.items() if k not in seen} for r, p in zip(unique, parts)]
+    kept = [{m: r[m] for m, k in p.items() if k not in trained.keys} for r, p in zip(unique, parts)]
     dropped = sum(len(k) < len(p) for k, p in zip(kept, parts))
     if dropped and not any(kept):
         raise LmmcError(f"--corpus '{path}': the compile calibrated or distilled on every sample of it, so it cannot "
@@ -762,7 +781,8 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
         # compile's own held-out split leaves out; so does one that reads as another of the corpus's texts.
         length = text_length(preprocessor["tokenizer"], max_length, pad_to)
         texts = distinct["text"]
-        distinct["text"] = [texts[i] for i in unseen_texts(preprocessor["tokenizer"], texts, sorted(seen), length)]
+        tokenizer = preprocessor["tokenizer"]
+        distinct["text"] = [texts[i] for i in unseen_texts(tokenizer, texts, trained.tokens(tokenizer, length), length)]
         twins = len(texts) - len(distinct["text"])
         if twins and notes is not None:
             notes.append(f"--corpus {path}: {twins} of its texts read, cut to {length} tokens, as a text the compile "
@@ -790,8 +810,9 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
             out[modality] = encode_text(preprocessor["tokenizer"], found, calib_cfg.batch_size, max_length, pad_to)
             length = text_length(preprocessor["tokenizer"], max_length, pad_to)
             # one token more than the cut: a text of exactly `length` tokens is whole
-            cut = sum(len(ids) > length for ids in preprocessor["tokenizer"](found, truncation=True,
-                                                                           max_length=length + 1)["input_ids"])
+            tokenizer = preprocessor["tokenizer"]  # a text cut to its first words first: a line may be megabytes
+            cut = sum(len(ids) > length for ids in tokenizer(clip_texts(tokenizer, found, length + 1), truncation=True,
+                                                             max_length=length + 1)["input_ids"])
             if cut and pad_to is None and notes is not None:  # padded to a fixed length, every mask may be full
                 notes.append(f"--corpus {path}: {cut} of its {len(found)} texts are cut to {length} tokens, as the "
                              f"compile cut its held-out split")
@@ -883,7 +904,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     data = load_data(calib_cfg, teacher, adapter, preprocessor)
     corpora = {"held-out": {m: data.eval_batches(m) for m in {t.modality for t in adapter.towers}}}
-    seen = trained_on(report, data, {t.modality for t in adapter.towers}, skipped) if cfg.corpora else frozenset()
+    seen = trained_on(report, data, {t.modality for t in adapter.towers}, skipped) if cfg.corpora else Trained()
     for name, path in zip(corpus_names(cfg.corpora), cfg.corpora):
         corpora[name] = corpus_batches(path, adapter, preprocessor, calib_cfg, cfg.corpus_samples,
                                        text_truncation(teacher.config, adapter, preprocessor),

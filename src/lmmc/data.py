@@ -55,6 +55,7 @@ class CalibData:
     short: list[Batch] = field(default_factory=list)  # the empty text and `short_texts` of calibration texts
     eval_short: list[Batch] = field(default_factory=list)  # `short_texts` of the held-out texts, none of `short`
     calibrated: frozenset[str] = frozenset()  # the calibration samples' texts and images, as `part_keys` reads them
+    calibration_texts: tuple[str, ...] = ()  # the calibration samples' texts as written
 
     def calib_batches(self, modality: str) -> list[Batch]:
         return self.calib.get(modality, [])
@@ -604,8 +605,8 @@ def drop_token_twins(chosen: Selection, tokenizer, max_length: int) -> Selection
     """A text model's held-out texts that read, cut to `max_length` tokens, as the same tokens as a text
     calibrated on (or held out before): texts that share a long opening and differ only past the cut. The
     split tells texts apart by their words; validating on such a twin would measure a calibrated input."""
-    kept = unseen_texts(tokenizer, [r["text"] for r in chosen.held_out], [r["text"] for r in chosen.calib],
-                        max_length)
+    kept = unseen_texts(tokenizer, [r["text"] for r in chosen.held_out],
+                        set(token_ids(tokenizer, [r["text"] for r in chosen.calib], max_length)), max_length)
     held_out = [chosen.held_out[i] for i in kept]
     if len(held_out) == len(chosen.held_out):
         return chosen
@@ -643,7 +644,8 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
             cut = [""] + short_texts(c[:len(c) // 4], cfg.seed, tok)
             short = encode_text(tok, cut, cfg.batch_size, max_length, pad_to)
             openings = short_texts(e, cfg.seed, tok)
-            kept = unseen_texts(tok, openings, cut, text_length(tok, max_length, pad_to))
+            length = text_length(tok, max_length, pad_to)
+            kept = unseen_texts(tok, openings, set(token_ids(tok, cut, length)), length)
             eval_short = encode_text(tok, [openings[i] for i in kept], cfg.batch_size, max_length, pad_to)
         else:
             proc = preprocessor.get("image_processor")
@@ -664,7 +666,8 @@ def load_calibration(cfg, path: str | None, modalities: set[str], preprocessor: 
         texts -= {text_key(r["text"]) for r in chosen.calib if "text" in r}
     calibrated = frozenset(k for r in chosen.calib for k in part_keys(r, modalities).values())
     return CalibData(calib, held, str(source), counts, chosen.warnings, labels, held_out_texts=texts, short=short,
-                     eval_short=eval_short, calibrated=calibrated)
+                     eval_short=eval_short, calibrated=calibrated,
+                     calibration_texts=tuple(r["text"] for r in chosen.calib if "text" in r and "text" in modalities))
 
 
 def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
@@ -685,16 +688,19 @@ def short_texts(texts: list[str], seed: int, tokenizer) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def unseen_texts(tokenizer, texts: list[str], seen: list[str], max_length: int) -> list[int]:
-    """The indices of `texts` whose tokens, cut to `max_length`, are neither those of a text in `seen` nor of an
-    earlier one: an uncased tokenizer reads "What is" as "what is"."""
-    def tokens(batch: list[str]) -> list[tuple[int, ...]]:  # a tokenizer given no texts fails
-        return [tuple(ids) for ids in tokenizer(clip_texts(tokenizer, batch, max_length), truncation=True,
-                                                max_length=max_length)["input_ids"]] \
-            if batch else []
+def token_ids(tokenizer, texts: list[str], max_length: int) -> list[tuple[int, ...]]:
+    """Each text's token ids, cut to `max_length` (its opening first: a line may be megabytes)."""
+    if not texts:  # a tokenizer given no texts fails
+        return []
+    return [tuple(ids) for ids in tokenizer(clip_texts(tokenizer, texts, max_length), truncation=True,
+                                            max_length=max_length)["input_ids"]]
 
-    known, kept = set(tokens(seen)), []
-    for i, ids in enumerate(tokens(texts)):
+
+def unseen_texts(tokenizer, texts: list[str], seen: set[tuple[int, ...]], max_length: int) -> list[int]:
+    """The indices of `texts` whose tokens, cut to `max_length`, are neither in `seen` (`token_ids` of texts
+    read before) nor those of an earlier one: an uncased tokenizer reads "What is" as "what is"."""
+    known, kept = set(seen), []
+    for i, ids in enumerate(token_ids(tokenizer, texts, max_length)):
         if ids not in known:
             known.add(ids)
             kept.append(i)
