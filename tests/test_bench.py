@@ -384,10 +384,11 @@ def _other_data(tmp_path):
                                   "data changed", "seq too long",
                                   "static seq below the texts", "empty json path", "threads past any CPU",
                                   "tokenizer deleted", "weights deleted", "artifact edited", "tokenizer swapped",
-                                  "manifest edited", "report edited", "file list damaged", "json a link"])
+                                  "manifest edited", "report edited", "file list damaged", "json a link",
+                                  "json inside the output"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
-    target = tmp_path / "b.json"
+    target = out / "student" / "mine.json" if case == "json inside the output" else tmp_path / "b.json"
     args = {
         "missing": ([tmp_path / "nope"], "does not exist; pass the --out directory of an lmmc compile"),
         "not lmmc": ([tmp_path], "is not an lmmc output (no report.json or student/lmmc.json)"),
@@ -432,6 +433,8 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
                                                                    "of digests the compile wrote)"),
         # the user's link (here dangling) stays a link, as lmmc report keeps a report.html link
         "json a link": ([out], "is a symbolic link, which lmmc never writes"),
+        # a file there that the compile did not list would stop `lmmc compile --force` from replacing the output
+        "json inside the output": ([out], f"is inside the output {out}, where bench writes only bench.json"),
     }
     where, message = args[case]
     if case == "backend missing":

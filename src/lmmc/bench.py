@@ -276,6 +276,10 @@ def check_json_target(path: Path, out_dir: Path) -> None:
                         f"with another path")
     if path.is_dir():
         raise LmmcError(f"--json '{path}' is a directory; give a file path such as {path / 'bench.json'}")
+    if _elsewhere(path, out_dir) and path.resolve().is_relative_to(out_dir.resolve()):
+        raise LmmcError(f"--json '{path}' is inside the output {out_dir}, where bench writes only bench.json (`lmmc "
+                        f"compile --force` would not replace an output holding a file it did not write); leave --json "
+                        f"out, or pass a path outside {out_dir}")
     if not path.exists():
         if not path.parent.is_dir():
             raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
