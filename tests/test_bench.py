@@ -1037,6 +1037,10 @@ def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):
     assert (f"error: --seq sets the tokens of a text sample, and the teacher '{tmp_path / 'vit'}' has no text tower "
             f"(towers: vision); drop --seq\n") in refused.output
     assert not (out / "bench.json").exists()
+    (tmp_path / "pictures.txt").write_text("a\nb\n")  # read by nothing, and nothing said so
+    ignored = run("bench", out, "--quick", "--calib", tmp_path / "pictures.txt")
+    assert ignored.exit_code == 2 and "this compile read none (its recipe's calibration.random draws random " \
+                                      "inputs); leave --calib out" in " ".join(ignored.output.split())
     one = run("bench", out, "--quick", "--repeats", 1, "--json", tmp_path / "one.json")  # refused, though documented
     assert one.exit_code == 0, one.output
     rows = json.loads((tmp_path / "one.json").read_text())["towers"]["vision"]["rows"]

@@ -617,6 +617,9 @@ def _recipe_calibration(report: dict[str, Any], cfg: BenchConfig, report_path: P
     except ValidationError as err:
         raise LmmcError(f"{report_path} holds a bad calibration section in its recipe; recompile to rewrite it:\n"
                         f"{explain(err)}") from None
+    if cfg.calib is not None and calib.random:
+        raise LmmcError(f"--calib gives the compile's calibration data where it now is, and this compile read none "
+                        f"(its recipe's calibration.random draws random inputs); leave --calib out")
     if cfg.calib is not None:
         calib = calib.model_copy(update={"path": str(cfg.calib)})
     if calib.path and not Path(calib.path).exists():
