@@ -103,6 +103,15 @@ def test_each_file_of_a_corpus_list_is_checked(tmp_path, teacher):
         f"the data of passes[0].distill.corpus[1] ('{files[1]}') changed"]
 
 
+def test_a_pass_added_or_removed_is_named_not_written_out(tmp_path, teacher):
+    """A pass list of another length: the passes beyond the shorter list by name, not both lists with every
+    default (a line of kilobytes)."""
+    before = inputs(tmp_path)
+    fewer = inputs(tmp_path, passes=RECIPE["passes"][:1])
+    assert changed_inputs(before, fewer) == ["recipe passes[1] removed: wanda", "recipe passes[2] removed: distill"]
+    assert changed_inputs(fewer, before) == ["recipe passes[1] added: wanda", "recipe passes[2] added: distill"]
+
+
 def test_resume_refuses_changed_inputs_and_keeps_the_area(tmp_path, teacher):
     dead = WorkArea(tmp_path / "out")
     dead.claim(inputs(tmp_path), resume=False)

@@ -150,9 +150,21 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
             else:
                 out += differences(old[key], new[key], path)
         return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+    if isinstance(old, list) and isinstance(new, list):
+        # entries past the shorter list by name alone: a pass written out with every default is a screenful
+        common = min(len(old), len(new))
+        return [*(d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")),
+                *(f"{where}[{i}] removed: {_brief(old[i])}" for i in range(common, len(old))),
+                *(f"{where}[{i}] added: {_brief(new[i])}" for i in range(common, len(new)))]
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _brief(entry: Any) -> str:
+    """A list entry in a few words: a pass ({"wanda": {...}}) by its name."""
+    if isinstance(entry, dict) and len(entry) == 1:
+        return str(next(iter(entry)))
+    text = repr(entry)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
