@@ -335,7 +335,13 @@ def test_report_command_bad_input_touches_nothing(compiled, tmp_path):
     assert not (out / "report.html").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lmmc-files.json"]  # no partial page
 
-    # Edited by hand into shapes no compile writes: one message, not a crash.
+    # Edited by hand: the page would show the edits as the compile's figures
+    (out / "report.json").write_text('{"lmmc_version": "0.1"}')
+    result = runner.invoke(main, ["report", str(out)])
+    assert result.exit_code == 2 and f"'{out / 'report.json'}' is not the file the compile wrote" in result.output
+    assert not (out / "report.html").exists()
+    # ... into shapes no compile writes, in an output without the digests (an older lmmc's): one message, not a crash
+    (out / ".lmmc-files.json").unlink()
     report = json.loads((compiled / "report.json").read_text())
     for edit in (lambda r: r["validation"].update(towers=list(r["validation"]["towers"])),
                  lambda r: r["parameters"].update(teacher="lots"),

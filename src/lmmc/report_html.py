@@ -593,7 +593,7 @@ def write_report_html(out_dir: Path) -> Path:
     """Draw OUT_DIR/report.html from OUT_DIR/report.json, written whole or not at all; an existing
     report.html is replaced only when lmmc wrote it."""
     from lmmc.resume import WorkArea, write_new
-    from lmmc.runtime import output_fingerprint
+    from lmmc.runtime import FILE_LIST, edited_files, output_fingerprint
 
     out_dir = Path(out_dir)
     source, target = out_dir / "report.json", out_dir / "report.html"
@@ -610,6 +610,9 @@ def write_report_html(out_dir: Path) -> Path:
         raise LmmcError(f"'{source}' is not valid JSON ({reason}); compile again to write it anew") from None
     if not isinstance(report, dict) or "lmmc_version" not in report:
         raise LmmcError(f"'{source}' was not written by lmmc compile; give the --out directory of an lmmc compile")
+    if edited_files(out_dir, ["report.json"]):  # the page would show the edited figures as the compile's
+        raise LmmcError(f"'{source}' is not the file the compile wrote (its SHA-256 differs from the one {FILE_LIST} "
+                        f"keeps): it was edited or damaged since; restore it, or compile again to write it anew")
     if target.is_symlink():  # replacing it would drop the user's link; writing through it, their file
         raise LmmcError(f"'{target}' is a symbolic link, which lmmc never writes; remove it to draw the report there")
     if target.exists() and not is_unedited(target):  # a page lmmc drew and someone edited is theirs now
