@@ -15,7 +15,8 @@ from conftest import compile_tiny_text, padded_text, save_tiny, tiny_model, towe
 from lmmc.adapters import block_list, get_adapter
 from lmmc.export.onnx import export_tower
 from lmmc.export.openvino import torch_to_openvino
-from lmmc.modelio import save_student
+from lmmc.errors import LmmcError
+from lmmc.modelio import save_student, text_positions
 from lmmc.runtime import load, open_dir
 from lmmc.student import SHRUNK_WEIGHTS, load_student
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
@@ -121,12 +122,25 @@ def test_compile_prunes_heads_and_deploys(tmp_path, one_thread) -> None:
     for backend in ("onnxruntime", "openvino"):
         got = open_dir(out, backend=backend, threads=1).encode(texts)
         assert np.abs(got - ref).max() <= 1e-4, backend
+    # One token past the position table: OpenVINO read the missing rows as zeros and answered; its shape
+    # inference finds no limit, since MPNet computes its positions from the mask
+    limit = text_positions(student.config, TOWER)
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]["positions"] == limit
+    for path, options in [("onnx/text.onnx", {}), ("openvino/text.xml", {}),
+                          ("openvino/text.xml", {"static_shape": (2, 2 * limit)})]:
+        model = load(out / path, threads=1, **options)
+        for n, fits in ((limit, True), (limit + 1, False)):
+            feed = {"input_ids": np.full((1, n), 7), "attention_mask": np.ones((1, n), dtype=np.int64)}
+            if fits:
+                assert np.isfinite(model.run(feed)["pooled_embedding"]).all()
+            else:
+                with pytest.raises(LmmcError, match="More tokens than the model's position table"):
+                    model.run(feed)
 
 
 def test_the_token_limit_is_the_longest_input_the_position_table_takes():
     """MPNet numbers positions from 2 whatever its pad_token_id (the tiny one's is 0), RoBERTa from
     pad_token_id + 1: the limit lmmc cuts and times at runs, and one token more does not."""
-    from lmmc.modelio import text_positions
 
     model = tiny_model("mpnet")
     assert model.config.pad_token_id != 1

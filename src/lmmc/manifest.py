@@ -12,7 +12,7 @@ import lmmc
 from lmmc.adapters import dynamic_axes, tower_config
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
-from lmmc.modelio import local_dir, text_pad_length
+from lmmc.modelio import local_dir, text_pad_length, text_positions
 from lmmc.pooling import modes_of, normalises
 from lmmc.runtime import MANIFEST, MANIFEST_FORMAT, PAD_TO_KEY, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
@@ -109,6 +109,9 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
                                  "padding": "longest" if pad_to is None else "max_length",
                                  # token ids at or past it index no row of the embedding table
                                  "vocab_size": int(tower_config(art.student, text).vocab_size),
+                                 # the most tokens it takes: its position table's rows (RoBERTa's and MPNet's
+                                 # offset taken off), which an IR's shape inference does not always find
+                                 "positions": text_positions(art.student.config, text),
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to

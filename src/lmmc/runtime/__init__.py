@@ -127,6 +127,16 @@ def text_pad_to(path: Path, stamped: Any = None) -> int | None:
         return None
 
 
+def manifest_positions(path: Path) -> int | None:
+    """The most tokens a text artifact takes, from the manifest of the output it sits in (None elsewhere, or
+    for an output written before manifests recorded it)."""
+    try:
+        manifest = json.loads((path.parent.parent / MANIFEST).read_text())
+        return int(manifest["preprocessing"]["text"]["positions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_static_pad(name: str, static_shape: tuple[int, ...] | None, pad_to: int | None) -> None:
     # encode pads every text to that length; a static IR of another length could not take it
     if static_shape is not None and len(static_shape) == 2 and pad_to and static_shape[1] != pad_to:

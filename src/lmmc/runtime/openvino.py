@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import OUT_OF_RANGE, PAD_TO_KEY, Model, TensorSpec, cast_feed, check_static_pad, shapes_of, text_pad_to
+from lmmc.runtime import (OUT_OF_RANGE, PAD_TO_KEY, Model, TensorSpec, cast_feed, check_static_pad, manifest_positions,
+                          shapes_of, text_pad_to)
 
 
 def _spec(port, name: str) -> TensorSpec:
@@ -185,7 +186,11 @@ class OpenVinoModel(Model):
         self.inputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.inputs, model.inputs)]
         self.outputs = [_spec(p, q.get_any_name()) for p, q in zip(self.compiled.outputs, model.outputs)]
         self.rows = table_rows(model)
-        self.tokens = max_tokens(model) if self.static is None else None
+        # Shape inference finds a position table sliced by length (BERT, CLIP), not one indexed by computed
+        # positions (MPNet, RoBERTa), whose rows past the end read as zeros: the manifest knows it then.
+        texts = any(p.get_any_name() == "input_ids" for p in model.inputs)
+        self.tokens = ((max_tokens(model) if self.static is None else None) or manifest_positions(path)) if texts \
+            else None
         # One infer request per thread: a request's buffers hold one run, so threads sharing one would
         # read each other's outputs. A compiled model serves several requests at once.
         self._local = threading.local()
@@ -210,11 +215,11 @@ class OpenVinoModel(Model):
                 bad = ids.min() if ids.min() < 0 else ids.max()
                 raise LmmcError(f"'{name}' holds id {bad}, outside the {rows} rows of the table {self.path.name} "
                                 f"looks it up in; feed ids from the model's own tokenizer, as encode() does")
-        if self.static is not None:
-            return self._run_static(feed)
         if self.tokens is not None and feed["input_ids"].shape[1] > self.tokens:
             raise LmmcError(f"{self.path.name} takes at most {self.tokens} tokens, and the feed has "
                             f"{shapes_of(feed)}. {OUT_OF_RANGE}")
+        if self.static is not None:
+            return self._run_static(feed)
         result = self._infer(feed)
         # infer() returns views into the request's buffers; copy so the next run cannot overwrite them
         outputs = {spec.name: np.array(result[port]) for spec, port in zip(self.outputs, self.compiled.outputs)}
