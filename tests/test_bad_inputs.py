@@ -598,6 +598,16 @@ def _(tmp):
         "sets a latency target", "generative models (llava)", "Set keep"]
 
 
+@case("a structured cut after the latency target's")
+def _(tmp):
+    # validation gated the target on a student the target never planned, and reported its prediction
+    recipe = write_recipe(tmp, {**RANDOM, "passes": [{"antgmm": {"target": {"speedup": 2}}}, {"antgmm": {"keep": 0.6}}],
+                                "export": ["onnx", {"openvino": {"int8": True}}]})
+    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], [
+        "passes[1] 'antgmm' cuts the student again after passes[0] 'antgmm' cut it to its latency target",
+        "with the target on the last antgmm pass"]
+
+
 @case("too few held-out samples asked for")
 def _(tmp):
     texts(tmp, n=400)

@@ -214,6 +214,11 @@ def check_target_exports(passes: list[tuple[str, Any]], exports: list[tuple[str,
     for i, (name, cfg) in enumerate(passes):
         if getattr(cfg, "target", None) is None:
             continue
+        later = next((j for j, (other, _) in enumerate(passes) if j > i and other == "antgmm"), None)
+        if later is not None:  # validation would time and gate another student than the one the target cut
+            raise LmmcError(f"passes[{later}] 'antgmm' cuts the student again after passes[{i}] '{name}' cut it to its "
+                            f"latency target, which validation then gates on a student it did not plan; cut once, "
+                            f"with the target on the last antgmm pass")
         deploy = getattr(cfg, "deploy", None) or DeployConfig()
         if deploy.runtime == "openvino":
             ov = steps.get("openvino")
