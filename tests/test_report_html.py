@@ -171,6 +171,7 @@ def test_verdict_matches_report_json(compiled, tmp_path):
     assert verdict(page) == ("true", "PASSED") and f"all {len(report['validation']['gates'])} gates were met" in page
 
     out = copy_output(compiled, tmp_path / "out")
+    (out / ".lmmc-files.json").unlink()  # the reports below are drawn as an older lmmc's, whose digests none kept
     failed = {**report, "passed": False}
     gates = [dict(g) for g in report["validation"]["gates"]]
     gates[1] = {**gates[1], "passed": False, "op": ">=", "value": 0.9999836, "threshold": 0.99999}
