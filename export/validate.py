@@ -487,9 +487,10 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
 
 def match_probabilities(teacher: torch.nn.Module | None, student: torch.nn.Module | None,
                         pooled: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float] | None:
-    """How far the student moves each held-out image-text pair's match probability σ(scale · cos + bias), for
-    models that score pairs one at a time (SigLIP; None for others): rankings, which the task metric judges,
-    stay where every similarity shifts alike, and a threshold on the probability does not."""
+    """How far the student moves each held-out image-text pair's match probability σ(scale · cos + bias), and
+    apart (`unmatched`) that of each image with the other captions, for models that score pairs one at a time
+    (SigLIP; None for others): rankings, which the task metric judges, stay where every similarity shifts
+    alike, and a threshold on the probability does not."""
     if not all(isinstance(getattr(m, "logit_bias", None), torch.Tensor) for m in (teacher, student)) or \
             not {"text", "vision"} <= pooled.keys():
         return None
@@ -499,11 +500,19 @@ def match_probabilities(teacher: torch.nn.Module | None, student: torch.nn.Modul
         bias = float(model.logit_bias.detach().float().reshape(-1)[0])
         unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)  # noqa: E731
         return 1.0 / (1.0 + np.exp(-(scale * unit(image) @ unit(text).T + bias)))
+    def moved(p_t: np.ndarray, p_s: np.ndarray) -> dict[str, float]:
+        diff = np.abs(p_t - p_s)
+        return {"pairs": int(diff.size), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+                "decision_agreement": float(((p_t > 0.5) == (p_s > 0.5)).mean())}
+
     (t_txt, s_txt), (t_img, s_img) = pooled["text"], pooled["vision"]
     p_t, p_s = probability(teacher, t_img, t_txt), probability(student, s_img, s_txt)
-    diff = np.abs(p_t - p_s)
-    return {"pairs": int(diff.size), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
-            "decision_agreement": float(((p_t > 0.5) == (p_s > 0.5)).mean())}
+    if p_t.shape[0] != p_t.shape[1]:  # not one caption per image: no pairs to tell apart
+        return moved(p_t, p_s)
+    # The i-th image with its own caption, apart from the other combinations: those are nearly all far below
+    # 0.5 for both models, and averaged in they hid a student whose every true pair had crossed it.
+    own = np.eye(len(p_t), dtype=bool)
+    return {**moved(p_t[own], p_s[own]), "unmatched": moved(p_t[~own], p_s[~own])}
 
 
 def _norm_ratio(result: dict[str, Any], emb: np.ndarray, t_emb: np.ndarray, label: str, cfg: ValidateConfig,

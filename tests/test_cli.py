@@ -74,10 +74,12 @@ def test_compile_tiny_model_end_to_end(tmp_path, kind):
         assert task["kind"] == "retrieval_agreement" and set(task["parts"]) == {"image -> image", "text -> image",
                                                                                    "image -> text"}
         assert task["value"] == min(task["parts"].values()) and task["teacher"] == 1.0
-        # SigLIP scores pairs one at a time: the 32 x 32 held-out pairs' match probabilities, CLIP none
+        # SigLIP scores pairs one at a time: the 32 held-out pairs' match probabilities and, apart, the other
+        # combinations of their images and captions; CLIP none
         probabilities = task.get("match_probability")
-        assert (probabilities is None) if kind == "clip" else (probabilities["pairs"] == 32 * 32 and
-                                                               0 <= probabilities["mean_abs_diff"] <= 1)
+        assert (probabilities is None) if kind == "clip" else (
+            probabilities["pairs"] == 32 and probabilities["unmatched"]["pairs"] == 32 * 31
+            and 0 <= probabilities["mean_abs_diff"] <= 1)
     # the saved student holds exactly the pruned weights
     weights = load_file(out / "student" / "model.safetensors")
     for name, sp in report["sparsity"]["sparsity_per_layer"].items():

@@ -497,9 +497,17 @@ def test_match_probabilities_are_each_models_sigmoid_of_its_scaled_and_biased_co
     got = match_probabilities(teacher, student, {"text": (txt, 2 * txt), "vision": (img, img)})
     p_t = 1 / (1 + np.exp(-(10 * unit(img) @ unit(txt).T - 2)))
     p_s = 1 / (1 + np.exp(-(10 * unit(img) @ unit(txt).T - 3)))  # the embeddings' norms do not count
-    assert got["pairs"] == 35
+    assert got["pairs"] == 35 and "unmatched" not in got  # 7 captions for 5 images: no pairs to tell apart
     assert got["mean_abs_diff"] == pytest.approx(float(np.abs(p_t - p_s).mean()), rel=1e-6)
     assert got["max_abs_diff"] == pytest.approx(float(np.abs(p_t - p_s).max()), rel=1e-6)
     assert got["decision_agreement"] == float(((p_t > 0.5) == (p_s > 0.5)).mean()) < 1.0
+    # One caption per image: the true pairs on their own. A student whose every true pair fell below 0.5 read
+    # as 0.96 agreement averaged over all 25 combinations, which sit below 0.5 for both models.
+    pair = np.eye(5, 8)  # each image alike only its own caption
+    scaled = SimpleNamespace(logit_scale=torch.tensor([np.log(100.0)]), logit_bias=torch.tensor([-10.0]))
+    shifted = SimpleNamespace(logit_scale=torch.tensor([np.log(100.0)]), logit_bias=torch.tensor([-110.0]))
+    got = match_probabilities(scaled, shifted, {"text": (pair, pair), "vision": (pair, pair)})
+    assert got["pairs"] == 5 and got["decision_agreement"] == 0.0 and got["mean_abs_diff"] > 0.99
+    assert got["unmatched"]["pairs"] == 20 and got["unmatched"]["decision_agreement"] == 1.0
     clip = SimpleNamespace(logit_scale=torch.tensor([np.log(10.0)]))  # a softmax model: rankings are its output
     assert match_probabilities(clip, clip, {"text": (txt, txt), "vision": (img, img)}) is None
