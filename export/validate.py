@@ -195,13 +195,25 @@ def _finite(*embeddings: np.ndarray) -> bool:
 
 def zero_shot_accuracy(images: np.ndarray, prompts: np.ndarray, prompt_class: list[int], truth: list[int],
                        n_classes: int) -> float:
-    """Fraction of images whose closest class is their own; a class is the mean of its normalised
-    prompt embeddings (CLIP's prompt ensembling). NaN when an embedding is not finite."""
-    if not _finite(images, prompts):
+    """Fraction of images whose closest class is their own, among the classes a prompt names (an image of
+    another class has no right answer and is not scored); a class is the mean of its normalised prompt
+    embeddings (CLIP's prompt ensembling). NaN when an embedding is not finite or no image is scored."""
+    owner, truth = np.asarray(prompt_class), np.asarray(truth)
+    named = np.array([c for c in range(n_classes) if (owner == c).any()])
+    rows = np.isin(truth, named)
+    if not _finite(images, prompts) or not rows.any():
         return float("nan")
-    owner = np.asarray(prompt_class)
-    classes = _unit(np.stack([_unit(prompts)[owner == c].mean(0) for c in range(n_classes)]))
-    return _tied_hits(_unit(images) @ classes.T, np.arange(n_classes), np.asarray(truth))
+    classes = _unit(np.stack([_unit(prompts)[owner == c].mean(0) for c in named]))
+    return _tied_hits(_unit(images[rows]) @ classes.T, named, truth[rows])
+
+
+def scored(kind: str, truth: list[int], prompt_class: list[int] | None = None) -> np.ndarray:
+    """Which held-out samples a labelled task metric can score: for zero-shot accuracy those of a class some
+    prompt names, for nearest-neighbour accuracy those whose class another held-out sample holds."""
+    truth = np.asarray(truth, dtype=int)
+    if kind == "zero_shot_accuracy":
+        return np.isin(truth, np.asarray(prompt_class or [], dtype=int))
+    return np.bincount(truth)[truth] >= 2
 
 
 def _tied_hits(sim: np.ndarray, candidates: np.ndarray, truth: np.ndarray) -> float:
@@ -259,17 +271,22 @@ def chance_accuracy(kind: str, truth: list[int]) -> tuple[float, float]:
     n = int(counts.sum())
     if kind == "zero_shot_accuracy":
         chance = float(counts.max() / n)
-    else:
-        chance = float((counts * (counts - 1)).sum() / max(n * (n - 1), 1))
+    else:  # over the samples scored, those whose class another sample holds
+        n_scored = int(counts[counts >= 2].sum())
+        chance = float((counts * (counts - 1)).sum() / max(n_scored * (n - 1), 1))
+        n = max(n_scored, 1)
     return chance, min(1.0, chance + 3 * math.sqrt(chance * (1 - chance) / n))
 
 
 def nearest_neighbour_accuracy(embeddings: np.ndarray, truth: list[int]) -> float:
-    """Fraction of samples whose nearest other sample has their class. NaN when an embedding is not finite."""
-    if not _finite(embeddings):
-        return float("nan")
+    """Fraction of samples whose nearest other sample has their class, over the samples whose class another
+    sample holds (one alone in its class has no right answer). NaN when an embedding is not finite or no
+    sample is scored."""
     labels = np.asarray(truth)
-    return _mean_share([_shares(sim, labels[None, :] == labels[rows, None])
+    rows_scored = scored("nearest_neighbour_accuracy", truth)
+    if not _finite(embeddings) or not rows_scored.any():
+        return float("nan")
+    return _mean_share([_shares(sim, labels[None, :] == labels[rows, None])[rows_scored[rows]]
                         for rows, sim in _row_blocks(embeddings, embeddings, True)])
 
 
@@ -477,7 +494,17 @@ def task_metric(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple[np.n
         out = {"name": "nearest-neighbour agreement", "kind": "nearest_neighbour_agreement", "teacher": 1.0,
                "student": neighbour_agreement(t, s)}
     if labels is not None:
-        out["chance"], out["chance_bound"] = chance_accuracy(out["kind"], labels.held_out)
+        rows = scored(out["kind"], labels.held_out, labels.prompt_class)
+        truth = np.asarray(labels.held_out)
+        # the zero-shot chance over the images scored; nearest neighbour's counts every sample as a candidate
+        out["chance"], out["chance_bound"] = chance_accuracy(
+            out["kind"], truth[rows] if out["kind"] == "zero_shot_accuracy" else truth)
+        out["scored"] = int(rows.sum())
+        if out["scored"] < len(truth):
+            why = ("of classes no class prompt names (no caption of theirs outside the held-out images)"
+                   if out["kind"] == "zero_shot_accuracy" else "alone in their class among the held-out samples")
+            out["note"] = (f"{len(truth) - out['scored']} of the {len(truth)} held-out samples are {why}, with no "
+                           f"right answer, and are not scored")
     if dual and (probabilities := match_probabilities(getattr(art, "teacher", None), getattr(art, "student", None),
                                                       pooled)) is not None:
         out["match_probability"] = probabilities

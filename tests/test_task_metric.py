@@ -19,9 +19,10 @@ from lmmc.adapters import get_adapter
 from lmmc.cli import main
 from lmmc.data import load_calibration, read_samples, split, text_tokens
 from lmmc.errors import LmmcError
-from lmmc.export.validate import chance_accuracy, nearest_neighbour_accuracy, top_k_agreement, zero_shot_accuracy
+from lmmc.export.validate import (chance_accuracy, nearest_neighbour_accuracy, scored, top_k_agreement,
+                                  zero_shot_accuracy)
 from lmmc.recipe import CalibrationConfig
-from tests.conftest import save_tiny, tiny_vocab
+from tests.conftest import save_tiny, spelled, tiny_vocab
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -326,6 +327,44 @@ def test_chance_levels_and_the_accuracy_that_clears_them():
         for kind, accuracy in (("zero_shot_accuracy", zero_shot_accuracy(images, prompts, prompt_class, labels, 10)),
                                ("nearest_neighbour_accuracy", nearest_neighbour_accuracy(images, labels))):
             assert (accuracy >= chance_accuracy(kind, labels)[1]) is clears, (kind, accuracy)
+
+
+def test_samples_without_a_right_answer_are_not_scored():
+    """One image alone in its class had no neighbour that could be right, and an image of a class no prompt
+    names no prompt that could: each counted as a miss, so a perfect embedding of 120 classes scored 0.3."""
+    truth = [0, 0, 1, 1, 2, 3]  # classes 2 and 3 hold one sample each
+    one_hot = np.eye(4)[truth] + 0.01 * np.arange(6)[:, None]
+    assert nearest_neighbour_accuracy(one_hot, truth) == 1.0
+    chance, bound = chance_accuracy("nearest_neighbour_accuracy", truth)
+    assert chance == pytest.approx((2 + 2) / (4 * 5)) and bound == pytest.approx(chance + 3 * np.sqrt(chance * (1 - chance) / 4))
+    assert np.isnan(nearest_neighbour_accuracy(one_hot[[0, 2, 4]], [0, 1, 2]))  # none has an answer
+    # zero-shot: prompts name classes 0 and 1 only
+    prompts, prompt_class = np.eye(4)[[0, 1]], [0, 1]
+    assert zero_shot_accuracy(one_hot, prompts, prompt_class, truth, 4) == 1.0
+    assert scored("zero_shot_accuracy", truth, prompt_class).tolist() == [True] * 4 + [False] * 2
+    assert scored("nearest_neighbour_accuracy", truth).tolist() == [True] * 4 + [False] * 2
+
+
+def test_a_held_out_images_own_captions_are_no_class_prompt(tmp_path):
+    """A caption per image: were a held-out image's caption a prompt of its class, a model that matches
+    images to their captions, knowing no class, would score 1.0 (0.0 without it, chance 0.1)."""
+    pre = tiny_preprocessors(tmp_path)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": f"the picture {spelled(i)}", "label": NUMBERS[i % 10]}))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines))
+    data = load_calibration(CalibrationConfig(samples=64, eval_samples=8, batch_size=4), str(path), {"text", "image"}, pre)
+    calib, held = split(read_samples(path), 64, 8, 0)
+    index = {c: i for i, c in enumerate(data.labels.classes)}
+    assert len(held) == 8 and sorted(data.labels.prompt_class) == sorted(index[r["label"]] for r in calib)
+    tokenizer = pre["tokenizer"]
+    prompts = {tuple(row[m.bool()].tolist()) for b in data.labels.prompts for row, m in zip(b["input_ids"],
+                                                                                            b["attention_mask"])}
+    assert not prompts & {tuple(tokenizer(r["text"])["input_ids"]) for r in held}
+    assert len(prompts) == len(calib) == 32
 
 
 def test_a_model_that_cannot_tell_samples_apart_scores_chance_not_the_first_class():

@@ -709,8 +709,9 @@ def unseen_texts(tokenizer, texts: list[str], seen: set[tuple[int, ...]], max_le
 
 def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], tokenizer,
             max_length: int | None, pad_to: int | None) -> Labels:
-    """Classes of the whole data set; prompts from the caption template, else every distinct caption (a
-    class that no caption names has no prompt, so zero-shot scores the captioned classes)."""
+    """Classes of the whole data set; prompts from the caption template, else every distinct caption of an
+    image that is not held out (a held-out image's own captions would name its class for it; a class left
+    with no prompt is not scored)."""
     prompted = tokenizer is not None and cfg.caption_template is None
     classes = sorted({r["label"] for r in records if "text" in r or not prompted})
     index = {c: i for i, c in enumerate(classes)}
@@ -719,8 +720,9 @@ def _labels(cfg, records: list[dict[str, Any]], held_out: list[dict[str, Any]], 
     else:
         # one prompt per caption, case and spacing aside as in the split: a copy would weigh twice in its class
         firsts: dict[str, dict[str, Any]] = {}
+        held_images = {_group(r, {"image"}) for r in held_out} - {None}
         for r in records:
-            if "text" in r:
+            if "text" in r and _group(r, {"image"}) not in held_images:
                 firsts.setdefault(text_key(r["text"]), r)
         prompts = {r["text"]: r["label"] for r in sorted(firsts.values(), key=lambda r: r["text"])}
     encoded = encode_text(tokenizer, list(prompts), cfg.batch_size, max_length, pad_to) if tokenizer else []
