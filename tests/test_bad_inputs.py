@@ -875,6 +875,21 @@ def _(tmp):
         "validation would score the cut answers: raise calibration.max_length to"]
 
 
+@case("validation's greedy budget past a generative decoder's positions, dry run")
+def _(tmp):
+    # every pass and export ran, then validation stopped, naming max_new_tokens, a setting of the runtime's
+    folder = images(tmp, 40)
+    lines = [json.dumps({"image": f"{folder.name}/{i}.png", "text": "a road", "prompt": "what is it"})
+             for i in range(40)]
+    (tmp / "pairs.jsonl").write_text("\n".join(lines))
+    recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl", "samples": 8, "eval_samples": 32,
+                                                          "batch_size": 4},
+                                "export": ["onnx_generative"], "validate": {"min_held_out": 8, "generation_tokens": 120}})
+    return [str(save_tiny_llava(tmp / "llava")), "-r", recipe, "-o", "out", "--dry-run"], [
+        "validation generates 120 new tokens after each held-out prompt (validate.generation_tokens = 120",
+        "past the decoder's 128; lower validate.generation_tokens to"]
+
+
 @case("held-out answers longer than a generative decoder's positions, dry run")
 def _(tmp):
     # the message asked for a max_length the plan itself refuses

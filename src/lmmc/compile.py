@@ -30,8 +30,8 @@ from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batc
                          timing_seq)
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generative_records, check_held_out_classes,
-                       check_images, check_prompts, check_random_allowed, drop_token_twins, encode_text,
+from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generation_room, check_generative_records,
+                       check_held_out_classes, check_images, check_prompts, check_random_allowed, drop_token_twins, encode_text,
                        load_calibration, load_generative_calibration, random_calibration,
                        random_generative_calibration, read_corpus, read_samples, select, text_key, text_length,
                        text_tokens)
@@ -705,6 +705,8 @@ def _check_data(config: Any, adapter: Any, recipe: Recipe, warnings: list[str], 
         if recipe.validate_ is not None:
             check_answers(preprocessors["processor"], chosen.held_out, rooms, cal.max_length, cal.chat_template,
                           positions)
+            check_generation_room(preprocessors["processor"], chosen.held_out, rooms,
+                                  recipe.validate_.config.generation_tokens, cal.chat_template, positions)
     selected = len(chosen.held_out)
     if "text" in modalities and preprocessors.get("tokenizer") is not None:  # as load_calibration does
         cut = text_truncation(config, adapter, preprocessors)

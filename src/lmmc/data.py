@@ -866,6 +866,27 @@ def check_answers(processor, held_out: list[dict[str, Any]], rooms: dict[str, tu
                         f"positions) and would be cut, and validation would score the cut answers: {fix}")
 
 
+def check_generation_room(processor, held_out: list[dict[str, Any]], rooms: dict[str, tuple[int, int, int]],
+                          tokens: int, chat_template: bool, positions: int | None) -> None:
+    """Validation's greedy runs generate `tokens` new tokens after each held-out prompt, or one more than the
+    longest answer: a prompt that leaves the decoder fewer positions stopped the compile after every pass.
+    `rooms` is what check_prompts returned for these records."""
+    if positions is None or not held_out:
+        return
+    tok = processor.tokenizer
+    longest = max(len(tok(r["text"], add_special_tokens=False)["input_ids"]) + (tok.eos_token_id is not None)
+                  for r in held_out)
+    budget = max(tokens, longest + 1)
+    taken = max(rooms[generative_prompt(processor, r.get("prompt"), chat_template)][2] for r in held_out)
+    if taken + budget > positions:
+        fix = (f"lower validate.generation_tokens to {positions - taken} or less, or shorten the prompts"
+               if positions - taken > longest else "shorten the prompts or the answers")
+        raise LmmcError(f"validation generates {budget} new tokens after each held-out prompt (validate."
+                        f"generation_tokens = {tokens}, or one more than the longest answer), and the longest prompt "
+                        f"takes {taken} positions with its image's tokens: {taken + budget}, past the decoder's "
+                        f"{positions}; {fix}")
+
+
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
                       chat_template: bool, positions: int | None = None) -> list[Batch]:
     """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
