@@ -127,6 +127,8 @@ def test_runtime_refuses_what_the_vision_graph_cannot_take(plain):
         gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"], 4)
     with pytest.raises(LmmcError, match=r"pixel_values must be \[prompts, images, channels, height, width\] for 1"):
         gen.generate_ids(enc["pixel_values"][0], enc["input_ids"][:1], enc["attention_mask"][:1], 4)
+    with pytest.raises(LmmcError, match=r"pixel_values must be .* got shape \(2, 0, "):  # no image: a raw ValueError
+        gen.generate_ids(enc["pixel_values"][:, :0], enc["input_ids"], enc["attention_mask"], 4)
 
 
 def test_compiled_structured_student_exports_and_generates_like_pytorch(compiled):

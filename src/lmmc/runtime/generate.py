@@ -94,7 +94,7 @@ class Generator:
         its prompts hold different numbers of images, which the model itself skips and the graph would encode."""
         axis = self.spec.get("images_axis", False)
         want = "[prompts, images, channels, height, width]" if axis else "[images, channels, height, width]"
-        if pixel_values.ndim != (5 if axis else 4) or (axis and len(pixel_values) != batch):
+        if pixel_values.ndim != (5 if axis else 4) or (axis and len(pixel_values) != batch) or 0 in pixel_values.shape:
             raise LmmcError(f"pixel_values must be {want} for {batch} prompt(s); got shape {pixel_values.shape}: "
                             f"preprocess with the model's saved processor")
         if axis and not pixel_values.reshape(*pixel_values.shape[:2], -1).any(-1).all():
