@@ -924,12 +924,14 @@ def _(tmp):
 def _(tmp):
     labels = ["3", "7"] * 20
     captions = [f"a picture of the number {lab}" for lab in labels]
-    captions[5] = "a picture of the number 3"  # labelled 7
+    for i in range(1, 40, 8):  # labelled 7: five of forty, more than a caption mentioning another class now and then
+        captions[i] = "a picture of the number 3"
     digit_pairs(tmp, labels, captions)
     save_tiny("clip", tmp / "clip")
     recipe = write_recipe(tmp, {**RANDOM, "calibration": {"path": "pairs.jsonl"}})
     return (["./clip", "-r", recipe, "-o", "out", "--dry-run"],
-            ["names the class '3' but is labelled '7'", "labels do not match the captions", "Fix the label"])
+            ["5 of the 40 captions that name a class", "names the class '3' but is labelled '7'",
+             "labels do not match the captions", "Fix the labels"])
 
 
 @case("one caption under two labels")

@@ -365,6 +365,18 @@ def test_nul_bytes_are_no_text(tmp_path):
     assert read_samples(tmp_path / "d.jsonl") == [{"text": "a cat"}]
 
 
+def test_a_caption_may_mention_another_class_now_and_then(tmp_path):
+    lines = [{"image": f"{i}.png", "text": f"a {'dog' if i % 2 else 'cat'} on a sofa", "label": "dog" if i % 2 else "cat"}
+             for i in range(20)]
+    lines[3]["text"] = "a puppy chasing a cat"  # labelled dog: one of twenty
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert [r["label"] for r in read_samples(tmp_path / "d.jsonl")] == ["cat", "dog"] * 10
+    lines[5]["text"] = lines[7]["text"] = "a cat asleep"  # three of twenty: the labels are not the captions'
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(LmmcError, match="3 of the 20 captions that name a class name another class than their label"):
+        read_samples(tmp_path / "d.jsonl")
+
+
 def test_numbered_classes_are_ids_unless_the_captions_say_their_numbers(tmp_path):
     ids = [{"image": f"{i}.png", "text": t, "label": i % 2} for i, t in
            enumerate(["a dog with 1 ball", "a cat and 0 mice", "a dog", "a cat", "a dog in the snow", "a cat"])]
