@@ -223,6 +223,17 @@ def test_a_count_in_exponent_notation_is_said_to_be_text_to_yaml(tmp_path):
         load_recipe(recipe)
 
 
+def test_a_number_with_a_leading_zero_is_decimal(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    # YAML 1.1 reads 010 as octal eight; YAML 1.2, and whoever wrote it, as ten
+    recipe.write_text("calibration: {random: true, samples: 010, eval_samples: 0o20, batch_size: 0x4, seed: 1_000}\n")
+    cal = load_recipe(recipe).calibration
+    assert (cal.samples, cal.eval_samples, cal.batch_size, cal.seed) == (10, 16, 4, 1000)
+    recipe.write_text("calibration: {random: true, samples: 1:30}\n")  # base 60 in YAML 1.1: 90
+    with pytest.raises(LmmcError, match="samples: Input should be a valid integer"):
+        load_recipe(recipe)
+
+
 def test_yes_and_no_settings_keep_their_meaning():
     # YAML 1.1 reads an unquoted on/off as true/false: the settings spelt "on"/"off" take them back
     recipe = parse_recipe({**FULL, "export": ["onnx", {"ort": {"fuse": True}}]})

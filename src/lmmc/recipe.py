@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -482,6 +483,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark,
                     f"the key {key!r} appears twice (first {first.line + 1}:{first.column + 1}); keep one",
                     key_node.start_mark)
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.2's integers: 010 is ten, as a recipe's reader takes it, not YAML 1.1's octal eight."""
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text.lstrip("+-")[:2].lower() in ("0o", "0x") else int(text, 10)
+
+
+# YAML 1.1 also reads 010 as octal, 0b1 as binary, 1_000 as 1000 and 1:30 as 90 (base 60); YAML 1.2 keeps
+# decimal, 0o octal and 0x hex, and the rest are strings the recipe's checks then name.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
 
 
 def load_recipe(path: str | Path, calib: str | None = None, model_given: bool = False) -> Recipe:
