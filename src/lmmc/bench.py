@@ -783,12 +783,12 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     distinct = {m: list({p[m]: k[m] for k, p in zip(kept, parts) if m in k}.values()) for m in modalities}
     # the default length as load_calibration sets it for the compile's held-out split
     max_length = calib_cfg.max_length or (min(DEFAULT_MAX_LENGTH, positions) if positions else None)
-    if distinct.get("text") and preprocessor.get("tokenizer") is not None:
+    tokenizer = preprocessor.get("tokenizer")
+    if distinct.get("text") and tokenizer is not None:
         # A text that differs from one the compile read only past the cut reads as the same tokens, as the
         # compile's own held-out split leaves out; so does one that reads as another of the corpus's texts.
-        length = text_length(preprocessor["tokenizer"], max_length, pad_to)
+        length = text_length(tokenizer, max_length, pad_to)
         texts = distinct["text"]
-        tokenizer = preprocessor["tokenizer"]
         distinct["text"] = [texts[i] for i in unseen_texts(tokenizer, texts, trained.tokens(tokenizer, length), length)]
         twins = len(texts) - len(distinct["text"])
         if twins and notes is not None:
@@ -814,10 +814,9 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
                             f"on, and fidelity on fewer than {floor} certifies nothing (the floor of the recipe's "
                             f"validate.min_held_out); give at least {floor}")
         if modality == "text":
-            out[modality] = encode_text(preprocessor["tokenizer"], found, calib_cfg.batch_size, max_length, pad_to)
-            length = text_length(preprocessor["tokenizer"], max_length, pad_to)
-            # one token more than the cut: a text of exactly `length` tokens is whole
-            tokenizer = preprocessor["tokenizer"]  # a text cut to its first words first: a line may be megabytes
+            out[modality] = encode_text(tokenizer, found, calib_cfg.batch_size, max_length, pad_to)
+            length = text_length(tokenizer, max_length, pad_to)
+            # one token more than the cut, each text cut to its first words first: a line may be megabytes
             cut = sum(len(ids) > length for ids in tokenizer(clip_texts(tokenizer, found, length + 1), truncation=True,
                                                              max_length=length + 1)["input_ids"])
             if cut and pad_to is None and notes is not None:  # padded to a fixed length, every mask may be full
