@@ -298,6 +298,10 @@ class AntGMMPass(Pass):
             raise LmmcError("pass 'antgmm' needs calibration data; give --calib or 'calibration.path'")
         model, adapter = art.student.to(art.device), art.adapter
         self.tokens = _tokens(art, cfg)
+        fixed = text_pad_length(model.config, adapter)
+        unused = ([f"seq_len {cfg.seq_len} is not used: the model reads every text at its fixed length of {fixed} "
+                   f"tokens, so the FLOPs are counted at {fixed}"] if cfg.seq_len and fixed and cfg.seq_len != fixed
+                  else [])
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
         cfg.check_model(adapter, model.config)
         latency: dict[str, Any] | None = None
@@ -374,11 +378,17 @@ class AntGMMPass(Pass):
             "structure": read_structure(model, adapter),
             "segments": history,
         }
-        warnings = _lopsided(out["kept_per_tower"], out["kept"], metric) if not isinstance(cfg.keep, dict) else []
+        warnings = unused + (_lopsided(out["kept_per_tower"], out["kept"], metric)
+                             if not isinstance(cfg.keep, dict) else [])
         if latency is None:
             asked = cfg.keep if isinstance(cfg.keep, dict) else {"all towers": cfg.keep}
             got = out["kept_per_tower"] if isinstance(cfg.keep, dict) else {"all towers": out["kept"]}
             missed = [f"{t}: {got[t]:.3f} against keep {k:g}" for t, k in asked.items() if got.get(t, 0) > k + 0.02]
+            under = [f"{t}: {got[t]:.3f} against keep {k:g}" for t, k in asked.items() if got.get(t, 1) < k - 0.02]
+            if under:  # a block or a wide unit removed whole overshoots the budget
+                warnings.append(f"the student kept less of the blocks' {metric} than asked ({'; '.join(under)}): "
+                                f"whole units removed more than the budget; give the smaller units (ffn, heads) "
+                                f"the shares, or a larger keep")
             if missed:
                 warnings.append(f"the student kept more of the blocks' {metric} than asked ({'; '.join(missed)}): "
                                 f"whole units" + (f" and FFN widths in multiples of {cfg.ffn_multiple}"

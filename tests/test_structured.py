@@ -282,6 +282,21 @@ def test_ffn_multiple_rounds_each_cut_block_to_the_nearest_multiple_keeping_the_
         assert torch.equal(lin.weight, ref.weight[best])  # the best-scored channels, in their order
 
 
+def test_a_whole_block_removed_past_the_budget_is_said() -> None:
+    metrics = run_antgmm(make_artifact("bert"), keep=0.7, seq_len=16, shares={"depth": 1.0}, importance="activation")
+    assert metrics["kept"] == 0.5  # one of the tiny BERT's two blocks
+    assert metrics["warnings"] == ["the student kept less of the blocks' flops than asked (all towers: 0.500 against "
+                                   "keep 0.7): whole units removed more than the budget; give the smaller units (ffn, "
+                                   "heads) the shares, or a larger keep"]
+
+
+def test_a_seq_len_a_fixed_length_model_does_not_read_is_said() -> None:
+    metrics = run_antgmm(make_artifact("siglip"), keep=0.7, seq_len=12, shares={"ffn": 1.0}, importance="activation")
+    assert metrics["tokens"]["text"] == 64
+    assert metrics["warnings"] == ["seq_len 12 is not used: the model reads every text at its fixed length of 64 "
+                                   "tokens, so the FLOPs are counted at 64"]
+
+
 def test_an_ffn_multiple_as_wide_as_the_block_leaves_the_stage_nothing_and_says_so() -> None:
     # the tiny BERT's FFN is 64 wide: a multiple of 64 keeps it whole, so a cut by FFN alone cannot be met
     config = dict(keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation", ffn_multiple=64)
