@@ -532,6 +532,47 @@ def test_an_interrupt_a_finaliser_swallowed_stops_the_distillation_at_its_next_s
     assert result.output.splitlines()[-1] == "interrupted by SIGTERM; the output directory was not written"
 
 
+@pytest.mark.parametrize("then", [["--resume"], ["--force"]])
+def test_a_kill_while_filling_an_empty_out_is_finished_by_the_next_run(tmp_path, teacher, then):
+    """An empty --out is filled entry by entry; SIGKILL in the middle left it half filled, and both --resume and
+    --force refused it as a folder lmmc had not written."""
+    from lmmc.resume import hash_files
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert run_lmmc(*compile_args(teacher, recipe, whole)).returncode == 0
+    out.mkdir()
+    killed = ("import os, pathlib, signal, sys\n"
+              "real, moved = pathlib.Path.rename, []\n"
+              "def rename(self, target):\n"
+              "    done = real(self, target)\n"
+              f"    if pathlib.Path(target).parent == pathlib.Path({str(out)!r}):\n"
+              "        moved.append(target)\n"
+              "        if len(moved) == 2:\n"
+              "            os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return done\n"
+              "pathlib.Path.rename = rename\n"
+              "from lmmc.cli import main\n"
+              "sys.exit(main())\n")
+    args = compile_args(teacher, recipe, out, "--force")
+    result = run_lmmc(sys.executable, "-c", killed, *args[3:])
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert 0 < len(list(out.iterdir())) < len(list(whole.iterdir()))
+    result = run_lmmc(*compile_args(teacher, recipe, out, *then))
+    assert f"lmmc: finished putting in '{out}' the output of a compile that was stopped while it moved there" \
+        in result.stderr
+    if then == ["--resume"]:
+        assert result.returncode == 2 and "Nothing is left to resume" in result.stderr, result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): hash_files(p) for p in root.rglob("*") if p.is_file() and
+                p.name not in ("report.json", "report.html", ".lmmc-files.json")}
+    assert files(out) == files(whole) and not work_path(out).exists()
+
+
 def test_a_kill_between_moving_the_earlier_output_aside_and_placing_the_new_one_loses_neither(tmp_path, teacher,
                                                                                               monkeypatch):
     """SIGKILL there left --out missing, the earlier output hidden in the work area, and the next plain run

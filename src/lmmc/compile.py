@@ -930,6 +930,12 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
             f"its output was put in '{out}', which has been moved away since"
         raise LmmcError(f"--resume: the compile to '{out}' had finished and was stopped while removing its work area "
                         f"'{left.path}' (now removed): {where}. Nothing is left to resume")
+    if _finish_placing(left, Path(os.path.expanduser(out))):
+        print(f"lmmc: finished putting in '{out}' the output of a compile that was stopped while it moved there",
+              file=sys.stderr)
+        if resume:
+            raise LmmcError(f"--resume: the compile to '{out}' had finished and was stopped while putting its output "
+                            f"there; its output is now complete in '{out}'. Nothing is left to resume")
     out = check_output(Path(out), model_ref, recipe, recipe_path, force)
     dev = resolve_device(device)
     the_plan = plan(model_ref, recipe, trust_remote_code)
@@ -1123,6 +1129,42 @@ def _place(tmp: Path, staged: Path, out: Path) -> None:
         entry.rename(out / entry.name)
     staged.rmdir()
     shutil.rmtree(aside)
+
+
+def _finish_placing(area: WorkArea, out: Path) -> bool:
+    """Finish what `_place` began for an --out filled entry by entry (empty, or a mount point) where a compile
+    was stopped (SIGKILL, a power cut) in the middle: the earlier output's entries still in --out go, the
+    finished output's entries still waiting (in the work area, or in a copy inside --out) move in. False, and
+    nothing touched, unless the area says its compile was placing and --out holds only lmmc's entries."""
+    if not area.writer or not out.is_dir() or out.is_symlink() or not area.stopped_placing():
+        return False
+    partial = [p for p in _own_entries(out) if _PARTIAL.fullmatch(p.name)]
+    incoming = [p for p in partial if p.name.startswith(".lmmc-incoming-") and p.is_dir() and not p.is_symlink()]
+    staged = incoming[0] if len(incoming) == 1 else area.output if not incoming else None
+    if staged is None or not staged.is_dir():
+        return False
+    listed = file_list(staged) or file_list(out)
+    if listed is None:
+        return False
+    names = {rel.split("/")[0] for rel in listed} | {FILE_LIST}
+    waiting = {p.name for p in staged.iterdir()}
+    placed = [p for p in _own_entries(out) if not _PARTIAL.fullmatch(p.name)]
+    if waiting == names:  # stopped while moving the earlier output aside: what is left of it goes too
+        if any(p.name not in _OUTPUT_ENTRIES for p in placed):
+            return False
+        gone = placed
+    elif not waiting <= names or any(p.name not in names or p.name in waiting for p in placed):
+        return False
+    else:
+        gone = []
+    for entry in gone + partial:
+        if entry != staged:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for name in waiting:
+        (staged / name).rename(out / name)
+    staged.rmdir()
+    area.finish()
+    return True
 
 
 def _write_error(err: OSError, where: Path, out: Path, kept: tuple[Path, int] | None = None) -> LmmcError | None:

@@ -289,8 +289,11 @@ class WorkArea:
         """Whether a compile was stopped after moving its output to --out and before removing this area: the
         mark it leaves just before that move, the output folder gone, and no compile running. (The folder
         alone gone, a temp cleaner's doing say, is no sign: its saved passes would be lost.)"""
-        if not self.path.is_dir() or self.path.is_symlink() or self.output.exists() or \
-                not (self.path / PLACING_FILE).is_file():
+        return not self.output.exists() and self.stopped_placing()
+
+    def stopped_placing(self) -> bool:
+        """Whether a compile left the mark it leaves just before moving its output to --out, and none runs."""
+        if not self.path.is_dir() or self.path.is_symlink() or not (self.path / PLACING_FILE).is_file():
             return False
         self._check_ours()
         fd = os.open(self.path / LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
