@@ -542,6 +542,9 @@ def test_force_keeps_an_output_without_the_list_of_its_files(setup, tmp_path, li
     result = compile_(model, recipe, out, "--force")
     assert result.exit_code == 2 and "it has no .lmmc-files.json with the digests" in result.output, result.output
     assert (out / "report.json").read_bytes() == mine
+    (out / "report.json").unlink()  # student/lmmc.json alone marks an output as well
+    result = compile_(model, recipe, out, "--force")
+    assert result.exit_code == 2 and "it has no .lmmc-files.json with the digests" in result.output, result.output
 
 
 def test_an_interrupt_a_finaliser_swallowed_still_stops_the_compile(setup, tmp_path, monkeypatch):

@@ -242,9 +242,10 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
             parts = [f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, {what}" for names, what in
                      ((added, "which lmmc did not write"), (edited, "which lmmc wrote and which was changed since"))
                      if names]
+            marked = (target / "report.json").is_file() or (target / "student" / "lmmc.json").is_file()
             holds = f" (it holds {'; and '.join(parts)})" if foreign else f" (it has no {FILE_LIST} with the digests " \
                     f"of the files a compile wrote, so files added to it or edited cannot be told apart: an output " \
-                    f"of an older lmmc)" if (target / "report.json").is_file() else ""
+                    f"of an older lmmc)" if marked else ""
             raise LmmcError(f"--force replaces only an earlier lmmc output (a directory with report.json or "
                             f"student/lmmc.json), and '{out}' is not one{holds}; it was left untouched. Choose a new "
                             f"--out, or move that directory away yourself")
