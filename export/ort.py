@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import statistics
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from lmmc.export.validate import cosine
 from lmmc.modelio import text_positions
 from lmmc.pipeline import Pass, PassConfig, register
 from lmmc.runtime import MAX_THREADS, Model, load
+from lmmc.scratch import scratch_folder
 from lmmc.timing import time_interleaved
 
 # Contrib operators the fusions produce; counted per tower.
@@ -261,7 +261,7 @@ def quantize_static_mixed(plain: Path, dst: Path, feeds: list[dict[str, np.ndarr
     search = feeds[:cfg.search_batches]
     fp32 = load(plain, "onnxruntime", threads)
     reference = [fp32.run(f)["pooled_embedding"] for f in search]
-    with tempfile.TemporaryDirectory(prefix="lmmc-mixed-") as tmp:
+    with scratch_folder("lmmc-mixed-") as tmp:
         full = Path(tmp) / "search.onnx"
         quantize_static_onnx(plain, full, feeds)
         qdq = onnx.load(str(full))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
@@ -24,6 +23,7 @@ from lmmc.runtime import MAX_THREADS
 from lmmc.runtime import load as load_artifact
 from lmmc.modelio import text_positions
 from lmmc.pooling import normalises
+from lmmc.scratch import scratch_folder
 from lmmc.timing import time_interleaved
 
 # A task-metric gate on retrieval agreement certifies nothing once a student ranking at random would agree
@@ -374,7 +374,7 @@ class ValidatePass(Pass):
         towers: dict[str, Any] = {}
         pooled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         gates: list[dict[str, Any]] = []
-        with tempfile.TemporaryDirectory(prefix="lmmc-teacher-") as tmp:
+        with scratch_folder("lmmc-teacher-") as tmp:
             for tower in art.adapter.towers:
                 batches = art.calib.eval_batches(tower.modality)
                 s_ref = torch_outputs(student, tower, batches)
@@ -650,7 +650,7 @@ def latency_target_gate(art: Artifact, cfg: ValidateConfig, gates: list[dict[str
         students[tower.name] = (str(path.relative_to(art.workdir)) if art.workdir else str(path),
                                 load_artifact(path, target.runtime, target.threads).run)
     speedup = planned.get("speedup")
-    with tempfile.TemporaryDirectory(prefix="lmmc-latency-") as tmp:
+    with scratch_folder("lmmc-latency-") as tmp:
         feeds = {t.name: calibration_feeds(art, t) for t in art.adapter.towers}
         timing = time_deployments(art.teacher.cpu().eval(), art.adapter, target, Path(tmp), feeds,
                                   deploy_teacher=speedup is not None, students=students, repeats=cfg.repeats)

@@ -20,7 +20,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
 from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, file_list, load,
                            missing_preprocessing, output_fingerprint, read_manifest)
+from lmmc.scratch import scratch_folder
 from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
 
 JSON_KIND = "lmmc bench"
@@ -948,7 +948,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     threads_before = torch.get_num_threads()
     torch.set_num_threads(run.threads)
     try:
-        with tempfile.TemporaryDirectory(prefix="lmmc-bench-") as tmp:
+        with scratch_folder("lmmc-bench-") as tmp:
             for tower in adapter.towers:
                 mine = [a for a in artifacts if a["tower"] == tower.name]
                 result["towers"][tower.name] = _bench_tower(run, tower, mine, Path(tmp))

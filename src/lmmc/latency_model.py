@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -13,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from lmmc.errors import LmmcError
 from lmmc.export.onnx import export_tower
 from lmmc.modelio import text_positions
 from lmmc.runtime import Model, load
+from lmmc.scratch import clear_dead, scratch_folder
 from lmmc.student import read_structure
 from lmmc.surgery import keep_blocks_, keep_channels_, keep_heads_
 from lmmc.timing import time_interleaved, usable_cpus
@@ -392,41 +391,7 @@ def _variant_feeds(calib_feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[
             for t, feeds in calib_feeds.items()}
 
 
-_VARIANTS_LOCK = ".lock"  # held by the fit measuring a variants folder, for as long as it runs
-
-
-def _clear_dead_variants(cache_dir: Path) -> None:
-    """The variant models of fits that died (a SIGKILL skips the temporary folder's removal); a cache shared
-    by compiles would otherwise keep every killed fit's exported models. A folder goes only when its lock
-    can be taken, which no live fit allows, whatever machine or container it runs in."""
-    for path in cache_dir.glob("latency-variants-*"):
-        try:  # not a fit's folder, or one whose fit has just made its lock and may not hold it yet
-            if path.is_symlink() or time.time() - (path / _VARIANTS_LOCK).stat().st_mtime < 60:
-                continue
-            fd = os.open(path / _VARIANTS_LOCK, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live fit, or a filesystem without locks: left alone
-            continue
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _variants_folder(cache_dir: Path) -> Iterator[Path]:
-    """A temporary folder for the variant models, locked by this fit while it measures."""
-    with tempfile.TemporaryDirectory(prefix="latency-variants-", dir=cache_dir) as tmp:
-        fd = os.open(Path(tmp) / _VARIANTS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield Path(tmp)
-        finally:
-            os.close(fd)
+VARIANTS = "latency-variants-"  # the folders of the variant models a fit measures, in its cache
 
 
 def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cache_dir: Path,
@@ -437,7 +402,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     cache_dir = Path(cache_dir)
     key = cache_key(teacher, adapter, target)
     path = cache_file(cache_dir, key)
-    _clear_dead_variants(cache_dir)
+    clear_dead(cache_dir, VARIANTS)  # a shared cache kept every killed fit's exported models
     cached = _read_cache(path, key, [t.name for t in adapter.towers])
     if cached is not None:
         cached.fit = {**cached.fit, "reused_from": str(path)}  # the figures are that fit's, not this compile's
@@ -453,7 +418,7 @@ def fit_latency_model(teacher: nn.Module, adapter: Adapter, target: Target, cach
     feeds = _variant_feeds(calib_feeds)
     started = time.perf_counter()
     runs: dict[tuple[str, str], tuple[Model, dict[str, np.ndarray]]] = {}
-    with _variants_folder(cache_dir) as tmp:
+    with scratch_folder(VARIANTS, cache_dir) as tmp:
         for i, variant in enumerate(chosen):
             model = cut(teacher, adapter, variant)
             paths = deploy(model, adapter, target, Path(tmp) / f"v{i}", feeds)
