@@ -313,6 +313,19 @@ OUT_OF_RANGE = ("More tokens than the model's position table or a token id beyon
                 "cause; truncate texts to the manifest's preprocessing.text.max_length, as encode() does")
 
 
+def check_text_feed(name: str, feed: dict[str, np.ndarray], rows: dict[str, int], tokens: int | None) -> None:
+    """Refuse ids outside the tables they index (`rows`: input -> table rows) and more tokens than the
+    model takes, in words, before a runtime fails on them with its own message (or, OpenVINO, reads zeros)."""
+    for key, count in rows.items():
+        ids = feed.get(key)
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= count):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise LmmcError(f"'{key}' holds id {bad}, outside the {count} rows of the table {name} looks it up in; "
+                            f"feed ids from the model's own tokenizer, as encode() does")
+    if tokens is not None and "input_ids" in feed and feed["input_ids"].ndim == 2 and feed["input_ids"].shape[1] > tokens:
+        raise LmmcError(f"{name} takes at most {tokens} tokens, and the feed has {shapes_of(feed)}. {OUT_OF_RANGE}")
+
+
 class Deployment:
     """A compile's output directory read through its manifest: one artifact per tower, chosen by backend,
     precision and variant, and the saved tokenizer / image processor to feed it."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import OUT_OF_RANGE, Model, TensorSpec, cast_feed, shapes_of
+from lmmc.runtime import OUT_OF_RANGE, Model, TensorSpec, cast_feed, check_text_feed, manifest_positions, shapes_of
 
 # ONNX Runtime's type strings -> numpy dtype names
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -115,9 +115,13 @@ class OrtModel(Model):
                             f"libraries onnxruntime-gpu needs, or use device cpu")
         self.inputs = [_spec(a) for a in self.session.get_inputs()]
         self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        texts = any(spec.name == "input_ids" for spec in self.inputs)
+        self.rows = table_rows(path) if texts else {}
+        self.tokens = manifest_positions(path) if texts else None
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = cast_feed(self, feed)
+        check_text_feed(self.path.name, feed, self.rows, self.tokens)
         try:
             outputs = self.session.run(None, feed)
         except Exception as err:  # ORT's own InvalidArgument/Fail/... types
@@ -127,6 +131,31 @@ class OrtModel(Model):
             hint = f" {OUT_OF_RANGE}" if "input_ids" in feed else ""
             raise LmmcError(f"ONNX Runtime could not run '{self.path.name}' on {shapes_of(feed)}: {first}.{hint}") from None
         return dict(zip(self.output_names, outputs))
+
+
+def table_rows(path: Path) -> dict[str, int]:
+    """Input name -> the rows of the table its ids index (a text tower's vocabulary), from the graph's
+    Gathers of an input, through casts and reshapes, into an initialiser; read without the weights."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # the session read it; a graph this reader cannot is checked by ONNX Runtime alone
+        return {}
+    tables = {i.name: i.dims[0] for i in graph.initializer if i.dims}
+    inputs = {i.name for i in graph.input}
+    source = {n.output[0]: n.input[0] for n in graph.node
+              if n.op_type in ("Cast", "Reshape", "Squeeze", "Unsqueeze") and n.output and n.input}
+    rows: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
+            continue
+        name = node.input[1]
+        while name in source:
+            name = source[name]
+        if name in inputs:
+            rows[name] = min(rows.get(name, tables[node.input[0]]), tables[node.input[0]])
+    return rows
 
 
 def _spec(arg: Any) -> TensorSpec:

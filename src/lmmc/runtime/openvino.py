@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lmmc.errors import LmmcError
-from lmmc.runtime import (OUT_OF_RANGE, PAD_TO_KEY, Model, TensorSpec, cast_feed, check_static_pad, manifest_positions,
-                          shapes_of, text_pad_to)
+from lmmc.runtime import (OUT_OF_RANGE, PAD_TO_KEY, Model, TensorSpec, cast_feed, check_static_pad, check_text_feed,
+                          manifest_positions, shapes_of, text_pad_to)
 
 
 def _spec(port, name: str) -> TensorSpec:
@@ -209,15 +209,7 @@ class OpenVinoModel(Model):
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = cast_feed(self, feed, exact=self.static is None)
-        for name, rows in self.rows.items():
-            ids = feed[name]
-            if ids.size and (ids.min() < 0 or ids.max() >= rows):
-                bad = ids.min() if ids.min() < 0 else ids.max()
-                raise LmmcError(f"'{name}' holds id {bad}, outside the {rows} rows of the table {self.path.name} "
-                                f"looks it up in; feed ids from the model's own tokenizer, as encode() does")
-        if self.tokens is not None and feed["input_ids"].shape[1] > self.tokens:
-            raise LmmcError(f"{self.path.name} takes at most {self.tokens} tokens, and the feed has "
-                            f"{shapes_of(feed)}. {OUT_OF_RANGE}")
+        check_text_feed(self.path.name, feed, self.rows, self.tokens)
         if self.static is not None:
             return self._run_static(feed)
         result = self._infer(feed)
