@@ -385,7 +385,7 @@ def _other_data(tmp_path):
                                   "static seq below the texts", "empty json path", "threads past any CPU",
                                   "tokenizer deleted", "weights deleted", "artifact edited", "tokenizer swapped",
                                   "manifest edited", "report edited", "file list damaged", "json a link",
-                                  "json inside the output"])
+                                  "json inside the output", "json dash"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = out / "student" / "mine.json" if case == "json inside the output" else tmp_path / "b.json"
@@ -435,6 +435,8 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "json a link": ([out], "is a symbolic link, which lmmc never writes"),
         # a file there that the compile did not list would stop `lmmc compile --force` from replacing the output
         "json inside the output": ([out], f"is inside the output {out}, where bench writes only bench.json"),
+        # read as standard output by many tools; it wrote a file named '-' in the current folder
+        "json dash": ([out], "--json - would write a file named '-'"),
     }
     where, message = args[case]
     if case == "backend missing":
@@ -443,7 +445,10 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         target.write_text('{"mine": 1}')
     if case == "json a link":
         target.symlink_to(tmp_path / "elsewhere.json")
-    result = run("bench", *where, "--json", "" if case == "empty json path" else target, "--quick")
+    if case == "json dash":
+        monkeypatch.chdir(tmp_path)
+        target = tmp_path / "-"
+    result = run("bench", *where, "--json", {"empty json path": "", "json dash": "-"}.get(case, target), "--quick")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.count("error:") == 1

@@ -271,6 +271,9 @@ def timing_seq(seq: int | None, latency_seq: int | None, positions: int | None) 
 def check_json_target(path: Path, out_dir: Path) -> None:
     """bench may replace its own earlier JSON, never a file it did not write: outside the output, only one it
     wrote at that very path."""
+    if str(path) == "-":  # many tools read it as standard output; a file of that name is not what was meant
+        raise LmmcError("--json - would write a file named '-': bench saves its result to a file and prints its "
+                        "table; give a file path, e.g. --json bench.json")
     if path.is_symlink():  # replacing it would drop the user's link (a dangling one too)
         raise LmmcError(f"--json '{path}' is a symbolic link, which lmmc never writes; remove it, or pass --json "
                         f"with another path")
