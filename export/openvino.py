@@ -264,10 +264,12 @@ class OpenVinoExportPass(Pass):
                                                  self.config.int8.mixed, self.config.threads)
                 art.exports.append(ExportRecord(tower.name, "openvino", "mixed", "nncf", mixed, source="plain",
                                                 fp32_matrices=choice["fp32_matrices"],
-                                                max_cosine_drop=choice["max_cosine_drop"]))
+                                                max_cosine_drop=choice["max_cosine_drop"],
+                                                all_fp32=len(choice["fp32_matrices"]) == len(choice["matrices"])))
                 written.append(mixed.name)
-                metrics[tower.name] = {"files": written, "mixed": {mixed.name: choice},
-                                       "warnings": [f"{mixed.name}: {w}" for w in choice["warnings"]]}
+                # its warnings once, named after the file (the report gathers every "warnings" list)
+                warned = [f"{mixed.name}: {w}" for w in choice.pop("warnings")]
+                metrics[tower.name] = {"files": written, "mixed": {mixed.name: choice}, "warnings": warned}
                 continue
             if self.config.int8:
                 feeds = calibration_feeds(art, tower, short=True)

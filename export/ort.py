@@ -389,11 +389,13 @@ class OrtExportPass(Pass):
                     dst = folder / f"{tower.name}.mixed-static.onnx"
                     choice = quantize_static_mixed(plain, dst, feeds, block_matrices(art.student, art.adapter, tower, plain),
                                                    mode.static.mixed, cfg.threads)
+                    # its warnings once, named after the file (the report gathers every "warnings" list)
+                    result["warnings"].extend(f"{dst.name}: {w}" for w in choice.pop("warnings"))
                     result.setdefault("mixed", {})[dst.name] = choice
-                    result["warnings"].extend(f"{dst.name}: {w}" for w in choice["warnings"])
                     art.exports.append(ExportRecord(tower.name, "onnxruntime", "mixed", "static", dst, source="plain",
                                                     fp32_matrices=choice["fp32_matrices"],
-                                                    max_cosine_drop=choice["max_cosine_drop"]))
+                                                    max_cosine_drop=choice["max_cosine_drop"],
+                                                    all_fp32=len(choice["fp32_matrices"]) == len(choice["matrices"])))
                     continue
                 dst = folder / f"{tower.name}.int8-{mode}.onnx"
                 kept = None

@@ -617,7 +617,9 @@ def validate_exports(art: Artifact, cfg: ValidateConfig, pooled: dict[str, tuple
             result["warnings"] = [f"{result['path']}: its cosine drop to the fp32 student on the held-out samples, "
                                   f"{1 - result['cosine_to_student']:.4g}, is above the max_cosine_drop of "
                                   f"{rec.max_cosine_drop} its fp32 matrices were chosen for on the calibration "
-                                  f"batches; lower max_cosine_drop to keep more matrices fp32"]
+                                  f"batches; " + ("every block matrix is fp32 already, and the drop left is the "
+                                                  "quantisation outside them: raise max_cosine_drop" if rec.all_fp32
+                                                  else "lower max_cosine_drop to keep more matrices fp32")]
         if not normalises(art.student.config):
             _norm_ratio(result, emb, t_emb, label, cfg, gates)
         results.append(result)

@@ -34,6 +34,7 @@ class ExportRecord:
     source: str | None = None  # the graph a quantised artifact was made from ("fused" or "plain")
     fp32_matrices: list[str] | None = None  # precision "mixed": the block matrices (PyTorch modules) kept fp32
     max_cosine_drop: float | None = None  # precision "mixed": the drop its matrices were chosen for
+    all_fp32: bool = False  # precision "mixed": every block matrix was kept fp32
 
 
 @dataclass
