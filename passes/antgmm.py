@@ -304,6 +304,12 @@ class AntGMMPass(Pass):
                   else [])
         self.head_dims = {t.name: head_dim(model, t) for t in adapter.towers}
         cfg.check_model(adapter, model.config)
+        shape = read_structure(model, adapter).values()
+        for floor, value, most in (("min_heads", cfg.min_heads, max(h for t in shape for h in t["heads"])),
+                                   ("min_ffn", cfg.min_ffn, max(w for t in shape for w in t["ffn"])),
+                                   ("min_layers", cfg.min_layers, max(t["layers"] for t in shape))):
+            if value > most:  # a floor meant for a larger model, or a typo: its stage can remove nothing
+                unused.append(f"{floor} {value} is above what any block or tower has ({most}), so it keeps them all")
         latency: dict[str, Any] | None = None
         if cfg.target is None:
             self.costs: CountCosts | LatencyCosts = CountCosts(cfg.budget, self.head_dims, self.tokens)

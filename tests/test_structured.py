@@ -297,6 +297,16 @@ def test_a_seq_len_a_fixed_length_model_does_not_read_is_said() -> None:
                                    "tokens, so the FLOPs are counted at 64"]
 
 
+def test_a_floor_above_what_the_model_has_is_said() -> None:
+    art = make_artifact("bert")
+    most = max(read_structure(art.student, art.adapter)["text"]["heads"])
+    metrics = run_antgmm(art, keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation", min_heads=99,
+                         min_layers=3)
+    assert metrics["warnings"] == [f"min_heads 99 is above what any block or tower has ({most}), so it keeps "
+                                   f"them all", "min_layers 3 is above what any block or tower has (2), so it keeps "
+                                   "them all"]
+
+
 def test_an_ffn_multiple_as_wide_as_the_block_leaves_the_stage_nothing_and_says_so() -> None:
     # the tiny BERT's FFN is 64 wide: a multiple of 64 keeps it whole, so a cut by FFN alone cannot be met
     config = dict(keep=0.7, seq_len=16, shares={"ffn": 1.0}, importance="activation", ffn_multiple=64)
