@@ -573,6 +573,52 @@ def test_a_kill_while_filling_an_empty_out_is_finished_by_the_next_run(tmp_path,
     assert files(out) == files(whole) and not work_path(out).exists()
 
 
+def test_a_kill_while_moving_an_earlier_output_aside_in_a_volume_is_finished_by_the_next_run(tmp_path, teacher,
+                                                                                           monkeypatch):
+    """A volume --out (a mount point, which renames cannot cross) takes a copy of the new output, then moves the
+    earlier one's entries aside one by one; SIGKILL there left the two mixed."""
+    from click.testing import CliRunner
+
+    import lmmc.compile
+    from lmmc.cli import main
+    from lmmc.resume import hash_files
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert run_lmmc(*compile_args(teacher, recipe, whole)).returncode == 0
+    other = tmp_path / "other.yaml"  # the earlier output: another sparsity
+    other.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
+    assert run_lmmc(*compile_args(teacher, other, out)).returncode == 0
+    killed = ("import os, pathlib, signal, sys\n"
+              "import lmmc.compile\n"
+              f"lmmc.compile.is_mount = lambda p: pathlib.Path(p) == pathlib.Path({str(out)!r})\n"
+              "real, moved = pathlib.Path.rename, []\n"
+              "def rename(self, target):\n"
+              "    done = real(self, target)\n"
+              "    if pathlib.Path(target).parent.name.startswith('.lmmc-replaced-'):\n"
+              "        moved.append(target)\n"
+              "        if len(moved) == 2:\n"
+              "            os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return done\n"
+              "pathlib.Path.rename = rename\n"
+              "from lmmc.cli import main\n"
+              "sys.exit(main())\n")
+    args = compile_args(teacher, recipe, out, "--force")
+    result = run_lmmc(sys.executable, "-c", killed, *args[3:])
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert any(p.name.startswith(".lmmc-incoming-") for p in out.iterdir())
+    monkeypatch.setattr(lmmc.compile, "is_mount", lambda p: Path(p) == out)
+    result = CliRunner().invoke(main, [*args[3:], "--resume"])
+    assert result.exit_code == 2 and "finished putting in" in result.output, result.output
+    assert "Nothing is left to resume" in result.output
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): hash_files(p) for p in root.rglob("*") if p.is_file() and
+                p.name not in ("report.json", "report.html", ".lmmc-files.json")}
+    assert files(out) == files(whole) and not work_path(out).exists()
+
+
 def test_a_kill_between_moving_the_earlier_output_aside_and_placing_the_new_one_loses_neither(tmp_path, teacher,
                                                                                               monkeypatch):
     """SIGKILL there left --out missing, the earlier output hidden in the work area, and the next plain run

@@ -1151,7 +1151,10 @@ def _finish_placing(area: WorkArea, out: Path) -> bool:
     waiting = {p.name for p in staged.iterdir()}
     placed = [p for p in _own_entries(out) if not _PARTIAL.fullmatch(p.name)]
     if waiting == names:  # stopped while moving the earlier output aside: what is left of it goes too
-        if any(p.name not in _OUTPUT_ENTRIES for p in placed):
+        aside = [p for p in partial if p.name.startswith(".lmmc-replaced-")]
+        earlier = file_list(out) or next((file_list(a) for a in aside if file_list(a) is not None), None)
+        if placed and (not aside or earlier is None or
+                       any(p.name not in {rel.split("/")[0] for rel in earlier} | _LATER for p in placed)):
             return False
         gone = placed
     elif not waiting <= names or any(p.name not in names or p.name in waiting for p in placed):
