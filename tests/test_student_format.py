@@ -250,3 +250,21 @@ def test_a_generative_students_tokenizer_file_cuts_and_pads_as_the_teachers(tmp_
     save_student(model, pre, tmp_path / "student", {})
     ours = json.loads((tmp_path / "student" / "tokenizer.json").read_text())
     assert (ours["truncation"], ours["padding"]) == (settings["truncation"], settings["padding"])
+
+
+def test_the_students_tokenizer_files_do_not_depend_on_the_hub_being_offline(tmp_path: Path, monkeypatch) -> None:
+    """Loaded under HF_HUB_OFFLINE, the tokenizer kept local_files_only among its settings, which transformers
+    saves: the student's tokenizer_config.json differed between an offline compile and an online one."""
+    from conftest import save_tiny
+
+    from lmmc.modelio import load_preprocessor
+
+    teacher = save_tiny("bert", tmp_path / "teacher")
+    files = {}
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline == "1")
+        model = transformers.AutoModel.from_pretrained(teacher)
+        save_student(model, load_preprocessor(str(teacher)), tmp_path / offline, {})
+        files[offline] = json.loads((tmp_path / offline / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in files["1"] and files["1"] == files["0"]

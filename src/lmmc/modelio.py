@@ -753,6 +753,11 @@ def save_student(student: torch.nn.Module, preprocessor: dict[str, Any], out: Pa
     per-layer shapes that `lmmc.load_student` rebuilds a structurally pruned student from)."""
     save(student, out, meta)
     _restore_file_settings(preprocessor.get("tokenizer"))  # tokenizer.json cuts and pads as the teacher's does
+    for proc in preprocessor.values():
+        for tok in (proc, getattr(proc, "tokenizer", None)):
+            # set by the loading under HF_HUB_OFFLINE, and saved by transformers as a setting of the tokenizer: the
+            # student's files would depend on the compile's environment
+            getattr(tok, "init_kwargs", {}).pop("local_files_only", None)
     if preprocessor.get("processor") is not None:  # it saves its own tokenizer and image processor
         preprocessor["processor"].save_pretrained(out)
         return
