@@ -266,6 +266,9 @@ def _bad_cases(tmp_path):
     vision = tmp_path / "clip-vision"
     vision.mkdir()
     (vision / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    naflex = tmp_path / "siglip2"
+    naflex.mkdir()
+    (naflex / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     recipe = write_recipe(tmp_path, TINY_RECIPE)
@@ -278,6 +281,11 @@ def _bad_cases(tmp_path):
         "unsupported model_type": ([gpt, "-r", recipe], "model_type 'gpt2' is not supported; supported model types: bert"),
         "one tower saved alone": ([vision, "-r", recipe], "model_type 'clip_vision_model' is one tower of a clip model "
                                                           "saved alone; lmmc compiles the whole clip checkpoint"),
+        # the fixed-resolution SigLIP 2 checkpoints are model_type siglip
+        "siglip2 naflex": ([naflex, "-r", recipe], "model_type 'siglip2' (SigLIP 2's NaFlex checkpoints, whose vision "
+                                                   "tower reads images at their own aspect ratio; its fixed-resolution "
+                                                   "checkpoints, e.g. google/siglip2-base-patch16-224, are model_type "
+                                                   "'siglip', which lmmc compiles) is not supported"),
         "unknown pass": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": ["sparsify"]}, "a.yaml")], "unknown pass 'sparsify'"),
         "unknown key": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": [{"wanda": {"ratio": 0.5}}]}, "b.yaml")], "ratio: unknown key"),
         "sparsity outside [0, 1)": ([good, "-r", write_recipe(tmp_path, {**TINY_RECIPE, "passes": [{"wanda": {"sparsity": 1.5}}]}, "c.yaml")], "sparsity must be in [0, 1)"),
@@ -288,6 +296,7 @@ def _bad_cases(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing path", "no config.json", "unsupported model_type", "one tower saved alone",
+                                  "siglip2 naflex",
                                   "unknown pass", "unknown key", "sparsity outside [0, 1)", "empty calibration file",
                                   "missing recipe", "output exists"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, case):

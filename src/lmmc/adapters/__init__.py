@@ -299,6 +299,10 @@ def get_adapter(model_type: str) -> Adapter:
                             f"whole {whole} checkpoint it came from (both towers, model_type '{whole}'). To shrink "
                             f"one tower only, compile that checkpoint with a keep per tower, e.g. antgmm's "
                             f"keep: {{text: 1.0, vision: 0.5}}")
-        raise LmmcError(f"model_type '{model_type}' is not supported; supported model types: "
+        # SigLIP 2 comes in two kinds: fixed resolution (SigLIP's architecture) and NaFlex (its own)
+        naflex = (" (SigLIP 2's NaFlex checkpoints, whose vision tower reads images at their own aspect ratio; its "
+                  "fixed-resolution checkpoints, e.g. google/siglip2-base-patch16-224, are model_type 'siglip', "
+                  "which lmmc compiles)") if model_type == "siglip2" else ""
+        raise LmmcError(f"model_type '{model_type}'{naflex} is not supported; supported model types: "
                         f"{', '.join(sorted(registry))}")
     return registry[model_type]
