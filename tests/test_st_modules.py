@@ -141,6 +141,18 @@ def test_an_unknown_pooling_mode_is_refused(tmp_path, pooling_mode):
     ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": ""},
                                  {"type": "sentence_transformers.models.Normalize", "path": "2_Normalize"}]),
      "modules.json lists Transformer -> Normalize; lmmc compiles"),
+    # what sentence-transformers itself refuses to load
+    ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": ""},
+                                 {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"},
+                                 {"type": "sentence_transformers.models.Normalize"}]),
+     "modules.json lists a sentence_transformers.models.Normalize module without a \"path\""),
+    ("config_sentence_transformers.json", '{"prompts": {"query": "query: "}, "default_prompt_name": "search"}',
+     "default_prompt_name \"search\" names no prompt"),
+    ("config_sentence_transformers.json", '{"prompts": ["query: "]}', "\"prompts\" must map each prompt's name"),
+    # with a config.json at the top as well, the transformer sentence-transformers loads is the folder's
+    ("modules.json", json.dumps([{"type": "sentence_transformers.models.Transformer", "path": "0_Transformer"},
+                                 {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]),
+     "modules.json keeps the transformer in '0_Transformer/', an older sentence-transformers layout"),
 ])
 def test_a_broken_sentence_transformers_file_is_one_error_before_anything_loads(tmp_path, rel, text, words):
     path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode_mean_tokens": True})

@@ -199,10 +199,18 @@ def _prompt_warnings(text: str | None, source: str) -> tuple[str, ...]:
     given, so a model that declares one is measured and deployed on other inputs than its users'."""
     if text is None:
         return ()
-    cfg = _json_object(text, f"'{source}/config_sentence_transformers.json'")
+    where = f"'{source}/config_sentence_transformers.json'"
+    cfg = _json_object(text, where)
     name = cfg.get("default_prompt_name")
-    prompts = cfg.get("prompts")
-    prompt = prompts.get(name) if isinstance(prompts, dict) and isinstance(name, str) else None
+    prompts = cfg.get("prompts", {})
+    # sentence-transformers refuses either when it loads the model; so does the student, which keeps the file
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise LmmcError(f"{where}: \"prompts\" must map each prompt's name to its text, got {json.dumps(prompts)}; "
+                        f"repair it, or save the model again with sentence-transformers")
+    if name is not None and (not isinstance(name, str) or name not in prompts):
+        raise LmmcError(f"{where}: default_prompt_name {json.dumps(name)} names no prompt (its prompts: "
+                        f"{', '.join(map(repr, prompts)) or 'none'}); name one of them, or remove default_prompt_name")
+    prompt = prompts.get(name)
     if not prompt:
         return ()
     return (f"'{source}' sets default_prompt_name '{name}' (config_sentence_transformers.json), which "
@@ -275,7 +283,17 @@ def read_modules(source: str) -> SentenceModules | None:
     modes, dirs = DEFAULT, []
     for module in modules:
         kind = _kind(module)
-        rel = str(module.get("path", ""))
+        if not isinstance(module.get("path"), str):  # sentence-transformers cannot load the directory either
+            raise LmmcError(f"'{source}': modules.json lists a {module.get('type')} module without a \"path\" (the "
+                            f"folder of its files, \"\" for the top); repair modules.json, or save the model again "
+                            f"with sentence-transformers")
+        rel = module["path"]
+        if kind == "Transformer" and rel.strip("./"):
+            # sentence-transformers loads the transformer, and its sentence_bert_config.json, from that folder
+            raise LmmcError(f"'{source}': modules.json keeps the transformer in '{rel}/', an older "
+                            f"sentence-transformers layout; lmmc reads the transformer at the top of the directory. "
+                            f"Save it again in the current layout, which lmmc reads whole: "
+                            f"SentenceTransformer('{source}').save('NEW_DIR'), then compile NEW_DIR")
         if kind not in _KNOWN:
             raise LmmcError(f"'{source}': modules.json lists a {module.get('type')} module ({rel or 'at the top'}); "
                             f"lmmc compiles sentence-transformers' Transformer, Pooling and Normalize modules and "
