@@ -157,14 +157,15 @@ def test_static_shape_equals_lmmc_runtime_static(lmmc_embed, compiled_out, tmp_p
     assert np.abs(np.loadtxt(tmp_path / "img.txt", ndmin=2) - ref).max() <= 1e-5
 
 
-@pytest.fixture(scope="module")
-def compiled_siglip(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["right", "left"])
+def compiled_siglip(tmp_path_factory, request) -> Path:
     """A tiny SigLIP, whose texts are read at the tower's full length, with SigLIP's pad = end-of-text and,
-    as Google's tokenizers, no attention mask: the model reads its padding."""
+    as Google's tokenizers, no attention mask: the model reads its padding. Padded on the left, as a Gemma
+    tokenizer pads by default, its last position is another token: the sample padded on the right."""
     root = tmp_path_factory.mktemp("cpp-siglip")
     model_dir = save_tiny("siglip", root / "teacher")
     transformers.BertTokenizer(vocab=str(tiny_vocab(root / "vocab.txt")), pad_token="[SEP]",
-                               model_input_names=["input_ids"]).save_pretrained(model_dir)
+                               model_input_names=["input_ids"], padding_side=request.param).save_pretrained(model_dir)
     recipe = {**RECIPE, "export": ["onnx", "openvino"]}
     out = root / "out"
     result = CliRunner().invoke(main, ["compile", str(model_dir), "-r", str(write_recipe(root, recipe)), "-o", str(out)])
@@ -175,6 +176,7 @@ def compiled_siglip(tmp_path_factory) -> Path:
 def test_a_fixed_length_model_is_fed_padded_to_its_length_with_its_pad_id(lmmc_embed, compiled_siglip, tmp_path):
     text = read_manifest(compiled_siglip)["preprocessing"]["text"]
     assert (text["pad_to"], text["pad_id"], text["attend_to_padding"]) == (64, 3, True)
+    assert text["padding_side"] == transformers.AutoTokenizer.from_pretrained(compiled_siglip / "student").padding_side
     feed = _token_feed(compiled_siglip, tmp_path / "ids.txt")  # unpadded ids, one text a line
     done = _run(lmmc_embed, compiled_siglip, tmp_path / "ids.txt", tmp_path / "emb.txt", "--threads", 1)
     assert done.returncode == 0, done.stderr

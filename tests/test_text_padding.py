@@ -22,7 +22,7 @@ from lmmc.distiller import collate
 from lmmc.modelio import load_teacher, text_pad_length
 from lmmc.runtime import open_dir
 from lmmc.student import load_student
-from tests.conftest import TINY_TEXT, save_tiny, siglip_sentencepiece, tiny_vocab
+from tests.conftest import TINY_TEXT, save_tiny, siglip_sentencepiece, spelled, tiny_vocab
 from tests.test_task_metric import coco_style
 
 SHORT, LONG = "the water", "a man was on the road and the house of the man was cold in the water"
@@ -91,6 +91,41 @@ def test_collate_pads_distillation_samples_to_the_fixed_length():
     assert batch["attention_mask"].sum(1).tolist() == [3, 7]
     assert torch.equal(batch["input_ids"][0, 3:], torch.ones(61, dtype=torch.long))
     assert collate(samples, "text", pad_id=1, multiple=16)["input_ids"].shape == (2, 16)
+
+
+def test_distillation_pads_on_the_side_the_tokenizer_pads(tmp_path):
+    """Re-padded on the right whatever the tokenizer did, a left-padding SigLIP (a Gemma tokenizer's default)
+    was distilled on inputs whose last position, which it pools, is another token than the one validation and
+    deployment read."""
+    from lmmc.artifact import Artifact
+    from lmmc.data import CalibData
+    from lmmc.distiller import Trainer
+    from lmmc.modelio import make_student
+    from lmmc.passes.distill import DistillConfig, _split_samples, build_corpus
+
+    teacher = save_tiny("siglip", tmp_path / "m")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(teacher, padding_side="left")
+    model, adapter, _ = load_teacher(str(teacher))
+    pad_to = text_pad_length(model.config, adapter)
+    texts = [SHORT, LONG, "python"] * 6
+    batches = encode_text(tokenizer, texts, 6, None, pad_to)
+    samples = _split_samples({"text": batches}, ["text"])
+    left = collate(samples[:3], "text", tokenizer.pad_token_id, length=pad_to, left=True)
+    assert torch.equal(left["input_ids"], batches[0]["input_ids"][:3])
+    assert torch.equal(left["attention_mask"], batches[0]["attention_mask"][:3])
+    # the trainer pads as its tokenizer does (a text model here: a dual encoder's corpus needs images too)
+    bert = save_tiny("bert", tmp_path / "bert")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert, padding_side="left")
+    model, adapter, _ = load_teacher(str(bert))
+    batches = encode_text(tokenizer, [spelled(i) for i in range(1, 40, 2)], 5, None)
+    calib = CalibData(calib={"text": batches[:3]}, eval={"text": batches[3:]}, source="texts")
+    art = Artifact(model_ref=str(bert), adapter=adapter, teacher=model, student=make_student(model), calib=calib,
+                   preprocessor={"tokenizer": tokenizer})
+    cfg = DistillConfig(batch_size=4, dev_samples=2, progress=False, teacher_cache_mb=0)
+    trained = Trainer(cfg, art, *build_corpus(cfg, art, ["text"]))
+    batch = trained._collate(trained.train[:4], adapter.towers[0])
+    assert trained.left and bool((batch["attention_mask"][:, -1] == 1).all())  # the last position is a token
+    assert int(batch["attention_mask"][:, 0].sum()) < 4  # and the shorter texts' pads come first
 
 
 @pytest.mark.parametrize("tokenizer", ["wordpiece", "sentencepiece"])

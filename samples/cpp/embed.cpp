@@ -124,11 +124,12 @@ std::string default_tower(const mini_json::Value& manifest) {
     return towers.begin()->first;
 }
 
-// Token ids, one sample a line, each in [0, vocab) (0: not checked), padded with `pad_id` to the longest
-// line or to `pad_to` tokens when the model reads texts at one length; no line longer than `max_tokens`
-// (0: any; `limit` says why a longer line is refused). The mask marks real tokens.
+// Token ids, one sample a line, each in [0, vocab) (0: not checked), padded with `pad_id` (before the ids
+// with `left`, as a left-padding tokenizer pads) to the longest line or to `pad_to` tokens when the model
+// reads texts at one length; no line longer than `max_tokens` (0: any; `limit` says why a longer line is
+// refused). The mask marks real tokens.
 void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, const std::string& limit,
-                    int64_t pad_id, int64_t vocab, std::vector<int64_t>& ids, std::vector<int64_t>& mask,
+                    int64_t pad_id, bool left, int64_t vocab, std::vector<int64_t>& ids, std::vector<int64_t>& mask,
                     size_t& batch, size_t& seq) {
     std::ifstream in(path);
     if (!in) throw std::runtime_error("cannot read '" + path + "'");
@@ -178,9 +179,10 @@ void read_token_ids(const std::string& path, size_t pad_to, size_t max_tokens, c
     ids.assign(batch * seq, pad_id);
     mask.assign(batch * seq, 0);
     for (size_t b = 0; b < batch; ++b) {
+        const size_t start = b * seq + (left ? seq - rows[b].size() : 0);
         for (size_t t = 0; t < rows[b].size(); ++t) {
-            ids[b * seq + t] = rows[b][t];
-            mask[b * seq + t] = 1;
+            ids[start + t] = rows[b][t];
+            mask[start + t] = 1;
         }
     }
 }
@@ -284,7 +286,8 @@ int main(int argc, char** argv) {
             }
             pad_id = fixed ? static_cast<int64_t>(text["pad_id"].number) : 0;
             const int64_t vocab = text.has("vocab_size") ? static_cast<int64_t>(text["vocab_size"].number) : 0;
-            read_token_ids(o.input, pad_to, max_tokens, limit, pad_id, vocab, ids, mask, batch, seq);
+            const bool left = text.has("padding_side") && text["padding_side"].string == "left";
+            read_token_ids(o.input, pad_to, max_tokens, limit, pad_id, left, vocab, ids, mask, batch, seq);
             // a model whose tokenizer returns no mask (SigLIP as Google ships it) reads its padding too
             if (text.has("attend_to_padding") && text["attend_to_padding"].boolean) std::fill(mask.begin(), mask.end(), 1);
             sample_shape = {seq};

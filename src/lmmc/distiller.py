@@ -219,10 +219,11 @@ def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])
 
 
-def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1, length: int | None = None) -> Batch:
-    """Stack samples of one modality; text is right-padded to the longest sample, rounded up to a
-    `multiple` of tokens, or to exactly `length` tokens (a generative model's labels with -100, its
-    pixels stacked)."""
+def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1, length: int | None = None,
+            left: bool = False) -> Batch:
+    """Stack samples of one modality; text is padded (on the left with `left`, else the right) to the longest
+    sample, rounded up to a `multiple` of tokens, or to exactly `length` tokens (a generative model's labels
+    with -100, its pixels stacked)."""
     if modality != "text":
         return {"pixel_values": torch.stack([s[modality]["pixel_values"] for s in samples])}
     if length is None:
@@ -233,7 +234,7 @@ def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1
     for i, s in enumerate(samples):
         n = len(s["text"]["input_ids"])
         for k in out:
-            out[k][i, :n] = s["text"][k]
+            (out[k][i, length - n:] if left else out[k][i, :n]).copy_(s["text"][k])
     for k in samples[0]["text"].keys() - fill.keys():
         out[k] = torch.stack([s["text"][k] for s in samples])
     return out
@@ -429,6 +430,9 @@ class Trainer:
         self.pad = {t.name: pad_id if pad_id is not None else getattr(tower_config(self.student, t), "pad_token_id", None)
                     or 0 for t in self.towers}
         self.pad_to = text_pad_length(art.teacher.config, art.adapter)
+        # Padded as the tokenizer pads, as validation and deployment read the texts: a model read at a fixed
+        # length (SigLIP pools its last position) or whose positions count pads computes another embedding.
+        self.left = getattr(tokenizer, "padding_side", "right") == "left" and not self.generative
         if set(cfg.skip_hidden) - {t.name for t in art.adapter.towers}:
             raise LmmcError(f"skip_hidden names towers {sorted(cfg.skip_hidden)}, but the model's towers are "
                             f"{[t.name for t in art.adapter.towers]}; name blocks of those towers")
@@ -587,7 +591,8 @@ class Trainer:
         return digest.hexdigest()[:16]
 
     def _collate(self, samples: list[Sample], spec: TowerSpec, multiple: int | None = None) -> Batch:
-        batch = collate(samples, modality_key(spec), self.pad[spec.name], multiple or self.pad_multiple, self.pad_to)
+        batch = collate(samples, modality_key(spec), self.pad[spec.name], multiple or self.pad_multiple, self.pad_to,
+                        self.left)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()

@@ -113,9 +113,13 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
                                  # offset taken off), which an IR's shape inference does not always find
                                  "positions": text_positions(art.student.config, text),
                                  "files": [f for f in preprocessing_files if "preprocessor" not in f]}
+        tokenizer = (art.preprocessor or {}).get("tokenizer") or getattr((art.preprocessor or {}).get("processor"),
+                                                                        "tokenizer", None)
+        # where the pads go, as the tokenizer puts them: a model whose positions count them (or pooling the last
+        # position, SigLIP) computes another embedding from the other side
+        preprocessing["text"]["padding_side"] = getattr(tokenizer, "padding_side", None) or "right"
         if pad_to is not None:
             preprocessing["text"]["pad_to"] = pad_to
-            tokenizer = (art.preprocessor or {})["tokenizer"]
             preprocessing["text"]["pad_id"] = int(tokenizer.pad_token_id)
             # A tokenizer that returns no mask: the model reads its padding too (lmmc.data.encode_text).
             preprocessing["text"]["attend_to_padding"] = "attention_mask" not in tokenizer.model_input_names
