@@ -372,6 +372,22 @@ def test_a_default_prompt_is_named_in_a_warning(tmp_path):
     assert read_modules(str(path)).warnings == ()
 
 
+def test_the_default_prompt_goes_into_the_manifest_and_open_dir_names_it(tmp_path):
+    """The student keeps config_sentence_transformers.json, so sentence-transformers prepends the prompt where
+    lmmc's encode does not; nothing said so to whoever opened only the output."""
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"})
+    (path / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": "query"}))
+    out = compile_tiny_text(path, tmp_path / "out", [])
+    assert json.loads((out / "manifest.json").read_text())["preprocessing"]["text"]["default_prompt"] == "query: "
+    with pytest.warns(UserWarning, match="declares a default prompt, 'query: ', which sentence-transformers' encode "
+                                         "prepends to every text; lmmc's encode\(\) reads the texts as given"):
+        deployed = open_dir(out, threads=1)
+    ours = deployed.encode(["query: the water", "the water"])
+    theirs = st.SentenceTransformer(str(out / "student"), device="cpu").encode(["the water"], convert_to_numpy=True)
+    assert np.abs(ours[0] - theirs[0]).max() < 1e-5 and np.abs(ours[1] - theirs[0]).max() > 1e-3
+
+
 # --- left padding ------------------------------------------------------------------------------------------
 
 def left_padded(path: Path) -> Path:

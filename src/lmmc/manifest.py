@@ -13,7 +13,7 @@ from lmmc.adapters import dynamic_axes, tower_config
 from lmmc.artifact import Artifact, ExportRecord
 from lmmc.errors import LmmcError
 from lmmc.modelio import local_dir, text_pad_length, text_positions
-from lmmc.pooling import modes_of, normalises
+from lmmc.pooling import default_prompt, modes_of, normalises
 from lmmc.runtime import MANIFEST, MANIFEST_FORMAT, PAD_TO_KEY, TensorSpec, load
 from lmmc.runtime.generate import SPEC as GENERATIVE_SPEC
 
@@ -125,6 +125,10 @@ def build_manifest(art: Artifact, root: Path, max_length: int | None) -> dict[st
             preprocessing["text"]["attend_to_padding"] = "attention_mask" not in tokenizer.model_input_names
         if art.adapter.sentence_pooling:
             preprocessing["text"]["pooling"] = list(modes_of(art.student.config))
+        settings = student / "config_sentence_transformers.json"
+        # prepended by sentence-transformers' encode, not by lmmc's, which encodes texts as they were validated
+        if prompt := default_prompt(settings.read_text() if settings.is_file() else None):
+            preprocessing["text"]["default_prompt"] = prompt
     if "image" in modalities:
         preprocessing["image"] = {"kind": "image_processor",
                                   "files": [f for f in preprocessing_files if "preprocessor" in f]}

@@ -219,6 +219,13 @@ def _prompt_warnings(text: str | None, source: str) -> tuple[str, ...]:
             f"encode with the student",)
 
 
+def default_prompt(text: str | None) -> str | None:
+    """The prompt sentence-transformers' encode prepends to every text, from config_sentence_transformers.json
+    as the compile checked it (`_prompt_warnings`); None without one."""
+    cfg = json.loads(text) if text else {}
+    return (cfg.get("prompts") or {}).get(cfg.get("default_prompt_name")) or None
+
+
 def _declared_prompts(text: str | None, source: str) -> list[str]:
     """The names of the non-empty prompts config_sentence_transformers.json declares."""
     if text is None:

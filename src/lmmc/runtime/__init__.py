@@ -686,6 +686,11 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     if not manifest.get("towers"):
         raise LmmcError(f"{out_dir / MANIFEST} names no towers; recompile to rewrite it")
     pad_to = ((manifest.get("preprocessing") or {}).get("text") or {}).get("pad_to")
+    prompt = ((manifest.get("preprocessing") or {}).get("text") or {}).get("default_prompt")
+    if prompt:
+        warnings.warn(f"{out_dir.name}'s model declares a default prompt, {prompt!r}, which sentence-transformers' "
+                      f"encode prepends to every text; lmmc's encode() reads the texts as given, as the compile "
+                      f"validated them: prepend it yourself where the model expects it", stacklevel=2)
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
         raise LmmcError(f"static_shape must be (batch,) or (batch, seq) of positive integers, not {static_shape!r}")
     check_static_pad(out_dir.name, static_shape, pad_to)
