@@ -413,6 +413,17 @@ def test_a_left_padded_cls_student_deploys_the_first_real_token(tmp_path):
         assert np.abs(deployed - student).max() < 1e-4, backend
 
 
+def test_a_cut_above_the_positions_is_lowered_and_said(tmp_path):
+    path = st_dir(save_tiny("bert", tmp_path / "m"), {"pooling_mode": "mean"},
+                  bert_config={"max_seq_length": 1000, "do_lower_case": False})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"random": True}, "passes": [], "validate": False}))
+    result = CliRunner().invoke(main, ["compile", str(path), "-r", str(recipe), "-o", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert ("sentence_bert_config.json cuts texts at 1000 tokens, more than the 64 positions the model has (where "
+            "sentence-transformers fails on a longer text); lmmc cuts them at 64") in " ".join(result.output.split())
+
+
 def test_calibration_cuts_texts_where_the_models_users_get_them_cut_by_default(tmp_path):
     """A max_seq_length of 16: calibration and validation see what sentence-transformers and encode send (16
     tokens), not 128 (or the positions) that nobody sends; the FLOPs are counted at that length too."""

@@ -42,7 +42,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
                           offline_if_unreachable, resolve_config, save_student, text_pad_length, text_positions,
                           text_truncation)
 from lmmc.pipeline import run_pass
-from lmmc.pooling import normalises, read_modules
+from lmmc.pooling import bert_config_text, normalises, read_modules, st_max_length
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
@@ -325,6 +325,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     if modules is not None:  # as load_teacher keeps them: text_truncation reads its sentence_bert_config.json
         preprocessors["sentence_modules"] = modules
     warnings: list[str] = ([offline] if offline else []) + ([] if modules is None else list(modules.warnings))
+    warnings += _cut_past_positions(config, adapter, modules)
     declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
     if declared in ("float16", "bfloat16"):
         warnings.append(f"'{model_ref}' holds {declared} weights: lmmc computes teacher and student in float32 and "
@@ -636,6 +637,19 @@ def _check_runnable(config: Any) -> None:
         raise LmmcError(f"this {config.model_type} model reads its image features at vision_feature_layer {layer}, "
                         f"and transformers' own forward of the model reads layer 0 as no layer and fails; "
                         f"read the features after a vision block (-1 is the last, -2 the one before it)")
+
+
+def _cut_past_positions(config: Any, adapter: Adapter, modules: Any) -> list[str]:
+    """A sentence-transformers cut above the position table, where sentence-transformers fails on a longer
+    text: lmmc deploys the table's length instead, and says so."""
+    found = bert_config_text(modules.files.get) if modules is not None else None
+    declared = st_max_length(json.loads(found[1])) if found else None
+    limit = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
+    if not isinstance(declared, int) or limit is None or declared <= limit:
+        return []
+    return [f"{found[0]} cuts texts at {declared} tokens, more than the {limit} positions the model has (where "
+            f"sentence-transformers fails on a longer text); lmmc cuts them at {limit}, in validation and in the "
+            f"deployed student"]
 
 
 def _check_lengths(config: Any, adapter: Any, recipe: Recipe) -> None:
