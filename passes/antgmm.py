@@ -864,7 +864,9 @@ class AntGMMPass(Pass):
             for k, t in enumerate(FADE):
                 for gate in gates:
                     gate.fill_(1.0 - t)
-                n = steps // len(FADE) + (1 if k < steps % len(FADE) else 0)
+                # the remainder goes to the last levels: with fewer steps than levels, the block gone at last
+                # (gate 0) is the one the student must still be distilled without
+                n = steps // len(FADE) + (1 if k >= len(FADE) - steps % len(FADE) else 0)
                 if n:
                     # A fading block's output is turning into its input: its hidden-state term would pull
                     # the block before it toward the teacher layer the fading block is to stop producing.

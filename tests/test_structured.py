@@ -419,6 +419,21 @@ def test_schedule_distils_between_segments_and_fades_blocks_out(monkeypatch: pyt
     assert art.student.config.lmmc_teacher_layers == [1]
 
 
+def test_with_fewer_steps_than_fade_levels_the_block_gone_at_last_is_distilled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three steps went to the levels 0.25, 0.5 and 0.75: the student was never distilled with the block gone."""
+    load_passes()
+    monkeypatch.setitem(PASSES, "distill", RecordingDistill)
+    RecordingDistill.calls = []
+    art = make_artifact("bert")
+    with torch.no_grad():
+        for role in ("o", "fc2"):
+            block_linears(block_list(art.student, art.adapter.towers[0])[1][0], art.adapter.towers[0])[role][1].weight.mul_(1e-3)
+    run_antgmm(art, keep=0.5, shares={"depth": 1.0}, importance="activation", distill={"lr": 1e-4},
+               distill_steps_per_segment=3)
+    fades = [c for c in RecordingDistill.calls if c["layers"] == 2]
+    assert [c["steps"] for c in fades] == [1, 1, 1] and fades[-1]["block0_change"] == 0.0
+
+
 def test_minilm_at_half_the_flops_keeps_the_embedding_close_and_reloads(minilm, tmp_path) -> None:
     import numpy as np
 
