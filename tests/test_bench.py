@@ -263,8 +263,9 @@ def test_dual_encoder_benched_per_tower(tmp_path):
     positions = json.loads((tmp_path / "clip" / "config.json").read_text())["text_config"]["max_position_embeddings"]
     assert bench["towers"]["text"]["input"]["input_ids"] == [2, min(128, positions)]
 
-    # Pairs of 33 pictures under one caption: each tower counts its own distinct items. Counted by pair, the
-    # one caption stood for 33 texts in the text tower's column.
+    # Pairs of 33 pictures under two captions (a class prompt each): each tower counts its own distinct items.
+    # Counted by pair, the captions stood for 33 texts in the text tower's column; two of them refused the corpus,
+    # where its images are enough for the vision tower.
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -272,14 +273,14 @@ def test_dual_encoder_benched_per_tower(tmp_path):
     pairs = []
     for i in range(33):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "pictures" / f"{i}.png")
-        pairs.append(json.dumps({"image": f"pictures/{i}.png", "text": "a picture of a number"}))
+        pairs.append(json.dumps({"image": f"pictures/{i}.png", "text": f"a picture of a {('cat', 'dog')[i % 2]}"}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
     result = run("bench", out, "--quick", "--corpus", tmp_path / "pairs.jsonl")
     assert result.exit_code == 0, result.output
     bench = json.loads((out / "bench.json").read_text())
     assert bench["corpora"]["pairs.jsonl"] == {"image": 33}
-    assert f"note: --corpus {tmp_path / 'pairs.jsonl'}: its texts are one distinct text, so the text tower's " \
-           f"fidelity is not measured on it" in result.output
+    assert f"note: --corpus {tmp_path / 'pairs.jsonl'}: its texts are 2 distinct text(s), fewer than the 32 " \
+           f"fidelity needs, so the text tower's fidelity is not measured on it" in " ".join(result.output.split())
     assert "pairs.jsonl" not in bench["towers"]["text"]["rows"][-1]["cosine_to_teacher"]
 
 
@@ -1013,7 +1014,7 @@ def test_the_distillation_corpora_count_as_trained_on(tmp_path):
     (["caf\u00e9 au lait", "Cafe\u0301  AU lait", "caf\u00e9 au\u200b lait"],
      "--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add more texts"),
     ([f"the {spelled(i)} road" for i in range(10)],
-     "--corpus '{path}' holds 10 distinct texts this compile did not train on, and fidelity on fewer than 32 "
+     "--corpus '{path}' holds at most 10 distinct texts this compile did not train on, and fidelity on fewer than 32 "
      "certifies nothing (the floor of the recipe's validate.min_held_out); give at least 32"),
 ], ids=["empty", "one line", "one distinct line", "one text in three forms", "ten lines"])
 def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, message):
@@ -1025,6 +1026,17 @@ def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, me
     assert result.output.count("error:") == 1 and "Traceback" not in result.output
     assert f"error: {message.format(path=path)}\n" in result.output, result.output
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_corpus_larger_than_bench_draws_says_how_many_it_scored(uncapped, tmp_path):
+    _, _, out = uncapped
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"the {spelled(i)} road\n" for i in range(300)))
+    result = run("bench", out, "--quick", "--corpus", path, "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["corpora"]["corpus.txt"] == {"text": 256}
+    assert (f"note: --corpus {path}: 256 of its 300 distinct texts, drawn with the calibration seed, are scored"
+            in " ".join(result.output.split()))
 
 
 def test_a_vision_model_has_no_seq_and_static_irs_of_batch_only(tmp_path):

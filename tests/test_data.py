@@ -468,6 +468,11 @@ def test_image_paths_in_jsonl_urls_home_and_other_picture_suffixes(tmp_path, mon
     with pytest.raises(LmmcError, match="d.jsonl:1: \"image\" is a URL \\(https://example.com/a.png\\); lmmc reads "
                                         "image files: download it"):
         read_samples(data)
+    # an empty path read as the .jsonl's folder; a NUL byte, which no path holds, failed inside Python's open
+    for bad, shown in (("", '""'), ("1.ppm\0x", '"1.ppm\\\\u0000x"')):
+        data.write_text(json.dumps({"image": bad, "text": "a picture"}) + "\n")
+        with pytest.raises(LmmcError, match=f'd.jsonl:1: "image" {shown} is no file path; give the image\'s path'):
+            read_samples(data)
 
 
 def test_the_data_hash_reads_linked_folders_and_jsonl_in_any_case(tmp_path):

@@ -801,21 +801,27 @@ def corpus_batches(path: Path, adapter, preprocessor, calib_cfg, n: int, positio
     items = {m: gen.sample(found, min(n, len(found))) for m, found in distinct.items()}
     most = max(len(i) for i in items.values())
     if most == 0:
-        raise LmmcError(f"--corpus '{path}' holds nothing this model's towers read ({modalities}); give text or images")
+        raise LmmcError(f"--corpus '{path}' holds nothing this model's towers read; give "
+                        f"{' or '.join(m + 's' for m in modalities)}")
     if most < 2:
         raise LmmcError(f"--corpus '{path}' holds only 1 distinct sample this model reads; needs at least 2: add "
                         f"more {' or '.join(m + 's' for m in modalities if items[m])}")
+    if most < floor:
+        raise LmmcError(f"--corpus '{path}' holds at most {most} distinct "
+                        f"{'/'.join(m + 's' for m in modalities if len(items[m]) == most)} this compile did not train "
+                        f"on, and fidelity on fewer than {floor} certifies nothing (the floor of the recipe's "
+                        f"validate.min_held_out); give at least {floor}")
+    for modality, found in distinct.items():
+        if len(found) > n and notes is not None:
+            notes.append(f"--corpus {path}: {n} of its {len(found)} distinct {modality}s, drawn with the "
+                         f"calibration seed, are scored")
     out: dict[str, list[dict]] = {}
     for modality, found in items.items():
-        if len(found) < 2:  # a mixed corpus: only the modalities it holds enough of
+        if len(found) < floor:  # a mixed corpus (captions of a few classes, say): the modalities it holds enough of
             if found and notes is not None:
-                notes.append(f"--corpus {path}: its {modality}s are one distinct {modality}, so the {modality} "
-                             f"tower's fidelity is not measured on it")
+                notes.append(f"--corpus {path}: its {modality}s are {len(found)} distinct {modality}(s), fewer than "
+                             f"the {floor} fidelity needs, so the {modality} tower's fidelity is not measured on it")
             continue
-        if len(found) < floor:
-            raise LmmcError(f"--corpus '{path}' holds {len(found)} distinct {modality}s this compile did not train "
-                            f"on, and fidelity on fewer than {floor} certifies nothing (the floor of the recipe's "
-                            f"validate.min_held_out); give at least {floor}")
         if modality == "text":
             out[modality] = encode_text(tokenizer, found, calib_cfg.batch_size, max_length, pad_to)
             length = text_length(tokenizer, max_length, pad_to)

@@ -147,6 +147,9 @@ def read_samples(path: Path, caption_template: str | None = None) -> list[dict[s
             if text_key(text := obj.get("text", "").replace("\0", "").strip()):  # as a .txt line is read
                 rec["text"] = text
             if "image" in obj:
+                if not obj["image"].strip() or "\0" in obj["image"]:  # the folder itself, or no path the OS takes
+                    raise LmmcError(f"{path}:{n}: \"image\" {json.dumps(obj['image'])} is no file path; give the "
+                                    f"image's path (relative to the .jsonl's folder, or absolute)")
                 if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", obj["image"]):
                     raise LmmcError(f"{path}:{n}: \"image\" is a URL ({obj['image']}); lmmc reads image files: "
                                     f"download it, and give its path (relative to the .jsonl's folder, or absolute)")
