@@ -1028,6 +1028,18 @@ def test_a_corpus_too_small_is_one_error_naming_it(uncapped, tmp_path, lines, me
     assert not (tmp_path / "b.json").exists()
 
 
+def test_another_outputs_bench_json_is_named_as_such(uncapped, tmp_path):
+    _, _, out = uncapped
+    assert run("bench", out, "--quick").exit_code == 0
+    other = tmp_path / "other"
+    shutil.copytree(out, other)  # its bench.json was written for out, at out's path
+    mine = (other / "bench.json").read_bytes()
+    result = run("bench", out, "--quick", "--json", other / "bench.json")
+    assert result.exit_code == 2 and (f"error: '{other / 'bench.json'}' is the bench result of another output, {other}; "
+                                      f"pass --json with another path") in " ".join(result.output.split())
+    assert (other / "bench.json").read_bytes() == mine
+
+
 def test_a_corpus_larger_than_bench_draws_says_how_many_it_scored(uncapped, tmp_path):
     _, _, out = uncapped
     path = tmp_path / "corpus.txt"

@@ -532,29 +532,41 @@ def test_an_interrupt_a_finaliser_swallowed_stops_the_distillation_at_its_next_s
     assert result.output.splitlines()[-1] == "interrupted by SIGTERM; the output directory was not written"
 
 
+def killed_at_second_rename(into: str, before: str = "") -> str:
+    """A compile (python -c) that SIGKILLs itself once a second entry is renamed into a folder for which `into`
+    (an expression of `target`, a pathlib.Path) holds; `before` runs first."""
+    return ("import os, pathlib, signal, sys\n" + before +
+            "real, moved = pathlib.Path.rename, []\n"
+            "def rename(self, target):\n"
+            "    done = real(self, target)\n"
+            f"    if {into.replace('target', 'pathlib.Path(target)')}:\n"
+            "        moved.append(target)\n"
+            "        if len(moved) == 2:\n"
+            "            os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return done\n"
+            "pathlib.Path.rename = rename\n"
+            "from lmmc.cli import main\n"
+            "sys.exit(main())\n")
+
+
+def output_files(root: Path) -> dict:
+    """Each file of an output with its digest, but those that record the run (timings, the list of files)."""
+    from lmmc.resume import hash_files
+
+    return {p.relative_to(root): hash_files(p) for p in root.rglob("*") if p.is_file() and
+            p.name not in ("report.json", "report.html", ".lmmc-files.json")}
+
+
 @pytest.mark.parametrize("then", [["--resume"], ["--force"]])
 def test_a_kill_while_filling_an_empty_out_is_finished_by_the_next_run(tmp_path, teacher, then):
     """An empty --out is filled entry by entry; SIGKILL in the middle left it half filled, and both --resume and
     --force refused it as a folder lmmc had not written."""
-    from lmmc.resume import hash_files
-
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
     whole, out = tmp_path / "whole", tmp_path / "out"
     assert run_lmmc(*compile_args(teacher, recipe, whole)).returncode == 0
     out.mkdir()
-    killed = ("import os, pathlib, signal, sys\n"
-              "real, moved = pathlib.Path.rename, []\n"
-              "def rename(self, target):\n"
-              "    done = real(self, target)\n"
-              f"    if pathlib.Path(target).parent == pathlib.Path({str(out)!r}):\n"
-              "        moved.append(target)\n"
-              "        if len(moved) == 2:\n"
-              "            os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    return done\n"
-              "pathlib.Path.rename = rename\n"
-              "from lmmc.cli import main\n"
-              "sys.exit(main())\n")
+    killed = killed_at_second_rename(f"target.parent == pathlib.Path({str(out)!r})")
     args = compile_args(teacher, recipe, out, "--force")
     result = run_lmmc(sys.executable, "-c", killed, *args[3:])
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -566,11 +578,7 @@ def test_a_kill_while_filling_an_empty_out_is_finished_by_the_next_run(tmp_path,
         assert result.returncode == 2 and "Nothing is left to resume" in result.stderr, result.stderr
     else:
         assert result.returncode == 0, result.stderr
-
-    def files(root: Path) -> dict:
-        return {p.relative_to(root): hash_files(p) for p in root.rglob("*") if p.is_file() and
-                p.name not in ("report.json", "report.html", ".lmmc-files.json")}
-    assert files(out) == files(whole) and not work_path(out).exists()
+    assert output_files(out) == output_files(whole) and not work_path(out).exists()
 
 
 def test_a_kill_while_moving_an_earlier_output_aside_in_a_volume_is_finished_by_the_next_run(tmp_path, teacher,
@@ -581,7 +589,6 @@ def test_a_kill_while_moving_an_earlier_output_aside_in_a_volume_is_finished_by_
 
     import lmmc.compile
     from lmmc.cli import main
-    from lmmc.resume import hash_files
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.5}}]}))
@@ -590,20 +597,8 @@ def test_a_kill_while_moving_an_earlier_output_aside_in_a_volume_is_finished_by_
     other = tmp_path / "other.yaml"  # the earlier output: another sparsity
     other.write_text(yaml.safe_dump({**RECIPE, "passes": [{"magnitude": {"sparsity": 0.3}}]}))
     assert run_lmmc(*compile_args(teacher, other, out)).returncode == 0
-    killed = ("import os, pathlib, signal, sys\n"
-              "import lmmc.compile\n"
-              f"lmmc.compile.is_mount = lambda p: pathlib.Path(p) == pathlib.Path({str(out)!r})\n"
-              "real, moved = pathlib.Path.rename, []\n"
-              "def rename(self, target):\n"
-              "    done = real(self, target)\n"
-              "    if pathlib.Path(target).parent.name.startswith('.lmmc-replaced-'):\n"
-              "        moved.append(target)\n"
-              "        if len(moved) == 2:\n"
-              "            os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    return done\n"
-              "pathlib.Path.rename = rename\n"
-              "from lmmc.cli import main\n"
-              "sys.exit(main())\n")
+    volume = f"import lmmc.compile\nlmmc.compile.is_mount = lambda p: pathlib.Path(p) == pathlib.Path({str(out)!r})\n"
+    killed = killed_at_second_rename("target.parent.name.startswith('.lmmc-replaced-')", volume)
     args = compile_args(teacher, recipe, out, "--force")
     result = run_lmmc(sys.executable, "-c", killed, *args[3:])
     assert result.returncode == -signal.SIGKILL, result.stderr
@@ -612,11 +607,7 @@ def test_a_kill_while_moving_an_earlier_output_aside_in_a_volume_is_finished_by_
     result = CliRunner().invoke(main, [*args[3:], "--resume"])
     assert result.exit_code == 2 and "finished putting in" in result.output, result.output
     assert "Nothing is left to resume" in result.output
-
-    def files(root: Path) -> dict:
-        return {p.relative_to(root): hash_files(p) for p in root.rglob("*") if p.is_file() and
-                p.name not in ("report.json", "report.html", ".lmmc-files.json")}
-    assert files(out) == files(whole) and not work_path(out).exists()
+    assert output_files(out) == output_files(whole) and not work_path(out).exists()
 
 
 def test_a_kill_between_moving_the_earlier_output_aside_and_placing_the_new_one_loses_neither(tmp_path, teacher,

@@ -288,8 +288,10 @@ def check_json_target(path: Path, out_dir: Path) -> None:
             raise LmmcError(f"cannot write '{path}': folder '{path.parent}' does not exist")
         return
     if not is_bench_json(path, here=_elsewhere(path, out_dir)):
-        raise LmmcError(f"'{path}' exists and was not written there by lmmc bench, or was edited since; pass --json "
-                        f"with another path")
+        other = path.name == "bench.json" and (path.parent / "report.json").is_file() and is_bench_json(path)
+        what = (f"is the bench result of another output, {path.parent}" if other else
+                "exists and was not written there by lmmc bench, or was edited since")
+        raise LmmcError(f"'{path}' {what}; pass --json with another path")
 
 
 def _partial(path: Path) -> Path:
