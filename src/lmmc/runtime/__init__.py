@@ -322,7 +322,8 @@ def check_text_feed(name: str, feed: dict[str, np.ndarray], rows: dict[str, int]
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise LmmcError(f"'{key}' holds id {bad}, outside the {count} rows of the table {name} looks it up in; "
                             f"feed ids from the model's own tokenizer, as encode() does")
-    if tokens is not None and "input_ids" in feed and feed["input_ids"].ndim == 2 and feed["input_ids"].shape[1] > tokens:
+    ids = feed.get("input_ids")
+    if tokens is not None and ids is not None and ids.ndim == 2 and ids.shape[1] > tokens:
         raise LmmcError(f"{name} takes at most {tokens} tokens, and the feed has {shapes_of(feed)}. {OUT_OF_RANGE}")
 
 
