@@ -379,18 +379,6 @@ def _(tmp):
     return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["is not UTF-8", "convert it"]
 
 
-@case("unquoted nm: 2:4")
-def _(tmp):
-    recipe = write_recipe(tmp, "calibration: {random: true, eval_samples: 32}\npasses:\n  - wanda: {nm: 2:4}\n")
-    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["nm = 124", "Quote it", 'nm: "2:4"']
-
-
-@case("unquoted nm: 1:4")
-def _(tmp):
-    recipe = write_recipe(tmp, "calibration: {random: true, eval_samples: 32}\npasses:\n  - wanda: {nm: 1:4}\n")
-    return [bert(tmp), "-r", recipe, "-o", "out", "--dry-run"], ["nm = 64", "an unquoted 1:4", 'nm: "1:4"']
-
-
 @case("unknown key in the bench section")
 def _(tmp):
     recipe = write_recipe(tmp, {**RANDOM, "bench": {"repeat": 3}})

@@ -232,6 +232,13 @@ def test_a_number_with_a_leading_zero_is_decimal(tmp_path):
     recipe.write_text("calibration: {random: true, samples: 1:30}\n")  # base 60 in YAML 1.1: 90
     with pytest.raises(LmmcError, match="samples: Input should be a valid integer"):
         load_recipe(recipe)
+    # so an unquoted N:M is the pattern it reads as, not the number 124 (2:4) or 64 (1:4)
+    recipe.write_text("calibration: {random: true}\npasses:\n  - wanda: {nm: 2:4}\n  - sparsegpt: {nm: 1:4}\n")
+    assert [str(step.config.nm) for step in load_recipe(recipe).passes] == ["2:4", "1:4"]
+    # a number given where N:M belongs (a recipe built in Python from YAML 1.1's reading) is refused
+    with pytest.raises(LmmcError, match='nm = 124 is a number: YAML reads an unquoted 2:4 as the base-60 number 124. '
+                                        'Quote it: nm: "2:4"'):
+        parse_recipe({"calibration": {"random": True}, "passes": [{"wanda": {"nm": 124}}]})
 
 
 def test_yes_and_no_settings_keep_their_meaning():
