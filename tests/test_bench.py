@@ -386,7 +386,7 @@ def _other_data(tmp_path):
                                   "static seq below the texts", "empty json path", "threads past any CPU",
                                   "tokenizer deleted", "weights deleted", "artifact edited", "tokenizer swapped",
                                   "manifest edited", "report edited", "file list damaged", "json a link",
-                                  "json inside the output", "json dash"])
+                                  "json inside the output", "json dash", "json a folder"])
 def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, monkeypatch, case):
     _, teacher, out = compiled
     target = out / "student" / "mine.json" if case == "json inside the output" else tmp_path / "b.json"
@@ -438,6 +438,7 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
         "json inside the output": ([out], f"is inside the output {out}, where bench writes only bench.json"),
         # read as standard output by many tools; it wrote a file named '-' in the current folder
         "json dash": ([out], "--json - would write a file named '-'"),
+        "json a folder": ([out], f"--json '{target}' is a folder; give the path of a file, such as '{target / 'bench.json'}'"),
     }
     where, message = args[case]
     if case == "backend missing":
@@ -449,11 +450,16 @@ def test_bad_input_one_clear_error_exit_2_nothing_written(tmp_path, compiled, mo
     if case == "json dash":
         monkeypatch.chdir(tmp_path)
         target = tmp_path / "-"
+    if case == "json a folder":
+        target.mkdir()
     result = run("bench", *where, "--json", {"empty json path": "", "json dash": "-"}.get(case, target), "--quick")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.count("error:") == 1
-    assert (target.read_text() == '{"mine": 1}') if case == "json not ours" else not target.exists()
+    if case == "json a folder":
+        assert list(target.iterdir()) == []
+    else:
+        assert (target.read_text() == '{"mine": 1}') if case == "json not ours" else not target.exists()
     assert target.is_symlink() == (case == "json a link")
 
 

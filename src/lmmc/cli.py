@@ -499,7 +499,7 @@ def summary_table(report: dict) -> str:
 @click.option("--repeats", type=int, help="Timed runs per candidate, in turns of one untimed run and three timed, "
               "rounded up to whole turns (default 15).")
 @click.option("--warmup", type=int, help="Untimed rounds of turns first (default 1).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Where to save the result (default: OUT_DIR/bench.json).")
+@click.option("--json", "json_path", type=click.Path(), help="Where to save the result (default: OUT_DIR/bench.json).")
 @click.option("--corpus", multiple=True, type=_Path(), help="Extra held-out corpus (.txt, .jsonl, image folder); repeatable.")
 @click.option("--calib", type=_Path(), help="The compile's calibration data, if it moved since the compile.")
 @click.option("--teacher", type=_Path(), help="The compile's teacher, if it moved since the compile.")
@@ -532,6 +532,9 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     if json_path is not None and not json_path.strip():
         raise LmmcError("--json is an empty path; give the file to save the result to, or leave --json out for "
                         "OUT_DIR/bench.json")
+    if json_path is not None and os.path.isdir(json_path):
+        raise LmmcError(f"--json '{json_path}' is a folder; give the path of a file, such as "
+                        f"'{os.path.join(json_path, 'bench.json')}'")
     try:
         result = bench(Path(out_dir), cfg, Path(json_path) if json_path else None)
     except NotSaved as err:
