@@ -42,7 +42,7 @@ from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, c
                           offline_if_unreachable, resolve_config, save_student, text_pad_length, text_positions,
                           text_truncation)
 from lmmc.pipeline import run_pass
-from lmmc.pooling import bert_config_text, normalises, read_modules, st_max_length
+from lmmc.pooling import normalises, read_modules, st_text_cut
 from lmmc.recipe import Recipe
 from lmmc.report_html import gate_digits, is_ours, is_unedited, write_report_html
 from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pass_seed
@@ -642,12 +642,11 @@ def _check_runnable(config: Any) -> None:
 def _cut_past_positions(config: Any, adapter: Adapter, modules: Any) -> list[str]:
     """A sentence-transformers cut above the position table, where sentence-transformers fails on a longer
     text: lmmc deploys the table's length instead, and says so."""
-    found = bert_config_text(modules.files.get) if modules is not None else None
-    declared = st_max_length(json.loads(found[1])) if found else None
+    name, declared = st_text_cut(modules) or (None, None)
     limit = min((text_positions(config, t) for t in adapter.towers if t.modality == "text"), default=None)
     if not isinstance(declared, int) or limit is None or declared <= limit:
         return []
-    return [f"{found[0]} cuts texts at {declared} tokens, more than the {limit} positions the model has (where "
+    return [f"{name} cuts texts at {declared} tokens, more than the {limit} positions the model has (where "
             f"sentence-transformers fails on a longer text); lmmc cuts them at {limit}, in validation and in the "
             f"deployed student"]
 
@@ -1166,7 +1165,7 @@ def _finish_placing(area: WorkArea, out: Path) -> bool:
     placed = [p for p in _own_entries(out) if not _PARTIAL.fullmatch(p.name)]
     if waiting == names:  # stopped while moving the earlier output aside: what is left of it goes too
         aside = [p for p in partial if p.name.startswith(".lmmc-replaced-")]
-        earlier = file_list(out) or next((file_list(a) for a in aside if file_list(a) is not None), None)
+        earlier = file_list(out) or next((lst for a in aside if (lst := file_list(a)) is not None), None)
         if placed and (not aside or earlier is None or
                        any(p.name not in {rel.split("/")[0] for rel in earlier} | _LATER for p in placed)):
             return False

@@ -16,7 +16,7 @@ import transformers
 
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
-from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, bert_config_text, read_modules, st_max_length
+from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules, st_text_cut
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -139,10 +139,8 @@ def text_truncation(config: Any, adapter: Adapter, preprocessor: dict[str, Any])
     if not text:
         return None
     limit = min(text_positions(config, t) for t in text)
-    modules = preprocessor.get("sentence_modules")
     # read_modules has checked the file (bert_config)
-    found = bert_config_text(modules.files.get) if modules is not None else None
-    declared = st_max_length(json.loads(found[1])) if found else None
+    declared = (st_text_cut(preprocessor.get("sentence_modules")) or (None, None))[1]
     if declared is None:
         declared = getattr(preprocessor.get("tokenizer"), "model_max_length", None)
     # transformers writes a huge sentinel for "no limit"; the position table is the limit then

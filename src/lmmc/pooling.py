@@ -179,6 +179,13 @@ def st_max_length(cfg: dict[str, Any]) -> int | None:
     return _tokenizer_settings(cfg).get("model_max_length", cfg.get("max_seq_length"))
 
 
+def st_text_cut(modules: Any) -> tuple[str, int | None] | None:
+    """(settings file, where sentence-transformers cuts a text) of a model read with `read_modules`, the
+    cut None where the file sets none; None for a model without such a file."""
+    found = bert_config_text(modules.files.get) if modules is not None else None
+    return (found[0], st_max_length(json.loads(found[1]))) if found else None
+
+
 def _refuse_task_heads(files: dict[str, str], source: str) -> None:
     """A CrossEncoder (a classification head scoring text pairs) or a SparseEncoder (the masked-LM head)
     outputs what its head computes, which lmmc neither compiles nor validates: compiled as an encoder, the
