@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from lmmc.errors import LmmcError
-from lmmc.runtime.generate import generative_prompt
+from lmmc.runtime.generate import generative_prompt, image_token, places_image
 from lmmc.runtime.images import IMAGE_SUFFIXES, NOT_PICTURES, OTHER_PICTURES, open_image
 from lmmc.runtime.texts import clip_text, clip_texts
 # Random inputs say nothing about a trained model's activations; they are for tiny test models only.
@@ -800,7 +800,7 @@ def check_generative_records(records: list[dict[str, Any]], source: Path, proces
                              chat_template: bool = False, what: str = "calibration data") -> None:
     """Every record of an image-text generative model needs an image and the text it should produce; the
     processor's image token (`<image>`) may stand once in a prompt, where the picture goes, and nowhere else."""
-    token = getattr(processor, "image_token", None)
+    token = image_token(processor)
     for n, r in enumerate(records, 1):
         lacking = [k for k in ("image", "text") if k not in r]
         if lacking:
@@ -813,10 +813,13 @@ def check_generative_records(records: list[dict[str, Any]], source: Path, proces
             raise LmmcError(f"{what} '{source}': the text of sample {n} holds the image token {token!r}, "
                             f"which stands for the picture; an answer is words only: remove it")
         uses = (r.get("prompt") or "").count(token)
-        if uses > 1 or (uses and chat_template):
+        placed = chat_template or places_image(processor)
+        if uses > 1 or (uses and placed):
             raise LmmcError(f"{what} '{source}': the prompt of sample {n} holds the image token {token!r} "
                             f"{uses} time(s); " + ("with chat_template the template places the picture: remove it"
-                                                   if chat_template else "each sample has one picture: keep one"))
+                                                   if chat_template else "the model's processor writes the picture's "
+                                                   "tokens before the prompt itself: remove it" if placed else
+                                                   "each sample has one picture: keep one"))
 
 
 def _answer_room(prompt_ids: list[int], image_id: int, limit: int, positions: int | None, image: str) -> int:
@@ -844,7 +847,7 @@ def check_prompts(processor, records: list[dict[str, Any]], max_length: int | No
     from PIL import Image
 
     blank = Image.new("RGB", (64, 64))
-    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_id = processor.tokenizer.convert_tokens_to_ids(image_token(processor))
     rooms: dict[str, tuple[int, int, int]] = {}
     for r in records:
         prompt = generative_prompt(processor, r.get("prompt"), chat_template)
@@ -906,7 +909,7 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
     image tokens); the answer is cut to fit, and to fit the decoder's `positions` with the image's tokens."""
     tok = processor.tokenizer
     limit = max_length or DEFAULT_MAX_LENGTH
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    image_id = tok.convert_tokens_to_ids(image_token(processor))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out = []
     for chunk in _chunks(records, batch_size):

@@ -17,6 +17,7 @@ import transformers
 from lmmc.adapters import Adapter, TowerSpec, get_adapter, supported_model_types
 from lmmc.errors import LmmcError, missing_package, refuse_own_code
 from lmmc.pooling import CONFIG_KEY, NORMALIZE_KEY, bert_config, read_modules, st_text_cut
+from lmmc.runtime.generate import generative_prompt, image_token
 from lmmc.student import save
 
 # Words any real tokenizer of a natural-language model knows; a stand-in maps them all to unknown.
@@ -532,7 +533,7 @@ def _check_processor(ref: str, config: Any, adapter: Adapter, proc: Any, chat_te
     if proc is None or not hasattr(proc, "tokenizer") or not hasattr(proc, "image_processor"):
         raise LmmcError(f"'{ref}' has no processor (processor_config.json with a tokenizer and an image "
                         f"processor); {fix}")
-    token = getattr(proc, "image_token", None)
+    token = image_token(proc)
     token_id = proc.tokenizer.convert_tokens_to_ids(token) if token else None
     model_id = adapter.image_tokens.token_id(config)
     if token_id != model_id:
@@ -541,7 +542,8 @@ def _check_processor(ref: str, config: Any, adapter: Adapter, proc: Any, chat_te
     from PIL import Image
 
     try:
-        ids = proc(images=[[Image.new("RGB", (48, 40))]], text=[token], return_tensors="pt")["input_ids"][0]
+        text = generative_prompt(proc, None, False)  # the image token, or none where the processor places the image
+        ids = proc(images=[[Image.new("RGB", (48, 40))]], text=[text], return_tensors="pt")["input_ids"][0]
     except Exception as err:  # any failure of a third-party processor on a plain image means it is unusable
         raise LmmcError(f"the processor of '{ref}' fails on a plain RGB image ({err}); {fix}") from None
     expected = adapter.image_tokens.count(config)

@@ -126,7 +126,9 @@ class Generator:
             raise LmmcError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}")
         if not np.isin(mask, (0, 1)).all() or (mask.sum(axis=1) == 0).any():
             raise LmmcError("attention_mask must hold 0 (padding) and 1 (a token), with at least one token a row")
-        if (np.diff(mask, axis=1) < 0).any():  # decoding appends after the last position, which must be a token
+        # Decoding appends after the last position, which must be a token. Padding elsewhere is read as the mask
+        # says: BLIP-2's processor writes the image's tokens before a row's left padding.
+        if (mask[:, -1] == 0).any():
             raise LmmcError("attention_mask pads a row on the right; greedy decoding needs prompts padded on the left: "
                             "set the tokenizer's padding_side = 'left' before tokenising the batch")
         if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= len(self.embeddings)):
@@ -189,12 +191,13 @@ class Generator:
         image = open_image(image, READ_FIX) if isinstance(image, (str, Path)) else to_rgb(image)
         template = bool(self.spec.get("chat_template")) if chat_template is None else chat_template
         prompt = "" if prompt is None else prompt  # no prompt: the image alone, as a calibration record without one
-        if template and proc.image_token in prompt:
-            raise LmmcError(f"the chat template places the picture; write the prompt without {proc.image_token!r}")
-        if prompt.count(proc.image_token) > 1:  # one image is given, so one image token can stand for it
-            raise LmmcError(f"the prompt holds {proc.image_token!r} {prompt.count(proc.image_token)} times, but "
-                            f"generate() takes one image; write {proc.image_token!r} once where the picture goes, "
-                            f"or leave it out to put the picture before the prompt")
+        token = image_token(proc)
+        if template and token in prompt:
+            raise LmmcError(f"the chat template places the picture; write the prompt without {token!r}")
+        if prompt.count(token) > 1:  # one image is given, so one image token can stand for it
+            raise LmmcError(f"the prompt holds {token!r} {prompt.count(token)} times, but generate() takes one "
+                            f"image; write {token!r} once where the picture goes, or leave it out to put the "
+                            f"picture before the prompt")
         prompt = generative_prompt(proc, prompt, template)
         # Idefics3's processor takes a list of images per prompt; its pixel_attention_mask is all ones for one
         # prompt (every crop fills the encoder's size), so the vision graph does not read it.
@@ -205,9 +208,23 @@ class Generator:
         return proc.tokenizer.decode(tokens[:ends[0]] if ends else tokens, skip_special_tokens=True)
 
 
+def image_token(processor) -> str | None:
+    """The processor's image token as text: BLIP-2's processor holds it as a tokenizer AddedToken."""
+    token = getattr(processor, "image_token", None)
+    return None if token is None else str(token)
+
+
+def places_image(processor) -> bool:
+    """Whether the processor writes an image's tokens before the text itself (BLIP-2's: num_query_tokens of
+    them), so that a prompt holds no image token."""
+    return getattr(processor, "num_query_tokens", None) is not None
+
+
 def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
     """The text before the answer, as lmmc calibrates, validates and generates it: the image token and the
-    prompt (the image token where the prompt already holds one), in the chat template when asked for."""
+    prompt (the image token where the prompt already holds one), in the chat template when asked for. A
+    processor that places the image itself (`places_image`) gets the prompt alone."""
+    token = image_token(processor)
     if chat_template:
         if not getattr(processor, "chat_template", None):
             raise LmmcError("chat_template is asked for, but the model's processor has no chat template (no "
@@ -216,15 +233,20 @@ def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str
         content = [{"type": "image"}, *([{"type": "text", "text": prompt}] if prompt else [])]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
-        if text.count(processor.image_token) != 1:  # the processor would find no place, or two, for the picture
-            raise LmmcError(f"the processor's chat template writes the image token {processor.image_token!r} "
-                            f"{text.count(processor.image_token)} time(s) for one image, not once: {text[:120]!r}; "
+        if text.count(token) != 1:  # the processor would find no place, or two, for the picture
+            raise LmmcError(f"the processor's chat template writes the image token {token!r} "
+                            f"{text.count(token)} time(s) for one image, not once: {text[:120]!r}; "
                             f"fix the template's image entry, or leave chat_template off to use the prompts as "
                             f"written")
         return text
-    if prompt and processor.image_token in prompt:  # the picture where the prompt puts it
+    if places_image(processor):
+        if prompt and token in prompt:
+            raise LmmcError(f"this model's processor writes the picture's tokens before the prompt itself; write "
+                            f"the prompt without {token!r}")
+        return f"{prompt}\n" if prompt else ""
+    if prompt and token in prompt:  # the picture where the prompt puts it
         return f"{prompt}\n"
-    return f"{processor.image_token}\n{prompt}\n" if prompt else f"{processor.image_token}\n"
+    return f"{token}\n{prompt}\n" if prompt else f"{token}\n"
 
 
 def _spec_ok(spec: Any) -> bool:
