@@ -1,4 +1,4 @@
-"""ONNX export of a generative vision-language model (LLaVA or Idefics3 / SmolVLM layout): the vision
+"""ONNX export of a generative vision-language model (LLaVA, Idefics3 / SmolVLM or BLIP-2 layout): the vision
 encoder with its projector as one graph, the decoder with a key/value cache as another, and the token
 embedding table as .npy."""
 
@@ -43,15 +43,19 @@ def present_names(layers: int) -> list[str]:
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """The inner model, its decoder (LLaVA: language_model, Idefics3: text_model) and the LM head, or one
-    clear error."""
+    """The inner model, its decoder (LLaVA: language_model, Idefics3: text_model, BLIP-2: the OPT decoder of
+    language_model) and the LM head, or one clear error."""
     inner = getattr(model, "model", None)
     decoder = next((getattr(inner, n) for n in ("language_model", "text_model") if hasattr(inner, n)), None)
     head = getattr(model, "lm_head", None)
+    causal = getattr(model, "language_model", None)
+    if decoder is None and hasattr(getattr(causal, "model", None), "decoder"):  # BLIP-2: a whole OPTForCausalLM
+        inner, decoder, head = model, causal.model.decoder, getattr(causal, "lm_head", None)
     if decoder is None or head is None or not hasattr(inner, "get_image_features") or not hasattr(decoder, "layers"):
         raise LmmcError(f"{type(model).__name__} is not a generative vision-language model (a vision tower, a "
-                        f"projector and a decoder with an LM head, laid out as LlavaForConditionalGeneration or "
-                        f"Idefics3ForConditionalGeneration); export encoder models with the 'onnx' pass instead")
+                        f"projector and a decoder with an LM head, laid out as LlavaForConditionalGeneration, "
+                        f"Idefics3ForConditionalGeneration or Blip2ForConditionalGeneration); export encoder models "
+                        f"with the 'onnx' pass instead")
     return inner, decoder, head
 
 
@@ -105,6 +109,23 @@ class Idefics3VisionModule(nn.Module):
         hidden = self.encoder(pixel_values=pixel_values.flatten(0, 1)).last_hidden_state
         features = self.connector(hidden)
         return features.reshape(batch, images * features.shape[1], features.shape[2])
+
+
+class Blip2VisionModule(nn.Module):
+    """BLIP-2: pixel_values [batch, C, H, W] -> the projected Q-Former outputs [batch, num_query_tokens,
+    decoder width], as get_image_features computes them, from the vision side's modules alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.qformer, self.projector = model.vision_model, model.qformer, model.language_projection
+        self.query_tokens = model.query_tokens
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        image = self.encoder(pixel_values=pixel_values).last_hidden_state
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)
+        mask = torch.ones(image.shape[:-1], dtype=torch.long, device=image.device)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask)
+        return self.projector(out.last_hidden_state.to(image.dtype))
 
 
 class DecoderModule(nn.Module):
@@ -183,9 +204,12 @@ def export_vision(model: nn.Module, path: Path, opset: int = 20) -> dict[str, An
     side = vision_cfg.image_size
     image = (getattr(vision_cfg, "num_channels", 3), side, side)
     batch = torch.export.Dim("batch")
-    if get_adapter(model.config.model_type).image_tokens.images_axis:
+    adapter = get_adapter(model.config.model_type)
+    if adapter.image_tokens.images_axis:
         module, pixels = Idefics3VisionModule(model), torch.randn(2, 3, *image)
         axes = {0: batch, 1: torch.export.Dim("images")}
+    elif adapter.family == "blip-2":
+        module, pixels, axes = Blip2VisionModule(model), torch.randn(2, *image), {0: batch}
     else:
         module, pixels, axes = VisionModule(model), torch.randn(2, *image), {0: batch}
     return _export(module.eval(), (pixels,), ["pixel_values"], ["image_features"], (axes,), path, opset)

@@ -432,3 +432,37 @@ def compiled_llava(tmp_path_factory) -> tuple[Path, object]:
     finally:
         torch.set_num_threads(before)
     return tmp / "out", result
+
+
+# Tiny BLIP-2: the Q-Former's 4 queries become 4 image tokens, which Blip2Processor writes before the text;
+# the OPT decoder's vocabulary is the tiny word tokenizer's (without an image-token marker, as BLIP-2's own).
+# Its output layer is untied from the token embeddings, so that greedy decoding of random weights varies.
+TINY_OPT = dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                vocab_size=64, max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2,
+                eos_token_id=3, tie_word_embeddings=False)
+BLIP2_QUERIES = 4
+
+
+def tiny_blip2(seed: int = 0, **text) -> torch.nn.Module:
+    """A tiny random Blip2ForConditionalGeneration; `text` overrides the OPT decoder's config."""
+    torch.manual_seed(seed)
+    qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                   encoder_hidden_size=TINY_VISION["hidden_size"], vocab_size=99)
+    cfg = transformers.Blip2Config(vision_config={**TINY_VISION, "qkv_bias": True}, qformer_config=qformer,
+                                   text_config={**TINY_OPT, **text}, num_query_tokens=BLIP2_QUERIES,
+                                   image_token_index=LLAVA_IMAGE_TOKEN)
+    return transformers.Blip2ForConditionalGeneration(cfg).eval()
+
+
+def tiny_blip2_processor():
+    """The Blip2Processor of `tiny_blip2`: it adds "<image>" (already id LLAVA_IMAGE_TOKEN) as its image token."""
+    fast = _word_tokenizer(LLAVA_SPECIAL, TINY_OPT["vocab_size"], {})
+    side = TINY_VISION["image_size"]
+    image = transformers.BlipImageProcessor(size={"height": side, "width": side})
+    return transformers.Blip2Processor(image_processor=image, tokenizer=fast, num_query_tokens=BLIP2_QUERIES)
+
+
+def save_tiny_blip2(path: Path, seed: int = 0) -> Path:
+    tiny_blip2(seed).save_pretrained(path)
+    tiny_blip2_processor().save_pretrained(path)
+    return path

@@ -275,11 +275,11 @@ class TowerModule(nn.Module):
 
 
 def _registry() -> dict[str, Adapter]:
-    from lmmc.adapters import bert, clip, idefics3, llava, modernbert, mpnet, vit
+    from lmmc.adapters import bert, blip2, clip, idefics3, llava, modernbert, mpnet, vit
 
     out = {}
     for adapter in (*bert.ADAPTERS, *mpnet.ADAPTERS, *modernbert.ADAPTERS, *vit.ADAPTERS, *clip.ADAPTERS,
-                    *llava.ADAPTERS, *idefics3.ADAPTERS):
+                    *llava.ADAPTERS, *idefics3.ADAPTERS, *blip2.ADAPTERS):
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out
