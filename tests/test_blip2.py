@@ -23,7 +23,7 @@ from lmmc.adapters import block_linears, block_list, get_adapter, prunable_linea
 from lmmc.artifact import Artifact
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cli import main
-from lmmc.data import IGNORE_INDEX, encode_generative, random_generative_calibration
+from lmmc.data import IGNORE_INDEX, check_generative_records, encode_generative, random_generative_calibration
 from lmmc.errors import LmmcError
 from lmmc.export.generative import export_generative
 from lmmc.modelio import make_student
@@ -153,6 +153,10 @@ def test_a_prompt_holding_the_image_token_is_refused_since_the_processor_places_
     with pytest.raises(LmmcError, match="writes the picture's tokens before the prompt itself; write the prompt "
                                         "without '<image>'"):
         generative_prompt(processor, "<image> cold", False)
+    records = [{"image": "a.png", "text": "cold"}, {"image": "b.png", "prompt": "<image> is it", "text": "cold"}]
+    with pytest.raises(LmmcError, match="the prompt of sample 2 holds the image token '<image>' 1 time.s.; the "
+                                        "model's processor writes the picture's tokens before the prompt itself"):
+        check_generative_records(records, Path("pairs.jsonl"), processor)
 
 
 def test_decoder_blocks_read_the_image_features_over_the_image_tokens(threads):
@@ -270,13 +274,30 @@ def test_structured_student_saves_and_reloads_with_the_same_outputs(tmp_path, th
 def test_depth_only_student_is_a_standard_checkpoint(tmp_path, threads):
     model = prepared()
     keep_blocks_(model, ADAPTER.tower("vision"), [1])
-    keep_channels_(model.language_model.model.decoder.layers[0], ADAPTER.tower("language"), range(64))
     save(model, tmp_path / "student", {})
     assert (tmp_path / "student" / "model.safetensors").is_file()
     plain = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "student").eval()
     assert plain.config.vision_config.num_hidden_layers == 1
     enc = encoded()
     assert torch.equal(logits(plain, enc), logits(model, enc))
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+def test_an_output_layer_tied_to_the_token_embeddings_saves_once_and_reloads_tied(tmp_path, shrink, threads):
+    """BLIP-2's OPT checkpoints tie lm_head to embed_tokens: a standard student (safetensors stores no
+    aliases) and a shrunk one reload with the tie and the same outputs."""
+    model = prepared(tie_word_embeddings=True)
+    decoder = model.language_model.model.decoder
+    assert model.language_model.lm_head.weight is decoder.embed_tokens.weight
+    if shrink:
+        keep_channels_(decoder.layers[0], ADAPTER.tower("language"), range(40))
+    save(model, tmp_path / "student", {})
+    name = "student.safetensors" if shrink else "model.safetensors"
+    assert (tmp_path / "student" / name).is_file()
+    reloaded = load_student(tmp_path / "student")
+    assert reloaded.language_model.lm_head.weight is reloaded.language_model.model.decoder.embed_tokens.weight
+    enc = encoded()
+    assert torch.equal(logits(reloaded, enc), logits(model, enc))
 
 
 # ---- generative export --------------------------------------------------------------------------------

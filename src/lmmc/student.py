@@ -151,7 +151,8 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
         _save_generation_config(model, out)
-        state = {k: v.detach().contiguous() for k, v in adapter.standard_state(model.state_dict()).items()}
+        # A tied output layer is stored once, under the token embeddings' name, as save_pretrained stores it.
+        state, _ = _untied_state(adapter.standard_state(model.state_dict()))
         save_tensors(state, out / STANDARD_WEIGHTS, metadata={"format": "pt"})
     elif standard:
         # A compile saves the student after every pass; transformers' per-save progress bar is noise there.
@@ -167,7 +168,7 @@ def save(model: nn.Module, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
         _save_generation_config(model, out)
-        state, tied = _untied_state(model)
+        state, tied = _untied_state(model.state_dict())
         if tied:
             record["tied"] = tied
         # One metadata entry: the writer orders several differently in each process, and a resumed
@@ -189,13 +190,13 @@ def _readable_as_umask_allows(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
-def _untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _untied_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with each shared tensor once (a decoder's output layer tied to its token embeddings:
     safetensors stores no aliases), and the dropped names -> the name they share with."""
     state: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     first: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if where in first:
             tied[name] = first[where]
