@@ -58,9 +58,10 @@ def _refuse_unsupported(config) -> None:
                         f"language model only (e.g. Salesforce/blip2-opt-2.7b)")
     if text.word_embed_proj_dim != text.hidden_size:
         raise LmmcError(f"this BLIP-2 model's OPT decoder embeds tokens in {text.word_embed_proj_dim} channels and "
-                        f"computes in {text.hidden_size} (word_embed_proj_dim != hidden_size), while the projector "
-                        f"writes image features of {text.hidden_size} channels over token embeddings; no BLIP-2 "
-                        f"checkpoint is laid out so: fix word_embed_proj_dim in config.json")
+                        f"computes in {text.hidden_size} (word_embed_proj_dim != hidden_size), but BLIP-2 writes "
+                        f"image features of {text.hidden_size} channels over the token embeddings, which needs the "
+                        f"two equal (as in the released BLIP-2 OPT checkpoints); compile a BLIP-2 whose OPT decoder "
+                        f"has word_embed_proj_dim = hidden_size")
     if config.image_token_index is None:
         raise LmmcError("this BLIP-2 model's config.json has no image_token_index, so the decoder cannot tell "
                         "where the image goes in the prompt; save it with a transformers version that writes one "
@@ -88,6 +89,11 @@ def _standard_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for n in names:
                 del out[n]
     return out
+
+
+def _image_tokens(config) -> int:
+    """One image becomes one feature per Q-Former query."""
+    return int(config.num_query_tokens)
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -121,7 +127,7 @@ ADAPTERS = (
         kind="generative",
         bridges=(BridgeSpec("projector", "vision", (("proj", "language_projection"),)),),
         image_features=image_features,
-        image_tokens=ImageTokens("image_token_index", lambda config: int(config.num_query_tokens)),
+        image_tokens=ImageTokens("image_token_index", _image_tokens),
         prepare=_prepare,
         standard_state=_standard_state,
     ),
