@@ -242,8 +242,8 @@ class _Path(click.Path):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lmmc")
 def main() -> None:
-    """lmmc compiles a Hugging Face transformer (BERT-family, MPNet, ModernBERT, ViT, CLIP, SigLIP, LLaVA) into
-    a smaller student, exports it to ONNX and validates it against the original (the teacher).
+    """lmmc compiles a Hugging Face transformer (BERT-family, MPNet, ModernBERT, ViT, CLIP, SigLIP, LLaVA,
+    Idefics3, BLIP-2) into a smaller student, exports it to ONNX and validates it against the original (the teacher).
 
     \b
     A compile is described by a YAML recipe:
