@@ -460,7 +460,19 @@ def tiny_blip2(seed: int = 0, **text) -> torch.nn.Module:
     cfg = transformers.Blip2Config(vision_config={**TINY_VISION, "qkv_bias": True}, qformer_config=qformer,
                                    text_config={**TINY_OPT, **text}, num_query_tokens=BLIP2_QUERIES,
                                    image_token_index=LLAVA_IMAGE_TOKEN)
-    return transformers.Blip2ForConditionalGeneration(cfg).eval()
+    model = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    # Blip2's initialisation leaves the vision weights near 1e-10 and the queries zero: the image would then
+    # not reach the decoder, and no vision mask or cut could change an output a test compares.
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.vision_model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        for layer in model.vision_model.encoder.layers:  # checkpoints hold q and v biases; k's is zero
+            width = layer.self_attn.qkv.bias.shape[0] // 3
+            layer.self_attn.qkv.bias[width:2 * width] = 0
+        model.query_tokens.copy_(torch.randn(model.query_tokens.shape, generator=gen))
+    return model
 
 
 def tiny_blip2_processor():
