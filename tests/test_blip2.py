@@ -246,6 +246,21 @@ def test_wanda_calibrates_the_projector_on_the_pruned_vision_tower_and_q_former(
     assert torch.equal(art.masks["language_projection.weight"], row_mask(dense.abs() * norms, 0.5))
 
 
+@pytest.mark.parametrize("schedule", ["all", "round_robin"])
+def test_distillation_trains_vision_projector_and_decoder_and_keeps_the_q_former(schedule, threads):
+    art = make_artifact()
+    run(art, "magnitude", sparsity=0.5)
+    before = {n: p.detach().clone() for n, p in art.student.named_parameters()}
+    metrics = run(art, "distill", steps=6, batch_size=4, lr=1e-3, dev_samples=4, eval_every=0, progress=False,
+                  schedule=schedule, keep_best=False)
+    moved = {n for n, p in art.student.named_parameters() if not torch.equal(p, before[n])}
+    fixed = {n for n in before if n.startswith(("qformer.", "query_tokens"))}
+    assert fixed and not moved & fixed
+    for prefix in ("vision_model.encoder.", "language_projection.", "language_model.model.decoder.layers."):
+        assert any(n.startswith(prefix) for n in moved), prefix
+    assert metrics["masked_weights_nonzero"] == 0
+
+
 def test_structured_student_saves_and_reloads_with_the_same_outputs(tmp_path, threads):
     """AntGMM removes heads, FFN channels and blocks of both towers; the student reloads exactly."""
     art = make_artifact()
@@ -372,6 +387,14 @@ def test_compiled_structured_student_exports_and_generates_like_pytorch(compiled
     assert np.abs(got - want).max() < 1e-4
     np.testing.assert_array_equal(gen.generate_ids(enc["pixel_values"], enc["input_ids"], enc["attention_mask"],
                                                    NEW_TOKENS).tokens, greedy_reference(student, enc, NEW_TOKENS))
+
+
+def test_bench_refuses_a_generative_output_before_looking_for_its_teacher(compiled, tmp_path):
+    _, out, _ = compiled
+    result = CliRunner().invoke(main, ["bench", str(out), "--teacher", str(tmp_path / "moved"), "--quick"])
+    assert result.exit_code == 2, result.output
+    assert "does not handle generative models yet" in result.output and "--teacher" not in result.output
+    assert not (out / "bench.json").exists()
 
 
 # ---- refusals --------------------------------------------------------------------------------------------

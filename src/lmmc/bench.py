@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import Field, ValidationError
 
+from lmmc.adapters import generative_family
 from lmmc.config import Config
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
@@ -891,6 +892,8 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     for corpus in cfg.corpora:
         if not corpus.exists():
             raise LmmcError(f"corpus '{corpus}' does not exist; pass --corpus with a .txt, .jsonl or image folder")
+    if generative_family(report.get("adapter")):  # before the teacher is looked for, which bench would not use
+        raise LmmcError(GENERATIVE_BENCH)
     versions = check_backends(cfg.device)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
     offline = offline_if_unreachable(teacher_ref)

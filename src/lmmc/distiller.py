@@ -468,6 +468,7 @@ class Trainer:
         # their gradient is rounding noise that Adam's normalisation would turn into drift; they stay put.
         self.frozen = {pl.param[:-len("weight")] + "bias" for pl in prunable_linears(self.student, art.adapter)
                        if pl.role == "k" and pl.module.bias is not None}
+        self.frozen |= {n for n, _ in self.student.named_parameters() if n.startswith(art.adapter.fixed)}
         if not cfg.train_embeddings:
             for t in self.towers:
                 side = input_side_params(self.student, t, self._collate(self.train[:2], t))

@@ -107,6 +107,9 @@ class Adapter:
     # them [batch, image tokens, hidden], i.e. the bridge's output that replaces the image tokens.
     image_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     image_tokens: ImageTokens | None = None
+    # Parameter-name prefixes of modules kept as the teacher has them: neither pruned nor distilled (BLIP-2's
+    # Q-Former and its queries).
+    fixed: tuple[str, ...] = ()
     # "max_length": every text is padded to the text tower's full length, as the model was trained
     # (SigLIP: its embedding is the last position's, which only then is the same for every text).
     text_padding: Literal["longest", "max_length"] = "longest"
@@ -283,6 +286,11 @@ def _registry() -> dict[str, Adapter]:
         for model_type in adapter.model_types:
             out[model_type] = adapter
     return out
+
+
+def generative_family(family: str | None) -> bool:
+    """Whether `family` (the adapter an output's report.json names) is a generative model's."""
+    return any(a.family == family and a.kind == "generative" for a in _registry().values())
 
 
 def supported_model_types() -> list[str]:

@@ -3,9 +3,10 @@ learned queries read the image, a projector, and an OPT decoder.
 
 Towers: "vision" (modality image: vision_model.encoder.layers) and "language" (modality text: the OPT
 decoder's blocks, language_model.model.decoder.layers, read with input_ids, attention_mask and
-pixel_values). The Q-Former is left as it is. The bridge "projector" has one linear, role "proj" =
-language_projection, which maps the Q-Former's num_query_tokens outputs into the decoder's width; they replace
-the num_query_tokens image tokens that Blip2Processor writes before the text.
+pixel_values). The Q-Former and its queries stay the teacher's (`fixed`: not pruned, not distilled). The
+bridge "projector" has one linear, role "proj" = language_projection, which maps the Q-Former's
+num_query_tokens outputs into the decoder's width; they replace the num_query_tokens image tokens that
+Blip2Processor writes before the text.
 
 The vision encoder computes q, k and v with one linear (`self_attn.qkv`, its bias holding the q and v
 biases with zeros for k). `prepare` splits it into one linear per role under the same name, and gives the
@@ -128,6 +129,7 @@ ADAPTERS = (
         bridges=(BridgeSpec("projector", "vision", (("proj", "language_projection"),)),),
         image_features=image_features,
         image_tokens=ImageTokens("image_token_index", _image_tokens),
+        fixed=("qformer.", "query_tokens"),
         prepare=_prepare,
         standard_state=_standard_state,
     ),
