@@ -123,7 +123,7 @@ def test_generative_batches_put_the_image_tokens_first_and_label_only_the_answer
     batch, = encode_generative(processor, records, batch_size=3, max_length=None, chat_template=False)
     tok = processor.tokenizer
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
-    prompt = tok("is the picture a number ?\n", add_special_tokens=False)["input_ids"]
+    prompt = tok("is the picture a number ?", add_special_tokens=False)["input_ids"]
     for row, r in enumerate(records):
         ids, mask, labels = batch["input_ids"][row], batch["attention_mask"][row], batch["labels"][row]
         answer = tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -141,7 +141,8 @@ def test_generative_batches_put_the_image_tokens_first_and_label_only_the_answer
 def test_a_prompt_holding_the_image_token_is_refused_since_the_processor_places_the_image():
     processor = tiny_blip2_processor()
     assert generative_prompt(processor, None, False) == ""
-    assert generative_prompt(processor, "cold", False) == "cold\n"
+    # as written: BLIP-2's OPT decoders end a text with a newline (their eos_token_id), so none is added
+    assert generative_prompt(processor, "Question: is it cold? Answer:", False) == "Question: is it cold? Answer:"
     with pytest.raises(LmmcError, match="writes the picture's tokens before the prompt itself; write the prompt "
                                         "without '<image>'"):
         generative_prompt(processor, "<image> cold", False)

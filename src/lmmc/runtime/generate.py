@@ -223,7 +223,7 @@ def places_image(processor) -> bool:
 def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str:
     """The text before the answer, as lmmc calibrates, validates and generates it: the image token and the
     prompt (the image token where the prompt already holds one), in the chat template when asked for. A
-    processor that places the image itself (`places_image`) gets the prompt alone."""
+    processor that places the image itself (`places_image`) gets the prompt alone, as written."""
     token = image_token(processor)
     if chat_template:
         if not getattr(processor, "chat_template", None):
@@ -243,7 +243,7 @@ def generative_prompt(processor, prompt: str | None, chat_template: bool) -> str
         if prompt and token in prompt:
             raise LmmcError(f"this model's processor writes the picture's tokens before the prompt itself; write "
                             f"the prompt without {token!r}")
-        return f"{prompt}\n" if prompt else ""
+        return prompt or ""  # no newline after it: BLIP-2's OPT decoders end a text with one (eos_token_id)
     if prompt and token in prompt:  # the picture where the prompt puts it
         return f"{prompt}\n"
     return f"{token}\n{prompt}\n" if prompt else f"{token}\n"
