@@ -23,7 +23,8 @@ from lmmc.adapters import block_linears, block_list, get_adapter, prunable_linea
 from lmmc.artifact import Artifact
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cli import main
-from lmmc.data import IGNORE_INDEX, check_generative_records, encode_generative, random_generative_calibration
+from lmmc.data import (IGNORE_INDEX, answer_end, check_generative_records, encode_generative,
+                        random_generative_calibration)
 from lmmc.errors import LmmcError
 from lmmc.export.generative import export_generative
 from lmmc.modelio import make_student
@@ -150,6 +151,45 @@ def test_a_prompt_holding_the_image_token_is_refused_since_the_processor_places_
     with pytest.raises(LmmcError, match="the prompt of sample 2 holds the image token '<image>' 1 time.s.; the "
                                         "model's processor writes the picture's tokens before the prompt itself"):
         check_generative_records(records, Path("pairs.jsonl"), processor)
+
+
+def _opt_like_processor() -> transformers.Blip2Processor:
+    """Blip2Processor over a byte-level BPE that starts a text with </s> and keeps spaces, as OPT's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    words = ["Question: what is it? Answer: a house", "a house on the road", "the picture of a house"]
+    bpe.train_from_iterator(words * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    image = transformers.BlipImageProcessor(size={"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]})
+    return transformers.Blip2Processor(image_processor=image, tokenizer=fast, num_query_tokens=BLIP2_QUERIES)
+
+
+def test_answers_continue_the_prompt_after_a_space_and_end_with_the_decoders_newline(tmp_path):
+    """OPT's tokenizer ends a text with </s>, BLIP-2's decoders with a newline (their eos_token_id); an answer
+    after "Answer:" starts with a space, as the processor tokenizes the prompt and the answer together."""
+    processor = _opt_like_processor()
+    tok = processor.tokenizer
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    config = transformers.Blip2Config(text_config={**TINY_OPT, "eos_token_id": newline}, image_token_index=image_id)
+    end = answer_end(processor, ADAPTER, config)
+    assert end == newline != tok.eos_token_id
+    images(1)[0].save(tmp_path / "a.png")
+    prompt = "Question: what is it? Answer:"
+    records = [{"image": str(tmp_path / "a.png"), "prompt": prompt, "text": "a house"},
+               {"image": str(tmp_path / "a.png"), "text": "a house"}]
+    batch, = encode_generative(processor, records, 2, None, False, end=end)
+    for row, text in zip(batch["input_ids"].tolist(), (f"{prompt} a house", "a house")):
+        want = processor(images=images(1), text=text)["input_ids"][0] + [newline]
+        assert row[:len(want)] == want and set(row[len(want):]) <= {tok.pad_token_id}
+        assert want[:BLIP2_QUERIES + 1] == [image_id] * BLIP2_QUERIES + [tok.bos_token_id]
+    labels = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert labels == tok(" a house", add_special_tokens=False)["input_ids"] + [newline]
 
 
 def test_decoder_blocks_read_the_image_features_over_the_image_tokens(threads):

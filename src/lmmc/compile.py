@@ -30,11 +30,11 @@ from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batc
                          timing_seq)
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
-from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, check_answers, check_generation_room, check_generative_records,
-                       check_held_out_classes, check_images, check_prompts, check_random_allowed, drop_token_twins, encode_text,
-                       load_calibration, load_generative_calibration, random_calibration,
-                       random_generative_calibration, read_corpus, read_samples, select, text_key, text_length,
-                       text_tokens)
+from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, answer_end, check_answers, check_generation_room,
+                       check_generative_records, check_held_out_classes, check_images, check_prompts,
+                       check_random_allowed, drop_token_twins, encode_text, load_calibration,
+                       load_generative_calibration, random_calibration, random_generative_calibration, read_corpus,
+                       read_samples, select, text_key, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
 from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
@@ -976,7 +976,9 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
                        preprocessor=preprocessor, device=dev, workdir=tmp, resume=resume)
         if calib and adapter.kind == "generative":
             positions = min(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")
-            art.calib = load_generative_calibration(recipe.calibration, calib, preprocessor["processor"], positions)
+            processor = preprocessor["processor"]
+            art.calib = load_generative_calibration(recipe.calibration, calib, processor, positions,
+                                                    answer_end(processor, adapter, teacher.config))
         elif recipe.calibration.random and adapter.kind == "generative":
             art.calib = random_generative_calibration(recipe.calibration, teacher, adapter)
         elif calib:
@@ -1334,11 +1336,14 @@ def _unheeded_eos(art: Artifact) -> list[str]:
     exported generator run past every answer, and exact match reads a prefix."""
     from lmmc.generation import eos_ids
 
-    tokenizer = getattr((art.preprocessor or {}).get("processor"), "tokenizer", None)
-    end, stops = getattr(tokenizer, "eos_token_id", None), eos_ids(art.teacher)
+    processor = (art.preprocessor or {}).get("processor")
+    if getattr(processor, "tokenizer", None) is None:
+        return []
+    end, stops = answer_end(processor, art.adapter, art.teacher.config), eos_ids(art.teacher)
     if end is None or not stops or end in stops:
         return []
-    return [f"the tokenizer ends every answer with '{tokenizer.eos_token}' (id {end}), and the model's generation "
+    tokenizer = processor.tokenizer
+    return [f"the tokenizer ends every answer with '{tokenizer.convert_ids_to_tokens(end)}' (id {end}), and the model's generation "
             f"config stops at {sorted(stops)} only: generation, the exported generator's included, runs past the "
             f"end of an answer, and exact match compares each answer with the start of what was generated; add {end} "
             f"to eos_token_id in the model's generation_config.json"]

@@ -901,13 +901,20 @@ def check_generation_room(processor, held_out: list[dict[str, Any]], rooms: dict
                         f"{positions}; {fix}")
 
 
+def answer_end(processor, adapter, config) -> int | None:
+    """The token every answer ends with: the adapter's where it names one, else the tokenizer's eos."""
+    return adapter.answer_end(config) if adapter.answer_end is not None else processor.tokenizer.eos_token_id
+
+
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
-                      chat_template: bool, positions: int | None = None) -> list[Batch]:
+                      chat_template: bool, positions: int | None = None, end: int | None = None) -> list[Batch]:
     """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
     which expands the image token; the answer is tokenized alone and appended, so the boundary between
     them, where labels start, is exact. `max_length` caps the text tokens (prompt and answer, not the
-    image tokens); the answer is cut to fit, and to fit the decoder's `positions` with the image's tokens."""
+    image tokens); the answer is cut to fit, and to fit the decoder's `positions` with the image's tokens.
+    `end` ends every answer (`answer_end`; the tokenizer's eos when None)."""
     tok = processor.tokenizer
+    end = tok.eos_token_id if end is None else end
     limit = max_length or DEFAULT_MAX_LENGTH
     image_id = tok.convert_tokens_to_ids(image_token(processor))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -920,9 +927,12 @@ def encode_generative(processor, records: list[dict[str, Any]], batch_size: int,
             enc = processor(images=[[image]], text=[generative_prompt(processor, r.get("prompt"), chat_template)],
                             return_tensors="pt")
             prompt_ids = enc["input_ids"][0].tolist()
-            answer = tok(clip_text(tok, r["text"], limit), add_special_tokens=False)["input_ids"]
-            if tok.eos_token_id is not None:
-                answer = answer + [tok.eos_token_id]
+            text = clip_text(tok, r["text"], limit)
+            if places_image(processor) and r.get("prompt") and not r["prompt"][-1].isspace() and text[:1] != " ":
+                text = " " + text  # "Answer:" then " a house", as BLIP-2's prompts read (no newline ends them)
+            answer = tok(text, add_special_tokens=False)["input_ids"]
+            if end is not None:
+                answer = answer + [end]
             answer = answer[:_answer_room(prompt_ids, image_id, limit, positions, r["image"])]
             ids.append(prompt_ids + answer)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer)
@@ -944,14 +954,16 @@ def tower_batches(batches: list[Batch]) -> dict[str, list[Batch]]:
     return {"text": batches, "image": [{"pixel_values": b["pixel_values"]} for b in batches]}
 
 
-def load_generative_calibration(cfg, path: str, processor, positions: int | None = None) -> CalibData:
+def load_generative_calibration(cfg, path: str, processor, positions: int | None = None,
+                                end: int | None = None) -> CalibData:
     """Read, split and encode image-text records for a generative model within the decoder's `positions`."""
     source = Path(path)
     records = read_samples(source)
     check_generative_records(records, source, processor, cfg.chat_template)
     chosen = select(cfg, source, records, {"text", "image"}, generative=True)
-    calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
-    held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions)
+    calib = encode_generative(processor, chosen.calib, cfg.batch_size, cfg.max_length, cfg.chat_template, positions, end)
+    held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions,
+                             end)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
     return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings,
                      chat_template=cfg.chat_template)

@@ -110,6 +110,9 @@ class Adapter:
     # Parameter-name prefixes of modules kept as the teacher has them: neither pruned nor distilled (BLIP-2's
     # Q-Former and its queries).
     fixed: tuple[str, ...] = ()
+    # config -> the token that ends an answer, where the model's is not its tokenizer's eos (BLIP-2's OPT
+    # decoders end a text with a newline, their text config's eos_token_id).
+    answer_end: Callable[[object], int] | None = None
     # "max_length": every text is padded to the text tower's full length, as the model was trained
     # (SigLIP: its embedding is the last position's, which only then is the same for every text).
     text_padding: Literal["longest", "max_length"] = "longest"

@@ -130,6 +130,7 @@ ADAPTERS = (
         image_features=image_features,
         image_tokens=ImageTokens("image_token_index", _image_tokens),
         fixed=("qformer.", "query_tokens"),
+        answer_end=lambda config: int(config.text_config.eos_token_id),
         prepare=_prepare,
         standard_state=_standard_state,
     ),
