@@ -1342,8 +1342,8 @@ def _unheeded_eos(art: Artifact) -> list[str]:
     end, stops = answer_end(processor, art.adapter, art.teacher.config), eos_ids(art.teacher)
     if end is None or not stops or end in stops:
         return []
-    tokenizer = processor.tokenizer
-    return [f"the tokenizer ends every answer with '{tokenizer.convert_ids_to_tokens(end)}' (id {end}), and the model's generation "
+    token = processor.tokenizer.convert_ids_to_tokens(end)
+    return [f"the tokenizer ends every answer with '{token}' (id {end}), and the model's generation "
             f"config stops at {sorted(stops)} only: generation, the exported generator's included, runs past the "
             f"end of an answer, and exact match compares each answer with the start of what was generated; add {end} "
             f"to eos_token_id in the model's generation_config.json"]
