@@ -103,8 +103,9 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def _vision(model, inputs):
-    out = model.vision_model(pixel_values=inputs["pixel_values"])
-    return out.last_hidden_state, image_features(model, inputs["pixel_values"]).mean(1)
+    # get_image_features keeps the vision encoder's last hidden state beside the projected queries
+    out = model.get_image_features(pixel_values=inputs["pixel_values"])
+    return out.last_hidden_state, out.pooler_output.mean(1)
 
 
 def _language(model, inputs):
