@@ -41,8 +41,10 @@ def image_token_count(config) -> int:
 
 
 def _vision(model, inputs):
-    out = model.model.vision_tower(pixel_values=inputs["pixel_values"])
-    return out.last_hidden_state, image_features(model, inputs["pixel_values"]).mean(1)
+    # get_image_features returns the vision tower's outputs, its last hidden state included, with the
+    # projected features as their pooler_output: one pass through the tower gives both
+    out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    return out.last_hidden_state, torch.stack(list(out.pooler_output)).mean(1)
 
 
 def language(model, inputs):
