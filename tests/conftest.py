@@ -398,14 +398,14 @@ def assert_greedy_matches_pytorch(model: torch.nn.Module, gen, enc, tokens: int)
     assert np.abs(got.first_logits - logits).max() < 1e-4
 
 
-def write_llava_pairs(folder: Path, n: int = 24) -> Path:
+def write_llava_pairs(folder: Path, n: int = 24, seed: int = 0) -> Path:
     """`n` image-prompt-answer records of random 40x40 pictures, in words the tiny tokenizers know."""
     import json
 
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     with (folder / "pairs.jsonl").open("w") as f:
         for i in range(n):

@@ -430,12 +430,21 @@ def test_compiled_structured_student_exports_and_generates_like_pytorch(compiled
                                                    NEW_TOKENS).tokens, greedy_reference(student, enc, NEW_TOKENS))
 
 
-def test_bench_refuses_a_generative_output_before_looking_for_its_teacher(compiled, tmp_path):
+def test_bench_times_the_structured_student_against_the_teacher_exported_alike(compiled, tmp_path):
     _, out, _ = compiled
-    result = CliRunner().invoke(main, ["bench", str(out), "--teacher", str(tmp_path / "moved"), "--quick"])
-    assert result.exit_code == 2, result.output
-    assert "does not handle generative models yet" in result.output and "--teacher" not in result.output
-    assert not (out / "bench.json").exists()
+    target = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(out), "--repeats", "3", "--threads", "1", "--no-memory",
+                                       "--json", str(target)])
+    assert result.exit_code == 0, result.output
+    bench, report = json.loads(target.read_text()), json.loads((out / "report.json").read_text())
+    rows = {(r["model"], r["backend"]): r for r in bench["rows"]}
+    assert rows["teacher", "onnxruntime"]["agreement"]["held-out"] == 1.0  # the teacher's export generates its tokens
+    for backend in ("pytorch", "onnxruntime"):
+        assert (rows["student", backend]["agreement"]["held-out"]
+                == report["validation"]["generation"]["generation"]["agreement"])
+    # AntGMM removed blocks, heads and channels: the student's export holds fewer weights than the teacher's
+    assert rows["student", "onnxruntime"]["parameters"] < rows["teacher", "onnxruntime"]["parameters"]
+    assert rows["student", "onnxruntime"]["size_bytes"] < rows["teacher", "onnxruntime"]["size_bytes"]
 
 
 # ---- refusals --------------------------------------------------------------------------------------------

@@ -422,14 +422,6 @@ def test_max_length_and_the_image_tokens_together_must_fit_the_positions(tmp_pat
                     validate=False).exit_code == 0
 
 
-def test_bench_on_a_generative_model_is_refused_before_the_compile(tmp_path):
-    model = save_tiny_llava(tmp_path / "teacher", "clip")
-    result = _compile(tmp_path, model, write_pairs(tmp_path), {}, validate=False, bench=True)
-    assert result.exit_code == 2, result.output
-    assert ("lmmc bench times encoders' embeddings and does not handle generative models yet; time generation with "
-            "lmmc.runtime.open_generative, and drop the recipe's bench section") in " ".join(result.output.split())
-
-
 @pytest.mark.parametrize("passes", [[{"distill": {"steps": 2, "corpus": str(CORPUS)}}],
                                     [{"antgmm": {"keep": 0.5, "distill": {"corpus": str(CORPUS)},
                                                  "distill_steps_per_segment": 2}}]])

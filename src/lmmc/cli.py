@@ -515,7 +515,8 @@ def summary_table(report: dict) -> str:
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
               static, trust_remote_code, device):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
-    fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON."""
+    fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON. A generative
+    model's greedy generation is timed in PyTorch and ONNX Runtime, the teacher's and the student's."""
     from pydantic import ValidationError
 
     from lmmc.bench import BenchConfig, NotSaved, bench, format_table

@@ -26,8 +26,8 @@ import lmmc
 from lmmc import process_state
 from lmmc.adapters import TRACE_TOKENS, TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
-from lmmc.bench import (GENERATIVE_BENCH, check_backends, check_seq, corpus_batches, finite, is_bench_json,
-                         timing_seq)
+from lmmc.bench import check_backends, check_seq, corpus_batches, finite, is_bench_json, timing_seq
+from lmmc.bench_generative import check_generative_bench
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, answer_end, check_answers, check_generation_room,
@@ -407,14 +407,15 @@ def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
     """The recipe's bench runs after the output is written: refuse now what it would refuse then."""
     if recipe.bench is None:
         return
-    if adapter.kind == "generative":
-        raise LmmcError(f"{GENERATIVE_BENCH}, and drop the recipe's bench section")
-    check_backends(recipe.bench.device)
-    check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
     for corpus in recipe.bench.corpora:
         if not corpus.exists():
             raise LmmcError(f"bench.corpora: '{corpus}' does not exist; give a .txt, .jsonl or image folder "
                             f"(relative paths are resolved against the recipe's directory)")
+    if adapter.kind == "generative":
+        check_generative_bench(recipe.bench, "bench.")
+        return
+    check_backends(recipe.bench.device)
+    check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
 
 
 def _check_engine_profile(recipe: Recipe, config: Any, adapter: Any, counts: dict[str, int] | None) -> None:

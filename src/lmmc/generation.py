@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -85,6 +86,14 @@ def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+def by_prompt_length(items: list[Sample]) -> dict[int, list[int]]:
+    """The samples' indices grouped by prompt length: prompts of one length run together, unpadded."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(items):
+        groups.setdefault(len(s.prompt), []).append(i)
+    return groups
+
+
 def eos_ids(model: torch.nn.Module) -> set[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
@@ -96,14 +105,11 @@ def greedy(model: torch.nn.Module, items: list[Sample], max_new_tokens: int, eos
     """Greedy continuations of every sample's prompt, each cut after its first end-of-sequence token.
     Prompts of one length run together, so no padding can change what a model generates."""
     out: list[list[int] | None] = [None] * len(items)
-    by_length: dict[int, list[int]] = {}
-    for i, s in enumerate(items):
-        by_length.setdefault(len(s.prompt), []).append(i)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(eos), 0)
     device = next(model.parameters()).device
     with _plain_greedy(model, pad, eos):
-        for length, members in by_length.items():
+        for length, members in by_prompt_length(items).items():
             for start in range(0, len(members), batch_size):
                 idx = members[start:start + batch_size]
                 ids = torch.tensor([items[i].prompt for i in idx], device=device)
@@ -169,11 +175,8 @@ def runtime_agreement(student: torch.nn.Module, generator, items: list[Sample], 
     the fraction of samples generated token for token alike, and the largest |logit difference| of the
     first step. Prompts of one length run together, as in `greedy`."""
     same, worst = 0, 0.0
-    by_length: dict[int, list[int]] = {}
-    for i, s in enumerate(items):
-        by_length.setdefault(len(s.prompt), []).append(i)
     device = next(student.parameters()).device
-    for idx in by_length.values():
+    for idx in by_prompt_length(items).values():
         ids = torch.tensor([items[i].prompt for i in idx])
         pixels = torch.stack([items[i].pixel_values for i in idx]).cpu()
         out = generator.generate_ids(pixels.numpy(), ids.numpy(), max_new_tokens=max_new_tokens,
@@ -184,6 +187,19 @@ def runtime_agreement(student: torch.nn.Module, generator, items: list[Sample], 
         for i, row in zip(idx, out.tokens.tolist()):
             same += until_eos(row, eos) == pytorch[i]
     return {"greedy_identical": same / len(items), "first_logits_max_abs_diff": worst}
+
+
+def onnx_greedy(generator, items: list[Sample], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+    """lmmc.runtime's greedy continuations of every sample's prompt, each cut after its first end token;
+    prompts of one length run together, as in `greedy`."""
+    out: list[list[int]] = [[] for _ in items]
+    for idx in by_prompt_length(items).values():
+        ids = np.array([items[i].prompt for i in idx])
+        pixels = torch.stack([items[i].pixel_values for i in idx]).cpu().numpy()
+        rows = generator.generate_ids(pixels, ids, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos)).tokens
+        for i, row in zip(idx, rows.tolist()):
+            out[i] = until_eos(row, eos)
+    return out
 
 
 def fidelity(teacher: torch.nn.Module, student: torch.nn.Module, batches: list[dict], tokens: int,

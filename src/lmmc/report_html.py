@@ -494,8 +494,8 @@ def _latency_target(report: dict[str, Any]) -> str:
 def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
     target, timing = _latency_target(report), _latency_timing(report, bench)
     if not target and timing is None and (report.get("validation") or {}).get("generation"):
-        return _note("no latency was measured: a generative model's validation times nothing, and lmmc bench "
-                     "does not run generative models yet")
+        return _note("no latency was measured: a generative model's validation times nothing; run lmmc bench "
+                     "on this output, then lmmc report")
     return target + ("" if target and timing is None else timing or _note(
         "no latency was measured (validate.latency is off, or validation did not run)"))
 
@@ -503,6 +503,14 @@ def _latency(report: dict[str, Any], bench: dict[str, Any] | None) -> str:
 def _latency_timing(report: dict[str, Any], bench: dict[str, Any] | None) -> str | None:
     from lmmc.plots import latency_figure
 
+    if bench and bench.get("generative") and bench.get("rows"):
+        groups = {"generation": [(f"{r['model']}: {r['artifact']}", r["latency_ms"]["p50"], r["model"] == "student")
+                                 for r in bench["rows"]]}
+        text = (f"<p>lmmc bench: median latency of {_e(bench.get('new_tokens'))} greedy tokens (the image and prompt "
+                f"read first), batch {_e(bench.get('batch'))}, {_threads(bench.get('threads'))}, "
+                f"{_e((bench.get('machine') or {}).get('cpus'))} CPUs.</p>")
+        return text + _img(latency_figure(groups, f"median latency of {bench.get('new_tokens')} tokens (ms)"),
+                           "latency per backend")
     if bench and bench.get("towers"):
         groups = {name: [(f"{r['model']}: {r['artifact']}", r["latency_ms"]["p50"], r["model"] == "student")
                          for r in t.get("rows") or []] for name, t in bench["towers"].items()}

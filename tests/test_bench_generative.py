@@ -1,0 +1,145 @@
+"""`lmmc bench` on a generative compile: the teacher's and student's greedy generation in PyTorch and ONNX Runtime,
+their agreement with the teacher and exact match against the compile's own validation, and the bad options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import save_tiny_llava, write_llava_pairs
+
+import lmmc
+from lmmc.bench_generative import best_generative
+from lmmc.cli import main
+
+
+@pytest.fixture(scope="module")
+def benched(compiled_llava, tmp_path_factory):
+    """One bench of the shared tiny LLaVA compile (a copy), with a second image-text corpus."""
+    source, result = compiled_llava
+    assert result.exit_code == 0, result.output
+    tmp = tmp_path_factory.mktemp("bench-generative")
+    out = tmp / "out"
+    shutil.copytree(source, out)
+    corpus = write_llava_pairs(tmp / "second", 10, seed=1)  # other pictures than the compile's
+    before = torch.get_num_threads()
+    try:
+        run = CliRunner().invoke(main, ["bench", str(out), "--repeats", "3", "--threads", "1", "--batch", "2",
+                                        "--no-memory", "--corpus", str(corpus)])
+    finally:
+        torch.set_num_threads(before)
+    assert run.exit_code == 0, run.output
+    return out, json.loads((out / "bench.json").read_text()), run.output
+
+
+def test_every_deployment_is_judged_against_the_teachers_greedy_answers(benched):
+    out, bench, _ = benched
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["model"], r["backend"]): r for r in bench["rows"]}
+    assert set(rows) == {("teacher", "pytorch"), ("teacher", "onnxruntime"), ("student", "pytorch"),
+                         ("student", "onnxruntime")}
+    assert bench["corpora"] == {"held-out": {"image-text pairs": 6}, "pairs.jsonl": {"image-text pairs": 10}}
+    # The teacher exported as the compile exports a student generates PyTorch's tokens, on both corpora.
+    assert rows["teacher", "onnxruntime"]["agreement"] == {"held-out": 1.0, "pairs.jsonl": 1.0}
+    # On the held-out split, bench re-derives the figures the compile's validation recorded.
+    generation, task = report["validation"]["generation"], report["validation"]["task_metric"]
+    for backend in ("pytorch", "onnxruntime"):
+        assert rows["student", backend]["agreement"]["held-out"] == generation["generation"]["agreement"]
+        assert rows["student", backend]["prefix_mean"]["held-out"] == generation["generation"]["prefix_mean"]
+        assert rows["student", backend]["exact_match"]["held-out"] == task["student"]
+    assert rows["student", "onnxruntime"]["agreement"] == rows["student", "pytorch"]["agreement"]
+    assert rows["teacher", "pytorch"]["exact_match"]["held-out"] == task["teacher"]
+
+
+def test_rows_count_parameters_sizes_and_tokens(benched):
+    out, bench, output = benched
+    rows = {(r["model"], r["backend"]): r for r in bench["rows"]}
+    student, teacher = rows["student", "onnxruntime"], rows["teacher", "onnxruntime"]
+    assert student["parameters"] == teacher["parameters"]
+    saved = lmmc.load_student(out / "student")
+    assert student["nonzero_parameters"] == sum(int(p.count_nonzero()) for p in saved.parameters())
+    assert student["nonzero_parameters"] < 0.7 * teacher["nonzero_parameters"]  # Wanda 50 % of the linears
+    assert student["size_bytes"] == sum(f.stat().st_size for f in (out / "onnx").iterdir())
+    assert teacher["size_bytes"] == pytest.approx(student["size_bytes"], rel=0.01)  # same shapes, other values
+    assert rows["student", "pytorch"]["size_bytes"] is None
+    assert bench["batch"] == 2 and bench["threads"] == 1 and bench["new_tokens"] == 8
+    for r in bench["rows"]:
+        assert len(r["latency_ms"]["runs"]) == len(r["first_token_ms"]["runs"]) == 3
+        assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["latency_ms"]["p50"] / 1e3))
+        assert r["next_token_ms"] == pytest.approx((r["latency_ms"]["p50"] - r["first_token_ms"]["p50"]) / 7)
+    best = bench["best"]
+    named = {(r["model"], r["artifact"]): r for r in bench["rows"]}
+    ratio = named["student", best["student"]]["latency_ms"]["p50"] / named["teacher", best["teacher"]]["latency_ms"]["p50"]
+    assert best["latency_ratio"] == pytest.approx(ratio)
+    assert f"8-token latency ratio {best['latency_ratio']:.2f}" in " ".join(output.split())
+
+
+def _row(model, name, ms, agreement):
+    return {"model": model, "artifact": name, "latency_ms": {"p50": ms}, "first_token_ms": {"p50": ms / 4},
+            "agreement": {"held-out": agreement}, "exact_match": {"held-out": agreement}}
+
+
+def test_best_pair_skips_teachers_that_changed_answers_and_students_below_the_gate():
+    rows = [_row("teacher", "pytorch eager", 40.0, 1.0), _row("teacher", "onnxruntime fp32", 20.0, 0.9),
+            _row("student", "fast", 5.0, 0.5), _row("student", "faithful", 10.0, 0.95)]
+    best = best_generative(rows, 0.9)
+    assert (best["teacher"], best["student"], best["latency_ratio"]) == ("pytorch eager", "faithful", 0.25)
+    assert best["student_meets_min_agreement"]
+    best = best_generative(rows, 0.99)  # none keeps it: the fastest is compared, and the result says so
+    assert (best["student"], best["student_meets_min_agreement"]) == ("fast", False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--static"], "--static compiles OpenVINO IRs for one input shape"),
+    (["--seq", "16"], "--seq sets an encoder's text length"),
+    (["--corpus", "TEXT"], "is not a .jsonl; a generative model is judged on image-text records"),
+    (["--device", "cuda"], "a generative model's export runs in ONNX Runtime on the CPU"),
+])
+def test_options_for_encoders_are_one_clear_error_and_nothing_is_written(compiled_llava, tmp_path, args, message):
+    out, _ = compiled_llava
+    text = tmp_path / "corpus.txt"
+    text.write_text("a sentence\n")
+    args = [str(text) if a == "TEXT" else a for a in args]
+    target = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(out), "--json", str(target), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not target.exists()
+
+
+def test_a_recipes_bench_section_is_checked_before_a_generative_compile(tmp_path):
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4},
+                                      "passes": [{"wanda": {"sparsity": 0.5}}], "validate": False,
+                                      "bench": {"static": True}}))
+    result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib",
+                                       str(write_llava_pairs(tmp_path)), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "bench.static compiles OpenVINO IRs for one input shape" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_page_draws_the_benched_generation(benched):
+    out, bench, _ = benched
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "lmmc bench: median latency of 8 greedy tokens (the image and prompt read first), batch 2" in page
+    assert "a generative model&#x27;s validation times nothing" not in page and "validation times nothing" not in page
+
+
+def test_records_the_compile_calibrated_on_are_left_out_of_a_corpus(compiled_llava, tmp_path):
+    out, _ = compiled_llava
+    own = out.parent / "pairs.jsonl"  # the compile's 24 records: 12 calibrated on, 6 held out, 6 unused
+    target = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(out), "--quick", "--threads", "1", "--json", str(target),
+                                       "--corpus", str(own)])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(target.read_text())
+    assert bench["corpora"]["pairs.jsonl"] == {"image-text pairs": 12}
+    assert "pairs.jsonl: 12 record(s) the compile calibrated on left out" in bench["notes"]
