@@ -17,7 +17,7 @@ from lmmc.adapters import block_linears, block_list, get_adapter, kv_heads, prun
 from lmmc.artifact import Artifact
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cli import main
-from lmmc.data import IGNORE_INDEX, encode_generative, random_generative_calibration, tower_batches
+from lmmc.data import IGNORE_INDEX, encode_generative, random_generative_calibration
 from lmmc.modelio import make_student
 from lmmc.objectives import NextTokenObjective, objective_batches
 from lmmc.pipeline import get_pass, run_pass

@@ -37,7 +37,7 @@ from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, answer_end, check_answers,
                        read_samples, select, text_key, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
 from lmmc.manifest import write_manifest
-from lmmc.modelio import (check_finite, check_hub_weights, check_preprocessor, check_weights, hub_cache,
+from lmmc.modelio import (check_hub_weights, check_preprocessor, check_weights, hub_cache,
                           load_preprocessor, load_teacher, local_dir, make_student, meta_model,
                           offline_if_unreachable, resolve_config, save_student, text_pad_length, text_positions,
                           text_truncation)
