@@ -46,3 +46,20 @@ def test_counts_rotation_and_warmup():
     firsts = [order[i * 12] for i in range(5)]
     assert firsts == ["a", "b", "c", "a", "b"]  # the first candidate of each round rotates
     assert order[:4] == ["a"] * 4 and order[4:8] == ["b"] * 4  # a visit: one untimed run, three timed
+
+
+def test_a_visit_opens_with_untimed_runs_until_it_has_settled(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])  # the module's clock: runs advance it
+    calls = {"a": 0, "b": 0}
+
+    def run(key: str, seconds: float):
+        def go():
+            calls[key] += 1
+            clock["now"] += seconds
+        return go
+
+    times = time_interleaved({"a": run("a", 0.001), "b": run("b", 0.05)}, repeats=3, warmup=0, settle_s=0.02)
+    # one visit each: "a" runs untimed until 20 ms have passed (20 runs), then 3 timed; "b"'s one run outlasts it
+    assert calls == {"a": 23, "b": 4}
+    assert {k: [round(t, 6) for t in v] for k, v in times.items()} == {"a": [1.0] * 3, "b": [50.0] * 3}

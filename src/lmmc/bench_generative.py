@@ -23,6 +23,11 @@ from lmmc.errors import LmmcError
 TEACHER_MIN_AGREEMENT = 0.99
 
 
+# Untimed runs that open each visit, in seconds: a small model's generation takes a few milliseconds, less than
+# the worker threads of the candidate before it (PyTorch's OpenMP, ONNX Runtime's) spin on the cores after it.
+SETTLE_S = 0.3
+
+
 def check_generative_bench(cfg, where: str = "") -> None:
     """What bench refuses for a generative model before anything runs: the options that only shape an encoder's
     timing. `where` names a recipe's bench section, else the command's options are named."""
@@ -226,7 +231,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
             with tqdm(total=rounds, desc="bench generation", unit="round", leave=False) as bar:
                 runs = {(i, n): (lambda c=c, n=n: c.generate(n)) for i, c in enumerate(candidates)
                         for n in (1, tokens)}
-                ms = time_interleaved(runs, cfg.repeats, cfg.warmup, on_round=lambda: bar.update(1))
+                ms = time_interleaved(runs, cfg.repeats, cfg.warmup, on_round=lambda: bar.update(1), settle_s=SETTLE_S)
             eos = eos_ids(teacher)
             reference, rows = {}, []
             for name, items in corpora.items():

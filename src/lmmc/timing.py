@@ -21,7 +21,7 @@ def usable_cpus() -> int:
 
 def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 1,
                      per_visit: int = PER_VISIT, on_round: Callable[[], object] | None = None,
-                     sync: Callable[[], object] | None = None) -> dict[K, list[float]]:
+                     sync: Callable[[], object] | None = None, settle_s: float = 0.0) -> dict[K, list[float]]:
     """Milliseconds of `repeats` or more timed runs per candidate (whole visits).
 
     Candidates take turns in rounds, the first one rotating each round so drift hits all alike. Each turn
@@ -31,7 +31,9 @@ def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmu
     turn, a candidate is timed in its neighbour's wake: on two cores an OpenVINO INT8 model then took 1.6x
     as long after an ONNX Runtime one as alone, since a rotating start leaves every neighbour the same
     (BENCHMARKS.md, "Timing"). `warmup` whole rounds come first and are discarded; `on_round` is called
-    after every round (a progress bar), `sync` before and after every timed run (a GPU's)."""
+    after every round (a progress bar), `sync` before and after every timed run (a GPU's). With `settle_s`,
+    the untimed runs go on until that long has passed in the visit: a run of a few milliseconds is over
+    before the previous candidate's worker threads stop spinning."""
     if repeats < 1 or per_visit < 1:
         raise ValueError(f"repeats = {repeats}, per_visit = {per_visit}: time at least one run")
     keys = list(runs)
@@ -40,7 +42,10 @@ def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmu
         for j in range(len(keys)):
             key = keys[(r + j) % len(keys)]
             run = runs[key]
+            visit = time.perf_counter()
             run()
+            while time.perf_counter() - visit < settle_s:
+                run()
             for _ in range(per_visit):
                 if sync is not None:
                     sync()
