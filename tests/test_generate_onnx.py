@@ -5,6 +5,7 @@ decoder layers."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -314,6 +315,20 @@ def test_generative_export_of_an_encoder_model_is_refused(tmp_path, one_thread):
     (tmp_path / "fake" / "manifest.json").write_text(json.dumps({"towers": {}, "artifacts": []}))
     with pytest.raises(LmmcError, match="holds no generative export"):
         open_generative(tmp_path / "fake")
+
+
+def test_the_vision_session_does_not_spin_between_the_decoders_runs(compiled_llava, tmp_path):
+    out, _ = compiled_llava
+    gen = open_generative(out, threads=2)
+    key = "session.intra_op.allow_spinning"
+    assert gen.vision.session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="does not have configuration with key"):  # the decoder keeps ORT's default
+        gen.decoder.session.get_session_options().get_session_config_entry(key)
+    again = pickle.loads(pickle.dumps(gen.vision))  # a worker process opens it as it was opened
+    assert again.session.get_session_options().get_session_config_entry(key) == "0"
+    (tmp_path / "model.xml").write_text("<net/>")  # refused before it is read
+    with pytest.raises(LmmcError, match="spinning is ONNX Runtime's setting; model.xml runs on openvino"):
+        lmmc.runtime.load(tmp_path / "model.xml", spinning=False)
 
 
 def test_a_generative_output_replaced_while_it_is_opened_is_an_error(compiled_llava, tmp_path, monkeypatch):

@@ -147,7 +147,7 @@ def check_static_pad(name: str, static_shape: tuple[int, ...] | None, pad_to: in
 
 def load(path: str | Path, backend: str | None = None, threads: int | None = None, device: str | None = None,
          tensorrt: TensorRTOptions | None = None, inference_precision: str | None = None,
-         static_shape: tuple[int, ...] | None = None) -> Model:
+         static_shape: tuple[int, ...] | None = None, spinning: bool = True) -> Model:
     """Open one exported artifact. `backend` defaults to what the suffix implies; `threads` sets the
     runtime's intra-op threads (None: the runtime's default). `inference_precision` (OpenVINO only): f32,
     the default, or bf16 to run an IR's fp32 layers in bf16 on a CPU that has the units. `device` (cpu,
@@ -157,7 +157,9 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
     CPU. None: the backend's own device (the CPU; a TensorRT engine's GPU). `static_shape` (OpenVINO
     only): (batch, seq), or (batch,) for images, compiles the IR for that one input shape, which runs
     faster than the dynamic IR; `run` then takes any batch in chunks of `batch`, pads each up to the shape
-    (tokens the attention mask hides) and trims the outputs back, so a feed longer than `seq` is an error."""
+    (tokens the attention mask hides) and trims the outputs back, so a feed longer than `seq` is an error.
+    `spinning` (ONNX Runtime only): False stops idle worker threads from spinning for work, for a session
+    that runs between another's runs, whose threads would otherwise take the cores from it."""
     if not isinstance(path, (str, os.PathLike)):
         raise LmmcError(f"load takes the path of an exported .onnx, .xml or .engine file, not {type(path).__name__}")
     if backend is not None and backend not in BACKENDS:  # "" too, which read as "by the suffix"
@@ -173,13 +175,16 @@ def load(path: str | Path, backend: str | None = None, threads: int | None = Non
         raise LmmcError(f"threads must be an integer from 1 to {MAX_THREADS} (or None for the runtime's default), "
                         f"not {threads!r}")
     backend = backend or backend_for(path)
-    model = _load(path, backend, threads, device, tensorrt, inference_precision, static_shape)
-    model._opened_with = (path.resolve(), backend, threads, device, tensorrt, inference_precision, static_shape)
+    if not spinning and backend != "onnxruntime":
+        raise LmmcError(f"spinning is ONNX Runtime's setting; {path.name} runs on {backend}")
+    model = _load(path, backend, threads, device, tensorrt, inference_precision, static_shape, spinning)
+    model._opened_with = (path.resolve(), backend, threads, device, tensorrt, inference_precision, static_shape,
+                          spinning)
     return model
 
 
 def _load(path: Path, backend: str, threads: int | None, device: str | None, tensorrt: TensorRTOptions | None,
-          inference_precision: str | None, static_shape: tuple[int, ...] | None) -> Model:
+          inference_precision: str | None, static_shape: tuple[int, ...] | None, spinning: bool = True) -> Model:
     if inference_precision is not None and backend != "openvino":
         raise LmmcError(f"inference_precision is OpenVINO's setting; {path.name} runs on {backend}")
     if static_shape is not None and not isinstance(static_shape, (tuple, list)):
@@ -188,7 +193,7 @@ def _load(path: Path, backend: str, threads: int | None, device: str | None, ten
         raise LmmcError(f"static_shape is for OpenVINO IRs; {path.name} runs on {backend}")
     if backend == "onnxruntime":
         from lmmc.runtime.onnxruntime import OrtModel
-        model = OrtModel(path, threads, "cpu" if device is None else device, tensorrt)  # 0 or "" is no CPU
+        model = OrtModel(path, threads, "cpu" if device is None else device, tensorrt, spinning)  # 0, "": no CPU
         model.pad_to = text_pad_to(path, model.session.get_modelmeta().custom_metadata_map.get(PAD_TO_KEY))
         return model
     if tensorrt is not None:

@@ -79,7 +79,7 @@ class OrtModel(Model):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None, device: str = "cpu",
-                 tensorrt: TensorRTOptions | None = None) -> None:
+                 tensorrt: TensorRTOptions | None = None, spinning: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -92,6 +92,8 @@ class OrtModel(Model):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types for unreadable files
