@@ -143,3 +143,15 @@ def test_records_the_compile_calibrated_on_are_left_out_of_a_corpus(compiled_lla
     bench = json.loads(target.read_text())
     assert bench["corpora"]["pairs.jsonl"] == {"image-text pairs": 12}
     assert "pairs.jsonl: 12 record(s) the compile calibrated on left out" in bench["notes"]
+
+
+def test_an_edited_export_is_refused_before_anything_runs(compiled_llava, tmp_path):
+    source, _ = compiled_llava
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    table = out / "onnx" / "embed_tokens.npy"
+    table.write_bytes(table.read_bytes()[:-4] + b"\x01\x02\x03\x04")
+    result = CliRunner().invoke(main, ["bench", str(out), "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 2, result.output
+    assert f"'{table}' is not the file the compile wrote" in " ".join(result.output.split())
+    assert not (tmp_path / "bench.json").exists()

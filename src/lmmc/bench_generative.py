@@ -5,6 +5,7 @@ agreement with the teacher's greedy answers and its exact-match accuracy on held
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import random
@@ -150,13 +151,13 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     from tqdm import tqdm
 
     import lmmc
-    from lmmc.bench import (JSON_KIND, _check_outside_inputs, _recipe_calibration, _recipe_validate, check_unchanged,
-                            compiled_teacher, corpus_names)
+    from lmmc.bench import (JSON_KIND, _check_outside_inputs, _check_unchanged, _recipe_calibration, _recipe_validate,
+                            check_unchanged, compiled_teacher, corpus_names)
     from lmmc.data import answer_end, load_generative_calibration, random_generative_calibration
     from lmmc.export.generative import export_generative
     from lmmc.generation import eos_ids, exact_match, generation_agreement, samples
     from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config, text_positions
-    from lmmc.runtime import read_manifest
+    from lmmc.runtime import MANIFEST, _named_files, read_manifest
     from lmmc.scratch import scratch_folder
     from lmmc.timing import PER_VISIT, time_interleaved
 
@@ -207,8 +208,9 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     size = cfg.batch or 1
     tokens = validate.generation_tokens
     batch = _timing_batch(corpora["held-out"], size)
-    manifest = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else {}
+    manifest = read_manifest(out_dir) if (out_dir / MANIFEST).is_file() else {}
     spec = (manifest.get("generative") or {}).get("spec")
+    _check_unchanged(out_dir, ["report.json", *([MANIFEST, *_named_files(manifest)] if manifest else [])])
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -227,31 +229,19 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
             if spec:
                 candidates.append(_onnx_candidate("student", out_dir / Path(spec).parent, threads, batch,
                                                   candidates[-1].parameters, f"{Path(spec).parent}/ (onnxruntime fp32)"))
-            rounds = cfg.warmup + -(-cfg.repeats // PER_VISIT)
+            rounds = cfg.warmup + math.ceil(cfg.repeats / PER_VISIT)
             with tqdm(total=rounds, desc="bench generation", unit="round", leave=False) as bar:
                 runs = {(i, n): (lambda c=c, n=n: c.generate(n)) for i, c in enumerate(candidates)
                         for n in (1, tokens)}
                 ms = time_interleaved(runs, cfg.repeats, cfg.warmup, on_round=lambda: bar.update(1), settle_s=SETTLE_S)
             eos = eos_ids(teacher)
-            reference, rows = {}, []
-            for name, items in corpora.items():
-                budget = max(tokens, max(len(s.answer) for s in items) + 1)
-                reference[name] = candidates[0].answers(items, budget, eos)
+            budgets = {name: max(tokens, max(len(s.answer) for s in items) + 1) for name, items in corpora.items()}
+            reference = {name: candidates[0].answers(items, budgets[name], eos) for name, items in corpora.items()}
+            rows = []
             for i, c in enumerate(candidates):
-                first, whole = ms[(i, 1)], ms[(i, tokens)]
-                p50 = statistics.median(whole)
-                row = {"model": c.model, "artifact": c.artifact, "backend": c.backend, "precision": "fp32",
-                       "first_token_ms": {"p50": statistics.median(first), "p90": float(np.percentile(first, 90)),
-                                          "runs": first},
-                       "latency_ms": {"p50": p50, "p90": float(np.percentile(whole, 90)), "runs": whole},
-                       "next_token_ms": (p50 - statistics.median(first)) / max(tokens - 1, 1),
-                       "tokens_per_s": size * tokens / (p50 / 1e3),
-                       "size_bytes": None if c.path is None else _folder_size(c.path),
-                       "parameters": c.parameters[0], "nonzero_parameters": c.parameters[1],
-                       "agreement": {}, "prefix_mean": {}, "exact_match": {}}
+                row = _timing_row(c, ms[(i, 1)], ms[(i, tokens)], size, tokens)
                 for name, items in corpora.items():
-                    budget = max(tokens, max(len(s.answer) for s in items) + 1)
-                    answers = reference[name] if i == 0 else c.answers(items, budget, eos)
+                    answers = reference[name] if i == 0 else c.answers(items, budgets[name], eos)
                     agree = generation_agreement(reference[name], answers, tokens)
                     row["agreement"][name] = agree["agreement"]
                     row["prefix_mean"][name] = agree["prefix_mean"]
@@ -271,6 +261,20 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
               "rows": rows, "best": best_generative(rows, validate.min_generation_agreement), "notes": notes,
               "seconds": time.perf_counter() - started}
     return result
+
+
+def _timing_row(c: _Candidate, first: list[float], whole: list[float], size: int, tokens: int) -> dict[str, Any]:
+    """A deployment's row before its fidelity: the first token's and the whole run's latency, what follows from them,
+    its files' size and its parameters."""
+    p50 = statistics.median(whole)
+    return {"model": c.model, "artifact": c.artifact, "backend": c.backend, "precision": "fp32",
+            "first_token_ms": {"p50": statistics.median(first), "p90": float(np.percentile(first, 90)), "runs": first},
+            "latency_ms": {"p50": p50, "p90": float(np.percentile(whole, 90)), "runs": whole},
+            "next_token_ms": (p50 - statistics.median(first)) / max(tokens - 1, 1),
+            "tokens_per_s": size * tokens / (p50 / 1e3),
+            "size_bytes": None if c.path is None else _folder_size(c.path),
+            "parameters": c.parameters[0], "nonzero_parameters": c.parameters[1],
+            "agreement": {}, "prefix_mean": {}, "exact_match": {}}
 
 
 def _ort_version() -> dict[str, str]:
@@ -303,8 +307,9 @@ def best_generative(rows: list[dict[str, Any]], min_agreement: float | None = No
 def format_generative(result: dict[str, Any]) -> str:
     """The bench table of a generative model, with the comparison that matters last."""
     from lmmc.bench import _megabytes, _times
+    from lmmc.timing import PER_VISIT
 
-    timed = -(-result["repeats"] // 3) * 3
+    timed = math.ceil(result["repeats"] / PER_VISIT) * PER_VISIT
     n = result["new_tokens"]
     lines = [f"threads {result['threads']}, batch {result['batch']}, prompts of {result['prompt_tokens']} tokens "
              f"(the image's included), {n} new tokens a run; {result['warmup']} warm-up round"
