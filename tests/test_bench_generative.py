@@ -13,8 +13,11 @@ from click.testing import CliRunner
 from conftest import save_tiny_llava, write_llava_pairs
 
 import lmmc
+from lmmc.bench import BenchConfig
+from lmmc.bench import bench as bench_api
 from lmmc.bench_generative import best_generative
 from lmmc.cli import main
+from lmmc.timing import usable_cpus
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +114,25 @@ def test_options_for_encoders_are_one_clear_error_and_nothing_is_written(compile
     assert not target.exists()
 
 
-def test_a_recipes_bench_section_is_checked_before_a_generative_compile(tmp_path):
+@pytest.mark.parametrize("bench, message", [
+    ({"static": True}, "bench.static compiles OpenVINO IRs for one input shape"),
+    ({"corpora": ["NOIMAGE"]}, "bench.corpora 'NOIMAGE': sample 1 has no image"),
+    ({"corpora": ["FEW"]}, "bench.corpora: 'FEW' holds 10 image-text record(s), fewer than validate.min_held_out (32)"),
+])
+def test_a_recipes_bench_section_is_checked_before_a_generative_compile(tmp_path, bench, message):
     model = save_tiny_llava(tmp_path / "teacher", "clip")
+    paths = {"NOIMAGE": tmp_path / "noimage.jsonl", "FEW": write_llava_pairs(tmp_path / "few", 10, seed=1)}
+    paths["NOIMAGE"].write_text(json.dumps({"prompt": "is it a number ?", "text": "the water is cold"}) + "\n")
+    bench = {k: [str(paths[c]) for c in v] if k == "corpora" else v for k, v in bench.items()}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"calibration": {"samples": 12, "eval_samples": 4, "batch_size": 4},
-                                      "passes": [{"wanda": {"sparsity": 0.5}}], "validate": False,
-                                      "bench": {"static": True}}))
+                                      "passes": [{"wanda": {"sparsity": 0.5}}], "validate": False, "bench": bench}))
     result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "--calib",
                                        str(write_llava_pairs(tmp_path)), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "bench.static compiles OpenVINO IRs for one input shape" in " ".join(result.output.split())
+    for name, path in paths.items():
+        message = message.replace(name, str(path))
+    assert message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 
@@ -137,12 +149,17 @@ def test_records_the_compile_calibrated_on_are_left_out_of_a_corpus(compiled_lla
     out, _ = compiled_llava
     own = out.parent / "pairs.jsonl"  # the compile's 24 records: 12 calibrated on, 6 held out, 6 unused
     target = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", str(out), "--quick", "--threads", "1", "--json", str(target),
+    over = usable_cpus() + 1
+    result = CliRunner().invoke(main, ["bench", str(out), "--quick", "--threads", str(over), "--json", str(target),
                                        "--corpus", str(own)])
     assert result.exit_code == 0, result.output
     bench = json.loads(target.read_text())
     assert bench["corpora"]["pairs.jsonl"] == {"image-text pairs": 12}
     assert "pairs.jsonl: 12 record(s) the compile calibrated on left out" in bench["notes"]
+    assert any(n.startswith(f"threads {over} is above the {usable_cpus()} CPU(s)") for n in bench["notes"])
+    # A draw of 12 takes 12 records the compile did not calibrate on, not 12 records less the calibrated ones.
+    cfg = BenchConfig(corpora=(own,), corpus_samples=12, repeats=1, threads=1, memory=False)
+    assert bench_api(out, cfg, tmp_path / "drawn.json")["corpora"]["pairs.jsonl"] == {"image-text pairs": 12}
 
 
 def test_an_edited_export_is_refused_before_anything_runs(compiled_llava, tmp_path):

@@ -50,7 +50,8 @@ class BenchConfig(Config):
     """How `lmmc bench` measures; unset sizes come from the compile's recipe."""
 
     threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="intra-op threads for every runtime (default: the recipe's)")
-    batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch)")
+    batch: int | None = Field(None, gt=0, description="samples per timed batch (default: the recipe's latency_batch; "
+                                "a generative model's: 1)")
     seq: int | None = Field(None, gt=0, description="tokens per text sample (default: the recipe's latency_seq)")
     repeats: int = Field(15, ge=1, description="timed runs per candidate, in visits of one untimed run and "
                          "three timed ones, candidates taking turns (rounded up to whole visits)")

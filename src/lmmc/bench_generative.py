@@ -113,18 +113,35 @@ def _timing_batch(items: list, size: int) -> dict[str, Any]:
             "pixel_values": torch.stack([s.pixel_values for s in chosen]).cpu()}
 
 
-def _corpus_items(path: Path, processor, calib_cfg, n: int, positions: int | None, end: int | None) -> list:
-    """Up to `n` records of an image-text .jsonl (a seeded draw when it holds more), encoded as the compile
-    encoded its held-out split."""
-    from lmmc.data import check_generative_records, encode_generative, read_samples
-    from lmmc.generation import samples
+def read_corpus_records(path: Path, processor, chat_template: bool, what: str) -> list[dict[str, Any]]:
+    """An image-text .jsonl's records, checked as a compile checks its calibration records."""
+    from lmmc.data import check_generative_records, read_samples
 
     records = read_samples(path)
-    check_generative_records(records, path, processor, calib_cfg.chat_template)
-    if len(records) > n:
-        records = random.Random(0).sample(records, n)
-    return samples(encode_generative(processor, records, calib_cfg.batch_size, calib_cfg.max_length,
-                                     calib_cfg.chat_template, positions, end))
+    check_generative_records(records, path, processor, chat_template, what)
+    return records
+
+
+def _corpus_items(path: Path, processor, calib_cfg, n: int, positions: int | None, end: int | None,
+                  calibrated: set[tuple]) -> tuple[list, int]:
+    """Up to `n` records of an image-text .jsonl that the compile did not calibrate on, drawn in an order the
+    calibration seed shuffles and encoded as the compile encoded its held-out split; and how many calibrated
+    records were passed over."""
+    from lmmc.data import encode_generative
+    from lmmc.generation import samples
+
+    records = read_corpus_records(path, processor, calib_cfg.chat_template, "--corpus")
+    random.Random(calib_cfg.seed).shuffle(records)
+    kept, seen = [], 0
+    for start in range(0, len(records), max(n, 64)):  # encoded a chunk at a time: a large corpus is not read whole
+        chunk = samples(encode_generative(processor, records[start:start + max(n, 64)], calib_cfg.batch_size,
+                                          calib_cfg.max_length, calib_cfg.chat_template, positions, end))
+        fresh = [s for s in chunk if _key(s) not in calibrated]
+        seen += len(chunk) - len(fresh)
+        kept += fresh
+        if len(kept) >= n:
+            break
+    return kept[:n], seen
 
 
 def _key(sample) -> tuple:
@@ -159,7 +176,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config, text_positions
     from lmmc.runtime import MANIFEST, _named_files, read_manifest
     from lmmc.scratch import scratch_folder
-    from lmmc.timing import PER_VISIT, time_interleaved
+    from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
 
     check_generative_bench(cfg)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
@@ -189,10 +206,10 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     corpora = {"held-out": samples(data.eval_batches("text"))}
     calibrated = {_key(s) for s in samples(data.calib_batches("text"))}
     for name, path in zip(corpus_names(list(cfg.corpora)), cfg.corpora):
-        items = _corpus_items(Path(path), processor, calib_cfg, cfg.corpus_samples, positions, end)
-        corpora[name] = [s for s in items if _key(s) not in calibrated]
-        if len(corpora[name]) < len(items):
-            notes.append(f"{name}: {len(items) - len(corpora[name])} record(s) the compile calibrated on left out")
+        corpora[name], passed = _corpus_items(Path(path), processor, calib_cfg, cfg.corpus_samples, positions, end,
+                                              calibrated)
+        if passed:
+            notes.append(f"{name}: {passed} record(s) the compile calibrated on left out")
         if len(corpora[name]) < validate.min_held_out:
             raise LmmcError(f"--corpus '{path}' leaves {len(corpora[name])} image-text record(s) the compile did not "
                             f"calibrate on, fewer than the recipe's validate.min_held_out ({validate.min_held_out}), "
@@ -205,6 +222,9 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     student = lmmc.load_student(out_dir / "student").eval()
     teacher = teacher.eval()
     threads = cfg.threads or validate.threads
+    if threads > usable_cpus():  # PyTorch's threads and ONNX Runtime's would wait for a core, and time that
+        notes.append(f"threads {threads} is above the {usable_cpus()} CPU(s) this process may use, so the timings "
+                     f"include threads waiting for a core; pass --threads {usable_cpus()} or fewer")
     size = cfg.batch or 1
     tokens = validate.generation_tokens
     batch = _timing_batch(corpora["held-out"], size)

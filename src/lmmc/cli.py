@@ -494,7 +494,8 @@ def summary_table(report: dict) -> str:
 @main.command("bench")
 @click.argument("out_dir", type=_Path())
 @click.option("--threads", type=int, help="Intra-op threads for every runtime (default: the recipe's).")
-@click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch).")
+@click.option("--batch", type=int, help="Samples per timed batch (default: the recipe's latency_batch; a "
+              "generative model's: 1).")
 @click.option("--seq", type=int, help="Tokens per text sample (default: the recipe's latency_seq).")
 @click.option("--repeats", type=int, help="Timed runs per candidate, in turns of one untimed run and three timed, "
               "rounded up to whole turns (default 15).")

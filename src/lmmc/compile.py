@@ -27,7 +27,7 @@ from lmmc import process_state
 from lmmc.adapters import TRACE_TOKENS, TowerModule, head_dim, prunable_linears, tower_config
 from lmmc.artifact import Artifact
 from lmmc.bench import check_backends, check_seq, corpus_batches, finite, is_bench_json, timing_seq
-from lmmc.bench_generative import check_generative_bench
+from lmmc.bench_generative import check_generative_bench, read_corpus_records
 from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, answer_end, check_answers, check_generation_room,
@@ -343,7 +343,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     _check_runnable(config)
     _check_target(adapter, recipe)
     _check_norm_gate(modules.normalize if modules is not None else normalises(config), recipe)
-    _check_bench(recipe, adapter, config)  # before the data: its static IRs' length is checked on them
+    _check_bench(recipe, adapter, config, preprocessors)  # before the data: its static IRs' length is checked on them
     counts, calib_texts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
@@ -403,7 +403,7 @@ def skipped(adapter: Any, step: Any) -> bool:
     return adapter.kind == "generative" and step.kind != "compress" and not getattr(step, "generative", False)
 
 
-def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
+def _check_bench(recipe: Recipe, adapter: Any, config: Any, preprocessors: dict[str, Any]) -> None:
     """The recipe's bench runs after the output is written: refuse now what it would refuse then."""
     if recipe.bench is None:
         return
@@ -413,6 +413,15 @@ def _check_bench(recipe: Recipe, adapter: Any, config: Any) -> None:
                             f"(relative paths are resolved against the recipe's directory)")
     if adapter.kind == "generative":
         check_generative_bench(recipe.bench, "bench.")
+        from lmmc.export.validate import ValidateConfig
+
+        least = (recipe.validate_.config if recipe.validate_ else ValidateConfig()).min_held_out
+        for corpus in recipe.bench.corpora:
+            records = read_corpus_records(corpus, preprocessors["processor"], recipe.calibration.chat_template,
+                                          "bench.corpora")
+            if len(records) < least:
+                raise LmmcError(f"bench.corpora: '{corpus}' holds {len(records)} image-text record(s), fewer than "
+                                f"validate.min_held_out ({least}), too few to judge on; give a corpus with more")
         return
     check_backends(recipe.bench.device)
     check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
