@@ -11,7 +11,7 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +62,6 @@ class _Candidate:
     generate: Callable[[int], object]  # runs the timing batch for that many new tokens
     answers: Callable[[list, int, set[int]], list[list[int]]]
     parameters: tuple[int, int]
-    row: dict[str, Any] = field(default_factory=dict)
 
 
 def _torch_candidate(model_name: str, model, batch: dict[str, Any]) -> _Candidate:
@@ -78,7 +77,7 @@ def _torch_candidate(model_name: str, model, batch: dict[str, Any]) -> _Candidat
         with torch.inference_mode(), _plain_greedy(model, pad, set()):
             model.generate(**batch, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
 
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     counts = (sum(p.numel() for p in params), sum(int(p.count_nonzero()) for p in params))
     return _Candidate(model_name, "pytorch eager", "pytorch", None, generate,
                       lambda items, budget, eos: greedy(model, items, budget, eos), counts)
@@ -164,6 +163,7 @@ def _export_opset(report: dict[str, Any]) -> int:
 def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: str, json_path: Path) -> dict[str, Any]:
     """Time and judge every deployment of a generative compile's teacher and student; the result as bench.json
     holds it (bench.py writes it)."""
+    import onnxruntime
     import torch
     from tqdm import tqdm
 
@@ -275,7 +275,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
               "warmup": cfg.warmup,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "system": platform.platform()},
-              "versions": {"torch": torch.__version__, **_ort_version()}, "memory": None,
+              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, "memory": None,
               "corpora": {name: {"image-text pairs": len(items)} for name, items in corpora.items()},
               "prompt_tokens": int(batch["input_ids"].shape[1]),
               "rows": rows, "best": best_generative(rows, validate.min_generation_agreement), "notes": notes,
@@ -295,12 +295,6 @@ def _timing_row(c: _Candidate, first: list[float], whole: list[float], size: int
             "size_bytes": None if c.path is None else _folder_size(c.path),
             "parameters": c.parameters[0], "nonzero_parameters": c.parameters[1],
             "agreement": {}, "prefix_mean": {}, "exact_match": {}}
-
-
-def _ort_version() -> dict[str, str]:
-    import onnxruntime
-
-    return {"onnxruntime": onnxruntime.__version__}
 
 
 def best_generative(rows: list[dict[str, Any]], min_agreement: float | None = None) -> dict[str, Any]:
