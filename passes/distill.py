@@ -14,8 +14,8 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from lmmc.adapters import Adapter, get_adapter
 from lmmc.artifact import Artifact
-from lmmc.data import (Batch, answer_end, check_generative_records, encode_generative, encode_images, encode_text,
-                       read_corpus, text_key, token_coverage, tower_batches, vocabulary_runs)
+from lmmc.data import (Batch, check_generative_records, encode_generative, encode_images, encode_text,
+                       generative_limits, read_corpus, text_key, token_coverage, tower_batches, vocabulary_runs)
 from lmmc.distill_losses import ContrastiveLoss, OutputLoss, check_layer_map, check_layer_range
 from lmmc.distiller import (Sample, TowerPlan, Trainer, check_arms_have_losses, distilled_towers, make_arms,
                             modality_key, sample_length)
@@ -477,9 +477,8 @@ def encode_corpus(art: Artifact, paths: list[Path], modalities: list[str], max_l
         for path, records in files.items():
             check_generative_records(records, path, processor, chat_template, "distill.corpus")
         records = [r for file in files.values() for r in file]
-        positions = min(text_positions(art.teacher.config, t) for t in art.adapter.towers if t.modality == "text")
-        batches = encode_generative(processor, records, 64, max_length, chat_template, positions,
-                                    answer_end(processor, art.adapter, art.teacher.config))
+        batches = encode_generative(processor, records, 64, max_length, chat_template,
+                                    *generative_limits(processor, art.adapter, art.teacher.config))
         return _split_samples(tower_batches(batches), modalities)
     records = [r for path in paths for r in read_corpus(path, "distill.corpus")
                if all(m in r for m in modalities)]

@@ -170,10 +170,10 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     import lmmc
     from lmmc.bench import (JSON_KIND, _check_outside_inputs, _check_unchanged, _recipe_calibration, _recipe_validate,
                             check_unchanged, compiled_teacher, corpus_names)
-    from lmmc.data import answer_end, load_generative_calibration, random_generative_calibration
+    from lmmc.data import generative_limits, load_generative_calibration, random_generative_calibration
     from lmmc.export.generative import export_generative
     from lmmc.generation import eos_ids, exact_match, generation_agreement, samples
-    from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config, text_positions
+    from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config
     from lmmc.runtime import MANIFEST, _named_files, read_manifest
     from lmmc.scratch import scratch_folder
     from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
@@ -194,8 +194,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)
     teacher, adapter, preprocessor = load_teacher(teacher_ref, cfg.trust_remote_code)
     processor = preprocessor["processor"]
-    positions = min(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")
-    end = answer_end(processor, adapter, teacher.config)
+    positions, end = generative_limits(processor, adapter, teacher.config)
     if calib_cfg.path:
         data = load_generative_calibration(calib_cfg, calib_cfg.path, processor, positions, end)
     elif calib_cfg.random:

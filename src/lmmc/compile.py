@@ -32,7 +32,7 @@ from lmmc.blockwise import capture_block_inputs
 from lmmc.cost import blocks_cost
 from lmmc.data import (DEFAULT_MAX_LENGTH, CalibData, answer_end, check_answers, check_generation_room,
                        check_generative_records, check_held_out_classes, check_images, check_prompts,
-                       check_random_allowed, drop_token_twins, encode_text, load_calibration,
+                       check_random_allowed, drop_token_twins, encode_text, generative_limits, load_calibration,
                        load_generative_calibration, random_calibration, random_generative_calibration, read_corpus,
                        read_samples, select, text_key, text_length, text_tokens)
 from lmmc.errors import GateFailed, LmmcError, OutputWritten
@@ -985,10 +985,9 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
         art = Artifact(model_ref=model_ref, adapter=adapter, teacher=teacher, student=make_student(teacher),
                        preprocessor=preprocessor, device=dev, workdir=tmp, resume=resume)
         if calib and adapter.kind == "generative":
-            positions = min(text_positions(teacher.config, t) for t in adapter.towers if t.modality == "text")
             processor = preprocessor["processor"]
-            art.calib = load_generative_calibration(recipe.calibration, calib, processor, positions,
-                                                    answer_end(processor, adapter, teacher.config))
+            art.calib = load_generative_calibration(recipe.calibration, calib, processor,
+                                                    *generative_limits(processor, adapter, teacher.config))
         elif recipe.calibration.random and adapter.kind == "generative":
             art.calib = random_generative_calibration(recipe.calibration, teacher, adapter)
         elif calib:

@@ -906,6 +906,14 @@ def answer_end(processor, adapter, config) -> int | None:
     return adapter.answer_end(config) if adapter.answer_end is not None else processor.tokenizer.eos_token_id
 
 
+def generative_limits(processor, adapter, config) -> tuple[int, int | None]:
+    """What `encode_generative` reads of a model: the decoder's positions and the token that ends answers."""
+    from lmmc.modelio import text_positions
+
+    positions = min(text_positions(config, t) for t in adapter.towers if t.modality == "text")
+    return positions, answer_end(processor, adapter, config)
+
+
 def encode_generative(processor, records: list[dict[str, Any]], batch_size: int, max_length: int | None,
                       chat_template: bool, positions: int | None = None, end: int | None = None) -> list[Batch]:
     """Batches of image-prompt-answer records. The prompt (with its image) goes through the processor,
