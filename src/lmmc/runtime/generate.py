@@ -52,8 +52,8 @@ class Generator:
                 raise LmmcError(f"'{folder}' lacks {self.spec[key]}, which {SPEC} names; {again}")
         self.folder = folder
         # The vision graph runs once a request, then the decoder many times: its idle threads spinning for work would
-        # take the cores from the decoder's (on 2 cores, 8 tokens of a small model: median 8.3 ms, p90 12.6, against
-        # 4.8 and 5.1 without).
+        # take the cores from the decoder's (on 2 cores, 8 tokens of a small model: p90 13.5-14.2 ms, against 5.8-6.1
+        # without; BENCHMARKS.md, "Timing generation").
         self.vision = load(folder / self.spec["vision"], "onnxruntime", threads, spinning=False)
         self.decoder = load(folder / self.spec["decoder"], "onnxruntime", threads)
         table = folder / self.spec["embeddings"]
