@@ -248,6 +248,26 @@ def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
     cached.restore_flags()
 
 
+def test_cached_targets_sit_on_the_tokens_of_a_left_padded_batch(tmp_path):
+    """A tokenizer that pads on the left puts a text's tokens at the end of its row. The cached targets were
+    padded after the tokens, so each hidden-state term compared a token with another token's target."""
+    art = tiny_art("bert")
+    art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")),
+                                                                 padding_side="left")}
+    t = trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=2048))
+    assert t.cache is not None and t.left
+    by_length = sorted(range(len(t.train)), key=t.lengths.__getitem__)
+    local = by_length[:3] + by_length[-3:]
+    inputs = {"text": t._collate([t.train[i] for i in local], art.adapter.towers[0])}
+    mask = inputs["text"]["attention_mask"].bool()
+    assert not mask[:, 0].all() and mask[:, -1].all()  # the short rows are padded, on the left
+    targets, _ = t.teacher_targets(inputs, None, local)
+    for layer, got in targets["text"]["hidden"].items():
+        torch.testing.assert_close(got[mask], torch.cat([t.cache["text"][i]["hidden"][layer] for i in local]))
+        assert not got[~mask].any()
+    t.restore_flags()
+
+
 def test_under_bf16_the_cache_holds_bf16_targets_that_a_step_reads_as_fp32_within_rounding():
     art = tiny_art("bert")
     cached, fresh = (trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, precision="bf16",

@@ -212,11 +212,15 @@ def sample_length(sample: Sample) -> int:
     return len(sample["text"]["input_ids"]) if "text" in sample else 0
 
 
-def _pad_rows(x: torch.Tensor, length: int | None) -> torch.Tensor:
-    """Zero-pad a [tokens, d] tensor to `length` tokens (None: leave it)."""
-    if length is None or x.shape[0] == length:
-        return x
-    return torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])])
+def stack_rows(rows: list[torch.Tensor], length: int | None, left: bool = False) -> torch.Tensor:
+    """fp32 [B, length, d] of [tokens, d] rows, zero-padded to `length` tokens on the side the batch pads (None:
+    rows of one length). One copy a row, converting as it goes, where padding, stacking and converting took three."""
+    if length is None:
+        return torch.stack(rows).float()
+    out = torch.zeros(len(rows), length, rows[0].shape[-1])
+    for k, row in enumerate(rows):
+        (out[k, length - row.shape[0]:] if left else out[k, :row.shape[0]]).copy_(row)
+    return out
 
 
 def collate(samples: list[Sample], modality: str, pad_id: int, multiple: int = 1, length: int | None = None,
@@ -712,10 +716,11 @@ class Trainer:
             batch = inputs[modality_key(plan.spec)]
             length = batch["input_ids"].shape[1] if "input_ids" in batch else None
             rows = [self.cache[name][i] for i in local]
-            hidden = {j: torch.stack([_pad_rows(r["hidden"][j], length) for r in rows]).float() for j in layers}
+            # The cache keeps each sample's real tokens: they go where the batch put them.
+            hidden = {j: stack_rows([r["hidden"][j] for r in rows], length, self.left) for j in layers}
             out = None
             if plan.output == "logits":
-                out = torch.stack([_pad_rows(r["pooled"], length) for r in rows]).float()
+                out = stack_rows([r["pooled"] for r in rows], length, self.left)
             elif plan.output == "pooled":
                 out = torch.stack([r["pooled"] for r in rows]).float()
             targets[name] = {"hidden": hidden, "pooled": out}
