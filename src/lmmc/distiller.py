@@ -214,7 +214,7 @@ def sample_length(sample: Sample) -> int:
 
 def stack_rows(rows: list[torch.Tensor], length: int | None, left: bool = False) -> torch.Tensor:
     """fp32 [B, length, d] of [tokens, d] rows, zero-padded to `length` tokens on the side the batch pads (None:
-    rows of one length). One copy a row, converting as it goes, where padding, stacking and converting took three."""
+    rows of one length), each row converted as it is copied in."""
     if length is None:
         return torch.stack(rows).float()
     out = torch.zeros(len(rows), length, rows[0].shape[-1])
