@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -183,6 +185,34 @@ def exported_tower(tmp_path_factory):
         shutil.copyfile(source.with_suffix(".names.json"), path.with_suffix(".names.json"))
         return path
     return copy
+
+
+@contextlib.contextmanager
+def _cores(item: pytest.Item):
+    """Under pytest-xdist the workers share the CPUs. A test marked `timed` (it times code, or runs on a clock)
+    waits for the other workers' tests to end and runs alone; the rest run side by side. Two file locks: a
+    `timed` test takes the turnstile and keeps it until it holds the cores alone, so the other workers cannot
+    start test after test past it and keep it waiting."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    folder = item.config._tmp_path_factory.getbasetemp().parent  # the run's folder, shared by its workers
+    alone = item.get_closest_marker("timed") is not None
+    with open(folder / "cores.lock", "a") as cores, open(folder / "turnstile.lock", "a") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(cores, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(cores, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Set-up, call and tear-down under `_cores`: a module fixture a timed test builds times code too."""
+    with _cores(item):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -392,6 +392,7 @@ def test_minilm_allocation_beats_uniform_wanda_at_60_percent(minilm):
     assert max(mean["v"], mean["o"]) < min(mean["q"], mean["k"])  # values and outputs are kept denser
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("slow_at", [1, 2])
 def test_scores_run_on_the_thread_count_that_ran_the_probe_faster(slow_at):
     """The zeroth-order scores' thread count is timed, not fixed: one thread for small forwards on busy

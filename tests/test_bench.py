@@ -102,6 +102,7 @@ def benched(compiled):
     return result.stdout, json.loads((out / "bench.json").read_text())
 
 
+@pytest.mark.timed
 def test_rows_and_json_match_the_artifacts(compiled, benched):
     _, model_dir, out = compiled
     output, bench = benched
@@ -157,6 +158,7 @@ def test_rows_and_json_match_the_artifacts(compiled, benched):
     assert last.startswith(f"text: fastest student {fastest['artifact']} vs fastest teacher {best_teacher['artifact']}")
 
 
+@pytest.mark.timed
 def test_fidelity_matches_the_compile_and_an_independent_computation(compiled, benched):
     tmp, model_dir, out = compiled
     _, bench = benched
@@ -193,6 +195,7 @@ def test_fidelity_matches_the_compile_and_an_independent_computation(compiled, b
     assert student["cosine_to_teacher"]["extra.txt"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.timed
 def test_latency_ratio_agrees_with_an_independent_loop(compiled, benched, tmp_path):
     """bench's student/teacher ratio of medians (both ONNX Runtime fp32) against a plain loop timed here,
     same sizes, same thread. Loose (factor 1.5) because the CPUs are shared, but it fails when bench

@@ -868,6 +868,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert got == pytest.approx([0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5, 0.1])
 
 
+@pytest.mark.timed
 def test_a_run_on_a_clock_warms_up_then_follows_the_cosine_over_its_fraction_done():
     from lmmc.train import progress_multiplier
 
@@ -875,6 +876,7 @@ def test_a_run_on_a_clock_warms_up_then_follows_the_cosine_over_its_fraction_don
     assert got == pytest.approx([0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1])
 
 
+@pytest.mark.timed
 def test_minutes_end_training_on_the_clock_with_the_learning_rate_at_the_end_of_its_schedule():
     from lmmc.train import progress_multiplier
 
@@ -905,6 +907,7 @@ def test_minutes_end_training_on_the_clock_with_the_learning_rate_at_the_end_of_
     assert (m["steps"], m["stopped_by"]) == (6, "steps")
 
 
+@pytest.mark.timed
 def test_a_compile_on_the_clock_checkpoints_every_tenth_of_its_minutes(tmp_path):
     # 100,000 steps are a ceiling the 3 s never reach: checkpoints by steps alone (every 10,000) never came
     art = tiny_art("bert")
@@ -918,6 +921,7 @@ def test_a_compile_on_the_clock_checkpoints_every_tenth_of_its_minutes(tmp_path)
     assert newer - older >= 0.3 and newer >= 0.6   # a tenth of 3 s apart, the second save at the earliest
 
 
+@pytest.mark.timed
 def test_minutes_need_a_ceiling_of_steps_and_a_budget_the_set_up_does_not_spend():
     with pytest.raises(ValueError, match="minutes needs steps too"):
         Distill.Config(minutes=10)

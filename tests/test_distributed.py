@@ -112,6 +112,7 @@ def test_a_dry_run_under_torchrun_prints_its_plan_once(tmp_path, monkeypatch):
     assert json.loads(printed["0"])["steps"] and printed["1"] == ""
 
 
+@pytest.mark.timed
 def test_ranks_on_a_clock_stop_at_the_same_step(tmp_path, one_thread):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

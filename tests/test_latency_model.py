@@ -18,6 +18,8 @@ from lmmc.latency_model import LatencyModel, Target, TowerLatency, cache_file, c
 from lmmc.surgery import keep_hidden_
 from tests.conftest import tiny_model
 
+pytestmark = pytest.mark.timed  # the fitted latency model times every variant
+
 # The fit deploys nine variants; ONNX Runtime's static INT8 keeps that to the export's cost, while
 # OpenVINO and NNCF are exercised by the measurement of the dual encoder below.
 TARGET = Target("onnxruntime", "int8", threads=1, batch=8, seq=32)

@@ -36,6 +36,8 @@ from lmmc.selection import Unit
 from tests.conftest import save_tiny
 from tests.test_structured import make_artifact, run_antgmm
 
+pytestmark = pytest.mark.timed  # the fitted latency model and validation time the exports
+
 # Small and on one thread: the fit deploys nine structure variants through NNCF.
 DEPLOY = {"runtime": "openvino", "precision": "int8", "threads": 1, "batch": 4, "seq": 32}
 

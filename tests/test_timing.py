@@ -5,7 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 
+import pytest
+
 from lmmc.timing import time_interleaved
+
+pytestmark = pytest.mark.timed  # the timing loop is checked against sleeps
 
 
 def _neighbours() -> dict[str, object]:
