@@ -448,7 +448,7 @@ def test_sigkilled_compiles_resume_to_the_bytes_of_an_uninterrupted_run(tmp_path
     # A compile stopped by SIGTERM after its first pass keeps its work and says how to resume.
     code, err = kill_when(compile_args(teacher, recipe, plain), lambda: bool(states(work_path(plain))),
                           "its first pass finished", signal.SIGTERM)
-    assert code == 130 and "--resume" in err
+    assert code == 130 and "--resume" in err, (code, err[-3000:])
     # A kill can land between writing a new state and deleting the one before; the newest counts.
     kept = states(work_path(plain))
     # --resume against a changed recipe is refused, naming the change.
@@ -499,7 +499,7 @@ def test_a_compile_stopped_inside_its_first_pass_with_checkpoints_says_to_resume
     out = tmp_path / "out"
     code, err = kill_when(compile_args(teacher, recipe, out),
                           lambda: any(work_path(out).glob("pass-*/**/step-*/state.json")), "a checkpoint", signal.SIGTERM)
-    assert code == 130 and states(work_path(out)) == []
+    assert code == 130 and states(work_path(out)) == [], (code, err[-3000:])
     assert f"no pass finished, and the running one kept checkpoints in '{work_path(out)}': run the same command " \
            f"with --resume" in " ".join(err.split())
     assert "without --resume" not in err
