@@ -78,6 +78,11 @@ class DistillConfig(PassConfig):
     temperature: float = Field(1.0, gt=0, description="generative models: softmax temperature of the token-level "
                                "KL (the loss is scaled by its square)")
     contrastive: float = Field(1.0, ge=0, description="weight of the similarity-matrix loss (dual encoders only)")
+    relations: float = Field(0.0, ge=0, description="encoders: weight of MiniLMv2's self-attention relation loss, "
+                             "KL between the query-query, key-key and value-value relations of the student's "
+                             "last block and the teacher's")
+    relation_heads: int = Field(8, gt=0, description="relation heads the query, key and value channels are cut "
+                                "into for the relation loss; divides the attention head width")
     output_loss: OutputLoss = Field("cosine", description="pooled-embedding loss: cosine or mse")
     contrastive_loss: ContrastiveLoss | None = Field(None, description="kl on the teacher's softmax over each "
                                                      "similarity row (CLIP's objective), sigmoid on each pair's "
@@ -151,7 +156,7 @@ class DistillConfig(PassConfig):
                 raise LmmcError(f"distill: towers cannot leave out part of a generative model ({adapter.family}): its "
                                 f"decoder reads the vision tower's features; remove towers")
         distilled = distilled_towers(self, adapter)
-        if adapter.kind != "generative" and self.hidden == 0 and self.output == 0 and not (
+        if adapter.kind != "generative" and self.hidden == 0 and self.output == 0 and self.relations == 0 and not (
                 len(distilled) == 2 and self.contrastive > 0):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
@@ -195,6 +200,16 @@ class DistillConfig(PassConfig):
             if self.schedule == "optima" and self.window < len(arms):
                 raise LmmcError(f"distill: window ({self.window}) must be at least the number of modules "
                                 f"({len(arms)}: {', '.join(arms)})")
+        if self.relations and adapter.kind == "generative":
+            raise LmmcError(f"distill: relations compares an encoder's last blocks, and this {adapter.family} model "
+                            f"is generative, distilled on its next-token distributions; remove relations")
+        for tower in distilled if config is not None and self.relations else []:
+            sizes = getattr(config, tower.config_key) if tower.config_key else config
+            width = getattr(sizes, "head_dim", None) or sizes.hidden_size // sizes.num_attention_heads
+            if width % self.relation_heads:
+                raise LmmcError(f"distill: relation_heads = {self.relation_heads} does not divide the {tower.name} "
+                                f"tower's attention head width ({width}), so a student's channels would not split "
+                                f"into equal relation heads; choose a divisor of {width}")
         read = sorted({t.modality for t in distilled})
         if self.vocabulary and (adapter.kind == "generative" or read != ["text"]):
             pairs = adapter.kind != "generative" and "text" in read
@@ -231,7 +246,7 @@ class DistillConfig(PassConfig):
         """An encoder's distillation of towers with these block counts has a loss term left to train on:
         skip_hidden over every block with output 0 left none, and the loss was a number, not a tensor."""
         hidden = self.hidden > 0 and any(set(range(n)) - set(self.skip_hidden.get(t, ())) for t, n in depths.items())
-        if not hidden and self.output == 0 and not (len(depths) == 2 and self.contrastive > 0):
+        if not hidden and self.output == 0 and self.relations == 0 and not (len(depths) == 2 and self.contrastive > 0):
             raise LmmcError("distill: skip_hidden leaves no block a hidden-state term and output is 0, so no loss "
                             "term is left to train on; give output a positive weight, or skip fewer blocks")
 

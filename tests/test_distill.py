@@ -26,7 +26,7 @@ from lmmc.adapters import TowerModule, block_list, get_adapter
 from lmmc.artifact import Artifact
 from lmmc.data import encode_text, load_calibration, random_calibration, token_coverage, vocabulary_runs
 from lmmc.distill_losses import (check_layer_map, closest_layer_map, contrastive_loss, fit_projection, hidden_loss,
-                                 kl_logits, origin_layer_map, uniform_layer_map)
+                                 kl_logits, origin_layer_map, relation_loss, uniform_layer_map)
 from lmmc.distiller import Trainer, collate, modality_key
 from lmmc.errors import LmmcError
 from lmmc.modelio import make_student
@@ -106,6 +106,38 @@ def test_hidden_loss_counts_real_tokens_only():
     got = hidden_loss(s, t, mask, scale=2.0)
     want = torch.stack([((s[0, :3] - t[0, :3]) ** 2).mean(), ((s[1] - t[1]) ** 2).mean()]) / 2.0
     torch.testing.assert_close(got, want)
+
+
+def test_relation_loss_is_the_mean_kl_of_each_relation_head_over_real_tokens():
+    gen = torch.Generator().manual_seed(0)
+    # the student's blocks are narrower than the teacher's (fewer attention heads): 4 channels against 8
+    teacher = {r: torch.randn(2, 5, 8, generator=gen, dtype=torch.float64) for r in "qkv"}
+    student = {r: torch.randn(2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for r in "qkv"}
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = relation_loss(student, teacher, 2, mask)
+
+    def reference(b: int) -> torch.Tensor:
+        n = int(mask[b].sum())
+        terms = []
+        for r in "qkv":
+            for h in range(2):
+                x = [x_[r][b, :n].detach() for x_ in (teacher, student)]
+                x = [a[:, h * a.shape[1] // 2:(h + 1) * a.shape[1] // 2] for a in x]
+                p, q = [torch.softmax(a @ a.T / math.sqrt(a.shape[1]), -1) for a in x]
+                terms.append((p * (p / q).log()).sum(-1).mean())
+        return torch.stack(terms).mean()
+
+    torch.testing.assert_close(got.detach(), torch.stack([reference(0), reference(1)]).to(got.dtype))
+    got.sum().backward()
+    assert all(torch.isfinite(student[r].grad).all() and student[r].grad[0, 3:].abs().max() == 0 for r in "qkv")
+    # what the padding holds changes nothing; equal relations cost nothing
+    moved = {r: student[r].detach().clone() for r in "qkv"}
+    for r in "qkv":
+        moved[r][0, 3:] = 50 * torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(relation_loss(moved, teacher, 2, mask), got.detach())
+    assert relation_loss(teacher, teacher, 2, mask).abs().max() < 1e-12
+    with pytest.raises(LmmcError, match="relation_heads = 3 does not divide"):
+        relation_loss(student, teacher, 3, mask)
 
 
 def test_contrastive_loss_is_the_teacher_row_softmax_kl_and_splits_over_shards():
@@ -1071,6 +1103,74 @@ def test_config_errors_name_the_fix(bad, match):
 def test_all_zero_loss_weights_are_refused():
     with pytest.raises(LmmcError, match="all loss weights are 0"):
         distill(tiny_art("bert", sparsity=0.0), hidden=0.0, output=0.0)
+
+
+def _qkv(model: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    attention = model.encoder.layer[-1].attention.self
+    return attention.query, attention.key, attention.value
+
+
+def _relation_term(tr: Trainer, indices: list[int]) -> float:
+    """The mean relation loss of the student's last block against the teacher's on these samples, from
+    projections caught by hooks on the models' own query, key and value linears."""
+    inputs = tr._collate([tr.train[i] for i in indices], tr.towers[0])
+    caught: dict[str, dict[str, torch.Tensor]] = {"s": {}, "t": {}}
+    handles = []
+    for side, model in (("s", tr.student), ("t", tr.teacher)):
+        for r, lin in zip("qkv", _qkv(model)):
+            handles.append(lin.register_forward_hook(lambda _m, _a, out, side=side, r=r: caught[side].update({r: out})))
+    with torch.no_grad():
+        tr.student(**inputs), tr.teacher(**inputs)
+    for h in handles:
+        h.remove()
+    return float(relation_loss(caught["s"], caught["t"], tr.cfg.relation_heads, inputs["attention_mask"]).mean())
+
+
+def test_relation_targets_come_from_the_teachers_last_block_cached_or_not():
+    art = tiny_art("bert")
+    base = dict(steps=10, batch_size=8, dev_samples=8, progress=False, precision="fp32", relations=2.0)
+    cached = trainer(art, Distill.Config(**base, teacher_cache_mb=64))
+    cached.cache = cached._cache_teacher()
+    plain, without = (trainer(art, Distill.Config(**{**base, **change}))
+                      for change in ({"teacher_cache_mb": 0}, {"teacher_cache_mb": 0, "relations": 0.0}))
+    assert cached.cache is not None and plain.cache is None
+    indices = cached.batch_indices(0)
+    losses = []
+    for tr in (cached, plain, without):
+        inputs = {"text": tr._collate([tr.train[i] for i in indices], tr.towers[0])}
+        targets, pooled = tr.teacher_targets(inputs, None, indices)
+        assert ("qkv" in targets["text"]) == (tr is not without)
+        with torch.no_grad():
+            losses.append(tr.objective.per_sample_loss(inputs, targets, None, pooled).mean())
+    torch.testing.assert_close(losses[0], losses[1])
+    # the term the weight adds is the relation loss of the two models' own last blocks
+    torch.testing.assert_close(float(losses[1] - losses[2]), 2.0 * _relation_term(plain, indices), rtol=1e-5, atol=1e-7)
+
+
+def test_distilling_on_relations_alone_brings_the_last_blocks_relations_to_the_teachers():
+    teacher = tiny_model("bert")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # relations far from uniform, which a tiny random model's are not
+        for lin in _qkv(teacher):
+            lin.weight.mul_(30)
+    art = tiny_art("bert", sparsity=0.0, teacher=teacher)
+    with torch.no_grad():  # and a student whose relations are not the teacher's
+        for lin in _qkv(art.student):
+            lin.weight.add_(torch.randn(lin.weight.shape, generator=gen) * lin.weight.std())
+    cfg = dict(hidden=0.0, output=0.0, relations=1.0, steps=40, lr=3e-3, eval_every=0, keep_best=False)
+    before = _relation_term(trainer(art, Distill.Config(**cfg, progress=False, batch_size=8, dev_samples=8)), list(range(16)))
+    distill(art, **cfg)
+    after = _relation_term(trainer(art, Distill.Config(**cfg, progress=False, batch_size=8, dev_samples=8)), list(range(16)))
+    assert after < 0.5 * before, (before, after)
+
+
+def test_relations_are_refused_for_generative_models_and_heads_that_do_not_split_the_head_width():
+    with pytest.raises(LmmcError, match="relations compares an encoder's last blocks"):
+        Distill.Config(relations=1.0).check_model(get_adapter("llava"))
+    bert = tiny_model("bert")
+    with pytest.raises(LmmcError, match=r"relation_heads = 3 does not divide the text tower's attention head width \(8\)"):
+        Distill.Config(relations=1.0, relation_heads=3).check_model(get_adapter("bert"), bert.config)
+    Distill.Config(relations=1.0, relation_heads=4).check_model(get_adapter("bert"), bert.config)
 
 
 # --- vocabulary runs ------------------------------------------------------------------------------------

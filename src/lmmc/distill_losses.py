@@ -96,6 +96,50 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.
     return per_sample / scale
 
 
+def relation_scores(x: torch.Tensor, heads: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The scaled dot products [B, R, T, T] of token vectors [B, T, d] cut into `heads` relation heads of
+    d / R channels each; padding keys get a large negative score (weight 0). The head count is the loss's
+    own, not the model's: a student with fewer attention heads than the teacher gives relations of the
+    same shape."""
+    b, t, d = x.shape
+    if d % heads:
+        raise LmmcError(f"distill: relation_heads = {heads} does not divide a block's {d} query, key or value "
+                        f"channels; choose a relation_heads that divides the attention head width")
+    x = x.float().view(b, t, heads, d // heads).transpose(1, 2).reshape(b * heads, t, d // heads)
+    bias = torch.zeros(b, 1, t, device=x.device)
+    if key_mask is not None:
+        # finite, so a masked key's term is 0 · finite rather than 0 · (-inf + inf)
+        bias = bias.masked_fill(~key_mask.bool()[:, None, :], -1e4)
+    # Each elementwise pass over the [B, R, T, T] scores costs about what the product does (memory, not
+    # arithmetic), so the scale and the mask ride in the product.
+    scores = torch.baddbmm(bias.repeat_interleave(heads, 0), x, x.transpose(1, 2), alpha=1 / math.sqrt(d // heads))
+    return scores.view(b, heads, t, t)
+
+
+def relation_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], heads: int,
+                  token_mask: torch.Tensor | None) -> torch.Tensor:
+    """MiniLMv2's self-attention relation distillation, per sample: KL(teacher ‖ student) between the
+    query-query, key-key and value-value relations (softmax of the scaled dot products) of one block,
+    averaged over the three, the relation heads and the real query tokens. It transfers how tokens attend
+    to each other, whatever either model's width or head count."""
+    total: torch.Tensor | float = 0.0
+    for role in ("q", "k", "v"):
+        with torch.no_grad():
+            t = relation_scores(teacher[role], heads, token_mask)
+            p = t.softmax(-1)
+            own = (p * t.log_softmax(-1)).sum(-1)  # the teacher's negative entropy: the KL's part without a gradient
+        s = relation_scores(student[role], heads, token_mask)
+        n = s.shape[-1]
+        cross = F.cross_entropy(s.reshape(-1, n), p.reshape(-1, n), reduction="none").view(s.shape[:-1])
+        kl = (own + cross).mean(1)  # [B, T]
+        if token_mask is None:
+            total = total + kl.mean(1)
+        else:
+            m = token_mask.to(kl.dtype)
+            total = total + (kl * m).sum(1) / m.sum(1).clamp(min=1)
+    return total / 3
+
+
 def output_loss(student: torch.Tensor, teacher: torch.Tensor, kind: OutputLoss, scale: float = 1.0) -> torch.Tensor:
     """Per-sample distance between pooled embeddings [B, d]: 1 − cosine, or MSE divided by `scale`."""
     if kind == "cosine":

@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmmc import process_state
-from lmmc.adapters import Adapter, BridgeSpec, TowerSpec, block_list, bridge_linears, prunable_linears, tower_config
+from lmmc.adapters import (Adapter, BridgeSpec, TowerSpec, block_linears, block_list, bridge_linears, prunable_linears,
+                           tower_config)
 from lmmc.artifact import Artifact
 from lmmc.blockwise import StopForward, block_input, block_output, first_block_input
 from lmmc.data import IGNORE_INDEX, Batch
 from lmmc.distill_losses import (answer_kl, check_layer_map, closest_layer_map, contrastive_loss, fit_projection,
-                                 hidden_loss, origin_layer_map, output_loss, uniform_layer_map)
+                                 hidden_loss, origin_layer_map, output_loss, relation_loss, uniform_layer_map)
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
@@ -93,6 +94,7 @@ class TowerPlan:
     scales: list[float] = field(default_factory=list)  # teacher mean square per student layer's target
     skip: set[int] = field(default_factory=set)  # student blocks without a hidden-state term
     pooled_scale: float = 1.0
+    relations: bool = False  # a self-attention relation term between the last blocks (encoders only)
     # The tower's output term: "pooled" (an encoder's embedding), "logits" (a generative decoder's
     # next-token distributions on answer tokens) or None (a generative model's vision tower, whose output
     # reaches the decoder only through the projector, which has a term of its own).
@@ -113,17 +115,29 @@ class BridgePlan:
 class TowerRun:
     hidden: dict[int, torch.Tensor]  # block index (0-based) -> its output
     pooled: torch.Tensor | None  # None when the forward stopped early
+    qkv: dict[str, torch.Tensor] = field(default_factory=dict)  # 'q', 'k', 'v' -> one block's projections
 
 
 def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], stop_after: int | None = None,
-              detach_before: int | None = None) -> TowerRun:
+              detach_before: int | None = None, qkv_block: int | None = None) -> TowerRun:
     """Run one tower, keeping the outputs of the blocks in `keep`.
 
     `stop_after` ends the forward after that block (nothing later is needed). `detach_before` cuts the
-    gradient at that block's input: the blocks below are not being distilled this step."""
+    gradient at that block's input: the blocks below are not being distilled this step. `qkv_block`: also
+    keep that block's query, key and value projections."""
     _, blocks = block_list(model, spec)
     hidden: dict[int, torch.Tensor] = {}
+    qkv: dict[str, torch.Tensor] = {}
     handles = []
+
+    def qkv_hook(role: str):
+        def hook(_mod, _args, output):
+            qkv[role] = output
+        return hook
+
+    if qkv_block is not None:
+        linears = block_linears(blocks[qkv_block], spec)
+        handles += [linears[role][1].register_forward_hook(qkv_hook(role)) for role in ("q", "k", "v")]
 
     def out_hook(index: int):
         def hook(_mod, _args, output):
@@ -150,7 +164,7 @@ def run_tower(model: nn.Module, spec: TowerSpec, inputs: Batch, keep: set[int], 
     finally:
         for h in handles:
             h.remove()
-    return TowerRun(hidden, pooled)
+    return TowerRun(hidden, pooled, qkv)
 
 
 def check_arms_have_losses(arms: list[Arm], hidden: float, schedule: str) -> None:
@@ -291,15 +305,21 @@ class DistillLoss(nn.Module):
             if focus is not None and seg is None:
                 continue
             batch = inputs[modality_key(plan.spec)]
+            # the relation term belongs to the tower's last block, like the output term
+            relations = plan.relations and (seg is None or seg.last_of_tower)
+            qkv_block = plan.n_student - 1 if relations else None
             if seg is None:
                 run = run_tower(self.student, plan.spec, batch, set(range(plan.n_student)) - plan.skip,
-                                stop_after=None if plan.output else plan.n_student - 1)
+                                stop_after=None if plan.output else plan.n_student - 1, qkv_block=qkv_block)
             else:
                 train_below = seg.first == 0 and cfg.train_embeddings
                 run = run_tower(self.student, plan.spec, batch, set(range(seg.first, seg.last + 1)) - plan.skip,
                                 stop_after=None if seg.last_of_tower and plan.output else seg.last,
-                                detach_before=None if train_below else seg.first)
+                                detach_before=None if train_below else seg.first, qkv_block=qkv_block)
             mask = batch.get("attention_mask")
+            if relations:
+                per_sample = per_sample + cfg.relations * relation_loss(run.qkv, targets[name]["qkv"],
+                                                                        cfg.relation_heads, mask)
             for i, h in run.hidden.items():
                 # Each layer weighs 1/L_s, so the modules' losses add up to the tower's mean layer loss.
                 term = hidden_loss(self.project(name, str(i), h), targets[name]["hidden"][plan.layer_map[i]],
@@ -533,6 +553,7 @@ class Trainer:
         plan = TowerPlan(spec, n_s, n_t)
         if self.generative:
             plan.output = "logits" if spec.modality == "text" else None
+        plan.relations = self.cfg.relations > 0 and plan.output == "pooled"
         if isinstance(layer_map, dict):
             if spec.name not in layer_map:
                 raise LmmcError(f"layer_map names towers {sorted(layer_map)} but not '{spec.name}', which "
@@ -561,7 +582,7 @@ class Trainer:
         """Every module the schedule can pick must have a loss term."""
         cfg = self.cfg
         dual = len(self.towers) == 2 and cfg.contrastive > 0
-        if cfg.hidden == 0 and cfg.output == 0 and not dual:
+        if cfg.hidden == 0 and cfg.output == 0 and not dual and not any(p.relations for p in self.plans.values()):
             raise LmmcError("distill: all loss weights are 0 (contrastive counts only where both towers of a dual "
                             "encoder are distilled); give hidden or output a positive weight")
         check_arms_have_losses(self.arms, cfg.hidden, cfg.schedule)
@@ -724,6 +745,9 @@ class Trainer:
             elif plan.output == "pooled":
                 out = torch.stack([r["pooled"] for r in rows]).float()
             targets[name] = {"hidden": hidden, "pooled": out}
+            if full and plan.relations:
+                targets[name]["qkv"] = {r: stack_rows([row["qkv"][r] for row in rows], length, self.left)
+                                        for r in ("q", "k", "v")}
             if full:
                 pooled[name] = out
         if self._needs_bridge(focus):
@@ -744,9 +768,12 @@ class Trainer:
             if not layers and not full:
                 continue
             keep = {j - 1 for j in layers}
+            relations = full and plan.relations
             run = run_tower(self.teacher, plan.spec, inputs[modality_key(plan.spec)], keep,
-                            stop_after=None if full else max(keep))
+                            stop_after=None if full else max(keep), qkv_block=plan.n_teacher - 1 if relations else None)
             targets[name] = {"hidden": {j: run.hidden[j - 1] for j in layers}, "pooled": run.pooled}
+            if relations:
+                targets[name]["qkv"] = run.qkv
             if full:
                 pooled[name] = run.pooled
         if self._needs_bridge(focus):
@@ -787,11 +814,15 @@ class Trainer:
                 batch = self._collate([self.train[i] for i in chunk], plan.spec, multiple=1)
                 with self._autocast():
                     run = run_tower(self.teacher, plan.spec, batch, {j - 1 for j in layers},
-                                    stop_after=None if plan.output else plan.n_teacher - 1)
+                                    stop_after=None if plan.output else plan.n_teacher - 1,
+                                    qkv_block=plan.n_teacher - 1 if plan.relations else None)
                 mask = batch.get("attention_mask")
                 for row, i in enumerate(chunk):
                     real = mask[row].bool() if mask is not None else slice(None)
                     entry = {"hidden": {j: run.hidden[j - 1][row][real].to(dtype) for j in layers}}
+                    if run.qkv:
+                        entry["qkv"] = {r: t[row][real].to(dtype) for r, t in run.qkv.items()}
+                        used += size * sum(t.numel() for t in entry["qkv"].values())
                     if plan.output is not None:
                         # A decoder's logits have a token axis: only the real tokens are kept.
                         entry["pooled"] = run.pooled[row][real if plan.output == "logits" else slice(None)].to(dtype)
