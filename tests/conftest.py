@@ -130,6 +130,22 @@ def tower_outputs(model: torch.nn.Module, tower, *feed: torch.Tensor) -> list:
         return [t.numpy() for t in TowerModule(model, tower)(*feed)]
 
 
+def lmmc_short_of_threads(*args: object) -> "subprocess.CompletedProcess[str]":
+    """`lmmc ARGS` in a child whose address space is capped 1 GiB above what its imports took: room for a few
+    threads' stacks, not for a thousand."""
+    import subprocess
+    import sys
+
+    script = ("import resource, sys\n"
+              "import lmmc.bench, lmmc.cli, lmmc.compile\n"
+              "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))\n"
+              "sys.argv = ['lmmc', *sys.argv[1:]]\n"
+              "lmmc.cli.run()\n")
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def compile_tiny_text(teacher: Path, out: Path, passes: list, max_length: int = 12) -> Path:
     """`lmmc compile` of a tiny text teacher on random calibration, with `passes`, ONNX and OpenVINO
     exports and the runtime gates; fails the test unless it exits 0."""

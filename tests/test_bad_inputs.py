@@ -23,8 +23,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lmmc.cli import main
-from tests.conftest import (CORPUS, TINY_DECODER, TINY_TEXT, TINY_VISION, save_preprocessors, save_tiny, save_tiny_llava,
-                            siglip_sentencepiece, spelled, tiny_llava, tiny_llava_processor, tiny_model, tiny_vocab)
+from tests.conftest import (CORPUS, TINY_DECODER, TINY_TEXT, TINY_VISION, lmmc_short_of_threads, save_preprocessors,
+                            save_tiny, save_tiny_llava, siglip_sentencepiece, spelled, tiny_llava, tiny_llava_processor,
+                            tiny_model, tiny_vocab)
 
 QUICK_VALIDATE = {"latency": False, "threads": 1}
 RANDOM = {"calibration": {"random": True, "samples": 8, "eval_samples": 32, "batch_size": 8},
@@ -2086,3 +2087,19 @@ def test_an_ir_stopped_by_the_file_size_limit_is_said_as_such(tmp_path):
            f"basic_ios::clear: iostream error)" in said and "or by the file-size limit of this shell ('ulimit -f')" \
            in said and "The 1 finished pass(es) are kept in" in said, said[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_more_threads_than_the_process_may_start_is_one_clear_error_before_any_pass(tmp_path):
+    """A thousand threads' stacks past a memory limit failed inside the exporter, as an internal error."""
+    recipe = write_recipe(tmp_path, {**RANDOM, "validate": {"latency": True, "threads": 1000}})
+    done = lmmc_short_of_threads("compile", save_tiny("bert", tmp_path / "teacher"), "-r", recipe, "-o", tmp_path / "out")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: validate.threads 1000: this process cannot start 1000 threads (can't start new thread); a limit on its "
+        f"memory ('ulimit -v') or processes ('ulimit -u') stops it. Ask for fewer: it may run on "
+        f"{len(os.sched_getaffinity(0))} CPU(s)")
+    assert not (tmp_path / "out").exists()
+    # within the limit the same recipe plans
+    planned = lmmc_short_of_threads("compile", tmp_path / "teacher", "-r", write_recipe(
+        tmp_path, {**RANDOM, "validate": {"latency": True, "threads": 2}}, "two.yaml"), "-o", tmp_path / "out", "--dry-run")
+    assert planned.returncode == 0, planned.stderr[-3000:]

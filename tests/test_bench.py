@@ -30,7 +30,7 @@ from lmmc.export.onnx import export_tower
 from lmmc.modelio import load_teacher
 from lmmc.resume import hash_files
 from lmmc.runtime.openvino import cpu_has_bf16
-from tests.conftest import CORPUS, TINY_TEXT, save_preprocessors, save_tiny, spelled
+from tests.conftest import CORPUS, TINY_TEXT, lmmc_short_of_threads, save_preprocessors, save_tiny, spelled
 
 BF16 = cpu_has_bf16()  # every IR is also run in bf16 where the CPU has the units
 
@@ -884,6 +884,18 @@ def _calibrated_texts(out: Path) -> list[str]:
 
     cfg = CalibrationConfig.model_validate(json.loads((out / "report.json").read_text())["recipe"]["calibration"])
     return [r["text"] for r in select(cfg, CORPUS, read_samples(CORPUS), {"text"}).calib]
+
+
+def test_more_threads_than_the_process_may_start_is_one_clear_error(compiled, tmp_path):
+    """A thousand threads' stacks past a memory limit failed inside the teacher's export, as an internal error."""
+    _, _, out = compiled
+    done = lmmc_short_of_threads("bench", out, "--threads", 1000, "--json", tmp_path / "b.json")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --threads 1000: this process cannot start 1000 threads (can't start new thread); a limit on its memory "
+        f"('ulimit -v') or processes ('ulimit -u') stops it. Ask for fewer: it may run on "
+        f"{len(os.sched_getaffinity(0))} CPU(s)")
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_threads_above_the_cpus_are_noted_as_unequal_runtimes(uncapped, tmp_path):

@@ -36,7 +36,7 @@ from lmmc.modelio import text_pad_length, text_positions, text_truncation
 from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, file_list, load,
                            missing_preprocessing, output_fingerprint, read_manifest)
 from lmmc.scratch import scratch_folder
-from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
+from lmmc.timing import PER_VISIT, check_threads_start, time_interleaved, usable_cpus
 
 JSON_KIND = "lmmc bench"
 CPU_BACKENDS = ("onnxruntime", "openvino")
@@ -941,6 +941,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
                threads=cfg.threads or validate.threads, batch=cfg.batch or validate.latency_batch,
                seq=seq, min_cosine=validate.min_cosine, notes=skipped, device=cfg.device,
                torch_device=torch_device, memory=measure_memory)
+    check_threads_start(run.threads, "--threads" if cfg.threads else "the recipe's validate.threads")
     cpus = usable_cpus()
     if run.threads > cpus:  # ONNX Runtime starts every thread asked for; OpenVINO runs no more than the cores
         run.notes.append(f"threads {run.threads} is above the {cpus} CPU(s) this process may use: ONNX Runtime's "

@@ -176,7 +176,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config
     from lmmc.runtime import MANIFEST, _named_files, read_manifest
     from lmmc.scratch import scratch_folder
-    from lmmc.timing import PER_VISIT, time_interleaved, usable_cpus
+    from lmmc.timing import PER_VISIT, check_threads_start, time_interleaved, usable_cpus
 
     check_generative_bench(cfg)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
@@ -221,6 +221,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     student = lmmc.load_student(out_dir / "student").eval()
     teacher = teacher.eval()
     threads = cfg.threads or validate.threads
+    check_threads_start(threads, "--threads" if cfg.threads else "the recipe's validate.threads")
     if threads > usable_cpus():  # PyTorch's threads and ONNX Runtime's would wait for a core, and time that
         notes.append(f"threads {threads} is above the {usable_cpus()} CPU(s) this process may use, so the timings "
                      f"include threads waiting for a core; pass --threads {usable_cpus()} or fewer")

@@ -49,7 +49,7 @@ from lmmc.resume import REPLACED_DIR, WorkArea, describe_inputs, hash_files, pas
 from lmmc.runtime import FILE_LIST, file_list
 from lmmc.runtime.texts import clip_texts
 from lmmc.sparsity import sparsity_summary
-from lmmc.timing import usable_cpus
+from lmmc.timing import check_threads_start, usable_cpus
 from lmmc.train import barrier, setup_distributed
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -347,6 +347,7 @@ def plan(model_ref: str, recipe: Recipe, trust_remote_code: bool = False) -> dic
     counts, calib_texts = _check_data(config, adapter, recipe, warnings, shapes, preprocessors)
     _check_distill_samples(recipe, config, adapter, counts, preprocessors)
     _check_nm(recipe, shapes, adapter, warnings)
+    _check_threads(recipe)
     warnings += _oversubscribed(recipe)
     _check_scoring(recipe, shapes, adapter, counts)
     _check_engine_profile(recipe, config, adapter, counts)
@@ -568,18 +569,29 @@ def _step_configs(recipe: Recipe) -> list[tuple[str, Any]]:
     return out
 
 
-def _oversubscribed(recipe: Recipe) -> list[str]:
-    """Thread counts above the CPUs this process may use: every timing then measures threads waiting for a core
-    (64 threads on 2 CPUs timed the teacher at 116 ms against 1.2), and fuse: auto or a latency fit chose by it."""
-    cpus = usable_cpus()
-    # the ones the recipe sets: a default of 2 on one CPU costs little, and may time nothing
+def _thread_settings(recipe: Recipe) -> list[tuple[str, int]]:
+    """The thread counts the recipe sets (a default of 2 on one CPU costs little, and may time nothing)."""
     settings = [(f"{name}.threads", cfg.threads) for name, cfg in _step_configs(recipe)
                 if "threads" in type(cfg).model_fields and cfg.given("threads")]
     settings += [(f"{name}.deploy.threads", cfg.deploy.threads) for name, cfg in _step_configs(recipe)
                  if getattr(cfg, "deploy", None) is not None and cfg.deploy.given("threads")]
     if recipe.bench is not None and recipe.bench.given("threads"):
         settings.append(("bench.threads", recipe.bench.threads))
-    over = [f"{key} = {value}" for key, value in settings if value > cpus]
+    return settings
+
+
+def _check_threads(recipe: Recipe) -> None:
+    """The most threads the recipe asks for can be started, before any pass runs."""
+    if settings := _thread_settings(recipe):
+        key, most = max(settings, key=lambda item: item[1])
+        check_threads_start(most, key)
+
+
+def _oversubscribed(recipe: Recipe) -> list[str]:
+    """Thread counts above the CPUs this process may use: every timing then measures threads waiting for a core
+    (64 threads on 2 CPUs timed the teacher at 116 ms against 1.2), and fuse: auto or a latency fit chose by it."""
+    cpus = usable_cpus()
+    over = [f"{key} = {value}" for key, value in _thread_settings(recipe) if value > cpus]
     if not over:
         return []
     return [f"{', '.join(over)} {'is' if len(over) == 1 else 'are'} above the {cpus} CPU(s) this process may use: "

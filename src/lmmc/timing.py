@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import TypeVar
+
+from lmmc.errors import LmmcError
 
 K = TypeVar("K", bound=Hashable)
 
@@ -17,6 +20,27 @@ PER_VISIT = 3  # timed runs per visit, after one untimed run
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, which a container or taskset narrows), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_threads_start(threads: int, option: str) -> None:
+    """Start and stop `threads` threads, so a count the process may not start is refused in words: a limit on
+    its memory ('ulimit -v', which each thread's stack counts against) or its processes ('ulimit -u') made a
+    runtime fail deep inside, with a message that names neither."""
+    stop = threading.Event()
+    started: list[threading.Thread] = []
+    try:
+        for _ in range(threads - 1):  # the calling thread is one of them
+            started.append(threading.Thread(target=stop.wait, daemon=True))
+            started[-1].start()
+    except RuntimeError as err:
+        raise LmmcError(f"{option} {threads}: this process cannot start {threads} threads ({err}); a limit on its "
+                        f"memory ('ulimit -v') or processes ('ulimit -u') stops it. Ask for fewer: it may run on "
+                        f"{usable_cpus()} CPU(s)") from None
+    finally:
+        stop.set()
+        for t in started:
+            if t.is_alive():
+                t.join()
 
 
 def time_interleaved(runs: Mapping[K, Callable[[], object]], repeats: int, warmup: int = 1,
