@@ -478,6 +478,40 @@ def test_force_keeps_an_earlier_output_holding_a_file_of_the_users_anywhere(setu
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
+@pytest.mark.parametrize("how", ["immutable", "append-only", "folder not writable"])
+def test_force_refuses_an_earlier_output_holding_what_it_could_not_remove(setup, tmp_path, how):
+    """Found only once the compile had run, such a file stayed in the work area, whose remains then stood in
+    the way of the next compile as a folder "not made by lmmc"."""
+    model, recipe, earlier = setup
+    out = tmp_path / "out"
+    shutil.copytree(earlier, out)
+    kept = out / "student" / "config.json"
+    if how == "folder not writable":
+        if os.geteuid() == 0:
+            pytest.skip("root removes files from a folder without write permission")
+        kept.parent.chmod(0o555)
+        undo, words = lambda: kept.parent.chmod(0o755), f"its folder '{kept.parent}' is not writable. It was left " \
+                                                         f"untouched; make it removable (chmod u+w '{kept.parent}')"
+    else:
+        flag = "i" if how == "immutable" else "a"
+        if subprocess.run(["chattr", f"+{flag}", str(kept)], capture_output=True).returncode != 0:
+            pytest.skip("chattr needs root and a file system with attributes (ext4, xfs, btrfs)")
+        # wherever a failing compile moved the file: pytest could not remove it
+        undo = lambda: subprocess.run(["chattr", "-R", f"-{flag}", str(tmp_path)], capture_output=True)
+        words = f"the file system keeps it ({how}). It was left untouched; make it removable (chattr -{flag} '{kept}')"
+    try:
+        before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        result = compile_(model, recipe, out, "--force")
+        assert result.exit_code == 2, result.output
+        assert f"--force would replace '{out}', but '{kept}' cannot be removed: {words}, or choose another " \
+               f"--out" in " ".join(result.output.split())
+        assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert not work_path(out).exists()
+    finally:
+        undo()
+    assert compile_(model, recipe, out, "--force").exit_code == 0
+
+
 @pytest.mark.parametrize("edited", ["student/config.json", "manifest.json"])
 def test_force_keeps_an_earlier_output_whose_file_the_user_edited(setup, tmp_path, edited):
     """A file lmmc wrote and the user then changed holds the user's bytes under lmmc's name: the list of

@@ -3,7 +3,9 @@ complete output into place only at the end."""
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import importlib.metadata
 import json
 import math
@@ -253,7 +255,47 @@ def check_output(out: Path, model_ref: str, recipe: Recipe, recipe_path: str | P
     _check_writable(target)
     if target.is_dir():  # filled in place, or (an earlier output) moved aside, which a directory's mode also bars
         _check_writable(target / ".lmmc-write-probe")
+        _check_removable(target)
     return target
+
+
+_FS_IOC_GETFLAGS = 0x80086601  # Linux's ioctl reading a file's attributes (lsattr)
+_KEPT_BY_ATTRIBUTE = ((0x10, "immutable", "i"), (0x20, "append-only", "a"))
+
+
+def _check_removable(out: Path) -> None:
+    """Every entry of an earlier output that --force replaces can be removed. One the file system keeps
+    (immutable or append-only, `chattr +i`) or in a folder this user may not write was found only after
+    the compile, which then left it in the work area and that area in the way of the next compile."""
+    for path in [out, *out.rglob("*")]:
+        if path.is_symlink():
+            continue  # the foreign-file check refuses links inside an output
+        if path != out and not os.access(path.parent, os.W_OK | os.X_OK):
+            why, fix = f"its folder '{path.parent}' is not writable", f"chmod u+w '{path.parent}'"
+        else:
+            kept = [(name, letter) for flag, name, letter in _KEPT_BY_ATTRIBUTE if _attributes(path) & flag]
+            if not kept:
+                continue
+            why = f"the file system keeps it ({' and '.join(name for name, _ in kept)})"
+            fix = f"chattr -{''.join(letter for _, letter in kept)} '{path}'"
+        raise LmmcError(f"--force would replace '{out}', but '{path}' cannot be removed: {why}. It was left untouched; "
+                        f"make it removable ({fix}), or choose another --out")
+
+
+def _attributes(path: Path) -> int:
+    """A file's Linux attribute flags, 0 where it cannot be opened or its file system has none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        return flags[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def _check_side_paths(target: Path, model_ref: str, recipe: Recipe, recipe_path: str | Path | None) -> None:
