@@ -172,3 +172,44 @@ def test_an_edited_export_is_refused_before_anything_runs(compiled_llava, tmp_pa
     assert result.exit_code == 2, result.output
     assert f"'{table}' is not the file the compile wrote" in " ".join(result.output.split())
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("own_corpus", [True, False])
+def test_records_of_images_the_compile_distilled_on_are_left_out_of_a_corpus(tmp_path, own_corpus):
+    """A picture the student was distilled on is no held-out picture under any prompt: with a corpus of its own the
+    distill pass trains on that corpus's images, without one on the calibration split's."""
+    model = save_tiny_llava(tmp_path / "teacher", "clip")
+    calib = write_llava_pairs(tmp_path / "calib", 16)
+    trained = write_llava_pairs(tmp_path / "trained", 8, seed=2)
+    distill = {"steps": 2, "batch_size": 4, "dev_samples": 2, "progress": False,
+               **({"corpus": str(trained)} if own_corpus else {})}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "calibration": {"path": str(calib), "samples": 10, "eval_samples": 4, "batch_size": 4, "chat_template": True},
+        "passes": [{"wanda": {"sparsity": 0.5}}, {"distill": distill}],
+        "validate": {"min_held_out": 4, "generation_tokens": 4, "max_kl": 100.0, "min_top1_agreement": 0.0,
+                     "min_generation_agreement": 0.0}}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["compile", str(model), "-r", str(recipe), "-o", str(tmp_path / "out")])
+        assert result.exit_code == 0, result.output
+        # The images it trained on under another prompt and answer, then six pictures it never saw.
+        source = trained if own_corpus else calib
+        seen = [json.loads(line) for line in source.read_text().splitlines()]
+        mixed = [{"image": str(source.parent / r["image"]), "prompt": "what is on the road ?", "text": "the water"}
+                 for r in seen]
+        fresh = write_llava_pairs(tmp_path / "fresh", 6, seed=3)
+        mixed += [{**r, "image": str(fresh.parent / r["image"])} for r in map(json.loads, fresh.read_text().splitlines())]
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+        target = tmp_path / "bench.json"
+        result = CliRunner().invoke(main, ["bench", str(tmp_path / "out"), "--quick", "--no-memory", "--threads", "1",
+                                           "--json", str(target), "--corpus", str(corpus)])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    bench = json.loads(target.read_text())
+    left_out = 8 if own_corpus else 10  # every trained image; without a corpus, the ten calibrated ones of sixteen
+    assert f"corpus.jsonl: {left_out} record(s) of images the compile distilled on left out" in bench["notes"]
+    assert bench["corpora"]["corpus.jsonl"] == {"image-text pairs": len(mixed) - left_out}

@@ -727,9 +727,11 @@ class Trained:
         return self._tokens[length]
 
 
-def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[str]) -> Trained:
-    """What the compile calibrated or distilled on (`Trained`)."""
-    from lmmc.data import part_keys, read_corpus
+def distilled_records(report: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+    """The records of every corpus a distill pass of the compile read, each checked unchanged since the compile
+    read it; a corpus that is gone is a note, its samples then not told apart from unseen ones."""
+    from lmmc.data import read_corpus
+    from lmmc.resume import hash_data
 
     def corpora(node: Any) -> list[str]:
         if isinstance(node, dict):
@@ -738,11 +740,9 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
                 [c for v in node.values() for c in corpora(v)]
         return [c for v in node for c in corpora(v)] if isinstance(node, list) else []
 
-    from lmmc.resume import hash_data
-
     recorded = {e["path"]: e.get("sha256") for k, e in (_recorded(report, "data") or {}).items()
                 if "corpus" in k and isinstance(e, dict) and "path" in e}
-    seen, texts = set(data.calibrated), list(data.calibration_texts)
+    records = []
     for corpus in dict.fromkeys(corpora(report["recipe"].get("passes"))):
         if not Path(corpus).exists():
             notes.append(f"the distillation corpus {corpus} is not there any more: --corpus samples it held are "
@@ -752,9 +752,25 @@ def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[s
             raise LmmcError(f"the distillation corpus {corpus} changed since the compile read it, so bench cannot "
                             f"tell which --corpus samples the student was distilled on; restore that file, or bench "
                             f"without --corpus")
-        records = read_corpus(Path(corpus), "the distillation corpus")
-        seen.update(k for r in records for k in part_keys(r, modalities).values())
-        texts += [r["text"] for r in records if "text" in r and "text" in modalities]
+        records += read_corpus(Path(corpus), "the distillation corpus")
+    return records
+
+
+def distills_on_calibration(report: dict[str, Any]) -> bool:
+    """Whether a distill pass of the compile read no corpus of its own, and so trained on the calibration split."""
+    passes = report["recipe"].get("passes") or []
+    return any(isinstance(p, dict) and isinstance(p.get("distill"), dict) and not p["distill"].get("corpus")
+               for p in passes)
+
+
+def trained_on(report: dict[str, Any], data, modalities: set[str], notes: list[str]) -> Trained:
+    """What the compile calibrated or distilled on (`Trained`)."""
+    from lmmc.data import part_keys
+
+    seen, texts = set(data.calibrated), list(data.calibration_texts)
+    records = distilled_records(report, notes)
+    seen.update(k for r in records for k in part_keys(r, modalities).values())
+    texts += [r["text"] for r in records if "text" in r and "text" in modalities]
     return Trained(frozenset(seen), tuple(dict.fromkeys(texts)))
 
 

@@ -122,25 +122,27 @@ def read_corpus_records(path: Path, processor, chat_template: bool, what: str) -
 
 
 def _corpus_items(path: Path, processor, calib_cfg, n: int, positions: int | None, end: int | None,
-                  calibrated: set[tuple]) -> tuple[list, int]:
-    """Up to `n` records of an image-text .jsonl that the compile did not calibrate on, drawn in an order the
-    calibration seed shuffles and encoded as the compile encoded its held-out split; and how many calibrated
-    records were passed over."""
-    from lmmc.data import encode_generative
+                  calibrated: set[tuple], distilled: frozenset[str] = frozenset()) -> tuple[list, int, int]:
+    """Up to `n` records of an image-text .jsonl that the compile neither calibrated on nor distilled on (an image
+    in `distilled`, by its bytes, under any prompt, as the compile's held-out split holds out whole images),
+    drawn in an order the calibration seed shuffles and encoded as the compile encoded its held-out split; and how
+    many calibrated records, and how many records of distilled images, were passed over."""
+    from lmmc.data import encode_generative, part_keys
     from lmmc.generation import samples
 
     records = read_corpus_records(path, processor, calib_cfg.chat_template, "--corpus")
     random.Random(calib_cfg.seed).shuffle(records)
-    kept, seen = [], 0
-    for start in range(0, len(records), max(n, 64)):  # encoded a chunk at a time: a large corpus is not read whole
-        chunk = samples(encode_generative(processor, records[start:start + max(n, 64)], calib_cfg.batch_size,
+    fresh_images = [r for r in records if part_keys(r, {"image"}).get("image") not in distilled]
+    kept, seen, step = [], 0, max(n, 64)
+    for start in range(0, len(fresh_images), step):  # encoded a chunk at a time: a large corpus is not read whole
+        chunk = samples(encode_generative(processor, fresh_images[start:start + step], calib_cfg.batch_size,
                                           calib_cfg.max_length, calib_cfg.chat_template, positions, end))
         fresh = [s for s in chunk if _key(s) not in calibrated]
         seen += len(chunk) - len(fresh)
         kept += fresh
         if len(kept) >= n:
             break
-    return kept[:n], seen
+    return kept[:n], seen, len(records) - len(fresh_images)
 
 
 def _key(sample) -> tuple:
@@ -169,8 +171,8 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
 
     import lmmc
     from lmmc.bench import (JSON_KIND, _check_outside_inputs, _check_unchanged, _recipe_calibration, _recipe_validate,
-                            check_unchanged, compiled_teacher, corpus_names)
-    from lmmc.data import generative_limits, load_generative_calibration, random_generative_calibration
+                            check_unchanged, compiled_teacher, corpus_names, distilled_records, distills_on_calibration)
+    from lmmc.data import generative_limits, load_generative_calibration, part_keys, random_generative_calibration
     from lmmc.export.generative import export_generative
     from lmmc.generation import eos_ids, exact_match, generation_agreement, samples
     from lmmc.modelio import load_teacher, offline_if_unreachable, resolve_config
@@ -204,15 +206,22 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
                         "generation on; pass --calib with the image-text records the student should be judged on")
     corpora = {"held-out": samples(data.eval_batches("text"))}
     calibrated = {_key(s) for s in samples(data.calib_batches("text"))}
+    distilled: frozenset[str] = frozenset()
+    if cfg.corpora:
+        records = distilled_records(report, notes)
+        distilled = frozenset(k for r in records for k in part_keys(r, {"image"}).values()) | \
+            (data.calibrated if distills_on_calibration(report) else frozenset())
     for name, path in zip(corpus_names(list(cfg.corpora)), cfg.corpora):
-        corpora[name], passed = _corpus_items(Path(path), processor, calib_cfg, cfg.corpus_samples, positions, end,
-                                              calibrated)
+        corpora[name], passed, trained = _corpus_items(Path(path), processor, calib_cfg, cfg.corpus_samples, positions,
+                                                       end, calibrated, distilled)
         if passed:
             notes.append(f"{name}: {passed} record(s) the compile calibrated on left out")
+        if trained:
+            notes.append(f"{name}: {trained} record(s) of images the compile distilled on left out")
         if len(corpora[name]) < validate.min_held_out:
-            raise LmmcError(f"--corpus '{path}' leaves {len(corpora[name])} image-text record(s) the compile did not "
-                            f"calibrate on, fewer than the recipe's validate.min_held_out ({validate.min_held_out}), "
-                            f"too few to judge on; give a corpus with more records")
+            raise LmmcError(f"--corpus '{path}' leaves {len(corpora[name])} image-text record(s) the compile neither "
+                            f"calibrated nor distilled on, fewer than the recipe's validate.min_held_out "
+                            f"({validate.min_held_out}), too few to judge on; give a corpus with more records")
     if not corpora["held-out"]:
         raise LmmcError("the compile's held-out split holds no image-text samples; compile with calibration."
                         "eval_samples of at least 1")

@@ -973,8 +973,9 @@ def load_generative_calibration(cfg, path: str, processor, positions: int | None
     held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions,
                              end)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+    calibrated = frozenset(k for r in chosen.calib for k in part_keys(r, {"image"}).values())
     return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings,
-                     chat_template=cfg.chat_template)
+                     chat_template=cfg.chat_template, calibrated=calibrated)
 
 
 def random_generative_calibration(cfg, model: torch.nn.Module, adapter) -> CalibData:
