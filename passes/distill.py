@@ -584,6 +584,8 @@ class DistillPass(Pass):
             warnings.append(f"{source} {len(dev)} dev samples, not the {cfg.dev_samples} of "
                             f"dev_samples (they are capped at a quarter of the distinct samples), so the best "
                             f"checkpoint is picked on fewer; {fix}")
+        if metrics.get("teacher_cache_skipped"):
+            warnings.append(metrics["teacher_cache_skipped"])
         if metrics.get("diverged_at"):
             warnings.append(f"training diverged: the loss was NaN or infinite from step {metrics['diverged_at']} on "
                             f"(step {metrics['kept_step']} was kept); lower lr or max_grad_norm")

@@ -282,10 +282,11 @@ def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
 
 def test_cached_targets_sit_on_the_tokens_of_a_left_padded_batch(tmp_path):
     """A tokenizer that pads on the left puts a text's tokens at the end of its row. The cached targets were
-    padded after the tokens, so each hidden-state term compared a token with another token's target."""
-    art = tiny_art("bert")
+    padded after the tokens, so each hidden-state term compared a token with another token's target. (MPNet, padded
+    with its own pad id, reads a text alike under any padding, so its targets are cached.)"""
+    art = tiny_art("mpnet")
     art.preprocessor = {"tokenizer": transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")),
-                                                                 padding_side="left")}
+                                                                 padding_side="left", pad_token="[UNK]")}
     t = trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=2048))
     assert t.cache is not None and t.left
     by_length = sorted(range(len(t.train)), key=t.lengths.__getitem__)
@@ -297,6 +298,30 @@ def test_cached_targets_sit_on_the_tokens_of_a_left_padded_batch(tmp_path):
     for layer, got in targets["text"]["hidden"].items():
         torch.testing.assert_close(got[mask], torch.cat([t.cache["text"][i]["hidden"][layer] for i in local]))
         assert not got[~mask].any()
+    t.restore_flags()
+
+
+@pytest.mark.parametrize("kind, pad, cached", [("bert", "[PAD]", False), ("mpnet", "[UNK]", True)])
+def test_left_padding_caches_only_a_teacher_whose_tokens_do_not_move_with_the_padding(tmp_path, kind, pad, cached):
+    """BERT numbers positions from the row's first slot, pads included, so a left-padded text's hidden states
+    change with the padding its batch needs; targets cached at one padding would be another batch's. MPNet counts
+    positions over the tokens that are not its pad id (1, the tiny vocabulary's [UNK]), so its targets hold at any
+    padding and stay cached."""
+    art = tiny_art(kind)
+    tokenizer = transformers.BertTokenizer(vocab=str(tiny_vocab(tmp_path / "vocab.txt")), padding_side="left",
+                                           pad_token=pad)
+    art.preprocessor = {"tokenizer": tokenizer}
+    t, fresh = (trainer(art, Distill.Config(batch_size=8, dev_samples=8, progress=False, teacher_cache_mb=mb))
+                for mb in (2048, 0))
+    assert t.left and (t.cache is not None) == cached and (t.cache_skipped is None) == cached
+    by_length = sorted(range(len(t.train)), key=t.lengths.__getitem__)
+    local = by_length[:4]  # the shortest, which the cache saw padded to the longest texts' length
+    inputs = {"text": t._collate([t.train[i] for i in local], art.adapter.towers[0], multiple=1)}
+    (got, _), (want, _) = (x.teacher_targets(inputs, None, local) for x in (t, fresh))
+    mask = inputs["text"]["attention_mask"].bool()
+    assert mask.shape[1] < max(t.lengths)
+    for layer in want["text"]["hidden"]:
+        torch.testing.assert_close(got["text"]["hidden"][layer][mask], want["text"]["hidden"][layer][mask])
     t.restore_flags()
 
 

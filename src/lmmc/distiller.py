@@ -523,6 +523,7 @@ class Trainer:
         self.checkpoints = Checkpoints(Path(cfg.checkpoint_dir), self.fingerprint, cfg.keep_last) \
             if cfg.checkpoint_dir else None
         self.dev_teacher = self._dev_teacher()
+        self.cache_skipped: str | None = None  # why targets that would fit were not cached
         self.cache = self._cache_teacher()
         self.reward_batch = self._reward_batch()
         self.reward_loss: float | None = None  # the whole loss on the reward samples at the current weights
@@ -781,6 +782,21 @@ class Trainer:
                 "features": self.art.adapter.image_features(self.teacher, inputs["image"]["pixel_values"])}
         return targets, pooled
 
+    def _padding_invariant(self, plan: TowerPlan, order: list[int]) -> bool:
+        """Whether the teacher's hidden states of a text's tokens stay the same under more left padding: the
+        shortest training text alone against it padded to the longest's length, in fp32 (bf16 products of two
+        shapes differ by rounding alone)."""
+        short, long = self.train[order[0]], self.train[order[-1]]
+        if sample_length(short) == sample_length(long):
+            return True  # no batch pads any text
+        layers = {j - 1 for j in plan.layer_map} | {plan.n_teacher - 1}
+        with torch.no_grad():
+            alone, padded = (run_tower(self.teacher, plan.spec, self._collate(samples, plan.spec, multiple=1), layers,
+                                       stop_after=max(layers)) for samples in ([short], [short, long]))
+        n = sample_length(short)
+        return all(torch.allclose(alone.hidden[j][0, -n:], padded.hidden[j][0, -n:], rtol=1e-3, atol=1e-4)
+                   for j in layers)
+
     @torch.no_grad()
     def _cache_teacher(self) -> dict[str, dict[int, dict[str, Any]]] | None:
         """Ours: the teacher is fixed, so its targets for every training sample are computed once, in
@@ -792,6 +808,14 @@ class Trainer:
         if not budget or self.cfg.steps * self.cfg.batch_size < len(self.train):
             return None
         order = sorted(range(len(self.train)), key=self.lengths.__getitem__)
+        moved = next((name for name, plan in self.plans.items() if self.left and modality_key(plan.spec) == "text"
+                      and not self._padding_invariant(plan, order)), None)
+        if moved is not None:
+            self.cache_skipped = (f"the teacher's targets were not cached: its {moved} tower reads a left-padded text "
+                                  f"at other positions under more padding (its position numbers count the pads), so "
+                                  f"a target cached in one batch would not be the target of the same text in another; "
+                                  f"every step runs the teacher")
+            return None
         # Under bf16 the targets come from bf16 products, so bf16 storage halves the memory for little
         # loss; a step reads them back as fp32.
         dtype = torch.bfloat16 if self.bf16 else torch.float32
@@ -1199,6 +1223,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 2),
             "samples_per_second": round(self.step * self.cfg.batch_size / max(self.train_seconds, 1e-9), 2),
             "teacher_cached": self.cache is not None, "masked_weights_nonzero": nonzero,
+            **({"teacher_cache_skipped": self.cache_skipped} if self.cache_skipped else {}),
             "resumed_from": self.resumed_from, "seconds_before_resume": round(self.seconds_before_resume, 2),
             "checkpoint": None,
         }
