@@ -4,18 +4,27 @@ their agreement with the teacher and exact match against the compile's own valid
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from click.testing import CliRunner
-from conftest import save_tiny_llava, write_llava_pairs
+from conftest import (LLAVA_IMAGE_TOKEN, TINY_DECODER, TINY_VISION, save_tiny_llava, tiny_llava_processor,
+                      write_llava_pairs)
 
 import lmmc
 from lmmc.bench import BenchConfig
 from lmmc.bench import bench as bench_api
-from lmmc.bench_generative import best_generative
+from lmmc.bench import format_table
+from lmmc.bench_generative import MEMORY_METHOD, best_generative, peak_memory_mib
 from lmmc.cli import main
 from lmmc.timing import usable_cpus
 
@@ -79,6 +88,115 @@ def test_rows_count_parameters_sizes_and_tokens(benched):
     ratio = named["student", best["student"]]["latency_ms"]["p50"] / named["teacher", best["teacher"]]["latency_ms"]["p50"]
     assert best["latency_ratio"] == pytest.approx(ratio)
     assert f"8-token latency ratio {best['latency_ratio']:.2f}" in " ".join(output.split())
+
+
+def _peak_column(table: str) -> dict[tuple[str, str], str]:
+    """The printed table's "peak MiB" cell of each row, by (model, deployment)."""
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    header = re.split(r"\s{2,}", lines[start])
+    cells = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        row = re.split(r"\s{2,}", line)
+        cells[row[0], row[1]] = row[header.index("peak MiB")]
+    return cells
+
+
+def test_without_memory_no_row_has_a_peak_and_the_table_shows_a_dash(benched):
+    _, bench, output = benched
+    assert bench["memory"] is None
+    assert [r["peak_rss_mib"] for r in bench["rows"]] == [None] * 4
+    assert set(_peak_column(output).values()) == {"-"}
+    assert not any("memory" in n for n in bench["notes"]) and "peak MiB:" not in output
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                                reason="peak memory is measured through Linux's /proc/self/clear_refs")
+
+
+# The teacher's peak as a user would measure it, with transformers and /proc alone: argv = model folder, batch .npz.
+INDEPENDENT_PEAK = """
+import sys
+import numpy as np, torch, transformers
+def vm(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) / 1024
+torch.set_num_threads(1)
+batch = {k: torch.from_numpy(v) for k, v in np.load(sys.argv[2]).items()}
+with torch.device("meta"):  # the modelling code imported, as in a process that already serves the model family
+    transformers.LlavaForConditionalGeneration(transformers.LlavaConfig.from_pretrained(sys.argv[1]))
+open("/proc/self/clear_refs", "w").write("5")
+before = vm("VmRSS")
+model = transformers.LlavaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+with torch.inference_mode():
+    model.generate(**batch, do_sample=False, max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]))
+print(vm("VmHWM") - before)
+"""
+
+
+def _llava_batch(path: Path, size: int, length: int) -> Path:
+    """A batch of `size` prompts of `length` tokens, the image's 16 first, for the tiny LLaVA, saved as .npz."""
+    ids = np.array([[2] + [LLAVA_IMAGE_TOKEN] * 16 + [5 + i % 40 for i in range(length - 17)]] * size)
+    side = TINY_VISION["image_size"]
+    np.savez(path, input_ids=ids, attention_mask=np.ones_like(ids),
+             pixel_values=np.random.default_rng(0).standard_normal((size, 3, side, side)).astype(np.float32))
+    return path
+
+
+@needs_proc
+def test_each_deployments_peak_memory_is_what_it_adds_to_its_runtime(compiled_llava, tmp_path):
+    out, _ = compiled_llava
+    bench = bench_api(out, BenchConfig(repeats=1, threads=1), tmp_path / "bench.json")
+    assert bench["memory"] == MEMORY_METHOD and not any("memory" in n for n in bench["notes"])
+    shown = _peak_column(format_table(bench))
+    assert len(bench["rows"]) == 4
+    for r in bench["rows"]:
+        peak = r["peak_rss_mib"]
+        assert math.isfinite(peak) and peak > 0
+        # a process that loads and runs a model holds at least its weights (fp32) or its export's files
+        assert peak >= (r["parameters"] * 4 if r["backend"] == "pytorch" else r["size_bytes"]) / 2**20
+        assert shown[r["model"], r["artifact"]] == f"{peak:.0f}"
+    # The teacher's row is what the model adds to a process that runs transformers, as measured apart with
+    # transformers alone (about 21 MiB here), not that import as well (some 150 MiB more).
+    batch = _llava_batch(tmp_path / "batch.npz", bench["batch"], bench["prompt_tokens"])
+    apart = float(subprocess.run([sys.executable, "-c", INDEPENDENT_PEAK, str(out.parent / "teacher"), str(batch),
+                                  str(bench["new_tokens"])], capture_output=True, text=True, check=True).stdout)
+    teacher = next(r for r in bench["rows"] if (r["model"], r["backend"]) == ("teacher", "pytorch"))
+    assert teacher["peak_rss_mib"] == pytest.approx(apart, abs=max(8.0, apart / 3))
+
+
+def _save_llava(path: Path, intermediate: int) -> float:
+    """A tiny LLaVA of the given MLP width in the decoder, saved; the MiB of the decoder's MLP weights."""
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(vision_config={"model_type": "clip_vision_model", **TINY_VISION},
+                                   text_config={**TINY_DECODER, "intermediate_size": intermediate},
+                                   image_token_index=LLAVA_IMAGE_TOKEN,
+                                   image_seq_length=(TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    tiny_llava_processor("clip").save_pretrained(path)
+    return sum(p.numel() for n, p in model.named_parameters() if "language_model" in n and ".mlp." in n) * 4 / 2**20
+
+
+@needs_proc
+def test_a_teacher_with_larger_weights_measures_larger_by_at_least_those_weights(tmp_path):
+    narrow = _save_llava(tmp_path / "narrow", TINY_DECODER["intermediate_size"])
+    wide = _save_llava(tmp_path / "wide", 65536)
+    batch = _llava_batch(tmp_path / "batch.npz", 2, 21)
+    peaks = {name: peak_memory_mib("teacher", "pytorch", tmp_path / name, batch, 8, 1) for name in ("narrow", "wide")}
+    added = wide - narrow  # 48 MiB, every byte of it read at each generated token
+    # every added weight is held, and at most once more while loading, beside the wider MLP's activations
+    assert added <= peaks["wide"] - peaks["narrow"] <= 3 * added
+
+
+@needs_proc
+def test_a_deployment_that_cannot_be_measured_raises_with_its_error(tmp_path):
+    np.savez(tmp_path / "batch.npz", input_ids=np.zeros((1, 4), np.int64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="measuring the memory of the student in ONNX Runtime") as err:
+        peak_memory_mib("student", "onnxruntime", tmp_path / "empty", tmp_path / "batch.npz", 8, 1)
+    assert f"'{tmp_path / 'empty'}' has no generative.json" in str(err.value)
 
 
 def _row(model, name, ms, agreement):

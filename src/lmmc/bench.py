@@ -570,8 +570,7 @@ def memory_child() -> None:
 
         core().get_versions("CPU")
     feed = dict(np.load(spec["feed"]))
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM so import-time peaks do not count
-    before = _vm("VmRSS")
+    before = reset_peak()
     if spec["backend"] == "pytorch":
         model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32,
                                      use_safetensors=True).eval()
@@ -580,24 +579,41 @@ def memory_child() -> None:
         run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"],
                    static_shape=tuple(spec["static"]) if spec["static"] else None).run
     run(feed)
+    print_peak_increase(before)
+
+
+def reset_peak() -> float:
+    """In a memory child: resets VmHWM so that the peaks of what ran so far (the imports) do not count; VmRSS
+    now, MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _vm("VmRSS")
+
+
+def print_peak_increase(before: float) -> None:
+    """In a memory child: prints, for `memory_process`, how far VmHWM rose above `before` (MiB)."""
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
 
-def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int,
-                    trust_remote_code: bool = False) -> float | None:
+def memory_process(code: str, spec: dict[str, Any], label: str) -> float | None:
+    """Runs `code`, a memory child that reads `spec` as its argument, in a fresh process; the peak RSS increase
+    it prints, MiB."""
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
-    spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
-            "path": str(cand.path) if cand.path else None,
-            "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads,
-            "trust_remote_code": trust_remote_code}
-    code = "from lmmc.bench import memory_child; memory_child()"
     # a hub teacher is in the local cache by now: the child needs no network
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring the memory of {cand.label} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"measuring the memory of {label} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_increase_mib"]
+
+
+def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int,
+                    trust_remote_code: bool = False) -> float | None:
+    spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
+            "path": str(cand.path) if cand.path else None,
+            "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads,
+            "trust_remote_code": trust_remote_code}
+    return memory_process("from lmmc.bench import memory_child; memory_child()", spec, cand.label)
 
 
 # ---------------------------------------------------------------------------------------------------------

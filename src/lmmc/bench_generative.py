@@ -1,16 +1,20 @@
 """`lmmc bench` for generative models: the student's greedy generation against the teacher's, in PyTorch eager and
 in ONNX Runtime (the teacher exported as the compile exported the student), timed in turns, with each deployment's
-agreement with the teacher's greedy answers and its exact-match accuracy on held-out image-text pairs."""
+agreement with the teacher's greedy answers, its exact-match accuracy on held-out image-text pairs and its peak
+memory."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import platform
 import random
 import statistics
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +31,10 @@ TEACHER_MIN_AGREEMENT = 0.99
 # Untimed runs that open each visit, in seconds: a small model's generation takes a few milliseconds, less than
 # the worker threads of the candidate before it (PyTorch's OpenMP, ONNX Runtime's) spin on the cores after it.
 SETTLE_S = 0.3
+
+MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runtime, then loads the deployment "
+                 "and generates the timing batch's new tokens once (Linux VmHWM after load+generation minus VmRSS "
+                 "before, the peak reset after the runtime loaded), MiB")
 
 
 def check_generative_bench(cfg, where: str = "") -> None:
@@ -59,15 +67,17 @@ class _Candidate:
     artifact: str
     backend: str
     path: Path | None
+    source: str  # what a fresh process loads it from: the teacher's reference, the student's or export's folder
     generate: Callable[[int], object]  # runs the timing batch for that many new tokens
     answers: Callable[[list, int, set[int]], list[list[int]]]
     parameters: tuple[int, int]
 
 
-def _torch_candidate(model_name: str, model, batch: dict[str, Any]) -> _Candidate:
+def _torch_generate(model, batch: dict[str, Any]) -> Callable[[int], None]:
+    """The timed call of a PyTorch model: greedy generation of the batch for a given number of new tokens."""
     import torch
 
-    from lmmc.generation import _plain_greedy, greedy
+    from lmmc.generation import _plain_greedy
 
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else 0
@@ -77,9 +87,25 @@ def _torch_candidate(model_name: str, model, batch: dict[str, Any]) -> _Candidat
         with torch.inference_mode(), _plain_greedy(model, pad, set()):
             model.generate(**batch, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
 
+    return generate
+
+
+def _onnx_generate(generator, batch: dict[str, Any]) -> Callable[[int], None]:
+    """The timed call of an exported model, as `_torch_generate`."""
+    pixels, ids = batch["pixel_values"].numpy(), batch["input_ids"].numpy()
+
+    def generate(tokens: int) -> None:
+        generator.generate_ids(pixels, ids, max_new_tokens=tokens, eos_token_id=[])
+
+    return generate
+
+
+def _torch_candidate(model_name: str, model, batch: dict[str, Any], source: str) -> _Candidate:
+    from lmmc.generation import greedy
+
     params = list(model.parameters())
     counts = (sum(p.numel() for p in params), sum(int(p.count_nonzero()) for p in params))
-    return _Candidate(model_name, "pytorch eager", "pytorch", None, generate,
+    return _Candidate(model_name, "pytorch eager", "pytorch", None, source, _torch_generate(model, batch),
                       lambda items, budget, eos: greedy(model, items, budget, eos), counts)
 
 
@@ -89,13 +115,61 @@ def _onnx_candidate(model_name: str, folder: Path, threads: int, batch: dict[str
     from lmmc.runtime.generate import Generator
 
     generator = Generator(folder, threads)
-    pixels, ids = batch["pixel_values"].numpy(), batch["input_ids"].numpy()
-
-    def generate(tokens: int) -> None:
-        generator.generate_ids(pixels, ids, max_new_tokens=tokens, eos_token_id=[])
-
-    return _Candidate(model_name, shown, "onnxruntime", folder, generate,
+    return _Candidate(model_name, shown, "onnxruntime", folder, str(folder), _onnx_generate(generator, batch),
                       lambda items, budget, eos: onnx_greedy(generator, items, budget, eos), parameters)
+
+
+def memory_child() -> None:
+    """Runs in a fresh process: argv = JSON spec. Prints the peak RSS increase of loading one deployment and
+    generating the timing batch once, MiB."""
+    import torch
+
+    from lmmc.bench import print_peak_increase, reset_peak
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    # The runtime is loaded before the baseline (libraries, the modelling code): what is measured is what this
+    # deployment adds to a process that already runs its runtime.
+    if spec["backend"] == "pytorch":
+        import transformers
+
+        import lmmc
+        import lmmc.generation  # noqa: F401
+        from lmmc.modelio import local_dir, resolve_config
+
+        config, adapter = resolve_config(spec["source"], spec["trust_remote_code"])
+        auto = getattr(transformers, adapter.auto_class)
+        with torch.device("meta"):  # imports the modelling code without any weights
+            auto.from_config(config, trust_remote_code=spec["trust_remote_code"])
+    else:
+        import onnxruntime  # noqa: F401
+
+        from lmmc.runtime.generate import Generator
+    batch = {k: torch.from_numpy(v) for k, v in np.load(spec["batch"]).items()}
+    before = reset_peak()
+    if spec["backend"] == "onnxruntime":
+        generate = _onnx_generate(Generator(spec["source"], spec["threads"]), batch)
+    elif spec["model"] == "student":
+        generate = _torch_generate(lmmc.load_student(spec["source"]).eval(), batch)
+    else:  # as load_teacher builds it, without the checks that read every weight once more
+        model = auto.from_pretrained(str(local_dir(spec["source"]) or spec["source"]), dtype=torch.float32,
+                                     trust_remote_code=spec["trust_remote_code"], use_safetensors=True)
+        generate = _torch_generate(adapter.prepared(model).eval(), batch)
+    generate(spec["tokens"])
+    print_peak_increase(before)
+
+
+def peak_memory_mib(model: str, backend: str, source: str | Path, batch_path: Path, tokens: int, threads: int,
+                    trust_remote_code: bool = False) -> float | None:
+    """What loading a deployment (`backend` "pytorch" or "onnxruntime" of the "teacher" or "student" `model`,
+    from `source`) and generating `tokens` new tokens for the batch saved in `batch_path` add to the peak RSS of a
+    fresh process that already runs its runtime, MiB; None where Linux's /proc is not there to measure it."""
+    from lmmc.bench import memory_process
+
+    spec = {"model": model, "backend": backend, "source": str(source), "batch": str(batch_path), "tokens": tokens,
+            "threads": threads, "trust_remote_code": trust_remote_code}
+    return memory_process("from lmmc.bench_generative import memory_child; memory_child()", spec,
+                          f"the {model} in {'PyTorch' if backend == 'pytorch' else 'ONNX Runtime'} ({source})")
 
 
 def _timing_batch(items: list, size: int) -> dict[str, Any]:
@@ -225,8 +299,6 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     if not corpora["held-out"]:
         raise LmmcError("the compile's held-out split holds no image-text samples; compile with calibration."
                         "eval_samples of at least 1")
-    if cfg.memory:
-        notes.append("peak memory is not measured for generative models")
     student = lmmc.load_student(out_dir / "student").eval()
     teacher = teacher.eval()
     threads = cfg.threads or validate.threads
@@ -245,7 +317,9 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
     started = time.perf_counter()
     try:
         with scratch_folder("lmmc-bench-") as tmp:
-            candidates = [_torch_candidate("teacher", teacher, batch)]
+            batch_path = Path(tmp) / "timing-batch.npz"  # for the memory processes
+            np.savez(batch_path, **{k: v.numpy() for k, v in batch.items()})
+            candidates = [_torch_candidate("teacher", teacher, batch, teacher_ref)]
             if spec:
                 folder = Path(tmp) / "teacher-onnx"
                 export_generative(teacher, folder, _export_opset(report), bool(calib_cfg.chat_template))
@@ -254,7 +328,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
             else:
                 notes.append("ONNX Runtime: not run, this output holds no generative export (the recipe's "
                              "'onnx_generative' pass writes one)")
-            candidates.append(_torch_candidate("student", student, batch))
+            candidates.append(_torch_candidate("student", student, batch, str(out_dir / "student")))
             if spec:
                 candidates.append(_onnx_candidate("student", out_dir / Path(spec).parent, threads, batch,
                                                   candidates[-1].parameters, f"{Path(spec).parent}/ (onnxruntime fp32)"))
@@ -265,17 +339,24 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
                 ms = time_interleaved(runs, cfg.repeats, cfg.warmup, on_round=lambda: bar.update(1), settle_s=SETTLE_S)
             eos = eos_ids(teacher)
             budgets = {name: max(tokens, max(len(s.answer) for s in items) + 1) for name, items in corpora.items()}
-            reference = {name: candidates[0].answers(items, budgets[name], eos) for name, items in corpora.items()}
-            rows = []
-            for i, c in enumerate(candidates):
-                row = _timing_row(c, ms[(i, 1)], ms[(i, tokens)], size, tokens)
-                for name, items in corpora.items():
-                    answers = reference[name] if i == 0 else c.answers(items, budgets[name], eos)
-                    agree = generation_agreement(reference[name], answers, tokens)
-                    row["agreement"][name] = agree["agreement"]
-                    row["prefix_mean"][name] = agree["prefix_mean"]
-                    row["exact_match"][name] = exact_match(answers, [s.answer for s in items], eos)
-                rows.append(row)
+            # Nothing below is timed: the memory processes run one after another beside the fidelity runs, in
+            # this scratch folder's lifetime, as the teacher's export lives in it.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                memory = [pool.submit(peak_memory_mib, c.model, c.backend, c.source, batch_path, tokens, threads,
+                                      cfg.trust_remote_code) for c in candidates] if cfg.memory else []
+                reference = {name: candidates[0].answers(items, budgets[name], eos) for name, items in corpora.items()}
+                rows = []
+                for i, c in enumerate(candidates):
+                    row = _timing_row(c, ms[(i, 1)], ms[(i, tokens)], size, tokens)
+                    for name, items in corpora.items():
+                        answers = reference[name] if i == 0 else c.answers(items, budgets[name], eos)
+                        agree = generation_agreement(reference[name], answers, tokens)
+                        row["agreement"][name] = agree["agreement"]
+                        row["prefix_mean"][name] = agree["prefix_mean"]
+                        row["exact_match"][name] = exact_match(answers, [s.answer for s in items], eos)
+                    rows.append(row)
+                for row, measured in zip(rows, memory):
+                    row["peak_rss_mib"] = measured.result()
     finally:
         torch.set_num_threads(threads_before)
     result = {"kind": JSON_KIND, "generative": True, "lmmc_version": lmmc.__version__,
@@ -284,7 +365,8 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
               "warmup": cfg.warmup,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "system": platform.platform()},
-              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}, "memory": None,
+              "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+              "memory": MEMORY_METHOD if cfg.memory else None,
               "corpora": {name: {"image-text pairs": len(items)} for name, items in corpora.items()},
               "prompt_tokens": int(batch["input_ids"].shape[1]),
               "rows": rows, "best": best_generative(rows, validate.min_generation_agreement), "notes": notes,
@@ -302,7 +384,7 @@ def _timing_row(c: _Candidate, first: list[float], whole: list[float], size: int
             "next_token_ms": (p50 - statistics.median(first)) / max(tokens - 1, 1),
             "tokens_per_s": size * tokens / (p50 / 1e3),
             "size_bytes": None if c.path is None else _folder_size(c.path),
-            "parameters": c.parameters[0], "nonzero_parameters": c.parameters[1],
+            "parameters": c.parameters[0], "nonzero_parameters": c.parameters[1], "peak_rss_mib": None,
             "agreement": {}, "prefix_mean": {}, "exact_match": {}}
 
 
@@ -342,13 +424,17 @@ def format_generative(result: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items()),
              "samples: " + "; ".join(f"{c} {counts['image-text pairs']} image-text pairs"
                                      for c, counts in result["corpora"].items())]
+    if result.get("memory"):
+        lines.insert(2, f"peak MiB: {result['memory']}")
     corpora = list(result["rows"][0]["agreement"])
     header = ("model", "deployment", "first token ms", f"{n} tokens p50 ms", "p90 ms", "next token ms", "tokens/s",
-              "MB", "params", *[f"agree {c}" for c in corpora], *[f"exact {c}" for c in corpora])
+              "peak MiB", "MB", "params", *[f"agree {c}" for c in corpora], *[f"exact {c}" for c in corpora])
     table = [header]
     for r in result["rows"]:
         table.append((r["model"], r["artifact"], f"{r['first_token_ms']['p50']:.2f}", f"{r['latency_ms']['p50']:.2f}",
                       f"{r['latency_ms']['p90']:.2f}", f"{r['next_token_ms']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      # a bench JSON of an earlier lmmc has no figure
+                      "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}",
                       "-" if r["size_bytes"] is None else _megabytes(r["size_bytes"]),
                       f"{r['nonzero_parameters'] / 1e6:.2f}M nonzero of {r['parameters'] / 1e6:.2f}M",
                       *[f"{r['agreement'][c]:.3f}" for c in corpora], *[f"{r['exact_match'][c]:.3f}" for c in corpora]))
