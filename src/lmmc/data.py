@@ -973,6 +973,7 @@ def load_generative_calibration(cfg, path: str, processor, positions: int | None
     held = encode_generative(processor, chosen.held_out, cfg.batch_size, cfg.max_length, cfg.chat_template, positions,
                              end)
     counts = {"calibration": len(chosen.calib), "held_out": len(chosen.held_out)}
+    # images alone: a generative record is held out by its image, and its answers repeat across images
     calibrated = frozenset(k for r in chosen.calib for k in part_keys(r, {"image"}).values())
     return CalibData(tower_batches(calib), tower_batches(held), str(source), counts, chosen.warnings,
                      chat_template=cfg.chat_template, calibrated=calibrated)
