@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
-from lmmc.bench import best_pair, format_table, student_artifacts
+from lmmc.bench import NoRoom, best_pair, format_table, memory_process, student_artifacts
 from lmmc.cli import main
 from lmmc.compile import FILE_LIST
 from lmmc.errors import LmmcError
@@ -1168,3 +1168,26 @@ def test_a_ratio_that_rounds_to_one_is_said_as_level():
 
     assert [_times(r) for r in (1.0013, 0.998, 1.0, 1.2, 0.5)] == [
         "as fast, within 0.5 %", "as fast, within 0.5 %", "as fast, within 0.5 %", "1.20x slower", "2.00x faster"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is measured through Linux's /proc")
+def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(uncapped, tmp_path, monkeypatch):
+    """The bench holds its own copies while a memory process loads another; where that would not fit, the
+    kernel would end the largest process, the bench itself, so the row goes unmeasured with a note instead."""
+    _, _, out = uncapped
+    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 1024)  # a machine with 1 KiB free
+    result = run("bench", out, "--repeats", 1, "--warmup", 1, "--json", tmp_path / "b.json")  # --quick measures none
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "b.json").read_text())
+    rows = bench["towers"]["text"]["rows"]
+    assert bench["memory"] and [r["peak_rss_mib"] for r in rows] == [None] * len(rows)
+    said = [n for n in bench["notes"] if " is not measured: loading it once more in a fresh process takes about " in n]
+    assert len(said) == len(rows) and all("0.0 GiB are available" in n for n in said)
+    assert [n.split(" is not")[0] for n in said] == [f"peak memory of the {r['model']}'s text tower, {r['artifact']}"
+                                                     for r in rows]
+    # A deployment whose weights fit is measured, one that does not is refused, at twice its weights.
+    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 4 * 2 ** 30)
+    printed = "print('{\"peak_rss_increase_mib\": 5.0}')"
+    assert memory_process(printed, {}, "a model", weights_bytes=2 * 2 ** 30) == 5.0
+    with pytest.raises(NoRoom, match="a model is not measured: .* takes about 4.5 GiB, and 4.0 GiB are available"):
+        memory_process(printed, {}, "a model", weights_bytes=2 * 2 ** 30 + 2 ** 28)

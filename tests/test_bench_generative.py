@@ -331,3 +331,15 @@ def test_records_of_images_the_compile_distilled_on_are_left_out_of_a_corpus(tmp
     left_out = 8 if own_corpus else 10  # every trained image; without a corpus, the ten calibrated ones of sixteen
     assert f"corpus.jsonl: {left_out} record(s) of images the compile distilled on left out" in bench["notes"]
     assert bench["corpora"]["corpus.jsonl"] == {"image-text pairs": len(mixed) - left_out}
+
+
+@needs_proc
+def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(compiled_llava, tmp_path, monkeypatch):
+    out, _ = compiled_llava
+    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 1024)  # a machine with 1 KiB free
+    bench = bench_api(out, BenchConfig(repeats=1, threads=1), tmp_path / "bench.json")
+    assert [r["peak_rss_mib"] for r in bench["rows"]] == [None] * 4
+    said = [n for n in bench["notes"] if " is not measured: loading it once more in a fresh process takes about " in n]
+    assert [n.split(" (")[0] for n in said] == [f"peak memory of the {m} in {b}" for m in ("teacher", "student")
+                                                for b in ("PyTorch", "ONNX Runtime")]
+    assert all("0.0 GiB are available beside the bench's own models" in n for n in said)

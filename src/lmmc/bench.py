@@ -594,11 +594,31 @@ def print_peak_increase(before: float) -> None:
     print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
 
 
-def memory_process(code: str, spec: dict[str, Any], label: str) -> float | None:
+class NoRoom(Exception):
+    """A deployment whose memory process would not fit beside the bench's own models: not measured, and said."""
+
+
+def _available_bytes() -> int | None:
+    """Linux's estimate of the memory a new process can take without swapping (MemAvailable), or None."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+
+
+def memory_process(code: str, spec: dict[str, Any], label: str, weights_bytes: int = 0) -> float | None:
     """Runs `code`, a memory child that reads `spec` as its argument, in a fresh process; the peak RSS increase
-    it prints, MiB."""
+    it prints, MiB. Raises NoRoom when twice `weights_bytes` (read from disk and held) is more than the machine
+    has available: the bench holds its own copies meanwhile, and the kernel's out-of-memory killer would end
+    the largest process, the bench."""
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
+    available = _available_bytes()
+    if available is not None and 2 * weights_bytes > available:
+        raise NoRoom(f"peak memory of {label} is not measured: loading it once more in a fresh process takes about "
+                     f"{2 * weights_bytes / 2 ** 30:.1f} GiB, and {available / 2 ** 30:.1f} GiB are available beside "
+                     f"the bench's own models; bench it with more memory free, or pass --no-memory")
     # a hub teacher is in the local cache by now: the child needs no network
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
@@ -608,12 +628,26 @@ def memory_process(code: str, spec: dict[str, Any], label: str) -> float | None:
 
 
 def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int,
-                    trust_remote_code: bool = False) -> float | None:
+                    trust_remote_code: bool = False, weights_bytes: int = 0) -> float | None:
     spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
             "path": str(cand.path) if cand.path else None,
             "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads,
             "trust_remote_code": trust_remote_code}
-    return memory_process("from lmmc.bench import memory_child; memory_child()", spec, cand.label)
+    return memory_process("from lmmc.bench import memory_child; memory_child()", spec,
+                          f"the {cand.model}'s {cand.tower} tower, {cand.label}", weights_bytes)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """What a model's parameters and buffers take in memory."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def measured_peak(future, row: dict[str, Any], notes: list[str]) -> None:
+    """A memory process's figure into its row; one that had no room leaves the row's figure None and says so."""
+    try:
+        row["peak_rss_mib"] = future.result()
+    except NoRoom as err:
+        notes.append(str(err))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1059,7 +1093,9 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads, cfg.trust_remote_code)
+            # the child loads the whole teacher (every tower) in PyTorch, and an artifact with its files
+            memory = [pool.submit(peak_memory_mib, c, run.teacher_ref, feed_path, run.threads, cfg.trust_remote_code,
+                                  model_bytes(run.teacher) if c.backend == "pytorch" else file_size(c.path) or 0)
                       for c in candidates] if run.memory else []
             reference = {name: embeddings(candidates[0].run, b) for name, b in evaluated.items()}
             for i, cand in enumerate(candidates):
@@ -1084,7 +1120,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                 progress.update(1)
             progress.set_postfix_str(f"{tower.name}: memory", refresh=False)
             for cand, measured in zip(candidates, memory):
-                cand.row["peak_rss_mib"] = measured.result()
+                measured_peak(measured, cand.row, run.notes)
                 progress.update(1)
     rows = [c.row for c in candidates]
     return {"input": {n: list(v.shape) for n, v in feed.items()}, "rows": rows,

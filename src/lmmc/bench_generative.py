@@ -160,16 +160,18 @@ def memory_child() -> None:
 
 
 def peak_memory_mib(model: str, backend: str, source: str | Path, batch_path: Path, tokens: int, threads: int,
-                    trust_remote_code: bool = False) -> float | None:
+                    trust_remote_code: bool = False, weights_bytes: int = 0) -> float | None:
     """What loading a deployment (`backend` "pytorch" or "onnxruntime" of the "teacher" or "student" `model`,
     from `source`) and generating `tokens` new tokens for the batch saved in `batch_path` add to the peak RSS of a
-    fresh process that already runs its runtime, MiB; None where Linux's /proc is not there to measure it."""
+    fresh process that already runs its runtime, MiB; None where Linux's /proc is not there to measure it
+    (`weights_bytes`: what the deployment's weights take, bench.memory_process)."""
     from lmmc.bench import memory_process
 
     spec = {"model": model, "backend": backend, "source": str(source), "batch": str(batch_path), "tokens": tokens,
             "threads": threads, "trust_remote_code": trust_remote_code}
     return memory_process("from lmmc.bench_generative import memory_child; memory_child()", spec,
-                          f"the {model} in {'PyTorch' if backend == 'pytorch' else 'ONNX Runtime'} ({source})")
+                          f"the {model} in {'PyTorch' if backend == 'pytorch' else 'ONNX Runtime'} ({source})",
+                          weights_bytes)
 
 
 def _timing_batch(items: list, size: int) -> dict[str, Any]:
@@ -245,7 +247,8 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
 
     import lmmc
     from lmmc.bench import (JSON_KIND, _check_outside_inputs, _check_unchanged, _recipe_calibration, _recipe_validate,
-                            check_unchanged, compiled_teacher, corpus_names, distilled_records, distills_on_calibration)
+                            check_unchanged, compiled_teacher, corpus_names, distilled_records, distills_on_calibration,
+                            measured_peak, model_bytes)
     from lmmc.data import generative_limits, load_generative_calibration, part_keys, random_generative_calibration
     from lmmc.export.generative import export_generative
     from lmmc.generation import eos_ids, exact_match, generation_agreement, samples
@@ -342,8 +345,10 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
             # Nothing below is timed: the memory processes run one after another beside the fidelity runs, in
             # this scratch folder's lifetime, as the teacher's export lives in it.
             with ThreadPoolExecutor(max_workers=1) as pool:
+                models = {"teacher": teacher, "student": student}
                 memory = [pool.submit(peak_memory_mib, c.model, c.backend, c.source, batch_path, tokens, threads,
-                                      cfg.trust_remote_code) for c in candidates] if cfg.memory else []
+                                      cfg.trust_remote_code, model_bytes(models[c.model]) if c.path is None
+                                      else _folder_size(c.path)) for c in candidates] if cfg.memory else []
                 reference = {name: candidates[0].answers(items, budgets[name], eos) for name, items in corpora.items()}
                 rows = []
                 for i, c in enumerate(candidates):
@@ -356,7 +361,7 @@ def bench_generative(out_dir: Path, cfg, report: dict[str, Any], fingerprint: st
                         row["exact_match"][name] = exact_match(answers, [s.answer for s in items], eos)
                     rows.append(row)
                 for row, measured in zip(rows, memory):
-                    row["peak_rss_mib"] = measured.result()
+                    measured_peak(measured, row, notes)
     finally:
         torch.set_num_threads(threads_before)
     result = {"kind": JSON_KIND, "generative": True, "lmmc_version": lmmc.__version__,
