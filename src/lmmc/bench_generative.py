@@ -208,17 +208,19 @@ def _corpus_items(path: Path, processor, calib_cfg, n: int, positions: int | Non
 
     records = read_corpus_records(path, processor, calib_cfg.chat_template, "--corpus")
     random.Random(calib_cfg.seed).shuffle(records)
-    fresh_images = [r for r in records if part_keys(r, {"image"}).get("image") not in distilled]
-    kept, seen, step = [], 0, max(n, 64)
-    for start in range(0, len(fresh_images), step):  # encoded a chunk at a time: a large corpus is not read whole
-        chunk = samples(encode_generative(processor, fresh_images[start:start + step], calib_cfg.batch_size,
-                                          calib_cfg.max_length, calib_cfg.chat_template, positions, end))
+    kept, seen, trained, step = [], 0, 0, max(n, 64)
+    for start in range(0, len(records), step):  # read a chunk at a time: a large corpus is not read whole
+        unseen = [r for r in records[start:start + step]
+                  if not distilled or part_keys(r, {"image"}).get("image") not in distilled]
+        trained += min(step, len(records) - start) - len(unseen)
+        chunk = samples(encode_generative(processor, unseen, calib_cfg.batch_size, calib_cfg.max_length,
+                                          calib_cfg.chat_template, positions, end)) if unseen else []
         fresh = [s for s in chunk if _key(s) not in calibrated]
         seen += len(chunk) - len(fresh)
         kept += fresh
         if len(kept) >= n:
             break
-    return kept[:n], seen, len(records) - len(fresh_images)
+    return kept[:n], seen, trained
 
 
 def _key(sample) -> tuple:

@@ -785,14 +785,13 @@ class Trainer:
     def _padding_invariant(self, plan: TowerPlan, order: list[int]) -> bool:
         """Whether the teacher's hidden states of a text's tokens stay the same under more left padding: the
         shortest training text alone against it padded to the longest's length, in fp32 (bf16 products of two
-        shapes differ by rounding alone)."""
+        shapes differ by rounding alone). Called under _cache_teacher's no_grad."""
         short, long = self.train[order[0]], self.train[order[-1]]
         if sample_length(short) == sample_length(long):
             return True  # no batch pads any text
         layers = {j - 1 for j in plan.layer_map} | {plan.n_teacher - 1}
-        with torch.no_grad():
-            alone, padded = (run_tower(self.teacher, plan.spec, self._collate(samples, plan.spec, multiple=1), layers,
-                                       stop_after=max(layers)) for samples in ([short], [short, long]))
+        alone, padded = (run_tower(self.teacher, plan.spec, self._collate(samples, plan.spec, multiple=1), layers,
+                                   stop_after=max(layers)) for samples in ([short], [short, long]))
         n = sample_length(short)
         return all(torch.allclose(alone.hidden[j][0, -n:], padded.hidden[j][0, -n:], rtol=1e-3, atol=1e-4)
                    for j in layers)
