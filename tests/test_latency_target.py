@@ -36,7 +36,7 @@ from lmmc.selection import Unit
 from tests.conftest import save_tiny
 from tests.test_structured import make_artifact, run_antgmm
 
-pytestmark = pytest.mark.timed  # the fitted latency model and validation time the exports
+# Tests that use the fitted latency model are timed: the first of them fits it, timing the exports.
 
 # Small and on one thread: the fit deploys nine structure variants through NNCF.
 DEPLOY = {"runtime": "openvino", "precision": "int8", "threads": 1, "batch": 4, "seq": 32}
@@ -186,6 +186,7 @@ def test_a_target_with_its_export_plans() -> None:
     recipe.check()  # no error: validation will find ONNX Runtime's static INT8 graph
 
 
+@pytest.mark.timed
 def test_fitted_model_predicts_its_held_out_variants_loosely(fitted) -> None:
     _, model = fitted
     tower = model.towers["text"]
@@ -197,6 +198,7 @@ def test_fitted_model_predicts_its_held_out_variants_loosely(fitted) -> None:
     assert error["mean"] < 0.5 and error["max"] < 1.0
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("shares", [None, "auto", {"depth": 0.5, "ffn": 0.25, "heads": 0.25}])
 def test_latency_target_is_met_within_one_unit(fitted, shares) -> None:
     cache, model = fitted
@@ -219,6 +221,7 @@ def test_latency_target_is_met_within_one_unit(fitted, shares) -> None:
     assert metrics["budget"] == "ms"
 
 
+@pytest.mark.timed
 def test_the_joint_ranking_refits_what_it_cuts(fitted) -> None:
     cache, model = fitted
     art = make_artifact("bert")
@@ -246,6 +249,7 @@ def test_ffn_multiple_rounds_to_the_nearest_multiple_under_keep_and_down_under_a
     assert cls(cls.Config(keep=0.5))._aligned(drop, scores) == drop
 
 
+@pytest.mark.timed
 def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitted, tmp_path) -> None:
     cache, model = fitted
     model_dir = save_tiny("bert", tmp_path / "tiny")
@@ -267,6 +271,7 @@ def test_unreachable_target_exits_2_at_plan_time_naming_the_best_reachable(fitte
     assert time.perf_counter() - started < 240  # refused before any scoring, from the cached model
 
 
+@pytest.mark.timed
 def test_a_target_the_model_already_meets_is_refused_before_any_cut(fitted) -> None:
     cache, model = fitted
     art = make_artifact("bert")
@@ -295,6 +300,7 @@ def _student_ir(tmp_path: Path, fitted) -> Any:
     return art, metrics
 
 
+@pytest.mark.timed
 def test_validate_gates_measured_latency_against_the_target(fitted, tmp_path) -> None:
     art, metrics = _student_ir(tmp_path, fitted)
     target = Target(**DEPLOY)
