@@ -203,6 +203,28 @@ def exported_tower(tmp_path_factory):
     return copy
 
 
+# The files that take longest, longest first (a run of `pytest -n 2 --dist loadfile --durations=0`). A worker
+# takes the next file when it nears the end of its last, so with the long files first the two workers end
+# within a short file of each other, where the order by test count ended on one long file run alone.
+LONGEST_FIRST = ["test_bench.py", "test_resume.py", "test_openvino.py", "test_bad_inputs.py",
+                 "test_bench_generative.py", "test_cli.py", "test_st_modules.py", "test_tensorrt.py",
+                 "test_cpp_sample.py", "test_distributed.py", "test_distill.py", "test_latency_target.py",
+                 "test_ort.py", "test_modernbert.py", "test_generate_onnx.py", "test_runtime.py",
+                 "test_gpu_providers.py", "test_e2e_minilm.py", "test_text_padding.py", "test_task_metric.py",
+                 "test_mixed_precision.py", "test_long_texts.py", "test_blip2.py", "test_mpnet.py",
+                 "test_report_html.py", "test_latency_model.py"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # pytest-xdist's own order: files by test count
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
 @contextlib.contextmanager
 def _cores(item: pytest.Item):
     """Under pytest-xdist the workers share the CPUs. A test marked `timed` (it times code, or runs on a clock)
