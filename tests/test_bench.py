@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 
 from lmmc import load_student
 from lmmc.adapters import TowerModule, example_inputs
-from lmmc.bench import NoRoom, best_pair, format_table, memory_process, student_artifacts
+from lmmc.bench import ENCODER_CHILD, NoRoom, best_pair, format_table, memory_process, student_artifacts
 from lmmc.cli import main
 from lmmc.compile import FILE_LIST
 from lmmc.errors import LmmcError
@@ -127,6 +128,21 @@ def test_each_rows_peak_memory_holds_at_least_its_weights(compiled, measured):
                for k, m in models.items()}
     for r in rows:  # a fresh process that loads and runs the model holds at least its weights
         assert r["peak_rss_mib"] >= weights[r["model"]] * {"int8": 1, "bf16": 2}.get(r["precision"], 4) / 2**20
+
+
+@pytest.mark.parametrize("artifact, backend", [("onnx/text.onnx", "onnxruntime"), ("openvino/text.int8.xml", "openvino")])
+def test_a_memory_process_of_a_runtime_imports_neither_torch_nor_transformers(compiled, tmp_path, artifact, backend):
+    """They take seconds to import, in one fresh process for each row of the table."""
+    _, _, out = compiled
+    teacher, adapter, _ = load_teacher(str(compiled[1]))
+    ids, mask = example_inputs(teacher, adapter.tower("text"), batch=2, seq=8)
+    np.savez(tmp_path / "feed.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
+    spec = {"backend": backend, "inference": None, "static": None, "path": str(out / artifact), "model": None,
+            "tower": "text", "feed": str(tmp_path / "feed.npz"), "threads": 1, "trust_remote_code": False}
+    code = f"{ENCODER_CHILD}; import json, sys; print(json.dumps(sorted({{'torch', 'transformers'}} & set(sys.modules))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, check=True)
+    peak, imported = done.stdout.strip().splitlines()[-2:]
+    assert json.loads(imported) == [] and json.loads(peak)["peak_rss_increase_mib"] > 0
 
 
 @pytest.mark.timed

@@ -540,60 +540,6 @@ def file_size(path: Path | None) -> int | None:
     return total + (companion.stat().st_size if companion.is_file() else 0)
 
 
-def _vm(field_name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field_name)
-
-
-def memory_child() -> None:
-    """Runs in a fresh process: argv = JSON spec. Prints the peak RSS increase of load + one run, MiB."""
-    spec = json.loads(sys.argv[1])
-    # The runtime is loaded before the baseline (libraries, the modelling code, OpenVINO's CPU plugin):
-    # what is measured is what this model adds to a process that already runs the runtime.
-    if spec["backend"] == "pytorch":
-        import torch
-        import transformers
-
-        from lmmc.modelio import local_dir, resolve_config
-
-        torch.set_num_threads(spec["threads"])
-        config, adapter = resolve_config(spec["model"], spec["trust_remote_code"])
-        auto = getattr(transformers, adapter.auto_class)
-        with torch.device("meta"):  # imports the modelling code (about 1,400 modules) without any weights
-            auto.from_config(config)
-    elif spec["backend"] == "onnxruntime":
-        import onnxruntime  # noqa: F401
-    else:
-        from lmmc.runtime.openvino import core
-
-        core().get_versions("CPU")
-    feed = dict(np.load(spec["feed"]))
-    before = reset_peak()
-    if spec["backend"] == "pytorch":
-        model = auto.from_pretrained(str(local_dir(spec["model"]) or spec["model"]), dtype=torch.float32,
-                                     use_safetensors=True).eval()
-        run = torch_runner(model, adapter.tower(spec["tower"]))
-    else:
-        run = load(spec["path"], spec["backend"], spec["threads"], inference_precision=spec["inference"],
-                   static_shape=tuple(spec["static"]) if spec["static"] else None).run
-    run(feed)
-    print_peak_increase(before)
-
-
-def reset_peak() -> float:
-    """In a memory child: resets VmHWM so that the peaks of what ran so far (the imports) do not count; VmRSS
-    now, MiB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _vm("VmRSS")
-
-
-def print_peak_increase(before: float) -> None:
-    """In a memory child: prints, for `memory_process`, how far VmHWM rose above `before` (MiB)."""
-    print(json.dumps({"peak_rss_increase_mib": _vm("VmHWM") - before}))
-
-
 class NoRoom(Exception):
     """A deployment whose memory process would not fit beside the bench's own models: not measured, and said."""
 
@@ -627,13 +573,16 @@ def memory_process(code: str, spec: dict[str, Any], label: str, weights_bytes: i
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_increase_mib"]
 
 
+ENCODER_CHILD = "from lmmc.peak_memory import encoder_child; encoder_child()"  # its imports are the runtime's alone
+
+
 def peak_memory_mib(cand: Candidate, teacher_ref: str, feed_path: Path, threads: int,
                     trust_remote_code: bool = False, weights_bytes: int = 0) -> float | None:
     spec = {"backend": cand.backend, "inference": cand.inference, "static": cand.static_shape,
             "path": str(cand.path) if cand.path else None,
             "model": teacher_ref, "tower": cand.tower, "feed": str(feed_path), "threads": threads,
             "trust_remote_code": trust_remote_code}
-    return memory_process("from lmmc.bench import memory_child; memory_child()", spec,
+    return memory_process(ENCODER_CHILD, spec,
                           f"the {cand.model}'s {cand.tower} tower, {cand.label}", weights_bytes)
 
 

@@ -124,7 +124,7 @@ def memory_child() -> None:
     generating the timing batch once, MiB."""
     import torch
 
-    from lmmc.bench import print_peak_increase, reset_peak
+    from lmmc.peak_memory import print_peak_increase, reset_peak
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
