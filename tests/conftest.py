@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import shutil
 import signal
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -225,32 +225,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
 
 
-@contextlib.contextmanager
-def _cores(item: pytest.Item):
+def _timed(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("timed") is not None
+
+
+def _take_cores(item: pytest.Item) -> IO[str]:
     """Under pytest-xdist the workers share the CPUs. A test marked `timed` (it times code, or runs on a clock)
     waits for the other workers' tests to end and runs alone; the rest run side by side. Two file locks: a
     `timed` test takes the turnstile and keeps it until it holds the cores alone, so the other workers cannot
-    start test after test past it and keep it waiting."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
+    start test after test past it and keep it waiting. Returns the cores lock, held."""
     folder = item.config._tmp_path_factory.getbasetemp().parent  # the run's folder, shared by its workers
-    alone = item.get_closest_marker("timed") is not None
-    with open(folder / "cores.lock", "a") as cores, open(folder / "turnstile.lock", "a") as turnstile:
+    cores = open(folder / "cores.lock", "a")
+    with open(folder / "turnstile.lock", "a") as turnstile:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(cores, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(cores, fcntl.LOCK_EX if _timed(item) else fcntl.LOCK_SH)
         fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(cores, fcntl.LOCK_UN)
+    return cores
+
+
+_KEPT: list[IO[str]] = []  # the cores lock, held alone from one timed test to the next on this worker
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    """Set-up, call and tear-down under `_cores`: a module fixture a timed test builds times code too."""
-    with _cores(item):
+    """Set-up, call and tear-down under the cores lock: a module fixture a timed test builds times code too.
+    Consecutive timed tests keep the cores from the first to the last: each would wait again for a test of the
+    other worker to end, a wait as long as that test."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         yield
+        return
+    cores = _KEPT.pop() if _KEPT else _take_cores(item)
+    try:
+        yield
+    finally:
+        if _timed(item) and _timed(nextitem):
+            _KEPT.append(cores)
+        else:
+            fcntl.flock(cores, fcntl.LOCK_UN)
+            cores.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
