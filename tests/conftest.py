@@ -205,7 +205,7 @@ def exported_tower(tmp_path_factory):
 
 # The files that take longest, longest first (a run of `pytest -n 2 --dist loadfile --durations=0`). A worker
 # takes the next file when it nears the end of its last, so with the long files first the two workers end
-# within a short file of each other, where the order by test count ended on one long file run alone.
+# within a short file of each other.
 LONGEST_FIRST = ["test_bench.py", "test_resume.py", "test_openvino.py", "test_bad_inputs.py",
                  "test_bench_generative.py", "test_cli.py", "test_st_modules.py", "test_tensorrt.py",
                  "test_cpp_sample.py", "test_distributed.py", "test_distill.py", "test_latency_target.py",

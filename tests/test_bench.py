@@ -117,13 +117,13 @@ def measured(compiled):
 
 def test_each_rows_peak_memory_holds_at_least_its_weights(compiled, measured):
     """First in the file and not timed, so the compile and the memory processes share the cores."""
-    _, model_dir, _ = compiled
+    _, model_dir, out = compiled
     _, bench = measured
     assert bench["memory"]
     rows = bench["towers"]["text"]["rows"]
     assert [r["artifact"] for r in rows if r["model"] == "teacher"] == teacher_rows(static=True)
     assert len(rows) == len(teacher_rows(static=True)) + 3 + 4 * len(ir_rows("", "", static=False))
-    models = {"teacher": load_teacher(str(model_dir))[0], "student": load_student(compiled[2] / "student")}
+    models = {"teacher": load_teacher(str(model_dir))[0], "student": load_student(out / "student")}
     weights = {k: sum(p.numel() for n, p in m.named_parameters() if not n.startswith("pooler."))
                for k, m in models.items()}
     for r in rows:  # a fresh process that loads and runs the model holds at least its weights
@@ -133,8 +133,8 @@ def test_each_rows_peak_memory_holds_at_least_its_weights(compiled, measured):
 @pytest.mark.parametrize("artifact, backend", [("onnx/text.onnx", "onnxruntime"), ("openvino/text.int8.xml", "openvino")])
 def test_a_memory_process_of_a_runtime_imports_neither_torch_nor_transformers(compiled, tmp_path, artifact, backend):
     """They take seconds to import, in one fresh process for each row of the table."""
-    _, _, out = compiled
-    teacher, adapter, _ = load_teacher(str(compiled[1]))
+    _, model_dir, out = compiled
+    teacher, adapter, _ = load_teacher(str(model_dir))
     ids, mask = example_inputs(teacher, adapter.tower("text"), batch=2, seq=8)
     np.savez(tmp_path / "feed.npz", input_ids=ids.numpy(), attention_mask=mask.numpy())
     spec = {"backend": backend, "inference": None, "static": None, "path": str(out / artifact), "model": None,
