@@ -59,7 +59,20 @@ EXTRA += [f"{a} and {b}" for a, b in zip(EXTRA, EXTRA[3:] + EXTRA[:3])] + \
          [f"{a} of {b}" for a in EXTRA[:4] for b in EXTRA[4:7]]  # 32: bench's floor of distinct samples
 
 
+TEACHER_CACHE: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_teacher_cache(tmp_path_factory):
+    """The benches of this file keep the teacher's deployments in one folder (`--teacher-cache`): building them
+    takes most of a short bench, and the tests bench the same few teachers again and again. The tests of the
+    cache itself pass folders of their own."""
+    TEACHER_CACHE[:] = [tmp_path_factory.mktemp("teacher-cache")]
+
+
 def run(*args):
+    if args and args[0] == "bench" and "--teacher-cache" not in args:
+        args = (*args, "--teacher-cache", TEACHER_CACHE[0])
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -621,13 +634,15 @@ def test_a_recipe_with_bench_prints_the_table_after_the_compile(tmp_path, monkey
         "calibration": {"path": str(CORPUS), "samples": 16, "eval_samples": 32, "batch_size": 8, "max_length": 32},
         "passes": [{"wanda": {"sparsity": 0.5}}],
         "validate": {"latency": False, "latency_batch": 2, "latency_seq": 16, "threads": 1},
-        "bench": {"repeats": 3, "warmup": 1, "memory": False, "threads": 1},
+        "bench": {"repeats": 3, "warmup": 1, "memory": False, "threads": 1, "teacher_cache": "cache"},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     result = run("compile", model_dir, "--recipe", tmp_path / "recipe.yaml", "--out", out)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "bench.json").read_text())
+    # the recipe's folder, read beside the recipe as its other paths are
+    assert saved["teacher_cache"] == str(tmp_path / "cache") and len(list((tmp_path / "cache").iterdir())) == 1
     rows = saved["towers"]["text"]["rows"]
     assert [r["artifact"] for r in rows] == [*TEACHER_ROWS, "onnx/text.onnx"]
     assert [len(r["latency_ms"]["runs"]) for r in rows] == [3] * len(rows)
@@ -813,6 +828,22 @@ def test_a_json_inside_the_teacher_or_a_corpus_folder_is_refused(uncapped, tmp_p
     assert started == [] and sorted(p.name for p in model_dir.iterdir()) == before
 
 
+@pytest.mark.parametrize("where", ["teacher", "output"])
+def test_a_teacher_cache_inside_the_teacher_or_the_output_is_refused(uncapped, monkeypatch, where):
+    """In the teacher's folder it would change the teacher later benches check; in the output, the files a
+    bench checks are unchanged at its end, and it would save nothing."""
+    _, model_dir, out = uncapped
+    place, what = {"teacher": (model_dir, "the teacher's folder"), "output": (out, "the output")}[where]
+    started = []
+    monkeypatch.setattr("lmmc.modelio.load_teacher", lambda *a: started.append(a))
+    before = sorted(p.name for p in place.iterdir())
+    result = run("bench", out, "--quick", "--teacher-cache", place / "cache")
+    assert result.exit_code == 2, result.output
+    assert (f"error: --teacher-cache '{place / 'cache'}' is inside {what} ({place}), which bench reads; pass "
+            f"--teacher-cache with a path outside it") in " ".join(result.output.split())
+    assert started == [] and sorted(p.name for p in place.iterdir()) == before
+
+
 def _during_the_run(monkeypatch, action):
     """Runs `action` while bench measures, after the checks at its start."""
     import lmmc.bench
@@ -877,6 +908,85 @@ def test_a_copy_or_an_edit_of_a_bench_json_is_the_users(uncapped, tmp_path):
     assert result.exit_code == 2 and "or was edited since" in result.output, result.output
     assert (out / "bench.json").read_bytes() == edited
     (out / "bench.json").unlink()
+
+
+def teacher_rows_of(bench: dict) -> dict[str, dict]:
+    return {r["artifact"]: r["cosine_to_teacher"] for r in bench["towers"]["text"]["rows"] if r["model"] == "teacher"}
+
+
+def test_a_teacher_cache_is_built_once_and_reused_with_the_same_figures(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    cache = tmp_path / "cache"
+    assert run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "1.json").exit_code == 0
+    first = json.loads((tmp_path / "1.json").read_text())
+    [entry] = cache.iterdir()
+    assert first["teacher_cache"] == str(cache)
+    written = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    assert {"teacher-text.onnx", "teacher-text.int8.xml", "teacher-text.int8.bin", "entry.json"} <= set(written)
+
+    def exported(*args, **kwargs):
+        raise AssertionError("the cached teacher was exported again")
+    monkeypatch.setattr("lmmc.export.onnx.export_tower", exported)
+    result = run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "2.json")
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "2.json").read_text())
+    assert teacher_rows_of(again) == teacher_rows_of(first)  # the same files: the same embeddings
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == written
+    assert list(cache.iterdir()) == [entry]
+
+
+def test_a_damaged_teacher_cache_entry_is_built_anew_for_the_bench_and_left_as_it_is(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    cache = tmp_path / "cache"
+    assert run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "1.json").exit_code == 0
+    [entry] = cache.iterdir()
+    with open(entry / "teacher-text.int8.bin", "r+b") as f:
+        f.truncate(100)
+    import lmmc.export.onnx
+    exports = []
+    real = lmmc.export.onnx.export_tower
+    monkeypatch.setattr(lmmc.export.onnx, "export_tower", lambda *a, **k: exports.append(a) or real(*a, **k))
+    result = run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "2.json")
+    assert result.exit_code == 0, result.output
+    assert len(exports) == 1 and (entry / "teacher-text.int8.bin").stat().st_size == 100
+    notes = json.loads((tmp_path / "2.json").read_text())["notes"]
+    assert [n for n in notes if "cached in" in n] == [
+        f"teacher text: the deployments cached in '{entry}' are incomplete or changed since they were built, so "
+        f"they were built again for this bench; remove that folder to cache them anew"]
+    assert teacher_rows_of(json.loads((tmp_path / "2.json").read_text())) == \
+        teacher_rows_of(json.loads((tmp_path / "1.json").read_text()))
+
+
+def test_a_bench_stopped_while_building_the_teacher_leaves_no_entry(uncapped, tmp_path, monkeypatch):
+    _, _, out = uncapped
+    cache = tmp_path / "cache"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+    monkeypatch.setattr("lmmc.export.openvino.quantize_openvino", stopped)  # the last of the teacher's steps
+    assert run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "b.json").exit_code == 130
+    assert list(cache.iterdir()) == []
+    monkeypatch.undo()
+    assert run("bench", out, "--quick", "--teacher-cache", cache, "--json", tmp_path / "b.json").exit_code == 0
+    [entry] = cache.iterdir()
+    assert json.loads((entry / "entry.json").read_text())["files"]["teacher-text.int8.bin"] > 0
+
+
+def test_the_teacher_cache_key_follows_the_weights_the_calibration_and_the_device(uncapped):
+    from lmmc.bench import teacher_cache_key
+
+    _, model_dir, _ = uncapped
+    teacher, adapter, _ = load_teacher(str(model_dir))
+    tower = adapter.tower("text")
+    calib = [{"input_ids": np.arange(12).reshape(2, 6), "attention_mask": np.ones((2, 6), dtype=np.int64)}]
+    key = teacher_cache_key(teacher, tower, calib, "cpu")
+    assert teacher_cache_key(teacher, tower, [dict(b) for b in calib], "cpu") == key
+    assert teacher_cache_key(teacher, tower, calib, "cuda") != key
+    other = [{**calib[0], "attention_mask": np.array([[1] * 6, [1] * 5 + [0]])}]
+    assert teacher_cache_key(teacher, tower, other, "cpu") != key
+    with torch.no_grad():
+        next(teacher.parameters())[0, 0] += 1e-3
+    assert teacher_cache_key(teacher, tower, calib, "cpu") != key
 
 
 def test_an_output_a_compile_replaces_during_the_run_gets_no_bench_json(uncapped, tmp_path, monkeypatch):

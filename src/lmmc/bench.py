@@ -67,6 +67,9 @@ class BenchConfig(Config):
                         "cpu, or cuda / cuda:N (ONNX Runtime's CUDA provider, from onnxruntime-gpu)")
     trust_remote_code: bool = Field(False, description="read a teacher tokenizer or processor that ships its own "
                                     "code, as a compile with --trust-remote-code did")
+    teacher_cache: Path | None = Field(None, description="folder that keeps the teacher's deployments (its ONNX "
+                                       "exports, INT8 graphs and IRs) for later benches of the same teacher, "
+                                       "calibration data, runtimes and device; unset, each bench builds them anew")
 
 
 # A teacher deployment further than this from the fp32 teacher (e.g. an INT8 IR that bf16 inference
@@ -311,19 +314,25 @@ def check_writable(path: Path) -> None:
                         f"make it writable or pass --json with a path in a writable folder") from None
 
 
-def _check_outside_inputs(json_path: Path, teacher_ref: str, calib_cfg: Any, corpora: list[Path]) -> None:
-    """The JSON may not land inside what bench reads: a file added to the teacher's folder or to a data
-    folder changes the inputs, and every later bench would refuse them as changed since the compile."""
+def _check_outside_inputs(json_path: Path, teacher_ref: str, calib_cfg: Any, corpora: list[Path], out_dir: Path,
+                          cache: Path | None) -> None:
+    """The JSON and the teacher cache may not land inside what bench reads: a file added to the teacher's folder
+    or to a data folder changes the inputs, and every later bench would refuse them as changed since the
+    compile. The cache may not be inside the output either, whose files a bench checks are unchanged at its end."""
     from lmmc.modelio import local_dir
 
-    target = json_path.resolve()
     reads = [("the teacher's folder", local_dir(teacher_ref)),
              ("the calibration data", Path(calib_cfg.path) if calib_cfg.path else None),
              *(("the corpus", Path(c)) for c in corpora)]
-    for what, place in reads:
-        if place is not None and place.is_dir() and target.is_relative_to(place.resolve()):
-            raise LmmcError(f"--json '{json_path}' is inside {what} ({place}), which bench reads; pass --json "
-                            f"with a path outside it")
+    written = [("--json", json_path, reads)]
+    if cache is not None:
+        written.append(("--teacher-cache", cache, [*reads, ("the output", out_dir)]))
+    for option, path, places in written:
+        target = path.resolve()
+        for what, place in places:
+            if place is not None and place.is_dir() and target.is_relative_to(place.resolve()):
+                raise LmmcError(f"{option} '{path}' is inside {what} ({place}), which bench reads; pass {option} "
+                                f"with a path outside it")
 
 
 class NotSaved(LmmcError):
@@ -411,22 +420,109 @@ def tower_parameters(model, tower) -> tuple[int, int]:
     return sum(p.numel() for p in used), sum(int(p.count_nonzero()) for p in used)
 
 
-def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
-                        notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
-                        static_shape: tuple[int, ...] | None = None) -> list[Candidate]:
-    """The teacher the ways a user would deploy it without lmmc, built into `folder`: PyTorch eager,
-    ONNX Runtime plain, fused (when a fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted
-    from PyTorch, as OpenVINO recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default
-    on a CPU with bf16 units) and, with `static_shape`, compiled for that one shape; on a CUDA device ONNX
-    Runtime fp16 instead of the CPU ones (ORT's dynamic INT8 and OpenVINO run on the CPU)."""
+TEACHER_ENTRY = "teacher-"  # a cached entry: teacher-<tower>-<key>/, complete once its entry.json is written
+TEACHER_BUILD = ".teacher-build-"  # where an entry is built before it is moved into place
+
+
+def teacher_cache_key(teacher, tower, calib: list[dict[str, np.ndarray]], device: str) -> str:
+    """A digest of everything the teacher's deployments are built from: its weights and config, the
+    calibration batches NNCF calibrates on, the device, lmmc's export code and the versions that run it."""
+    import importlib.metadata
+
+    import torch
+
+    import lmmc
+    from lmmc.export import fp16, onnx, openvino, ort
+
+    packages = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    digest = hashlib.sha256(json.dumps({
+        "lmmc": lmmc.__version__, "versions": versions, "tower": tower.name, "device": device,
+        "class": type(teacher).__name__, "config": teacher.config.to_json_string(use_diff=False),
+    }, sort_keys=True).encode())
+    for module in (onnx, ort, openvino, fp16):  # a changed exporter builds other graphs under the same version
+        digest.update(Path(module.__file__).read_bytes())
+    for name, tensor in teacher.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for batch in calib:
+        for name in sorted(batch):
+            digest.update(f"{name}:{batch[name].dtype}:{batch[name].shape}".encode())
+            digest.update(np.ascontiguousarray(batch[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _sound_entry(entry: Path, key: str) -> dict[str, Any] | None:
+    """The record of a complete entry built from `key`, its files all there at the sizes written; else None."""
+    try:
+        record = json.loads((entry / "entry.json").read_text())
+        if record.get("key") != key or not isinstance(record.get("notes"), list):
+            return None
+        sizes = record["files"]
+        return record if all((entry / name).stat().st_size == size for name, size in sizes.items()) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def cached_teacher(cache: Path, folder: Path, teacher, tower, calib: list[dict[str, np.ndarray]], notes: list[str],
+                   progress, device: str) -> Path:
+    """The folder of the teacher's deployments in `cache`, built there first when no earlier bench did. An entry
+    is built aside and moved into place whole, so a killed bench leaves none half-written, and of two benches
+    building the same one at once the first to finish keeps its entry. The notes the build made (a fusion
+    that failed) are kept with it and given again. A damaged entry is left as it is, and the deployments are
+    built into `folder` instead."""
+    key = teacher_cache_key(teacher, tower, calib, device)
+    entry = cache / f"{TEACHER_ENTRY}{tower.name}-{key[:24]}"
+    record = _sound_entry(entry, key)
+    if record is None and not entry.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LmmcError(f"cannot make the teacher cache '{cache}' ({err.strerror or err}); pass --teacher-cache "
+                            f"with a writable folder, or leave it out") from None
+        with scratch_folder(TEACHER_BUILD, cache) as tmp:
+            built = Path(tmp) / entry.name
+            built.mkdir()
+            made: list[str] = []
+            build_teacher(teacher, tower, built, calib, made, progress, device)
+            files = {p.name: p.stat().st_size for p in built.iterdir()}
+            (built / "entry.json").write_text(json.dumps({"key": key, "notes": made, "files": files}, indent=1))
+            with contextlib.suppress(OSError):  # another bench moved the same entry into place first
+                os.rename(built, entry)
+            notes.extend(made)
+        record = _sound_entry(entry, key)
+        if record is not None:
+            return entry
+    if record is None:  # damaged or edited: built again here, and left as it is for whoever looks at it
+        notes.append(f"teacher {tower.name}: the deployments cached in '{entry}' are incomplete or changed since "
+                     f"they were built, so they were built again for this bench; remove that folder to cache them anew")
+        build_teacher(teacher, tower, folder, calib, notes, progress, device)
+        return folder
+    progress.update(teacher_steps(device))
+    notes.extend(n for n in record["notes"] if n not in notes)
+    return entry
+
+
+def teacher_files(folder: Path, tower) -> dict[str, Path]:
+    return {"plain": folder / f"teacher-{tower.name}.onnx", "fused": folder / f"teacher-{tower.name}.fused.onnx",
+            "int8": folder / f"teacher-{tower.name}.int8-dynamic.onnx", "fp16": folder / f"teacher-{tower.name}.fp16.onnx",
+            "ov": folder / f"teacher-{tower.name}.xml", "ov8": folder / f"teacher-{tower.name}.int8.xml"}
+
+
+def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], notes: list[str], progress,
+                  device: str = "cpu") -> None:
+    """Build the teacher's deployments into `folder` (`teacher_files`), one progress step each."""
     from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
     from lmmc.export.openvino import FrontendFailed, quantize_openvino, to_openvino, torch_to_openvino
     from lmmc.export.ort import FusionFailed, fuse_onnx, quantize_dynamic_onnx
 
-    files = {"plain": folder / f"teacher-{tower.name}.onnx", "fused": folder / f"teacher-{tower.name}.fused.onnx",
-             "int8": folder / f"teacher-{tower.name}.int8-dynamic.onnx", "fp16": folder / f"teacher-{tower.name}.fp16.onnx",
-             "ov": folder / f"teacher-{tower.name}.xml", "ov8": folder / f"teacher-{tower.name}.int8.xml"}
+    files = teacher_files(folder, tower)
 
     def fuse() -> None:
         try:
@@ -458,6 +554,26 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
             step()
         progress.update(1)
+
+
+def teacher_steps(device: str) -> int:
+    return 5 if device == "cpu" else 3
+
+
+def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
+                        notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
+                        static_shape: tuple[int, ...] | None = None, cache: Path | None = None) -> list[Candidate]:
+    """The teacher the ways a user would deploy it without lmmc, built into `folder` (or taken from `cache`,
+    where an earlier bench built them from the same inputs): PyTorch eager, ONNX Runtime plain, fused (when a
+    fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted from PyTorch, as OpenVINO
+    recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default on a CPU with bf16 units) and,
+    with `static_shape`, compiled for that one shape; on a CUDA device ONNX Runtime fp16 instead of the CPU
+    ones (ORT's dynamic INT8 and OpenVINO run on the CPU)."""
+    if cache is None:
+        build_teacher(teacher, tower, folder, calib, notes, progress, device)
+    else:
+        folder = cached_teacher(Path(cache), folder, teacher, tower, calib, notes, progress, device)
+    files = teacher_files(folder, tower)
     params = tower_parameters(teacher, tower)
     spec = [("onnxruntime fp32", "onnxruntime", "fp32", "plain"),
             ("onnxruntime fused fp32", "onnxruntime", "fp32", "fused"),
@@ -923,7 +1039,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         return _save(bench_generative(out_dir, cfg, report, fingerprint, json_path), out_dir, json_path, fingerprint)
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
     validate = _recipe_validate(report, out_dir / "report.json")
-    _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora)
+    _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora, out_dir, cfg.teacher_cache)
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)  # before its towers are read: another model's mislead
     positions = check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
@@ -971,6 +1087,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "system": platform.platform()},
         "versions": versions, "memory": MEMORY_METHOD if run.memory else None,
+        "teacher_cache": str(cfg.teacher_cache.resolve()) if cfg.teacher_cache else None,
         "corpora": {name: {m: sum(len(next(iter(b.values()))) for b in bs) for m, bs in c.items()}
                     for name, c in corpora.items()},
         "towers": {}, "notes": run.notes,
@@ -1024,10 +1141,11 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     static = ((run.batch, run.seq) if modality == "text" else (run.batch,)) if cfg.static else None
     n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
     n += 4 + 2 * sum(a["backend"] == "openvino" for a in artifacts) if static else 0
-    with tqdm(total=5 + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
+    with tqdm(total=teacher_steps(run.device) + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
               unit="step", leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
-                                         run.threads, run.notes, progress, run.device, run.torch_device, static)
+                                         run.threads, run.notes, progress, run.device, run.torch_device, static,
+                                         cfg.teacher_cache)
         params = tower_parameters(run.student, tower)
         for a in artifacts:
             # ONNX files run on the bench's device; an IR on the CPU, an engine on its GPU

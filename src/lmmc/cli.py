@@ -513,8 +513,11 @@ def summary_table(report: dict) -> str:
               "code, as the compile did with --trust-remote-code.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, or cuda / cuda:N: ONNX Runtime's CUDA provider (needs onnxruntime-gpu) and PyTorch on the GPU.")
+@click.option("--teacher-cache", type=_Path(), help="Keep the teacher's deployments (ONNX exports, INT8 graphs, IRs) "
+              "in this folder and reuse them in later benches of the same teacher, calibration data, runtimes and "
+              "device: building them takes most of a short bench.")
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
-              static, trust_remote_code, device):
+              static, trust_remote_code, device, teacher_cache):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON. A generative
     model's greedy generation is timed in PyTorch and ONNX Runtime, the teacher's and the student's."""
@@ -525,7 +528,8 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
     if quick:
         repeats, warmup, no_memory = 3 if repeats is None else repeats, 1 if warmup is None else warmup, True
     given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
-             "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device}
+             "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device,
+             "teacher_cache": Path(teacher_cache) if teacher_cache else None}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
                           static=static, corpora=tuple(Path(c) for c in corpus), trust_remote_code=trust_remote_code)

@@ -388,8 +388,11 @@ def _resolve_paths(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
         data[section] = resolved
     bench = data.get("bench")
     if isinstance(bench, dict) and isinstance(bench.get("corpora"), list):
-        data["bench"] = {**bench, "corpora": [_resolve(c, base, "bench.corpora", must_exist=True)
-                                              for c in bench["corpora"]]}
+        bench = data["bench"] = {**bench, "corpora": [_resolve(c, base, "bench.corpora", must_exist=True)
+                                                      for c in bench["corpora"]]}
+    if isinstance(bench, dict) and bench.get("teacher_cache") is not None:
+        data["bench"] = {**bench, "teacher_cache": _resolve(bench["teacher_cache"], base, "bench.teacher_cache",
+                                                            must_exist=False)}
     return data
 
 
