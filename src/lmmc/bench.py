@@ -314,8 +314,8 @@ def check_writable(path: Path) -> None:
                         f"make it writable or pass --json with a path in a writable folder") from None
 
 
-def _check_outside_inputs(json_path: Path, teacher_ref: str, calib_cfg: Any, corpora: list[Path], out_dir: Path,
-                          cache: Path | None) -> None:
+def _check_outside_inputs(json_path: Path, teacher_ref: str, calib_cfg: Any, corpora: list[Path],
+                          out_dir: Path | None = None, cache: Path | None = None) -> None:
     """The JSON and the teacher cache may not land inside what bench reads: a file added to the teacher's folder
     or to a data folder changes the inputs, and every later bench would refuse them as changed since the
     compile. The cache may not be inside the output either, whose files a bench checks are unchanged at its end."""
