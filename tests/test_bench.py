@@ -814,33 +814,22 @@ def test_an_unwritable_json_folder_fails_before_the_run(uncapped, tmp_path, monk
     assert started == [] and not (ro / "b.json").exists()
 
 
-def test_a_json_inside_the_teacher_or_a_corpus_folder_is_refused(uncapped, tmp_path, monkeypatch):
-    """A file bench added there would change what it reads: every later bench would refuse the teacher as
-    changed since the compile."""
-    _, model_dir, out = uncapped
-    started = []
-    monkeypatch.setattr("lmmc.modelio.load_teacher", lambda *a: started.append(a))
-    before = sorted(p.name for p in model_dir.iterdir())
-    result = run("bench", out, "--quick", "--json", model_dir / "bench.json")
-    assert result.exit_code == 2, result.output
-    assert (f"error: --json '{model_dir / 'bench.json'}' is inside the teacher's folder ({model_dir}), which bench "
-            f"reads; pass --json with a path outside it") in " ".join(result.output.split())
-    assert started == [] and sorted(p.name for p in model_dir.iterdir()) == before
-
-
-@pytest.mark.parametrize("where", ["teacher", "output"])
-def test_a_teacher_cache_inside_the_teacher_or_the_output_is_refused(uncapped, monkeypatch, where):
-    """In the teacher's folder it would change the teacher later benches check; in the output, the files a
-    bench checks are unchanged at its end, and it would save nothing."""
+@pytest.mark.parametrize("option, where", [("--json", "teacher"), ("--teacher-cache", "teacher"),
+                                           ("--teacher-cache", "output")])
+def test_a_json_or_a_teacher_cache_inside_what_bench_reads_is_refused(uncapped, monkeypatch, option, where):
+    """A file bench added to the teacher's folder would change what it reads: every later bench would refuse the
+    teacher as changed since the compile. In the output, the cache would change the files a bench checks are
+    unchanged at its end, and it would save nothing."""
     _, model_dir, out = uncapped
     place, what = {"teacher": (model_dir, "the teacher's folder"), "output": (out, "the output")}[where]
+    target = place / ("bench.json" if option == "--json" else "cache")
     started = []
     monkeypatch.setattr("lmmc.modelio.load_teacher", lambda *a: started.append(a))
     before = sorted(p.name for p in place.iterdir())
-    result = run("bench", out, "--quick", "--teacher-cache", place / "cache")
+    result = run("bench", out, "--quick", option, target)
     assert result.exit_code == 2, result.output
-    assert (f"error: --teacher-cache '{place / 'cache'}' is inside {what} ({place}), which bench reads; pass "
-            f"--teacher-cache with a path outside it") in " ".join(result.output.split())
+    assert (f"error: {option} '{target}' is inside {what} ({place}), which bench reads; pass {option} with a path "
+            f"outside it") in " ".join(result.output.split())
     assert started == [] and sorted(p.name for p in place.iterdir()) == before
 
 
