@@ -538,26 +538,27 @@ def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray
             notes.append(f"teacher {tower.name}: OpenVINO IR converted from the ONNX export ({err})")
             to_openvino(files["plain"], files["ov"])
 
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("export", lambda: export_tower(teacher, tower, files["plain"])),
-        ("fuse", fuse),
-        ("ORT INT8", lambda: quantize_dynamic_onnx(files["plain"], files["int8"])),
-        ("OpenVINO", to_ir),
-        ("NNCF INT8", lambda: quantize_openvino(files["ov"], files["ov8"], calib)),
-    ] if device == "cpu" else [
-        ("export", lambda: export_tower(teacher, tower, files["plain"])),
-        ("fuse", fuse),
-        ("ORT FP16", lambda: to_fp16_onnx(files["plain"], files["fp16"])),
-    ]
-    for what, step in steps:
+    actions: dict[str, Callable[[], Any]] = {
+        "export": lambda: export_tower(teacher, tower, files["plain"]),
+        "fuse": fuse,
+        "ORT INT8": lambda: quantize_dynamic_onnx(files["plain"], files["int8"]),
+        "OpenVINO": to_ir,
+        "NNCF INT8": lambda: quantize_openvino(files["ov"], files["ov8"], calib),
+        "ORT FP16": lambda: to_fp16_onnx(files["plain"], files["fp16"]),
+    }
+    for what in TEACHER_STEPS[device == "cpu"]:
         progress.set_postfix_str(f"teacher {tower.name}: {what}", refresh=False)
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
-            step()
+            actions[what]()
         progress.update(1)
 
 
+# the teacher's build steps on a GPU (False) and on the CPU (True), one progress step each
+TEACHER_STEPS = {True: ("export", "fuse", "ORT INT8", "OpenVINO", "NNCF INT8"), False: ("export", "fuse", "ORT FP16")}
+
+
 def teacher_steps(device: str) -> int:
-    return 5 if device == "cpu" else 3
+    return len(TEACHER_STEPS[device == "cpu"])
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
