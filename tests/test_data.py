@@ -298,13 +298,21 @@ def test_held_out_captions_shared_with_calibration_and_unpaired_records_are_said
     data.write_text("\n".join(json.dumps(line) for line in lines))
     cfg = CalibrationConfig(samples=12, eval_samples=4)
     assert select(cfg, data, read_samples(data), {"text", "image"}).warnings == []
+    # held-out captions that repeat only each other are no calibrated text
+    held_out = {Path(r["image"]).name for r in select(cfg, data, read_samples(data), {"text", "image"}).held_out}
+    for line in lines:
+        if line["image"] in held_out:
+            line["text"] = f"a held out {line['label']}"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    assert select(cfg, data, read_samples(data), {"text", "image"}).warnings == []
 
     for line in lines:
         line["text"] = f"a photo of a {line['label']}"
     data.write_text("\n".join(json.dumps(line) for line in lines))
     chosen = select(cfg, data, read_samples(data), {"text", "image"})
-    assert chosen.warnings == ["the 4 held-out pairs hold 2 distinct caption(s), 2 of them among the 2 distinct "
-                               "calibration captions: the text tower's figures, the gates of its INT8 artifacts "
+    assert chosen.warnings == ["4 of the 4 held-out pairs have a caption the compile calibrated on (2 of the 2 "
+                               "distinct held-out captions are among the 2 distinct calibration captions): the text "
+                               "tower's figures, the gates of its INT8 artifacts "
                                "(quantised on those captions) included, measure texts the compile calibrated on, and "
                                "distils on if distill reads this data, more than unseen text; give pairs with captions "
                                "of their own to measure that"]

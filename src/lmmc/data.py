@@ -574,13 +574,16 @@ def select(cfg, source: Path, records: list[dict[str, Any]], modalities: set[str
     if dual and not generative:
         # The split keeps held-out images apart; a caption shared by several images (a caption_template's,
         # one per class) can be a calibration caption too, and then the text tower is judged on what it fitted.
+        # Held-out captions that only repeat each other are unseen text all the same.
         calibrated = {text_key(r["text"]) for r in calib_recs}
         texts = {text_key(r["text"]) for r in eval_recs}
-        if len(texts - calibrated) < len(eval_recs):
+        shared = sum(text_key(r["text"]) in calibrated for r in eval_recs)
+        if shared:
             template = " (a caption_template gives each class one)" if cfg.caption_template else ""
-            warnings.append(f"the {len(eval_recs)} held-out pairs hold {len(texts)} distinct caption(s), "
-                            f"{len(texts & calibrated)} of them among the {len(calibrated)} distinct calibration "
-                            f"captions{template}: the text tower's figures, the gates of its INT8 artifacts "
+            warnings.append(f"{shared} of the {len(eval_recs)} held-out pairs have a caption the compile calibrated "
+                            f"on ({len(texts & calibrated)} of the {len(texts)} distinct held-out captions are among "
+                            f"the {len(calibrated)} distinct calibration captions{template}): the text tower's "
+                            f"figures, the gates of its INT8 artifacts "
                             f"(quantised on those captions) included, measure texts the compile calibrated on, and "
                             f"distils on if distill reads this data, more than unseen text; give pairs with captions "
                             f"of their own to measure that")
