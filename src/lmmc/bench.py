@@ -546,19 +546,22 @@ def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray
         "NNCF INT8": lambda: quantize_openvino(files["ov"], files["ov8"], calib),
         "ORT FP16": lambda: to_fp16_onnx(files["plain"], files["fp16"]),
     }
-    for what in TEACHER_STEPS[device == "cpu"]:
+    for what in teacher_step_names(device):
         progress.set_postfix_str(f"teacher {tower.name}: {what}", refresh=False)
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
             actions[what]()
         progress.update(1)
 
 
-# the teacher's build steps on a GPU (False) and on the CPU (True), one progress step each
-TEACHER_STEPS = {True: ("export", "fuse", "ORT INT8", "OpenVINO", "NNCF INT8"), False: ("export", "fuse", "ORT FP16")}
+def teacher_step_names(device: str) -> tuple[str, ...]:
+    """The teacher's build steps on `device`, in order; one progress step each."""
+    if device == "cpu":
+        return ("export", "fuse", "ORT INT8", "OpenVINO", "NNCF INT8")
+    return ("export", "fuse", "ORT FP16")  # ORT's dynamic INT8 and OpenVINO run on the CPU
 
 
 def teacher_steps(device: str) -> int:
-    return len(TEACHER_STEPS[device == "cpu"])
+    return len(teacher_step_names(device))
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
