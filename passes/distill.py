@@ -123,6 +123,10 @@ class DistillConfig(PassConfig):
     checkpoint_minutes: float | None = Field(None, gt=0, description="minutes of training between checkpoints, "
                                              "besides checkpoint_every (in `lmmc compile` with `minutes`: a "
                                              "tenth of them)")
+    checkpoint_share: float | None = Field(None, gt=0, le=1, description="the most of the training time that "
+                                           "writing step checkpoints may take: a due checkpoint waits until the "
+                                           "previous one is that far behind (in `lmmc compile`, unless the recipe "
+                                           "gives checkpoint_every or checkpoint_minutes: 0.1)")
     keep_last: int = Field(2, ge=1, description="resumable step checkpoints kept")
     resume: bool = Field(False, description="continue from the newest checkpoint of this same run "
                          "(`lmmc compile --resume` sets it)")
@@ -558,12 +562,14 @@ class DistillPass(Pass):
             # In a compile's work area the checkpoints survive a kill, and `lmmc compile --resume` continues
             # from the newest one; a checkpoint_dir named by the recipe is kept.
             # Unless the recipe says how often, a kill loses at most a tenth of the steps, or of the minutes
-            # (a run on the clock, whose steps are a cap it may be far from reaching).
+            # (a run on the clock, whose steps are a cap it may be far from reaching), and writing the
+            # checkpoints takes at most a tenth of the time.
             often = cfg.checkpoint_every or cfg.checkpoint_minutes
             cfg = cfg.model_copy(update={"checkpoint_dir": cfg.checkpoint_dir or str(art.scratch),
                                          "checkpoint_every": cfg.checkpoint_every or max(1, cfg.steps // 10),
                                          "checkpoint_minutes": cfg.checkpoint_minutes or
                                          (cfg.minutes / 10 if cfg.minutes and not often else None),
+                                         "checkpoint_share": cfg.checkpoint_share or (None if often else 0.1),
                                          "resume": cfg.resume or art.resume})
         check_towers(art)
         cfg.check_model(art.adapter)

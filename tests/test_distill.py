@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -976,6 +977,29 @@ def test_a_compile_on_the_clock_checkpoints_every_tenth_of_its_minutes(tmp_path)
     assert len(kept) == 2 and 0 < kept[0] < kept[1] < m["steps"]   # the newest two of about nine
     older, newer = (json.loads((run / f"step-{k:06d}" / "state.json").read_text())["loop_seconds"] for k in kept)
     assert newer - older >= 0.3 and newer >= 0.6   # a tenth of 3 s apart, the second save at the earliest
+
+
+@pytest.mark.timed
+def test_a_compile_spends_at_most_a_tenth_of_its_time_writing_checkpoints(tmp_path, monkeypatch):
+    # A slow disk: every save takes 0.5 s, against steps of a few milliseconds.
+    from lmmc.train import Checkpoints
+    saved, save = [], Checkpoints.save
+
+    def slow_save(self, name, files, state):
+        saved.append(name)
+        time.sleep(0.5)
+        return save(self, name, files, state)
+
+    monkeypatch.setattr(Checkpoints, "save", slow_save)
+    for run, cfg, want in (("default", {}, ["step-000002", "final"]),
+                           # a recipe that says how often is obeyed
+                           ("asked", {"checkpoint_every": 3}, [f"step-{k:06d}" for k in (3, 6, 9, 12, 15, 18)] + ["final"])):
+        saved.clear()
+        art = tiny_art("bert")
+        art.scratch = tmp_path / run
+        m = distill(art, steps=20, eval_every=0, **cfg)   # the compile's default: every second step
+        assert m["steps"] == 20 and m["train_seconds"] < 4.5   # the one save's 0.5 s would allow the next after 5 s
+        assert saved == want, run
 
 
 @pytest.mark.timed

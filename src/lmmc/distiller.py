@@ -46,8 +46,8 @@ Sample = dict[str, dict[str, torch.Tensor]]  # modality -> input name -> one sam
 _PROBE_SAMPLES = 32
 # Fields that steer how a run is kept and shown, not what it computes: they stay out of the fingerprint.
 # (ddp and fsdp compute the same steps: a checkpoint of either resumes the other, or a single process.)
-_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "keep_last", "progress",
-                "parallel"}
+_RUN_CONTROL = {"resume", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes", "checkpoint_share", "keep_last",
+                "progress", "parallel"}
 # What a generative model's dev evaluation adds to each point of the curve.
 _GENERATIVE_DEV = ("kl", "top1_agreement")
 
@@ -536,6 +536,7 @@ class Trainer:
         self.elapsed = 0.0
         self.loop_before = 0.0
         self.saved_at = 0.0  # `elapsed` at the newest step checkpoint (checkpoint_minutes)
+        self.save_seconds = 0.0  # what writing it took, agreed between the ranks (checkpoint_share)
         self.picks = [0] * len(self.arms)
         self.rewards = [0.0] * len(self.arms)  # each arm's rewards summed, to report what the bandit learnt from
         self.losses: list[float] = []
@@ -1007,6 +1008,7 @@ class Trainer:
         # rank 0 alone, which writes them whole: the checkpoint of a sharded run is a plain one.
         main = self.ctx.main
         self.saved_at = self.elapsed
+        started = time.perf_counter()
         files = {"weights": whole(self.objective.state_dict(), main),
                  "optimizer": optimizer_tensors(self.optimizer, main)}
         if self.best is not None and self.best[1] != self.step:
@@ -1014,6 +1016,7 @@ class Trainer:
         if main:
             self.checkpoints.save(f"step-{self.step:06d}", files, self._state())
         barrier(self.ctx)
+        self.save_seconds = self._agreed(time.perf_counter() - started)
 
     def resume(self) -> str | int | None:
         """Load the finished run or the newest step checkpoint of this run, if there is one."""
@@ -1175,10 +1178,15 @@ class Trainer:
 
     def _checkpoint_due(self) -> bool:
         cfg = self.cfg
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-            return True
         # on the agreed clock, so that every rank saves at the same step
-        return bool(cfg.checkpoint_minutes) and self.elapsed - self.saved_at >= cfg.checkpoint_minutes * 60
+        since = self.elapsed - self.saved_at
+        due = (bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0) or \
+            (bool(cfg.checkpoint_minutes) and since >= cfg.checkpoint_minutes * 60)
+        if due and cfg.checkpoint_share:
+            # A large student on a slow disk, with steps that are few and slow, would otherwise spend more time
+            # writing checkpoints than training: `since` counts the previous save itself.
+            return since >= self.save_seconds / cfg.checkpoint_share
+        return due
 
     def _done(self) -> bool:
         return self.step >= self.cfg.steps or (self.horizon is not None and self.elapsed >= self.horizon)
