@@ -71,6 +71,12 @@ class DistillConfig(PassConfig):
                              "(never trained on, disjoint from the compile's held-out set)")
     eval_every: int = Field(100, ge=0, description="steps between evaluations on the dev samples; 0 = only at the end")
     keep_best: bool = Field(True, description="end with the weights that scored best on the dev samples")
+    int8_aware: float = Field(0.0, ge=0, le=1, description="the last share of the run (of its steps, or of its "
+                              "minutes) in which every block linear's input is fake-quantised to 8 bits "
+                              "(per tensor, ranges tracked over the batches), so the student learns weights that "
+                              "keep their fidelity once the ort or openvino pass quantises it; its dev scores, "
+                              "and the best step, are then of the quantised student; 0 = off (on the MiniLM "
+                              "deployment recipe it cost steps and gained nothing: BENCHMARKS.md, run 36)")
     hidden: float = Field(1.0, ge=0, description="weight of the layerwise hidden-state loss (generative models: "
                           "also of the projector's image-feature loss)")
     output: float = Field(1.0, ge=0, description="weight of the pooled-embedding loss; for generative models the "

@@ -32,6 +32,7 @@ from lmmc.distill_losses import (answer_kl, check_layer_map, closest_layer_map, 
 from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
+from lmmc.int8_aware import Int8Aware
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, check_same_run, gather,
                         load_optimizer_tensors, lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered,
@@ -515,6 +516,10 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        distilled = {t.name for t in self.towers}
+        self.int8 = Int8Aware({pl.param: pl.module for pl in prunable_linears(self.student, art.adapter)
+                               if pl.tower in distilled}) if cfg.int8_aware else None
+        self.int8_from: int | None = None  # the step the INT8-aware part of the run began at
         # On the CPU the fused AdamW updates every tensor in one kernel instead of a dozen each; FSDP's
         # sharded tensors take the default.
         fused = True if self.device.type == "cpu" and self.plain is None else None
@@ -892,8 +897,18 @@ class Trainer:
         with self._autocast():
             return float(self.objective.per_sample_loss(inputs, targets, None, pooled, sharded=False).float().mean())
 
+    def _progress(self) -> float:
+        """The share of the run done when this step ends: of its steps, or of its horizon, whichever is further."""
+        done = (self.step + 1) / max(1, self.cfg.steps)
+        return done if self.horizon is None else max(done, self.elapsed / self.horizon)
+
     def train_step(self) -> float:
         cfg, ctx = self.cfg, self.ctx
+        if self.int8 is not None and not self.int8.attached and self._progress() > 1 - cfg.int8_aware:
+            # From here on the dev scores are of the fake-quantised student, so the best step is picked
+            # among these alone: an earlier one scored without the quantisation noise it will meet.
+            self.int8.attach()
+            self.int8_from, self.best = self.step, None
         picked = self.schedule.pick()
         focus = None if isinstance(self.schedule, AllModules) else self.arms[picked[0]]
         indices = self.batch_indices(self.step)
@@ -927,8 +942,7 @@ class Trainer:
             if self.horizon is None:
                 multiplier = lr_multiplier(self.step, cfg.steps, int(cfg.warmup * cfg.steps), cfg.final_lr_ratio)
             else:
-                progress = max((self.step + 1) / max(1, cfg.steps), self.elapsed / self.horizon)
-                multiplier = progress_multiplier(progress, cfg.warmup, cfg.final_lr_ratio)
+                multiplier = progress_multiplier(self._progress(), cfg.warmup, cfg.final_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * multiplier
             self.optimizer.step()
@@ -1001,6 +1015,7 @@ class Trainer:
                 "loop_seconds": self.elapsed, "horizon": self.horizon,
                 "pass_seconds": time.perf_counter() - self.started,
                 "best": None if self.best is None else {"score": self.best[0], "step": self.best[1]},
+                "int8": None if self.int8 is None else {**self.int8.state_dict(), "from": self.int8_from},
                 "config": self.cfg.model_dump(mode="json")}
 
     def save_step(self) -> None:
@@ -1051,6 +1066,9 @@ class Trainer:
         # A resumed run keeps its first horizon, so its learning rate goes on along the same schedule.
         self.loop_before, self.horizon = state["loop_seconds"], state["horizon"]
         self.saved_at = self.loop_before
+        if self.int8 is not None:
+            self.int8.load_state_dict(state["int8"])
+            self.int8_from = state["int8"]["from"]
         if state["best"] is not None:
             weights = self._local(files["best"]) if "best" in files else self._student_state()
             self.best = (state["best"]["score"], state["best"]["step"],
@@ -1102,8 +1120,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         # rank 0 alone writes checkpoints, and holds their folder while it trains
-        with self.checkpoints.held() if self.checkpoints and self.ctx.main else nullcontext():
-            return self._fit()
+        try:
+            with self.checkpoints.held() if self.checkpoints and self.ctx.main else nullcontext():
+                return self._fit()
+        finally:
+            if self.int8 is not None:
+                self.int8.detach()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -1155,6 +1177,8 @@ class Trainer:
                 _rank(self.best[0]) > _rank(final_eval.get("score", float("-inf"))):
             self.objective.load_state_dict(self.best[2])
             kept = self.best[1]
+        if self.int8 is not None:
+            self.int8.detach()  # the student is exported, and saved, as plain fp32 linears
         self._unshard()
         self.apply_masks()
         metrics = self._metrics(kept)
@@ -1225,6 +1249,7 @@ class Trainer:
             "loss_last": sum(tail) / len(tail) if tail else None,
             "diverged_at": next((i + 1 for i, loss in enumerate(self.losses) if not math.isfinite(loss)), None),
             "dev_before": self.dev_before, "dev_after": dev_after, "kept_step": kept,
+            **({"int8_aware_from": self.int8_from} if self.int8 is not None else {}),
             "curve": [{k: c.get(k) for k in ("step", "train_seconds", "seconds", "score", "loss", *_GENERATIVE_DEV)
                        if k in c or k not in _GENERATIVE_DEV} for c in self.curve],
             "train_seconds": round(self.train_seconds, 2),
