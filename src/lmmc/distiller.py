@@ -1125,7 +1125,7 @@ class Trainer:
                 return self._fit()
         finally:
             if self.int8 is not None:
-                self.int8.detach()
+                self.int8.detach()  # the student leaves as plain linears, for validation and export
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -1177,8 +1177,6 @@ class Trainer:
                 _rank(self.best[0]) > _rank(final_eval.get("score", float("-inf"))):
             self.objective.load_state_dict(self.best[2])
             kept = self.best[1]
-        if self.int8 is not None:
-            self.int8.detach()  # the student is exported, and saved, as plain fp32 linears
         self._unshard()
         self.apply_masks()
         metrics = self._metrics(kept)
