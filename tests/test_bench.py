@@ -281,6 +281,37 @@ def test_latency_ratio_agrees_with_an_independent_loop(compiled, benched, tmp_pa
     assert 1 / 1.5 <= reported / independent <= 1.5, (reported, independent)
 
 
+def test_each_deployment_is_let_go_once_its_rows_are_measured(compiled, monkeypatch):
+    """Every deployment stays loaded while they are timed in turns; after that, each one's runtime, with the
+    buffers its fidelity batches grew, goes before the next one's fidelity runs."""
+    import weakref
+
+    import lmmc.bench
+
+    loaded, alive = [], []
+    load, embeddings = lmmc.bench.load, lmmc.bench.embeddings
+
+    def tracked_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def counted_embeddings(*args):
+        alive.append(sum(ref() is not None for ref in loaded))
+        return embeddings(*args)
+
+    monkeypatch.setattr(lmmc.bench, "load", tracked_load)
+    monkeypatch.setattr(lmmc.bench, "embeddings", counted_embeddings)
+    bench_compiled(compiled, "--repeats", 1, "--warmup", 1, "--no-memory")
+    # the first call is the PyTorch teacher's reference; the loaded deployments are the other rows
+    assert alive[0] == len(loaded) >= 12
+    # one call per deployment and corpus (held-out split, EXTRA): each deployment's pair sees one fewer
+    # loaded than the pair before; the newest student artifact stays the bench's own until the tower ends
+    per_row = alive[2::2]
+    assert per_row == list(range(len(loaded), len(loaded) - len(per_row), -1))
+    assert per_row[-1] <= 2
+
+
 def test_the_bench_bar_in_a_log_draws_a_frame_at_its_start_and_end(compiled, tmp_path):
     """Each change of the bar's label drew a frame, past the 30 s a log's bars wait between frames. A process
     of its own: tqdm reads TQDM_MININTERVAL, which the command sets off a terminal, when it is first imported."""

@@ -87,7 +87,7 @@ class Candidate:
     backend: str  # "pytorch", "onnxruntime" or "openvino"
     precision: str
     path: Path | None
-    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None  # None once its rows are measured
     parameters: tuple[int, int] | None = None  # those the tower's outputs use, and how many of them are not zero
     device: str = "cpu"
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers in use
@@ -595,6 +595,19 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
                 bf16 = "openvino bf16" if precision == "fp32" else f"{label} bf16"
                 out += openvino_twins(out[-1], bf16, threads, notes, static_shape)
     return out
+
+
+def student_candidates(artifact: dict[str, Any], tower: str, params: tuple[int, int], run: "_Run",
+                       static: tuple[int, ...] | None) -> list[Candidate]:
+    """A student artifact loaded, and for an IR its twins. ONNX files run on the bench's device; an IR on the
+    CPU, an engine on its GPU."""
+    backend = artifact["backend"]
+    device = run.device if backend == "onnxruntime" else ("cuda" if backend == "tensorrt" else None)
+    model = load(artifact["path"], backend, run.threads, device)
+    ov = backend == "openvino"
+    cand = Candidate("student", tower, artifact["label"], backend, artifact["precision"], artifact["path"],
+                     model.run, params, model.device, model.providers, "f32" if ov else None)
+    return [cand, *(openvino_twins(cand, f"{artifact['label']} bf16", run.threads, run.notes, static) if ov else [])]
 
 
 def openvino_twins(cand: Candidate, bf16_label: str, threads: int, notes: list[str],
@@ -1152,14 +1165,7 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                                          cfg.teacher_cache)
         params = tower_parameters(run.student, tower)
         for a in artifacts:
-            # ONNX files run on the bench's device; an IR on the CPU, an engine on its GPU
-            device = run.device if a["backend"] == "onnxruntime" else ("cuda" if a["backend"] == "tensorrt" else None)
-            model = load(a["path"], a["backend"], run.threads, device)
-            ov = a["backend"] == "openvino"
-            candidates.append(Candidate("student", tower.name, a["label"], a["backend"], a["precision"], a["path"],
-                                        model.run, params, model.device, model.providers, "f32" if ov else None))
-            if ov:
-                candidates += openvino_twins(candidates[-1], f"{a['label']} bf16", run.threads, run.notes, static)
+            candidates += student_candidates(a, tower.name, params, run, static)
         progress.set_postfix_str(f"{tower.name}: timing", refresh=False)
         times = interleaved_latency(candidates, feed, cfg.repeats, cfg.warmup, progress)
         # Nothing below is timed: the memory processes run one after another beside the fidelity runs.
@@ -1188,6 +1194,9 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
                                           for name, b in evaluated.items()},
                     "peak_rss_mib": None,
                 }
+                # Its runtime goes, with the buffers the fidelity batches grew, before the next one's runs: held
+                # to the end, a base-size tower's dozen or more deployments raised the bench's peak by a seventh.
+                cand.run = None
                 progress.update(1)
             progress.set_postfix_str(f"{tower.name}: memory", refresh=False)
             for cand, measured in zip(candidates, memory):
