@@ -426,6 +426,29 @@ def test_a_bug_on_a_disk_with_space_left_is_no_full_disk(setup, tmp_path, mounte
     assert "1 pass(es) finished; their results are kept" in result.output
 
 
+def test_a_second_interrupt_waits_until_the_user_is_told_where_the_work_is(setup, tmp_path, monkeypatch):
+    """A second SIGTERM (torchrun's, on a rank whose peer died) or SIGINT, arriving as the compile says where its
+    finished passes are kept, used to cut that line off."""
+    from lmmc.resume import WorkArea
+
+    model, recipe, _ = setup
+
+    def interrupted(folder):
+        raise KeyboardInterrupt("SIGINT")
+    release = WorkArea.release
+
+    def release_then_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        release(self)
+    monkeypatch.setattr(lmmc.compile, "write_report_html", interrupted)
+    monkeypatch.setattr(WorkArea, "release", release_then_sigterm)
+    result = compile_(model, recipe, tmp_path / "out")
+    assert result.exit_code == 130, result.output
+    assert f"1 pass(es) finished; their results are kept in '{work_path(tmp_path / 'out')}'" in result.output
+    assert "interrupted by SIGTERM; the output directory was not written" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_lmmc_report_on_a_full_disk_is_one_error(setup, tmp_path, mounted):
     _, _, earlier = setup
     small = mounted(None, tmp_path / "small", "-o", "size=2m")

@@ -1120,23 +1120,29 @@ def _compile(model_ref: str, recipe: Recipe, out: Path, force: bool, device: str
         _give_up(area, resume, created)
         raise
     except BaseException as err:
-        # Third-party writers (OpenVINO, ONNX Runtime's quantiser) report a full disk in words of their own.
-        if isinstance(err, Exception) and area.writer and _no_room(tmp, out):
+        # A second interrupt waits until the user has been told where the work is: under torchrun a rank whose
+        # peer died meets the failed collective and the launcher's SIGTERM at nearly the same moment.
+        with process_state.interrupts_deferred() as came:
+            # Third-party writers (OpenVINO, ONNX Runtime's quantiser) report a full disk in words of their own.
+            if isinstance(err, Exception) and area.writer and _no_room(tmp, out):
+                area.release()
+                raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
             area.release()
-            raise LmmcError(_full_and_kept(err, out, area.path, done)) from None
-        area.release()
-        if area.writer:
-            # a distillation's checkpoints (state.json beside its weights) resume it mid-pass
-            saved = area.path.is_dir() and any(area.path.glob("pass-*/**/state.json"))
-            print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same command "
-                  f"with --resume to continue from there" if done else
-                  f"lmmc: no pass finished, and the running one kept checkpoints in '{area.path}': run the same "
-                  f"command with --resume to continue from the last" if saved else
-                  "lmmc: no pass finished; run the same command again (without --resume)", file=sys.stderr)
-        elif area.path.is_dir() and (any(area.path.glob("state-*")) or any(area.path.glob("pass-*/**/state.json"))):
-            # another rank of a torchrun job, which rank 0 may have left without a word (killed)
-            print(f"lmmc: rank 0 kept its work in '{area.path}': run the same command with --resume to continue "
-                  f"from there", file=sys.stderr)
+            if area.writer:
+                # a distillation's checkpoints (state.json beside its weights) resume it mid-pass
+                saved = area.path.is_dir() and any(area.path.glob("pass-*/**/state.json"))
+                print(f"lmmc: {done} pass(es) finished; their results are kept in '{area.path}': run the same "
+                      f"command with --resume to continue from there" if done else
+                      f"lmmc: no pass finished, and the running one kept checkpoints in '{area.path}': run the same "
+                      f"command with --resume to continue from the last" if saved else
+                      "lmmc: no pass finished; run the same command again (without --resume)", file=sys.stderr)
+            elif area.path.is_dir() and (any(area.path.glob("state-*")) or any(area.path.glob("pass-*/**/state.json"))):
+                # another rank of a torchrun job, which rank 0 may have left without a word (killed)
+                print(f"lmmc: rank 0 kept its work in '{area.path}': run the same command with --resume to "
+                      f"continue from there", file=sys.stderr)
+        if came:
+            process_state.INTERRUPTS.append(came[-1])
+            raise KeyboardInterrupt(signal.Signals(came[-1]).name) from err
         raise
     if interrupted:
         raise OutputWritten(f"interrupted by {signal.Signals(interrupted[0]).name} as the output was put in place; "
