@@ -312,6 +312,44 @@ def test_each_deployment_is_let_go_once_its_rows_are_measured(compiled, monkeypa
     assert per_row[-1] <= 2
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_bench_of_one_runtime_builds_holds_and_times_only_its_deployments(compiled, benched, monkeypatch, backend):
+    """--backend: the teacher in PyTorch eager (fidelity's reference) and that runtime's deployments, the
+    teacher's and the student's; nothing of another runtime is built, imported or loaded, and the rows it
+    keeps measure what the full bench measured."""
+    import lmmc.bench
+
+    _, _, out = compiled
+    other = "openvino" if backend == "onnxruntime" else "onnxruntime"
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"a teacher deployment of {other} was built")
+    if backend == "onnxruntime":  # the bench runs without the OpenVINO extra
+        monkeypatch.setitem(sys.modules, "openvino", None)
+        monkeypatch.setitem(sys.modules, "nncf", None)
+        monkeypatch.setattr("lmmc.export.openvino.torch_to_openvino", refused)
+    else:
+        monkeypatch.setattr("lmmc.export.onnx.export_tower", refused)
+    loaded = []
+    load = lmmc.bench.load
+    monkeypatch.setattr(lmmc.bench, "load", lambda path, which, *a, **k: loaded.append(which) or load(path, which, *a, **k))
+    output, bench = bench_compiled(compiled, "--repeats", 3, "--no-memory", "--backend", backend)
+    assert set(loaded) == {backend}
+    assert bench["backends"] == [backend] and f"runtimes: {backend} only (--backend)" in output
+    rows = bench["towers"]["text"]["rows"]
+    full = {(r["model"], r["artifact"]): r["cosine_to_teacher"] for r in benched[1]["towers"]["text"]["rows"]}
+    kept = [k for k, r in zip(full, benched[1]["towers"]["text"]["rows"]) if r["backend"] in ("pytorch", backend)]
+    assert [(r["model"], r["artifact"]) for r in rows] == kept
+    manifest = json.loads((out / "manifest.json").read_text())["artifacts"]
+    left = [a["path"] for a in manifest if a["backend"] == other]
+    assert f"--backend {backend}: student artifacts {', '.join(left)} not benched" in bench["notes"]
+    for r in rows:  # the same files on the same texts; NNCF's INT8 IR of the teacher is built anew
+        if r["inference_precision"] != "bf16" and r["artifact"] != "openvino INT8 (NNCF)":
+            for corpus, cosine in r["cosine_to_teacher"].items():
+                assert cosine == pytest.approx(full[(r["model"], r["artifact"])][corpus], abs=1e-5)
+    assert bench["towers"]["text"]["best"]["teacher"] in {a for _, a in kept}
+
+
 def test_the_bench_bar_in_a_log_draws_a_frame_at_its_start_and_end(compiled, tmp_path):
     """Each change of the bar's label drew a frame, past the 30 s a log's bars wait between frames. A process
     of its own: tqdm reads TQDM_MININTERVAL, which the command sets off a terminal, when it is first imported."""
@@ -634,6 +672,28 @@ def test_best_student_must_keep_the_recipes_fidelity_gate():
     assert best_pair(broken)["student"] == "ort/text.int8-static.onnx"
     assert best_pair(broken, min_cosine=0.99)["student"] == "ort/text.int8-static.onnx"
     assert best_pair(broken, min_cosine=0.9)["student"] == "openvino/text.int8.xml"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "openvino"], "holds no openvino student artifact to bench (its artifacts run in onnxruntime); "
+                                "pass --backend onnxruntime, or leave --backend out"),
+    (["--backend", "tensorrt"], "--backend tensorrt: bench runs onnxruntime and openvino on cpu, not tensorrt; pass "
+                                "--device cuda on a machine with an NVIDIA GPU"),
+    (["--backend", "tflite"], "Invalid value for '--backend': 'tflite' is not one of")])
+def test_a_backend_the_output_or_the_device_lacks_is_one_clear_error(uncapped, tmp_path, args, message):
+    _, _, out = uncapped  # its one artifact is an ONNX file
+    result = run("bench", out, "--quick", "--json", tmp_path / "b.json", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_a_generative_bench_refuses_a_runtime_it_does_not_time():
+    from lmmc.bench import BenchConfig, _generative_backends
+
+    with pytest.raises(LmmcError, match="--backend openvino: a generative model's bench times generation in PyTorch "
+                                        "and ONNX Runtime only; pass --backend onnxruntime"):
+        _generative_backends(BenchConfig(backends=("onnxruntime", "openvino")))
+    _generative_backends(BenchConfig(backends=("onnxruntime",)))
 
 
 def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
@@ -1348,6 +1408,7 @@ def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(un
     kernel would end the largest process, the bench itself, so the row goes unmeasured with a note instead."""
     _, _, out = uncapped
     monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 1024)  # a machine with 1 KiB free
+    monkeypatch.setattr("lmmc.bench.check_room", lambda *a: None)  # ... once the timed deployments are loaded
     result = run("bench", out, "--repeats", 1, "--warmup", 1, "--json", tmp_path / "b.json")  # --quick measures none
     assert result.exit_code == 0, result.output
     bench = json.loads((tmp_path / "b.json").read_text())
@@ -1363,3 +1424,23 @@ def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(un
     assert memory_process(printed, {}, "a model", weights_bytes=2 * 2 ** 30) == 5.0
     with pytest.raises(NoRoom, match="a model is not measured: .* takes about 4.5 GiB, and 4.0 GiB are available"):
         memory_process(printed, {}, "a model", weights_bytes=2 * 2 ** 30 + 2 ** 28)
+
+
+def test_a_deployment_with_no_room_beside_those_loaded_before_it_is_one_clear_error(compiled, tmp_path, monkeypatch):
+    """Every deployment of a tower is held at once to be timed in turns. The one that would not fit beside
+    those loaded before it is refused by name before it loads, where the out-of-memory killer would have
+    ended the bench with nothing said."""
+    _, _, out = compiled
+    asked = []
+
+    def available():  # room for three deployments, then none
+        asked.append(1)
+        return 2 ** 40 if len(asked) <= 3 else 2 ** 20
+    monkeypatch.setattr("lmmc.bench._available_bytes", available)
+    result = run("bench", out, "--quick", "--json", tmp_path / "b.json")
+    assert result.exit_code == 2, result.output
+    # the fourth is the teacher's fp32 IR, after its three ONNX Runtime deployments; a few MB of a tiny BERT
+    assert ("error: no room to load the teacher's text tower, openvino fp32: it takes about 0.0 GiB and 0.0 GiB are "
+            "available beside the deployments loaded before it") in result.output
+    assert "bench one runtime at a time (--backend onnxruntime, then --backend openvino)" in result.output
+    assert len(asked) == 4 and not (tmp_path / "b.json").exists()

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -41,6 +41,7 @@ from lmmc.timing import PER_VISIT, check_threads_start, time_interleaved, usable
 JSON_KIND = "lmmc bench"
 CPU_BACKENDS = ("onnxruntime", "openvino")
 GPU_BACKENDS = ("onnxruntime", "tensorrt")
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")  # what --backend may name; PyTorch eager is always timed
 MEMORY_METHOD = ("peak RSS increase of a fresh process that has loaded the runtime, then loads the artifact "
                  "and runs one timing batch (Linux VmHWM after load+run minus VmRSS before, the peak reset "
                  "after the runtime loaded), MiB")
@@ -70,6 +71,14 @@ class BenchConfig(Config):
     teacher_cache: Path | None = Field(None, description="folder that keeps the teacher's deployments (its ONNX "
                                        "exports, INT8 graphs and IRs) for later benches of the same teacher, "
                                        "calibration data, runtimes and device; unset, each bench builds them anew")
+    backends: tuple[Literal[RUNTIMES], ...] = Field((), description="only these runtimes' rows, the teacher's "
+                                                     "deployments and the student's artifacts alike (the teacher in "
+                                                     "PyTorch eager, fidelity's reference, is always timed); unset, "
+                                                     "every runtime the device has")
+
+    def runs(self, backend: str) -> bool:
+        """Whether `backend`'s rows are benched."""
+        return backend == "pytorch" or not self.backends or backend in self.backends
 
 
 # A teacher deployment further than this from the fp32 teacher (e.g. an INT8 IR that bf16 inference
@@ -119,10 +128,12 @@ def read_output(out_dir: Path) -> dict[str, Any]:
     return report
 
 
-def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> tuple[list[dict[str, Any]], list[str]]:
+def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu",
+                      chosen: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     """Every student file the device's runtimes can run (the manifest's list when there is one, else
-    onnx/*.onnx), and a note for each listed artifact of another backend: on the CPU a TensorRT engine needs
-    a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs TensorRT installed."""
+    onnx/*.onnx), of the `chosen` runtimes when given, and a note for each listed artifact of another backend:
+    on the CPU a TensorRT engine needs a GPU; on a GPU an OpenVINO IR runs on the CPU, and an engine needs
+    TensorRT installed."""
     if (out_dir / MANIFEST).is_file():
         manifest = read_manifest(out_dir)
         missing = missing_preprocessing(out_dir, manifest)
@@ -152,6 +163,17 @@ def student_artifacts(out_dir: Path, towers: list[str], device: str = "cpu") -> 
         where = f"on {device}" + ("" if "tensorrt" in backends else " (tensorrt: not installed)")
     skipped = [f"student {e['path']}: {e['backend']} artifacts are not benched {where}" for e in entries
                if e["backend"] not in backends]
+    if chosen:
+        mine = [e for e in entries if e["tower"] in towers and e["backend"] in backends]
+        if mine and not any(e["backend"] in chosen for e in mine):
+            held = sorted({e["backend"] for e in mine})
+            raise LmmcError(f"'{out_dir}' holds no {' or '.join(chosen)} student artifact to bench (its artifacts run in "
+                            f"{', '.join(held)}); pass --backend {held[0]}, or leave --backend out")
+        left = [e["path"] for e in mine if e["backend"] not in chosen]
+        if left:
+            skipped.append(f"--backend {' '.join(chosen)}: student artifacts {', '.join(left[:4])}"
+                           f"{' ...' if len(left) > 4 else ''} not benched")
+        backends = tuple(b for b in backends if b in chosen)
     if not (out_dir / MANIFEST).is_file() and unlisted:
         skipped.append(f"{out_dir} has no {MANIFEST}, which names each artifact's tower and backend: only onnx/*.onnx "
                        f"is benched, and {', '.join(unlisted[:4])}{' ...' if len(unlisted) > 4 else ''} are left out "
@@ -202,17 +224,22 @@ def _refuse_running_compile(out_dir: Path) -> None:
                         f"has finished")
 
 
-def check_backends(device: str = "cpu") -> dict[str, str]:
-    """Versions of the runtimes bench needs; a missing one, or an ONNX Runtime without the device's
-    execution provider, is bad input naming what to install."""
+def check_backends(device: str = "cpu", chosen: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the runtimes bench needs; a missing one, an ONNX Runtime without the device's execution
+    provider, or a `chosen` runtime the device does not run, is bad input naming what to do."""
     import onnxruntime
     import torch
 
     from lmmc.runtime.onnxruntime import check_available, providers_for
 
+    offered = CPU_BACKENDS if device == "cpu" else GPU_BACKENDS
+    other = [b for b in chosen if b not in offered]
+    if other:
+        fix = "pass --device cuda on a machine with an NVIDIA GPU" if device == "cpu" else "leave out --device"
+        raise LmmcError(f"--backend {other[0]}: bench runs {' and '.join(offered)} on {device}, not {other[0]}; {fix}")
     check_available(providers_for(device), onnxruntime.get_available_providers())
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    if device != "cpu":
+    if device != "cpu" or (chosen and "openvino" not in chosen):
         return versions  # OpenVINO and NNCF deploy the teacher on the CPU only
     try:
         import nncf
@@ -424,9 +451,11 @@ TEACHER_ENTRY = "teacher-"  # a cached entry: teacher-<tower>-<key>/, complete o
 TEACHER_BUILD = ".teacher-build-"  # where an entry is built before it is moved into place
 
 
-def teacher_cache_key(teacher, tower, calib: list[dict[str, np.ndarray]], device: str) -> str:
+def teacher_cache_key(teacher, tower, calib: list[dict[str, np.ndarray]], device: str,
+                      chosen: tuple[str, ...] = ()) -> str:
     """A digest of everything the teacher's deployments are built from: its weights and config, the
-    calibration batches NNCF calibrates on, the device, lmmc's export code and the versions that run it."""
+    calibration batches NNCF calibrates on, the device, the runtimes built for (an entry of some holds no
+    files of the others), lmmc's export code and the versions that run it."""
     import importlib.metadata
 
     import torch
@@ -444,6 +473,7 @@ def teacher_cache_key(teacher, tower, calib: list[dict[str, np.ndarray]], device
     digest = hashlib.sha256(json.dumps({
         "lmmc": lmmc.__version__, "versions": versions, "tower": tower.name, "device": device,
         "class": type(teacher).__name__, "config": teacher.config.to_json_string(use_diff=False),
+        **({"runtimes": sorted(chosen)} if chosen else {}),  # every runtime's entries keep their earlier keys
     }, sort_keys=True).encode())
     for module in (onnx, ort, openvino, fp16):  # a changed exporter builds other graphs under the same version
         digest.update(Path(module.__file__).read_bytes())
@@ -470,13 +500,13 @@ def _sound_entry(entry: Path, key: str) -> dict[str, Any] | None:
 
 
 def cached_teacher(cache: Path, folder: Path, teacher, tower, calib: list[dict[str, np.ndarray]], notes: list[str],
-                   progress, device: str) -> Path:
+                   progress, device: str, chosen: tuple[str, ...] = ()) -> Path:
     """The folder of the teacher's deployments in `cache`, built there first when no earlier bench did. An entry
     is built aside and moved into place whole, so a killed bench leaves none half-written, and of two benches
     building the same one at once the first to finish keeps its entry. The notes the build made (a fusion
     that failed) are kept with it and given again. A damaged entry is left as it is, and the deployments are
     built into `folder` instead."""
-    key = teacher_cache_key(teacher, tower, calib, device)
+    key = teacher_cache_key(teacher, tower, calib, device, chosen)
     entry = cache / f"{TEACHER_ENTRY}{tower.name}-{key[:24]}"
     record = _sound_entry(entry, key)
     if record is None and not entry.exists():
@@ -489,7 +519,7 @@ def cached_teacher(cache: Path, folder: Path, teacher, tower, calib: list[dict[s
             built = Path(tmp) / entry.name
             built.mkdir()
             made: list[str] = []
-            build_teacher(teacher, tower, built, calib, made, progress, device)
+            build_teacher(teacher, tower, built, calib, made, progress, device, chosen)
             files = {p.name: p.stat().st_size for p in built.iterdir()}
             (built / "entry.json").write_text(json.dumps({"key": key, "notes": made, "files": files}, indent=1))
             with contextlib.suppress(OSError):  # another bench moved the same entry into place first
@@ -501,9 +531,9 @@ def cached_teacher(cache: Path, folder: Path, teacher, tower, calib: list[dict[s
     if record is None:  # damaged or edited: built again here, and left as it is for whoever looks at it
         notes.append(f"teacher {tower.name}: the deployments cached in '{entry}' are incomplete or changed since "
                      f"they were built, so they were built again for this bench; remove that folder to cache them anew")
-        build_teacher(teacher, tower, folder, calib, notes, progress, device)
+        build_teacher(teacher, tower, folder, calib, notes, progress, device, chosen)
         return folder
-    progress.update(teacher_steps(device))
+    progress.update(teacher_steps(device, chosen))
     notes.extend(n for n in record["notes"] if n not in notes)
     return entry
 
@@ -515,8 +545,9 @@ def teacher_files(folder: Path, tower) -> dict[str, Path]:
 
 
 def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], notes: list[str], progress,
-                  device: str = "cpu") -> None:
-    """Build the teacher's deployments into `folder` (`teacher_files`), one progress step each."""
+                  device: str = "cpu", chosen: tuple[str, ...] = ()) -> None:
+    """Build the teacher's deployments for the `chosen` runtimes (all when empty) into `folder`
+    (`teacher_files`), one progress step each."""
     from lmmc.export.fp16 import to_fp16_onnx
     from lmmc.export.onnx import export_tower
     from lmmc.export.openvino import FrontendFailed, quantize_openvino, to_openvino, torch_to_openvino
@@ -536,6 +567,8 @@ def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray
             torch_to_openvino(teacher, tower, files["ov"])
         except FrontendFailed as err:
             notes.append(f"teacher {tower.name}: OpenVINO IR converted from the ONNX export ({err})")
+            if not files["plain"].is_file():  # no ONNX Runtime rows asked for, so not exported yet
+                export_tower(teacher, tower, files["plain"])
             to_openvino(files["plain"], files["ov"])
 
     actions: dict[str, Callable[[], Any]] = {
@@ -546,37 +579,44 @@ def build_teacher(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray
         "NNCF INT8": lambda: quantize_openvino(files["ov"], files["ov8"], calib),
         "ORT FP16": lambda: to_fp16_onnx(files["plain"], files["fp16"]),
     }
-    for what in teacher_step_names(device):
+    for what in teacher_step_names(device, chosen):
         progress.set_postfix_str(f"teacher {tower.name}: {what}", refresh=False)
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for the table
             actions[what]()
         progress.update(1)
 
 
-def teacher_step_names(device: str) -> tuple[str, ...]:
-    """The teacher's build steps on `device`, in order; one progress step each."""
-    if device == "cpu":
-        return ("export", "fuse", "ORT INT8", "OpenVINO", "NNCF INT8")
-    return ("export", "fuse", "ORT FP16")  # ORT's dynamic INT8 and OpenVINO run on the CPU
+# which runtime each of the teacher's build steps makes a deployment for
+STEP_RUNTIME = {"export": "onnxruntime", "fuse": "onnxruntime", "ORT INT8": "onnxruntime", "ORT FP16": "onnxruntime",
+                "OpenVINO": "openvino", "NNCF INT8": "openvino"}
 
 
-def teacher_steps(device: str) -> int:
-    return len(teacher_step_names(device))
+def teacher_step_names(device: str, chosen: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The teacher's build steps on `device` for the `chosen` runtimes (all when empty), in order; one
+    progress step each."""
+    steps = ("export", "fuse", "ORT INT8", "OpenVINO", "NNCF INT8") if device == "cpu" else \
+        ("export", "fuse", "ORT FP16")  # ORT's dynamic INT8 and OpenVINO run on the CPU
+    return tuple(s for s in steps if not chosen or STEP_RUNTIME[s] in chosen)
+
+
+def teacher_steps(device: str, chosen: tuple[str, ...] = ()) -> int:
+    return len(teacher_step_names(device, chosen))
 
 
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
                         notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
-                        static_shape: tuple[int, ...] | None = None, cache: Path | None = None) -> list[Candidate]:
+                        static_shape: tuple[int, ...] | None = None, cache: Path | None = None,
+                        chosen: tuple[str, ...] = ()) -> list[Candidate]:
     """The teacher the ways a user would deploy it without lmmc, built into `folder` (or taken from `cache`,
     where an earlier bench built them from the same inputs): PyTorch eager, ONNX Runtime plain, fused (when a
     fusion holds) and, on the CPU, dynamic INT8, OpenVINO fp32 (converted from PyTorch, as OpenVINO
     recommends) and NNCF INT8, each IR also run in bf16 (OpenVINO's own default on a CPU with bf16 units) and,
     with `static_shape`, compiled for that one shape; on a CUDA device ONNX Runtime fp16 instead of the CPU
-    ones (ORT's dynamic INT8 and OpenVINO run on the CPU)."""
+    ones (ORT's dynamic INT8 and OpenVINO run on the CPU). With `chosen`, PyTorch eager and those runtimes'."""
     if cache is None:
-        build_teacher(teacher, tower, folder, calib, notes, progress, device)
+        build_teacher(teacher, tower, folder, calib, notes, progress, device, chosen)
     else:
-        folder = cached_teacher(Path(cache), folder, teacher, tower, calib, notes, progress, device)
+        folder = cached_teacher(Path(cache), folder, teacher, tower, calib, notes, progress, device, chosen)
     files = teacher_files(folder, tower)
     params = tower_parameters(teacher, tower)
     spec = [("onnxruntime fp32", "onnxruntime", "fp32", "plain"),
@@ -587,7 +627,8 @@ def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.n
     out = [Candidate("teacher", tower.name, "PyTorch eager fp32", "pytorch", "fp32", None,
                      torch_runner(teacher, tower, torch_device), params, torch_device)]
     for label, backend, precision, key in spec:
-        if files[key].is_file():
+        if files[key].is_file() and (not chosen or backend in chosen):
+            check_room(files[key], f"the teacher's {tower.name} tower, {label}")
             model = load(files[key], backend, threads, device if backend == "onnxruntime" else None)
             out.append(Candidate("teacher", tower.name, label, backend, precision, files[key], model.run, params,
                                  model.device, model.providers, "f32" if backend == "openvino" else None))
@@ -603,6 +644,7 @@ def student_candidates(artifact: dict[str, Any], tower: str, params: tuple[int, 
     CPU, an engine on its GPU."""
     backend = artifact["backend"]
     device = run.device if backend == "onnxruntime" else ("cuda" if backend == "tensorrt" else None)
+    check_room(artifact["path"], f"the student's {tower} tower, {artifact['label']}")
     model = load(artifact["path"], backend, run.threads, device)
     ov = backend == "openvino"
     cand = Candidate("student", tower, artifact["label"], backend, artifact["precision"], artifact["path"],
@@ -617,12 +659,14 @@ def openvino_twins(cand: Candidate, bf16_label: str, threads: int, notes: list[s
     with `static_shape`, each of the two compiled for that one shape."""
     twins = [cand]
     if bf16_openvino(notes):
+        check_room(cand.path, f"the {cand.model}'s {cand.tower} tower, {bf16_label}")
         model = load(cand.path, "openvino", threads, inference_precision="bf16")
         twins.append(Candidate(cand.model, cand.tower, bf16_label, "openvino",
                                "bf16" if cand.precision == "fp32" else cand.precision, cand.path, model.run,
                                cand.parameters, model.device, inference="bf16"))
     if static_shape is not None:
         for twin in list(twins):
+            check_room(cand.path, f"the {cand.model}'s {cand.tower} tower, {twin.label} static")
             model = load(cand.path, "openvino", threads, inference_precision=twin.inference, static_shape=static_shape)
             twins.append(Candidate(cand.model, cand.tower, f"{twin.label} static", "openvino", twin.precision,
                                    cand.path, model.run, cand.parameters, model.device, inference=twin.inference,
@@ -671,6 +715,17 @@ def file_size(path: Path | None) -> int | None:
     total = path.stat().st_size
     companion = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
     return total + (companion.stat().st_size if companion.is_file() else 0)
+
+
+def check_room(path: Path, label: str) -> None:
+    """Refuse a deployment that would not fit, before the out-of-memory killer ends the bench: every
+    deployment of a tower is held at once to be timed in turns, and loading one takes about twice its files."""
+    need, available = 2 * (file_size(path) or 0), _available_bytes()
+    if available is not None and need > available:
+        raise LmmcError(f"no room to load {label}: it takes about {need / 2 ** 30:.1f} GiB and "
+                        f"{available / 2 ** 30:.1f} GiB are available beside the deployments loaded before it, which "
+                        f"the bench holds to time them in turns; bench one runtime at a time (--backend onnxruntime, "
+                        f"then --backend openvino), or free memory")
 
 
 class NoRoom(Exception):
@@ -1039,8 +1094,10 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     if generative_family(report.get("adapter")):
         from lmmc.bench_generative import bench_generative
 
+        _generative_backends(cfg)
+
         return _save(bench_generative(out_dir, cfg, report, fingerprint, json_path), out_dir, json_path, fingerprint)
-    versions = check_backends(cfg.device)
+    versions = check_backends(cfg.device, cfg.backends)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
     offline = offline_if_unreachable(teacher_ref)
     try:
@@ -1053,13 +1110,15 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     if adapter.kind == "generative":  # a report that does not name its adapter
         from lmmc.bench_generative import bench_generative
 
+        _generative_backends(cfg)
+
         return _save(bench_generative(out_dir, cfg, report, fingerprint, json_path), out_dir, json_path, fingerprint)
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
     validate = _recipe_validate(report, out_dir / "report.json")
     _check_outside_inputs(json_path, teacher_ref, calib_cfg, cfg.corpora, out_dir, cfg.teacher_cache)
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)  # before its towers are read: another model's mislead
     positions = check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
-    artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device)
+    artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device, cfg.backends)
     skipped += [offline] if offline else []
     torch_device, measure_memory = cfg.device, cfg.memory
     if cfg.device != "cpu":
@@ -1105,6 +1164,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
                     "system": platform.platform()},
         "versions": versions, "memory": MEMORY_METHOD if run.memory else None,
         "teacher_cache": str(cfg.teacher_cache.resolve()) if cfg.teacher_cache else None,
+        "backends": list(cfg.backends) or None,  # None: every runtime the device has
         "corpora": {name: {m: sum(len(next(iter(b.values()))) for b in bs) for m, bs in c.items()}
                     for name, c in corpora.items()},
         "towers": {}, "notes": run.notes,
@@ -1120,6 +1180,13 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
     return _save(result, out_dir, json_path, fingerprint)
+
+
+def _generative_backends(cfg: BenchConfig) -> None:
+    other = [b for b in cfg.backends if b != "onnxruntime"]
+    if other:
+        raise LmmcError(f"--backend {other[0]}: a generative model's bench times generation in PyTorch and ONNX "
+                        f"Runtime only; pass --backend onnxruntime, or leave --backend out")
 
 
 def _save(result: dict[str, Any], out_dir: Path, json_path: Path, fingerprint: str) -> dict[str, Any]:
@@ -1156,13 +1223,17 @@ def _bench_tower(run: _Run, tower, artifacts: list[dict[str, Any]], tmp: Path) -
     evaluated = {name: _numpy(c[modality]) for name, c in run.corpora.items() if c.get(modality)}
     # an image tower's only dynamic axis is the batch
     static = ((run.batch, run.seq) if modality == "text" else (run.batch,)) if cfg.static else None
-    n = 8 + len(artifacts) + sum(a["backend"] == "openvino" for a in artifacts)
-    n += 4 + 2 * sum(a["backend"] == "openvino" for a in artifacts) if static else 0
-    with tqdm(total=teacher_steps(run.device) + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT) + n * (2 if run.memory else 1), desc=f"bench {tower.name}",
-              unit="step", leave=False) as progress:
+    # the candidates: the teacher's (PyTorch; ONNX Runtime plain, fused, INT8; two IRs, each in bf16 too) and
+    # the student's, each IR with its bf16 twin, and with --static one more of each IR and twin
+    irs = 2 * cfg.runs("openvino") + sum(a["backend"] == "openvino" for a in artifacts)
+    n = 1 + 3 * cfg.runs("onnxruntime") + 2 * irs + len(artifacts) - sum(a["backend"] == "openvino" for a in artifacts)
+    n += 2 * irs if static else 0
+    steps = teacher_steps(run.device, cfg.backends) + cfg.warmup + math.ceil(cfg.repeats / PER_VISIT)
+    with tqdm(total=steps + n * (2 if run.memory else 1), desc=f"bench {tower.name}", unit="step",
+              leave=False) as progress:
         candidates = teacher_deployments(run.teacher, tower, tmp, _numpy(run.data.calib_batches(modality)),
                                          run.threads, run.notes, progress, run.device, run.torch_device, static,
-                                         cfg.teacher_cache)
+                                         cfg.teacher_cache, cfg.backends)
         params = tower_parameters(run.student, tower)
         for a in artifacts:
             candidates += student_candidates(a, tower.name, params, run, static)
@@ -1256,6 +1327,8 @@ def format_table(result: dict[str, Any]) -> str:
              f"{asked}, in turns of 1 untimed + {PER_VISIT} timed; cosine: mean to the fp32 teacher (PyTorch) per corpus",
              f"{result['machine']['cpus']} CPUs ({result['machine']['processor']}); "
              + ", ".join(f"{k} {v.split('-')[0]}" for k, v in result["versions"].items())]
+    if result.get("backends"):
+        lines.append(f"runtimes: {' and '.join(result['backends'])} only (--backend), and the teacher in PyTorch eager")
     if result["memory"]:
         lines.append(f"peak MiB: {result['memory']}")
     if result.get("corpora"):  # a bench JSON of an earlier lmmc has no counts

@@ -516,8 +516,12 @@ def summary_table(report: dict) -> str:
 @click.option("--teacher-cache", type=_Path(), help="Keep the teacher's deployments (ONNX exports, INT8 graphs, IRs) "
               "in this folder and reuse them in later benches of the same teacher, calibration data, runtimes and "
               "device: building them takes most of a short bench.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+              help="Bench only this runtime's deployments, the teacher's and the student's (repeatable; the teacher "
+              "in PyTorch eager is always timed). Fewer deployments are held at once, and the teacher's others are "
+              "not built. Default: every runtime.")
 def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, calib, teacher, no_memory, quick,
-              static, trust_remote_code, device, teacher_cache):
+              static, trust_remote_code, device, teacher_cache, backends):
     """Time every student artifact in OUT_DIR against the teacher deployed in PyTorch, ONNX Runtime (fp32,
     fused, INT8) and OpenVINO (fp32, NNCF INT8), interleaved in one run; print the table, save JSON. A generative
     model's greedy generation is timed in PyTorch and ONNX Runtime, the teacher's and the student's."""
@@ -529,7 +533,8 @@ def bench_cmd(out_dir, threads, batch, seq, repeats, warmup, json_path, corpus, 
         repeats, warmup, no_memory = 3 if repeats is None else repeats, 1 if warmup is None else warmup, True
     given = {"threads": threads, "batch": batch, "seq": seq, "repeats": repeats, "warmup": warmup,
              "calib": Path(calib) if calib else None, "teacher": Path(teacher) if teacher else None, "device": device,
-             "teacher_cache": Path(teacher_cache) if teacher_cache else None}
+             "teacher_cache": Path(teacher_cache) if teacher_cache else None,
+             "backends": tuple(dict.fromkeys(backends)) or None}
     try:
         cfg = BenchConfig(**{k: v for k, v in given.items() if v is not None}, memory=not no_memory,
                           static=static, corpora=tuple(Path(c) for c in corpus), trust_remote_code=trust_remote_code)
