@@ -1176,6 +1176,13 @@ def _(tmp):
         "this ONNX Runtime has no CUDAExecutionProvider"]
 
 
+@case("a recipe's bench of a runtime the CPU does not run, dry run")
+def _(tmp):
+    recipe = {**RANDOM, "bench": {"backends": ["onnxruntime", "tensorrt"], "repeats": 3, "memory": False}}
+    return [bert(tmp), "-r", write_recipe(tmp, recipe), "-o", "out", "--dry-run"], [
+        "bench.backends: tensorrt: bench runs onnxruntime and openvino on cpu, not tensorrt; set bench.device to cuda"]
+
+
 @case("a recipe's bench.seq past the positions, dry run")
 def _(tmp):
     recipe = {**RANDOM, "bench": {"seq": 1000, "repeats": 3, "memory": False}}

@@ -677,23 +677,14 @@ def test_best_student_must_keep_the_recipes_fidelity_gate():
 @pytest.mark.parametrize("args, message", [
     (["--backend", "openvino"], "holds no openvino student artifact to bench (its artifacts run in onnxruntime); "
                                 "pass --backend onnxruntime, or leave --backend out"),
-    (["--backend", "tensorrt"], "--backend tensorrt: bench runs onnxruntime and openvino on cpu, not tensorrt; pass "
-                                "--device cuda on a machine with an NVIDIA GPU"),
+    (["--backend", "tensorrt"], "--backend tensorrt: bench runs onnxruntime and openvino on cpu, not tensorrt; set "
+                                "--device to cuda on a machine with an NVIDIA GPU"),
     (["--backend", "tflite"], "Invalid value for '--backend': 'tflite' is not one of")])
 def test_a_backend_the_output_or_the_device_lacks_is_one_clear_error(uncapped, tmp_path, args, message):
     _, _, out = uncapped  # its one artifact is an ONNX file
     result = run("bench", out, "--quick", "--json", tmp_path / "b.json", *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "b.json").exists()
-
-
-def test_a_generative_bench_refuses_a_runtime_it_does_not_time():
-    from lmmc.bench import BenchConfig, _generative_backends
-
-    with pytest.raises(LmmcError, match="--backend openvino: a generative model's bench times generation in PyTorch "
-                                        "and ONNX Runtime only; pass --backend onnxruntime"):
-        _generative_backends(BenchConfig(backends=("onnxruntime", "openvino")))
-    _generative_backends(BenchConfig(backends=("onnxruntime",)))
 
 
 def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):

@@ -219,6 +219,8 @@ def test_best_pair_skips_teachers_that_changed_answers_and_students_below_the_ga
     (["--seq", "16"], "--seq sets an encoder's text length"),
     (["--corpus", "TEXT"], "is not a .jsonl; a generative model is judged on image-text records"),
     (["--device", "cuda"], "a generative model's export runs in ONNX Runtime on the CPU"),
+    (["--backend", "onnxruntime", "--backend", "openvino"], "--backend openvino: a generative model's bench times "
+                                                            "generation in PyTorch and ONNX Runtime only"),
 ])
 def test_options_for_encoders_are_one_clear_error_and_nothing_is_written(compiled_llava, tmp_path, args, message):
     out, _ = compiled_llava
@@ -234,6 +236,7 @@ def test_options_for_encoders_are_one_clear_error_and_nothing_is_written(compile
 
 @pytest.mark.parametrize("bench, message", [
     ({"static": True}, "bench.static compiles OpenVINO IRs for one input shape"),
+    ({"backends": ["openvino"]}, "bench.backends: openvino: a generative model's bench times generation in PyTorch"),
     ({"corpora": ["NOIMAGE"]}, "bench.corpora 'NOIMAGE': sample 1 has no image"),
     ({"corpora": ["FEW"]}, "bench.corpora: 'FEW' holds 10 image-text record(s), fewer than validate.min_held_out (32)"),
 ])

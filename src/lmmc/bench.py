@@ -224,9 +224,10 @@ def _refuse_running_compile(out_dir: Path) -> None:
                         f"has finished")
 
 
-def check_backends(device: str = "cpu", chosen: tuple[str, ...] = ()) -> dict[str, str]:
+def check_backends(device: str = "cpu", chosen: tuple[str, ...] = (), option: str = "--backend") -> dict[str, str]:
     """Versions of the runtimes bench needs; a missing one, an ONNX Runtime without the device's execution
-    provider, or a `chosen` runtime the device does not run, is bad input naming what to do."""
+    provider, or a `chosen` runtime the device does not run (`option` names where it was chosen), is bad input
+    naming what to do."""
     import onnxruntime
     import torch
 
@@ -235,8 +236,10 @@ def check_backends(device: str = "cpu", chosen: tuple[str, ...] = ()) -> dict[st
     offered = CPU_BACKENDS if device == "cpu" else GPU_BACKENDS
     other = [b for b in chosen if b not in offered]
     if other:
-        fix = "pass --device cuda on a machine with an NVIDIA GPU" if device == "cpu" else "leave out --device"
-        raise LmmcError(f"--backend {other[0]}: bench runs {' and '.join(offered)} on {device}, not {other[0]}; {fix}")
+        device_option = "bench.device" if option.startswith("bench.") else "--device"
+        fix = f"set {device_option} to cuda on a machine with an NVIDIA GPU" if device == "cpu" else \
+            f"leave out {device_option}"
+        raise LmmcError(f"{option} {other[0]}: bench runs {' and '.join(offered)} on {device}, not {other[0]}; {fix}")
     check_available(providers_for(device), onnxruntime.get_available_providers())
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     if device != "cpu" or (chosen and "openvino" not in chosen):
@@ -1094,8 +1097,6 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     if generative_family(report.get("adapter")):
         from lmmc.bench_generative import bench_generative
 
-        _generative_backends(cfg)
-
         return _save(bench_generative(out_dir, cfg, report, fingerprint, json_path), out_dir, json_path, fingerprint)
     versions = check_backends(cfg.device, cfg.backends)
     teacher_ref = str(cfg.teacher) if cfg.teacher else compiled_teacher(report)
@@ -1109,8 +1110,6 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
                         f"moved, pass --teacher with its new place") from None
     if adapter.kind == "generative":  # a report that does not name its adapter
         from lmmc.bench_generative import bench_generative
-
-        _generative_backends(cfg)
 
         return _save(bench_generative(out_dir, cfg, report, fingerprint, json_path), out_dir, json_path, fingerprint)
     calib_cfg = _recipe_calibration(report, cfg, out_dir / "report.json")
@@ -1180,13 +1179,6 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
         torch.set_num_threads(threads_before)
     result["seconds"] = time.perf_counter() - started
     return _save(result, out_dir, json_path, fingerprint)
-
-
-def _generative_backends(cfg: BenchConfig) -> None:
-    other = [b for b in cfg.backends if b != "onnxruntime"]
-    if other:
-        raise LmmcError(f"--backend {other[0]}: a generative model's bench times generation in PyTorch and ONNX "
-                        f"Runtime only; pass --backend onnxruntime, or leave --backend out")
 
 
 def _save(result: dict[str, Any], out_dir: Path, json_path: Path, fingerprint: str) -> dict[str, Any]:

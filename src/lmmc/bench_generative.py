@@ -49,6 +49,10 @@ def check_generative_bench(cfg, where: str = "") -> None:
     if cfg.seq is not None:
         raise LmmcError(f"{option('seq')} sets an encoder's text length, and a generative model is timed on its "
                         f"held-out prompts as they are; leave {option('seq')} out")
+    other = [b for b in cfg.backends if b != "onnxruntime"]
+    if other:
+        raise LmmcError(f"{where + 'backends:' if where else '--backend'} {other[0]}: a generative model's bench times "
+                        f"generation in PyTorch and ONNX Runtime only; leave it out")
     if cfg.device != "cpu":
         raise LmmcError(f"{option('device')} {cfg.device}: a generative model's export runs in ONNX Runtime on the "
                         f"CPU, and bench times it there; leave {option('device')} out")

@@ -466,7 +466,7 @@ def _check_bench(recipe: Recipe, adapter: Any, config: Any, preprocessors: dict[
                 raise LmmcError(f"bench.corpora: '{corpus}' holds {len(records)} image-text record(s), fewer than "
                                 f"validate.min_held_out ({least}), too few to judge on; give a corpus with more")
         return
-    check_backends(recipe.bench.device)
+    check_backends(recipe.bench.device, recipe.bench.backends, "bench.backends:")
     check_seq(recipe.bench.seq, config, adapter, "this model", "bench.seq")
 
 
