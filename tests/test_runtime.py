@@ -755,6 +755,39 @@ def test_a_deployment_and_a_model_pickle_as_how_they_were_opened(compiled, tmp_p
         pickle.loads(sent)
 
 
+def _spins(model) -> bool:
+    """Whether an ONNX Runtime session's idle worker threads spin for work (the runtime's default)."""
+    try:
+        return model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    except RuntimeError:  # not set: the runtime's default
+        return True
+
+
+def test_two_towers_in_one_process_do_not_spin_in_each_others_turns(compiled, tmp_path):
+    """A search service embeds a query text, then an image, in turns: each session's threads spinning after its
+    run took the cores from the other's (a CLIP-size text tower 33 % slower; BENCHMARKS.md). The default stops
+    them for two towers and keeps ONNX Runtime's own for one; `spinning` says otherwise."""
+    import pickle
+
+    deployed = open_dir(compiled, threads=1)
+    assert {t: _spins(m) for t, m in deployed.models.items()} == {"text": False, "vision": False}
+    spinning = open_dir(compiled, threads=1, spinning=True)
+    assert {t: _spins(m) for t, m in spinning.models.items()} == {"text": True, "vision": True}
+    assert np.abs(spinning.encode(TEXTS) - deployed.encode(TEXTS)).max() == 0
+    assert [_spins(m) for m in pickle.loads(pickle.dumps(spinning)).models.values()] == [True, True]
+    one = tmp_path / "one"  # the text tower alone
+    shutil.copytree(compiled, one)
+    manifest = json.loads((one / "manifest.json").read_text())
+    del manifest["towers"]["vision"]
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["tower"] == "text"]
+    (one / "manifest.json").write_text(json.dumps(manifest))
+    (one / ".lmmc-files.json").unlink()  # the digests of the files as compiled, which the manifest no longer is
+    alone = open_dir(one, threads=1)
+    assert [_spins(m) for m in alone.models.values()] == [True]
+    with pytest.raises(LmmcError, match="spinning is ONNX Runtime's setting, True, False or None; not False for openvino"):
+        open_dir(compiled, backend="openvino", spinning=False)
+
+
 def _identity_onnx(path):
     """A valid one-node ONNX file, which ONNX Runtime loads."""
     import onnx

@@ -668,12 +668,14 @@ def output_fingerprint(out_dir: Path) -> str | None:
 def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
              variant: str | None = None, threads: int | None = None, device: str | None = None,
              inference_precision: str | None = None, static_shape: tuple[int, ...] | None = None,
-             trust_remote_code: bool = False) -> Deployment:
+             trust_remote_code: bool = False, spinning: bool | None = None) -> Deployment:
     """Load one artifact per tower of a compile's output. `variant` None prefers the fused graph, which
     the compile keeps only when it is the faster, over the plain one, and otherwise takes the first the
     manifest lists (ONNX Runtime INT8: dynamic before static; name one with `variant`); `threads`, `device`,
-    `inference_precision` and `static_shape` as in `load`. A tokenizer or image processor that ships its
-    own code (compiled with --trust-remote-code) is read only with `trust_remote_code`."""
+    `inference_precision`, `static_shape` and `spinning` as in `load`, where `spinning` None leaves ONNX
+    Runtime's idle threads spinning for a one-tower output and stops them for two towers, whose sessions
+    run in turns. A tokenizer or image processor that ships its own code (compiled with
+    --trust-remote-code) is read only with `trust_remote_code`."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise LmmcError(f"open_dir takes the path of a compile's output directory, not {type(out_dir).__name__}")
     if backend not in BACKENDS:  # None included: the manifest lists one artifact per backend, none "by default"
@@ -712,6 +714,12 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
         held = sorted({a["precision"] for a in manifest["artifacts"] if a["backend"] == backend})
         raise LmmcError(f"precision must name one, not {precision!r}: {out_dir}'s {backend} artifacts are "
                         f"{', '.join(held) or 'none'}")
+    if spinning is not None and (not isinstance(spinning, bool) or backend != "onnxruntime"):
+        raise LmmcError(f"spinning is ONNX Runtime's setting, True, False or None; not {spinning!r} for {backend}")
+    # A session's idle threads spin for work a while after each run. Two towers in turns, as a search service
+    # embeds a query and then an image, each ran in the other's spin: a CLIP-size text tower 33 % slower, and
+    # nothing was gained alone (BENCHMARKS.md, "Two towers in one process").
+    spins = (len(manifest["towers"]) == 1 if spinning is None else spinning) if backend == "onnxruntime" else True
     models = {}
     for tower in manifest["towers"]:
         # read_manifest requires no variant (bench needs none): an artifact without one matches variant=None only
@@ -729,7 +737,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
                 raise LmmcError(f"'{name}' is listed in {out_dir / MANIFEST} but missing; copy the whole output "
                                 f"directory, or compile again")
         models[tower] = load(out_dir / entry["path"], backend, threads, device,
-                             inference_precision=inference_precision, static_shape=static_shape)
+                             inference_precision=inference_precision, static_shape=static_shape, spinning=spins)
         _check_signature(out_dir, entry, models[tower])
     _warn_if_failed(out_dir, manifest)
     # a swapped tokenizer, an entry pointed at another graph: encode() would differ without a word
@@ -743,7 +751,7 @@ def open_dir(out_dir: str | Path, backend: str = "onnxruntime", precision: str =
     _check_not_replaced(out_dir, fingerprint)
     deployment._opened_with = dict(backend=backend, precision=precision, variant=variant, threads=threads,
                                    device=device, inference_precision=inference_precision, static_shape=static_shape,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, spinning=spinning)
     deployment._fingerprint = fingerprint
     return deployment
 
