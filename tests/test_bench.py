@@ -1398,7 +1398,7 @@ def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(un
     """The bench holds its own copies while a memory process loads another; where that would not fit, the
     kernel would end the largest process, the bench itself, so the row goes unmeasured with a note instead."""
     _, _, out = uncapped
-    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 1024)  # a machine with 1 KiB free
+    monkeypatch.setattr("lmmc.bench.available_bytes", lambda: 1024)  # a machine with 1 KiB free
     monkeypatch.setattr("lmmc.bench.check_room", lambda *a: None)  # ... once the timed deployments are loaded
     result = run("bench", out, "--repeats", 1, "--warmup", 1, "--json", tmp_path / "b.json")  # --quick measures none
     assert result.exit_code == 0, result.output
@@ -1410,7 +1410,7 @@ def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(un
     assert [n.split(" is not")[0] for n in said] == [f"peak memory of the {r['model']}'s text tower, {r['artifact']}"
                                                      for r in rows]
     # A deployment whose weights fit is measured, one that does not is refused, at twice its weights.
-    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 4 * 2 ** 30)
+    monkeypatch.setattr("lmmc.bench.available_bytes", lambda: 4 * 2 ** 30)
     printed = "print('{\"peak_rss_increase_mib\": 5.0}')"
     assert memory_process(printed, {}, "a model", weights_bytes=2 * 2 ** 30) == 5.0
     with pytest.raises(NoRoom, match="a model is not measured: .* takes about 4.5 GiB, and 4.0 GiB are available"):
@@ -1427,7 +1427,7 @@ def test_a_deployment_with_no_room_beside_those_loaded_before_it_is_one_clear_er
     def available():  # room for three deployments, then none
         asked.append(1)
         return 2 ** 40 if len(asked) <= 3 else 2 ** 20
-    monkeypatch.setattr("lmmc.bench._available_bytes", available)
+    monkeypatch.setattr("lmmc.bench.available_bytes", available)
     result = run("bench", out, "--quick", "--json", tmp_path / "b.json")
     assert result.exit_code == 2, result.output
     # the fourth is the teacher's fp32 IR, after its three ONNX Runtime deployments; a few MB of a tiny BERT

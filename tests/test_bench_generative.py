@@ -339,7 +339,7 @@ def test_records_of_images_the_compile_distilled_on_are_left_out_of_a_corpus(tmp
 @needs_proc
 def test_a_deployment_with_no_room_to_load_once_more_is_not_measured_and_said(compiled_llava, tmp_path, monkeypatch):
     out, _ = compiled_llava
-    monkeypatch.setattr("lmmc.bench._available_bytes", lambda: 1024)  # a machine with 1 KiB free
+    monkeypatch.setattr("lmmc.bench.available_bytes", lambda: 1024)  # a machine with 1 KiB free
     bench = bench_api(out, BenchConfig(repeats=1, threads=1), tmp_path / "bench.json")
     assert [r["peak_rss_mib"] for r in bench["rows"]] == [None] * 4
     said = [n for n in bench["notes"] if " is not measured: loading it once more in a fresh process takes about " in n]

@@ -281,6 +281,25 @@ def test_cached_teacher_targets_equal_a_fresh_teacher_forward():
     cached.restore_flags()
 
 
+def test_targets_past_the_memory_available_are_not_cached_and_the_run_says_why(monkeypatch):
+    """Past what the machine has, the out-of-memory killer would end the compile with nothing said: the cache is
+    left out, the run trains as a run without one does, and its warning says why."""
+    runs = {}
+    for name, mb, available in [("no room", 2048, 4096), ("no cache", 0, None), ("room", 2048, 2 ** 40)]:
+        monkeypatch.setattr("lmmc.distiller.available_bytes", lambda: available)
+        art = tiny_art("bert")
+        runs[name] = (distill(art, steps=6, lr=3e-3, eval_every=0, teacher_cache_mb=mb), art.student.state_dict())
+    metrics = runs["no room"][0]
+    assert (metrics["teacher_cached"], runs["no cache"][0]["teacher_cached"], runs["room"][0]["teacher_cached"]) == \
+        (False, False, True)
+    assert metrics["teacher_cache_skipped"].startswith(
+        "the teacher's targets were not cached: they would take about 0.0 GiB, more than three quarters of the 0.0 "
+        "GiB this machine had available; every step runs the teacher instead")
+    assert "teacher_cache_skipped" not in runs["no cache"][0] and "teacher_cache_skipped" not in runs["room"][0]
+    for name, weights in runs["no room"][1].items():
+        assert torch.equal(weights, runs["no cache"][1][name]), name
+
+
 def test_cached_targets_sit_on_the_tokens_of_a_left_padded_batch(tmp_path):
     """A tokenizer that pads on the left puts a text's tokens at the end of its row. The cached targets were
     padded after the tokens, so each hidden-state term compared a token with another token's target. (MPNet, padded

@@ -32,6 +32,7 @@ from pydantic import Field, ValidationError
 from lmmc.adapters import generative_family
 from lmmc.config import Config
 from lmmc.errors import LmmcError
+from lmmc.memory import available_bytes
 from lmmc.modelio import text_pad_length, text_positions, text_truncation
 from lmmc.runtime import (ARTIFACT_KEYS, FILE_LIST, MANIFEST, MAX_THREADS, edited_files, file_list, load,
                            missing_preprocessing, output_fingerprint, read_manifest)
@@ -723,7 +724,7 @@ def file_size(path: Path | None) -> int | None:
 def check_room(path: Path, label: str) -> None:
     """Refuse a deployment that would not fit, before the out-of-memory killer ends the bench: every
     deployment of a tower is held at once to be timed in turns, and loading one takes about twice its files."""
-    need, available = 2 * (file_size(path) or 0), _available_bytes()
+    need, available = 2 * (file_size(path) or 0), available_bytes()
     if available is not None and need > available:
         raise LmmcError(f"no room to load {label}: it takes about {need / 2 ** 30:.1f} GiB and "
                         f"{available / 2 ** 30:.1f} GiB are available beside the deployments loaded before it, which "
@@ -735,15 +736,6 @@ class NoRoom(Exception):
     """A deployment whose memory process would not fit beside the bench's own models: not measured, and said."""
 
 
-def _available_bytes() -> int | None:
-    """Linux's estimate of the memory a new process can take without swapping (MemAvailable), or None."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
-
-
 def memory_process(code: str, spec: dict[str, Any], label: str, weights_bytes: int = 0) -> float | None:
     """Runs `code`, a memory child that reads `spec` as its argument, in a fresh process; the peak RSS increase
     it prints, MiB. Raises NoRoom when twice `weights_bytes` (read from disk and held) is more than the machine
@@ -751,7 +743,7 @@ def memory_process(code: str, spec: dict[str, Any], label: str, weights_bytes: i
     the largest process, the bench."""
     if not Path("/proc/self/clear_refs").exists():
         return None  # the measurement needs Linux's /proc; elsewhere the column stays empty
-    available = _available_bytes()
+    available = available_bytes()
     if available is not None and 2 * weights_bytes > available:
         raise NoRoom(f"peak memory of {label} is not measured: loading it once more in a fresh process takes about "
                      f"{2 * weights_bytes / 2 ** 30:.1f} GiB, and {available / 2 ** 30:.1f} GiB are available beside "

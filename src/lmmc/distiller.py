@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from lmmc.errors import LmmcError
 from lmmc.modelio import text_pad_length
 from lmmc.generation import teacher_forced
 from lmmc.int8_aware import Int8Aware
+from lmmc.memory import available_bytes
 from lmmc.optima import AllModules, ArmSpan, make_schedule
 from lmmc.train import (Checkpoints, Distributed, all_reduce_sum, barrier, check_same_run, gather,
                         load_optimizer_tensors, lr_multiplier, optimizer_tensors, progress_multiplier, run_gathered,
@@ -806,7 +808,8 @@ class Trainer:
     def _cache_teacher(self) -> dict[str, dict[int, dict[str, Any]]] | None:
         """Ours: the teacher is fixed, so its targets for every training sample are computed once, in
         length-sorted batches of fixed make-up (so a resumed run reads the very same numbers), and each
-        step then runs the student alone. Skipped when the targets would not fit the memory budget."""
+        step then runs the student alone. Skipped when the targets would not fit the memory budget, or the
+        memory this machine has available."""
         budget = self.cfg.teacher_cache_mb * 2 ** 20
         # Filling the cache costs one teacher pass over the corpus, which a run shorter than an epoch
         # would not spend.
@@ -832,6 +835,12 @@ class Trainer:
         # take is extrapolated per token (per sample for images), not per sample.
         weight = [max(self.lengths[i], 1) for i in order]
         total, done, used = sum(weight) * len(self.plans), 0, 0
+        # Past what the machine has, the kernel's out-of-memory killer would end the compile. A quarter is left
+        # for training's own buffers (the optimiser's moments come at its first step) and the rest of the
+        # machine, and ranks started on one machine share it.
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.ctx.enabled else 1
+        available = available_bytes()
+        room = None if available is None else available * 3 // 4 // ranks
         bar = tqdm(total=len(order) * len(self.plans), desc="teacher targets", unit="sample",
                    disable=not (self.cfg.progress and self.ctx.main))
         for name, plan in self.plans.items():
@@ -862,6 +871,14 @@ class Trainer:
                 bar.update(len(chunk))
                 if used / done * total > budget:
                     bar.close()
+                    return None
+                if room is not None and used / done * total > room:
+                    bar.close()
+                    self.cache_skipped = (f"the teacher's targets were not cached: they would take about "
+                                          f"{used / done * total / 2 ** 30:.1f} GiB, more than three quarters of the "
+                                          f"{available / 2 ** 30:.1f} GiB this machine had available"
+                                          f"{f' shared by {ranks} ranks' if ranks > 1 else ''}; every step runs the "
+                                          f"teacher instead, which is slower: free memory to cache them")
                     return None
         bar.close()
         if self._needs_bridge(None):
