@@ -1433,5 +1433,5 @@ def test_a_deployment_with_no_room_beside_those_loaded_before_it_is_one_clear_er
     # the fourth is the teacher's fp32 IR, after its three ONNX Runtime deployments; a few MB of a tiny BERT
     assert ("error: no room to load the teacher's text tower, openvino fp32: it takes about 0.0 GiB and 0.0 GiB are "
             "available beside the deployments loaded before it") in result.output
-    assert "bench one runtime at a time (--backend onnxruntime, then --backend openvino)" in result.output
+    assert "let lmmc bench time one runtime at a time (--backend onnxruntime, then --backend openvino)" in result.output
     assert len(asked) == 4 and not (tmp_path / "b.json").exists()

@@ -361,6 +361,9 @@ def test_the_speedup_reference_is_a_faithful_teacher_at_f32_inference(tmp_path, 
         ms = timing["towers"]["text"]["teacher"]["all_ms"]
         assert set(ms) == reference, deploy
         assert timing["teacher_ms"] == min(ms.values())
+        # the other runtime's deployments are neither built nor held
+        other = ".xml" if deploy.get("runtime") == "onnxruntime" else ".onnx"
+        assert not [p.name for p in (tmp_path / str(i)).iterdir() if p.name.endswith(other)], deploy
     # an INT8 teacher that lost its fidelity: the runtime's other faithful deployments, said in the notes
     real = latency_budget.teacher_reference
     monkeypatch.setattr(latency_budget, "teacher_reference",

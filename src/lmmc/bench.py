@@ -728,8 +728,8 @@ def check_room(path: Path, label: str) -> None:
     if available is not None and need > available:
         raise LmmcError(f"no room to load {label}: it takes about {need / 2 ** 30:.1f} GiB and "
                         f"{available / 2 ** 30:.1f} GiB are available beside the deployments loaded before it, which "
-                        f"the bench holds to time them in turns; bench one runtime at a time (--backend onnxruntime, "
-                        f"then --backend openvino), or free memory")
+                        f"are held to be timed in turns; free memory, or let lmmc bench time one runtime at a time "
+                        f"(--backend onnxruntime, then --backend openvino)")
 
 
 class NoRoom(Exception):

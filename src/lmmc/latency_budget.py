@@ -164,8 +164,9 @@ def time_deployments(teacher: nn.Module, adapter: Adapter, target: Target, folde
         for tower in adapter.towers:
             candidates = []
             if deploy_teacher:
+                # the target's runtime only: the others' deployments would be built and held for nothing
                 built = teacher_deployments(teacher, tower, folder, calib_feeds[tower.name], target.threads, notes,
-                                            quiet)
+                                            quiet, chosen=(target.runtime,))
                 same = [c for c in built if c.backend == target.runtime and c.inference != "bf16"]
                 planned = [c for c in same if c.precision == target.precision]
                 if target.runtime == "onnxruntime" and target.precision == "int8":
