@@ -687,6 +687,19 @@ def test_a_backend_the_output_or_the_device_lacks_is_one_clear_error(uncapped, t
     assert not (tmp_path / "b.json").exists()
 
 
+def test_a_runtime_the_teacher_is_not_deployed_in_is_said_to_compare_with_pytorch():
+    from lmmc.bench import no_teacher_deployment
+
+    # bench builds the teacher no TensorRT engine: on a GPU its ONNX Runtime fp16 is the one to compare with
+    assert no_teacher_deployment("cuda", ("tensorrt",)) == (
+        "--backend tensorrt: bench deploys the teacher in none of these runtimes on cuda, so the student is compared "
+        "with the teacher in PyTorch eager; add --backend onnxruntime to compare it with the teacher's ONNX Runtime "
+        "deployments")
+    for device, chosen in [("cuda", ("onnxruntime", "tensorrt")), ("cuda", ()), ("cpu", ("openvino",)),
+                           ("cpu", ("onnxruntime",))]:
+        assert no_teacher_deployment(device, chosen) is None, (device, chosen)
+
+
 def test_artifacts_from_the_manifest_and_backends_the_cpu_cannot_run(tmp_path):
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "text.onnx").write_bytes(b"")

@@ -607,6 +607,16 @@ def teacher_steps(device: str, chosen: tuple[str, ...] = ()) -> int:
     return len(teacher_step_names(device, chosen))
 
 
+def no_teacher_deployment(device: str, chosen: tuple[str, ...]) -> str | None:
+    """The note for `chosen` runtimes the teacher is not deployed in on `device` (bench builds it no TensorRT
+    engine), whose students are then compared with the teacher in PyTorch eager alone; else None."""
+    if not chosen or teacher_step_names(device, chosen):
+        return None
+    return (f"--backend {' '.join(chosen)}: bench deploys the teacher in none of these runtimes on {device}, so the "
+            f"student is compared with the teacher in PyTorch eager; add --backend onnxruntime to compare it with the "
+            f"teacher's ONNX Runtime deployments")
+
+
 def teacher_deployments(teacher, tower, folder: Path, calib: list[dict[str, np.ndarray]], threads: int,
                         notes: list[str], progress, device: str = "cpu", torch_device: str = "cpu",
                         static_shape: tuple[int, ...] | None = None, cache: Path | None = None,
@@ -1110,7 +1120,7 @@ def _bench(out_dir: Path, cfg: BenchConfig, json_path: Path | None) -> dict[str,
     check_unchanged(report, teacher_ref, calib_cfg, out_dir)  # before its towers are read: another model's mislead
     positions = check_seq(cfg.seq, config, adapter, f"the teacher '{teacher_ref}'")
     artifacts, skipped = student_artifacts(out_dir, [t.name for t in adapter.towers], cfg.device, cfg.backends)
-    skipped += [offline] if offline else []
+    skipped += [note for note in (offline, no_teacher_deployment(cfg.device, cfg.backends)) if note]
     torch_device, measure_memory = cfg.device, cfg.memory
     if cfg.device != "cpu":
         if not torch.cuda.is_available():
