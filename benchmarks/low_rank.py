@@ -1,7 +1,7 @@
 """Low-rank factorisation beside structured pruning on MiniLM, one-shot: fidelity and OpenVINO INT8 latency at
 the deployment cut's FLOPs.
 
-    .venv/bin/python benchmarks/low_rank.py [--threads 2] [--repeats 40]     # about 6 minutes
+    .venv/bin/python benchmarks/low_rank.py [--threads 2] [--repeats 40]     # about 5 minutes
 
 The question: at the FLOPs of the shipped deployment cut (`minilm-deploy.yaml`'s AntGMM pass, 47 %), does a
 wider cut whose matrices are then factorised keep more than the cut alone? Each row prunes the teacher with
