@@ -154,22 +154,20 @@ def main() -> None:
     splits |= {name: corpus_batches(path, adapter, pre, calib_cfg, 256, None)["text"] for name, path in CORPORA.items()}
     reference = {k: np.concatenate([o[1] for o in torch_outputs(teacher, tower, b)]) for k, b in splits.items()}
 
-    cuts: dict[float, nn.Module] = {}
+    cuts: dict[float, nn.Module] = {}  # each cut once; every row factorises its own copy
 
-    def prune(keep: float) -> tuple[nn.Module, Artifact | None]:
-        if keep in cuts:
-            return copy.deepcopy(cuts[keep]), None
-        art = Artifact(model_ref="minilm", adapter=adapter, teacher=teacher, student=make_student(teacher), calib=calib)
-        cls = get_pass("antgmm")
-        cls(cls.Config(**settings | {"keep": keep})).run(art)
-        cuts[keep] = copy.deepcopy(art.student)
-        return art.student, art
+    def prune(keep: float) -> nn.Module:
+        if keep not in cuts:
+            cut = Artifact(model_ref="minilm", adapter=adapter, teacher=teacher, student=make_student(teacher), calib=calib)
+            cls = get_pass("antgmm")
+            cls(cls.Config(**settings | {"keep": keep})).run(cut)
+            cuts[keep] = cut.student
+        return copy.deepcopy(cuts[keep])
 
     students, notes = {}, {}
-    shipped, art = prune(settings["keep"])
-    target = flops(shipped, adapter)
+    target = flops(prune(settings["keep"]), adapter)
     for label, keep, roles in ROWS:
-        model = shipped if keep is None else prune(keep)[0]
+        model = prune(settings["keep"] if keep is None else keep)
         products = flops(model, adapter) - linear_flops(model, adapter)
         ranks = factorise_(model, adapter, calib, roles, target) if roles else {}
         students[label] = model.eval()
@@ -178,7 +176,8 @@ def main() -> None:
     fidelity = {label: {k: float(cosine(reference[k], np.concatenate([o[1] for o in torch_outputs(m, tower, b)])).mean())
                         for k, b in splits.items()} for label, m in students.items()}
 
-    feeds = calibration_feeds(art, tower, short=True)
+    feeds = calibration_feeds(Artifact(model_ref="minilm", adapter=adapter, teacher=teacher, student=teacher,
+                                       calib=calib), tower, short=True)
     gen = np.random.default_rng(0)
     feed = {"input_ids": gen.integers(1000, 30000, (8, 128)), "attention_mask": np.ones((8, 128), np.int64),
             "token_type_ids": np.zeros((8, 128), np.int64)}
