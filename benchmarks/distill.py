@@ -78,7 +78,8 @@ def digits_accuracy(art: Artifact, data: Path) -> float:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     images, labels = bench.test_set(data)
-    return bench.accuracy(*bench.torch_embeddings(art.student.eval(), Path(art.model_ref), images), labels)
+    return bench.accuracy(*bench.torch_embeddings(art.student.eval(), Path(art.model_ref), images,
+                                                  bench.digits.class_prompts()), labels)
 
 
 def load_bits(teacher_ref: str | None = None, corpus: Path = CORPUS, batch_size: int = 16) -> Artifact:

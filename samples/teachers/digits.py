@@ -61,11 +61,12 @@ def class_prompts() -> list[str]:
     return [caption(PROMPT, label) for label in range(len(WORDS))]
 
 
-def split_by_image(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_by_image(labels: np.ndarray, test_fraction: float, seed: int,
+                   classes: int = len(WORDS)) -> tuple[list[int], list[int]]:
     """Image indices for training and test, stratified by class, so every class is held out alike."""
     rng = random.Random(seed)
     train, test = [], []
-    for label in range(len(WORDS)):
+    for label in range(classes):
         idx = [i for i in range(len(labels)) if labels[i] == label]
         rng.shuffle(idx)
         n_test = round(len(idx) * test_fraction)
