@@ -50,6 +50,15 @@ def accuracy(image_emb: np.ndarray, prompt_emb: np.ndarray, labels: np.ndarray) 
                                      torch.from_numpy(labels))
 
 
+def attribute_line(sample, embeddings: tuple[np.ndarray, np.ndarray], labels: np.ndarray) -> str:
+    """The share of images whose chosen prompt names each attribute of their class right (shapes only)."""
+    image_emb, prompt_emb = (torch.nn.functional.normalize(torch.from_numpy(e), dim=-1) for e in embeddings)
+    chosen = (image_emb @ prompt_emb.T).argmax(dim=-1).numpy()
+    classes = sample.classes()
+    return ", ".join(f"{name} {np.mean([classes[c][i] == classes[t][i] for c, t in zip(chosen, labels)]):.2%}"
+                     for i, name in enumerate(sample.ATTRIBUTES))
+
+
 @torch.no_grad()
 def torch_embeddings(model: torch.nn.Module, model_dir: Path, images: list[Path],
                      prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the data directory holding test.jsonl")
     parser.add_argument("--sample", choices=("digits", "shapes"), default="digits",
                         help="the teacher script in samples/teachers/ whose classes and prompts the data has")
+    parser.add_argument("--by-attribute", action="store_true",
+                        help="shapes: also the share of each attribute named right, in PyTorch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("outputs", type=Path, nargs="*", help="lmmc compile output directories")
     args = parser.parse_args(argv)
@@ -125,7 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     sample = digits if args.sample == "digits" else _teacher_script(args.sample)
     images, labels = test_set(args.data, sample)
     teacher = transformers.AutoModel.from_pretrained(args.teacher).eval()
-    base = accuracy(*torch_embeddings(teacher, args.teacher, images, sample.class_prompts()), labels)
+    embeddings = torch_embeddings(teacher, args.teacher, images, sample.class_prompts())
+    base = accuracy(*embeddings, labels)
+    if args.by_attribute:
+        import lmmc
+
+        print("attributes named right (PyTorch fp32):")
+        print(f"  teacher: {attribute_line(sample, embeddings, labels)}")
+        for out_dir in args.outputs:
+            student = lmmc.load_student(out_dir / "student").eval()
+            student_embeddings = torch_embeddings(student, out_dir / "student", images, sample.class_prompts())
+            print(f"  {out_dir.name}: {attribute_line(sample, student_embeddings, labels)}")
+        print()
     print(f"{len(images)} test images, never trained, calibrated or distilled on; prompts: "
           f"\"{sample.PROMPT}\"\n")
     print(f"{'model':34} {'artifact':28} {'accuracy':>8} {'/ teacher':>9}  towers")

@@ -50,6 +50,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 235), 
 SHAPES = ("circle", "square", "triangle", "cross")
 CORNERS = {"top-left": (0.28, 0.28), "top-right": (0.72, 0.28), "bottom-left": (0.28, 0.72),
            "bottom-right": (0.72, 0.72)}  # the shape's centre as a fraction of the side
+ATTRIBUTES = ("size", "colour", "shape", "corner")  # a class's parts, in order
 PROMPT = "a photo of a {size} {colour} {shape} in the {corner} corner"
 # Synonymous captions in other word orders; each image gets CAPTIONS_PER_IMAGE of them, drawn with the seed.
 TEMPLATES = (
