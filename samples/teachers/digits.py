@@ -88,19 +88,14 @@ def write_images(root: Path) -> np.ndarray:
     return digits.target
 
 
-def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[dict]]:
-    """Write the images and the three jsonl files; return their records (image paths relative to `root`)."""
-    labels = write_images(root)
-    train, test = split_by_image(labels, test_fraction, seed)
-    rng = random.Random(seed)
+def write_records(root: Path, train: list[int], test: list[int], captions, rng: random.Random) -> dict[str, list[dict]]:
+    """Write train.jsonl and test.jsonl (each image with every caption `captions(i)` gives it, as
+    (text, label) pairs) and calib.jsonl (each training image once with one of its captions, shuffled);
+    return their records."""
 
     def pairs(indices: list[int]) -> list[dict]:
-        out = []
-        for i in indices:
-            for template in rng.sample(TEMPLATES, CAPTIONS_PER_IMAGE):
-                out.append({"image": f"images/{i:04d}.png", "text": caption(template, int(labels[i])),
-                            "label": WORDS[labels[i]]})
-        return out
+        return [{"image": f"images/{i:04d}.png", "text": text, "label": label}
+                for i in indices for text, label in captions(i)]
 
     records = {"train": pairs(train), "test": pairs(test)}
     calib = [rng.choice([r for r in records["train"] if r["image"] == f"images/{i:04d}.png"]) for i in train]
@@ -109,6 +104,15 @@ def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[di
     for name, recs in records.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return records
+
+
+def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[dict]]:
+    """Write the images and the three jsonl files; return their records (image paths relative to `root`)."""
+    labels = write_images(root)
+    train, test = split_by_image(labels, test_fraction, seed)
+    rng = random.Random(seed)
+    return write_records(root, train, test, lambda i: [(caption(t, int(labels[i])), WORDS[labels[i]])
+                                                       for t in rng.sample(TEMPLATES, CAPTIONS_PER_IMAGE)], rng)
 
 
 def label_of(record: dict) -> int:
@@ -169,16 +173,22 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: to
             - (target * logits.T.log_softmax(dim=-1)).sum(-1).mean()) / 2
 
 
+def optimiser(model, lr: float, steps: int):
+    """AdamW and its schedule: a linear warm-up over the first 5 % of the steps, then cosine decay to 0."""
+    # fused: one kernel per step; most of the digits teacher's parameters are the 30,522 token embeddings.
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    return opt, sched
+
+
 def train(model, tokenizer, pixels: torch.Tensor, records: list[dict], index_of: dict[str, int], steps: int,
           batch_size: int, lr: float, seed: int, log_every: int = 100) -> None:
     """AdamW with warm-up and cosine decay; each step draws `batch_size` training pairs."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    # fused: one kernel per step; most of the parameters are the 30,522 token embeddings of the vocabulary.
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    opt, sched = optimiser(model, lr, steps)
     model.train()
     for step in range(steps):
         batch = rng.sample(records, batch_size)

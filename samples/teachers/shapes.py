@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import json
 import math
 import random
 import time
@@ -119,22 +118,8 @@ def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[di
     for i, label in enumerate(labels):
         draw(every[label], rng).save(root / f"images/{i:04d}.png")
     train, test = digits.split_by_image(labels, test_fraction, seed, len(every))
-
-    def pairs(indices: list[int]) -> list[dict]:
-        out = []
-        for i in indices:
-            for template in rng.sample(TEMPLATES, CAPTIONS_PER_IMAGE):
-                out.append({"image": f"images/{i:04d}.png", "text": caption(template, every[labels[i]]),
-                            "label": label_name(every[labels[i]])})
-        return out
-
-    records = {"train": pairs(train), "test": pairs(test)}
-    calib = [rng.choice([r for r in records["train"] if r["image"] == f"images/{i:04d}.png"]) for i in train]
-    rng.shuffle(calib)
-    records["calib"] = calib
-    for name, recs in records.items():
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return records
+    return digits.write_records(root, train, test, lambda i: [(caption(t, every[labels[i]]), label_name(every[labels[i]]))
+                                                              for t in rng.sample(TEMPLATES, CAPTIONS_PER_IMAGE)], rng)
 
 
 def label_of(record: dict) -> int:
@@ -203,10 +188,7 @@ def train(model, tokenizer, pixels: torch.Tensor, records: list[dict], index_of:
           batch_size: int, lr: float, seed: int, log_every: int = 100) -> None:
     """AdamW with warm-up and cosine decay; each step draws `batch_size` training pairs."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    opt, sched = digits.optimiser(model, lr, steps)
     model.train()
     for step in range(steps):
         batch = rng.sample(records, batch_size)
