@@ -75,6 +75,9 @@ def label_name(cls: tuple[str, str, str, str]) -> str:
     return " ".join(cls)
 
 
+LABELS = {label_name(cls): i for i, cls in enumerate(classes())}  # class name -> label, in label order
+
+
 def caption(template: str, cls: tuple[str, str, str, str]) -> str:
     size, colour, shape, corner = cls
     return template.format(size=size, colour=colour, shape=shape, corner=corner.replace("-", " "))
@@ -123,7 +126,7 @@ def write_data(root: Path, seed: int, test_fraction: float) -> dict[str, list[di
 
 
 def label_of(record: dict) -> int:
-    return [label_name(cls) for cls in classes()].index(record["label"])
+    return LABELS[record["label"]]
 
 
 def train_tokenizer(path: Path) -> transformers.SiglipTokenizer:
