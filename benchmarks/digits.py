@@ -95,17 +95,22 @@ def _tower_figures(report: dict) -> str:
     return "; ".join(parts)
 
 
-def rows_for(out_dir: Path, images: list[Path], labels: np.ndarray, threads: int,
-             sample=digits) -> list[tuple[str, str, float]]:
-    """(artifact, towers note, accuracy) for the PyTorch student and every artifact in the manifest."""
+def student_embeddings(out_dir: Path, images: list[Path], sample=digits) -> tuple[np.ndarray, np.ndarray]:
+    """The compiled student's embeddings of the images and class prompts, in PyTorch."""
     import lmmc
+
+    student = lmmc.load_student(out_dir / "student").eval()
+    return torch_embeddings(student, out_dir / "student", images, sample.class_prompts())
+
+
+def rows_for(out_dir: Path, images: list[Path], labels: np.ndarray, threads: int, sample,
+             pytorch: tuple[np.ndarray, np.ndarray]) -> list[tuple[str, str, float]]:
+    """(artifact, towers note, accuracy) for the PyTorch student (its `student_embeddings`) and every
+    artifact in the manifest."""
     from lmmc import runtime
 
     report = json.loads((out_dir / "report.json").read_text())
-    note = _tower_figures(report)
-    student = lmmc.load_student(out_dir / "student").eval()
-    rows = [("pytorch fp32", note,
-             accuracy(*torch_embeddings(student, out_dir / "student", images, sample.class_prompts()), labels))]
+    rows = [("pytorch fp32", _tower_figures(report), accuracy(*pytorch, labels))]
     manifest = runtime.read_manifest(out_dir)
     # A fused graph is kept only for a tower where it ran faster: score the kinds every tower has.
     per_tower = [{(a["backend"], a["precision"], a["variant"]) for a in manifest["artifacts"] if a["tower"] == t}
@@ -138,22 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     teacher = transformers.AutoModel.from_pretrained(args.teacher).eval()
     embeddings = torch_embeddings(teacher, args.teacher, images, sample.class_prompts())
     base = accuracy(*embeddings, labels)
+    students = {out_dir: student_embeddings(out_dir, images, sample) for out_dir in args.outputs}
     if args.by_attribute:
-        import lmmc
-
         print("attributes named right (PyTorch fp32):")
         print(f"  teacher: {attribute_line(sample, embeddings, labels)}")
-        for out_dir in args.outputs:
-            student = lmmc.load_student(out_dir / "student").eval()
-            student_embeddings = torch_embeddings(student, out_dir / "student", images, sample.class_prompts())
-            print(f"  {out_dir.name}: {attribute_line(sample, student_embeddings, labels)}")
+        for out_dir, pytorch in students.items():
+            print(f"  {out_dir.name}: {attribute_line(sample, pytorch, labels)}")
         print()
     print(f"{len(images)} test images, never trained, calibrated or distilled on; prompts: "
           f"\"{sample.PROMPT}\"\n")
     print(f"{'model':34} {'artifact':28} {'accuracy':>8} {'/ teacher':>9}  towers")
     print(f"{'teacher':34} {'pytorch fp32':28} {base:8.2%} {1:9.3f}")
-    for out_dir in args.outputs:
-        for artifact, note, acc in rows_for(out_dir, images, labels, args.threads, sample):
+    for out_dir, pytorch in students.items():
+        for artifact, note, acc in rows_for(out_dir, images, labels, args.threads, sample, pytorch):
             print(f"{out_dir.name:34} {artifact:28} {acc:8.2%} {acc / base:9.3f}  {note}")
             sys.stdout.flush()
 
