@@ -258,9 +258,10 @@ def _one_head(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]
     Ours: the shapes SigLIP at a quarter of its FLOPs, distilled alike, kept 70 % zero-shot accuracy with one
     head in every block and 85 % with min_heads: 2; the best split between its towers (91 %) kept three heads
     in the image tower's first block (BENCHMARKS.md, "Shapes")."""
+    more = "this tower a larger keep of its own" if len(after) > 1 else "a larger budget"
     return [f"every block of the {tower} tower is down to one attention head (from up to {max(before[tower]['heads'])}): "
             f"its tokens mix through one attention map per block, where cut students lost the most accuracy; if "
-            f"it suffers, give min_heads: 2, or this tower a larger keep of its own"
+            f"it suffers, give min_heads: 2, or {more}"
             for tower, shape in after.items()
             if shape["heads"] and max(shape["heads"]) == 1 and max(before[tower]["heads"]) > 1]
 
