@@ -68,9 +68,9 @@ class AntGMMConfig(PassConfig):
     shares: dict[Stage, float] | Literal["auto"] | None = Field(
         None, description="share of the removed cost each stage takes, e.g. {depth: 0.5, ffn: 0.25, heads: "
         "0.25}; stages run in AntGMM's order depth → ffn → heads → hidden. Default with keep: ffn and heads in "
-        "proportion to their cost, so both shrink alike. With a target, omitted or 'auto': no stages; heads, "
-        "FFN channels and whole blocks of every tower compete in one ranking by loss change per predicted "
-        "millisecond (Taylor importance; a block's loss change is measured)")
+        "proportion to their cost, so both shrink alike. 'auto' (the default with a target): no stages; heads, "
+        "FFN channels and whole blocks of every tower compete in one ranking by loss change per unit of the "
+        "budget (predicted millisecond, FLOP or parameter; Taylor importance; a block's loss change is measured)")
     importance: Literal["taylor", "activation"] = Field("taylor", description="heads, FFN and hidden channels: "
                                                         "first-order Taylor (needs backward; of the contrastive "
                                                         "loss below, of the next-token loss for generative "
@@ -151,11 +151,10 @@ class AntGMMConfig(PassConfig):
             raise ValueError("give either keep (a fraction of the blocks' cost) or target (a latency: "
                              "{latency_ms: X} or {speedup: S}), not both")
         if data.get("target") is None:
-            if data.get("shares") == "auto":
-                raise ValueError("shares: auto ranks heads, channels and blocks together by importance per "
-                                 "predicted millisecond, which needs a latency target; give target (e.g. "
-                                 "{speedup: 2}, measured on the OpenVINO INT8 IR the recipe exports unless deploy says "
-                                 "otherwise) or explicit shares (e.g. {depth: 0.5, ffn: 0.25, heads: 0.25})")
+            if data.get("shares") == "auto" and data.get("importance", "taylor") != "taylor":
+                raise ValueError("shares: auto ranks heads, channels and blocks together by loss change, which only "
+                                 "Taylor importance estimates: use importance: taylor, or give shares (e.g. "
+                                 "{ffn: 0.5, heads: 0.5}) to keep activation scores")
             if data.get("deploy") is not None or data.get("latency_cache") is not None:
                 raise ValueError("deploy and latency_cache serve a latency target; give target too, or drop them")
             return {**data, "keep": data.get("keep") if data.get("keep") is not None else 0.5}
@@ -236,6 +235,11 @@ class CountCosts:
 
     def block(self, tower: Any, block: torch.nn.Module) -> float:
         return block_cost(block, tower, self.head_dims[tower.name], self.tokens[tower.name]).get(self.metric)
+
+    def overhead(self, tower: Any) -> float:
+        """What a block costs beyond its heads and channels, for the joint ranking: no FLOPs (residual adds and
+        norms are not counted); a few hundred parameters of norms and output biases, left out."""
+        return 0.0
 
     def blocks(self, model: torch.nn.Module, adapter: Adapter) -> dict[str, float]:
         return {k: float(c.get(self.metric)) for k, c in blocks_cost(model, adapter, self.head_dims, self.tokens).items()}
@@ -481,6 +485,10 @@ class AntGMMPass(Pass):
         rounds = []
         for view, kept in views:
             total = sum(self.costs.blocks(model, view).values())
+            if self.config.shares == "auto":  # planned as if by stages only to refuse what the floors forbid
+                self._plan(model, view, {"depth": 1.0, "ffn": 1.0, "heads": 1.0}, total - kept * total, total, kept)
+                rounds.append((view, {"joint": total - kept * total}))
+                continue
             rounds.append((view, self._plan(model, view, self._shares(model, view), total - kept * total, total,
                                             kept)))
         return rounds
@@ -670,7 +678,8 @@ class AntGMMPass(Pass):
 
     def _joint_segment(self, art: Artifact, seg: int, goal: float) -> dict[str, Any]:
         """One cut of the joint ranking (no stage shares): heads, FFN channels and whole blocks of every
-        tower by loss change per predicted millisecond, until the blocks' predicted ms reach `goal`.
+        tower by loss change per unit of the budget, until the blocks' cost (predicted ms, FLOPs or
+        parameters) reaches `goal`.
         Widths are cut first, then the chosen blocks are faded out (with distillation) and removed."""
         cfg, model, adapter = self.config, art.student, self.adapter
         before = self._cost(model, adapter)
@@ -692,7 +701,7 @@ class AntGMMPass(Pass):
         chosen = select_joint(candidates, before - goal, cfg.min_layers)
         origin = read_structure(model, adapter)
         record: dict[str, Any] = {
-            "stage": "joint", "segment": seg, "removed_ms": chosen.removed_ms,
+            "stage": "joint", "segment": seg, f"removed_{'ms' if cfg.target else cfg.budget}": chosen.removed_ms,
             "removed_heads": {f"{t}.{i}": len(v) for (t, i), v in chosen.heads.items()},
             "block_loss_change": {f"{t}.{i}": v for (t, i), v in whole.items()},
         }

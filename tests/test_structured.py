@@ -270,6 +270,34 @@ def test_a_tower_cut_to_one_head_in_every_block_is_said() -> None:
     assert min(h for s in floored["structure"].values() for h in s["heads"]) == 2 and "warnings" not in floored
 
 
+@pytest.mark.parametrize("kind", ["bert", "clip"])
+def test_shares_auto_under_keep_ranks_every_unit_in_one_list_and_meets_the_budget(kind: str) -> None:
+    """With keep, `shares: auto` ranks heads, channels and blocks by loss change per FLOP, as under a target: a dead
+    head (its loss change 0) goes before any other unit, and the blocks' FLOPs end at or just under the keep."""
+    teacher = tiny_model(kind)
+    zero_head_(teacher, block_index=1, head=2)
+    art = Artifact(model_ref=kind, adapter=get_adapter(teacher.config.model_type), teacher=teacher,
+                   student=make_student(teacher), calib=calib_for(teacher))
+    metrics = run_antgmm(art, keep=0.95, seq_len=16, shares="auto", min_layers=2)  # no whole block, at these sizes
+    assert 0.9 <= metrics["kept"] <= 0.95 and [s["stage"] for s in metrics["segments"]] == ["joint"]
+    first = art.adapter.towers[0]
+    assert read_structure(art.student, art.adapter)[first.name]["heads"][1] < 4
+    o = block_linears(block_list(art.student, first)[1][1], first)["o"][1].weight
+    hd = head_dim(art.student, first)
+    assert all(o[:, h * hd:(h + 1) * hd].abs().sum() > 0 for h in range(o.shape[1] // hd))  # the dead head went
+    head_dims = {t.name: hd for t in art.adapter.towers}
+    before = blocks_cost(art.teacher, art.adapter, head_dims, metrics["tokens"])
+    after = blocks_cost(art.student, art.adapter, head_dims, metrics["tokens"])
+    assert sum(c.flops for c in after.values()) / sum(c.flops for c in before.values()) == pytest.approx(metrics["kept"])
+
+
+def test_shares_auto_under_a_keep_below_the_floors_fails_before_any_cut() -> None:
+    art = make_artifact("clip")
+    with pytest.raises(LmmcError, match="keep=0.05 of the blocks' flops is below what the floors allow"):
+        run_antgmm(art, keep=0.05, seq_len=16, shares="auto", min_heads=2, min_ffn=16)
+    assert read_structure(art.student, art.adapter) == read_structure(art.teacher, art.adapter)
+
+
 def test_a_keep_per_tower_below_its_floors_fails_before_any_cut() -> None:
     art = make_artifact("clip")
     with pytest.raises(LmmcError, match="keep=0.05 of the blocks' flops of the vision tower"):
