@@ -260,8 +260,8 @@ def _one_head(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]
     """A warning for each tower the cut left with one attention head in every block, where it had more.
 
     Ours: the shapes SigLIP at a quarter of its FLOPs, distilled alike, kept 70 % zero-shot accuracy with one
-    head in every block and 85 % with min_heads: 2; the best split between its towers (91 %) kept three heads
-    in the image tower's first block (BENCHMARKS.md, "Shapes")."""
+    head in every block and 85 % with min_heads: 2; the best split between its towers by hand, and one ranking of
+    every unit (shares: auto), kept three heads in the image tower's first block and 91 % (BENCHMARKS.md, "Shapes")."""
     more = "this tower a larger keep of its own" if len(after) > 1 else "a larger budget"
     return [f"every block of the {tower} tower is down to one attention head (from up to {max(before[tower]['heads'])}): "
             f"its tokens mix through one attention map per block, where cut students lost the most accuracy; if "
@@ -292,6 +292,7 @@ class AntGMMPass(Pass):
                    distill: {lr: 1.0e-4}, distill_steps_per_segment: 200}
         - antgmm: {keep: 0.5, shares: {depth: 0.4, ffn: 0.2, heads: 0.2, hidden: 0.2}}
         - antgmm: {keep: 0.42, shares: {depth: 0.5, ffn: 0.25, heads: 0.25}, reconstruct: 0.01}
+        - antgmm: {keep: 0.25, shares: auto}   # heads, channels and blocks in one ranking per FLOP
     """
 
     name = "antgmm"
